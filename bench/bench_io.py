@@ -1,0 +1,567 @@
+"""I/O benchmark for modelkit: generation, header reads, hashing and the
+peak memory of streamed read-transform-write passes over full-size synthetic
+SD1.5 and SDXL checkpoints.
+
+Run::
+
+    /work/venv/bin/python bench/bench_io.py [--dir /dev/shm/modelkit-bench] [--keep]
+
+Every figure of one run is printed side by side (machines are noisy: compare
+numbers from the same run, never across runs). Put ``--dir`` on a RAM disk
+(tmpfs): on a real disk the figures measure the disk. Each memory figure
+comes from a fresh subprocess whose ``/proc/<pid>/status`` the parent samples
+every few milliseconds; the figure that matters is peak ``RssAnon`` (process
+memory proper), not RSS or ``VmHWM``, which also count the pages of the
+memory-mapped input file. See ``bench/README.md`` for what each figure means.
+
+The script re-invokes itself as ``bench_io.py _child KIND ARGS...`` to run
+one pass in a fresh process; that entry point is internal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from modelkit.io.hashing import hash_file  # noqa: E402
+from modelkit.io.header import Header, read_header  # noqa: E402
+
+DEFAULT_DIR = Path("/dev/shm/modelkit-bench")
+MODELS = {"sd15": ("sd1", "sd15-fp16.safetensors"),
+          "sdxl": ("sdxl", "sdxl-fp16.safetensors")}
+STATUS_FIELDS = ("RssAnon", "RssFile", "RssShmem", "VmRSS", "VmHWM")
+SAMPLE_INTERVAL = 0.005  # seconds between /proc samples of a child
+MiB = 1 << 20
+MB = 1e6
+# peak anon RSS above the import baseline, in units of the largest source
+# tensor, that still counts as "a small constant" (fp32 output is 2x, plus
+# a chunk or two and allocator slack)
+SMALL_CONSTANT = 4.0
+
+
+class BenchError(RuntimeError):
+    """A benchmark step failed in a way that makes its figures meaningless."""
+
+
+# --------------------------------------------------------------------------
+# /proc helpers (shared by parent and child)
+
+
+def read_status(pid: int | str = "self") -> dict[str, int]:
+    """The memory fields of ``/proc/<pid>/status`` in KiB ({} once gone)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return {}
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key in STATUS_FIELDS:
+            out[key] = int(rest.split()[0])
+    return out
+
+
+# --------------------------------------------------------------------------
+# child side: one pass in a fresh process, a JSON report on the last line
+
+
+def _import_all() -> None:
+    """Everything any pass imports, so each child starts from the same base."""
+    import safetensors.torch  # noqa: F401
+    import torch  # noqa: F401
+
+    import modelkit.io.stream
+    import modelkit.testing  # noqa: F401
+
+
+def _naive_copy(src: str, out: str) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(src, framework="pt") as f:
+        meta = f.metadata()
+    state = load_file(src)
+    save_file(state, out, metadata=meta)
+
+
+def _child_work(kind: str, args: Sequence[str]) -> Callable[[], None] | None:
+    """Import what ``kind`` needs and return its work (None: imports only)."""
+    if kind == "import-torch":
+        import torch  # noqa: F401
+
+        return None
+    _import_all()
+    if kind == "import-all":
+        return None
+    if kind == "generate":
+        from modelkit.testing import write_checkpoint
+
+        arch, path, tiny = args
+
+        def generate() -> None:
+            write_checkpoint(path, arch, tiny=tiny == "tiny", dtype="F16")
+
+        return generate
+    if kind in ("copy", "fp32"):
+        from modelkit.io.stream import cast_file
+
+        src, out = args
+        dtype = "F32" if kind == "fp32" else None
+
+        def convert() -> None:
+            cast_file(src, out, dtype)
+
+        return convert
+    if kind == "naive":
+        src, out = args
+        return lambda: _naive_copy(src, out)
+    raise SystemExit(f"unknown child kind {kind!r}")
+
+
+def child_main(argv: Sequence[str]) -> None:
+    """``_child KIND ARGS...``: run one pass, print a JSON report."""
+    kind, args = argv[0], argv[1:]
+    t0 = time.perf_counter()
+    work = _child_work(kind, args)
+    t1 = time.perf_counter()
+    ready = read_status()
+    if work is not None:
+        work()
+    t2 = time.perf_counter()
+    end = read_status()
+    report: dict[str, Any] = {
+        "import_s": t1 - t0, "work_s": t2 - t1,
+        "anon_ready_kb": ready.get("RssAnon", 0), "anon_end_kb": end.get("RssAnon", 0),
+        "hwm_kb": end.get("VmHWM", 0), "file_end_kb": end.get("RssFile", 0),
+        "shmem_end_kb": end.get("RssShmem", 0),
+    }
+    print(json.dumps(report), flush=True)
+
+
+# --------------------------------------------------------------------------
+# parent side
+
+
+@dataclass
+class ChildRun:
+    """One sampled child process."""
+
+    label: str
+    wall_s: float  # whole process, interpreter start to exit
+    import_s: float
+    work_s: float  # the pass itself, measured in the child
+    peak_anon_kb: int
+    anon_ready_kb: int  # after imports, before the pass
+    hwm_kb: int
+    samples: int
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def delta_kb(self) -> int:
+        return self.peak_anon_kb - self.anon_ready_kb
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_child(label: str, kind: str, *args: str) -> ChildRun:
+    """Run ``kind`` in a fresh process, sampling its RssAnon every ~5 ms."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "_child", kind, *args]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=child_env(), cwd=REPO)
+        peak = hwm = samples = 0
+        while proc.poll() is None:
+            st = read_status(proc.pid)
+            if "RssAnon" in st:  # absent once the child is a zombie
+                peak = max(peak, st["RssAnon"])
+                hwm = max(hwm, st["VmHWM"])
+                samples += 1
+            time.sleep(SAMPLE_INTERVAL)
+        wall = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode != 0:
+        raise BenchError(f"{label}: child exited {proc.returncode}\n{stderr[-2000:]}")
+    rep = json.loads(stdout.strip().splitlines()[-1])
+    peak = max(peak, rep["anon_ready_kb"], rep["anon_end_kb"])
+    return ChildRun(label, wall, rep["import_s"], rep["work_s"], peak,
+                    rep["anon_ready_kb"], max(hwm, rep["hwm_kb"]), samples, rep)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def run_cmd(cmd: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(cmd), capture_output=True, text=True, env=child_env(),
+                          cwd=REPO, check=False)
+
+
+def time_cmd(cmd: Sequence[str], repeat: int) -> tuple[float, list[float]]:
+    """Median wall time of ``cmd`` over ``repeat`` runs (it must succeed)."""
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        res = run_cmd(cmd)
+        times.append(time.perf_counter() - t)
+        if res.returncode != 0:
+            raise BenchError(f"{' '.join(cmd)} failed: {res.stderr.strip()[-500:]}")
+    return statistics.median(times), times
+
+
+def largest(header: Header) -> tuple[str, int]:
+    t = max(header.tensors.values(), key=lambda i: i.nbytes)
+    return t.name, t.nbytes
+
+
+def valid_model(path: Path) -> bool:
+    from modelkit.errors import ModelkitError
+
+    if not path.is_file():
+        return False
+    try:
+        read_header(path)
+    except ModelkitError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------
+# formatting
+
+
+def ms(s: float) -> str:
+    return f"{s * 1e3:.2f} ms"
+
+
+def secs(s: float) -> str:
+    return f"{s:.2f} s"
+
+
+def mib(kb: float) -> str:
+    return f"{kb / 1024:,.0f} MiB"
+
+
+def rate(nbytes: int, s: float) -> str:
+    return f"{nbytes / s / MB:,.0f} MB/s"
+
+
+def table(title: str, head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+
+    def line(r: Sequence[str]) -> str:
+        cells = [str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                 for i, (c, w) in enumerate(zip(r, widths, strict=True))]
+        return "  ".join(cells).rstrip()
+
+    rule = "-" * len(line(head))
+    return "\n".join([f"\n== {title}", line(head), rule, *(line(r) for r in rows)])
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------
+# the benchmark sections
+
+
+@dataclass
+class Context:
+    """Shared state of one run."""
+
+    dir: Path
+    paths: dict[str, Path]
+    tiny: bool = False
+    headers: dict[str, Header] = field(default_factory=dict)
+    out: list[str] = field(default_factory=list)  # printed tables
+    problems: list[str] = field(default_factory=list)
+
+    def scratch(self, name: str) -> Path:
+        return self.dir / name
+
+
+def section_generate(ctx: Context) -> None:
+    rows = []
+    for name, (arch, _) in MODELS.items():
+        path = ctx.paths[name]
+        if valid_model(path):
+            log(f"{path.name}: present, reused")
+            rows.append([name, "reused (not timed)", "-", "-", "-"])
+        else:
+            path.unlink(missing_ok=True)
+            log(f"generating {path.name} ...")
+            run = run_child(f"generate {name}", "generate", arch, str(path),
+                            "tiny" if ctx.tiny else "full")
+            size = path.stat().st_size
+            rows.append([name, secs(run.work_s), rate(size, run.work_s),
+                         mib(run.peak_anon_kb), mib(run.delta_kb)])
+        ctx.headers[name] = read_header(path)
+    for name, path in ctx.paths.items():
+        h = ctx.headers[name]
+        key, nbytes = largest(h)
+        rows_info = f"{h.file_size / 1e9:.3f} GB, {len(h.tensors)} tensors, " \
+                    f"largest {nbytes / MiB:.1f} MiB ({key})"
+        ctx.out.append(f"{name}: {path}  {rows_info}")
+    ctx.out.append(table(f"Generation: write_checkpoint(tiny={ctx.tiny}, dtype='F16') "
+                         "in a fresh process",
+                         ["model", "time", "write rate", "peak RssAnon",
+                          "above imports"], rows))
+
+
+def section_header(ctx: Context, repeat: int) -> None:
+    rows = []
+    py = sys.executable
+    for name, path in ctx.paths.items():
+        first = timed(lambda p=path: read_header(p))
+        runs = [timed(lambda p=path: read_header(p)) for _ in range(repeat)]
+        hsize = ctx.headers[name].header_size
+        rows.append([f"{name} read_header (in process)", ms(first),
+                     ms(statistics.median(runs)), f"{hsize / 1e3:,.0f} kB JSON"])
+    startup, _ = time_cmd([py, "-c", "pass"], 5)
+    rows.append(["python -c pass (startup baseline)", "-", ms(startup), ""])
+    code = ("import sys; from modelkit.io.header import read_header; "
+            "read_header(sys.argv[1])")
+    for name, path in ctx.paths.items():
+        med, times = time_cmd([py, "-c", code, str(path)], 5)
+        rows.append([f"{name} fresh process: import + read_header", ms(times[0]),
+                     ms(med), ""])
+    probe = run_cmd([py, "-m", "modelkit", "inspect", "--json", str(ctx.paths["sd15"])])
+    if probe.returncode != 0:
+        why = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+        rows.append(["modelkit inspect --json", "skipped", "-", why[:60]])
+        ctx.problems.append(f"`python -m modelkit inspect --json` not measured: {why}")
+    else:
+        for name, path in ctx.paths.items():
+            cmd = [py, "-m", "modelkit", "inspect", "--json", str(path)]
+            med, times = time_cmd(cmd, 3)
+            try:
+                json.loads(run_cmd(cmd).stdout)
+                note = "JSON ok"
+            except json.JSONDecodeError:
+                note = "stdout is not JSON"
+                ctx.problems.append(f"modelkit inspect --json on {name}: stdout not JSON")
+            rows.append([f"{name} modelkit inspect --json (end to end)", ms(times[0]),
+                         ms(med), note])
+    ctx.out.append(table(f"Header read (median of {repeat} in process, 5 or 3 fresh "
+                         "processes)", ["what", "first", "median", "note"], rows))
+
+
+def section_hash(ctx: Context) -> None:
+    path = ctx.paths["sd15"]
+    size = path.stat().st_size
+    result: dict[str, Any] = {}
+    t_mk = timed(lambda: result.update(h=hash_file(path)))
+    mk_sha = result["h"].sha256
+    t_sum = time.perf_counter()
+    res = subprocess.run(["sha256sum", str(path)], capture_output=True, text=True,
+                         check=True)
+    t_sum = time.perf_counter() - t_sum
+    sum_sha = res.stdout.split()[0]
+
+    def one_digest() -> None:
+        with open(path, "rb") as f:
+            result["py"] = hashlib.file_digest(f, "sha256").hexdigest()
+
+    t_py = timed(one_digest)
+    agree = mk_sha == sum_sha == result["py"]
+    if not agree:
+        ctx.problems.append(f"sha256 disagree: hash_file {mk_sha}, sha256sum {sum_sha}")
+    rows = [
+        ["hash_file (sha256 + addnet, 2 threads)", secs(t_mk), rate(size, t_mk),
+         f"{t_mk / t_sum:.2f}x"],
+        ["sha256sum", secs(t_sum), rate(size, t_sum), "1.00x"],
+        ["hashlib.file_digest sha256 (1 thread)", secs(t_py), rate(size, t_py),
+         f"{t_py / t_sum:.2f}x"],
+    ]
+    ctx.out.append(table(f"Hash of sd15 ({size / 1e9:.2f} GB); digests "
+                         f"{'agree' if agree else 'DISAGREE'}",
+                         ["what", "time", "throughput", "vs sha256sum"], rows))
+
+
+def time_cp(src: Path, dst: Path) -> float:
+    t = time.perf_counter()
+    subprocess.run(["cp", str(src), str(dst)], check=True)
+    t = time.perf_counter() - t
+    dst.unlink()
+    return t
+
+
+def section_passes(ctx: Context, sdxl_pass: bool) -> None:
+    sd15 = ctx.paths["sd15"]
+    size15 = sd15.stat().st_size
+    _, big15 = largest(ctx.headers["sd15"])
+    out = ctx.scratch("pass-out.safetensors")
+    runs: list[tuple[ChildRun, int, int]] = []  # run, input bytes, largest tensor
+
+    def do(label: str, kind: str, src: Path | None, big: int) -> None:
+        log(f"pass: {label} ...")
+        args = [str(src), str(out)] if src else []
+        try:
+            run = run_child(label, kind, *args)
+        finally:
+            out.unlink(missing_ok=True)
+        runs.append((run, src.stat().st_size if src else 0, big))
+
+    do("import torch only", "import-torch", None, big15)
+    do("import torch+safetensors+modelkit", "import-all", None, big15)
+    do("sd15 fp16->fp16 cast_file(None)", "copy", sd15, big15)
+    do("sd15 fp16->fp32 cast_file('F32')", "fp32", sd15, big15)
+    do("sd15 naive load_file+save_file", "naive", sd15, big15)
+    log("cp sd15 ...")
+    cp15 = time_cp(sd15, ctx.scratch("cp.safetensors"))
+    cp_times = {sd15: cp15}
+    if sdxl_pass:
+        sdxl = ctx.paths["sdxl"]
+        _, bigxl = largest(ctx.headers["sdxl"])
+        do("sdxl fp16->fp16 cast_file(None)", "copy", sdxl, bigxl)
+        log("cp sdxl ...")
+        cp_times[sdxl] = time_cp(sdxl, ctx.scratch("cp.safetensors"))
+
+    torch_base = runs[0][0].peak_anon_kb
+    rows = []
+    for run, nbytes, big in runs:
+        if nbytes:
+            src = sd15 if nbytes == size15 else ctx.paths["sdxl"]
+            cp_t = cp_times[src]
+            times = [secs(run.work_s), rate(nbytes, run.work_s),
+                     f"{run.work_s / cp_t:.1f}x"]
+            k = f"{run.delta_kb * 1024 / big:.2f}"
+        else:
+            times, k = [f"{run.import_s:.2f} s (import)", "-", "-"], "-"
+        rows.append([run.label, secs(run.wall_s), *times, mib(run.peak_anon_kb),
+                     mib(run.delta_kb) if nbytes else "-", k, mib(run.hwm_kb),
+                     str(run.samples)])
+    for src, t in cp_times.items():
+        name = "sd15" if src == sd15 else "sdxl"
+        nbytes = src.stat().st_size
+        rows.append([f"cp {name} (same run)", "-", secs(t), rate(nbytes, t), "1.0x",
+                     "-", "-", "-", "-", "-"])
+    head = ["pass", "process", "pass time", "rate", "vs cp", "peak RssAnon",
+            "above imports", "x largest", "VmHWM", "samples"]
+    ctx.out.append(table("Read-transform-write passes, each in a fresh process "
+                         "(RssAnon sampled every 5 ms)", head, rows))
+    ctx.out.append(f"largest tensor: sd15 {big15 / MiB:.1f} MiB" + (
+        f", sdxl {largest(ctx.headers['sdxl'])[1] / MiB:.1f} MiB" if sdxl_pass else ""))
+    ctx.out.append(f"torch import baseline: {mib(torch_base)} RssAnon")
+    check_expectations(ctx, runs, cp_times)
+
+
+def check_expectations(ctx: Context, runs: list[tuple[ChildRun, int, int]],
+                       cp_times: dict[Path, float]) -> None:
+    """peak RssAnon ~= import baseline + largest tensor x small constant."""
+    verdicts = []
+    streamed = [(r, n, b) for r, n, b in runs if n and "cast_file" in r.label]
+    for run, _, big in streamed:
+        k = run.delta_kb * 1024 / big
+        ok = k <= SMALL_CONSTANT
+        verdicts.append(f"{'OK ' if ok else 'BAD'} {run.label}: peak RssAnon is import "
+                        f"baseline + {k:.2f} x largest tensor "
+                        f"(limit {SMALL_CONSTANT:g})")
+        if not ok:
+            ctx.problems.append(f"{run.label}: peak RssAnon {mib(run.peak_anon_kb)} = "
+                                f"baseline + {k:.2f} x largest tensor")
+    copies = [r for r, _, _ in streamed if "fp16->fp16" in r.label]
+    if len(copies) == 2:
+        a, b = copies
+        grow = (b.delta_kb - a.delta_kb) / 1024
+        verdicts.append(f"{'OK ' if grow < 256 else 'BAD'} sd15 -> sdxl copy: peak "
+                        f"above imports {mib(a.delta_kb)} -> {mib(b.delta_kb)} "
+                        f"(model 3.3x bigger)")
+        if grow >= 256:
+            ctx.problems.append(f"peak RssAnon grows with the model: {mib(a.delta_kb)}"
+                                f" -> {mib(b.delta_kb)} from sd15 to sdxl")
+    for run, nbytes, _ in streamed:
+        src = next(p for p in cp_times if p.stat().st_size == nbytes)
+        ratio = run.work_s / cp_times[src]
+        if ratio > 10:
+            ctx.problems.append(f"{run.label} takes {ratio:.1f}x as long as cp")
+    ctx.out.append("\n== Expectation: peak RssAnon ~= imports + largest tensor x small "
+                   "constant, flat in model size\n" + "\n".join(verdicts))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dir", type=Path, default=DEFAULT_DIR,
+                    help="where the models and outputs go; a tmpfs (default %(default)s)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the generated models for the next run")
+    ap.add_argument("--repeat", type=int, default=20,
+                    help="in-process header reads for the median (default %(default)s)")
+    ap.add_argument("--no-sdxl-pass", action="store_true",
+                    help="skip the fp16 copy pass over the SDXL file")
+    ap.add_argument("--tiny", action="store_true",
+                    help="smoke-test the script on tiny models (figures meaningless)")
+    args = ap.parse_args(argv)
+
+    args.dir.mkdir(parents=True, exist_ok=True)
+    paths = {name: args.dir / (f"{'tiny' if args.tiny else 'full'}-{fname}")
+             for name, (_, fname) in MODELS.items()}
+    need = sum(7.5e9 if n == "sdxl" else 2.2e9 for n, p in paths.items()
+               if not p.exists()) + (7.5e9 if not args.no_sdxl_pass else 4.5e9)
+    free = shutil.disk_usage(args.dir).free
+    if free < need:
+        print(f"{args.dir}: {free / 1e9:.1f} GB free, this run needs about "
+              f"{need / 1e9:.1f} GB", file=sys.stderr)
+        return 2
+    ctx = Context(args.dir, paths, tiny=args.tiny)
+    started = time.strftime("%Y-%m-%d %H:%M")
+    try:
+        section_generate(ctx)
+        log("header reads ...")
+        section_header(ctx, args.repeat)
+        log("hashing ...")
+        section_hash(ctx)
+        section_passes(ctx, not args.no_sdxl_pass)
+    finally:
+        for leftover in ("pass-out.safetensors", "cp.safetensors"):
+            ctx.scratch(leftover).unlink(missing_ok=True)
+        for tmp in args.dir.glob(".*.partial"):
+            tmp.unlink()
+        if not args.keep:
+            for p in paths.values():
+                p.unlink(missing_ok=True)
+            if not any(args.dir.iterdir()):
+                args.dir.rmdir()
+    fs = subprocess.run(["stat", "-f", "-c", "%T", str(args.dir.parent)],
+                        capture_output=True, text=True, check=False).stdout.strip()
+    vers = ", ".join(f"{d} {version(d)}" for d in ("torch", "safetensors"))
+    print(f"modelkit I/O benchmark{' (TINY smoke test)' if args.tiny else ''}, "
+          f"{started}, {os.cpu_count()} cores, {platform.machine()}, "
+          f"Python {platform.python_version()}, {vers}, {args.dir} on {fs}")
+    print("\n".join(ctx.out))
+    if ctx.problems:
+        print("\n== Problems\n" + "\n".join(f"- {p}" for p in ctx.problems))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_child":
+        child_main(sys.argv[2:])
+    else:
+        sys.exit(main())

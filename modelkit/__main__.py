@@ -1,0 +1,3 @@
+from modelkit.cli import run
+
+run()

@@ -1,0 +1,90 @@
+"""The ``modelkit`` command line: a thin click shell over the library.
+
+Subcommands live in their own modules and are imported only when run, so
+``modelkit --help`` stays light (no torch, diffusers or textual).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import sys
+from typing import Any
+
+import click
+
+from modelkit import __version__
+
+SUBCOMMANDS = {
+    "inspect": ("modelkit.cli.inspect_cmd", "inspect_cmd",
+                "Say what a model file is, from its header alone."),
+    "hash": ("modelkit.cli.hash_cmd", "hash_cmd",
+             "Compute sha256, AutoV2, legacy and tensor-data hashes."),
+    "demo": ("modelkit.cli.demo_cmd", "demo_cmd",
+             "Build a tiny demo model library and run modelkit on it."),
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose subcommands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(SUBCOMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in SUBCOMMANDS:
+            return None
+        module, attr, _ = SUBCOMMANDS[name]
+        cmd: click.Command = getattr(importlib.import_module(module), attr)
+        return cmd
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, SUBCOMMANDS[name][2]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="modelkit")
+def cli() -> None:
+    """modelkit: inspect, merge, convert and verify Stable Diffusion model files."""
+
+
+def _sigterm(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: maps modelkit errors to one line and exit codes."""
+    from modelkit.errors import ModelkitError
+
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        cli.main(args=argv, prog_name="modelkit", standalone_mode=False)
+    except ModelkitError as exc:
+        click.echo(f"modelkit: error: {exc}", err=True)
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("modelkit: interrupted; no output was written", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("modelkit: interrupted; no output was written", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except Exception as exc:  # a bug, not bad input: one line unless debugging
+        if os.environ.get("MODELKIT_DEBUG"):
+            raise
+        click.echo(f"modelkit: internal error: {type(exc).__name__}: {exc} "
+                   "(set MODELKIT_DEBUG=1 for a traceback and report it)", err=True)
+        return 3
+    return 0
+
+
+def run() -> None:
+    """``modelkit`` console script."""
+    sys.exit(main())

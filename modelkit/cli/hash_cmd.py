@@ -1,0 +1,38 @@
+"""``modelkit hash``."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from modelkit.cli.progress import StderrProgress
+from modelkit.io.hashing import hash_file
+
+
+@click.command("hash")
+@click.argument("paths", nargs=-1, required=True,
+                type=click.Path(dir_okay=False, path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of results.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+def hash_cmd(paths: tuple[str, ...], as_json: bool, quiet: bool) -> None:
+    """Compute sha256, AutoV2, legacy and tensor-data hashes.
+
+    sha256 is the whole file (A1111 checkpoint hash); autov2 its first 10 hex
+    digits (Civitai); legacy the old 8-digit A1111 model hash; addnet the
+    sha256 of the tensor bytes only (kohya sshs_model_hash, A1111 LoRA hash),
+    which metadata edits do not change. Hashes embedded in the metadata that
+    disagree with the computed ones are reported and make the exit code 1.
+    """
+    progress = StderrProgress(quiet)
+    results = [hash_file(p, progress) for p in paths]
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        for r in results:
+            click.echo(f"{r.path}\n  sha256  {r.sha256}\n  autov2  {r.autov2}\n"
+                       f"  legacy  {r.legacy}\n  addnet  {r.addnet or '-'}")
+            for m in r.mismatches:
+                click.echo(f"  MISMATCH {m}")
+    if any(r.mismatches for r in results):
+        raise click.exceptions.Exit(1)

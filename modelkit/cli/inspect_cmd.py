@@ -1,0 +1,99 @@
+"""``modelkit inspect``."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from modelkit.inspect.report import ModelReport, inspect_model
+
+EPILOG = """\b
+Examples:
+  modelkit inspect models/Stable-diffusion/model.safetensors
+  modelkit inspect lora.safetensors --json | jq .adapter
+"""
+
+
+def _human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e6:,.2f} M" if n < 1e9 else f"{n / 1e9:,.3f} G"
+
+
+def _component_line(c: dict) -> str:
+    status = {True: "complete", False: "INCOMPLETE", None: "not checked"}[c["complete"]]
+    problems = []
+    if c["n_missing"]:
+        problems.append(f"{c['n_missing']} missing")
+    if c["n_shape_mismatches"]:
+        problems.append(f"{c['n_shape_mismatches']} wrong shapes")
+    if c["n_unexpected"]:
+        problems.append(f"{c['n_unexpected']} unexpected")
+    extra = f" ({', '.join(problems)})" if problems else ""
+    return (f"    {c['name']:<10} {c['family']:<34} {c['n_tensors']:>5} tensors "
+            f"{_params(c['n_params']):>12}  {status}{extra}")
+
+
+def render(rep: ModelReport) -> str:
+    """The human-readable summary."""
+    d = rep.to_dict()
+    rows = [
+        ("kind", d["kind"]),
+        ("arch", d["arch"] + (f"  ({'; '.join(d['arch_evidence'])})"
+                              if d["arch_evidence"] else "")),
+        ("variant", d["variant"] or "-"),
+        ("prediction", f"{d['prediction']['type']}  ({'; '.join(d['prediction']['evidence'])})"),
+        ("size", f"{_human_size(d['size_bytes'])}, {d['n_tensors']} tensors, "
+                 f"{_params(d['n_params'])} params"),
+        ("dtypes", ", ".join(f"{k} {v}" for k, v in d["dtypes"].items())),
+        ("EMA", f"yes, {d['n_ema_tensors']} tensors" if d["has_ema"] else "no"),
+    ]
+    lines = [d["path"]] + [f"  {k:<11} {v}" for k, v in rows]
+    if d["components"]:
+        lines.append("  components")
+        lines += [_component_line(c) for c in d["components"].values()]
+    if d["adapter"]:
+        a = d["adapter"]
+        lines.append(f"  adapter     {a['format']} ({a['naming']} names), {a['n_modules']} "
+                     f"modules, rank {a['ranks']}, alpha {a['alphas']}, touches "
+                     f"{', '.join(a['targets'])}")
+    if d["embedding"]:
+        e = d["embedding"]
+        lines.append(f"  embedding   {e['vectors']} vectors of width {e['width']}")
+    if d["extra_keys"]:
+        lines.append("  extra keys  " + ", ".join(f"{k} {v}" for k, v in d["extra_keys"].items()))
+    if d["unknown_keys"]:
+        lines.append(f"  unknown     {len(d['unknown_keys'])} keys, e.g. {d['unknown_keys'][0]}")
+    for note in d["notes"]:
+        lines.append(f"  note        {note}")
+    if d["metadata"]:
+        lines.append(f"  metadata    {len(d['metadata'])} entries")
+        for k, v in list(d["metadata"].items())[:12]:
+            v = v.replace("\n", " ")
+            lines.append(f"    {k}: {v[:70]}{'...' if len(v) > 70 else ''}")
+    return "\n".join(lines)
+
+
+@click.command("inspect", epilog=EPILOG)
+@click.argument("path", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the stable JSON report (schema modelkit.inspect/1).")
+def inspect_cmd(path: str, as_json: bool) -> None:
+    """Say what a model file is, from its header alone.
+
+    Reports kind, architecture, variant, prediction type with its evidence,
+    components and their completeness, EMA, dtypes, adapter details and the
+    file's metadata.
+    """
+    rep = inspect_model(path)
+    if as_json:
+        click.echo(json.dumps(rep.to_dict(), indent=2))
+    else:
+        click.echo(render(rep))

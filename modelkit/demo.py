@@ -1,0 +1,116 @@
+"""``modelkit demo``: a small synthetic model library in an A1111-like layout,
+and the main job run over it (inspect and hash every file)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from modelkit.errors import OutputError
+from modelkit.progress import Progress, ProgressFn, no_progress
+
+MARKER = ".modelkit-demo"
+
+
+def _library() -> list[tuple[str, Callable[[Path], object]]]:
+    """(relative path, writer) for every demo file."""
+    from modelkit import testing as t
+    from modelkit.testing.lora import write_lora
+
+    return [
+        ("models/Stable-diffusion/tiny-sd15.safetensors",
+         lambda p: t.write_checkpoint(p, "sd1", seed=1)),
+        ("models/Stable-diffusion/tiny-sd15-anime.safetensors",
+         lambda p: t.write_checkpoint(p, "sd1", seed=2)),
+        ("models/Stable-diffusion/tiny-sd15-full-ema.safetensors",
+         lambda p: t.write_checkpoint(p, "sd1", seed=3, ema=True, dtype="F32")),
+        ("models/Stable-diffusion/tiny-sd15-inpainting.safetensors",
+         lambda p: t.write_checkpoint(p, "sd1", seed=4, variant="inpaint")),
+        ("models/Stable-diffusion/tiny-sd2-768-v.safetensors",
+         lambda p: t.write_checkpoint(p, "sd2", seed=5,
+                                      metadata={"modelspec.prediction_type": "v"})),
+        ("models/Stable-diffusion/tiny-sdxl.safetensors",
+         lambda p: t.write_checkpoint(p, "sdxl", seed=6)),
+        ("models/Stable-diffusion/tiny-sdxl-vpred.safetensors",
+         lambda p: t.write_checkpoint(p, "sdxl", seed=7, markers=("v_pred", "ztsnr"))),
+        ("models/Stable-diffusion/tiny-sdxl-refiner.safetensors",
+         lambda p: t.write_checkpoint(p, "sdxl_refiner", seed=8)),
+        ("models/unet/tiny-sdxl-unet.safetensors",
+         lambda p: t.write_unet(p, "sdxl", seed=6)),
+        ("models/VAE/tiny-vae-ft-mse.safetensors", lambda p: t.write_vae(p, seed=9)),
+        ("models/Lora/tiny-sd15-style.safetensors",
+         lambda p: write_lora(p, "sd1", kind="lora", seed=10)),
+        ("models/Lora/tiny-sd15-locon.safetensors",
+         lambda p: write_lora(p, "sd1", kind="lora", conv=True, seed=11)),
+        ("models/Lora/tiny-sdxl-detail.safetensors",
+         lambda p: write_lora(p, "sdxl", kind="lora", seed=12)),
+        ("models/Lora/tiny-sd15-loha.safetensors",
+         lambda p: write_lora(p, "sd1", kind="loha", seed=13)),
+        ("models/Lora/tiny-sd15-lokr.safetensors",
+         lambda p: write_lora(p, "sd1", kind="lokr", seed=14)),
+        ("embeddings/tiny-negative.safetensors",
+         lambda p: t.write_embedding(p, "sd1", tiny=True, seed=15, name="tiny-negative")),
+        ("embeddings/sdxl-negative.safetensors",
+         lambda p: t.write_embedding(p, "sdxl", seed=16, name="sdxl-negative")),
+    ]
+
+
+@dataclass
+class DemoResult:
+    """What the demo built and found."""
+
+    root: Path
+    files: list[Path] = field(default_factory=list)
+    reports: list[dict[str, object]] = field(default_factory=list)
+    hashes: list[dict[str, object]] = field(default_factory=list)
+    summary_path: Path | None = None
+
+
+def prepare_dir(root: Path) -> None:
+    """Create ``root`` or accept it if empty or a previous demo folder; refuse
+    a folder with other content (nothing the user owns is overwritten)."""
+    if root.exists():
+        if not root.is_dir():
+            raise OutputError(f"{root}: exists and is not a folder; pick another path")
+        if any(root.iterdir()) and not (root / MARKER).exists():
+            raise OutputError(f"{root}: folder is not empty and was not made by "
+                              "'modelkit demo'; pick an empty or new folder")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER).write_text("made by modelkit demo; safe to delete\n")
+
+
+def build_library(root: Path, progress: ProgressFn = no_progress) -> list[Path]:
+    """Write (or rewrite) every demo model under ``root``."""
+    entries = _library()
+    paths = []
+    for i, (rel, write) in enumerate(entries, 1):
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(path)
+        paths.append(path)
+        progress(Progress("build library", i, len(entries), "files", rel))
+    return paths
+
+
+def run_demo(root: str | os.PathLike[str], progress: ProgressFn = no_progress
+             ) -> DemoResult:
+    """Build the demo library under ``root``, then inspect and hash it; the
+    combined report is written to ``root/library.json``."""
+    from modelkit.inspect.report import inspect_model
+    from modelkit.io.hashing import hash_file
+
+    result = DemoResult(Path(root))
+    prepare_dir(result.root)
+    result.files = build_library(result.root, progress)
+    for i, path in enumerate(result.files, 1):
+        result.reports.append(inspect_model(path).to_dict())
+        result.hashes.append(hash_file(path).to_dict())
+        progress(Progress("inspect and hash", i, len(result.files), "files", path.name))
+    summary = result.root / "library.json"
+    summary.write_text(json.dumps({"reports": result.reports, "hashes": result.hashes},
+                                  indent=2))
+    result.summary_path = summary
+    return result

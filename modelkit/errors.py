@@ -1,0 +1,28 @@
+"""Errors modelkit raises for bad input. Messages are one line, for people:
+they name the file, key or field and say what to do. The CLI maps them to
+exit codes without a traceback."""
+
+from __future__ import annotations
+
+
+class ModelkitError(Exception):
+    """Base class: a user-facing problem (exit code 2 in the CLI)."""
+
+    exit_code = 2
+
+
+class BadFileError(ModelkitError):
+    """A file that is not a readable model file (truncated, not safetensors,
+    header too large, unsafe pickle)."""
+
+
+class UnsafePickleError(BadFileError):
+    """A pickle that references a class outside the allow-list."""
+
+
+class OutputError(ModelkitError):
+    """The output path is not acceptable (an input, a directory, ...)."""
+
+
+class MissingKeyError(ModelkitError):
+    """A key needed by the operation is absent."""

@@ -1,0 +1,364 @@
+"""``inspect``: what a model file is, from its header alone.
+
+:func:`inspect_model` returns a :class:`ModelReport`; its :meth:`to_dict` is
+the stable ``modelkit inspect --json`` schema (docs/inspect-json.md).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modelkit.arch.configs import EMA_PREFIX, UNET_PREFIX
+from modelkit.arch.keys import PREDICTION_MARKERS, SCHEDULE_BUFFERS, Shape
+from modelkit.inspect.components import (
+    TE_PREFIXES,
+    ComponentReport,
+    analyse_text_encoder,
+    analyse_unet,
+    analyse_vae,
+    checkpoint_components,
+    count_ema,
+    split_prefix,
+)
+from modelkit.inspect.prediction import Prediction, ValueReader, detect_prediction
+from modelkit.io.header import TensorInfo
+
+SCHEMA = "modelkit.inspect/1"
+KNOWN_JUNK_PREFIXES = ("embedding_manager.", "lora_te_text_model", "model_ema.")
+DENOISER_MARKERS = {"joint_blocks.": "sd3", "double_blocks.": "flux"}
+
+
+@dataclass
+class ModelReport:
+    """Everything ``inspect`` says about one file."""
+
+    path: str
+    file_format: str
+    size_bytes: int
+    n_tensors: int
+    n_params: int
+    dtypes: dict[str, int]
+    kind: str = "unknown"
+    arch: str = "unknown"
+    arch_evidence: list[str] = field(default_factory=list)
+    variant: str | None = None
+    prediction: Prediction = field(default_factory=Prediction)
+    components: dict[str, ComponentReport] = field(default_factory=dict)
+    has_ema: bool = False
+    n_ema_tensors: int = 0
+    extra_keys: dict[str, int] = field(default_factory=dict)
+    unknown_keys: list[str] = field(default_factory=list)
+    adapter: dict[str, Any] | None = None
+    embedding: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stable JSON form (schema ``modelkit.inspect/1``)."""
+        return {
+            "schema": SCHEMA,
+            "path": self.path,
+            "file_format": self.file_format,
+            "kind": self.kind,
+            "arch": self.arch,
+            "arch_evidence": self.arch_evidence,
+            "variant": self.variant,
+            "prediction": self.prediction.to_dict(),
+            "components": {k: c.to_dict() for k, c in self.components.items()},
+            "has_ema": self.has_ema,
+            "n_ema_tensors": self.n_ema_tensors,
+            "dtypes": self.dtypes,
+            "n_tensors": self.n_tensors,
+            "n_params": self.n_params,
+            "size_bytes": self.size_bytes,
+            "extra_keys": self.extra_keys,
+            "unknown_keys": self.unknown_keys,
+            "adapter": self.adapter,
+            "embedding": self.embedding,
+            "notes": self.notes,
+            "metadata": self.metadata,
+        }
+
+
+def _census(infos: dict[str, TensorInfo]) -> tuple[dict[str, int], int]:
+    counts = Counter(i.dtype for i in infos.values())
+    return dict(sorted(counts.items())), sum(i.numel for i in infos.values())
+
+
+def _base_report(path: Path, infos: dict[str, TensorInfo], meta: dict[str, str],
+                 file_format: str) -> ModelReport:
+    dtypes, params = _census(infos)
+    return ModelReport(str(path), file_format, path.stat().st_size, len(infos), params,
+                       dtypes, metadata=dict(meta))
+
+
+# --- kinds --------------------------------------------------------------------
+
+
+def _embedding(shapes: dict[str, Shape], meta: dict[str, str]) -> dict[str, Any] | None:
+    keys = set(shapes)
+    if keys == {"emb_params"} or (keys and all(k.startswith("string_to_param.")
+                                               for k in keys)):
+        shape = next(iter(shapes.values()))
+        width = shape[-1]
+        arch = {768: "sd1", 1024: "sd2"}.get(width, "unknown")
+        return {"format": "a1111", "vectors": shape[0] if len(shape) == 2 else 1,
+                "width": width, "arch": arch, "name": meta.get("name")}
+    if keys == {"clip_l", "clip_g"}:
+        return {"format": "sdxl", "vectors": shapes["clip_l"][0],
+                "width": [shapes["clip_l"][-1], shapes["clip_g"][-1]],
+                "arch": "sdxl", "name": meta.get("name")}
+    return None
+
+
+def _fill_embedding(rep: ModelReport, emb: dict[str, Any]) -> None:
+    rep.kind, rep.embedding, rep.arch = "embedding", emb, emb["arch"]
+    width = emb["width"]
+    if emb["arch"] == "sdxl":
+        rep.arch_evidence = ["clip_l and clip_g vectors: SDXL embedding"]
+    elif emb["arch"] != "unknown":
+        rep.arch_evidence = [f"vector width {width} matches the "
+                             f"{'CLIP-L' if width == 768 else 'OpenCLIP-H'} text encoder"]
+    else:
+        rep.arch_evidence = [f"vector width {width} matches no SD text encoder"]
+    rep.notes.append(f"used by name in prompts: {emb.get('name') or Path(rep.path).stem}")
+
+
+def _fill_controlnet(rep: ModelReport, shapes: dict[str, Shape]) -> None:
+    prefix = "control_model." if any(k.startswith("control_model.") for k in shapes) else ""
+    found = split_prefix(shapes, prefix) if prefix else dict(shapes)
+    unet = {k: s for k, s in found.items()
+            if not k.startswith(("input_hint_block.", "zero_convs.", "middle_block_out."))}
+    comp, arch, evidence, _ = analyse_unet(unet, prefix)
+    comp.name, comp.family = "controlnet", f"{arch} ControlNet"
+    comp.complete = None  # checked against a UNet table, so only the arch is reliable
+    rep.kind, rep.arch, rep.arch_evidence = "controlnet", arch, evidence
+    rep.components = {"controlnet": comp}
+    hint = found.get("input_hint_block.0.weight")
+    if hint:
+        rep.notes.append(f"hint input has {hint[1]} channels")
+
+
+def _fill_adapter(rep: ModelReport, adapter: Any, read: ValueReader | None,
+                  infos: dict[str, TensorInfo]) -> None:
+    info = adapter.to_dict()
+    if info.get("alphas") is None and read is not None:
+        from modelkit.inspect.adapters import read_alphas
+
+        info["alphas"] = read_alphas(infos, read)
+    rep.kind, rep.adapter = "lora", info
+    rep.arch, rep.arch_evidence = info["arch"], list(info["arch_evidence"])
+
+
+def _denoiser_family(shapes: dict[str, Shape], prefix: str) -> str | None:
+    for marker, arch in DENOISER_MARKERS.items():
+        if any(k.startswith(prefix + marker) for k in shapes):
+            return arch
+    return None
+
+
+def _fill_checkpoint(rep: ModelReport, shapes: dict[str, Shape]) -> tuple[bool, int | None]:
+    comps, arch, evidence, in_ch = checkpoint_components(shapes)
+    rep.components, rep.arch, rep.arch_evidence = comps, arch, evidence
+    other = _denoiser_family(shapes, UNET_PREFIX)
+    if other:
+        rep.arch, rep.arch_evidence = other, [f"{other} transformer blocks under "
+                                              f"{UNET_PREFIX}"]
+    has_unet = "unet" in comps
+    rep.kind = "checkpoint" if has_unet and len(comps) > 1 else (
+        "unet" if has_unet else _only_component_kind(comps))
+    return has_unet, in_ch
+
+
+def _only_component_kind(comps: dict[str, ComponentReport]) -> str:
+    if set(comps) == {"vae"}:
+        return "vae"
+    if comps and all(c.startswith("te") for c in comps):
+        return "text_encoder"
+    return "unknown"
+
+
+def _fill_bare(rep: ModelReport, shapes: dict[str, Shape]) -> tuple[bool, int | None]:
+    """Files without single-file prefixes: UNet-only, VAE, text encoder."""
+    other = _denoiser_family(shapes, "")
+    if other:
+        rep.kind, rep.arch = "unet", other
+        rep.arch_evidence = [f"{other} transformer blocks"]
+        return True, None
+    if "input_blocks.0.0.weight" in shapes:
+        comp, arch, evidence, in_ch = analyse_unet(dict(shapes), "")
+        rep.kind, rep.arch, rep.arch_evidence = "unet", arch, evidence
+        rep.components = {"unet": comp}
+        return True, in_ch
+    if "encoder.conv_in.weight" in shapes and "decoder.conv_in.weight" in shapes:
+        rep.kind, rep.components = "vae", {"vae": analyse_vae(dict(shapes), "")}
+        return False, None
+    for layout, marker in (("hf", "text_model."), ("open_clip", "transformer.resblocks.")):
+        if any(k.startswith(marker) for k in shapes):
+            rep.kind = "text_encoder"
+            rep.components = {"te": analyse_text_encoder("te", "", layout, dict(shapes),
+                                                         "unknown")}
+            return False, None
+    return False, None
+
+
+# --- compatibility and notes -----------------------------------------------
+
+
+def _component_arch(rep: ModelReport) -> None:
+    """For lone VAEs and text encoders: which archs they fit."""
+    if rep.kind == "vae":
+        vae = rep.components["vae"]
+        z = 16 if "16 latent" in vae.family else 4
+        rep.arch_evidence = [f"{vae.family}: SD1, SD2 and SDXL VAEs share keys and "
+                             "shapes; which one it is cannot be told from the header"
+                             if z == 4 else f"{vae.family}: SD3/Flux VAE"]
+    elif rep.kind == "text_encoder":
+        fam = next(iter(rep.components.values())).family
+        arch = {"CLIP-L": "sd1", "OpenCLIP-H": "sd2", "OpenCLIP-bigG": "sdxl"}.get(fam)
+        if arch:
+            rep.arch = arch
+        rep.arch_evidence = [f"text encoder family {fam}"]
+
+
+def _classify_extra(rep: ModelReport, shapes: dict[str, Shape]) -> None:
+    covered = {c.prefix for c in rep.components.values()}
+    extra: Counter[str] = Counter()
+    unknown: list[str] = []
+    for k in shapes:
+        if any(k.startswith(p) for p in covered if p):
+            continue
+        if k in SCHEDULE_BUFFERS or k == "logvar" or k == "model_ema.decay" or \
+                k == "model_ema.num_updates":
+            extra["schedule_buffers"] += 1
+        elif k.startswith(EMA_PREFIX):
+            extra["ema"] += 1
+        elif k in PREDICTION_MARKERS:
+            extra["prediction_markers"] += 1
+        elif k.startswith("depth_model."):
+            extra["depth_model"] += 1
+        elif k.startswith(KNOWN_JUNK_PREFIXES):
+            extra["training_leftovers"] += 1
+        else:
+            unknown.append(k)
+    rep.extra_keys = dict(sorted(extra.items()))
+    rep.unknown_keys = unknown[:50]
+    if len(unknown) > 50:
+        rep.notes.append(f"{len(unknown)} unknown keys (first 50 listed)")
+
+
+def _position_id_notes(rep: ModelReport, infos: dict[str, TensorInfo],
+                       read: ValueReader | None) -> None:
+    for prefix, (layout, _) in TE_PREFIXES.items():
+        key = prefix + "text_model.embeddings.position_ids"
+        info = infos.get(key)
+        if layout != "hf" or info is None:
+            continue
+        if info.dtype != "I64":
+            rep.notes.append(f"{key} is stored as {info.dtype}, not int64: CLIP token "
+                             "positions may be off by one after rounding; rewrite them "
+                             "as int64 0..76")
+        elif read is not None:
+            values = read(key)
+            if values != [float(i) for i in range(len(values))]:
+                rep.notes.append(f"{key} is not 0..{len(values) - 1}: broken CLIP "
+                                 "position ids")
+    if any(k.startswith("cond_stage_model.transformer.embeddings.") for k in infos):
+        rep.notes.append("NovelAI-style CLIP key names (no text_model.); most loaders "
+                         "rename them on load")
+
+
+def _general_notes(rep: ModelReport) -> None:
+    if rep.kind == "unet":
+        rep.notes.append("diffusion-model-only file: ComfyUI loads it from "
+                         "models/diffusion_models (Load Diffusion Model), not checkpoints/")
+    if rep.kind == "checkpoint":
+        for comp in ("vae",):
+            if comp not in rep.components:
+                rep.notes.append("no VAE baked in: select a VAE in your UI")
+        for c in rep.components.values():
+            if c.complete is False:
+                rep.notes.append(f"{c.name} is incomplete: {c.n_missing} missing keys, "
+                                 f"{c.n_shape_mismatches} shape mismatches")
+    if rep.has_ema:
+        rep.notes.append(f"carries EMA weights ({rep.n_ema_tensors} tensors) that UIs "
+                         "ignore; pruning them saves space")
+    if rep.dtypes.get("F32", 0) > rep.n_tensors // 2 and rep.kind in ("checkpoint",
+                                                                        "unet"):
+        rep.notes.append("stored mostly in fp32: fp16 halves the size with no visible "
+                         "change for inference")
+
+
+def _variant(arch: str, in_ch: int | None, shapes: dict[str, Shape]) -> str | None:
+    if in_ch is None or in_ch == 4:
+        return None
+    if in_ch == 5 and any(k.startswith("depth_model.") for k in shapes):
+        return "depth"
+    return {9: "inpaint", 8: "pix2pix", 5: "depth"}.get(in_ch)
+
+
+def build_report(path: Path, infos: dict[str, TensorInfo], meta: dict[str, str],
+                 file_format: str, read: ValueReader | None) -> ModelReport:
+    """Assemble the report from tensor infos, metadata and an optional reader
+    of small tensor values."""
+    from modelkit.inspect.adapters import detect_adapter
+
+    rep = _base_report(path, infos, meta, file_format)
+    shapes = {k: i.shape for k, i in infos.items()}
+    has_unet, in_ch = False, None
+    adapter = detect_adapter(infos, meta)
+    emb = _embedding(shapes, meta) if adapter is None else None
+    if adapter is not None:
+        _fill_adapter(rep, adapter, read, infos)
+    elif emb is not None:
+        _fill_embedding(rep, emb)
+    elif any(k.startswith(("control_model.", "input_hint_block.")) for k in shapes):
+        _fill_controlnet(rep, shapes)
+    elif any(k.startswith(p) for k in shapes
+             for p in (UNET_PREFIX, "first_stage_model.", *TE_PREFIXES)):
+        has_unet, in_ch = _fill_checkpoint(rep, shapes)
+    else:
+        has_unet, in_ch = _fill_bare(rep, shapes)
+    _component_arch(rep)
+    rep.variant = _variant(rep.arch, in_ch, shapes)
+    rep.n_ema_tensors = count_ema(shapes)
+    rep.has_ema = rep.n_ema_tensors > 0
+    if rep.kind in ("checkpoint", "unet", "vae", "text_encoder", "unknown"):
+        _classify_extra(rep, shapes)
+    rep.prediction = detect_prediction(path, set(shapes), meta, rep.arch, has_unet, read)
+    _position_id_notes(rep, infos, read)
+    _general_notes(rep)
+    return rep
+
+
+def inspect_model(path: str | os.PathLike[str]) -> ModelReport:
+    """Inspect a ``.safetensors`` file (header only, plus a few small tensors
+    decoded without torch) or a legacy pickle (loaded safely, memory-mapped).
+
+    Raises:
+        BadFileError: unreadable, truncated, not a model file, unsafe pickle.
+    """
+    from modelkit.io.reader import is_pickle_path
+
+    p = Path(path)
+    if is_pickle_path(p):
+        return _inspect_pickle(p)
+    from modelkit.io.header import read_header, read_small_tensor
+
+    header = read_header(p)
+    return build_report(p, header.tensors, header.metadata, "safetensors",
+                        lambda key: read_small_tensor(header, key))
+
+
+def _inspect_pickle(p: Path) -> ModelReport:
+    from modelkit.io.reader import open_model
+
+    with open_model(p) as src:
+        def read(key: str) -> list[float]:
+            return [float(x) for x in src.get(key).flatten().tolist()]
+
+        return build_report(p, src.infos, src.metadata, "pickle", read)

@@ -1,0 +1,115 @@
+"""Legacy ``.ckpt``/``.pt`` pickles, read with ``torch.load(weights_only=True)``.
+
+SD checkpoints carry a few non-tensor objects, most often the
+pytorch_lightning ``ModelCheckpoint`` callback state. Those classes are
+allow-listed by name and rebuilt as inert placeholders; anything else is
+refused with the class named. Nothing is ever unpickled without restriction.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from modelkit.errors import BadFileError, UnsafePickleError
+from modelkit.io.writer import atomic_path
+
+# classes SD/LDM checkpoints embed beside the weights (never executed)
+ALLOWED_CLASSES = (
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+    "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint",
+    "pytorch_lightning.callbacks.early_stopping.EarlyStopping",
+    "lightning_fabric.utilities.data.AttributeDict",
+    "pytorch_lightning.utilities.parsing.AttributeDict",
+    "omegaconf.dictconfig.DictConfig",
+    "omegaconf.listconfig.ListConfig",
+    "omegaconf.base.ContainerMetadata",
+    "omegaconf.base.Metadata",
+    "omegaconf.nodes.AnyNode",
+    "typing.Any",
+)
+
+
+class Placeholder(dict):  # type: ignore[type-arg]
+    """Inert stand-in for an allow-listed foreign object; keeps its state."""
+
+    def __setstate__(self, state: Any) -> None:
+        self["__state__"] = state
+
+
+def _placeholder_types() -> list[tuple[type, str]]:
+    types = []
+    for dotted in ALLOWED_CLASSES:
+        cls = type(dotted.rsplit(".", 1)[1], (Placeholder,), {})
+        types.append((cls, dotted))
+    return types
+
+
+_UNSUPPORTED = re.compile(r"(?:Unsupported global|unsupported GLOBAL)[^\w]*(?:GLOBAL )?"
+                          r"([\w.]+)")
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, Any]:
+    if isinstance(obj, dict) and isinstance(obj.get("string_to_param"), dict):
+        # A1111 textual inversion .pt: {"string_to_param": {"*": tensor}, ...}
+        obj = {f"string_to_param.{k}": v for k, v in obj["string_to_param"].items()}
+    while isinstance(obj, dict) and "state_dict" in obj and isinstance(
+            obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise BadFileError(f"{path}: pickle holds a {type(obj).__name__}, not a state dict")
+    import torch
+
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors and obj:
+        raise BadFileError(f"{path}: pickle holds no tensors at the top level or under "
+                           "'state_dict'")
+    return tensors
+
+
+def load_pickle_state_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load the tensors of a ``.ckpt``/``.pt``/``.bin`` file safely.
+
+    Zip-format files are memory-mapped, so tensors are paged in on use.
+
+    Raises:
+        UnsafePickleError: the pickle references a class not on the allow-list.
+        BadFileError: unreadable or not a state dict.
+    """
+    import torch
+
+    p = Path(path)
+    is_zip = zipfile.is_zipfile(p)
+    try:
+        with torch.serialization.safe_globals(_placeholder_types()):
+            obj = torch.load(p, map_location="cpu", weights_only=True, mmap=is_zip)
+    except FileNotFoundError:
+        raise BadFileError(f"{p}: no such file") from None
+    except pickle.UnpicklingError as exc:
+        m = _UNSUPPORTED.search(str(exc))
+        name = m.group(1) if m else str(exc).splitlines()[0][:120]
+        raise UnsafePickleError(
+            f"{p}: refused to unpickle: the file references {name}, which is not on "
+            "modelkit's allow-list; only load pickles from sources you trust, or get "
+            "a .safetensors version") from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as exc:
+        msg = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise BadFileError(f"{p}: not a readable checkpoint ({msg})") from None
+    return _unwrap(obj, p)
+
+
+def save_pickle_state_dict(state: dict[str, Any], path: str | os.PathLike[str],
+                           extra: dict[str, Any] | None = None,
+                           inputs: tuple[str | os.PathLike[str], ...] = ()) -> None:
+    """Write a legacy zip-format ``.ckpt`` (``{"state_dict": ...}`` plus
+    ``extra`` top-level entries). Used for compatibility output and tests."""
+    import torch
+
+    obj: dict[str, Any] = {"state_dict": state}
+    obj.update(extra or {})
+    with atomic_path(Path(path), inputs) as tmp:
+        torch.save(obj, tmp)

@@ -1,0 +1,232 @@
+"""The one write path: a streaming safetensors writer.
+
+The header is computed up front from the tensor specs, so tensors are written
+one at a time and a state dict is never held in memory. Data goes to a hidden
+temp file beside the target, which is renamed over the target only when every
+tensor has been written; on any error (or Ctrl-C) the temp file is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from modelkit.errors import ModelkitError, OutputError
+from modelkit.io.header import DTYPE_SIZES
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, safetensors dtype and shape of a tensor to be written."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return int(n * DTYPE_SIZES[self.dtype])
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def check_output_path(target: Path, inputs: Iterable[str | os.PathLike[str]]) -> None:
+    """Refuse an output that is one of the inputs, a directory, or in a
+    missing folder."""
+    for src in inputs:
+        if _same_file(target, Path(src)):
+            raise OutputError(f"{target}: output is also an input; choose another "
+                              "output path (modelkit never writes over an input)")
+    if target.is_dir():
+        raise OutputError(f"{target}: is a directory; give a file name")
+    if not target.parent.is_dir():
+        raise OutputError(f"{target.parent}: output folder does not exist")
+
+
+def build_header(specs: list[TensorSpec], metadata: dict[str, str] | None) -> tuple[
+        bytes, dict[str, int]]:
+    """Header bytes (8-byte length + JSON padded to 8) and each tensor's
+    offset into the data buffer. Tensors are laid out by descending element
+    size (stable), so every tensor starts aligned to its element size."""
+    ordered = sorted(specs, key=lambda s: -DTYPE_SIZES[s.dtype])
+    header: dict[str, Any] = {}
+    if metadata:
+        bad = [k for k, v in metadata.items() if not isinstance(v, str)]
+        if bad:
+            raise ModelkitError(f"metadata value for {bad[0]!r} is not a string")
+        header["__metadata__"] = metadata
+    offsets: dict[str, int] = {}
+    pos = 0
+    for s in ordered:
+        if s.name in offsets:
+            raise ModelkitError(f"tensor {s.name!r} is listed twice for the output")
+        offsets[s.name] = pos
+        header[s.name] = {"dtype": s.dtype, "shape": list(s.shape),
+                          "data_offsets": [pos, pos + s.nbytes]}
+        pos += s.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw, offsets
+
+
+def tensor_bytes(tensor: Any) -> memoryview:
+    """A contiguous little-endian byte view of a torch tensor or numpy array
+    (copied only when it is not contiguous or not on the CPU)."""
+    if hasattr(tensor, "detach"):
+        import torch
+
+        t = tensor.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous().reshape(-1)
+        return memoryview(t.view(torch.uint8).numpy()).cast("B")
+    import numpy as np
+
+    arr = np.ascontiguousarray(tensor)
+    return memoryview(arr.reshape(-1).view(np.uint8)).cast("B")
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        n = os.pwrite(fd, data, offset)
+        data = data[n:]
+        offset += n
+
+
+@contextmanager
+def atomic_path(target: Path, inputs: Iterable[str | os.PathLike[str]] = ()) -> Iterator[Path]:
+    """Yield a temp path beside ``target``; rename it over ``target`` when the
+    block succeeds, remove it when it fails."""
+    check_output_path(target, inputs)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial",
+                               dir=target.parent)
+    os.close(fd)
+    temp = Path(tmp)
+    try:
+        yield temp
+        os.chmod(temp, 0o644)
+        os.replace(temp, target)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+class SafetensorsWriter:
+    """Write tensors one at a time into ``target`` (a context manager).
+
+    Args:
+        target: output ``.safetensors`` path.
+        specs: every tensor the file will hold (name, dtype, shape).
+        metadata: string-to-string ``__metadata__``.
+        inputs: paths the operation reads; the writer refuses to write onto any.
+    """
+
+    def __init__(
+        self,
+        target: str | os.PathLike[str],
+        specs: Iterable[TensorSpec],
+        metadata: dict[str, str] | None = None,
+        inputs: Iterable[str | os.PathLike[str]] = (),
+    ) -> None:
+        self.target = Path(target)
+        check_output_path(self.target, inputs)
+        self.specs = {s.name: s for s in specs}
+        self._header, self._offsets = build_header(list(self.specs.values()), metadata)
+        self._written: set[str] = set()
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.target.name}.", suffix=".partial",
+                                   dir=self.target.parent)
+        self._fd: int | None = fd
+        self.temp_path = Path(tmp)
+        try:
+            _pwrite_all(fd, memoryview(self._header), 0)
+        except BaseException:
+            self.abort()
+            raise
+
+    @property
+    def data_start(self) -> int:
+        return len(self._header)
+
+    @property
+    def total_bytes(self) -> int:
+        return len(self._header) + sum(s.nbytes for s in self.specs.values())
+
+    def write(self, name: str, tensor: Any) -> None:
+        """Write one tensor; its dtype and shape must match its spec."""
+        spec = self.specs.get(name)
+        if spec is None:
+            raise ModelkitError(f"tensor {name!r} was not declared for the output")
+        if name in self._written:
+            raise ModelkitError(f"tensor {name!r} written twice")
+        shape = tuple(int(d) for d in tensor.shape)
+        if shape != spec.shape:
+            raise ModelkitError(f"tensor {name!r} has shape {list(shape)}, "
+                                f"declared {list(spec.shape)}")
+        data = tensor_bytes(tensor)
+        if len(data) != spec.nbytes:
+            raise ModelkitError(f"tensor {name!r} has {len(data)} bytes, its declared "
+                                f"dtype {spec.dtype} needs {spec.nbytes}")
+        assert self._fd is not None, "writer is closed"
+        _pwrite_all(self._fd, data, self.data_start + self._offsets[name])
+        self._written.add(name)
+
+    def commit(self) -> Path:
+        """Check every tensor was written, then rename the temp file over the
+        target. Returns the target path."""
+        missing = [n for n in self.specs if n not in self._written]
+        if missing:
+            self.abort()
+            raise ModelkitError(f"{len(missing)} tensors were never written "
+                                f"(first: {missing[0]!r}); nothing was saved")
+        assert self._fd is not None, "writer is closed"
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        os.chmod(self.temp_path, 0o644)
+        os.replace(self.temp_path, self.target)
+        return self.target
+
+    def abort(self) -> None:
+        """Drop the temp file; the target is left untouched."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self.temp_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def write_sparse(target: str | os.PathLike[str], specs: Iterable[TensorSpec],
+                 metadata: dict[str, str] | None = None) -> Path:
+    """Write a valid safetensors file whose tensors are all zero, as a sparse
+    file: a full-size SDXL layout costs a few KB of disk. For header-level
+    tests and benchmarks of full-size key structures."""
+    path = Path(target)
+    spec_list = list(specs)
+    header, _ = build_header(spec_list, metadata)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(header)
+        f.truncate(len(header) + sum(s.nbytes for s in spec_list))
+    return path

@@ -1,0 +1,281 @@
+"""Seeded synthetic SD models for tests, benchmarks and users' own CI.
+
+Every writer streams through :class:`modelkit.io.writer.SafetensorsWriter`, so
+a full-size SDXL file is generated one tensor at a time. Values are seeded per
+key (the same key and seed always give the same tensor), initialised like a
+network at rest (weights ~ N(0, 1/fan_in), norm scales ~ 1, biases ~ 0), so
+forward passes stay finite.
+
+Tiny models (``tiny=True``, the default) use :data:`modelkit.arch.configs.TINY`:
+the real key names and block structure with small widths.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from modelkit.arch.configs import ARCHS, TINY, UNET_PREFIX, VAE_PREFIX, ArchSpec
+from modelkit.arch.keys import (
+    POSITION_IDS,
+    Shape,
+    checkpoint_keys,
+    ema_key,
+    unet_keys,
+    vae_keys,
+)
+from modelkit.errors import ModelkitError
+from modelkit.io.stream import WriteResult, stream_pass
+from modelkit.io.writer import TensorSpec
+from modelkit.progress import ProgressFn, no_progress
+
+if TYPE_CHECKING:
+    import torch
+
+VARIANT_CHANNELS = {"inpaint": 9, "pix2pix": 8, "depth": 5}
+
+
+def arch_spec(arch: str, tiny: bool = True, variant: str | None = None) -> ArchSpec:
+    """The :class:`ArchSpec` for ``arch`` (``sd1``, ``sd2``, ``sdxl``,
+    ``sdxl_refiner``), tiny or full size, optionally an in-channel variant."""
+    table = TINY if tiny else ARCHS
+    if arch not in table:
+        raise ModelkitError(f"unknown arch {arch!r}; choose one of {', '.join(table)}")
+    spec = table[arch]
+    if variant:
+        if variant not in VARIANT_CHANNELS:
+            raise ModelkitError(f"unknown variant {variant!r}; choose one of "
+                                f"{', '.join(VARIANT_CHANNELS)}")
+        spec = spec.with_variant(VARIANT_CHANNELS[variant])
+    return spec
+
+
+def _key_seed(seed: int, key: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(key.encode())) & 0x7FFF_FFFF_FFFF
+
+
+def synthetic_tensor(key: str, shape: Shape, seed: int = 0) -> torch.Tensor:
+    """A deterministic float32 tensor for ``key``: what a trained layer of
+    that kind looks like in scale, not in content."""
+    import torch
+
+    gen = torch.Generator().manual_seed(_key_seed(seed, key))
+    if key.endswith("position_ids"):
+        return torch.arange(shape[-1], dtype=torch.int64).reshape(shape)
+    if key.endswith("logit_scale"):
+        return torch.tensor(math.log(100.0))
+    t = torch.randn(shape, generator=gen)
+    leaf = key.rsplit(".", 1)[-1]
+    is_norm = any(n in key for n in ("norm", "ln_", "layer_norm", "in_layers.0",
+                                     "out_layers.0", "out.0."))
+    if len(shape) <= 1 and leaf == "weight" and is_norm:
+        return t.mul_(0.05).add_(1.0)
+    if len(shape) <= 1:
+        return t.mul_(0.02)
+    fan_in = math.prod(shape[1:])
+    if "embedding" in key or key.endswith("positional_embedding"):
+        fan_in = 100
+    return t.mul_(1.0 / math.sqrt(fan_in))
+
+
+def _schedule_buffer(name: str) -> torch.Tensor:
+    """The LDM scaled-linear schedule buffers (beta 0.00085..0.012)."""
+    import torch
+
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    ac = torch.cumprod(1 - betas, 0)
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+    post_var = betas * (1 - prev) / (1 - ac)
+    table = {
+        "betas": betas,
+        "alphas_cumprod": ac,
+        "alphas_cumprod_prev": prev,
+        "sqrt_alphas_cumprod": ac.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1 - ac).sqrt(),
+        "log_one_minus_alphas_cumprod": (1 - ac).log(),
+        "sqrt_recip_alphas_cumprod": (1 / ac).sqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1 / ac - 1).sqrt(),
+        "posterior_variance": post_var,
+        "posterior_log_variance_clipped": post_var.clamp(min=1e-20).log(),
+        "posterior_mean_coef1": betas * prev.sqrt() / (1 - ac),
+        "posterior_mean_coef2": (1 - prev) * (1 - betas).sqrt() / (1 - ac),
+    }
+    return table[name].float()
+
+
+def _value(key: str, shape: Shape, seed: int) -> torch.Tensor:
+    import torch
+
+    if key == "model_ema.decay":
+        return torch.tensor(0.9999)
+    if key == "model_ema.num_updates":
+        return torch.tensor(1000, dtype=torch.int32)
+    if key in ("v_pred", "ztsnr"):
+        return torch.zeros(0)
+    if "." not in key and shape == (1000,):
+        return _schedule_buffer(key)
+    if key.startswith("model_ema.diffusion_model"):
+        # EMA weights sit close to the online weights, as in a real run
+        return synthetic_tensor(key, shape, seed).mul_(0.01)
+    return synthetic_tensor(key, shape, seed)
+
+
+def _specs(keys: dict[str, Shape], dtype: str) -> list[TensorSpec]:
+    specs = []
+    for key, shape in keys.items():
+        if key.endswith("position_ids"):
+            specs.append(TensorSpec(key, "I64", shape))
+        elif key == "model_ema.num_updates":
+            specs.append(TensorSpec(key, "I32", shape))
+        elif key == "model_ema.decay" or (("." not in key) and shape == (1000,)):
+            specs.append(TensorSpec(key, "F32", shape))
+        else:
+            specs.append(TensorSpec(key, dtype, shape))
+    return specs
+
+
+def write_tensors(
+    path: str | os.PathLike[str],
+    keys: dict[str, Shape],
+    *,
+    dtype: str = "F16",
+    seed: int = 0,
+    metadata: dict[str, str] | None = None,
+    overrides: dict[str, torch.Tensor] | None = None,
+    progress: ProgressFn = no_progress,
+) -> WriteResult:
+    """Write synthetic values for ``keys`` (name -> shape) to ``path``.
+    ``overrides`` supplies exact tensors for some keys."""
+    from modelkit.io.dtypes import to_torch
+    from modelkit.io.reader import cast
+
+    overrides = overrides or {}
+    specs = _specs(keys, dtype)
+    kinds = {s.name: s.dtype for s in specs}
+    for name, t in overrides.items():
+        from modelkit.io.dtypes import from_torch
+
+        kinds[name] = from_torch(t.dtype)
+    specs = [TensorSpec(s.name, kinds[s.name], s.shape) for s in specs]
+
+    def produce(key: str) -> torch.Tensor:
+        if key in overrides:
+            return overrides[key]
+        return cast(_value(key, keys[key], seed), to_torch(kinds[key]))
+
+    return stream_pass(path, specs, produce, metadata=metadata, progress=progress,
+                       task="generate")
+
+
+def write_checkpoint(
+    path: str | os.PathLike[str],
+    arch: str = "sd1",
+    *,
+    tiny: bool = True,
+    variant: str | None = None,
+    ema: bool = False,
+    dtype: str = "F16",
+    seed: int = 0,
+    markers: Iterable[str] = (),
+    components: Iterable[str] | None = None,
+    metadata: dict[str, str] | None = None,
+    progress: ProgressFn = no_progress,
+) -> WriteResult:
+    """Write a single-file checkpoint in the original (LDM/SGM) layout.
+
+    Args:
+        arch: ``sd1``, ``sd2``, ``sdxl`` or ``sdxl_refiner``.
+        tiny: small widths (tests) or the real shapes (benchmarks).
+        variant: ``inpaint``, ``pix2pix`` or ``depth`` (UNet input channels).
+        ema: add LitEma ``model_ema.*`` buffers.
+        markers: root marker keys to add, e.g. ``("v_pred", "ztsnr")``.
+        components: limit to some of ``unet``, ``vae``, ``te`` (all text
+            encoders); default all.
+    """
+    spec = arch_spec(arch, tiny, variant)
+    keys = checkpoint_keys(spec, ema=ema)
+    if components is not None:
+        wanted = set(components)
+        keys = {k: s for k, s in keys.items() if _component_of(k, spec) in wanted}
+    for m in markers:
+        keys[m] = (0,)
+    return write_tensors(path, keys, dtype=dtype, seed=seed, metadata=metadata,
+                         progress=progress)
+
+
+def write_sparse_checkpoint(path: str | os.PathLike[str], arch: str = "sd1", *,
+                            tiny: bool = False, ema: bool = False, dtype: str = "F16",
+                            variant: str | None = None) -> Path:
+    """A full-size key/shape layout with all-zero tensors stored sparsely:
+    inspect-level tests of real shapes without writing gigabytes."""
+    from modelkit.io.writer import write_sparse
+
+    spec = arch_spec(arch, tiny, variant)
+    return write_sparse(path, _specs(checkpoint_keys(spec, ema=ema), dtype))
+
+
+def _component_of(key: str, spec: ArchSpec) -> str:
+    if key.startswith(UNET_PREFIX) or key.startswith("model_ema."):
+        return "unet"
+    if key.startswith(VAE_PREFIX):
+        return "vae"
+    if any(key.startswith(s.prefix) for s in spec.text_encoders):
+        return "te"
+    return "other"
+
+
+def write_unet(path: str | os.PathLike[str], arch: str = "sd1", *, tiny: bool = True,
+               dtype: str = "F16", seed: int = 0) -> WriteResult:
+    """A diffusion-model-only file (unprefixed LDM UNet keys, as ComfyUI's
+    ``diffusion_models/`` files are)."""
+    spec = arch_spec(arch, tiny)
+    return write_tensors(path, dict(unet_keys(spec.unet)), dtype=dtype, seed=seed)
+
+
+def write_vae(path: str | os.PathLike[str], *, tiny: bool = True, dtype: str = "F16",
+              seed: int = 0) -> WriteResult:
+    """A standalone KL-f8 VAE (unprefixed ``encoder.*``/``decoder.*`` keys)."""
+    spec = arch_spec("sd1", tiny)
+    return write_tensors(path, dict(vae_keys(spec.vae)), dtype=dtype, seed=seed)
+
+
+def write_embedding(path: str | os.PathLike[str], arch: str = "sd1", *,
+                    tiny: bool = False, n_vectors: int = 4, seed: int = 0,
+                    name: str | None = None) -> WriteResult:
+    """A textual inversion embedding as A1111 saves it: ``emb_params``
+    [n, width] for SD1/SD2, ``clip_l``/``clip_g`` for SDXL. Real widths by
+    default (they are small); ``tiny=True`` matches the tiny text encoders."""
+    spec = arch_spec(arch, tiny)
+    widths = {s.name: s.config.width for s in spec.text_encoders}
+    if arch == "sdxl":
+        keys = {"clip_l": (n_vectors, widths["te1"]), "clip_g": (n_vectors, widths["te2"])}
+    elif arch in ("sd1", "sd2"):
+        keys = {"emb_params": (n_vectors, widths["te"])}
+    else:
+        raise ModelkitError(f"no textual inversion format for {arch}")
+    meta = {"name": name or Path(path).stem, "step": "1000", "modelkit.synthetic": "1"}
+    return write_tensors(path, keys, dtype="F32", seed=seed, metadata=meta)
+
+
+def ema_keys_for(arch: str, tiny: bool = True) -> dict[str, str]:
+    """UNet key -> LitEma key for ``arch`` (handy in tests)."""
+    spec = arch_spec(arch, tiny)
+    return {UNET_PREFIX + k: ema_key(k) for k in unet_keys(spec.unet)}
+
+
+__all__ = [
+    "POSITION_IDS",
+    "arch_spec",
+    "ema_keys_for",
+    "synthetic_tensor",
+    "write_checkpoint",
+    "write_embedding",
+    "write_sparse_checkpoint",
+    "write_tensors",
+    "write_unet",
+    "write_vae",
+]
