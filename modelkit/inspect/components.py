@@ -11,8 +11,8 @@ from modelkit.arch.detect import (
     expected_unet_config,
     expected_vae_config,
     text_encoder_family,
-    unet_features,
     unet_family,
+    unet_features,
 )
 from modelkit.arch.keys import (
     POSITION_IDS,

@@ -91,11 +91,13 @@ def load_pickle_state_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise BadFileError(f"{p}: no such file") from None
     except pickle.UnpicklingError as exc:
         m = _UNSUPPORTED.search(str(exc))
-        name = m.group(1) if m else str(exc).splitlines()[0][:120]
+        if m is None:
+            raise BadFileError(f"{p}: not a readable checkpoint (corrupt or not a "
+                               "pickle)") from None
         raise UnsafePickleError(
-            f"{p}: refused to unpickle: the file references {name}, which is not on "
-            "modelkit's allow-list; only load pickles from sources you trust, or get "
-            "a .safetensors version") from None
+            f"{p}: refused to unpickle: the file references {m.group(1)}, which is not "
+            "on modelkit's allow-list; only load pickles from sources you trust, or "
+            "get a .safetensors version") from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as exc:
         msg = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise BadFileError(f"{p}: not a readable checkpoint ({msg})") from None

@@ -1,0 +1,409 @@
+"""Header-only adapter detection: which LoRA/LyCORIS/PEFT/ComfyUI format a
+safetensors file holds, its ranks, what it patches and for which architecture.
+
+Only names, shapes and ``__metadata__`` are used; tensor values (alphas) can be
+read separately and cheaply with :func:`read_alphas`.
+
+Rank conventions: LoRA/LoCon/PEFT/ComfyUI ``lora_down``/``lora_A`` rows; LoHa
+``hada_w1_b`` rows; LoKr the rows of its low-rank factors (``lokr_w1_b``,
+``lokr_w2_b``). A LoKr module stored with full ``w1`` and ``w2`` has no rank
+and contributes nothing to ``ranks`` (an all-full LoKr reports ``[]``); full
+diffs and IA3 have no rank either.
+
+Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from modelkit.arch.configs import ARCHS
+from modelkit.arch.lora_names import resolve_module
+from modelkit.io.header import TensorInfo
+
+ARCH_CANDIDATES = ("sd1", "sd2", "sdxl")
+TARGET_ORDER = ("unet", "te", "te1", "te2")
+
+# adapter tensor suffixes -> role; multi-part suffixes are tried first
+DOWN_SUFFIXES = ("lora_down.weight", "lora_A.weight", "lora.down.weight",
+                 "lora_linear_layer.down.weight")
+UP_SUFFIXES = ("lora_up.weight", "lora_B.weight", "lora.up.weight",
+               "lora_linear_layer.up.weight")
+PEFT_SUFFIXES = frozenset({"lora_A.weight", "lora_B.weight", "lora.down.weight",
+                           "lora.up.weight", "lora_linear_layer.down.weight",
+                           "lora_linear_layer.up.weight"})
+DORA_SUFFIXES = frozenset({"dora_scale", "lora_magnitude_vector",
+                           "lora_magnitude_vector.weight"})
+ALGO_SUFFIXES: dict[str, tuple[str, ...]] = {
+    "lora": (*DOWN_SUFFIXES, *UP_SUFFIXES, "lora_mid.weight"),
+    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
+    "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
+             "lokr_t2"),
+    "full": ("diff", "diff_b", "w_norm", "b_norm"),
+    "ia3": ("on_input",),
+}
+EXTRA_SUFFIXES = ("alpha", "scale", "dora_scale", "lora_magnitude_vector.weight",
+                  "lora_magnitude_vector", "bias_indices", "bias_values", "bias_size")
+SUFFIXES: tuple[str, ...] = tuple(sorted(
+    {s for group in ALGO_SUFFIXES.values() for s in group} | set(EXTRA_SUFFIXES),
+    key=lambda s: (-s.count("."), -len(s)),
+))
+# diffusers' old attention-processor spelling: ...attn1.processor.to_q_lora.down.weight
+PROCESSOR_SUFFIXES = {"_lora.down.weight": "lora.down.weight",
+                      "_lora.up.weight": "lora.up.weight"}
+
+# module-name prefix -> (naming, component); "te" becomes "te1" on SDXL
+NAME_PREFIXES: tuple[tuple[str, str, str], ...] = (
+    ("lora_unet_", "kohya", "unet"),
+    ("lora_te1_", "kohya", "te1"),
+    ("lora_te2_", "kohya", "te2"),
+    ("lora_te_", "kohya", "te"),
+    ("unet.", "peft", "unet"),
+    ("base_model.model.", "peft", "unet"),
+    ("text_encoder_2.", "peft", "te2"),
+    ("text_encoder.", "peft", "te"),
+    ("diffusion_model.", "comfyui", "unet"),
+    ("text_encoders.clip_g.", "comfyui", "te2"),
+    ("text_encoders.", "comfyui", "te"),
+)
+CONTEXT_DIMS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+TE_WIDTHS = {768: frozenset({"sd1", "sdxl"}), 1024: frozenset({"sd2"}),
+             1280: frozenset({"sdxl"})}
+LDM_UNET_NAMES = ("lora_unet_input_blocks_", "lora_unet_middle_block_",
+                  "lora_unet_output_blocks_")
+
+
+@dataclass
+class AdapterInfo:
+    """What :func:`detect_adapter` found in an adapter file's header."""
+
+    format: str  # lora, locon, loha, lokr, ia3, full, dora, peft, comfyui
+    naming: str  # kohya, peft, comfyui
+    n_modules: int
+    ranks: list[int]  # sorted distinct ranks
+    alphas: list[float] | None  # from metadata; None when not known from the header
+    targets: list[str]  # subset of unet, te, te1, te2
+    arch: str  # sd1, sd2, sdxl, unknown
+    arch_evidence: list[str]
+    conv_modules: int  # modules patching conv weights (4-D, 1x1 included)
+    algos: dict[str, int] = field(default_factory=dict)  # modules per algorithm
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field."""
+        return asdict(self)
+
+
+@dataclass
+class _Module:
+    name: str
+    naming: str
+    component: str
+    tensors: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def first(self, suffixes: Iterable[str]) -> tuple[int, ...] | None:
+        for s in suffixes:
+            if s in self.tensors:
+                return self.tensors[s]
+        return None
+
+
+# --- parsing ---------------------------------------------------------------------
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """``(module, suffix)`` for an adapter tensor name, or None. Bare
+    ``.weight`` keys (IA3) are not split here."""
+    if ".processor." in key:
+        for old, new in PROCESSOR_SUFFIXES.items():
+            if key.endswith(old):
+                module = key[: -len(old)].replace(".processor.", ".")
+                return module.replace(".to_out", ".to_out.0"), new
+    for suffix in SUFFIXES:
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], suffix
+    return None
+
+
+def _classify(module: str) -> tuple[str, str] | None:
+    for prefix, naming, component in NAME_PREFIXES:
+        if module.startswith(prefix):
+            return naming, component
+    return None
+
+
+def _group_modules(infos: dict[str, TensorInfo]) -> dict[str, _Module]:
+    modules: dict[str, _Module] = {}
+    for key, info in infos.items():
+        parts = split_key(key)
+        if parts is None:
+            continue
+        name, suffix = parts
+        kind = _classify(name)
+        if kind is None:
+            continue
+        mod = modules.setdefault(name, _Module(name, *kind))
+        mod.tensors[suffix] = info.shape
+    for key, info in infos.items():  # IA3 scales: <module>.weight beside <module>.on_input
+        mod = modules.get(key.removesuffix(".weight"))
+        if key.endswith(".weight") and mod is not None and "on_input" in mod.tensors:
+            mod.tensors["weight"] = info.shape
+    return {n: m for n, m in modules.items() if _algo(m) is not None}
+
+
+def _algo(mod: _Module) -> str | None:
+    for algo, suffixes in ALGO_SUFFIXES.items():
+        if any(s in mod.tensors for s in suffixes):
+            return algo
+    return None
+
+
+# --- ranks, shapes -------------------------------------------------------------
+
+
+def _module_rank(mod: _Module) -> list[int]:
+    down = mod.first(DOWN_SUFFIXES)
+    if down is not None:
+        return [down[0]]
+    if "hada_w1_b" in mod.tensors:
+        return [mod.tensors["hada_w1_b"][0]]
+    return [mod.tensors[s][0] for s in ("lokr_w1_b", "lokr_w2_b") if s in mod.tensors]
+
+
+def _lokr_in(mod: _Module) -> int | None:
+    w1 = mod.first(("lokr_w1", "lokr_w1_b"))
+    w2 = mod.first(("lokr_w2", "lokr_w2_b"))
+    if w1 is None or w2 is None or "lokr_t2" in mod.tensors:
+        return None
+    return w1[1] * w2[1]
+
+
+def _in_features(mod: _Module) -> int | None:
+    """Input width of the patched Linear, when the header shows it."""
+    shape = mod.first((*DOWN_SUFFIXES, "hada_w1_b", "diff"))
+    if shape is not None and len(shape) >= 2:
+        return shape[1]
+    return _lokr_in(mod)
+
+
+def _has_4d(mod: _Module) -> bool:
+    return any(len(s) == 4 for s in mod.tensors.values())
+
+
+def _has_kernel(mod: _Module) -> bool:
+    if "lora_mid.weight" in mod.tensors:
+        return True
+    return any(len(s) == 4 and math.prod(s[2:]) > 1 for s in mod.tensors.values())
+
+
+# --- architecture evidence -------------------------------------------------------
+
+Clue = tuple[frozenset[str], str]
+
+
+def _name_clues(modules: dict[str, _Module]) -> list[Clue]:
+    names = list(modules)
+    comps = {m.component for m in modules.values()}
+    clues: list[Clue] = []
+    sdxl = frozenset({"sdxl"})
+    if any(n.startswith(("lora_te1_", "lora_te2_")) for n in names):
+        clues.append((sdxl, "kohya lora_te1_/lora_te2_ names: SDXL's two text encoders"))
+    if any(n.startswith(LDM_UNET_NAMES) for n in names):
+        clues.append((sdxl, "kohya LDM-style UNet names (lora_unet_input_blocks_...): "
+                            "kohya writes these for SDXL only"))
+    if "te2" in comps and not any(n.startswith("lora_te2_") for n in names):
+        clues.append((sdxl, "a second text encoder (text_encoder_2 / clip_g)"))
+    if any(n.startswith("text_encoders.clip_h.") for n in names):
+        clues.append((frozenset({"sd2"}), "ComfyUI clip_h text encoder: SD2's OpenCLIP-H"))
+    return clues
+
+
+def _metadata_clues(meta: dict[str, str]) -> list[Clue]:
+    clues: list[Clue] = []
+    version = meta.get("ss_base_model_version", "")
+    for prefix, arch in (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1")):
+        if version.startswith(prefix):
+            clues.append((frozenset({arch}), f"metadata ss_base_model_version={version}"))
+    v2 = meta.get("ss_v2")
+    if v2 == "True":
+        clues.append((frozenset({"sd2"}), "metadata ss_v2=True"))
+    elif v2 == "False":
+        clues.append((frozenset({"sd1", "sdxl"}), "metadata ss_v2=False (not SD2)"))
+    spec = meta.get("modelspec.architecture", "")
+    for prefix, arch in (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"),
+                         ("stable-diffusion-v1", "sd1")):
+        if spec.startswith(prefix):
+            clues.append((frozenset({arch}), f"metadata modelspec.architecture={spec}"))
+    return clues
+
+
+def _width_clues(modules: dict[str, _Module]) -> list[Clue]:
+    clues: list[Clue] = []
+    contexts = {_in_features(m) for n, m in modules.items()
+                if m.component == "unet" and n.replace("_", ".").endswith(
+                    ("attn2.to.k", "attn2.to.v"))}
+    for width in sorted(w for w in contexts if w in CONTEXT_DIMS):
+        arch = CONTEXT_DIMS[width]
+        clues.append((frozenset({arch}), f"cross-attention to_k/to_v input width {width} "
+                                         f"(context dim of {arch})"))
+    te_widths = {_in_features(m) for n, m in modules.items()
+                 if m.component == "te" and n.endswith(("q_proj", "fc1"))}
+    for width in sorted(w for w in te_widths if w in TE_WIDTHS):
+        archs = TE_WIDTHS[width]
+        clues.append((archs, f"text encoder width {width} ({'/'.join(sorted(archs))})"))
+    return clues
+
+
+def _layout_clues(modules: dict[str, _Module]) -> list[Clue]:
+    ndims = {len(s) for n, m in modules.items() if n.endswith(("proj_in", "proj_out"))
+             for s in [m.first((*DOWN_SUFFIXES, "diff"))] if s is not None}
+    if ndims == {4}:
+        return [(frozenset({"sd1"}), "proj_in/proj_out patched as 1x1 convs "
+                                     "(SD1; SD2/SDXL use Linear)")]
+    if ndims == {2}:
+        return [(frozenset({"sd2", "sdxl"}), "proj_in/proj_out patched as Linear "
+                                             "(SD2/SDXL; SD1 uses 1x1 convs)")]
+    return []
+
+
+def _resolution_clue(modules: dict[str, _Module]) -> list[Clue]:
+    counts = {a: sum(resolve_module(ARCHS[a], n) is not None for n in modules)
+              for a in ARCH_CANDIDATES}
+    best = max(counts.values())
+    if best == 0 or len(set(counts.values())) == 1:
+        return []
+    archs = frozenset(a for a, c in counts.items() if c == best)
+    found = ", ".join(f"{a} {c}/{len(modules)}" for a, c in counts.items())
+    return [(archs, f"module names found in the key tables: {found}")]
+
+
+def _decide_arch(clues: list[Clue]) -> tuple[str, list[str]]:
+    evidence = [why for _, why in clues]
+    candidates = set(ARCH_CANDIDATES)
+    for archs, _ in clues:
+        candidates &= archs
+    if len(candidates) == 1 and clues:
+        return candidates.pop(), evidence
+    if not candidates:
+        evidence.append("evidence conflicts; architecture left unknown")
+    return "unknown", evidence
+
+
+def guess_arch(modules: dict[str, _Module], metadata: dict[str, str]) -> tuple[
+        str, list[str]]:
+    """The architecture the adapter's modules and metadata agree on, with reasons."""
+    clues = (_name_clues(modules) + _metadata_clues(metadata) + _width_clues(modules)
+             + _layout_clues(modules) + _resolution_clue(modules))
+    return _decide_arch(clues)
+
+
+# --- alphas ----------------------------------------------------------------------
+
+
+def _float(text: object) -> float | None:
+    try:
+        value = float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _json(text: str | None) -> dict[str, Any]:
+    try:
+        obj = json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def metadata_alphas(metadata: dict[str, str]) -> list[float] | None:
+    """Alphas recorded in metadata: kohya ``ss_network_alpha`` (and
+    ``conv_alpha`` in ``ss_network_args``) or diffusers' ``lora_alpha`` in
+    ``lora_adapter_metadata``. None when none is recorded (or "Dynamic")."""
+    found = [_float(metadata.get("ss_network_alpha"))]
+    if found[0] is not None:
+        found.append(_float(_json(metadata.get("ss_network_args")).get("conv_alpha")))
+    peft = _json(metadata.get("lora_adapter_metadata"))
+    found += [_float(v) for k, v in peft.items() if k.split(".")[-1] == "lora_alpha"]
+    values = sorted({v for v in found if v is not None})
+    return values or None
+
+
+def read_alphas(keys: Iterable[str], get: Callable[[str], Any]) -> list[float]:
+    """Sorted distinct values of the ``<module>.alpha`` tensors among ``keys``,
+    read with ``get(key)`` (scalars or 1-element tensors, so this is cheap)."""
+    values = set()
+    for key in keys:
+        if key.endswith(".alpha"):
+            t = get(key)
+            values.add(round(float(t.reshape(-1)[0]), 6))
+    return sorted(values)
+
+
+# --- detection -------------------------------------------------------------------
+
+
+def _format(modules: dict[str, _Module], naming: str, algos: Counter[str]) -> str:
+    if any(DORA_SUFFIXES & m.tensors.keys() for m in modules.values()):
+        return "dora"
+    if naming in ("peft", "comfyui"):
+        return naming
+    main = [a for a, _ in algos.most_common() if a != "full"]
+    if not main:
+        return "full"
+    if main[0] == "lora" and any(_has_kernel(m) for m in modules.values()):
+        return "locon"
+    return main[0]
+
+
+def _targets(modules: dict[str, _Module], arch: str) -> list[str]:
+    comps = {m.component for m in modules.values()}
+    if arch == "sdxl" and "te" in comps:
+        comps = (comps - {"te"}) | {"te1"}
+    return [t for t in TARGET_ORDER if t in comps]
+
+
+def _is_conv(mod: _Module, arch: str) -> bool:
+    if _has_4d(mod):
+        return True
+    if arch not in ARCHS:
+        return False
+    spec = ARCHS[arch]
+    name = mod.name.removeprefix("base_model.model.")
+    target = resolve_module(spec, name) or resolve_module(spec, "unet." + name)
+    return target is not None and target.is_conv
+
+
+def detect_adapter(infos: dict[str, TensorInfo], metadata: dict[str, str],
+                   ) -> AdapterInfo | None:
+    """Describe the adapter whose header is ``infos``/``metadata``, or return
+    None when the file is not an adapter (e.g. a checkpoint)."""
+    modules = _group_modules(infos)
+    n_keys = sum(len(m.tensors) for m in modules.values())
+    if not modules or n_keys * 2 < len(infos):
+        return None
+    naming = Counter(m.naming for m in modules.values()).most_common(1)[0][0]
+    algos = Counter(_algo(m) or "" for m in modules.values())
+    arch, evidence = guess_arch(modules, metadata)
+    ranks = sorted({r for m in modules.values() for r in _module_rank(m)})
+    return AdapterInfo(
+        format=_format(modules, naming, algos), naming=naming, n_modules=len(modules),
+        ranks=ranks, alphas=metadata_alphas(metadata), targets=_targets(modules, arch),
+        arch=arch, arch_evidence=evidence,
+        conv_modules=sum(_is_conv(m, arch) for m in modules.values()),
+        algos=dict(sorted(algos.items())),
+    )
+
+
+__all__ = [
+    "AdapterInfo",
+    "detect_adapter",
+    "guess_arch",
+    "metadata_alphas",
+    "read_alphas",
+    "split_key",
+]

@@ -1,0 +1,46 @@
+"""Shared fixtures: seeded tiny synthetic models, built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A library of tiny models of every fixture kind, by name."""
+    from modelkit import testing as t
+
+    root = tmp_path_factory.mktemp("models")
+    builders = {
+        "sd1": lambda p: t.write_checkpoint(p, "sd1", seed=1),
+        "sd1_b": lambda p: t.write_checkpoint(p, "sd1", seed=2),
+        "sd1_ema": lambda p: t.write_checkpoint(p, "sd1", seed=3, ema=True, dtype="F32"),
+        "sd1_inpaint": lambda p: t.write_checkpoint(p, "sd1", seed=4, variant="inpaint"),
+        "sd1_pix2pix": lambda p: t.write_checkpoint(p, "sd1", seed=4, variant="pix2pix"),
+        "sd2": lambda p: t.write_checkpoint(p, "sd2", seed=5),
+        "sd2_v_meta": lambda p: t.write_checkpoint(
+            p, "sd2", seed=5, metadata={"modelspec.prediction_type": "v"}),
+        "sdxl": lambda p: t.write_checkpoint(p, "sdxl", seed=6),
+        "sdxl_vpred": lambda p: t.write_checkpoint(p, "sdxl", seed=7,
+                                                   markers=("v_pred", "ztsnr")),
+        "sdxl_refiner": lambda p: t.write_checkpoint(p, "sdxl_refiner", seed=8),
+        "sdxl_unet": lambda p: t.write_unet(p, "sdxl", seed=6),
+        "sd1_unet_prefixed": lambda p: t.write_checkpoint(p, "sd1", components=["unet"]),
+        "vae": lambda p: t.write_vae(p, seed=9),
+        "emb_sd1": lambda p: t.write_embedding(p, "sd1", seed=10),
+        "emb_sd2": lambda p: t.write_embedding(p, "sd2", seed=10),
+        "emb_sdxl": lambda p: t.write_embedding(p, "sdxl", seed=11),
+        "emb_tiny": lambda p: t.write_embedding(p, "sd1", tiny=True, seed=12),
+    }
+    out = {}
+    for name, build in builders.items():
+        path = root / f"{name}.safetensors"
+        build(path)
+        out[name] = path
+    return out
