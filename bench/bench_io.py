@@ -57,6 +57,9 @@ MB = 1e6
 SMALL_CONSTANT = 4.0
 
 
+EXTRA: dict[str, Any] = {}  # a child's extra figures, added to its report
+
+
 class BenchError(RuntimeError):
     """A benchmark step failed in a way that makes its figures meaningless."""
 
@@ -92,14 +95,52 @@ def _import_all() -> None:
     import modelkit.testing  # noqa: F401
 
 
-def _naive_copy(src: str, out: str) -> None:
+def _naive_pass(src: str, out: str, fp32: bool) -> None:
+    """What a script without modelkit does: load the whole state dict, save it."""
+    import torch
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     with safe_open(src, framework="pt") as f:
         meta = f.metadata()
     state = load_file(src)
+    if fp32:
+        state = {k: v.to(torch.float32) if v.is_floating_point() else v
+                 for k, v in state.items()}
     save_file(state, out, metadata=meta)
+
+
+def _cast_micro(src: str) -> dict[str, list[float]]:
+    """fp16->fp32 conversion of every float tensor of ``src``, nothing written:
+    modelkit's chunked ``cast`` (a fresh output per tensor), one ``.to()`` call
+    per tensor, and ``copy_`` into one reused buffer (no fresh pages)."""
+    import torch
+
+    from modelkit.io.reader import cast, open_model
+
+    with open_model(src) as m:
+        keys = [k for k, i in m.infos.items() if i.is_float]
+        scratch = torch.empty(max(m.infos[k].numel for k in keys), dtype=torch.float32)
+
+        def chunked() -> None:
+            for k in keys:
+                cast(m.get(k), torch.float32)
+
+        def to() -> None:
+            for k in keys:
+                m.get(k).to(torch.float32)
+
+        def reused() -> None:
+            for k in keys:
+                t = m.get(k)
+                scratch[:t.numel()].view(t.shape).copy_(t)
+
+        variants = {"cast() chunked": chunked, ".to()": to, "copy_ reused buffer": reused}
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(3):  # interleaved, so noise hits all three alike
+            for name, fn in variants.items():
+                times[name].append(timed(fn))
+    return times
 
 
 def _child_work(kind: str, args: Sequence[str]) -> Callable[[], None] | None:
@@ -130,9 +171,19 @@ def _child_work(kind: str, args: Sequence[str]) -> Callable[[], None] | None:
             cast_file(src, out, dtype)
 
         return convert
-    if kind == "naive":
+    if kind in ("naive", "naive-fp32"):
         src, out = args
-        return lambda: _naive_copy(src, out)
+
+        def naive() -> None:
+            _naive_pass(src, out, fp32=kind == "naive-fp32")
+
+        return naive
+    if kind == "cast-micro":
+
+        def micro() -> None:
+            EXTRA.update(_cast_micro(args[0]))
+
+        return micro
     raise SystemExit(f"unknown child kind {kind!r}")
 
 
@@ -151,7 +202,7 @@ def child_main(argv: Sequence[str]) -> None:
         "import_s": t1 - t0, "work_s": t2 - t1,
         "anon_ready_kb": ready.get("RssAnon", 0), "anon_end_kb": end.get("RssAnon", 0),
         "hwm_kb": end.get("VmHWM", 0), "file_end_kb": end.get("RssFile", 0),
-        "shmem_end_kb": end.get("RssShmem", 0),
+        "shmem_end_kb": end.get("RssShmem", 0), "extra": EXTRA,
     }
     print(json.dumps(report), flush=True)
 
@@ -209,6 +260,14 @@ def run_child(label: str, kind: str, *args: str) -> ChildRun:
     peak = max(peak, rep["anon_ready_kb"], rep["anon_end_kb"])
     return ChildRun(label, wall, rep["import_s"], rep["work_s"], peak,
                     rep["anon_ready_kb"], max(hwm, rep["hwm_kb"]), samples, rep)
+
+
+def mem_available() -> int:
+    """MemAvailable from /proc/meminfo, in bytes."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -312,15 +371,18 @@ def section_generate(ctx: Context) -> None:
         path = ctx.paths[name]
         if valid_model(path):
             log(f"{path.name}: present, reused")
-            rows.append([name, "reused (not timed)", "-", "-", "-"])
+            rows.append([name, "reused (not timed)", "-", "-", "-", "-"])
         else:
             path.unlink(missing_ok=True)
             log(f"generating {path.name} ...")
             run = run_child(f"generate {name}", "generate", arch, str(path),
                             "tiny" if ctx.tiny else "full")
             size = path.stat().st_size
+            ctx.headers[name] = read_header(path)
+            big = largest(ctx.headers[name])[1]
             rows.append([name, secs(run.work_s), rate(size, run.work_s),
-                         mib(run.peak_anon_kb), mib(run.delta_kb)])
+                         mib(run.peak_anon_kb), mib(run.delta_kb),
+                         f"{run.delta_kb * 1024 / big:.2f}"])
         ctx.headers[name] = read_header(path)
     for name, path in ctx.paths.items():
         h = ctx.headers[name]
@@ -331,7 +393,7 @@ def section_generate(ctx: Context) -> None:
     ctx.out.append(table(f"Generation: write_checkpoint(tiny={ctx.tiny}, dtype='F16') "
                          "in a fresh process",
                          ["model", "time", "write rate", "peak RssAnon",
-                          "above imports"], rows))
+                          "above imports", "x largest"], rows))
 
 
 def section_header(ctx: Context, repeat: int) -> None:
@@ -433,6 +495,11 @@ def section_passes(ctx: Context, sdxl_pass: bool) -> None:
     do("sd15 fp16->fp16 cast_file(None)", "copy", sd15, big15)
     do("sd15 fp16->fp32 cast_file('F32')", "fp32", sd15, big15)
     do("sd15 naive load_file+save_file", "naive", sd15, big15)
+    # holds the whole fp32 state dict (2x the file) in process memory
+    if mem_available() > 2 * size15 + (size15 * 2) + 1e9:
+        do("sd15 naive load_file+.to(fp32)+save", "naive-fp32", sd15, big15)
+    else:
+        ctx.problems.append("naive fp32 pass skipped: not enough free memory")
     log("cp sd15 ...")
     cp15 = time_cp(sd15, ctx.scratch("cp.safetensors"))
     cp_times = {sd15: cp15}
@@ -477,6 +544,7 @@ def check_expectations(ctx: Context, runs: list[tuple[ChildRun, int, int]],
     """peak RssAnon ~= import baseline + largest tensor x small constant."""
     verdicts = []
     streamed = [(r, n, b) for r, n, b in runs if n and "cast_file" in r.label]
+    naive = [(r, b) for r, n, b in runs if n and "naive" in r.label]
     for run, _, big in streamed:
         k = run.delta_kb * 1024 / big
         ok = k <= SMALL_CONSTANT
@@ -501,8 +569,23 @@ def check_expectations(ctx: Context, runs: list[tuple[ChildRun, int, int]],
         ratio = run.work_s / cp_times[src]
         if ratio > 10:
             ctx.problems.append(f"{run.label} takes {ratio:.1f}x as long as cp")
+    for run, big in naive:
+        verdicts.append(f"--  contrast, {run.label}: imports + "
+                        f"{run.delta_kb * 1024 / big:.2f} x largest tensor")
     ctx.out.append("\n== Expectation: peak RssAnon ~= imports + largest tensor x small "
                    "constant, flat in model size\n" + "\n".join(verdicts))
+
+
+def section_cast_micro(ctx: Context) -> None:
+    """Where the time of an fp32 cast goes: conversion or fresh pages."""
+    run = run_child("cast micro", "cast-micro", str(ctx.paths["sd15"]))
+    n = sum(i.numel for i in ctx.headers["sd15"].tensors.values() if i.is_float)
+    rows = [[name, " ".join(f"{t:.2f}" for t in ts), secs(min(ts)),
+             f"{n / min(ts) / 1e6:,.0f} M elem/s"]
+            for name, ts in run.report["extra"].items()]
+    ctx.out.append(table("fp16->fp32 conversion of every sd15 float tensor, nothing "
+                         "written (3 interleaved runs, one process)",
+                         ["variant", "runs (s)", "best", "rate"], rows))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -524,8 +607,11 @@ def main(argv: Sequence[str] | None = None) -> int:
              for name, (_, fname) in MODELS.items()}
     need = sum(7.5e9 if n == "sdxl" else 2.2e9 for n, p in paths.items()
                if not p.exists()) + (7.5e9 if not args.no_sdxl_pass else 4.5e9)
+    need = need / 100 if args.tiny else need
     free = shutil.disk_usage(args.dir).free
     if free < need:
+        if not any(args.dir.iterdir()):
+            args.dir.rmdir()
         print(f"{args.dir}: {free / 1e9:.1f} GB free, this run needs about "
               f"{need / 1e9:.1f} GB", file=sys.stderr)
         return 2
@@ -538,6 +624,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log("hashing ...")
         section_hash(ctx)
         section_passes(ctx, not args.no_sdxl_pass)
+        log("cast micro-benchmark ...")
+        section_cast_micro(ctx)
     finally:
         for leftover in ("pass-out.safetensors", "cp.safetensors"):
             ctx.scratch(leftover).unlink(missing_ok=True)

@@ -31,7 +31,7 @@ def test_sd1_checkpoint(models: dict[str, Path]) -> None:
     assert d["schema"] == "modelkit.inspect/1"
     _complete(d, ["unet", "vae", "te"])
     assert d["components"]["unet"]["n_tensors"] == 686
-    assert d["components"]["te"]["family"] == "hf width 32"
+    assert d["components"]["te"]["family"] == "CLIP, HF layout, width 32"
     assert d["has_ema"] is False
     assert d["extra_keys"] == {"schedule_buffers": 12}
     assert d["unknown_keys"] == []

@@ -146,4 +146,5 @@ def text_encoder_family(layout: str, width: int) -> str:
     """Name the text encoder: CLIP-L, OpenCLIP-H, OpenCLIP-bigG or a width."""
     names = {("hf", 768): "CLIP-L", ("open_clip", 1024): "OpenCLIP-H",
              ("open_clip", 1280): "OpenCLIP-bigG", ("hf", 1280): "OpenCLIP-bigG (HF)"}
-    return names.get((layout, width), f"{layout} width {width}")
+    layout_name = "CLIP, HF layout" if layout == "hf" else "OpenCLIP layout"
+    return names.get((layout, width), f"{layout_name}, width {width}")

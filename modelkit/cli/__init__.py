@@ -21,6 +21,10 @@ SUBCOMMANDS = {
                 "Say what a model file is, from its header alone."),
     "hash": ("modelkit.cli.hash_cmd", "hash_cmd",
              "Compute sha256, AutoV2, legacy and tensor-data hashes."),
+    "merge": ("modelkit.cli.merge_cmd", "merge_cmd",
+              "Merge two or three checkpoints (weighted, add-difference, block-wise...)."),
+    "recipe": ("modelkit.cli.merge_cmd", "recipe_group",
+               "Run, lock, show and replay merge recipes."),
     "demo": ("modelkit.cli.demo_cmd", "demo_cmd",
              "Build a tiny demo model library and run modelkit on it."),
 }

@@ -24,12 +24,12 @@ def demo_cmd(directory: Path, quiet: bool) -> None:
     from modelkit.demo import run_demo
 
     result = run_demo(directory, StderrProgress(quiet))
-    click.echo(f"{'file':<58} {'kind':<12} {'arch':<13} {'pred':<5} {'variant':<8} "
+    click.echo(f"{'file':<58} {'kind':<12} {'arch':<13} {'pred':<8} {'variant':<8} "
                f"{'autov2':<10}")
     for rep, h in zip(result.reports, result.hashes, strict=True):
         rel = str(Path(str(rep["path"])).relative_to(result.root))
         click.echo(f"{rel:<58} {rep['kind']!s:<12} {rep['arch']!s:<13} "
-                   f"{rep['prediction']['type']!s:<5} {rep['variant'] or '-':<8} "  # type: ignore[index]
+                   f"{rep['prediction']['type']!s:<8} {rep['variant'] or '-':<8} "  # type: ignore[index]
                    f"{h['autov2']!s:<10}")
     click.echo(f"\n{len(result.files)} files in {result.root}; full report: "
                f"{result.summary_path}")

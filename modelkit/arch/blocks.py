@@ -1,0 +1,368 @@
+"""Per-block weights ("MBW") for SD1, SD2, SDXL and the SDXL refiner, as data.
+
+Block lists
+    * SD1, SD2 and the SDXL refiner: 26 blocks ``BASE, IN00..IN11, M00,
+      OUT00..OUT11``. The refiner UNet has four resolution levels with two
+      res-blocks each, so it has 12 input and 12 output blocks like SD1; it
+      uses the 26-block list (SuperMerger has no refiner table; this is the
+      list its key structure implies).
+    * SDXL: 20 blocks ``BASE, IN00..IN08, M00, OUT00..OUT08``.
+    * With ``vae_slot=True`` a ``VAE`` block is appended (21 for SDXL, as in
+      SuperMerger's and sd-mecha's SDXL tables). SuperMerger and sd-mecha only
+      define it for SDXL; modelkit allows it for every architecture (27 blocks
+      for the 26-block list). When no value is given for ``VAE`` it takes the
+      ``BASE`` value, which is what a list without the slot means anyway (the
+      VAE is then part of BASE).
+
+The counts come from the UNet configs in :mod:`modelkit.arch.configs`
+(``len(channel_mult) * (num_res_blocks + 1)`` input and output blocks).
+
+Key -> block maps (see ``shared/reference/merge.md`` section 3)
+    Keys are parsed structurally: ``model.diffusion_model.<part>[.<N>].`` where
+    ``<part>`` is the first dotted component, so ``out.`` is never confused
+    with ``to_out.``, ``proj_out.`` or ``out_layers``, and ``input_blocks.10``
+    is never read as ``input_blocks.1``.
+
+    ======================================  ===============  ===============
+    key (after ``model.diffusion_model.``)  ``supermerger``  ``mecha``
+    ======================================  ===============  ===============
+    ``time_embed.*``, ``label_emb.*``       IN00             BASE
+    ``input_blocks.N.*``                    INnn             INnn
+    ``middle_block.*``                      M00              M00
+    ``output_blocks.N.*``                   OUTnn            OUTnn
+    ``out.*`` (final norm and conv)         last OUT         last OUT
+    any other UNet key                      BASE             last OUT
+    ======================================  ===============  ===============
+
+    Outside the UNet both maps agree: ``first_stage_model.*`` (the VAE) goes
+    to ``VAE`` when the list has that slot, else to ``BASE``; everything else
+    (text encoders, EMA copies, schedule buffers, ...) goes to ``BASE``.
+
+    ``"supermerger"`` (default) follows SuperMerger's ``blockfromkey`` (sd-meh
+    is identical for SD1). ``"mecha"`` follows sd-mecha's block conversion
+    configs, which send the embeddings to BASE and unmatched UNet keys to the
+    last OUT block. Only single-file (LDM/SGM) key names are recognised.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+
+from modelkit.arch.configs import ARCHS, UNET_PREFIX, VAE_PREFIX
+from modelkit.errors import ModelkitError
+
+MAPS = ("supermerger", "mecha")
+DEFAULT_MAP = "supermerger"
+BASE = "BASE"
+MID = "M00"
+VAE = "VAE"
+DEFAULT_KEY = "default"
+
+
+# --- block lists --------------------------------------------------------------
+
+
+@lru_cache(maxsize=16)
+def _n_io(arch: str) -> int:
+    """Number of input (= output) blocks of ``arch``'s UNet."""
+    if arch not in ARCHS:
+        known = ", ".join(ARCHS)
+        raise ModelkitError(f"unknown architecture '{arch}' for block weights; known: {known}")
+    unet = ARCHS[arch].unet
+    return len(unet.channel_mult) * (unet.num_res_blocks + 1)
+
+
+def _ins(arch: str) -> list[str]:
+    return [f"IN{i:02d}" for i in range(_n_io(arch))]
+
+
+def _outs(arch: str) -> list[str]:
+    return [f"OUT{i:02d}" for i in range(_n_io(arch))]
+
+
+def block_names(arch: str, vae_slot: bool = False) -> list[str]:
+    """Block names of ``arch`` in list order: ``BASE``, the IN blocks, ``M00``,
+    the OUT blocks and, with ``vae_slot``, ``VAE``."""
+    names = [BASE, *_ins(arch), MID, *_outs(arch)]
+    return [*names, VAE] if vae_slot else names
+
+
+def _describe(arch: str, vae_slot: bool) -> str:
+    """A compact description of the block list, for error messages."""
+    n = _n_io(arch) - 1
+    text = f"BASE, IN00..IN{n:02d}, M00, OUT00..OUT{n:02d}"
+    return text + ", VAE" if vae_slot else text
+
+
+# --- key -> block -------------------------------------------------------------
+
+
+def _unet_block(rest: str, arch: str, map_name: str) -> str:
+    """Block of a UNet key given without the ``model.diffusion_model.`` prefix."""
+    parts = rest.split(".")
+    head = parts[0]
+    last_out = f"OUT{_n_io(arch) - 1:02d}"
+    if head in ("time_embed", "label_emb"):
+        return "IN00" if map_name == "supermerger" else BASE
+    if head == "middle_block":
+        return MID
+    if head == "out":
+        return last_out
+    if head in ("input_blocks", "output_blocks") and len(parts) > 2 and parts[1].isdigit():
+        n = int(parts[1])
+        if n < _n_io(arch):
+            return f"{'IN' if head == 'input_blocks' else 'OUT'}{n:02d}"
+    return BASE if map_name == "supermerger" else last_out
+
+
+def block_of(key: str, arch: str, map_name: str = DEFAULT_MAP, vae_slot: bool = False) -> str:
+    """The block a checkpoint key belongs to under block map ``map_name``
+    (``"supermerger"`` or ``"mecha"``; see the module docstring). VAE keys go
+    to ``VAE`` only when ``vae_slot`` is set, else to ``BASE``."""
+    if map_name not in MAPS:
+        raise ModelkitError(f"unknown block map '{map_name}'; known: {', '.join(MAPS)}")
+    _n_io(arch)  # validates arch
+    if key.startswith(UNET_PREFIX):
+        return _unet_block(key[len(UNET_PREFIX):], arch, map_name)
+    if vae_slot and key.startswith(VAE_PREFIX):
+        return VAE
+    return BASE
+
+
+# --- presets ------------------------------------------------------------------
+
+PRESET_DOCS: dict[str, str] = {
+    "flat_0": "0 everywhere (keep model A)",
+    "flat_1": "1 everywhere (take model B)",
+    "flat_half": "0.5 everywhere",
+    "unet_only": "1 on every UNet block (IN, M00, OUT), 0 on BASE",
+    "base_only": "1 on BASE (text encoders and, without a VAE slot, the VAE), 0 elsewhere",
+    "in_only": "1 on the IN blocks, 0 elsewhere",
+    "mid_only": "1 on M00, 0 elsewhere",
+    "out_only": "1 on the OUT blocks, 0 elsewhere",
+    "in_half": "0.5 on the IN blocks, 0 elsewhere",
+    "out_half": "0.5 on the OUT blocks, 0 elsewhere",
+    "in_mid": "1 on the IN blocks and M00, 0 elsewhere",
+    "mid_out": "1 on M00 and the OUT blocks, 0 elsewhere",
+    "gradient_in_to_out": "0 at IN00 rising linearly (by UNet block position) to 1 at the "
+                          "last OUT block; BASE 0",
+    "gradient_out_to_in": "1 at IN00 falling linearly to 0 at the last OUT block; BASE 0",
+    "gradient_v": "1 at IN00 falling linearly to 0 at M00, rising back to 1 at the last OUT "
+                  "block; BASE 0",
+    "gradient_a": "0 at IN00 rising linearly to 1 at M00, falling back to 0 at the last OUT "
+                  "block; BASE 0",
+}
+"""Preset names and what their values mean. Values are the weight of the
+method parameter (for ``weighted_sum``'s alpha: how much of model B). Presets
+are generated from a rule for each block list; the UNet position runs over
+IN00..M00..last OUT (25 positions for SD1, 19 for SDXL). ``VAE``, when the
+slot exists, takes the BASE value like any spec that does not name it."""
+
+
+def _unet_shape(name: str, pos: int, n_unet: int, mid: int) -> float:
+    """The value of preset ``name`` at UNet position ``pos`` (0 = IN00)."""
+    frac = pos / (n_unet - 1)
+    dist = abs(pos - mid) / mid
+    rules = {
+        "flat_0": 0.0, "flat_1": 1.0, "flat_half": 0.5, "unet_only": 1.0, "base_only": 0.0,
+        "in_only": float(pos < mid), "mid_only": float(pos == mid),
+        "out_only": float(pos > mid), "in_half": 0.5 * (pos < mid),
+        "out_half": 0.5 * (pos > mid), "in_mid": float(pos <= mid),
+        "mid_out": float(pos >= mid), "gradient_in_to_out": frac,
+        "gradient_out_to_in": 1.0 - frac, "gradient_v": dist, "gradient_a": 1.0 - dist,
+    }
+    return rules[name]
+
+
+_BASE_VALUE = {"flat_1": 1.0, "flat_half": 0.5, "base_only": 1.0}
+
+
+def preset_names() -> list[str]:
+    """Names of the built-in presets."""
+    return list(PRESET_DOCS)
+
+
+def preset(name: str, arch: str, *, vae_slot: bool = False) -> dict[str, float]:
+    """The block weights of preset ``name`` for ``arch``."""
+    if name not in PRESET_DOCS:
+        raise ModelkitError(f"unknown block preset '{name}'; known: {', '.join(PRESET_DOCS)}")
+    unet = block_names(arch)[1:]
+    mid = unet.index(MID)
+    out = {BASE: _BASE_VALUE.get(name, 0.0)}
+    for pos, block in enumerate(unet):
+        out[block] = float(_unet_shape(name, pos, len(unet), mid))
+    if vae_slot:
+        out[VAE] = out[BASE]
+    return out
+
+
+# --- parsing ------------------------------------------------------------------
+
+
+def _number(value: object, what: str) -> float:
+    """``value`` as a finite float, or a ModelkitError naming ``what``."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ModelkitError(f"{what}: '{value}' is not a number") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ModelkitError(f"{what}: {value!r} is not a number")
+    if not math.isfinite(value):
+        raise ModelkitError(f"{what}: {value} is not a finite number")
+    return float(value)
+
+
+def _from_list(values: Sequence[object], arch: str, vae_slot: bool) -> dict[str, float]:
+    names = block_names(arch, vae_slot)
+    lengths = {len(names), len(names) - 1} if vae_slot else {len(names)}
+    if len(values) not in lengths:
+        want = " or ".join(str(n) for n in sorted(lengths))
+        hint = ""
+        if len(values) == len(names) - 1 - int(vae_slot):
+            hint = " (the first value is BASE; did you leave it out?)"
+        raise ModelkitError(f"block list for {arch} has {len(values)} values; expected {want} "
+                            f"({_describe(arch, vae_slot)}){hint}")
+    out = {n: _number(v, f"block value {i + 1} ({n})")
+           for i, (n, v) in enumerate(zip(names, values, strict=False))}
+    if vae_slot:
+        out.setdefault(VAE, out[BASE])
+    return out
+
+
+def _range(item: str, names: list[str], arch: str, vae_slot: bool) -> list[str]:
+    """Blocks selected by one mapping key: a name, a group or a range."""
+    key = item.strip().upper()
+    groups = {"IN": _ins(arch), "OUT": _outs(arch), "MID": [MID], "M": [MID]}
+    if key in groups:
+        return groups[key]
+    if key in names:
+        return [key]
+    if "-" in key:
+        lo, hi = (s.strip() for s in key.split("-", 1))
+        if lo in names and hi in names:
+            i, j = names.index(lo), names.index(hi)
+            if i > j:
+                raise ModelkitError(f"block range '{item}' is reversed; write "
+                                    f"'{hi}-{lo}'")
+            return names[i:j + 1]
+    raise ModelkitError(f"unknown block '{item}' for {arch}; use names from "
+                        f"{_describe(arch, vae_slot)}, groups IN, OUT, MID, ranges like "
+                        f"'IN00-IN05' or '{DEFAULT_KEY}'")
+
+
+def _specificity(item: str, names: list[str]) -> int:
+    """2 for single names, 1 for ranges, 0 for groups (higher wins)."""
+    key = item.strip().upper()
+    if key in names:
+        return 2
+    return 1 if "-" in key else 0
+
+
+def _from_mapping(spec: Mapping[object, object], arch: str, vae_slot: bool
+                  ) -> dict[str, float]:
+    names = block_names(arch, vae_slot)
+    chosen: dict[str, tuple[int, float, str]] = {}
+    default = None
+    for raw_key, raw_value in spec.items():
+        item = str(raw_key)
+        value = _number(raw_value, f"block '{item}'")
+        if item.strip().lower() in (DEFAULT_KEY, "*"):
+            default = value
+            continue
+        level = _specificity(item, names)
+        for block in _range(item, names, arch, vae_slot):
+            prev = chosen.get(block)
+            if prev and prev[0] == level and prev[1] != value:
+                raise ModelkitError(f"blocks '{prev[2]}' and '{item}' both set {block} "
+                                    f"with different values")
+            if prev is None or level > prev[0]:
+                chosen[block] = (level, value, item)
+    return _fill(names, {b: v for b, (_, v, _) in chosen.items()}, default, arch, vae_slot)
+
+
+def _fill(names: list[str], given: dict[str, float], default: float | None, arch: str,
+          vae_slot: bool) -> dict[str, float]:
+    """Complete a partial block map with ``default`` (VAE follows BASE)."""
+    out: dict[str, float] = {}
+    for name in names:
+        if name in given:
+            out[name] = given[name]
+        elif name == VAE and BASE in out:
+            out[name] = out[BASE]
+        elif default is not None:
+            out[name] = default
+    missing = [n for n in names if n not in out]
+    if missing:
+        raise ModelkitError(f"no value for blocks {', '.join(missing)} of {arch}; give them "
+                            f"or a '{DEFAULT_KEY}' value")
+    return out
+
+
+def _from_string(spec: str, arch: str, vae_slot: bool) -> dict[str, float]:
+    text = spec.strip()
+    if text.lower() in PRESET_DOCS:
+        return preset(text.lower(), arch, vae_slot=vae_slot)
+    items = [s.strip() for s in text.split(",")]
+    if any(("=" in s or ":" in s) for s in items):
+        pairs: dict[str, str] = {}
+        for s in items:
+            sep = "=" if "=" in s else ":"
+            if sep not in s:
+                raise ModelkitError(f"block item '{s}' must be NAME=VALUE like the others")
+            k, v = s.split(sep, 1)
+            pairs[k.strip()] = v
+        return _from_mapping(pairs, arch, vae_slot)
+    if len(items) == 1:
+        try:
+            value = _number(items[0], "block value")
+        except ModelkitError:
+            raise ModelkitError(f"unknown block preset '{text}'; known: "
+                                f"{', '.join(PRESET_DOCS)}") from None
+        return flat(value, arch, vae_slot=vae_slot)
+    return _from_list(items, arch, vae_slot)
+
+
+def flat(value: float, arch: str, *, vae_slot: bool = False) -> dict[str, float]:
+    """The same value for every block."""
+    return dict.fromkeys(block_names(arch, vae_slot), float(value))
+
+
+def parse_blocks(spec: object, arch: str, *, vae_slot: bool = False) -> dict[str, float]:
+    """Per-block values for ``arch`` from any accepted spec, in list order.
+
+    Accepted forms:
+
+    * a number: the same value for every block;
+    * a list or tuple of ``len(block_names(arch, vae_slot))`` numbers in list
+      order (BASE, IN.., M00, OUT.., [VAE]); with ``vae_slot`` the VAE value
+      may be left off (it then takes BASE's value);
+    * a comma-separated string of the same (``"0,0.1,0.2,..."``);
+    * a preset name (:data:`PRESET_DOCS`);
+    * a mapping (or a string ``"IN=1,OUT00-OUT03=0.5,default=0"``; ``:`` works
+      as well as ``=``) whose keys are block names (``M00``), inclusive
+      ranges in list order (``IN00-IN05``, ``IN08-OUT02``), groups (``IN``,
+      ``OUT``, ``MID``) or ``default`` for every block not otherwise given.
+      Names are case-insensitive. A single name beats a range, which beats a
+      group, which beats ``default``, so ``{"OUT": 0.5, "OUT11": 1}`` works.
+      Without ``default`` every block must be covered (except ``VAE``, which
+      follows BASE).
+
+    Errors (one line, naming the offending item): wrong list length, a
+    non-number, an unknown block or preset name, a reversed range, two
+    equally specific entries that disagree, uncovered blocks.
+    """
+    if isinstance(spec, bool):
+        raise ModelkitError(f"block weights: {spec!r} is not a number, list or preset")
+    if isinstance(spec, int | float):
+        return flat(_number(spec, "block value"), arch, vae_slot=vae_slot)
+    if isinstance(spec, str):
+        return _from_string(spec, arch, vae_slot)
+    if isinstance(spec, Mapping):
+        return _from_mapping(spec, arch, vae_slot)
+    if isinstance(spec, list | tuple):
+        return _from_list(spec, arch, vae_slot)
+    raise ModelkitError(f"block weights: cannot read {type(spec).__name__}; give a list, a "
+                        "comma-separated string, a mapping or a preset name")

@@ -1,0 +1,212 @@
+"""``modelkit merge`` and ``modelkit recipe``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from modelkit.cli.progress import StderrProgress
+
+MERGE_EPILOG = """\b
+Examples:
+  modelkit merge a.safetensors b.safetensors -o ab.safetensors --alpha 0.3
+  modelkit merge a.safetensors b.safetensors c.safetensors -o out.safetensors \\
+      --method add_difference --alpha 1
+  modelkit merge a.safetensors b.safetensors -o out.safetensors \\
+      --blocks 0,0,0,0,0,0,0,0,0,0,0,0,0,0.5,1,1,1,1,1,1,1,1,1,1,1,1
+  modelkit merge a.safetensors b.safetensors -o out.safetensors --blocks out_only
+
+alpha moves toward B (A1111 convention): alpha=0 gives A, alpha=1 gives B.
+ComfyUI's ModelMergeSimple ratio runs the other way.
+"""
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _print_report(report: object, as_json: bool) -> None:
+    from dataclasses import asdict
+
+    d = asdict(report)  # type: ignore[call-overload]
+    d["output"] = str(d["output"]) if d["output"] else None
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    verb = "would write" if d["dry_run"] else "wrote"
+    click.echo(f"{verb} {d['output']} ({d['arch']}): {d['n_keys']} tensors, "
+               f"{d['n_merged']} merged, {d['n_copied']} copied, {d['n_skipped']} skipped, "
+               f"{_human(d['output_bytes'])}")
+    click.echo(f"estimated peak working memory: {_human(d['peak_estimate_bytes'])} "
+               "plus the interpreter and torch (~200 MB)")
+    if not d["dry_run"]:
+        click.echo(f"took {d['seconds']:.1f}s")
+    if d["n_ignored"]:
+        click.echo(f"note: {d['n_ignored']} keys exist only in B/C and were ignored")
+    for w in d["warnings"][:20]:
+        click.echo(f"warning: {w}", err=True)
+
+
+def _build_recipe(models: tuple[str, ...], out: str, method: str,
+                  params: dict[str, object], dtype: str, device: str, block_map: str,
+                  missing: str, include: tuple[str, ...], exclude_keys: tuple[str, ...],
+                  vae: str | None, seed: int) -> str:
+    import yaml
+
+    names = ["a", "b", "c", "d", "e", "f"][: len(models)]
+    recipe = {
+        "version": 1,
+        "inputs": {n: {"path": str(Path(m).resolve())} for n, m in zip(names, models,
+                                                                      strict=True)},
+        "steps": {"merge": {"method": method, "models": names, "params": params}},
+        "output": {"path": str(Path(out).resolve()), "dtype": dtype},
+        "options": {"device": device, "block_map": block_map, "missing_keys": missing,
+                    "include": list(include) or ["unet", "vae", "te"],
+                    "exclude_keys": list(exclude_keys), "vae": vae, "seed": seed},
+    }
+    return yaml.safe_dump(recipe, sort_keys=False)
+
+
+@click.command("merge", epilog=MERGE_EPILOG)
+@click.argument("models", nargs=-1, required=True,
+                type=click.Path(dir_okay=False, path_type=str))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Output .safetensors file (never one of the inputs).")
+@click.option("--method", default="weighted_sum", show_default=True,
+              help="Merge method (see 'modelkit recipe methods').")
+@click.option("--alpha", type=float, default=None, help="alpha (toward B).")
+@click.option("--beta", type=float, default=None, help="beta, for methods that take it.")
+@click.option("--blocks", default=None,
+              help="Block-wise alpha: 26 (SD1/SD2) or 20 (SDXL) comma-separated numbers "
+                   "in the order BASE, IN00.., M00, OUT.., or a preset name.")
+@click.option("--beta-blocks", default=None, help="Block-wise beta, same forms as --blocks.")
+@click.option("--param", "extra", multiple=True, metavar="NAME=VALUE",
+              help="Other method parameters, e.g. --param k=0.2.")
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32", "keep"]),
+              default="fp16", show_default=True, help="Output dtype for float tensors.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu",
+              show_default=True)
+@click.option("--block-map", type=click.Choice(["supermerger", "mecha"]),
+              default="supermerger", show_default=True, help="Key-to-block map.")
+@click.option("--missing", type=click.Choice(["error", "take-first", "skip"]),
+              default="error", show_default=True, help="Policy for keys missing from B/C.")
+@click.option("--include", multiple=True, type=click.Choice(["unet", "vae", "te"]),
+              help="Components to merge (default all); others are copied from A.")
+@click.option("--exclude-key", "exclude_keys", multiple=True, metavar="REGEX",
+              help="Keys matching REGEX are copied from A unmerged.")
+@click.option("--vae", type=click.Path(dir_okay=False), default=None,
+              help="Bake this VAE into the output.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for DARE.")
+@click.option("--dry-run", is_flag=True, help="Print the plan, size and memory estimate; "
+              "read no tensor.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+def merge_cmd(models: tuple[str, ...], output: str, method: str, alpha: float | None,
+              beta: float | None, blocks: str | None, beta_blocks: str | None,
+              extra: tuple[str, ...], dtype: str, device: str, block_map: str,
+              missing: str, include: tuple[str, ...], exclude_keys: tuple[str, ...],
+              vae: str | None, seed: int, dry_run: bool, as_json: bool, quiet: bool) -> None:
+    """Merge two or three checkpoints in one step (builds a recipe and runs it)."""
+    from modelkit.merge.recipe import parse_recipe
+    from modelkit.merge.run import run_recipe
+
+    params: dict[str, object] = {}
+    if alpha is not None:
+        params["alpha"] = alpha
+    if beta is not None:
+        params["beta"] = beta
+    if blocks:
+        params["alpha"] = blocks
+    if beta_blocks:
+        params["beta"] = beta_blocks
+    for item in extra:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--param")
+        params[name] = _number(value)
+    text = _build_recipe(models, output, method, params, dtype, device, block_map, missing,
+                         include, exclude_keys, vae, seed)
+    recipe = parse_recipe(text, "command line")
+    report = run_recipe(recipe, dry_run=dry_run, progress=StderrProgress(quiet))
+    _print_report(report, as_json)
+
+
+def _number(value: str) -> object:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(value.lower(), value)
+
+
+@click.group("recipe")
+def recipe_group() -> None:
+    """Run, lock, show and replay merge recipes (versioned YAML)."""
+
+
+@recipe_group.command("run")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Output file (overrides output.path).")
+@click.option("--dry-run", is_flag=True, help="Plan only; read no tensor.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+def recipe_run(recipe: str, output: str | None, dry_run: bool, as_json: bool,
+               quiet: bool) -> None:
+    """Run a recipe file."""
+    from modelkit.merge.recipe import load_recipe
+    from modelkit.merge.run import run_recipe
+
+    report = run_recipe(load_recipe(recipe), output, dry_run=dry_run,
+                        progress=StderrProgress(quiet))
+    _print_report(report, as_json)
+
+
+@recipe_group.command("lock")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Where to write the locked recipe (default RECIPE.lock.yaml).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+def recipe_lock(recipe: str, output: str | None, quiet: bool) -> None:
+    """Write a copy of the recipe with every input's sha256 pinned."""
+    from modelkit.merge.lock import lock_recipe
+
+    path = lock_recipe(recipe, output, StderrProgress(quiet))
+    click.echo(f"locked {path}")
+
+
+@recipe_group.command("show")
+@click.argument("model", type=click.Path(dir_okay=False))
+def recipe_show(model: str) -> None:
+    """Print the recipe embedded in a merge output."""
+    from modelkit.merge.lock import embedded_recipe
+
+    sys.stdout.write(embedded_recipe(model)[0])
+
+
+@recipe_group.command("replay")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--check", is_flag=True, help="Compare with MODEL and report bit-exactness.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Keep the replayed file here (default: a temp file, removed).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+def recipe_replay(model: str, check: bool, output: str | None, quiet: bool) -> None:
+    """Re-run the recipe embedded in MODEL; with --check, compare tensors."""
+    from modelkit.merge.lock import replay
+
+    result = replay(model, output, progress=StderrProgress(quiet))
+    if result.identical:
+        click.echo(f"replay of {model}: bit-exact ({result.n_tensors} tensors)")
+        return
+    click.echo(f"replay of {model}: DIFFERENT: {result.n_different} of {result.n_tensors} "
+               f"tensors differ (first: {result.first_difference})")
+    if check:
+        raise click.exceptions.Exit(1)

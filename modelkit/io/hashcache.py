@@ -1,0 +1,62 @@
+"""A cache of file hashes keyed by path, size and modification time, so input
+hashes recorded in merge outputs are computed once per file version (the
+A1111 ``cache.json`` idea). Location: ``$MODELKIT_CACHE_DIR`` or
+``~/.cache/modelkit``."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from modelkit.io.hashing import FileHashes, hash_file
+from modelkit.progress import ProgressFn, no_progress
+
+
+def cache_path() -> Path:
+    """Where the hash cache lives."""
+    root = os.environ.get("MODELKIT_CACHE_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "modelkit"
+    return base / "hashes.json"
+
+
+def _load() -> dict[str, dict[str, object]]:
+    try:
+        data = json.loads(cache_path().read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _save(data: dict[str, dict[str, object]]) -> None:
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".hashes.", suffix=".partial")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home only costs re-hashing next time
+
+
+def cached_hashes(path: str | os.PathLike[str], progress: ProgressFn = no_progress
+                  ) -> FileHashes:
+    """Hashes of ``path``, from the cache when size and mtime match."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = str(p)
+    data = _load()
+    entry = data.get(key)
+    if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+        return FileHashes(str(path), st.st_size, str(entry["sha256"]),
+                          str(entry["sha256"])[:10], str(entry["legacy"]),
+                          entry.get("addnet"))  # type: ignore[arg-type]
+    result = hash_file(p, progress)
+    data = _load()
+    data[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": result.sha256,
+                 "legacy": result.legacy, "addnet": result.addnet}
+    _save(data)
+    result.path = str(path)
+    return result

@@ -1,0 +1,443 @@
+"""Merge methods: small pure tensor functions over one key's tensors.
+
+Each method takes the tensors of one key as positional arguments (model A
+first) and its parameters as keyword-only arguments, and returns one tensor of
+the same shape and dtype. Inputs arrive already in the compute dtype (float32
+normally) and on the compute device; methods do no I/O, keep no state, never
+move tensors between devices and know nothing about key names. The merge
+engine picks per-key parameter values (block weights) and calls them.
+
+Conventions:
+
+* ``alpha`` moves toward the *later* models (A1111/SuperMerger convention):
+  ``weighted_sum(a, b, alpha=0.3)`` is 70% A, 30% B.
+* At the ends the result is exact: ``alpha == 0`` returns model A itself
+  (and ``weighted_sum``/``slerp`` return model B itself at ``alpha == 1``).
+  A result may therefore *be* one of the inputs: callers must not modify
+  results in place unless they own the inputs.
+* Tensors of different shapes raise :class:`ModelkitError` instead of
+  broadcasting.
+
+Formulas and sources are in ``shared/reference/merge.md`` section 2; each
+method's ``reference`` names the tool it matches. This module is written from
+those formulas, not from the tools' code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import combinations
+
+import torch
+from torch import Tensor
+
+from modelkit.errors import ModelkitError
+
+ParamValue = float | int | bool | None
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method.
+
+    ``n_models`` is the number of tensor inputs (2 or 3), or -1 for "2 or
+    more" (a base followed by a variadic list). ``params`` maps each parameter
+    name to its default (``None`` = required). ``seeded`` methods take a
+    ``generator: torch.Generator`` keyword that the engine provides.
+    """
+
+    name: str
+    fn: Callable[..., Tensor]
+    n_models: int
+    params: dict[str, ParamValue]
+    summary: str
+    reference: str
+    seeded: bool = False
+    # element-wise methods can run on any slice of the tensors, so the engine
+    # streams big tensors through them in chunks
+    elementwise: bool = False
+
+    def accepts(self, n: int) -> bool:
+        """Whether the method takes ``n`` tensor inputs."""
+        return n >= 2 if self.n_models == -1 else n == self.n_models
+
+    def apply(self, tensors: Sequence[Tensor], params: Mapping[str, object],
+              generator: torch.Generator | None = None) -> Tensor:
+        """Check the arity and parameters, then call the method."""
+        if not self.accepts(len(tensors)):
+            want = "2 or more" if self.n_models == -1 else str(self.n_models)
+            raise ModelkitError(f"{self.name} takes {want} models, got {len(tensors)}")
+        kwargs = check_params(self, params)
+        if self.seeded:
+            kwargs["generator"] = generator
+        return self.fn(*tensors, **kwargs)
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def _infer_params(fn: Callable[..., Tensor], seeded: bool) -> dict[str, ParamValue]:
+    """Keyword-only parameters of ``fn`` and their defaults (``None`` = required)."""
+    params: dict[str, ParamValue] = {}
+    has_generator = False
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind is not p.KEYWORD_ONLY:
+            continue
+        if p.name == "generator":
+            has_generator = True
+        else:
+            params[p.name] = None if p.default is p.empty else p.default
+    if has_generator != seeded:
+        raise ValueError(f"{fn.__name__}: seeded={seeded} but generator keyword "
+                         f"{'present' if has_generator else 'absent'}")
+    return params
+
+
+def merge_method(
+    name: str, *, n_models: int, summary: str, reference: str, seeded: bool = False,
+    elementwise: bool = False,
+) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """Register the decorated function as merge method ``name``.
+
+    Parameters are its keyword-only arguments (defaults from the signature).
+    The function is returned unchanged. Registering a name twice raises
+    ``ValueError`` (a programming error, not a user one).
+    """
+    if n_models not in (-1, 2, 3):
+        raise ValueError(f"{name}: n_models must be 2, 3 or -1, not {n_models}")
+
+    def register(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        if name in METHODS:
+            raise ValueError(f"merge method '{name}' is already registered")
+        METHODS[name] = MergeMethod(name, fn, n_models, _infer_params(fn, seeded), summary,
+                                    reference, seeded, elementwise)
+        return fn
+
+    return register
+
+
+def get_method(name: str) -> MergeMethod:
+    """The method registered as ``name``; unknown names raise a
+    :class:`ModelkitError` with a suggestion and the known names."""
+    if name in METHODS:
+        return METHODS[name]
+    close = difflib.get_close_matches(name, METHODS, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise ModelkitError(f"unknown merge method '{name}'{hint}; known: "
+                        f"{', '.join(sorted(METHODS))}")
+
+
+def _kind(method: MergeMethod, name: str) -> str:
+    """The annotated type name of a parameter (``float``, ``int``, ``bool``)."""
+    ann = inspect.signature(method.fn).parameters[name].annotation
+    return ann if isinstance(ann, str) else getattr(ann, "__name__", "")
+
+
+def _coerce(method: MergeMethod, name: str, value: object) -> ParamValue:
+    kind = _kind(method, name)
+    where = f"{method.name}: parameter '{name}'"
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ModelkitError(f"{where} must be true or false, not {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ModelkitError(f"{where} must be a number, not {value!r}")
+    if not math.isfinite(value):
+        raise ModelkitError(f"{where} must be finite, not {value}")
+    if kind == "int":
+        if value != int(value):
+            raise ModelkitError(f"{where} must be a whole number, not {value}")
+        return int(value)
+    return float(value)
+
+
+def check_params(method: MergeMethod, params: Mapping[str, object]) -> dict[str, ParamValue]:
+    """``params`` completed with defaults and checked: an unknown or missing
+    parameter, or a value of the wrong type, raises a :class:`ModelkitError`
+    naming it."""
+    for name in params:
+        if name not in method.params:
+            known = ", ".join(method.params) or "none"
+            raise ModelkitError(f"{method.name}: unknown parameter '{name}' "
+                                f"(parameters: {known})")
+    out: dict[str, ParamValue] = {}
+    for name, default in method.params.items():
+        value = params.get(name, default)
+        if value is None:
+            raise ModelkitError(f"{method.name}: missing parameter '{name}'")
+        out[name] = _coerce(method, name, value)
+    return out
+
+
+# --- helpers --------------------------------------------------------------------
+
+
+def _same_shape(name: str, *tensors: Tensor) -> None:
+    """Refuse to broadcast tensors of different shapes."""
+    shape = tensors[0].shape
+    for t in tensors[1:]:
+        if t.shape != shape:
+            raise ModelkitError(f"{name}: tensor shapes differ: {tuple(shape)} vs "
+                                f"{tuple(t.shape)}")
+
+
+def _lerp(a: Tensor, b: Tensor, alpha: float) -> Tensor:
+    """``(1 - alpha) * a + alpha * b``, returning ``a`` or ``b`` itself at the ends."""
+    if alpha == 0:
+        return a
+    if alpha == 1:
+        return b
+    return torch.lerp(a, b, alpha)
+
+
+def _unit_range(method: str, name: str, value: float, *, closed_top: bool = True) -> None:
+    ok = 0 <= value <= 1 if closed_top else 0 <= value < 1
+    if not ok:
+        top = "1]" if closed_top else "1)"
+        raise ModelkitError(f"{method}: {name} must be in [0, {top}, not {value}")
+
+
+# --- linear family ----------------------------------------------------------------
+
+
+@merge_method(
+    "weighted_sum", n_models=2, summary="(1-alpha)*A + alpha*B",
+    reference="A1111 modules/extras.py weighted_sum; SuperMerger 'Weight sum'; "
+              "sd-mecha linear.py weighted_sum",
+    elementwise=True,
+)
+def weighted_sum(a: Tensor, b: Tensor, *, alpha: float) -> Tensor:
+    """``(1 - alpha) * a + alpha * b``: alpha moves toward B (A1111 convention).
+
+    Returns ``a`` itself when ``alpha == 0`` and ``b`` itself when
+    ``alpha == 1`` (``torch.lerp`` alone is not exact at both ends for all
+    values). Other values, including extrapolation outside [0, 1], use
+    ``torch.lerp``.
+
+    ComfyUI's ``ModelMergeSimple`` ratio runs the other way:
+    ``out = r * M1 + (1 - r) * M2``, so a ComfyUI ratio ``r`` is
+    ``alpha = 1 - r`` here.
+    """
+    _same_shape("weighted_sum", a, b)
+    return _lerp(a, b, alpha)
+
+
+@merge_method(
+    "add_difference", n_models=3, summary="A + alpha*(B - C)",
+    reference="A1111 modules/extras.py add_difference; sd-mecha wrappers.py add_difference",
+    elementwise=True,
+)
+def add_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: float) -> Tensor:
+    """``a + alpha * (b - c)``. Returns ``a`` itself when ``alpha == 0`` or
+    ``b`` equals ``c`` (adding an exact zero would turn ``-0.0`` into ``0.0``)."""
+    _same_shape("add_difference", a, b, c)
+    if alpha == 0 or torch.equal(b, c):
+        return a
+    return torch.add(a, b - c, alpha=alpha)
+
+
+@merge_method(
+    "triple_sum", n_models=3, summary="(1-alpha-beta)*A + alpha*B + beta*C",
+    reference="SuperMerger 'Triple sum'; sd-meh merge_methods.py triple_sum",
+    elementwise=True,
+)
+def triple_sum(a: Tensor, b: Tensor, c: Tensor, *, alpha: float, beta: float) -> Tensor:
+    """``(1 - alpha - beta) * a + alpha * b + beta * c``. Exact (returns the
+    input) when all the weight is on one model."""
+    _same_shape("triple_sum", a, b, c)
+    if beta == 0:
+        return _lerp(a, b, alpha)
+    if alpha == 0:
+        return _lerp(a, c, beta)
+    return a * (1 - alpha - beta) + b * alpha + c * beta
+
+
+@merge_method(
+    "sum_twice", n_models=3, summary="(1-beta)*((1-alpha)*A + alpha*B) + beta*C",
+    reference="SuperMerger 'Sum Twice'; sd-meh merge_methods.py sum_twice",
+    elementwise=True,
+)
+def sum_twice(a: Tensor, b: Tensor, c: Tensor, *, alpha: float, beta: float) -> Tensor:
+    """``(1 - beta) * ((1 - alpha) * a + alpha * b) + beta * c``: two chained
+    weighted sums, each exact at its ends."""
+    _same_shape("sum_twice", a, b, c)
+    return _lerp(_lerp(a, b, alpha), c, beta)
+
+
+# --- geometric ------------------------------------------------------------------------
+
+_PARALLEL = 1 - 1e-6
+
+
+@merge_method(
+    "slerp", n_models=2, summary="spherical interpolation of directions, linear of norms",
+    reference="sd-mecha linear.py slerp",
+)
+def slerp(a: Tensor, b: Tensor, *, alpha: float) -> Tensor:
+    """Spherical interpolation of the whole tensors' directions, with the norm
+    interpolated linearly:
+    ``(â sin((1-α)ω) + b̂ sin(αω)) / sin ω · ((1-α)‖a‖ + α‖b‖)`` where
+    ``cos ω = ⟨â, b̂⟩``. Falls back to the linear weighted sum when either
+    tensor is zero or the two are (anti)parallel (|cos ω| > 1 - 1e-6).
+    Exact at ``alpha`` 0 and 1."""
+    _same_shape("slerp", a, b)
+    if alpha in (0, 1):
+        return _lerp(a, b, alpha)
+    na = torch.linalg.vector_norm(a).item()
+    nb = torch.linalg.vector_norm(b).item()
+    if na == 0 or nb == 0 or not math.isfinite(na * nb):
+        return torch.lerp(a, b, alpha)
+    cos = torch.dot(a.reshape(-1), b.reshape(-1)).item() / (na * nb)
+    if abs(cos) > _PARALLEL:
+        return torch.lerp(a, b, alpha)
+    omega = math.acos(max(-1.0, min(1.0, cos)))
+    norm = (1 - alpha) * na + alpha * nb
+    wa = math.sin((1 - alpha) * omega) / math.sin(omega) / na * norm
+    wb = math.sin(alpha * omega) / math.sin(omega) / nb * norm
+    return a * wa + b * wb
+
+
+# --- difference-aware -----------------------------------------------------------------
+
+
+@merge_method(
+    "train_difference", n_models=3,
+    summary="A + 1.8*alpha*(B-C)*|B-A|/(|B-C|+|B-A|)",
+    reference="SuperMerger mergers.py traindiff (calcmode trainDifference)",
+    elementwise=True,
+)
+def train_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: float) -> Tensor:
+    """``a + 1.8 * alpha * (b - c) * |b - a| / (|b - c| + |b - a|)``, with the
+    fraction 0 where the denominator is 0. Like SuperMerger, a key where ``b``
+    equals ``c`` is left as ``a`` (returned itself), as is ``alpha == 0``."""
+    _same_shape("train_difference", a, b, c)
+    if alpha == 0 or torch.equal(b, c):
+        return a
+    diff = b - c
+    dist_a = (b - a).abs_()
+    denom = diff.abs() + dist_a
+    scale = torch.where(denom == 0, torch.zeros_like(denom), dist_a / denom)
+    return torch.add(a, diff * scale, alpha=1.8 * alpha)
+
+
+# --- task-vector methods ---------------------------------------------------------------
+
+
+def _dare(delta: Tensor, p: float, rescale: bool, generator: torch.Generator) -> Tensor:
+    """Drop each element with probability ``p``; rescale survivors by 1/(1-p)."""
+    keep = torch.rand(delta.shape, generator=generator, device=delta.device) >= p
+    kept = delta / (1 - p) if rescale else delta
+    return torch.where(keep, kept, torch.zeros_like(delta))
+
+
+def _top_k(delta: Tensor, k: float) -> Tensor:
+    """Keep the ``k`` fraction of elements with the largest magnitude:
+    ``round(k * n)`` of them (at least one), plus any tied with the smallest
+    kept magnitude; the rest become 0."""
+    n = delta.numel()
+    if k >= 1 or n == 0:
+        return delta
+    if k <= 0:
+        return torch.zeros_like(delta)
+    keep = max(1, round(k * n))
+    mag = delta.abs()
+    threshold = mag.reshape(-1).kthvalue(n - keep + 1).values
+    return torch.where(mag >= threshold, delta, torch.zeros_like(delta))
+
+
+def _elect(deltas: Tensor, vote_sgn: bool) -> Tensor:
+    """Disjoint mean of stacked deltas over entries agreeing with the elected
+    sign (0 where none agree)."""
+    signs = torch.sign(deltas)
+    elected = torch.sign(deltas.sum(0) if vote_sgn else signs.sum(0))
+    agree = (signs == elected) & (signs != 0)
+    count = agree.sum(0)
+    total = torch.where(agree, deltas, torch.zeros_like(deltas)).sum(0)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+
+
+@merge_method(
+    "ties", n_models=-1, seeded=True,
+    summary="TIES (optionally DARE) merge of task vectors M_i - base",
+    reference="TIES-Merging (arXiv 2306.01708); DARE (arXiv 2311.03099); sd-mecha ties.py "
+              "ties_sum_extended / ties_sum_with_dropout; mergekit ties",
+)
+def ties(base: Tensor, *models: Tensor, alpha: float = 1.0, k: float = 0.2,
+         vote_sgn: bool = False, dare_p: float = 0.0, dare_rescale: bool = True,
+         generator: torch.Generator | None = None) -> Tensor:
+    """TIES merge of ``models`` onto ``base``, with optional DARE dropping.
+
+    1. Task vectors ``δi = Mi - base``.
+    2. DARE (only when ``dare_p > 0``): drop each element of each δi with
+       probability ``dare_p`` using ``generator`` (which must live on the
+       tensors' device), scaling survivors by ``1 / (1 - dare_p)`` when
+       ``dare_rescale``. Models draw in order, so one seed gives one result.
+    3. Trim: keep the ``k`` fraction of each δi by magnitude.
+    4. Elect a sign per element: ``sign(Σ sign δi)``, or ``sign(Σ δi)`` when
+       ``vote_sgn`` (the sd-mecha meaning of the flag).
+    5. Disjoint mean over the nonzero entries that agree with it.
+    6. ``base + alpha * merged``; ``base`` itself when ``alpha == 0``.
+    """
+    if not models:
+        raise ModelkitError("ties: needs a base and at least one model")
+    _same_shape("ties", base, *models)
+    _unit_range("ties", "k", k)
+    _unit_range("ties", "dare_p", dare_p, closed_top=False)
+    if alpha == 0:
+        return base
+    deltas = [m - base for m in models]
+    if dare_p > 0:
+        if generator is None:
+            raise ModelkitError("ties: dare_p > 0 needs a seed (random generator)")
+        deltas = [_dare(d, dare_p, dare_rescale, generator) for d in deltas]
+    stacked = torch.stack([_top_k(d, k) for d in deltas])
+    return torch.add(base, _elect(stacked, vote_sgn), alpha=alpha)
+
+
+def _rows(t: Tensor) -> Tensor:
+    """``t`` as a 2-D matrix of rows: one row per output channel for weights
+    of 2 or more dimensions, one row for biases, norms and scalars."""
+    return t.reshape(t.shape[0], -1) if t.dim() >= 2 else t.reshape(1, -1)
+
+
+_COS_EPS = 1e-8
+
+
+@merge_method(
+    "model_stock", n_models=-1,
+    summary="base + t*mean(M_i - base), t = n cos / (1 + (n-1) cos)",
+    reference="Model Stock (arXiv 2403.19522); mergekit model_stock; sd-mecha ties.py "
+              "model_stock",
+)
+def model_stock(base: Tensor, *models: Tensor) -> Tensor:
+    """Model Stock: ``base + t * mean(δi)`` with ``δi = Mi - base`` and
+    ``t = n cosθ / (1 + (n - 1) cosθ)``.
+
+    ``cosθ`` is the cosine between task vectors averaged over *all* pairs
+    (as mergekit; sd-mecha averages consecutive pairs only, the same for two
+    models), computed per row: per output channel for weights with 2 or more
+    dimensions, over the whole tensor for 1-D and 0-D ones. Zero task
+    vectors give cosθ = 0, hence ``t = 0``; a row where the denominator
+    vanishes also gets ``t = 0``. Needs at least two models.
+    """
+    if len(models) < 2:
+        raise ModelkitError(f"model_stock: needs a base and at least 2 models, got "
+                            f"{len(models)} model(s)")
+    _same_shape("model_stock", base, *models)
+    if base.numel() == 0:
+        return base
+    deltas = [_rows(m - base) for m in models]
+    norms = [torch.linalg.vector_norm(d, dim=1) for d in deltas]
+    cos = torch.stack([
+        (deltas[i] * deltas[j]).sum(1) / (norms[i] * norms[j]).clamp(min=_COS_EPS)
+        for i, j in combinations(range(len(deltas)), 2)
+    ]).mean(0).clamp(-1, 1)
+    n = len(models)
+    denom = 1 + (n - 1) * cos
+    t = torch.where(denom.abs() > _COS_EPS, n * cos / denom, torch.zeros_like(cos))
+    mean = torch.stack(deltas).mean(0)
+    return base + (t.unsqueeze(1) * mean).reshape(base.shape)

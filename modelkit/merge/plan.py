@@ -1,0 +1,281 @@
+"""Turn a recipe into a per-key plan, from headers alone.
+
+Everything that can be wrong with a merge is found here, before any tensor is
+read: unknown methods or parameters, block lists of the wrong length,
+mismatched architectures, missing keys, shape mismatches.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from modelkit.arch.configs import UNET_PREFIX, VAE_PREFIX
+from modelkit.errors import ModelkitError
+from modelkit.inspect.components import TE_PREFIXES
+from modelkit.io.header import TensorInfo
+from modelkit.merge.recipe import BlockParam, Recipe, RecipeError, StepSpec
+
+INPAINT_KEY = UNET_PREFIX + "input_blocks.0.0.weight"
+ARCH_FAMILIES = ("sd1", "sd2", "sdxl", "sdxl_refiner")
+OUT_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
+
+
+@dataclass(frozen=True)
+class InputFile:
+    name: str
+    path: Path
+    infos: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    arch: str
+    variant: str | None
+
+
+@dataclass(frozen=True)
+class KeyPlan:
+    """What happens to one output key: ``merge`` through the step DAG,
+    ``copy`` from the primary input, ``vae`` from the baked VAE file,
+    ``position_ids`` rebuilt as int64 arange."""
+
+    key: str
+    action: str
+    dtype: str
+    shape: tuple[int, ...]
+    source_key: str | None = None
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    inputs: dict[str, InputFile]
+    primary: str
+    arch: str
+    keys: list[KeyPlan]
+    block_params: dict[tuple[str, str], dict[str, float]]
+    vae: InputFile | None = None
+    skipped: list[str] = field(default_factory=list)
+    ignored: int = 0  # keys only in secondary inputs
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def output_bytes(self) -> int:
+        from modelkit.io.writer import TensorSpec
+
+        return sum(TensorSpec(k.key, k.dtype, k.shape).nbytes for k in self.keys)
+
+    def peak_estimate(self) -> int:
+        """Bytes held at once beyond the interpreter: the largest merged
+        tensor in float32 for each input and step of the DAG, plus its output."""
+        merged = [k for k in self.keys if k.action == "merge"]
+        if not merged:
+            return 0
+        largest = max(_numel(k.shape) for k in merged)
+        slots = len(self.recipe.inputs) + len(self.recipe.steps) + 1
+        return largest * 4 * slots
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def component_of(key: str) -> str:
+    """``unet``, ``vae``, ``te`` or ``other`` for a single-file checkpoint key."""
+    if key.startswith(UNET_PREFIX):
+        return "unet"
+    if key.startswith(VAE_PREFIX):
+        return "vae"
+    if key.startswith(tuple(TE_PREFIXES)):
+        return "te"
+    return "other"
+
+
+def _load_input(name: str, path: Path) -> InputFile:
+    from modelkit.inspect.report import build_report
+    from modelkit.io.reader import read_infos
+
+    if not path.is_file():
+        raise ModelkitError(f"input {name!r}: {path}: no such file")
+    infos, meta = read_infos(path)
+    rep = build_report(path, infos, meta, "safetensors", None)
+    if rep.kind not in ("checkpoint", "unet"):
+        raise ModelkitError(f"input {name!r}: {path} is a {rep.kind}, not a checkpoint; "
+                            "merges take checkpoints")
+    return InputFile(name, path, infos, meta, rep.arch, rep.variant)
+
+
+def _check_archs(inputs: dict[str, InputFile]) -> str:
+    archs = {i.arch for i in inputs.values()}
+    unknown = [i for i in inputs.values() if i.arch not in ARCH_FAMILIES]
+    if unknown:
+        raise ModelkitError(f"input {unknown[0].name!r}: {unknown[0].path} has architecture "
+                            f"{unknown[0].arch}; modelkit merges sd1, sd2, sdxl and "
+                            "sdxl_refiner checkpoints")
+    if len(archs) > 1:
+        desc = ", ".join(f"{i.path.name} is {i.arch}" for i in inputs.values())
+        raise ModelkitError(f"cannot merge different architectures: {desc}; pick inputs "
+                            "of one architecture")
+    return archs.pop()
+
+
+def _primary(recipe: Recipe) -> str:
+    name = recipe.output_step
+    while name in recipe.steps:
+        name = recipe.steps[name].models[0]
+    return name
+
+
+def _check_step(recipe: Recipe, step: StepSpec, arch: str
+                ) -> dict[tuple[str, str], dict[str, float]]:
+    from modelkit.arch.blocks import parse_blocks
+    from modelkit.merge.methods import check_params, get_method
+
+    where = f"{recipe.source}: steps.{step.name}"
+    try:
+        method = get_method(step.method)
+    except ModelkitError as exc:
+        raise RecipeError(f"{where}.method: {exc}") from None
+    n = len(step.models)
+    if (method.n_models == -1 and n < 2) or (method.n_models > 0 and n != method.n_models):
+        want = "2 or more" if method.n_models == -1 else str(method.n_models)
+        raise RecipeError(f"{where}.models: {method.name} takes {want} models, got {n}")
+    scalars = {k: (0.5 if isinstance(v, BlockParam) else v) for k, v in step.params.items()}
+    try:
+        check_params(method, scalars)
+    except ModelkitError as exc:
+        raise RecipeError(f"{where}.params: {exc}") from None
+    blocks: dict[tuple[str, str], dict[str, float]] = {}
+    for pname, value in step.params.items():
+        if isinstance(value, BlockParam):
+            spec = value.preset if value.preset else value.blocks
+            try:
+                blocks[(step.name, pname)] = parse_blocks(spec, arch, vae_slot=True)
+            except ModelkitError as exc:
+                raise RecipeError(f"{where}.params.{pname}: {exc}") from None
+    return blocks
+
+
+def _leaves(recipe: Recipe, name: str) -> list[str]:
+    if name in recipe.inputs:
+        return [name]
+    out: list[str] = []
+    for m in recipe.steps[name].models:
+        out += [x for x in _leaves(recipe, m) if x not in out]
+    return out
+
+
+def _shape_problem(key: str, shapes: dict[str, tuple[int, ...]], primary: str) -> str | None:
+    ref = shapes[primary]
+    bad = {n: s for n, s in shapes.items() if s != ref}
+    if not bad:
+        return None
+    if key == INPAINT_KEY and all(len(s) == 4 and s[0] == ref[0] and s[2:] == ref[2:]
+                                  for s in bad.values()):
+        if all(s[1] < ref[1] for s in bad.values()):
+            return None  # A is the inpainting / pix2pix model: first channels merge
+        bigger = max(shapes, key=lambda n: shapes[n][1])
+        return (f"{key}: {bigger} has {shapes[bigger][1]} input channels, A ({primary}) has "
+                f"{ref[1]}; put the inpainting/pix2pix model first (as model A)")
+    desc = ", ".join(f"{n} {list(s)}" for n, s in shapes.items())
+    return f"{key}: shapes differ ({desc})"
+
+
+def _out_dtype(recipe: Recipe, info: TensorInfo) -> str:
+    if not info.is_float or recipe.output_dtype == "keep":
+        return info.dtype
+    return OUT_DTYPES[recipe.output_dtype]
+
+
+def _key_plans(plan: Plan) -> None:
+    recipe = plan.recipe
+    primary = plan.inputs[plan.primary]
+    leaves = _leaves(recipe, recipe.output_step)
+    opts = recipe.options
+    excluded = [re.compile(rx) for rx in opts.exclude_keys]
+    problems: list[str] = []
+    for key, info in primary.infos.items():
+        comp = component_of(key)
+        if key.endswith("position_ids") and comp == "te":
+            plan.keys.append(KeyPlan(key, "position_ids", "I64", info.shape))
+            continue
+        if plan.vae is not None and comp == "vae":
+            plan.keys.append(_vae_plan(plan, key, info, recipe))
+            continue
+        if (not info.is_float or comp not in opts.include or comp == "other"
+                or any(rx.search(key) for rx in excluded)):
+            plan.keys.append(KeyPlan(key, "copy", info.dtype, info.shape))
+            continue
+        missing = [n for n in leaves if key not in plan.inputs[n].infos]
+        if missing:
+            if opts.missing_keys == "error":
+                problems.append(f"{key} is missing from {', '.join(missing)}")
+                continue
+            if opts.missing_keys == "skip":
+                plan.skipped.append(key)
+                continue
+            plan.keys.append(KeyPlan(key, "copy", info.dtype, info.shape))
+            plan.warnings.append(f"{key}: missing from {', '.join(missing)}; taken from A")
+            continue
+        shapes = {n: plan.inputs[n].infos[key].shape for n in leaves}
+        problem = _shape_problem(key, shapes, plan.primary)
+        if problem:
+            problems.append(problem)
+            continue
+        plan.keys.append(KeyPlan(key, "merge", _out_dtype(recipe, info), info.shape))
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        hint = (" (set options.missing_keys / --missing take-first or skip)"
+                if "missing" in problems[0] else "")
+        raise ModelkitError(f"cannot merge: {problems[0]}{more}{hint}")
+    names = set(primary.infos)
+    plan.ignored = sum(1 for n in leaves[1:] for k in plan.inputs[n].infos if k not in names)
+
+
+def _vae_plan(plan: Plan, key: str, info: TensorInfo, recipe: Recipe) -> KeyPlan:
+    assert plan.vae is not None
+    short = key[len(VAE_PREFIX):]
+    src = key if key in plan.vae.infos else short
+    vinfo = plan.vae.infos.get(src)
+    if vinfo is None:
+        raise ModelkitError(f"VAE {plan.vae.path}: has no {short!r}; it does not fit "
+                            f"this {plan.arch} checkpoint")
+    if vinfo.shape != info.shape:
+        raise ModelkitError(f"VAE {plan.vae.path}: {short} is {list(vinfo.shape)}, the "
+                            f"checkpoint needs {list(info.shape)}; wrong VAE for {plan.arch}")
+    return KeyPlan(key, "vae", _out_dtype(recipe, vinfo), info.shape, src)
+
+
+def _load_vae(recipe: Recipe) -> InputFile | None:
+    if not recipe.options.vae:
+        return None
+    from modelkit.inspect.report import build_report
+    from modelkit.io.reader import read_infos
+
+    path = recipe.resolve(recipe.options.vae)
+    if not path.is_file():
+        raise ModelkitError(f"VAE {path}: no such file")
+    infos, meta = read_infos(path)
+    rep = build_report(path, infos, meta, "safetensors", None)
+    if "vae" not in rep.components:
+        raise ModelkitError(f"VAE {path}: is a {rep.kind} with no VAE in it")
+    return InputFile("vae", path, infos, meta, rep.arch, None)
+
+
+def make_plan(recipe: Recipe) -> Plan:
+    """Check a recipe against its input headers and plan every output key.
+
+    Raises:
+        ModelkitError: anything that would stop the merge, with the file, key
+            or recipe field named.
+    """
+    files = {n: _load_input(n, recipe.resolve(s.path)) for n, s in recipe.inputs.items()}
+    arch = _check_archs(files)
+    blocks: dict[tuple[str, str], dict[str, float]] = {}
+    for step in recipe.steps.values():
+        blocks.update(_check_step(recipe, step, arch))
+    plan = Plan(recipe, files, _primary(recipe), arch, [], blocks, _load_vae(recipe))
+    _key_plans(plan)
+    return plan
