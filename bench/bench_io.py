@@ -270,6 +270,20 @@ def mem_available() -> int:
     return 0
 
 
+def machine_load() -> tuple[str, float]:
+    """Load average and CPU pressure (PSI ``some`` avg60, %): a busy machine
+    (others' work) makes every timing noisy. Returns (description, psi)."""
+    load = Path("/proc/loadavg").read_text().split()[:3]
+    psi = 0.0
+    try:
+        for line in Path("/proc/pressure/cpu").read_text().splitlines():
+            if line.startswith("some"):
+                psi = float(dict(f.split("=") for f in line.split()[1:])["avg60"])
+    except (OSError, KeyError, ValueError):
+        pass
+    return f"loadavg {' '.join(load)}, cpu PSI some avg60 {psi:.1f}%", psi
+
+
 def timed(fn: Callable[[], object]) -> float:
     t = time.perf_counter()
     fn()
@@ -434,36 +448,40 @@ def section_header(ctx: Context, repeat: int) -> None:
                          "processes)", ["what", "first", "median", "note"], rows))
 
 
-def section_hash(ctx: Context) -> None:
+def section_hash(ctx: Context, repeat: int) -> None:
     path = ctx.paths["sd15"]
     size = path.stat().st_size
-    result: dict[str, Any] = {}
-    t_mk = timed(lambda: result.update(h=hash_file(path)))
-    mk_sha = result["h"].sha256
-    t_sum = time.perf_counter()
-    res = subprocess.run(["sha256sum", str(path)], capture_output=True, text=True,
-                         check=True)
-    t_sum = time.perf_counter() - t_sum
-    sum_sha = res.stdout.split()[0]
+    digests: dict[str, str] = {}
+
+    def modelkit_hash() -> None:
+        digests["hash_file"] = hash_file(path).sha256
+
+    def coreutils() -> None:
+        res = subprocess.run(["sha256sum", str(path)], capture_output=True, text=True,
+                             check=True)
+        digests["sha256sum"] = res.stdout.split()[0]
 
     def one_digest() -> None:
         with open(path, "rb") as f:
-            result["py"] = hashlib.file_digest(f, "sha256").hexdigest()
+            digests["hashlib"] = hashlib.file_digest(f, "sha256").hexdigest()
 
-    t_py = timed(one_digest)
-    agree = mk_sha == sum_sha == result["py"]
+    variants = {"hash_file (sha256 + addnet, 2 threads)": modelkit_hash,
+                "sha256sum": coreutils,
+                "hashlib.file_digest sha256 (1 thread)": one_digest}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeat):  # interleaved, so noise hits all alike
+        for name, fn in variants.items():
+            times[name].append(timed(fn))
+    agree = len(set(digests.values())) == 1
     if not agree:
-        ctx.problems.append(f"sha256 disagree: hash_file {mk_sha}, sha256sum {sum_sha}")
-    rows = [
-        ["hash_file (sha256 + addnet, 2 threads)", secs(t_mk), rate(size, t_mk),
-         f"{t_mk / t_sum:.2f}x"],
-        ["sha256sum", secs(t_sum), rate(size, t_sum), "1.00x"],
-        ["hashlib.file_digest sha256 (1 thread)", secs(t_py), rate(size, t_py),
-         f"{t_py / t_sum:.2f}x"],
-    ]
-    ctx.out.append(table(f"Hash of sd15 ({size / 1e9:.2f} GB); digests "
-                         f"{'agree' if agree else 'DISAGREE'}",
-                         ["what", "time", "throughput", "vs sha256sum"], rows))
+        ctx.problems.append(f"sha256 digests disagree: {digests}")
+    ref = min(times["sha256sum"])
+    rows = [[name, " ".join(f"{t:.2f}" for t in ts), secs(min(ts)), rate(size, min(ts)),
+             f"{min(ts) / ref:.2f}x"] for name, ts in times.items()]
+    ctx.out.append(table(f"Hash of sd15 ({size / 1e9:.2f} GB), {repeat} interleaved "
+                         f"runs; digests {'agree' if agree else 'DISAGREE'}",
+                         ["what", "runs (s)", "best", "throughput (best)",
+                          "time vs sha256sum"], rows))
 
 
 def time_cp(src: Path, dst: Path) -> float:
@@ -474,87 +492,122 @@ def time_cp(src: Path, dst: Path) -> float:
     return t
 
 
-def section_passes(ctx: Context, sdxl_pass: bool) -> None:
+@dataclass
+class Pass:
+    """One kind of pass over one input, run once per round."""
+
+    label: str
+    kind: str
+    src: Path | None  # None: imports only
+    big: int  # largest tensor of the input, bytes
+    runs: list[ChildRun] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return self.src.stat().st_size if self.src else 0
+
+    @property
+    def best_s(self) -> float:
+        return min(r.work_s for r in self.runs)
+
+    @property
+    def worst_mem(self) -> ChildRun:
+        """The run with the highest peak RssAnon above its imports."""
+        return max(self.runs, key=lambda r: r.delta_kb)
+
+    @property
+    def k(self) -> float:
+        """Peak RssAnon above imports in units of the largest tensor."""
+        return self.worst_mem.delta_kb * 1024 / self.big
+
+
+def section_passes(ctx: Context, sdxl_pass: bool, repeat: int) -> None:
     sd15 = ctx.paths["sd15"]
     size15 = sd15.stat().st_size
-    _, big15 = largest(ctx.headers["sd15"])
+    big15 = largest(ctx.headers["sd15"])[1]
     out = ctx.scratch("pass-out.safetensors")
-    runs: list[tuple[ChildRun, int, int]] = []  # run, input bytes, largest tensor
-
-    def do(label: str, kind: str, src: Path | None, big: int) -> None:
-        log(f"pass: {label} ...")
-        args = [str(src), str(out)] if src else []
-        try:
-            run = run_child(label, kind, *args)
-        finally:
-            out.unlink(missing_ok=True)
-        runs.append((run, src.stat().st_size if src else 0, big))
-
-    do("import torch only", "import-torch", None, big15)
-    do("import torch+safetensors+modelkit", "import-all", None, big15)
-    do("sd15 fp16->fp16 cast_file(None)", "copy", sd15, big15)
-    do("sd15 fp16->fp32 cast_file('F32')", "fp32", sd15, big15)
-    do("sd15 naive load_file+save_file", "naive", sd15, big15)
-    # holds the whole fp32 state dict (2x the file) in process memory
-    if mem_available() > 2 * size15 + (size15 * 2) + 1e9:
-        do("sd15 naive load_file+.to(fp32)+save", "naive-fp32", sd15, big15)
-    else:
-        ctx.problems.append("naive fp32 pass skipped: not enough free memory")
-    log("cp sd15 ...")
-    cp15 = time_cp(sd15, ctx.scratch("cp.safetensors"))
-    cp_times = {sd15: cp15}
+    passes = [
+        Pass("import torch only", "import-torch", None, big15),
+        Pass("import torch+safetensors+modelkit", "import-all", None, big15),
+        Pass("sd15 fp16->fp16 cast_file(None)", "copy", sd15, big15),
+        Pass("sd15 fp16->fp32 cast_file('F32')", "fp32", sd15, big15),
+        Pass("sd15 naive load_file+save_file", "naive", sd15, big15),
+        Pass("sd15 naive load_file+.to(fp32)+save", "naive-fp32", sd15, big15),
+    ]
+    cp_srcs = [sd15]
     if sdxl_pass:
-        sdxl = ctx.paths["sdxl"]
-        _, bigxl = largest(ctx.headers["sdxl"])
-        do("sdxl fp16->fp16 cast_file(None)", "copy", sdxl, bigxl)
-        log("cp sdxl ...")
-        cp_times[sdxl] = time_cp(sdxl, ctx.scratch("cp.safetensors"))
+        bigxl = largest(ctx.headers["sdxl"])[1]
+        passes.append(Pass("sdxl fp16->fp16 cast_file(None)", "copy", ctx.paths["sdxl"],
+                           bigxl))
+        cp_srcs.append(ctx.paths["sdxl"])
+    cp_times: dict[Path, list[float]] = {src: [] for src in cp_srcs}
+    for rnd in range(1, repeat + 1):  # rounds, so noise bursts hit every pass alike
+        for p in passes:
+            # the naive fp32 pass holds the whole fp32 state dict: 2x the file
+            if p.kind == "naive-fp32" and mem_available() < 2 * size15 + 1.5e9:
+                ctx.problems.append(f"round {rnd}: {p.label} skipped, not enough "
+                                    "free memory")
+                continue
+            log(f"round {rnd}/{repeat}: {p.label} ...")
+            args = [str(p.src), str(out)] if p.src else []
+            try:
+                p.runs.append(run_child(p.label, p.kind, *args))
+            finally:
+                out.unlink(missing_ok=True)
+        for src in cp_srcs:
+            log(f"round {rnd}/{repeat}: cp {src.name} ...")
+            cp_times[src].append(time_cp(src, ctx.scratch("cp.safetensors")))
+    passes = [p for p in passes if p.runs]
+    best_cp = {src: min(ts) for src, ts in cp_times.items()}
 
-    torch_base = runs[0][0].peak_anon_kb
     rows = []
-    for run, nbytes, big in runs:
-        if nbytes:
-            src = sd15 if nbytes == size15 else ctx.paths["sdxl"]
-            cp_t = cp_times[src]
-            times = [secs(run.work_s), rate(nbytes, run.work_s),
-                     f"{run.work_s / cp_t:.1f}x"]
-            k = f"{run.delta_kb * 1024 / big:.2f}"
+    for p in passes:
+        w = p.worst_mem
+        all_s = " ".join(f"{r.work_s:.2f}" for r in p.runs)
+        if p.src:
+            times = [all_s, secs(p.best_s), rate(p.nbytes, p.best_s),
+                     f"{p.best_s / best_cp[p.src]:.1f}x"]
+            mem = [mib(w.peak_anon_kb), mib(w.delta_kb), f"{p.k:.2f}"]
         else:
-            times, k = [f"{run.import_s:.2f} s (import)", "-", "-"], "-"
-        rows.append([run.label, secs(run.wall_s), *times, mib(run.peak_anon_kb),
-                     mib(run.delta_kb) if nbytes else "-", k, mib(run.hwm_kb),
-                     str(run.samples)])
-    for src, t in cp_times.items():
+            imp = " ".join(f"{r.import_s:.2f}" for r in p.runs)
+            times = [f"{imp} (import)", "-", "-", "-"]
+            mem = [mib(w.peak_anon_kb), "-", "-"]
+        rows.append([p.label, *times, *mem, mib(max(r.hwm_kb for r in p.runs)),
+                     str(sum(r.samples for r in p.runs))])
+    for src, ts in cp_times.items():
         name = "sd15" if src == sd15 else "sdxl"
-        nbytes = src.stat().st_size
-        rows.append([f"cp {name} (same run)", "-", secs(t), rate(nbytes, t), "1.0x",
+        rows.append([f"cp {name} (same rounds)", " ".join(f"{t:.2f}" for t in ts),
+                     secs(min(ts)), rate(src.stat().st_size, min(ts)), "1.0x",
                      "-", "-", "-", "-", "-"])
-    head = ["pass", "process", "pass time", "rate", "vs cp", "peak RssAnon",
-            "above imports", "x largest", "VmHWM", "samples"]
-    ctx.out.append(table("Read-transform-write passes, each in a fresh process "
-                         "(RssAnon sampled every 5 ms)", head, rows))
+    head = ["pass", "pass time runs (s)", "best", "rate (best)", "vs cp",
+            "peak RssAnon", "above imports", "x largest", "VmHWM", "samples"]
+    ctx.out.append(table(f"Read-transform-write passes, each run in a fresh process, "
+                         f"{repeat} rounds (RssAnon sampled every "
+                         f"{SAMPLE_INTERVAL * 1e3:g} ms; memory: worst round)",
+                         head, rows))
     ctx.out.append(f"largest tensor: sd15 {big15 / MiB:.1f} MiB" + (
         f", sdxl {largest(ctx.headers['sdxl'])[1] / MiB:.1f} MiB" if sdxl_pass else ""))
-    ctx.out.append(f"torch import baseline: {mib(torch_base)} RssAnon")
-    check_expectations(ctx, runs, cp_times)
+    ctx.out.append(f"size: sd15 {size15 / 1e9:.2f} GB" + (
+        f", sdxl {ctx.paths['sdxl'].stat().st_size / 1e9:.2f} GB" if sdxl_pass else ""))
+    check_expectations(ctx, passes, best_cp)
 
 
-def check_expectations(ctx: Context, runs: list[tuple[ChildRun, int, int]],
-                       cp_times: dict[Path, float]) -> None:
+def check_expectations(ctx: Context, passes: list[Pass],
+                       best_cp: dict[Path, float]) -> None:
     """peak RssAnon ~= import baseline + largest tensor x small constant."""
     verdicts = []
-    streamed = [(r, n, b) for r, n, b in runs if n and "cast_file" in r.label]
-    naive = [(r, b) for r, n, b in runs if n and "naive" in r.label]
-    for run, _, big in streamed:
-        k = run.delta_kb * 1024 / big
-        ok = k <= SMALL_CONSTANT
-        verdicts.append(f"{'OK ' if ok else 'BAD'} {run.label}: peak RssAnon is import "
-                        f"baseline + {k:.2f} x largest tensor "
-                        f"(limit {SMALL_CONSTANT:g})")
+    streamed = [p for p in passes if p.src and "cast_file" in p.label]
+    for p in streamed:
+        ok = p.k <= SMALL_CONSTANT
+        verdicts.append(f"{'OK ' if ok else 'BAD'} {p.label}: peak RssAnon is imports "
+                        f"+ {p.k:.2f} x largest tensor (limit {SMALL_CONSTANT:g})")
         if not ok:
-            ctx.problems.append(f"{run.label}: peak RssAnon {mib(run.peak_anon_kb)} = "
-                                f"baseline + {k:.2f} x largest tensor")
-    copies = [r for r, _, _ in streamed if "fp16->fp16" in r.label]
+            ctx.problems.append(f"{p.label}: peak RssAnon {mib(p.worst_mem.peak_anon_kb)}"
+                                f" = imports + {p.k:.2f} x largest tensor")
+        ratio = p.best_s / best_cp[p.src] if p.src else 0
+        if ratio > 10:
+            ctx.problems.append(f"{p.label}: best run takes {ratio:.1f}x as long as cp")
+    copies = [p.worst_mem for p in streamed if "fp16->fp16" in p.label]
     if len(copies) == 2:
         a, b = copies
         grow = (b.delta_kb - a.delta_kb) / 1024
@@ -564,14 +617,10 @@ def check_expectations(ctx: Context, runs: list[tuple[ChildRun, int, int]],
         if grow >= 256:
             ctx.problems.append(f"peak RssAnon grows with the model: {mib(a.delta_kb)}"
                                 f" -> {mib(b.delta_kb)} from sd15 to sdxl")
-    for run, nbytes, _ in streamed:
-        src = next(p for p in cp_times if p.stat().st_size == nbytes)
-        ratio = run.work_s / cp_times[src]
-        if ratio > 10:
-            ctx.problems.append(f"{run.label} takes {ratio:.1f}x as long as cp")
-    for run, big in naive:
-        verdicts.append(f"--  contrast, {run.label}: imports + "
-                        f"{run.delta_kb * 1024 / big:.2f} x largest tensor")
+    for p in passes:
+        if p.src and "naive" in p.label:
+            verdicts.append(f"--  contrast, {p.label}: imports + {p.k:.2f} x largest "
+                            "tensor")
     ctx.out.append("\n== Expectation: peak RssAnon ~= imports + largest tensor x small "
                    "constant, flat in model size\n" + "\n".join(verdicts))
 
@@ -596,6 +645,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="keep the generated models for the next run")
     ap.add_argument("--repeat", type=int, default=20,
                     help="in-process header reads for the median (default %(default)s)")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="rounds of the pass table; hashing runs one more "
+                         "(default %(default)s)")
     ap.add_argument("--no-sdxl-pass", action="store_true",
                     help="skip the fp16 copy pass over the SDXL file")
     ap.add_argument("--tiny", action="store_true",
@@ -617,20 +669,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     ctx = Context(args.dir, paths, tiny=args.tiny)
     started = time.strftime("%Y-%m-%d %H:%M")
+    load_start = machine_load()
     try:
         section_generate(ctx)
         log("header reads ...")
         section_header(ctx, args.repeat)
         log("hashing ...")
-        section_hash(ctx)
-        section_passes(ctx, not args.no_sdxl_pass)
+        section_hash(ctx, args.rounds + 1)
+        section_passes(ctx, not args.no_sdxl_pass, args.rounds)
         log("cast micro-benchmark ...")
         section_cast_micro(ctx)
     finally:
-        for leftover in ("pass-out.safetensors", "cp.safetensors"):
-            ctx.scratch(leftover).unlink(missing_ok=True)
-        for tmp in args.dir.glob(".*.partial"):
-            tmp.unlink()
+        # only this script's own files: others may share the folder
+        ours = ["pass-out.safetensors", "cp.safetensors", *(p.name for p in paths.values())]
+        for name in ours[:2]:
+            ctx.scratch(name).unlink(missing_ok=True)
+        for name in ours:
+            for tmp in args.dir.glob(f".{name}.*.partial"):
+                tmp.unlink(missing_ok=True)
         if not args.keep:
             for p in paths.values():
                 p.unlink(missing_ok=True)
@@ -642,7 +698,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"modelkit I/O benchmark{' (TINY smoke test)' if args.tiny else ''}, "
           f"{started}, {os.cpu_count()} cores, {platform.machine()}, "
           f"Python {platform.python_version()}, {vers}, {args.dir} on {fs}")
+    load_end = machine_load()
+    print(f"machine load before: {load_start[0]}; after: {load_end[0]}")
     print("\n".join(ctx.out))
+    if max(load_start[1], load_end[1]) > 10:
+        ctx.problems.append("other processes competed for the CPU (cpu PSI over 10%); "
+                            "timings are unreliable, run again on an idle machine")
     if ctx.problems:
         print("\n== Problems\n" + "\n".join(f"- {p}" for p in ctx.problems))
     return 0
