@@ -58,6 +58,31 @@ def _library() -> list[tuple[str, Callable[[Path], object]]]:
     ]
 
 
+DEMO_RECIPE = """\
+version: 1
+inputs:
+  base: ../models/Stable-diffusion/tiny-sd15.safetensors
+  style: ../models/Stable-diffusion/tiny-sd15-anime.safetensors
+  inpaint: ../models/Stable-diffusion/tiny-sd15-inpainting.safetensors
+steps:
+  mix:
+    method: weighted_sum
+    models: [base, style]
+    params:
+      alpha: {preset: gradient_in_to_out}
+  inpainting:
+    method: add_difference
+    models: [inpaint, mix, base]
+    params: {alpha: 1.0}
+output:
+  path: ../models/Stable-diffusion/tiny-sd15-mix-inpainting.safetensors
+  dtype: fp16
+  step: inpainting
+options:
+  vae: ../models/VAE/tiny-vae-ft-mse.safetensors
+"""
+
+
 @dataclass
 class DemoResult:
     """What the demo built and found."""
@@ -95,16 +120,32 @@ def build_library(root: Path, progress: ProgressFn = no_progress) -> list[Path]:
     return paths
 
 
+def run_demo_recipe(root: Path, progress: ProgressFn = no_progress) -> Path:
+    """Write the demo recipe (block-wise mix, then the mix turned into an
+    inpainting model by add-difference, with a VAE baked in) and run it."""
+    from modelkit.merge.recipe import load_recipe
+    from modelkit.merge.run import run_recipe
+
+    path = root / "recipes" / "sd15-mix-inpainting.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(DEMO_RECIPE)
+    report = run_recipe(load_recipe(path), progress=progress)
+    assert report.output is not None
+    return report.output
+
+
 def run_demo(root: str | os.PathLike[str], progress: ProgressFn = no_progress
              ) -> DemoResult:
-    """Build the demo library under ``root``, then inspect and hash it; the
-    combined report is written to ``root/library.json``."""
+    """Build the demo library under ``root``, run the demo merge recipe, then
+    inspect and hash every model; the combined report is written to
+    ``root/library.json``."""
     from modelkit.inspect.report import inspect_model
     from modelkit.io.hashing import hash_file
 
-    result = DemoResult(Path(root))
+    result = DemoResult(Path(root).absolute())
     prepare_dir(result.root)
     result.files = build_library(result.root, progress)
+    result.files.append(run_demo_recipe(result.root, progress))
     for i, path in enumerate(result.files, 1):
         result.reports.append(inspect_model(path).to_dict())
         result.hashes.append(hash_file(path).to_dict())

@@ -118,7 +118,11 @@ def test_demo(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     preds = {Path(r["path"]).name: r["prediction"]["type"] for r in data["reports"]}
     assert preds["tiny-sdxl-vpred.safetensors"] == "v"
     assert preds["tiny-sd2-768-v.safetensors"] == "v"
-    assert len(data["hashes"]) == len(data["reports"]) == 17
+    assert kinds["tiny-sd15-mix-inpainting.safetensors"] == ("checkpoint", "sd1")
+    mix = next(r for r in data["reports"] if "mix-inpainting" in r["path"])
+    assert mix["variant"] == "inpaint"
+    assert "modelkit.recipe" in mix["metadata"]
+    assert len(data["hashes"]) == len(data["reports"]) == 18
     assert "tiny-sd15-inpainting.safetensors" in out
     # a second run reuses its own folder; a foreign non-empty folder is refused
     assert main(["demo", str(root), "-q"]) == 0

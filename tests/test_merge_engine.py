@@ -178,6 +178,13 @@ def test_include_exclude_and_vae_bake(tmp_path: Path, models: dict[str, Path]) -
                            f"options: {{vae: {bad_vae}}}"))
 
 
+def test_missing_alpha_is_named(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                models: dict[str, Path]) -> None:
+    assert _merge(str(models["sd1"]), str(models["sd1_b"]), "-o",
+                  str(tmp_path / "o.safetensors")) == 2
+    assert "missing parameter 'alpha'" in capsys.readouterr().err
+
+
 def test_output_onto_input_refused(models: dict[str, Path]) -> None:
     before = models["sd1_b"].read_bytes()
     assert _merge(str(models["sd1"]), str(models["sd1_b"]), "-o", str(models["sd1_b"]),
@@ -274,7 +281,7 @@ def test_dry_run_reads_no_tensor(tmp_path: Path, models: dict[str, Path],
                                  capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "dry.safetensors"
     assert main(["merge", str(models["sdxl"]), str(models["sdxl_vpred"]), "-o", str(out),
-                 "--dry-run", "--json"]) == 0
+                 "--alpha", "0.5", "--dry-run", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["dry_run"] is True and report["n_merged"] > 2000
     assert report["peak_estimate_bytes"] > 0

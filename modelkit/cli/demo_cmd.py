@@ -18,8 +18,8 @@ def demo_cmd(directory: Path, quiet: bool) -> None:
 
     Writes seeded synthetic checkpoints, a VAE, LoRA/LoHa/LoKr adapters and
     embeddings in an A1111-like layout under DIRECTORY (default
-    ./modelkit-demo), then inspects and hashes every file and writes
-    DIRECTORY/library.json.
+    ./modelkit-demo), runs a merge recipe (DIRECTORY/recipes/), then inspects
+    and hashes every file and writes DIRECTORY/library.json.
     """
     from modelkit.demo import run_demo
 

@@ -112,7 +112,7 @@ class Recipe:
     def resolve(self, path: str) -> Path:
         """A recipe path made absolute against the recipe's folder."""
         p = Path(os.path.expanduser(path))
-        return p if p.is_absolute() else self.base_dir / p
+        return p if p.is_absolute() else Path(os.path.normpath(self.base_dir / p))
 
     def to_dict(self) -> dict[str, Any]:
         """The canonical form (what ``modelkit recipe show`` prints)."""

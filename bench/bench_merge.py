@@ -1,0 +1,592 @@
+"""Merge benchmark for modelkit: a two-model ``weighted_sum`` (alpha 0.5, fp16
+output, fp32 math, CPU) of two full-size synthetic checkpoints, timed and
+memory-sampled against ``cp`` of one input, a naive load-everything script
+and sd-mecha.
+
+Run::
+
+    /work/venv/bin/python bench/bench_merge.py [--dir /dev/shm/modelkit-bench] \
+        [--arch sd1|sdxl] [--keep]
+
+Each tool runs in a fresh process whose ``/proc/<pid>/status`` the parent
+samples every ~5 ms: peak ``RssAnon`` (process memory proper) and ``VmHWM``
+(which also counts the pages of memory-mapped inputs, for contrast). Every
+figure of one run is printed side by side; ``cp`` runs before each tool and
+ratios use the median ``cp`` time of the same run. Put ``--dir`` on a RAM
+disk (tmpfs): on a real disk the figures measure the disk.
+
+sd-mecha runs from its own virtual environment (``--mecha-python``, default
+``/tmp/mecha-venv/bin/python``), made so that it cannot change the project's::
+
+    python3 -m venv /tmp/mecha-venv
+    /tmp/mecha-venv/bin/pip install torch==2.13.0 sd-mecha==1.1.8
+
+It is skipped when that interpreter cannot import ``sd_mecha``. The naive
+baseline holds both inputs and the output in memory (about 3x one file) and
+is skipped when the machine has not that much free (always for SDXL on a
+24 GB machine). See ``bench/README.md`` (section "Merge") for results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+BENCH = Path(__file__).resolve().parent
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+from bench_io import (  # noqa: E402  (bench_io puts the repo on sys.path)
+    DEFAULT_DIR,
+    REPO,
+    SAMPLE_INTERVAL,
+    BenchError,
+    child_env,
+    log,
+    mem_available,
+    read_status,
+    table,
+    valid_model,
+)
+
+from modelkit.io.header import Header, read_header  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
+
+ALPHA = 0.5
+SEEDS = (0, 1)  # seed 0 under bench_io's name: a model bench_io kept is reused
+# arch -> (file tag, modelkit.testing arch name)
+ARCHS = {"sd1": ("sd15", "sd1"), "sdxl": ("sdxl", "sdxl")}
+MECHA_PYTHON = Path("/tmp/mecha-venv/bin/python")
+MB = 1e6
+N_CHECK_KEYS = 8
+# targets (issue): modelkit within 5x cp, >= 6x faster than sd-mecha, < 400 MB anon
+TARGET_CP_RATIO = 5.0
+TARGET_MECHA_SPEEDUP = 6.0
+TARGET_ANON_MB = 400.0
+# kill a child when MemAvailable falls below this (the inputs sit in RAM)
+MEM_GUARD = 600 * (1 << 20)
+
+NAIVE_CODE = """\
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+from safetensors.torch import load_file, save_file
+t1 = time.perf_counter()
+a_path, b_path, out, alpha = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+a, b = load_file(a_path), load_file(b_path)
+merged = {}
+for key, ta in a.items():
+    tb = b.get(key)
+    if ta.dtype == torch.float16 and tb is not None and tb.shape == ta.shape:
+        merged[key] = ((1 - alpha) * ta.float() + alpha * tb.float()).half()
+    else:
+        merged[key] = ta
+save_file(merged, out)
+print(json.dumps({"import_s": t1 - t0, "work_s": time.perf_counter() - t1}))
+"""
+
+MECHA_CODE = """\
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+import sd_mecha
+t1 = time.perf_counter()
+a_path, b_path, out, alpha = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+recipe = sd_mecha.weighted_sum(sd_mecha.model(a_path), sd_mecha.model(b_path), alpha=alpha)
+# threads left at its default (None: min(max(open files, 2), cpu_count, 4))
+sd_mecha.merge(recipe, output=out, merge_device="cpu", merge_dtype=torch.float32,
+               output_device="cpu", output_dtype=torch.float16)
+from importlib.metadata import version
+print(json.dumps({"import_s": t1 - t0, "work_s": time.perf_counter() - t1,
+                  "version": version("sd-mecha"), "torch": torch.__version__}))
+"""
+
+
+# --------------------------------------------------------------------------
+# sampled child processes
+
+
+@dataclass
+class Run:
+    """One tool run in a fresh, sampled process."""
+
+    label: str
+    wall_s: float
+    peak_anon_kb: int
+    hwm_kb: int
+    samples: int
+    stdout: str
+    inner_s: float | None = None  # the tool's own timing, imports excluded
+    note: str = ""
+    killed: bool = False
+
+
+def measure(label: str, cmd: list[str], env: dict[str, str] | None = None) -> Run:
+    """Run ``cmd``, sampling its RssAnon and VmHWM every ~5 ms; kill it if the
+    machine runs short of memory (the inputs themselves sit in RAM)."""
+    log(f"{label} ...")
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env or child_env(), cwd=REPO)
+        peak = hwm = samples = 0
+        killed = False
+        while proc.poll() is None:
+            st = read_status(proc.pid)
+            if "RssAnon" in st:  # absent once the child is a zombie
+                peak = max(peak, st["RssAnon"])
+                hwm = max(hwm, st["VmHWM"])
+                samples += 1
+            if samples % 20 == 0 and mem_available() < MEM_GUARD:
+                proc.kill()
+                killed = True
+                proc.wait()
+                break
+            time.sleep(SAMPLE_INTERVAL)
+        wall = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if killed:
+        log(f"{label}: killed, MemAvailable under {MEM_GUARD / MB:.0f} MB")
+        return Run(label, wall, peak, hwm, samples, stdout, note="killed: low memory",
+                   killed=True)
+    if proc.returncode != 0:
+        raise BenchError(f"{label}: exited {proc.returncode}\n{stderr[-3000:]}")
+    return Run(label, wall, peak, hwm, samples, stdout)
+
+
+def last_json(stdout: str) -> dict[str, Any]:
+    lines = stdout.strip().splitlines()
+    try:
+        return json.loads(lines[-1]) if lines else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def modelkit_cmd() -> list[str]:
+    script = Path(sys.executable).parent / "modelkit"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "modelkit"]
+
+
+# --------------------------------------------------------------------------
+# inputs
+
+
+def expected_header(arch: str, where: Path) -> Header:
+    """The layout ``write_checkpoint(arch, tiny=False, dtype='F16')`` writes,
+    from a sparse file of the same layout (no data written)."""
+    from modelkit.testing import write_sparse_checkpoint
+
+    tmp = where / f".layout-{arch}.safetensors"
+    try:
+        write_sparse_checkpoint(tmp, arch, tiny=False, dtype="F16")
+        return read_header(tmp)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def same_layout(path: Path, want: Header) -> bool:
+    if not valid_model(path):
+        return False
+    have = read_header(path)
+    return have.file_size == want.file_size and {
+        k: (t.dtype, t.shape) for k, t in have.tensors.items()
+    } == {k: (t.dtype, t.shape) for k, t in want.tensors.items()}
+
+
+def input_paths(d: Path, arch: str) -> list[Path]:
+    tag = ARCHS[arch][0]
+    return [d / f"full-{tag}-fp16{'' if s == 0 else f'-seed{s}'}.safetensors" for s in SEEDS]
+
+
+def generate(path: Path, arch: str, seed: int) -> float:
+    log(f"generating {path.name} (seed {seed}) ...")
+    code = ("import sys; from modelkit.testing import write_checkpoint; "
+            "write_checkpoint(sys.argv[1], sys.argv[2], tiny=False, dtype='F16', "
+            "seed=int(sys.argv[3]))")
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code, str(path), arch, str(seed)], check=True,
+                   env=child_env(), cwd=REPO)
+    return time.perf_counter() - t
+
+
+# --------------------------------------------------------------------------
+# verification
+
+
+@dataclass
+class OutputCheck:
+    """What one output holds: its key set and the check keys' values."""
+
+    n_keys: int
+    missing: int  # keys of A absent from the output
+    extra: int
+    dtype_changed: int
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def check_keys(header: Header) -> list[str]:
+    """A handful of fp16 keys spread over the file, the largest included."""
+    keys = sorted(k for k, t in header.tensors.items() if t.dtype == "F16" and t.numel > 1)
+    picked = {keys[round(i * (len(keys) - 1) / (N_CHECK_KEYS - 2))]
+              for i in range(N_CHECK_KEYS - 1)}
+    picked.add(max(keys, key=lambda k: header.tensors[k].nbytes))
+    return sorted(picked)
+
+
+def read_output(path: Path, a: Header, keys: list[str]) -> OutputCheck:
+    from safetensors import safe_open
+
+    out = read_header(path)
+    have, want = set(out.tensors), set(a.tensors)
+    changed = sum(out.tensors[k].dtype != a.tensors[k].dtype for k in have & want)
+    values = {}
+    with safe_open(str(path), framework="pt") as f:
+        for k in keys:
+            if k in have:
+                values[k] = f.get_tensor(k).clone()
+    return OutputCheck(len(have), len(want - have), len(have - want), changed, values)
+
+
+def reference(a_path: Path, b_path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
+    """The naive formula, (1-a)*A.float() + a*B.float() -> half, per check key."""
+    from safetensors import safe_open
+
+    ref = {}
+    with safe_open(str(a_path), framework="pt") as fa, \
+            safe_open(str(b_path), framework="pt") as fb:
+        for k in keys:
+            ta, tb = fa.get_tensor(k), fb.get_tensor(k)
+            ref[k] = ((1 - ALPHA) * ta.float() + ALPHA * tb.float()).half()
+    return ref
+
+
+def compare(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> tuple[str, str]:
+    """(max abs diff, 'bit-identical' or how many elements differ) over the keys."""
+    import torch
+
+    worst, differ, total, absent = 0.0, 0, 0, 0
+    for k, w in want.items():
+        g = got.get(k)
+        if g is None or g.shape != w.shape:
+            absent += 1
+            continue
+        d = (g.float() - w.float()).abs()
+        worst = max(worst, float(d.max()))
+        differ += int((g.view(torch.int16) != w.view(torch.int16)).sum())
+        total += w.numel()
+    if absent == len(want):
+        return "-", "no check key"
+    verdict = "bit-identical" if differ == 0 else f"{differ} of {total} elements differ"
+    if absent:
+        verdict += f", {absent} keys absent"
+    return f"{worst:.3g}", verdict
+
+
+# --------------------------------------------------------------------------
+# formatting
+
+
+def mb(kb: float) -> str:
+    return f"{kb * 1024 / MB:,.0f}"
+
+
+def secs(s: float | None) -> str:
+    return "-" if s is None else f"{s:.2f}"
+
+
+# --------------------------------------------------------------------------
+# the benchmark
+
+
+@dataclass
+class Bench:
+    """State of one run."""
+
+    dir: Path
+    arch: str
+    a: Path
+    b: Path
+    mecha_python: Path
+    header: Header | None = None
+    cp_times: list[float] = field(default_factory=list)
+    runs: list[Run] = field(default_factory=list)
+    outputs: dict[str, OutputCheck] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    mecha_info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def out(self) -> Path:
+        return self.dir / f"merge-out-{self.arch}.safetensors"
+
+    def cp(self) -> None:
+        dst = self.dir / "cp-out.safetensors"
+        try:
+            run = measure("cp", ["cp", str(self.a), str(dst)])
+        finally:
+            dst.unlink(missing_ok=True)
+        self.cp_times.append(run.wall_s)
+        if len(self.cp_times) == 1:
+            self.runs.append(run)
+
+    def tool(self, label: str, cmd: list[str], env: dict[str, str] | None = None,
+             keys: list[str] | None = None) -> Run | None:
+        """cp, then the tool; its output is read for the check keys and removed."""
+        self.cp()
+        try:
+            run = measure(label, cmd, env)
+            if not run.killed and keys is not None:
+                assert self.header is not None
+                self.outputs[label] = read_output(self.out, self.header, keys)
+        finally:
+            self.out.unlink(missing_ok=True)
+            for tmp in self.dir.glob(f".{self.out.name}.*"):
+                tmp.unlink()
+        self.runs.append(run)
+        return run
+
+    def mecha_available(self) -> str | None:
+        """Why sd-mecha cannot run, or None."""
+        if not self.mecha_python.exists():
+            return f"{self.mecha_python} not found"
+        probe = subprocess.run(
+            [str(self.mecha_python), "-c",
+             "from importlib.metadata import version; import sd_mecha; "
+             "print(version('sd-mecha'))"], capture_output=True, text=True, check=False)
+        if probe.returncode != 0:
+            return (probe.stderr.strip().splitlines() or ["import failed"])[-1]
+        self.mecha_info["version"] = probe.stdout.strip()
+        return None
+
+
+def run_all(bench: Bench, naive: bool, mecha: bool) -> list[str]:
+    a, b, out = str(bench.a), str(bench.b), str(bench.out)
+    bench.header = read_header(bench.a)
+    size = bench.header.file_size
+    keys = check_keys(bench.header)
+
+    bench.runs.append(measure("python -c 'import torch' (baseline)",
+                              [sys.executable, "-c", "import torch"]))
+    cache = Path(tempfile.mkdtemp(prefix="modelkit-bench-cache-"))
+    try:
+        env = {**child_env(), "MODELKIT_CACHE_DIR": str(cache)}
+        mk = [*modelkit_cmd(), "merge", a, b, "-o", out, "--alpha", str(ALPHA), "-q"]
+        for label in ("modelkit cold (hashes inputs)", "modelkit warm (hashes cached)"):
+            run = bench.tool(label, mk, env, keys)
+            assert run is not None
+            took = re.search(r"took ([\d.]+)s", run.stdout)
+            run.inner_s = float(took.group(1)) if took else None
+            est = re.search(r"estimated peak working memory: ([\d.]+ [KMG]B)", run.stdout)
+            if est and "warm" in label:
+                bench.notes.append(f"modelkit's own estimate of peak working memory: "
+                                   f"{est.group(1)} plus the interpreter and torch")
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+    free = mem_available()
+    if not naive:
+        bench.notes.append("naive baseline: skipped (--no-naive)")
+    elif free < 3.5 * size + 1e9:
+        bench.notes.append(f"naive baseline: skipped, it needs ~{3.5 * size / 1e9:.0f} GB "
+                           f"of anonymous memory and {free / 1e9:.1f} GB is available")
+    else:
+        run = bench.tool("naive load_file + save_file", [sys.executable, "-c", NAIVE_CODE,
+                                                         a, b, out, str(ALPHA)], None, keys)
+        if run and not run.killed:
+            run.inner_s = last_json(run.stdout).get("work_s")
+
+    why = bench.mecha_available() if mecha else "--no-mecha"
+    if why:
+        bench.notes.append(f"sd-mecha: skipped ({why})")
+    else:
+        label = f"sd-mecha {bench.mecha_info['version']} (default threads)"
+        run = bench.tool(label, [str(bench.mecha_python), "-c", MECHA_CODE, a, b, out,
+                                 str(ALPHA)], None, keys)
+        if run and not run.killed:
+            info = last_json(run.stdout)
+            run.inner_s = info.get("work_s")
+            bench.mecha_info.update(info)
+    bench.cp()  # one more, after the last tool
+    return keys
+
+
+def report(bench: Bench, keys: list[str]) -> list[str]:
+    out: list[str] = []
+    cp = statistics.median(bench.cp_times)
+    rows = []
+    for run in bench.runs:
+        is_cp = run.label == "cp"
+        wall = cp if is_cp else run.wall_s
+        ratio = "-" if run.label.startswith("python -c") else f"{wall / cp:.1f}x"
+        rows.append([f"cp (median of {len(bench.cp_times)})" if is_cp else run.label,
+                     secs(wall), secs(run.inner_s), ratio, mb(run.peak_anon_kb),
+                     mb(run.hwm_kb), str(run.samples), run.note])
+    size = bench.a.stat().st_size
+    out.append(table(f"Merge {bench.arch}: weighted_sum alpha {ALPHA}, fp16 out, fp32 math, "
+                     f"cpu; inputs 2 x {size / 1e9:.2f} GB (each in a fresh process, "
+                     "RssAnon sampled every 5 ms)",
+                     ["tool", "wall s", "in-tool s", "vs cp", "peak RssAnon MB",
+                      "VmHWM MB", "samples", "note"], rows))
+    out.append("cp runs (s): " + ", ".join(f"{t:.2f}" for t in bench.cp_times)
+               + "   in-tool s: the tool's own timing, interpreter start and imports "
+               "excluded")
+
+    ref = reference(bench.a, bench.b, keys)
+    rows = []
+    for label, chk in bench.outputs.items():
+        diff, verdict = compare(chk.values, ref)
+        keyset = (f"{chk.n_keys} keys, {chk.missing} of A missing, {chk.extra} extra, "
+                  f"{chk.dtype_changed} dtype changed")
+        rows.append([label, diff, verdict, keyset])
+    mk = next((c for lbl, c in bench.outputs.items() if lbl.startswith("modelkit warm")), None)
+    mecha = next((c for lbl, c in bench.outputs.items() if lbl.startswith("sd-mecha")), None)
+    if mk and mecha:
+        diff, verdict = compare(mecha.values, mk.values)
+        rows.append(["sd-mecha vs modelkit (not vs ref)", diff, verdict, ""])
+    out.append(table(f"Check: {len(keys)} fp16 keys vs (1-a)*A.float()+a*B.float() -> half "
+                     "computed here", ["output", "max abs diff", "elements", "key set"],
+                     rows))
+    out.append("check keys: " + ", ".join(keys))
+    out.extend(verdicts(bench, cp))
+    if bench.notes:
+        out.append("\n== Notes\n" + "\n".join(f"- {n}" for n in bench.notes))
+    return out
+
+
+def verdicts(bench: Bench, cp: float) -> list[str]:
+    by = {r.label: r for r in bench.runs}
+    cold = next(r for lbl, r in by.items() if lbl.startswith("modelkit cold"))
+    warm = next(r for lbl, r in by.items() if lbl.startswith("modelkit warm"))
+    mecha = next((r for lbl, r in by.items() if lbl.startswith("sd-mecha")), None)
+    lines = []
+
+    def verdict(ok: bool, text: str) -> None:
+        lines.append(f"{'OK ' if ok else 'MISS'} {text}")
+
+    for run, name in ((warm, "warm"), (cold, "cold")):
+        verdict(run.wall_s <= TARGET_CP_RATIO * cp,
+                f"modelkit {name} within {TARGET_CP_RATIO:g}x cp: {run.wall_s / cp:.1f}x "
+                f"({run.wall_s:.2f} s vs cp {cp:.2f} s; in-tool {secs(run.inner_s)} s)")
+    if mecha and not mecha.killed:
+        for run, name in ((warm, "warm"), (cold, "cold")):
+            verdict(mecha.wall_s >= TARGET_MECHA_SPEEDUP * run.wall_s,
+                    f"modelkit {name} >= {TARGET_MECHA_SPEEDUP:g}x faster than sd-mecha: "
+                    f"{mecha.wall_s / run.wall_s:.1f}x")
+    else:
+        lines.append("--  sd-mecha speed target not checked (sd-mecha not run)")
+    for run, name in ((warm, "warm"), (cold, "cold")):
+        anon = run.peak_anon_kb * 1024 / MB
+        verdict(anon < TARGET_ANON_MB, f"modelkit {name} peak RssAnon under "
+                                       f"{TARGET_ANON_MB:g} MB: {anon:.0f} MB")
+    return ["\n== Targets (wall time: whole process, interpreter start included)", *lines]
+
+
+# --------------------------------------------------------------------------
+# main
+
+
+def prepare(d: Path, arch: str, generated: list[Path]) -> tuple[list[Path], list[str]]:
+    """Reuse or generate the two inputs (appending those generated to
+    ``generated``); make room for SDXL by removing SD1.5 inputs when needed.
+    Returns the inputs and notes."""
+    notes: list[str] = []
+    want = expected_header(ARCHS[arch][1], d)
+    paths = input_paths(d, arch)
+    reuse = [same_layout(p, want) for p in paths]
+    # room for the missing inputs and one output, with ~2 GB of RAM left over
+    need = sum(0 if r else want.file_size for r in reuse) + want.file_size
+
+    def room() -> bool:
+        return shutil.disk_usage(d).free > need + 1e8 and mem_available() > need + 2e9
+
+    if not room() and arch == "sdxl":
+        for p in input_paths(d, "sd1"):
+            if p.exists():
+                log(f"removing {p.name} to make room")
+                notes.append(f"removed {p.name} to make room for SDXL")
+                p.unlink()
+    if not room():
+        raise BenchError(f"{d}: {shutil.disk_usage(d).free / 1e9:.1f} GB free on disk, "
+                         f"{mem_available() / 1e9:.1f} GB of RAM available; this run needs "
+                         f"about {need / 1e9:.1f} GB more plus 2 GB of RAM to spare")
+    for p, ok, seed in zip(paths, reuse, SEEDS, strict=True):
+        if ok:
+            log(f"{p.name}: present, reused")
+            notes.append(f"{p.name}: reused")
+        else:
+            p.unlink(missing_ok=True)
+            generated.append(p)
+            t = generate(p, ARCHS[arch][1], seed)
+            notes.append(f"{p.name}: generated in {t:.1f} s (seed {seed})")
+    return paths, notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--dir", type=Path, default=DEFAULT_DIR,
+                    help="where the models and outputs go; a tmpfs (default %(default)s)")
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="sd1",
+                    help="sd1 (2 x 2.1 GB) or sdxl (2 x 6.9 GB); default %(default)s")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the input models for the next run")
+    ap.add_argument("--mecha-python", type=Path, default=MECHA_PYTHON,
+                    help="interpreter of a venv with sd-mecha (default %(default)s)")
+    ap.add_argument("--no-mecha", action="store_true", help="skip sd-mecha")
+    ap.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
+    args = ap.parse_args(argv)
+
+    args.dir.mkdir(parents=True, exist_ok=True)
+    started = time.strftime("%Y-%m-%d %H:%M")
+    generated: list[Path] = []
+    try:
+        paths, notes = prepare(args.dir, args.arch, generated)
+        bench = Bench(args.dir, args.arch, paths[0], paths[1], args.mecha_python)
+        bench.notes.extend(notes)
+        keys = run_all(bench, naive=not args.no_naive, mecha=not args.no_mecha)
+        lines = report(bench, keys)
+    except BenchError as exc:
+        print(f"bench_merge: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        outputs = ["cp-out.safetensors", f"merge-out-{args.arch}.safetensors"]
+        for name in outputs:
+            (args.dir / name).unlink(missing_ok=True)
+        for name in [*outputs, *(p.name for p in input_paths(args.dir, args.arch))]:
+            for tmp in args.dir.glob(f".{name}.*.partial"):  # an interrupted write
+                tmp.unlink(missing_ok=True)
+        if not args.keep:
+            # only what this run generated: a model another run kept is left alone
+            for p in generated:
+                p.unlink(missing_ok=True)
+            if args.dir.exists() and not any(args.dir.iterdir()):
+                args.dir.rmdir()
+    fs = subprocess.run(["stat", "-f", "-c", "%T", str(args.dir.parent)],
+                        capture_output=True, text=True, check=False).stdout.strip()
+    vers = ", ".join(f"{d} {version(d)}" for d in ("torch", "safetensors"))
+    mecha = bench.mecha_info
+    mecha_v = (f", sd-mecha {mecha['version']} (torch {mecha.get('torch', '?')})"
+               if mecha.get("version") else "")
+    print(f"modelkit merge benchmark, {started}, {os.cpu_count()} cores, "
+          f"{platform.machine()}, Python {platform.python_version()}, {vers}{mecha_v}, "
+          f"{args.dir} on {fs}")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
