@@ -47,6 +47,7 @@ from modelkit.io.header import Header, read_header  # noqa: E402
 DEFAULT_DIR = Path("/dev/shm/modelkit-bench")
 MODELS = {"sd15": ("sd1", "sd15-fp16.safetensors"),
           "sdxl": ("sdxl", "sdxl-fp16.safetensors")}
+PRIVATE_PREFIX = "bench_io-"  # this script's files; others may share the folder
 STATUS_FIELDS = ("RssAnon", "RssFile", "RssShmem", "VmRSS", "VmHWM")
 SAMPLE_INTERVAL = 0.005  # seconds between /proc samples of a child
 MiB = 1 << 20
@@ -371,6 +372,7 @@ class Context:
     dir: Path
     paths: dict[str, Path]
     tiny: bool = False
+    regenerate: bool = False  # generate even when another benchmark left the model
     headers: dict[str, Header] = field(default_factory=dict)
     out: list[str] = field(default_factory=list)  # printed tables
     problems: list[str] = field(default_factory=list)
@@ -379,13 +381,29 @@ class Context:
         return self.dir / name
 
 
+def shared_name(path: Path) -> Path:
+    """The plain name of a private model file: other benchmarks sharing the
+    folder may have generated the same seeded model under it."""
+    return path.with_name(path.name.removeprefix(PRIVATE_PREFIX))
+
+
 def section_generate(ctx: Context) -> None:
+    """Make each model available under this script's private name: kept from an
+    earlier ``--keep`` run, hard-linked to an identical model another benchmark
+    left under the plain name (no copy, and immune to its deletion), or
+    generated."""
     rows = []
     for name, (arch, _) in MODELS.items():
         path = ctx.paths[name]
+        shared = shared_name(path)
         if valid_model(path):
             log(f"{path.name}: present, reused")
             rows.append([name, "reused (not timed)", "-", "-", "-", "-"])
+        elif valid_model(shared) and not ctx.regenerate:
+            path.unlink(missing_ok=True)
+            os.link(shared, path)
+            log(f"{path.name}: hard link to {shared.name}, reused")
+            rows.append([name, f"reused {shared.name} (not timed)", "-", "-", "-", "-"])
         else:
             path.unlink(missing_ok=True)
             log(f"generating {path.name} ...")
@@ -525,7 +543,7 @@ def section_passes(ctx: Context, sdxl_pass: bool, repeat: int) -> None:
     sd15 = ctx.paths["sd15"]
     size15 = sd15.stat().st_size
     big15 = largest(ctx.headers["sd15"])[1]
-    out = ctx.scratch("pass-out.safetensors")
+    out = ctx.scratch(f"{PRIVATE_PREFIX}pass-out.safetensors")
     passes = [
         Pass("import torch only", "import-torch", None, big15),
         Pass("import torch+safetensors+modelkit", "import-all", None, big15),
@@ -556,7 +574,8 @@ def section_passes(ctx: Context, sdxl_pass: bool, repeat: int) -> None:
                 out.unlink(missing_ok=True)
         for src in cp_srcs:
             log(f"round {rnd}/{repeat}: cp {src.name} ...")
-            cp_times[src].append(time_cp(src, ctx.scratch("cp.safetensors")))
+            cp_out = ctx.scratch(f"{PRIVATE_PREFIX}cp.safetensors")
+            cp_times[src].append(time_cp(src, cp_out))
     passes = [p for p in passes if p.runs]
     best_cp = {src: min(ts) for src, ts in cp_times.items()}
 
@@ -648,6 +667,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2,
                     help="rounds of the pass table; hashing runs one more "
                          "(default %(default)s)")
+    ap.add_argument("--regenerate", action="store_true",
+                    help="generate (and time) the models even when another benchmark "
+                         "left them in --dir (needs 9 GB more)")
     ap.add_argument("--no-sdxl-pass", action="store_true",
                     help="skip the fp16 copy pass over the SDXL file")
     ap.add_argument("--tiny", action="store_true",
@@ -655,10 +677,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     args.dir.mkdir(parents=True, exist_ok=True)
-    paths = {name: args.dir / (f"{'tiny' if args.tiny else 'full'}-{fname}")
+    size_kind = "tiny" if args.tiny else "full"
+    paths = {name: args.dir / f"{PRIVATE_PREFIX}{size_kind}-{fname}"
              for name, (_, fname) in MODELS.items()}
-    need = sum(7.5e9 if n == "sdxl" else 2.2e9 for n, p in paths.items()
-               if not p.exists()) + (7.5e9 if not args.no_sdxl_pass else 4.5e9)
+    missing = [n for n, p in paths.items()
+               if not p.exists() and (args.regenerate or not shared_name(p).exists())]
+    need = sum(7.5e9 if n == "sdxl" else 2.2e9 for n in missing) + (
+        7.5e9 if not args.no_sdxl_pass else 4.5e9)
     need = need / 100 if args.tiny else need
     free = shutil.disk_usage(args.dir).free
     if free < need:
@@ -667,7 +692,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{args.dir}: {free / 1e9:.1f} GB free, this run needs about "
               f"{need / 1e9:.1f} GB", file=sys.stderr)
         return 2
-    ctx = Context(args.dir, paths, tiny=args.tiny)
+    ctx = Context(args.dir, paths, tiny=args.tiny, regenerate=args.regenerate)
     started = time.strftime("%Y-%m-%d %H:%M")
     load_start = machine_load()
     try:
@@ -680,16 +705,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         log("cast micro-benchmark ...")
         section_cast_micro(ctx)
     finally:
-        # only this script's own files: others may share the folder
-        ours = ["pass-out.safetensors", "cp.safetensors", *(p.name for p in paths.values())]
-        for name in ours[:2]:
-            ctx.scratch(name).unlink(missing_ok=True)
+        # only this script's own (private) files: others may share the folder
+        ours = [f"{PRIVATE_PREFIX}pass-out.safetensors", f"{PRIVATE_PREFIX}cp.safetensors"]
+        ours += [] if args.keep else [p.name for p in paths.values()]
         for name in ours:
+            ctx.scratch(name).unlink(missing_ok=True)
             for tmp in args.dir.glob(f".{name}.*.partial"):
                 tmp.unlink(missing_ok=True)
-        if not args.keep:
-            for p in paths.values():
-                p.unlink(missing_ok=True)
             if not any(args.dir.iterdir()):
                 args.dir.rmdir()
     fs = subprocess.run(["stat", "-f", "-c", "%T", str(args.dir.parent)],

@@ -12,8 +12,17 @@ Each tool runs in a fresh process whose ``/proc/<pid>/status`` the parent
 samples every ~5 ms: peak ``RssAnon`` (process memory proper) and ``VmHWM``
 (which also counts the pages of memory-mapped inputs, for contrast). Every
 figure of one run is printed side by side; ``cp`` runs before each tool and
-ratios use the median ``cp`` time of the same run. Put ``--dir`` on a RAM
-disk (tmpfs): on a real disk the figures measure the disk.
+ratios use the median ``cp`` time of the same run. modelkit runs once with an
+empty hash cache (``MODELKIT_CACHE_DIR`` a fresh folder: the inputs' sha256
+is computed) and then ``--rounds`` times warm (best time, worst memory
+reported). Put ``--dir`` on a RAM disk (tmpfs): on a real disk the figures
+measure the disk.
+
+Model A is ``full-<sd15|sdxl>-fp16.safetensors`` (seed 0, the name
+``bench_io.py`` uses, so a model it kept is reused), model B the same with
+``-seed1``. Without ``--keep`` only the models this run generated are
+deleted. For SDXL (2 x 6.9 GB plus a 6.9 GB output) the SD1.5 models in
+``--dir`` are deleted first when space or RAM is short.
 
 sd-mecha runs from its own virtual environment (``--mecha-python``, default
 ``/tmp/mecha-venv/bin/python``), made so that it cannot change the project's::
@@ -21,10 +30,11 @@ sd-mecha runs from its own virtual environment (``--mecha-python``, default
     python3 -m venv /tmp/mecha-venv
     /tmp/mecha-venv/bin/pip install torch==2.13.0 sd-mecha==1.1.8
 
-It is skipped when that interpreter cannot import ``sd_mecha``. The naive
-baseline holds both inputs and the output in memory (about 3x one file) and
-is skipped when the machine has not that much free (always for SDXL on a
-24 GB machine). See ``bench/README.md`` (section "Merge") for results.
+It is skipped when that interpreter cannot import ``sd_mecha`` or RAM is
+short (always for SDXL on a 24 GB machine). The naive baseline holds the
+whole merged state dict in memory and is skipped when RAM is short (always
+for SDXL on a 24 GB machine). A child is killed if MemAvailable falls under
+600 MiB. See ``bench/README.md`` (section "Merge") for results.
 """
 
 from __future__ import annotations
@@ -78,6 +88,8 @@ N_CHECK_KEYS = 8
 TARGET_CP_RATIO = 5.0
 TARGET_MECHA_SPEEDUP = 6.0
 TARGET_ANON_MB = 400.0
+# sd-mecha's peak RssAnon per byte of one input, measured on SD1.5 (3.7 GB for 2.1 GB)
+MECHA_ANON_RATIO = 2.0
 # kill a child when MemAvailable falls below this (the inputs sit in RAM)
 MEM_GUARD = 600 * (1 << 20)
 
@@ -345,8 +357,9 @@ class Bench:
             self.runs.append(run)
 
     def tool(self, label: str, cmd: list[str], env: dict[str, str] | None = None,
-             keys: list[str] | None = None) -> Run | None:
-        """cp, then the tool; its output is read for the check keys and removed."""
+             keys: list[str] | None = None, record: bool = True) -> Run:
+        """cp, then the tool; its output is read for the check keys and removed.
+        With ``record`` the run is a row of the table."""
         self.cp()
         try:
             run = measure(label, cmd, env)
@@ -357,7 +370,8 @@ class Bench:
             self.out.unlink(missing_ok=True)
             for tmp in self.dir.glob(f".{self.out.name}.*"):
                 tmp.unlink()
-        self.runs.append(run)
+        if record:
+            self.runs.append(run)
         return run
 
     def mecha_available(self) -> str | None:
@@ -374,7 +388,23 @@ class Bench:
         return None
 
 
-def run_all(bench: Bench, naive: bool, mecha: bool) -> list[str]:
+def took(run: Run) -> Run:
+    """Fill ``inner_s`` from modelkit's ``took N.Ns`` line."""
+    found = re.search(r"took ([\d.]+)s", run.stdout)
+    run.inner_s = float(found.group(1)) if found else None
+    return run
+
+
+def best_of(label: str, runs: list[Run]) -> Run:
+    """One row for repeated runs: the best time, the worst memory."""
+    best = min(runs, key=lambda r: r.wall_s)
+    times = ", ".join(f"{r.wall_s:.2f}" for r in runs)
+    return Run(label, best.wall_s, max(r.peak_anon_kb for r in runs),
+               max(r.hwm_kb for r in runs), sum(r.samples for r in runs), best.stdout,
+               best.inner_s, f"wall s of the {len(runs)}: {times}" if len(runs) > 1 else "")
+
+
+def run_all(bench: Bench, naive: bool, mecha: bool, rounds: int) -> list[str]:
     a, b, out = str(bench.a), str(bench.b), str(bench.out)
     bench.header = read_header(bench.a)
     size = bench.header.file_size
@@ -386,15 +416,14 @@ def run_all(bench: Bench, naive: bool, mecha: bool) -> list[str]:
     try:
         env = {**child_env(), "MODELKIT_CACHE_DIR": str(cache)}
         mk = [*modelkit_cmd(), "merge", a, b, "-o", out, "--alpha", str(ALPHA), "-q"]
-        for label in ("modelkit cold (hashes inputs)", "modelkit warm (hashes cached)"):
-            run = bench.tool(label, mk, env, keys)
-            assert run is not None
-            took = re.search(r"took ([\d.]+)s", run.stdout)
-            run.inner_s = float(took.group(1)) if took else None
-            est = re.search(r"estimated peak working memory: ([\d.]+ [KMG]B)", run.stdout)
-            if est and "warm" in label:
-                bench.notes.append(f"modelkit's own estimate of peak working memory: "
-                                   f"{est.group(1)} plus the interpreter and torch")
+        took(bench.tool("modelkit cold (hashes inputs)", mk, env, keys))
+        label = f"modelkit warm (hashes cached){f', best of {rounds}' if rounds > 1 else ''}"
+        warm = [took(bench.tool(label, mk, env, keys, record=False)) for _ in range(rounds)]
+        bench.runs.append(best_of(label, warm))
+        est = re.search(r"estimated peak working memory: ([\d.]+ [KMG]B)", warm[0].stdout)
+        if est:
+            bench.notes.append(f"modelkit's own estimate of peak working memory: "
+                               f"{est.group(1)} plus the interpreter and torch")
     finally:
         shutil.rmtree(cache, ignore_errors=True)
 
@@ -407,17 +436,22 @@ def run_all(bench: Bench, naive: bool, mecha: bool) -> list[str]:
     else:
         run = bench.tool("naive load_file + save_file", [sys.executable, "-c", NAIVE_CODE,
                                                          a, b, out, str(ALPHA)], None, keys)
-        if run and not run.killed:
+        if not run.killed:
             run.inner_s = last_json(run.stdout).get("work_s")
 
     why = bench.mecha_available() if mecha else "--no-mecha"
+    free = mem_available()
+    if not why and free < (1 + MECHA_ANON_RATIO) * size + 1e9:
+        why = (f"extrapolated from SD1.5 it needs ~{MECHA_ANON_RATIO * size / 1e9:.0f} GB of "
+               f"anonymous memory plus {size / 1e9:.1f} GB for its output and "
+               f"{free / 1e9:.1f} GB is available")
     if why:
         bench.notes.append(f"sd-mecha: skipped ({why})")
     else:
         label = f"sd-mecha {bench.mecha_info['version']} (default threads)"
         run = bench.tool(label, [str(bench.mecha_python), "-c", MECHA_CODE, a, b, out,
                                  str(ALPHA)], None, keys)
-        if run and not run.killed:
+        if not run.killed:
             info = last_json(run.stdout)
             run.inner_s = info.get("work_s")
             bench.mecha_info.update(info)
@@ -548,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="interpreter of a venv with sd-mecha (default %(default)s)")
     ap.add_argument("--no-mecha", action="store_true", help="skip sd-mecha")
     ap.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="warm modelkit runs, best reported (default %(default)s)")
     args = ap.parse_args(argv)
 
     args.dir.mkdir(parents=True, exist_ok=True)
@@ -557,7 +593,10 @@ def main(argv: list[str] | None = None) -> int:
         paths, notes = prepare(args.dir, args.arch, generated)
         bench = Bench(args.dir, args.arch, paths[0], paths[1], args.mecha_python)
         bench.notes.extend(notes)
-        keys = run_all(bench, naive=not args.no_naive, mecha=not args.no_mecha)
+        load0 = os.getloadavg()[0]
+        keys = run_all(bench, naive=not args.no_naive, mecha=not args.no_mecha,
+                       rounds=max(1, args.rounds))
+        load = f"load average {load0:.2f} at start, {os.getloadavg()[0]:.2f} at end"
         lines = report(bench, keys)
     except BenchError as exc:
         print(f"bench_merge: {exc}", file=sys.stderr)
@@ -579,11 +618,12 @@ def main(argv: list[str] | None = None) -> int:
                         capture_output=True, text=True, check=False).stdout.strip()
     vers = ", ".join(f"{d} {version(d)}" for d in ("torch", "safetensors"))
     mecha = bench.mecha_info
-    mecha_v = (f", sd-mecha {mecha['version']} (torch {mecha.get('torch', '?')})"
-               if mecha.get("version") else "")
+    mecha_v = f", sd-mecha {mecha['version']}" if mecha.get("version") else ""
+    if mecha.get("torch"):
+        mecha_v += f" (torch {mecha['torch']})"
     print(f"modelkit merge benchmark, {started}, {os.cpu_count()} cores, "
           f"{platform.machine()}, Python {platform.python_version()}, {vers}{mecha_v}, "
-          f"{args.dir} on {fs}")
+          f"{args.dir} on {fs}, {load}")
     print("\n".join(lines))
     return 0
 

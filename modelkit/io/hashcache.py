@@ -41,19 +41,21 @@ def _save(data: dict[str, dict[str, object]]) -> None:
         pass  # a read-only home only costs re-hashing next time
 
 
-def cached_hashes(path: str | os.PathLike[str], progress: ProgressFn = no_progress
-                  ) -> FileHashes:
-    """Hashes of ``path``, from the cache when size and mtime match."""
+def cached_hashes(path: str | os.PathLike[str], progress: ProgressFn = no_progress,
+                  tensor_hash: bool = True) -> FileHashes:
+    """Hashes of ``path``, from the cache when size and mtime match; without
+    ``tensor_hash`` the addnet digest may be missing (None)."""
     p = Path(path).resolve()
     st = p.stat()
     key = str(p)
     data = _load()
     entry = data.get(key)
-    if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+    fresh = entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns
+    if fresh and (entry.get("addnet") or not tensor_hash):  # type: ignore[union-attr]
         return FileHashes(str(path), st.st_size, str(entry["sha256"]),
                           str(entry["sha256"])[:10], str(entry["legacy"]),
                           entry.get("addnet"))  # type: ignore[arg-type]
-    result = hash_file(p, progress)
+    result = hash_file(p, progress, tensor_hash)
     data = _load()
     data[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": result.sha256,
                  "legacy": result.legacy, "addnet": result.addnet}

@@ -26,7 +26,7 @@ def lock_recipe(path: str | os.PathLike[str], output: str | os.PathLike[str] | N
         file = recipe.resolve(spec.path)
         if not file.is_file():
             raise ModelkitError(f"{recipe.source}: inputs.{name}: {file}: no such file")
-        digest = cached_hashes(file, progress).sha256
+        digest = cached_hashes(file, progress, tensor_hash=False).sha256
         if spec.sha256 and spec.sha256 != digest:
             raise ModelkitError(f"{recipe.source}: inputs.{name}: {file} has sha256 "
                                 f"{digest[:12]}..., the recipe pins {spec.sha256[:12]}...")

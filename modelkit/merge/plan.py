@@ -20,6 +20,7 @@ from modelkit.merge.recipe import BlockParam, Recipe, RecipeError, StepSpec
 INPAINT_KEY = UNET_PREFIX + "input_blocks.0.0.weight"
 ARCH_FAMILIES = ("sd1", "sd2", "sdxl", "sdxl_refiner")
 OUT_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
+CHUNK_ELEMENTS = 1 << 20  # element-wise methods run in chunks this size (merge.run)
 
 
 @dataclass(frozen=True)
@@ -66,13 +67,21 @@ class Plan:
 
     def peak_estimate(self) -> int:
         """Bytes held at once beyond the interpreter: the largest merged
-        tensor in float32 for each input and step of the DAG, plus its output."""
+        output tensor, plus a float32 buffer per input and step of the DAG,
+        whole-tensor for non-element-wise methods, one chunk otherwise."""
+        from modelkit.io.writer import TensorSpec
+        from modelkit.merge.methods import get_method
+
         merged = [k for k in self.keys if k.action == "merge"]
         if not merged:
             return 0
-        largest = max(_numel(k.shape) for k in merged)
-        slots = len(self.recipe.inputs) + len(self.recipe.steps) + 1
-        return largest * 4 * slots
+        largest = max(merged, key=lambda k: _numel(k.shape))
+        out_bytes = TensorSpec(largest.key, largest.dtype, largest.shape).nbytes
+        slots = len(self.recipe.inputs) + len(self.recipe.steps)
+        elementwise = all(get_method(s.method).elementwise for s in self.recipe.steps.values())
+        per_slot = min(_numel(largest.shape), CHUNK_ELEMENTS) if elementwise else \
+            _numel(largest.shape)
+        return out_bytes + per_slot * 4 * slots
 
 
 def _numel(shape: tuple[int, ...]) -> int:

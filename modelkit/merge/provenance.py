@@ -71,10 +71,16 @@ def _parent_recipe(meta: dict[str, str]) -> Any:
 def merge_metadata(plan: Plan, progress: ProgressFn = no_progress) -> dict[str, str]:
     """The output's ``__metadata__``; hashes the inputs (cached by mtime) and
     checks any sha256 pinned in the recipe."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from modelkit.errors import ModelkitError
     from modelkit.io.hashcache import cached_hashes
 
-    hashes = {n: cached_hashes(f.path, progress) for n, f in plan.inputs.items()}
+    # sha256 only, all inputs at once: hashlib releases the GIL
+    with ThreadPoolExecutor(max(1, min(4, len(plan.inputs)))) as pool:
+        jobs = {n: pool.submit(cached_hashes, f.path, progress, False)
+                for n, f in plan.inputs.items()}
+        hashes = {n: job.result() for n, job in jobs.items()}
     for name, spec in plan.recipe.inputs.items():
         if spec.sha256 and spec.sha256 != hashes[name].sha256:
             raise ModelkitError(
@@ -87,7 +93,7 @@ def merge_metadata(plan: Plan, progress: ProgressFn = no_progress) -> dict[str, 
               for n, f in plan.inputs.items()}
     if plan.vae is not None:
         inputs["vae"] = {"file": plan.vae.path.name,
-                         "sha256": cached_hashes(plan.vae.path).sha256}
+                         "sha256": cached_hashes(plan.vae.path, tensor_hash=False).sha256}
     return {
         RECIPE_KEY: pinned.to_yaml(),
         "modelkit.version": __version__,

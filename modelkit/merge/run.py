@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelkit.errors import ModelkitError
-from modelkit.merge.plan import INPAINT_KEY, KeyPlan, Plan, make_plan
+from modelkit.merge.plan import CHUNK_ELEMENTS, INPAINT_KEY, KeyPlan, Plan, make_plan
 from modelkit.merge.recipe import BlockParam, Recipe
 from modelkit.progress import Progress, ProgressFn, no_progress
 
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
     from modelkit.io.reader import ModelSource
 
-CHUNK = 1 << 20
+CHUNK = CHUNK_ELEMENTS
 
 
 @dataclass
@@ -58,7 +58,8 @@ class _Evaluator:
                                               for k, v in s.params.items()})
             for n, s in recipe.steps.items()
         }
-        self.elementwise = all(m.elementwise for m in self.methods.values())
+        self.order = _step_order(recipe)
+        self.elementwise = all(self.methods[n].elementwise for n in self.order)
 
     def params(self, step: str, key: str) -> dict[str, Any]:
         from modelkit.arch.blocks import block_of
@@ -72,28 +73,43 @@ class _Evaluator:
         return out
 
     def run(self, key: str, leaf: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        """The output step's tensor for ``key``; ``leaf(name)`` reads an input.
+
+        Steps run in topological order from a local dict that dies with the
+        call (a self-referencing closure here kept every chunk alive until
+        the cyclic garbage collector ran: hundreds of MB)."""
         import torch
 
-        memo: dict[str, torch.Tensor] = {}
         recipe = self.plan.recipe
-
-        def value(name: str) -> torch.Tensor:
-            if name in memo:
-                return memo[name]
-            if name in recipe.inputs:
-                memo[name] = leaf(name)
-                return memo[name]
+        values: dict[str, torch.Tensor] = {}
+        for name in self.order:
             step = recipe.steps[name]
-            method = self.methods[name]
-            args = [value(m) for m in step.models]
+            args = []
+            for ref in step.models:
+                if ref not in values:
+                    values[ref] = leaf(ref)
+                args.append(values[ref])
             kwargs = self.params(name, key)
-            if method.seeded:
+            if self.methods[name].seeded:
                 seed = zlib.crc32(f"{recipe.options.seed}:{name}:{key}".encode())
                 kwargs["generator"] = torch.Generator(self.device).manual_seed(seed)
-            memo[name] = method.fn(*args, **kwargs)
-            return memo[name]
+            values[name] = self.methods[name].fn(*args, **kwargs)
+        return values.pop(recipe.output_step)
 
-        return value(recipe.output_step)
+
+def _step_order(recipe: Recipe) -> list[str]:
+    """Steps the output depends on, each after the steps it uses."""
+    order: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in recipe.inputs or name in order:
+            return
+        for ref in recipe.steps[name].models:
+            visit(ref)
+        order.append(name)
+
+    visit(recipe.output_step)
+    return order
 
 
 def _compute_dtype() -> torch.dtype:
