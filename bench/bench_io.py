@@ -373,6 +373,7 @@ class Context:
     paths: dict[str, Path]
     tiny: bool = False
     regenerate: bool = False  # generate even when another benchmark left the model
+    published: list[Path] = field(default_factory=list)  # plain names this run made
     headers: dict[str, Header] = field(default_factory=dict)
     out: list[str] = field(default_factory=list)  # printed tables
     problems: list[str] = field(default_factory=list)
@@ -391,7 +392,7 @@ def section_generate(ctx: Context) -> None:
     """Make each model available under this script's private name: kept from an
     earlier ``--keep`` run, hard-linked to an identical model another benchmark
     left under the plain name (no copy, and immune to its deletion), or
-    generated."""
+    generated, then hard-linked under the plain name for other benchmarks."""
     rows = []
     for name, (arch, _) in MODELS.items():
         path = ctx.paths[name]
@@ -415,6 +416,9 @@ def section_generate(ctx: Context) -> None:
             rows.append([name, secs(run.work_s), rate(size, run.work_s),
                          mib(run.peak_anon_kb), mib(run.delta_kb),
                          f"{run.delta_kb * 1024 / big:.2f}"])
+            if not shared.exists():  # let other benchmarks reuse it (bench_merge.py)
+                os.link(path, shared)
+                ctx.published.append(shared)
         ctx.headers[name] = read_header(path)
     for name, path in ctx.paths.items():
         h = ctx.headers[name]
@@ -656,6 +660,29 @@ def section_cast_micro(ctx: Context) -> None:
                          ["variant", "runs (s)", "best", "rate"], rows))
 
 
+def cleanup(ctx: Context, keep: bool) -> None:
+    """Remove this script's own files only: others may share the folder. A
+    plain-named model this run published goes too (unless ``keep``), and only
+    while it is still the file this run generated."""
+    ours = [ctx.scratch(f"{PRIVATE_PREFIX}{n}.safetensors") for n in ("pass-out", "cp")]
+    if not keep:
+        for path in ctx.paths.values():
+            shared = shared_name(path)
+            if shared in ctx.published and path.exists() and shared.exists() \
+                    and os.path.samefile(path, shared):
+                ours.append(shared)
+            ours.append(path)
+    for path in ours:
+        path.unlink(missing_ok=True)
+        for tmp in ctx.dir.glob(f".{path.name}.*.partial"):  # an interrupted write
+            tmp.unlink(missing_ok=True)
+    for path in ctx.paths.values():
+        if shared_name(path).exists() and shared_name(path) not in ours:
+            log(f"left {shared_name(path)} (plain name, other benchmarks may use it)")
+    if ctx.dir.is_dir() and not any(ctx.dir.iterdir()):
+        ctx.dir.rmdir()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", type=Path, default=DEFAULT_DIR,
@@ -705,15 +732,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log("cast micro-benchmark ...")
         section_cast_micro(ctx)
     finally:
-        # only this script's own (private) files: others may share the folder
-        ours = [f"{PRIVATE_PREFIX}pass-out.safetensors", f"{PRIVATE_PREFIX}cp.safetensors"]
-        ours += [] if args.keep else [p.name for p in paths.values()]
-        for name in ours:
-            ctx.scratch(name).unlink(missing_ok=True)
-            for tmp in args.dir.glob(f".{name}.*.partial"):
-                tmp.unlink(missing_ok=True)
-            if not any(args.dir.iterdir()):
-                args.dir.rmdir()
+        cleanup(ctx, keep=args.keep)
     fs = subprocess.run(["stat", "-f", "-c", "%T", str(args.dir.parent)],
                         capture_output=True, text=True, check=False).stdout.strip()
     vers = ", ".join(f"{d} {version(d)}" for d in ("torch", "safetensors"))
