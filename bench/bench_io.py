@@ -237,30 +237,60 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def run_child(label: str, kind: str, *args: str) -> ChildRun:
-    """Run ``kind`` in a fresh process, sampling its RssAnon every ~5 ms."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "_child", kind, *args]
+@dataclass
+class Sampled:
+    """A finished child process with its sampled memory figures (kB)."""
+
+    wall_s: float
+    peak_anon_kb: int
+    hwm_kb: int
+    samples: int
+    stdout: str
+    stderr: str
+    returncode: int | None
+    killed: bool = False
+
+
+def sample_process(cmd: list[str], env: dict[str, str] | None = None,
+                   min_available: int | None = None) -> Sampled:
+    """Run ``cmd``, sampling its RssAnon and VmHWM every ~5 ms. With
+    ``min_available`` (bytes) it is killed when MemAvailable drops below that
+    (benchmark inputs sit in RAM, so a runaway child could take the machine)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=child_env(), cwd=REPO)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env or child_env(), cwd=REPO)
         peak = hwm = samples = 0
+        killed = False
         while proc.poll() is None:
             st = read_status(proc.pid)
             if "RssAnon" in st:  # absent once the child is a zombie
                 peak = max(peak, st["RssAnon"])
                 hwm = max(hwm, st["VmHWM"])
                 samples += 1
+            if (min_available is not None and samples % 20 == 0
+                    and mem_available() < min_available):
+                proc.kill()
+                proc.wait()
+                killed = True
+                break
             time.sleep(SAMPLE_INTERVAL)
         wall = time.perf_counter() - start
         out.seek(0)
         err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if proc.returncode != 0:
-        raise BenchError(f"{label}: child exited {proc.returncode}\n{stderr[-2000:]}")
-    rep = json.loads(stdout.strip().splitlines()[-1])
-    peak = max(peak, rep["anon_ready_kb"], rep["anon_end_kb"])
-    return ChildRun(label, wall, rep["import_s"], rep["work_s"], peak,
-                    rep["anon_ready_kb"], max(hwm, rep["hwm_kb"]), samples, rep)
+        return Sampled(wall, peak, hwm, samples, out.read(), err.read(), proc.returncode,
+                       killed)
+
+
+def run_child(label: str, kind: str, *args: str) -> ChildRun:
+    """Run ``kind`` in a fresh process, sampling its RssAnon every ~5 ms."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "_child", kind, *args]
+    run = sample_process(cmd)
+    if run.returncode != 0:
+        raise BenchError(f"{label}: child exited {run.returncode}\n{run.stderr[-2000:]}")
+    rep = json.loads(run.stdout.strip().splitlines()[-1])
+    peak = max(run.peak_anon_kb, rep["anon_ready_kb"], rep["anon_end_kb"])
+    return ChildRun(label, run.wall_s, rep["import_s"], rep["work_s"], peak,
+                    rep["anon_ready_kb"], max(run.hwm_kb, rep["hwm_kb"]), run.samples, rep)
 
 
 def mem_available() -> int:

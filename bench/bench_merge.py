@@ -62,12 +62,11 @@ if str(BENCH) not in sys.path:
 from bench_io import (  # noqa: E402  (bench_io puts the repo on sys.path)
     DEFAULT_DIR,
     REPO,
-    SAMPLE_INTERVAL,
     BenchError,
     child_env,
     log,
     mem_available,
-    read_status,
+    sample_process,
     table,
     valid_model,
 )
@@ -152,34 +151,14 @@ def measure(label: str, cmd: list[str], env: dict[str, str] | None = None) -> Ru
     """Run ``cmd``, sampling its RssAnon and VmHWM every ~5 ms; kill it if the
     machine runs short of memory (the inputs themselves sit in RAM)."""
     log(f"{label} ...")
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env or child_env(), cwd=REPO)
-        peak = hwm = samples = 0
-        killed = False
-        while proc.poll() is None:
-            st = read_status(proc.pid)
-            if "RssAnon" in st:  # absent once the child is a zombie
-                peak = max(peak, st["RssAnon"])
-                hwm = max(hwm, st["VmHWM"])
-                samples += 1
-            if samples % 20 == 0 and mem_available() < MEM_GUARD:
-                proc.kill()
-                killed = True
-                proc.wait()
-                break
-            time.sleep(SAMPLE_INTERVAL)
-        wall = time.perf_counter() - start
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if killed:
+    run = sample_process(cmd, env, min_available=MEM_GUARD)
+    if run.killed:
         log(f"{label}: killed, MemAvailable under {MEM_GUARD / MB:.0f} MB")
-        return Run(label, wall, peak, hwm, samples, stdout, note="killed: low memory",
-                   killed=True)
-    if proc.returncode != 0:
-        raise BenchError(f"{label}: exited {proc.returncode}\n{stderr[-3000:]}")
-    return Run(label, wall, peak, hwm, samples, stdout)
+        return Run(label, run.wall_s, run.peak_anon_kb, run.hwm_kb, run.samples, run.stdout,
+                   note="killed: low memory", killed=True)
+    if run.returncode != 0:
+        raise BenchError(f"{label}: exited {run.returncode}\n{run.stderr[-3000:]}")
+    return Run(label, run.wall_s, run.peak_anon_kb, run.hwm_kb, run.samples, run.stdout)
 
 
 def last_json(stdout: str) -> dict[str, Any]:
