@@ -8,6 +8,7 @@ found in single-file checkpoints. Shapes are tuples of ints.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from functools import lru_cache
 
@@ -312,13 +313,7 @@ def checkpoint_keys(arch: ArchSpec, *, ema: bool = False) -> KeyShapes:
 
 def n_params(keys: KeyShapes) -> int:
     """Number of elements over a key/shape table."""
-    total = 0
-    for shape in keys.values():
-        n = 1
-        for d in shape:
-            n *= d
-        total += n
-    return total
+    return sum(math.prod(shape) for shape in keys.values())
 
 
 # --- ControlNet ---------------------------------------------------------------

@@ -6,6 +6,7 @@ import json
 
 import click
 
+from modelkit.cli.progress import human_bytes
 from modelkit.inspect.report import ModelReport, inspect_model
 
 EPILOG = """\b
@@ -13,14 +14,6 @@ Examples:
   modelkit inspect models/Stable-diffusion/model.safetensors
   modelkit inspect lora.safetensors --json | jq .adapter
 """
-
-
-def _human_size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return str(n)
 
 
 def _params(n: int) -> str:
@@ -50,7 +43,7 @@ def render(rep: ModelReport) -> str:
                               if d["arch_evidence"] else "")),
         ("variant", d["variant"] or "-"),
         ("prediction", f"{d['prediction']['type']}  ({'; '.join(d['prediction']['evidence'])})"),
-        ("size", f"{_human_size(d['size_bytes'])}, {d['n_tensors']} tensors, "
+        ("size", f"{human_bytes(d['size_bytes'])}, {d['n_tensors']} tensors, "
                  f"{_params(d['n_params'])} params"),
         ("dtypes", ", ".join(f"{k} {v}" for k, v in d["dtypes"].items())),
         ("EMA", f"yes, {d['n_ema_tensors']} tensors" if d["has_ema"] else "no"),

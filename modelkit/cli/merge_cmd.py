@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from modelkit.cli.progress import StderrProgress
+from modelkit.cli.progress import StderrProgress, human_bytes
 
 MERGE_EPILOG = """\b
 Examples:
@@ -24,14 +24,6 @@ ComfyUI's ModelMergeSimple ratio runs the other way.
 """
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.2f} {unit}"
-        n /= 1000
-    return str(n)
-
-
 def _print_report(report: object, as_json: bool) -> None:
     from dataclasses import asdict
 
@@ -43,8 +35,8 @@ def _print_report(report: object, as_json: bool) -> None:
     verb = "would write" if d["dry_run"] else "wrote"
     click.echo(f"{verb} {d['output']} ({d['arch']}): {d['n_keys']} tensors, "
                f"{d['n_merged']} merged, {d['n_copied']} copied, {d['n_skipped']} skipped, "
-               f"{_human(d['output_bytes'])}")
-    click.echo(f"estimated peak working memory: {_human(d['peak_estimate_bytes'])} "
+               f"{human_bytes(d['output_bytes'])}")
+    click.echo(f"estimated peak working memory: {human_bytes(d['peak_estimate_bytes'])} "
                "plus the interpreter and torch (~200 MB)")
     if not d["dry_run"]:
         click.echo(f"took {d['seconds']:.1f}s")

@@ -10,14 +10,17 @@ from typing import TextIO
 from modelkit.progress import Progress
 
 
-def _fmt(n: float, unit: str) -> str:
-    if unit != "bytes":
-        return f"{int(n)}"
-    for suffix in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or suffix == "TB":
-            return f"{n:.1f} {suffix}" if suffix != "B" else f"{int(n)} B"
+def human_bytes(n: float, digits: int = 2) -> str:
+    """``n`` bytes with a decimal unit: ``2.13 GB``, ``613.21 KB``, ``12 B``."""
+    for suffix in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{int(n)} B" if suffix == "B" else f"{n:.{digits}f} {suffix}"
         n /= 1000
-    return f"{n}"
+    return f"{n:.{digits}f} TB"
+
+
+def _fmt(n: float, unit: str) -> str:
+    return human_bytes(n, 1) if unit == "bytes" else f"{int(n)}"
 
 
 class StderrProgress:

@@ -8,6 +8,7 @@ buffer, which must be covered by the tensors' ``data_offsets`` exactly.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -40,10 +41,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -145,6 +143,9 @@ def read_header(path: str | os.PathLike[str]) -> Header:
             if n > MAX_HEADER_SIZE:
                 if head[:1] in (b"P", b"\x80"):
                     raise _bad(p, "not a safetensors file (looks like a pickle/.ckpt)")
+                if all(32 <= c < 127 or c in b"\t\r\n" for c in head):
+                    raise _bad(p, "not a safetensors file (it starts with text, not a "
+                                  "header length)")
                 raise _bad(p, f"header size {n} is over the 100 MB limit; "
                               "not a safetensors file or corrupt")
             if n + 8 > size:

@@ -9,6 +9,7 @@ tensor has been written; on any error (or Ctrl-C) the temp file is removed.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -32,10 +33,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return int(n * DTYPE_SIZES[self.dtype])
+        return int(math.prod(self.shape) * DTYPE_SIZES[self.dtype])
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -108,15 +106,21 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         offset += n
 
 
+def _temp_beside(target: Path) -> tuple[int, Path]:
+    """A new hidden ``.NAME.*.partial`` file in the target's folder (same
+    filesystem, so the final rename is atomic)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial",
+                               dir=target.parent)
+    return fd, Path(tmp)
+
+
 @contextmanager
 def atomic_path(target: Path, inputs: Iterable[str | os.PathLike[str]] = ()) -> Iterator[Path]:
     """Yield a temp path beside ``target``; rename it over ``target`` when the
     block succeeds, remove it when it fails."""
     check_output_path(target, inputs)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial",
-                               dir=target.parent)
+    fd, temp = _temp_beside(target)
     os.close(fd)
-    temp = Path(tmp)
     try:
         yield temp
         os.chmod(temp, 0o644)
@@ -147,10 +151,8 @@ class SafetensorsWriter:
         self.specs = {s.name: s for s in specs}
         self._header, self._offsets = build_header(list(self.specs.values()), metadata)
         self._written: set[str] = set()
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.target.name}.", suffix=".partial",
-                                   dir=self.target.parent)
+        fd, self.temp_path = _temp_beside(self.target)
         self._fd: int | None = fd
-        self.temp_path = Path(tmp)
         try:
             _pwrite_all(fd, memoryview(self._header), 0)
         except BaseException:

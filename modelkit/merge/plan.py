@@ -7,14 +7,19 @@ mismatched architectures, missing keys, shape mismatches.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from modelkit.arch.configs import UNET_PREFIX, VAE_PREFIX
 from modelkit.errors import ModelkitError
 from modelkit.inspect.components import TE_PREFIXES
 from modelkit.io.header import TensorInfo
+
+if TYPE_CHECKING:
+    from modelkit.inspect.report import ModelReport
 from modelkit.merge.recipe import BlockParam, Recipe, RecipeError, StepSpec
 
 INPAINT_KEY = UNET_PREFIX + "input_blocks.0.0.weight"
@@ -75,20 +80,13 @@ class Plan:
         merged = [k for k in self.keys if k.action == "merge"]
         if not merged:
             return 0
-        largest = max(merged, key=lambda k: _numel(k.shape))
+        largest = max(merged, key=lambda k: math.prod(k.shape))
         out_bytes = TensorSpec(largest.key, largest.dtype, largest.shape).nbytes
         slots = len(self.recipe.inputs) + len(self.recipe.steps)
         elementwise = all(get_method(s.method).elementwise for s in self.recipe.steps.values())
-        per_slot = min(_numel(largest.shape), CHUNK_ELEMENTS) if elementwise else \
-            _numel(largest.shape)
+        per_slot = min(math.prod(largest.shape), CHUNK_ELEMENTS) if elementwise else \
+            math.prod(largest.shape)
         return out_bytes + per_slot * 4 * slots
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def component_of(key: str) -> str:
@@ -102,18 +100,25 @@ def component_of(key: str) -> str:
     return "other"
 
 
-def _load_input(name: str, path: Path) -> InputFile:
+def _read_input(name: str, path: Path, what: str) -> tuple[InputFile, ModelReport]:
+    """Header (or safe pickle) of one input and its inspect report."""
     from modelkit.inspect.report import build_report
-    from modelkit.io.reader import read_infos
+    from modelkit.io.reader import is_pickle_path, read_infos
 
     if not path.is_file():
-        raise ModelkitError(f"input {name!r}: {path}: no such file")
+        raise ModelkitError(f"{what}: {path}: no such file")
     infos, meta = read_infos(path)
-    rep = build_report(path, infos, meta, "safetensors", None)
+    fmt = "pickle" if is_pickle_path(path) else "safetensors"
+    rep = build_report(path, infos, meta, fmt, None)
+    return InputFile(name, path, infos, meta, rep.arch, rep.variant), rep
+
+
+def _load_input(name: str, path: Path) -> InputFile:
+    file, rep = _read_input(name, path, f"input {name!r}")
     if rep.kind not in ("checkpoint", "unet"):
         raise ModelkitError(f"input {name!r}: {path} is a {rep.kind}, not a checkpoint; "
                             "merges take checkpoints")
-    return InputFile(name, path, infos, meta, rep.arch, rep.variant)
+    return file
 
 
 def _check_archs(inputs: dict[str, InputFile]) -> str:
@@ -260,17 +265,11 @@ def _vae_plan(plan: Plan, key: str, info: TensorInfo, recipe: Recipe) -> KeyPlan
 def _load_vae(recipe: Recipe) -> InputFile | None:
     if not recipe.options.vae:
         return None
-    from modelkit.inspect.report import build_report
-    from modelkit.io.reader import read_infos
-
     path = recipe.resolve(recipe.options.vae)
-    if not path.is_file():
-        raise ModelkitError(f"VAE {path}: no such file")
-    infos, meta = read_infos(path)
-    rep = build_report(path, infos, meta, "safetensors", None)
+    file, rep = _read_input("vae", path, "VAE")
     if "vae" not in rep.components:
         raise ModelkitError(f"VAE {path}: is a {rep.kind} with no VAE in it")
-    return InputFile("vae", path, infos, meta, rep.arch, None)
+    return file
 
 
 def make_plan(recipe: Recipe) -> Plan:
