@@ -11,10 +11,12 @@ HEAVY = ("torch", "diffusers", "textual", "transformers")
 
 
 def _imported(code: str) -> set[str]:
-    probe = code + "\nimport sys\nprint(' '.join(sorted(sys.modules)))"
+    # the module list goes on the last line: help text above it may name diffusers
+    probe = code + "\nimport sys\nprint('\\nMODULES', ' '.join(sorted(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          check=True).stdout
-    return set(out.split()) & set(HEAVY)
+    modules = out.rsplit("\nMODULES ", 1)[1]
+    return set(modules.split()) & set(HEAVY)
 
 
 def test_import_modelkit_is_light() -> None:

@@ -95,6 +95,15 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 EMA_PREFIX = "model_ema."
 
+# where text encoders sit in single-file checkpoints: prefix -> (layout, slot)
+TE_PREFIXES: dict[str, tuple[str, str]] = {
+    "cond_stage_model.transformer.": ("hf", "te"),
+    "cond_stage_model.model.": ("open_clip", "te"),
+    "conditioner.embedders.0.transformer.": ("hf", "te1"),
+    "conditioner.embedders.1.model.": ("open_clip", "te2"),
+    "conditioner.embedders.0.model.": ("open_clip", "te2"),
+}
+
 CLIP_L = TextEncoderConfig(layout="hf", width=768, layers=12, heads=12)
 OPEN_CLIP_H = TextEncoderConfig(
     layout="open_clip", width=1024, layers=24, heads=16, has_projection=True

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from modelkit.arch.configs import ARCHS, EMA_PREFIX, UNET_PREFIX, VAE_PREFIX
+from modelkit.arch.configs import ARCHS, EMA_PREFIX, TE_PREFIXES, UNET_PREFIX, VAE_PREFIX
 from modelkit.arch.detect import (
     expected_text_encoder,
     expected_unet_config,
@@ -25,14 +25,6 @@ from modelkit.arch.keys import (
 
 LIST_LIMIT = 20  # keys listed per problem; the counts are always exact
 
-# where text encoders sit in single-file checkpoints: prefix -> (layout, slot)
-TE_PREFIXES: dict[str, tuple[str, str]] = {
-    "cond_stage_model.transformer.": ("hf", "te"),
-    "cond_stage_model.model.": ("open_clip", "te"),
-    "conditioner.embedders.0.transformer.": ("hf", "te1"),
-    "conditioner.embedders.1.model.": ("open_clip", "te2"),
-    "conditioner.embedders.0.model.": ("open_clip", "te2"),
-}
 TE_LAYERS = {"CLIP-L": 12, "OpenCLIP-H": 24, "OpenCLIP-bigG": 32}
 
 

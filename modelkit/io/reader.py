@@ -66,6 +66,14 @@ class ModelSource:
     _handle: Any = None
     _tensors: dict[str, Any] | None = None
 
+    @property
+    def input_paths(self) -> tuple[Path, ...]:
+        return (self.path,)
+
+    @property
+    def label(self) -> str:
+        return str(self.path)
+
     def keys(self) -> list[str]:
         return list(self.infos)
 

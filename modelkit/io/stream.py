@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from modelkit.io.reader import cast, open_model
+from modelkit.io.source import Source
 from modelkit.io.writer import SafetensorsWriter, TensorSpec
 from modelkit.progress import Progress, ProgressFn, no_progress
 
@@ -37,9 +38,12 @@ def stream_pass(
     inputs: Iterable[str | os.PathLike[str]] = (),
     progress: ProgressFn = no_progress,
     task: str = "write",
+    before_commit: Callable[[SafetensorsWriter], None] | None = None,
 ) -> WriteResult:
     """Write ``specs`` to ``out``, asking ``produce(name)`` for each tensor in
-    turn. Progress is reported in bytes. Nothing is left at ``out`` on error."""
+    turn. Progress is reported in bytes. ``before_commit(writer)`` runs after
+    the last tensor (e.g. to patch late metadata). Nothing is left at ``out``
+    on error."""
     start = time.perf_counter()
     total = sum(s.nbytes for s in specs)
     done = 0
@@ -48,6 +52,8 @@ def stream_pass(
             writer.write(spec.name, produce(spec.name))
             done += spec.nbytes
             progress(Progress(task, done, total, "bytes", spec.name))
+        if before_commit is not None:
+            before_commit(writer)
         size = writer.total_bytes
     return WriteResult(Path(out), len(specs), size, time.perf_counter() - start)
 
@@ -79,3 +85,20 @@ def cast_file(
 
         return stream_pass(out, specs, produce, metadata=meta, inputs=[src],
                            progress=progress, task="convert")
+
+
+def write_source(
+    source: Source,
+    out: str | os.PathLike[str],
+    *,
+    metadata: dict[str, str] | None = None,
+    progress: ProgressFn = no_progress,
+    task: str = "write",
+    before_commit: Callable[[SafetensorsWriter], None] | None = None,
+) -> WriteResult:
+    """Write every tensor of ``source`` to a new safetensors file ``out``,
+    with ``metadata`` (default: the source's own)."""
+    specs = [TensorSpec(k, i.dtype, i.shape) for k, i in source.infos.items()]
+    meta = source.metadata if metadata is None else metadata
+    return stream_pass(out, specs, source.get, metadata=meta, inputs=source.input_paths,
+                       progress=progress, task=task, before_commit=before_commit)

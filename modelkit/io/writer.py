@@ -186,6 +186,22 @@ class SafetensorsWriter:
         _pwrite_all(self._fd, data, self.data_start + self._offsets[name])
         self._written.add(name)
 
+    def patch_header(self, placeholder: str, value: str) -> None:
+        """Replace every occurrence of ``placeholder`` in the header with
+        ``value`` (same length, no JSON escaping needed): metadata that is
+        only known after the data is written, such as the sha256 of an input
+        hashed while the output was streaming."""
+        old, new = placeholder.encode(), value.encode()
+        if len(old) != len(new) or not new.isascii() or b'"' in new or b"\\" in new:
+            raise ModelkitError("header patch must be plain ASCII of the same length")
+        assert self._fd is not None, "writer is closed"
+        pos = self._header.find(old)
+        if pos < 0:
+            raise ModelkitError(f"header has no placeholder {placeholder!r}")
+        while pos >= 0:
+            _pwrite_all(self._fd, memoryview(new), pos)
+            pos = self._header.find(old, pos + len(old))
+
     def commit(self) -> Path:
         """Check every tensor was written, then rename the temp file over the
         target. Returns the target path."""
@@ -232,3 +248,45 @@ def write_sparse(target: str | os.PathLike[str], specs: Iterable[TensorSpec],
         f.write(header)
         f.truncate(len(header) + sum(s.nbytes for s in spec_list))
     return path
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(folder.resolve())
+    except OSError:
+        return False
+
+
+def check_output_dir(target: Path, inputs: Iterable[str | os.PathLike[str]]) -> None:
+    """Refuse an output folder that is a file, non-empty, holds or is an
+    input, or whose parent is missing."""
+    for src in inputs:
+        if _same_file(target, Path(src)) or _inside(Path(src), target):
+            raise OutputError(f"{target}: output folder is or holds an input; choose "
+                              "another output path (modelkit never writes over an input)")
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"{target}: exists and is not a folder; choose a new folder name")
+    if target.is_dir() and any(target.iterdir()):
+        raise OutputError(f"{target}: folder exists and is not empty; choose a new "
+                          "folder name or empty it first")
+    if not target.parent.is_dir():
+        raise OutputError(f"{target.parent}: output folder's parent does not exist")
+
+
+@contextmanager
+def atomic_dir(target: Path, inputs: Iterable[str | os.PathLike[str]] = ()) -> Iterator[Path]:
+    """Yield a new hidden ``.NAME.*.partial`` folder beside ``target``; rename
+    it to ``target`` when the block succeeds, remove it with everything in it
+    when it fails. ``target`` must not exist or be an empty folder."""
+    import shutil
+
+    target = Path(target)
+    check_output_dir(target, inputs)
+    temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial",
+                                 dir=target.parent))
+    try:
+        yield temp
+        os.chmod(temp, 0o755)
+        os.rename(temp, target)  # POSIX: replaces an empty folder atomically
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)

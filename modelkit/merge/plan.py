@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 
 from modelkit.arch.configs import UNET_PREFIX, VAE_PREFIX
 from modelkit.errors import ModelkitError
-from modelkit.inspect.components import TE_PREFIXES
 from modelkit.io.header import TensorInfo
 
 if TYPE_CHECKING:
@@ -91,13 +90,10 @@ class Plan:
 
 def component_of(key: str) -> str:
     """``unet``, ``vae``, ``te`` or ``other`` for a single-file checkpoint key."""
-    if key.startswith(UNET_PREFIX):
-        return "unet"
-    if key.startswith(VAE_PREFIX):
-        return "vae"
-    if key.startswith(tuple(TE_PREFIXES)):
-        return "te"
-    return "other"
+    from modelkit.arch.parts import TE, UNET, VAE, part_of
+
+    part = part_of(key)
+    return part if part in (UNET, VAE, TE) else "other"
 
 
 def _read_input(name: str, path: Path, what: str) -> tuple[InputFile, ModelReport]:

@@ -118,10 +118,13 @@ def _value(key: str, shape: Shape, seed: int) -> torch.Tensor:
         return torch.zeros(0)
     if "." not in key and shape == (1000,):
         return _schedule_buffer(key)
-    if key.startswith("model_ema.diffusion_model"):
-        # EMA weights sit close to the online weights, as in a real run
-        return synthetic_tensor(key, shape, seed).mul_(0.01)
     return synthetic_tensor(key, shape, seed)
+
+
+def _ema_value(key: str, online_key: str, shape: Shape, seed: int) -> torch.Tensor:
+    """EMA weights sit close to the online weights, as in a real run: the
+    online tensor plus 1 % noise."""
+    return _value(online_key, shape, seed).add_(synthetic_tensor(key, shape, seed), alpha=0.01)
 
 
 def _specs(keys: dict[str, Shape], dtype: str) -> list[TensorSpec]:
@@ -162,9 +165,13 @@ def write_tensors(
         kinds[name] = from_torch(t.dtype)
     specs = [TensorSpec(s.name, kinds[s.name], s.shape) for s in specs]
 
+    online = {ema_key(k[len(UNET_PREFIX):]): k for k in keys if k.startswith(UNET_PREFIX)}
+
     def produce(key: str) -> torch.Tensor:
         if key in overrides:
             return overrides[key]
+        if key in online:
+            return cast(_ema_value(key, online[key], keys[key], seed), to_torch(kinds[key]))
         return cast(_value(key, keys[key], seed), to_torch(kinds[key]))
 
     return stream_pass(path, specs, produce, metadata=metadata, progress=progress,

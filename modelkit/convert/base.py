@@ -1,0 +1,63 @@
+"""What every convert operation returns, and the per-key plumbing they share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from modelkit.errors import ModelkitError
+from modelkit.io.source import DerivedSource, Source, source_label
+
+if TYPE_CHECKING:
+    import torch
+
+    from modelkit.inspect.report import ModelReport
+
+
+@dataclass
+class Converted:
+    """A convert operation's result before it is written: the output as a
+    source, the operation's report (some fields fill in while the output is
+    written) and the ``modelkit.history`` record of what was done."""
+
+    source: DerivedSource
+    report: Any
+    op: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def describe(source: Source) -> ModelReport:
+    """The inspect report of a source, from its infos and metadata alone."""
+    from pathlib import Path
+
+    from modelkit.inspect.report import build_report
+
+    return build_report(Path(source_label(source)), source.infos, source.metadata,
+                        "safetensors", None)
+
+
+def require_checkpoint(source: Source, what: str, kinds: tuple[str, ...] = ("checkpoint",)
+                       ) -> ModelReport:
+    """The report of ``source``; a one-line error unless it is one of ``kinds``
+    of a known SD architecture."""
+    rep = describe(source)
+    name = source_label(source)
+    if rep.kind not in kinds:
+        want = " or ".join(kinds)
+        raise ModelkitError(f"{name}: is a {rep.kind}, not a {want}; {what} takes a "
+                            f"Stable Diffusion {want}")
+    return rep
+
+
+def chunked_apply(t: torch.Tensor, out_dtype: torch.dtype, fn: Any,
+                  chunk: int = 1 << 20) -> torch.Tensor:
+    """``fn(float32 chunk) -> chunk`` over ``t`` in 1M-element pieces, written
+    into a new ``out_dtype`` tensor of ``t``'s shape (float32 math stays in
+    cache, and no whole-tensor float32 copy is made)."""
+    import torch
+
+    out = torch.empty(t.shape, dtype=out_dtype, device=t.device)
+    src, dst = t.reshape(-1), out.view(-1)
+    for i in range(0, src.numel(), chunk):
+        dst[i:i + chunk] = fn(src[i:i + chunk].to(torch.float32))
+    return out

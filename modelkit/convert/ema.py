@@ -1,0 +1,141 @@
+"""``ema``: put the EMA UNet in place of the online UNet.
+
+LDM's LitEma stores one buffer per UNet parameter, named ``model_ema.`` + the
+parameter name under ``model.`` with every dot removed. Removing dots is not
+injective in principle (``input_blocks.1.1`` and ``input_blocks.11``), so the
+map is built forward, from the UNet keys the file has (which must match the
+architecture's table), never by re-inserting dots. UIs render with the online
+weights (``model.diffusion_model.*``) and ignore ``model_ema.*``; the output
+has the EMA values under the UNet names and no ``model_ema.*`` keys.
+
+While writing, the relative L2 distance between EMA and online weights is
+measured per block: a merged model whose EMA is stale shows it plainly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from modelkit.arch.configs import EMA_PREFIX, UNET_PREFIX
+from modelkit.arch.keys import ema_key
+from modelkit.convert.base import Converted, require_checkpoint
+from modelkit.errors import ModelkitError
+from modelkit.io.source import DerivedSource, Source, source_label, tensor_info
+
+if TYPE_CHECKING:
+    import torch
+
+MIN_EMA_KEYS = 100  # diffusers' rule: fewer model_ema.* keys means no EMA
+CHUNK = 1 << 20
+
+
+@dataclass
+class BlockDelta:
+    """Sums for one block's ||ema - online|| / ||online||."""
+
+    n_tensors: int = 0
+    diff_sq: float = 0.0
+    online_sq: float = 0.0
+
+    @property
+    def relative_l2(self) -> float:
+        return math.sqrt(self.diff_sq / self.online_sq) if self.online_sq else 0.0
+
+
+@dataclass
+class EmaReport:
+    """What ``ema`` swapped, and how far EMA was from the online weights."""
+
+    arch: str
+    n_swapped: int = 0
+    online_only: list[str] = field(default_factory=list)
+    n_ema_dropped: int = 0
+    blocks: dict[str, BlockDelta] = field(default_factory=dict)
+
+    @property
+    def overall_relative_l2(self) -> float:
+        d = sum(b.diff_sq for b in self.blocks.values())
+        o = sum(b.online_sq for b in self.blocks.values())
+        return math.sqrt(d / o) if o else 0.0
+
+
+def ema_map(src: Source, arch: str) -> dict[str, str]:
+    """UNet key -> EMA key for the UNet keys of ``src`` that have an EMA copy.
+
+    Raises:
+        ModelkitError: no EMA in the file, or two UNet keys share one EMA name.
+    """
+    name = source_label(src)
+    n_ema = sum(1 for k in src.infos if k.startswith(EMA_PREFIX))
+    if n_ema < MIN_EMA_KEYS:
+        raise ModelkitError(f"{name}: has no EMA weights ({n_ema} model_ema.* keys); "
+                            "nothing to select (the file already renders with its UNet)")
+    forward: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for key in src.infos:
+        if not key.startswith(UNET_PREFIX):
+            continue
+        ek = ema_key(key[len(UNET_PREFIX):])
+        if ek in seen:
+            raise ModelkitError(f"{name}: UNet keys {seen[ek]!r} and {key!r} share the EMA "
+                                f"name {ek!r}; cannot tell which EMA tensor is which")
+        seen[ek] = key
+        if ek in src.infos:
+            forward[key] = ek
+    return forward
+
+
+def _accumulate(delta: BlockDelta, ema: torch.Tensor, online: torch.Tensor) -> None:
+    import torch
+
+    a, b = ema.reshape(-1), online.reshape(-1)
+    for i in range(0, a.numel(), CHUNK):
+        x = a[i:i + CHUNK].to(torch.float32)
+        y = b[i:i + CHUNK].to(torch.float32)
+        delta.diff_sq += float(torch.sum((x - y) ** 2, dtype=torch.float64))
+        delta.online_sq += float(torch.sum(y * y, dtype=torch.float64))
+    delta.n_tensors += 1
+
+
+def select_ema(src: Source) -> Converted:
+    """Plan a copy of ``src`` with EMA weights on the UNet keys.
+
+    Raises:
+        ModelkitError: not a checkpoint, no EMA, EMA shapes that do not match.
+    """
+    from modelkit.arch.blocks import block_of
+
+    rep0 = require_checkpoint(src, "ema")
+    forward = ema_map(src, rep0.arch)
+    name = source_label(src)
+    report = EmaReport(rep0.arch)
+    infos = {}
+    for key, info in src.infos.items():
+        if key.startswith(EMA_PREFIX):
+            report.n_ema_dropped += 1
+            continue
+        if key in forward:
+            e = src.infos[forward[key]]
+            if e.shape != info.shape:
+                raise ModelkitError(f"{name}: EMA tensor {forward[key]!r} is {list(e.shape)}, "
+                                    f"the UNet key {key!r} is {list(info.shape)}")
+            infos[key] = tensor_info(key, e.dtype, e.shape)
+            report.n_swapped += 1
+        else:
+            if key.startswith(UNET_PREFIX) and info.is_float:
+                report.online_only.append(key)
+            infos[key] = info
+    has_blocks = rep0.arch in ("sd1", "sd2", "sdxl", "sdxl_refiner")
+
+    def produce(key: str) -> torch.Tensor:
+        if key not in forward:
+            return src.get(key)
+        ema = src.get(forward[key])
+        block = block_of(key, rep0.arch) if has_blocks else "UNet"
+        _accumulate(report.blocks.setdefault(block, BlockDelta()), ema, src.get(key))
+        return ema
+
+    out = DerivedSource(f"ema({name})", infos, dict(src.metadata), produce, src.input_paths)
+    return Converted(out, report, "ema", {})

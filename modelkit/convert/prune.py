@@ -1,0 +1,113 @@
+"""``prune``: keep what inference needs, drop the rest, list what went.
+
+Kept: the UNet, VAE and text encoder(s), prediction markers (``v_pred``,
+``ztsnr``, ``edm_*``: dropping them silently turns a v-prediction model into
+an eps one), and networks a variant needs (SD2 depth's MiDaS, unCLIP's image
+encoder). Dropped: EMA weights (unless kept), schedule buffers (every UI
+rebuilds them from its scheduler config), training leftovers and unknown keys.
+Repaired: CLIP ``position_ids`` stored as float or scrambled (rewritten as
+int64 0..76) and NovelAI-style CLIP key names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from modelkit.arch import parts
+from modelkit.convert.base import Converted, require_checkpoint
+from modelkit.io.source import DerivedSource, Source, source_label, tensor_info
+
+if TYPE_CHECKING:
+    import torch
+
+KEEP_PARTS = (parts.UNET, parts.VAE, parts.TE, parts.MARKER, parts.AUX_MODEL)
+DROP_REASONS = {
+    parts.EMA: "EMA weights",
+    parts.SCHEDULE: "schedule buffer",
+    parts.JUNK: "training leftover",
+    parts.OTHER: "unknown key",
+}
+
+
+@dataclass
+class PruneReport:
+    """What prune kept, dropped (key -> reason), renamed and repaired."""
+
+    n_kept: int = 0
+    dropped: dict[str, str] = field(default_factory=dict)
+    dropped_bytes: int = 0
+    renamed: dict[str, str] = field(default_factory=dict)
+    repaired: list[str] = field(default_factory=list)
+    markers: list[str] = field(default_factory=list)
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    def dropped_by_reason(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for reason in self.dropped.values():
+            counts[reason] = counts.get(reason, 0) + 1
+        return counts
+
+
+def _position_ids_ok(t: torch.Tensor) -> bool:
+    import torch
+
+    if t.dtype != torch.int64:
+        return False
+    return bool(torch.equal(t.reshape(-1), torch.arange(t.numel(), dtype=torch.int64)))
+
+
+def prune(src: Source, *, keep_ema: bool = False, dtype: str | None = None) -> Converted:
+    """Plan a pruned copy of ``src``; ``dtype`` (safetensors name, e.g. ``F16``)
+    casts the float tensors of the kept components (markers and integer
+    tensors keep theirs).
+
+    Raises:
+        ModelkitError: ``src`` is not a checkpoint.
+    """
+    import torch
+
+    from modelkit.io.dtypes import to_torch
+    from modelkit.io.reader import cast
+
+    require_checkpoint(src, "prune", ("checkpoint", "unet"))
+    rep = PruneReport(bytes_in=sum(i.nbytes for i in src.infos.values()))
+    infos, origin = {}, {}
+    for key, info in src.infos.items():
+        part = parts.part_of(key)
+        if part == parts.EMA and keep_ema:
+            part = parts.UNET
+        if part not in KEEP_PARTS:
+            rep.dropped[key] = DROP_REASONS[part]
+            rep.dropped_bytes += info.nbytes
+            continue
+        if part == parts.MARKER:
+            rep.markers.append(key)
+        new_key = parts.novelai_clip_fix(key) or key
+        if new_key != key:
+            rep.renamed[key] = new_key
+        out_dtype = info.dtype
+        if parts.is_position_ids(new_key):
+            out_dtype = "I64"
+        elif dtype and info.is_float and part != parts.MARKER:
+            out_dtype = dtype
+        infos[new_key] = tensor_info(new_key, out_dtype, info.shape)
+        origin[new_key] = key
+    rep.n_kept = len(infos)
+    rep.bytes_out = sum(i.nbytes for i in infos.values())
+
+    def produce(key: str) -> torch.Tensor:
+        t = src.get(origin[key])
+        if parts.is_position_ids(key):
+            if not _position_ids_ok(t):
+                rep.repaired.append(key)
+                # float16 ids round 76 to 76.0 but some files hold 75.99998
+                return torch.arange(t.numel(), dtype=torch.int64).reshape(t.shape)
+            return t
+        return cast(t, to_torch(infos[key].dtype))
+
+    label = f"prune({source_label(src)})"
+    out = DerivedSource(label, infos, dict(src.metadata), produce, src.input_paths)
+    params = {"keep_ema": keep_ema, "dtype": dtype}
+    return Converted(out, rep, "prune", params)
