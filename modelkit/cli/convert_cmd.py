@@ -27,11 +27,12 @@ def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _run(inputs: list[str], steps: list[tuple[str, dict[str, Any]]], output: str,
          device: str, quiet: bool, as_json: bool, lines: Callable[[Any], list[str]],
-         fmt: str | None = None, gguf_type: str = "q8_0") -> None:
+         fmt: str | None = None, gguf_type: str = "q8_0", gguf_flatten: bool = True) -> None:
     from modelkit.convert.pipeline import run_chain
 
     done, result = run_chain(inputs, steps, output, fmt=fmt, device=device,
-                             gguf_type=gguf_type, progress=StderrProgress(quiet))
+                             gguf_type=gguf_type, gguf_flatten=gguf_flatten,
+                             progress=StderrProgress(quiet))
     report = done[-1].report if done else None
     if as_json:
         click.echo(json.dumps({"output": str(result.path), "format": result.format,
@@ -183,13 +184,18 @@ def dequantize_cmd(model: str, output: str, device: str, as_json: bool, quiet: b
 @click.command("export-gguf")
 @click.argument("model", type=click.Path())
 @_common
-@click.option("--type", "qtype", type=click.Choice(["q8_0"]), default="q8_0",
-              show_default=True, help="GGUF quantization type.")
+@click.option("--type", "qtype", type=click.Choice(["q8_0", "f16", "bf16"]), default="q8_0",
+              show_default=True, help="GGUF tensor type for the quantized weights.")
+@click.option("--keep-shapes", is_flag=True,
+              help="Keep every tensor in its own shape (conv kernels stay F16): for "
+                   "stable-diffusion.cpp, which ignores comfy.gguf.orig_shape records. "
+                   "Default: ComfyUI-GGUF layout, conv kernels quantized too (smaller).")
 def export_gguf_cmd(model: str, output: str, device: str, as_json: bool, quiet: bool,
-                    qtype: str) -> None:
-    """Write the UNet as GGUF for ComfyUI-GGUF and stable-diffusion.cpp."""
+                    qtype: str, keep_shapes: bool) -> None:
+    """Write the UNet as GGUF for ComfyUI-GGUF (models/unet) or, with
+    --keep-shapes, stable-diffusion.cpp."""
     _run([model], [], output, device, quiet, as_json, _plain_lines, fmt="gguf",
-         gguf_type=qtype)
+         gguf_type=qtype, gguf_flatten=not keep_shapes)
 
 
 @click.command("convert")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -83,19 +84,21 @@ def output_format(out: str | os.PathLike[str], fmt: str | None = None) -> str:
 
 
 def write_output(source: Source, out: str | os.PathLike[str], *, fmt: str | None = None,
-                 history: list[tuple[str, dict[str, Any]]] = (),  # type: ignore[assignment]
-                 extra_metadata: dict[str, str] | None = None,
-                 gguf_type: str = "q8_0", progress: ProgressFn = no_progress,
-                 task: str = "write") -> OutputResult:
-    """Write ``source`` to ``out`` with its metadata, ``extra_metadata`` and a
-    ``modelkit.history`` entry per (op, params) in ``history``."""
+                 history: Sequence[tuple[str, dict[str, Any], tuple[Path, ...]]] = (),
+                 metadata_for: Callable[[InputHashes], dict[str, str]] | None = None,
+                 gguf_type: str = "q8_0", gguf_flatten: bool = True,
+                 progress: ProgressFn = no_progress, task: str = "write") -> OutputResult:
+    """Write ``source`` to ``out`` with its metadata, a ``modelkit.history``
+    entry per (op, params, input paths) in ``history`` and ``metadata_for(hashes)`` (extra
+    provenance that names the inputs' sha256)."""
     kind = output_format(out, fmt)
     start = time.perf_counter()
     hashes = InputHashes(source.input_paths)
     try:
-        entries = [history_entry(op, params, hashes) for op, params in history]
-        meta = with_history({**source.metadata, **(extra_metadata or {})}, entries) \
-            if entries else {**source.metadata, **(extra_metadata or {})}
+        entries = [history_entry(op, params, hashes, paths) for op, params, paths in history]
+        meta = {**source.metadata, **(metadata_for(hashes) if metadata_for else {})}
+        if entries:
+            meta = with_history(meta, entries)
         if kind == "safetensors":
             from modelkit.io.stream import write_source
 
@@ -109,18 +112,18 @@ def write_output(source: Source, out: str | os.PathLike[str], *, fmt: str | None
         meta = hashes.fill(meta)
         view = DerivedSource(getattr(source, "label", str(out)), source.infos, meta,
                              source.get, source.input_paths)
-        return _write_other(kind, view, Path(out), gguf_type, progress, start)
+        return _write_other(kind, view, Path(out), gguf_type, gguf_flatten, progress, start)
     finally:
         hashes.close()
 
 
 def _write_other(kind: str, view: DerivedSource, out: Path, gguf_type: str,
-                 progress: ProgressFn, start: float) -> OutputResult:
+                 gguf_flatten: bool, progress: ProgressFn, start: float) -> OutputResult:
     if kind == "gguf":
-        from modelkit.convert.gguf import unet_source
-        from modelkit.io.gguf import write_gguf
+        from modelkit.convert.gguf import export_gguf_source
 
-        g = write_gguf(unet_source(view), out, qtype=gguf_type, progress=progress)
+        g = export_gguf_source(view, out, qtype=gguf_type, flatten=gguf_flatten,
+                               progress=progress)
         return OutputResult(out, kind, g.n_tensors, g.bytes_written,
                             time.perf_counter() - start, list(g.notes))
     from modelkit.io.diffusers import write_diffusers
@@ -132,8 +135,8 @@ def _write_other(kind: str, view: DerivedSource, out: Path, gguf_type: str,
 
 def run_chain(inputs: list[str | os.PathLike[str]], steps: list[tuple[str, dict[str, Any]]],
               out: str | os.PathLike[str], *, fmt: str | None = None, device: str = "cpu",
-              gguf_type: str = "q8_0", progress: ProgressFn = no_progress
-              ) -> tuple[list[Converted], OutputResult]:
+              gguf_type: str = "q8_0", gguf_flatten: bool = True,
+              progress: ProgressFn = no_progress) -> tuple[list[Converted], OutputResult]:
     """Open ``inputs``, apply ``steps`` in turn (the first step takes every
     input; later ones take the previous result) and write ``out``.
 
@@ -151,8 +154,9 @@ def run_chain(inputs: list[str | os.PathLike[str]], steps: list[tuple[str, dict[
         conv = apply_op(op, current, params)
         done.append(conv)
         current = [conv.source]
-    history = [(c.op, c.params) for c in done] or [("convert", {})]
+    history = [(c.op, c.params, c.source.input_paths) for c in done] or [
+        ("convert", {}, current[0].input_paths)]
     task = steps[-1][0] if steps else "convert"
     result = write_output(current[0], out, fmt=fmt, history=history, gguf_type=gguf_type,
-                          progress=progress, task=task)
+                          gguf_flatten=gguf_flatten, progress=progress, task=task)
     return done, result

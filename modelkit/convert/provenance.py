@@ -95,9 +95,10 @@ def _sha256(path: Path) -> str:
     return cached_hashes(path, tensor_hash=False).sha256
 
 
-def history_entry(op: str, params: dict[str, Any], hashes: InputHashes) -> dict[str, Any]:
-    """One ``modelkit.history`` entry."""
-    inputs = [{"file": p.name, "sha256": sha} for p, sha in hashes.values.items()]
+def history_entry(op: str, params: dict[str, Any], hashes: InputHashes,
+                  paths: Iterable[Path]) -> dict[str, Any]:
+    """One ``modelkit.history`` entry for an operation that read ``paths``."""
+    inputs = [{"file": p.name, "sha256": hashes.values.get(Path(p))} for p in paths]
     return {"op": op, "params": params, "inputs": inputs, "version": __version__}
 
 

@@ -92,7 +92,9 @@ def _census(infos: dict[str, TensorInfo]) -> tuple[dict[str, int], int]:
 def _base_report(path: Path, infos: dict[str, TensorInfo], meta: dict[str, str],
                  file_format: str) -> ModelReport:
     dtypes, params = _census(infos)
-    return ModelReport(str(path), file_format, path.stat().st_size, len(infos), params,
+    # a model computed by a recipe step has no file yet: count its tensor bytes
+    size = path.stat().st_size if path.is_file() else sum(i.nbytes for i in infos.values())
+    return ModelReport(str(path), file_format, size, len(infos), params,
                        dtypes, metadata=dict(meta))
 
 

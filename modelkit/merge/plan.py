@@ -19,6 +19,7 @@ from modelkit.io.header import TensorInfo
 
 if TYPE_CHECKING:
     from modelkit.inspect.report import ModelReport
+    from modelkit.io.source import Source
 from modelkit.merge.recipe import BlockParam, Recipe, RecipeError, StepSpec
 
 INPAINT_KEY = UNET_PREFIX + "input_blocks.0.0.weight"
@@ -109,8 +110,20 @@ def _read_input(name: str, path: Path, what: str) -> tuple[InputFile, ModelRepor
     return InputFile(name, path, infos, meta, rep.arch, rep.variant), rep
 
 
-def _load_input(name: str, path: Path) -> InputFile:
-    file, rep = _read_input(name, path, f"input {name!r}")
+def _source_input(name: str, source: Source) -> tuple[InputFile, ModelReport]:
+    """An input that is already open (a file, a diffusers folder or the
+    result of an earlier step), described from its infos."""
+    from modelkit.convert.base import describe
+    from modelkit.io.source import source_label
+
+    rep = describe(source)
+    path = Path(source_label(source))
+    return InputFile(name, path, source.infos, source.metadata, rep.arch, rep.variant), rep
+
+
+def _load_input(name: str, path: Path, source: Source | None = None) -> InputFile:
+    file, rep = (_source_input(name, source) if source is not None
+                 else _read_input(name, path, f"input {name!r}"))
     if rep.kind not in ("checkpoint", "unet"):
         raise ModelkitError(f"input {name!r}: {path} is a {rep.kind}, not a checkpoint; "
                             "merges take checkpoints")
@@ -268,14 +281,17 @@ def _load_vae(recipe: Recipe) -> InputFile | None:
     return file
 
 
-def make_plan(recipe: Recipe) -> Plan:
+def make_plan(recipe: Recipe, sources: dict[str, Source] | None = None) -> Plan:
     """Check a recipe against its input headers and plan every output key.
+    ``sources`` gives inputs that are already open (by input name).
 
     Raises:
         ModelkitError: anything that would stop the merge, with the file, key
             or recipe field named.
     """
-    files = {n: _load_input(n, recipe.resolve(s.path)) for n, s in recipe.inputs.items()}
+    sources = sources or {}
+    files = {n: _load_input(n, recipe.resolve(s.path), sources.get(n))
+             for n, s in recipe.inputs.items()}
     arch = _check_archs(files)
     blocks: dict[tuple[str, str], dict[str, float]] = {}
     for step in recipe.steps.values():

@@ -14,10 +14,16 @@ A recipe names its inputs, a DAG of steps and one output::
           alpha: 0.3                   # a number, or block-wise:
           # alpha: {blocks: "0,0.1,...,1"}  |  {blocks: {IN00-IN05: 0.3, default: 0.5}}
           # alpha: {preset: gradient_in_to_out}
+      small:
+        op: quantize                   # a convert step: prune, ema, quantize,
+        models: [mix]                  #   dequantize, swap (2 models), extract
+        params: {dtype: fp8_e4m3fn}
     output:
       path: merged.safetensors
-      dtype: fp16                      # fp16 (default), bf16, fp32, keep
-      step: mix                        # default: the last step
+      dtype: fp16                      # what merge steps write: fp16 (default), bf16, fp32, keep
+      step: small                      # default: the last step
+      format: safetensors              # or diffusers (a folder), gguf (UNet, q8_0);
+                                       #   default from the path
     options:
       device: cpu                      # cpu, cuda, auto
       block_map: supermerger           # or mecha
@@ -27,7 +33,9 @@ A recipe names its inputs, a DAG of steps and one output::
       vae: null                        # a VAE file to bake in
       seed: 0                          # for seeded methods (DARE)
 
-Errors name the recipe file, the field path and its line.
+Inputs may be ``.safetensors`` files, legacy pickles or diffusers folders.
+Steps chain key by key: no intermediate file is written. Errors name the
+recipe file, the field path and its line.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from modelkit.errors import ModelkitError
 
 RECIPE_VERSION = 1
 OUTPUT_DTYPES = ("fp16", "bf16", "fp32", "keep")
+OUTPUT_FORMATS = ("safetensors", "diffusers", "gguf")
 MISSING_POLICIES = ("error", "take-first", "skip")
 COMPONENTS = ("unet", "vae", "te")
 DEVICES = ("cpu", "cuda", "auto")
@@ -79,10 +88,14 @@ ParamValue = float | int | bool | BlockParam
 
 @dataclass(frozen=True)
 class StepSpec:
+    """A merge step (``method``) or a convert step (``op``: prune, ema,
+    quantize, dequantize, swap, extract, with plain ``params``)."""
+
     name: str
     method: str
     models: tuple[str, ...]
-    params: dict[str, ParamValue]
+    params: dict[str, Any]
+    op: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +121,7 @@ class Recipe:
     options: Options = field(default_factory=Options)
     base_dir: Path = field(default_factory=Path)
     source: str = "<recipe>"
+    output_format: str | None = None
 
     def resolve(self, path: str) -> Path:
         """A recipe path made absolute against the recipe's folder."""
@@ -122,18 +136,15 @@ class Recipe:
             if spec.sha256:
                 entry["sha256"] = spec.sha256
             inputs[name] = entry
-        steps = {
-            name: {"method": s.method, "models": list(s.models),
-                   "params": {k: v.to_yaml() if isinstance(v, BlockParam) else v
-                              for k, v in s.params.items()}}
-            for name, s in self.steps.items()
-        }
+        steps = {name: _step_dict(s) for name, s in self.steps.items()}
         o = self.options
         options = {"device": o.device, "block_map": o.block_map,
                    "missing_keys": o.missing_keys, "include": list(o.include),
                    "exclude_keys": list(o.exclude_keys), "vae": o.vae, "seed": o.seed}
         output = {"path": self.output_path, "dtype": self.output_dtype,
                   "step": self.output_step}
+        if self.output_format:
+            output["format"] = self.output_format
         return {"version": RECIPE_VERSION, "inputs": inputs, "steps": steps,
                 "output": output, "options": options}
 
@@ -150,6 +161,20 @@ class Recipe:
         if absolute and self.options.vae:
             new.options = replace(self.options, vae=str(self.resolve(self.options.vae)))
         return new
+
+
+    @property
+    def has_ops(self) -> bool:
+        """Whether any step is a convert operation."""
+        return any(s.op for s in self.steps.values())
+
+
+def _step_dict(s: StepSpec) -> dict[str, Any]:
+    if s.op:
+        return {"op": s.op, "models": list(s.models), "params": dict(s.params)}
+    return {"method": s.method, "models": list(s.models),
+            "params": {k: v.to_yaml() if isinstance(v, BlockParam) else v
+                       for k, v in s.params.items()}}
 
 
 # --- parsing ------------------------------------------------------------------
@@ -259,19 +284,44 @@ def _parse_steps(p: _Parser, raw: Any, inputs: dict[str, InputSpec]) -> dict[str
         p.name(name, path)
         if name in inputs:
             raise p.fail(path, f"step name {name!r} is also an input name")
-        spec = p.mapping(value, path, ("method", "models", "params"))
-        method = spec.get("method")
-        if not isinstance(method, str):
-            raise p.fail((*path, "method"), "a method name is required")
+        spec = p.mapping(value, path, ("method", "op", "models", "params"))
+        if ("method" in spec) == ("op" in spec):
+            raise p.fail(path, "give exactly one of 'method' (a merge) or 'op' (prune, "
+                               "ema, quantize, dequantize, swap, extract)")
         models = spec.get("models")
         if not isinstance(models, list) or not models or not all(
                 isinstance(m, str) for m in models):
             raise p.fail((*path, "models"), "a list of input or step names is required")
         params_raw = p.mapping(spec.get("params") or {}, (*path, "params"), None)
+        if "op" in spec:
+            steps[name] = _parse_op_step(p, path, str(name), spec["op"], models, params_raw)
+            continue
+        method = spec.get("method")
+        if not isinstance(method, str):
+            raise p.fail((*path, "method"), "a method name is required")
         params = {str(k): _parse_param(p, v, (*path, "params", str(k)))
                   for k, v in params_raw.items()}
         steps[name] = StepSpec(name, method, tuple(models), params)
     return steps
+
+
+def _parse_op_step(p: _Parser, path: tuple[str, ...], name: str, op: Any, models: list[str],
+                   params: dict[str, Any]) -> StepSpec:
+    from modelkit.convert.ops import check_op_params, get_op
+
+    try:
+        spec = get_op(str(op))
+    except ModelkitError as exc:
+        raise p.fail((*path, "op"), str(exc)) from None
+    if len(models) != spec.n_models:
+        raise p.fail((*path, "models"), f"{spec.name} takes {spec.n_models} model(s), "
+                                        f"got {len(models)}")
+    try:
+        check_op_params(spec, params)
+    except ModelkitError as exc:
+        raise p.fail((*path, "params"), str(exc)) from None
+    return StepSpec(name, "", tuple(models), {str(k): v for k, v in params.items()},
+                    op=spec.name)
 
 
 def _check_graph(p: _Parser, inputs: dict[str, InputSpec], steps: dict[str, StepSpec]
@@ -348,7 +398,10 @@ def parse_recipe(text: str, source: str = "<recipe>", base_dir: Path | None = No
     inputs = _parse_inputs(p, top.get("inputs"))
     steps = _parse_steps(p, top.get("steps"), inputs)
     _check_graph(p, inputs, steps)
-    out = p.mapping(top.get("output") or {}, ("output",), ("path", "dtype", "step"))
+    out = p.mapping(top.get("output") or {}, ("output",), ("path", "dtype", "step", "format"))
+    fmt = out.get("format")
+    if fmt is not None and fmt not in OUTPUT_FORMATS:
+        raise p.fail(("output", "format"), f"{fmt!r} is not one of {', '.join(OUTPUT_FORMATS)}")
     dtype = out.get("dtype", "fp16")
     if dtype not in OUTPUT_DTYPES:
         raise p.fail(("output", "dtype"), f"{dtype!r} is not one of "
@@ -360,7 +413,7 @@ def parse_recipe(text: str, source: str = "<recipe>", base_dir: Path | None = No
     if path is not None and not isinstance(path, str):
         raise p.fail(("output", "path"), "must be a file path")
     return Recipe(inputs, steps, path, dtype, step, _parse_options(p, top.get("options")),
-                  base_dir or Path.cwd(), source)
+                  base_dir or Path.cwd(), source, fmt)
 
 
 def load_recipe(path: str | os.PathLike[str]) -> Recipe:

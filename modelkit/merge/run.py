@@ -42,6 +42,7 @@ class MergeReport:
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
     dry_run: bool = False
+    operations: list[dict[str, Any]] = field(default_factory=list)  # convert steps run
 
 
 class _Evaluator:
@@ -177,6 +178,16 @@ def _report(plan: Plan, out: Path | None, dry_run: bool) -> MergeReport:
         dry_run=dry_run)
 
 
+def _needs_graph(recipe: Recipe, out: Path) -> bool:
+    """Convert steps, a diffusers-folder input or a non-safetensors output
+    take the general path (:mod:`modelkit.merge.graph`)."""
+    from modelkit.convert.pipeline import output_format
+
+    if recipe.has_ops or output_format(out, recipe.output_format) != "safetensors":
+        return True
+    return any(recipe.resolve(s.path).is_dir() for s in recipe.inputs.values())
+
+
 def run_recipe(recipe: Recipe, output: str | os.PathLike[str] | None = None, *,
                dry_run: bool = False, progress: ProgressFn = no_progress) -> MergeReport:
     """Plan and run a recipe; with ``dry_run`` only plan (no tensor is read).
@@ -190,11 +201,15 @@ def run_recipe(recipe: Recipe, output: str | os.PathLike[str] | None = None, *,
     from modelkit.merge.provenance import merge_metadata
 
     start = time.perf_counter()
-    plan = make_plan(recipe)
     out = Path(output) if output else (recipe.resolve(recipe.output_path)
                                        if recipe.output_path else None)
     if out is None:
         raise ModelkitError(f"{recipe.source}: no output path; set output.path or pass -o")
+    if _needs_graph(recipe, out):
+        from modelkit.merge.graph import run_graph
+
+        return run_graph(recipe, out, dry_run=dry_run, progress=progress)
+    plan = make_plan(recipe)
     inputs = [f.path for f in plan.inputs.values()] + ([plan.vae.path] if plan.vae else [])
     check_output_path(out, inputs)
     report = _report(plan, out, dry_run)

@@ -1,0 +1,264 @@
+"""The GGUF write path: stream a source's tensors into a ``.gguf`` file.
+
+The header, key/values and tensor infos are written first (every tensor's
+type and byte size is known from its plan), then each tensor is read,
+encoded in 1M-element chunks into one output buffer and written, so memory
+stays at a few times the largest tensor. Data goes to a hidden temp file
+beside the target that is renamed over it only on success.
+
+Which type and shape each tensor gets is a *plan* (:class:`TensorPlan`),
+chosen by a planner function: :func:`plain_plan` here, or a model-specific
+policy such as :func:`modelkit.convert.gguf.tensor_plan`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from modelkit.errors import ModelkitError
+from modelkit.io.header import TensorInfo
+from modelkit.io.source import Source, source_label
+from modelkit.io.writer import atomic_path
+from modelkit.progress import Progress, ProgressFn, no_progress
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+CHUNK = 1 << 20  # elements encoded per step (a multiple of every block size)
+MAX_DIMS = 4  # GGML tensors have at most 4 dimensions
+MAX_NAME = 127  # ComfyUI-GGUF's converter limit (llama.cpp's patched GGML_MAX_NAME - 1)
+# user-facing qtype -> (GGML type name, gguf.LlamaFileType member)
+QTYPES = {"q8_0": ("Q8_0", "MOSTLY_Q8_0"), "f16": ("F16", "MOSTLY_F16"),
+          "bf16": ("BF16", "MOSTLY_BF16")}
+# GGML type name -> (elements per block, bytes per block), as gguf.GGML_QUANT_SIZES
+GGML_SIZES = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (32, 34)}
+FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})
+ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
+
+Planner = Callable[[str, TensorInfo, str], "TensorPlan"]
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """How one tensor is stored.
+
+    Args:
+        key: the tensor name (in the source and in the GGUF file).
+        ggml_type: ``Q8_0``, ``F16``, ``BF16`` or ``F32``.
+        shape: the stored shape, torch order (GGUF lists it reversed).
+        orig_shape: the real shape when the tensor was flattened to fit the
+            quant block; recorded as ``comfy.gguf.orig_shape.<key>``.
+    """
+
+    key: str
+    ggml_type: str
+    shape: tuple[int, ...]
+    orig_shape: tuple[int, ...] | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        block, size = GGML_SIZES[self.ggml_type]
+        return self.numel // block * size
+
+    @property
+    def quantized(self) -> bool:
+        return self.ggml_type not in FLOAT_TYPES
+
+
+@dataclass
+class GGUFResult:
+    """What :func:`write_gguf` wrote."""
+
+    path: Path
+    n_tensors: int
+    n_quantized: int
+    bytes_written: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def ggml_type_for(qtype: str) -> str:
+    """The GGML type name for a user qtype (``q8_0``, ``f16``, ``bf16``)."""
+    try:
+        return QTYPES[qtype.lower()][0]
+    except KeyError:
+        raise ModelkitError(f"unknown GGUF type {qtype!r}; choose one of "
+                            f"{', '.join(QTYPES)}") from None
+
+
+def kept_float_type(st_dtype: str) -> str:
+    """The GGML float type a tensor keeps when it is not quantized: F16 and
+    F32 stay as they are, anything else (BF16, F64, fp8) becomes F32."""
+    return st_dtype if st_dtype in ("F16", "F32") else "F32"
+
+
+def plain_plan(key: str, info: TensorInfo, ggml_type: str) -> TensorPlan:
+    """The default planner: ``ggml_type`` wherever the last dimension fits the
+    block (2-D and larger tensors), the source's float type elsewhere."""
+    block = GGML_SIZES[ggml_type][0]
+    shape = tuple(info.shape)
+    if len(shape) >= 2 and shape[-1] % block == 0:
+        return TensorPlan(key, ggml_type, shape)
+    return TensorPlan(key, kept_float_type(info.dtype), shape)
+
+
+def _import_gguf() -> Any:
+    try:
+        import gguf
+    except ImportError:
+        raise ModelkitError("GGUF export needs the 'gguf' package; install it with "
+                            "'pip install gguf'") from None
+    return gguf
+
+
+def _check_plan(plan: TensorPlan, info: TensorInfo) -> None:
+    if not info.is_float:
+        raise ModelkitError(f"tensor {plan.key!r} is {info.dtype}; GGUF export "
+                            "writes float tensors only")
+    if len(plan.key.encode()) > MAX_NAME:
+        raise ModelkitError(f"tensor name {plan.key!r} is longer than {MAX_NAME} bytes, "
+                            "the most GGUF loaders accept")
+    if not 1 <= len(plan.shape) <= MAX_DIMS:
+        raise ModelkitError(f"tensor {plan.key!r} has {len(plan.shape)} dimensions; "
+                            f"GGUF stores 1 to {MAX_DIMS}")
+    if plan.numel != info.numel or plan.shape[-1] % GGML_SIZES[plan.ggml_type][0]:
+        raise ModelkitError(f"tensor {plan.key!r}: plan {plan.ggml_type} "
+                            f"{plan.shape} does not fit its shape {info.shape}")
+
+
+def _encode_chunk(gguf: Any, flat: torch.Tensor, ggml_type: str) -> np.ndarray:
+    """Bytes of a 1-D float chunk in ``ggml_type`` (Q8_0 blocks run along the
+    flattened row-major order, so any 32-aligned slice quantizes alone)."""
+    import numpy as np
+    import torch
+
+    if ggml_type == "F16":
+        return flat.to(torch.float16).numpy().view(np.uint8)
+    if ggml_type == "BF16":
+        return flat.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
+    arr = flat.to(torch.float32).numpy()
+    if ggml_type == "F32":
+        return arr.view(np.uint8)
+    qtype = gguf.GGMLQuantizationType[ggml_type]
+    # one row, so gguf quantizes the whole chunk in one vectorised call
+    return gguf.quants.quantize(arr.reshape(1, -1), qtype).reshape(-1)
+
+
+def encode_tensor(gguf: Any, tensor: torch.Tensor, plan: TensorPlan) -> np.ndarray:
+    """The stored bytes of ``tensor`` under ``plan``, filled chunk by chunk."""
+    import numpy as np
+
+    flat = tensor.detach().cpu().reshape(-1)
+    out = np.empty(plan.nbytes, dtype=np.uint8)
+    block, size = GGML_SIZES[plan.ggml_type]
+    for start in range(0, flat.numel(), CHUNK):
+        chunk = flat[start:start + CHUNK]
+        pos = start // block * size
+        out[pos:pos + chunk.numel() // block * size] = _encode_chunk(gguf, chunk,
+                                                                     plan.ggml_type)
+    return out
+
+
+def _default_name(source: Source) -> str:
+    title = source.metadata.get("modelspec.title")
+    if title:
+        return title
+    paths = source.input_paths
+    return paths[0].stem if paths else "model"
+
+
+def _add_kv(writer: Any, gguf: Any, source: Source, qtype: str, plans: list[TensorPlan],
+            name: str | None, kv: Mapping[str, str]) -> None:
+    writer.add_name(name or _default_name(source))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_file_type(int(getattr(gguf.LlamaFileType, QTYPES[qtype][1])))
+    writer.add_string("modelkit.source", ", ".join(p.name for p in source.input_paths)
+                      or source_label(source))
+    writer.add_string("modelkit.qtype", qtype)
+    from modelkit import __version__
+
+    writer.add_string("modelkit.version", __version__)
+    for k, v in kv.items():
+        writer.add_string(k, v)
+    for k, v in source.metadata.items():
+        writer.add_string(f"modelkit.source_metadata.{k}", v)
+    for p in plans:
+        if p.orig_shape is not None:
+            # Python ints pack as INT32, the type ComfyUI-GGUF's loader checks for
+            writer.add_array(ORIG_SHAPE_KEY + p.key, [int(d) for d in p.orig_shape])
+
+
+def _open_writer(gguf: Any, temp: Path, arch: str | None, plans: list[TensorPlan]) -> Any:
+    import numpy as np
+
+    # GGUFWriter skips an empty string value, so arch=None writes no
+    # general.architecture (ComfyUI-GGUF then guesses it from the keys)
+    writer = gguf.GGUFWriter(temp, arch or "")
+    for p in plans:
+        writer.add_tensor_info(p.key, p.shape, np.dtype(np.float32), p.nbytes,
+                               raw_dtype=gguf.GGMLQuantizationType[p.ggml_type])
+    return writer
+
+
+def write_gguf(
+    source: Source,
+    out: str | os.PathLike[str],
+    *,
+    qtype: str = "q8_0",
+    arch: str | None = None,
+    plan: Planner = plain_plan,
+    name: str | None = None,
+    kv: Mapping[str, str] | None = None,
+    progress: ProgressFn = no_progress,
+) -> GGUFResult:
+    """Write every tensor of ``source`` to a new GGUF file ``out``.
+
+    Args:
+        qtype: ``q8_0`` (default), ``f16`` or ``bf16``: the type of the
+            tensors ``plan`` chooses to convert; the others stay float.
+        arch: ``general.architecture`` (``sd1``, ``sdxl``...); None leaves it out.
+        plan: ``plan(key, info, ggml_type)`` -> :class:`TensorPlan`.
+        name: ``general.name`` (default: the source's title or file stem).
+        kv: extra string key/values.
+
+    Raises:
+        OutputError: ``out`` is an input, a directory or in a missing folder.
+        ModelkitError: a tensor GGUF cannot hold. Nothing is left at ``out``.
+    """
+    start = time.perf_counter()
+    qtype = qtype.lower()
+    target_type = ggml_type_for(qtype)
+    gguf = _import_gguf()
+    plans = [plan(k, i, target_type) for k, i in source.infos.items()]
+    for p in plans:
+        _check_plan(p, source.infos[p.key])
+    total = sum(p.nbytes for p in plans)
+    target = Path(out)
+    with atomic_path(target, source.input_paths) as temp:
+        writer = _open_writer(gguf, temp, arch, plans)
+        try:
+            _add_kv(writer, gguf, source, qtype, plans, name, kv or {})
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            done = 0
+            for p in plans:
+                writer.write_tensor_data(encode_tensor(gguf, source.get(p.key), p))
+                done += p.nbytes
+                progress(Progress("export-gguf", done, total, "bytes", p.key))
+        finally:
+            writer.close()
+        size = temp.stat().st_size
+    return GGUFResult(target, len(plans), sum(p.quantized for p in plans), size,
+                      time.perf_counter() - start)
