@@ -59,5 +59,5 @@ def chunked_apply(t: torch.Tensor, out_dtype: torch.dtype, fn: Any,
     out = torch.empty(t.shape, dtype=out_dtype, device=t.device)
     src, dst = t.reshape(-1), out.view(-1)
     for i in range(0, src.numel(), chunk):
-        dst[i:i + chunk] = fn(src[i:i + chunk].to(torch.float32))
+        dst[i:i + chunk].copy_(fn(src[i:i + chunk].to(torch.float32)))
     return out

@@ -147,7 +147,8 @@ def _saturating_cast(report: QuantizeReport, key: str, t: torch.Tensor,
 
     def clip(x: torch.Tensor) -> torch.Tensor:
         nonlocal count
-        if float(x.abs().amax()) <= limit:
+        lo, hi = torch.aminmax(x)
+        if -limit <= float(lo) and float(hi) <= limit:  # NaN fails both: slow path
             return x
         over = x.abs() > limit
         count += int(over.sum())
