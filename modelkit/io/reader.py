@@ -8,13 +8,13 @@ through :mod:`modelkit.io.pickle`.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelkit.errors import BadFileError, ModelkitError
 from modelkit.io.header import Header, TensorInfo, read_header
+from modelkit.io.source import KeyAccess
 
 if TYPE_CHECKING:
     import torch
@@ -55,7 +55,7 @@ def read_infos(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo],
 
 
 @dataclass
-class ModelSource:
+class ModelSource(KeyAccess):
     """An open model file: tensor infos in file order, metadata and
     one-at-a-time tensor access on ``device``."""
 
@@ -74,12 +74,6 @@ class ModelSource:
     def label(self) -> str:
         return str(self.path)
 
-    def keys(self) -> list[str]:
-        return list(self.infos)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.infos
-
     def get(self, key: str) -> torch.Tensor:
         """Read one tensor (a view on the mapped file where possible)."""
         if key not in self.infos:
@@ -91,10 +85,6 @@ class ModelSource:
             return self._handle.get_tensor(key)
         except Exception as exc:  # safetensors raises its own error types
             raise BadFileError(f"{self.path}: cannot read tensor {key!r} ({exc})") from None
-
-    def iter(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for key in self.infos:
-            yield key, self.get(key)
 
     def close(self) -> None:
         self._handle = None

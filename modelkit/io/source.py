@@ -43,8 +43,27 @@ def tensor_info(name: str, dtype: str, shape: Iterable[int]) -> TensorInfo:
     return TensorInfo(name, spec.dtype, spec.shape, 0, spec.nbytes)
 
 
+class KeyAccess:
+    """``keys``, ``in`` and ``iter`` over a source's ``infos`` and ``get``."""
+
+    infos: dict[str, TensorInfo]
+
+    def get(self, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def keys(self) -> list[str]:
+        return list(self.infos)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.infos
+
+    def iter(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for key in self.infos:
+            yield key, self.get(key)
+
+
 @dataclass
-class DerivedSource:
+class DerivedSource(KeyAccess):
     """A model computed one tensor at a time.
 
     Args:
@@ -62,20 +81,10 @@ class DerivedSource:
     input_paths: tuple[Path, ...] = ()
     notes: list[str] = field(default_factory=list)
 
-    def keys(self) -> list[str]:
-        return list(self.infos)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.infos
-
     def get(self, key: str) -> torch.Tensor:
         if key not in self.infos:
             raise ModelkitError(f"{self.label}: has no tensor {key!r}")
         return self.produce(key)
-
-    def iter(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for key in self.infos:
-            yield key, self.get(key)
 
 
 def input_paths_of(sources: Iterable[Source]) -> tuple[Path, ...]:
