@@ -27,7 +27,9 @@ def test_import_modelkit_is_light() -> None:
 def test_help_is_light() -> None:
     code = ("from modelkit.cli import main\n"
             "for args in (['--help'], ['inspect', '--help'], ['hash', '--help'],"
-            " ['demo', '--help']):\n    assert main(args) == 0")
+            " ['demo', '--help'], ['prune', '--help'], ['quantize', '--help'],"
+            " ['export-gguf', '--help'], ['convert', '--help']):\n"
+            "    assert main(args) == 0")
     assert _imported(code) == set()
 
 
