@@ -61,10 +61,13 @@ def _library() -> list[tuple[str, Callable[[Path], object]]]:
 DEMO_RECIPE = """\
 version: 1
 inputs:
-  base: ../models/Stable-diffusion/tiny-sd15.safetensors
+  full: ../models/Stable-diffusion/tiny-sd15-full-ema.safetensors
   style: ../models/Stable-diffusion/tiny-sd15-anime.safetensors
   inpaint: ../models/Stable-diffusion/tiny-sd15-inpainting.safetensors
 steps:
+  base:
+    op: ema
+    models: [full]
   mix:
     method: weighted_sum
     models: [base, style]
@@ -74,10 +77,13 @@ steps:
     method: add_difference
     models: [inpaint, mix, base]
     params: {alpha: 1.0}
+  pruned:
+    op: prune
+    models: [inpainting]
 output:
   path: ../models/Stable-diffusion/tiny-sd15-mix-inpainting.safetensors
   dtype: fp16
-  step: inpainting
+  step: pruned
 options:
   vae: ../models/VAE/tiny-vae-ft-mse.safetensors
 """
@@ -121,8 +127,9 @@ def build_library(root: Path, progress: ProgressFn = no_progress) -> list[Path]:
 
 
 def run_demo_recipe(root: Path, progress: ProgressFn = no_progress) -> Path:
-    """Write the demo recipe (block-wise mix, then the mix turned into an
-    inpainting model by add-difference, with a VAE baked in) and run it."""
+    """Write the demo recipe (the EMA weights of a full training checkpoint,
+    block-wise mixed with a style model, the mix turned into an inpainting
+    model by add-difference with a VAE baked in, then pruned) and run it."""
     from modelkit.merge.recipe import load_recipe
     from modelkit.merge.run import run_recipe
 
