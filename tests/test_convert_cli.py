@@ -86,6 +86,18 @@ def test_bad_input_is_one_line_exit_2_no_output(capsys: pytest.CaptureFixture[st
     assert sorted(p.name for p in tmp_path.iterdir()) == ["l.safetensors"]
 
 
+def test_existing_output_needs_overwrite(capsys: pytest.CaptureFixture[str],
+                                         models: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "mine.safetensors"
+    out.write_bytes(b"the user's file")
+    code, _, err = _run(capsys, "prune", str(models["sd1"]), "-o", str(out))
+    assert code == 2 and "already exists; pass --overwrite" in err
+    assert out.read_bytes() == b"the user's file"
+    code, _, err = _run(capsys, "prune", str(models["sd1"]), "-o", str(out), "--overwrite")
+    assert code == 0, err
+    assert read_header(out).tensors
+
+
 def test_convert_refuses_a_ckpt_with_a_forbidden_class(capsys: pytest.CaptureFixture[str],
                                                        tmp_path: Path) -> None:
     class Evil:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
+from pathlib import Path
 from typing import Any
 
 import click
@@ -17,6 +18,8 @@ LIST_LIMIT = 15
 
 
 def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--overwrite", is_flag=True,
+                      help="Replace OUTPUT if it exists (never allowed for an input).")(fn)
     fn = click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")(fn)
     fn = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")(fn)
     fn = click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu",
@@ -26,10 +29,17 @@ def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _run(inputs: list[str], steps: list[tuple[str, dict[str, Any]]], output: str,
-         device: str, quiet: bool, as_json: bool, lines: Callable[[Any], list[str]],
+         common: dict[str, Any], lines: Callable[[Any], list[str]],
          fmt: str | None = None, gguf_type: str = "q8_0", gguf_flatten: bool = True) -> None:
     from modelkit.convert.pipeline import run_chain
 
+    device, quiet, as_json = common["device"], common["quiet"], common["as_json"]
+    target = Path(output)
+    if target.exists() and not common["overwrite"]:
+        from modelkit.errors import OutputError
+
+        raise OutputError(f"{target}: already exists; pass --overwrite to replace it or "
+                          "choose another output path")
     done, result = run_chain(inputs, steps, output, fmt=fmt, device=device,
                              gguf_type=gguf_type, gguf_flatten=gguf_flatten,
                              progress=StderrProgress(quiet))
@@ -102,7 +112,8 @@ def _ema_lines(r: Any) -> list[str]:
 
 
 def _quantize_lines(r: Any) -> list[str]:
-    policy = ", ".join(f"{c}={d}" for c, d in r.policy.items())
+    shown = {"max16": "fp16 where fp32", "keep": "unchanged"}
+    policy = ", ".join(f"{c}={shown.get(d, d)}" for c, d in r.policy.items())
     out = [f"policy: {policy}; {r.n_cast} tensors cast, {r.n_int8} int8; "
            f"{human_bytes(r.bytes_in)} -> {human_bytes(r.bytes_out)} "
            f"({100 * (1 - r.bytes_out / r.bytes_in):.1f}% saved)" if r.bytes_in else ""]
@@ -135,21 +146,19 @@ def _plain_lines(r: Any) -> list[str]:
 @click.option("--keep-ema", is_flag=True, help="Keep the model_ema.* weights.")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32", "keep"]), default="keep",
               show_default=True, help="Float dtype of the kept tensors.")
-def prune_cmd(model: str, output: str, device: str, as_json: bool, quiet: bool,
-              keep_ema: bool, dtype: str) -> None:
+def prune_cmd(model: str, output: str, keep_ema: bool, dtype: str, **common: Any) -> None:
     """Keep the UNet, VAE, text encoders and prediction markers; drop EMA,
     schedule buffers and training leftovers; repair CLIP position ids."""
-    _run([model], [("prune", {"keep_ema": keep_ema, "dtype": dtype})], output, device,
-         quiet, as_json, _prune_lines)
+    _run([model], [("prune", {"keep_ema": keep_ema, "dtype": dtype})], output, common, _prune_lines)
 
 
 @click.command("ema")
 @click.argument("model", type=click.Path())
 @_common
-def ema_cmd(model: str, output: str, device: str, as_json: bool, quiet: bool) -> None:
+def ema_cmd(model: str, output: str, **common: Any) -> None:
     """Put the EMA weights in place of the UNet weights (and drop model_ema.*);
     report per block how far EMA and online weights differ."""
-    _run([model], [("ema", {})], output, device, quiet, as_json, _ema_lines)
+    _run([model], [("ema", {})], output, common, _ema_lines)
 
 
 @click.command("quantize")
@@ -161,12 +170,12 @@ def ema_cmd(model: str, output: str, device: str, as_json: bool, quiet: bool) ->
 @click.option("--components", default=None, metavar="LIST",
               help="Comma list of unet,te,vae (default all, with the VAE kept at fp16 "
                    "or better).")
-def quantize_cmd(model: str, output: str, device: str, as_json: bool, quiet: bool,
-                 dtype: str, components: str | None) -> None:
+def quantize_cmd(model: str, output: str, dtype: str, components: str | None,
+                 **common: Any) -> None:
     """Store components at a lower precision; int8 is per-channel symmetric
     (modelkit.int8.per_channel v1, see 'modelkit dequantize')."""
     _run([model], [("quantize", {"dtype": dtype, "components": components})], output,
-         device, quiet, as_json, _quantize_lines)
+         common, _quantize_lines)
 
 
 @click.command("dequantize")
@@ -174,10 +183,9 @@ def quantize_cmd(model: str, output: str, device: str, as_json: bool, quiet: boo
 @_common
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16",
               show_default=True)
-def dequantize_cmd(model: str, output: str, device: str, as_json: bool, quiet: bool,
-                   dtype: str) -> None:
+def dequantize_cmd(model: str, output: str, dtype: str, **common: Any) -> None:
     """Restore a normal checkpoint from an int8 (or fp8) one."""
-    _run([model], [("dequantize", {"dtype": dtype})], output, device, quiet, as_json,
+    _run([model], [("dequantize", {"dtype": dtype})], output, common,
          _plain_lines)
 
 
@@ -190,11 +198,10 @@ def dequantize_cmd(model: str, output: str, device: str, as_json: bool, quiet: b
               help="Keep every tensor in its own shape (conv kernels stay F16): for "
                    "stable-diffusion.cpp, which ignores comfy.gguf.orig_shape records. "
                    "Default: ComfyUI-GGUF layout, conv kernels quantized too (smaller).")
-def export_gguf_cmd(model: str, output: str, device: str, as_json: bool, quiet: bool,
-                    qtype: str, keep_shapes: bool) -> None:
+def export_gguf_cmd(model: str, output: str, qtype: str, keep_shapes: bool, **common: Any) -> None:
     """Write the UNet as GGUF for ComfyUI-GGUF (models/unet) or, with
     --keep-shapes, stable-diffusion.cpp."""
-    _run([model], [], output, device, quiet, as_json, _plain_lines, fmt="gguf",
+    _run([model], [], output, common, _plain_lines, fmt="gguf",
          gguf_type=qtype, gguf_flatten=not keep_shapes)
 
 
@@ -204,11 +211,10 @@ def export_gguf_cmd(model: str, output: str, device: str, as_json: bool, quiet: 
 @click.option("--to", "fmt", type=click.Choice(["safetensors", "diffusers"]), default=None,
               help="Output format (default: from the output name; a name without "
                    ".safetensors is a diffusers folder).")
-def convert_cmd(model: str, output: str, device: str, as_json: bool, quiet: bool,
-                fmt: str | None) -> None:
+def convert_cmd(model: str, output: str, fmt: str | None, **common: Any) -> None:
     """Convert .ckpt/.pt to .safetensors (safe loader), or a diffusers folder
     to a single original-layout file and back."""
-    _run([model], [], output, device, quiet, as_json, _plain_lines, fmt=fmt)
+    _run([model], [], output, common, _plain_lines, fmt=fmt)
 
 
 @click.command("swap")
@@ -217,15 +223,14 @@ def convert_cmd(model: str, output: str, device: str, as_json: bool, quiet: bool
 @click.option("--vae", "vae", type=click.Path(), default=None, help="VAE to put in.")
 @click.option("--unet", "unet", type=click.Path(), default=None, help="UNet to put in.")
 @click.option("--te", "te", type=click.Path(), default=None, help="Text encoder(s) to put in.")
-def swap_cmd(model: str, output: str, device: str, as_json: bool, quiet: bool,
-             vae: str | None, unet: str | None, te: str | None) -> None:
+def swap_cmd(model: str, output: str, vae: str | None, unet: str | None, te: str | None,
+             **common: Any) -> None:
     """Replace one component with another file's (shapes are checked)."""
     given = {k: v for k, v in (("vae", vae), ("unet", unet), ("te", te)) if v}
     if len(given) != 1:
         raise click.UsageError("give exactly one of --vae, --unet, --te")
     (component, donor), = given.items()
-    _run([model, donor], [("swap", {"component": component})], output, device, quiet,
-         as_json, _plain_lines)
+    _run([model, donor], [("swap", {"component": component})], output, common, _plain_lines)
 
 
 @click.command("extract")
@@ -233,8 +238,6 @@ def swap_cmd(model: str, output: str, device: str, as_json: bool, quiet: bool,
 @_common
 @click.option("--component", required=True,
               type=click.Choice(["vae", "unet", "te", "te1", "te2"]))
-def extract_cmd(model: str, output: str, device: str, as_json: bool, quiet: bool,
-                component: str) -> None:
+def extract_cmd(model: str, output: str, component: str, **common: Any) -> None:
     """Write one component of a checkpoint to its own file."""
-    _run([model], [("extract", {"component": component})], output, device, quiet,
-         as_json, _plain_lines)
+    _run([model], [("extract", {"component": component})], output, common, _plain_lines)
