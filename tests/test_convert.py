@@ -347,3 +347,16 @@ def test_output_onto_input_is_refused(ema_model: Path) -> None:
     with pytest.raises(ModelkitError, match="output is also an input"):
         run_chain([ema_model], [("prune", {})], ema_model)
     assert _sha256(ema_model) == before
+
+
+@pytest.mark.parametrize("arch", ["sd2", "sdxl"])
+def test_ema_for_sd2_and_sdxl(arch: str, tmp_path: Path) -> None:
+    src_path = tmp_path / f"{arch}.safetensors"
+    t.write_checkpoint(src_path, arch, ema=True, seed=23)
+    out = tmp_path / "e.safetensors"
+    (conv,), _ = run_chain([src_path], [("ema", {})], out)
+    src, got = _tensors(src_path), _tensors(out)
+    mapping = t.ema_keys_for(arch)
+    assert conv.report.n_swapped == len(mapping) and not conv.report.online_only
+    assert all(torch.equal(got[u], src[e]) for u, e in mapping.items())
+    assert set(got) == {k for k in src if not k.startswith("model_ema.")}
