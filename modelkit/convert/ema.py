@@ -14,13 +14,12 @@ measured per block: a merged model whose EMA is stale shows it plainly.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from modelkit.arch.configs import EMA_PREFIX, UNET_PREFIX
 from modelkit.arch.keys import ema_key
-from modelkit.convert.base import Converted, require_checkpoint
+from modelkit.convert.base import Converted, l2_sums, relative_l2, require_checkpoint
 from modelkit.errors import ModelkitError
 from modelkit.io.source import DerivedSource, Source, source_label, tensor_info
 
@@ -41,7 +40,7 @@ class BlockDelta:
 
     @property
     def relative_l2(self) -> float:
-        return math.sqrt(self.diff_sq / self.online_sq) if self.online_sq else 0.0
+        return relative_l2(self.diff_sq, self.online_sq)
 
 
 @dataclass
@@ -56,9 +55,8 @@ class EmaReport:
 
     @property
     def overall_relative_l2(self) -> float:
-        d = sum(b.diff_sq for b in self.blocks.values())
-        o = sum(b.online_sq for b in self.blocks.values())
-        return math.sqrt(d / o) if o else 0.0
+        return relative_l2(sum(b.diff_sq for b in self.blocks.values()),
+                           sum(b.online_sq for b in self.blocks.values()))
 
 
 def ema_map(src: Source, arch: str) -> dict[str, str]:
@@ -88,14 +86,10 @@ def ema_map(src: Source, arch: str) -> dict[str, str]:
 
 
 def _accumulate(delta: BlockDelta, ema: torch.Tensor, online: torch.Tensor) -> None:
-    import torch
-
     a, b = ema.reshape(-1), online.reshape(-1)
-    for i in range(0, a.numel(), CHUNK):
-        x = a[i:i + CHUNK].to(torch.float32)
-        y = b[i:i + CHUNK].to(torch.float32)
-        delta.diff_sq += float(torch.sum((x - y) ** 2, dtype=torch.float64))
-        delta.online_sq += float(torch.sum(y * y, dtype=torch.float64))
+    diff, ref = l2_sums((a[i:i + CHUNK], b[i:i + CHUNK]) for i in range(0, a.numel(), CHUNK))
+    delta.diff_sq += diff
+    delta.online_sq += ref
     delta.n_tensors += 1
 
 

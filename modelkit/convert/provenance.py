@@ -14,7 +14,6 @@ committed (both are 64 ASCII characters, so the header length is unchanged).
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from modelkit import __version__
+from modelkit.io.hashcache import lookup
 from modelkit.io.writer import SafetensorsWriter
 
 HISTORY_KEY = "modelkit.history"
@@ -38,9 +38,9 @@ class InputHashes:
         for p in dict.fromkeys(Path(x) for x in paths):
             if not p.is_file():
                 continue  # a diffusers folder: its parts are hashed by name only
-            cached = _cached_sha256(p)
-            if cached:
-                self.values[p] = cached
+            cached = lookup(p)
+            if cached is not None:
+                self.values[p] = cached.sha256
                 continue
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(2, thread_name_prefix="modelkit-hash")
@@ -75,20 +75,6 @@ class InputHashes:
             self._pool = None
 
 
-def _cached_sha256(path: Path) -> str | None:
-    from modelkit.io.hashcache import cache_path
-
-    try:
-        data = json.loads(cache_path().read_text())
-        st = path.resolve().stat()
-        entry = data.get(str(path.resolve()))
-    except (OSError, ValueError, AttributeError):
-        return None
-    if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
-        return str(entry["sha256"])
-    return None
-
-
 def _sha256(path: Path) -> str:
     from modelkit.io.hashcache import cached_hashes
 
@@ -114,8 +100,3 @@ def with_history(metadata: dict[str, str], entries: list[dict[str, Any]]) -> dic
     out[HISTORY_KEY] = json.dumps([*history, *entries])
     out["modelkit.version"] = __version__
     return out
-
-
-def file_label(path: str | os.PathLike[str]) -> str:
-    """How an input is named in reports: its file name."""
-    return Path(path).name

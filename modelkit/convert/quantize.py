@@ -36,7 +36,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from modelkit.arch import parts
-from modelkit.convert.base import Converted, chunked_apply, describe
+from modelkit.convert.base import (
+    Converted,
+    chunked_apply,
+    describe,
+    l2_sums,
+    relative_l2,
+    snr_db,
+)
 from modelkit.errors import ModelkitError
 from modelkit.io.source import DerivedSource, Source, source_label, tensor_info
 
@@ -84,20 +91,14 @@ class QuantizeReport:
 
     @property
     def relative_l2(self) -> float:
-        return math.sqrt(self.err_sq / self.ref_sq) if self.ref_sq else 0.0
+        return relative_l2(self.err_sq, self.ref_sq)
 
     @property
     def snr_db(self) -> float:
-        return _snr(self.err_sq, self.ref_sq)
+        return snr_db(self.err_sq, self.ref_sq)
 
     def worst(self, n: int = 5) -> list[TensorError]:
         return sorted(self.errors, key=lambda e: -e.relative_l2)[:n]
-
-
-def _snr(err_sq: float, ref_sq: float) -> float:
-    if err_sq == 0:
-        return math.inf
-    return 10 * math.log10(ref_sq / err_sq) if ref_sq else 0.0
 
 
 def component_policy(target: str, components: tuple[str, ...] | None) -> dict[str, str]:
@@ -193,20 +194,14 @@ def int8_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
 
 def _int8_error(report: QuantizeReport, key: str, w: torch.Tensor, q: torch.Tensor,
                 scale: torch.Tensor) -> None:
-    import torch
-
     rows, qr = w.reshape(w.shape[0], -1), q.reshape(q.shape[0], -1)
     step = max(1, CHUNK // max(1, rows.shape[1]))
-    err = ref = 0.0
-    for i in range(0, rows.shape[0], step):
-        x = rows[i:i + step].to(torch.float32)
-        y = qr[i:i + step].to(torch.float32) * scale[i:i + step, None]
-        err += float(torch.sum((x - y) ** 2, dtype=torch.float64))
-        ref += float(torch.sum(x * x, dtype=torch.float64))
+    # (restored, original) row blocks: the error is measured against the original
+    err, ref = l2_sums((qr[i:i + step].float() * scale[i:i + step, None], rows[i:i + step])
+                       for i in range(0, rows.shape[0], step))
     report.err_sq += err
     report.ref_sq += ref
-    rel = math.sqrt(err / ref) if ref else 0.0
-    report.errors.append(TensorError(key, rel, _snr(err, ref)))
+    report.errors.append(TensorError(key, relative_l2(err, ref), snr_db(err, ref)))
 
 
 def _plan_key(key: str, dtype: str, shape: tuple[int, ...], target: str,

@@ -41,20 +41,32 @@ def _save(data: dict[str, dict[str, object]]) -> None:
         pass  # a read-only home only costs re-hashing next time
 
 
+def lookup(path: str | os.PathLike[str]) -> FileHashes | None:
+    """The cached hashes of ``path`` when its size and mtime still match
+    (the addnet digest may be None); ``None`` when not cached or stale."""
+    p = Path(path).resolve()
+    try:
+        st = p.stat()
+    except OSError:
+        return None
+    entry = _load().get(str(p))
+    if not entry or entry.get("size") != st.st_size or entry.get("mtime_ns") != st.st_mtime_ns:
+        return None
+    sha = str(entry["sha256"])
+    return FileHashes(str(path), st.st_size, sha, sha[:10], str(entry["legacy"]),
+                      entry.get("addnet"))  # type: ignore[arg-type]
+
+
 def cached_hashes(path: str | os.PathLike[str], progress: ProgressFn = no_progress,
                   tensor_hash: bool = True) -> FileHashes:
     """Hashes of ``path``, from the cache when size and mtime match; without
     ``tensor_hash`` the addnet digest may be missing (None)."""
+    hit = lookup(path)
+    if hit is not None and (hit.addnet or not tensor_hash):
+        return hit
     p = Path(path).resolve()
     st = p.stat()
     key = str(p)
-    data = _load()
-    entry = data.get(key)
-    fresh = entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns
-    if fresh and (entry.get("addnet") or not tensor_hash):  # type: ignore[union-attr]
-        return FileHashes(str(path), st.st_size, str(entry["sha256"]),
-                          str(entry["sha256"])[:10], str(entry["legacy"]),
-                          entry.get("addnet"))  # type: ignore[arg-type]
     result = hash_file(p, progress, tensor_hash)
     data = _load()
     data[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": result.sha256,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from modelkit.arch.configs import UNET_PREFIX, VAE_PREFIX
+from modelkit.arch.parts import TE, UNET, VAE, part_of
 from modelkit.errors import ModelkitError
 from modelkit.io.header import TensorInfo
 
@@ -91,8 +92,6 @@ class Plan:
 
 def component_of(key: str) -> str:
     """``unet``, ``vae``, ``te`` or ``other`` for a single-file checkpoint key."""
-    from modelkit.arch.parts import TE, UNET, VAE, part_of
-
     part = part_of(key)
     return part if part in (UNET, VAE, TE) else "other"
 

@@ -162,7 +162,6 @@ class Recipe:
             new.options = replace(self.options, vae=str(self.resolve(self.options.vae)))
         return new
 
-
     @property
     def has_ops(self) -> bool:
         """Whether any step is a convert operation."""

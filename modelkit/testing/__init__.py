@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from modelkit.arch.configs import ARCHS, TINY, UNET_PREFIX, VAE_PREFIX, ArchSpec
+from modelkit.arch.configs import ARCHS, TINY, UNET_PREFIX, ArchSpec
 from modelkit.arch.keys import (
     POSITION_IDS,
     Shape,
@@ -207,7 +207,7 @@ def write_checkpoint(
     keys = checkpoint_keys(spec, ema=ema)
     if components is not None:
         wanted = set(components)
-        keys = {k: s for k, s in keys.items() if _component_of(k, spec) in wanted}
+        keys = {k: s for k, s in keys.items() if _component_of(k) in wanted}
     for m in markers:
         keys[m] = (0,)
     return write_tensors(path, keys, dtype=dtype, seed=seed, metadata=metadata,
@@ -225,14 +225,12 @@ def write_sparse_checkpoint(path: str | os.PathLike[str], arch: str = "sd1", *,
     return write_sparse(path, _specs(checkpoint_keys(spec, ema=ema), dtype))
 
 
-def _component_of(key: str, spec: ArchSpec) -> str:
-    if key.startswith(UNET_PREFIX) or key.startswith("model_ema."):
-        return "unet"
-    if key.startswith(VAE_PREFIX):
-        return "vae"
-    if any(key.startswith(s.prefix) for s in spec.text_encoders):
-        return "te"
-    return "other"
+def _component_of(key: str) -> str:
+    """``unet`` (EMA copies included), ``vae``, ``te`` or another part."""
+    from modelkit.arch.parts import EMA, UNET, part_of
+
+    part = part_of(key)
+    return UNET if part == EMA else part
 
 
 def write_unet(path: str | os.PathLike[str], arch: str = "sd1", *, tiny: bool = True,
