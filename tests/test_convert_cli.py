@@ -86,6 +86,15 @@ def test_bad_input_is_one_line_exit_2_no_output(capsys: pytest.CaptureFixture[st
     assert sorted(p.name for p in tmp_path.iterdir()) == ["l.safetensors"]
 
 
+def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str],
+                                   models: dict[str, Path], tmp_path: Path) -> None:
+    code, _, err = _run(capsys, "quantize", str(models["sd1"]), "-o",
+                        str(tmp_path / "o.safetensors"), "--dtype", "fp4")
+    assert code == 2 and err.count("\n") == 1
+    assert "'fp4' is not one of" in err and "see 'modelkit quantize --help'" in err
+    assert not list(tmp_path.iterdir())
+
+
 def test_existing_output_needs_overwrite(capsys: pytest.CaptureFixture[str],
                                          models: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "mine.safetensors"

@@ -91,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("modelkit: interrupted; no output was written", err=True)
         return 130
+    except click.UsageError as exc:  # a bad option or a missing argument: one line
+        where = exc.ctx.command_path if exc.ctx else "modelkit"
+        click.echo(f"modelkit: error: {exc.format_message()} (see '{where} --help')",
+                   err=True)
+        return exc.exit_code
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
