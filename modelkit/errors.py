@@ -26,3 +26,17 @@ class OutputError(ModelkitError):
 
 class MissingKeyError(ModelkitError):
     """A key needed by the operation is absent."""
+
+
+class Cancelled(ModelkitError):
+    """The caller cancelled the operation (a cancel event was set, or Ctrl-C).
+    Nothing was written (exit code 130 in the CLI)."""
+
+    exit_code = 130
+
+
+def check_cancel(cancel: object | None) -> None:
+    """Raise :class:`Cancelled` when ``cancel`` (anything with ``is_set()``,
+    such as a :class:`threading.Event`) is set."""
+    if cancel is not None and cancel.is_set():  # type: ignore[attr-defined]
+        raise Cancelled("cancelled; no output was written")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +24,10 @@ class Converted:
     report: Any
     op: str
     params: dict[str, Any] = field(default_factory=dict)
+    # work that must run before the output header is known (e.g. LoRA
+    # extraction picks each layer's rank from its SVD): called once with a
+    # progress callback before writing; afterwards ``source.infos`` are final
+    prepare: Any = None
 
 
 def describe(source: Source) -> ModelReport:
@@ -63,28 +65,3 @@ def chunked_apply(t: torch.Tensor, out_dtype: torch.dtype, fn: Any,
     for i in range(0, src.numel(), chunk):
         dst[i:i + chunk].copy_(fn(src[i:i + chunk].to(torch.float32)))
     return out
-
-
-def l2_sums(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
-    """``(sum (a - b)^2, sum b^2)`` in float64 over chunk pairs ``(a, b)``
-    (callers yield 1M-element slices, so no whole-tensor float32 copy)."""
-    import torch
-
-    diff = ref = 0.0
-    for a, b in pairs:
-        x, y = a.to(torch.float32), b.to(torch.float32)
-        diff += float(torch.sum((x - y) ** 2, dtype=torch.float64))
-        ref += float(torch.sum(y * y, dtype=torch.float64))
-    return diff, ref
-
-
-def relative_l2(diff_sq: float, ref_sq: float) -> float:
-    """``||a - b|| / ||b||`` from :func:`l2_sums` (0 for an all-zero ``b``)."""
-    return math.sqrt(diff_sq / ref_sq) if ref_sq else 0.0
-
-
-def snr_db(diff_sq: float, ref_sq: float) -> float:
-    """Signal-to-noise ratio of ``b`` against ``a - b`` in dB (inf when equal)."""
-    if diff_sq == 0:
-        return math.inf
-    return 10 * math.log10(ref_sq / diff_sq) if ref_sq else 0.0

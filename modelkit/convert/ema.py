@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING
 
 from modelkit.arch.configs import EMA_PREFIX, UNET_PREFIX
 from modelkit.arch.keys import ema_key
-from modelkit.convert.base import Converted, l2_sums, relative_l2, require_checkpoint
+from modelkit.convert.base import Converted, require_checkpoint
 from modelkit.errors import ModelkitError
 from modelkit.io.source import DerivedSource, Source, source_label, tensor_info
+from modelkit.numeric import l2_sums, relative_l2
 
 if TYPE_CHECKING:
     import torch

@@ -152,6 +152,8 @@ def run_chain(inputs: list[str | os.PathLike[str]], steps: list[tuple[str, dict[
     current: list[Source] = sources
     for op, params in steps:
         conv = apply_op(op, current, params)
+        if conv.prepare is not None:
+            conv.prepare(progress)
         done.append(conv)
         current = [conv.source]
     history = [(c.op, c.params, c.source.input_paths) for c in done] or [

@@ -36,16 +36,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from modelkit.arch import parts
-from modelkit.convert.base import (
-    Converted,
-    chunked_apply,
-    describe,
-    l2_sums,
-    relative_l2,
-    snr_db,
-)
+from modelkit.convert.base import Converted, chunked_apply, describe
 from modelkit.errors import ModelkitError
 from modelkit.io.source import DerivedSource, Source, source_label, tensor_info
+from modelkit.numeric import l2_sums, relative_l2, snr_db
 
 if TYPE_CHECKING:
     import torch

@@ -163,6 +163,9 @@ def run_graph(recipe: Recipe, out: Path, *, dry_run: bool = False,
             report.operations = [{"op": c.op, "params": c.params} for c in graph.converted]
             return report
         _check_pins(recipe)
+        for conv in graph.converted:
+            if conv.prepare is not None:
+                conv.prepare(progress)
         result = write_output(final, out, fmt=recipe.output_format,
                               history=[(c.op, c.params, c.source.input_paths)
                                        for c in graph.converted],

@@ -1,0 +1,46 @@
+"""Small numeric helpers shared by reports: chunked L2 sums, relative L2 and
+SNR. torch is imported only when a helper runs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+CHUNK_ELEMENTS = 1 << 20  # elements per chunk for float32 math over big tensors
+
+
+def chunk_pairs(a: torch.Tensor, b: torch.Tensor, chunk: int = CHUNK_ELEMENTS
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Matching flat slices of two tensors with the same number of elements."""
+    x, y = a.reshape(-1), b.reshape(-1)
+    for i in range(0, x.numel(), chunk):
+        yield x[i:i + chunk], y[i:i + chunk]
+
+
+def l2_sums(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+    """``(sum (a - b)^2, sum b^2)`` in float64 over chunk pairs ``(a, b)``
+    (callers yield 1M-element slices, so no whole-tensor float32 copy)."""
+    import torch
+
+    diff = ref = 0.0
+    for a, b in pairs:
+        x, y = a.to(torch.float32), b.to(torch.float32)
+        diff += float(torch.sum((x - y) ** 2, dtype=torch.float64))
+        ref += float(torch.sum(y * y, dtype=torch.float64))
+    return diff, ref
+
+
+def relative_l2(diff_sq: float, ref_sq: float) -> float:
+    """``||a - b|| / ||b||`` from :func:`l2_sums` (0 for an all-zero ``b``)."""
+    return math.sqrt(diff_sq / ref_sq) if ref_sq else 0.0
+
+
+def snr_db(diff_sq: float, ref_sq: float) -> float:
+    """Signal-to-noise ratio of ``b`` against ``a - b`` in dB (inf when equal)."""
+    if diff_sq == 0:
+        return math.inf
+    return 10 * math.log10(ref_sq / diff_sq) if ref_sq else 0.0
