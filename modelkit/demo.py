@@ -130,13 +130,13 @@ def run_demo_recipe(root: Path, progress: ProgressFn = no_progress) -> Path:
     """Write the demo recipe (the EMA weights of a full training checkpoint,
     block-wise mixed with a style model, the mix turned into an inpainting
     model by add-difference with a VAE baked in, then pruned) and run it."""
-    from modelkit.merge.recipe import load_recipe
-    from modelkit.merge.run import run_recipe
+    from modelkit.core.recipe import load_recipe
+    from modelkit.core.runner import run
 
     path = root / "recipes" / "sd15-mix-inpainting.yaml"
     path.parent.mkdir(exist_ok=True)
     path.write_text(DEMO_RECIPE)
-    report = run_recipe(load_recipe(path), progress=progress)
+    report = run(load_recipe(path), progress=progress, overwrite=True)
     assert report.output is not None
     return report.output
 

@@ -7,10 +7,10 @@ import math
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
+from modelkit.vocab import CHUNK_ELEMENTS
+
 if TYPE_CHECKING:
     import torch
-
-CHUNK_ELEMENTS = 1 << 20  # elements per chunk for float32 math over big tensors
 
 
 def chunk_pairs(a: torch.Tensor, b: torch.Tensor, chunk: int = CHUNK_ELEMENTS

@@ -44,3 +44,45 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         build(path)
         out[name] = path
     return out
+
+
+def run_chain(inputs: list, steps: list[tuple[str, dict]], out: Path,
+              fmt: str | None = None) -> tuple[list, object]:
+    """Run operations one after another on ``inputs`` through the one runner
+    (the first step takes every input, later ones the previous result) and
+    return (the steps' reports, the run report)."""
+    from modelkit.core.recipe import Recipe
+    from modelkit.core.runner import run
+
+    first, *rest = steps or [("convert", {})]
+    recipe = Recipe.op(first[0], *inputs, output=out, **first[1])
+    for op, params in rest:
+        recipe = recipe.then(op, **params)
+    if fmt:
+        recipe = recipe.with_output(format=fmt)
+    report = run(recipe)
+    return (list(report.steps) if steps else []), report
+
+
+def run_recipe(recipe: object, output: object = None, **kwargs: object) -> object:
+    """Run a recipe through the one runner (what ``modelkit recipe run`` does)."""
+    from modelkit.core.runner import run
+
+    return run(recipe, output=output, **kwargs)  # type: ignore[arg-type]
+
+
+def write_diffusers(source: object, out: Path) -> object:
+    """Plan a diffusers folder for ``source`` and write it (the one write path)."""
+    from modelkit.convert.diffusers import plan_folder
+    from modelkit.io.write import OutputSpec, write
+
+    return write(plan_folder(source), OutputSpec(Path(out), "diffusers"),  # type: ignore[arg-type]
+                 inputs=source.input_paths)  # type: ignore[attr-defined]
+
+
+def write_source(source: object, out: Path) -> object:
+    """Write ``source`` to a safetensors file (the one write path)."""
+    from modelkit.io.write import OutputSpec, write
+
+    return write(source, OutputSpec(Path(out), "safetensors"),
+                 inputs=source.input_paths)  # type: ignore[attr-defined]

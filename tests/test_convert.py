@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_chain
 
 from modelkit import testing as t
 from modelkit.arch.configs import UNET_PREFIX, VAE_PREFIX
 from modelkit.arch.keys import SCHEDULE_BUFFERS, checkpoint_keys
-from modelkit.convert.pipeline import run_chain
 from modelkit.convert.quantize import INT8_SCHEME, QUANT_KEY, SCALE_SUFFIX
 from modelkit.errors import ModelkitError
 from modelkit.io.header import read_header

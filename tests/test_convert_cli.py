@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_recipe
 
 from modelkit import testing as t
 from modelkit.cli import main
+from modelkit.core.recipe import RecipeError, parse_recipe
 from modelkit.io.header import read_header
 from modelkit.io.reader import open_model
-from modelkit.merge.recipe import RecipeError, parse_recipe
-from modelkit.merge.run import run_recipe
 
 
 def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -180,13 +180,14 @@ def _recipe(tmp_path: Path, a: Path, b: Path, steps: str, out: str, fmt: str = "
 ])
 def test_every_operation_is_a_recipe_step(ema_model: Path, models: dict[str, Path],
                                           tmp_path: Path, steps: str, check: str) -> None:
-    from modelkit.convert.pipeline import run_chain
-    from modelkit.merge.recipe import load_recipe
+    from conftest import run_chain
+
+    from modelkit.core.recipe import load_recipe
 
     recipe = load_recipe(_recipe(tmp_path, ema_model, models["sd1"], steps, "out.safetensors"))
     report = run_recipe(recipe)
     out = tmp_path / "out.safetensors"
-    assert [o["op"] for o in report.operations][-1] == check
+    assert [s.transform for s in report.steps][-1] == check
     # the same operations through the command path give the same tensors
     chain = [(s.op, dict(s.params)) for s in recipe.steps.values()]
     inputs = [models["sd1"], ema_model] if check == "swap" else [ema_model]
@@ -208,7 +209,7 @@ def test_recipe_merges_ema_inputs_and_writes_gguf_and_diffusers(
              "  mix: {method: weighted_sum, models: [ae, b], params: {alpha: 0.5}}\n"
              "  small: {op: prune, models: [mix]}")
     gguf_recipe = _recipe(tmp_path, ema_model, models["sd1"], steps, "u.gguf")
-    from modelkit.merge.recipe import load_recipe
+    from modelkit.core.recipe import load_recipe
 
     report = run_recipe(load_recipe(gguf_recipe))
     assert (tmp_path / "u.gguf").is_file() and report.n_merged > 0
@@ -221,7 +222,7 @@ def test_recipe_merges_ema_inputs_and_writes_gguf_and_diffusers(
     ema = _tensors(ema_model)[t.ema_keys_for("sd1")[key]]
     b = _tensors(models["sd1"])[key]
     back = tmp_path / "back.safetensors"
-    from modelkit.convert.pipeline import run_chain
+    from conftest import run_chain
 
     run_chain([tmp_path / "pipe"], [], back)
     want = (0.5 * ema.float() + 0.5 * b.float()).half()
@@ -230,8 +231,8 @@ def test_recipe_merges_ema_inputs_and_writes_gguf_and_diffusers(
 
 @pytest.mark.parametrize("step,match", [
     ("{op: shrink, models: [a]}", r"steps\.s\.op \(line 6\): unknown operation 'shrink'"),
-    ("{op: quantize, models: [a]}", r"steps\.s\.params .*needs parameter 'dtype'"),
-    ("{op: prune, models: [a], params: {keep_ema: 2}}", r"'keep_ema' must be a bool"),
+    ("{op: quantize, models: [a]}", r"steps\.s\.params .*missing parameter 'dtype'"),
+    ("{op: prune, models: [a], params: {keep_ema: 2}}", r"'keep_ema' must be true or false"),
     ("{op: swap, models: [a]}", r"steps\.s\.models .*swap takes 2 model"),
     ("{op: ema, method: weighted_sum, models: [a]}", "exactly one of 'method'"),
 ])

@@ -12,18 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_diffusers, write_source
 from safetensors.torch import load_file, save_file
 
 from modelkit.errors import BadFileError, ModelkitError, OutputError
-from modelkit.io.diffusers import (
-    EXTRA_FILE,
-    is_diffusers_folder,
-    open_diffusers,
-    write_diffusers,
-)
+from modelkit.io.diffusers import EXTRA_FILE, is_diffusers_folder, open_diffusers
 from modelkit.io.reader import open_model
 from modelkit.io.source import DerivedSource, Source
-from modelkit.io.stream import write_source
 from modelkit.io.writer import tensor_bytes
 from modelkit.testing import write_checkpoint
 

@@ -11,11 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from modelkit import testing
+from modelkit.core.recipe import Recipe
+from modelkit.core.runner import run
 from modelkit.errors import BadFileError, OutputError, UnsafePickleError
 from modelkit.io.header import read_header, read_small_tensor
 from modelkit.io.pickle import load_pickle_state_dict, save_pickle_state_dict
 from modelkit.io.reader import cast, open_model
-from modelkit.io.stream import cast_file
 from modelkit.io.writer import SafetensorsWriter, TensorSpec, write_sparse
 
 
@@ -65,7 +67,7 @@ def test_writer_refuses_its_input(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match="also an input"):
         _write(src, {"w": torch.zeros(2)}, inputs=(src,))
     with pytest.raises(OutputError, match="also an input"):
-        cast_file(src, src, "F16")
+        run(Recipe.op("quantize", src, output=src, dtype="fp16"), overwrite=True)
     assert src.read_bytes() == before
 
 
@@ -136,9 +138,11 @@ def test_cast_is_chunked_and_exact() -> None:
     assert cast(ids, torch.float16) is ids  # integers are never cast
 
 
-def test_cast_file_keeps_ints_and_metadata(tmp_path: Path, models: dict[str, Path]) -> None:
+def test_cast_keeps_ints_and_metadata(tmp_path: Path, models: dict[str, Path]) -> None:
+    src = tmp_path / "noted.safetensors"
+    testing.write_checkpoint(src, "sd1", seed=1, metadata={"modelkit.note": "x"})
     out = tmp_path / "sd1_fp32.safetensors"
-    cast_file(models["sd1"], out, "F32", metadata={"modelkit.note": "x"})
+    run(Recipe.op("quantize", src, output=out, dtype="fp32"))
     back = load_file(out)
     key = "cond_stage_model.transformer.text_model.embeddings.position_ids"
     assert back[key].dtype == torch.int64

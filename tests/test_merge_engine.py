@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_recipe
 from safetensors.torch import load_file
 
 from modelkit import testing as t
 from modelkit.arch.blocks import block_of
 from modelkit.cli import main
+from modelkit.core.recipe import RecipeError, load_recipe, parse_recipe
 from modelkit.errors import ModelkitError
 from modelkit.io.header import read_header
-from modelkit.merge.recipe import RecipeError, load_recipe, parse_recipe
-from modelkit.merge.run import run_recipe
 
 UNET = "model.diffusion_model."
 POS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
@@ -96,7 +96,8 @@ def test_blocks_list_and_recorded_map(tmp_path: Path, models: dict[str, Path]) -
     _same(m, b, [UNET + "middle_block.1.proj_in.weight", UNET + "out.2.weight"])
     meta = read_header(out).metadata
     assert meta["modelkit.block_map"] == "supermerger"
-    assert json.loads(meta["sd_merge_recipe"])["interp_method"] == "weighted_sum"
+    # A1111's name for the method (the engine issue asks for A1111's names)
+    assert json.loads(meta["sd_merge_recipe"])["interp_method"] == "Weighted sum"
 
 
 def test_arch_mismatch_is_refused_before_math(tmp_path: Path, models: dict[str, Path]
@@ -141,7 +142,8 @@ def test_missing_key_policies(tmp_path: Path, models: dict[str, Path]) -> None:
     run_recipe(_recipe(models["sd1"], partial, out, "options: {missing_keys: take-first}"))
     got, a = load_file(out), load_file(models["sd1"])
     _same(got, a, ["first_stage_model.decoder.conv_out.weight"])
-    run_recipe(_recipe(models["sd1"], partial, out, "options: {missing_keys: skip}"))
+    run_recipe(_recipe(models["sd1"], partial, out, "options: {missing_keys: skip}"),
+               overwrite=True)  # the output of the run above is replaced
     assert not any(k.startswith("first_stage_model.") for k in load_file(out))
 
 
@@ -260,7 +262,7 @@ output: {{path: out.safetensors, step: final}}
     assert main(["recipe", "run", str(recipe), "-o", str(out2), "-q"]) == 0
     text = recipe.read_text().replace("step: final", "step: tie")
     recipe.write_text(text)
-    assert main(["recipe", "run", str(recipe), "-o", str(out2), "-q"]) == 0
+    assert main(["recipe", "run", str(recipe), "-o", str(out2), "-q", "--overwrite"]) == 0
     assert main(["recipe", "replay", "--check", str(out2), "-q"]) == 0
     meta = read_header(out).metadata
     lineage = json.loads(meta["sd_merge_models"])
@@ -294,9 +296,10 @@ def test_evaluator_frees_chunks_without_gc(tmp_path: Path, models: dict[str, Pat
     import gc
     import weakref
 
+    from modelkit.merge.evaluate import Evaluator as _Evaluator
+
     from modelkit.io.reader import open_model
     from modelkit.merge.plan import make_plan
-    from modelkit.merge.run import _Evaluator
 
     recipe = parse_recipe(f"""version: 1
 inputs: {{a: {models['sd1']}, b: {models['sd1_b']}, c: {models['sd1_ema']}}}

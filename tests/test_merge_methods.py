@@ -9,14 +9,14 @@ import math
 import pytest
 import torch
 
+from modelkit.core.registry import TRANSFORMS, transform
 from modelkit.errors import ModelkitError
 from modelkit.merge import methods as mm
 from modelkit.merge.methods import (
-    METHODS,
     add_difference,
     check_params,
     get_method,
-    merge_method,
+    methods,
     model_stock,
     slerp,
     sum_twice,
@@ -47,17 +47,18 @@ def bits_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
 
 
 def test_registry_lists_methods_with_inferred_params() -> None:
+    METHODS = methods()
     assert set(METHODS) >= {"weighted_sum", "add_difference", "triple_sum", "sum_twice",
                             "slerp", "train_difference", "ties", "model_stock"}
     ws = get_method("weighted_sum")
-    assert (ws.n_models, ws.params, ws.seeded) == (2, {"alpha": None}, False)
+    assert (ws.n_models, ws.defaults, ws.seeded) == (2, {"alpha": None}, False)
     assert get_method("add_difference").n_models == 3
-    assert get_method("triple_sum").params == {"alpha": None, "beta": None}
+    assert get_method("triple_sum").defaults == {"alpha": None, "beta": None}
     t = get_method("ties")
     assert t.n_models == -1 and t.seeded
-    assert t.params == {"alpha": 1.0, "k": 0.2, "vote_sgn": False, "dare_p": 0.0,
-                        "dare_rescale": True}
-    assert get_method("model_stock").params == {}
+    assert t.defaults == {"alpha": 1.0, "k": 0.2, "vote_sgn": False, "dare_p": 0.0,
+                          "dare_rescale": True}
+    assert get_method("model_stock").defaults == {}
     for m in METHODS.values():
         assert m.summary and m.reference
 
@@ -93,20 +94,20 @@ def test_check_params() -> None:
 
 def test_merge_method_decorator_and_duplicates() -> None:
     try:
-        @merge_method("_test_tmp", n_models=2, summary="s", reference="r")
+        @transform("_test_tmp", summary="s", reference="r")
         def tmp(a: torch.Tensor, b: torch.Tensor, *, x: float, y: int = 3) -> torch.Tensor:
             return a + b * x * y
 
         m = get_method("_test_tmp")
-        assert m.params == {"x": None, "y": 3} and m.fn is tmp
+        assert m.defaults == {"x": None, "y": 3} and m.fn is tmp
+        assert m.n_models == 2 and not m.seeded
         with pytest.raises(ValueError, match="already registered"):
-            merge_method("_test_tmp", n_models=2, summary="s", reference="r")(tmp)
-        with pytest.raises(ValueError, match="generator"):
-            merge_method("_test_tmp2", n_models=2, summary="s", reference="r",
-                         seeded=True)(tmp)
+            transform("_test_tmp", summary="s", reference="r")(tmp)
+        with pytest.raises(TypeError, match="model-role annotation"):
+            transform("_test_tmp2", summary="s")(lambda a, *, x: a)
     finally:
-        METHODS.pop("_test_tmp", None)
-        METHODS.pop("_test_tmp2", None)
+        TRANSFORMS.pop("_test_tmp", None)
+        TRANSFORMS.pop("_test_tmp2", None)
 
 
 def test_apply_checks_arity_and_passes_generator() -> None:
@@ -351,7 +352,7 @@ CALLS = {
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 def test_output_dtype_and_shape_follow_inputs(dtype: torch.dtype) -> None:
-    assert set(CALLS) == set(METHODS)
+    assert set(CALLS) == set(methods())
     for name, (n, params) in CALLS.items():
         tensors = [rand(4, 6, seed=20 + i).to(dtype) for i in range(n)]
         out = get_method(name).apply(tensors, params, torch.Generator().manual_seed(0))
@@ -369,3 +370,5 @@ def test_module_has_no_io_imports() -> None:
                 for a in (n.names if isinstance(n, ast.Import) else [ast.alias(n.module or "")])}
     assert imported <= {"__future__", "difflib", "inspect", "math", "collections", "dataclasses",
                         "itertools", "torch", "modelkit"}
+    assert {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} <= {
+        "__future__", "itertools", "torch", "modelkit.core.registry", "modelkit.errors"}

@@ -1,83 +1,52 @@
 """``prune``, ``ema``, ``quantize``, ``dequantize``, ``export-gguf``,
-``convert``, ``swap`` and ``extract``: thin shells over
-:mod:`modelkit.convert`."""
+``convert``, ``swap`` and ``extract``: each builds a one-step recipe and runs
+it through :func:`modelkit.core.runner.run`."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from dataclasses import asdict, is_dataclass
-from pathlib import Path
 from typing import Any
 
 import click
 
-from modelkit.cli.progress import StderrProgress, human_bytes
+from modelkit.cli.common import execute, options_from, output_options
+from modelkit.cli.progress import human_bytes
+from modelkit.textsafe import shown
+from modelkit.vocab import (
+    EXTRACTABLE,
+    FLOAT_STORAGE,
+    GGUF_TYPES,
+    MERGE_OUTPUT_DTYPES,
+    QUANT_TARGETS,
+)
 
 LIST_LIMIT = 15
 
 
-def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
-    fn = click.option("--overwrite", is_flag=True,
-                      help="Replace OUTPUT if it exists (never allowed for an input).")(fn)
-    fn = click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")(fn)
-    fn = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")(fn)
-    fn = click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu",
-                      show_default=True, help="Where tensors are read and computed.")(fn)
-    return click.option("-o", "--output", required=True, type=click.Path(),
-                        help="Output path (never one of the inputs).")(fn)
+def _run_op(op: str, models: list[str], common: dict[str, Any],
+            lines: Callable[[Any], list[str]], output_fields: dict[str, Any] | None = None,
+            **params: Any) -> None:
+    from modelkit.core.recipe import COMMAND_LINE, Recipe
 
+    recipe = Recipe.op(op, *models, output=common["output"], options=options_from(common),
+                       source=COMMAND_LINE, **params)
+    if output_fields:
+        recipe = recipe.with_output(**output_fields)
 
-def _run(inputs: list[str], steps: list[tuple[str, dict[str, Any]]], output: str,
-         common: dict[str, Any], lines: Callable[[Any], list[str]],
-         fmt: str | None = None, gguf_type: str = "q8_0", gguf_flatten: bool = True) -> None:
-    from modelkit.convert.pipeline import run_chain
+    def render(report: Any) -> list[str]:
+        out = [f"wrote {shown(report.output)} ({report.format}): {report.n_tensors} tensors, "
+               f"{human_bytes(report.output_bytes)} in {report.seconds:.1f}s"]
+        out += lines(report.report)
+        return out + [f"note: {shown(n)}" for n in report.notes]
 
-    device, quiet, as_json = common["device"], common["quiet"], common["as_json"]
-    target = Path(output)
-    if target.exists() and not common["overwrite"]:
-        from modelkit.errors import OutputError
-
-        raise OutputError(f"{target}: already exists; pass --overwrite to replace it or "
-                          "choose another output path")
-    done, result = run_chain(inputs, steps, output, fmt=fmt, device=device,
-                             gguf_type=gguf_type, gguf_flatten=gguf_flatten,
-                             progress=StderrProgress(quiet))
-    report = done[-1].report if done else None
-    if as_json:
-        click.echo(json.dumps({"output": str(result.path), "format": result.format,
-                               "n_tensors": result.n_tensors,
-                               "bytes_written": result.bytes_written,
-                               "seconds": round(result.seconds, 3), "notes": result.notes,
-                               "report": _jsonable(report)}, indent=2, default=str))
-        return
-    click.echo(f"wrote {result.path} ({result.format}): {result.n_tensors} tensors, "
-               f"{human_bytes(result.bytes_written)} in {result.seconds:.1f}s")
-    for line in lines(report):
-        click.echo(line)
-    for note in result.notes:
-        click.echo(f"note: {note}")
-
-
-def _jsonable(report: Any) -> Any:
-    if report is None or not is_dataclass(report):
-        return report
-    d = asdict(report)  # type: ignore[arg-type]
-    for prop in ("relative_l2", "snr_db", "overall_relative_l2"):
-        if hasattr(report, prop):
-            value = getattr(report, prop)
-            d[prop] = None if value == float("inf") else value
-    if "blocks" in d:
-        d["blocks"] = {k: {**v, "relative_l2": report.blocks[k].relative_l2}
-                       for k, v in d["blocks"].items()}
-    return d
+    execute(recipe, common, render)
 
 
 def _listed(title: str, items: list[str]) -> list[str]:
     if not items:
         return []
     more = f" (first {LIST_LIMIT} of {len(items)})" if len(items) > LIST_LIMIT else ""
-    return [f"{title}{more}:"] + [f"  {x}" for x in items[:LIST_LIMIT]]
+    return [f"{title}{more}:"] + [f"  {shown(x, 200)}" for x in items[:LIST_LIMIT]]
 
 
 def _prune_lines(r: Any) -> list[str]:
@@ -137,62 +106,63 @@ def _plain_lines(r: Any) -> list[str]:
     for name in ("n_int8", "n_tensors", "cast"):
         if getattr(r, name, None):
             out.append(f"{name.replace('n_', '').replace('_', ' ')}: {getattr(r, name)}")
-    return out + [f"note: {n}" for n in getattr(r, "notes", [])]
+    return out + [f"note: {shown(n)}" for n in getattr(r, "notes", [])]
 
 
 @click.command("prune")
 @click.argument("model", type=click.Path())
-@_common
+@output_options
 @click.option("--keep-ema", is_flag=True, help="Keep the model_ema.* weights.")
-@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32", "keep"]), default="keep",
+@click.option("--dtype", type=click.Choice(MERGE_OUTPUT_DTYPES), default="keep",
               show_default=True, help="Float dtype of the kept tensors.")
 def prune_cmd(model: str, output: str, keep_ema: bool, dtype: str, **common: Any) -> None:
     """Keep the UNet, VAE, text encoders and prediction markers; drop EMA,
     schedule buffers and training leftovers; repair CLIP position ids."""
-    _run([model], [("prune", {"keep_ema": keep_ema, "dtype": dtype})], output, common, _prune_lines)
+    _run_op("prune", [model], {"output": output, **common}, _prune_lines,
+            keep_ema=keep_ema, dtype=dtype)
 
 
 @click.command("ema")
 @click.argument("model", type=click.Path())
-@_common
+@output_options
 def ema_cmd(model: str, output: str, **common: Any) -> None:
     """Put the EMA weights in place of the UNet weights (and drop model_ema.*);
     report per block how far EMA and online weights differ."""
-    _run([model], [("ema", {})], output, common, _ema_lines)
+    _run_op("ema", [model], {"output": output, **common}, _ema_lines)
 
 
 @click.command("quantize")
 @click.argument("model", type=click.Path())
-@_common
+@output_options
 @click.option("--dtype", required=True,
-              type=click.Choice(["fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2", "int8"]),
+              type=click.Choice(QUANT_TARGETS),
               help="Storage type for the chosen components.")
 @click.option("--components", default=None, metavar="LIST",
-              help="Comma list of unet,te,vae (default all, with the VAE kept at fp16 "
-                   "or better).")
+              help="Comma list of unet,te,vae. Default: all of them for fp16/bf16/fp32; "
+                   "the UNet only for fp8 and int8 (text encoders and VAE then kept at "
+                   "16 bits).")
 def quantize_cmd(model: str, output: str, dtype: str, components: str | None,
                  **common: Any) -> None:
     """Store components at a lower precision; int8 is per-channel symmetric
     (modelkit.int8.per_channel v1, see 'modelkit dequantize')."""
-    _run([model], [("quantize", {"dtype": dtype, "components": components})], output,
-         common, _quantize_lines)
+    _run_op("quantize", [model], {"output": output, **common}, _quantize_lines,
+            dtype=dtype, components=components)
 
 
 @click.command("dequantize")
 @click.argument("model", type=click.Path())
-@_common
-@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16",
+@output_options
+@click.option("--dtype", type=click.Choice(FLOAT_STORAGE), default="fp16",
               show_default=True)
 def dequantize_cmd(model: str, output: str, dtype: str, **common: Any) -> None:
     """Restore a normal checkpoint from an int8 (or fp8) one."""
-    _run([model], [("dequantize", {"dtype": dtype})], output, common,
-         _plain_lines)
+    _run_op("dequantize", [model], {"output": output, **common}, _plain_lines, dtype=dtype)
 
 
 @click.command("export-gguf")
 @click.argument("model", type=click.Path())
-@_common
-@click.option("--type", "qtype", type=click.Choice(["q8_0", "f16", "bf16"]), default="q8_0",
+@output_options
+@click.option("--type", "qtype", type=click.Choice(GGUF_TYPES), default="q8_0",
               show_default=True, help="GGUF tensor type for the quantized weights.")
 @click.option("--keep-shapes", is_flag=True,
               help="Keep every tensor in its own shape (conv kernels stay F16): for "
@@ -201,25 +171,26 @@ def dequantize_cmd(model: str, output: str, dtype: str, **common: Any) -> None:
 def export_gguf_cmd(model: str, output: str, qtype: str, keep_shapes: bool, **common: Any) -> None:
     """Write the UNet as GGUF for ComfyUI-GGUF (models/unet) or, with
     --keep-shapes, stable-diffusion.cpp."""
-    _run([model], [], output, common, _plain_lines, fmt="gguf",
-         gguf_type=qtype, gguf_flatten=not keep_shapes)
+    _run_op("convert", [model], {"output": output, **common}, _plain_lines,
+            {"format": "gguf", "quant": qtype, "keep_shapes": keep_shapes})
 
 
 @click.command("convert")
 @click.argument("model", type=click.Path())
-@_common
+@output_options
 @click.option("--to", "fmt", type=click.Choice(["safetensors", "diffusers"]), default=None,
               help="Output format (default: from the output name; a name without "
                    ".safetensors is a diffusers folder).")
 def convert_cmd(model: str, output: str, fmt: str | None, **common: Any) -> None:
     """Convert .ckpt/.pt to .safetensors (safe loader), or a diffusers folder
     to a single original-layout file and back."""
-    _run([model], [], output, common, _plain_lines, fmt=fmt)
+    _run_op("convert", [model], {"output": output, **common}, _plain_lines,
+            {"format": fmt} if fmt else None)
 
 
 @click.command("swap")
 @click.argument("model", type=click.Path())
-@_common
+@output_options
 @click.option("--vae", "vae", type=click.Path(), default=None, help="VAE to put in.")
 @click.option("--unet", "unet", type=click.Path(), default=None, help="UNet to put in.")
 @click.option("--te", "te", type=click.Path(), default=None, help="Text encoder(s) to put in.")
@@ -230,14 +201,16 @@ def swap_cmd(model: str, output: str, vae: str | None, unet: str | None, te: str
     if len(given) != 1:
         raise click.UsageError("give exactly one of --vae, --unet, --te")
     (component, donor), = given.items()
-    _run([model, donor], [("swap", {"component": component})], output, common, _plain_lines)
+    _run_op("swap", [model, donor], {"output": output, **common}, _plain_lines,
+            component=component)
 
 
 @click.command("extract")
 @click.argument("model", type=click.Path())
-@_common
+@output_options
 @click.option("--component", required=True,
-              type=click.Choice(["vae", "unet", "te", "te1", "te2"]))
+              type=click.Choice(EXTRACTABLE))
 def extract_cmd(model: str, output: str, component: str, **common: Any) -> None:
     """Write one component of a checkpoint to its own file."""
-    _run([model], [("extract", {"component": component})], output, common, _plain_lines)
+    _run_op("extract", [model], {"output": output, **common}, _plain_lines,
+            component=component)

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
+from typing import Any
 
 import click
 
+from modelkit.cli.common import execute
 from modelkit.cli.progress import StderrProgress, human_bytes
+from modelkit.textsafe import shown
+from modelkit.vocab import (
+    BLOCK_MAPS,
+    COMPONENTS,
+    DEVICES,
+    MERGE_OUTPUT_DTYPES,
+    MISSING_KEY_POLICIES,
+)
 
 MERGE_EPILOG = """\b
 Examples:
@@ -24,46 +32,20 @@ ComfyUI's ModelMergeSimple ratio runs the other way.
 """
 
 
-def _print_report(report: object, as_json: bool) -> None:
-    from dataclasses import asdict
-
-    d = asdict(report)  # type: ignore[call-overload]
-    d["output"] = str(d["output"]) if d["output"] else None
-    if as_json:
-        click.echo(json.dumps(d, indent=2))
-        return
-    verb = "would write" if d["dry_run"] else "wrote"
-    click.echo(f"{verb} {d['output']} ({d['arch']}): {d['n_keys']} tensors, "
-               f"{d['n_merged']} merged, {d['n_copied']} copied, {d['n_skipped']} skipped, "
-               f"{human_bytes(d['output_bytes'])}")
-    click.echo(f"estimated peak working memory: {human_bytes(d['peak_estimate_bytes'])} "
-               "plus the interpreter and torch (~200 MB)")
-    if not d["dry_run"]:
-        click.echo(f"took {d['seconds']:.1f}s")
-    if d["n_ignored"]:
-        click.echo(f"note: {d['n_ignored']} keys exist only in B/C and were ignored")
-    for w in d["warnings"][:20]:
-        click.echo(f"warning: {w}", err=True)
-
-
-def _build_recipe(models: tuple[str, ...], out: str, method: str,
-                  params: dict[str, object], dtype: str, device: str, block_map: str,
-                  missing: str, include: tuple[str, ...], exclude_keys: tuple[str, ...],
-                  vae: str | None, seed: int) -> str:
-    import yaml
-
-    names = ["a", "b", "c", "d", "e", "f"][: len(models)]
-    recipe = {
-        "version": 1,
-        "inputs": {n: {"path": str(Path(m).resolve())} for n, m in zip(names, models,
-                                                                      strict=True)},
-        "steps": {"merge": {"method": method, "models": names, "params": params}},
-        "output": {"path": str(Path(out).resolve()), "dtype": dtype},
-        "options": {"device": device, "block_map": block_map, "missing_keys": missing,
-                    "include": list(include) or ["unet", "vae", "te"],
-                    "exclude_keys": list(exclude_keys), "vae": vae, "seed": seed},
-    }
-    return yaml.safe_dump(recipe, sort_keys=False)
+def _merge_lines(report: Any) -> list[str]:
+    verb = "would write" if report.dry_run else "wrote"
+    out = [f"{verb} {shown(report.output)} ({report.arch}): {report.n_tensors} tensors, "
+           f"{report.n_merged} merged, {report.n_copied} copied, {report.n_skipped} skipped, "
+           f"{human_bytes(report.output_bytes)}",
+           f"estimated peak working memory: {human_bytes(report.peak_estimate_bytes)} "
+           "plus the interpreter and torch (~200 MB)"]
+    if not report.dry_run:
+        out.append(f"took {report.seconds:.1f}s")
+    if report.n_ignored:
+        out.append(f"note: {report.n_ignored} keys exist only in B/C and were ignored")
+    for w in report.warnings[:20]:
+        click.echo(f"warning: {shown(w)}", err=True)
+    return out
 
 
 @click.command("merge", epilog=MERGE_EPILOG)
@@ -81,15 +63,15 @@ def _build_recipe(models: tuple[str, ...], out: str, method: str,
 @click.option("--beta-blocks", default=None, help="Block-wise beta, same forms as --blocks.")
 @click.option("--param", "extra", multiple=True, metavar="NAME=VALUE",
               help="Other method parameters, e.g. --param k=0.2.")
-@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32", "keep"]),
+@click.option("--dtype", type=click.Choice(MERGE_OUTPUT_DTYPES),
               default="fp16", show_default=True, help="Output dtype for float tensors.")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu",
+@click.option("--device", type=click.Choice(DEVICES), default="cpu",
               show_default=True)
-@click.option("--block-map", type=click.Choice(["supermerger", "mecha"]),
+@click.option("--block-map", type=click.Choice(BLOCK_MAPS),
               default="supermerger", show_default=True, help="Key-to-block map.")
-@click.option("--missing", type=click.Choice(["error", "take-first", "skip"]),
+@click.option("--missing", type=click.Choice(MISSING_KEY_POLICIES),
               default="error", show_default=True, help="Policy for keys missing from B/C.")
-@click.option("--include", multiple=True, type=click.Choice(["unet", "vae", "te"]),
+@click.option("--include", multiple=True, type=click.Choice(COMPONENTS),
               help="Components to merge (default all); others are copied from A.")
 @click.option("--exclude-key", "exclude_keys", multiple=True, metavar="REGEX",
               help="Keys matching REGEX are copied from A unmerged.")
@@ -100,14 +82,16 @@ def _build_recipe(models: tuple[str, ...], out: str, method: str,
               "read no tensor.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace OUTPUT if it exists (never allowed for an input).")
 def merge_cmd(models: tuple[str, ...], output: str, method: str, alpha: float | None,
               beta: float | None, blocks: str | None, beta_blocks: str | None,
               extra: tuple[str, ...], dtype: str, device: str, block_map: str,
               missing: str, include: tuple[str, ...], exclude_keys: tuple[str, ...],
-              vae: str | None, seed: int, dry_run: bool, as_json: bool, quiet: bool) -> None:
+              vae: str | None, seed: int, dry_run: bool, as_json: bool, quiet: bool,
+              overwrite: bool) -> None:
     """Merge two or three checkpoints in one step (builds a recipe and runs it)."""
-    from modelkit.merge.recipe import parse_recipe
-    from modelkit.merge.run import run_recipe
+    from modelkit.core.recipe import COMMAND_LINE, Options, Recipe
 
     params: dict[str, object] = {}
     if alpha is not None:
@@ -123,11 +107,12 @@ def merge_cmd(models: tuple[str, ...], output: str, method: str, alpha: float | 
         if not sep:
             raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--param")
         params[name] = _number(value)
-    text = _build_recipe(models, output, method, params, dtype, device, block_map, missing,
-                         include, exclude_keys, vae, seed)
-    recipe = parse_recipe(text, "command line")
-    report = run_recipe(recipe, dry_run=dry_run, progress=StderrProgress(quiet))
-    _print_report(report, as_json)
+    options = Options(device, block_map, missing, tuple(include) or COMPONENTS,
+                      tuple(exclude_keys), vae, seed)
+    recipe = Recipe.merge(*models, method=method, output=output, dtype=dtype,
+                          options=options, source=COMMAND_LINE, **params)
+    execute(recipe, {"quiet": quiet, "as_json": as_json, "overwrite": overwrite},
+            _merge_lines, dry_run=dry_run)
 
 
 def _number(value: str) -> object:
@@ -146,20 +131,21 @@ def recipe_group() -> None:
 
 @recipe_group.command("run")
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="Output file (overrides output.path).")
+@click.option("-o", "--output", type=click.Path(), default=None,
+              help="Output path (overrides output.path).")
 @click.option("--dry-run", is_flag=True, help="Plan only; read no tensor.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the output if it exists (never allowed for an input).")
 def recipe_run(recipe: str, output: str | None, dry_run: bool, as_json: bool,
-               quiet: bool) -> None:
+               quiet: bool, overwrite: bool) -> None:
     """Run a recipe file."""
-    from modelkit.merge.recipe import load_recipe
-    from modelkit.merge.run import run_recipe
+    from modelkit.core.recipe import load_recipe
 
-    report = run_recipe(load_recipe(recipe), output, dry_run=dry_run,
-                        progress=StderrProgress(quiet))
-    _print_report(report, as_json)
+    execute(load_recipe(recipe), {"quiet": quiet, "as_json": as_json,
+                                  "overwrite": overwrite},
+            _merge_lines, output=output, dry_run=dry_run)
 
 
 @recipe_group.command("lock")
@@ -189,12 +175,19 @@ def recipe_show(model: str) -> None:
 @click.option("--check", is_flag=True, help="Compare with MODEL and report bit-exactness.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Keep the replayed file here (default: a temp file, removed).")
+@click.option("--search", multiple=True, type=click.Path(file_okay=False), metavar="DIR",
+              help="Folders to look for the inputs in (by file name, then by sha256); "
+                   "MODEL's folder is always searched.")
+@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
-def recipe_replay(model: str, check: bool, output: str | None, quiet: bool) -> None:
+def recipe_replay(model: str, check: bool, output: str | None, search: tuple[str, ...],
+                  overwrite: bool, quiet: bool) -> None:
     """Re-run the recipe embedded in MODEL; with --check, compare tensors."""
     from modelkit.merge.lock import replay
 
-    result = replay(model, output, progress=StderrProgress(quiet))
+    progress = StderrProgress(quiet)
+    result = replay(model, output, progress=progress, search=search, overwrite=overwrite)
+    progress.close()
     if result.identical:
         click.echo(f"replay of {model}: bit-exact ({result.n_tensors} tensors)")
         return

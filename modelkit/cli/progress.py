@@ -1,13 +1,20 @@
-"""Progress on stderr for the CLI: a redrawn line on a terminal, a line per
-10 % step in logs. Reports are throttled; quiet mode draws nothing."""
+"""Progress on stderr for the CLI.
+
+On a terminal: one line, redrawn at most ten times a second, with the phase,
+the step, the percentage, the rate and an ETA. In logs (stderr not a
+terminal): a few plain lines per run (start, each quarter, end). Quiet mode
+draws nothing. Events may come from several threads; drawing is serialised.
+"""
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from typing import TextIO
 
 from modelkit.progress import Progress
+from modelkit.textsafe import shown
 
 
 def human_bytes(n: float, digits: int = 2) -> str:
@@ -19,12 +26,20 @@ def human_bytes(n: float, digits: int = 2) -> str:
     return f"{n:.{digits}f} TB"
 
 
-def _fmt(n: float, unit: str) -> str:
-    return human_bytes(n, 1) if unit == "bytes" else f"{int(n)}"
+def _amount(n: float, unit: str) -> str:
+    return human_bytes(n, 1) if unit == "bytes" else f"{int(n)} {unit}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
 class StderrProgress:
     """A :data:`modelkit.progress.ProgressFn` that draws on stderr."""
+
+    LOG_STEPS = 4  # plain lines per run besides the first: each quarter
 
     def __init__(self, quiet: bool = False, stream: TextIO | None = None,
                  min_seconds: float = 0.3) -> None:
@@ -32,42 +47,59 @@ class StderrProgress:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.min_seconds = min_seconds
-        self._start: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._start: float | None = None
+        self._step_start: dict[str, tuple[float, int]] = {}
         self._last_draw = 0.0
-        self._last_step: dict[str, int] = {}
-        self._drawn = False
+        self._logged = -1
+        self._open_line = False
 
     def __call__(self, p: Progress) -> None:
         if self.quiet:
             return
+        with self._lock:
+            self._draw(p)
+
+    def _draw(self, p: Progress) -> None:
         now = time.monotonic()
-        start = self._start.setdefault(p.task, now)
-        finished = p.done >= p.total
-        if now - start < self.min_seconds and not (finished and self._drawn):
-            return
+        if self._start is None:
+            self._start = now
+        self._step_start.setdefault(p.step, (now, p.done))
+        fraction = min(1.0, max(0.0, p.fraction))
         if self.tty:
-            if finished or now - self._last_draw >= 0.1:
-                self._draw_tty(p, now - start, finished)
+            if now - self._start < self.min_seconds and fraction < 1.0:
+                return
+            if fraction >= 1.0 or now - self._last_draw >= 0.1:
                 self._last_draw = now
-        else:
-            step = int(10 * p.done / p.total) if p.total else 10
-            if step > self._last_step.get(p.task, -1):
-                self._last_step[p.task] = step
-                self.stream.write(self._line(p, now - start) + "\n")
-                self._drawn = True
+                self.stream.write("\r\x1b[2K" + self._line(p, now, fraction))
+                self._open_line = True
+                if fraction >= 1.0 and p.overall is not None:
+                    self.close()
+                self.stream.flush()
+            return
+        quarter = int(fraction * self.LOG_STEPS)
+        if quarter > self._logged:
+            self._logged = quarter
+            self.stream.write(self._line(p, now, fraction) + "\n")
+            self.stream.flush()
 
-    def _line(self, p: Progress, elapsed: float) -> str:
-        pct = 100.0 * p.done / p.total if p.total else 100.0
+    def _line(self, p: Progress, now: float, fraction: float) -> str:
+        began, base = self._step_start[p.step]
+        elapsed = now - (self._start or now)
         rate = ""
-        if p.unit == "bytes" and elapsed > 0:
-            rate = f" {_fmt(p.done / elapsed, 'bytes')}/s"
-        return (f"{p.task}: {pct:5.1f}% {_fmt(p.done, p.unit)}/{_fmt(p.total, p.unit)}"
-                f"{rate} {elapsed:.1f}s")
+        if now - began > 0 and p.unit == "bytes":
+            rate = f" {human_bytes((p.done - base) / (now - began), 1)}/s"
+        eta = ""
+        if 0 < fraction < 1 and elapsed > 0:
+            eta = f" ETA {_duration(elapsed * (1 - fraction) / fraction)}"
+        item = f" {shown(p.step, 40)}"
+        return (f"{p.phase}{item}: {100 * fraction:5.1f}% "
+                f"{_amount(p.done, p.unit)}/{_amount(p.total, p.unit)}{rate}"
+                f" {_duration(elapsed)}{eta}")
 
-    def _draw_tty(self, p: Progress, elapsed: float, finished: bool) -> None:
-        self.stream.write("\r\x1b[2K" + self._line(p, elapsed))
-        self._drawn = True
-        if finished:
+    def close(self) -> None:
+        """End a redrawn line (before printing a report)."""
+        if self._open_line and self.tty:
             self.stream.write("\n")
-            self._drawn = False
-        self.stream.flush()
+            self.stream.flush()
+        self._open_line = False

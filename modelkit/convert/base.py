@@ -2,32 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from modelkit.errors import ModelkitError
-from modelkit.io.source import DerivedSource, Source, source_label
+from modelkit.io.source import Source, source_label
 
 if TYPE_CHECKING:
     import torch
 
     from modelkit.inspect.report import ModelReport
-
-
-@dataclass
-class Converted:
-    """A convert operation's result before it is written: the output as a
-    source, the operation's report (some fields fill in while the output is
-    written) and the ``modelkit.history`` record of what was done."""
-
-    source: DerivedSource
-    report: Any
-    op: str
-    params: dict[str, Any] = field(default_factory=dict)
-    # work that must run before the output header is known (e.g. LoRA
-    # extraction picks each layer's rank from its SVD): called once with a
-    # progress callback before writing; afterwards ``source.infos`` are final
-    prepare: Any = None
 
 
 def describe(source: Source) -> ModelReport:

@@ -11,11 +11,13 @@ shape: a 16-channel (SD3/Flux) VAE never goes into an SDXL file.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from modelkit.arch import parts
 from modelkit.arch.configs import TE_PREFIXES, UNET_PREFIX, VAE_PREFIX
-from modelkit.convert.base import Converted, describe, require_checkpoint
+from modelkit.convert.base import describe, require_checkpoint
+from modelkit.core.step import PlannedStep
 from modelkit.errors import ModelkitError
 from modelkit.io.source import DerivedSource, Source, input_paths_of, source_label, tensor_info
 
@@ -68,7 +70,7 @@ def _donor_kind(donor: Source, component: str) -> bool:
                         f"give a {component} file or a checkpoint that has one")
 
 
-def swap(src: Source, donor: Source, component: str = "vae") -> Converted:
+def swap(src: Source, donor: Source, component: str = "vae") -> PlannedStep:
     """Plan ``src`` with ``component`` taken from ``donor``; the donor's
     tensors are cast to the dtype each replaced key had.
 
@@ -114,10 +116,13 @@ def swap(src: Source, donor: Source, component: str = "vae") -> Converted:
 
     out = DerivedSource(f"swap({name})", dict(src.infos), dict(src.metadata), produce,
                         input_paths_of([src, donor]))
-    return Converted(out, report, "swap", {"component": component, "donor": dname})
+    origins = {k: ((1, origin[k]) if k in origin else (0, k)) for k in src.infos}
+    return PlannedStep(out, report, "swap", {"component": component,
+                                             "donor": Path(dname).name},
+                       origins)
 
 
-def extract(src: Source, component: str) -> Converted:
+def extract(src: Source, component: str) -> PlannedStep:
     """Plan a file holding one component of ``src``. ``vae`` and ``unet`` are
     written unprefixed (the layout of standalone VAE and diffusion-model
     files; a UNet keeps the prediction markers); a single text encoder is
@@ -149,4 +154,5 @@ def extract(src: Source, component: str) -> Converted:
         report.notes.append(f"{len(prefixes)} text encoders: keys keep their prefixes")
     out = DerivedSource(f"extract({name})", infos, dict(src.metadata),
                         lambda k: src.get(origin[k]), src.input_paths)
-    return Converted(out, report, "extract", {"component": component})
+    return PlannedStep(out, report, "extract", {"component": component},
+                       {k: (0, o) for k, o in origin.items()})

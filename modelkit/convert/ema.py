@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 
 from modelkit.arch.configs import EMA_PREFIX, UNET_PREFIX
 from modelkit.arch.keys import ema_key
-from modelkit.convert.base import Converted, require_checkpoint
+from modelkit.convert.base import require_checkpoint
+from modelkit.core.step import PlannedStep
 from modelkit.errors import ModelkitError
 from modelkit.io.source import DerivedSource, Source, source_label, tensor_info
 from modelkit.numeric import l2_sums, relative_l2
@@ -94,7 +95,7 @@ def _accumulate(delta: BlockDelta, ema: torch.Tensor, online: torch.Tensor) -> N
     delta.n_tensors += 1
 
 
-def select_ema(src: Source) -> Converted:
+def select_ema(src: Source) -> PlannedStep:
     """Plan a copy of ``src`` with EMA weights on the UNet keys.
 
     Raises:
@@ -133,4 +134,5 @@ def select_ema(src: Source) -> Converted:
         return ema
 
     out = DerivedSource(f"ema({name})", infos, dict(src.metadata), produce, src.input_paths)
-    return Converted(out, report, "ema", {})
+    origins = {k: (0, forward.get(k, k)) for k in infos}
+    return PlannedStep(out, report, "ema", {}, origins)

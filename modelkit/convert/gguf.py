@@ -37,7 +37,7 @@ from modelkit.progress import ProgressFn, no_progress
 
 if TYPE_CHECKING:
     from modelkit.inspect.report import ModelReport
-    from modelkit.io.gguf import GGUFResult, TensorPlan
+    from modelkit.io.gguf import GGUFPayload, GGUFResult, TensorPlan
     from modelkit.io.source import DerivedSource, Source
 
 # modelkit arch -> general.architecture (loader.py IMG_ARCH_LIST has sd1, sdxl)
@@ -114,7 +114,8 @@ def gguf_arch(path: Path, report: ModelReport) -> str:
         name = {"lora": "a LoRA", "embedding": "a textual inversion embedding",
                 "controlnet": "a ControlNet"}[kind]
         raise ModelkitError(f"{path}: is {name}, not a model; {_WHAT_TO_GIVE}"
-                            + (" (merge the LoRA into one first)" if kind == "lora" else ""))
+                            + (" (bake the LoRA into a checkpoint first: 'modelkit lora "
+                               "bake')" if kind == "lora" else ""))
     if kind not in ("checkpoint", "unet"):
         what = {"vae": "a VAE", "text_encoder": "a text encoder"}.get(kind, "not a model "
                                                                       "modelkit knows")
@@ -134,32 +135,38 @@ def _notes(report: ModelReport, plans: list[TensorPlan]) -> list[str]:
     if n_flat:
         notes.append(f"{n_flat} conv kernels stored flattened with comfy.gguf.orig_shape.* "
                      "records: ComfyUI-GGUF loads this file, stable-diffusion.cpp does not "
-                     "(use flatten=False for it)")
+                     "(use --keep-shapes for it)")
     if report.prediction.type == "v":
         notes.append("the source is v-prediction; a GGUF UNet carries no marker, so "
                      "set v_prediction in ComfyUI (ModelSamplingDiscrete)")
     return notes
 
 
-def export_gguf_source(source: Source, out: str | os.PathLike[str], *, qtype: str = "q8_0",
-                       flatten: bool = True, progress: ProgressFn = no_progress
-                       ) -> GGUFResult:
-    """Export the UNet of an open checkpoint or UNet-only source to the GGUF
-    file ``out``; see :func:`export_gguf`."""
+def plan_gguf(source: Source, *, qtype: str = "q8_0", flatten: bool = True) -> GGUFPayload:
+    """The GGUF output of the UNet of an open checkpoint or UNet-only source:
+    which tensors are quantized, kept float or flattened (see the module
+    docstring). ``flatten=False`` keeps conv kernels in their own shape
+    (float), for loaders that ignore ``comfy.gguf.orig_shape``
+    (stable-diffusion.cpp).
+
+    Raises:
+        ModelkitError: not an exportable model (LoRA, VAE, unknown
+            architecture, no UNet), or an unknown qtype.
+    """
     from modelkit.convert.base import describe
-    from modelkit.io.gguf import ggml_type_for, write_gguf
+    from modelkit.io.gguf import ggml_type_for, gguf_payload
 
     target = ggml_type_for(qtype)
     report = describe(source)
     arch = gguf_arch(Path(report.path), report)
     unet = unet_source(source)
     plan = partial(tensor_plan, flatten=flatten)
-    notes = _notes(report, [plan(k, i, target) for k, i in unet.infos.items()])
-    result = write_gguf(unet, out, qtype=qtype, arch=arch, plan=plan, progress=progress,
-                        kv={"modelkit.source_arch": report.arch,
-                            "modelkit.prediction": report.prediction.type})
-    result.notes = unet.notes + notes + result.notes
-    return result
+    payload = gguf_payload(unet, qtype=qtype, arch=arch, plan=plan,
+                           kv={"modelkit.source_arch": report.arch,
+                               "modelkit.prediction": report.prediction.type})
+    payload.notes = unet.notes + _notes(report, [plan(k, i, target)
+                                                 for k, i in unet.infos.items()])
+    return payload
 
 
 def export_gguf(
@@ -171,19 +178,22 @@ def export_gguf(
     progress: ProgressFn = no_progress,
 ) -> GGUFResult:
     """Export the UNet of the SD1/SD2/SDXL checkpoint or UNet-only file
-    ``src_path`` to the GGUF file ``out`` (``q8_0``, ``f16`` or ``bf16``).
-
-    ``flatten=False`` keeps conv kernels in their own shape (float), for
-    loaders that ignore ``comfy.gguf.orig_shape`` (stable-diffusion.cpp).
+    ``src_path`` to the GGUF file ``out`` (``q8_0``, ``f16`` or ``bf16``),
+    replacing ``out`` if it exists; runs ``modelkit export-gguf``'s recipe
+    through :func:`modelkit.core.runner.run` (provenance included).
 
     Raises:
         ModelkitError: the file is not an exportable model (LoRA, VAE, unknown
             architecture, no UNet), or the output path is refused.
     """
-    from modelkit.io.gguf import ggml_type_for
-    from modelkit.io.reader import open_model
+    from modelkit.core.recipe import Recipe
+    from modelkit.core.runner import run
+    from modelkit.io.gguf import GGUFResult
 
-    ggml_type_for(qtype)  # reject a bad qtype before opening the file
-    with open_model(Path(src_path)) as source:
-        return export_gguf_source(source, out, qtype=qtype, flatten=flatten,
-                                  progress=progress)
+    recipe = Recipe.op("convert", Path(src_path).absolute(), output=Path(out).absolute(),
+                       source="export_gguf").with_output(
+        format="gguf", quant=qtype, keep_shapes=not flatten)
+    report = run(recipe, progress=progress, overwrite=True)
+    details = report.output_details
+    return GGUFResult(Path(out), report.n_tensors, int(details.get("n_quantized", 0)),
+                      report.output_bytes, report.seconds, list(report.notes))

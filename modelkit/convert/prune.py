@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from modelkit.arch import parts
-from modelkit.convert.base import Converted, require_checkpoint
+from modelkit.convert.base import require_checkpoint
+from modelkit.core.step import PlannedStep
 from modelkit.io.source import DerivedSource, Source, source_label, tensor_info
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ def _position_ids_ok(t: torch.Tensor) -> bool:
     return bool(torch.equal(t.reshape(-1), torch.arange(t.numel(), dtype=torch.int64)))
 
 
-def prune(src: Source, *, keep_ema: bool = False, dtype: str | None = None) -> Converted:
+def prune(src: Source, *, keep_ema: bool = False, dtype: str | None = None) -> PlannedStep:
     """Plan a pruned copy of ``src``; ``dtype`` (safetensors name, e.g. ``F16``)
     casts the float tensors of the kept components (markers and integer
     tensors keep theirs).
@@ -110,4 +111,4 @@ def prune(src: Source, *, keep_ema: bool = False, dtype: str | None = None) -> C
     label = f"prune({source_label(src)})"
     out = DerivedSource(label, infos, dict(src.metadata), produce, src.input_paths)
     params = {"keep_ema": keep_ema, "dtype": dtype}
-    return Converted(out, rep, "prune", params)
+    return PlannedStep(out, rep, "prune", params, {k: (0, o) for k, o in origin.items()})

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from modelkit.arch import parts
-from modelkit.convert.base import Converted, chunked_apply, describe
+from modelkit.convert.base import chunked_apply, describe
+from modelkit.core.step import PlannedStep, same_origins
 from modelkit.errors import ModelkitError
 from modelkit.io.source import DerivedSource, Source, source_label, tensor_info
 from modelkit.numeric import l2_sums, relative_l2, snr_db
@@ -214,7 +215,7 @@ def _plan_key(key: str, dtype: str, shape: tuple[int, ...], target: str,
 
 
 def quantize(src: Source, target: str, *, components: tuple[str, ...] | None = None
-             ) -> Converted:
+             ) -> PlannedStep:
     """Plan ``src`` stored at ``target`` (one of :data:`TARGETS`) for the
     chosen components (default: all, VAE not below fp16).
 
@@ -246,7 +247,7 @@ def quantize(src: Source, target: str, *, components: tuple[str, ...] | None = N
 
 
 def _quantized_source(src: Source, report: QuantizeReport, infos: dict[str, Any],
-                      actions: dict[str, tuple[str, str]], target: str) -> Converted:
+                      actions: dict[str, tuple[str, str]], target: str) -> PlannedStep:
     pending: dict[str, Any] = {}  # int8 key -> its scale, until the scale is written
 
     def produce(key: str) -> torch.Tensor:
@@ -278,7 +279,8 @@ def _quantized_source(src: Source, report: QuantizeReport, infos: dict[str, Any]
     name = source_label(src)
     out = DerivedSource(f"quantize({name})", infos, meta, produce, src.input_paths)
     params = {"dtype": target, "policy": report.policy}
-    return Converted(out, report, "quantize", params)
+    origins = {k: (None if a == "scale" else (0, o)) for k, (a, o) in actions.items()}
+    return PlannedStep(out, report, "quantize", params, origins)
 
 
 @dataclass
@@ -293,7 +295,7 @@ class DequantizeReport:
     bytes_out: int = 0
 
 
-def dequantize(src: Source, dtype: str = "fp16") -> Converted:
+def dequantize(src: Source, dtype: str = "fp16") -> PlannedStep:
     """Plan a normal checkpoint from an int8 (or fp8) one: int8 weights times
     their scales, every other float tensor cast to ``dtype``.
 
@@ -339,7 +341,7 @@ def dequantize(src: Source, dtype: str = "fp16") -> Converted:
 
     meta = {k: v for k, v in src.metadata.items() if k != QUANT_KEY}
     out = DerivedSource(f"dequantize({name})", infos, meta, produce, src.input_paths)
-    return Converted(out, report, "dequantize", {"dtype": dtype})
+    return PlannedStep(out, report, "dequantize", {"dtype": dtype}, same_origins(infos))
 
 
 def _check_scheme(src: Source) -> str | None:

@@ -1,10 +1,10 @@
-"""Diffusers folders <-> single original-layout checkpoints (SD1, SD2, SDXL,
-SDXL refiner).
+"""Reading diffusers folders (SD1, SD2, SDXL, SDXL refiner) as single
+original-layout checkpoints.
 
 :func:`open_diffusers` presents a diffusers folder as one original-layout
-model whose tensors are computed on demand; :func:`write_diffusers` writes an
-original-layout model as a diffusers folder. The key maps are data in
-:mod:`modelkit.arch.diffusers_names`.
+model whose tensors are computed on demand. Writing one is planned in
+:mod:`modelkit.convert.diffusers` and done by :func:`modelkit.io.write.write`.
+The key maps are data in :mod:`modelkit.arch.diffusers_names`.
 
 Keys with no diffusers home (schedule buffers, ``model_ema.*``, markers,
 ``logit_scale``, SD2's last text-encoder layer) and the source
@@ -17,18 +17,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelkit.arch.configs import ARCHS, EMA_PREFIX, UNET_PREFIX, VAE_PREFIX, ArchSpec
+from modelkit.arch.configs import ARCHS, ArchSpec
 from modelkit.arch.detect import (
-    VARIANTS_BY_IN_CHANNELS,
-    expected_text_encoder,
-    expected_unet_config,
-    expected_vae_config,
     unet_family,
     unet_features,
 )
@@ -42,26 +37,16 @@ from modelkit.arch.diffusers_names import (
     DiffusersLayout,
     KeyHome,
     diffusers_layout,
-    guess_te_heads,
-    guess_unet_heads,
-    model_index,
-    scheduler_config,
     te_config_from_diffusers,
     te_folder,
-    text_encoder_config,
-    unet_config,
     unet_config_from_diffusers,
-    vae_config,
     vae_config_from_diffusers,
 )
-from modelkit.arch.keys import PREDICTION_MARKERS, SCHEDULE_BUFFERS, Shape, unet_keys
+from modelkit.arch.keys import unet_keys
 from modelkit.errors import BadFileError, ModelkitError
 from modelkit.io.header import TensorInfo
 from modelkit.io.reader import ModelSource, open_model
-from modelkit.io.source import DerivedSource, Source, source_label, tensor_info
-from modelkit.io.stream import stream_pass
-from modelkit.io.writer import TensorSpec, atomic_dir
-from modelkit.progress import Progress, ProgressFn, no_progress
+from modelkit.io.source import DerivedSource, tensor_info
 
 if TYPE_CHECKING:
     import torch
@@ -78,17 +63,6 @@ TOKENIZER_NOTE = ("tokenizers are not written (they cannot be downloaded here): 
                   "or copy them from the base model's repo and name them in model_index.json")
 
 
-@dataclass
-class DiffusersResult:
-    """What :func:`write_diffusers` wrote."""
-
-    path: Path
-    n_tensors: int
-    bytes_written: int
-    seconds: float
-    notes: list[str] = field(default_factory=list)
-
-
 def is_diffusers_folder(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a folder laid out like a diffusers pipeline
     (``model_index.json`` or ``unet/config.json``)."""
@@ -96,7 +70,7 @@ def is_diffusers_folder(path: str | os.PathLike[str]) -> bool:
     return p.is_dir() and ((p / MODEL_INDEX).is_file() or (p / UNET / "config.json").is_file())
 
 
-def _diffusers_version() -> str:
+def diffusers_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -115,15 +89,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise BadFileError(f"{path}: not a JSON object")
     return obj
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> int:
-    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
-    path.write_text(text)
-    return len(text)
-
-
-# --- reading a folder -----------------------------------------------------------
 
 
 def _weight_files(folder: Path, stem: str) -> list[Path]:
@@ -362,253 +327,3 @@ def _folder_producer(layout: DiffusersLayout, comps: dict[str, _Component],
         return t
 
     return produce
-
-
-# --- writing a folder -----------------------------------------------------------
-
-
-@dataclass
-class _Plan:
-    """What :func:`write_diffusers` will write."""
-
-    arch: ArchSpec
-    variant: str | None
-    layout: DiffusersLayout
-    components: list[str]
-    extras: list[str]
-    prediction: str = "epsilon"
-    zero_snr: bool = False
-    notes: list[str] = field(default_factory=list)
-
-
-def _split(shapes: dict[str, Shape], prefix: str) -> dict[str, Shape]:
-    n = len(prefix)
-    return {k[n:]: s for k, s in shapes.items() if k.startswith(prefix)}
-
-
-def _source_arch(label: str, shapes: dict[str, Shape]) -> tuple[ArchSpec, bool]:
-    """The ArchSpec of an original-layout model at its own widths, with only
-    the text encoders it has, and whether it has a VAE."""
-    feats = unet_features(_split(shapes, UNET_PREFIX))
-    if feats is None:
-        raise ModelkitError(f"{label}: no LDM UNet under {UNET_PREFIX}; only SD1/SD2/SDXL "
-                            "checkpoints can be written as diffusers folders")
-    name = unet_family(feats)[0]
-    ucfg = expected_unet_config(name, feats)
-    if ucfg is None:
-        raise ModelkitError(f"{label}: the UNet layout matches no SD1/SD2/SDXL "
-                            "architecture; cannot write a diffusers folder")
-    base = ARCHS[name]
-    vae_found = _split(shapes, VAE_PREFIX)
-    vae = expected_vae_config(vae_found) if vae_found else base.vae
-    if vae is None:
-        raise ModelkitError(f"{label}: the VAE under {VAE_PREFIX} has no "
-                            "encoder/decoder conv_in; cannot convert it")
-    slots = []
-    for slot in base.text_encoders:
-        found = _split(shapes, slot.prefix)
-        te = expected_text_encoder(found, slot.config.layout, slot.config.layers)
-        if te is not None:
-            te = guess_te_heads(name, slot.name, replace(
-                te, has_projection=slot.config.has_projection))
-            slots.append(replace(slot, config=te))
-    arch = replace(base, unet=guess_unet_heads(name, ucfg), vae=vae,
-                   text_encoders=tuple(slots))
-    return arch, bool(vae_found)
-
-
-def _check_complete(label: str, layout: DiffusersLayout, components: list[str],
-                    shapes: dict[str, Shape]) -> None:
-    for key, home in layout.homes.items():
-        if home.component not in components:
-            continue
-        shape = shapes.get(key)
-        if shape is None:
-            if key in layout.optional:
-                continue
-            raise ModelkitError(f"{label}: lacks {key}, part of its {layout.arch.name} "
-                                f"{home.component}; a diffusers folder needs complete "
-                                "components")
-        ok = (math.prod(shape) == math.prod(home.shape) if home.op == RESHAPE
-              else tuple(shape) == home.shape)
-        if not ok:
-            raise ModelkitError(f"{label}: {key} has shape {list(shape)}, the "
-                                f"{layout.arch.name} layout needs {list(home.shape)}")
-
-
-def _prediction(source: Source, arch: ArchSpec, plan: _Plan) -> None:
-    from modelkit.inspect.prediction import detect_prediction
-
-    # the path only serves A1111's sidecar .yaml lookup; devnull has none
-    path = source.input_paths[0] if source.input_paths else Path(os.devnull)
-
-    def read(key: str) -> list[float]:
-        return [float(x) for x in source.get(key).float().flatten().tolist()]
-
-    pred = detect_prediction(path, set(source.infos), source.metadata, arch.name, True, read)
-    plan.zero_snr = pred.zero_terminal_snr
-    if pred.type == "v":
-        plan.prediction = "v_prediction"
-    plan.notes.append(f"scheduler prediction_type {plan.prediction} ("
-                      + "; ".join(pred.evidence) + ")")
-    if pred.type == "unknown":
-        plan.notes.append("prediction type unknown: edit scheduler/scheduler_config.json "
-                          "if the model is v-prediction")
-
-
-def _extras_note(extras: list[str]) -> str:
-    groups = {"EMA": 0, "schedule buffers": 0, "markers": 0, "other": 0}
-    for k in extras:
-        if k.startswith(EMA_PREFIX):
-            groups["EMA"] += 1
-        elif k in SCHEDULE_BUFFERS:
-            groups["schedule buffers"] += 1
-        elif k in PREDICTION_MARKERS:
-            groups["markers"] += 1
-        else:
-            groups["other"] += 1
-    parts = ", ".join(f"{n} {g}" for g, n in groups.items() if n)
-    return (f"{len(extras)} tensors with no diffusers home kept in {EXTRA_FILE} "
-            f"({parts}); modelkit restores them when converting back")
-
-
-def _plan(source: Source) -> _Plan:
-    label = source_label(source)
-    shapes = {k: tuple(i.shape) for k, i in source.infos.items()}
-    arch, has_vae = _source_arch(label, shapes)
-    layout = diffusers_layout(arch)
-    components = [UNET] + ([VAE] if has_vae else []) + [te_folder(s)
-                                                         for s in arch.text_encoders]
-    _check_complete(label, layout, components, shapes)
-    extras = [k for k in source.infos
-              if k not in layout.homes or layout.homes[k].component not in components]
-    plan = _Plan(arch, VARIANTS_BY_IN_CHANNELS.get(arch.unet.in_channels), layout,
-                 components, extras)
-    _prediction(source, arch, plan)
-    if extras:
-        plan.notes.append(_extras_note(extras))
-    if not has_vae:
-        plan.notes.append("the source has no VAE: vae/ is not written")
-    if len(arch.text_encoders) < len(ARCHS[arch.name].text_encoders):
-        plan.notes.append("the source lacks a text encoder: only those present are written")
-    plan.notes.append(TOKENIZER_NOTE)
-    return plan
-
-
-def _component_specs(plan: _Plan, source: Source, comp: str) -> list[TensorSpec]:
-    specs = []
-    for home in plan.layout.homes.values():
-        if home.component == comp and home.original in source.infos:
-            dtype = source.infos[home.original].dtype
-            specs += [TensorSpec(n, dtype, home.part_shape) for n in home.names]
-    return specs
-
-
-def _component_producer(plan: _Plan, source: Source, comp: str
-                        ) -> Callable[[str], torch.Tensor]:
-    names = plan.layout.by_component[comp]
-    last: list[Any] = [None, None]  # q, k and v come one after another: read once
-
-    def produce(name: str) -> torch.Tensor:
-        original, part = names[name]
-        home = plan.layout.homes[original]
-        if last[0] != original:
-            last[0], last[1] = original, source.get(original)
-        t = last[1]
-        if home.op == SPLIT:
-            rows = home.part_shape[0]
-            return t[part * rows:(part + 1) * rows]
-        if home.op == RESHAPE:
-            return t.reshape(home.part_shape)
-        if home.op == TRANSPOSE:
-            return t.t()
-        return t
-
-    return produce
-
-
-def _component_config(plan: _Plan, comp: str, specs: list[TensorSpec], version: str
-                      ) -> dict[str, Any]:
-    if comp == UNET:
-        return unet_config(plan.arch, version)
-    if comp == VAE:
-        return vae_config(plan.arch, version)
-    slot = next(s for s in plan.arch.text_encoders if te_folder(s) == comp)
-    dtype = TORCH_DTYPE_NAMES.get(specs[0].dtype, "float32") if specs else "float32"
-    return text_encoder_config(plan.arch, slot, dtype, _transformers_version())
-
-
-def _transformers_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("transformers")
-    except PackageNotFoundError:
-        return "4.40.0"
-
-
-class _Progress:
-    """Turns per-file byte progress into progress over the whole folder."""
-
-    def __init__(self, progress: ProgressFn, total: int) -> None:
-        self.progress, self.total, self.offset = progress, total, 0
-
-    def file(self, label: str) -> ProgressFn:
-        start = self.offset
-
-        def report(p: Progress) -> None:
-            self.offset = start + p.done
-            self.progress(Progress("diffusers", self.offset, self.total, "bytes",
-                                   f"{label}/{p.item}" if p.item else label))
-
-        return report
-
-
-def write_diffusers(source: Source, out_dir: str | os.PathLike[str], *,
-                    progress: ProgressFn = no_progress) -> DiffusersResult:
-    """Write an original-layout SD1/SD2/SDXL model as a diffusers folder.
-
-    Each component gets a ``config.json`` diffusers/transformers can load
-    offline and its weights (dtypes kept); the folder also gets
-    ``model_index.json``, ``scheduler/scheduler_config.json`` and
-    ``modelkit_extra.safetensors`` (tensors with no diffusers home plus the
-    source metadata). Tokenizers are not written. The folder appears
-    atomically: ``out_dir`` must not exist or be empty, and nothing is left
-    behind on error.
-
-    Raises:
-        ModelkitError: not an SD1/SD2/SDXL checkpoint, incomplete component.
-        OutputError: ``out_dir`` is non-empty, a file, or holds an input.
-    """
-    start = time.perf_counter()
-    plan = _plan(source)
-    version = _diffusers_version()
-    specs = {c: _component_specs(plan, source, c) for c in plan.components}
-    extra_specs = [TensorSpec(k, source.infos[k].dtype, tuple(source.infos[k].shape))
-                   for k in plan.extras]
-    total = sum(s.nbytes for group in [*specs.values(), extra_specs] for s in group)
-    tracker = _Progress(progress, total)
-    inputs = source.input_paths
-    n_tensors = size = 0
-    with atomic_dir(Path(out_dir), inputs) as tmp:
-        for comp in plan.components:
-            (tmp / comp).mkdir()
-            size += _write_json(tmp / comp / "config.json",
-                                _component_config(plan, comp, specs[comp], version))
-            res = stream_pass(tmp / comp / f"{WEIGHT_STEMS[comp]}.safetensors", specs[comp],
-                              _component_producer(plan, source, comp),
-                              metadata={"format": "pt"}, inputs=inputs,
-                              progress=tracker.file(comp), task="diffusers")
-            n_tensors, size = n_tensors + res.n_tensors, size + res.bytes_written
-        # always written (possibly empty): it marks a folder modelkit wrote
-        res = stream_pass(tmp / EXTRA_FILE, extra_specs, source.get,
-                          metadata=dict(source.metadata), inputs=inputs,
-                          progress=tracker.file("extra"), task="diffusers")
-        n_tensors, size = n_tensors + res.n_tensors, size + res.bytes_written
-        (tmp / SCHEDULER_DIR).mkdir()
-        size += _write_json(tmp / SCHEDULER_DIR / "scheduler_config.json",
-                            scheduler_config(plan.prediction, plan.zero_snr, version))
-        size += _write_json(tmp / MODEL_INDEX, model_index(plan.arch, plan.variant,
-                                                           plan.components, version))
-    return DiffusersResult(Path(out_dir), n_tensors, size, time.perf_counter() - start,
-                           plan.notes)

@@ -8,19 +8,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from modelkit.errors import ModelkitError
+from modelkit.vocab import USER_DTYPES
 
 if TYPE_CHECKING:
     import torch
-
-# user-facing names accepted on the command line and in recipes
-USER_DTYPES = {
-    "fp16": "F16", "float16": "F16", "half": "F16",
-    "bf16": "BF16", "bfloat16": "BF16",
-    "fp32": "F32", "float32": "F32", "float": "F32",
-    "fp64": "F64",
-    "fp8_e4m3fn": "F8_E4M3", "fp8": "F8_E4M3", "fp8_e5m2": "F8_E5M2",
-    "int8": "I8",
-}
 
 _TORCH_NAMES = {
     "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "I32": "int32",

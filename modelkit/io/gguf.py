@@ -170,30 +170,69 @@ def encode_tensor(gguf: Any, tensor: torch.Tensor, plan: TensorPlan) -> np.ndarr
     return out
 
 
-def _default_name(source: Source) -> str:
-    title = source.metadata.get("modelspec.title")
+def _default_name(source: Source, metadata: Mapping[str, str]) -> str:
+    title = metadata.get("modelspec.title")
     if title:
         return title
     paths = source.input_paths
     return paths[0].stem if paths else "model"
 
 
-def _add_kv(writer: Any, gguf: Any, source: Source, qtype: str, plans: list[TensorPlan],
-            name: str | None, kv: Mapping[str, str]) -> None:
-    writer.add_name(name or _default_name(source))
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_file_type(int(getattr(gguf.LlamaFileType, QTYPES[qtype][1])))
-    writer.add_string("modelkit.source", ", ".join(p.name for p in source.input_paths)
-                      or source_label(source))
-    writer.add_string("modelkit.qtype", qtype)
+@dataclass
+class GGUFPayload:
+    """A GGUF output: the tensors of ``source`` stored as ``plans`` say, with
+    ``general.architecture`` ``arch`` and extra string key/values ``kv``."""
+
+    source: Source
+    plans: list[TensorPlan]
+    qtype: str
+    arch: str | None = None
+    name: str | None = None
+    kv: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.plans)
+
+
+def gguf_payload(source: Source, *, qtype: str = "q8_0", arch: str | None = None,
+                 plan: Planner = plain_plan, name: str | None = None,
+                 kv: Mapping[str, str] | None = None) -> GGUFPayload:
+    """Plan every tensor of ``source`` for GGUF (``plan(key, info, ggml_type)``)
+    and check that GGUF can hold it.
+
+    Raises:
+        ModelkitError: an unknown qtype or a tensor GGUF cannot hold.
+    """
+    qtype = qtype.lower()
+    target_type = ggml_type_for(qtype)
+    plans = [plan(k, i, target_type) for k, i in source.infos.items()]
+    for p in plans:
+        _check_plan(p, source.infos[p.key])
+    return GGUFPayload(source, plans, qtype, arch, name, dict(kv or {}))
+
+
+def _add_kv(writer: Any, gguf: Any, payload: GGUFPayload, metadata: Mapping[str, str]
+            ) -> None:
     from modelkit import __version__
 
+    source = payload.source
+    writer.add_name(payload.name or _default_name(source, metadata))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_file_type(int(getattr(gguf.LlamaFileType, QTYPES[payload.qtype][1])))
+    writer.add_string("modelkit.source", ", ".join(p.name for p in source.input_paths)
+                      or source_label(source))
+    writer.add_string("modelkit.qtype", payload.qtype)
     writer.add_string("modelkit.version", __version__)
-    for k, v in kv.items():
+    for k, v in payload.kv.items():
         writer.add_string(k, v)
-    for k, v in source.metadata.items():
-        writer.add_string(f"modelkit.source_metadata.{k}", v)
-    for p in plans:
+    for k, v in metadata.items():
+        if k in ("modelkit.version",):
+            continue
+        writer.add_string(k if k.startswith("modelkit.") else
+                          f"modelkit.source_metadata.{k}", v)
+    for p in payload.plans:
         if p.orig_shape is not None:
             # Python ints pack as INT32, the type ComfyUI-GGUF's loader checks for
             writer.add_array(ORIG_SHAPE_KEY + p.key, [int(d) for d in p.orig_shape])
@@ -211,6 +250,55 @@ def _open_writer(gguf: Any, temp: Path, arch: str | None, plans: list[TensorPlan
     return writer
 
 
+def _patch(temp: Path, head_end: int, patches: Mapping[str, str]) -> None:
+    """Replace equal-length placeholders in the first ``head_end`` bytes."""
+    if not patches:
+        return
+    with open(temp, "r+b") as f:
+        head = f.read(head_end)
+        for old, new in patches.items():
+            a, b = old.encode(), new.encode()
+            if len(a) != len(b):
+                raise ModelkitError("GGUF header patch must keep the length")
+            pos = head.find(a)
+            while pos >= 0:
+                f.seek(pos)
+                f.write(b)
+                pos = head.find(a, pos + len(a))
+
+
+def write_gguf_payload(payload: GGUFPayload, out: Path, metadata: Mapping[str, str] | None,
+                       inputs: list[Path], overwrite: bool,
+                       advance: Callable[[int, str], None], cancel: Any,
+                       finalize: Callable[[], Mapping[str, str]] | None) -> tuple[int, int]:
+    """Write ``payload`` to ``out`` atomically; ``advance(nbytes, key)``
+    reports progress. Returns (tensors, bytes written)."""
+    from modelkit.errors import check_cancel
+
+    gguf = _import_gguf()
+    source = payload.source
+    meta = source.metadata if metadata is None else metadata
+    with atomic_path(out, [*inputs, *source.input_paths], overwrite) as temp:
+        writer = _open_writer(gguf, temp, payload.arch, payload.plans)
+        try:
+            _add_kv(writer, gguf, payload, meta)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            writer.flush()
+            head_end = temp.stat().st_size
+            for p in payload.plans:
+                check_cancel(cancel)
+                writer.write_tensor_data(encode_tensor(gguf, source.get(p.key), p))
+                advance(p.nbytes, p.key)
+        finally:
+            writer.close()
+        _patch(temp, head_end, finalize() if finalize else {})
+        check_cancel(cancel)
+        size = temp.stat().st_size
+    return len(payload.plans), size
+
+
 def write_gguf(
     source: Source,
     out: str | os.PathLike[str],
@@ -222,7 +310,8 @@ def write_gguf(
     kv: Mapping[str, str] | None = None,
     progress: ProgressFn = no_progress,
 ) -> GGUFResult:
-    """Write every tensor of ``source`` to a new GGUF file ``out``.
+    """Write every tensor of ``source`` to a new GGUF file ``out`` (replacing
+    it if it exists).
 
     Args:
         qtype: ``q8_0`` (default), ``f16`` or ``bf16``: the type of the
@@ -237,28 +326,76 @@ def write_gguf(
         ModelkitError: a tensor GGUF cannot hold. Nothing is left at ``out``.
     """
     start = time.perf_counter()
-    qtype = qtype.lower()
-    target_type = ggml_type_for(qtype)
-    gguf = _import_gguf()
-    plans = [plan(k, i, target_type) for k, i in source.infos.items()]
-    for p in plans:
-        _check_plan(p, source.infos[p.key])
-    total = sum(p.nbytes for p in plans)
-    target = Path(out)
-    with atomic_path(target, source.input_paths) as temp:
-        writer = _open_writer(gguf, temp, arch, plans)
-        try:
-            _add_kv(writer, gguf, source, qtype, plans, name, kv or {})
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            done = 0
-            for p in plans:
-                writer.write_tensor_data(encode_tensor(gguf, source.get(p.key), p))
-                done += p.nbytes
-                progress(Progress("export-gguf", done, total, "bytes", p.key))
-        finally:
-            writer.close()
-        size = temp.stat().st_size
-    return GGUFResult(target, len(plans), sum(p.quantized for p in plans), size,
+    payload = gguf_payload(source, qtype=qtype, arch=arch, plan=plan, name=name, kv=kv)
+    total, done = payload.nbytes, 0
+
+    def advance(n: int, key: str) -> None:
+        nonlocal done
+        done += n
+        progress(Progress("export-gguf", done, total, "bytes", key))
+
+    n, size = write_gguf_payload(payload, Path(out), None, [], True, advance, None, None)
+    return GGUFResult(Path(out), n, sum(p.quantized for p in payload.plans), size,
                       time.perf_counter() - start)
+
+
+def _reader_fields(reader: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, f in reader.fields.items():
+        try:
+            out[name] = f.contents()
+        except Exception:  # a field type this gguf version cannot decode
+            continue
+    return out
+
+
+def open_gguf(path: str | os.PathLike[str], device: str = "cpu") -> Source:
+    """Open a GGUF file as a source: every tensor dequantized (Q8_0 to F16,
+    float types as they are) in its original shape (``comfy.gguf.orig_shape``
+    records are applied), metadata from the ``modelkit.*`` keys.
+
+    Raises:
+        BadFileError: not a GGUF file modelkit can read.
+    """
+    from modelkit.errors import BadFileError
+    from modelkit.io.source import DerivedSource, tensor_info
+
+    p = Path(path)
+    gguf = _import_gguf()
+    try:
+        reader = gguf.GGUFReader(str(p))
+        fields = _reader_fields(reader)
+        tensors = {t.name: t for t in reader.tensors}
+    except Exception as exc:  # gguf-py raises ValueError, struct.error, ...
+        raise BadFileError(f"{p}: not a GGUF file modelkit can read ({exc})") from None
+    infos = {}
+    for name, t in tensors.items():
+        kind = t.tensor_type.name
+        if kind not in GGML_SIZES:
+            raise BadFileError(f"{p}: tensor {name!r} is {kind}; modelkit reads F32, F16, "
+                               "BF16 and Q8_0 GGUF files")
+        shape = fields.get(ORIG_SHAPE_KEY + name) or list(reversed(
+            [int(d) for d in t.shape]))
+        dtype = "F16" if kind == "Q8_0" else kind
+        infos[name] = tensor_info(name, dtype, tuple(int(d) for d in shape))
+    prefix = "modelkit.source_metadata."
+    meta = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in fields.items()
+            if k.startswith("modelkit.") and isinstance(v, str)}
+
+    def produce(key: str) -> torch.Tensor:
+        import numpy as np
+        import torch
+
+        t = tensors[key]
+        kind = t.tensor_type.name
+        raw = np.asarray(t.data)
+        if kind == "Q8_0":
+            arr = gguf.quants.dequantize(raw, t.tensor_type).astype(np.float16)
+            out = torch.from_numpy(arr.reshape(-1).copy())
+        elif kind == "BF16":
+            out = torch.from_numpy(raw.reshape(-1).copy()).view(torch.bfloat16)
+        else:
+            out = torch.from_numpy(raw.reshape(-1).copy())
+        return out.reshape(infos[key].shape).to(device)
+
+    return DerivedSource(str(p), infos, meta, produce, (p,))

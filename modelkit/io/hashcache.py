@@ -8,7 +8,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from modelkit.io.hashing import FileHashes, hash_file
 from modelkit.progress import ProgressFn, no_progress
@@ -57,8 +60,25 @@ def lookup(path: str | os.PathLike[str]) -> FileHashes | None:
                       entry.get("addnet"))  # type: ignore[arg-type]
 
 
+def find_by_sha256(sha256: str) -> Path | None:
+    """A file modelkit hashed before whose content is ``sha256`` (its size
+    and mtime unchanged since), or None: the hash cache doubles as an index
+    of known files, so a recipe that names inputs by hash finds them."""
+    for key, entry in _load().items():
+        if entry.get("sha256") != sha256:
+            continue
+        p = Path(key)
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        if entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+            return p
+    return None
+
+
 def cached_hashes(path: str | os.PathLike[str], progress: ProgressFn = no_progress,
-                  tensor_hash: bool = True) -> FileHashes:
+                  tensor_hash: bool = True, cancel: Any = None) -> FileHashes:
     """Hashes of ``path``, from the cache when size and mtime match; without
     ``tensor_hash`` the addnet digest may be missing (None)."""
     hit = lookup(path)
@@ -67,10 +87,70 @@ def cached_hashes(path: str | os.PathLike[str], progress: ProgressFn = no_progre
     p = Path(path).resolve()
     st = p.stat()
     key = str(p)
-    result = hash_file(p, progress, tensor_hash)
+    result = hash_file(p, progress, tensor_hash, cancel)
     data = _load()
     data[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": result.sha256,
                  "legacy": result.legacy, "addnet": result.addnet}
     _save(data)
     result.path = str(path)
     return result
+
+
+class InputHashes:
+    """The sha256 of each input file, for provenance: from the cache when
+    fresh, else computed on background threads while the output streams.
+
+    ``values[path]`` is the digest, or for a file still being hashed a random
+    64-hex placeholder of the same length; :meth:`patches` waits for the
+    threads and maps each placeholder to its digest, so the writer can patch
+    the finished header in place. Folders (diffusers inputs) are skipped:
+    their files are listed one by one by the caller.
+    """
+
+    def __init__(self, paths: Iterable[Path], progress: ProgressFn = no_progress,
+                 cancel: Any = None) -> None:
+        import secrets
+
+        self.values: dict[Path, str] = {}
+        self.pending_bytes = 0
+        self._pending: dict[str, tuple[Path, Future[str]]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        for p in dict.fromkeys(Path(x) for x in paths):
+            if not p.is_file():
+                continue
+            cached = lookup(p)
+            if cached is not None:
+                self.values[p] = cached.sha256
+                continue
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(2, thread_name_prefix="modelkit-hash")
+            token = secrets.token_hex(32)
+            self.values[p] = token
+            self.pending_bytes += p.stat().st_size
+            job = self._pool.submit(_sha256, p, progress, cancel)
+            self._pending[token] = (p, job)
+
+    def known(self) -> dict[Path, str]:
+        """The digests known now (placeholders left out)."""
+        pending = set(self._pending)
+        return {p: v for p, v in self.values.items() if v not in pending}
+
+    def patches(self) -> dict[str, str]:
+        """Wait for the background hashes: ``{placeholder: digest}``."""
+        out = {}
+        for token, (path, job) in self._pending.items():
+            out[token] = job.result()
+            self.values[path] = out[token]
+        self._pending.clear()
+        self.close()
+        return out
+
+    def close(self) -> None:
+        """Stop waiting for hashes still running (cancel sets them to stop)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+def _sha256(path: Path, progress: ProgressFn, cancel: Any) -> str:
+    return cached_hashes(path, progress, tensor_hash=False, cancel=cancel).sha256

@@ -17,10 +17,11 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from modelkit.errors import BadFileError
+from modelkit.errors import BadFileError, check_cancel
 from modelkit.io.header import read_header
-from modelkit.progress import Progress, ProgressFn, no_progress
+from modelkit.progress import HASH, Progress, ProgressFn, no_progress
 
 CHUNK = 8 << 20
 LEGACY_OFFSET = 0x100000
@@ -43,20 +44,22 @@ class FileHashes:
         return asdict(self)
 
 
-def _legacy_hash(path: Path) -> str:
+def legacy_hash(path: str | os.PathLike[str]) -> str:
+    """A1111's old 8-digit model hash (see the module docstring)."""
     with open(path, "rb") as f:
         f.seek(LEGACY_OFFSET)
         return hashlib.sha256(f.read(LEGACY_SIZE)).hexdigest()[:8]
 
 
 def _stream_hashes(path: Path, data_start: int | None, size: int,
-                   progress: ProgressFn) -> tuple[str, str | None]:
+                   progress: ProgressFn, cancel: Any = None) -> tuple[str, str | None]:
     full = hashlib.sha256()
     tensors = hashlib.sha256() if data_start is not None else None
     done = 0
     # hashlib releases the GIL on large buffers: the two digests run on two cores
     with open(path, "rb", buffering=0) as f, ThreadPoolExecutor(2) as pool:
         while chunk := f.read(CHUNK):
+            check_cancel(cancel)
             view = memoryview(chunk)
             jobs = [pool.submit(full.update, view)]
             if tensors is not None:
@@ -66,7 +69,7 @@ def _stream_hashes(path: Path, data_start: int | None, size: int,
             for job in jobs:
                 job.result()
             done += len(chunk)
-            progress(Progress("hash", done, size, "bytes", path.name))
+            progress(Progress(path.name, done, size, "bytes", path.name, HASH))
     return full.hexdigest(), tensors.hexdigest() if tensors is not None else None
 
 
@@ -85,9 +88,10 @@ def _embedded_mismatches(meta: dict[str, str], h: FileHashes) -> list[str]:
 
 
 def hash_file(path: str | os.PathLike[str], progress: ProgressFn = no_progress,
-              tensor_hash: bool = True) -> FileHashes:
+              tensor_hash: bool = True, cancel: Any = None) -> FileHashes:
     """Compute every hash of ``path`` in one read of the file; without
-    ``tensor_hash`` the addnet digest is skipped (half the CPU work)."""
+    ``tensor_hash`` the addnet digest is skipped (half the CPU work).
+    ``cancel`` (a ``threading.Event``) is checked before each 8 MB chunk."""
     p = Path(path)
     if not p.is_file():
         raise BadFileError(f"{p}: no such file")
@@ -97,7 +101,7 @@ def hash_file(path: str | os.PathLike[str], progress: ProgressFn = no_progress,
     if p.suffix.lower() == ".safetensors" and tensor_hash:
         header = read_header(p)
         data_start, meta = header.data_start, header.metadata
-    sha, addnet = _stream_hashes(p, data_start, size, progress)
-    result = FileHashes(str(p), size, sha, sha[:10], _legacy_hash(p), addnet)
+    sha, addnet = _stream_hashes(p, data_start, size, progress, cancel)
+    result = FileHashes(str(p), size, sha, sha[:10], legacy_hash(p), addnet)
     result.mismatches = _embedded_mismatches(meta, result)
     return result

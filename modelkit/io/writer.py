@@ -114,17 +114,49 @@ def _temp_beside(target: Path) -> tuple[int, Path]:
     return fd, Path(tmp)
 
 
+def commit_file(temp: Path, target: Path, overwrite: bool = True) -> None:
+    """Move the finished ``temp`` to ``target`` in one atomic step; the temp
+    file is gone afterwards whatever happens (an interrupt included).
+
+    Without ``overwrite`` the move never replaces a file: it hard-links
+    (which fails when ``target`` exists, even if another process created it
+    a moment ago) and then drops the temp name, so the check and the move
+    are one decision.
+
+    Raises:
+        OutputError: ``target`` exists and ``overwrite`` is false.
+    """
+    try:
+        os.chmod(temp, 0o644)
+        if overwrite:
+            os.replace(temp, target)
+            return
+        try:
+            os.link(temp, target)
+        except FileExistsError:
+            raise OutputError(f"{target}: already exists (another run may have written "
+                              "it meanwhile); pass --overwrite to replace it") from None
+        except OSError:
+            # a filesystem without hard links: check, then rename
+            if target.exists():
+                raise OutputError(f"{target}: already exists; pass --overwrite to "
+                                  "replace it") from None
+            os.replace(temp, target)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
 @contextmanager
-def atomic_path(target: Path, inputs: Iterable[str | os.PathLike[str]] = ()) -> Iterator[Path]:
-    """Yield a temp path beside ``target``; rename it over ``target`` when the
-    block succeeds, remove it when it fails."""
+def atomic_path(target: Path, inputs: Iterable[str | os.PathLike[str]] = (),
+                overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temp path beside ``target``; move it to ``target`` when the
+    block succeeds (see :func:`commit_file`), remove it when it fails."""
     check_output_path(target, inputs)
     fd, temp = _temp_beside(target)
     os.close(fd)
     try:
         yield temp
-        os.chmod(temp, 0o644)
-        os.replace(temp, target)
+        commit_file(temp, target, overwrite)
     finally:
         temp.unlink(missing_ok=True)
 
@@ -137,6 +169,8 @@ class SafetensorsWriter:
         specs: every tensor the file will hold (name, dtype, shape).
         metadata: string-to-string ``__metadata__``.
         inputs: paths the operation reads; the writer refuses to write onto any.
+        overwrite: whether the commit may replace an existing ``target``
+            (without it, a target that appears meanwhile is not replaced).
     """
 
     def __init__(
@@ -145,8 +179,10 @@ class SafetensorsWriter:
         specs: Iterable[TensorSpec],
         metadata: dict[str, str] | None = None,
         inputs: Iterable[str | os.PathLike[str]] = (),
+        overwrite: bool = True,
     ) -> None:
         self.target = Path(target)
+        self.overwrite = overwrite
         check_output_path(self.target, inputs)
         self.specs = {s.name: s for s in specs}
         self._header, self._offsets = build_header(list(self.specs.values()), metadata)
@@ -186,6 +222,27 @@ class SafetensorsWriter:
         _pwrite_all(self._fd, data, self.data_start + self._offsets[name])
         self._written.add(name)
 
+    def write_part(self, name: str, byte_offset: int, data: memoryview,
+                   last: bool = False) -> None:
+        """Write bytes of tensor ``name`` starting ``byte_offset`` bytes into
+        it (for tensors computed chunk by chunk); ``last`` marks it complete.
+        The caller keeps to the declared dtype and size."""
+        spec = self.specs.get(name)
+        if spec is None:
+            raise ModelkitError(f"tensor {name!r} was not declared for the output")
+        if byte_offset + len(data) > spec.nbytes:
+            raise ModelkitError(f"tensor {name!r}: write past its {spec.nbytes} bytes")
+        assert self._fd is not None, "writer is closed"
+        _pwrite_all(self._fd, data, self.data_start + self._offsets[name] + byte_offset)
+        if last:
+            self._written.add(name)
+
+    @property
+    def fd(self) -> int:
+        """The temp file's descriptor (open until commit or abort)."""
+        assert self._fd is not None, "writer is closed"
+        return self._fd
+
     def patch_header(self, placeholder: str, value: str) -> None:
         """Replace every occurrence of ``placeholder`` in the header with
         ``value`` (same length, no JSON escaping needed): metadata that is
@@ -211,19 +268,22 @@ class SafetensorsWriter:
             raise ModelkitError(f"{len(missing)} tensors were never written "
                                 f"(first: {missing[0]!r}); nothing was saved")
         assert self._fd is not None, "writer is closed"
-        os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = None
-        os.chmod(self.temp_path, 0o644)
-        os.replace(self.temp_path, self.target)
+        try:
+            os.fsync(self._fd)
+        finally:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+        commit_file(self.temp_path, self.target, self.overwrite)
         return self.target
 
     def abort(self) -> None:
         """Drop the temp file; the target is left untouched."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        self.temp_path.unlink(missing_ok=True)
+        try:
+            if self._fd is not None:
+                fd, self._fd = self._fd, None
+                os.close(fd)
+        finally:
+            self.temp_path.unlink(missing_ok=True)
 
     def __enter__(self) -> SafetensorsWriter:
         return self
@@ -231,7 +291,11 @@ class SafetensorsWriter:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         if exc_type is None:
-            self.commit()
+            try:
+                self.commit()
+            except BaseException:
+                self.abort()
+                raise
         else:
             self.abort()
 
@@ -257,16 +321,18 @@ def _inside(path: Path, folder: Path) -> bool:
         return False
 
 
-def check_output_dir(target: Path, inputs: Iterable[str | os.PathLike[str]]) -> None:
-    """Refuse an output folder that is a file, non-empty, holds or is an
-    input, or whose parent is missing."""
+def check_output_dir(target: Path, inputs: Iterable[str | os.PathLike[str]],
+                     replaceable: bool = False) -> None:
+    """Refuse an output folder that is a file, holds or is an input, whose
+    parent is missing, or that is not empty (unless ``replaceable``: the
+    caller may replace it)."""
     for src in inputs:
         if _same_file(target, Path(src)) or _inside(Path(src), target):
             raise OutputError(f"{target}: output folder is or holds an input; choose "
                               "another output path (modelkit never writes over an input)")
     if target.exists() and not target.is_dir():
         raise OutputError(f"{target}: exists and is not a folder; choose a new folder name")
-    if target.is_dir() and any(target.iterdir()):
+    if target.is_dir() and any(target.iterdir()) and not replaceable:
         raise OutputError(f"{target}: folder exists and is not empty; choose a new "
                           "folder name or empty it first")
     if not target.parent.is_dir():
@@ -274,19 +340,33 @@ def check_output_dir(target: Path, inputs: Iterable[str | os.PathLike[str]]) -> 
 
 
 @contextmanager
-def atomic_dir(target: Path, inputs: Iterable[str | os.PathLike[str]] = ()) -> Iterator[Path]:
-    """Yield a new hidden ``.NAME.*.partial`` folder beside ``target``; rename
-    it to ``target`` when the block succeeds, remove it with everything in it
-    when it fails. ``target`` must not exist or be an empty folder."""
+def atomic_dir(target: Path, inputs: Iterable[str | os.PathLike[str]] = (),
+               replace_existing: bool = False) -> Iterator[Path]:
+    """Yield a new hidden ``.NAME.*.partial`` folder beside ``target``; move
+    it to ``target`` when the block succeeds, remove it with everything in
+    it when it fails. ``target`` must not exist or be an empty folder, unless
+    ``replace_existing``: then an existing folder is moved aside, replaced,
+    and deleted only once the new one is in place."""
     import shutil
 
     target = Path(target)
-    check_output_dir(target, inputs)
+    check_output_dir(target, inputs, replace_existing)
     temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial",
                                  dir=target.parent))
+    old: Path | None = None
     try:
         yield temp
         os.chmod(temp, 0o755)
+        if replace_existing and target.is_dir() and any(target.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old",
+                                        dir=target.parent))
+            os.rename(target, old / "previous")
         os.rename(temp, target)  # POSIX: replaces an empty folder atomically
+    except BaseException:
+        if old is not None and not target.exists():
+            os.rename(old / "previous", target)  # put the user's folder back
+        raise
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

@@ -25,152 +25,48 @@ those formulas, not from the tools' code.
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from itertools import combinations
 
 import torch
 from torch import Tensor
 
+from modelkit.core.registry import (
+    DROPPED,
+    METHOD,
+    SAME,
+    TRANSFORMS,
+    Transform,
+    check_params,
+    transform,
+)
 from modelkit.errors import ModelkitError
 
-ParamValue = float | int | bool | None
+# every method maps the primary model's keys to the same keys; keys only in
+# the other models are dropped (the merge planner reports them as ignored)
+MERGE_KEYS = (SAME, DROPPED)
+
+__all__ = ["MERGE_KEYS", "check_params", "get_method", "methods"]
 
 
-@dataclass(frozen=True)
-class MergeMethod:
-    """A registered merge method.
-
-    ``n_models`` is the number of tensor inputs (2 or 3), or -1 for "2 or
-    more" (a base followed by a variadic list). ``params`` maps each parameter
-    name to its default (``None`` = required). ``seeded`` methods take a
-    ``generator: torch.Generator`` keyword that the engine provides.
-    """
-
-    name: str
-    fn: Callable[..., Tensor]
-    n_models: int
-    params: dict[str, ParamValue]
-    summary: str
-    reference: str
-    seeded: bool = False
-    # element-wise methods can run on any slice of the tensors, so the engine
-    # streams big tensors through them in chunks
-    elementwise: bool = False
-
-    def accepts(self, n: int) -> bool:
-        """Whether the method takes ``n`` tensor inputs."""
-        return n >= 2 if self.n_models == -1 else n == self.n_models
-
-    def apply(self, tensors: Sequence[Tensor], params: Mapping[str, object],
-              generator: torch.Generator | None = None) -> Tensor:
-        """Check the arity and parameters, then call the method."""
-        if not self.accepts(len(tensors)):
-            want = "2 or more" if self.n_models == -1 else str(self.n_models)
-            raise ModelkitError(f"{self.name} takes {want} models, got {len(tensors)}")
-        kwargs = check_params(self, params)
-        if self.seeded:
-            kwargs["generator"] = generator
-        return self.fn(*tensors, **kwargs)
+def methods() -> dict[str, Transform]:
+    """Every registered merge method (per-key transforms), by name."""
+    return {n: t for n, t in TRANSFORMS.items() if t.kind == METHOD}
 
 
-METHODS: dict[str, MergeMethod] = {}
+def get_method(name: str) -> Transform:
+    """The merge method registered as ``name``; unknown names raise a
+    :class:`ModelkitError` with a suggestion and the known methods."""
+    import difflib
 
-
-def _infer_params(fn: Callable[..., Tensor], seeded: bool) -> dict[str, ParamValue]:
-    """Keyword-only parameters of ``fn`` and their defaults (``None`` = required)."""
-    params: dict[str, ParamValue] = {}
-    has_generator = False
-    for p in inspect.signature(fn).parameters.values():
-        if p.kind is not p.KEYWORD_ONLY:
-            continue
-        if p.name == "generator":
-            has_generator = True
-        else:
-            params[p.name] = None if p.default is p.empty else p.default
-    if has_generator != seeded:
-        raise ValueError(f"{fn.__name__}: seeded={seeded} but generator keyword "
-                         f"{'present' if has_generator else 'absent'}")
-    return params
-
-
-def merge_method(
-    name: str, *, n_models: int, summary: str, reference: str, seeded: bool = False,
-    elementwise: bool = False,
-) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
-    """Register the decorated function as merge method ``name``.
-
-    Parameters are its keyword-only arguments (defaults from the signature).
-    The function is returned unchanged. Registering a name twice raises
-    ``ValueError`` (a programming error, not a user one).
-    """
-    if n_models not in (-1, 2, 3):
-        raise ValueError(f"{name}: n_models must be 2, 3 or -1, not {n_models}")
-
-    def register(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        if name in METHODS:
-            raise ValueError(f"merge method '{name}' is already registered")
-        METHODS[name] = MergeMethod(name, fn, n_models, _infer_params(fn, seeded), summary,
-                                    reference, seeded, elementwise)
-        return fn
-
-    return register
-
-
-def get_method(name: str) -> MergeMethod:
-    """The method registered as ``name``; unknown names raise a
-    :class:`ModelkitError` with a suggestion and the known names."""
-    if name in METHODS:
-        return METHODS[name]
-    close = difflib.get_close_matches(name, METHODS, n=1)
+    known = methods()
+    if name in known:
+        return known[name]
+    shown = name if len(name) <= 60 else name[:57] + "..."
+    close = difflib.get_close_matches(name, known, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    raise ModelkitError(f"unknown merge method '{name}'{hint}; known: "
-                        f"{', '.join(sorted(METHODS))}")
-
-
-def _kind(method: MergeMethod, name: str) -> str:
-    """The annotated type name of a parameter (``float``, ``int``, ``bool``)."""
-    ann = inspect.signature(method.fn).parameters[name].annotation
-    return ann if isinstance(ann, str) else getattr(ann, "__name__", "")
-
-
-def _coerce(method: MergeMethod, name: str, value: object) -> ParamValue:
-    kind = _kind(method, name)
-    where = f"{method.name}: parameter '{name}'"
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise ModelkitError(f"{where} must be true or false, not {value!r}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ModelkitError(f"{where} must be a number, not {value!r}")
-    if not math.isfinite(value):
-        raise ModelkitError(f"{where} must be finite, not {value}")
-    if kind == "int":
-        if value != int(value):
-            raise ModelkitError(f"{where} must be a whole number, not {value}")
-        return int(value)
-    return float(value)
-
-
-def check_params(method: MergeMethod, params: Mapping[str, object]) -> dict[str, ParamValue]:
-    """``params`` completed with defaults and checked: an unknown or missing
-    parameter, or a value of the wrong type, raises a :class:`ModelkitError`
-    naming it."""
-    for name in params:
-        if name not in method.params:
-            known = ", ".join(method.params) or "none"
-            raise ModelkitError(f"{method.name}: unknown parameter '{name}' "
-                                f"(parameters: {known})")
-    out: dict[str, ParamValue] = {}
-    for name, default in method.params.items():
-        value = params.get(name, default)
-        if value is None:
-            raise ModelkitError(f"{method.name}: missing parameter '{name}'")
-        out[name] = _coerce(method, name, value)
-    return out
+    raise ModelkitError(f"unknown merge method '{shown}'{hint}; known: "
+                        f"{', '.join(sorted(known))} (see 'modelkit methods')")
 
 
 # --- helpers --------------------------------------------------------------------
@@ -204,11 +100,12 @@ def _unit_range(method: str, name: str, value: float, *, closed_top: bool = True
 # --- linear family ----------------------------------------------------------------
 
 
-@merge_method(
-    "weighted_sum", n_models=2, summary="(1-alpha)*A + alpha*B",
+@transform(
+    "weighted_sum", summary="(1-alpha)*A + alpha*B",
     reference="A1111 modules/extras.py weighted_sum; SuperMerger 'Weight sum'; "
               "sd-mecha linear.py weighted_sum",
-    elementwise=True,
+    elementwise=True, keys=MERGE_KEYS, a1111="Weighted sum",
+    ends=(({"alpha": 0.0}, 0), ({"alpha": 1.0}, 1)),
 )
 def weighted_sum(a: Tensor, b: Tensor, *, alpha: float) -> Tensor:
     """``(1 - alpha) * a + alpha * b``: alpha moves toward B (A1111 convention).
@@ -226,10 +123,11 @@ def weighted_sum(a: Tensor, b: Tensor, *, alpha: float) -> Tensor:
     return _lerp(a, b, alpha)
 
 
-@merge_method(
-    "add_difference", n_models=3, summary="A + alpha*(B - C)",
+@transform(
+    "add_difference", summary="A + alpha*(B - C)",
     reference="A1111 modules/extras.py add_difference; sd-mecha wrappers.py add_difference",
-    elementwise=True,
+    elementwise=True, keys=MERGE_KEYS, a1111="Add difference",
+    ends=(({"alpha": 0.0}, 0),),
 )
 def add_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: float) -> Tensor:
     """``a + alpha * (b - c)``. Returns ``a`` itself when ``alpha == 0`` or
@@ -240,10 +138,12 @@ def add_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: float) -> Tensor:
     return torch.add(a, b - c, alpha=alpha)
 
 
-@merge_method(
-    "triple_sum", n_models=3, summary="(1-alpha-beta)*A + alpha*B + beta*C",
+@transform(
+    "triple_sum", summary="(1-alpha-beta)*A + alpha*B + beta*C",
     reference="SuperMerger 'Triple sum'; sd-meh merge_methods.py triple_sum",
-    elementwise=True,
+    elementwise=True, keys=MERGE_KEYS,
+    ends=(({"alpha": 0.0, "beta": 0.0}, 0), ({"alpha": 1.0, "beta": 0.0}, 1),
+          ({"alpha": 0.0, "beta": 1.0}, 2)),
 )
 def triple_sum(a: Tensor, b: Tensor, c: Tensor, *, alpha: float, beta: float) -> Tensor:
     """``(1 - alpha - beta) * a + alpha * b + beta * c``. Exact (returns the
@@ -256,10 +156,12 @@ def triple_sum(a: Tensor, b: Tensor, c: Tensor, *, alpha: float, beta: float) ->
     return a * (1 - alpha - beta) + b * alpha + c * beta
 
 
-@merge_method(
-    "sum_twice", n_models=3, summary="(1-beta)*((1-alpha)*A + alpha*B) + beta*C",
+@transform(
+    "sum_twice", summary="(1-beta)*((1-alpha)*A + alpha*B) + beta*C",
     reference="SuperMerger 'Sum Twice'; sd-meh merge_methods.py sum_twice",
-    elementwise=True,
+    elementwise=True, keys=MERGE_KEYS,
+    ends=(({"alpha": 0.0, "beta": 0.0}, 0), ({"alpha": 1.0, "beta": 0.0}, 1),
+          ({"alpha": 0.5, "beta": 1.0}, 2)),
 )
 def sum_twice(a: Tensor, b: Tensor, c: Tensor, *, alpha: float, beta: float) -> Tensor:
     """``(1 - beta) * ((1 - alpha) * a + alpha * b) + beta * c``: two chained
@@ -273,9 +175,10 @@ def sum_twice(a: Tensor, b: Tensor, c: Tensor, *, alpha: float, beta: float) -> 
 _PARALLEL = 1 - 1e-6
 
 
-@merge_method(
-    "slerp", n_models=2, summary="spherical interpolation of directions, linear of norms",
-    reference="sd-mecha linear.py slerp",
+@transform(
+    "slerp", summary="spherical interpolation of directions, linear of norms",
+    reference="sd-mecha linear.py slerp", keys=MERGE_KEYS,
+    ends=(({"alpha": 0.0}, 0), ({"alpha": 1.0}, 1)),
 )
 def slerp(a: Tensor, b: Tensor, *, alpha: float) -> Tensor:
     """Spherical interpolation of the whole tensors' directions, with the norm
@@ -304,11 +207,11 @@ def slerp(a: Tensor, b: Tensor, *, alpha: float) -> Tensor:
 # --- difference-aware -----------------------------------------------------------------
 
 
-@merge_method(
-    "train_difference", n_models=3,
+@transform(
+    "train_difference",
     summary="A + 1.8*alpha*(B-C)*|B-A|/(|B-C|+|B-A|)",
     reference="SuperMerger mergers.py traindiff (calcmode trainDifference)",
-    elementwise=True,
+    elementwise=True, keys=MERGE_KEYS, ends=(({"alpha": 0.0}, 0),),
 )
 def train_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: float) -> Tensor:
     """``a + 1.8 * alpha * (b - c) * |b - a| / (|b - c| + |b - a|)``, with the
@@ -360,8 +263,8 @@ def _elect(deltas: Tensor, vote_sgn: bool) -> Tensor:
     return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
 
 
-@merge_method(
-    "ties", n_models=-1, seeded=True,
+@transform(
+    "ties", keys=MERGE_KEYS, ends=(({"alpha": 0.0}, 0),),
     summary="TIES (optionally DARE) merge of task vectors M_i - base",
     reference="TIES-Merging (arXiv 2306.01708); DARE (arXiv 2311.03099); sd-mecha ties.py "
               "ties_sum_extended / ties_sum_with_dropout; mergekit ties",
@@ -407,8 +310,8 @@ def _rows(t: Tensor) -> Tensor:
 _COS_EPS = 1e-8
 
 
-@merge_method(
-    "model_stock", n_models=-1,
+@transform(
+    "model_stock", keys=MERGE_KEYS, min_models=3,
     summary="base + t*mean(M_i - base), t = n cos / (1 + (n-1) cos)",
     reference="Model Stock (arXiv 2403.19522); mergekit model_stock; sd-mecha ties.py "
               "model_stock",

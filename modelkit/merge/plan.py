@@ -8,25 +8,23 @@ mismatched architectures, missing keys, shape mismatches.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from modelkit.arch.configs import UNET_PREFIX, VAE_PREFIX
 from modelkit.arch.parts import TE, UNET, VAE, part_of
+from modelkit.core.keyregex import check_key_regex
+from modelkit.core.recipe import BlockParam, Recipe, RecipeError, StepSpec
 from modelkit.errors import ModelkitError
 from modelkit.io.header import TensorInfo
+from modelkit.vocab import ARCH_NAMES, CHUNK_ELEMENTS, KEEP, USER_DTYPES
 
 if TYPE_CHECKING:
     from modelkit.inspect.report import ModelReport
     from modelkit.io.source import Source
-from modelkit.merge.recipe import BlockParam, Recipe, RecipeError, StepSpec
 
 INPAINT_KEY = UNET_PREFIX + "input_blocks.0.0.weight"
-ARCH_FAMILIES = ("sd1", "sd2", "sdxl", "sdxl_refiner")
-OUT_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
-CHUNK_ELEMENTS = 1 << 20  # element-wise methods run in chunks this size (merge.run)
 
 
 @dataclass(frozen=True)
@@ -84,7 +82,8 @@ class Plan:
         largest = max(merged, key=lambda k: math.prod(k.shape))
         out_bytes = TensorSpec(largest.key, largest.dtype, largest.shape).nbytes
         slots = len(self.recipe.inputs) + len(self.recipe.steps)
-        elementwise = all(get_method(s.method).elementwise for s in self.recipe.steps.values())
+        elementwise = all(get_method(s.transform).elementwise
+                          for s in self.recipe.steps.values())
         per_slot = min(math.prod(largest.shape), CHUNK_ELEMENTS) if elementwise else \
             math.prod(largest.shape)
         return out_bytes + per_slot * 4 * slots
@@ -124,14 +123,16 @@ def _load_input(name: str, path: Path, source: Source | None = None) -> InputFil
     file, rep = (_source_input(name, source) if source is not None
                  else _read_input(name, path, f"input {name!r}"))
     if rep.kind not in ("checkpoint", "unet"):
+        hint = ("; bake a LoRA with 'modelkit lora bake' or an 'op: bake' step"
+                if rep.kind == "lora" else "")
         raise ModelkitError(f"input {name!r}: {path} is a {rep.kind}, not a checkpoint; "
-                            "merges take checkpoints")
+                            f"merges take checkpoints{hint}")
     return file
 
 
 def _check_archs(inputs: dict[str, InputFile]) -> str:
     archs = {i.arch for i in inputs.values()}
-    unknown = [i for i in inputs.values() if i.arch not in ARCH_FAMILIES]
+    unknown = [i for i in inputs.values() if i.arch not in ARCH_NAMES]
     if unknown:
         raise ModelkitError(f"input {unknown[0].name!r}: {unknown[0].path} has architecture "
                             f"{unknown[0].arch}; modelkit merges sd1, sd2, sdxl and "
@@ -152,23 +153,11 @@ def _primary(recipe: Recipe) -> str:
 
 def _check_step(recipe: Recipe, step: StepSpec, arch: str
                 ) -> dict[tuple[str, str], dict[str, float]]:
+    """Resolve the step's block-wise parameters against ``arch`` (the rest
+    was checked when the recipe was validated)."""
     from modelkit.arch.blocks import parse_blocks
-    from modelkit.merge.methods import check_params, get_method
 
     where = f"{recipe.source}: steps.{step.name}"
-    try:
-        method = get_method(step.method)
-    except ModelkitError as exc:
-        raise RecipeError(f"{where}.method: {exc}") from None
-    n = len(step.models)
-    if (method.n_models == -1 and n < 2) or (method.n_models > 0 and n != method.n_models):
-        want = "2 or more" if method.n_models == -1 else str(method.n_models)
-        raise RecipeError(f"{where}.models: {method.name} takes {want} models, got {n}")
-    scalars = {k: (0.5 if isinstance(v, BlockParam) else v) for k, v in step.params.items()}
-    try:
-        check_params(method, scalars)
-    except ModelkitError as exc:
-        raise RecipeError(f"{where}.params: {exc}") from None
     blocks: dict[tuple[str, str], dict[str, float]] = {}
     for pname, value in step.params.items():
         if isinstance(value, BlockParam):
@@ -206,9 +195,9 @@ def _shape_problem(key: str, shapes: dict[str, tuple[int, ...]], primary: str) -
 
 
 def _out_dtype(recipe: Recipe, info: TensorInfo) -> str:
-    if not info.is_float or recipe.output_dtype == "keep":
+    if not info.is_float or recipe.output_dtype == KEEP:
         return info.dtype
-    return OUT_DTYPES[recipe.output_dtype]
+    return USER_DTYPES[recipe.output_dtype]
 
 
 def _key_plans(plan: Plan) -> None:
@@ -216,7 +205,7 @@ def _key_plans(plan: Plan) -> None:
     primary = plan.inputs[plan.primary]
     leaves = _leaves(recipe, recipe.output_step)
     opts = recipe.options
-    excluded = [re.compile(rx) for rx in opts.exclude_keys]
+    excluded = [check_key_regex(rx) for rx in opts.exclude_keys]
     problems: list[str] = []
     for key, info in primary.infos.items():
         comp = component_of(key)

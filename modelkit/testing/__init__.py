@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,7 +29,7 @@ from modelkit.arch.keys import (
     vae_keys,
 )
 from modelkit.errors import ModelkitError
-from modelkit.io.stream import WriteResult, stream_pass
+from modelkit.io.write import WriteResult
 from modelkit.io.writer import TensorSpec
 from modelkit.progress import ProgressFn, no_progress
 
@@ -174,8 +174,7 @@ def write_tensors(
             return cast(_ema_value(key, online[key], keys[key], seed), to_torch(kinds[key]))
         return cast(_value(key, keys[key], seed), to_torch(kinds[key]))
 
-    return stream_pass(path, specs, produce, metadata=metadata, progress=progress,
-                       task="generate")
+    return write_model(path, specs, produce, metadata, progress)
 
 
 def write_checkpoint(
@@ -284,3 +283,17 @@ __all__ = [
     "write_unet",
     "write_vae",
 ]
+
+
+def write_model(path: str | os.PathLike[str], specs: list[TensorSpec],
+                produce: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None,
+                progress: ProgressFn = no_progress) -> WriteResult:
+    """Write a model whose tensors ``produce(name)`` computes, through the
+    one write path (replacing ``path`` if it exists: fixtures are rebuilt)."""
+    from modelkit.io.source import DerivedSource, tensor_info
+    from modelkit.io.write import OutputSpec, write
+
+    infos = {s.name: tensor_info(s.name, s.dtype, s.shape) for s in specs}
+    source = DerivedSource(str(path), infos, dict(metadata or {}), produce)
+    return write(source, OutputSpec(Path(path), "safetensors", overwrite=True),
+                 progress=progress)

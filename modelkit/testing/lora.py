@@ -48,7 +48,7 @@ from modelkit.testing import arch_spec, synthetic_tensor, write_tensors
 if TYPE_CHECKING:
     import torch
 
-    from modelkit.io.stream import WriteResult
+    from modelkit.io.write import WriteResult
 
 KINDS = ("lora", "loha", "lokr", "peft", "comfyui", "full", "ia3")
 LYCORIS_ALGOS = {"loha": "loha", "lokr": "lokr", "full": "full", "ia3": "ia3"}

@@ -1,0 +1,107 @@
+"""The convert operations, registered as transforms: what ``modelkit prune``,
+``ema``, ``quantize``, ``dequantize``, ``swap``, ``extract`` and ``convert``
+run, and what a recipe's ``op:`` steps name. Each is a thin declaration over
+the operation's module: the signature gives the inputs and parameters."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from modelkit.core.registry import (
+    DROPPED,
+    NEW,
+    RENAMED,
+    SAME,
+    Anything,
+    Checkpoint,
+    Model,
+    transform,
+)
+from modelkit.core.step import PlannedStep, same_origins
+from modelkit.vocab import (
+    COMPONENTS,
+    EXTRACTABLE,
+    FLOAT_STORAGE,
+    KEEP,
+    MERGE_OUTPUT_DTYPES,
+    QUANT_TARGETS,
+)
+
+if TYPE_CHECKING:
+    from modelkit.io.source import Source
+
+
+def _storage_dtype(value: str) -> str | None:
+    """A safetensors float dtype for ``fp16``/``bf16``/``fp32``, None for keep."""
+    from modelkit.io.dtypes import parse_user_dtype
+
+    return None if value == KEEP else parse_user_dtype(value)
+
+
+@transform("prune", summary="keep UNet, VAE, text encoders and markers; drop EMA, "
+           "schedule buffers and leftovers; repair CLIP position ids",
+           keys=(SAME, RENAMED, DROPPED), choices={"dtype": MERGE_OUTPUT_DTYPES})
+def prune(model: Checkpoint, *, keep_ema: bool = False, dtype: str = KEEP) -> PlannedStep:
+    """Drop what inference does not need; ``dtype`` casts the kept float
+    tensors (markers and integer tensors keep theirs)."""
+    from modelkit.convert.prune import prune as plan_prune
+
+    return plan_prune(model, keep_ema=keep_ema, dtype=_storage_dtype(dtype))
+
+
+@transform("ema", summary="put the EMA weights in place of the UNet weights",
+           keys=(SAME, RENAMED, DROPPED))
+def ema(model: Checkpoint) -> PlannedStep:
+    """The EMA copy of every UNet tensor under the UNet's own names."""
+    from modelkit.convert.ema import select_ema
+
+    return select_ema(model)
+
+
+@transform("quantize", summary="store components at fp16/bf16/fp32/fp8 or int8",
+           keys=(SAME, NEW), choices={"dtype": QUANT_TARGETS, "components": COMPONENTS})
+def quantize(model: Model, *, dtype: str, components: tuple[str, ...] | None = None
+             ) -> PlannedStep:
+    """Storage precision per component (fp8/int8 default to the UNet only)."""
+    from modelkit.convert.quantize import quantize as plan_quantize
+
+    return plan_quantize(model, dtype, components=components)
+
+
+@transform("dequantize", summary="restore an int8/fp8 file to fp16/bf16/fp32",
+           keys=(SAME, DROPPED), choices={"dtype": FLOAT_STORAGE})
+def dequantize(model: Model, *, dtype: str = "fp16") -> PlannedStep:
+    """int8 weights times their scales; other float tensors cast to ``dtype``."""
+    from modelkit.convert.quantize import dequantize as plan_dequantize
+
+    return plan_dequantize(model, dtype)
+
+
+@transform("swap", summary="replace a component with the second model's",
+           keys=(SAME, RENAMED, DROPPED), choices={"component": COMPONENTS})
+def swap(model: Checkpoint, donor: Anything, *, component: str = "vae") -> PlannedStep:
+    """``model`` with ``component`` taken from ``donor`` (shapes checked; the
+    donor's kind is checked by the operation itself, with a precise message)."""
+    from modelkit.convert.components import swap as plan_swap
+
+    return plan_swap(model, donor, component)
+
+
+@transform("extract", summary="keep one component only",
+           keys=(SAME, RENAMED, DROPPED), choices={"component": EXTRACTABLE})
+def extract(model: Checkpoint, *, component: str) -> PlannedStep:
+    """One component of ``model`` (VAE and UNet unprefixed)."""
+    from modelkit.convert.components import extract as plan_extract
+
+    return plan_extract(model, component)
+
+
+@transform("convert", summary="copy every tensor as it is (change the file format)")
+def convert(model: Anything) -> PlannedStep:
+    """The model unchanged: with an output format, a format conversion."""
+    from modelkit.io.source import DerivedSource, source_label
+
+    src: Source = model
+    out = DerivedSource(f"convert({source_label(src)})", dict(src.infos),
+                        dict(src.metadata), src.get, src.input_paths)
+    return PlannedStep(out, None, "convert", {}, same_origins(src.infos))

@@ -1,0 +1,53 @@
+"""The one open: every kind of model input as a :class:`~modelkit.io.source.Source`.
+
+* ``.safetensors``: memory-mapped, read one tensor at a time;
+* legacy pickles (``.ckpt``, ``.pt``, ``.pth``, ``.bin``): through the safe
+  unpickler (an allow-list; a forbidden class is refused by name);
+* diffusers folders: presented in the original single-file layout;
+* ``.gguf`` files written for ComfyUI-GGUF: dequantized on read.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from modelkit.errors import BadFileError
+from modelkit.io.source import Source
+
+
+def _check_file(p: Path) -> None:
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise BadFileError(f"{p}: no such file") from None
+    except OSError as exc:
+        raise BadFileError(f"{p}: cannot open ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BadFileError(f"{p}: is not a regular file (a device, pipe or socket); give "
+                           "a model file")
+
+
+def open_source(path: str | os.PathLike[str], device: str = "cpu") -> Source:
+    """Open a model file or diffusers folder for reading on ``device``.
+
+    Raises:
+        BadFileError: missing, unreadable, truncated or unsafe input.
+    """
+    p = Path(path)
+    if p.is_dir():
+        from modelkit.io.diffusers import is_diffusers_folder, open_diffusers
+
+        if not is_diffusers_folder(p):
+            raise BadFileError(f"{p}: is a folder but not a diffusers model (no "
+                               "model_index.json or unet/); give a model file")
+        return open_diffusers(p, device)
+    _check_file(p)
+    if p.suffix.lower() == ".gguf":
+        from modelkit.io.gguf import open_gguf
+
+        return open_gguf(p, device)
+    from modelkit.io.reader import open_model
+
+    return open_model(p, device)
