@@ -44,7 +44,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def exported(files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
              ) -> dict[str, tuple[Path, Any]]:
-    from modelkit.convert.gguf import export_gguf
+    from modelkit.core.api import export_gguf
 
     root = tmp_path_factory.mktemp("gguf_out")
     runs = {"sd1": ("sd1", {}), "sdxl": ("sdxl", {}), "sd2": ("sd2", {}),
@@ -219,7 +219,7 @@ def test_chunking_does_not_change_bytes(files: dict[str, Path], exported: dict,
                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                         ) -> None:
     import modelkit.io.gguf as io_gguf
-    from modelkit.convert.gguf import export_gguf
+    from modelkit.core.api import export_gguf
 
     monkeypatch.setattr(io_gguf, "CHUNK", 96)
     out = tmp_path / "chunked.gguf"
@@ -230,7 +230,7 @@ def test_chunking_does_not_change_bytes(files: dict[str, Path], exported: dict,
 @pytest.mark.parametrize(("name", "words"), [("lora", "LoRA"), ("vae", "VAE")])
 def test_refuses_non_unet_inputs(files: dict[str, Path], tmp_path: Path, name: str,
                                  words: str) -> None:
-    from modelkit.convert.gguf import export_gguf
+    from modelkit.core.api import export_gguf
 
     out = tmp_path / "x.gguf"
     with pytest.raises(ModelkitError, match=words) as err:
@@ -240,7 +240,7 @@ def test_refuses_non_unet_inputs(files: dict[str, Path], tmp_path: Path, name: s
 
 
 def test_refuses_bad_outputs_and_qtype(files: dict[str, Path], tmp_path: Path) -> None:
-    from modelkit.convert.gguf import export_gguf
+    from modelkit.core.api import export_gguf
 
     before = files["sd1"].read_bytes()
     with pytest.raises(OutputError, match="also an input"):

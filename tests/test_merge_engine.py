@@ -296,9 +296,8 @@ def test_evaluator_frees_chunks_without_gc(tmp_path: Path, models: dict[str, Pat
     import gc
     import weakref
 
-    from modelkit.merge.evaluate import Evaluator as _Evaluator
-
     from modelkit.io.reader import open_model
+    from modelkit.merge.evaluate import Evaluator as _Evaluator
     from modelkit.merge.plan import make_plan
 
     recipe = parse_recipe(f"""version: 1

@@ -155,7 +155,7 @@ def recipe_run(recipe: str, output: str | None, dry_run: bool, as_json: bool,
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 def recipe_lock(recipe: str, output: str | None, quiet: bool) -> None:
     """Write a copy of the recipe with every input's sha256 pinned."""
-    from modelkit.merge.lock import lock_recipe
+    from modelkit.core.lock import lock_recipe
 
     path = lock_recipe(recipe, output, StderrProgress(quiet))
     click.echo(f"locked {path}")
@@ -165,7 +165,7 @@ def recipe_lock(recipe: str, output: str | None, quiet: bool) -> None:
 @click.argument("model", type=click.Path(dir_okay=False))
 def recipe_show(model: str) -> None:
     """Print the recipe embedded in a merge output."""
-    from modelkit.merge.lock import embedded_recipe
+    from modelkit.core.lock import embedded_recipe
 
     sys.stdout.write(embedded_recipe(model)[0])
 
@@ -183,7 +183,7 @@ def recipe_show(model: str) -> None:
 def recipe_replay(model: str, check: bool, output: str | None, search: tuple[str, ...],
                   overwrite: bool, quiet: bool) -> None:
     """Re-run the recipe embedded in MODEL; with --check, compare tensors."""
-    from modelkit.merge.lock import replay
+    from modelkit.core.lock import replay
 
     progress = StderrProgress(quiet)
     result = replay(model, output, progress=progress, search=search, overwrite=overwrite)

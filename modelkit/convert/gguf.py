@@ -25,7 +25,6 @@ then stay F16, about 1.5x the size for SD1).
 
 from __future__ import annotations
 
-import os
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,11 +32,10 @@ from typing import TYPE_CHECKING
 from modelkit.arch.configs import UNET_PREFIX
 from modelkit.errors import ModelkitError
 from modelkit.io.header import TensorInfo
-from modelkit.progress import ProgressFn, no_progress
 
 if TYPE_CHECKING:
     from modelkit.inspect.report import ModelReport
-    from modelkit.io.gguf import GGUFPayload, GGUFResult, TensorPlan
+    from modelkit.io.gguf import GGUFPayload, TensorPlan
     from modelkit.io.source import DerivedSource, Source
 
 # modelkit arch -> general.architecture (loader.py IMG_ARCH_LIST has sd1, sdxl)
@@ -167,33 +165,3 @@ def plan_gguf(source: Source, *, qtype: str = "q8_0", flatten: bool = True) -> G
     payload.notes = unet.notes + _notes(report, [plan(k, i, target)
                                                  for k, i in unet.infos.items()])
     return payload
-
-
-def export_gguf(
-    src_path: str | os.PathLike[str],
-    out: str | os.PathLike[str],
-    *,
-    qtype: str = "q8_0",
-    flatten: bool = True,
-    progress: ProgressFn = no_progress,
-) -> GGUFResult:
-    """Export the UNet of the SD1/SD2/SDXL checkpoint or UNet-only file
-    ``src_path`` to the GGUF file ``out`` (``q8_0``, ``f16`` or ``bf16``),
-    replacing ``out`` if it exists; runs ``modelkit export-gguf``'s recipe
-    through :func:`modelkit.core.runner.run` (provenance included).
-
-    Raises:
-        ModelkitError: the file is not an exportable model (LoRA, VAE, unknown
-            architecture, no UNet), or the output path is refused.
-    """
-    from modelkit.core.recipe import Recipe
-    from modelkit.core.runner import run
-    from modelkit.io.gguf import GGUFResult
-
-    recipe = Recipe.op("convert", Path(src_path).absolute(), output=Path(out).absolute(),
-                       source="export_gguf").with_output(
-        format="gguf", quant=qtype, keep_shapes=not flatten)
-    report = run(recipe, progress=progress, overwrite=True)
-    details = report.output_details
-    return GGUFResult(Path(out), report.n_tensors, int(details.get("n_quantized", 0)),
-                      report.output_bytes, report.seconds, list(report.notes))

@@ -96,7 +96,8 @@ def extract(model: Checkpoint, *, component: str) -> PlannedStep:
     return plan_extract(model, component)
 
 
-@transform("convert", summary="copy every tensor as it is (change the file format)")
+@transform("convert", summary="copy every tensor as it is (change the file format)",
+           ends=(({}, 0),))
 def convert(model: Anything) -> PlannedStep:
     """The model unchanged: with an output format, a format conversion."""
     from modelkit.io.source import DerivedSource, source_label

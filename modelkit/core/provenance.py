@@ -129,7 +129,6 @@ def _a1111_recipe(recipe: Recipe, graph: Graph, hashes: InputHashes) -> dict[str
     variant = group.plan.inputs[group.plan.primary].variant
     out["is_inpainting"] = variant == "inpaint"
     out["is_instruct_pix2pix"] = variant == "pix2pix"
-    out["steps"] = len(recipe.steps)
     return out
 
 

@@ -354,25 +354,22 @@ def _check_inputs(c: _Checker, inputs: dict[str, InputSpec]) -> None:
 
 
 def _transform_for(c: _Checker, step: StepSpec, path: tuple[str, ...]) -> Any:
-    from modelkit.core.registry import METHOD, get_transform
+    from modelkit.core.registry import METHOD, OP, all_transforms, get_transform
 
     where = (*path, step.kind or "method")
     if not isinstance(step.transform, str) or not step.transform:
         raise c.fail(where, "a method or operation name is required")
-    try:
-        if step.kind == "method":
-            from modelkit.merge.methods import get_method
-
-            t = get_method(step.transform)
-        else:
-            t = get_transform(step.transform)
-    except ModelkitError as exc:
-        message = str(exc)
-        if step.kind == "op":
-            message = message.replace("unknown method or operation", "unknown operation")
-        raise c.fail(where, message) from None
-    if step.kind == "op" and t.kind == METHOD:
+    kind = {"method": METHOD, "op": OP}.get(step.kind or "")
+    t = all_transforms().get(step.transform)
+    if t is None:
+        try:
+            get_transform(step.transform, kind)
+        except ModelkitError as exc:
+            raise c.fail(where, str(exc)) from None
+    if kind == OP and t.kind == METHOD:
         raise c.fail(where, f"{t.name} is a merge method; write 'method: {t.name}'")
+    if kind == METHOD and t.kind == OP:
+        raise c.fail(where, f"{t.name} is an operation; write 'op: {t.name}'")
     return t
 
 

@@ -202,17 +202,20 @@ def _load_builtins() -> None:
         importlib.import_module(name)
 
 
-def get_transform(name: str) -> Transform:
-    """The transform registered as ``name``; an unknown name raises a
-    :class:`ModelkitError` with a suggestion and the known names."""
+def get_transform(name: str, kind: str | None = None) -> Transform:
+    """The transform registered as ``name`` (of ``kind``, METHOD or OP, when
+    given); an unknown name raises a :class:`ModelkitError` with a
+    suggestion and the known names."""
     _load_builtins()
-    if name in TRANSFORMS:
-        return TRANSFORMS[name]
+    known = {n: t for n, t in TRANSFORMS.items() if kind is None or t.kind == kind}
+    if name in known:
+        return known[name]
     shown = name if len(name) <= 60 else name[:57] + "..."
-    close = difflib.get_close_matches(name, TRANSFORMS, n=1)
+    close = difflib.get_close_matches(name, known, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    raise ModelkitError(f"unknown method or operation {shown!r}{hint}; see 'modelkit "
-                        f"methods' (known: {', '.join(sorted(TRANSFORMS))})")
+    what = {METHOD: "merge method", OP: "operation"}.get(kind or "", "method or operation")
+    raise ModelkitError(f"unknown {what} '{shown}'{hint}; known: "
+                        f"{', '.join(sorted(known))} (see 'modelkit methods')")
 
 
 def all_transforms() -> dict[str, Transform]:

@@ -38,6 +38,7 @@ from modelkit.core.registry import (
     TRANSFORMS,
     Transform,
     check_params,
+    get_transform,
     transform,
 )
 from modelkit.errors import ModelkitError
@@ -57,16 +58,7 @@ def methods() -> dict[str, Transform]:
 def get_method(name: str) -> Transform:
     """The merge method registered as ``name``; unknown names raise a
     :class:`ModelkitError` with a suggestion and the known methods."""
-    import difflib
-
-    known = methods()
-    if name in known:
-        return known[name]
-    shown = name if len(name) <= 60 else name[:57] + "..."
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    raise ModelkitError(f"unknown merge method '{shown}'{hint}; known: "
-                        f"{', '.join(sorted(known))} (see 'modelkit methods')")
+    return get_transform(name, METHOD)
 
 
 # --- helpers --------------------------------------------------------------------

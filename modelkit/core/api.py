@@ -1,0 +1,39 @@
+"""Shortcuts over :func:`modelkit.core.runner.run` for programs that want one
+call: each builds the recipe the matching command builds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from modelkit.io.gguf import GGUFResult
+from modelkit.progress import ProgressFn, no_progress
+
+
+def export_gguf(
+    src_path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    qtype: str = "q8_0",
+    flatten: bool = True,
+    progress: ProgressFn = no_progress,
+) -> GGUFResult:
+    """Export the UNet of the SD1/SD2/SDXL checkpoint or UNet-only file
+    ``src_path`` to the GGUF file ``out`` (``q8_0``, ``f16`` or ``bf16``),
+    replacing ``out`` if it exists; runs ``modelkit export-gguf``'s recipe
+    through :func:`modelkit.core.runner.run` (provenance included).
+
+    Raises:
+        ModelkitError: the file is not an exportable model (LoRA, VAE, unknown
+            architecture, no UNet), or the output path is refused.
+    """
+    from modelkit.core.recipe import Recipe
+    from modelkit.core.runner import run
+
+    recipe = Recipe.op("convert", Path(src_path).absolute(), output=Path(out).absolute(),
+                       source="export_gguf").with_output(
+        format="gguf", quant=qtype, keep_shapes=not flatten)
+    report = run(recipe, progress=progress, overwrite=True)
+    details = report.output_details
+    return GGUFResult(Path(out), report.n_tensors, int(details.get("n_quantized", 0)),
+                      report.output_bytes, report.seconds, list(report.notes))
