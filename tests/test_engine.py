@@ -402,3 +402,38 @@ def test_a_lora_cannot_be_merged_and_is_refused_by_role(tmp_path: Path,
         run(Recipe.merge(models["sd1"], lora, alpha=0.5), output=tmp_path / "o.safetensors")
     with pytest.raises(ModelkitError, match=r"l\.safetensors: is a lora, not a checkpoint"):
         run(Recipe.op("ema", lora), output=tmp_path / "o.safetensors")
+
+
+@pytest.mark.parametrize("case", ["weighted_blocks_bf16", "add_difference_vae", "inpaint"])
+def test_fast_route_gives_the_general_routes_bytes(case: str, models: dict[str, Path],
+                                                   tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import modelkit.merge.fastpath as fastpath
+
+    m = models
+    recipe = {
+        "weighted_blocks_bf16": Recipe.merge(m["sd1"], m["sd1_ema"], alpha="gradient_v",
+                                             dtype="bf16"),
+        "add_difference_vae": Recipe.merge(m["sd1"], m["sd1_b"], m["sd1_ema"],
+                                           method="add_difference", alpha=0.7).with_output(
+            dtype="keep"),
+        "inpaint": Recipe.merge(m["sd1_inpaint"], m["sd1_b"], alpha=0.25),
+    }[case]
+    if case == "add_difference_vae":
+        from dataclasses import replace
+
+        recipe.options = replace(recipe.options, vae=str(m["vae"]))
+    fast, slow = tmp_path / "fast.safetensors", tmp_path / "slow.safetensors"
+    calls: list[str] = []
+    real = fastpath._merge_chunks
+
+    def counted(*args: object) -> None:
+        calls.append("merge")
+        real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fastpath, "_merge_chunks", counted)
+    run(recipe, output=fast)
+    assert calls  # the fast route ran
+    monkeypatch.setattr(fastpath, "streamer", lambda *a: None)
+    run(recipe, output=slow)
+    assert fast.read_bytes() == slow.read_bytes()

@@ -147,12 +147,74 @@ def _encode_chunk(gguf: Any, flat: torch.Tensor, ggml_type: str) -> np.ndarray:
         return flat.to(torch.float16).numpy().view(np.uint8)
     if ggml_type == "BF16":
         return flat.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
-    arr = flat.to(torch.float32).numpy()
     if ggml_type == "F32":
-        return arr.view(np.uint8)
+        return flat.to(torch.float32).numpy().view(np.uint8)
+    if ggml_type == "Q8_0":
+        return _q8_encoder().encode(flat).numpy().reshape(-1)
     qtype = gguf.GGMLQuantizationType[ggml_type]
-    # one row, so gguf quantizes the whole chunk in one vectorised call
+    arr = flat.to(torch.float32).numpy()
     return gguf.quants.quantize(arr.reshape(1, -1), qtype).reshape(-1)
+
+
+class Q80Encoder:
+    """GGML Q8_0 blocks of 1-D float chunks (multiples of 32 elements), as
+    uint8 ``[n_blocks, 34]``: the fp16 scale ``d = max|x| / 127`` then 32
+    int8 values ``round(x / d)``, rounded half away from zero.
+
+    The result is byte-identical to ggml's reference and gguf-py's
+    ``Q8_0.quantize_blocks`` (tested): the same float32 ``x * (1 / d)``, and
+    their rounding ``fl + floor(2 (a - fl))`` (``a = |x / d|``, ``fl =
+    floor(a)``), computed as the equal ``floor(2a) - floor(a)``. Every step
+    writes into buffers reused across chunks (ten passes, no temporaries),
+    in the calling thread.
+    """
+
+    def __init__(self, chunk: int = CHUNK) -> None:
+        import torch
+
+        self.x = torch.empty(chunk, dtype=torch.float32)
+        self.a = torch.empty(chunk, dtype=torch.float32)
+        self.t = torch.empty(chunk, dtype=torch.float32)
+        self.out = torch.empty(chunk // 32, 34, dtype=torch.uint8)
+
+    def encode(self, flat: torch.Tensor) -> torch.Tensor:
+        """The blocks of ``flat`` (a view of a buffer reused by the next call)."""
+        import torch
+
+        n = flat.numel()
+        x, a, t = self.x[:n], self.a[:n], self.t[:n]
+        x.copy_(flat)
+        lo, hi = torch.aminmax(x.view(-1, 32), dim=1, keepdim=True)
+        d = torch.maximum(hi, lo.neg_()).abs_().div_(127)  # abs_: no -0.0 scale
+        inv = torch.where(d == 0, torch.zeros_like(d), d.reciprocal())
+        torch.abs(x, out=a)
+        a.view(-1, 32).mul_(inv)
+        torch.mul(a, 2, out=t)
+        t.floor_().sub_(a.floor_())
+        torch.copysign(t, x, out=t)
+        out = self.out[:n // 32]
+        out[:, :2] = d.to(torch.float16).view(torch.uint8)
+        out[:, 2:].view(torch.int8).copy_(t.view(-1, 32))
+        return out
+
+
+_ENCODERS: dict[int, Q80Encoder] = {}
+
+
+def _q8_encoder() -> Q80Encoder:
+    """The calling thread's reusable encoder."""
+    import threading
+
+    key = threading.get_ident()
+    if key not in _ENCODERS:
+        _ENCODERS.clear()  # one writer at a time: keep the buffers of the last one
+        _ENCODERS[key] = Q80Encoder()
+    return _ENCODERS[key]
+
+
+def q8_0_blocks(flat: torch.Tensor) -> torch.Tensor:
+    """Q8_0 blocks of ``flat`` (see :class:`Q80Encoder`), in new memory."""
+    return Q80Encoder(flat.numel()).encode(flat).clone()
 
 
 def encode_tensor(gguf: Any, tensor: torch.Tensor, plan: TensorPlan) -> np.ndarray:

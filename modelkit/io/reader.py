@@ -65,6 +65,8 @@ class ModelSource(KeyAccess):
     device: str
     _handle: Any = None
     _tensors: dict[str, Any] | None = None
+    data_start: int | None = None  # where tensor data begins (safetensors files)
+    _fd: int | None = None
 
     @property
     def input_paths(self) -> tuple[Path, ...]:
@@ -86,9 +88,59 @@ class ModelSource(KeyAccess):
         except Exception as exc:  # safetensors raises its own error types
             raise BadFileError(f"{self.path}: cannot read tensor {key!r} ({exc})") from None
 
+    @property
+    def raw_readable(self) -> bool:
+        """Whether tensor bytes can be read straight from the file
+        (:meth:`read_into`): a safetensors file."""
+        return self.data_start is not None
+
+    def _raw_fd(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return self._fd
+
+    def read_into(self, key: str, byte_offset: int, out: memoryview) -> None:
+        """Read ``len(out)`` bytes of tensor ``key``, starting ``byte_offset``
+        bytes into it, into ``out`` (``pread`` into a buffer the caller
+        reuses: no page faults on a mapping, no new memory per chunk).
+
+        Raises:
+            BadFileError: the file is shorter than its header says.
+        """
+        assert self.data_start is not None, "not a safetensors file"
+        info = self.infos[key]
+        pos = self.data_start + info.begin + byte_offset
+        fd, done = self._raw_fd(), 0
+        while done < len(out):
+            n = os.preadv(fd, [out[done:]], pos + done)
+            if n <= 0:
+                raise BadFileError(f"{self.path}: truncated inside tensor {key!r}")
+            done += n
+
+    def copy_into(self, key: str, fd: int, offset: int) -> None:
+        """Copy tensor ``key``'s bytes unchanged into the file ``fd`` at
+        ``offset`` (in the kernel: ``copy_file_range``, else ``pread``)."""
+        assert self.data_start is not None, "not a safetensors file"
+        info = self.infos[key]
+        src, pos, left = self._raw_fd(), self.data_start + info.begin, info.nbytes
+        while left > 0:
+            try:
+                n = os.copy_file_range(src, fd, left, pos, offset)
+            except OSError:
+                n = 0
+            if n <= 0:  # unsupported between these files: copy through memory
+                data = os.pread(src, min(left, 1 << 24), pos)
+                if not data:
+                    raise BadFileError(f"{self.path}: truncated inside tensor {key!r}")
+                n = os.pwrite(fd, data, offset)
+            pos, offset, left = pos + n, offset + n, left - n
+
     def close(self) -> None:
         self._handle = None
         self._tensors = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self) -> ModelSource:
         return self
@@ -128,7 +180,8 @@ def open_model(path: str | os.PathLike[str], device: str = "cpu") -> ModelSource
         handle = safe_open(str(p), framework="pt", device=device)
     except Exception as exc:
         raise BadFileError(f"{p}: safetensors could not open it ({exc})") from None
-    return ModelSource(p, header.tensors, header.metadata, device, _handle=handle)
+    return ModelSource(p, header.tensors, header.metadata, device, _handle=handle,
+                       data_start=header.data_start)
 
 
 def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -21,6 +21,8 @@ from modelkit.io.header import TensorInfo
 if TYPE_CHECKING:
     import torch
 
+    from modelkit.io.writer import TensorSink
+
 
 class Source(Protocol):
     """What a transform reads and what a writer writes."""
@@ -80,6 +82,11 @@ class DerivedSource(KeyAccess):
     produce: Callable[[str], torch.Tensor]
     input_paths: tuple[Path, ...] = ()
     notes: list[str] = field(default_factory=list)
+    # optional faster route: ``stream(key, sink)`` writes the key's bytes
+    # into a :class:`~modelkit.io.writer.TensorSink` (in pieces, or copied
+    # file to file) and returns True, or returns False to let the writer
+    # call ``get``
+    stream: Callable[[str, TensorSink], bool] | None = None
 
     def get(self, key: str) -> torch.Tensor:
         if key not in self.infos:

@@ -151,11 +151,15 @@ class _Bytes:
 
 
 def _stream(writer: SafetensorsWriter, source: Source, bar: _Bytes, cancel: Any) -> int:
-    """Write every tensor of ``source`` in header order; returns the count."""
+    """Write every tensor of ``source`` in header order (through the
+    source's ``stream`` route when it offers one); returns the count."""
+    stream = getattr(source, "stream", None)
     for spec in writer.specs.values():
         check_cancel(cancel)
-        writer.write(spec.name, source.get(spec.name))
-        bar.add(spec.nbytes, spec.name)
+        name = spec.name
+        if stream is None or not stream(name, writer.sink(name)):
+            writer.write(name, source.get(name))
+        bar.add(spec.nbytes, name)
     return len(writer.specs)
 
 

@@ -237,11 +237,21 @@ class SafetensorsWriter:
         if last:
             self._written.add(name)
 
-    @property
-    def fd(self) -> int:
-        """The temp file's descriptor (open until commit or abort)."""
+    def sink(self, name: str) -> TensorSink:
+        """Where tensor ``name``'s bytes go, in pieces or copied from a file."""
+        if name not in self.specs:
+            raise ModelkitError(f"tensor {name!r} was not declared for the output")
+        return TensorSink(self, name)
+
+    def copy_from(self, name: str, source: Any, key: str) -> None:
+        """Copy tensor ``key`` of an open safetensors ``source`` unchanged
+        into tensor ``name`` (same dtype and size), file to file."""
+        spec = self.specs[name]
+        if source.infos[key].nbytes != spec.nbytes or source.infos[key].dtype != spec.dtype:
+            raise ModelkitError(f"tensor {name!r}: {key!r} has another dtype or size")
         assert self._fd is not None, "writer is closed"
-        return self._fd
+        source.copy_into(key, self._fd, self.data_start + self._offsets[name])
+        self._written.add(name)
 
     def patch_header(self, placeholder: str, value: str) -> None:
         """Replace every occurrence of ``placeholder`` in the header with
@@ -298,6 +308,20 @@ class SafetensorsWriter:
                 raise
         else:
             self.abort()
+
+
+class TensorSink:
+    """The bytes of one output tensor, written in pieces (``write``) or
+    copied whole from an open safetensors file (``copy_from``)."""
+
+    def __init__(self, writer: SafetensorsWriter, name: str) -> None:
+        self.writer, self.name = writer, name
+
+    def write(self, byte_offset: int, data: memoryview, last: bool = False) -> None:
+        self.writer.write_part(self.name, byte_offset, data, last)
+
+    def copy_from(self, source: Any, key: str) -> None:
+        self.writer.copy_from(self.name, source, key)
 
 
 def write_sparse(target: str | os.PathLike[str], specs: Iterable[TensorSpec],

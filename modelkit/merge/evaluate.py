@@ -181,8 +181,11 @@ def merge_source(plan: Plan, sources: dict[str, Source], vae: Source | None,
                  device: str, label: str) -> tuple[DerivedSource, Evaluator]:
     """The group's output as a lazy source."""
     from modelkit.io.source import DerivedSource, input_paths_of, tensor_info
+    from modelkit.merge.fastpath import streamer
 
     ev = Evaluator(plan, sources, device)
     infos = {k.key: tensor_info(k.key, k.dtype, k.shape) for k in plan.keys}
     paths = input_paths_of([*sources.values(), *([vae] if vae else [])])
-    return DerivedSource(label, infos, {}, producer(plan, ev, vae), paths), ev
+    source = DerivedSource(label, infos, {}, producer(plan, ev, vae), paths,
+                           stream=streamer(plan, ev, vae))
+    return source, ev
