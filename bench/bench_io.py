@@ -21,6 +21,7 @@ one pass in a fresh process; that entry point is internal.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -31,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -89,10 +90,10 @@ def read_status(pid: int | str = "self") -> dict[str, int]:
 
 def _import_all() -> None:
     """Everything any pass imports, so each child starts from the same base."""
+    import modelkit.io.stream
     import safetensors.torch  # noqa: F401
     import torch  # noqa: F401
 
-    import modelkit.io.stream
     import modelkit.testing  # noqa: F401
 
 
@@ -249,6 +250,22 @@ class Sampled:
     stderr: str
     returncode: int | None
     killed: bool = False
+
+
+@contextlib.contextmanager
+def busy_loop(enabled: bool = True) -> Iterator[None]:
+    """One competing CPU-bound process (``while True: pass``) for the block:
+    what a user's UI, browser or render does to a 2-core machine."""
+    if not enabled:
+        yield
+        return
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.2)  # let it take its core
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def sample_process(cmd: list[str], env: dict[str, str] | None = None,

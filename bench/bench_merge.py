@@ -63,6 +63,7 @@ from bench_io import (  # noqa: E402  (bench_io puts the repo on sys.path)
     DEFAULT_DIR,
     REPO,
     BenchError,
+    busy_loop,
     child_env,
     log,
     mem_available,
@@ -85,6 +86,7 @@ MB = 1e6
 N_CHECK_KEYS = 8
 # targets (issue): modelkit within 5x cp, >= 6x faster than sd-mecha, < 400 MB anon
 TARGET_CP_RATIO = 5.0
+TARGET_COLD_RATIO = 1.3  # cold (inputs hashed beside the write) vs warm
 TARGET_MECHA_SPEEDUP = 6.0
 TARGET_ANON_MB = 400.0
 # sd-mecha's peak RssAnon per byte of one input, measured on SD1.5 (3.7 GB for 2.1 GB)
@@ -108,6 +110,50 @@ for key, ta in a.items():
     else:
         merged[key] = ta
 save_file(merged, out)
+print(json.dumps({"import_s": t1 - t0, "work_s": time.perf_counter() - t1}))
+"""
+
+# the issue's yardstick: single-threaded, pread into reused buffers, lerp in
+# fp32 chunks, pwrite fp16 from a reused buffer; output laid out like A
+REFERENCE_CODE = """\
+import json, os, struct, sys, time
+t0 = time.perf_counter()
+import numpy as np, torch
+t1 = time.perf_counter()
+torch.set_num_threads(1)
+a_path, b_path, out, alpha = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+def header(path):
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        return json.loads(f.read(n)), 8 + n
+ha, sa = header(a_path)
+hb, sb = header(b_path)
+fa, fb = os.open(a_path, os.O_RDONLY), os.open(b_path, os.O_RDONLY)
+fo = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+os.pwrite(fo, open(a_path, "rb").read(sa), 0)
+CH = 1 << 20
+ra, rb = np.empty(CH * 2, np.uint8), np.empty(CH * 2, np.uint8)
+xa, xb, xo = torch.empty(CH), torch.empty(CH), torch.empty(CH)
+o16 = torch.empty(CH, dtype=torch.float16)
+for key, ia in ha.items():
+    if key == "__metadata__":
+        continue
+    ib = hb.get(key)
+    begin, end = ia["data_offsets"]
+    if ia["dtype"] != "F16" or ib is None or ib["shape"] != ia["shape"]:
+        os.pwrite(fo, os.pread(fa, end - begin, sa + begin), sa + begin)
+        continue
+    for i in range(0, end - begin, CH * 2):
+        n = min(CH * 2, end - begin - i)
+        os.preadv(fa, [memoryview(ra)[:n]], sa + begin + i)
+        os.preadv(fb, [memoryview(rb)[:n]], sb + ib["data_offsets"][0] + i)
+        k = n // 2
+        xa[:k].copy_(torch.from_numpy(ra[:n]).view(torch.float16))
+        xb[:k].copy_(torch.from_numpy(rb[:n]).view(torch.float16))
+        torch.lerp(xa[:k], xb[:k], alpha, out=xo[:k])
+        o16[:k].copy_(xo[:k])
+        os.pwrite(fo, o16[:k].view(torch.uint8).numpy(), sa + begin + i)
+os.close(fo)
 print(json.dumps({"import_s": t1 - t0, "work_s": time.perf_counter() - t1}))
 """
 
@@ -383,7 +429,22 @@ def best_of(label: str, runs: list[Run]) -> Run:
                best.inner_s, f"wall s of the {len(runs)}: {times}" if len(runs) > 1 else "")
 
 
-def run_all(bench: Bench, naive: bool, mecha: bool, rounds: int) -> list[str]:
+def busy_runs(bench: Bench, keys: list[str], rounds: int) -> None:
+    """modelkit warm and the reference again, beside one busy process."""
+    a, b, out = str(bench.a), str(bench.b), str(bench.out)
+    mk = [*modelkit_cmd(), "merge", a, b, "-o", out, "--alpha", str(ALPHA), "-q"]
+    ref = [sys.executable, "-c", REFERENCE_CODE, a, b, out, str(ALPHA)]
+    with busy_loop():
+        label = f"modelkit warm, BUSY{f', best of {rounds}' if rounds > 1 else ''}"
+        runs = [took(bench.tool(label, mk, None, keys, record=False)) for _ in range(rounds)]
+        bench.runs.append(best_of(label, runs))
+        label = f"reference pread/lerp/pwrite, BUSY{f', best of {rounds}' if rounds > 1 else ''}"
+        runs = [bench.tool(label, ref, None, None, record=False) for _ in range(rounds)]
+        bench.runs.append(best_of(label, runs))
+
+
+def run_all(bench: Bench, naive: bool, mecha: bool, rounds: int, busy: bool = False
+            ) -> list[str]:
     a, b, out = str(bench.a), str(bench.b), str(bench.out)
     bench.header = read_header(bench.a)
     size = bench.header.file_size
@@ -399,6 +460,12 @@ def run_all(bench: Bench, naive: bool, mecha: bool, rounds: int) -> list[str]:
         label = f"modelkit warm (hashes cached){f', best of {rounds}' if rounds > 1 else ''}"
         warm = [took(bench.tool(label, mk, env, keys, record=False)) for _ in range(rounds)]
         bench.runs.append(best_of(label, warm))
+        label = f"reference pread/lerp/pwrite{f', best of {rounds}' if rounds > 1 else ''}"
+        ref = [sys.executable, "-c", REFERENCE_CODE, a, b, out, str(ALPHA)]
+        refs = [bench.tool(label, ref, None, keys, record=False) for _ in range(rounds)]
+        bench.runs.append(best_of(label, refs))
+        if busy:
+            busy_runs(bench, keys, rounds)
         est = re.search(r"estimated peak working memory: ([\d.]+ [KMG]B)", warm[0].stdout)
         if est:
             bench.notes.append(f"modelkit's own estimate of peak working memory: "
@@ -484,7 +551,8 @@ def report(bench: Bench, keys: list[str]) -> list[str]:
 def verdicts(bench: Bench, cp: float) -> list[str]:
     by = {r.label: r for r in bench.runs}
     cold = next(r for lbl, r in by.items() if lbl.startswith("modelkit cold"))
-    warm = next(r for lbl, r in by.items() if lbl.startswith("modelkit warm"))
+    warm = next(r for lbl, r in by.items() if lbl.startswith("modelkit warm")
+                and "BUSY" not in lbl)
     mecha = next((r for lbl, r in by.items() if lbl.startswith("sd-mecha")), None)
     lines = []
 
@@ -502,6 +570,23 @@ def verdicts(bench: Bench, cp: float) -> list[str]:
                     f"{mecha.wall_s / run.wall_s:.1f}x")
     else:
         lines.append("--  sd-mecha speed target not checked (sd-mecha not run)")
+    verdict(cold.wall_s <= TARGET_COLD_RATIO * warm.wall_s,
+            f"modelkit cold within {TARGET_COLD_RATIO:g}x of warm: "
+            f"{cold.wall_s / warm.wall_s:.2f}x")
+    for busy in ("", ", BUSY"):
+        mine = next((r for lbl, r in by.items() if lbl.startswith("modelkit warm")
+                     and (busy in lbl if busy else "BUSY" not in lbl)), None)
+        ref = next((r for lbl, r in by.items() if lbl.startswith("reference")
+                    and (busy in lbl if busy else "BUSY" not in lbl)), None)
+        if mine and ref:
+            verdict(mine.wall_s <= ref.wall_s,
+                    f"modelkit warm{busy.lower()} at or under the pread reference: "
+                    f"{mine.wall_s:.2f} s vs {ref.wall_s:.2f} s")
+    quiet_b = next((r for lbl, r in by.items() if "BUSY" in lbl and "modelkit" in lbl), None)
+    if quiet_b:
+        verdict(quiet_b.wall_s <= 1.5 * warm.wall_s,
+                f"modelkit warm beside a busy process within 1.5x of quiet: "
+                f"{quiet_b.wall_s / warm.wall_s:.2f}x")
     for run, name in ((warm, "warm"), (cold, "cold")):
         anon = run.peak_anon_kb * 1024 / MB
         verdict(anon < TARGET_ANON_MB, f"modelkit {name} peak RssAnon under "
@@ -561,6 +646,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="interpreter of a venv with sd-mecha (default %(default)s)")
     ap.add_argument("--no-mecha", action="store_true", help="skip sd-mecha")
     ap.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
+    ap.add_argument("--busy", action="store_true",
+                    help="also run modelkit and the reference beside a busy process")
     ap.add_argument("--rounds", type=int, default=3,
                     help="warm modelkit runs, best reported (default %(default)s)")
     args = ap.parse_args(argv)
@@ -574,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.notes.extend(notes)
         load0 = os.getloadavg()[0]
         keys = run_all(bench, naive=not args.no_naive, mecha=not args.no_mecha,
-                       rounds=max(1, args.rounds))
+                       rounds=max(1, args.rounds), busy=args.busy)
         load = f"load average {load0:.2f} at start, {os.getloadavg()[0]:.2f} at end"
         lines = report(bench, keys)
     except BenchError as exc:
