@@ -182,9 +182,16 @@ def test_include_exclude_and_vae_bake(tmp_path: Path, models: dict[str, Path]) -
 
 def test_missing_alpha_is_named(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                 models: dict[str, Path]) -> None:
-    assert _merge(str(models["sd1"]), str(models["sd1_b"]), "-o",
-                  str(tmp_path / "o.safetensors")) == 2
-    assert "missing parameter 'alpha'" in capsys.readouterr().err
+    # a recipe must give alpha; the merge command uses A1111's default, 0.3
+    with pytest.raises(RecipeError, match="missing parameter 'alpha'"):
+        run_recipe(_recipe(models["sd1"], models["sd1_b"], tmp_path / "r.safetensors",
+                           params="{}"))
+    out = tmp_path / "o.safetensors"
+    assert _merge(str(models["sd1"]), str(models["sd1_b"]), "-o", str(out)) == 0
+    m, a, b = load_file(out), load_file(models["sd1"]), load_file(models["sd1_b"])
+    key = UNET + "out.2.weight"
+    assert torch.equal(m[key], torch.lerp(a[key].float(), b[key].float(), 0.3).half())
+    assert json.loads(read_header(out).metadata["sd_merge_recipe"])["multiplier"] == 0.3
 
 
 def test_output_onto_input_refused(models: dict[str, Path]) -> None:

@@ -57,7 +57,7 @@ def test_registry_lists_methods_with_inferred_params() -> None:
     t = get_method("ties")
     assert t.n_models == -1 and t.seeded
     assert t.defaults == {"alpha": 1.0, "k": 0.2, "vote_sgn": False, "dare_p": 0.0,
-                          "dare_rescale": True}
+                          "dare_rescale": True, "trim": "round"}
     assert get_method("model_stock").defaults == {}
     for m in METHODS.values():
         assert m.summary and m.reference
@@ -76,7 +76,8 @@ def test_unknown_method_suggests() -> None:
 def test_check_params() -> None:
     ties_m = get_method("ties")
     assert check_params(ties_m, {"k": 1}) == {"alpha": 1.0, "k": 1.0, "vote_sgn": False,
-                                              "dare_p": 0.0, "dare_rescale": True}
+                                              "dare_p": 0.0, "dare_rescale": True,
+                                              "trim": "round"}
     assert isinstance(check_params(ties_m, {"k": 1})["k"], float)
     ws = get_method("weighted_sum")
     assert check_params(ws, {"alpha": 0.3}) == {"alpha": 0.3}
@@ -372,3 +373,19 @@ def test_module_has_no_io_imports() -> None:
                         "itertools", "torch", "modelkit"}
     assert {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} <= {
         "__future__", "itertools", "torch", "modelkit.core.registry", "modelkit.errors"}
+
+
+def test_ties_trim_rules_count_like_their_tools() -> None:
+    """``round`` keeps round(k*n); ``mecha`` keeps n - int((1-k)*n) + 1 (the
+    int((1-k)*n)-th smallest magnitude is sd-mecha's threshold)."""
+    base = torch.zeros(10)
+    model = torch.arange(1.0, 11.0)  # distinct magnitudes 1..10
+    for k, want_round, want_mecha in ((0.25, 2, 4), (0.5, 5, 6), (0.05, 1, 2), (1.0, 10, 10)):
+        got_round = ties(base, model, k=k, trim="round")
+        got_mecha = ties(base, model, k=k, trim="mecha")
+        assert int((got_round != 0).sum()) == want_round, k
+        assert int((got_mecha != 0).sum()) == want_mecha, k
+        # the kept elements are the largest ones
+        assert torch.equal(got_mecha[-want_mecha:], model[-want_mecha:])
+    with pytest.raises(ModelkitError, match="'trim': 'x' is not one of round, mecha"):
+        check_params(get_method("ties"), {"trim": "x"})

@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from modelkit import __version__
+from modelkit.textsafe import shown
 
 SUBCOMMANDS = {
     "inspect": ("modelkit.cli.inspect_cmd", "inspect_cmd",
@@ -43,6 +44,10 @@ SUBCOMMANDS = {
                 "Write one component (vae, unet, te) to its own file."),
     "demo": ("modelkit.cli.demo_cmd", "demo_cmd",
              "Build a tiny demo model library and run modelkit on it."),
+    "methods": ("modelkit.cli.info_cmd", "methods_cmd",
+                "List merge methods and operations with their parameters."),
+    "presets": ("modelkit.cli.info_cmd", "presets_cmd",
+                "List block-weight presets with their values for SD1 and SDXL."),
 }
 
 
@@ -71,43 +76,78 @@ def cli() -> None:
     """modelkit: inspect, merge, convert and verify Stable Diffusion model files."""
 
 
-def _sigterm(_signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt
+class _Signals:
+    """SIGINT, SIGTERM and SIGHUP stop a command the same way: the first one
+    raises KeyboardInterrupt where the program is (the writer then removes
+    its temp file); later ones are ignored while it cleans up, so a second
+    Ctrl-C never interrupts the cleanup or prints a traceback."""
+
+    NAMES = ("SIGINT", "SIGTERM", "SIGHUP")
+
+    def __init__(self) -> None:
+        self.received = False
+
+    def install(self) -> None:
+        for name in self.NAMES:
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), self.handle)
+
+    def handle(self, _signum: int, _frame: Any) -> None:
+        if self.received:
+            return
+        self.received = True
+        raise KeyboardInterrupt
+
+
+def _interrupted(started: float) -> str:
+    """An honest message: was the output already complete?"""
+    from modelkit.cli.common import last_output
+
+    out = last_output()
+    if out is not None and out.exists() and out.stat().st_mtime >= started:
+        return (f"modelkit: interrupted after {shown(out)} was written; that file is "
+                "complete")
+    return "modelkit: interrupted; no output was written"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: maps modelkit errors to one line and exit codes."""
+    import time
+
     from modelkit.errors import ModelkitError
 
-    signal.signal(signal.SIGTERM, _sigterm)
+    started = time.time()
+    _Signals().install()
     try:
-        cli.main(args=argv, prog_name="modelkit", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="modelkit", standalone_mode=False)
     except ModelkitError as exc:
-        click.echo(f"modelkit: error: {exc}", err=True)
+        click.echo(f"modelkit: error: {shown(exc)}", err=True)
         return exc.exit_code
-    except click.exceptions.Abort:
-        click.echo("modelkit: interrupted; no output was written", err=True)
-        return 130
-    except KeyboardInterrupt:
-        click.echo("modelkit: interrupted; no output was written", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo(_interrupted(started), err=True)
         return 130
     except click.UsageError as exc:  # a bad option or a missing argument: one line
         where = exc.ctx.command_path if exc.ctx else "modelkit"
-        click.echo(f"modelkit: error: {exc.format_message()} (see '{where} --help')",
+        click.echo(f"modelkit: error: {shown(exc.format_message())} (see '{where} --help')",
                    err=True)
         return exc.exit_code
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"modelkit: error: {shown(exc.format_message())}", err=True)
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
+    except RecursionError:
+        click.echo("modelkit: error: input nested too deeply to process", err=True)
+        return 2
     except Exception as exc:  # a bug, not bad input: one line unless debugging
         if os.environ.get("MODELKIT_DEBUG"):
             raise
-        click.echo(f"modelkit: internal error: {type(exc).__name__}: {exc} "
+        click.echo(f"modelkit: internal error: {type(exc).__name__}: {shown(exc, 300)} "
                    "(set MODELKIT_DEBUG=1 for a traceback and report it)", err=True)
         return 3
-    return 0
+    # with standalone_mode=False click returns a command's exit code (a
+    # raised Exit(1) included) instead of exiting: it must not be dropped
+    return code if isinstance(code, int) else 0
 
 
 def run() -> None:

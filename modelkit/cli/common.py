@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -26,11 +27,23 @@ def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                         help="Output path (never one of the inputs).")(fn)
 
 
+_LAST_OUTPUT: list[Path] = []
+
+
+def last_output() -> Path | None:
+    """The output the command in progress writes (for an honest message
+    when it is interrupted)."""
+    return _LAST_OUTPUT[-1] if _LAST_OUTPUT else None
+
+
 def execute(recipe: Any, common: dict[str, Any], render: Callable[[Any], list[str]],
             *, output: str | None = None, dry_run: bool = False) -> Any:
     """Run ``recipe`` and print its report: JSON with ``--json``, else the
     lines ``render(report)`` returns. Returns the report."""
-    from modelkit.core.runner import run
+    from modelkit.core.runner import output_path, run
+
+    if not dry_run:
+        _LAST_OUTPUT.append(output_path(recipe, output))
 
     progress = StderrProgress(common.get("quiet", False))
     try:
@@ -51,3 +64,50 @@ def options_from(common: dict[str, Any], **fields: Any) -> Any:
     from modelkit.core.recipe import Options
 
     return Options(device=common.get("device", "cpu"), **fields)
+
+
+def split_list(text: str) -> list[str]:
+    """A comma list, split at top-level commas only (a regex's ``{2,3}`` or
+    ``[a,b]`` stays whole)."""
+    items, depth, current = [], 0, ""
+    for ch in text:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth = max(0, depth - 1)
+        if ch == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += ch
+    items.append(current)
+    return [x.strip() for x in items if x.strip()]
+
+
+class CommaList(click.ParamType):
+    """An option value that is a comma list; with ``multiple=True`` the
+    option also repeats (``--include unet,te`` = ``--include unet
+    --include te``). ``choices`` are checked per item."""
+
+    name = "list"
+
+    def __init__(self, choices: tuple[str, ...] = (), item: str = "value") -> None:
+        self.choices = choices
+        self.item = item
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return "[" + ",".join(self.choices) + "]" if self.choices else "LIST"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> list[str]:
+        items = value if isinstance(value, list) else split_list(str(value))
+        for item in items:
+            if self.choices and item not in self.choices:
+                self.fail(f"unknown {self.item} {item!r}; choose from "
+                          f"{', '.join(self.choices)}", param, ctx)
+        return items
+
+
+def flat(values: tuple[list[str], ...] | None) -> tuple[str, ...]:
+    """The items of a repeated CommaList option, in order."""
+    return tuple(x for group in values or () for x in group)

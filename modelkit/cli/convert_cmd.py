@@ -9,10 +9,11 @@ from typing import Any
 
 import click
 
-from modelkit.cli.common import execute, options_from, output_options
+from modelkit.cli.common import CommaList, execute, flat, options_from, output_options
 from modelkit.cli.progress import human_bytes
 from modelkit.textsafe import shown
 from modelkit.vocab import (
+    COMPONENTS,
     EXTRACTABLE,
     FLOAT_STORAGE,
     GGUF_TYPES,
@@ -91,9 +92,10 @@ def _quantize_lines(r: Any) -> list[str]:
         out.append(f"warning: {total} values in {len(r.overflow)} tensors exceeded the "
                    f"{r.target} range and were saturated to its largest finite value")
         out += _listed("saturated", [f"{k}: {n}" for k, n in r.overflow.items()])
-    if r.n_int8:
-        out.append(f"int8 error: relative L2 {r.relative_l2:.4g}, SNR {r.snr_db:.1f} dB "
-                   "(over all int8 tensors)")
+    if r.measured:
+        what = "int8" if r.n_int8 else r.target
+        out.append(f"{what} error: relative L2 {r.relative_l2:.4g}, SNR {r.snr_db:.1f} dB "
+                   f"(over all {what} tensors)")
         out += _listed("worst tensors", [f"{e.key}: rel L2 {e.relative_l2:.4g}, "
                                          f"SNR {e.snr_db:.1f} dB" for e in r.worst()])
     return out
@@ -125,10 +127,12 @@ def prune_cmd(model: str, output: str, keep_ema: bool, dtype: str, **common: Any
 @click.command("ema")
 @click.argument("model", type=click.Path())
 @output_options
-def ema_cmd(model: str, output: str, **common: Any) -> None:
+@click.option("--dtype", type=click.Choice(MERGE_OUTPUT_DTYPES), default="keep",
+              show_default=True, help="Float dtype of the output tensors.")
+def ema_cmd(model: str, output: str, dtype: str, **common: Any) -> None:
     """Put the EMA weights in place of the UNet weights (and drop model_ema.*);
     report per block how far EMA and online weights differ."""
-    _run_op("ema", [model], {"output": output, **common}, _ema_lines)
+    _run_op("ema", [model], {"output": output, **common}, _ema_lines, dtype=dtype)
 
 
 @click.command("quantize")
@@ -137,16 +141,16 @@ def ema_cmd(model: str, output: str, **common: Any) -> None:
 @click.option("--dtype", required=True,
               type=click.Choice(QUANT_TARGETS),
               help="Storage type for the chosen components.")
-@click.option("--components", default=None, metavar="LIST",
+@click.option("--components", multiple=True, type=CommaList(COMPONENTS, "component"),
               help="Comma list of unet,te,vae. Default: all of them for fp16/bf16/fp32; "
                    "the UNet only for fp8 and int8 (text encoders and VAE then kept at "
                    "16 bits).")
-def quantize_cmd(model: str, output: str, dtype: str, components: str | None,
+def quantize_cmd(model: str, output: str, dtype: str, components: tuple[list[str], ...],
                  **common: Any) -> None:
     """Store components at a lower precision; int8 is per-channel symmetric
     (modelkit.int8.per_channel v1, see 'modelkit dequantize')."""
     _run_op("quantize", [model], {"output": output, **common}, _quantize_lines,
-            dtype=dtype, components=components)
+            dtype=dtype, components=flat(components) or None)
 
 
 @click.command("dequantize")

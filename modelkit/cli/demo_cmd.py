@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from modelkit.cli.progress import StderrProgress
+from modelkit.textsafe import shown
 
 
 @click.command("demo")
@@ -23,13 +24,17 @@ def demo_cmd(directory: Path, quiet: bool) -> None:
     """
     from modelkit.demo import run_demo
 
-    result = run_demo(directory, StderrProgress(quiet))
-    click.echo(f"{'file':<58} {'kind':<12} {'arch':<13} {'pred':<8} {'variant':<8} "
-               f"{'autov2':<10}")
-    for rep, h in zip(result.reports, result.hashes, strict=True):
-        rel = str(Path(str(rep["path"])).relative_to(result.root))
-        click.echo(f"{rel:<58} {rep['kind']!s:<12} {rep['arch']!s:<13} "
-                   f"{rep['prediction']['type']!s:<8} {rep['variant'] or '-':<8} "  # type: ignore[index]
-                   f"{h['autov2']!s:<10}")
+    progress = StderrProgress(quiet)
+    result = run_demo(directory, progress)
+    progress.close()
+    rows = [[str(Path(str(rep["path"])).relative_to(result.root)), str(rep["kind"]),
+             str(rep["arch"]), str(rep["prediction"]["type"]),  # type: ignore[index]
+             str(rep["variant"] or "-"), str(h["autov2"])]
+            for rep, h in zip(result.reports, result.hashes, strict=True)]
+    header = ["file", "kind", "arch", "pred", "variant", "autov2"]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        click.echo("  ".join(shown(c).ljust(w) for c, w in zip(row, widths, strict=True))
+                   .rstrip())
     click.echo(f"\n{len(result.files)} files in {result.root}; full report: "
                f"{result.summary_path}")

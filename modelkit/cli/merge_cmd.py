@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from modelkit.cli.common import execute
+from modelkit.cli.common import CommaList, execute, flat
 from modelkit.cli.progress import StderrProgress, human_bytes
 from modelkit.textsafe import shown
 from modelkit.vocab import (
@@ -43,8 +43,22 @@ def _merge_lines(report: Any) -> list[str]:
         out.append(f"took {report.seconds:.1f}s")
     if report.n_ignored:
         out.append(f"note: {report.n_ignored} keys exist only in B/C and were ignored")
+    if report.dry_run:
+        out += _block_weight_lines(report)
     for w in report.warnings[:20]:
         click.echo(f"warning: {shown(w)}", err=True)
+    return out
+
+
+def _block_weight_lines(report: Any) -> list[str]:
+    """The resolved per-block weights of every block-wise parameter."""
+    from modelkit.cli.info_cmd import block_table
+
+    out = []
+    for step in report.steps:
+        for name, weights in (getattr(step.report, "block_weights", None) or {}).items():
+            out.append(f"block weights of {name} ({len(weights)} blocks):")
+            out += block_table(weights)
     return out
 
 
@@ -54,8 +68,9 @@ def _merge_lines(report: Any) -> list[str]:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Output .safetensors file (never one of the inputs).")
 @click.option("--method", default="weighted_sum", show_default=True,
-              help="Merge method (see 'modelkit recipe methods').")
-@click.option("--alpha", type=float, default=None, help="alpha (toward B).")
+              help="Merge method (see 'modelkit methods').")
+@click.option("--alpha", type=float, default=None,
+              help=f"alpha, toward B (default {0.3}, A1111's, for methods that need it).")
 @click.option("--beta", type=float, default=None, help="beta, for methods that take it.")
 @click.option("--blocks", default=None,
               help="Block-wise alpha: 26 (SD1/SD2) or 20 (SDXL) comma-separated numbers "
@@ -71,9 +86,10 @@ def _merge_lines(report: Any) -> list[str]:
               default="supermerger", show_default=True, help="Key-to-block map.")
 @click.option("--missing", type=click.Choice(MISSING_KEY_POLICIES),
               default="error", show_default=True, help="Policy for keys missing from B/C.")
-@click.option("--include", multiple=True, type=click.Choice(COMPONENTS),
+@click.option("--include", multiple=True, type=CommaList(COMPONENTS, "component"),
               help="Components to merge (default all); others are copied from A.")
-@click.option("--exclude-key", "exclude_keys", multiple=True, metavar="REGEX",
+@click.option("--exclude-key", "exclude_keys", multiple=True, type=CommaList(),
+              metavar="REGEX",
               help="Keys matching REGEX are copied from A unmerged.")
 @click.option("--vae", type=click.Path(dir_okay=False), default=None,
               help="Bake this VAE into the output.")
@@ -93,26 +109,41 @@ def merge_cmd(models: tuple[str, ...], output: str, method: str, alpha: float | 
     """Merge two or three checkpoints in one step (builds a recipe and runs it)."""
     from modelkit.core.recipe import COMMAND_LINE, Options, Recipe
 
+    for flat_value, block_value, name in ((alpha, blocks, "alpha"), (beta, beta_blocks, "beta")):
+        if flat_value is not None and block_value:
+            opt = "--blocks" if name == "alpha" else "--beta-blocks"
+            raise click.UsageError(f"give --{name} or {opt}, not both: {opt} sets {name} "
+                                   "per block (a single value is a flat list)")
     params: dict[str, object] = {}
-    if alpha is not None:
-        params["alpha"] = alpha
-    if beta is not None:
-        params["beta"] = beta
-    if blocks:
-        params["alpha"] = blocks
-    if beta_blocks:
-        params["beta"] = beta_blocks
+    if alpha is not None or blocks:
+        params["alpha"] = blocks or alpha
+    if beta is not None or beta_blocks:
+        params["beta"] = beta_blocks or beta
     for item in extra:
         name, sep, value = item.partition("=")
         if not sep:
             raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--param")
         params[name] = _number(value)
-    options = Options(device, block_map, missing, tuple(include) or COMPONENTS,
-                      tuple(exclude_keys), vae, seed)
+    _default_alpha(method, params)
+    options = Options(device, block_map, missing, flat(include) or COMPONENTS,
+                      flat(exclude_keys), vae, seed)
     recipe = Recipe.merge(*models, method=method, output=output, dtype=dtype,
                           options=options, source=COMMAND_LINE, **params)
     execute(recipe, {"quiet": quiet, "as_json": as_json, "overwrite": overwrite},
             _merge_lines, dry_run=dry_run)
+
+
+DEFAULT_ALPHA = 0.3  # A1111's checkpoint merger default multiplier
+
+
+def _default_alpha(method: str, params: dict[str, object]) -> None:
+    """A1111's default alpha for a method that needs one when none is given."""
+    from modelkit.core.registry import all_transforms
+
+    t = all_transforms().get(method)
+    if t is not None and "alpha" in t.params and t.params["alpha"].required \
+            and "alpha" not in params:
+        params["alpha"] = DEFAULT_ALPHA
 
 
 def _number(value: str) -> object:

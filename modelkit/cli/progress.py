@@ -13,7 +13,7 @@ import threading
 import time
 from typing import TextIO
 
-from modelkit.progress import Progress
+from modelkit.progress import PLAN, Progress
 from modelkit.textsafe import shown
 
 
@@ -77,8 +77,12 @@ class StderrProgress:
                     self.close()
                 self.stream.flush()
             return
+        if p.phase == PLAN:
+            return
         quarter = int(fraction * self.LOG_STEPS)
-        if quarter > self._logged:
+        done = fraction >= 1.0
+        if quarter > self._logged and (now - self._start >= self.min_seconds
+                                       or (done and self._logged >= 0)):
             self._logged = quarter
             self.stream.write(self._line(p, now, fraction) + "\n")
             self.stream.flush()

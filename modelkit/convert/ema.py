@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from modelkit.arch import parts
 from modelkit.arch.configs import EMA_PREFIX, UNET_PREFIX
 from modelkit.arch.keys import ema_key
 from modelkit.convert.base import require_checkpoint
@@ -24,6 +25,7 @@ from modelkit.core.step import PlannedStep
 from modelkit.errors import ModelkitError
 from modelkit.io.source import DerivedSource, Source, source_label, tensor_info
 from modelkit.numeric import l2_sums, relative_l2
+from modelkit.vocab import ARCH_NAMES
 
 if TYPE_CHECKING:
     import torch
@@ -95,8 +97,9 @@ def _accumulate(delta: BlockDelta, ema: torch.Tensor, online: torch.Tensor) -> N
     delta.n_tensors += 1
 
 
-def select_ema(src: Source) -> PlannedStep:
-    """Plan a copy of ``src`` with EMA weights on the UNet keys.
+def select_ema(src: Source, dtype: str | None = None) -> PlannedStep:
+    """Plan a copy of ``src`` with EMA weights on the UNet keys; ``dtype`` (a
+    safetensors float dtype) casts every float tensor but the markers.
 
     Raises:
         ModelkitError: not a checkpoint, no EMA, EMA shapes that do not match.
@@ -123,16 +126,22 @@ def select_ema(src: Source) -> PlannedStep:
             if key.startswith(UNET_PREFIX) and info.is_float:
                 report.online_only.append(key)
             infos[key] = info
-    has_blocks = rep0.arch in ("sd1", "sd2", "sdxl", "sdxl_refiner")
+    if dtype:
+        infos = {k: (tensor_info(k, dtype, i.shape) if i.is_float and
+                     parts.part_of(k) != parts.MARKER else i) for k, i in infos.items()}
+    has_blocks = rep0.arch in ARCH_NAMES
 
     def produce(key: str) -> torch.Tensor:
+        from modelkit.io.dtypes import to_torch
+        from modelkit.io.reader import cast
+
         if key not in forward:
-            return src.get(key)
+            return cast(src.get(key), to_torch(infos[key].dtype))
         ema = src.get(forward[key])
         block = block_of(key, rep0.arch) if has_blocks else "UNet"
         _accumulate(report.blocks.setdefault(block, BlockDelta()), ema, src.get(key))
-        return ema
+        return cast(ema, to_torch(infos[key].dtype))
 
     out = DerivedSource(f"ema({name})", infos, dict(src.metadata), produce, src.input_paths)
     origins = {k: (0, forward.get(k, k)) for k in infos}
-    return PlannedStep(out, report, "ema", {}, origins)
+    return PlannedStep(out, report, "ema", {"dtype": dtype}, origins)

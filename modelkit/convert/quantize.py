@@ -85,12 +85,20 @@ class QuantizeReport:
     bytes_out: int = 0
 
     @property
-    def relative_l2(self) -> float:
-        return relative_l2(self.err_sq, self.ref_sq)
+    def measured(self) -> bool:
+        """Whether the rounding error was measured (int8 and fp8 targets;
+        16- and 32-bit casts are not measured)."""
+        return self.n_int8 > 0 or bool(self.errors)
 
     @property
-    def snr_db(self) -> float:
-        return snr_db(self.err_sq, self.ref_sq)
+    def relative_l2(self) -> float | None:
+        """``||restored - original|| / ||original||`` over the measured
+        tensors, or None when nothing was measured."""
+        return relative_l2(self.err_sq, self.ref_sq) if self.measured else None
+
+    @property
+    def snr_db(self) -> float | None:
+        return snr_db(self.err_sq, self.ref_sq) if self.measured else None
 
     def worst(self, n: int = 5) -> list[TensorError]:
         return sorted(self.errors, key=lambda e: -e.relative_l2)[:n]
@@ -137,22 +145,35 @@ def _saturating_cast(report: QuantizeReport, key: str, t: torch.Tensor,
     from modelkit.io.reader import cast
 
     limit = FLOAT_RANGE[dtype]
-    if FLOAT_RANGE.get(from_torch(t.dtype), math.inf) <= limit:
-        return cast(t, to_torch(dtype))  # every value fits
+    target = to_torch(dtype)
+    measure = WIDTH[dtype] == 8  # fp8 loses enough to be worth measuring
+    if FLOAT_RANGE.get(from_torch(t.dtype), math.inf) <= limit and not measure:
+        return cast(t, target)  # every value fits
     count = 0
+    err = ref = 0.0
 
     def clip(x: torch.Tensor) -> torch.Tensor:
-        nonlocal count
+        nonlocal count, err, ref
         lo, hi = torch.aminmax(x)
-        if -limit <= float(lo) and float(hi) <= limit:  # NaN fails both: slow path
-            return x
-        over = x.abs() > limit
-        count += int(over.sum())
-        return torch.where(over, x.sign() * limit, x)
+        y = x
+        if not (-limit <= float(lo) and float(hi) <= limit):  # NaN fails both
+            over = x.abs() > limit
+            count += int(over.sum())
+            y = torch.where(over, x.sign() * limit, x)
+        if not measure:
+            return y
+        q = y.to(target)
+        e, r = l2_sums([(q, x)])
+        err, ref = err + e, ref + r
+        return q
 
-    out = chunked_apply(t, to_torch(dtype), clip, CHUNK)
+    out = chunked_apply(t, target, clip, CHUNK)
     if count:
         report.overflow[key] = count
+    if measure:
+        report.err_sq += err
+        report.ref_sq += ref
+        report.errors.append(TensorError(key, relative_l2(err, ref), snr_db(err, ref)))
     return out
 
 

@@ -50,12 +50,13 @@ def prune(model: Checkpoint, *, keep_ema: bool = False, dtype: str = KEEP) -> Pl
 
 
 @transform("ema", summary="put the EMA weights in place of the UNet weights",
-           keys=(SAME, RENAMED, DROPPED))
-def ema(model: Checkpoint) -> PlannedStep:
-    """The EMA copy of every UNet tensor under the UNet's own names."""
+           keys=(SAME, RENAMED, DROPPED), choices={"dtype": MERGE_OUTPUT_DTYPES})
+def ema(model: Checkpoint, *, dtype: str = KEEP) -> PlannedStep:
+    """The EMA copy of every UNet tensor under the UNet's own names;
+    ``dtype`` casts the float tensors (markers keep theirs)."""
     from modelkit.convert.ema import select_ema
 
-    return select_ema(model)
+    return select_ema(model, dtype=_storage_dtype(dtype))
 
 
 @transform("quantize", summary="store components at fp16/bf16/fp32/fp8 or int8",

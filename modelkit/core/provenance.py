@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,9 +67,10 @@ def history_entry(record: StepRecord, hashes: InputHashes) -> dict[str, Any]:
             "version": __version__}
 
 
-def output_metadata(recipe: Recipe, graph: Graph, final: Source, hashes: InputHashes
-                    ) -> dict[str, str]:
-    """The output's ``__metadata__`` (see the module docstring)."""
+def output_metadata(recipe: Recipe, graph: Graph, final: Source, hashes: InputHashes,
+                    legacy: Callable[[Path], str] | None = None) -> dict[str, str]:
+    """The output's ``__metadata__`` (see the module docstring). ``legacy``
+    gives a file's legacy hash (default: read it)."""
     meta = {k: v for k, v in final.metadata.items() if k not in (RECIPE_KEY, INPUTS_KEY)}
     sha = _input_hashes(recipe, graph, hashes)
     pinned = recipe.with_hashes({n: h for n, h in sha.items() if h}, names_only=True)
@@ -84,7 +86,7 @@ def output_metadata(recipe: Recipe, graph: Graph, final: Source, hashes: InputHa
     entries = [history_entry(r, hashes) for r in graph.records]
     meta[HISTORY_KEY] = json.dumps([*history(final.metadata), *entries])
     if graph.groups:
-        meta.update(merge_lineage(recipe, graph, hashes))
+        meta.update(merge_lineage(recipe, graph, hashes, legacy))
     return meta
 
 
@@ -148,30 +150,42 @@ def _file_metadata(graph: Graph, path: Path) -> dict[str, str]:
     return {}
 
 
-def merge_lineage(recipe: Recipe, graph: Graph, hashes: InputHashes) -> dict[str, str]:
+def merge_lineage(recipe: Recipe, graph: Graph, hashes: InputHashes,
+                  legacy: Callable[[Path], str] | None = None) -> dict[str, str]:
     """``sd_merge_recipe``, ``sd_merge_models`` and the merge keys."""
     from modelkit.io.hashing import legacy_hash
 
+    legacy = legacy or legacy_hash
     models: dict[str, Any] = {}
     for path in _merged_files(graph):
         sha = hashes.values.get(path)
         if not sha or not path.is_file():
             continue
         meta = _file_metadata(graph, path)
-        models[sha] = {"name": path.name, "legacy_hash": legacy_hash(path),
+        models[sha] = {"name": path.name, "legacy_hash": legacy(path),
                        "sd_merge_recipe": _parent_recipe(meta)}
         parent = meta.get("sd_merge_models")
         if parent:
             # a parent with broken lineage metadata keeps what it has
             with contextlib.suppress(ValueError, TypeError, AttributeError):
                 models.update(json.loads(parent))
+    plan = graph.groups[-1].plan
     return {
-        "modelkit.arch": graph.groups[-1].plan.arch,
+        "modelkit.arch": plan.arch,
+        "modelkit.prediction": plan.inputs[plan.primary].prediction,
         "modelkit.block_map": recipe.options.block_map,
         "sd_merge_recipe": json.dumps(_a1111_recipe(recipe, graph, hashes)),
         "sd_merge_models": json.dumps(models),
         "format": "pt",
     }
+
+
+class PlannedHashes:
+    """Stand-in hashes for a dry run: 64-character placeholders, so the
+    planned metadata (and the header size) is exact without reading a file."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self.values = {p: "0" * 64 for p in files}
 
 
 def check_pins(recipe: Recipe, graph: Graph, digests: dict[Path, str]) -> None:

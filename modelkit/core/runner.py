@@ -183,6 +183,23 @@ def _planned_report(recipe: Recipe, graph: Any, final: Any, payload: Any, spec: 
     return report
 
 
+def _exact_size(report: RunReport, recipe: Recipe, graph: Any, final: Any, spec: Any
+                ) -> None:
+    """A dry run's output size with the real header (metadata planned with
+    placeholder hashes of the same length): exact for safetensors."""
+    if spec.format != "safetensors":
+        report.notes.append("the output size is an estimate (tensor data; the "
+                            f"{spec.format} headers add a little)")
+        return
+    from modelkit.core.provenance import PlannedHashes, output_metadata
+    from modelkit.io.writer import TensorSpec, build_header
+
+    meta = output_metadata(recipe, graph, final, PlannedHashes(graph.files),  # type: ignore[arg-type]
+                           legacy=lambda _: "0" * 8)
+    specs = [TensorSpec(k, i.dtype, i.shape) for k, i in final.infos.items()]
+    report.output_bytes = len(build_header(specs, meta)[0]) + report.output_bytes
+
+
 def run(recipe: Recipe, *, output: str | os.PathLike[str] | None = None,
         progress: ProgressFn = no_progress, cancel: Any = None, overwrite: bool = False,
         dry_run: bool = False) -> RunReport:
@@ -229,6 +246,7 @@ def run(recipe: Recipe, *, output: str | os.PathLike[str] | None = None,
         payload, details = prepare_output(final, spec.format, **fmt_options)
         report = _planned_report(recipe, graph, final, payload, spec, details, dry_run)
         if dry_run:
+            _exact_size(report, recipe, graph, final, spec)
             report.seconds = time.perf_counter() - start
             return report
         stack.enter_context(compute_threads(device))

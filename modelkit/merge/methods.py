@@ -229,18 +229,30 @@ def _dare(delta: Tensor, p: float, rescale: bool, generator: torch.Generator) ->
     return torch.where(keep, kept, torch.zeros_like(delta))
 
 
-def _top_k(delta: Tensor, k: float) -> Tensor:
-    """Keep the ``k`` fraction of elements with the largest magnitude:
-    ``round(k * n)`` of them (at least one), plus any tied with the smallest
-    kept magnitude; the rest become 0."""
+TRIM_RULES = ("round", "mecha")
+
+
+def _top_k(delta: Tensor, k: float, rule: str = "round") -> Tensor:
+    """Keep the ``k`` fraction of elements with the largest magnitude, plus
+    any tied with the smallest kept magnitude; the rest become 0.
+
+    ``rule`` says how many: ``round`` keeps ``round(k * n)`` (at least one);
+    ``mecha`` keeps ``n - int((1 - k) * n) + 1``, sd-mecha's count (its
+    threshold is the ``int((1 - k) * n)``-th smallest magnitude), for
+    bit-exact parity with sd-mecha's TIES."""
     n = delta.numel()
     if k >= 1 or n == 0:
         return delta
     if k <= 0:
         return torch.zeros_like(delta)
-    keep = max(1, round(k * n))
+    if rule == "mecha":
+        kth = int((1 - k) * n)
+        if kth < 1:
+            return delta
+    else:
+        kth = n - max(1, round(k * n)) + 1
     mag = delta.abs()
-    threshold = mag.reshape(-1).kthvalue(n - keep + 1).values
+    threshold = mag.reshape(-1).kthvalue(kth).values
     return torch.where(mag >= threshold, delta, torch.zeros_like(delta))
 
 
@@ -256,14 +268,14 @@ def _elect(deltas: Tensor, vote_sgn: bool) -> Tensor:
 
 
 @transform(
-    "ties", keys=MERGE_KEYS, ends=(({"alpha": 0.0}, 0),),
+    "ties", keys=MERGE_KEYS, ends=(({"alpha": 0.0}, 0),), choices={"trim": TRIM_RULES},
     summary="TIES (optionally DARE) merge of task vectors M_i - base",
     reference="TIES-Merging (arXiv 2306.01708); DARE (arXiv 2311.03099); sd-mecha ties.py "
-              "ties_sum_extended / ties_sum_with_dropout; mergekit ties",
+              "ties_sum (trim: mecha for its element count); mergekit ties",
 )
 def ties(base: Tensor, *models: Tensor, alpha: float = 1.0, k: float = 0.2,
          vote_sgn: bool = False, dare_p: float = 0.0, dare_rescale: bool = True,
-         generator: torch.Generator | None = None) -> Tensor:
+         trim: str = "round", generator: torch.Generator | None = None) -> Tensor:
     """TIES merge of ``models`` onto ``base``, with optional DARE dropping.
 
     1. Task vectors ``δi = Mi - base``.
@@ -271,7 +283,9 @@ def ties(base: Tensor, *models: Tensor, alpha: float = 1.0, k: float = 0.2,
        probability ``dare_p`` using ``generator`` (which must live on the
        tensors' device), scaling survivors by ``1 / (1 - dare_p)`` when
        ``dare_rescale``. Models draw in order, so one seed gives one result.
-    3. Trim: keep the ``k`` fraction of each δi by magnitude.
+    3. Trim: keep the ``k`` fraction of each δi by magnitude (``trim``
+       names the count rule, see :func:`_top_k`; ``mecha`` matches
+       sd-mecha's ``ties_sum`` bit for bit).
     4. Elect a sign per element: ``sign(Σ sign δi)``, or ``sign(Σ δi)`` when
        ``vote_sgn`` (the sd-mecha meaning of the flag).
     5. Disjoint mean over the nonzero entries that agree with it.
@@ -289,7 +303,7 @@ def ties(base: Tensor, *models: Tensor, alpha: float = 1.0, k: float = 0.2,
         if generator is None:
             raise ModelkitError("ties: dare_p > 0 needs a seed (random generator)")
         deltas = [_dare(d, dare_p, dare_rescale, generator) for d in deltas]
-    stacked = torch.stack([_top_k(d, k) for d in deltas])
+    stacked = torch.stack([_top_k(d, k, trim) for d in deltas])
     return torch.add(base, _elect(stacked, vote_sgn), alpha=alpha)
 
 

@@ -35,6 +35,7 @@ class InputFile:
     metadata: dict[str, str]
     arch: str
     variant: str | None
+    prediction: str = "unknown"
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,8 @@ def _read_input(name: str, path: Path, what: str) -> tuple[InputFile, ModelRepor
     infos, meta = read_infos(path)
     fmt = "pickle" if is_pickle_path(path) else "safetensors"
     rep = build_report(path, infos, meta, fmt, None)
-    return InputFile(name, path, infos, meta, rep.arch, rep.variant), rep
+    return InputFile(name, path, infos, meta, rep.arch, rep.variant,
+                     rep.prediction.type), rep
 
 
 def _source_input(name: str, source: Source) -> tuple[InputFile, ModelReport]:
@@ -116,7 +118,8 @@ def _source_input(name: str, source: Source) -> tuple[InputFile, ModelReport]:
 
     rep = describe(source)
     path = Path(source_label(source))
-    return InputFile(name, path, source.infos, source.metadata, rep.arch, rep.variant), rep
+    return InputFile(name, path, source.infos, source.metadata, rep.arch, rep.variant,
+                     rep.prediction.type), rep
 
 
 def _load_input(name: str, path: Path, source: Source | None = None) -> InputFile:
@@ -286,4 +289,18 @@ def make_plan(recipe: Recipe, sources: dict[str, Source] | None = None) -> Plan:
         blocks.update(_check_step(recipe, step, arch))
     plan = Plan(recipe, files, _primary(recipe), arch, [], blocks, _load_vae(recipe))
     _key_plans(plan)
+    _prediction_warning(plan)
     return plan
+
+
+def _prediction_warning(plan: Plan) -> None:
+    """Warn when the inputs' prediction types (eps, v) disagree: the output
+    keeps A's markers and metadata, so it predicts like A."""
+    known = {n: f for n, f in plan.inputs.items() if f.prediction in ("eps", "v")}
+    if len({f.prediction for f in known.values()}) < 2:
+        return
+    desc = ", ".join(f"{f.path.name} is {f.prediction}-prediction" for f in known.values())
+    primary = plan.inputs[plan.primary]
+    plan.warnings.append(f"prediction types differ ({desc}); the output keeps A's markers "
+                         f"and predicts like A ({primary.prediction}): check it renders, or "
+                         "merge models of one prediction type")

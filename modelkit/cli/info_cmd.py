@@ -1,0 +1,78 @@
+"""``modelkit methods`` and ``modelkit presets``: what the registry and the
+block tables hold, generated from them."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+def block_table(weights: dict[str, float]) -> list[str]:
+    """Block weights as rows of ``NAME value`` pairs, eight per row."""
+    items = [f"{name} {value:g}" for name, value in weights.items()]
+    return ["    " + "  ".join(f"{x:<10}" for x in items[i:i + 8]).rstrip()
+            for i in range(0, len(items), 8)]
+
+
+@click.command("methods")
+@click.option("--json", "as_json", is_flag=True, help="Print the registry as JSON.")
+def methods_cmd(as_json: bool) -> None:
+    """List every merge method and operation with its inputs, parameters,
+    defaults and meaning (methods go in 'method:' steps and 'modelkit merge
+    --method'; operations in 'op:' steps)."""
+    from modelkit.core.registry import METHOD, all_transforms
+
+    found = all_transforms()
+    if as_json:
+        click.echo(json.dumps({n: {
+            "kind": t.kind, "summary": t.summary, "reference": t.reference,
+            "inputs": [{"name": i, "role": r} for i, r in t.inputs], "variadic": t.variadic,
+            "models": t.arity(), "seeded": t.seeded, "elementwise": t.elementwise,
+            "a1111": t.a1111, "key_relations": sorted(t.keys),
+            "params": {p.name: {"kind": p.kind, "default": None if p.required else p.default,
+                                "required": p.required, "choices": list(p.choices),
+                                "blockwise": p.blockwise, "per_model": p.per_model}
+                       for p in t.params.values()}} for n, t in found.items()}, indent=2))
+        return
+    for kind, title in ((METHOD, "Merge methods (method: in recipes, --method)"),
+                        ("op", "Operations (op: in recipes)")):
+        click.echo(title)
+        for name, t in found.items():
+            if t.kind != kind:
+                continue
+            inputs = ", ".join(f"*{i}" if t.variadic and n == len(t.inputs) - 1 else i
+                               for n, (i, _) in enumerate(t.inputs))
+            click.echo(f"  {name}({inputs}): {t.summary}")
+            for p in t.params.values():
+                click.echo(f"      {p.describe()}")
+            extra = []
+            if t.seeded:
+                extra.append("seeded (options.seed)")
+            if t.a1111:
+                extra.append(f"A1111: {t.a1111}")
+            if extra:
+                click.echo(f"      {'; '.join(extra)}")
+        click.echo("")
+
+
+@click.command("presets")
+@click.option("--arch", type=click.Choice(["sd1", "sdxl"]), default=None,
+              help="Only this architecture's block list (SD2 and the refiner use SD1's).")
+@click.option("--json", "as_json", is_flag=True, help="Print the values as JSON.")
+def presets_cmd(arch: str | None, as_json: bool) -> None:
+    """List the block-weight presets with their values for SD1 (26 blocks:
+    BASE, IN00-IN11, M00, OUT00-OUT11) and SDXL (20 blocks)."""
+    from modelkit.arch.blocks import PRESET_DOCS, preset
+
+    archs = [arch] if arch else ["sd1", "sdxl"]
+    if as_json:
+        click.echo(json.dumps({name: {a: preset(name, a) for a in archs}
+                               for name in PRESET_DOCS}, indent=2))
+        return
+    for name, doc in PRESET_DOCS.items():
+        click.echo(f"{name}: {doc}")
+        for a in archs:
+            click.echo(f"  {a}:")
+            for row in block_table(preset(name, a)):
+                click.echo(row)
