@@ -4,6 +4,18 @@ exit codes without a traceback."""
 
 from __future__ import annotations
 
+import threading
+
+# set by a front end's signal handler: an error raised while it unwinds is
+# the interrupt showing through a C extension, not a broken input
+INTERRUPTED = threading.Event()
+
+
+class Interrupted(BaseException):
+    """A signal (Ctrl-C, SIGTERM, SIGHUP) asked the program to stop. A
+    BaseException, so nothing on the way mistakes it for an error; writers
+    remove their temp files as it passes."""
+
 
 class ModelkitError(Exception):
     """Base class: a user-facing problem (exit code 2 in the CLI)."""

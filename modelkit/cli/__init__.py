@@ -78,9 +78,10 @@ def cli() -> None:
 
 class _Signals:
     """SIGINT, SIGTERM and SIGHUP stop a command the same way: the first one
-    raises KeyboardInterrupt where the program is (the writer then removes
-    its temp file); later ones are ignored while it cleans up, so a second
-    Ctrl-C never interrupts the cleanup or prints a traceback."""
+    raises :class:`~modelkit.errors.Interrupted` where the program is (the
+    writer then removes its temp file); later ones are ignored while it
+    cleans up, so a second Ctrl-C never interrupts the cleanup or prints a
+    traceback."""
 
     NAMES = ("SIGINT", "SIGTERM", "SIGHUP")
 
@@ -93,10 +94,13 @@ class _Signals:
                 signal.signal(getattr(signal, name), self.handle)
 
     def handle(self, _signum: int, _frame: Any) -> None:
+        from modelkit.errors import INTERRUPTED, Interrupted
+
         if self.received:
             return
         self.received = True
-        raise KeyboardInterrupt
+        INTERRUPTED.set()
+        raise Interrupted
 
 
 def _interrupted(started: float) -> str:
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point: maps modelkit errors to one line and exit codes."""
     import time
 
-    from modelkit.errors import ModelkitError
+    from modelkit.errors import Interrupted, ModelkitError
 
     started = time.time()
     _Signals().install()
@@ -123,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModelkitError as exc:
         click.echo(f"modelkit: error: {shown(exc)}", err=True)
         return exc.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (click.exceptions.Abort, KeyboardInterrupt, Interrupted):
         click.echo(_interrupted(started), err=True)
         return 130
     except click.UsageError as exc:  # a bad option or a missing argument: one line

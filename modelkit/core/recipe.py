@@ -324,7 +324,7 @@ class _Checker:
     def fail(self, path: tuple[str, ...], problem: str) -> RecipeError:
         if self.source == COMMAND_LINE:  # options, not recipe fields, were given
             return RecipeError(problem, path)
-        where = ".".join(path) or "top level"
+        where = ".".join(p if len(p) <= 60 else p[:57] + "..." for p in path) or "top level"
         line = self.locate(path) if self.locate else None
         at = f" (line {line})" if line else ""
         return RecipeError(f"{self.source}: {where}{at}: {problem}", path)
@@ -342,6 +342,8 @@ class _Checker:
 def _check_inputs(c: _Checker, inputs: dict[str, InputSpec]) -> None:
     if not inputs:
         raise c.fail(("inputs",), "at least one input is needed")
+    if len(inputs) > MAX_INPUTS:
+        raise c.fail(("inputs",), f"{len(inputs)} inputs; a recipe has at most {MAX_INPUTS}")
     for name, spec in inputs.items():
         path = ("inputs", str(name))
         c.name(name, path)
@@ -416,9 +418,16 @@ def _normal_params(c: _Checker, t: Any, step: StepSpec, path: tuple[str, ...]
     return params
 
 
+MAX_STEPS = 200
+MAX_INPUTS = 64
+
+
 def _check_steps(c: _Checker, recipe: Recipe) -> dict[str, StepSpec]:
     if not recipe.steps:
         raise c.fail(("steps",), "at least one step is needed")
+    if len(recipe.steps) > MAX_STEPS:
+        raise c.fail(("steps",), f"{len(recipe.steps)} steps; a recipe has at most "
+                                 f"{MAX_STEPS}")
     steps: dict[str, StepSpec] = {}
     for name, step in recipe.steps.items():
         path = ("steps", str(name))
@@ -428,6 +437,9 @@ def _check_steps(c: _Checker, recipe: Recipe) -> dict[str, StepSpec]:
         t = _transform_for(c, step, path)
         if not step.models or not all(isinstance(m, str) for m in step.models):
             raise c.fail((*path, "models"), "a list of input or step names is required")
+        if len(step.models) > MAX_INPUTS:
+            raise c.fail((*path, "models"), f"{len(step.models)} models; a step takes at "
+                                            f"most {MAX_INPUTS}")
         for i, ref in enumerate(step.models):
             if ref not in recipe.inputs and ref not in recipe.steps:
                 known = ", ".join([*recipe.inputs, *recipe.steps])
@@ -473,6 +485,10 @@ def _check_cycles(c: _Checker, recipe: Recipe) -> None:
 
 
 def _check_output(c: _Checker, recipe: Recipe) -> None:
+    for name in ("dtype", "format", "quant"):
+        value = getattr(recipe, f"output_{name}")
+        if value is not None and not isinstance(value, str):
+            raise c.fail(("output", name), f"must be a name, not {type(value).__name__}")
     c.choice(recipe.output_dtype, MERGE_OUTPUT_DTYPES, ("output", "dtype"))
     if recipe.output_format is not None:
         c.choice(recipe.output_format, OUTPUT_FORMATS, ("output", "format"))
@@ -481,13 +497,17 @@ def _check_output(c: _Checker, recipe: Recipe) -> None:
                                           f"choose one of {', '.join(GGUF_TYPES)}")
     if not isinstance(recipe.output_keep_shapes, bool):
         raise c.fail(("output", "keep_shapes"), "must be true or false")
-    if recipe.output_step not in recipe.steps:
+    if not isinstance(recipe.output_step, str) or recipe.output_step not in recipe.steps:
         raise c.fail(("output", "step"), f"unknown step {str(recipe.output_step)[:60]!r}")
     if recipe.output_path is not None and not isinstance(recipe.output_path, str):
         raise c.fail(("output", "path"), "must be a file path")
 
 
 def _check_options(c: _Checker, o: Options) -> None:
+    for name in ("device", "block_map", "missing_keys"):
+        if not isinstance(getattr(o, name), str):
+            raise c.fail(("options", name), f"must be a name, not "
+                                            f"{type(getattr(o, name)).__name__}")
     c.choice(o.device, DEVICES, ("options", "device"))
     c.choice(o.block_map, BLOCK_MAPS, ("options", "block_map"))
     c.choice(o.missing_keys, MISSING_KEY_POLICIES, ("options", "missing_keys"))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelkit.errors import BadFileError, ModelkitError
+from modelkit.errors import INTERRUPTED, BadFileError, Interrupted, ModelkitError
 from modelkit.io.header import Header, TensorInfo, read_header
 from modelkit.io.source import KeyAccess
 
@@ -86,6 +86,8 @@ class ModelSource(KeyAccess):
         try:
             return self._handle.get_tensor(key)
         except Exception as exc:  # safetensors raises its own error types
+            if INTERRUPTED.is_set():  # a signal surfacing inside the extension
+                raise Interrupted from None
             raise BadFileError(f"{self.path}: cannot read tensor {key!r} ({exc})") from None
 
     @property
