@@ -75,12 +75,13 @@ def _shape(arch: str, target: ModuleTarget, delta: ModuleDelta, label: str
 def _open_all(items: Sequence[tuple[Source, float, object | None]], arch: str | None
               ) -> tuple[str, list[Adapter]]:
     opened = [open_adapter(src, arch) for src, _, _ in items]
-    archs = {arch} if arch else {a.arch for a in opened}
+    archs = {arch} if arch else {a.arch for a in opened} - {"unknown"}
     if len(archs) != 1 or next(iter(archs)) not in LORA_ARCHS:
         names = ", ".join(f"{a.label} ({a.arch})" for a in opened)
         raise ModelkitError(f"adapters for one known architecture are needed, got {names}; "
                             "pass the architecture explicitly when it is unknown")
-    return next(iter(archs)), opened
+    use = next(iter(archs))
+    return use, [a if a.arch == use else open_adapter(a.source, use) for a in opened]
 
 
 def _groups(arch: str, opened: list[Adapter],
