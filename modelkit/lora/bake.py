@@ -30,7 +30,7 @@ from modelkit.errors import ModelkitError, check_cancel
 from modelkit.io.source import DerivedSource, Source, input_paths_of, source_label, tensor_info
 from modelkit.lora.adapter import LORA_ARCHS, Adapter, AdapterModule, open_adapter
 from modelkit.lora.delta import ModuleDelta
-from modelkit.lora.output import storage_dtype
+from modelkit.lora.output import LORA_THREADS, storage_dtype, torch_threads
 from modelkit.numeric import CHUNK_ELEMENTS
 
 if TYPE_CHECKING:
@@ -253,7 +253,8 @@ def bake(checkpoint: Source, adapters: Sequence[Source | AdapterUse | tuple[Any,
 
     def produce(key: str) -> torch.Tensor:
         check_cancel(cancel)
-        return _produce(checkpoint, key, infos[key].dtype, patches.get(key), device)
+        with torch_threads(LORA_THREADS):
+            return _produce(checkpoint, key, infos[key].dtype, patches.get(key), device)
 
     label = f"bake({source_label(checkpoint)})"
     sources = [checkpoint, *(u.source for u in uses)]

@@ -194,7 +194,8 @@ class ModuleDelta:
         if algo == "loha":
             return self._loha_factor(1).mul_(self._loha_factor(2)).mul_(self.scale)
         if algo == "lokr":
-            return torch.kron(self._lokr_factor(1), self._lokr_factor(2)).mul_(self.scale)
+            w1, w2 = self._lokr_factor(1).contiguous(), self._lokr_factor(2).contiguous()
+            return torch.kron(w1, w2).mul_(self.scale)
         if algo == "full":
             if not self.has("diff"):
                 return torch.zeros(self.out, self.cols, device=self.device)

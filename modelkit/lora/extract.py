@@ -37,7 +37,14 @@ from modelkit.errors import ModelkitError, check_cancel
 from modelkit.io.source import Source, input_paths_of, source_label
 from modelkit.lora.adapter import LORA_ARCHS
 from modelkit.lora.factorize import METHODS, factorize
-from modelkit.lora.output import LoraBuilder, error_metadata, lora_metadata, storage_dtype
+from modelkit.lora.output import (
+    LORA_THREADS,
+    LoraBuilder,
+    error_metadata,
+    lora_metadata,
+    storage_dtype,
+    torch_threads,
+)
 from modelkit.numeric import CHUNK_ELEMENTS
 from modelkit.progress import Progress, ProgressFn, no_progress
 
@@ -196,8 +203,9 @@ def extract(base: Source, tuned: Source, rank: int, conv_rank: int | None = None
         conv_names: set[str] = set()
         for i, t in enumerate(targets):
             check_cancel(cancel)
-            _extract_layer(base, tuned, t, report, builder, conv_names, device, store,
-                           skip_below)
+            with torch_threads(LORA_THREADS):
+                _extract_layer(base, tuned, t, report, builder, conv_names, device, store,
+                               skip_below)
             progress(Progress("extract", i + 1, len(targets), "tensors", t.name))
         errors = {x.name: x.relative_error for x in report.layers if not x.skipped}
         meta = lora_metadata(arch, builder.ranks, conv_names, title,

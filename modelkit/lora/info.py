@@ -23,6 +23,7 @@ from modelkit.errors import ModelkitError
 from modelkit.io.source import Source
 from modelkit.lora.adapter import LORA_ARCHS, Adapter, open_adapter
 from modelkit.lora.delta import ModuleDelta
+from modelkit.lora.output import LORA_THREADS, torch_threads
 from modelkit.progress import Progress, ProgressFn, no_progress
 
 if TYPE_CHECKING:
@@ -199,7 +200,8 @@ def info(lora: Source, base: Source | None = None, *, energy: float = 0.9,
     mods = list(ad.modules.values())
     for i, mod in enumerate(mods):
         check_cancel(cancel)
-        layer = _layer(ad, ModuleDelta(ad, mod), base, use, energy)
+        with torch_threads(LORA_THREADS):
+            layer = _layer(ad, ModuleDelta(ad, mod), base, use, energy)
         report.layers.append(layer)
         touched.add(layer.key)
         b = report.blocks[layer.block]

@@ -30,7 +30,14 @@ from modelkit.lora.adapter import LORA_ARCHS, Adapter, open_adapter
 from modelkit.lora.delta import ModuleDelta
 from modelkit.lora.extract import ExtractReport, LayerResult
 from modelkit.lora.factorize import METHODS, factorize
-from modelkit.lora.output import LoraBuilder, error_metadata, lora_metadata, storage_dtype
+from modelkit.lora.output import (
+    LORA_THREADS,
+    LoraBuilder,
+    error_metadata,
+    lora_metadata,
+    storage_dtype,
+    torch_threads,
+)
 from modelkit.progress import Progress, ProgressFn, no_progress
 
 if TYPE_CHECKING:
@@ -189,7 +196,8 @@ def merge(items: Sequence[tuple[Source, float, object | None]], rank: int | None
         conv_names: set[str] = set()
         for i, (name, group) in enumerate(groups.items()):
             check_cancel(cancel)
-            _write_group(name, group, report, builder, conv_names)
+            with torch_threads(LORA_THREADS):
+                _write_group(name, group, report, builder, conv_names)
             progress(Progress("lora merge", i + 1, len(groups), "tensors", name))
         errors = {x.name: x.relative_error for x in report.layers if x.rank}
         builder.finish(lora_metadata(arch, builder.ranks, conv_names, title,

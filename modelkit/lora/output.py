@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +30,7 @@ MODELSPEC_VERSION = "1.0.1"
 ERRORS_KEY = "modelkit.lora.layer_errors"
 OVERALL_KEY = "modelkit.lora.relative_error"
 SKIPPED_KEY = "modelkit.lora.skipped"
+LORA_THREADS = 1  # torch threads for LoRA work (see torch_threads)
 
 
 FLOAT_STORAGE = ("F16", "BF16", "F32")
@@ -162,5 +164,24 @@ def error_metadata(errors: dict[str, float], overall: float,
     return meta
 
 
+@contextmanager
+def torch_threads(n: int = 1) -> Iterator[None]:
+    """Run a block with ``n`` torch threads (restored afterwards). LoRA work
+    is many small SVDs and row-chunk matmuls: with two threads on a busy
+    2-core machine the OpenMP workers wait on each other and small SVDs got
+    15-40x slower (measured), with one thread the time holds."""
+    import torch
+
+    before = torch.get_num_threads()
+    if before == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 __all__ = ["LoraBuilder", "data_hash", "error_metadata", "kohya_shapes", "lora_metadata",
-           "storage_dtype"]
+           "storage_dtype", "torch_threads"]
