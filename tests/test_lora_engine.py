@@ -277,7 +277,7 @@ def test_bake_errors(lib: dict[str, Path], tmp_path: Path) -> None:
     t = {**_lora(LIN, _g(1, 32, 4), _g(2, 4, 32)),
          **_lora("lora_unet_no_such_module", _g(1, 8, 4), _g(2, 4, 8))}
     save_file(t, tmp_path / "extra.safetensors", metadata={"ss_base_model_version": "sd_v1"})
-    with pytest.raises(ModelkitError, match="lora_unet_no_such_module.lora_down.weight"):
+    with pytest.raises(ModelkitError, match=r"lora_unet_no_such_module\.lora_down\.weight"):
         bake(ck, [open_model(tmp_path / "extra.safetensors")])
     rep = bake(ck, [open_model(tmp_path / "extra.safetensors")], allow_unmatched=True).report
     assert rep.adapters[0].unmatched == ["lora_unet_no_such_module.lora_down.weight",

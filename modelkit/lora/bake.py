@@ -181,8 +181,7 @@ def _plan_adapter(ad: Adapter, use: AdapterUse, ckpt: Source, arch: str, te_weig
         if tuple(size) != (n_bias,):
             raise ModelkitError(f"{ad.label}: {bias_keys[0]}: Δb has shape {list(size)} but "
                                 f"{base}: {t.bias_key} needs [{n_bias}]")
-        patches.setdefault(t.bias_key, []).append(_Patch(delta, row0 and n_bias * (
-            row0 // out), k, bias=True))
+        patches.setdefault(t.bias_key, []).append(_Patch(delta, row0, k, bias=True))
         touched.add(t.bias_key)
     rep.keys_touched = len(touched)
     rep.unmatched.sort()
