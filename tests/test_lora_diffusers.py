@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from modelkit.io.diffusers import write_diffusers
 from modelkit.io.reader import open_model
@@ -36,6 +36,27 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
+@pytest.fixture(scope="module")
+def pipes(ckpts: dict[str, Path]) -> dict[str, object]:
+    """One pipeline per architecture, shared: each test unfuses and unloads
+    its adapter afterwards."""
+    return {arch: _pipeline(ckpts[arch + "_folder"], arch) for arch in ("sd1", "sdxl")}
+
+
+# a few modules of every kind (attention, ResBlock convs, SD1's up_blocks.0
+# upsampler, down/upsamplers, text-encoder layers 0-1) keep diffusers' loading quick
+SUBSET = ("lora_unet_down_blocks_1_", "lora_unet_up_blocks_0_", "lora_unet_mid_block_resnets_0",
+          "lora_unet_input_blocks_4_1_transformer_blocks_0_", "unet.down_blocks.1.attentions.0.",
+          "lora_te_text_model_encoder_layers_0_", "lora_te1_text_model_encoder_layers_1_",
+          "lora_te2_text_model_encoder_layers_0_", "text_encoder.text_model.encoder.layers.1.")
+
+
+def _subset(path: Path) -> None:
+    tensors = load_file(path)
+    keep = {k: v for k, v in tensors.items() if k.startswith(SUBSET)}
+    save_file(keep, path, metadata=open_model(path).metadata)
+
+
 def _pipeline(folder: Path, arch: str) -> object:
     unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet")
     vae = diffusers.AutoencoderKL.from_pretrained(folder / "vae")
@@ -58,15 +79,17 @@ def _components(arch: str) -> tuple[str, ...]:
 
 @pytest.mark.parametrize(("arch", "kind", "conv"), [("sd1", "lora", True), ("sd1", "peft", False),
                                                     ("sdxl", "lora", False)])
-def test_bake_equals_diffusers_fuse_lora(ckpts: dict[str, Path], tmp_path: Path, arch: str,
-                                         kind: str, conv: bool) -> None:
+def test_bake_equals_diffusers_fuse_lora(ckpts: dict[str, Path], pipes: dict[str, object],
+                                         tmp_path: Path, arch: str, kind: str,
+                                         conv: bool) -> None:
     lora = tmp_path / "lora.safetensors"
     # peft without adapter metadata: diffusers infers its config (scale 1) from the keys
     write_lora(lora, arch, kind=kind, conv=conv, rank=4, alpha=2.0 if kind == "lora" else None,
                dtype="F32", seed=33, with_metadata=kind != "peft")
-    pipe = _pipeline(ckpts[arch + "_folder"], arch)
-    pipe.load_lora_weights(str(lora))
-    pipe.fuse_lora()
+    _subset(lora)
+    pipe = pipes[arch]
+    pipe.load_lora_weights(str(lora), adapter_name="t")
+    pipe.fuse_lora(adapter_names=["t"])
     baked = tmp_path / "baked"
     write_diffusers(bake(open_model(ckpts[arch]), [open_model(lora)]).source, baked)
     for comp in _components(arch):
@@ -83,40 +106,45 @@ def test_bake_equals_diffusers_fuse_lora(ckpts: dict[str, Path], tmp_path: Path,
             torch.testing.assert_close(other, t, atol=1e-6, rtol=1e-6)
             changed += not torch.equal(t, base[key])
         assert changed > 0, comp
+    pipe.unfuse_lora()
+    pipe.unload_lora_weights()
 
 
 def test_extracted_lora_loads_in_diffusers_with_every_key(ckpts: dict[str, Path],
+                                                          pipes: dict[str, object],
                                                           tmp_path: Path) -> None:
     lora, tuned, out = (tmp_path / n for n in ("l.safetensors", "t.safetensors",
                                                 "x.safetensors"))
     write_lora(lora, "sd1", conv=True, dtype="F32", seed=34)
+    _subset(lora)
     write_converted(bake(open_model(ckpts["sd1"]), [open_model(lora)]), tuned)
     write_converted(extract(open_model(ckpts["sd1"]), open_model(tuned), rank=4, conv_rank=4),
                     out)
     state, alphas = diffusers.StableDiffusionPipeline.lora_state_dict(str(out))
     n_modules = sum(k.endswith(".alpha") for k in load_file(out))
-    assert len(alphas) == n_modules and len(state) == 2 * n_modules
-    pipe = _pipeline(ckpts["sd1_folder"], "sd1")
-    pipe.load_lora_weights(str(out))
-    assert pipe.get_list_adapters() == {"unet": ["default_0"], "text_encoder": ["default_0"]}
+    assert n_modules > 20 and len(alphas) == n_modules and len(state) == 2 * n_modules
+    pipe = pipes["sd1"]
+    pipe.load_lora_weights(str(out), adapter_name="x")
+    assert pipe.get_list_adapters() == {"unet": ["x"], "text_encoder": ["x"]}
     loaded = sum(k.count("lora_A") for comp in ("unet", "text_encoder")
                  for k in getattr(pipe, comp).state_dict())
+    pipe.unload_lora_weights()
     assert loaded == n_modules
 
 
-def test_cli_exit_codes_through_console_script(ckpts: dict[str, Path], tmp_path: Path) -> None:
-    script = Path(sys.executable).with_name("modelkit")
+def test_cli_exit_codes_through_console_script(ckpts: dict[str, Path], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from modelkit.cli import main
+
     lora, out = tmp_path / "l.safetensors", tmp_path / "o.safetensors"
     write_lora(lora, "sd1", seed=35)
-    ok = subprocess.run([str(script), "lora", "bake", str(ckpts["sd1"]), f"{lora}:0.5:0.2",
-                         "-o", str(out), "-q"], capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stderr
-    assert "keys touched" in ok.stdout and out.exists()
+    assert main(["lora", "bake", str(ckpts["sd1"]), f"{lora}:0.5:0.2", "-o", str(out), "-q"]) == 0
+    assert "keys touched" in capsys.readouterr().out and out.exists()
+    assert main(["lora", "bake", str(ckpts["sd1"]), str(lora), "-o", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    script = Path(sys.executable).with_name("modelkit")
     bad = subprocess.run([str(script), "lora", "bake", str(ckpts["sdxl"]), str(lora), "-o",
                           str(tmp_path / "x.safetensors")], capture_output=True, text=True)
     assert bad.returncode == 2 and not (tmp_path / "x.safetensors").exists()
     assert bad.stderr.strip().count("\n") == 0
     assert "is a sd1 adapter but sdxl.safetensors is a sdxl checkpoint" in bad.stderr
-    again = subprocess.run([str(script), "lora", "bake", str(ckpts["sd1"]), str(lora), "-o",
-                            str(out)], capture_output=True, text=True)
-    assert again.returncode == 2 and "--overwrite" in again.stderr

@@ -32,13 +32,13 @@ K = 0.7
 
 
 @pytest.fixture(scope="module")
-def lib(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def lib(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("lora")
     out = {n: root / f"{n}.safetensors" for n in (
-        "sd1", "sd2", "sdxl", "sd1_lora", "sd1_locon", "sd1_lokr", "sd1_loha", "sd1_peft",
-        "sd2_lora", "sdxl_lora")}
-    for arch, seed in (("sd1", 1), ("sd2", 2), ("sdxl", 3)):
-        write_checkpoint(out[arch], arch, seed=seed, dtype="F32")
+        "sd1", "sd1_lora", "sd1_locon", "sd1_lokr", "sd1_loha", "sd1_peft", "sd2_lora",
+        "sdxl_lora")}
+    out.update(sd2=models["sd2"], sdxl=models["sdxl"])  # the session's fp16 checkpoints
+    write_checkpoint(out["sd1"], "sd1", seed=1, dtype="F32")
     write_lora(out["sd1_lora"], "sd1", rank=4, alpha=2.0, dtype="F32", seed=4)
     write_lora(out["sd1_locon"], "sd1", conv=True, rank=4, conv_rank=2, dtype="F32", seed=5)
     write_lora(out["sd1_lokr"], "sd1", kind="lokr", conv=True, dtype="F32", seed=6)
@@ -214,7 +214,7 @@ def test_peft_spellings_and_metadata_scale(lib: dict[str, Path], tmp_path: Path)
 def test_every_fixture_format_bakes_with_full_coverage(lib: dict[str, Path],
                                                        tmp_path: Path) -> None:
     for arch, kinds in (("sd1", ("lora", "loha", "lokr", "peft", "comfyui", "full", "ia3")),
-                        ("sdxl", ("loha", "comfyui"))):
+                        ("sdxl", ("loha",))):
         ck = open_model(lib[arch])
         for kind in kinds:
             path = tmp_path / f"{arch}_{kind}.safetensors"
@@ -233,10 +233,11 @@ def test_sd2_fused_qkv_row_slices(lib: dict[str, Path], tmp_path: Path) -> None:
     ck = open_model(lib["sd2"])
     key = "cond_stage_model.model.transformer.resblocks.3.attn.in_proj_weight"
     conv = bake(ck, [open_model(path)])
-    w, got = ck.get(key), conv.source.get(key)
-    torch.testing.assert_close(got[:32], w[:32] + _g(1, 32, 2) @ _g(2, 2, 32))
+    w, got = ck.get(key).float(), conv.source.get(key).float()  # fp16 checkpoint
+    q, v = _g(1, 32, 2) @ _g(2, 2, 32), _g(3, 32, 2) @ _g(4, 2, 32)
+    torch.testing.assert_close(got[:32], (w[:32] + q).half().float())
     assert torch.equal(got[32:64], w[32:64])
-    torch.testing.assert_close(got[64:], w[64:] + _g(3, 32, 2) @ _g(4, 2, 32))
+    torch.testing.assert_close(got[64:], (w[64:] + v).half().float())
     assert conv.report.adapters[0].keys_touched == 1
 
 
@@ -376,7 +377,7 @@ def test_convert_keeps_delta_and_alpha(lib: dict[str, Path], tmp_path: Path) -> 
         got = bake(ck, [open_model(out)]).source
         for key in (UNET + "input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight",
                     "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"):
-            torch.testing.assert_close(got.get(key), ref.get(key), atol=1e-6, rtol=1e-6)
+            assert torch.equal(got.get(key), ref.get(key)), key  # fp16 after float32 math
         src = out  # chain: kohya -> peft -> comfy -> kohya
     comfy = tmp_path / "direct.safetensors"
     write_converted(convert(open_model(lib["sdxl_lora"]), "comfy"), comfy)

@@ -165,6 +165,8 @@ def _plan_adapter(ad: Adapter, use: AdapterUse, ckpt: Source, arch: str, te_weig
         has_weight = _patches_weight(mod)
         if has_weight:
             _check_shape(ad, mod, delta, base, shape, out, cols)
+        if delta.has_dora:
+            delta.dora_axis((out, *shape[1:]))  # an unusable magnitude fails here, not mid-write
         k = _strength(mod, use, blocks, arch, te_weight)
         rep.n_modules += 1
         if has_weight:
