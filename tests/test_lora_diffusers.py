@@ -140,11 +140,14 @@ def test_cli_exit_codes_through_console_script(ckpts: dict[str, Path], tmp_path:
     write_lora(lora, "sd1", seed=35)
     assert main(["lora", "bake", str(ckpts["sd1"]), f"{lora}:0.5:0.2", "-o", str(out), "-q"]) == 0
     assert "keys touched" in capsys.readouterr().out and out.exists()
-    assert main(["lora", "bake", str(ckpts["sd1"]), str(lora), "-o", str(out)]) == 2
-    assert "--overwrite" in capsys.readouterr().err
+    assert main(["lora", "bake", str(ckpts["sdxl"]), str(lora), "-o",
+                 str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and not (tmp_path / "x.safetensors").exists()
+    assert "is a sd1 adapter but sdxl.safetensors is a sdxl checkpoint" in err
+    # the real console script: an existing output is refused (exit 2, one line)
     script = Path(sys.executable).with_name("modelkit")
-    bad = subprocess.run([str(script), "lora", "bake", str(ckpts["sdxl"]), str(lora), "-o",
-                          str(tmp_path / "x.safetensors")], capture_output=True, text=True)
-    assert bad.returncode == 2 and not (tmp_path / "x.safetensors").exists()
-    assert bad.stderr.strip().count("\n") == 0
-    assert "is a sd1 adapter but sdxl.safetensors is a sdxl checkpoint" in bad.stderr
+    again = subprocess.run([str(script), "lora", "bake", str(ckpts["sd1"]), str(lora), "-o",
+                            str(out)], capture_output=True, text=True)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1
+    assert "already exists; pass --overwrite" in again.stderr
