@@ -224,7 +224,7 @@ def main() -> None:
         before = machine_load()
         lines = section_extract(base, tuned) + section_bake(base, lora)
         after = machine_load()
-        print(f"machine: {before[0]}; load average before {before[1]:.2f}, after {after[1]:.2f}")
+        print(f"machine before: {before[0]}; after: {after[0]}")
         print("\n".join(lines))
     finally:
         shutil.rmtree(WORK, ignore_errors=True)
