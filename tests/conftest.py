@@ -86,3 +86,16 @@ def write_source(source: object, out: Path) -> object:
 
     return write(source, OutputSpec(Path(out), "safetensors"),
                  inputs=source.input_paths)  # type: ignore[attr-defined]
+
+
+def write_converted(planned: object, out: Path) -> object:
+    """Run a planned step's ``prepare`` and write its output (what the runner
+    does for one step, without provenance): for tests of one transform."""
+    from modelkit.io.write import OutputSpec, write
+    from modelkit.progress import no_progress
+
+    if planned.prepare is not None:  # type: ignore[attr-defined]
+        planned.prepare(no_progress, None)  # type: ignore[attr-defined]
+    source = planned.source  # type: ignore[attr-defined]
+    return write(source, OutputSpec(Path(out), "safetensors", overwrite=True),
+                 inputs=source.input_paths)

@@ -50,6 +50,11 @@ EXAMPLES: dict[str, tuple[tuple[str, ...], dict]] = {
     "swap": (("sd1", "vae"), {"component": "vae"}),
     "extract": (("sdxl",), {"component": "te2"}),
     "convert": (("sd1",), {}),
+    "lora_bake": (("sd1", "lora_sd1", "lora_sd1"), {"weights": [0.7, 0.4]}),
+    "lora_extract": (("sd1", "sd1_b"), {"rank": 4}),
+    "lora_resize": (("lora_sd1",), {"rank": 2}),
+    "lora_merge": (("lora_sd1", "lora_sd1"), {"rank": 4, "weights": [0.5, 0.25]}),
+    "lora_convert": (("lora_sd1",), {"to": "peft"}),
 }
 # transforms whose job is to turn integer storage back into floats
 DECODES_INTEGERS = {"dequantize"}
@@ -58,10 +63,15 @@ DECODES_INTEGERS = {"dequantize"}
 @pytest.fixture(scope="module")
 def inputs(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
            ) -> dict[str, Path]:
+    from modelkit.testing.lora import write_lora
+
     out = dict(models)
-    int8 = tmp_path_factory.mktemp("engine") / "sd1_int8.safetensors"
+    root = tmp_path_factory.mktemp("engine")
+    int8 = root / "sd1_int8.safetensors"
     run(Recipe.op("quantize", models["sd1"], output=int8, dtype="int8"))
     out["sd1_int8"] = int8
+    out["lora_sd1"] = root / "lora_sd1.safetensors"
+    write_lora(out["lora_sd1"], "sd1", seed=3)
     return out
 
 
@@ -121,6 +131,9 @@ def test_transform_contract(name: str, inputs: dict[str, Path]) -> None:
     fixture_names, params = EXAMPLES[name]
     with ExitStack() as stack:
         graph, final = _planned(tr, [inputs[n] for n in fixture_names], params, stack)
+        for planned in graph.planned_steps:
+            if planned.prepare is not None:
+                planned.prepare(lambda _: None, None)
         observed = _check_keys(tr, graph, final)
         assert observed <= tr.keys, (name, observed - tr.keys)
         for key in list(final.infos)[::97]:  # a sample: every tensor is tested elsewhere

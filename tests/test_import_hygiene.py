@@ -28,7 +28,8 @@ def test_help_is_light() -> None:
     code = ("from modelkit.cli import main\n"
             "for args in (['--help'], ['inspect', '--help'], ['hash', '--help'],"
             " ['demo', '--help'], ['prune', '--help'], ['quantize', '--help'],"
-            " ['export-gguf', '--help'], ['convert', '--help']):\n"
+            " ['export-gguf', '--help'], ['convert', '--help'], ['lora', '--help'],"
+            " ['lora', 'bake', '--help']):\n"
             "    assert main(args) == 0")
     assert _imported(code) == set()
 

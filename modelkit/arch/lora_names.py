@@ -62,6 +62,7 @@ GROUP_RESNET = "resnet"  # ResBlock convs and time_emb_proj (LoCon)
 GROUP_SAMPLER = "sampler"  # down/upsampler convs (LoCon)
 GROUP_STEM = "stem"  # conv_in, conv_out, time/label embedding (LyCORIS "full")
 GROUP_TEXT = "text"  # CLIP q/k/v/out_proj, fc1, fc2
+GROUP_NORM = "norm"  # GroupNorm/LayerNorm (LyCORIS w_norm/b_norm, full diff)
 
 
 def _down_blocks(cfg: UNetConfig, blocks: dict[str, tuple[str, str]]) -> None:
@@ -359,6 +360,57 @@ def checkpoint_key_modules(arch: ArchSpec, naming: str = "kohya",
     return out
 
 
+# HF CLIP norm (what names use) -> open_clip norm, per layer or final
+TE_NORMS: dict[str, str] = {"layer_norm1": "ln_1", "layer_norm2": "ln_2"}
+TE_FINAL_NORM = ("text_model.final_layer_norm", "ln_final")
+
+
+def _unet_norm_targets(cfg: UNetConfig, naming: str, style: str) -> list[ModuleTarget]:
+    keys = unet_keys(cfg)
+    out = []
+    for ldm, diffusers in _ldm_to_diffusers(cfg).items():
+        shape = keys.get(f"{ldm}.weight")
+        if shape is None or len(shape) != 1:
+            continue
+        out.append(ModuleTarget(
+            name=_unet_name(naming, style, ldm, diffusers), component="unet",
+            path=ldm if style == "ldm" else diffusers, group=GROUP_NORM,
+            key=UNET_PREFIX + ldm + ".weight", shape=shape,
+            bias_key=UNET_PREFIX + ldm + ".bias"))
+    return out
+
+
+def _te_norm_targets(slot: TextEncoderSlot, naming: str) -> list[ModuleTarget]:
+    paths = [(f"text_model.encoder.layers.{i}.{hf}", f"transformer.resblocks.{i}.{oc}")
+             for i in range(slot.config.layers) for hf, oc in TE_NORMS.items()]
+    paths.append(TE_FINAL_NORM)
+    out = []
+    for hf_path, oc_path in paths:
+        base = slot.prefix + (hf_path if slot.config.layout == "hf" else oc_path)
+        out.append(ModuleTarget(_te_name(naming, slot, hf_path), slot.name, hf_path,
+                                GROUP_NORM, base + ".weight", (slot.config.width,), None,
+                                base + ".bias"))
+    return out
+
+
+@lru_cache(maxsize=64)
+def _norm_targets(name: str, unet: UNetConfig, slots: tuple[TextEncoderSlot, ...],
+                  naming: str, style: str) -> dict[str, ModuleTarget]:
+    found = _unet_norm_targets(unet, naming, style)
+    for slot in slots:
+        found += _te_norm_targets(slot, naming)
+    return {t.name: t for t in found}
+
+
+def norm_module_targets(arch: ArchSpec, naming: str = "kohya",
+                        unet_style: str | None = None) -> dict[str, ModuleTarget]:
+    """Like :func:`lora_module_targets`, for the norm layers (GroupNorm and
+    LayerNorm weights and biases) that LyCORIS ``w_norm``/``b_norm`` and
+    full ``diff`` modules patch. The result is shared; do not modify it."""
+    style = _check_naming(naming, unet_style, arch)
+    return _norm_targets(arch.name, arch.unet, arch.text_encoders, naming, style)
+
+
 def resolve_module(arch: ArchSpec, name: str) -> ModuleTarget | None:
     """Find ``name`` under any naming and UNet style of ``arch`` (kohya names
     in the other style, e.g. SDXL LoRAs with diffusers paths, included)."""
@@ -371,6 +423,7 @@ def resolve_module(arch: ArchSpec, name: str) -> ModuleTarget | None:
 
 
 __all__ = [
+    "GROUP_NORM",
     "GROUP_RESNET",
     "GROUP_SAMPLER",
     "GROUP_STEM",
@@ -387,6 +440,7 @@ __all__ = [
     "kohya_unet_style",
     "lora_module_map",
     "lora_module_targets",
+    "norm_module_targets",
     "resolve_module",
     "te_layer",
     "unet_blocks",

@@ -42,6 +42,8 @@ SUBCOMMANDS = {
              "Replace the VAE (or UNet, text encoders) with another file's."),
     "extract": ("modelkit.cli.convert_cmd", "extract_cmd",
                 "Write one component (vae, unet, te) to its own file."),
+    "lora": ("modelkit.cli.lora_cmd", "lora_group",
+             "Bake, extract, resize, merge, convert and inspect LoRA adapters."),
     "demo": ("modelkit.cli.demo_cmd", "demo_cmd",
              "Build a tiny demo model library and run modelkit on it."),
     "methods": ("modelkit.cli.info_cmd", "methods_cmd",

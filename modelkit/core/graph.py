@@ -145,6 +145,8 @@ class Graph:
             for i, src in enumerate(models):
                 check_role(t, i, src)
             params = check_params(t, step.params, len(models))
+            if t.uses_device:
+                params["device"] = self.device
             planned: PlannedStep = t.fn(*models, **params)
         except ModelkitError as exc:
             if not self.recipe.from_yaml:

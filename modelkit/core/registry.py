@@ -20,7 +20,10 @@ A transform is a function registered with :func:`transform`. Its signature
   signature's default; no default means required.
 * a keyword ``generator`` (a ``torch.Generator``) makes the transform
   seeded: the runner passes a generator seeded from the recipe's seed, the
-  step name and the key, so one seed always gives one result.
+  step name and the key, so one seed always gives one result. A keyword
+  ``device`` receives the run's device (an op that computes, such as a LoRA
+  extraction, uses it). A parameter annotated ``Any`` is passed as given and
+  checked by the transform itself (a LoRA block-weight spec per adapter).
 
 The decorator also takes what the signature cannot say: a one-line summary,
 a reference, the key relations the transform may produce (:data:`SAME`,
@@ -143,6 +146,7 @@ class Transform:
     a1111: str | None = None
     min_models: int = 1
     doc: str = field(default="", compare=False)
+    uses_device: bool = False
 
     def accepts(self, n: int) -> bool:
         """Whether the transform takes ``n`` model inputs."""
@@ -187,7 +191,8 @@ class Transform:
 
 TRANSFORMS: dict[str, Transform] = {}
 # modules whose import registers the built-in transforms (loaded on first use)
-BUILTIN_MODULES = ("modelkit.merge.methods", "modelkit.convert.transforms")
+BUILTIN_MODULES = ("modelkit.merge.methods", "modelkit.convert.transforms",
+                   "modelkit.lora.transforms")
 _loaded = False
 
 
@@ -234,6 +239,8 @@ def _param_from(name: str, hint: Any, default: Any, method: bool) -> Param:
         extras = tuple(rest)
     if _PER_MODEL in extras:
         return Param(name, "float", default, per_model=True)
+    if hint is Any:
+        return Param(name, "any", default)
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
         non_none = [a for a in args if a is not type(None)]
@@ -264,10 +271,10 @@ def _role_of(name: str, hint: Any) -> str:
 
 
 def _parse_signature(fn: Callable[..., Any]) -> tuple[
-        list[tuple[str, str]], bool, dict[str, Param], bool]:
+        list[tuple[str, str]], bool, dict[str, Param], bool, bool]:
     hints = typing.get_type_hints(fn, include_extras=True)
     inputs: list[tuple[str, str]] = []
-    variadic = seeded = False
+    variadic = seeded = uses_device = False
     raw: list[tuple[str, Any, Any]] = []
     for p in inspect.signature(fn).parameters.values():
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL):
@@ -277,13 +284,16 @@ def _parse_signature(fn: Callable[..., Any]) -> tuple[
             if p.name == "generator":
                 seeded = True
                 continue
+            if p.name == "device":
+                uses_device = True
+                continue
             default = REQUIRED if p.default is p.empty else p.default
             raw.append((p.name, hints.get(p.name), default))
     if not inputs:
         raise TypeError(f"{fn.__name__}: a transform takes at least one model input")
     method = inputs[0][1] == TENSOR
     params = {n: _param_from(n, h, d, method) for n, h, d in raw}
-    return inputs, variadic, params, seeded
+    return inputs, variadic, params, seeded, uses_device
 
 
 def transform(name: str, *, summary: str, reference: str = "",
@@ -305,7 +315,7 @@ def transform(name: str, *, summary: str, reference: str = "",
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in TRANSFORMS:
             raise ValueError(f"transform '{name}' is already registered")
-        inputs, variadic, params, seeded = _parse_signature(fn)
+        inputs, variadic, params, seeded, uses_device = _parse_signature(fn)
         for pname, allowed in (choices or {}).items():
             p = params[pname]
             kind = "list" if p.kind == "list" else "choice"
@@ -317,7 +327,7 @@ def transform(name: str, *, summary: str, reference: str = "",
             name, kind, fn, tuple(inputs), variadic, params, summary, reference, seeded,
             elementwise, frozenset(keys),
             tuple((tuple(sorted(p.items())), i) for p, i in ends), a1111, lowest,
-            inspect.getdoc(fn) or "")
+            inspect.getdoc(fn) or "", uses_device)
         return fn
 
     return register
@@ -343,6 +353,8 @@ def coerce(t: Transform, p: Param, value: Any) -> Any:
     """``value`` checked and converted for parameter ``p`` of ``t`` (scalars
     only: block-wise specs are resolved per architecture by the planner)."""
     where = f"{t.name}: parameter '{p.name}'"
+    if p.kind == "any":
+        return value
     if p.kind in ("float", "int"):
         return _number(t, p, value)
     if p.kind == "bool":

@@ -1,0 +1,71 @@
+"""Adapter tensor names as data: which suffixes each LoRA/LyCORIS/PEFT
+format uses, the module-name prefixes of each naming, and the widths that
+tell architectures apart. Shared by header-only detection
+(:mod:`modelkit.inspect.adapters`) and the LoRA engine (:mod:`modelkit.lora`).
+
+Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+# adapter tensor suffixes -> role; multi-part suffixes are tried first
+DOWN_SUFFIXES = ("lora_down.weight", "lora_A.weight", "lora.down.weight",
+                 "lora_linear_layer.down.weight")
+UP_SUFFIXES = ("lora_up.weight", "lora_B.weight", "lora.up.weight",
+               "lora_linear_layer.up.weight")
+PEFT_SUFFIXES = frozenset({"lora_A.weight", "lora_B.weight", "lora.down.weight",
+                           "lora.up.weight", "lora_linear_layer.down.weight",
+                           "lora_linear_layer.up.weight"})
+DORA_SUFFIXES = frozenset({"dora_scale", "lora_magnitude_vector",
+                           "lora_magnitude_vector.weight"})
+ALGO_SUFFIXES: dict[str, tuple[str, ...]] = {
+    "lora": (*DOWN_SUFFIXES, *UP_SUFFIXES, "lora_mid.weight"),
+    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
+    "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
+             "lokr_t2"),
+    "full": ("diff", "diff_b", "w_norm", "b_norm"),
+    "ia3": ("on_input",),
+}
+EXTRA_SUFFIXES = ("alpha", "scale", "dora_scale", "lora_magnitude_vector.weight",
+                  "lora_magnitude_vector", "bias_indices", "bias_values", "bias_size")
+SUFFIXES: tuple[str, ...] = tuple(sorted(
+    {s for group in ALGO_SUFFIXES.values() for s in group} | set(EXTRA_SUFFIXES),
+    key=lambda s: (-s.count("."), -len(s)),
+))
+# diffusers' old attention-processor spelling: ...attn1.processor.to_q_lora.down.weight
+PROCESSOR_SUFFIXES = {"_lora.down.weight": "lora.down.weight",
+                      "_lora.up.weight": "lora.up.weight"}
+
+# module-name prefix -> (naming, component); "te" becomes "te1" on SDXL
+NAME_PREFIXES: tuple[tuple[str, str, str], ...] = (
+    ("lora_unet_", "kohya", "unet"),
+    ("lora_te1_", "kohya", "te1"),
+    ("lora_te2_", "kohya", "te2"),
+    ("lora_te_", "kohya", "te"),
+    ("unet.", "peft", "unet"),
+    ("base_model.model.", "peft", "unet"),
+    ("text_encoder_2.", "peft", "te2"),
+    ("text_encoder.", "peft", "te"),
+    ("diffusion_model.", "comfyui", "unet"),
+    ("text_encoders.clip_g.", "comfyui", "te2"),
+    ("text_encoders.", "comfyui", "te"),
+)
+CONTEXT_DIMS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+TE_WIDTHS = {768: frozenset({"sd1", "sdxl"}), 1024: frozenset({"sd2"}),
+             1280: frozenset({"sdxl"})}
+LDM_UNET_NAMES = ("lora_unet_input_blocks_", "lora_unet_middle_block_",
+                  "lora_unet_output_blocks_")
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """``(module, suffix)`` for an adapter tensor name, or None. Bare
+    ``.weight`` keys (IA3) are not split here."""
+    if ".processor." in key:
+        for old, new in PROCESSOR_SUFFIXES.items():
+            if key.endswith(old):
+                module = key[: -len(old)].replace(".processor.", ".")
+                return module.replace(".to_out", ".to_out.0"), new
+    for suffix in SUFFIXES:
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], suffix
+    return None

@@ -1,0 +1,227 @@
+"""``modelkit lora``: bake, extract, resize, merge, convert and info, thin
+shells over :mod:`modelkit.lora`."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from modelkit.cli.common import execute, options_from, output_options
+from modelkit.cli.progress import human_bytes
+from modelkit.core.recipe import COMMAND_LINE, Recipe
+from modelkit.textsafe import shown
+from modelkit.vocab import FLOAT_STORAGE, MERGE_OUTPUT_DTYPES
+
+LIST_LIMIT = 15
+NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
+
+
+def split_weights(spec: str, most: int) -> tuple[str, list[float]]:
+    """``path[:w1[:w2]]`` -> (path, [w1, w2]); trailing parts are taken as
+    weights only when they are numbers, so paths with ``:`` still work."""
+    parts = spec.split(":")
+    weights: list[float] = []
+    while len(parts) > 1 and len(weights) < most and NUMBER.match(parts[-1].strip()):
+        weights.insert(0, float(parts.pop()))
+    return ":".join(parts), weights
+
+
+def _execute(recipe: Any, common: dict[str, Any], lines: Callable[[Any], list[str]]) -> None:
+    def render(report: Any) -> list[str]:
+        return [f"wrote {shown(report.output)}: {report.n_tensors} tensors, "
+                f"{human_bytes(report.output_bytes)} in {report.seconds:.1f}s",
+                *lines(report.report)]
+
+    execute(recipe, common, render)
+
+
+def _open(path: str, device: str = "cpu") -> Any:
+    from modelkit.io.open import open_source
+
+    return open_source(path, device)
+
+
+def _listed(title: str, items: list[str]) -> list[str]:
+    if not items:
+        return []
+    more = f" (first {LIST_LIMIT} of {len(items)})" if len(items) > LIST_LIMIT else ""
+    return [f"{title}{more}:"] + [f"  {shown(x, 200)}" for x in items[:LIST_LIMIT]]
+
+
+def _bake_lines(r: Any) -> list[str]:
+    out = [f"{r.keys_changed} checkpoint tensors changed ({r.arch}, "
+           f"dtype {r.dtype or 'as the base'})"]
+    for a in r.adapters:
+        out.append(f"  {shown(a.file)} ({a.format}, {a.arch}): unet {a.weight:g}, te "
+                   f"{a.te_weight:g}; {a.n_modules} modules, {a.keys_touched} keys touched")
+        out += _listed("  unmatched keys (not applied)", a.unmatched)
+    return out
+
+
+def _svd_lines(r: Any) -> list[str]:
+    ranks = sorted({x.rank for x in r.layers if not x.skipped})
+    rank_text = (f"rank {ranks[0]}" if len(ranks) == 1 else
+                 f"ranks {ranks[0]}..{ranks[-1]}") if ranks else "no layers"
+    out = [f"{r.n_modules} modules, {rank_text}; relative error ||ΔW-BA||/||ΔW|| "
+           f"overall {r.relative_error:.4g}"]
+    worst = sorted((x for x in r.layers if not x.skipped), key=lambda x: -x.relative_error)
+    out += _listed("worst layers", [f"{x.name}: rank {x.rank}, error {x.relative_error:.4g}"
+                                    for x in worst[:5]])
+    out += _listed("skipped (negligible difference)", r.skipped)
+    return out
+
+
+@click.group("lora")
+def lora_group() -> None:
+    """Bake, extract, resize, merge, convert and inspect LoRA/LyCORIS adapters."""
+
+
+@lora_group.command("bake")
+@click.argument("base", type=click.Path())
+@click.argument("loras", nargs=-1, required=True, metavar="LORA[:WEIGHT[:TE_WEIGHT]]...")
+@output_options
+@click.option("--te-weight", type=float, default=None,
+              help="Text-encoder strength for adapters that give none (default: their "
+                   "weight).")
+@click.option("--blocks", default=None, metavar="SPEC",
+              help="LoRA block weights for every adapter: a preset (ALL, NONE, INS, IND, "
+                   "INALL, MIDD, OUTD, OUTS, OUTALL, ALL0.5), 17/26 values (SD1/SD2), "
+                   "12/20 values (SDXL), or NAME=VALUE,... ")
+@click.option("--dtype", type=click.Choice(MERGE_OUTPUT_DTYPES), default="keep",
+              show_default=True, help="Float dtype of the output.")
+@click.option("--allow-unmatched", is_flag=True,
+              help="Bake what matches and list adapter keys that patch nothing, instead "
+                   "of failing.")
+def bake_cmd(base: str, loras: tuple[str, ...], output: str, te_weight: float | None,
+             blocks: str | None, dtype: str, allow_unmatched: bool, **common: Any) -> None:
+    """Add adapters' ΔW into BASE (A1111's name:unet_weight:te_weight form)."""
+    paths, weights, te_weights = [], [], []
+    for spec in loras:
+        path, ws = split_weights(spec, 2)
+        paths.append(path)
+        weights.append(ws[0] if ws else 1.0)
+        te_weights.append(ws[1] if len(ws) > 1 else (te_weight if te_weight is not None
+                                                       else weights[-1]))
+    recipe = Recipe.op("lora_bake", base, *paths, output=output, options=options_from(common),
+                       source=COMMAND_LINE, weights=weights, te_weights=te_weights,
+                       blocks=blocks, dtype=dtype, allow_unmatched=allow_unmatched)
+    _execute(recipe, {"output": output, **common}, _bake_lines)
+
+
+@lora_group.command("extract")
+@click.argument("base", type=click.Path())
+@click.argument("tuned", type=click.Path())
+@output_options
+@click.option("--rank", type=int, required=True, help="Rank cap of Linear and 1x1 layers.")
+@click.option("--conv-rank", type=int, default=None,
+              help="Rank cap of 3x3 convs (adds ResBlocks; default: none).")
+@click.option("--energy", type=float, default=None,
+              help="Per layer, the smallest rank keeping this share of ||ΔW||² (capped).")
+@click.option("--te/--no-te", default=True, show_default=True, help="Extract text encoders.")
+@click.option("--dtype", type=click.Choice(FLOAT_STORAGE), default="fp16",
+              show_default=True, help="Storage type of the factors.")
+def extract_cmd(base: str, tuned: str, output: str, rank: int, conv_rank: int | None,
+                energy: float | None, te: bool, dtype: str, **common: Any) -> None:
+    """A kohya LoRA approximating TUNED − BASE, with its error per layer."""
+    recipe = Recipe.op("lora_extract", base, tuned, output=output,
+                       options=options_from(common), source=COMMAND_LINE, rank=rank,
+                       conv_rank=conv_rank, energy=energy, te=te, dtype=dtype)
+    _execute(recipe, {"output": output, **common}, _svd_lines)
+
+
+@lora_group.command("resize")
+@click.argument("lora", type=click.Path())
+@output_options
+@click.option("--rank", type=int, default=None, help="New rank (cap with --energy).")
+@click.option("--conv-rank", type=int, default=None, help="New rank of 3x3 convs.")
+@click.option("--energy", type=float, default=None,
+              help="Per module, the smallest rank keeping this share of ||ΔW||².")
+def resize_cmd(lora: str, output: str, rank: int | None, conv_rank: int | None,
+               energy: float | None, **common: Any) -> None:
+    """Re-factorise an adapter at a new rank (exact SVD of its ΔW)."""
+    recipe = Recipe.op("lora_resize", lora, output=output, options=options_from(common),
+                       source=COMMAND_LINE, rank=rank, conv_rank=conv_rank, energy=energy)
+    _execute(recipe, {"output": output, **common}, _svd_lines)
+
+
+@lora_group.command("merge")
+@click.argument("loras", nargs=-1, required=True, metavar="LORA[:WEIGHT]...")
+@output_options
+@click.option("--rank", type=int, default=None, help="Rank of the merged LoRA.")
+@click.option("--conv-rank", type=int, default=None, help="Rank of 3x3 convs.")
+@click.option("--energy", type=float, default=None,
+              help="Per module, the smallest rank keeping this share of ||ΔW||².")
+@click.option("--blocks", default=None, metavar="SPEC",
+              help="Block weights applied to every input (see 'lora bake --help').")
+@click.option("--dtype", type=click.Choice(FLOAT_STORAGE), default="fp16",
+              show_default=True)
+def merge_cmd(loras: tuple[str, ...], output: str, rank: int | None, conv_rank: int | None,
+              energy: float | None, blocks: str | None, dtype: str, **common: Any) -> None:
+    """Merge adapters exactly: sum their weighted ΔW, then re-factorise."""
+    paths, weights = [], []
+    for spec in loras:
+        path, ws = split_weights(spec, 1)
+        paths.append(path)
+        weights.append(ws[0] if ws else 1.0)
+    recipe = Recipe.op("lora_merge", *paths, output=output, options=options_from(common),
+                       source=COMMAND_LINE, weights=weights, rank=rank, conv_rank=conv_rank,
+                       energy=energy, blocks=blocks, dtype=dtype)
+    _execute(recipe, {"output": output, **common}, _svd_lines)
+
+
+@lora_group.command("convert")
+@click.argument("lora", type=click.Path())
+@output_options
+@click.option("--to", "to", type=click.Choice(["kohya", "peft", "comfy"]), required=True,
+              help="Key naming of the output.")
+def convert_cmd(lora: str, output: str, to: str, **common: Any) -> None:
+    """Rename an adapter's keys (kohya, PEFT/diffusers, ComfyUI), alpha kept."""
+    recipe = Recipe.op("lora_convert", lora, output=output, options=options_from(common),
+                       source=COMMAND_LINE, to=to)
+    _execute(recipe, {"output": output, **common},
+             lambda r: [f"{r['n_modules']} modules: {r['from']} -> {r['to']} ({r['arch']})"])
+
+
+def _info_lines(r: Any) -> list[str]:
+    out = [f"{r.file}: {r.format} for {r.arch} ({r.naming} names), {len(r.layers)} modules, "
+           f"{len(r.keys_touched)} checkpoint keys touched"]
+    head = "relative to base" if r.base else "‖ΔW‖"
+    out.append(f"per block ({head}):")
+    for name, b in r.blocks.items():
+        if b.n_modules:
+            value = b.relative if r.base and b.relative is not None else b.delta_norm
+            out.append(f"  {name:<6} {value:10.4g}  {b.n_modules:4d} modules")
+    ranks = [x.effective_rank for x in r.layers if x.effective_rank is not None]
+    if ranks:
+        out.append(f"effective rank at {r.energy:g} energy: min {min(ranks)}, median "
+                   f"{sorted(ranks)[len(ranks) // 2]}, max {max(ranks)}")
+    out += _listed("unmatched keys", r.unmatched)
+    return out
+
+
+@lora_group.command("info")
+@click.argument("lora", type=click.Path())
+@click.option("--base", type=click.Path(), default=None,
+              help="Checkpoint to measure the strength against.")
+@click.option("--energy", type=float, default=0.9, show_default=True,
+              help="Energy share for the effective rank.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--keys", "show_keys", is_flag=True, help="List the checkpoint keys touched.")
+def info_cmd(lora: str, base: str | None, energy: float, as_json: bool,
+             show_keys: bool) -> None:
+    """Where an adapter acts: strength per block, effective rank per layer, keys."""
+    from modelkit.lora.info import info
+
+    report = info(_open(lora), _open(base) if base else None, energy=energy)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, default=str))
+        return
+    for line in _info_lines(report):
+        click.echo(line)
+    if show_keys:
+        for key in report.keys_touched:
+            click.echo(f"  {key}")

@@ -1,0 +1,230 @@
+"""Open an adapter file: group its tensors into modules, tell the algorithm of
+each module and find the checkpoint weight it patches.
+
+Every naming is resolved by table lookup (:mod:`modelkit.arch.lora_names`):
+kohya/LyCORIS (``lora_unet_``, ``lora_te_``/``lora_te1_``/``lora_te2_``; SD1/SD2
+with diffusers paths, SDXL with LDM paths, either style accepted), PEFT and
+diffusers (``unet.``/``text_encoder.``/``text_encoder_2.`` with ``lora_A``/
+``lora_B``, ``.lora.down``, ``lora_linear_layer``, the old
+``processor.to_q_lora`` spelling, ``base_model.model.``) and ComfyUI-native
+(``diffusion_model.``, ``text_encoders.clip_l|clip_h|clip_g.transformer.``).
+A kohya ``lora_te_`` name on SDXL means the first text encoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from modelkit.arch.adapter_keys import ALGO_SUFFIXES, split_key
+from modelkit.arch.configs import ARCHS, ArchSpec
+from modelkit.arch.lora_names import (
+    NAMINGS,
+    ModuleTarget,
+    lora_module_targets,
+    norm_module_targets,
+)
+from modelkit.errors import ModelkitError
+from modelkit.io.source import Source, source_label
+
+if TYPE_CHECKING:
+    import torch
+
+LORA_ARCHS = ("sd1", "sd2", "sdxl")
+NORM_SUFFIXES = ("w_norm", "b_norm")
+# suffix aliases: every LoRA spelling -> kohya's
+DOWN = "lora_down.weight"
+UP = "lora_up.weight"
+MID = "lora_mid.weight"
+LORA_ALIASES = {
+    "lora_A.weight": DOWN, "lora.down.weight": DOWN, "lora_linear_layer.down.weight": DOWN,
+    "lora_B.weight": UP, "lora.up.weight": UP, "lora_linear_layer.up.weight": UP,
+    "lora_magnitude_vector": "dora_scale", "lora_magnitude_vector.weight": "dora_scale",
+}
+
+
+@dataclass
+class AdapterModule:
+    """One adapter module: its tensors (canonical suffix -> file key), its
+    algorithm and the checkpoint weight it patches (None when not found)."""
+
+    name: str
+    algo: str  # lora, loha, lokr, full, norm, ia3
+    keys: dict[str, str]
+    target: ModuleTarget | None = None
+    peft_scale: float | None = None  # lora_alpha / r from diffusers' adapter metadata
+
+    @property
+    def is_text(self) -> bool:
+        """True for a text-encoder module."""
+        return self.target is not None and self.target.component != "unet"
+
+
+@dataclass
+class Adapter:
+    """An adapter file read as modules."""
+
+    source: Source
+    arch: str  # sd1, sd2, sdxl or unknown
+    format: str  # as :func:`modelkit.inspect.adapters.detect_adapter` says
+    naming: str
+    modules: dict[str, AdapterModule]
+    unmatched: list[str] = field(default_factory=list)  # tensor keys with no target
+    evidence: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        """The file name, for messages."""
+        return Path(source_label(self.source)).name
+
+    def get(self, key: str) -> torch.Tensor:
+        """Read one tensor of the adapter."""
+        return self.source.get(key)
+
+    def alpha(self, mod: AdapterModule) -> float | None:
+        """The module's stored alpha (None when absent)."""
+        key = mod.keys.get("alpha")
+        if key is None:
+            return None
+        return float(self.get(key).reshape(-1)[0])
+
+
+def _algo(suffixes: set[str]) -> str | None:
+    if suffixes & set(NORM_SUFFIXES) and not suffixes & {"diff"}:
+        return "norm"
+    if "on_input" in suffixes:
+        return "ia3"
+    for algo, known in ALGO_SUFFIXES.items():
+        if algo != "ia3" and suffixes & {LORA_ALIASES.get(s, s) for s in known}:
+            return algo
+    return None
+
+
+def _group(keys: list[str]) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """Module name -> {canonical suffix: key}, and the keys that fit no module."""
+    groups: dict[str, dict[str, str]] = {}
+    loose: list[str] = []
+    for key in keys:
+        parts = split_key(key)
+        if parts is None:
+            loose.append(key)
+            continue
+        name, suffix = parts
+        groups.setdefault(name, {})[LORA_ALIASES.get(suffix, suffix)] = key
+    rest = []
+    for key in loose:  # IA3 scales: <module>.weight beside <module>.on_input
+        name = key.removesuffix(".weight")
+        if key.endswith(".weight") and "on_input" in groups.get(name, {}):
+            groups[name]["weight"] = key
+        else:
+            rest.append(key)
+    return groups, rest
+
+
+@lru_cache(maxsize=8)
+def _name_table(arch: str) -> dict[str, ModuleTarget]:
+    spec = ARCHS[arch]
+    table: dict[str, ModuleTarget] = {}
+    for naming in NAMINGS:
+        for style in ("diffusers", "ldm"):
+            for finder in (norm_module_targets, lora_module_targets):
+                table.update(finder(spec, naming, style))
+    return table
+
+
+def _aliases(name: str, spec: ArchSpec) -> list[str]:
+    out = [name]
+    if name.startswith("base_model.model."):
+        out.append("unet." + name.removeprefix("base_model.model."))
+    if name.startswith("lora_te_") and any(s.name == "te1" for s in spec.text_encoders):
+        out.append("lora_te1_" + name.removeprefix("lora_te_"))
+    return out
+
+
+def resolve_target(arch: str, name: str) -> ModuleTarget | None:
+    """The checkpoint weight adapter module ``name`` patches in ``arch``
+    (``sd1``, ``sd2``, ``sdxl``), under any naming; None when unknown."""
+    if arch not in LORA_ARCHS:
+        return None
+    table = _name_table(arch)
+    for alias in _aliases(name, ARCHS[arch]):
+        hit = table.get(alias)
+        if hit is not None:
+            return hit
+    return None
+
+
+PEFT_COMPONENTS = ("unet", "text_encoder_2", "text_encoder")
+
+
+def _peft_scales(metadata: dict[str, str]) -> dict[str, tuple[float, float, dict, dict]]:
+    """Component prefix -> (r, lora_alpha, rank_pattern, alpha_pattern) from
+    diffusers' ``lora_adapter_metadata`` (a LoraConfig per component)."""
+    import json
+
+    try:
+        cfg = json.loads(metadata.get("lora_adapter_metadata", "") or "{}")
+    except ValueError:
+        return {}
+    if not isinstance(cfg, dict):
+        return {}
+    out = {}
+    for comp in PEFT_COMPONENTS:
+        r, alpha = cfg.get(f"{comp}.r"), cfg.get(f"{comp}.lora_alpha")
+        if isinstance(r, int | float) and isinstance(alpha, int | float) and r:
+            out[comp] = (float(r), float(alpha), cfg.get(f"{comp}.rank_pattern") or {},
+                         cfg.get(f"{comp}.alpha_pattern") or {})
+    return out
+
+
+def _pattern(table: dict, path: str, default: float) -> float:
+    for pattern, value in table.items():
+        if path == pattern or path.endswith("." + pattern):
+            return float(value)
+    return default
+
+
+def _peft_scale(name: str, scales: dict[str, tuple[float, float, dict, dict]]
+                ) -> float | None:
+    for comp in PEFT_COMPONENTS:
+        if name.startswith(comp + ".") and comp in scales:
+            r, alpha, ranks, alphas = scales[comp]
+            path = name[len(comp) + 1:]
+            return _pattern(alphas, path, alpha) / _pattern(ranks, path, r)
+    return None
+
+
+def open_adapter(source: Source, arch: str | None = None) -> Adapter:
+    """Read ``source`` as an adapter. ``arch`` overrides the detected
+    architecture (e.g. the checkpoint's, for an adapter whose arch is unknown).
+
+    Raises:
+        ModelkitError: ``source`` is not an adapter file.
+    """
+    from modelkit.inspect.adapters import detect_adapter
+
+    info = detect_adapter(source.infos, source.metadata)
+    name = Path(source_label(source)).name
+    if info is None:
+        raise ModelkitError(f"{name}: is not a LoRA/LyCORIS/PEFT adapter (no adapter "
+                            "tensor names found)")
+    use = arch or info.arch
+    groups, loose = _group(list(source.infos))
+    modules: dict[str, AdapterModule] = {}
+    unmatched = list(loose)
+    scales = _peft_scales(source.metadata)
+    for mod_name, keys in groups.items():
+        algo = _algo(set(keys))
+        target = resolve_target(use, mod_name) if algo else None
+        if algo is None or target is None:
+            unmatched += keys.values()
+            continue
+        modules[mod_name] = AdapterModule(mod_name, algo, keys, target,
+                                          _peft_scale(mod_name, scales))
+    return Adapter(source, info.arch, info.format, info.naming, modules, sorted(unmatched),
+                   info.arch_evidence)
+
+
+__all__ = ["Adapter", "AdapterModule", "open_adapter", "resolve_target"]

@@ -1,0 +1,336 @@
+"""``bake``: add adapters' ΔW into a checkpoint, one checkpoint tensor at a time.
+
+The output streams from the base: untouched tensors pass through as they
+are, every patched weight is computed in float32 row chunks of about
+:data:`modelkit.numeric.CHUNK_ELEMENTS` elements (``acc = W[rows]``, then
+``acc += k·s·up[rows] @ down`` per module) and stored in the base's dtype
+(or ``dtype``). Several adapters bake in one pass, each with its own UNet
+weight, text-encoder weight and block weights; every adapter's ΔW is taken
+against the original base weight, so the order does not matter.
+
+Before any math: an adapter made for another architecture is refused,
+every adapter tensor must land on a checkpoint weight (or the bake fails
+listing the keys that do not; ``allow_unmatched`` reports them instead) and
+every ΔW shape is checked against the weight it patches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from modelkit.arch.blocks import block_of
+from modelkit.arch.lora_blocks import parse_lora_blocks
+from modelkit.convert.base import require_checkpoint
+from modelkit.core.step import PlannedStep, same_origins
+from modelkit.errors import ModelkitError, check_cancel
+from modelkit.io.source import DerivedSource, Source, input_paths_of, source_label, tensor_info
+from modelkit.lora.adapter import LORA_ARCHS, Adapter, AdapterModule, open_adapter
+from modelkit.lora.delta import ModuleDelta
+from modelkit.lora.output import LORA_THREADS, storage_dtype, torch_threads
+from modelkit.numeric import CHUNK_ELEMENTS
+
+if TYPE_CHECKING:
+    import torch
+
+LIST_LIMIT = 20
+
+
+@dataclass
+class AdapterUse:
+    """One adapter to bake: its strength on the UNet (``weight``) and on the
+    text encoders (``te_weight``, default ``weight``), and optional block
+    weights (anything :func:`modelkit.arch.lora_blocks.parse_lora_blocks`
+    accepts)."""
+
+    source: Source
+    weight: float = 1.0
+    te_weight: float | None = None
+    blocks: object | None = None
+
+
+@dataclass
+class AdapterBakeReport:
+    """What one adapter did."""
+
+    file: str
+    arch: str
+    format: str
+    weight: float
+    te_weight: float
+    blocks: dict[str, float] | None
+    n_modules: int = 0
+    keys_touched: int = 0
+    unmatched: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BakeReport:
+    """What :func:`bake` did, per adapter."""
+
+    base: str
+    arch: str
+    dtype: str | None
+    adapters: list[AdapterBakeReport] = field(default_factory=list)
+    keys_changed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+@dataclass
+class _Patch:
+    delta: ModuleDelta
+    row0: int  # first row of the checkpoint weight this module patches
+    k: float
+    bias: bool = False
+
+
+def _as_use(item: Source | AdapterUse | tuple[Any, ...]) -> AdapterUse:
+    if isinstance(item, AdapterUse):
+        return item
+    if isinstance(item, tuple):
+        return AdapterUse(*item)
+    return AdapterUse(item)
+
+
+def _target_view(shape: tuple[int, ...], rows: tuple[int, int] | None) -> tuple[int, int, int]:
+    """``(row0, out, cols)`` of the part of a weight of ``shape`` a module
+    patches: all of it, or a q/k/v third of a fused ``in_proj_weight``."""
+    cols = math.prod(shape[1:]) if len(shape) > 1 else 1
+    if rows is None:
+        return 0, shape[0], cols
+    third = rows[0] // (rows[1] - rows[0])
+    width = shape[0] // 3
+    return third * width, width, cols
+
+
+def _check_shape(ad: Adapter, mod: AdapterModule, delta: ModuleDelta, base: str,
+                 shape: tuple[int, ...], out: int, cols: int) -> None:
+    if mod.algo == "ia3":
+        ok = delta.out in (out, shape[1] if len(shape) > 1 else out)
+    else:
+        ok = (delta.out, delta.cols) == (out, cols)
+    if not ok:
+        key = next(iter(mod.keys.values()))
+        raise ModelkitError(f"{ad.label}: {key}: ΔW is {delta.out}x{delta.cols} but "
+                            f"{base}: {mod.target.key if mod.target else '?'} "
+                            f"{list(shape)} needs {out}x{cols}; the adapter does not fit "
+                            "this checkpoint")
+
+
+def _open(use: AdapterUse, arch: str, base: str, device: str) -> Adapter:
+    ad = open_adapter(use.source)
+    if ad.arch not in (arch, "unknown"):
+        raise ModelkitError(f"{ad.label}: is a {ad.arch} adapter but {base} is a {arch} "
+                            f"checkpoint; bake an adapter made for {arch}")
+    if ad.arch == "unknown":
+        ad = open_adapter(use.source, arch)
+    return ad
+
+
+def _strength(mod: AdapterModule, use: AdapterUse, blocks: dict[str, float] | None,
+              arch: str, te_default: float | None) -> float:
+    te = use.te_weight if use.te_weight is not None else te_default
+    k = (use.weight if te is None else te) if mod.is_text else use.weight
+    if blocks is not None and mod.target is not None:
+        k *= blocks[block_of(mod.target.key, arch)]
+    return k
+
+
+def _plan_adapter(ad: Adapter, use: AdapterUse, ckpt: Source, arch: str, te_weight: float | None,
+                  default_blocks: object | None, device: str,
+                  patches: dict[str, list[_Patch]]) -> AdapterBakeReport:
+    spec = use.blocks if use.blocks is not None else default_blocks
+    blocks = parse_lora_blocks(spec, arch) if spec is not None else None
+    te = use.te_weight if use.te_weight is not None else te_weight
+    rep = AdapterBakeReport(ad.label, ad.arch, ad.format, use.weight,
+                            use.weight if te is None else te, blocks,
+                            unmatched=list(ad.unmatched))
+    base = Path(source_label(ckpt)).name
+    touched: set[str] = set()
+    for mod in ad.modules.values():
+        t = mod.target
+        assert t is not None
+        if t.key not in ckpt.infos:
+            rep.unmatched += mod.keys.values()
+            continue
+        shape = tuple(ckpt.infos[t.key].shape)
+        row0, out, cols = _target_view(shape, t.rows)
+        delta = ModuleDelta(ad, mod, device)
+        has_weight = _patches_weight(mod)
+        if has_weight:
+            _check_shape(ad, mod, delta, base, shape, out, cols)
+        if delta.has_dora:
+            delta.dora_axis((out, *shape[1:]))  # an unusable magnitude fails here, not mid-write
+        k = _strength(mod, use, blocks, arch, te_weight)
+        rep.n_modules += 1
+        if has_weight:
+            patches.setdefault(t.key, []).append(_Patch(delta, row0, k))
+            touched.add(t.key)
+        bias_keys = [mod.keys[s] for s in ("diff_b", "b_norm") if s in mod.keys]
+        if not bias_keys:
+            continue
+        if t.bias_key is None or t.bias_key not in ckpt.infos:
+            rep.unmatched += bias_keys
+            continue
+        n_bias = ckpt.infos[t.bias_key].shape[0] // (3 if t.rows else 1)
+        size = ad.source.infos[bias_keys[0]].shape
+        if tuple(size) != (n_bias,):
+            raise ModelkitError(f"{ad.label}: {bias_keys[0]}: Δb has shape {list(size)} but "
+                                f"{base}: {t.bias_key} needs [{n_bias}]")
+        patches.setdefault(t.bias_key, []).append(_Patch(delta, row0, k, bias=True))
+        touched.add(t.bias_key)
+    rep.keys_touched = len(touched)
+    rep.unmatched.sort()
+    return rep
+
+
+def _patches_weight(mod: AdapterModule) -> bool:
+    if mod.algo == "full":
+        return "diff" in mod.keys
+    if mod.algo == "norm":
+        return "w_norm" in mod.keys
+    return True
+
+
+def _unmatched_error(reports: list[AdapterBakeReport]) -> ModelkitError:
+    parts = []
+    for r in reports:
+        if r.unmatched:
+            shown = ", ".join(r.unmatched[:LIST_LIMIT])
+            more = f" and {len(r.unmatched) - LIST_LIMIT} more" if len(
+                r.unmatched) > LIST_LIMIT else ""
+            parts.append(f"{r.file}: {len(r.unmatched)} keys match no weight of the "
+                         f"checkpoint ({shown}{more})")
+    return ModelkitError("; ".join(parts) + "; pass --allow-unmatched (allow_unmatched=True) "
+                         "to bake the rest and list them in the report")
+
+
+def bake(checkpoint: Source, adapters: Sequence[Source | AdapterUse | tuple[Any, ...]], *,
+         te_weight: float | None = None, blocks: object | None = None,
+         dtype: str | None = None, allow_unmatched: bool = False, device: str = "cpu",
+         cancel: Any = None) -> PlannedStep:
+    """Plan ``checkpoint`` with every adapter's weighted ΔW added.
+
+    Args:
+        adapters: sources, ``(source, weight[, te_weight[, blocks]])`` tuples
+            or :class:`AdapterUse`.
+        te_weight: default text-encoder strength for adapters that give none
+            (default: each adapter's own ``weight``).
+        blocks: default block weights for adapters that give none.
+        dtype: safetensors dtype of the float output tensors (default: the
+            base's own).
+        allow_unmatched: report adapter keys that patch nothing instead of
+            failing.
+
+    Raises:
+        ModelkitError: not a checkpoint, an adapter for another architecture,
+            unmatched keys (without ``allow_unmatched``), a shape mismatch.
+    """
+    rep_ck = require_checkpoint(checkpoint, "lora bake")
+    arch, base = rep_ck.arch, Path(source_label(checkpoint)).name
+    if arch not in LORA_ARCHS:
+        raise ModelkitError(f"{base}: is a {arch} checkpoint; lora bake supports "
+                            f"{', '.join(LORA_ARCHS)}")
+    if dtype is not None:
+        dtype = storage_dtype(dtype)
+    uses = [_as_use(a) for a in adapters]
+    if not uses:
+        raise ModelkitError("lora bake needs at least one adapter")
+    opened = [_open(u, arch, base, device) for u in uses]
+    patches: dict[str, list[_Patch]] = {}
+    reports = [_plan_adapter(ad, u, checkpoint, arch, te_weight, blocks, device, patches)
+               for ad, u in zip(opened, uses, strict=True)]
+    if any(r.unmatched for r in reports) and not allow_unmatched:
+        raise _unmatched_error(reports)
+    report = BakeReport(base, arch, dtype, reports, len(patches))
+    infos = {k: tensor_info(k, dtype if (dtype and i.is_float) else i.dtype, i.shape)
+             for k, i in checkpoint.infos.items()}
+
+    def produce(key: str) -> torch.Tensor:
+        check_cancel(cancel)
+        with torch_threads(LORA_THREADS):
+            return _produce(checkpoint, key, infos[key].dtype, patches.get(key), device)
+
+    label = f"bake({source_label(checkpoint)})"
+    sources = [checkpoint, *(u.source for u in uses)]
+    out = DerivedSource(label, infos, dict(checkpoint.metadata), produce,
+                        input_paths_of(sources))
+    params = {"adapters": [{"file": r.file, "weight": r.weight, "te_weight": r.te_weight,
+                            "blocks": _blocks_param(u.blocks if u.blocks is not None
+                                                    else blocks)}
+                           for r, u in zip(reports, uses, strict=True)],
+              "dtype": dtype, "allow_unmatched": allow_unmatched}
+    return PlannedStep(out, report, "lora_bake", json.loads(json.dumps(params, default=str)),
+                       same_origins(infos))
+
+
+def _blocks_param(spec: object | None) -> object | None:
+    if spec is None or isinstance(spec, str | int | float | list | tuple | dict):
+        return spec
+    return str(spec)
+
+
+def _produce(ckpt: Source, key: str, dtype: str, todo: list[_Patch] | None,
+             device: str) -> torch.Tensor:
+    from modelkit.io.dtypes import to_torch
+    from modelkit.io.reader import cast
+
+    t = ckpt.get(key)
+    out_dtype = to_torch(dtype)
+    if not todo:
+        return cast(t, out_dtype)
+    shape = tuple(t.shape)
+    if any(p.delta.needs_base or p.bias for p in todo) or len(shape) < 2:
+        return _produce_whole(t, shape, todo, out_dtype, device)
+    return _produce_chunked(t, shape, todo, out_dtype, device)
+
+
+def _produce_chunked(t: torch.Tensor, shape: tuple[int, ...], todo: list[_Patch],
+                     out_dtype: torch.dtype, device: str) -> torch.Tensor:
+    import torch
+
+    n, cols = shape[0], math.prod(shape[1:])
+    w2 = t.reshape(n, cols)
+    out = torch.empty(shape, dtype=out_dtype)
+    o2 = out.view(n, cols)
+    step = max(1, CHUNK_ELEMENTS // cols)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        acc = w2[a:b].to(device, torch.float32, copy=True)
+        for p in todo:
+            lo, hi = max(a, p.row0), min(b, p.row0 + p.delta.out)
+            if lo < hi:
+                p.delta.add_rows_(acc[lo - a:hi - a], lo - p.row0, hi - p.row0, p.k)
+        o2[a:b].copy_(acc)
+    return out
+
+
+def _produce_whole(t: torch.Tensor, shape: tuple[int, ...], todo: list[_Patch],
+                   out_dtype: torch.dtype, device: str) -> torch.Tensor:
+    import torch
+
+    n = shape[0]
+    w0 = t.reshape(n, -1).to(device, torch.float32, copy=True)
+    acc = w0.clone()
+    for p in todo:
+        rows = slice(p.row0, p.row0 + p.delta.out)
+        if p.bias:
+            bias = p.delta.bias()
+            assert bias is not None
+            acc[rows].add_(bias.reshape(-1, 1), alpha=p.k)
+        elif p.delta.needs_base:
+            view = (p.delta.out, *shape[1:])
+            acc[rows].add_(p.delta.base_update(w0[rows], p.k, view))
+        else:
+            p.delta.add_rows_(acc[rows], 0, p.delta.out, p.k)
+    return acc.reshape(shape).to("cpu", out_dtype)
+
+
+__all__ = ["AdapterBakeReport", "AdapterUse", "BakeReport", "bake"]

@@ -1,0 +1,132 @@
+"""``convert``: rename an adapter between kohya, PEFT/diffusers and ComfyUI-native
+keys, alpha kept.
+
+* ``kohya``: ``lora_unet_``/``lora_te*_`` names (SD1/SD2 diffusers paths,
+  SDXL LDM paths), ``lora_down``/``lora_up``/``alpha``; LyCORIS tensors
+  (``hada_*``, ``lokr_*``, ``diff``, ``dora_scale``...) keep their suffixes.
+* ``comfy``: ``diffusion_model.<LDM path>`` and
+  ``text_encoders.<clip_l|clip_h|clip_g>.transformer.<HF path>``, same
+  suffixes; ``alpha`` tensors are kept (ComfyUI reads them).
+* ``peft``: ``unet.``/``text_encoder.``/``text_encoder_2.`` diffusers paths
+  with ``lora_A``/``lora_B``. PEFT files carry no per-module alpha, so
+  ``s = alpha / rank`` is folded into ``lora_B``; plain LoRA/LoCon modules
+  only (no Tucker ``lora_mid``, no LyCORIS algorithms), DoRA magnitudes per
+  output row become ``lora_magnitude_vector``.
+
+The effective ΔW of every module is unchanged by any conversion.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from modelkit.arch.configs import ARCHS
+from modelkit.arch.lora_names import ModuleTarget, lora_module_targets, norm_module_targets
+from modelkit.core.step import PlannedStep
+from modelkit.errors import ModelkitError
+from modelkit.io.source import DerivedSource, Source, source_label, tensor_info
+from modelkit.lora.adapter import DOWN, LORA_ARCHS, MID, UP, Adapter, AdapterModule, open_adapter
+from modelkit.lora.delta import DORA, module_scale
+
+if TYPE_CHECKING:
+    import torch
+
+TARGET_NAMINGS = {"kohya": "kohya", "peft": "peft", "comfy": "comfyui", "comfyui": "comfyui"}
+PEFT_SUFFIX = {DOWN: "lora_A.weight", UP: "lora_B.weight", DORA: "lora_magnitude_vector"}
+
+
+def _index(arch: str, naming: str) -> dict[tuple[str, tuple[int, int] | None], ModuleTarget]:
+    spec = ARCHS[arch]
+    found = {**lora_module_targets(spec, naming), **norm_module_targets(spec, naming)}
+    return {(t.key, t.rows): t for t in found.values()}
+
+
+def _plan_module(ad: Adapter, mod: AdapterModule, name: str, to: str,
+                 plan: dict[str, tuple[str, Any]]) -> None:
+    """Output key -> (input key, how) for one module; ``how`` is None (copy),
+    a float (multiply) or a shape (reshape)."""
+    if to != "peft":
+        for suffix, key in mod.keys.items():
+            how: Any = None
+            if suffix == DORA and not key.endswith(DORA):  # PEFT magnitude -> kohya
+                ndim = len(ad.source.infos[mod.keys[DOWN]].shape) if DOWN in mod.keys else 2
+                how = (ad.source.infos[key].shape[0], *([1] * (ndim - 1)))
+            plan[f"{name}.{suffix}"] = (key, how)
+        return
+    if mod.algo != "lora" or MID in mod.keys:
+        kind = "Tucker LoCon" if MID in mod.keys else mod.algo
+        raise ModelkitError(f"{ad.label}: module {mod.name} is {kind}; PEFT/diffusers files "
+                            "hold plain LoRA only (convert to kohya or comfy instead)")
+    plan[f"{name}.lora_A.weight"] = (mod.keys[DOWN], None)
+    plan[f"{name}.lora_B.weight"] = (mod.keys[UP], module_scale(ad, mod))
+    if DORA in mod.keys:
+        shape = ad.source.infos[mod.keys[DORA]].shape
+        out = ad.source.infos[mod.keys[UP]].shape[0]
+        if shape[0] != out or math.prod(shape) != out:
+            raise ModelkitError(f"{ad.label}: {mod.keys[DORA]}: PEFT keeps DoRA magnitudes per "
+                                "output row only; this one is per input channel")
+        plan[f"{name}.lora_magnitude_vector"] = (mod.keys[DORA], (out,))
+
+
+def convert(lora: Source, to: str, *, arch: str | None = None) -> PlannedStep:
+    """Plan ``lora`` renamed to ``to`` (``kohya``, ``peft`` or ``comfy``).
+
+    Raises:
+        ModelkitError: unknown target, unknown architecture, keys that match
+            no module, or (for ``peft``) modules PEFT cannot hold.
+    """
+    naming = TARGET_NAMINGS.get(to)
+    if naming is None:
+        raise ModelkitError(f"unknown adapter format {to!r}; choose kohya, peft or comfy")
+    ad = open_adapter(lora, arch)
+    use = arch or ad.arch
+    if use not in LORA_ARCHS:
+        raise ModelkitError(f"{ad.label}: cannot tell which architecture it is for "
+                            f"({'; '.join(ad.evidence) or 'no evidence'}); pass it explicitly")
+    if ad.unmatched:
+        raise ModelkitError(f"{ad.label}: {len(ad.unmatched)} keys match no module of {use} "
+                            f"(first: {ad.unmatched[0]}); nothing to convert them to")
+    index = _index(use, naming)
+    plan: dict[str, tuple[str, Any]] = {}
+    for mod in ad.modules.values():
+        assert mod.target is not None
+        name = index[(mod.target.key, mod.target.rows)].name
+        _plan_module(ad, mod, name, "peft" if naming == "peft" else naming, plan)
+    infos = {}
+    for out_key, (in_key, how) in plan.items():
+        info = lora.infos[in_key]
+        shape = how if isinstance(how, tuple) else info.shape
+        infos[out_key] = tensor_info(out_key, info.dtype, shape)
+
+    def produce(key: str) -> torch.Tensor:
+        in_key, how = plan[key]
+        t = lora.get(in_key)
+        if isinstance(how, tuple):
+            return t.reshape(how).contiguous()
+        if isinstance(how, float) and how != 1.0:
+            return (t.float() * how).to(t.dtype)
+        return t
+
+    meta = dict(lora.metadata)
+    if naming == "peft":
+        meta.pop("lora_adapter_metadata", None)  # scales are folded into lora_B
+        meta["format"] = "pt"
+    label = f"lora_convert({Path(source_label(lora)).name})"
+    out = DerivedSource(label, infos, meta, produce, lora.input_paths)
+    report = {"from": ad.naming, "to": to, "arch": use, "n_modules": len(ad.modules),
+              "n_tensors": len(infos)}
+    origins = {k: (None if isinstance(how, tuple) else (0, in_key))
+               for k, (in_key, how) in plan.items()}
+    return PlannedStep(out, _ConvertReport(report), "lora_convert", {"to": to}, origins)
+
+
+class _ConvertReport(dict):
+    """A plain dict report with ``to_dict``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self)
+
+
+__all__ = ["convert"]

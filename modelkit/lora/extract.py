@@ -1,0 +1,252 @@
+"""``extract``: a kohya-format LoRA approximating TUNED − BASE, layer by layer.
+
+Layers are kohya's (Transformer2D Linear/1x1 modules and the text encoders'
+q/k/v/out_proj, fc1, fc2; with ``conv_rank`` also the ResBlock and sampler
+convs, 3x3 kernels at ``conv_rank``, 1x1 and Linear ones at ``rank``). Fused
+open_clip q/k/v are read as row thirds of ``in_proj_weight``.
+
+Per layer: ΔW = TUNED − BASE in float32 (built in row chunks), skipped when
+``||ΔW|| <= skip_below * ||W_base||`` (reported, never all-or-nothing per
+text encoder), else factorised (:mod:`modelkit.lora.factorize`). Only one
+layer's ΔW and SVD work are in memory at a time, plus the output factors.
+The relative error ``||ΔW − up@down|| / ||ΔW||`` of every layer and the
+overall one (skipped layers count as fully lost) go into the report and
+the file's metadata.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from modelkit.arch.configs import ARCHS
+from modelkit.arch.lora_names import (
+    GROUP_RESNET,
+    GROUP_SAMPLER,
+    GROUP_TEXT,
+    GROUP_TRANSFORMER,
+    ModuleTarget,
+    kohya_te_layers,
+    lora_module_targets,
+    te_layer,
+)
+from modelkit.convert.base import require_checkpoint
+from modelkit.core.step import PlannedStep
+from modelkit.errors import ModelkitError, check_cancel
+from modelkit.io.source import Source, input_paths_of, source_label
+from modelkit.lora.adapter import LORA_ARCHS
+from modelkit.lora.factorize import METHODS, factorize
+from modelkit.lora.output import (
+    LORA_THREADS,
+    LoraBuilder,
+    error_metadata,
+    lora_metadata,
+    storage_dtype,
+    torch_threads,
+)
+from modelkit.numeric import CHUNK_ELEMENTS
+from modelkit.progress import Progress, ProgressFn, no_progress
+
+if TYPE_CHECKING:
+    import torch
+
+SKIP_BELOW = 1e-4
+
+
+@dataclass
+class LayerResult:
+    """One layer of an extraction."""
+
+    name: str
+    key: str
+    rank: int
+    relative_error: float
+    delta_norm: float
+    skipped: bool = False
+
+
+@dataclass
+class ExtractReport:
+    """Ranks and errors per layer and overall."""
+
+    arch: str
+    rank: int
+    conv_rank: int | None
+    energy: float | None
+    method: str
+    layers: list[LayerResult] = field(default_factory=list)
+    err_sq: float = 0.0
+    ref_sq: float = 0.0
+
+    @property
+    def relative_error(self) -> float:
+        """Overall ``sqrt(sum ||ΔW − BA||^2 / sum ||ΔW||^2)``."""
+        return math.sqrt(self.err_sq / self.ref_sq) if self.ref_sq else 0.0
+
+    @property
+    def skipped(self) -> list[str]:
+        return [layer.name for layer in self.layers if layer.skipped]
+
+    @property
+    def n_modules(self) -> int:
+        return sum(not layer.skipped for layer in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        d = asdict(self)
+        d.update(relative_error=self.relative_error, skipped=self.skipped,
+                 n_modules=self.n_modules)
+        return d
+
+
+def extract_targets(arch: str, conv: bool, te: bool) -> list[ModuleTarget]:
+    """The kohya modules extraction covers for ``arch``."""
+    spec = ARCHS[arch]
+    groups = {GROUP_TRANSFORMER}
+    if te:
+        groups.add(GROUP_TEXT)
+    if conv:
+        groups |= {GROUP_RESNET, GROUP_SAMPLER}
+    limits = {s.name: kohya_te_layers(spec, s) for s in spec.text_encoders}
+    out = []
+    for t in lora_module_targets(spec, "kohya").values():
+        if t.group not in groups:
+            continue
+        if t.group == GROUP_TEXT and (te_layer(t) or 0) >= limits[t.component]:
+            continue
+        out.append(t)
+    return out
+
+
+def _rows(shape: tuple[int, ...], t: ModuleTarget) -> tuple[int, int]:
+    if t.rows is None:
+        return 0, shape[0]
+    width = shape[0] // 3
+    third = t.rows[0] // (t.rows[1] - t.rows[0])
+    return third * width, width
+
+
+def layer_difference(base: Source, tuned: Source, t: ModuleTarget, device: str
+                     ) -> tuple[torch.Tensor, float, tuple[int, ...]]:
+    """``(ΔW [out, cols] float32, ||W_base||^2, shape of the patched part)``,
+    built in row chunks."""
+    import torch
+
+    b, tw = base.get(t.key), tuned.get(t.key)
+    shape = tuple(b.shape)
+    row0, out = _rows(shape, t)
+    cols = math.prod(shape[1:])
+    b2, t2 = b.reshape(shape[0], cols), tw.reshape(shape[0], cols)
+    diff = torch.empty(out, cols, dtype=torch.float32, device=device)
+    base_sq = 0.0
+    step = max(1, CHUNK_ELEMENTS // cols)
+    for i in range(0, out, step):
+        j = min(out, i + step)
+        part_b = b2[row0 + i:row0 + j].to(device, torch.float32)
+        diff[i:j].copy_(t2[row0 + i:row0 + j].to(device, torch.float32)).sub_(part_b)
+        base_sq += float(torch.sum(part_b * part_b, dtype=torch.float64))
+    return diff, base_sq, (out, *shape[1:])
+
+
+def _check_pair(base: Source, tuned: Source) -> str:
+    rb = require_checkpoint(base, "lora extract")
+    rt = require_checkpoint(tuned, "lora extract")
+    nb, nt = Path(source_label(base)).name, Path(source_label(tuned)).name
+    if rb.arch != rt.arch:
+        raise ModelkitError(f"{nb} is a {rb.arch} checkpoint but {nt} is {rt.arch}; "
+                            "extract needs a base and a fine-tune of the same architecture")
+    if rb.arch not in LORA_ARCHS:
+        raise ModelkitError(f"{nb}: is a {rb.arch} checkpoint; lora extract supports "
+                            f"{', '.join(LORA_ARCHS)}")
+    return rb.arch
+
+
+def extract(base: Source, tuned: Source, rank: int, conv_rank: int | None = None,
+            energy: float | None = None, te: bool = True, device: str = "cpu", *,
+            method: str = "auto", dtype: str = "F16", skip_below: float = SKIP_BELOW,
+            cancel: Any = None) -> PlannedStep:
+    """Plan a kohya LoRA of ``tuned − base``; the SVDs run in the returned
+    :class:`~modelkit.core.step.PlannedStep`'s ``prepare`` step.
+
+    Args:
+        rank: rank cap of Linear and 1x1 layers (alpha = rank per layer, s = 1).
+        conv_rank: rank cap of 3x3 convs; None leaves ResBlocks out (kohya).
+        energy: keep per layer the smallest rank whose singular values hold
+            this share of ||ΔW||^2 (capped by the rank).
+        te: include the text encoder(s).
+        device: ``cpu``, ``cuda`` or ``auto`` for the SVDs.
+        method: ``auto`` (randomized unless exact is as cheap), ``randomized``
+            or ``exact``.
+        dtype: storage type of the factors (F16, BF16, F32).
+        skip_below: a layer with ``||ΔW|| <= skip_below * ||W_base||`` is skipped.
+    """
+    from modelkit.io.dtypes import to_torch
+    from modelkit.io.reader import resolve_device
+
+    if rank < 1 or (conv_rank is not None and conv_rank < 1):
+        raise ModelkitError("extract: --rank and --conv-rank must be at least 1")
+    if energy is not None and not 0 < energy <= 1:
+        raise ModelkitError(f"extract: --energy {energy} must be in (0, 1]")
+    if method not in METHODS:
+        raise ModelkitError(f"extract: unknown SVD method {method!r}; use {', '.join(METHODS)}")
+    arch = _check_pair(base, tuned)
+    device = resolve_device(device)
+    store = to_torch(storage_dtype(dtype))
+    targets = [t for t in extract_targets(arch, conv_rank is not None, te)
+               if t.key in base.infos and t.key in tuned.infos]
+    report = ExtractReport(arch, rank, conv_rank, energy, method)
+    title = Path(source_label(tuned)).stem
+    builder = LoraBuilder(f"extract({title})", store, input_paths_of([base, tuned]))
+
+    planned = PlannedStep(builder.source, report, "lora_extract", {})
+
+    def prepare(progress: ProgressFn = no_progress, stop: Any = None) -> None:
+        conv_names: set[str] = set()
+        for i, t in enumerate(targets):
+            check_cancel(stop)
+            check_cancel(cancel)
+            with torch_threads(LORA_THREADS):
+                _extract_layer(base, tuned, t, report, builder, conv_names, device, store,
+                               skip_below)
+            progress(Progress("extract", i + 1, len(targets), "tensors", t.name))
+        errors = {x.name: x.relative_error for x in report.layers if not x.skipped}
+        meta = lora_metadata(arch, builder.ranks, conv_names, title,
+                             error_metadata(errors, report.relative_error, report.skipped))
+        builder.finish(meta)
+        planned.origins = dict.fromkeys(builder.source.infos)
+
+    params = {"rank": rank, "conv_rank": conv_rank, "energy": energy, "te": te,
+              "method": method, "dtype": dtype, "skip_below": skip_below}
+    planned.params, planned.prepare = params, prepare
+    return planned
+
+
+def _extract_layer(base: Source, tuned: Source, t: ModuleTarget, report: ExtractReport,
+                   builder: LoraBuilder, conv_names: set[str], device: str,
+                   store: torch.dtype, skip_below: float) -> None:
+    diff, base_sq, shape = layer_difference(base, tuned, t, device)
+    import torch
+
+    ref_sq = float(torch.sum(diff * diff, dtype=torch.float64))
+    report.ref_sq += ref_sq
+    if ref_sq <= (skip_below ** 2) * base_sq:
+        report.err_sq += ref_sq
+        report.layers.append(LayerResult(t.name, t.key, 0, 1.0 if ref_sq else 0.0,
+                                         math.sqrt(ref_sq), skipped=True))
+        return
+    kernel = len(shape) == 4 and math.prod(shape[2:]) > 1
+    cap = report.conv_rank if (kernel and report.conv_rank) else report.rank
+    f = factorize(diff, cap, report.energy, method=report.method, dtype=store,
+                  ref_sq=ref_sq)
+    del diff
+    report.err_sq += f.err_sq
+    report.layers.append(LayerResult(t.name, t.key, f.rank, f.relative_error,
+                                     math.sqrt(ref_sq)))
+    builder.add_lora(t.name, f.up.cpu(), f.down.cpu(), shape)
+    if kernel:
+        conv_names.add(t.name)
+
+
+__all__ = ["ExtractReport", "LayerResult", "extract", "extract_targets", "layer_difference"]

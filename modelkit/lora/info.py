@@ -1,0 +1,216 @@
+"""``info``: where an adapter acts and how strongly.
+
+Per module: ‖ΔW‖_F at strength 1, and its effective rank (the smallest rank
+whose singular values hold ``energy`` of ‖ΔW‖²). LoRA modules get exact
+singular values from their factors (QR of up and downᵀ, then an r x r SVD);
+other formats use the randomized SVD of :mod:`modelkit.lora.factorize`
+(at most :data:`INFO_RANK_CAP` values; a layer needing more is shown as
+that cap with ``rank_capped``). Per block (LoRA Block Weight's full list,
+text encoders under BASE): sqrt(Σ‖ΔW‖²) over its modules and, with a base
+checkpoint, the same relative to sqrt(Σ‖W‖²) of the weights it touches.
+(IA)3 and DoRA updates depend on the base: without one, DoRA modules show
+their ΔW before normalisation and (IA)3 modules are listed without a norm.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from modelkit.arch.blocks import block_names, block_of
+from modelkit.errors import ModelkitError
+from modelkit.io.source import Source
+from modelkit.lora.adapter import LORA_ARCHS, Adapter, open_adapter
+from modelkit.lora.delta import ModuleDelta
+from modelkit.lora.output import LORA_THREADS, torch_threads
+from modelkit.progress import Progress, ProgressFn, no_progress
+
+if TYPE_CHECKING:
+    import torch
+
+INFO_RANK_CAP = 64
+
+
+@dataclass
+class LayerInfo:
+    """One module."""
+
+    name: str
+    key: str
+    block: str
+    algo: str
+    delta_norm: float | None
+    effective_rank: int | None
+    rank_capped: bool = False
+    base_norm: float | None = None
+
+    @property
+    def relative(self) -> float | None:
+        if self.delta_norm is None or not self.base_norm:
+            return None
+        return self.delta_norm / self.base_norm
+
+
+@dataclass
+class BlockInfo:
+    """One block: modules, ‖ΔW‖ and (with a base) ‖ΔW‖/‖W‖."""
+
+    n_modules: int = 0
+    delta_sq: float = 0.0
+    base_sq: float = 0.0
+
+    @property
+    def delta_norm(self) -> float:
+        return math.sqrt(self.delta_sq)
+
+    @property
+    def relative(self) -> float | None:
+        return math.sqrt(self.delta_sq / self.base_sq) if self.base_sq else None
+
+
+@dataclass
+class InfoReport:
+    """What :func:`info` found."""
+
+    file: str
+    arch: str
+    format: str
+    naming: str
+    energy: float
+    layers: list[LayerInfo] = field(default_factory=list)
+    blocks: dict[str, BlockInfo] = field(default_factory=dict)
+    keys_touched: list[str] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)
+    base: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (block and layer norms included)."""
+        d = asdict(self)
+        d["blocks"] = {n: {"n_modules": b.n_modules, "delta_norm": b.delta_norm,
+                           "relative": b.relative} for n, b in self.blocks.items()}
+        for row, layer in zip(d["layers"], self.layers, strict=True):
+            row["relative"] = layer.relative
+        return d
+
+
+def _lora_singular_values(delta: ModuleDelta) -> torch.Tensor:
+    import torch
+
+    f = delta.factors()
+    assert f is not None
+    up, down = f
+    _, r1 = torch.linalg.qr(up)
+    _, r2 = torch.linalg.qr(down.T)
+    return torch.linalg.svdvals(r1 @ r2.T) * abs(delta.scale)
+
+
+def _effective_rank(delta: ModuleDelta, dense: torch.Tensor | None, ref_sq: float,
+                    energy: float) -> tuple[int, bool]:
+    from modelkit.lora.factorize import choose_rank, truncated_svd
+
+    if delta.mod.algo == "lora" and dense is None:
+        s = _lora_singular_values(delta)
+        return choose_rank(s, ref_sq, s.numel(), energy), False
+    assert dense is not None
+    _, s, _ = truncated_svd(dense, INFO_RANK_CAP)
+    r = choose_rank(s, ref_sq, min(INFO_RANK_CAP, s.numel()), energy)
+    kept = float((s[:r].double() ** 2).sum())
+    return r, kept < energy * ref_sq * (1 - 1e-6)
+
+
+def _layer(ad: Adapter, delta: ModuleDelta, base: Source | None, arch: str, energy: float
+           ) -> LayerInfo:
+    import torch
+
+    mod, t = delta.mod, delta.mod.target
+    assert t is not None
+    block = block_of(t.key, arch)
+    w0 = _base_rows(base, t, delta.out) if base is not None else None
+    base_norm = float(w0.norm()) if w0 is not None else None
+    if delta.needs_base and w0 is None and mod.algo == "ia3":
+        return LayerInfo(mod.name, t.key, block, mod.algo, None, None)
+    dense: torch.Tensor | None = None
+    if delta.needs_base and w0 is not None:
+        shape = (delta.out, *tuple(base.infos[t.key].shape)[1:])  # type: ignore[union-attr]
+        dense = delta.base_update(w0, 1.0, shape)
+    elif mod.algo != "lora":
+        dense = delta.full()
+    if dense is None:
+        up, down = delta.factors()  # type: ignore[misc]
+        # ||up @ down||^2 = trace((upᵀup)(down downᵀ)): no dense product needed
+        ref_sq = float(((up.T @ up) * (down @ down.T)).sum()) * delta.scale ** 2
+    else:
+        ref_sq = float(torch.sum(dense * dense, dtype=torch.float64))
+    if dense is not None and dense.shape[1] == 1:
+        rank, capped = (1 if ref_sq else 0), False
+    else:
+        rank, capped = _effective_rank(delta, dense, ref_sq, energy) if ref_sq else (0, False)
+    return LayerInfo(mod.name, t.key, block, mod.algo, math.sqrt(max(ref_sq, 0.0)), rank,
+                     capped, base_norm)
+
+
+def _base_rows(base: Source, t: Any, out: int) -> torch.Tensor | None:
+    import torch
+
+    if t.key not in base.infos:
+        return None
+    w = base.get(t.key)
+    shape = tuple(w.shape)
+    w2 = w.reshape(shape[0], -1)
+    if t.rows is not None:
+        width = shape[0] // 3
+        third = t.rows[0] // (t.rows[1] - t.rows[0])
+        w2 = w2[third * width:(third + 1) * width]
+    return w2[:out].to(torch.float32)
+
+
+def info(lora: Source, base: Source | None = None, *, energy: float = 0.9,
+         progress: ProgressFn = no_progress, cancel: Any = None) -> InfoReport:
+    """Describe where ``lora`` acts: per-module ‖ΔW‖ and effective rank at
+    ``energy``, per-block strength (relative to ``base`` when given) and the
+    checkpoint keys it touches.
+
+    Raises:
+        ModelkitError: not an adapter, unknown architecture, or a base of
+            another architecture.
+    """
+    from modelkit.errors import check_cancel
+
+    arch = None
+    if base is not None:
+        from modelkit.convert.base import require_checkpoint
+
+        arch = require_checkpoint(base, "lora info --base").arch
+    ad = open_adapter(lora)
+    if arch is not None and ad.arch not in (arch, "unknown"):
+        raise ModelkitError(f"{ad.label}: is a {ad.arch} adapter but the base is a {arch} "
+                            "checkpoint")
+    use = arch or ad.arch
+    if use not in LORA_ARCHS:
+        raise ModelkitError(f"{ad.label}: cannot tell its architecture "
+                            f"({'; '.join(ad.evidence) or 'no evidence'}); pass --base")
+    if ad.arch != use:
+        ad = open_adapter(lora, use)
+    report = InfoReport(ad.label, use, ad.format, ad.naming, energy,
+                        unmatched=list(ad.unmatched),
+                        base=None if base is None else getattr(base, "label", None))
+    report.blocks = {name: BlockInfo() for name in block_names(use)}
+    touched: set[str] = set()
+    mods = list(ad.modules.values())
+    for i, mod in enumerate(mods):
+        check_cancel(cancel)
+        with torch_threads(LORA_THREADS):
+            layer = _layer(ad, ModuleDelta(ad, mod), base, use, energy)
+        report.layers.append(layer)
+        touched.add(layer.key)
+        b = report.blocks[layer.block]
+        b.n_modules += 1
+        b.delta_sq += (layer.delta_norm or 0.0) ** 2
+        b.base_sq += (layer.base_norm or 0.0) ** 2
+        progress(Progress("lora info", i + 1, len(mods), "tensors", mod.name))
+    report.keys_touched = sorted(touched)
+    return report
+
+
+__all__ = ["BlockInfo", "InfoReport", "LayerInfo", "info"]

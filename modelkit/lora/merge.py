@@ -1,0 +1,232 @@
+"""``merge`` and ``resize``: exact operations on adapters.
+
+Both sum the dense ΔW of every input module that patches the same weight
+(each scaled by its adapter's weight and block weight, s = alpha/rank
+applied once), then re-factorise that sum with the truncated SVD of
+:mod:`modelkit.lora.factorize`. Nothing is averaged factor by factor, so
+there is no weight² and no cross term ``up_i @ down_j`` (kohya's merge).
+Any input format works (LoRA, LoCon, LoHa, LoKr, full); (IA)3 and DoRA
+modules depend on the base weight and are refused. The output is a kohya
+LoRA (alpha = rank); norm-layer patches are kept as ``w_norm``/``b_norm``,
+bias patches as ``diff_b``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from modelkit.arch.blocks import block_of
+from modelkit.arch.configs import ARCHS, TINY
+from modelkit.arch.lora_blocks import parse_lora_blocks
+from modelkit.arch.lora_names import ModuleTarget, lora_module_targets, norm_module_targets
+from modelkit.core.step import PlannedStep
+from modelkit.errors import ModelkitError, check_cancel
+from modelkit.io.source import Source, input_paths_of, source_label
+from modelkit.lora.adapter import LORA_ARCHS, Adapter, open_adapter
+from modelkit.lora.delta import ModuleDelta
+from modelkit.lora.extract import ExtractReport, LayerResult
+from modelkit.lora.factorize import METHODS, factorize
+from modelkit.lora.output import (
+    LORA_THREADS,
+    LoraBuilder,
+    error_metadata,
+    lora_metadata,
+    storage_dtype,
+    torch_threads,
+)
+from modelkit.progress import Progress, ProgressFn, no_progress
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class MergeReport(ExtractReport):
+    """Ranks and errors per output module, and what was merged."""
+
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class _Group:
+    target: ModuleTarget  # in kohya naming
+    shape: tuple[int, ...]
+    parts: list[tuple[ModuleDelta, float]] = field(default_factory=list)
+
+
+def _kohya_index(arch: str) -> dict[tuple[str, tuple[int, int] | None], ModuleTarget]:
+    spec = ARCHS[arch]
+    found = {**lora_module_targets(spec, "kohya"), **norm_module_targets(spec, "kohya")}
+    return {(t.key, t.rows): t for t in found.values()}
+
+
+def _shape(arch: str, target: ModuleTarget, delta: ModuleDelta, label: str
+           ) -> tuple[int, ...]:
+    """The patched weight's shape at the adapter's size (full or tiny test
+    size), checked against the module's ΔW."""
+    for table in (ARCHS, TINY):
+        spec = table[arch]
+        finder = norm_module_targets if len(target.shape) == 1 else lora_module_targets
+        shape = finder(spec, "kohya")[target.name].shape
+        if (shape[0], math.prod(shape[1:]) if len(shape) > 1 else 1) == (delta.out,
+                                                                         delta.cols):
+            return shape
+    raise ModelkitError(f"{label}: module {delta.mod.name}: ΔW is {delta.out}x{delta.cols}, "
+                        f"which does not fit {target.key} of {arch}")
+
+
+def _open_all(items: Sequence[tuple[Source, float, object | None]], arch: str | None
+              ) -> tuple[str, list[Adapter]]:
+    opened = [open_adapter(src, arch) for src, _, _ in items]
+    archs = {arch} if arch else {a.arch for a in opened} - {"unknown"}
+    if len(archs) != 1 or next(iter(archs)) not in LORA_ARCHS:
+        names = ", ".join(f"{a.label} ({a.arch})" for a in opened)
+        raise ModelkitError(f"adapters for one known architecture are needed, got {names}; "
+                            "pass the architecture explicitly when it is unknown")
+    use = next(iter(archs))
+    return use, [a if a.arch == use else open_adapter(a.source, use) for a in opened]
+
+
+def _groups(arch: str, opened: list[Adapter],
+            items: Sequence[tuple[Source, float, object | None]]) -> dict[str, _Group]:
+    index = _kohya_index(arch)
+    groups: dict[str, _Group] = {}
+    for ad, (_, weight, blocks) in zip(opened, items, strict=True):
+        if ad.unmatched:
+            raise ModelkitError(f"{ad.label}: {len(ad.unmatched)} keys match no module of "
+                                f"{arch} (first: {ad.unmatched[0]})")
+        table = parse_lora_blocks(blocks, arch) if blocks is not None else None
+        for mod in ad.modules.values():
+            assert mod.target is not None
+            delta = ModuleDelta(ad, mod)
+            if delta.needs_base:
+                raise ModelkitError(f"{ad.label}: module {mod.name} is (IA)3 or DoRA, whose "
+                                    "ΔW depends on the base weight; bake it into a "
+                                    "checkpoint instead")
+            kt = index[(mod.target.key, mod.target.rows)]
+            k = weight * (table[block_of(kt.key, arch)] if table else 1.0)
+            group = groups.get(kt.name)
+            if group is None:
+                group = groups[kt.name] = _Group(kt, _shape(arch, kt, delta, ad.label))
+            group.parts.append((delta, k))
+    return groups
+
+
+def _dense(group: _Group) -> tuple[torch.Tensor, torch.Tensor | None]:
+    import torch
+
+    out = group.shape[0]
+    cols = math.prod(group.shape[1:]) if len(group.shape) > 1 else 1
+    acc = torch.zeros(out, cols)
+    bias: torch.Tensor | None = None
+    for delta, k in group.parts:
+        if delta.mod.algo not in ("full", "norm") or {"diff", "w_norm"} & delta.mod.keys.keys():
+            delta.add_rows_(acc, 0, out, k)
+        b = delta.bias()
+        if b is not None:
+            bias = b * k if bias is None else bias.add_(b, alpha=k)
+    return acc, bias
+
+
+def _write_group(name: str, group: _Group, report: MergeReport, builder: LoraBuilder,
+                 conv_names: set[str]) -> None:
+    import torch
+
+    acc, bias = _dense(group)
+    if len(group.shape) == 1:  # norm layer
+        builder.add(f"{name}.w_norm", acc.reshape(-1).to(builder.dtype))
+        zeros = torch.zeros(group.shape[0])
+        builder.add(f"{name}.b_norm", (zeros if bias is None else bias).to(builder.dtype))
+        report.layers.append(LayerResult(name, group.target.key, 0, 0.0, float(acc.norm())))
+        return
+    kernel = len(group.shape) == 4 and math.prod(group.shape[2:]) > 1
+    cap = (report.conv_rank if kernel else report.rank) or min(acc.shape)
+    ref_sq = float(torch.sum(acc * acc, dtype=torch.float64))
+    if ref_sq == 0.0:
+        report.layers.append(LayerResult(name, group.target.key, 0, 0.0, 0.0, skipped=True))
+    else:
+        f = factorize(acc, cap, report.energy, method=report.method, dtype=builder.dtype,
+                      ref_sq=ref_sq)
+        report.err_sq += f.err_sq
+        report.ref_sq += ref_sq
+        report.layers.append(LayerResult(name, group.target.key, f.rank, f.relative_error,
+                                         math.sqrt(ref_sq)))
+        builder.add_lora(name, f.up, f.down, group.shape)
+        if kernel:
+            conv_names.add(name)
+    if bias is not None:
+        builder.add(f"{name}.diff_b", bias.to(builder.dtype))
+
+
+def merge(items: Sequence[tuple[Source, float, object | None]], rank: int | None,
+          conv_rank: int | None = None, energy: float | None = None, *,
+          dtype: str = "F16", method: str = "auto", arch: str | None = None,
+          cancel: Any = None) -> PlannedStep:
+    """Plan a kohya LoRA equal to the weighted sum of ``items``
+    (``(adapter, weight, blocks or None)``), re-factorised.
+
+    Args:
+        rank: rank cap of Linear/1x1 modules (None: no cap; use ``energy``).
+        conv_rank: rank cap of 3x3 convs (default ``rank``).
+        energy: per module, the smallest rank holding this share of ||ΔW||^2.
+        arch: the architecture, when the adapters do not tell it.
+    """
+    if rank is None and energy is None:
+        raise ModelkitError("give a rank, an energy or both")
+    if method not in METHODS:
+        raise ModelkitError(f"unknown SVD method {method!r}; use {', '.join(METHODS)}")
+    if not items:
+        raise ModelkitError("lora merge needs at least one adapter")
+    from modelkit.io.dtypes import to_torch
+
+    arch, opened = _open_all(items, arch)
+    groups = _groups(arch, opened, items)
+    inputs = [{"file": ad.label, "weight": w, "blocks": b}
+              for ad, (_, w, b) in zip(opened, items, strict=True)]
+    report = MergeReport(arch, rank or 0, conv_rank or rank, energy, method, inputs=inputs)
+    title = "+".join(Path(source_label(s)).stem for s, _, _ in items)
+    builder = LoraBuilder(f"lora_merge({title})", to_torch(storage_dtype(dtype)),
+                          input_paths_of([s for s, _, _ in items]))
+
+    planned = PlannedStep(builder.source, report, "lora_merge", {})
+
+    def prepare(progress: ProgressFn = no_progress, stop: Any = None) -> None:
+        conv_names: set[str] = set()
+        for i, (name, group) in enumerate(groups.items()):
+            check_cancel(stop)
+            check_cancel(cancel)
+            with torch_threads(LORA_THREADS):
+                _write_group(name, group, report, builder, conv_names)
+            progress(Progress("lora merge", i + 1, len(groups), "tensors", name))
+        errors = {x.name: x.relative_error for x in report.layers if x.rank}
+        builder.finish(lora_metadata(arch, builder.ranks, conv_names, title,
+                                     error_metadata(errors, report.relative_error)))
+        planned.origins = dict.fromkeys(builder.source.infos)
+
+    params = {"inputs": inputs, "rank": rank, "conv_rank": conv_rank, "energy": energy,
+              "dtype": dtype, "method": method}
+    planned.params, planned.prepare = params, prepare
+    return planned
+
+
+def resize(lora: Source, rank: int | None = None, energy: float | None = None,
+           conv_rank: int | None = None, *, dtype: str | None = None, method: str = "auto",
+           arch: str | None = None, cancel: Any = None) -> PlannedStep:
+    """Plan ``lora`` re-factorised at ``rank`` (cap) and/or ``energy``; the
+    dtype defaults to the input's first factor's. Any format in, kohya out."""
+    if dtype is None:
+        floats = [i.dtype for i in lora.infos.values() if i.is_float and len(i.shape) >= 2]
+        dtype = floats[0] if floats and floats[0] in ("F16", "BF16", "F32") else "F16"
+    conv = merge([(lora, 1.0, None)], rank, conv_rank, energy, dtype=dtype, method=method,
+                 arch=arch, cancel=cancel)
+    conv.op = "lora_resize"
+    conv.params = {"rank": rank, "conv_rank": conv_rank, "energy": energy, "dtype": dtype,
+                   "method": method}
+    return conv
+
+
+__all__ = ["MergeReport", "merge", "resize"]

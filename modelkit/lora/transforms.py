@@ -1,0 +1,105 @@
+"""The LoRA operations, registered as transforms: what ``modelkit lora
+bake|extract|resize|merge|convert`` run, and what recipe ``op:`` steps name
+(``lora_bake`` takes a checkpoint and any number of adapters)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from modelkit.core.registry import (
+    DROPPED,
+    NEW,
+    RENAMED,
+    SAME,
+    Adapter,
+    Checkpoint,
+    PerModel,
+    transform,
+)
+from modelkit.core.step import PlannedStep
+from modelkit.vocab import FLOAT_STORAGE, KEEP, MERGE_OUTPUT_DTYPES
+
+NAMINGS = ("kohya", "peft", "comfy")
+
+
+def _dtype_or_none(value: str | None) -> str | None:
+    return None if value in (None, KEEP) else value
+
+
+def _per_adapter(value: Any, n: int, what: str) -> list[Any]:
+    """One value per adapter: a single value applies to all."""
+    from modelkit.errors import ModelkitError
+
+    if isinstance(value, list | tuple) and not (value and isinstance(value[0], int | float)
+                                                and what == "blocks"):
+        values = list(value)
+        if len(values) not in (1, n):
+            raise ModelkitError(f"{what}: give one value, or one per adapter ({n}), not "
+                                f"{len(values)}")
+        return values * n if len(values) == 1 else values
+    return [value] * n
+
+
+@transform("lora_bake", summary="add adapters' weighted delta-W into a checkpoint",
+           keys=(SAME, DROPPED), ends=(({"weights": (0.0,), "te_weights": (0.0,)}, 0),),
+           choices={"dtype": MERGE_OUTPUT_DTYPES})
+def lora_bake(checkpoint: Checkpoint, *adapters: Adapter, weights: PerModel = (1.0,),
+              te_weights: PerModel | None = None, blocks: Any = None, dtype: str = KEEP,
+              allow_unmatched: bool = False, device: str = "cpu") -> PlannedStep:
+    """Every adapter's delta-W (its weight on the UNet, ``te_weights`` on the
+    text encoders, optional LoRA block weights: one spec for all adapters or
+    a list with one per adapter) added to the checkpoint, key by key."""
+    from modelkit.lora.bake import AdapterUse, bake
+
+    te = te_weights or [None] * len(adapters)
+    specs = _per_adapter(blocks, len(adapters), "blocks")
+    uses = [AdapterUse(a, w, t, b) for a, w, t, b in
+            zip(adapters, weights, te, specs, strict=True)]
+    return bake(checkpoint, uses, dtype=_dtype_or_none(dtype),
+                allow_unmatched=allow_unmatched, device=device)
+
+
+@transform("lora_extract", summary="a kohya LoRA approximating TUNED - BASE, per layer",
+           keys=(NEW, DROPPED), choices={"dtype": FLOAT_STORAGE})
+def lora_extract(base: Checkpoint, tuned: Checkpoint, *, rank: int,
+                 conv_rank: int | None = None, energy: float | None = None, te: bool = True,
+                 dtype: str = "fp16", device: str = "cpu") -> PlannedStep:
+    """Low-rank factors of each layer's difference (randomized SVD; ``energy``
+    picks each layer's rank, capped by ``rank``); errors per layer reported."""
+    from modelkit.lora.extract import extract
+
+    return extract(base, tuned, rank, conv_rank, energy, te, device, dtype=dtype)
+
+
+@transform("lora_resize", summary="re-factorise an adapter at a new rank (exact SVD)",
+           keys=(NEW, DROPPED), choices={"dtype": MERGE_OUTPUT_DTYPES})
+def lora_resize(lora: Adapter, *, rank: int | None = None, energy: float | None = None,
+                conv_rank: int | None = None, dtype: str = KEEP) -> PlannedStep:
+    """The adapter's dense delta-W re-factorised at ``rank`` and/or ``energy``."""
+    from modelkit.lora.merge import resize
+
+    return resize(lora, rank, energy, conv_rank, dtype=_dtype_or_none(dtype))
+
+
+@transform("lora_merge", summary="the weighted sum of adapters' delta-W, re-factorised",
+           keys=(NEW, DROPPED), choices={"dtype": FLOAT_STORAGE}, min_models=1)
+def lora_merge(*loras: Adapter, weights: PerModel = (1.0,), rank: int | None = None,
+               conv_rank: int | None = None, energy: float | None = None,
+               blocks: Any = None, dtype: str = "fp16") -> PlannedStep:
+    """Exact: the dense delta-W are summed with their weights (and block
+    weights), then factorised again, never up/down averaged."""
+    from modelkit.lora.merge import merge
+
+    specs = _per_adapter(blocks, len(loras), "blocks")
+    items = list(zip(loras, weights, specs, strict=True))
+    return merge(items, rank, conv_rank, energy, dtype=dtype)
+
+
+@transform("lora_convert", summary="rename an adapter's keys (kohya, PEFT, ComfyUI)",
+           keys=(SAME, RENAMED, NEW, DROPPED), choices={"to": NAMINGS})
+def lora_convert(lora: Adapter, *, to: str) -> PlannedStep:
+    """The same delta-W under another tool's key names (alpha kept, folded
+    into ``lora_B`` for PEFT)."""
+    from modelkit.lora.convert import convert
+
+    return convert(lora, to)
