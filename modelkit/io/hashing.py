@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from modelkit.errors import BadFileError
+from modelkit.io.files import check_input_file
 from modelkit.io.header import read_header
 from modelkit.progress import Progress, ProgressFn, no_progress
 
@@ -88,9 +88,7 @@ def hash_file(path: str | os.PathLike[str], progress: ProgressFn = no_progress,
               tensor_hash: bool = True) -> FileHashes:
     """Compute every hash of ``path`` in one read of the file; without
     ``tensor_hash`` the addnet digest is skipped (half the CPU work)."""
-    p = Path(path)
-    if not p.is_file():
-        raise BadFileError(f"{p}: no such file")
+    p = check_input_file(path)
     size = p.stat().st_size
     meta: dict[str, str] = {}
     data_start = None
