@@ -78,12 +78,13 @@ def _sigterm(_signum: int, _frame: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: maps modelkit errors to one line and exit codes."""
     from modelkit.errors import ModelkitError
+    from modelkit.textsafe import shown
 
     signal.signal(signal.SIGTERM, _sigterm)
     try:
         cli.main(args=argv, prog_name="modelkit", standalone_mode=False)
     except ModelkitError as exc:
-        click.echo(f"modelkit: error: {exc}", err=True)
+        click.echo(f"modelkit: error: {shown(exc)}", err=True)
         return exc.exit_code
     except click.exceptions.Abort:
         click.echo("modelkit: interrupted; no output was written", err=True)
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug, not bad input: one line unless debugging
         if os.environ.get("MODELKIT_DEBUG"):
             raise
-        click.echo(f"modelkit: internal error: {type(exc).__name__}: {exc} "
+        click.echo(f"modelkit: internal error: {type(exc).__name__}: {shown(exc, 2000)} "
                    "(set MODELKIT_DEBUG=1 for a traceback and report it)", err=True)
         return 3
     return 0
