@@ -57,8 +57,7 @@ def open_input(path: str | os.PathLike[str], device: str = "cpu") -> Source:
             raise BadFileError(f"{p}: is a folder but not a diffusers model (no "
                                "model_index.json or unet/); give a model file")
         return open_diffusers(p, device)
-    if not p.exists():
-        raise BadFileError(f"{p}: no such file")
+    # open_model names what is wrong: missing, a symlink loop, a FIFO, a device
     from modelkit.io.reader import open_model
 
     return open_model(p, device)

@@ -35,6 +35,7 @@ SMALL_VALUES = 1 << 17  # values read from a pickle for a detail (alphas, one bi
 EXTRA_KEY_NAMES = {parts.SCHEDULE: "schedule_buffers", parts.EMA: "ema",
                    parts.MARKER: "prediction_markers", parts.AUX_MODEL: "aux_model",
                    parts.JUNK: "training_leftovers"}
+DEPTH_MODEL_PREFIX = "depth_model."  # counted as depth_model (schema 1 name)
 COMPONENT_PARTS = (parts.UNET, parts.VAE, parts.TE)
 DENOISER_MARKERS = {"joint_blocks.": "sd3", "double_blocks.": "flux"}
 
@@ -255,7 +256,8 @@ def _classify_extra(rep: ModelReport, shapes: dict[str, Shape], bare: bool) -> N
         if part in COMPONENT_PARTS or (part == parts.OTHER and bare):
             continue  # inside a component (a standalone one has no prefix)
         if part in EXTRA_KEY_NAMES:
-            extra[EXTRA_KEY_NAMES[part]] += 1
+            depth = part == parts.AUX_MODEL and k.startswith(DEPTH_MODEL_PREFIX)
+            extra["depth_model" if depth else EXTRA_KEY_NAMES[part]] += 1
             continue
         n_unknown += 1
         if len(unknown) < UNKNOWN_LIST_LIMIT:
