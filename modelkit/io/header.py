@@ -1,8 +1,24 @@
 """Pure-Python safetensors header reader: keys, dtypes, shapes, offsets and
 ``__metadata__`` without importing torch or touching tensor data.
 
-Format: 8-byte little-endian header length N, N bytes of JSON, then the data
+Format: 8-byte little-endian header length N (at most 100 MB), N bytes of
+UTF-8 JSON starting with ``{`` (trailing whitespace allowed), then the data
 buffer, which must be covered by the tensors' ``data_offsets`` exactly.
+
+The reader accepts exactly what the format allows (huggingface/safetensors
+README "Format" and its reference parser): an object whose entries are
+``{"dtype", "shape", "data_offsets"}`` with a known dtype and whole numbers
+from 0 to 2**64-1 (no sign, fraction, exponent, NaN/Infinity, booleans or
+strings), element and bit counts that do not overflow 64 bits (checked factor
+by factor, as the reference does), sub-byte tensors ending on a byte, and an
+optional ``__metadata__`` map of strings to strings (``null`` is read as no
+metadata, as the reference does). Where the library is laxer than the
+format's text, the text wins: duplicate keys (the text disallows them) and a
+header not starting with ``{`` (the text requires it) are refused. Entry
+fields other than the three are refused too: the format defines no others
+and modelkit's writers would silently drop them. Strings holding an unpaired
+UTF-16 surrogate escape are not valid Unicode (the reference refuses them).
+Every refusal is one :class:`BadFileError` line naming the file.
 """
 
 from __future__ import annotations
