@@ -62,10 +62,10 @@ def _targets() -> list:
 
 def make_inputs() -> tuple[Path, Path, Path]:
     import torch
+    from modelkit.io.stream import write_source
 
     from modelkit.io.reader import open_model
     from modelkit.io.source import DerivedSource
-    from modelkit.io.stream import write_source
     from modelkit.testing import write_checkpoint
     from modelkit.testing.lora import write_lora
 

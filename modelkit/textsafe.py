@@ -1,35 +1,67 @@
-"""Strings from files, made safe to print on a terminal.
+"""Show text that came from a file (metadata, key names, file names) on a
+terminal without letting it act on the terminal.
 
-Metadata values, key names and file names come from files anyone can
-upload; printed raw, a control sequence in them can retitle the window,
-clear the screen or forge report lines. :func:`shown` escapes them.
+Model files are downloaded from sites anyone can upload to. A metadata value
+holding ``ESC ] 0 ;`` retitles the window, ``ESC ] 52`` writes the clipboard,
+a bare CR or a newline overwrites or forges report lines and a bidi override
+reorders what is shown. :func:`shown` escapes all of those and cuts long
+strings; every human-readable output passes file-derived strings through it.
+JSON output needs nothing: ``json.dumps`` escapes control characters itself.
 """
 
 from __future__ import annotations
 
-import unicodedata
+import re
+
+ELLIPSIS = "..."
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# C0 controls, DEL, C1 controls, bidi embeddings/overrides/isolates and marks,
+# line/paragraph separators, and UTF-16 surrogates (only lone ones reach a str)
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029"
+                     "\u202a-\u202e\u2066-\u2069\ud800-\udfff\ufeff]")
 
 
 def _escape(ch: str) -> str:
+    if ch in _NAMED:
+        return _NAMED[ch]
     code = ord(ch)
-    if ch == "\n":
-        return "\\n"
-    if ch == "\t":
-        return "\\t"
-    if ch == "\r":
-        return "\\r"
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
-def _unsafe(ch: str) -> bool:
-    cat = unicodedata.category(ch)
-    return cat in ("Cc", "Cs", "Cf") or (cat.startswith("Z") and ch != " ")
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}"
 
 
 def shown(text: object, limit: int | None = None) -> str:
-    """``text`` with control, format (bidi) and surrogate characters escaped
-    and, with ``limit``, cut to about that many characters with ``...``."""
-    s = str(text)
-    if limit is not None and len(s) > limit:
-        s = s[:max(0, limit - 3)] + "..."
-    return "".join(_escape(c) if _unsafe(c) else c for c in s)
+    """``text`` (anything; ``str()`` is taken) safe to print on a terminal.
+
+    Control characters, DEL, C1 controls, bidi overrides and lone surrogates
+    become visible escapes (``\\n``, ``\\x1b``, ``\\u202e``; an undecodable
+    byte of a file name shows as ``\\xff``). With ``limit``, a longer result
+    is cut to at most ``limit`` characters ending in ``...``, never inside an
+    escape.
+    """
+    s = text if isinstance(text, str) else str(text)
+    if limit is None:
+        return _UNSAFE.sub(lambda m: _escape(m.group()), s)
+    if len(s) <= limit and _UNSAFE.search(s) is None:
+        return s
+    # every character shows as at least one, so the first limit+1 decide
+    pieces = [_escape(ch) if _UNSAFE.fullmatch(ch) else ch for ch in s[:limit + 1]]
+    if len(s) <= limit and sum(len(p) for p in pieces) <= limit:
+        return "".join(pieces)
+    room, out = max(limit - len(ELLIPSIS), 0), []
+    for p in pieces:
+        if len(p) > room:
+            break
+        out.append(p)
+        room -= len(p)
+    return "".join(out) + ELLIPSIS
+
+
+def quoted(text: object, limit: int = 80) -> str:
+    """``shown(text, limit)`` in single quotes, for names inside messages."""
+    return f"'{shown(text, limit)}'"
+
+
+__all__ = ["quoted", "shown"]

@@ -219,6 +219,7 @@ LAYERS = {
     "modelkit.core": 5, "modelkit.sweep": 5,
     "modelkit.demo": 6,
     "modelkit.cli": 7, "modelkit.tui": 7, "modelkit.__main__": 7,
+    "modelkit.testing.fuzz": 7,  # drives the CLI like a user
 }
 FRONT_ENDS = ("modelkit.cli", "modelkit.tui", "modelkit.__main__")
 

@@ -4,6 +4,7 @@ tensors bit-exact."""
 
 from __future__ import annotations
 
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 
 from modelkit.arch.configs import UNET_PREFIX
 from modelkit.errors import ModelkitError, OutputError
+from modelkit.testing.fuzz import run_cli
 
 gguf = pytest.importorskip("gguf")
 
@@ -290,3 +292,162 @@ def test_import_is_light() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "[]"
+
+
+# --- inspect reads GGUF from its header (issue 9 item 3) ------------------------------
+
+
+def _gguf_string(s: str) -> bytes:
+    raw = s.encode()
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def handmade_gguf(kv: list[bytes], tensors: list[bytes], data: bytes = b"",
+                  n_tensors: int | None = None, n_kv: int | None = None) -> bytes:
+    """A GGUF v3 file from encoded key/values and tensor infos."""
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors) if n_tensors is None else n_tensors,
+                                 len(kv) if n_kv is None else n_kv)
+    body = head + b"".join(kv) + b"".join(tensors)
+    return body + b"\0" * (-len(body) % 32) + data
+
+
+def kv_str(key: str, value: str) -> bytes:
+    return _gguf_string(key) + struct.pack("<I", 8) + _gguf_string(value)
+
+
+def tensor_info(name: str, dims: list[int], ggml_type: int = 0, offset: int = 0) -> bytes:
+    return (_gguf_string(name) + struct.pack("<I", len(dims))
+            + struct.pack(f"<{len(dims)}Q", *dims) + struct.pack("<IQ", ggml_type, offset))
+
+
+@pytest.mark.parametrize(("name", "arch"), [("sd1", "sd1"), ("sd2", "sd2"), ("sdxl", "sdxl"),
+                                            ("sd1_flat_off", "sd1"), ("sd1_f16", "sd1")])
+def test_inspect_reads_modelkit_gguf(exported: dict, name: str, arch: str) -> None:
+    from collections import Counter
+
+    from modelkit.cli.inspect_cmd import render
+    from modelkit.inspect.report import inspect_model
+
+    path, result = exported[name]
+    rep = inspect_model(path)
+    d = rep.to_dict()
+    reader = gguf.GGUFReader(str(path))
+    assert (d["kind"], d["arch"], d["file_format"]) == ("unet", arch, "gguf")
+    assert d["components"]["unet"]["complete"] is True, d["components"]["unet"]
+    assert d["unknown_keys"] == [] and d["n_tensors"] == result.n_tensors
+    g = d["gguf"]
+    assert g["architecture"] == field_str(reader, "general.architecture")
+    assert g["quant_types"] == dict(Counter(t.tensor_type.name for t in reader.tensors))
+    n_orig = sum(1 for f in reader.fields if f.startswith("comfy.gguf.orig_shape."))
+    assert g["n_orig_shapes"] == n_orig and g["n_orig_shapes_invalid"] == 0
+    assert d["metadata"]["modelkit.qtype"] == field_str(reader, "modelkit.qtype")
+    assert d["metadata"]["modelkit.source"] == field_str(reader, "modelkit.source")
+    assert f"general.architecture {g['architecture']}" in render(rep)
+
+
+def test_gguf_header_matches_gguf_py(exported: dict) -> None:
+    from modelkit.io.gguf_header import read_gguf_header
+
+    path = exported["sd1"][0]
+    header = read_gguf_header(path)
+    reader = gguf.GGUFReader(str(path))
+    assert header.data_start == reader.data_offset
+    assert list(header.tensors) == [t.name for t in reader.tensors]
+    for t in reader.tensors:
+        mine = header.tensors[t.name]
+        assert mine.shape == tuple(int(d) for d in reversed(t.shape))
+        assert (mine.ggml_type, mine.nbytes) == (t.tensor_type.name, int(t.n_bytes))
+        assert header.data_start + mine.offset == t.data_offset
+    for key in ("general.architecture", "general.name", "modelkit.version"):
+        assert header.kv[key] == field_str(reader, key)
+
+
+def test_gguf_tables_match_gguf_py() -> None:
+    from modelkit.io.gguf_header import GGML_TYPES, VALUE_TYPES
+
+    known = gguf.GGMLQuantizationType.__members__
+    checked = 0
+    for type_id, (name, block, size) in GGML_TYPES.items():
+        if name in known:
+            qt = gguf.GGMLQuantizationType[name]
+            assert qt.value == type_id and gguf.GGML_QUANT_SIZES[qt] == (block, size)
+            checked += 1
+    assert checked >= 30
+    for type_id, (name, _) in VALUE_TYPES.items():
+        assert gguf.GGUFValueType(type_id).name == name.upper()
+
+
+def test_hostile_gguf_headers(exported: dict, tmp_path: Path) -> None:
+    """Corrupt and hostile GGUF headers: a one-line error naming the file, no
+    allocation sized by a count the file cannot back, never a crash."""
+    import random
+    import tracemalloc
+
+    from modelkit.errors import BadFileError
+    from modelkit.inspect.report import inspect_model
+
+    good = exported["sd1"][0].read_bytes()
+    array = _gguf_string("a") + struct.pack("<II", 9, 0)  # ARRAY of UINT8 ...
+    crafted = {
+        "tensor_count": good[:8] + struct.pack("<Q", 2**62) + good[16:],
+        "kv_count": good[:16] + struct.pack("<Q", 2**60) + good[24:],
+        "key_length": good[:24] + struct.pack("<Q", 2**61) + good[32:],
+        "version_1": good[:4] + struct.pack("<I", 1) + good[8:],
+        "huge_array": handmade_gguf([array + struct.pack("<Q", 2**60)], []),
+        "deep_array": handmade_gguf([_gguf_string("a") + struct.pack("<I", 9)
+                                     + struct.pack("<IQ", 9, 1) * 50], []),
+        "five_dims": handmade_gguf([], [tensor_info("w", [1, 1, 1, 1, 1])]),
+        "unknown_type": handmade_gguf([], [tensor_info("w", [4], ggml_type=99)]),
+        "past_end": handmade_gguf([], [tensor_info("w", [4], offset=0)], b"\0" * 8),
+        "misaligned": handmade_gguf([], [tensor_info("w", [1], offset=4)], b"\0" * 40),
+        "dup_tensor": handmade_gguf([], [tensor_info("w", [1])] * 2, b"\0" * 4),
+        "q8_rows": handmade_gguf([], [tensor_info("w", [31], ggml_type=8)], b"\0" * 34),
+        "bad_alignment": handmade_gguf([_gguf_string("general.alignment")
+                                        + struct.pack("<II", 4, 3)], []),
+    }
+    for name, data in crafted.items():
+        path = tmp_path / f"{name}.gguf"
+        path.write_bytes(data)
+        tracemalloc.start()
+        try:
+            with pytest.raises(BadFileError) as err:
+                inspect_model(path)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert str(err.value).startswith(str(path)) and "\n" not in str(err.value), name
+        assert peak < 4 << 20, (name, peak)
+    rng = random.Random(9)
+    path = tmp_path / "mutated.gguf"
+    end = 40_000  # the key/values and tensor infos of the tiny export
+    for _ in range(60):
+        buf = bytearray(good)
+        for _ in range(rng.randint(1, 3)):
+            buf[rng.randrange(end)] = rng.randrange(256)
+        path.write_bytes(buf[:rng.choice((len(buf), rng.randrange(len(buf))))])
+        try:
+            inspect_model(path)
+        except BadFileError as exc:
+            assert str(exc).startswith(str(path)) and "\n" not in str(exc)
+    rc, out, err = run_cli(["inspect", str(tmp_path / "tensor_count.gguf")])
+    assert rc == 2 and out == "" and len(err.splitlines()) == 1
+    assert "tensor_count.gguf" in err
+
+
+def test_gguf_with_orig_shape_records(tmp_path: Path) -> None:
+    from modelkit.inspect.report import inspect_model
+
+    shape = _gguf_string("comfy.gguf.orig_shape.w") + struct.pack("<II", 9, 5) + \
+        struct.pack("<Q2i", 2, 2, 2)
+    bad = _gguf_string("comfy.gguf.orig_shape.v") + struct.pack("<II", 9, 5) + \
+        struct.pack("<Qi", 1, 3)
+    data = struct.pack("<4f", 1, 2, 3, 4) + b"\0" * 16 + struct.pack("<2f", 5, 6)
+    path = tmp_path / "small.gguf"
+    path.write_bytes(handmade_gguf([kv_str("general.architecture", "sd1"), shape, bad],
+                                   [tensor_info("w", [4]), tensor_info("v", [2], 0, 32)],
+                                   data))
+    d = inspect_model(path).to_dict()
+    assert d["dtypes"] == {"F32": 2} and d["n_params"] == 6
+    assert d["gguf"]["n_orig_shapes"] == 2 and d["gguf"]["n_orig_shapes_invalid"] == 1
+    assert "comfy.gguf.orig_shape.w" not in d["metadata"]
+    assert any("do not match" in n for n in d["notes"])

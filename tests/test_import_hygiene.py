@@ -37,3 +37,20 @@ def test_help_is_light() -> None:
 def test_inspect_of_safetensors_needs_no_torch(models: dict[str, Path]) -> None:
     code = f"from modelkit.cli import main\nassert main(['inspect', {str(models['sd1'])!r}]) == 0"
     assert _imported(code) == set()
+
+
+def test_inspect_of_gguf_needs_no_torch(tmp_path: Path) -> None:
+    """GGUF headers are read in pure Python: no torch, numpy or gguf package."""
+    import struct
+
+    def string(s: str) -> bytes:
+        return struct.pack("<Q", len(s)) + s.encode()
+
+    kv = string("general.architecture") + struct.pack("<I", 8) + string("sd1")
+    info = string("w") + struct.pack("<IQIQ", 1, 4, 0, 0)
+    body = b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + kv + info
+    path = tmp_path / "tiny.gguf"
+    path.write_bytes(body + b"\0" * (-len(body) % 32) + struct.pack("<4f", 1, 2, 3, 4))
+    code = (f"from modelkit.cli import main\nassert main(['inspect', {str(path)!r}]) == 0\n"
+            "import sys\nassert not {'numpy', 'gguf'} & set(sys.modules)")
+    assert _imported(code) == set()

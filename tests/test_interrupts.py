@@ -111,7 +111,7 @@ def test_recipe_bombs_are_refused() -> None:
 
 
 def test_device_file_input_is_named(tmp_path: Path) -> None:
-    with pytest.raises(Exception, match="not a regular file"):
+    with pytest.raises(Exception, match="is a character device, not a model file"):
         run(Recipe.op("convert", "/dev/zero", output=tmp_path / "o.safetensors"))
 
 

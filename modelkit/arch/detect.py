@@ -47,7 +47,7 @@ def unet_features(keys: dict[str, Shape]) -> UNetFeatures | None:
     attn = {b for b in blocks if f"input_blocks.{b}.1.proj_in.weight" in keys}
     context = use_linear = None
     for k, s in keys.items():
-        if k.endswith("attn2.to_k.weight") and context is None:
+        if k.endswith("attn2.to_k.weight") and context is None and len(s) == 2:
             context = s[1]
         if k.endswith(".proj_in.weight") and use_linear is None:
             use_linear = len(s) == 2
@@ -55,7 +55,7 @@ def unet_features(keys: dict[str, Shape]) -> UNetFeatures | None:
     return UNetFeatures(
         in_channels=conv_in[1], model_channels=conv_in[0],
         n_input_blocks=max(blocks) + 1, attention_blocks=attn, context_dim=context,
-        use_linear=use_linear, adm_in_channels=adm[1] if adm else None,
+        use_linear=use_linear, adm_in_channels=adm[1] if adm and len(adm) == 2 else None,
     )
 
 
@@ -111,7 +111,7 @@ def expected_vae_config(keys: dict[str, Shape]) -> VAEConfig | None:
     """A KL-f8 VAE config at the widths of the given unprefixed VAE keys."""
     conv_in = keys.get("encoder.conv_in.weight")
     dec_in = keys.get("decoder.conv_in.weight")
-    if conv_in is None or dec_in is None:
+    if conv_in is None or dec_in is None or len(conv_in) != 4 or len(dec_in) != 4:
         return None
     return VAEConfig(ch=conv_in[0], z_channels=dec_in[1], embed_dim=dec_in[1],
                      in_channels=conv_in[1])
@@ -123,7 +123,7 @@ def expected_text_encoder(keys: dict[str, Shape], layout: str, layers: int
     emb_key = ("text_model.embeddings.token_embedding.weight" if layout == "hf"
                else "token_embedding.weight")
     emb = keys.get(emb_key)
-    if emb is None:
+    if emb is None or len(emb) != 2:
         return None
     width = emb[1]
     base = TextEncoderConfig(layout=layout, width=width, layers=layers,
@@ -131,13 +131,13 @@ def expected_text_encoder(keys: dict[str, Shape], layout: str, layers: int
     pos_key = ("text_model.embeddings.position_embedding.weight" if layout == "hf"
                else "positional_embedding")
     pos = keys.get(pos_key)
-    if pos is not None:
+    if pos is not None and len(pos) == 2:
         base = replace(base, context_length=pos[0])
     if layout == "hf":
         fc1 = keys.get("text_model.encoder.layers.0.mlp.fc1.weight")
     else:
         fc1 = keys.get("transformer.resblocks.0.mlp.c_fc.weight")
-    if fc1 is not None and width:
+    if fc1 is not None and len(fc1) == 2 and width:
         base = replace(base, mlp_ratio=max(1, fc1[0] // width))
     return base
 

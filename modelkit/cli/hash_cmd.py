@@ -8,6 +8,9 @@ import click
 
 from modelkit.cli.progress import StderrProgress
 from modelkit.io.hashing import hash_file
+from modelkit.textsafe import shown
+
+MISMATCH_LIMIT = 200
 
 
 @click.command("hash")
@@ -30,9 +33,9 @@ def hash_cmd(paths: tuple[str, ...], as_json: bool, quiet: bool) -> None:
         click.echo(json.dumps([r.to_dict() for r in results], indent=2))
     else:
         for r in results:
-            click.echo(f"{r.path}\n  sha256  {r.sha256}\n  autov2  {r.autov2}\n"
+            click.echo(f"{shown(r.path)}\n  sha256  {r.sha256}\n  autov2  {r.autov2}\n"
                        f"  legacy  {r.legacy}\n  addnet  {r.addnet or '-'}")
-            for m in r.mismatches:
-                click.echo(f"  MISMATCH {m}")
+            for m in r.mismatches:  # they quote metadata values: escaped and cut
+                click.echo(f"  MISMATCH {shown(m, MISMATCH_LIMIT)}")
     if any(r.mismatches for r in results):
         raise click.exceptions.Exit(1)

@@ -8,12 +8,18 @@ import click
 
 from modelkit.cli.progress import human_bytes
 from modelkit.inspect.report import ModelReport, inspect_model
+from modelkit.textsafe import shown
 
 EPILOG = """\b
 Examples:
   modelkit inspect models/Stable-diffusion/model.safetensors
   modelkit inspect lora.safetensors --json | jq .adapter
 """
+
+
+VALUE_LIMIT = 70  # metadata values, evidence and notes are cut to about a line
+KEY_LIMIT = 60  # key names and metadata keys
+METADATA_SHOWN = 12
 
 
 def _params(n: int) -> str:
@@ -34,21 +40,44 @@ def _component_line(c: dict) -> str:
             f"{_params(c['n_params']):>12}  {status}{extra}")
 
 
+def _ema(d: dict) -> str:
+    if not d["has_ema"]:
+        return "no"
+    n_keys = d["extra_keys"].get("ema", d["n_ema_tensors"])
+    if n_keys == d["n_ema_tensors"]:
+        return f"yes, {d['n_ema_tensors']} tensors"
+    return f"yes, {d['n_ema_tensors']} tensors ({n_keys} model_ema. keys with decay, num_updates)"
+
+
+def _gguf_line(g: dict) -> str:
+    types = ", ".join(f"{k} {v}" for k, v in g["quant_types"].items())
+    arch = shown(g["architecture"], 20) if g["architecture"] else "not set"
+    line = (f"v{g['version']}, general.architecture {arch}, {g['n_tensors']} tensors "
+            f"({types})")
+    if g["n_orig_shapes"]:
+        line += f", {g['n_orig_shapes']} stored flattened (comfy.gguf.orig_shape)"
+    return line
+
+
 def render(rep: ModelReport) -> str:
-    """The human-readable summary."""
+    """The human-readable summary. Every string that comes from the file
+    (names, metadata, keys) is escaped and cut with :func:`shown`."""
     d = rep.to_dict()
+    evidence = "; ".join(shown(e, 160) for e in d["arch_evidence"])
+    pred = "; ".join(shown(e, 160) for e in d["prediction"]["evidence"])
     rows = [
         ("kind", d["kind"]),
-        ("arch", d["arch"] + (f"  ({'; '.join(d['arch_evidence'])})"
-                              if d["arch_evidence"] else "")),
+        ("arch", d["arch"] + (f"  ({evidence})" if evidence else "")),
         ("variant", d["variant"] or "-"),
-        ("prediction", f"{d['prediction']['type']}  ({'; '.join(d['prediction']['evidence'])})"),
+        ("prediction", f"{d['prediction']['type']}  ({pred})"),
         ("size", f"{human_bytes(d['size_bytes'])}, {d['n_tensors']} tensors, "
                  f"{_params(d['n_params'])} params"),
         ("dtypes", ", ".join(f"{k} {v}" for k, v in d["dtypes"].items())),
-        ("EMA", f"yes, {d['n_ema_tensors']} tensors" if d["has_ema"] else "no"),
+        ("EMA", _ema(d)),
     ]
-    lines = [d["path"]] + [f"  {k:<11} {v}" for k, v in rows]
+    if d["gguf"]:
+        rows.append(("gguf", _gguf_line(d["gguf"])))
+    lines = [shown(d["path"])] + [f"  {k:<11} {v}" for k, v in rows]
     if d["components"]:
         lines.append("  components")
         lines += [_component_line(c) for c in d["components"].values()]
@@ -63,15 +92,16 @@ def render(rep: ModelReport) -> str:
     if d["extra_keys"]:
         lines.append("  extra keys  " + ", ".join(f"{k} {v}" for k, v in d["extra_keys"].items()))
     if d["unknown_keys"]:
-        lines.append(f"  unknown     {len(d['unknown_keys'])} keys, e.g. {d['unknown_keys'][0]}")
+        lines.append(f"  unknown     {len(d['unknown_keys'])} keys, e.g. "
+                     f"{shown(d['unknown_keys'][0], KEY_LIMIT)}")
     for note in d["notes"]:
-        lines.append(f"  note        {note}")
+        lines.append(f"  note        {shown(note, 200)}")
     if d["metadata"]:
         lines.append(f"  metadata    {len(d['metadata'])} entries")
-        for k, v in list(d["metadata"].items())[:12]:
-            v = v.replace("\n", " ")
-            lines.append(f"    {k}: {v[:70]}{'...' if len(v) > 70 else ''}")
-    return "\n".join(lines)
+        for k, v in list(d["metadata"].items())[:METADATA_SHOWN]:
+            lines.append(f"    {shown(k, KEY_LIMIT)}: {shown(v, VALUE_LIMIT)}")
+    # a last guard: nothing unescaped reaches the terminal, whatever a line holds
+    return "\n".join(shown(line) for line in lines)
 
 
 @click.command("inspect", epilog=EPILOG)

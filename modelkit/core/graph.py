@@ -125,8 +125,10 @@ class Graph:
         from modelkit.io.open import open_source
 
         path = self.recipe.resolve(spec.path)
-        if not path.exists():
-            raise ModelkitError(f"input {name!r}: {path}: no such file")
+        if not path.is_dir():
+            from modelkit.io.files import check_input_file
+
+            check_input_file(path, f"input {name!r}")
         if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
             self.progress(Progress(path.name, 0, 1, "files", path.name, READ))
         src = open_source(path, self.device)

@@ -26,6 +26,7 @@ def lock_recipe(path: str | os.PathLike[str], output: str | os.PathLike[str] | N
     """Write a copy of the recipe with every input's sha256 pinned (default
     ``<name>.lock.yaml`` beside it). A pinned hash that no longer matches is
     an error, so a lock never silently moves to a changed file."""
+    from modelkit.io.files import check_input_file
     from modelkit.io.hashcache import cached_hashes
     from modelkit.io.writer import atomic_path
 
@@ -33,8 +34,7 @@ def lock_recipe(path: str | os.PathLike[str], output: str | os.PathLike[str] | N
     hashes = {}
     for name, spec in recipe.inputs.items():
         file = recipe.resolve(spec.path)
-        if not file.is_file():
-            raise ModelkitError(f"{recipe.source}: inputs.{name}: {file}: no such file")
+        check_input_file(file, f"{recipe.source}: inputs.{name}")
         digest = cached_hashes(file, progress, tensor_hash=False).sha256
         if spec.sha256 and spec.sha256 != digest:
             raise ModelkitError(f"{recipe.source}: inputs.{name}: {file} has sha256 "

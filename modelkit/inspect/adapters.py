@@ -112,21 +112,31 @@ def _algo(mod: _Module) -> str | None:
 # --- ranks, shapes -------------------------------------------------------------
 
 
+def _dim(shape: tuple[int, ...] | None, i: int) -> int | None:
+    """Dimension ``i`` of ``shape``, or None when the tensor has fewer (any
+    shape is legal in a file, so a malformed adapter must not crash)."""
+    return shape[i] if shape is not None and len(shape) > i else None
+
+
 def _module_rank(mod: _Module) -> list[int]:
     down = mod.first(DOWN_SUFFIXES)
     if down is not None:
-        return [down[0]]
-    if "hada_w1_b" in mod.tensors:
-        return [mod.tensors["hada_w1_b"][0]]
-    return [mod.tensors[s][0] for s in ("lokr_w1_b", "lokr_w2_b") if s in mod.tensors]
+        ranks = [_dim(down, 0)]
+    elif "hada_w1_b" in mod.tensors:
+        ranks = [_dim(mod.tensors["hada_w1_b"], 0)]
+    else:
+        ranks = [_dim(mod.tensors[s], 0) for s in ("lokr_w1_b", "lokr_w2_b")
+                 if s in mod.tensors]
+    return [r for r in ranks if r is not None]
 
 
 def _lokr_in(mod: _Module) -> int | None:
     w1 = mod.first(("lokr_w1", "lokr_w1_b"))
     w2 = mod.first(("lokr_w2", "lokr_w2_b"))
-    if w1 is None or w2 is None or "lokr_t2" in mod.tensors:
+    if "lokr_t2" in mod.tensors:
         return None
-    return w1[1] * w2[1]
+    a, b = _dim(w1, 1), _dim(w2, 1)
+    return a * b if a is not None and b is not None else None
 
 
 def _in_features(mod: _Module) -> int | None:
@@ -280,14 +290,25 @@ def metadata_alphas(metadata: dict[str, str]) -> list[float] | None:
     return values or None
 
 
+def _first_value(value: Any) -> float | None:
+    """The first element of a tensor or a flat list of values, if any."""
+    if value is None:
+        return None
+    flat = value.reshape(-1).tolist() if hasattr(value, "reshape") else list(value)
+    return float(flat[0]) if flat else None
+
+
 def read_alphas(keys: Iterable[str], get: Callable[[str], Any]) -> list[float]:
-    """Sorted distinct values of the ``<module>.alpha`` tensors among ``keys``,
-    read with ``get(key)`` (scalars or 1-element tensors, so this is cheap)."""
+    """Sorted distinct finite values of the ``<module>.alpha`` tensors among
+    ``keys``, read with ``get(key)``: a tensor or a flat list of floats
+    (scalars or 1-element tensors, so this is cheap). Empty, NaN or infinite
+    alphas and ones ``get`` returns None for (not readable) are left out."""
     values = set()
     for key in keys:
         if key.endswith(".alpha"):
-            t = get(key)
-            values.add(round(float(t.reshape(-1)[0]), 6))
+            v = _first_value(get(key))
+            if v is not None and math.isfinite(v):
+                values.add(round(v, 6))
     return sorted(values)
 
 

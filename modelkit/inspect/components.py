@@ -120,7 +120,8 @@ def _te_layers(slot: str, layout: str, arch: str, found: dict[str, Shape]) -> in
                 return s.config.layers
     # unknown arch: count the layers that are there
     marker = "text_model.encoder.layers." if layout == "hf" else "transformer.resblocks."
-    idx = {int(k[len(marker):].split(".")[0]) for k in found if k.startswith(marker)}
+    parts = (k[len(marker):].split(".")[0] for k in found if k.startswith(marker))
+    idx = {int(p) for p in parts if p.isdecimal()}
     return max(idx) + 1 if idx else 0
 
 

@@ -8,16 +8,18 @@ SD2 ComfyUI's weight heuristic (the std of one norm bias).
 
 from __future__ import annotations
 
-import statistics
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from modelkit.arch.configs import UNET_PREFIX
 
-SD2_PROBE_KEY = UNET_PREFIX + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
+SD2_PROBE = "output_blocks.11.1.transformer_blocks.0.norm1.bias"
+SD2_PROBE_KEY = UNET_PREFIX + SD2_PROBE
 SD2_V_THRESHOLD = 0.09  # ComfyUI's SD20.model_type rule
-ValueReader = Callable[[str], list[float]]
+# values of a small tensor, or None when they cannot be read without torch
+ValueReader = Callable[[str], "list[float] | None"]
 
 
 @dataclass
@@ -77,15 +79,30 @@ def _from_sidecar(path: Path) -> Prediction | None:
 
 
 def _sd2_heuristic(read: ValueReader | None, keys: set[str]) -> Prediction:
-    if read is None or SD2_PROBE_KEY not in keys:
+    probe = next((k for k in (SD2_PROBE_KEY, SD2_PROBE) if k in keys), None)
+    if read is None or probe is None:
         return Prediction("unknown", ["SD2 without markers; weights not probed"])
-    values = read(SD2_PROBE_KEY)
-    std = statistics.pstdev(values) if len(values) > 1 else 0.0
+    values = read(probe)
+    if values is None:
+        return Prediction("unknown", ["SD2 without markers; the probe tensor's dtype "
+                                      "cannot be read without torch"])
+    if not all(math.isfinite(v) for v in values):
+        return Prediction("unknown", ["SD2 without markers; output_blocks.11.1 norm1.bias "
+                                      "holds NaN or infinite values (damaged weights)"])
+    std = population_std(values)
     kind = "v" if std > SD2_V_THRESHOLD else "eps"
     return Prediction(kind, [
         f"heuristic: std of output_blocks.11.1 norm1.bias = {std:.4f} "
         f"({'>' if kind == 'v' else '<='} {SD2_V_THRESHOLD}, ComfyUI's SD2 rule); "
         "weak evidence, a sidecar .yaml or modelspec.prediction_type is better"])
+
+
+def population_std(values: list[float]) -> float:
+    """Population standard deviation of finite ``values`` (0 for fewer than 2)."""
+    if len(values) < 2:
+        return 0.0
+    mean = math.fsum(values) / len(values)
+    return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / len(values))
 
 
 def detect_prediction(path: Path, keys: set[str], metadata: dict[str, str], arch: str,

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modelkit.arch.configs import EMA_PREFIX, UNET_PREFIX
-from modelkit.arch.keys import PREDICTION_MARKERS, SCHEDULE_BUFFERS, Shape
+from modelkit.arch import parts
+from modelkit.arch.configs import UNET_PREFIX
+from modelkit.arch.keys import Shape
 from modelkit.inspect.components import (
     TE_PREFIXES,
     ComponentReport,
@@ -28,7 +29,14 @@ from modelkit.inspect.prediction import Prediction, ValueReader, detect_predicti
 from modelkit.io.header import TensorInfo
 
 SCHEMA = "modelkit.inspect/1"
-KNOWN_JUNK_PREFIXES = ("embedding_manager.", "lora_te_text_model", "model_ema.")
+UNKNOWN_LIST_LIMIT = 50
+SMALL_VALUES = 1 << 17  # values read from a pickle for a detail (alphas, one bias)
+# extra_keys names of the parts outside the components (modelkit.arch.parts)
+EXTRA_KEY_NAMES = {parts.SCHEDULE: "schedule_buffers", parts.EMA: "ema",
+                   parts.MARKER: "prediction_markers", parts.AUX_MODEL: "aux_model",
+                   parts.JUNK: "training_leftovers"}
+DEPTH_MODEL_PREFIX = "depth_model."  # counted as depth_model (schema 1 name)
+COMPONENT_PARTS = (parts.UNET, parts.VAE, parts.TE)
 DENOISER_MARKERS = {"joint_blocks.": "sd3", "double_blocks.": "flux"}
 
 
@@ -56,6 +64,7 @@ class ModelReport:
     embedding: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
+    gguf: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The stable JSON form (schema ``modelkit.inspect/1``)."""
@@ -81,6 +90,7 @@ class ModelReport:
             "embedding": self.embedding,
             "notes": self.notes,
             "metadata": self.metadata,
+            "gguf": self.gguf,
         }
 
 
@@ -106,11 +116,15 @@ def _embedding(shapes: dict[str, Shape], meta: dict[str, str]) -> dict[str, Any]
     if keys == {"emb_params"} or (keys and all(k.startswith("string_to_param.")
                                                for k in keys)):
         shape = next(iter(shapes.values()))
+        if len(shape) not in (1, 2):
+            return None
         width = shape[-1]
         arch = {768: "sd1", 1024: "sd2"}.get(width, "unknown")
         return {"format": "a1111", "vectors": shape[0] if len(shape) == 2 else 1,
                 "width": width, "arch": arch, "name": meta.get("name")}
     if keys == {"clip_l", "clip_g"}:
+        if len(shapes["clip_l"]) != 2 or len(shapes["clip_g"]) != 2:
+            return None
         return {"format": "sdxl", "vectors": shapes["clip_l"][0],
                 "width": [shapes["clip_l"][-1], shapes["clip_g"][-1]],
                 "arch": "sdxl", "name": meta.get("name")}
@@ -141,7 +155,7 @@ def _fill_controlnet(rep: ModelReport, shapes: dict[str, Shape]) -> None:
     rep.kind, rep.arch, rep.arch_evidence = "controlnet", arch, evidence
     rep.components = {"controlnet": comp}
     hint = found.get("input_hint_block.0.weight")
-    if hint:
+    if hint and len(hint) >= 2:
         rep.notes.append(f"hint input has {hint[1]} channels")
 
 
@@ -184,8 +198,10 @@ def _only_component_kind(comps: dict[str, ComponentReport]) -> str:
     return "unknown"
 
 
-def _fill_bare(rep: ModelReport, shapes: dict[str, Shape]) -> tuple[bool, int | None]:
-    """Files without single-file prefixes: UNet-only, VAE, text encoder."""
+def _fill_bare(rep: ModelReport, all_shapes: dict[str, Shape]) -> tuple[bool, int | None]:
+    """Files without single-file prefixes: UNet-only, VAE, text encoder. Root
+    buffers, markers and EMA keys are not part of the component."""
+    shapes = {k: s for k, s in all_shapes.items() if parts.part_of(k) == parts.OTHER}
     other = _denoiser_family(shapes, "")
     if other:
         rep.kind, rep.arch = "unet", other
@@ -227,30 +243,29 @@ def _component_arch(rep: ModelReport) -> None:
         rep.arch_evidence = [f"text encoder family {fam}"]
 
 
-def _classify_extra(rep: ModelReport, shapes: dict[str, Shape]) -> None:
-    covered = {c.prefix for c in rep.components.values()}
+def _classify_extra(rep: ModelReport, shapes: dict[str, Shape], bare: bool) -> None:
+    """Count the keys outside the components by part (the one classification
+    prune, quantize and merge use too) and list the unknown ones. In a
+    ``bare`` (standalone component) file, unprefixed keys are the component's."""
+    bare = bare and rep.kind != "unknown"
     extra: Counter[str] = Counter()
     unknown: list[str] = []
+    n_unknown = 0
     for k in shapes:
-        if any(k.startswith(p) for p in covered if p):
+        part = parts.part_of(k)
+        if part in COMPONENT_PARTS or (part == parts.OTHER and bare):
+            continue  # inside a component (a standalone one has no prefix)
+        if part in EXTRA_KEY_NAMES:
+            depth = part == parts.AUX_MODEL and k.startswith(DEPTH_MODEL_PREFIX)
+            extra["depth_model" if depth else EXTRA_KEY_NAMES[part]] += 1
             continue
-        if k in SCHEDULE_BUFFERS or k == "logvar" or k == "model_ema.decay" or \
-                k == "model_ema.num_updates":
-            extra["schedule_buffers"] += 1
-        elif k.startswith(EMA_PREFIX):
-            extra["ema"] += 1
-        elif k in PREDICTION_MARKERS:
-            extra["prediction_markers"] += 1
-        elif k.startswith("depth_model."):
-            extra["depth_model"] += 1
-        elif k.startswith(KNOWN_JUNK_PREFIXES):
-            extra["training_leftovers"] += 1
-        else:
+        n_unknown += 1
+        if len(unknown) < UNKNOWN_LIST_LIMIT:
             unknown.append(k)
     rep.extra_keys = dict(sorted(extra.items()))
-    rep.unknown_keys = unknown[:50]
-    if len(unknown) > 50:
-        rep.notes.append(f"{len(unknown)} unknown keys (first 50 listed)")
+    rep.unknown_keys = unknown
+    if n_unknown > UNKNOWN_LIST_LIMIT:
+        rep.notes.append(f"{n_unknown} unknown keys (first {UNKNOWN_LIST_LIMIT} listed)")
 
 
 def _position_id_notes(rep: ModelReport, infos: dict[str, TensorInfo],
@@ -266,7 +281,7 @@ def _position_id_notes(rep: ModelReport, infos: dict[str, TensorInfo],
                              "as int64 0..76")
         elif read is not None:
             values = read(key)
-            if values != [float(i) for i in range(len(values))]:
+            if values is not None and values != [float(i) for i in range(len(values))]:
                 rep.notes.append(f"{key} is not 0..{len(values) - 1}: broken CLIP "
                                  "position ids")
     if any(k.startswith("cond_stage_model.transformer.embeddings.") for k in infos):
@@ -311,7 +326,7 @@ def build_report(path: Path, infos: dict[str, TensorInfo], meta: dict[str, str],
 
     rep = _base_report(path, infos, meta, file_format)
     shapes = {k: i.shape for k, i in infos.items()}
-    has_unet, in_ch = False, None
+    has_unet, in_ch, bare = False, None, False
     adapter = detect_adapter(infos, meta)
     emb = _embedding(shapes, meta) if adapter is None else None
     if adapter is not None:
@@ -325,12 +340,13 @@ def build_report(path: Path, infos: dict[str, TensorInfo], meta: dict[str, str],
         has_unet, in_ch = _fill_checkpoint(rep, shapes)
     else:
         has_unet, in_ch = _fill_bare(rep, shapes)
+        bare = True
     _component_arch(rep)
     rep.variant = _variant(rep.arch, in_ch, shapes)
     rep.n_ema_tensors = count_ema(shapes)
     rep.has_ema = rep.n_ema_tensors > 0
     if rep.kind in ("checkpoint", "unet", "vae", "text_encoder", "unknown"):
-        _classify_extra(rep, shapes)
+        _classify_extra(rep, shapes, bare)
     rep.prediction = detect_prediction(path, set(shapes), meta, rep.arch, has_unet, read)
     _position_id_notes(rep, infos, read)
     _general_notes(rep)
@@ -349,18 +365,33 @@ def inspect_model(path: str | os.PathLike[str]) -> ModelReport:
     p = Path(path)
     if is_pickle_path(p):
         return _inspect_pickle(p)
-    from modelkit.io.header import read_header, read_small_tensor
+    from modelkit.io.gguf_header import is_gguf
+
+    if p.suffix.lower() == ".gguf" or is_gguf(p):
+        from modelkit.inspect.gguf import inspect_gguf
+
+        return inspect_gguf(p)
+    from modelkit.io.header import UndecodableTensorError, read_header, read_small_tensor
 
     header = read_header(p)
-    return build_report(p, header.tensors, header.metadata, "safetensors",
-                        lambda key: read_small_tensor(header, key))
+
+    def read(key: str) -> list[float] | None:
+        try:
+            return read_small_tensor(header, key)
+        except UndecodableTensorError:
+            return None
+
+    return build_report(p, header.tensors, header.metadata, "safetensors", read)
 
 
 def _inspect_pickle(p: Path) -> ModelReport:
     from modelkit.io.reader import open_model
 
     with open_model(p) as src:
-        def read(key: str) -> list[float]:
-            return [float(x) for x in src.get(key).flatten().tolist()]
+        def read(key: str) -> list[float] | None:
+            t = src.get(key)
+            if t.is_complex() or t.numel() > SMALL_VALUES:
+                return None
+            return [float(x) for x in t.detach().reshape(-1).double().tolist()]
 
         return build_report(p, src.infos, src.metadata, "pickle", read)

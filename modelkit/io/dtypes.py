@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from modelkit.errors import ModelkitError
+from modelkit.errors import BadFileError, ModelkitError
+from modelkit.textsafe import quoted, shown
 from modelkit.vocab import USER_DTYPES
 
 if TYPE_CHECKING:
@@ -17,7 +18,8 @@ _TORCH_NAMES = {
     "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "I32": "int32",
     "I64": "int64", "U16": "uint16", "U32": "uint32", "U64": "uint64",
     "F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz", "C64": "complex64",
 }
 
 
@@ -38,6 +40,18 @@ def to_torch(st_dtype: str) -> torch.dtype:
         return getattr(torch, _TORCH_NAMES[st_dtype])
     except (KeyError, AttributeError):
         raise ModelkitError(f"dtype {st_dtype} is not supported by this torch") from None
+
+
+def check_loadable(path: object, key: str, st_dtype: str) -> None:
+    """Refuse, naming the file and tensor, a tensor whose dtype this torch
+    cannot hold (sub-byte F4/F6 formats, or dtypes newer than the torch)."""
+    import torch
+
+    name = _TORCH_NAMES.get(st_dtype)
+    if name is None or not hasattr(torch, name):
+        raise BadFileError(f"{shown(path, 300)}: tensor {quoted(key)} has dtype {st_dtype}, "
+                           f"which torch {torch.__version__} cannot load; modelkit can "
+                           "inspect and hash this file but not process that tensor")
 
 
 def from_torch(dtype: torch.dtype) -> str:

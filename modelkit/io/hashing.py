@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modelkit.errors import BadFileError, check_cancel
+from modelkit.errors import check_cancel
+from modelkit.io.files import check_input_file
 from modelkit.io.header import read_header
 from modelkit.progress import HASH, Progress, ProgressFn, no_progress
 
@@ -92,9 +93,7 @@ def hash_file(path: str | os.PathLike[str], progress: ProgressFn = no_progress,
     """Compute every hash of ``path`` in one read of the file; without
     ``tensor_hash`` the addnet digest is skipped (half the CPU work).
     ``cancel`` (a ``threading.Event``) is checked before each 8 MB chunk."""
-    p = Path(path)
-    if not p.is_file():
-        raise BadFileError(f"{p}: no such file")
+    p = check_input_file(path)
     size = p.stat().st_size
     meta: dict[str, str] = {}
     data_start = None

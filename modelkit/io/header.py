@@ -1,8 +1,24 @@
 """Pure-Python safetensors header reader: keys, dtypes, shapes, offsets and
 ``__metadata__`` without importing torch or touching tensor data.
 
-Format: 8-byte little-endian header length N, N bytes of JSON, then the data
+Format: 8-byte little-endian header length N (at most 100 MB), N bytes of
+UTF-8 JSON starting with ``{`` (trailing whitespace allowed), then the data
 buffer, which must be covered by the tensors' ``data_offsets`` exactly.
+
+The reader accepts exactly what the format allows (huggingface/safetensors
+README "Format" and its reference parser): an object whose entries are
+``{"dtype", "shape", "data_offsets"}`` with a known dtype and whole numbers
+from 0 to 2**64-1 (no sign, fraction, exponent, NaN/Infinity, booleans or
+strings), element and bit counts that do not overflow 64 bits (checked factor
+by factor, as the reference does), sub-byte tensors ending on a byte, and an
+optional ``__metadata__`` map of strings to strings (``null`` is read as no
+metadata, as the reference does). Where the library is laxer than the
+format's text, the text wins: duplicate keys (the text disallows them) and a
+header not starting with ``{`` (the text requires it) are refused. Entry
+fields other than the three are refused too: the format defines no others
+and modelkit's writers would silently drop them. Strings holding an unpaired
+UTF-16 surrogate escape are not valid Unicode (the reference refuses them).
+Every refusal is one :class:`BadFileError` line naming the file.
 """
 
 from __future__ import annotations
@@ -10,13 +26,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelkit.errors import BadFileError
+from modelkit.io.files import open_input_file
+from modelkit.textsafe import quoted, shown
 
 MAX_HEADER_SIZE = 100_000_000  # the safetensors library's own limit
+GGUF_MAGIC = b"GGUF"
 
 DTYPE_SIZES: dict[str, float] = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
@@ -70,50 +90,177 @@ class Header:
         return self.data_start + max((t.end for t in self.tensors.values()), default=0)
 
 
+U64_MAX = 2**64 - 1  # shapes, offsets and sizes are u64 (usize) in the format
+DTYPE_BITS: dict[str, int] = {k: int(v * 8) for k, v in DTYPE_SIZES.items()}
+ENTRY_FIELDS = ("dtype", "shape", "data_offsets")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_JSON_TYPES = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+               int: "a number", type(None): "null"}
+
+
 def _bad(path: Path, problem: str) -> BadFileError:
-    return BadFileError(f"{path}: {problem}")
+    return BadFileError(f"{shown(path, 300)}: {problem}")
+
+
+class _Refused(Exception):
+    """Raised by the JSON hooks; turned into a BadFileError naming the file."""
+
+
+@dataclass(frozen=True)
+class _Number:
+    """A JSON number that is not a whole number from 0 to 2**64-1 (negative,
+    fractional, exponent, too large, NaN/Infinity): never valid in a header."""
+
+    text: str
+
+
+def _parse_int(text: str) -> int | _Number:
+    # bounded before int(): a 100,000-digit number is not worth converting
+    if text.startswith("-") or len(text) > 20 or int(text) > U64_MAX:
+        return _Number(text)
+    return int(text)
+
+
+def _json_object(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    obj: dict[str, object] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _Refused(f"duplicate key {quoted(key)} (the format disallows duplicates)")
+        if _SURROGATE.search(key):
+            raise _Refused(f"key {quoted(key)} holds a lone UTF-16 surrogate escape, "
+                           "which is not valid Unicode")
+        obj[key] = value
+    return obj
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, _Number):
+        return shown(value.text, 40)
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _uint(path: Path, what: str, value: object) -> int:
+    """A shape entry or offset: a JSON whole number from 0 to 2**64-1."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise _bad(path, f"{what} is {_describe(value)}, not a whole number from 0 to 2^64-1; "
+                     "the file is corrupt")
+
+
+def _uint_list(path: Path, what: str, value: object) -> list[int]:
+    if not isinstance(value, list):
+        raise _bad(path, f"{what} is {_describe(value)}, not a list of whole numbers; "
+                         "the file is corrupt")
+    return [_uint(path, what, v) for v in value]
+
+
+def _byte_size(path: Path, name: str, dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes of ``dtype[shape]``, refused where the format's u64 arithmetic
+    overflows (checked after each factor, as the reference reader does) or a
+    sub-byte tensor does not end on a byte boundary."""
+    numel = 1
+    for d in shape:
+        numel *= d
+        if numel > U64_MAX:
+            raise _bad(path, f"tensor {quoted(name)}: shape {shown(list(shape), 80)} "
+                             "overflows 64 bits; the file is corrupt")
+    bits = numel * DTYPE_BITS[dtype]
+    if bits > U64_MAX:
+        raise _bad(path, f"tensor {quoted(name)}: shape {shown(list(shape), 80)} of "
+                         f"{dtype} overflows 64 bits; the file is corrupt")
+    if bits % 8:
+        raise _bad(path, f"tensor {quoted(name)}: {numel} {dtype} values do not fill "
+                         "whole bytes; the file is corrupt")
+    return bits // 8
 
 
 def _parse_entry(path: Path, name: str, entry: object) -> TensorInfo:
+    label = f"tensor {quoted(name)}"
     if not isinstance(entry, dict):
-        raise _bad(path, f"header entry {name!r} is not an object; the file is corrupt")
+        raise _bad(path, f"{label} is {_describe(entry)}, not an object with dtype, "
+                         "shape and data_offsets; the file is corrupt")
+    for field_name in ENTRY_FIELDS:
+        if field_name not in entry:
+            raise _bad(path, f"{label} has no {field_name}; the file is corrupt")
+    extra = [k for k in entry if k not in ENTRY_FIELDS]
+    if extra:
+        raise _bad(path, f"{label} has an unknown field {quoted(extra[0], 40)} (a "
+                         "safetensors entry has dtype, shape and data_offsets only)")
+    dtype = entry["dtype"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        shown_dtype = quoted(dtype, 20) if isinstance(dtype, str) else _describe(dtype)
+        raise _bad(path, f"{label} has unknown dtype {shown_dtype}")
+    shape = tuple(_uint_list(path, f"{label}: shape", entry["shape"]))
+    offsets = _uint_list(path, f"{label}: data_offsets", entry["data_offsets"])
+    if len(offsets) != 2:
+        raise _bad(path, f"{label}: data_offsets has {len(offsets)} numbers, not 2 "
+                         "(begin, end); the file is corrupt")
+    begin, end = offsets
+    size = _byte_size(path, name, dtype, shape)
+    if end < begin or end - begin != size:
+        raise _bad(path, f"{label} spans {end - begin} bytes but {dtype}"
+                         f"{shown(list(shape), 80)} needs {size}; the file is corrupt")
+    return TensorInfo(name, dtype, shape, begin, end)
+
+
+def _parse_metadata(path: Path, meta: object) -> dict[str, str]:
+    if meta is None:  # the reference reader treats null as no metadata
+        return {}
+    if not isinstance(meta, dict):
+        raise _bad(path, f"__metadata__ is {_describe(meta)}, not a map of strings to "
+                         "strings; the file is corrupt")
+    for key, value in meta.items():
+        if not isinstance(value, str):
+            raise _bad(path, f"__metadata__ value of {quoted(key, 60)} is "
+                             f"{_describe(value)}, not a string (the format allows "
+                             "strings only)")
+        if _SURROGATE.search(value):
+            raise _bad(path, f"__metadata__ value of {quoted(key, 60)} holds a lone "
+                             "UTF-16 surrogate escape, which is not valid Unicode")
+    return dict(meta)  # type: ignore[arg-type]
+
+
+def _decode_json(path: Path, raw: bytes) -> dict[str, object]:
+    """The header JSON as the format defines it: UTF-8, starting with ``{``,
+    no duplicate keys, no NaN/Infinity, integers within u64."""
+    if raw[:1] != b"{":
+        raise _bad(path, "not a safetensors file (the header does not start with '{')")
     try:
-        dtype = str(entry["dtype"])
-        shape = tuple(int(d) for d in entry["shape"])
-        begin, end = (int(x) for x in entry["data_offsets"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise _bad(path, f"header entry {name!r} is malformed ({exc})") from None
-    if dtype not in DTYPE_SIZES:
-        raise _bad(path, f"tensor {name!r} has unknown dtype {dtype!r}")
-    info = TensorInfo(name, dtype, shape, begin, end)
-    expected = info.numel * DTYPE_SIZES[dtype]
-    if end < begin or end - begin != expected:
-        raise _bad(path, f"tensor {name!r} spans {end - begin} bytes but "
-                         f"{dtype}{list(shape)} needs {int(expected)}; the file is corrupt")
-    return info
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _bad(path, "not a safetensors file (the header is not valid UTF-8)") from None
+    try:
+        obj = json.loads(text, object_pairs_hook=_json_object, parse_int=_parse_int,
+                         parse_float=_Number, parse_constant=_Number)
+    except json.JSONDecodeError as exc:
+        raise _bad(path, f"not a safetensors file (the header is not valid JSON: "
+                         f"{exc.msg} at byte {exc.pos})") from None
+    except _Refused as exc:
+        raise _bad(path, f"invalid header: {exc}") from None
+    except RecursionError:
+        raise _bad(path, "invalid header: JSON nested too deeply") from None
+    if not isinstance(obj, dict):  # pragma: no cover - '{' start guarantees an object
+        raise _bad(path, "not a safetensors file (header is not a JSON object)")
+    return obj
 
 
 def parse_header_bytes(path: Path, raw: bytes, file_size: int) -> Header:
-    """Parse header JSON ``raw`` and check it against the file size."""
-    if not raw.lstrip()[:1] == b"{":
-        raise _bad(path, "not a safetensors file (header is not JSON)")
-    try:
-        obj = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise _bad(path, "not a safetensors file (header is not valid JSON)") from None
-    if not isinstance(obj, dict):
-        raise _bad(path, "not a safetensors file (header is not a JSON object)")
-    meta = obj.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict):
-        raise _bad(path, "__metadata__ is not a string map")
+    """Parse and validate header JSON ``raw`` against the safetensors format
+    and the file size: exactly what the format allows is accepted.
+
+    Raises:
+        BadFileError: one line naming ``path`` and what is wrong.
+    """
+    obj = _decode_json(path, raw)
+    meta = _parse_metadata(path, obj.pop("__metadata__", None))
     infos = [_parse_entry(path, name, entry) for name, entry in obj.items()]
     infos.sort(key=lambda t: (t.begin, t.end))
     data_len = file_size - 8 - len(raw)
     pos = 0
     for t in infos:
         if t.begin != pos:
-            raise _bad(path, f"tensor {t.name!r} does not start where the previous one "
-                             "ends; the file is corrupt")
+            raise _bad(path, f"tensor {quoted(t.name)} does not start where the previous "
+                             "one ends; the file is corrupt")
         pos = t.end
     if pos != data_len:
         if pos > data_len:
@@ -121,79 +268,110 @@ def parse_header_bytes(path: Path, raw: bytes, file_size: int) -> Header:
                              f"{max(data_len, 0)}; download or copy it again")
         raise _bad(path, f"{data_len - pos} stray bytes after the last tensor; "
                          "the file is corrupt")
-    metadata = {str(k): str(v) for k, v in meta.items()}
-    return Header(path, {t.name: t for t in infos}, metadata, len(raw))
+    return Header(path, {t.name: t for t in infos}, meta, len(raw))
+
+
+def _too_large(p: Path, head: bytes, n: int) -> BadFileError:
+    if head[:4] == GGUF_MAGIC:
+        return _bad(p, "is a GGUF file, not safetensors ('modelkit inspect' reads it; "
+                       "this command needs a .safetensors file)")
+    if head[:1] in (b"P", b"\x80"):
+        return _bad(p, "not a safetensors file (looks like a pickle/.ckpt)")
+    if all(32 <= c < 127 or c in b"\t\r\n" for c in head):
+        return _bad(p, "not a safetensors file (it starts with text, not a header length)")
+    return _bad(p, f"header size {n} is over the 100 MB limit; not a safetensors file "
+                   "or corrupt")
 
 
 def read_header(path: str | os.PathLike[str]) -> Header:
     """Read and validate the header of the safetensors file at ``path``.
 
     Raises:
-        BadFileError: the file is missing, too short, truncated, not
-            safetensors or has a header over 100 MB.
+        BadFileError: the file is missing, not a regular file, too short,
+            truncated, not safetensors, has a header over 100 MB or one the
+            format does not allow.
     """
     p = Path(path)
-    try:
-        with open(p, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            head = f.read(8)
-            if len(head) < 8:
-                raise _bad(p, "not a safetensors file (shorter than 8 bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_SIZE:
-                if head[:1] in (b"P", b"\x80"):
-                    raise _bad(p, "not a safetensors file (looks like a pickle/.ckpt)")
-                if all(32 <= c < 127 or c in b"\t\r\n" for c in head):
-                    raise _bad(p, "not a safetensors file (it starts with text, not a "
-                                  "header length)")
-                raise _bad(p, f"header size {n} is over the 100 MB limit; "
-                              "not a safetensors file or corrupt")
-            if n + 8 > size:
-                raise _bad(p, "truncated: the header runs past the end of the file")
-            raw = f.read(n)
-    except FileNotFoundError:
-        raise _bad(p, "no such file") from None
-    except IsADirectoryError:
-        raise _bad(p, "is a directory, not a model file") from None
-    except PermissionError:
-        raise _bad(p, "permission denied") from None
+    with open_input_file(p) as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        if len(head) < 8:
+            raise _bad(p, "not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_SIZE:
+            raise _too_large(p, head, n)
+        if n + 8 > size:
+            raise _bad(p, "truncated: the header runs past the end of the file")
+        raw = f.read(n)
+    if len(raw) != n:
+        raise _bad(p, "truncated while reading the header (the file changed?)")
     return parse_header_bytes(p, raw, size)
 
 
 _SMALL_TENSOR_LIMIT = 1 << 20
+_STRUCT_CODES = {"F64": "d", "F32": "f", "F16": "e", "I64": "q", "I32": "i", "I16": "h",
+                 "I8": "b", "U64": "Q", "U32": "I", "U16": "H", "U8": "B", "BOOL": "?"}
+_FP8 = {"F8_E4M3": (3, 7, True), "F8_E5M2": (2, 15, False)}  # mantissa bits, bias, fn
 
 
-def _decode(dtype: str, raw: bytes) -> list[float]:
-    import array
-    import struct
+class UndecodableTensorError(BadFileError):
+    """A tensor whose dtype the pure-Python decoder does not handle (complex,
+    sub-byte and the rarer fp8 formats): the file is fine, only the value
+    cannot be shown without torch."""
 
-    if dtype in ("F32", "F64", "I64", "I32", "I16", "I8", "U8"):
-        code = {"F32": "f", "F64": "d", "I64": "q", "I32": "i", "I16": "h", "I8": "b",
-                "U8": "B"}[dtype]
-        arr = array.array(code, raw)
-        return [float(x) for x in arr]
-    if dtype == "F16":
-        return [float(x) for x in struct.unpack(f"<{len(raw) // 2}e", raw)]
+
+def _fp8_value(byte: int, man_bits: int, bias: int, finite_only: bool) -> float:
+    sign = -1.0 if byte & 0x80 else 1.0
+    exp_max = (1 << (7 - man_bits)) - 1
+    exp = (byte & 0x7F) >> man_bits
+    man = byte & ((1 << man_bits) - 1)
+    if finite_only and exp == exp_max and man == (1 << man_bits) - 1:
+        return math.nan  # e4m3fn: S.1111.111 is NaN, there is no infinity
+    if not finite_only and exp == exp_max:
+        return sign * math.inf if man == 0 else math.nan
+    if exp == 0:
+        return sign * man * 2.0 ** (1 - bias - man_bits)
+    return sign * (1 + man / (1 << man_bits)) * 2.0 ** (exp - bias)
+
+
+def decode_values(dtype: str, raw: bytes) -> list[float]:
+    """Little-endian ``raw`` bytes of ``dtype`` as floats, in pure Python.
+
+    Raises:
+        UndecodableTensorError: a dtype without a pure-Python decoder.
+    """
+    code = _STRUCT_CODES.get(dtype)
+    if code is not None:
+        n = len(raw) // struct.calcsize(code)
+        return [float(x) for x in struct.unpack(f"<{n}{code}", raw)]
     if dtype == "BF16":
-        halves = array.array("H", raw)
-        widened = array.array("I", (h << 16 for h in halves))
-        return [float(x) for x in array.array("f", widened.tobytes())]
-    if dtype == "BOOL":
-        return [float(b) for b in raw]
-    raise BadFileError(f"cannot decode dtype {dtype} without torch")
+        halves = struct.unpack(f"<{len(raw) // 2}H", raw)
+        return list(struct.unpack(f"<{len(halves)}f",
+                                  struct.pack(f"<{len(halves)}I", *(h << 16 for h in halves))))
+    if dtype in _FP8:
+        return [_fp8_value(b, *_FP8[dtype]) for b in raw]
+    raise UndecodableTensorError(f"cannot decode dtype {dtype} without torch")
 
 
 def read_small_tensor(header: Header, name: str) -> list[float]:
     """Values of a small tensor (at most 1 MiB) as a flat list, decoded in
     pure Python. For inspection details (alphas, position ids, one norm bias)
-    without importing torch."""
+    without importing torch.
+
+    Raises:
+        UndecodableTensorError: too large, or a dtype without a pure-Python decoder.
+        BadFileError: the file changed since its header was read.
+    """
     info = header.tensors[name]
+    where = f"{shown(header.path, 300)}: tensor {quoted(name)}"
     if info.nbytes > _SMALL_TENSOR_LIMIT:
-        raise BadFileError(f"{header.path}: tensor {name!r} is too large to decode "
-                           "without torch")
-    with open(header.path, "rb") as f:
+        raise UndecodableTensorError(f"{where} is too large to decode without torch")
+    with open_input_file(header.path) as f:
         f.seek(header.data_start + info.begin)
         raw = f.read(info.nbytes)
     if len(raw) != info.nbytes:
-        raise BadFileError(f"{header.path}: truncated inside tensor {name!r}")
-    return _decode(info.dtype, raw)
+        raise BadFileError(f"{where}: truncated (the file changed since it was opened?)")
+    try:
+        return decode_values(info.dtype, raw)
+    except UndecodableTensorError as exc:
+        raise UndecodableTensorError(f"{where}: {exc}") from None

@@ -10,23 +10,11 @@
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 
 from modelkit.errors import BadFileError
+from modelkit.io.files import check_input_file
 from modelkit.io.source import Source
-
-
-def _check_file(p: Path) -> None:
-    try:
-        st = p.stat()
-    except FileNotFoundError:
-        raise BadFileError(f"{p}: no such file") from None
-    except OSError as exc:
-        raise BadFileError(f"{p}: cannot open ({exc.strerror or exc})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise BadFileError(f"{p}: is not a regular file (a device, pipe or socket); give "
-                           "a model file")
 
 
 def open_source(path: str | os.PathLike[str], device: str = "cpu") -> Source:
@@ -43,7 +31,7 @@ def open_source(path: str | os.PathLike[str], device: str = "cpu") -> Source:
             raise BadFileError(f"{p}: is a folder but not a diffusers model (no "
                                "model_index.json or unet/); give a model file")
         return open_diffusers(p, device)
-    _check_file(p)
+    check_input_file(p)
     if p.suffix.lower() == ".gguf":
         from modelkit.io.gguf import open_gguf
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from modelkit.errors import BadFileError, UnsafePickleError
+from modelkit.io.files import check_input_file
 from modelkit.io.writer import atomic_path
 
 # classes SD/LDM checkpoints embed beside the weights (never executed)
@@ -82,7 +83,7 @@ def load_pickle_state_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     import torch
 
-    p = Path(path)
+    p = check_input_file(path)
     is_zip = zipfile.is_zipfile(p)
     try:
         with torch.serialization.safe_globals(_placeholder_types()):

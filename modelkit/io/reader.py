@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelkit.errors import INTERRUPTED, BadFileError, Interrupted, ModelkitError
+from modelkit.io.dtypes import check_loadable
 from modelkit.io.header import Header, TensorInfo, read_header
 from modelkit.io.source import KeyAccess
 
@@ -83,6 +84,7 @@ class ModelSource(KeyAccess):
         if self._tensors is not None:
             t = self._tensors[key]
             return t if self.device == "cpu" else t.to(self.device)
+        check_loadable(self.path, key, self.infos[key].dtype)
         try:
             return self._handle.get_tensor(key)
         except Exception as exc:  # safetensors raises its own error types

@@ -99,10 +99,10 @@ def component_of(key: str) -> str:
 def _read_input(name: str, path: Path, what: str) -> tuple[InputFile, ModelReport]:
     """Header (or safe pickle) of one input and its inspect report."""
     from modelkit.inspect.report import build_report
+    from modelkit.io.files import check_input_file
     from modelkit.io.reader import is_pickle_path, read_infos
 
-    if not path.is_file():
-        raise ModelkitError(f"{what}: {path}: no such file")
+    check_input_file(path, what)
     infos, meta = read_infos(path)
     fmt = "pickle" if is_pickle_path(path) else "safetensors"
     rep = build_report(path, infos, meta, fmt, None)
