@@ -41,6 +41,10 @@ SUBCOMMANDS = {
              "Replace the VAE (or UNet, text encoders) with another file's."),
     "extract": ("modelkit.cli.convert_cmd", "extract_cmd",
                 "Write one component (vae, unet, te) to its own file."),
+    "library": ("modelkit.cli.library_cmd", "library_group",
+                "Index model folders; list, dupes, lineage and placement checks."),
+    "tui": ("modelkit.cli.tui_cmd", "tui_cmd",
+            "Browse, inspect and compare the model library in a terminal UI."),
     "demo": ("modelkit.cli.demo_cmd", "demo_cmd",
              "Build a tiny demo model library and run modelkit on it."),
 }
@@ -81,7 +85,10 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _sigterm)
     try:
-        cli.main(args=argv, prog_name="modelkit", standalone_mode=False)
+        # without standalone mode click returns the code of an explicit Exit
+        code = cli.main(args=argv, prog_name="modelkit", standalone_mode=False)
+        if isinstance(code, int):
+            return code
     except ModelkitError as exc:
         click.echo(f"modelkit: error: {exc}", err=True)
         return exc.exit_code
