@@ -42,7 +42,9 @@ class ModelkitApp(App[None]):
     CSS_PATH = "modelkit.tcss"
     TITLE = "modelkit"
     ENABLE_COMMAND_PALETTE = False
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("ctrl+q", "quit", "Quit", show=False, id="app-quit")]
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("ctrl+q", "quit", "Quit", show=False, id="app-quit"),
+    ]
 
     def __init__(self, dirs: Sequence[str] = (), db: str | None = None, *,
                  images: bool = True, theme: str = DEFAULT_THEME) -> None:

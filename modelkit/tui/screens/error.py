@@ -17,7 +17,9 @@ from modelkit.textsafe import safe_text
 class ErrorDialog(ModalScreen[None]):
     """Shows ``message``; Enter or Escape closes it."""
 
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,enter,q", "close", "Close", id="close-error")]
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape,enter,q", "close", "Close", id="close-error"),
+    ]
 
     def __init__(self, message: str, title: str = "Error") -> None:
         super().__init__()

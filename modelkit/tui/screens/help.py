@@ -52,7 +52,9 @@ def help_text() -> Text:
 class HelpScreen(ModalScreen[None]):
     """Key bindings and filter syntax; any of escape, q or ? closes it."""
 
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,q,question_mark", "close", "Close", id="close-help")]
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape,q,question_mark", "close", "Close", id="close-help"),
+    ]
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="help-box"):
