@@ -31,7 +31,6 @@ from modelkit.library.layout import (
 from modelkit.library.query import Entry, Filters, list_entries
 
 ERROR, WARNING = "error", "warning"
-BASE_KINDS = ("checkpoint", "unet")  # what a LoRA's base can be
 NEEDS_BASE = ("lora", "embedding", "controlnet")
 KIND_NAMES = {"checkpoint": "checkpoint", "unet": "UNet-only (diffusion model) file",
               "lora": "LoRA", "vae": "VAE", "embedding": "embedding",
@@ -125,13 +124,21 @@ def _arch_folder(e: Entry) -> list[Hint]:
                  f"it does not work with {arch_name(arch)} checkpoints")]
 
 
+def _is_base(e: Entry) -> bool:
+    """A model a LoRA can be used with: a checkpoint, or in ComfyUI a
+    diffusion-model-only file (A1111 cannot load those)."""
+    if e.arch == "unknown":
+        return False
+    return e.kind == "checkpoint" or (e.kind == "unet" and e.layout == "comfyui")
+
+
 def _base_hints(entries: list[Entry]) -> list[Hint]:
     """Adapters whose architecture has no checkpoint in their library."""
     archs_by_base: dict[str, set[str]] = defaultdict(set)
     layout_of: dict[str, str] = {}
     for e in entries:
         layout_of[e.base] = e.layout
-        if e.kind in BASE_KINDS and e.arch != "unknown":
+        if _is_base(e):
             archs_by_base[e.base].add(e.arch)
     everywhere = set().union(*archs_by_base.values()) if archs_by_base else set()
     out = []

@@ -129,7 +129,8 @@ class _Builder:
     def file_node(self, label: str, sha256: str | None, legacy: str | None,
                   source: str, depth: int, seen: frozenset[str],
                   embedded: dict[str, str] | None = None,
-                  a1111: dict[str, Any] | None = None) -> LineageNode:
+                  a1111: dict[str, Any] | None = None,
+                  a1111_models: dict[str, Any] | None = None) -> LineageNode:
         """A parent file: resolved in the library (its own metadata goes on),
         else described by what the child embedded about it."""
         entry, match = self.resolver.resolve(sha256, label, legacy)
@@ -146,7 +147,7 @@ class _Builder:
         elif embedded:
             self.expand(node, embedded, depth + 1, seen)
         elif a1111:
-            self.expand_a1111(node, a1111, {}, depth + 1, seen)
+            self.expand_a1111(node, a1111, a1111_models or {}, depth + 1, seen)
         return node
 
     def expand(self, node: LineageNode, meta: dict[str, str], depth: int,
@@ -225,7 +226,8 @@ class _Builder:
             a1111 = lineage_models.get(sha, {}) if sha else {}
             parent = a1111.get("sd_merge_recipe") if isinstance(a1111, dict) else None
             leaf = self.file_node(str(label), sha, None, "modelkit.recipe", depth, seen,
-                                  a1111=parent if isinstance(parent, dict) else None)
+                                  a1111=parent if isinstance(parent, dict) else None,
+                                  a1111_models=lineage_models)
             leaf.note = leaf.note or f"input {name}"
             return leaf
 
@@ -251,7 +253,7 @@ class _Builder:
             child = self.file_node(str(info.get("name") or sha[:10]), sha,
                                    info.get("legacy_hash"), "sd_merge_models", depth, seen,
                                    a1111=parent_recipe if isinstance(parent_recipe, dict)
-                                   else None)
+                                   else None, a1111_models=lineage_models)
             child.note = child.note or role
             node.children.append(child)
 
