@@ -311,8 +311,8 @@ def test_cli_library_commands(model_library: dict[str, Path],
     assert out.splitlines()[0].split() == ["FILE", "KIND", "ARCH", "PRED", "SIZE", "DTYPE",
                                            "AUTOV2"]
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[1:]}
-    assert rows["webui/models/Lora/style.safetensors"][:6] == ["lora", "sd1", "-", "331.3",
-                                                               "KB", "f16"]
+    style = rows["webui/models/Lora/style.safetensors"]
+    assert style[:3] == ["lora", "sd1", "-"] and style[5] == "f16" and len(style[6]) == 10
     assert main(["library", "lineage", "merged-pruned", "--db", db]) == 0
     assert capsys.readouterr().out.splitlines()[:2] == [
         'merged-pruned.safetensors [prune {"keep_ema":false}]',
