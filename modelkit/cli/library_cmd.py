@@ -54,15 +54,21 @@ def library_group() -> None:
 @click.option("--hash", "do_hash", is_flag=True,
               help="Also hash every file not hashed yet (sha256, AutoV2, legacy, tensor "
                    "data); hashes are cached and shared with 'modelkit merge'.")
+@click.option("-j", "--jobs", type=click.IntRange(min=1),
+              help="Processes reading headers in a big scan [default: one per CPU].")
 @_db_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @_json_option
-def scan_cmd(dirs: tuple[str, ...], do_hash: bool, db: str | None, quiet: bool,
-             as_json: bool) -> None:
-    """Find model files under DIRS and index what their headers say."""
+def scan_cmd(dirs: tuple[str, ...], do_hash: bool, jobs: int | None, db: str | None,
+             quiet: bool, as_json: bool) -> None:
+    """Find model files under DIRS and index what their headers say.
+
+    Re-scans read only new and changed files (size or modification time)
+    and drop files that are gone.
+    """
     from modelkit.library.scan import scan
 
-    report = scan(dirs, db, hash=do_hash, progress=StderrProgress(quiet))
+    report = scan(dirs, db, hash=do_hash, progress=StderrProgress(quiet), workers=jobs)
     if as_json:
         _echo_json(report.to_dict())
         return

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,8 +25,6 @@ from modelkit.library.layout import Placer
 from modelkit.progress import Progress, ProgressFn, no_progress
 
 if TYPE_CHECKING:
-    import threading
-
     from modelkit.inspect.report import ModelReport
     from modelkit.io.hashing import FileHashes
 
@@ -34,6 +33,8 @@ PREVIEW_SUFFIXES = (".png", ".preview.png", ".jpg", ".jpeg", ".preview.jpg",
                     ".preview.jpeg", ".webp", ".preview.webp")
 CIVITAI_SUFFIX = ".civitai.info"
 BATCH = 100  # rows per write transaction
+PARALLEL_MIN = 64  # files to read before worker processes pay for their start-up
+CHUNK = 16  # files per task sent to a worker process
 CIVITAI_MAX_BYTES = 4 << 20
 LIST_LIMIT = 20  # entries kept of long lists in component reports
 
@@ -264,18 +265,55 @@ def _known(conn: sqlite3.Connection, roots: Sequence[str]) -> dict[str, sqlite3.
         f"SELECT path, size, mtime_ns, sidecars FROM files WHERE {where}", params)}
 
 
+def _read_batch(files: list[Found]) -> list[dict[str, Any]]:
+    """Index rows of ``files`` (runs in a worker process)."""
+    placer = Placer()
+    return [read_file(f, placer) for f in files]
+
+
+def default_workers() -> int:
+    """Worker processes for a big first scan: the CPUs this process may use."""
+    try:
+        return max(1, min(len(os.sched_getaffinity(0)), 8))
+    except AttributeError:  # not on Linux
+        return max(1, min(os.cpu_count() or 1, 8))
+
+
+def _read_rows(todo: list[Found], workers: int, cancel: threading.Event | None
+               ) -> Iterator[tuple[Found, dict[str, Any]]]:
+    """(file, row) for every file in ``todo``: in this process for a few
+    files, else in ``workers`` spawned processes (header parsing is pure
+    Python: threads would share one core)."""
+    if workers <= 1 or len(todo) < PARALLEL_MIN:
+        placer = Placer()
+        for f in todo:
+            if _cancelled(cancel):
+                raise _stop()
+            yield f, read_file(f, placer)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    chunks = [todo[i:i + CHUNK] for i in range(0, len(todo), CHUNK)]
+    # spawn, never fork: the caller may be a threaded app (the TUI)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            for chunk, rows in zip(chunks, pool.map(_read_batch, chunks), strict=True):
+                if _cancelled(cancel):
+                    raise _stop()
+                yield from zip(chunk, rows, strict=True)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _index(conn: sqlite3.Connection, todo: list[Found], report: ScanReport,
-           progress: ProgressFn, cancel: threading.Event | None) -> None:
+           progress: ProgressFn, cancel: threading.Event | None, workers: int) -> None:
     from modelkit.io.hashcache import lookup_many
 
     cached = lookup_many(f.path for f in todo)
-    placer = Placer()
     rows: list[dict[str, Any]] = []
     try:
-        for i, f in enumerate(todo, 1):
-            if _cancelled(cancel):
-                raise _stop()
-            row = read_file(f, placer)
+        for i, (f, row) in enumerate(_read_rows(todo, workers, cancel), 1):
             _apply_hashes(row, cached.get(f.path))
             report.broken += row["kind"] == "broken"
             rows.append(row)
@@ -352,13 +390,15 @@ def _roots(dirs: Iterable[str | os.PathLike[str]]) -> list[str]:
 
 def scan(dirs: Iterable[str | os.PathLike[str]], db: str | os.PathLike[str] | None = None,
          *, hash: bool = False, progress: ProgressFn = no_progress,
-         cancel: threading.Event | None = None) -> ScanReport:
+         cancel: threading.Event | None = None, workers: int | None = None) -> ScanReport:
     """Index the model files under ``dirs`` into the library at ``db``.
 
     New and changed files (size or mtime differ) are inspected from their
     headers; unchanged ones are skipped; indexed files under ``dirs`` that
     are gone are removed. With ``hash`` every file without hashes is hashed
     (sha256, legacy and tensor-data hash, shared with the hash cache).
+    Headers are read in ``workers`` processes when there are many (default:
+    one per usable CPU); ``workers=1`` reads them in this process.
 
     Raises:
         ModelkitError: a folder does not exist, or the index cannot be opened.
@@ -383,7 +423,8 @@ def scan(dirs: Iterable[str | os.PathLike[str]], db: str | os.PathLike[str] | No
                 if old["sidecars"] != f.sidecar_sig:
                     sidecars_only.append(f)
         report.found = len(found)
-        _index(conn, todo, report, progress, cancel)
+        _index(conn, todo, report, progress, cancel,
+               default_workers() if workers is None else workers)
         _update_sidecars(conn, sidecars_only)
         report.sidecars_updated = len(sidecars_only)
         report.removed = _remove(conn, (p for p in known if p not in found))

@@ -55,6 +55,7 @@ class CompareScreen(Screen[None]):
 
     def on_mount(self) -> None:
         self.query_one(JobBar).start(JOB, "comparing")
+        self.query_one("#compare-results").focus()  # arrows and page keys scroll
         self.run_compare()
 
     def on_unmount(self) -> None:

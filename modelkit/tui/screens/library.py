@@ -248,6 +248,11 @@ class LibraryScreen(Screen[None]):
             self.notify("mark two files with m (or one, then move to another), then press c",
                         severity="warning")
             return
+        kinds = {e.kind for e in self.table.entries if e.path in marked}
+        if len(kinds) != 1 or kinds & {"broken", "unknown"}:
+            self.notify("compare needs two readable files of the same kind (two "
+                        "checkpoints, two LoRAs, ...)", severity="warning")
+            return
         self.app.push_screen(CompareScreen(marked[0], marked[1]))
 
     def action_rescan(self) -> None:

@@ -40,8 +40,8 @@ class JobBar(Horizontal):
         self.query_one(ProgressBar).display = False
 
     def status(self, text: str | Text) -> None:
-        """Show ``text`` (a plain string from modelkit, or styled text)."""
-        self.query_one("#status", Label).update(text)
+        """Show ``text`` (never parsed as markup: it may hold file names)."""
+        self.query_one("#status", Label).update(Text(text) if isinstance(text, str) else text)
 
     def start(self, job: str, label: str) -> None:
         """A job started: show the bar and how to cancel."""
