@@ -113,6 +113,25 @@ def test_rescan_reads_only_changed_files(tmp_path: Path, model_library: dict[str
     assert [Path(p).name for p in b.previews] == ["sd15-b.png"]
 
 
+def test_worker_processes_index_the_same_rows(tmp_path: Path, model_library: dict[str, Path],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import modelkit.library.scan as scan_module
+
+    root = _small_library(tmp_path, model_library)
+    scan([root], tmp_path / "one.sqlite", workers=1)
+    monkeypatch.setattr(scan_module, "PARALLEL_MIN", 1)
+    monkeypatch.setattr(scan_module, "CHUNK", 2)
+    assert scan([root], tmp_path / "two.sqlite", workers=2).new == 4
+
+    def rows(db: Path) -> list[tuple[object, ...]]:
+        with dbm.opened(db) as conn:
+            return [tuple(r)[:-1] for r in conn.execute(
+                f"SELECT {', '.join(c for c in dbm.COLUMNS if c != 'scanned_at')}, 0 "
+                "FROM files ORDER BY path")]
+
+    assert rows(tmp_path / "one.sqlite") == rows(tmp_path / "two.sqlite")
+
+
 def test_scan_cancel_keeps_what_was_indexed(tmp_path: Path, model_library: dict[str, Path]
                                             ) -> None:
     root, db = _small_library(tmp_path, model_library), tmp_path / "i.sqlite"

@@ -13,6 +13,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
 from textual.screen import Screen
+from textual.timer import Timer
 from textual.widgets import DataTable, Footer, Input
 
 from modelkit.library.check import Hint
@@ -34,6 +35,8 @@ from modelkit.tui.widgets.job_bar import JobBar
 from modelkit.tui.widgets.model_table import ModelTable
 
 NARROW_COLUMNS = 140  # below this width the detail pane goes under the table
+DEBOUNCE_ROWS = 500  # from this many files, the filter waits for a typing pause
+DEBOUNCE_S = 0.15
 JobFn = Callable[[ProgressFn, threading.Event], Any]
 
 
@@ -48,6 +51,7 @@ class LibraryScreen(Screen[None]):
         Binding("S", "sort(True)", "Reverse sort", show=False, id="sort-reverse"),
         Binding("r", "rescan", "Rescan", id="rescan"),
         Binding("h", "hash", "Hash", id="hash"),
+        Binding("H", "hash(True)", "Hash all shown", show=False, id="hash-all"),
         Binding("x", "cancel", "Cancel", id="cancel"),
         Binding("escape", "back", "Back", show=False, id="back"),
         *(Binding(str(i), f"tab('{t}')", t.title(), show=False, id=f"tab-{t}")
@@ -63,6 +67,8 @@ class LibraryScreen(Screen[None]):
         self.images = images
         self.cancel_event = threading.Event()
         self.job: str | None = None
+        self.last_result = ""  # how the last job ended, kept on the status line
+        self._filter_timer: Timer | None = None
 
     def compose(self) -> ComposeResult:
         yield Input(placeholder="/ filter: words  kind:lora  arch:sdxl  pred:v  has:hint",
@@ -123,11 +129,11 @@ class LibraryScreen(Screen[None]):
         self._job_ended()
         result = message.result
         if message.job == "scan":
-            self.query_one(JobBar).stop(
-                f"scanned {result.found} files: {result.new} new, {result.changed} changed, "
-                f"{result.removed} removed, {result.broken} broken ({result.seconds:.1f} s)")
+            self.last_result = (f"scanned {result.found}: {result.new} new, {result.changed} "
+                                f"changed, {result.removed} removed, {result.broken} broken")
         elif message.job == "hash":
-            self.query_one(JobBar).stop(f"hashed {result} files")
+            self.last_result = f"hashed {result} files"
+        self.query_one(JobBar).stop(self.last_result)
         self.load_library()
 
     def on_job_failed(self, message: JobFailed) -> None:
@@ -135,10 +141,9 @@ class LibraryScreen(Screen[None]):
             self.app.push_screen(ErrorDialog(message.error))
             return
         self._job_ended()
-        if message.cancelled:
-            self.query_one(JobBar).stop(f"{message.job} cancelled")
-        else:
-            self.query_one(JobBar).stop(f"{message.job} failed")
+        self.last_result = f"{message.job} {'cancelled' if message.cancelled else 'failed'}"
+        self.query_one(JobBar).stop(self.last_result)
+        if not message.cancelled:
             self.app.push_screen(ErrorDialog(message.error))
         self.load_library()  # what the job indexed before it stopped
 
@@ -176,8 +181,9 @@ class LibraryScreen(Screen[None]):
             return
         order = f"{table.sort_column} {'desc' if table.sort_reverse else 'asc'}"
         marked = f", {len(table.marked)} marked" if table.marked else ""
+        last = f"; {self.last_result}" if self.last_result else ""
         self.query_one(JobBar).stop(f"{len(table.shown)} of {len(table.entries)} files, "
-                                    f"sorted by {order}{marked}  (? help)")
+                                    f"sorted by {order}{marked}{last}  (? help)")
 
     @on(ModelTable.EntryHighlighted)
     def entry_highlighted(self, message: ModelTable.EntryHighlighted) -> None:
@@ -207,7 +213,18 @@ class LibraryScreen(Screen[None]):
 
     @on(Input.Changed, "#filter")
     def filter_changed(self, event: Input.Changed) -> None:
-        self.table.set_query(event.value)
+        if self._filter_timer is not None:
+            self._filter_timer.stop()
+            self._filter_timer = None
+        if len(self.table.entries) < DEBOUNCE_ROWS:
+            self._apply_filter(event.value)
+        else:  # rebuilding thousands of rows per key press would lag the typing
+            self._filter_timer = self.set_timer(DEBOUNCE_S,
+                                                lambda: self._apply_filter(event.value))
+
+    def _apply_filter(self, text: str) -> None:
+        self._filter_timer = None
+        self.table.set_query(text)
         self._show_counts()
 
     @on(Input.Submitted, "#filter")
@@ -218,7 +235,7 @@ class LibraryScreen(Screen[None]):
     def row_selected(self) -> None:
         self.set_class(not self.has_class("detail-only"), "detail-only")
         if self.has_class("detail-only"):
-            self.query_one(DetailPane).focus()
+            self.query_one(DetailPane).focus_content()
 
     def action_focus_filter(self) -> None:
         self.query_one("#filter", Input).focus()
@@ -229,7 +246,10 @@ class LibraryScreen(Screen[None]):
         self.table.focus()
 
     def action_tab(self, tab: str) -> None:
-        self.query_one(DetailPane).active = tab
+        detail = self.query_one(DetailPane)
+        detail.active = tab
+        if self.has_class("detail-only"):
+            detail.focus_content()
 
     def action_sort(self, reverse: bool = False) -> None:
         self.table.cycle_sort(reverse)
@@ -240,20 +260,11 @@ class LibraryScreen(Screen[None]):
         self._show_counts()
 
     def action_compare(self) -> None:
-        marked = list(self.table.marked)
-        selected = self.table.selected
-        if len(marked) == 1 and selected is not None and selected.path != marked[0]:
-            marked.append(selected.path)
-        if len(marked) != 2:
-            self.notify("mark two files with m (or one, then move to another), then press c",
-                        severity="warning")
-            return
-        kinds = {e.kind for e in self.table.entries if e.path in marked}
-        if len(kinds) != 1 or kinds & {"broken", "unknown"}:
-            self.notify("compare needs two readable files of the same kind (two "
-                        "checkpoints, two LoRAs, ...)", severity="warning")
-            return
-        self.app.push_screen(CompareScreen(marked[0], marked[1]))
+        pair = self.table.compare_pair()
+        if isinstance(pair, str):
+            self.notify(pair, severity="warning")
+        else:
+            self.app.push_screen(CompareScreen(*pair))
 
     def action_rescan(self) -> None:
         dirs = self.dirs or sorted({e.root for e in self.table.entries})
@@ -262,10 +273,18 @@ class LibraryScreen(Screen[None]):
             return
         self.start_job("scan", "scanning", jobs.scan_job(dirs, self.db))
 
-    def action_hash(self) -> None:
-        paths = [e.path for e in self.table.shown if e.sha256 is None and e.kind != "broken"]
+    def action_hash(self, every: bool = False) -> None:
+        """Hash the marked files, or the selected one (every shown file
+        with ``every``) that have no hash yet."""
+        table = self.table
+        if every:
+            wanted = table.shown
+        else:
+            wanted = [e for e in table.entries if e.path in table.marked] or \
+                [e for e in (table.selected,) if e is not None]
+        paths = [e.path for e in wanted if e.sha256 is None and e.kind != "broken"]
         if not paths:
-            self.notify("every shown file is hashed already")
+            self.notify("already hashed" if wanted else "no file selected")
             return
         self.start_job("hash", f"hashing {len(paths)} files", jobs.hash_job(paths, self.db))
 

@@ -62,6 +62,14 @@ class DetailPane(Vertical):
             with TabPane("Preview", id="preview"):
                 yield PreviewPane(self.images, id="preview-pane")
 
+    def focus_content(self) -> None:
+        """Focus the shown tab's scrollable content (keys scroll it)."""
+        tabs = self.query_one(TabbedContent)
+        pane = tabs.get_pane(tabs.active)
+        target = next((w for w in pane.query("VerticalScroll, Tree") if w.can_focus), None)
+        if target is not None:
+            target.focus()
+
     @property
     def active(self) -> str:
         """The shown tab's id."""

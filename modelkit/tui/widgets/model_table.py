@@ -92,6 +92,20 @@ class ModelTable(DataTable[Any]):
         self.refresh_rows()
         return self.marked
 
+    def compare_pair(self) -> tuple[str, str] | str:
+        """The two files to compare (the marked ones, or the one marked and
+        the cursor's), or why there are none."""
+        pair = list(self.marked)
+        if len(pair) == 1 and self.selected is not None and self.selected.path != pair[0]:
+            pair.append(self.selected.path)
+        if len(pair) != 2:
+            return "mark two files with m (or one, then move to another), then press c"
+        kinds = {e.kind for e in self.entries if e.path in pair}
+        if len(kinds) != 1 or kinds & {"broken", "unknown"}:
+            return ("compare needs two readable files of the same kind (two checkpoints, "
+                    "two LoRAs, ...)")
+        return pair[0], pair[1]
+
     def _name_width(self, cols: tuple[str, ...], names: list[str]) -> int:
         """What the table's width leaves for the name column."""
         pad = 2 * self.cell_padding
