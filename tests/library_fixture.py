@@ -6,6 +6,7 @@ and A1111 provenance, a converted file, misplaced and broken files."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -13,6 +14,11 @@ import struct
 from pathlib import Path
 
 from modelkit.io.hashing import hash_file
+
+
+@functools.cache
+def sha256(path: Path) -> str:
+    return hash_file(path, tensor_hash=False).sha256
 
 # relative path -> (kind, arch, layout, role) after a scan
 EXPECTED = {
@@ -81,7 +87,7 @@ def _recipe(a: Path, b: Path, sha_a: str, sha_b: str) -> str:
 
 def merge_metadata(a: Path, b: Path) -> dict[str, str]:
     """Provenance as ``modelkit merge`` writes it (recipe, inputs, A1111 fields)."""
-    sha_a, sha_b = hash_file(a, tensor_hash=False).sha256, hash_file(b, tensor_hash=False).sha256
+    sha_a, sha_b = sha256(a), sha256(b)
     inputs = {"a": {"file": a.name, "sha256": sha_a}, "b": {"file": b.name, "sha256": sha_b}}
     a1111 = {"type": "modelkit", "interp_method": "weighted_sum",
              "primary_model_hash": sha_a, "secondary_model_hash": sha_b, "multiplier": 0.3}
@@ -95,7 +101,7 @@ def merge_metadata(a: Path, b: Path) -> dict[str, str]:
 def a1111_metadata(a: Path) -> dict[str, str]:
     """Provenance as A1111's checkpoint merger writes it: ``a`` and an older
     merge that is not in the library, whose own recipe is embedded."""
-    sha_a = hash_file(a, tensor_hash=False).sha256
+    sha_a = sha256(a)
     old, grand_a, grand_b = "3" * 64, "1" * 64, "2" * 64
     parent = {"interp_method": "Add difference", "primary_model_hash": grand_a,
               "secondary_model_hash": grand_b, "multiplier": 1.0}
@@ -123,7 +129,7 @@ def build_library(root: Path, models: dict[str, Path]) -> Path:
     meta = merge_metadata(sd15, sd15b)
     meta[HISTORY_KEY] = json.dumps([{"op": "prune", "params": {"keep_ema": False},
                                      "inputs": [{"file": merged.name,
-                                                 "sha256": hash_file(merged).sha256}],
+                                                 "sha256": sha256(merged)}],
                                      "version": "0.1.0"}])
     with_metadata(models["sd1_pix2pix"], sd / "merged-pruned.safetensors", meta)
     with_metadata(models["sd1_ema"], sd / "a1111-merge.safetensors", a1111_metadata(sd15))

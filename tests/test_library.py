@@ -267,7 +267,8 @@ def test_concurrent_scans_and_reads_never_corrupt_the_index(
     import modelkit.library.scan as scan_module
 
     monkeypatch.setattr(scan_module, "BATCH", 1)
-    root, db = str(model_library["root"] / "webui"), str(tmp_path / "i.sqlite")
+    root = str(model_library["root"] / "webui/models/Stable-diffusion")
+    db = str(tmp_path / "i.sqlite")
     procs = [_scan_in_process(root, db) for _ in range(2)]
     errors: list[BaseException] = []
     seen: list[int] = []
@@ -293,7 +294,7 @@ def test_concurrent_scans_and_reads_never_corrupt_the_index(
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         n = conn.execute("SELECT COUNT(*) FROM files").fetchone()[0]
-    webui = len([k for k in EXPECTED if k.startswith("webui/")])
+    webui = len([k for k in EXPECTED if k.startswith("webui/models/Stable-diffusion/")])
     assert n == webui and all(0 <= k <= webui for k in seen)
 
 
