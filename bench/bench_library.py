@@ -134,10 +134,11 @@ async def _tui_times(db: str) -> tuple[float, float, int]:
             if table.row_count:
                 break
         loaded = time.perf_counter() - start
+        rows = table.row_count
         t = time.perf_counter()
         table.set_query("kind:lora")
         filtered = time.perf_counter() - t
-        return loaded, filtered, table.row_count
+        return loaded, filtered, rows
 
 
 def tui_times(db: str) -> tuple[float, float, int]:
