@@ -30,10 +30,14 @@ def tui_cmd(dirs: tuple[str, ...], db: str | None, theme: str, no_images: bool) 
     the files under them; without DIRS it shows the whole index. Keys are
     listed at the bottom; ? shows them all.
     """
+    from multiprocessing import resource_tracker
+
     from modelkit.tui.app import make_app
     from modelkit.tui.widgets.preview import prepare_terminal
 
-    # textual-image asks the terminal what it can draw: only possible before
-    # Textual takes the terminal over
+    # both need the real terminal, which Textual takes over (and replaces
+    # sys.stderr): textual-image asks it what it can draw, and the tracker
+    # that the scan's worker processes need inherits its stderr
     images = not no_images and prepare_terminal()
+    resource_tracker.ensure_running()
     make_app(dirs, db, images=images, theme=theme).run()

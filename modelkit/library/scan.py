@@ -10,6 +10,7 @@ they change. Hashing is opt-in; hashes already in the hash cache
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -25,8 +26,12 @@ from modelkit.library.layout import Placer
 from modelkit.progress import Progress, ProgressFn, no_progress
 
 if TYPE_CHECKING:
+    from concurrent.futures import ProcessPoolExecutor
+
     from modelkit.inspect.report import ModelReport
     from modelkit.io.hashing import FileHashes
+
+logger = logging.getLogger(__name__)
 
 MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
 PREVIEW_SUFFIXES = (".png", ".preview.png", ".jpg", ".jpeg", ".preview.jpg",
@@ -34,7 +39,7 @@ PREVIEW_SUFFIXES = (".png", ".preview.png", ".jpg", ".jpeg", ".preview.jpg",
 CIVITAI_SUFFIX = ".civitai.info"
 BATCH = 100  # rows per write transaction
 PARALLEL_MIN = 64  # files to read before worker processes pay for their start-up
-CHUNK = 16  # files per task sent to a worker process
+CHUNK = 8  # files per task sent to a worker process (cancel waits for those running)
 CIVITAI_MAX_BYTES = 4 << 20
 LIST_LIMIT = 20  # entries kept of long lists in component reports
 
@@ -291,12 +296,12 @@ def _read_rows(todo: list[Found], workers: int, cancel: threading.Event | None
                 raise _stop()
             yield f, read_file(f, placer)
         return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
+    pool = _start_pool(workers)
+    if pool is None:
+        yield from _read_rows(todo, 1, cancel)
+        return
     chunks = [todo[i:i + CHUNK] for i in range(0, len(todo), CHUNK)]
-    # spawn, never fork: the caller may be a threaded app (the TUI)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with pool:
         try:
             for chunk, rows in zip(chunks, pool.map(_read_batch, chunks), strict=True):
                 if _cancelled(cancel):
@@ -304,6 +309,23 @@ def _read_rows(todo: list[Found], workers: int, cancel: threading.Event | None
                 yield from zip(chunk, rows, strict=True)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _start_pool(workers: int) -> ProcessPoolExecutor | None:
+    """A pool of spawned processes (never forked: the caller may be a
+    threaded app), or None where processes cannot be started here (e.g. a
+    host that replaced ``sys.stderr`` with an object without a file)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        pool.submit(os.getpid).result()
+    except (OSError, ValueError, RuntimeError) as exc:
+        logger.info("reading headers in this process: worker processes failed (%s)", exc)
+        pool.shutdown(wait=False, cancel_futures=True)
+        return None
+    return pool
 
 
 def _index(conn: sqlite3.Connection, todo: list[Found], report: ScanReport,
