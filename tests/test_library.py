@@ -131,6 +131,18 @@ def test_worker_processes_index_the_same_rows(tmp_path: Path, model_library: dic
 
     assert rows(tmp_path / "one.sqlite") == rows(tmp_path / "two.sqlite")
 
+    # where processes cannot start (as under Textual, whose sys.stderr has no
+    # file), the scan reads in-process instead of failing
+    import concurrent.futures
+
+    class NoProcesses(concurrent.futures.ProcessPoolExecutor):
+        def submit(self, *args: object, **kwargs: object) -> concurrent.futures.Future:
+            raise ValueError("bad value(s) in fds_to_keep")
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", NoProcesses)
+    assert scan([root], tmp_path / "three.sqlite", workers=2).new == 4
+    assert rows(tmp_path / "three.sqlite") == rows(tmp_path / "one.sqlite")
+
 
 def test_scan_cancel_keeps_what_was_indexed(tmp_path: Path, model_library: dict[str, Path]
                                             ) -> None:
