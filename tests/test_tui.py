@@ -289,14 +289,3 @@ def test_snapshot_lineage_160x45(snap_compare: Any, snapshot_library: Path) -> N
 
     assert snap_compare(make_app(db=str(snapshot_library), images=False),
                         terminal_size=(160, 45), run_before=run_before)
-
-
-@pytest.mark.usefixtures("_one_torch_thread")
-def test_snapshot_compare_80x24(snap_compare: Any, snapshot_library: Path) -> None:
-    async def run_before(pilot: Pilot[Any]) -> None:
-        await settle(pilot)
-        await pilot.press("down", "m", "down", "down", "m", "c")
-        await settle(pilot)
-
-    assert snap_compare(make_app(db=str(snapshot_library), images=False),
-                        terminal_size=(80, 24), run_before=run_before)

@@ -44,15 +44,17 @@ class LibraryScreen(Screen[None]):
     """Browse the library: table, detail pane, status line."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("slash", "focus_filter", "Filter", id="filter"),
-        Binding("m,space", "mark", "Mark", id="mark"),
-        Binding("c", "compare", "Compare", id="compare"),
-        Binding("s", "sort", "Sort", id="sort"),
+        Binding("slash", "focus_filter", "Filter", id="filter",
+                tooltip="Filter: words, kind:lora arch:sdxl pred:v has:hint"),
+        Binding("m,space", "mark", "Mark", id="mark", tooltip="Mark for compare (two at most)"),
+        Binding("c", "compare", "Compare", id="compare",
+                tooltip="Compare the marked files per component and block"),
+        Binding("s", "sort", "Sort", id="sort", tooltip="Sort by the next column"),
         Binding("S", "sort(True)", "Reverse sort", show=False, id="sort-reverse"),
-        Binding("r", "rescan", "Rescan", id="rescan"),
-        Binding("h", "hash", "Hash", id="hash"),
+        Binding("r", "rescan", "Rescan", id="rescan", tooltip="Re-scan (reads changed files only)"),
+        Binding("h", "hash", "Hash", id="hash", tooltip="Hash the marked or selected file"),
         Binding("H", "hash(True)", "Hash all shown", show=False, id="hash-all"),
-        Binding("x", "cancel", "Cancel", id="cancel"),
+        Binding("x", "cancel", "Cancel", id="cancel", tooltip="Cancel the running job"),
         Binding("escape", "back", "Back", show=False, id="back"),
         *(Binding(str(i), f"tab('{t}')", t.title(), show=False, id=f"tab-{t}")
           for i, t in enumerate(TABS, 1)),
