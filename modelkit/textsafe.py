@@ -65,3 +65,12 @@ def quoted(text: object, limit: int = 80) -> str:
 
 
 __all__ = ["quoted", "shown"]
+
+
+def safe_text(value: object, *, keep_newlines: bool = False) -> str:
+    """:func:`shown` without a length limit; ``keep_newlines`` leaves ``\\n``
+    as is, for multi-line blocks (a metadata value shown whole)."""
+    text = str(value)
+    if not keep_newlines:
+        return shown(text)
+    return "\n".join(shown(line) for line in text.split("\n"))

@@ -99,3 +99,21 @@ def write_converted(planned: object, out: Path) -> object:
     source = planned.source  # type: ignore[attr-defined]
     return write(source, OutputSpec(Path(out), "safetensors", overwrite=True),
                  inputs=source.input_paths)
+
+
+@pytest.fixture(scope="session")
+def model_library(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]
+                  ) -> dict[str, Path]:
+    """A small A1111 + ComfyUI library (tests/library_fixture.py), scanned
+    and hashed once: ``root``, ``db`` (the index) and ``cache`` (the hash
+    cache folder used for it)."""
+    from library_fixture import build_library
+
+    from modelkit.library.scan import scan
+
+    base = tmp_path_factory.mktemp("library")
+    root = build_library(base / "lib", models)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MODELKIT_CACHE_DIR", str(base / "cache"))
+        scan([root], base / "index.sqlite", hash=True)
+    return {"root": root, "db": base / "index.sqlite", "cache": base / "cache"}

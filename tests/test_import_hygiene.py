@@ -3,6 +3,7 @@ light: no torch, diffusers or textual."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,8 @@ def test_help_is_light() -> None:
             "for args in (['--help'], ['inspect', '--help'], ['hash', '--help'],"
             " ['demo', '--help'], ['prune', '--help'], ['quantize', '--help'],"
             " ['export-gguf', '--help'], ['convert', '--help'], ['lora', '--help'],"
-            " ['lora', 'bake', '--help']):\n"
+            " ['lora', 'bake', '--help'], ['library', '--help'],"
+            " ['library', 'scan', '--help'], ['tui', '--help']):\n"
             "    assert main(args) == 0")
     assert _imported(code) == set()
 
@@ -54,3 +56,23 @@ def test_inspect_of_gguf_needs_no_torch(tmp_path: Path) -> None:
     code = (f"from modelkit.cli import main\nassert main(['inspect', {str(path)!r}]) == 0\n"
             "import sys\nassert not {'numpy', 'gguf'} & set(sys.modules)")
     assert _imported(code) == set()
+
+
+def test_library_scan_and_queries_need_no_torch_or_textual(model_library: dict[str, Path],
+                                                          tmp_path: Path) -> None:
+    root = model_library["root"] / "webui" / "models" / "Lora"
+    code = ("from modelkit.cli import main\n"
+            f"assert main(['library', 'scan', {str(root)!r}, '--db', "
+            f"{str(tmp_path / 'i.sqlite')!r}, '-q', '-j', '1']) == 0\n"
+            f"for cmd in ('list', 'check', 'dupes'):\n"
+            f"    main(['library', cmd, '--db', {str(model_library['db'])!r}])\n"
+            f"assert main(['library', 'lineage', 'merged-pruned', '--db', "
+            f"{str(model_library['db'])!r}]) == 0")
+    assert _imported(code) == set()
+
+
+def test_library_never_imports_the_tui() -> None:
+    library = Path(__file__).resolve().parent.parent / "modelkit" / "library"
+    banned = re.compile(r"^\s*(from|import)\s+(textual|rich|torch|modelkit\.tui)\b", re.M)
+    for path in library.glob("*.py"):
+        assert not banned.search(path.read_text()), path

@@ -167,5 +167,5 @@ def compare_models(a: Source, b: Source, *, arch: str | None = None,
         if block is not None and component_of(key) in ("unet", "vae", "te", "te1", "te2"):
             report.blocks.setdefault(block(key), Delta()).add(d)
         done += a.infos[key].nbytes
-        progress(Progress("compare", done, total, "bytes", key))
+        progress(Progress("compare", done, total, "bytes", key, "compare"))
     return report

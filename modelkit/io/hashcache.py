@@ -44,6 +44,15 @@ def _save(data: dict[str, dict[str, object]]) -> None:
         pass  # a read-only home only costs re-hashing next time
 
 
+def _entry_hashes(path: str | os.PathLike[str], entry: dict[str, object] | None,
+                  st: os.stat_result) -> FileHashes | None:
+    if not entry or entry.get("size") != st.st_size or entry.get("mtime_ns") != st.st_mtime_ns:
+        return None
+    sha = str(entry["sha256"])
+    return FileHashes(str(path), st.st_size, sha, sha[:10], str(entry["legacy"]),
+                      entry.get("addnet"))  # type: ignore[arg-type]
+
+
 def lookup(path: str | os.PathLike[str]) -> FileHashes | None:
     """The cached hashes of ``path`` when its size and mtime still match
     (the addnet digest may be None); ``None`` when not cached or stale."""
@@ -52,12 +61,23 @@ def lookup(path: str | os.PathLike[str]) -> FileHashes | None:
         st = p.stat()
     except OSError:
         return None
-    entry = _load().get(str(p))
-    if not entry or entry.get("size") != st.st_size or entry.get("mtime_ns") != st.st_mtime_ns:
-        return None
-    sha = str(entry["sha256"])
-    return FileHashes(str(path), st.st_size, sha, sha[:10], str(entry["legacy"]),
-                      entry.get("addnet"))  # type: ignore[arg-type]
+    return _entry_hashes(path, _load().get(str(p)), st)
+
+
+def lookup_many(paths: Iterable[str | os.PathLike[str]]) -> dict[str, FileHashes]:
+    """:func:`lookup` for many files with one read of the cache: path (as
+    given) -> hashes, for the files whose cached size and mtime still match."""
+    data = _load()
+    found: dict[str, FileHashes] = {}
+    for path in paths if data else ():
+        p = Path(path).resolve()
+        try:
+            hit = _entry_hashes(path, data.get(str(p)), p.stat())
+        except OSError:
+            continue
+        if hit is not None:
+            found[str(path)] = hit
+    return found
 
 
 def find_by_sha256(sha256: str) -> Path | None:

@@ -1,0 +1,1 @@
+"""``modelkit tui``: the Textual app over the library index (see app.py)."""

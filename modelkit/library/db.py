@@ -1,0 +1,174 @@
+"""The library index: one SQLite file (stdlib ``sqlite3``, WAL mode).
+
+Every call opens its own connection, so threads and processes never share
+one. WAL lets readers (the TUI) read while a scan writes; writers take the
+write lock with ``BEGIN IMMEDIATE`` for short batches and wait for each other
+(``busy_timeout``), so two scans at once serialise their batches instead of
+failing or corrupting the file. The index is a cache of what the files say:
+an index from another schema version is rebuilt, never migrated by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from modelkit.errors import ModelkitError
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 60_000
+DB_NAME = "library.sqlite"
+
+# columns of ``files``; the order is the INSERT order
+COLUMNS = (
+    "path", "name", "folder", "root", "size", "mtime_ns", "kind", "arch", "prediction",
+    "variant", "dtype", "layout", "role", "base", "n_tensors", "n_params", "has_ema",
+    "n_ema", "data_bytes", "components", "metadata", "report", "error", "sha256",
+    "legacy", "addnet", "previews", "civitai", "sidecars", "scanned_at",
+)
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS files (
+    path TEXT PRIMARY KEY,      -- absolute path of the model file
+    name TEXT NOT NULL,         -- file name
+    folder TEXT NOT NULL,       -- its folder
+    root TEXT NOT NULL,         -- the scanned folder it was found under
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    kind TEXT NOT NULL,         -- checkpoint, unet, lora, vae, embedding, ..., broken
+    arch TEXT NOT NULL,
+    prediction TEXT,
+    variant TEXT,
+    dtype TEXT,                 -- the most common float dtype
+    layout TEXT NOT NULL,       -- a1111, comfyui, plain
+    role TEXT,                  -- what its folder is for
+    base TEXT NOT NULL,         -- the UI's model root (see modelkit.library.layout)
+    n_tensors INTEGER,
+    n_params INTEGER,
+    has_ema INTEGER,
+    n_ema INTEGER,
+    data_bytes INTEGER,         -- bytes after the safetensors header (dupe candidates)
+    components TEXT,            -- JSON: name -> inspect component report
+    metadata TEXT,              -- JSON: __metadata__
+    report TEXT,                -- JSON: inspect report without metadata
+    error TEXT,                 -- why the file could not be read
+    sha256 TEXT,
+    legacy TEXT,
+    addnet TEXT,                -- sha256 of the tensor data
+    previews TEXT,              -- JSON list of sidecar image paths
+    civitai TEXT,               -- JSON of the .civitai.info sidecar, if any
+    sidecars TEXT,              -- names and mtimes of the sidecars, to see changes
+    scanned_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS files_kind ON files(kind, arch);
+CREATE INDEX IF NOT EXISTS files_sha256 ON files(sha256);
+CREATE INDEX IF NOT EXISTS files_addnet ON files(addnet);
+PRAGMA user_version = {SCHEMA_VERSION};
+"""
+
+
+def default_db_path() -> Path:
+    """``library.sqlite`` beside the hash cache (``$MODELKIT_CACHE_DIR`` or
+    ``~/.cache/modelkit``)."""
+    from modelkit.io.hashcache import cache_path
+
+    return cache_path().parent / DB_NAME
+
+
+def _retry(fn: object, attempts: int = 50) -> None:
+    """Run ``fn()`` again while another connection holds a lock it needs
+    (switching to WAL takes an exclusive lock that busy_timeout may not cover)."""
+    for i in range(attempts):
+        try:
+            fn()  # type: ignore[operator]
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or i == attempts - 1:
+                raise
+            time.sleep(0.05 * (i + 1))
+
+
+def _prepare(conn: sqlite3.Connection, path: Path) -> None:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version == SCHEMA_VERSION:
+        return
+    if version > SCHEMA_VERSION:
+        raise ModelkitError(f"{path}: library index written by a newer modelkit (schema "
+                            f"{version}); upgrade modelkit or pass --db with another file")
+    with write(conn):
+        # re-read under the write lock: another process may have done it
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version != SCHEMA_VERSION:
+            conn.execute("DROP TABLE IF EXISTS files")
+            # executescript() would commit the open transaction: one at a time
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+
+
+def connect(db: str | os.PathLike[str] | None = None) -> sqlite3.Connection:
+    """Open (creating when needed) the index at ``db`` (default
+    :func:`default_db_path`), in WAL mode with the current schema.
+
+    Raises:
+        ModelkitError: the file is not an SQLite database, or its folder
+            cannot be created.
+    """
+    path = Path(db) if db is not None else default_db_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000,
+                               isolation_level=None)
+    except (OSError, sqlite3.Error) as exc:
+        raise ModelkitError(f"{path}: cannot open the library index ({exc}); pass --db "
+                            "with a writable path") from None
+    conn.row_factory = sqlite3.Row
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        _retry(lambda: conn.execute("PRAGMA journal_mode = WAL"))
+        conn.execute("PRAGMA synchronous = NORMAL")
+        _prepare(conn, path)
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise ModelkitError(f"{path}: not a modelkit library index ({exc}); pass --db "
+                            "with another path, or delete the file to rebuild it") from None
+    return conn
+
+
+@contextlib.contextmanager
+def write(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """A write transaction: takes the write lock at once (waiting for other
+    writers), commits on success, rolls back on any error."""
+    _retry(lambda: conn.execute("BEGIN IMMEDIATE"))
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+@contextlib.contextmanager
+def opened(db: str | os.PathLike[str] | None = None) -> Iterator[sqlite3.Connection]:
+    """:func:`connect`, closed on exit."""
+    conn = connect(db)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def under(folders: Iterable[str]) -> tuple[str, list[str]]:
+    """A WHERE clause (and its parameters) for paths at or below any of
+    ``folders``; compares prefixes, so ``%`` and ``_`` in names need no
+    escaping."""
+    clauses, params = [], []
+    for folder in folders:
+        prefix = folder.rstrip(os.sep) + os.sep
+        clauses.append("substr(path, 1, length(?)) = ?")
+        params += [prefix, prefix]
+    return ("(" + " OR ".join(clauses) + ")" if clauses else "1"), params

@@ -1,0 +1,172 @@
+"""Where UIs expect each kind of model file: the folder layouts of
+A1111/Forge and ComfyUI, as data.
+
+A file's *role* is what the folder it sits in is for (``checkpoint``,
+``lora``, ...), taken from the nearest folder with a known name. Its
+*layout* says which UI that folder belongs to, and *base* is the UI's model
+root (the A1111 install folder, or ComfyUI's ``models`` folder), so the
+folder a misplaced file belongs in can be named in full.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+A1111 = "a1111"
+COMFYUI = "comfyui"
+PLAIN = "plain"
+
+# folder path (relative to the UI root, lower case) -> role
+A1111_FOLDERS: dict[str, str] = {
+    "models/stable-diffusion": "checkpoint",
+    "models/lora": "lora",
+    "models/lycoris": "lora",
+    "models/vae": "vae",
+    "embeddings": "embedding",
+    "models/controlnet": "controlnet",
+    "models/text_encoder": "text_encoder",
+}
+# folder name directly under ComfyUI's models/ (lower case) -> role
+COMFYUI_FOLDERS: dict[str, str] = {
+    "checkpoints": "checkpoint",
+    "loras": "lora",
+    "vae": "vae",
+    "embeddings": "embedding",
+    "controlnet": "controlnet",
+    "diffusion_models": "unet",
+    "unet": "unet",
+    "clip": "text_encoder",
+    "text_encoders": "text_encoder",
+}
+
+# kind -> the folder each UI loads it from (None: that UI cannot load it alone)
+EXPECTED: dict[str, dict[str, str | None]] = {
+    A1111: {
+        "checkpoint": "models/Stable-diffusion",
+        "lora": "models/Lora",
+        "vae": "models/VAE",
+        "embedding": "embeddings",
+        "controlnet": "models/ControlNet",
+        "unet": None,
+        "text_encoder": "models/text_encoder",
+    },
+    COMFYUI: {
+        "checkpoint": "checkpoints",
+        "lora": "loras",
+        "vae": "vae",
+        "embedding": "embeddings",
+        "controlnet": "controlnet",
+        "unet": "diffusion_models",
+        "text_encoder": "text_encoders",
+    },
+}
+@dataclass(frozen=True)
+class Placement:
+    """Which UI folder a file sits in."""
+
+    layout: str  # a1111, comfyui or plain
+    role: str | None  # what the folder is for; None in plain folders
+    base: Path  # the UI's model root, or the scanned folder for plain ones
+
+    def expected_folder(self, kind: str) -> Path | None:
+        """Where this UI expects a file of ``kind`` (None: nowhere, or
+        unknown for plain folders)."""
+        rel = EXPECTED.get(self.layout, {}).get(kind)
+        return self.base / rel if rel else None
+
+
+def _models_layout(models_dir: Path, folder_name: str) -> str:
+    """A1111 or ComfyUI, from the sibling folders of a ``models`` folder; by
+    the folder's own name when the siblings do not tell."""
+    try:
+        names = {p.name.lower() for p in models_dir.iterdir() if p.is_dir()}
+    except OSError:
+        names = set()
+    if names & {"stable-diffusion", "lora", "lycoris"}:
+        return A1111
+    if names & {"checkpoints", "loras", "diffusion_models"}:
+        return COMFYUI
+    lower = folder_name.lower()
+    if f"models/{lower}" in A1111_FOLDERS and lower not in COMFYUI_FOLDERS:
+        return A1111
+    if lower in COMFYUI_FOLDERS and folder_name == lower:
+        return COMFYUI
+    return A1111 if f"models/{lower}" in A1111_FOLDERS else COMFYUI
+
+
+class Placer:
+    """Finds the :class:`Placement` of files, remembering what it learnt
+    about each ``models`` folder."""
+
+    def __init__(self) -> None:
+        self._layouts: dict[tuple[Path, str], str] = {}
+
+    def _layout(self, models_dir: Path, folder_name: str) -> str:
+        key = (models_dir, folder_name)
+        if key not in self._layouts:
+            self._layouts[key] = _models_layout(models_dir, folder_name)
+        return self._layouts[key]
+
+    def place(self, path: Path, root: Path) -> Placement:
+        """The placement of ``path``, a file found under the scanned ``root``.
+
+        Folder names are matched case-insensitively from the file upwards,
+        so scanning ``webui/models/Lora`` alone still finds an A1111 LoRA
+        folder; files in no known folder are ``plain``."""
+        parts = path.parent.parts
+        for i in range(len(parts) - 1, 0, -1):
+            name = parts[i].lower()
+            if parts[i - 1].lower() == "models":
+                models_dir = Path(*parts[:i])
+                layout = self._layout(models_dir, parts[i])
+                if layout == A1111 and f"models/{name}" in A1111_FOLDERS:
+                    return Placement(A1111, A1111_FOLDERS[f"models/{name}"], models_dir.parent)
+                if layout == COMFYUI and name in COMFYUI_FOLDERS:
+                    return Placement(COMFYUI, COMFYUI_FOLDERS[name], models_dir)
+            if name == "embeddings":
+                return Placement(A1111, "embedding", Path(*parts[:i]))
+            if name in COMFYUI_FOLDERS and name != "embeddings":
+                return Placement(COMFYUI, COMFYUI_FOLDERS[name], Path(*parts[:i]))
+        return Placement(PLAIN, None, root)
+
+
+def accepts(role: str | None, kind: str) -> bool:
+    """Whether a folder for ``role`` is where a file of ``kind`` belongs
+    (unknown and broken files belong nowhere in particular)."""
+    return role is None or kind in ("unknown", "broken") or kind == role
+
+
+# folder names that say which architecture the files in them are for
+ARCH_FOLDER_NAMES: dict[str, str] = {
+    **dict.fromkeys(("sd1", "sd15", "sd1.5", "sd-1.5", "sd_1.5", "sd 1.5", "1.5", "sd1x"),
+                    "sd1"),
+    **dict.fromkeys(("sd2", "sd21", "sd2.1", "sd-2.1", "sd_2.1", "sd 2.1", "2.1", "sd2x"),
+                    "sd2"),
+    **dict.fromkeys(("sdxl", "sd-xl", "sd_xl", "xl", "sdxl1.0", "sdxl 1.0", "pony",
+                     "illustrious", "noobai"), "sdxl"),
+    **dict.fromkeys(("sd3", "sd3.5", "sd35"), "sd3"),
+    **dict.fromkeys(("flux", "flux1", "flux.1"), "flux"),
+}
+
+ARCH_NAMES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sdxl_refiner": "SDXL refiner",
+              "sd3": "SD3", "flux": "Flux"}
+
+
+def arch_name(arch: str) -> str:
+    """How people write an architecture: ``SDXL``, ``SD1``."""
+    return ARCH_NAMES.get(arch, arch)
+
+
+def folder_arch(path: Path, base: Path) -> tuple[str, str] | None:
+    """(folder name, arch) of the nearest folder between ``base`` and the
+    file whose name says which architecture it holds, e.g. ``Lora/SD1.5``."""
+    try:
+        rel = path.parent.relative_to(base)
+    except ValueError:
+        return None
+    for part in reversed(rel.parts):
+        arch = ARCH_FOLDER_NAMES.get(part.lower())
+        if arch:
+            return part, arch
+    return None

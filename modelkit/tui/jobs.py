@@ -1,0 +1,135 @@
+"""The bodies of the TUI's thread workers: each calls the library and
+reports through messages only.
+
+:func:`run_job` is the one wrapper: it turns library progress callbacks
+into throttled :class:`JobProgress` messages and the outcome into exactly one
+:class:`JobFinished` or :class:`JobFailed` with the CLI's one-line wording.
+An Act screen runs ``modelkit``'s core ``run(recipe, progress=, cancel=)``
+the same way: ``run_job(screen, "act", lambda p, c: run(recipe, progress=p,
+cancel=c), cancel)``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from textual.message_pump import MessagePump
+
+from modelkit.errors import Cancelled, ModelkitError
+from modelkit.progress import Progress, ProgressFn
+from modelkit.tui.messages import (
+    DetailLoaded,
+    JobFailed,
+    JobFinished,
+    JobProgress,
+    LibraryLoaded,
+)
+
+T = TypeVar("T")
+PROGRESS_INTERVAL = 0.05  # seconds between progress messages of one job
+
+
+def error_line(exc: BaseException) -> str:
+    """What the CLI would print for ``exc``."""
+    if isinstance(exc, ModelkitError):
+        return f"modelkit: error: {exc}"
+    return (f"modelkit: internal error: {type(exc).__name__}: {exc} "
+            "(set MODELKIT_DEBUG=1 for a traceback and report it)")
+
+
+def throttled(node: MessagePump, job: str) -> ProgressFn:
+    """A progress callback posting :class:`JobProgress` at most every
+    :data:`PROGRESS_INTERVAL` seconds, and always the last step."""
+    last = [0.0]
+
+    def report(p: Progress) -> None:
+        now = time.monotonic()
+        if now - last[0] >= PROGRESS_INTERVAL or p.done >= p.total:
+            last[0] = now
+            node.post_message(JobProgress(job, p))
+
+    return report
+
+
+def run_job(node: MessagePump, job: str,
+            fn: Callable[[ProgressFn, threading.Event], T],
+            cancel: threading.Event) -> T | None:
+    """Run ``fn(progress, cancel)`` (in the calling worker thread) and post
+    its outcome to ``node``; returns the result, or None when it failed."""
+    try:
+        result = fn(throttled(node, job), cancel)
+    except Cancelled as exc:
+        node.post_message(JobFailed(job, str(exc), cancelled=True))
+        return None
+    except Exception as exc:  # every failure becomes a dialog, never a crash
+        if os.environ.get("MODELKIT_DEBUG"):
+            raise
+        node.post_message(JobFailed(job, error_line(exc)))
+        return None
+    node.post_message(JobFinished(job, result))
+    return result
+
+
+# --- library jobs (called inside thread workers) ---------------------------
+
+
+def load_library(node: MessagePump, db: str | None, under: list[str]) -> None:
+    """Read every entry (under ``under`` folders when given) and the hints."""
+    from modelkit.library import db as dbm
+    from modelkit.library.check import check
+    from modelkit.library.query import Filters, list_entries
+
+    filters = Filters(under=under) if under else None
+    with dbm.opened(db) as conn:
+        entries = list_entries(conn, filters)
+        hints = check(conn, filters).by_path()
+    node.post_message(LibraryLoaded(entries, hints))
+
+
+def load_detail(node: MessagePump, db: str | None, path: str,
+                hints: list[Any]) -> None:
+    """Read one file's details and lineage tree."""
+    from modelkit.library import db as dbm
+    from modelkit.library.lineage import lineage
+    from modelkit.library.query import get_detail
+
+    with dbm.opened(db) as conn:
+        detail = get_detail(conn, path)
+        tree = lineage(conn, detail.entry) if detail is not None else None
+    node.post_message(DetailLoaded(path, detail, tree, hints))
+
+
+def scan_job(dirs: list[str], db: str | None) -> Callable[[ProgressFn, threading.Event], Any]:
+    """A job scanning ``dirs`` into ``db``."""
+    from modelkit.library.scan import scan
+
+    return lambda progress, cancel: scan(dirs, db, progress=progress, cancel=cancel)
+
+
+def hash_job(paths: list[str], db: str | None
+             ) -> Callable[[ProgressFn, threading.Event], int]:
+    """A job hashing ``paths`` (through the shared hash cache)."""
+    from modelkit.library import db as dbm
+    from modelkit.library.scan import hash_missing
+
+    def run(progress: ProgressFn, cancel: threading.Event) -> int:
+        with dbm.opened(db) as conn:
+            return hash_missing(conn, paths, progress, cancel)
+
+    return run
+
+
+def compare_job(a: str, b: str) -> Callable[[ProgressFn, threading.Event], Any]:
+    """A job comparing model ``b`` against ``a`` per component and block."""
+    def run(progress: ProgressFn, cancel: threading.Event) -> Any:
+        from modelkit.inspect.compare import compare_models
+        from modelkit.io.reader import open_model
+
+        with open_model(a) as src_a, open_model(b) as src_b:
+            return compare_models(src_a, src_b, progress=progress, cancel=cancel)
+
+    return run

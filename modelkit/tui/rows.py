@@ -1,0 +1,144 @@
+"""What the library table shows: the filter language, sorting and the cells
+of each row. Plain Python (no textual import), so it is tested directly.
+
+Filter text: words match the file name or folder (any case, all must
+match); ``key:value`` terms narrow by field, ``,`` separates alternatives:
+``kind:lora arch:sdxl,sd1 pred:v dtype:f16 has:ema has:hint has:preview
+has:hash``. ``k:``, ``a:`` and ``p:`` abbreviate kind, arch and pred.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from modelkit.cli.progress import human_bytes
+from modelkit.library.check import Hint
+from modelkit.library.query import Entry
+from modelkit.textsafe import safe_text
+
+KIND_SHORT = {"checkpoint": "ckpt", "embedding": "embed", "controlnet": "cnet",
+              "text_encoder": "te", "unknown": "?"}
+ARCH_SHORT = {"sdxl_refiner": "xl-ref", "unknown": "?"}
+KEY_ALIASES = {"k": "kind", "kind": "kind", "a": "arch", "arch": "arch", "p": "pred",
+               "pred": "pred", "prediction": "pred", "dtype": "dtype", "d": "dtype",
+               "has": "has"}
+SORT_COLUMNS = ("name", "kind", "arch", "pred", "size", "dtype", "hash", "hints")
+HAS_TERMS = ("ema", "hint", "hints", "preview", "hash", "error")
+
+
+@dataclass(frozen=True)
+class Query:
+    """A parsed filter."""
+
+    words: tuple[str, ...] = ()
+    fields: dict[str, frozenset[str]] = field(default_factory=dict)
+    has: frozenset[str] = frozenset()
+
+    @property
+    def empty(self) -> bool:
+        return not self.words and not self.fields and not self.has
+
+
+def _long_kind(value: str) -> str:
+    for long, short in KIND_SHORT.items():
+        if value == short:
+            return long
+    return value
+
+
+def parse_filter(text: str) -> Query:
+    """Parse the filter box's text (never fails: unknown terms are words)."""
+    words: list[str] = []
+    fields: dict[str, set[str]] = {}
+    has: set[str] = set()
+    for token in text.lower().split():
+        key, sep, value = token.partition(":")
+        name = KEY_ALIASES.get(key)
+        if not sep or name is None or not value:
+            words.append(token)
+        elif name == "has":
+            has.update(v.rstrip("s") if v == "hints" else v for v in value.split(",") if v)
+        else:
+            values = {_long_kind(v) if name == "kind" else v for v in value.split(",") if v}
+            fields.setdefault(name, set()).update(values)
+    return Query(tuple(words), {k: frozenset(v) for k, v in fields.items()}, frozenset(has))
+
+
+def _field_value(e: Entry, name: str) -> str:
+    if name == "kind":
+        return e.kind
+    if name == "arch":
+        return e.arch
+    if name == "pred":
+        return e.prediction or "-"
+    return (e.dtype or "-").lower()
+
+
+def _has(e: Entry, term: str, hints: Sequence[Hint]) -> bool:
+    return {"ema": e.has_ema, "hint": bool(hints), "preview": bool(e.previews),
+            "hash": e.sha256 is not None, "error": e.kind == "broken"}.get(term, False)
+
+
+def matches(e: Entry, q: Query, hints: Sequence[Hint] = ()) -> bool:
+    """Whether entry ``e`` passes filter ``q``."""
+    haystack = f"{e.name}\n{e.folder}".lower()
+    if any(w not in haystack for w in q.words):
+        return False
+    for name, values in q.fields.items():
+        value = _field_value(e, name)
+        if value not in values and not (name == "arch" and
+                                        ARCH_SHORT.get(value) in values):
+            return False
+    return all(_has(e, term, hints) for term in q.has)
+
+
+def sort_key(column: str, hints: dict[str, list[Hint]]) -> Callable[[Entry], tuple[object, str]]:
+    """A key function sorting entries by ``column`` (name breaks ties)."""
+    def key(e: Entry) -> tuple[object, str]:
+        value: object = {
+            "name": e.name.lower(), "kind": e.kind, "arch": e.arch,
+            "pred": e.prediction or "~", "size": e.size, "dtype": e.dtype or "~",
+            "hash": e.sha256 or "~", "hints": -len(hints.get(e.path, ())),
+        }[column]
+        return value, e.name.lower()
+    return key
+
+
+def hint_cell(hints: Sequence[Hint]) -> str:
+    """The table's hint column: the first hint's code, and how many more."""
+    if not hints:
+        return ""
+    more = f" +{len(hints) - 1}" if len(hints) > 1 else ""
+    return f"{hints[0].code}{more}"
+
+
+def display_name(e: Entry) -> str:
+    """The file name without ``.safetensors`` (other extensions stay, so a
+    legacy pickle stands out), escaped."""
+    name = e.name[:-len(".safetensors")] if e.name.endswith(".safetensors") else e.name
+    return safe_text(name)
+
+
+def row_cells(e: Entry, hints: Sequence[Hint], wide: bool) -> tuple[str, ...]:
+    """The cells of ``e``'s row, strings from the file escaped; ``wide``
+    adds the hash column."""
+    cells = [display_name(e), KIND_SHORT.get(e.kind, e.kind), ARCH_SHORT.get(e.arch, e.arch),
+             e.prediction or "-", human_bytes(e.size, 1).replace(" ", ""),
+             (e.dtype or "-").lower()]
+    if wide:
+        cells.append(e.short_hash or "-")
+    cells.append(hint_cell(hints))
+    return tuple(cells)
+
+
+# widths of every column but the name, which takes the rest
+WIDTHS = {"kind": 5, "arch": 6, "pred": 4, "size": 7, "dtype": 5, "hash": 10, "hints": 11}
+
+
+def columns(wide: bool) -> tuple[str, ...]:
+    """Column keys in display order (the mark column comes first)."""
+    cols = ["name", "kind", "arch", "pred", "size", "dtype"]
+    if wide:
+        cols.append("hash")
+    return (*cols, "hints")

@@ -1,0 +1,1 @@
+"""The TUI's screens: library (main), compare, help and the error dialog."""

@@ -1,0 +1,64 @@
+"""The help screen: every key binding and the filter language."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Static
+
+from modelkit.tui import rows
+
+KEYS = (
+    ("Library", (
+        ("/", "filter the table (escape returns to the table)"),
+        ("up/down, pgup/pgdn", "move through the files"),
+        ("enter", "the detail pane alone / back to the table"),
+        ("1 2 3 4", "detail tabs: info, metadata, lineage, preview"),
+        ("s / S", "sort by the next column / reverse (or click a header)"),
+        ("m or space", "mark a file for compare (two at most)"),
+        ("c", "compare the two marked files (or marked + cursor)"),
+        ("r", "re-scan the folders (reads changed files only)"),
+        ("h / H", "hash the marked or selected file / every shown file"),
+        ("x", "cancel the running job"),
+        ("?", "this help"),
+        ("q", "quit"),
+    )),
+    ("Compare", (
+        ("x", "cancel the comparison"),
+        ("escape or q", "back to the library"),
+    )),
+)
+
+
+def help_text() -> Text:
+    """The help page."""
+    out = Text()
+    for title, keys in KEYS:
+        out.append(f"{title}\n", style="bold underline")
+        for key, what in keys:
+            out.append(f"  {key:<20}", style="bold")
+            out.append(what + "\n")
+        out.append("\n")
+    out.append("Filter\n", style="bold underline")
+    out.append((rows.__doc__ or "").split("\n\n", 1)[1].strip() + "\n")
+    return out
+
+
+class HelpScreen(ModalScreen[None]):
+    """Key bindings and filter syntax; any of escape, q or ? closes it."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape,q,question_mark", "close", "Close", id="close-help"),
+    ]
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="help-box"):
+            yield Static(help_text(), id="help-text")
+
+    def action_close(self) -> None:
+        self.dismiss()
