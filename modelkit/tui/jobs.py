@@ -27,6 +27,7 @@ from modelkit.tui.messages import (
     JobFinished,
     JobProgress,
     LibraryLoaded,
+    TransformsLoaded,
 )
 
 T = TypeVar("T")
@@ -131,5 +132,28 @@ def compare_job(a: str, b: str) -> Callable[[ProgressFn, threading.Event], Any]:
 
         with open_model(a) as src_a, open_model(b) as src_b:
             return compare_models(src_a, src_b, progress=progress, cancel=cancel)
+
+    return run
+
+
+# --- Act jobs ------------------------------------------------------------------
+
+
+def load_transforms(node: MessagePump) -> None:
+    """Load the transform registry (imports torch: seconds, the first time)."""
+    from modelkit.core.registry import all_transforms
+
+    node.post_message(TransformsLoaded(all_transforms()))
+
+
+def act_job(recipe: Any, output: str, dry_run: bool = False
+            ) -> Callable[[ProgressFn, threading.Event], Any]:
+    """A job running ``recipe`` into ``output`` through the one runner
+    (planning only with ``dry_run``); its result is the ``RunReport``."""
+    def run(progress: ProgressFn, cancel: threading.Event) -> Any:
+        from modelkit.core.runner import run as run_recipe
+
+        return run_recipe(recipe, output=output, progress=progress, cancel=cancel,
+                          dry_run=dry_run)
 
     return run

@@ -73,3 +73,11 @@ class LibraryChanged(Message):
     library screen re-scans ``paths``' folders and reloads."""
 
     paths: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TransformsLoaded(Message):
+    """The transform registry was loaded (it imports torch, so a worker
+    loads it): every merge method and operation by name."""
+
+    transforms: dict[str, Any]
