@@ -29,7 +29,7 @@ FIRST = ("lora_bake", "prune", "quantize", "extract")  # listed first, in this o
 DEFAULT_ALPHA = 0.3  # A1111's default multiplier, as the CLI's merge
 UNUSABLE_KINDS = ("broken", "unknown")
 STEM_CHARS = 40  # of each input's name in a default output name
-BLOCKS_PER_LINE = 6
+BLOCKS_PER_LINE = 5  # 13 columns each: fits a 72-column plan
 REPORT_FIELDS = 6  # scalar fields of a step's own report shown in the plan
 SHOWN_ABOVE = frozenset({"arch", "n_keys", "n_tensors", "n_merged", "n_copied", "n_skipped",
                          "n_ignored", "peak_estimate_bytes", "warnings", "notes",
@@ -106,6 +106,20 @@ def default_method(methods: Sequence[str], n: int) -> str:
         if wanted in methods:
             return wanted
     return methods[0]
+
+
+def inputs_line(t: Transform, ordered: Sequence[Entry]) -> str:
+    """Which file is which input: ``A: a  B: b`` for a merge, ``checkpoint:
+    a  adapters: l1, l2`` for an operation."""
+    if t.kind == METHOD:
+        return safe_text("  ".join(f"{chr(ord('A') + i)}: {e.name}"
+                                   for i, e in enumerate(ordered)))
+    fixed = len(t.inputs) - 1 if t.variadic else len(t.inputs)
+    parts = [f"{name}: {e.name}" for (name, _), e in zip(t.inputs, ordered[:fixed],
+                                                          strict=False)]
+    if t.variadic and ordered[fixed:]:
+        parts.append(f"{t.inputs[-1][0]}: {', '.join(e.name for e in ordered[fixed:])}")
+    return safe_text("  ".join(parts))
 
 
 # --- form text to values -------------------------------------------------------------
@@ -213,9 +227,9 @@ def _scalars(report: Any) -> list[tuple[str, Any]]:
 
 def _blocks(out: Text, title: str, weights: Mapping[str, float]) -> None:
     out.append(f"{safe_text(title)} ({len(weights)} blocks)\n", style="bold")
-    cells = [f"{name:<5} {value:<5.3g}" for name, value in weights.items()]
+    cells = [f"{name:<5} {value:<6.3g}" for name, value in weights.items()]
     for i in range(0, len(cells), BLOCKS_PER_LINE):
-        out.append("  " + "  ".join(cells[i:i + BLOCKS_PER_LINE]) + "\n")
+        out.append("  " + " ".join(cells[i:i + BLOCKS_PER_LINE]).rstrip() + "\n")
 
 
 def _block_tables(out: Text, report: Any) -> None:
@@ -254,7 +268,9 @@ def plan_text(report: Any) -> Text:
     for step in report.steps:
         params = ", ".join(f"{k}={shown(v, 40)}" for k, v in step.params.items()
                            if v is not None and k != "adapters")
-        out.append(f"step {safe_text(step.name)}: {step.transform}", style="bold")
+        name = step.transform if step.name == step.transform else \
+            f"{safe_text(step.name)}: {step.transform}"
+        out.append(f"step {name}", style="bold")
         out.append(f" ({params})\n" if params else "\n")
         for key, value in _scalars(step.report):
             out.append(f"  {key} {shown(value, 60)}\n", style="dim")

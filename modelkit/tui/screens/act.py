@@ -5,7 +5,6 @@ new file goes to the library screen, which indexes and selects it."""
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,9 +19,10 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input, Select, Static, Switch
 
 from modelkit.cli.progress import human_bytes
-from modelkit.core.registry import METHOD, Transform
+from modelkit.core.registry import Transform
 from modelkit.errors import ModelkitError
 from modelkit.library.query import Entry
+from modelkit.textsafe import safe_text
 from modelkit.tui import jobs
 from modelkit.tui.messages import (
     JobFailed,
@@ -39,6 +39,7 @@ from modelkit.tui.recipes import (
     build_recipe,
     default_method,
     default_output,
+    inputs_line,
     merge_methods,
     output_path,
     plan_text,
@@ -51,17 +52,15 @@ from modelkit.vocab import MERGE_OUTPUT_DTYPES
 PLAN, RUN = "plan", "act"  # job names
 LOADING = [("loading...", "")]  # choices until the registry is loaded
 NARROW_COLUMNS = 120  # below this width the plan goes under the form
-# `modelkit verify` is built on another branch; the switch appears once it lands
-VERIFY_AVAILABLE = importlib.util.find_spec("modelkit.verify") is not None
 
 
 class ActScreen(Screen[None]):
     """The form, the plan and the run for ``entries`` (marked order)."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("ctrl+p", "preview", "Preview", priority=True, id="act-preview",
+        Binding("ctrl+p", f"start('{PLAN}')", "Preview", priority=True, id="act-preview",
                 tooltip="Plan it (dry run): size, counts, memory, block weights"),
-        Binding("ctrl+r", "run", "Run", priority=True, id="act-run",
+        Binding("ctrl+r", f"start('{RUN}')", "Run", priority=True, id="act-run",
                 tooltip="Write the new file in the background"),
         Binding("escape", "cancel", "Cancel", id="act-cancel",
                 tooltip="Stop the run; no file is left behind"),
@@ -77,13 +76,14 @@ class ActScreen(Screen[None]):
         self.cancel_event = threading.Event()
         self.job: str | None = None
         self.auto_output = ""  # the output field's text while the user has not edited it
-        self.previewed: ActSpec | None = None
+        self.previewed: ActSpec | None = None  # what the plan shown was made from
+        self.job_spec: ActSpec | None = None
         self.report: Any = None  # the last run's report
         self.first_plan = True  # plan once as soon as the form is ready
 
     def compose(self) -> ComposeResult:
         names = ", ".join(f"{e.name} ({e.kind} {e.arch})" for e in self.entries)
-        yield Static(Text(f"Act on {len(self.entries)}: {names}"), id="act-title")
+        yield Static(Text(safe_text(f"Act on {len(self.entries)}: {names}")), id="act-title")
         with Horizontal(id="act-main"):
             with VerticalScroll(id="act-form"):
                 yield field_row("action", Select(LOADING, allow_blank=False, compact=True,
@@ -100,8 +100,6 @@ class ActScreen(Screen[None]):
                 yield field_row("output", Input(
                     placeholder="new file; a relative path is beside the first input",
                     compact=True, id="act-output"))
-                if VERIFY_AVAILABLE:
-                    yield field_row("verify after", Switch(False, id="act-verify"))
             with VerticalScroll(id="act-plan-box"):
                 yield Static(Text("loading merge methods and operations...", style="dim"),
                              id="act-plan")
@@ -124,7 +122,7 @@ class ActScreen(Screen[None]):
             return self.job is not None
         if action == "back":
             return self.job is None
-        if action in ("preview", "run"):
+        if action == "start":
             return (self.job is None and bool(self.transforms)) or None
         return True
 
@@ -178,20 +176,16 @@ class ActScreen(Screen[None]):
 
         t = self.transform
         await self.query_one(ParamForm).show(t, len(self.entries), list(PRESET_DOCS))
-        summary = Text()
         ordered = arrange(t, self.entries) if t else None
+        summary = Text()
         if t is not None and ordered is not None:
             summary.append(t.summary + "\n")
-            roles = [chr(ord("A") + i) for i in range(len(ordered))] if t.kind == METHOD \
-                else [t.inputs[min(i, len(t.inputs) - 1)][0] for i in range(len(ordered))]
-            summary.append("  ".join(f"{r}: {e.name}" for r, e in zip(roles, ordered,
-                                                                      strict=True)),
-                           style="dim")
+            summary.append(inputs_line(t, ordered), style="dim")
         self.query_one("#act-summary", Static).update(summary)
         self.form_changed()
         if self.first_plan and self.spec() is not None:
             self.first_plan = False
-            self.start(PLAN)
+            self.action_start(PLAN)
 
     @on(Input.Changed)
     @on(Select.Changed, "#act-params Select, #act-dtype")
@@ -206,6 +200,10 @@ class ActScreen(Screen[None]):
             self.auto_output = str(default_output(spec.action, spec.paths, spec.params,
                                                   spec.method))
             field.value = self.auto_output
+        self.show_stale()
+
+    def show_stale(self) -> None:
+        """Dim a plan that no longer matches the form."""
         stale = self.previewed is not None and self.spec() != self.previewed
         self.query_one("#act-plan-box").set_class(stale, "stale")
         if stale and self.job is None:
@@ -226,14 +224,8 @@ class ActScreen(Screen[None]):
 
     # --- plan and run ------------------------------------------------------
 
-    def action_preview(self) -> None:
-        self.start(PLAN)
-
-    def action_run(self) -> None:
-        self.start(RUN)
-
-    def start(self, job: str) -> None:
-        """Check the form, then plan or run it in a thread worker."""
+    def action_start(self, job: str) -> None:
+        """Check the form, then plan (dry run) or run it in a thread worker."""
         spec = self.spec()
         if self.job is not None or spec is None:
             return
@@ -243,10 +235,7 @@ class ActScreen(Screen[None]):
         except ModelkitError as exc:
             self.app.push_screen(ErrorDialog(jobs.error_line(exc)))
             return
-        self.job, self.cancel_event = job, threading.Event()
-        if job == PLAN:
-            self.previewed = spec
-        self.query_one("#act-plan-box").remove_class("stale")
+        self.job, self.cancel_event, self.job_spec = job, threading.Event(), spec
         self.query_one("#act-form").disabled = job == RUN
         self.query_one(JobBar).start(job, "planning" if job == PLAN else
                                      f"writing {Path(output).name}")
@@ -266,6 +255,8 @@ class ActScreen(Screen[None]):
         self._ended()
         report = message.result
         self._plan(plan_text(report))
+        self.previewed = self.job_spec if message.job == PLAN else None
+        self.show_stale()
         bar = self.query_one(JobBar)
         if message.job == PLAN:
             bar.stop("planned: ctrl+r writes it")
@@ -275,6 +266,7 @@ class ActScreen(Screen[None]):
                  f"in {report.seconds:.1f}s; escape returns to the library")
         if self.library is not None:
             self.library.post_message(LibraryChanged([str(report.output)]))
+        self.form_changed()  # the default output name moves on to a free one
         self.after_write(report)
 
     def on_job_failed(self, message: JobFailed) -> None:
@@ -283,17 +275,16 @@ class ActScreen(Screen[None]):
         if message.cancelled:
             bar.stop("cancelled: no file was written")
             return
+        self.show_stale()
         bar.stop(f"{'plan' if message.job == PLAN else 'run'} failed")
         self.app.push_screen(ErrorDialog(message.error))
 
     def after_write(self, report: Any) -> None:
-        """The hook for "verify after writing": once ``modelkit.verify`` is
-        on main, a switched-on ``#act-verify`` starts a verify job here
-        (``verify(report.output, reference=first input)`` with progress and
-        cancel, like the run) and shows the verdict and the grid's path."""
-        if VERIFY_AVAILABLE and self.query_one("#act-verify", Switch).value:
-            self.notify("verify is not wired into the TUI yet: run 'modelkit verify "
-                        f"{Path(report.output).name}'", severity="warning")
+        """Hook for "verify after writing" (``modelkit.verify`` is not on main
+        yet): with a "verify after" switch on, start a ``"verify"`` job here
+        (``verify(report.output, reference=first input, loras=a bake's
+        LoRAs, progress=, cancel=)``, then ``write_grid`` beside the output)
+        and show the verdict and the grid's path in the plan box."""
 
     def _ended(self) -> None:
         self.job = None

@@ -19,9 +19,10 @@ from modelkit.tui.recipes import field_text, parse_text
 
 
 def field_row(label: str, field: Widget, tooltip: str | None = None,
-              id: str | None = None) -> Horizontal:
-    """One line of a form: a label and its field."""
-    row = Horizontal(Label(label, classes="field-label"), field, classes="field-row", id=id)
+              id: str | None = None, after: Widget | None = None) -> Horizontal:
+    """One line of a form: a label, its field and what goes ``after`` it."""
+    row = Horizontal(Label(label, classes="field-label"), field,
+                     *([after] if after else []), classes="field-row", id=id)
     if tooltip:
         row.tooltip = tooltip
     return row
@@ -55,6 +56,10 @@ def param_field(p: Param, t: Transform, n_models: int, presets: list[str]) -> Wi
                  suggester=suggester, id=wid)
 
 
+def _on_off(value: bool) -> str:
+    return "on" if value else "off"
+
+
 class ParamForm(Vertical):
     """The parameter fields of one transform; :meth:`show` swaps them."""
 
@@ -79,9 +84,17 @@ class ParamForm(Vertical):
         if self.transform is None:
             return
         for p in self.transform.params.values():
+            # a switch's state in words too, not by colour only
+            state = Label(_on_off(bool(p.default)), classes="switch-state") \
+                if p.kind == "bool" else None
             yield field_row(p.name, param_field(p, self.transform, self.n_inputs,
-                                                self.presets),
-                            p.describe())
+                                                self.presets), p.describe(), after=state)
+
+    def on_switch_changed(self, event: Switch.Changed) -> None:
+        row = event.switch.parent
+        if row is not None:
+            for label in row.query(".switch-state").results(Label):
+                label.update(_on_off(event.value))
 
     @property
     def names(self) -> list[str]:
