@@ -20,7 +20,14 @@ from modelkit.library.query import Entry
 from modelkit.progress import WRITE, Progress
 from modelkit.tui import jobs
 from modelkit.tui.app import make_app
-from modelkit.tui.recipes import ActSpec, actions, arrange, build_recipe, default_output
+from modelkit.tui.recipes import (
+    ActSpec,
+    actions,
+    arrange,
+    build_recipe,
+    default_output,
+    inputs_line,
+)
 from modelkit.tui.screens.act import ActScreen
 from modelkit.tui.screens.error import ErrorDialog
 from modelkit.tui.screens.library import LibraryScreen
@@ -223,6 +230,9 @@ def test_a_bake_takes_the_checkpoint_first_whatever_was_marked_first(tmp_path: P
     assert arrange(registry["lora_bake"], [lora, ckpt]) == [ckpt, lora]
     assert actions(registry, [lora, ckpt])[0] == "lora_bake"
     assert "merge" not in actions(registry, [lora, ckpt])
+    assert actions(registry, [lora])[-1] == "convert"  # after the adapter operations
+    assert inputs_line(registry["lora_bake"], [ckpt, lora]) == \
+        "checkpoint: a.safetensors  adapters: style.safetensors"
     assert arrange(registry["weighted_sum"], [lora, ckpt]) is None
     recipe = build_recipe(ActSpec("lora_bake", (ckpt.path, lora.path), "baked.safetensors",
                                   {"weights": [0.5], "blocks": "INS"}))

@@ -69,7 +69,7 @@ class DetailLoaded(Message):
 
 @dataclass
 class LibraryChanged(Message):
-    """Files were written or changed (by a job, or later by Act): the
+    """Files were written or changed (by a job or the Act screen): the
     library screen re-scans ``paths``' folders and reloads."""
 
     paths: list[str] = field(default_factory=list)

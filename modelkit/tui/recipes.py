@@ -26,6 +26,7 @@ from modelkit.textsafe import safe_text, shown
 
 MERGE = "merge"
 FIRST = ("lora_bake", "prune", "quantize", "extract")  # listed first, in this order
+LAST = ("convert",)  # a plain copy fits every file: listed after the specific ones
 DEFAULT_ALPHA = 0.3  # A1111's default multiplier, as the CLI's merge
 UNUSABLE_KINDS = ("broken", "unknown")
 STEM_CHARS = 40  # of each input's name in a default output name
@@ -93,10 +94,11 @@ def merge_methods(transforms: Mapping[str, Transform], entries: Sequence[Entry])
 def actions(transforms: Mapping[str, Transform], entries: Sequence[Entry]) -> list[str]:
     """What the Act form offers for ``entries``: :data:`MERGE` when some
     merge method takes them, then every operation whose inputs they fit
-    (:data:`FIRST` first, then in registry order)."""
+    (:data:`FIRST` first, then in registry order, :data:`LAST` last)."""
     ops = [n for n, t in transforms.items()
            if t.kind != METHOD and arrange(t, entries) is not None]
-    ops.sort(key=lambda n: FIRST.index(n) if n in FIRST else len(FIRST))
+    ops.sort(key=lambda n: FIRST.index(n) if n in FIRST else
+             len(FIRST) + 1 if n in LAST else len(FIRST))
     return ([MERGE] if merge_methods(transforms, entries) else []) + ops
 
 
