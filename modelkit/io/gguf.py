@@ -184,10 +184,9 @@ class Q80Encoder:
         n = flat.numel()
         x, a, t = self.x[:n], self.a[:n], self.t[:n]
         x.copy_(flat)
-        lo, hi = torch.aminmax(x.view(-1, 32), dim=1, keepdim=True)
-        d = torch.maximum(hi, lo.neg_()).abs_().div_(127)  # abs_: no -0.0 scale
-        inv = torch.where(d == 0, torch.zeros_like(d), d.reciprocal())
         torch.abs(x, out=a)
+        d = a.view(-1, 32).amax(dim=1, keepdim=True).div_(127)
+        inv = torch.where(d == 0, torch.zeros_like(d), d.reciprocal())
         a.view(-1, 32).mul_(inv)
         torch.mul(a, 2, out=t)
         t.floor_().sub_(a.floor_())
