@@ -41,6 +41,8 @@ SUBCOMMANDS = {
              "Replace the VAE (or UNet, text encoders) with another file's."),
     "extract": ("modelkit.cli.convert_cmd", "extract_cmd",
                 "Write one component (vae, unet, te) to its own file."),
+    "verify": ("modelkit.cli.verify_cmd", "verify_cmd",
+               "Check a checkpoint: static checks, offline render, compare to a reference."),
     "demo": ("modelkit.cli.demo_cmd", "demo_cmd",
              "Build a tiny demo model library and run modelkit on it."),
 }

@@ -612,3 +612,46 @@ def write_diffusers(source: Source, out_dir: str | os.PathLike[str], *,
                                                            plan.components, version))
     return DiffusersResult(Path(out_dir), n_tensors, size, time.perf_counter() - start,
                            plan.notes)
+
+
+@dataclass
+class ConfigFolder:
+    """What :func:`write_diffusers_configs` wrote: enough for diffusers'
+    ``from_single_file(config=path, local_files_only=True)`` to build the
+    pipeline offline."""
+
+    path: Path
+    pipeline_class: str
+    arch: str
+    variant: str | None
+    prediction: str
+    zero_snr: bool
+    components: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+def write_diffusers_configs(source: Source, out_dir: str | os.PathLike[str]) -> ConfigFolder:
+    """Write the configs of a diffusers folder for an original-layout model,
+    without weights or tokenizers: ``model_index.json`` (tokenizers listed as
+    absent; pass them as objects), each component's ``config.json`` (at the
+    model's own widths) and the scheduler config. ``out_dir`` must be an
+    empty or new folder.
+
+    Raises:
+        ModelkitError: not an SD1/SD2/SDXL checkpoint, incomplete component.
+    """
+    plan = _plan(source)
+    version = _diffusers_version()
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for comp in plan.components:
+        (root / comp).mkdir()
+        _write_json(root / comp / "config.json", _component_config(plan, comp, [], version))
+    (root / SCHEDULER_DIR).mkdir()
+    _write_json(root / SCHEDULER_DIR / "scheduler_config.json",
+                scheduler_config(plan.prediction, plan.zero_snr, version))
+    index = model_index(plan.arch, plan.variant, plan.components, version)
+    _write_json(root / MODEL_INDEX, index)
+    notes = [n for n in plan.notes if n != TOKENIZER_NOTE]
+    return ConfigFolder(root, str(index["_class_name"]), plan.arch.name, plan.variant,
+                        plan.prediction, plan.zero_snr, list(plan.components), notes)
