@@ -21,14 +21,14 @@ def _imported(code: str) -> set[str]:
 
 def test_import_modelkit_is_light() -> None:
     assert _imported("import modelkit, modelkit.io.header, modelkit.inspect.report, "
-                     "modelkit.arch.keys, modelkit.errors") == set()
+                     "modelkit.arch.keys, modelkit.errors, modelkit.verify") == set()
 
 
 def test_help_is_light() -> None:
     code = ("from modelkit.cli import main\n"
             "for args in (['--help'], ['inspect', '--help'], ['hash', '--help'],"
             " ['demo', '--help'], ['prune', '--help'], ['quantize', '--help'],"
-            " ['export-gguf', '--help'], ['convert', '--help']):\n"
+            " ['export-gguf', '--help'], ['convert', '--help'], ['verify', '--help']):\n"
             "    assert main(args) == 0")
     assert _imported(code) == set()
 

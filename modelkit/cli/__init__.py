@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _sigterm)
     try:
-        cli.main(args=argv, prog_name="modelkit", standalone_mode=False)
+        # without standalone mode click returns a raised Exit's code (commands
+        # raise click.exceptions.Exit(1) for "ran, but found problems")
+        code = cli.main(args=argv, prog_name="modelkit", standalone_mode=False)
     except ModelkitError as exc:
         click.echo(f"modelkit: error: {exc}", err=True)
         return exc.exit_code
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"modelkit: internal error: {type(exc).__name__}: {exc} "
                    "(set MODELKIT_DEBUG=1 for a traceback and report it)", err=True)
         return 3
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def run() -> None:

@@ -4,7 +4,8 @@ inversion embeddings and a CLIP tokenizer are found, and A1111 prompt syntax.
 The library root is ``--library DIR`` or, by default, the nearest folder
 above the model (at most four levels up) that holds a ``models/`` folder, as
 in A1111/Forge (``models/Stable-diffusion/x.safetensors``) and ComfyUI
-(``models/checkpoints/x.safetensors``). Under the root:
+(``models/checkpoints/x.safetensors``); when the model has none, the
+reference's. Under the root:
 
 * LoRAs: ``models/Lora``, ``models/LyCORIS`` (A1111), ``models/loras``
   (ComfyUI), searched recursively by file stem;

@@ -78,20 +78,46 @@ def _inspect(path: Path, source: Source, file_format: str) -> ModelReport:
     return build_report(path, source.infos, source.metadata, file_format, read)
 
 
-def _open_stored(path: Path) -> tuple[Source, str]:
+def _lazy_safetensors(path: Path) -> tuple[Source, ModelReport]:
+    """A safetensors file known from its header alone (no torch import until
+    a tensor is read) and its inspect report, as ``modelkit inspect`` makes it."""
+    from modelkit.inspect.report import build_report
+    from modelkit.io.header import read_header, read_small_tensor
+
+    header = read_header(path)
+    opened: list[Source] = []
+
+    def produce(key: str) -> torch.Tensor:
+        if not opened:
+            from modelkit.io.reader import open_model
+
+            opened.append(open_model(path))
+        return opened[0].get(key)
+
+    source = DerivedSource(str(path), header.tensors, header.metadata, produce, (path,))
+    report = build_report(path, header.tensors, header.metadata, "safetensors",
+                          lambda key: read_small_tensor(header, key))
+    return source, report
+
+
+def _open_stored(path: Path) -> tuple[Source, str, ModelReport]:
+    from modelkit.io.reader import is_pickle_path
+
     if path.suffix.lower() == ".gguf":
         from modelkit.io.gguf_read import open_gguf
 
         if not path.is_file():
             raise BadFileError(f"{path}: no such file")
-        return open_gguf(path), "gguf"
+        source: Source = open_gguf(path)
+        return source, "gguf", _inspect(path, source, "gguf")
+    if path.is_file() and not is_pickle_path(path):
+        source, report = _lazy_safetensors(path)
+        return source, "safetensors", report
     from modelkit.convert.pipeline import open_input
-    from modelkit.io.reader import is_pickle_path
 
     source = open_input(path)
-    if path.is_dir():
-        return source, "diffusers"
-    return source, "pickle" if is_pickle_path(path) else "safetensors"
+    fmt = "diffusers" if path.is_dir() else "pickle"
+    return source, fmt, _inspect(path, source, fmt)
 
 
 def _main_float_dtype(source: Source) -> str:
@@ -137,8 +163,7 @@ def open_model_under_test(path: str | os.PathLike[str],
     from modelkit.convert.quantize import QUANT_KEY
 
     p = Path(path)
-    stored, fmt = _open_stored(p)
-    report = _inspect(p, stored, fmt)
+    stored, fmt, report = _open_stored(p)
     model = ModelUnderTest(p, stored, report, stored, fmt, kind=report.kind)
     model.int8 = QUANT_KEY in stored.metadata
     render: Source = _dequantized(stored) if model.int8 else stored

@@ -47,6 +47,7 @@ MODES = {
 }
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 TOKENIZER_SLOTS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+BIG_MODEL_PARAMS = 100_000_000
 
 
 @dataclass
@@ -129,6 +130,26 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@contextlib.contextmanager
+def _skip_weight_init() -> Iterator[None]:
+    """With accelerate installed, diffusers builds every module on the meta
+    device and then loads the checkpoint into it, so random initialization
+    only costs time (torch initializes meta tensors in Python: about 1 s per
+    tiny pipeline, most of its load time). Skip it, with transformers' own
+    switch, when both are there."""
+    from importlib.util import find_spec
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        no_init_weights = None
+    if no_init_weights is None or find_spec("accelerate") is None:
+        yield
+        return
+    with no_init_weights():
+        yield
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
@@ -153,9 +174,17 @@ class LoadedPipeline:
     notes: list[str] = field(default_factory=list)
 
     def close(self) -> None:
-        """Drop the pipeline so its memory can be reused."""
+        """Drop the pipeline so its memory can be reused (a full collection,
+        about 0.4 s, only for full-size models, whose gigabytes matter)."""
+        big = self.pipe is not None and _n_params(self.pipe) > BIG_MODEL_PARAMS
         self.pipe = None
-        gc.collect()
+        if big:
+            gc.collect()
+
+
+def _n_params(pipe: Any) -> int:
+    unet = getattr(pipe, "unet", None)
+    return sum(p.numel() for p in unet.parameters()) if unet is not None else 0
 
 
 def _meta_params(pipe: Any) -> list[str]:
@@ -185,7 +214,7 @@ def load_pipeline(model_file: Path, label: str, config: ConfigFolder,
         raise ModelkitError(f"{label}: {config.pipeline_class} models cannot be rendered "
                             "by verify (no depth estimator offline); use --static-only")
     start = time.perf_counter()
-    with quiet_libraries():
+    with quiet_libraries(), _skip_weight_init():
         cls = getattr(diffusers, config.pipeline_class)  # imports pipelines: noisy
         try:
             pipe = cls.from_single_file(str(model_file), config=str(config.path),

@@ -156,9 +156,6 @@ def _static_phase(report: VerifyReport, model: ModelUnderTest,
                   cancel: threading.Event | None) -> None:
     from modelkit.verify import static
 
-    arch = report.add(static.architecture_check(model, reference))
-    if arch.verdict == FAIL and model.kind not in ("checkpoint", "unet"):
-        return  # not a model: nothing else to check
     for check in static.component_checks(model):
         report.add(check)
     report.add(static.unknown_keys_check(model))
@@ -465,9 +462,18 @@ def verify(model: str | os.PathLike[str], settings: VerifySettings | None = None
                           versions=library_versions(), timings=timings)
     report.notes += cand.notes
     report.tiny = is_tiny(_unet_channels(cand))
-    threads = settings.threads or default_threads("tiny" if report.tiny else "smoke")
-    with torch_threads(threads):
-        _checks(report, cand, ref, loras, settings, progress, cancel, session)
+    from modelkit.verify.static import architecture_check
+
+    arch = report.add(architecture_check(cand, ref))
+    if arch.verdict == FAIL and cand.kind not in ("checkpoint", "unet"):
+        # not a model at all: nothing else to check (and no torch needed)
+        with _timed(timings, "hash"):
+            _hashes(report, cand, ref, loras)
+        _skip_render(report, "not a checkpoint")
+    else:
+        threads = settings.threads or default_threads("tiny" if report.tiny else "smoke")
+        with torch_threads(threads):
+            _checks(report, cand, ref, loras, settings, progress, cancel, session)
     timings["total"] = round(time.perf_counter() - start, 4)
     return report
 
@@ -511,6 +517,8 @@ def _render_phase(report: VerifyReport, cand: ModelUnderTest, ref: ModelUnderTes
     timings = report.timings
     tiny = report.tiny
     library = find_library(cand.path, settings.library)
+    if library.root is None and ref is not None:
+        library = find_library(ref.path)  # e.g. an output written outside the library
     with _timed(timings, "tokenizer"):
         found = _tokenizer(report, cand, settings, library, tiny)
     if found is None:
