@@ -91,9 +91,11 @@ options:
 
 DEMO_TOKENIZER = "models/tokenizers/clip"
 DEMO_VERIFY_PROMPTS = """\
-# modelkit verify prompts for the demo: a LoRA from models/Lora by A1111 tag,
-# and the embedding embeddings/tiny-negative.safetensors used by its name
-a lighthouse on a cliff at sunset <lora:tiny-sd15-style:0.7>
+# modelkit verify prompts for the demo. The negative prompt uses the library's
+# embedding embeddings/tiny-negative.safetensors by its name; an A1111 tag
+# such as <lora:tiny-sd15-style:0.7> in a prompt would apply that LoRA from
+# models/Lora at render time (left out here to keep the demo quick).
+a lighthouse on a cliff at sunset
 a red fox sitting in fresh snow, detailed fur
 negative: tiny-negative, blurry, low quality
 """
@@ -166,9 +168,10 @@ def write_demo_tokenizer(root: Path) -> Path:
 def run_demo_verify(root: Path, output: Path, progress: ProgressFn = no_progress
                     ) -> tuple[str, Path, Path]:
     """Verify the recipe's output against its inpainting parent (a merge:
-    metrics reported, not judged) with prompts that use a library LoRA and a
-    negative embedding; write the JSON report and the comparison grid under
-    ``root/verify``. Returns the summary line and both paths."""
+    metrics reported, not judged) with a negative prompt that uses the
+    library's embedding; write the JSON report, the markdown table and the
+    comparison grid under ``root/verify``. Returns the summary line and the
+    report and grid paths."""
     from modelkit.verify import VerifySettings, verify
     from modelkit.verify.outputs import write_grid, write_json, write_markdown
     from modelkit.verify.settings import load_prompts

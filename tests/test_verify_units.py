@@ -295,3 +295,21 @@ def test_static_only_checks_dtypes_and_float_position_ids(models: dict[str, Path
     assert verdicts["static.dtypes"].verdict == "fail" and weight in \
         verdicts["static.dtypes"].message
     assert report.checks[-1].name == "render" and report.checks[-1].verdict == "skip"
+
+
+def test_progress_and_cancel(models: dict[str, Path]) -> None:
+    import threading
+
+    from modelkit.errors import Cancelled
+    from modelkit.progress import Progress
+    from modelkit.verify import verify
+
+    seen: list[Progress] = []
+    report = verify(models["sd1"], VerifySettings(render=False), progress=seen.append)
+    assert report.passed and report.plan is None  # static only: nothing rendered
+    scan = [p for p in seen if p.task == "verify: NaN/Inf scan"]
+    assert scan and scan[-1].done == scan[-1].total and scan[-1].unit == "bytes"
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Cancelled):
+        verify(models["sd1"], VerifySettings(render=False), cancel=stop)

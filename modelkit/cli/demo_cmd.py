@@ -20,8 +20,8 @@ def demo_cmd(directory: Path, quiet: bool) -> None:
     embeddings in an A1111-like layout under DIRECTORY (default
     ./modelkit-demo), runs a merge recipe (DIRECTORY/recipes/), then inspects
     and hashes every file and writes DIRECTORY/library.json. Last, it verifies
-    the recipe's output against its inpainting parent (a LoRA and a negative
-    embedding from the library in the prompts) and writes
+    the recipe's output against its inpainting parent (the library's negative
+    embedding in the prompts) and writes
     DIRECTORY/verify/report.json and grid.png. A small tokenizer goes to
     DIRECTORY/models/tokenizers/clip, so 'modelkit verify' works offline on
     every checkpoint there.

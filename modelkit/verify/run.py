@@ -465,8 +465,9 @@ def verify(model: str | os.PathLike[str], settings: VerifySettings | None = None
     from modelkit.verify.static import architecture_check
 
     arch = report.add(architecture_check(cand, ref))
-    if arch.verdict == FAIL and cand.kind not in ("checkpoint", "unet"):
-        # not a model at all: nothing else to check (and no torch needed)
+    if arch.verdict == FAIL and not (cand.kind == "checkpoint" or cand.completed):
+        # nothing renderable (a LoRA, a VAE, a UNet without a reference):
+        # nothing else to check, and no torch needed
         with _timed(timings, "hash"):
             _hashes(report, cand, ref, loras)
         _skip_render(report, "not a checkpoint")
