@@ -224,7 +224,7 @@ def load_pipeline(model_file: Path, label: str, config: ConfigFolder,
             raise ModelkitError(f"{label}: diffusers could not load it "
                                 f"({_first_line(exc)})") from None
     meta = _meta_params(pipe)
-    if not meta:
+    if not meta and plan.device != "cpu":  # it loads on the CPU; .to() walks every module
         pipe.to(plan.device)
     pipe.set_progress_bar_config(disable=True)
     if plan.scheduler == "ddim":
