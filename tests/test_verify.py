@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from modelkit.cli import main
+from modelkit.io.reader import open_model
 from modelkit.verify import LoraUse, VerifyReport, VerifySession, VerifySettings, verify
 
 SD1_TE = "cond_stage_model.transformer.text_model."
@@ -178,6 +179,24 @@ def test_zeroed_text_encoder_fails_prompt_sensitivity(lib: dict[str, Path]) -> N
     assert set(failed) == {"render.prompt_sensitivity"}
     assert failed["render.prompt_sensitivity"].value == 0.0
     assert report.exit_code == 1
+
+
+def test_missing_text_encoder_key_is_left_on_meta(lib: dict[str, Path], tmp_path: Path) -> None:
+    """Past the static check, diffusers loads such a file silently with the
+    parameter on the meta device: the load check names it."""
+    from modelkit.io.diffusers import write_diffusers_configs
+    from modelkit.verify.render import load_pipeline, tokenizer_slots
+    from modelkit.verify.settings import resolve_plan
+    from modelkit.verify.tokenizer import pipeline_tokenizers, synthetic_tokenizer
+
+    with open_model(lib["good"]) as src:  # the missing key would stop the config writer
+        config = write_diffusers_configs(src, tmp_path / "config")
+    plan = resolve_plan(VerifySettings(), tiny=True, default_resolution=512, device="cpu")
+    toks = pipeline_tokenizers(synthetic_tokenizer(), "sd1", tokenizer_slots(config))
+    loaded = load_pipeline(lib["missing_te"], "broken", config, toks, plan)
+    [param] = loaded.meta_params  # "text_model." is gone in transformers >= 5.6
+    assert param.startswith("text_encoder.")
+    assert param.endswith("encoder.layers.5.mlp.fc1.weight")
 
 
 def test_placeholder_tokenizer_fails(capsys: pytest.CaptureFixture[str], lib: dict[str, Path],

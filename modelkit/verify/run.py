@@ -317,7 +317,7 @@ def sanity_checks(renders: list[Rendered], again: Rendered | None) -> list[Check
         diff = metrics.max_abs(again.image, first.image)
         checks.append(Check("render.deterministic", PASS if same else FAIL,
                             "" if same else f"re-rendering {first.case} gave a different "
-                            "result (max abs pixel difference {diff:.3g})", diff, "identical",
+                            f"result (max abs pixel difference {diff:.3g})", diff, "identical",
                             case=first.case))
     return checks
 
