@@ -441,7 +441,7 @@ def open_gguf(path: str | os.PathLike[str], device: str = "cpu") -> Source:
         infos[name] = tensor_info(name, dtype, tuple(int(d) for d in shape))
     prefix = "modelkit.source_metadata."
     meta = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in fields.items()
-            if k.startswith("modelkit.") and isinstance(v, str)}
+            if k.startswith(("modelkit.", "general.")) and isinstance(v, str)}
 
     def produce(key: str) -> torch.Tensor:
         import numpy as np
