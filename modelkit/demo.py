@@ -64,6 +64,7 @@ inputs:
   full: ../models/Stable-diffusion/tiny-sd15-full-ema.safetensors
   style: ../models/Stable-diffusion/tiny-sd15-anime.safetensors
   inpaint: ../models/Stable-diffusion/tiny-sd15-inpainting.safetensors
+  style_lora: ../models/Lora/tiny-sd15-style.safetensors
 steps:
   base:
     op: ema
@@ -77,9 +78,13 @@ steps:
     method: add_difference
     models: [inpaint, mix, base]
     params: {alpha: 1.0}
+  styled:
+    op: lora_bake
+    models: [inpainting, style_lora]
+    params: {weights: [0.7]}
   pruned:
     op: prune
-    models: [inpainting]
+    models: [styled]
 output:
   path: ../models/Stable-diffusion/tiny-sd15-mix-inpainting.safetensors
   dtype: fp16
@@ -144,7 +149,8 @@ def build_library(root: Path, progress: ProgressFn = no_progress) -> list[Path]:
 def run_demo_recipe(root: Path, progress: ProgressFn = no_progress) -> Path:
     """Write the demo recipe (the EMA weights of a full training checkpoint,
     block-wise mixed with a style model, the mix turned into an inpainting
-    model by add-difference with a VAE baked in, then pruned) and run it."""
+    model by add-difference with a VAE baked in, a style LoRA baked in at
+    0.7, then pruned) and run it."""
     from modelkit.core.recipe import load_recipe
     from modelkit.core.runner import run
 

@@ -45,6 +45,8 @@ def _merge_lines(report: Any) -> list[str]:
         out.append(f"note: {report.n_ignored} keys exist only in B/C and were ignored")
     if report.dry_run:
         out += _block_weight_lines(report)
+    if report.verify is not None:
+        out.append(f"verify: {shown(report.verify.summary())}")
     for w in report.warnings[:20]:
         click.echo(f"warning: {shown(w)}", err=True)
     return out
@@ -169,14 +171,19 @@ def recipe_group() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @click.option("--overwrite", is_flag=True,
               help="Replace the output if it exists (never allowed for an input).")
+@click.option("--verify", "verify", is_flag=True,
+              help="Render and check the output after writing (the recipe's verify: "
+                   "section, or the defaults); exit 1 when a check fails.")
 def recipe_run(recipe: str, output: str | None, dry_run: bool, as_json: bool,
-               quiet: bool, overwrite: bool) -> None:
-    """Run a recipe file."""
+               quiet: bool, overwrite: bool, verify: bool) -> None:
+    """Run a recipe file (exit 1 when its verification fails)."""
     from modelkit.core.recipe import load_recipe
 
-    execute(load_recipe(recipe), {"quiet": quiet, "as_json": as_json,
-                                  "overwrite": overwrite},
-            _merge_lines, output=output, dry_run=dry_run)
+    report = execute(load_recipe(recipe), {"quiet": quiet, "as_json": as_json,
+                                           "overwrite": overwrite},
+                     _merge_lines, output=output, dry_run=dry_run, verify=verify)
+    if report.verify is not None and not report.verify.passed:
+        raise click.exceptions.Exit(1)
 
 
 @recipe_group.command("lock")

@@ -37,7 +37,16 @@ from typing import Any
 from modelkit.core.recipe import Recipe, validate
 from modelkit.core.report import RunReport, StepReport
 from modelkit.errors import ModelkitError
-from modelkit.progress import HASH, PLAN, READ, WRITE, Progress, ProgressFn, no_progress
+from modelkit.progress import (
+    HASH,
+    PLAN,
+    READ,
+    VERIFY,
+    WRITE,
+    Progress,
+    ProgressFn,
+    no_progress,
+)
 
 
 class _Stop:
@@ -88,6 +97,11 @@ class _Events:
 
     def hash(self, p: Progress) -> None:
         self._count(HASH, p)
+
+    def verify(self, p: Progress) -> None:
+        with self.lock:
+            self.progress(Progress(p.step, p.done, p.total, p.unit, p.item, VERIFY,
+                                   p.fraction if p.overall is None else p.overall))
 
     def write(self, p: Progress) -> None:
         self.peak.sample()
@@ -209,7 +223,7 @@ def _exact_size(report: RunReport, recipe: Recipe, graph: Any, final: Any, spec:
 
 def run(recipe: Recipe, *, output: str | os.PathLike[str] | None = None,
         progress: ProgressFn = no_progress, cancel: Any = None, overwrite: bool = False,
-        dry_run: bool = False) -> RunReport:
+        dry_run: bool = False, verify: bool = False) -> RunReport:
     """Run ``recipe`` (see the module docstring) and return what it did.
 
     Args:
@@ -223,6 +237,9 @@ def run(recipe: Recipe, *, output: str | os.PathLike[str] | None = None,
             and leaves no output or temp file.
         overwrite: replace an existing output (an input never is).
         dry_run: plan only; no tensor is read and nothing is written.
+        verify: render and check the output after writing (as the recipe's
+            ``verify:`` section does; see :mod:`modelkit.core.verification`);
+            the :class:`~modelkit.verify.VerifyReport` is ``report.verify``.
 
     Raises:
         ModelkitError: a bad recipe, input or output (before anything is
@@ -280,6 +297,11 @@ def run(recipe: Recipe, *, output: str | os.PathLike[str] | None = None,
 
             result = write(payload, spec, metadata=metadata, inputs=graph.files,
                            progress=events.write, cancel=stop, finalize=finalize)
+            if verify or recipe.verify is not None:
+                from modelkit.core.verification import verify_output
+
+                report.verify = verify_output(recipe, graph, out, recipe.verify or {},
+                                              device, events.verify, stop)
         except BaseException:
             stop.failed.set()
             if cancel is not None and cancel.is_set():
