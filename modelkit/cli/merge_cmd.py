@@ -16,6 +16,7 @@ from modelkit.vocab import (
     DEVICES,
     MERGE_OUTPUT_DTYPES,
     MISSING_KEY_POLICIES,
+    OUTPUT_FORMATS,
 )
 
 MERGE_EPILOG = """\b
@@ -82,6 +83,9 @@ def _block_weight_lines(report: Any) -> list[str]:
               help="Other method parameters, e.g. --param k=0.2.")
 @click.option("--dtype", type=click.Choice(MERGE_OUTPUT_DTYPES),
               default="fp16", show_default=True, help="Output dtype for float tensors.")
+@click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS), default=None,
+              help="Output format (default: from the output name: .safetensors, .gguf "
+                   "for the UNet as GGUF, anything else a diffusers folder).")
 @click.option("--device", type=click.Choice(DEVICES), default="cpu",
               show_default=True)
 @click.option("--block-map", type=click.Choice(BLOCK_MAPS),
@@ -104,7 +108,7 @@ def _block_weight_lines(report: Any) -> list[str]:
               help="Replace OUTPUT if it exists (never allowed for an input).")
 def merge_cmd(models: tuple[str, ...], output: str, method: str, alpha: float | None,
               beta: float | None, blocks: str | None, beta_blocks: str | None,
-              extra: tuple[str, ...], dtype: str, device: str, block_map: str,
+              extra: tuple[str, ...], dtype: str, fmt: str | None, device: str, block_map: str,
               missing: str, include: tuple[str, ...], exclude_keys: tuple[str, ...],
               vae: str | None, seed: int, dry_run: bool, as_json: bool, quiet: bool,
               overwrite: bool) -> None:
@@ -131,6 +135,8 @@ def merge_cmd(models: tuple[str, ...], output: str, method: str, alpha: float | 
                       flat(exclude_keys), vae, seed)
     recipe = Recipe.merge(*models, method=method, output=output, dtype=dtype,
                           options=options, source=COMMAND_LINE, **params)
+    if fmt:
+        recipe = recipe.with_output(format=fmt)
     execute(recipe, {"quiet": quiet, "as_json": as_json, "overwrite": overwrite},
             _merge_lines, dry_run=dry_run)
 
