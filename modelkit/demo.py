@@ -64,6 +64,7 @@ inputs:
   full: ../models/Stable-diffusion/tiny-sd15-full-ema.safetensors
   style: ../models/Stable-diffusion/tiny-sd15-anime.safetensors
   inpaint: ../models/Stable-diffusion/tiny-sd15-inpainting.safetensors
+  style_lora: ../models/Lora/tiny-sd15-style.safetensors
 steps:
   base:
     op: ema
@@ -77,15 +78,31 @@ steps:
     method: add_difference
     models: [inpaint, mix, base]
     params: {alpha: 1.0}
+  styled:
+    op: lora_bake
+    models: [inpainting, style_lora]
+    params: {weights: [0.7]}
   pruned:
     op: prune
-    models: [inpainting]
+    models: [styled]
 output:
   path: ../models/Stable-diffusion/tiny-sd15-mix-inpainting.safetensors
   dtype: fp16
   step: pruned
 options:
   vae: ../models/VAE/tiny-vae-ft-mse.safetensors
+"""
+
+
+DEMO_TOKENIZER = "models/tokenizers/clip"
+DEMO_VERIFY_PROMPTS = """\
+# modelkit verify prompts for the demo. The negative prompt uses the library's
+# embedding embeddings/tiny-negative.safetensors by its name; an A1111 tag
+# such as <lora:tiny-sd15-style:0.7> in a prompt would apply that LoRA from
+# models/Lora at render time (left out here to keep the demo quick).
+a lighthouse on a cliff at sunset
+a red fox sitting in fresh snow, detailed fur
+negative: tiny-negative, blurry, low quality
 """
 
 
@@ -98,6 +115,9 @@ class DemoResult:
     reports: list[dict[str, object]] = field(default_factory=list)
     hashes: list[dict[str, object]] = field(default_factory=list)
     summary_path: Path | None = None
+    verify_summary: str | None = None
+    verify_report: Path | None = None
+    verify_grid: Path | None = None
 
 
 def prepare_dir(root: Path) -> None:
@@ -129,7 +149,8 @@ def build_library(root: Path, progress: ProgressFn = no_progress) -> list[Path]:
 def run_demo_recipe(root: Path, progress: ProgressFn = no_progress) -> Path:
     """Write the demo recipe (the EMA weights of a full training checkpoint,
     block-wise mixed with a style model, the mix turned into an inpainting
-    model by add-difference with a VAE baked in, then pruned) and run it."""
+    model by add-difference with a VAE baked in, a style LoRA baked in at
+    0.7, then pruned) and run it."""
     from modelkit.core.recipe import load_recipe
     from modelkit.core.runner import run
 
@@ -141,18 +162,55 @@ def run_demo_recipe(root: Path, progress: ProgressFn = no_progress) -> Path:
     return report.output
 
 
+def write_demo_tokenizer(root: Path) -> Path:
+    """A small synthetic CLIP tokenizer where ``modelkit verify`` looks in a
+    library (``models/tokenizers/clip``), as a user's library would hold the
+    real one."""
+    from modelkit.verify.tokenizer import write_synthetic_tokenizer
+
+    return write_synthetic_tokenizer(root / DEMO_TOKENIZER)
+
+
+def run_demo_verify(root: Path, output: Path, progress: ProgressFn = no_progress
+                    ) -> tuple[str, Path, Path]:
+    """Verify the recipe's output against its inpainting parent (a merge:
+    metrics reported, not judged) with a negative prompt that uses the
+    library's embedding; write the JSON report, the markdown table and the
+    comparison grid under ``root/verify``. Returns the summary line and the
+    report and grid paths."""
+    from modelkit.verify import VerifySettings, verify
+    from modelkit.verify.outputs import write_grid, write_json, write_markdown
+    from modelkit.verify.settings import load_prompts
+
+    folder = root / "verify"
+    folder.mkdir(exist_ok=True)
+    prompts_file = folder / "prompts.txt"
+    prompts_file.write_text(DEMO_VERIFY_PROMPTS)
+    prompts, negative = load_prompts(prompts_file)
+    settings = VerifySettings(prompts=prompts, negative_prompt=negative or "", seeds=(1,))
+    reference = root / "models/Stable-diffusion/tiny-sd15-inpainting.safetensors"
+    report = verify(output, settings, reference, progress=progress)
+    json_path = write_json(report, folder / "report.json", overwrite=True)
+    write_markdown(report, folder / "report.md", overwrite=True)
+    grid = write_grid(report, folder / "grid.png", overwrite=True)
+    return report.summary(), json_path, grid
+
+
 def run_demo(root: str | os.PathLike[str], progress: ProgressFn = no_progress
              ) -> DemoResult:
-    """Build the demo library under ``root``, run the demo merge recipe, then
-    inspect and hash every model; the combined report is written to
-    ``root/library.json``."""
+    """Build the demo library under ``root`` (with a small tokenizer), run
+    the demo merge recipe, inspect and hash every model (the combined report
+    goes to ``root/library.json``), then verify the recipe's output against
+    its inpainting parent (``root/verify/report.json`` and ``grid.png``)."""
     from modelkit.inspect.report import inspect_model
     from modelkit.io.hashing import hash_file
 
     result = DemoResult(Path(root).absolute())
     prepare_dir(result.root)
     result.files = build_library(result.root, progress)
-    result.files.append(run_demo_recipe(result.root, progress))
+    write_demo_tokenizer(result.root)
+    output = run_demo_recipe(result.root, progress)
+    result.files.append(output)
     for i, path in enumerate(result.files, 1):
         result.reports.append(inspect_model(path).to_dict())
         result.hashes.append(hash_file(path).to_dict())
@@ -161,4 +219,6 @@ def run_demo(root: str | os.PathLike[str], progress: ProgressFn = no_progress
     summary.write_text(json.dumps({"reports": result.reports, "hashes": result.hashes},
                                   indent=2))
     result.summary_path = summary
+    result.verify_summary, result.verify_report, result.verify_grid = run_demo_verify(
+        result.root, output, progress)
     return result

@@ -102,7 +102,8 @@ def test_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 2 and "Missing argument" in err
 
 
-def test_demo(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_demo(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+              monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "lib"
     code, out, _ = _run(capsys, "demo", str(root), "-q")
     assert code == 0
@@ -124,7 +125,13 @@ def test_demo(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert "modelkit.recipe" in mix["metadata"]
     assert len(data["hashes"]) == len(data["reports"]) == 18
     assert "tiny-sd15-inpainting.safetensors" in out
-    # a second run reuses its own folder; a foreign non-empty folder is refused
+    assert "verify grid:" in out and (root / "verify" / "grid.png").is_file()
+    # a second run reuses its own folder (its verify, timed above, is skipped);
+    # a foreign non-empty folder is refused
+    import modelkit.demo
+
+    monkeypatch.setattr(modelkit.demo, "run_demo_verify",
+                        lambda root, output, progress: ("skipped", output, output))
     assert main(["demo", str(root), "-q"]) == 0
     other = tmp_path / "mine"
     other.mkdir()

@@ -22,7 +22,7 @@ def _imported(code: str) -> set[str]:
 
 def test_import_modelkit_is_light() -> None:
     assert _imported("import modelkit, modelkit.io.header, modelkit.inspect.report, "
-                     "modelkit.arch.keys, modelkit.errors") == set()
+                     "modelkit.arch.keys, modelkit.errors, modelkit.verify") == set()
 
 
 def test_help_is_light() -> None:
@@ -31,7 +31,8 @@ def test_help_is_light() -> None:
             " ['demo', '--help'], ['prune', '--help'], ['quantize', '--help'],"
             " ['export-gguf', '--help'], ['convert', '--help'], ['lora', '--help'],"
             " ['lora', 'bake', '--help'], ['library', '--help'],"
-            " ['library', 'scan', '--help'], ['tui', '--help']):\n"
+            " ['library', 'scan', '--help'], ['tui', '--help'],"
+            " ['verify', '--help']):\n"
             "    assert main(args) == 0")
     assert _imported(code) == set()
 

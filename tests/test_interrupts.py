@@ -53,7 +53,11 @@ def test_full_disk_is_one_line_exit_2(tmp_path: Path, models: dict[str, Path],
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, data, offset)  # type: ignore[arg-type]
 
+    def copy_file_range(*_a: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "copy_file_range", copy_file_range)
     out = tmp_path / "p.safetensors"
     assert main(["prune", str(models["sd1"]), "-o", str(out), "-q"]) == 2
     err = capsys.readouterr().err

@@ -174,8 +174,14 @@ ARCHS: dict[str, ArchSpec] = {a.name: a for a in (SD1, SD2, SDXL, SDXL_REFINER)}
 SDXL_ADM_EXTRA = {"sdxl": 6 * 256, "sdxl_refiner": 5 * 256}
 
 
+# tiny text-encoder widths by real width: SDXL's two encoders keep different
+# widths (as the real 768/1280), because diffusers' single-file loader tells
+# them apart by width and would fill text_encoder_2 from CLIP-L otherwise
+TINY_TE_WIDTHS = {768: 32, 1024: 32, 1280: 64}
+
+
 def _tiny_te(te: TextEncoderConfig) -> TextEncoderConfig:
-    return replace(te, width=32, heads=4)
+    return replace(te, width=TINY_TE_WIDTHS.get(te.width, 32), heads=4)
 
 
 def _tiny(arch: ArchSpec) -> ArchSpec:

@@ -48,6 +48,8 @@ SUBCOMMANDS = {
                 "Index model folders; list, dupes, lineage and placement checks."),
     "tui": ("modelkit.cli.tui_cmd", "tui_cmd",
             "Browse, inspect and compare the model library in a terminal UI."),
+    "verify": ("modelkit.cli.verify_cmd", "verify_cmd",
+               "Check a checkpoint: static checks, offline render, compare to a reference."),
     "demo": ("modelkit.cli.demo_cmd", "demo_cmd",
              "Build a tiny demo model library and run modelkit on it."),
     "methods": ("modelkit.cli.info_cmd", "methods_cmd",

@@ -37,7 +37,8 @@ def last_output() -> Path | None:
 
 
 def execute(recipe: Any, common: dict[str, Any], render: Callable[[Any], list[str]],
-            *, output: str | None = None, dry_run: bool = False) -> Any:
+            *, output: str | None = None, dry_run: bool = False, verify: bool = False
+            ) -> Any:
     """Run ``recipe`` and print its report: JSON with ``--json``, else the
     lines ``render(report)`` returns. Returns the report."""
     from modelkit.core.runner import output_path, run
@@ -48,7 +49,8 @@ def execute(recipe: Any, common: dict[str, Any], render: Callable[[Any], list[st
     progress = StderrProgress(common.get("quiet", False))
     try:
         report = run(recipe, output=output, progress=progress,
-                     overwrite=common.get("overwrite", False), dry_run=dry_run)
+                     overwrite=common.get("overwrite", False), dry_run=dry_run,
+                     verify=verify)
     finally:
         progress.close()
     if common.get("as_json"):

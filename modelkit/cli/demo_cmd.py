@@ -20,7 +20,12 @@ def demo_cmd(directory: Path, quiet: bool) -> None:
     Writes seeded synthetic checkpoints, a VAE, LoRA/LoHa/LoKr adapters and
     embeddings in an A1111-like layout under DIRECTORY (default
     ./modelkit-demo), runs a merge recipe (DIRECTORY/recipes/), then inspects
-    and hashes every file and writes DIRECTORY/library.json.
+    and hashes every file and writes DIRECTORY/library.json. Last, it verifies
+    the recipe's output against its inpainting parent (the library's negative
+    embedding in the prompts) and writes
+    DIRECTORY/verify/report.json and grid.png. A small tokenizer goes to
+    DIRECTORY/models/tokenizers/clip, so 'modelkit verify' works offline on
+    every checkpoint there.
     """
     from modelkit.demo import run_demo
 
@@ -38,3 +43,7 @@ def demo_cmd(directory: Path, quiet: bool) -> None:
                    .rstrip())
     click.echo(f"\n{len(result.files)} files in {result.root}; full report: "
                f"{result.summary_path}")
+    click.echo(f"verify {Path(result.files[-1]).name} against its inpainting parent: "
+               f"{result.verify_summary}")
+    click.echo(f"verify report: {result.verify_report}")
+    click.echo(f"verify grid: {result.verify_grid}")

@@ -140,11 +140,14 @@ def extract_cmd(base: str, tuned: str, output: str, rank: int, conv_rank: int | 
 @click.option("--conv-rank", type=int, default=None, help="New rank of 3x3 convs.")
 @click.option("--energy", type=float, default=None,
               help="Per module, the smallest rank keeping this share of ||ΔW||².")
+@click.option("--dtype", type=click.Choice(MERGE_OUTPUT_DTYPES), default="keep",
+              show_default=True, help="Storage type of the factors (keep: the input's).")
 def resize_cmd(lora: str, output: str, rank: int | None, conv_rank: int | None,
-               energy: float | None, **common: Any) -> None:
+               energy: float | None, dtype: str, **common: Any) -> None:
     """Re-factorise an adapter at a new rank (exact SVD of its ΔW)."""
     recipe = Recipe.op("lora_resize", lora, output=output, options=options_from(common),
-                       source=COMMAND_LINE, rank=rank, conv_rank=conv_rank, energy=energy)
+                       source=COMMAND_LINE, rank=rank, conv_rank=conv_rank, energy=energy,
+                       dtype=dtype)
     _execute(recipe, {"output": output, **common}, _svd_lines)
 
 

@@ -16,6 +16,7 @@ from modelkit.vocab import (
     DEVICES,
     MERGE_OUTPUT_DTYPES,
     MISSING_KEY_POLICIES,
+    OUTPUT_FORMATS,
 )
 
 MERGE_EPILOG = """\b
@@ -45,6 +46,8 @@ def _merge_lines(report: Any) -> list[str]:
         out.append(f"note: {report.n_ignored} keys exist only in B/C and were ignored")
     if report.dry_run:
         out += _block_weight_lines(report)
+    if report.verify is not None:
+        out.append(f"verify: {shown(report.verify.summary())}")
     for w in report.warnings[:20]:
         click.echo(f"warning: {shown(w)}", err=True)
     return out
@@ -80,6 +83,9 @@ def _block_weight_lines(report: Any) -> list[str]:
               help="Other method parameters, e.g. --param k=0.2.")
 @click.option("--dtype", type=click.Choice(MERGE_OUTPUT_DTYPES),
               default="fp16", show_default=True, help="Output dtype for float tensors.")
+@click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS), default=None,
+              help="Output format (default: from the output name: .safetensors, .gguf "
+                   "for the UNet as GGUF, anything else a diffusers folder).")
 @click.option("--device", type=click.Choice(DEVICES), default="cpu",
               show_default=True)
 @click.option("--block-map", type=click.Choice(BLOCK_MAPS),
@@ -102,7 +108,7 @@ def _block_weight_lines(report: Any) -> list[str]:
               help="Replace OUTPUT if it exists (never allowed for an input).")
 def merge_cmd(models: tuple[str, ...], output: str, method: str, alpha: float | None,
               beta: float | None, blocks: str | None, beta_blocks: str | None,
-              extra: tuple[str, ...], dtype: str, device: str, block_map: str,
+              extra: tuple[str, ...], dtype: str, fmt: str | None, device: str, block_map: str,
               missing: str, include: tuple[str, ...], exclude_keys: tuple[str, ...],
               vae: str | None, seed: int, dry_run: bool, as_json: bool, quiet: bool,
               overwrite: bool) -> None:
@@ -129,6 +135,8 @@ def merge_cmd(models: tuple[str, ...], output: str, method: str, alpha: float | 
                       flat(exclude_keys), vae, seed)
     recipe = Recipe.merge(*models, method=method, output=output, dtype=dtype,
                           options=options, source=COMMAND_LINE, **params)
+    if fmt:
+        recipe = recipe.with_output(format=fmt)
     execute(recipe, {"quiet": quiet, "as_json": as_json, "overwrite": overwrite},
             _merge_lines, dry_run=dry_run)
 
@@ -169,14 +177,19 @@ def recipe_group() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @click.option("--overwrite", is_flag=True,
               help="Replace the output if it exists (never allowed for an input).")
+@click.option("--verify", "verify", is_flag=True,
+              help="Render and check the output after writing (the recipe's verify: "
+                   "section, or the defaults); exit 1 when a check fails.")
 def recipe_run(recipe: str, output: str | None, dry_run: bool, as_json: bool,
-               quiet: bool, overwrite: bool) -> None:
-    """Run a recipe file."""
+               quiet: bool, overwrite: bool, verify: bool) -> None:
+    """Run a recipe file (exit 1 when its verification fails)."""
     from modelkit.core.recipe import load_recipe
 
-    execute(load_recipe(recipe), {"quiet": quiet, "as_json": as_json,
-                                  "overwrite": overwrite},
-            _merge_lines, output=output, dry_run=dry_run)
+    report = execute(load_recipe(recipe), {"quiet": quiet, "as_json": as_json,
+                                           "overwrite": overwrite},
+                     _merge_lines, output=output, dry_run=dry_run, verify=verify)
+    if report.verify is not None and not report.verify.passed:
+        raise click.exceptions.Exit(1)
 
 
 @recipe_group.command("lock")

@@ -48,3 +48,23 @@ def chunked_apply(t: torch.Tensor, out_dtype: torch.dtype, fn: Any,
     for i in range(0, src.numel(), chunk):
         dst[i:i + chunk].copy_(fn(src[i:i + chunk].to(torch.float32)))
     return out
+
+
+def passthrough(keys: dict[str, tuple[Source, str]]) -> Any:
+    """A ``stream`` route for a DerivedSource: output keys whose bytes are an
+    input tensor's bytes unchanged (same dtype and shape) are copied file to
+    file in the kernel, when that input is a safetensors file; the writer
+    asks ``get`` for every other key. ``keys`` maps such output keys to
+    (source, key in it). Returns None when no key qualifies."""
+    raw = {k: (s, o) for k, (s, o) in keys.items() if getattr(s, "raw_readable", False)}
+    if not raw:
+        return None
+
+    def stream(key: str, sink: Any) -> bool:
+        found = raw.get(key)
+        if found is None:
+            return False
+        sink.copy_from(*found)
+        return True
+
+    return stream

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from modelkit.arch import parts
 from modelkit.arch.configs import TE_PREFIXES, UNET_PREFIX, VAE_PREFIX
-from modelkit.convert.base import describe, require_checkpoint
+from modelkit.convert.base import describe, passthrough, require_checkpoint
 from modelkit.core.step import PlannedStep
 from modelkit.errors import ModelkitError
 from modelkit.io.source import DerivedSource, Source, input_paths_of, source_label, tensor_info
@@ -114,8 +114,11 @@ def swap(src: Source, donor: Source, component: str = "vae") -> PlannedStep:
             report.cast += 1
         return cast(t, want)
 
+    unchanged = {k: (src, k) for k in src.infos if k not in origin}
+    unchanged.update({k: (donor, o) for k, o in origin.items()
+                      if donor.infos[o].dtype == src.infos[k].dtype})
     out = DerivedSource(f"swap({name})", dict(src.infos), dict(src.metadata), produce,
-                        input_paths_of([src, donor]))
+                        input_paths_of([src, donor]), stream=passthrough(unchanged))
     origins = {k: ((1, origin[k]) if k in origin else (0, k)) for k in src.infos}
     return PlannedStep(out, report, "swap", {"component": component,
                                              "donor": Path(dname).name},
@@ -153,6 +156,7 @@ def extract(src: Source, component: str) -> PlannedStep:
     if not strip:
         report.notes.append(f"{len(prefixes)} text encoders: keys keep their prefixes")
     out = DerivedSource(f"extract({name})", infos, dict(src.metadata),
-                        lambda k: src.get(origin[k]), src.input_paths)
+                        lambda k: src.get(origin[k]), src.input_paths,
+                        stream=passthrough({k: (src, o) for k, o in origin.items()}))
     return PlannedStep(out, report, "extract", {"component": component},
                        {k: (0, o) for k, o in origin.items()})

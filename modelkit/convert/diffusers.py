@@ -273,3 +273,48 @@ def plan_folder(source: Source) -> FolderPayload:
     files.append(FolderFile(MODEL_INDEX, json=model_index(plan.arch, plan.variant,
                                                          plan.components, version)))
     return FolderPayload(files, plan.notes)
+
+
+@dataclass
+class ConfigFolder:
+    """What :func:`write_diffusers_configs` wrote: enough for diffusers'
+    ``from_single_file(config=path, local_files_only=True)`` to build the
+    pipeline offline."""
+
+    path: Path
+    pipeline_class: str
+    arch: str
+    variant: str | None
+    prediction: str
+    zero_snr: bool
+    components: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+def write_diffusers_configs(source: Source, out_dir: str | os.PathLike[str]) -> ConfigFolder:
+    """Write the configs of a diffusers folder for an original-layout model,
+    without weights or tokenizers (a scratch folder for loading it offline,
+    not a model output): ``model_index.json`` (tokenizers listed as absent;
+    pass them as objects), each component's ``config.json`` at the model's
+    own widths, and the scheduler config. ``out_dir`` must be new or empty.
+
+    Raises:
+        ModelkitError: not an SD1/SD2/SDXL checkpoint, incomplete component.
+    """
+    import json
+
+    plan = _plan(source)
+    version = diffusers_version()
+    root = Path(out_dir)
+    files = {f"{c}/config.json": _component_config(plan, c, [], version)
+             for c in plan.components}
+    files[f"{SCHEDULER_DIR}/scheduler_config.json"] = scheduler_config(
+        plan.prediction, plan.zero_snr, version)
+    index = model_index(plan.arch, plan.variant, plan.components, version)
+    files[MODEL_INDEX] = index
+    for rel, obj in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    notes = [n for n in plan.notes if n != TOKENIZER_NOTE]
+    return ConfigFolder(root, str(index["_class_name"]), plan.arch.name, plan.variant,
+                        plan.prediction, plan.zero_snr, list(plan.components), notes)

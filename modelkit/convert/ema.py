@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from modelkit.arch import parts
 from modelkit.arch.configs import EMA_PREFIX, UNET_PREFIX
 from modelkit.arch.keys import ema_key
-from modelkit.convert.base import require_checkpoint
+from modelkit.convert.base import passthrough, require_checkpoint
 from modelkit.core.step import PlannedStep
 from modelkit.errors import ModelkitError
 from modelkit.io.source import DerivedSource, Source, source_label, tensor_info
@@ -142,6 +142,9 @@ def select_ema(src: Source, dtype: str | None = None) -> PlannedStep:
         _accumulate(report.blocks.setdefault(block, BlockDelta()), ema, src.get(key))
         return cast(ema, to_torch(infos[key].dtype))
 
-    out = DerivedSource(f"ema({name})", infos, dict(src.metadata), produce, src.input_paths)
+    unchanged = {k: (src, k) for k, i in infos.items()
+                 if k not in forward and i.dtype == src.infos[k].dtype}
+    out = DerivedSource(f"ema({name})", infos, dict(src.metadata), produce, src.input_paths,
+                        stream=passthrough(unchanged))
     origins = {k: (0, forward.get(k, k)) for k in infos}
     return PlannedStep(out, report, "ema", {"dtype": dtype}, origins)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from modelkit.arch import parts
-from modelkit.convert.base import require_checkpoint
+from modelkit.convert.base import passthrough, require_checkpoint
 from modelkit.core.step import PlannedStep
 from modelkit.io.source import DerivedSource, Source, source_label, tensor_info
 
@@ -109,6 +109,9 @@ def prune(src: Source, *, keep_ema: bool = False, dtype: str | None = None) -> P
         return cast(t, to_torch(infos[key].dtype))
 
     label = f"prune({source_label(src)})"
-    out = DerivedSource(label, infos, dict(src.metadata), produce, src.input_paths)
+    unchanged = {k: (src, o) for k, o in origin.items() if not parts.is_position_ids(k)
+                 and infos[k].dtype == src.infos[o].dtype}
+    out = DerivedSource(label, infos, dict(src.metadata), produce, src.input_paths,
+                        stream=passthrough(unchanged))
     params = {"keep_ema": keep_ema, "dtype": dtype}
     return PlannedStep(out, rep, "prune", params, {k: (0, o) for k, o in origin.items()})

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from modelkit.arch import parts
-from modelkit.convert.base import chunked_apply, describe
+from modelkit.convert.base import chunked_apply, describe, passthrough
 from modelkit.core.step import PlannedStep, same_origins
 from modelkit.errors import ModelkitError
 from modelkit.io.source import DerivedSource, Source, source_label, tensor_info
@@ -177,21 +177,40 @@ def _saturating_cast(report: QuantizeReport, key: str, t: torch.Tensor,
     return out
 
 
-def int8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel symmetric int8: ``(Q int8, scale float32 [O])``."""
+def int8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Per-output-channel symmetric int8 of ``w``: ``(Q int8, scale float32
+    [O], err_sq, ref_sq)`` where the sums give the restored tensor's error
+    ``||Q s - W||^2`` and ``||W||^2``.
+
+    Rows go through in blocks of about 1M elements, each step writing into
+    buffers reused across blocks (the fp32 copy, ``|W|``, ``W / s`` rounded
+    and clamped, then restored in place to measure the error), so a block
+    costs a few passes over memory and no temporaries."""
     import torch
 
     rows = w.reshape(w.shape[0], -1)
+    n_rows, cols = rows.shape
     q = torch.empty(rows.shape, dtype=torch.int8, device=w.device)
-    scale = torch.empty(rows.shape[0], dtype=torch.float32, device=w.device)
-    step = max(1, CHUNK // max(1, rows.shape[1]))
-    for i in range(0, rows.shape[0], step):
-        block = rows[i:i + step].to(torch.float32)
-        s = block.abs().amax(dim=1) / 127.0
+    scale = torch.empty(n_rows, dtype=torch.float32, device=w.device)
+    step = max(1, CHUNK // max(1, cols))
+    size = min(n_rows, step) * cols
+    x_buf = torch.empty(size, dtype=torch.float32, device=w.device)
+    a_buf = torch.empty(size, dtype=torch.float32, device=w.device)
+    err = ref = 0.0
+    for i in range(0, n_rows, step):
+        j = min(i + step, n_rows)
+        x = x_buf[:(j - i) * cols].view(j - i, cols)
+        a = a_buf[:(j - i) * cols].view(j - i, cols)
+        x.copy_(rows[i:j])
+        s = torch.abs(x, out=a).amax(dim=1).div_(127.0)
         s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero row stays zero
-        q[i:i + step] = torch.round(block / s[:, None]).clamp_(-127, 127).to(torch.int8)
-        scale[i:i + step] = s
-    return q.reshape(w.shape), scale
+        torch.div(x, s[:, None], out=a).round_().clamp_(-127, 127)
+        q[i:j] = a
+        scale[i:j] = s
+        a.mul_(s[:, None]).sub_(x)  # restored minus original
+        err += float(torch.dot(a.view(-1), a.view(-1)))
+        ref += float(torch.dot(x.view(-1), x.view(-1)))
+    return q.reshape(w.shape), scale, err, ref
 
 
 def int8_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
@@ -206,18 +225,6 @@ def int8_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
         out[i:i + step] = rows[i:i + step].to(torch.float32) * scale[i:i + step, None].to(
             torch.float32)
     return out.reshape(q.shape)
-
-
-def _int8_error(report: QuantizeReport, key: str, w: torch.Tensor, q: torch.Tensor,
-                scale: torch.Tensor) -> None:
-    rows, qr = w.reshape(w.shape[0], -1), q.reshape(q.shape[0], -1)
-    step = max(1, CHUNK // max(1, rows.shape[1]))
-    # (restored, original) row blocks: the error is measured against the original
-    err, ref = l2_sums((qr[i:i + step].float() * scale[i:i + step, None], rows[i:i + step])
-                       for i in range(0, rows.shape[0], step))
-    report.err_sq += err
-    report.ref_sq += ref
-    report.errors.append(TensorError(key, relative_l2(err, ref), snr_db(err, ref)))
 
 
 def _plan_key(key: str, dtype: str, shape: tuple[int, ...], target: str,
@@ -286,8 +293,10 @@ def _quantized_source(src: Source, report: QuantizeReport, infos: dict[str, Any]
 
     def produce_int8(key: str) -> torch.Tensor:
         w = src.get(key)
-        q, scale = int8_quantize(w)
-        _int8_error(report, key, w, q, scale)
+        q, scale, err, ref = int8_quantize(w)
+        report.err_sq += err
+        report.ref_sq += ref
+        report.errors.append(TensorError(key, relative_l2(err, ref), snr_db(err, ref)))
         report.n_int8 += 1
         pending[key] = scale
         return q
@@ -298,7 +307,9 @@ def _quantized_source(src: Source, report: QuantizeReport, infos: dict[str, Any]
                                       "scale_suffix": SCALE_SUFFIX, "scale_dtype": "F32",
                                       "min_elements": INT8_MIN_ELEMENTS})
     name = source_label(src)
-    out = DerivedSource(f"quantize({name})", infos, meta, produce, src.input_paths)
+    unchanged = {k: (src, o) for k, (a, o) in actions.items() if a == "copy"}
+    out = DerivedSource(f"quantize({name})", infos, meta, produce, src.input_paths,
+                        stream=passthrough(unchanged))
     params = {"dtype": target, "policy": report.policy}
     origins = {k: (None if a == "scale" else (0, o)) for k, (a, o) in actions.items()}
     return PlannedStep(out, report, "quantize", params, origins)
@@ -361,7 +372,10 @@ def dequantize(src: Source, dtype: str = "fp16") -> PlannedStep:
         return cast(t, target)
 
     meta = {k: v for k, v in src.metadata.items() if k != QUANT_KEY}
-    out = DerivedSource(f"dequantize({name})", infos, meta, produce, src.input_paths)
+    unchanged = {k: (src, k) for k, i in infos.items()
+                 if k not in scaled and i.dtype == src.infos[k].dtype}
+    out = DerivedSource(f"dequantize({name})", infos, meta, produce, src.input_paths,
+                        stream=passthrough(unchanged))
     return PlannedStep(out, report, "dequantize", {"dtype": dtype}, same_origins(infos))
 
 

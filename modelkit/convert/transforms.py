@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from modelkit.convert.base import passthrough
 from modelkit.core.registry import (
     DROPPED,
     NEW,
@@ -105,5 +106,6 @@ def convert(model: Anything) -> PlannedStep:
 
     src: Source = model
     out = DerivedSource(f"convert({source_label(src)})", dict(src.infos),
-                        dict(src.metadata), src.get, src.input_paths)
+                        dict(src.metadata), src.get, src.input_paths,
+                        stream=passthrough({k: (src, k) for k in src.infos}))
     return PlannedStep(out, None, "convert", {}, same_origins(src.infos))

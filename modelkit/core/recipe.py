@@ -27,6 +27,14 @@ merge method or an operation) and one output::
       format: safetensors              # or diffusers (a folder), gguf (UNet); default from the path
       quant: q8_0                      # gguf: q8_0, f16 or bf16
       keep_shapes: false               # gguf: keep conv kernels in their own shape
+    verify:                            # optional: render and check the output
+      reference: base                  # an input to compare with (default: the
+                                       #   primary input; a LoRA bake compares with
+                                       #   the base plus the LoRAs applied at render
+                                       #   time); none: no reference
+      seeds: [1, 2]                    # also prompts, negative_prompt, preset
+      steps: 4                         #   (tiny, smoke, standard), size: 256x256,
+                                       #   operation, thresholds: {psnr: 30}
     options:
       device: cpu                      # cpu, cuda, auto
       block_map: supermerger           # or mecha
@@ -164,6 +172,7 @@ class Recipe:
     output_quant: str = "q8_0"
     output_keep_shapes: bool = False
     from_yaml: bool = False  # errors then name the recipe file and the step
+    verify: dict[str, Any] | None = None  # render and check the output (see above)
 
     # --- building in code --------------------------------------------------------
 
@@ -245,9 +254,12 @@ class Recipe:
         if self.output_format == "gguf":
             output["quant"] = self.output_quant
             output["keep_shapes"] = self.output_keep_shapes
-        return {"version": RECIPE_VERSION, "inputs": inputs,
-                "steps": {n: _step_dict(s) for n, s in self.steps.items()},
-                "output": output, "options": options}
+        out = {"version": RECIPE_VERSION, "inputs": inputs,
+               "steps": {n: _step_dict(s) for n, s in self.steps.items()},
+               "output": output, "options": options}
+        if self.verify is not None:
+            out["verify"] = dict(self.verify)
+        return out
 
     def to_yaml(self) -> str:
         import yaml
@@ -529,6 +541,33 @@ def _check_options(c: _Checker, o: Options) -> None:
         raise c.fail(("options", "vae"), "must be a file path")
 
 
+VERIFY_FIELDS: dict[str, tuple[type, ...]] = {
+    "reference": (str,), "prompts": (list,), "negative_prompt": (str,), "seeds": (list,),
+    "preset": (str,), "steps": (int,), "size": (str, list), "operation": (str,),
+    "thresholds": (dict,), "guidance_scale": (int, float), "scheduler": (str,),
+    "threads": (int,), "render": (bool,), "tokenizer": (str,), "library": (str,),
+}
+
+
+def _check_verify(c: _Checker, recipe: Recipe) -> None:
+    v = recipe.verify
+    if v is None:
+        return
+    if not isinstance(v, dict):
+        raise c.fail(("verify",), "a mapping of verify settings (or true)")
+    for key, value in v.items():
+        types = VERIFY_FIELDS.get(key)
+        if types is None:
+            raise c.fail(("verify", str(key)), f"unknown field; allowed: "
+                                               f"{', '.join(VERIFY_FIELDS)}")
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise c.fail(("verify", key), f"must be a {' or '.join(t.__name__ for t in types)}")
+    ref = v.get("reference")
+    if ref is not None and ref != "none" and ref not in recipe.inputs:
+        raise c.fail(("verify", "reference"), f"{ref[:60]!r} is not an input name; known: "
+                                              f"{', '.join(recipe.inputs)}, or none")
+
+
 def validate(recipe: Recipe, locate: Callable[[tuple[str, ...]], int | None] | None = None
              ) -> Recipe:
     """Check a recipe before any file is read and return it normalised
@@ -544,6 +583,7 @@ def validate(recipe: Recipe, locate: Callable[[tuple[str, ...]], int | None] | N
     steps = _check_steps(c, recipe)
     _check_output(c, recipe)
     _check_options(c, recipe.options)
+    _check_verify(c, recipe)
     out = copy.copy(recipe)
     out.steps = steps
     out.options = replace(recipe.options, include=tuple(recipe.options.include),
@@ -672,7 +712,7 @@ def parse_recipe(text: str, source: str = "<recipe>", base_dir: Path | None = No
     its line."""
     raw, locate = _load_yaml(text, source)
     c = _Checker(source, locate)
-    top = _mapping(c, raw, (), ("version", "inputs", "steps", "output", "options"))
+    top = _mapping(c, raw, (), ("version", "inputs", "steps", "output", "options", "verify"))
     if top.get("version") != RECIPE_VERSION:
         raise c.fail(("version",), f"unsupported recipe version "
                                    f"{str(top.get('version'))[:20]!r}; this modelkit reads "
@@ -686,6 +726,8 @@ def parse_recipe(text: str, source: str = "<recipe>", base_dir: Path | None = No
                     _options_from(c, top.get("options")), base_dir or Path.cwd(), source,
                     out.get("format"), out.get("quant", "q8_0"),
                     out.get("keep_shapes", False), from_yaml=True)
+    section = top.get("verify")
+    recipe.verify = {} if section is True else (None if section is False else section)
     return validate(recipe, locate)
 
 

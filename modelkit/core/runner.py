@@ -37,7 +37,16 @@ from typing import Any
 from modelkit.core.recipe import Recipe, validate
 from modelkit.core.report import RunReport, StepReport
 from modelkit.errors import ModelkitError
-from modelkit.progress import HASH, PLAN, READ, WRITE, Progress, ProgressFn, no_progress
+from modelkit.progress import (
+    HASH,
+    PLAN,
+    READ,
+    VERIFY,
+    WRITE,
+    Progress,
+    ProgressFn,
+    no_progress,
+)
 
 
 class _Stop:
@@ -89,6 +98,11 @@ class _Events:
     def hash(self, p: Progress) -> None:
         self._count(HASH, p)
 
+    def verify(self, p: Progress) -> None:
+        with self.lock:
+            self.progress(Progress(p.step, p.done, p.total, p.unit, p.item, VERIFY,
+                                   p.fraction if p.overall is None else p.overall))
+
     def write(self, p: Progress) -> None:
         self.peak.sample()
         self._count(WRITE, p, self.step)
@@ -109,9 +123,12 @@ class _PeakMemory:
     """The growth of the process's anonymous memory (RssAnon: heap and
     buffers, not the page cache of mapped files) while writing."""
 
+    INTERVAL = 0.1  # seconds between samples (reading /proc costs ~0.1 ms)
+
     def __init__(self) -> None:
         self.base = self._rss_anon()
         self.peak = self.base
+        self.last = 0.0
 
     @staticmethod
     def _rss_anon() -> int | None:
@@ -124,7 +141,11 @@ class _PeakMemory:
             return None
         return None
 
-    def sample(self) -> None:
+    def sample(self, force: bool = False) -> None:
+        t = time.monotonic()
+        if not force and t - self.last < self.INTERVAL:
+            return
+        self.last = t
         now = self._rss_anon()
         if now is not None and self.peak is not None:
             self.peak = max(self.peak, now)
@@ -202,7 +223,7 @@ def _exact_size(report: RunReport, recipe: Recipe, graph: Any, final: Any, spec:
 
 def run(recipe: Recipe, *, output: str | os.PathLike[str] | None = None,
         progress: ProgressFn = no_progress, cancel: Any = None, overwrite: bool = False,
-        dry_run: bool = False) -> RunReport:
+        dry_run: bool = False, verify: bool = False) -> RunReport:
     """Run ``recipe`` (see the module docstring) and return what it did.
 
     Args:
@@ -216,6 +237,9 @@ def run(recipe: Recipe, *, output: str | os.PathLike[str] | None = None,
             and leaves no output or temp file.
         overwrite: replace an existing output (an input never is).
         dry_run: plan only; no tensor is read and nothing is written.
+        verify: render and check the output after writing (as the recipe's
+            ``verify:`` section does; see :mod:`modelkit.core.verification`);
+            the :class:`~modelkit.verify.VerifyReport` is ``report.verify``.
 
     Raises:
         ModelkitError: a bad recipe, input or output (before anything is
@@ -273,6 +297,11 @@ def run(recipe: Recipe, *, output: str | os.PathLike[str] | None = None,
 
             result = write(payload, spec, metadata=metadata, inputs=graph.files,
                            progress=events.write, cancel=stop, finalize=finalize)
+            if verify or recipe.verify is not None:
+                from modelkit.core.verification import verify_output
+
+                report.verify = verify_output(recipe, graph, out, recipe.verify or {},
+                                              device, events.verify, stop)
         except BaseException:
             stop.failed.set()
             if cancel is not None and cancel.is_set():
@@ -284,6 +313,7 @@ def run(recipe: Recipe, *, output: str | os.PathLike[str] | None = None,
     report.n_tensors = result.n_tensors
     report.notes += result.notes
     report.output_details = details
+    events.peak.sample(force=True)
     report.peak_measured_bytes = events.peak.growth
     report.seconds = time.perf_counter() - start
     return report

@@ -184,10 +184,9 @@ class Q80Encoder:
         n = flat.numel()
         x, a, t = self.x[:n], self.a[:n], self.t[:n]
         x.copy_(flat)
-        lo, hi = torch.aminmax(x.view(-1, 32), dim=1, keepdim=True)
-        d = torch.maximum(hi, lo.neg_()).abs_().div_(127)  # abs_: no -0.0 scale
-        inv = torch.where(d == 0, torch.zeros_like(d), d.reciprocal())
         torch.abs(x, out=a)
+        d = a.view(-1, 32).amax(dim=1, keepdim=True).div_(127)
+        inv = torch.where(d == 0, torch.zeros_like(d), d.reciprocal())
         a.view(-1, 32).mul_(inv)
         torch.mul(a, 2, out=t)
         t.floor_().sub_(a.floor_())
@@ -442,7 +441,7 @@ def open_gguf(path: str | os.PathLike[str], device: str = "cpu") -> Source:
         infos[name] = tensor_info(name, dtype, tuple(int(d) for d in shape))
     prefix = "modelkit.source_metadata."
     meta = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in fields.items()
-            if k.startswith("modelkit.") and isinstance(v, str)}
+            if k.startswith(("modelkit.", "general.")) and isinstance(v, str)}
 
     def produce(key: str) -> torch.Tensor:
         import numpy as np

@@ -7,6 +7,7 @@ through :mod:`modelkit.io.pickle`.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,10 @@ if TYPE_CHECKING:
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 CAST_CHUNK = 1 << 20  # elements per chunk when casting (see cast())
+
+
+_NO_COPY_RANGE = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP,
+                            errno.EBADF, errno.EPERM})
 
 
 def resolve_device(device: str) -> str:
@@ -130,7 +135,9 @@ class ModelSource(KeyAccess):
         while left > 0:
             try:
                 n = os.copy_file_range(src, fd, left, pos, offset)
-            except OSError:
+            except OSError as exc:  # not supported between these files: copy below
+                if exc.errno not in _NO_COPY_RANGE:
+                    raise
                 n = 0
             if n <= 0:  # unsupported between these files: copy through memory
                 data = os.pread(src, min(left, 1 << 24), pos)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from modelkit.arch.blocks import block_of
 from modelkit.arch.lora_blocks import parse_lora_blocks
-from modelkit.convert.base import require_checkpoint
+from modelkit.convert.base import passthrough, require_checkpoint
 from modelkit.core.step import PlannedStep, same_origins
 from modelkit.errors import ModelkitError, check_cancel
 from modelkit.io.source import DerivedSource, Source, input_paths_of, source_label, tensor_info
@@ -260,8 +260,10 @@ def bake(checkpoint: Source, adapters: Sequence[Source | AdapterUse | tuple[Any,
 
     label = f"bake({source_label(checkpoint)})"
     sources = [checkpoint, *(u.source for u in uses)]
+    unchanged = {k: (checkpoint, k) for k, i in infos.items()
+                 if k not in patches and i.dtype == checkpoint.infos[k].dtype}
     out = DerivedSource(label, infos, dict(checkpoint.metadata), produce,
-                        input_paths_of(sources))
+                        input_paths_of(sources), stream=passthrough(unchanged))
     params = {"adapters": [{"file": r.file, "weight": r.weight, "te_weight": r.te_weight,
                             "blocks": _blocks_param(u.blocks if u.blocks is not None
                                                     else blocks)}
