@@ -112,7 +112,7 @@ def _pause_the_first_write(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
 
 
 @pytest.mark.asyncio
-async def test_merge_from_the_tui_cancel_leaves_nothing_then_a_run_writes_it(
+async def test_merge_from_the_tui_cancel_leaves_nothing_then_a_verified_run_writes_it(
         library: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
     from safetensors.torch import load_file
@@ -140,13 +140,27 @@ async def test_merge_from_the_tui_cancel_leaves_nothing_then_a_run_writes_it(
         assert sorted(folder.iterdir()) == before
         assert "cancelled: no file was written" in \
             str(screen.query_one("#act-bar #status", Static).content)
-        # the whole run, with another alpha typed in
+        # the whole run, with another alpha, verified by the static checks
         screen.query_one("#param-alpha", Input).value = "0.25"
+        screen.query_one("#act-verify", Select).value = "static"
         await pilot.press("ctrl+r")
         await settle(pilot)
         report = screen.report
         assert report.output == out and not report.dry_run
-        assert f"wrote {out.name}  (sd1, safetensors)" in _text(screen, "#act-plan")
+        assert report.verify.verdict == "pass" and report.verify.renders is None
+        shown = _text(screen, "#act-plan")
+        assert f"wrote {out.name}  (sd1, safetensors)" in shown
+        assert f"verify: {report.verify.summary()}\nno grid: nothing was rendered" in shown
+        # the default name moved on; the written one is refused as the CLI does
+        output = screen.query_one("#act-output", Input)
+        assert output.value == str(out.with_stem(f"{out.stem}-2"))
+        output.value = out.name
+        await pilot.press("ctrl+r")
+        await settle(pilot)
+        dialog = pilot.app.screen
+        assert isinstance(dialog, ErrorDialog)
+        assert dialog.message.startswith(f"modelkit: error: {out}: already exists")
+        await pilot.press("escape")
         assert inspect_model(out).kind == "checkpoint"
         a, b = (load_file(folder / f"{n}.safetensors") for n in ("sd15", "sd15-b"))
         merged = load_file(out)
@@ -204,12 +218,6 @@ async def test_fields_come_from_the_registry_and_bad_values_show_the_cli_error(
         await _choose(pilot, "#param-dtype", "fp8_e4m3fn")
         assert screen.query_one("#act-output", Input).value == str(
             folder / "sd15-b-fp8_e4m3fn.safetensors")
-        screen.query_one("#act-output", Input).value = "sd15.safetensors"  # exists
-        await pilot.press("ctrl+r")
-        await settle(pilot)
-        dialog = pilot.app.screen
-        assert isinstance(dialog, ErrorDialog)
-        assert dialog.message.startswith(f"modelkit: error: {folder / 'sd15.safetensors'}")
     assert sorted(folder.iterdir()) == before
 
 

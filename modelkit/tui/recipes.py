@@ -30,6 +30,10 @@ LAST = ("convert",)  # a plain copy fits every file: listed after the specific o
 DEFAULT_ALPHA = 0.3  # A1111's default multiplier, as the CLI's merge
 UNUSABLE_KINDS = ("broken", "unknown")
 STEM_CHARS = 40  # of each input's name in a default output name
+VERIFY_CHOICES = (("no", "off"), ("static checks", "static"),
+                  ("render and compare", "render"))  # the form's "verify after" select
+VERIFY_SECTIONS: dict[str, dict[str, Any] | None] = {  # the recipe's verify: section
+    "off": None, "static": {"render": False}, "render": {}}
 BLOCKS_PER_LINE = 5  # 13 columns each: fits a 72-column plan
 REPORT_FIELDS = 6  # scalar fields of a step's own report shown in the plan
 SHOWN_ABOVE = frozenset({"arch", "n_keys", "n_tensors", "n_merged", "n_copied", "n_skipped",
@@ -176,10 +180,14 @@ def default_output(action: str, paths: Sequence[str], params: Mapping[str, Any],
         suffix = {"prune": "pruned", "lora_bake": "baked"}.get(action) or \
             str(params.get("dtype") or params.get("component") or action)
         name = f"{stems[0]}-{suffix}"
-    folder = Path(paths[0]).parent
-    out, i = folder / f"{name}.safetensors", 2
+    return free_path(Path(paths[0]).parent, name, ".safetensors")
+
+
+def free_path(folder: Path, name: str, suffix: str) -> Path:
+    """``folder/name+suffix``, or ``name-2``, ``name-3``... when taken."""
+    out, i = folder / f"{name}{suffix}", 2
     while out.exists():
-        out, i = folder / f"{name}-{i}.safetensors", i + 1
+        out, i = folder / f"{name}-{i}{suffix}", i + 1
     return out
 
 
@@ -192,9 +200,10 @@ def output_path(text: str, first_input: str) -> Path:
     return p if p.is_absolute() else Path(first_input).parent / p
 
 
-def build_recipe(spec: ActSpec) -> Recipe:
+def build_recipe(spec: ActSpec, verify: str = "off") -> Recipe:
     """The validated recipe of ``spec`` (errors name the parameter, as the
-    CLI's do)."""
+    CLI's do); ``verify`` (a :data:`VERIFY_SECTIONS` key) adds the run's
+    verify phase."""
     output = output_path(spec.output, spec.paths[0])
     params = {k: v for k, v in spec.params.items() if v is not None}
     if spec.action == MERGE:
@@ -203,6 +212,7 @@ def build_recipe(spec: ActSpec) -> Recipe:
     else:
         recipe = Recipe.op(spec.action, *spec.paths, output=output, source=COMMAND_LINE,
                            **params)
+    recipe.verify = VERIFY_SECTIONS[verify]
     return validate(recipe)
 
 
@@ -243,10 +253,21 @@ def _block_tables(out: Text, report: Any) -> None:
                 _blocks(out, f"LoRA block weights of {a.file}", a.blocks)
 
 
-def plan_text(report: Any) -> Text:
+def _verdict(out: Text, verify: Any, grid: Path | None) -> None:
+    if verify is None:
+        return
+    style = {"pass": "green", "warn": "yellow"}.get(verify.verdict, "red")
+    out.append(f"verify: {shown(verify.summary(), 300)}\n", style=f"bold {style}")
+    if grid is not None:
+        out.append(f"grid: {safe_text(grid)}\n")
+    elif verify.renders is None:
+        out.append("no grid: nothing was rendered\n", style="dim")
+
+
+def plan_text(report: Any, grid: Path | None = None) -> Text:
     """A run report as the Act screen shows it: what is (or would be)
-    written, tensor counts, size, memory, each step, block weights,
-    warnings and notes."""
+    written, tensor counts, size, memory, each step, block weights, the
+    verify verdict and its ``grid`` image, warnings and notes."""
     out = Text()
     verb = "would write" if report.dry_run else "wrote"
     out.append(f"{verb} {safe_text(Path(str(report.output)).name)}", style="bold")
@@ -281,6 +302,7 @@ def plan_text(report: Any) -> Text:
                        f"{a.weight:g}, te {a.te_weight:g}; {a.n_modules} modules, "
                        f"{len(a.unmatched)} unmatched keys\n", style="dim")
     _block_tables(out, report)
+    _verdict(out, report.verify, grid)
     for w in report.warnings:
         out.append(f"warning: {shown(w, 300)}\n", style="yellow")
     for n in report.notes:

@@ -23,7 +23,7 @@ from modelkit.core.registry import Transform
 from modelkit.errors import ModelkitError
 from modelkit.library.query import Entry
 from modelkit.textsafe import safe_text
-from modelkit.tui import jobs
+from modelkit.tui import jobs, recipes
 from modelkit.tui.messages import (
     JobFailed,
     JobFinished,
@@ -31,19 +31,7 @@ from modelkit.tui.messages import (
     LibraryChanged,
     TransformsLoaded,
 )
-from modelkit.tui.recipes import (
-    MERGE,
-    ActSpec,
-    actions,
-    arrange,
-    build_recipe,
-    default_method,
-    default_output,
-    inputs_line,
-    merge_methods,
-    output_path,
-    plan_text,
-)
+from modelkit.tui.recipes import MERGE, ActSpec
 from modelkit.tui.screens.error import ErrorDialog
 from modelkit.tui.widgets.job_bar import JobBar
 from modelkit.tui.widgets.param_form import ParamForm, field_row
@@ -78,6 +66,7 @@ class ActScreen(Screen[None]):
         self.auto_output = ""  # the output field's text while the user has not edited it
         self.previewed: ActSpec | None = None  # what the plan shown was made from
         self.job_spec: ActSpec | None = None
+        self.job_output = Path()
         self.report: Any = None  # the last run's report
         self.first_plan = True  # plan once as soon as the form is ready
 
@@ -100,6 +89,10 @@ class ActScreen(Screen[None]):
                 yield field_row("output", Input(
                     placeholder="new file; a relative path is beside the first input",
                     compact=True, id="act-output"))
+                yield field_row("verify after", Select(
+                    recipes.VERIFY_CHOICES, value="off", allow_blank=False, compact=True,
+                    id="act-verify"), "check the new file: static checks (seconds), or "
+                    "also render it offline and compare with its input (docs/verify.md)")
             with VerticalScroll(id="act-plan-box"):
                 yield Static(Text("loading merge methods and operations...", style="dim"),
                              id="act-plan")
@@ -135,7 +128,7 @@ class ActScreen(Screen[None]):
 
     def on_transforms_loaded(self, message: TransformsLoaded) -> None:
         self.transforms = message.transforms
-        offered = actions(self.transforms, self.entries)
+        offered = recipes.actions(self.transforms, self.entries)
         self.query_one(JobBar).status("")
         if not offered:
             kinds = ", ".join(sorted({e.kind for e in self.entries}))
@@ -163,10 +156,10 @@ class ActScreen(Screen[None]):
         self.query_one("#row-method").display = merge
         self.query_one("#row-dtype").display = merge
         if merge:
-            methods = merge_methods(self.transforms, self.entries)
+            methods = recipes.merge_methods(self.transforms, self.entries)
             method = self.query_one("#act-method", Select)
             method.set_options([(m, m) for m in methods])
-            method.value = default_method(methods, len(self.entries))
+            method.value = recipes.default_method(methods, len(self.entries))
         await self.show_transform()
 
     @on(Select.Changed, "#act-method")
@@ -176,11 +169,11 @@ class ActScreen(Screen[None]):
 
         t = self.transform
         await self.query_one(ParamForm).show(t, len(self.entries), list(PRESET_DOCS))
-        ordered = arrange(t, self.entries) if t else None
+        ordered = recipes.arrange(t, self.entries) if t else None
         summary = Text()
         if t is not None and ordered is not None:
             summary.append(t.summary + "\n")
-            summary.append(inputs_line(t, ordered), style="dim")
+            summary.append(recipes.inputs_line(t, ordered), style="dim")
         self.query_one("#act-summary", Static).update(summary)
         self.form_changed()
         if self.first_plan and self.spec() is not None:
@@ -197,8 +190,8 @@ class ActScreen(Screen[None]):
             return
         field = self.query_one("#act-output", Input)
         if field.value == self.auto_output:  # not edited by the user
-            self.auto_output = str(default_output(spec.action, spec.paths, spec.params,
-                                                  spec.method))
+            self.auto_output = str(recipes.default_output(spec.action, spec.paths,
+                                                          spec.params, spec.method))
             field.value = self.auto_output
         self.show_stale()
 
@@ -212,7 +205,7 @@ class ActScreen(Screen[None]):
     def spec(self, with_output: bool = True) -> ActSpec | None:
         """What the form says now (None until a transform is chosen)."""
         t = self.transform
-        ordered = arrange(t, self.entries) if t else None
+        ordered = recipes.arrange(t, self.entries) if t else None
         if t is None or ordered is None:
             return None
         action = self.query_one("#act-action", Select).value
@@ -230,12 +223,14 @@ class ActScreen(Screen[None]):
         if self.job is not None or spec is None:
             return
         try:
-            recipe = build_recipe(spec)
-            output = str(output_path(spec.output, spec.paths[0]))
+            verify = self.query_one("#act-verify", Select).value if job == RUN else "off"
+            recipe = recipes.build_recipe(spec, str(verify))
+            output = str(recipes.output_path(spec.output, spec.paths[0]))
         except ModelkitError as exc:
             self.app.push_screen(ErrorDialog(jobs.error_line(exc)))
             return
         self.job, self.cancel_event, self.job_spec = job, threading.Event(), spec
+        self.job_output = Path(output)
         self.query_one("#act-form").disabled = job == RUN
         self.query_one(JobBar).start(job, "planning" if job == PLAN else
                                      f"writing {Path(output).name}")
@@ -253,8 +248,8 @@ class ActScreen(Screen[None]):
 
     def on_job_finished(self, message: JobFinished) -> None:
         self._ended()
-        report = message.result
-        self._plan(plan_text(report))
+        report = message.result.report
+        self._plan(recipes.plan_text(report, message.result.grid))
         self.previewed = self.job_spec if message.job == PLAN else None
         self.show_stale()
         bar = self.query_one(JobBar)
@@ -262,29 +257,33 @@ class ActScreen(Screen[None]):
             bar.stop("planned: ctrl+r writes it")
             return
         self.report = report
+        verdict = f"; verify {report.verify.verdict.upper()}" if report.verify else ""
         bar.stop(f"wrote {Path(report.output).name} ({human_bytes(report.output_bytes)}) "
-                 f"in {report.seconds:.1f}s; escape returns to the library")
-        if self.library is not None:
-            self.library.post_message(LibraryChanged([str(report.output)]))
-        self.form_changed()  # the default output name moves on to a free one
-        self.after_write(report)
+                 f"in {report.seconds:.1f}s{verdict}; escape returns to the library")
+        self._written()
 
     def on_job_failed(self, message: JobFailed) -> None:
         self._ended()
         bar = self.query_one(JobBar)
+        # the verify phase runs after the commit: a file may exist all the same
+        written = message.job == RUN and self.job_output.exists()
+        if written:
+            self._written()
+        what = f"{self.job_output.name} was written, not verified" if written else \
+            "no file was written"
         if message.cancelled:
-            bar.stop("cancelled: no file was written")
+            bar.stop(f"cancelled: {what}")
             return
         self.show_stale()
-        bar.stop(f"{'plan' if message.job == PLAN else 'run'} failed")
+        bar.stop(f"{'plan' if message.job == PLAN else 'run'} failed: {what}")
         self.app.push_screen(ErrorDialog(message.error))
 
-    def after_write(self, report: Any) -> None:
-        """Hook for "verify after writing" (``modelkit.verify`` is not on main
-        yet): with a "verify after" switch on, start a ``"verify"`` job here
-        (``verify(report.output, reference=first input, loras=a bake's
-        LoRAs, progress=, cancel=)``, then ``write_grid`` beside the output)
-        and show the verdict and the grid's path in the plan box."""
+    def _written(self) -> None:
+        """The output exists: the library indexes and selects it; the
+        default output name moves on to a free one."""
+        if self.library is not None:
+            self.library.post_message(LibraryChanged([str(self.job_output)]))
+        self.form_changed()
 
     def _ended(self) -> None:
         self.job = None
