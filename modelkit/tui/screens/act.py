@@ -94,6 +94,7 @@ class ActScreen(Screen[None]):
                     id="act-verify"), "check the new file: static checks (seconds), or "
                     "also render it offline and compare with its input (docs/verify.md)")
             with VerticalScroll(id="act-plan-box"):
+                yield Static("the form changed: ctrl+p plans it again", id="act-stale")
                 yield Static(Text("loading merge methods and operations...", style="dim"),
                              id="act-plan")
         yield JobBar(cancel_key="escape", phases=True, id="act-bar")
@@ -199,8 +200,6 @@ class ActScreen(Screen[None]):
         """Dim a plan that no longer matches the form."""
         stale = self.previewed is not None and self.spec() != self.previewed
         self.query_one("#act-plan-box").set_class(stale, "stale")
-        if stale and self.job is None:
-            self.query_one(JobBar).status("the form changed: ctrl+p plans it again")
 
     def spec(self, with_output: bool = True) -> ActSpec | None:
         """What the form says now (None until a transform is chosen)."""

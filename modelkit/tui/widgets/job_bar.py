@@ -60,7 +60,9 @@ class JobBar(Horizontal):
         bar = self.query_one(ProgressBar)
         if self.phases and p.overall is not None:
             bar.update(total=1000, progress=round(1000 * p.overall))
-            self.status(f"{p.phase}: {progress_line(p)}{self.cancel_hint}")
+            line = progress_line(p)
+            phase = "" if line.startswith(p.phase) else f"{p.phase}: "
+            self.status(f"{phase}{line}{self.cancel_hint}")
         else:
             bar.update(total=max(p.total, 1), progress=p.done)
             self.status(progress_line(p) + self.cancel_hint)

@@ -38,7 +38,7 @@ def _placeholder(p: Param, t: Transform, n_models: int) -> str:
         return text + ("; empty: default" if p.default is None else "")
     if p.kind == "list":
         return f"comma list of {','.join(p.choices)}" + ("" if p.required else
-                                                         " (empty: all)")
+                                                         "; empty: default")
     return "required" if p.required else "empty: default"
 
 
