@@ -190,7 +190,7 @@ def convert_cmd(lora: str, output: str, to: str, **common: Any) -> None:
 
 
 def _info_lines(r: Any) -> list[str]:
-    out = [f"{r.file}: {r.format} for {r.arch} ({r.naming} names), {len(r.layers)} modules, "
+    out = [f"{shown(r.file)}: {r.format} for {r.arch} ({r.naming} names), {len(r.layers)} modules, "
            f"{len(r.keys_touched)} checkpoint keys touched"]
     head = "relative to base" if r.base else "‖ΔW‖"
     out.append(f"per block ({head}):")
@@ -227,4 +227,4 @@ def info_cmd(lora: str, base: str | None, energy: float, as_json: bool,
         click.echo(line)
     if show_keys:
         for key in report.keys_touched:
-            click.echo(f"  {key}")
+            click.echo(f"  {shown(key, 200)}")

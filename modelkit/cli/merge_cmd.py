@@ -9,7 +9,7 @@ import click
 
 from modelkit.cli.common import CommaList, execute, flat
 from modelkit.cli.progress import StderrProgress, human_bytes
-from modelkit.textsafe import shown
+from modelkit.textsafe import safe_text, shown
 from modelkit.vocab import (
     BLOCK_MAPS,
     COMPONENTS,
@@ -202,7 +202,7 @@ def recipe_lock(recipe: str, output: str | None, quiet: bool) -> None:
     from modelkit.core.lock import lock_recipe
 
     path = lock_recipe(recipe, output, StderrProgress(quiet))
-    click.echo(f"locked {path}")
+    click.echo(f"locked {shown(path)}")
 
 
 @recipe_group.command("show")
@@ -211,7 +211,7 @@ def recipe_show(model: str) -> None:
     """Print the recipe embedded in a merge output."""
     from modelkit.core.lock import embedded_recipe
 
-    sys.stdout.write(embedded_recipe(model)[0])
+    sys.stdout.write(safe_text(embedded_recipe(model)[0], keep_newlines=True))
 
 
 @recipe_group.command("replay")
@@ -233,9 +233,10 @@ def recipe_replay(model: str, check: bool, output: str | None, search: tuple[str
     result = replay(model, output, progress=progress, search=search, overwrite=overwrite)
     progress.close()
     if result.identical:
-        click.echo(f"replay of {model}: bit-exact ({result.n_tensors} tensors)")
+        click.echo(f"replay of {shown(model)}: bit-exact ({result.n_tensors} tensors)")
         return
-    click.echo(f"replay of {model}: DIFFERENT: {result.n_different} of {result.n_tensors} "
-               f"tensors differ (first: {result.first_difference})")
+    click.echo(f"replay of {shown(model)}: DIFFERENT: {result.n_different} of "
+               f"{result.n_tensors} "
+               f"tensors differ (first: {shown(result.first_difference, 200)})")
     if check:
         raise click.exceptions.Exit(1)
