@@ -124,3 +124,11 @@ def model_library(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Pa
         mp.setenv("MODELKIT_CACHE_DIR", str(base / "cache"))
         scan([root], base / "index.sqlite", hash=True)
     return {"root": root, "db": base / "index.sqlite", "cache": base / "cache"}
+
+
+@pytest.fixture(scope="session")
+def snapshot_library(models: dict[str, Path]) -> Path:
+    """The TUI snapshots' library at a fixed path (tests/tui_support.py)."""
+    from tui_support import build_snapshot_library
+
+    return build_snapshot_library(models)
