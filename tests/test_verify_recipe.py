@@ -61,3 +61,25 @@ def test_verify_section_is_validated() -> None:
         parse_recipe(text, "r.yaml")
     with pytest.raises(RecipeError, match=r"verify\.colour .*unknown field"):
         parse_recipe(text.replace("reference: b", "colour: red"), "r.yaml")
+
+
+def test_cancel_while_verifying_says_the_output_was_written(
+        models: dict[str, Path], tmp_path: Path) -> None:
+    import threading
+
+    from modelkit.errors import Cancelled
+    from modelkit.progress import VERIFY, Progress
+
+    out = tmp_path / "p.safetensors"
+    recipe = Recipe.op("prune", models["sd1"], output=out)
+    recipe.verify = {"render": False}
+    stop = threading.Event()
+
+    def cancel_in_verify(p: Progress) -> None:
+        if p.phase == VERIFY:
+            stop.set()
+
+    with pytest.raises(Cancelled, match=r"while verifying; \S*p\.safetensors was written, "
+                                         r"not verified"):
+        run(recipe, progress=cancel_in_verify, cancel=stop)
+    assert out.is_file()  # complete: the write had committed before verify began

@@ -4,7 +4,10 @@ fixed path for snapshots."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,7 @@ from textual.pilot import Pilot
 from textual.worker import WorkerError
 
 SNAPSHOT_ROOT = Path("/tmp/modelkit-tui-snapshot")  # fixed: paths show on screen
+_SESSION_ID = uuid.uuid4().hex
 
 
 async def settle(pilot: Pilot[Any]) -> None:
@@ -33,7 +37,24 @@ async def settle(pilot: Pilot[Any]) -> None:
 
 def build_snapshot_library(models: dict[str, Path]) -> Path:
     """A library at :data:`SNAPSHOT_ROOT` (the screens show folders),
-    scanned without hashes into its own index; returns the index."""
+    scanned without hashes into its own index; returns the index.
+
+    Built once per test run: xdist workers share it (the tests only read
+    it), so the first one builds it under a lock and marks it with the
+    run's id."""
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID") or _SESSION_ID
+    marker = SNAPSHOT_ROOT.with_name(SNAPSHOT_ROOT.name + ".built")
+    with open(SNAPSHOT_ROOT.with_name(SNAPSHOT_ROOT.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.exists() and marker.read_text() == run_id:
+            return SNAPSHOT_ROOT / "index.sqlite"
+        marker.unlink(missing_ok=True)
+        index = _build(models)
+        marker.write_text(run_id)
+        return index
+
+
+def _build(models: dict[str, Path]) -> Path:
     from modelkit.library.scan import scan
     from modelkit.testing.lora import write_lora
 

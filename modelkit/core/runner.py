@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modelkit.core.recipe import Recipe, validate
 from modelkit.core.report import RunReport, StepReport
@@ -47,6 +47,7 @@ from modelkit.progress import (
     ProgressFn,
     no_progress,
 )
+from modelkit.textsafe import shown
 
 
 class _Stop:
@@ -221,6 +222,27 @@ def _exact_size(report: RunReport, recipe: Recipe, graph: Any, final: Any, spec:
     report.output_bytes = len(build_header(specs, meta)[0]) + report.output_bytes
 
 
+if TYPE_CHECKING:
+    from modelkit.core.graph import Graph
+
+
+def _verify_written(recipe: Recipe, graph: Graph, out: Path, device: str,
+                    events: _Events, stop: _Stop) -> Any:
+    """The verify phase. The output is already complete, so an error or a
+    cancel here says so instead of claiming nothing was written."""
+    from modelkit.core.verification import verify_output
+    from modelkit.errors import Cancelled, ModelkitError
+
+    try:
+        return verify_output(recipe, graph, out, recipe.verify or {}, device,
+                             events.verify, stop)
+    except Cancelled:
+        raise Cancelled(f"cancelled while verifying; {shown(out)} was written, "
+                        "not verified") from None
+    except ModelkitError as exc:
+        raise type(exc)(f"{exc}; {shown(out)} was written, not verified") from None
+
+
 def run(recipe: Recipe, *, output: str | os.PathLike[str] | None = None,
         progress: ProgressFn = no_progress, cancel: Any = None, overwrite: bool = False,
         dry_run: bool = False, verify: bool = False) -> RunReport:
@@ -297,11 +319,6 @@ def run(recipe: Recipe, *, output: str | os.PathLike[str] | None = None,
 
             result = write(payload, spec, metadata=metadata, inputs=graph.files,
                            progress=events.write, cancel=stop, finalize=finalize)
-            if verify or recipe.verify is not None:
-                from modelkit.core.verification import verify_output
-
-                report.verify = verify_output(recipe, graph, out, recipe.verify or {},
-                                              device, events.verify, stop)
         except BaseException:
             stop.failed.set()
             if cancel is not None and cancel.is_set():
@@ -309,6 +326,8 @@ def run(recipe: Recipe, *, output: str | os.PathLike[str] | None = None,
 
                 raise Cancelled("cancelled; no output was written") from None
             raise
+        if verify or recipe.verify is not None:
+            report.verify = _verify_written(recipe, graph, out, device, events, stop)
     report.output_bytes = result.bytes_written
     report.n_tensors = result.n_tensors
     report.notes += result.notes
