@@ -124,3 +124,25 @@ def model_library(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Pa
         mp.setenv("MODELKIT_CACHE_DIR", str(base / "cache"))
         scan([root], base / "index.sqlite", hash=True)
     return {"root": root, "db": base / "index.sqlite", "cache": base / "cache"}
+
+
+@pytest.fixture(scope="session")
+def serial_sweep(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]) -> object:
+    """tests/sweep_fixture.py's sweep run in this process (the reference
+    table the pool and Ray runs must reproduce)."""
+    from sweep_fixture import run_fixture_sweep
+
+    from modelkit.sweep import SerialExecutor
+
+    return run_fixture_sweep(tmp_path_factory.mktemp("sweep-serial"), models, SerialExecutor())
+
+
+@pytest.fixture(scope="session")
+def pool_sweep(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]) -> object:
+    """The same sweep on a two-worker process pool."""
+    from sweep_fixture import run_fixture_sweep
+
+    from modelkit.sweep import PoolExecutor
+
+    return run_fixture_sweep(tmp_path_factory.mktemp("sweep-pool"), models,
+                             PoolExecutor(jobs=2, threads=1))
