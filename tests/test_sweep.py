@@ -215,32 +215,69 @@ def test_verified_sweep_and_its_contact_sheet(models: dict[str, Path], tmp_path:
     from modelkit.verify.tokenizer import write_synthetic_tokenizer
 
     tok = write_synthetic_tokenizer(tmp_path / "tok")
-    spec = parse_sweep(_inline(models, "  steps.mix.params.alpha: [0.0, 1.0]\n"
+    spec = parse_sweep(_inline(models, "  steps.mix.params.alpha: [0.0]\n"
                                        "  output.dtype: [fp16]")
                        + f"verify: {{seeds: [1], tokenizer: {tok}}}\n", "s.yaml", tmp_path)
     report = run_sweep(spec, tmp_path / "out")
     assert report.exit_code == 0 and report.verified
-    same, other = (report.records[i]["verify"] for i in (0, 1))
+    verify = report.records[0]["verify"]
     # alpha 0 writes A itself (fp16 in, fp16 out): renders identical to the reference
-    assert same["metrics"]["psnr"] == "inf" and same["metrics"]["latent"] == 0.0
-    assert other["metrics"]["latent"] > 0 and other["metrics"]["psnr"] < 60
-    assert same["passed"] and same["reference"] == "sd1.safetensors"
+    assert verify["metrics"] == {"psnr": "inf", "ssim": 1.0, "latent": 0.0}
+    assert verify["passed"] and verify["reference"] == "sd1.safetensors"
+    assert len(verify["cases"]) == 2 and verify["settings"]["seeds"] == [1]
     md = (tmp_path / "out" / "table.md").read_text()
     assert "| cell | alpha | dtype | status | verdict | psnr | ssim | latent |" in md
     assert "| 0 | 0 | fp16 | ok | pass | inf | 1.0000 | 0 |" in md
     out = tmp_path / "out"
     sheet = np.asarray(Image.open(out / "contact_sheet.png").convert("RGB"))
-    ref = np.asarray(Image.open(out / same["images"]["reference"][0]).convert("RGB"))
+    ref = np.asarray(Image.open(out / verify["images"]["reference"][0]).convert("RGB"))
+    cand = np.asarray(Image.open(out / verify["images"]["candidate"][0]).convert("RGB"))
+    assert np.array_equal(ref, cand)
     scale = results.TILE_MIN // ref.shape[0]
     tile = ref.repeat(scale, 0).repeat(scale, 1)
     y0, x_ref = 2 * results.LINE_H + results.PAD, results.LABEL_W + results.PAD
     x_cell = x_ref + tile.shape[1] + results.PAD
     h, w = tile.shape[:2]
-    row2 = y0 + h + results.TILE_LINES * results.LINE_H + 2 * results.PAD
-    assert sheet.shape[1] == x_cell + w + results.PAD  # rows: alpha; one column: dtype
-    assert np.array_equal(sheet[y0:y0 + h, x_ref:x_ref + w], tile)  # reference column
-    assert np.array_equal(sheet[y0:y0 + h, x_cell:x_cell + w], tile)  # alpha 0 == A
-    assert not np.array_equal(sheet[row2:row2 + h, x_cell:x_cell + w], tile)  # alpha 1
+    # one row (alpha), the reference column, then one column (dtype)
+    assert sheet.shape[:2] == (y0 + h + results.TILE_LINES * results.LINE_H
+                               + 3 * results.PAD, x_cell + w + results.PAD)
+    assert np.array_equal(sheet[y0:y0 + h, x_ref:x_ref + w], tile)
+    assert np.array_equal(sheet[y0:y0 + h, x_cell:x_cell + w], tile)
+
+
+def test_contact_sheet_layout_from_records(tmp_path: Path) -> None:
+    """Rows from the first axis, columns from the second, failed cells as
+    their error; images taken from the records' render paths."""
+    import numpy as np
+    from PIL import Image
+
+    from modelkit.sweep import results
+    from modelkit.sweep.spec import Axis
+
+    axes = [Axis(("steps", "m", "params", "alpha"), (0.1, 0.2), "alpha"),
+            Axis(("inputs", "b"), ("x", "y"), "b")]
+    cells, records = [], {}
+    for i, (alpha, b) in enumerate([("0.1", "x"), ("0.1", "y"), ("0.2", "x"), ("0.2", "y")]):
+        labels = {"alpha": alpha, "b": b}
+        cells.append((i, labels))
+        (tmp_path / f"c{i}.png").parent.mkdir(exist_ok=True)
+        Image.new("RGB", (64, 64), (40 * i, 200, 10)).save(tmp_path / f"c{i}.png")
+        images = {"candidate": [f"c{i}.png"], "reference": []}
+        records[i] = {"index": i, "labels": labels, "status": "ok",
+                      "verify": {"verdict": "pass", "images": images,
+                                 "metrics": {"psnr": 20.0, "ssim": 0.5, "latent": 0.1}}}
+    records[3] = {"index": 3, "labels": cells[3][1], "status": "failed",
+                  "error": "b.safetensors: truncated"}
+    sheet = np.asarray(results.contact_sheet("t", axes, "product", cells, records, tmp_path))
+    tile, pad, y0, x0 = results.TILE_MIN, results.PAD, 2 * results.LINE_H + results.PAD, \
+        results.LABEL_W + results.PAD
+    row_h = tile + results.TILE_LINES * results.LINE_H + 2 * pad
+    assert sheet.shape[:2] == (y0 + 2 * row_h + pad, x0 + 2 * (tile + pad))
+    for i, (row, col) in enumerate([(0, 0), (0, 1), (1, 0)]):
+        y, x = y0 + row * row_h, x0 + col * (tile + pad)
+        assert (sheet[y + 5, x + 5] == (40 * i, 200, 10)).all()
+    y, x = y0 + row_h, x0 + tile + pad  # the failed cell: dark red with its error
+    assert (sheet[y + tile - 3, x + tile - 3] == results.FAILED).all()
 
 
 # --- cancel ---------------------------------------------------------------------------
@@ -282,3 +319,12 @@ def test_ctrl_c_cancels_through_the_cli(models: dict[str, Path], tmp_path: Path,
         "table.csv", "table.md"]
     assert "| 2 | 0.75 | sd1_b | not run |" in (out / "table.md").read_text()
     assert [r["status"] for r in read_records(out / "sweep.jsonl")] == ["ok", "cancelled"]
+
+
+def test_ray_is_imported_only_on_the_ray_path() -> None:
+    code = ("import sys\nfrom modelkit.cli import main\nassert main(['sweep', '--help']) == 0\n"
+            "from modelkit.sweep import make_executor\n"
+            "assert make_executor(2).name == 'pool' and make_executor(1).name == 'serial'\n"
+            "assert 'ray' not in sys.modules and 'torch' not in sys.modules")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)

@@ -87,9 +87,13 @@ def _cancel_on_signals(cancel: threading.Event, out: _Stderr) -> Iterator[None]:
 
 
 def _dry_run(spec: Any, output: str, device: str | None, as_json: bool) -> None:
+    import tempfile
+    from pathlib import Path
+
     from modelkit.sweep import plan_sweep
 
-    plans = plan_sweep(spec, output, device=device)
+    with tempfile.TemporaryDirectory() as tmp:  # DIR need not exist yet
+        plans = plan_sweep(spec, output if Path(output).is_dir() else tmp, device=device)
     rows = [{"cell": p.cell.index, "name": p.cell.name, "values": p.cell.labels,
              "output": p.output.name, "output_bytes": p.output_bytes,
              "memory_bytes": p.memory_bytes, "error": p.error} for p in plans]

@@ -120,13 +120,16 @@ _POOL: dict[str, Any] = {}  # a pool worker's event queue and stop event
 
 
 def _pool_init(threads: int, gpus: list[str], slots: Any, events: Any, stop: Any) -> None:
-    """A pool worker's start: Ctrl-C is the driver's business (it sets the
-    stop event), then threads and the GPU of its slot."""
+    """A pool worker's start: signals are the driver's business (it sets
+    the stop event; a worker still busy after the grace period is killed),
+    then threads and the GPU of its slot."""
     import signal
 
     from modelkit.sweep.worker import setup_worker
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
     slot = slots.get()
     setup_worker(threads, gpus[slot % len(gpus)] if gpus else None)
     _POOL.update(events=events, stop=stop)
@@ -228,16 +231,19 @@ class PoolExecutor:
         running = [f for f in futures if not f.cancel()]
         done, _ = wait(running, timeout=self.grace)
         for future in sorted(done, key=lambda f: futures[f]["index"]):
-            on_result(self._record(future, futures[future]))
+            on_result(self._record(future, futures[future], cancelled=True))
 
     @staticmethod
-    def _record(future: Future[Any], task: dict[str, Any]) -> dict[str, Any]:
+    def _record(future: Future[Any], task: dict[str, Any], cancelled: bool = False
+                ) -> dict[str, Any]:
         try:
             record: dict[str, Any] = future.result()
             return record
         except Exception as exc:  # the worker process died (killed, out of memory)
             from modelkit.sweep.worker import one_line
 
+            if cancelled:
+                return failed_record(task, "cancelled; its worker stopped", "cancelled")
             return failed_record(task, f"worker process failed: {one_line(exc)}")
 
     @staticmethod
@@ -247,7 +253,7 @@ class PoolExecutor:
         # temp files. ProcessPoolExecutor has no public way to do this.
         for process in list((getattr(pool, "_processes", None) or {}).values()):
             if process.is_alive():
-                process.terminate()
+                process.kill()
 
 
 def make_executor(jobs: int | None = None, address: str | None = None,

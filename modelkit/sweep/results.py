@@ -34,7 +34,9 @@ TAIL_COLUMNS = ("seconds", "sha256", "output", "error")
 def append_record(path: Path, record: dict[str, Any]) -> None:
     """Append one record as a JSON line (one write, flushed to disk, so an
     interrupted sweep keeps every record it reported)."""
-    line = json.dumps(record, allow_nan=False, default=str) + "\n"
+    from modelkit.verify.report import json_safe
+
+    line = json.dumps(json_safe(record), allow_nan=False, default=str) + "\n"
     with open(path, "a", encoding="utf-8") as f:
         f.write(line)
         f.flush()
@@ -158,7 +160,8 @@ def write_text(path: Path, text: str) -> Path:
 TILE_MIN = 192  # pixels: tiny renders are scaled up (nearest) to this
 TILE_MAX = 320
 PAD = 6
-LINE_H = 13
+LINE_H = 15
+FONT_SIZE = 12
 TILE_LINES = 3
 LABEL_W = 150
 PER_ROW = 6  # cells per row when there is no second axis
@@ -251,7 +254,7 @@ def _metrics_line(record: dict[str, Any]) -> str:
     m = ((record.get("verify") or {}).get("metrics")) or {}
     if m.get("psnr") is None and m.get("latent") is None:
         return ""
-    return (f"PSNR {cell_text('psnr', m.get('psnr'))}  SSIM {cell_text('ssim', m.get('ssim'))}"
+    return (f"PSNR {cell_text('psnr', m.get('psnr'))}  SSIM {_number(m.get('ssim'), '.3f')}"
             f"  lat {cell_text('latent', m.get('latent'))}")
 
 
@@ -284,7 +287,10 @@ def contact_sheet(title: str, axes: list[Axis], mode: str,
     height = header_h + len(grid) * (cell_h + PAD) + PAD
     sheet = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default()
+    try:
+        font: Any = ImageFont.load_default(size=FONT_SIZE)
+    except (TypeError, ImportError):  # Pillow without FreeType: the bitmap font
+        font = ImageFont.load_default()
     draw.text((PAD, PAD), _fit(draw, title, width - 2 * PAD, font), fill=TEXT, font=font)
     heads = (["reference"] if with_reference else []) + col_labels
     for j, head in enumerate(heads):

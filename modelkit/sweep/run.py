@@ -280,7 +280,9 @@ class _Progress:
             self._emit("write", self.names.get(index))
 
     def _emit(self, phase: str, item: str | None) -> None:
-        overall = min(1.0, (self.finished + sum(self.fractions.values())) / self.total)
+        # rounded: a first event at 1e-6 would make an ETA of weeks
+        overall = round(min(1.0, (self.finished + sum(self.fractions.values())) / self.total),
+                        3)
         self.progress(Progress("sweep", self.finished, self.total, "cells", item, phase,
                                overall))
 
@@ -373,8 +375,7 @@ def _close(report: SweepReport, spec: SweepSpec, plans: list[CellPlan], start: f
     """Remove temp files after a cancel, write the tables and the sheet."""
     out = report.out_dir
     report.seconds = time.perf_counter() - start
-    if report.cancelled or len(report.records) < len(plans):
-        remove_partials(out, plans)
+    remove_partials(out, plans)  # a cancelled or killed worker's, if any
     title = f"modelkit sweep {Path(spec.source).name}: {report.summary()}"
     rows = report.rows()
     report.files["jsonl"] = str(out / results.JSONL)
