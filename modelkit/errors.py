@@ -49,6 +49,10 @@ class Cancelled(ModelkitError):
 
 def check_cancel(cancel: object | None) -> None:
     """Raise :class:`Cancelled` when ``cancel`` (anything with ``is_set()``,
-    such as a :class:`threading.Event`) is set."""
+    such as a :class:`threading.Event`) is set, and :class:`Interrupted`
+    when a signal was received (in case a library on the way swallowed the
+    exception the signal handler raised)."""
+    if INTERRUPTED.is_set() and threading.current_thread() is threading.main_thread():
+        raise Interrupted
     if cancel is not None and cancel.is_set():  # type: ignore[attr-defined]
         raise Cancelled("cancelled; no output was written")

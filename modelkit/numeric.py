@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from modelkit.vocab import CHUNK_ELEMENTS
@@ -37,6 +38,27 @@ def l2_sums(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, 
         diff += float(torch.dot(d, d))
         ref += float(torch.dot(y, y))
     return diff, ref
+
+
+@dataclass
+class L2Sums:
+    """Running sums over a group of tensors for ``||a - b|| / ||b||`` (``b``
+    the reference): per block, per component, overall."""
+
+    n_tensors: int = 0
+    diff_sq: float = 0.0
+    ref_sq: float = 0.0
+
+    @property
+    def relative_l2(self) -> float:
+        return relative_l2(self.diff_sq, self.ref_sq)
+
+    def add_tensors(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Add one tensor pair (``b`` the reference), chunk by chunk."""
+        diff, ref = l2_sums(chunk_pairs(a, b))
+        self.diff_sq += diff
+        self.ref_sq += ref
+        self.n_tensors += 1
 
 
 def relative_l2(diff_sq: float, ref_sq: float) -> float:

@@ -50,7 +50,9 @@ DEFAULT_BLOCK_MAP = DEFAULT_MAP
 MISSING_KEY_POLICIES: tuple[str, ...] = ("error", "take-first", "skip")
 
 OUTPUT_FORMATS: tuple[str, ...] = ("safetensors", "diffusers", "gguf")
-GGUF_TYPES: tuple[str, ...] = ("q8_0", "f16", "bf16")
+GGUF_QUANT_TYPES: tuple[str, ...] = ("q8_0",)
+GGUF_FLOAT_DTYPES: tuple[str, ...] = ("fp16", "bf16")
+GGUF_TYPES: tuple[str, ...] = (*GGUF_QUANT_TYPES, "f16", "bf16")  # recipe output.quant
 
 # elements per chunk for float32 math over big tensors: the developers' guide
 # measured one 1 GB fp16->fp32 call at 8 s against 0.15 s in 1M-element chunks

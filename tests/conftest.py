@@ -127,6 +127,14 @@ def model_library(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Pa
 
 
 @pytest.fixture(scope="session")
+def snapshot_library(models: dict[str, Path]) -> Path:
+    """The TUI snapshots' library at a fixed path (tests/tui_support.py)."""
+    from tui_support import build_snapshot_library
+
+    return build_snapshot_library(models)
+
+
+@pytest.fixture(scope="session")
 def serial_sweep(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]) -> object:
     """tests/sweep_fixture.py's sweep run in this process (the reference
     table the pool and Ray runs must reproduce)."""

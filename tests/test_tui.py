@@ -3,20 +3,17 @@ and snapshots at fixed sizes."""
 
 from __future__ import annotations
 
-import contextlib
-import shutil
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-from library_fixture import EVIL, EXPECTED, link, merge_metadata, with_metadata
+from library_fixture import EXPECTED, link
 from textual.pilot import Pilot
 from textual.widgets import Static, Tree
-from textual.worker import WorkerError
+from tui_support import settle
 
 from modelkit.errors import Cancelled
-from modelkit.library.scan import scan
 from modelkit.tui import jobs
 from modelkit.tui.app import make_app
 from modelkit.tui.messages import JobFailed, JobFinished, LibraryChanged
@@ -27,27 +24,10 @@ from modelkit.tui.screens.library import LibraryScreen
 from modelkit.tui.widgets.detail import DetailPane
 from modelkit.tui.widgets.model_table import ModelTable
 
-SNAPSHOT_ROOT = Path("/tmp/modelkit-tui-snapshot")  # fixed: paths show in the pane
-
 
 @pytest.fixture(autouse=True)
 def _cache(model_library: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MODELKIT_CACHE_DIR", str(model_library["cache"]))
-
-
-async def settle(pilot: Pilot[Any]) -> None:
-    """Wait until every worker finished and its messages were handled."""
-    app = pilot.app
-    for _ in range(50):
-        for worker in list(app.workers):
-            # cancelled by a newer exclusive worker, or still pending
-            with contextlib.suppress(WorkerError):
-                await worker.wait()
-        await pilot.pause()
-        if not any(w.is_running for w in app.workers):
-            await pilot.pause()
-            if not any(w.is_running for w in app.workers):
-                return
 
 
 def _table(pilot: Pilot[Any]) -> ModelTable:
@@ -246,29 +226,6 @@ def test_run_job_reports_cancel_and_errors_as_messages() -> None:
 
 
 # --- snapshots -------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def snapshot_library(models: dict[str, Path]) -> Path:
-    """A library at a fixed path (the detail pane shows folders), scanned
-    without hashes into its own index."""
-    from modelkit.testing.lora import write_lora
-
-    shutil.rmtree(SNAPSHOT_ROOT, ignore_errors=True)
-    sd = SNAPSHOT_ROOT / "webui/models/Stable-diffusion"
-    a = link(models["sd1"], sd / "sd15.safetensors")
-    b = link(models["sd1_b"], sd / "sd15-anime.safetensors")
-    with_metadata(models["sd1_inpaint"], sd / "sd15-mix-inpainting.safetensors",
-                  merge_metadata(a, b))
-    link(models["sdxl_unet"], sd / "sdxl-unet.safetensors")
-    (SNAPSHOT_ROOT / "webui/models/Lora").mkdir(parents=True)
-    write_lora(SNAPSHOT_ROOT / "webui/models/Lora/detail.safetensors", "sd1", seed=3,
-               metadata={"ss_output_name": EVIL, "ss_num_epochs": "4"})
-    link(models["vae"], SNAPSHOT_ROOT / "webui/models/VAE/vae-ft-mse.safetensors")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MODELKIT_CACHE_DIR", str(SNAPSHOT_ROOT / "cache"))
-        scan([SNAPSHOT_ROOT / "webui"], SNAPSHOT_ROOT / "index.sqlite")
-    return SNAPSHOT_ROOT / "index.sqlite"
 
 
 def test_snapshot_main_80x24(snap_compare: Any, snapshot_library: Path) -> None:

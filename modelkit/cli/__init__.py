@@ -103,14 +103,32 @@ class _Signals:
             if hasattr(signal, name):
                 signal.signal(getattr(signal, name), self.handle)
 
-    def handle(self, _signum: int, _frame: Any) -> None:
+    def handle(self, _signum: int, frame: Any) -> None:
         from modelkit.errors import INTERRUPTED, Interrupted
 
         if self.received:
             return
         self.received = True
         INTERRUPTED.set()
-        raise Interrupted
+        if not _importing(frame):
+            raise Interrupted
+        # an exception inside a C extension's import (torch) aborts the
+        # interpreter: the flag alone stops the run at its next check
+
+    def ignore(self) -> None:
+        """Ignore these signals from now on (the process is exiting)."""
+        for name in self.NAMES:
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+def _importing(frame: Any) -> bool:
+    """Whether a module is being imported somewhere up the stack."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _interrupted(started: float) -> str:
@@ -128,12 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point: maps modelkit errors to one line and exit codes."""
     import time
 
-    from modelkit.errors import Interrupted, ModelkitError
+    from modelkit.errors import INTERRUPTED, Interrupted, ModelkitError
 
     started = time.time()
-    _Signals().install()
+    INTERRUPTED.clear()
+    _SIGNALS.install()
     try:
         code = cli.main(args=argv, prog_name="modelkit", standalone_mode=False)
+        if INTERRUPTED.is_set():  # a signal during an import, seen only now
+            raise Interrupted
     except ModelkitError as exc:
         click.echo(f"modelkit: error: {shown(exc)}", err=True)
         return exc.exit_code
@@ -164,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     return code if isinstance(code, int) else 0
 
 
+_SIGNALS = _Signals()
+
+
 def run() -> None:
     """``modelkit`` console script."""
-    sys.exit(main())
+    code = main()
+    _SIGNALS.ignore()  # a late signal must not turn the exit code into a kill
+    sys.exit(code)

@@ -16,7 +16,9 @@ from modelkit.vocab import (
     COMPONENTS,
     EXTRACTABLE,
     FLOAT_STORAGE,
-    GGUF_TYPES,
+    GGUF_FLOAT_DTYPES,
+    GGUF_QUANT_TYPES,
+    KEEP,
     MERGE_OUTPUT_DTYPES,
     QUANT_TARGETS,
 )
@@ -26,11 +28,15 @@ LIST_LIMIT = 15
 
 def _run_op(op: str, models: list[str], common: dict[str, Any],
             lines: Callable[[Any], list[str]], output_fields: dict[str, Any] | None = None,
-            **params: Any) -> None:
+            then_dtype: str = KEEP, **params: Any) -> None:
+    """Run operation ``op``; ``then_dtype`` casts its output's float tensors
+    (a quantize step added after it)."""
     from modelkit.core.recipe import COMMAND_LINE, Recipe
 
     recipe = Recipe.op(op, *models, output=common["output"], options=options_from(common),
                        source=COMMAND_LINE, **params)
+    if then_dtype != KEEP:
+        recipe = recipe.then("quantize", dtype=then_dtype)
     if output_fields:
         recipe = recipe.with_output(**output_fields)
 
@@ -166,30 +172,36 @@ def dequantize_cmd(model: str, output: str, dtype: str, **common: Any) -> None:
 @click.command("export-gguf")
 @click.argument("model", type=click.Path())
 @output_options
-@click.option("--type", "qtype", type=click.Choice(GGUF_TYPES), default="q8_0",
-              show_default=True, help="GGUF tensor type for the quantized weights.")
+@click.option("--type", "qtype", type=click.Choice(GGUF_QUANT_TYPES), default="q8_0",
+              show_default=True, help="GGUF quantization type of the weights.")
+@click.option("--dtype", type=click.Choice(GGUF_FLOAT_DTYPES), default=None,
+              help="Store the weights unquantized at this precision instead of --type.")
 @click.option("--keep-shapes", is_flag=True,
               help="Keep every tensor in its own shape (conv kernels stay F16): for "
                    "stable-diffusion.cpp, which ignores comfy.gguf.orig_shape records. "
                    "Default: ComfyUI-GGUF layout, conv kernels quantized too (smaller).")
-def export_gguf_cmd(model: str, output: str, qtype: str, keep_shapes: bool, **common: Any) -> None:
+def export_gguf_cmd(model: str, output: str, qtype: str, dtype: str | None, keep_shapes: bool,
+                    **common: Any) -> None:
     """Write the UNet as GGUF for ComfyUI-GGUF (models/unet) or, with
     --keep-shapes, stable-diffusion.cpp."""
+    quant = {"fp16": "f16", "bf16": "bf16"}[dtype] if dtype else qtype
     _run_op("convert", [model], {"output": output, **common}, _plain_lines,
-            {"format": "gguf", "quant": qtype, "keep_shapes": keep_shapes})
+            {"format": "gguf", "quant": quant, "keep_shapes": keep_shapes})
 
 
 @click.command("convert")
 @click.argument("model", type=click.Path())
 @output_options
-@click.option("--to", "fmt", type=click.Choice(["safetensors", "diffusers"]), default=None,
-              help="Output format (default: from the output name; a name without "
-                   ".safetensors is a diffusers folder).")
-def convert_cmd(model: str, output: str, fmt: str | None, **common: Any) -> None:
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "diffusers"]),
+              default=None, help="Output format (default: from the output name; a name "
+                                 "without .safetensors is a diffusers folder).")
+@click.option("--dtype", type=click.Choice(MERGE_OUTPUT_DTYPES), default="keep",
+              show_default=True, help="Float dtype of the output tensors.")
+def convert_cmd(model: str, output: str, fmt: str | None, dtype: str, **common: Any) -> None:
     """Convert .ckpt/.pt to .safetensors (safe loader), or a diffusers folder
     to a single original-layout file and back."""
     _run_op("convert", [model], {"output": output, **common}, _plain_lines,
-            {"format": fmt} if fmt else None)
+            {"format": fmt} if fmt else None, then_dtype=dtype)
 
 
 @click.command("swap")
@@ -198,15 +210,17 @@ def convert_cmd(model: str, output: str, fmt: str | None, **common: Any) -> None
 @click.option("--vae", "vae", type=click.Path(), default=None, help="VAE to put in.")
 @click.option("--unet", "unet", type=click.Path(), default=None, help="UNet to put in.")
 @click.option("--te", "te", type=click.Path(), default=None, help="Text encoder(s) to put in.")
+@click.option("--dtype", type=click.Choice(MERGE_OUTPUT_DTYPES), default="keep",
+              show_default=True, help="Float dtype of the output tensors.")
 def swap_cmd(model: str, output: str, vae: str | None, unet: str | None, te: str | None,
-             **common: Any) -> None:
+             dtype: str, **common: Any) -> None:
     """Replace one component with another file's (shapes are checked)."""
     given = {k: v for k, v in (("vae", vae), ("unet", unet), ("te", te)) if v}
     if len(given) != 1:
         raise click.UsageError("give exactly one of --vae, --unet, --te")
     (component, donor), = given.items()
     _run_op("swap", [model, donor], {"output": output, **common}, _plain_lines,
-            component=component)
+            then_dtype=dtype, component=component)
 
 
 @click.command("extract")
@@ -214,7 +228,9 @@ def swap_cmd(model: str, output: str, vae: str | None, unet: str | None, te: str
 @output_options
 @click.option("--component", required=True,
               type=click.Choice(EXTRACTABLE))
-def extract_cmd(model: str, output: str, component: str, **common: Any) -> None:
+@click.option("--dtype", type=click.Choice(MERGE_OUTPUT_DTYPES), default="keep",
+              show_default=True, help="Float dtype of the output tensors.")
+def extract_cmd(model: str, output: str, component: str, dtype: str, **common: Any) -> None:
     """Write one component of a checkpoint to its own file."""
     _run_op("extract", [model], {"output": output, **common}, _plain_lines,
-            component=component)
+            then_dtype=dtype, component=component)

@@ -105,18 +105,41 @@ def render(rep: ModelReport) -> str:
 
 
 @click.command("inspect", epilog=EPILOG)
-@click.argument("path", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False,
+                                                                  path_type=str))
 @click.option("--json", "as_json", is_flag=True,
-              help="Print the stable JSON report (schema modelkit.inspect/1).")
-def inspect_cmd(path: str, as_json: bool) -> None:
-    """Say what a model file is, from its header alone.
+              help="Print the stable JSON report (schema modelkit.inspect/1): an object "
+                   "for one file, a list for several.")
+def inspect_cmd(paths: tuple[str, ...], as_json: bool) -> None:
+    """Say what model files are, from their headers alone.
 
     Reports kind, architecture, variant, prediction type with its evidence,
     components and their completeness, EMA, dtypes, adapter details and the
-    file's metadata.
+    file's metadata. Several files (a shell glob) are inspected one after
+    another; a file that cannot be read gets its one-line error and the
+    others are still shown (exit code 2 if any failed).
     """
-    rep = inspect_model(path)
+    from modelkit.errors import ModelkitError
+    from modelkit.textsafe import shown
+
+    reports, failed = [], 0
+    for path in paths:
+        try:
+            rep = inspect_model(path)
+        except ModelkitError as exc:
+            if len(paths) == 1:
+                raise
+            click.echo(f"modelkit: error: {shown(exc)}", err=True)
+            failed += 1
+            continue
+        if as_json:
+            reports.append(rep.to_dict())
+        else:
+            if reports:
+                click.echo("")
+            reports.append(rep)
+            click.echo(render(rep))
     if as_json:
-        click.echo(json.dumps(rep.to_dict(), indent=2))
-    else:
-        click.echo(render(rep))
+        click.echo(json.dumps(reports[0] if len(paths) == 1 else reports, indent=2))
+    if failed:
+        raise click.exceptions.Exit(2)

@@ -140,11 +140,14 @@ def extract_cmd(base: str, tuned: str, output: str, rank: int, conv_rank: int | 
 @click.option("--conv-rank", type=int, default=None, help="New rank of 3x3 convs.")
 @click.option("--energy", type=float, default=None,
               help="Per module, the smallest rank keeping this share of ||ΔW||².")
+@click.option("--dtype", type=click.Choice(MERGE_OUTPUT_DTYPES), default="keep",
+              show_default=True, help="Storage type of the factors (keep: the input's).")
 def resize_cmd(lora: str, output: str, rank: int | None, conv_rank: int | None,
-               energy: float | None, **common: Any) -> None:
+               energy: float | None, dtype: str, **common: Any) -> None:
     """Re-factorise an adapter at a new rank (exact SVD of its ΔW)."""
     recipe = Recipe.op("lora_resize", lora, output=output, options=options_from(common),
-                       source=COMMAND_LINE, rank=rank, conv_rank=conv_rank, energy=energy)
+                       source=COMMAND_LINE, rank=rank, conv_rank=conv_rank, energy=energy,
+                       dtype=dtype)
     _execute(recipe, {"output": output, **common}, _svd_lines)
 
 
@@ -187,7 +190,7 @@ def convert_cmd(lora: str, output: str, to: str, **common: Any) -> None:
 
 
 def _info_lines(r: Any) -> list[str]:
-    out = [f"{r.file}: {r.format} for {r.arch} ({r.naming} names), {len(r.layers)} modules, "
+    out = [f"{shown(r.file)}: {r.format} for {r.arch} ({r.naming} names), {len(r.layers)} modules, "
            f"{len(r.keys_touched)} checkpoint keys touched"]
     head = "relative to base" if r.base else "‖ΔW‖"
     out.append(f"per block ({head}):")
@@ -224,4 +227,4 @@ def info_cmd(lora: str, base: str | None, energy: float, as_json: bool,
         click.echo(line)
     if show_keys:
         for key in report.keys_touched:
-            click.echo(f"  {key}")
+            click.echo(f"  {shown(key, 200)}")

@@ -9,13 +9,14 @@ import click
 
 from modelkit.cli.common import CommaList, execute, flat
 from modelkit.cli.progress import StderrProgress, human_bytes
-from modelkit.textsafe import shown
+from modelkit.textsafe import safe_text, shown
 from modelkit.vocab import (
     BLOCK_MAPS,
     COMPONENTS,
     DEVICES,
     MERGE_OUTPUT_DTYPES,
     MISSING_KEY_POLICIES,
+    OUTPUT_FORMATS,
 )
 
 MERGE_EPILOG = """\b
@@ -82,6 +83,9 @@ def _block_weight_lines(report: Any) -> list[str]:
               help="Other method parameters, e.g. --param k=0.2.")
 @click.option("--dtype", type=click.Choice(MERGE_OUTPUT_DTYPES),
               default="fp16", show_default=True, help="Output dtype for float tensors.")
+@click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS), default=None,
+              help="Output format (default: from the output name: .safetensors, .gguf "
+                   "for the UNet as GGUF, anything else a diffusers folder).")
 @click.option("--device", type=click.Choice(DEVICES), default="cpu",
               show_default=True)
 @click.option("--block-map", type=click.Choice(BLOCK_MAPS),
@@ -104,7 +108,7 @@ def _block_weight_lines(report: Any) -> list[str]:
               help="Replace OUTPUT if it exists (never allowed for an input).")
 def merge_cmd(models: tuple[str, ...], output: str, method: str, alpha: float | None,
               beta: float | None, blocks: str | None, beta_blocks: str | None,
-              extra: tuple[str, ...], dtype: str, device: str, block_map: str,
+              extra: tuple[str, ...], dtype: str, fmt: str | None, device: str, block_map: str,
               missing: str, include: tuple[str, ...], exclude_keys: tuple[str, ...],
               vae: str | None, seed: int, dry_run: bool, as_json: bool, quiet: bool,
               overwrite: bool) -> None:
@@ -131,6 +135,8 @@ def merge_cmd(models: tuple[str, ...], output: str, method: str, alpha: float | 
                       flat(exclude_keys), vae, seed)
     recipe = Recipe.merge(*models, method=method, output=output, dtype=dtype,
                           options=options, source=COMMAND_LINE, **params)
+    if fmt:
+        recipe = recipe.with_output(format=fmt)
     execute(recipe, {"quiet": quiet, "as_json": as_json, "overwrite": overwrite},
             _merge_lines, dry_run=dry_run)
 
@@ -196,7 +202,7 @@ def recipe_lock(recipe: str, output: str | None, quiet: bool) -> None:
     from modelkit.core.lock import lock_recipe
 
     path = lock_recipe(recipe, output, StderrProgress(quiet))
-    click.echo(f"locked {path}")
+    click.echo(f"locked {shown(path)}")
 
 
 @recipe_group.command("show")
@@ -205,7 +211,7 @@ def recipe_show(model: str) -> None:
     """Print the recipe embedded in a merge output."""
     from modelkit.core.lock import embedded_recipe
 
-    sys.stdout.write(embedded_recipe(model)[0])
+    sys.stdout.write(safe_text(embedded_recipe(model)[0], keep_newlines=True))
 
 
 @recipe_group.command("replay")
@@ -227,9 +233,10 @@ def recipe_replay(model: str, check: bool, output: str | None, search: tuple[str
     result = replay(model, output, progress=progress, search=search, overwrite=overwrite)
     progress.close()
     if result.identical:
-        click.echo(f"replay of {model}: bit-exact ({result.n_tensors} tensors)")
+        click.echo(f"replay of {shown(model)}: bit-exact ({result.n_tensors} tensors)")
         return
-    click.echo(f"replay of {model}: DIFFERENT: {result.n_different} of {result.n_tensors} "
-               f"tensors differ (first: {result.first_difference})")
+    click.echo(f"replay of {shown(model)}: DIFFERENT: {result.n_different} of "
+               f"{result.n_tensors} "
+               f"tensors differ (first: {shown(result.first_difference, 200)})")
     if check:
         raise click.exceptions.Exit(1)

@@ -67,10 +67,14 @@ def _cancel_on_signals(cancel: threading.Event, out: _Stderr) -> Iterator[None]:
     names = [n for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)]
     saved = {n: signal.getsignal(getattr(signal, n)) for n in names}
 
-    def handle(_signum: int, _frame: Any) -> None:
+    def handle(_signum: int, frame: Any) -> None:
         if cancel.is_set():
+            from modelkit.cli import _importing
+
             INTERRUPTED.set()
-            raise Interrupted
+            if not _importing(frame):  # see modelkit.cli._Signals
+                raise Interrupted
+            return
         cancel.set()
         out.quiet = False
         out.line("modelkit: cancelling the sweep: pending cells will not start; waiting for "

@@ -24,27 +24,13 @@ from modelkit.convert.base import passthrough, require_checkpoint
 from modelkit.core.step import PlannedStep
 from modelkit.errors import ModelkitError
 from modelkit.io.source import DerivedSource, Source, source_label, tensor_info
-from modelkit.numeric import l2_sums, relative_l2
+from modelkit.numeric import L2Sums, relative_l2
 from modelkit.vocab import ARCH_NAMES
 
 if TYPE_CHECKING:
     import torch
 
 MIN_EMA_KEYS = 100  # diffusers' rule: fewer model_ema.* keys means no EMA
-CHUNK = 1 << 20
-
-
-@dataclass
-class BlockDelta:
-    """Sums for one block's ||ema - online|| / ||online||."""
-
-    n_tensors: int = 0
-    diff_sq: float = 0.0
-    online_sq: float = 0.0
-
-    @property
-    def relative_l2(self) -> float:
-        return relative_l2(self.diff_sq, self.online_sq)
 
 
 @dataclass
@@ -55,12 +41,12 @@ class EmaReport:
     n_swapped: int = 0
     online_only: list[str] = field(default_factory=list)
     n_ema_dropped: int = 0
-    blocks: dict[str, BlockDelta] = field(default_factory=dict)
+    blocks: dict[str, L2Sums] = field(default_factory=dict)  # ||ema - online|| / ||online||
 
     @property
     def overall_relative_l2(self) -> float:
         return relative_l2(sum(b.diff_sq for b in self.blocks.values()),
-                           sum(b.online_sq for b in self.blocks.values()))
+                           sum(b.ref_sq for b in self.blocks.values()))
 
 
 def ema_map(src: Source, arch: str) -> dict[str, str]:
@@ -87,14 +73,6 @@ def ema_map(src: Source, arch: str) -> dict[str, str]:
         if ek in src.infos:
             forward[key] = ek
     return forward
-
-
-def _accumulate(delta: BlockDelta, ema: torch.Tensor, online: torch.Tensor) -> None:
-    a, b = ema.reshape(-1), online.reshape(-1)
-    diff, ref = l2_sums((a[i:i + CHUNK], b[i:i + CHUNK]) for i in range(0, a.numel(), CHUNK))
-    delta.diff_sq += diff
-    delta.online_sq += ref
-    delta.n_tensors += 1
 
 
 def select_ema(src: Source, dtype: str | None = None) -> PlannedStep:
@@ -139,7 +117,7 @@ def select_ema(src: Source, dtype: str | None = None) -> PlannedStep:
             return cast(src.get(key), to_torch(infos[key].dtype))
         ema = src.get(forward[key])
         block = block_of(key, rep0.arch) if has_blocks else "UNet"
-        _accumulate(report.blocks.setdefault(block, BlockDelta()), ema, src.get(key))
+        report.blocks.setdefault(block, L2Sums()).add_tensors(ema, src.get(key))
         return cast(ema, to_torch(infos[key].dtype))
 
     unchanged = {k: (src, k) for k, i in infos.items()

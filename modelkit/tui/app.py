@@ -1,19 +1,22 @@
 """``modelkit tui``: the Textual app.
 
-Structure (for adding screens such as Act):
+Structure:
 
 - :class:`ModelkitApp` holds screens only; :func:`make_app` builds it for the
   CLI and for tests.
 - ``screens/``: :class:`LibraryScreen` (main), :class:`CompareScreen`,
-  :class:`HelpScreen`, :class:`ErrorDialog`.
-- ``widgets/``: the table, detail pane, preview and job bar.
+  :class:`ActScreen`, :class:`HelpScreen`, :class:`ErrorDialog`.
+- ``widgets/``: the table, detail pane, preview, job bar and the parameter
+  form generated from the transform registry.
 - ``messages.py``: what workers post; ``jobs.py``: the worker bodies, all
   through :func:`modelkit.tui.jobs.run_job` (progress, cancel, one-line
   errors).
-- An Act screen takes the selected entries, builds a recipe in a form, runs
-  ``run_job(screen, "act", ...)`` in a ``@work(thread=True)`` worker with a
-  :class:`JobBar`, and posts :class:`LibraryChanged` with the new file to the
-  library screen, which indexes it.
+- The Act screen takes the marked (or selected) entries, builds a recipe in
+  a form (``recipes.py``: plain logic, tested without the app), plans it
+  with ``dry_run`` and runs it through ``run_job(screen, "act", ...)`` in a
+  ``@work(thread=True)`` worker with a :class:`JobBar`, then posts
+  :class:`LibraryChanged` with the new file to the library screen, which
+  indexes and selects it.
 
 The library package (:mod:`modelkit.library`) never imports this one.
 """

@@ -15,6 +15,8 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from textual.message_pump import MessagePump
@@ -27,6 +29,7 @@ from modelkit.tui.messages import (
     JobFinished,
     JobProgress,
     LibraryLoaded,
+    TransformsLoaded,
 )
 
 T = TypeVar("T")
@@ -131,5 +134,48 @@ def compare_job(a: str, b: str) -> Callable[[ProgressFn, threading.Event], Any]:
 
         with open_model(a) as src_a, open_model(b) as src_b:
             return compare_models(src_a, src_b, progress=progress, cancel=cancel)
+
+    return run
+
+
+# --- Act jobs ------------------------------------------------------------------
+
+
+def load_transforms(node: MessagePump) -> None:
+    """Load the transform registry (imports torch: seconds, the first time)."""
+    from modelkit.core.registry import all_transforms
+
+    node.post_message(TransformsLoaded(all_transforms()))
+
+
+@dataclass
+class ActOutcome:
+    """What an Act job returns: the run's report and, when the run verified
+    and rendered, the comparison grid written beside the output."""
+
+    report: Any
+    grid: Path | None = None
+
+
+def act_job(recipe: Any, output: str, dry_run: bool = False
+            ) -> Callable[[ProgressFn, threading.Event], ActOutcome]:
+    """A job running ``recipe`` into ``output`` through the one runner
+    (planning only with ``dry_run``; verifying when the recipe has a
+    ``verify:`` section, then writing its grid as ``OUTPUT.verify.png``)."""
+    def run(progress: ProgressFn, cancel: threading.Event) -> ActOutcome:
+        from modelkit.core.runner import run as run_recipe
+
+        report = run_recipe(recipe, output=output, progress=progress, cancel=cancel,
+                            dry_run=dry_run)
+        grid = None
+        renders = getattr(report.verify, "renders", None)
+        if renders is not None and renders.candidate:
+            from modelkit.tui.recipes import free_path
+            from modelkit.verify.outputs import write_grid
+
+            out = Path(output)
+            grid = write_grid(report.verify, free_path(out.parent, f"{out.stem}.verify",
+                                                       ".png"))
+        return ActOutcome(report, grid)
 
     return run

@@ -69,7 +69,15 @@ class DetailLoaded(Message):
 
 @dataclass
 class LibraryChanged(Message):
-    """Files were written or changed (by a job, or later by Act): the
+    """Files were written or changed (by a job or the Act screen): the
     library screen re-scans ``paths``' folders and reloads."""
 
     paths: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TransformsLoaded(Message):
+    """The transform registry was loaded (it imports torch, so a worker
+    loads it): every merge method and operation by name."""
+
+    transforms: dict[str, Any]

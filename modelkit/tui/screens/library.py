@@ -28,6 +28,7 @@ from modelkit.tui.messages import (
     LibraryChanged,
     LibraryLoaded,
 )
+from modelkit.tui.screens.act import ActScreen
 from modelkit.tui.screens.compare import CompareScreen
 from modelkit.tui.screens.error import ErrorDialog
 from modelkit.tui.widgets.detail import TABS, DetailPane
@@ -46,9 +47,12 @@ class LibraryScreen(Screen[None]):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("slash", "focus_filter", "Filter", id="filter",
                 tooltip="Filter: words, kind:lora arch:sdxl pred:v has:hint"),
-        Binding("m,space", "mark", "Mark", id="mark", tooltip="Mark for compare (two at most)"),
+        Binding("m,space", "mark", "Mark", id="mark",
+                tooltip="Mark files to compare (two) or act on (in order: A, B, C)"),
         Binding("c", "compare", "Compare", id="compare",
                 tooltip="Compare the marked files per component and block"),
+        Binding("a", "act", "Act", id="act",
+                tooltip="Merge, bake, prune, quantize or extract the marked or selected files"),
         Binding("s", "sort", "Sort", id="sort", tooltip="Sort by the next column"),
         Binding("S", "sort(True)", "Reverse sort", show=False, id="sort-reverse"),
         Binding("r", "rescan", "Rescan", id="rescan", tooltip="Re-scan (reads changed files only)"),
@@ -71,6 +75,8 @@ class LibraryScreen(Screen[None]):
         self.job: str | None = None
         self.last_result = ""  # how the last job ended, kept on the status line
         self._filter_timer: Timer | None = None
+        self.select_after: str | None = None  # a new file to select once indexed
+        self.scan_after: list[str] = []  # folders to index when the running job ends
 
     def compose(self) -> ComposeResult:
         yield Input(placeholder="/ filter: words  kind:lora  arch:sdxl  pred:v  has:hint",
@@ -152,11 +158,20 @@ class LibraryScreen(Screen[None]):
     def _job_ended(self) -> None:
         self.job = None
         self.refresh_bindings()
+        if self.scan_after:
+            folders, self.scan_after = self.scan_after, []
+            self.call_later(self.start_job, "scan", "indexing new files",
+                            jobs.scan_job(folders, self.db))
 
     def on_library_changed(self, message: LibraryChanged) -> None:
-        """Files were written (e.g. by an Act job): re-scan their folders."""
+        """Files were written (e.g. by an Act job): re-scan their folders
+        (after the running job, if any) and select the first new file."""
         folders = sorted({os.path.dirname(os.path.abspath(p)) for p in message.paths})
-        if folders:
+        if message.paths:
+            self.select_after = os.path.abspath(message.paths[0])
+        if self.job is not None:
+            self.scan_after = sorted({*self.scan_after, *folders})
+        elif folders:
             self.start_job("scan", "indexing new files", jobs.scan_job(folders, self.db))
 
     # --- loading ---------------------------------------------------------
@@ -171,6 +186,7 @@ class LibraryScreen(Screen[None]):
 
     def on_library_loaded(self, message: LibraryLoaded) -> None:
         self.table.set_entries(message.entries, message.hints)
+        self._select_new_file()
         self._show_counts()
         if not message.entries:
             self.query_one(DetailPane).clear_detail(
@@ -210,6 +226,18 @@ class LibraryScreen(Screen[None]):
         selected = self.table.selected
         if selected is not None and selected.path == message.path:
             self.query_one(DetailPane).show(message)
+
+    def _select_new_file(self) -> None:
+        """Move the cursor to the file an Act job wrote, clearing a filter
+        that hides it."""
+        path = self.select_after
+        if path is None or not any(e.path == path for e in self.table.entries):
+            return
+        self.select_after = None
+        if not self.table.select_path(path):
+            self.query_one("#filter", Input).value = ""
+            self._apply_filter("")
+            self.table.select_path(path)
 
     # --- actions ---------------------------------------------------------
 
@@ -267,6 +295,23 @@ class LibraryScreen(Screen[None]):
             self.notify(pair, severity="warning")
         else:
             self.app.push_screen(CompareScreen(*pair))
+
+    def action_act(self) -> None:
+        """The Act screen for the marked files (in marking order), or the
+        selected one."""
+        table = self.table
+        by_path = {e.path: e for e in table.entries}
+        chosen = [by_path[p] for p in table.marked if p in by_path] or \
+            [e for e in (table.selected,) if e is not None]
+        usable = [e for e in chosen if e.kind not in ("broken", "unknown")]
+        if not usable:
+            self.notify("select or mark readable model files first (m marks)",
+                        severity="warning")
+            return
+        if len(usable) < len(chosen):
+            self.notify(f"left out {len(chosen) - len(usable)} broken or unknown files",
+                        severity="warning")
+        self.app.push_screen(ActScreen(usable, self))
 
     def action_rescan(self) -> None:
         dirs = self.dirs or sorted({e.root for e in self.table.entries})

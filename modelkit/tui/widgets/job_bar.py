@@ -26,11 +26,15 @@ def progress_line(p: Progress) -> str:
 
 
 class JobBar(Horizontal):
-    """A status label, and a progress bar while a job runs."""
+    """A status label, and a progress bar while a job runs. With
+    ``phases``, a run's phase leads the label and the bar follows the
+    event's ``overall`` fraction of the whole run."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, cancel_key: str = "x", phases: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.running: str | None = None
+        self.cancel_hint = f"  ({cancel_key} cancels)"
+        self.phases = phases
 
     def compose(self) -> ComposeResult:
         yield Label("", id="status")
@@ -49,13 +53,19 @@ class JobBar(Horizontal):
         bar = self.query_one(ProgressBar)
         bar.update(total=None, progress=0)
         bar.display = True
-        self.status(f"{label}  (x cancels)")
+        self.status(label + self.cancel_hint)
 
     def advance(self, p: Progress) -> None:
         """Show a progress report of the running job."""
         bar = self.query_one(ProgressBar)
-        bar.update(total=max(p.total, 1), progress=p.done)
-        self.status(progress_line(p) + "  (x cancels)")
+        if self.phases and p.overall is not None:
+            bar.update(total=1000, progress=round(1000 * p.overall))
+            line = progress_line(p)
+            phase = "" if line.startswith(p.phase) else f"{p.phase}: "
+            self.status(f"{phase}{line}{self.cancel_hint}")
+        else:
+            bar.update(total=max(p.total, 1), progress=p.done)
+            self.status(progress_line(p) + self.cancel_hint)
 
     def stop(self, text: str) -> None:
         """The job ended: hide the bar and say how it went."""

@@ -81,16 +81,25 @@ class ModelTable(DataTable[Any]):
         return self.shown[self.cursor_row]
 
     def toggle_mark(self) -> list[str]:
-        """Mark or unmark the selected file (at most two stay marked)."""
+        """Mark or unmark the selected file; marks keep their order (an
+        Act merge takes them as A, B, C)."""
         entry = self.selected
         if entry is None:
             return self.marked
         if entry.path in self.marked:
             self.marked.remove(entry.path)
         else:
-            self.marked = [*self.marked, entry.path][-2:]
+            self.marked = [*self.marked, entry.path]
         self.refresh_rows()
         return self.marked
+
+    def select_path(self, path: str) -> bool:
+        """Move the cursor to ``path``; False when it is not shown."""
+        paths = [e.path for e in self.shown]
+        if path not in paths:
+            return False
+        self.move_cursor(row=paths.index(path))
+        return True
 
     def compare_pair(self) -> tuple[str, str] | str:
         """The two files to compare (the marked ones, or the one marked and
@@ -98,6 +107,8 @@ class ModelTable(DataTable[Any]):
         pair = list(self.marked)
         if len(pair) == 1 and self.selected is not None and self.selected.path != pair[0]:
             pair.append(self.selected.path)
+        if len(pair) > 2:
+            return f"compare takes two files; {len(pair)} are marked (m unmarks)"
         if len(pair) != 2:
             return "mark two files with m (or one, then move to another), then press c"
         kinds = {e.kind for e in self.entries if e.path in pair}
