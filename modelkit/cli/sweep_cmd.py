@@ -117,10 +117,10 @@ def _dry_run(spec: Any, output: str, device: str | None, as_json: bool) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
               metavar="DIR", help="The sweep folder (new, empty, or an earlier sweep's "
                                   "with --resume or --overwrite).")
-@click.option("-j", "--jobs", type=click.IntRange(1, 1024), default=None,
+@click.option("-j", "--jobs", type=click.IntRange(1, 1024), default=None, metavar="N",
               help="Cells at once (default: one per GPU; on CPUs one per core, at most 4, "
                    "as memory allows). 1 runs them in this process.")
-@click.option("--threads", type=click.IntRange(1, 256), default=None,
+@click.option("--threads", type=click.IntRange(1, 256), default=None, metavar="N",
               help="Torch threads per worker (default: the cores shared out, at least 1).")
 @click.option("--address", default=None, metavar="ADDR|auto|local",
               help="Run on Ray (pip install 'modelkit[ray]'): a cluster address, auto (the "
@@ -133,6 +133,7 @@ def _dry_run(spec: Any, output: str, device: str | None, as_json: bool) -> None:
 @click.option("--device", type=click.Choice(DEVICES), default=None,
               help="Where every cell merges and renders (default: the recipe's).")
 @click.option("--retries", type=click.IntRange(0, 10), default=1, show_default=True,
+              metavar="N",
               help="Ray: retries of a cell whose worker died or hit an OS error.")
 @click.option("--dry-run", is_flag=True, help="Plan every cell and list them; run nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")

@@ -173,8 +173,9 @@ class RayExecutor:
         try:
             import ray
         except ImportError:
-            raise ModelkitError("the Ray executor needs Ray: pip install 'modelkit[ray]' "
-                                "(or drop --address to use the local process pool)") from None
+            raise ModelkitError("running on Ray (--address or RAY_ADDRESS) needs Ray: pip "
+                                "install 'modelkit[ray]'; without either, the local process "
+                                "pool runs the sweep") from None
         if ray.is_initialized():
             return False
         handlers = _Handlers()
