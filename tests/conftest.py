@@ -132,3 +132,25 @@ def snapshot_library(models: dict[str, Path]) -> Path:
     from tui_support import build_snapshot_library
 
     return build_snapshot_library(models)
+
+
+@pytest.fixture(scope="session")
+def serial_sweep(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]) -> object:
+    """tests/sweep_fixture.py's sweep run in this process (the reference
+    table the pool and Ray runs must reproduce)."""
+    from sweep_fixture import run_fixture_sweep
+
+    from modelkit.sweep import SerialExecutor
+
+    return run_fixture_sweep(tmp_path_factory.mktemp("sweep-serial"), models, SerialExecutor())
+
+
+@pytest.fixture(scope="session")
+def pool_sweep(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]) -> object:
+    """The same sweep on a two-worker process pool."""
+    from sweep_fixture import run_fixture_sweep
+
+    from modelkit.sweep import PoolExecutor
+
+    return run_fixture_sweep(tmp_path_factory.mktemp("sweep-pool"), models,
+                             PoolExecutor(jobs=2, threads=1))

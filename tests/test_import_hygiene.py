@@ -22,7 +22,8 @@ def _imported(code: str) -> set[str]:
 
 def test_import_modelkit_is_light() -> None:
     assert _imported("import modelkit, modelkit.io.header, modelkit.inspect.report, "
-                     "modelkit.arch.keys, modelkit.errors, modelkit.verify") == set()
+                     "modelkit.arch.keys, modelkit.errors, modelkit.verify, "
+                     "modelkit.sweep") == set()
 
 
 def test_help_is_light() -> None:
@@ -32,7 +33,7 @@ def test_help_is_light() -> None:
             " ['export-gguf', '--help'], ['convert', '--help'], ['lora', '--help'],"
             " ['lora', 'bake', '--help'], ['library', '--help'],"
             " ['library', 'scan', '--help'], ['tui', '--help'],"
-            " ['verify', '--help']):\n"
+            " ['verify', '--help'], ['sweep', '--help']):\n"
             "    assert main(args) == 0")
     assert _imported(code) == set()
 

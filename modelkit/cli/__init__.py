@@ -50,6 +50,8 @@ SUBCOMMANDS = {
             "Browse, inspect and compare the model library in a terminal UI."),
     "verify": ("modelkit.cli.verify_cmd", "verify_cmd",
                "Check a checkpoint: static checks, offline render, compare to a reference."),
+    "sweep": ("modelkit.cli.sweep_cmd", "sweep_cmd",
+              "Merge and verify a grid of recipe variants into one table and contact sheet."),
     "demo": ("modelkit.cli.demo_cmd", "demo_cmd",
              "Build a tiny demo model library and run modelkit on it."),
     "methods": ("modelkit.cli.info_cmd", "methods_cmd",
