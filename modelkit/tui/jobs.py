@@ -29,6 +29,7 @@ from modelkit.tui.messages import (
     JobFinished,
     JobProgress,
     LibraryLoaded,
+    SweepCellDone,
     TransformsLoaded,
 )
 
@@ -177,5 +178,20 @@ def act_job(recipe: Any, output: str, dry_run: bool = False
             grid = write_grid(report.verify, free_path(out.parent, f"{out.stem}.verify",
                                                        ".png"))
         return ActOutcome(report, grid)
+
+    return run
+
+
+def sweep_job(node: MessagePump, spec: Any, out_dir: Path, jobs: int = 1
+              ) -> Callable[[ProgressFn, threading.Event], Any]:
+    """A job running the sweep ``spec`` into ``out_dir`` (one cell after
+    another in this process with ``jobs`` 1, else a process pool); each
+    finished cell is posted as :class:`SweepCellDone`; returns the
+    :class:`~modelkit.sweep.SweepReport` (``cancelled`` set after a cancel)."""
+    def run(progress: ProgressFn, cancel: threading.Event) -> Any:
+        from modelkit.sweep import make_executor, run_sweep
+
+        return run_sweep(spec, out_dir, executor=make_executor(jobs), progress=progress,
+                         cancel=cancel, on_cell=lambda r: node.post_message(SweepCellDone(r)))
 
     return run
