@@ -20,6 +20,7 @@ from modelkit.core.recipe import Recipe
 from modelkit.sweep import SweepError, run_sweep
 from modelkit.sweep.results import read_records
 from modelkit.sweep.spec import parse_axes
+from modelkit.textsafe import shown
 from modelkit.tui.app import make_app
 from modelkit.tui.recipes import ActSpec
 from modelkit.tui.screens.act import ActScreen
@@ -74,10 +75,9 @@ def _shown_rows(screen: SweepScreen) -> list[list[str]]:
     return [[str(c) for c in table.get_row_at(i)] for i in range(table.row_count)]
 
 
-def _pause_the_first_cell(monkeypatch: pytest.MonkeyPatch
-                          ) -> tuple[threading.Event, threading.Event]:
-    """Hold the first sweep's cell 0 in its write phase until ``proceed``
-    is set; returns (writing, proceed)."""
+def _pause_cell_2(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Hold cell 2 in its write phase until ``proceed`` is set; returns
+    (writing, proceed)."""
     import modelkit.core.runner as runner
 
     real_run = runner.run
@@ -89,7 +89,7 @@ def _pause_the_first_cell(monkeypatch: pytest.MonkeyPatch
         def progress(p: Any) -> None:
             if outer is not None:
                 outer(p)
-            if p.phase == "write" and "cell00" in str(kw.get("output")) \
+            if p.phase == "write" and "cell02" in str(kw.get("output")) \
                     and 0 < p.done < p.total and not writing.is_set():
                 writing.set()
                 proceed.wait(30)
@@ -112,9 +112,12 @@ axes: {{steps.mix.params.alpha: [0.5, lots]}}
 
 
 @pytest.mark.asyncio
-async def test_sweep_from_the_act_form_bad_values_cancel_then_the_whole_table(
+async def test_sweep_from_the_act_form_a_bad_value_then_the_table_and_cancel(
         library: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad value: the CLI's line, nothing written. Then three alphas:
+    cells 0 and 1 are written and shown as sweep.jsonl has them, cancel
+    while cell 2 writes leaves no temp file and the partial table."""
     from safetensors.torch import load_file
 
     folder = library / "unet"
@@ -123,13 +126,14 @@ async def test_sweep_from_the_act_form_bad_values_cancel_then_the_whole_table(
     cli_line = capsys.readouterr().err.strip()
     assert cli_line.startswith(f"modelkit: error: {sweep_file}: axes.steps.mix.params.alpha: "
                                "value 'lots' (cell 1): unknown block preset 'lots'")
-    writing, proceed = _pause_the_first_cell(monkeypatch)
+    writing, proceed = _pause_cell_2(monkeypatch)
     async with make_app(db=str(library.parent / "index.sqlite"),
                         images=False).run_test(size=(80, 24)) as pilot:
         act = await _open_act(pilot)
-        assert act.query_one("#act-sweep-dir", Input).value == str(folder / SWEEP_DIR)
+        out = folder / SWEEP_DIR
+        assert act.query_one("#act-sweep-dir", Input).value == str(out)
         sweep = act.query_one("#act-sweep", Input)
-        # a bad value: the CLI's one line, and nothing written (not even the folder)
+        assert sweep.placeholder == "axes, e.g. alpha = 0.3, 0.5; or a sweep .yaml file"
         sweep.value = str(sweep_file)
         await pilot.press("ctrl+s")
         await settle(pilot)
@@ -137,44 +141,41 @@ async def test_sweep_from_the_act_form_bad_values_cancel_then_the_whole_table(
         assert isinstance(dialog, ErrorDialog) and dialog.message == cli_line
         await pilot.press("escape")
         assert pilot.app.screen is act
-        assert sorted(p.name for p in folder.iterdir()) == list(UNETS)
-        # cancel while cell 0 writes: no temp file, the partial table
-        sweep.value = "alpha = 0.25, 0.75"
+        assert sorted(p.name for p in folder.iterdir()) == list(UNETS)  # not even the folder
+        sweep.value = "alpha = 0.25, 0.75, 0.5"
         await pilot.press("ctrl+s")
         assert await asyncio.to_thread(writing.wait, 30)
         screen = pilot.app.screen
         assert isinstance(screen, SweepScreen)
-        await pilot.press("escape")
+        await pilot.press("escape")  # while it runs, escape cancels
         proceed.set()
         await settle(pilot)
-        out = folder / SWEEP_DIR
-        assert screen.report.cancelled
-        assert [r[:3] for r in _shown_rows(screen)] == [["0", "0.25", "cancelled"],
-                                                        ["1", "0.75", "not run"]]
-        assert sorted(p.name for p in out.iterdir()) == [
-            ".modelkit-sweep", "sweep.jsonl", "table.csv", "table.md"]
-        assert "| 1 | 0.75 | not run |" in (out / "table.md").read_text()
-        # back on the form the folder moved on; the whole sweep into the new one
-        await pilot.press("escape")
-        assert pilot.app.screen is act
-        out = folder / f"{SWEEP_DIR}-2"
-        assert act.query_one("#act-sweep-dir", Input).value == str(out)
-        await pilot.press("ctrl+s")
-        await settle(pilot)
-        screen = pilot.app.screen
-        assert isinstance(screen, SweepScreen) and not screen.report.cancelled
+        assert screen.report.cancelled and pilot.app.screen is screen
         records = read_records(out / "sweep.jsonl")
         assert [str(c.label) for c in screen.query_one(DataTable).ordered_columns] == [
-            "cell", "alpha", "status", "seconds", "error", "sha256", "output"]
+            "cell", "alpha", "status", "seconds", "error", "sha256"]
         assert _shown_rows(screen) == [
-            [str(r["index"]), r["labels"]["alpha"], "ok", f"{r['timings']['total']:.1f}", "-",
-             r["hashes"]["sha256"][:12], Path(r["output"]).stem] for r in records]
-        assert [r["values"]["steps.merge.params.alpha"] for r in records] == [0.25, 0.75]
+            [str(r["index"]), r["labels"]["alpha"], r["status"],
+             f"{r['timings']['total']:.1f}", shown(r["error"], 24) if r["error"] else "-",
+             r["hashes"]["sha256"][:12] if r["hashes"] else "-"] for r in records]
+        assert records[2]["error"].startswith("cancelled") and not records[2]["hashes"]
+        assert [(r["values"]["steps.merge.params.alpha"], r["status"]) for r in records] == [
+            (0.25, "ok"), (0.75, "ok"), (0.5, "cancelled")]
+        assert screen.query_one("#sweep-cell", Static).content.plain == \
+            f"cell 0 (alpha=0.25): ok: {records[0]['output']}"
         files = screen.query_one("#sweep-files", Static).content.plain
+        assert files.startswith("CANCELLED: 3 cells: 2 ok, 1 not run (serial, ")
         assert f"table: {out / 'table.md'}" in files
         assert "no contact sheet: nothing was rendered" in files
+        assert sorted(p.name for p in out.iterdir()) == [  # no temp file
+            ".modelkit-sweep", records[0]["output"], records[1]["output"], "sweep.jsonl",
+            "table.csv", "table.md"]
+        assert "| 2 | 0.5 | cancelled |" in (out / "table.md").read_text()
+        await pilot.press("escape")  # back to the form: the folder moved on
+        assert pilot.app.screen is act
+        assert act.query_one("#act-sweep-dir", Input).value == str(folder / f"{SWEEP_DIR}-2")
     a, b = (load_file(folder / n)[KEY].float() for n in UNETS)
-    for r in records:
+    for r in records[:2]:
         alpha = r["values"]["steps.merge.params.alpha"]
         assert load_file(out / r["output"])[KEY].equal(((1 - alpha) * a + alpha * b).half())
 

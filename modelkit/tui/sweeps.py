@@ -16,6 +16,7 @@ from typing import Any
 
 from rich.text import Text
 
+from modelkit.core.registry import Transform
 from modelkit.errors import ModelkitError
 from modelkit.sweep.spec import SweepSpec
 from modelkit.textsafe import safe_text, shown
@@ -23,10 +24,19 @@ from modelkit.tui.recipes import ActSpec, build_recipe, free_path
 
 SWEEP_FILE_SUFFIXES = (".yaml", ".yml")
 FORM_SOURCE = "act form"  # names the form's sweep in messages and titles
-ERROR_CHARS = 40  # of an error in the table; the highlighted row shows it whole
+ERROR_CHARS = 24  # of an error in the table; the highlighted row shows it whole
 JOB_CHOICES = (1, 2, 3, 4, 6, 8)  # 1: one cell after another, in the TUI's process
 STATUS_STYLES = {"ok": "green", "failed": "bold red", "cancelled": "yellow",
                  "not run": "dim", "pending": "dim"}
+
+
+def axes_placeholder(t: Transform | None) -> str:
+    """The sweep field's hint for transform ``t``: its first numeric
+    parameter swept over two values."""
+    names = [p.name for p in (t.params.values() if t else ()) if p.kind in ("float", "int")
+             or p.blockwise]
+    example = f"{names[0]} = 0.3, 0.5" if names else "NAME = VALUE, VALUE"
+    return f"axes, e.g. {example}; or a sweep .yaml file"
 
 
 def _beside(text: str, first_input: str) -> Path:
@@ -83,20 +93,18 @@ def sweep_dir(text: str, first_input: str) -> Path:
 
 
 def shown_columns(columns: list[str]) -> list[str]:
-    """``table.md``'s columns in the order an 80-column screen reads best:
-    the error right after the values and metrics, sha256 and output last."""
-    tail = [c for c in ("error", "sha256", "output") if c in columns]
-    return [c for c in columns if c not in tail] + tail
+    """``table.md``'s columns as an 80-column screen reads them best: the
+    error right after the values and metrics, then sha256; no output
+    column (the highlighted row's line names its file)."""
+    tail = [c for c in ("error", "sha256") if c in columns]
+    return [c for c in columns if c not in tail and c != "output"] + tail
 
 
 def cell_text(column: str, value: Any) -> Text:
     """A table value as the sweep screen shows it: ``table.md``'s text, the
-    output's file stem, the error cut to :data:`ERROR_CHARS`, the status
-    and verdict coloured."""
+    error cut to :data:`ERROR_CHARS`, the status and verdict coloured."""
     from modelkit.sweep.results import cell_text as md_text
 
-    if column == "output":
-        return Text(safe_text(Path(str(value)).stem) if value else "-")
     if column == "error":
         return Text(shown(value, ERROR_CHARS) if value else "-", style="red" if value else "")
     text = safe_text(md_text(column, value))

@@ -38,7 +38,13 @@ from modelkit.tui.messages import (
 from modelkit.tui.recipes import MERGE, ActSpec
 from modelkit.tui.screens.error import ErrorDialog
 from modelkit.tui.screens.sweep import SweepScreen
-from modelkit.tui.sweeps import JOB_CHOICES, default_sweep_dir, sweep_dir, sweep_spec
+from modelkit.tui.sweeps import (
+    JOB_CHOICES,
+    axes_placeholder,
+    default_sweep_dir,
+    sweep_dir,
+    sweep_spec,
+)
 from modelkit.tui.widgets.job_bar import JobBar
 from modelkit.tui.widgets.param_form import ParamForm, field_row
 from modelkit.vocab import MERGE_OUTPUT_DTYPES
@@ -104,8 +110,7 @@ class ActScreen(Screen[None]):
                     id="act-verify"), "check the new file: static checks (seconds), or "
                     "also render it offline and compare with its input (docs/verify.md)")
                 yield field_row("sweep", Input(
-                    placeholder="axes: alpha = 0.3, 0.5; b = x.safetensors, y.safetensors",
-                    compact=True, id="act-sweep"),
+                    placeholder=axes_placeholder(None), compact=True, id="act-sweep"),
                     "ctrl+s runs the form once per combination: NAME = values, axes "
                     "separated by ';' (NAME: a parameter, an input a/b/c, dtype, or a "
                     "recipe field path); or a sweep .yaml file")
@@ -199,6 +204,7 @@ class ActScreen(Screen[None]):
             summary.append(t.summary + "\n")
             summary.append(recipes.inputs_line(t, ordered), style="dim")
         self.query_one("#act-summary", Static).update(summary)
+        self.query_one("#act-sweep", Input).placeholder = axes_placeholder(t)
         self.form_changed()
         if self.first_plan and self.spec() is not None:
             self.first_plan = False

@@ -70,7 +70,7 @@ class SweepScreen(Screen[str | None]):
 
     def compose(self) -> ComposeResult:
         name = Path(self.spec.source).name
-        yield Static(Text(safe_text(f"Sweep {name}: {len(self.cells)} cells into "
+        yield Static(Text(safe_text(f"Sweep ({name}): {len(self.cells)} cells into "
                                     f"{self.out_dir}")), id="sweep-title")
         yield DataTable(cursor_type="row", zebra_stripes=True, id="sweep-table")
         yield Static("", id="sweep-cell")
@@ -79,6 +79,7 @@ class SweepScreen(Screen[str | None]):
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
+        self.query_one("#sweep-files").display = False  # until the sweep ends
         self.fill(self.columns, self.rows())
         self.running = True
         self.query_one(JobBar).start(JOB, f"planning {len(self.cells)} cells")
@@ -157,7 +158,9 @@ class SweepScreen(Screen[str | None]):
         self.records = dict(report.records)
         self.columns = report.columns
         self.fill(report.columns, report.rows())
-        self.query_one("#sweep-files", Static).update(files_text(report))
+        files = self.query_one("#sweep-files", Static)
+        files.update(files_text(report))
+        files.display = True
         done = f"{report.n_ok + report.n_failed}/{len(report.cells)} cells"
         self.query_one(JobBar).stop(
             f"cancelled after {done}; no partial file left; escape returns to the form"
