@@ -143,8 +143,20 @@ class SweepScreen(Screen[str | None]):
         self.query_one("#sweep-cell", Static).update(text)
 
     def on_sweep_cell_done(self, message: SweepCellDone) -> None:
-        self.records[message.record["index"]] = message.record
-        self.fill(self.columns, self.rows())
+        """One cell finished: its row only (a sweep may have thousands)."""
+        record = message.record
+        index = record["index"]
+        self.records[index] = record
+        position = next((i for i, r in enumerate(self.table_rows) if r["cell"] == index), None)
+        if position is None:
+            return
+        cell = self.cells[position]
+        row = self.table_rows[position] = table_row(self.spec.axes, index, cell.labels, record)
+        table = self.query_one(DataTable)
+        for name in shown_columns(self.columns):
+            table.update_cell(str(index), name, cell_text(name, row.get(name)))
+        if table.cursor_row == position:
+            self.show_row(position)
 
     # --- progress and the end -----------------------------------------------------
 
