@@ -117,6 +117,18 @@ def test_prune_repairs_novelai_names_and_position_ids(novelai_model: Path,
     assert torch.equal(tensors[key], src[CLIP + "encoder.layers.0.mlp.fc1.weight"])
 
 
+def test_prune_keeps_a_standalone_unet_without_prefix(tmp_path: Path) -> None:
+    """A ComfyUI-style UNet file (bare keys) is all UNet: prune keeps every
+    tensor byte for byte (it once dropped all of them as unknown keys)."""
+    unet, out = tmp_path / "u.safetensors", tmp_path / "p.safetensors"
+    t.write_unet(unet, "sd1", seed=3)
+    (conv,), _ = run_chain([unet], [("prune", {})], out)
+    report = conv.report
+    assert report.dropped == {} and report.n_kept == len(read_header(unet).tensors)
+    got, want = _tensors(out), _tensors(unet)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_prune_refuses_a_lora(tmp_path: Path) -> None:
     from modelkit.testing.lora import write_lora
 

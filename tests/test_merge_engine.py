@@ -85,6 +85,24 @@ def test_blockwise_out_only(tmp_path: Path, models: dict[str, Path]) -> None:
     assert "v_pred" in m  # marker keys of A are copied
 
 
+def test_standalone_unets_without_prefix_merge_block_wise(tmp_path: Path) -> None:
+    """ComfyUI-style UNet files (no model.diffusion_model. prefix) merge
+    every key, and their keys find their blocks (they were once all copied
+    from A with 0 merged)."""
+    a, b, out = (tmp_path / n for n in ("a.safetensors", "b.safetensors", "o.safetensors"))
+    t.write_unet(a, "sd1", seed=1)
+    t.write_unet(b, "sd1", seed=2)
+    assert _merge(str(a), str(b), "-o", str(out), "--blocks", "out_only", "--dtype",
+                  "fp32") == 0
+    ta, tb, m = load_file(a), load_file(b), load_file(out)
+    assert set(m) == set(ta)
+    for key in ta:
+        block = block_of(UNET + key, "sd1")
+        ref = tb if block.startswith("OUT") else ta
+        assert torch.equal(m[key], ref[key].float()), (key, block)
+    assert any(block_of(UNET + k, "sd1").startswith("OUT") for k in ta)
+
+
 def test_blocks_list_and_recorded_map(tmp_path: Path, models: dict[str, Path]) -> None:
     out = tmp_path / "bl.safetensors"
     values = ["0"] * 13 + ["1"] * 13  # BASE, IN00-IN11 -> 0; M00, OUT -> 1

@@ -72,11 +72,15 @@ def prune(src: Source, *, keep_ema: bool = False, dtype: str | None = None) -> P
     from modelkit.io.dtypes import to_torch
     from modelkit.io.reader import cast
 
-    require_checkpoint(src, "prune", ("checkpoint", "unet"))
+    kind = require_checkpoint(src, "prune", ("checkpoint", "unet")).kind
+    # a standalone UNet (ComfyUI's diffusion_models) has no key prefix: its bare keys are the UNet
+    bare = parts.UNET if kind == "unet" else None
     rep = PruneReport(bytes_in=sum(i.nbytes for i in src.infos.values()))
     infos, origin = {}, {}
     for key, info in src.infos.items():
         part = parts.part_of(key)
+        if part == parts.OTHER and bare:
+            part = bare
         if part == parts.EMA and keep_ema:
             part = parts.UNET
         if part not in KEEP_PARTS:

@@ -67,8 +67,8 @@ class Evaluator:
         out = dict(self.scalars[step])
         for (s, pname), per_block in self.plan.block_params.items():
             if s == step:
-                block = block_of(key, self.plan.arch, self.plan.recipe.options.block_map,
-                                 vae_slot="VAE" in per_block)
+                block = block_of(self.plan.full_key(key), self.plan.arch,
+                                 self.plan.recipe.options.block_map, vae_slot="VAE" in per_block)
                 out[pname] = per_block[block]
         return out
 

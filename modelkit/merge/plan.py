@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from modelkit.arch.configs import UNET_PREFIX, VAE_PREFIX
-from modelkit.arch.parts import TE, UNET, VAE, part_of
+from modelkit.arch.parts import OTHER, TE, UNET, VAE, part_of
 from modelkit.core.keyregex import check_key_regex
 from modelkit.core.recipe import BlockParam, Recipe, RecipeError, StepSpec
 from modelkit.errors import ModelkitError
@@ -36,6 +36,15 @@ class InputFile:
     arch: str
     variant: str | None
     prediction: str = "unknown"
+    key_prefix: str = ""  # what a standalone UNet's bare keys lack: UNET_PREFIX
+
+
+def _bare_prefix(kind: str, infos: dict[str, TensorInfo]) -> str:
+    """UNET_PREFIX for a standalone UNet saved without it (ComfyUI's
+    diffusion_models, diffusers-free exports), else ""."""
+    if kind == "unet" and not any(k.startswith(UNET_PREFIX) for k in infos):
+        return UNET_PREFIX
+    return ""
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,13 @@ class Plan:
     skipped: list[str] = field(default_factory=list)
     ignored: int = 0  # keys only in secondary inputs
     warnings: list[str] = field(default_factory=list)
+
+    def full_key(self, key: str) -> str:
+        """``key`` as a single-file checkpoint spells it (the primary input
+        may be a standalone UNet without the prefix): what classifies a key
+        and finds its block."""
+        prefix = self.inputs[self.primary].key_prefix
+        return prefix + key if prefix and part_of(key) == OTHER else key
 
     @property
     def output_bytes(self) -> int:
@@ -107,7 +123,7 @@ def _read_input(name: str, path: Path, what: str) -> tuple[InputFile, ModelRepor
     fmt = "pickle" if is_pickle_path(path) else "safetensors"
     rep = build_report(path, infos, meta, fmt, None)
     return InputFile(name, path, infos, meta, rep.arch, rep.variant,
-                     rep.prediction.type), rep
+                     rep.prediction.type, _bare_prefix(rep.kind, infos)), rep
 
 
 def _source_input(name: str, source: Source) -> tuple[InputFile, ModelReport]:
@@ -119,7 +135,7 @@ def _source_input(name: str, source: Source) -> tuple[InputFile, ModelReport]:
     rep = describe(source)
     path = Path(source_label(source))
     return InputFile(name, path, source.infos, source.metadata, rep.arch, rep.variant,
-                     rep.prediction.type), rep
+                     rep.prediction.type, _bare_prefix(rep.kind, source.infos)), rep
 
 
 def _load_input(name: str, path: Path, source: Source | None = None) -> InputFile:
@@ -211,7 +227,7 @@ def _key_plans(plan: Plan) -> None:
     excluded = [check_key_regex(rx) for rx in opts.exclude_keys]
     problems: list[str] = []
     for key, info in primary.infos.items():
-        comp = component_of(key)
+        comp = component_of(plan.full_key(key))
         if key.endswith("position_ids") and comp == "te":
             plan.keys.append(KeyPlan(key, "position_ids", "I64", info.shape))
             continue
