@@ -216,3 +216,52 @@ def test_progress_in_logs_is_a_few_lines_and_on_a_terminal_has_rate_and_eta(
     drawn = tty.getvalue().split("\r\x1b[2K")
     assert any("/s " in d and " ETA " in d for d in drawn)  # rate and ETA
     assert tty.getvalue().endswith("\n") and drawn[-1].startswith("write merge: 100.0%")
+
+
+def test_methods_presets_and_the_dry_run_block_table(
+        models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from modelkit.core.registry import all_transforms
+
+    code, out, _ = _run(capsys, "methods")
+    assert code == 0
+    for name, tr in all_transforms().items():  # every method and op, with its parameters
+        assert f"  {name}(" in out, name
+        for param in tr.params:
+            assert f"      {param}: " in out, (name, param)
+    assert "trim: one of round|mecha (default 'round')" in out
+    code, out, _ = _run(capsys, "methods", "--json")
+    assert code == 0 and set(json.loads(out)) == set(all_transforms())
+    code, out, _ = _run(capsys, "presets")
+    assert code == 0 and "  sd1:" in out and "  sdxl:" in out and "OUT11" in out
+    code, out, _ = _run(capsys, "merge", str(models["sd1"]), str(models["sd1_b"]), "-o",
+                        str(tmp_path / "m.safetensors"), "--blocks", "out_only", "--dry-run",
+                        "-q")
+    table = out[out.index("block weights of merge.alpha (27 blocks):"):].split()
+    assert table[table.index("BASE") + 1] == "0" and table[table.index("M00") + 1] == "0"
+    assert table[table.index("OUT00") + 1] == "1" and table[table.index("OUT11") + 1] == "1"
+
+
+def test_every_step_example_in_docs_recipes_parses() -> None:
+    """docs/recipes.md has a worked example for each kind of step, and each
+    one is a valid recipe (steps-only blocks get their inputs declared)."""
+    import re
+
+    import yaml
+
+    from modelkit.core.recipe import parse_recipe
+    from modelkit.core.registry import all_transforms
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, re.S)
+    used = set()
+    for block in blocks:  # a hash shortened with "..." stands for a whole one
+        doc = yaml.safe_load(re.sub(r"sha256: [0-9a-f]+\.\.\.", "sha256: " + "a" * 64, block))
+        names = {m for s in doc["steps"].values() for m in s["models"]} - set(doc["steps"])
+        doc.setdefault("version", 1)
+        doc.setdefault("inputs", {n: f"{n}.safetensors" for n in names})
+        recipe = parse_recipe(yaml.safe_dump(doc), "docs/recipes.md")
+        used |= {s.transform for s in recipe.steps.values()}
+    documented = {n for n in all_transforms() if n not in ("lora_resize", "lora_merge",
+                                                           "lora_convert")}
+    assert documented <= used, documented - used  # those three are named in the text
+    assert all(f"`{n}`" in text for n in ("lora_resize", "lora_merge", "lora_convert"))

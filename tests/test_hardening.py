@@ -363,3 +363,15 @@ def test_prune_report_escapes_key_names(tmp_path: Path) -> None:
     assert not any(line.startswith("FAKE LINE") for line in out.splitlines())
     assert "junk.a\\nFAKE LINE: prune kept everything (unknown key)" in out
     assert "junk.b\\rOVER\\x1b]0;t\\x07 (unknown key)" in out
+
+
+def test_a_long_unknown_method_name_is_cut() -> None:
+    """Item 10: a 900 KB method name (under the 1 MB recipe limit) is not
+    echoed whole."""
+    from modelkit.core.recipe import RecipeError, parse_recipe
+
+    text = ("version: 1\ninputs: {a: a.safetensors, b: b.safetensors}\nsteps:\n"
+            f"  s: {{method: {'x' * 900_000}, models: [a, b]}}\n")
+    with pytest.raises(RecipeError, match="unknown merge method 'xxx") as err:
+        parse_recipe(text, "long.yaml")
+    assert len(str(err.value)) < 400
