@@ -366,12 +366,12 @@ def test_prune_report_escapes_key_names(tmp_path: Path) -> None:
 
 
 def test_a_long_unknown_method_name_is_cut() -> None:
-    """Item 10: a 900 KB method name (under the 1 MB recipe limit) is not
+    """Item 10: a 200 KB method name (under the 1 MB recipe limit) is not
     echoed whole."""
     from modelkit.core.recipe import RecipeError, parse_recipe
 
     text = ("version: 1\ninputs: {a: a.safetensors, b: b.safetensors}\nsteps:\n"
-            f"  s: {{method: {'x' * 900_000}, models: [a, b]}}\n")
+            f"  s: {{method: {'x' * 200_000}, models: [a, b]}}\n")
     with pytest.raises(RecipeError, match="unknown merge method 'xxx") as err:
         parse_recipe(text, "long.yaml")
     assert len(str(err.value)) < 400
