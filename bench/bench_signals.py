@@ -56,7 +56,8 @@ def _command(a: Path, b: Path, out: Path) -> list[str]:
 
 def _one(cmd: list[str], out: Path, delay: float, sigs: list[int]) -> tuple[int, str]:
     out.unlink(missing_ok=True)
-    proc = subprocess.Popen(cmd, env=child_env(), stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     time.sleep(delay)
     for i, sig in enumerate(sigs):
         if proc.poll() is None:
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd = _command(a, b, out)
     log("timing one whole run ...")
     start = time.perf_counter()
-    subprocess.run([*cmd, "--overwrite"], env=child_env(), check=True)
+    subprocess.run([*cmd, "--overwrite"], env=child_env(), check=True,
+                   stdout=subprocess.DEVNULL)
     whole = time.perf_counter() - start
     rng = random.Random(args.seed)
     tally = {"interrupted": 0, "finished": 0, "problems": 0}

@@ -11,6 +11,30 @@ import threading
 INTERRUPTED = threading.Event()
 
 
+class _Deferral(threading.local):
+    depth = 0
+
+
+_DEFERRAL = _Deferral()
+
+
+class defer_signals:
+    """A block a signal must not cut in two, such as creating a temp file and
+    recording its name: inside it a front end's signal handler only sets
+    :data:`INTERRUPTED`, and the run stops at its next :func:`check_cancel`."""
+
+    def __enter__(self) -> None:
+        _DEFERRAL.depth += 1
+
+    def __exit__(self, *_exc: object) -> None:
+        _DEFERRAL.depth -= 1
+
+
+def signals_deferred() -> bool:
+    """Whether this thread is inside a :class:`defer_signals` block."""
+    return _DEFERRAL.depth > 0
+
+
 class Interrupted(BaseException):
     """A signal (Ctrl-C, SIGTERM, SIGHUP) asked the program to stop. A
     BaseException, so nothing on the way mistakes it for an error; writers

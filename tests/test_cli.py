@@ -125,6 +125,9 @@ def test_demo(capsys: pytest.CaptureFixture[str], tmp_path: Path,
     assert "modelkit.recipe" in mix["metadata"]
     assert len(data["hashes"]) == len(data["reports"]) == 18
     assert "tiny-sd15-inpainting.safetensors" in out
+    table = out.split("\n\n")[0].splitlines()  # the closing table: columns aligned
+    kind_col = table[0].index("kind")
+    assert all(row[kind_col - 2:kind_col] == "  " and row[kind_col] != " " for row in table)
     assert "verify grid:" in out and (root / "verify" / "grid.png").is_file()
     # a second run reuses its own folder (its verify, timed above, is skipped);
     # a foreign non-empty folder is refused

@@ -345,3 +345,33 @@ def test_device_as_merge_input_is_not_missing(tmp_path: Path) -> None:
 
 def test_dump_helper_writes_raw_fragments() -> None:
     assert dump({"a": [Raw("1e400")]}) == '{"a":[1e400]}'
+
+
+def test_prune_report_escapes_key_names(tmp_path: Path) -> None:
+    """A key with a newline cannot forge a line in prune's report (item 6)."""
+    from modelkit import testing as t
+    from modelkit.arch.keys import checkpoint_keys
+
+    keys = dict(checkpoint_keys(t.arch_spec("sd1")))
+    keys |= {"junk.a\nFAKE LINE: prune kept everything": (2,),
+             "junk.b\rOVER\x1b]0;t\x07": (3,)}
+    path = tmp_path / "ckpt.safetensors"
+    t.write_tensors(path, keys)
+    rc, out, err = run_cli(["prune", str(path), "-o", str(tmp_path / "p.safetensors"), "-q"])
+    assert rc == 0, err
+    assert not any(c in out for c in "\x1b\r\x07"), out
+    assert not any(line.startswith("FAKE LINE") for line in out.splitlines())
+    assert "junk.a\\nFAKE LINE: prune kept everything (unknown key)" in out
+    assert "junk.b\\rOVER\\x1b]0;t\\x07 (unknown key)" in out
+
+
+def test_a_long_unknown_method_name_is_cut() -> None:
+    """Item 10: a 200 KB method name (under the 1 MB recipe limit) is not
+    echoed whole."""
+    from modelkit.core.recipe import RecipeError, parse_recipe
+
+    text = ("version: 1\ninputs: {a: a.safetensors, b: b.safetensors}\nsteps:\n"
+            f"  s: {{method: {'x' * 200_000}, models: [a, b]}}\n")
+    with pytest.raises(RecipeError, match="unknown merge method 'xxx") as err:
+        parse_recipe(text, "long.yaml")
+    assert len(str(err.value)) < 400

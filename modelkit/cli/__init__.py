@@ -99,21 +99,23 @@ class _Signals:
         self.received = False
 
     def install(self) -> None:
+        self.received = False
         for name in self.NAMES:
             if hasattr(signal, name):
                 signal.signal(getattr(signal, name), self.handle)
 
     def handle(self, _signum: int, frame: Any) -> None:
-        from modelkit.errors import INTERRUPTED, Interrupted
+        from modelkit.errors import INTERRUPTED, Interrupted, signals_deferred
 
         if self.received:
             return
         self.received = True
         INTERRUPTED.set()
-        if not _importing(frame):
+        if not _importing(frame) and not signals_deferred():
             raise Interrupted
         # an exception inside a C extension's import (torch) aborts the
-        # interpreter: the flag alone stops the run at its next check
+        # interpreter, and a deferred block (a temp file being created) must
+        # finish: the flag alone stops the run at its next check
 
     def ignore(self) -> None:
         """Ignore these signals from now on (the process is exiting)."""
@@ -142,6 +144,14 @@ def _interrupted(started: float) -> str:
     return "modelkit: interrupted; no output was written"
 
 
+def _remove_temp_files() -> None:
+    """Remove temp files an interrupt left between their creation and the
+    code that removes them (only if anything was written at all)."""
+    writer = sys.modules.get("modelkit.io.writer")
+    if writer is not None:
+        writer.remove_temp_files()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: maps modelkit errors to one line and exit codes."""
     import time
@@ -159,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"modelkit: error: {shown(exc)}", err=True)
         return exc.exit_code
     except (click.exceptions.Abort, KeyboardInterrupt, Interrupted):
+        _remove_temp_files()
         click.echo(_interrupted(started), err=True)
         return 130
     except click.UsageError as exc:  # a bad option or a missing argument: one line

@@ -32,15 +32,16 @@ def demo_cmd(directory: Path, quiet: bool) -> None:
     progress = StderrProgress(quiet)
     result = run_demo(directory, progress)
     progress.close()
-    rows = [[str(Path(str(rep["path"])).relative_to(result.root)), str(rep["kind"]),
-             str(rep["arch"]), str(rep["prediction"]["type"]),  # type: ignore[index]
-             str(rep["variant"] or "-"), str(h["autov2"])]
-            for rep, h in zip(result.reports, result.hashes, strict=True)]
+    rows = [[shown(c) for c in (
+        str(Path(str(rep["path"])).relative_to(result.root)), str(rep["kind"]),
+        str(rep["arch"]), str(rep["prediction"]["type"]),  # type: ignore[index]
+        str(rep["variant"] or "-"), str(h["autov2"]))]
+        for rep, h in zip(result.reports, result.hashes, strict=True)]
     header = ["file", "kind", "arch", "pred", "variant", "autov2"]
+    # widths of the text as shown (escapes included), so long or odd names align
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        click.echo("  ".join(shown(c).ljust(w) for c, w in zip(row, widths, strict=True))
-                   .rstrip())
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     click.echo(f"\n{len(result.files)} files in {result.root}; full report: "
                f"{result.summary_path}")
     click.echo(f"verify {Path(result.files[-1]).name} against its inpainting parent: "

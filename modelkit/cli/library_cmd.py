@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from modelkit.cli.common import CommaList
 from modelkit.cli.progress import StderrProgress, human_bytes
 from modelkit.textsafe import safe_text
 
@@ -104,19 +105,21 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     return "\n".join(lines)
 
 
-def _filters(kind: tuple[str, ...], arch: tuple[str, ...], name: str | None,
+def _filters(kind: tuple[list[str], ...], arch: tuple[list[str], ...], name: str | None,
              under: tuple[str, ...], prediction: str | None) -> Any:
+    from modelkit.cli.common import flat
     from modelkit.library.query import Filters
 
-    return Filters(kinds=kind, archs=arch, name=name, under=under, prediction=prediction)
+    return Filters(kinds=flat(kind), archs=flat(arch), name=name, under=under,
+                   prediction=prediction)
 
 
 def _filter_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
-        click.option("--kind", multiple=True, type=click.Choice(KINDS),
-                     help="Only this kind (repeatable)."),
-        click.option("--arch", multiple=True, type=click.Choice(ARCHS),
-                     help="Only this architecture (repeatable)."),
+        click.option("--kind", multiple=True, type=CommaList(KINDS, "kind"),
+                     help="Only these kinds (comma list or repeated)."),
+        click.option("--arch", multiple=True, type=CommaList(ARCHS, "arch"),
+                     help="Only these architectures (comma list or repeated)."),
         click.option("--name", help="Only names containing this (any case)."),
         click.option("--under", multiple=True, type=click.Path(file_okay=False),
                      help="Only files under this folder (repeatable)."),
@@ -132,7 +135,7 @@ def _filter_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @_filter_options
 @_db_option
 @_json_option
-def list_cmd(kind: tuple[str, ...], arch: tuple[str, ...], name: str | None,
+def list_cmd(kind: tuple[list[str], ...], arch: tuple[list[str], ...], name: str | None,
              under: tuple[str, ...], prediction: str | None, db: str | None,
              as_json: bool) -> None:
     """List indexed files; exit code 1 when none matches."""
@@ -159,9 +162,9 @@ def list_cmd(kind: tuple[str, ...], arch: tuple[str, ...], name: str | None,
 @_db_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @_json_option
-def dupes_cmd(no_hash: bool, kind: tuple[str, ...], arch: tuple[str, ...], name: str | None,
-              under: tuple[str, ...], prediction: str | None, db: str | None, quiet: bool,
-              as_json: bool) -> None:
+def dupes_cmd(no_hash: bool, kind: tuple[list[str], ...], arch: tuple[list[str], ...],
+              name: str | None, under: tuple[str, ...], prediction: str | None,
+              db: str | None, quiet: bool, as_json: bool) -> None:
     """Files with the same tensor data, whatever their names or metadata.
 
     Files that could be copies (same tensor-data length) are hashed first
@@ -236,7 +239,7 @@ def lineage_cmd(model: str, db: str | None, as_json: bool) -> None:
 @_filter_options
 @_db_option
 @_json_option
-def check_cmd(kind: tuple[str, ...], arch: tuple[str, ...], name: str | None,
+def check_cmd(kind: tuple[list[str], ...], arch: tuple[list[str], ...], name: str | None,
               under: tuple[str, ...], prediction: str | None, db: str | None,
               as_json: bool) -> None:
     """Misplaced, broken and unusable files, with where each belongs.

@@ -180,13 +180,19 @@ def recipe_group() -> None:
 @click.option("--verify", "verify", is_flag=True,
               help="Render and check the output after writing (the recipe's verify: "
                    "section, or the defaults); exit 1 when a check fails.")
+@click.option("--device", type=click.Choice(DEVICES), default=None,
+              help="Where tensors are read and computed (overrides options.device).")
 def recipe_run(recipe: str, output: str | None, dry_run: bool, as_json: bool,
-               quiet: bool, overwrite: bool, verify: bool) -> None:
+               quiet: bool, overwrite: bool, verify: bool, device: str | None) -> None:
     """Run a recipe file (exit 1 when its verification fails)."""
+    from dataclasses import replace
+
     from modelkit.core.recipe import load_recipe
 
-    report = execute(load_recipe(recipe), {"quiet": quiet, "as_json": as_json,
-                                           "overwrite": overwrite},
+    loaded = load_recipe(recipe)
+    if device is not None:
+        loaded.options = replace(loaded.options, device=device)
+    report = execute(loaded, {"quiet": quiet, "as_json": as_json, "overwrite": overwrite},
                      _merge_lines, output=output, dry_run=dry_run, verify=verify)
     if report.verify is not None and not report.verify.passed:
         raise click.exceptions.Exit(1)
@@ -197,11 +203,13 @@ def recipe_run(recipe: str, output: str | None, dry_run: bool, as_json: bool,
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Where to write the locked recipe (default RECIPE.lock.yaml).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
-def recipe_lock(recipe: str, output: str | None, quiet: bool) -> None:
+@click.option("--overwrite", is_flag=True,
+              help="Replace the output if it exists (never the recipe or an input).")
+def recipe_lock(recipe: str, output: str | None, quiet: bool, overwrite: bool) -> None:
     """Write a copy of the recipe with every input's sha256 pinned."""
     from modelkit.core.lock import lock_recipe
 
-    path = lock_recipe(recipe, output, StderrProgress(quiet))
+    path = lock_recipe(recipe, output, StderrProgress(quiet), overwrite=overwrite)
     click.echo(f"locked {shown(path)}")
 
 
@@ -223,20 +231,30 @@ def recipe_show(model: str) -> None:
               help="Folders to look for the inputs in (by file name, then by sha256); "
                    "MODEL's folder is always searched.")
 @click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 def recipe_replay(model: str, check: bool, output: str | None, search: tuple[str, ...],
-                  overwrite: bool, quiet: bool) -> None:
+                  overwrite: bool, as_json: bool, quiet: bool) -> None:
     """Re-run the recipe embedded in MODEL; with --check, compare tensors."""
+    import json
+
     from modelkit.core.lock import replay
 
     progress = StderrProgress(quiet)
     result = replay(model, output, progress=progress, search=search, overwrite=overwrite)
     progress.close()
-    if result.identical:
+    if as_json:
+        click.echo(json.dumps({"model": str(model), "identical": result.identical,
+                               "n_tensors": result.n_tensors,
+                               "n_different": result.n_different,
+                               "first_difference": result.first_difference,
+                               "output": str(result.output) if result.output else None},
+                              indent=2))
+    elif result.identical:
         click.echo(f"replay of {shown(model)}: bit-exact ({result.n_tensors} tensors)")
-        return
-    click.echo(f"replay of {shown(model)}: DIFFERENT: {result.n_different} of "
-               f"{result.n_tensors} "
-               f"tensors differ (first: {shown(result.first_difference, 200)})")
-    if check:
+    else:
+        click.echo(f"replay of {shown(model)}: DIFFERENT: {result.n_different} of "
+                   f"{result.n_tensors} tensors differ "
+                   f"(first: {shown(result.first_difference, 200)})")
+    if check and not result.identical:
         raise click.exceptions.Exit(1)

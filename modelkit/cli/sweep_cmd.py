@@ -62,7 +62,7 @@ class _Stderr:
 def _cancel_on_signals(cancel: threading.Event, out: _Stderr) -> Iterator[None]:
     """The first Ctrl-C (or SIGTERM, SIGHUP) cancels the sweep without
     force; a second one stops at once (the main handler's interrupt)."""
-    from modelkit.errors import INTERRUPTED, Interrupted
+    from modelkit.errors import INTERRUPTED, Interrupted, signals_deferred
 
     names = [n for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)]
     saved = {n: signal.getsignal(getattr(signal, n)) for n in names}
@@ -72,7 +72,7 @@ def _cancel_on_signals(cancel: threading.Event, out: _Stderr) -> Iterator[None]:
             from modelkit.cli import _importing
 
             INTERRUPTED.set()
-            if not _importing(frame):  # see modelkit.cli._Signals
+            if not _importing(frame) and not signals_deferred():  # see modelkit.cli._Signals
                 raise Interrupted
             return
         cancel.set()
@@ -165,6 +165,9 @@ def sweep_cmd(sweep: str, output: str, jobs: int | None, threads: int | None,
                                resume=resume, overwrite=overwrite, device=device,
                                on_cell=lambda r: out.cell(r, total))
     except (KeyboardInterrupt, Interrupted):
+        from modelkit.cli import _remove_temp_files
+
+        _remove_temp_files()
         out.progress.close()
         click.echo(f"modelkit: sweep interrupted; finished cells are kept, the partial table "
                    f"is in {shown(output)}; --resume continues it", err=True)

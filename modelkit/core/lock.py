@@ -22,15 +22,24 @@ MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
 
 
 def lock_recipe(path: str | os.PathLike[str], output: str | os.PathLike[str] | None = None,
-                progress: ProgressFn = no_progress) -> Path:
+                progress: ProgressFn = no_progress, overwrite: bool = False) -> Path:
     """Write a copy of the recipe with every input's sha256 pinned (default
     ``<name>.lock.yaml`` beside it). A pinned hash that no longer matches is
-    an error, so a lock never silently moves to a changed file."""
+    an error, so a lock never silently moves to a changed file. An existing
+    output is refused unless ``overwrite``; the recipe and its inputs never."""
+    from modelkit.errors import OutputError
     from modelkit.io.files import check_input_file
     from modelkit.io.hashcache import cached_hashes
-    from modelkit.io.writer import atomic_path
+    from modelkit.io.writer import atomic_path, check_output_path
 
     recipe = load_recipe(path)
+    src = Path(path)
+    target = Path(output) if output else src.with_name(src.stem + ".lock.yaml")
+    inputs = [src, *(recipe.resolve(spec.path) for spec in recipe.inputs.values())]
+    check_output_path(target, inputs)
+    if target.exists() and not overwrite:
+        raise OutputError(f"{target}: already exists; pass --overwrite to replace it or "
+                          "choose another output path")
     hashes = {}
     for name, spec in recipe.inputs.items():
         file = recipe.resolve(spec.path)
@@ -40,9 +49,7 @@ def lock_recipe(path: str | os.PathLike[str], output: str | os.PathLike[str] | N
             raise ModelkitError(f"{recipe.source}: inputs.{name}: {file} has sha256 "
                                 f"{digest[:12]}..., the recipe pins {spec.sha256[:12]}...")
         hashes[name] = digest
-    src = Path(path)
-    target = Path(output) if output else src.with_name(src.stem + ".lock.yaml")
-    with atomic_path(target) as tmp:
+    with atomic_path(target, inputs, overwrite) as tmp:
         tmp.write_text(recipe.with_hashes(hashes).to_yaml())
     return target
 

@@ -182,10 +182,12 @@ def merge_lineage(recipe: Recipe, graph: Graph, hashes: InputHashes,
 
 class PlannedHashes:
     """Stand-in hashes for a dry run: 64-character placeholders, so the
-    planned metadata (and the header size) is exact without reading a file."""
+    planned metadata (and the header size) is exact without reading a file.
+    They differ per file (lineage is keyed by hash) and hold letters (a
+    digits-only one would be quoted in the recipe's YAML, a real hash is not)."""
 
     def __init__(self, files: list[Path]) -> None:
-        self.values = {p: "0" * 64 for p in files}
+        self.values = {p: f"{i:x}".rjust(64, "f") for i, p in enumerate(files)}
 
 
 def check_pins(recipe: Recipe, graph: Graph, digests: dict[Path, str]) -> None:

@@ -13,6 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from modelkit.errors import defer_signals
 from modelkit.io.hashing import FileHashes, hash_file
 from modelkit.progress import ProgressFn, no_progress
 
@@ -34,14 +35,17 @@ def _load() -> dict[str, dict[str, object]]:
 
 def _save(data: dict[str, dict[str, object]]) -> None:
     path = cache_path()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".hashes.", suffix=".partial")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only home only costs re-hashing next time
+    # a small file: a signal waits for it (the run stops at its next check)
+    # rather than leave a temp file in the cache folder
+    with defer_signals():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".hashes.", suffix=".partial")
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only home only costs re-hashing next time
 
 
 def _entry_hashes(path: str | os.PathLike[str], entry: dict[str, object] | None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -19,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from modelkit.errors import ModelkitError, OutputError
+from modelkit.errors import ModelkitError, OutputError, defer_signals
 from modelkit.io.header import DTYPE_SIZES
 
 
@@ -106,12 +107,41 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         offset += n
 
 
+# temp files and folders of this process not yet committed or removed: a
+# signal that lands between creating one and the ``try`` that would remove it
+# cannot lose it (see remove_temp_files)
+_LIVE_TEMPS: set[Path] = set()
+
+
 def _temp_beside(target: Path) -> tuple[int, Path]:
     """A new hidden ``.NAME.*.partial`` file in the target's folder (same
-    filesystem, so the final rename is atomic)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial",
-                               dir=target.parent)
-    return fd, Path(tmp)
+    filesystem, so the final rename is atomic), recorded as live."""
+    with defer_signals():
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial",
+                                   dir=target.parent)
+        path = Path(tmp)
+        _LIVE_TEMPS.add(path)
+    return fd, path
+
+
+def _drop_temp(temp: Path) -> None:
+    temp.unlink(missing_ok=True)
+    _LIVE_TEMPS.discard(temp)
+
+
+def remove_temp_files() -> list[Path]:
+    """Remove every temp file or folder this process created and has not yet
+    committed or removed (a front end calls it when a signal stopped the
+    program); returns what was removed."""
+    removed = []
+    for temp in list(_LIVE_TEMPS):
+        if temp.is_dir() and not temp.is_symlink():
+            shutil.rmtree(temp, ignore_errors=True)
+        else:
+            temp.unlink(missing_ok=True)
+        _LIVE_TEMPS.discard(temp)
+        removed.append(temp)
+    return removed
 
 
 def commit_file(temp: Path, target: Path, overwrite: bool = True) -> None:
@@ -143,7 +173,7 @@ def commit_file(temp: Path, target: Path, overwrite: bool = True) -> None:
                                   "replace it") from None
             os.replace(temp, target)
     finally:
-        temp.unlink(missing_ok=True)
+        _drop_temp(temp)
 
 
 @contextmanager
@@ -158,7 +188,7 @@ def atomic_path(target: Path, inputs: Iterable[str | os.PathLike[str]] = (),
         yield temp
         commit_file(temp, target, overwrite)
     finally:
-        temp.unlink(missing_ok=True)
+        _drop_temp(temp)
 
 
 class SafetensorsWriter:
@@ -293,7 +323,7 @@ class SafetensorsWriter:
                 fd, self._fd = self._fd, None
                 os.close(fd)
         finally:
-            self.temp_path.unlink(missing_ok=True)
+            _drop_temp(self.temp_path)
 
     def __enter__(self) -> SafetensorsWriter:
         return self
@@ -371,12 +401,12 @@ def atomic_dir(target: Path, inputs: Iterable[str | os.PathLike[str]] = (),
     it when it fails. ``target`` must not exist or be an empty folder, unless
     ``replace_existing``: then an existing folder is moved aside, replaced,
     and deleted only once the new one is in place."""
-    import shutil
-
     target = Path(target)
     check_output_dir(target, inputs, replace_existing)
-    temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial",
-                                 dir=target.parent))
+    with defer_signals():
+        temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial",
+                                     dir=target.parent))
+        _LIVE_TEMPS.add(temp)
     old: Path | None = None
     try:
         yield temp
@@ -392,5 +422,6 @@ def atomic_dir(target: Path, inputs: Iterable[str | os.PathLike[str]] = (),
         raise
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+        _LIVE_TEMPS.discard(temp)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
