@@ -36,6 +36,9 @@ def _duration(seconds: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
+MIN_ETA_FRACTION = 0.01
+
+
 class StderrProgress:
     """A :data:`modelkit.progress.ProgressFn` that draws on stderr."""
 
@@ -94,7 +97,7 @@ class StderrProgress:
         if now - began > 0 and p.unit == "bytes":
             rate = f" {human_bytes((p.done - base) / (now - began), 1)}/s"
         eta = ""
-        if 0 < fraction < 1 and elapsed > 0:
+        if MIN_ETA_FRACTION <= fraction < 1 and elapsed > 0:  # below it, the first block's noise
             eta = f" ETA {_duration(elapsed * (1 - fraction) / fraction)}"
         item = f" {shown(p.step, 40)}"
         return (f"{p.phase}{item}: {100 * fraction:5.1f}% "
