@@ -83,7 +83,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         for name, write in builders.items():
             write(root / f"{name}.safetensors")
 
-    root = built_once(tmp_path_factory, "models", build)
+    # not "models": a folder holding models/ reads as a verify library root
+    root = built_once(tmp_path_factory, "tiny-models", build)
     return {name: root / f"{name}.safetensors" for name in builders}
 
 
