@@ -321,6 +321,32 @@ def test_ctrl_c_cancels_through_the_cli(models: dict[str, Path], tmp_path: Path,
     assert [r["status"] for r in read_records(out / "sweep.jsonl")] == ["ok", "cancelled"]
 
 
+def test_cancel_while_verifying_removes_the_unverified_output(models: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    """A cancel that lands after the cell's file is written but before it is
+    verified: the file is this sweep's partial output, so it goes, and the
+    row says so (no hash of a file that is not there)."""
+    from modelkit.verify.tokenizer import write_synthetic_tokenizer
+
+    tok = write_synthetic_tokenizer(tmp_path / "tok")
+    spec = parse_sweep(_inline(models, "  steps.mix.params.alpha: [0.5]")
+                       + f"verify: {{seeds: [1], tokenizer: {tok}}}\n", "s.yaml", tmp_path)
+    cancel = threading.Event()
+    phases: list[str] = []
+
+    def progress(p: Any) -> None:
+        phases.append(p.phase)
+        if p.phase == "verify":
+            cancel.set()
+
+    report = run_sweep(spec, tmp_path / "out", progress=progress, cancel=cancel)
+    assert "write" in phases and report.exit_code == 130
+    (record,) = report.records.values()
+    assert record["status"] == "cancelled" and record["hashes"] is None
+    assert record["error"] == "cancelled while verifying; its unverified output was removed"
+    assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
 def test_ray_is_imported_only_on_the_ray_path() -> None:
     code = ("import sys\nfrom modelkit.cli import main\nassert main(['sweep', '--help']) == 0\n"
             "from modelkit.sweep import make_executor\n"

@@ -731,17 +731,24 @@ def parse_recipe(text: str, source: str = "<recipe>", base_dir: Path | None = No
     return validate(recipe, locate)
 
 
+def read_yaml_text(p: Path, what: str, max_bytes: int,
+                   error: type[ModelkitError] = RecipeError) -> str:
+    """The text of a small YAML file (a recipe, a sweep): at most
+    ``max_bytes + 1`` bytes are read, so the parser can refuse a bigger one;
+    a missing, unreadable or non-UTF-8 file raises ``error`` naming it."""
+    try:
+        if p.exists() and not p.is_file():
+            raise error(f"{p}: is not a regular file; give a {what} .yaml file")
+        with open(p, "rb") as f:
+            return f.read(max_bytes + 1).decode()
+    except FileNotFoundError:
+        raise error(f"{p}: no such {what} file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{p}: cannot read the {what} file ({exc})") from None
+
+
 def load_recipe(path: str | os.PathLike[str]) -> Recipe:
     """Read and validate a recipe file."""
     p = Path(path)
-    try:
-        if p.exists() and not p.is_file():
-            raise RecipeError(f"{p}: is not a regular file; give a recipe .yaml file")
-        with open(p, "rb") as f:
-            data = f.read(MAX_RECIPE_BYTES + 1)
-        text = data.decode()
-    except FileNotFoundError:
-        raise RecipeError(f"{p}: no such recipe file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"{p}: cannot read recipe ({exc})") from None
+    text = read_yaml_text(p, "recipe", MAX_RECIPE_BYTES)
     return parse_recipe(text, str(p), p.resolve().parent)

@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modelkit.core.recipe import COMMAND_LINE, Recipe, RecipeError, load_recipe, parse_recipe
+from modelkit.core.recipe import (
+    COMMAND_LINE,
+    Recipe,
+    RecipeError,
+    load_recipe,
+    parse_recipe,
+    read_yaml_text,
+)
 from modelkit.errors import ModelkitError
 
 SWEEP_VERSION = 1
@@ -389,14 +396,5 @@ def load_sweep(path: str | os.PathLike[str]) -> SweepSpec:
     """Read and check a sweep file; relative paths in it (the base recipe,
     input files in axes) are relative to its folder."""
     p = Path(path)
-    try:
-        if p.exists() and not p.is_file():
-            raise SweepError(f"{p}: is not a regular file; give a sweep .yaml file")
-        with open(p, "rb") as f:
-            data = f.read(MAX_SWEEP_BYTES + 1)
-        text = data.decode()
-    except FileNotFoundError:
-        raise SweepError(f"{p}: no such sweep file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SweepError(f"{p}: cannot read the sweep file ({exc})") from None
+    text = read_yaml_text(p, "sweep", MAX_SWEEP_BYTES, SweepError)
     return parse_sweep(text, str(p), p.absolute().parent)

@@ -243,6 +243,7 @@ def run_cell(task: dict[str, Any], progress: ProgressFn = no_progress, cancel: A
     timings: dict[str, Any] = {"started": _now()}
     start = time.perf_counter()
     output = Path(task["output"])
+    written = False
     if cancel is not None and cancel.is_set():
         record["status"], record["error"] = "cancelled", "cancelled before it started"
         return record
@@ -250,6 +251,7 @@ def run_cell(task: dict[str, Any], progress: ProgressFn = no_progress, cancel: A
         recipe = parse_recipe(task["recipe"], COMMAND_LINE, Path(task["base_dir"]))
         report = run(recipe, output=output, progress=run_events, cancel=cancel,
                      overwrite=bool(task.get("overwrite")))
+        written = True
         record["run"] = report.to_dict()
         timings["run"] = round(time.perf_counter() - start, 3)
         mark = time.perf_counter()
@@ -264,6 +266,10 @@ def run_cell(task: dict[str, Any], progress: ProgressFn = no_progress, cancel: A
         record["status"] = "ok"
     except Cancelled as exc:
         record["status"], record["error"] = "cancelled", one_line(exc)
+        if written:  # an unverified output is this sweep's partial file: --resume redoes it
+            output.unlink(missing_ok=True)
+            record["hashes"] = record["recipe_sha256"] = None
+            record["error"] = "cancelled while verifying; its unverified output was removed"
     except OSError as exc:
         if task.get("raise_os_errors"):
             raise
