@@ -23,6 +23,7 @@ Every refusal is one :class:`BadFileError` line naming the file.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -329,7 +330,18 @@ def read_header(path: str | os.PathLike[str]) -> Header:
         raw = f.read(n)
     if len(raw) != n:
         raise _bad(p, "truncated while reading the header (the file changed?)")
-    return parse_header_bytes(p, raw, size)
+    parsed = _parse_recent(p, raw, size)
+    # a copy: the caller may change its dicts, the cached one stays as parsed
+    return Header(p, dict(parsed.tensors), dict(parsed.metadata), parsed.header_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _parse_recent(path: Path, raw: bytes, file_size: int) -> Header:
+    """:func:`parse_header_bytes`, remembered for the last few headers: its
+    result depends only on these arguments, and one run reads the same
+    input's header several times (plan, open, inspect, provenance). The
+    header bytes are read every time, so a changed file is parsed again."""
+    return parse_header_bytes(path, raw, file_size)
 
 
 _SMALL_TENSOR_LIMIT = 1 << 20
