@@ -18,6 +18,7 @@ writes the partial table and returns a report with ``cancelled`` set.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import threading
 import time
@@ -309,7 +310,7 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, executor: Executor | None
 
     Raises:
         SweepError: a bad value, naming its axis and value (before any cell
-            runs, nothing written but the folder).
+            runs; a folder this call made is removed again).
         OutputError: the folder holds something else, or a sweep without
             ``resume``/``overwrite``.
         KeyboardInterrupt: re-raised after the same clean-up as a cancel.
@@ -318,8 +319,18 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, executor: Executor | None
     cancel = cancel if cancel is not None else threading.Event()
     executor = executor or SerialExecutor()
     out = Path(out_dir).absolute()
+    fresh = not out.exists() or (out.is_dir() and not any(out.iterdir()))
+    created = not out.exists()
     prepare_folder(out, resume, overwrite)
-    plans = plan_sweep(spec, out, device=device, progress=progress, cancel=cancel)
+    try:
+        plans = plan_sweep(spec, out, device=device, progress=progress, cancel=cancel)
+    except BaseException:
+        if fresh:  # a bad value leaves nothing behind, not even the folder
+            (out / MARKER).unlink(missing_ok=True)
+            if created:
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+        raise
     report = SweepReport(spec.source, out, spec.axes, spec.mode,
                          [(p.cell.index, p.cell.name, p.cell.labels) for p in plans],
                          executor=executor.name)

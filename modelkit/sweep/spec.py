@@ -398,3 +398,95 @@ def load_sweep(path: str | os.PathLike[str]) -> SweepSpec:
     p = Path(path)
     text = read_yaml_text(p, "sweep", MAX_SWEEP_BYTES, SweepError)
     return parse_sweep(text, str(p), p.absolute().parent)
+
+
+# --- sweeps built in code (the TUI's Act form) ----------------------------------------
+
+AXIS_SEPARATOR = re.compile(r"[;\n]")
+OUTPUT_SHORT_NAMES = ("dtype",)  # bare names meaning output.<name>
+
+
+def _axis_key(name: str, recipe: Recipe, source: str) -> str:
+    """A bare name's field path: an input (``b`` -> ``inputs.b``), an
+    output field (``dtype``), else a parameter of the recipe's only step
+    (``alpha`` -> ``steps.merge.params.alpha``). A dotted path is kept."""
+    if "." in name:
+        return name
+    if name in recipe.inputs:
+        return f"inputs.{name}"
+    if name in OUTPUT_SHORT_NAMES:
+        return f"output.{name}"
+    if len(recipe.steps) == 1:
+        return f"steps.{next(iter(recipe.steps))}.params.{name}"
+    raise SweepError(f"{source}: {name[:60]!r}: the recipe has several steps; write the "
+                     f"field path, e.g. steps.{next(iter(recipe.steps))}.params.{name[:60]}")
+
+
+def _value(item: Any) -> Any:
+    """A number typed without YAML's float spelling (``1e-3``) is a number."""
+    if isinstance(item, str):
+        for kind in (int, float):
+            try:
+                return kind(item)
+            except ValueError:
+                pass
+    return item
+
+
+def parse_axes(text: str, recipe: Recipe, source: str = "axes") -> dict[str, list[Any]]:
+    """Axes written as a form takes them: ``NAME = V1, V2`` parts separated
+    by ``;`` or new lines, e.g. ``alpha = 0.3, 0.5; b = x.safetensors,
+    y.safetensors``. NAME is a field path or a bare name (see
+    :func:`_axis_key`); the values are a YAML flow list without its
+    brackets (``{preset: in_only}, [0, 0.5, 1], 0.3`` holds three).
+
+    Raises:
+        SweepError: a part that is not ``NAME = values``, naming it.
+    """
+    import yaml
+
+    axes: dict[str, list[Any]] = {}
+    for part in (p.strip() for p in AXIS_SEPARATOR.split(text)):
+        if not part:
+            continue
+        name, eq, values = (s.strip() for s in part.partition("="))
+        if not eq or not name or not values:
+            raise SweepError(f"{source}: {part[:60]!r}: write NAME = VALUE, VALUE "
+                             "(e.g. alpha = 0.3, 0.5)")
+        try:
+            parsed = yaml.safe_load(f"[{values}]")
+        except yaml.YAMLError as exc:
+            raise SweepError(f"{source}: {name[:60]}: values not readable "
+                             f"({getattr(exc, 'problem', None) or 'YAML'}); separate them "
+                             "with commas") from None
+        if not isinstance(parsed, list) or not parsed:  # "[]" or a stray bracket
+            raise SweepError(f"{source}: {name[:60]}: give one or more values")
+        key = _axis_key(name, recipe, source)
+        if key in axes:
+            raise SweepError(f"{source}: {name[:60]}: given twice")
+        axes[key] = [_value(v) for v in parsed]
+    if not axes:
+        raise SweepError(f"{source}: give the axes to sweep, e.g. alpha = 0.3, 0.5")
+    return axes
+
+
+def sweep_from_recipe(recipe: Recipe, axes: dict[str, list[Any]], *, mode: str = "product",
+                      source: str = "sweep", base_dir: Path | None = None) -> SweepSpec:
+    """A sweep over a recipe built in code (its ``verify:`` section applies
+    to every cell), checked as a sweep file is; relative file values in
+    ``axes`` are relative to ``base_dir`` (default: the recipe's folder).
+
+    Raises:
+        SweepError: a bad axis path, value list or zip length.
+    """
+    import yaml
+
+    base = recipe.to_dict()
+    for name, entry in base["inputs"].items():
+        entry["path"] = str(recipe.resolve(recipe.inputs[name].path))
+    if recipe.options.vae:
+        base["options"]["vae"] = str(recipe.resolve(recipe.options.vae))
+    base["output"]["path"] = None
+    text = yaml.safe_dump({"version": SWEEP_VERSION, "recipe": base, "axes": axes,
+                           "mode": mode}, sort_keys=False)
+    return parse_sweep(text, source, base_dir or recipe.base_dir)

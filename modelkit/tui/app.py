@@ -5,7 +5,8 @@ Structure:
 - :class:`ModelkitApp` holds screens only; :func:`make_app` builds it for the
   CLI and for tests.
 - ``screens/``: :class:`LibraryScreen` (main), :class:`CompareScreen`,
-  :class:`ActScreen`, :class:`HelpScreen`, :class:`ErrorDialog`.
+  :class:`ActScreen`, :class:`SweepScreen`, :class:`HelpScreen`,
+  :class:`ErrorDialog`.
 - ``widgets/``: the table, detail pane, preview, job bar and the parameter
   form generated from the transform registry.
 - ``messages.py``: what workers post; ``jobs.py``: the worker bodies, all
@@ -17,6 +18,10 @@ Structure:
   ``@work(thread=True)`` worker with a :class:`JobBar`, then posts
   :class:`LibraryChanged` with the new file to the library screen, which
   indexes and selects it.
+- From the same form (ctrl+s) a sweep (``sweeps.py``: the form's recipe
+  over typed axes, or a sweep file) runs on :class:`SweepScreen` through
+  ``run_job(screen, "sweep", jobs.sweep_job(...))``: progress per cell,
+  cancel, and the results table as cells finish.
 
 The library package (:mod:`modelkit.library`) never imports this one.
 """

@@ -29,6 +29,7 @@ from modelkit.tui.messages import (
     JobFinished,
     JobProgress,
     LibraryLoaded,
+    SweepCellDone,
     TransformsLoaded,
 )
 
@@ -179,3 +180,40 @@ def act_job(recipe: Any, output: str, dry_run: bool = False
         return ActOutcome(report, grid)
 
     return run
+
+
+def sweep_job(node: MessagePump, spec: Any, out_dir: Path, jobs: int = 1
+              ) -> Callable[[ProgressFn, threading.Event], Any]:
+    """A job running the sweep ``spec`` into ``out_dir`` (one cell after
+    another in this process with ``jobs`` 1, else a process pool); each
+    finished cell is posted as :class:`SweepCellDone`; returns the
+    :class:`~modelkit.sweep.SweepReport` (``cancelled`` set after a cancel)."""
+    def run(progress: ProgressFn, cancel: threading.Event) -> Any:
+        from modelkit.sweep import make_executor, run_sweep
+
+        if jobs > 1:
+            _start_resource_tracker()
+        return run_sweep(spec, out_dir, executor=make_executor(jobs), progress=progress,
+                         cancel=cancel, on_cell=lambda r: node.post_message(SweepCellDone(r)))
+
+    return run
+
+
+_TRACKER_LOCK = threading.Lock()
+
+
+def _start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (which a process pool needs)
+    against the real stderr: it passes ``sys.stderr.fileno()`` to its
+    process, and Textual's captured stderr answers -1, which fails the
+    spawn ("bad value(s) in fds_to_keep")."""
+    import sys
+    from multiprocessing import resource_tracker
+
+    with _TRACKER_LOCK:
+        captured = sys.stderr
+        try:
+            sys.stderr = sys.__stderr__
+            resource_tracker.ensure_running()
+        finally:
+            sys.stderr = captured

@@ -81,3 +81,11 @@ class TransformsLoaded(Message):
     loads it): every merge method and operation by name."""
 
     transforms: dict[str, Any]
+
+
+@dataclass
+class SweepCellDone(Message):
+    """A sweep cell finished (or was recorded as finished): its record, as
+    ``sweep.jsonl`` holds it."""
+
+    record: dict[str, Any]

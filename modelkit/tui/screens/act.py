@@ -1,7 +1,11 @@
 """Act on the chosen files: a form for a merge, LoRA bake, prune, quantize,
 extract (or any other registered operation the files fit), its dry-run
 plan, and the run itself in a thread worker with progress and cancel. The
-new file goes to the library screen, which indexes and selects it."""
+new file goes to the library screen, which indexes and selects it.
+
+The same form starts a sweep (ctrl+s): the form's recipe over the axes
+typed in its sweep field (``alpha = 0.3, 0.5``), or a sweep file, run into
+the sweep folder on the :class:`~modelkit.tui.screens.sweep.SweepScreen`."""
 
 from __future__ import annotations
 
@@ -33,6 +37,14 @@ from modelkit.tui.messages import (
 )
 from modelkit.tui.recipes import MERGE, ActSpec
 from modelkit.tui.screens.error import ErrorDialog
+from modelkit.tui.screens.sweep import SweepScreen
+from modelkit.tui.sweeps import (
+    JOB_CHOICES,
+    axes_placeholder,
+    default_sweep_dir,
+    sweep_dir,
+    sweep_spec,
+)
 from modelkit.tui.widgets.job_bar import JobBar
 from modelkit.tui.widgets.param_form import ParamForm, field_row
 from modelkit.vocab import MERGE_OUTPUT_DTYPES
@@ -50,6 +62,9 @@ class ActScreen(Screen[None]):
                 tooltip="Plan it (dry run): size, counts, memory, block weights"),
         Binding("ctrl+r", f"start('{RUN}')", "Run", priority=True, id="act-run",
                 tooltip="Write the new file in the background"),
+        Binding("ctrl+s", "sweep", "Sweep", priority=True, id="act-sweep",
+                tooltip="Run the form over the sweep axes (or a sweep file) into the sweep "
+                        "folder, and show the table"),
         Binding("escape", "cancel", "Cancel", id="act-cancel",
                 tooltip="Stop the run; no file is left behind"),
         Binding("escape", "back", "Back", id="act-back"),
@@ -64,6 +79,7 @@ class ActScreen(Screen[None]):
         self.cancel_event = threading.Event()
         self.job: str | None = None
         self.auto_output = ""  # the output field's text while the user has not edited it
+        self.auto_sweep_dir = ""  # the same for the sweep folder field
         self.previewed: ActSpec | None = None  # what the plan shown was made from
         self.job_spec: ActSpec | None = None
         self.job_output = Path()
@@ -93,6 +109,18 @@ class ActScreen(Screen[None]):
                     recipes.VERIFY_CHOICES, value="off", allow_blank=False, compact=True,
                     id="act-verify"), "check the new file: static checks (seconds), or "
                     "also render it offline and compare with its input (docs/verify.md)")
+                yield field_row("sweep", Input(
+                    placeholder=axes_placeholder(None), compact=True, id="act-sweep"),
+                    "ctrl+s runs the form once per combination: NAME = values, axes "
+                    "separated by ';' (NAME: a parameter, an input a/b/c, dtype, or a "
+                    "recipe field path); or a sweep .yaml file")
+                yield field_row("sweep folder", Input(compact=True, id="act-sweep-dir"),
+                                "where the cells, sweep.jsonl, table.md and the contact "
+                                "sheet go (new or empty)")
+                yield field_row("sweep jobs", Select(
+                    [(str(n), n) for n in JOB_CHOICES], value=1, allow_blank=False,
+                    compact=True, id="act-jobs"), "cells at once: 1 runs them one after "
+                    "another in this process; more use a process pool")
             with VerticalScroll(id="act-plan-box"):
                 yield Static("the form changed: ctrl+p plans it again", id="act-stale")
                 yield Static(Text("loading merge methods and operations...", style="dim"),
@@ -116,7 +144,7 @@ class ActScreen(Screen[None]):
             return self.job is not None
         if action == "back":
             return self.job is None
-        if action == "start":
+        if action in ("start", "sweep"):
             return (self.job is None and bool(self.transforms)) or None
         return True
 
@@ -176,6 +204,7 @@ class ActScreen(Screen[None]):
             summary.append(t.summary + "\n")
             summary.append(recipes.inputs_line(t, ordered), style="dim")
         self.query_one("#act-summary", Static).update(summary)
+        self.query_one("#act-sweep", Input).placeholder = axes_placeholder(t)
         self.form_changed()
         if self.first_plan and self.spec() is not None:
             self.first_plan = False
@@ -194,6 +223,10 @@ class ActScreen(Screen[None]):
             self.auto_output = str(recipes.default_output(spec.action, spec.paths,
                                                           spec.params, spec.method))
             field.value = self.auto_output
+        folder = self.query_one("#act-sweep-dir", Input)
+        if folder.value == self.auto_sweep_dir:
+            self.auto_sweep_dir = str(default_sweep_dir(spec))
+            folder.value = self.auto_sweep_dir
         self.show_stale()
 
     def show_stale(self) -> None:
@@ -240,6 +273,31 @@ class ActScreen(Screen[None]):
           description="Planning or running the recipe")
     def run_act(self, job: str, recipe: Any, output: str, cancel: threading.Event) -> None:
         jobs.run_job(self, job, jobs.act_job(recipe, output, dry_run=job == PLAN), cancel)
+
+    def action_sweep(self) -> None:
+        """Check the sweep (its file or axes, every value the recipe checker
+        can see) and run it on the sweep screen; planning errors come back
+        from there (:meth:`sweep_ended`)."""
+        spec = self.spec()
+        if self.job is not None or spec is None:
+            return
+        try:
+            sweep = sweep_spec(spec, self.query_one("#act-sweep", Input).value,
+                               str(self.query_one("#act-verify", Select).value))
+            out = sweep_dir(self.query_one("#act-sweep-dir", Input).value, spec.paths[0])
+        except ModelkitError as exc:
+            self.app.push_screen(ErrorDialog(jobs.error_line(exc)))
+            return
+        n_jobs = self.query_one("#act-jobs", Select).value
+        self.app.push_screen(SweepScreen(sweep, out, n_jobs if isinstance(n_jobs, int) else 1,
+                                         self.library), self.sweep_ended)
+
+    def sweep_ended(self, error: str | None) -> None:
+        """Back from the sweep screen: its error, if it could not start; the
+        default sweep folder moves on to a free name."""
+        self.form_changed()
+        if error:
+            self.app.push_screen(ErrorDialog(error))
 
     def on_job_progress(self, message: JobProgress) -> None:
         if message.job == self.job:

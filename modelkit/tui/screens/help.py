@@ -34,8 +34,14 @@ KEYS = (
         ("enter, space", "open a choice list, flip a switch"),
         ("ctrl+p", "preview: plan it (dry run), nothing is read or written"),
         ("ctrl+r", "run: write the new file in the background"),
+        ("ctrl+s", "sweep: run the form once per value of the sweep axes "
+                   "(alpha = 0.3, 0.5) or a sweep file; shows the table"),
         ("escape", "cancel the run (no file is left) / back to the library"),
         ("f1", "this help"),
+    )),
+    ("Sweep", (
+        ("up/down", "a cell: its error whole, or its output's path"),
+        ("escape", "cancel (no partial file is left; the table stays) / back to the form"),
     )),
     ("Compare", (
         ("x", "cancel the comparison"),
