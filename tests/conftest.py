@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,13 +21,36 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("MODELKIT_CACHE_DIR", tempfile.mkdtemp(prefix="modelkit-test-cache-"))
 
 
-@pytest.fixture(scope="session")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A library of tiny models of every fixture kind, by name."""
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str,
+               build: Callable[[Path], None]) -> Path:
+    """A folder ``name`` that ``build`` fills once per test run.
+
+    Under pytest-xdist the workers share it (the first one to get the lock
+    builds it, the others wait and reuse it): the tests only read what is in
+    it, and building it twice would only cost time. Without xdist it is a
+    private folder of this session."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    # a worker's basetemp is <run's basetemp>/popen-gwN: share the run's
+    shared = tmp_path_factory.getbasetemp().parent
+    folder = shared / name
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = shared / f"{name}.done"
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.write_text("built\n")
+    return folder
+
+
+def _model_builders() -> dict[str, Callable[[Path], object]]:
     from modelkit import testing as t
 
-    root = tmp_path_factory.mktemp("models")
-    builders = {
+    return {
         "sd1": lambda p: t.write_checkpoint(p, "sd1", seed=1),
         "sd1_b": lambda p: t.write_checkpoint(p, "sd1", seed=2),
         "sd1_ema": lambda p: t.write_checkpoint(p, "sd1", seed=3, ema=True, dtype="F32"),
@@ -45,12 +71,21 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "emb_sdxl": lambda p: t.write_embedding(p, "sdxl", seed=11),
         "emb_tiny": lambda p: t.write_embedding(p, "sd1", tiny=True, seed=12),
     }
-    out = {}
-    for name, build in builders.items():
-        path = root / f"{name}.safetensors"
-        build(path)
-        out[name] = path
-    return out
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A library of tiny models of every fixture kind, by name (built once
+    per run; tests only read them)."""
+    builders = _model_builders()
+
+    def build(root: Path) -> None:
+        for name, write in builders.items():
+            write(root / f"{name}.safetensors")
+
+    # not "models": a folder holding models/ reads as a verify library root
+    root = built_once(tmp_path_factory, "tiny-models", build)
+    return {name: root / f"{name}.safetensors" for name in builders}
 
 
 def run_chain(inputs: list, steps: list[tuple[str, dict]], out: Path,

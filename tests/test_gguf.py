@@ -223,7 +223,9 @@ def test_chunking_does_not_change_bytes(files: dict[str, Path], exported: dict,
     import modelkit.io.gguf as io_gguf
     from modelkit.core.api import export_gguf
 
-    monkeypatch.setattr(io_gguf, "CHUNK", 96)
+    # 30 blocks of 32: most UNet tensors of the tiny model span several
+    # chunks, and end in a partial one
+    monkeypatch.setattr(io_gguf, "CHUNK", 960)
     out = tmp_path / "chunked.gguf"
     export_gguf(files["sd1"], out)
     assert out.read_bytes() == exported["sd1"][0].read_bytes()

@@ -174,8 +174,9 @@ def test_hostile_files_through_the_console_script(hostile: dict[str, Path],
     exe = shutil.which("modelkit", path=str(Path(sys.executable).parent)) or \
         shutil.which("modelkit")
     assert exe, "the modelkit console script is not installed"
-    names = ["shape_1e400", "offset_infinity", "nested", "surrogate_key", "symlink_loop",
-             "fifo"]
+    # one file per way of failing (a bad number, a recursion, a surrogate to
+    # print, the file system); test_hostile_files_in_process checks them all
+    names = ["shape_1e400", "nested", "surrogate_key", "symlink_loop", "fifo"]
     script = ('for f in "$@"; do "$EXE" inspect "$f" 2>&1; echo "rc=$?"; done; '
               '"$EXE" prune "$FIFO" -o "$OUT" 2>&1; echo "rc=$?"')
     env = {**os.environ, "EXE": exe, "FIFO": str(hostile["fifo"]),

@@ -141,13 +141,19 @@ def _signal_run(src: Path, out: Path, signals: list[int], gap: float) -> tuple[i
     return proc.returncode, err
 
 
+@pytest.fixture(scope="module")
+def big_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One big input for both signal runs (they only read it)."""
+    src = tmp_path_factory.mktemp("signals-in") / "big.safetensors"
+    _big_file(src)
+    return src
+
+
 @pytest.mark.parametrize(("signals", "gap"), [([signal.SIGHUP], 0.0),
                                               ([signal.SIGINT, signal.SIGINT], 0.003)])
-def test_signals_through_the_console_script(tmp_path: Path, signals: list[int],
-                                            gap: float) -> None:
-    src = tmp_path / "in" / "big.safetensors"
-    src.parent.mkdir()
-    _big_file(src)
+def test_signals_through_the_console_script(tmp_path: Path, big_file: Path,
+                                            signals: list[int], gap: float) -> None:
+    src = big_file
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     code, err = _signal_run(src, out_dir / "o.safetensors", signals, gap)

@@ -32,6 +32,8 @@ SUFFIXES: tuple[str, ...] = tuple(sorted(
     {s for group in ALGO_SUFFIXES.values() for s in group} | set(EXTRA_SUFFIXES),
     key=lambda s: (-s.count("."), -len(s)),
 ))
+_SUFFIX_SET = frozenset(SUFFIXES)
+_MAX_SUFFIX_DOTS = max(s.count(".") for s in SUFFIXES)
 # diffusers' old attention-processor spelling: ...attn1.processor.to_q_lora.down.weight
 PROCESSOR_SUFFIXES = {"_lora.down.weight": "lora.down.weight",
                       "_lora.up.weight": "lora.up.weight"}
@@ -65,7 +67,11 @@ def split_key(key: str) -> tuple[str, str] | None:
             if key.endswith(old):
                 module = key[: -len(old)].replace(".processor.", ".")
                 return module.replace(".to_out", ".to_out.0"), new
-    for suffix in SUFFIXES:
-        if key.endswith("." + suffix):
+    # the tails after the last few dots, longest first: SUFFIXES' order
+    # (most dots first) is the order of these tails
+    parts = key.rsplit(".", _MAX_SUFFIX_DOTS + 1)
+    for n in range(min(_MAX_SUFFIX_DOTS + 1, len(parts) - 1), 0, -1):
+        suffix = ".".join(parts[-n:])
+        if suffix in _SUFFIX_SET:
             return key[: -len(suffix) - 1], suffix
     return None

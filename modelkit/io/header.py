@@ -23,6 +23,7 @@ Every refusal is one :class:`BadFileError` line naming the file.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -174,6 +175,29 @@ def _byte_size(path: Path, name: str, dtype: str, shape: tuple[int, ...]) -> int
     return bits // 8
 
 
+def _plain_entry(name: str, entry: object) -> TensorInfo | None:
+    """A valid entry, checked without building any message (a header has
+    thousands, nearly always valid); None for anything else, which
+    :func:`_parse_entry` then checks in full and names."""
+    if type(entry) is not dict or len(entry) != 3:
+        return None
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if (type(dtype) is not str or dtype not in DTYPE_BITS or type(shape) is not list
+            or type(offsets) is not list or len(offsets) != 2
+            or any(type(v) is not int for v in (*shape, *offsets))):
+        return None  # ints here are 0..2**64-1 already (_parse_int)
+    numel = 1
+    for d in shape:
+        numel *= d
+        if numel > U64_MAX:
+            return None
+    bits = numel * DTYPE_BITS[dtype]
+    begin, end = offsets
+    if bits > U64_MAX or bits % 8 or end < begin or end - begin != bits // 8:
+        return None
+    return TensorInfo(name, dtype, tuple(shape), begin, end)
+
+
 def _parse_entry(path: Path, name: str, entry: object) -> TensorInfo:
     label = f"tensor {quoted(name)}"
     if not isinstance(entry, dict):
@@ -253,7 +277,8 @@ def parse_header_bytes(path: Path, raw: bytes, file_size: int) -> Header:
     """
     obj = _decode_json(path, raw)
     meta = _parse_metadata(path, obj.pop("__metadata__", None))
-    infos = [_parse_entry(path, name, entry) for name, entry in obj.items()]
+    infos = [_plain_entry(name, entry) or _parse_entry(path, name, entry)
+             for name, entry in obj.items()]
     infos.sort(key=lambda t: (t.begin, t.end))
     data_len = file_size - 8 - len(raw)
     pos = 0
@@ -305,7 +330,18 @@ def read_header(path: str | os.PathLike[str]) -> Header:
         raw = f.read(n)
     if len(raw) != n:
         raise _bad(p, "truncated while reading the header (the file changed?)")
-    return parse_header_bytes(p, raw, size)
+    parsed = _parse_recent(p, raw, size)
+    # a copy: the caller may change its dicts, the cached one stays as parsed
+    return Header(p, dict(parsed.tensors), dict(parsed.metadata), parsed.header_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _parse_recent(path: Path, raw: bytes, file_size: int) -> Header:
+    """:func:`parse_header_bytes`, remembered for the last few headers: its
+    result depends only on these arguments, and one run reads the same
+    input's header several times (plan, open, inspect, provenance). The
+    header bytes are read every time, so a changed file is parsed again."""
+    return parse_header_bytes(path, raw, file_size)
 
 
 _SMALL_TENSOR_LIMIT = 1 << 20
