@@ -102,8 +102,7 @@ def test_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 2 and "Missing argument" in err
 
 
-def test_demo(capsys: pytest.CaptureFixture[str], tmp_path: Path,
-              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     root = tmp_path / "lib"
     code, out, _ = _run(capsys, "demo", str(root), "-q")
     assert code == 0
@@ -129,13 +128,11 @@ def test_demo(capsys: pytest.CaptureFixture[str], tmp_path: Path,
     kind_col = table[0].index("kind")
     assert all(row[kind_col - 2:kind_col] == "  " and row[kind_col] != " " for row in table)
     assert "verify grid:" in out and (root / "verify" / "grid.png").is_file()
-    # a second run reuses its own folder (its verify, timed above, is skipped);
-    # a foreign non-empty folder is refused
-    import modelkit.demo
+    # a second run may reuse its own folder (the marker it left); a foreign
+    # non-empty folder is refused
+    from modelkit.demo import prepare_dir
 
-    monkeypatch.setattr(modelkit.demo, "run_demo_verify",
-                        lambda root, output, progress: ("skipped", output, output))
-    assert main(["demo", str(root), "-q"]) == 0
+    prepare_dir(root)
     other = tmp_path / "mine"
     other.mkdir()
     (other / "keep.txt").write_text("user data")
