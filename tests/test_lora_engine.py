@@ -287,6 +287,18 @@ def test_bake_errors(lib: dict[str, Path], tmp_path: Path) -> None:
     save_file(bad, tmp_path / "bad.safetensors", metadata={"ss_base_model_version": "sd_v1"})
     with pytest.raises(ModelkitError, match=rf"{LIN}\.lora_down\.weight: ΔW is 32x48"):
         bake(ck, [open_model(tmp_path / "bad.safetensors")])
+    # LyCORIS sparse bias is not applied: listed like an unmatched key, never dropped
+    sparse = {**_lora(LIN, _g(1, 32, 4), _g(2, 4, 32)),
+              f"{LIN}.bias_indices": torch.tensor([[0], [1]]),
+              f"{LIN}.bias_values": torch.tensor([0.5]),
+              f"{LIN}.bias_size": torch.tensor([32, 32])}
+    save_file(sparse, tmp_path / "sparse.safetensors", metadata={"ss_base_model_version": "sd_v1"})
+    with pytest.raises(ModelkitError, match=r"3 keys .* not applied \(LyCORIS sparse bias\)"):
+        bake(ck, [open_model(tmp_path / "sparse.safetensors")])
+    rep = bake(ck, [open_model(tmp_path / "sparse.safetensors")], allow_unmatched=True).report
+    assert rep.adapters[0].unmatched == [f"{LIN}.{s}" for s in
+                                         ("bias_indices", "bias_size", "bias_values")]
+    assert rep.adapters[0].keys_touched == 1
 
 
 # --- extract, resize, merge, convert, info ------------------------------------------

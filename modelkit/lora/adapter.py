@@ -196,6 +196,9 @@ def _peft_scale(name: str, scales: dict[str, tuple[float, float, dict, dict]]
     return None
 
 
+UNAPPLIED_SUFFIXES = ("bias_indices", "bias_values", "bias_size")
+
+
 def open_adapter(source: Source, arch: str | None = None) -> Adapter:
     """Read ``source`` as an adapter. ``arch`` overrides the detected
     architecture (e.g. the checkpoint's, for an adapter whose arch is unknown).
@@ -216,6 +219,8 @@ def open_adapter(source: Source, arch: str | None = None) -> Adapter:
     unmatched = list(loose)
     scales = _peft_scales(source.metadata)
     for mod_name, keys in groups.items():
+        # LyCORIS sparse bias: read as adapter keys, but not applied; listed, never dropped
+        unmatched += [keys.pop(s) for s in UNAPPLIED_SUFFIXES if s in keys]
         algo = _algo(set(keys))
         target = resolve_target(use, mod_name) if algo else None
         if algo is None or target is None:

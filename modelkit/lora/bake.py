@@ -207,7 +207,7 @@ def _unmatched_error(reports: list[AdapterBakeReport]) -> ModelkitError:
             more = f" and {len(r.unmatched) - LIST_LIMIT} more" if len(
                 r.unmatched) > LIST_LIMIT else ""
             parts.append(f"{r.file}: {len(r.unmatched)} keys match no weight of the "
-                         f"checkpoint ({shown}{more})")
+                         f"checkpoint or are not applied (LyCORIS sparse bias) ({shown}{more})")
     return ModelkitError("; ".join(parts) + "; pass --allow-unmatched (allow_unmatched=True) "
                          "to bake the rest and list them in the report")
 
