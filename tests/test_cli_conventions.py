@@ -6,6 +6,7 @@ a few lines."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -23,6 +24,10 @@ def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]
     code = main(list(args))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _recipe(folder: Path, a: Path, b: Path, extra: str = "") -> Path:
@@ -49,7 +54,10 @@ def test_recipe_lock_never_replaces_a_file_without_overwrite(
     assert recipe.read_text() == text
     assert _run(capsys, "recipe", "lock", str(recipe), "-q")[0] == 0
     assert _run(capsys, "recipe", "lock", str(recipe), "-q")[0] == 2  # the lock exists now
-    assert _run(capsys, "recipe", "lock", str(recipe), "-q", "--overwrite")[0] == 0
+    code, out, _ = _run(capsys, "recipe", "lock", str(recipe), "-q", "--overwrite", "--json")
+    assert code == 0 and json.loads(out)["locked"] == str(tmp_path / "r.lock.yaml")
+    assert json.loads(out)["inputs"] == {"a": sha256_of(models["sd1"]),
+                                         "b": sha256_of(models["sd1_b"])}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt", "r.lock.yaml", "r.yaml"]
 
 
@@ -83,7 +91,7 @@ def test_replay_finds_a_moved_input_by_hash_and_names_a_missing_one(
     assert code == 2 and "input 'b': cannot find b.safetensors (sha256 " in err
     assert "pass --search DIR" in err and err.count("\n") == 1
     code, stdout, err = _run(capsys, "recipe", "replay", "--check", str(out), "-q",
-                             "--search", str(tmp_path / "moved"), "--json")
+                             "--search", str(tmp_path / "moved"), "--json", "--device", "cpu")
     assert code == 0, err
     assert json.loads(stdout) == {"model": str(out), "identical": True, "n_tensors": 1143,
                                   "n_different": 0, "first_difference": None, "output": None}

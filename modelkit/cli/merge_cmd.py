@@ -205,12 +205,23 @@ def recipe_run(recipe: str, output: str | None, dry_run: bool, as_json: bool,
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @click.option("--overwrite", is_flag=True,
               help="Replace the output if it exists (never the recipe or an input).")
-def recipe_lock(recipe: str, output: str | None, quiet: bool, overwrite: bool) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the locked file and the pinned sha256 of every input as JSON.")
+def recipe_lock(recipe: str, output: str | None, quiet: bool, overwrite: bool,
+                as_json: bool) -> None:
     """Write a copy of the recipe with every input's sha256 pinned."""
+    import json
+
     from modelkit.core.lock import lock_recipe
+    from modelkit.core.recipe import load_recipe
 
     path = lock_recipe(recipe, output, StderrProgress(quiet), overwrite=overwrite)
-    click.echo(f"locked {shown(path)}")
+    if as_json:
+        pins = {n: i.sha256 for n, i in load_recipe(path).inputs.items()}
+        click.echo(json.dumps({"recipe": str(recipe), "locked": str(path), "inputs": pins},
+                              indent=2))
+    else:
+        click.echo(f"locked {shown(path)}")
 
 
 @recipe_group.command("show")
@@ -233,15 +244,18 @@ def recipe_show(model: str) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@click.option("--device", type=click.Choice(DEVICES), default=None,
+              help="Where tensors are read and computed (overrides the recipe's device).")
 def recipe_replay(model: str, check: bool, output: str | None, search: tuple[str, ...],
-                  overwrite: bool, as_json: bool, quiet: bool) -> None:
+                  overwrite: bool, as_json: bool, quiet: bool, device: str | None) -> None:
     """Re-run the recipe embedded in MODEL; with --check, compare tensors."""
     import json
 
     from modelkit.core.lock import replay
 
     progress = StderrProgress(quiet)
-    result = replay(model, output, progress=progress, search=search, overwrite=overwrite)
+    result = replay(model, output, progress=progress, search=search, overwrite=overwrite,
+                    device=device)
     progress.close()
     if as_json:
         click.echo(json.dumps({"model": str(model), "identical": result.identical,

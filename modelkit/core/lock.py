@@ -195,13 +195,18 @@ def compare_tensors(a: str | os.PathLike[str], b: str | os.PathLike[str]
 
 def replay(model: str | os.PathLike[str], output: str | os.PathLike[str] | None = None,
            progress: ProgressFn = no_progress, search: Iterable[str | os.PathLike[str]] = (),
-           overwrite: bool = False) -> ReplayResult:
+           overwrite: bool = False, device: str | None = None) -> ReplayResult:
     """Re-run a modelkit output's embedded recipe (inputs found by name and
-    hash) and compare the result with it."""
+    hash; on ``device`` when given, else where the recipe says) and compare
+    the result with it."""
+    from dataclasses import replace
+
     from modelkit.core.runner import run
 
     _, recipe = embedded_recipe(model)
     recipe = find_inputs(recipe, search, recorded_vae_sha256(model))
+    if device is not None:
+        recipe.options = replace(recipe.options, device=device)
     model_path = Path(model)
     if output is not None:
         run(recipe, output=output, progress=progress, overwrite=overwrite)
