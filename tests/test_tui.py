@@ -56,8 +56,8 @@ def _one_torch_thread() -> Any:
 
 
 @pytest.mark.asyncio
-async def test_table_lists_every_file_with_kind_and_arch(model_library: dict[str, Path]
-                                                         ) -> None:
+async def test_table_lists_every_file_and_the_detail_pane_shows_metadata_lineage_preview(
+        model_library: dict[str, Path]) -> None:
     root = model_library["root"]
     async with make_app(db=str(model_library["db"]), images=False).run_test(
             size=(160, 45)) as pilot:
@@ -71,13 +71,57 @@ async def test_table_lists_every_file_with_kind_and_arch(model_library: dict[str
         assert row[1:5] == ["xl-detail", "lora", "sdxl", "-"]
         assert row[-1] == "arch-folder +1"
         assert len(row[7]) == 10  # AutoV2 (the 160-column table is wide enough)
+        # the detail pane (the same app: one start-up)
+        await _filter(pilot, "merged-pruned")
+        info = _text(pilot, "#info-text")
+        assert "merged-pruned.safetensors" in info and "checkpoint (pix2pix)" in info
+        assert "Merge recipe (modelkit.recipe)" in _text(pilot, "#metadata-text")
+        await pilot.press("3")
+        assert pilot.app.screen.query_one(DetailPane).active == "lineage"
+        tree = pilot.app.screen.query_one("#lineage-tree", Tree)
+        labels = [n.label.plain for n in _walk(tree.root)]
+        assert labels[0].startswith("merged-pruned.safetensors  prune")
+        assert labels[1].startswith("merged.safetensors  weighted_sum") and \
+            "(in library)" in labels[1]
+        assert [lbl.split()[0] for lbl in labels[2:]] == ["sd15.safetensors",
+                                                          "sd15-b.safetensors"]
+        await _filter(pilot, "style")
+        meta = _text(pilot, "#metadata-text")
+        assert "1girl (30), solo (12), outdoors (5)" in meta
+        assert "evil\\x1b]0;pwned\\x07" in meta and "\x1b" not in meta
+        assert "title        Style [bold]LoRA[/bold]" in meta  # shown, not parsed
+        info = _text(pilot, "#info-text")
+        assert "trigger words mystyle" in info and "rank         4" in info
+        preview = _text(pilot, "#preview-text")
+        assert preview.startswith("style.preview.png  8x12 PNG")
 
 
 @pytest.mark.asyncio
-async def test_filtering_and_sorting(model_library: dict[str, Path]) -> None:
+@pytest.mark.usefixtures("_one_torch_thread")
+async def test_compare_runs_in_a_worker_then_filtering_and_sorting(
+        model_library: dict[str, Path]) -> None:
+    root = model_library["root"] / "webui/models/Stable-diffusion"
     async with make_app(db=str(model_library["db"]), images=False).run_test(
             size=(80, 24)) as pilot:
         await settle(pilot)
+        await _filter(pilot, "sd15 k:ckpt")
+        await pilot.press("m", "down", "down", "down", "m", "c")
+        assert isinstance(pilot.app.screen, CompareScreen)
+        await settle(pilot)
+        screen = pilot.app.screen
+        assert isinstance(screen, CompareScreen)
+        report = screen.report  # the compare module's own tests check its figures
+        assert (report.a, report.b) == (str(root / "sd15-b.safetensors"),
+                                        str(root / "sd15.safetensors"))
+        assert report.overall.n_tensors == 1142 and 0.5 < report.overall.relative_l2 < 2
+        assert set(report.components) == {"unet", "vae", "te", "other"}
+        assert "IN00" in report.blocks and "OUT11" in report.blocks
+        summary = _text(pilot, "#compare-summary")
+        assert f"overall relative L2 {report.overall.relative_l2:.4f}" in summary
+        await pilot.press("escape")
+        assert isinstance(pilot.app.screen, LibraryScreen)
+        # filtering and sorting (the same app: one start-up)
+        await _filter(pilot, "")
         await pilot.press("slash", *"detail", "enter")  # the box filters as you type
         await settle(pilot)
         table = _table(pilot)
@@ -103,67 +147,11 @@ async def test_filtering_and_sorting(model_library: dict[str, Path]) -> None:
         assert [e.kind for e in table.shown] == sorted(kinds, reverse=True)
 
 
-@pytest.mark.asyncio
-async def test_detail_pane_shows_metadata_lineage_and_preview(
-        model_library: dict[str, Path]) -> None:
-    async with make_app(db=str(model_library["db"]), images=False).run_test(
-            size=(160, 45)) as pilot:
-        await settle(pilot)
-        await _filter(pilot, "merged-pruned")
-        info = _text(pilot, "#info-text")
-        assert "merged-pruned.safetensors" in info and "checkpoint (pix2pix)" in info
-        assert "Merge recipe (modelkit.recipe)" in _text(pilot, "#metadata-text")
-        await pilot.press("3")
-        assert pilot.app.screen.query_one(DetailPane).active == "lineage"
-        tree = pilot.app.screen.query_one("#lineage-tree", Tree)
-        labels = [n.label.plain for n in _walk(tree.root)]
-        assert labels[0].startswith("merged-pruned.safetensors  prune")
-        assert labels[1].startswith("merged.safetensors  weighted_sum") and \
-            "(in library)" in labels[1]
-        assert [lbl.split()[0] for lbl in labels[2:]] == ["sd15.safetensors",
-                                                          "sd15-b.safetensors"]
-        await _filter(pilot, "style")
-        meta = _text(pilot, "#metadata-text")
-        assert "1girl (30), solo (12), outdoors (5)" in meta
-        assert "evil\\x1b]0;pwned\\x07" in meta and "\x1b" not in meta
-        assert "title        Style [bold]LoRA[/bold]" in meta  # shown, not parsed
-        info = _text(pilot, "#info-text")
-        assert "trigger words mystyle" in info and "rank         4" in info
-        preview = _text(pilot, "#preview-text")
-        assert preview.startswith("style.preview.png  8x12 PNG")
-
-
 def _walk(node: Any) -> list[Any]:
     out = [node]
     for child in node.children:
         out += _walk(child)
     return out
-
-
-@pytest.mark.asyncio
-@pytest.mark.usefixtures("_one_torch_thread")
-async def test_compare_runs_in_a_worker_and_shows_figures(model_library: dict[str, Path]
-                                                          ) -> None:
-    root = model_library["root"] / "webui/models/Stable-diffusion"
-    async with make_app(db=str(model_library["db"]), images=False).run_test(
-            size=(80, 24)) as pilot:
-        await settle(pilot)
-        await _filter(pilot, "sd15 k:ckpt")
-        await pilot.press("m", "down", "down", "down", "m", "c")
-        assert isinstance(pilot.app.screen, CompareScreen)
-        await settle(pilot)
-        screen = pilot.app.screen
-        assert isinstance(screen, CompareScreen)
-        report = screen.report  # the compare module's own tests check its figures
-        assert (report.a, report.b) == (str(root / "sd15-b.safetensors"),
-                                        str(root / "sd15.safetensors"))
-        assert report.overall.n_tensors == 1142 and 0.5 < report.overall.relative_l2 < 2
-        assert set(report.components) == {"unet", "vae", "te", "other"}
-        assert "IN00" in report.blocks and "OUT11" in report.blocks
-        summary = _text(pilot, "#compare-summary")
-        assert f"overall relative L2 {report.overall.relative_l2:.4f}" in summary
-        await pilot.press("escape")
-        assert isinstance(pilot.app.screen, LibraryScreen)
 
 
 @pytest.mark.asyncio

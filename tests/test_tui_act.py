@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from library_fixture import link
+from library_fixture import link, with_metadata
 from textual.pilot import Pilot
 from textual.widgets import Input, Select, Static, Switch
 from tui_support import settle
@@ -34,20 +34,20 @@ from modelkit.tui.screens.library import LibraryScreen
 from modelkit.tui.widgets.model_table import ModelTable
 from modelkit.tui.widgets.param_form import ParamForm
 
-SD = "webui/models/Stable-diffusion"
-
 
 @pytest.fixture(scope="module")
-def library(tmp_path_factory: pytest.TempPathFactory, model_library: dict[str, Path]
-            ) -> Path:
-    """Three SD1 checkpoints from the fixture library in a folder of their
-    own (Act writes beside its inputs), indexed in ``../index.sqlite``."""
+def library(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]) -> Path:
+    """Three SD1 checkpoints as in the fixture library (tests/library_fixture.py;
+    built here from the session's models, not the whole hashed library) in a
+    folder of their own (Act writes beside its inputs), indexed in
+    ``../index.sqlite``."""
     from modelkit.library.scan import scan
 
     root = tmp_path_factory.mktemp("act") / "lib"
-    for name in ("sd15", "sd15-b", "sd15-renamed"):
-        link(model_library["root"] / SD / f"{name}.safetensors",
-             root / f"Stable-diffusion/{name}.safetensors")
+    folder = root / "Stable-diffusion"
+    sd15 = link(models["sd1"], folder / "sd15.safetensors")
+    link(models["sd1_b"], folder / "sd15-b.safetensors")
+    with_metadata(sd15, folder / "sd15-renamed.safetensors", {"note": "same tensors"})
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MODELKIT_CACHE_DIR", str(root.parent / "cache"))
         scan([root], root.parent / "index.sqlite")

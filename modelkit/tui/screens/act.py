@@ -87,10 +87,14 @@ class ActScreen(Screen[None]):
         self.first_plan = True  # plan once as soon as the form is ready
 
     def compose(self) -> ComposeResult:
+        # the layout class from the start: set after mount it restyles every widget
+        self.set_class(self.app.size.width < NARROW_COLUMNS, "narrow")
         names = ", ".join(f"{e.name} ({e.kind} {e.arch})" for e in self.entries)
         yield Static(Text(safe_text(f"Act on {len(self.entries)}: {names}")), id="act-title")
         with Horizontal(id="act-main"):
-            with VerticalScroll(id="act-form"):
+            # disabled until the registry is loaded (set here: a change after
+            # mount restyles the whole form)
+            with VerticalScroll(id="act-form", disabled=True):
                 yield field_row("action", Select(LOADING, allow_blank=False, compact=True,
                                                  id="act-action"))
                 yield field_row("method", Select(LOADING, allow_blank=False, compact=True,
@@ -129,7 +133,6 @@ class ActScreen(Screen[None]):
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
-        self.query_one("#act-form").disabled = True
         self.query_one(JobBar).status("loading merge methods and operations...")
         self.load_transforms()
 

@@ -79,6 +79,8 @@ class LibraryScreen(Screen[None]):
         self.scan_after: list[str] = []  # folders to index when the running job ends
 
     def compose(self) -> ComposeResult:
+        # the layout class from the start: set after mount it restyles every widget
+        self.set_class(self.app.size.width < NARROW_COLUMNS, "narrow")
         yield Input(placeholder="/ filter: words  kind:lora  arch:sdxl  pred:v  has:hint",
                     id="filter")
         with Horizontal(id="main"):
