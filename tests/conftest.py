@@ -122,6 +122,26 @@ def write_diffusers(source: object, out: Path) -> object:
                  inputs=source.input_paths)  # type: ignore[attr-defined]
 
 
+# a few LoRA modules of each part (UNet attention and ResBlocks, text encoder):
+# diffusers/peft wrap every module a LoRA names, which is most of a runtime
+# LoRA's load time
+LORA_SUBSET = ("lora_unet_down_blocks_1_", "lora_unet_mid_block_",
+               "lora_te_text_model_encoder_layers_0_")
+
+
+def keep_lora_modules(path: Path, prefixes: tuple[str, ...] = LORA_SUBSET) -> Path:
+    """Rewrite the LoRA file ``path`` with only the modules under ``prefixes``."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    keep = {k: t for k, t in load_file(str(path)).items() if k.startswith(prefixes)}
+    assert keep, f"no LoRA module under {prefixes}"
+    save_file(keep, str(path), metadata=metadata)
+    return path
+
+
 def write_source(source: object, out: Path) -> object:
     """Write ``source`` to a safetensors file (the one write path)."""
     from modelkit.io.write import OutputSpec, write

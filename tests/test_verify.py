@@ -54,7 +54,7 @@ def lib(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]) -> di
     """An A1111-style library: a good tiny SD1 checkpoint, its fp32 source,
     fp16/int8/GGUF outputs, broken variants, a LoRA, an embedding and the
     synthetic tokenizer in models/tokenizers/clip."""
-    from conftest import run_chain
+    from conftest import keep_lora_modules, run_chain
 
     from modelkit import testing as t
     from modelkit.core.api import export_gguf
@@ -82,6 +82,7 @@ def lib(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]) -> di
     export_gguf(p["source"], p["gguf"])
     p["lora"] = root / "models" / "Lora" / "style.safetensors"
     write_lora(p["lora"], "sd1", kind="lora", seed=10)
+    keep_lora_modules(p["lora"])
     p["emb"] = root / "embeddings" / "neg.safetensors"
     t.write_embedding(p["emb"], "sd1", tiny=True, seed=15, name="neg")
     nan = torch.full((32, 32), float("nan"))

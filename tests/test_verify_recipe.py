@@ -41,10 +41,13 @@ verify: {{seeds: [1], tokenizer: {tokenizer}, thresholds: {{psnr: 500}}}}
 
 def test_lora_bake_is_verified_against_the_runtime_oracle(
         models: dict[str, Path], tmp_path: Path, tokenizer: Path) -> None:
+    from conftest import keep_lora_modules
+
     from modelkit.testing.lora import write_lora
 
     lora = tmp_path / "style.safetensors"
     write_lora(lora, "sd1", kind="lora", seed=10)
+    keep_lora_modules(lora)
     recipe = Recipe.op("lora_bake", models["sd1"], lora, output=tmp_path / "b.safetensors",
                        weights=[0.7])
     recipe.verify = {"seeds": [1], "tokenizer": str(tokenizer)}
