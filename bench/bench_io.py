@@ -90,10 +90,10 @@ def read_status(pid: int | str = "self") -> dict[str, int]:
 
 def _import_all() -> None:
     """Everything any pass imports, so each child starts from the same base."""
-    import modelkit.io.stream
     import safetensors.torch  # noqa: F401
     import torch  # noqa: F401
 
+    import modelkit.core.runner
     import modelkit.testing  # noqa: F401
 
 
@@ -164,13 +164,16 @@ def _child_work(kind: str, args: Sequence[str]) -> Callable[[], None] | None:
 
         return generate
     if kind in ("copy", "fp32"):
-        from modelkit.io.stream import cast_file
+        from modelkit.core.recipe import Recipe
+        from modelkit.core.runner import run
 
         src, out = args
-        dtype = "F32" if kind == "fp32" else None
+        # the one runner: a plain streamed copy, or every float tensor cast to fp32
+        recipe = (Recipe.op("quantize", src, output=out, dtype="fp32") if kind == "fp32"
+                  else Recipe.op("convert", src, output=out))
 
         def convert() -> None:
-            cast_file(src, out, dtype)
+            run(recipe, overwrite=True)
 
         return convert
     if kind in ("naive", "naive-fp32"):
@@ -598,15 +601,15 @@ def section_passes(ctx: Context, sdxl_pass: bool, repeat: int) -> None:
     passes = [
         Pass("import torch only", "import-torch", None, big15),
         Pass("import torch+safetensors+modelkit", "import-all", None, big15),
-        Pass("sd15 fp16->fp16 cast_file(None)", "copy", sd15, big15),
-        Pass("sd15 fp16->fp32 cast_file('F32')", "fp32", sd15, big15),
+        Pass("sd15 fp16->fp16 run(convert)", "copy", sd15, big15),
+        Pass("sd15 fp16->fp32 run(quantize fp32)", "fp32", sd15, big15),
         Pass("sd15 naive load_file+save_file", "naive", sd15, big15),
         Pass("sd15 naive load_file+.to(fp32)+save", "naive-fp32", sd15, big15),
     ]
     cp_srcs = [sd15]
     if sdxl_pass:
         bigxl = largest(ctx.headers["sdxl"])[1]
-        passes.append(Pass("sdxl fp16->fp16 cast_file(None)", "copy", ctx.paths["sdxl"],
+        passes.append(Pass("sdxl fp16->fp16 run(convert)", "copy", ctx.paths["sdxl"],
                            bigxl))
         cp_srcs.append(ctx.paths["sdxl"])
     cp_times: dict[Path, list[float]] = {src: [] for src in cp_srcs}
@@ -666,7 +669,7 @@ def check_expectations(ctx: Context, passes: list[Pass],
                        best_cp: dict[Path, float]) -> None:
     """peak RssAnon ~= import baseline + largest tensor x small constant."""
     verdicts = []
-    streamed = [p for p in passes if p.src and "cast_file" in p.label]
+    streamed = [p for p in passes if p.src and "run(" in p.label]
     for p in streamed:
         ok = p.k <= SMALL_CONSTANT
         verdicts.append(f"{'OK ' if ok else 'BAD'} {p.label}: peak RssAnon is imports "

@@ -1,7 +1,8 @@
 """Issue-9 defects: exit codes and the first line of output for each failing
 (or fixed) case. Commands that import no torch run through the real
 ``modelkit`` console script, concurrently; the ones that load torch run
-in-process through ``main`` (a child would spend seconds importing it)."""
+through the console script's function (``modelkit.cli:run``) in one child
+process, so torch is imported once."""
 
 from __future__ import annotations
 
@@ -89,37 +90,102 @@ def test_console_script_exit_codes(files: dict[str, Path], models: dict[str, Pat
     assert code == 0 and "modelkit methods" in out and "recipe methods" not in out
 
 
-def _main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    from modelkit.cli import main
+CHILD = """
+import contextlib, io, json, sys
+from modelkit.cli import run
 
-    capsys.readouterr()
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
+results = {}
+for name, args in json.loads(sys.argv[1]).items():
+    sys.argv = ["modelkit", *args]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    results[name] = [code, out.getvalue(), err.getvalue()]
+sys.__stdout__.write(json.dumps(results))
+"""
 
 
-def test_exit_codes_of_commands_that_load_torch(files: dict[str, Path], models: dict[str, Path],
-                                                capsys: pytest.CaptureFixture[str],
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """The same mapping of outcomes to exit codes and first lines, in this
-    process (``main`` returns what the console script exits with; the
-    console script's own exit path is checked above)."""
+def _console_entry(cases: dict[str, list[str]], cwd: Path) -> dict[str, tuple[int, str, str]]:
+    """Each case through ``modelkit.cli:run`` (what the ``modelkit`` script
+    calls, ``sys.exit`` included), in one child process: torch is imported
+    once for all of them."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cases)], cwd=cwd, env=env,
+                          text=True, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return {k: tuple(v) for k, v in json.loads(proc.stdout).items()}
+
+
+def test_every_command_exit_codes_through_the_console_entry_point(
+        files: dict[str, Path], models: dict[str, Path]) -> None:
+    """The failing (or warning) case of every command that loads torch, through
+    the console script's own function in a child process: the exit code and
+    its one line. (Before the fix, ``replay --check`` printed DIFFERENT and
+    exited 0.)"""
+    from modelkit.testing.lora import write_lora
+
     root = files["root"]
-    monkeypatch.chdir(root)
-    code, out, err = _main(capsys, "recipe", "replay", "--check", str(files["tampered"]), "-q",
-                           "--search", str(models["sd1"].parent))
-    assert code == 1 and "DIFFERENT: 1 of" in out, err
-    code, _, err = _main(capsys, "export-gguf", str(models["sd1"]), "-o",
-                         str(root / "x.safetensors"), "-q")
-    assert code == 2 and "needs a .gguf name" in err and err.count("\n") == 1
-    assert not (root / "x.safetensors").exists()
-    code, out, err = _main(capsys, "quantize", str(models["sd1"]), "--dtype", "fp8_e4m3fn",
-                           "-o", str(root / "fp8.safetensors"), "--json", "-q")
-    report = json.loads(out)["report"]
-    assert code == 0 and 0 < report["relative_l2"] < 0.2 and report["snr_db"] > 10, err
-    code, _, err = _main(capsys, "recipe", "run", str(files["recipe"]), "--dry-run", "-q")
-    assert code == 2 and "output folder does not exist" in err
-    code, _, err = _main(capsys, "merge", str(models["sdxl"]), str(models["sdxl_vpred"]), "-o",
-                         str(root / "v.safetensors"), "--alpha", "0.5", "--dry-run", "-q")
-    assert code == 0 and "prediction types differ" in err
-    assert "sdxl.safetensors is eps-prediction, sdxl_vpred.safetensors is v-prediction" in err
+    lora = root / "lora_sd1.safetensors"
+    write_lora(lora, "sd1", seed=3)
+    nan = root / "nan.safetensors"
+    t.write_checkpoint(nan, "sd1", seed=1)
+    _poison(nan)
+    sweep = root / "s.yaml"
+    sweep.write_text(f"version: 1\nrecipe: {files['recipe']}\n"
+                     "axes:\n  steps.m.params.alpha: [0.5, many]\n")
+    sd1, sdxl = str(models["sd1"]), str(models["sdxl"])
+    o = str(root / "never.safetensors")
+    res = _console_entry({
+        "replay": ["recipe", "replay", "--check", str(files["tampered"]), "-q",
+                   "--search", str(models["sd1"].parent)],
+        "gguf_name": ["export-gguf", sd1, "-o", str(root / "x.safetensors"), "-q"],
+        "fp8": ["quantize", sd1, "--dtype", "fp8_e4m3fn", "-o", str(root / "fp8.safetensors"),
+                "--json", "-q"],
+        "dry_run": ["recipe", "run", str(files["recipe"]), "--dry-run", "-q"],
+        "vpred": ["merge", sdxl, str(models["sdxl_vpred"]), "-o", str(root / "v.safetensors"),
+                  "--alpha", "0.5", "--dry-run", "-q"],
+        "verify_nan": ["verify", str(nan), "--static-only", "-q"],
+        "verify_missing": ["verify", str(root / "missing.safetensors"), "-q"],
+        "sweep": ["sweep", str(sweep), "-o", str(root / "sweep-out"), "-q"],
+        "bake_arch": ["lora", "bake", sdxl, str(lora), "-o", o, "-q"],
+        "lora_info": ["lora", "info", sd1],
+        "swap": ["swap", sd1, "--vae", str(lora), "-o", o, "-q"],
+        "extract": ["extract", str(lora), "--component", "vae", "-o", o, "-q"],
+        "ema": ["ema", sd1, "-o", o, "-q"],
+        "dequantize": ["dequantize", sd1, "-o", o, "-q"],
+        "prune": ["prune", str(lora), "-o", o, "-q"],
+        "convert": ["convert", str(root / "missing.ckpt"), "-o", o, "-q"],
+    }, root)
+    expected = {"replay": 1, "fp8": 0, "vpred": 0, "verify_nan": 1}
+    for name, (code, out, err) in res.items():
+        want = expected.get(name, 2)
+        assert code == want, (name, code, out, err)
+        if want == 2:  # one line naming the file or field, no traceback
+            assert err.count("\n") == 1 and "Traceback" not in err, (name, err)
+    assert "DIFFERENT: 1 of" in res["replay"][1]
+    assert "needs a .gguf name" in res["gguf_name"][2]
+    report = json.loads(res["fp8"][1])["report"]
+    assert 0 < report["relative_l2"] < 0.2 and report["snr_db"] > 10
+    assert "output folder does not exist" in res["dry_run"][2]
+    assert "sdxl.safetensors is eps-prediction, sdxl_vpred.safetensors is v-prediction" \
+        in res["vpred"][2]
+    assert "static.nan_inf" in res["verify_nan"][1]
+    assert "is a sd1 adapter but" in res["bake_arch"][2]
+    assert not list(root.glob("never*")) and not list(root.glob(".never*"))
+    assert not (root / "x.safetensors").exists() and not (root / "sweep-out").exists()
+
+
+def _poison(path: Path) -> None:
+    """One NaN in the first float tensor of ``path`` (rewritten in place)."""
+    from safetensors.torch import load_file, save_file
+
+    from modelkit.io.header import read_header
+
+    tensors = load_file(path)
+    key = next(k for k, v in tensors.items() if v.is_floating_point() and v.numel() > 1)
+    tensors[key].view(-1)[0] = float("nan")
+    save_file(tensors, path, metadata=read_header(path).metadata)

@@ -332,9 +332,9 @@ def dequantize(src: Source, dtype: str = "fp16") -> PlannedStep:
     their scales, every other float tensor cast to ``dtype``.
 
     Raises:
-        ModelkitError: unknown scheme or version, a weight without its scale.
+        ModelkitError: unknown scheme or version, a weight without its scale,
+            a file with no int8 or fp8 tensor.
     """
-
     from modelkit.io.dtypes import parse_user_dtype, to_torch
     from modelkit.io.reader import cast
 
@@ -343,6 +343,10 @@ def dequantize(src: Source, dtype: str = "fp16") -> PlannedStep:
         raise ModelkitError(f"dequantize writes fp32, fp16 or bf16, not {dtype}")
     name = source_label(src)
     scheme = _check_scheme(src)
+    if not scheme and not any(i.dtype.startswith("F8") for i in src.infos.values()):
+        raise ModelkitError(f"{name}: holds no int8 or fp8 tensors, so there is nothing to "
+                            "dequantize; use 'modelkit quantize --dtype fp16' (or bf16, fp32) "
+                            "to change its precision")
     report = DequantizeReport(dtype, scheme, bytes_in=sum(i.nbytes for i in src.infos.values()))
     infos: dict[str, Any] = {}
     scaled: set[str] = set()
