@@ -13,7 +13,7 @@ import pytest
 from library_fixture import link, with_metadata
 from textual.pilot import Pilot
 from textual.widgets import Input, Select, Static, Switch
-from tui_support import settle
+from tui_support import open_act, settle
 
 from modelkit.core.registry import all_transforms
 from modelkit.library.query import Entry
@@ -67,17 +67,7 @@ def _app(root: Path) -> Any:
 
 async def _open_act(pilot: Pilot[Any], *names: str) -> ActScreen:
     """Mark the files ``names`` in this order (A, B, C) and press a."""
-    await settle(pilot)
-    table = pilot.app.screen.query_one(ModelTable)
-    table.marked = []
-    for name in names:  # what m does on each (the compare test presses it)
-        assert table.select_path(next(e.path for e in table.shown if e.name == name))
-        table.toggle_mark()
-    await pilot.press("a")
-    await settle(pilot)
-    screen = pilot.app.screen
-    assert isinstance(screen, ActScreen)
-    return screen
+    return await open_act(pilot, *names)
 
 
 def _text(screen: Any, selector: str) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Input, Static
-from tui_support import settle
+from tui_support import open_act, settle
 
 from modelkit.cli import main
 from modelkit.core.recipe import Recipe
@@ -27,7 +27,6 @@ from modelkit.tui.screens.act import ActScreen
 from modelkit.tui.screens.error import ErrorDialog
 from modelkit.tui.screens.sweep import SweepScreen
 from modelkit.tui.sweeps import default_sweep_dir, is_sweep_file, sweep_spec
-from modelkit.tui.widgets.model_table import ModelTable
 
 UNETS = ("u1.safetensors", "u2.safetensors")
 SWEEP_DIR = "u1-u2-weighted_sum-sweep"
@@ -58,16 +57,7 @@ def _cache(library: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 async def _open_act(pilot: Pilot[Any]) -> ActScreen:
     """Mark both UNets (A, B) and press a: a weighted_sum merge."""
-    await settle(pilot)
-    table = pilot.app.screen.query_one(ModelTable)
-    for name in UNETS:
-        assert table.select_path(next(e.path for e in table.shown if e.name == name))
-        table.toggle_mark()
-    await pilot.press("a")
-    await settle(pilot)
-    screen = pilot.app.screen
-    assert isinstance(screen, ActScreen)
-    return screen
+    return await open_act(pilot, *UNETS)
 
 
 def _shown_rows(screen: SweepScreen) -> list[list[str]]:

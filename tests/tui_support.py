@@ -35,6 +35,25 @@ async def settle(pilot: Pilot[Any]) -> None:
                 return
 
 
+async def open_act(pilot: Pilot[Any], *names: str) -> Any:
+    """Mark the files ``names`` in this order (A, B, C), press a, and
+    return the Act screen."""
+    from modelkit.tui.screens.act import ActScreen
+    from modelkit.tui.widgets.model_table import ModelTable
+
+    await settle(pilot)
+    table = pilot.app.screen.query_one(ModelTable)
+    table.marked = []
+    for name in names:  # what m does on each (the compare test presses it)
+        assert table.select_path(next(e.path for e in table.shown if e.name == name))
+        table.toggle_mark()
+    await pilot.press("a")
+    await settle(pilot)
+    screen = pilot.app.screen
+    assert isinstance(screen, ActScreen)
+    return screen
+
+
 def build_snapshot_library(models: dict[str, Path]) -> Path:
     """A library at :data:`SNAPSHOT_ROOT` (the screens show folders),
     scanned without hashes into its own index; returns the index.
