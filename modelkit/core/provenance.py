@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from modelkit import __version__
 from modelkit.core.recipe import BlockParam, Recipe
 from modelkit.errors import ModelkitError
+from modelkit.io.header import metadata_json
 
 if TYPE_CHECKING:
     from modelkit.core.graph import Graph, StepRecord
@@ -100,16 +101,6 @@ def _primary_file(recipe: Recipe, graph: Graph, name: str) -> Path | None:
     return paths[0] if paths else None
 
 
-def _parent_recipe(meta: dict[str, str]) -> Any:
-    raw = meta.get("sd_merge_recipe")
-    if not raw:
-        return None
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return None
-
-
 def _a1111_recipe(recipe: Recipe, graph: Graph, hashes: InputHashes) -> dict[str, Any]:
     from modelkit.core.registry import get_transform
 
@@ -163,7 +154,7 @@ def merge_lineage(recipe: Recipe, graph: Graph, hashes: InputHashes,
             continue
         meta = _file_metadata(graph, path)
         models[sha] = {"name": path.name, "legacy_hash": legacy(path),
-                       "sd_merge_recipe": _parent_recipe(meta)}
+                       "sd_merge_recipe": metadata_json(meta, "sd_merge_recipe")}
         parent = meta.get("sd_merge_models")
         if parent:
             # a parent with broken lineage metadata keeps what it has

@@ -57,7 +57,8 @@ from __future__ import annotations
 import copy
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -643,18 +644,28 @@ def _load_yaml(text: str, source: str) -> tuple[Any, Callable[[tuple[str, ...]],
     c = _Checker(source, None)
     if len(text) > MAX_RECIPE_BYTES:
         raise c.fail((), f"recipe is {len(text)} bytes; the limit is {MAX_RECIPE_BYTES}")
-    try:
+    with yaml_errors(source, RecipeError):
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         locate = _locator(_yaml_lines(c, node) if node is not None else {})
         raw = yaml.safe_load(text)
+    return raw, locate
+
+
+@contextmanager
+def yaml_errors(source: str, error: type[ModelkitError]) -> Iterator[None]:
+    """Turn the YAML parser's failures inside the block into one-line
+    ``error``s naming ``source`` and, where known, the line."""
+    import yaml
+
+    try:
+        yield
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" (line {mark.line + 1})" if mark else ""
-        raise RecipeError(f"{source}{line}: not valid YAML: "
-                          f"{getattr(exc, 'problem', None) or exc}") from None
+        raise error(f"{source}{line}: not valid YAML: "
+                    f"{getattr(exc, 'problem', None) or exc}") from None
     except RecursionError:
-        raise RecipeError(f"{source}: YAML nested too deeply") from None
-    return raw, locate
+        raise error(f"{source}: YAML nested too deeply") from None
 
 
 def _mapping(c: _Checker, value: Any, path: tuple[str, ...],

@@ -31,6 +31,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from modelkit.errors import BadFileError
 from modelkit.io.files import open_input_file
@@ -411,3 +412,16 @@ def read_small_tensor(header: Header, name: str) -> list[float]:
         return decode_values(info.dtype, raw)
     except UndecodableTensorError as exc:
         raise UndecodableTensorError(f"{where}: {exc}") from None
+
+
+def metadata_json(metadata: dict[str, str], key: str) -> Any:
+    """The JSON value stored as text under ``key`` in a file's metadata
+    (``sd_merge_recipe``, ``modelkit.history``...), or None when it is
+    missing, empty or not JSON."""
+    raw = metadata.get(key)
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None

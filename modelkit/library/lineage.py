@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modelkit.io.header import metadata_json
 from modelkit.library.query import Entry, get_detail, list_entries
 
 MAX_DEPTH = 12
@@ -58,16 +59,6 @@ class LineageNode:
         for c in self.children:
             out += c.walk()
         return out
-
-
-def _json(meta: dict[str, str], key: str) -> Any:
-    raw = meta.get(key)
-    if not raw:
-        return None
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return None
 
 
 def _yaml(meta: dict[str, str], key: str) -> Any:
@@ -157,18 +148,18 @@ class _Builder:
             node.note = "lineage deeper than this is not shown"
             return
         recipe = _yaml(meta, "modelkit.recipe")
-        inputs = _json(meta, "modelkit.inputs")
+        inputs = metadata_json(meta, "modelkit.inputs")
         inputs = inputs if isinstance(inputs, dict) else {}
-        history = _json(meta, "modelkit.history")
+        history = metadata_json(meta, "modelkit.history")
         history = history if isinstance(history, list) else []
-        lineage_models = _json(meta, "sd_merge_models")
+        lineage_models = metadata_json(meta, "sd_merge_models")
         lineage_models = lineage_models if isinstance(lineage_models, dict) else {}
         if history and not _within_recipe(history[-1], recipe, inputs):
             self.expand_history(node, meta, history, depth, seen)
         elif recipe and isinstance(recipe.get("steps"), dict):
             self.expand_recipe(node, recipe, inputs, lineage_models, depth, seen)
-        elif isinstance(_json(meta, "sd_merge_recipe"), dict):
-            self.expand_a1111(node, _json(meta, "sd_merge_recipe"), lineage_models, depth,
+        elif isinstance(metadata_json(meta, "sd_merge_recipe"), dict):
+            self.expand_a1111(node, metadata_json(meta, "sd_merge_recipe"), lineage_models, depth,
                               seen)
         elif inputs:
             node.how = node.how or "made from"

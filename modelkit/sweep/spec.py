@@ -26,6 +26,7 @@ from modelkit.core.recipe import (
     load_recipe,
     parse_recipe,
     read_yaml_text,
+    yaml_errors,
 )
 from modelkit.errors import ModelkitError
 
@@ -213,15 +214,8 @@ def _load_text(text: str, source: str) -> dict[str, Any]:
     if len(text) > MAX_SWEEP_BYTES:
         raise SweepError(f"{source}: {len(text)} bytes; a sweep file has at most "
                          f"{MAX_SWEEP_BYTES}")
-    try:
+    with yaml_errors(source, SweepError):
         raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" (line {mark.line + 1})" if mark else ""
-        raise SweepError(f"{source}{line}: not valid YAML: "
-                         f"{getattr(exc, 'problem', None) or exc}") from None
-    except RecursionError:
-        raise SweepError(f"{source}: YAML nested too deeply") from None
     if not isinstance(raw, dict):
         raise SweepError(f"{source}: expected a mapping with recipe: and axes:")
     for key in raw:
