@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelkit.sweep.spec import Axis
+from modelkit.verify.outputs import fit_text
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -224,14 +225,6 @@ def _tile_size(out_dir: Path, records: dict[int, dict[str, Any]]) -> tuple[int, 
     return TILE_MIN, TILE_MIN
 
 
-def _fit(draw: Any, text: str, width: int, font: Any) -> str:
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "...", font=font) > width:
-        text = text[:-1]
-    return text + "..."
-
-
 def _wrap(draw: Any, text: str, width: int, font: Any, max_lines: int) -> list[str]:
     lines: list[str] = []
     current = ""
@@ -246,8 +239,8 @@ def _wrap(draw: Any, text: str, width: int, font: Any, max_lines: int) -> list[s
         lines.append(current)
     if len(lines) > max_lines:
         lines = lines[:max_lines]
-        lines[-1] = _fit(draw, lines[-1] + " ...", width, font)
-    return [_fit(draw, line, width, font) for line in lines]
+        lines[-1] = fit_text(lines[-1] + " ...", width, font, draw)
+    return [fit_text(line, width, font, draw) for line in lines]
 
 
 def _metrics_line(record: dict[str, Any]) -> str:
@@ -291,11 +284,11 @@ def contact_sheet(title: str, axes: list[Axis], mode: str,
         font: Any = ImageFont.load_default(size=FONT_SIZE)
     except (TypeError, ImportError):  # Pillow without FreeType: the bitmap font
         font = ImageFont.load_default()
-    draw.text((PAD, PAD), _fit(draw, title, width - 2 * PAD, font), fill=TEXT, font=font)
+    draw.text((PAD, PAD), fit_text(title, width - 2 * PAD, font, draw), fill=TEXT, font=font)
     heads = (["reference"] if with_reference else []) + col_labels
     for j, head in enumerate(heads):
         x = LABEL_W + PAD + j * (tw + PAD)
-        draw.text((x, PAD + LINE_H), _fit(draw, head, tw, font), fill=TEXT, font=font)
+        draw.text((x, PAD + LINE_H), fit_text(head, tw, font, draw), fill=TEXT, font=font)
     for i, (label, indices) in enumerate(zip(row_labels, grid, strict=True)):
         y = header_h + i * (cell_h + PAD)
         for k, line in enumerate(_wrap(draw, label, LABEL_W - PAD, font, 6)):
@@ -324,7 +317,7 @@ def _reference_tile(sheet: Any, draw: Any, font: Any, record: dict[str, Any] | N
     if img is not None:
         sheet.paste(img.resize(size, Image.NEAREST), at)
     name = str((record.get("verify") or {}).get("reference") or "reference")
-    draw.text((at[0], at[1] + size[1] + 2), _fit(draw, name, size[0], font), fill=DIM,
+    draw.text((at[0], at[1] + size[1] + 2), fit_text(name, size[0], font, draw), fill=DIM,
               font=font)
 
 
@@ -349,7 +342,7 @@ def _cell_tile(sheet: Any, draw: Any, font: Any, record: dict[str, Any], out_dir
     status, colour = _status_line(record)
     lines = [(values, TEXT), (_metrics_line(record), TEXT), (status, colour)]
     for k, (line, fill) in enumerate(lines):
-        draw.text((x, y + th + 2 + k * LINE_H), _fit(draw, line, tw, font), fill=fill,
+        draw.text((x, y + th + 2 + k * LINE_H), fit_text(line, tw, font, draw), fill=fill,
                   font=font)
 
 

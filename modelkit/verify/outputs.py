@@ -124,7 +124,8 @@ def _font() -> Any:
     return ImageFont.load_default()
 
 
-def _fit(text: str, width: int, font: Any, draw: Any) -> str:
+def fit_text(text: str, width: int, font: Any, draw: Any) -> str:
+    """``text``, cut with an ellipsis to ``width`` pixels in ``font``."""
     if draw.textlength(text, font=font) <= width:
         return text
     while text and draw.textlength(text + "...", font=font) > width:
@@ -168,9 +169,9 @@ def grid_image(report: VerifyReport) -> Image.Image:
     sheet = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
     title = f"modelkit verify: {report.summary()}"
-    draw.text((PAD, PAD), _fit(title, width - 2 * PAD, font, draw), fill=TEXT, font=font)
+    draw.text((PAD, PAD), fit_text(title, width - 2 * PAD, font, draw), fill=TEXT, font=font)
     for i, name in enumerate(columns):
-        draw.text((PAD + i * (cw + PAD), PAD + line_h), _fit(name, cw, font, draw),
+        draw.text((PAD + i * (cw + PAD), PAD + line_h), fit_text(name, cw, font, draw),
                   fill=TEXT, font=font)
     rows = {m.case: m for m in report.images}
     y = header_h
@@ -189,7 +190,7 @@ def grid_image(report: VerifyReport) -> Image.Image:
         lines = [f"{cand.case}  seed {cand.seed}  {_metric_label(rows.get(cand.case))}"
                  f"{gain_text}", cand.prompt]
         for k, line in enumerate(lines):
-            draw.text((PAD, y + ch + 2 + k * line_h), _fit(line, text_w, font, draw),
+            draw.text((PAD, y + ch + 2 + k * line_h), fit_text(line, text_w, font, draw),
                       fill=TEXT, font=font)
         y += ch + label_h + PAD
     return sheet
