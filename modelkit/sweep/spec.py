@@ -261,14 +261,21 @@ def _base_recipe(raw: dict[str, Any], text: str, source: str, base_dir: Path) ->
     raise _fail(source, "recipe", "give a recipe file path or an inline recipe mapping")
 
 
-def _canonical(recipe: Recipe) -> dict[str, Any]:
-    """The base recipe as a dict with absolute paths and no output path."""
+def _recipe_absolute(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as a dict with absolute input paths and no output path."""
     d = recipe.to_dict()
     for name, spec in d["inputs"].items():
         spec["path"] = str(recipe.resolve(recipe.inputs[name].path))
     if recipe.options.vae:
         d["options"]["vae"] = str(recipe.resolve(recipe.options.vae))
     d["output"]["path"] = None
+    return d
+
+
+def _canonical(recipe: Recipe) -> dict[str, Any]:
+    """The base recipe of a sweep: :func:`_recipe_absolute`, without its verify:
+    section (a sweep's own applies to every cell)."""
+    d = _recipe_absolute(recipe)
     d.pop("verify", None)
     return d
 
@@ -475,12 +482,6 @@ def sweep_from_recipe(recipe: Recipe, axes: dict[str, list[Any]], *, mode: str =
     """
     import yaml
 
-    base = recipe.to_dict()
-    for name, entry in base["inputs"].items():
-        entry["path"] = str(recipe.resolve(recipe.inputs[name].path))
-    if recipe.options.vae:
-        base["options"]["vae"] = str(recipe.resolve(recipe.options.vae))
-    base["output"]["path"] = None
-    text = yaml.safe_dump({"version": SWEEP_VERSION, "recipe": base, "axes": axes,
-                           "mode": mode}, sort_keys=False)
+    text = yaml.safe_dump({"version": SWEEP_VERSION, "recipe": _recipe_absolute(recipe),
+                           "axes": axes, "mode": mode}, sort_keys=False)
     return parse_sweep(text, source, base_dir or recipe.base_dir)
