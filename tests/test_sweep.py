@@ -347,6 +347,21 @@ def test_cancel_while_verifying_removes_the_unverified_output(models: dict[str, 
     assert not list((tmp_path / "out").glob("*.safetensors"))
 
 
+def test_the_printed_table_escapes_file_names(models: dict[str, Path], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """An axis value's file name with a terminal escape reaches the table
+    (its label) but the terminal only sees it escaped."""
+    odd = tmp_path / "b\x1b]0;owned\x07.safetensors"
+    os.link(models["sd1_b"], odd)
+    sweep = tmp_path / "s.yaml"
+    quoted = str(odd).replace("\x1b", "\\x1b").replace("\x07", "\\x07")  # YAML escapes
+    sweep.write_text(_inline(models, f'  inputs.b: ["{quoted}"]'))
+    code = main(["sweep", str(sweep), "-o", str(tmp_path / "out"), "--jobs", "1", "-q"])
+    out = capsys.readouterr().out
+    assert code == 0 and "| ok |" in out
+    assert "\x1b" not in out and "\\x1b]0;owned\\x07" in out
+
+
 def test_ray_is_imported_only_on_the_ray_path() -> None:
     code = ("import sys\nfrom modelkit.cli import main\nassert main(['sweep', '--help']) == 0\n"
             "from modelkit.sweep import make_executor\n"

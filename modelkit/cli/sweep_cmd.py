@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from modelkit.cli.progress import StderrProgress, human_bytes
-from modelkit.textsafe import shown
+from modelkit.textsafe import safe_text, shown
 from modelkit.vocab import DEVICES
 
 
@@ -178,7 +178,9 @@ def sweep_cmd(sweep: str, output: str, jobs: int | None, threads: int | None,
     else:
         from modelkit.sweep.results import markdown
 
-        sys.stdout.write(markdown(report.summary(), report.columns, report.rows()))
+        # labels and errors hold file names: escaped before they reach the terminal
+        sys.stdout.write(safe_text(markdown(report.summary(), report.columns, report.rows()),
+                                   keep_newlines=True))
         for key in ("table_md", "table_csv", "contact_sheet"):
             if report.files.get(key):
                 click.echo(f"wrote {shown(report.files[key])}")
