@@ -129,7 +129,7 @@ def convert(lora: Source, to: str, *, arch: str | None = None) -> PlannedStep:
         elif isinstance(how, float) and how != 1.0:
             t = (t.float() * how).to(t.dtype)
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            if isinstance(how, float):
+            if isinstance(how, float) and bool(torch.isfinite(lora.get(in_key)).all()):
                 raise ModelkitError(f"{ad.label}: {in_key} overflows {lora.infos[in_key].dtype} "
                                     f"(or holds NaN/Inf) once alpha/rank = {how:g} is folded "
                                     "in for PEFT; convert --to kohya or comfy, which keep alpha")
