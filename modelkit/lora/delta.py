@@ -22,7 +22,8 @@ s the module scale.
   ``[out]`` normalises each output row, ``[1, in, ...]`` each input channel
   (over all rows and the kernel); a 1-D ``dora_scale`` on a square layer is
   ambiguous and refused. ‖W_c‖ always includes the update (ComfyUI's
-  output-axis path uses ‖W‖, a known bug).
+  output-axis path uses ‖W‖, a known bug). No peer computes exactly this
+  for a per-output m at k ≠ 1; docs/lora.md says why it is the choice.
 
 A missing alpha means s = 1. Every computation is float32.
 """
@@ -224,9 +225,10 @@ class ModuleDelta:
             suffix = self.mod.keys.get(what, what)
             part = suffix[len(self.mod.name) + 1:] if suffix.startswith(self.mod.name) \
                 else suffix
+            why = ("its factors or alpha are too large for float32, or hold NaN/Inf"
+                   if what == "ΔW" else "the adapter is broken")
             raise ModelkitError(f"{self.ad.label}: module {self.mod.name}: {part} holds NaN "
-                                "or Inf values (or overflows float32 with its alpha); the "
-                                "adapter is broken")
+                                f"or Inf values; {why}")
         return t
 
     def add_rows_(self, acc: torch.Tensor, start: int, stop: int, k: float) -> None:
