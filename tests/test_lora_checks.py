@@ -283,3 +283,20 @@ def test_unknown_block_preset_extract_of_itself_and_nan_prompt_weight(cli: dict)
     code, _, err = res["equal"]
     assert code == 2 and "copy.safetensors does not differ from sd1.safetensors" in err
     assert not list(root.glob("[be].safetensors"))
+
+
+def test_resize_refuses_factors_beyond_the_output_dtype(tmp_path: Path) -> None:
+    """A finite ΔW whose singular values need factors beyond fp16 (±65504)
+    is refused before anything is written; fp32 factors hold it."""
+    from modelkit.lora import resize
+
+    path = tmp_path / "big.safetensors"
+    save_file({f"{LIN}.lora_up.weight": torch.full((32, 1), 1e5),
+               f"{LIN}.lora_down.weight": torch.full((1, 32), 1e5)}, path,
+              metadata={"ss_base_model_version": "sd_v1"})
+    step = resize(open_model(path), rank=1, dtype="F16")
+    with pytest.raises(ModelkitError, match=rf"^{LIN}: its factors exceed the F16 range"):
+        step.prepare()
+    ok = resize(open_model(path), rank=1, dtype="F32")
+    ok.prepare()
+    assert ok.report.relative_error < 1e-5

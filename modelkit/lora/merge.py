@@ -160,8 +160,10 @@ def _write_group(name: str, group: _Group, report: MergeReport, builder: LoraBui
         f = factorize(acc, cap, report.energy, method=report.method, dtype=builder.dtype,
                       ref_sq=ref_sq)
         if not (bool(torch.isfinite(f.up).all()) and bool(torch.isfinite(f.down).all())):
-            raise ModelkitError(f"{name}: its factors exceed the range of {builder.dtype} "
-                                "(the ΔW is too large); write them with --dtype fp32")
+            from modelkit.io.dtypes import from_torch
+
+            raise ModelkitError(f"{name}: its factors exceed the {from_torch(builder.dtype)} "
+                                "range (the ΔW is too large); write them with --dtype fp32")
         report.err_sq += f.err_sq
         report.ref_sq += ref_sq
         report.layers.append(LayerResult(name, group.target.key, f.rank, f.relative_error,
