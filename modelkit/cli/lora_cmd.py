@@ -186,7 +186,8 @@ def convert_cmd(lora: str, output: str, to: str, **common: Any) -> None:
     recipe = Recipe.op("lora_convert", lora, output=output, options=options_from(common),
                        source=COMMAND_LINE, to=to)
     _execute(recipe, {"output": output, **common},
-             lambda r: [f"{r['n_modules']} modules: {r['from']} -> {r['to']} ({r['arch']})"])
+             lambda r: [f"{r['n_modules']} modules: {r['from']} -> {r['to']} ({r['arch']})",
+                        f"read by: {r['read_by']}"])
 
 
 def _info_lines(r: Any) -> list[str]:
