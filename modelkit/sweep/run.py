@@ -28,13 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from modelkit.errors import OutputError
+from modelkit.library.layout import SWEEP_MARKER
 from modelkit.progress import Progress, ProgressFn, no_progress
 from modelkit.sweep import results
 from modelkit.sweep.executors import Executor, SerialExecutor
 from modelkit.sweep.plan import CellPlan, plan_sweep
 from modelkit.sweep.spec import Axis, SweepSpec
 
-MARKER = ".modelkit-sweep"
+MARKER = SWEEP_MARKER  # the library's scan skips folders holding it
 SCHEMA = "modelkit.sweep/1"
 OWN_FILES = (results.JSONL, results.TABLE_MD, results.TABLE_CSV, results.CONTACT_SHEET)
 CellFn = Callable[[dict[str, Any]], None]
