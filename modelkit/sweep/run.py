@@ -321,16 +321,16 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, executor: Executor | None
     executor = executor or SerialExecutor()
     out = Path(out_dir).absolute()
     fresh = not out.exists() or (out.is_dir() and not any(out.iterdir()))
-    created = not out.exists()
+    created = [d for d in (out, *out.parents) if not d.exists()]  # deepest first
     prepare_folder(out, resume, overwrite)
     try:
         plans = plan_sweep(spec, out, device=device, progress=progress, cancel=cancel)
     except BaseException:
         if fresh:  # a bad value leaves nothing behind, not even the folder
             (out / MARKER).unlink(missing_ok=True)
-            if created:
+            for folder in created:  # the sweep folder and the parents made for it
                 with contextlib.suppress(OSError):
-                    out.rmdir()
+                    folder.rmdir()
         raise
     report = SweepReport(spec.source, out, spec.axes, spec.mode,
                          [(p.cell.index, p.cell.name, p.cell.labels) for p in plans],

@@ -228,7 +228,8 @@ class ActScreen(Screen[None]):
             field.value = self.auto_output
         folder = self.query_one("#act-sweep-dir", Input)
         if folder.value == self.auto_sweep_dir:
-            self.auto_sweep_dir = str(default_sweep_dir(spec))
+            root = next((e.root for e in self.entries if e.path == spec.paths[0]), None)
+            self.auto_sweep_dir = str(default_sweep_dir(spec, root))
             folder.value = self.auto_sweep_dir
         self.show_stale()
 
@@ -292,8 +293,8 @@ class ActScreen(Screen[None]):
             self.app.push_screen(ErrorDialog(jobs.error_line(exc)))
             return
         n_jobs = self.query_one("#act-jobs", Select).value
-        self.app.push_screen(SweepScreen(sweep, out, n_jobs if isinstance(n_jobs, int) else 1,
-                                         self.library), self.sweep_ended)
+        self.app.push_screen(SweepScreen(sweep, out, n_jobs if isinstance(n_jobs, int) else 1),
+                             self.sweep_ended)
 
     def sweep_ended(self, error: str | None) -> None:
         """Back from the sweep screen: its error, if it could not start; the
