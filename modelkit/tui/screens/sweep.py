@@ -49,6 +49,7 @@ class SweepScreen(Screen[str | None]):
         Binding("escape", "cancel", "Cancel", id="sweep-cancel",
                 tooltip="Stop: pending cells never start, the running ones stop at their "
                         "next tensor; no partial file is left, the table is kept"),
+        Binding("x", "cancel", "Cancel", show=False, id="sweep-cancel-x"),
         Binding("escape", "back", "Back", id="sweep-back"),
         Binding("f1", "app.help", "Help", id="sweep-help"),
     ]
@@ -73,7 +74,7 @@ class SweepScreen(Screen[str | None]):
         yield DataTable(cursor_type="row", zebra_stripes=True, id="sweep-table")
         yield Static("", id="sweep-cell")
         yield Static("", id="sweep-files")
-        yield JobBar(cancel_key="escape", phases=True, id="sweep-bar")
+        yield JobBar(cancel_key="x or escape", phases=True, id="sweep-bar")
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
