@@ -3,6 +3,7 @@ and snapshots at fixed sizes."""
 
 from __future__ import annotations
 
+import io
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -224,6 +225,33 @@ async def test_new_files_are_indexed_when_the_library_changes(
             ("a.safetensors", "checkpoint"), ("new-vae.safetensors", "vae")]
 
 
+def test_help_keys_in_two_aligned_columns_wrapped_at_words() -> None:
+    """The help box at 80 columns (70 for its text): every key in one
+    column, its description beside it in a second one, aligned across
+    screens, continued under itself and cut between words only."""
+    from rich.console import Console
+
+    from modelkit.tui.screens.help import KEYS, help_text
+
+    console = Console(width=70, record=True, file=io.StringIO())
+    console.print(help_text())
+    lines = [line.rstrip() for line in console.export_text().splitlines()]
+    width = max(len(key) for _, keys in KEYS for key, _ in keys)
+    at = 2 + width + 2  # where every description starts
+    for title, keys in KEYS:
+        start = lines.index(title)
+        for key, what in keys:
+            i = next(i for i, line in enumerate(lines) if i > start and line.startswith(
+                f"  {key}  ") and line[at - 2:at] == "  " and line[at] != " ")
+            text = [lines[i][at:]]
+            while i + 1 < len(lines) and lines[i + 1].startswith(" " * at):
+                i += 1
+                text.append(lines[i][at:])
+            assert " ".join(text) == what, key
+            assert max(len(line) for line in lines) <= 70
+    assert ("x", "cancel the running job (no file is left)") in dict(KEYS)["Act"]
+
+
 class _Sink:
     def __init__(self) -> None:
         self.messages: list[Any] = []
@@ -256,7 +284,7 @@ def test_run_job_reports_cancel_and_errors_as_messages() -> None:
 def test_snapshot_main_80x24(snap_compare: Any, snapshot_library: Path) -> None:
     async def run_before(pilot: Pilot[Any]) -> None:
         await settle(pilot)
-        await pilot.press("down", "down")
+        await pilot.press("down", "down", "down")  # sd15-mix-inpainting
         await settle(pilot)
 
     assert snap_compare(make_app(db=str(snapshot_library), images=False),
@@ -266,7 +294,7 @@ def test_snapshot_main_80x24(snap_compare: Any, snapshot_library: Path) -> None:
 def test_snapshot_lineage_160x45(snap_compare: Any, snapshot_library: Path) -> None:
     async def run_before(pilot: Pilot[Any]) -> None:
         await settle(pilot)
-        await pilot.press("down", "down", "3")
+        await pilot.press("down", "down", "down", "3")  # sd15-mix-inpainting's lineage
         await settle(pilot)
 
     assert snap_compare(make_app(db=str(snapshot_library), images=False),
