@@ -139,7 +139,9 @@ async def test_sweep_from_the_act_form_a_bad_value_then_the_table_and_cancel(
         assert await asyncio.to_thread(writing.wait, 30)
         screen = pilot.app.screen
         assert isinstance(screen, SweepScreen)
-        await pilot.press("escape")  # while it runs, escape cancels
+        assert "(x or escape cancels)" in str(screen.query_one("#sweep-bar #status",
+                                                                 Static).content)
+        await pilot.press("x")  # while it runs, x (or escape) cancels
         proceed.set()
         await settle(pilot)
         assert screen.report.cancelled and pilot.app.screen is screen
