@@ -151,6 +151,8 @@ async def test_merge_from_the_tui_cancel_leaves_nothing_then_a_verified_run_writ
         assert isinstance(dialog, ErrorDialog)
         assert dialog.message.startswith(f"modelkit: error: {out}: already exists")
         await pilot.press("escape")
+        # the refused file was there before: not "written, not verified"
+        assert _text(screen, "#act-plan") == f"run failed: no file was written\n{dialog.message}"
         # x cancels too (as ? help says), and the pane drops the earlier "wrote ..."
         output.value = str(out.with_stem(f"{out.stem}-2"))
         writing.clear()

@@ -175,6 +175,8 @@ async def test_sweep_from_the_act_form_a_bad_value_then_the_table_and_cancel(
         await settle(pilot)
         table = pilot.app.screen.query_one(ModelTable)
         assert sorted(e.name for e in table.entries) == list(UNETS)
+        assert pilot.app.screen.last_result == ("scanned 2: 0 new, 0 changed, 0 removed, 0 "
+                                                "broken, 1 sweep folder skipped")
     a, b = (load_file(folder / n)[KEY].float() for n in UNETS)
     for r in records[:2]:
         alpha = r["values"]["steps.merge.params.alpha"]

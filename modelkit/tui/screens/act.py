@@ -84,6 +84,7 @@ class ActScreen(Screen[None]):
         self.previewed: ActSpec | None = None  # what the plan shown was made from
         self.job_spec: ActSpec | None = None
         self.job_output = Path()
+        self.output_existed = False
         self.report: Any = None  # the last run's report
         self.first_plan = True  # plan once as soon as the form is ready
 
@@ -285,6 +286,7 @@ class ActScreen(Screen[None]):
             return
         self.job, self.cancel_event, self.job_spec = job, threading.Event(), spec
         self.job_output = Path(output)
+        self.output_existed = self.job_output.exists()  # refused, unless overwritten
         self.query_one("#act-form").disabled = job == RUN
         self.query_one(JobBar).start(job, "planning" if job == PLAN else
                                      f"writing {Path(output).name}")
@@ -345,7 +347,7 @@ class ActScreen(Screen[None]):
         self._ended()
         bar = self.query_one(JobBar)
         # the verify phase runs after the commit: a file may exist all the same
-        written = message.job == RUN and self.job_output.exists()
+        written = message.job == RUN and not self.output_existed and self.job_output.exists()
         if written:
             self._written()
         what = f"{self.job_output.name} was written, not verified" if written else \
