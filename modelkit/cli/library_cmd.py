@@ -80,6 +80,9 @@ def scan_cmd(dirs: tuple[str, ...], do_hash: bool, jobs: int | None, db: str | N
                + (f", {report.hashed} hashed" if do_hash else "")
                + (f", {report.sidecars_updated} with new sidecars"
                   if report.sidecars_updated else "")
+               + (f", {report.sweeps_skipped} sweep folder"
+                  f"{'s' if report.sweeps_skipped > 1 else ''} skipped"
+                  if report.sweeps_skipped else "")
                + f" ({report.seconds:.2f} s)")
     click.echo(f"  {kinds}")
     click.echo(f"  index: {safe_text(report.db)}")

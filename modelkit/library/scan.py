@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from modelkit.errors import Cancelled, ModelkitError
 from modelkit.library import db as dbm
-from modelkit.library.layout import Placer
+from modelkit.library.layout import Placer, is_sweep_folder
 from modelkit.progress import Progress, ProgressFn, no_progress
 
 if TYPE_CHECKING:
@@ -70,6 +70,7 @@ class ScanReport:
     unchanged: int = 0
     removed: int = 0
     broken: int = 0
+    sweeps_skipped: int = 0  # sweep output folders, never indexed
     hashed: int = 0
     sidecars_updated: int = 0
     seconds: float = 0.0
@@ -111,9 +112,11 @@ def _sidecars_of(stem: str, names: dict[str, os.DirEntry[str]]) -> dict[str, int
     return out
 
 
-def _walk(root: str, seen: set[tuple[int, int]]) -> Iterator[Found]:
-    """Model files under ``root``; hidden folders and diffusers pipeline
-    folders (``model_index.json``) are skipped, folder links followed once."""
+def _walk(root: str, seen: set[tuple[int, int]], sweeps: list[str]) -> Iterator[Found]:
+    """Model files under ``root``; hidden folders, diffusers pipeline
+    folders (``model_index.json``) and sweep folders (their cells are no
+    checkpoints of the user's; appended to ``sweeps``) are skipped, folder
+    links followed once."""
     try:
         st = os.stat(root)
         if (st.st_dev, st.st_ino) in seen:
@@ -125,6 +128,9 @@ def _walk(root: str, seen: set[tuple[int, int]]) -> Iterator[Found]:
         return
     if "model_index.json" in entries:
         return
+    if is_sweep_folder(entries):
+        sweeps.append(root)
+        return
     for name in sorted(entries):
         entry = entries[name]
         try:
@@ -133,7 +139,7 @@ def _walk(root: str, seen: set[tuple[int, int]]) -> Iterator[Found]:
         except OSError:
             continue
         if is_dir and not name.startswith("."):
-            yield from _walk(entry.path, seen)
+            yield from _walk(entry.path, seen, sweeps)
         elif is_model:
             try:
                 est = entry.stat()
@@ -144,12 +150,13 @@ def _walk(root: str, seen: set[tuple[int, int]]) -> Iterator[Found]:
                         _sidecars_of(stem, entries))
 
 
-def find_files(roots: Sequence[str]) -> dict[str, Found]:
-    """Every model file under ``roots`` (absolute folder paths), by path."""
+def find_files(roots: Sequence[str], sweeps: list[str] | None = None) -> dict[str, Found]:
+    """Every model file under ``roots`` (absolute folder paths), by path;
+    the sweep folders skipped are appended to ``sweeps``."""
     found: dict[str, Found] = {}
     seen: set[tuple[int, int]] = set()
     for root in roots:
-        for f in _walk(root, seen):
+        for f in _walk(root, seen, [] if sweeps is None else sweeps):
             f.root = root
             found.setdefault(f.path, f)
     return found
@@ -358,9 +365,12 @@ def _update_sidecars(conn: sqlite3.Connection, files: list[Found]) -> None:
                          "WHERE path = ?", updates)
 
 
-def _remove(conn: sqlite3.Connection, paths: Iterable[str]) -> int:
+def _remove(conn: sqlite3.Connection, paths: Iterable[str], sweeps: Sequence[str] = ()
+            ) -> int:
+    """Drop ``paths`` that are gone, and those in the sweep folders ``sweeps``."""
+    inside = tuple(os.path.join(d, "") for d in sweeps)
     # another scan may have seen the file come back: check the disk again
-    gone = [(p,) for p in paths if not os.path.exists(p)]
+    gone = [(p,) for p in paths if p.startswith(inside) or not os.path.exists(p)]
     if gone:
         with dbm.write(conn):
             conn.executemany("DELETE FROM files WHERE path = ?", gone)
@@ -417,7 +427,9 @@ def scan(dirs: Iterable[str | os.PathLike[str]], db: str | os.PathLike[str] | No
 
     New and changed files (size or mtime differ) are inspected from their
     headers; unchanged ones are skipped; indexed files under ``dirs`` that
-    are gone are removed. With ``hash`` every file without hashes is hashed
+    are gone are removed. Sweep folders (a ``.modelkit-sweep`` marker or a
+    ``sweep.jsonl``) are skipped, and their files dropped from the index:
+    sweep cells are no library content. With ``hash`` every file without hashes is hashed
     (sha256, legacy and tensor-data hash, shared with the hash cache).
     Headers are read in ``workers`` processes when there are many (default:
     one per usable CPU); ``workers=1`` reads them in this process.
@@ -431,7 +443,9 @@ def scan(dirs: Iterable[str | os.PathLike[str]], db: str | os.PathLike[str] | No
     report = ScanReport(roots)
     with dbm.opened(db) as conn:
         report.db = str(conn.execute("PRAGMA database_list").fetchone()["file"])
-        found = find_files(roots)
+        sweeps: list[str] = []
+        found = find_files(roots, sweeps)
+        report.sweeps_skipped = len(sweeps)
         known = _known(conn, roots)
         todo, sidecars_only = [], []
         for path, f in found.items():
@@ -449,7 +463,7 @@ def scan(dirs: Iterable[str | os.PathLike[str]], db: str | os.PathLike[str] | No
                default_workers() if workers is None else workers)
         _update_sidecars(conn, sidecars_only)
         report.sidecars_updated = len(sidecars_only)
-        report.removed = _remove(conn, (p for p in known if p not in found))
+        report.removed = _remove(conn, (p for p in known if p not in found), sweeps)
         if hash:
             report.hashed = hash_missing(conn, _unhashed(conn, roots), progress, cancel)
         report.kinds = _kinds(conn, roots)

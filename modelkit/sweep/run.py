@@ -28,13 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from modelkit.errors import OutputError
+from modelkit.library.layout import SWEEP_MARKER
 from modelkit.progress import Progress, ProgressFn, no_progress
 from modelkit.sweep import results
 from modelkit.sweep.executors import Executor, SerialExecutor
 from modelkit.sweep.plan import CellPlan, plan_sweep
 from modelkit.sweep.spec import Axis, SweepSpec
 
-MARKER = ".modelkit-sweep"
+MARKER = SWEEP_MARKER  # the library's scan skips folders holding it
 SCHEMA = "modelkit.sweep/1"
 OWN_FILES = (results.JSONL, results.TABLE_MD, results.TABLE_CSV, results.CONTACT_SHEET)
 CellFn = Callable[[dict[str, Any]], None]
@@ -320,16 +321,16 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, executor: Executor | None
     executor = executor or SerialExecutor()
     out = Path(out_dir).absolute()
     fresh = not out.exists() or (out.is_dir() and not any(out.iterdir()))
-    created = not out.exists()
+    created = [d for d in (out, *out.parents) if not d.exists()]  # deepest first
     prepare_folder(out, resume, overwrite)
     try:
         plans = plan_sweep(spec, out, device=device, progress=progress, cancel=cancel)
     except BaseException:
         if fresh:  # a bad value leaves nothing behind, not even the folder
             (out / MARKER).unlink(missing_ok=True)
-            if created:
+            for folder in created:  # the sweep folder and the parents made for it
                 with contextlib.suppress(OSError):
-                    out.rmdir()
+                    folder.rmdir()
         raise
     report = SweepReport(spec.source, out, spec.axes, spec.mode,
                          [(p.cell.index, p.cell.name, p.cell.labels) for p in plans],
