@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from modelkit.arch import registry
 from modelkit.arch.adapter_keys import (
     ALGO_SUFFIXES,
     CONTEXT_DIMS,
@@ -36,7 +37,7 @@ from modelkit.arch.configs import ARCHS
 from modelkit.arch.lora_names import resolve_module
 from modelkit.io.header import TensorInfo
 
-ARCH_CANDIDATES = ("sd1", "sd2", "sdxl")
+ARCH_CANDIDATES = registry.lora_archs()
 TARGET_ORDER = ("unet", "te", "te1", "te2")
 
 @dataclass
