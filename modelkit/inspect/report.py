@@ -186,17 +186,20 @@ def _fill_denoiser(rep: ModelReport, found: registry.Detection, where: str) -> N
                          "commands do not handle it yet")
 
 
-def _declared_components(rep: ModelReport, shapes: dict[str, Shape]) -> None:
+def _declared_components(rep: ModelReport, shapes: dict[str, Shape], bare: bool = False
+                         ) -> None:
     """Count the components the registry declares for ``rep.arch`` in an
-    all-in-one file (not checked against key tables: no table yet)."""
+    all-in-one file, or its denoiser in a standalone (``bare``) one (not
+    checked against key tables: no table yet)."""
     arch = registry.REGISTRY[rep.arch]
-    for comp in arch.components:
-        found = split_prefix(shapes, comp.prefix)
+    for comp in (arch.denoiser,) if bare else arch.components:
+        found = split_prefix(shapes, comp.standalone if bare else comp.prefix)
         if not found:
             continue
         name = "unet" if comp.role == registry.DENOISER else comp.name
         family = f"{arch.label} {comp.name}"
-        rep.components[name] = ComponentReport(name, comp.prefix, family, len(found),
+        prefix = comp.standalone if bare else comp.prefix
+        rep.components[name] = ComponentReport(name, prefix, family, len(found),
                                                sum(math.prod(s) for s in found.values()),
                                                None)
 
@@ -230,6 +233,7 @@ def _fill_bare(rep: ModelReport, all_shapes: dict[str, Shape]) -> tuple[bool, in
     if other:
         rep.kind = "unet"
         _fill_denoiser(rep, other, "")
+        _declared_components(rep, shapes, bare=True)
         return True, None
     if "input_blocks.0.0.weight" in shapes:
         comp, arch, evidence, in_ch = analyse_unet(dict(shapes), "")
