@@ -301,7 +301,8 @@ SDXL = _ldm(
     scaling=0.13025, gguf="sdxl",
 )
 SDXL_REFINER = _ldm(
-    "sdxl_refiner", label="SDXL refiner", short="xl-ref", family="sdxl", aliases=(),
+    "sdxl_refiner", label="SDXL refiner", short="xl-ref", family="sdxl",
+    aliases=("sdxl_refiner", "sdxl-refiner", "refiner"),
     detect=(Rule(features=(("adm", True), ("n_input_blocks", 12),
                            ("first_level_attention", False)),
                  evidence=("label_emb present (ADM input {adm_in_channels}), 12 input "
