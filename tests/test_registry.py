@@ -80,12 +80,14 @@ def test_sd_entries_hold_the_known_facts() -> None:
 def test_name_lists_elsewhere_are_the_registrys() -> None:
     from modelkit import vocab
     from modelkit.arch import adapter_keys, diffusers_names, lora_blocks, lora_names
+    from modelkit.cli.info_cmd import PRESET_ARCHS
     from modelkit.cli.library_cmd import ARCHS
     from modelkit.convert.gguf import GGUF_ARCH
     from modelkit.inspect.adapters import ARCH_CANDIDATES
     from modelkit.inspect.compare import BLOCK_ARCHS
     from modelkit.library.layout import ARCH_FOLDER_NAMES, arch_name
     from modelkit.lora.adapter import LORA_ARCHS
+    from modelkit.lora.output import BASE_MODEL_VERSION, MODELSPEC_ARCH
     from modelkit.verify.models import RENDER_ARCHS
 
     full = registry.names(support=FULL)
@@ -100,6 +102,9 @@ def test_name_lists_elsewhere_are_the_registrys() -> None:
     assert {a for a, _ in diffusers_names.PIPELINES} == set(full)
     assert {"sdxl", "sdxl_refiner"} == lora_names.KOHYA_LDM_UNET
     assert adapter_keys.CONTEXT_DIMS == {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+    assert PRESET_ARCHS == ("sd1", "sdxl")
+    assert BASE_MODEL_VERSION == {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+    assert MODELSPEC_ARCH["sdxl"] == "stable-diffusion-xl-v1-base/lora"
 
 
 def test_registry_import_stays_light() -> None:

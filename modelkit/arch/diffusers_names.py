@@ -319,7 +319,7 @@ def unet_config(arch: ArchSpec, version: str) -> dict[str, Any]:
         "upcast_attention": False, "use_linear_projection": cfg.use_linear_in_transformer,
     }
     if cfg.adm_in_channels is not None:
-        if arch.name not in ("sdxl", "sdxl_refiner"):
+        if REGISTRY[arch.name].family != "sdxl":
             raise ModelkitError(f"{arch.name} UNet with label_emb (unCLIP) is not "
                                 "supported for diffusers conversion")
         out.update(addition_embed_type="text_time", addition_embed_type_num_heads=64,

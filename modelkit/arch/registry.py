@@ -139,13 +139,19 @@ class PrunePolicy:
 class LoraNames:
     """LoRA naming: the formats the name maps are generated for, the UNet
     naming kohya uses (``ldm`` or ``diffusers``), text-encoder layers kohya
-    leaves out, and what the LoRA commands do with the family."""
+    leaves out, what the LoRA commands do with the family, and the metadata
+    written into (and recognised in) a LoRA for it: kohya's
+    ``ss_base_model_version`` and ``modelspec.architecture`` (``.../lora``)."""
 
     namings: tuple[str, ...]
     kohya_unet: str
     kohya_te_dropped_layers: int = 0
     adapters: bool = True  # extract, bake, merge, convert, info
     block_weights: bool = True  # LoRA block weights (LBW)
+    base_model_version: str | None = None  # written
+    base_model_prefix: str | None = None  # recognised
+    modelspec_arch: str | None = None  # written, before "/lora"
+    modelspec_prefix: str | None = None  # recognised
 
 
 @dataclass(frozen=True)
@@ -263,7 +269,9 @@ SD1 = _ldm(
                  evidence=("proj_in is a 1x1 conv (use_linear_in_transformer=False): "
                            "SD1 layout", _CONTEXT)),),
     variants=("inpaint", "pix2pix"),
-    lora=LoraNames(_NAMINGS, kohya_unet="diffusers"),
+    lora=LoraNames(_NAMINGS, kohya_unet="diffusers", base_model_version="sd_v1",
+                   base_model_prefix="sd_v1", modelspec_arch="stable-diffusion-v1",
+                   modelspec_prefix="stable-diffusion-v1"),
     pipelines=((None, "StableDiffusionPipeline"),
                ("inpaint", "StableDiffusionInpaintPipeline"),
                ("pix2pix", "StableDiffusionInstructPix2PixPipeline")),
@@ -280,7 +288,9 @@ SD2 = _ldm(
                  evidence=("label_emb with SD2 layout: SD2.1 unCLIP",))),
     variants=("inpaint", "depth"),
     # kohya converts SD2's open_clip tower to a 23-layer HF CLIP (the last is unused)
-    lora=LoraNames(_NAMINGS, kohya_unet="diffusers", kohya_te_dropped_layers=1),
+    lora=LoraNames(_NAMINGS, kohya_unet="diffusers", kohya_te_dropped_layers=1,
+                   base_model_version="sd_v2", base_model_prefix="sd_v2",
+                   modelspec_arch="stable-diffusion-v2", modelspec_prefix="stable-diffusion-v2"),
     pipelines=((None, "StableDiffusionPipeline"),
                ("inpaint", "StableDiffusionInpaintPipeline"),
                ("depth", "StableDiffusionDepth2ImgPipeline")),
@@ -294,7 +304,10 @@ SDXL = _ldm(
                  evidence=("label_emb present (ADM input {adm_in_channels}) and 9 input "
                            "blocks: SDXL base layout",)),),
     variants=("inpaint", "pix2pix"),
-    lora=LoraNames(_NAMINGS, kohya_unet="ldm"),  # kohya's SGM UNet class
+    lora=LoraNames(_NAMINGS, kohya_unet="ldm",  # kohya's SGM UNet class
+                   base_model_version="sdxl_base_v1-0", base_model_prefix="sdxl",
+                   modelspec_arch="stable-diffusion-xl-v1-base",
+                   modelspec_prefix="stable-diffusion-xl"),
     pipelines=((None, "StableDiffusionXLPipeline"),
                ("inpaint", "StableDiffusionXLInpaintPipeline"),
                ("pix2pix", "StableDiffusionXLInstructPix2PixPipeline")),
@@ -395,6 +408,16 @@ def lora_archs(*, block_weights: bool = False) -> tuple[str, ...]:
     with LoRA block weights)."""
     return names(where=lambda a: a.lora is not None and a.lora.adapters
                  and (a.lora.block_weights or not block_weights))
+
+
+def block_list_archs() -> tuple[str, ...]:
+    """One architecture per distinct block list (SD2 and the refiner share
+    SD1's 26 blocks): ``("sd1", "sdxl")``."""
+    seen: dict[tuple[str, ...], str] = {}
+    for a in REGISTRY.values():
+        if a.blocks is not None:
+            seen.setdefault(a.blocks.names, a.name)
+    return tuple(seen.values())
 
 
 def get(name: str) -> Architecture | None:

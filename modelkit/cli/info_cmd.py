@@ -7,6 +7,10 @@ import json
 
 import click
 
+from modelkit.arch.registry import block_list_archs
+
+PRESET_ARCHS = block_list_archs()
+
 
 def block_table(weights: dict[str, float]) -> list[str]:
     """Block weights as rows of ``NAME value`` pairs, eight per row."""
@@ -57,7 +61,7 @@ def methods_cmd(as_json: bool) -> None:
 
 
 @click.command("presets")
-@click.option("--arch", type=click.Choice(["sd1", "sdxl"]), default=None,
+@click.option("--arch", type=click.Choice(PRESET_ARCHS), default=None,
               help="Only this architecture's block list (SD2 and the refiner use SD1's).")
 @click.option("--json", "as_json", is_flag=True, help="Print the values as JSON.")
 def presets_cmd(arch: str | None, as_json: bool) -> None:
@@ -65,7 +69,7 @@ def presets_cmd(arch: str | None, as_json: bool) -> None:
     BASE, IN00-IN11, M00, OUT00-OUT11) and SDXL (20 blocks)."""
     from modelkit.arch.blocks import PRESET_DOCS, preset
 
-    archs = [arch] if arch else ["sd1", "sdxl"]
+    archs = [arch] if arch else list(PRESET_ARCHS)
     if as_json:
         click.echo(json.dumps({name: {a: preset(name, a) for a in archs}
                                for name in PRESET_DOCS}, indent=2))

@@ -183,8 +183,9 @@ def _name_clues(modules: dict[str, _Module]) -> list[Clue]:
 def _metadata_clues(meta: dict[str, str]) -> list[Clue]:
     clues: list[Clue] = []
     version = meta.get("ss_base_model_version", "")
-    for prefix, arch in (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1")):
-        if version.startswith(prefix):
+    lora_names = [(a, lora) for a in ARCH_CANDIDATES if (lora := registry.REGISTRY[a].lora)]
+    for arch, lora in lora_names:
+        if lora.base_model_prefix and version.startswith(lora.base_model_prefix):
             clues.append((frozenset({arch}), f"metadata ss_base_model_version={version}"))
     v2 = meta.get("ss_v2")
     if v2 == "True":
@@ -192,9 +193,8 @@ def _metadata_clues(meta: dict[str, str]) -> list[Clue]:
     elif v2 == "False":
         clues.append((frozenset({"sd1", "sdxl"}), "metadata ss_v2=False (not SD2)"))
     spec = meta.get("modelspec.architecture", "")
-    for prefix, arch in (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"),
-                         ("stable-diffusion-v1", "sd1")):
-        if spec.startswith(prefix):
+    for arch, lora in lora_names:
+        if lora.modelspec_prefix and spec.startswith(lora.modelspec_prefix):
             clues.append((frozenset({arch}), f"metadata modelspec.architecture={spec}"))
     return clues
 
