@@ -89,6 +89,7 @@ def test_name_lists_elsewhere_are_the_registrys() -> None:
     from modelkit.lora.adapter import LORA_ARCHS
     from modelkit.lora.output import BASE_MODEL_VERSION, MODELSPEC_ARCH
     from modelkit.verify.models import RENDER_ARCHS
+    from modelkit.verify.tokenizer import PAD_ALT_SLOTS
 
     full = registry.names(support=FULL)
     assert full == vocab.ARCH_NAMES
@@ -103,6 +104,8 @@ def test_name_lists_elsewhere_are_the_registrys() -> None:
     assert {"sdxl", "sdxl_refiner"} == lora_names.KOHYA_LDM_UNET
     assert adapter_keys.CONTEXT_DIMS == {768: "sd1", 1024: "sd2", 2048: "sdxl"}
     assert PRESET_ARCHS == ("sd1", "sdxl")
+    pad_alt = {("sd2", "tokenizer"), ("sdxl", "tokenizer_2"), ("sdxl_refiner", "tokenizer_2")}
+    assert pad_alt == PAD_ALT_SLOTS
     assert BASE_MODEL_VERSION == {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
     assert MODELSPEC_ARCH["sdxl"] == "stable-diffusion-xl-v1-base/lora"
 

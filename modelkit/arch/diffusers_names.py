@@ -401,7 +401,7 @@ def model_index(arch: ArchSpec, variant: str | None, components: list[str],
                            "unet": ["diffusers", "UNet2DConditionModel"],
                            "vae": ["diffusers", "AutoencoderKL"] if VAE in components
                            else NONE_ENTRY}
-    xl = arch.name.startswith("sdxl")
+    xl = REGISTRY[arch.name].family == "sdxl"
     folders = (TEXT_ENCODER, TEXT_ENCODER_2) if xl else (TEXT_ENCODER,)
     classes = {te_folder(s): te_class(s) for s in arch.text_encoders}
     for folder in folders:
