@@ -155,6 +155,25 @@ def test_inspect_names_flux_family_variant_and_layout(
         assert unet["n_params"] > 11.8e9  # Flux.1 has 11.9B parameters
 
 
+@pytest.mark.parametrize("layout", ["original", "diffusers"])
+def test_flux_like_families_are_not_flux1(tmp_path: Path, layout: str) -> None:
+    """Chroma (no vector_in, no per-block modulation) is Flux-like but not Flux.1."""
+    from modelkit.arch import flux
+    from modelkit.io.writer import TensorSpec, write_sparse
+
+    dropped = ("vector_in.", "time_text_embed.text_embedder.", "_mod.lin", "norm1.linear",
+               "norm1_context.linear")
+    keys = {k: s for k, s in flux.transformer_keys(flux.FluxConfig(hidden_size=256, num_heads=2,
+                                                                   depth=1, depth_single_blocks=1),
+                                                   layout).items()
+            if not any(d in k for d in dropped)}
+    keys["distilled_guidance_layer.in_proj.weight"] = (256, 64)
+    path = write_sparse(tmp_path / "chroma.safetensors",
+                        [TensorSpec(k, "BF16", s) for k, s in keys.items()])
+    d = inspect_model(path).to_dict()
+    assert (d["arch"], d["variant"], d["layout"]) == ("unknown", None, None)
+
+
 def test_sd_checkpoints_report_the_original_layout(models: dict[str, Path]) -> None:
     d = inspect_model(models["sdxl"]).to_dict()
     assert (d["arch"], d["variant"], d["layout"]) == ("sdxl", None, "original")

@@ -363,10 +363,17 @@ def _flux_variant_rules(img_in: str, guidance: str) -> tuple[Variant, ...]:
 FLUX = Architecture(
     name="flux", label="Flux.1", short="flux", family="flux",
     aliases=("flux", "flux1", "flux.1"), support=DETECT,
-    detect=(Rule(keys=(_FLUX_QK_NORM,), shapes=((_FLUX_QK_NORM, 0, 128),),
-                 evidence=("double_blocks.0.img_attn.norm.key_norm.scale [128]: Flux.1 "
-                           "transformer (BFL layout)",)),
-            Rule(keys=(_FLUX_DIFFUSERS_QK_NORM, "single_transformer_blocks.0.proj_mlp.weight"),
+    # per-block modulation and the pooled-text input tell Flux.1 from Chroma
+    # (distilled guidance, no vector_in) and Flux.2 (shared modulation)
+    detect=(Rule(keys=(_FLUX_QK_NORM, "double_blocks.0.img_mod.lin.weight",
+                       "vector_in.in_layer.weight"),
+                 shapes=((_FLUX_QK_NORM, 0, 128),),
+                 evidence=("double_blocks.0.img_attn.norm.key_norm.scale [128] with "
+                           "per-block modulation and vector_in: Flux.1 transformer "
+                           "(BFL layout)",)),
+            Rule(keys=(_FLUX_DIFFUSERS_QK_NORM, "single_transformer_blocks.0.proj_mlp.weight",
+                       "transformer_blocks.0.norm1.linear.weight",
+                       "time_text_embed.text_embedder.linear_1.weight"),
                  shapes=((_FLUX_DIFFUSERS_QK_NORM, 0, 128),),
                  evidence=("transformer_blocks.0.attn.norm_added_k [128] and "
                            "single_transformer_blocks: Flux.1 transformer (diffusers "
