@@ -80,6 +80,7 @@ def test_sd_entries_hold_the_known_facts() -> None:
 def test_name_lists_elsewhere_are_the_registrys() -> None:
     from modelkit import vocab
     from modelkit.arch import adapter_keys, diffusers_names, lora_blocks, lora_names
+    from modelkit.arch.detect import EMBEDDING_WIDTH_ARCH, TE_FAMILY_ARCH
     from modelkit.cli.info_cmd import PRESET_ARCHS
     from modelkit.cli.library_cmd import ARCHS
     from modelkit.convert.gguf import GGUF_ARCH
@@ -104,6 +105,8 @@ def test_name_lists_elsewhere_are_the_registrys() -> None:
     assert {"sdxl", "sdxl_refiner"} == lora_names.KOHYA_LDM_UNET
     assert adapter_keys.CONTEXT_DIMS == {768: "sd1", 1024: "sd2", 2048: "sdxl"}
     assert PRESET_ARCHS == ("sd1", "sdxl")
+    assert TE_FAMILY_ARCH == {"CLIP-L": "sd1", "OpenCLIP-H": "sd2", "OpenCLIP-bigG": "sdxl"}
+    assert EMBEDDING_WIDTH_ARCH == {768: "sd1", 1024: "sd2"}
     pad_alt = {("sd2", "tokenizer"), ("sdxl", "tokenizer_2"), ("sdxl_refiner", "tokenizer_2")}
     assert pad_alt == PAD_ALT_SLOTS
     assert BASE_MODEL_VERSION == {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}

@@ -149,3 +149,21 @@ def text_encoder_family(layout: str, width: int) -> str:
              ("open_clip", 1280): "OpenCLIP-bigG", ("hf", 1280): "OpenCLIP-bigG (HF)"}
     layout_name = "CLIP, HF layout" if layout == "hf" else "OpenCLIP layout"
     return names.get((layout, width), f"{layout_name}, width {width}")
+
+
+def _te_archs() -> tuple[dict[str, str], dict[int, str]]:
+    """Text-encoder family -> the first architecture that uses it, and a lone
+    ``te`` slot's width -> its architecture (what an embedding's width says)."""
+    by_family: dict[str, str] = {}
+    by_width: dict[int, str] = {}
+    for arch in REGISTRY.values():
+        for slot in arch.spec.text_encoders if arch.spec else ():
+            by_family.setdefault(text_encoder_family(slot.config.layout, slot.config.width),
+                                 arch.name)
+            if slot.name == "te":
+                by_width.setdefault(slot.config.width, arch.name)
+    return by_family, by_width
+
+
+# CLIP-L: sd1, OpenCLIP-H: sd2, OpenCLIP-bigG: sdxl; embedding width 768: sd1, 1024: sd2
+TE_FAMILY_ARCH, EMBEDDING_WIDTH_ARCH = _te_archs()

@@ -15,6 +15,7 @@ from typing import Any
 
 from modelkit.arch import parts, registry
 from modelkit.arch.configs import UNET_PREFIX
+from modelkit.arch.detect import EMBEDDING_WIDTH_ARCH, TE_FAMILY_ARCH
 from modelkit.arch.keys import Shape
 from modelkit.inspect.components import (
     TE_PREFIXES,
@@ -121,7 +122,7 @@ def _embedding(shapes: dict[str, Shape], meta: dict[str, str]) -> dict[str, Any]
         if len(shape) not in (1, 2):
             return None
         width = shape[-1]
-        arch = {768: "sd1", 1024: "sd2"}.get(width, "unknown")
+        arch = EMBEDDING_WIDTH_ARCH.get(width, "unknown")
         return {"format": "a1111", "vectors": shape[0] if len(shape) == 2 else 1,
                 "width": width, "arch": arch, "name": meta.get("name")}
     if keys == {"clip_l", "clip_g"}:
@@ -265,7 +266,7 @@ def _component_arch(rep: ModelReport) -> None:
                              if z == 4 else f"{vae.family}: SD3/Flux VAE"]
     elif rep.kind == "text_encoder":
         fam = next(iter(rep.components.values())).family
-        arch = {"CLIP-L": "sd1", "OpenCLIP-H": "sd2", "OpenCLIP-bigG": "sdxl"}.get(fam)
+        arch = TE_FAMILY_ARCH.get(fam)
         if arch:
             rep.arch = arch
         rep.arch_evidence = [f"text encoder family {fam}"]
