@@ -198,3 +198,4 @@ def test_inspect_cli_json_and_text_name_flux(tmp_path: Path) -> None:
                           env=env)
     assert text.returncode == 0, text.stderr
     assert "layout      diffusers" in text.stdout and "variant     schnell" in text.stdout
+

@@ -15,7 +15,7 @@ import torch.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from modelkit.arch.configs import VAEConfig
 from modelkit.arch.keys import KeyShapes, Shape, text_encoder_keys, vae_keys
@@ -143,9 +143,16 @@ def transformer_keys(cfg: FluxConfig, layout: str = ORIGINAL) -> KeyShapes:
 AE = VAEConfig(z_channels=16, embed_dim=16)
 
 
-def ae_keys() -> KeyShapes:
-    """The Flux autoencoder's keys (unprefixed)."""
-    return {k: s for k, s in vae_keys(AE).items() if "quant_conv" not in k}
+def ae_keys(ch: int = AE.ch) -> KeyShapes:
+    """The Flux autoencoder's keys (unprefixed), at base width ``ch``."""
+    return {k: s for k, s in vae_keys(replace(AE, ch=ch)).items() if "quant_conv" not in k}
+
+
+def small(cfg: FluxConfig) -> FluxConfig:
+    """``cfg`` with the same key names at a small size (one block of each
+    kind, width 256 with head width 128 as at full size)."""
+    return replace(cfg, hidden_size=256, num_heads=2, depth=1, depth_single_blocks=1,
+                   vec_in_dim=32, context_in_dim=64)
 
 
 def t5xxl_keys(layers: int = 24, width: int = 4096, ff: int = 10240, vocab: int = 32128
@@ -167,15 +174,17 @@ def t5xxl_keys(layers: int = 24, width: int = 4096, ff: int = 10240, vocab: int 
     return out
 
 
-def all_in_one_keys(cfg: FluxConfig) -> KeyShapes:
+def all_in_one_keys(cfg: FluxConfig, *, tiny: bool = False) -> KeyShapes:
     """A ComfyUI all-in-one Flux checkpoint: transformer under
     ``model.diffusion_model.``, ``vae.``, CLIP-L and T5-XXL under
-    ``text_encoders.``."""
+    ``text_encoders.`` (``tiny``: the VAE and text encoders scaled down)."""
     from modelkit.arch.configs import CLIP_L, UNET_PREFIX
 
+    clip = replace(CLIP_L, width=32, layers=1, heads=2) if tiny else CLIP_L
+    t5 = t5xxl_keys(1, 64, 128, 100) if tiny else t5xxl_keys()
     out = {UNET_PREFIX + k: s for k, s in transformer_keys(cfg).items()}
-    out.update({"vae." + k: s for k, s in ae_keys().items()})
+    out.update({"vae." + k: s for k, s in ae_keys(16 if tiny else AE.ch).items()})
     out.update({"text_encoders.clip_l.transformer." + k: s
-                for k, s in text_encoder_keys(CLIP_L).items()})
-    out.update({"text_encoders.t5xxl.transformer." + k: s for k, s in t5xxl_keys().items()})
+                for k, s in text_encoder_keys(clip).items()})
+    out.update({"text_encoders.t5xxl.transformer." + k: s for k, s in t5.items()})
     return out

@@ -23,6 +23,19 @@ def describe(source: Source) -> ModelReport:
                         "safetensors", None)
 
 
+def require_handled(rep: ModelReport, name: str, what: str) -> None:
+    """A one-line error when ``rep``'s architecture is one the registry
+    declares for detection only (``inspect`` names it; ``what`` does not
+    handle it yet)."""
+    from modelkit.arch import registry
+
+    arch = registry.get(rep.arch)
+    if arch is not None and arch.support != registry.FULL:
+        raise ModelkitError(f"{name}: is a {arch.label} {rep.kind}; modelkit recognises "
+                            f"{arch.label} files (inspect) but {what} does not handle them "
+                            f"yet (it handles {', '.join(registry.names(support=registry.FULL))})")
+
+
 def require_checkpoint(source: Source, what: str, kinds: tuple[str, ...] = ("checkpoint",)
                        ) -> ModelReport:
     """The report of ``source``; a one-line error unless it is one of ``kinds``
@@ -33,6 +46,7 @@ def require_checkpoint(source: Source, what: str, kinds: tuple[str, ...] = ("che
         want = " or ".join(kinds)
         raise ModelkitError(f"{name}: is a {rep.kind}, not a {want}; {what} takes a "
                             f"Stable Diffusion {want}")
+    require_handled(rep, name, what)
     return rep
 
 

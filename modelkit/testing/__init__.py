@@ -226,17 +226,19 @@ def write_sparse_checkpoint(path: str | os.PathLike[str], arch: str = "sd1", *,
 
 def write_sparse_flux(path: str | os.PathLike[str], variant: str = "dev", *,
                       layout: str = "original", prefixed: bool = False,
-                      all_in_one: bool = False, dtype: str = "BF16") -> Path:
+                      all_in_one: bool = False, dtype: str = "BF16", tiny: bool = False
+                      ) -> Path:
     """A full-size Flux.1 header (real key names and shapes) with sparse
     all-zero data: the transformer alone, unprefixed or under
     ``model.diffusion_model.``, in the ``original`` or ``diffusers`` layout,
-    or (``all_in_one``) with the VAE, CLIP-L and T5-XXL as ComfyUI saves it."""
+    or (``all_in_one``) with the VAE, CLIP-L and T5-XXL as ComfyUI saves it.
+    ``tiny``: the same key names at a small size (for commands that map the file)."""
     from modelkit.arch import flux
     from modelkit.io.writer import write_sparse
 
-    cfg = flux.VARIANTS[variant]
+    cfg = flux.small(flux.VARIANTS[variant]) if tiny else flux.VARIANTS[variant]
     if all_in_one:
-        keys = flux.all_in_one_keys(cfg)
+        keys = flux.all_in_one_keys(cfg, tiny=tiny)
     else:
         prefix = UNET_PREFIX if prefixed else ""
         keys = {prefix + k: s for k, s in flux.transformer_keys(cfg, layout).items()}
