@@ -28,20 +28,23 @@ from __future__ import annotations
 import math
 from itertools import combinations
 
-import torch
-from torch import Tensor
-
 from modelkit.core.registry import (
     DROPPED,
     METHOD,
     SAME,
     TRANSFORMS,
+    TYPE_CHECKING,
     Transform,
     check_params,
+    declare,
     get_transform,
     transform,
 )
 from modelkit.errors import ModelkitError
+
+if TYPE_CHECKING:  # torch is imported where a method runs: the declarations stay light
+    import torch
+    from torch import Tensor
 
 # every method maps the primary model's keys to the same keys; keys only in
 # the other models are dropped (the merge planner reports them as ignored)
@@ -75,6 +78,8 @@ def _same_shape(name: str, *tensors: Tensor) -> None:
 
 def _lerp(a: Tensor, b: Tensor, alpha: float) -> Tensor:
     """``(1 - alpha) * a + alpha * b``, returning ``a`` or ``b`` itself at the ends."""
+    import torch
+
     if alpha == 0:
         return a
     if alpha == 1:
@@ -89,6 +94,14 @@ def _unit_range(method: str, name: str, value: float, *, closed_top: bool = True
         raise ModelkitError(f"{method}: {name} must be in [0, {top}, not {value}")
 
 
+# --- parameters several methods share (declared once) -----------------------------
+
+A1111_ALPHA = 0.3  # A1111's checkpoint merger default multiplier
+Alpha = declare(float, "weight toward B (A1111's multiplier): 0 gives A, 1 gives B",
+                suggested=A1111_ALPHA)
+Beta = declare(float, "weight toward C")
+
+
 # --- linear family ----------------------------------------------------------------
 
 
@@ -99,7 +112,7 @@ def _unit_range(method: str, name: str, value: float, *, closed_top: bool = True
     elementwise=True, keys=MERGE_KEYS, a1111="Weighted sum",
     ends=(({"alpha": 0.0}, 0), ({"alpha": 1.0}, 1)),
 )
-def weighted_sum(a: Tensor, b: Tensor, *, alpha: float) -> Tensor:
+def weighted_sum(a: Tensor, b: Tensor, *, alpha: Alpha) -> Tensor:
     """``(1 - alpha) * a + alpha * b``: alpha moves toward B (A1111 convention).
 
     Returns ``a`` itself when ``alpha == 0`` and ``b`` itself when
@@ -121,9 +134,11 @@ def weighted_sum(a: Tensor, b: Tensor, *, alpha: float) -> Tensor:
     elementwise=True, keys=MERGE_KEYS, a1111="Add difference",
     ends=(({"alpha": 0.0}, 0),),
 )
-def add_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: float) -> Tensor:
+def add_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: Alpha) -> Tensor:
     """``a + alpha * (b - c)``. Returns ``a`` itself when ``alpha == 0`` or
     ``b`` equals ``c`` (adding an exact zero would turn ``-0.0`` into ``0.0``)."""
+    import torch
+
     _same_shape("add_difference", a, b, c)
     if alpha == 0 or torch.equal(b, c):
         return a
@@ -137,7 +152,7 @@ def add_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: float) -> Tensor:
     ends=(({"alpha": 0.0, "beta": 0.0}, 0), ({"alpha": 1.0, "beta": 0.0}, 1),
           ({"alpha": 0.0, "beta": 1.0}, 2)),
 )
-def triple_sum(a: Tensor, b: Tensor, c: Tensor, *, alpha: float, beta: float) -> Tensor:
+def triple_sum(a: Tensor, b: Tensor, c: Tensor, *, alpha: Alpha, beta: Beta) -> Tensor:
     """``(1 - alpha - beta) * a + alpha * b + beta * c``. Exact (returns the
     input) when all the weight is on one model."""
     _same_shape("triple_sum", a, b, c)
@@ -155,7 +170,7 @@ def triple_sum(a: Tensor, b: Tensor, c: Tensor, *, alpha: float, beta: float) ->
     ends=(({"alpha": 0.0, "beta": 0.0}, 0), ({"alpha": 1.0, "beta": 0.0}, 1),
           ({"alpha": 0.5, "beta": 1.0}, 2)),
 )
-def sum_twice(a: Tensor, b: Tensor, c: Tensor, *, alpha: float, beta: float) -> Tensor:
+def sum_twice(a: Tensor, b: Tensor, c: Tensor, *, alpha: Alpha, beta: Beta) -> Tensor:
     """``(1 - beta) * ((1 - alpha) * a + alpha * b) + beta * c``: two chained
     weighted sums, each exact at its ends."""
     _same_shape("sum_twice", a, b, c)
@@ -172,13 +187,15 @@ _PARALLEL = 1 - 1e-6
     reference="sd-mecha linear.py slerp", keys=MERGE_KEYS,
     ends=(({"alpha": 0.0}, 0), ({"alpha": 1.0}, 1)),
 )
-def slerp(a: Tensor, b: Tensor, *, alpha: float) -> Tensor:
+def slerp(a: Tensor, b: Tensor, *, alpha: Alpha) -> Tensor:
     """Spherical interpolation of the whole tensors' directions, with the norm
     interpolated linearly:
     ``(â sin((1-α)ω) + b̂ sin(αω)) / sin ω · ((1-α)‖a‖ + α‖b‖)`` where
     ``cos ω = ⟨â, b̂⟩``. Falls back to the linear weighted sum when either
     tensor is zero or the two are (anti)parallel (|cos ω| > 1 - 1e-6).
     Exact at ``alpha`` 0 and 1."""
+    import torch
+
     _same_shape("slerp", a, b)
     if alpha in (0, 1):
         return _lerp(a, b, alpha)
@@ -205,10 +222,12 @@ def slerp(a: Tensor, b: Tensor, *, alpha: float) -> Tensor:
     reference="SuperMerger mergers.py traindiff (calcmode trainDifference)",
     elementwise=True, keys=MERGE_KEYS, ends=(({"alpha": 0.0}, 0),),
 )
-def train_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: float) -> Tensor:
+def train_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: Alpha) -> Tensor:
     """``a + 1.8 * alpha * (b - c) * |b - a| / (|b - c| + |b - a|)``, with the
     fraction 0 where the denominator is 0. Like SuperMerger, a key where ``b``
     equals ``c`` is left as ``a`` (returned itself), as is ``alpha == 0``."""
+    import torch
+
     _same_shape("train_difference", a, b, c)
     if alpha == 0 or torch.equal(b, c):
         return a
@@ -224,6 +243,8 @@ def train_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: float) -> Tensor
 
 def _dare(delta: Tensor, p: float, rescale: bool, generator: torch.Generator) -> Tensor:
     """Drop each element with probability ``p``; rescale survivors by 1/(1-p)."""
+    import torch
+
     keep = torch.rand(delta.shape, generator=generator, device=delta.device) >= p
     kept = delta / (1 - p) if rescale else delta
     return torch.where(keep, kept, torch.zeros_like(delta))
@@ -240,6 +261,8 @@ def _top_k(delta: Tensor, k: float, rule: str = "round") -> Tensor:
     ``mecha`` keeps ``n - int((1 - k) * n) + 1``, sd-mecha's count (its
     threshold is the ``int((1 - k) * n)``-th smallest magnitude), for
     bit-exact parity with sd-mecha's TIES."""
+    import torch
+
     n = delta.numel()
     if k >= 1 or n == 0:
         return delta
@@ -259,6 +282,8 @@ def _top_k(delta: Tensor, k: float, rule: str = "round") -> Tensor:
 def _elect(deltas: Tensor, vote_sgn: bool) -> Tensor:
     """Disjoint mean of stacked deltas over entries agreeing with the elected
     sign (0 where none agree)."""
+    import torch
+
     signs = torch.sign(deltas)
     elected = torch.sign(deltas.sum(0) if vote_sgn else signs.sum(0))
     agree = (signs == elected) & (signs != 0)
@@ -269,6 +294,12 @@ def _elect(deltas: Tensor, vote_sgn: bool) -> Tensor:
 
 @transform(
     "ties", keys=MERGE_KEYS, ends=(({"alpha": 0.0}, 0),), choices={"trim": TRIM_RULES},
+    help={"alpha": "scale of the merged task vector added to the base",
+          "k": "share of each task vector kept, by magnitude (0..1)",
+          "vote_sgn": "elect each sign by the sum of the deltas, not their count",
+          "dare_p": "DARE: drop probability of each delta element (0: no DARE)",
+          "dare_rescale": "DARE: scale the kept elements by 1/(1-dare_p)",
+          "trim": "element count rule of k: round, or mecha (sd-mecha's)"},
     summary="TIES (optionally DARE) merge of task vectors M_i - base",
     reference="TIES-Merging (arXiv 2306.01708); DARE (arXiv 2311.03099); sd-mecha ties.py "
               "ties_sum (trim: mecha for its element count); mergekit ties",
@@ -291,6 +322,8 @@ def ties(base: Tensor, *models: Tensor, alpha: float = 1.0, k: float = 0.2,
     5. Disjoint mean over the nonzero entries that agree with it.
     6. ``base + alpha * merged``; ``base`` itself when ``alpha == 0``.
     """
+    import torch
+
     if not models:
         raise ModelkitError("ties: needs a base and at least one model")
     _same_shape("ties", base, *models)
@@ -333,6 +366,8 @@ def model_stock(base: Tensor, *models: Tensor) -> Tensor:
     vectors give cosθ = 0, hence ``t = 0``; a row where the denominator
     vanishes also gets ``t = 0``. Needs at least two models.
     """
+    import torch
+
     if len(models) < 2:
         raise ModelkitError(f"model_stock: needs a base and at least 2 models, got "
                             f"{len(models)} model(s)")
