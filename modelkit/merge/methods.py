@@ -97,9 +97,9 @@ def _unit_range(method: str, name: str, value: float, *, closed_top: bool = True
 # --- parameters several methods share (declared once) -----------------------------
 
 A1111_ALPHA = 0.3  # A1111's checkpoint merger default multiplier
-Alpha = declare(float, "weight toward B (A1111's multiplier): 0 gives A, 1 gives B",
+Alpha = declare(float, "Weight toward B (A1111's multiplier): 0 gives A, 1 gives B.",
                 suggested=A1111_ALPHA)
-Beta = declare(float, "weight toward C")
+Beta = declare(float, "Weight toward C.")
 
 
 # --- linear family ----------------------------------------------------------------
@@ -294,12 +294,12 @@ def _elect(deltas: Tensor, vote_sgn: bool) -> Tensor:
 
 @transform(
     "ties", keys=MERGE_KEYS, ends=(({"alpha": 0.0}, 0),), choices={"trim": TRIM_RULES},
-    help={"alpha": "scale of the merged task vector added to the base",
-          "k": "share of each task vector kept, by magnitude (0..1)",
-          "vote_sgn": "elect each sign by the sum of the deltas, not their count",
-          "dare_p": "DARE: drop probability of each delta element (0: no DARE)",
-          "dare_rescale": "DARE: scale the kept elements by 1/(1-dare_p)",
-          "trim": "element count rule of k: round, or mecha (sd-mecha's)"},
+    help={"alpha": "Scale of the merged task vector added to the base.",
+          "k": "Share of each task vector kept, by magnitude (0..1).",
+          "vote_sgn": "Elect each sign by the sum of the deltas, not their count.",
+          "dare_p": "DARE: drop probability of each delta element (0: no DARE).",
+          "dare_rescale": "DARE: scale the kept elements by 1/(1-dare_p).",
+          "trim": "Element count rule of k: round, or mecha (sd-mecha's)."},
     summary="TIES (optionally DARE) merge of task vectors M_i - base",
     reference="TIES-Merging (arXiv 2306.01708); DARE (arXiv 2311.03099); sd-mecha ties.py "
               "ties_sum (trim: mecha for its element count); mergekit ties",
