@@ -32,7 +32,8 @@ def methods_cmd(as_json: bool) -> None:
             "a1111": t.a1111, "key_relations": sorted(t.keys),
             "params": {p.name: {"kind": p.kind, "default": None if p.required else p.default,
                                 "required": p.required, "choices": list(p.choices),
-                                "blockwise": p.blockwise, "per_model": p.per_model}
+                                "blockwise": p.blockwise, "per_model": p.per_model,
+                                "suggested": p.suggested, "help": p.help}
                        for p in t.params.values()}} for n, t in found.items()}, indent=2))
         return
     for kind, title in ((METHOD, "Merge methods (method: in recipes, --method)"),
@@ -46,6 +47,8 @@ def methods_cmd(as_json: bool) -> None:
             click.echo(f"  {name}({inputs}): {t.summary}")
             for p in t.params.values():
                 click.echo(f"      {p.describe()}")
+                if p.help:
+                    click.echo(f"          {p.help}")
             extra = []
             if t.seeded:
                 extra.append("seeded (options.seed)")

@@ -164,6 +164,8 @@ class Param:
         extra = [x for x, on in (("block-wise", self.blockwise),
                                  ("one per model", self.per_model)) if on]
         default = "required" if self.required else f"default {self.default!r}"
+        if self.required and self.suggested is not None:
+            default = f"required in recipes; suggested {self.suggested!r}"
         return f"{self.name}: {', '.join([kind, *extra])} ({default})"
 
 
