@@ -84,7 +84,7 @@ def _option_for(p: Any, flag: str) -> tuple[tuple[str, ...], dict[str, Any]]:
         if not p.required and p.default:
             return (f"{flag}/--no-{flag[2:]}", dest), {**settings, "default": True,
                                                        "show_default": True}
-        return (flag, dest), {**settings, "is_flag": True}
+        return (flag, dest), {**settings, "is_flag": True, "default": False}
     if p.kind == "list":
         what = p.name[:-1] if p.name.endswith("s") else p.name
         return (flag, dest), {**settings, "multiple": True, "type": CommaList(p.choices, what)}
