@@ -282,3 +282,47 @@ def test_the_one_output_check_sees_the_vae_and_the_folder_commit_never_replaces(
         (target / "theirs.txt").write_text("x")
     assert [p.name for p in target.iterdir()] == ["theirs.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "vae.safetensors"]
+
+
+def test_alpha_is_validated_once_from_the_command_line_to_the_math(
+        models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The recipe validator checks the parameters once; the planner and the
+    methods use what it checked."""
+    import torch
+    from safetensors.torch import load_file
+
+    import modelkit.core.registry as registry
+
+    calls: list[str] = []
+    check = registry.check_params
+
+    def counted(t: Transform, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        calls.append(t.name)
+        return check(t, *args, **kwargs)
+
+    monkeypatch.setattr(registry, "check_params", counted)
+    out = tmp_path / "m.safetensors"
+    code, _, err = _main(capsys, "merge", str(models["sd1"]), str(models["sd1_b"]), "-o",
+                         str(out), "--alpha", "0.25", "-q")
+    assert code == 0, err
+    assert calls == ["weighted_sum"]
+    key = UNET + "out.2.weight"
+    a, b = (load_file(models[n])[key].float() for n in ("sd1", "sd1_b"))
+    assert load_file(out)[key].equal(torch.lerp(a, b, 0.25).half())
+    calls.clear()
+    code, _, err = _main(capsys, "prune", str(models["sd1"]), "-o",
+                         str(tmp_path / "p.safetensors"), "--dtype", "fp16", "-q")
+    assert code == 0 and calls == ["prune"], err
+
+
+def test_reading_the_declarations_imports_no_torch() -> None:
+    """The merge command's options and 'modelkit methods' come from the
+    declarations, which method modules give without importing torch."""
+    code = ("import sys\nfrom modelkit.cli import main\n"
+            "assert main(['merge', '--help']) == 0 and main(['methods', '--json']) == 0\n"
+            "assert main(['lora', 'extract', '--help']) == 0\n"
+            "print('TORCH', 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert out.rstrip().endswith("TORCH False")
