@@ -53,6 +53,14 @@ COMMON_OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
 DEFAULT_COMMON = ("output", "device", "as_json", "quiet", "overwrite")
 
 
+def common_option(name: str, **overrides: Any) -> Callable[[Callable[..., Any]], Any]:
+    """One common option as declared in :data:`COMMON_OPTIONS` (``overrides``
+    change its click settings), for a command that takes it as a plain
+    argument of the same name (``as_json`` for ``--json``)."""
+    flags, settings = COMMON_OPTIONS[name]
+    return click.option(*flags, **{**settings, **overrides})
+
+
 def common_options(*names: str, **overrides: dict[str, Any]
                    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Add the common options ``names`` (default: ``-o``, ``--device``,
@@ -68,8 +76,7 @@ def common_options(*names: str, **overrides: dict[str, Any]
             return fn(common=CommonOptions(**given), **kwargs)
 
         for name in reversed(chosen):
-            flags, settings = COMMON_OPTIONS[name]
-            command = click.option(*flags, **{**settings, **overrides.get(name, {})})(command)
+            command = common_option(name, **overrides.get(name, {}))(command)
         return command
 
     return decorate

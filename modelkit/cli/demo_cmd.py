@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from modelkit.cli.common import common_option
 from modelkit.cli.progress import StderrProgress
 from modelkit.textsafe import shown
 
@@ -13,7 +14,7 @@ from modelkit.textsafe import shown
 @click.command("demo")
 @click.argument("directory", required=False, default="modelkit-demo",
                 type=click.Path(file_okay=False, path_type=Path))
-@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@common_option("quiet")
 def demo_cmd(directory: Path, quiet: bool) -> None:
     """Build a tiny demo model library and run modelkit on it.
 

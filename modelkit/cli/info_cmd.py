@@ -7,6 +7,8 @@ import json
 
 import click
 
+from modelkit.cli.common import common_option
+
 
 def block_table(weights: dict[str, float]) -> list[str]:
     """Block weights as rows of ``NAME value`` pairs, eight per row."""
@@ -16,7 +18,7 @@ def block_table(weights: dict[str, float]) -> list[str]:
 
 
 @click.command("methods")
-@click.option("--json", "as_json", is_flag=True, help="Print the registry as JSON.")
+@common_option("as_json", help="Print the registry as JSON.")
 def methods_cmd(as_json: bool) -> None:
     """List every merge method and operation with its inputs, parameters,
     defaults and meaning (methods go in 'method:' steps and 'modelkit merge
@@ -62,7 +64,7 @@ def methods_cmd(as_json: bool) -> None:
 @click.command("presets")
 @click.option("--arch", type=click.Choice(["sd1", "sdxl"]), default=None,
               help="Only this architecture's block list (SD2 and the refiner use SD1's).")
-@click.option("--json", "as_json", is_flag=True, help="Print the values as JSON.")
+@common_option("as_json", help="Print the values as JSON.")
 def presets_cmd(arch: str | None, as_json: bool) -> None:
     """List the block-weight presets with their values for SD1 (26 blocks:
     BASE, IN00-IN11, M00, OUT00-OUT11) and SDXL (20 blocks)."""

@@ -12,6 +12,7 @@ import click
 
 from modelkit.cli.common import (
     CommonOptions,
+    common_option,
     common_options,
     execute,
     options_from,
@@ -184,7 +185,7 @@ def _info_lines(r: Any) -> list[str]:
               help="Checkpoint to measure the strength against.")
 @click.option("--energy", type=float, default=0.9, show_default=True,
               help="Energy share for the effective rank.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@common_option("as_json")
 @click.option("--keys", "show_keys", is_flag=True, help="List the checkpoint keys touched.")
 def info_cmd(lora: str, base: str | None, energy: float, as_json: bool,
              show_keys: bool) -> None:
