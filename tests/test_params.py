@@ -326,3 +326,21 @@ def test_reading_the_declarations_imports_no_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60).stdout
     assert out.rstrip().endswith("TORCH False")
+
+
+def test_the_common_options_are_declared_once() -> None:
+    """``-o``, ``--overwrite``, ``--json``, ``-q``, ``--device`` and
+    ``--format`` are declared in cli/common.py only; commands take them from
+    there (``common_options`` hands them over as one ``CommonOptions``)."""
+    import re
+
+    import modelkit.cli
+
+    pattern = re.compile(r'click\.option\(\s*"(-o|--output|--overwrite|--json|-q|--quiet|'
+                         r'--device|--format)"')
+    folder = Path(modelkit.cli.__file__).parent
+    found = [f"{p.name}: {m.group(1)}" for p in sorted(folder.glob("*.py"))
+             if p.name != "common.py" for m in pattern.finditer(p.read_text())]
+    assert found == []
+    overwrite = {o.help for o in _command("prune").params if o.name == "overwrite"}
+    assert overwrite == {"Replace OUTPUT if it exists (never allowed for an input)."}
