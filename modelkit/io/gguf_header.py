@@ -248,6 +248,9 @@ def _read_tensor(cur: _Cursor, i: int) -> GGUFTensor:
         raise cur.fail(f"{label} has GGML type {type_id}, which modelkit does not know")
     ggml, block, block_bytes = GGML_TYPES[type_id]
     offset = cur.u64(f"{label} offset")
+    if 0 in dims:
+        raise cur.fail(f"{label} has a dimension of 0 (shape {list(reversed(dims))}); "
+                       "the file is corrupt")
     numel = math.prod(dims)
     if numel >= 1 << 63:
         raise cur.fail(f"{label} has {numel} elements, over the 2^63 limit; corrupt")

@@ -1,0 +1,202 @@
+"""Issue 17 (items 10, 14, 15, 18, 21): hostile GGUF files, pickles, library
+scans and hashing. Every case runs through the real ``modelkit`` console
+script: one line on stderr naming the file and exit 2, or a report; never an
+internal error, a hang or an unbounded allocation."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from modelkit.textsafe import shown
+
+
+def _console() -> list[str]:
+    script = Path(sys.executable).with_name("modelkit")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "modelkit"]
+
+
+def _run_all(cases: dict[str, list[str]], cwd: Path, env: dict[str, str] | None = None
+             ) -> dict[str, tuple[int, str, str]]:
+    """Each case through the console script, all at once."""
+    full = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    procs = {name: subprocess.Popen([*_console(), *args], cwd=cwd, env=full, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    errors="backslashreplace")
+             for name, args in cases.items()}
+    out = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=120)
+        out[name] = (proc.returncode, stdout, stderr)
+    return out
+
+
+CHILD = """
+import contextlib, io, json, sys
+from modelkit.cli import run
+
+results = {}
+for name, args in json.loads(sys.argv[1]).items():
+    sys.argv = ["modelkit", *args]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    results[name] = [code, out.getvalue(), err.getvalue()]
+sys.__stdout__.write(json.dumps(results))
+"""
+
+
+def _run_entry(cases: dict[str, list[str]], cwd: Path) -> dict[str, tuple[int, str, str]]:
+    """Each case through ``modelkit.cli:run`` (the console script's function,
+    ``sys.exit`` included) in one child process, so torch loads once."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cases)], cwd=cwd, env=env,
+                          text=True, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Warning" not in proc.stderr, proc.stderr
+    return {k: tuple(v) for k, v in json.loads(proc.stdout).items()}
+
+
+def _one_line(result: tuple[int, str, str], path: Path, *parts: str) -> str:
+    rc, _out, err = result
+    assert rc == 2, err
+    lines = err.rstrip("\n").split("\n")
+    assert len(lines) == 1 and lines[0].startswith("modelkit: error: "), err
+    assert shown(path.name) in lines[0] and "Traceback" not in err
+    for part in parts:
+        assert part in lines[0], lines[0]
+    return lines[0]
+
+
+# --- a GGUF file built byte by byte -------------------------------------------------
+
+def _s(text: str) -> bytes:
+    raw = text.encode()
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def gguf_bytes(tensors: list[tuple[str, tuple[int, ...], int, bytes]],
+               kv: list[tuple[str, int, bytes]] | None = None) -> bytes:
+    """A GGUF v3 file: ``tensors`` as (name, GGUF dims innermost first, GGML
+    type id, data) and ``kv`` as (key, value type id, packed value)."""
+    kv = kv if kv is not None else [("general.architecture", 8, _s("sd1"))]
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kv))
+    for key, vtype, value in kv:
+        head += _s(key) + struct.pack("<I", vtype) + value
+    offset, data = 0, b""
+    for name, dims, ttype, raw in tensors:
+        head += _s(name) + struct.pack("<I", len(dims))
+        head += b"".join(struct.pack("<Q", d) for d in dims)
+        head += struct.pack("<IQ", ttype, offset)
+        pad = -len(raw) % 32
+        data += raw + b"\0" * pad
+        offset += len(raw) + pad
+    head += b"\0" * (-len(head) % 32)
+    return head + data
+
+
+F32 = 0
+GOOD_TENSORS = [("a.weight", (32, 4), F32, struct.pack("<128f", *range(128))),
+                ("b.bias", (8,), F32, struct.pack("<8f", *range(8)))]
+
+
+@pytest.fixture(scope="module")
+def hostile_ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hostile-gguf")
+    good = gguf_bytes(GOOD_TENSORS)
+    files = {"good": good}
+    # item 14: the first key/value's type changed from string (8) to array (9):
+    # gguf-py read an array of ~2^59 elements, grew to 5 GB and ignored SIGINT
+    i = good.index(b"general.architecture") + len(b"general.architecture")
+    assert good[i] == 8
+    files["array_type"] = good[:i] + b"\x09" + good[i + 1:]
+    files["zero_dim"] = gguf_bytes([("a.weight", (32, 0), F32, b"")])
+    files["five_dims"] = gguf_bytes([("a.weight", (1, 1, 1, 1, 1), F32, b"\0" * 4)])
+    files["huge_kv_count"] = good[:16] + struct.pack("<Q", 1 << 62) + good[24:]
+    files["huge_tensor_count"] = good[:8] + struct.pack("<Q", 1 << 62) + good[16:]
+    files["past_end"] = gguf_bytes([("a.weight", (32, 4), F32, b"")]) + b"\0" * 32
+    files["misaligned"] = gguf_bytes(GOOD_TENSORS, kv=[
+        ("general.alignment", 4, struct.pack("<I", 48))])
+    paths = {}
+    for name, data in files.items():
+        paths[name] = root / f"{name}.gguf"
+        paths[name].write_bytes(data)
+    return paths
+
+
+def test_hostile_gguf_is_refused_in_one_line_by_every_command(
+        hostile_ggufs: dict[str, Path], tmp_path: Path) -> None:
+    """inspect, convert, merge and verify refuse each hostile GGUF in one
+    line naming the file (exit 2) before any big allocation; the good one
+    converts."""
+    g = hostile_ggufs
+    out, good = tmp_path / "out.safetensors", tmp_path / "good.safetensors"
+    cases = {
+        "inspect": ["inspect", str(g["array_type"])],
+        "convert": ["convert", str(g["array_type"]), "-o", str(out)],
+        "merge": ["merge", str(g["array_type"]), str(g["good"]), "-o", str(out)],
+        "verify": ["verify", str(g["array_type"]), "--quiet"],
+        "zero_dim": ["convert", str(g["zero_dim"]), "-o", str(out)],
+        "five_dims": ["convert", str(g["five_dims"]), "-o", str(out)],
+        "kv_count": ["convert", str(g["huge_kv_count"]), "-o", str(out)],
+        "tensor_count": ["convert", str(g["huge_tensor_count"]), "-o", str(out)],
+        "past_end": ["convert", str(g["past_end"]), "-o", str(out)],
+        "misaligned": ["convert", str(g["misaligned"]), "-o", str(out)],
+        "good": ["convert", str(g["good"]), "-o", str(good), "-q"],
+    }
+    res = _run_entry(cases, tmp_path)
+    for name in ("inspect", "convert", "merge", "verify"):
+        _one_line(res[name], g["array_type"], "more than the rest of the file can hold")
+    _one_line(res["zero_dim"], g["zero_dim"], "dimension of 0")
+    _one_line(res["five_dims"], g["five_dims"], "5 dimensions; GGUF allows 1 to 4")
+    _one_line(res["kv_count"], g["huge_kv_count"], "key/value count")
+    _one_line(res["tensor_count"], g["huge_tensor_count"], "tensor count")
+    _one_line(res["past_end"], g["past_end"], "truncated")
+    _one_line(res["misaligned"], g["misaligned"], "not a power of two")
+    assert not out.exists()
+    # the good file converts, read by modelkit's own reader (no gguf-py)
+    from safetensors.torch import load_file
+
+    assert res["good"][0] == 0, res["good"][2]
+    t = load_file(good)
+    assert t["a.weight"].shape == (4, 32) and t["b.bias"].tolist() == list(range(8))
+    assert t["a.weight"].flatten().tolist() == list(range(128))
+
+
+# --- item 18: malformed pickles --------------------------------------------------------
+
+CKPT = b"cpytorch_lightning.callbacks.model_checkpoint\nModelCheckpoint\n"
+BAD_PICKLES = {
+    # the allow-listed class through REDUCE with 3 arguments (TypeError)
+    "reduce3": b"\x80\x02" + CKPT + b"(K\x01K\x02K\x03tR.",
+    "newobj": b"\x80\x02" + CKPT + b"K\x01\x81.",  # NEWOBJ with an int (TypeError)
+    "appends": b"\x80\x02]K\x01e.",  # APPENDS without MARK (IndexError)
+    "setitems": b"\x80\x02}K\x01u.",  # SETITEMS without MARK
+    "reduce_empty": b"\x80\x02R.",  # REDUCE on an empty stack
+    "tuple3": b"\x80\x02\x87.",  # TUPLE3 on an empty stack
+    "memo": b"\x80\x02h\x05.",  # BINGET of a memo entry never stored (KeyError)
+}
+
+
+def test_malformed_pickles_are_one_line_errors(tmp_path: Path) -> None:
+    cases = {}
+    for name, data in BAD_PICKLES.items():
+        (tmp_path / f"{name}.ckpt").write_bytes(data)
+        cases[name] = ["inspect", str(tmp_path / f"{name}.ckpt")]
+    # protocol 4 with a frame: torch printed two UserWarning lines first
+    (tmp_path / "p4.ckpt").write_bytes(b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00]K\x01e.")
+    cases["p4"] = ["inspect", str(tmp_path / "p4.ckpt")]
+    res = _run_entry(cases, tmp_path)
+    for name in BAD_PICKLES:
+        _one_line(res[name], tmp_path / f"{name}.ckpt", "not a valid checkpoint pickle")
+    _one_line(res["p4"], tmp_path / "p4.ckpt", "not a readable checkpoint")
