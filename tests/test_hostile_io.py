@@ -200,3 +200,104 @@ def test_malformed_pickles_are_one_line_errors(tmp_path: Path) -> None:
     for name in BAD_PICKLES:
         _one_line(res[name], tmp_path / f"{name}.ckpt", "not a valid checkpoint pickle")
     _one_line(res["p4"], tmp_path / "p4.ckpt", "not a readable checkpoint")
+
+
+# --- item 15: one bad file or folder never ends a library scan ----------------------------
+
+def _deep_folder(root: Path, depth: int) -> Path:
+    """``root/d/d/.../d`` ``depth`` levels deep (os.makedirs recurses)."""
+    root.mkdir()
+    path = root
+    for _ in range(depth):
+        path = path / "d"
+        path.mkdir()
+    return path
+
+
+def test_scan_survives_hostile_files_and_folders(models: dict[str, Path],
+                                                 tmp_path: Path) -> None:
+    """A header length of 2^64-1 (SQLite INTEGER overflow), a name that is not
+    UTF-8 (lost its batch of 100), a ``.civitai.info`` nested 100,000 deep and
+    a tree 1,500 folders deep each ended the scan; now each is one broken row
+    or one warning naming it, and every other file is indexed."""
+    import json as json_
+
+    lib = tmp_path / "lib"
+    (lib / "a").mkdir(parents=True)
+    (lib / "a" / "huge.safetensors").write_bytes(struct.pack("<Q", 2**64 - 1) + b"xx")
+    bad = os.fsdecode(bytes(lib / "a") + b"/bad\xff.safetensors")
+    Path(bad).write_bytes(b"\0" * 10)
+    os.link(models["vae"], lib / "a" / "vae.safetensors")
+    (lib / "a" / "vae.civitai.info").write_text("[" * 100_000 + "]" * 100_000)
+    os.link(models["vae"], _deep_folder(lib / "deep", 1500) / "deep.safetensors")
+    os.link(models["vae"], lib / "z.safetensors")
+    db = tmp_path / "lib.sqlite"
+    res = _run_all({"scan": ["library", "scan", str(lib), "--db", str(db), "-q", "--json"]},
+                   tmp_path)["scan"]
+    rc, out, err = res
+    assert rc == 0, err
+    report = json_.loads(out)
+    assert report["found"] == 4 and report["broken"] == 1 and report["kinds"]["vae"] == 3
+    assert err.count("\n") == 1 and "modelkit: warning: " in err and "bad\\xff" in err
+    assert "not valid UTF-8" in err
+    assert report["warnings"] == [err.split("modelkit: warning: ", 1)[1].rstrip("\n")]
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    rows = dict(conn.execute("SELECT name, civitai FROM files"))
+    assert sorted(rows) == ["deep.safetensors", "huge.safetensors", "vae.safetensors",
+                            "z.safetensors"]
+    assert json_.loads(rows["vae.safetensors"]) == {"error": "JSON nested too deeply"}
+    conn.close()
+
+
+def test_scan_refuses_a_foreign_database_without_touching_it(tmp_path: Path) -> None:
+    """Another program's database with a ``files`` table was dropped and
+    rebuilt; now a one-line error, exit 2, and the file is byte-identical."""
+    import sqlite3
+
+    db = tmp_path / "other.sqlite"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE files (id INTEGER, note TEXT)")
+    conn.execute("INSERT INTO files VALUES (1, 'precious')")
+    conn.commit()
+    conn.close()
+    before = db.read_bytes()
+    (tmp_path / "m").mkdir()
+    res = _run_all({"scan": ["library", "scan", str(tmp_path / "m"), "--db", str(db)],
+                    "list": ["library", "list", "--db", str(db)]}, tmp_path)
+    for name in ("scan", "list"):
+        line = _one_line(res[name], db, "not a modelkit library index",
+                         "it holds other tables: files")
+        assert "delete" not in line
+    assert db.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "other.sqlite"]
+
+
+def _sqlite_error(message: str, name: str) -> Exception:
+    import sqlite3
+
+    exc = sqlite3.OperationalError(message)
+    exc.sqlite_errorname = name  # type: ignore[attr-defined]
+    return exc
+
+
+def test_index_errors_say_read_only_or_full(tmp_path: Path) -> None:
+    """A read-only or full disk said "not a modelkit library index ... delete
+    the file to rebuild it" about a good index."""
+    from modelkit.library.db import index_error
+
+    db = tmp_path / "lib.sqlite"
+    cases = {
+        ("attempt to write a readonly database", "SQLITE_READONLY"): "is read-only",
+        ("unable to open database file", "SQLITE_CANTOPEN"): "is read-only",
+        ("database or disk is full", "SQLITE_FULL"): "the disk is full",
+        ("disk I/O error", "SQLITE_IOERR_WRITE"): "a full disk or a failing device",
+        ("file is not a database", "SQLITE_NOTADB"): "not a modelkit library index",
+    }
+    for (message, name), part in cases.items():
+        error = index_error(db, _sqlite_error(message, name))
+        assert error is not None and part in str(error) and str(db) in str(error)
+        assert "\n" not in str(error)
+        assert ("delete the file" in str(error)) == (name == "SQLITE_NOTADB")
+    assert index_error(db, _sqlite_error("no such column: x", "SQLITE_ERROR")) is None

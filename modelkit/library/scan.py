@@ -24,6 +24,7 @@ from modelkit.errors import Cancelled, ModelkitError
 from modelkit.library import db as dbm
 from modelkit.library.layout import Placer
 from modelkit.progress import Progress, ProgressFn, no_progress
+from modelkit.textsafe import shown
 
 if TYPE_CHECKING:
     from concurrent.futures import ProcessPoolExecutor
@@ -75,6 +76,8 @@ class ScanReport:
     seconds: float = 0.0
     db: str = ""
     kinds: dict[str, int] = field(default_factory=dict)
+    # one line per file or folder that could not be indexed (the scan goes on)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def inspected(self) -> int:
@@ -111,45 +114,71 @@ def _sidecars_of(stem: str, names: dict[str, os.DirEntry[str]]) -> dict[str, int
     return out
 
 
-def _walk(root: str, seen: set[tuple[int, int]]) -> Iterator[Found]:
-    """Model files under ``root``; hidden folders and diffusers pipeline
-    folders (``model_index.json``) are skipped, folder links followed once."""
+def _storable(path: str) -> bool:
+    """Whether ``path`` can be stored in the index (SQLite text is UTF-8; a
+    name with undecodable bytes holds lone surrogates)."""
     try:
-        st = os.stat(root)
-        if (st.st_dev, st.st_ino) in seen:
-            return
-        seen.add((st.st_dev, st.st_ino))
-        with os.scandir(root) as it:
-            entries = {e.name: e for e in it}
-    except OSError:
-        return
-    if "model_index.json" in entries:
-        return
-    for name in sorted(entries):
-        entry = entries[name]
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _walk(root: str, seen: set[tuple[int, int]], warnings: list[str] | None = None
+          ) -> Iterator[Found]:
+    """Model files under ``root``, in sorted depth-first order; hidden
+    folders and diffusers pipeline folders (``model_index.json``) are
+    skipped, folder links followed once. The walk keeps its own stack, so
+    a tree thousands of folders deep is walked like any other; a file whose
+    name cannot be stored is left out with a line in ``warnings``."""
+    warn = warnings if warnings is not None else []
+    stack = [root]
+    while stack:
+        folder = stack.pop()
         try:
-            is_dir = entry.is_dir()
-            is_model = not is_dir and _is_model(name) and entry.is_file()
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(folder) as it:
+                entries = {e.name: e for e in it}
         except OSError:
             continue
-        if is_dir and not name.startswith("."):
-            yield from _walk(entry.path, seen)
-        elif is_model:
+        if "model_index.json" in entries:
+            continue
+        subfolders = []
+        for name in sorted(entries):
+            entry = entries[name]
             try:
-                est = entry.stat()
+                is_dir = entry.is_dir()
+                is_model = not is_dir and _is_model(name) and entry.is_file()
             except OSError:
                 continue
-            stem = name.rsplit(".", 1)[0]
-            yield Found(entry.path, "", est.st_size, est.st_mtime_ns,
-                        _sidecars_of(stem, entries))
+            if is_dir and not name.startswith("."):
+                subfolders.append(entry.path)
+            elif is_model:
+                if not _storable(entry.path):
+                    warn.append(f"{shown(entry.path, 300)}: skipped: the file name is not "
+                                "valid UTF-8; rename it to index it")
+                    continue
+                try:
+                    est = entry.stat()
+                except OSError:
+                    continue
+                stem = name.rsplit(".", 1)[0]
+                yield Found(entry.path, "", est.st_size, est.st_mtime_ns,
+                            _sidecars_of(stem, entries))
+        stack.extend(reversed(subfolders))
 
 
-def find_files(roots: Sequence[str]) -> dict[str, Found]:
-    """Every model file under ``roots`` (absolute folder paths), by path."""
+def find_files(roots: Sequence[str], warnings: list[str] | None = None
+               ) -> dict[str, Found]:
+    """Every model file under ``roots`` (absolute folder paths), by path;
+    files left out are named in ``warnings``."""
     found: dict[str, Found] = {}
     seen: set[tuple[int, int]] = set()
     for root in roots:
-        for f in _walk(root, seen):
+        for f in _walk(root, seen, warnings):
             f.root = root
             found.setdefault(f.path, f)
     return found
@@ -167,7 +196,7 @@ def _data_bytes(path: str, size: int) -> int | None:
             n = int.from_bytes(f.read(8), "little")
     except OSError:
         return None
-    return size - 8 - n
+    return size - 8 - n if 0 <= n <= size - 8 else None  # else a broken file
 
 
 def _main_dtype(dtypes: dict[str, int]) -> str | None:
@@ -186,6 +215,8 @@ def _civitai(path: Path) -> dict[str, Any] | None:
         if path.stat().st_size > CIVITAI_MAX_BYTES:
             return {"error": "file too large to read"}
         data = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+    except RecursionError:
+        return {"error": "JSON nested too deeply"}
     except (OSError, ValueError) as exc:
         return {"error": f"unreadable ({type(exc).__name__})"}
     if not isinstance(data, dict):
@@ -252,11 +283,31 @@ _INSERT = (f"INSERT OR REPLACE INTO files ({', '.join(dbm.COLUMNS)}) "
            f"VALUES ({', '.join('?' * len(dbm.COLUMNS))})")
 
 
-def _put(conn: sqlite3.Connection, rows: list[dict[str, Any]]) -> None:
-    if rows:
+# what binding a row's values can raise (a number over 64 bits, a string
+# with lone surrogates): that row, not its batch, is left out
+_UNSTORABLE = (OverflowError, UnicodeEncodeError, ValueError, sqlite3.InterfaceError)
+
+
+def _put(conn: sqlite3.Connection, rows: list[dict[str, Any]],
+         warnings: list[str] | None = None) -> None:
+    """Store ``rows`` in one transaction; when a row cannot be stored, the
+    others are stored one by one and that row is named in ``warnings``."""
+    if not rows:
+        return
+    values = [tuple(r[c] for c in dbm.COLUMNS) for r in rows]
+    try:
         with dbm.write(conn):
-            conn.executemany(_INSERT, [tuple(r[c] for c in dbm.COLUMNS) for r in rows])
-        rows.clear()
+            conn.executemany(_INSERT, values)
+    except _UNSTORABLE:
+        for row, value in zip(rows, values, strict=True):
+            try:
+                with dbm.write(conn):
+                    conn.execute(_INSERT, value)
+            except _UNSTORABLE as exc:
+                if warnings is not None:
+                    warnings.append(f"{shown(row['path'], 300)}: could not be indexed "
+                                    f"({type(exc).__name__}: {shown(exc, 120)})")
+    rows.clear()
 
 
 def _apply_hashes(row: dict[str, Any], h: FileHashes | None) -> None:
@@ -340,10 +391,10 @@ def _index(conn: sqlite3.Connection, todo: list[Found], report: ScanReport,
             report.broken += row["kind"] == "broken"
             rows.append(row)
             if len(rows) >= BATCH:
-                _put(conn, rows)
+                _put(conn, rows, report.warnings)
             progress(Progress("scan", i, len(todo), "files", Path(f.path).name))
     finally:
-        _put(conn, rows)  # what was read so far is kept, even on cancel
+        _put(conn, rows, report.warnings)  # what was read so far is kept, even on cancel
 
 
 def _update_sidecars(conn: sqlite3.Connection, files: list[Found]) -> None:
@@ -431,7 +482,7 @@ def scan(dirs: Iterable[str | os.PathLike[str]], db: str | os.PathLike[str] | No
     report = ScanReport(roots)
     with dbm.opened(db) as conn:
         report.db = str(conn.execute("PRAGMA database_list").fetchone()["file"])
-        found = find_files(roots)
+        found = find_files(roots, report.warnings)
         known = _known(conn, roots)
         todo, sidecars_only = [], []
         for path, f in found.items():
