@@ -214,6 +214,19 @@ def _deep_folder(root: Path, depth: int) -> Path:
     return path
 
 
+def _remove_deep(root: Path) -> None:
+    """Remove a tree from :func:`_deep_folder` without recursion (pytest's
+    own clean-up recurses and fails on it)."""
+    folders = [root]
+    while (folders[-1] / "d").is_dir():
+        folders.append(folders[-1] / "d")
+    for folder in reversed(folders):
+        for f in folder.iterdir():
+            if not f.is_dir():
+                f.unlink()
+        folder.rmdir()
+
+
 def test_scan_survives_hostile_files_and_folders(models: dict[str, Path],
                                                  tmp_path: Path) -> None:
     """A header length of 2^64-1 (SQLite INTEGER overflow), a name that is not
@@ -232,8 +245,11 @@ def test_scan_survives_hostile_files_and_folders(models: dict[str, Path],
     os.link(models["vae"], _deep_folder(lib / "deep", 1500) / "deep.safetensors")
     os.link(models["vae"], lib / "z.safetensors")
     db = tmp_path / "lib.sqlite"
-    res = _run_all({"scan": ["library", "scan", str(lib), "--db", str(db), "-q", "--json"]},
-                   tmp_path)["scan"]
+    try:
+        res = _run_all({"scan": ["library", "scan", str(lib), "--db", str(db), "-q",
+                                 "--json"]}, tmp_path)["scan"]
+    finally:
+        _remove_deep(lib / "deep")
     rc, out, err = res
     assert rc == 0, err
     report = json_.loads(out)
@@ -301,3 +317,58 @@ def test_index_errors_say_read_only_or_full(tmp_path: Path) -> None:
         assert "\n" not in str(error)
         assert ("delete the file" in str(error)) == (name == "SQLITE_NOTADB")
     assert index_error(db, _sqlite_error("no such column: x", "SQLITE_ERROR")) is None
+
+
+# --- item 10: GGUF files in the library, and where they belong ---------------------------
+
+Q8_0 = 8
+Q8_TENSORS = [("input_blocks.1.0.emb_layers.1.weight", (32, 2), Q8_0, bytes(68)),
+              ("out.0.bias", (4,), F32, struct.pack("<4f", 1, 2, 3, 4))]
+
+
+def test_library_indexes_gguf_files(hostile_ggufs: dict[str, Path], tmp_path: Path) -> None:
+    """``library scan`` skipped ``.gguf`` files; now a GGUF is indexed (kind
+    unet, arch from general.architecture, its quant type as dtype), a hostile
+    one is a broken row naming the problem, and ``library check`` says a
+    GGUF in checkpoints/ belongs in models/diffusion_models, as inspect does."""
+    import json as json_
+
+    from modelkit.io.suffixes import COMFYUI_DIFFUSION_MODELS
+
+    models = tmp_path / "ComfyUI" / "models"
+    (models / "loras").mkdir(parents=True)
+    (models / "checkpoints").mkdir()
+    (models / "checkpoints" / "flux-q8.gguf").write_bytes(gguf_bytes(
+        Q8_TENSORS, kv=[("general.architecture", 8, _s("flux"))]))
+    (models / "checkpoints" / "hostile.gguf").write_bytes(
+        hostile_ggufs["array_type"].read_bytes())
+    db = str(tmp_path / "lib.sqlite")
+    gguf = str(models / "checkpoints" / "flux-q8.gguf")
+    res = _run_all({"scan": ["library", "scan", str(models), "--db", db, "-q", "--json"]},
+                   tmp_path)["scan"]
+    assert res[0] == 0, res[2]
+    assert json_.loads(res[1])["kinds"] == {"broken": 1, "unet": 1}
+    res = _run_all({"list": ["library", "list", "--db", db, "--json"],
+                    "check": ["library", "check", "--db", db, "--json"],
+                    "inspect": ["inspect", gguf, "--json"]}, tmp_path)
+    rows = {Path(e["path"]).name: e for e in json_.loads(res["list"][1])}
+    assert (rows["flux-q8.gguf"]["kind"], rows["flux-q8.gguf"]["arch"],
+            rows["flux-q8.gguf"]["dtype"]) == ("unet", "flux", "Q8_0")
+    assert rows["hostile.gguf"]["kind"] == "broken"
+    assert "more than the rest of the file can hold" in rows["hostile.gguf"]["error"]
+    hints = [h for h in json_.loads(res["check"][1])["hints"] if h["path"] == gguf]
+    assert [h["code"] for h in hints] == ["unet-only"]
+    assert hints[0]["expected"] == str(tmp_path / "ComfyUI" / COMFYUI_DIFFUSION_MODELS)
+    notes = json_.loads(res["inspect"][1])["notes"]
+    assert any(COMFYUI_DIFFUSION_MODELS in n for n in notes)
+
+
+def test_readme_names_the_declared_gguf_folder() -> None:
+    """The README said models/unet where inspect said models/diffusion_models."""
+    from modelkit.io.suffixes import COMFYUI_DIFFUSION_MODELS
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if "modelkit export-gguf IN" in line)
+    assert f"`{COMFYUI_DIFFUSION_MODELS}`" in row
+    assert "`.gguf`" in next(line for line in readme.splitlines()
+                             if "modelkit library scan DIR" in line)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelkit.errors import Cancelled, ModelkitError
+from modelkit.io.suffixes import MODEL_SUFFIXES, SAFETENSORS_SUFFIXES
 from modelkit.library import db as dbm
 from modelkit.library.layout import Placer
 from modelkit.progress import Progress, ProgressFn, no_progress
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
 PREVIEW_SUFFIXES = (".png", ".preview.png", ".jpg", ".jpeg", ".preview.jpg",
                     ".preview.jpeg", ".webp", ".preview.webp")
 CIVITAI_SUFFIX = ".civitai.info"
@@ -189,7 +189,7 @@ def find_files(roots: Sequence[str], warnings: list[str] | None = None
 
 def _data_bytes(path: str, size: int) -> int | None:
     """Bytes after a safetensors header (what the tensor-data hash covers)."""
-    if not path.lower().endswith((".safetensors", ".sft")):
+    if not path.lower().endswith(SAFETENSORS_SUFFIXES):
         return None
     try:
         with open(path, "rb") as f:
@@ -203,6 +203,15 @@ def _main_dtype(dtypes: dict[str, int]) -> str | None:
     floats = {k: v for k, v in dtypes.items() if k.startswith(("F", "BF"))}
     pool = floats or dtypes
     return max(pool, key=lambda k: pool[k]) if pool else None
+
+
+def _gguf_dtype(quant_types: dict[str, int]) -> str | None:
+    """A GGUF file's dtype column: its most common quantized type (``Q8_0``),
+    or its main float type when nothing is quantized."""
+    quantized = {k: v for k, v in quant_types.items() if k.startswith(("Q", "IQ", "TQ",
+                                                                      "MXFP", "NVFP"))}
+    return _main_dtype(quant_types) if not quantized else max(
+        quantized, key=lambda k: quantized[k])
 
 
 def _short_component(comp: dict[str, Any]) -> dict[str, Any]:
@@ -247,7 +256,8 @@ def _report_columns(rep: ModelReport) -> dict[str, Any]:
     return {
         "kind": rep.kind, "arch": rep.arch,
         "prediction": pred if pred != "unknown" else None, "variant": rep.variant,
-        "dtype": _main_dtype(rep.dtypes), "n_tensors": rep.n_tensors,
+        "dtype": (_gguf_dtype(rep.gguf["quant_types"]) if rep.gguf else
+                  _main_dtype(rep.dtypes)), "n_tensors": rep.n_tensors,
         "n_params": rep.n_params, "has_ema": int(rep.has_ema), "n_ema": rep.n_ema_tensors,
         "components": json.dumps({k: _short_component(c) for k, c in d["components"].items()}),
         "metadata": json.dumps(meta), "report": json.dumps(d), "error": None,
@@ -436,7 +446,7 @@ def hash_missing(conn: sqlite3.Connection, paths: Sequence[str],
         def step(p: Progress, base: int = base) -> None:
             progress(Progress("hash", base + p.done, total, "bytes", p.item))
 
-        tensor = path.lower().endswith((".safetensors", ".sft"))
+        tensor = path.lower().endswith(SAFETENSORS_SUFFIXES)
         try:
             h = cached_hashes(path, step, tensor_hash=tensor)
         except (ModelkitError, OSError):
