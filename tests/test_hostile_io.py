@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -372,3 +373,141 @@ def test_readme_names_the_declared_gguf_folder() -> None:
     assert f"`{COMFYUI_DIFFUSION_MODELS}`" in row
     assert "`.gguf`" in next(line for line in readme.splitlines()
                              if "modelkit library scan DIR" in line)
+
+
+# --- the magic bytes say what a file is ---------------------------------------------------
+
+def test_inspect_names_images_and_archives(tmp_path: Path) -> None:
+    """A PNG given to inspect said "header size ... over the 100 MB limit"."""
+    files = {
+        "png": (b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR", "is a PNG image, not a model file"),
+        "jpg": (b"\xff\xd8\xff\xe0\0\x10JFIF\0", "is a JPEG image, not a model file"),
+        "gif": (b"GIF89a\x08\0\x08\0\xf7\0", "is a GIF image, not a model file"),
+        "webp": (b"RIFF\x24\0\0\0WEBPVP8 ", "is a WebP image, not a model file"),
+        "zip": (b"PK\x03\x04\x14\0\0\0\0\0", "is a ZIP archive, not a safetensors file"),
+    }
+    cases = {}
+    for name, (data, _) in files.items():
+        (tmp_path / f"x.{name}").write_bytes(data + bytes(64))
+        cases[name] = ["inspect", str(tmp_path / f"x.{name}")]
+    res = _run_all(cases, tmp_path)
+    for name, (_, message) in files.items():
+        _one_line(res[name], tmp_path / f"x.{name}", message)
+
+
+# --- item 21: hash, stale temp files, signals in library scan -----------------------------
+
+def test_hash_reports_each_bad_path_and_hashes_the_good_ones(tmp_path: Path) -> None:
+    """``hash /proc/self/mem`` was an EIO traceback; ``hash missing good``
+    stopped at the first file."""
+    import hashlib
+
+    good = tmp_path / "good.bin"
+    good.write_bytes(b"modelkit" * 100)
+    missing = tmp_path / "missing.safetensors"
+    res = _run_all({"mem": ["hash", "-q", "/proc/self/mem"],
+                    "mixed": ["hash", "-q", "--json", str(missing), str(good),
+                              "/proc/self/mem"]}, tmp_path)
+    _one_line(res["mem"], Path("/proc/self/mem"), "cannot read it (Input/output error)")
+    rc, out, err = res["mixed"]
+    assert rc == 2
+    lines = err.rstrip("\n").split("\n")
+    assert len(lines) == 2 and "Traceback" not in err
+    assert lines[0] == f"modelkit: error: {missing}: no such file"
+    assert lines[1].startswith("modelkit: error: /proc/self/mem: cannot read it")
+    import json as json_
+
+    [result] = json_.loads(out)
+    assert result["sha256"] == hashlib.sha256(good.read_bytes()).hexdigest()
+
+
+def test_stale_partials_of_dead_runs_are_removed(hostile_ggufs: dict[str, Path],
+                                                 tmp_path: Path) -> None:
+    """A SIGKILLed run's hidden temp file stayed forever; now a run writing
+    the same target removes those of dead writers on this host, and leaves
+    a live run's (and a name without a writer pid) alone."""
+    import hashlib
+    import socket
+
+    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out.safetensors"
+    stale = tmp_path / f".out.safetensors.{host}-{dead.pid}.k2j_x9.partial"
+    live = tmp_path / f".out.safetensors.{host}-{os.getpid()}.a1b2c3.partial"
+    other_host = tmp_path / f".out.safetensors.000000-{dead.pid}.a1b2c3.partial"
+    legacy = tmp_path / ".out.safetensors.q8w7e6.partial"
+    other_target = tmp_path / f".other.safetensors.{host}-{dead.pid}.zz.partial"
+    stale_dir = tmp_path / f".out.safetensors.{host}-{dead.pid}.dd.partial"
+    for p in (stale, live, other_host, legacy, other_target):
+        p.write_bytes(b"partial")
+    stale_dir.mkdir()
+    (stale_dir / "x").write_bytes(b"x")
+    res = _run_entry({"c": ["convert", str(hostile_ggufs["good"]), "-o", str(out), "-q"]},
+                     tmp_path)["c"]
+    assert res[0] == 0, res[2]
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".partial"))
+    assert left == sorted(p.name for p in (live, other_host, legacy, other_target))
+    assert out.is_file()
+
+
+def _tiny_library(root: Path, n: int) -> list:
+    from modelkit.library.scan import Found
+
+    root.mkdir()
+    found = []
+    for i in range(n):
+        p = root / f"f{i:03}.safetensors"
+        p.write_bytes(struct.pack("<Q", 2) + b"{}")
+        st = p.stat()
+        found.append(Found(str(p), str(root), st.st_size, st.st_mtime_ns))
+    return found
+
+
+def test_scan_stops_on_a_signal_its_handler_could_not_raise(tmp_path: Path) -> None:
+    """A SIGTERM that landed in an import only set the flag, and the scan went
+    on to the end: the flag now stops it before the next file."""
+    from modelkit.errors import INTERRUPTED, Interrupted
+    from modelkit.library.scan import scan
+
+    _tiny_library(tmp_path / "lib", 3)
+    INTERRUPTED.set()
+    try:
+        with pytest.raises(Interrupted):
+            scan([tmp_path / "lib"], tmp_path / "lib.sqlite", workers=1)
+    finally:
+        INTERRUPTED.clear()
+
+
+def test_scan_pool_workers_are_terminated_on_interrupt(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a signal the pool's workers were waited for (their whole chunk);
+    now they are terminated at once."""
+    import time
+
+    from modelkit.errors import Interrupted
+    from modelkit.library import scan as scan_mod
+
+    todo = _tiny_library(tmp_path / "lib", 40)
+    monkeypatch.setattr(scan_mod, "PARALLEL_MIN", 8)
+    monkeypatch.setattr(scan_mod, "CHUNK", 1)
+    pools = []
+    start_pool = scan_mod._start_pool
+
+    def keep(workers: int) -> object:
+        pools.append(start_pool(workers))
+        return pools[-1]
+
+    monkeypatch.setattr(scan_mod, "_start_pool", keep)
+    rows = scan_mod._read_rows(todo, 2, None)
+    first, row = next(rows)
+    assert first is todo[0] and row["kind"] == "unknown"  # an empty header
+    procs = list(pools[0]._processes.values())
+    assert len(procs) == 2
+    t0 = time.monotonic()
+    with pytest.raises(Interrupted):
+        rows.throw(Interrupted())
+    assert time.monotonic() - t0 < 5
+    assert not any(p.is_alive() for p in procs)
+    # terminated, not shut down after their chunks (that exits with 0)
+    assert {p.exitcode for p in procs} <= {-signal.SIGTERM, -signal.SIGKILL}

@@ -34,7 +34,7 @@ MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"\xff\xd8\xff", "a JPEG image"),
     (b"GIF87a", "a GIF image"),
     (b"GIF89a", "a GIF image"),
-    (b"PK\x03\x04", "a ZIP archive (a PyTorch .ckpt/.pt saved by torch.save?)"),
+    (b"PK\x03\x04", "a ZIP archive"),
     (b"PK\x05\x06", "an empty ZIP archive"),
     (b"GGUF", "a GGUF file"),
     (b"\x80\x02", "a Python pickle (a legacy .ckpt/.pt?)"),

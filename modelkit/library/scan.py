@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelkit.errors import Cancelled, ModelkitError
+from modelkit.errors import INTERRUPTED, Cancelled, Interrupted, ModelkitError
 from modelkit.io.suffixes import MODEL_SUFFIXES, SAFETENSORS_SUFFIXES
 from modelkit.library import db as dbm
 from modelkit.library.layout import Placer
@@ -88,6 +88,11 @@ class ScanReport:
 
 
 def _cancelled(cancel: threading.Event | None) -> bool:
+    """Whether ``cancel`` is set; raises :class:`Interrupted` when a signal
+    was received but its handler could not raise (it landed in an import or
+    a deferred block), so a SIGTERM is never lost between two files."""
+    if INTERRUPTED.is_set() and threading.current_thread() is threading.main_thread():
+        raise Interrupted
     return cancel is not None and cancel.is_set()
 
 
@@ -362,14 +367,39 @@ def _read_rows(todo: list[Found], workers: int, cancel: threading.Event | None
         yield from _read_rows(todo, 1, cancel)
         return
     chunks = [todo[i:i + CHUNK] for i in range(0, len(todo), CHUNK)]
-    with pool:
-        try:
-            for chunk, rows in zip(chunks, pool.map(_read_batch, chunks), strict=True):
-                if _cancelled(cancel):
-                    raise _stop()
-                yield from zip(chunk, rows, strict=True)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+    try:
+        for chunk, rows in zip(chunks, pool.map(_read_batch, chunks), strict=True):
+            if _cancelled(cancel):
+                raise _stop()
+            yield from zip(chunk, rows, strict=True)
+    except BaseException:
+        # a signal, a cancel or an error: the workers' chunks are not waited
+        # for (a big pickle can take a while); they are stopped now
+        _terminate(pool)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _terminate(pool: ProcessPoolExecutor) -> None:
+    """Stop ``pool`` at once: pending chunks are dropped and the worker
+    processes terminated (then killed if they linger)."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.join(2)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(1)
+
+
+def _worker_init() -> None:
+    """Workers leave Ctrl-C (sent to the whole terminal process group) to the
+    parent, which stops them; no traceback from each worker."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _start_pool(workers: int) -> ProcessPoolExecutor | None:
@@ -379,7 +409,8 @@ def _start_pool(workers: int) -> ProcessPoolExecutor | None:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init)
     try:
         pool.submit(os.getpid).result()
     except (OSError, ValueError, RuntimeError) as exc:
