@@ -128,6 +128,9 @@ def hostile_ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     files["past_end"] = gguf_bytes([("a.weight", (32, 4), F32, b"")]) + b"\0" * 32
     files["misaligned"] = gguf_bytes(GOOD_TENSORS, kv=[
         ("general.alignment", 4, struct.pack("<I", 48))])
+    two = gguf_bytes([("a", (32,), F32, bytes(128)), ("b", (32,), F32, bytes(128))])
+    b_info = struct.pack("<QIQ", 32, F32, 128)  # b's dimension, type and offset
+    files["overlap"] = two[:-128].replace(b_info, struct.pack("<QIQ", 32, F32, 0))
     paths = {}
     for name, data in files.items():
         paths[name] = root / f"{name}.gguf"
@@ -153,6 +156,7 @@ def test_hostile_gguf_is_refused_in_one_line_by_every_command(
         "tensor_count": ["convert", str(g["huge_tensor_count"]), "-o", str(out)],
         "past_end": ["convert", str(g["past_end"]), "-o", str(out)],
         "misaligned": ["convert", str(g["misaligned"]), "-o", str(out)],
+        "overlap": ["inspect", str(g["overlap"])],
         "good": ["convert", str(g["good"]), "-o", str(good), "-q"],
     }
     res = _run_entry(cases, tmp_path)
@@ -164,6 +168,7 @@ def test_hostile_gguf_is_refused_in_one_line_by_every_command(
     _one_line(res["tensor_count"], g["huge_tensor_count"], "tensor count")
     _one_line(res["past_end"], g["past_end"], "truncated")
     _one_line(res["misaligned"], g["misaligned"], "not a power of two")
+    _one_line(res["overlap"], g["overlap"], "tensors need 256 bytes of data, the file has 128")
     assert not out.exists()
     # the good file converts, read by modelkit's own reader (no gguf-py)
     from safetensors.torch import load_file
