@@ -516,3 +516,28 @@ def test_scan_pool_workers_are_terminated_on_interrupt(tmp_path: Path,
     assert not any(p.is_alive() for p in procs)
     # terminated, not shut down after their chunks (that exits with 0)
     assert {p.exitcode for p in procs} <= {-signal.SIGTERM, -signal.SIGKILL}
+
+
+def test_scan_warns_about_a_folder_it_cannot_list(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unreadable folder (permissions, a path over PATH_MAX) was skipped
+    silently; now it is one warning naming it, and the rest is found."""
+    import errno
+
+    from modelkit.library import scan as scan_mod
+
+    _tiny_library(tmp_path / "a", 2)
+    _tiny_library(tmp_path / "b", 1)
+    scandir = os.scandir
+
+    def refuse(path: str) -> object:
+        if Path(path) == tmp_path / "a":
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return scandir(path)
+
+    monkeypatch.setattr(scan_mod.os, "scandir", refuse)
+    warnings: list[str] = []
+    found = scan_mod.find_files([str(tmp_path)], warnings)
+    assert sorted(Path(p).name for p in found) == ["f000.safetensors"]
+    assert warnings == [f"{tmp_path / 'a'}: skipped: cannot list the folder "
+                        "(Permission denied)"]

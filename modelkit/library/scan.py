@@ -147,7 +147,9 @@ def _walk(root: str, seen: set[tuple[int, int]], warnings: list[str] | None = No
             seen.add((st.st_dev, st.st_ino))
             with os.scandir(folder) as it:
                 entries = {e.name: e for e in it}
-        except OSError:
+        except OSError as exc:
+            warn.append(f"{shown(folder, 300)}: skipped: cannot list the folder "
+                        f"({exc.strerror or type(exc).__name__})")
             continue
         if "model_index.json" in entries:
             continue
