@@ -395,9 +395,15 @@ def test_inspect_names_images_and_archives(tmp_path: Path) -> None:
     for name, (data, _) in files.items():
         (tmp_path / f"x.{name}").write_bytes(data + bytes(64))
         cases[name] = ["inspect", str(tmp_path / f"x.{name}")]
-    res = _run_all(cases, tmp_path)
+    png = files["png"][0] + bytes(64)
+    for suffix in ("ckpt", "gguf"):  # the pickle and GGUF readers say it too
+        (tmp_path / f"png.{suffix}").write_bytes(png)
+        cases[suffix] = ["inspect", str(tmp_path / f"png.{suffix}")]
+    res = _run_entry(cases, tmp_path)
     for name, (_, message) in files.items():
         _one_line(res[name], tmp_path / f"x.{name}", message)
+    _one_line(res["ckpt"], tmp_path / "png.ckpt", "is a PNG image, not a model file")
+    _one_line(res["gguf"], tmp_path / "png.gguf", "is a PNG image, not a GGUF file")
 
 
 # --- item 21: hash, stale temp files, signals in library scan -----------------------------

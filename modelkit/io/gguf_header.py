@@ -28,6 +28,7 @@ from typing import BinaryIO
 from modelkit.errors import BadFileError
 from modelkit.io.files import open_input_file
 from modelkit.io.header import decode_values
+from modelkit.io.suffixes import SNIFF_BYTES, sniff
 from modelkit.textsafe import quoted, shown
 
 MAGIC = b"GGUF"
@@ -314,7 +315,10 @@ def read_gguf_header(path: str | os.PathLike[str]) -> GGUFHeader:
         size = os.fstat(f.fileno()).st_size
         cur = _Cursor(f, p, size, "little")
         if cur.take(4, "magic") != MAGIC:
-            raise cur.fail("not a GGUF file (no GGUF magic)")
+            f.seek(0)
+            what = sniff(f.read(SNIFF_BYTES))
+            raise cur.fail(f"is {what}, not a GGUF file" if what else
+                           "not a GGUF file (no GGUF magic)")
         version = _byte_order(cur)
         # a tensor info is at least 8 + 4 + 8 + 4 + 8 bytes, a key/value 8 + 4 + 1
         n_tensors = cur.count("tensor count", 32, MAX_TENSORS)

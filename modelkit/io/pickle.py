@@ -74,6 +74,20 @@ def _unwrap(obj: Any, path: Path) -> dict[str, Any]:
     return tensors
 
 
+def _sniffed(p: Path) -> str | None:
+    """What the file's magic bytes say it is, when that is not a pickle or a
+    ZIP (the two forms of a checkpoint)."""
+    from modelkit.io.files import open_input_file
+    from modelkit.io.suffixes import SNIFF_BYTES, sniff
+
+    try:
+        with open_input_file(p) as f:
+            what = sniff(f.read(SNIFF_BYTES))
+    except (OSError, BadFileError):
+        return None
+    return None if what is None or "pickle" in what or "ZIP" in what else what
+
+
 def _short(exc: BaseException) -> str:
     """``Type: first line of the message``, at most 120 characters, escaped."""
     text = str(exc).splitlines()[0] if str(exc) else ""
@@ -104,6 +118,9 @@ def load_pickle_state_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
     except pickle.UnpicklingError as exc:
         m = _UNSUPPORTED.search(str(exc))
         if m is None:
+            what = _sniffed(p)
+            if what is not None:
+                raise BadFileError(f"{shown(p, 300)}: is {what}, not a model file") from None
             raise BadFileError(f"{p}: not a readable checkpoint (corrupt or not a "
                                "pickle)") from None
         raise UnsafePickleError(
