@@ -202,10 +202,13 @@ def test_malformed_pickles_are_one_line_errors(tmp_path: Path) -> None:
     # protocol 4 with a frame: torch printed two UserWarning lines first
     (tmp_path / "p4.ckpt").write_bytes(b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00]K\x01e.")
     cases["p4"] = ["inspect", str(tmp_path / "p4.ckpt")]
+    (tmp_path / "png.ckpt").write_bytes(PNG)  # an image named .ckpt
+    cases["png"] = ["inspect", str(tmp_path / "png.ckpt")]
     res = _run_entry(cases, tmp_path)
     for name in BAD_PICKLES:
         _one_line(res[name], tmp_path / f"{name}.ckpt", "not a valid checkpoint pickle")
     _one_line(res["p4"], tmp_path / "p4.ckpt", "not a readable checkpoint")
+    _one_line(res["png"], tmp_path / "png.ckpt", "is a PNG image, not a model file")
 
 
 # --- item 15: one bad file or folder never ends a library scan ----------------------------
@@ -382,10 +385,13 @@ def test_readme_names_the_declared_gguf_folder() -> None:
 
 # --- the magic bytes say what a file is ---------------------------------------------------
 
+PNG = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" + bytes(64)
+
+
 def test_inspect_names_images_and_archives(tmp_path: Path) -> None:
     """A PNG given to inspect said "header size ... over the 100 MB limit"."""
     files = {
-        "png": (b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR", "is a PNG image, not a model file"),
+        "png": (PNG, "is a PNG image, not a model file"),
         "jpg": (b"\xff\xd8\xff\xe0\0\x10JFIF\0", "is a JPEG image, not a model file"),
         "gif": (b"GIF89a\x08\0\x08\0\xf7\0", "is a GIF image, not a model file"),
         "webp": (b"RIFF\x24\0\0\0WEBPVP8 ", "is a WebP image, not a model file"),
@@ -395,14 +401,12 @@ def test_inspect_names_images_and_archives(tmp_path: Path) -> None:
     for name, (data, _) in files.items():
         (tmp_path / f"x.{name}").write_bytes(data + bytes(64))
         cases[name] = ["inspect", str(tmp_path / f"x.{name}")]
-    png = files["png"][0] + bytes(64)
-    for suffix in ("ckpt", "gguf"):  # the pickle and GGUF readers say it too
-        (tmp_path / f"png.{suffix}").write_bytes(png)
-        cases[suffix] = ["inspect", str(tmp_path / f"png.{suffix}")]
-    res = _run_entry(cases, tmp_path)
+    # the GGUF reader says it too (and the pickle reader: see the pickle test)
+    (tmp_path / "png.gguf").write_bytes(PNG)
+    cases["gguf"] = ["inspect", str(tmp_path / "png.gguf")]
+    res = _run_all(cases, tmp_path)
     for name, (_, message) in files.items():
         _one_line(res[name], tmp_path / f"x.{name}", message)
-    _one_line(res["ckpt"], tmp_path / "png.ckpt", "is a PNG image, not a model file")
     _one_line(res["gguf"], tmp_path / "png.gguf", "is a PNG image, not a GGUF file")
 
 
