@@ -212,7 +212,8 @@ def write(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     try:
         yield conn
     except BaseException:
-        conn.execute("ROLLBACK")
+        with contextlib.suppress(sqlite3.Error):  # keep the error that stopped it
+            conn.execute("ROLLBACK")  # (a full disk may have ended the transaction)
         raise
     conn.execute("COMMIT")
 
