@@ -182,7 +182,7 @@ def dequantize_cmd(model: str, output: str, dtype: str, **common: Any) -> None:
                    "Default: ComfyUI-GGUF layout, conv kernels quantized too (smaller).")
 def export_gguf_cmd(model: str, output: str, qtype: str, dtype: str | None, keep_shapes: bool,
                     **common: Any) -> None:
-    """Write the UNet as GGUF for ComfyUI-GGUF (models/unet) or, with
+    """Write the UNet as GGUF for ComfyUI-GGUF (models/diffusion_models) or, with
     --keep-shapes, stable-diffusion.cpp."""
     quant = {"fp16": "f16", "bf16": "bf16"}[dtype] if dtype else qtype
     _run_op("convert", [model], {"output": output, **common}, _plain_lines,

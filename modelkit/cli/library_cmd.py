@@ -70,6 +70,8 @@ def scan_cmd(dirs: tuple[str, ...], do_hash: bool, jobs: int | None, db: str | N
     from modelkit.library.scan import scan
 
     report = scan(dirs, db, hash=do_hash, progress=StderrProgress(quiet), workers=jobs)
+    for line in report.warnings:
+        click.echo(f"modelkit: warning: {safe_text(line)}", err=True)
     if as_json:
         _echo_json(report.to_dict())
         return

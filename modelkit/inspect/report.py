@@ -27,6 +27,7 @@ from modelkit.inspect.components import (
 )
 from modelkit.inspect.prediction import Prediction, ValueReader, detect_prediction
 from modelkit.io.header import TensorInfo
+from modelkit.io.suffixes import COMFYUI_DIFFUSION_MODELS
 
 SCHEMA = "modelkit.inspect/1"
 UNKNOWN_LIST_LIMIT = 50
@@ -289,10 +290,18 @@ def _position_id_notes(rep: ModelReport, infos: dict[str, TensorInfo],
                          "rename them on load")
 
 
+def diffusion_model_note(file_format: str) -> str:
+    """Where ComfyUI loads a diffusion-model-only file from (one declaration:
+    :data:`modelkit.io.suffixes.COMFYUI_DIFFUSION_MODELS`)."""
+    node = ("ComfyUI-GGUF's Unet Loader (GGUF)" if file_format == "gguf"
+            else "Load Diffusion Model")
+    return (f"diffusion-model-only file: ComfyUI loads it from {COMFYUI_DIFFUSION_MODELS} "
+            f"({node}), not checkpoints/")
+
+
 def _general_notes(rep: ModelReport) -> None:
     if rep.kind == "unet":
-        rep.notes.append("diffusion-model-only file: ComfyUI loads it from "
-                         "models/diffusion_models (Load Diffusion Model), not checkpoints/")
+        rep.notes.append(diffusion_model_note(rep.file_format))
     if rep.kind == "checkpoint":
         for comp in ("vae",):
             if comp not in rep.components:

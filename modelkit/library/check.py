@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modelkit.io.suffixes import COMFYUI_DIFFUSION_MODELS
 from modelkit.library.layout import (
     EXPECTED,
     PLAIN,
@@ -103,7 +104,7 @@ def _misplaced(e: Entry) -> list[Hint]:
     if e.kind == "unet" and e.role == "checkpoint":
         if not expected:  # A1111
             where = ("; A1111 loads only full checkpoints: swap it into one ('modelkit "
-                     "swap --unet') or use it from ComfyUI's models/diffusion_models")
+                     f"swap --unet') or use it from ComfyUI's {COMFYUI_DIFFUSION_MODELS}")
         return [Hint(e.path, "unet-only", WARNING,
                      f"UNet-only file in a checkpoint folder: {UNET_ONLY_NOTE}{where}",
                      str(expected) if expected else None)]

@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from modelkit.io.suffixes import COMFYUI_DIFFUSION_MODELS
+
 A1111 = "a1111"
 COMFYUI = "comfyui"
 PLAIN = "plain"
@@ -67,7 +69,7 @@ EXPECTED: dict[str, dict[str, str | None]] = {
         "vae": "vae",
         "embedding": "embeddings",
         "controlnet": "controlnet",
-        "unet": "diffusion_models",
+        "unet": COMFYUI_DIFFUSION_MODELS.removeprefix("models/"),
         "text_encoder": "text_encoders",
     },
 }
