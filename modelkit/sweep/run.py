@@ -177,6 +177,17 @@ def remove_partials(out_dir: Path, plans: list[CellPlan]) -> list[Path]:
     return removed
 
 
+def remove_output(path: Path) -> None:
+    """Remove a cell's output that did not end ``ok`` (a worker killed
+    while verifying, a write that failed at its end): the sweep's own file,
+    named by the cell, in the sweep folder; ``--resume`` runs the cell again."""
+    with contextlib.suppress(OSError):
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)
+
+
 # --- resume ---------------------------------------------------------------------------
 
 
@@ -338,7 +349,11 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, executor: Executor | None
     previous = results.read_records(jsonl) if resume else []
     events = _Progress(progress, len(plans), {p.cell.index: p.cell.name for p in plans})
 
+    outputs = {p.cell.index: p.output for p in plans}
+
     def finish(record: dict[str, Any], append: bool = True) -> None:
+        if record.get("status") in ("failed", "cancelled"):
+            remove_output(outputs[record["index"]])  # its row says so: no file
         report.records[record["index"]] = record
         if append:
             results.append_record(jsonl, record)
