@@ -369,3 +369,46 @@ def test_ray_is_imported_only_on_the_ray_path() -> None:
             "assert 'ray' not in sys.modules and 'torch' not in sys.modules")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
+
+
+# --- a disk that refuses writes -------------------------------------------------------
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing_that_blocks_the_rerun(
+        models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import errno
+
+    from modelkit.errors import OutputError
+    from modelkit.sweep import results
+
+    sweep = write_sweep(tmp_path, models, alphas=(0.5,), with_bad=False)
+    out = tmp_path / "out"
+
+    def full(*_args: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(results, "append_record", full)
+    with pytest.raises(OutputError, match="cannot write to .*out: no space left on device; "
+                                          "nothing was kept"):
+        run_sweep(load_sweep(sweep), out, executor=SerialExecutor())
+    assert not out.exists()  # no marker, no output: the rerun is not refused
+    monkeypatch.undo()
+
+    real_write_text = Path.write_text
+
+    def read_only(self: Path, *args: Any, **kwargs: Any) -> int:
+        if self.name == ".modelkit-sweep":
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    out.mkdir()
+    code = main(["sweep", str(sweep), "-o", str(out), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"modelkit: error: cannot write to {out}: read-only file "
+                                 "system; nothing was kept; free space or pick another -o "
+                                 "and run it again"]
+    assert out.is_dir() and not any(out.iterdir())
+    monkeypatch.undo()
+    assert run_sweep(load_sweep(sweep), out, executor=SerialExecutor()).exit_code == 0

@@ -19,6 +19,7 @@ writes the partial table and returns a report with ``cancelled`` set.
 from __future__ import annotations
 
 import contextlib
+import errno
 import shutil
 import threading
 import time
@@ -188,6 +189,37 @@ def remove_output(path: Path) -> None:
             shutil.rmtree(path)
 
 
+# --- a disk that cannot be written ---------------------------------------------------
+
+DISK_ERRORS = {errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on device",
+               errno.EDQUOT: "disk quota exceeded", errno.EACCES: "permission denied",
+               errno.EPERM: "permission denied"}
+
+
+def _discard(out: Path, plans: list[CellPlan], created: bool) -> None:
+    """Remove what this run put in a folder that was empty (so a rerun is
+    not refused): its outputs, tables, renders, temp files and marker."""
+    remove_partials(out, plans)
+    for plan in plans:
+        remove_output(plan.output)
+        shutil.rmtree(out / "images" / plan.cell.name, ignore_errors=True)
+    for name in (*OWN_FILES, MARKER):
+        with contextlib.suppress(OSError):
+            (out / name).unlink(missing_ok=True)
+    for folder in ([out / "images", out] if created else [out / "images"]):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+def cannot_write(exc: OSError, out: Path, fresh: bool) -> OutputError:
+    """The one-line error for a disk that refused a write."""
+    from modelkit.textsafe import shown
+
+    then = ("nothing was kept; free space or pick another -o and run it again" if fresh
+            else "finished cells are kept; --resume continues it")
+    return OutputError(f"cannot write to {shown(out)}: {DISK_ERRORS[exc.errno]}; {then}")
+
+
 # --- resume ---------------------------------------------------------------------------
 
 
@@ -323,7 +355,8 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, executor: Executor | None
         SweepError: a bad value, naming its axis and value (before any cell
             runs; a folder this call made is removed again).
         OutputError: the folder holds something else, or a sweep without
-            ``resume``/``overwrite``.
+            ``resume``/``overwrite``; or the disk refused a write (read-only,
+            full): a folder that was empty is left as it was.
         KeyboardInterrupt: re-raised after the same clean-up as a cancel.
     """
     start = time.perf_counter()
@@ -332,7 +365,14 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, executor: Executor | None
     out = Path(out_dir).absolute()
     fresh = not out.exists() or (out.is_dir() and not any(out.iterdir()))
     created = not out.exists()
-    prepare_folder(out, resume, overwrite)
+    try:
+        prepare_folder(out, resume, overwrite)
+    except OSError as exc:
+        if exc.errno not in DISK_ERRORS:
+            raise
+        if fresh:
+            _discard(out, [], created)
+        raise cannot_write(exc, out, fresh) from None
     try:
         plans = plan_sweep(spec, out, device=device, progress=progress, cancel=cancel)
     except BaseException:
@@ -361,17 +401,29 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, executor: Executor | None
         if on_cell is not None:
             on_cell(record)
 
-    tasks = _tasks(plans, spec, out, resume, overwrite, executor.name, previous, finish,
-                   report)
     try:
-        executor.execute(tasks, on_progress=events.cell, on_result=finish, cancel=cancel)
-    except BaseException:
-        cancel.set()
-        report.cancelled = True
+        tasks = _tasks(plans, spec, out, resume, overwrite, executor.name, previous, finish,
+                       report)
+        try:
+            executor.execute(tasks, on_progress=events.cell, on_result=finish,
+                             cancel=cancel)
+        except OSError:
+            raise
+        except BaseException:
+            cancel.set()
+            report.cancelled = True
+            _close(report, spec, plans, start)
+            raise
+        report.cancelled = cancel.is_set() and report.n_not_run > 0
         _close(report, spec, plans, start)
-        raise
-    report.cancelled = cancel.is_set() and report.n_not_run > 0
-    _close(report, spec, plans, start)
+    except OSError as exc:  # the disk refused sweep.jsonl or a table
+        if exc.errno not in DISK_ERRORS:
+            raise
+        cancel.set()
+        remove_partials(out, plans)
+        if fresh:
+            _discard(out, plans, created)
+        raise cannot_write(exc, out, fresh) from None
     return report
 
 
