@@ -412,3 +412,22 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_that_blocks_the_rerun(
     assert out.is_dir() and not any(out.iterdir())
     monkeypatch.undo()
     assert run_sweep(load_sweep(sweep), out, executor=SerialExecutor()).exit_code == 0
+
+
+def test_the_dry_run_refuses_the_folder_the_run_refuses(models: dict[str, Path],
+                                                        tmp_path: Path) -> None:
+    sweep = write_sweep(tmp_path, models, alphas=(0.5,), with_bad=False)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    script = Path(sys.executable).with_name("modelkit")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "modelkit"]
+    runs = [subprocess.run([*cmd, "sweep", str(sweep), "-o", str(out), *extra],
+                           capture_output=True, text=True, timeout=60)
+            for extra in (["--dry-run"], [])]
+    for proc in runs:
+        assert proc.returncode == 2 and proc.stdout == ""
+        assert proc.stderr.strip().splitlines() == [
+            f"modelkit: error: {out}: folder is not empty and holds no sweep; pick an empty "
+            "or new folder"]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

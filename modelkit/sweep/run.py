@@ -142,6 +142,17 @@ class SweepReport:
 def prepare_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
     """Create the sweep folder, or accept a previous sweep's with
     ``resume``/``overwrite``; refuse a folder holding anything else."""
+    check_folder(out_dir, resume, overwrite)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MARKER).write_text("a modelkit sweep folder; see sweep.jsonl\n")
+    if overwrite and not resume:
+        for name in OWN_FILES:
+            (out_dir / name).unlink(missing_ok=True)
+
+
+def check_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Raise the :class:`OutputError` :func:`prepare_folder` would (the
+    dry run refuses what the run refuses); writes nothing."""
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir}: exists and is not a folder; pick another -o")
     if out_dir.is_dir() and any(out_dir.iterdir()):
@@ -151,11 +162,6 @@ def prepare_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
         if not (resume or overwrite):
             raise OutputError(f"{out_dir}: holds a sweep already; pass --resume to continue "
                               "it or --overwrite to run every cell again")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MARKER).write_text("a modelkit sweep folder; see sweep.jsonl\n")
-    if overwrite and not resume:
-        for name in OWN_FILES:
-            (out_dir / name).unlink(missing_ok=True)
 
 
 def remove_partials(out_dir: Path, plans: list[CellPlan]) -> list[Path]:
