@@ -351,7 +351,7 @@ def test_the_printed_table_escapes_file_names(models: dict[str, Path], tmp_path:
                                               capsys: pytest.CaptureFixture[str]) -> None:
     """An axis value's file name with a terminal escape reaches the table
     (its label) but the terminal only sees it escaped."""
-    odd = tmp_path / "b\x1b]0;owned\x07.safetensors"
+    odd = tmp_path / "=b|\x1b]0;owned\x07.safetensors"
     os.link(models["sd1_b"], odd)
     sweep = tmp_path / "s.yaml"
     quoted = str(odd).replace("\x1b", "\\x1b").replace("\x07", "\\x07")  # YAML escapes
@@ -360,6 +360,12 @@ def test_the_printed_table_escapes_file_names(models: dict[str, Path], tmp_path:
     out = capsys.readouterr().out
     assert code == 0 and "| ok |" in out
     assert "\x1b" not in out and "\\x1b]0;owned\\x07" in out
+    # the files too: markdown escapes | as well, CSV keeps a formula from running
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "\x1b" not in table and "| =b\\|\\x1b]0;owned\\x07 |" in table
+    with open(tmp_path / "out" / "table.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["b"] == "'=b|\\x1b]0;owned\\x07" and rows[0]["status"] == "ok"
 
 
 def test_ray_is_imported_only_on_the_ray_path() -> None:
@@ -389,8 +395,8 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_that_blocks_the_rerun(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(results, "append_record", full)
-    with pytest.raises(OutputError, match="cannot write to .*out: no space left on device; "
-                                          "nothing was kept"):
+    with pytest.raises(OutputError, match=r"cannot write to .*out: no space left on device; "
+                                          r"nothing was kept"):
         run_sweep(load_sweep(sweep), out, executor=SerialExecutor())
     assert not out.exists()  # no marker, no output: the rerun is not refused
     monkeypatch.undo()
