@@ -180,7 +180,9 @@ def output_path(recipe: Recipe, output: str | os.PathLike[str] | None) -> Path:
     if output is not None:
         return Path(output)
     if recipe.output_path:
-        return recipe.resolve(recipe.output_path)
+        from modelkit.core.recipe import confined_output
+
+        return confined_output(recipe, recipe.resolve(recipe.output_path))
     raise ModelkitError(f"{recipe.source}: no output path; set output.path or pass -o")
 
 
