@@ -202,6 +202,8 @@ def _planned_report(recipe: Recipe, graph: Any, final: Any, payload: Any, spec: 
     report.steps = [StepReport(r.name, r.transform, r.kind, r.params, r.report)
                     for r in graph.records]
     report.warnings = [w for g in graph.groups for w in g.report.warnings]
+    report.warnings += [w for src in graph.inputs.values()  # an input's own (diffusers)
+                        for w in getattr(src, "warnings", None) or []]
     report.notes = list(getattr(final, "notes", []) or [])
     report.output_details = details
     return report
