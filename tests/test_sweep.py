@@ -426,14 +426,12 @@ def test_the_dry_run_refuses_the_folder_the_run_refuses(models: dict[str, Path],
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    script = Path(sys.executable).with_name("modelkit")
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "modelkit"]
-    runs = [subprocess.run([*cmd, "sweep", str(sweep), "-o", str(out), *extra],
-                           capture_output=True, text=True, timeout=60)
-            for extra in (["--dry-run"], [])]
-    for proc in runs:
-        assert proc.returncode == 2 and proc.stdout == ""
-        assert proc.stderr.strip().splitlines() == [
-            f"modelkit: error: {out}: folder is not empty and holds no sweep; pick an empty "
-            "or new folder"]
+    from test_cli_exit_codes import _console_entry  # the console script's function
+
+    runs = _console_entry({"dry": ["sweep", str(sweep), "-o", str(out), "--dry-run"],
+                           "run": ["sweep", str(sweep), "-o", str(out)]}, tmp_path)
+    for code, stdout, stderr in runs.values():
+        assert code == 2 and stdout == ""
+        assert stderr == (f"modelkit: error: {out}: folder is not empty and holds no sweep; "
+                          "pick an empty or new folder\n")
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
