@@ -50,6 +50,8 @@ def test_recipe_files_write_only_in_their_folder_and_bad_files_are_one_line(
     sweep = tmp_path / "s.yaml"
     sweep.write_text(f"version: 1\nrecipe: {inside}\naxes:\n  options.seed: [{digits}]\n")
     runs["huge_sweep"] = ["sweep", str(sweep), "-o", str(tmp_path / "sw"), "--dry-run"]
+    runs["huge_cli_seed"] = ["merge", str(models["sd1"]), str(models["sd1_b"]), "-o",
+                             str(tmp_path / "never.safetensors"), "--seed", digits, "--dry-run"]
     res = _console_entry(runs, tmp_path)
     for name in cases:
         code, _, err = res[name]
@@ -66,6 +68,8 @@ def test_recipe_files_write_only_in_their_folder_and_bad_files_are_one_line(
         f"modelkit: error: {seed}: options.seed: an integer of 5001 digits is too large\n")
     assert res["huge_sweep"][0] == 2 and res["huge_sweep"][2].count("\n") == 1
     assert "too many digits" in res["huge_sweep"][2]
+    code, _, err = res["huge_cli_seed"]
+    assert code == 2 and err.count("\n") == 1 and "'--seed'" in err and "Traceback" not in err
 
 
 def test_replay_never_writes_where_the_embedded_recipe_says(

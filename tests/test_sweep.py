@@ -388,18 +388,35 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_that_blocks_the_rerun(
     from modelkit.errors import OutputError
     from modelkit.sweep import results
 
-    sweep = write_sweep(tmp_path, models, alphas=(0.5,), with_bad=False)
+    sweep = write_sweep(tmp_path, models, alphas=(0.5,))  # its bad cell is recorded first
     out = tmp_path / "out"
+    real_append = results.append_record
+    calls: list[int] = []
 
-    def full(*_args: Any) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def full_after(n: int) -> Any:
+        def append(*args: Any) -> None:
+            calls.append(1)
+            if len(calls) > n:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real_append(*args)
+        return append
 
-    monkeypatch.setattr(results, "append_record", full)
+    monkeypatch.setattr(results, "append_record", full_after(0))
     with pytest.raises(OutputError, match=r"cannot write to .*out: no space left on device; "
                                           r"nothing was kept"):
         run_sweep(load_sweep(sweep), out, executor=SerialExecutor())
     assert not out.exists()  # no marker, no output: the rerun is not refused
+    # a cell that finished before the disk filled up is kept for --resume
+    good = load_sweep(write_sweep(tmp_path, models, alphas=(0.25, 0.75), with_bad=False))
+    calls.clear()
+    monkeypatch.setattr(results, "append_record", full_after(1))
+    with pytest.raises(OutputError, match="finished cells are kept; free space and --resume"):
+        run_sweep(good, out, executor=SerialExecutor())
     monkeypatch.undo()
+    again = run_sweep(good, out, executor=SerialExecutor(), resume=True)
+    # both outputs were complete (the second one's record was what failed)
+    assert again.n_resumed == 2 and again.exit_code == 0
+    shutil.rmtree(out)
 
     real_write_text = Path.write_text
 

@@ -217,12 +217,12 @@ def _discard(out: Path, plans: list[CellPlan], created: bool) -> None:
             folder.rmdir()
 
 
-def cannot_write(exc: OSError, out: Path, fresh: bool) -> OutputError:
+def cannot_write(exc: OSError, out: Path, discarded: bool) -> OutputError:
     """The one-line error for a disk that refused a write."""
     from modelkit.textsafe import shown
 
-    then = ("nothing was kept; free space or pick another -o and run it again" if fresh
-            else "finished cells are kept; --resume continues it")
+    then = ("nothing was kept; free space or pick another -o and run it again" if discarded
+            else "finished cells are kept; free space and --resume continues it")
     return OutputError(f"cannot write to {shown(out)}: {DISK_ERRORS[exc.errno]}; {then}")
 
 
@@ -427,9 +427,10 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, executor: Executor | None
             raise
         cancel.set()
         remove_partials(out, plans)
-        if fresh:
+        discard = fresh and report.n_ok == 0  # nothing worth a --resume
+        if discard:
             _discard(out, plans, created)
-        raise cannot_write(exc, out, fresh) from None
+        raise cannot_write(exc, out, discard) from None
     return report
 
 
