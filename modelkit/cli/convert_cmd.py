@@ -44,6 +44,8 @@ def _run_op(op: str, models: list[str], common: dict[str, Any],
         out = [f"wrote {shown(report.output)} ({report.format}): {report.n_tensors} tensors, "
                f"{human_bytes(report.output_bytes)} in {report.seconds:.1f}s"]
         out += lines(report.report)
+        for w in report.warnings:
+            click.echo(f"warning: {shown(w)}", err=True)
         return out + [f"note: {shown(n)}" for n in report.notes]
 
     execute(recipe, common, render)

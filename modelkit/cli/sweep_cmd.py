@@ -90,11 +90,15 @@ def _cancel_on_signals(cancel: threading.Event, out: _Stderr) -> Iterator[None]:
                 signal.signal(getattr(signal, n), handler)
 
 
-def _dry_run(spec: Any, output: str, device: str | None, as_json: bool) -> None:
+def _dry_run(spec: Any, output: str, device: str | None, as_json: bool, resume: bool,
+            overwrite: bool) -> None:
     import tempfile
     from pathlib import Path
 
     from modelkit.sweep import plan_sweep
+    from modelkit.sweep.run import check_folder
+
+    check_folder(Path(output).absolute(), resume, overwrite)  # refused as the run would be
 
     with tempfile.TemporaryDirectory() as tmp:  # DIR need not exist yet
         plans = plan_sweep(spec, output if Path(output).is_dir() else tmp, device=device)
@@ -151,7 +155,7 @@ def sweep_cmd(sweep: str, output: str, jobs: int | None, threads: int | None,
 
     spec = load_sweep(sweep)
     if dry_run:
-        _dry_run(spec, output, device, as_json)
+        _dry_run(spec, output, device, as_json, resume, overwrite)
         return
     executor = make_executor(jobs, address, threads, retries)
     out = _Stderr(quiet)

@@ -96,6 +96,21 @@ def _settings(prompts: Path | None, seeds: str | None, steps: int | None, size: 
     return s
 
 
+def _refuse_bad_input(report: object) -> None:
+    """A LoRA (or a VAE...) as MODEL, an architecture verify does not know,
+    or a reference of another architecture is bad input: one line, exit 2,
+    nothing written."""
+    from modelkit.errors import ModelkitError
+
+    failed = getattr(report, "failed", [])
+    bad = next((c for c in failed if c.name == "static.architecture"), None)
+    if bad is None:
+        return
+    hint = ("give a reference of the same architecture" if ", the reference " in bad.message
+            else "verify checks SD1, SD2 and SDXL checkpoints (a LoRA: its base with --lora)")
+    raise ModelkitError(f"{bad.message}; {hint}")
+
+
 @click.command("verify", epilog=EPILOG)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--reference", type=click.Path(path_type=Path),
@@ -176,6 +191,7 @@ def verify_cmd(model: Path, reference: Path | None, loras: tuple[str, ...],
     lora_uses = tuple(parse_lora_arg(text) for text in loras)
     report = verify(model, settings, reference, lora_uses,  # type: ignore[arg-type]
                     progress=StderrProgress(quiet))
+    _refuse_bad_input(report)
     written = []
     for path, write in ((report_path, outputs.write_json), (markdown, outputs.write_markdown),
                         (junit, outputs.write_junit)):

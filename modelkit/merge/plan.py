@@ -304,9 +304,26 @@ def make_plan(recipe: Recipe, sources: dict[str, Source] | None = None) -> Plan:
     for step in recipe.steps.values():
         blocks.update(_check_step(recipe, step, arch))
     plan = Plan(recipe, files, _primary(recipe), arch, [], blocks, _load_vae(recipe))
+    plan.warnings += _param_warnings(recipe, blocks)
     _key_plans(plan)
     _prediction_warning(plan)
     return plan
+
+
+def _param_warnings(recipe: Recipe, blocks: dict[tuple[str, str], dict[str, float]]
+                    ) -> list[str]:
+    """The transforms' own warnings on parameter values (a blend weight
+    outside 0..1), block-wise values resolved."""
+    from modelkit.core.registry import get_transform, param_warnings
+
+    out = []
+    for step in recipe.steps.values():
+        if not step.is_method:
+            continue
+        params = {n: blocks.get((step.name, n), v) for n, v in step.params.items()}
+        out += param_warnings(get_transform(step.method), params,
+                              f"steps.{step.name} ({step.method})")
+    return out
 
 
 def _prediction_warning(plan: Plan) -> None:

@@ -125,10 +125,10 @@ def cell_text(name: str, value: Any, short: bool = True) -> str:
 
 def markdown(title: str, cols: list[str], rows: list[dict[str, Any]]) -> str:
     """The table as markdown."""
-    def esc(text: str) -> str:
-        return text.replace("|", "\\|").replace("\n", " ")
+    from modelkit.textsafe import markdown_cell as esc
 
-    lines = [f"# {esc(title)}", "", "| " + " | ".join(cols) + " |",
+    # file names, labels and errors come from files: escaped (controls, |)
+    lines = [f"# {esc(title)}", "", "| " + " | ".join(esc(c) for c in cols) + " |",
              "| " + " | ".join("---" for _ in cols) + " |"]
     for r in rows:
         lines.append("| " + " | ".join(esc(cell_text(c, r.get(c))) for c in cols) + " |")
@@ -136,14 +136,17 @@ def markdown(title: str, cols: list[str], rows: list[dict[str, Any]]) -> str:
 
 
 def csv_text(cols: list[str], rows: list[dict[str, Any]]) -> str:
-    """The table as CSV (full sha256, numbers unrounded, ``inf`` spelled)."""
+    """The table as CSV (full sha256, numbers unrounded, ``inf`` spelled;
+    text escaped and kept from reading as a spreadsheet formula)."""
+    from modelkit.textsafe import csv_cell
+
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(cols)
+    writer.writerow([csv_cell(c) for c in cols])
     for r in rows:
         writer.writerow(["" if r.get(c) is None else
-                         ("inf" if isinstance(r.get(c), float) and math.isinf(r[c]) else r[c])
-                         for c in cols])
+                         ("inf" if isinstance(r.get(c), float) and math.isinf(r[c])
+                          else csv_cell(r[c])) for c in cols])
     return buf.getvalue()
 
 

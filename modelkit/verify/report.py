@@ -178,7 +178,9 @@ class VerifyReport:
 
 
 def _md_cell(text: Any) -> str:
-    return fmt_value(text).replace("|", "\\|").replace("\n", " ")
+    from modelkit.textsafe import markdown_cell
+
+    return markdown_cell(fmt_value(text))  # prompts, names, messages: escaped
 
 
 def _md_metric(value: float | None) -> str:
@@ -188,7 +190,7 @@ def _md_metric(value: float | None) -> str:
 def to_markdown(report: VerifyReport) -> str:
     """A markdown summary: verdict, settings, a check table, the per-image
     metrics and the change report per component."""
-    lines = [f"# modelkit verify: {report.model}", "",
+    lines = [f"# modelkit verify: {_md_cell(report.model)}", "",
              f"**{report.verdict.upper()}** - {report.summary()}", ""]
     facts = [("architecture", f"{report.arch}" + (f" ({report.variant})"
                                                    if report.variant else "")),
@@ -203,25 +205,25 @@ def to_markdown(report: VerifyReport) -> str:
                                   f"{p['scheduler']}, CFG {p['guidance_scale']:g}, "
                                   f"seeds {p['seeds']}, {p['threads']} threads, "
                                   f"{p['device']}"))
-    lines += [f"- {k}: {v}" for k, v in facts]
+    lines += [f"- {k}: {_md_cell(v)}" for k, v in facts]
     lines += ["", "| check | case | value | threshold | verdict | note |",
               "| --- | --- | --- | --- | --- | --- |"]
     for c in report.checks:
-        lines.append(f"| {c.name} | {c.case or ''} | {_md_cell(c.value)} | "
+        lines.append(f"| {c.name} | {_md_cell(c.case or '')} | {_md_cell(c.value)} | "
                      f"{_md_cell(c.threshold or '')} | {c.verdict.upper()} | "
                      f"{_md_cell(c.message)} |")
     if report.images:
         lines += ["", "| case | seed | latent rel. L2 | max abs | PSNR dB | SSIM | prompt |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for m in report.images:
-            lines.append(f"| {m.case} | {m.seed} | {_md_metric(m.latent)} | "
+            lines.append(f"| {_md_cell(m.case)} | {m.seed} | {_md_metric(m.latent)} | "
                          f"{_md_metric(m.max_abs)} | {_md_metric(m.psnr)} | "
                          f"{_md_metric(m.ssim)} | {_md_cell(m.prompt)} |")
     if report.change:
         lines += ["", "| component | tensors | unchanged | relative L2 |",
                   "| --- | --- | --- | --- |"]
         for name, d in report.change.get("components", {}).items():
-            lines.append(f"| {name} | {d['n_tensors']} | {d['unchanged_share']:.0%} | "
+            lines.append(f"| {_md_cell(name)} | {d['n_tensors']} | {d['unchanged_share']:.0%} | "
                          f"{_md_cell(d['relative_l2'])} |")
     return "\n".join(lines) + "\n"
 

@@ -48,7 +48,10 @@ def _names(keys: list[str], total: int | None = None) -> str:
 
 
 def expected_components(arch: str) -> list[str]:
-    """Component names a complete checkpoint of ``arch`` has."""
+    """Component names a complete checkpoint of ``arch`` has (none for an
+    architecture modelkit does not know: the architecture check says so)."""
+    if arch not in ARCHS:
+        return []
     return ["unet", "vae", *(s.name for s in ARCHS[arch].text_encoders)]
 
 
@@ -61,11 +64,12 @@ def architecture_check(model: ModelUnderTest, reference: ModelUnderTest | None) 
     if model.kind not in allowed:
         hint = (" (a UNet-only file is verified with --reference, the checkpoint its VAE "
                 "and text encoders come from)" if model.kind == "unet" else "")
-        return Check(name, FAIL, f"{model.name} is a {model.kind}, not a checkpoint{hint}",
+        what = "a file of unknown kind" if model.kind == "unknown" else f"a {model.kind}"
+        return Check(name, FAIL, f"{model.name} is {what}, not a checkpoint{hint}",
                      model.kind)
     if rep.arch not in RENDER_ARCHS:
-        return Check(name, FAIL, f"architecture {rep.arch!r} is not one verify knows "
-                     f"(SD1, SD2, SDXL, SDXL refiner)", rep.arch)
+        return Check(name, FAIL, f"{model.name}: architecture {rep.arch!r} is not one verify "
+                     f"knows (SD1, SD2, SDXL, SDXL refiner)", rep.arch)
     value = rep.arch + (f" ({rep.variant})" if rep.variant else "")
     if reference is not None:
         ref = reference.report
