@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import signal
 import sys
 from typing import Any
@@ -172,6 +173,13 @@ def _interrupted(started: float) -> str:
     return "modelkit: interrupted; no output was written"
 
 
+def _one_line(message: str) -> str:
+    """Click's own layout inside a message (a missing choice option lists its
+    choices as ``Choose from:\n\tfp16,\n\tbf16``) on one line; other control
+    characters are left for :func:`shown` to escape."""
+    return re.sub(r"([:,])\n\t", r"\1 ", message)
+
+
 def _remove_temp_files() -> None:
     """Remove temp files an interrupt left between their creation and the
     code that removes them (only if anything was written at all)."""
@@ -211,11 +219,11 @@ def _main(argv: list[str] | None, started: float) -> int:
         return 130
     except click.UsageError as exc:  # a bad option or a missing argument: one line
         where = exc.ctx.command_path if exc.ctx else "modelkit"
-        click.echo(f"modelkit: error: {shown(exc.format_message())} (see '{where} --help')",
-                   err=True)
+        click.echo(f"modelkit: error: {shown(_one_line(exc.format_message()))} "
+                   f"(see '{where} --help')", err=True)
         return exc.exit_code
     except click.ClickException as exc:
-        click.echo(f"modelkit: error: {shown(exc.format_message())}", err=True)
+        click.echo(f"modelkit: error: {shown(_one_line(exc.format_message()))}", err=True)
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code

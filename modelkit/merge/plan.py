@@ -142,8 +142,12 @@ def _load_input(name: str, path: Path, source: Source | None = None) -> InputFil
     file, rep = (_source_input(name, source) if source is not None
                  else _read_input(name, path, f"input {name!r}"))
     if rep.kind not in ("checkpoint", "unet"):
-        hint = ("; bake a LoRA with 'modelkit lora bake' or an 'op: bake' step"
-                if rep.kind == "lora" else "")
+        hint = ""
+        if rep.kind == "lora":
+            from modelkit.core.registry import ADAPTER, CHECKPOINT, ops_taking
+
+            ops = " or ".join(f"'op: {op}'" for op in ops_taking(CHECKPOINT, ADAPTER))
+            hint = f"; bake a LoRA into a checkpoint with 'modelkit lora bake' or an {ops} step"
         raise ModelkitError(f"input {name!r}: {path} is a {rep.kind}, not a checkpoint; "
                             f"merges take checkpoints{hint}")
     return file
