@@ -104,3 +104,104 @@ def test_cli_wording_through_the_console_script(models: dict[str, Path], tmp_pat
     assert lines[row + 1].strip() == "unexpected 0"
     assert not [line for line in lines if line.rstrip().endswith(", mis")]
     assert not list(tmp_path.glob("*.safetensors.*")) and not (tmp_path / "m.safetensors").exists()
+
+
+# --- item 5: progress lines ----------------------------------------------------------
+
+
+def test_progress_lines_say_what_they_count() -> None:
+    """The percentage is the line's own done/total; the run's share is
+    labelled ``overall`` (the issue's contradictory lines, fixed)."""
+    from modelkit.progress import HASH, READ, VERIFY, WRITE, Progress
+
+    cases = [
+        (Progress("x.safetensors", 622200, 622200, "bytes", None, HASH, 0.056),
+         "hash x.safetensors: 100.0% 622.2 KB/622.2 KB, overall 6%"),
+        (Progress("extract", 264, 264, "tensors", None, READ, 0.5),
+         "read extract: 100.0% 264/264 tensors, overall 50%"),
+        (Progress("lora_extract", 256, 447000, "bytes", None, WRITE, 0.98),
+         "write lora_extract: 0.1% 256 B/447.0 KB, overall 98%"),
+        (Progress("sweep", 4, 6, "cells", None, VERIFY, 0.8),
+         "verify sweep: 66.7% 4/6 cells, overall 80%"),
+        (Progress("compare", 5, 10, "bytes", "k", "compare"), "compare: 50.0% 5 B/10 B"),
+        (Progress("NaN/Inf scan", 0, 0, "bytes", None, VERIFY),
+         "verify NaN/Inf scan: 100.0% 0 B/0 B"),
+        (Progress("merge", 10, 10, "bytes", "k", WRITE, 0.998), "write merge: 100.0% 10 B/10 B"),
+    ]
+    for p, want in cases:
+        assert p.describe() == want and str(p) == want
+
+
+def _no_repeated_word(label: str) -> bool:
+    import re
+
+    words = re.findall(r"[\w-]+", label.lower())
+    return len(words) == len(set(words))
+
+
+def test_a_runs_progress_lines_agree_with_their_counts(models: dict[str, Path],
+                                                       tmp_path: Path) -> None:
+    """Every event of a real extraction run (plan, read, hash, write) and of
+    a static verify: the shown percentage is done/total, labels never say a
+    word twice, and the CLI's line is the event's own line."""
+    import io
+    import re
+
+    from modelkit.cli.progress import StderrProgress
+    from modelkit.core.recipe import Recipe
+    from modelkit.core.runner import run
+    from modelkit.progress import Progress
+    from modelkit.verify import verify
+    from modelkit.verify.settings import VerifySettings
+
+    seen: list[Progress] = []
+    run(Recipe.op("lora_extract", models["sd1"], models["sd1_b"],
+                  output=tmp_path / "l.safetensors", rank=2), progress=seen.append)
+    verify(models["sd1"], VerifySettings(render=False), progress=seen.append)
+    assert {p.phase for p in seen} >= {"plan", "read", "hash", "write", "verify"}
+    for p in seen:
+        line = p.describe()
+        pct = float(re.search(r": ([\d.]+)% ", line).group(1))  # type: ignore[union-attr]
+        want = 100 * p.done / p.total if p.total else 100.0
+        assert abs(pct - want) < 0.051, line
+        assert _no_repeated_word(p.label), line
+        assert "verify:" not in line and "write verify" not in line
+    last_read = [p for p in seen if p.phase == "read"][-1]
+    assert last_read.describe() == "read extract: 100.0% 264/264 tensors, overall 50%"
+    log = io.StringIO()
+    bar = StderrProgress(stream=log, min_seconds=0)
+    for p in seen:
+        bar(p)
+    lines = log.getvalue().splitlines()
+    tail = r"( [\d.]+ [KMG]?B/s)? \d+s( ETA \S+)?"
+    assert lines and all(re.fullmatch(re.escape(p) + tail, line)
+                         for p, line in zip(_logged(seen, lines), lines, strict=True))
+
+
+def _logged(seen: list[object], lines: list[str]) -> list[str]:
+    """The event line each logged line starts with."""
+    out = []
+    texts = {str(p) for p in seen}
+    for line in lines:
+        out.append(max((t for t in texts if line.startswith(t + " ")), key=len))
+    return out
+
+
+def test_the_readme_library_example_prints_a_few_useful_lines(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The Python API example of the README (it once printed 1,140 event
+    reprs): one line per step as it ends."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S)
+                 if "from modelkit import Recipe, run" in b)
+    assert "progress=print" not in block
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert 3 <= len(lines) <= 6, lines
+    assert lines[-1] == "1130 sd1"
+    assert lines[-2].startswith("write prune: 100.0% ") and "overall" not in lines[-2]
+    assert all(re.match(r"(hash|write) \S+: 100\.0% ", line) for line in lines[:-1]), lines

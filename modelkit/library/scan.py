@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from modelkit.errors import Cancelled, ModelkitError
 from modelkit.library import db as dbm
 from modelkit.library.layout import Placer
-from modelkit.progress import Progress, ProgressFn, no_progress
+from modelkit.progress import HASH, Progress, ProgressFn, no_progress
 
 if TYPE_CHECKING:
     from concurrent.futures import ProcessPoolExecutor
@@ -341,7 +341,7 @@ def _index(conn: sqlite3.Connection, todo: list[Found], report: ScanReport,
             rows.append(row)
             if len(rows) >= BATCH:
                 _put(conn, rows)
-            progress(Progress("scan", i, len(todo), "files", Path(f.path).name))
+            progress(Progress("scan", i, len(todo), "files", Path(f.path).name, "scan"))
     finally:
         _put(conn, rows)  # what was read so far is kept, even on cancel
 
@@ -383,7 +383,7 @@ def hash_missing(conn: sqlite3.Connection, paths: Sequence[str],
         base = done
 
         def step(p: Progress, base: int = base) -> None:
-            progress(Progress("hash", base + p.done, total, "bytes", p.item))
+            progress(Progress("hash", base + p.done, total, "bytes", p.item, HASH))
 
         tensor = path.lower().endswith((".safetensors", ".sft"))
         try:

@@ -208,7 +208,7 @@ def info(lora: Source, base: Source | None = None, *, energy: float = 0.9,
         b.n_modules += 1
         b.delta_sq += (layer.delta_norm or 0.0) ** 2
         b.base_sq += (layer.base_norm or 0.0) ** 2
-        progress(Progress("lora info", i + 1, len(mods), "tensors", mod.name))
+        progress(Progress("lora info", i + 1, len(mods), "tensors", mod.name, "lora info"))
     report.keys_touched = sorted(touched)
     return report
 

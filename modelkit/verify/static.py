@@ -24,7 +24,7 @@ from modelkit.arch.configs import ARCHS, TE_PREFIXES
 from modelkit.arch.keys import POSITION_IDS
 from modelkit.errors import check_cancel
 from modelkit.numeric import CHUNK_ELEMENTS
-from modelkit.progress import Progress, ProgressFn, no_progress
+from modelkit.progress import VERIFY, Progress, ProgressFn, no_progress
 from modelkit.verify.models import RENDER_ARCHS, ModelUnderTest, float32_view
 from modelkit.verify.report import Check
 from modelkit.verify.thresholds import FAIL, INFO, PASS, SKIP, WARN
@@ -183,7 +183,7 @@ def finite_check(source: Source, progress: ProgressFn = no_progress,
             bad.append(f"{key} ({n})")
             n_bad += n
         done += source.infos[key].nbytes
-        progress(Progress("verify: NaN/Inf scan", done, total, "bytes", key))
+        progress(Progress("NaN/Inf scan", done, total, "bytes", key, VERIFY))
     if bad:
         return Check("static.nan_inf", FAIL, f"{n_bad} NaN/Inf values in {len(bad)} "
                      f"tensors: {_names(bad)}", n_bad)
