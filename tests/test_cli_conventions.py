@@ -252,7 +252,7 @@ def test_methods_presets_and_the_dry_run_block_table(
     code, out, _ = _run(capsys, "merge", str(models["sd1"]), str(models["sd1_b"]), "-o",
                         str(tmp_path / "m.safetensors"), "--blocks", "out_only", "--dry-run",
                         "-q")
-    table = out[out.index("block weights of merge.alpha (27 blocks):"):].split()
+    table = out[out.index("block weights of merge.alpha (26 blocks + the VAE entry):"):].split()
     assert table[table.index("BASE") + 1] == "0" and table[table.index("M00") + 1] == "0"
     assert table[table.index("OUT00") + 1] == "1" and table[table.index("OUT11") + 1] == "1"
 

@@ -3,6 +3,7 @@ counts and articles, no mid-word cuts, no escaped layout in usage errors)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -72,38 +73,128 @@ def test_wrap_words() -> None:
     assert wrap_words("abcdefgh", 3) == ["abc", "def", "gh"]
 
 
-def test_cli_wording_through_the_console_script(models: dict[str, Path], tmp_path: Path) -> None:
-    """Item 6: a missing choice option lists its choices on one line, no
-    literal ``\\n\\t``; item 4: a LoRA as a merge input names the registry's
-    bake op; item 11: verify's table wraps long values at word boundaries."""
-    from modelkit.core.registry import ADAPTER, CHECKPOINT, ops_taking
+CHILD = """
+import contextlib, io, json, sys
+from modelkit.cli import run
+
+results = {}
+for name, args in json.loads(sys.argv[1]).items():
+    sys.argv = ["modelkit", *args]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    results[name] = [code, out.getvalue(), err.getvalue()]
+sys.__stdout__.write(json.dumps(results))
+"""
+
+
+def _console_entry(cases: dict[str, list[str]], cwd: Path) -> dict[str, tuple[int, str, str]]:
+    """Commands that import torch, each through ``modelkit.cli:run`` (what the
+    ``modelkit`` script calls) in one child process: torch is imported once."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cases)], cwd=cwd, env=env,
+                          text=True, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return {k: tuple(v) for k, v in json.loads(proc.stdout).items()}
+
+
+@pytest.fixture(scope="module")
+def cli_out(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+            ) -> dict[str, tuple[int, str, str]]:
+    """Every CLI case of this file: the ones that need no torch through the
+    real console script, the others in one child."""
     from modelkit.testing.lora import write_lora
 
-    lora = tmp_path / "style.safetensors"
+    root = tmp_path_factory.mktemp("wording")
+    lora = root / "style.safetensors"
     write_lora(lora, "sd1", seed=3)
-    res = _run_all({
-        "quantize": ["quantize", str(models["sd1"]), "-o", "q.safetensors"],
-        "merge_lora": ["merge", str(models["sd1"]), str(lora), "-o", "m.safetensors",
-                       "--alpha", "0.5", "-q"],
-        "verify": ["verify", str(models["sd1"]), "--static-only", "-q"],
-    }, tmp_path)
-    code, out, err = res["quantize"]
+    sd1, sd1_b = str(models["sd1"]), str(models["sd1_b"])
+    light = _run_all({
+        "quantize": ["quantize", sd1, "-o", "q.safetensors"],
+        "presets": ["presets"],
+        "presets_help": ["presets", "--help"],
+        "merge_help": ["merge", "--help"],
+    }, root)
+    heavy = _console_entry({
+        "merge_lora": ["merge", sd1, str(lora), "-o", "m.safetensors", "--alpha", "0.5", "-q"],
+        "verify": ["verify", sd1, "--static-only", "-q"],
+        "blocks_3": ["merge", sd1, sd1_b, "-o", "b.safetensors", "--blocks", "1,2,3",
+                     "--dry-run", "-q"],
+        "blocks_in": ["merge", sd1, sd1_b, "-o", "b.safetensors", "--blocks", "in_only",
+                      "--dry-run", "-q"],
+    }, root)
+    assert not list(root.glob("*.safetensors.*")) and not list(root.glob("[mqb].safetensors"))
+    return {**light, **heavy}
+
+
+def test_a_missing_choice_option_lists_its_choices_on_one_line(
+        cli_out: dict[str, tuple[int, str, str]]) -> None:
+    """Item 6: no literal ``\\n\\t`` from click's layout of the choices."""
+    code, out, err = cli_out["quantize"]
     assert code == 2 and out == ""
     assert err == ("modelkit: error: Missing option '--dtype'. Choose from: fp16, bf16, fp32, "
                    "fp8_e4m3fn, fp8_e5m2, int8 (see 'modelkit quantize --help')\n")
-    code, _, err = res["merge_lora"]
+
+
+def test_a_lora_as_merge_input_names_the_registrys_bake_op(
+        cli_out: dict[str, tuple[int, str, str]]) -> None:
+    """Item 4: the op's name comes from the registry ("lora_bake", not "bake")."""
+    from modelkit.core.registry import ADAPTER, CHECKPOINT, ops_taking
+
     assert ops_taking(CHECKPOINT, ADAPTER) == ["lora_bake"]
+    code, _, err = cli_out["merge_lora"]
     assert code == 2 and err.count("\n") == 1
     assert "style.safetensors is a lora, not a checkpoint" in err
     assert "'modelkit lora bake' or an 'op: lora_bake' step" in err and "'op: bake'" not in err
-    code, out, _ = res["verify"]
+
+
+def test_verify_table_wraps_values_at_word_boundaries(
+        cli_out: dict[str, tuple[int, str, str]]) -> None:
+    """Item 11: no value cut mid-word (it showed ``tensors 686, mis``)."""
+    code, out, _ = cli_out["verify"]
     assert code == 0
     lines = out.splitlines()
     row = next(i for i, line in enumerate(lines) if line.lstrip().startswith("static.keys.unet"))
     assert "tensors 686, missing 0, wrong_shape 0," in lines[row]
-    assert lines[row + 1].strip() == "unexpected 0"
+    assert lines[row].rstrip().endswith("PASS") and lines[row + 1].strip() == "unexpected 0"
     assert not [line for line in lines if line.rstrip().endswith(", mis")]
-    assert not list(tmp_path.glob("*.safetensors.*")) and not (tmp_path / "m.safetensors").exists()
+
+
+def test_block_counts_tell_one_story(cli_out: dict[str, tuple[int, str, str]]) -> None:
+    """Item 9: 26 (SD1/SD2) and 20 (SDXL) weights, as A1111/SuperMerger count
+    them, plus modelkit's optional VAE entry, in the error, the dry run,
+    ``modelkit presets`` and its help, ``merge --help``, the README and docs."""
+    import re
+
+    from modelkit.arch.blocks import count_text, weights_title
+
+    assert count_text("sd1") == ("26 weights (BASE, IN00..IN11, M00, OUT00..OUT11; "
+                                 "27 with the optional VAE entry last)")
+    assert count_text("sdxl", vae_slot=False) == "20 weights (BASE, IN00..IN08, M00, OUT00..OUT08)"
+    assert weights_title({"BASE": 0, "M00": 1, "VAE": 0}) == "2 blocks + the VAE entry"
+    code, _, err = cli_out["blocks_3"]
+    assert code == 2 and err == ("modelkit: error: command line: steps.merge.params.alpha: "
+                                 f"block list for sd1 has 3 values; expected {count_text('sd1')}\n")
+    code, out, _ = cli_out["blocks_in"]
+    assert code == 0 and "block weights of merge.alpha (26 blocks + the VAE entry):" in out
+    code, out, _ = cli_out["presets"]
+    assert code == 0 and out.splitlines()[:2] == [f"sd1: {count_text('sd1')}",
+                                                  f"sdxl: {count_text('sdxl')}"]
+    help_text = " ".join(cli_out["presets_help"][1].split())
+    assert "(26 weights: BASE, IN00..IN11, M00, OUT00..OUT11)" in help_text
+    assert "optional VAE entry last (27 or 21 values)" in help_text
+    assert "(27/21 with the optional VAE entry last)" in " ".join(cli_out["merge_help"][1].split())
+    root = Path(__file__).resolve().parents[1]
+    docs = " ".join((root / "README.md").read_text().split()) + " ".join(
+        " ".join((p.read_text()).split()) for p in (root / "docs").glob("*.md"))
+    docs = re.sub(r"\s*#\s*", " ", docs)  # YAML comments in docs/recipes.md
+    assert "27 or 21 with modelkit's optional VAE entry last" in docs
+    assert "27/21 with the optional VAE entry last" in docs
+    assert not re.search(r"\b(27|21) (blocks|values)\b(?! with| values\))", docs)
 
 
 # --- item 5: progress lines ----------------------------------------------------------

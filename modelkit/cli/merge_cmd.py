@@ -55,12 +55,13 @@ def _merge_lines(report: Any) -> list[str]:
 
 def _block_weight_lines(report: Any) -> list[str]:
     """The resolved per-block weights of every block-wise parameter."""
+    from modelkit.arch.blocks import weights_title
     from modelkit.cli.info_cmd import block_table
 
     out = []
     for step in report.steps:
         for name, weights in (getattr(step.report, "block_weights", None) or {}).items():
-            out.append(f"block weights of {name} ({len(weights)} blocks):")
+            out.append(f"block weights of {name} ({weights_title(weights)}):")
             out += block_table(weights)
     return out
 
@@ -77,7 +78,8 @@ def _block_weight_lines(report: Any) -> list[str]:
 @click.option("--beta", type=float, default=None, help="beta, for methods that take it.")
 @click.option("--blocks", default=None,
               help="Block-wise alpha: 26 (SD1/SD2) or 20 (SDXL) comma-separated numbers "
-                   "in the order BASE, IN00.., M00, OUT.., or a preset name.")
+                   "in the order BASE, IN00.., M00, OUT.. (27/21 with the optional VAE "
+                   "entry last), or a preset name.")
 @click.option("--beta-blocks", default=None, help="Block-wise beta, same forms as --blocks.")
 @click.option("--param", "extra", multiple=True, metavar="NAME=VALUE",
               help="Other method parameters, e.g. --param k=0.2.")
