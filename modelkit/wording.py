@@ -1,7 +1,7 @@
 """Small helpers for text written for people: counts with the right noun
 form, the right article, and cutting a value at a word boundary.
 
-``plural(1, "tensor")`` is ``1 tensor``; ``a("sdxl")`` is ``an sdxl``;
+``plural(1, "tensor")`` is ``1 tensor``; ``with_article("sdxl")`` is ``an sdxl``;
 ``fit_words("tensors 686, mismatched 3", 18)`` is ``tensors 686...``.
 Every message, report and table that says how many of something, or "a"
 something whose name comes from data, uses these.
@@ -26,6 +26,8 @@ def plural_of(noun: str) -> str:
     ``entries``, ``match`` ``matches``, ``index`` ``indexes``."""
     if noun in _IRREGULAR:
         return _IRREGULAR[noun]
+    if re.search(r"[^aeiousy]s$", noun):  # already plural: "EMA weights"
+        return noun
     if re.search(r"[^aeiou]y$", noun):
         return noun[:-1] + "ies"
     if re.search(r"(?:s|x|z|ch|sh)$", noun):
@@ -72,9 +74,12 @@ def article(word: str) -> str:
     return "a"
 
 
-def a(word: str) -> str:
+def with_article(word: str) -> str:
     """``word`` with its article: ``an sdxl``, ``a checkpoint``."""
     return f"{article(word)} {word}"
+
+
+a = with_article  # short name for tests and one-off scripts
 
 
 def fit_words(text: str, width: int) -> str:
@@ -116,4 +121,5 @@ def wrap_words(text: str, width: int) -> list[str]:
     return lines
 
 
-__all__ = ["a", "article", "fit_words", "noun", "plural", "plural_of", "wrap_words"]
+__all__ = ["a", "article", "fit_words", "noun", "plural", "plural_of", "with_article",
+           "wrap_words"]

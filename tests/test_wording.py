@@ -110,6 +110,7 @@ def cli_out(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
     from modelkit.testing.lora import write_lora
 
     root = tmp_path_factory.mktemp("wording")
+    (root / "out").mkdir()
     lora = root / "style.safetensors"
     write_lora(lora, "sd1", seed=3)
     sd1, sd1_b = str(models["sd1"]), str(models["sd1_b"])
@@ -126,6 +127,10 @@ def cli_out(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
                      "--dry-run", "-q"],
         "blocks_in": ["merge", sd1, sd1_b, "-o", "b.safetensors", "--blocks", "in_only",
                       "--dry-run", "-q"],
+        "prune": ["prune", sd1, "-o", str(root / "out" / "p.safetensors")],
+        "bake_arch": ["lora", "bake", str(models["sdxl"]), str(lora), "-o", "x.safetensors",
+                      "-q"],
+        "resize_ckpt": ["lora", "resize", sd1, "--rank", "2", "-o", "x.safetensors", "-q"],
     }, root)
     assert not list(root.glob("*.safetensors.*")) and not list(root.glob("[mqb].safetensors"))
     return {**light, **heavy}
@@ -296,3 +301,78 @@ def test_the_readme_library_example_prints_a_few_useful_lines(
     assert lines[-1] == "1130 sd1"
     assert lines[-2].startswith("write prune: 100.0% ") and "overall" not in lines[-2]
     assert all(re.match(r"(hash|write) \S+: 100\.0% ", line) for line in lines[:-1]), lines
+
+
+# --- item 11: grammar, sizes, the grid's font, "reported" ------------------------------
+
+
+def test_messages_take_the_right_article(cli_out: dict[str, tuple[int, str, str]]) -> None:
+    """``an sd1 adapter``, ``an sdxl checkpoint``, ``not an adapter``."""
+    code, _, err = cli_out["bake_arch"]
+    assert code == 2 and "style.safetensors: is an sd1 adapter but sdxl.safetensors is an " \
+        "sdxl checkpoint" in err
+    code, _, err = cli_out["resize_ckpt"]
+    assert code == 2 and "sd1.safetensors: is a checkpoint, not an adapter" in err
+
+
+def test_prune_says_which_size_is_which(cli_out: dict[str, tuple[int, str, str]]) -> None:
+    """The file written (header and metadata included) and the tensor data
+    were two unlabelled sizes (21.03 MB and 20.88 MB for one output)."""
+    import re
+
+    code, out, _ = cli_out["prune"]
+    lines = out.splitlines()
+    assert code == 0
+    assert re.fullmatch(r"wrote \S+p\.safetensors \(safetensors\): 1131 tensors, "
+                        r"[\d.]+ MB on disk in [\d.]+s", lines[0]), lines[0]
+    assert re.fullmatch(r"kept 1131 tensors; dropped 12 \(12 schedule buffers\), 48\.00 KB; "
+                        r"tensor data [\d.]+ MB -> [\d.]+ MB", lines[1]), lines[1]
+    on_disk = float(lines[0].split(", ")[1].split()[0])
+    data = float(lines[1].split("-> ")[1].split()[0])
+    assert data < on_disk < data + 0.5
+
+
+def test_grid_labels_keep_their_spaces() -> None:
+    """The grid's font draws a space wide enough to see ("cliffatsunset",
+    "PSNR9.3 dB" with the default font's 2 px spaces), and a cut label ends
+    at a word with an ellipsis."""
+    from PIL import Image, ImageDraw
+
+    from modelkit.verify.outputs import fit_text, label_font
+
+    font = label_font()
+    draw = ImageDraw.Draw(Image.new("RGB", (10, 10)))
+    assert draw.textlength(" ", font=font) >= 3
+    assert draw.textlength("cliff at sunset", font=font) - \
+        draw.textlength("cliffatsunset", font=font) >= 6
+    text = "cliff at sunset  seed 1  PSNR 9.3 dB"
+    width = int(draw.textlength("cliff at suns", font=font))
+    cut = fit_text(text, width, font, draw)
+    assert cut == "cliff at..." and draw.textlength(cut, font=font) <= width
+    assert fit_text(text, 10_000, font, draw) == text
+    assert fit_text("abcdefghijklmnopqrstuvwxyz", 40, font, draw).endswith("...")
+
+
+def test_a_comparison_no_threshold_judged_is_reported_not_passed() -> None:
+    """A merge's metrics are reported, not judged: the outcome says so in
+    the verify summary, the sweep table and the contact sheet's colour."""
+    from modelkit.sweep import results
+    from modelkit.verify.report import Check, VerifyReport
+
+    rep = VerifyReport(model="m.safetensors")
+    rep.add(Check("static.nan_inf", "pass", "", 0))
+    rep.add(Check("compare.psnr", "info", "", 10.2, case="p1-s1"))
+    rep.add(Check("compare.ssim", "info", "", 0.31, case="p1-s1"))
+    assert rep.verdict == "pass" and rep.passed and rep.outcome == "reported"
+    assert rep.summary() == "REPORTED: 1 passed, 0 warnings, 0 failed, 0 skipped, 2 reported"
+    assert rep.to_dict()["verdict"] == "pass"
+    judged = VerifyReport(model="m.safetensors")
+    judged.add(Check("compare.psnr", "pass", "", 45.0, ">= 40 dB", case="p1-s1"))
+    assert judged.outcome == "pass" and judged.summary().startswith("PASS: 1 passed, 0 warnings")
+    record = {"status": "ok", "timings": {"total": 1.5},
+              "verify": {"verdict": "pass", "outcome": "reported",
+                         "metrics": {"psnr": 10.2, "ssim": 0.31, "latent": 0.9}}}
+    assert results.row([], 0, {}, record)["verdict"] == "reported"
+    assert results._status_line(record) == ("REPORTED  1.5 s", results.TEXT)
+    old = {**record, "verify": {"verdict": "pass", "metrics": {}}}  # a record from before
+    assert results._status_line(old) == ("PASS  1.5 s", results.PASS_COLOUR)

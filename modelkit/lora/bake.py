@@ -33,6 +33,7 @@ from modelkit.lora.adapter import LORA_ARCHS, Adapter, AdapterModule, open_adapt
 from modelkit.lora.delta import ModuleDelta
 from modelkit.lora.output import LORA_THREADS, storage_dtype, torch_threads
 from modelkit.numeric import CHUNK_ELEMENTS
+from modelkit.wording import with_article
 
 if TYPE_CHECKING:
     import torch
@@ -127,7 +128,8 @@ def _check_shape(ad: Adapter, mod: AdapterModule, delta: ModuleDelta, base: str,
 def _open(use: AdapterUse, arch: str, base: str, device: str) -> Adapter:
     ad = open_adapter(use.source)
     if ad.arch not in (arch, "unknown"):
-        raise ModelkitError(f"{ad.label}: is a {ad.arch} adapter but {base} is a {arch} "
+        raise ModelkitError(f"{ad.label}: is {with_article(ad.arch)} adapter but {base} is "
+                            f"{with_article(arch)} "
                             f"checkpoint; bake an adapter made for {arch}")
     if ad.arch == "unknown":
         ad = open_adapter(use.source, arch)
@@ -236,7 +238,7 @@ def bake(checkpoint: Source, adapters: Sequence[Source | AdapterUse | tuple[Any,
     rep_ck = require_checkpoint(checkpoint, "lora bake")
     arch, base = rep_ck.arch, Path(source_label(checkpoint)).name
     if arch not in LORA_ARCHS:
-        raise ModelkitError(f"{base}: is a {arch} checkpoint; lora bake supports "
+        raise ModelkitError(f"{base}: is {with_article(arch)} checkpoint; lora bake supports "
                             f"{', '.join(LORA_ARCHS)}")
     if dtype is not None:
         dtype = storage_dtype(dtype)

@@ -25,6 +25,7 @@ from modelkit.lora.adapter import LORA_ARCHS, Adapter, open_adapter
 from modelkit.lora.delta import ModuleDelta
 from modelkit.lora.output import LORA_THREADS, torch_threads
 from modelkit.progress import Progress, ProgressFn, no_progress
+from modelkit.wording import with_article
 
 if TYPE_CHECKING:
     import torch
@@ -184,7 +185,8 @@ def info(lora: Source, base: Source | None = None, *, energy: float = 0.9,
         arch = require_checkpoint(base, "lora info --base").arch
     ad = open_adapter(lora)
     if arch is not None and ad.arch not in (arch, "unknown"):
-        raise ModelkitError(f"{ad.label}: is a {ad.arch} adapter but the base is a {arch} "
+        raise ModelkitError(f"{ad.label}: is {with_article(ad.arch)} adapter but the base is "
+                            f"{with_article(arch)} "
                             "checkpoint")
     use = arch or ad.arch
     if use not in LORA_ARCHS:

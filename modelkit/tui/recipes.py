@@ -257,7 +257,7 @@ def _block_tables(out: Text, report: Any) -> None:
 def _verdict(out: Text, verify: Any, grid: Path | None) -> None:
     if verify is None:
         return
-    style = {"pass": "green", "warn": "yellow"}.get(verify.verdict, "red")
+    style = {"pass": "green", "warn": "yellow", "reported": ""}.get(verify.outcome, "red")
     out.append(f"verify: {shown(verify.summary(), 300)}\n", style=f"bold {style}")
     if grid is not None:
         out.append(f"grid: {safe_text(grid)}\n")

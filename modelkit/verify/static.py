@@ -28,6 +28,7 @@ from modelkit.progress import VERIFY, Progress, ProgressFn, no_progress
 from modelkit.verify.models import RENDER_ARCHS, ModelUnderTest, float32_view
 from modelkit.verify.report import Check
 from modelkit.verify.thresholds import FAIL, INFO, PASS, SKIP, WARN
+from modelkit.wording import plural, with_article
 
 if TYPE_CHECKING:
     import threading
@@ -61,7 +62,8 @@ def architecture_check(model: ModelUnderTest, reference: ModelUnderTest | None) 
     if model.kind not in allowed:
         hint = (" (a UNet-only file is verified with --reference, the checkpoint its VAE "
                 "and text encoders come from)" if model.kind == "unet" else "")
-        return Check(name, FAIL, f"{model.name} is a {model.kind}, not a checkpoint{hint}",
+        return Check(name, FAIL,
+                     f"{model.name} is {with_article(model.kind)}, not a checkpoint{hint}",
                      model.kind)
     if rep.arch not in RENDER_ARCHS:
         return Check(name, FAIL, f"architecture {rep.arch!r} is not one verify knows "
@@ -143,7 +145,8 @@ def dtype_check(model: ModelUnderTest) -> Check:
         if info.dtype not in FLOAT_DTYPES:
             bad.append(f"{key} ({info.dtype})")
     if bad:
-        return Check("static.dtypes", FAIL, f"{len(bad)} tensors are not float weights: "
+        are = "tensor is not a float weight" if len(bad) == 1 else "tensors are not float weights"
+        return Check("static.dtypes", FAIL, f"{len(bad)} {are}: "
                      f"{_names(bad)}", len(bad))
     kinds = sorted({i.dtype for i in model.stored.infos.values()})
     return Check("static.dtypes", PASS, "", kinds)
@@ -248,7 +251,9 @@ def change_check(change: dict[str, Any], operation: str) -> Check:
     msg = f"{same}/{n} tensors unchanged; relative L2 {comps}"
     value = overall["relative_l2"]
     if change["n_mismatched"]:
-        return Check("static.change", FAIL, f"{change['n_mismatched']} tensors differ in "
+        n_bad = change["n_mismatched"]
+        return Check("static.change", FAIL, f"{plural(n_bad, 'tensor')} "
+                     f"differ{'s' if n_bad == 1 else ''} in "
                      f"shape from the reference: {_names(change['mismatched'])}", value)
     if operation == "lossless":
         if same == n:
