@@ -43,6 +43,12 @@ def plural(n: float, noun: str, many: str | None = None) -> str:
     return f"{n} {word}"
 
 
+def agree(n: float, noun: str, verb_one: str, verb_many: str) -> str:
+    """A count, its noun and a verb that agrees: ``agree(1, "key", "matches",
+    "match")`` is ``1 key matches``, with 3 ``3 keys match``."""
+    return f"{plural(n, noun)} {verb_one if n == 1 else verb_many}"
+
+
 def noun(n: float, word: str, many: str | None = None) -> str:
     """Only the noun of :func:`plural` (``tensor`` or ``tensors``), for text
     where the number is formatted elsewhere."""
@@ -121,5 +127,5 @@ def wrap_words(text: str, width: int) -> list[str]:
     return lines
 
 
-__all__ = ["a", "article", "fit_words", "noun", "plural", "plural_of", "with_article",
+__all__ = ["a", "agree", "article", "fit_words", "noun", "plural", "plural_of", "with_article",
            "wrap_words"]

@@ -11,7 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from modelkit.wording import a, article, fit_words, noun, plural, plural_of, wrap_words
+from modelkit.wording import (
+    a,
+    agree,
+    article,
+    fit_words,
+    noun,
+    plural,
+    plural_of,
+    with_article,
+    wrap_words,
+)
 
 
 def _console() -> list[str]:
@@ -39,7 +49,10 @@ def test_plural_and_noun() -> None:
     assert plural(2, "match") == "2 matches" and plural(2, "index") == "2 indexes"
     assert plural(2, "cell", "cells!") == "2 cells!"
     assert noun(1, "file") == "file" and noun(5, "file") == "files"
-    assert plural_of("bias") == "biases"
+    assert plural_of("bias") == "biases" and plural_of("EMA weights") == "EMA weights"
+    assert plural(12, "schedule buffer") == "12 schedule buffers"
+    assert agree(1, "key", "matches", "match") == "1 key matches"
+    assert agree(3, "key", "matches", "match") == "3 keys match"
 
 
 @pytest.mark.parametrize(("word", "want"), [
@@ -54,7 +67,7 @@ def test_article(word: str, want: str) -> None:
 
 
 def test_a() -> None:
-    assert a("sdxl") == "an sdxl" and a("lora") == "a lora"
+    assert a("sdxl") == "an sdxl" and with_article("lora") == "a lora"
 
 
 def test_fit_words_cuts_at_a_word_boundary() -> None:

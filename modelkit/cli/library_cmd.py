@@ -187,8 +187,9 @@ def dupes_cmd(no_hash: bool, kind: tuple[list[str], ...], arch: tuple[list[str],
         click.echo(f"{g.hash[:12]}  {what}, {human_bytes(g.wasted_bytes, 1)} to free")
         for e in g.entries:
             click.echo(f"  {safe_text(e.path)}")
-    tail = f"; {report.n_unhashed} candidates not hashed" if report.n_unhashed else ""
-    click.echo(f"{len(report.groups)} duplicate groups, "
+    tail = (f"; {plural(report.n_unhashed, 'candidate')} not hashed" if report.n_unhashed
+            else "")
+    click.echo(f"{plural(len(report.groups), 'duplicate group')}, "
                f"{human_bytes(report.wasted_bytes, 1)} to free{tail}")
 
 

@@ -33,7 +33,7 @@ def split_weights(spec: str, most: int) -> tuple[str, list[float]]:
 
 def _execute(recipe: Any, common: dict[str, Any], lines: Callable[[Any], list[str]]) -> None:
     def render(report: Any) -> list[str]:
-        return [f"wrote {shown(report.output)}: {report.n_tensors} tensors, "
+        return [f"wrote {shown(report.output)}: {plural(report.n_tensors, 'tensor')}, "
                 f"{human_bytes(report.output_bytes)} in {report.seconds:.1f}s",
                 *lines(report.report)]
 

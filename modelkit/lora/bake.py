@@ -33,7 +33,7 @@ from modelkit.lora.adapter import LORA_ARCHS, Adapter, AdapterModule, open_adapt
 from modelkit.lora.delta import ModuleDelta
 from modelkit.lora.output import LORA_THREADS, storage_dtype, torch_threads
 from modelkit.numeric import CHUNK_ELEMENTS
-from modelkit.wording import with_article
+from modelkit.wording import agree, with_article
 
 if TYPE_CHECKING:
     import torch
@@ -208,8 +208,10 @@ def _unmatched_error(reports: list[AdapterBakeReport]) -> ModelkitError:
             shown = ", ".join(r.unmatched[:LIST_LIMIT])
             more = f" and {len(r.unmatched) - LIST_LIMIT} more" if len(
                 r.unmatched) > LIST_LIMIT else ""
-            parts.append(f"{r.file}: {len(r.unmatched)} keys match no weight of the "
-                         f"checkpoint or are not applied (LyCORIS sparse bias) ({shown}{more})")
+            n = len(r.unmatched)
+            parts.append(f"{r.file}: {agree(n, 'key', 'matches', 'match')} no weight of the "
+                         f"checkpoint or {'is' if n == 1 else 'are'} not applied (LyCORIS "
+                         f"sparse bias) ({shown}{more})")
     return ModelkitError("; ".join(parts) + "; pass --allow-unmatched (allow_unmatched=True) "
                          "to bake the rest and list them in the report")
 
