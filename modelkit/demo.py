@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelkit.errors import OutputError
-from modelkit.progress import Progress, ProgressFn, no_progress
+from modelkit.progress import HASH, Progress, ProgressFn, no_progress
 
 MARKER = ".modelkit-demo"
 
@@ -152,7 +152,7 @@ def build_library(root: Path, progress: ProgressFn = no_progress) -> list[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(path)
         paths.append(path)
-        progress(Progress("build library", i, len(entries), "files", rel))
+        progress(Progress("build library", i, len(entries), "files", rel, "build library"))
     return paths
 
 
@@ -225,7 +225,7 @@ def run_demo(root: str | os.PathLike[str], progress: ProgressFn = no_progress,
     for i, path in enumerate(result.files, 1):
         result.reports.append(inspect_model(path).to_dict())
         result.hashes.append(hash_file(path).to_dict())
-        progress(Progress("inspect and hash", i, len(result.files), "files", path.name))
+        progress(Progress("inspect and hash", i, len(result.files), "files", path.name, HASH))
     summary = result.root / "library.json"
     summary.write_text(json.dumps({"reports": result.reports, "hashes": result.hashes},
                                   indent=2))

@@ -37,7 +37,7 @@ def ema_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("args,expect", [
-    (["prune", "--dtype", "fp16"], "dropped 700 (688 EMA weights, 12 schedule buffer)"),
+    (["prune", "--dtype", "fp16"], "dropped 700 (688 EMA weights, 12 schedule buffers)"),
     (["ema"], "686 UNet tensors now hold their EMA weights"),
     (["quantize", "--dtype", "fp8_e4m3fn"], "policy: unet=F8_E4M3"),
     (["quantize", "--dtype", "int8"], "int8 error: relative L2"),

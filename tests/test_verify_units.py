@@ -307,8 +307,9 @@ def test_progress_and_cancel(models: dict[str, Path]) -> None:
     seen: list[Progress] = []
     report = verify(models["sd1"], VerifySettings(render=False), progress=seen.append)
     assert report.passed and report.plan is None  # static only: nothing rendered
-    scan = [p for p in seen if p.step == "verify: NaN/Inf scan"]
+    scan = [p for p in seen if p.step == "NaN/Inf scan"]
     assert scan and scan[-1].done == scan[-1].total and scan[-1].unit == "bytes"
+    assert {p.phase for p in scan} == {"verify"} and scan[-1].label == "verify NaN/Inf scan"
     stop = threading.Event()
     stop.set()
     with pytest.raises(Cancelled):

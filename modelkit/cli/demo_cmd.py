@@ -8,6 +8,7 @@ import click
 
 from modelkit.cli.progress import StderrProgress
 from modelkit.textsafe import shown
+from modelkit.wording import plural
 
 
 @click.command("demo")
@@ -48,7 +49,7 @@ def demo_cmd(directory: Path, quiet: bool, overwrite: bool) -> None:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-    click.echo(f"\n{len(result.files)} files in {result.root}; full report: "
+    click.echo(f"\n{plural(len(result.files), 'file')} in {result.root}; full report: "
                f"{result.summary_path}")
     click.echo(f"verify {Path(result.files[-1]).name} against its inpainting parent: "
                f"{result.verify_summary}")

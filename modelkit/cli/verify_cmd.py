@@ -31,7 +31,11 @@ holding models/ (A1111 or ComfyUI layout), or --library DIR.
 
 
 def _render_table(report: object) -> str:
+    from itertools import zip_longest
+
+    from modelkit.textsafe import shown
     from modelkit.verify.report import VerifyReport, fmt_value
+    from modelkit.wording import wrap_words
 
     assert isinstance(report, VerifyReport)
     d = report
@@ -56,10 +60,17 @@ def _render_table(report: object) -> str:
     lines += [f"  {k:<10} {v}" for k, v in rows]
     lines.append(f"  {'check':<28} {'case':<10} {'value':<16} {'threshold':<24} verdict")
     for c in d.checks:
-        value = fmt_value(c.value)
-        lines.append(f"  {c.name:<28} {c.case or '':<10} {value[:16]:<16} "
-                     f"{(c.threshold or '')[:24]:<24} {c.verdict.upper()}"
+        # long values and thresholds wrap at word boundaries onto lines of
+        # their own; a value with no threshold may use the threshold's column
+        value, limit = shown(fmt_value(c.value)), shown(c.threshold or "")
+        if limit:
+            cells = [f"{v:<16} {t:<24}" for v, t in zip_longest(
+                wrap_words(value, 16), wrap_words(limit, 24), fillvalue="")]
+        else:
+            cells = [f"{v:<41}" for v in wrap_words(value, 41)]
+        lines.append(f"  {c.name:<28} {c.case or '':<10} {cells[0]} {c.verdict.upper()}"
                      + (f"  {c.message}" if c.message and c.verdict != "pass" else ""))
+        lines += [f"  {'':<28} {'':<10} {cell}".rstrip() for cell in cells[1:]]
     for note in d.notes:
         lines.append(f"  note: {note}")
     lines.append(d.summary())

@@ -74,6 +74,7 @@ from modelkit.vocab import (
     MISSING_KEY_POLICIES,
     OUTPUT_FORMATS,
 )
+from modelkit.wording import with_article
 
 RECIPE_VERSION = 1
 COMMAND_LINE = "command line"  # the source of recipes the CLI builds from options
@@ -565,7 +566,8 @@ def _check_verify(c: _Checker, recipe: Recipe) -> None:
             raise c.fail(("verify", str(key)), f"unknown field; allowed: "
                                                f"{', '.join(VERIFY_FIELDS)}")
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            raise c.fail(("verify", key), f"must be a {' or '.join(t.__name__ for t in types)}")
+            names = " or ".join(t.__name__ for t in types)
+            raise c.fail(("verify", key), f"must be {with_article(names)}")
     ref = v.get("reference")
     if ref is not None and ref != "none" and ref not in recipe.inputs:
         raise c.fail(("verify", "reference"), f"{ref[:60]!r} is not an input name; known: "

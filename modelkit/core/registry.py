@@ -231,6 +231,15 @@ def all_transforms() -> dict[str, Transform]:
     return dict(TRANSFORMS)
 
 
+def ops_taking(*roles: str) -> list[str]:
+    """The operations whose model inputs have these roles, in order (a
+    variadic last input counts once): ``ops_taking(CHECKPOINT, ADAPTER)`` is
+    the op that bakes adapters into a checkpoint. For messages that point
+    to an op by name."""
+    return sorted(n for n, t in all_transforms().items()
+                  if t.kind == OP and tuple(r for _, r in t.inputs) == roles)
+
+
 # --- signature parsing ---------------------------------------------------------
 
 

@@ -28,6 +28,7 @@ from modelkit.inspect.components import (
 from modelkit.inspect.prediction import Prediction, ValueReader, detect_prediction
 from modelkit.io.header import TensorInfo
 from modelkit.io.suffixes import COMFYUI_DIFFUSION_MODELS
+from modelkit.wording import plural
 
 SCHEMA = "modelkit.inspect/1"
 UNKNOWN_LIST_LIMIT = 50
@@ -308,10 +309,11 @@ def _general_notes(rep: ModelReport) -> None:
                 rep.notes.append("no VAE baked in: select a VAE in your UI")
         for c in rep.components.values():
             if c.complete is False:
-                rep.notes.append(f"{c.name} is incomplete: {c.n_missing} missing keys, "
-                                 f"{c.n_shape_mismatches} shape mismatches")
+                rep.notes.append(f"{c.name} is incomplete: "
+                                 f"{plural(c.n_missing, 'missing key')}, "
+                                 f"{plural(c.n_shape_mismatches, 'shape mismatch')}")
     if rep.has_ema:
-        rep.notes.append(f"carries EMA weights ({rep.n_ema_tensors} tensors) that UIs "
+        rep.notes.append(f"carries EMA weights ({plural(rep.n_ema_tensors, 'tensor')}) that UIs "
                          "ignore; pruning them saves space")
     if rep.dtypes.get("F32", 0) > rep.n_tensors // 2 and rep.kind in ("checkpoint",
                                                                         "unet"):

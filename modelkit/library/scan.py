@@ -24,7 +24,7 @@ from modelkit.errors import INTERRUPTED, Cancelled, Interrupted, ModelkitError
 from modelkit.io.suffixes import MODEL_SUFFIXES, SAFETENSORS_SUFFIXES
 from modelkit.library import db as dbm
 from modelkit.library.layout import Placer, is_sweep_folder
-from modelkit.progress import Progress, ProgressFn, no_progress
+from modelkit.progress import HASH, Progress, ProgressFn, no_progress
 from modelkit.textsafe import shown
 
 if TYPE_CHECKING:
@@ -442,7 +442,7 @@ def _index(conn: sqlite3.Connection, todo: list[Found], report: ScanReport,
             rows.append(row)
             if len(rows) >= BATCH:
                 _put(conn, rows, report.warnings)
-            progress(Progress("scan", i, len(todo), "files", Path(f.path).name))
+            progress(Progress("scan", i, len(todo), "files", Path(f.path).name, "scan"))
     finally:
         _put(conn, rows, report.warnings)  # what was read so far is kept, even on cancel
 
@@ -487,7 +487,7 @@ def hash_missing(conn: sqlite3.Connection, paths: Sequence[str],
         base = done
 
         def step(p: Progress, base: int = base) -> None:
-            progress(Progress("hash", base + p.done, total, "bytes", p.item))
+            progress(Progress("hash", base + p.done, total, "bytes", p.item, HASH))
 
         tensor = path.lower().endswith(SAFETENSORS_SUFFIXES)
         try:

@@ -33,6 +33,7 @@ from modelkit.errors import ModelkitError
 from modelkit.io.source import DerivedSource, Source, source_label, tensor_info
 from modelkit.lora.adapter import DOWN, LORA_ARCHS, MID, UP, Adapter, AdapterModule, open_adapter
 from modelkit.lora.delta import DORA, module_scale
+from modelkit.wording import agree
 
 if TYPE_CHECKING:
     import torch
@@ -98,7 +99,8 @@ def convert(lora: Source, to: str, *, arch: str | None = None) -> PlannedStep:
         raise ModelkitError(f"{ad.label}: cannot tell which architecture it is for "
                             f"({'; '.join(ad.evidence) or 'no evidence'}); pass it explicitly")
     if ad.unmatched:
-        raise ModelkitError(f"{ad.label}: {len(ad.unmatched)} keys match no module of {use} "
+        keys = agree(len(ad.unmatched), "key", "matches", "match")
+        raise ModelkitError(f"{ad.label}: {keys} no module of {use} "
                             f"(first: {ad.unmatched[0]}); nothing to convert them to")
     if naming == "comfyui":
         ia3 = [m.name for m in ad.modules.values() if m.algo == "ia3"]

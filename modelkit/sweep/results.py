@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelkit.sweep.spec import Axis
-from modelkit.verify.outputs import fit_text
+from modelkit.verify.outputs import fit_text, label_font
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -85,7 +85,8 @@ def row(axes: list[Axis], index: int, labels: dict[str, str], record: dict[str, 
     out["status"] = record.get("status", "not run")
     verify = record.get("verify") or {}
     metrics = verify.get("metrics") or {}
-    out["verdict"] = verify.get("verdict")
+    # "reported" where no threshold judged the comparison (a merge), not "pass"
+    out["verdict"] = verify.get("outcome") or verify.get("verdict")
     for name in ("psnr", "ssim", "latent"):
         out[name] = metrics.get(name)
     out["seconds"] = (record.get("timings") or {}).get("total")
@@ -165,7 +166,6 @@ TILE_MIN = 192  # pixels: tiny renders are scaled up (nearest) to this
 TILE_MAX = 320
 PAD = 6
 LINE_H = 15
-FONT_SIZE = 12
 TILE_LINES = 3
 LABEL_W = 150
 PER_ROW = 6  # cells per row when there is no second axis
@@ -174,6 +174,7 @@ TEXT = (235, 235, 235)
 DIM = (150, 150, 150)
 FAILED = (90, 24, 24)
 PASS_COLOUR = (120, 200, 120)
+WARN_COLOUR = (230, 200, 90)
 FAIL_COLOUR = (235, 110, 110)
 
 
@@ -259,8 +260,8 @@ def _status_line(record: dict[str, Any]) -> tuple[str, tuple[int, int, int]]:
     seconds = cell_text("seconds", (record.get("timings") or {}).get("total"))
     if record.get("status") != "ok":
         return f"{record.get('status', 'not run').upper()}", FAIL_COLOUR
-    verdict = str(verify.get("verdict") or "no render")
-    colour = FAIL_COLOUR if verdict == "fail" else PASS_COLOUR
+    verdict = str(verify.get("outcome") or verify.get("verdict") or "no render")
+    colour = {"fail": FAIL_COLOUR, "pass": PASS_COLOUR, "warn": WARN_COLOUR}.get(verdict, TEXT)
     return f"{verdict.upper()}  {seconds} s", colour
 
 
@@ -269,7 +270,7 @@ def contact_sheet(title: str, axes: list[Axis], mode: str,
                   out_dir: Path) -> Image.Image | None:
     """The contact sheet (see the module docstring), or None when no cell
     has a render."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     if not any(_images(r, "candidate") for r in records.values()):
         return None
@@ -283,10 +284,7 @@ def contact_sheet(title: str, axes: list[Axis], mode: str,
     height = header_h + len(grid) * (cell_h + PAD) + PAD
     sheet = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
-    try:
-        font: Any = ImageFont.load_default(size=FONT_SIZE)
-    except (TypeError, ImportError):  # Pillow without FreeType: the bitmap font
-        font = ImageFont.load_default()
+    font = label_font()
     draw.text((PAD, PAD), fit_text(title, width - 2 * PAD, font, draw), fill=TEXT, font=font)
     heads = (["reference"] if with_reference else []) + col_labels
     for j, head in enumerate(heads):

@@ -35,6 +35,7 @@ from modelkit.sweep import results
 from modelkit.sweep.executors import Executor, SerialExecutor
 from modelkit.sweep.plan import CellPlan, plan_sweep
 from modelkit.sweep.spec import Axis, SweepSpec
+from modelkit.wording import plural
 
 MARKER = SWEEP_MARKER  # the library's scan skips folders holding it
 SCHEMA = "modelkit.sweep/1"
@@ -117,7 +118,7 @@ class SweepReport:
             parts.append(f"{self.n_not_run} not run")
         resumed = f", {self.n_resumed} from an earlier run" if self.n_resumed else ""
         state = "CANCELLED: " if self.cancelled else ""
-        return (f"{state}{len(self.cells)} cells: {', '.join(parts)}{resumed} "
+        return (f"{state}{plural(len(self.cells), 'cell')}: {', '.join(parts)}{resumed} "
                 f"({self.executor}, {self.seconds:.1f} s)")
 
     def to_dict(self) -> dict[str, Any]:

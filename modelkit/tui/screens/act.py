@@ -338,7 +338,7 @@ class ActScreen(Screen[None]):
             bar.stop("planned: ctrl+r writes it")
             return
         self.report = report
-        verdict = f"; verify {report.verify.verdict.upper()}" if report.verify else ""
+        verdict = f"; verify {report.verify.outcome.upper()}" if report.verify else ""
         bar.stop(f"wrote {Path(report.output).name} ({human_bytes(report.output_bytes)}) "
                  f"in {report.seconds:.1f}s{verdict}; escape returns to the library")
         self._written()
