@@ -111,6 +111,7 @@ Beta = declare(float, "Weight toward C.")
               "sd-mecha linear.py weighted_sum",
     elementwise=True, keys=MERGE_KEYS, a1111="Weighted sum",
     ends=(({"alpha": 0.0}, 0), ({"alpha": 1.0}, 1)),
+    blend=("alpha",),
 )
 def weighted_sum(a: Tensor, b: Tensor, *, alpha: Alpha) -> Tensor:
     """``(1 - alpha) * a + alpha * b``: alpha moves toward B (A1111 convention).
@@ -133,6 +134,7 @@ def weighted_sum(a: Tensor, b: Tensor, *, alpha: Alpha) -> Tensor:
     reference="A1111 modules/extras.py add_difference; sd-mecha wrappers.py add_difference",
     elementwise=True, keys=MERGE_KEYS, a1111="Add difference",
     ends=(({"alpha": 0.0}, 0),),
+    blend=("alpha",),
 )
 def add_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: Alpha) -> Tensor:
     """``a + alpha * (b - c)``. Returns ``a`` itself when ``alpha == 0`` or
@@ -151,6 +153,7 @@ def add_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: Alpha) -> Tensor:
     elementwise=True, keys=MERGE_KEYS,
     ends=(({"alpha": 0.0, "beta": 0.0}, 0), ({"alpha": 1.0, "beta": 0.0}, 1),
           ({"alpha": 0.0, "beta": 1.0}, 2)),
+    blend=("alpha", "beta"),
 )
 def triple_sum(a: Tensor, b: Tensor, c: Tensor, *, alpha: Alpha, beta: Beta) -> Tensor:
     """``(1 - alpha - beta) * a + alpha * b + beta * c``. Exact (returns the
@@ -169,6 +172,7 @@ def triple_sum(a: Tensor, b: Tensor, c: Tensor, *, alpha: Alpha, beta: Beta) -> 
     elementwise=True, keys=MERGE_KEYS,
     ends=(({"alpha": 0.0, "beta": 0.0}, 0), ({"alpha": 1.0, "beta": 0.0}, 1),
           ({"alpha": 0.5, "beta": 1.0}, 2)),
+    blend=("alpha", "beta"),
 )
 def sum_twice(a: Tensor, b: Tensor, c: Tensor, *, alpha: Alpha, beta: Beta) -> Tensor:
     """``(1 - beta) * ((1 - alpha) * a + alpha * b) + beta * c``: two chained
@@ -186,6 +190,7 @@ _PARALLEL = 1 - 1e-6
     "slerp", summary="spherical interpolation of directions, linear of norms",
     reference="sd-mecha linear.py slerp", keys=MERGE_KEYS,
     ends=(({"alpha": 0.0}, 0), ({"alpha": 1.0}, 1)),
+    blend=("alpha",),
 )
 def slerp(a: Tensor, b: Tensor, *, alpha: Alpha) -> Tensor:
     """Spherical interpolation of the whole tensors' directions, with the norm

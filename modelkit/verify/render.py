@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelkit.errors import Cancelled, ModelkitError, check_cancel
-from modelkit.progress import Progress, ProgressFn, no_progress
+from modelkit.progress import VERIFY, Progress, ProgressFn, no_progress
 from modelkit.verify.library import Library, PromptLora, embedding_names_in, parse_prompt
 from modelkit.verify.settings import LoraUse, RenderPlan
 
@@ -441,5 +441,5 @@ def render_all(loaded: LoadedPipeline, plan: RenderPlan, cases: list[Case],
             except Exception as exc:  # a render that crashes is a load problem
                 raise ModelkitError(f"{task}: rendering {case.name} failed "
                                     f"({_first_line(exc)})") from None
-            progress(Progress(task, i, total, "images", case.name))
+            progress(Progress(task, i, total, "images", case.name, VERIFY))
     return out

@@ -247,11 +247,11 @@ def _render_reference(report: VerifyReport, ctx: _RenderContext, reference: Mode
         with _timed(timings, "render_reference"):
             adapters = prepare_adapters(loaded, ctx.plan, ctx.library, loras)
             oracle = render_all(loaded, ctx.plan, cases, adapters.with_loras,
-                                "verify: render reference", ctx.progress, ctx.cancel)
+                                "render reference", ctx.progress, ctx.cancel)
             base = None
             if loras:
                 base = render_all(loaded, ctx.plan, cases, adapters.tags_only,
-                                  "verify: render reference without the LoRAs",
+                                  "render reference without the LoRAs",
                                   ctx.progress, ctx.cancel)
         report.notes += loaded.notes
     finally:
@@ -275,7 +275,7 @@ def _render_candidate(report: VerifyReport, ctx: _RenderContext, model: ModelUnd
         with _timed(timings, "render_candidate"):
             adapters = prepare_adapters(loaded, ctx.plan, ctx.library, loras)
             renders = render_all(loaded, ctx.plan, cases, adapters.with_loras,
-                                 "verify: render candidate", ctx.progress, ctx.cancel)
+                                 "render candidate", ctx.progress, ctx.cancel)
             check_cancel(ctx.cancel)
             with torch_threads(ctx.plan.threads):
                 again = render_case(loaded, ctx.plan, cases[0],
