@@ -288,7 +288,8 @@ def _load_lora(loaded: LoadedPipeline, path: Path) -> str:
         text = _first_line(exc)
         if "PEFT" in text:
             raise ModelkitError("runtime LoRAs need the peft package: pip install peft "
-                                "(or 'pip install modelkit[verify]')") from None
+                                "(or pip install -e '.[verify]' in the modelkit checkout)"
+                                ) from None
         raise ModelkitError(f"{path}: diffusers cannot apply this LoRA at render time "
                             f"({text}); LyCORIS LoHa/LoKr are not supported there") from None
     loaded.adapters[str(path)] = name

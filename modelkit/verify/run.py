@@ -58,7 +58,7 @@ CAST_DRIFT = {"fp16": 1e-3, "bf16": 1e-2, "fp8": 0.15, "int8": 0.05}
 BLACK_MEAN = 0.02
 FLAT_STD = 0.01
 PROMPT_SENSITIVITY = 1e-3
-VERSION_PACKAGES = ("modelkit", "torch", "diffusers", "transformers", "peft",
+VERSION_PACKAGES = ("torch", "diffusers", "transformers", "peft",
                     "huggingface_hub", "safetensors", "numpy", "pillow")
 
 
@@ -83,11 +83,16 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
 
 
 def library_versions() -> dict[str, str]:
-    """Versions of the packages a render depends on (and Python's)."""
+    """Versions of the packages a render depends on (and Python's).
+    modelkit's own is the code that ran (``modelkit.__version__``), not the
+    metadata of an installed distribution: the distribution is
+    ``sd-modelkit``, and PyPI's ``modelkit`` is an unrelated package."""
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {"python": platform.python_version()}
+    from modelkit import __version__
+
+    out = {"python": platform.python_version(), "modelkit": __version__}
     for name in VERSION_PACKAGES:
         try:
             out[name] = version(name)
