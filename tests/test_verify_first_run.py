@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import gc
 import gzip
+import io
 import os
 import weakref
 from pathlib import Path
 
 import pytest
 
+from modelkit.progress import VERIFY, Progress
 from modelkit.verify import tokenizer as tk
 from modelkit.verify.library import Library
 
@@ -87,7 +89,6 @@ def test_renders_report_each_step_and_image_and_free_each_pipeline(
     """2 steps, 1 seed, 2 prompts: the reference renders 2 images, the
     candidate 2 plus the determinism re-render. The reference pipeline is
     gone before the candidate's is built."""
-    from modelkit.progress import VERIFY, Progress
     from modelkit.verify import VerifySettings, render, verify
 
     built: list[weakref.ref] = []
@@ -126,3 +127,61 @@ def test_renders_report_each_step_and_image_and_free_each_pipeline(
     ]
     checks = {c.name: c.verdict for c in report.checks}
     assert checks["render.deterministic"] == "pass"
+
+
+class _Clock:
+    """A monotonic clock that moves ``step`` seconds per reading."""
+
+    def __init__(self, step: float) -> None:
+        self.now, self.step = 100.0, step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _verify_events() -> list[Progress]:
+    """A NaN scan, then the renders of 3 images x 4 steps (one event per
+    step, one per image), as a full-size smoke verify sends them."""
+    total = 100 * 2**20
+    out = [Progress("verify: NaN/Inf scan", n * 2**20, total, "bytes", "k")
+           for n in range(0, 101, 10)]
+    task = "verify: render candidate"
+    for i in range(3):
+        out += [Progress(task, 4 * i + k, 12, "steps", f"p{i + 1}-s1 step {k}/4", VERIFY)
+                for k in range(1, 5)]
+        out.append(Progress(task, i + 1, 3, "images", f"p{i + 1}-s1", VERIFY))
+    return out
+
+
+def test_cli_draws_each_render_step_after_the_scan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In logs, the renders get their own few lines after the finished scan
+    (they once printed nothing for ~7 minutes); on a terminal every step
+    redraws the line, with an ETA from the renders' own pace."""
+    from modelkit.cli import progress as cli_progress
+    from modelkit.cli.progress import StderrProgress
+
+    monkeypatch.setattr(cli_progress.time, "monotonic", _Clock(5.0))
+    log = io.StringIO()
+    bar = StderrProgress(stream=log)
+    for p in _verify_events():
+        bar(p)
+    lines = log.getvalue().splitlines()
+    renders = [line for line in lines if "render candidate" in line]
+    assert 3 <= len(renders) <= 5, lines  # start, quarters, end: a few lines
+    assert renders[0].startswith("verify verify: render candidate:   8.3% 1 steps/12 steps")
+    assert renders[-1].startswith("verify verify: render candidate: 100.0%")
+    tty = _Tty()
+    bar = StderrProgress(stream=tty)
+    for p in _verify_events():
+        bar(p)
+    drawn = [d for d in tty.getvalue().split("\r\x1b[2K") if "render candidate" in d]
+    assert len(drawn) == 15  # each of the 12 steps and 3 images
+    # 5 s per event: step 6 comes 30 s after step 1, so 6 steps are left
+    # at 6 s each (36 s); the whole run's pace, scan included, said 1m25s
+    assert "verify verify: render candidate:  50.0% 6 steps/12 steps 1m25s ETA 36s" in drawn, drawn
