@@ -56,3 +56,23 @@ def test_readme_says_what_pip_installs() -> None:
         assert "modelkit[" not in body, path
         advice = re.findall(r"(?<!never with `)pip install '?modelkit\b", body)
         assert not advice, path
+
+
+def test_readme_and_docs_say_what_verify_needs_for_real_models() -> None:
+    """Where the real CLIP tokenizer comes from, that it wins over the
+    demo's synthetic one, and the time and memory to expect, as measured."""
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    section = readme[readme.index("### What `modelkit verify` needs for real models"):
+                     readme.index("## Commands")]
+    for needed in ("`--tokenizer DIR`", "`models/tokenizers/clip`", "Hugging Face cache",
+                   "`.venv/bin/pip install --no-deps open-clip-torch`",
+                   "A real tokenizer always wins over the synthetic one",
+                   "exit 2", "`tokenizer.clip` check", "one at a time",
+                   "`--preset smoke`", "bench/README.md", "per denoising step and per image"):
+        assert needed in section, needed
+    docs = " ".join((ROOT / "docs" / "verify.md").read_text().split())
+    assert "**For real (full-size) models** verify needs the real CLIP tokenizer" in docs
+    assert "`pip install --no-deps open-clip-torch`" in docs
+    # the smoke preset's time per image says what was measured, and where
+    assert "about 15 s per SD1.5 image on 2 cores (the default" not in docs
+    assert "bench/README.md" in docs
