@@ -174,7 +174,7 @@ def test_every_command_exit_codes_through_the_console_entry_point(
     assert "sdxl.safetensors is eps-prediction, sdxl_vpred.safetensors is v-prediction" \
         in res["vpred"][2]
     assert "static.nan_inf" in res["verify_nan"][1]
-    assert "is a sd1 adapter but" in res["bake_arch"][2]
+    assert "is an sd1 adapter but" in res["bake_arch"][2]
     assert not list(root.glob("never*")) and not list(root.glob(".never*"))
     assert not (root / "x.safetensors").exists() and not (root / "sweep-out").exists()
 

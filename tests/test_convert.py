@@ -312,7 +312,7 @@ def test_swap_refuses_a_vae_of_the_wrong_shape(models: dict[str, Path], tmp_path
 
 
 def test_swap_refuses_a_lora_as_donor(models: dict[str, Path], tmp_path: Path) -> None:
-    with pytest.raises(ModelkitError, match=r"emb_sd1\.safetensors: is a embedding"):
+    with pytest.raises(ModelkitError, match=r"emb_sd1\.safetensors: is an embedding"):
         run_chain([models["sd1"], models["emb_sd1"]], [("swap", {"component": "vae"})],
                   tmp_path / "o.safetensors")
 

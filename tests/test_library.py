@@ -20,6 +20,7 @@ from modelkit.errors import Cancelled, ModelkitError
 from modelkit.library import db as dbm
 from modelkit.library.check import check
 from modelkit.library.dupes import dupes
+from modelkit.library.layout import SWEEP_FILES, Placer
 from modelkit.library.lineage import lineage
 from modelkit.library.metadata import top_tags, training_info
 from modelkit.library.query import Filters, find_entry, get_detail, list_entries
@@ -329,6 +330,47 @@ def test_safe_text_escapes_terminal_controls() -> None:
     assert safe_text(EVIL) == "evil\\x1b]0;pwned\\x07\\x1b[2J"
     assert safe_text("a\u202eb\nc\x9bd") == "a\\u202eb\\nc\\x9bd"
     assert safe_text("x\ny", keep_newlines=True) == "x\ny"
+
+
+def test_sweep_folders_are_skipped_and_their_cells_dropped(
+        tmp_path: Path, model_library: dict[str, Path],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A sweep's cells are no checkpoints of the user's: a folder holding
+    the sweep marker or sweep.jsonl is never indexed, and cells indexed
+    before (an old sweep inside Stable-diffusion/) leave the index."""
+    from modelkit.sweep import results, run
+
+    assert SWEEP_FILES == (run.MARKER, results.JSONL)
+    root, db = _small_library(tmp_path, model_library), tmp_path / "i.sqlite"
+    sd = root / "webui/models/Stable-diffusion"
+    old = link(sd / "sd15.safetensors", sd / "sd15-sweep/cell00_alpha-0.3.safetensors")
+    assert scan([root], db).found == 5  # before it was known as a sweep folder
+    (old.parent / ".modelkit-sweep").write_text("a modelkit sweep folder\n")
+    new = root / "webui/sweeps/sd15-sweep"
+    link(sd / "sd15.safetensors", new / "cell00_alpha-0.5.safetensors")
+    (new / "sweep.jsonl").write_text("")
+    assert main(["library", "scan", str(root), "--db", str(db), "-q"]) == 0
+    assert capsys.readouterr().out.startswith(
+        f"4 files under {root}: 0 new, 0 changed, 4 unchanged, 1 removed, 0 broken, "
+        "2 sweep folders skipped (")
+    with dbm.opened(db) as conn:
+        assert sorted(e.name for e in list_entries(conn)) == [
+            "sd15-b.safetensors", "sd15.safetensors", "style.safetensors",
+            "vae.safetensors"]
+    report = scan([new], db)  # a sweep folder named itself is skipped too
+    assert (report.found, report.sweeps_skipped, report.to_dict()["sweeps_skipped"]) == (
+        0, 1, 1)
+
+
+def test_sweeps_go_beside_the_ui_model_folders() -> None:
+    placer = Placer()
+    for path, root, want in [
+            ("/w/webui/models/Stable-diffusion/sub/a.safetensors", "/w", "/w/webui/sweeps"),
+            ("/w/webui/embeddings/e.pt", "/w/webui", "/w/webui/sweeps"),
+            ("/c/ComfyUI/models/checkpoints/a.safetensors", "/c", "/c/ComfyUI/sweeps"),
+            ("/d/checkpoints/a.safetensors", "/d", "/d/sweeps"),
+            ("/p/mine/sd1/a.safetensors", "/p/mine", "/p/mine/sweeps")]:
+        assert placer.place(Path(path), Path(root)).sweeps_folder() == Path(want), path
 
 
 def test_cli_library_commands(model_library: dict[str, Path],

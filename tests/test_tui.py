@@ -3,7 +3,9 @@ and snapshots at fixed sizes."""
 
 from __future__ import annotations
 
+import io
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +16,16 @@ from textual.widgets import Static, Tree
 from tui_support import settle
 
 from modelkit.errors import Cancelled
-from modelkit.tui import jobs
+from modelkit.library.query import Entry
+from modelkit.tui import jobs, rows
 from modelkit.tui.app import make_app
 from modelkit.tui.messages import JobFailed, JobFinished, LibraryChanged
+from modelkit.tui.rows import hint_cell
 from modelkit.tui.screens.compare import CompareScreen
 from modelkit.tui.screens.error import ErrorDialog
 from modelkit.tui.screens.help import HelpScreen
 from modelkit.tui.screens.library import LibraryScreen
+from modelkit.tui.widgets import model_table
 from modelkit.tui.widgets.detail import DetailPane
 from modelkit.tui.widgets.model_table import ModelTable
 
@@ -105,14 +110,14 @@ async def test_compare_runs_in_a_worker_then_filtering_and_sorting(
             size=(80, 24)) as pilot:
         await settle(pilot)
         await _filter(pilot, "sd15 k:ckpt")
-        await pilot.press("m", "down", "down", "down", "m", "c")
+        await pilot.press("m", "down", "m", "c")  # sd15, then sd15-b
         assert isinstance(pilot.app.screen, CompareScreen)
         await settle(pilot)
         screen = pilot.app.screen
         assert isinstance(screen, CompareScreen)
         report = screen.report  # the compare module's own tests check its figures
-        assert (report.a, report.b) == (str(root / "sd15-b.safetensors"),
-                                        str(root / "sd15.safetensors"))
+        assert (report.a, report.b) == (str(root / "sd15.safetensors"),
+                                        str(root / "sd15-b.safetensors"))
         assert report.overall.n_tensors == 1142 and 0.5 < report.overall.relative_l2 < 2
         assert set(report.components) == {"unet", "vae", "te", "other"}
         assert "IN00" in report.blocks and "OUT11" in report.blocks
@@ -132,9 +137,9 @@ async def test_compare_runs_in_a_worker_then_filtering_and_sorting(
         assert sorted(e.name for e in table.shown) == [
             "sdxl-detail.safetensors", "style.safetensors", "xl-detail.safetensors"]
         await _filter(pilot, "sd15 k:ckpt")
-        assert [e.name for e in table.shown] == [
-            "sd15-b.safetensors", "sd15-copy.safetensors", "sd15-renamed.safetensors",
-            "sd15.safetensors"]
+        assert [e.name for e in table.shown] == [  # a name before its longer extensions
+            "sd15.safetensors", "sd15-b.safetensors", "sd15-copy.safetensors",
+            "sd15-renamed.safetensors"]
         await _filter(pilot, "has:hint")
         assert len(table.shown) == 5
         await _filter(pilot, "")
@@ -145,6 +150,39 @@ async def test_compare_runs_in_a_worker_then_filtering_and_sorting(
         assert kinds == sorted(kinds)
         await pilot.press("S")
         assert [e.kind for e in table.shown] == sorted(kinds, reverse=True)
+        # the hints column: its longest cell whole where the width allows it
+        cells = [hint_cell(table.hints.get(e.path, ())) for e in table.shown]
+        longest = max(len(c) for c in cells)
+        assert "wrong-folder" in cells and longest > rows.WIDTHS["hints"]
+
+        def widths() -> dict[str, int]:
+            return {str(c.key.value): c.width for c in table.ordered_columns}
+
+        names = max(len(rows.display_name(e)) for e in table.shown) + 2  # and the arrow
+        assert widths()["hints"] == longest and widths()["name"] == names  # 80 columns
+        table.entries = [*table.entries, replace(table.entries[0], path="/x/" + "n" * 40,
+                                                 name="n" * 40)]
+        table.refresh_rows()  # a long name: the name column keeps room, hints cut
+        assert widths()["hints"] == rows.WIDTHS["hints"] and widths()["name"] == 23
+        await pilot.resize_terminal(160, 45)
+        await settle(pilot)
+        assert table.size.width == 96 and widths()["hints"] == longest  # and the hash column
+        assert widths()["name"] == model_table.NAME_MIN  # the long name is cut at 24
+
+
+def test_names_sort_stem_by_stem_naturally() -> None:
+    names = ["tiny-sd15-mix-inpainting.safetensors", "tiny-sd15.safetensors",
+             "Tiny-SD2.ckpt", "tiny-sd15-anime.safetensors", "tiny-sd15.ckpt",
+             "a10.safetensors", "A9.pt", "x.v2.safetensors", "x.safetensors"]
+    entries = [Entry(f"/m/{n}", n, "/m", "/m", len(n), 0, "checkpoint", "sd1", None, None,
+                     None, "plain", None, "/m", None, None, False, None, None, None, None,
+                     None, None, (), 0.0) for n in names]
+    assert [e.name for e in sorted(entries, key=rows.sort_key("name", {}))] == [
+        "A9.pt", "a10.safetensors", "Tiny-SD2.ckpt", "tiny-sd15.ckpt",
+        "tiny-sd15.safetensors", "tiny-sd15-anime.safetensors",
+        "tiny-sd15-mix-inpainting.safetensors", "x.safetensors", "x.v2.safetensors"]
+    by_size = sorted(entries, key=rows.sort_key("size", {}))  # names break ties
+    assert [e.name for e in by_size][:3] == ["A9.pt", "Tiny-SD2.ckpt", "x.safetensors"]
 
 
 def _walk(node: Any) -> list[Any]:
@@ -187,6 +225,33 @@ async def test_new_files_are_indexed_when_the_library_changes(
             ("a.safetensors", "checkpoint"), ("new-vae.safetensors", "vae")]
 
 
+def test_help_keys_in_two_aligned_columns_wrapped_at_words() -> None:
+    """The help box at 80 columns (70 for its text): every key in one
+    column, its description beside it in a second one, aligned across
+    screens, continued under itself and cut between words only."""
+    from rich.console import Console
+
+    from modelkit.tui.screens.help import KEYS, help_text
+
+    console = Console(width=70, record=True, file=io.StringIO())
+    console.print(help_text())
+    lines = [line.rstrip() for line in console.export_text().splitlines()]
+    width = max(len(key) for _, keys in KEYS for key, _ in keys)
+    at = 2 + width + 2  # where every description starts
+    for title, keys in KEYS:
+        start = lines.index(title)
+        for key, what in keys:
+            i = next(i for i, line in enumerate(lines) if i > start and line.startswith(
+                f"  {key}  ") and line[at - 2:at] == "  " and line[at] != " ")
+            text = [lines[i][at:]]
+            while i + 1 < len(lines) and lines[i + 1].startswith(" " * at):
+                i += 1
+                text.append(lines[i][at:])
+            assert " ".join(text) == what, key
+            assert max(len(line) for line in lines) <= 70
+    assert ("x", "cancel the running job (no file is left)") in dict(KEYS)["Act"]
+
+
 class _Sink:
     def __init__(self) -> None:
         self.messages: list[Any] = []
@@ -219,7 +284,7 @@ def test_run_job_reports_cancel_and_errors_as_messages() -> None:
 def test_snapshot_main_80x24(snap_compare: Any, snapshot_library: Path) -> None:
     async def run_before(pilot: Pilot[Any]) -> None:
         await settle(pilot)
-        await pilot.press("down", "down")
+        await pilot.press("down", "down", "down")  # sd15-mix-inpainting
         await settle(pilot)
 
     assert snap_compare(make_app(db=str(snapshot_library), images=False),
@@ -229,7 +294,7 @@ def test_snapshot_main_80x24(snap_compare: Any, snapshot_library: Path) -> None:
 def test_snapshot_lineage_160x45(snap_compare: Any, snapshot_library: Path) -> None:
     async def run_before(pilot: Pilot[Any]) -> None:
         await settle(pilot)
-        await pilot.press("down", "down", "3")
+        await pilot.press("down", "down", "down", "3")  # sd15-mix-inpainting's lineage
         await settle(pilot)
 
     assert snap_compare(make_app(db=str(snapshot_library), images=False),

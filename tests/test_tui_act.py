@@ -79,9 +79,10 @@ async def _choose(pilot: Pilot[Any], selector: str, value: str) -> None:
     await pilot.pause()  # the fields are recomposed; no worker starts
 
 
-def _pause_the_first_write(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
-    """Make the first Act run wait in its first write progress event until
-    the screen's cancel event is set; returns the event set when it waits."""
+def _pause_writes(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Make an Act run wait in its first write progress event until the
+    screen's cancel event is set, while the event returned is clear (it is
+    set when a run waits: clear it to hold the next run)."""
     writing = threading.Event()
     forward_to = jobs.throttled
 
@@ -110,7 +111,7 @@ async def test_merge_from_the_tui_cancel_leaves_nothing_then_a_verified_run_writ
 
     folder = library / "Stable-diffusion"
     out = folder / "sd15-sd15-b-weighted_sum.safetensors"
-    writing = _pause_the_first_write(monkeypatch)
+    writing = _pause_writes(monkeypatch)
     async with _app(library).run_test(size=(80, 24)) as pilot:
         screen = await _open_act(pilot, "sd15.safetensors", "sd15-b.safetensors")
         assert screen.query_one(ParamForm).names == ["alpha"]
@@ -150,6 +151,19 @@ async def test_merge_from_the_tui_cancel_leaves_nothing_then_a_verified_run_writ
         assert isinstance(dialog, ErrorDialog)
         assert dialog.message.startswith(f"modelkit: error: {out}: already exists")
         await pilot.press("escape")
+        # the refused file was there before: not "written, not verified"
+        assert _text(screen, "#act-plan") == f"run failed: no file was written\n{dialog.message}"
+        # x cancels too (as ? help says), and the pane drops the earlier "wrote ..."
+        output.value = str(out.with_stem(f"{out.stem}-2"))
+        writing.clear()
+        await pilot.press("ctrl+r")
+        assert await asyncio.to_thread(writing.wait, 30)
+        await pilot.press("x")
+        await settle(pilot)
+        assert _text(screen, "#act-plan") == "run cancelled, nothing written"
+        assert "cancelled: no file was written" in \
+            str(screen.query_one("#act-bar #status", Static).content)
+        assert not out.with_stem(f"{out.stem}-2").exists() and screen.job is None
         inspected = inspect_model(out)
         assert (inspected.kind, inspected.arch, inspected.n_tensors) == ("checkpoint", "sd1",
                                                                          1143)  # as planned
@@ -214,6 +228,16 @@ async def test_fields_come_from_the_registry_and_bad_values_show_the_cli_error(
         await _choose(pilot, "#param-dtype", "fp8_e4m3fn")
         assert screen.query_one("#act-output", Input).value == str(
             folder / "sd15-b-fp8_e4m3fn.safetensors")
+        output = screen.query_one("#act-output", Input)
+        output.value = str(folder / ("a-long-file-name-" * 6 + "fp8.safetensors"))
+        for size in ((80, 24), (160, 45)):  # long paths show their file name
+            await pilot.resize_terminal(*size)
+            await settle(pilot)
+            for field in screen.query("#act-output, #act-sweep-dir").results(Input):
+                assert field.region.right <= screen.query_one("#act-form").region.right - 1
+                assert field.scroll_offset.x == field.max_scroll_x
+            assert output.max_scroll_x > 0  # the value is longer than the field
+        assert screen.query_one("#act-output").size.width == 54  # 45% of 160, less labels
     assert sorted(folder.iterdir()) == before
 
 

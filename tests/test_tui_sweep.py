@@ -27,6 +27,7 @@ from modelkit.tui.screens.act import ActScreen
 from modelkit.tui.screens.error import ErrorDialog
 from modelkit.tui.screens.sweep import SweepScreen
 from modelkit.tui.sweeps import default_sweep_dir, is_sweep_file, sweep_spec
+from modelkit.tui.widgets.model_table import ModelTable
 
 UNETS = ("u1.safetensors", "u2.safetensors")
 SWEEP_DIR = "u1-u2-weighted_sum-sweep"
@@ -120,7 +121,7 @@ async def test_sweep_from_the_act_form_a_bad_value_then_the_table_and_cancel(
     async with make_app(db=str(library.parent / "index.sqlite"),
                         images=False).run_test(size=(80, 24)) as pilot:
         act = await _open_act(pilot)
-        out = folder / SWEEP_DIR
+        out = library / "sweeps" / SWEEP_DIR  # beside unet/, never inside a model folder
         assert act.query_one("#act-sweep-dir", Input).value == str(out)
         sweep = act.query_one("#act-sweep", Input)
         assert sweep.placeholder == "axes, e.g. alpha = 0.3, 0.5; or a sweep .yaml file"
@@ -131,13 +132,16 @@ async def test_sweep_from_the_act_form_a_bad_value_then_the_table_and_cancel(
         assert isinstance(dialog, ErrorDialog) and dialog.message == cli_line
         await pilot.press("escape")
         assert pilot.app.screen is act
-        assert sorted(p.name for p in folder.iterdir()) == list(UNETS)  # not even the folder
+        assert sorted(p.name for p in folder.iterdir()) == list(UNETS)
+        assert not out.parent.exists()  # not even the folder
         sweep.value = "alpha = 0.25, 0.75, 0.5"
         await pilot.press("ctrl+s")
         assert await asyncio.to_thread(writing.wait, 30)
         screen = pilot.app.screen
         assert isinstance(screen, SweepScreen)
-        await pilot.press("escape")  # while it runs, escape cancels
+        assert "(x or escape cancels)" in str(screen.query_one("#sweep-bar #status",
+                                                                 Static).content)
+        await pilot.press("x")  # while it runs, x (or escape) cancels
         proceed.set()
         await settle(pilot)
         assert screen.report.cancelled and pilot.app.screen is screen
@@ -163,7 +167,16 @@ async def test_sweep_from_the_act_form_a_bad_value_then_the_table_and_cancel(
         assert "| 2 | 0.5 | cancelled |" in (out / "table.md").read_text()
         await pilot.press("escape")  # back to the form: the folder moved on
         assert pilot.app.screen is act
-        assert act.query_one("#act-sweep-dir", Input).value == str(folder / f"{SWEEP_DIR}-2")
+        assert act.query_one("#act-sweep-dir", Input).value == str(out.with_name(
+            f"{SWEEP_DIR}-2"))
+        await pilot.press("escape")  # the library: a re-scan does not list the cells
+        await settle(pilot)
+        await pilot.press("r")
+        await settle(pilot)
+        table = pilot.app.screen.query_one(ModelTable)
+        assert sorted(e.name for e in table.entries) == list(UNETS)
+        assert pilot.app.screen.last_result == ("scanned 2: 0 new, 0 changed, 0 removed, 0 "
+                                                "broken, 1 sweep folder skipped")
     a, b = (load_file(folder / n)[KEY].float() for n in UNETS)
     for r in records[:2]:
         alpha = r["values"]["steps.merge.params.alpha"]
@@ -184,9 +197,12 @@ def test_axes_in_a_field_and_the_form_sweep(tmp_path: Path) -> None:
         with pytest.raises(SweepError, match=problem):
             parse_axes(bad, recipe)
     act = ActSpec("merge", (a, b), "", {"alpha": 0.3}, "weighted_sum")
-    assert default_sweep_dir(act) == tmp_path / "a-b-weighted_sum-sweep"
-    (tmp_path / "a-b-weighted_sum-sweep").mkdir()
-    assert default_sweep_dir(act) == tmp_path / "a-b-weighted_sum-sweep-2"
+    assert default_sweep_dir(act) == tmp_path / "sweeps/a-b-weighted_sum-sweep"
+    (tmp_path / "sweeps/a-b-weighted_sum-sweep").mkdir(parents=True)
+    assert default_sweep_dir(act) == tmp_path / "sweeps/a-b-weighted_sum-sweep-2"
+    webui = ActSpec("merge", ("/w/webui/models/Stable-diffusion/x/a.safetensors", b), "",
+                    {}, "add_difference")
+    assert default_sweep_dir(webui, "/w") == Path("/w/webui/sweeps/a-b-add_difference-sweep")
     assert is_sweep_file("s.yaml") and not is_sweep_file("b = x.yaml")
     with pytest.raises(SweepError, match="no such sweep file"):
         sweep_spec(act, "missing.yaml")
@@ -208,7 +224,7 @@ def test_a_bad_value_typed_in_the_form_names_its_axis(library: Path, tmp_path: P
     act = ActSpec("merge", tuple(str(folder / n) for n in UNETS), "", {"alpha": 0.3},
                   "weighted_sum")
     with pytest.raises(SweepError) as info:
-        run_sweep(sweep_spec(act, "alpha = 0.5, lots"), tmp_path / "out")
+        run_sweep(sweep_spec(act, "alpha = 0.5, lots"), tmp_path / "sweeps/out")
     assert str(info.value) == ("act form: axes.steps.merge.params.alpha: value 'lots' (cell 1): "
                                "unknown block preset 'lots'; see 'modelkit presets'")
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "sweeps").exists()  # nor the parent made for it

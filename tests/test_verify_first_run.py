@@ -110,9 +110,9 @@ def test_renders_report_each_step_and_image_and_free_each_pipeline(
     gc.collect()
     assert all(ref() is None for ref in built)
     renders = [(e.step, e.done, e.total, e.unit, e.item) for e in events
-               if e.step.startswith("verify: render")]
-    assert all(e.phase == VERIFY for e in events if e.step.startswith("verify: render"))
-    ref, cand = "verify: render reference", "verify: render candidate"
+               if e.step.startswith("render ")]
+    assert all(e.phase == VERIFY for e in events if e.step.startswith("render "))
+    ref, cand = "render reference", "render candidate"
     assert renders == [
         (ref, 1, 4, "steps", "p1-s1 step 1/2"), (ref, 2, 4, "steps", "p1-s1 step 2/2"),
         (ref, 1, 2, "images", "p1-s1"),
@@ -149,9 +149,9 @@ def _verify_events() -> list[Progress]:
     """A NaN scan, then the renders of 3 images x 4 steps (one event per
     step, one per image), as a full-size smoke verify sends them."""
     total = 100 * 2**20
-    out = [Progress("verify: NaN/Inf scan", n * 2**20, total, "bytes", "k")
+    out = [Progress("NaN/Inf scan", n * 2**20, total, "bytes", "k", VERIFY)
            for n in range(0, 101, 10)]
-    task = "verify: render candidate"
+    task = "render candidate"
     for i in range(3):
         out += [Progress(task, 4 * i + k, 12, "steps", f"p{i + 1}-s1 step {k}/4", VERIFY)
                 for k in range(1, 5)]
@@ -174,8 +174,8 @@ def test_cli_draws_each_render_step_after_the_scan(monkeypatch: pytest.MonkeyPat
     lines = log.getvalue().splitlines()
     renders = [line for line in lines if "render candidate" in line]
     assert 3 <= len(renders) <= 5, lines  # start, quarters, end: a few lines
-    assert renders[0].startswith("verify verify: render candidate:   8.3% 1 steps/12 steps")
-    assert renders[-1].startswith("verify verify: render candidate: 100.0%")
+    assert renders[0].startswith("verify render candidate: 8.3% 1/12 steps")
+    assert renders[-1].startswith("verify render candidate: 100.0%")
     tty = _Tty()
     bar = StderrProgress(stream=tty)
     for p in _verify_events():
@@ -184,4 +184,4 @@ def test_cli_draws_each_render_step_after_the_scan(monkeypatch: pytest.MonkeyPat
     assert len(drawn) == 15  # each of the 12 steps and 3 images
     # 5 s per event: step 6 comes 30 s after step 1, so 6 steps are left
     # at 6 s each (36 s); the whole run's pace, scan included, said 1m25s
-    assert "verify verify: render candidate:  50.0% 6 steps/12 steps 1m25s ETA 36s" in drawn, drawn
+    assert "verify render candidate: 50.0% 6/12 steps 1m25s ETA 36s" in drawn, drawn

@@ -307,9 +307,23 @@ def test_progress_and_cancel(models: dict[str, Path]) -> None:
     seen: list[Progress] = []
     report = verify(models["sd1"], VerifySettings(render=False), progress=seen.append)
     assert report.passed and report.plan is None  # static only: nothing rendered
-    scan = [p for p in seen if p.step == "verify: NaN/Inf scan"]
+    scan = [p for p in seen if p.step == "NaN/Inf scan"]
     assert scan and scan[-1].done == scan[-1].total and scan[-1].unit == "bytes"
+    assert {p.phase for p in scan} == {"verify"} and scan[-1].label == "verify NaN/Inf scan"
     stop = threading.Event()
     stop.set()
     with pytest.raises(Cancelled):
         verify(models["sd1"], VerifySettings(render=False), cancel=stop)
+
+
+def test_markdown_escapes_prompts_and_names() -> None:
+    from modelkit.verify.report import ImageMetrics
+
+    rep = VerifyReport(model="m\x1b]0;x\x07.safetensors")
+    rep.images.append(ImageMetrics("p1-s1", 0, "a cat | x\n| forged | row |\x1b[2J", 1,
+                                   0.0, 0.1, psnr=40.0))
+    md = to_markdown(rep)
+    assert "\x1b" not in md and md.startswith("# modelkit verify: m\\x1b]0;x\\x07.safetensors")
+    row = next(line for line in md.splitlines() if line.startswith("| p1-s1 |"))
+    assert row.endswith("| a cat \\| x\\n\\| forged \\| row \\|\\x1b[2J |")
+    assert not any(line.startswith("| forged") for line in md.splitlines())

@@ -117,6 +117,20 @@ def _as_list(spec: object) -> list[object] | None:
     return None
 
 
+def _unknown_word(spec: str) -> bool:
+    """A single word that is neither a number nor a block preset."""
+    from modelkit.arch.blocks import PRESET_DOCS
+
+    text = spec.strip()
+    if any(c in text for c in ",=:") or text.lower() in PRESET_DOCS:
+        return False
+    try:
+        float(text)
+    except ValueError:
+        return True
+    return False
+
+
 def parse_lora_blocks(spec: object, arch: str) -> dict[str, float]:
     """Per-block LoRA weights for ``arch`` (every name of
     :func:`modelkit.arch.blocks.block_names`), from:
@@ -131,6 +145,10 @@ def parse_lora_blocks(spec: object, arch: str) -> dict[str, float]:
     _check(arch)
     if isinstance(spec, str) and spec.strip().upper() in PRESET_NAMES:
         return _widen(lbw_presets(arch)[spec.strip().upper()], arch)
+    if isinstance(spec, str) and _unknown_word(spec):
+        raise ModelkitError(f"unknown LoRA block weight preset '{spec.strip()}'; known: "
+                            f"{', '.join(PRESET_NAMES)} (or {len(attention_blocks(arch))}/"
+                            f"{len(block_names(arch))} values, or NAME=VALUE,...)")
     items = _as_list(spec)
     if items is not None and len(items) == len(attention_blocks(arch)):
         from modelkit.arch.blocks import _number

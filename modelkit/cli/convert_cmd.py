@@ -22,6 +22,7 @@ from modelkit.vocab import (
     MERGE_OUTPUT_DTYPES,
     QUANT_TARGETS,
 )
+from modelkit.wording import plural
 
 LIST_LIMIT = 15
 
@@ -41,9 +42,12 @@ def _run_op(op: str, models: list[str], common: dict[str, Any],
         recipe = recipe.with_output(**output_fields)
 
     def render(report: Any) -> list[str]:
-        out = [f"wrote {shown(report.output)} ({report.format}): {report.n_tensors} tensors, "
-               f"{human_bytes(report.output_bytes)} in {report.seconds:.1f}s"]
+        out = [f"wrote {shown(report.output)} ({report.format}): "
+               f"{plural(report.n_tensors, 'tensor')}, {human_bytes(report.output_bytes)} "
+               f"on disk in {report.seconds:.1f}s"]
         out += lines(report.report)
+        for w in report.warnings:
+            click.echo(f"warning: {shown(w)}", err=True)
         return out + [f"note: {shown(n)}" for n in report.notes]
 
     execute(recipe, common, render)
@@ -57,9 +61,10 @@ def _listed(title: str, items: list[str]) -> list[str]:
 
 
 def _prune_lines(r: Any) -> list[str]:
-    counts = ", ".join(f"{n} {reason}" for reason, n in r.dropped_by_reason().items())
-    out = [f"kept {r.n_kept} tensors; dropped {len(r.dropped)} "
-           f"({counts or 'nothing'}), {human_bytes(r.dropped_bytes)}; "
+    # tensor data only: the file written adds its header and metadata
+    counts = ", ".join(plural(n, reason) for reason, n in r.dropped_by_reason().items())
+    out = [f"kept {plural(r.n_kept, 'tensor')}; dropped {len(r.dropped)} "
+           f"({counts or 'nothing'}), {human_bytes(r.dropped_bytes)}; tensor data "
            f"{human_bytes(r.bytes_in)} -> {human_bytes(r.bytes_out)}"]
     if r.markers:
         out.append(f"kept prediction markers: {', '.join(r.markers)}")
@@ -90,12 +95,13 @@ def _ema_lines(r: Any) -> list[str]:
 def _quantize_lines(r: Any) -> list[str]:
     shown = {"max16": "fp16 where fp32", "keep": "unchanged"}
     policy = ", ".join(f"{c}={shown.get(d, d)}" for c, d in r.policy.items())
-    out = [f"policy: {policy}; {r.n_cast} tensors cast, {r.n_int8} int8; "
-           f"{human_bytes(r.bytes_in)} -> {human_bytes(r.bytes_out)} "
+    out = [f"policy: {policy}; {plural(r.n_cast, 'tensor')} cast, {r.n_int8} int8; "
+           f"tensor data {human_bytes(r.bytes_in)} -> {human_bytes(r.bytes_out)} "
            f"({100 * (1 - r.bytes_out / r.bytes_in):.1f}% saved)" if r.bytes_in else ""]
     if r.overflow:
         total = sum(r.overflow.values())
-        out.append(f"warning: {total} values in {len(r.overflow)} tensors exceeded the "
+        out.append(f"warning: {plural(total, 'value')} in {plural(len(r.overflow), 'tensor')} "
+                   f"exceeded the "
                    f"{r.target} range and were saturated to its largest finite value")
         out += _listed("saturated", [f"{k}: {n}" for k, n in r.overflow.items()])
     if r.measured:
@@ -182,7 +188,7 @@ def dequantize_cmd(model: str, output: str, dtype: str, **common: Any) -> None:
                    "Default: ComfyUI-GGUF layout, conv kernels quantized too (smaller).")
 def export_gguf_cmd(model: str, output: str, qtype: str, dtype: str | None, keep_shapes: bool,
                     **common: Any) -> None:
-    """Write the UNet as GGUF for ComfyUI-GGUF (models/unet) or, with
+    """Write the UNet as GGUF for ComfyUI-GGUF (models/diffusion_models) or, with
     --keep-shapes, stable-diffusion.cpp."""
     quant = {"fp16": "f16", "bf16": "bf16"}[dtype] if dtype else qtype
     _run_op("convert", [model], {"output": output, **common}, _plain_lines,

@@ -61,15 +61,20 @@ def methods_cmd(as_json: bool) -> None:
               help="Only this architecture's block list (SD2 and the refiner use SD1's).")
 @click.option("--json", "as_json", is_flag=True, help="Print the values as JSON.")
 def presets_cmd(arch: str | None, as_json: bool) -> None:
-    """List the block-weight presets with their values for SD1 (26 blocks:
-    BASE, IN00-IN11, M00, OUT00-OUT11) and SDXL (20 blocks)."""
-    from modelkit.arch.blocks import PRESET_DOCS, preset
+    """List the block-weight presets with their values for SD1 and SD2 (26
+    weights: BASE, IN00..IN11, M00, OUT00..OUT11) and SDXL (20 weights:
+    BASE, IN00..IN08, M00, OUT00..OUT08). Merges take an optional VAE entry
+    last (27 or 21 values), which follows BASE unless given."""
+    from modelkit.arch.blocks import PRESET_DOCS, count_text, preset
 
     archs = [arch] if arch else ["sd1", "sdxl"]
     if as_json:
         click.echo(json.dumps({name: {a: preset(name, a) for a in archs}
                                for name in PRESET_DOCS}, indent=2))
         return
+    for a in archs:
+        click.echo(f"{a}: {count_text(a)}")
+    click.echo("")
     for name, doc in PRESET_DOCS.items():
         click.echo(f"{name}: {doc}")
         for a in archs:

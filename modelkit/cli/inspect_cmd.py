@@ -9,6 +9,7 @@ import click
 from modelkit.cli.progress import human_bytes
 from modelkit.inspect.report import ModelReport, inspect_model
 from modelkit.textsafe import shown
+from modelkit.wording import plural
 
 EPILOG = """\b
 Examples:
@@ -45,14 +46,15 @@ def _ema(d: dict) -> str:
         return "no"
     n_keys = d["extra_keys"].get("ema", d["n_ema_tensors"])
     if n_keys == d["n_ema_tensors"]:
-        return f"yes, {d['n_ema_tensors']} tensors"
-    return f"yes, {d['n_ema_tensors']} tensors ({n_keys} model_ema. keys with decay, num_updates)"
+        return f"yes, {plural(d['n_ema_tensors'], 'tensor')}"
+    return (f"yes, {plural(d['n_ema_tensors'], 'tensor')} ({n_keys} model_ema. keys with decay, "
+            "num_updates)")
 
 
 def _gguf_line(g: dict) -> str:
     types = ", ".join(f"{k} {v}" for k, v in g["quant_types"].items())
     arch = shown(g["architecture"], 20) if g["architecture"] else "not set"
-    line = (f"v{g['version']}, general.architecture {arch}, {g['n_tensors']} tensors "
+    line = (f"v{g['version']}, general.architecture {arch}, {plural(g['n_tensors'], 'tensor')} "
             f"({types})")
     if g["n_orig_shapes"]:
         line += f", {g['n_orig_shapes']} stored flattened (comfy.gguf.orig_shape)"
@@ -70,7 +72,7 @@ def render(rep: ModelReport) -> str:
         ("arch", d["arch"] + (f"  ({evidence})" if evidence else "")),
         ("variant", d["variant"] or "-"),
         ("prediction", f"{d['prediction']['type']}  ({pred})"),
-        ("size", f"{human_bytes(d['size_bytes'])}, {d['n_tensors']} tensors, "
+        ("size", f"{human_bytes(d['size_bytes'])}, {plural(d['n_tensors'], 'tensor')}, "
                  f"{_params(d['n_params'])} params"),
         ("dtypes", ", ".join(f"{k} {v}" for k, v in d["dtypes"].items())),
         ("EMA", _ema(d)),
@@ -83,21 +85,22 @@ def render(rep: ModelReport) -> str:
         lines += [_component_line(c) for c in d["components"].values()]
     if d["adapter"]:
         a = d["adapter"]
-        lines.append(f"  adapter     {a['format']} ({a['naming']} names), {a['n_modules']} "
-                     f"modules, rank {a['ranks']}, alpha {a['alphas']}, touches "
+        lines.append(f"  adapter     {a['format']} ({a['naming']} names), "
+                     f"{plural(a['n_modules'], 'module')}, rank {a['ranks']}, "
+                     f"alpha {a['alphas']}, touches "
                      f"{', '.join(a['targets'])}")
     if d["embedding"]:
         e = d["embedding"]
-        lines.append(f"  embedding   {e['vectors']} vectors of width {e['width']}")
+        lines.append(f"  embedding   {plural(e['vectors'], 'vector')} of width {e['width']}")
     if d["extra_keys"]:
         lines.append("  extra keys  " + ", ".join(f"{k} {v}" for k, v in d["extra_keys"].items()))
     if d["unknown_keys"]:
-        lines.append(f"  unknown     {len(d['unknown_keys'])} keys, e.g. "
+        lines.append(f"  unknown     {plural(len(d['unknown_keys']), 'key')}, e.g. "
                      f"{shown(d['unknown_keys'][0], KEY_LIMIT)}")
     for note in d["notes"]:
         lines.append(f"  note        {shown(note, 200)}")
     if d["metadata"]:
-        lines.append(f"  metadata    {len(d['metadata'])} entries")
+        lines.append(f"  metadata    {plural(len(d['metadata']), 'entry')}")
         for k, v in list(d["metadata"].items())[:METADATA_SHOWN]:
             lines.append(f"    {shown(k, KEY_LIMIT)}: {shown(v, VALUE_LIMIT)}")
     # a last guard: nothing unescaped reaches the terminal, whatever a line holds

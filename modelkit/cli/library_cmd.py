@@ -12,6 +12,7 @@ import click
 from modelkit.cli.common import CommaList
 from modelkit.cli.progress import StderrProgress, human_bytes
 from modelkit.textsafe import safe_text
+from modelkit.wording import plural
 
 EPILOG = """\b
 Examples:
@@ -70,16 +71,22 @@ def scan_cmd(dirs: tuple[str, ...], do_hash: bool, jobs: int | None, db: str | N
     from modelkit.library.scan import scan
 
     report = scan(dirs, db, hash=do_hash, progress=StderrProgress(quiet), workers=jobs)
+    for line in report.warnings:
+        click.echo(f"modelkit: warning: {safe_text(line)}", err=True)
     if as_json:
         _echo_json(report.to_dict())
         return
     kinds = ", ".join(f"{n} {k}" for k, n in report.kinds.items()) or "no model files"
-    click.echo(f"{report.found} files under {', '.join(safe_text(r) for r in report.roots)}: "
+    click.echo(f"{plural(report.found, 'file')} under "
+               f"{', '.join(safe_text(r) for r in report.roots)}: "
                f"{report.new} new, {report.changed} changed, {report.unchanged} unchanged, "
                f"{report.removed} removed, {report.broken} broken"
                + (f", {report.hashed} hashed" if do_hash else "")
                + (f", {report.sidecars_updated} with new sidecars"
                   if report.sidecars_updated else "")
+               + (f", {report.sweeps_skipped} sweep folder"
+                  f"{'s' if report.sweeps_skipped > 1 else ''} skipped"
+                  if report.sweeps_skipped else "")
                + f" ({report.seconds:.2f} s)")
     click.echo(f"  {kinds}")
     click.echo(f"  index: {safe_text(report.db)}")
@@ -185,8 +192,9 @@ def dupes_cmd(no_hash: bool, kind: tuple[list[str], ...], arch: tuple[list[str],
         click.echo(f"{g.hash[:12]}  {what}, {human_bytes(g.wasted_bytes, 1)} to free")
         for e in g.entries:
             click.echo(f"  {safe_text(e.path)}")
-    tail = f"; {report.n_unhashed} candidates not hashed" if report.n_unhashed else ""
-    click.echo(f"{len(report.groups)} duplicate groups, "
+    tail = (f"; {plural(report.n_unhashed, 'candidate')} not hashed" if report.n_unhashed
+            else "")
+    click.echo(f"{plural(len(report.groups), 'duplicate group')}, "
                f"{human_bytes(report.wasted_bytes, 1)} to free{tail}")
 
 
@@ -260,7 +268,7 @@ def check_cmd(kind: tuple[list[str], ...], arch: tuple[list[str], ...], name: st
                 click.echo(f"  {h.severity}: {safe_text(h.message)}")
                 if h.expected:
                     click.echo(f"  move to: {safe_text(h.expected)}")
-        click.echo(f"{len(report.hints)} hints for {report.n_files} files")
+        click.echo(f"{plural(len(report.hints), 'hint')} for {plural(report.n_files, 'file')}")
     if report.hints:
         raise click.exceptions.Exit(1)
 

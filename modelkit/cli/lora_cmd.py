@@ -15,6 +15,7 @@ from modelkit.cli.progress import human_bytes
 from modelkit.core.recipe import COMMAND_LINE, Recipe
 from modelkit.textsafe import shown
 from modelkit.vocab import FLOAT_STORAGE, MERGE_OUTPUT_DTYPES
+from modelkit.wording import noun, plural
 
 LIST_LIMIT = 15
 NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
@@ -32,7 +33,7 @@ def split_weights(spec: str, most: int) -> tuple[str, list[float]]:
 
 def _execute(recipe: Any, common: dict[str, Any], lines: Callable[[Any], list[str]]) -> None:
     def render(report: Any) -> list[str]:
-        return [f"wrote {shown(report.output)}: {report.n_tensors} tensors, "
+        return [f"wrote {shown(report.output)}: {plural(report.n_tensors, 'tensor')}, "
                 f"{human_bytes(report.output_bytes)} in {report.seconds:.1f}s",
                 *lines(report.report)]
 
@@ -53,11 +54,12 @@ def _listed(title: str, items: list[str]) -> list[str]:
 
 
 def _bake_lines(r: Any) -> list[str]:
-    out = [f"{r.keys_changed} checkpoint tensors changed ({r.arch}, "
+    out = [f"{plural(r.keys_changed, 'checkpoint tensor')} changed ({r.arch}, "
            f"dtype {r.dtype or 'as the base'})"]
     for a in r.adapters:
         out.append(f"  {shown(a.file)} ({a.format}, {a.arch}): unet {a.weight:g}, te "
-                   f"{a.te_weight:g}; {a.n_modules} modules, {a.keys_touched} keys touched")
+                   f"{a.te_weight:g}; {plural(a.n_modules, 'module')}, "
+                   f"{plural(a.keys_touched, 'key')} touched")
         out += _listed("  unmatched keys (not applied)", a.unmatched)
     return out
 
@@ -66,7 +68,7 @@ def _svd_lines(r: Any) -> list[str]:
     ranks = sorted({x.rank for x in r.layers if not x.skipped})
     rank_text = (f"rank {ranks[0]}" if len(ranks) == 1 else
                  f"ranks {ranks[0]}..{ranks[-1]}") if ranks else "no layers"
-    out = [f"{r.n_modules} modules, {rank_text}; relative error ||ΔW-BA||/||ΔW|| "
+    out = [f"{plural(r.n_modules, 'module')}, {rank_text}; relative error ||ΔW-BA||/||ΔW|| "
            f"overall {r.relative_error:.4g}"]
     worst = sorted((x for x in r.layers if not x.skipped), key=lambda x: -x.relative_error)
     out += _listed("worst layers", [f"{x.name}: rank {x.rank}, error {x.relative_error:.4g}"
@@ -186,18 +188,20 @@ def convert_cmd(lora: str, output: str, to: str, **common: Any) -> None:
     recipe = Recipe.op("lora_convert", lora, output=output, options=options_from(common),
                        source=COMMAND_LINE, to=to)
     _execute(recipe, {"output": output, **common},
-             lambda r: [f"{r['n_modules']} modules: {r['from']} -> {r['to']} ({r['arch']})"])
+             lambda r: [f"{plural(r['n_modules'], 'module')}: {r['from']} -> {r['to']} "
+                        f"({r['arch']})", f"read by: {r['read_by']}"])
 
 
 def _info_lines(r: Any) -> list[str]:
-    out = [f"{shown(r.file)}: {r.format} for {r.arch} ({r.naming} names), {len(r.layers)} modules, "
-           f"{len(r.keys_touched)} checkpoint keys touched"]
+    out = [f"{shown(r.file)}: {r.format} for {r.arch} ({r.naming} names), "
+           f"{plural(len(r.layers), 'module')}, "
+           f"{plural(len(r.keys_touched), 'checkpoint key')} touched"]
     head = "relative to base" if r.base else "‖ΔW‖"
     out.append(f"per block ({head}):")
     for name, b in r.blocks.items():
         if b.n_modules:
             value = b.relative if r.base and b.relative is not None else b.delta_norm
-            out.append(f"  {name:<6} {value:10.4g}  {b.n_modules:4d} modules")
+            out.append(f"  {name:<6} {value:10.4g}  {b.n_modules:4d} {noun(b.n_modules, 'module')}")
     ranks = [x.effective_rank for x in r.layers if x.effective_rank is not None]
     if ranks:
         out.append(f"effective rank at {r.energy:g} energy: min {min(ranks)}, median "

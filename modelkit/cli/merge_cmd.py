@@ -18,6 +18,7 @@ from modelkit.vocab import (
     MISSING_KEY_POLICIES,
     OUTPUT_FORMATS,
 )
+from modelkit.wording import plural
 
 MERGE_EPILOG = """\b
 Examples:
@@ -35,7 +36,7 @@ ComfyUI's ModelMergeSimple ratio runs the other way.
 
 def _merge_lines(report: Any) -> list[str]:
     verb = "would write" if report.dry_run else "wrote"
-    out = [f"{verb} {shown(report.output)} ({report.arch}): {report.n_tensors} tensors, "
+    out = [f"{verb} {shown(report.output)} ({report.arch}): {plural(report.n_tensors, 'tensor')}, "
            f"{report.n_merged} merged, {report.n_copied} copied, {report.n_skipped} skipped, "
            f"{human_bytes(report.output_bytes)}",
            f"estimated peak working memory: {human_bytes(report.peak_estimate_bytes)} "
@@ -43,7 +44,9 @@ def _merge_lines(report: Any) -> list[str]:
     if not report.dry_run:
         out.append(f"took {report.seconds:.1f}s")
     if report.n_ignored:
-        out.append(f"note: {report.n_ignored} keys exist only in B/C and were ignored")
+        exist = "exists" if report.n_ignored == 1 else "exist"
+        out.append(f"note: {plural(report.n_ignored, 'key')} {exist} only in B/C and "
+                   f"{'was' if report.n_ignored == 1 else 'were'} ignored")
     if report.dry_run:
         out += _block_weight_lines(report)
     if report.verify is not None:
@@ -55,12 +58,13 @@ def _merge_lines(report: Any) -> list[str]:
 
 def _block_weight_lines(report: Any) -> list[str]:
     """The resolved per-block weights of every block-wise parameter."""
+    from modelkit.arch.blocks import weights_title
     from modelkit.cli.info_cmd import block_table
 
     out = []
     for step in report.steps:
         for name, weights in (getattr(step.report, "block_weights", None) or {}).items():
-            out.append(f"block weights of {name} ({len(weights)} blocks):")
+            out.append(f"block weights of {name} ({weights_title(weights)}):")
             out += block_table(weights)
     return out
 
@@ -77,7 +81,8 @@ def _block_weight_lines(report: Any) -> list[str]:
 @click.option("--beta", type=float, default=None, help="beta, for methods that take it.")
 @click.option("--blocks", default=None,
               help="Block-wise alpha: 26 (SD1/SD2) or 20 (SDXL) comma-separated numbers "
-                   "in the order BASE, IN00.., M00, OUT.., or a preset name.")
+                   "in the order BASE, IN00.., M00, OUT.. (27/21 with the optional VAE "
+                   "entry last), or a preset name.")
 @click.option("--beta-blocks", default=None, help="Block-wise beta, same forms as --blocks.")
 @click.option("--param", "extra", multiple=True, metavar="NAME=VALUE",
               help="Other method parameters, e.g. --param k=0.2.")
@@ -265,10 +270,11 @@ def recipe_replay(model: str, check: bool, output: str | None, search: tuple[str
                                "output": str(result.output) if result.output else None},
                               indent=2))
     elif result.identical:
-        click.echo(f"replay of {shown(model)}: bit-exact ({result.n_tensors} tensors)")
+        click.echo(f"replay of {shown(model)}: bit-exact ({plural(result.n_tensors, 'tensor')})")
     else:
+        verb = "differs" if result.n_different == 1 else "differ"
         click.echo(f"replay of {shown(model)}: DIFFERENT: {result.n_different} of "
-                   f"{result.n_tensors} tensors differ "
+                   f"{plural(result.n_tensors, 'tensor')} {verb} "
                    f"(first: {shown(result.first_difference, 200)})")
     if check and not result.identical:
         raise click.exceptions.Exit(1)

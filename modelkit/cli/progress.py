@@ -1,11 +1,14 @@
 """Progress on stderr for the CLI.
 
-On a terminal: one line, redrawn at most ten times a second, with the phase,
-the step, the percentage, the rate and an ETA. In logs (stderr not a
-terminal): a few plain lines per run (start, each quarter, end), or, for
-events without an ``overall`` fraction (verify's scans and renders, hashing
-several files), per step. Quiet mode
-draws nothing. Events may come from several threads; drawing is serialised.
+On a terminal: one line, redrawn at most ten times a second; in logs (stderr
+not a terminal): a few plain lines per run (start, each quarter of the run,
+end), or, for events without an ``overall`` fraction (verify's scans and
+renders, hashing several files), per step. Both draw the same line: the
+event's own :meth:`~modelkit.progress.Progress.describe` (the phase and
+step, the share of what the line counts, ``done/total``, and the run's
+``overall`` share when it differs) with the rate, the time so far and an
+ETA of the run (of the step, for events without ``overall``).
+Quiet mode draws nothing. Events may come from several threads; drawing is serialised.
 """
 
 from __future__ import annotations
@@ -13,23 +16,13 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from dataclasses import replace
 from typing import TextIO
 
-from modelkit.progress import PLAN, Progress
+from modelkit.progress import PLAN, Progress, human_bytes
 from modelkit.textsafe import shown
 
-
-def human_bytes(n: float, digits: int = 2) -> str:
-    """``n`` bytes with a decimal unit: ``2.13 GB``, ``613.21 KB``, ``12 B``."""
-    for suffix in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{int(n)} B" if suffix == "B" else f"{n:.{digits}f} {suffix}"
-        n /= 1000
-    return f"{n:.{digits}f} TB"
-
-
-def _amount(n: float, unit: str) -> str:
-    return human_bytes(n, 1) if unit == "bytes" else f"{int(n)} {unit}"
+__all__ = ["StderrProgress", "human_bytes"]
 
 
 def _duration(seconds: float) -> str:
@@ -108,10 +101,9 @@ class StderrProgress:
         eta = ""
         if MIN_ETA_FRACTION <= fraction < 1 and elapsed > 0:  # below it, the first block's noise
             eta = self._eta(p, now, fraction, elapsed)
-        item = f" {shown(p.step, 40)}"
-        return (f"{p.phase}{item}: {100 * fraction:5.1f}% "
-                f"{_amount(p.done, p.unit)}/{_amount(p.total, p.unit)}{rate}"
-                f" {_duration(elapsed)}{eta}")
+        step = shown(p.step, 40)
+        line = (p if step == p.step else replace(p, step=step)).describe()
+        return f"{line}{rate} {_duration(elapsed)}{eta}"
 
     def _eta(self, p: Progress, now: float, fraction: float, elapsed: float) -> str:
         """From the whole run's pace when events carry ``overall``, else from

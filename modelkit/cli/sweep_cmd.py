@@ -16,6 +16,7 @@ import click
 from modelkit.cli.progress import StderrProgress, human_bytes
 from modelkit.textsafe import safe_text, shown
 from modelkit.vocab import DEVICES
+from modelkit.wording import plural
 
 
 class _Stderr:
@@ -46,7 +47,7 @@ class _Stderr:
         if seconds is not None:
             parts.append(f"{seconds:.1f} s")
         if verify:
-            parts.append(str(verify.get("verdict", "")).upper())
+            parts.append(str(verify.get("outcome") or verify.get("verdict", "")).upper())
             if metrics.get("psnr") is not None:
                 psnr = metrics["psnr"]
                 parts.append(f"PSNR {psnr if isinstance(psnr, str) else format(psnr, '.2f')}")
@@ -90,11 +91,15 @@ def _cancel_on_signals(cancel: threading.Event, out: _Stderr) -> Iterator[None]:
                 signal.signal(getattr(signal, n), handler)
 
 
-def _dry_run(spec: Any, output: str, device: str | None, as_json: bool) -> None:
+def _dry_run(spec: Any, output: str, device: str | None, as_json: bool, resume: bool,
+            overwrite: bool) -> None:
     import tempfile
     from pathlib import Path
 
     from modelkit.sweep import plan_sweep
+    from modelkit.sweep.run import check_folder
+
+    check_folder(Path(output).absolute(), resume, overwrite)  # refused as the run would be
 
     with tempfile.TemporaryDirectory() as tmp:  # DIR need not exist yet
         plans = plan_sweep(spec, output if Path(output).is_dir() else tmp, device=device)
@@ -109,7 +114,8 @@ def _dry_run(spec: Any, output: str, device: str | None, as_json: bool) -> None:
             f"{human_bytes(r['output_bytes'])}, memory {human_bytes(r['memory_bytes'])}")
         click.echo(f"{r['name']}: {state}")
     failing = sum(1 for r in rows if r["error"])
-    click.echo(f"{len(rows)} cells planned" + (f", {failing} will fail" if failing else ""))
+    click.echo(f"{plural(len(rows), 'cell')} planned"
+               + (f", {failing} will fail" if failing else ""))
 
 
 @click.command("sweep")
@@ -151,7 +157,7 @@ def sweep_cmd(sweep: str, output: str, jobs: int | None, threads: int | None,
 
     spec = load_sweep(sweep)
     if dry_run:
-        _dry_run(spec, output, device, as_json)
+        _dry_run(spec, output, device, as_json, resume, overwrite)
         return
     executor = make_executor(jobs, address, threads, retries)
     out = _Stderr(quiet)

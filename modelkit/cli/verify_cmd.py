@@ -34,7 +34,11 @@ synthetic one is for its tiny models.
 
 
 def _render_table(report: object) -> str:
+    from itertools import zip_longest
+
+    from modelkit.textsafe import shown
     from modelkit.verify.report import VerifyReport, fmt_value
+    from modelkit.wording import wrap_words
 
     assert isinstance(report, VerifyReport)
     d = report
@@ -59,10 +63,17 @@ def _render_table(report: object) -> str:
     lines += [f"  {k:<10} {v}" for k, v in rows]
     lines.append(f"  {'check':<28} {'case':<10} {'value':<16} {'threshold':<24} verdict")
     for c in d.checks:
-        value = fmt_value(c.value)
-        lines.append(f"  {c.name:<28} {c.case or '':<10} {value[:16]:<16} "
-                     f"{(c.threshold or '')[:24]:<24} {c.verdict.upper()}"
+        # long values and thresholds wrap at word boundaries onto lines of
+        # their own; a value with no threshold may use the threshold's column
+        value, limit = shown(fmt_value(c.value)), shown(c.threshold or "")
+        if limit:
+            cells = [f"{v:<16} {t:<24}" for v, t in zip_longest(
+                wrap_words(value, 16), wrap_words(limit, 24), fillvalue="")]
+        else:
+            cells = [f"{v:<41}" for v in wrap_words(value, 41)]
+        lines.append(f"  {c.name:<28} {c.case or '':<10} {cells[0]} {c.verdict.upper()}"
                      + (f"  {c.message}" if c.message and c.verdict != "pass" else ""))
+        lines += [f"  {'':<28} {'':<10} {cell}".rstrip() for cell in cells[1:]]
     for note in d.notes:
         lines.append(f"  note: {note}")
     lines.append(d.summary())
@@ -97,6 +108,21 @@ def _settings(prompts: Path | None, seeds: str | None, steps: int | None, size: 
         s.size = parse_size(size)
     s.validate()
     return s
+
+
+def _refuse_bad_input(report: object) -> None:
+    """A LoRA (or a VAE...) as MODEL, an architecture verify does not know,
+    or a reference of another architecture is bad input: one line, exit 2,
+    nothing written."""
+    from modelkit.errors import ModelkitError
+
+    failed = getattr(report, "failed", [])
+    bad = next((c for c in failed if c.name == "static.architecture"), None)
+    if bad is None:
+        return
+    hint = ("give a reference of the same architecture" if ", the reference " in bad.message
+            else "verify checks SD1, SD2 and SDXL checkpoints (a LoRA: its base with --lora)")
+    raise ModelkitError(f"{bad.message}; {hint}")
 
 
 @click.command("verify", epilog=EPILOG)
@@ -179,6 +205,7 @@ def verify_cmd(model: Path, reference: Path | None, loras: tuple[str, ...],
     lora_uses = tuple(parse_lora_arg(text) for text in loras)
     report = verify(model, settings, reference, lora_uses,  # type: ignore[arg-type]
                     progress=StderrProgress(quiet))
+    _refuse_bad_input(report)
     written = []
     for path, write in ((report_path, outputs.write_json), (markdown, outputs.write_markdown),
                         (junit, outputs.write_junit)):

@@ -41,6 +41,7 @@ from modelkit.core.step import PlannedStep, same_origins
 from modelkit.errors import ModelkitError
 from modelkit.io.source import DerivedSource, Source, source_label, tensor_info
 from modelkit.numeric import l2_sums, relative_l2, snr_db
+from modelkit.wording import with_article
 
 if TYPE_CHECKING:
     import torch
@@ -255,7 +256,7 @@ def quantize(src: Source, target: str, *, components: tuple[str, ...] | None = N
                             f"({src.metadata[QUANT_KEY]}); dequantize it first")
     rep0 = describe(src)
     if rep0.kind not in ("checkpoint", "unet", "vae", "text_encoder"):
-        raise ModelkitError(f"{source_label(src)}: is a {rep0.kind}; quantize takes "
+        raise ModelkitError(f"{source_label(src)}: is {with_article(rep0.kind)}; quantize takes "
                             "checkpoints and single components")
     policy = component_policy(target, components)
     report = QuantizeReport(target, policy, bytes_in=sum(i.nbytes for i in src.infos.values()))

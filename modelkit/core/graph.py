@@ -20,6 +20,7 @@ from modelkit.core.recipe import BlockParam, InputSpec, Recipe
 from modelkit.core.registry import METHOD, ROLE_KINDS, Transform, get_transform
 from modelkit.errors import ModelkitError
 from modelkit.progress import PLAN, READ, Progress, ProgressFn, no_progress
+from modelkit.wording import with_article
 
 if TYPE_CHECKING:
     from modelkit.core.step import PlannedStep
@@ -244,6 +245,7 @@ def check_role(t: Transform, index: int, source: Source) -> None:
     kind = describe(source).kind
     if kind not in kinds:
         role = t.role(index)
-        raise ModelkitError(f"{source_label(source)}: is a {kind}, not a {role}; {t.name} "
+        raise ModelkitError(f"{source_label(source)}: is {with_article(kind)}, not "
+                            f"{with_article(role)}; {t.name} "
                             f"takes {' or '.join(kinds)} files as its "
                             f"{t.inputs[min(index, len(t.inputs) - 1)][0]}")

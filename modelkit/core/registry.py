@@ -111,6 +111,7 @@ class Param:
     choices: tuple[str, ...] = ()
     blockwise: bool = False
     per_model: bool = False
+    blend: bool = False  # a blend weight: 0..1 interpolates; outside is allowed, warned
 
     @property
     def required(self) -> bool:
@@ -122,7 +123,8 @@ class Param:
         if self.choices:
             kind = f"{'list of' if self.kind == 'list' else 'one of'} {'|'.join(self.choices)}"
         extra = [x for x, on in (("block-wise", self.blockwise),
-                                 ("one per model", self.per_model)) if on]
+                                 ("one per model", self.per_model),
+                                 ("blend weight 0..1", self.blend)) if on]
         default = "required" if self.required else f"default {self.default!r}"
         return f"{self.name}: {', '.join([kind, *extra])} ({default})"
 
@@ -229,6 +231,15 @@ def all_transforms() -> dict[str, Transform]:
     return dict(TRANSFORMS)
 
 
+def ops_taking(*roles: str) -> list[str]:
+    """The operations whose model inputs have these roles, in order (a
+    variadic last input counts once): ``ops_taking(CHECKPOINT, ADAPTER)`` is
+    the op that bakes adapters into a checkpoint. For messages that point
+    to an op by name."""
+    return sorted(n for n, t in all_transforms().items()
+                  if t.kind == OP and tuple(r for _, r in t.inputs) == roles)
+
+
 # --- signature parsing ---------------------------------------------------------
 
 
@@ -301,10 +312,13 @@ def transform(name: str, *, summary: str, reference: str = "",
               ends: Sequence[tuple[Mapping[str, Any], int]] = (),
               a1111: str | None = None, min_models: int | None = None,
               choices: Mapping[str, Sequence[str]] | None = None,
+              blend: Sequence[str] = (),
               ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register the decorated function as transform ``name`` (see the module
     docstring). ``choices`` gives the allowed values of ``str`` parameters (or
-    of the items of list parameters) from the vocabulary. The function is
+    of the items of list parameters) from the vocabulary; ``blend`` names the
+    parameters that are blend weights (0..1; a value outside is allowed and
+    warned about, see :func:`param_warnings`). The function is
     returned unchanged. Registering a name twice or an unreadable signature
     raises ``ValueError``/``TypeError`` (a programming error, not a user
     one)."""
@@ -320,6 +334,8 @@ def transform(name: str, *, summary: str, reference: str = "",
             p = params[pname]
             kind = "list" if p.kind == "list" else "choice"
             params[pname] = replace(p, kind=kind, choices=tuple(allowed))
+        for pname in blend:
+            params[pname] = replace(params[pname], blend=True)
         kind = METHOD if inputs[0][1] == TENSOR else OP
         fixed = len(inputs) - 1 if variadic else len(inputs)
         lowest = min_models if min_models is not None else max(1, fixed + int(variadic))
@@ -407,6 +423,28 @@ def check_params(t: Transform, params: Mapping[str, Any], n_models: int | None =
                 raise ModelkitError(f"{t.name}: parameter '{name}' cannot be given per "
                                     "block")
             out[name] = coerce(t, p, value)
+    return out
+
+
+def param_warnings(t: Transform, params: Mapping[str, Any], where: str = "") -> list[str]:
+    """Warnings for checked parameter values: a blend weight outside 0..1
+    (allowed: it extrapolates past the models, which is rarely meant). A
+    value may be a number, per-model numbers or ``{block: weight}``."""
+    out = []
+    for name, p in t.params.items():
+        value = params.get(name)
+        if not p.blend or value is None:
+            continue
+        if isinstance(value, Mapping):
+            values = list(value.values())
+        else:
+            values = list(value) if isinstance(value, list | tuple) else [value]
+        bad = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)
+               and not 0 <= v <= 1]
+        if bad:
+            worst = max(bad, key=lambda v: abs(v - 0.5))
+            out.append(f"{where or t.name}: {name} {worst:g} is outside 0..1, the range of a "
+                       "blend weight: the result extrapolates past the models")
     return out
 
 

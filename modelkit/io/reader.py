@@ -17,11 +17,11 @@ from modelkit.errors import INTERRUPTED, BadFileError, Interrupted, ModelkitErro
 from modelkit.io.dtypes import check_loadable
 from modelkit.io.header import Header, TensorInfo, read_header
 from modelkit.io.source import KeyAccess
+from modelkit.io.suffixes import PICKLE_SUFFIXES
 
 if TYPE_CHECKING:
     import torch
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 CAST_CHUNK = 1 << 20  # elements per chunk when casting (see cast())
 
 

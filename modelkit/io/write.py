@@ -33,13 +33,13 @@ from typing import TYPE_CHECKING, Any
 
 from modelkit.errors import ModelkitError, OutputError, check_cancel
 from modelkit.io.source import Source
+from modelkit.io.suffixes import PICKLE_SUFFIXES
 from modelkit.progress import WRITE, Progress, ProgressFn, no_progress
 from modelkit.vocab import OUTPUT_FORMATS
 
 if TYPE_CHECKING:
     from modelkit.io.writer import SafetensorsWriter
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 Finalize = Callable[[], Mapping[str, str]]
 
 

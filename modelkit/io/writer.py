@@ -8,10 +8,13 @@ tensor has been written; on any error (or Ctrl-C) the temp file is removed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -113,11 +116,71 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 _LIVE_TEMPS: set[Path] = set()
 
 
+def _owner_tag() -> str:
+    """``HOST-PID`` of this process for temp names: the host as 6 hex digits
+    of its name's sha256 (no host name on disk), so a run only ever judges
+    temp files written on its own machine."""
+    host = hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:6]
+    return f"{host}-{os.getpid()}"
+
+
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name}.{_owner_tag()}."
+
+
+_TEMP_OWNER = re.compile(r"([0-9a-f]{6})-([0-9]+)\.[A-Za-z0-9_]+")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # someone else's live process (or a number we cannot judge)
+    return True
+
+
+def remove_stale_partials(target: Path) -> list[Path]:
+    """Remove the hidden ``.NAME.HOST-PID.*.partial`` temp files and folders
+    of ``target`` left by runs that died without cleaning up (SIGKILL, a
+    power cut): only those written on this host by a process that no longer
+    exists; never this process's, never another live run's, never a name
+    without a writer pid. Returns what was removed."""
+    prefix, own_host = f".{target.name}.", _owner_tag().split("-")[0]
+    removed: list[Path] = []
+    try:
+        with os.scandir(target.parent) as it:
+            names = [e.name for e in it
+                     if e.name.startswith(prefix) and e.name.endswith(".partial")]
+    except OSError:
+        return removed
+    for name in names:
+        m = _TEMP_OWNER.fullmatch(name[len(prefix):-len(".partial")])
+        if m is None or m.group(1) != own_host:
+            continue
+        pid = int(m.group(2))
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        path = target.parent / name
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError:
+            continue
+        removed.append(path)
+    return removed
+
+
 def _temp_beside(target: Path) -> tuple[int, Path]:
-    """A new hidden ``.NAME.*.partial`` file in the target's folder (same
-    filesystem, so the final rename is atomic), recorded as live."""
+    """A new hidden ``.NAME.HOST-PID.*.partial`` file in the target's folder
+    (same filesystem, so the final rename is atomic), recorded as live;
+    stale temp files of the same target left by dead runs are removed first."""
+    remove_stale_partials(target)
     with defer_signals():
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial",
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(target), suffix=".partial",
                                    dir=target.parent)
         path = Path(tmp)
         _LIVE_TEMPS.add(path)
@@ -396,15 +459,16 @@ def check_output_dir(target: Path, inputs: Iterable[str | os.PathLike[str]],
 @contextmanager
 def atomic_dir(target: Path, inputs: Iterable[str | os.PathLike[str]] = (),
                replace_existing: bool = False) -> Iterator[Path]:
-    """Yield a new hidden ``.NAME.*.partial`` folder beside ``target``; move
+    """Yield a new hidden ``.NAME.HOST-PID.*.partial`` folder beside ``target``; move
     it to ``target`` when the block succeeds, remove it with everything in
     it when it fails. ``target`` must not exist or be an empty folder, unless
     ``replace_existing``: then an existing folder is moved aside, replaced,
     and deleted only once the new one is in place."""
     target = Path(target)
     check_output_dir(target, inputs, replace_existing)
+    remove_stale_partials(target)
     with defer_signals():
-        temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial",
+        temp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".partial",
                                      dir=target.parent))
         _LIVE_TEMPS.add(temp)
     old: Path | None = None

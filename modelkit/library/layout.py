@@ -6,6 +6,11 @@ A file's *role* is what the folder it sits in is for (``checkpoint``,
 *layout* says which UI that folder belongs to, and *base* is the UI's model
 root (the A1111 install folder, or ComfyUI's ``models`` folder), so the
 folder a misplaced file belongs in can be named in full.
+
+Sweep output is no library content: a sweep folder (it holds a
+``.modelkit-sweep`` marker or a ``sweep.jsonl``) is never scanned, and the
+TUI proposes sweep folders under :data:`SWEEPS_FOLDER` where no UI looks
+(:meth:`Placement.sweeps_folder`).
 """
 
 from __future__ import annotations
@@ -13,9 +18,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from modelkit.io.suffixes import COMFYUI_DIFFUSION_MODELS
+
 A1111 = "a1111"
 COMFYUI = "comfyui"
 PLAIN = "plain"
+
+# a folder holding one of these is a sweep's output (modelkit.sweep writes both)
+SWEEP_MARKER = ".modelkit-sweep"
+SWEEP_FILES = (SWEEP_MARKER, "sweep.jsonl")
+SWEEPS_FOLDER = "sweeps"  # where the TUI puts new sweep folders (see sweeps_folder)
 
 # folder path (relative to the UI root, lower case) -> role
 A1111_FOLDERS: dict[str, str] = {
@@ -57,7 +69,7 @@ EXPECTED: dict[str, dict[str, str | None]] = {
         "vae": "vae",
         "embedding": "embeddings",
         "controlnet": "controlnet",
-        "unet": "diffusion_models",
+        "unet": COMFYUI_DIFFUSION_MODELS.removeprefix("models/"),
         "text_encoder": "text_encoders",
     },
 }
@@ -74,6 +86,16 @@ class Placement:
         unknown for plain folders)."""
         rel = EXPECTED.get(self.layout, {}).get(kind)
         return self.base / rel if rel else None
+
+    def sweeps_folder(self) -> Path:
+        """Where new sweep folders go, out of every UI's model folders:
+        ``sweeps/`` beside A1111's or ComfyUI's ``models`` folder (the UI's
+        install folder), or in the scanned folder of a plain library (no
+        UI is known to look there; the library skips sweep folders)."""
+        base = self.base
+        if self.layout == COMFYUI and base.name.lower() == "models":
+            base = base.parent
+        return base / SWEEPS_FOLDER
 
 
 def _models_layout(models_dir: Path, folder_name: str) -> str:
@@ -129,6 +151,11 @@ class Placer:
             if name in COMFYUI_FOLDERS and name != "embeddings":
                 return Placement(COMFYUI, COMFYUI_FOLDERS[name], Path(*parts[:i]))
         return Placement(PLAIN, None, root)
+
+
+def is_sweep_folder(names: set[str] | dict[str, object]) -> bool:
+    """Whether a folder holding the entries ``names`` is a sweep's output."""
+    return any(n in names for n in SWEEP_FILES)
 
 
 def accepts(role: str | None, kind: str) -> bool:

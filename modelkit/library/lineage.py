@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from modelkit.io.header import metadata_json
+from modelkit.io.suffixes import MODEL_SUFFIXES
 from modelkit.library.query import Entry, get_detail, list_entries
 
 MAX_DEPTH = 12
@@ -103,7 +104,7 @@ class _Resolver:
         if name:
             stem = Path(name.replace("\\", "/")).name
             stem = stem.rsplit(".", 1)[0] if stem.lower().endswith(
-                (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")) else stem
+                MODEL_SUFFIXES) else stem
             found = self.by_stem.get(stem.lower(), [])
             # a hash that names another file is a mismatch, not a match
             found = [e for e in found if not (sha and e.sha256 and e.sha256 != sha)]

@@ -204,7 +204,8 @@ def open_adapter(source: Source, arch: str | None = None) -> Adapter:
     architecture (e.g. the checkpoint's, for an adapter whose arch is unknown).
 
     Raises:
-        ModelkitError: ``source`` is not an adapter file.
+        ModelkitError: ``source`` is not an adapter file, or a module is
+            malformed (:mod:`modelkit.lora.validate`).
     """
     from modelkit.inspect.adapters import detect_adapter
 
@@ -228,8 +229,12 @@ def open_adapter(source: Source, arch: str | None = None) -> Adapter:
             continue
         modules[mod_name] = AdapterModule(mod_name, algo, keys, target,
                                           _peft_scale(mod_name, scales))
-    return Adapter(source, info.arch, info.format, info.naming, modules, sorted(unmatched),
-                   info.arch_evidence)
+    ad = Adapter(source, info.arch, info.format, info.naming, modules, sorted(unmatched),
+                 info.arch_evidence)
+    from modelkit.lora.validate import validate_adapter
+
+    validate_adapter(ad)  # every module's parts and shapes, before any command computes
+    return ad
 
 
 __all__ = ["Adapter", "AdapterModule", "open_adapter", "resolve_target"]

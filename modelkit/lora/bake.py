@@ -30,9 +30,10 @@ from modelkit.core.step import PlannedStep, same_origins
 from modelkit.errors import ModelkitError, check_cancel
 from modelkit.io.source import DerivedSource, Source, input_paths_of, source_label, tensor_info
 from modelkit.lora.adapter import LORA_ARCHS, Adapter, AdapterModule, open_adapter
-from modelkit.lora.delta import ModuleDelta
+from modelkit.lora.delta import ModuleDelta, check_fit, target_view
 from modelkit.lora.output import LORA_THREADS, storage_dtype, torch_threads
 from modelkit.numeric import CHUNK_ELEMENTS
+from modelkit.wording import agree, with_article
 
 if TYPE_CHECKING:
     import torch
@@ -99,35 +100,11 @@ def _as_use(item: Source | AdapterUse | tuple[Any, ...]) -> AdapterUse:
     return AdapterUse(item)
 
 
-def _target_view(shape: tuple[int, ...], rows: tuple[int, int] | None) -> tuple[int, int, int]:
-    """``(row0, out, cols)`` of the part of a weight of ``shape`` a module
-    patches: all of it, or a q/k/v third of a fused ``in_proj_weight``."""
-    cols = math.prod(shape[1:]) if len(shape) > 1 else 1
-    if rows is None:
-        return 0, shape[0], cols
-    third = rows[0] // (rows[1] - rows[0])
-    width = shape[0] // 3
-    return third * width, width, cols
-
-
-def _check_shape(ad: Adapter, mod: AdapterModule, delta: ModuleDelta, base: str,
-                 shape: tuple[int, ...], out: int, cols: int) -> None:
-    if mod.algo == "ia3":
-        ok = delta.out in (out, shape[1] if len(shape) > 1 else out)
-    else:
-        ok = (delta.out, delta.cols) == (out, cols)
-    if not ok:
-        key = next(iter(mod.keys.values()))
-        raise ModelkitError(f"{ad.label}: {key}: ΔW is {delta.out}x{delta.cols} but "
-                            f"{base}: {mod.target.key if mod.target else '?'} "
-                            f"{list(shape)} needs {out}x{cols}; the adapter does not fit "
-                            "this checkpoint")
-
-
 def _open(use: AdapterUse, arch: str, base: str, device: str) -> Adapter:
     ad = open_adapter(use.source)
     if ad.arch not in (arch, "unknown"):
-        raise ModelkitError(f"{ad.label}: is a {ad.arch} adapter but {base} is a {arch} "
+        raise ModelkitError(f"{ad.label}: is {with_article(ad.arch)} adapter but {base} is "
+                            f"{with_article(arch)} "
                             f"checkpoint; bake an adapter made for {arch}")
     if ad.arch == "unknown":
         ad = open_adapter(use.source, arch)
@@ -161,11 +138,11 @@ def _plan_adapter(ad: Adapter, use: AdapterUse, ckpt: Source, arch: str, te_weig
             rep.unmatched += mod.keys.values()
             continue
         shape = tuple(ckpt.infos[t.key].shape)
-        row0, out, cols = _target_view(shape, t.rows)
+        row0, out, cols = target_view(shape, t.rows)
         delta = ModuleDelta(ad, mod, device)
         has_weight = _patches_weight(mod)
         if has_weight:
-            _check_shape(ad, mod, delta, base, shape, out, cols)
+            check_fit(delta, base, shape, out, cols)
         if delta.has_dora:
             delta.dora_axis((out, *shape[1:]))  # an unusable magnitude fails here, not mid-write
         k = _strength(mod, use, blocks, arch, te_weight)
@@ -206,8 +183,10 @@ def _unmatched_error(reports: list[AdapterBakeReport]) -> ModelkitError:
             shown = ", ".join(r.unmatched[:LIST_LIMIT])
             more = f" and {len(r.unmatched) - LIST_LIMIT} more" if len(
                 r.unmatched) > LIST_LIMIT else ""
-            parts.append(f"{r.file}: {len(r.unmatched)} keys match no weight of the "
-                         f"checkpoint or are not applied (LyCORIS sparse bias) ({shown}{more})")
+            n = len(r.unmatched)
+            parts.append(f"{r.file}: {agree(n, 'key', 'matches', 'match')} no weight of the "
+                         f"checkpoint or {'is' if n == 1 else 'are'} not applied (LyCORIS "
+                         f"sparse bias) ({shown}{more})")
     return ModelkitError("; ".join(parts) + "; pass --allow-unmatched (allow_unmatched=True) "
                          "to bake the rest and list them in the report")
 
@@ -236,7 +215,7 @@ def bake(checkpoint: Source, adapters: Sequence[Source | AdapterUse | tuple[Any,
     rep_ck = require_checkpoint(checkpoint, "lora bake")
     arch, base = rep_ck.arch, Path(source_label(checkpoint)).name
     if arch not in LORA_ARCHS:
-        raise ModelkitError(f"{base}: is a {arch} checkpoint; lora bake supports "
+        raise ModelkitError(f"{base}: is {with_article(arch)} checkpoint; lora bake supports "
                             f"{', '.join(LORA_ARCHS)}")
     if dtype is not None:
         dtype = storage_dtype(dtype)
@@ -290,11 +269,38 @@ def _produce(ckpt: Source, key: str, dtype: str, todo: list[_Patch] | None,
         return cast(t, out_dtype)
     shape = tuple(t.shape)
     if any(p.delta.needs_base or p.bias for p in todo) or len(shape) < 2:
-        return _produce_whole(t, shape, todo, out_dtype, device)
-    return _produce_chunked(t, shape, todo, out_dtype, device)
+        return _produce_whole(key, t, shape, todo, out_dtype, device)
+    return _produce_chunked(key, t, shape, todo, out_dtype, device)
 
 
-def _produce_chunked(t: torch.Tensor, shape: tuple[int, ...], todo: list[_Patch],
+def _check_range(key: str, acc: torch.Tensor, base: torch.Tensor, todo: list[_Patch],
+                 out_dtype: torch.dtype) -> None:
+    """Refuse a baked chunk holding NaN/Inf or values beyond the output
+    dtype's finite range (one min/max pass, cheap next to the matmul),
+    unless the base rows themselves already did."""
+    import torch
+
+    if not out_dtype.is_floating_point:
+        return
+    limit = torch.finfo(out_dtype).max
+    low, high = torch.aminmax(acc)
+    if bool(low >= -limit) and bool(high <= limit):
+        return
+    low, high = torch.aminmax(base.float())
+    if not (bool(low >= -limit) and bool(high <= limit)):
+        return  # the base's own values, passed on as they are
+    from modelkit.io.dtypes import from_torch
+
+    mods = "; ".join(dict.fromkeys(f"{p.delta.ad.label}: module {p.delta.mod.name}"
+                                   for p in todo))
+    what = ("NaN/Inf" if not bool(torch.isfinite(acc).all()) else
+            f"values beyond the {from_torch(out_dtype)} range (±{limit:.6g})")
+    raise ModelkitError(f"{key}: baking {mods} gives {what}; the adapter's values are too "
+                        "large for this weight (check its alpha and factors, lower its "
+                        "weight or bake to --dtype fp32)")
+
+
+def _produce_chunked(key: str, t: torch.Tensor, shape: tuple[int, ...], todo: list[_Patch],
                      out_dtype: torch.dtype, device: str) -> torch.Tensor:
     import torch
 
@@ -310,11 +316,12 @@ def _produce_chunked(t: torch.Tensor, shape: tuple[int, ...], todo: list[_Patch]
             lo, hi = max(a, p.row0), min(b, p.row0 + p.delta.out)
             if lo < hi:
                 p.delta.add_rows_(acc[lo - a:hi - a], lo - p.row0, hi - p.row0, p.k)
+        _check_range(key, acc, w2[a:b], todo, out_dtype)
         o2[a:b].copy_(acc)
     return out
 
 
-def _produce_whole(t: torch.Tensor, shape: tuple[int, ...], todo: list[_Patch],
+def _produce_whole(key: str, t: torch.Tensor, shape: tuple[int, ...], todo: list[_Patch],
                    out_dtype: torch.dtype, device: str) -> torch.Tensor:
     import torch
 
@@ -332,6 +339,7 @@ def _produce_whole(t: torch.Tensor, shape: tuple[int, ...], todo: list[_Patch],
             acc[rows].add_(p.delta.base_update(w0[rows], p.k, view))
         else:
             p.delta.add_rows_(acc[rows], 0, p.delta.out, p.k)
+    _check_range(key, acc, w0, todo, out_dtype)
     return acc.reshape(shape).to("cpu", out_dtype)
 
 

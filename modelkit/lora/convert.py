@@ -11,7 +11,11 @@ keys, alpha kept.
   with ``lora_A``/``lora_B``. PEFT files carry no per-module alpha, so
   ``s = alpha / rank`` is folded into ``lora_B``; plain LoRA/LoCon modules
   only (no Tucker ``lora_mid``, no LyCORIS algorithms), DoRA magnitudes per
-  output row become ``lora_magnitude_vector``.
+  output row become ``lora_magnitude_vector``. diffusers/PEFT read these
+  files; ComfyUI maps diffusers UNet attention only under the old
+  ``processor.to_q`` spelling and skips the rest of the UNet's attention, so
+  ``comfy`` is the output for ComfyUI (:data:`READERS`, printed by the command).
+* (IA)3 modules are refused for ``comfy``: ComfyUI has no (IA)3 adapter.
 
 The effective ΔW of every module is unchanged by any conversion.
 """
@@ -29,11 +33,20 @@ from modelkit.errors import ModelkitError
 from modelkit.io.source import DerivedSource, Source, source_label, tensor_info
 from modelkit.lora.adapter import DOWN, LORA_ARCHS, MID, UP, Adapter, AdapterModule, open_adapter
 from modelkit.lora.delta import DORA, module_scale
+from modelkit.wording import agree
 
 if TYPE_CHECKING:
     import torch
 
 TARGET_NAMINGS = {"kohya": "kohya", "peft": "peft", "comfy": "comfyui", "comfyui": "comfyui"}
+# which loaders read each output naming (shared/reference/lora.md; ComfyUI's
+# comfy/lora.py maps diffusers UNet attention only as ``processor.to_q``)
+READERS = {
+    "kohya": "A1111/Forge, ComfyUI and kohya's scripts (diffusers: plain LoRA/LoCon only)",
+    "comfyui": "ComfyUI (A1111 does not read diffusion_model./text_encoders. keys)",
+    "peft": "diffusers/PEFT; ComfyUI skips its UNet attention keys (it expects the old "
+            "processor.to_q spelling): use --to comfy for ComfyUI",
+}
 PEFT_SUFFIX = {DOWN: "lora_A.weight", UP: "lora_B.weight", DORA: "lora_magnitude_vector"}
 
 
@@ -86,8 +99,16 @@ def convert(lora: Source, to: str, *, arch: str | None = None) -> PlannedStep:
         raise ModelkitError(f"{ad.label}: cannot tell which architecture it is for "
                             f"({'; '.join(ad.evidence) or 'no evidence'}); pass it explicitly")
     if ad.unmatched:
-        raise ModelkitError(f"{ad.label}: {len(ad.unmatched)} keys match no module of {use} "
+        keys = agree(len(ad.unmatched), "key", "matches", "match")
+        raise ModelkitError(f"{ad.label}: {keys} no module of {use} "
                             f"(first: {ad.unmatched[0]}); nothing to convert them to")
+    if naming == "comfyui":
+        ia3 = [m.name for m in ad.modules.values() if m.algo == "ia3"]
+        if ia3:
+            raise ModelkitError(f"{ad.label}: module {ia3[0]} ({len(ia3)} in all) is (IA)3, "
+                                "which ComfyUI has no adapter for (it would skip them as "
+                                "'lora key not loaded'); keep kohya naming (A1111 reads "
+                                "(IA)3) or bake it with 'modelkit lora bake'")
     index = _index(use, naming)
     plan: dict[str, tuple[str, Any]] = {}
     for mod in ad.modules.values():
@@ -101,12 +122,21 @@ def convert(lora: Source, to: str, *, arch: str | None = None) -> PlannedStep:
         infos[out_key] = tensor_info(out_key, info.dtype, shape)
 
     def produce(key: str) -> torch.Tensor:
+        import torch
+
         in_key, how = plan[key]
         t = lora.get(in_key)
         if isinstance(how, tuple):
-            return t.reshape(how).contiguous()
-        if isinstance(how, float) and how != 1.0:
-            return (t.float() * how).to(t.dtype)
+            t = t.reshape(how).contiguous()
+        elif isinstance(how, float) and how != 1.0:
+            t = (t.float() * how).to(t.dtype)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if isinstance(how, float) and bool(torch.isfinite(lora.get(in_key)).all()):
+                raise ModelkitError(f"{ad.label}: {in_key} overflows {lora.infos[in_key].dtype} "
+                                    f"(or holds NaN/Inf) once alpha/rank = {how:g} is folded "
+                                    "in for PEFT; convert --to kohya or comfy, which keep alpha")
+            raise ModelkitError(f"{ad.label}: {in_key} holds NaN or Inf values; the adapter "
+                                "is broken (nothing written)")
         return t
 
     meta = dict(lora.metadata)
@@ -116,7 +146,7 @@ def convert(lora: Source, to: str, *, arch: str | None = None) -> PlannedStep:
     label = f"lora_convert({Path(source_label(lora)).name})"
     out = DerivedSource(label, infos, meta, produce, lora.input_paths)
     report = {"from": ad.naming, "to": to, "arch": use, "n_modules": len(ad.modules),
-              "n_tensors": len(infos)}
+              "n_tensors": len(infos), "read_by": READERS[naming]}
     origins = {k: (None if isinstance(how, tuple) else (0, in_key))
                for k, (in_key, how) in plan.items()}
     return PlannedStep(out, _ConvertReport(report), "lora_convert", {"to": to}, origins)

@@ -22,7 +22,8 @@ s the module scale.
   ``[out]`` normalises each output row, ``[1, in, ...]`` each input channel
   (over all rows and the kernel); a 1-D ``dora_scale`` on a square layer is
   ambiguous and refused. ‖W_c‖ always includes the update (ComfyUI's
-  output-axis path uses ‖W‖, a known bug).
+  output-axis path uses ‖W‖, a known bug). No peer computes exactly this
+  for a per-output m at k ≠ 1; docs/lora.md says why it is the choice.
 
 A missing alpha means s = 1. Every computation is float32.
 """
@@ -86,7 +87,7 @@ def delta_shape(ad: Adapter, mod: AdapterModule) -> tuple[int, int]:
         if mod.algo == "norm":
             s = _shape(ad, mod, "w_norm") if "w_norm" in k else _shape(ad, mod, "b_norm")
             return s[0], 1
-        return _shape(ad, mod, "weight")[0], 0  # ia3
+        return _prod(_shape(ad, mod, "weight")), 0  # ia3
     except KeyError as exc:
         raise ModelkitError(f"{ad.label}: module {mod.name} lacks tensor "
                             f"{exc.args[0]!r} for its {mod.algo} weights") from None
@@ -158,6 +159,8 @@ class ModuleDelta:
             if self.has(MID):
                 mid = self._t(MID)
                 down = torch.einsum("abhw,bi->aihw", mid, down.reshape(down.shape[0], -1))
+            self.check_finite(up, UP)
+            self.check_finite(down, DOWN if not self.has(MID) else MID)
             self._factors = (up, down.reshape(up.shape[1], -1))
         return self._factors
 
@@ -210,8 +213,23 @@ class ModuleDelta:
     def full(self) -> torch.Tensor:
         """The whole ΔW ``[out, cols]`` (cached)."""
         if self._full is None:
-            self._full = self._dense()
+            self._full = self.check_finite(self._dense(), "ΔW")
         return self._full
+
+    def check_finite(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        """``t``, or a one-line error naming the module when it holds NaN or
+        Inf (one reduction: cheap next to the matmul that made ``t``)."""
+        import torch
+
+        if not bool(torch.isfinite(t).all()):
+            suffix = self.mod.keys.get(what, what)
+            part = suffix[len(self.mod.name) + 1:] if suffix.startswith(self.mod.name) \
+                else suffix
+            why = ("its factors or alpha are too large for float32, or hold NaN/Inf"
+                   if what == "ΔW" else "the adapter is broken")
+            raise ModelkitError(f"{self.ad.label}: module {self.mod.name}: {part} holds NaN "
+                                f"or Inf values; {why}")
+        return t
 
     def add_rows_(self, acc: torch.Tensor, start: int, stop: int, k: float) -> None:
         """``acc += k·ΔW[start:stop]`` (``acc`` is ``[stop-start, cols]``
@@ -238,7 +256,7 @@ class ModuleDelta:
         if self.mod.algo == "ia3":
             return self._ia3(w, shape).mul_(k)
         wc = w + self.full()
-        m = self._t(DORA)
+        m = self.check_finite(self._t(DORA), DORA)
         axis = self.dora_axis(shape)
         if axis == "out":
             norm = wc.norm(dim=1, keepdim=True)
@@ -250,12 +268,16 @@ class ModuleDelta:
         return scaled.reshape_as(w).sub_(w).mul_(k)
 
     def _ia3(self, w: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        scale = self._t("weight").reshape(-1)
-        on_input = bool(self.ad.get(self.mod.keys["on_input"]).reshape(-1)[0])
+        scale = self.check_finite(self._t("weight").reshape(-1), "weight")
+        on_input = self.ia3_on_input()
         if not on_input:
             return w * scale.reshape(-1, 1)
         kernel = _prod(shape[2:])
         return (w.reshape(w.shape[0], -1, kernel) * scale.reshape(1, -1, 1)).reshape_as(w)
+
+    def ia3_on_input(self) -> bool:
+        """Whether an (IA)3 module scales input channels (else output rows)."""
+        return bool(self.ad.get(self.mod.keys["on_input"]).reshape(-1)[0])
 
     def dora_axis(self, shape: tuple[int, ...]) -> str:
         """``out`` or ``in``: the axis DoRA normalises, from the shape of m."""
@@ -280,4 +302,38 @@ class ModuleDelta:
                             f"neither axis of the patched weight {list(shape)}")
 
 
-__all__ = ["ModuleDelta", "delta_shape", "module_scale", "rank_of"]
+def target_view(shape: tuple[int, ...], rows: tuple[int, int] | None
+                ) -> tuple[int, int, int]:
+    """``(row0, out, cols)`` of the part of a weight of ``shape`` a module
+    patches: all of it, or a q/k/v third of a fused ``in_proj_weight``."""
+    cols = math.prod(shape[1:]) if len(shape) > 1 else 1
+    if rows is None:
+        return 0, shape[0], cols
+    third = rows[0] // (rows[1] - rows[0])
+    width = shape[0] // 3
+    return third * width, width, cols
+
+
+def check_fit(delta: ModuleDelta, base: str, shape: tuple[int, ...], out: int, cols: int
+              ) -> None:
+    """Refuse a module whose ΔW does not fit the part ``out x cols`` of the
+    weight of ``shape`` it patches in checkpoint ``base`` (an (IA)3 vector
+    must be as long as the rows, or with ``on_input`` the input channels)."""
+    ad, mod = delta.ad, delta.mod
+    key = mod.target.key if mod.target else "?"
+    if mod.algo == "ia3":
+        on_input = delta.ia3_on_input()
+        need = (shape[1] if len(shape) > 1 else 1) if on_input else out
+        if delta.out != need:
+            axis = "input channels" if on_input else "output rows"
+            raise ModelkitError(f"{ad.label}: module {mod.name}: its (IA)3 vector has "
+                                f"{delta.out} values but {base}: {key} {list(shape)} has "
+                                f"{need} {axis}; the adapter does not fit this checkpoint")
+        return
+    if (delta.out, delta.cols) != (out, cols):
+        raise ModelkitError(f"{ad.label}: {next(iter(mod.keys.values()))}: ΔW is "
+                            f"{delta.out}x{delta.cols} but {base}: {key} {list(shape)} needs "
+                            f"{out}x{cols}; the adapter does not fit this checkpoint")
+
+
+__all__ = ["ModuleDelta", "check_fit", "delta_shape", "module_scale", "rank_of", "target_view"]

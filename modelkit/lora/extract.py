@@ -48,6 +48,7 @@ from modelkit.lora.output import (
 )
 from modelkit.numeric import CHUNK_ELEMENTS
 from modelkit.progress import Progress, ProgressFn, no_progress
+from modelkit.wording import with_article
 
 if TYPE_CHECKING:
     import torch
@@ -155,10 +156,10 @@ def _check_pair(base: Source, tuned: Source) -> str:
     rt = require_checkpoint(tuned, "lora extract")
     nb, nt = Path(source_label(base)).name, Path(source_label(tuned)).name
     if rb.arch != rt.arch:
-        raise ModelkitError(f"{nb} is a {rb.arch} checkpoint but {nt} is {rt.arch}; "
+        raise ModelkitError(f"{nb} is {with_article(rb.arch)} checkpoint but {nt} is {rt.arch}; "
                             "extract needs a base and a fine-tune of the same architecture")
     if rb.arch not in LORA_ARCHS:
-        raise ModelkitError(f"{nb}: is a {rb.arch} checkpoint; lora extract supports "
+        raise ModelkitError(f"{nb}: is {with_article(rb.arch)} checkpoint; lora extract supports "
                             f"{', '.join(LORA_ARCHS)}")
     return rb.arch
 
@@ -192,6 +193,11 @@ def extract(base: Source, tuned: Source, rank: int, conv_rank: int | None = None
     if method not in METHODS:
         raise ModelkitError(f"extract: unknown SVD method {method!r}; use {', '.join(METHODS)}")
     arch = _check_pair(base, tuned)
+    same = {p.resolve() for p in base.input_paths} & {p.resolve() for p in tuned.input_paths}
+    if same:
+        raise ModelkitError(f"extract: BASE and TUNED are the same file "
+                            f"({next(iter(same)).name}); nothing differs, so there is no "
+                            "LoRA to extract")
     device = resolve_device(device)
     store = to_torch(storage_dtype(dtype))
     targets = [t for t in extract_targets(arch, conv_rank is not None, te)
@@ -211,6 +217,11 @@ def extract(base: Source, tuned: Source, rank: int, conv_rank: int | None = None
                 _extract_layer(base, tuned, t, report, builder, conv_names, device, store,
                                skip_below)
             progress(Progress("extract", i + 1, len(targets), "tensors", t.name))
+        if not builder.tensors:
+            raise ModelkitError(f"extract: {Path(source_label(tuned)).name} does not differ "
+                                f"from {Path(source_label(base)).name} in any of the "
+                                f"{len(targets)} layers extraction covers (each change is "
+                                f"below {skip_below:g} of its weight); no LoRA written")
         errors = {x.name: x.relative_error for x in report.layers if not x.skipped}
         meta = lora_metadata(arch, builder.ranks, conv_names, title,
                              error_metadata(errors, report.relative_error, report.skipped))

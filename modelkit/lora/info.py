@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelkit.arch.blocks import block_names, block_of
 from modelkit.errors import ModelkitError
-from modelkit.io.source import Source
+from modelkit.io.source import Source, source_label
 from modelkit.lora.adapter import LORA_ARCHS, Adapter, open_adapter
-from modelkit.lora.delta import ModuleDelta
+from modelkit.lora.delta import ModuleDelta, check_fit, target_view
 from modelkit.lora.output import LORA_THREADS, torch_threads
 from modelkit.progress import Progress, ProgressFn, no_progress
+from modelkit.wording import with_article
 
 if TYPE_CHECKING:
     import torch
@@ -126,6 +128,10 @@ def _layer(ad: Adapter, delta: ModuleDelta, base: Source | None, arch: str, ener
     mod, t = delta.mod, delta.mod.target
     assert t is not None
     block = block_of(t.key, arch)
+    if base is not None and t.key in base.infos:
+        shape = tuple(base.infos[t.key].shape)
+        _, out, cols = target_view(shape, t.rows)
+        check_fit(delta, Path(source_label(base)).name, shape, out, cols)
     w0 = _base_rows(base, t, delta.out) if base is not None else None
     base_norm = float(w0.norm()) if w0 is not None else None
     if delta.needs_base and w0 is None and mod.algo == "ia3":
@@ -133,7 +139,7 @@ def _layer(ad: Adapter, delta: ModuleDelta, base: Source | None, arch: str, ener
     dense: torch.Tensor | None = None
     if delta.needs_base and w0 is not None:
         shape = (delta.out, *tuple(base.infos[t.key].shape)[1:])  # type: ignore[union-attr]
-        dense = delta.base_update(w0, 1.0, shape)
+        dense = delta.check_finite(delta.base_update(w0, 1.0, shape), "ΔW")
     elif mod.algo != "lora":
         dense = delta.full()
     if dense is None:
@@ -184,7 +190,8 @@ def info(lora: Source, base: Source | None = None, *, energy: float = 0.9,
         arch = require_checkpoint(base, "lora info --base").arch
     ad = open_adapter(lora)
     if arch is not None and ad.arch not in (arch, "unknown"):
-        raise ModelkitError(f"{ad.label}: is a {ad.arch} adapter but the base is a {arch} "
+        raise ModelkitError(f"{ad.label}: is {with_article(ad.arch)} adapter but the base is "
+                            f"{with_article(arch)} "
                             "checkpoint")
     use = arch or ad.arch
     if use not in LORA_ARCHS:
@@ -208,7 +215,7 @@ def info(lora: Source, base: Source | None = None, *, energy: float = 0.9,
         b.n_modules += 1
         b.delta_sq += (layer.delta_norm or 0.0) ** 2
         b.base_sq += (layer.base_norm or 0.0) ** 2
-        progress(Progress("lora info", i + 1, len(mods), "tensors", mod.name))
+        progress(Progress("lora info", i + 1, len(mods), "tensors", mod.name, "lora info"))
     report.keys_touched = sorted(touched)
     return report
 

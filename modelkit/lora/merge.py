@@ -39,9 +39,13 @@ from modelkit.lora.output import (
     torch_threads,
 )
 from modelkit.progress import Progress, ProgressFn, no_progress
+from modelkit.wording import agree
 
 if TYPE_CHECKING:
     import torch
+
+
+SVD_LIMIT = 1.8e19  # ~sqrt(float32 max): beyond it the SVD's squares overflow
 
 
 @dataclass
@@ -97,7 +101,8 @@ def _groups(arch: str, opened: list[Adapter],
     groups: dict[str, _Group] = {}
     for ad, (_, weight, blocks) in zip(opened, items, strict=True):
         if ad.unmatched:
-            raise ModelkitError(f"{ad.label}: {len(ad.unmatched)} keys match no module of "
+            keys = agree(len(ad.unmatched), "key", "matches", "match")
+            raise ModelkitError(f"{ad.label}: {keys} no module of "
                                 f"{arch} (first: {ad.unmatched[0]})")
         table = parse_lora_blocks(blocks, arch) if blocks is not None else None
         for mod in ad.modules.values():
@@ -137,6 +142,11 @@ def _write_group(name: str, group: _Group, report: MergeReport, builder: LoraBui
     import torch
 
     acc, bias = _dense(group)
+    if not bool(acc.abs().amax() <= SVD_LIMIT):  # NaN fails too
+        mods = "; ".join(f"{d.ad.label}: module {d.mod.name}" for d, _ in group.parts)
+        raise ModelkitError(f"{name}: the ΔW of {mods} holds NaN/Inf or values beyond "
+                            f"±{SVD_LIMIT:.3g} (alpha or factors too large); it cannot be "
+                            "factorised")
     if len(group.shape) == 1:  # norm layer
         builder.add(f"{name}.w_norm", acc.reshape(-1).to(builder.dtype))
         zeros = torch.zeros(group.shape[0])
@@ -151,6 +161,11 @@ def _write_group(name: str, group: _Group, report: MergeReport, builder: LoraBui
     else:
         f = factorize(acc, cap, report.energy, method=report.method, dtype=builder.dtype,
                       ref_sq=ref_sq)
+        if not (bool(torch.isfinite(f.up).all()) and bool(torch.isfinite(f.down).all())):
+            from modelkit.io.dtypes import from_torch
+
+            raise ModelkitError(f"{name}: its factors exceed the {from_torch(builder.dtype)} "
+                                "range (the ΔW is too large); write them with --dtype fp32")
         report.err_sq += f.err_sq
         report.ref_sq += ref_sq
         report.layers.append(LayerResult(name, group.target.key, f.rank, f.relative_error,

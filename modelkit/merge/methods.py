@@ -98,6 +98,7 @@ def _unit_range(method: str, name: str, value: float, *, closed_top: bool = True
               "sd-mecha linear.py weighted_sum",
     elementwise=True, keys=MERGE_KEYS, a1111="Weighted sum",
     ends=(({"alpha": 0.0}, 0), ({"alpha": 1.0}, 1)),
+    blend=("alpha",),
 )
 def weighted_sum(a: Tensor, b: Tensor, *, alpha: float) -> Tensor:
     """``(1 - alpha) * a + alpha * b``: alpha moves toward B (A1111 convention).
@@ -120,6 +121,7 @@ def weighted_sum(a: Tensor, b: Tensor, *, alpha: float) -> Tensor:
     reference="A1111 modules/extras.py add_difference; sd-mecha wrappers.py add_difference",
     elementwise=True, keys=MERGE_KEYS, a1111="Add difference",
     ends=(({"alpha": 0.0}, 0),),
+    blend=("alpha",),
 )
 def add_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: float) -> Tensor:
     """``a + alpha * (b - c)``. Returns ``a`` itself when ``alpha == 0`` or
@@ -136,6 +138,7 @@ def add_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: float) -> Tensor:
     elementwise=True, keys=MERGE_KEYS,
     ends=(({"alpha": 0.0, "beta": 0.0}, 0), ({"alpha": 1.0, "beta": 0.0}, 1),
           ({"alpha": 0.0, "beta": 1.0}, 2)),
+    blend=("alpha", "beta"),
 )
 def triple_sum(a: Tensor, b: Tensor, c: Tensor, *, alpha: float, beta: float) -> Tensor:
     """``(1 - alpha - beta) * a + alpha * b + beta * c``. Exact (returns the
@@ -154,6 +157,7 @@ def triple_sum(a: Tensor, b: Tensor, c: Tensor, *, alpha: float, beta: float) ->
     elementwise=True, keys=MERGE_KEYS,
     ends=(({"alpha": 0.0, "beta": 0.0}, 0), ({"alpha": 1.0, "beta": 0.0}, 1),
           ({"alpha": 0.5, "beta": 1.0}, 2)),
+    blend=("alpha", "beta"),
 )
 def sum_twice(a: Tensor, b: Tensor, c: Tensor, *, alpha: float, beta: float) -> Tensor:
     """``(1 - beta) * ((1 - alpha) * a + alpha * b) + beta * c``: two chained
@@ -171,6 +175,7 @@ _PARALLEL = 1 - 1e-6
     "slerp", summary="spherical interpolation of directions, linear of norms",
     reference="sd-mecha linear.py slerp", keys=MERGE_KEYS,
     ends=(({"alpha": 0.0}, 0), ({"alpha": 1.0}, 1)),
+    blend=("alpha",),
 )
 def slerp(a: Tensor, b: Tensor, *, alpha: float) -> Tensor:
     """Spherical interpolation of the whole tensors' directions, with the norm

@@ -460,6 +460,8 @@ def parse_axes(text: str, recipe: Recipe, source: str = "axes") -> dict[str, lis
             raise SweepError(f"{source}: {name[:60]}: values not readable "
                              f"({getattr(exc, 'problem', None) or 'YAML'}); separate them "
                              "with commas") from None
+        except ValueError:  # an integer past Python's digit limit
+            raise SweepError(f"{source}: {name[:60]}: a value has too many digits") from None
         if not isinstance(parsed, list) or not parsed:  # "[]" or a stray bracket
             raise SweepError(f"{source}: {name[:60]}: give one or more values")
         key = _axis_key(name, recipe, source)

@@ -202,7 +202,8 @@ def _verify_record(report: Any, images: dict[str, list[str]], section: dict[str,
     from modelkit.verify.report import json_safe
 
     return json_safe({
-        "verdict": report.verdict, "passed": report.passed, "summary": report.summary(),
+        "verdict": report.verdict, "outcome": report.outcome, "passed": report.passed,
+        "summary": report.summary(),
         "reference": report.reference, "operation": report.operation,
         "metrics": metric_summary(report.images), "images": images,
         "cases": [{"case": m.case, "seed": m.seed, "prompt": m.prompt,

@@ -17,6 +17,7 @@ from typing import Any
 
 from rich.text import Text
 
+from modelkit.arch.blocks import weights_title
 from modelkit.cli.progress import human_bytes
 from modelkit.core.recipe import COMMAND_LINE, Recipe, validate
 from modelkit.core.registry import METHOD, MODEL, ROLE_KINDS, Param, Transform
@@ -238,7 +239,7 @@ def _scalars(report: Any) -> list[tuple[str, Any]]:
 
 
 def _blocks(out: Text, title: str, weights: Mapping[str, float]) -> None:
-    out.append(f"{safe_text(title)} ({len(weights)} blocks)\n", style="bold")
+    out.append(f"{safe_text(title)} ({weights_title(weights)})\n", style="bold")
     cells = [f"{name:<5} {value:<6.3g}" for name, value in weights.items()]
     for i in range(0, len(cells), BLOCKS_PER_LINE):
         out.append("  " + " ".join(cells[i:i + BLOCKS_PER_LINE]).rstrip() + "\n")
@@ -256,7 +257,7 @@ def _block_tables(out: Text, report: Any) -> None:
 def _verdict(out: Text, verify: Any, grid: Path | None) -> None:
     if verify is None:
         return
-    style = {"pass": "green", "warn": "yellow"}.get(verify.verdict, "red")
+    style = {"pass": "green", "warn": "yellow", "reported": ""}.get(verify.outcome, "red")
     out.append(f"verify: {shown(verify.summary(), 300)}\n", style=f"bold {style}")
     if grid is not None:
         out.append(f"grid: {safe_text(grid)}\n")

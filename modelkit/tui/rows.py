@@ -9,6 +9,7 @@ has:hash``. ``k:``, ``a:`` and ``p:`` abbreviate kind, arch and pred.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -93,15 +94,31 @@ def matches(e: Entry, q: Query, hints: Sequence[Hint] = ()) -> bool:
     return all(_has(e, term, hints) for term in q.has)
 
 
-def sort_key(column: str, hints: dict[str, list[Hint]]) -> Callable[[Entry], tuple[object, str]]:
-    """A key function sorting entries by ``column`` (name breaks ties)."""
-    def key(e: Entry) -> tuple[object, str]:
-        value: object = {
-            "name": e.name.lower(), "kind": e.kind, "arch": e.arch,
+def name_key(name: str) -> tuple[list[str | int], str]:
+    """How file names sort: by the stem (the file extension is no part of
+    it), case-insensitively, numbers by value (``sd2`` before ``sd15``), so
+    a name comes before its longer extensions (``tiny-sd15`` before
+    ``tiny-sd15-mix``); the whole name breaks ties."""
+    stem = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
+    parts: list[str | int] = [int(p) if i % 2 else p
+                              for i, p in enumerate(_DIGITS.split(stem.casefold()))]
+    return parts, name
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def sort_key(column: str, hints: dict[str, list[Hint]]
+             ) -> Callable[[Entry], tuple[object, object, str]]:
+    """A key function sorting entries by ``column`` (the name, then the
+    path, break ties)."""
+    def key(e: Entry) -> tuple[object, object, str]:
+        value: object = 0 if column == "name" else {
+            "kind": e.kind, "arch": e.arch,
             "pred": e.prediction or "~", "size": e.size, "dtype": e.dtype or "~",
             "hash": e.sha256 or "~", "hints": -len(hints.get(e.path, ())),
         }[column]
-        return value, e.name.lower()
+        return value, name_key(e.name), e.path
     return key
 
 

@@ -74,12 +74,20 @@ def sweep_spec(act: ActSpec, text: str, verify: str = "off") -> SweepSpec:
                              source=FORM_SOURCE, base_dir=folder)
 
 
-def default_sweep_dir(act: ActSpec) -> Path:
-    """Beside the first input, a folder named after the inputs and the
-    method (``a-b-weighted_sum-sweep``) that does not exist yet."""
+def default_sweep_dir(act: ActSpec, root: str | None = None) -> Path:
+    """A folder named after the inputs and the method
+    (``a-b-weighted_sum-sweep``) that does not exist yet, in the library's
+    ``sweeps/`` folder, where no UI looks for models: beside the A1111 or
+    ComfyUI ``models`` folder the first input is in, or in the scanned
+    folder ``root`` of a plain library (the first input's folder when
+    None); see :meth:`modelkit.library.layout.Placement.sweeps_folder`."""
+    from modelkit.library.layout import Placer
+
+    first = Path(act.paths[0])
     stems = [Path(p).stem[:40] for p in act.paths]
     name = "-".join([*stems, act.method or act.action, "sweep"])
-    return free_path(Path(act.paths[0]).parent, name, "")
+    folder = Placer().place(first, Path(root) if root else first.parent).sweeps_folder()
+    return free_path(folder, name, "")
 
 
 def sweep_dir(text: str, first_input: str) -> Path:
@@ -111,7 +119,8 @@ def cell_text(column: str, value: Any) -> Text:
     if column == "status":
         return Text(text, style=STATUS_STYLES.get(str(value), ""))
     if column == "verdict" and value:
-        return Text(text.upper(), style={"pass": "green", "warn": "yellow"}.get(value, "red"))
+        styles = {"pass": "green", "warn": "yellow", "fail": "red"}  # "reported": plain
+        return Text(text.upper(), style=styles.get(value, ""))
     return Text(text)
 
 

@@ -22,6 +22,7 @@ file stem used as a word applies that embedding.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -124,6 +125,9 @@ def parse_prompt(prompt: str) -> tuple[str, list[PromptLora]]:
             except ValueError:
                 raise ModelkitError(f"prompt tag {m.group(0)!r}: weight {parts[1]!r} is "
                                     "not a number") from None
+            if not math.isfinite(weight):
+                raise ModelkitError(f"prompt tag {m.group(0)!r}: weight {parts[1].strip()!r} "
+                                    "is not a finite number")
         loras.append(PromptLora(name, weight))
     clean = re.sub(r"\s{2,}", " ", LORA_TAG.sub("", prompt)).strip(" ,")
     return clean, loras

@@ -251,11 +251,11 @@ def _render_reference(report: VerifyReport, ctx: _RenderContext, reference: Mode
         with _timed(timings, "render_reference"):
             adapters = prepare_adapters(loaded, ctx.plan, ctx.library, loras)
             oracle = render_all(loaded, ctx.plan, cases, adapters.with_loras,
-                                "verify: render reference", ctx.progress, ctx.cancel)
+                                "render reference", ctx.progress, ctx.cancel)
             base = None
             if loras:
                 base = render_all(loaded, ctx.plan, cases, adapters.tags_only,
-                                  "verify: render reference without the LoRAs",
+                                  "render reference without the LoRAs",
                                   ctx.progress, ctx.cancel)
         report.notes += loaded.notes
     finally:
@@ -280,7 +280,7 @@ def _render_candidate(report: VerifyReport, ctx: _RenderContext, model: ModelUnd
             adapters = prepare_adapters(loaded, ctx.plan, ctx.library, loras)
             # the first case once more at the end: the determinism check
             renders = render_all(loaded, ctx.plan, [*cases, cases[0]], adapters.with_loras,
-                                 "verify: render candidate", ctx.progress, ctx.cancel)
+                                 "render candidate", ctx.progress, ctx.cancel)
             again = renders.pop()
         if loaded.embeddings:
             report.notes.append(f"embeddings used: {', '.join(loaded.embeddings)}")

@@ -222,6 +222,10 @@ class VerifySettings:
             raise ModelkitError(f"threads {self.threads}: give at least 1")
         if not 0 < self.strength <= 1:
             raise ModelkitError(f"strength {self.strength}: give a value in (0, 1]")
+        from modelkit.verify.library import parse_prompt
+
+        for prompt in self.prompts:  # <lora:NAME:WEIGHT> tags: a bad one fails here
+            parse_prompt(prompt)
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,7 @@ class ActScreen(Screen[None]):
                         "folder, and show the table"),
         Binding("escape", "cancel", "Cancel", id="act-cancel",
                 tooltip="Stop the run; no file is left behind"),
+        Binding("x", "cancel", "Cancel", show=False, id="act-cancel-x"),
         Binding("escape", "back", "Back", id="act-back"),
         Binding("f1", "app.help", "Help", id="act-help"),
     ]
@@ -83,6 +84,7 @@ class ActScreen(Screen[None]):
         self.previewed: ActSpec | None = None  # what the plan shown was made from
         self.job_spec: ActSpec | None = None
         self.job_output = Path()
+        self.output_existed = False
         self.report: Any = None  # the last run's report
         self.first_plan = True  # plan once as soon as the form is ready
 
@@ -129,7 +131,7 @@ class ActScreen(Screen[None]):
                 yield Static("the form changed: ctrl+p plans it again", id="act-stale")
                 yield Static(Text("loading merge methods and operations...", style="dim"),
                              id="act-plan")
-        yield JobBar(cancel_key="escape", phases=True, id="act-bar")
+        yield JobBar(cancel_key="x or escape", phases=True, id="act-bar")
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
@@ -138,6 +140,11 @@ class ActScreen(Screen[None]):
 
     def on_resize(self) -> None:
         self.set_class(self.size.width < NARROW_COLUMNS, "narrow")
+        self.show_path_end(*self.query("#act-output, #act-sweep-dir").results(Input))
+
+    @on(Input.Blurred, "#act-output, #act-sweep-dir")
+    def path_left(self, event: Input.Blurred) -> None:
+        self.show_path_end(event.input)
 
     def on_unmount(self) -> None:
         self.cancel_event.set()
@@ -226,11 +233,24 @@ class ActScreen(Screen[None]):
             self.auto_output = str(recipes.default_output(spec.action, spec.paths,
                                                           spec.params, spec.method))
             field.value = self.auto_output
+            self.show_path_end(field)
         folder = self.query_one("#act-sweep-dir", Input)
         if folder.value == self.auto_sweep_dir:
-            self.auto_sweep_dir = str(default_sweep_dir(spec))
+            root = next((e.root for e in self.entries if e.path == spec.paths[0]), None)
+            self.auto_sweep_dir = str(default_sweep_dir(spec, root))
             folder.value = self.auto_sweep_dir
+            self.show_path_end(folder)
         self.show_stale()
+
+    def show_path_end(self, *fields: Input) -> None:
+        """Scroll path fields (not being edited) to their end: a path longer
+        than the field shows its file name, not only its first folders."""
+        def scroll() -> None:
+            for f in fields:
+                if not f.has_focus:
+                    f.scroll_to(x=f.max_scroll_x, animate=False, immediate=True)
+
+        self.call_after_refresh(scroll)
 
     def show_stale(self) -> None:
         """Dim a plan that no longer matches the form."""
@@ -266,6 +286,7 @@ class ActScreen(Screen[None]):
             return
         self.job, self.cancel_event, self.job_spec = job, threading.Event(), spec
         self.job_output = Path(output)
+        self.output_existed = self.job_output.exists()  # refused, unless overwritten
         self.query_one("#act-form").disabled = job == RUN
         self.query_one(JobBar).start(job, "planning" if job == PLAN else
                                      f"writing {Path(output).name}")
@@ -292,8 +313,8 @@ class ActScreen(Screen[None]):
             self.app.push_screen(ErrorDialog(jobs.error_line(exc)))
             return
         n_jobs = self.query_one("#act-jobs", Select).value
-        self.app.push_screen(SweepScreen(sweep, out, n_jobs if isinstance(n_jobs, int) else 1,
-                                         self.library), self.sweep_ended)
+        self.app.push_screen(SweepScreen(sweep, out, n_jobs if isinstance(n_jobs, int) else 1),
+                             self.sweep_ended)
 
     def sweep_ended(self, error: str | None) -> None:
         """Back from the sweep screen: its error, if it could not start; the
@@ -317,7 +338,7 @@ class ActScreen(Screen[None]):
             bar.stop("planned: ctrl+r writes it")
             return
         self.report = report
-        verdict = f"; verify {report.verify.verdict.upper()}" if report.verify else ""
+        verdict = f"; verify {report.verify.outcome.upper()}" if report.verify else ""
         bar.stop(f"wrote {Path(report.output).name} ({human_bytes(report.output_bytes)}) "
                  f"in {report.seconds:.1f}s{verdict}; escape returns to the library")
         self._written()
@@ -326,16 +347,22 @@ class ActScreen(Screen[None]):
         self._ended()
         bar = self.query_one(JobBar)
         # the verify phase runs after the commit: a file may exist all the same
-        written = message.job == RUN and self.job_output.exists()
+        written = message.job == RUN and not self.output_existed and self.job_output.exists()
         if written:
             self._written()
         what = f"{self.job_output.name} was written, not verified" if written else \
             "no file was written"
+        # the pane must not go on showing an earlier run's "wrote ..."
+        self.previewed = None
+        self.show_stale()
         if message.cancelled:
             bar.stop(f"cancelled: {what}")
+            self._plan(Text(f"{'plan' if message.job == PLAN else 'run'} cancelled, " + (
+                what if written else "nothing written"), style="yellow"))
             return
-        self.show_stale()
         bar.stop(f"{'plan' if message.job == PLAN else 'run'} failed: {what}")
+        self._plan(Text(f"{'plan' if message.job == PLAN else 'run'} failed: {what}\n",
+                        style="bold red") + Text(safe_text(message.error), style="red"))
         self.app.push_screen(ErrorDialog(message.error))
 
     def _written(self) -> None:

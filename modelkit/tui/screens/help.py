@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from rich.console import Group, RenderableType
+from rich.padding import Padding
+from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -36,12 +39,15 @@ KEYS = (
         ("ctrl+r", "run: write the new file in the background"),
         ("ctrl+s", "sweep: run the form once per value of the sweep axes "
                    "(alpha = 0.3, 0.5) or a sweep file; shows the table"),
-        ("escape", "cancel the run (no file is left) / back to the library"),
+        ("x", "cancel the running job (no file is left)"),
+        ("escape", "cancel the running job / back to the library"),
         ("f1", "this help"),
     )),
     ("Sweep", (
         ("up/down", "a cell: its error whole, or its output's path"),
-        ("escape", "cancel (no partial file is left; the table stays) / back to the form"),
+        ("x", "cancel: pending cells never start; no partial file is left; the table "
+              "stays"),
+        ("escape", "cancel / back to the form"),
     )),
     ("Compare", (
         ("x", "cancel the comparison"),
@@ -50,18 +56,23 @@ KEYS = (
 )
 
 
-def help_text() -> Text:
-    """The help page."""
-    out = Text()
+def help_text() -> Group:
+    """The help page: per screen, the keys and what they do in two aligned
+    columns (the second wraps at word boundaries), then the filter syntax."""
+    width = max(len(key) for _, keys in KEYS for key, _ in keys)
+    parts: list[RenderableType] = []
     for title, keys in KEYS:
-        out.append(f"{title}\n", style="bold underline")
+        parts.append(Text(title, style="bold underline"))
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(min_width=width, no_wrap=True, style="bold")
+        grid.add_column()
         for key, what in keys:
-            out.append(f"  {key:<20}", style="bold")
-            out.append(what + "\n")
-        out.append("\n")
-    out.append("Filter\n", style="bold underline")
-    out.append((rows.__doc__ or "").split("\n\n", 1)[1].strip() + "\n")
-    return out
+            grid.add_row(key, what)
+        parts += [Padding(grid, (0, 0, 0, 2)), Text()]
+    parts.append(Text("Filter", style="bold underline"))
+    filters = (rows.__doc__ or "").split("\n\n", 1)[1].strip()
+    parts.append(Text(" ".join(filters.replace("``", "").split())))  # wrapped to the box
+    return Group(*parts)
 
 
 class HelpScreen(ModalScreen[None]):

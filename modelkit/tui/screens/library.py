@@ -141,6 +141,9 @@ class LibraryScreen(Screen[None]):
         if message.job == "scan":
             self.last_result = (f"scanned {result.found}: {result.new} new, {result.changed} "
                                 f"changed, {result.removed} removed, {result.broken} broken")
+            if result.sweeps_skipped:  # sweep cells are not library files
+                self.last_result += f", {result.sweeps_skipped} sweep folder" + \
+                    f"{'s' if result.sweeps_skipped > 1 else ''} skipped"
         elif message.job == "hash":
             self.last_result = f"hashed {result} files"
         self.query_one(JobBar).stop(self.last_result)

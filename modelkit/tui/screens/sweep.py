@@ -3,7 +3,9 @@ thread worker with progress (cells done / total, the current cell) and
 cancel, and its results table filled as cells finish: one row per cell, one
 column per axis and metric, a failed cell's one-line error. At the end the
 table is the report's (what ``table.md`` holds) and the paths of
-``table.md`` and ``contact_sheet.png`` are shown.
+``table.md`` and ``contact_sheet.png`` are shown. The cells are sweep
+output, not library files: they are not indexed (the library's scan skips
+sweep folders).
 
 A sweep whose planning fails (a bad value: the CLI's one line) closes this
 screen with the error, which the Act form shows; nothing was written."""
@@ -18,7 +20,6 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.message_pump import MessagePump
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
@@ -31,7 +32,6 @@ from modelkit.tui.messages import (
     JobFailed,
     JobFinished,
     JobProgress,
-    LibraryChanged,
     SweepCellDone,
 )
 from modelkit.tui.screens.error import ErrorDialog
@@ -49,17 +49,16 @@ class SweepScreen(Screen[str | None]):
         Binding("escape", "cancel", "Cancel", id="sweep-cancel",
                 tooltip="Stop: pending cells never start, the running ones stop at their "
                         "next tensor; no partial file is left, the table is kept"),
+        Binding("x", "cancel", "Cancel", show=False, id="sweep-cancel-x"),
         Binding("escape", "back", "Back", id="sweep-back"),
         Binding("f1", "app.help", "Help", id="sweep-help"),
     ]
 
-    def __init__(self, spec: SweepSpec, out_dir: Path, jobs: int = 1,
-                 library: MessagePump | None = None) -> None:
+    def __init__(self, spec: SweepSpec, out_dir: Path, jobs: int = 1) -> None:
         super().__init__()
         self.spec = spec
         self.out_dir = out_dir
         self.jobs = jobs
-        self.library = library  # receives LibraryChanged with the cells' outputs
         self.cancel_event = threading.Event()
         self.running = False
         self.cells = spec.cells()
@@ -75,7 +74,7 @@ class SweepScreen(Screen[str | None]):
         yield DataTable(cursor_type="row", zebra_stripes=True, id="sweep-table")
         yield Static("", id="sweep-cell")
         yield Static("", id="sweep-files")
-        yield JobBar(cancel_key="escape", phases=True, id="sweep-bar")
+        yield JobBar(cancel_key="x or escape", phases=True, id="sweep-bar")
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
@@ -178,10 +177,6 @@ class SweepScreen(Screen[str | None]):
             f"cancelled after {done}; no partial file left; escape returns to the form"
             if report.cancelled else f"done: {done}; escape returns to the form")
         self.refresh_bindings()
-        written = [str(report.out_dir / r["output"]) for r in report.records.values()
-                   if r.get("status") == "ok" and r.get("output")]
-        if self.library is not None and written:
-            self.library.post_message(LibraryChanged(written))
 
     def on_job_failed(self, message: JobFailed) -> None:
         self.running = False

@@ -15,6 +15,8 @@ from modelkit.library.query import Entry
 from modelkit.tui import rows
 
 WIDE_COLUMNS = 90  # table width from which the hash column is shown
+HINTS_MAX = 24  # the hints column grows to its longest cell up to this
+NAME_MIN = 24  # ... while the name column keeps this much (or its longest name)
 MARK = "●"
 
 
@@ -117,28 +119,36 @@ class ModelTable(DataTable[Any]):
                     "two LoRAs, ...)")
         return pair[0], pair[1]
 
-    def _name_width(self, cols: tuple[str, ...], names: list[str]) -> int:
-        """What the table's width leaves for the name column."""
+    def _widths(self, cols: tuple[str, ...], names: list[str], hints: list[str]
+                ) -> dict[str, int]:
+        """Column widths for the table's width: the name column takes what
+        the others leave; the hints column grows to its longest cell (up to
+        :data:`HINTS_MAX`) while the names still fit (or keep
+        :data:`NAME_MIN` columns)."""
+        widths = {c: rows.WIDTHS[c] for c in cols if c != "name"}
         pad = 2 * self.cell_padding
-        fixed = 1 + pad + sum(rows.WIDTHS[c] + pad for c in cols if c != "name") + pad
+        fixed = 1 + pad + sum(w + pad for w in widths.values()) + pad
         avail = (self.size.width or self.app.size.width) - fixed - 2  # 2: scrollbar
         longest = max((len(n) for n in names), default=4) + 2  # room for the sort arrow
-        return max(12, min(avail, longest))
+        wanted = min(HINTS_MAX, max((len(h) for h in hints), default=0))
+        grow = max(0, min(wanted - widths["hints"], avail - min(longest, NAME_MIN)))
+        widths["hints"] += grow
+        widths["name"] = max(12, min(avail - grow, longest))
+        return widths
 
-    def _build_columns(self, names: list[str]) -> int:
+    def _build_columns(self, names: list[str], hints: list[str]) -> int:
         """Columns for the current width; returns the name column's width."""
         self.clear(columns=True)
         self.add_column(" ", key="mark", width=1)
         cols = rows.columns(self.wide)
-        name_width = self._name_width(cols, names)
+        widths = self._widths(cols, names, hints)
         for key in cols:
             label = key + (" ▼" if self.sort_reverse else " ▲") \
                 if key == self.sort_column else key
-            self.add_column(label, key=key,
-                            width=name_width if key == "name" else rows.WIDTHS[key])
+            self.add_column(label, key=key, width=widths[key])
         self._wide = self.wide
         self._width = self.size.width
-        return name_width
+        return widths["name"]
 
     def refresh_rows(self) -> None:
         """Rebuild the rows from the data, filter and sort order."""
@@ -147,7 +157,9 @@ class ModelTable(DataTable[Any]):
         shown = [e for e in self.entries if rows.matches(e, query, self.hints.get(e.path, ()))]
         shown.sort(key=rows.sort_key(self.sort_column, self.hints), reverse=self.sort_reverse)
         self.shown = shown
-        name_width = self._build_columns([rows.display_name(e) for e in shown])
+        name_width = self._build_columns([rows.display_name(e) for e in shown],
+                                         [rows.hint_cell(self.hints.get(e.path, ()))
+                                          for e in shown])
         wide = self.wide
         for e in shown:
             mark = Text(MARK, style="bold") if e.path in self.marked else ""
