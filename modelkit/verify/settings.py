@@ -9,8 +9,9 @@ records.
 Presets:
 
 * ``tiny``: 64x64, 2 steps; for seeded tiny test models (seconds).
-* ``smoke``: 256x256, 4 steps; for real full-size files on a CPU (about 15 s
-  per SD1.5 image on 2 cores). The default for full-size models.
+* ``smoke``: 256x256, 4 steps; for real full-size files on a CPU (an SD1.5
+  image: 15 s on a quiet 2-core machine, 131 s under load average 5.5-8;
+  bench/README.md). The default for full-size models.
 * ``standard``: the architecture's own resolution (512/768/1024), 20 steps;
   for a GPU.
 * ``auto`` (default): ``tiny`` for tiny models, else ``smoke``.
