@@ -39,7 +39,10 @@ USER_DTYPES: dict[str, str] = {
     "fp8_e4m3fn": "F8_E4M3", "fp8": "F8_E4M3", "fp8_e5m2": "F8_E5M2",
     "int8": "I8",
 }
+# float storage types, as users write them and as safetensors dtypes
 FLOAT_STORAGE: tuple[str, ...] = ("fp16", "bf16", "fp32")
+FLOAT_STORAGE_DTYPES: tuple[str, ...] = tuple(USER_DTYPES[n] for n in FLOAT_STORAGE)
+# what ``quantize`` stores a model as (modelkit.convert.quantize)
 QUANT_TARGETS: tuple[str, ...] = (*FLOAT_STORAGE, "fp8_e4m3fn", "fp8_e5m2", "int8")
 KEEP = "keep"  # leave each tensor's dtype as it is
 MERGE_OUTPUT_DTYPES: tuple[str, ...] = (*FLOAT_STORAGE, KEEP)

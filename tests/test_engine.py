@@ -214,6 +214,10 @@ LAYERS = {
     "modelkit.inspect": 2,
     "modelkit.core.registry": 3, "modelkit.core.step": 3, "modelkit.core.keyregex": 3,
     "modelkit.core.recipe": 3,
+    # verify's settings (plain data and parsing; recipe validation reads their
+    # one declaration of the verify: fields) and the tables they check against
+    "modelkit.verify.settings": 3, "modelkit.verify.thresholds": 3,
+    "modelkit.verify.library": 3,
     "modelkit.merge": 4, "modelkit.convert": 4, "modelkit.lora": 4, "modelkit.verify": 4,
     "modelkit.library": 4,
     "modelkit.core": 5, "modelkit.sweep": 5,

@@ -41,6 +41,7 @@ from modelkit.core.step import PlannedStep, same_origins
 from modelkit.errors import ModelkitError
 from modelkit.io.source import DerivedSource, Source, source_label, tensor_info
 from modelkit.numeric import l2_sums, relative_l2, snr_db
+from modelkit.vocab import COMPONENTS, QUANT_TARGETS, UNET
 
 if TYPE_CHECKING:
     import torch
@@ -50,8 +51,6 @@ INT8_SCHEME = "modelkit.int8.per_channel"
 INT8_VERSION = 1
 INT8_MIN_ELEMENTS = 4096
 SCALE_SUFFIX = "_scale"
-TARGETS = ("fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2", "int8")
-COMPONENTS = ("unet", "te", "vae")
 # safetensors dtype -> (largest finite value, bits) for overflow checks
 FLOAT_RANGE = {"F32": 3.4028234663852886e38, "F16": 65504.0, "BF16": 3.3895313892515355e38,
                "F8_E4M3": 448.0, "F8_E5M2": 57344.0}
@@ -111,13 +110,14 @@ def component_policy(target: str, components: tuple[str, ...] | None) -> dict[st
     fp8 or int8 target to the UNet only, the text encoders and VAE ``max16``."""
     from modelkit.io.dtypes import parse_user_dtype
 
-    if target not in TARGETS:
-        raise ModelkitError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if target not in QUANT_TARGETS:
+        raise ModelkitError(f"unknown target {target!r}; choose one of "
+                            f"{', '.join(QUANT_TARGETS)}")
     dtype = parse_user_dtype(target)
     if components is None:
         if WIDTH[dtype] >= 16:
             return dict.fromkeys(COMPONENTS, dtype)
-        return {"unet": dtype, "te": MAX16, "vae": MAX16}
+        return {c: (dtype if c == UNET else MAX16) for c in COMPONENTS}
     bad = [c for c in components if c not in COMPONENTS]
     if bad:
         raise ModelkitError(f"unknown component {bad[0]!r}; choose from {', '.join(COMPONENTS)}")
@@ -244,7 +244,7 @@ def _plan_key(key: str, dtype: str, shape: tuple[int, ...], target: str,
 
 def quantize(src: Source, target: str, *, components: tuple[str, ...] | None = None
              ) -> PlannedStep:
-    """Plan ``src`` stored at ``target`` (one of :data:`TARGETS`) for the
+    """Plan ``src`` stored at ``target`` (one of :data:`modelkit.vocab.QUANT_TARGETS`) for the
     chosen components (default: all, VAE not below fp16).
 
     Raises:

@@ -17,6 +17,12 @@ from typing import BinaryIO
 from modelkit.errors import BadFileError
 from modelkit.textsafe import shown
 
+# model file suffixes, declared once: what the readers open, what the writer
+# refuses to write (pickles), what the library scan and recipe replay look for
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+MODEL_SUFFIXES = (*SAFETENSORS_SUFFIXES, *PICKLE_SUFFIXES)
+
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
                | getattr(os, "O_BINARY", 0))

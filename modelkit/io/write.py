@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelkit.errors import ModelkitError, OutputError, check_cancel
+from modelkit.io.files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 from modelkit.io.source import Source
 from modelkit.progress import WRITE, Progress, ProgressFn, no_progress
 from modelkit.vocab import OUTPUT_FORMATS
@@ -39,7 +40,6 @@ from modelkit.vocab import OUTPUT_FORMATS
 if TYPE_CHECKING:
     from modelkit.io.writer import SafetensorsWriter
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 Finalize = Callable[[], Mapping[str, str]]
 
 
@@ -101,7 +101,7 @@ def output_format(out: str | os.PathLike[str], fmt: str | None = None) -> str:
     suffix = Path(out).suffix.lower()
     if suffix == ".gguf":
         return "gguf"
-    if suffix in (".safetensors", ".sft"):
+    if suffix in SAFETENSORS_SUFFIXES:
         return "safetensors"
     if suffix in PICKLE_SUFFIXES:
         raise ModelkitError(f"{out}: modelkit writes .safetensors (pickles can run code "

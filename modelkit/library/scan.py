@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelkit.errors import Cancelled, ModelkitError
+from modelkit.io.files import MODEL_SUFFIXES
 from modelkit.library import db as dbm
 from modelkit.library.layout import Placer
 from modelkit.progress import Progress, ProgressFn, no_progress
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
 PREVIEW_SUFFIXES = (".png", ".preview.png", ".jpg", ".jpeg", ".preview.jpg",
                     ".preview.jpeg", ".webp", ".preview.webp")
 CIVITAI_SUFFIX = ".civitai.info"
