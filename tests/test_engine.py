@@ -209,7 +209,7 @@ ROOT = Path(__file__).resolve().parents[1] / "modelkit"
 # layer of each module (longest prefix wins); a module imports its own layer or lower
 LAYERS = {
     "modelkit": 0, "modelkit.errors": 0, "modelkit.progress": 0, "modelkit.numeric": 0,
-    "modelkit.textsafe": 0, "modelkit.vocab": 0, "modelkit.arch": 0,
+    "modelkit.textsafe": 0, "modelkit.vocab": 0, "modelkit.arch": 0, "modelkit.wording": 0,
     "modelkit.io": 1, "modelkit.testing": 1,
     "modelkit.inspect": 2,
     "modelkit.core.registry": 3, "modelkit.core.step": 3, "modelkit.core.keyregex": 3,
@@ -265,6 +265,15 @@ def test_no_module_imports_one_above_it() -> None:
                 problems.append(f"{name} (layer {_layer(name)}) imports {imported} "
                                 f"(layer {_layer(imported)})")
     assert not problems, "\n".join(problems)
+
+
+def test_the_tui_never_imports_the_cli() -> None:
+    """Both front ends share layer-0 wording (modelkit.wording), not each other."""
+    found = {name: sorted(m for m in _imports(path) if m == "modelkit.cli"
+                          or m.startswith("modelkit.cli."))
+             for name, path in _modules().items() if name.startswith("modelkit.tui")}
+    assert len(found) > 10  # the TUI's modules were all seen
+    assert not {name: m for name, m in found.items() if m}
 
 
 def test_the_core_never_imports_click_or_textual() -> None:

@@ -15,6 +15,7 @@ from modelkit.cli.progress import human_bytes
 from modelkit.core.recipe import COMMAND_LINE, Recipe
 from modelkit.textsafe import shown
 from modelkit.vocab import FLOAT_STORAGE, MERGE_OUTPUT_DTYPES
+from modelkit.wording import lora_weights
 
 LIST_LIMIT = 15
 NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
@@ -56,8 +57,9 @@ def _bake_lines(r: Any) -> list[str]:
     out = [f"{r.keys_changed} checkpoint tensors changed ({r.arch}, "
            f"dtype {r.dtype or 'as the base'})"]
     for a in r.adapters:
-        out.append(f"  {shown(a.file)} ({a.format}, {a.arch}): unet {a.weight:g}, te "
-                   f"{a.te_weight:g}; {a.n_modules} modules, {a.keys_touched} keys touched")
+        out.append(f"  {shown(a.file)} ({a.format}, {a.arch}): "
+                   f"{lora_weights(a.weight, a.te_weight)}; {a.n_modules} modules, "
+                   f"{a.keys_touched} keys touched")
         out += _listed("  unmatched keys (not applied)", a.unmatched)
     return out
 

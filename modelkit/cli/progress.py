@@ -15,15 +15,7 @@ from typing import TextIO
 
 from modelkit.progress import PLAN, Progress
 from modelkit.textsafe import shown
-
-
-def human_bytes(n: float, digits: int = 2) -> str:
-    """``n`` bytes with a decimal unit: ``2.13 GB``, ``613.21 KB``, ``12 B``."""
-    for suffix in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{int(n)} B" if suffix == "B" else f"{n:.{digits}f} {suffix}"
-        n /= 1000
-    return f"{n:.{digits}f} TB"
+from modelkit.wording import human_bytes  # re-exported: the CLI commands import it here
 
 
 def _amount(n: float, unit: str) -> str:
