@@ -26,6 +26,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from modelkit.wording import human_bytes  # re-exported: progress lines and front ends
+
 PLAN = "plan"
 HASH = "hash"
 READ = "read"
@@ -104,15 +106,6 @@ class Progress:
 
 
 ProgressFn = Callable[[Progress], None]
-
-
-def human_bytes(n: float, digits: int = 2) -> str:
-    """``n`` bytes with a decimal unit: ``2.13 GB``, ``613.21 KB``, ``12 B``."""
-    for suffix in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{int(n)} B" if suffix == "B" else f"{n:.{digits}f} {suffix}"
-        n /= 1000
-    return f"{n:.{digits}f} TB"
 
 
 def no_progress(_: Progress) -> None:

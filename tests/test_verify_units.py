@@ -125,6 +125,33 @@ def test_presets_resolve_per_model_size() -> None:
     assert (own.width, own.height, own.steps, own.threads) == (128, 96, 3, 2)
 
 
+def test_recipe_verify_fields_are_declared_once_on_the_settings() -> None:
+    """Issue 18: the fields a recipe's verify: section may set come from
+    VerifySettings' own field metadata; a full section builds the settings."""
+    from dataclasses import fields
+
+    from modelkit.core.recipe import verify_fields
+    from modelkit.core.verification import settings_from
+    from modelkit.verify.settings import RECIPE
+
+    allowed = verify_fields()
+    declared = {f.name for f in fields(VerifySettings) if RECIPE in f.metadata}
+    assert set(allowed) == declared | {"reference"}
+    assert not {"device", "work_dir", "allow_download"} & set(allowed)
+    section = {"prompts": ["a", "b"], "negative_prompt": "n", "seeds": [3], "preset": "tiny",
+               "steps": 2, "size": "64x72", "guidance_scale": 5, "scheduler": "ddim",
+               "threads": 1, "operation": "merge", "thresholds": {"psnr": 30.0},
+               "tokenizer": "tok", "library": "lib", "render": False}
+    assert set(section) == declared
+    s = settings_from(section, "cpu")
+    assert (s.prompts, s.seeds, s.size, s.steps, s.guidance_scale) == (("a", "b"), (3,),
+                                                                       (64, 72), 2, 5)
+    assert (s.tokenizer, s.library, s.render, s.scheduler) == (Path("tok"), Path("lib"),
+                                                               False, "ddim")
+    docs = (Path(__file__).parents[1] / "docs" / "recipes.md").read_text()
+    assert all(f"`{name}`" in docs for name in declared), "docs/recipes.md lists the fields"
+
+
 def test_prompt_syntax_and_library(tmp_path: Path) -> None:
     assert parse_prompt("a cat <lora:style:0.5>, <lyco:sub/detail>") == (
         "a cat", [parse_prompt("<lora:style:0.5>")[1][0], parse_prompt("<lora:sub/detail>")[1][0]])

@@ -249,7 +249,8 @@ def _no_repeated_word(label: str) -> bool:
 
 
 def test_a_runs_progress_lines_agree_with_their_counts(models: dict[str, Path],
-                                                       tmp_path: Path) -> None:
+                                                       tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Every event of a real extraction run (plan, read, hash, write) and of
     a static verify: the shown percentage is done/total, labels never say a
     word twice, and the CLI's line is the event's own line."""
@@ -263,6 +264,7 @@ def test_a_runs_progress_lines_agree_with_their_counts(models: dict[str, Path],
     from modelkit.verify import verify
     from modelkit.verify.settings import VerifySettings
 
+    monkeypatch.setenv("MODELKIT_CACHE_DIR", str(tmp_path / "cache"))  # inputs get hashed
     seen: list[Progress] = []
     run(Recipe.op("lora_extract", models["sd1"], models["sd1_b"],
                   output=tmp_path / "l.safetensors", rank=2), progress=seen.append)

@@ -19,7 +19,9 @@ Block lists
 The counts come from the UNet configs in :mod:`modelkit.arch.configs`
 (``len(channel_mult) * (num_res_blocks + 1)`` input and output blocks).
 
-Key -> block maps (see ``shared/reference/merge.md`` section 3)
+Key -> block maps (hako-mikan/sd-webui-supermerger ``scripts/mergers/mergers.py``
+``blockfromkey``; ljleb/sd-mecha ``sd_mecha/extensions/builtin/model_configs/``
+``convert_sd1_blocks.py`` and ``convert_sdxl_blocks.py``)
     Keys are parsed structurally: ``model.diffusion_model.<part>[.<N>].`` where
     ``<part>`` is the first dotted component, so ``out.`` is never confused
     with ``to_out.``, ``proj_out.`` or ``out_layers``, and ``input_blocks.10``

@@ -205,13 +205,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None, started: float) -> int:
     from modelkit.errors import INTERRUPTED, Interrupted, ModelkitError
+    from modelkit.wording import error_line
 
     try:
         code = cli.main(args=argv, prog_name="modelkit", standalone_mode=False)
         if INTERRUPTED.is_set():  # a signal during an import, seen only now
             raise Interrupted
     except ModelkitError as exc:
-        click.echo(f"modelkit: error: {shown(exc)}", err=True)
+        click.echo(error_line(exc), err=True)
         return exc.exit_code
     except (click.exceptions.Abort, KeyboardInterrupt, Interrupted):
         _remove_temp_files()
@@ -233,8 +234,7 @@ def _main(argv: list[str] | None, started: float) -> int:
     except Exception as exc:  # a bug, not bad input: one line unless debugging
         if os.environ.get("MODELKIT_DEBUG"):
             raise
-        click.echo(f"modelkit: internal error: {type(exc).__name__}: {shown(exc, 300)} "
-                   "(set MODELKIT_DEBUG=1 for a traceback and report it)", err=True)
+        click.echo(error_line(exc), err=True)
         return 3
     # with standalone_mode=False click returns a command's exit code (a
     # raised Exit(1) included) instead of exiting: it must not be dropped

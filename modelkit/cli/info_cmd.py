@@ -11,10 +11,10 @@ from modelkit.cli.common import common_option
 
 
 def block_table(weights: dict[str, float]) -> list[str]:
-    """Block weights as rows of ``NAME value`` pairs, eight per row."""
-    items = [f"{name} {value:g}" for name, value in weights.items()]
-    return ["    " + "  ".join(f"{x:<10}" for x in items[i:i + 8]).rstrip()
-            for i in range(0, len(items), 8)]
+    """Block weights as rows of ``NAME value`` cells (the TUI's table)."""
+    from modelkit.wording import block_rows
+
+    return block_rows(weights, indent="    ")
 
 
 @click.command("methods")

@@ -10,7 +10,7 @@ from modelkit.cli.common import common_option
 from modelkit.cli.progress import human_bytes
 from modelkit.inspect.report import ModelReport, inspect_model
 from modelkit.textsafe import shown
-from modelkit.wording import plural
+from modelkit.wording import param_count, plural
 
 EPILOG = """\b
 Examples:
@@ -24,10 +24,6 @@ KEY_LIMIT = 60  # key names and metadata keys
 METADATA_SHOWN = 12
 
 
-def _params(n: int) -> str:
-    return f"{n / 1e6:,.2f} M" if n < 1e9 else f"{n / 1e9:,.3f} G"
-
-
 def _component_line(c: dict) -> str:
     status = {True: "complete", False: "INCOMPLETE", None: "not checked"}[c["complete"]]
     problems = []
@@ -39,7 +35,7 @@ def _component_line(c: dict) -> str:
         problems.append(f"{c['n_unexpected']} unexpected")
     extra = f" ({', '.join(problems)})" if problems else ""
     return (f"    {c['name']:<10} {c['family']:<34} {c['n_tensors']:>5} tensors "
-            f"{_params(c['n_params']):>12}  {status}{extra}")
+            f"{param_count(c['n_params']):>12}  {status}{extra}")
 
 
 def _ema(d: dict) -> str:
@@ -74,7 +70,7 @@ def render(rep: ModelReport) -> str:
         ("variant", d["variant"] or "-"),
         ("prediction", f"{d['prediction']['type']}  ({pred})"),
         ("size", f"{human_bytes(d['size_bytes'])}, {plural(d['n_tensors'], 'tensor')}, "
-                 f"{_params(d['n_params'])} params"),
+                 f"{param_count(d['n_params'])} params"),
         ("dtypes", ", ".join(f"{k} {v}" for k, v in d["dtypes"].items())),
         ("EMA", _ema(d)),
     ]

@@ -21,7 +21,7 @@ from modelkit.cli.common import (
 from modelkit.cli.progress import human_bytes
 from modelkit.core.recipe import COMMAND_LINE, Recipe
 from modelkit.textsafe import shown
-from modelkit.wording import noun, plural
+from modelkit.wording import lora_weights, noun, plural
 
 LIST_LIMIT = 15
 NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
@@ -63,8 +63,8 @@ def _bake_lines(r: Any) -> list[str]:
     out = [f"{plural(r.keys_changed, 'checkpoint tensor')} changed ({r.arch}, "
            f"dtype {r.dtype or 'as the base'})"]
     for a in r.adapters:
-        out.append(f"  {shown(a.file)} ({a.format}, {a.arch}): unet {a.weight:g}, te "
-                   f"{a.te_weight:g}; {plural(a.n_modules, 'module')}, "
+        out.append(f"  {shown(a.file)} ({a.format}, {a.arch}): "
+                   f"{lora_weights(a.weight, a.te_weight)}; {plural(a.n_modules, 'module')}, "
                    f"{plural(a.keys_touched, 'key')} touched")
         out += _listed("  unmatched keys (not applied)", a.unmatched)
     return out

@@ -129,8 +129,8 @@ def _dry_run(spec: Any, output: str, device: str | None, as_json: bool, resume: 
 @click.option("--threads", type=click.IntRange(1, 256), default=None, metavar="N",
               help="Torch threads per worker (default: the cores shared out, at least 1).")
 @click.option("--address", default=None, metavar="ADDR|auto|local",
-              help="Run on Ray (pip install 'modelkit[ray]'): a cluster address, auto (the "
-                   "cluster 'ray start' made), or local (a fresh one on this machine). "
+              help="Run on Ray (pip install -e '.[ray]' in the checkout): a cluster address, "
+                   "auto (the cluster 'ray start' made), or local (a fresh one on this machine). "
                    "Default: RAY_ADDRESS if set, else a local process pool.")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted sweep: cells whose output already carries the "

@@ -21,13 +21,16 @@ Exit codes: 0 every check passed (warnings allowed), 1 a check failed,
 2 usage or load error (bad option, unreadable file, no tokenizer found).
 \b
 Presets: tiny (64x64, 2 steps; seeded test models), smoke (256x256, 4 steps;
-real files on a CPU, about 15 s per SD1.5 image on 2 cores), standard (the
-model's own resolution, 20 steps; for a GPU). Default: tiny for test models,
-smoke otherwise.
+real files on a CPU: an SD1.5 image takes 15 s to minutes on 2 cores, by
+load, and 5 GB), standard (the model's own resolution, 20 steps; for a GPU).
+Default: tiny for test models, smoke otherwise.
 \b
 The library (LoRAs for <lora:name:w> prompt tags, embeddings used by name,
 a CLIP tokenizer in models/tokenizers/clip) is the folder above the model
-holding models/ (A1111 or ComfyUI layout), or --library DIR.
+holding models/ (A1111 or ComfyUI layout), or --library DIR. Real files need
+the real CLIP tokenizer: --tokenizer DIR, a real one in the library, the
+Hugging Face cache, or 'pip install --no-deps open-clip-torch'; the demo's
+synthetic one is for its tiny models.
 """
 
 

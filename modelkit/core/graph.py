@@ -123,14 +123,13 @@ class Graph:
         return self._op(name, t)
 
     def _open(self, name: str, spec: InputSpec) -> Source:
+        from modelkit.io.files import PICKLE_SUFFIXES, check_input_file
         from modelkit.io.open import open_source
 
         path = self.recipe.resolve(spec.path)
         if not path.is_dir():
-            from modelkit.io.files import check_input_file
-
             check_input_file(path, f"input {name!r}")
-        if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
+        if path.suffix.lower() in PICKLE_SUFFIXES:
             self.progress(Progress(path.name, 0, 1, "files", path.name, READ))
         src = open_source(path, self.device)
         close = getattr(src, "close", None)

@@ -549,12 +549,13 @@ def _check_options(c: _Checker, o: Options) -> None:
         raise c.fail(("options", "vae"), "must be a file path")
 
 
-VERIFY_FIELDS: dict[str, tuple[type, ...]] = {
-    "reference": (str,), "prompts": (list,), "negative_prompt": (str,), "seeds": (list,),
-    "preset": (str,), "steps": (int,), "size": (str, list), "operation": (str,),
-    "thresholds": (dict,), "guidance_scale": (int, float), "scheduler": (str,),
-    "threads": (int,), "render": (bool,), "tokenizer": (str,), "library": (str,),
-}
+def verify_fields() -> dict[str, tuple[type, ...]]:
+    """The fields of a recipe's ``verify:`` section and their YAML types:
+    ``reference`` and the :class:`~modelkit.verify.settings.VerifySettings`
+    fields declared settable from a recipe (declared there, once)."""
+    from modelkit.verify.settings import RECIPE_FIELDS
+
+    return {"reference": (str,), **RECIPE_FIELDS}
 
 
 def _check_verify(c: _Checker, recipe: Recipe) -> None:
@@ -563,11 +564,12 @@ def _check_verify(c: _Checker, recipe: Recipe) -> None:
         return
     if not isinstance(v, dict):
         raise c.fail(("verify",), "a mapping of verify settings (or true)")
+    allowed = verify_fields()
     for key, value in v.items():
-        types = VERIFY_FIELDS.get(key)
+        types = allowed.get(key)
         if types is None:
             raise c.fail(("verify", str(key)), f"unknown field; allowed: "
-                                               f"{', '.join(VERIFY_FIELDS)}")
+                                               f"{', '.join(allowed)}")
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             names = " or ".join(t.__name__ for t in types)
             raise c.fail(("verify", key), f"must be {with_article(names)}")

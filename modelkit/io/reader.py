@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from modelkit.errors import INTERRUPTED, BadFileError, Interrupted, ModelkitError
 from modelkit.io.dtypes import check_loadable
+from modelkit.io.files import PICKLE_SUFFIXES
 from modelkit.io.header import Header, TensorInfo, read_header
 from modelkit.io.source import KeyAccess
-from modelkit.io.suffixes import PICKLE_SUFFIXES
 
 if TYPE_CHECKING:
     import torch

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelkit.errors import ModelkitError, OutputError, check_cancel
+from modelkit.io.files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 from modelkit.io.source import Source
-from modelkit.io.suffixes import PICKLE_SUFFIXES
 from modelkit.progress import WRITE, Progress, ProgressFn, no_progress
 from modelkit.vocab import OUTPUT_FORMATS
 
@@ -101,7 +101,7 @@ def output_format(out: str | os.PathLike[str], fmt: str | None = None) -> str:
     suffix = Path(out).suffix.lower()
     if suffix == ".gguf":
         return "gguf"
-    if suffix in (".safetensors", ".sft"):
+    if suffix in SAFETENSORS_SUFFIXES:
         return "safetensors"
     if suffix in PICKLE_SUFFIXES:
         raise ModelkitError(f"{out}: modelkit writes .safetensors (pickles can run code "

@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     import torch
 
 TARGET_NAMINGS = {"kohya": "kohya", "peft": "peft", "comfy": "comfyui", "comfyui": "comfyui"}
-# which loaders read each output naming (shared/reference/lora.md; ComfyUI's
+# which loaders read each output naming (the cross-tool load matrix of
+# Nerogar/OneTrainer PR #1563 and huggingface/diffusers issue #10860; ComfyUI's
 # comfy/lora.py maps diffusers UNet attention only as ``processor.to_q``)
 READERS = {
     "kohya": "A1111/Forge, ComfyUI and kohya's scripts (diffusers: plain LoRA/LoCon only)",

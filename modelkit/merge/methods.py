@@ -18,9 +18,12 @@ Conventions:
 * Tensors of different shapes raise :class:`ModelkitError` instead of
   broadcasting.
 
-Formulas and sources are in ``shared/reference/merge.md`` section 2; each
-method's ``reference`` names the tool it matches. This module is written from
-those formulas, not from the tools' code.
+Each method's ``reference`` names the tool (and paper) it matches; the tools'
+repositories are AUTOMATIC1111/stable-diffusion-webui (``modules/extras.py``),
+hako-mikan/sd-webui-supermerger (``scripts/mergers/mergers.py``), s1dlx/meh
+(``sd_meh/merge_methods.py``) and ljleb/sd-mecha
+(``sd_mecha/extensions/builtin/merge_methods/*.py``). This module is written
+from the published formulas, not from the tools' code.
 """
 
 from __future__ import annotations

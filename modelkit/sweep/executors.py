@@ -20,7 +20,8 @@ Pending cells never start.
   with two threads each took 76 s on 2 cores where one thread each took
   22 s) and, when GPUs exist, its own ``CUDA_VISIBLE_DEVICES``.
 * :class:`modelkit.sweep.ray_executor.RayExecutor`: Ray tasks or GPU actors
-  (the optional extra ``modelkit[ray]``; Ray is imported only there).
+  (the optional extra ``ray``: ``pip install -e '.[ray]'`` in the checkout;
+  Ray is imported only there).
 """
 
 from __future__ import annotations

@@ -18,12 +18,12 @@ from typing import Any
 from rich.text import Text
 
 from modelkit.arch.blocks import weights_title
-from modelkit.cli.progress import human_bytes
 from modelkit.core.recipe import COMMAND_LINE, Recipe, validate
 from modelkit.core.registry import METHOD, MODEL, ROLE_KINDS, Param, Transform
 from modelkit.errors import ModelkitError
 from modelkit.library.query import Entry
 from modelkit.textsafe import safe_text, shown
+from modelkit.wording import block_rows, human_bytes, lora_weights
 
 MERGE = "merge"
 FIRST = ("lora_bake", "prune", "quantize", "extract")  # listed first, in this order
@@ -34,7 +34,6 @@ VERIFY_CHOICES = (("no", "off"), ("static checks", "static"),
                   ("render and compare", "render"))  # the form's "verify after" select
 VERIFY_SECTIONS: dict[str, dict[str, Any] | None] = {  # the recipe's verify: section
     "off": None, "static": {"render": False}, "render": {}}
-BLOCKS_PER_LINE = 5  # 13 columns each: fits a 72-column plan
 REPORT_FIELDS = 6  # scalar fields of a step's own report shown in the plan
 SHOWN_ABOVE = frozenset({"arch", "n_keys", "n_tensors", "n_merged", "n_copied", "n_skipped",
                          "n_ignored", "peak_estimate_bytes", "warnings", "notes",
@@ -214,9 +213,8 @@ def _scalars(report: Any) -> list[tuple[str, Any]]:
 
 def _blocks(out: Text, title: str, weights: Mapping[str, float]) -> None:
     out.append(f"{safe_text(title)} ({weights_title(weights)})\n", style="bold")
-    cells = [f"{name:<5} {value:<6.3g}" for name, value in weights.items()]
-    for i in range(0, len(cells), BLOCKS_PER_LINE):
-        out.append("  " + " ".join(cells[i:i + BLOCKS_PER_LINE]).rstrip() + "\n")
+    for row in block_rows(weights):
+        out.append(row + "\n")
 
 
 def _block_tables(out: Text, report: Any) -> None:
@@ -273,8 +271,8 @@ def plan_text(report: Any, grid: Path | None = None) -> Text:
         for key, value in _scalars(step.report):
             out.append(f"  {key} {shown(value, 60)}\n", style="dim")
         for a in getattr(step.report, "adapters", None) or []:
-            out.append(f"  adapter {shown(a.file, 60)} ({a.format}, {a.arch}): weight "
-                       f"{a.weight:g}, te {a.te_weight:g}; {a.n_modules} modules, "
+            out.append(f"  adapter {shown(a.file, 60)} ({a.format}, {a.arch}): "
+                       f"{lora_weights(a.weight, a.te_weight)}; {a.n_modules} modules, "
                        f"{len(a.unmatched)} unmatched keys\n", style="dim")
     _block_tables(out, report)
     _verdict(out, report.verify, grid)
