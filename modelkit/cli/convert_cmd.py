@@ -9,35 +9,34 @@ from typing import Any
 
 import click
 
-from modelkit.cli.common import CommaList, execute, flat, options_from, output_options
+from modelkit.cli.common import (
+    DEFAULT_COMMON,
+    CommonOptions,
+    common_options,
+    execute,
+    options_from,
+    transform_options,
+)
 from modelkit.cli.progress import human_bytes
 from modelkit.textsafe import shown
-from modelkit.vocab import (
-    COMPONENTS,
-    EXTRACTABLE,
-    FLOAT_STORAGE,
-    GGUF_FLOAT_DTYPES,
-    GGUF_QUANT_TYPES,
-    KEEP,
-    MERGE_OUTPUT_DTYPES,
-    QUANT_TARGETS,
-)
+from modelkit.vocab import GGUF_FLOAT_DTYPES, GGUF_QUANT_TYPES, KEEP
 from modelkit.wording import plural
 
 LIST_LIMIT = 15
 
 
-def _run_op(op: str, models: list[str], common: dict[str, Any],
+def _run_op(op: str, models: list[str], common: CommonOptions,
             lines: Callable[[Any], list[str]], output_fields: dict[str, Any] | None = None,
-            then_dtype: str = KEEP, **params: Any) -> None:
-    """Run operation ``op``; ``then_dtype`` casts its output's float tensors
-    (a quantize step added after it)."""
+            **params: Any) -> None:
+    """Run operation ``op``; a common ``--dtype`` (not one of the operation's
+    own parameters) casts its output's float tensors (a quantize step added
+    after it)."""
     from modelkit.core.recipe import COMMAND_LINE, Recipe
 
-    recipe = Recipe.op(op, *models, output=common["output"], options=options_from(common),
+    recipe = Recipe.op(op, *models, output=common.output, options=options_from(common),
                        source=COMMAND_LINE, **params)
-    if then_dtype != KEEP:
-        recipe = recipe.then("quantize", dtype=then_dtype)
+    if common.dtype not in (None, KEEP):
+        recipe = recipe.then("quantize", dtype=common.dtype)
     if output_fields:
         recipe = recipe.with_output(**output_fields)
 
@@ -125,59 +124,46 @@ def _plain_lines(r: Any) -> list[str]:
 
 @click.command("prune")
 @click.argument("model", type=click.Path())
-@output_options
-@click.option("--keep-ema", is_flag=True, help="Keep the model_ema.* weights.")
-@click.option("--dtype", type=click.Choice(MERGE_OUTPUT_DTYPES), default="keep",
-              show_default=True, help="Float dtype of the kept tensors.")
-def prune_cmd(model: str, output: str, keep_ema: bool, dtype: str, **common: Any) -> None:
+@common_options()
+@transform_options("prune")
+def prune_cmd(model: str, common: CommonOptions, params: dict[str, Any]) -> None:
     """Keep the UNet, VAE, text encoders and prediction markers; drop EMA,
     schedule buffers and training leftovers; repair CLIP position ids."""
-    _run_op("prune", [model], {"output": output, **common}, _prune_lines,
-            keep_ema=keep_ema, dtype=dtype)
+    _run_op("prune", [model], common, _prune_lines, **params)
 
 
 @click.command("ema")
 @click.argument("model", type=click.Path())
-@output_options
-@click.option("--dtype", type=click.Choice(MERGE_OUTPUT_DTYPES), default="keep",
-              show_default=True, help="Float dtype of the output tensors.")
-def ema_cmd(model: str, output: str, dtype: str, **common: Any) -> None:
+@common_options()
+@transform_options("ema")
+def ema_cmd(model: str, common: CommonOptions, params: dict[str, Any]) -> None:
     """Put the EMA weights in place of the UNet weights (and drop model_ema.*);
     report per block how far EMA and online weights differ."""
-    _run_op("ema", [model], {"output": output, **common}, _ema_lines, dtype=dtype)
+    _run_op("ema", [model], common, _ema_lines, **params)
 
 
 @click.command("quantize")
 @click.argument("model", type=click.Path())
-@output_options
-@click.option("--dtype", required=True,
-              type=click.Choice(QUANT_TARGETS),
-              help="Storage type for the chosen components.")
-@click.option("--components", multiple=True, type=CommaList(COMPONENTS, "component"),
-              help="Comma list of unet,te,vae. Default: all of them for fp16/bf16/fp32; "
-                   "the UNet only for fp8 and int8 (text encoders and VAE then kept at "
-                   "16 bits).")
-def quantize_cmd(model: str, output: str, dtype: str, components: tuple[list[str], ...],
-                 **common: Any) -> None:
+@common_options()
+@transform_options("quantize")
+def quantize_cmd(model: str, common: CommonOptions, params: dict[str, Any]) -> None:
     """Store components at a lower precision; int8 is per-channel symmetric
     (modelkit.int8.per_channel v1, see 'modelkit dequantize')."""
-    _run_op("quantize", [model], {"output": output, **common}, _quantize_lines,
-            dtype=dtype, components=flat(components) or None)
+    _run_op("quantize", [model], common, _quantize_lines, **params)
 
 
 @click.command("dequantize")
 @click.argument("model", type=click.Path())
-@output_options
-@click.option("--dtype", type=click.Choice(FLOAT_STORAGE), default="fp16",
-              show_default=True)
-def dequantize_cmd(model: str, output: str, dtype: str, **common: Any) -> None:
+@common_options()
+@transform_options("dequantize")
+def dequantize_cmd(model: str, common: CommonOptions, params: dict[str, Any]) -> None:
     """Restore a normal checkpoint from an int8 (or fp8) one."""
-    _run_op("dequantize", [model], {"output": output, **common}, _plain_lines, dtype=dtype)
+    _run_op("dequantize", [model], common, _plain_lines, **params)
 
 
 @click.command("export-gguf")
 @click.argument("model", type=click.Path())
-@output_options
+@common_options()
 @click.option("--type", "qtype", type=click.Choice(GGUF_QUANT_TYPES), default="q8_0",
               show_default=True, help="GGUF quantization type of the weights.")
 @click.option("--dtype", type=click.Choice(GGUF_FLOAT_DTYPES), default=None,
@@ -186,57 +172,48 @@ def dequantize_cmd(model: str, output: str, dtype: str, **common: Any) -> None:
               help="Keep every tensor in its own shape (conv kernels stay F16): for "
                    "stable-diffusion.cpp, which ignores comfy.gguf.orig_shape records. "
                    "Default: ComfyUI-GGUF layout, conv kernels quantized too (smaller).")
-def export_gguf_cmd(model: str, output: str, qtype: str, dtype: str | None, keep_shapes: bool,
-                    **common: Any) -> None:
+def export_gguf_cmd(model: str, qtype: str, dtype: str | None, keep_shapes: bool,
+                    common: CommonOptions) -> None:
     """Write the UNet as GGUF for ComfyUI-GGUF (models/diffusion_models) or, with
     --keep-shapes, stable-diffusion.cpp."""
     quant = {"fp16": "f16", "bf16": "bf16"}[dtype] if dtype else qtype
-    _run_op("convert", [model], {"output": output, **common}, _plain_lines,
+    _run_op("convert", [model], common, _plain_lines,
             {"format": "gguf", "quant": quant, "keep_shapes": keep_shapes})
 
 
 @click.command("convert")
 @click.argument("model", type=click.Path())
-@output_options
-@click.option("--format", "fmt", type=click.Choice(["safetensors", "diffusers"]),
-              default=None, help="Output format (default: from the output name; a name "
-                                 "without .safetensors is a diffusers folder).")
-@click.option("--dtype", type=click.Choice(MERGE_OUTPUT_DTYPES), default="keep",
-              show_default=True, help="Float dtype of the output tensors.")
-def convert_cmd(model: str, output: str, fmt: str | None, dtype: str, **common: Any) -> None:
+@common_options(*DEFAULT_COMMON, "format", "dtype", format={
+    "type": click.Choice(["safetensors", "diffusers"]),
+    "help": "Output format (default: from the output name; a name without .safetensors "
+            "is a diffusers folder)."})
+def convert_cmd(model: str, common: CommonOptions) -> None:
     """Convert .ckpt/.pt to .safetensors (safe loader), or a diffusers folder
     to a single original-layout file and back."""
-    _run_op("convert", [model], {"output": output, **common}, _plain_lines,
-            {"format": fmt} if fmt else None, then_dtype=dtype)
+    _run_op("convert", [model], common, _plain_lines,
+            {"format": common.format} if common.format else None)
 
 
 @click.command("swap")
 @click.argument("model", type=click.Path())
-@output_options
+@common_options(*DEFAULT_COMMON, "dtype")
 @click.option("--vae", "vae", type=click.Path(), default=None, help="VAE to put in.")
 @click.option("--unet", "unet", type=click.Path(), default=None, help="UNet to put in.")
 @click.option("--te", "te", type=click.Path(), default=None, help="Text encoder(s) to put in.")
-@click.option("--dtype", type=click.Choice(MERGE_OUTPUT_DTYPES), default="keep",
-              show_default=True, help="Float dtype of the output tensors.")
-def swap_cmd(model: str, output: str, vae: str | None, unet: str | None, te: str | None,
-             dtype: str, **common: Any) -> None:
+def swap_cmd(model: str, vae: str | None, unet: str | None, te: str | None,
+             common: CommonOptions) -> None:
     """Replace one component with another file's (shapes are checked)."""
     given = {k: v for k, v in (("vae", vae), ("unet", unet), ("te", te)) if v}
     if len(given) != 1:
         raise click.UsageError("give exactly one of --vae, --unet, --te")
     (component, donor), = given.items()
-    _run_op("swap", [model, donor], {"output": output, **common}, _plain_lines,
-            then_dtype=dtype, component=component)
+    _run_op("swap", [model, donor], common, _plain_lines, component=component)
 
 
 @click.command("extract")
 @click.argument("model", type=click.Path())
-@output_options
-@click.option("--component", required=True,
-              type=click.Choice(EXTRACTABLE))
-@click.option("--dtype", type=click.Choice(MERGE_OUTPUT_DTYPES), default="keep",
-              show_default=True, help="Float dtype of the output tensors.")
-def extract_cmd(model: str, output: str, component: str, dtype: str, **common: Any) -> None:
+@common_options(*DEFAULT_COMMON, "dtype")
+@transform_options("extract")
+def extract_cmd(model: str, common: CommonOptions, params: dict[str, Any]) -> None:
     """Write one component of a checkpoint to its own file."""
-    _run_op("extract", [model], {"output": output, **common}, _plain_lines,
-            then_dtype=dtype, component=component)
+    _run_op("extract", [model], common, _plain_lines, **params)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from modelkit.cli.common import common_option
 from modelkit.cli.progress import StderrProgress
 from modelkit.textsafe import shown
 from modelkit.wording import plural
@@ -14,10 +15,10 @@ from modelkit.wording import plural
 @click.command("demo")
 @click.argument("directory", required=False, default="modelkit-demo",
                 type=click.Path(file_okay=False, path_type=Path))
-@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
-@click.option("--overwrite", is_flag=True,
-              help="Replace an earlier demo in DIRECTORY (only a folder 'modelkit demo' "
-                   "made; its demo files are rewritten, other files are kept).")
+@common_option("quiet")
+@common_option("overwrite",
+               help="Replace an earlier demo in DIRECTORY (only a folder 'modelkit demo' "
+                    "made; its demo files are rewritten, other files are kept).")
 def demo_cmd(directory: Path, quiet: bool, overwrite: bool) -> None:
     """Build a tiny demo model library and run modelkit on it.
 

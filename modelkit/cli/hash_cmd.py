@@ -6,6 +6,7 @@ import json
 
 import click
 
+from modelkit.cli.common import common_option
 from modelkit.cli.progress import StderrProgress
 from modelkit.errors import ModelkitError
 from modelkit.io.hashing import hash_file
@@ -17,8 +18,8 @@ MISMATCH_LIMIT = 200
 @click.command("hash")
 @click.argument("paths", nargs=-1, required=True,
                 type=click.Path(dir_okay=False, path_type=str))
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of results.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@common_option("as_json", help="Print a JSON list of results.")
+@common_option("quiet")
 def hash_cmd(paths: tuple[str, ...], as_json: bool, quiet: bool) -> None:
     """Compute sha256, AutoV2, legacy and tensor-data hashes.
 

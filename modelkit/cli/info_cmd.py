@@ -7,6 +7,8 @@ import json
 
 import click
 
+from modelkit.cli.common import common_option
+
 
 def block_table(weights: dict[str, float]) -> list[str]:
     """Block weights as rows of ``NAME value`` cells (the TUI's table)."""
@@ -16,7 +18,7 @@ def block_table(weights: dict[str, float]) -> list[str]:
 
 
 @click.command("methods")
-@click.option("--json", "as_json", is_flag=True, help="Print the registry as JSON.")
+@common_option("as_json", help="Print the registry as JSON.")
 def methods_cmd(as_json: bool) -> None:
     """List every merge method and operation with its inputs, parameters,
     defaults and meaning (methods go in 'method:' steps and 'modelkit merge
@@ -32,7 +34,8 @@ def methods_cmd(as_json: bool) -> None:
             "a1111": t.a1111, "key_relations": sorted(t.keys),
             "params": {p.name: {"kind": p.kind, "default": None if p.required else p.default,
                                 "required": p.required, "choices": list(p.choices),
-                                "blockwise": p.blockwise, "per_model": p.per_model}
+                                "blockwise": p.blockwise, "per_model": p.per_model,
+                                "suggested": p.suggested, "help": p.help}
                        for p in t.params.values()}} for n, t in found.items()}, indent=2))
         return
     for kind, title in ((METHOD, "Merge methods (method: in recipes, --method)"),
@@ -46,6 +49,8 @@ def methods_cmd(as_json: bool) -> None:
             click.echo(f"  {name}({inputs}): {t.summary}")
             for p in t.params.values():
                 click.echo(f"      {p.describe()}")
+                if p.help:
+                    click.echo(f"          {p.help}")
             extra = []
             if t.seeded:
                 extra.append("seeded (options.seed)")
@@ -59,7 +64,7 @@ def methods_cmd(as_json: bool) -> None:
 @click.command("presets")
 @click.option("--arch", type=click.Choice(["sd1", "sdxl"]), default=None,
               help="Only this architecture's block list (SD2 and the refiner use SD1's).")
-@click.option("--json", "as_json", is_flag=True, help="Print the values as JSON.")
+@common_option("as_json", help="Print the values as JSON.")
 def presets_cmd(arch: str | None, as_json: bool) -> None:
     """List the block-weight presets with their values for SD1 and SD2 (26
     weights: BASE, IN00..IN11, M00, OUT00..OUT11) and SDXL (20 weights:

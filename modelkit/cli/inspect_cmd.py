@@ -6,6 +6,7 @@ import json
 
 import click
 
+from modelkit.cli.common import common_option
 from modelkit.cli.progress import human_bytes
 from modelkit.inspect.report import ModelReport, inspect_model
 from modelkit.textsafe import shown
@@ -106,9 +107,8 @@ def render(rep: ModelReport) -> str:
 @click.command("inspect", epilog=EPILOG)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False,
                                                                   path_type=str))
-@click.option("--json", "as_json", is_flag=True,
-              help="Print the stable JSON report (schema modelkit.inspect/1): an object "
-                   "for one file, a list for several.")
+@common_option("as_json", help="Print the stable JSON report (schema modelkit.inspect/1): "
+                               "an object for one file, a list for several.")
 def inspect_cmd(paths: tuple[str, ...], as_json: bool) -> None:
     """Say what model files are, from their headers alone.
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from modelkit.cli.common import CommaList
+from modelkit.cli.common import CommaList, common_option
 from modelkit.cli.progress import StderrProgress, human_bytes
 from modelkit.textsafe import safe_text
 from modelkit.wording import plural
@@ -34,7 +34,7 @@ def _db_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(fn)
+    return common_option("as_json", help="Print JSON.")(fn)
 
 
 def _echo_json(data: Any) -> None:
@@ -59,7 +59,7 @@ def library_group() -> None:
 @click.option("-j", "--jobs", type=click.IntRange(min=1),
               help="Processes reading headers in a big scan [default: one per CPU].")
 @_db_option
-@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@common_option("quiet")
 @_json_option
 def scan_cmd(dirs: tuple[str, ...], do_hash: bool, jobs: int | None, db: str | None,
              quiet: bool, as_json: bool) -> None:
@@ -167,7 +167,7 @@ def list_cmd(kind: tuple[list[str], ...], arch: tuple[list[str], ...], name: str
               help="Compare only files already hashed; hash nothing now.")
 @_filter_options
 @_db_option
-@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@common_option("quiet")
 @_json_option
 def dupes_cmd(no_hash: bool, kind: tuple[list[str], ...], arch: tuple[list[str], ...],
               name: str | None, under: tuple[str, ...], prediction: str | None,

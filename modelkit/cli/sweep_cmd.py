@@ -13,9 +13,9 @@ from typing import Any
 
 import click
 
+from modelkit.cli.common import common_option
 from modelkit.cli.progress import StderrProgress, human_bytes
 from modelkit.textsafe import safe_text, shown
-from modelkit.vocab import DEVICES
 from modelkit.wording import plural
 
 
@@ -120,9 +120,9 @@ def _dry_run(spec: Any, output: str, device: str | None, as_json: bool, resume: 
 
 @click.command("sweep")
 @click.argument("sweep", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
-              metavar="DIR", help="The sweep folder (new, empty, or an earlier sweep's "
-                                  "with --resume or --overwrite).")
+@common_option("output", type=click.Path(file_okay=False), metavar="DIR",
+               help="The sweep folder (new, empty, or an earlier sweep's with --resume or "
+                    "--overwrite).")
 @click.option("-j", "--jobs", type=click.IntRange(1, 1024), default=None, metavar="N",
               help="Cells at once (default: one per GPU; on CPUs one per core, at most 4, "
                    "as memory allows). 1 runs them in this process.")
@@ -135,15 +135,15 @@ def _dry_run(spec: Any, output: str, device: str | None, as_json: bool, resume: 
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted sweep: cells whose output already carries the "
                    "same recipe are not run again.")
-@click.option("--overwrite", is_flag=True, help="Run every cell again, replacing outputs.")
-@click.option("--device", type=click.Choice(DEVICES), default=None,
-              help="Where every cell merges and renders (default: the recipe's).")
+@common_option("overwrite", help="Run every cell again, replacing outputs.")
+@common_option("device", default=None, show_default=False,
+               help="Where every cell merges and renders (default: the recipe's).")
 @click.option("--retries", type=click.IntRange(0, 10), default=1, show_default=True,
               metavar="N",
               help="Ray: retries of a cell whose worker died or hit an OS error.")
 @click.option("--dry-run", is_flag=True, help="Plan every cell and list them; run nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@common_option("as_json")
+@common_option("quiet")
 def sweep_cmd(sweep: str, output: str, jobs: int | None, threads: int | None,
               address: str | None, resume: bool, overwrite: bool, device: str | None,
               retries: int, dry_run: bool, as_json: bool, quiet: bool) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from modelkit.cli.common import common_option
 from modelkit.cli.progress import StderrProgress
 
 EPILOG = """\b
@@ -139,8 +140,7 @@ def _refuse_bad_input(report: object) -> None:
 @click.option("--size", help="WIDTHxHEIGHT, multiples of 8 (default: preset).")
 @click.option("--preset", type=click.Choice(["auto", "tiny", "smoke", "standard"]),
               default="auto", show_default=True, help="Render size and steps.")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu",
-              show_default=True)
+@common_option("device")
 @click.option("--threads", type=click.IntRange(1, 256),
               help="CPU threads (default: 1 for tiny models, else up to 4).")
 @click.option("--scheduler", type=click.Choice(["euler", "ddim"]), default="euler",
@@ -171,9 +171,9 @@ def _refuse_bad_input(report: object) -> None:
 @click.option("--allow-download", is_flag=True,
               help="Let the tokenizer come from the Hugging Face Hub if not found offline.")
 @click.option("--static-only", is_flag=True, help="Static checks only; no render.")
-@click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout.")
-@click.option("--overwrite", is_flag=True, help="Replace existing output files.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@common_option("as_json", help="Print the JSON report on stdout.")
+@common_option("overwrite", help="Replace existing output files.")
+@common_option("quiet")
 def verify_cmd(model: Path, reference: Path | None, loras: tuple[str, ...],
                prompts: Path | None, seeds: str | None, steps: int | None, size: str | None,
                preset: str, device: str, threads: int | None, scheduler: str,

@@ -146,7 +146,8 @@ class Graph:
         try:
             for i, src in enumerate(models):
                 check_role(t, i, src)
-            params = check_params(t, step.params, len(models))
+            params = dict(step.checked) if step.checked is not None else \
+                check_params(t, step.params, len(models))
             if t.uses_device:
                 params["device"] = self.device
             planned: PlannedStep = t.fn(*models, **params)

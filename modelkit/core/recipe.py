@@ -125,6 +125,9 @@ class StepSpec:
     models: tuple[str, ...]
     params: dict[str, Any]
     kind: str | None = None
+    # the parameters as the validator checked them (defaults in, values
+    # converted): what the planner and the methods use, checked once
+    checked: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_method(self) -> bool:
@@ -410,7 +413,7 @@ def _as_block_param(value: Any) -> BlockParam | None:
 
 
 def _normal_params(c: _Checker, t: Any, step: StepSpec, path: tuple[str, ...]
-                   ) -> dict[str, Any]:
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
     from modelkit.arch.blocks import PRESET_DOCS
     from modelkit.core.registry import check_params
 
@@ -428,11 +431,11 @@ def _normal_params(c: _Checker, t: Any, step: StepSpec, path: tuple[str, ...]
                              "'modelkit presets'")
         params[str(key)] = value
     try:
-        check_params(t, params, len(step.models),
-                     is_blockwise=lambda v: isinstance(v, BlockParam))
+        checked = check_params(t, params, len(step.models),
+                               is_blockwise=lambda v: isinstance(v, BlockParam))
     except ModelkitError as exc:
         raise c.fail((*path, "params"), str(exc)) from None
-    return params
+    return params, checked
 
 
 MAX_STEPS = 200
@@ -465,8 +468,8 @@ def _check_steps(c: _Checker, recipe: Recipe) -> dict[str, StepSpec]:
         if not t.accepts(len(step.models)):
             raise c.fail((*path, "models"), f"{t.name} takes {t.arity()} models, got "
                                             f"{len(step.models)}")
-        params = _normal_params(c, t, step, path)
-        steps[name] = replace(step, params=params)
+        params, checked = _normal_params(c, t, step, path)
+        steps[name] = replace(step, params=params, checked=checked)
     _check_cycles(c, recipe)
     return steps
 

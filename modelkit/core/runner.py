@@ -288,10 +288,11 @@ def run(recipe: Recipe, *, output: str | os.PathLike[str] | None = None,
         device = resolve_device(recipe.options.device)
         graph = Graph(recipe, stack, device, events.plan)
         graph.open_inputs()
-        check_output(spec, graph.files)
+        vae = [recipe.resolve(recipe.options.vae)] if recipe.options.vae else []
+        # the one check before writing (the commit itself never replaces: no-replace)
+        check_output(spec, [*graph.files, *vae])
         final = graph.build()
         events.step = recipe.output_step
-        check_output(spec, graph.files)
         fmt_options = {"quant": recipe.output_quant, "keep_shapes": recipe.output_keep_shapes}
         payload, details = prepare_output(final, spec.format, **fmt_options)
         report = _planned_report(recipe, graph, final, payload, spec, details, dry_run)

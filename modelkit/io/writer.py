@@ -8,6 +8,7 @@ tensor has been written; on any error (or Ctrl-C) the temp file is removed.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -438,18 +439,22 @@ def _inside(path: Path, folder: Path) -> bool:
         return False
 
 
-def check_output_dir(target: Path, inputs: Iterable[str | os.PathLike[str]],
-                     replaceable: bool = False) -> None:
-    """Refuse an output folder that is a file, holds or is an input, whose
-    parent is missing, or that is not empty (unless ``replaceable``: the
-    caller may replace it)."""
+def _refuse_input_folder(target: Path, inputs: Iterable[str | os.PathLike[str]]) -> None:
     for src in inputs:
         if _same_file(target, Path(src)) or _inside(Path(src), target):
             raise OutputError(f"{target}: output folder is or holds an input; choose "
                               "another output path (modelkit never writes over an input)")
+
+
+def check_output_dir(target: Path, inputs: Iterable[str | os.PathLike[str]],
+                     overwrite: bool = False) -> None:
+    """Refuse an output folder that is a file, holds or is an input, whose
+    parent is missing, or that is not empty (unless ``overwrite``: the
+    caller may replace it)."""
+    _refuse_input_folder(target, inputs)
     if target.exists() and not target.is_dir():
         raise OutputError(f"{target}: exists and is not a folder; choose a new folder name")
-    if target.is_dir() and any(target.iterdir()) and not replaceable:
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise OutputError(f"{target}: folder exists and is not empty; choose a new "
                           "folder name or empty it first")
     if not target.parent.is_dir():
@@ -458,14 +463,20 @@ def check_output_dir(target: Path, inputs: Iterable[str | os.PathLike[str]],
 
 @contextmanager
 def atomic_dir(target: Path, inputs: Iterable[str | os.PathLike[str]] = (),
-               replace_existing: bool = False) -> Iterator[Path]:
+               overwrite: bool = False) -> Iterator[Path]:
     """Yield a new hidden ``.NAME.HOST-PID.*.partial`` folder beside ``target``; move
     it to ``target`` when the block succeeds, remove it with everything in
-    it when it fails. ``target`` must not exist or be an empty folder, unless
-    ``replace_existing``: then an existing folder is moved aside, replaced,
-    and deleted only once the new one is in place."""
+    it when it fails. The caller checked the output before writing
+    (:func:`check_output_dir`); the move itself never replaces a folder
+    with files in it unless ``overwrite``: then the existing folder is moved
+    aside, replaced, and deleted only once the new one is in place.
+
+    Raises:
+        OutputError: ``target`` is or holds an input, is a file, or (without
+            ``overwrite``) holds files.
+    """
     target = Path(target)
-    check_output_dir(target, inputs, replace_existing)
+    _refuse_input_folder(target, inputs)
     remove_stale_partials(target)
     with defer_signals():
         temp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".partial",
@@ -475,11 +486,20 @@ def atomic_dir(target: Path, inputs: Iterable[str | os.PathLike[str]] = (),
     try:
         yield temp
         os.chmod(temp, 0o755)
-        if replace_existing and target.is_dir() and any(target.iterdir()):
+        if overwrite and target.is_dir() and any(target.iterdir()):
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old",
                                         dir=target.parent))
             os.rename(target, old / "previous")
-        os.rename(temp, target)  # POSIX: replaces an empty folder atomically
+        try:
+            os.rename(temp, target)  # POSIX: replaces an empty folder atomically, no other
+        except OSError as exc:  # the no-replace commit
+            if exc.errno in (errno.ENOTDIR, errno.EISDIR):
+                raise OutputError(f"{target}: exists and is not a folder; choose a new "
+                                  "folder name") from None
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise OutputError(f"{target}: folder exists and is not empty; choose a new "
+                              "folder name or pass --overwrite to replace it") from None
     except BaseException:
         if old is not None and not target.exists():
             os.rename(old / "previous", target)  # put the user's folder back

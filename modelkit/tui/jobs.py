@@ -136,7 +136,7 @@ def compare_job(a: str, b: str) -> Callable[[ProgressFn, threading.Event], Any]:
 
 
 def load_transforms(node: MessagePump) -> None:
-    """Load the transform registry (imports torch: seconds, the first time)."""
+    """Load the transform registry (imports every method and operation module)."""
     from modelkit.core.registry import all_transforms
 
     node.post_message(TransformsLoaded(all_transforms()))

@@ -1,10 +1,10 @@
 """What the Act screen builds and shows, without any widget: which actions
 the chosen files allow (from the transform registry), the inputs in the
-order a transform takes them, form text turned into parameter values, a
+order a transform takes them, each field's initial text, a
 default output name, the recipe, and the dry-run plan or result as text.
 
 Plain Python plus ``rich`` text (no textual import), so it is tested
-directly; the registry is loaded by the caller (it imports torch).
+directly; the registry is loaded by the caller.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from modelkit.wording import block_rows, human_bytes, lora_weights
 MERGE = "merge"
 FIRST = ("lora_bake", "prune", "quantize", "extract")  # listed first, in this order
 LAST = ("convert",)  # a plain copy fits every file: listed after the specific ones
-DEFAULT_ALPHA = 0.3  # A1111's default multiplier, as the CLI's merge
 UNUSABLE_KINDS = ("broken", "unknown")
 STEM_CHARS = 40  # of each input's name in a default output name
 VERIFY_CHOICES = (("no", "off"), ("static checks", "static"),
@@ -132,40 +131,15 @@ def inputs_line(t: Transform, ordered: Sequence[Entry]) -> str:
 
 
 def field_text(p: Param) -> str:
-    """What a parameter's text field starts with: its default, A1111's
-    alpha for a required block-wise number, else empty."""
-    if p.required:
-        return f"{DEFAULT_ALPHA:g}" if p.blockwise else ""
-    value = p.default
+    """What a parameter's text field starts with: its default, else its
+    declared suggested value (A1111's alpha), else empty. The field's text
+    becomes a value with the registry's one parser (``parse_text``)."""
+    value = p.initial
     if value is None:
         return ""
     if isinstance(value, list | tuple):
         return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
     return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _number(text: str) -> Any:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text  # the registry names the parameter and says what it needs
-
-
-def parse_text(p: Param, text: str) -> Any:
-    """A text field's value for ``p``; None when empty (the default
-    applies, or the runner says the parameter is missing). A block-wise
-    number may be a preset name or a comma list; anything that is not a
-    number is passed on for the recipe check to name."""
-    text = text.strip()
-    if not text:
-        return None
-    if p.per_model:
-        return [_number(x.strip()) for x in text.split(",")]
-    if p.kind in ("float", "int"):
-        return _number(text)
-    return text
 
 
 def default_output(action: str, paths: Sequence[str], params: Mapping[str, Any],
