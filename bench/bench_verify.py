@@ -7,7 +7,11 @@ images (the floor verify's checks sit on).
 Run: ``.venv/bin/python bench/bench_verify.py [--dir /dev/shm/modelkit-bench]``.
 The full-size part needs a real CLIP tokenizer (found as ``modelkit verify``
 finds one, e.g. an installed open-clip-torch wheel, or ``--tokenizer``) and
-about 3 GB in DIR; ``--tiny-only`` skips it. Figures vary with machine load:
+about 3 GB in DIR; ``--tiny-only`` skips it, ``--full-only`` runs only the
+full-size verify (``--no-peer``: without the bare diffusers yardstick).
+``--reference`` adds a full-size verify against a reference (the same file
+under another name: two pipelines built, one after the other, so its peak
+memory shows whether the first was freed). Figures vary with machine load:
 the load average is printed before and after.
 """
 
@@ -150,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", type=Path, default=Path("/dev/shm/modelkit-bench"))
     ap.add_argument("--tokenizer", help="CLIP tokenizer for the full-size run")
     ap.add_argument("--tiny-only", action="store_true")
+    ap.add_argument("--full-only", action="store_true", help="skip the tiny runs")
+    ap.add_argument("--no-peer", action="store_true", help="skip the bare diffusers runs")
+    ap.add_argument("--reference", action="store_true",
+                    help="also verify the full-size file against a reference")
     ap.add_argument("--keep", action="store_true", help="keep the files this run made")
     args = ap.parse_args(argv)
     args.dir.mkdir(parents=True, exist_ok=True)
@@ -157,11 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     made: list[Path] = []
     tiny = tiny_library(args.dir)
-    for i in (1, 2):
-        rows.append(run_verify(f"verify tiny SD1 (64x64, 2 steps) run {i}",
-                               [str(tiny), "--seeds", SEEDS]))
-    rows.append(run_peer("bare diffusers, same tiny file and images", tiny, args.dir,
-                         str(tiny.parents[1] / "tokenizers" / "clip"), 64, 2, 1))
+    if not args.full_only:
+        for i in (1, 2):
+            rows.append(run_verify(f"verify tiny SD1 (64x64, 2 steps) run {i}",
+                                   [str(tiny), "--seeds", SEEDS]))
+        if not args.no_peer:
+            rows.append(run_peer("bare diffusers, same tiny file and images", tiny, args.dir,
+                                 str(tiny.parents[1] / "tokenizers" / "clip"), 64, 2, 1))
     notes = []
     if not args.tiny_only:
         from modelkit.verify.library import Library
@@ -181,11 +191,20 @@ def main(argv: list[str] | None = None) -> int:
                 made.append(full)
             rows.append(run_verify("verify full SD1.5 shape (smoke 256x256, 4 st.)",
                                    [str(full), "--seeds", SEEDS, "--tokenizer", tok]))
-            from modelkit.verify.settings import default_threads
+            if args.reference:
+                ref = args.dir / f"reference-{FULL_NAME}"
+                ref.unlink(missing_ok=True)
+                ref.hardlink_to(full)
+                made.append(ref)
+                rows.append(run_verify("verify full SD1.5 vs a reference (2 pipelines)",
+                                       [str(full), "--reference", str(ref), "--seeds", SEEDS,
+                                        "--tokenizer", tok]))
+            if not args.no_peer:
+                from modelkit.verify.settings import default_threads
 
-            threads = default_threads("smoke")
-            rows.append(run_peer("bare diffusers, same full file and images", full,
-                                 args.dir, tok, 256, 4, threads))
+                threads = default_threads("smoke")
+                rows.append(run_peer("bare diffusers, same full file and images", full,
+                                     args.dir, tok, 256, 4, threads))
     print(f"machine: {before} (before); {machine_load()[0]} (after)")
     print("\n".join(table(rows)))
     for r in rows:

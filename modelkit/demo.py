@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelkit.errors import OutputError
-from modelkit.progress import Progress, ProgressFn, no_progress
+from modelkit.progress import HASH, Progress, ProgressFn, no_progress
 
 MARKER = ".modelkit-demo"
 
@@ -61,10 +61,10 @@ def _library() -> list[tuple[str, Callable[[Path], object]]]:
 DEMO_RECIPE = """\
 version: 1
 inputs:
-  full: ../models/Stable-diffusion/tiny-sd15-full-ema.safetensors
-  style: ../models/Stable-diffusion/tiny-sd15-anime.safetensors
-  inpaint: ../models/Stable-diffusion/tiny-sd15-inpainting.safetensors
-  style_lora: ../models/Lora/tiny-sd15-style.safetensors
+  full: models/Stable-diffusion/tiny-sd15-full-ema.safetensors
+  style: models/Stable-diffusion/tiny-sd15-anime.safetensors
+  inpaint: models/Stable-diffusion/tiny-sd15-inpainting.safetensors
+  style_lora: models/Lora/tiny-sd15-style.safetensors
 steps:
   base:
     op: ema
@@ -86,11 +86,11 @@ steps:
     op: prune
     models: [styled]
 output:
-  path: ../models/Stable-diffusion/tiny-sd15-mix-inpainting.safetensors
+  path: models/Stable-diffusion/tiny-sd15-mix-inpainting.safetensors
   dtype: fp16
   step: pruned
 options:
-  vae: ../models/VAE/tiny-vae-ft-mse.safetensors
+  vae: models/VAE/tiny-vae-ft-mse.safetensors
 """
 
 
@@ -118,19 +118,29 @@ class DemoResult:
     verify_summary: str | None = None
     verify_report: Path | None = None
     verify_grid: Path | None = None
+    replaced: bool = False  # an earlier demo in the folder was rewritten
 
 
-def prepare_dir(root: Path) -> None:
-    """Create ``root`` or accept it if empty or a previous demo folder; refuse
-    a folder with other content (nothing the user owns is overwritten)."""
+def prepare_dir(root: Path, overwrite: bool = False) -> bool:
+    """Create ``root`` or accept it if empty; a previous demo folder (its
+    marker) only with ``overwrite`` (its demo files are rewritten, anything
+    else in it is kept); refuse a folder with other content (nothing the user
+    owns is overwritten). Returns whether an earlier demo is being replaced."""
+    replacing = False
     if root.exists():
         if not root.is_dir():
             raise OutputError(f"{root}: exists and is not a folder; pick another path")
-        if any(root.iterdir()) and not (root / MARKER).exists():
-            raise OutputError(f"{root}: folder is not empty and was not made by "
-                              "'modelkit demo'; pick an empty or new folder")
+        if any(root.iterdir()):
+            if not (root / MARKER).is_file():
+                raise OutputError(f"{root}: folder is not empty and was not made by "
+                                  "'modelkit demo'; pick an empty or new folder")
+            if not overwrite:
+                raise OutputError(f"{root}: holds an earlier modelkit demo; pass --overwrite "
+                                  "to replace it, or pick another folder")
+            replacing = True
     root.mkdir(parents=True, exist_ok=True)
     (root / MARKER).write_text("made by modelkit demo; safe to delete\n")
+    return replacing
 
 
 def build_library(root: Path, progress: ProgressFn = no_progress) -> list[Path]:
@@ -142,7 +152,7 @@ def build_library(root: Path, progress: ProgressFn = no_progress) -> list[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(path)
         paths.append(path)
-        progress(Progress("build library", i, len(entries), "files", rel))
+        progress(Progress("build library", i, len(entries), "files", rel, "build library"))
     return paths
 
 
@@ -154,8 +164,8 @@ def run_demo_recipe(root: Path, progress: ProgressFn = no_progress) -> Path:
     from modelkit.core.recipe import load_recipe
     from modelkit.core.runner import run
 
-    path = root / "recipes" / "sd15-mix-inpainting.yaml"
-    path.parent.mkdir(exist_ok=True)
+    # at the library's top: a recipe file writes only inside its own folder
+    path = root / "sd15-mix-inpainting.yaml"
     path.write_text(DEMO_RECIPE)
     report = run(load_recipe(path), progress=progress, overwrite=True)
     assert report.output is not None
@@ -196,17 +206,18 @@ def run_demo_verify(root: Path, output: Path, progress: ProgressFn = no_progress
     return report.summary(), json_path, grid
 
 
-def run_demo(root: str | os.PathLike[str], progress: ProgressFn = no_progress
-             ) -> DemoResult:
+def run_demo(root: str | os.PathLike[str], progress: ProgressFn = no_progress,
+             overwrite: bool = False) -> DemoResult:
     """Build the demo library under ``root`` (with a small tokenizer), run
     the demo merge recipe, inspect and hash every model (the combined report
     goes to ``root/library.json``), then verify the recipe's output against
-    its inpainting parent (``root/verify/report.json`` and ``grid.png``)."""
+    its inpainting parent (``root/verify/report.json`` and ``grid.png``).
+    An earlier demo in ``root`` is replaced only with ``overwrite``."""
     from modelkit.inspect.report import inspect_model
     from modelkit.io.hashing import hash_file
 
     result = DemoResult(Path(root).absolute())
-    prepare_dir(result.root)
+    result.replaced = prepare_dir(result.root, overwrite)
     result.files = build_library(result.root, progress)
     write_demo_tokenizer(result.root)
     output = run_demo_recipe(result.root, progress)
@@ -214,7 +225,7 @@ def run_demo(root: str | os.PathLike[str], progress: ProgressFn = no_progress
     for i, path in enumerate(result.files, 1):
         result.reports.append(inspect_model(path).to_dict())
         result.hashes.append(hash_file(path).to_dict())
-        progress(Progress("inspect and hash", i, len(result.files), "files", path.name))
+        progress(Progress("inspect and hash", i, len(result.files), "files", path.name, HASH))
     summary = result.root / "library.json"
     summary.write_text(json.dumps({"reports": result.reports, "hashes": result.hashes},
                                   indent=2))

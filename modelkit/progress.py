@@ -22,8 +22,11 @@ name in the same shape.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from modelkit.wording import human_bytes  # re-exported: progress lines and front ends
 
 PLAN = "plan"
 HASH = "hash"
@@ -60,7 +63,46 @@ class Progress:
         """``overall`` when known, else ``done / total`` (1.0 for an empty total)."""
         if self.overall is not None:
             return self.overall
-        return self.done / self.total if self.total else 1.0
+        return self.step_fraction
+
+    @property
+    def step_fraction(self) -> float:
+        """``done / total`` of this event's own count (1.0 for an empty total):
+        the percentage a progress line shows beside ``done/total``."""
+        return min(1.0, max(0.0, self.done / self.total)) if self.total else 1.0
+
+    @property
+    def label(self) -> str:
+        """The phase and the step, without saying a word twice: ``hash
+        a.safetensors``, ``write merge``, ``compare`` (not ``compare compare``),
+        ``plan cells``."""
+        step = " ".join(str(self.step).split())
+        if not step or self.phase in re.findall(r"[\w-]+", step):
+            return step or self.phase
+        return f"{self.phase} {step}"
+
+    def amount(self) -> str:
+        """``done/total`` in this event's unit: ``4/6 cells``, ``1.2 MB/7.0 GB``."""
+        if self.unit == "bytes":
+            return f"{human_bytes(self.done, 1)}/{human_bytes(self.total, 1)}"
+        return f"{self.done}/{self.total} {self.unit}"
+
+    def describe(self) -> str:
+        """One line for people: ``hash a.safetensors: 100.0% 622.2 KB/622.2 KB,
+        overall 6%``. The percentage is the share of what the line counts
+        (``done/total``); the share of the whole run, when known and not the
+        same, is labelled ``overall``. Command-line progress adds the rate,
+        the time and an ETA to this line."""
+        step = self.step_fraction
+        text = f"{self.label}: {100 * step:.1f}% {self.amount()}"
+        if self.overall is not None:
+            overall = f"{100 * min(1.0, max(0.0, self.overall)):.0f}"
+            if overall != f"{100 * step:.0f}":
+                text += f", overall {overall}%"
+        return text
+
+    def __str__(self) -> str:
+        return self.describe()
 
 
 ProgressFn = Callable[[Progress], None]

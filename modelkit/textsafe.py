@@ -74,3 +74,25 @@ def safe_text(value: object, *, keep_newlines: bool = False) -> str:
     if not keep_newlines:
         return shown(text)
     return "\n".join(shown(line) for line in text.split("\n"))
+
+
+def markdown_cell(value: object) -> str:
+    """:func:`shown` for a markdown table cell or heading: ``|`` escaped
+    too, so a file name or a prompt cannot add columns or rows."""
+    return shown(value).replace("|", "\\|")
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?inf|nan")
+_FORMULA = ("=", "+", "-", "@")
+
+
+def csv_cell(value: object) -> object:
+    """A CSV value as a spreadsheet should take it: numbers as they are,
+    text :func:`shown` and, when it starts like a formula (``= + - @``) and
+    is not a number, behind a ``'`` so no spreadsheet evaluates it."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    text = shown(value)
+    if text.startswith(_FORMULA) and not _NUMBER.fullmatch(text):
+        return "'" + text
+    return text

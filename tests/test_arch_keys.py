@@ -1,5 +1,6 @@
 """Key tables generated from configs match the real models' key counts and
-parameter counts (figures from the model-toolkit component lists)."""
+parameter counts (figures from arenasys/stable-diffusion-webui-model-toolkit's
+component lists, ``components/*.txt``)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from modelkit.arch.keys import (
     unet_keys,
 )
 
-# (keys, millions of params) per component, as published for the real files
-# (shared/reference/formats.md §1.5, computed from model-toolkit's key lists)
+# (keys, millions of params) per component of the real files, computed from the
+# key and shape lists of arenasys/stable-diffusion-webui-model-toolkit
+# (``components/*.txt``)
 REAL = {
     "sd1": {"unet": (686, 859.52), "vae": (248, 83.65), "te": (196, 123.06)},
     "sd2": {"unet": (686, 865.91), "te": (294, 354.03)},

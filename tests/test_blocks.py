@@ -243,10 +243,11 @@ def test_parse_mapping() -> None:
 
 @pytest.mark.parametrize(("spec", "arch", "vae", "message"), [
     ([0.5] * 25, "sd1", False,
-     r"has 25 values; expected 26 \(BASE, IN00..IN11, M00, OUT00..OUT11\) "
+     r"has 25 values; expected 26 weights \(BASE, IN00..IN11, M00, OUT00..OUT11\) "
      r"\(the first value is BASE"),
-    ([0.5] * 26, "sdxl", False, r"has 26 values; expected 20 \(BASE, IN00..IN08, M00"),
-    ([0.5] * 19, "sdxl", True, r"expected 20 or 21 \(.*OUT00..OUT08, VAE\)"),
+    ([0.5] * 26, "sdxl", False, r"has 26 values; expected 20 weights \(BASE, IN00..IN08, M00"),
+    ([0.5] * 19, "sdxl", True, r"has 19 values; expected 20 weights \(BASE, IN00..IN08, M00, "
+                               r"OUT00..OUT08; 21 with the optional VAE entry last\) \(the first"),
     ("0.1,0.2", "sd1", False, "has 2 values; expected 26"),
     ([0.5] * 25 + ["x"], "sd1", False, r"block value 26 \(OUT11\): 'x' is not a number"),
     ([0.5] * 25 + [None], "sd1", False, r"block value 26 \(OUT11\): None is not a number"),

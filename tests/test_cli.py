@@ -128,11 +128,19 @@ def test_demo(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     kind_col = table[0].index("kind")
     assert all(row[kind_col - 2:kind_col] == "  " and row[kind_col] != " " for row in table)
     assert "verify grid:" in out and (root / "verify" / "grid.png").is_file()
-    # a second run may reuse its own folder (the marker it left); a foreign
-    # non-empty folder is refused
+    # a second run over its own folder (the marker it left) is refused unless
+    # --overwrite, which keeps files the user added; a foreign non-empty
+    # folder is refused
     from modelkit.demo import prepare_dir
 
-    prepare_dir(root)
+    (root / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    code, out, err = _run(capsys, "demo", str(root), "-q")
+    assert code == 2 and out == "" and err == (
+        f"modelkit: error: {root}: holds an earlier modelkit demo; pass --overwrite to "
+        "replace it, or pick another folder\n")
+    assert prepare_dir(root, overwrite=True) is True
+    assert (root / "notes.txt").read_text() == "mine"
     other = tmp_path / "mine"
     other.mkdir()
     (other / "keep.txt").write_text("user data")

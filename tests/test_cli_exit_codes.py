@@ -179,7 +179,7 @@ def test_every_command_exit_codes_through_the_console_entry_point(
     assert "sdxl.safetensors is eps-prediction, sdxl_vpred.safetensors is v-prediction" \
         in res["vpred"][2]
     assert "static.nan_inf" in res["verify_nan"][1]
-    assert "is a sd1 adapter but" in res["bake_arch"][2]
+    assert "is an sd1 adapter but" in res["bake_arch"][2]
     for name in ("prune", "quantize"):
         assert (f"is a Flux.1 checkpoint; modelkit recognises Flux.1 files (inspect) but {name} "
                 "does not handle them yet") in res[f"{name}_flux"][2]

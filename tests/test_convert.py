@@ -312,7 +312,7 @@ def test_swap_refuses_a_vae_of_the_wrong_shape(models: dict[str, Path], tmp_path
 
 
 def test_swap_refuses_a_lora_as_donor(models: dict[str, Path], tmp_path: Path) -> None:
-    with pytest.raises(ModelkitError, match=r"emb_sd1\.safetensors: is a embedding"):
+    with pytest.raises(ModelkitError, match=r"emb_sd1\.safetensors: is an embedding"):
         run_chain([models["sd1"], models["emb_sd1"]], [("swap", {"component": "vae"})],
                   tmp_path / "o.safetensors")
 
@@ -372,3 +372,31 @@ def test_ema_for_sd2_and_sdxl(arch: str, tmp_path: Path) -> None:
     assert conv.report.n_swapped == len(mapping) and not conv.report.online_only
     assert all(torch.equal(got[u], src[e]) for u, e in mapping.items())
     assert set(got) == {k for k in src if not k.startswith("model_ema.")}
+
+
+def test_dtype_tables_are_declared_once() -> None:
+    """Issue 18: quantize's targets and components are vocab's; LoRA storage
+    types are vocab's float storage as safetensors dtypes; the pickle suffixes
+    the reader opens are the ones the writer refuses."""
+    from modelkit.convert.quantize import component_policy
+    from modelkit.io.files import MODEL_SUFFIXES, PICKLE_SUFFIXES
+    from modelkit.io.reader import is_pickle_path
+    from modelkit.io.write import output_format
+    from modelkit.lora.output import storage_dtype
+    from modelkit.vocab import COMPONENTS, FLOAT_STORAGE_DTYPES, QUANT_TARGETS
+
+    for target in QUANT_TARGETS:
+        assert tuple(component_policy(target, None)) == COMPONENTS
+    assert component_policy("fp8_e5m2", None) == {"unet": "F8_E5M2", "vae": "max16",
+                                                   "te": "max16"}
+    with pytest.raises(ModelkitError, match="choose one of " + ", ".join(QUANT_TARGETS)):
+        component_policy("fp4", None)
+    assert FLOAT_STORAGE_DTYPES == ("F16", "BF16", "F32")
+    assert [storage_dtype(n) for n in ("fp16", "BF16", "float32")] == ["F16", "BF16", "F32"]
+    with pytest.raises(ModelkitError, match="stored as fp16, bf16 or fp32"):
+        storage_dtype("fp8")
+    assert set(PICKLE_SUFFIXES) < set(MODEL_SUFFIXES)
+    for suffix in PICKLE_SUFFIXES:
+        assert is_pickle_path(f"m{suffix.upper()}")
+        with pytest.raises(ModelkitError, match=r"writes \.safetensors"):
+            output_format(f"out{suffix}")

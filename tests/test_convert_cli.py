@@ -37,7 +37,7 @@ def ema_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("args,expect", [
-    (["prune", "--dtype", "fp16"], "dropped 700 (688 EMA weights, 12 schedule buffer)"),
+    (["prune", "--dtype", "fp16"], "dropped 700 (688 EMA weights, 12 schedule buffers)"),
     (["ema"], "686 UNet tensors now hold their EMA weights"),
     (["quantize", "--dtype", "fp8_e4m3fn"], "policy: unet=F8_E4M3"),
     (["quantize", "--dtype", "int8"], "int8 error: relative L2"),
@@ -241,3 +241,29 @@ def test_bad_op_steps_fail_before_reading(step: str, match: str) -> None:
             f"steps:\n  s: {step}\n")
     with pytest.raises(RecipeError, match=match):
         parse_recipe(text, "r.yaml")
+
+
+def test_diffusers_folder_without_text_encoder_warns_and_outside_links_are_refused(
+        capsys: pytest.CaptureFixture[str], models: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    from conftest import write_diffusers
+
+    folder = tmp_path / "pipe"
+    with open_model(models["sd1"]) as src:
+        write_diffusers(src, folder)
+    shutil.rmtree(folder / "text_encoder")
+    back = tmp_path / "back.safetensors"
+    code, stdout, err = _run(capsys, "convert", str(folder), "-o", str(back), "-q")
+    assert code == 0 and "wrote" in stdout
+    assert err == (f"warning: {folder}: no text_encoder/; the result lacks that text "
+                   "encoder\n")
+    assert not any(k.startswith("cond_stage_model.") for k in read_header(back).tensors)
+    os.symlink(models["sd1_b"], folder / "unet" / "extra.safetensors")
+    os.symlink("../vae", folder / "unet" / "inside")  # inside the folder: fine
+    code, stdout, err = _run(capsys, "convert", str(folder), "-o",
+                             str(tmp_path / "x.safetensors"), "-q")
+    assert code == 2 and stdout == "" and err == (
+        f"modelkit: error: {folder / 'unet' / 'extra.safetensors'}: a symlink pointing "
+        f"outside the diffusers folder {folder}; copy the file in instead\n")
+    assert not (tmp_path / "x.safetensors").exists()

@@ -257,6 +257,24 @@ def test_refuses_bad_outputs_and_qtype(files: dict[str, Path], tmp_path: Path) -
     assert not list(tmp_path.iterdir())
 
 
+def test_export_refuses_an_existing_output_unless_overwrite(files: dict[str, Path],
+                                                            exported: dict,
+                                                            tmp_path: Path) -> None:
+    """export_gguf follows the one overwrite policy (issue 18): an existing
+    output is refused and kept; ``overwrite=True`` replaces it."""
+    from modelkit.core.api import export_gguf
+
+    out = tmp_path / "mine.gguf"
+    out.write_bytes(b"user data")
+    with pytest.raises(OutputError, match="exists") as err:
+        export_gguf(files["sd1_unet"], out)
+    assert "\n" not in str(err.value)
+    assert out.read_bytes() == b"user data"
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.gguf"]
+    export_gguf(files["sd1_unet"], out, overwrite=True)
+    assert out.read_bytes() == exported["sd1_unet"][0].read_bytes()
+
+
 def test_error_midway_leaves_nothing(files: dict[str, Path], tmp_path: Path) -> None:
     from modelkit.convert.gguf import tensor_plan, unet_source
     from modelkit.io.gguf import write_gguf

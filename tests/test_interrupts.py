@@ -261,3 +261,49 @@ def test_an_interrupt_inside_a_tensor_read_is_not_a_bad_file(models: dict[str, P
             src.get(key)
     finally:
         INTERRUPTED.clear()
+
+
+def test_a_signal_inside_a_gc_callback_only_sets_the_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 17 item 13: a signal whose handler runs inside a gc callback
+    (hypothesis keeps one) must not raise there, where the exception is
+    lost as "unraisable" and printed with a traceback; the flag stops the
+    run at its next check."""
+    import gc
+
+    from modelkit.cli import _SIGNALS
+    from modelkit.errors import INTERRUPTED
+
+    unraisable: list[object] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    sent: list[bool] = []
+
+    def callback(phase: str, _info: dict[str, int]) -> None:
+        if phase == "start" and not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(100):  # the Python-level handler runs here
+                pass
+
+    before = signal.getsignal(signal.SIGINT)
+    gc.callbacks.append(callback)
+    _SIGNALS.install()
+    try:
+        gc.collect()
+    finally:
+        gc.callbacks.remove(callback)
+        _SIGNALS.restore()
+    try:
+        assert sent and INTERRUPTED.is_set()
+        assert unraisable == []
+        assert signal.getsignal(signal.SIGINT) is before
+    finally:
+        INTERRUPTED.clear()
+
+
+def test_main_restores_the_signal_handlers_it_replaced(capsys: pytest.CaptureFixture[str]) -> None:
+    """After main() returns, a signal is the caller's again (a test runner's
+    Ctrl-C, a library user's handler), not modelkit's Interrupted."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    assert main(["methods"]) == 0
+    capsys.readouterr()
+    assert {s: signal.getsignal(s) for s in before} == before

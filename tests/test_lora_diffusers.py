@@ -144,7 +144,7 @@ def test_cli_exit_codes_through_console_script(ckpts: dict[str, Path], tmp_path:
                  str(tmp_path / "x.safetensors")]) == 2
     err = capsys.readouterr().err
     assert err.strip().count("\n") == 0 and not (tmp_path / "x.safetensors").exists()
-    assert "is a sd1 adapter but sdxl.safetensors is a sdxl checkpoint" in err
+    assert "is an sd1 adapter but sdxl.safetensors is an sdxl checkpoint" in err
     # the real console script: an existing output is refused (exit 2, one line)
     script = Path(sys.executable).with_name("modelkit")
     again = subprocess.run([str(script), "lora", "bake", str(ckpts["sd1"]), str(lora), "-o",

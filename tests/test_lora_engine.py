@@ -271,8 +271,8 @@ def test_output_dtype_and_passthrough(lib: dict[str, Path]) -> None:
 
 def test_bake_errors(lib: dict[str, Path], tmp_path: Path) -> None:
     ck = open_model(lib["sd1"])
-    with pytest.raises(ModelkitError, match=r"sd1_lora\.safetensors: is a sd1 adapter but "
-                                            r"sdxl\.safetensors is a sdxl checkpoint"):
+    with pytest.raises(ModelkitError, match=r"sd1_lora\.safetensors: is an sd1 adapter but "
+                                            r"sdxl\.safetensors is an sdxl checkpoint"):
         bake(open_model(lib["sdxl"]), [open_model(lib["sd1_lora"])])
     t = {**_lora(LIN, _g(1, 32, 4), _g(2, 4, 32)),
          **_lora("lora_unet_no_such_module", _g(1, 8, 4), _g(2, 4, 8))}

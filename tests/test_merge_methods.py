@@ -389,3 +389,27 @@ def test_ties_trim_rules_count_like_their_tools() -> None:
         assert torch.equal(got_mecha[-want_mecha:], model[-want_mecha:])
     with pytest.raises(ModelkitError, match="'trim': 'x' is not one of round, mecha"):
         check_params(get_method("ties"), {"trim": "x"})
+
+
+def test_blend_weights_outside_0_1_warn_not_fail(models: dict, capsys: pytest.CaptureFixture
+                                                 ) -> None:
+    from modelkit.cli import main
+    from modelkit.core.registry import param_warnings
+
+    ws, ts = get_method("weighted_sum"), get_method("triple_sum")
+    assert ws.params["alpha"].blend and "blend weight 0..1" in ws.params["alpha"].describe()
+    assert not get_method("train_difference").params["alpha"].blend
+    assert param_warnings(ws, {"alpha": 0.0}) == param_warnings(ws, {"alpha": 1}) == []
+    assert param_warnings(ts, {"alpha": 0.5, "beta": -0.25}) == [
+        "triple_sum: beta -0.25 is outside 0..1, the range of a blend weight: the result "
+        "extrapolates past the models"]
+    assert param_warnings(ws, {"alpha": {"IN00": 0.5, "OUT11": 1.25}}, "steps.m") == [
+        "steps.m: alpha 1.25 is outside 0..1, the range of a blend weight: the result "
+        "extrapolates past the models"]
+    code = main(["merge", str(models["sd1"]), str(models["sd1_b"]), "-o",
+                 str(models["sd1"].parent / "never.safetensors"), "--alpha", "1.5",
+                 "--dry-run", "-q"])
+    err = capsys.readouterr().err
+    assert code == 0 and err == ("warning: steps.merge (weighted_sum): alpha 1.5 is outside "
+                                 "0..1, the range of a blend weight: the result extrapolates "
+                                 "past the models\n")

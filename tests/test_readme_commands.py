@@ -74,3 +74,29 @@ def test_the_common_options_are_documented() -> None:
     text = README.read_text()
     for option in ("-o/--output", "--overwrite", "--json", "-q/--quiet", "--device"):
         assert f"`{option}" in text, option
+
+
+def readme_method_problems(methods: dict[str, str]) -> list[str]:
+    """What the README's ``merge`` row gets wrong about ``methods`` (name ->
+    summary, the registry's merge methods): a method it does not name, or a
+    name it gives that is not registered."""
+    row = next(r for r in README.read_text().splitlines() if r.startswith("| `modelkit merge "))
+    listed = row[row.index("Methods: "):]
+    listed = listed[:listed.index(". ")]
+    named = re.findall(r"`([a-z][a-z0-9_]*)`", listed)
+    return ([f"{m} ({methods[m]}) is not in the README's merge row" for m in methods
+             if m not in named] +
+            [f"the README's merge row names {n}, which is not registered" for n in named
+             if n not in methods])
+
+
+def test_the_readme_names_every_merge_method_and_no_other() -> None:
+    from modelkit.core.registry import METHOD, all_transforms
+
+    methods = {n: t.summary for n, t in all_transforms().items() if t.kind == METHOD}
+    assert readme_method_problems(methods) == []
+    assert readme_method_problems({**methods, "extra": "x"}) == [
+        "extra (x) is not in the README's merge row"]
+    del methods["slerp"]
+    assert readme_method_problems(methods) == [
+        "the README's merge row names slerp, which is not registered"]

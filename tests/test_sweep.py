@@ -351,7 +351,7 @@ def test_the_printed_table_escapes_file_names(models: dict[str, Path], tmp_path:
                                               capsys: pytest.CaptureFixture[str]) -> None:
     """An axis value's file name with a terminal escape reaches the table
     (its label) but the terminal only sees it escaped."""
-    odd = tmp_path / "b\x1b]0;owned\x07.safetensors"
+    odd = tmp_path / "=b|\x1b]0;owned\x07.safetensors"
     os.link(models["sd1_b"], odd)
     sweep = tmp_path / "s.yaml"
     quoted = str(odd).replace("\x1b", "\\x1b").replace("\x07", "\\x07")  # YAML escapes
@@ -360,6 +360,12 @@ def test_the_printed_table_escapes_file_names(models: dict[str, Path], tmp_path:
     out = capsys.readouterr().out
     assert code == 0 and "| ok |" in out
     assert "\x1b" not in out and "\\x1b]0;owned\\x07" in out
+    # the files too: markdown escapes | as well, CSV keeps a formula from running
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "\x1b" not in table and "| =b\\|\\x1b]0;owned\\x07 |" in table
+    with open(tmp_path / "out" / "table.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["b"] == "'=b|\\x1b]0;owned\\x07" and rows[0]["status"] == "ok"
 
 
 def test_ray_is_imported_only_on_the_ray_path() -> None:
@@ -369,3 +375,80 @@ def test_ray_is_imported_only_on_the_ray_path() -> None:
             "assert 'ray' not in sys.modules and 'torch' not in sys.modules")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
+
+
+# --- a disk that refuses writes -------------------------------------------------------
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing_that_blocks_the_rerun(
+        models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import errno
+
+    from modelkit.errors import OutputError
+    from modelkit.sweep import results
+
+    sweep = write_sweep(tmp_path, models, alphas=(0.5,))  # its bad cell is recorded first
+    out = tmp_path / "out"
+    real_append = results.append_record
+    calls: list[int] = []
+
+    def full_after(n: int) -> Any:
+        def append(*args: Any) -> None:
+            calls.append(1)
+            if len(calls) > n:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real_append(*args)
+        return append
+
+    monkeypatch.setattr(results, "append_record", full_after(0))
+    with pytest.raises(OutputError, match=r"cannot write to .*out: no space left on device; "
+                                          r"nothing was kept"):
+        run_sweep(load_sweep(sweep), out, executor=SerialExecutor())
+    assert not out.exists()  # no marker, no output: the rerun is not refused
+    # a cell that finished before the disk filled up is kept for --resume
+    good = load_sweep(write_sweep(tmp_path, models, alphas=(0.25, 0.75), with_bad=False))
+    calls.clear()
+    monkeypatch.setattr(results, "append_record", full_after(1))
+    with pytest.raises(OutputError, match="finished cells are kept; free space and --resume"):
+        run_sweep(good, out, executor=SerialExecutor())
+    monkeypatch.undo()
+    again = run_sweep(good, out, executor=SerialExecutor(), resume=True)
+    # both outputs were complete (the second one's record was what failed)
+    assert again.n_resumed == 2 and again.exit_code == 0
+    shutil.rmtree(out)
+
+    real_write_text = Path.write_text
+
+    def read_only(self: Path, *args: Any, **kwargs: Any) -> int:
+        if self.name == ".modelkit-sweep":
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    out.mkdir()
+    code = main(["sweep", str(sweep), "-o", str(out), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"modelkit: error: cannot write to {out}: read-only file "
+                                 "system; nothing was kept; free space or pick another -o "
+                                 "and run it again"]
+    assert out.is_dir() and not any(out.iterdir())
+    monkeypatch.undo()
+    assert run_sweep(load_sweep(sweep), out, executor=SerialExecutor()).exit_code == 0
+
+
+def test_the_dry_run_refuses_the_folder_the_run_refuses(models: dict[str, Path],
+                                                        tmp_path: Path) -> None:
+    sweep = write_sweep(tmp_path, models, alphas=(0.5,), with_bad=False)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    from test_cli_exit_codes import _console_entry  # the console script's function
+
+    runs = _console_entry({"dry": ["sweep", str(sweep), "-o", str(out), "--dry-run"],
+                           "run": ["sweep", str(sweep), "-o", str(out)]}, tmp_path)
+    for code, stdout, stderr in runs.values():
+        assert code == 2 and stdout == ""
+        assert stderr == (f"modelkit: error: {out}: folder is not empty and holds no sweep; "
+                          "pick an empty or new folder\n")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

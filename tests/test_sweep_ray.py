@@ -1,6 +1,6 @@
 """modelkit sweep on Ray (``--address local``): the same table as the local
 pool (hashes equal), progress through the relay actor. Skipped without
-the optional extra ``modelkit[ray]``."""
+the optional extra ``ray`` (``pip install -e '.[ray]'``)."""
 
 from __future__ import annotations
 

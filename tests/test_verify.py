@@ -167,11 +167,27 @@ def test_broken_files_fail_statically(capsys: pytest.CaptureFixture[str], lib: d
     assert "static checks failed" in out  # a broken file is not rendered
 
 
-def test_wrong_architecture_fails(capsys: pytest.CaptureFixture[str],
-                                  lib: dict[str, Path]) -> None:
-    code, out, _ = run_cli(capsys, str(lib["sdxl"]), "--reference", str(lib["good"]), *FAST)
-    assert code == 1 and "(static.architecture)" in out
-    assert "tiny-sdxl.safetensors is sdxl, the reference good.safetensors is sd1" in out
+def test_wrong_architecture_is_bad_input(capsys: pytest.CaptureFixture[str],
+                                        lib: dict[str, Path], tmp_path: Path) -> None:
+    """A reference of another architecture, or a file whose architecture is
+    unknown, is bad input: one line, exit 2, no report written (the library
+    call still returns the report with the failed check)."""
+    md = tmp_path / "r.md"
+    code, out, err = run_cli(capsys, str(lib["sdxl"]), "--reference", str(lib["good"]),
+                             "--markdown", str(md), *FAST)
+    assert code == 2 and out == "" and not md.exists()
+    assert err == ("modelkit: error: tiny-sdxl.safetensors is sdxl, the reference "
+                   "good.safetensors is sd1; give a reference of the same architecture\n")
+    from modelkit import testing as t
+
+    odd = tmp_path / "odd.safetensors"
+    t.write_tensors(odd, {"model.diffusion_model.foo.weight": (4, 4),
+                          "first_stage_model.decoder.x.weight": (2, 2)})
+    code, out, err = run_cli(capsys, str(odd), "--static-only")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "odd.safetensors: architecture 'unknown' is not one verify knows" in err
+    report = verify(odd, fast_settings(render=False))
+    assert [c.name for c in report.failed] == ["static.architecture"]
 
 
 def test_zeroed_text_encoder_fails_prompt_sensitivity(lib: dict[str, Path]) -> None:
@@ -326,10 +342,10 @@ def test_console_script_exit_codes(lib: dict[str, Path], tmp_path: Path) -> None
     exe = Path(sys.executable).with_name("modelkit")
     bad = subprocess.run([str(exe), "verify", str(lib["lora"]), "-q"], capture_output=True,
                          text=True, timeout=120)
-    assert bad.returncode == 1, bad.stderr
-    assert bad.stdout.splitlines()[-1] == "FAIL: 0 passed, 0 warnings, 1 failed, 1 skipped " \
-        "(static.architecture)"
-    assert "style.safetensors is a lora, not a checkpoint" in bad.stdout
+    assert bad.returncode == 2 and bad.stdout == "", bad.stderr  # a LoRA is bad input
+    assert bad.stderr == ("modelkit: error: style.safetensors is a lora, not a checkpoint; "
+                          "verify checks SD1, SD2 and SDXL checkpoints (a LoRA: its base with "
+                          "--lora)\n")
     missing = subprocess.run([str(exe), "verify", str(tmp_path / "none.safetensors")],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and missing.stdout == ""

@@ -125,6 +125,33 @@ def test_presets_resolve_per_model_size() -> None:
     assert (own.width, own.height, own.steps, own.threads) == (128, 96, 3, 2)
 
 
+def test_recipe_verify_fields_are_declared_once_on_the_settings() -> None:
+    """Issue 18: the fields a recipe's verify: section may set come from
+    VerifySettings' own field metadata; a full section builds the settings."""
+    from dataclasses import fields
+
+    from modelkit.core.recipe import verify_fields
+    from modelkit.core.verification import settings_from
+    from modelkit.verify.settings import RECIPE
+
+    allowed = verify_fields()
+    declared = {f.name for f in fields(VerifySettings) if RECIPE in f.metadata}
+    assert set(allowed) == declared | {"reference"}
+    assert not {"device", "work_dir", "allow_download"} & set(allowed)
+    section = {"prompts": ["a", "b"], "negative_prompt": "n", "seeds": [3], "preset": "tiny",
+               "steps": 2, "size": "64x72", "guidance_scale": 5, "scheduler": "ddim",
+               "threads": 1, "operation": "merge", "thresholds": {"psnr": 30.0},
+               "tokenizer": "tok", "library": "lib", "render": False}
+    assert set(section) == declared
+    s = settings_from(section, "cpu")
+    assert (s.prompts, s.seeds, s.size, s.steps, s.guidance_scale) == (("a", "b"), (3,),
+                                                                       (64, 72), 2, 5)
+    assert (s.tokenizer, s.library, s.render, s.scheduler) == (Path("tok"), Path("lib"),
+                                                               False, "ddim")
+    docs = (Path(__file__).parents[1] / "docs" / "recipes.md").read_text()
+    assert all(f"`{name}`" in docs for name in declared), "docs/recipes.md lists the fields"
+
+
 def test_prompt_syntax_and_library(tmp_path: Path) -> None:
     assert parse_prompt("a cat <lora:style:0.5>, <lyco:sub/detail>") == (
         "a cat", [parse_prompt("<lora:style:0.5>")[1][0], parse_prompt("<lora:sub/detail>")[1][0]])
@@ -307,9 +334,23 @@ def test_progress_and_cancel(models: dict[str, Path]) -> None:
     seen: list[Progress] = []
     report = verify(models["sd1"], VerifySettings(render=False), progress=seen.append)
     assert report.passed and report.plan is None  # static only: nothing rendered
-    scan = [p for p in seen if p.step == "verify: NaN/Inf scan"]
+    scan = [p for p in seen if p.step == "NaN/Inf scan"]
     assert scan and scan[-1].done == scan[-1].total and scan[-1].unit == "bytes"
+    assert {p.phase for p in scan} == {"verify"} and scan[-1].label == "verify NaN/Inf scan"
     stop = threading.Event()
     stop.set()
     with pytest.raises(Cancelled):
         verify(models["sd1"], VerifySettings(render=False), cancel=stop)
+
+
+def test_markdown_escapes_prompts_and_names() -> None:
+    from modelkit.verify.report import ImageMetrics
+
+    rep = VerifyReport(model="m\x1b]0;x\x07.safetensors")
+    rep.images.append(ImageMetrics("p1-s1", 0, "a cat | x\n| forged | row |\x1b[2J", 1,
+                                   0.0, 0.1, psnr=40.0))
+    md = to_markdown(rep)
+    assert "\x1b" not in md and md.startswith("# modelkit verify: m\\x1b]0;x\\x07.safetensors")
+    row = next(line for line in md.splitlines() if line.startswith("| p1-s1 |"))
+    assert row.endswith("| a cat \\| x\\n\\| forged \\| row \\|\\x1b[2J |")
+    assert not any(line.startswith("| forged") for line in md.splitlines())

@@ -7,17 +7,21 @@ Block lists
       uses the 26-block list (SuperMerger has no refiner table; this is the
       list its key structure implies).
     * SDXL: 20 blocks ``BASE, IN00..IN08, M00, OUT00..OUT08``.
-    * With ``vae_slot=True`` a ``VAE`` block is appended (21 for SDXL, as in
-      SuperMerger's and sd-mecha's SDXL tables). SuperMerger and sd-mecha only
-      define it for SDXL; modelkit allows it for every architecture (27 blocks
-      for the 26-block list). When no value is given for ``VAE`` it takes the
-      ``BASE`` value, which is what a list without the slot means anyway (the
-      VAE is then part of BASE).
+    * These are the weights A1111's SuperMerger counts (26 and 20 UNet-side
+      weights). Merges add an optional ``VAE`` entry last (``vae_slot=True``;
+      27 values for the 26-block list, 21 for SDXL, as in SuperMerger's and
+      sd-mecha's extended SDXL tables; modelkit allows it for every
+      architecture). When no value is given for ``VAE`` it takes the ``BASE``
+      value, which is what a list without the entry means anyway (the VAE is
+      then part of BASE). Every text that counts blocks says so the same way:
+      :func:`count_text` ("26 weights (27 with the optional VAE entry)").
 
 The counts come from the UNet configs in :mod:`modelkit.arch.configs`
 (``len(channel_mult) * (num_res_blocks + 1)`` input and output blocks).
 
-Key -> block maps (see ``shared/reference/merge.md`` section 3)
+Key -> block maps (hako-mikan/sd-webui-supermerger ``scripts/mergers/mergers.py``
+``blockfromkey``; ljleb/sd-mecha ``sd_mecha/extensions/builtin/model_configs/``
+``convert_sd1_blocks.py`` and ``convert_sdxl_blocks.py``)
     Keys are parsed structurally: ``model.diffusion_model.<part>[.<N>].`` where
     ``<part>`` is the first dotted component, so ``out.`` is never confused
     with ``to_out.``, ``proj_out.`` or ``out_layers``, and ``input_blocks.10``
@@ -96,6 +100,22 @@ def _describe(arch: str, vae_slot: bool) -> str:
     return text + ", VAE" if vae_slot else text
 
 
+def count_text(arch: str, vae_slot: bool = True) -> str:
+    """How many block weights ``arch`` takes, in the one wording every
+    message and document uses: ``26 weights (BASE, IN00..IN11, M00,
+    OUT00..OUT11; 27 with the optional VAE entry last)``."""
+    n = len(block_names(arch))
+    text = f"{n} weights ({_describe(arch, False)}"
+    return f"{text}; {n + 1} with the optional VAE entry last)" if vae_slot else text + ")"
+
+
+def weights_title(weights: Mapping[str, float]) -> str:
+    """``26 blocks`` or ``26 blocks + the VAE entry``: the size of a resolved
+    block-weight table, counted the way the block lists are."""
+    n = len(weights) - int(VAE in weights)
+    return f"{n} blocks" + (" + the VAE entry" if VAE in weights else "")
+
+
 # --- key -> block -------------------------------------------------------------
 
 
@@ -138,7 +158,8 @@ PRESET_DOCS: dict[str, str] = {
     "flat_1": "1 everywhere (take model B)",
     "flat_half": "0.5 everywhere",
     "unet_only": "1 on every UNet block (IN, M00, OUT), 0 on BASE",
-    "base_only": "1 on BASE (text encoders and, without a VAE slot, the VAE), 0 elsewhere",
+    "base_only": "1 on BASE (the text encoders, and the VAE unless its own entry is given), "
+                 "0 elsewhere",
     "in_only": "1 on the IN blocks, 0 elsewhere",
     "mid_only": "1 on M00, 0 elsewhere",
     "out_only": "1 on the OUT blocks, 0 elsewhere",
@@ -158,7 +179,7 @@ PRESET_DOCS: dict[str, str] = {
 method parameter (for ``weighted_sum``'s alpha: how much of model B). Presets
 are generated from a rule for each block list; the UNet position runs over
 IN00..M00..last OUT (25 positions for SD1, 19 for SDXL). ``VAE``, when the
-slot exists, takes the BASE value like any spec that does not name it."""
+entry exists, takes the BASE value like any spec that does not name it."""
 
 
 def _unet_shape(name: str, pos: int, n_unet: int, mid: int) -> float:
@@ -219,12 +240,11 @@ def _from_list(values: Sequence[object], arch: str, vae_slot: bool) -> dict[str,
     names = block_names(arch, vae_slot)
     lengths = {len(names), len(names) - 1} if vae_slot else {len(names)}
     if len(values) not in lengths:
-        want = " or ".join(str(n) for n in sorted(lengths))
         hint = ""
         if len(values) == len(names) - 1 - int(vae_slot):
             hint = " (the first value is BASE; did you leave it out?)"
-        raise ModelkitError(f"block list for {arch} has {len(values)} values; expected {want} "
-                            f"({_describe(arch, vae_slot)}){hint}")
+        raise ModelkitError(f"block list for {arch} has {len(values)} values; expected "
+                            f"{count_text(arch, vae_slot)}{hint}")
     out = {n: _number(v, f"block value {i + 1} ({n})")
            for i, (n, v) in enumerate(zip(names, values, strict=False))}
     if vae_slot:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import signal
 import sys
 from typing import Any
@@ -91,18 +92,32 @@ class _Signals:
     raises :class:`~modelkit.errors.Interrupted` where the program is (the
     writer then removes its temp file); later ones are ignored while it
     cleans up, so a second Ctrl-C never interrupts the cleanup or prints a
-    traceback."""
+    traceback.
+
+    The handlers are installed for one :func:`main` call and the previous
+    ones are restored when it returns; a signal that lands inside a callback
+    the interpreter runs on its own (a gc callback, a finalizer), where a
+    raised exception would be lost as "unraisable", only sets the flag."""
 
     NAMES = ("SIGINT", "SIGTERM", "SIGHUP")
 
     def __init__(self) -> None:
         self.received = False
+        self._saved: dict[int, Any] = {}
 
     def install(self) -> None:
         self.received = False
         for name in self.NAMES:
             if hasattr(signal, name):
-                signal.signal(getattr(signal, name), self.handle)
+                num = getattr(signal, name)
+                self._saved.setdefault(num, signal.getsignal(num))
+                signal.signal(num, self.handle)
+
+    def restore(self) -> None:
+        """Put back the handlers :meth:`install` replaced."""
+        saved, self._saved = self._saved, {}
+        for num, old in saved.items():
+            signal.signal(num, old if old is not None else signal.SIG_DFL)
 
     def handle(self, _signum: int, frame: Any) -> None:
         from modelkit.errors import INTERRUPTED, Interrupted, signals_deferred
@@ -111,11 +126,12 @@ class _Signals:
             return
         self.received = True
         INTERRUPTED.set()
-        if not _importing(frame) and not signals_deferred():
+        if not _importing(frame) and not _in_callback(frame) and not signals_deferred():
             raise Interrupted
         # an exception inside a C extension's import (torch) aborts the
-        # interpreter, and a deferred block (a temp file being created) must
-        # finish: the flag alone stops the run at its next check
+        # interpreter, one inside a gc callback or a finalizer is lost, and a
+        # deferred block (a temp file being created) must finish: the flag
+        # alone stops the run at its next check
 
     def ignore(self) -> None:
         """Ignore these signals from now on (the process is exiting)."""
@@ -133,6 +149,19 @@ def _importing(frame: Any) -> bool:
     return False
 
 
+def _in_callback(frame: Any) -> bool:
+    """Whether the interpreter is running a gc callback or a finalizer up the
+    stack: an exception raised there never reaches the code that was running."""
+    import gc
+
+    codes = {getattr(cb, "__code__", None) for cb in gc.callbacks}
+    while frame is not None:
+        if frame.f_code in codes or frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _interrupted(started: float) -> str:
     """An honest message: was the output already complete?"""
     from modelkit.cli.common import last_output
@@ -142,6 +171,13 @@ def _interrupted(started: float) -> str:
         return (f"modelkit: interrupted after {shown(out)} was written; that file is "
                 "complete")
     return "modelkit: interrupted; no output was written"
+
+
+def _one_line(message: str) -> str:
+    """Click's own layout inside a message (a missing choice option lists its
+    choices as ``Choose from:\n\tfp16,\n\tbf16``) on one line; other control
+    characters are left for :func:`shown` to escape."""
+    return re.sub(r"([:,])\n\t", r"\1 ", message)
 
 
 def _remove_temp_files() -> None:
@@ -156,17 +192,27 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point: maps modelkit errors to one line and exit codes."""
     import time
 
-    from modelkit.errors import INTERRUPTED, Interrupted, ModelkitError
+    from modelkit.errors import INTERRUPTED
 
     started = time.time()
     INTERRUPTED.clear()
     _SIGNALS.install()
     try:
+        return _main(argv, started)
+    finally:
+        _SIGNALS.restore()
+
+
+def _main(argv: list[str] | None, started: float) -> int:
+    from modelkit.errors import INTERRUPTED, Interrupted, ModelkitError
+    from modelkit.wording import error_line
+
+    try:
         code = cli.main(args=argv, prog_name="modelkit", standalone_mode=False)
         if INTERRUPTED.is_set():  # a signal during an import, seen only now
             raise Interrupted
     except ModelkitError as exc:
-        click.echo(f"modelkit: error: {shown(exc)}", err=True)
+        click.echo(error_line(exc), err=True)
         return exc.exit_code
     except (click.exceptions.Abort, KeyboardInterrupt, Interrupted):
         _remove_temp_files()
@@ -174,11 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except click.UsageError as exc:  # a bad option or a missing argument: one line
         where = exc.ctx.command_path if exc.ctx else "modelkit"
-        click.echo(f"modelkit: error: {shown(exc.format_message())} (see '{where} --help')",
-                   err=True)
+        click.echo(f"modelkit: error: {shown(_one_line(exc.format_message()))} "
+                   f"(see '{where} --help')", err=True)
         return exc.exit_code
     except click.ClickException as exc:
-        click.echo(f"modelkit: error: {shown(exc.format_message())}", err=True)
+        click.echo(f"modelkit: error: {shown(_one_line(exc.format_message()))}", err=True)
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
@@ -188,8 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug, not bad input: one line unless debugging
         if os.environ.get("MODELKIT_DEBUG"):
             raise
-        click.echo(f"modelkit: internal error: {type(exc).__name__}: {shown(exc, 300)} "
-                   "(set MODELKIT_DEBUG=1 for a traceback and report it)", err=True)
+        click.echo(error_line(exc), err=True)
         return 3
     # with standalone_mode=False click returns a command's exit code (a
     # raised Exit(1) included) instead of exiting: it must not be dropped
@@ -201,6 +246,8 @@ _SIGNALS = _Signals()
 
 def run() -> None:
     """``modelkit`` console script."""
+    # a late signal must not turn the exit code into a kill: what main()
+    # restores when it returns is "ignore"
+    _SIGNALS.ignore()
     code = main()
-    _SIGNALS.ignore()  # a late signal must not turn the exit code into a kill
     sys.exit(code)

@@ -9,41 +9,44 @@ from typing import Any
 
 import click
 
-from modelkit.cli.common import CommaList, execute, flat, options_from, output_options
+from modelkit.cli.common import (
+    DEFAULT_COMMON,
+    CommonOptions,
+    common_options,
+    execute,
+    options_from,
+    transform_options,
+)
 from modelkit.cli.progress import human_bytes
 from modelkit.textsafe import shown
-from modelkit.vocab import (
-    COMPONENTS,
-    EXTRACTABLE,
-    FLOAT_STORAGE,
-    GGUF_FLOAT_DTYPES,
-    GGUF_QUANT_TYPES,
-    KEEP,
-    MERGE_OUTPUT_DTYPES,
-    QUANT_TARGETS,
-)
+from modelkit.vocab import GGUF_FLOAT_DTYPES, GGUF_QUANT_TYPES, KEEP
+from modelkit.wording import plural
 
 LIST_LIMIT = 15
 
 
-def _run_op(op: str, models: list[str], common: dict[str, Any],
+def _run_op(op: str, models: list[str], common: CommonOptions,
             lines: Callable[[Any], list[str]], output_fields: dict[str, Any] | None = None,
-            then_dtype: str = KEEP, **params: Any) -> None:
-    """Run operation ``op``; ``then_dtype`` casts its output's float tensors
-    (a quantize step added after it)."""
+            **params: Any) -> None:
+    """Run operation ``op``; a common ``--dtype`` (not one of the operation's
+    own parameters) casts its output's float tensors (a quantize step added
+    after it)."""
     from modelkit.core.recipe import COMMAND_LINE, Recipe
 
-    recipe = Recipe.op(op, *models, output=common["output"], options=options_from(common),
+    recipe = Recipe.op(op, *models, output=common.output, options=options_from(common),
                        source=COMMAND_LINE, **params)
-    if then_dtype != KEEP:
-        recipe = recipe.then("quantize", dtype=then_dtype)
+    if common.dtype not in (None, KEEP):
+        recipe = recipe.then("quantize", dtype=common.dtype)
     if output_fields:
         recipe = recipe.with_output(**output_fields)
 
     def render(report: Any) -> list[str]:
-        out = [f"wrote {shown(report.output)} ({report.format}): {report.n_tensors} tensors, "
-               f"{human_bytes(report.output_bytes)} in {report.seconds:.1f}s"]
+        out = [f"wrote {shown(report.output)} ({report.format}): "
+               f"{plural(report.n_tensors, 'tensor')}, {human_bytes(report.output_bytes)} "
+               f"on disk in {report.seconds:.1f}s"]
         out += lines(report.report)
+        for w in report.warnings:
+            click.echo(f"warning: {shown(w)}", err=True)
         return out + [f"note: {shown(n)}" for n in report.notes]
 
     execute(recipe, common, render)
@@ -57,9 +60,10 @@ def _listed(title: str, items: list[str]) -> list[str]:
 
 
 def _prune_lines(r: Any) -> list[str]:
-    counts = ", ".join(f"{n} {reason}" for reason, n in r.dropped_by_reason().items())
-    out = [f"kept {r.n_kept} tensors; dropped {len(r.dropped)} "
-           f"({counts or 'nothing'}), {human_bytes(r.dropped_bytes)}; "
+    # tensor data only: the file written adds its header and metadata
+    counts = ", ".join(plural(n, reason) for reason, n in r.dropped_by_reason().items())
+    out = [f"kept {plural(r.n_kept, 'tensor')}; dropped {len(r.dropped)} "
+           f"({counts or 'nothing'}), {human_bytes(r.dropped_bytes)}; tensor data "
            f"{human_bytes(r.bytes_in)} -> {human_bytes(r.bytes_out)}"]
     if r.markers:
         out.append(f"kept prediction markers: {', '.join(r.markers)}")
@@ -90,12 +94,13 @@ def _ema_lines(r: Any) -> list[str]:
 def _quantize_lines(r: Any) -> list[str]:
     shown = {"max16": "fp16 where fp32", "keep": "unchanged"}
     policy = ", ".join(f"{c}={shown.get(d, d)}" for c, d in r.policy.items())
-    out = [f"policy: {policy}; {r.n_cast} tensors cast, {r.n_int8} int8; "
-           f"{human_bytes(r.bytes_in)} -> {human_bytes(r.bytes_out)} "
+    out = [f"policy: {policy}; {plural(r.n_cast, 'tensor')} cast, {r.n_int8} int8; "
+           f"tensor data {human_bytes(r.bytes_in)} -> {human_bytes(r.bytes_out)} "
            f"({100 * (1 - r.bytes_out / r.bytes_in):.1f}% saved)" if r.bytes_in else ""]
     if r.overflow:
         total = sum(r.overflow.values())
-        out.append(f"warning: {total} values in {len(r.overflow)} tensors exceeded the "
+        out.append(f"warning: {plural(total, 'value')} in {plural(len(r.overflow), 'tensor')} "
+                   f"exceeded the "
                    f"{r.target} range and were saturated to its largest finite value")
         out += _listed("saturated", [f"{k}: {n}" for k, n in r.overflow.items()])
     if r.measured:
@@ -119,59 +124,46 @@ def _plain_lines(r: Any) -> list[str]:
 
 @click.command("prune")
 @click.argument("model", type=click.Path())
-@output_options
-@click.option("--keep-ema", is_flag=True, help="Keep the model_ema.* weights.")
-@click.option("--dtype", type=click.Choice(MERGE_OUTPUT_DTYPES), default="keep",
-              show_default=True, help="Float dtype of the kept tensors.")
-def prune_cmd(model: str, output: str, keep_ema: bool, dtype: str, **common: Any) -> None:
+@common_options()
+@transform_options("prune")
+def prune_cmd(model: str, common: CommonOptions, params: dict[str, Any]) -> None:
     """Keep the UNet, VAE, text encoders and prediction markers; drop EMA,
     schedule buffers and training leftovers; repair CLIP position ids."""
-    _run_op("prune", [model], {"output": output, **common}, _prune_lines,
-            keep_ema=keep_ema, dtype=dtype)
+    _run_op("prune", [model], common, _prune_lines, **params)
 
 
 @click.command("ema")
 @click.argument("model", type=click.Path())
-@output_options
-@click.option("--dtype", type=click.Choice(MERGE_OUTPUT_DTYPES), default="keep",
-              show_default=True, help="Float dtype of the output tensors.")
-def ema_cmd(model: str, output: str, dtype: str, **common: Any) -> None:
+@common_options()
+@transform_options("ema")
+def ema_cmd(model: str, common: CommonOptions, params: dict[str, Any]) -> None:
     """Put the EMA weights in place of the UNet weights (and drop model_ema.*);
     report per block how far EMA and online weights differ."""
-    _run_op("ema", [model], {"output": output, **common}, _ema_lines, dtype=dtype)
+    _run_op("ema", [model], common, _ema_lines, **params)
 
 
 @click.command("quantize")
 @click.argument("model", type=click.Path())
-@output_options
-@click.option("--dtype", required=True,
-              type=click.Choice(QUANT_TARGETS),
-              help="Storage type for the chosen components.")
-@click.option("--components", multiple=True, type=CommaList(COMPONENTS, "component"),
-              help="Comma list of unet,te,vae. Default: all of them for fp16/bf16/fp32; "
-                   "the UNet only for fp8 and int8 (text encoders and VAE then kept at "
-                   "16 bits).")
-def quantize_cmd(model: str, output: str, dtype: str, components: tuple[list[str], ...],
-                 **common: Any) -> None:
+@common_options()
+@transform_options("quantize")
+def quantize_cmd(model: str, common: CommonOptions, params: dict[str, Any]) -> None:
     """Store components at a lower precision; int8 is per-channel symmetric
     (modelkit.int8.per_channel v1, see 'modelkit dequantize')."""
-    _run_op("quantize", [model], {"output": output, **common}, _quantize_lines,
-            dtype=dtype, components=flat(components) or None)
+    _run_op("quantize", [model], common, _quantize_lines, **params)
 
 
 @click.command("dequantize")
 @click.argument("model", type=click.Path())
-@output_options
-@click.option("--dtype", type=click.Choice(FLOAT_STORAGE), default="fp16",
-              show_default=True)
-def dequantize_cmd(model: str, output: str, dtype: str, **common: Any) -> None:
+@common_options()
+@transform_options("dequantize")
+def dequantize_cmd(model: str, common: CommonOptions, params: dict[str, Any]) -> None:
     """Restore a normal checkpoint from an int8 (or fp8) one."""
-    _run_op("dequantize", [model], {"output": output, **common}, _plain_lines, dtype=dtype)
+    _run_op("dequantize", [model], common, _plain_lines, **params)
 
 
 @click.command("export-gguf")
 @click.argument("model", type=click.Path())
-@output_options
+@common_options()
 @click.option("--type", "qtype", type=click.Choice(GGUF_QUANT_TYPES), default="q8_0",
               show_default=True, help="GGUF quantization type of the weights.")
 @click.option("--dtype", type=click.Choice(GGUF_FLOAT_DTYPES), default=None,
@@ -180,57 +172,48 @@ def dequantize_cmd(model: str, output: str, dtype: str, **common: Any) -> None:
               help="Keep every tensor in its own shape (conv kernels stay F16): for "
                    "stable-diffusion.cpp, which ignores comfy.gguf.orig_shape records. "
                    "Default: ComfyUI-GGUF layout, conv kernels quantized too (smaller).")
-def export_gguf_cmd(model: str, output: str, qtype: str, dtype: str | None, keep_shapes: bool,
-                    **common: Any) -> None:
-    """Write the UNet as GGUF for ComfyUI-GGUF (models/unet) or, with
+def export_gguf_cmd(model: str, qtype: str, dtype: str | None, keep_shapes: bool,
+                    common: CommonOptions) -> None:
+    """Write the UNet as GGUF for ComfyUI-GGUF (models/diffusion_models) or, with
     --keep-shapes, stable-diffusion.cpp."""
     quant = {"fp16": "f16", "bf16": "bf16"}[dtype] if dtype else qtype
-    _run_op("convert", [model], {"output": output, **common}, _plain_lines,
+    _run_op("convert", [model], common, _plain_lines,
             {"format": "gguf", "quant": quant, "keep_shapes": keep_shapes})
 
 
 @click.command("convert")
 @click.argument("model", type=click.Path())
-@output_options
-@click.option("--format", "fmt", type=click.Choice(["safetensors", "diffusers"]),
-              default=None, help="Output format (default: from the output name; a name "
-                                 "without .safetensors is a diffusers folder).")
-@click.option("--dtype", type=click.Choice(MERGE_OUTPUT_DTYPES), default="keep",
-              show_default=True, help="Float dtype of the output tensors.")
-def convert_cmd(model: str, output: str, fmt: str | None, dtype: str, **common: Any) -> None:
+@common_options(*DEFAULT_COMMON, "format", "dtype", format={
+    "type": click.Choice(["safetensors", "diffusers"]),
+    "help": "Output format (default: from the output name; a name without .safetensors "
+            "is a diffusers folder)."})
+def convert_cmd(model: str, common: CommonOptions) -> None:
     """Convert .ckpt/.pt to .safetensors (safe loader), or a diffusers folder
     to a single original-layout file and back."""
-    _run_op("convert", [model], {"output": output, **common}, _plain_lines,
-            {"format": fmt} if fmt else None, then_dtype=dtype)
+    _run_op("convert", [model], common, _plain_lines,
+            {"format": common.format} if common.format else None)
 
 
 @click.command("swap")
 @click.argument("model", type=click.Path())
-@output_options
+@common_options(*DEFAULT_COMMON, "dtype")
 @click.option("--vae", "vae", type=click.Path(), default=None, help="VAE to put in.")
 @click.option("--unet", "unet", type=click.Path(), default=None, help="UNet to put in.")
 @click.option("--te", "te", type=click.Path(), default=None, help="Text encoder(s) to put in.")
-@click.option("--dtype", type=click.Choice(MERGE_OUTPUT_DTYPES), default="keep",
-              show_default=True, help="Float dtype of the output tensors.")
-def swap_cmd(model: str, output: str, vae: str | None, unet: str | None, te: str | None,
-             dtype: str, **common: Any) -> None:
+def swap_cmd(model: str, vae: str | None, unet: str | None, te: str | None,
+             common: CommonOptions) -> None:
     """Replace one component with another file's (shapes are checked)."""
     given = {k: v for k, v in (("vae", vae), ("unet", unet), ("te", te)) if v}
     if len(given) != 1:
         raise click.UsageError("give exactly one of --vae, --unet, --te")
     (component, donor), = given.items()
-    _run_op("swap", [model, donor], {"output": output, **common}, _plain_lines,
-            then_dtype=dtype, component=component)
+    _run_op("swap", [model, donor], common, _plain_lines, component=component)
 
 
 @click.command("extract")
 @click.argument("model", type=click.Path())
-@output_options
-@click.option("--component", required=True,
-              type=click.Choice(EXTRACTABLE))
-@click.option("--dtype", type=click.Choice(MERGE_OUTPUT_DTYPES), default="keep",
-              show_default=True, help="Float dtype of the output tensors.")
-def extract_cmd(model: str, output: str, component: str, dtype: str, **common: Any) -> None:
+@common_options(*DEFAULT_COMMON, "dtype")
+@transform_options("extract")
+def extract_cmd(model: str, common: CommonOptions, params: dict[str, Any]) -> None:
     """Write one component of a checkpoint to its own file."""
-    _run_op("extract", [model], {"output": output, **common}, _plain_lines,
-            then_dtype=dtype, component=component)
+    _run_op("extract", [model], common, _plain_lines, **params)

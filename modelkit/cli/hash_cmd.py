@@ -6,9 +6,11 @@ import json
 
 import click
 
+from modelkit.cli.common import common_option
 from modelkit.cli.progress import StderrProgress
+from modelkit.errors import ModelkitError
 from modelkit.io.hashing import hash_file
-from modelkit.textsafe import shown
+from modelkit.textsafe import safe_text, shown
 
 MISMATCH_LIMIT = 200
 
@@ -16,8 +18,8 @@ MISMATCH_LIMIT = 200
 @click.command("hash")
 @click.argument("paths", nargs=-1, required=True,
                 type=click.Path(dir_okay=False, path_type=str))
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of results.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@common_option("as_json", help="Print a JSON list of results.")
+@common_option("quiet")
 def hash_cmd(paths: tuple[str, ...], as_json: bool, quiet: bool) -> None:
     """Compute sha256, AutoV2, legacy and tensor-data hashes.
 
@@ -25,10 +27,18 @@ def hash_cmd(paths: tuple[str, ...], as_json: bool, quiet: bool) -> None:
     digits (Civitai); legacy the old 8-digit A1111 model hash; addnet the
     sha256 of the tensor bytes only (kohya sshs_model_hash, A1111 LoRA hash),
     which metadata edits do not change. Hashes embedded in the metadata that
-    disagree with the computed ones are reported and make the exit code 1.
+    disagree with the computed ones are reported and make the exit code 1; a
+    path that cannot be hashed is reported, the others are hashed, and the
+    exit code is 2.
     """
     progress = StderrProgress(quiet)
-    results = [hash_file(p, progress) for p in paths]
+    results, failed = [], 0
+    for p in paths:  # one bad path is reported; the others are still hashed
+        try:
+            results.append(hash_file(p, progress))
+        except ModelkitError as exc:
+            click.echo(f"modelkit: error: {safe_text(exc)}", err=True)
+            failed += 1
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in results], indent=2))
     else:
@@ -37,5 +47,7 @@ def hash_cmd(paths: tuple[str, ...], as_json: bool, quiet: bool) -> None:
                        f"  legacy  {r.legacy}\n  addnet  {r.addnet or '-'}")
             for m in r.mismatches:  # they quote metadata values: escaped and cut
                 click.echo(f"  MISMATCH {shown(m, MISMATCH_LIMIT)}")
+    if failed:
+        raise click.exceptions.Exit(2)
     if any(r.mismatches for r in results):
         raise click.exceptions.Exit(1)

@@ -8,19 +8,20 @@ import json
 import click
 
 from modelkit.arch.registry import block_list_archs
+from modelkit.cli.common import common_option
 
 PRESET_ARCHS = block_list_archs()
 
 
 def block_table(weights: dict[str, float]) -> list[str]:
-    """Block weights as rows of ``NAME value`` pairs, eight per row."""
-    items = [f"{name} {value:g}" for name, value in weights.items()]
-    return ["    " + "  ".join(f"{x:<10}" for x in items[i:i + 8]).rstrip()
-            for i in range(0, len(items), 8)]
+    """Block weights as rows of ``NAME value`` cells (the TUI's table)."""
+    from modelkit.wording import block_rows
+
+    return block_rows(weights, indent="    ")
 
 
 @click.command("methods")
-@click.option("--json", "as_json", is_flag=True, help="Print the registry as JSON.")
+@common_option("as_json", help="Print the registry as JSON.")
 def methods_cmd(as_json: bool) -> None:
     """List every merge method and operation with its inputs, parameters,
     defaults and meaning (methods go in 'method:' steps and 'modelkit merge
@@ -36,7 +37,8 @@ def methods_cmd(as_json: bool) -> None:
             "a1111": t.a1111, "key_relations": sorted(t.keys),
             "params": {p.name: {"kind": p.kind, "default": None if p.required else p.default,
                                 "required": p.required, "choices": list(p.choices),
-                                "blockwise": p.blockwise, "per_model": p.per_model}
+                                "blockwise": p.blockwise, "per_model": p.per_model,
+                                "suggested": p.suggested, "help": p.help}
                        for p in t.params.values()}} for n, t in found.items()}, indent=2))
         return
     for kind, title in ((METHOD, "Merge methods (method: in recipes, --method)"),
@@ -50,6 +52,8 @@ def methods_cmd(as_json: bool) -> None:
             click.echo(f"  {name}({inputs}): {t.summary}")
             for p in t.params.values():
                 click.echo(f"      {p.describe()}")
+                if p.help:
+                    click.echo(f"          {p.help}")
             extra = []
             if t.seeded:
                 extra.append("seeded (options.seed)")
@@ -63,17 +67,22 @@ def methods_cmd(as_json: bool) -> None:
 @click.command("presets")
 @click.option("--arch", type=click.Choice(PRESET_ARCHS), default=None,
               help="Only this architecture's block list (SD2 and the refiner use SD1's).")
-@click.option("--json", "as_json", is_flag=True, help="Print the values as JSON.")
+@common_option("as_json", help="Print the values as JSON.")
 def presets_cmd(arch: str | None, as_json: bool) -> None:
-    """List the block-weight presets with their values for SD1 (26 blocks:
-    BASE, IN00-IN11, M00, OUT00-OUT11) and SDXL (20 blocks)."""
-    from modelkit.arch.blocks import PRESET_DOCS, preset
+    """List the block-weight presets with their values for SD1 and SD2 (26
+    weights: BASE, IN00..IN11, M00, OUT00..OUT11) and SDXL (20 weights:
+    BASE, IN00..IN08, M00, OUT00..OUT08). Merges take an optional VAE entry
+    last (27 or 21 values), which follows BASE unless given."""
+    from modelkit.arch.blocks import PRESET_DOCS, count_text, preset
 
     archs = [arch] if arch else list(PRESET_ARCHS)
     if as_json:
         click.echo(json.dumps({name: {a: preset(name, a) for a in archs}
                                for name in PRESET_DOCS}, indent=2))
         return
+    for a in archs:
+        click.echo(f"{a}: {count_text(a)}")
+    click.echo("")
     for name, doc in PRESET_DOCS.items():
         click.echo(f"{name}: {doc}")
         for a in archs:

@@ -6,9 +6,11 @@ import json
 
 import click
 
+from modelkit.cli.common import common_option
 from modelkit.cli.progress import human_bytes
 from modelkit.inspect.report import ModelReport, inspect_model
 from modelkit.textsafe import shown
+from modelkit.wording import param_count, plural
 
 EPILOG = """\b
 Examples:
@@ -22,10 +24,6 @@ KEY_LIMIT = 60  # key names and metadata keys
 METADATA_SHOWN = 12
 
 
-def _params(n: int) -> str:
-    return f"{n / 1e6:,.2f} M" if n < 1e9 else f"{n / 1e9:,.3f} G"
-
-
 def _component_line(c: dict) -> str:
     status = {True: "complete", False: "INCOMPLETE", None: "not checked"}[c["complete"]]
     problems = []
@@ -37,7 +35,7 @@ def _component_line(c: dict) -> str:
         problems.append(f"{c['n_unexpected']} unexpected")
     extra = f" ({', '.join(problems)})" if problems else ""
     return (f"    {c['name']:<10} {c['family']:<34} {c['n_tensors']:>5} tensors "
-            f"{_params(c['n_params']):>12}  {status}{extra}")
+            f"{param_count(c['n_params']):>12}  {status}{extra}")
 
 
 def _ema(d: dict) -> str:
@@ -45,14 +43,15 @@ def _ema(d: dict) -> str:
         return "no"
     n_keys = d["extra_keys"].get("ema", d["n_ema_tensors"])
     if n_keys == d["n_ema_tensors"]:
-        return f"yes, {d['n_ema_tensors']} tensors"
-    return f"yes, {d['n_ema_tensors']} tensors ({n_keys} model_ema. keys with decay, num_updates)"
+        return f"yes, {plural(d['n_ema_tensors'], 'tensor')}"
+    return (f"yes, {plural(d['n_ema_tensors'], 'tensor')} ({n_keys} model_ema. keys with decay, "
+            "num_updates)")
 
 
 def _gguf_line(g: dict) -> str:
     types = ", ".join(f"{k} {v}" for k, v in g["quant_types"].items())
     arch = shown(g["architecture"], 20) if g["architecture"] else "not set"
-    line = (f"v{g['version']}, general.architecture {arch}, {g['n_tensors']} tensors "
+    line = (f"v{g['version']}, general.architecture {arch}, {plural(g['n_tensors'], 'tensor')} "
             f"({types})")
     if g["n_orig_shapes"]:
         line += f", {g['n_orig_shapes']} stored flattened (comfy.gguf.orig_shape)"
@@ -71,8 +70,8 @@ def render(rep: ModelReport) -> str:
         ("variant", d["variant"] or "-"),
         ("layout", d["layout"] or "-"),
         ("prediction", f"{d['prediction']['type']}  ({pred})"),
-        ("size", f"{human_bytes(d['size_bytes'])}, {d['n_tensors']} tensors, "
-                 f"{_params(d['n_params'])} params"),
+        ("size", f"{human_bytes(d['size_bytes'])}, {plural(d['n_tensors'], 'tensor')}, "
+                 f"{param_count(d['n_params'])} params"),
         ("dtypes", ", ".join(f"{k} {v}" for k, v in d["dtypes"].items())),
         ("EMA", _ema(d)),
     ]
@@ -84,21 +83,22 @@ def render(rep: ModelReport) -> str:
         lines += [_component_line(c) for c in d["components"].values()]
     if d["adapter"]:
         a = d["adapter"]
-        lines.append(f"  adapter     {a['format']} ({a['naming']} names), {a['n_modules']} "
-                     f"modules, rank {a['ranks']}, alpha {a['alphas']}, touches "
+        lines.append(f"  adapter     {a['format']} ({a['naming']} names), "
+                     f"{plural(a['n_modules'], 'module')}, rank {a['ranks']}, "
+                     f"alpha {a['alphas']}, touches "
                      f"{', '.join(a['targets'])}")
     if d["embedding"]:
         e = d["embedding"]
-        lines.append(f"  embedding   {e['vectors']} vectors of width {e['width']}")
+        lines.append(f"  embedding   {plural(e['vectors'], 'vector')} of width {e['width']}")
     if d["extra_keys"]:
         lines.append("  extra keys  " + ", ".join(f"{k} {v}" for k, v in d["extra_keys"].items()))
     if d["unknown_keys"]:
-        lines.append(f"  unknown     {len(d['unknown_keys'])} keys, e.g. "
+        lines.append(f"  unknown     {plural(len(d['unknown_keys']), 'key')}, e.g. "
                      f"{shown(d['unknown_keys'][0], KEY_LIMIT)}")
     for note in d["notes"]:
         lines.append(f"  note        {shown(note, 200)}")
     if d["metadata"]:
-        lines.append(f"  metadata    {len(d['metadata'])} entries")
+        lines.append(f"  metadata    {plural(len(d['metadata']), 'entry')}")
         for k, v in list(d["metadata"].items())[:METADATA_SHOWN]:
             lines.append(f"    {shown(k, KEY_LIMIT)}: {shown(v, VALUE_LIMIT)}")
     # a last guard: nothing unescaped reaches the terminal, whatever a line holds
@@ -108,9 +108,8 @@ def render(rep: ModelReport) -> str:
 @click.command("inspect", epilog=EPILOG)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False,
                                                                   path_type=str))
-@click.option("--json", "as_json", is_flag=True,
-              help="Print the stable JSON report (schema modelkit.inspect/1): an object "
-                   "for one file, a list for several.")
+@common_option("as_json", help="Print the stable JSON report (schema modelkit.inspect/1): "
+                               "an object for one file, a list for several.")
 def inspect_cmd(paths: tuple[str, ...], as_json: bool) -> None:
     """Say what model files are, from their headers alone.
 

@@ -10,9 +10,10 @@ from typing import Any
 import click
 
 from modelkit.arch import registry
-from modelkit.cli.common import CommaList
+from modelkit.cli.common import CommaList, common_option
 from modelkit.cli.progress import StderrProgress, human_bytes
 from modelkit.textsafe import safe_text
+from modelkit.wording import plural
 
 EPILOG = """\b
 Examples:
@@ -34,7 +35,7 @@ def _db_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(fn)
+    return common_option("as_json", help="Print JSON.")(fn)
 
 
 def _echo_json(data: Any) -> None:
@@ -59,7 +60,7 @@ def library_group() -> None:
 @click.option("-j", "--jobs", type=click.IntRange(min=1),
               help="Processes reading headers in a big scan [default: one per CPU].")
 @_db_option
-@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@common_option("quiet")
 @_json_option
 def scan_cmd(dirs: tuple[str, ...], do_hash: bool, jobs: int | None, db: str | None,
              quiet: bool, as_json: bool) -> None:
@@ -71,11 +72,14 @@ def scan_cmd(dirs: tuple[str, ...], do_hash: bool, jobs: int | None, db: str | N
     from modelkit.library.scan import scan
 
     report = scan(dirs, db, hash=do_hash, progress=StderrProgress(quiet), workers=jobs)
+    for line in report.warnings:
+        click.echo(f"modelkit: warning: {safe_text(line)}", err=True)
     if as_json:
         _echo_json(report.to_dict())
         return
     kinds = ", ".join(f"{n} {k}" for k, n in report.kinds.items()) or "no model files"
-    click.echo(f"{report.found} files under {', '.join(safe_text(r) for r in report.roots)}: "
+    click.echo(f"{plural(report.found, 'file')} under "
+               f"{', '.join(safe_text(r) for r in report.roots)}: "
                f"{report.new} new, {report.changed} changed, {report.unchanged} unchanged, "
                f"{report.removed} removed, {report.broken} broken"
                + (f", {report.hashed} hashed" if do_hash else "")
@@ -164,7 +168,7 @@ def list_cmd(kind: tuple[list[str], ...], arch: tuple[list[str], ...], name: str
               help="Compare only files already hashed; hash nothing now.")
 @_filter_options
 @_db_option
-@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@common_option("quiet")
 @_json_option
 def dupes_cmd(no_hash: bool, kind: tuple[list[str], ...], arch: tuple[list[str], ...],
               name: str | None, under: tuple[str, ...], prediction: str | None,
@@ -189,8 +193,9 @@ def dupes_cmd(no_hash: bool, kind: tuple[list[str], ...], arch: tuple[list[str],
         click.echo(f"{g.hash[:12]}  {what}, {human_bytes(g.wasted_bytes, 1)} to free")
         for e in g.entries:
             click.echo(f"  {safe_text(e.path)}")
-    tail = f"; {report.n_unhashed} candidates not hashed" if report.n_unhashed else ""
-    click.echo(f"{len(report.groups)} duplicate groups, "
+    tail = (f"; {plural(report.n_unhashed, 'candidate')} not hashed" if report.n_unhashed
+            else "")
+    click.echo(f"{plural(len(report.groups), 'duplicate group')}, "
                f"{human_bytes(report.wasted_bytes, 1)} to free{tail}")
 
 
@@ -264,7 +269,7 @@ def check_cmd(kind: tuple[list[str], ...], arch: tuple[list[str], ...], name: st
                 click.echo(f"  {h.severity}: {safe_text(h.message)}")
                 if h.expected:
                     click.echo(f"  move to: {safe_text(h.expected)}")
-        click.echo(f"{len(report.hints)} hints for {report.n_files} files")
+        click.echo(f"{plural(len(report.hints), 'hint')} for {plural(report.n_files, 'file')}")
     if report.hints:
         raise click.exceptions.Exit(1)
 

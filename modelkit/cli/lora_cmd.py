@@ -10,11 +10,18 @@ from typing import Any
 
 import click
 
-from modelkit.cli.common import execute, options_from, output_options
+from modelkit.cli.common import (
+    CommonOptions,
+    common_option,
+    common_options,
+    execute,
+    options_from,
+    transform_options,
+)
 from modelkit.cli.progress import human_bytes
 from modelkit.core.recipe import COMMAND_LINE, Recipe
 from modelkit.textsafe import shown
-from modelkit.vocab import FLOAT_STORAGE, MERGE_OUTPUT_DTYPES
+from modelkit.wording import lora_weights, noun, plural
 
 LIST_LIMIT = 15
 NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
@@ -30,9 +37,9 @@ def split_weights(spec: str, most: int) -> tuple[str, list[float]]:
     return ":".join(parts), weights
 
 
-def _execute(recipe: Any, common: dict[str, Any], lines: Callable[[Any], list[str]]) -> None:
+def _execute(recipe: Any, common: CommonOptions, lines: Callable[[Any], list[str]]) -> None:
     def render(report: Any) -> list[str]:
-        return [f"wrote {shown(report.output)}: {report.n_tensors} tensors, "
+        return [f"wrote {shown(report.output)}: {plural(report.n_tensors, 'tensor')}, "
                 f"{human_bytes(report.output_bytes)} in {report.seconds:.1f}s",
                 *lines(report.report)]
 
@@ -53,11 +60,12 @@ def _listed(title: str, items: list[str]) -> list[str]:
 
 
 def _bake_lines(r: Any) -> list[str]:
-    out = [f"{r.keys_changed} checkpoint tensors changed ({r.arch}, "
+    out = [f"{plural(r.keys_changed, 'checkpoint tensor')} changed ({r.arch}, "
            f"dtype {r.dtype or 'as the base'})"]
     for a in r.adapters:
-        out.append(f"  {shown(a.file)} ({a.format}, {a.arch}): unet {a.weight:g}, te "
-                   f"{a.te_weight:g}; {a.n_modules} modules, {a.keys_touched} keys touched")
+        out.append(f"  {shown(a.file)} ({a.format}, {a.arch}): "
+                   f"{lora_weights(a.weight, a.te_weight)}; {plural(a.n_modules, 'module')}, "
+                   f"{plural(a.keys_touched, 'key')} touched")
         out += _listed("  unmatched keys (not applied)", a.unmatched)
     return out
 
@@ -66,7 +74,7 @@ def _svd_lines(r: Any) -> list[str]:
     ranks = sorted({x.rank for x in r.layers if not x.skipped})
     rank_text = (f"rank {ranks[0]}" if len(ranks) == 1 else
                  f"ranks {ranks[0]}..{ranks[-1]}") if ranks else "no layers"
-    out = [f"{r.n_modules} modules, {rank_text}; relative error ||ΔW-BA||/||ΔW|| "
+    out = [f"{plural(r.n_modules, 'module')}, {rank_text}; relative error ||ΔW-BA||/||ΔW|| "
            f"overall {r.relative_error:.4g}"]
     worst = sorted((x for x in r.layers if not x.skipped), key=lambda x: -x.relative_error)
     out += _listed("worst layers", [f"{x.name}: rank {x.rank}, error {x.relative_error:.4g}"
@@ -83,21 +91,13 @@ def lora_group() -> None:
 @lora_group.command("bake")
 @click.argument("base", type=click.Path())
 @click.argument("loras", nargs=-1, required=True, metavar="LORA[:WEIGHT[:TE_WEIGHT]]...")
-@output_options
+@common_options()
 @click.option("--te-weight", type=float, default=None,
               help="Text-encoder strength for adapters that give none (default: their "
                    "weight).")
-@click.option("--blocks", default=None, metavar="SPEC",
-              help="LoRA block weights for every adapter: a preset (ALL, NONE, INS, IND, "
-                   "INALL, MIDD, OUTD, OUTS, OUTALL, ALL0.5), 17/26 values (SD1/SD2), "
-                   "12/20 values (SDXL), or NAME=VALUE,... ")
-@click.option("--dtype", type=click.Choice(MERGE_OUTPUT_DTYPES), default="keep",
-              show_default=True, help="Float dtype of the output.")
-@click.option("--allow-unmatched", is_flag=True,
-              help="Bake what matches and list adapter keys that patch nothing, instead "
-                   "of failing.")
-def bake_cmd(base: str, loras: tuple[str, ...], output: str, te_weight: float | None,
-             blocks: str | None, dtype: str, allow_unmatched: bool, **common: Any) -> None:
+@transform_options("lora_bake", skip=("weights", "te_weights"))
+def bake_cmd(base: str, loras: tuple[str, ...], te_weight: float | None,
+             common: CommonOptions, params: dict[str, Any]) -> None:
     """Add adapters' ΔW into BASE (A1111's name:unet_weight:te_weight form)."""
     paths, weights, te_weights = [], [], []
     for spec in loras:
@@ -106,99 +106,75 @@ def bake_cmd(base: str, loras: tuple[str, ...], output: str, te_weight: float | 
         weights.append(ws[0] if ws else 1.0)
         te_weights.append(ws[1] if len(ws) > 1 else (te_weight if te_weight is not None
                                                        else weights[-1]))
-    recipe = Recipe.op("lora_bake", base, *paths, output=output, options=options_from(common),
-                       source=COMMAND_LINE, weights=weights, te_weights=te_weights,
-                       blocks=blocks, dtype=dtype, allow_unmatched=allow_unmatched)
-    _execute(recipe, {"output": output, **common}, _bake_lines)
+    recipe = Recipe.op("lora_bake", base, *paths, output=common.output,
+                       options=options_from(common), source=COMMAND_LINE, weights=weights,
+                       te_weights=te_weights, **params)
+    _execute(recipe, common, _bake_lines)
 
 
 @lora_group.command("extract")
 @click.argument("base", type=click.Path())
 @click.argument("tuned", type=click.Path())
-@output_options
-@click.option("--rank", type=int, required=True, help="Rank cap of Linear and 1x1 layers.")
-@click.option("--conv-rank", type=int, default=None,
-              help="Rank cap of 3x3 convs (adds ResBlocks; default: none).")
-@click.option("--energy", type=float, default=None,
-              help="Per layer, the smallest rank keeping this share of ||ΔW||² (capped).")
-@click.option("--te/--no-te", default=True, show_default=True, help="Extract text encoders.")
-@click.option("--dtype", type=click.Choice(FLOAT_STORAGE), default="fp16",
-              show_default=True, help="Storage type of the factors.")
-def extract_cmd(base: str, tuned: str, output: str, rank: int, conv_rank: int | None,
-                energy: float | None, te: bool, dtype: str, **common: Any) -> None:
+@common_options()
+@transform_options("lora_extract")
+def extract_cmd(base: str, tuned: str, common: CommonOptions, params: dict[str, Any]) -> None:
     """A kohya LoRA approximating TUNED − BASE, with its error per layer."""
-    recipe = Recipe.op("lora_extract", base, tuned, output=output,
-                       options=options_from(common), source=COMMAND_LINE, rank=rank,
-                       conv_rank=conv_rank, energy=energy, te=te, dtype=dtype)
-    _execute(recipe, {"output": output, **common}, _svd_lines)
+    recipe = Recipe.op("lora_extract", base, tuned, output=common.output,
+                       options=options_from(common), source=COMMAND_LINE, **params)
+    _execute(recipe, common, _svd_lines)
 
 
 @lora_group.command("resize")
 @click.argument("lora", type=click.Path())
-@output_options
-@click.option("--rank", type=int, default=None, help="New rank (cap with --energy).")
-@click.option("--conv-rank", type=int, default=None, help="New rank of 3x3 convs.")
-@click.option("--energy", type=float, default=None,
-              help="Per module, the smallest rank keeping this share of ||ΔW||².")
-@click.option("--dtype", type=click.Choice(MERGE_OUTPUT_DTYPES), default="keep",
-              show_default=True, help="Storage type of the factors (keep: the input's).")
-def resize_cmd(lora: str, output: str, rank: int | None, conv_rank: int | None,
-               energy: float | None, dtype: str, **common: Any) -> None:
+@common_options()
+@transform_options("lora_resize")
+def resize_cmd(lora: str, common: CommonOptions, params: dict[str, Any]) -> None:
     """Re-factorise an adapter at a new rank (exact SVD of its ΔW)."""
-    recipe = Recipe.op("lora_resize", lora, output=output, options=options_from(common),
-                       source=COMMAND_LINE, rank=rank, conv_rank=conv_rank, energy=energy,
-                       dtype=dtype)
-    _execute(recipe, {"output": output, **common}, _svd_lines)
+    recipe = Recipe.op("lora_resize", lora, output=common.output,
+                       options=options_from(common), source=COMMAND_LINE, **params)
+    _execute(recipe, common, _svd_lines)
 
 
 @lora_group.command("merge")
 @click.argument("loras", nargs=-1, required=True, metavar="LORA[:WEIGHT]...")
-@output_options
-@click.option("--rank", type=int, default=None, help="Rank of the merged LoRA.")
-@click.option("--conv-rank", type=int, default=None, help="Rank of 3x3 convs.")
-@click.option("--energy", type=float, default=None,
-              help="Per module, the smallest rank keeping this share of ||ΔW||².")
-@click.option("--blocks", default=None, metavar="SPEC",
-              help="Block weights applied to every input (see 'lora bake --help').")
-@click.option("--dtype", type=click.Choice(FLOAT_STORAGE), default="fp16",
-              show_default=True)
-def merge_cmd(loras: tuple[str, ...], output: str, rank: int | None, conv_rank: int | None,
-              energy: float | None, blocks: str | None, dtype: str, **common: Any) -> None:
+@common_options()
+@transform_options("lora_merge", skip=("weights",))
+def merge_cmd(loras: tuple[str, ...], common: CommonOptions, params: dict[str, Any]) -> None:
     """Merge adapters exactly: sum their weighted ΔW, then re-factorise."""
     paths, weights = [], []
     for spec in loras:
         path, ws = split_weights(spec, 1)
         paths.append(path)
         weights.append(ws[0] if ws else 1.0)
-    recipe = Recipe.op("lora_merge", *paths, output=output, options=options_from(common),
-                       source=COMMAND_LINE, weights=weights, rank=rank, conv_rank=conv_rank,
-                       energy=energy, blocks=blocks, dtype=dtype)
-    _execute(recipe, {"output": output, **common}, _svd_lines)
+    recipe = Recipe.op("lora_merge", *paths, output=common.output,
+                       options=options_from(common), source=COMMAND_LINE, weights=weights,
+                       **params)
+    _execute(recipe, common, _svd_lines)
 
 
 @lora_group.command("convert")
 @click.argument("lora", type=click.Path())
-@output_options
-@click.option("--to", "to", type=click.Choice(["kohya", "peft", "comfy"]), required=True,
-              help="Key naming of the output.")
-def convert_cmd(lora: str, output: str, to: str, **common: Any) -> None:
+@common_options()
+@transform_options("lora_convert")
+def convert_cmd(lora: str, common: CommonOptions, params: dict[str, Any]) -> None:
     """Rename an adapter's keys (kohya, PEFT/diffusers, ComfyUI), alpha kept."""
-    recipe = Recipe.op("lora_convert", lora, output=output, options=options_from(common),
-                       source=COMMAND_LINE, to=to)
-    _execute(recipe, {"output": output, **common},
-             lambda r: [f"{r['n_modules']} modules: {r['from']} -> {r['to']} ({r['arch']})",
-                        f"read by: {r['read_by']}"])
+    recipe = Recipe.op("lora_convert", lora, output=common.output,
+                       options=options_from(common), source=COMMAND_LINE, **params)
+    _execute(recipe, common,
+             lambda r: [f"{plural(r['n_modules'], 'module')}: {r['from']} -> {r['to']} "
+                        f"({r['arch']})", f"read by: {r['read_by']}"])
 
 
 def _info_lines(r: Any) -> list[str]:
-    out = [f"{shown(r.file)}: {r.format} for {r.arch} ({r.naming} names), {len(r.layers)} modules, "
-           f"{len(r.keys_touched)} checkpoint keys touched"]
+    out = [f"{shown(r.file)}: {r.format} for {r.arch} ({r.naming} names), "
+           f"{plural(len(r.layers), 'module')}, "
+           f"{plural(len(r.keys_touched), 'checkpoint key')} touched"]
     head = "relative to base" if r.base else "‖ΔW‖"
     out.append(f"per block ({head}):")
     for name, b in r.blocks.items():
         if b.n_modules:
             value = b.relative if r.base and b.relative is not None else b.delta_norm
-            out.append(f"  {name:<6} {value:10.4g}  {b.n_modules:4d} modules")
+            out.append(f"  {name:<6} {value:10.4g}  {b.n_modules:4d} {noun(b.n_modules, 'module')}")
     ranks = [x.effective_rank for x in r.layers if x.effective_rank is not None]
     if ranks:
         out.append(f"effective rank at {r.energy:g} energy: min {min(ranks)}, median "
@@ -213,7 +189,7 @@ def _info_lines(r: Any) -> list[str]:
               help="Checkpoint to measure the strength against.")
 @click.option("--energy", type=float, default=0.9, show_default=True,
               help="Energy share for the effective rank.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@common_option("as_json")
 @click.option("--keys", "show_keys", is_flag=True, help="List the checkpoint keys touched.")
 def info_cmd(lora: str, base: str | None, energy: float, as_json: bool,
              show_keys: bool) -> None:

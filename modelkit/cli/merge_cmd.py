@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
 
-from modelkit.cli.common import CommaList, execute, flat
+from modelkit.cli.common import (
+    DEFAULT_COMMON,
+    CommaList,
+    CommonOptions,
+    common_options,
+    execute,
+    flat,
+)
 from modelkit.cli.progress import StderrProgress, human_bytes
 from modelkit.textsafe import safe_text, shown
-from modelkit.vocab import (
-    BLOCK_MAPS,
-    COMPONENTS,
-    DEVICES,
-    MERGE_OUTPUT_DTYPES,
-    MISSING_KEY_POLICIES,
-    OUTPUT_FORMATS,
-)
+from modelkit.vocab import BLOCK_MAPS, COMPONENTS, MISSING_KEY_POLICIES, OUTPUT_FORMATS
+from modelkit.wording import plural
 
 MERGE_EPILOG = """\b
 Examples:
@@ -35,7 +38,7 @@ ComfyUI's ModelMergeSimple ratio runs the other way.
 
 def _merge_lines(report: Any) -> list[str]:
     verb = "would write" if report.dry_run else "wrote"
-    out = [f"{verb} {shown(report.output)} ({report.arch}): {report.n_tensors} tensors, "
+    out = [f"{verb} {shown(report.output)} ({report.arch}): {plural(report.n_tensors, 'tensor')}, "
            f"{report.n_merged} merged, {report.n_copied} copied, {report.n_skipped} skipped, "
            f"{human_bytes(report.output_bytes)}",
            f"estimated peak working memory: {human_bytes(report.peak_estimate_bytes)} "
@@ -43,7 +46,9 @@ def _merge_lines(report: Any) -> list[str]:
     if not report.dry_run:
         out.append(f"took {report.seconds:.1f}s")
     if report.n_ignored:
-        out.append(f"note: {report.n_ignored} keys exist only in B/C and were ignored")
+        exist = "exists" if report.n_ignored == 1 else "exist"
+        out.append(f"note: {plural(report.n_ignored, 'key')} {exist} only in B/C and "
+                   f"{'was' if report.n_ignored == 1 else 'were'} ignored")
     if report.dry_run:
         out += _block_weight_lines(report)
     if report.verify is not None:
@@ -55,39 +60,90 @@ def _merge_lines(report: Any) -> list[str]:
 
 def _block_weight_lines(report: Any) -> list[str]:
     """The resolved per-block weights of every block-wise parameter."""
+    from modelkit.arch.blocks import weights_title
     from modelkit.cli.info_cmd import block_table
 
     out = []
     for step in report.steps:
         for name, weights in (getattr(step.report, "block_weights", None) or {}).items():
-            out.append(f"block weights of {name} ({len(weights)} blocks):")
+            out.append(f"block weights of {name} ({weights_title(weights)}):")
             out += block_table(weights)
     return out
+
+
+BLOCK_OPTIONS = {"alpha": "--blocks"}  # alpha's block-wise option (others: --NAME-blocks)
+BLOCK_FORMS = ("26 (SD1/SD2) or 20 (SDXL) comma-separated numbers in the order BASE, "
+               "IN00.., M00, OUT.. (27/21 with the optional VAE entry last), or a preset "
+               "name")
+
+
+def _shared_method_params() -> dict[str, list[tuple[str, Any]]]:
+    """The parameters two or more merge methods declare, with (method,
+    declaration) pairs: each gets its own option; any other goes through
+    ``--param NAME=VALUE``."""
+    from modelkit.core.registry import METHOD, all_transforms
+
+    uses: dict[str, list[tuple[str, Any]]] = {}
+    for t in all_transforms().values():
+        if t.kind == METHOD:
+            for p in t.params.values():
+                uses.setdefault(p.name, []).append((t.name, p))
+    return {name: found for name, found in uses.items() if len(found) > 1}
+
+
+def method_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--NAME`` (and its block-wise variant) for each parameter several
+    merge methods share, typed and explained by their declarations; the
+    command receives the given values as ``method_params``."""
+    shared = _shared_method_params()
+
+    @functools.wraps(fn)
+    def command(**kwargs: Any) -> Any:
+        values: dict[str, Any] = {}
+        for name in shared:
+            flat_value, blocks = kwargs.pop(name), kwargs.pop(f"{name}_blocks", None)
+            if flat_value is not None and blocks:
+                opt = BLOCK_OPTIONS.get(name, f"--{name}-blocks")
+                raise click.UsageError(f"give --{name} or {opt}, not both: {opt} sets {name} "
+                                       "per block (a single value is a flat list)")
+            if blocks or flat_value is not None:
+                values[name] = blocks or flat_value
+        return fn(method_params=values, **kwargs)
+
+    for name, found in reversed(shared.items()):
+        declared = [p for _, p in found]
+        first = next((p for p in declared if p.help), declared[0])
+        suggested = next((p.suggested for p in declared if p.suggested is not None), None)
+        default = f"; default {suggested:g} where a method needs it" if suggested is not None \
+            else ""
+        help_text = (f"{first.help.rstrip('.')} ({', '.join(m for m, _ in found)}"
+                     f"{default}).")
+        if all(p.blockwise for p in declared):
+            opt = BLOCK_OPTIONS.get(name, f"--{name}-blocks")
+            command = click.option(opt, f"{name}_blocks", default=None,
+                                   help=f"Block-wise {name}: {BLOCK_FORMS}.")(command)
+        kinds = {p.kind for p in declared}
+        ptype = click.FLOAT if kinds <= {"float"} else click.INT if kinds == {"int"} else None
+        command = click.option(f"--{name.replace('_', '-')}", name, type=ptype, default=None,
+                               help=help_text)(command)
+    return command
 
 
 @click.command("merge", epilog=MERGE_EPILOG)
 @click.argument("models", nargs=-1, required=True,
                 type=click.Path(dir_okay=False, path_type=str))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="Output .safetensors file (never one of the inputs).")
+@common_options(*DEFAULT_COMMON, "dtype", "format", output={
+    "type": click.Path(dir_okay=False),
+    "help": "Output .safetensors file (never one of the inputs)."}, dtype={
+    "default": "fp16", "help": "Output dtype for float tensors."}, format={
+    "type": click.Choice(OUTPUT_FORMATS),
+    "help": "Output format (default: from the output name: .safetensors, .gguf for the "
+            "UNet as GGUF, anything else a diffusers folder)."})
 @click.option("--method", default="weighted_sum", show_default=True,
               help="Merge method (see 'modelkit methods').")
-@click.option("--alpha", type=float, default=None,
-              help=f"alpha, toward B (default {0.3}, A1111's, for methods that need it).")
-@click.option("--beta", type=float, default=None, help="beta, for methods that take it.")
-@click.option("--blocks", default=None,
-              help="Block-wise alpha: 26 (SD1/SD2) or 20 (SDXL) comma-separated numbers "
-                   "in the order BASE, IN00.., M00, OUT.., or a preset name.")
-@click.option("--beta-blocks", default=None, help="Block-wise beta, same forms as --blocks.")
+@method_options
 @click.option("--param", "extra", multiple=True, metavar="NAME=VALUE",
               help="Other method parameters, e.g. --param k=0.2.")
-@click.option("--dtype", type=click.Choice(MERGE_OUTPUT_DTYPES),
-              default="fp16", show_default=True, help="Output dtype for float tensors.")
-@click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS), default=None,
-              help="Output format (default: from the output name: .safetensors, .gguf "
-                   "for the UNet as GGUF, anything else a diffusers folder).")
-@click.option("--device", type=click.Choice(DEVICES), default="cpu",
-              show_default=True)
 @click.option("--block-map", type=click.Choice(BLOCK_MAPS),
               default="supermerger", show_default=True, help="Key-to-block map.")
 @click.option("--missing", type=click.Choice(MISSING_KEY_POLICIES),
@@ -102,65 +158,28 @@ def _block_weight_lines(report: Any) -> list[str]:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for DARE.")
 @click.option("--dry-run", is_flag=True, help="Print the plan, size and memory estimate; "
               "read no tensor.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
-@click.option("--overwrite", is_flag=True,
-              help="Replace OUTPUT if it exists (never allowed for an input).")
-def merge_cmd(models: tuple[str, ...], output: str, method: str, alpha: float | None,
-              beta: float | None, blocks: str | None, beta_blocks: str | None,
-              extra: tuple[str, ...], dtype: str, fmt: str | None, device: str, block_map: str,
+def merge_cmd(models: tuple[str, ...], common: CommonOptions, method: str,
+              method_params: dict[str, Any], extra: tuple[str, ...], block_map: str,
               missing: str, include: tuple[str, ...], exclude_keys: tuple[str, ...],
-              vae: str | None, seed: int, dry_run: bool, as_json: bool, quiet: bool,
-              overwrite: bool) -> None:
+              vae: str | None, seed: int, dry_run: bool) -> None:
     """Merge two or three checkpoints in one step (builds a recipe and runs it)."""
     from modelkit.core.recipe import COMMAND_LINE, Options, Recipe
+    from modelkit.core.registry import params_from_text
 
-    for flat_value, block_value, name in ((alpha, blocks, "alpha"), (beta, beta_blocks, "beta")):
-        if flat_value is not None and block_value:
-            opt = "--blocks" if name == "alpha" else "--beta-blocks"
-            raise click.UsageError(f"give --{name} or {opt}, not both: {opt} sets {name} "
-                                   "per block (a single value is a flat list)")
-    params: dict[str, object] = {}
-    if alpha is not None or blocks:
-        params["alpha"] = blocks or alpha
-    if beta is not None or beta_blocks:
-        params["beta"] = beta_blocks or beta
+    texts: dict[str, str] = {}
     for item in extra:
         name, sep, value = item.partition("=")
         if not sep:
             raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--param")
-        params[name] = _number(value)
-    _default_alpha(method, params)
-    options = Options(device, block_map, missing, flat(include) or COMPONENTS,
-                      flat(exclude_keys), vae, seed)
-    recipe = Recipe.merge(*models, method=method, output=output, dtype=dtype,
+        texts[name] = value
+    params = params_from_text(method, method_params, texts)
+    options = Options(common.device or "cpu", block_map, missing,
+                      flat(include) or COMPONENTS, flat(exclude_keys), vae, seed)
+    recipe = Recipe.merge(*models, method=method, output=common.output, dtype=common.dtype,
                           options=options, source=COMMAND_LINE, **params)
-    if fmt:
-        recipe = recipe.with_output(format=fmt)
-    execute(recipe, {"quiet": quiet, "as_json": as_json, "overwrite": overwrite},
-            _merge_lines, dry_run=dry_run)
-
-
-DEFAULT_ALPHA = 0.3  # A1111's checkpoint merger default multiplier
-
-
-def _default_alpha(method: str, params: dict[str, object]) -> None:
-    """A1111's default alpha for a method that needs one when none is given."""
-    from modelkit.core.registry import all_transforms
-
-    t = all_transforms().get(method)
-    if t is not None and "alpha" in t.params and t.params["alpha"].required \
-            and "alpha" not in params:
-        params["alpha"] = DEFAULT_ALPHA
-
-
-def _number(value: str) -> object:
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(value.lower(), value)
+    if common.format:
+        recipe = recipe.with_output(format=common.format)
+    execute(recipe, common, _merge_lines, dry_run=dry_run)
 
 
 @click.group("recipe")
@@ -170,53 +189,47 @@ def recipe_group() -> None:
 
 @recipe_group.command("run")
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", type=click.Path(), default=None,
-              help="Output path (overrides output.path).")
+@common_options(*DEFAULT_COMMON, output={
+    "required": False, "default": None, "help": "Output path (overrides output.path)."},
+    overwrite={"help": "Replace the output if it exists (never allowed for an input)."},
+    device={"default": None, "show_default": False,
+            "help": "Where tensors are read and computed (overrides options.device)."})
 @click.option("--dry-run", is_flag=True, help="Plan only; read no tensor.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
-@click.option("--overwrite", is_flag=True,
-              help="Replace the output if it exists (never allowed for an input).")
 @click.option("--verify", "verify", is_flag=True,
               help="Render and check the output after writing (the recipe's verify: "
                    "section, or the defaults); exit 1 when a check fails.")
-@click.option("--device", type=click.Choice(DEVICES), default=None,
-              help="Where tensors are read and computed (overrides options.device).")
-def recipe_run(recipe: str, output: str | None, dry_run: bool, as_json: bool,
-               quiet: bool, overwrite: bool, verify: bool, device: str | None) -> None:
+def recipe_run(recipe: str, common: CommonOptions, dry_run: bool, verify: bool) -> None:
     """Run a recipe file (exit 1 when its verification fails)."""
     from dataclasses import replace
 
     from modelkit.core.recipe import load_recipe
 
     loaded = load_recipe(recipe)
-    if device is not None:
-        loaded.options = replace(loaded.options, device=device)
-    report = execute(loaded, {"quiet": quiet, "as_json": as_json, "overwrite": overwrite},
-                     _merge_lines, output=output, dry_run=dry_run, verify=verify)
+    if common.device is not None:
+        loaded.options = replace(loaded.options, device=common.device)
+    report = execute(loaded, common, _merge_lines, output=common.output, dry_run=dry_run,
+                     verify=verify)
     if report.verify is not None and not report.verify.passed:
         raise click.exceptions.Exit(1)
 
 
 @recipe_group.command("lock")
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="Where to write the locked recipe (default RECIPE.lock.yaml).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
-@click.option("--overwrite", is_flag=True,
-              help="Replace the output if it exists (never the recipe or an input).")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print the locked file and the pinned sha256 of every input as JSON.")
-def recipe_lock(recipe: str, output: str | None, quiet: bool, overwrite: bool,
-                as_json: bool) -> None:
+@common_options("output", "quiet", "overwrite", "as_json", output={
+    "required": False, "default": None, "type": click.Path(dir_okay=False),
+    "help": "Where to write the locked recipe (default RECIPE.lock.yaml)."},
+    overwrite={"help": "Replace the output if it exists (never the recipe or an input)."},
+    as_json={"help": "Print the locked file and the pinned sha256 of every input as JSON."})
+def recipe_lock(recipe: str, common: CommonOptions) -> None:
     """Write a copy of the recipe with every input's sha256 pinned."""
     import json
 
     from modelkit.core.lock import lock_recipe
     from modelkit.core.recipe import load_recipe
 
-    path = lock_recipe(recipe, output, StderrProgress(quiet), overwrite=overwrite)
-    if as_json:
+    path = lock_recipe(recipe, common.output, StderrProgress(common.quiet),
+                       overwrite=common.overwrite)
+    if common.as_json:
         pins = {n: i.sha256 for n, i in load_recipe(path).inputs.items()}
         click.echo(json.dumps({"recipe": str(recipe), "locked": str(path), "inputs": pins},
                               indent=2))
@@ -236,28 +249,28 @@ def recipe_show(model: str) -> None:
 @recipe_group.command("replay")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--check", is_flag=True, help="Compare with MODEL and report bit-exactness.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="Keep the replayed file here (default: a temp file, removed).")
+@common_options(*DEFAULT_COMMON, output={
+    "required": False, "default": None, "type": click.Path(dir_okay=False),
+    "help": "Keep the replayed file here (default: a temp file, removed)."},
+    overwrite={"help": "Replace --output if it exists."},
+    as_json={"help": "Print the comparison as JSON."},
+    device={"default": None, "show_default": False,
+            "help": "Where tensors are read and computed (overrides the recipe's device)."})
 @click.option("--search", multiple=True, type=click.Path(file_okay=False), metavar="DIR",
               help="Folders to look for the inputs in (by file name, then by sha256); "
                    "MODEL's folder is always searched.")
-@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
-@click.option("--device", type=click.Choice(DEVICES), default=None,
-              help="Where tensors are read and computed (overrides the recipe's device).")
-def recipe_replay(model: str, check: bool, output: str | None, search: tuple[str, ...],
-                  overwrite: bool, as_json: bool, quiet: bool, device: str | None) -> None:
+def recipe_replay(model: str, check: bool, common: CommonOptions, search: tuple[str, ...]
+                  ) -> None:
     """Re-run the recipe embedded in MODEL; with --check, compare tensors."""
     import json
 
     from modelkit.core.lock import replay
 
-    progress = StderrProgress(quiet)
-    result = replay(model, output, progress=progress, search=search, overwrite=overwrite,
-                    device=device)
+    progress = StderrProgress(common.quiet)
+    result = replay(model, common.output, progress=progress, search=search,
+                    overwrite=common.overwrite, device=common.device)
     progress.close()
-    if as_json:
+    if common.as_json:
         click.echo(json.dumps({"model": str(model), "identical": result.identical,
                                "n_tensors": result.n_tensors,
                                "n_different": result.n_different,
@@ -265,10 +278,11 @@ def recipe_replay(model: str, check: bool, output: str | None, search: tuple[str
                                "output": str(result.output) if result.output else None},
                               indent=2))
     elif result.identical:
-        click.echo(f"replay of {shown(model)}: bit-exact ({result.n_tensors} tensors)")
+        click.echo(f"replay of {shown(model)}: bit-exact ({plural(result.n_tensors, 'tensor')})")
     else:
+        verb = "differs" if result.n_different == 1 else "differ"
         click.echo(f"replay of {shown(model)}: DIFFERENT: {result.n_different} of "
-                   f"{result.n_tensors} tensors differ "
+                   f"{plural(result.n_tensors, 'tensor')} {verb} "
                    f"(first: {shown(result.first_difference, 200)})")
     if check and not result.identical:
         raise click.exceptions.Exit(1)

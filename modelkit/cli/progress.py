@@ -1,9 +1,14 @@
 """Progress on stderr for the CLI.
 
-On a terminal: one line, redrawn at most ten times a second, with the phase,
-the step, the percentage, the rate and an ETA. In logs (stderr not a
-terminal): a few plain lines per run (start, each quarter, end). Quiet mode
-draws nothing. Events may come from several threads; drawing is serialised.
+On a terminal: one line, redrawn at most ten times a second; in logs (stderr
+not a terminal): a few plain lines per run (start, each quarter of the run,
+end), or, for events without an ``overall`` fraction (verify's scans and
+renders, hashing several files), per step. Both draw the same line: the
+event's own :meth:`~modelkit.progress.Progress.describe` (the phase and
+step, the share of what the line counts, ``done/total``, and the run's
+``overall`` share when it differs) with the rate, the time so far and an
+ETA of the run (of the step, for events without ``overall``).
+Quiet mode draws nothing. Events may come from several threads; drawing is serialised.
 """
 
 from __future__ import annotations
@@ -11,23 +16,13 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from dataclasses import replace
 from typing import TextIO
 
-from modelkit.progress import PLAN, Progress
+from modelkit.progress import PLAN, Progress, human_bytes
 from modelkit.textsafe import shown
 
-
-def human_bytes(n: float, digits: int = 2) -> str:
-    """``n`` bytes with a decimal unit: ``2.13 GB``, ``613.21 KB``, ``12 B``."""
-    for suffix in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{int(n)} B" if suffix == "B" else f"{n:.{digits}f} {suffix}"
-        n /= 1000
-    return f"{n:.{digits}f} TB"
-
-
-def _amount(n: float, unit: str) -> str:
-    return human_bytes(n, 1) if unit == "bytes" else f"{int(n)} {unit}"
+__all__ = ["StderrProgress", "human_bytes"]
 
 
 def _duration(seconds: float) -> str:
@@ -55,6 +50,8 @@ class StderrProgress:
         self._step_start: dict[str, tuple[float, int]] = {}
         self._last_draw = 0.0
         self._logged = -1
+        self._log_step: str | None = None
+        self._step_fraction: dict[str, tuple[float, float]] = {}
         self._open_line = False
 
     def __call__(self, p: Progress) -> None:
@@ -69,6 +66,7 @@ class StderrProgress:
             self._start = now
         self._step_start.setdefault(p.step, (now, p.done))
         fraction = min(1.0, max(0.0, p.fraction))
+        self._step_fraction.setdefault(p.step, (now, fraction))
         if self.tty:
             if now - self._start < self.min_seconds and fraction < 1.0:
                 return
@@ -82,6 +80,10 @@ class StderrProgress:
             return
         if p.phase == PLAN:
             return
+        if p.overall is None and p.step != self._log_step:
+            # a new step of a multi-step operation: its own few lines (the
+            # renders after a finished scan once logged nothing for minutes)
+            self._log_step, self._logged = p.step, -1
         quarter = int(fraction * self.LOG_STEPS)
         done = fraction >= 1.0
         if quarter > self._logged and (now - self._start >= self.min_seconds
@@ -98,11 +100,20 @@ class StderrProgress:
             rate = f" {human_bytes((p.done - base) / (now - began), 1)}/s"
         eta = ""
         if MIN_ETA_FRACTION <= fraction < 1 and elapsed > 0:  # below it, the first block's noise
-            eta = f" ETA {_duration(elapsed * (1 - fraction) / fraction)}"
-        item = f" {shown(p.step, 40)}"
-        return (f"{p.phase}{item}: {100 * fraction:5.1f}% "
-                f"{_amount(p.done, p.unit)}/{_amount(p.total, p.unit)}{rate}"
-                f" {_duration(elapsed)}{eta}")
+            eta = self._eta(p, now, fraction, elapsed)
+        step = shown(p.step, 40)
+        line = (p if step == p.step else replace(p, step=step)).describe()
+        return f"{line}{rate} {_duration(elapsed)}{eta}"
+
+    def _eta(self, p: Progress, now: float, fraction: float, elapsed: float) -> str:
+        """From the whole run's pace when events carry ``overall``, else from
+        this step's own (a render after a long scan: not the scan's time)."""
+        if p.overall is not None:
+            return f" ETA {_duration(elapsed * (1 - fraction) / fraction)}"
+        began, first = self._step_fraction[p.step]
+        if fraction <= first or now <= began:
+            return ""
+        return f" ETA {_duration((now - began) * (1 - fraction) / (fraction - first))}"
 
     def close(self) -> None:
         """End a redrawn line (before printing a report)."""

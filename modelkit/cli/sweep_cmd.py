@@ -13,9 +13,10 @@ from typing import Any
 
 import click
 
+from modelkit.cli.common import common_option
 from modelkit.cli.progress import StderrProgress, human_bytes
 from modelkit.textsafe import safe_text, shown
-from modelkit.vocab import DEVICES
+from modelkit.wording import plural
 
 
 class _Stderr:
@@ -46,7 +47,7 @@ class _Stderr:
         if seconds is not None:
             parts.append(f"{seconds:.1f} s")
         if verify:
-            parts.append(str(verify.get("verdict", "")).upper())
+            parts.append(str(verify.get("outcome") or verify.get("verdict", "")).upper())
             if metrics.get("psnr") is not None:
                 psnr = metrics["psnr"]
                 parts.append(f"PSNR {psnr if isinstance(psnr, str) else format(psnr, '.2f')}")
@@ -90,11 +91,15 @@ def _cancel_on_signals(cancel: threading.Event, out: _Stderr) -> Iterator[None]:
                 signal.signal(getattr(signal, n), handler)
 
 
-def _dry_run(spec: Any, output: str, device: str | None, as_json: bool) -> None:
+def _dry_run(spec: Any, output: str, device: str | None, as_json: bool, resume: bool,
+            overwrite: bool) -> None:
     import tempfile
     from pathlib import Path
 
     from modelkit.sweep import plan_sweep
+    from modelkit.sweep.run import check_folder
+
+    check_folder(Path(output).absolute(), resume, overwrite)  # refused as the run would be
 
     with tempfile.TemporaryDirectory() as tmp:  # DIR need not exist yet
         plans = plan_sweep(spec, output if Path(output).is_dir() else tmp, device=device)
@@ -109,35 +114,36 @@ def _dry_run(spec: Any, output: str, device: str | None, as_json: bool) -> None:
             f"{human_bytes(r['output_bytes'])}, memory {human_bytes(r['memory_bytes'])}")
         click.echo(f"{r['name']}: {state}")
     failing = sum(1 for r in rows if r["error"])
-    click.echo(f"{len(rows)} cells planned" + (f", {failing} will fail" if failing else ""))
+    click.echo(f"{plural(len(rows), 'cell')} planned"
+               + (f", {failing} will fail" if failing else ""))
 
 
 @click.command("sweep")
 @click.argument("sweep", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
-              metavar="DIR", help="The sweep folder (new, empty, or an earlier sweep's "
-                                  "with --resume or --overwrite).")
+@common_option("output", type=click.Path(file_okay=False), metavar="DIR",
+               help="The sweep folder (new, empty, or an earlier sweep's with --resume or "
+                    "--overwrite).")
 @click.option("-j", "--jobs", type=click.IntRange(1, 1024), default=None, metavar="N",
               help="Cells at once (default: one per GPU; on CPUs one per core, at most 4, "
                    "as memory allows). 1 runs them in this process.")
 @click.option("--threads", type=click.IntRange(1, 256), default=None, metavar="N",
               help="Torch threads per worker (default: the cores shared out, at least 1).")
 @click.option("--address", default=None, metavar="ADDR|auto|local",
-              help="Run on Ray (pip install 'modelkit[ray]'): a cluster address, auto (the "
-                   "cluster 'ray start' made), or local (a fresh one on this machine). "
+              help="Run on Ray (pip install -e '.[ray]' in the checkout): a cluster address, "
+                   "auto (the cluster 'ray start' made), or local (a fresh one on this machine). "
                    "Default: RAY_ADDRESS if set, else a local process pool.")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted sweep: cells whose output already carries the "
                    "same recipe are not run again.")
-@click.option("--overwrite", is_flag=True, help="Run every cell again, replacing outputs.")
-@click.option("--device", type=click.Choice(DEVICES), default=None,
-              help="Where every cell merges and renders (default: the recipe's).")
+@common_option("overwrite", help="Run every cell again, replacing outputs.")
+@common_option("device", default=None, show_default=False,
+               help="Where every cell merges and renders (default: the recipe's).")
 @click.option("--retries", type=click.IntRange(0, 10), default=1, show_default=True,
               metavar="N",
               help="Ray: retries of a cell whose worker died or hit an OS error.")
 @click.option("--dry-run", is_flag=True, help="Plan every cell and list them; run nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@common_option("as_json")
+@common_option("quiet")
 def sweep_cmd(sweep: str, output: str, jobs: int | None, threads: int | None,
               address: str | None, resume: bool, overwrite: bool, device: str | None,
               retries: int, dry_run: bool, as_json: bool, quiet: bool) -> None:
@@ -151,7 +157,7 @@ def sweep_cmd(sweep: str, output: str, jobs: int | None, threads: int | None,
 
     spec = load_sweep(sweep)
     if dry_run:
-        _dry_run(spec, output, device, as_json)
+        _dry_run(spec, output, device, as_json, resume, overwrite)
         return
     executor = make_executor(jobs, address, threads, retries)
     out = _Stderr(quiet)

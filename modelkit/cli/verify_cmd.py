@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from modelkit.cli.common import common_option
 from modelkit.cli.progress import StderrProgress
 
 EPILOG = """\b
@@ -20,18 +21,25 @@ Exit codes: 0 every check passed (warnings allowed), 1 a check failed,
 2 usage or load error (bad option, unreadable file, no tokenizer found).
 \b
 Presets: tiny (64x64, 2 steps; seeded test models), smoke (256x256, 4 steps;
-real files on a CPU, about 15 s per SD1.5 image on 2 cores), standard (the
-model's own resolution, 20 steps; for a GPU). Default: tiny for test models,
-smoke otherwise.
+real files on a CPU: an SD1.5 image takes 15 s to minutes on 2 cores, by
+load, and 5 GB), standard (the model's own resolution, 20 steps; for a GPU).
+Default: tiny for test models, smoke otherwise.
 \b
 The library (LoRAs for <lora:name:w> prompt tags, embeddings used by name,
 a CLIP tokenizer in models/tokenizers/clip) is the folder above the model
-holding models/ (A1111 or ComfyUI layout), or --library DIR.
+holding models/ (A1111 or ComfyUI layout), or --library DIR. Real files need
+the real CLIP tokenizer: --tokenizer DIR, a real one in the library, the
+Hugging Face cache, or 'pip install --no-deps open-clip-torch'; the demo's
+synthetic one is for its tiny models.
 """
 
 
 def _render_table(report: object) -> str:
+    from itertools import zip_longest
+
+    from modelkit.textsafe import shown
     from modelkit.verify.report import VerifyReport, fmt_value
+    from modelkit.wording import wrap_words
 
     assert isinstance(report, VerifyReport)
     d = report
@@ -56,10 +64,17 @@ def _render_table(report: object) -> str:
     lines += [f"  {k:<10} {v}" for k, v in rows]
     lines.append(f"  {'check':<28} {'case':<10} {'value':<16} {'threshold':<24} verdict")
     for c in d.checks:
-        value = fmt_value(c.value)
-        lines.append(f"  {c.name:<28} {c.case or '':<10} {value[:16]:<16} "
-                     f"{(c.threshold or '')[:24]:<24} {c.verdict.upper()}"
+        # long values and thresholds wrap at word boundaries onto lines of
+        # their own; a value with no threshold may use the threshold's column
+        value, limit = shown(fmt_value(c.value)), shown(c.threshold or "")
+        if limit:
+            cells = [f"{v:<16} {t:<24}" for v, t in zip_longest(
+                wrap_words(value, 16), wrap_words(limit, 24), fillvalue="")]
+        else:
+            cells = [f"{v:<41}" for v in wrap_words(value, 41)]
+        lines.append(f"  {c.name:<28} {c.case or '':<10} {cells[0]} {c.verdict.upper()}"
                      + (f"  {c.message}" if c.message and c.verdict != "pass" else ""))
+        lines += [f"  {'':<28} {'':<10} {cell}".rstrip() for cell in cells[1:]]
     for note in d.notes:
         lines.append(f"  note: {note}")
     lines.append(d.summary())
@@ -96,6 +111,21 @@ def _settings(prompts: Path | None, seeds: str | None, steps: int | None, size: 
     return s
 
 
+def _refuse_bad_input(report: object) -> None:
+    """A LoRA (or a VAE...) as MODEL, an architecture verify does not know,
+    or a reference of another architecture is bad input: one line, exit 2,
+    nothing written."""
+    from modelkit.errors import ModelkitError
+
+    failed = getattr(report, "failed", [])
+    bad = next((c for c in failed if c.name == "static.architecture"), None)
+    if bad is None:
+        return
+    hint = ("give a reference of the same architecture" if ", the reference " in bad.message
+            else "verify checks SD1, SD2 and SDXL checkpoints (a LoRA: its base with --lora)")
+    raise ModelkitError(f"{bad.message}; {hint}")
+
+
 @click.command("verify", epilog=EPILOG)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--reference", type=click.Path(path_type=Path),
@@ -110,8 +140,7 @@ def _settings(prompts: Path | None, seeds: str | None, steps: int | None, size: 
 @click.option("--size", help="WIDTHxHEIGHT, multiples of 8 (default: preset).")
 @click.option("--preset", type=click.Choice(["auto", "tiny", "smoke", "standard"]),
               default="auto", show_default=True, help="Render size and steps.")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu",
-              show_default=True)
+@common_option("device")
 @click.option("--threads", type=click.IntRange(1, 256),
               help="CPU threads (default: 1 for tiny models, else up to 4).")
 @click.option("--scheduler", type=click.Choice(["euler", "ddim"]), default="euler",
@@ -142,9 +171,9 @@ def _settings(prompts: Path | None, seeds: str | None, steps: int | None, size: 
 @click.option("--allow-download", is_flag=True,
               help="Let the tokenizer come from the Hugging Face Hub if not found offline.")
 @click.option("--static-only", is_flag=True, help="Static checks only; no render.")
-@click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout.")
-@click.option("--overwrite", is_flag=True, help="Replace existing output files.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@common_option("as_json", help="Print the JSON report on stdout.")
+@common_option("overwrite", help="Replace existing output files.")
+@common_option("quiet")
 def verify_cmd(model: Path, reference: Path | None, loras: tuple[str, ...],
                prompts: Path | None, seeds: str | None, steps: int | None, size: str | None,
                preset: str, device: str, threads: int | None, scheduler: str,
@@ -176,6 +205,7 @@ def verify_cmd(model: Path, reference: Path | None, loras: tuple[str, ...],
     lora_uses = tuple(parse_lora_arg(text) for text in loras)
     report = verify(model, settings, reference, lora_uses,  # type: ignore[arg-type]
                     progress=StderrProgress(quiet))
+    _refuse_bad_input(report)
     written = []
     for path, write in ((report_path, outputs.write_json), (markdown, outputs.write_markdown),
                         (junit, outputs.write_junit)):

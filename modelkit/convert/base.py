@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from modelkit.errors import ModelkitError
 from modelkit.io.source import Source, source_label
+from modelkit.wording import with_article
 
 if TYPE_CHECKING:
     import torch
@@ -44,7 +45,8 @@ def require_checkpoint(source: Source, what: str, kinds: tuple[str, ...] = ("che
     name = source_label(source)
     if rep.kind not in kinds:
         want = " or ".join(kinds)
-        raise ModelkitError(f"{name}: is a {rep.kind}, not a {want}; {what} takes a "
+        raise ModelkitError(f"{name}: is {with_article(rep.kind)}, not {with_article(want)}; "
+                            f"{what} takes a "
                             f"Stable Diffusion {want}")
     require_handled(rep, name, what)
     return rep

@@ -20,6 +20,7 @@ from modelkit.convert.base import describe, passthrough, require_checkpoint
 from modelkit.core.step import PlannedStep
 from modelkit.errors import ModelkitError
 from modelkit.io.source import DerivedSource, Source, input_paths_of, source_label, tensor_info
+from modelkit.wording import with_article
 
 if TYPE_CHECKING:
     import torch
@@ -66,8 +67,8 @@ def _donor_kind(donor: Source, component: str) -> bool:
         component == "te" and any(c.startswith("te") for c in rep.components))
     if rep.kind == "checkpoint" and has:
         return False
-    raise ModelkitError(f"{source_label(donor)}: is a {rep.kind} with no {component}; "
-                        f"give a {component} file or a checkpoint that has one")
+    raise ModelkitError(f"{source_label(donor)}: is {with_article(rep.kind)} with no {component}; "
+                        f"give {with_article(component)} file or a checkpoint that has one")
 
 
 def swap(src: Source, donor: Source, component: str = "vae") -> PlannedStep:

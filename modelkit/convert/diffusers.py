@@ -57,6 +57,7 @@ from modelkit.io.diffusers import (
 )
 from modelkit.io.source import DerivedSource, Source, source_label, tensor_info
 from modelkit.io.write import FolderFile, FolderPayload
+from modelkit.wording import plural
 
 if TYPE_CHECKING:
     import torch
@@ -163,7 +164,7 @@ def _extras_note(extras: list[str]) -> str:
         else:
             groups["other"] += 1
     parts = ", ".join(f"{n} {g}" for g, n in groups.items() if n)
-    return (f"{len(extras)} tensors with no diffusers home kept in {EXTRA_FILE} "
+    return (f"{plural(len(extras), 'tensor')} with no diffusers home kept in {EXTRA_FILE} "
             f"({parts}); modelkit restores them when converting back")
 
 

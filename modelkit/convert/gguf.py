@@ -33,6 +33,7 @@ from modelkit.arch.configs import UNET_PREFIX
 from modelkit.arch.registry import REGISTRY
 from modelkit.errors import ModelkitError
 from modelkit.io.header import TensorInfo
+from modelkit.wording import plural
 
 if TYPE_CHECKING:
     from modelkit.inspect.report import ModelReport
@@ -130,7 +131,7 @@ def _notes(report: ModelReport, plans: list[TensorPlan]) -> list[str]:
     notes = [f"{report.arch} {report.kind} -> general.architecture "
              f"{GGUF_ARCH[report.arch]}"]
     n_quant = sum(p.quantized for p in plans)
-    notes.append(f"{n_quant} tensors quantized, {len(plans) - n_quant} kept float")
+    notes.append(f"{plural(n_quant, 'tensor')} quantized, {len(plans) - n_quant} kept float")
     n_flat = sum(p.orig_shape is not None for p in plans)
     if n_flat:
         notes.append(f"{n_flat} conv kernels stored flattened with comfy.gguf.orig_shape.* "

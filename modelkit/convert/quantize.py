@@ -39,8 +39,11 @@ from modelkit.arch import parts
 from modelkit.convert.base import chunked_apply, describe, passthrough, require_handled
 from modelkit.core.step import PlannedStep, same_origins
 from modelkit.errors import ModelkitError
+from modelkit.io.header import DTYPE_BITS
 from modelkit.io.source import DerivedSource, Source, source_label, tensor_info
 from modelkit.numeric import l2_sums, relative_l2, snr_db
+from modelkit.vocab import COMPONENTS, QUANT_TARGETS, UNET
+from modelkit.wording import with_article
 
 if TYPE_CHECKING:
     import torch
@@ -50,12 +53,9 @@ INT8_SCHEME = "modelkit.int8.per_channel"
 INT8_VERSION = 1
 INT8_MIN_ELEMENTS = 4096
 SCALE_SUFFIX = "_scale"
-TARGETS = ("fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2", "int8")
-COMPONENTS = ("unet", "te", "vae")
-# safetensors dtype -> (largest finite value, bits) for overflow checks
+# safetensors dtype -> largest finite value, for overflow checks
 FLOAT_RANGE = {"F32": 3.4028234663852886e38, "F16": 65504.0, "BF16": 3.3895313892515355e38,
                "F8_E4M3": 448.0, "F8_E5M2": 57344.0}
-WIDTH = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "F8_E4M3": 8, "F8_E5M2": 8, "I8": 8}
 CHUNK = 1 << 20
 MAX16 = "max16"
 
@@ -111,13 +111,14 @@ def component_policy(target: str, components: tuple[str, ...] | None) -> dict[st
     fp8 or int8 target to the UNet only, the text encoders and VAE ``max16``."""
     from modelkit.io.dtypes import parse_user_dtype
 
-    if target not in TARGETS:
-        raise ModelkitError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if target not in QUANT_TARGETS:
+        raise ModelkitError(f"unknown target {target!r}; choose one of "
+                            f"{', '.join(QUANT_TARGETS)}")
     dtype = parse_user_dtype(target)
     if components is None:
-        if WIDTH[dtype] >= 16:
+        if DTYPE_BITS[dtype] >= 16:
             return dict.fromkeys(COMPONENTS, dtype)
-        return {"unet": dtype, "te": MAX16, "vae": MAX16}
+        return {c: (dtype if c == UNET else MAX16) for c in COMPONENTS}
     bad = [c for c in components if c not in COMPONENTS]
     if bad:
         raise ModelkitError(f"unknown component {bad[0]!r}; choose from {', '.join(COMPONENTS)}")
@@ -146,7 +147,7 @@ def _saturating_cast(report: QuantizeReport, key: str, t: torch.Tensor,
 
     limit = FLOAT_RANGE[dtype]
     target = to_torch(dtype)
-    measure = WIDTH[dtype] == 8  # fp8 loses enough to be worth measuring
+    measure = DTYPE_BITS[dtype] == 8  # fp8 loses enough to be worth measuring
     if FLOAT_RANGE.get(from_torch(t.dtype), math.inf) <= limit and not measure:
         return cast(t, target)  # every value fits
     count = 0
@@ -236,7 +237,7 @@ def _plan_key(key: str, dtype: str, shape: tuple[int, ...], target: str,
         actions[key + SCALE_SUFFIX] = ("scale", key)
         return
     if target == MAX16:
-        target = "F16" if WIDTH.get(dtype, 32) > 16 else "keep"
+        target = "F16" if DTYPE_BITS.get(dtype, 32) > 16 else "keep"
     out = dtype if target in ("keep", "I8") else target
     infos[key] = tensor_info(key, out, shape)
     actions[key] = ("cast" if out != dtype else "copy", key)
@@ -244,7 +245,7 @@ def _plan_key(key: str, dtype: str, shape: tuple[int, ...], target: str,
 
 def quantize(src: Source, target: str, *, components: tuple[str, ...] | None = None
              ) -> PlannedStep:
-    """Plan ``src`` stored at ``target`` (one of :data:`TARGETS`) for the
+    """Plan ``src`` stored at ``target`` (one of :data:`modelkit.vocab.QUANT_TARGETS`) for the
     chosen components (default: all, VAE not below fp16).
 
     Raises:
@@ -255,7 +256,7 @@ def quantize(src: Source, target: str, *, components: tuple[str, ...] | None = N
                             f"({src.metadata[QUANT_KEY]}); dequantize it first")
     rep0 = describe(src)
     if rep0.kind not in ("checkpoint", "unet", "vae", "text_encoder"):
-        raise ModelkitError(f"{source_label(src)}: is a {rep0.kind}; quantize takes "
+        raise ModelkitError(f"{source_label(src)}: is {with_article(rep0.kind)}; quantize takes "
                             "checkpoints and single components")
     require_handled(rep0, source_label(src), "quantize")
     policy = component_policy(target, components)

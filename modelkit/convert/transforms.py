@@ -41,7 +41,9 @@ def _storage_dtype(value: str) -> str | None:
 
 @transform("prune", summary="keep UNet, VAE, text encoders and markers; drop EMA, "
            "schedule buffers and leftovers; repair CLIP position ids",
-           keys=(SAME, RENAMED, DROPPED), choices={"dtype": MERGE_OUTPUT_DTYPES})
+           keys=(SAME, RENAMED, DROPPED), choices={"dtype": MERGE_OUTPUT_DTYPES},
+           help={"keep_ema": "Keep the model_ema.* weights.",
+                 "dtype": "Float dtype of the kept tensors."})
 def prune(model: Checkpoint, *, keep_ema: bool = False, dtype: str = KEEP) -> PlannedStep:
     """Drop what inference does not need; ``dtype`` casts the kept float
     tensors (markers and integer tensors keep theirs)."""
@@ -51,7 +53,8 @@ def prune(model: Checkpoint, *, keep_ema: bool = False, dtype: str = KEEP) -> Pl
 
 
 @transform("ema", summary="put the EMA weights in place of the UNet weights",
-           keys=(SAME, RENAMED, DROPPED), choices={"dtype": MERGE_OUTPUT_DTYPES})
+           keys=(SAME, RENAMED, DROPPED), choices={"dtype": MERGE_OUTPUT_DTYPES},
+           help={"dtype": "Float dtype of the output tensors."})
 def ema(model: Checkpoint, *, dtype: str = KEEP) -> PlannedStep:
     """The EMA copy of every UNet tensor under the UNet's own names;
     ``dtype`` casts the float tensors (markers keep theirs)."""
@@ -61,7 +64,11 @@ def ema(model: Checkpoint, *, dtype: str = KEEP) -> PlannedStep:
 
 
 @transform("quantize", summary="store components at fp16/bf16/fp32/fp8 or int8",
-           keys=(SAME, NEW), choices={"dtype": QUANT_TARGETS, "components": COMPONENTS})
+           keys=(SAME, NEW), choices={"dtype": QUANT_TARGETS, "components": COMPONENTS},
+           help={"dtype": "Storage type for the chosen components.",
+                 "components": "Comma list of unet,te,vae. Default: all of them for "
+                               "fp16/bf16/fp32; the UNet only for fp8 and int8 (text "
+                               "encoders and VAE then kept at 16 bits)."})
 def quantize(model: Model, *, dtype: str, components: tuple[str, ...] | None = None
              ) -> PlannedStep:
     """Storage precision per component (fp8/int8 default to the UNet only)."""
@@ -71,7 +78,8 @@ def quantize(model: Model, *, dtype: str, components: tuple[str, ...] | None = N
 
 
 @transform("dequantize", summary="restore an int8/fp8 file to fp16/bf16/fp32",
-           keys=(SAME, DROPPED), choices={"dtype": FLOAT_STORAGE})
+           keys=(SAME, DROPPED), choices={"dtype": FLOAT_STORAGE},
+           help={"dtype": "Float dtype of the restored tensors."})
 def dequantize(model: Model, *, dtype: str = "fp16") -> PlannedStep:
     """int8 weights times their scales; other float tensors cast to ``dtype``."""
     from modelkit.convert.quantize import dequantize as plan_dequantize
@@ -80,7 +88,8 @@ def dequantize(model: Model, *, dtype: str = "fp16") -> PlannedStep:
 
 
 @transform("swap", summary="replace a component with the second model's",
-           keys=(SAME, RENAMED, DROPPED), choices={"component": COMPONENTS})
+           keys=(SAME, RENAMED, DROPPED), choices={"component": COMPONENTS},
+           help={"component": "The component taken from the donor."})
 def swap(model: Checkpoint, donor: Anything, *, component: str = "vae") -> PlannedStep:
     """``model`` with ``component`` taken from ``donor`` (shapes checked; the
     donor's kind is checked by the operation itself, with a precise message)."""
@@ -90,7 +99,8 @@ def swap(model: Checkpoint, donor: Anything, *, component: str = "vae") -> Plann
 
 
 @transform("extract", summary="keep one component only",
-           keys=(SAME, RENAMED, DROPPED), choices={"component": EXTRACTABLE})
+           keys=(SAME, RENAMED, DROPPED), choices={"component": EXTRACTABLE},
+           help={"component": "The component to keep."})
 def extract(model: Checkpoint, *, component: str) -> PlannedStep:
     """One component of ``model`` (VAE and UNet unprefixed)."""
     from modelkit.convert.components import extract as plan_extract

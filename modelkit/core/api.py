@@ -17,15 +17,19 @@ def export_gguf(
     qtype: str = "q8_0",
     flatten: bool = True,
     progress: ProgressFn = no_progress,
+    overwrite: bool = False,
 ) -> GGUFResult:
     """Export the UNet of the SD1/SD2/SDXL checkpoint or UNet-only file
-    ``src_path`` to the GGUF file ``out`` (``q8_0``, ``f16`` or ``bf16``),
-    replacing ``out`` if it exists; runs ``modelkit export-gguf``'s recipe
+    ``src_path`` to the GGUF file ``out`` (``q8_0``, ``f16`` or ``bf16``);
+    an existing ``out`` is refused unless ``overwrite`` (the one overwrite
+    policy of every entry point); runs ``modelkit export-gguf``'s recipe
     through :func:`modelkit.core.runner.run` (provenance included).
 
     Raises:
         ModelkitError: the file is not an exportable model (LoRA, VAE, unknown
-            architecture, no UNet), or the output path is refused.
+            architecture, no UNet).
+        OutputError: the output path is refused (it exists and ``overwrite``
+            is False, it is an input, its folder is missing).
     """
     from modelkit.core.recipe import Recipe
     from modelkit.core.runner import run
@@ -33,7 +37,7 @@ def export_gguf(
     recipe = Recipe.op("convert", Path(src_path).absolute(), output=Path(out).absolute(),
                        source="export_gguf").with_output(
         format="gguf", quant=qtype, keep_shapes=not flatten)
-    report = run(recipe, progress=progress, overwrite=True)
+    report = run(recipe, progress=progress, overwrite=overwrite)
     details = report.output_details
     return GGUFResult(Path(out), report.n_tensors, int(details.get("n_quantized", 0)),
                       report.output_bytes, report.seconds, list(report.notes))

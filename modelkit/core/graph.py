@@ -20,6 +20,7 @@ from modelkit.core.recipe import BlockParam, InputSpec, Recipe
 from modelkit.core.registry import METHOD, ROLE_KINDS, Transform, get_transform
 from modelkit.errors import ModelkitError
 from modelkit.progress import PLAN, READ, Progress, ProgressFn, no_progress
+from modelkit.wording import with_article
 
 if TYPE_CHECKING:
     from modelkit.core.step import PlannedStep
@@ -122,14 +123,13 @@ class Graph:
         return self._op(name, t)
 
     def _open(self, name: str, spec: InputSpec) -> Source:
+        from modelkit.io.files import PICKLE_SUFFIXES, check_input_file
         from modelkit.io.open import open_source
 
         path = self.recipe.resolve(spec.path)
         if not path.is_dir():
-            from modelkit.io.files import check_input_file
-
             check_input_file(path, f"input {name!r}")
-        if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
+        if path.suffix.lower() in PICKLE_SUFFIXES:
             self.progress(Progress(path.name, 0, 1, "files", path.name, READ))
         src = open_source(path, self.device)
         close = getattr(src, "close", None)
@@ -146,7 +146,8 @@ class Graph:
         try:
             for i, src in enumerate(models):
                 check_role(t, i, src)
-            params = check_params(t, step.params, len(models))
+            params = dict(step.checked) if step.checked is not None else \
+                check_params(t, step.params, len(models))
             if t.uses_device:
                 params["device"] = self.device
             planned: PlannedStep = t.fn(*models, **params)
@@ -244,6 +245,7 @@ def check_role(t: Transform, index: int, source: Source) -> None:
     kind = describe(source).kind
     if kind not in kinds:
         role = t.role(index)
-        raise ModelkitError(f"{source_label(source)}: is a {kind}, not a {role}; {t.name} "
+        raise ModelkitError(f"{source_label(source)}: is {with_article(kind)}, not "
+                            f"{with_article(role)}; {t.name} "
                             f"takes {' or '.join(kinds)} files as its "
                             f"{t.inputs[min(index, len(t.inputs) - 1)][0]}")

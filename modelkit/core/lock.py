@@ -16,9 +16,8 @@ from pathlib import Path
 
 from modelkit.core.recipe import InputSpec, Recipe, load_recipe, parse_recipe
 from modelkit.errors import ModelkitError
+from modelkit.io.files import MODEL_SUFFIXES
 from modelkit.progress import ProgressFn, no_progress
-
-MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
 
 
 def lock_recipe(path: str | os.PathLike[str], output: str | os.PathLike[str] | None = None,

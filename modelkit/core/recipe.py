@@ -74,6 +74,7 @@ from modelkit.vocab import (
     MISSING_KEY_POLICIES,
     OUTPUT_FORMATS,
 )
+from modelkit.wording import with_article
 
 RECIPE_VERSION = 1
 COMMAND_LINE = "command line"  # the source of recipes the CLI builds from options
@@ -124,6 +125,9 @@ class StepSpec:
     models: tuple[str, ...]
     params: dict[str, Any]
     kind: str | None = None
+    # the parameters as the validator checked them (defaults in, values
+    # converted): what the planner and the methods use, checked once
+    checked: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_method(self) -> bool:
@@ -174,6 +178,9 @@ class Recipe:
     output_keep_shapes: bool = False
     from_yaml: bool = False  # errors then name the recipe file and the step
     verify: dict[str, Any] | None = None  # render and check the output (see above)
+    # a recipe read from a file writes only inside this folder (its own),
+    # unless the caller names the output (-o); recipes built in code: None
+    output_root: Path | None = None
 
     # --- building in code --------------------------------------------------------
 
@@ -406,7 +413,7 @@ def _as_block_param(value: Any) -> BlockParam | None:
 
 
 def _normal_params(c: _Checker, t: Any, step: StepSpec, path: tuple[str, ...]
-                   ) -> dict[str, Any]:
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
     from modelkit.arch.blocks import PRESET_DOCS
     from modelkit.core.registry import check_params
 
@@ -424,11 +431,11 @@ def _normal_params(c: _Checker, t: Any, step: StepSpec, path: tuple[str, ...]
                              "'modelkit presets'")
         params[str(key)] = value
     try:
-        check_params(t, params, len(step.models),
-                     is_blockwise=lambda v: isinstance(v, BlockParam))
+        checked = check_params(t, params, len(step.models),
+                               is_blockwise=lambda v: isinstance(v, BlockParam))
     except ModelkitError as exc:
         raise c.fail((*path, "params"), str(exc)) from None
-    return params
+    return params, checked
 
 
 MAX_STEPS = 200
@@ -461,8 +468,8 @@ def _check_steps(c: _Checker, recipe: Recipe) -> dict[str, StepSpec]:
         if not t.accepts(len(step.models)):
             raise c.fail((*path, "models"), f"{t.name} takes {t.arity()} models, got "
                                             f"{len(step.models)}")
-        params = _normal_params(c, t, step, path)
-        steps[name] = replace(step, params=params)
+        params, checked = _normal_params(c, t, step, path)
+        steps[name] = replace(step, params=params, checked=checked)
     _check_cycles(c, recipe)
     return steps
 
@@ -542,12 +549,13 @@ def _check_options(c: _Checker, o: Options) -> None:
         raise c.fail(("options", "vae"), "must be a file path")
 
 
-VERIFY_FIELDS: dict[str, tuple[type, ...]] = {
-    "reference": (str,), "prompts": (list,), "negative_prompt": (str,), "seeds": (list,),
-    "preset": (str,), "steps": (int,), "size": (str, list), "operation": (str,),
-    "thresholds": (dict,), "guidance_scale": (int, float), "scheduler": (str,),
-    "threads": (int,), "render": (bool,), "tokenizer": (str,), "library": (str,),
-}
+def verify_fields() -> dict[str, tuple[type, ...]]:
+    """The fields of a recipe's ``verify:`` section and their YAML types:
+    ``reference`` and the :class:`~modelkit.verify.settings.VerifySettings`
+    fields declared settable from a recipe (declared there, once)."""
+    from modelkit.verify.settings import RECIPE_FIELDS
+
+    return {"reference": (str,), **RECIPE_FIELDS}
 
 
 def _check_verify(c: _Checker, recipe: Recipe) -> None:
@@ -556,13 +564,15 @@ def _check_verify(c: _Checker, recipe: Recipe) -> None:
         return
     if not isinstance(v, dict):
         raise c.fail(("verify",), "a mapping of verify settings (or true)")
+    allowed = verify_fields()
     for key, value in v.items():
-        types = VERIFY_FIELDS.get(key)
+        types = allowed.get(key)
         if types is None:
             raise c.fail(("verify", str(key)), f"unknown field; allowed: "
-                                               f"{', '.join(VERIFY_FIELDS)}")
+                                               f"{', '.join(allowed)}")
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            raise c.fail(("verify", key), f"must be a {' or '.join(t.__name__ for t in types)}")
+            names = " or ".join(t.__name__ for t in types)
+            raise c.fail(("verify", key), f"must be {with_article(names)}")
     ref = v.get("reference")
     if ref is not None and ref != "none" and ref not in recipe.inputs:
         raise c.fail(("verify", "reference"), f"{ref[:60]!r} is not an input name; known: "
@@ -597,6 +607,8 @@ def validate(recipe: Recipe, locate: Callable[[tuple[str, ...]], int | None] | N
 MAX_RECIPE_BYTES = 1_000_000
 MAX_NODES = 100_000  # YAML nodes after alias expansion ("billion laughs" stops here)
 MAX_DEPTH = 50
+MAX_INT_CHARS = 100  # an integer field (seed, steps) this long is a mistake, or an attack
+INT_TAG = "tag:yaml.org,2002:int"
 
 
 def _yaml_lines(c: _Checker, node: Any) -> dict[tuple[str, ...], int]:
@@ -626,6 +638,8 @@ def _yaml_lines(c: _Checker, node: Any) -> dict[tuple[str, ...], int]:
                 stack.append((v, (*path, key), inner))
         elif isinstance(n, yaml.SequenceNode):
             stack += [(v, (*path, str(i)), inner) for i, v in enumerate(n.value)]
+        elif n.tag == INT_TAG and len(n.value) > MAX_INT_CHARS:
+            raise c.fail(path, f"an integer of {len(n.value)} digits is too large")
     return lines
 
 
@@ -666,6 +680,10 @@ def yaml_errors(source: str, error: type[ModelkitError]) -> Iterator[None]:
                     f"{getattr(exc, 'problem', None) or exc}") from None
     except RecursionError:
         raise error(f"{source}: YAML nested too deeply") from None
+    except ValueError as exc:  # int("1" * 5000): Python's digit limit
+        if "digits" not in str(exc):
+            raise
+        raise error(f"{source}: an integer in it has too many digits") from None
 
 
 def _mapping(c: _Checker, value: Any, path: tuple[str, ...],
@@ -751,15 +769,55 @@ def read_yaml_text(p: Path, what: str, max_bytes: int,
         if p.exists() and not p.is_file():
             raise error(f"{p}: is not a regular file; give a {what} .yaml file")
         with open(p, "rb") as f:
-            return f.read(max_bytes + 1).decode()
+            data = f.read(max_bytes + 1)
+        kind = model_file_kind(data[:16])
+        if kind is not None:
+            raise error(f"{p}: is a model file ({kind}), not a {what} file; give a {what} "
+                        ".yaml file")
+        return data.decode()
     except FileNotFoundError:
         raise error(f"{p}: no such {what} file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise error(f"{p}: cannot read the {what} file ({exc})") from None
 
 
+def model_file_kind(head: bytes) -> str | None:
+    """What model format a file's first bytes say it is, if any: a YAML
+    reader names it instead of failing to decode it."""
+    if head.startswith(b"GGUF"):
+        return "GGUF"
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip, such as a PyTorch .ckpt/.pt"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "a pickle, such as a .ckpt/.pt"
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 32:
+        return "safetensors"
+    return None
+
+
 def load_recipe(path: str | os.PathLike[str]) -> Recipe:
     """Read and validate a recipe file."""
     p = Path(path)
     text = read_yaml_text(p, "recipe", MAX_RECIPE_BYTES)
-    return parse_recipe(text, str(p), p.resolve().parent)
+    recipe = parse_recipe(text, str(p), p.resolve().parent)
+    recipe.output_root = recipe.base_dir
+    return recipe
+
+
+def confined_output(recipe: Recipe, path: Path) -> Path:
+    """``path`` (the recipe's ``output.path`` resolved) when it lies inside
+    the recipe's :attr:`Recipe.output_root` after symlinks are followed;
+    else a :class:`RecipeError` naming ``output.path`` (a downloaded recipe
+    must not write ``/etc/...``)."""
+    root = recipe.output_root
+    if root is None:
+        return path
+    real, real_root = Path(os.path.realpath(path)), Path(os.path.realpath(root))
+    if real != real_root and real_root in real.parents:
+        return path
+    from modelkit.textsafe import quoted
+
+    raise RecipeError(f"{recipe.source}: output.path: {quoted(recipe.output_path)} is outside "
+                      "the recipe's folder; a recipe file writes only inside its own folder: "
+                      "give a relative path there, or pass -o to write elsewhere",
+                      ("output", "path"))

@@ -24,6 +24,17 @@ A transform is a function registered with :func:`transform`. Its signature
   ``device`` receives the run's device (an op that computes, such as a LoRA
   extraction, uses it). A parameter annotated ``Any`` is passed as given and
   checked by the transform itself (a LoRA block-weight spec per adapter).
+* each parameter's help (what ``--help``, the TUI's tooltips and
+  ``modelkit methods`` show) comes from the decorator's ``help`` mapping or
+  from an :class:`Info` in its annotation (one alias declares a parameter
+  several methods share, such as ``alpha``). An ``Info`` may also give a
+  ``suggested`` value: what a front end (the merge command, the TUI form)
+  fills in when the user gives none, while a recipe must still give it
+  (A1111's alpha 0.3).
+
+Text typed by a person (a command-line option, a form field, a sweep axis
+value) becomes a value with :func:`parse_text`, the one parser; the value is
+then checked by :func:`check_params` (through the recipe validator).
 
 The decorator also takes what the signature cannot say: a one-line summary,
 a reference, the key relations the transform may produce (:data:`SAME`,
@@ -102,19 +113,49 @@ Anything = Annotated[Any, _Role(ANY)]
 
 
 @dataclass(frozen=True)
+class Info:
+    """What a parameter's annotation may add to its declaration:
+    ``Annotated[float, Info("help", suggested=0.3)]``."""
+
+    help: str = ""
+    suggested: Any = None
+
+
+def declare(hint: Any, help: str = "", suggested: Any = None) -> Any:
+    """``Annotated[hint, Info(help, suggested)]``: a parameter declared once
+    for the methods that share it (``alpha: Alpha``)."""
+    return Annotated[hint, Info(help, suggested)]
+
+
+# for method modules, which import only from here, modelkit.errors and torch
+TYPE_CHECKING = typing.TYPE_CHECKING
+
+
+@dataclass(frozen=True)
 class Param:
-    """One parameter of a transform."""
+    """One parameter of a transform. ``suggested`` is the value a front end
+    fills in when the user gives none (a recipe must still give a required
+    parameter); ``help`` is its one-line meaning."""
 
     name: str
-    kind: str  # float, int, bool, str, choice, list
+    kind: str  # float, int, bool, str, choice, list, any
     default: Any = REQUIRED
     choices: tuple[str, ...] = ()
     blockwise: bool = False
     per_model: bool = False
+    blend: bool = False  # a blend weight: 0..1 interpolates; outside is allowed, warned
+    help: str = ""
+    suggested: Any = None
 
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
+
+    @property
+    def initial(self) -> Any:
+        """What a front end starts with: the default, else the suggested
+        value (None: nothing, the user must give it)."""
+        return self.suggested if self.required else self.default
 
     def describe(self) -> str:
         """``alpha: float, block-wise (required)`` and the like."""
@@ -122,8 +163,11 @@ class Param:
         if self.choices:
             kind = f"{'list of' if self.kind == 'list' else 'one of'} {'|'.join(self.choices)}"
         extra = [x for x, on in (("block-wise", self.blockwise),
-                                 ("one per model", self.per_model)) if on]
+                                 ("one per model", self.per_model),
+                                 ("blend weight 0..1", self.blend)) if on]
         default = "required" if self.required else f"default {self.default!r}"
+        if self.required and self.suggested is not None:
+            default = f"required in recipes; suggested {self.suggested!r}"
         return f"{self.name}: {', '.join([kind, *extra])} ({default})"
 
 
@@ -229,6 +273,15 @@ def all_transforms() -> dict[str, Transform]:
     return dict(TRANSFORMS)
 
 
+def ops_taking(*roles: str) -> list[str]:
+    """The operations whose model inputs have these roles, in order (a
+    variadic last input counts once): ``ops_taking(CHECKPOINT, ADAPTER)`` is
+    the op that bakes adapters into a checkpoint. For messages that point
+    to an op by name."""
+    return sorted(n for n, t in all_transforms().items()
+                  if t.kind == OP and tuple(r for _, r in t.inputs) == roles)
+
+
 # --- signature parsing ---------------------------------------------------------
 
 
@@ -237,6 +290,11 @@ def _param_from(name: str, hint: Any, default: Any, method: bool) -> Param:
     if typing.get_origin(hint) is Annotated:
         hint, *rest = typing.get_args(hint)
         extras = tuple(rest)
+    info = next((x for x in extras if isinstance(x, Info)), None)
+    if info is not None:
+        param = _param_from(name, Annotated[(hint, *(x for x in extras if x is not info))]
+                            if len(extras) > 1 else hint, default, method)
+        return replace(param, help=info.help, suggested=info.suggested)
     if _PER_MODEL in extras:
         return Param(name, "float", default, per_model=True)
     if hint is Any:
@@ -270,15 +328,25 @@ def _role_of(name: str, hint: Any) -> str:
     raise TypeError(f"model input {name!r} needs a Tensor or a model-role annotation")
 
 
+def _hint(fn: Callable[..., Any], annotation: Any) -> Any:
+    """One annotation, evaluated on its own: a method module may import
+    torch only under ``TYPE_CHECKING`` (``Tensor`` needs no torch here), so
+    reading the declarations stays light (``modelkit --help``)."""
+    if annotation is inspect.Parameter.empty or not isinstance(annotation, str):
+        return None if annotation is inspect.Parameter.empty else annotation
+    if annotation == "Tensor":
+        return Annotated[Any, _Role(TENSOR)]
+    return eval(annotation, getattr(fn, "__globals__", {}))  # the module's own source
+
+
 def _parse_signature(fn: Callable[..., Any]) -> tuple[
         list[tuple[str, str]], bool, dict[str, Param], bool, bool]:
-    hints = typing.get_type_hints(fn, include_extras=True)
     inputs: list[tuple[str, str]] = []
     variadic = seeded = uses_device = False
     raw: list[tuple[str, Any, Any]] = []
     for p in inspect.signature(fn).parameters.values():
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL):
-            inputs.append((p.name, _role_of(p.name, hints.get(p.name))))
+            inputs.append((p.name, _role_of(p.name, _hint(fn, p.annotation))))
             variadic = variadic or p.kind is p.VAR_POSITIONAL
         elif p.kind is p.KEYWORD_ONLY:
             if p.name == "generator":
@@ -288,7 +356,7 @@ def _parse_signature(fn: Callable[..., Any]) -> tuple[
                 uses_device = True
                 continue
             default = REQUIRED if p.default is p.empty else p.default
-            raw.append((p.name, hints.get(p.name), default))
+            raw.append((p.name, _hint(fn, p.annotation), default))
     if not inputs:
         raise TypeError(f"{fn.__name__}: a transform takes at least one model input")
     method = inputs[0][1] == TENSOR
@@ -301,10 +369,16 @@ def transform(name: str, *, summary: str, reference: str = "",
               ends: Sequence[tuple[Mapping[str, Any], int]] = (),
               a1111: str | None = None, min_models: int | None = None,
               choices: Mapping[str, Sequence[str]] | None = None,
+              blend: Sequence[str] = (),
+              help: Mapping[str, str] | None = None,
               ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register the decorated function as transform ``name`` (see the module
     docstring). ``choices`` gives the allowed values of ``str`` parameters (or
-    of the items of list parameters) from the vocabulary. The function is
+    of the items of list parameters) from the vocabulary; ``blend`` names the
+    parameters that are blend weights (0..1; a value outside is allowed and
+    warned about, see :func:`param_warnings`); ``help`` each parameter's
+    one-line meaning (unless its annotation's :class:`Info` gives it). The
+    function is
     returned unchanged. Registering a name twice or an unreadable signature
     raises ``ValueError``/``TypeError`` (a programming error, not a user
     one)."""
@@ -320,6 +394,10 @@ def transform(name: str, *, summary: str, reference: str = "",
             p = params[pname]
             kind = "list" if p.kind == "list" else "choice"
             params[pname] = replace(p, kind=kind, choices=tuple(allowed))
+        for pname, text in (help or {}).items():
+            params[pname] = replace(params[pname], help=text)
+        for pname in blend:
+            params[pname] = replace(params[pname], blend=True)
         kind = METHOD if inputs[0][1] == TENSOR else OP
         fixed = len(inputs) - 1 if variadic else len(inputs)
         lowest = min_models if min_models is not None else max(1, fixed + int(variadic))
@@ -334,6 +412,58 @@ def transform(name: str, *, summary: str, reference: str = "",
 
 
 # --- parameter values ---------------------------------------------------------
+
+BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True,
+              "off": False}
+
+
+def _maybe_number(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_text(p: Param | None, text: str) -> Any:
+    """Text a person typed for parameter ``p`` (a command-line option, a
+    form field, a sweep axis value) as a value: None when empty (the default
+    applies); a number for a numeric parameter (a comma list of numbers for
+    a per-model one); true/false (yes/no, on/off) for a bool. Anything else
+    stays text for :func:`check_params` or the recipe checker to name (a
+    block preset, a comma list of block values, a bad number). ``p`` None (a
+    name the transform does not declare): a number when it reads as one."""
+    text = text.strip()
+    if not text:
+        return None
+    if p is not None and p.per_model:
+        return [_maybe_number(x.strip()) for x in text.split(",")]
+    if p is None or p.kind in ("float", "int"):
+        return _maybe_number(text)
+    if p.kind == "bool":
+        return BOOL_WORDS.get(text.lower(), text)
+    return text
+
+
+def params_from_text(name: str, values: Mapping[str, Any], texts: Mapping[str, str]
+                     ) -> dict[str, Any]:
+    """A front end's parameters for transform ``name``: ``values`` given
+    typed, ``texts`` parsed with :func:`parse_text`, and the declared
+    suggested value of each required parameter given neither (A1111's alpha
+    on the command line). One registry lookup; the values are checked later,
+    once, by the recipe validator (an unknown transform is named there)."""
+    t = all_transforms().get(name)
+    params = {k: v for k, v in values.items() if v is not None}
+    for key, text in texts.items():
+        value = parse_text(t.params.get(key) if t is not None else None, text)
+        if value is not None:
+            params[key] = value
+    if t is not None:
+        for key, p in t.params.items():
+            if p.required and params.get(key) is None and p.suggested is not None:
+                params[key] = p.suggested
+    return params
 
 
 def _number(t: Transform, p: Param, value: Any) -> float | int:
@@ -407,6 +537,28 @@ def check_params(t: Transform, params: Mapping[str, Any], n_models: int | None =
                 raise ModelkitError(f"{t.name}: parameter '{name}' cannot be given per "
                                     "block")
             out[name] = coerce(t, p, value)
+    return out
+
+
+def param_warnings(t: Transform, params: Mapping[str, Any], where: str = "") -> list[str]:
+    """Warnings for checked parameter values: a blend weight outside 0..1
+    (allowed: it extrapolates past the models, which is rarely meant). A
+    value may be a number, per-model numbers or ``{block: weight}``."""
+    out = []
+    for name, p in t.params.items():
+        value = params.get(name)
+        if not p.blend or value is None:
+            continue
+        if isinstance(value, Mapping):
+            values = list(value.values())
+        else:
+            values = list(value) if isinstance(value, list | tuple) else [value]
+        bad = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)
+               and not 0 <= v <= 1]
+        if bad:
+            worst = max(bad, key=lambda v: abs(v - 0.5))
+            out.append(f"{where or t.name}: {name} {worst:g} is outside 0..1, the range of a "
+                       "blend weight: the result extrapolates past the models")
     return out
 
 

@@ -180,7 +180,9 @@ def output_path(recipe: Recipe, output: str | os.PathLike[str] | None) -> Path:
     if output is not None:
         return Path(output)
     if recipe.output_path:
-        return recipe.resolve(recipe.output_path)
+        from modelkit.core.recipe import confined_output
+
+        return confined_output(recipe, recipe.resolve(recipe.output_path))
     raise ModelkitError(f"{recipe.source}: no output path; set output.path or pass -o")
 
 
@@ -200,6 +202,8 @@ def _planned_report(recipe: Recipe, graph: Any, final: Any, payload: Any, spec: 
     report.steps = [StepReport(r.name, r.transform, r.kind, r.params, r.report)
                     for r in graph.records]
     report.warnings = [w for g in graph.groups for w in g.report.warnings]
+    report.warnings += [w for src in graph.inputs.values()  # an input's own (diffusers)
+                        for w in getattr(src, "warnings", None) or []]
     report.notes = list(getattr(final, "notes", []) or [])
     report.output_details = details
     return report
@@ -284,10 +288,11 @@ def run(recipe: Recipe, *, output: str | os.PathLike[str] | None = None,
         device = resolve_device(recipe.options.device)
         graph = Graph(recipe, stack, device, events.plan)
         graph.open_inputs()
-        check_output(spec, graph.files)
+        vae = [recipe.resolve(recipe.options.vae)] if recipe.options.vae else []
+        # the one check before writing (the commit itself never replaces: no-replace)
+        check_output(spec, [*graph.files, *vae])
         final = graph.build()
         events.step = recipe.output_step
-        check_output(spec, graph.files)
         fmt_options = {"quant": recipe.output_quant, "keep_shapes": recipe.output_keep_shapes}
         payload, details = prepare_output(final, spec.format, **fmt_options)
         report = _planned_report(recipe, graph, final, payload, spec, details, dry_run)

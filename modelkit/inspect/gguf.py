@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from modelkit.inspect.report import ModelReport, build_report
+from modelkit.inspect.report import ModelReport, build_report, diffusion_model_note
 from modelkit.io.gguf_header import (
     ORIG_SHAPE_PREFIX,
     ArraySummary,
@@ -21,6 +21,7 @@ from modelkit.io.gguf_header import (
     read_small_gguf_tensor,
 )
 from modelkit.io.header import TensorInfo
+from modelkit.io.suffixes import GGUF_DIFFUSION_ARCHS
 
 FORMAT = "gguf"
 
@@ -77,6 +78,13 @@ def inspect_gguf(path: Path) -> ModelReport:
     rep.gguf = gguf_summary(header)
     if header.architecture:
         rep.arch_evidence.append(f"general.architecture = {header.architecture}")
+    if header.architecture in GGUF_DIFFUSION_ARCHS:
+        # ComfyUI-GGUF loads it as a diffusion model whatever its keys say
+        if rep.arch == "unknown":
+            rep.arch = header.architecture
+        if rep.kind == "unknown":
+            rep.kind = "unet"
+            rep.notes.append(diffusion_model_note(FORMAT))
     bad = rep.gguf["n_orig_shapes_invalid"]
     if bad:
         rep.notes.append(f"{bad} comfy.gguf.orig_shape records do not match their "

@@ -29,6 +29,8 @@ from modelkit.inspect.components import (
 )
 from modelkit.inspect.prediction import Prediction, ValueReader, detect_prediction
 from modelkit.io.header import TensorInfo
+from modelkit.io.suffixes import COMFYUI_DIFFUSION_MODELS
+from modelkit.wording import plural
 
 SCHEMA = "modelkit.inspect/1"
 UNKNOWN_LIST_LIMIT = 50
@@ -321,20 +323,29 @@ def _position_id_notes(rep: ModelReport, infos: dict[str, TensorInfo],
                          "rename them on load")
 
 
+def diffusion_model_note(file_format: str) -> str:
+    """Where ComfyUI loads a diffusion-model-only file from (one declaration:
+    :data:`modelkit.io.suffixes.COMFYUI_DIFFUSION_MODELS`)."""
+    node = ("ComfyUI-GGUF's Unet Loader (GGUF)" if file_format == "gguf"
+            else "Load Diffusion Model")
+    return (f"diffusion-model-only file: ComfyUI loads it from {COMFYUI_DIFFUSION_MODELS} "
+            f"({node}), not checkpoints/")
+
+
 def _general_notes(rep: ModelReport) -> None:
     if rep.kind == "unet":
-        rep.notes.append("diffusion-model-only file: ComfyUI loads it from "
-                         "models/diffusion_models (Load Diffusion Model), not checkpoints/")
+        rep.notes.append(diffusion_model_note(rep.file_format))
     if rep.kind == "checkpoint":
         for comp in ("vae",):
             if comp not in rep.components:
                 rep.notes.append("no VAE baked in: select a VAE in your UI")
         for c in rep.components.values():
             if c.complete is False:
-                rep.notes.append(f"{c.name} is incomplete: {c.n_missing} missing keys, "
-                                 f"{c.n_shape_mismatches} shape mismatches")
+                rep.notes.append(f"{c.name} is incomplete: "
+                                 f"{plural(c.n_missing, 'missing key')}, "
+                                 f"{plural(c.n_shape_mismatches, 'shape mismatch')}")
     if rep.has_ema:
-        rep.notes.append(f"carries EMA weights ({rep.n_ema_tensors} tensors) that UIs "
+        rep.notes.append(f"carries EMA weights ({plural(rep.n_ema_tensors, 'tensor')}) that UIs "
                          "ignore; pruning them saves space")
     if rep.dtypes.get("F32", 0) > rep.n_tensors // 2 and rep.kind in ("checkpoint",
                                                                         "unet"):

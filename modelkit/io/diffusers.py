@@ -143,7 +143,8 @@ class _Component:
 
 
 def _folder_arch(root: Path) -> tuple[ArchSpec, list[str], list[str]]:
-    """The ArchSpec a folder's configs describe, the components present and notes."""
+    """The ArchSpec a folder's configs describe, the components present and
+    warnings (a component that is absent)."""
     unet_json = root / UNET / "config.json"
     if not unet_json.is_file():
         raise BadFileError(f"{root}: no unet/config.json; not a diffusers Stable "
@@ -162,7 +163,7 @@ def _folder_arch(root: Path) -> tuple[ArchSpec, list[str], list[str]]:
                                         str(root / VAE / "config.json"))
         components.append(VAE)
     else:
-        notes.append(f"{root}: no vae/; the checkpoint has no VAE")
+        notes.append(f"{root}: no vae/; the result has no VAE")
     slots = []
     for slot in base.text_encoders:
         cfg_path = root / te_folder(slot) / "config.json"
@@ -171,8 +172,8 @@ def _folder_arch(root: Path) -> tuple[ArchSpec, list[str], list[str]]:
             slots.append(replace(slot, config=cfg))
             components.append(te_folder(slot))
         else:
-            notes.append(f"{root}: no {te_folder(slot)}/; the checkpoint lacks that "
-                         "text encoder")
+            notes.append(f"{root}: no {te_folder(slot)}/; the result lacks that text "
+                         "encoder")
     arch = replace(base, unet=ucfg, vae=vae, text_encoders=tuple(slots))
     return arch, components, notes
 
@@ -279,7 +280,9 @@ def open_diffusers(path: str | os.PathLike[str], device: str = "cpu") -> Derived
     if not root.is_dir():
         raise BadFileError(f"{root}: not a folder; a diffusers model is a folder with "
                            "model_index.json, unet/, vae/ and text_encoder/")
-    arch, names, notes = _folder_arch(root)
+    _check_links(root)
+    arch, names, warnings = _folder_arch(root)
+    notes: list[str] = []
     layout = diffusers_layout(arch)
     comps = {n: _Component(root / n, n, device) for n in names}
     infos = _mapped_infos(layout, comps)
@@ -301,7 +304,24 @@ def open_diffusers(path: str | os.PathLike[str], device: str = "cpu") -> Derived
         inputs.append(extras.path)
     return DerivedSource(f"diffusers({root})", infos,
                          dict(extras.metadata) if extras else {}, produce,
-                         tuple(inputs), notes)
+                         tuple(inputs), notes, warnings)
+
+
+def _check_links(root: Path) -> None:
+    """Refuse a symlink inside the folder that points outside it (a
+    downloaded folder must not make modelkit read, and embed, other files)."""
+    real_root = Path(os.path.realpath(root))
+    for folder, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            path = Path(folder) / name
+            if not path.is_symlink():
+                continue
+            target = Path(os.path.realpath(path))
+            if target != real_root and real_root not in target.parents:
+                from modelkit.textsafe import shown
+
+                raise BadFileError(f"{shown(path)}: a symlink pointing outside the diffusers "
+                                   f"folder {shown(root)}; copy the file in instead")
 
 
 def _folder_producer(layout: DiffusersLayout, comps: dict[str, _Component],

@@ -15,6 +15,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 from modelkit.errors import BadFileError
+
+# model file suffixes are declared once, in modelkit.io.suffixes (re-exported
+# here for the readers, the writer, the library scan and recipe replay)
+from modelkit.io.suffixes import MODEL_SUFFIXES as MODEL_SUFFIXES
+from modelkit.io.suffixes import PICKLE_SUFFIXES as PICKLE_SUFFIXES
+from modelkit.io.suffixes import SAFETENSORS_SUFFIXES as SAFETENSORS_SUFFIXES
 from modelkit.textsafe import shown
 
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)

@@ -400,60 +400,77 @@ def write_gguf(
                       time.perf_counter() - start)
 
 
-def _reader_fields(reader: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, f in reader.fields.items():
-        try:
-            out[name] = f.contents()
-        except Exception:  # a field type this gguf version cannot decode
-            continue
-    return out
+def _tensor_array(f: Any, header: Any, t: Any) -> np.ndarray:
+    """The stored bytes of GGUF tensor ``t`` as a numpy array of its element
+    type (uint8 blocks for Q8_0), read from the open file ``f``."""
+    import numpy as np
+
+    from modelkit.errors import BadFileError
+    from modelkit.textsafe import quoted, shown
+
+    f.seek(header.data_start + t.offset)
+    raw = f.read(t.nbytes)
+    if len(raw) != t.nbytes:
+        raise BadFileError(f"{shown(header.path, 300)}: truncated inside tensor "
+                           f"{quoted(t.name)} (the file changed since it was opened?)")
+    order = "<" if header.byte_order == "little" else ">"
+    if t.ggml_type == "Q8_0":
+        return np.frombuffer(raw, dtype=np.uint8).reshape(-1, 34)
+    code = {"F32": "f4", "F16": "f2", "BF16": "i2"}[t.ggml_type]
+    return np.frombuffer(raw, dtype=order + code).astype("=" + code)
 
 
 def open_gguf(path: str | os.PathLike[str], device: str = "cpu") -> Source:
     """Open a GGUF file as a source: every tensor dequantized (Q8_0 to F16,
     float types as they are) in its original shape (``comfy.gguf.orig_shape``
-    records are applied), metadata from the ``modelkit.*`` keys.
+    records are applied), metadata from the ``modelkit.*`` and ``general.*``
+    string keys.
+
+    The header is read and checked by modelkit's own bounded reader
+    (:func:`modelkit.io.gguf_header.read_gguf_header`) before anything is
+    allocated, and tensor bytes are read at the offsets it checked: a
+    hostile header is refused in one line, never handed to gguf-py.
 
     Raises:
         BadFileError: not a GGUF file modelkit can read.
     """
     from modelkit.errors import BadFileError
+    from modelkit.io.files import open_input_file
+    from modelkit.io.gguf_header import read_gguf_header
     from modelkit.io.source import DerivedSource, tensor_info
+    from modelkit.textsafe import quoted, shown
 
     p = Path(path)
-    gguf = _import_gguf()
-    try:
-        reader = gguf.GGUFReader(str(p))
-        fields = _reader_fields(reader)
-        tensors = {t.name: t for t in reader.tensors}
-    except Exception as exc:  # gguf-py raises ValueError, struct.error, ...
-        raise BadFileError(f"{p}: not a GGUF file modelkit can read ({exc})") from None
+    header = read_gguf_header(p)
     infos = {}
-    for name, t in tensors.items():
-        kind = t.tensor_type.name
+    for name, t in header.tensors.items():
+        kind = t.ggml_type
         if kind not in GGML_SIZES:
-            raise BadFileError(f"{p}: tensor {name!r} is {kind}; modelkit reads F32, F16, "
-                               "BF16 and Q8_0 GGUF files")
-        shape = fields.get(ORIG_SHAPE_KEY + name) or list(reversed(
-            [int(d) for d in t.shape]))
+            raise BadFileError(f"{shown(p, 300)}: tensor {quoted(name)} is {kind}; "
+                               "modelkit reads F32, F16, BF16 and Q8_0 GGUF files")
+        if kind == "Q8_0" and header.byte_order != "little":
+            raise BadFileError(f"{shown(p, 300)}: a big-endian Q8_0 GGUF file; modelkit "
+                               "reads Q8_0 from little-endian files only")
+        shape = header.orig_shape(name) or t.shape
         dtype = "F16" if kind == "Q8_0" else kind
         infos[name] = tensor_info(name, dtype, tuple(int(d) for d in shape))
     prefix = "modelkit.source_metadata."
-    meta = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in fields.items()
+    meta = {(k[len(prefix):] if k.startswith(prefix) else k): v
+            for k, v in header.kv.items()
             if k.startswith(("modelkit.", "general.")) and isinstance(v, str)}
 
     def produce(key: str) -> torch.Tensor:
         import numpy as np
         import torch
 
-        t = tensors[key]
-        kind = t.tensor_type.name
-        raw = np.asarray(t.data)
-        if kind == "Q8_0":
-            arr = gguf.quants.dequantize(raw, t.tensor_type).astype(np.float16)
-            out = torch.from_numpy(arr.reshape(-1).copy())
-        elif kind == "BF16":
+        t = header.tensors[key]
+        with open_input_file(p) as f:
+            raw = _tensor_array(f, header, t)
+        if t.ggml_type == "Q8_0":
+            gguf = _import_gguf()
+            arr = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q8_0)
+            out = torch.from_numpy(arr.astype(np.float16).reshape(-1))
+        elif t.ggml_type == "BF16":
             out = torch.from_numpy(raw.reshape(-1).copy()).view(torch.bfloat16)
         else:
             out = torch.from_numpy(raw.reshape(-1).copy())

@@ -28,12 +28,15 @@ from typing import BinaryIO
 from modelkit.errors import BadFileError
 from modelkit.io.files import open_input_file
 from modelkit.io.header import decode_values
+from modelkit.io.suffixes import SNIFF_BYTES, sniff
 from modelkit.textsafe import quoted, shown
 
 MAGIC = b"GGUF"
 MAX_HEADER_BYTES = 100_000_000  # as for safetensors headers
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_ARRAY_DEPTH = 4
+MAX_KV = 1 << 16  # key/values (ComfyUI-GGUF files hold a few hundred orig_shape records)
+MAX_TENSORS = 1 << 18  # tensor infos (an SDXL UNet has ~1,700; big LLMs a few thousand)
 KEEP_ARRAY = 64  # arrays up to this length are kept (orig_shape records are 2-4)
 DEFAULT_ALIGNMENT = 32
 ORIG_SHAPE_PREFIX = "comfy.gguf.orig_shape."
@@ -173,10 +176,13 @@ class _Cursor:
     def u64(self, what: str) -> int:
         return int(self.unpack("Q", what))  # type: ignore[call-overload]
 
-    def count(self, what: str, min_item_bytes: int) -> int:
+    def count(self, what: str, min_item_bytes: int, limit: int | None = None) -> int:
         """A u64 count of items of at least ``min_item_bytes`` each that must fit
-        in the rest of the file."""
+        in the rest of the file (and be at most ``limit``)."""
         n = self.u64(what)
+        if limit is not None and n > limit:
+            raise self.fail(f"{what} is {n}, over modelkit's limit of {limit}; the file "
+                            "is corrupt or not a model file")
         if n * min_item_bytes > self.left():
             raise self.fail(f"{what} is {n}, more than the rest of the file can hold; "
                             "the file is corrupt")
@@ -248,6 +254,9 @@ def _read_tensor(cur: _Cursor, i: int) -> GGUFTensor:
         raise cur.fail(f"{label} has GGML type {type_id}, which modelkit does not know")
     ggml, block, block_bytes = GGML_TYPES[type_id]
     offset = cur.u64(f"{label} offset")
+    if 0 in dims:
+        raise cur.fail(f"{label} has a dimension of 0 (shape {list(reversed(dims))}); "
+                       "the file is corrupt")
     numel = math.prod(dims)
     if numel >= 1 << 63:
         raise cur.fail(f"{label} has {numel} elements, over the 2^63 limit; corrupt")
@@ -271,6 +280,10 @@ def _check_data(cur: _Cursor, header: GGUFHeader) -> None:
     data_len = header.file_size - header.data_start
     if data_len < 0:
         raise cur.fail("truncated: the file ends before its tensor data")
+    total = sum(t.nbytes for t in header.tensors.values())
+    if total > data_len:
+        raise cur.fail(f"truncated or corrupt: its tensors need {total} bytes of data, the "
+                       f"file has {data_len} (tensors overlap, or it was cut short)")
     for t in header.tensors.values():
         label = f"tensor {quoted(t.name)}"
         if t.offset % header.alignment:
@@ -302,11 +315,14 @@ def read_gguf_header(path: str | os.PathLike[str]) -> GGUFHeader:
         size = os.fstat(f.fileno()).st_size
         cur = _Cursor(f, p, size, "little")
         if cur.take(4, "magic") != MAGIC:
-            raise cur.fail("not a GGUF file (no GGUF magic)")
+            f.seek(0)
+            what = sniff(f.read(SNIFF_BYTES))
+            raise cur.fail(f"is {what}, not a GGUF file" if what else
+                           "not a GGUF file (no GGUF magic)")
         version = _byte_order(cur)
         # a tensor info is at least 8 + 4 + 8 + 4 + 8 bytes, a key/value 8 + 4 + 1
-        n_tensors = cur.count("tensor count", 32)
-        n_kv = cur.count("key/value count", 13)
+        n_tensors = cur.count("tensor count", 32, MAX_TENSORS)
+        n_kv = cur.count("key/value count", 13, MAX_KV)
         header = GGUFHeader(p, version, cur.order, file_size=size)
         header.kv = _read_kv(cur, n_kv)
         header.alignment = _alignment(cur, header.kv)

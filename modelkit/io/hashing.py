@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from modelkit.errors import check_cancel
-from modelkit.io.files import check_input_file
+from modelkit.io.files import check_input_file, input_error
 from modelkit.io.header import read_header
 from modelkit.progress import HASH, Progress, ProgressFn, no_progress
 
@@ -100,7 +100,12 @@ def hash_file(path: str | os.PathLike[str], progress: ProgressFn = no_progress,
     if p.suffix.lower() == ".safetensors" and tensor_hash:
         header = read_header(p)
         data_start, meta = header.data_start, header.metadata
-    sha, addnet = _stream_hashes(p, data_start, size, progress, cancel)
-    result = FileHashes(str(p), size, sha, sha[:10], legacy_hash(p), addnet)
+    try:
+        sha, addnet = _stream_hashes(p, data_start, size, progress, cancel)
+        legacy = legacy_hash(p)
+    except OSError as exc:  # EIO (/proc/self/mem, a failing disk), a vanished file
+        raise input_error(p, f"cannot read it ({exc.strerror or type(exc).__name__})"
+                          ) from None
+    result = FileHashes(str(p), size, sha, sha[:10], legacy, addnet)
     result.mismatches = _embedded_mismatches(meta, result)
     return result

@@ -298,6 +298,14 @@ def parse_header_bytes(path: Path, raw: bytes, file_size: int) -> Header:
 
 
 def _too_large(p: Path, head: bytes, n: int) -> BadFileError:
+    from modelkit.io.suffixes import sniff
+
+    what = sniff(head)
+    if what is not None and what.startswith("a ZIP"):
+        return _bad(p, "is a ZIP archive, not a safetensors file (a PyTorch checkpoint "
+                       "saved by torch.save? name it .ckpt or .pt to load it safely)")
+    if what is not None and head[:4] != GGUF_MAGIC and head[:1] != b"\x80":
+        return _bad(p, f"is {what}, not a model file")
     if head[:4] == GGUF_MAGIC:
         return _bad(p, "is a GGUF file, not safetensors ('modelkit inspect' reads it; "
                        "this command needs a .safetensors file)")
@@ -325,7 +333,7 @@ def read_header(path: str | os.PathLike[str]) -> Header:
             raise _bad(p, "not a safetensors file (shorter than 8 bytes)")
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER_SIZE:
-            raise _too_large(p, head, n)
+            raise _too_large(p, head + f.read(8), n)
         if n + 8 > size:
             raise _bad(p, "truncated: the header runs past the end of the file")
         raw = f.read(n)

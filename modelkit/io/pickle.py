@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 from modelkit.errors import BadFileError, UnsafePickleError
 from modelkit.io.files import check_input_file
 from modelkit.io.writer import atomic_path
+from modelkit.textsafe import shown
 
 # classes SD/LDM checkpoints embed beside the weights (never executed)
 ALLOWED_CLASSES = (
@@ -72,6 +74,26 @@ def _unwrap(obj: Any, path: Path) -> dict[str, Any]:
     return tensors
 
 
+def _sniffed(p: Path) -> str | None:
+    """What the file's magic bytes say it is, when that is not a pickle or a
+    ZIP (the two forms of a checkpoint)."""
+    from modelkit.io.files import open_input_file
+    from modelkit.io.suffixes import SNIFF_BYTES, sniff
+
+    try:
+        with open_input_file(p) as f:
+            what = sniff(f.read(SNIFF_BYTES))
+    except (OSError, BadFileError):
+        return None
+    return None if what is None or "pickle" in what or "ZIP" in what else what
+
+
+def _short(exc: BaseException) -> str:
+    """``Type: first line of the message``, at most 120 characters, escaped."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return shown(f"{type(exc).__name__}: {text}" if text else type(exc).__name__, 120)
+
+
 def load_pickle_state_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load the tensors of a ``.ckpt``/``.pt``/``.bin`` file safely.
 
@@ -86,13 +108,19 @@ def load_pickle_state_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = check_input_file(path)
     is_zip = zipfile.is_zipfile(p)
     try:
-        with torch.serialization.safe_globals(_placeholder_types()):
+        with torch.serialization.safe_globals(_placeholder_types()), \
+                warnings.catch_warnings(record=True):
+            # torch warns (twice, on stderr) about some protocol-4 framing
+            # before it fails: the one-line error below says what is wrong
             obj = torch.load(p, map_location="cpu", weights_only=True, mmap=is_zip)
     except FileNotFoundError:
         raise BadFileError(f"{p}: no such file") from None
     except pickle.UnpicklingError as exc:
         m = _UNSUPPORTED.search(str(exc))
         if m is None:
+            what = _sniffed(p)
+            if what is not None:
+                raise BadFileError(f"{shown(p, 300)}: is {what}, not a model file") from None
             raise BadFileError(f"{p}: not a readable checkpoint (corrupt or not a "
                                "pickle)") from None
         raise UnsafePickleError(
@@ -102,6 +130,14 @@ def load_pickle_state_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as exc:
         msg = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise BadFileError(f"{p}: not a readable checkpoint ({msg})") from None
+    except Exception as exc:
+        # the restricted unpickler runs the opcodes of a hostile or damaged
+        # pickle as they come: a malformed stack (APPENDS or SETITEMS without
+        # MARK, REDUCE or NEWOBJ with arguments that do not fit, a memo index
+        # never stored) raises IndexError, TypeError, KeyError, ...
+        raise BadFileError(f"{shown(p, 300)}: not a valid checkpoint pickle "
+                           f"({_short(exc)}); the file is damaged or not a "
+                           "checkpoint") from None
     return _unwrap(obj, p)
 
 

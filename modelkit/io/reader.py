@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 from modelkit.errors import INTERRUPTED, BadFileError, Interrupted, ModelkitError
 from modelkit.io.dtypes import check_loadable
+from modelkit.io.files import PICKLE_SUFFIXES
 from modelkit.io.header import Header, TensorInfo, read_header
 from modelkit.io.source import KeyAccess
 
 if TYPE_CHECKING:
     import torch
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 CAST_CHUNK = 1 << 20  # elements per chunk when casting (see cast())
 
 

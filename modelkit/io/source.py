@@ -82,6 +82,7 @@ class DerivedSource(KeyAccess):
     produce: Callable[[str], torch.Tensor]
     input_paths: tuple[Path, ...] = ()
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # the run report's warnings
     # optional faster route: ``stream(key, sink)`` writes the key's bytes
     # into a :class:`~modelkit.io.writer.TensorSink` (in pieces, or copied
     # file to file) and returns True, or returns False to let the writer

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelkit.errors import ModelkitError, OutputError, check_cancel
+from modelkit.io.files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 from modelkit.io.source import Source
 from modelkit.progress import WRITE, Progress, ProgressFn, no_progress
 from modelkit.vocab import OUTPUT_FORMATS
@@ -39,7 +40,6 @@ from modelkit.vocab import OUTPUT_FORMATS
 if TYPE_CHECKING:
     from modelkit.io.writer import SafetensorsWriter
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 Finalize = Callable[[], Mapping[str, str]]
 
 
@@ -101,7 +101,7 @@ def output_format(out: str | os.PathLike[str], fmt: str | None = None) -> str:
     suffix = Path(out).suffix.lower()
     if suffix == ".gguf":
         return "gguf"
-    if suffix in (".safetensors", ".sft"):
+    if suffix in SAFETENSORS_SUFFIXES:
         return "safetensors"
     if suffix in PICKLE_SUFFIXES:
         raise ModelkitError(f"{out}: modelkit writes .safetensors (pickles can run code "
@@ -122,11 +122,11 @@ def check_output(spec: OutputSpec, inputs: Iterable[str | os.PathLike[str]]) -> 
 
     path, inputs = spec.path, list(inputs)
     if spec.format == "diffusers":
-        replaceable = spec.overwrite and is_diffusers_folder(path)
-        if path.is_dir() and any(path.iterdir()) and spec.overwrite and not replaceable:
+        if spec.overwrite and path.is_dir() and any(path.iterdir()) \
+                and not is_diffusers_folder(path):
             raise OutputError(f"{path}: folder exists and is not a diffusers model; "
                               "--overwrite only replaces a diffusers folder")
-        check_output_dir(path, inputs, replaceable)
+        check_output_dir(path, inputs, spec.overwrite)
         return
     check_output_path(path, inputs)
     suffix = {"gguf": ".gguf", "safetensors": ".safetensors"}[spec.format]
@@ -184,7 +184,7 @@ def _folder(payload: FolderPayload, path: Path, metadata: dict[str, str] | None,
     from modelkit.io.writer import SafetensorsWriter, TensorSpec, atomic_dir
 
     n_tensors = size = 0
-    with atomic_dir(path, inputs, replace_existing=overwrite) as tmp:
+    with atomic_dir(path, inputs, overwrite) as tmp:
         for f in payload.files:
             target = tmp / f.relpath
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -8,10 +8,14 @@ tensor has been written; on any error (or Ctrl-C) the temp file is removed.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -113,11 +117,71 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 _LIVE_TEMPS: set[Path] = set()
 
 
+def _owner_tag() -> str:
+    """``HOST-PID`` of this process for temp names: the host as 6 hex digits
+    of its name's sha256 (no host name on disk), so a run only ever judges
+    temp files written on its own machine."""
+    host = hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:6]
+    return f"{host}-{os.getpid()}"
+
+
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name}.{_owner_tag()}."
+
+
+_TEMP_OWNER = re.compile(r"([0-9a-f]{6})-([0-9]+)\.[A-Za-z0-9_]+")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # someone else's live process (or a number we cannot judge)
+    return True
+
+
+def remove_stale_partials(target: Path) -> list[Path]:
+    """Remove the hidden ``.NAME.HOST-PID.*.partial`` temp files and folders
+    of ``target`` left by runs that died without cleaning up (SIGKILL, a
+    power cut): only those written on this host by a process that no longer
+    exists; never this process's, never another live run's, never a name
+    without a writer pid. Returns what was removed."""
+    prefix, own_host = f".{target.name}.", _owner_tag().split("-")[0]
+    removed: list[Path] = []
+    try:
+        with os.scandir(target.parent) as it:
+            names = [e.name for e in it
+                     if e.name.startswith(prefix) and e.name.endswith(".partial")]
+    except OSError:
+        return removed
+    for name in names:
+        m = _TEMP_OWNER.fullmatch(name[len(prefix):-len(".partial")])
+        if m is None or m.group(1) != own_host:
+            continue
+        pid = int(m.group(2))
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        path = target.parent / name
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError:
+            continue
+        removed.append(path)
+    return removed
+
+
 def _temp_beside(target: Path) -> tuple[int, Path]:
-    """A new hidden ``.NAME.*.partial`` file in the target's folder (same
-    filesystem, so the final rename is atomic), recorded as live."""
+    """A new hidden ``.NAME.HOST-PID.*.partial`` file in the target's folder
+    (same filesystem, so the final rename is atomic), recorded as live;
+    stale temp files of the same target left by dead runs are removed first."""
+    remove_stale_partials(target)
     with defer_signals():
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial",
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(target), suffix=".partial",
                                    dir=target.parent)
         path = Path(tmp)
         _LIVE_TEMPS.add(path)
@@ -375,18 +439,22 @@ def _inside(path: Path, folder: Path) -> bool:
         return False
 
 
-def check_output_dir(target: Path, inputs: Iterable[str | os.PathLike[str]],
-                     replaceable: bool = False) -> None:
-    """Refuse an output folder that is a file, holds or is an input, whose
-    parent is missing, or that is not empty (unless ``replaceable``: the
-    caller may replace it)."""
+def _refuse_input_folder(target: Path, inputs: Iterable[str | os.PathLike[str]]) -> None:
     for src in inputs:
         if _same_file(target, Path(src)) or _inside(Path(src), target):
             raise OutputError(f"{target}: output folder is or holds an input; choose "
                               "another output path (modelkit never writes over an input)")
+
+
+def check_output_dir(target: Path, inputs: Iterable[str | os.PathLike[str]],
+                     overwrite: bool = False) -> None:
+    """Refuse an output folder that is a file, holds or is an input, whose
+    parent is missing, or that is not empty (unless ``overwrite``: the
+    caller may replace it)."""
+    _refuse_input_folder(target, inputs)
     if target.exists() and not target.is_dir():
         raise OutputError(f"{target}: exists and is not a folder; choose a new folder name")
-    if target.is_dir() and any(target.iterdir()) and not replaceable:
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise OutputError(f"{target}: folder exists and is not empty; choose a new "
                           "folder name or empty it first")
     if not target.parent.is_dir():
@@ -395,27 +463,43 @@ def check_output_dir(target: Path, inputs: Iterable[str | os.PathLike[str]],
 
 @contextmanager
 def atomic_dir(target: Path, inputs: Iterable[str | os.PathLike[str]] = (),
-               replace_existing: bool = False) -> Iterator[Path]:
-    """Yield a new hidden ``.NAME.*.partial`` folder beside ``target``; move
+               overwrite: bool = False) -> Iterator[Path]:
+    """Yield a new hidden ``.NAME.HOST-PID.*.partial`` folder beside ``target``; move
     it to ``target`` when the block succeeds, remove it with everything in
-    it when it fails. ``target`` must not exist or be an empty folder, unless
-    ``replace_existing``: then an existing folder is moved aside, replaced,
-    and deleted only once the new one is in place."""
+    it when it fails. The caller checked the output before writing
+    (:func:`check_output_dir`); the move itself never replaces a folder
+    with files in it unless ``overwrite``: then the existing folder is moved
+    aside, replaced, and deleted only once the new one is in place.
+
+    Raises:
+        OutputError: ``target`` is or holds an input, is a file, or (without
+            ``overwrite``) holds files.
+    """
     target = Path(target)
-    check_output_dir(target, inputs, replace_existing)
+    _refuse_input_folder(target, inputs)
+    remove_stale_partials(target)
     with defer_signals():
-        temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial",
+        temp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".partial",
                                      dir=target.parent))
         _LIVE_TEMPS.add(temp)
     old: Path | None = None
     try:
         yield temp
         os.chmod(temp, 0o755)
-        if replace_existing and target.is_dir() and any(target.iterdir()):
+        if overwrite and target.is_dir() and any(target.iterdir()):
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old",
                                         dir=target.parent))
             os.rename(target, old / "previous")
-        os.rename(temp, target)  # POSIX: replaces an empty folder atomically
+        try:
+            os.rename(temp, target)  # POSIX: replaces an empty folder atomically, no other
+        except OSError as exc:  # the no-replace commit
+            if exc.errno in (errno.ENOTDIR, errno.EISDIR):
+                raise OutputError(f"{target}: exists and is not a folder; choose a new "
+                                  "folder name") from None
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise OutputError(f"{target}: folder exists and is not empty; choose a new "
+                              "folder name or pass --overwrite to replace it") from None
     except BaseException:
         if old is not None and not target.exists():
             os.rename(old / "previous", target)  # put the user's folder back

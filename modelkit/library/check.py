@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from modelkit.arch import registry
+from modelkit.io.suffixes import COMFYUI_DIFFUSION_MODELS
 from modelkit.library.layout import (
     EXPECTED,
     PLAIN,
@@ -30,6 +31,7 @@ from modelkit.library.layout import (
     folder_arch,
 )
 from modelkit.library.query import Entry, Filters, list_entries
+from modelkit.wording import with_article
 
 ERROR, WARNING = "error", "warning"
 NEEDS_BASE = ("lora", "embedding", "controlnet")
@@ -106,12 +108,12 @@ def _misplaced(e: Entry) -> list[Hint]:
     if e.kind == "unet" and e.role == "checkpoint":
         if not expected:  # A1111
             where = ("; A1111 loads only full checkpoints: swap it into one ('modelkit "
-                     "swap --unet') or use it from ComfyUI's models/diffusion_models")
+                     f"swap --unet') or use it from ComfyUI's {COMFYUI_DIFFUSION_MODELS}")
         return [Hint(e.path, "unet-only", WARNING,
                      f"UNet-only file in a checkpoint folder: {UNET_ONLY_NOTE}{where}",
                      str(expected) if expected else None)]
     return [Hint(e.path, "wrong-folder", WARNING,
-                 f"{_kind_name(e)} in a {e.role} folder{where}",
+                 f"{_kind_name(e)} in {with_article(e.role)} folder{where}",
                  str(expected) if expected else None)]
 
 
@@ -160,7 +162,7 @@ def _base_hints(entries: list[Entry]) -> list[Hint]:
         listing = ", ".join(arch_name(a) for a in sorted(have))
         out.append(Hint(e.path, "no-base", WARNING,
                         f"{_kind_name(e)}, but this library has only {listing} "
-                        f"checkpoints: it needs an {arch_name(e.arch)} base model"
+                        f"checkpoints: it needs {with_article(arch_name(e.arch))} base model"
                         + (f"; the {arch_name(e.arch)} library is at {others[0]}"
                            if others else ""), expected))
     return out

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from modelkit.errors import ModelkitError
+from modelkit.textsafe import shown
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 60_000
@@ -92,8 +93,29 @@ def _retry(fn: object, attempts: int = 50) -> None:
             time.sleep(0.05 * (i + 1))
 
 
-def _prepare(conn: sqlite3.Connection, path: Path) -> None:
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
+def _foreign(path: Path, problem: str) -> ModelkitError:
+    return ModelkitError(f"{shown(path, 300)}: not a modelkit library index ({problem}); "
+                         "pass --db with another path (modelkit leaves this file alone)")
+
+
+def _check_own(conn: sqlite3.Connection, path: Path) -> int:
+    """The file's schema version, after checking (reading only) that the file
+    is a modelkit index or an empty database: another program's database
+    that happens to have a ``files`` table must never be rebuilt."""
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    tables = {r[0] for r in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if version == 0 and tables:
+        raise _foreign(path, "it holds other tables: "
+                             f"{', '.join(sorted(map(shown, tables))[:5])}")
+    if version == SCHEMA_VERSION:
+        columns = tuple(r[1] for r in conn.execute("PRAGMA table_info(files)"))
+        if columns != COLUMNS:
+            raise _foreign(path, "its files table has other columns")
+    return version
+
+
+def _prepare(conn: sqlite3.Connection, path: Path, version: int) -> None:
     if version == SCHEMA_VERSION:
         return
     if version > SCHEMA_VERSION:
@@ -124,19 +146,62 @@ def connect(db: str | os.PathLike[str] | None = None) -> sqlite3.Connection:
         conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000,
                                isolation_level=None)
     except (OSError, sqlite3.Error) as exc:
-        raise ModelkitError(f"{path}: cannot open the library index ({exc}); pass --db "
-                            "with a writable path") from None
+        raise ModelkitError(f"{shown(path, 300)}: cannot open the library index "
+                            f"({shown(exc, 200)}); pass --db with a writable path") from None
     conn.row_factory = sqlite3.Row
     try:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        version = _check_own(conn, path)
         _retry(lambda: conn.execute("PRAGMA journal_mode = WAL"))
         conn.execute("PRAGMA synchronous = NORMAL")
-        _prepare(conn, path)
-    except sqlite3.DatabaseError as exc:
+        _prepare(conn, path, version)
+    except sqlite3.Error as exc:
         conn.close()
-        raise ModelkitError(f"{path}: not a modelkit library index ({exc}); pass --db "
-                            "with another path, or delete the file to rebuild it") from None
+        raise (index_error(path, exc) or ModelkitError(
+            f"{shown(path, 300)}: the library index failed ({shown(exc, 200)}); pass "
+            "--db with another path")) from None
+    except BaseException:
+        conn.close()
+        raise
     return conn
+
+
+def _disk_full(path: str | os.PathLike[str]) -> bool:
+    """Whether the filesystem of ``path``'s folder has no space left (SQLite
+    reports a failed WAL write as an I/O error)."""
+    try:
+        st = os.statvfs(Path(path).parent)
+    except (OSError, AttributeError):
+        return False
+    return st.f_bavail * st.f_frsize < 64 << 10
+
+
+def index_error(path: str | os.PathLike[str], exc: sqlite3.Error) -> ModelkitError | None:
+    """The one-line error for an SQLite failure on the index at ``path``: a
+    read-only or full disk says so; only a file that is not an SQLite
+    database (or a damaged one) is called "not a modelkit library index";
+    None for any other failure."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    where = shown(os.fspath(path), 300)
+    text = shown(exc, 200)
+    if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM")) or (
+            "readonly" in text):
+        return ModelkitError(f"{where}: cannot write the library index: the file or its "
+                             f"folder is read-only ({text}); pass --db with a writable "
+                             "path")
+    if name == "SQLITE_FULL" or "disk is full" in text or (
+            name.startswith("SQLITE_IOERR") and _disk_full(path)):
+        return ModelkitError(f"{where}: cannot write the library index: the disk is full "
+                             f"({text}); free some space or pass --db with a path on "
+                             "another disk")
+    if name.startswith("SQLITE_IOERR"):
+        return ModelkitError(f"{where}: cannot read or write the library index ({text}: "
+                             "a full disk or a failing device?); free some space or pass "
+                             "--db with another path")
+    if name in ("SQLITE_NOTADB", "SQLITE_CORRUPT") or "not a database" in text:
+        return ModelkitError(f"{where}: not a modelkit library index ({text}); pass --db "
+                             "with another path, or delete the file to rebuild it")
+    return None  # another failure (a bug): not the disk's or the file's fault
 
 
 @contextlib.contextmanager
@@ -147,7 +212,8 @@ def write(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     try:
         yield conn
     except BaseException:
-        conn.execute("ROLLBACK")
+        with contextlib.suppress(sqlite3.Error):  # keep the error that stopped it
+            conn.execute("ROLLBACK")  # (a full disk may have ended the transaction)
         raise
     conn.execute("COMMIT")
 
@@ -156,8 +222,14 @@ def write(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 def opened(db: str | os.PathLike[str] | None = None) -> Iterator[sqlite3.Connection]:
     """:func:`connect`, closed on exit."""
     conn = connect(db)
+    path = Path(db) if db is not None else default_db_path()
     try:
         yield conn
+    except sqlite3.Error as exc:
+        error = index_error(path, exc)
+        if error is None:
+            raise
+        raise error from None
     finally:
         conn.close()
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelkit.arch import registry
+from modelkit.io.suffixes import COMFYUI_DIFFUSION_MODELS
 
 A1111 = "a1111"
 COMFYUI = "comfyui"
@@ -69,7 +70,7 @@ EXPECTED: dict[str, dict[str, str | None]] = {
         "vae": "vae",
         "embedding": "embeddings",
         "controlnet": "controlnet",
-        "unet": "diffusion_models",
+        "unet": COMFYUI_DIFFUSION_MODELS.removeprefix("models/"),
         "text_encoder": "text_encoders",
     },
 }

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modelkit.io.files import MODEL_SUFFIXES
 from modelkit.io.header import metadata_json
 from modelkit.library.query import Entry, get_detail, list_entries
 
@@ -102,8 +103,7 @@ class _Resolver:
             return self.by_legacy[legacy.lower()], "legacy"
         if name:
             stem = Path(name.replace("\\", "/")).name
-            stem = stem.rsplit(".", 1)[0] if stem.lower().endswith(
-                (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")) else stem
+            stem = stem.rsplit(".", 1)[0] if stem.lower().endswith(MODEL_SUFFIXES) else stem
             found = self.by_stem.get(stem.lower(), [])
             # a hash that names another file is a mismatch, not a match
             found = [e for e in found if not (sha and e.sha256 and e.sha256 != sha)]

@@ -20,10 +20,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelkit.errors import Cancelled, ModelkitError
+from modelkit.errors import INTERRUPTED, Cancelled, Interrupted, ModelkitError
+from modelkit.io.suffixes import MODEL_SUFFIXES, SAFETENSORS_SUFFIXES
 from modelkit.library import db as dbm
 from modelkit.library.layout import Placer, is_sweep_folder
-from modelkit.progress import Progress, ProgressFn, no_progress
+from modelkit.progress import HASH, Progress, ProgressFn, no_progress
+from modelkit.textsafe import shown
 
 if TYPE_CHECKING:
     from concurrent.futures import ProcessPoolExecutor
@@ -33,7 +35,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
 PREVIEW_SUFFIXES = (".png", ".preview.png", ".jpg", ".jpeg", ".preview.jpg",
                     ".preview.jpeg", ".webp", ".preview.webp")
 CIVITAI_SUFFIX = ".civitai.info"
@@ -76,6 +77,8 @@ class ScanReport:
     seconds: float = 0.0
     db: str = ""
     kinds: dict[str, int] = field(default_factory=dict)
+    # one line per file or folder that could not be indexed (the scan goes on)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def inspected(self) -> int:
@@ -86,6 +89,11 @@ class ScanReport:
 
 
 def _cancelled(cancel: threading.Event | None) -> bool:
+    """Whether ``cancel`` is set; raises :class:`Interrupted` when a signal
+    was received but its handler could not raise (it landed in an import or
+    a deferred block), so a SIGTERM is never lost between two files."""
+    if INTERRUPTED.is_set() and threading.current_thread() is threading.main_thread():
+        raise Interrupted
     return cancel is not None and cancel.is_set()
 
 
@@ -112,51 +120,79 @@ def _sidecars_of(stem: str, names: dict[str, os.DirEntry[str]]) -> dict[str, int
     return out
 
 
-def _walk(root: str, seen: set[tuple[int, int]], sweeps: list[str]) -> Iterator[Found]:
-    """Model files under ``root``; hidden folders, diffusers pipeline
-    folders (``model_index.json``) and sweep folders (their cells are no
-    checkpoints of the user's; appended to ``sweeps``) are skipped, folder
-    links followed once."""
+def _storable(path: str) -> bool:
+    """Whether ``path`` can be stored in the index (SQLite text is UTF-8; a
+    name with undecodable bytes holds lone surrogates)."""
     try:
-        st = os.stat(root)
-        if (st.st_dev, st.st_ino) in seen:
-            return
-        seen.add((st.st_dev, st.st_ino))
-        with os.scandir(root) as it:
-            entries = {e.name: e for e in it}
-    except OSError:
-        return
-    if "model_index.json" in entries:
-        return
-    if is_sweep_folder(entries):
-        sweeps.append(root)
-        return
-    for name in sorted(entries):
-        entry = entries[name]
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _walk(root: str, seen: set[tuple[int, int]], sweeps: list[str],
+          warnings: list[str] | None = None) -> Iterator[Found]:
+    """Model files under ``root``, in sorted depth-first order; hidden
+    folders, diffusers pipeline folders (``model_index.json``) and sweep
+    folders (their cells are no checkpoints of the user's; appended to
+    ``sweeps``) are skipped, folder links followed once. The walk keeps its
+    own stack, so a tree thousands of folders deep is walked like any other;
+    a file whose name cannot be stored is left out with a line in
+    ``warnings``."""
+    warn = warnings if warnings is not None else []
+    stack = [root]
+    while stack:
+        folder = stack.pop()
         try:
-            is_dir = entry.is_dir()
-            is_model = not is_dir and _is_model(name) and entry.is_file()
-        except OSError:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(folder) as it:
+                entries = {e.name: e for e in it}
+        except OSError as exc:
+            warn.append(f"{shown(folder, 300)}: skipped: cannot list the folder "
+                        f"({exc.strerror or type(exc).__name__})")
             continue
-        if is_dir and not name.startswith("."):
-            yield from _walk(entry.path, seen, sweeps)
-        elif is_model:
+        if "model_index.json" in entries:
+            continue
+        if is_sweep_folder(entries):
+            sweeps.append(folder)
+            continue
+        subfolders = []
+        for name in sorted(entries):
+            entry = entries[name]
             try:
-                est = entry.stat()
+                is_dir = entry.is_dir()
+                is_model = not is_dir and _is_model(name) and entry.is_file()
             except OSError:
                 continue
-            stem = name.rsplit(".", 1)[0]
-            yield Found(entry.path, "", est.st_size, est.st_mtime_ns,
-                        _sidecars_of(stem, entries))
+            if is_dir and not name.startswith("."):
+                subfolders.append(entry.path)
+            elif is_model:
+                if not _storable(entry.path):
+                    warn.append(f"{shown(entry.path, 300)}: skipped: the file name is not "
+                                "valid UTF-8; rename it to index it")
+                    continue
+                try:
+                    est = entry.stat()
+                except OSError:
+                    continue
+                stem = name.rsplit(".", 1)[0]
+                yield Found(entry.path, "", est.st_size, est.st_mtime_ns,
+                            _sidecars_of(stem, entries))
+        stack.extend(reversed(subfolders))
 
 
-def find_files(roots: Sequence[str], sweeps: list[str] | None = None) -> dict[str, Found]:
+def find_files(roots: Sequence[str], warnings: list[str] | None = None, *,
+               sweeps: list[str] | None = None) -> dict[str, Found]:
     """Every model file under ``roots`` (absolute folder paths), by path;
-    the sweep folders skipped are appended to ``sweeps``."""
+    the sweep folders skipped are appended to ``sweeps``, files left out
+    are named in ``warnings``."""
     found: dict[str, Found] = {}
     seen: set[tuple[int, int]] = set()
     for root in roots:
-        for f in _walk(root, seen, [] if sweeps is None else sweeps):
+        for f in _walk(root, seen, [] if sweeps is None else sweeps, warnings):
             f.root = root
             found.setdefault(f.path, f)
     return found
@@ -167,20 +203,29 @@ def find_files(roots: Sequence[str], sweeps: list[str] | None = None) -> dict[st
 
 def _data_bytes(path: str, size: int) -> int | None:
     """Bytes after a safetensors header (what the tensor-data hash covers)."""
-    if not path.lower().endswith((".safetensors", ".sft")):
+    if not path.lower().endswith(SAFETENSORS_SUFFIXES):
         return None
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
     except OSError:
         return None
-    return size - 8 - n
+    return size - 8 - n if 0 <= n <= size - 8 else None  # else a broken file
 
 
 def _main_dtype(dtypes: dict[str, int]) -> str | None:
     floats = {k: v for k, v in dtypes.items() if k.startswith(("F", "BF"))}
     pool = floats or dtypes
     return max(pool, key=lambda k: pool[k]) if pool else None
+
+
+def _gguf_dtype(quant_types: dict[str, int]) -> str | None:
+    """A GGUF file's dtype column: its most common quantized type (``Q8_0``),
+    or its main float type when nothing is quantized."""
+    quantized = {k: v for k, v in quant_types.items() if k.startswith(("Q", "IQ", "TQ",
+                                                                      "MXFP", "NVFP"))}
+    return _main_dtype(quant_types) if not quantized else max(
+        quantized, key=lambda k: quantized[k])
 
 
 def _short_component(comp: dict[str, Any]) -> dict[str, Any]:
@@ -193,6 +238,8 @@ def _civitai(path: Path) -> dict[str, Any] | None:
         if path.stat().st_size > CIVITAI_MAX_BYTES:
             return {"error": "file too large to read"}
         data = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+    except RecursionError:
+        return {"error": "JSON nested too deeply"}
     except (OSError, ValueError) as exc:
         return {"error": f"unreadable ({type(exc).__name__})"}
     if not isinstance(data, dict):
@@ -223,7 +270,8 @@ def _report_columns(rep: ModelReport) -> dict[str, Any]:
     return {
         "kind": rep.kind, "arch": rep.arch,
         "prediction": pred if pred != "unknown" else None, "variant": rep.variant,
-        "dtype": _main_dtype(rep.dtypes), "n_tensors": rep.n_tensors,
+        "dtype": (_gguf_dtype(rep.gguf["quant_types"]) if rep.gguf else
+                  _main_dtype(rep.dtypes)), "n_tensors": rep.n_tensors,
         "n_params": rep.n_params, "has_ema": int(rep.has_ema), "n_ema": rep.n_ema_tensors,
         "components": json.dumps({k: _short_component(c) for k, c in d["components"].items()}),
         "metadata": json.dumps(meta), "report": json.dumps(d), "error": None,
@@ -259,11 +307,31 @@ _INSERT = (f"INSERT OR REPLACE INTO files ({', '.join(dbm.COLUMNS)}) "
            f"VALUES ({', '.join('?' * len(dbm.COLUMNS))})")
 
 
-def _put(conn: sqlite3.Connection, rows: list[dict[str, Any]]) -> None:
-    if rows:
+# what binding a row's values can raise (a number over 64 bits, a string
+# with lone surrogates): that row, not its batch, is left out
+_UNSTORABLE = (OverflowError, UnicodeEncodeError, ValueError, sqlite3.InterfaceError)
+
+
+def _put(conn: sqlite3.Connection, rows: list[dict[str, Any]],
+         warnings: list[str] | None = None) -> None:
+    """Store ``rows`` in one transaction; when a row cannot be stored, the
+    others are stored one by one and that row is named in ``warnings``."""
+    if not rows:
+        return
+    values = [tuple(r[c] for c in dbm.COLUMNS) for r in rows]
+    try:
         with dbm.write(conn):
-            conn.executemany(_INSERT, [tuple(r[c] for c in dbm.COLUMNS) for r in rows])
-        rows.clear()
+            conn.executemany(_INSERT, values)
+    except _UNSTORABLE:
+        for row, value in zip(rows, values, strict=True):
+            try:
+                with dbm.write(conn):
+                    conn.execute(_INSERT, value)
+            except _UNSTORABLE as exc:
+                if warnings is not None:
+                    warnings.append(f"{shown(row['path'], 300)}: could not be indexed "
+                                    f"({type(exc).__name__}: {shown(exc, 120)})")
+    rows.clear()
 
 
 def _apply_hashes(row: dict[str, Any], h: FileHashes | None) -> None:
@@ -308,14 +376,39 @@ def _read_rows(todo: list[Found], workers: int, cancel: threading.Event | None
         yield from _read_rows(todo, 1, cancel)
         return
     chunks = [todo[i:i + CHUNK] for i in range(0, len(todo), CHUNK)]
-    with pool:
-        try:
-            for chunk, rows in zip(chunks, pool.map(_read_batch, chunks), strict=True):
-                if _cancelled(cancel):
-                    raise _stop()
-                yield from zip(chunk, rows, strict=True)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+    try:
+        for chunk, rows in zip(chunks, pool.map(_read_batch, chunks), strict=True):
+            if _cancelled(cancel):
+                raise _stop()
+            yield from zip(chunk, rows, strict=True)
+    except BaseException:
+        # a signal, a cancel or an error: the workers' chunks are not waited
+        # for (a big pickle can take a while); they are stopped now
+        _terminate(pool)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _terminate(pool: ProcessPoolExecutor) -> None:
+    """Stop ``pool`` at once: pending chunks are dropped and the worker
+    processes terminated (then killed if they linger)."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.join(2)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(1)
+
+
+def _worker_init() -> None:
+    """Workers leave Ctrl-C (sent to the whole terminal process group) to the
+    parent, which stops them; no traceback from each worker."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _start_pool(workers: int) -> ProcessPoolExecutor | None:
@@ -325,7 +418,8 @@ def _start_pool(workers: int) -> ProcessPoolExecutor | None:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init)
     try:
         pool.submit(os.getpid).result()
     except (OSError, ValueError, RuntimeError) as exc:
@@ -347,10 +441,10 @@ def _index(conn: sqlite3.Connection, todo: list[Found], report: ScanReport,
             report.broken += row["kind"] == "broken"
             rows.append(row)
             if len(rows) >= BATCH:
-                _put(conn, rows)
-            progress(Progress("scan", i, len(todo), "files", Path(f.path).name))
+                _put(conn, rows, report.warnings)
+            progress(Progress("scan", i, len(todo), "files", Path(f.path).name, "scan"))
     finally:
-        _put(conn, rows)  # what was read so far is kept, even on cancel
+        _put(conn, rows, report.warnings)  # what was read so far is kept, even on cancel
 
 
 def _update_sidecars(conn: sqlite3.Connection, files: list[Found]) -> None:
@@ -393,9 +487,9 @@ def hash_missing(conn: sqlite3.Connection, paths: Sequence[str],
         base = done
 
         def step(p: Progress, base: int = base) -> None:
-            progress(Progress("hash", base + p.done, total, "bytes", p.item))
+            progress(Progress("hash", base + p.done, total, "bytes", p.item, HASH))
 
-        tensor = path.lower().endswith((".safetensors", ".sft"))
+        tensor = path.lower().endswith(SAFETENSORS_SUFFIXES)
         try:
             h = cached_hashes(path, step, tensor_hash=tensor)
         except (ModelkitError, OSError):
@@ -444,7 +538,7 @@ def scan(dirs: Iterable[str | os.PathLike[str]], db: str | os.PathLike[str] | No
     with dbm.opened(db) as conn:
         report.db = str(conn.execute("PRAGMA database_list").fetchone()["file"])
         sweeps: list[str] = []
-        found = find_files(roots, sweeps)
+        found = find_files(roots, report.warnings, sweeps=sweeps)
         report.sweeps_skipped = len(sweeps)
         known = _known(conn, roots)
         todo, sidecars_only = [], []

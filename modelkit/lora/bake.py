@@ -33,6 +33,7 @@ from modelkit.lora.adapter import LORA_ARCHS, Adapter, AdapterModule, open_adapt
 from modelkit.lora.delta import ModuleDelta, check_fit, target_view
 from modelkit.lora.output import LORA_THREADS, storage_dtype, torch_threads
 from modelkit.numeric import CHUNK_ELEMENTS
+from modelkit.wording import agree, with_article
 
 if TYPE_CHECKING:
     import torch
@@ -102,7 +103,8 @@ def _as_use(item: Source | AdapterUse | tuple[Any, ...]) -> AdapterUse:
 def _open(use: AdapterUse, arch: str, base: str, device: str) -> Adapter:
     ad = open_adapter(use.source)
     if ad.arch not in (arch, "unknown"):
-        raise ModelkitError(f"{ad.label}: is a {ad.arch} adapter but {base} is a {arch} "
+        raise ModelkitError(f"{ad.label}: is {with_article(ad.arch)} adapter but {base} is "
+                            f"{with_article(arch)} "
                             f"checkpoint; bake an adapter made for {arch}")
     if ad.arch == "unknown":
         ad = open_adapter(use.source, arch)
@@ -181,8 +183,10 @@ def _unmatched_error(reports: list[AdapterBakeReport]) -> ModelkitError:
             shown = ", ".join(r.unmatched[:LIST_LIMIT])
             more = f" and {len(r.unmatched) - LIST_LIMIT} more" if len(
                 r.unmatched) > LIST_LIMIT else ""
-            parts.append(f"{r.file}: {len(r.unmatched)} keys match no weight of the "
-                         f"checkpoint or are not applied (LyCORIS sparse bias) ({shown}{more})")
+            n = len(r.unmatched)
+            parts.append(f"{r.file}: {agree(n, 'key', 'matches', 'match')} no weight of the "
+                         f"checkpoint or {'is' if n == 1 else 'are'} not applied (LyCORIS "
+                         f"sparse bias) ({shown}{more})")
     return ModelkitError("; ".join(parts) + "; pass --allow-unmatched (allow_unmatched=True) "
                          "to bake the rest and list them in the report")
 
@@ -211,7 +215,7 @@ def bake(checkpoint: Source, adapters: Sequence[Source | AdapterUse | tuple[Any,
     rep_ck = require_checkpoint(checkpoint, "lora bake")
     arch, base = rep_ck.arch, Path(source_label(checkpoint)).name
     if arch not in LORA_ARCHS:
-        raise ModelkitError(f"{base}: is a {arch} checkpoint; lora bake supports "
+        raise ModelkitError(f"{base}: is {with_article(arch)} checkpoint; lora bake supports "
                             f"{', '.join(LORA_ARCHS)}")
     if dtype is not None:
         dtype = storage_dtype(dtype)

@@ -33,12 +33,14 @@ from modelkit.errors import ModelkitError
 from modelkit.io.source import DerivedSource, Source, source_label, tensor_info
 from modelkit.lora.adapter import DOWN, LORA_ARCHS, MID, UP, Adapter, AdapterModule, open_adapter
 from modelkit.lora.delta import DORA, module_scale
+from modelkit.wording import agree
 
 if TYPE_CHECKING:
     import torch
 
 TARGET_NAMINGS = {"kohya": "kohya", "peft": "peft", "comfy": "comfyui", "comfyui": "comfyui"}
-# which loaders read each output naming (shared/reference/lora.md; ComfyUI's
+# which loaders read each output naming (the cross-tool load matrix of
+# Nerogar/OneTrainer PR #1563 and huggingface/diffusers issue #10860; ComfyUI's
 # comfy/lora.py maps diffusers UNet attention only as ``processor.to_q``)
 READERS = {
     "kohya": "A1111/Forge, ComfyUI and kohya's scripts (diffusers: plain LoRA/LoCon only)",
@@ -98,7 +100,8 @@ def convert(lora: Source, to: str, *, arch: str | None = None) -> PlannedStep:
         raise ModelkitError(f"{ad.label}: cannot tell which architecture it is for "
                             f"({'; '.join(ad.evidence) or 'no evidence'}); pass it explicitly")
     if ad.unmatched:
-        raise ModelkitError(f"{ad.label}: {len(ad.unmatched)} keys match no module of {use} "
+        keys = agree(len(ad.unmatched), "key", "matches", "match")
+        raise ModelkitError(f"{ad.label}: {keys} no module of {use} "
                             f"(first: {ad.unmatched[0]}); nothing to convert them to")
     if naming == "comfyui":
         ia3 = [m.name for m in ad.modules.values() if m.algo == "ia3"]

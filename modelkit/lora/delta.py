@@ -1,4 +1,4 @@
-"""One ΔW engine for every adapter format (see shared/reference/lora.md §2).
+"""One ΔW engine for every adapter format.
 
 Notation: W is the base weight viewed as a matrix ``[out, cols]`` (a conv
 kernel ``[out, in, kh, kw]`` is ``[out, in*kh*kw]``), k the user strength and
@@ -26,6 +26,14 @@ s the module scale.
   for a per-output m at k ≠ 1; docs/lora.md says why it is the choice.
 
 A missing alpha means s = 1. Every computation is float32.
+
+The formulas are those of the formats' readers: KohakuBlueleaf/LyCORIS
+``lycoris/functional/`` (``general.py``, ``loha.py``, ``lokr.py``) and
+``lycoris/modules/locon.py``; comfyanonymous/ComfyUI ``comfy/weight_adapter/``
+(``lora.py``, ``loha.py``, ``lokr.py``, ``base.py`` ``weight_decompose``);
+AUTOMATIC1111/stable-diffusion-webui ``extensions-builtin/Lora/`` (``network.py``,
+``network_hada.py``, ``network_lokr.py``, ``network_ia3.py``, ``network_full.py``);
+kohya-ss/sd-scripts ``networks/merge_lora.py``.
 """
 
 from __future__ import annotations

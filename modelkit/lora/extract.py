@@ -48,6 +48,7 @@ from modelkit.lora.output import (
 )
 from modelkit.numeric import CHUNK_ELEMENTS
 from modelkit.progress import Progress, ProgressFn, no_progress
+from modelkit.wording import with_article
 
 if TYPE_CHECKING:
     import torch
@@ -155,10 +156,10 @@ def _check_pair(base: Source, tuned: Source) -> str:
     rt = require_checkpoint(tuned, "lora extract")
     nb, nt = Path(source_label(base)).name, Path(source_label(tuned)).name
     if rb.arch != rt.arch:
-        raise ModelkitError(f"{nb} is a {rb.arch} checkpoint but {nt} is {rt.arch}; "
+        raise ModelkitError(f"{nb} is {with_article(rb.arch)} checkpoint but {nt} is {rt.arch}; "
                             "extract needs a base and a fine-tune of the same architecture")
     if rb.arch not in LORA_ARCHS:
-        raise ModelkitError(f"{nb}: is a {rb.arch} checkpoint; lora extract supports "
+        raise ModelkitError(f"{nb}: is {with_article(rb.arch)} checkpoint; lora extract supports "
                             f"{', '.join(LORA_ARCHS)}")
     return rb.arch
 

@@ -26,6 +26,7 @@ from modelkit.lora.adapter import LORA_ARCHS, Adapter, open_adapter
 from modelkit.lora.delta import ModuleDelta, check_fit, target_view
 from modelkit.lora.output import LORA_THREADS, torch_threads
 from modelkit.progress import Progress, ProgressFn, no_progress
+from modelkit.wording import with_article
 
 if TYPE_CHECKING:
     import torch
@@ -189,7 +190,8 @@ def info(lora: Source, base: Source | None = None, *, energy: float = 0.9,
         arch = require_checkpoint(base, "lora info --base").arch
     ad = open_adapter(lora)
     if arch is not None and ad.arch not in (arch, "unknown"):
-        raise ModelkitError(f"{ad.label}: is a {ad.arch} adapter but the base is a {arch} "
+        raise ModelkitError(f"{ad.label}: is {with_article(ad.arch)} adapter but the base is "
+                            f"{with_article(arch)} "
                             "checkpoint")
     use = arch or ad.arch
     if use not in LORA_ARCHS:
@@ -213,7 +215,7 @@ def info(lora: Source, base: Source | None = None, *, energy: float = 0.9,
         b.n_modules += 1
         b.delta_sq += (layer.delta_norm or 0.0) ** 2
         b.base_sq += (layer.base_norm or 0.0) ** 2
-        progress(Progress("lora info", i + 1, len(mods), "tensors", mod.name))
+        progress(Progress("lora info", i + 1, len(mods), "tensors", mod.name, "lora info"))
     report.keys_touched = sorted(touched)
     return report
 

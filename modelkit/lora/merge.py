@@ -39,6 +39,7 @@ from modelkit.lora.output import (
     torch_threads,
 )
 from modelkit.progress import Progress, ProgressFn, no_progress
+from modelkit.wording import agree
 
 if TYPE_CHECKING:
     import torch
@@ -100,7 +101,8 @@ def _groups(arch: str, opened: list[Adapter],
     groups: dict[str, _Group] = {}
     for ad, (_, weight, blocks) in zip(opened, items, strict=True):
         if ad.unmatched:
-            raise ModelkitError(f"{ad.label}: {len(ad.unmatched)} keys match no module of "
+            keys = agree(len(ad.unmatched), "key", "matches", "match")
+            raise ModelkitError(f"{ad.label}: {keys} no module of "
                                 f"{arch} (first: {ad.unmatched[0]})")
         table = parse_lora_blocks(blocks, arch) if blocks is not None else None
         for mod in ad.modules.values():

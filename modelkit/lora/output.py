@@ -34,17 +34,15 @@ SKIPPED_KEY = "modelkit.lora.skipped"
 LORA_THREADS = 1  # torch threads for LoRA work (see torch_threads)
 
 
-FLOAT_STORAGE = ("F16", "BF16", "F32")
-
-
 def storage_dtype(name: str) -> str:
     """A float storage type from a user name (``fp16``, ``bf16``, ``fp32``)
     or a safetensors one (``F16``...)."""
     from modelkit.errors import ModelkitError
     from modelkit.io.dtypes import parse_user_dtype
+    from modelkit.vocab import FLOAT_STORAGE_DTYPES
 
-    st = name.upper() if name.upper() in FLOAT_STORAGE else parse_user_dtype(name)
-    if st not in FLOAT_STORAGE:
+    st = name.upper() if name.upper() in FLOAT_STORAGE_DTYPES else parse_user_dtype(name)
+    if st not in FLOAT_STORAGE_DTYPES:
         raise ModelkitError(f"dtype {name!r}: LoRA tensors are stored as fp16, bf16 or fp32")
     return st
 

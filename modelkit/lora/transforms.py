@@ -42,7 +42,16 @@ def _per_adapter(value: Any, n: int, what: str) -> list[Any]:
 
 @transform("lora_bake", summary="add adapters' weighted delta-W into a checkpoint",
            keys=(SAME, DROPPED), ends=(({"weights": (0.0,), "te_weights": (0.0,)}, 0),),
-           choices={"dtype": MERGE_OUTPUT_DTYPES})
+           choices={"dtype": MERGE_OUTPUT_DTYPES},
+           help={"weights": "Strength of each adapter on the UNet.",
+                 "te_weights": "Strength of each adapter on the text encoders (default: "
+                               "its UNet weight).",
+                 "blocks": "LoRA block weights for every adapter: a preset (ALL, NONE, INS, "
+                           "IND, INALL, MIDD, OUTD, OUTS, OUTALL, ALL0.5), 17/26 values "
+                           "(SD1/SD2), 12/20 values (SDXL), or NAME=VALUE,... ",
+                 "dtype": "Float dtype of the output.",
+                 "allow_unmatched": "Bake what matches and list adapter keys that patch "
+                                    "nothing, instead of failing."})
 def lora_bake(checkpoint: Checkpoint, *adapters: Adapter, weights: PerModel = (1.0,),
               te_weights: PerModel | None = None, blocks: Any = None, dtype: str = KEEP,
               allow_unmatched: bool = False, device: str = "cpu") -> PlannedStep:
@@ -60,7 +69,13 @@ def lora_bake(checkpoint: Checkpoint, *adapters: Adapter, weights: PerModel = (1
 
 
 @transform("lora_extract", summary="a kohya LoRA approximating TUNED - BASE, per layer",
-           keys=(NEW, DROPPED), choices={"dtype": FLOAT_STORAGE})
+           keys=(NEW, DROPPED), choices={"dtype": FLOAT_STORAGE},
+           help={"rank": "Rank cap of Linear and 1x1 layers.",
+                 "conv_rank": "Rank cap of 3x3 convs (adds ResBlocks; default: none).",
+                 "energy": "Per layer, the smallest rank keeping this share of ||ΔW||² "
+                           "(capped).",
+                 "te": "Extract text encoders.",
+                 "dtype": "Storage type of the factors."})
 def lora_extract(base: Checkpoint, tuned: Checkpoint, *, rank: int,
                  conv_rank: int | None = None, energy: float | None = None, te: bool = True,
                  dtype: str = "fp16", device: str = "cpu") -> PlannedStep:
@@ -72,7 +87,11 @@ def lora_extract(base: Checkpoint, tuned: Checkpoint, *, rank: int,
 
 
 @transform("lora_resize", summary="re-factorise an adapter at a new rank (exact SVD)",
-           keys=(NEW, DROPPED), choices={"dtype": MERGE_OUTPUT_DTYPES})
+           keys=(NEW, DROPPED), choices={"dtype": MERGE_OUTPUT_DTYPES},
+           help={"rank": "New rank (cap with --energy).",
+                 "energy": "Per module, the smallest rank keeping this share of ||ΔW||².",
+                 "conv_rank": "New rank of 3x3 convs.",
+                 "dtype": "Storage type of the factors (keep: the input's)."})
 def lora_resize(lora: Adapter, *, rank: int | None = None, energy: float | None = None,
                 conv_rank: int | None = None, dtype: str = KEEP) -> PlannedStep:
     """The adapter's dense delta-W re-factorised at ``rank`` and/or ``energy``."""
@@ -82,7 +101,13 @@ def lora_resize(lora: Adapter, *, rank: int | None = None, energy: float | None 
 
 
 @transform("lora_merge", summary="the weighted sum of adapters' delta-W, re-factorised",
-           keys=(NEW, DROPPED), choices={"dtype": FLOAT_STORAGE}, min_models=1)
+           keys=(NEW, DROPPED), choices={"dtype": FLOAT_STORAGE}, min_models=1,
+           help={"weights": "Weight of each adapter's delta-W.",
+                 "rank": "Rank of the merged LoRA.",
+                 "conv_rank": "Rank of 3x3 convs.",
+                 "energy": "Per module, the smallest rank keeping this share of ||ΔW||².",
+                 "blocks": "Block weights applied to every input (see 'lora bake --help').",
+                 "dtype": "Storage type of the factors."})
 def lora_merge(*loras: Adapter, weights: PerModel = (1.0,), rank: int | None = None,
                conv_rank: int | None = None, energy: float | None = None,
                blocks: Any = None, dtype: str = "fp16") -> PlannedStep:
@@ -96,7 +121,8 @@ def lora_merge(*loras: Adapter, weights: PerModel = (1.0,), rank: int | None = N
 
 
 @transform("lora_convert", summary="rename an adapter's keys (kohya, PEFT, ComfyUI)",
-           keys=(SAME, RENAMED, NEW, DROPPED), choices={"to": NAMINGS})
+           keys=(SAME, RENAMED, NEW, DROPPED), choices={"to": NAMINGS},
+           help={"to": "Key naming of the output."})
 def lora_convert(lora: Adapter, *, to: str) -> PlannedStep:
     """The same delta-W under another tool's key names (alpha kept, folded
     into ``lora_B`` for PEFT)."""

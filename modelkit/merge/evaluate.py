@@ -53,9 +53,11 @@ class Evaluator:
         self.plan, self.sources, self.device = plan, sources, device
         recipe = plan.recipe
         self.methods = {n: get_method(s.transform) for n, s in recipe.steps.items()}
-        self.scalars = {
-            n: check_params(self.methods[n], {k: (0.0 if isinstance(v, BlockParam) else v)
-                                              for k, v in s.params.items()})
+        self.scalars = {  # block-wise values are looked up per key
+            n: {k: (0.0 if isinstance(v, BlockParam) else v) for k, v in (
+                s.checked if s.checked is not None else check_params(
+                    self.methods[n], s.params, is_blockwise=lambda v: isinstance(
+                        v, BlockParam))).items()}
             for n, s in recipe.steps.items()
         }
         self.order = step_order(recipe)

@@ -19,6 +19,7 @@ from modelkit.core.recipe import BlockParam, Recipe, RecipeError, StepSpec
 from modelkit.errors import ModelkitError
 from modelkit.io.header import TensorInfo
 from modelkit.vocab import ARCH_NAMES, CHUNK_ELEMENTS, KEEP, USER_DTYPES
+from modelkit.wording import with_article
 
 if TYPE_CHECKING:
     from modelkit.inspect.report import ModelReport
@@ -142,9 +143,14 @@ def _load_input(name: str, path: Path, source: Source | None = None) -> InputFil
     file, rep = (_source_input(name, source) if source is not None
                  else _read_input(name, path, f"input {name!r}"))
     if rep.kind not in ("checkpoint", "unet"):
-        hint = ("; bake a LoRA with 'modelkit lora bake' or an 'op: bake' step"
-                if rep.kind == "lora" else "")
-        raise ModelkitError(f"input {name!r}: {path} is a {rep.kind}, not a checkpoint; "
+        hint = ""
+        if rep.kind == "lora":
+            from modelkit.core.registry import ADAPTER, CHECKPOINT, ops_taking
+
+            ops = " or ".join(f"'op: {op}'" for op in ops_taking(CHECKPOINT, ADAPTER))
+            hint = f"; bake a LoRA into a checkpoint with 'modelkit lora bake' or an {ops} step"
+        raise ModelkitError(f"input {name!r}: {path} is {with_article(rep.kind)}, not a "
+                            "checkpoint; "
                             f"merges take checkpoints{hint}")
     return file
 
@@ -284,7 +290,7 @@ def _load_vae(recipe: Recipe) -> InputFile | None:
     path = recipe.resolve(recipe.options.vae)
     file, rep = _read_input("vae", path, "VAE")
     if "vae" not in rep.components:
-        raise ModelkitError(f"VAE {path}: is a {rep.kind} with no VAE in it")
+        raise ModelkitError(f"VAE {path}: is {with_article(rep.kind)} with no VAE in it")
     return file
 
 
@@ -304,9 +310,26 @@ def make_plan(recipe: Recipe, sources: dict[str, Source] | None = None) -> Plan:
     for step in recipe.steps.values():
         blocks.update(_check_step(recipe, step, arch))
     plan = Plan(recipe, files, _primary(recipe), arch, [], blocks, _load_vae(recipe))
+    plan.warnings += _param_warnings(recipe, blocks)
     _key_plans(plan)
     _prediction_warning(plan)
     return plan
+
+
+def _param_warnings(recipe: Recipe, blocks: dict[tuple[str, str], dict[str, float]]
+                    ) -> list[str]:
+    """The transforms' own warnings on parameter values (a blend weight
+    outside 0..1), block-wise values resolved."""
+    from modelkit.core.registry import get_transform, param_warnings
+
+    out = []
+    for step in recipe.steps.values():
+        if not step.is_method:
+            continue
+        params = {n: blocks.get((step.name, n), v) for n, v in step.params.items()}
+        out += param_warnings(get_transform(step.method), params,
+                              f"steps.{step.name} ({step.method})")
+    return out
 
 
 def _prediction_warning(plan: Plan) -> None:

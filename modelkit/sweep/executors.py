@@ -14,20 +14,24 @@ Pending cells never start.
 
 * :class:`SerialExecutor`: one cell after another in this process (tests,
   debugging, and ``--jobs 1``).
-* :class:`PoolExecutor`: a standard-library process pool (``spawn``), each
-  worker with its own torch thread count (one per core share: two workers
+* :class:`PoolExecutor`: ``spawn`` worker processes, each with its own pipe
+  (a worker that dies fails only its own cell; a fresh one takes its
+  place), each with its own torch thread count (one per core share: two workers
   with two threads each took 76 s on 2 cores where one thread each took
   22 s) and, when GPUs exist, its own ``CUDA_VISIBLE_DEVICES``.
 * :class:`modelkit.sweep.ray_executor.RayExecutor`: Ray tasks or GPU actors
-  (the optional extra ``modelkit[ray]``; Ray is imported only there).
+  (the optional extra ``ray``: ``pip install -e '.[ray]'`` in the checkout;
+  Ray is imported only there).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import Any, Protocol
 
 from modelkit.progress import Progress
@@ -116,36 +120,6 @@ class SerialExecutor:
 
 # --- the process pool ---------------------------------------------------------------
 
-_POOL: dict[str, Any] = {}  # a pool worker's event queue and stop event
-
-
-def _pool_init(threads: int, gpus: list[str], slots: Any, events: Any, stop: Any) -> None:
-    """A pool worker's start: signals are the driver's business (it sets
-    the stop event; a worker still busy after the grace period is killed),
-    then threads and the GPU of its slot."""
-    import signal
-
-    from modelkit.sweep.worker import setup_worker
-
-    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
-    slot = slots.get()
-    setup_worker(threads, gpus[slot % len(gpus)] if gpus else None)
-    _POOL.update(events=events, stop=stop)
-
-
-def _pool_run(task: dict[str, Any]) -> dict[str, Any]:
-    from modelkit.sweep.worker import Throttle, run_cell
-
-    events, index = _POOL["events"], task["index"]
-    return run_cell(task, Throttle(lambda p: events.put((index, p))), _POOL["stop"])
-
-
-def _pump(events: Any, on_progress: CellProgressFn) -> None:
-    while (item := events.get()) is not None:
-        on_progress(*item)
-
 
 def failed_record(task: dict[str, Any], error: str, status: str = "failed") -> dict[str, Any]:
     """The record of a cell whose worker did not return one."""
@@ -156,13 +130,91 @@ def failed_record(task: dict[str, Any], error: str, status: str = "failed") -> d
     return record
 
 
+def pool_cell(task: dict[str, Any], progress: Any, stop: Any) -> dict[str, Any]:
+    """What a pool worker runs for one cell (a module-level function: the
+    worker imports it by name)."""
+    from modelkit.sweep.worker import run_cell
+
+    return run_cell(task, progress, stop)
+
+
+def _worker_main(conn: Any, threads: int, gpu: str | None, stop: Any,
+                 cell_fn: Callable[..., dict[str, Any]]) -> None:
+    """A pool worker: signals are the driver's business (it sets the stop
+    event; a worker still busy after the grace period is killed); then it
+    runs the cells the driver sends on its own pipe, one at a time, and
+    sends back their progress and records on the same pipe."""
+    import signal
+
+    from modelkit.sweep.worker import Throttle, setup_worker
+
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    setup_worker(threads, gpu)
+    lock = threading.Lock()
+
+    def send(message: tuple[Any, ...]) -> None:
+        with lock:  # progress comes from the hash and write threads too
+            conn.send(message)
+
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        index = task["index"]
+        record = cell_fn(task, Throttle(lambda p, i=index: send(("progress", i, p))), stop)
+        send(("result", index, record))
+
+
+def death_note(exitcode: int | None) -> str:
+    """Why a worker process ended, for a cell's error."""
+    import signal
+
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = " (out of memory?)" if name == "SIGKILL" else ""
+        return f"worker process was killed by {name}{hint}; the other cells went on"
+    return f"worker process exited (code {exitcode}) before the cell finished"
+
+
+class _Worker:
+    """One pool process, its pipe, its GPU slot and the cell it runs."""
+
+    def __init__(self, ctx: Any, slot: int, threads: int, gpus: list[str], stop: Any,
+                 cell_fn: Callable[..., dict[str, Any]]) -> None:
+        self.slot = slot
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(
+            target=_worker_main, name=f"modelkit-sweep-{slot}",
+            args=(child, threads, gpus[slot % len(gpus)] if gpus else None, stop, cell_fn))
+        self.process.start()
+        child.close()
+        self.task: dict[str, Any] | None = None
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.conn.send(None)
+        self.conn.close()
+
+
 class PoolExecutor:
-    """A ``spawn`` process pool of ``jobs`` workers (see the module
-    docstring). ``jobs`` and ``threads`` default from the machine and the
-    cells' planned memory; ``gpus`` (ids) default to the visible GPUs when
-    the cells run on CUDA (``device``)."""
+    """A pool of ``jobs`` ``spawn`` worker processes (see the module
+    docstring), each with its own pipe: the driver knows which cell each
+    worker runs, so a worker that dies (killed, out of memory) fails only
+    its own cell and a fresh worker takes its place. ``jobs`` and
+    ``threads`` default from the machine and the cells' planned memory;
+    ``gpus`` (ids) default to the visible GPUs when the cells run on CUDA
+    (``device``)."""
 
     name = "pool"
+    cell_fn: Callable[..., dict[str, Any]] = staticmethod(pool_cell)
 
     def __init__(self, jobs: int | None = None, threads: int | None = None,
                  gpus: list[str] | None = None, grace: float = GRACE_SECONDS) -> None:
@@ -182,78 +234,101 @@ class PoolExecutor:
     def execute(self, tasks: list[dict[str, Any]], *, on_progress: CellProgressFn,
                 on_result: ResultFn, cancel: threading.Event) -> None:
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
 
         if not tasks:
             return
         jobs, threads, gpus = self._sizes(tasks)
         ctx = multiprocessing.get_context("spawn")
-        events, stop, slots = ctx.Queue(), ctx.Event(), ctx.Queue()
-        for slot in range(jobs):
-            slots.put(slot)
-        pump = threading.Thread(target=_pump, args=(events, on_progress), daemon=True,
-                                name="sweep-progress")
-        pump.start()
-        pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_pool_init,
-                                   initargs=(threads, gpus, slots, events, stop))
-        futures = {pool.submit(_pool_run, t): t for t in tasks}
+        stop = ctx.Event()
+        pending = deque(tasks)
+        workers: list[_Worker] = []
+
+        def start(slot: int) -> _Worker:
+            return _Worker(ctx, slot, threads, gpus, stop, type(self).cell_fn)
+
         interrupted: BaseException | None = None
         try:
+            workers = [start(slot) for slot in range(min(jobs, len(tasks)))]
             try:
-                self._collect(futures, on_result, cancel)
+                while not cancel.is_set() and (pending or any(w.task for w in workers)):
+                    self._assign(workers, pending, start)
+                    self._step(workers, on_progress, on_result, 0.2)
             except BaseException as exc:  # Ctrl-C in the driver: stop like a cancel
                 interrupted = exc
                 cancel.set()
-            if cancel.is_set():
+            if cancel.is_set():  # pending cells never start; running ones stop
                 stop.set()
-                self._drain(futures, on_result)
+                deadline = time.monotonic() + self.grace
+                while any(w.task for w in workers) and time.monotonic() < deadline:
+                    self._step(workers, on_progress, on_result, 0.2, cancelled=True)
         finally:
             stop.set()
-            pool.shutdown(wait=False, cancel_futures=True)
-            self._stop_stragglers(pool)
-            events.put(None)
-            pump.join(timeout=2)
+            for w in workers:
+                w.close()
+            for w in workers:
+                w.process.join(timeout=1)
+                if w.process.is_alive():  # busy after the grace period: the sweep
+                    w.process.kill()      # removes its temp files
+                    w.process.join(timeout=5)
         if interrupted is not None:
             raise interrupted
 
-    def _collect(self, futures: dict[Future[Any], dict[str, Any]], on_result: ResultFn,
-                 cancel: threading.Event) -> None:
-        pending = set(futures)
-        while pending and not cancel.is_set():
-            done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-            for future in sorted(done, key=lambda f: futures[f]["index"]):
-                on_result(self._record(future, futures[future]))
-                futures.pop(future)
+    @staticmethod
+    def _assign(workers: list[_Worker], pending: deque[dict[str, Any]],
+                start: Callable[[int], _Worker]) -> None:
+        """Give each idle worker the next cell (a dead worker is replaced
+        first, so one death costs one cell)."""
+        for i, w in enumerate(workers):
+            if w.task is not None or not pending:
+                continue
+            if not w.process.is_alive():
+                w.conn.close()
+                w = workers[i] = start(w.slot)
+            task = pending.popleft()
+            try:
+                w.conn.send(task)
+            except OSError:  # it died just now: the cell goes back, the next round
+                pending.appendleft(task)  # replaces the worker
+                continue
+            w.task = task
 
-    def _drain(self, futures: dict[Future[Any], dict[str, Any]], on_result: ResultFn) -> None:
-        """After a cancel: pending cells never start; running ones stop at
-        their next tensor or render step (waited for up to ``grace``)."""
-        running = [f for f in futures if not f.cancel()]
-        done, _ = wait(running, timeout=self.grace)
-        for future in sorted(done, key=lambda f: futures[f]["index"]):
-            on_result(self._record(future, futures[future], cancelled=True))
+    def _step(self, workers: list[_Worker], on_progress: CellProgressFn,
+              on_result: ResultFn, timeout: float, cancelled: bool = False) -> None:
+        """Wait for messages or a worker's end; hand them on. A worker that
+        ended without a record fails its cell (only its cell)."""
+        from multiprocessing.connection import wait as wait_any
+
+        busy = [w for w in workers if w.task is not None]
+        if not busy:
+            time.sleep(min(timeout, 0.05))
+            return
+        ready = set(wait_any([w.conn for w in busy] + [w.process.sentinel for w in busy],
+                             timeout))
+        for w in busy:
+            if w.conn in ready or w.process.sentinel in ready:
+                self._receive(w, on_progress, on_result)
+            if w.task is not None and not w.process.is_alive():
+                self._receive(w, on_progress, on_result)  # what it sent before it ended
+                if w.task is None:
+                    continue
+                task, w.task = w.task, None
+                w.process.join(timeout=1)
+                on_result(failed_record(task, "cancelled; its worker stopped", "cancelled")
+                          if cancelled else failed_record(task,
+                                                          death_note(w.process.exitcode)))
 
     @staticmethod
-    def _record(future: Future[Any], task: dict[str, Any], cancelled: bool = False
-                ) -> dict[str, Any]:
+    def _receive(w: _Worker, on_progress: CellProgressFn, on_result: ResultFn) -> None:
         try:
-            record: dict[str, Any] = future.result()
-            return record
-        except Exception as exc:  # the worker process died (killed, out of memory)
-            from modelkit.sweep.worker import one_line
-
-            if cancelled:
-                return failed_record(task, "cancelled; its worker stopped", "cancelled")
-            return failed_record(task, f"worker process failed: {one_line(exc)}")
-
-    @staticmethod
-    def _stop_stragglers(pool: Any) -> None:
-        # a worker still busy after the grace period (a long call that does
-        # not check the stop event) is terminated; the sweep removes its
-        # temp files. ProcessPoolExecutor has no public way to do this.
-        for process in list((getattr(pool, "_processes", None) or {}).values()):
-            if process.is_alive():
-                process.kill()
+            while w.task is not None and w.conn.poll():
+                kind, index, payload = w.conn.recv()
+                if kind == "progress":
+                    on_progress(index, payload)
+                else:
+                    w.task = None
+                    on_result(payload)
+        except Exception:  # the worker died mid-message (EOF, a cut pickle)
+            pass
 
 
 def make_executor(jobs: int | None = None, address: str | None = None,

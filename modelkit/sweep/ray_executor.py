@@ -1,4 +1,4 @@
-"""Cells on a Ray cluster (the optional extra ``modelkit[ray]``); Ray is
+"""Cells on a Ray cluster (the optional extra ``ray``); Ray is
 imported only by this module's functions.
 
 * **Where**: ``address="local"`` starts a fresh cluster on this machine
@@ -174,8 +174,8 @@ class RayExecutor:
             import ray
         except ImportError:
             raise ModelkitError("running on Ray (--address or RAY_ADDRESS) needs Ray: pip "
-                                "install 'modelkit[ray]'; without either, the local process "
-                                "pool runs the sweep") from None
+                                "install -e '.[ray]' in the modelkit checkout; without "
+                                "either, the local process pool runs the sweep") from None
         if ray.is_initialized():
             return False
         handlers = _Handlers()

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelkit.sweep.spec import Axis
-from modelkit.verify.outputs import fit_text
+from modelkit.verify.outputs import fit_text, label_font
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -85,7 +85,8 @@ def row(axes: list[Axis], index: int, labels: dict[str, str], record: dict[str, 
     out["status"] = record.get("status", "not run")
     verify = record.get("verify") or {}
     metrics = verify.get("metrics") or {}
-    out["verdict"] = verify.get("verdict")
+    # "reported" where no threshold judged the comparison (a merge), not "pass"
+    out["verdict"] = verify.get("outcome") or verify.get("verdict")
     for name in ("psnr", "ssim", "latent"):
         out[name] = metrics.get(name)
     out["seconds"] = (record.get("timings") or {}).get("total")
@@ -125,10 +126,10 @@ def cell_text(name: str, value: Any, short: bool = True) -> str:
 
 def markdown(title: str, cols: list[str], rows: list[dict[str, Any]]) -> str:
     """The table as markdown."""
-    def esc(text: str) -> str:
-        return text.replace("|", "\\|").replace("\n", " ")
+    from modelkit.textsafe import markdown_cell as esc
 
-    lines = [f"# {esc(title)}", "", "| " + " | ".join(cols) + " |",
+    # file names, labels and errors come from files: escaped (controls, |)
+    lines = [f"# {esc(title)}", "", "| " + " | ".join(esc(c) for c in cols) + " |",
              "| " + " | ".join("---" for _ in cols) + " |"]
     for r in rows:
         lines.append("| " + " | ".join(esc(cell_text(c, r.get(c))) for c in cols) + " |")
@@ -136,14 +137,17 @@ def markdown(title: str, cols: list[str], rows: list[dict[str, Any]]) -> str:
 
 
 def csv_text(cols: list[str], rows: list[dict[str, Any]]) -> str:
-    """The table as CSV (full sha256, numbers unrounded, ``inf`` spelled)."""
+    """The table as CSV (full sha256, numbers unrounded, ``inf`` spelled;
+    text escaped and kept from reading as a spreadsheet formula)."""
+    from modelkit.textsafe import csv_cell
+
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(cols)
+    writer.writerow([csv_cell(c) for c in cols])
     for r in rows:
         writer.writerow(["" if r.get(c) is None else
-                         ("inf" if isinstance(r.get(c), float) and math.isinf(r[c]) else r[c])
-                         for c in cols])
+                         ("inf" if isinstance(r.get(c), float) and math.isinf(r[c])
+                          else csv_cell(r[c])) for c in cols])
     return buf.getvalue()
 
 
@@ -162,7 +166,6 @@ TILE_MIN = 192  # pixels: tiny renders are scaled up (nearest) to this
 TILE_MAX = 320
 PAD = 6
 LINE_H = 15
-FONT_SIZE = 12
 TILE_LINES = 3
 LABEL_W = 150
 PER_ROW = 6  # cells per row when there is no second axis
@@ -171,6 +174,7 @@ TEXT = (235, 235, 235)
 DIM = (150, 150, 150)
 FAILED = (90, 24, 24)
 PASS_COLOUR = (120, 200, 120)
+WARN_COLOUR = (230, 200, 90)
 FAIL_COLOUR = (235, 110, 110)
 
 
@@ -256,8 +260,8 @@ def _status_line(record: dict[str, Any]) -> tuple[str, tuple[int, int, int]]:
     seconds = cell_text("seconds", (record.get("timings") or {}).get("total"))
     if record.get("status") != "ok":
         return f"{record.get('status', 'not run').upper()}", FAIL_COLOUR
-    verdict = str(verify.get("verdict") or "no render")
-    colour = FAIL_COLOUR if verdict == "fail" else PASS_COLOUR
+    verdict = str(verify.get("outcome") or verify.get("verdict") or "no render")
+    colour = {"fail": FAIL_COLOUR, "pass": PASS_COLOUR, "warn": WARN_COLOUR}.get(verdict, TEXT)
     return f"{verdict.upper()}  {seconds} s", colour
 
 
@@ -266,7 +270,7 @@ def contact_sheet(title: str, axes: list[Axis], mode: str,
                   out_dir: Path) -> Image.Image | None:
     """The contact sheet (see the module docstring), or None when no cell
     has a render."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     if not any(_images(r, "candidate") for r in records.values()):
         return None
@@ -280,10 +284,7 @@ def contact_sheet(title: str, axes: list[Axis], mode: str,
     height = header_h + len(grid) * (cell_h + PAD) + PAD
     sheet = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
-    try:
-        font: Any = ImageFont.load_default(size=FONT_SIZE)
-    except (TypeError, ImportError):  # Pillow without FreeType: the bitmap font
-        font = ImageFont.load_default()
+    font = label_font()
     draw.text((PAD, PAD), fit_text(title, width - 2 * PAD, font, draw), fill=TEXT, font=font)
     heads = (["reference"] if with_reference else []) + col_labels
     for j, head in enumerate(heads):

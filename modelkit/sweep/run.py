@@ -19,6 +19,7 @@ writes the partial table and returns a report with ``cancelled`` set.
 from __future__ import annotations
 
 import contextlib
+import errno
 import shutil
 import threading
 import time
@@ -34,6 +35,7 @@ from modelkit.sweep import results
 from modelkit.sweep.executors import Executor, SerialExecutor
 from modelkit.sweep.plan import CellPlan, plan_sweep
 from modelkit.sweep.spec import Axis, SweepSpec
+from modelkit.wording import plural
 
 MARKER = SWEEP_MARKER  # the library's scan skips folders holding it
 SCHEMA = "modelkit.sweep/1"
@@ -116,7 +118,7 @@ class SweepReport:
             parts.append(f"{self.n_not_run} not run")
         resumed = f", {self.n_resumed} from an earlier run" if self.n_resumed else ""
         state = "CANCELLED: " if self.cancelled else ""
-        return (f"{state}{len(self.cells)} cells: {', '.join(parts)}{resumed} "
+        return (f"{state}{plural(len(self.cells), 'cell')}: {', '.join(parts)}{resumed} "
                 f"({self.executor}, {self.seconds:.1f} s)")
 
     def to_dict(self) -> dict[str, Any]:
@@ -142,6 +144,17 @@ class SweepReport:
 def prepare_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
     """Create the sweep folder, or accept a previous sweep's with
     ``resume``/``overwrite``; refuse a folder holding anything else."""
+    check_folder(out_dir, resume, overwrite)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MARKER).write_text("a modelkit sweep folder; see sweep.jsonl\n")
+    if overwrite and not resume:
+        for name in OWN_FILES:
+            (out_dir / name).unlink(missing_ok=True)
+
+
+def check_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Raise the :class:`OutputError` :func:`prepare_folder` would (the
+    dry run refuses what the run refuses); writes nothing."""
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir}: exists and is not a folder; pick another -o")
     if out_dir.is_dir() and any(out_dir.iterdir()):
@@ -151,11 +164,6 @@ def prepare_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
         if not (resume or overwrite):
             raise OutputError(f"{out_dir}: holds a sweep already; pass --resume to continue "
                               "it or --overwrite to run every cell again")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MARKER).write_text("a modelkit sweep folder; see sweep.jsonl\n")
-    if overwrite and not resume:
-        for name in OWN_FILES:
-            (out_dir / name).unlink(missing_ok=True)
 
 
 def remove_partials(out_dir: Path, plans: list[CellPlan]) -> list[Path]:
@@ -176,6 +184,48 @@ def remove_partials(out_dir: Path, plans: list[CellPlan]) -> list[Path]:
                     path.unlink(missing_ok=True)
                 removed.append(path)
     return removed
+
+
+def remove_output(path: Path) -> None:
+    """Remove a cell's output that did not end ``ok`` (a worker killed
+    while verifying, a write that failed at its end): the sweep's own file,
+    named by the cell, in the sweep folder; ``--resume`` runs the cell again."""
+    with contextlib.suppress(OSError):
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)
+
+
+# --- a disk that cannot be written ---------------------------------------------------
+
+DISK_ERRORS = {errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on device",
+               errno.EDQUOT: "disk quota exceeded", errno.EACCES: "permission denied",
+               errno.EPERM: "permission denied"}
+
+
+def _discard(out: Path, plans: list[CellPlan], created: bool) -> None:
+    """Remove what this run put in a folder that was empty (so a rerun is
+    not refused): its outputs, tables, renders, temp files and marker."""
+    remove_partials(out, plans)
+    for plan in plans:
+        remove_output(plan.output)
+        shutil.rmtree(out / "images" / plan.cell.name, ignore_errors=True)
+    for name in (*OWN_FILES, MARKER):
+        with contextlib.suppress(OSError):
+            (out / name).unlink(missing_ok=True)
+    for folder in ([out / "images", out] if created else [out / "images"]):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+def cannot_write(exc: OSError, out: Path, discarded: bool) -> OutputError:
+    """The one-line error for a disk that refused a write."""
+    from modelkit.textsafe import shown
+
+    then = ("nothing was kept; free space or pick another -o and run it again" if discarded
+            else "finished cells are kept; free space and --resume continues it")
+    return OutputError(f"cannot write to {shown(out)}: {DISK_ERRORS[exc.errno]}; {then}")
 
 
 # --- resume ---------------------------------------------------------------------------
@@ -313,7 +363,8 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, executor: Executor | None
         SweepError: a bad value, naming its axis and value (before any cell
             runs; a folder this call made is removed again).
         OutputError: the folder holds something else, or a sweep without
-            ``resume``/``overwrite``.
+            ``resume``/``overwrite``; or the disk refused a write (read-only,
+            full): a folder that was empty is left as it was.
         KeyboardInterrupt: re-raised after the same clean-up as a cancel.
     """
     start = time.perf_counter()
@@ -321,14 +372,22 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, executor: Executor | None
     executor = executor or SerialExecutor()
     out = Path(out_dir).absolute()
     fresh = not out.exists() or (out.is_dir() and not any(out.iterdir()))
-    created = [d for d in (out, *out.parents) if not d.exists()]  # deepest first
-    prepare_folder(out, resume, overwrite)
+    made = [d for d in (out, *out.parents) if not d.exists()]  # deepest first
+    created = not out.exists()
+    try:
+        prepare_folder(out, resume, overwrite)
+    except OSError as exc:
+        if exc.errno not in DISK_ERRORS:
+            raise
+        if fresh:
+            _discard(out, [], created)
+        raise cannot_write(exc, out, fresh) from None
     try:
         plans = plan_sweep(spec, out, device=device, progress=progress, cancel=cancel)
     except BaseException:
         if fresh:  # a bad value leaves nothing behind, not even the folder
             (out / MARKER).unlink(missing_ok=True)
-            for folder in created:  # the sweep folder and the parents made for it
+            for folder in made:  # the sweep folder and the parents made for it
                 with contextlib.suppress(OSError):
                     folder.rmdir()
         raise
@@ -339,7 +398,11 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, executor: Executor | None
     previous = results.read_records(jsonl) if resume else []
     events = _Progress(progress, len(plans), {p.cell.index: p.cell.name for p in plans})
 
+    outputs = {p.cell.index: p.output for p in plans}
+
     def finish(record: dict[str, Any], append: bool = True) -> None:
+        if record.get("status") in ("failed", "cancelled"):
+            remove_output(outputs[record["index"]])  # its row says so: no file
         report.records[record["index"]] = record
         if append:
             results.append_record(jsonl, record)
@@ -347,17 +410,30 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, executor: Executor | None
         if on_cell is not None:
             on_cell(record)
 
-    tasks = _tasks(plans, spec, out, resume, overwrite, executor.name, previous, finish,
-                   report)
     try:
-        executor.execute(tasks, on_progress=events.cell, on_result=finish, cancel=cancel)
-    except BaseException:
-        cancel.set()
-        report.cancelled = True
+        tasks = _tasks(plans, spec, out, resume, overwrite, executor.name, previous, finish,
+                       report)
+        try:
+            executor.execute(tasks, on_progress=events.cell, on_result=finish,
+                             cancel=cancel)
+        except OSError:
+            raise
+        except BaseException:
+            cancel.set()
+            report.cancelled = True
+            _close(report, spec, plans, start)
+            raise
+        report.cancelled = cancel.is_set() and report.n_not_run > 0
         _close(report, spec, plans, start)
-        raise
-    report.cancelled = cancel.is_set() and report.n_not_run > 0
-    _close(report, spec, plans, start)
+    except OSError as exc:  # the disk refused sweep.jsonl or a table
+        if exc.errno not in DISK_ERRORS:
+            raise
+        cancel.set()
+        remove_partials(out, plans)
+        discard = fresh and report.n_ok == 0  # nothing worth a --resume
+        if discard:
+            _discard(out, plans, created)
+        raise cannot_write(exc, out, discard) from None
     return report
 
 

@@ -423,14 +423,27 @@ def _axis_key(name: str, recipe: Recipe, source: str) -> str:
                      f"field path, e.g. steps.{next(iter(recipe.steps))}.params.{name[:60]}")
 
 
-def _value(item: Any) -> Any:
-    """A number typed without YAML's float spelling (``1e-3``) is a number."""
-    if isinstance(item, str):
-        for kind in (int, float):
-            try:
-                return kind(item)
-            except ValueError:
-                pass
+def _param_of(key: str, recipe: Recipe) -> Any:
+    """The declaration of the parameter field ``key`` names
+    (``steps.NAME.params.PARAM``), or None for another field."""
+    from modelkit.core.registry import all_transforms
+
+    path = key.split(".")
+    if len(path) != 4 or path[0] != "steps" or path[2] != "params" \
+            or path[1] not in recipe.steps:
+        return None
+    t = all_transforms().get(recipe.steps[path[1]].transform)
+    return t.params.get(path[3]) if t is not None else None
+
+
+def _value(item: Any, param: Any) -> Any:
+    """A value YAML left as text (``1e-3``, ``on`` quoted...) read by the
+    registry's one parser for ``param``'s text (None: a number when it reads
+    as one)."""
+    from modelkit.core.registry import parse_text
+
+    if isinstance(item, str) and item.strip():
+        return parse_text(param, item)
     return item
 
 
@@ -460,12 +473,15 @@ def parse_axes(text: str, recipe: Recipe, source: str = "axes") -> dict[str, lis
             raise SweepError(f"{source}: {name[:60]}: values not readable "
                              f"({getattr(exc, 'problem', None) or 'YAML'}); separate them "
                              "with commas") from None
+        except ValueError:  # an integer past Python's digit limit
+            raise SweepError(f"{source}: {name[:60]}: a value has too many digits") from None
         if not isinstance(parsed, list) or not parsed:  # "[]" or a stray bracket
             raise SweepError(f"{source}: {name[:60]}: give one or more values")
         key = _axis_key(name, recipe, source)
         if key in axes:
             raise SweepError(f"{source}: {name[:60]}: given twice")
-        axes[key] = [_value(v) for v in parsed]
+        param = _param_of(key, recipe)
+        axes[key] = [_value(v, param) for v in parsed]
     if not axes:
         raise SweepError(f"{source}: give the axes to sweep, e.g. alpha = 0.3, 0.5")
     return axes

@@ -29,10 +29,12 @@ from typing import Any
 
 from modelkit.errors import Cancelled, ModelkitError
 from modelkit.progress import VERIFY, Progress, ProgressFn, no_progress
+from modelkit.wording import error_text
 
 RECORD_SCHEMA = "modelkit.sweep.cell/1"
 PROGRESS_INTERVAL = 0.2  # seconds between forwarded events of one cell
 METRICS = ("psnr", "ssim", "latent")
+ERROR_LIMIT = 500  # characters of a cell's error
 
 _SESSION: Any = None  # the process's VerifySession (reference renders)
 _THREADS: int | None = None  # the worker's torch thread count, when an executor set one
@@ -91,11 +93,9 @@ def _cell_events(progress: ProgressFn, verify: bool) -> tuple[ProgressFn, Progre
 
 
 def one_line(exc: BaseException) -> str:
-    """An error as one line (a bug names its type)."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    if not isinstance(exc, ModelkitError | OSError):
-        text = f"internal error: {type(exc).__name__}: {text}"
-    return text[:500]
+    """An error as one line for a cell's record: the front ends' wording
+    (:func:`modelkit.wording.error_text`; a bug names its type)."""
+    return error_text(exc, ERROR_LIMIT)
 
 
 def _now() -> str:
@@ -202,7 +202,8 @@ def _verify_record(report: Any, images: dict[str, list[str]], section: dict[str,
     from modelkit.verify.report import json_safe
 
     return json_safe({
-        "verdict": report.verdict, "passed": report.passed, "summary": report.summary(),
+        "verdict": report.verdict, "outcome": report.outcome, "passed": report.passed,
+        "summary": report.summary(),
         "reference": report.reference, "operation": report.operation,
         "metrics": metric_summary(report.images), "images": images,
         "cases": [{"case": m.case, "seed": m.seed, "prompt": m.prompt,

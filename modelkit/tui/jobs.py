@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from textual.message_pump import MessagePump
 
-from modelkit.errors import Cancelled, ModelkitError
+from modelkit.errors import Cancelled
 from modelkit.progress import Progress, ProgressFn
 from modelkit.tui.messages import (
     DetailLoaded,
@@ -32,17 +32,10 @@ from modelkit.tui.messages import (
     SweepCellDone,
     TransformsLoaded,
 )
+from modelkit.wording import error_line  # the CLI's one-line wording (jobs.error_line)
 
 T = TypeVar("T")
 PROGRESS_INTERVAL = 0.05  # seconds between progress messages of one job
-
-
-def error_line(exc: BaseException) -> str:
-    """What the CLI would print for ``exc``."""
-    if isinstance(exc, ModelkitError):
-        return f"modelkit: error: {exc}"
-    return (f"modelkit: internal error: {type(exc).__name__}: {exc} "
-            "(set MODELKIT_DEBUG=1 for a traceback and report it)")
 
 
 def throttled(node: MessagePump, job: str) -> ProgressFn:
@@ -143,7 +136,7 @@ def compare_job(a: str, b: str) -> Callable[[ProgressFn, threading.Event], Any]:
 
 
 def load_transforms(node: MessagePump) -> None:
-    """Load the transform registry (imports torch: seconds, the first time)."""
+    """Load the transform registry (imports every method and operation module)."""
     from modelkit.core.registry import all_transforms
 
     node.post_message(TransformsLoaded(all_transforms()))

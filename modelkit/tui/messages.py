@@ -77,8 +77,8 @@ class LibraryChanged(Message):
 
 @dataclass
 class TransformsLoaded(Message):
-    """The transform registry was loaded (it imports torch, so a worker
-    loads it): every merge method and operation by name."""
+    """The transform registry was loaded (it imports every method and
+    operation module, so a worker loads it): each one by name."""
 
     transforms: dict[str, Any]
 

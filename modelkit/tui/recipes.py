@@ -1,10 +1,10 @@
 """What the Act screen builds and shows, without any widget: which actions
 the chosen files allow (from the transform registry), the inputs in the
-order a transform takes them, form text turned into parameter values, a
+order a transform takes them, each field's initial text, a
 default output name, the recipe, and the dry-run plan or result as text.
 
 Plain Python plus ``rich`` text (no textual import), so it is tested
-directly; the registry is loaded by the caller (it imports torch).
+directly; the registry is loaded by the caller.
 """
 
 from __future__ import annotations
@@ -17,24 +17,23 @@ from typing import Any
 
 from rich.text import Text
 
-from modelkit.cli.progress import human_bytes
+from modelkit.arch.blocks import weights_title
 from modelkit.core.recipe import COMMAND_LINE, Recipe, validate
 from modelkit.core.registry import METHOD, MODEL, ROLE_KINDS, Param, Transform
 from modelkit.errors import ModelkitError
 from modelkit.library.query import Entry
 from modelkit.textsafe import safe_text, shown
+from modelkit.wording import block_rows, human_bytes, lora_weights
 
 MERGE = "merge"
 FIRST = ("lora_bake", "prune", "quantize", "extract")  # listed first, in this order
 LAST = ("convert",)  # a plain copy fits every file: listed after the specific ones
-DEFAULT_ALPHA = 0.3  # A1111's default multiplier, as the CLI's merge
 UNUSABLE_KINDS = ("broken", "unknown")
 STEM_CHARS = 40  # of each input's name in a default output name
 VERIFY_CHOICES = (("no", "off"), ("static checks", "static"),
                   ("render and compare", "render"))  # the form's "verify after" select
 VERIFY_SECTIONS: dict[str, dict[str, Any] | None] = {  # the recipe's verify: section
     "off": None, "static": {"render": False}, "render": {}}
-BLOCKS_PER_LINE = 5  # 13 columns each: fits a 72-column plan
 REPORT_FIELDS = 6  # scalar fields of a step's own report shown in the plan
 SHOWN_ABOVE = frozenset({"arch", "n_keys", "n_tensors", "n_merged", "n_copied", "n_skipped",
                          "n_ignored", "peak_estimate_bytes", "warnings", "notes",
@@ -132,40 +131,15 @@ def inputs_line(t: Transform, ordered: Sequence[Entry]) -> str:
 
 
 def field_text(p: Param) -> str:
-    """What a parameter's text field starts with: its default, A1111's
-    alpha for a required block-wise number, else empty."""
-    if p.required:
-        return f"{DEFAULT_ALPHA:g}" if p.blockwise else ""
-    value = p.default
+    """What a parameter's text field starts with: its default, else its
+    declared suggested value (A1111's alpha), else empty. The field's text
+    becomes a value with the registry's one parser (``parse_text``)."""
+    value = p.initial
     if value is None:
         return ""
     if isinstance(value, list | tuple):
         return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
     return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _number(text: str) -> Any:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text  # the registry names the parameter and says what it needs
-
-
-def parse_text(p: Param, text: str) -> Any:
-    """A text field's value for ``p``; None when empty (the default
-    applies, or the runner says the parameter is missing). A block-wise
-    number may be a preset name or a comma list; anything that is not a
-    number is passed on for the recipe check to name."""
-    text = text.strip()
-    if not text:
-        return None
-    if p.per_model:
-        return [_number(x.strip()) for x in text.split(",")]
-    if p.kind in ("float", "int"):
-        return _number(text)
-    return text
 
 
 def default_output(action: str, paths: Sequence[str], params: Mapping[str, Any],
@@ -238,10 +212,9 @@ def _scalars(report: Any) -> list[tuple[str, Any]]:
 
 
 def _blocks(out: Text, title: str, weights: Mapping[str, float]) -> None:
-    out.append(f"{safe_text(title)} ({len(weights)} blocks)\n", style="bold")
-    cells = [f"{name:<5} {value:<6.3g}" for name, value in weights.items()]
-    for i in range(0, len(cells), BLOCKS_PER_LINE):
-        out.append("  " + " ".join(cells[i:i + BLOCKS_PER_LINE]).rstrip() + "\n")
+    out.append(f"{safe_text(title)} ({weights_title(weights)})\n", style="bold")
+    for row in block_rows(weights):
+        out.append(row + "\n")
 
 
 def _block_tables(out: Text, report: Any) -> None:
@@ -256,7 +229,7 @@ def _block_tables(out: Text, report: Any) -> None:
 def _verdict(out: Text, verify: Any, grid: Path | None) -> None:
     if verify is None:
         return
-    style = {"pass": "green", "warn": "yellow"}.get(verify.verdict, "red")
+    style = {"pass": "green", "warn": "yellow", "reported": ""}.get(verify.outcome, "red")
     out.append(f"verify: {shown(verify.summary(), 300)}\n", style=f"bold {style}")
     if grid is not None:
         out.append(f"grid: {safe_text(grid)}\n")
@@ -298,8 +271,8 @@ def plan_text(report: Any, grid: Path | None = None) -> Text:
         for key, value in _scalars(step.report):
             out.append(f"  {key} {shown(value, 60)}\n", style="dim")
         for a in getattr(step.report, "adapters", None) or []:
-            out.append(f"  adapter {shown(a.file, 60)} ({a.format}, {a.arch}): weight "
-                       f"{a.weight:g}, te {a.te_weight:g}; {a.n_modules} modules, "
+            out.append(f"  adapter {shown(a.file, 60)} ({a.format}, {a.arch}): "
+                       f"{lora_weights(a.weight, a.te_weight)}; {a.n_modules} modules, "
                        f"{len(a.unmatched)} unmatched keys\n", style="dim")
     _block_tables(out, report)
     _verdict(out, report.verify, grid)

@@ -11,12 +11,12 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from modelkit.cli.progress import human_bytes
 from modelkit.library import metadata as md
 from modelkit.library.check import Hint
 from modelkit.library.layout import arch_name
 from modelkit.library.query import Detail
 from modelkit.textsafe import safe_text
+from modelkit.wording import human_bytes, param_count
 
 VALUE_WIDTH = 400  # characters of one metadata value shown before "..."
 TAGS_SHOWN = 20
@@ -37,12 +37,6 @@ def _section(out: Text, title: str) -> None:
 def _row(out: Text, label: str, value: object, style: str = "") -> None:
     out.append(f"{label:<12} ", style="dim")
     out.append(safe(value) + "\n", style=style)
-
-
-def _params(n: int | None) -> str:
-    if n is None:
-        return "-"
-    return f"{n / 1e6:,.2f} M" if n < 1e9 else f"{n / 1e9:,.3f} G"
 
 
 def _ema_and_prune(detail: Detail) -> str:
@@ -67,7 +61,7 @@ def _components(out: Text, components: dict[str, dict[str, Any]]) -> None:
         status = {True: "complete", False: "INCOMPLETE", None: "not checked"}[c.get("complete")]
         out.append(f"{safe(name):<11}", style="bold")
         out.append(f"{safe(c.get('family', '?'))}, {c.get('n_tensors', 0)} tensors, "
-                   f"{_params(c.get('n_params'))} ")
+                   f"{param_count(c.get('n_params'))} ")
         out.append(status + "\n", style="red" if c.get("complete") is False else "green")
 
 
@@ -115,7 +109,7 @@ def info_text(detail: Detail, hints: Iterable[Hint] = ()) -> Text:
         evidence = (pred.get("evidence") or [""])[0]
         _row(out, "prediction", e.prediction + (f"  ({safe(evidence, 90)})" if evidence else ""))
     _row(out, "size", f"{human_bytes(e.size)}, {e.n_tensors or 0} tensors, "
-                      f"{_params(e.n_params)} params")
+                      f"{param_count(e.n_params)} params")
     dtypes = rep.get("dtypes") or {}
     _row(out, "dtypes", ", ".join(f"{k} {v}" for k, v in dtypes.items()) or "-")
     _row(out, "EMA / prune", _ema_and_prune(detail))

@@ -14,10 +14,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from modelkit.arch import registry
-from modelkit.cli.progress import human_bytes
 from modelkit.library.check import Hint
 from modelkit.library.query import Entry
 from modelkit.textsafe import safe_text
+from modelkit.wording import human_bytes
 
 KIND_SHORT = {"checkpoint": "ckpt", "embedding": "embed", "controlnet": "cnet",
               "text_encoder": "te", "unknown": "?"}

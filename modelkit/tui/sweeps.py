@@ -119,7 +119,8 @@ def cell_text(column: str, value: Any) -> Text:
     if column == "status":
         return Text(text, style=STATUS_STYLES.get(str(value), ""))
     if column == "verdict" and value:
-        return Text(text.upper(), style={"pass": "green", "warn": "yellow"}.get(value, "red"))
+        styles = {"pass": "green", "warn": "yellow", "fail": "red"}  # "reported": plain
+        return Text(text.upper(), style=styles.get(value, ""))
     return Text(text)
 
 

@@ -118,16 +118,34 @@ def diff_image(diff: np.ndarray, gain: float) -> np.ndarray:
     return np.stack([np.clip(x, 0, 1), np.clip(x - 1, 0, 1), np.clip(x - 2, 0, 1)], -1)
 
 
-def _font() -> Any:
+FONT_SIZE = 12  # Pillow's default FreeType font at its own size (10) draws a space 2 px wide
+LINE_H = 15
+
+
+def label_font() -> Any:
+    """The font of the labels on verify's grid and the sweep's contact sheet:
+    Pillow's scalable default font at :data:`FONT_SIZE` (at its default
+    size, 10 px, spaces all but vanish: "cliffatsunset"), or the bitmap font
+    where Pillow has no FreeType."""
     from PIL import ImageFont
 
-    return ImageFont.load_default()
+    try:
+        return ImageFont.load_default(size=FONT_SIZE)
+    except (TypeError, ImportError):  # Pillow without FreeType: the bitmap font
+        return ImageFont.load_default()
 
 
 def fit_text(text: str, width: int, font: Any, draw: Any) -> str:
-    """``text``, cut with an ellipsis to ``width`` pixels in ``font``."""
+    """``text``, cut with an ellipsis to ``width`` pixels in ``font``: at a
+    word boundary when a whole word fits before it, else inside the word."""
     if draw.textlength(text, font=font) <= width:
         return text
+    words = text.split(" ")
+    while len(words) > 1:
+        words.pop()
+        head = " ".join(words).rstrip(" ,;:")
+        if head and draw.textlength(head + "...", font=font) <= width:
+            return head + "..."
     while text and draw.textlength(text + "...", font=font) > width:
         text = text[:-1]
     return text + "..."
@@ -160,8 +178,8 @@ def grid_image(report: VerifyReport) -> Image.Image:
     cw, ch = _cell_size(renders.candidate[0].image)
     columns = ([renders.reference_label, report.model, "|difference|, amplified"]
                if ref is not None else [report.model])
-    font = _font()
-    line_h = 14
+    font = label_font()
+    line_h = LINE_H
     label_h = line_h * LABEL_LINES + PAD
     header_h = line_h * 2 + PAD
     width = max(MIN_WIDTH, len(columns) * (cw + PAD) + PAD)

@@ -21,13 +21,13 @@ import contextlib
 import gc
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelkit.errors import Cancelled, ModelkitError, check_cancel
-from modelkit.progress import Progress, ProgressFn, no_progress
+from modelkit.progress import VERIFY, Progress, ProgressFn, no_progress
 from modelkit.verify.library import Library, PromptLora, embedding_names_in, parse_prompt
 from modelkit.verify.settings import LoraUse, RenderPlan
 
@@ -288,7 +288,8 @@ def _load_lora(loaded: LoadedPipeline, path: Path) -> str:
         text = _first_line(exc)
         if "PEFT" in text:
             raise ModelkitError("runtime LoRAs need the peft package: pip install peft "
-                                "(or 'pip install modelkit[verify]')") from None
+                                "(or pip install -e '.[verify]' in the modelkit checkout)"
+                                ) from None
         raise ModelkitError(f"{path}: diffusers cannot apply this LoRA at render time "
                             f"({text}); LyCORIS LoHa/LoKr are not supported there") from None
     loaded.adapters[str(path)] = name
@@ -393,19 +394,30 @@ def _call_args(mode: str, plan: RenderPlan) -> dict[str, Any]:
     return args
 
 
+def steps_per_image(mode: str, plan: RenderPlan) -> int:
+    """The denoising steps one render runs (img2img starts part way:
+    ``int(steps * strength)``, as diffusers counts them)."""
+    if mode == "img2img":
+        return max(1, min(plan.steps, int(plan.steps * plan.strength)))
+    return plan.steps
+
+
 def render_case(loaded: LoadedPipeline, plan: RenderPlan, case: Case,
-                active: list[tuple[str, float]], cancel: threading.Event | None = None
-                ) -> Rendered:
-    """Render one case; the latents are those after the last step."""
+                active: list[tuple[str, float]], cancel: threading.Event | None = None,
+                on_step: Callable[[int], None] | None = None) -> Rendered:
+    """Render one case; the latents are those after the last step.
+    ``on_step(k)`` is called after each denoising step (k from 1)."""
     import numpy as np
     import torch
 
     pipe = loaded.pipe
     last: dict[str, Any] = {}
 
-    def on_step(_pipe: Any, _step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def step_end(_pipe: Any, step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         check_cancel(cancel)
         last["latents"] = kwargs["latents"].detach().to("cpu", torch.float32).clone()
+        if on_step is not None:
+            on_step(step + 1)
         return kwargs
 
     _activate(pipe, active, bool(loaded.adapters))
@@ -414,7 +426,7 @@ def render_case(loaded: LoadedPipeline, plan: RenderPlan, case: Case,
     with quiet_libraries(), torch.inference_mode():
         out = pipe(prompt=parse_prompt(case.prompt)[0],
                    generator=torch.Generator("cpu").manual_seed(case.seed),
-                   callback_on_step_end=on_step, **args)
+                   callback_on_step_end=step_end, **args)
     image = np.asarray(out.images[0], dtype=np.float32)
     latents = last["latents"].numpy()[0]
     return Rendered(case.name, case.index, case.prompt, case.seed, latents, image,
@@ -425,15 +437,28 @@ def render_all(loaded: LoadedPipeline, plan: RenderPlan, cases: list[Case],
                active: list[list[tuple[str, float]]], task: str,
                progress: ProgressFn = no_progress, cancel: threading.Event | None = None,
                extra: int = 0) -> list[Rendered]:
-    """Render ``cases`` (progress in images; ``extra`` more renders follow
-    under the same task)."""
+    """Render ``cases``. Progress (phase ``verify``, step ``task``): after
+    each denoising step (unit ``steps``, item ``p1-s1 step 2/4``) and after
+    each image (unit ``images``, item the case); both count the whole task,
+    so their fractions agree. ``extra`` more renders follow under the same
+    task."""
     out = []
     total = len(cases) + extra
+    per_image = steps_per_image(loaded.mode, plan)
+    total_steps = total * per_image
     with torch_threads(plan.threads):
         for i, case in enumerate(cases, 1):
             check_cancel(cancel)
+
+            def on_step(k: int, before: int = (i - 1) * per_image, name: str = case.name
+                        ) -> None:
+                k = min(k, per_image)
+                progress(Progress(task, before + k, total_steps, "steps",
+                                  f"{name} step {k}/{per_image}", VERIFY))
+
             try:
-                out.append(render_case(loaded, plan, case, active[case.index], cancel))
+                out.append(render_case(loaded, plan, case, active[case.index], cancel,
+                                       on_step))
             except Cancelled:
                 raise
             except ModelkitError:
@@ -441,5 +466,5 @@ def render_all(loaded: LoadedPipeline, plan: RenderPlan, cases: list[Case],
             except Exception as exc:  # a render that crashes is a load problem
                 raise ModelkitError(f"{task}: rendering {case.name} failed "
                                     f"({_first_line(exc)})") from None
-            progress(Progress(task, i, total, "images", case.name))
+            progress(Progress(task, i, total, "images", case.name, VERIFY))
     return out

@@ -14,11 +14,13 @@ from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import escape, quoteattr
 
 from modelkit.verify.thresholds import FAIL, INFO, PASS, SKIP, WARN
+from modelkit.wording import plural
 
 if TYPE_CHECKING:
     from modelkit.verify.render import Renders
 
 SCHEMA = "modelkit.verify/1"
+REPORTED = "reported"  # the outcome of a comparison no threshold judged
 GROUPS = ("static", "tokenizer", "load", "render", "compare")
 
 
@@ -144,6 +146,17 @@ class VerifyReport:
         return WARN if self.by_verdict(WARN) else PASS
 
     @property
+    def outcome(self) -> str:
+        """The verdict as people are shown it: :data:`REPORTED` instead of
+        ``pass`` when the render was compared with a reference but no
+        threshold judged the comparison (a merge changes the picture on
+        purpose: its metrics are reported, not judged), else :attr:`verdict`."""
+        compare = [c for c in self.checks if c.group == "compare"]
+        if self.verdict == PASS and compare and all(c.verdict == INFO for c in compare):
+            return REPORTED
+        return self.verdict
+
+    @property
     def passed(self) -> bool:
         return not self.failed
 
@@ -153,10 +166,13 @@ class VerifyReport:
         return 0 if self.passed else 1
 
     def summary(self) -> str:
-        """One line: the verdict and the failing checks."""
-        counts = {v: len(self.by_verdict(v)) for v in (PASS, WARN, FAIL, SKIP)}
-        text = (f"{self.verdict.upper()}: {counts[PASS]} passed, {counts[WARN]} warnings, "
-                f"{counts[FAIL]} failed, {counts[SKIP]} skipped")
+        """One line: the outcome and the failing checks (``REPORTED: ...,
+        16 reported`` when nothing judged the comparison)."""
+        counts = {v: len(self.by_verdict(v)) for v in (PASS, WARN, FAIL, SKIP, INFO)}
+        text = (f"{self.outcome.upper()}: {counts[PASS]} passed, "
+                f"{plural(counts[WARN], 'warning')}, {counts[FAIL]} failed, {counts[SKIP]} skipped")
+        if counts[INFO]:
+            text += f", {counts[INFO]} reported"
         names = list(dict.fromkeys(c.name for c in self.failed))
         if names:
             text += f" ({', '.join(names)})"
@@ -178,7 +194,9 @@ class VerifyReport:
 
 
 def _md_cell(text: Any) -> str:
-    return fmt_value(text).replace("|", "\\|").replace("\n", " ")
+    from modelkit.textsafe import markdown_cell
+
+    return markdown_cell(fmt_value(text))  # prompts, names, messages: escaped
 
 
 def _md_metric(value: float | None) -> str:
@@ -188,8 +206,8 @@ def _md_metric(value: float | None) -> str:
 def to_markdown(report: VerifyReport) -> str:
     """A markdown summary: verdict, settings, a check table, the per-image
     metrics and the change report per component."""
-    lines = [f"# modelkit verify: {report.model}", "",
-             f"**{report.verdict.upper()}** - {report.summary()}", ""]
+    lines = [f"# modelkit verify: {_md_cell(report.model)}", "",
+             f"**{report.outcome.upper()}** - {report.summary()}", ""]
     facts = [("architecture", f"{report.arch}" + (f" ({report.variant})"
                                                    if report.variant else "")),
              ("reference", report.reference or "-"),
@@ -203,25 +221,25 @@ def to_markdown(report: VerifyReport) -> str:
                                   f"{p['scheduler']}, CFG {p['guidance_scale']:g}, "
                                   f"seeds {p['seeds']}, {p['threads']} threads, "
                                   f"{p['device']}"))
-    lines += [f"- {k}: {v}" for k, v in facts]
+    lines += [f"- {k}: {_md_cell(v)}" for k, v in facts]
     lines += ["", "| check | case | value | threshold | verdict | note |",
               "| --- | --- | --- | --- | --- | --- |"]
     for c in report.checks:
-        lines.append(f"| {c.name} | {c.case or ''} | {_md_cell(c.value)} | "
+        lines.append(f"| {c.name} | {_md_cell(c.case or '')} | {_md_cell(c.value)} | "
                      f"{_md_cell(c.threshold or '')} | {c.verdict.upper()} | "
                      f"{_md_cell(c.message)} |")
     if report.images:
         lines += ["", "| case | seed | latent rel. L2 | max abs | PSNR dB | SSIM | prompt |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for m in report.images:
-            lines.append(f"| {m.case} | {m.seed} | {_md_metric(m.latent)} | "
+            lines.append(f"| {_md_cell(m.case)} | {m.seed} | {_md_metric(m.latent)} | "
                          f"{_md_metric(m.max_abs)} | {_md_metric(m.psnr)} | "
                          f"{_md_metric(m.ssim)} | {_md_cell(m.prompt)} |")
     if report.change:
         lines += ["", "| component | tensors | unchanged | relative L2 |",
                   "| --- | --- | --- | --- |"]
         for name, d in report.change.get("components", {}).items():
-            lines.append(f"| {name} | {d['n_tensors']} | {d['unchanged_share']:.0%} | "
+            lines.append(f"| {_md_cell(name)} | {d['n_tensors']} | {d['unchanged_share']:.0%} | "
                          f"{_md_cell(d['relative_l2'])} |")
     return "\n".join(lines) + "\n"
 

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelkit.errors import check_cancel
 from modelkit.progress import ProgressFn, no_progress
 from modelkit.verify import metrics
 from modelkit.verify.models import ModelUnderTest, open_model_under_test, render_path
@@ -58,7 +57,7 @@ CAST_DRIFT = {"fp16": 1e-3, "bf16": 1e-2, "fp8": 0.15, "int8": 0.05}
 BLACK_MEAN = 0.02
 FLAT_STD = 0.01
 PROMPT_SENSITIVITY = 1e-3
-VERSION_PACKAGES = ("modelkit", "torch", "diffusers", "transformers", "peft",
+VERSION_PACKAGES = ("torch", "diffusers", "transformers", "peft",
                     "huggingface_hub", "safetensors", "numpy", "pillow")
 
 
@@ -83,11 +82,16 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
 
 
 def library_versions() -> dict[str, str]:
-    """Versions of the packages a render depends on (and Python's)."""
+    """Versions of the packages a render depends on (and Python's).
+    modelkit's own is the code that ran (``modelkit.__version__``), not the
+    metadata of an installed distribution: the distribution is
+    ``sd-modelkit``, and PyPI's ``modelkit`` is an unrelated package."""
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {"python": platform.python_version()}
+    from modelkit import __version__
+
+    out = {"python": platform.python_version(), "modelkit": __version__}
     for name in VERSION_PACKAGES:
         try:
             out[name] = version(name)
@@ -247,11 +251,11 @@ def _render_reference(report: VerifyReport, ctx: _RenderContext, reference: Mode
         with _timed(timings, "render_reference"):
             adapters = prepare_adapters(loaded, ctx.plan, ctx.library, loras)
             oracle = render_all(loaded, ctx.plan, cases, adapters.with_loras,
-                                "verify: render reference", ctx.progress, ctx.cancel)
+                                "render reference", ctx.progress, ctx.cancel)
             base = None
             if loras:
                 base = render_all(loaded, ctx.plan, cases, adapters.tags_only,
-                                  "verify: render reference without the LoRAs",
+                                  "render reference without the LoRAs",
                                   ctx.progress, ctx.cancel)
         report.notes += loaded.notes
     finally:
@@ -264,7 +268,7 @@ def _render_reference(report: VerifyReport, ctx: _RenderContext, reference: Mode
 def _render_candidate(report: VerifyReport, ctx: _RenderContext, model: ModelUnderTest,
                       loras: tuple[LoraUse, ...], timings: dict[str, float]
                       ) -> tuple[list[Rendered], Rendered | None] | None:
-    from modelkit.verify.render import cases_of, prepare_adapters, render_all, render_case
+    from modelkit.verify.render import cases_of, prepare_adapters, render_all
 
     with _timed(timings, "load_candidate"):
         loaded = _load(ctx, model, "candidate", report)
@@ -274,12 +278,10 @@ def _render_candidate(report: VerifyReport, ctx: _RenderContext, model: ModelUnd
         cases = cases_of(ctx.plan)
         with _timed(timings, "render_candidate"):
             adapters = prepare_adapters(loaded, ctx.plan, ctx.library, loras)
-            renders = render_all(loaded, ctx.plan, cases, adapters.with_loras,
-                                 "verify: render candidate", ctx.progress, ctx.cancel)
-            check_cancel(ctx.cancel)
-            with torch_threads(ctx.plan.threads):
-                again = render_case(loaded, ctx.plan, cases[0],
-                                    adapters.with_loras[cases[0].index], ctx.cancel)
+            # the first case once more at the end: the determinism check
+            renders = render_all(loaded, ctx.plan, [*cases, cases[0]], adapters.with_loras,
+                                 "render candidate", ctx.progress, ctx.cancel)
+            again = renders.pop()
         if loaded.embeddings:
             report.notes.append(f"embeddings used: {', '.join(loaded.embeddings)}")
         report.notes += loaded.notes
@@ -394,7 +396,7 @@ def _tokenizer(report: VerifyReport, model: ModelUnderTest, settings: VerifySett
                library: Library, tiny: bool) -> tuple[Any, TokenizerSource] | None:
     from modelkit.verify.tokenizer import find_tokenizer, load_tokenizer, tokenizer_check
 
-    source = find_tokenizer(library, settings.tokenizer, settings.allow_download)
+    source = find_tokenizer(library, settings.tokenizer, settings.allow_download, tiny=tiny)
     tok = load_tokenizer(source)
     check = report.add(tokenizer_check(tok, source, tiny=tiny, text_vocab=_te_vocab(model)))
     report.tokenizer = {**source.to_dict(), "size": len(tok)}

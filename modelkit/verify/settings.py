@@ -9,8 +9,9 @@ records.
 Presets:
 
 * ``tiny``: 64x64, 2 steps; for seeded tiny test models (seconds).
-* ``smoke``: 256x256, 4 steps; for real full-size files on a CPU (about 15 s
-  per SD1.5 image on 2 cores). The default for full-size models.
+* ``smoke``: 256x256, 4 steps; for real full-size files on a CPU (an SD1.5
+  image: 15 s on a quiet 2-core machine, 131 s under load average 5.5-8;
+  bench/README.md). The default for full-size models.
 * ``standard``: the architecture's own resolution (512/768/1024), 20 steps;
   for a GPU.
 * ``auto`` (default): ``tiny`` for tiny models, else ``smoke``.
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,13 @@ def default_threads(preset: str) -> int:
     return max(1, min(MAX_THREADS, cpus))
 
 
+RECIPE = "recipe"  # field metadata: the YAML types a recipe's ``verify:`` section may give
+
+
+def _in_recipe(*types: type) -> dict[str, tuple[type, ...]]:
+    return {RECIPE: types}
+
+
 @dataclass
 class VerifySettings:
     """What to render and how to judge it. Every field has a default, so
@@ -175,25 +183,28 @@ class VerifySettings:
         render: False runs the static checks only.
         work_dir: where temporary files go (config folders, dequantized
             copies); default the system temp folder.
+
+    The fields a recipe's ``verify:`` section may set are the ones with
+    ``RECIPE`` metadata (:data:`RECIPE_FIELDS`, which recipe validation reads).
     """
 
-    prompts: tuple[str, ...] = DEFAULT_PROMPTS
-    negative_prompt: str = DEFAULT_NEGATIVE
-    seeds: tuple[int, ...] = DEFAULT_SEEDS
-    preset: str = "auto"
-    steps: int | None = None
-    size: tuple[int, int] | None = None
-    guidance_scale: float = 7.5
-    scheduler: str = "euler"
+    prompts: tuple[str, ...] = field(default=DEFAULT_PROMPTS, metadata=_in_recipe(list))
+    negative_prompt: str = field(default=DEFAULT_NEGATIVE, metadata=_in_recipe(str))
+    seeds: tuple[int, ...] = field(default=DEFAULT_SEEDS, metadata=_in_recipe(list))
+    preset: str = field(default="auto", metadata=_in_recipe(str))
+    steps: int | None = field(default=None, metadata=_in_recipe(int))
+    size: tuple[int, int] | None = field(default=None, metadata=_in_recipe(str, list))
+    guidance_scale: float = field(default=7.5, metadata=_in_recipe(int, float))
+    scheduler: str = field(default="euler", metadata=_in_recipe(str))
     strength: float = 0.6
     device: str = "cpu"
-    threads: int | None = None
-    operation: str = "auto"
-    thresholds: dict[str, float] = field(default_factory=dict)
-    tokenizer: Path | None = None
-    library: Path | None = None
+    threads: int | None = field(default=None, metadata=_in_recipe(int))
+    operation: str = field(default="auto", metadata=_in_recipe(str))
+    thresholds: dict[str, float] = field(default_factory=dict, metadata=_in_recipe(dict))
+    tokenizer: Path | None = field(default=None, metadata=_in_recipe(str))
+    library: Path | None = field(default=None, metadata=_in_recipe(str))
     allow_download: bool = False
-    render: bool = True
+    render: bool = field(default=True, metadata=_in_recipe(bool))
     work_dir: Path | None = None
 
     def validate(self) -> None:
@@ -225,6 +236,11 @@ class VerifySettings:
 
         for prompt in self.prompts:  # <lora:NAME:WEIGHT> tags: a bad one fails here
             parse_prompt(prompt)
+
+
+# field -> the YAML types a recipe may give it, from the fields' metadata
+RECIPE_FIELDS: dict[str, tuple[type, ...]] = {
+    f.name: f.metadata[RECIPE] for f in fields(VerifySettings) if RECIPE in f.metadata}
 
 
 @dataclass(frozen=True)

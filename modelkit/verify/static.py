@@ -24,10 +24,11 @@ from modelkit.arch.configs import ARCHS, TE_PREFIXES
 from modelkit.arch.keys import POSITION_IDS
 from modelkit.errors import check_cancel
 from modelkit.numeric import CHUNK_ELEMENTS
-from modelkit.progress import Progress, ProgressFn, no_progress
+from modelkit.progress import VERIFY, Progress, ProgressFn, no_progress
 from modelkit.verify.models import RENDER_ARCHS, ModelUnderTest, float32_view
 from modelkit.verify.report import Check
 from modelkit.verify.thresholds import FAIL, INFO, PASS, SKIP, WARN
+from modelkit.wording import plural, with_article
 
 if TYPE_CHECKING:
     import threading
@@ -48,7 +49,10 @@ def _names(keys: list[str], total: int | None = None) -> str:
 
 
 def expected_components(arch: str) -> list[str]:
-    """Component names a complete checkpoint of ``arch`` has."""
+    """Component names a complete checkpoint of ``arch`` has (none for an
+    architecture modelkit does not know: the architecture check says so)."""
+    if arch not in ARCHS:
+        return []
     return ["unet", "vae", *(s.name for s in ARCHS[arch].text_encoders)]
 
 
@@ -61,11 +65,13 @@ def architecture_check(model: ModelUnderTest, reference: ModelUnderTest | None) 
     if model.kind not in allowed:
         hint = (" (a UNet-only file is verified with --reference, the checkpoint its VAE "
                 "and text encoders come from)" if model.kind == "unet" else "")
-        return Check(name, FAIL, f"{model.name} is a {model.kind}, not a checkpoint{hint}",
+        what = ("a file of unknown kind" if model.kind == "unknown"
+                else with_article(model.kind))
+        return Check(name, FAIL, f"{model.name} is {what}, not a checkpoint{hint}",
                      model.kind)
     if rep.arch not in RENDER_ARCHS:
-        return Check(name, FAIL, f"architecture {rep.arch!r} is not one verify knows "
-                     f"(SD1, SD2, SDXL, SDXL refiner)", rep.arch)
+        return Check(name, FAIL, f"{model.name}: architecture {rep.arch!r} is not one verify "
+                     f"knows (SD1, SD2, SDXL, SDXL refiner)", rep.arch)
     value = rep.arch + (f" ({rep.variant})" if rep.variant else "")
     if reference is not None:
         ref = reference.report
@@ -143,7 +149,8 @@ def dtype_check(model: ModelUnderTest) -> Check:
         if info.dtype not in FLOAT_DTYPES:
             bad.append(f"{key} ({info.dtype})")
     if bad:
-        return Check("static.dtypes", FAIL, f"{len(bad)} tensors are not float weights: "
+        are = "tensor is not a float weight" if len(bad) == 1 else "tensors are not float weights"
+        return Check("static.dtypes", FAIL, f"{len(bad)} {are}: "
                      f"{_names(bad)}", len(bad))
     kinds = sorted({i.dtype for i in model.stored.infos.values()})
     return Check("static.dtypes", PASS, "", kinds)
@@ -183,7 +190,7 @@ def finite_check(source: Source, progress: ProgressFn = no_progress,
             bad.append(f"{key} ({n})")
             n_bad += n
         done += source.infos[key].nbytes
-        progress(Progress("verify: NaN/Inf scan", done, total, "bytes", key))
+        progress(Progress("NaN/Inf scan", done, total, "bytes", key, VERIFY))
     if bad:
         return Check("static.nan_inf", FAIL, f"{n_bad} NaN/Inf values in {len(bad)} "
                      f"tensors: {_names(bad)}", n_bad)
@@ -248,7 +255,9 @@ def change_check(change: dict[str, Any], operation: str) -> Check:
     msg = f"{same}/{n} tensors unchanged; relative L2 {comps}"
     value = overall["relative_l2"]
     if change["n_mismatched"]:
-        return Check("static.change", FAIL, f"{change['n_mismatched']} tensors differ in "
+        n_bad = change["n_mismatched"]
+        return Check("static.change", FAIL, f"{plural(n_bad, 'tensor')} "
+                     f"differ{'s' if n_bad == 1 else ''} in "
                      f"shape from the reference: {_names(change['mismatched'])}", value)
     if operation == "lossless":
         if same == n:

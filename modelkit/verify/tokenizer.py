@@ -9,6 +9,11 @@ this order:
    or ``vocab.json`` + ``merges.txt``, or the CLIP BPE file
    ``bpe_simple_vocab_16e6.txt.gz``;
 2. the model library's ``models/tokenizers/clip`` (:mod:`modelkit.verify.library`);
+   a folder holding modelkit's synthetic test tokenizer (what ``modelkit
+   demo`` writes there) comes first only for the tiny test models; for a
+   full-size model every real source below wins over it, and it is used only
+   when none is found (the ``tokenizer.clip`` check then fails and says how
+   to provide a real one);
 3. the local Hugging Face cache (``openai/clip-vit-large-patch14`` or the
    ``tokenizer/`` folder of an SD1.5, SD2.1 or SDXL repo), found through
    ``huggingface_hub`` without network access;
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import gzip
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +70,14 @@ HOW_TO = ("pass --tokenizer DIR (a folder with tokenizer.json, or vocab.json + m
           "e.g. the tokenizer/ folder of an SD1.5 diffusers repo), put one in "
           "<library>/models/tokenizers/clip, run 'pip install --no-deps open-clip-torch' "
           "(it ships the CLIP vocabulary), or allow a download with --allow-download")
+
+# written beside the synthetic tokenizer's files, so a search can tell it
+# from a real one without loading it
+SYNTHETIC_MARKER = "modelkit-synthetic-tokenizer.txt"
+SYNTHETIC_NOTE = ("modelkit's synthetic byte-level CLIP tokenizer for its tiny test models "
+                  "(modelkit demo); verify uses it for full-size models only when no real "
+                  "CLIP tokenizer is found\n")
+_SYNTHETIC_VOCAB_BYTES = 64_000  # the synthetic tokenizer.json is ~11 KB, CLIP's ~2 MB
 
 _LOADED: dict[tuple[str, str, float], Any] = {}
 
@@ -115,11 +129,37 @@ def synthetic_tokenizer() -> Any:
 
 
 def write_synthetic_tokenizer(folder: str | os.PathLike[str]) -> Path:
-    """Save :func:`synthetic_tokenizer` into ``folder`` (created)."""
+    """Save :func:`synthetic_tokenizer` into ``folder`` (created), marked as
+    synthetic (:data:`SYNTHETIC_MARKER`)."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     synthetic_tokenizer().save_pretrained(str(out))
+    (out / SYNTHETIC_MARKER).write_text(SYNTHETIC_NOTE)
     return out
+
+
+def is_synthetic_dir(folder: Path) -> bool:
+    """Whether ``folder`` holds :func:`synthetic_tokenizer`: its marker, or
+    (a demo library written before the marker) a small ``tokenizer.json`` or
+    ``vocab.json`` with the synthetic vocabulary's 514 tokens."""
+    if (folder / SYNTHETIC_MARKER).is_file():
+        return True
+    for name in ("tokenizer.json", "vocab.json"):
+        path = folder / name
+        try:
+            if path.stat().st_size > _SYNTHETIC_VOCAB_BYTES:
+                return False
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if name == "tokenizer.json":
+            model = data.get("model") if isinstance(data, dict) else None
+            vocab = model.get("vocab") if isinstance(model, dict) else None
+        else:
+            vocab = data
+        if isinstance(vocab, dict):
+            return len(vocab) == 2 * 256 + 2
+    return False
 
 
 def tokenizer_from_bpe(path: str | os.PathLike[str]) -> Any:
@@ -195,18 +235,33 @@ def explicit_source(path: Path) -> TokenizerSource:
 
 
 def find_tokenizer(library: Library, explicit: Path | None = None,
-                   allow_download: bool = False) -> TokenizerSource:
-    """Find the CLIP tokenizer (module doc for the order).
+                   allow_download: bool = False, *, tiny: bool = False) -> TokenizerSource:
+    """Find the CLIP tokenizer (module doc for the order); ``tiny``: for a
+    tiny test model, which may use the library's synthetic tokenizer first.
 
     Raises:
         ModelkitError: none found; the message says how to provide one.
     """
     if explicit is not None:
         return explicit_source(Path(explicit))
+    synthetic = None
     for folder in library.tokenizer_dirs:
         if is_tokenizer_dir(folder):
             rel = folder.relative_to(library.root) if library.root else folder.name
-            return TokenizerSource("library", folder, f"model library: {rel}")
+            if tiny or not is_synthetic_dir(folder):
+                return TokenizerSource("library", folder, f"model library: {rel}")
+            synthetic = synthetic or TokenizerSource(
+                "library", folder, f"model library: {rel}, modelkit's synthetic test tokenizer")
+    real = _real_tokenizer(allow_download)
+    if real is not None:
+        return real
+    if synthetic is not None:
+        return synthetic
+    raise ModelkitError(f"no CLIP tokenizer found offline; {HOW_TO}")
+
+
+def _real_tokenizer(allow_download: bool) -> TokenizerSource | None:
+    """The Hugging Face cache, an open-clip-torch wheel, then a download."""
     cached = _from_hf_cache()
     if cached is not None:
         return cached
@@ -221,7 +276,7 @@ def find_tokenizer(library: Library, explicit: Path | None = None,
         return TokenizerSource("open_clip", bpe, f"open-clip-torch {ver} wheel: {BPE_FILE}")
     if allow_download:
         return _download()
-    raise ModelkitError(f"no CLIP tokenizer found offline; {HOW_TO}")
+    return None
 
 
 def load_tokenizer(source: TokenizerSource) -> Any:
@@ -293,6 +348,7 @@ def tokenizer_check(tokenizer: Any, source: TokenizerSource, *, tiny: bool,
         if tiny:
             return Check(name, PASS, f"synthetic byte-level tokenizer for test models "
                          f"({where})", value)
-        return Check(name, FAIL, f"synthetic byte-level test tokenizer ({where}) with a "
-                     f"full-size model; {HOW_TO}", value)
+        return Check(name, FAIL, f"no real CLIP tokenizer found, only the synthetic "
+                     f"byte-level test tokenizer ({where}), and this is a full-size "
+                     f"model; {HOW_TO}", value)
     return Check(name, WARN, f"{size} tokens: not the CLIP vocabulary ({where})", value)

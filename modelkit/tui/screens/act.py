@@ -22,7 +22,6 @@ from textual.message_pump import MessagePump
 from textual.screen import Screen
 from textual.widgets import Footer, Input, Select, Static, Switch
 
-from modelkit.cli.progress import human_bytes
 from modelkit.core.registry import Transform
 from modelkit.errors import ModelkitError
 from modelkit.library.query import Entry
@@ -48,6 +47,7 @@ from modelkit.tui.sweeps import (
 from modelkit.tui.widgets.job_bar import JobBar
 from modelkit.tui.widgets.param_form import ParamForm, field_row
 from modelkit.vocab import MERGE_OUTPUT_DTYPES
+from modelkit.wording import human_bytes
 
 PLAN, RUN = "plan", "act"  # job names
 LOADING = [("loading...", "")]  # choices until the registry is loaded
@@ -338,7 +338,7 @@ class ActScreen(Screen[None]):
             bar.stop("planned: ctrl+r writes it")
             return
         self.report = report
-        verdict = f"; verify {report.verify.verdict.upper()}" if report.verify else ""
+        verdict = f"; verify {report.verify.outcome.upper()}" if report.verify else ""
         bar.stop(f"wrote {Path(report.output).name} ({human_bytes(report.output_bytes)}) "
                  f"in {report.seconds:.1f}s{verdict}; escape returns to the library")
         self._written()

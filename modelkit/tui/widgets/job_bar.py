@@ -10,9 +10,9 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal
 from textual.widgets import Label, ProgressBar
 
-from modelkit.cli.progress import human_bytes
 from modelkit.progress import Progress
 from modelkit.textsafe import safe_text
+from modelkit.wording import human_bytes
 
 
 def progress_line(p: Progress) -> str:

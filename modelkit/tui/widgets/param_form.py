@@ -14,8 +14,8 @@ from textual.suggester import SuggestFromList
 from textual.widget import Widget
 from textual.widgets import Input, Label, Select, Switch
 
-from modelkit.core.registry import Param, Transform
-from modelkit.tui.recipes import field_text, parse_text
+from modelkit.core.registry import Param, Transform, parse_text
+from modelkit.tui.recipes import field_text
 
 
 def field_row(label: str, field: Widget, tooltip: str | None = None,
@@ -88,7 +88,8 @@ class ParamForm(Vertical):
             state = Label(_on_off(bool(p.default)), classes="switch-state") \
                 if p.kind == "bool" else None
             yield field_row(p.name, param_field(p, self.transform, self.n_inputs,
-                                                self.presets), p.describe(), after=state)
+                                                self.presets),
+                            "\n".join(x for x in (p.describe(), p.help) if x), after=state)
 
     def on_switch_changed(self, event: Switch.Changed) -> None:
         row = event.switch.parent
