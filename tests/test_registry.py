@@ -69,6 +69,7 @@ def test_sd_entries_hold_the_known_facts() -> None:
     assert REGISTRY["sdxl"].diffusers.scaling_factor == 0.13025
     assert REGISTRY["sd2"].lora.kohya_te_dropped_layers == 1
     assert REGISTRY["sdxl_refiner"].pipeline(None) == "StableDiffusionXLImg2ImgPipeline"
+    assert registry.listed() == "sd1, sd2, sdxl and sdxl_refiner"
     assert registry.same_family("sdxl", "sdxl_refiner")
     assert not registry.same_family("sd1", "sd2")
     assert REGISTRY["flux"].default_dtype == "bf16"

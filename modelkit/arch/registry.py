@@ -427,6 +427,13 @@ def block_list_archs() -> tuple[str, ...]:
     return tuple(seen.values())
 
 
+def listed(archs: tuple[str, ...] | None = None) -> str:
+    """``sd1, sd2, sdxl and sdxl_refiner``: names for a message (default: the
+    fully supported ones)."""
+    archs = names(support=FULL) if archs is None else archs
+    return archs[0] if len(archs) == 1 else f"{', '.join(archs[:-1])} and {archs[-1]}"
+
+
 def get(name: str) -> Architecture | None:
     """The entry for ``name``, or None."""
     return REGISTRY.get(name)

@@ -34,7 +34,7 @@ def require_handled(rep: ModelReport, name: str, what: str) -> None:
     if arch is not None and arch.support != registry.FULL:
         raise ModelkitError(f"{name}: is a {arch.label} {rep.kind}; modelkit recognises "
                             f"{arch.label} files (inspect) but {what} does not handle them "
-                            f"yet (it handles {', '.join(registry.names(support=registry.FULL))})")
+                            f"yet (it handles {registry.listed()})")
 
 
 def require_checkpoint(source: Source, what: str, kinds: tuple[str, ...] = ("checkpoint",)
