@@ -29,10 +29,12 @@ def require_handled(rep: ModelReport, name: str, what: str) -> None:
     declares for detection only (``inspect`` names it; ``what`` does not
     handle it yet)."""
     from modelkit.arch import registry
+    from modelkit.wording import with_article
 
     arch = registry.get(rep.arch)
     if arch is not None and arch.support != registry.FULL:
-        raise ModelkitError(f"{name}: is a {arch.label} {rep.kind}; modelkit recognises "
+        raise ModelkitError(f"{name}: is {with_article(f'{arch.label} {rep.kind}')}; "
+                            "modelkit recognises "
                             f"{arch.label} files (inspect) but {what} does not handle them "
                             f"yet (it handles {registry.listed()})")
 
