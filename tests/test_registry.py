@@ -66,6 +66,10 @@ def test_sd_entries_hold_the_known_facts() -> None:
         26, 26, 20, 26]
     assert {a: REGISTRY[a].gguf.arch for a in registry.names(support=FULL)} == {
         "sd1": "sd1", "sd2": "sd1", "sdxl": "sdxl", "sdxl_refiner": "sdxl"}
+    from modelkit.io.suffixes import GGUF_DIFFUSION_ARCHS  # what ComfyUI-GGUF loads
+
+    assert {a.gguf.arch for a in REGISTRY.values() if a.gguf} <= GGUF_DIFFUSION_ARCHS
+    assert [a for a in REGISTRY.values() if a.lora and a.lora.kohya_v2] == [REGISTRY["sd2"]]
     assert REGISTRY["sdxl"].diffusers.scaling_factor == 0.13025
     assert REGISTRY["sd2"].lora.kohya_te_dropped_layers == 1
     assert REGISTRY["sdxl_refiner"].pipeline(None) == "StableDiffusionXLImg2ImgPipeline"

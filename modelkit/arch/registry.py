@@ -152,6 +152,7 @@ class LoraNames:
     base_model_prefix: str | None = None  # recognised
     modelspec_arch: str | None = None  # written, before "/lora"
     modelspec_prefix: str | None = None  # recognised
+    kohya_v2: bool = False  # kohya's ss_v2 flag (SD2)
 
 
 @dataclass(frozen=True)
@@ -288,7 +289,7 @@ SD2 = _ldm(
                  evidence=("label_emb with SD2 layout: SD2.1 unCLIP",))),
     variants=("inpaint", "depth"),
     # kohya converts SD2's open_clip tower to a 23-layer HF CLIP (the last is unused)
-    lora=LoraNames(_NAMINGS, kohya_unet="diffusers", kohya_te_dropped_layers=1,
+    lora=LoraNames(_NAMINGS, kohya_unet="diffusers", kohya_te_dropped_layers=1, kohya_v2=True,
                    base_model_version="sd_v2", base_model_prefix="sd_v2",
                    modelspec_arch="stable-diffusion-v2", modelspec_prefix="stable-diffusion-v2"),
     pipelines=((None, "StableDiffusionPipeline"),

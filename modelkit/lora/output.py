@@ -141,7 +141,7 @@ def lora_metadata(arch: str, ranks: dict[str, int], conv_names: set[str], title:
         "ss_network_alpha": _dim_text(linear),
         "ss_network_args": json.dumps(args),
         "ss_base_model_version": BASE_MODEL_VERSION[arch],
-        "ss_v2": str(arch == "sd2"),
+        "ss_v2": str(_LORA_NAMES[arch].kohya_v2),
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": MODELSPEC_ARCH[arch],
         "modelspec.implementation": ("https://github.com/Stability-AI/generative-models"
