@@ -95,10 +95,11 @@ _MISSING = object()
 @dataclass(frozen=True)
 class Variant:
     """A variant of a family, told apart by its own rule (checked after the
-    family's). ``rule`` empty: the default variant."""
+    family's, in order: the first that holds names the file; none: the plain
+    model)."""
 
     name: str
-    rule: Rule = Rule()
+    rule: Rule
 
 
 @dataclass(frozen=True)
@@ -394,6 +395,7 @@ FLUX = Architecture(
     blocks=None,  # FLUX_BLOCKS once merge handles Flux
     prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
+    notes=("Kontext has the dev layout and reads as dev",),
 )
 
 REGISTRY: dict[str, Architecture] = {a.name: a for a in (SD1, SD2, SDXL, SDXL_REFINER,
