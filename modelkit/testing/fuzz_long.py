@@ -517,10 +517,12 @@ def fuzz_target(runner: Any, name: str, work: Path, findings: Path | None, summa
                 seconds: float | None = None, cases: int | None = None,
                 timeout: float = DEFAULT_TIMEOUT, minimize_budget: int = 12,
                 progress: Callable[[str], None] | None = None,
-                only: set[str] | None = None) -> None:
+                only: set[str] | None = None, quick: bool = False) -> None:
     """Fuzz one target for ``seconds`` or ``cases`` (whichever ends first),
-    running ``only`` the commands so named (default all)."""
+    running ``only`` the commands so named (default all); ``quick``: fewer
+    seed files."""
     target = TARGETS[name]()
+    target.quick = quick
     seeds = target.prepare(fresh_dir(work / f"seeds-{name}"))
     rng = random.Random(f"{summary.seed}:{name}")
     counts = summary.counts.setdefault(name, Counter())
