@@ -4,7 +4,7 @@ GGUF files, ``.ckpt`` pickles, library folders and sweep files through the
 
 Run::
 
-    nice -n 10 /work/main/.venv/bin/python bench/fuzz_long.py --minutes 30 \\
+    nice -n 10 .venv/bin/python bench/fuzz_long.py --minutes 30 \\
         --seed 0 --target all --out /tmp/fuzz-findings
 
 Per target, cases are seeded mutations of valid tiny files
