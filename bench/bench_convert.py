@@ -6,7 +6,7 @@ with ``--gguf``, ``export-gguf``) of SD1.5 fp16.
 
 Run::
 
-    /work/venv/bin/python bench/bench_convert.py [--dir /dev/shm/modelkit-bench] \
+    .venv/bin/python bench/bench_convert.py [--dir /dev/shm/modelkit-bench] \
         [--rounds 2] [--keep] [--gguf]
 
 Each command runs as ``modelkit <cmd> ... -q --json`` in a fresh process whose

@@ -4,7 +4,7 @@ SD1.5 and SDXL checkpoints.
 
 Run::
 
-    /work/venv/bin/python bench/bench_io.py [--dir /dev/shm/modelkit-bench] [--keep]
+    .venv/bin/python bench/bench_io.py [--dir /dev/shm/modelkit-bench] [--keep]
 
 Every figure of one run is printed side by side (machines are noisy: compare
 numbers from the same run, never across runs). Put ``--dir`` on a RAM disk

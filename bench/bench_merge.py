@@ -5,7 +5,7 @@ and sd-mecha.
 
 Run::
 
-    /work/venv/bin/python bench/bench_merge.py [--dir /dev/shm/modelkit-bench] \
+    .venv/bin/python bench/bench_merge.py [--dir /dev/shm/modelkit-bench] \
         [--arch sd1|sdxl] [--keep]
 
 Each tool runs in a fresh process whose ``/proc/<pid>/status`` the parent

@@ -3,7 +3,7 @@
 
 Run::
 
-    /work/venv/bin/python bench/fuzz_headers.py [--cases 20000] [--seed 0]
+    .venv/bin/python bench/fuzz_headers.py [--cases 20000] [--seed 0]
 
 Each case mutates one of six small real files (modelkit.testing.fuzz: JSON
 edits, numbers, nesting, Unicode, duplicates, truncation, the length field,

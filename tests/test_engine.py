@@ -225,6 +225,7 @@ LAYERS = {
     "modelkit.demo": 6,
     "modelkit.cli": 7, "modelkit.tui": 7, "modelkit.__main__": 7,
     "modelkit.testing.fuzz": 7,  # drives the CLI like a user
+    "modelkit.testing.fuzz_inputs": 7, "modelkit.testing.fuzz_long": 7,
 }
 FRONT_ENDS = ("modelkit.cli", "modelkit.tui", "modelkit.__main__")
 
