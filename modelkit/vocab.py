@@ -1,7 +1,7 @@
 """modelkit's vocabulary in one place: architecture and component names,
 dtype names, devices, block maps and the chunk size.
 
-Architecture names come from the tables in :mod:`modelkit.arch.configs`;
+Architecture names come from the registry (:mod:`modelkit.arch.registry`);
 command-line choices and recipe validation are generated from these tuples,
 so a new architecture or dtype is added here once. Importing this module
 does not import torch.
@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from modelkit.arch.blocks import DEFAULT_MAP, MAPS
 from modelkit.arch.configs import ARCHS, EMA_PREFIX, TE_PREFIXES, UNET_PREFIX, VAE_PREFIX
+from modelkit.arch.registry import DETECT, FULL, names
 
 # architectures with key tables (merge, convert, verify work on these)
-ARCH_NAMES: tuple[str, ...] = tuple(ARCHS)
-# architectures inspect recognises without tables
-RECOGNISED_ONLY: tuple[str, ...] = ("sd3", "flux")
+ARCH_NAMES: tuple[str, ...] = names(support=FULL)
+# architectures inspect recognises (family, variant, layout) that the other
+# commands do not handle yet
+RECOGNISED_ONLY: tuple[str, ...] = names(support=DETECT)
 
 # the components of a single-file checkpoint and their key prefixes
 UNET, VAE, TE = "unet", "vae", "te"

@@ -8,6 +8,8 @@ Importing this module does not import torch.
 
 from __future__ import annotations
 
+from modelkit.arch.registry import REGISTRY, lora_archs
+
 # adapter tensor suffixes -> role; multi-part suffixes are tried first
 DOWN_SUFFIXES = ("lora_down.weight", "lora_A.weight", "lora.down.weight",
                  "lora_linear_layer.down.weight")
@@ -52,9 +54,14 @@ NAME_PREFIXES: tuple[tuple[str, str, str], ...] = (
     ("text_encoders.clip_g.", "comfyui", "te2"),
     ("text_encoders.", "comfyui", "te"),
 )
-CONTEXT_DIMS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
-TE_WIDTHS = {768: frozenset({"sd1", "sdxl"}), 1024: frozenset({"sd2"}),
-             1280: frozenset({"sdxl"})}
+_LORA_SPECS = [(n, spec) for n in lora_archs() if (spec := REGISTRY[n].spec) is not None]
+# UNet cross-attention width -> architecture (768 SD1, 1024 SD2, 2048 SDXL)
+CONTEXT_DIMS = {spec.unet.context_dim: n for n, spec in _LORA_SPECS}
+# text-encoder width -> architectures with an encoder of that width
+TE_WIDTHS = {w: frozenset(n for n, spec in _LORA_SPECS
+                          if any(s.config.width == w for s in spec.text_encoders))
+             for w in sorted({s.config.width for _, spec in _LORA_SPECS
+                              for s in spec.text_encoders})}
 LDM_UNET_NAMES = ("lora_unet_input_blocks_", "lora_unet_middle_block_",
                   "lora_unet_output_blocks_")
 

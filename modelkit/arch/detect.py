@@ -18,8 +18,10 @@ from modelkit.arch.configs import (
     VAEConfig,
 )
 from modelkit.arch.keys import Shape
+from modelkit.arch.registry import LDM_VARIANTS, REGISTRY
 
-VARIANTS_BY_IN_CHANNELS = {9: "inpaint", 8: "pix2pix", 5: "depth"}
+# UNet input channels -> variant (inpaint 9, instruct-pix2pix 8, depth 5)
+VARIANTS_BY_IN_CHANNELS = {v.rule.shapes[0][2]: v.name for v in LDM_VARIANTS}
 _BLOCK = re.compile(r"^input_blocks\.(\d+)\.")
 
 
@@ -59,37 +61,36 @@ def unet_features(keys: dict[str, Shape]) -> UNetFeatures | None:
     )
 
 
+def unet_facts(f: UNetFeatures) -> dict[str, object]:
+    """The facts the registry's UNet rules test (:class:`~modelkit.arch.registry.Rule`)."""
+    return {"adm": f.adm_in_channels is not None, "adm_in_channels": f.adm_in_channels,
+            "n_input_blocks": f.n_input_blocks, "use_linear": f.use_linear,
+            "first_level_attention": 1 in f.attention_blocks,
+            "context_dim": f.context_dim, "context_te": ""}
+
+
+def _context_te(arch: str, context_dim: int | None) -> str:
+    """`` (CLIP-L)`` when ``context_dim`` is the width of the arch's text encoder."""
+    spec = ARCHS.get(arch)
+    for slot in spec.text_encoders if spec else ():
+        if slot.config.width == context_dim:
+            return f" ({text_encoder_family(slot.config.layout, slot.config.width)})"
+    return ""
+
+
 def unet_family(f: UNetFeatures) -> tuple[str, list[str]]:
-    """The architecture name for UNet features, with the reasons."""
-    ev: list[str] = []
+    """The architecture name for UNet features, with the reasons: the first
+    registry entry whose UNet rule holds."""
+    facts = unet_facts(f)
+    for arch in REGISTRY.values():
+        for rule in arch.detect:
+            if rule.features and rule.holds({}, facts):
+                facts["context_te"] = _context_te(arch.name, f.context_dim)
+                return arch.name, rule.explain(facts)
     if f.adm_in_channels is not None:
-        if f.n_input_blocks == 9:
-            ev.append(f"label_emb present (ADM input {f.adm_in_channels}) and 9 input "
-                      "blocks: SDXL base layout")
-            return "sdxl", ev
-        if f.n_input_blocks == 12 and 1 not in f.attention_blocks:
-            ev.append(f"label_emb present (ADM input {f.adm_in_channels}), 12 input "
-                      "blocks, no attention at the first level: SDXL refiner layout")
-            return "sdxl_refiner", ev
-        if f.n_input_blocks == 12:
-            ev.append("label_emb with SD2 layout: SD2.1 unCLIP")
-            return "sd2", ev
         return "unknown", ["label_emb present but the block layout is unknown"]
     if f.n_input_blocks != 12:
         return "unknown", [f"{f.n_input_blocks} input blocks: no known SD layout"]
-    if f.use_linear is False:
-        ev.append("proj_in is a 1x1 conv (use_linear_in_transformer=False): SD1 layout")
-        if f.context_dim:
-            ev.append(f"cross-attention context width {f.context_dim}"
-                      + (" (CLIP-L)" if f.context_dim == 768 else ""))
-        return "sd1", ev
-    if f.use_linear:
-        ev.append("proj_in is Linear (use_linear_in_transformer=True), no label_emb: "
-                  "SD2 layout")
-        if f.context_dim:
-            ev.append(f"cross-attention context width {f.context_dim}"
-                      + (" (OpenCLIP-H)" if f.context_dim == 1024 else ""))
-        return "sd2", ev
     return "unknown", ["UNet has no transformer blocks"]
 
 
@@ -148,3 +149,21 @@ def text_encoder_family(layout: str, width: int) -> str:
              ("open_clip", 1280): "OpenCLIP-bigG", ("hf", 1280): "OpenCLIP-bigG (HF)"}
     layout_name = "CLIP, HF layout" if layout == "hf" else "OpenCLIP layout"
     return names.get((layout, width), f"{layout_name}, width {width}")
+
+
+def _te_archs() -> tuple[dict[str, str], dict[int, str]]:
+    """Text-encoder family -> the first architecture that uses it, and a lone
+    ``te`` slot's width -> its architecture (what an embedding's width says)."""
+    by_family: dict[str, str] = {}
+    by_width: dict[int, str] = {}
+    for arch in REGISTRY.values():
+        for slot in arch.spec.text_encoders if arch.spec else ():
+            by_family.setdefault(text_encoder_family(slot.config.layout, slot.config.width),
+                                 arch.name)
+            if slot.name == "te":
+                by_width.setdefault(slot.config.width, arch.name)
+    return by_family, by_width
+
+
+# CLIP-L: sd1, OpenCLIP-H: sd2, OpenCLIP-bigG: sdxl; embedding width 768: sd1, 1024: sd2
+TE_FAMILY_ARCH, EMBEDDING_WIDTH_ARCH = _te_archs()

@@ -41,6 +41,7 @@ from modelkit.arch.configs import (
 )
 from modelkit.arch.keys import POSITION_IDS, Shape, text_encoder_keys, unet_keys, vae_keys
 from modelkit.arch.lora_names import unet_ldm_to_diffusers
+from modelkit.arch.registry import REGISTRY, DiffusersNames
 from modelkit.errors import ModelkitError
 
 COPY, RESHAPE, TRANSPOSE, SPLIT = "copy", "reshape", "transpose", "split"
@@ -54,9 +55,12 @@ WEIGHT_STEMS = {UNET: "diffusion_pytorch_model", VAE: "diffusion_pytorch_model",
                 TEXT_ENCODER: "model", TEXT_ENCODER_2: "model"}
 # diffusers' SD2 text encoder is a 23-layer CLIPTextModel: SD2 conditions on the
 # penultimate layer, so the last layer and text_projection are never used
-DIFFUSERS_TE_DROPPED_LAYERS = {"sd2": 1}
+DIFFUSERS_TE_DROPPED_LAYERS = {a.name: a.diffusers.te_dropped_layers
+                               for a in REGISTRY.values()
+                               if a.diffusers and a.diffusers.te_dropped_layers}
 
-SCALING_FACTORS = {"sdxl": 0.13025, "sdxl_refiner": 0.13025}
+SCALING_FACTORS = {a.name: a.diffusers.scaling_factor for a in REGISTRY.values()
+                   if a.diffusers}
 DEFAULT_SCALING_FACTOR = 0.18215
 SCHEDULER_CLASS = "EulerDiscreteScheduler"
 
@@ -95,6 +99,13 @@ class DiffusersLayout:
     def homeless(self, keys: list[str]) -> list[str]:
         """The given original keys that have no diffusers home."""
         return [k for k in keys if k not in self.homes]
+
+
+def _diffusers(name: str) -> DiffusersNames:
+    arch = REGISTRY.get(name)
+    if arch is None or arch.diffusers is None:
+        raise ModelkitError(f"no diffusers layout for architecture {name!r}")
+    return arch.diffusers
 
 
 def te_folder(slot: TextEncoderSlot) -> str:
@@ -308,7 +319,7 @@ def unet_config(arch: ArchSpec, version: str) -> dict[str, Any]:
         "upcast_attention": False, "use_linear_projection": cfg.use_linear_in_transformer,
     }
     if cfg.adm_in_channels is not None:
-        if arch.name not in ("sdxl", "sdxl_refiner"):
+        if REGISTRY[arch.name].family != "sdxl":
             raise ModelkitError(f"{arch.name} UNet with label_emb (unCLIP) is not "
                                 "supported for diffusers conversion")
         out.update(addition_embed_type="text_time", addition_embed_type_num_heads=64,
@@ -325,7 +336,7 @@ def vae_config(arch: ArchSpec, version: str) -> dict[str, Any]:
     return {
         "_class_name": "AutoencoderKL", "_diffusers_version": version, "act_fn": "silu",
         "block_out_channels": channels, "down_block_types": ["DownEncoderBlock2D"] * n,
-        "force_upcast": arch.name in SCALING_FACTORS, "in_channels": cfg.in_channels,
+        "force_upcast": _diffusers(arch.name).vae_force_upcast, "in_channels": cfg.in_channels,
         "latent_channels": cfg.z_channels, "layers_per_block": cfg.num_res_blocks,
         "norm_num_groups": norm_groups(channels), "out_channels": cfg.out_ch,
         "sample_size": arch.default_resolution,
@@ -375,18 +386,8 @@ def scheduler_config(prediction: str, zero_snr: bool, version: str) -> dict[str,
     }
 
 
-PIPELINES = {
-    ("sd1", None): "StableDiffusionPipeline",
-    ("sd1", "inpaint"): "StableDiffusionInpaintPipeline",
-    ("sd1", "pix2pix"): "StableDiffusionInstructPix2PixPipeline",
-    ("sd2", None): "StableDiffusionPipeline",
-    ("sd2", "inpaint"): "StableDiffusionInpaintPipeline",
-    ("sd2", "depth"): "StableDiffusionDepth2ImgPipeline",
-    ("sdxl", None): "StableDiffusionXLPipeline",
-    ("sdxl", "inpaint"): "StableDiffusionXLInpaintPipeline",
-    ("sdxl", "pix2pix"): "StableDiffusionXLInstructPix2PixPipeline",
-    ("sdxl_refiner", None): "StableDiffusionXLImg2ImgPipeline",
-}
+PIPELINES = {(a.name, variant): cls for a in REGISTRY.values() if a.diffusers
+             for variant, cls in a.diffusers.pipelines}
 NONE_ENTRY = [None, None]
 
 
@@ -400,7 +401,7 @@ def model_index(arch: ArchSpec, variant: str | None, components: list[str],
                            "unet": ["diffusers", "UNet2DConditionModel"],
                            "vae": ["diffusers", "AutoencoderKL"] if VAE in components
                            else NONE_ENTRY}
-    xl = arch.name.startswith("sdxl")
+    xl = REGISTRY[arch.name].family == "sdxl"
     folders = (TEXT_ENCODER, TEXT_ENCODER_2) if xl else (TEXT_ENCODER,)
     classes = {te_folder(s): te_class(s) for s in arch.text_encoders}
     for folder in folders:

@@ -34,9 +34,10 @@ from functools import lru_cache
 
 from modelkit.arch.blocks import BASE, MID, block_names, parse_blocks
 from modelkit.arch.configs import ARCHS
+from modelkit.arch.registry import lora_archs
 from modelkit.errors import ModelkitError
 
-LBW_ARCHS = ("sd1", "sd2", "sdxl")
+LBW_ARCHS = lora_archs(block_weights=True)
 
 # preset -> values over the short list; one row per architecture family
 _PRESETS_17: dict[str, str] = {

@@ -28,6 +28,7 @@ from functools import lru_cache
 
 from modelkit.arch.configs import UNET_PREFIX, ArchSpec, TextEncoderSlot, UNetConfig
 from modelkit.arch.keys import Shape, text_encoder_keys, unet_keys
+from modelkit.arch.registry import REGISTRY
 
 # --- LDM <-> diffusers UNet module paths ---------------------------------------
 
@@ -187,9 +188,12 @@ class ModuleTarget:
 
 
 NAMINGS = ("kohya", "peft", "comfyui")
-KOHYA_LDM_UNET = frozenset({"sdxl", "sdxl_refiner"})  # kohya's SGM UNet class
-# kohya converts SD2's open_clip tower to a 23-layer HF CLIP (the last is unused)
-KOHYA_TE_DROPPED_LAYERS = {"sd2": 1}
+# kohya's SGM UNet class (SDXL) names LDM modules; SD2's open_clip tower is
+# converted to a 23-layer HF CLIP (the last is unused): the registry says so
+KOHYA_LDM_UNET = frozenset(a.name for a in REGISTRY.values()
+                           if a.lora and a.lora.kohya_unet == "ldm")
+KOHYA_TE_DROPPED_LAYERS = {a.name: a.lora.kohya_te_dropped_layers for a in REGISTRY.values()
+                           if a.lora and a.lora.kohya_te_dropped_layers}
 
 PEFT_TE_PREFIX = {"te": "text_encoder", "te1": "text_encoder", "te2": "text_encoder_2"}
 PEFT_UNET_PREFIX = "unet"

@@ -75,7 +75,7 @@ def _prune_lines(r: Any) -> list[str]:
 
 
 def _ema_lines(r: Any) -> list[str]:
-    from modelkit.arch.blocks import block_names
+    from modelkit.arch import registry
 
     out = [f"{r.n_swapped} UNet tensors now hold their EMA weights; "
            f"{r.n_ema_dropped} model_ema.* keys dropped"]
@@ -84,8 +84,8 @@ def _ema_lines(r: Any) -> list[str]:
                    "keep their online weights")
     out.append(f"EMA vs online, relative L2 ||ema-online||/||online||: overall "
                f"{r.overall_relative_l2:.4g}")
-    order = {b: i for i, b in enumerate(block_names(r.arch))} if r.arch in (
-        "sd1", "sd2", "sdxl", "sdxl_refiner") else {}
+    arch = registry.get(r.arch)
+    order = {b: i for i, b in enumerate(arch.blocks.names)} if arch and arch.blocks else {}
     for name in sorted(r.blocks, key=lambda b: order.get(b, 99)):
         out.append(f"  {name:<6} {r.blocks[name].relative_l2:.4g}")
     return out

@@ -7,7 +7,10 @@ import json
 
 import click
 
+from modelkit.arch.registry import block_list_archs
 from modelkit.cli.common import common_option
+
+PRESET_ARCHS = block_list_archs()
 
 
 def block_table(weights: dict[str, float]) -> list[str]:
@@ -62,7 +65,7 @@ def methods_cmd(as_json: bool) -> None:
 
 
 @click.command("presets")
-@click.option("--arch", type=click.Choice(["sd1", "sdxl"]), default=None,
+@click.option("--arch", type=click.Choice(PRESET_ARCHS), default=None,
               help="Only this architecture's block list (SD2 and the refiner use SD1's).")
 @common_option("as_json", help="Print the values as JSON.")
 def presets_cmd(arch: str | None, as_json: bool) -> None:
@@ -72,7 +75,7 @@ def presets_cmd(arch: str | None, as_json: bool) -> None:
     last (27 or 21 values), which follows BASE unless given."""
     from modelkit.arch.blocks import PRESET_DOCS, count_text, preset
 
-    archs = [arch] if arch else ["sd1", "sdxl"]
+    archs = [arch] if arch else list(PRESET_ARCHS)
     if as_json:
         click.echo(json.dumps({name: {a: preset(name, a) for a in archs}
                                for name in PRESET_DOCS}, indent=2))

@@ -68,6 +68,7 @@ def render(rep: ModelReport) -> str:
         ("kind", d["kind"]),
         ("arch", d["arch"] + (f"  ({evidence})" if evidence else "")),
         ("variant", d["variant"] or "-"),
+        ("layout", d["layout"] or "-"),
         ("prediction", f"{d['prediction']['type']}  ({pred})"),
         ("size", f"{human_bytes(d['size_bytes'])}, {plural(d['n_tensors'], 'tensor')}, "
                  f"{param_count(d['n_params'])} params"),

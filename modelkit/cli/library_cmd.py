@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from modelkit.arch import registry
 from modelkit.cli.common import CommaList, common_option
 from modelkit.cli.progress import StderrProgress, human_bytes
 from modelkit.textsafe import safe_text
@@ -24,7 +25,7 @@ Examples:
 """
 KINDS = ("checkpoint", "unet", "lora", "vae", "embedding", "controlnet", "text_encoder",
          "unknown", "broken")
-ARCHS = ("sd1", "sd2", "sdxl", "sdxl_refiner", "sd3", "flux", "unknown")
+ARCHS = (*registry.names(), registry.UNKNOWN)
 
 
 def _db_option(fn: Callable[..., Any]) -> Callable[..., Any]:

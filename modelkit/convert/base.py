@@ -24,6 +24,21 @@ def describe(source: Source) -> ModelReport:
                         "safetensors", None)
 
 
+def require_handled(rep: ModelReport, name: str, what: str) -> None:
+    """A one-line error when ``rep``'s architecture is one the registry
+    declares for detection only (``inspect`` names it; ``what`` does not
+    handle it yet)."""
+    from modelkit.arch import registry
+    from modelkit.wording import with_article
+
+    arch = registry.get(rep.arch)
+    if arch is not None and arch.support != registry.FULL:
+        raise ModelkitError(f"{name}: is {with_article(f'{arch.label} {rep.kind}')}; "
+                            "modelkit recognises "
+                            f"{arch.label} files (inspect) but {what} does not handle them "
+                            f"yet (it handles {registry.listed()})")
+
+
 def require_checkpoint(source: Source, what: str, kinds: tuple[str, ...] = ("checkpoint",)
                        ) -> ModelReport:
     """The report of ``source``; a one-line error unless it is one of ``kinds``
@@ -35,6 +50,7 @@ def require_checkpoint(source: Source, what: str, kinds: tuple[str, ...] = ("che
         raise ModelkitError(f"{name}: is {with_article(rep.kind)}, not {with_article(want)}; "
                             f"{what} takes a "
                             f"Stable Diffusion {want}")
+    require_handled(rep, name, what)
     return rep
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from modelkit.arch.configs import UNET_PREFIX
+from modelkit.arch.registry import REGISTRY
 from modelkit.errors import ModelkitError
 from modelkit.io.header import TensorInfo
 from modelkit.wording import plural
@@ -40,14 +41,15 @@ if TYPE_CHECKING:
     from modelkit.io.source import DerivedSource, Source
 
 # modelkit arch -> general.architecture (loader.py IMG_ARCH_LIST has sd1, sdxl)
-GGUF_ARCH = {"sd1": "sd1", "sd2": "sd1", "sdxl": "sdxl", "sdxl_refiner": "sdxl"}
-UNET_PARTS = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.",
-              "output_blocks.", "out.")
+GGUF_ARCH = {a.name: a.gguf.arch for a in REGISTRY.values() if a.gguf is not None}
+_LDM_GGUF = REGISTRY["sd1"].gguf  # the LDM UNet policy SD1, SD2 and SDXL share
+assert _LDM_GGUF is not None
+UNET_PARTS = _LDM_GGUF.parts
 SMALL_ELEMENTS = 1024  # convert.py QUANTIZATION_THRESHOLD: this many or fewer stay float
 FLATTEN_MIN_ELEMENTS = 512  # convert.py REARRANGE_THRESHOLD
 FLATTEN_ROW = 256
-KEEP_F32 = frozenset({"input_blocks.0.0.weight", "out.2.weight"})  # conv_in, conv_out
-KEEP_FLOAT_PARTS = ("time_embed.", "label_emb.", "proj_in.", "proj_out.")
+KEEP_F32 = _LDM_GGUF.keep_f32  # conv_in, conv_out
+KEEP_FLOAT_PARTS = _LDM_GGUF.keep_float_parts
 
 _WHAT_TO_GIVE = "give a full SD1/SD2/SDXL checkpoint or a UNet-only file"
 

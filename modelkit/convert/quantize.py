@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from modelkit.arch import parts
-from modelkit.convert.base import chunked_apply, describe, passthrough
+from modelkit.convert.base import chunked_apply, describe, passthrough, require_handled
 from modelkit.core.step import PlannedStep, same_origins
 from modelkit.errors import ModelkitError
 from modelkit.io.header import DTYPE_BITS
@@ -258,6 +258,7 @@ def quantize(src: Source, target: str, *, components: tuple[str, ...] | None = N
     if rep0.kind not in ("checkpoint", "unet", "vae", "text_encoder"):
         raise ModelkitError(f"{source_label(src)}: is {with_article(rep0.kind)}; quantize takes "
                             "checkpoints and single components")
+    require_handled(rep0, source_label(src), "quantize")
     policy = component_policy(target, components)
     report = QuantizeReport(target, policy, bytes_in=sum(i.nbytes for i in src.infos.values()))
     infos: dict[str, Any] = {}

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from modelkit.arch import registry
 from modelkit.arch.adapter_keys import (
     ALGO_SUFFIXES,
     CONTEXT_DIMS,
@@ -36,7 +37,7 @@ from modelkit.arch.configs import ARCHS
 from modelkit.arch.lora_names import resolve_module
 from modelkit.io.header import TensorInfo
 
-ARCH_CANDIDATES = ("sd1", "sd2", "sdxl")
+ARCH_CANDIDATES = registry.lora_archs()
 TARGET_ORDER = ("unet", "te", "te1", "te2")
 
 @dataclass
@@ -182,18 +183,18 @@ def _name_clues(modules: dict[str, _Module]) -> list[Clue]:
 def _metadata_clues(meta: dict[str, str]) -> list[Clue]:
     clues: list[Clue] = []
     version = meta.get("ss_base_model_version", "")
-    for prefix, arch in (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1")):
-        if version.startswith(prefix):
+    lora_names = [(a, lora) for a in ARCH_CANDIDATES if (lora := registry.REGISTRY[a].lora)]
+    for arch, lora in lora_names:
+        if lora.base_model_prefix and version.startswith(lora.base_model_prefix):
             clues.append((frozenset({arch}), f"metadata ss_base_model_version={version}"))
     v2 = meta.get("ss_v2")
-    if v2 == "True":
-        clues.append((frozenset({"sd2"}), "metadata ss_v2=True"))
-    elif v2 == "False":
-        clues.append((frozenset({"sd1", "sdxl"}), "metadata ss_v2=False (not SD2)"))
+    if v2 in ("True", "False"):
+        archs = frozenset(a for a, lora in lora_names if lora.kohya_v2 == (v2 == "True"))
+        clues.append((archs, "metadata ss_v2=True" if v2 == "True"
+                      else "metadata ss_v2=False (not SD2)"))
     spec = meta.get("modelspec.architecture", "")
-    for prefix, arch in (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"),
-                         ("stable-diffusion-v1", "sd1")):
-        if spec.startswith(prefix):
+    for arch, lora in lora_names:
+        if lora.modelspec_prefix and spec.startswith(lora.modelspec_prefix):
             clues.append((frozenset({arch}), f"metadata modelspec.architecture={spec}"))
     return clues
 
@@ -219,12 +220,18 @@ def _layout_clues(modules: dict[str, _Module]) -> list[Clue]:
     ndims = {len(s) for n, m in modules.items() if n.endswith(("proj_in", "proj_out"))
              for s in [m.first((*DOWN_SUFFIXES, "diff"))] if s is not None}
     if ndims == {4}:
-        return [(frozenset({"sd1"}), "proj_in/proj_out patched as 1x1 convs "
+        return [(_PROJ_ARCHS[False], "proj_in/proj_out patched as 1x1 convs "
                                      "(SD1; SD2/SDXL use Linear)")]
     if ndims == {2}:
-        return [(frozenset({"sd2", "sdxl"}), "proj_in/proj_out patched as Linear "
-                                             "(SD2/SDXL; SD1 uses 1x1 convs)")]
+        return [(_PROJ_ARCHS[True], "proj_in/proj_out patched as Linear "
+                                    "(SD2/SDXL; SD1 uses 1x1 convs)")]
     return []
+
+
+# use_linear_in_transformer -> the LoRA architectures with that UNet projection
+_PROJ_ARCHS = {linear: frozenset(a for a in ARCH_CANDIDATES
+                                 if ARCHS[a].unet.use_linear_in_transformer == linear)
+               for linear in (False, True)}
 
 
 def _resolution_clue(modules: dict[str, _Module]) -> list[Clue]:

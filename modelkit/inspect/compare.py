@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from modelkit.arch import parts
+from modelkit.arch import parts, registry
 from modelkit.errors import check_cancel
 from modelkit.numeric import chunk_pairs, l2_sums, relative_l2
 from modelkit.progress import Progress, ProgressFn, no_progress
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from modelkit.io.source import Source
 
-BLOCK_ARCHS = ("sd1", "sd2", "sdxl", "sdxl_refiner")
+BLOCK_ARCHS = registry.names(where=lambda a: a.blocks is not None)
 LIST_LIMIT = 50
 
 

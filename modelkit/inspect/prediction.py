@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from modelkit.arch import registry
 from modelkit.arch.configs import UNET_PREFIX
 
 SD2_PROBE = "output_blocks.11.1.transformer_blocks.0.norm1.bias"
@@ -113,12 +114,14 @@ def detect_prediction(path: Path, keys: set[str], metadata: dict[str, str], arch
         return meta or Prediction("unknown", ["no denoiser in this file"])
     pred = (_from_markers(keys) or _from_metadata(metadata) or _from_sidecar(path))
     if pred is None:
-        if arch in ("sd1", "sdxl", "sdxl_refiner"):
+        declared = registry.get(arch)
+        unmarked = declared.prediction if declared else None
+        if unmarked == registry.EPS:
             pred = Prediction("eps", [f"no v_pred marker or metadata; {arch} models are "
                                       "eps unless marked"])
-        elif arch == "sd2":
+        elif unmarked == registry.EPS_OR_V:
             pred = _sd2_heuristic(read, keys)
-        elif arch in ("sd3", "flux"):
+        elif unmarked == registry.FLOW:
             pred = Prediction("unknown", [f"{arch} is a rectified-flow model"])
         else:
             pred = Prediction("unknown", ["unknown architecture"])

@@ -6,14 +6,16 @@ the stable ``modelkit inspect --json`` schema (docs/inspect-json.md).
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modelkit.arch import parts
+from modelkit.arch import parts, registry
 from modelkit.arch.configs import UNET_PREFIX
+from modelkit.arch.detect import EMBEDDING_WIDTH_ARCH, TE_FAMILY_ARCH
 from modelkit.arch.keys import Shape
 from modelkit.inspect.components import (
     TE_PREFIXES,
@@ -39,7 +41,6 @@ EXTRA_KEY_NAMES = {parts.SCHEDULE: "schedule_buffers", parts.EMA: "ema",
                    parts.JUNK: "training_leftovers"}
 DEPTH_MODEL_PREFIX = "depth_model."  # counted as depth_model (schema 1 name)
 COMPONENT_PARTS = (parts.UNET, parts.VAE, parts.TE)
-DENOISER_MARKERS = {"joint_blocks.": "sd3", "double_blocks.": "flux"}
 
 
 @dataclass
@@ -56,6 +57,7 @@ class ModelReport:
     arch: str = "unknown"
     arch_evidence: list[str] = field(default_factory=list)
     variant: str | None = None
+    layout: str | None = None
     prediction: Prediction = field(default_factory=Prediction)
     components: dict[str, ComponentReport] = field(default_factory=dict)
     has_ema: bool = False
@@ -78,6 +80,7 @@ class ModelReport:
             "arch": self.arch,
             "arch_evidence": self.arch_evidence,
             "variant": self.variant,
+            "layout": self.layout,
             "prediction": self.prediction.to_dict(),
             "components": {k: c.to_dict() for k, c in self.components.items()},
             "has_ema": self.has_ema,
@@ -121,7 +124,7 @@ def _embedding(shapes: dict[str, Shape], meta: dict[str, str]) -> dict[str, Any]
         if len(shape) not in (1, 2):
             return None
         width = shape[-1]
-        arch = {768: "sd1", 1024: "sd2"}.get(width, "unknown")
+        arch = EMBEDDING_WIDTH_ARCH.get(width, "unknown")
         return {"format": "a1111", "vectors": shape[0] if len(shape) == 2 else 1,
                 "width": width, "arch": arch, "name": meta.get("name")}
     if keys == {"clip_l", "clip_g"}:
@@ -172,11 +175,36 @@ def _fill_adapter(rep: ModelReport, adapter: Any, read: ValueReader | None,
     rep.arch, rep.arch_evidence = info["arch"], list(info["arch_evidence"])
 
 
-def _denoiser_family(shapes: dict[str, Shape], prefix: str) -> str | None:
-    for marker, arch in DENOISER_MARKERS.items():
-        if any(k.startswith(prefix + marker) for k in shapes):
-            return arch
-    return None
+def _denoiser_family(shapes: dict[str, Shape], prefix: str) -> registry.Detection | None:
+    """A transformer family the registry's key rules recognise under ``prefix``."""
+    inner = {k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix)}
+    return registry.detect_denoiser(inner) if inner else None
+
+
+def _fill_denoiser(rep: ModelReport, found: registry.Detection, where: str) -> None:
+    rep.arch, rep.variant, rep.layout = found.arch, found.variant, found.layout
+    rep.arch_evidence = [e + where for e in found.evidence]
+    if found.arch in registry.names(support=registry.DETECT):
+        rep.notes.append(f"{registry.label(found.arch)} is recognised only: the other "
+                         "commands do not handle it yet")
+
+
+def _declared_components(rep: ModelReport, shapes: dict[str, Shape], bare: bool = False
+                         ) -> None:
+    """Count the components the registry declares for ``rep.arch`` in an
+    all-in-one file, or its denoiser in a standalone (``bare``) one (not
+    checked against key tables: no table yet)."""
+    arch = registry.REGISTRY[rep.arch]
+    for comp in (arch.denoiser,) if bare else arch.components:
+        found = split_prefix(shapes, comp.standalone if bare else comp.prefix)
+        if not found:
+            continue
+        name = "unet" if comp.role == registry.DENOISER else comp.name
+        family = f"{arch.label} {comp.name}"
+        prefix = comp.standalone if bare else comp.prefix
+        rep.components[name] = ComponentReport(name, prefix, family, len(found),
+                                               sum(math.prod(s) for s in found.values()),
+                                               None)
 
 
 def _fill_checkpoint(rep: ModelReport, shapes: dict[str, Shape]) -> tuple[bool, int | None]:
@@ -184,8 +212,8 @@ def _fill_checkpoint(rep: ModelReport, shapes: dict[str, Shape]) -> tuple[bool, 
     rep.components, rep.arch, rep.arch_evidence = comps, arch, evidence
     other = _denoiser_family(shapes, UNET_PREFIX)
     if other:
-        rep.arch, rep.arch_evidence = other, [f"{other} transformer blocks under "
-                                              f"{UNET_PREFIX}"]
+        _fill_denoiser(rep, other, f" under {UNET_PREFIX}")
+        _declared_components(rep, shapes)
     has_unet = "unet" in comps
     rep.kind = "checkpoint" if has_unet and len(comps) > 1 else (
         "unet" if has_unet else _only_component_kind(comps))
@@ -206,8 +234,9 @@ def _fill_bare(rep: ModelReport, all_shapes: dict[str, Shape]) -> tuple[bool, in
     shapes = {k: s for k, s in all_shapes.items() if parts.part_of(k) == parts.OTHER}
     other = _denoiser_family(shapes, "")
     if other:
-        rep.kind, rep.arch = "unet", other
-        rep.arch_evidence = [f"{other} transformer blocks"]
+        rep.kind = "unet"
+        _fill_denoiser(rep, other, "")
+        _declared_components(rep, shapes, bare=True)
         return True, None
     if "input_blocks.0.0.weight" in shapes:
         comp, arch, evidence, in_ch = analyse_unet(dict(shapes), "")
@@ -239,7 +268,7 @@ def _component_arch(rep: ModelReport) -> None:
                              if z == 4 else f"{vae.family}: SD3/Flux VAE"]
     elif rep.kind == "text_encoder":
         fam = next(iter(rep.components.values())).family
-        arch = {"CLIP-L": "sd1", "OpenCLIP-H": "sd2", "OpenCLIP-bigG": "sdxl"}.get(fam)
+        arch = TE_FAMILY_ARCH.get(fam)
         if arch:
             rep.arch = arch
         rep.arch_evidence = [f"text encoder family {fam}"]
@@ -250,6 +279,7 @@ def _classify_extra(rep: ModelReport, shapes: dict[str, Shape], bare: bool) -> N
     prune, quantize and merge use too) and list the unknown ones. In a
     ``bare`` (standalone component) file, unprefixed keys are the component's."""
     bare = bare and rep.kind != "unknown"
+    declared = tuple(c.prefix for c in rep.components.values() if c.prefix)
     extra: Counter[str] = Counter()
     unknown: list[str] = []
     n_unknown = 0
@@ -257,6 +287,8 @@ def _classify_extra(rep: ModelReport, shapes: dict[str, Shape], bare: bool) -> N
         part = parts.part_of(k)
         if part in COMPONENT_PARTS or (part == parts.OTHER and bare):
             continue  # inside a component (a standalone one has no prefix)
+        if part == parts.OTHER and k.startswith(declared):
+            continue  # inside a component the registry declares (Flux's vae.)
         if part in EXTRA_KEY_NAMES:
             depth = part == parts.AUX_MODEL and k.startswith(DEPTH_MODEL_PREFIX)
             extra["depth_model" if depth else EXTRA_KEY_NAMES[part]] += 1
@@ -353,7 +385,9 @@ def build_report(path: Path, infos: dict[str, TensorInfo], meta: dict[str, str],
         has_unet, in_ch = _fill_bare(rep, shapes)
         bare = True
     _component_arch(rep)
-    rep.variant = _variant(rep.arch, in_ch, shapes)
+    rep.variant = _variant(rep.arch, in_ch, shapes) or rep.variant
+    if rep.layout is None and has_unet and rep.arch in registry.REGISTRY:
+        rep.layout = registry.ORIGINAL  # LDM/SGM key names
     rep.n_ema_tensors = count_ema(shapes)
     rep.has_ema = rep.n_ema_tensors > 0
     if rep.kind in ("checkpoint", "unet", "vae", "text_encoder", "unknown"):

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modelkit.arch import registry
 from modelkit.io.suffixes import COMFYUI_DIFFUSION_MODELS
 from modelkit.library.layout import (
     EXPECTED,
@@ -34,6 +35,8 @@ from modelkit.wording import with_article
 
 ERROR, WARNING = "error", "warning"
 NEEDS_BASE = ("lora", "embedding", "controlnet")
+# adapters for these need a base model of their architecture in the library
+ADAPTER_ARCHS = registry.names(where=lambda a: a.lora is None or a.lora.adapters)
 KIND_NAMES = {"checkpoint": "checkpoint", "unet": "UNet-only (diffusion model) file",
               "lora": "LoRA", "vae": "VAE", "embedding": "embedding",
               "controlnet": "ControlNet", "text_encoder": "text encoder"}
@@ -118,7 +121,7 @@ def _arch_folder(e: Entry) -> list[Hint]:
     if e.kind not in NEEDS_BASE or e.arch == "unknown":
         return []
     named = folder_arch(Path(e.path), Path(e.base))
-    if named is None or named[1] == e.arch or {named[1], e.arch} <= {"sdxl", "sdxl_refiner"}:
+    if named is None or registry.same_family(named[1], e.arch):
         return []
     folder, arch = named
     return [Hint(e.path, "arch-folder", WARNING,
@@ -145,7 +148,7 @@ def _base_hints(entries: list[Entry]) -> list[Hint]:
     everywhere = set().union(*archs_by_base.values()) if archs_by_base else set()
     out = []
     for e in entries:
-        if e.kind not in NEEDS_BASE or e.arch in ("unknown", "sdxl_refiner"):
+        if e.kind not in NEEDS_BASE or e.arch not in ADAPTER_ARCHS:
             continue
         have = archs_by_base.get(e.base) or everywhere
         if not have or e.arch in have:

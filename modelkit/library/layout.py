@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from modelkit.arch import registry
 from modelkit.io.suffixes import COMFYUI_DIFFUSION_MODELS
 
 A1111 = "a1111"
@@ -165,24 +166,12 @@ def accepts(role: str | None, kind: str) -> bool:
 
 
 # folder names that say which architecture the files in them are for
-ARCH_FOLDER_NAMES: dict[str, str] = {
-    **dict.fromkeys(("sd1", "sd15", "sd1.5", "sd-1.5", "sd_1.5", "sd 1.5", "1.5", "sd1x"),
-                    "sd1"),
-    **dict.fromkeys(("sd2", "sd21", "sd2.1", "sd-2.1", "sd_2.1", "sd 2.1", "2.1", "sd2x"),
-                    "sd2"),
-    **dict.fromkeys(("sdxl", "sd-xl", "sd_xl", "xl", "sdxl1.0", "sdxl 1.0", "pony",
-                     "illustrious", "noobai"), "sdxl"),
-    **dict.fromkeys(("sd3", "sd3.5", "sd35"), "sd3"),
-    **dict.fromkeys(("flux", "flux1", "flux.1"), "flux"),
-}
-
-ARCH_NAMES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sdxl_refiner": "SDXL refiner",
-              "sd3": "SD3", "flux": "Flux"}
+ARCH_FOLDER_NAMES: dict[str, str] = registry.folder_aliases()
 
 
 def arch_name(arch: str) -> str:
     """How people write an architecture: ``SDXL``, ``SD1``."""
-    return ARCH_NAMES.get(arch, arch)
+    return registry.label(arch)
 
 
 def folder_arch(path: Path, base: Path) -> tuple[str, str] | None:

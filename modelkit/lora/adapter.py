@@ -18,6 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from modelkit.arch import registry
 from modelkit.arch.adapter_keys import ALGO_SUFFIXES, split_key
 from modelkit.arch.configs import ARCHS, ArchSpec
 from modelkit.arch.lora_names import (
@@ -32,7 +33,7 @@ from modelkit.io.source import Source, source_label
 if TYPE_CHECKING:
     import torch
 
-LORA_ARCHS = ("sd1", "sd2", "sdxl")
+LORA_ARCHS = registry.lora_archs()
 NORM_SUFFIXES = ("w_norm", "b_norm")
 # suffix aliases: every LoRA spelling -> kohya's
 DOWN = "lora_down.weight"

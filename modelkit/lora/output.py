@@ -18,14 +18,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from modelkit.arch.registry import REGISTRY
 from modelkit.io.source import DerivedSource, tensor_info
 
 if TYPE_CHECKING:
     import torch
 
-BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2/lora",
-                  "sdxl": "stable-diffusion-xl-v1-base/lora"}
+_LORA_NAMES = {a.name: a.lora for a in REGISTRY.values() if a.lora and a.lora.adapters}
+BASE_MODEL_VERSION = {n: lora.base_model_version for n, lora in _LORA_NAMES.items()}
+MODELSPEC_ARCH = {n: f"{lora.modelspec_arch}/lora" for n, lora in _LORA_NAMES.items()}
 MODELSPEC_VERSION = "1.0.1"
 ERRORS_KEY = "modelkit.lora.layer_errors"
 OVERALL_KEY = "modelkit.lora.relative_error"
@@ -140,7 +141,7 @@ def lora_metadata(arch: str, ranks: dict[str, int], conv_names: set[str], title:
         "ss_network_alpha": _dim_text(linear),
         "ss_network_args": json.dumps(args),
         "ss_base_model_version": BASE_MODEL_VERSION[arch],
-        "ss_v2": str(arch == "sd2"),
+        "ss_v2": str(_LORA_NAMES[arch].kohya_v2),
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": MODELSPEC_ARCH[arch],
         "modelspec.implementation": ("https://github.com/Stability-AI/generative-models"

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from modelkit.arch.configs import UNET_PREFIX, VAE_PREFIX
 from modelkit.arch.parts import OTHER, TE, UNET, VAE, part_of
+from modelkit.arch.registry import listed
 from modelkit.core.keyregex import check_key_regex
 from modelkit.core.recipe import BlockParam, Recipe, RecipeError, StepSpec
 from modelkit.errors import ModelkitError
@@ -160,8 +161,8 @@ def _check_archs(inputs: dict[str, InputFile]) -> str:
     unknown = [i for i in inputs.values() if i.arch not in ARCH_NAMES]
     if unknown:
         raise ModelkitError(f"input {unknown[0].name!r}: {unknown[0].path} has architecture "
-                            f"{unknown[0].arch}; modelkit merges sd1, sd2, sdxl and "
-                            "sdxl_refiner checkpoints")
+                            f"{unknown[0].arch}; modelkit merges {listed(ARCH_NAMES)} "
+                            "checkpoints")
     if len(archs) > 1:
         desc = ", ".join(f"{i.path.name} is {i.arch}" for i in inputs.values())
         raise ModelkitError(f"cannot merge different architectures: {desc}; pick inputs "

@@ -224,6 +224,27 @@ def write_sparse_checkpoint(path: str | os.PathLike[str], arch: str = "sd1", *,
     return write_sparse(path, _specs(checkpoint_keys(spec, ema=ema), dtype))
 
 
+def write_sparse_flux(path: str | os.PathLike[str], variant: str = "dev", *,
+                      layout: str = "original", prefixed: bool = False,
+                      all_in_one: bool = False, dtype: str = "BF16", tiny: bool = False
+                      ) -> Path:
+    """A full-size Flux.1 header (real key names and shapes) with sparse
+    all-zero data: the transformer alone, unprefixed or under
+    ``model.diffusion_model.``, in the ``original`` or ``diffusers`` layout,
+    or (``all_in_one``) with the VAE, CLIP-L and T5-XXL as ComfyUI saves it.
+    ``tiny``: the same key names at a small size (for commands that map the file)."""
+    from modelkit.arch import flux
+    from modelkit.io.writer import write_sparse
+
+    cfg = flux.small(flux.VARIANTS[variant]) if tiny else flux.VARIANTS[variant]
+    if all_in_one:
+        keys = flux.all_in_one_keys(cfg, tiny=tiny)
+    else:
+        prefix = UNET_PREFIX if prefixed else ""
+        keys = {prefix + k: s for k, s in flux.transformer_keys(cfg, layout).items()}
+    return write_sparse(path, _specs(keys, dtype))
+
+
 def _component_of(key: str) -> str:
     """``unet`` (EMA copies included), ``vae``, ``te`` or another part."""
     from modelkit.arch.parts import EMA, UNET, part_of
@@ -279,6 +300,7 @@ __all__ = [
     "write_checkpoint",
     "write_embedding",
     "write_sparse_checkpoint",
+    "write_sparse_flux",
     "write_tensors",
     "write_unet",
     "write_vae",

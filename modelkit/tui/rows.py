@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from modelkit.arch import registry
 from modelkit.library.check import Hint
 from modelkit.library.query import Entry
 from modelkit.textsafe import safe_text
@@ -20,7 +21,8 @@ from modelkit.wording import human_bytes
 
 KIND_SHORT = {"checkpoint": "ckpt", "embedding": "embed", "controlnet": "cnet",
               "text_encoder": "te", "unknown": "?"}
-ARCH_SHORT = {"sdxl_refiner": "xl-ref", "unknown": "?"}
+ARCH_SHORT = {**{a.name: a.short for a in registry.REGISTRY.values() if a.short != a.name},
+              registry.UNKNOWN: "?"}
 KEY_ALIASES = {"k": "kind", "kind": "kind", "a": "arch", "arch": "arch", "p": "pred",
                "pred": "pred", "prediction": "pred", "dtype": "dtype", "d": "dtype",
                "has": "has"}

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from modelkit.arch import registry
 from modelkit.arch.configs import UNET_PREFIX
 from modelkit.errors import ModelkitError
 from modelkit.io.source import DerivedSource, Source, tensor_info
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
     from modelkit.inspect.report import ModelReport
 
-RENDER_ARCHS = ("sd1", "sd2", "sdxl", "sdxl_refiner")
+RENDER_ARCHS = registry.names(where=lambda a: a.verify == registry.RENDER)
 
 
 @dataclass

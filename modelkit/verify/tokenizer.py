@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modelkit.arch.diffusers_names import te_folder
+from modelkit.arch.registry import REGISTRY
 from modelkit.errors import ModelkitError
 from modelkit.verify.report import Check
 from modelkit.verify.thresholds import FAIL, PASS, WARN
@@ -60,8 +62,10 @@ HF_REPOS = (
 FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 DOWNLOAD_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json",
                   "special_tokens_map.json")
-PAD_ALT_SLOTS = {("sd2", "tokenizer"), ("sdxl", "tokenizer_2"),
-                 ("sdxl_refiner", "tokenizer_2")}
+# OpenCLIP tokenizers pad with "!": SD2's tokenizer, SDXL's tokenizer_2
+PAD_ALT_SLOTS = {(a.name, te_folder(s).replace("text_encoder", "tokenizer"))
+                 for a in REGISTRY.values() if a.spec is not None
+                 for s in a.spec.text_encoders if s.config.layout == "open_clip"}
 HOW_TO = ("pass --tokenizer DIR (a folder with tokenizer.json, or vocab.json + merges.txt, "
           "e.g. the tokenizer/ folder of an SD1.5 diffusers repo), put one in "
           "<library>/models/tokenizers/clip, run 'pip install --no-deps open-clip-torch' "

@@ -1,0 +1,190 @@
+"""Flux.1 key names and shapes, generated from its configuration.
+
+Two layouts of the same transformer: ``original`` (Black Forest Labs'
+``flux/model.py``, what ComfyUI and most single files use: fused ``qkv`` and
+fused ``linear1`` = qkv + MLP in the single blocks) and ``diffusers``
+(``FluxTransformer2DModel``: split ``to_q/to_k/to_v``, ``proj_mlp``).
+The variants differ in ``in_channels`` (64; Fill 384, Depth 128) and in the
+guidance embedder (dev, Fill, Depth and Kontext have one, schnell not).
+
+Used today by ``inspect`` tests (full-size sparse headers); the other
+commands will use it when they handle Flux. Importing this module does not
+import torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+from modelkit.arch.configs import VAEConfig
+from modelkit.arch.keys import KeyShapes, Shape, text_encoder_keys, vae_keys
+
+ORIGINAL, DIFFUSERS = "original", "diffusers"
+
+
+@dataclass(frozen=True)
+class FluxConfig:
+    """BFL's ``FluxParams``."""
+
+    in_channels: int = 64
+    out_channels: int = 64
+    vec_in_dim: int = 768  # CLIP-L pooled
+    context_in_dim: int = 4096  # T5-XXL
+    hidden_size: int = 3072
+    mlp_ratio: float = 4.0
+    num_heads: int = 24
+    depth: int = 19
+    depth_single_blocks: int = 38
+    guidance_embed: bool = True
+    time_dim: int = 256
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+
+# in_channels and the guidance embedder per variant
+VARIANTS: dict[str, FluxConfig] = {
+    "dev": FluxConfig(),
+    "schnell": FluxConfig(guidance_embed=False),
+    "fill": FluxConfig(in_channels=384),
+    "depth": FluxConfig(in_channels=128),
+    "kontext": FluxConfig(),  # the dev layout: told apart by name only
+}
+
+
+def _linear(p: str, out: int, inp: int, bias: bool = True) -> Iterator[tuple[str, Shape]]:
+    yield f"{p}.weight", (out, inp)
+    if bias:
+        yield f"{p}.bias", (out,)
+
+
+def _original(cfg: FluxConfig) -> Iterator[tuple[str, Shape]]:
+    h, mlp, hd = cfg.hidden_size, cfg.mlp_hidden, cfg.head_dim
+    yield from _linear("img_in", h, cfg.in_channels)
+    yield from _linear("time_in.in_layer", h, cfg.time_dim)
+    yield from _linear("time_in.out_layer", h, h)
+    yield from _linear("vector_in.in_layer", h, cfg.vec_in_dim)
+    yield from _linear("vector_in.out_layer", h, h)
+    if cfg.guidance_embed:
+        yield from _linear("guidance_in.in_layer", h, cfg.time_dim)
+        yield from _linear("guidance_in.out_layer", h, h)
+    yield from _linear("txt_in", h, cfg.context_in_dim)
+    for i in range(cfg.depth):
+        b = f"double_blocks.{i}"
+        for s in ("img", "txt"):
+            yield from _linear(f"{b}.{s}_mod.lin", 6 * h, h)
+            yield from _linear(f"{b}.{s}_attn.qkv", 3 * h, h)
+            yield f"{b}.{s}_attn.norm.query_norm.scale", (hd,)
+            yield f"{b}.{s}_attn.norm.key_norm.scale", (hd,)
+            yield from _linear(f"{b}.{s}_attn.proj", h, h)
+            yield from _linear(f"{b}.{s}_mlp.0", mlp, h)
+            yield from _linear(f"{b}.{s}_mlp.2", h, mlp)
+    for i in range(cfg.depth_single_blocks):
+        b = f"single_blocks.{i}"
+        yield from _linear(f"{b}.linear1", 3 * h + mlp, h)
+        yield from _linear(f"{b}.linear2", h, h + mlp)
+        yield f"{b}.norm.query_norm.scale", (hd,)
+        yield f"{b}.norm.key_norm.scale", (hd,)
+        yield from _linear(f"{b}.modulation.lin", 3 * h, h)
+    yield from _linear("final_layer.linear", cfg.out_channels, h)
+    yield from _linear("final_layer.adaLN_modulation.1", 2 * h, h)
+
+
+def _diffusers(cfg: FluxConfig) -> Iterator[tuple[str, Shape]]:
+    h, mlp, hd = cfg.hidden_size, cfg.mlp_hidden, cfg.head_dim
+    t = "time_text_embed"
+    yield from _linear(f"{t}.timestep_embedder.linear_1", h, cfg.time_dim)
+    yield from _linear(f"{t}.timestep_embedder.linear_2", h, h)
+    if cfg.guidance_embed:
+        yield from _linear(f"{t}.guidance_embedder.linear_1", h, cfg.time_dim)
+        yield from _linear(f"{t}.guidance_embedder.linear_2", h, h)
+    yield from _linear(f"{t}.text_embedder.linear_1", h, cfg.vec_in_dim)
+    yield from _linear(f"{t}.text_embedder.linear_2", h, h)
+    yield from _linear("context_embedder", h, cfg.context_in_dim)
+    yield from _linear("x_embedder", h, cfg.in_channels)
+    for i in range(cfg.depth):
+        b = f"transformer_blocks.{i}"
+        yield from _linear(f"{b}.norm1.linear", 6 * h, h)
+        yield from _linear(f"{b}.norm1_context.linear", 6 * h, h)
+        for proj in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj",
+                     "to_out.0", "to_add_out"):
+            yield from _linear(f"{b}.attn.{proj}", h, h)
+        for norm in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
+            yield f"{b}.attn.{norm}.weight", (hd,)
+        for ff in ("ff", "ff_context"):
+            yield from _linear(f"{b}.{ff}.net.0.proj", mlp, h)
+            yield from _linear(f"{b}.{ff}.net.2", h, mlp)
+    for i in range(cfg.depth_single_blocks):
+        b = f"single_transformer_blocks.{i}"
+        yield from _linear(f"{b}.norm.linear", 3 * h, h)
+        yield from _linear(f"{b}.proj_mlp", mlp, h)
+        yield from _linear(f"{b}.proj_out", h, h + mlp)
+        for proj in ("to_q", "to_k", "to_v"):
+            yield from _linear(f"{b}.attn.{proj}", h, h)
+        for norm in ("norm_q", "norm_k"):
+            yield f"{b}.attn.{norm}.weight", (hd,)
+    yield from _linear("norm_out.linear", 2 * h, h)
+    yield from _linear("proj_out", cfg.out_channels, h)
+
+
+def transformer_keys(cfg: FluxConfig, layout: str = ORIGINAL) -> KeyShapes:
+    """The transformer's keys and shapes in ``layout`` (unprefixed)."""
+    return dict(_original(cfg) if layout == ORIGINAL else _diffusers(cfg))
+
+
+# Flux's autoencoder ("ae"): the KL-f8 layout with 16 latent channels and
+# no quant_conv/post_quant_conv
+AE = VAEConfig(z_channels=16, embed_dim=16)
+
+
+def ae_keys(ch: int = AE.ch) -> KeyShapes:
+    """The Flux autoencoder's keys (unprefixed), at base width ``ch``."""
+    return {k: s for k, s in vae_keys(replace(AE, ch=ch)).items() if "quant_conv" not in k}
+
+
+def small(cfg: FluxConfig) -> FluxConfig:
+    """``cfg`` with the same key names at a small size (one block of each
+    kind, width 256 with head width 128 as at full size)."""
+    return replace(cfg, hidden_size=256, num_heads=2, depth=1, depth_single_blocks=1,
+                   vec_in_dim=32, context_in_dim=64)
+
+
+def t5xxl_keys(layers: int = 24, width: int = 4096, ff: int = 10240, vocab: int = 32128
+               ) -> KeyShapes:
+    """T5 v1.1 XXL encoder keys (transformers' ``T5EncoderModel``)."""
+    out: KeyShapes = {"shared.weight": (vocab, width)}
+    for i in range(layers):
+        b = f"encoder.block.{i}.layer"
+        for p in ("q", "k", "v", "o"):
+            out[f"{b}.0.SelfAttention.{p}.weight"] = (width, width)
+        if i == 0:
+            out[f"{b}.0.SelfAttention.relative_attention_bias.weight"] = (32, 64)
+        out[f"{b}.0.layer_norm.weight"] = (width,)
+        out[f"{b}.1.DenseReluDense.wi_0.weight"] = (ff, width)
+        out[f"{b}.1.DenseReluDense.wi_1.weight"] = (ff, width)
+        out[f"{b}.1.DenseReluDense.wo.weight"] = (width, ff)
+        out[f"{b}.1.layer_norm.weight"] = (width,)
+    out["encoder.final_layer_norm.weight"] = (width,)
+    return out
+
+
+def all_in_one_keys(cfg: FluxConfig, *, tiny: bool = False) -> KeyShapes:
+    """A ComfyUI all-in-one Flux checkpoint: transformer under
+    ``model.diffusion_model.``, ``vae.``, CLIP-L and T5-XXL under
+    ``text_encoders.`` (``tiny``: the VAE and text encoders scaled down)."""
+    from modelkit.arch.configs import CLIP_L, UNET_PREFIX
+
+    clip = replace(CLIP_L, width=32, layers=1, heads=2) if tiny else CLIP_L
+    t5 = t5xxl_keys(1, 64, 128, 100) if tiny else t5xxl_keys()
+    out = {UNET_PREFIX + k: s for k, s in transformer_keys(cfg).items()}
+    out.update({"vae." + k: s for k, s in ae_keys(16 if tiny else AE.ch).items()})
+    out.update({"text_encoders.clip_l.transformer." + k: s
+                for k, s in text_encoder_keys(clip).items()})
+    out.update({"text_encoders.t5xxl.transformer." + k: s for k, s in t5.items()})
+    return out

@@ -1,0 +1,505 @@
+"""The architecture registry: every model family modelkit knows, declared once.
+
+Each :class:`Architecture` is data: how to recognise it from a header (a few
+declarative :class:`Rule` s that one generic detector evaluates), its layouts,
+its components and their key prefixes, its per-block weight map, what prune
+treats as training residue, its LoRA and diffusers naming, its GGUF
+architecture name and keep-list, its default dtype and how ``verify`` treats
+it. The key tables themselves stay where they are generated
+(:mod:`~modelkit.arch.configs`, :mod:`~modelkit.arch.keys`,
+:mod:`~modelkit.arch.blocks`, :mod:`~modelkit.arch.diffusers_names`,
+:mod:`~modelkit.arch.lora_names`); an entry points at them. Every list of
+architecture names elsewhere (command-line choices, the library's names, the
+LoRA, verify and compare lists) is derived from :data:`REGISTRY`.
+
+An entry with ``support="full"`` works with every command. ``"detect"``
+marks a family that ``inspect`` names (family, variant and layout) while
+the other commands still refuse it; the goal is that no such entry remains.
+
+Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from modelkit.arch import blocks as _blocks
+from modelkit.arch import parts as _parts
+from modelkit.arch.configs import (
+    ARCHS,
+    EMA_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    ArchSpec,
+)
+
+Shape = tuple[int, ...]
+
+FULL, DETECT = "full", "detect"
+ORIGINAL, DIFFUSERS = "original", "diffusers"  # key layouts
+RENDER, PROBE = "render", "probe"  # verify: render with a pipeline, or a static probe only
+DENOISER, VAE, TEXT_ENCODER = "denoiser", "vae", "text_encoder"  # component roles
+UNKNOWN = "unknown"
+EPS, EPS_OR_V, FLOW = "eps", "eps_or_v", "flow"  # prediction of an unmarked file
+
+
+# --- declarations ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A detection rule: it holds when every condition does.
+
+    ``keys`` must be present and ``absent`` missing (names relative to the
+    denoiser root: without ``model.diffusion_model.``); ``shapes`` are
+    ``(key, axis, size)`` conditions on those keys (axis -1 is the last);
+    ``features`` are ``(name, value)`` conditions on facts computed from the
+    keys (the LDM UNet's, see :func:`modelkit.arch.detect.unet_facts`).
+    ``evidence`` lines are formatted with the facts; a line whose fields are
+    missing or empty is left out."""
+
+    keys: tuple[str, ...] = ()
+    absent: tuple[str, ...] = ()
+    shapes: tuple[tuple[str, int, int], ...] = ()
+    features: tuple[tuple[str, Any], ...] = ()
+    evidence: tuple[str, ...] = ()
+
+    def holds(self, keys: Mapping[str, Shape], facts: Mapping[str, Any] | None = None
+              ) -> bool:
+        """Whether the rule holds for ``keys`` (relative names) and ``facts``."""
+        facts = facts or {}
+        if any(k not in keys for k in self.keys) or any(k in keys for k in self.absent):
+            return False
+        for key, axis, size in self.shapes:
+            shape = keys.get(key)
+            if shape is None or not -len(shape) <= axis < len(shape) or shape[axis] != size:
+                return False
+        return all(facts.get(name, _MISSING) == value for name, value in self.features)
+
+    def explain(self, facts: Mapping[str, Any]) -> list[str]:
+        """The evidence lines, formatted with ``facts``."""
+        out = []
+        for line in self.evidence:
+            names = [f for _, f, _, _ in string.Formatter().parse(line) if f]
+            if all(facts.get(n) not in (None, "", 0) for n in names):
+                out.append(line.format(**facts))
+        return out
+
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A variant of a family, told apart by its own rule (checked after the
+    family's, in order: the first that holds names the file; none: the plain
+    model)."""
+
+    name: str
+    rule: Rule
+
+
+@dataclass(frozen=True)
+class Component:
+    """One component: its role, its key prefix in an all-in-one file and in a
+    standalone file of that component (``""``: unprefixed)."""
+
+    name: str
+    role: str
+    prefix: str
+    standalone: str = ""
+
+
+@dataclass(frozen=True)
+class BlockMap:
+    """Per-block weights: the block names users know, in list order, the key
+    -> block maps and the function that applies them
+    (``key_to_block(key, arch, map_name, vae_slot)``)."""
+
+    names: tuple[str, ...]
+    maps: tuple[str, ...]
+    default_map: str
+    key_to_block: Callable[..., str]
+    vae_slot: bool = True  # a VAE block may be appended
+
+
+@dataclass(frozen=True)
+class PrunePolicy:
+    """What prune treats as training residue, and what it keeps."""
+
+    residue_prefixes: tuple[str, ...]  # dropped: training leftovers
+    keep_prefixes: tuple[str, ...] = ()  # auxiliary networks a variant needs
+    ema_prefix: str | None = None  # EMA copies (dropped unless kept)
+    schedule_buffers: bool = False  # the file carries the noise schedule
+
+
+@dataclass(frozen=True)
+class LoraNames:
+    """LoRA naming: the formats the name maps are generated for, the UNet
+    naming kohya uses (``ldm`` or ``diffusers``), text-encoder layers kohya
+    leaves out, what the LoRA commands do with the family, and the metadata
+    written into (and recognised in) a LoRA for it: kohya's
+    ``ss_base_model_version`` and ``modelspec.architecture`` (``.../lora``)."""
+
+    namings: tuple[str, ...]
+    kohya_unet: str
+    kohya_te_dropped_layers: int = 0
+    adapters: bool = True  # extract, bake, merge, convert, info
+    block_weights: bool = True  # LoRA block weights (LBW)
+    base_model_version: str | None = None  # written
+    base_model_prefix: str | None = None  # recognised
+    modelspec_arch: str | None = None  # written, before "/lora"
+    modelspec_prefix: str | None = None  # recognised
+    kohya_v2: bool = False  # kohya's ss_v2 flag (SD2)
+
+
+@dataclass(frozen=True)
+class DiffusersNames:
+    """The diffusers side: pipeline class per variant (``None``: the plain
+    model), the VAE scaling factor and text-encoder layers diffusers drops."""
+
+    pipelines: tuple[tuple[str | None, str], ...]
+    scaling_factor: float
+    te_dropped_layers: int = 0
+    vae_force_upcast: bool = False  # the VAE overflows in fp16 (SDXL's)
+
+
+@dataclass(frozen=True)
+class GgufPolicy:
+    """GGUF export: ``general.architecture``, tensors kept F32, key parts kept
+    in their float type, and the denoiser parts that go in."""
+
+    arch: str
+    keep_f32: frozenset[str]
+    keep_float_parts: tuple[str, ...]
+    parts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One architecture (family or member of a family), declared once."""
+
+    name: str  # the name in reports, recipes and command-line choices
+    label: str  # how people write it
+    short: str  # table column
+    family: str  # archs of one family share folders and VAEs
+    aliases: tuple[str, ...]  # folder names that say a file is for it
+    support: str  # FULL or DETECT
+    detect: tuple[Rule, ...]  # any rule recognises the denoiser
+    variants: tuple[Variant, ...]
+    layouts: tuple[str, ...]
+    components: tuple[Component, ...]
+    spec: ArchSpec | None  # the config key tables are generated from
+    blocks: BlockMap | None
+    prune: PrunePolicy
+    lora: LoraNames | None
+    diffusers: DiffusersNames | None
+    gguf: GgufPolicy | None
+    default_dtype: str
+    verify: str  # RENDER or PROBE
+    prediction: str  # what an unmarked file predicts: EPS, EPS_OR_V (read it) or FLOW
+    layout_rules: tuple[tuple[str, Rule], ...] = ()  # (layout, rule), first match
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def denoiser(self) -> Component:
+        """The denoiser component (UNet or transformer)."""
+        return next(c for c in self.components if c.role == DENOISER)
+
+    def pipeline(self, variant: str | None) -> str | None:
+        """The diffusers pipeline class for ``variant``."""
+        return dict(self.diffusers.pipelines).get(variant) if self.diffusers else None
+
+
+# --- SD1, SD2, SDXL, SDXL refiner -------------------------------------------------
+
+_IN_CONV = "input_blocks.0.0.weight"
+# the UNet input channels tell inpaint, instruct-pix2pix and depth models apart
+LDM_VARIANTS = tuple(Variant(name, Rule(shapes=((_IN_CONV, 1, ch),)))
+                      for name, ch in (("inpaint", 9), ("pix2pix", 8), ("depth", 5)))
+_CONTEXT = "cross-attention context width {context_dim}{context_te}"
+_LDM_PRUNE = PrunePolicy(residue_prefixes=_parts.JUNK_PREFIXES,
+                         keep_prefixes=_parts.AUX_MODEL_PREFIXES, ema_prefix=EMA_PREFIX)
+_NAMINGS = ("kohya", "peft", "comfyui")
+# city96/ComfyUI-GGUF tools/convert.py: conv_in/conv_out stay F32, embeddings
+# and transformer projections stay in their float type
+_LDM_GGUF_KEEP_F32 = frozenset({"input_blocks.0.0.weight", "out.2.weight"})
+_LDM_GGUF_KEEP_FLOAT = ("time_embed.", "label_emb.", "proj_in.", "proj_out.")
+_LDM_UNET_PARTS = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.",
+                   "output_blocks.", "out.")
+
+
+def _ldm_gguf(arch: str) -> GgufPolicy:
+    return GgufPolicy(arch, _LDM_GGUF_KEEP_F32, _LDM_GGUF_KEEP_FLOAT, _LDM_UNET_PARTS)
+
+
+def _ldm_components(spec: ArchSpec) -> tuple[Component, ...]:
+    return (Component("unet", DENOISER, UNET_PREFIX), Component("vae", VAE, VAE_PREFIX),
+            *(Component(s.name, TEXT_ENCODER, s.prefix) for s in spec.text_encoders))
+
+
+def _ldm_blocks(name: str) -> BlockMap:
+    return BlockMap(tuple(_blocks.block_names(name)), _blocks.MAPS, _blocks.DEFAULT_MAP,
+                    _blocks.block_of)
+
+
+def _ldm(name: str, *, label: str, short: str, family: str, aliases: tuple[str, ...],
+         detect: tuple[Rule, ...], variants: tuple[str, ...], lora: LoraNames,
+         pipelines: tuple[tuple[str | None, str], ...], scaling: float, gguf: str,
+         diffusers_te_dropped: int = 0, prediction: str = EPS) -> Architecture:
+    spec = ARCHS[name]
+    return Architecture(
+        name=name, label=label, short=short, family=family, aliases=aliases, support=FULL,
+        detect=detect, variants=tuple(v for v in LDM_VARIANTS if v.name in variants),
+        layouts=(ORIGINAL, DIFFUSERS), components=_ldm_components(spec), spec=spec,
+        blocks=_ldm_blocks(name),
+        prune=PrunePolicy(_LDM_PRUNE.residue_prefixes, _LDM_PRUNE.keep_prefixes,
+                          EMA_PREFIX, spec.has_schedule_buffers),
+        lora=lora, diffusers=DiffusersNames(pipelines, scaling, diffusers_te_dropped,
+                                            vae_force_upcast=family == "sdxl"),
+        gguf=_ldm_gguf(gguf), default_dtype="fp16", verify=RENDER, prediction=prediction,
+    )
+
+
+SD1 = _ldm(
+    "sd1", label="SD1", short="sd1", family="sd1",
+    aliases=("sd1", "sd15", "sd1.5", "sd-1.5", "sd_1.5", "sd 1.5", "1.5", "sd1x"),
+    detect=(Rule(features=(("adm", False), ("n_input_blocks", 12), ("use_linear", False)),
+                 evidence=("proj_in is a 1x1 conv (use_linear_in_transformer=False): "
+                           "SD1 layout", _CONTEXT)),),
+    variants=("inpaint", "pix2pix"),
+    lora=LoraNames(_NAMINGS, kohya_unet="diffusers", base_model_version="sd_v1",
+                   base_model_prefix="sd_v1", modelspec_arch="stable-diffusion-v1",
+                   modelspec_prefix="stable-diffusion-v1"),
+    pipelines=((None, "StableDiffusionPipeline"),
+               ("inpaint", "StableDiffusionInpaintPipeline"),
+               ("pix2pix", "StableDiffusionInstructPix2PixPipeline")),
+    scaling=0.18215, gguf="sd1",
+)
+SD2 = _ldm(
+    "sd2", label="SD2", short="sd2", family="sd2",
+    aliases=("sd2", "sd21", "sd2.1", "sd-2.1", "sd_2.1", "sd 2.1", "2.1", "sd2x"),
+    detect=(Rule(features=(("adm", False), ("n_input_blocks", 12), ("use_linear", True)),
+                 evidence=("proj_in is Linear (use_linear_in_transformer=True), no "
+                           "label_emb: SD2 layout", _CONTEXT)),
+            Rule(features=(("adm", True), ("n_input_blocks", 12),
+                           ("first_level_attention", True)),
+                 evidence=("label_emb with SD2 layout: SD2.1 unCLIP",))),
+    variants=("inpaint", "depth"),
+    # kohya converts SD2's open_clip tower to a 23-layer HF CLIP (the last is unused)
+    lora=LoraNames(_NAMINGS, kohya_unet="diffusers", kohya_te_dropped_layers=1, kohya_v2=True,
+                   base_model_version="sd_v2", base_model_prefix="sd_v2",
+                   modelspec_arch="stable-diffusion-v2", modelspec_prefix="stable-diffusion-v2"),
+    pipelines=((None, "StableDiffusionPipeline"),
+               ("inpaint", "StableDiffusionInpaintPipeline"),
+               ("depth", "StableDiffusionDepth2ImgPipeline")),
+    scaling=0.18215, gguf="sd1", diffusers_te_dropped=1, prediction=EPS_OR_V,
+)
+SDXL = _ldm(
+    "sdxl", label="SDXL", short="sdxl", family="sdxl",
+    aliases=("sdxl", "sd-xl", "sd_xl", "xl", "sdxl1.0", "sdxl 1.0", "pony", "illustrious",
+             "noobai"),
+    detect=(Rule(features=(("adm", True), ("n_input_blocks", 9)),
+                 evidence=("label_emb present (ADM input {adm_in_channels}) and 9 input "
+                           "blocks: SDXL base layout",)),),
+    variants=("inpaint", "pix2pix"),
+    lora=LoraNames(_NAMINGS, kohya_unet="ldm",  # kohya's SGM UNet class
+                   base_model_version="sdxl_base_v1-0", base_model_prefix="sdxl",
+                   modelspec_arch="stable-diffusion-xl-v1-base",
+                   modelspec_prefix="stable-diffusion-xl"),
+    pipelines=((None, "StableDiffusionXLPipeline"),
+               ("inpaint", "StableDiffusionXLInpaintPipeline"),
+               ("pix2pix", "StableDiffusionXLInstructPix2PixPipeline")),
+    scaling=0.13025, gguf="sdxl",
+)
+SDXL_REFINER = _ldm(
+    "sdxl_refiner", label="SDXL refiner", short="xl-ref", family="sdxl",
+    aliases=("sdxl_refiner", "sdxl-refiner", "refiner"),
+    detect=(Rule(features=(("adm", True), ("n_input_blocks", 12),
+                           ("first_level_attention", False)),
+                 evidence=("label_emb present (ADM input {adm_in_channels}), 12 input "
+                           "blocks, no attention at the first level: SDXL refiner "
+                           "layout",)),),
+    variants=(),
+    # no refiner LoRAs are trained; the names are generated for extraction checks
+    lora=LoraNames(_NAMINGS, kohya_unet="ldm", adapters=False, block_weights=False),
+    pipelines=((None, "StableDiffusionXLImg2ImgPipeline"),),
+    scaling=0.13025, gguf="sdxl",
+)
+
+# --- families inspect names but the other commands do not handle yet -------------
+
+_NO_PRUNE = PrunePolicy(residue_prefixes=_parts.JUNK_PREFIXES)
+
+SD3 = Architecture(
+    name="sd3", label="SD3", short="sd3", family="sd3", aliases=("sd3", "sd3.5", "sd35"),
+    support=DETECT,
+    detect=(Rule(keys=("joint_blocks.0.context_block.attn.qkv.weight",),
+                 evidence=("sd3 transformer blocks (joint_blocks)",)),),
+    variants=(), layouts=(ORIGINAL,),
+    components=(Component("transformer", DENOISER, UNET_PREFIX),),
+    spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
+    default_dtype="fp16", verify=PROBE, prediction=FLOW,
+)
+
+# Flux.1 (BFL layout, ComfyUI's model_detection.py; diffusers' single_file_utils.py)
+_FLUX_QK_NORM = "double_blocks.0.img_attn.norm.key_norm.scale"
+_FLUX_DIFFUSERS_QK_NORM = "transformer_blocks.0.attn.norm_added_k.weight"
+FLUX_BLOCKS = ("img_in", "time_in", "guidance_in", "vector_in", "txt_in",
+               *(f"double_blocks.{i}" for i in range(19)),
+               *(f"single_blocks.{i}" for i in range(38)), "final_layer")
+
+
+def _flux_variant_rules(img_in: str, guidance: str) -> tuple[Variant, ...]:
+    """Flux variants by the image input width (64 plain, 384 Fill, 128 Depth)
+    and the guidance embedder (dev has one, schnell not)."""
+    return (Variant("fill", Rule(shapes=((img_in, 1, 384),))),
+            Variant("depth", Rule(shapes=((img_in, 1, 128),))),
+            Variant("dev", Rule(keys=(guidance,), shapes=((img_in, 1, 64),))),
+            Variant("schnell", Rule(absent=(guidance,), shapes=((img_in, 1, 64),))))
+
+
+FLUX = Architecture(
+    name="flux", label="Flux.1", short="flux", family="flux",
+    aliases=("flux", "flux1", "flux.1"), support=DETECT,
+    # per-block modulation and the pooled-text input tell Flux.1 from Chroma
+    # (distilled guidance, no vector_in) and Flux.2 (shared modulation)
+    detect=(Rule(keys=(_FLUX_QK_NORM, "double_blocks.0.img_mod.lin.weight",
+                       "vector_in.in_layer.weight"),
+                 shapes=((_FLUX_QK_NORM, 0, 128),),
+                 evidence=("double_blocks.0.img_attn.norm.key_norm.scale [128] with "
+                           "per-block modulation and vector_in: Flux.1 transformer "
+                           "(BFL layout)",)),
+            Rule(keys=(_FLUX_DIFFUSERS_QK_NORM, "single_transformer_blocks.0.proj_mlp.weight",
+                       "transformer_blocks.0.norm1.linear.weight",
+                       "time_text_embed.text_embedder.linear_1.weight"),
+                 shapes=((_FLUX_DIFFUSERS_QK_NORM, 0, 128),),
+                 evidence=("transformer_blocks.0.attn.norm_added_k [128] and "
+                           "single_transformer_blocks: Flux.1 transformer (diffusers "
+                           "layout)",))),
+    # Kontext has the dev layout and cannot be told from dev by the header
+    variants=(*_flux_variant_rules("img_in.weight", "guidance_in.in_layer.weight"),
+              *_flux_variant_rules("x_embedder.weight",
+                                   "time_text_embed.guidance_embedder.linear_1.weight")),
+    layouts=(ORIGINAL, DIFFUSERS),
+    layout_rules=((ORIGINAL, Rule(keys=(_FLUX_QK_NORM,))),
+                  (DIFFUSERS, Rule(keys=(_FLUX_DIFFUSERS_QK_NORM,)))),
+    components=(Component("transformer", DENOISER, UNET_PREFIX),
+                Component("vae", VAE, "vae."), Component("clip_l", TEXT_ENCODER,
+                                                          "text_encoders.clip_l."),
+                Component("t5xxl", TEXT_ENCODER, "text_encoders.t5xxl.")),
+    spec=None,
+    blocks=None,  # FLUX_BLOCKS once merge handles Flux
+    prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
+    default_dtype="bf16", verify=PROBE, prediction=FLOW,
+    notes=("Kontext has the dev layout and reads as dev",),
+)
+
+REGISTRY: dict[str, Architecture] = {a.name: a for a in (SD1, SD2, SDXL, SDXL_REFINER,
+                                                         SD3, FLUX)}
+
+
+# --- derived lists ----------------------------------------------------------------
+
+
+def names(*, support: str | None = None, where: Callable[[Architecture], bool] | None = None
+          ) -> tuple[str, ...]:
+    """Registered names in registry order, optionally only those with
+    ``support`` and for which ``where`` holds."""
+    return tuple(a.name for a in REGISTRY.values()
+                 if (support is None or a.support == support) and (where is None or where(a)))
+
+
+def lora_archs(*, block_weights: bool = False) -> tuple[str, ...]:
+    """Architectures the LoRA commands handle (with ``block_weights``: those
+    with LoRA block weights)."""
+    return names(where=lambda a: a.lora is not None and a.lora.adapters
+                 and (a.lora.block_weights or not block_weights))
+
+
+def block_list_archs() -> tuple[str, ...]:
+    """One architecture per distinct block list (SD2 and the refiner share
+    SD1's 26 blocks): ``("sd1", "sdxl")``."""
+    seen: dict[tuple[str, ...], str] = {}
+    for a in REGISTRY.values():
+        if a.blocks is not None:
+            seen.setdefault(a.blocks.names, a.name)
+    return tuple(seen.values())
+
+
+def listed(archs: tuple[str, ...] | None = None) -> str:
+    """``sd1, sd2, sdxl and sdxl_refiner``: names for a message (default: the
+    fully supported ones)."""
+    archs = names(support=FULL) if archs is None else archs
+    return archs[0] if len(archs) == 1 else f"{', '.join(archs[:-1])} and {archs[-1]}"
+
+
+def get(name: str) -> Architecture | None:
+    """The entry for ``name``, or None."""
+    return REGISTRY.get(name)
+
+
+def label(name: str) -> str:
+    """How people write an architecture (``SDXL``), the name itself when unknown."""
+    arch = REGISTRY.get(name)
+    return arch.label if arch else name
+
+
+def same_family(a: str, b: str) -> bool:
+    """Whether two architectures are of one family (SDXL and its refiner)."""
+    fa, fb = REGISTRY.get(a), REGISTRY.get(b)
+    return a == b or (fa is not None and fb is not None and fa.family == fb.family)
+
+
+def folder_aliases() -> dict[str, str]:
+    """Folder name -> architecture, from every entry's aliases."""
+    return {alias: a.name for a in REGISTRY.values() for alias in a.aliases}
+
+
+# --- the generic detector ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Detection:
+    """What the rules say: architecture, variant, layout and the reasons."""
+
+    arch: str
+    variant: str | None
+    layout: str | None
+    evidence: tuple[str, ...]
+
+
+def first_match(rules: Iterable[tuple[str, Rule]], keys: Mapping[str, Shape],
+                facts: Mapping[str, Any] | None = None) -> tuple[str, Rule] | None:
+    """The first ``(name, rule)`` whose rule holds."""
+    return next(((n, r) for n, r in rules if r.holds(keys, facts)), None)
+
+
+def detect_denoiser(keys: Mapping[str, Shape], facts: Mapping[str, Any] | None = None, *,
+                    archs: Iterable[Architecture] | None = None) -> Detection | None:
+    """Match ``keys`` (denoiser keys, relative to its root) against every
+    entry's detection rules in registry order."""
+    entries = list(REGISTRY.values() if archs is None else archs)
+    hit = first_match(((a.name, r) for a in entries for r in a.detect), keys, facts)
+    if hit is None:
+        return None
+    arch = REGISTRY[hit[0]]
+    variant = first_match(((v.name, v.rule) for v in arch.variants), keys, facts)
+    layout = first_match(arch.layout_rules, keys, facts)
+    return Detection(arch.name, variant[0] if variant else None,
+                     layout[0] if layout else None, tuple(hit[1].explain(facts or {})))
+
+
+def strip_denoiser_prefix(keys: Mapping[str, Shape]) -> dict[str, Shape]:
+    """The keys under the denoiser prefix ``model.diffusion_model.`` without
+    it, or ``keys`` themselves when none carries the prefix."""
+    inner = {k[len(UNET_PREFIX):]: s for k, s in keys.items() if k.startswith(UNET_PREFIX)}
+    return inner or dict(keys)
+
+
+def declared_fields() -> tuple[str, ...]:
+    """The fields every entry declares (the registry test checks them)."""
+    return tuple(f.name for f in fields(Architecture))
