@@ -162,7 +162,7 @@ def run_demo_recipe(root: Path, progress: ProgressFn = no_progress) -> Path:
     model by add-difference with a VAE baked in, a style LoRA baked in at
     0.7, then pruned) and run it."""
     from modelkit.core.recipe import load_recipe
-    from modelkit.core.runner import run
+    from modelkit.engine.runner import run
 
     # at the library's top: a recipe file writes only inside its own folder
     path = root / "sd15-mix-inpainting.yaml"

@@ -15,7 +15,6 @@ import torch
 
 from modelkit import testing as t
 from modelkit.cli import main
-from modelkit.core.graph import Graph
 from modelkit.core.recipe import Recipe, RecipeError, parse_recipe, validate
 from modelkit.core.registry import (
     DROPPED,
@@ -26,7 +25,8 @@ from modelkit.core.registry import (
     Transform,
     all_transforms,
 )
-from modelkit.core.runner import run
+from modelkit.engine.graph import Graph
+from modelkit.engine.runner import run
 from modelkit.errors import Cancelled, ModelkitError, OutputError
 from modelkit.io.header import read_header
 from modelkit.io.reader import open_model
@@ -213,15 +213,14 @@ LAYERS = {
     "modelkit.textsafe": 0, "modelkit.vocab": 0, "modelkit.arch": 0, "modelkit.wording": 0,
     "modelkit.io": 1, "modelkit.testing": 1,
     "modelkit.inspect": 2,
-    "modelkit.core.registry": 3, "modelkit.core.step": 3, "modelkit.core.keyregex": 3,
-    "modelkit.core.recipe": 3,
+    "modelkit.core": 3,  # the registry, recipes, steps, key regexes
     # verify's settings (plain data and parsing; recipe validation reads their
     # one declaration of the verify: fields) and the tables they check against
     "modelkit.verify.settings": 3, "modelkit.verify.thresholds": 3,
     "modelkit.verify.library": 3,
     "modelkit.merge": 4, "modelkit.convert": 4, "modelkit.lora": 4, "modelkit.verify": 4,
     "modelkit.library": 4,
-    "modelkit.core": 5, "modelkit.sweep": 5,
+    "modelkit.engine": 5, "modelkit.sweep": 5,
     "modelkit.demo": 6,
     "modelkit.cli": 7, "modelkit.tui": 7, "modelkit.__main__": 7,
     "modelkit.testing.fuzz": 7,  # drives the CLI like a user
@@ -305,7 +304,7 @@ def test_string_imports_are_seen_and_hooks_declared() -> None:
     hook names exactly what its module's table holds."""
     registry = _modules()["modelkit.core.registry"]
     assert {"modelkit.merge.methods", "modelkit.lora.transforms"} <= _imports(registry)
-    assert "modelkit.core.runner" in _imports(_modules()["modelkit"])
+    assert "modelkit.engine.runner" in _imports(_modules()["modelkit"])
     assert "modelkit.cli.merge_cmd" in _imports(_modules()["modelkit.cli"])
     assert "modelkit.recipe" not in _imports(_modules()["modelkit.library.metadata"])  # a key
     for name, (table, reason) in _string_hooks().items():
@@ -336,7 +335,7 @@ def test_io_imports_nothing_above_it() -> None:
         if name.startswith("modelkit.io"):
             above = {m for m in _imports(path) if m.startswith(
                 ("modelkit.inspect", "modelkit.merge", "modelkit.convert", "modelkit.cli",
-                 "modelkit.tui", "modelkit.core"))}
+                 "modelkit.tui", "modelkit.core", "modelkit.engine"))}
             assert not above, (name, above)
 
 

@@ -57,7 +57,7 @@ def lib(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]) -> di
     from conftest import keep_lora_modules, run_chain
 
     from modelkit import testing as t
-    from modelkit.core.api import export_gguf
+    from modelkit.engine.api import export_gguf
     from modelkit.testing.lora import write_lora
     from modelkit.verify.tokenizer import write_synthetic_tokenizer
 

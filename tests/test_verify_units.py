@@ -131,7 +131,7 @@ def test_recipe_verify_fields_are_declared_once_on_the_settings() -> None:
     from dataclasses import fields
 
     from modelkit.core.recipe import verify_fields
-    from modelkit.core.verification import settings_from
+    from modelkit.engine.verification import settings_from
     from modelkit.verify.settings import RECIPE
 
     allowed = verify_fields()
@@ -283,7 +283,7 @@ def test_outputs_refuse_existing_and_need_renders(tmp_path: Path) -> None:
 
 def test_gguf_reads_back_at_source_shapes(models: dict[str, Path], tmp_path: Path) -> None:
     from modelkit.arch.configs import UNET_PREFIX
-    from modelkit.core.api import export_gguf
+    from modelkit.engine.api import export_gguf
     from modelkit.io.gguf import open_gguf
     from modelkit.io.reader import open_model
 

@@ -259,7 +259,7 @@ def test_a_runs_progress_lines_agree_with_their_counts(models: dict[str, Path],
 
     from modelkit.cli.progress import StderrProgress
     from modelkit.core.recipe import Recipe
-    from modelkit.core.runner import run
+    from modelkit.engine.runner import run
     from modelkit.progress import Progress
     from modelkit.verify import verify
     from modelkit.verify.settings import VerifySettings

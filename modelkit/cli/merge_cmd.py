@@ -217,8 +217,8 @@ def recipe_lock(recipe: str, output: str | None, quiet: bool, overwrite: bool,
     """Write a copy of the recipe with every input's sha256 pinned."""
     import json
 
-    from modelkit.core.lock import lock_recipe
     from modelkit.core.recipe import load_recipe
+    from modelkit.engine.lock import lock_recipe
 
     path = lock_recipe(recipe, output, StderrProgress(quiet), overwrite=overwrite)
     if as_json:
@@ -233,7 +233,7 @@ def recipe_lock(recipe: str, output: str | None, quiet: bool, overwrite: bool,
 @click.argument("model", type=click.Path(dir_okay=False))
 def recipe_show(model: str) -> None:
     """Print the recipe embedded in a merge output."""
-    from modelkit.core.lock import embedded_recipe
+    from modelkit.engine.lock import embedded_recipe
 
     sys.stdout.write(safe_text(embedded_recipe(model)[0], keep_newlines=True))
 
@@ -256,7 +256,7 @@ def recipe_replay(model: str, check: bool, output: str | None, search: tuple[str
     """Re-run the recipe embedded in MODEL; with --check, compare tensors."""
     import json
 
-    from modelkit.core.lock import replay
+    from modelkit.engine.lock import replay
 
     progress = StderrProgress(quiet)
     result = replay(model, output, progress=progress, search=search, overwrite=overwrite,

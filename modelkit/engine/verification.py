@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 from modelkit.errors import ModelkitError
 
 if TYPE_CHECKING:
-    from modelkit.core.graph import Graph
     from modelkit.core.recipe import Recipe
+    from modelkit.engine.graph import Graph
     from modelkit.progress import ProgressFn
     from modelkit.verify import LoraUse, VerifyReport, VerifySettings
 

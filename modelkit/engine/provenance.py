@@ -33,7 +33,7 @@ from modelkit.errors import ModelkitError
 from modelkit.io.header import metadata_json
 
 if TYPE_CHECKING:
-    from modelkit.core.graph import Graph, StepRecord
+    from modelkit.engine.graph import Graph, StepRecord
     from modelkit.io.hashcache import InputHashes
     from modelkit.io.source import Source
 
