@@ -238,7 +238,7 @@ def check_role(t: Transform, index: int, source: Source) -> None:
     kinds = ROLE_KINDS.get(t.role(index), ())
     if not kinds:
         return
-    from modelkit.convert.base import describe
+    from modelkit.inspect.describe import describe
     from modelkit.io.source import source_label
 
     kind = describe(source).kind

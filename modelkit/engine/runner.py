@@ -188,7 +188,7 @@ def output_path(recipe: Recipe, output: str | os.PathLike[str] | None) -> Path:
 
 def _planned_report(recipe: Recipe, graph: Any, final: Any, payload: Any, spec: Any,
                     details: dict[str, Any], dry_run: bool) -> RunReport:
-    from modelkit.convert.base import describe
+    from modelkit.inspect.describe import describe
 
     merged = sum(g.report.n_merged for g in graph.groups)
     infos = final.infos

@@ -130,7 +130,7 @@ def _read_input(name: str, path: Path, what: str) -> tuple[InputFile, ModelRepor
 def _source_input(name: str, source: Source) -> tuple[InputFile, ModelReport]:
     """An input that is already open (a file, a diffusers folder or the
     result of an earlier step), described from its infos."""
-    from modelkit.convert.base import describe
+    from modelkit.inspect.describe import describe
     from modelkit.io.source import source_label
 
     rep = describe(source)
