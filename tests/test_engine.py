@@ -213,17 +213,16 @@ LAYERS = {
     "modelkit.textsafe": 0, "modelkit.vocab": 0, "modelkit.arch": 0, "modelkit.wording": 0,
     "modelkit.io": 1, "modelkit.testing": 1,
     "modelkit.inspect": 2,
-    "modelkit.core": 3,  # the registry, recipes, steps, key regexes
-    # verify's settings (plain data and parsing; recipe validation reads their
-    # one declaration of the verify: fields) and the tables they check against
-    "modelkit.verify.settings": 3, "modelkit.verify.thresholds": 3,
-    "modelkit.verify.library": 3,
+    # the registry, recipes, steps, key regexes, and verify's settings (plain
+    # data and parsing; recipe validation reads their one declaration of the
+    # verify: fields) with the tables they check against
+    "modelkit.core": 3,
     "modelkit.merge": 4, "modelkit.convert": 4, "modelkit.lora": 4, "modelkit.verify": 4,
     "modelkit.library": 4,
     "modelkit.engine": 5, "modelkit.sweep": 5,
     "modelkit.demo": 6,
     "modelkit.cli": 7, "modelkit.tui": 7, "modelkit.__main__": 7,
-    "modelkit.testing.fuzz": 7,  # drives the CLI like a user
+    "modelkit.fuzz": 7,  # header fuzzing: drives the CLI like a user
 }
 FRONT_ENDS = ("modelkit.cli", "modelkit.tui", "modelkit.__main__")
 

@@ -15,7 +15,7 @@ import pytest
 
 from modelkit.arch.configs import UNET_PREFIX
 from modelkit.errors import ModelkitError, OutputError
-from modelkit.testing.fuzz import run_cli
+from modelkit.fuzz import run_cli
 
 gguf = pytest.importorskip("gguf")
 

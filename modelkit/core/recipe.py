@@ -548,9 +548,9 @@ def _check_options(c: _Checker, o: Options) -> None:
 
 def verify_fields() -> dict[str, tuple[type, ...]]:
     """The fields of a recipe's ``verify:`` section and their YAML types:
-    ``reference`` and the :class:`~modelkit.verify.settings.VerifySettings`
+    ``reference`` and the :class:`~modelkit.core.verify_settings.VerifySettings`
     fields declared settable from a recipe (declared there, once)."""
-    from modelkit.verify.settings import RECIPE_FIELDS
+    from modelkit.core.verify_settings import RECIPE_FIELDS
 
     return {"reference": (str,), **RECIPE_FIELDS}
 
