@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import itertools
 import json
 import threading
 from contextlib import ExitStack
@@ -296,6 +297,78 @@ def test_no_module_imports_one_above_it() -> None:
                 problems.append(f"{name} (layer {_layer(name)}) imports {imported} "
                                 f"(layer {_layer(imported)})")
     assert not problems, "\n".join(problems)
+
+
+def _folder(module: str) -> str:
+    """The folder-level node of a module: its sub-package of modelkit/
+    (``modelkit.core.recipe`` -> ``core``), or the module itself for the
+    files directly in modelkit/ (``modelkit.errors`` -> ``errors``)."""
+    return module.split(".")[1] if module.count(".") else module
+
+
+def _folder_graph() -> dict[str, dict[str, set[str]]]:
+    """Folder -> folder it imports -> the module-level imports behind the
+    edge; every import counts as in the layering test (function-level ones
+    and modules named by strings), except the declared hooks."""
+    hooks = _string_hooks()
+    graph: dict[str, dict[str, set[str]]] = {}
+    for name, path in _modules().items():
+        if name == "modelkit":
+            continue  # the package root: its only imports are the lazy _EXPORTS hook
+        allowed = hooks.get(name, (set(), ""))[0]
+        src = _folder(name)
+        edges = graph.setdefault(src, {})
+        for imported in _imports(path) - allowed:
+            if not imported.startswith("modelkit.") or imported not in _modules():
+                imported = ".".join(imported.split(".")[:-1])  # from modelkit.x import name
+            if not imported.startswith("modelkit."):
+                continue
+            dst = _folder(imported)
+            if dst != src:
+                edges.setdefault(dst, set()).add(f"{name} -> {imported}")
+    return graph
+
+
+def _find_cycle(graph: dict[str, dict[str, set[str]]]) -> list[str] | None:
+    """One cycle of the graph as a list of nodes (first == last), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, {})):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt):], nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_no_folder_level_import_cycle() -> None:
+    """The folders show the layers (issue 18): no sub-package of modelkit/
+    imports, even in a function, one that imports it back, directly or
+    through others (core/ holds layer 3, engine/ layer 5)."""
+    graph = _folder_graph()
+    assert {"core", "engine", "merge", "convert", "inspect", "io", "cli"} <= set(graph)
+    assert "core" in graph["merge"] and "merge" in graph["engine"]  # the edges were seen
+    assert "engine" not in graph["core"] and "convert" not in graph["core"]
+    cycle = _find_cycle(graph) or []
+    why = sorted(m for a, b in itertools.pairwise(cycle) for m in graph[a][b])
+    assert not cycle, " -> ".join(cycle) + "\n" + "\n".join(why)
+
+
+def test_the_cycle_finder_finds_cycles() -> None:
+    assert _find_cycle({"a": {"b": set()}, "b": {"c": set()}, "c": {"a": set()}}) \
+        == ["a", "b", "c", "a"]
+    assert _find_cycle({"a": {"b": set()}, "b": {}, "c": {"a": set(), "b": set()}}) is None
 
 
 def test_string_imports_are_seen_and_hooks_declared() -> None:
