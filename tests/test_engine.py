@@ -463,6 +463,32 @@ def test_progress_events_are_typed_and_serialised(models: dict[str, Path],
     assert writes[-1].done == writes[-1].total and writes[0].step == "prune"
 
 
+def test_a_run_opens_each_input_once(models: dict[str, Path], tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """One 'open inputs' plan event per input, one open_source call per file,
+    and one output check, all before any tensor is read (issue 18)."""
+    import modelkit.io.open as io_open
+    import modelkit.io.write as io_write
+
+    opened: list[str] = []
+    checks: list[Path] = []
+    real_open, real_check = io_open.open_source, io_write.check_output
+    monkeypatch.setattr(io_open, "open_source",
+                        lambda path, *a, **k: opened.append(Path(path).name)
+                        or real_open(path, *a, **k))
+    monkeypatch.setattr(io_write, "check_output",
+                        lambda spec, inputs: checks.append(spec.path) or real_check(spec, inputs))
+    events: list[Progress] = []
+    out = tmp_path / "once.safetensors"
+    run(Recipe.merge(models["sd1"], models["sd1_b"], models["sd1_ema"], method="add_difference",
+                     alpha=0.5).then("prune"), output=out, progress=events.append)
+    opens = [(p.item, p.done, p.total) for p in events if p.step == "open inputs"]
+    assert [(d, n) for _, d, n in opens] == [(1, 3), (2, 3), (3, 3)]
+    assert len({item for item, _, _ in opens}) == 3
+    assert sorted(opened) == ["sd1.safetensors", "sd1_b.safetensors", "sd1_ema.safetensors"]
+    assert checks == [out]
+
+
 def test_overwrite_policy_is_the_same_for_every_command(
         models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "m.safetensors"

@@ -95,9 +95,12 @@ class Graph:
         return list(input_paths_of([*self.inputs.values(), *extra]))
 
     def open_inputs(self) -> None:
-        """Open every input (headers only)."""
+        """Open every input (headers only), once per graph: one ``open
+        inputs`` event per input however often it is asked."""
         names = list(self.recipe.inputs)
         for i, name in enumerate(names, 1):
+            if name in self.built:
+                continue
             self.node(name)
             self.progress(Progress("open inputs", i, len(names), "files", name, PLAN))
 

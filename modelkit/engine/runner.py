@@ -287,11 +287,9 @@ def run(recipe: Recipe, *, output: str | os.PathLike[str] | None = None,
     with ExitStack() as stack:
         device = resolve_device(recipe.options.device)
         graph = Graph(recipe, stack, device, events.plan)
-        graph.open_inputs()
-        check_output(spec, graph.files)
-        final = graph.build()
+        final = graph.build()  # every file the run reads is open now (headers only)
         events.step = recipe.output_step
-        check_output(spec, graph.files)
+        check_output(spec, graph.files)  # the one output check, before any tensor is read
         fmt_options = {"quant": recipe.output_quant, "keep_shapes": recipe.output_keep_shapes}
         payload, details = prepare_output(final, spec.format, **fmt_options)
         report = _planned_report(recipe, graph, final, payload, spec, details, dry_run)

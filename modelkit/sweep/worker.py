@@ -173,7 +173,6 @@ def _verify(recipe: Any, output: Path, section: dict[str, Any], task: dict[str, 
         settings.threads = _THREADS
     with ExitStack() as stack:
         graph = Graph(recipe, stack, device)
-        graph.open_inputs()
         graph.build()
         reference, loras = reference_and_loras(recipe, graph, section)
     report = verify(output, settings, reference, loras, progress=progress, cancel=cancel,
