@@ -190,6 +190,29 @@ def test_trailing_prune_changes_metadata_by_one_history_entry(
         "modelkit.recipe"]
 
 
+def test_block_params_and_the_primary_input_have_one_form(
+        models: dict[str, Path], tmp_path: Path) -> None:
+    """A block-wise parameter is written the same way in the recipe, the
+    history and A1111's lineage; the primary input is one method (issue 18)."""
+    from modelkit.core.recipe import BlockParam, yaml_params
+
+    assert yaml_params({"alpha": BlockParam(preset="in_only"), "w": (0.5, 1)}) == {
+        "alpha": {"preset": "in_only"}, "w": [0.5, 1]}
+    recipe = Recipe.merge(models["sd1"], models["sd1_b"], models["sd1_ema"],
+                          method="add_difference", alpha={"preset": "in_only"}).then("prune")
+    assert recipe.primary_input() == "a" and recipe.primary_input("merge") == "a"
+    assert recipe.primary_input("c") == "c"
+    out = tmp_path / "blocks.safetensors"
+    run(recipe, output=out)
+    meta = read_header(out).metadata
+    written = parse_recipe(meta["modelkit.recipe"]).to_dict()["steps"]["merge"]["params"]
+    history = json.loads(meta["modelkit.history"])
+    a1111 = json.loads(meta["sd_merge_recipe"])
+    assert written["alpha"] == history[0]["params"]["alpha"] == a1111["multiplier"] == {
+        "preset": "in_only"}
+    assert history[0]["op"] == "add_difference" and history[-1]["op"] == "prune"
+
+
 def test_every_format_gets_the_provenance(models: dict[str, Path], tmp_path: Path) -> None:
     from modelkit.io.open import open_source
 

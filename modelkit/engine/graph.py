@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelkit.core.recipe import BlockParam, InputSpec, Recipe
+from modelkit.core.recipe import InputSpec, Recipe, yaml_params
 from modelkit.core.registry import METHOD, ROLE_KINDS, Transform, get_transform
 from modelkit.errors import ModelkitError
 from modelkit.progress import PLAN, READ, Progress, ProgressFn, no_progress
@@ -53,18 +53,6 @@ class MergeGroup:
     evaluator: Evaluator
     report: MergeReport
     leaves: dict[str, Source] = field(default_factory=dict)
-
-
-def recorded(params: dict[str, Any]) -> dict[str, Any]:
-    """Parameters as the history records them (plain YAML/JSON values)."""
-    out: dict[str, Any] = {}
-    for k, v in params.items():
-        if isinstance(v, BlockParam):
-            v = v.to_yaml()
-        elif isinstance(v, tuple):
-            v = list(v)
-        out[k] = v
-    return out
 
 
 class Graph:
@@ -157,7 +145,7 @@ class Graph:
             if not self.recipe.from_yaml:
                 raise
             raise type(exc)(f"{self.recipe.source}: steps.{name}: {exc}") from None
-        self.records.append(StepRecord(name, t.name, t.kind, recorded(planned.params),
+        self.records.append(StepRecord(name, t.name, t.kind, yaml_params(planned.params),
                                        planned.report, planned.source.input_paths, planned))
         return planned.source
 
@@ -177,24 +165,24 @@ class Graph:
 
     def _merge(self, name: str) -> Source:
         from modelkit.merge.evaluate import merge_report, merge_source
-        from modelkit.merge.plan import make_plan
+        from modelkit.merge.plan import MergeGroupSpec, make_plan
 
         recipe = self.recipe
         group = self._merge_group(name)
         leaves = list(dict.fromkeys(m for g in group for m in recipe.steps[g].models
                                     if m not in group))
         sources = {leaf: self.node(leaf) for leaf in leaves}
-        sub = Recipe({leaf: InputSpec(leaf, _label(sources[leaf], leaf)) for leaf in leaves},
-                     {g: recipe.steps[g] for g in group}, None, recipe.output_dtype, name,
-                     recipe.options, recipe.base_dir, recipe.source)
-        plan = make_plan(sub, sources)
+        vae = recipe.options.vae
+        plan = make_plan(MergeGroupSpec(
+            name, sources, {g: recipe.steps[g] for g in group}, recipe.output_dtype,
+            recipe.options, recipe.resolve(vae) if vae else None, recipe.source))
         vae = self._open_vae(plan)
         source, ev = merge_source(plan, sources, vae, self.device, f"merge:{name}")
         report = merge_report(plan)
         self.groups.append(MergeGroup(name, group, plan, ev, report, sources))
         for g in group:
             step = recipe.steps[g]
-            self.records.append(StepRecord(g, step.transform, METHOD, recorded(step.params),
+            self.records.append(StepRecord(g, step.transform, METHOD, yaml_params(step.params),
                                            report if g == name else None,
                                            self._files_of(g, sources)))
         return source
@@ -227,12 +215,6 @@ class Graph:
     def planned_steps(self) -> list[PlannedStep]:
         """The operations' planned steps, in planning order."""
         return [r.planned for r in self.records if r.planned is not None]
-
-
-def _label(source: Source, fallback: str) -> str:
-    from modelkit.io.source import source_label
-
-    return source_label(source) or fallback
 
 
 def check_role(t: Transform, index: int, source: Source) -> None:

@@ -53,13 +53,6 @@ def _size(value: Any) -> tuple[int, int]:
                             ) from None
 
 
-def _primary_input(recipe: Recipe) -> str:
-    name = recipe.output_step
-    while name in recipe.steps:
-        name = recipe.steps[name].models[0]
-    return name
-
-
 def reference_and_loras(recipe: Recipe, graph: Graph, section: dict[str, Any]
                         ) -> tuple[Path | None, list[LoraUse]]:
     """The reference file and render-time LoRAs for the written output."""
@@ -75,7 +68,7 @@ def reference_and_loras(recipe: Recipe, graph: Graph, section: dict[str, Any]
         paths = bake.planned.source.input_paths
         weights = [a.weight for a in bake.report.adapters]
         return paths[0], [LoraUse(p, w) for p, w in zip(paths[1:], weights, strict=False)]
-    path = recipe.resolve(recipe.inputs[_primary_input(recipe)].path)
+    path = recipe.resolve(recipe.inputs[recipe.primary_input()].path)
     return (path if path.is_file() or path.is_dir() else None), []
 
 
