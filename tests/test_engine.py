@@ -510,6 +510,19 @@ def test_a_run_opens_each_input_once(models: dict[str, Path], tmp_path: Path,
     assert len({item for item, _, _ in opens}) == 3
     assert sorted(opened) == ["sd1.safetensors", "sd1_b.safetensors", "sd1_ema.safetensors"]
     assert checks == [out]
+    # a VAE to bake in is opened once too (not read again by the merge planner)
+    import modelkit.io.reader as io_reader
+    from modelkit.core.recipe import Options
+
+    read = io_reader.read_infos
+    monkeypatch.setattr(io_reader, "read_infos",
+                        lambda path, *a, **k: opened.append(Path(path).name)
+                        or read(path, *a, **k))
+    opened.clear()
+    run(Recipe.merge(models["sd1"], models["sd1_b"], alpha=0.5,
+                     options=Options(vae=str(models["vae"]))),
+        output=tmp_path / "vae.safetensors")
+    assert opened.count(models["vae"].name) == 1
 
 
 def test_overwrite_policy_is_the_same_for_every_command(

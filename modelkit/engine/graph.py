@@ -172,11 +172,10 @@ class Graph:
         leaves = list(dict.fromkeys(m for g in group for m in recipe.steps[g].models
                                     if m not in group))
         sources = {leaf: self.node(leaf) for leaf in leaves}
-        vae = recipe.options.vae
+        vae = self._open_vae()
         plan = make_plan(MergeGroupSpec(
             name, sources, {g: recipe.steps[g] for g in group}, recipe.output_dtype,
-            recipe.options, recipe.resolve(vae) if vae else None, recipe.source))
-        vae = self._open_vae(plan)
+            recipe.options, vae, recipe.source))
         source, ev = merge_source(plan, sources, vae, self.device, f"merge:{name}")
         report = merge_report(plan)
         self.groups.append(MergeGroup(name, group, plan, ev, report, sources))
@@ -199,13 +198,16 @@ class Graph:
                 todo += reversed(self.recipe.steps[name].models)
         return tuple(files)
 
-    def _open_vae(self, plan: Plan) -> Source | None:
-        if plan.vae is None:
+    def _open_vae(self) -> Source | None:
+        """The recipe's VAE to bake in (options.vae), opened once."""
+        if not self.recipe.options.vae:
             return None
         if self.vae is None:
+            from modelkit.io.files import check_input_file
             from modelkit.io.open import open_source
 
-            self.vae = open_source(plan.vae.path, self.device)
+            path = check_input_file(self.recipe.resolve(self.recipe.options.vae), "VAE")
+            self.vae = open_source(path, self.device)
             close = getattr(self.vae, "close", None)
             if close is not None:
                 self.stack.callback(close)

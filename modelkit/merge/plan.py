@@ -61,7 +61,7 @@ class MergeGroupSpec:
         output_dtype: the output dtype choice (``keep``, ``fp16``...).
         options: the recipe's run options (components, excluded keys,
             missing-key policy, block map, seed).
-        vae: the VAE file to bake in, resolved, or None.
+        vae: the VAE to bake in, already open, or None.
         source: names the recipe in messages.
     """
 
@@ -70,7 +70,7 @@ class MergeGroupSpec:
     steps: dict[str, StepSpec]
     output_dtype: str = "fp16"
     options: Options = field(default_factory=Options)
-    vae: Path | None = None
+    vae: Source | None = None
     source: str = "<recipe>"
 
     @property
@@ -142,20 +142,6 @@ def component_of(key: str) -> str:
     """``unet``, ``vae``, ``te`` or ``other`` for a single-file checkpoint key."""
     part = part_of(key)
     return part if part in (UNET, VAE, TE) else "other"
-
-
-def _read_input(name: str, path: Path, what: str) -> tuple[InputFile, ModelReport]:
-    """Header (or safe pickle) of one input and its inspect report."""
-    from modelkit.inspect.report import build_report
-    from modelkit.io.files import check_input_file
-    from modelkit.io.reader import is_pickle_path, read_infos
-
-    check_input_file(path, what)
-    infos, meta = read_infos(path)
-    fmt = "pickle" if is_pickle_path(path) else "safetensors"
-    rep = build_report(path, infos, meta, fmt, None)
-    return InputFile(name, path, infos, meta, rep.arch, rep.variant,
-                     rep.prediction.type, _bare_prefix(rep.kind, infos)), rep
 
 
 def _source_input(name: str, source: Source) -> tuple[InputFile, ModelReport]:
@@ -308,12 +294,12 @@ def _vae_plan(plan: Plan, key: str, info: TensorInfo, group: MergeGroupSpec) -> 
     return KeyPlan(key, "vae", _out_dtype(group, vinfo), info.shape, src)
 
 
-def _load_vae(path: Path | None) -> InputFile | None:
-    if path is None:
+def _load_vae(source: Source | None) -> InputFile | None:
+    if source is None:
         return None
-    file, rep = _read_input("vae", path, "VAE")
+    file, rep = _source_input("vae", source)
     if "vae" not in rep.components:
-        raise ModelkitError(f"VAE {path}: is {with_article(rep.kind)} with no VAE in it")
+        raise ModelkitError(f"VAE {file.path}: is {with_article(rep.kind)} with no VAE in it")
     return file
 
 
