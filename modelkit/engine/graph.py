@@ -83,14 +83,17 @@ class Graph:
         return list(input_paths_of([*self.inputs.values(), *extra]))
 
     def open_inputs(self) -> None:
-        """Open every input (headers only), once per graph: one ``open
-        inputs`` event per input however often it is asked."""
+        """Open every file the run reads (headers only), once per graph: the
+        inputs, one ``open inputs`` event each however often it is asked,
+        and the VAE a merge bakes in."""
         names = list(self.recipe.inputs)
         for i, name in enumerate(names, 1):
             if name in self.built:
                 continue
             self.node(name)
             self.progress(Progress("open inputs", i, len(names), "files", name, PLAN))
+        if any(s.is_method for s in self.recipe.steps.values()):
+            self._open_vae()
 
     def build(self) -> Source:
         """Open the inputs and plan every step the output needs."""

@@ -287,9 +287,10 @@ def run(recipe: Recipe, *, output: str | os.PathLike[str] | None = None,
     with ExitStack() as stack:
         device = resolve_device(recipe.options.device)
         graph = Graph(recipe, stack, device, events.plan)
-        final = graph.build()  # every file the run reads is open now (headers only)
+        graph.open_inputs()  # every file the run reads (headers only)
+        check_output(spec, graph.files)  # the one output check, before any step is planned
+        final = graph.build()
         events.step = recipe.output_step
-        check_output(spec, graph.files)  # the one output check, before any tensor is read
         fmt_options = {"quant": recipe.output_quant, "keep_shapes": recipe.output_keep_shapes}
         payload, details = prepare_output(final, spec.format, **fmt_options)
         report = _planned_report(recipe, graph, final, payload, spec, details, dry_run)
