@@ -256,7 +256,8 @@ def _layer(module: str) -> int:
     return LAYERS[best]
 
 
-def _imports(path: Path) -> set[str]:
+@functools.cache
+def _imports(path: Path) -> frozenset[str]:
     """What a module imports: import statements (function-level ones too)
     and modules named by a string (see :func:`_string_imports`)."""
     tree = ast.parse(path.read_text())
@@ -268,7 +269,7 @@ def _imports(path: Path) -> set[str]:
             out.add(node.module)
             out |= {f"{node.module}.{a.name}" for a in node.names
                     if node.module == "modelkit"}
-    return out
+    return frozenset(out)
 
 
 def _string_imports(tree: ast.AST) -> set[str]:
