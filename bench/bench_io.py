@@ -93,7 +93,7 @@ def _import_all() -> None:
     import safetensors.torch  # noqa: F401
     import torch  # noqa: F401
 
-    import modelkit.core.runner
+    import modelkit.engine.runner
     import modelkit.testing  # noqa: F401
 
 
@@ -165,7 +165,7 @@ def _child_work(kind: str, args: Sequence[str]) -> Callable[[], None] | None:
         return generate
     if kind in ("copy", "fp32"):
         from modelkit.core.recipe import Recipe
-        from modelkit.core.runner import run
+        from modelkit.engine.runner import run
 
         src, out = args
         # the one runner: a plain streamed copy, or every float tensor cast to fp32

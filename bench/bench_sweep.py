@@ -90,7 +90,7 @@ def child_loop(a: Path, b: Path, out: Path) -> dict[str, Any]:
     import yaml
 
     from modelkit.core.recipe import COMMAND_LINE, parse_recipe
-    from modelkit.core.runner import run
+    from modelkit.engine.runner import run
     from modelkit.io.hashing import hash_file
     from modelkit.sweep import parse_sweep
 
@@ -125,7 +125,7 @@ def child_sweep(mode: str, a: Path, b: Path, out: Path, jobs: int) -> dict[str, 
         executor = PoolExecutor(jobs=jobs, threads=1)
     else:
         executor = SerialExecutor()
-    import modelkit.core.runner  # noqa: F401  (imports outside the timing, as in the loop)
+    import modelkit.engine.runner  # noqa: F401  (imports outside the timing, as in the loop)
 
     spec = parse_sweep(_sweep_text(a, b), "bench-sweep.yaml", out.parent)
     start = time.perf_counter()

@@ -62,7 +62,7 @@ from pathlib import Path
 from modelkit.io.reader import open_model
 from modelkit.convert.diffusers import write_diffusers_configs
 from modelkit.verify.tokenizer import find_tokenizer, explicit_source, load_tokenizer
-from modelkit.verify.library import Library
+from modelkit.core.verify_library import Library
 model, cfg, tok_path, size, steps, threads = sys.argv[1:7]
 torch.set_num_threads(int(threads))
 t0 = time.perf_counter()
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                                  str(tiny.parents[1] / "tokenizers" / "clip"), 64, 2, 1))
     notes = []
     if not args.tiny_only:
-        from modelkit.verify.library import Library
+        from modelkit.core.verify_library import Library
         from modelkit.verify.tokenizer import find_tokenizer
 
         tok = args.tokenizer
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                                        [str(full), "--reference", str(ref), "--seeds", SEEDS,
                                         "--tokenizer", tok]))
             if not args.no_peer:
-                from modelkit.verify.settings import default_threads
+                from modelkit.core.verify_settings import default_threads
 
                 threads = default_threads("smoke")
                 rows.append(run_peer("bare diffusers, same full file and images", full,

@@ -5,7 +5,7 @@ Run::
 
     .venv/bin/python bench/fuzz_headers.py [--cases 20000] [--seed 0]
 
-Each case mutates one of six small real files (modelkit.testing.fuzz: JSON
+Each case mutates one of six small real files (modelkit.fuzz: JSON
 edits, numbers, nesting, Unicode, duplicates, truncation, the length field,
 odd but legal shapes and dtypes) and checks that every command either works
 or exits 1/2 with one line naming the file: no internal error, traceback,
@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from modelkit.testing.fuzz import FuzzStats, run_fuzz  # noqa: E402
+from modelkit.fuzz import FuzzStats, run_fuzz  # noqa: E402
 
 
 def _progress(start: float) -> object:

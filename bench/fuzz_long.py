@@ -8,10 +8,10 @@ Run::
         --seed 0 --target all --out /tmp/fuzz-findings
 
 Per target, cases are seeded mutations of valid tiny files
-(modelkit.testing.fuzz_inputs); each case's commands run in a fresh folder
+(modelkit.fuzz.inputs); each case's commands run in a fresh folder
 under a time limit (``--timeout``) and an address-space limit (``--mem-gb``)
 and are classified ok / INTERNAL / HANG / CRASH / LEFTOVER / BADMSG
-(modelkit.testing.fuzz_long). ``--minutes`` is shared equally among the
+(modelkit.fuzz.long). ``--minutes`` is shared equally among the
 targets (``--cases`` caps the cases per target instead or as well).
 
 Writes ``summary.md`` and ``summary.json`` (command runs per target and
@@ -32,8 +32,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from modelkit.testing.fuzz_inputs import TARGETS  # noqa: E402
-from modelkit.testing.fuzz_long import (  # noqa: E402
+from modelkit.fuzz.inputs import TARGETS  # noqa: E402
+from modelkit.fuzz.long import (  # noqa: E402
     DEFAULT_TIMEOUT,
     ConsoleRunner,
     ForkServer,

@@ -22,8 +22,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "run": "modelkit.core.runner",
-    "RunReport": "modelkit.core.report",
+    "run": "modelkit.engine.runner",
+    "RunReport": "modelkit.engine.report",
     "Recipe": "modelkit.core.recipe",
     "Options": "modelkit.core.recipe",
     "RecipeError": "modelkit.core.recipe",
@@ -37,7 +37,7 @@ _EXPORTS = {
     "open_source": "modelkit.io.open",
     "inspect_model": "modelkit.inspect.report",
     "compare_models": "modelkit.inspect.compare",
-    "export_gguf": "modelkit.core.api",
+    "export_gguf": "modelkit.engine.api",
 }
 
 __all__ = ["__version__", *_EXPORTS]

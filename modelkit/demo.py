@@ -162,7 +162,7 @@ def run_demo_recipe(root: Path, progress: ProgressFn = no_progress) -> Path:
     model by add-difference with a VAE baked in, a style LoRA baked in at
     0.7, then pruned) and run it."""
     from modelkit.core.recipe import load_recipe
-    from modelkit.core.runner import run
+    from modelkit.engine.runner import run
 
     # at the library's top: a recipe file writes only inside its own folder
     path = root / "sd15-mix-inpainting.yaml"
@@ -188,9 +188,9 @@ def run_demo_verify(root: Path, output: Path, progress: ProgressFn = no_progress
     library's embedding; write the JSON report, the markdown table and the
     comparison grid under ``root/verify``. Returns the summary line and the
     report and grid paths."""
+    from modelkit.core.verify_settings import load_prompts
     from modelkit.verify import VerifySettings, verify
     from modelkit.verify.outputs import write_grid, write_json, write_markdown
-    from modelkit.verify.settings import load_prompts
 
     folder = root / "verify"
     folder.mkdir(exist_ok=True)

@@ -94,7 +94,7 @@ def run_chain(inputs: list, steps: list[tuple[str, dict]], out: Path,
     (the first step takes every input, later ones the previous result) and
     return (the steps' reports, the run report)."""
     from modelkit.core.recipe import Recipe
-    from modelkit.core.runner import run
+    from modelkit.engine.runner import run
 
     first, *rest = steps or [("convert", {})]
     recipe = Recipe.op(first[0], *inputs, output=out, **first[1])
@@ -108,7 +108,7 @@ def run_chain(inputs: list, steps: list[tuple[str, dict]], out: Path,
 
 def run_recipe(recipe: object, output: object = None, **kwargs: object) -> object:
     """Run a recipe through the one runner (what ``modelkit recipe run`` does)."""
-    from modelkit.core.runner import run
+    from modelkit.engine.runner import run
 
     return run(recipe, output=output, **kwargs)  # type: ignore[arg-type]
 

@@ -116,7 +116,7 @@ def a1111_metadata(a: Path) -> dict[str, str]:
 
 def build_library(root: Path, models: dict[str, Path]) -> Path:
     """Write the fixture library under ``root``; returns ``root``."""
-    from modelkit.core.provenance import HISTORY_KEY
+    from modelkit.engine.provenance import HISTORY_KEY
     from modelkit.testing.lora import write_lora
 
     sd = root / "webui/models/Stable-diffusion"

@@ -156,7 +156,7 @@ def test_dry_run_size_is_the_written_size(models: dict[str, Path], tmp_path: Pat
     """The header is known before anything is read: placeholder hashes have
     the real length and YAML quoting, and one per file."""
     from modelkit.core.recipe import Recipe
-    from modelkit.core.runner import run
+    from modelkit.engine.runner import run
 
     for i, recipe in enumerate((
             Recipe.merge(models["sd1"], models["sd1_b"], alpha=0.5),

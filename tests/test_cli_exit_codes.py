@@ -36,9 +36,9 @@ def _run_all(cases: dict[str, list[str]], cwd: Path) -> dict[str, tuple[int, str
 
 @pytest.fixture(scope="module")
 def files(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from modelkit.core.api import export_gguf
     from modelkit.core.recipe import Recipe
-    from modelkit.core.runner import run
+    from modelkit.engine.api import export_gguf
+    from modelkit.engine.runner import run
 
     root = tmp_path_factory.mktemp("exit-codes")
     out = {"root": root}

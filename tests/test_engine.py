@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import itertools
 import json
 import threading
 from contextlib import ExitStack
@@ -15,7 +16,6 @@ import torch
 
 from modelkit import testing as t
 from modelkit.cli import main
-from modelkit.core.graph import Graph
 from modelkit.core.recipe import Recipe, RecipeError, parse_recipe, validate
 from modelkit.core.registry import (
     DROPPED,
@@ -26,7 +26,8 @@ from modelkit.core.registry import (
     Transform,
     all_transforms,
 )
-from modelkit.core.runner import run
+from modelkit.engine.graph import Graph
+from modelkit.engine.runner import run
 from modelkit.errors import Cancelled, ModelkitError, OutputError
 from modelkit.io.header import read_header
 from modelkit.io.reader import open_model
@@ -189,6 +190,29 @@ def test_trailing_prune_changes_metadata_by_one_history_entry(
         "modelkit.recipe"]
 
 
+def test_block_params_and_the_primary_input_have_one_form(
+        models: dict[str, Path], tmp_path: Path) -> None:
+    """A block-wise parameter is written the same way in the recipe, the
+    history and A1111's lineage; the primary input is one method (issue 18)."""
+    from modelkit.core.recipe import BlockParam, yaml_params
+
+    assert yaml_params({"alpha": BlockParam(preset="in_only"), "w": (0.5, 1)}) == {
+        "alpha": {"preset": "in_only"}, "w": [0.5, 1]}
+    recipe = Recipe.merge(models["sd1"], models["sd1_b"], models["sd1_ema"],
+                          method="add_difference", alpha={"preset": "in_only"}).then("prune")
+    assert recipe.primary_input() == "a" and recipe.primary_input("merge") == "a"
+    assert recipe.primary_input("c") == "c"
+    out = tmp_path / "blocks.safetensors"
+    run(recipe, output=out)
+    meta = read_header(out).metadata
+    written = parse_recipe(meta["modelkit.recipe"]).to_dict()["steps"]["merge"]["params"]
+    history = json.loads(meta["modelkit.history"])
+    a1111 = json.loads(meta["sd_merge_recipe"])
+    assert written["alpha"] == history[0]["params"]["alpha"] == a1111["multiplier"] == {
+        "preset": "in_only"}
+    assert history[0]["op"] == "add_difference" and history[-1]["op"] == "prune"
+
+
 def test_every_format_gets_the_provenance(models: dict[str, Path], tmp_path: Path) -> None:
     from modelkit.io.open import open_source
 
@@ -213,19 +237,16 @@ LAYERS = {
     "modelkit.textsafe": 0, "modelkit.vocab": 0, "modelkit.arch": 0, "modelkit.wording": 0,
     "modelkit.io": 1, "modelkit.testing": 1,
     "modelkit.inspect": 2,
-    "modelkit.core.registry": 3, "modelkit.core.step": 3, "modelkit.core.keyregex": 3,
-    "modelkit.core.recipe": 3,
-    # verify's settings (plain data and parsing; recipe validation reads their
-    # one declaration of the verify: fields) and the tables they check against
-    "modelkit.verify.settings": 3, "modelkit.verify.thresholds": 3,
-    "modelkit.verify.library": 3,
+    # the registry, recipes, steps, key regexes, and verify's settings (plain
+    # data and parsing; recipe validation reads their one declaration of the
+    # verify: fields) with the tables they check against
+    "modelkit.core": 3,
     "modelkit.merge": 4, "modelkit.convert": 4, "modelkit.lora": 4, "modelkit.verify": 4,
     "modelkit.library": 4,
-    "modelkit.core": 5, "modelkit.sweep": 5,
+    "modelkit.engine": 5, "modelkit.sweep": 5,
     "modelkit.demo": 6,
     "modelkit.cli": 7, "modelkit.tui": 7, "modelkit.__main__": 7,
-    "modelkit.testing.fuzz": 7,  # drives the CLI like a user
-    "modelkit.testing.fuzz_inputs": 7, "modelkit.testing.fuzz_long": 7,
+    "modelkit.fuzz": 7,  # header fuzzing: drives the CLI like a user
 }
 FRONT_ENDS = ("modelkit.cli", "modelkit.tui", "modelkit.__main__")
 
@@ -235,7 +256,8 @@ def _layer(module: str) -> int:
     return LAYERS[best]
 
 
-def _imports(path: Path) -> set[str]:
+@functools.cache
+def _imports(path: Path) -> frozenset[str]:
     """What a module imports: import statements (function-level ones too)
     and modules named by a string (see :func:`_string_imports`)."""
     tree = ast.parse(path.read_text())
@@ -247,7 +269,7 @@ def _imports(path: Path) -> set[str]:
             out.add(node.module)
             out |= {f"{node.module}.{a.name}" for a in node.names
                     if node.module == "modelkit"}
-    return out
+    return frozenset(out)
 
 
 def _string_imports(tree: ast.AST) -> set[str]:
@@ -301,12 +323,84 @@ def test_no_module_imports_one_above_it() -> None:
     assert not problems, "\n".join(problems)
 
 
+def _folder(module: str) -> str:
+    """The folder-level node of a module: its sub-package of modelkit/
+    (``modelkit.core.recipe`` -> ``core``), or the module itself for the
+    files directly in modelkit/ (``modelkit.errors`` -> ``errors``)."""
+    return module.split(".")[1] if module.count(".") else module
+
+
+def _folder_graph() -> dict[str, dict[str, set[str]]]:
+    """Folder -> folder it imports -> the module-level imports behind the
+    edge; every import counts as in the layering test (function-level ones
+    and modules named by strings), except the declared hooks."""
+    hooks = _string_hooks()
+    graph: dict[str, dict[str, set[str]]] = {}
+    for name, path in _modules().items():
+        if name == "modelkit":
+            continue  # the package root: its only imports are the lazy _EXPORTS hook
+        allowed = hooks.get(name, (set(), ""))[0]
+        src = _folder(name)
+        edges = graph.setdefault(src, {})
+        for imported in _imports(path) - allowed:
+            if not imported.startswith("modelkit.") or imported not in _modules():
+                imported = ".".join(imported.split(".")[:-1])  # from modelkit.x import name
+            if not imported.startswith("modelkit."):
+                continue
+            dst = _folder(imported)
+            if dst != src:
+                edges.setdefault(dst, set()).add(f"{name} -> {imported}")
+    return graph
+
+
+def _find_cycle(graph: dict[str, dict[str, set[str]]]) -> list[str] | None:
+    """One cycle of the graph as a list of nodes (first == last), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, {})):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt):], nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_no_folder_level_import_cycle() -> None:
+    """The folders show the layers (issue 18): no sub-package of modelkit/
+    imports, even in a function, one that imports it back, directly or
+    through others (core/ holds layer 3, engine/ layer 5)."""
+    graph = _folder_graph()
+    assert {"core", "engine", "merge", "convert", "inspect", "io", "cli"} <= set(graph)
+    assert "core" in graph["merge"] and "merge" in graph["engine"]  # the edges were seen
+    assert "engine" not in graph["core"] and "convert" not in graph["core"]
+    cycle = _find_cycle(graph) or []
+    why = sorted(m for a, b in itertools.pairwise(cycle) for m in graph[a][b])
+    assert not cycle, " -> ".join(cycle) + "\n" + "\n".join(why)
+
+
+def test_the_cycle_finder_finds_cycles() -> None:
+    assert _find_cycle({"a": {"b": set()}, "b": {"c": set()}, "c": {"a": set()}}) \
+        == ["a", "b", "c", "a"]
+    assert _find_cycle({"a": {"b": set()}, "b": {}, "c": {"a": set(), "b": set()}}) is None
+
+
 def test_string_imports_are_seen_and_hooks_declared() -> None:
     """Modules named by strings count as imports (issue 18), and each declared
     hook names exactly what its module's table holds."""
     registry = _modules()["modelkit.core.registry"]
     assert {"modelkit.merge.methods", "modelkit.lora.transforms"} <= _imports(registry)
-    assert "modelkit.core.runner" in _imports(_modules()["modelkit"])
+    assert "modelkit.engine.runner" in _imports(_modules()["modelkit"])
     assert "modelkit.cli.merge_cmd" in _imports(_modules()["modelkit.cli"])
     assert "modelkit.recipe" not in _imports(_modules()["modelkit.library.metadata"])  # a key
     for name, (table, reason) in _string_hooks().items():
@@ -337,7 +431,7 @@ def test_io_imports_nothing_above_it() -> None:
         if name.startswith("modelkit.io"):
             above = {m for m in _imports(path) if m.startswith(
                 ("modelkit.inspect", "modelkit.merge", "modelkit.convert", "modelkit.cli",
-                 "modelkit.tui", "modelkit.core"))}
+                 "modelkit.tui", "modelkit.core", "modelkit.engine"))}
             assert not above, (name, above)
 
 
@@ -391,6 +485,45 @@ def test_progress_events_are_typed_and_serialised(models: dict[str, Path],
     assert all(0 <= x <= 1 for x in overall) and overall[-1] == pytest.approx(1.0)
     writes = [p for p in events if p.phase == WRITE]
     assert writes[-1].done == writes[-1].total and writes[0].step == "prune"
+
+
+def test_a_run_opens_each_input_once(models: dict[str, Path], tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """One 'open inputs' plan event per input, one open_source call per file,
+    and one output check, all before any tensor is read (issue 18)."""
+    import modelkit.io.open as io_open
+    import modelkit.io.write as io_write
+
+    opened: list[str] = []
+    checks: list[Path] = []
+    real_open, real_check = io_open.open_source, io_write.check_output
+    monkeypatch.setattr(io_open, "open_source",
+                        lambda path, *a, **k: opened.append(Path(path).name)
+                        or real_open(path, *a, **k))
+    monkeypatch.setattr(io_write, "check_output",
+                        lambda spec, inputs: checks.append(spec.path) or real_check(spec, inputs))
+    events: list[Progress] = []
+    out = tmp_path / "once.safetensors"
+    run(Recipe.merge(models["sd1"], models["sd1_b"], models["sd1_ema"], method="add_difference",
+                     alpha=0.5).then("prune"), output=out, progress=events.append)
+    opens = [(p.item, p.done, p.total) for p in events if p.step == "open inputs"]
+    assert [(d, n) for _, d, n in opens] == [(1, 3), (2, 3), (3, 3)]
+    assert len({item for item, _, _ in opens}) == 3
+    assert sorted(opened) == ["sd1.safetensors", "sd1_b.safetensors", "sd1_ema.safetensors"]
+    assert checks == [out]
+    # a VAE to bake in is opened once too (not read again by the merge planner)
+    import modelkit.io.reader as io_reader
+    from modelkit.core.recipe import Options
+
+    read = io_reader.read_infos
+    monkeypatch.setattr(io_reader, "read_infos",
+                        lambda path, *a, **k: opened.append(Path(path).name)
+                        or read(path, *a, **k))
+    opened.clear()
+    run(Recipe.merge(models["sd1"], models["sd1_b"], alpha=0.5,
+                     options=Options(vae=str(models["vae"]))),
+        output=tmp_path / "vae.safetensors")
+    assert opened.count(models["vae"].name) == 1
 
 
 def test_overwrite_policy_is_the_same_for_every_command(

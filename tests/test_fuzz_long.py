@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from modelkit.testing.fuzz_inputs import TARGETS, Command, TensorFile
-from modelkit.testing.fuzz_long import (
+from modelkit.fuzz.inputs import TARGETS, Command, TensorFile
+from modelkit.fuzz.long import (
     ForkServer,
     Ran,
     Summary,

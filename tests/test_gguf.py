@@ -15,7 +15,7 @@ import pytest
 
 from modelkit.arch.configs import UNET_PREFIX
 from modelkit.errors import ModelkitError, OutputError
-from modelkit.testing.fuzz import run_cli
+from modelkit.fuzz import run_cli
 
 gguf = pytest.importorskip("gguf")
 
@@ -46,7 +46,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def exported(files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
              ) -> dict[str, tuple[Path, Any]]:
-    from modelkit.core.api import export_gguf
+    from modelkit.engine.api import export_gguf
 
     root = tmp_path_factory.mktemp("gguf_out")
     runs = {"sd1": ("sd1", {}), "sdxl": ("sdxl", {}), "sd2": ("sd2", {}),
@@ -221,7 +221,7 @@ def test_chunking_does_not_change_bytes(files: dict[str, Path], exported: dict,
                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                         ) -> None:
     import modelkit.io.gguf as io_gguf
-    from modelkit.core.api import export_gguf
+    from modelkit.engine.api import export_gguf
 
     # 30 blocks of 32: most UNet tensors of the tiny model span several
     # chunks, and end in a partial one
@@ -234,7 +234,7 @@ def test_chunking_does_not_change_bytes(files: dict[str, Path], exported: dict,
 @pytest.mark.parametrize(("name", "words"), [("lora", "LoRA"), ("vae", "VAE")])
 def test_refuses_non_unet_inputs(files: dict[str, Path], tmp_path: Path, name: str,
                                  words: str) -> None:
-    from modelkit.core.api import export_gguf
+    from modelkit.engine.api import export_gguf
 
     out = tmp_path / "x.gguf"
     with pytest.raises(ModelkitError, match=words) as err:
@@ -244,7 +244,7 @@ def test_refuses_non_unet_inputs(files: dict[str, Path], tmp_path: Path, name: s
 
 
 def test_refuses_bad_outputs_and_qtype(files: dict[str, Path], tmp_path: Path) -> None:
-    from modelkit.core.api import export_gguf
+    from modelkit.engine.api import export_gguf
 
     before = files["sd1"].read_bytes()
     with pytest.raises(OutputError, match="also an input"):
@@ -262,7 +262,7 @@ def test_export_refuses_an_existing_output_unless_overwrite(files: dict[str, Pat
                                                             tmp_path: Path) -> None:
     """export_gguf follows the one overwrite policy (issue 18): an existing
     output is refused and kept; ``overwrite=True`` replaces it."""
-    from modelkit.core.api import export_gguf
+    from modelkit.engine.api import export_gguf
 
     out = tmp_path / "mine.gguf"
     out.write_bytes(b"user data")

@@ -17,8 +17,8 @@ import pytest
 import safetensors
 
 from modelkit.errors import BadFileError
+from modelkit.fuzz import Raw, dump, join_file, run_cli
 from modelkit.io.header import U64_MAX, parse_header_bytes, read_header, read_small_tensor
-from modelkit.testing.fuzz import Raw, dump, join_file, run_cli
 from modelkit.textsafe import shown
 
 ENTRY = '"w":{"dtype":"F16","shape":[2],"data_offsets":[0,4]}'

@@ -1,6 +1,6 @@
 """The project's own fuzzing, seeded and bounded for CI (issue 10).
 
-Mutated headers of small real files (modelkit.testing.fuzz) and arbitrary
+Mutated headers of small real files (modelkit.fuzz) and arbitrary
 JSON values dropped into a header: the reader either accepts a file the
 safetensors library reads identically, or refuses it with one line naming
 the file; ``inspect`` and ``prune`` through ``modelkit.cli.main`` never fail
@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from modelkit.errors import BadFileError
+from modelkit.fuzz import check_case, join_file, mutate, split_file, write_seeds
 from modelkit.io.header import read_header
-from modelkit.testing.fuzz import check_case, join_file, mutate, split_file, write_seeds
 
 SEED_NAMES = ("sd1_ckpt", "sd2_ckpt", "sdxl_unet", "vae", "lora", "embedding")
 CI = settings(derandomize=True, deadline=None, database=None, print_blob=True,

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from modelkit.cli.inspect_cmd import render
+from modelkit.fuzz import run_cli
 from modelkit.inspect.report import inspect_model
-from modelkit.testing.fuzz import run_cli
 
 
 def _d(path: Path) -> dict:

@@ -17,7 +17,7 @@ import torch
 from modelkit import testing as t
 from modelkit.cli import main
 from modelkit.core.recipe import Recipe, RecipeError, parse_recipe
-from modelkit.core.runner import run
+from modelkit.engine.runner import run
 from modelkit.errors import OutputError
 from modelkit.io.header import read_header
 from modelkit.io.writer import SafetensorsWriter, TensorSpec

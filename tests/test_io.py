@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from modelkit import testing
 from modelkit.core.recipe import Recipe
-from modelkit.core.runner import run
+from modelkit.engine.runner import run
 from modelkit.errors import BadFileError, OutputError, UnsafePickleError
 from modelkit.io.header import read_header, read_small_tensor
 from modelkit.io.pickle import load_pickle_state_dict, save_pickle_state_dict

@@ -262,8 +262,8 @@ def test_dora_strength_rule_is_a1111_comfyui_with_the_updated_norm(tmp_path: Pat
 
 def test_unknown_block_preset_extract_of_itself_and_nan_prompt_weight(cli: dict) -> None:
     from modelkit.arch.lora_blocks import parse_lora_blocks
-    from modelkit.verify.library import parse_prompt
-    from modelkit.verify.settings import VerifySettings
+    from modelkit.core.verify_library import parse_prompt
+    from modelkit.core.verify_settings import VerifySettings
 
     with pytest.raises(ModelkitError, match=r"^unknown LoRA block weight preset 'INSS'; "
                                             r"known: NONE, ALL, INS, IND, INALL, MIDD, OUTD, "

@@ -323,7 +323,7 @@ def test_evaluator_frees_chunks_without_gc(tmp_path: Path, models: dict[str, Pat
 
     from modelkit.io.reader import open_model
     from modelkit.merge.evaluate import Evaluator as _Evaluator
-    from modelkit.merge.plan import make_plan
+    from modelkit.merge.plan import MergeGroupSpec, make_plan
 
     recipe = parse_recipe(f"""version: 1
 inputs: {{a: {models['sd1']}, b: {models['sd1_b']}, c: {models['sd1_ema']}}}
@@ -332,8 +332,8 @@ steps:
   t: {{method: add_difference, models: [s, c, a], params: {{alpha: 0.5}}}}
 output: {{path: {tmp_path / 'o.safetensors'}}}
 """)
-    plan = make_plan(recipe)
-    sources = {n: open_model(f.path) for n, f in plan.inputs.items()}
+    sources = {n: open_model(recipe.resolve(s.path)) for n, s in recipe.inputs.items()}
+    plan = make_plan(MergeGroupSpec(recipe.output_step, sources, recipe.steps))
     ev = _Evaluator(plan, sources, "cpu")
     key = UNET + "input_blocks.1.0.in_layers.2.weight"
     refs: list[weakref.ref] = []
@@ -351,3 +351,27 @@ output: {{path: {tmp_path / 'o.safetensors'}}}
         assert len(refs) == 3 and all(r() is None for r in refs)
     finally:
         gc.enable()
+
+
+def test_the_planner_gets_its_merge_group_not_a_recipe(
+        tmp_path: Path, models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The merge planner takes a narrow spec: the group's leaves as the
+    sources the graph opened (an earlier operation's among them), its steps
+    and options; no rebuilt recipe whose input paths hold labels (issue 18)."""
+    import modelkit.merge.plan as merge_plan
+    from modelkit.core.recipe import Recipe
+    from modelkit.engine.runner import run
+
+    groups: list[merge_plan.MergeGroupSpec] = []
+    real = merge_plan.make_plan
+    monkeypatch.setattr(merge_plan, "make_plan", lambda g: groups.append(g) or real(g))
+    recipe = Recipe.op("prune", models["sd1_ema"]).then("weighted_sum", models["sd1_b"],
+                                                        name="mix", alpha=0.25)
+    report = run(recipe, output=tmp_path / "o.safetensors")
+    assert len(groups) == 1
+    group = groups[0]
+    assert group.name == "mix" and list(group.steps) == ["mix"]
+    assert list(group.inputs) == ["prune", "mix_in1"] and group.primary == "prune"
+    assert group.steps["mix"].params == {"alpha": 0.25} and group.vae is None
+    assert not hasattr(group, "base_dir") and not hasattr(group, "output_path")
+    assert [s.name for s in report.steps] == ["prune", "mix"]

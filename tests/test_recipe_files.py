@@ -76,10 +76,10 @@ def test_replay_never_writes_where_the_embedded_recipe_says(
         models: dict[str, Path], tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    from modelkit.core.lock import replay
-    from modelkit.core.provenance import RECIPE_KEY
     from modelkit.core.recipe import Recipe
-    from modelkit.core.runner import run
+    from modelkit.engine.lock import replay
+    from modelkit.engine.provenance import RECIPE_KEY
+    from modelkit.engine.runner import run
     from modelkit.io.header import read_header
 
     merged = tmp_path / "dl" / "merged.safetensors"
@@ -99,7 +99,7 @@ def test_replay_never_writes_where_the_embedded_recipe_says(
 
 def test_recipes_built_in_code_write_anywhere(models: dict[str, Path], tmp_path: Path) -> None:
     from modelkit.core.recipe import Recipe, RecipeError, load_recipe
-    from modelkit.core.runner import output_path
+    from modelkit.engine.runner import output_path
 
     far = tmp_path / "far" / "x.safetensors"
     recipe = Recipe.merge(models["sd1"], models["sd1_b"], alpha=0.5).with_output(str(far))

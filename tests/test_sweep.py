@@ -289,7 +289,7 @@ def test_ctrl_c_cancels_through_the_cli(models: dict[str, Path], tmp_path: Path,
     """Ctrl-C while the second cell writes: it stops at its next tensor and
     leaves no temp file, later cells never start, the finished cell and the
     partial table stay, exit code 130."""
-    import modelkit.core.runner as runner
+    import modelkit.engine.runner as runner
 
     sweep = write_sweep(tmp_path, models, alphas=(0.25, 0.5, 0.75), with_bad=False)
     real_run = runner.run

@@ -69,7 +69,7 @@ def _shown_rows(screen: SweepScreen) -> list[list[str]]:
 def _pause_cell_2(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
     """Hold cell 2 in its write phase until ``proceed`` is set; returns
     (writing, proceed)."""
-    import modelkit.core.runner as runner
+    import modelkit.engine.runner as runner
 
     real_run = runner.run
     writing, proceed = threading.Event(), threading.Event()

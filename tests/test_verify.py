@@ -57,7 +57,7 @@ def lib(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]) -> di
     from conftest import keep_lora_modules, run_chain
 
     from modelkit import testing as t
-    from modelkit.core.api import export_gguf
+    from modelkit.engine.api import export_gguf
     from modelkit.testing.lora import write_lora
     from modelkit.verify.tokenizer import write_synthetic_tokenizer
 
@@ -202,8 +202,8 @@ def test_missing_text_encoder_key_is_left_on_meta(lib: dict[str, Path], tmp_path
     """Past the static check, diffusers loads such a file silently with the
     parameter on the meta device: the load check names it."""
     from modelkit.convert.diffusers import write_diffusers_configs
+    from modelkit.core.verify_settings import resolve_plan
     from modelkit.verify.render import load_pipeline, tokenizer_slots
-    from modelkit.verify.settings import resolve_plan
     from modelkit.verify.tokenizer import pipeline_tokenizers, synthetic_tokenizer
 
     with open_model(lib["good"]) as src:  # the missing key would stop the config writer

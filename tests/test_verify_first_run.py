@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from modelkit.core.verify_library import Library
 from modelkit.progress import VERIFY, Progress
 from modelkit.verify import tokenizer as tk
-from modelkit.verify.library import Library
 
 
 def _real_dir(folder: Path) -> Path:

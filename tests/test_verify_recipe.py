@@ -10,7 +10,7 @@ import pytest
 
 from modelkit.cli import main
 from modelkit.core.recipe import Recipe, RecipeError, parse_recipe
-from modelkit.core.runner import run
+from modelkit.engine.runner import run
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from modelkit.errors import ModelkitError, OutputError
-from modelkit.verify import metrics
-from modelkit.verify.library import embedding_names_in, find_library, parse_prompt
-from modelkit.verify.report import Check, VerifyReport, json_safe, to_junit, to_markdown
-from modelkit.verify.settings import (
+from modelkit.core.verify_library import embedding_names_in, find_library, parse_prompt
+from modelkit.core.verify_settings import (
     VerifySettings,
     load_prompts,
     parse_lora_arg,
@@ -26,7 +23,10 @@ from modelkit.verify.settings import (
     parse_threshold,
     resolve_plan,
 )
-from modelkit.verify.thresholds import Limit, limits_for
+from modelkit.core.verify_thresholds import Limit, limits_for
+from modelkit.errors import ModelkitError, OutputError
+from modelkit.verify import metrics
+from modelkit.verify.report import Check, VerifyReport, json_safe, to_junit, to_markdown
 
 
 def _naive_ssim(x: np.ndarray, y: np.ndarray) -> float:
@@ -131,8 +131,8 @@ def test_recipe_verify_fields_are_declared_once_on_the_settings() -> None:
     from dataclasses import fields
 
     from modelkit.core.recipe import verify_fields
-    from modelkit.core.verification import settings_from
-    from modelkit.verify.settings import RECIPE
+    from modelkit.core.verify_settings import RECIPE
+    from modelkit.engine.verification import settings_from
 
     allowed = verify_fields()
     declared = {f.name for f in fields(VerifySettings) if RECIPE in f.metadata}
@@ -210,8 +210,8 @@ def test_tokenizer_search_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     wheel's BPE file, else a one-line error saying how to provide one."""
     import huggingface_hub.constants as hf_constants
 
+    from modelkit.core.verify_library import Library
     from modelkit.verify import tokenizer as tk
-    from modelkit.verify.library import Library
 
     cache = tmp_path / "hub"
     snap = cache / "models--openai--clip-vit-large-patch14" / "snapshots" / "abc123"
@@ -283,7 +283,7 @@ def test_outputs_refuse_existing_and_need_renders(tmp_path: Path) -> None:
 
 def test_gguf_reads_back_at_source_shapes(models: dict[str, Path], tmp_path: Path) -> None:
     from modelkit.arch.configs import UNET_PREFIX
-    from modelkit.core.api import export_gguf
+    from modelkit.engine.api import export_gguf
     from modelkit.io.gguf import open_gguf
     from modelkit.io.reader import open_model
 

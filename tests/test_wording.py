@@ -259,10 +259,10 @@ def test_a_runs_progress_lines_agree_with_their_counts(models: dict[str, Path],
 
     from modelkit.cli.progress import StderrProgress
     from modelkit.core.recipe import Recipe
-    from modelkit.core.runner import run
+    from modelkit.core.verify_settings import VerifySettings
+    from modelkit.engine.runner import run
     from modelkit.progress import Progress
     from modelkit.verify import verify
-    from modelkit.verify.settings import VerifySettings
 
     monkeypatch.setenv("MODELKIT_CACHE_DIR", str(tmp_path / "cache"))  # inputs get hashed
     seen: list[Progress] = []

@@ -150,7 +150,7 @@ def execute(recipe: Any, common: CommonOptions, render: Callable[[Any], list[str
             ) -> Any:
     """Run ``recipe`` and print its report: JSON with ``--json``, else the
     lines ``render(report)`` returns. Returns the report."""
-    from modelkit.core.runner import output_path, run
+    from modelkit.engine.runner import output_path, run
 
     if not dry_run:
         _LAST_OUTPUT.append(output_path(recipe, output))

@@ -1,6 +1,6 @@
 """``prune``, ``ema``, ``quantize``, ``dequantize``, ``export-gguf``,
 ``convert``, ``swap`` and ``extract``: each builds a one-step recipe and runs
-it through :func:`modelkit.core.runner.run`."""
+it through :func:`modelkit.engine.runner.run`."""
 
 from __future__ import annotations
 

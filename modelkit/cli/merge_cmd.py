@@ -224,8 +224,8 @@ def recipe_lock(recipe: str, common: CommonOptions) -> None:
     """Write a copy of the recipe with every input's sha256 pinned."""
     import json
 
-    from modelkit.core.lock import lock_recipe
     from modelkit.core.recipe import load_recipe
+    from modelkit.engine.lock import lock_recipe
 
     path = lock_recipe(recipe, common.output, StderrProgress(common.quiet),
                        overwrite=common.overwrite)
@@ -241,7 +241,7 @@ def recipe_lock(recipe: str, common: CommonOptions) -> None:
 @click.argument("model", type=click.Path(dir_okay=False))
 def recipe_show(model: str) -> None:
     """Print the recipe embedded in a merge output."""
-    from modelkit.core.lock import embedded_recipe
+    from modelkit.engine.lock import embedded_recipe
 
     sys.stdout.write(safe_text(embedded_recipe(model)[0], keep_newlines=True))
 
@@ -264,7 +264,7 @@ def recipe_replay(model: str, check: bool, common: CommonOptions, search: tuple[
     """Re-run the recipe embedded in MODEL; with --check, compare tensors."""
     import json
 
-    from modelkit.core.lock import replay
+    from modelkit.engine.lock import replay
 
     progress = StderrProgress(common.quiet)
     result = replay(model, common.output, progress=progress, search=search,

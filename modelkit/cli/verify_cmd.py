@@ -86,7 +86,7 @@ def _settings(prompts: Path | None, seeds: str | None, steps: int | None, size: 
               guidance: float, operation: str, thresholds: tuple[str, ...],
               tokenizer: Path | None, library: Path | None, allow_download: bool,
               static_only: bool) -> object:
-    from modelkit.verify.settings import (
+    from modelkit.core.verify_settings import (
         VerifySettings,
         load_prompts,
         parse_seeds,
@@ -193,9 +193,9 @@ def verify_cmd(model: Path, reference: Path | None, loras: tuple[str, ...],
     compared (latent distance, PSNR, SSIM) under the thresholds of the
     operation class. Exit code 1 names the failing checks.
     """
+    from modelkit.core.verify_settings import parse_lora_arg
     from modelkit.verify import outputs
     from modelkit.verify.run import verify
-    from modelkit.verify.settings import parse_lora_arg
 
     settings = _settings(prompts, seeds, steps, size, preset, device, threads, scheduler,
                          guidance, operation, thresholds, tokenizer, library, allow_download,

@@ -4,54 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from modelkit.errors import ModelkitError
-from modelkit.io.source import Source, source_label
-from modelkit.wording import with_article
+from modelkit.io.source import Source
 
 if TYPE_CHECKING:
     import torch
-
-    from modelkit.inspect.report import ModelReport
-
-
-def describe(source: Source) -> ModelReport:
-    """The inspect report of a source, from its infos and metadata alone."""
-    from pathlib import Path
-
-    from modelkit.inspect.report import build_report
-
-    return build_report(Path(source_label(source)), source.infos, source.metadata,
-                        "safetensors", None)
-
-
-def require_handled(rep: ModelReport, name: str, what: str) -> None:
-    """A one-line error when ``rep``'s architecture is one the registry
-    declares for detection only (``inspect`` names it; ``what`` does not
-    handle it yet)."""
-    from modelkit.arch import registry
-    from modelkit.wording import with_article
-
-    arch = registry.get(rep.arch)
-    if arch is not None and arch.support != registry.FULL:
-        raise ModelkitError(f"{name}: is {with_article(f'{arch.label} {rep.kind}')}; "
-                            "modelkit recognises "
-                            f"{arch.label} files (inspect) but {what} does not handle them "
-                            f"yet (it handles {registry.listed()})")
-
-
-def require_checkpoint(source: Source, what: str, kinds: tuple[str, ...] = ("checkpoint",)
-                       ) -> ModelReport:
-    """The report of ``source``; a one-line error unless it is one of ``kinds``
-    of a known SD architecture."""
-    rep = describe(source)
-    name = source_label(source)
-    if rep.kind not in kinds:
-        want = " or ".join(kinds)
-        raise ModelkitError(f"{name}: is {with_article(rep.kind)}, not {with_article(want)}; "
-                            f"{what} takes a "
-                            f"Stable Diffusion {want}")
-    require_handled(rep, name, what)
-    return rep
 
 
 def chunked_apply(t: torch.Tensor, out_dtype: torch.dtype, fn: Any,

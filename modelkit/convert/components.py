@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING
 
 from modelkit.arch import parts
 from modelkit.arch.configs import TE_PREFIXES, UNET_PREFIX, VAE_PREFIX
-from modelkit.convert.base import describe, passthrough, require_checkpoint
+from modelkit.convert.base import passthrough
 from modelkit.core.step import PlannedStep
 from modelkit.errors import ModelkitError
+from modelkit.inspect.describe import describe, require_checkpoint
 from modelkit.io.source import DerivedSource, Source, input_paths_of, source_label, tensor_info
 from modelkit.wording import with_article
 

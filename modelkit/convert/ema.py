@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING
 from modelkit.arch import parts
 from modelkit.arch.configs import EMA_PREFIX, UNET_PREFIX
 from modelkit.arch.keys import ema_key
-from modelkit.convert.base import passthrough, require_checkpoint
+from modelkit.convert.base import passthrough
 from modelkit.core.step import PlannedStep
 from modelkit.errors import ModelkitError
+from modelkit.inspect.describe import require_checkpoint
 from modelkit.io.source import DerivedSource, Source, source_label, tensor_info
 from modelkit.numeric import L2Sums, relative_l2
 from modelkit.vocab import ARCH_NAMES

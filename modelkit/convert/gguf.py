@@ -154,7 +154,7 @@ def plan_gguf(source: Source, *, qtype: str = "q8_0", flatten: bool = True) -> G
         ModelkitError: not an exportable model (LoRA, VAE, unknown
             architecture, no UNet), or an unknown qtype.
     """
-    from modelkit.convert.base import describe
+    from modelkit.inspect.describe import describe
     from modelkit.io.gguf import ggml_type_for, gguf_payload
 
     target = ggml_type_for(qtype)

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from modelkit.arch import parts
-from modelkit.convert.base import passthrough, require_checkpoint
+from modelkit.convert.base import passthrough
 from modelkit.core.step import PlannedStep
+from modelkit.inspect.describe import require_checkpoint
 from modelkit.io.source import DerivedSource, Source, source_label, tensor_info
 
 if TYPE_CHECKING:

@@ -36,9 +36,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from modelkit.arch import parts
-from modelkit.convert.base import chunked_apply, describe, passthrough, require_handled
+from modelkit.convert.base import chunked_apply, passthrough
 from modelkit.core.step import PlannedStep, same_origins
 from modelkit.errors import ModelkitError
+from modelkit.inspect.describe import describe, require_handled
 from modelkit.io.header import DTYPE_BITS
 from modelkit.io.source import DerivedSource, Source, source_label, tensor_info
 from modelkit.numeric import l2_sums, relative_l2, snr_db

@@ -288,10 +288,24 @@ class Recipe:
             new.options = replace(self.options, vae=Path(self.options.vae).name)
         return new
 
+    def primary_input(self, name: str | None = None) -> str:
+        """The input that ``name`` (default: the output step) comes from
+        through each step's first model: the model an output is compared
+        with, A1111's primary model (see :func:`primary_of`)."""
+        return primary_of(self.steps, name or self.output_step)
+
     @property
     def has_ops(self) -> bool:
         """Whether any step is an operation (not a merge method)."""
         return any(not s.is_method for s in self.steps.values())
+
+
+def primary_of(steps: Mapping[str, StepSpec], name: str) -> str:
+    """Where ``name`` comes from through each step's first model, walking
+    ``steps`` only (a recipe's, or a merge group's): its primary input."""
+    while name in steps:
+        name = steps[name].models[0]
+    return name
 
 
 def _path(p: str | os.PathLike[str] | None) -> str | None:
@@ -317,16 +331,23 @@ def _free_name(base: str, recipe: Recipe) -> str:
     return name
 
 
-def _yaml_value(v: Any) -> Any:
+def yaml_value(v: Any) -> Any:
+    """A parameter value as plain YAML/JSON (a block-wise one as its
+    mapping, a tuple as a list): the one form recipes, histories and
+    A1111's lineage write parameters in."""
     if isinstance(v, BlockParam):
         return v.to_yaml()
     return list(v) if isinstance(v, tuple) else v
 
 
+def yaml_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Parameters as plain YAML/JSON values (see :func:`yaml_value`)."""
+    return {k: yaml_value(v) for k, v in params.items()}
+
+
 def _step_dict(s: StepSpec) -> dict[str, Any]:
     key = "method" if s.is_method else "op"
-    return {key: s.transform, "models": list(s.models),
-            "params": {k: _yaml_value(v) for k, v in s.params.items()}}
+    return {key: s.transform, "models": list(s.models), "params": yaml_params(s.params)}
 
 
 # --- validation -------------------------------------------------------------------
@@ -551,9 +572,9 @@ def _check_options(c: _Checker, o: Options) -> None:
 
 def verify_fields() -> dict[str, tuple[type, ...]]:
     """The fields of a recipe's ``verify:`` section and their YAML types:
-    ``reference`` and the :class:`~modelkit.verify.settings.VerifySettings`
+    ``reference`` and the :class:`~modelkit.core.verify_settings.VerifySettings`
     fields declared settable from a recipe (declared there, once)."""
-    from modelkit.verify.settings import RECIPE_FIELDS
+    from modelkit.core.verify_settings import RECIPE_FIELDS
 
     return {"reference": (str,), **RECIPE_FIELDS}
 

@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 from modelkit.arch.blocks import block_of
 from modelkit.arch.lora_blocks import parse_lora_blocks
-from modelkit.convert.base import passthrough, require_checkpoint
+from modelkit.convert.base import passthrough
 from modelkit.core.step import PlannedStep, same_origins
 from modelkit.errors import ModelkitError, check_cancel
+from modelkit.inspect.describe import require_checkpoint
 from modelkit.io.source import DerivedSource, Source, input_paths_of, source_label, tensor_info
 from modelkit.lora.adapter import LORA_ARCHS, Adapter, AdapterModule, open_adapter
 from modelkit.lora.delta import ModuleDelta, check_fit, target_view

@@ -32,9 +32,9 @@ from modelkit.arch.lora_names import (
     lora_module_targets,
     te_layer,
 )
-from modelkit.convert.base import require_checkpoint
 from modelkit.core.step import PlannedStep
 from modelkit.errors import ModelkitError, check_cancel
+from modelkit.inspect.describe import require_checkpoint
 from modelkit.io.source import Source, input_paths_of, source_label
 from modelkit.lora.adapter import LORA_ARCHS
 from modelkit.lora.factorize import METHODS, factorize

@@ -185,7 +185,7 @@ def info(lora: Source, base: Source | None = None, *, energy: float = 0.9,
 
     arch = None
     if base is not None:
-        from modelkit.convert.base import require_checkpoint
+        from modelkit.inspect.describe import require_checkpoint
 
         arch = require_checkpoint(base, "lora info --base").arch
     ad = open_adapter(lora)

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from modelkit.core.recipe import BlockParam, Recipe
-from modelkit.merge.plan import INPAINT_KEY, KeyPlan, Plan
+from modelkit.core.recipe import BlockParam
+from modelkit.merge.plan import INPAINT_KEY, KeyPlan, MergeGroupSpec, Plan
 from modelkit.vocab import CHUNK_ELEMENTS
 
 if TYPE_CHECKING:
@@ -51,16 +51,16 @@ class Evaluator:
         from modelkit.merge.methods import get_method
 
         self.plan, self.sources, self.device = plan, sources, device
-        recipe = plan.recipe
-        self.methods = {n: get_method(s.transform) for n, s in recipe.steps.items()}
+        group = plan.group
+        self.methods = {n: get_method(s.transform) for n, s in group.steps.items()}
         self.scalars = {  # block-wise values are looked up per key
             n: {k: (0.0 if isinstance(v, BlockParam) else v) for k, v in (
                 s.checked if s.checked is not None else check_params(
                     self.methods[n], s.params, is_blockwise=lambda v: isinstance(
                         v, BlockParam))).items()}
-            for n, s in recipe.steps.items()
+            for n, s in group.steps.items()
         }
-        self.order = step_order(recipe)
+        self.order = step_order(group)
         self.elementwise = all(self.methods[n].elementwise for n in self.order)
 
     def params(self, step: str, key: str) -> dict[str, Any]:
@@ -70,7 +70,7 @@ class Evaluator:
         for (s, pname), per_block in self.plan.block_params.items():
             if s == step:
                 block = block_of(self.plan.full_key(key), self.plan.arch,
-                                 self.plan.recipe.options.block_map, vae_slot="VAE" in per_block)
+                                 self.plan.group.options.block_map, vae_slot="VAE" in per_block)
                 out[pname] = per_block[block]
         return out
 
@@ -78,7 +78,7 @@ class Evaluator:
         """The seeded generator of a seeded step for one key."""
         import torch
 
-        seed = zlib.crc32(f"{self.plan.recipe.options.seed}:{step}:{key}".encode())
+        seed = zlib.crc32(f"{self.plan.group.options.seed}:{step}:{key}".encode())
         return torch.Generator(self.device).manual_seed(seed)
 
     def run(self, key: str, leaf: Callable[[str], torch.Tensor]) -> torch.Tensor:
@@ -88,10 +88,10 @@ class Evaluator:
         call (a self-referencing closure here kept every chunk alive until
         the cyclic garbage collector ran: hundreds of MB)."""
 
-        recipe = self.plan.recipe
+        group = self.plan.group
         values: dict[str, torch.Tensor] = {}
         for name in self.order:
-            step = recipe.steps[name]
+            step = group.steps[name]
             args = []
             for ref in step.models:
                 if ref not in values:
@@ -101,21 +101,21 @@ class Evaluator:
             if self.methods[name].seeded:
                 kwargs["generator"] = self.generator(name, key)
             values[name] = self.methods[name].fn(*args, **kwargs)
-        return values.pop(recipe.output_step)
+        return values.pop(group.name)
 
 
-def step_order(recipe: Recipe) -> list[str]:
-    """Steps the output depends on, each after the steps it uses."""
+def step_order(group: MergeGroupSpec) -> list[str]:
+    """The group's steps its output depends on, each after the steps it uses."""
     order: list[str] = []
 
     def visit(name: str) -> None:
-        if name in recipe.inputs or name in order:
+        if name in group.inputs or name in order:
             return
-        for ref in recipe.steps[name].models:
+        for ref in group.steps[name].models:
             visit(ref)
         order.append(name)
 
-    visit(recipe.output_step)
+    visit(group.name)
     return order
 
 

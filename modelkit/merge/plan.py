@@ -1,4 +1,4 @@
-"""Turn a recipe into a per-key plan, from headers alone.
+"""Turn a merge group into a per-key plan, from headers alone.
 
 Everything that can be wrong with a merge is found here, before any tensor is
 read: unknown methods or parameters, block lists of the wrong length,
@@ -16,7 +16,7 @@ from modelkit.arch.configs import UNET_PREFIX, VAE_PREFIX
 from modelkit.arch.parts import OTHER, TE, UNET, VAE, part_of
 from modelkit.arch.registry import listed
 from modelkit.core.keyregex import check_key_regex
-from modelkit.core.recipe import BlockParam, Recipe, RecipeError, StepSpec
+from modelkit.core.recipe import BlockParam, Options, RecipeError, StepSpec, primary_of
 from modelkit.errors import ModelkitError
 from modelkit.io.header import TensorInfo
 from modelkit.vocab import ARCH_NAMES, CHUNK_ELEMENTS, KEEP, USER_DTYPES
@@ -50,6 +50,37 @@ def _bare_prefix(kind: str, infos: dict[str, TensorInfo]) -> str:
 
 
 @dataclass(frozen=True)
+class MergeGroupSpec:
+    """What the planner needs of one merge group (merge steps that feed each
+    other), nothing else of the recipe.
+
+    Args:
+        name: the group's output step.
+        inputs: the group's leaves, already open, by name: recipe inputs or
+            earlier operations (their labels name them in messages).
+        steps: the group's merge steps, by name.
+        output_dtype: the output dtype choice (``keep``, ``fp16``...).
+        options: the recipe's run options (components, excluded keys,
+            missing-key policy, block map, seed).
+        vae: the VAE to bake in, already open, or None.
+        source: names the recipe in messages.
+    """
+
+    name: str
+    inputs: dict[str, Source]
+    steps: dict[str, StepSpec]
+    output_dtype: str = "fp16"
+    options: Options = field(default_factory=Options)
+    vae: Source | None = None
+    source: str = "<recipe>"
+
+    @property
+    def primary(self) -> str:
+        """The leaf the output's keys come from (first models all the way)."""
+        return primary_of(self.steps, self.name)
+
+
+@dataclass(frozen=True)
 class KeyPlan:
     """What happens to one output key: ``merge`` through the step DAG,
     ``copy`` from the primary input, ``vae`` from the baked VAE file,
@@ -64,7 +95,7 @@ class KeyPlan:
 
 @dataclass
 class Plan:
-    recipe: Recipe
+    group: MergeGroupSpec
     inputs: dict[str, InputFile]
     primary: str
     arch: str
@@ -100,9 +131,9 @@ class Plan:
             return 0
         largest = max(merged, key=lambda k: math.prod(k.shape))
         out_bytes = TensorSpec(largest.key, largest.dtype, largest.shape).nbytes
-        slots = len(self.recipe.inputs) + len(self.recipe.steps)
+        slots = len(self.group.inputs) + len(self.group.steps)
         elementwise = all(get_method(s.transform).elementwise
-                          for s in self.recipe.steps.values())
+                          for s in self.group.steps.values())
         per_slot = min(math.prod(largest.shape), CHUNK_ELEMENTS) if elementwise else \
             math.prod(largest.shape)
         return out_bytes + per_slot * 4 * slots
@@ -114,24 +145,10 @@ def component_of(key: str) -> str:
     return part if part in (UNET, VAE, TE) else "other"
 
 
-def _read_input(name: str, path: Path, what: str) -> tuple[InputFile, ModelReport]:
-    """Header (or safe pickle) of one input and its inspect report."""
-    from modelkit.inspect.report import build_report
-    from modelkit.io.files import check_input_file
-    from modelkit.io.reader import is_pickle_path, read_infos
-
-    check_input_file(path, what)
-    infos, meta = read_infos(path)
-    fmt = "pickle" if is_pickle_path(path) else "safetensors"
-    rep = build_report(path, infos, meta, fmt, None)
-    return InputFile(name, path, infos, meta, rep.arch, rep.variant,
-                     rep.prediction.type, _bare_prefix(rep.kind, infos)), rep
-
-
 def _source_input(name: str, source: Source) -> tuple[InputFile, ModelReport]:
     """An input that is already open (a file, a diffusers folder or the
     result of an earlier step), described from its infos."""
-    from modelkit.convert.base import describe
+    from modelkit.inspect.describe import describe
     from modelkit.io.source import source_label
 
     rep = describe(source)
@@ -140,9 +157,9 @@ def _source_input(name: str, source: Source) -> tuple[InputFile, ModelReport]:
                      rep.prediction.type, _bare_prefix(rep.kind, source.infos)), rep
 
 
-def _load_input(name: str, path: Path, source: Source | None = None) -> InputFile:
-    file, rep = (_source_input(name, source) if source is not None
-                 else _read_input(name, path, f"input {name!r}"))
+def _load_input(name: str, source: Source) -> InputFile:
+    file, rep = _source_input(name, source)
+    path = file.path
     if rep.kind not in ("checkpoint", "unet"):
         hint = ""
         if rep.kind == "lora":
@@ -170,20 +187,13 @@ def _check_archs(inputs: dict[str, InputFile]) -> str:
     return archs.pop()
 
 
-def _primary(recipe: Recipe) -> str:
-    name = recipe.output_step
-    while name in recipe.steps:
-        name = recipe.steps[name].models[0]
-    return name
-
-
-def _check_step(recipe: Recipe, step: StepSpec, arch: str
+def _check_step(group: MergeGroupSpec, step: StepSpec, arch: str
                 ) -> dict[tuple[str, str], dict[str, float]]:
     """Resolve the step's block-wise parameters against ``arch`` (the rest
     was checked when the recipe was validated)."""
     from modelkit.arch.blocks import parse_blocks
 
-    where = f"{recipe.source}: steps.{step.name}"
+    where = f"{group.source}: steps.{step.name}"
     blocks: dict[tuple[str, str], dict[str, float]] = {}
     for pname, value in step.params.items():
         if isinstance(value, BlockParam):
@@ -195,12 +205,12 @@ def _check_step(recipe: Recipe, step: StepSpec, arch: str
     return blocks
 
 
-def _leaves(recipe: Recipe, name: str) -> list[str]:
-    if name in recipe.inputs:
+def _leaves(group: MergeGroupSpec, name: str) -> list[str]:
+    if name in group.inputs:
         return [name]
     out: list[str] = []
-    for m in recipe.steps[name].models:
-        out += [x for x in _leaves(recipe, m) if x not in out]
+    for m in group.steps[name].models:
+        out += [x for x in _leaves(group, m) if x not in out]
     return out
 
 
@@ -220,17 +230,17 @@ def _shape_problem(key: str, shapes: dict[str, tuple[int, ...]], primary: str) -
     return f"{key}: shapes differ ({desc})"
 
 
-def _out_dtype(recipe: Recipe, info: TensorInfo) -> str:
-    if not info.is_float or recipe.output_dtype == KEEP:
+def _out_dtype(group: MergeGroupSpec, info: TensorInfo) -> str:
+    if not info.is_float or group.output_dtype == KEEP:
         return info.dtype
-    return USER_DTYPES[recipe.output_dtype]
+    return USER_DTYPES[group.output_dtype]
 
 
 def _key_plans(plan: Plan) -> None:
-    recipe = plan.recipe
+    group = plan.group
     primary = plan.inputs[plan.primary]
-    leaves = _leaves(recipe, recipe.output_step)
-    opts = recipe.options
+    leaves = _leaves(group, group.name)
+    opts = group.options
     excluded = [check_key_regex(rx) for rx in opts.exclude_keys]
     problems: list[str] = []
     for key, info in primary.infos.items():
@@ -239,7 +249,7 @@ def _key_plans(plan: Plan) -> None:
             plan.keys.append(KeyPlan(key, "position_ids", "I64", info.shape))
             continue
         if plan.vae is not None and comp == "vae":
-            plan.keys.append(_vae_plan(plan, key, info, recipe))
+            plan.keys.append(_vae_plan(plan, key, info, group))
             continue
         if (not info.is_float or comp not in opts.include or comp == "other"
                 or any(rx.search(key) for rx in excluded)):
@@ -261,7 +271,7 @@ def _key_plans(plan: Plan) -> None:
         if problem:
             problems.append(problem)
             continue
-        plan.keys.append(KeyPlan(key, "merge", _out_dtype(recipe, info), info.shape))
+        plan.keys.append(KeyPlan(key, "merge", _out_dtype(group, info), info.shape))
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         hint = (" (set options.missing_keys / --missing take-first or skip)"
@@ -271,7 +281,7 @@ def _key_plans(plan: Plan) -> None:
     plan.ignored = sum(1 for n in leaves[1:] for k in plan.inputs[n].infos if k not in names)
 
 
-def _vae_plan(plan: Plan, key: str, info: TensorInfo, recipe: Recipe) -> KeyPlan:
+def _vae_plan(plan: Plan, key: str, info: TensorInfo, group: MergeGroupSpec) -> KeyPlan:
     assert plan.vae is not None
     short = key[len(VAE_PREFIX):]
     src = key if key in plan.vae.infos else short
@@ -282,49 +292,46 @@ def _vae_plan(plan: Plan, key: str, info: TensorInfo, recipe: Recipe) -> KeyPlan
     if vinfo.shape != info.shape:
         raise ModelkitError(f"VAE {plan.vae.path}: {short} is {list(vinfo.shape)}, the "
                             f"checkpoint needs {list(info.shape)}; wrong VAE for {plan.arch}")
-    return KeyPlan(key, "vae", _out_dtype(recipe, vinfo), info.shape, src)
+    return KeyPlan(key, "vae", _out_dtype(group, vinfo), info.shape, src)
 
 
-def _load_vae(recipe: Recipe) -> InputFile | None:
-    if not recipe.options.vae:
+def _load_vae(source: Source | None) -> InputFile | None:
+    if source is None:
         return None
-    path = recipe.resolve(recipe.options.vae)
-    file, rep = _read_input("vae", path, "VAE")
+    file, rep = _source_input("vae", source)
     if "vae" not in rep.components:
-        raise ModelkitError(f"VAE {path}: is {with_article(rep.kind)} with no VAE in it")
+        raise ModelkitError(f"VAE {file.path}: is {with_article(rep.kind)} with no VAE in it")
     return file
 
 
-def make_plan(recipe: Recipe, sources: dict[str, Source] | None = None) -> Plan:
-    """Check a recipe against its input headers and plan every output key.
-    ``sources`` gives inputs that are already open (by input name).
+def make_plan(group: MergeGroupSpec) -> Plan:
+    """Check a merge group against its inputs' headers and plan every
+    output key.
 
     Raises:
         ModelkitError: anything that would stop the merge, with the file, key
             or recipe field named.
     """
-    sources = sources or {}
-    files = {n: _load_input(n, recipe.resolve(s.path), sources.get(n))
-             for n, s in recipe.inputs.items()}
+    files = {n: _load_input(n, src) for n, src in group.inputs.items()}
     arch = _check_archs(files)
     blocks: dict[tuple[str, str], dict[str, float]] = {}
-    for step in recipe.steps.values():
-        blocks.update(_check_step(recipe, step, arch))
-    plan = Plan(recipe, files, _primary(recipe), arch, [], blocks, _load_vae(recipe))
-    plan.warnings += _param_warnings(recipe, blocks)
+    for step in group.steps.values():
+        blocks.update(_check_step(group, step, arch))
+    plan = Plan(group, files, group.primary, arch, [], blocks, _load_vae(group.vae))
+    plan.warnings += _param_warnings(group, blocks)
     _key_plans(plan)
     _prediction_warning(plan)
     return plan
 
 
-def _param_warnings(recipe: Recipe, blocks: dict[tuple[str, str], dict[str, float]]
+def _param_warnings(group: MergeGroupSpec, blocks: dict[tuple[str, str], dict[str, float]]
                     ) -> list[str]:
     """The transforms' own warnings on parameter values (a blend weight
     outside 0..1), block-wise values resolved."""
     from modelkit.core.registry import get_transform, param_warnings
 
     out = []
-    for step in recipe.steps.values():
+    for step in group.steps.values():
         if not step.is_method:
             continue
         params = {n: blocks.get((step.name, n), v) for n, v in step.params.items()}

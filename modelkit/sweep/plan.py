@@ -104,7 +104,7 @@ def plan_cell(spec: SweepSpec, cell: Cell, out_dir: Path, device: str | None = N
               ) -> CellPlan:
     """Validate and dry-run one cell (see the module docstring)."""
     from modelkit.core.recipe import COMMAND_LINE, RecipeError, parse_recipe
-    from modelkit.core.runner import run
+    from modelkit.engine.runner import run
 
     recipe_dict = copy.deepcopy(cell.recipe)
     if device is not None:

@@ -358,7 +358,7 @@ def _verify_section(source: str, raw: Any, base: Recipe, base_dir: Path
     except RecipeError as exc:
         where = ".".join(exc.path) or "verify"
         raise _fail(source, where, str(exc)) from None
-    from modelkit.core.verification import settings_from
+    from modelkit.engine.verification import settings_from
 
     try:  # values the recipe checker does not look into (size, preset, thresholds...)
         settings_from(section, "cpu")

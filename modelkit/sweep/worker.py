@@ -134,14 +134,14 @@ def output_hashes(path: Path) -> dict[str, Any]:
 
 def embedded_recipe_text(path: Path) -> str | None:
     """The ``modelkit.recipe`` an output carries, or None."""
-    from modelkit.core.provenance import RECIPE_KEY
+    from modelkit.engine.provenance import RECIPE_KEY
 
     try:
         if path.is_file() and path.suffix.lower() == ".safetensors":
             from modelkit.io.header import read_header
 
             return read_header(path).metadata.get(RECIPE_KEY)
-        from modelkit.core.lock import embedded_recipe
+        from modelkit.engine.lock import embedded_recipe
 
         return embedded_recipe(path)[0]
     except (ModelkitError, OSError):
@@ -159,8 +159,8 @@ def _verify(recipe: Any, output: Path, section: dict[str, Any], task: dict[str, 
     would (same reference rules), with the worker's threads and session."""
     from contextlib import ExitStack
 
-    from modelkit.core.graph import Graph
-    from modelkit.core.verification import reference_and_loras, settings_from
+    from modelkit.engine.graph import Graph
+    from modelkit.engine.verification import reference_and_loras, settings_from
     from modelkit.io.reader import resolve_device
     from modelkit.verify import VerifySession, verify
 
@@ -173,7 +173,6 @@ def _verify(recipe: Any, output: Path, section: dict[str, Any], task: dict[str, 
         settings.threads = _THREADS
     with ExitStack() as stack:
         graph = Graph(recipe, stack, device)
-        graph.open_inputs()
         graph.build()
         reference, loras = reference_and_loras(recipe, graph, section)
     report = verify(output, settings, reference, loras, progress=progress, cancel=cancel,
@@ -236,7 +235,7 @@ def run_cell(task: dict[str, Any], progress: ProgressFn = no_progress, cancel: A
         OSError: only when ``task["raise_os_errors"]`` (Ray retries those).
     """
     from modelkit.core.recipe import COMMAND_LINE, parse_recipe
-    from modelkit.core.runner import run
+    from modelkit.engine.runner import run
 
     record = new_record(task)
     section = task.get("verify")

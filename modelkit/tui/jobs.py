@@ -157,7 +157,7 @@ def act_job(recipe: Any, output: str, dry_run: bool = False
     (planning only with ``dry_run``; verifying when the recipe has a
     ``verify:`` section, then writing its grid as ``OUTPUT.verify.png``)."""
     def run(progress: ProgressFn, cancel: threading.Event) -> ActOutcome:
-        from modelkit.core.runner import run as run_recipe
+        from modelkit.engine.runner import run as run_recipe
 
         report = run_recipe(recipe, output=output, progress=progress, cancel=cancel,
                             dry_run=dry_run)

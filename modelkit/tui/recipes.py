@@ -194,7 +194,7 @@ def build_recipe(spec: ActSpec, verify: str = "off") -> Recipe:
 
 
 def _scalars(report: Any) -> list[tuple[str, Any]]:
-    from modelkit.core.report import jsonable
+    from modelkit.engine.report import jsonable
 
     d = jsonable(report)
     if not isinstance(d, dict):

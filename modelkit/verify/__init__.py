@@ -14,9 +14,9 @@ See :func:`modelkit.verify.run.verify` and docs/verify.md.
 
 from __future__ import annotations
 
+from modelkit.core.verify_settings import LoraUse, VerifySettings, parse_lora_arg
 from modelkit.verify.report import Check, ImageMetrics, VerifyReport
 from modelkit.verify.run import VerifySession, verify
-from modelkit.verify.settings import LoraUse, VerifySettings, parse_lora_arg
 
 __all__ = [
     "Check",

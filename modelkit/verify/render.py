@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modelkit.core.verify_library import Library, PromptLora, embedding_names_in, parse_prompt
+from modelkit.core.verify_settings import LoraUse, RenderPlan
 from modelkit.errors import Cancelled, ModelkitError, check_cancel
 from modelkit.progress import VERIFY, Progress, ProgressFn, no_progress
-from modelkit.verify.library import Library, PromptLora, embedding_names_in, parse_prompt
-from modelkit.verify.settings import LoraUse, RenderPlan
 
 if TYPE_CHECKING:
     import threading

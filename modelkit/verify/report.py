@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import escape, quoteattr
 
-from modelkit.verify.thresholds import FAIL, INFO, PASS, SKIP, WARN
+from modelkit.core.verify_thresholds import FAIL, INFO, PASS, SKIP, WARN
 from modelkit.wording import plural
 
 if TYPE_CHECKING:

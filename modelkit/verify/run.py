@@ -29,12 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelkit.progress import ProgressFn, no_progress
-from modelkit.verify import metrics
-from modelkit.verify.models import ModelUnderTest, open_model_under_test, render_path
-from modelkit.verify.render import torch_threads
-from modelkit.verify.report import Check, ImageMetrics, VerifyReport
-from modelkit.verify.settings import (
+from modelkit.core.verify_settings import (
     LoraUse,
     RenderPlan,
     VerifySettings,
@@ -42,13 +37,18 @@ from modelkit.verify.settings import (
     is_tiny,
     resolve_plan,
 )
-from modelkit.verify.thresholds import DESCRIPTIONS, FAIL, INFO, PASS, SKIP, limits_for
+from modelkit.core.verify_thresholds import DESCRIPTIONS, FAIL, INFO, PASS, SKIP, limits_for
+from modelkit.progress import ProgressFn, no_progress
+from modelkit.verify import metrics
+from modelkit.verify.models import ModelUnderTest, open_model_under_test, render_path
+from modelkit.verify.render import torch_threads
+from modelkit.verify.report import Check, ImageMetrics, VerifyReport
 
 if TYPE_CHECKING:
     import os
     import threading
 
-    from modelkit.verify.library import Library
+    from modelkit.core.verify_library import Library
     from modelkit.verify.render import LoadedPipeline, Rendered
     from modelkit.verify.tokenizer import TokenizerSource
 
@@ -513,8 +513,8 @@ def _render_phase(report: VerifyReport, cand: ModelUnderTest, ref: ModelUnderTes
                   loras: tuple[LoraUse, ...], settings: VerifySettings,
                   progress: ProgressFn, cancel: threading.Event | None,
                   session: VerifySession | None) -> None:
+    from modelkit.core.verify_library import find_library
     from modelkit.io.reader import resolve_device
-    from modelkit.verify.library import find_library
     from modelkit.verify.render import Renders
 
     timings = report.timings

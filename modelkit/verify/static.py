@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 from modelkit.arch.configs import ARCHS, TE_PREFIXES
 from modelkit.arch.keys import POSITION_IDS
+from modelkit.core.verify_thresholds import FAIL, INFO, PASS, SKIP, WARN
 from modelkit.errors import check_cancel
 from modelkit.numeric import CHUNK_ELEMENTS
 from modelkit.progress import VERIFY, Progress, ProgressFn, no_progress
 from modelkit.verify.models import RENDER_ARCHS, ModelUnderTest, float32_view
 from modelkit.verify.report import Check
-from modelkit.verify.thresholds import FAIL, INFO, PASS, SKIP, WARN
 from modelkit.wording import plural, with_article
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ this order:
 1. ``tokenizer=`` (``--tokenizer PATH``): a folder with ``tokenizer.json``
    or ``vocab.json`` + ``merges.txt``, or the CLIP BPE file
    ``bpe_simple_vocab_16e6.txt.gz``;
-2. the model library's ``models/tokenizers/clip`` (:mod:`modelkit.verify.library`);
+2. the model library's ``models/tokenizers/clip`` (:mod:`modelkit.core.verify_library`);
    a folder holding modelkit's synthetic test tokenizer (what ``modelkit
    demo`` writes there) comes first only for the tiny test models; for a
    full-size model every real source below wins over it, and it is used only
@@ -38,12 +38,12 @@ from typing import TYPE_CHECKING, Any
 
 from modelkit.arch.diffusers_names import te_folder
 from modelkit.arch.registry import REGISTRY
+from modelkit.core.verify_thresholds import FAIL, PASS, WARN
 from modelkit.errors import ModelkitError
 from modelkit.verify.report import Check
-from modelkit.verify.thresholds import FAIL, PASS, WARN
 
 if TYPE_CHECKING:
-    from modelkit.verify.library import Library
+    from modelkit.core.verify_library import Library
 
 CLIP_VOCAB_SIZE = 49408
 CLIP_MERGES = 49152 - 256 - 2  # merges the CLIP vocabulary uses

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelkit.core.recipe import BlockParam, InputSpec, Recipe
+from modelkit.core.recipe import InputSpec, Recipe, yaml_params
 from modelkit.core.registry import METHOD, ROLE_KINDS, Transform, get_transform
 from modelkit.errors import ModelkitError
 from modelkit.progress import PLAN, READ, Progress, ProgressFn, no_progress
@@ -55,18 +55,6 @@ class MergeGroup:
     leaves: dict[str, Source] = field(default_factory=dict)
 
 
-def recorded(params: dict[str, Any]) -> dict[str, Any]:
-    """Parameters as the history records them (plain YAML/JSON values)."""
-    out: dict[str, Any] = {}
-    for k, v in params.items():
-        if isinstance(v, BlockParam):
-            v = v.to_yaml()
-        elif isinstance(v, tuple):
-            v = list(v)
-        out[k] = v
-    return out
-
-
 class Graph:
     """The recipe's steps as lazy sources (see the module docstring).
 
@@ -95,11 +83,17 @@ class Graph:
         return list(input_paths_of([*self.inputs.values(), *extra]))
 
     def open_inputs(self) -> None:
-        """Open every input (headers only)."""
+        """Open every file the run reads (headers only), once per graph: the
+        inputs, one ``open inputs`` event each however often it is asked,
+        and the VAE a merge bakes in."""
         names = list(self.recipe.inputs)
         for i, name in enumerate(names, 1):
+            if name in self.built:
+                continue
             self.node(name)
             self.progress(Progress("open inputs", i, len(names), "files", name, PLAN))
+        if any(s.is_method for s in self.recipe.steps.values()):
+            self._open_vae()
 
     def build(self) -> Source:
         """Open the inputs and plan every step the output needs."""
@@ -155,7 +149,7 @@ class Graph:
             if not self.recipe.from_yaml:
                 raise
             raise type(exc)(f"{self.recipe.source}: steps.{name}: {exc}") from None
-        self.records.append(StepRecord(name, t.name, t.kind, recorded(planned.params),
+        self.records.append(StepRecord(name, t.name, t.kind, yaml_params(planned.params),
                                        planned.report, planned.source.input_paths, planned))
         return planned.source
 
@@ -175,24 +169,23 @@ class Graph:
 
     def _merge(self, name: str) -> Source:
         from modelkit.merge.evaluate import merge_report, merge_source
-        from modelkit.merge.plan import make_plan
+        from modelkit.merge.plan import MergeGroupSpec, make_plan
 
         recipe = self.recipe
         group = self._merge_group(name)
         leaves = list(dict.fromkeys(m for g in group for m in recipe.steps[g].models
                                     if m not in group))
         sources = {leaf: self.node(leaf) for leaf in leaves}
-        sub = Recipe({leaf: InputSpec(leaf, _label(sources[leaf], leaf)) for leaf in leaves},
-                     {g: recipe.steps[g] for g in group}, None, recipe.output_dtype, name,
-                     recipe.options, recipe.base_dir, recipe.source)
-        plan = make_plan(sub, sources)
-        vae = self._open_vae(plan)
+        vae = self._open_vae()
+        plan = make_plan(MergeGroupSpec(
+            name, sources, {g: recipe.steps[g] for g in group}, recipe.output_dtype,
+            recipe.options, vae, recipe.source))
         source, ev = merge_source(plan, sources, vae, self.device, f"merge:{name}")
         report = merge_report(plan)
         self.groups.append(MergeGroup(name, group, plan, ev, report, sources))
         for g in group:
             step = recipe.steps[g]
-            self.records.append(StepRecord(g, step.transform, METHOD, recorded(step.params),
+            self.records.append(StepRecord(g, step.transform, METHOD, yaml_params(step.params),
                                            report if g == name else None,
                                            self._files_of(g, sources)))
         return source
@@ -209,13 +202,16 @@ class Graph:
                 todo += reversed(self.recipe.steps[name].models)
         return tuple(files)
 
-    def _open_vae(self, plan: Plan) -> Source | None:
-        if plan.vae is None:
+    def _open_vae(self) -> Source | None:
+        """The recipe's VAE to bake in (options.vae), opened once."""
+        if not self.recipe.options.vae:
             return None
         if self.vae is None:
+            from modelkit.io.files import check_input_file
             from modelkit.io.open import open_source
 
-            self.vae = open_source(plan.vae.path, self.device)
+            path = check_input_file(self.recipe.resolve(self.recipe.options.vae), "VAE")
+            self.vae = open_source(path, self.device)
             close = getattr(self.vae, "close", None)
             if close is not None:
                 self.stack.callback(close)
@@ -227,19 +223,13 @@ class Graph:
         return [r.planned for r in self.records if r.planned is not None]
 
 
-def _label(source: Source, fallback: str) -> str:
-    from modelkit.io.source import source_label
-
-    return source_label(source) or fallback
-
-
 def check_role(t: Transform, index: int, source: Source) -> None:
     """Refuse an input whose kind does not fit the transform's declared role
     (a LoRA given to prune, an embedding given as a VAE donor)."""
     kinds = ROLE_KINDS.get(t.role(index), ())
     if not kinds:
         return
-    from modelkit.convert.base import describe
+    from modelkit.inspect.describe import describe
     from modelkit.io.source import source_label
 
     kind = describe(source).kind

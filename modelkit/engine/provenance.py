@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelkit import __version__
-from modelkit.core.recipe import BlockParam, Recipe
+from modelkit.core.recipe import Recipe, yaml_value
 from modelkit.errors import ModelkitError
 from modelkit.io.header import metadata_json
 
 if TYPE_CHECKING:
-    from modelkit.core.graph import Graph, StepRecord
+    from modelkit.engine.graph import Graph, StepRecord
     from modelkit.io.hashcache import InputHashes
     from modelkit.io.source import Source
 
@@ -95,9 +95,7 @@ def output_metadata(recipe: Recipe, graph: Graph, final: Source, hashes: InputHa
 
 
 def _primary_file(recipe: Recipe, graph: Graph, name: str) -> Path | None:
-    while name in recipe.steps:
-        name = recipe.steps[name].models[0]
-    paths = graph.node(name).input_paths
+    paths = graph.node(recipe.primary_input(name)).input_paths
     return paths[0] if paths else None
 
 
@@ -114,7 +112,7 @@ def _a1111_recipe(recipe: Recipe, graph: Graph, hashes: InputHashes) -> dict[str
         out[f"{role}_model_hash"] = hashes.values.get(path) if path else None
     alpha = step.params.get("alpha")
     if alpha is not None:
-        out["multiplier"] = alpha.to_yaml() if isinstance(alpha, BlockParam) else alpha
+        out["multiplier"] = yaml_value(alpha)
     out["save_as_half"] = recipe.output_dtype == "fp16"
     out["custom_name"] = Path(recipe.output_path).stem if recipe.output_path else None
     out["bake_in_vae"] = Path(recipe.options.vae).name if recipe.options.vae else None

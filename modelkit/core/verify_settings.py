@@ -101,7 +101,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def parse_threshold(text: str) -> tuple[str, float]:
     """``psnr=35`` -> ``("psnr", 35.0)``."""
-    from modelkit.verify.thresholds import METRIC_NAMES
+    from modelkit.core.verify_thresholds import METRIC_NAMES
 
     name, sep, value = text.partition("=")
     name = name.strip()
@@ -232,7 +232,7 @@ class VerifySettings:
             raise ModelkitError(f"threads {self.threads}: give at least 1")
         if not 0 < self.strength <= 1:
             raise ModelkitError(f"strength {self.strength}: give a value in (0, 1]")
-        from modelkit.verify.library import parse_prompt
+        from modelkit.core.verify_library import parse_prompt
 
         for prompt in self.prompts:  # <lora:NAME:WEIGHT> tags: a bad one fails here
             parse_prompt(prompt)

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 from modelkit.errors import ModelkitError
 
 if TYPE_CHECKING:
-    from modelkit.core.graph import Graph
     from modelkit.core.recipe import Recipe
+    from modelkit.engine.graph import Graph
     from modelkit.progress import ProgressFn
     from modelkit.verify import LoraUse, VerifyReport, VerifySettings
 
@@ -53,13 +53,6 @@ def _size(value: Any) -> tuple[int, int]:
                             ) from None
 
 
-def _primary_input(recipe: Recipe) -> str:
-    name = recipe.output_step
-    while name in recipe.steps:
-        name = recipe.steps[name].models[0]
-    return name
-
-
 def reference_and_loras(recipe: Recipe, graph: Graph, section: dict[str, Any]
                         ) -> tuple[Path | None, list[LoraUse]]:
     """The reference file and render-time LoRAs for the written output."""
@@ -75,7 +68,7 @@ def reference_and_loras(recipe: Recipe, graph: Graph, section: dict[str, Any]
         paths = bake.planned.source.input_paths
         weights = [a.weight for a in bake.report.adapters]
         return paths[0], [LoraUse(p, w) for p, w in zip(paths[1:], weights, strict=False)]
-    path = recipe.resolve(recipe.inputs[_primary_input(recipe)].path)
+    path = recipe.resolve(recipe.inputs[recipe.primary_input()].path)
     return (path if path.is_file() or path.is_dir() else None), []
 
 

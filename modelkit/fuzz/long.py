@@ -1,5 +1,5 @@
 """The long fuzz run's harness: run ``modelkit`` on hostile inputs
-(:mod:`modelkit.testing.fuzz_inputs`) and classify every command's outcome.
+(:mod:`modelkit.fuzz.inputs`) and classify every command's outcome.
 
 Each case is built in a fresh folder (``in/`` the inputs, ``out/`` the
 outputs, and its own ``cache/``, ``home/`` and ``tmp/`` as
@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modelkit.testing.fuzz_inputs import TARGETS, Case, Command, Target
+from modelkit.fuzz.inputs import TARGETS, Case, Command, Target
 
 OUTCOMES = ("ok", "INTERNAL", "HANG", "CRASH", "LEFTOVER", "BADMSG")
 DEFAULT_TIMEOUT = 30.0

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modelkit import fuzz as header_fuzz
 from modelkit.io.header import DTYPE_BITS
-from modelkit.testing import fuzz as header_fuzz
 
 HOSTILE_TEXT = ("\x1b]0;pwned\x07", "\x1b[2J", "line\nFAKE", "cr\rOVER", "\u202egpj.exe",
                 "\x00nul", "\ud800", "", " ", "x" * 3000, "\U0001f600", "../../etc/passwd",
@@ -113,7 +113,7 @@ class Target:
 @dataclass
 class TensorFile:
     """A safetensors file as metadata and ``name -> [dtype, shape, bytes]``;
-    ``header_mutation`` adds one :func:`modelkit.testing.fuzz.mutate` of the
+    ``header_mutation`` adds one :func:`modelkit.fuzz.mutate` of the
     header bytes after the tensor edits."""
 
     metadata: dict[str, str]
@@ -305,7 +305,7 @@ def edit_metadata(tf: TensorFile, rng: random.Random) -> str:
 
 def edit_header(tf: TensorFile, rng: random.Random) -> str:
     """One header-level mutation (JSON, numbers, length field, encoding) of
-    :mod:`modelkit.testing.fuzz` on the packed file."""
+    :mod:`modelkit.fuzz` on the packed file."""
     tf.header_mutation = rng.randrange(2**31)
     return "header"
 
@@ -635,7 +635,7 @@ class GGUFTarget(Target):
                                   "smash": (gg_smash, 2.0)})
 
     def prepare(self, seeds: Path) -> dict[str, Any]:
-        from modelkit.core.api import export_gguf
+        from modelkit.engine.api import export_gguf
         from modelkit.testing import write_checkpoint
 
         ckpt = seeds / "gguf_src.safetensors"

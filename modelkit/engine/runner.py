@@ -3,7 +3,7 @@
 A run goes through its phases in order (see :mod:`modelkit.progress`):
 
 1. **plan** — the recipe is validated, inputs are opened (headers only), each
-   step's transform is applied lazily (:class:`~modelkit.core.graph.Graph`),
+   step's transform is applied lazily (:class:`~modelkit.engine.graph.Graph`),
    the output format's layout is planned and the output path is checked
    against the overwrite policy. Every error of a recipe, input or output
    path is raised here, before any tensor is read. ``dry_run`` stops here.
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelkit.core.recipe import Recipe, validate
-from modelkit.core.report import RunReport, StepReport
+from modelkit.engine.report import RunReport, StepReport
 from modelkit.errors import ModelkitError
 from modelkit.progress import (
     HASH,
@@ -188,7 +188,7 @@ def output_path(recipe: Recipe, output: str | os.PathLike[str] | None) -> Path:
 
 def _planned_report(recipe: Recipe, graph: Any, final: Any, payload: Any, spec: Any,
                     details: dict[str, Any], dry_run: bool) -> RunReport:
-    from modelkit.convert.base import describe
+    from modelkit.inspect.describe import describe
 
     merged = sum(g.report.n_merged for g in graph.groups)
     infos = final.infos
@@ -217,7 +217,7 @@ def _exact_size(report: RunReport, recipe: Recipe, graph: Any, final: Any, spec:
         report.notes.append("the output size is an estimate (tensor data; the "
                             f"{spec.format} headers add a little)")
         return
-    from modelkit.core.provenance import PlannedHashes, output_metadata
+    from modelkit.engine.provenance import PlannedHashes, output_metadata
     from modelkit.io.writer import TensorSpec, build_header
 
     meta = output_metadata(recipe, graph, final, PlannedHashes(graph.files),  # type: ignore[arg-type]
@@ -227,14 +227,14 @@ def _exact_size(report: RunReport, recipe: Recipe, graph: Any, final: Any, spec:
 
 
 if TYPE_CHECKING:
-    from modelkit.core.graph import Graph
+    from modelkit.engine.graph import Graph
 
 
 def _verify_written(recipe: Recipe, graph: Graph, out: Path, device: str,
                     events: _Events, stop: _Stop) -> Any:
     """The verify phase. The output is already complete, so an error or a
     cancel here says so instead of claiming nothing was written."""
-    from modelkit.core.verification import verify_output
+    from modelkit.engine.verification import verify_output
     from modelkit.errors import Cancelled, ModelkitError
 
     try:
@@ -264,7 +264,7 @@ def run(recipe: Recipe, *, output: str | os.PathLike[str] | None = None,
         overwrite: replace an existing output (an input never is).
         dry_run: plan only; no tensor is read and nothing is written.
         verify: render and check the output after writing (as the recipe's
-            ``verify:`` section does; see :mod:`modelkit.core.verification`);
+            ``verify:`` section does; see :mod:`modelkit.engine.verification`);
             the :class:`~modelkit.verify.VerifyReport` is ``report.verify``.
 
     Raises:
@@ -272,8 +272,8 @@ def run(recipe: Recipe, *, output: str | os.PathLike[str] | None = None,
             read), a failed write (nothing is left), or ``Cancelled``.
     """
     from modelkit.convert.formats import prepare_output
-    from modelkit.core.graph import Graph
-    from modelkit.core.provenance import check_pins, output_metadata
+    from modelkit.engine.graph import Graph
+    from modelkit.engine.provenance import check_pins, output_metadata
     from modelkit.io.hashcache import InputHashes
     from modelkit.io.reader import resolve_device
     from modelkit.io.write import OutputSpec, check_output, output_format, write
@@ -287,10 +287,8 @@ def run(recipe: Recipe, *, output: str | os.PathLike[str] | None = None,
     with ExitStack() as stack:
         device = resolve_device(recipe.options.device)
         graph = Graph(recipe, stack, device, events.plan)
-        graph.open_inputs()
-        vae = [recipe.resolve(recipe.options.vae)] if recipe.options.vae else []
-        # the one check before writing (the commit itself never replaces: no-replace)
-        check_output(spec, [*graph.files, *vae])
+        graph.open_inputs()  # every file the run reads (headers only)
+        check_output(spec, graph.files)  # the one output check, before any step is planned
         final = graph.build()
         events.step = recipe.output_step
         fmt_options = {"quant": recipe.output_quant, "keep_shapes": recipe.output_keep_shapes}

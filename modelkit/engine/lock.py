@@ -56,7 +56,7 @@ def lock_recipe(path: str | os.PathLike[str], output: str | os.PathLike[str] | N
 def embedded_recipe(model: str | os.PathLike[str]) -> tuple[str, Recipe]:
     """The recipe text stored in a modelkit output, and the parsed recipe
     (paths relative to the output's folder)."""
-    from modelkit.core.provenance import RECIPE_KEY
+    from modelkit.engine.provenance import RECIPE_KEY
     from modelkit.io.open import open_source
 
     source = open_source(model)
@@ -142,7 +142,7 @@ def recorded_vae_sha256(model: str | os.PathLike[str]) -> str | None:
     """The baked VAE's sha256 as the output's ``modelkit.inputs`` records it."""
     import json
 
-    from modelkit.core.provenance import INPUTS_KEY
+    from modelkit.engine.provenance import INPUTS_KEY
     from modelkit.io.open import open_source
 
     try:
@@ -200,7 +200,7 @@ def replay(model: str | os.PathLike[str], output: str | os.PathLike[str] | None 
     the result with it."""
     from dataclasses import replace
 
-    from modelkit.core.runner import run
+    from modelkit.engine.runner import run
 
     _, recipe = embedded_recipe(model)
     recipe = find_inputs(recipe, search, recorded_vae_sha256(model))

@@ -31,7 +31,7 @@ class StepReport:
 
 @dataclass
 class RunReport:
-    """The result of :func:`modelkit.core.runner.run`.
+    """The result of :func:`modelkit.engine.runner.run`.
 
     Counts are over output tensors: ``n_merged`` computed by merge steps,
     ``n_copied`` taken unchanged from the primary input, ``n_skipped`` left

@@ -1,4 +1,4 @@
-"""Shortcuts over :func:`modelkit.core.runner.run` for programs that want one
+"""Shortcuts over :func:`modelkit.engine.runner.run` for programs that want one
 call: each builds the recipe the matching command builds."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def export_gguf(
     ``src_path`` to the GGUF file ``out`` (``q8_0``, ``f16`` or ``bf16``);
     an existing ``out`` is refused unless ``overwrite`` (the one overwrite
     policy of every entry point); runs ``modelkit export-gguf``'s recipe
-    through :func:`modelkit.core.runner.run` (provenance included).
+    through :func:`modelkit.engine.runner.run` (provenance included).
 
     Raises:
         ModelkitError: the file is not an exportable model (LoRA, VAE, unknown
@@ -32,7 +32,7 @@ def export_gguf(
             is False, it is an input, its folder is missing).
     """
     from modelkit.core.recipe import Recipe
-    from modelkit.core.runner import run
+    from modelkit.engine.runner import run
 
     recipe = Recipe.op("convert", Path(src_path).absolute(), output=Path(out).absolute(),
                        source="export_gguf").with_output(
