@@ -263,7 +263,7 @@ def test_merge_options_come_from_the_shared_method_declarations() -> None:
 def test_the_one_output_check_sees_the_vae_and_the_folder_commit_never_replaces(
         models: dict[str, Path], tmp_path: Path) -> None:
     from modelkit.core.recipe import Options, Recipe
-    from modelkit.core.runner import run
+    from modelkit.engine.runner import run
     from modelkit.errors import OutputError
     from modelkit.io.writer import atomic_dir
 
