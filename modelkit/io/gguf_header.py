@@ -120,7 +120,7 @@ class GGUFHeader:
             return None
         if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in rec):
             return None
-        shape = tuple(rec)  # type: ignore[arg-type]
+        shape = tuple(rec)
         return shape if math.prod(shape) == t.numel else None
 
 

@@ -63,7 +63,7 @@ def _stream_hashes(path: Path, data_start: int | None, size: int,
             check_cancel(cancel)
             view = memoryview(chunk)
             jobs = [pool.submit(full.update, view)]
-            if tensors is not None:
+            if tensors is not None and data_start is not None:
                 skip = max(0, data_start - done)
                 if skip < len(view):
                     jobs.append(pool.submit(tensors.update, view[skip:]))

@@ -271,7 +271,7 @@ def write(payload: Any, spec: OutputSpec, *, metadata: dict[str, str] | None = N
 def _as_source(payload: Any, fmt: str) -> Source:
     if not hasattr(payload, "infos"):
         raise ModelkitError(f"a {fmt} output is written from a model source")
-    return payload  # type: ignore[no-any-return]
+    return payload
 
 
 def _payload_bytes(payload: Any, fmt: str) -> int:
