@@ -96,9 +96,9 @@ def _group_modules(infos: dict[str, TensorInfo]) -> dict[str, _Module]:
         mod = modules.setdefault(name, _Module(name, *kind))
         mod.tensors[suffix] = info.shape
     for key, info in infos.items():  # IA3 scales: <module>.weight beside <module>.on_input
-        mod = modules.get(key.removesuffix(".weight"))
-        if key.endswith(".weight") and mod is not None and "on_input" in mod.tensors:
-            mod.tensors["weight"] = info.shape
+        scaled = modules.get(key.removesuffix(".weight"))
+        if key.endswith(".weight") and scaled is not None and "on_input" in scaled.tensors:
+            scaled.tensors["weight"] = info.shape
     return {n: m for n, m in modules.items() if _algo(m) is not None}
 
 

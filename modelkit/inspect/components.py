@@ -129,7 +129,8 @@ def checkpoint_components(shapes: dict[str, Shape]
                           ) -> tuple[dict[str, ComponentReport], str, list[str], int | None]:
     """Analyse every component of a single-file checkpoint."""
     comps: dict[str, ComponentReport] = {}
-    arch, evidence, in_ch = "unknown", [], None
+    arch, in_ch = "unknown", None
+    evidence: list[str] = []
     unet = split_prefix(shapes, UNET_PREFIX)
     if unet:
         comps["unet"], arch, evidence, in_ch = analyse_unet(unet, UNET_PREFIX)

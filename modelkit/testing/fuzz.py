@@ -64,7 +64,7 @@ class Raw:
     text: str
 
 
-class Pairs(list):  # type: ignore[type-arg]
+class Pairs(list):
     """An object written from (key, value) pairs, so keys may repeat."""
 
 
