@@ -109,10 +109,10 @@ def jsonable(value: Any) -> Any:
         for prop in _PROPERTIES:
             if hasattr(type(value), prop):
                 d[prop] = getattr(value, prop)
-        if isinstance(d.get("blocks"), dict) and isinstance(getattr(value, "blocks", None),
-                                                            dict):
-            d["blocks"] = {k: {**v, "relative_l2": value.blocks[k].relative_l2}
-                           if hasattr(value.blocks[k], "relative_l2") else v
+        blocks = getattr(value, "blocks", None)
+        if isinstance(d.get("blocks"), dict) and isinstance(blocks, dict):
+            d["blocks"] = {k: {**v, "relative_l2": blocks[k].relative_l2}
+                           if hasattr(blocks[k], "relative_l2") else v
                            for k, v in d["blocks"].items()}
         return jsonable(d)
     if isinstance(value, dict):

@@ -292,8 +292,8 @@ def run(recipe: Recipe, *, output: str | os.PathLike[str] | None = None,
         final = graph.build()
         events.step = recipe.output_step
         check_output(spec, graph.files)
-        fmt_options = {"quant": recipe.output_quant, "keep_shapes": recipe.output_keep_shapes}
-        payload, details = prepare_output(final, spec.format, **fmt_options)
+        payload, details = prepare_output(final, spec.format, quant=recipe.output_quant,
+                                          keep_shapes=recipe.output_keep_shapes)
         report = _planned_report(recipe, graph, final, payload, spec, details, dry_run)
         if dry_run:
             _exact_size(report, recipe, graph, final, spec)
@@ -310,7 +310,9 @@ def run(recipe: Recipe, *, output: str | os.PathLike[str] | None = None,
                 assert planned.prepare is not None
                 planned.prepare(events.read, stop)
             if prepared:
-                payload, details = prepare_output(final, spec.format, **fmt_options)
+                payload, details = prepare_output(final, spec.format,
+                                                  quant=recipe.output_quant,
+                                                  keep_shapes=recipe.output_keep_shapes)
             events.totals = {HASH: hashes.pending_bytes, WRITE: int(
                 sum(i.nbytes for i in final.infos.values()) if spec.format == "safetensors"
                 else payload.nbytes)}
