@@ -97,7 +97,8 @@ def _broken(e: Entry, components: dict[str, Any]) -> list[Hint]:
 
 
 def _misplaced(e: Entry) -> list[Hint]:
-    if e.layout == PLAIN or accepts(e.role, e.kind) or e.kind not in KIND_NAMES:
+    if e.layout == PLAIN or e.role is None or accepts(e.role, e.kind) \
+            or e.kind not in KIND_NAMES:
         return []
     place = _placement(e)
     expected = place.expected_folder(e.kind)

@@ -244,7 +244,7 @@ def _civitai(path: Path) -> dict[str, Any] | None:
         return {"error": f"unreadable ({type(exc).__name__})"}
     if not isinstance(data, dict):
         return {"error": "not a JSON object"}
-    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    model = got if isinstance(got := data.get("model"), dict) else {}
     words = data.get("trainedWords")
     return {
         "model": model.get("name"), "type": model.get("type"), "version": data.get("name"),
