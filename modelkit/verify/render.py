@@ -142,8 +142,10 @@ def _skip_weight_init() -> Iterator[None]:
     try:
         from transformers.initialization import no_init_weights
     except ImportError:
-        no_init_weights = None
-    if no_init_weights is None or find_spec("accelerate") is None:
+        available = False
+    else:
+        available = find_spec("accelerate") is not None
+    if not available:
         yield
         return
     with no_init_weights():
