@@ -32,6 +32,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Protocol
 
 from modelkit.progress import Progress
@@ -114,8 +115,7 @@ class SerialExecutor:
         for task in tasks:
             if cancel.is_set():
                 return
-            index = task["index"]
-            on_result(run_cell(task, lambda p, i=index: on_progress(i, p), cancel))
+            on_result(run_cell(task, partial(on_progress, task["index"]), cancel))
 
 
 # --- the process pool ---------------------------------------------------------------
@@ -166,7 +166,11 @@ def _worker_main(conn: Any, threads: int, gpu: str | None, stop: Any,
         if task is None:
             return
         index = task["index"]
-        record = cell_fn(task, Throttle(lambda p, i=index: send(("progress", i, p))), stop)
+
+        def relay(p: Progress, i: int = index) -> None:
+            send(("progress", i, p))
+
+        record = cell_fn(task, Throttle(relay), stop)
         send(("result", index, record))
 
 

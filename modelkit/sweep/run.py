@@ -40,7 +40,7 @@ from modelkit.wording import plural
 MARKER = SWEEP_MARKER  # the library's scan skips folders holding it
 SCHEMA = "modelkit.sweep/1"
 OWN_FILES = (results.JSONL, results.TABLE_MD, results.TABLE_CSV, results.CONTACT_SHEET)
-CellFn = Callable[[dict[str, Any]], None]
+CellFn = Callable[[dict[str, Any]], object]
 
 
 @dataclass
@@ -225,7 +225,8 @@ def cannot_write(exc: OSError, out: Path, discarded: bool) -> OutputError:
 
     then = ("nothing was kept; free space or pick another -o and run it again" if discarded
             else "finished cells are kept; free space and --resume continues it")
-    return OutputError(f"cannot write to {shown(out)}: {DISK_ERRORS[exc.errno]}; {then}")
+    reason = DISK_ERRORS.get(exc.errno or 0, exc.strerror or type(exc).__name__)
+    return OutputError(f"cannot write to {shown(out)}: {reason}; {then}")
 
 
 # --- resume ---------------------------------------------------------------------------
