@@ -114,7 +114,8 @@ def _block_weight_lines(report: Any) -> list[str]:
 def merge_cmd(models: tuple[str, ...], output: str, method: str, alpha: float | None,
               beta: float | None, blocks: str | None, beta_blocks: str | None,
               extra: tuple[str, ...], dtype: str, fmt: str | None, device: str, block_map: str,
-              missing: str, include: tuple[str, ...], exclude_keys: tuple[str, ...],
+              missing: str, include: tuple[list[str], ...],
+              exclude_keys: tuple[list[str], ...],
               vae: str | None, seed: int, dry_run: bool, as_json: bool, quiet: bool,
               overwrite: bool) -> None:
     """Merge two or three checkpoints in one step (builds a recipe and runs it)."""
