@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from modelkit.core.recipe import Recipe, validate
 from modelkit.core.report import RunReport, StepReport
-from modelkit.errors import ModelkitError
+from modelkit.errors import CancelFlag, ModelkitError
 from modelkit.progress import (
     HASH,
     PLAN,
@@ -54,7 +54,7 @@ class _Stop:
     """The caller's cancel event, or the run's own stop on any failure (so
     hash threads end promptly when the write fails or is interrupted)."""
 
-    def __init__(self, cancel: Any) -> None:
+    def __init__(self, cancel: CancelFlag | None) -> None:
         self.cancel = cancel
         self.failed = threading.Event()
 
@@ -248,8 +248,8 @@ def _verify_written(recipe: Recipe, graph: Graph, out: Path, device: str,
 
 
 def run(recipe: Recipe, *, output: str | os.PathLike[str] | None = None,
-        progress: ProgressFn = no_progress, cancel: Any = None, overwrite: bool = False,
-        dry_run: bool = False, verify: bool = False) -> RunReport:
+        progress: ProgressFn = no_progress, cancel: CancelFlag | None = None,
+        overwrite: bool = False, dry_run: bool = False, verify: bool = False) -> RunReport:
     """Run ``recipe`` (see the module docstring) and return what it did.
 
     Args:

@@ -16,13 +16,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from modelkit.arch import parts
-from modelkit.errors import check_cancel
+from modelkit.errors import CancelFlag, check_cancel
 from modelkit.numeric import chunk_pairs, l2_sums, relative_l2
 from modelkit.progress import Progress, ProgressFn, no_progress
 
 if TYPE_CHECKING:
-    import threading
-
     from modelkit.io.source import Source
 
 BLOCK_ARCHS = ("sd1", "sd2", "sdxl", "sdxl_refiner")
@@ -126,7 +124,7 @@ def _block_namer(arch: str) -> Callable[[str], str] | None:
 
 def compare_models(a: Source, b: Source, *, arch: str | None = None,
                    progress: ProgressFn = no_progress,
-                   cancel: threading.Event | None = None) -> CompareReport:
+                   cancel: CancelFlag | None = None) -> CompareReport:
     """Compare ``b`` against ``a`` (the reference), tensor by tensor.
 
     ``arch`` names the block map used for the per-block figures (default:

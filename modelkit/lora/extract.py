@@ -34,7 +34,7 @@ from modelkit.arch.lora_names import (
 )
 from modelkit.convert.base import require_checkpoint
 from modelkit.core.step import PlannedStep
-from modelkit.errors import ModelkitError, check_cancel
+from modelkit.errors import CancelFlag, ModelkitError, check_cancel
 from modelkit.io.source import Source, input_paths_of, source_label
 from modelkit.lora.adapter import LORA_ARCHS
 from modelkit.lora.factorize import METHODS, factorize
@@ -167,7 +167,7 @@ def _check_pair(base: Source, tuned: Source) -> str:
 def extract(base: Source, tuned: Source, rank: int, conv_rank: int | None = None,
             energy: float | None = None, te: bool = True, device: str = "cpu", *,
             method: str = "auto", dtype: str = "F16", skip_below: float = SKIP_BELOW,
-            cancel: Any = None) -> PlannedStep:
+            cancel: CancelFlag | None = None) -> PlannedStep:
     """Plan a kohya LoRA of ``tuned − base``; the SVDs run in the returned
     :class:`~modelkit.core.step.PlannedStep`'s ``prepare`` step.
 

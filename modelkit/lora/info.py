@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelkit.arch.blocks import block_names, block_of
-from modelkit.errors import ModelkitError
+from modelkit.errors import CancelFlag, ModelkitError
 from modelkit.io.source import Source, source_label
 from modelkit.lora.adapter import LORA_ARCHS, Adapter, open_adapter
 from modelkit.lora.delta import ModuleDelta, check_fit, target_view
@@ -172,7 +172,7 @@ def _base_rows(base: Source, t: Any, out: int) -> torch.Tensor | None:
 
 
 def info(lora: Source, base: Source | None = None, *, energy: float = 0.9,
-         progress: ProgressFn = no_progress, cancel: Any = None) -> InfoReport:
+         progress: ProgressFn = no_progress, cancel: CancelFlag | None = None) -> InfoReport:
     """Describe where ``lora`` acts: per-module ‖ΔW‖ and effective rank at
     ``energy``, per-block strength (relative to ``base`` when given) and the
     checkpoint keys it touches.

@@ -26,14 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelkit.errors import Cancelled, ModelkitError, check_cancel
+from modelkit.errors import CancelFlag, Cancelled, ModelkitError, check_cancel
 from modelkit.progress import VERIFY, Progress, ProgressFn, no_progress
 from modelkit.verify.library import Library, PromptLora, embedding_names_in, parse_prompt
 from modelkit.verify.settings import LoraUse, RenderPlan
 
 if TYPE_CHECKING:
-    import threading
-
     import numpy as np
 
     from modelkit.convert.diffusers import ConfigFolder
@@ -405,7 +403,7 @@ def steps_per_image(mode: str, plan: RenderPlan) -> int:
 
 
 def render_case(loaded: LoadedPipeline, plan: RenderPlan, case: Case,
-                active: list[tuple[str, float]], cancel: threading.Event | None = None,
+                active: list[tuple[str, float]], cancel: CancelFlag | None = None,
                 on_step: Callable[[int], None] | None = None) -> Rendered:
     """Render one case; the latents are those after the last step.
     ``on_step(k)`` is called after each denoising step (k from 1)."""
@@ -437,7 +435,7 @@ def render_case(loaded: LoadedPipeline, plan: RenderPlan, case: Case,
 
 def render_all(loaded: LoadedPipeline, plan: RenderPlan, cases: list[Case],
                active: list[list[tuple[str, float]]], task: str,
-               progress: ProgressFn = no_progress, cancel: threading.Event | None = None,
+               progress: ProgressFn = no_progress, cancel: CancelFlag | None = None,
                extra: int = 0) -> list[Rendered]:
     """Render ``cases``. Progress (phase ``verify``, step ``task``): after
     each denoising step (unit ``steps``, item ``p1-s1 step 2/4``) and after
