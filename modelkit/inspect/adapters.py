@@ -35,6 +35,7 @@ from modelkit.arch.adapter_keys import (
 from modelkit.arch.configs import ARCHS
 from modelkit.arch.lora_names import resolve_module
 from modelkit.io.header import TensorInfo
+from modelkit.jsontypes import JSONDict
 
 ARCH_CANDIDATES = ("sd1", "sd2", "sdxl")
 TARGET_ORDER = ("unet", "te", "te1", "te2")
@@ -54,7 +55,7 @@ class AdapterInfo:
     conv_modules: int  # modules patching conv weights (4-D, 1x1 included)
     algos: dict[str, int] = field(default_factory=dict)  # modules per algorithm
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONDict:
         """A JSON-ready dict of every field."""
         return asdict(self)
 

@@ -22,6 +22,7 @@ from modelkit.arch.keys import (
     unet_keys,
     vae_keys,
 )
+from modelkit.jsontypes import JSONDict
 
 LIST_LIMIT = 20  # keys listed per problem; the counts are always exact
 
@@ -45,7 +46,7 @@ class ComponentReport:
     unexpected: list[str] = field(default_factory=list)
     shape_mismatches: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self) -> JSONDict:
         return asdict(self)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from modelkit.errors import CancelFlag, check_cancel
 from modelkit.io.files import check_input_file, input_error
 from modelkit.io.header import read_header
+from modelkit.jsontypes import JSONDict
 from modelkit.progress import HASH, Progress, ProgressFn, no_progress
 
 CHUNK = 8 << 20
@@ -40,7 +41,7 @@ class FileHashes:
     addnet: str | None
     mismatches: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self) -> JSONDict:
         return asdict(self)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from modelkit.io.suffixes import COMFYUI_DIFFUSION_MODELS
+from modelkit.jsontypes import JSONDict
 from modelkit.library.layout import (
     EXPECTED,
     PLAIN,
@@ -52,7 +53,7 @@ class Hint:
     message: str
     expected: str | None = None  # the folder the user's UI expects it in
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONDict:
         return asdict(self)
 
 
@@ -69,7 +70,7 @@ class CheckReport:
             out[h.path].append(h)
         return dict(out)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONDict:
         return {"n_files": self.n_files, "n_hints": len(self.hints),
                 "hints": [h.to_dict() for h in self.hints]}
 

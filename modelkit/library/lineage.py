@@ -30,6 +30,7 @@ from typing import Any
 
 from modelkit.io.files import MODEL_SUFFIXES
 from modelkit.io.header import metadata_json
+from modelkit.jsontypes import JSONDict
 from modelkit.library.query import Entry, get_detail, list_entries
 
 MAX_DEPTH = 12
@@ -49,7 +50,7 @@ class LineageNode:
     note: str | None = None
     children: list[LineageNode] = field(default_factory=list)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONDict:
         return {"label": self.label, "how": self.how, "sha256": self.sha256,
                 "path": self.path, "match": self.match, "source": self.source,
                 "note": self.note, "children": [c.to_dict() for c in self.children]}

@@ -29,6 +29,7 @@ from modelkit.convert.base import passthrough, require_checkpoint
 from modelkit.core.step import PlannedStep, same_origins
 from modelkit.errors import CancelFlag, ModelkitError, check_cancel
 from modelkit.io.source import DerivedSource, Source, input_paths_of, source_label, tensor_info
+from modelkit.jsontypes import JSONDict
 from modelkit.lora.adapter import LORA_ARCHS, Adapter, AdapterModule, open_adapter
 from modelkit.lora.delta import ModuleDelta, check_fit, target_view
 from modelkit.lora.output import LORA_THREADS, storage_dtype, torch_threads
@@ -79,7 +80,7 @@ class BakeReport:
     adapters: list[AdapterBakeReport] = field(default_factory=list)
     keys_changed: int = 0
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONDict:
         """A JSON-ready dict."""
         return asdict(self)
 

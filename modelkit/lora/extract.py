@@ -36,6 +36,7 @@ from modelkit.convert.base import require_checkpoint
 from modelkit.core.step import PlannedStep
 from modelkit.errors import CancelFlag, ModelkitError, check_cancel
 from modelkit.io.source import Source, input_paths_of, source_label
+from modelkit.jsontypes import JSONDict
 from modelkit.lora.adapter import LORA_ARCHS
 from modelkit.lora.factorize import METHODS, factorize
 from modelkit.lora.output import (
@@ -94,7 +95,7 @@ class ExtractReport:
     def n_modules(self) -> int:
         return sum(not layer.skipped for layer in self.layers)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONDict:
         """A JSON-ready dict."""
         d = asdict(self)
         d.update(relative_error=self.relative_error, skipped=self.skipped,

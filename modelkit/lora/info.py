@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from modelkit.arch.blocks import block_names, block_of
 from modelkit.errors import CancelFlag, ModelkitError
 from modelkit.io.source import Source, source_label
+from modelkit.jsontypes import JSONDict
 from modelkit.lora.adapter import LORA_ARCHS, Adapter, open_adapter
 from modelkit.lora.delta import ModuleDelta, check_fit, target_view
 from modelkit.lora.output import LORA_THREADS, torch_threads
@@ -86,7 +87,7 @@ class InfoReport:
     unmatched: list[str] = field(default_factory=list)
     base: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONDict:
         """A JSON-ready dict (block and layer norms included)."""
         d = asdict(self)
         d["blocks"] = {n: {"n_modules": b.n_modules, "delta_norm": b.delta_norm,

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from modelkit.errors import OutputError
+from modelkit.jsontypes import JSONDict
 from modelkit.library.layout import SWEEP_MARKER
 from modelkit.progress import Progress, ProgressFn, no_progress
 from modelkit.sweep import results
@@ -121,7 +122,7 @@ class SweepReport:
         return (f"{state}{plural(len(self.cells), 'cell')}: {', '.join(parts)}{resumed} "
                 f"({self.executor}, {self.seconds:.1f} s)")
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONDict:
         """Plain JSON: the counts, the table and every cell's record."""
         return {
             "schema": SCHEMA, "source": self.source, "out_dir": str(self.out_dir),
