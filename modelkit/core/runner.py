@@ -186,8 +186,8 @@ def output_path(recipe: Recipe, output: str | os.PathLike[str] | None) -> Path:
     raise ModelkitError(f"{recipe.source}: no output path; set output.path or pass -o")
 
 
-def _planned_report(recipe: Recipe, graph: Any, final: Any, payload: Any, spec: Any,
-                    details: dict[str, Any], dry_run: bool) -> RunReport:
+def _planned_report(recipe: Recipe, graph: Graph, final: Source, payload: Any,
+                    spec: OutputSpec, details: dict[str, Any], dry_run: bool) -> RunReport:
     from modelkit.convert.base import describe
 
     merged = sum(g.report.n_merged for g in graph.groups)
@@ -209,8 +209,8 @@ def _planned_report(recipe: Recipe, graph: Any, final: Any, payload: Any, spec: 
     return report
 
 
-def _exact_size(report: RunReport, recipe: Recipe, graph: Any, final: Any, spec: Any
-                ) -> None:
+def _exact_size(report: RunReport, recipe: Recipe, graph: Graph, final: Source,
+                spec: OutputSpec) -> None:
     """A dry run's output size with the real header (metadata planned with
     placeholder hashes of the same length): exact for safetensors."""
     if spec.format != "safetensors":
@@ -220,7 +220,7 @@ def _exact_size(report: RunReport, recipe: Recipe, graph: Any, final: Any, spec:
     from modelkit.core.provenance import PlannedHashes, output_metadata
     from modelkit.io.writer import TensorSpec, build_header
 
-    meta = output_metadata(recipe, graph, final, PlannedHashes(graph.files),  # type: ignore[arg-type]
+    meta = output_metadata(recipe, graph, final, PlannedHashes(graph.files),
                            legacy=lambda _: "0" * 8)
     specs = [TensorSpec(k, i.dtype, i.shape) for k, i in final.infos.items()]
     report.output_bytes = len(build_header(specs, meta)[0]) + report.output_bytes
@@ -228,6 +228,8 @@ def _exact_size(report: RunReport, recipe: Recipe, graph: Any, final: Any, spec:
 
 if TYPE_CHECKING:
     from modelkit.core.graph import Graph
+    from modelkit.io.source import Source
+    from modelkit.io.write import OutputSpec
 
 
 def _verify_written(recipe: Recipe, graph: Graph, out: Path, device: str,
