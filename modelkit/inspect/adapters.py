@@ -263,9 +263,11 @@ def guess_arch(modules: dict[str, _Module], metadata: dict[str, str]) -> tuple[
 
 
 def _float(text: object) -> float | None:
+    if not isinstance(text, str | int | float):  # metadata JSON: lists, maps, null
+        return None
     try:
-        value = float(text)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+        value = float(text)
+    except ValueError:
         return None
     return value if math.isfinite(value) else None
 

@@ -51,9 +51,9 @@ def _entry_hashes(path: str | os.PathLike[str], entry: dict[str, object] | None,
                   st: os.stat_result) -> FileHashes | None:
     if not entry or entry.get("size") != st.st_size or entry.get("mtime_ns") != st.st_mtime_ns:
         return None
-    sha = str(entry["sha256"])
+    sha, addnet = str(entry["sha256"]), entry.get("addnet")
     return FileHashes(str(path), st.st_size, sha, sha[:10], str(entry["legacy"]),
-                      entry.get("addnet"))  # type: ignore[arg-type]
+                      addnet if isinstance(addnet, str) else None)
 
 
 def lookup(path: str | os.PathLike[str]) -> FileHashes | None:

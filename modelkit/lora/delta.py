@@ -200,7 +200,10 @@ class ModuleDelta:
 
         algo = self.mod.algo
         if algo == "lora":
-            up, down = self.factors()  # type: ignore[misc]
+            pair = self.factors()
+            if pair is None:
+                raise ModelkitError(f"{self.ad.label}: module {self.mod.name}: no LoRA factors")
+            up, down = pair
             return (up @ down).mul_(self.scale)
         if algo == "loha":
             return self._loha_factor(1).mul_(self._loha_factor(2)).mul_(self.scale)

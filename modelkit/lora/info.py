@@ -138,13 +138,16 @@ def _layer(ad: Adapter, delta: ModuleDelta, base: Source | None, arch: str, ener
     if delta.needs_base and w0 is None and mod.algo == "ia3":
         return LayerInfo(mod.name, t.key, block, mod.algo, None, None)
     dense: torch.Tensor | None = None
-    if delta.needs_base and w0 is not None:
-        shape = (delta.out, *tuple(base.infos[t.key].shape)[1:])  # type: ignore[union-attr]
+    if delta.needs_base and w0 is not None and base is not None:
+        shape = (delta.out, *tuple(base.infos[t.key].shape)[1:])
         dense = delta.check_finite(delta.base_update(w0, 1.0, shape), "ΔW")
     elif mod.algo != "lora":
         dense = delta.full()
     if dense is None:
-        up, down = delta.factors()  # type: ignore[misc]
+        pair = delta.factors()
+        if pair is None:
+            raise ModelkitError(f"module {mod.name}: no LoRA factors")
+        up, down = pair
         # ||up @ down||^2 = trace((upᵀup)(down downᵀ)): no dense product needed
         ref_sq = float(((up.T @ up) * (down @ down.T)).sum()) * delta.scale ** 2
     else:
