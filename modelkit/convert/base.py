@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from modelkit.errors import ModelkitError
 from modelkit.io.source import Source, source_label
@@ -12,6 +13,7 @@ if TYPE_CHECKING:
     import torch
 
     from modelkit.inspect.report import ModelReport
+    from modelkit.io.writer import TensorSink
 
 
 def describe(source: Source) -> ModelReport:
@@ -38,7 +40,8 @@ def require_checkpoint(source: Source, what: str, kinds: tuple[str, ...] = ("che
     return rep
 
 
-def chunked_apply(t: torch.Tensor, out_dtype: torch.dtype, fn: Any,
+def chunked_apply(t: torch.Tensor, out_dtype: torch.dtype,
+                  fn: Callable[[torch.Tensor], torch.Tensor],
                   chunk: int = 1 << 20) -> torch.Tensor:
     """``fn(float32 chunk) -> chunk`` over ``t`` in 1M-element pieces, written
     into a new ``out_dtype`` tensor of ``t``'s shape (float32 math stays in
@@ -52,7 +55,8 @@ def chunked_apply(t: torch.Tensor, out_dtype: torch.dtype, fn: Any,
     return out
 
 
-def passthrough(keys: dict[str, tuple[Source, str]]) -> Any:
+def passthrough(keys: dict[str, tuple[Source, str]]
+                ) -> Callable[[str, TensorSink], bool] | None:
     """A ``stream`` route for a DerivedSource: output keys whose bytes are an
     input tensor's bytes unchanged (same dtype and shape) are copied file to
     file in the kernel, when that input is a safetensors file; the writer
@@ -62,7 +66,7 @@ def passthrough(keys: dict[str, tuple[Source, str]]) -> Any:
     if not raw:
         return None
 
-    def stream(key: str, sink: Any) -> bool:
+    def stream(key: str, sink: TensorSink) -> bool:
         found = raw.get(key)
         if found is None:
             return False

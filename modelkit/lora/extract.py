@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from modelkit.arch.configs import ARCHS
 from modelkit.arch.lora_names import (
@@ -209,7 +209,7 @@ def extract(base: Source, tuned: Source, rank: int, conv_rank: int | None = None
 
     planned = PlannedStep(builder.source, report, "lora_extract", {})
 
-    def prepare(progress: ProgressFn = no_progress, stop: Any = None) -> None:
+    def prepare(progress: ProgressFn = no_progress, stop: CancelFlag | None = None) -> None:
         conv_names: set[str] = set()
         for i, t in enumerate(targets):
             check_cancel(stop)

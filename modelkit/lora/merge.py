@@ -209,7 +209,7 @@ def merge(items: Sequence[tuple[Source, float, object | None]], rank: int | None
 
     planned = PlannedStep(builder.source, report, "lora_merge", {})
 
-    def prepare(progress: ProgressFn = no_progress, stop: Any = None) -> None:
+    def prepare(progress: ProgressFn = no_progress, stop: CancelFlag | None = None) -> None:
         conv_names: set[str] = set()
         for i, (name, group) in enumerate(groups.items()):
             check_cancel(stop)

@@ -35,7 +35,8 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, Protocol
 
-from modelkit.progress import Progress
+from modelkit.errors import CancelFlag
+from modelkit.progress import Progress, ProgressFn
 
 CellProgressFn = Callable[[int, Progress], None]
 ResultFn = Callable[[dict[str, Any]], None]
@@ -130,7 +131,8 @@ def failed_record(task: dict[str, Any], error: str, status: str = "failed") -> d
     return record
 
 
-def pool_cell(task: dict[str, Any], progress: Any, stop: Any) -> dict[str, Any]:
+def pool_cell(task: dict[str, Any], progress: ProgressFn, stop: CancelFlag | None
+              ) -> dict[str, Any]:
     """What a pool worker runs for one cell (a module-level function: the
     worker imports it by name)."""
     from modelkit.sweep.worker import run_cell
