@@ -8,8 +8,10 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from modelkit.errors import OutputError
+from modelkit.jsontypes import JSONDict
 from modelkit.progress import HASH, Progress, ProgressFn, no_progress
 
 MARKER = ".modelkit-demo"
@@ -112,8 +114,8 @@ class DemoResult:
 
     root: Path
     files: list[Path] = field(default_factory=list)
-    reports: list[dict[str, object]] = field(default_factory=list)
-    hashes: list[dict[str, object]] = field(default_factory=list)
+    reports: list[dict[str, Any]] = field(default_factory=list)  # ModelReport.to_dict()
+    hashes: list[JSONDict] = field(default_factory=list)
     summary_path: Path | None = None
     verify_summary: str | None = None
     verify_report: Path | None = None

@@ -5,6 +5,7 @@ exit codes without a traceback."""
 from __future__ import annotations
 
 import threading
+from typing import Protocol
 
 # set by a front end's signal handler: an error raised while it unwinds is
 # the interrupt showing through a C extension, not a broken input
@@ -71,12 +72,19 @@ class Cancelled(ModelkitError):
     exit_code = 130
 
 
-def check_cancel(cancel: object | None) -> None:
+class CancelFlag(Protocol):
+    """What a ``cancel`` argument is: anything with ``is_set()``, such as a
+    :class:`threading.Event`."""
+
+    def is_set(self) -> bool: ...
+
+
+def check_cancel(cancel: CancelFlag | None) -> None:
     """Raise :class:`Cancelled` when ``cancel`` (anything with ``is_set()``,
     such as a :class:`threading.Event`) is set, and :class:`Interrupted`
     when a signal was received (in case a library on the way swallowed the
     exception the signal handler raised)."""
     if INTERRUPTED.is_set() and threading.current_thread() is threading.main_thread():
         raise Interrupted
-    if cancel is not None and cancel.is_set():  # type: ignore[attr-defined]
+    if cancel is not None and cancel.is_set():
         raise Cancelled("cancelled; no output was written")

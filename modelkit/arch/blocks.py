@@ -53,6 +53,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
+from typing import Any
 
 from modelkit.arch.configs import ARCHS, UNET_PREFIX, VAE_PREFIX
 from modelkit.errors import ModelkitError
@@ -281,7 +282,7 @@ def _specificity(item: str, names: list[str]) -> int:
     return 1 if "-" in key else 0
 
 
-def _from_mapping(spec: Mapping[object, object], arch: str, vae_slot: bool
+def _from_mapping(spec: Mapping[Any, object], arch: str, vae_slot: bool
                   ) -> dict[str, float]:
     names = block_names(arch, vae_slot)
     chosen: dict[str, tuple[int, float, str]] = {}

@@ -42,7 +42,7 @@ def demo_cmd(directory: Path, quiet: bool, overwrite: bool) -> None:
                    "rewritten; other files kept)", err=True)
     rows = [[shown(c) for c in (
         str(Path(str(rep["path"])).relative_to(result.root)), str(rep["kind"]),
-        str(rep["arch"]), str(rep["prediction"]["type"]),  # type: ignore[index]
+        str(rep["arch"]), str(rep["prediction"]["type"]),
         str(rep["variant"] or "-"), str(h["autov2"]))]
         for rep, h in zip(result.reports, result.hashes, strict=True)]
     header = ["file", "kind", "arch", "pred", "variant", "autov2"]

@@ -122,7 +122,8 @@ def inspect_cmd(paths: tuple[str, ...], as_json: bool) -> None:
     from modelkit.errors import ModelkitError
     from modelkit.textsafe import shown
 
-    reports, failed = [], 0
+    reports: list[object] = []  # JSON dicts, or the reports drawn so far
+    failed = 0
     for path in paths:
         try:
             rep = inspect_model(path)

@@ -109,10 +109,10 @@ def _dry_run(spec: Any, output: str, device: str | None, as_json: bool, resume: 
     if as_json:
         click.echo(json.dumps({"n_cells": len(plans), "cells": rows}, indent=2))
         return
-    for r in rows:
-        state = f"FAILS: {shown(r['error'], 200)}" if r["error"] else (
-            f"{human_bytes(r['output_bytes'])}, memory {human_bytes(r['memory_bytes'])}")
-        click.echo(f"{r['name']}: {state}")
+    for p in plans:
+        state = f"FAILS: {shown(p.error, 200)}" if p.error else (
+            f"{human_bytes(p.output_bytes)}, memory {human_bytes(p.memory_bytes)}")
+        click.echo(f"{p.cell.name}: {state}")
     failing = sum(1 for r in rows if r["error"])
     click.echo(f"{plural(len(rows), 'cell')} planned"
                + (f", {failing} will fail" if failing else ""))

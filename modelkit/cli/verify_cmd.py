@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from modelkit.cli.common import common_option
 from modelkit.cli.progress import StderrProgress
+
+if TYPE_CHECKING:
+    from modelkit.core.verify_settings import VerifySettings
 
 EPILOG = """\b
 Examples:
@@ -85,7 +89,7 @@ def _settings(prompts: Path | None, seeds: str | None, steps: int | None, size: 
               preset: str, device: str, threads: int | None, scheduler: str,
               guidance: float, operation: str, thresholds: tuple[str, ...],
               tokenizer: Path | None, library: Path | None, allow_download: bool,
-              static_only: bool) -> object:
+              static_only: bool) -> VerifySettings:
     from modelkit.core.verify_settings import (
         VerifySettings,
         load_prompts,
@@ -203,7 +207,7 @@ def verify_cmd(model: Path, reference: Path | None, loras: tuple[str, ...],
     inputs = [p for p in (model, reference) if p is not None]
     outputs.check_outputs([report_path, markdown, grid, junit], overwrite, inputs)
     lora_uses = tuple(parse_lora_arg(text) for text in loras)
-    report = verify(model, settings, reference, lora_uses,  # type: ignore[arg-type]
+    report = verify(model, settings, reference, lora_uses,
                     progress=StderrProgress(quiet))
     _refuse_bad_input(report)
     written = []

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from modelkit.io.source import Source
 
 if TYPE_CHECKING:
     import torch
 
+    from modelkit.io.writer import TensorSink
 
-def chunked_apply(t: torch.Tensor, out_dtype: torch.dtype, fn: Any,
+
+def chunked_apply(t: torch.Tensor, out_dtype: torch.dtype,
+                  fn: Callable[[torch.Tensor], torch.Tensor],
                   chunk: int = 1 << 20) -> torch.Tensor:
     """``fn(float32 chunk) -> chunk`` over ``t`` in 1M-element pieces, written
     into a new ``out_dtype`` tensor of ``t``'s shape (float32 math stays in
@@ -24,7 +28,8 @@ def chunked_apply(t: torch.Tensor, out_dtype: torch.dtype, fn: Any,
     return out
 
 
-def passthrough(keys: dict[str, tuple[Source, str]]) -> Any:
+def passthrough(keys: dict[str, tuple[Source, str]]
+                ) -> Callable[[str, TensorSink], bool] | None:
     """A ``stream`` route for a DerivedSource: output keys whose bytes are an
     input tensor's bytes unchanged (same dtype and shape) are copied file to
     file in the kernel, when that input is a safetensors file; the writer
@@ -34,7 +39,7 @@ def passthrough(keys: dict[str, tuple[Source, str]]) -> Any:
     if not raw:
         return None
 
-    def stream(key: str, sink: Any) -> bool:
+    def stream(key: str, sink: TensorSink) -> bool:
         found = raw.get(key)
         if found is None:
             return False

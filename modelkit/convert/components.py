@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from modelkit.arch import parts
 from modelkit.arch.configs import TE_PREFIXES, UNET_PREFIX, VAE_PREFIX
 from modelkit.convert.base import passthrough
-from modelkit.core.step import PlannedStep
+from modelkit.core.step import KeyOrigin, PlannedStep
 from modelkit.errors import ModelkitError
 from modelkit.inspect.describe import describe, require_checkpoint
 from modelkit.io.source import DerivedSource, Source, input_paths_of, source_label, tensor_info
@@ -121,7 +121,8 @@ def swap(src: Source, donor: Source, component: str = "vae") -> PlannedStep:
                       if donor.infos[o].dtype == src.infos[k].dtype})
     out = DerivedSource(f"swap({name})", dict(src.infos), dict(src.metadata), produce,
                         input_paths_of([src, donor]), stream=passthrough(unchanged))
-    origins = {k: ((1, origin[k]) if k in origin else (0, k)) for k in src.infos}
+    origins: dict[str, KeyOrigin] = {k: ((1, origin[k]) if k in origin else (0, k))
+                                     for k in src.infos}
     return PlannedStep(out, report, "swap", {"component": component,
                                              "donor": Path(dname).name},
                        origins)

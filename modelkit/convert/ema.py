@@ -21,7 +21,7 @@ from modelkit.arch import parts
 from modelkit.arch.configs import EMA_PREFIX, UNET_PREFIX
 from modelkit.arch.keys import ema_key
 from modelkit.convert.base import passthrough
-from modelkit.core.step import PlannedStep
+from modelkit.core.step import KeyOrigin, PlannedStep
 from modelkit.errors import ModelkitError
 from modelkit.inspect.describe import require_checkpoint
 from modelkit.io.source import DerivedSource, Source, source_label, tensor_info
@@ -125,5 +125,5 @@ def select_ema(src: Source, dtype: str | None = None) -> PlannedStep:
                  if k not in forward and i.dtype == src.infos[k].dtype}
     out = DerivedSource(f"ema({name})", infos, dict(src.metadata), produce, src.input_paths,
                         stream=passthrough(unchanged))
-    origins = {k: (0, forward.get(k, k)) for k in infos}
+    origins: dict[str, KeyOrigin] = {k: (0, forward.get(k, k)) for k in infos}
     return PlannedStep(out, report, "ema", {"dtype": dtype}, origins)

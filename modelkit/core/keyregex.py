@@ -50,7 +50,7 @@ def _risky(items: Any, inside_repeat: bool) -> str | None:
     return None
 
 
-def check_key_regex(pattern: Any) -> re.Pattern[str]:
+def check_key_regex(pattern: object) -> re.Pattern[str]:
     """Compile ``pattern`` for matching tensor keys, refusing patterns that
     could backtrack exponentially.
 
@@ -64,7 +64,7 @@ def check_key_regex(pattern: Any) -> re.Pattern[str]:
                             f"is {MAX_PATTERN}")
     try:
         compiled = re.compile(pattern)
-        from re import _parser  # type: ignore[attr-defined]
+        from re import _parser  # type: ignore[attr-defined]  # private: typeshed has no stub
 
         parsed = _parser.parse(pattern)
     except (re.error, RecursionError, OverflowError) as exc:

@@ -406,7 +406,7 @@ def _transform_for(c: _Checker, step: StepSpec, path: tuple[str, ...]) -> Any:
     t = all_transforms().get(step.transform)
     if t is None:
         try:
-            get_transform(step.transform, kind)
+            t = get_transform(step.transform, kind)
         except ModelkitError as exc:
             raise c.fail(where, str(exc)) from None
     if kind == OP and t.kind == METHOD:
@@ -753,7 +753,7 @@ def _options_from(c: _Checker, raw: Any) -> Options:
     return Options(spec.get("device", d.device), spec.get("block_map", d.block_map),
                    spec.get("missing_keys", d.missing_keys),
                    spec.get("include", list(d.include)),
-                   spec.get("exclude_keys") or [], spec.get("vae"), spec.get("seed", 0))
+                   spec.get("exclude_keys") or (), spec.get("vae"), spec.get("seed", 0))
 
 
 def parse_recipe(text: str, source: str = "<recipe>", base_dir: Path | None = None

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from modelkit.errors import CancelFlag
 from modelkit.io.source import DerivedSource
 from modelkit.progress import ProgressFn
 
@@ -40,9 +41,9 @@ class PlannedStep:
     op: str
     params: dict[str, Any] = field(default_factory=dict)
     origins: dict[str, KeyOrigin] = field(default_factory=dict)
-    prepare: Callable[[ProgressFn, Any], None] | None = None
+    prepare: Callable[[ProgressFn, CancelFlag], None] | None = None
 
 
-def same_origins(keys: Any, index: int = 0) -> dict[str, KeyOrigin]:
+def same_origins(keys: Iterable[str], index: int = 0) -> dict[str, KeyOrigin]:
     """Origins for keys that keep their name from input ``index``."""
     return {k: (index, k) for k in keys}

@@ -23,9 +23,9 @@ import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
 from modelkit.errors import ModelkitError
+from modelkit.jsontypes import JSONDict
 
 DEFAULT_PROMPTS = (
     "a photo of a red fox sitting in fresh snow, detailed fur, soft morning light",
@@ -57,7 +57,7 @@ class LoraUse:
     def name(self) -> str:
         return self.path.stem
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONDict:
         return {"file": self.path.name, "weight": self.weight}
 
 
@@ -260,7 +260,7 @@ class RenderPlan:
     prompts: tuple[str, ...]
     negative_prompt: str
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONDict:
         d = asdict(self)
         d["seeds"], d["prompts"] = list(self.seeds), list(self.prompts)
         return d

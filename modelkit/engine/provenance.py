@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from modelkit import __version__
 from modelkit.core.recipe import Recipe, yaml_value
@@ -34,7 +34,6 @@ from modelkit.io.header import metadata_json
 
 if TYPE_CHECKING:
     from modelkit.engine.graph import Graph, StepRecord
-    from modelkit.io.hashcache import InputHashes
     from modelkit.io.source import Source
 
 RECIPE_KEY = "modelkit.recipe"
@@ -43,12 +42,20 @@ INPUTS_KEY = "modelkit.inputs"
 VERSION_KEY = "modelkit.version"
 
 
+class KnownHashes(Protocol):
+    """The sha256 of input files (:class:`~modelkit.io.hashcache.InputHashes`,
+    or a dry run's :class:`PlannedHashes`)."""
+
+    @property
+    def values(self) -> Mapping[Path, str]: ...
+
+
 def input_path(recipe: Recipe, graph: Graph, name: str) -> Path:
     """The file (or folder) an input name stands for."""
     return recipe.resolve(recipe.inputs[name].path)
 
 
-def _input_hashes(recipe: Recipe, graph: Graph, hashes: InputHashes) -> dict[str, str | None]:
+def _input_hashes(recipe: Recipe, graph: Graph, hashes: KnownHashes) -> dict[str, str | None]:
     return {n: hashes.values.get(input_path(recipe, graph, n)) for n in recipe.inputs}
 
 
@@ -61,14 +68,14 @@ def history(meta: dict[str, str]) -> list[Any]:
     return entries if isinstance(entries, list) else []
 
 
-def history_entry(record: StepRecord, hashes: InputHashes) -> dict[str, Any]:
+def history_entry(record: StepRecord, hashes: KnownHashes) -> dict[str, Any]:
     """The ``modelkit.history`` entry of one step."""
     inputs = [{"file": p.name, "sha256": hashes.values.get(p)} for p in record.files]
     return {"op": record.transform, "params": record.params, "inputs": inputs,
             "version": __version__}
 
 
-def output_metadata(recipe: Recipe, graph: Graph, final: Source, hashes: InputHashes,
+def output_metadata(recipe: Recipe, graph: Graph, final: Source, hashes: KnownHashes,
                     legacy: Callable[[Path], str] | None = None) -> dict[str, str]:
     """The output's ``__metadata__`` (see the module docstring). ``legacy``
     gives a file's legacy hash (default: read it)."""
@@ -99,7 +106,7 @@ def _primary_file(recipe: Recipe, graph: Graph, name: str) -> Path | None:
     return paths[0] if paths else None
 
 
-def _a1111_recipe(recipe: Recipe, graph: Graph, hashes: InputHashes) -> dict[str, Any]:
+def _a1111_recipe(recipe: Recipe, graph: Graph, hashes: KnownHashes) -> dict[str, Any]:
     from modelkit.core.registry import get_transform
 
     group = graph.groups[-1]
@@ -139,7 +146,7 @@ def _file_metadata(graph: Graph, path: Path) -> dict[str, str]:
     return {}
 
 
-def merge_lineage(recipe: Recipe, graph: Graph, hashes: InputHashes,
+def merge_lineage(recipe: Recipe, graph: Graph, hashes: KnownHashes,
                   legacy: Callable[[Path], str] | None = None) -> dict[str, str]:
     """``sd_merge_recipe``, ``sd_merge_models`` and the merge keys."""
     from modelkit.io.hashing import legacy_hash

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from modelkit.jsontypes import JSONDict, JSONValue
+
 # report properties worth showing in JSON beside the dataclass fields
 _PROPERTIES = ("relative_l2", "snr_db", "overall_relative_l2")
 
@@ -24,7 +26,7 @@ class StepReport:
     params: dict[str, Any]
     report: Any = None
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONDict:
         return {"name": self.name, "transform": self.transform, "kind": self.kind,
                 "params": self.params, "report": jsonable(self.report)}
 
@@ -75,7 +77,7 @@ class RunReport:
         """The output step's own report."""
         return self.steps[-1].report if self.steps else None
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONDict:
         """Plain JSON values; infinities become null."""
         return {
             "output": str(self.output) if self.output else None,
@@ -95,7 +97,7 @@ class RunReport:
         }
 
 
-def jsonable(value: Any) -> Any:
+def jsonable(value: object) -> JSONValue:
     """``value`` as plain JSON: dataclasses as dicts (plus their figure
     properties), paths as strings, infinities and NaN as None."""
     if value is None or isinstance(value, bool | int | str):
@@ -109,10 +111,10 @@ def jsonable(value: Any) -> Any:
         for prop in _PROPERTIES:
             if hasattr(type(value), prop):
                 d[prop] = getattr(value, prop)
-        if isinstance(d.get("blocks"), dict) and isinstance(getattr(value, "blocks", None),
-                                                            dict):
-            d["blocks"] = {k: {**v, "relative_l2": value.blocks[k].relative_l2}
-                           if hasattr(value.blocks[k], "relative_l2") else v
+        blocks = getattr(value, "blocks", None)
+        if isinstance(d.get("blocks"), dict) and isinstance(blocks, dict):
+            d["blocks"] = {k: {**v, "relative_l2": blocks[k].relative_l2}
+                           if hasattr(blocks[k], "relative_l2") else v
                            for k, v in d["blocks"].items()}
         return jsonable(d)
     if isinstance(value, dict):

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from modelkit.core.recipe import Recipe, validate
 from modelkit.engine.report import RunReport, StepReport
-from modelkit.errors import ModelkitError
+from modelkit.errors import CancelFlag, ModelkitError
 from modelkit.progress import (
     HASH,
     PLAN,
@@ -54,7 +54,7 @@ class _Stop:
     """The caller's cancel event, or the run's own stop on any failure (so
     hash threads end promptly when the write fails or is interrupted)."""
 
-    def __init__(self, cancel: Any) -> None:
+    def __init__(self, cancel: CancelFlag | None) -> None:
         self.cancel = cancel
         self.failed = threading.Event()
 
@@ -186,8 +186,8 @@ def output_path(recipe: Recipe, output: str | os.PathLike[str] | None) -> Path:
     raise ModelkitError(f"{recipe.source}: no output path; set output.path or pass -o")
 
 
-def _planned_report(recipe: Recipe, graph: Any, final: Any, payload: Any, spec: Any,
-                    details: dict[str, Any], dry_run: bool) -> RunReport:
+def _planned_report(recipe: Recipe, graph: Graph, final: Source, payload: Any,
+                    spec: OutputSpec, details: dict[str, Any], dry_run: bool) -> RunReport:
     from modelkit.inspect.describe import describe
 
     merged = sum(g.report.n_merged for g in graph.groups)
@@ -209,8 +209,8 @@ def _planned_report(recipe: Recipe, graph: Any, final: Any, payload: Any, spec: 
     return report
 
 
-def _exact_size(report: RunReport, recipe: Recipe, graph: Any, final: Any, spec: Any
-                ) -> None:
+def _exact_size(report: RunReport, recipe: Recipe, graph: Graph, final: Source,
+                spec: OutputSpec) -> None:
     """A dry run's output size with the real header (metadata planned with
     placeholder hashes of the same length): exact for safetensors."""
     if spec.format != "safetensors":
@@ -220,7 +220,7 @@ def _exact_size(report: RunReport, recipe: Recipe, graph: Any, final: Any, spec:
     from modelkit.engine.provenance import PlannedHashes, output_metadata
     from modelkit.io.writer import TensorSpec, build_header
 
-    meta = output_metadata(recipe, graph, final, PlannedHashes(graph.files),  # type: ignore[arg-type]
+    meta = output_metadata(recipe, graph, final, PlannedHashes(graph.files),
                            legacy=lambda _: "0" * 8)
     specs = [TensorSpec(k, i.dtype, i.shape) for k, i in final.infos.items()]
     report.output_bytes = len(build_header(specs, meta)[0]) + report.output_bytes
@@ -228,6 +228,8 @@ def _exact_size(report: RunReport, recipe: Recipe, graph: Any, final: Any, spec:
 
 if TYPE_CHECKING:
     from modelkit.engine.graph import Graph
+    from modelkit.io.source import Source
+    from modelkit.io.write import OutputSpec
 
 
 def _verify_written(recipe: Recipe, graph: Graph, out: Path, device: str,
@@ -248,8 +250,8 @@ def _verify_written(recipe: Recipe, graph: Graph, out: Path, device: str,
 
 
 def run(recipe: Recipe, *, output: str | os.PathLike[str] | None = None,
-        progress: ProgressFn = no_progress, cancel: Any = None, overwrite: bool = False,
-        dry_run: bool = False, verify: bool = False) -> RunReport:
+        progress: ProgressFn = no_progress, cancel: CancelFlag | None = None,
+        overwrite: bool = False, dry_run: bool = False, verify: bool = False) -> RunReport:
     """Run ``recipe`` (see the module docstring) and return what it did.
 
     Args:
@@ -291,8 +293,8 @@ def run(recipe: Recipe, *, output: str | os.PathLike[str] | None = None,
         check_output(spec, graph.files)  # the one output check, before any step is planned
         final = graph.build()
         events.step = recipe.output_step
-        fmt_options = {"quant": recipe.output_quant, "keep_shapes": recipe.output_keep_shapes}
-        payload, details = prepare_output(final, spec.format, **fmt_options)
+        payload, details = prepare_output(final, spec.format, quant=recipe.output_quant,
+                                          keep_shapes=recipe.output_keep_shapes)
         report = _planned_report(recipe, graph, final, payload, spec, details, dry_run)
         if dry_run:
             _exact_size(report, recipe, graph, final, spec)
@@ -309,7 +311,9 @@ def run(recipe: Recipe, *, output: str | os.PathLike[str] | None = None,
                 assert planned.prepare is not None
                 planned.prepare(events.read, stop)
             if prepared:
-                payload, details = prepare_output(final, spec.format, **fmt_options)
+                payload, details = prepare_output(final, spec.format,
+                                                  quant=recipe.output_quant,
+                                                  keep_shapes=recipe.output_keep_shapes)
             events.totals = {HASH: hashes.pending_bytes, WRITE: int(
                 sum(i.nbytes for i in final.infos.values()) if spec.format == "safetensors"
                 else payload.nbytes)}

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelkit.errors import ModelkitError
+from modelkit.errors import CancelFlag, ModelkitError
 
 if TYPE_CHECKING:
     from modelkit.core.recipe import Recipe
@@ -73,7 +73,7 @@ def reference_and_loras(recipe: Recipe, graph: Graph, section: dict[str, Any]
 
 
 def verify_output(recipe: Recipe, graph: Graph, output: Path, section: dict[str, Any],
-                  device: str, progress: ProgressFn, cancel: Any) -> VerifyReport:
+                  device: str, progress: ProgressFn, cancel: CancelFlag | None) -> VerifyReport:
     """Render and check ``output`` (the file the run just wrote)."""
     from modelkit.verify import verify
 

@@ -64,7 +64,7 @@ class Raw:
     text: str
 
 
-class Pairs(list):  # type: ignore[type-arg]
+class Pairs(list):
     """An object written from (key, value) pairs, so keys may repeat."""
 
 
@@ -466,8 +466,8 @@ def check_inspect(path: Path) -> tuple[bool, list[str]]:
     except Hang as exc:
         return False, [f"inspect: hang: {exc}"]
     if rc == 0:
-        if _TERMINAL_UNSAFE.search(out):
-            bad = _TERMINAL_UNSAFE.search(out).group()  # type: ignore[union-attr]
+        if found := _TERMINAL_UNSAFE.search(out):
+            bad = found.group()
             defects.append(f"inspect: raw control character {bad!r} in output")
         rc_j, out_j, err_j = run_cli(["inspect", "--json", str(path)])
         if rc_j != 0:

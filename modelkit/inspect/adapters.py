@@ -36,6 +36,7 @@ from modelkit.arch.adapter_keys import (
 from modelkit.arch.configs import ARCHS
 from modelkit.arch.lora_names import resolve_module
 from modelkit.io.header import TensorInfo
+from modelkit.jsontypes import JSONDict
 
 ARCH_CANDIDATES = registry.lora_archs()
 TARGET_ORDER = ("unet", "te", "te1", "te2")
@@ -55,7 +56,7 @@ class AdapterInfo:
     conv_modules: int  # modules patching conv weights (4-D, 1x1 included)
     algos: dict[str, int] = field(default_factory=dict)  # modules per algorithm
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONDict:
         """A JSON-ready dict of every field."""
         return asdict(self)
 
@@ -97,9 +98,9 @@ def _group_modules(infos: dict[str, TensorInfo]) -> dict[str, _Module]:
         mod = modules.setdefault(name, _Module(name, *kind))
         mod.tensors[suffix] = info.shape
     for key, info in infos.items():  # IA3 scales: <module>.weight beside <module>.on_input
-        mod = modules.get(key.removesuffix(".weight"))
-        if key.endswith(".weight") and mod is not None and "on_input" in mod.tensors:
-            mod.tensors["weight"] = info.shape
+        scaled = modules.get(key.removesuffix(".weight"))
+        if key.endswith(".weight") and scaled is not None and "on_input" in scaled.tensors:
+            scaled.tensors["weight"] = info.shape
     return {n: m for n, m in modules.items() if _algo(m) is not None}
 
 
@@ -269,9 +270,11 @@ def guess_arch(modules: dict[str, _Module], metadata: dict[str, str]) -> tuple[
 
 
 def _float(text: object) -> float | None:
+    if not isinstance(text, str | int | float):  # metadata JSON: lists, maps, null
+        return None
     try:
-        value = float(text)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+        value = float(text)
+    except ValueError:
         return None
     return value if math.isfinite(value) else None
 

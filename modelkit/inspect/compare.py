@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from modelkit.arch import parts, registry
-from modelkit.errors import check_cancel
+from modelkit.errors import CancelFlag, check_cancel
+from modelkit.jsontypes import JSONDict
 from modelkit.numeric import chunk_pairs, l2_sums, relative_l2
 from modelkit.progress import Progress, ProgressFn, no_progress
 
 if TYPE_CHECKING:
-    import threading
-
     from modelkit.io.source import Source
 
 BLOCK_ARCHS = registry.names(where=lambda a: a.blocks is not None)
@@ -53,7 +52,7 @@ class Delta:
         self.diff_sq += other.diff_sq
         self.ref_sq += other.ref_sq
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONDict:
         return {"n_tensors": self.n_tensors, "n_unchanged": self.n_unchanged,
                 "unchanged_share": self.unchanged_share, "relative_l2": self.relative_l2}
 
@@ -78,7 +77,7 @@ class CompareReport:
         return (not self.only_a and not self.only_b and not self.mismatched
                 and self.overall.n_unchanged == self.overall.n_tensors)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONDict:
         return {
             "a": self.a, "b": self.b, "arch": self.arch, "identical": self.identical,
             "overall": self.overall.to_dict(),
@@ -126,7 +125,7 @@ def _block_namer(arch: str) -> Callable[[str], str] | None:
 
 def compare_models(a: Source, b: Source, *, arch: str | None = None,
                    progress: ProgressFn = no_progress,
-                   cancel: threading.Event | None = None) -> CompareReport:
+                   cancel: CancelFlag | None = None) -> CompareReport:
     """Compare ``b`` against ``a`` (the reference), tensor by tensor.
 
     ``arch`` names the block map used for the per-block figures (default:

@@ -22,6 +22,7 @@ from modelkit.arch.keys import (
     unet_keys,
     vae_keys,
 )
+from modelkit.jsontypes import JSONDict
 
 LIST_LIMIT = 20  # keys listed per problem; the counts are always exact
 
@@ -45,7 +46,7 @@ class ComponentReport:
     unexpected: list[str] = field(default_factory=list)
     shape_mismatches: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self) -> JSONDict:
         return asdict(self)
 
 
@@ -129,7 +130,8 @@ def checkpoint_components(shapes: dict[str, Shape]
                           ) -> tuple[dict[str, ComponentReport], str, list[str], int | None]:
     """Analyse every component of a single-file checkpoint."""
     comps: dict[str, ComponentReport] = {}
-    arch, evidence, in_ch = "unknown", [], None
+    arch, in_ch = "unknown", None
+    evidence: list[str] = []
     unet = split_prefix(shapes, UNET_PREFIX)
     if unet:
         comps["unet"], arch, evidence, in_ch = analyse_unet(unet, UNET_PREFIX)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from modelkit.arch import registry
 from modelkit.arch.configs import UNET_PREFIX
+from modelkit.jsontypes import JSONDict
 
 SD2_PROBE = "output_blocks.11.1.transformer_blocks.0.norm1.bias"
 SD2_PROBE_KEY = UNET_PREFIX + SD2_PROBE
@@ -31,7 +32,7 @@ class Prediction:
     evidence: list[str] = field(default_factory=list)
     zero_terminal_snr: bool = False
 
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self) -> JSONDict:
         return asdict(self)
 
 

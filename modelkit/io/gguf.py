@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelkit.errors import ModelkitError
+from modelkit.errors import CancelFlag, ModelkitError
 from modelkit.io.header import TensorInfo
 from modelkit.io.source import Source, source_label
 from modelkit.io.writer import atomic_path
@@ -330,7 +330,7 @@ def _patch(temp: Path, head_end: int, patches: Mapping[str, str]) -> None:
 
 def write_gguf_payload(payload: GGUFPayload, out: Path, metadata: Mapping[str, str] | None,
                        inputs: list[Path], overwrite: bool,
-                       advance: Callable[[int, str], None], cancel: Any,
+                       advance: Callable[[int, str], None], cancel: CancelFlag | None,
                        finalize: Callable[[], Mapping[str, str]] | None) -> tuple[int, int]:
     """Write ``payload`` to ``out`` atomically; ``advance(nbytes, key)``
     reports progress. Returns (tensors, bytes written)."""

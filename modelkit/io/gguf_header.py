@@ -120,7 +120,7 @@ class GGUFHeader:
             return None
         if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in rec):
             return None
-        shape = tuple(rec)  # type: ignore[arg-type]
+        shape = tuple(rec)
         return shape if math.prod(shape) == t.numel else None
 
 
@@ -171,10 +171,14 @@ class _Cursor:
         return value
 
     def u32(self, what: str) -> int:
-        return int(self.unpack("I", what))  # type: ignore[call-overload]
+        value = self.unpack("I", what)
+        assert isinstance(value, int)  # struct unpacks "I" as an int
+        return value
 
     def u64(self, what: str) -> int:
-        return int(self.unpack("Q", what))  # type: ignore[call-overload]
+        value = self.unpack("Q", what)
+        assert isinstance(value, int)  # struct unpacks "Q" as an int
+        return value
 
     def count(self, what: str, min_item_bytes: int, limit: int | None = None) -> int:
         """A u64 count of items of at least ``min_item_bytes`` each that must fit

@@ -11,9 +11,8 @@ import tempfile
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
-from modelkit.errors import defer_signals
+from modelkit.errors import CancelFlag, defer_signals
 from modelkit.io.hashing import FileHashes, hash_file
 from modelkit.progress import ProgressFn, no_progress
 
@@ -52,9 +51,9 @@ def _entry_hashes(path: str | os.PathLike[str], entry: dict[str, object] | None,
                   st: os.stat_result) -> FileHashes | None:
     if not entry or entry.get("size") != st.st_size or entry.get("mtime_ns") != st.st_mtime_ns:
         return None
-    sha = str(entry["sha256"])
+    sha, addnet = str(entry["sha256"]), entry.get("addnet")
     return FileHashes(str(path), st.st_size, sha, sha[:10], str(entry["legacy"]),
-                      entry.get("addnet"))  # type: ignore[arg-type]
+                      addnet if isinstance(addnet, str) else None)
 
 
 def lookup(path: str | os.PathLike[str]) -> FileHashes | None:
@@ -102,7 +101,7 @@ def find_by_sha256(sha256: str) -> Path | None:
 
 
 def cached_hashes(path: str | os.PathLike[str], progress: ProgressFn = no_progress,
-                  tensor_hash: bool = True, cancel: Any = None) -> FileHashes:
+                  tensor_hash: bool = True, cancel: CancelFlag | None = None) -> FileHashes:
     """Hashes of ``path``, from the cache when size and mtime match; without
     ``tensor_hash`` the addnet digest may be missing (None)."""
     hit = lookup(path)
@@ -132,7 +131,7 @@ class InputHashes:
     """
 
     def __init__(self, paths: Iterable[Path], progress: ProgressFn = no_progress,
-                 cancel: Any = None) -> None:
+                 cancel: CancelFlag | None = None) -> None:
         import secrets
 
         self.values: dict[Path, str] = {}
@@ -176,5 +175,5 @@ class InputHashes:
             self._pool = None
 
 
-def _sha256(path: Path, progress: ProgressFn, cancel: Any) -> str:
+def _sha256(path: Path, progress: ProgressFn, cancel: CancelFlag | None) -> str:
     return cached_hashes(path, progress, tensor_hash=False, cancel=cancel).sha256

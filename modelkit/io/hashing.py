@@ -17,11 +17,11 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
-from modelkit.errors import check_cancel
+from modelkit.errors import CancelFlag, check_cancel
 from modelkit.io.files import check_input_file, input_error
 from modelkit.io.header import read_header
+from modelkit.jsontypes import JSONDict
 from modelkit.progress import HASH, Progress, ProgressFn, no_progress
 
 CHUNK = 8 << 20
@@ -41,7 +41,7 @@ class FileHashes:
     addnet: str | None
     mismatches: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self) -> JSONDict:
         return asdict(self)
 
 
@@ -53,7 +53,8 @@ def legacy_hash(path: str | os.PathLike[str]) -> str:
 
 
 def _stream_hashes(path: Path, data_start: int | None, size: int,
-                   progress: ProgressFn, cancel: Any = None) -> tuple[str, str | None]:
+                   progress: ProgressFn, cancel: CancelFlag | None = None
+                   ) -> tuple[str, str | None]:
     full = hashlib.sha256()
     tensors = hashlib.sha256() if data_start is not None else None
     done = 0
@@ -63,7 +64,7 @@ def _stream_hashes(path: Path, data_start: int | None, size: int,
             check_cancel(cancel)
             view = memoryview(chunk)
             jobs = [pool.submit(full.update, view)]
-            if tensors is not None:
+            if tensors is not None and data_start is not None:
                 skip = max(0, data_start - done)
                 if skip < len(view):
                     jobs.append(pool.submit(tensors.update, view[skip:]))
@@ -89,7 +90,7 @@ def _embedded_mismatches(meta: dict[str, str], h: FileHashes) -> list[str]:
 
 
 def hash_file(path: str | os.PathLike[str], progress: ProgressFn = no_progress,
-              tensor_hash: bool = True, cancel: Any = None) -> FileHashes:
+              tensor_hash: bool = True, cancel: CancelFlag | None = None) -> FileHashes:
     """Compute every hash of ``path`` in one read of the file; without
     ``tensor_hash`` the addnet digest is skipped (half the CPU work).
     ``cancel`` (a ``threading.Event``) is checked before each 8 MB chunk."""

@@ -242,7 +242,7 @@ def _parse_metadata(path: Path, meta: object) -> dict[str, str]:
         if _SURROGATE.search(value):
             raise _bad(path, f"__metadata__ value of {quoted(key, 60)} holds a lone "
                              "UTF-16 surrogate escape, which is not valid Unicode")
-    return dict(meta)  # type: ignore[arg-type]
+    return dict(meta)
 
 
 def _decode_json(path: Path, raw: bytes) -> dict[str, object]:

@@ -37,7 +37,7 @@ ALLOWED_CLASSES = (
 )
 
 
-class Placeholder(dict):  # type: ignore[type-arg]
+class Placeholder(dict):
     """Inert stand-in for an allow-listed foreign object; keeps its state."""
 
     def __setstate__(self, state: Any) -> None:
@@ -108,7 +108,7 @@ def load_pickle_state_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = check_input_file(path)
     is_zip = zipfile.is_zipfile(p)
     try:
-        with torch.serialization.safe_globals(_placeholder_types()), \
+        with torch.serialization.safe_globals(list(_placeholder_types())), \
                 warnings.catch_warnings(record=True):
             # torch warns (twice, on stderr) about some protocol-4 framing
             # before it fails: the one-line error below says what is wrong

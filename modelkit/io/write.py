@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelkit.errors import ModelkitError, OutputError, check_cancel
+from modelkit.errors import CancelFlag, ModelkitError, OutputError, check_cancel
 from modelkit.io.files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 from modelkit.io.source import Source
 from modelkit.progress import WRITE, Progress, ProgressFn, no_progress
@@ -150,7 +150,8 @@ class _Bytes:
         self.progress(Progress(self.step, self.done, self.total, "bytes", item, WRITE))
 
 
-def _stream(writer: SafetensorsWriter, source: Source, bar: _Bytes, cancel: Any) -> int:
+def _stream(writer: SafetensorsWriter, source: Source, bar: _Bytes,
+            cancel: CancelFlag | None) -> int:
     """Write every tensor of ``source`` in header order (through the
     source's ``stream`` route when it offers one); returns the count."""
     stream = getattr(source, "stream", None)
@@ -164,7 +165,7 @@ def _stream(writer: SafetensorsWriter, source: Source, bar: _Bytes, cancel: Any)
 
 
 def _safetensors(source: Source, path: Path, metadata: dict[str, str] | None,
-                 inputs: list[Path], overwrite: bool, bar: _Bytes, cancel: Any,
+                 inputs: list[Path], overwrite: bool, bar: _Bytes, cancel: CancelFlag | None,
                  finalize: Finalize | None) -> tuple[int, int]:
     from modelkit.io.writer import SafetensorsWriter, TensorSpec
 
@@ -179,7 +180,7 @@ def _safetensors(source: Source, path: Path, metadata: dict[str, str] | None,
 
 
 def _folder(payload: FolderPayload, path: Path, metadata: dict[str, str] | None,
-            inputs: list[Path], overwrite: bool, bar: _Bytes, cancel: Any,
+            inputs: list[Path], overwrite: bool, bar: _Bytes, cancel: CancelFlag | None,
             finalize: Finalize | None) -> tuple[int, int]:
     from modelkit.io.writer import SafetensorsWriter, TensorSpec, atomic_dir
 
@@ -224,7 +225,7 @@ def _disk_error(path: Path, exc: OSError, needed: int) -> OutputError:
 
 def write(payload: Any, spec: OutputSpec, *, metadata: dict[str, str] | None = None,
           inputs: Iterable[str | os.PathLike[str]] = (), progress: ProgressFn = no_progress,
-          cancel: Any = None, finalize: Finalize | None = None) -> WriteResult:
+          cancel: CancelFlag | None = None, finalize: Finalize | None = None) -> WriteResult:
     """Write ``payload`` as ``spec`` says (see the module docstring).
 
     Args:
@@ -271,7 +272,7 @@ def write(payload: Any, spec: OutputSpec, *, metadata: dict[str, str] | None = N
 def _as_source(payload: Any, fmt: str) -> Source:
     if not hasattr(payload, "infos"):
         raise ModelkitError(f"a {fmt} output is written from a model source")
-    return payload  # type: ignore[no-any-return]
+    return payload
 
 
 def _payload_bytes(payload: Any, fmt: str) -> int:

@@ -101,7 +101,7 @@ def tensor_bytes(tensor: Any) -> memoryview:
     import numpy as np
 
     arr = np.ascontiguousarray(tensor)
-    return memoryview(arr.reshape(-1).view(np.uint8)).cast("B")
+    return arr.reshape(-1).view(np.uint8).data.cast("B")
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 from modelkit.arch import registry
 from modelkit.io.suffixes import COMFYUI_DIFFUSION_MODELS
+from modelkit.jsontypes import JSONDict
 from modelkit.library.layout import (
     EXPECTED,
     PLAIN,
@@ -55,7 +56,7 @@ class Hint:
     message: str
     expected: str | None = None  # the folder the user's UI expects it in
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONDict:
         return asdict(self)
 
 
@@ -72,7 +73,7 @@ class CheckReport:
             out[h.path].append(h)
         return dict(out)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONDict:
         return {"n_files": self.n_files, "n_hints": len(self.hints),
                 "hints": [h.to_dict() for h in self.hints]}
 
@@ -100,7 +101,8 @@ def _broken(e: Entry, components: dict[str, Any]) -> list[Hint]:
 
 
 def _misplaced(e: Entry) -> list[Hint]:
-    if e.layout == PLAIN or accepts(e.role, e.kind) or e.kind not in KIND_NAMES:
+    if e.layout == PLAIN or e.role is None or accepts(e.role, e.kind) \
+            or e.kind not in KIND_NAMES:
         return []
     place = _placement(e)
     expected = place.expected_folder(e.kind)

@@ -14,7 +14,7 @@ import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from modelkit.errors import ModelkitError
@@ -80,12 +80,12 @@ def default_db_path() -> Path:
     return cache_path().parent / DB_NAME
 
 
-def _retry(fn: object, attempts: int = 50) -> None:
+def _retry(fn: Callable[[], object], attempts: int = 50) -> None:
     """Run ``fn()`` again while another connection holds a lock it needs
     (switching to WAL takes an exclusive lock that busy_timeout may not cover)."""
     for i in range(attempts):
         try:
-            fn()  # type: ignore[operator]
+            fn()
             return
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) or i == attempts - 1:

@@ -13,8 +13,8 @@ import sqlite3
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
 
+from modelkit.jsontypes import JSONDict
 from modelkit.library.query import Entry, Filters, list_entries
 from modelkit.library.scan import hash_missing
 from modelkit.progress import ProgressFn, no_progress
@@ -35,7 +35,7 @@ class DupeGroup:
         """The copies go by different names."""
         return len({e.name for e in self.entries}) > 1
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONDict:
         return {"hash": self.hash, "same_file": self.same_file, "linked": self.linked,
                 "renamed": self.renamed, "wasted_bytes": self.wasted_bytes,
                 "files": [e.path for e in self.entries]}
@@ -53,7 +53,7 @@ class DupesReport:
     def wasted_bytes(self) -> int:
         return sum(g.wasted_bytes for g in self.groups)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONDict:
         return {"groups": [g.to_dict() for g in self.groups],
                 "wasted_bytes": self.wasted_bytes, "n_hashed_now": self.n_hashed_now,
                 "n_unhashed": self.n_unhashed}

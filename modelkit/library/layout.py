@@ -15,6 +15,7 @@ TUI proposes sweep folders under :data:`SWEEPS_FOLDER` where no UI looks
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,7 +155,7 @@ class Placer:
         return Placement(PLAIN, None, root)
 
 
-def is_sweep_folder(names: set[str] | dict[str, object]) -> bool:
+def is_sweep_folder(names: Container[str]) -> bool:
     """Whether a folder holding the entries ``names`` is a sweep's output."""
     return any(n in names for n in SWEEP_FILES)
 

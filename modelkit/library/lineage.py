@@ -30,6 +30,7 @@ from typing import Any
 
 from modelkit.io.files import MODEL_SUFFIXES
 from modelkit.io.header import metadata_json
+from modelkit.jsontypes import JSONDict
 from modelkit.library.query import Entry, get_detail, list_entries
 
 MAX_DEPTH = 12
@@ -49,7 +50,7 @@ class LineageNode:
     note: str | None = None
     children: list[LineageNode] = field(default_factory=list)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONDict:
         return {"label": self.label, "how": self.how, "sha256": self.sha256,
                 "path": self.path, "match": self.match, "source": self.source,
                 "note": self.note, "children": [c.to_dict() for c in self.children]}
@@ -195,9 +196,9 @@ class _Builder:
                       inputs: dict[str, Any], lineage_models: dict[str, Any],
                       depth: int, seen: frozenset[str]) -> None:
         steps = recipe["steps"]
-        output = recipe.get("output") if isinstance(recipe.get("output"), dict) else {}
+        output = got if isinstance(got := recipe.get("output"), dict) else {}
         out_step = output.get("step") or (list(steps)[-1] if steps else None)
-        specs = recipe.get("inputs") if isinstance(recipe.get("inputs"), dict) else {}
+        specs = got if isinstance(got := recipe.get("inputs"), dict) else {}
 
         def step_node(name: str, trail: frozenset[str]) -> LineageNode:
             if name in steps and name not in trail:
@@ -211,7 +212,7 @@ class _Builder:
             spec = specs.get(name)
             path = spec.get("path") if isinstance(spec, dict) else spec
             pinned = spec.get("sha256") if isinstance(spec, dict) else None
-            known = inputs.get(name) if isinstance(inputs.get(name), dict) else {}
+            known = got if isinstance(got := inputs.get(name), dict) else {}
             sha = pinned or known.get("sha256")
             label = known.get("file") or (Path(str(path)).name if path else name)
             a1111 = lineage_models.get(sha, {}) if sha else {}
@@ -239,7 +240,7 @@ class _Builder:
             sha = recipe.get(f"{role}_model_hash")
             if not sha:
                 continue
-            info = lineage_models.get(sha) if isinstance(lineage_models.get(sha), dict) else {}
+            info = got if isinstance(got := lineage_models.get(sha), dict) else {}
             parent_recipe = info.get("sd_merge_recipe")
             child = self.file_node(str(info.get("name") or sha[:10]), sha,
                                    info.get("legacy_hash"), "sd_merge_models", depth, seen,
@@ -257,14 +258,14 @@ def _within_recipe(entry: Any, recipe: dict[str, Any] | None,
         return False
     hashes = {v.get("sha256") for v in inputs.values() if isinstance(v, dict)}
     names = {v.get("file") for v in inputs.values() if isinstance(v, dict)}
-    specs = recipe.get("inputs") if isinstance(recipe.get("inputs"), dict) else {}
+    specs = got if isinstance(got := recipe.get("inputs"), dict) else {}
     for spec in specs.values():
         path = spec.get("path") if isinstance(spec, dict) else spec
         if isinstance(spec, dict):
             hashes.add(spec.get("sha256"))
         if path:
             names.add(Path(str(path)).name)
-    options = recipe.get("options") if isinstance(recipe.get("options"), dict) else {}
+    options = got if isinstance(got := recipe.get("options"), dict) else {}
     if options.get("vae"):
         names.add(Path(str(options["vae"])).name)
     used = [i for i in entry.get("inputs") or [] if isinstance(i, dict)]

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from modelkit.errors import ModelkitError
+from modelkit.jsontypes import JSONDict
 from modelkit.library import db as dbm
 
 LIGHT_COLUMNS = tuple(c for c in dbm.COLUMNS
@@ -58,7 +59,7 @@ class Entry:
     def stem(self) -> str:
         return Path(self.name).stem
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONDict:
         d = asdict(self)
         d["previews"] = list(self.previews)
         d["autov2"] = self.short_hash
@@ -75,7 +76,7 @@ class Detail:
     report: dict[str, Any] = field(default_factory=dict)
     civitai: dict[str, Any] | None = None
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONDict:
         return {**self.entry.to_dict(), "metadata": self.metadata,
                 "components": self.components, "report": self.report,
                 "civitai": self.civitai}

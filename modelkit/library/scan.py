@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from modelkit.errors import INTERRUPTED, Cancelled, Interrupted, ModelkitError
 from modelkit.io.suffixes import MODEL_SUFFIXES, SAFETENSORS_SUFFIXES
+from modelkit.jsontypes import JSONDict
 from modelkit.library import db as dbm
 from modelkit.library.layout import Placer, is_sweep_folder
 from modelkit.progress import HASH, Progress, ProgressFn, no_progress
@@ -84,7 +85,7 @@ class ScanReport:
     def inspected(self) -> int:
         return self.new + self.changed
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONDict:
         return {**asdict(self), "inspected": self.inspected}
 
 
@@ -244,7 +245,7 @@ def _civitai(path: Path) -> dict[str, Any] | None:
         return {"error": f"unreadable ({type(exc).__name__})"}
     if not isinstance(data, dict):
         return {"error": "not a JSON object"}
-    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    model = got if isinstance(got := data.get("model"), dict) else {}
     words = data.get("trainedWords")
     return {
         "model": model.get("name"), "type": model.get("type"), "version": data.get("name"),

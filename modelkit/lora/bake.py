@@ -27,9 +27,10 @@ from modelkit.arch.blocks import block_of
 from modelkit.arch.lora_blocks import parse_lora_blocks
 from modelkit.convert.base import passthrough
 from modelkit.core.step import PlannedStep, same_origins
-from modelkit.errors import ModelkitError, check_cancel
+from modelkit.errors import CancelFlag, ModelkitError, check_cancel
 from modelkit.inspect.describe import require_checkpoint
 from modelkit.io.source import DerivedSource, Source, input_paths_of, source_label, tensor_info
+from modelkit.jsontypes import JSONDict
 from modelkit.lora.adapter import LORA_ARCHS, Adapter, AdapterModule, open_adapter
 from modelkit.lora.delta import ModuleDelta, check_fit, target_view
 from modelkit.lora.output import LORA_THREADS, storage_dtype, torch_threads
@@ -80,7 +81,7 @@ class BakeReport:
     adapters: list[AdapterBakeReport] = field(default_factory=list)
     keys_changed: int = 0
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONDict:
         """A JSON-ready dict."""
         return asdict(self)
 
@@ -195,7 +196,7 @@ def _unmatched_error(reports: list[AdapterBakeReport]) -> ModelkitError:
 def bake(checkpoint: Source, adapters: Sequence[Source | AdapterUse | tuple[Any, ...]], *,
          te_weight: float | None = None, blocks: object | None = None,
          dtype: str | None = None, allow_unmatched: bool = False, device: str = "cpu",
-         cancel: Any = None) -> PlannedStep:
+         cancel: CancelFlag | None = None) -> PlannedStep:
     """Plan ``checkpoint`` with every adapter's weighted ΔW added.
 
     Args:

@@ -31,6 +31,7 @@ from modelkit.arch.lora_names import ModuleTarget, lora_module_targets, norm_mod
 from modelkit.core.step import PlannedStep
 from modelkit.errors import ModelkitError
 from modelkit.io.source import DerivedSource, Source, source_label, tensor_info
+from modelkit.jsontypes import JSONDict
 from modelkit.lora.adapter import DOWN, LORA_ARCHS, MID, UP, Adapter, AdapterModule, open_adapter
 from modelkit.lora.delta import DORA, module_scale
 from modelkit.wording import agree
@@ -156,7 +157,7 @@ def convert(lora: Source, to: str, *, arch: str | None = None) -> PlannedStep:
 class _ConvertReport(dict):
     """A plain dict report with ``to_dict``."""
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONDict:
         return dict(self)
 
 

@@ -87,8 +87,8 @@ def delta_shape(ad: Adapter, mod: AdapterModule) -> tuple[int, int]:
                 return a[1], b[1] * _prod(_shape(ad, mod, "hada_t1")[2:])
             return a[0], b[1]
         if mod.algo == "lokr":
-            (a, c), (b, d) = _lokr_factor_shape(ad, mod, 1), _lokr_factor_shape(ad, mod, 2)
-            return a * b, c * d
+            (ra, ca), (rb, cb) = _lokr_factor_shape(ad, mod, 1), _lokr_factor_shape(ad, mod, 2)
+            return ra * rb, ca * cb
         if mod.algo == "full":
             s = _shape(ad, mod, "diff") if "diff" in k else _shape(ad, mod, "diff_b")
             return s[0], _prod(s[1:]) if "diff" in k else 1
@@ -200,7 +200,10 @@ class ModuleDelta:
 
         algo = self.mod.algo
         if algo == "lora":
-            up, down = self.factors()  # type: ignore[misc]
+            pair = self.factors()
+            if pair is None:
+                raise ModelkitError(f"{self.ad.label}: module {self.mod.name}: no LoRA factors")
+            up, down = pair
             return (up @ down).mul_(self.scale)
         if algo == "loha":
             return self._loha_factor(1).mul_(self._loha_factor(2)).mul_(self.scale)

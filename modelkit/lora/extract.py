@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from modelkit.arch.configs import ARCHS
 from modelkit.arch.lora_names import (
@@ -33,9 +33,10 @@ from modelkit.arch.lora_names import (
     te_layer,
 )
 from modelkit.core.step import PlannedStep
-from modelkit.errors import ModelkitError, check_cancel
+from modelkit.errors import CancelFlag, ModelkitError, check_cancel
 from modelkit.inspect.describe import require_checkpoint
 from modelkit.io.source import Source, input_paths_of, source_label
+from modelkit.jsontypes import JSONDict
 from modelkit.lora.adapter import LORA_ARCHS
 from modelkit.lora.factorize import METHODS, factorize
 from modelkit.lora.output import (
@@ -94,7 +95,7 @@ class ExtractReport:
     def n_modules(self) -> int:
         return sum(not layer.skipped for layer in self.layers)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONDict:
         """A JSON-ready dict."""
         d = asdict(self)
         d.update(relative_error=self.relative_error, skipped=self.skipped,
@@ -167,7 +168,7 @@ def _check_pair(base: Source, tuned: Source) -> str:
 def extract(base: Source, tuned: Source, rank: int, conv_rank: int | None = None,
             energy: float | None = None, te: bool = True, device: str = "cpu", *,
             method: str = "auto", dtype: str = "F16", skip_below: float = SKIP_BELOW,
-            cancel: Any = None) -> PlannedStep:
+            cancel: CancelFlag | None = None) -> PlannedStep:
     """Plan a kohya LoRA of ``tuned − base``; the SVDs run in the returned
     :class:`~modelkit.core.step.PlannedStep`'s ``prepare`` step.
 
@@ -208,7 +209,7 @@ def extract(base: Source, tuned: Source, rank: int, conv_rank: int | None = None
 
     planned = PlannedStep(builder.source, report, "lora_extract", {})
 
-    def prepare(progress: ProgressFn = no_progress, stop: Any = None) -> None:
+    def prepare(progress: ProgressFn = no_progress, stop: CancelFlag | None = None) -> None:
         conv_names: set[str] = set()
         for i, t in enumerate(targets):
             check_cancel(stop)

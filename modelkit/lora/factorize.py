@@ -48,7 +48,7 @@ class Factors:
         return (self.err_sq / self.ref_sq) ** 0.5 if self.ref_sq else 0.0
 
 
-def _gen(device: object, seed: int) -> torch.Generator:
+def _gen(device: torch.device | str, seed: int) -> torch.Generator:
     import torch
 
     return torch.Generator(device=device).manual_seed(seed)

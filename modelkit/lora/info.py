@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelkit.arch.blocks import block_names, block_of
-from modelkit.errors import ModelkitError
+from modelkit.errors import CancelFlag, ModelkitError
 from modelkit.io.source import Source, source_label
+from modelkit.jsontypes import JSONDict
 from modelkit.lora.adapter import LORA_ARCHS, Adapter, open_adapter
 from modelkit.lora.delta import ModuleDelta, check_fit, target_view
 from modelkit.lora.output import LORA_THREADS, torch_threads
@@ -86,7 +87,7 @@ class InfoReport:
     unmatched: list[str] = field(default_factory=list)
     base: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONDict:
         """A JSON-ready dict (block and layer norms included)."""
         d = asdict(self)
         d["blocks"] = {n: {"n_modules": b.n_modules, "delta_norm": b.delta_norm,
@@ -137,13 +138,16 @@ def _layer(ad: Adapter, delta: ModuleDelta, base: Source | None, arch: str, ener
     if delta.needs_base and w0 is None and mod.algo == "ia3":
         return LayerInfo(mod.name, t.key, block, mod.algo, None, None)
     dense: torch.Tensor | None = None
-    if delta.needs_base and w0 is not None:
-        shape = (delta.out, *tuple(base.infos[t.key].shape)[1:])  # type: ignore[union-attr]
+    if delta.needs_base and w0 is not None and base is not None:
+        shape = (delta.out, *tuple(base.infos[t.key].shape)[1:])
         dense = delta.check_finite(delta.base_update(w0, 1.0, shape), "ΔW")
     elif mod.algo != "lora":
         dense = delta.full()
     if dense is None:
-        up, down = delta.factors()  # type: ignore[misc]
+        pair = delta.factors()
+        if pair is None:
+            raise ModelkitError(f"module {mod.name}: no LoRA factors")
+        up, down = pair
         # ||up @ down||^2 = trace((upᵀup)(down downᵀ)): no dense product needed
         ref_sq = float(((up.T @ up) * (down @ down.T)).sum()) * delta.scale ** 2
     else:
@@ -172,7 +176,7 @@ def _base_rows(base: Source, t: Any, out: int) -> torch.Tensor | None:
 
 
 def info(lora: Source, base: Source | None = None, *, energy: float = 0.9,
-         progress: ProgressFn = no_progress, cancel: Any = None) -> InfoReport:
+         progress: ProgressFn = no_progress, cancel: CancelFlag | None = None) -> InfoReport:
     """Describe where ``lora`` acts: per-module ‖ΔW‖ and effective rank at
     ``energy``, per-block strength (relative to ``base`` when given) and the
     checkpoint keys it touches.

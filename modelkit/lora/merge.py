@@ -24,7 +24,7 @@ from modelkit.arch.configs import ARCHS, TINY
 from modelkit.arch.lora_blocks import parse_lora_blocks
 from modelkit.arch.lora_names import ModuleTarget, lora_module_targets, norm_module_targets
 from modelkit.core.step import PlannedStep
-from modelkit.errors import ModelkitError, check_cancel
+from modelkit.errors import CancelFlag, ModelkitError, check_cancel
 from modelkit.io.source import Source, input_paths_of, source_label
 from modelkit.lora.adapter import LORA_ARCHS, Adapter, open_adapter
 from modelkit.lora.delta import ModuleDelta
@@ -180,7 +180,7 @@ def _write_group(name: str, group: _Group, report: MergeReport, builder: LoraBui
 def merge(items: Sequence[tuple[Source, float, object | None]], rank: int | None,
           conv_rank: int | None = None, energy: float | None = None, *,
           dtype: str = "F16", method: str = "auto", arch: str | None = None,
-          cancel: Any = None) -> PlannedStep:
+          cancel: CancelFlag | None = None) -> PlannedStep:
     """Plan a kohya LoRA equal to the weighted sum of ``items``
     (``(adapter, weight, blocks or None)``), re-factorised.
 
@@ -209,7 +209,7 @@ def merge(items: Sequence[tuple[Source, float, object | None]], rank: int | None
 
     planned = PlannedStep(builder.source, report, "lora_merge", {})
 
-    def prepare(progress: ProgressFn = no_progress, stop: Any = None) -> None:
+    def prepare(progress: ProgressFn = no_progress, stop: CancelFlag | None = None) -> None:
         conv_names: set[str] = set()
         for i, (name, group) in enumerate(groups.items()):
             check_cancel(stop)
@@ -230,7 +230,7 @@ def merge(items: Sequence[tuple[Source, float, object | None]], rank: int | None
 
 def resize(lora: Source, rank: int | None = None, energy: float | None = None,
            conv_rank: int | None = None, *, dtype: str | None = None, method: str = "auto",
-           arch: str | None = None, cancel: Any = None) -> PlannedStep:
+           arch: str | None = None, cancel: CancelFlag | None = None) -> PlannedStep:
     """Plan ``lora`` re-factorised at ``rank`` (cap) and/or ``energy``; the
     dtype defaults to the input's first factor's. Any format in, kohya out."""
     if dtype is None:

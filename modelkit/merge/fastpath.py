@@ -87,7 +87,8 @@ def streamer(plan: Plan, ev: Evaluator, vae: Source | None
             sink.copy_from(primary, key)
             return True
         if kp.action == "vae":
-            if vae is None or not _raw(vae) or vae.infos[kp.source_key].dtype != kp.dtype:
+            if vae is None or kp.source_key is None or not _raw(vae) \
+                    or vae.infos[kp.source_key].dtype != kp.dtype:
                 return False
             sink.copy_from(vae, kp.source_key)
             return True
@@ -107,6 +108,7 @@ def _merge_chunks(ev: Evaluator, key: str, out_dtype: str, buffers: _Buffers,
     import torch
 
     from modelkit.io.dtypes import to_torch
+    from modelkit.io.reader import ModelSource
 
     infos = {n: s.infos[key] for n, s in ev.sources.items()}
     numel = next(iter(infos.values())).numel
@@ -119,6 +121,8 @@ def _merge_chunks(ev: Evaluator, key: str, out_dtype: str, buffers: _Buffers,
             dtype = to_torch(infos[name].dtype)
             size = int(DTYPE_SIZES[infos[name].dtype])
             raw = buffers.raw_for(name, n * size)[:n * size]
+            if not isinstance(src, ModelSource):  # streamer() took raw_readable sources only
+                raise TypeError(f"{name}: the fast route reads safetensors files only")
             src.read_into(key, start * size, memoryview(raw))
             f32 = buffers.f32_for(name)[:n]
             f32.copy_(torch.from_numpy(raw).view(dtype))
@@ -127,5 +131,5 @@ def _merge_chunks(ev: Evaluator, key: str, out_dtype: str, buffers: _Buffers,
         chunk = out[:n]
         chunk.copy_(result)
         del result
-        sink.write(start * out_size, memoryview(chunk.view(torch.uint8).numpy()),
+        sink.write(start * out_size, chunk.view(torch.uint8).numpy().data,
                    start + n >= numel)

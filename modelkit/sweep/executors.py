@@ -32,9 +32,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Protocol
 
-from modelkit.progress import Progress
+from modelkit.errors import CancelFlag
+from modelkit.progress import Progress, ProgressFn
 
 CellProgressFn = Callable[[int, Progress], None]
 ResultFn = Callable[[dict[str, Any]], None]
@@ -114,8 +116,7 @@ class SerialExecutor:
         for task in tasks:
             if cancel.is_set():
                 return
-            index = task["index"]
-            on_result(run_cell(task, lambda p, i=index: on_progress(i, p), cancel))
+            on_result(run_cell(task, partial(on_progress, task["index"]), cancel))
 
 
 # --- the process pool ---------------------------------------------------------------
@@ -130,7 +131,8 @@ def failed_record(task: dict[str, Any], error: str, status: str = "failed") -> d
     return record
 
 
-def pool_cell(task: dict[str, Any], progress: Any, stop: Any) -> dict[str, Any]:
+def pool_cell(task: dict[str, Any], progress: ProgressFn, stop: CancelFlag | None
+              ) -> dict[str, Any]:
     """What a pool worker runs for one cell (a module-level function: the
     worker imports it by name)."""
     from modelkit.sweep.worker import run_cell
@@ -166,7 +168,11 @@ def _worker_main(conn: Any, threads: int, gpu: str | None, stop: Any,
         if task is None:
             return
         index = task["index"]
-        record = cell_fn(task, Throttle(lambda p, i=index: send(("progress", i, p))), stop)
+
+        def relay(p: Progress, i: int = index) -> None:
+            send(("progress", i, p))
+
+        record = cell_fn(task, Throttle(relay), stop)
         send(("result", index, record))
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from modelkit.errors import BadFileError, ModelkitError, check_cancel
+from modelkit.errors import BadFileError, CancelFlag, ModelkitError, check_cancel
 from modelkit.progress import PLAN, Progress, ProgressFn, no_progress
 from modelkit.sweep.spec import Axis, Cell, SweepError, SweepSpec
 
@@ -133,7 +133,8 @@ def plan_cell(spec: SweepSpec, cell: Cell, out_dir: Path, device: str | None = N
 
 
 def plan_sweep(spec: SweepSpec, out_dir: str | os.PathLike[str], *, device: str | None = None,
-               progress: ProgressFn = no_progress, cancel: Any = None) -> list[CellPlan]:
+               progress: ProgressFn = no_progress, cancel: CancelFlag | None = None
+               ) -> list[CellPlan]:
     """Plan every cell of ``spec`` (outputs under ``out_dir``).
 
     Raises:

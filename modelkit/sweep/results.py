@@ -194,7 +194,7 @@ def _grid(axes: list[Axis], mode: str, cells: list[tuple[int, dict[str, str]]]
     grid: list[list[int | None]] = []
     row_labels = []
     for start in range(0, len(cells), PER_ROW):
-        chunk = [i for i, _ in cells[start:start + PER_ROW]]
+        chunk: list[int | None] = [i for i, _ in cells[start:start + PER_ROW]]
         grid.append(chunk + [None] * (PER_ROW - len(chunk)) if len(cells) > PER_ROW else chunk)
         row_labels.append(f"cells {chunk[0]}-{chunk[-1]}" if len(chunk) > 1 else "")
     width = max(len(r) for r in grid)
@@ -316,7 +316,7 @@ def _reference_tile(sheet: Any, draw: Any, font: Any, record: dict[str, Any] | N
         return
     img = _open_image(out_dir, _images(record, "reference")[0])
     if img is not None:
-        sheet.paste(img.resize(size, Image.NEAREST), at)
+        sheet.paste(img.resize(size, Image.Resampling.NEAREST), at)
     name = str((record.get("verify") or {}).get("reference") or "reference")
     draw.text((at[0], at[1] + size[1] + 2), fit_text(name, size[0], font, draw), fill=DIM,
               font=font)
@@ -330,7 +330,7 @@ def _cell_tile(sheet: Any, draw: Any, font: Any, record: dict[str, Any], out_dir
     tw, th = size
     img = _open_image(out_dir, next(iter(_images(record, "candidate")), None))
     if img is not None:
-        sheet.paste(img.resize(size, Image.NEAREST), at)
+        sheet.paste(img.resize(size, Image.Resampling.NEAREST), at)
     else:
         draw.rectangle((x, y, x + tw - 1, y + th - 1),
                        fill=FAILED if record.get("status") not in ("ok",) else (48, 48, 48))

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from modelkit.errors import OutputError
+from modelkit.jsontypes import JSONDict
 from modelkit.library.layout import SWEEP_MARKER
 from modelkit.progress import Progress, ProgressFn, no_progress
 from modelkit.sweep import results
@@ -40,7 +41,7 @@ from modelkit.wording import plural
 MARKER = SWEEP_MARKER  # the library's scan skips folders holding it
 SCHEMA = "modelkit.sweep/1"
 OWN_FILES = (results.JSONL, results.TABLE_MD, results.TABLE_CSV, results.CONTACT_SHEET)
-CellFn = Callable[[dict[str, Any]], None]
+CellFn = Callable[[dict[str, Any]], object]
 
 
 @dataclass
@@ -121,7 +122,7 @@ class SweepReport:
         return (f"{state}{plural(len(self.cells), 'cell')}: {', '.join(parts)}{resumed} "
                 f"({self.executor}, {self.seconds:.1f} s)")
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONDict:
         """Plain JSON: the counts, the table and every cell's record."""
         return {
             "schema": SCHEMA, "source": self.source, "out_dir": str(self.out_dir),
@@ -225,7 +226,8 @@ def cannot_write(exc: OSError, out: Path, discarded: bool) -> OutputError:
 
     then = ("nothing was kept; free space or pick another -o and run it again" if discarded
             else "finished cells are kept; free space and --resume continues it")
-    return OutputError(f"cannot write to {shown(out)}: {DISK_ERRORS[exc.errno]}; {then}")
+    reason = DISK_ERRORS.get(exc.errno or 0, exc.strerror or type(exc).__name__)
+    return OutputError(f"cannot write to {shown(out)}: {reason}; {then}")
 
 
 # --- resume ---------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from modelkit.core.recipe import (
     yaml_errors,
 )
 from modelkit.errors import ModelkitError
+from modelkit.jsontypes import JSONDict
 
 SWEEP_VERSION = 1
 MODES = ("product", "zip")
@@ -124,7 +125,7 @@ class SweepSpec:
             cells.append(Cell(i, values, labels, recipe, name))
         return cells
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONDict:
         """The sweep as plain data (for reports)."""
         return {"source": self.source, "mode": self.mode, "n_cells": self.n_cells,
                 "axes": [{"path": a.key, "name": a.name, "values": list(a.values)}

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from modelkit.errors import Cancelled, ModelkitError
+from modelkit.errors import CancelFlag, Cancelled, ModelkitError
 from modelkit.progress import VERIFY, Progress, ProgressFn, no_progress
 from modelkit.wording import error_text
 
@@ -154,7 +154,7 @@ def text_sha256(text: str | None) -> str | None:
 
 
 def _verify(recipe: Any, output: Path, section: dict[str, Any], task: dict[str, Any],
-            progress: ProgressFn, cancel: Any) -> tuple[Any, dict[str, Any]]:
+            progress: ProgressFn, cancel: CancelFlag | None) -> tuple[Any, dict[str, Any]]:
     """Render and check the written output as the recipe's verify phase
     would (same reference rules), with the worker's threads and session."""
     from contextlib import ExitStack
@@ -219,8 +219,8 @@ def new_record(task: dict[str, Any]) -> dict[str, Any]:
             "executor": task.get("executor"), "resumed": False}
 
 
-def run_cell(task: dict[str, Any], progress: ProgressFn = no_progress, cancel: Any = None
-             ) -> dict[str, Any]:
+def run_cell(task: dict[str, Any], progress: ProgressFn = no_progress,
+             cancel: CancelFlag | None = None) -> dict[str, Any]:
     """Run one cell (see the module docstring) and return its record.
 
     ``task`` holds ``index``, ``name``, ``values``, ``labels``, ``recipe``

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -127,7 +127,7 @@ def _ema_value(key: str, online_key: str, shape: Shape, seed: int) -> torch.Tens
     return _value(online_key, shape, seed).add_(synthetic_tensor(key, shape, seed), alpha=0.01)
 
 
-def _specs(keys: dict[str, Shape], dtype: str) -> list[TensorSpec]:
+def _specs(keys: Mapping[str, Shape], dtype: str) -> list[TensorSpec]:
     specs = []
     for key, shape in keys.items():
         if key.endswith("position_ids"):
@@ -143,7 +143,7 @@ def _specs(keys: dict[str, Shape], dtype: str) -> list[TensorSpec]:
 
 def write_tensors(
     path: str | os.PathLike[str],
-    keys: dict[str, Shape],
+    keys: Mapping[str, Shape],
     *,
     dtype: str = "F16",
     seed: int = 0,

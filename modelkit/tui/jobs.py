@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from textual.message_pump import MessagePump
 
@@ -33,6 +33,14 @@ from modelkit.tui.messages import (
     TransformsLoaded,
 )
 from modelkit.wording import error_line  # the CLI's one-line wording (jobs.error_line)
+
+if TYPE_CHECKING:
+    from modelkit.core.recipe import Recipe
+    from modelkit.engine.report import RunReport
+    from modelkit.inspect.compare import CompareReport
+    from modelkit.library.scan import ScanReport
+    from modelkit.sweep.run import SweepReport
+    from modelkit.sweep.spec import SweepSpec
 
 T = TypeVar("T")
 PROGRESS_INTERVAL = 0.05  # seconds between progress messages of one job
@@ -100,7 +108,8 @@ def load_detail(node: MessagePump, db: str | None, path: str,
     node.post_message(DetailLoaded(path, detail, tree, hints))
 
 
-def scan_job(dirs: list[str], db: str | None) -> Callable[[ProgressFn, threading.Event], Any]:
+def scan_job(dirs: list[str], db: str | None
+             ) -> Callable[[ProgressFn, threading.Event], ScanReport]:
     """A job scanning ``dirs`` into ``db``."""
     from modelkit.library.scan import scan
 
@@ -120,9 +129,9 @@ def hash_job(paths: list[str], db: str | None
     return run
 
 
-def compare_job(a: str, b: str) -> Callable[[ProgressFn, threading.Event], Any]:
+def compare_job(a: str, b: str) -> Callable[[ProgressFn, threading.Event], CompareReport]:
     """A job comparing model ``b`` against ``a`` per component and block."""
-    def run(progress: ProgressFn, cancel: threading.Event) -> Any:
+    def run(progress: ProgressFn, cancel: threading.Event) -> CompareReport:
         from modelkit.inspect.compare import compare_models
         from modelkit.io.reader import open_model
 
@@ -147,11 +156,11 @@ class ActOutcome:
     """What an Act job returns: the run's report and, when the run verified
     and rendered, the comparison grid written beside the output."""
 
-    report: Any
+    report: RunReport
     grid: Path | None = None
 
 
-def act_job(recipe: Any, output: str, dry_run: bool = False
+def act_job(recipe: Recipe, output: str, dry_run: bool = False
             ) -> Callable[[ProgressFn, threading.Event], ActOutcome]:
     """A job running ``recipe`` into ``output`` through the one runner
     (planning only with ``dry_run``; verifying when the recipe has a
@@ -175,13 +184,13 @@ def act_job(recipe: Any, output: str, dry_run: bool = False
     return run
 
 
-def sweep_job(node: MessagePump, spec: Any, out_dir: Path, jobs: int = 1
-              ) -> Callable[[ProgressFn, threading.Event], Any]:
+def sweep_job(node: MessagePump, spec: SweepSpec, out_dir: Path, jobs: int = 1
+              ) -> Callable[[ProgressFn, threading.Event], SweepReport]:
     """A job running the sweep ``spec`` into ``out_dir`` (one cell after
     another in this process with ``jobs`` 1, else a process pool); each
     finished cell is posted as :class:`SweepCellDone`; returns the
     :class:`~modelkit.sweep.SweepReport` (``cancelled`` set after a cancel)."""
-    def run(progress: ProgressFn, cancel: threading.Event) -> Any:
+    def run(progress: ProgressFn, cancel: threading.Event) -> SweepReport:
         from modelkit.sweep import make_executor, run_sweep
 
         if jobs > 1:

@@ -202,7 +202,7 @@ def grid_image(report: VerifyReport) -> Image.Image:
             cells = [ref[i].image, cand.image, diff_image(diff, gain)]
             gain_text = f"  difference x{gain:g}"
         for j, img in enumerate(cells):
-            sheet.paste(to_pil(img).resize((cw, ch), Image.NEAREST),
+            sheet.paste(to_pil(img).resize((cw, ch), Image.Resampling.NEAREST),
                         (PAD + j * (cw + PAD), y))
         text_w = width - 2 * PAD
         lines = [f"{cand.case}  seed {cand.seed}  {_metric_label(rows.get(cand.case))}"

@@ -28,12 +28,10 @@ from typing import TYPE_CHECKING, Any
 
 from modelkit.core.verify_library import Library, PromptLora, embedding_names_in, parse_prompt
 from modelkit.core.verify_settings import LoraUse, RenderPlan
-from modelkit.errors import Cancelled, ModelkitError, check_cancel
+from modelkit.errors import CancelFlag, Cancelled, ModelkitError, check_cancel
 from modelkit.progress import VERIFY, Progress, ProgressFn, no_progress
 
 if TYPE_CHECKING:
-    import threading
-
     import numpy as np
 
     from modelkit.convert.diffusers import ConfigFolder
@@ -142,8 +140,10 @@ def _skip_weight_init() -> Iterator[None]:
     try:
         from transformers.initialization import no_init_weights
     except ImportError:
-        no_init_weights = None
-    if no_init_weights is None or find_spec("accelerate") is None:
+        available = False
+    else:
+        available = find_spec("accelerate") is not None
+    if not available:
         yield
         return
     with no_init_weights():
@@ -403,7 +403,7 @@ def steps_per_image(mode: str, plan: RenderPlan) -> int:
 
 
 def render_case(loaded: LoadedPipeline, plan: RenderPlan, case: Case,
-                active: list[tuple[str, float]], cancel: threading.Event | None = None,
+                active: list[tuple[str, float]], cancel: CancelFlag | None = None,
                 on_step: Callable[[int], None] | None = None) -> Rendered:
     """Render one case; the latents are those after the last step.
     ``on_step(k)`` is called after each denoising step (k from 1)."""
@@ -435,7 +435,7 @@ def render_case(loaded: LoadedPipeline, plan: RenderPlan, case: Case,
 
 def render_all(loaded: LoadedPipeline, plan: RenderPlan, cases: list[Case],
                active: list[list[tuple[str, float]]], task: str,
-               progress: ProgressFn = no_progress, cancel: threading.Event | None = None,
+               progress: ProgressFn = no_progress, cancel: CancelFlag | None = None,
                extra: int = 0) -> list[Rendered]:
     """Render ``cases``. Progress (phase ``verify``, step ``task``): after
     each denoising step (unit ``steps``, item ``p1-s1 step 2/4``) and after

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import escape, quoteattr
 
 from modelkit.core.verify_thresholds import FAIL, INFO, PASS, SKIP, WARN
+from modelkit.jsontypes import JSONDict
 from modelkit.wording import plural
 
 if TYPE_CHECKING:
@@ -70,7 +71,7 @@ class Check:
     def label(self) -> str:
         return f"{self.name}[{self.case}]" if self.case else self.name
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONDict:
         return json_safe({"name": self.name, "case": self.case, "verdict": self.verdict,
                           "value": self.value, "threshold": self.threshold,
                           "message": self.message})
@@ -98,7 +99,7 @@ class ImageMetrics:
     def metric(self, name: str) -> float | None:
         return getattr(self, name)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONDict:
         return json_safe(dict(self.__dict__))
 
 
@@ -178,7 +179,7 @@ class VerifyReport:
             text += f" ({', '.join(names)})"
         return text
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONDict:
         """The JSON report (schema ``modelkit.verify/1``)."""
         return json_safe({
             "schema": SCHEMA, "verdict": self.verdict, "passed": self.passed,

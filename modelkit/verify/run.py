@@ -46,9 +46,9 @@ from modelkit.verify.report import Check, ImageMetrics, VerifyReport
 
 if TYPE_CHECKING:
     import os
-    import threading
 
     from modelkit.core.verify_library import Library
+    from modelkit.errors import CancelFlag
     from modelkit.verify.render import LoadedPipeline, Rendered
     from modelkit.verify.tokenizer import TokenizerSource
 
@@ -157,7 +157,7 @@ def refine_operation(operation: str, reason: str, change: dict[str, Any] | None
 
 def _static_phase(report: VerifyReport, model: ModelUnderTest,
                   reference: ModelUnderTest | None, progress: ProgressFn,
-                  cancel: threading.Event | None) -> None:
+                  cancel: CancelFlag | None) -> None:
     from modelkit.verify import static
 
     for check in static.component_checks(model):
@@ -192,7 +192,7 @@ class _RenderContext:
     tokenizer_source: TokenizerSource
     work: Path
     progress: ProgressFn
-    cancel: threading.Event | None
+    cancel: CancelFlag | None
 
 
 def _load(ctx: _RenderContext, model: ModelUnderTest, role: str,
@@ -422,7 +422,7 @@ def _unet_channels(model: ModelUnderTest) -> int:
 def verify(model: str | os.PathLike[str], settings: VerifySettings | None = None,
            reference: str | os.PathLike[str] | None = None,
            loras: tuple[LoraUse, ...] | list[LoraUse] = (), *,
-           progress: ProgressFn = no_progress, cancel: threading.Event | None = None,
+           progress: ProgressFn = no_progress, cancel: CancelFlag | None = None,
            session: VerifySession | None = None) -> VerifyReport:
     """Verify a checkpoint: static checks, an offline render, and a
     comparison against ``reference`` (or the runtime-LoRA oracle).
@@ -483,7 +483,7 @@ def verify(model: str | os.PathLike[str], settings: VerifySettings | None = None
 
 def _checks(report: VerifyReport, cand: ModelUnderTest, ref: ModelUnderTest | None,
             loras: tuple[LoraUse, ...], settings: VerifySettings, progress: ProgressFn,
-            cancel: threading.Event | None, session: VerifySession | None) -> None:
+            cancel: CancelFlag | None, session: VerifySession | None) -> None:
     timings = report.timings
     with _timed(timings, "static"):
         _static_phase(report, cand, ref, progress, cancel)
@@ -511,7 +511,7 @@ def _checks(report: VerifyReport, cand: ModelUnderTest, ref: ModelUnderTest | No
 
 def _render_phase(report: VerifyReport, cand: ModelUnderTest, ref: ModelUnderTest | None,
                   loras: tuple[LoraUse, ...], settings: VerifySettings,
-                  progress: ProgressFn, cancel: threading.Event | None,
+                  progress: ProgressFn, cancel: CancelFlag | None,
                   session: VerifySession | None) -> None:
     from modelkit.core.verify_library import find_library
     from modelkit.io.reader import resolve_device

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from modelkit.arch.configs import ARCHS, TE_PREFIXES
 from modelkit.arch.keys import POSITION_IDS
 from modelkit.core.verify_thresholds import FAIL, INFO, PASS, SKIP, WARN
-from modelkit.errors import check_cancel
+from modelkit.errors import CancelFlag, check_cancel
 from modelkit.numeric import CHUNK_ELEMENTS
 from modelkit.progress import VERIFY, Progress, ProgressFn, no_progress
 from modelkit.verify.models import RENDER_ARCHS, ModelUnderTest, float32_view
@@ -31,8 +31,6 @@ from modelkit.verify.report import Check
 from modelkit.wording import plural, with_article
 
 if TYPE_CHECKING:
-    import threading
-
     from modelkit.inspect.compare import CompareReport
     from modelkit.io.source import Source
 
@@ -175,7 +173,7 @@ def _non_finite(t: Any) -> int:
 
 
 def finite_check(source: Source, progress: ProgressFn = no_progress,
-                 cancel: threading.Event | None = None) -> Check:
+                 cancel: CancelFlag | None = None) -> Check:
     """Count NaN/Inf in every float tensor, one tensor (and 1M elements) at a
     time; fails naming the tensors."""
     keys = [k for k, i in source.infos.items() if i.is_float]
@@ -233,7 +231,7 @@ def _compare_dict(rep: CompareReport, a: str, b: str) -> dict[str, Any]:
 
 def change_report(model: ModelUnderTest, reference: ModelUnderTest,
                   progress: ProgressFn = no_progress,
-                  cancel: threading.Event | None = None) -> dict[str, Any]:
+                  cancel: CancelFlag | None = None) -> dict[str, Any]:
     """How far each component and block of ``model`` moved from the
     reference (both read as float32), as :meth:`CompareReport.to_dict` with
     file names for ``a`` (reference) and ``b`` (model)."""

@@ -117,8 +117,10 @@ def _clip_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]],
                     pad: str = EOS) -> Any:
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CONTEXT,
-                         pad_token=pad)
+    # the annotation says list[str], but the value goes to tokenizers' BPE,
+    # which takes (left, right) pairs
+    return CLIPTokenizer(vocab=vocab, merges=merges,  # type: ignore[arg-type]
+                         model_max_length=CONTEXT, pad_token=pad)
 
 
 def synthetic_tokenizer() -> Any:
