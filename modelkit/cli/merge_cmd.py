@@ -160,7 +160,8 @@ def method_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               "read no tensor.")
 def merge_cmd(models: tuple[str, ...], common: CommonOptions, method: str,
               method_params: dict[str, Any], extra: tuple[str, ...], block_map: str,
-              missing: str, include: tuple[str, ...], exclude_keys: tuple[str, ...],
+              missing: str, include: tuple[list[str], ...],
+              exclude_keys: tuple[list[str], ...],
               vae: str | None, seed: int, dry_run: bool) -> None:
     """Merge two or three checkpoints in one step (builds a recipe and runs it)."""
     from modelkit.core.recipe import COMMAND_LINE, Options, Recipe
@@ -175,8 +176,8 @@ def merge_cmd(models: tuple[str, ...], common: CommonOptions, method: str,
     params = params_from_text(method, method_params, texts)
     options = Options(common.device or "cpu", block_map, missing,
                       flat(include) or COMPONENTS, flat(exclude_keys), vae, seed)
-    recipe = Recipe.merge(*models, method=method, output=common.output, dtype=common.dtype,
-                          options=options, source=COMMAND_LINE, **params)
+    recipe = Recipe.merge(*models, method=method, output=common.output,
+                          dtype=common.dtype or "fp16", options=options, source=COMMAND_LINE, **params)
     if common.format:
         recipe = recipe.with_output(format=common.format)
     execute(recipe, common, _merge_lines, dry_run=dry_run)

@@ -292,8 +292,11 @@ def _param_from(name: str, hint: Any, default: Any, method: bool) -> Param:
         extras = tuple(rest)
     info = next((x for x in extras if isinstance(x, Info)), None)
     if info is not None:
-        param = _param_from(name, Annotated[(hint, *(x for x in extras if x is not info))]
-                            if len(extras) > 1 else hint, default, method)
+        others = tuple(x for x in extras if x is not info)
+        # Annotated[(hint, *others)] rebuilt at run time (not a type annotation)
+        args = (hint, *others)
+        rebuilt = typing.cast(Any, Annotated)[args] if others else hint
+        param = _param_from(name, rebuilt, default, method)
         return replace(param, help=info.help, suggested=info.suggested)
     if _PER_MODEL in extras:
         return Param(name, "float", default, per_model=True)

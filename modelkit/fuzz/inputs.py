@@ -706,7 +706,7 @@ class PickleFile:
         for _ in range(5):
             end = pos
             for op, _arg, p in pickletools.genops(data[pos:]):
-                end = pos + p + 1
+                end = pos + (p or 0) + 1
                 if op.name == "STOP":
                     break
             pickles.append(data[pos:end])
@@ -742,7 +742,7 @@ class PickleFile:
 
 def _ops(data: bytes) -> list[tuple[Any, Any, int]]:
     try:
-        return list(pickletools.genops(data))
+        return [(op, arg, pos or 0) for op, arg, pos in pickletools.genops(data)]
     except Exception:
         return []
 
@@ -1335,7 +1335,8 @@ class SweepTarget(Target):
         a, b = seeds / "sweep_a.safetensors", seeds / "sweep_b.safetensors"
         write_checkpoint(a, "sd1", seed=1)
         write_checkpoint(b, "sd1", seed=2)
-        recipe = {"version": 1, "inputs": {"a": "a.safetensors", "b": "b.safetensors"},
+        recipe: dict[str, Any] = {"version": 1,
+                                  "inputs": {"a": "a.safetensors", "b": "b.safetensors"},
                   "steps": {"mix": {"method": "weighted_sum", "models": ["a", "b"],
                                     "params": {"alpha": 0.5}}},
                   "output": {"path": "unused.safetensors"}}
@@ -1362,12 +1363,14 @@ class SweepTarget(Target):
         self.apply(s, steps)
         shutil.copyfile(seeds["_a"], inp / "a.safetensors")
         shutil.copyfile(seeds["_b"], inp / "b.safetensors")
-        files = {"sweep.yaml": _yaml_text(s.sweep), "base.yaml": _yaml_text(s.recipe)}
+        files: dict[str, str | bytes] = {"sweep.yaml": _yaml_text(s.sweep),
+                                         "base.yaml": _yaml_text(s.recipe)}
         for seed in s.text_edits:
             name = random.Random(seed).choice(sorted(files))
-            raw = _text_edit(files[name] if isinstance(files[name], str)
-                             else files[name].decode("utf-8", "replace"), seed)
-            files[name] = raw  # type: ignore[assignment]
+            text = files[name]
+            raw = _text_edit(text if isinstance(text, str) else text.decode("utf-8", "replace"),
+                             seed)
+            files[name] = raw
         for name, text in files.items():
             (inp / name).write_bytes(text.encode() if isinstance(text, str) else text)
         v = random.Random(case.variant)

@@ -43,7 +43,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -485,7 +485,7 @@ class Summary:
     seed: int
     counts: dict[str, Counter[str]] = field(default_factory=dict)  # target -> outcome -> n
     cases: Counter[str] = field(default_factory=Counter)
-    seconds: Counter[str] = field(default_factory=Counter)
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     findings: dict[str, Finding] = field(default_factory=dict)
 
     def bad(self, target: str | None = None) -> int:

@@ -150,7 +150,7 @@ def lora_metadata(arch: str, ranks: dict[str, int], conv_names: set[str], title:
         "modelspec.date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
     }
     meta.update(extra or {})
-    return meta
+    return {k: v for k, v in meta.items() if v is not None}
 
 
 def error_metadata(errors: dict[str, float], overall: float,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from itertools import combinations
+from typing import Annotated
 
 from modelkit.core.registry import (
     DROPPED,
@@ -37,9 +38,9 @@ from modelkit.core.registry import (
     SAME,
     TRANSFORMS,
     TYPE_CHECKING,
+    Info,
     Transform,
     check_params,
-    declare,
     get_transform,
     transform,
 )
@@ -100,9 +101,9 @@ def _unit_range(method: str, name: str, value: float, *, closed_top: bool = True
 # --- parameters several methods share (declared once) -----------------------------
 
 A1111_ALPHA = 0.3  # A1111's checkpoint merger default multiplier
-Alpha = declare(float, "Weight toward B (A1111's multiplier): 0 gives A, 1 gives B.",
-                suggested=A1111_ALPHA)
-Beta = declare(float, "Weight toward C.")
+Alpha = Annotated[float, Info("Weight toward B (A1111's multiplier): 0 gives A, 1 gives B.",
+                               suggested=A1111_ALPHA)]
+Beta = Annotated[float, Info("Weight toward C.")]
 
 
 # --- linear family ----------------------------------------------------------------
