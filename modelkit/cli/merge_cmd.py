@@ -177,7 +177,8 @@ def merge_cmd(models: tuple[str, ...], common: CommonOptions, method: str,
     options = Options(common.device or "cpu", block_map, missing,
                       flat(include) or COMPONENTS, flat(exclude_keys), vae, seed)
     recipe = Recipe.merge(*models, method=method, output=common.output,
-                          dtype=common.dtype or "fp16", options=options, source=COMMAND_LINE, **params)
+                          dtype=common.dtype or "fp16", options=options, source=COMMAND_LINE,
+                          **params)
     if common.format:
         recipe = recipe.with_output(format=common.format)
     execute(recipe, common, _merge_lines, dry_run=dry_run)
