@@ -128,6 +128,7 @@ def declare(hint: Any, help: str = "", suggested: Any = None) -> Any:
 
 
 # for method modules, which import only from here, modelkit.errors and torch
+# (Annotated too: shared parameters are Annotated[float, Info(...)])
 TYPE_CHECKING = typing.TYPE_CHECKING
 
 

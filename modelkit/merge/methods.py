@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 from itertools import combinations
-from typing import Annotated
 
 from modelkit.core.registry import (
     DROPPED,
@@ -38,6 +37,7 @@ from modelkit.core.registry import (
     SAME,
     TRANSFORMS,
     TYPE_CHECKING,
+    Annotated,
     Info,
     Transform,
     check_params,
