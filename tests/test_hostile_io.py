@@ -204,11 +204,63 @@ def test_malformed_pickles_are_one_line_errors(tmp_path: Path) -> None:
     cases["p4"] = ["inspect", str(tmp_path / "p4.ckpt")]
     (tmp_path / "png.ckpt").write_bytes(PNG)  # an image named .ckpt
     cases["png"] = ["inspect", str(tmp_path / "png.ckpt")]
+    (tmp_path / "huge.ckpt").write_bytes(_legacy_pickle(numel=4_000_000_000))
+    cases["huge"] = ["inspect", str(tmp_path / "huge.ckpt")]  # torch reserved 16 GB first
+    (tmp_path / "legacy.ckpt").write_bytes(_legacy_pickle(numel=3))
+    cases["legacy"] = ["inspect", "--json", str(tmp_path / "legacy.ckpt")]
+    # a zip64 locator saying the archive spans 2 disks: zipfile.is_zipfile raised
+    locator = b"PK\x06\x07" + struct.pack("<IQI", 0, 0, 2)
+    eocd = b"PK\x05\x06" + bytes(18)
+    (tmp_path / "disks.ckpt").write_bytes(b"\x80\x02}q\x00." + locator + eocd)
+    cases["disks"] = ["inspect", str(tmp_path / "disks.ckpt")]
     res = _run_entry(cases, tmp_path)
     for name in BAD_PICKLES:
         _one_line(res[name], tmp_path / f"{name}.ckpt", "not a valid checkpoint pickle")
     _one_line(res["p4"], tmp_path / "p4.ckpt", "not a readable checkpoint")
     _one_line(res["png"], tmp_path / "png.ckpt", "is a PNG image, not a model file")
+    _one_line(res["huge"], tmp_path / "huge.ckpt",
+              "claim 4,000,000,000 elements of tensor data but the file holds")
+    _one_line(res["disks"], tmp_path / "disks.ckpt", "damaged ZIP archive")
+    code, out, err = res["legacy"]
+    assert code == 0 and err == "", err
+    report = json.loads(out)
+    assert report["file_format"] == "pickle" and report["n_tensors"] == 1, report
+
+
+def _legacy_pickle(numel: int) -> bytes:
+    """A legacy (pre-zip) torch checkpoint, ``{"w": float tensor of 3}``,
+    whose storage record claims ``numel`` elements (torch's own layout:
+    magic number, protocol, system info, the pickle with persistent ids, the
+    storage keys, then each storage's size and data)."""
+    import io
+    import pickle
+
+    import torch
+
+    storage = object()  # stands for the one storage in the pickle
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj: object) -> object:
+            if obj is storage:
+                return ("storage", torch.FloatStorage, "0", "cpu", numel, None)
+            return None
+
+    rebuild = torch._utils._rebuild_tensor_v2
+    out = io.BytesIO()
+    for head in (0x1950A86A20F9469CFC6C, 1001,
+                 {"protocol_version": 1001, "little_endian": True,
+                  "type_sizes": {"short": 2, "int": 4, "long": 4}}):
+        pickle.dump(head, out, protocol=2)
+
+    class Tensor:
+        def __reduce__(self) -> tuple[object, ...]:
+            from collections import OrderedDict
+            return (rebuild, (storage, 0, (3,), (1,), False, OrderedDict()))
+
+    Pickler(out, protocol=2).dump({"w": Tensor()})
+    pickle.dump(["0"], out, protocol=2)
+    out.write(struct.pack("<q", 3) + struct.pack("<3f", 1.0, 2.0, 3.0))
+    return out.getvalue()
 
 
 # --- item 15: one bad file or folder never ends a library scan ----------------------------

@@ -94,6 +94,60 @@ def _short(exc: BaseException) -> str:
     return shown(f"{type(exc).__name__}: {text}" if text else type(exc).__name__, 120)
 
 
+class _Inert:
+    """What the size probe builds for every class a pickle names: accepts any
+    arguments and state, runs nothing."""
+
+    def __new__(cls, *_args: Any, **_kwargs: Any) -> _Inert:
+        return object.__new__(cls)
+
+    def __init__(self, *_args: Any, **_kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, _state: Any) -> None:
+        pass
+
+
+class _StorageProbe(pickle.Unpickler):
+    """Reads a legacy (pre-zip) torch pickle without building anything real:
+    every class is :class:`_Inert`, and each storage record's element count
+    is noted (``('storage', type, key, location, numel, view)``)."""
+
+    def __init__(self, f: Any, claims: list[int]) -> None:
+        super().__init__(f)
+        self.claims = claims
+
+    def find_class(self, module: str, name: str) -> Any:
+        return _Inert
+
+    def persistent_load(self, pid: Any) -> Any:
+        if isinstance(pid, tuple) and len(pid) == 6 and pid[0] in ("storage", b"storage") \
+                and isinstance(pid[4], int):
+            self.claims.append(pid[4])
+        return None
+
+
+def _check_legacy_storage_sizes(p: Path) -> None:
+    """Refuse a legacy checkpoint whose storage records claim more elements
+    than the file has bytes: torch allocates each storage before reading its
+    data, so a few edited digits in a small file would reserve gigabytes.
+    Every element takes at least one byte in the file, so real files pass. A
+    pickle the probe cannot read is left to ``torch.load`` to refuse."""
+    claims: list[int] = []
+    try:
+        with p.open("rb") as f:
+            for _ in range(3):  # magic number, protocol version, system info
+                _StorageProbe(f, claims).load()
+            _StorageProbe(f, claims).load()
+    except Exception:
+        pass
+    size = p.stat().st_size
+    if any(n < 0 for n in claims) or sum(claims) > size:
+        raise BadFileError(f"{shown(p, 300)}: not a readable checkpoint: its storage "
+                           f"records claim {sum(claims):,} elements of tensor data but the "
+                           f"file holds {size:,} bytes; the file is damaged")
+
+
 def load_pickle_state_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load the tensors of a ``.ckpt``/``.pt``/``.bin`` file safely.
 
@@ -106,7 +160,13 @@ def load_pickle_state_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
     import torch
 
     p = check_input_file(path)
-    is_zip = zipfile.is_zipfile(p)
+    try:
+        is_zip = zipfile.is_zipfile(p)
+    except zipfile.BadZipFile as exc:  # is_zipfile lets some damaged archives through
+        raise BadFileError(f"{shown(p, 300)}: not a readable checkpoint (damaged ZIP "
+                           f"archive: {_short(exc)})") from None
+    if not is_zip:
+        _check_legacy_storage_sizes(p)
     try:
         with torch.serialization.safe_globals(list(_placeholder_types())), \
                 warnings.catch_warnings(record=True):
