@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 
 from modelkit.arch.configs import UNET_PREFIX, VAE_PREFIX
 from modelkit.arch.parts import OTHER, TE, UNET, VAE, part_of
-from modelkit.arch.registry import listed
+from modelkit.arch.registry import handles, handling, listed
 from modelkit.core.keyregex import check_key_regex
 from modelkit.core.recipe import BlockParam, Recipe, RecipeError, StepSpec
 from modelkit.errors import ModelkitError
 from modelkit.io.header import TensorInfo
-from modelkit.vocab import ARCH_NAMES, CHUNK_ELEMENTS, KEEP, USER_DTYPES
+from modelkit.vocab import CHUNK_ELEMENTS, KEEP, USER_DTYPES
 from modelkit.wording import with_article
 
 if TYPE_CHECKING:
@@ -158,10 +158,10 @@ def _load_input(name: str, path: Path, source: Source | None = None) -> InputFil
 
 def _check_archs(inputs: dict[str, InputFile]) -> str:
     archs = {i.arch for i in inputs.values()}
-    unknown = [i for i in inputs.values() if i.arch not in ARCH_NAMES]
+    unknown = [i for i in inputs.values() if not handles(i.arch, "merge")]
     if unknown:
         raise ModelkitError(f"input {unknown[0].name!r}: {unknown[0].path} has architecture "
-                            f"{unknown[0].arch}; modelkit merges {listed(ARCH_NAMES)} "
+                            f"{unknown[0].arch}; modelkit merges {listed(handling('merge'))} "
                             "checkpoints")
     if len(archs) > 1:
         desc = ", ".join(f"{i.path.name} is {i.arch}" for i in inputs.values())
