@@ -58,6 +58,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
+from typing import Any
 
 from modelkit.arch.configs import ARCHS, UNET_PREFIX, VAE_PREFIX
 from modelkit.errors import ModelkitError
@@ -73,8 +74,9 @@ DEFAULT_KEY = "default"
 # --- block lists --------------------------------------------------------------
 
 
-def _own(arch: str):  # noqa: ANN202 - the registry entry's BlockMap, or None
-    """The block map of a family that declares its own (no LDM UNet config)."""
+def _own(arch: str) -> Any:
+    """The registry's BlockMap of a family that declares its own (no LDM UNet
+    config), or None."""
     if arch in ARCHS:
         return None
     from modelkit.arch import registry

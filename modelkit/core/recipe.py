@@ -65,6 +65,7 @@ from typing import Any
 
 from modelkit.errors import ModelkitError
 from modelkit.vocab import (
+    AUTO_DTYPE,
     BLOCK_MAPS,
     COMPONENTS,
     DEFAULT_BLOCK_MAP,
@@ -509,7 +510,7 @@ def _check_output(c: _Checker, recipe: Recipe) -> None:
         value = getattr(recipe, f"output_{name}")
         if value is not None and not isinstance(value, str):
             raise c.fail(("output", name), f"must be a name, not {type(value).__name__}")
-    c.choice(recipe.output_dtype, MERGE_OUTPUT_DTYPES, ("output", "dtype"))
+    c.choice(recipe.output_dtype, (*MERGE_OUTPUT_DTYPES, AUTO_DTYPE), ("output", "dtype"))
     if recipe.output_format is not None:
         c.choice(recipe.output_format, OUTPUT_FORMATS, ("output", "format"))
     if recipe.output_quant not in GGUF_TYPES:

@@ -19,7 +19,7 @@ from modelkit.core.keyregex import check_key_regex
 from modelkit.core.recipe import BlockParam, Recipe, RecipeError, StepSpec
 from modelkit.errors import ModelkitError
 from modelkit.io.header import TensorInfo
-from modelkit.vocab import CHUNK_ELEMENTS, KEEP, USER_DTYPES
+from modelkit.vocab import AUTO_DTYPE, CHUNK_ELEMENTS, KEEP, USER_DTYPES
 from modelkit.wording import with_article
 
 if TYPE_CHECKING:
@@ -223,6 +223,8 @@ def _shape_problem(key: str, shapes: dict[str, tuple[int, ...]], primary: str) -
 def _out_dtype(recipe: Recipe, info: TensorInfo) -> str:
     if not info.is_float or recipe.output_dtype == KEEP:
         return info.dtype
+    if recipe.output_dtype == AUTO_DTYPE:  # fp16, but bf16 stays bf16 (no fp16 overflow)
+        return info.dtype if info.dtype == "BF16" else "F16"
     return USER_DTYPES[recipe.output_dtype]
 
 

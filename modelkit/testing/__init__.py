@@ -245,6 +245,40 @@ def write_sparse_flux(path: str | os.PathLike[str], variant: str = "dev", *,
     return write_sparse(path, _specs(keys, dtype))
 
 
+def flux_config(variant: str = "dev", *, hidden: int = 256, depth: int = 2,
+                single: int = 2):
+    """A Flux.1 config with the real key names at a reduced width and depth
+    (head width 128 as at full size; the text inputs scaled down too)."""
+    from dataclasses import replace
+
+    from modelkit.arch import flux
+
+    return replace(flux.VARIANTS[variant], hidden_size=hidden, num_heads=max(1, hidden // 128),
+                   depth=depth, depth_single_blocks=single, vec_in_dim=32,
+                   context_in_dim=64)
+
+
+def write_flux(path: str | os.PathLike[str], variant: str = "dev", *, hidden: int = 256,
+               depth: int = 2, single: int = 2, prefixed: bool = False,
+               all_in_one: bool = False, dtype: str = "BF16", seed: int = 0,
+               metadata: dict[str, str] | None = None) -> WriteResult:
+    """A Flux.1 transformer (original/BFL layout) with real values at a
+    reduced width (``hidden``, 3072 at full size) and depth (``depth``
+    double and ``single`` single blocks; the full-size block names): bare
+    keys, under ``model.diffusion_model.`` (``prefixed``) or an all-in-one
+    file with a tiny VAE and text encoders (``all_in_one``). Full width and
+    any depth work too (``hidden=3072``: benchmarks)."""
+    from modelkit.arch import flux
+
+    cfg = flux_config(variant, hidden=hidden, depth=depth, single=single)
+    if all_in_one:
+        keys = flux.all_in_one_keys(cfg, tiny=True)
+    else:
+        prefix = UNET_PREFIX if prefixed else ""
+        keys = {prefix + k: s for k, s in flux.transformer_keys(cfg).items()}
+    return write_tensors(path, keys, dtype=dtype, seed=seed, metadata=metadata)
+
+
 def _component_of(key: str) -> str:
     """``unet`` (EMA copies included), ``vae``, ``te`` or another part."""
     from modelkit.arch.parts import EMA, UNET, part_of
@@ -296,9 +330,11 @@ __all__ = [
     "POSITION_IDS",
     "arch_spec",
     "ema_keys_for",
+    "flux_config",
     "synthetic_tensor",
     "write_checkpoint",
     "write_embedding",
+    "write_flux",
     "write_sparse_checkpoint",
     "write_sparse_flux",
     "write_tensors",
