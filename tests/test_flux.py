@@ -281,3 +281,33 @@ def test_commands_not_done_refuse_flux_in_one_line(pair: tuple[Path, Path], tmp_
         line = err.strip()
         assert "\n" not in line and "Flux.1" in line and "does not handle them yet" in line
         assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_recipe_takes_a_flux_preset_and_checks_it_per_architecture(
+        pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = pair
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"version: 1\ninputs:\n  a: {a}\n  b: {b}\nsteps:\n  m:\n"
+                      "    method: weighted_sum\n    models: [a, b]\n"
+                      "    params:\n      alpha: {preset: single_only}\n"
+                      "output:\n  path: out.safetensors\n")
+    code, _, err = _cli(capsys, "recipe", "run", str(recipe), "-q")
+    assert code == 0, err
+    ta, tb, tm = _tensors(a), _tensors(b), _tensors(tmp_path / "out.safetensors")
+    for key, got in tm.items():
+        want = tb[key] if key.startswith("single_blocks.") else ta[key]
+        assert torch.equal(got.to(want.dtype), want), key
+    sd = tmp_path / "sd.safetensors"
+    write_checkpoint(sd)
+    code, _, err = _cli(capsys, "merge", str(sd), str(sd), "-o", str(tmp_path / "x"),
+                        "--blocks", "single_only")
+    assert code == 2 and "unknown block preset 'single_only'; known: flat_0" in err
+
+
+def test_lora_commands_not_done_say_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                       ) -> None:
+    lora = tmp_path / "l.safetensors"
+    write_flux_lora(lora, "peft")
+    code, _, err = _cli(capsys, "lora", "info", str(lora))
+    assert code == 2
+    assert "l.safetensors: is a Flux.1 adapter; lora info does not handle Flux.1 adapters" in err

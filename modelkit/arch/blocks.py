@@ -99,6 +99,14 @@ def presets_of(arch: str) -> dict[str, str]:
     return _own_presets(arch) or PRESET_DOCS
 
 
+def any_preset(name: str) -> bool:
+    """Whether ``name`` is a preset of some block list (a recipe is checked
+    against the inputs' own list when they are read)."""
+    from modelkit.arch import flux
+
+    return name in PRESET_DOCS or name in flux.PRESET_DOCS
+
+
 @lru_cache(maxsize=16)
 def _n_io(arch: str) -> int:
     """Number of input (= output) blocks of ``arch``'s UNet."""

@@ -415,7 +415,7 @@ def _as_block_param(value: Any) -> BlockParam | None:
 
 def _normal_params(c: _Checker, t: Any, step: StepSpec, path: tuple[str, ...]
                    ) -> tuple[dict[str, Any], dict[str, Any]]:
-    from modelkit.arch.blocks import PRESET_DOCS
+    from modelkit.arch.blocks import any_preset
     from modelkit.core.registry import check_params
 
     params: dict[str, Any] = {}
@@ -426,7 +426,7 @@ def _normal_params(c: _Checker, t: Any, step: StepSpec, path: tuple[str, ...]
                 value = _as_block_param(value)
             except ModelkitError as exc:
                 raise c.fail((*path, "params", str(key)), str(exc)) from None
-            if value is not None and value.preset and value.preset not in PRESET_DOCS:
+            if value is not None and value.preset and not any_preset(value.preset):
                 raise c.fail((*path, "params", str(key)),
                              f"unknown block preset {value.preset[:60]!r}; see "
                              "'modelkit presets'")
@@ -751,7 +751,7 @@ def parse_recipe(text: str, source: str = "<recipe>", base_dir: Path | None = No
     steps = _steps_from(c, top.get("steps"))
     out = _mapping(c, top.get("output") or {}, ("output",),
                    ("path", "dtype", "step", "format", "quant", "keep_shapes"))
-    recipe = Recipe(inputs, steps, out.get("path"), out.get("dtype", "fp16"),
+    recipe = Recipe(inputs, steps, out.get("path"), out.get("dtype", AUTO_DTYPE),
                     out.get("step", list(steps)[-1] if steps else ""),
                     _options_from(c, top.get("options")), base_dir or Path.cwd(), source,
                     out.get("format"), out.get("quant", "q8_0"),
