@@ -246,31 +246,33 @@ def write_sparse_flux(path: str | os.PathLike[str], variant: str = "dev", *,
 
 
 def flux_config(variant: str = "dev", *, hidden: int = 256, depth: int = 2,
-                single: int = 2):
+                single: int = 2, full_text: bool = False):
     """A Flux.1 config with the real key names at a reduced width and depth
-    (head width 128 as at full size; the text inputs scaled down too)."""
+    (head width 128 as at full size; the text inputs scaled down too unless
+    ``full_text``: CLIP-L's 768 and T5-XXL's 4096)."""
     from dataclasses import replace
 
     from modelkit.arch import flux
 
+    text = {} if full_text else {"vec_in_dim": 32, "context_in_dim": 64}
     return replace(flux.VARIANTS[variant], hidden_size=hidden, num_heads=max(1, hidden // 128),
-                   depth=depth, depth_single_blocks=single, vec_in_dim=32,
-                   context_in_dim=64)
+                   depth=depth, depth_single_blocks=single, **text)
 
 
 def write_flux(path: str | os.PathLike[str], variant: str = "dev", *, hidden: int = 256,
                depth: int = 2, single: int = 2, prefixed: bool = False,
                all_in_one: bool = False, dtype: str = "BF16", seed: int = 0,
-               metadata: dict[str, str] | None = None) -> WriteResult:
+               metadata: dict[str, str] | None = None, full_text: bool = False
+               ) -> WriteResult:
     """A Flux.1 transformer (original/BFL layout) with real values at a
     reduced width (``hidden``, 3072 at full size) and depth (``depth``
     double and ``single`` single blocks; the full-size block names): bare
     keys, under ``model.diffusion_model.`` (``prefixed``) or an all-in-one
     file with a tiny VAE and text encoders (``all_in_one``). Full width and
-    any depth work too (``hidden=3072``: benchmarks)."""
+    any depth work too (``hidden=3072, full_text=True``: benchmarks)."""
     from modelkit.arch import flux
 
-    cfg = flux_config(variant, hidden=hidden, depth=depth, single=single)
+    cfg = flux_config(variant, hidden=hidden, depth=depth, single=single, full_text=full_text)
     if all_in_one:
         keys = flux.all_in_one_keys(cfg, tiny=True)
     else:

@@ -328,8 +328,8 @@ def write_lora(
 
 
 def flux_lora_keys(naming: str = "kohya", *, hidden: int = 256, depth: int = 2,
-                   single: int = 2, rank: int = 4, modules: tuple[str, ...] | None = None
-                   ) -> dict[str, Shape]:
+                   single: int = 2, rank: int = 4, modules: tuple[str, ...] | None = None,
+                   full_text: bool = False) -> dict[str, Shape]:
     """Keys and shapes of a Flux.1 LoRA for the reduced Flux of
     :func:`modelkit.testing.write_flux` (same ``hidden``/``depth``/``single``):
     ``kohya`` (``lora_unet_<BFL path>``: fused ``qkv`` and ``linear1`` as one
@@ -340,7 +340,7 @@ def flux_lora_keys(naming: str = "kohya", *, hidden: int = 256, depth: int = 2,
     from modelkit.arch import flux
     from modelkit.testing import flux_config
 
-    cfg = flux_config(hidden=hidden, depth=depth, single=single)
+    cfg = flux_config(hidden=hidden, depth=depth, single=single, full_text=full_text)
     shapes = flux.transformer_keys(cfg)
     prefix = {"kohya": flux.KOHYA_PREFIX, "comfyui": flux.COMFY_PREFIX,
               "peft": flux.PEFT_PREFIX}[naming]
@@ -364,7 +364,7 @@ def write_flux_lora(path: str | os.PathLike[str], naming: str = "kohya", *,
                     hidden: int = 256, depth: int = 2, single: int = 2, rank: int = 4,
                     alpha: float | None = None, alpha_in_metadata: bool = False,
                     modules: tuple[str, ...] | None = None, dtype: str = "F32",
-                    seed: int = 0) -> WriteResult:
+                    seed: int = 0, full_text: bool = False) -> WriteResult:
     """A seeded Flux.1 LoRA (:func:`flux_lora_keys`) with values of about
     0.1. ``alpha`` (default ``rank``): a tensor per module for kohya; for
     ``peft`` with ``alpha_in_metadata`` diffusers' ``lora_adapter_metadata``
@@ -374,7 +374,7 @@ def write_flux_lora(path: str | os.PathLike[str], naming: str = "kohya", *,
     from modelkit.io.dtypes import to_torch
 
     keys = flux_lora_keys(naming, hidden=hidden, depth=depth, single=single, rank=rank,
-                          modules=modules)
+                          modules=modules, full_text=full_text)
     alpha = float(rank if alpha is None else alpha)
     gen = torch.Generator().manual_seed(seed)
     overrides = {}
