@@ -311,3 +311,16 @@ def test_lora_commands_not_done_say_so(tmp_path: Path, capsys: pytest.CaptureFix
     code, _, err = _cli(capsys, "lora", "info", str(lora))
     assert code == 2
     assert "l.safetensors: is a Flux.1 adapter; lora info does not handle Flux.1 adapters" in err
+
+
+def test_diffusers_layout_flux_is_refused_by_merge_and_bake(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dl, lora = tmp_path / "dl.safetensors", tmp_path / "l.safetensors"
+    write_sparse_flux(dl, tiny=True, layout="diffusers")
+    write_flux_lora(lora, "peft")
+    for args in (["merge", str(dl), str(dl)], ["lora", "bake", str(dl), str(lora)]):
+        code, _, err = _cli(capsys, *args, "-o", str(tmp_path / "x.safetensors"))
+        assert code == 2, err
+        assert "is a Flux.1 transformer in the diffusers layout" in err, err
+        assert "handles the original (BFL/ComfyUI) layout only" in err
+        assert not (tmp_path / "x.safetensors").exists()

@@ -41,6 +41,18 @@ def require_handled(rep: ModelReport, name: str, what: str) -> None:
                             f"yet (it handles {registry.listed()})")
 
 
+def require_original_layout(rep: ModelReport, where: str, what: str) -> None:
+    """Refuse a family without LDM key tables (Flux.1) in the diffusers
+    layout: its block map and LoRA names are the original (BFL) layout's."""
+    from modelkit.arch import registry
+
+    arch = registry.get(rep.arch)
+    if arch is not None and arch.spec is None and rep.layout == registry.DIFFUSERS:
+        raise ModelkitError(f"{where} is {with_article(arch.label)} transformer in the "
+                            f"diffusers layout; {what} handles the original (BFL/ComfyUI) "
+                            "layout only (ComfyUI's diffusion_models files)")
+
+
 def require_checkpoint(source: Source, what: str, kinds: tuple[str, ...] = ("checkpoint",)
                        ) -> ModelReport:
     """The report of ``source``; a one-line error unless it is one of ``kinds``

@@ -27,7 +27,12 @@ from modelkit.arch import registry
 from modelkit.arch.blocks import block_of
 from modelkit.arch.configs import UNET_PREFIX
 from modelkit.arch.lora_blocks import parse_lora_blocks
-from modelkit.convert.base import describe, passthrough, require_checkpoint
+from modelkit.convert.base import (
+    describe,
+    passthrough,
+    require_checkpoint,
+    require_original_layout,
+)
 from modelkit.core.step import PlannedStep, same_origins
 from modelkit.errors import ModelkitError, check_cancel
 from modelkit.io.source import DerivedSource, Source, input_paths_of, source_label, tensor_info
@@ -231,6 +236,7 @@ def bake(checkpoint: Source, adapters: Sequence[Source | AdapterUse | tuple[Any,
     kinds = ("checkpoint", "unet") if own and own.lora and own.lora.modules else ("checkpoint",)
     rep_ck = require_checkpoint(checkpoint, "lora bake", kinds)
     arch, base = rep_ck.arch, Path(source_label(checkpoint)).name
+    require_original_layout(rep_ck, base, "lora bake")
     if arch not in LORA_ARCHS and not registry.handles(arch, "lora bake"):
         raise ModelkitError(f"{base}: is {with_article(arch)} checkpoint; lora bake supports "
                             f"{', '.join(registry.handling('lora bake'))}")

@@ -143,6 +143,9 @@ def _source_input(name: str, source: Source) -> tuple[InputFile, ModelReport]:
 def _load_input(name: str, path: Path, source: Source | None = None) -> InputFile:
     file, rep = (_source_input(name, source) if source is not None
                  else _read_input(name, path, f"input {name!r}"))
+    from modelkit.convert.base import require_original_layout
+
+    require_original_layout(rep, f"input {name!r}: {path}", "merge")
     if rep.kind not in ("checkpoint", "unet"):
         hint = ""
         if rep.kind == "lora":
