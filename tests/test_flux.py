@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from modelkit.arch import flux
 from modelkit.arch.blocks import block_of, count_text, parse_blocks, preset
@@ -324,3 +325,18 @@ def test_diffusers_layout_flux_is_refused_by_merge_and_bake(
         assert "is a Flux.1 transformer in the diffusers layout" in err, err
         assert "handles the original (BFL/ComfyUI) layout only" in err
         assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_peft_base_model_prefix_is_read_as_the_transformer(base32: Path, tmp_path: Path) -> None:
+    src, lora, out = (tmp_path / f"{n}.safetensors" for n in ("p", "l", "o"))
+    mod = "transformer.transformer_blocks.0.attn.to_v"
+    write_flux_lora(src, "peft", rank=2, modules=(mod,), seed=8)
+    tensors = _tensors(src)
+    save_file({k.replace("transformer.", "base_model.model.", 1): v for k, v in tensors.items()},
+              str(lora))
+    _bake(base32, lora, out)
+    w, got, h = _tensors(base32), _tensors(out), flux_config().hidden_size
+    key = "double_blocks.0.img_attn.qkv.weight"
+    want = w[key].clone()
+    want[2 * h:] += tensors[f"{mod}.lora_B.weight"] @ tensors[f"{mod}.lora_A.weight"]
+    assert torch.equal(got[key], want)

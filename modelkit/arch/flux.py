@@ -273,11 +273,12 @@ def preset(name: str) -> dict[str, float]:
 # final_layer.adaLN_modulation.1 with its shift and scale halves swapped.
 
 KOHYA_PREFIX, COMFY_PREFIX, PEFT_PREFIX = "lora_unet_", "diffusion_model.", "transformer."
+PEFT_MODEL_PREFIX = "base_model.model."  # PEFT's own spelling (fal's Kontext LoRAs)
 # module-name prefixes no SD adapter has: they tell a Flux.1 adapter
 LORA_MODULE_PREFIXES = (f"{KOHYA_PREFIX}{DOUBLE}_", f"{KOHYA_PREFIX}{SINGLE}_",
                         f"{COMFY_PREFIX}{DOUBLE}.", f"{COMFY_PREFIX}{SINGLE}.",
-                        f"{PEFT_PREFIX}transformer_blocks.",
-                        f"{PEFT_PREFIX}single_transformer_blocks.")
+                        *(f"{p}{b}." for p in (PEFT_PREFIX, PEFT_MODEL_PREFIX)
+                          for b in ("transformer_blocks", "single_transformer_blocks")))
 
 
 @dataclass(frozen=True)

@@ -171,7 +171,10 @@ def resolve_target(arch: str, name: str) -> ModuleTarget | None:
     when unknown. A Flux.1 target's key is under ``model.diffusion_model.``
     (bake finds it in a bare transformer file too)."""
     if _own_names(arch):
-        return _own_table(arch).get(name)
+        table = _own_table(arch)
+        if name.startswith("base_model.model."):  # PEFT's spelling of diffusers' transformer.
+            name = "transformer." + name.removeprefix("base_model.model.")
+        return table.get(name)
     if arch not in LORA_ARCHS:
         return None
     table = _name_table(arch)
