@@ -187,7 +187,7 @@ class Recipe:
 
     @classmethod
     def merge(cls, *models: str | os.PathLike[str], method: str = "weighted_sum",
-              output: str | os.PathLike[str] | None = None, dtype: str = "fp16",
+              output: str | os.PathLike[str] | None = None, dtype: str = AUTO_DTYPE,
               options: Options | None = None, source: str = "<recipe>",
               **params: Any) -> Recipe:
         """A one-step merge of ``models`` (A, B, C...) with ``method``; the
