@@ -51,6 +51,10 @@ def test_every_architecture_declares_every_field(name: str) -> None:
     assert arch.default_dtype in USER_DTYPES
     assert arch.verify in (registry.RENDER, registry.PROBE)
     assert arch.prediction in (registry.EPS, registry.EPS_OR_V, registry.FLOW)
+    if arch.support == PARTIAL:  # its own block map and LoRA table, the commands named
+        assert arch.blocks is not None and list(arch.blocks.names) == block_names(name)
+        assert arch.lora is not None and arch.lora.modules is not None
+        assert arch.commands <= {"inspect", "hash", "merge", "lora bake"}
     if arch.support == FULL:
         assert arch.blocks is not None and arch.lora is not None
         assert arch.diffusers is not None and arch.gguf is not None
