@@ -340,3 +340,20 @@ def test_peft_base_model_prefix_is_read_as_the_transformer(base32: Path, tmp_pat
     want = w[key].clone()
     want[2 * h:] += tensors[f"{mod}.lora_B.weight"] @ tensors[f"{mod}.lora_A.weight"]
     assert torch.equal(got[key], want)
+
+
+def test_bake_takes_flux_block_weights(base32: Path, tmp_path: Path) -> None:
+    lora, out = tmp_path / "k.safetensors", tmp_path / "o.safetensors"
+    write_flux_lora(lora, "kohya", rank=4, alpha=4.0, seed=9)
+    assert main(["lora", "bake", str(base32), str(lora), "-o", str(out), "-q", "--blocks",
+                 "double_blocks.1=0.5,single=1,default=0"]) == 0
+    w, la, got = _tensors(base32), _tensors(lora), _tensors(out)
+    for key, t in got.items():
+        k = {"double_blocks.1": 0.5}.get(block_of(key, "flux"),
+                                         1.0 if key.startswith("single_blocks.") else 0.0)
+        name = "lora_unet_" + key.removesuffix(".weight").replace(".", "_")
+        if k == 0.0 or f"{name}.lora_up.weight" not in la:
+            assert torch.equal(t, w[key]), key
+        else:
+            up, down = la[f"{name}.lora_up.weight"], la[f"{name}.lora_down.weight"]
+            assert torch.equal(t, w[key] + k * (up @ down)), key

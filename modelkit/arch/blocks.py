@@ -85,6 +85,11 @@ def _own(arch: str) -> Any:
     return entry.blocks if entry is not None and entry.spec is None else None
 
 
+def has_own_map(arch: str) -> bool:
+    """Whether ``arch`` declares its own block map (Flux.1's 63 names)."""
+    return _own(arch) is not None
+
+
 def _own_presets(arch: str) -> dict[str, str] | None:
     """Preset docs of a family with its own block map (Flux: flux.PRESET_DOCS)."""
     if _own(arch) is None:

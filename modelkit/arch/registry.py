@@ -401,9 +401,10 @@ FLUX = Architecture(
     spec=None,
     blocks=BlockMap(FLUX_BLOCKS, ("comfyui",), "comfyui", _flux.block_of, vae_slot=False),
     prune=_NO_PRUNE,
-    # bake only: extract, LoRA merge, convert and block weights need more tables
+    # bake only (block weights: the merge block names); extract, LoRA merge,
+    # convert and info need more tables
     lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="flux", adapters=False,
-                   block_weights=False, modules=_flux.lora_modules,
+                   block_weights=True, modules=_flux.lora_modules,
                    module_prefixes=_flux.LORA_MODULE_PREFIXES),
     diffusers=None, gguf=None,
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
