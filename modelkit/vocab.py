@@ -48,6 +48,9 @@ FLOAT_STORAGE_DTYPES: tuple[str, ...] = tuple(USER_DTYPES[n] for n in FLOAT_STOR
 QUANT_TARGETS: tuple[str, ...] = (*FLOAT_STORAGE, "fp8_e4m3fn", "fp8_e5m2", "int8")
 KEEP = "keep"  # leave each tensor's dtype as it is
 MERGE_OUTPUT_DTYPES: tuple[str, ...] = (*FLOAT_STORAGE, KEEP)
+# what ``modelkit merge`` writes without --dtype: fp16, except that bf16
+# tensors stay bf16 (Flux.1 and other bf16 models overflow in fp16)
+AUTO_DTYPE = "auto"
 
 DEVICES: tuple[str, ...] = ("cpu", "cuda", "auto")
 BLOCK_MAPS: tuple[str, ...] = MAPS

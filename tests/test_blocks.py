@@ -36,8 +36,9 @@ def test_block_names() -> None:
     assert block_names("sdxl") == XL20 and len(XL20) == 20
     assert block_names("sdxl", vae_slot=True) == [*XL20, "VAE"]
     assert block_names("sd1", vae_slot=True) == [*SD26, "VAE"]
-    with pytest.raises(ModelkitError, match=r"unknown architecture 'flux'.*sd1, sd2, sdxl"):
-        block_names("flux")
+    assert len(block_names("flux", vae_slot=True)) == 63  # its own map, no VAE entry
+    with pytest.raises(ModelkitError, match=r"unknown architecture 'sd3'.*sd1, sd2, sdxl"):
+        block_names("sd3")
 
 
 # --- key -> block -----------------------------------------------------------------------

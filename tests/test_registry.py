@@ -16,14 +16,16 @@ import pytest
 from modelkit.arch import registry
 from modelkit.arch.blocks import MAPS, block_names
 from modelkit.arch.lora_names import NAMINGS
-from modelkit.arch.registry import DETECT, FULL, REGISTRY, Architecture, Rule
+from modelkit.arch.registry import DETECT, FULL, PARTIAL, REGISTRY, Architecture, Rule
 from modelkit.inspect.report import inspect_model
 from modelkit.testing import write_sparse_flux
 from modelkit.vocab import USER_DTYPES
 
 OPTIONAL = {"variants", "layout_rules", "notes"}  # may be empty for any entry
 # what a family that inspect recognises but other commands refuse may leave out
-DETECT_ONLY = {"spec", "blocks", "lora", "diffusers", "gguf"}
+DETECT_ONLY = {"spec", "blocks", "lora", "diffusers", "gguf", "commands"}
+# a family some commands handle: the tables of the commands not done yet
+PARTIAL_ONLY = {"spec", "diffusers", "gguf"}
 
 
 def _rule_conditions(rule: Rule) -> int:
@@ -33,8 +35,9 @@ def _rule_conditions(rule: Rule) -> int:
 @pytest.mark.parametrize("name", list(REGISTRY))
 def test_every_architecture_declares_every_field(name: str) -> None:
     arch = REGISTRY[name]
-    assert arch.name == name and arch.support in (FULL, DETECT)
-    allowed_empty = OPTIONAL | (DETECT_ONLY if arch.support == DETECT else set())
+    assert arch.name == name and arch.support in (FULL, PARTIAL, DETECT)
+    allowed_empty = OPTIONAL | {FULL: {"commands"}, PARTIAL: PARTIAL_ONLY,
+                                DETECT: DETECT_ONLY}[arch.support]
     for f in fields(Architecture):
         value = getattr(arch, f.name)
         if f.name not in allowed_empty:
@@ -48,6 +51,10 @@ def test_every_architecture_declares_every_field(name: str) -> None:
     assert arch.default_dtype in USER_DTYPES
     assert arch.verify in (registry.RENDER, registry.PROBE)
     assert arch.prediction in (registry.EPS, registry.EPS_OR_V, registry.FLOW)
+    if arch.support == PARTIAL:  # its own block map and LoRA table, the commands named
+        assert arch.blocks is not None and list(arch.blocks.names) == block_names(name)
+        assert arch.lora is not None and arch.lora.modules is not None
+        assert arch.commands <= {"inspect", "hash", "merge", "lora bake"}
     if arch.support == FULL:
         assert arch.blocks is not None and arch.lora is not None
         assert arch.diffusers is not None and arch.gguf is not None
@@ -99,7 +106,10 @@ def test_name_lists_elsewhere_are_the_registrys() -> None:
 
     full = registry.names(support=FULL)
     assert full == vocab.ARCH_NAMES
-    assert vocab.RECOGNISED_ONLY == registry.names(support=DETECT) == ("sd3", "flux")
+    assert vocab.RECOGNISED_ONLY == registry.names(support=DETECT) == ("sd3",)
+    assert registry.names(support=PARTIAL) == ("flux",)
+    assert registry.handling("merge") == registry.handling("lora bake") == (*full, "flux")
+    assert registry.handling("prune") == registry.handling("quantize") == full
     assert (*registry.names(), "unknown") == ARCHS
     assert set(ARCH_FOLDER_NAMES.values()) <= set(REGISTRY)
     assert ARCH_FOLDER_NAMES["sd1.5"] == "sd1" and ARCH_FOLDER_NAMES["flux1"] == "flux"
@@ -109,7 +119,7 @@ def test_name_lists_elsewhere_are_the_registrys() -> None:
     assert {a for a, _ in diffusers_names.PIPELINES} == set(full)
     assert {"sdxl", "sdxl_refiner"} == lora_names.KOHYA_LDM_UNET
     assert adapter_keys.CONTEXT_DIMS == {768: "sd1", 1024: "sd2", 2048: "sdxl"}
-    assert PRESET_ARCHS == ("sd1", "sdxl")
+    assert PRESET_ARCHS == ("sd1", "sdxl", "flux")
     assert TE_FAMILY_ARCH == {"CLIP-L": "sd1", "OpenCLIP-H": "sd2", "OpenCLIP-bigG": "sdxl"}
     assert EMBEDDING_WIDTH_ARCH == {768: "sd1", 1024: "sd2"}
     pad_alt = {("sd2", "tokenizer"), ("sdxl", "tokenizer_2"), ("sdxl_refiner", "tokenizer_2")}
@@ -152,7 +162,7 @@ def test_inspect_names_flux_family_variant_and_layout(
     assert d["kind"] == ("checkpoint" if aio else "unet")
     assert d["prediction"]["type"] == "unknown"
     assert d["unknown_keys"] == []
-    assert any("recognised only" in n for n in d["notes"])
+    assert any("hash, inspect, lora bake and merge handle it" in n for n in d["notes"])
     unet = d["components"]["unet"]
     assert unet["family"] == "Flux.1 transformer"
     assert unet["prefix"] == ("model.diffusion_model." if prefixed or aio else "")

@@ -50,6 +50,7 @@ NAME_PREFIXES: tuple[tuple[str, str, str], ...] = (
     ("base_model.model.", "peft", "unet"),
     ("text_encoder_2.", "peft", "te2"),
     ("text_encoder.", "peft", "te"),
+    ("transformer.", "peft", "unet"),  # diffusers / ai-toolkit Flux.1 transformer
     ("diffusion_model.", "comfyui", "unet"),
     ("text_encoders.clip_g.", "comfyui", "te2"),
     ("text_encoders.", "comfyui", "te"),

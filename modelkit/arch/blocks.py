@@ -46,6 +46,11 @@ Key -> block maps (hako-mikan/sd-webui-supermerger ``scripts/mergers/mergers.py`
     is identical for SD1). ``"mecha"`` follows sd-mecha's block conversion
     configs, which send the embeddings to BASE and unmatched UNet keys to the
     last OUT block. Only single-file (LDM/SGM) key names are recognised.
+
+Families without an LDM UNet declare their own block map in the registry
+(:class:`~modelkit.arch.registry.BlockMap`: names, key -> block function,
+no VAE entry), e.g. Flux.1's ModelMergeFlux1 names
+(:mod:`modelkit.arch.flux`); the functions here use it for those.
 """
 
 from __future__ import annotations
@@ -69,6 +74,44 @@ DEFAULT_KEY = "default"
 # --- block lists --------------------------------------------------------------
 
 
+def _own(arch: str) -> Any:
+    """The registry's BlockMap of a family that declares its own (no LDM UNet
+    config), or None."""
+    if arch in ARCHS:
+        return None
+    from modelkit.arch import registry
+
+    entry = registry.get(arch)
+    return entry.blocks if entry is not None and entry.spec is None else None
+
+
+def has_own_map(arch: str) -> bool:
+    """Whether ``arch`` declares its own block map (Flux.1's 63 names)."""
+    return _own(arch) is not None
+
+
+def _own_presets(arch: str) -> dict[str, str] | None:
+    """Preset docs of a family with its own block map (Flux: flux.PRESET_DOCS)."""
+    if _own(arch) is None:
+        return None
+    from modelkit.arch import flux
+
+    return flux.PRESET_DOCS
+
+
+def presets_of(arch: str) -> dict[str, str]:
+    """Preset names and docs for ``arch``'s block list."""
+    return _own_presets(arch) or PRESET_DOCS
+
+
+def any_preset(name: str) -> bool:
+    """Whether ``name`` is a preset of some block list (a recipe is checked
+    against the inputs' own list when they are read)."""
+    from modelkit.arch import flux
+
+    return name in PRESET_DOCS or name in flux.PRESET_DOCS
+
+
 @lru_cache(maxsize=16)
 def _n_io(arch: str) -> int:
     """Number of input (= output) blocks of ``arch``'s UNet."""
@@ -89,16 +132,36 @@ def _outs(arch: str) -> list[str]:
 
 def block_names(arch: str, vae_slot: bool = False) -> list[str]:
     """Block names of ``arch`` in list order: ``BASE``, the IN blocks, ``M00``,
-    the OUT blocks and, with ``vae_slot``, ``VAE``."""
+    the OUT blocks and, with ``vae_slot``, ``VAE`` (a family with its own map:
+    its names, never a VAE entry)."""
+    own = _own(arch)
+    if own is not None:
+        return list(own.names)
     names = [BASE, *_ins(arch), MID, *_outs(arch)]
     return [*names, VAE] if vae_slot else names
 
 
 def _describe(arch: str, vae_slot: bool) -> str:
     """A compact description of the block list, for error messages."""
+    own = _own(arch)
+    if own is not None:
+        return _describe_own(list(own.names))
     n = _n_io(arch) - 1
     text = f"BASE, IN00..IN{n:02d}, M00, OUT00..OUT{n:02d}"
     return text + ", VAE" if vae_slot else text
+
+
+def _describe_own(names: list[str]) -> str:
+    """``img_in, ..., double_blocks.0..18, single_blocks.0..37, final_layer``."""
+    out: list[str] = []
+    for name in names:
+        head, _, idx = name.rpartition(".")
+        if head and idx.isdigit() and out and out[-1].startswith(head + "."):
+            first = out[-1].split("..")[0]
+            out[-1] = f"{first}..{idx}"
+        else:
+            out.append(name)
+    return ", ".join(out)
 
 
 def count_text(arch: str, vae_slot: bool = True) -> str:
@@ -106,6 +169,8 @@ def count_text(arch: str, vae_slot: bool = True) -> str:
     message and document uses: ``26 weights (BASE, IN00..IN11, M00,
     OUT00..OUT11; 27 with the optional VAE entry last)``."""
     n = len(block_names(arch))
+    if _own(arch) is not None:
+        return f"{n} weights ({_describe(arch, False)})"
     text = f"{n} weights ({_describe(arch, False)}"
     return f"{text}; {n + 1} with the optional VAE entry last)" if vae_slot else text + ")"
 
@@ -142,6 +207,9 @@ def block_of(key: str, arch: str, map_name: str = DEFAULT_MAP, vae_slot: bool = 
     """The block a checkpoint key belongs to under block map ``map_name``
     (``"supermerger"`` or ``"mecha"``; see the module docstring). VAE keys go
     to ``VAE`` only when ``vae_slot`` is set, else to ``BASE``."""
+    own = _own(arch)
+    if own is not None:
+        return own.key_to_block(key, arch, map_name, vae_slot)
     if map_name not in MAPS:
         raise ModelkitError(f"unknown block map '{map_name}'; known: {', '.join(MAPS)}")
     _n_io(arch)  # validates arch
@@ -208,6 +276,14 @@ def preset_names() -> list[str]:
 
 def preset(name: str, arch: str, *, vae_slot: bool = False) -> dict[str, float]:
     """The block weights of preset ``name`` for ``arch``."""
+    own = _own_presets(arch)
+    if own is not None:
+        if name not in own:
+            raise ModelkitError(f"unknown block preset '{name}' for {arch}; known: "
+                                f"{', '.join(own)}")
+        from modelkit.arch import flux
+
+        return flux.preset(name)
     if name not in PRESET_DOCS:
         raise ModelkitError(f"unknown block preset '{name}'; known: {', '.join(PRESET_DOCS)}")
     unet = block_names(arch)[1:]
@@ -239,10 +315,11 @@ def _number(value: object, what: str) -> float:
 
 def _from_list(values: Sequence[object], arch: str, vae_slot: bool) -> dict[str, float]:
     names = block_names(arch, vae_slot)
+    vae_slot = vae_slot and VAE in names
     lengths = {len(names), len(names) - 1} if vae_slot else {len(names)}
     if len(values) not in lengths:
         hint = ""
-        if len(values) == len(names) - 1 - int(vae_slot):
+        if len(values) == len(names) - 1 - int(vae_slot) and BASE in names:
             hint = " (the first value is BASE; did you leave it out?)"
         raise ModelkitError(f"block list for {arch} has {len(values)} values; expected "
                             f"{count_text(arch, vae_slot)}{hint}")
@@ -256,13 +333,21 @@ def _from_list(values: Sequence[object], arch: str, vae_slot: bool) -> dict[str,
 def _range(item: str, names: list[str], arch: str, vae_slot: bool) -> list[str]:
     """Blocks selected by one mapping key: a name, a group or a range."""
     key = item.strip().upper()
-    groups = {"IN": _ins(arch), "OUT": _outs(arch), "MID": [MID], "M": [MID]}
+    upper = {n.upper(): n for n in names}
+    if _own(arch) is not None:
+        from modelkit.arch import flux
+
+        groups = flux.groups()
+        hint = "groups DOUBLE, SINGLE, IN, OUT, ranges like 'double_blocks.0-double_blocks.5'"
+    else:
+        groups = {"IN": _ins(arch), "OUT": _outs(arch), "MID": [MID], "M": [MID]}
+        hint = "groups IN, OUT, MID, ranges like 'IN00-IN05'"
     if key in groups:
         return groups[key]
-    if key in names:
-        return [key]
+    if key in upper:
+        return [upper[key]]
     if "-" in key:
-        lo, hi = (s.strip() for s in key.split("-", 1))
+        lo, hi = (upper.get(s.strip(), s.strip()) for s in key.split("-", 1))
         if lo in names and hi in names:
             i, j = names.index(lo), names.index(hi)
             if i > j:
@@ -270,14 +355,13 @@ def _range(item: str, names: list[str], arch: str, vae_slot: bool) -> list[str]:
                                     f"'{hi}-{lo}'")
             return names[i:j + 1]
     raise ModelkitError(f"unknown block '{item}' for {arch}; use names from "
-                        f"{_describe(arch, vae_slot)}, groups IN, OUT, MID, ranges like "
-                        f"'IN00-IN05' or '{DEFAULT_KEY}'")
+                        f"{_describe(arch, vae_slot)}, {hint} or '{DEFAULT_KEY}'")
 
 
 def _specificity(item: str, names: list[str]) -> int:
     """2 for single names, 1 for ranges, 0 for groups (higher wins)."""
     key = item.strip().upper()
-    if key in names:
+    if key in {n.upper() for n in names}:
         return 2
     return 1 if "-" in key else 0
 
@@ -324,7 +408,7 @@ def _fill(names: list[str], given: dict[str, float], default: float | None, arch
 
 def _from_string(spec: str, arch: str, vae_slot: bool) -> dict[str, float]:
     text = spec.strip()
-    if text.lower() in PRESET_DOCS:
+    if text.lower() in presets_of(arch):
         return preset(text.lower(), arch, vae_slot=vae_slot)
     items = [s.strip() for s in text.split(",")]
     if any(("=" in s or ":" in s) for s in items):
@@ -341,7 +425,7 @@ def _from_string(spec: str, arch: str, vae_slot: bool) -> dict[str, float]:
             value = _number(items[0], "block value")
         except ModelkitError:
             raise ModelkitError(f"unknown block preset '{text}'; known: "
-                                f"{', '.join(PRESET_DOCS)}") from None
+                                f"{', '.join(presets_of(arch))}") from None
         return flat(value, arch, vae_slot=vae_slot)
     return _from_list(items, arch, vae_slot)
 

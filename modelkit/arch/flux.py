@@ -188,3 +188,158 @@ def all_in_one_keys(cfg: FluxConfig, *, tiny: bool = False) -> KeyShapes:
                 for k, s in text_encoder_keys(clip).items()})
     out.update({"text_encoders.t5xxl.transformer." + k: s for k, s in t5.items()})
     return out
+
+
+# --- per-block weights ------------------------------------------------------------
+# ComfyUI's ModelMergeFlux1 (comfy_extras/nodes_model_merging_model_specific.py):
+# the embedders, the 19 double and 38 single blocks, the final layer. Keys
+# match a block by prefix (the longest wins); a transformer key no block
+# matches takes the first entry's value, as ComfyUI's ModelMergeBlocks does.
+
+EMBEDDERS = ("img_in", "time_in", "guidance_in", "vector_in", "txt_in")
+FINAL = "final_layer"
+DOUBLE, SINGLE = "double_blocks", "single_blocks"
+BLOCKS: tuple[str, ...] = (*EMBEDDERS, *(f"{DOUBLE}.{i}" for i in range(VARIANTS["dev"].depth)),
+                           *(f"{SINGLE}.{i}" for i in range(
+                               VARIANTS["dev"].depth_single_blocks)), FINAL)
+_BLOCK_SET = frozenset(BLOCKS)
+DENOISER_PREFIX = "model.diffusion_model."
+
+
+def block_of(key: str, arch: str = "flux", map_name: str | None = None,
+             vae_slot: bool = False) -> str:
+    """The ModelMergeFlux1 block of a Flux transformer key (bare or under
+    ``model.diffusion_model.``); any other key takes the first entry
+    (``img_in``). ``arch``, ``map_name`` and ``vae_slot`` are accepted for
+    the common block-map signature: Flux has one map and no VAE entry."""
+    parts = key.removeprefix(DENOISER_PREFIX).split(".")
+    if parts[0] in (DOUBLE, SINGLE) and len(parts) > 2 and parts[1].isdigit():
+        name = f"{parts[0]}.{int(parts[1])}"
+        if name in _BLOCK_SET:
+            return name
+    if parts[0] in EMBEDDERS or parts[0] == FINAL:
+        return parts[0]
+    return BLOCKS[0]
+
+
+def groups() -> dict[str, list[str]]:
+    """Block groups a ``--blocks`` mapping may name (upper case):
+    ``DOUBLE``, ``SINGLE``, ``IN`` (the embedders) and ``OUT`` (final layer)."""
+    return {"DOUBLE": [b for b in BLOCKS if b.startswith(DOUBLE + ".")],
+            "SINGLE": [b for b in BLOCKS if b.startswith(SINGLE + ".")],
+            "IN": list(EMBEDDERS), "OUT": [FINAL]}
+
+
+PRESET_DOCS: dict[str, str] = {
+    "flat_0": "0 everywhere (keep model A)",
+    "flat_1": "1 everywhere (take model B)",
+    "flat_half": "0.5 everywhere",
+    "double_only": "1 on the 19 double blocks, 0 elsewhere",
+    "single_only": "1 on the 38 single blocks, 0 elsewhere",
+    "blocks_only": "1 on every double and single block, 0 on the embedders and final_layer",
+    "io_only": "1 on the embedders (img_in .. txt_in) and final_layer, 0 on the blocks",
+    "gradient_in_to_out": "0 at img_in rising linearly (by list position) to 1 at "
+                          "final_layer",
+    "gradient_out_to_in": "1 at img_in falling linearly to 0 at final_layer",
+}
+"""Flux.1's block presets: values are the method parameter (for
+``weighted_sum``'s alpha: how much of model B)."""
+
+
+def preset(name: str) -> dict[str, float]:
+    """The block weights of Flux preset ``name``."""
+    last = len(BLOCKS) - 1
+
+    def value(pos: int, block: str) -> float:
+        in_block = block.startswith((DOUBLE + ".", SINGLE + "."))
+        return {"flat_0": 0.0, "flat_1": 1.0, "flat_half": 0.5,
+                "double_only": float(block.startswith(DOUBLE + ".")),
+                "single_only": float(block.startswith(SINGLE + ".")),
+                "blocks_only": float(in_block), "io_only": float(not in_block),
+                "gradient_in_to_out": pos / last,
+                "gradient_out_to_in": 1.0 - pos / last}[name]
+
+    return {b: value(i, b) for i, b in enumerate(BLOCKS)}
+
+
+# --- LoRA module names ------------------------------------------------------------
+# kohya / musubi-tuner: ``lora_unet_`` + the BFL path with ``.`` -> ``_`` (fused
+# ``qkv`` and ``linear1`` are one module each); ComfyUI: ``diffusion_model.`` +
+# the BFL path; diffusers / ai-toolkit PEFT: ``transformer.`` + the diffusers
+# path, whose split q/k/v (and the single blocks' proj_mlp) land on row
+# slices of the fused weight (diffusers lora_conversion_utils.py
+# ``_convert_kohya_flux_lora_to_diffusers``; ComfyUI comfy/utils.py
+# ``flux_to_diffusers``). ``norm_out.linear`` is left out: diffusers stores
+# final_layer.adaLN_modulation.1 with its shift and scale halves swapped.
+
+KOHYA_PREFIX, COMFY_PREFIX, PEFT_PREFIX = "lora_unet_", "diffusion_model.", "transformer."
+PEFT_MODEL_PREFIX = "base_model.model."  # PEFT's own spelling (fal's Kontext LoRAs)
+# module-name prefixes no SD adapter has: they tell a Flux.1 adapter
+LORA_MODULE_PREFIXES = (f"{KOHYA_PREFIX}{DOUBLE}_", f"{KOHYA_PREFIX}{SINGLE}_",
+                        f"{COMFY_PREFIX}{DOUBLE}.", f"{COMFY_PREFIX}{SINGLE}.",
+                        *(f"{p}{b}." for p in (PEFT_PREFIX, PEFT_MODEL_PREFIX)
+                          for b in ("transformer_blocks", "single_transformer_blocks")))
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """Where one Flux adapter module lands: the transformer ``path`` (BFL
+    layout, without ``.weight``) and, for a split diffusers projection, the
+    row slice ``[start, stop)`` of that fused weight of ``of`` rows (at the
+    size of the config the table was made for; scale by the real rows)."""
+
+    path: str
+    rows: tuple[int, int] | None = None
+    of: int | None = None
+
+
+def _diffusers_modules(cfg: FluxConfig) -> Iterator[tuple[str, LoraModule]]:
+    h, mlp = cfg.hidden_size, cfg.mlp_hidden
+    t = "time_text_embed"
+    stems = {"x_embedder": "img_in", "context_embedder": "txt_in",
+             f"{t}.timestep_embedder.linear_1": "time_in.in_layer",
+             f"{t}.timestep_embedder.linear_2": "time_in.out_layer",
+             f"{t}.text_embedder.linear_1": "vector_in.in_layer",
+             f"{t}.text_embedder.linear_2": "vector_in.out_layer",
+             f"{t}.guidance_embedder.linear_1": "guidance_in.in_layer",
+             f"{t}.guidance_embedder.linear_2": "guidance_in.out_layer",
+             "proj_out": "final_layer.linear"}
+    for name, path in stems.items():
+        yield name, LoraModule(path)
+    qkv = ("to_q", "to_k", "to_v")
+    for i in range(cfg.depth):
+        b, o = f"transformer_blocks.{i}", f"{DOUBLE}.{i}"
+        for s, (projs, out, ff, norm) in {
+                "img": (qkv, "to_out.0", "ff", "norm1"),
+                "txt": (("add_q_proj", "add_k_proj", "add_v_proj"), "to_add_out",
+                        "ff_context", "norm1_context")}.items():
+            for j, p in enumerate(projs):
+                yield f"{b}.attn.{p}", LoraModule(f"{o}.{s}_attn.qkv", (j * h, (j + 1) * h),
+                                                  3 * h)
+            yield f"{b}.attn.{out}", LoraModule(f"{o}.{s}_attn.proj")
+            yield f"{b}.{ff}.net.0.proj", LoraModule(f"{o}.{s}_mlp.0")
+            yield f"{b}.{ff}.net.2", LoraModule(f"{o}.{s}_mlp.2")
+            yield f"{b}.{norm}.linear", LoraModule(f"{o}.{s}_mod.lin")
+    for i in range(cfg.depth_single_blocks):
+        b, o = f"single_transformer_blocks.{i}", f"{SINGLE}.{i}"
+        fused = 3 * h + mlp  # linear1 rows: q, k, v, then the MLP input
+        for j, p in enumerate(qkv):
+            yield f"{b}.attn.{p}", LoraModule(f"{o}.linear1", (j * h, (j + 1) * h), fused)
+        yield f"{b}.proj_mlp", LoraModule(f"{o}.linear1", (3 * h, fused), fused)
+        yield f"{b}.proj_out", LoraModule(f"{o}.linear2")
+        yield f"{b}.norm.linear", LoraModule(f"{o}.modulation.lin")
+
+
+def lora_modules(cfg: FluxConfig | None = None) -> dict[str, LoraModule]:
+    """Adapter module name (kohya, ComfyUI and diffusers/PEFT spellings) ->
+    :class:`LoraModule`, for every Linear of the transformer (default: the
+    full-size dev config, which names every block any Flux.1 file has)."""
+    cfg = cfg or VARIANTS["dev"]
+    out: dict[str, LoraModule] = {}
+    for key, shape in _original(cfg):
+        if key.endswith(".weight") and len(shape) == 2:
+            path = key.removesuffix(".weight")
+            out[KOHYA_PREFIX + path.replace(".", "_")] = LoraModule(path)
+            out[COMFY_PREFIX + path] = LoraModule(path)
+    out.update((PEFT_PREFIX + n, m) for n, m in _diffusers_modules(cfg))
+    return out

@@ -142,7 +142,14 @@ def parse_lora_blocks(spec: object, arch: str) -> dict[str, float]:
       name keep 1) or a full list (26 / 20), as a list or comma string;
     * anything :func:`modelkit.arch.blocks.parse_blocks` accepts (a number,
       a mapping such as ``"BASE=0,IN=0.5,default=1"``).
+
+    A family with its own block map (Flux.1) takes its merge block specs:
+    its 63 names, groups and presets (``double_only``...).
     """
+    from modelkit.arch.blocks import has_own_map
+
+    if has_own_map(arch):
+        return parse_blocks(spec, arch)
     _check(arch)
     if isinstance(spec, str) and spec.strip().upper() in PRESET_NAMES:
         return _widen(lbw_presets(arch)[spec.strip().upper()], arch)

@@ -175,6 +175,9 @@ class ModuleTarget:
     shape: Shape
     rows: tuple[int, int] | None = None
     bias_key: str | None = None  # same rows slice applies when ``rows`` is set
+    # rows of the whole fused weight ``rows`` counts in (a Flux q/k/v or MLP
+    # slice; scale by the real weight's rows); None: q/k/v thirds
+    of: int | None = None
 
     @property
     def is_conv(self) -> bool:

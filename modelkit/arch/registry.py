@@ -14,7 +14,9 @@ LoRA, verify and compare lists) is derived from :data:`REGISTRY`.
 
 An entry with ``support="full"`` works with every command. ``"detect"``
 marks a family that ``inspect`` names (family, variant and layout) while
-the other commands still refuse it; the goal is that no such entry remains.
+the other commands still refuse it; ``"partial"`` one that the commands in
+its ``commands`` handle (:func:`handles`) while the others refuse it. The
+goal is that every entry is ``"full"``.
 
 Importing this module does not import torch.
 """
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from modelkit.arch import blocks as _blocks
+from modelkit.arch import flux as _flux
 from modelkit.arch import parts as _parts
 from modelkit.arch.configs import (
     ARCHS,
@@ -38,7 +41,7 @@ from modelkit.arch.configs import (
 
 Shape = tuple[int, ...]
 
-FULL, DETECT = "full", "detect"
+FULL, DETECT, PARTIAL = "full", "detect", "partial"
 ORIGINAL, DIFFUSERS = "original", "diffusers"  # key layouts
 RENDER, PROBE = "render", "probe"  # verify: render with a pipeline, or a static probe only
 DENOISER, VAE, TEXT_ENCODER = "denoiser", "vae", "text_encoder"  # component roles
@@ -154,6 +157,10 @@ class LoraNames:
     modelspec_arch: str | None = None  # written, before "/lora"
     modelspec_prefix: str | None = None  # recognised
     kohya_v2: bool = False  # kohya's ss_v2 flag (SD2)
+    # a family without LDM key tables: module name -> where it lands (a
+    # table of the family's own, e.g. :func:`modelkit.arch.flux.lora_modules`)
+    modules: Callable[[], Mapping[str, Any]] | None = None
+    module_prefixes: tuple[str, ...] = ()  # module names only this family's adapters have
 
 
 @dataclass(frozen=True)
@@ -187,7 +194,7 @@ class Architecture:
     short: str  # table column
     family: str  # archs of one family share folders and VAEs
     aliases: tuple[str, ...]  # folder names that say a file is for it
-    support: str  # FULL or DETECT
+    support: str  # FULL, PARTIAL or DETECT
     detect: tuple[Rule, ...]  # any rule recognises the denoiser
     variants: tuple[Variant, ...]
     layouts: tuple[str, ...]
@@ -202,6 +209,7 @@ class Architecture:
     verify: str  # RENDER or PROBE
     prediction: str  # what an unmarked file predicts: EPS, EPS_OR_V (read it) or FLOW
     layout_rules: tuple[tuple[str, Rule], ...] = ()  # (layout, rule), first match
+    commands: frozenset[str] = frozenset()  # what handles a PARTIAL entry (see handles())
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -348,9 +356,7 @@ SD3 = Architecture(
 # Flux.1 (BFL layout, ComfyUI's model_detection.py; diffusers' single_file_utils.py)
 _FLUX_QK_NORM = "double_blocks.0.img_attn.norm.key_norm.scale"
 _FLUX_DIFFUSERS_QK_NORM = "transformer_blocks.0.attn.norm_added_k.weight"
-FLUX_BLOCKS = ("img_in", "time_in", "guidance_in", "vector_in", "txt_in",
-               *(f"double_blocks.{i}" for i in range(19)),
-               *(f"single_blocks.{i}" for i in range(38)), "final_layer")
+FLUX_BLOCKS = _flux.BLOCKS  # ComfyUI's ModelMergeFlux1 names
 
 
 def _flux_variant_rules(img_in: str, guidance: str) -> tuple[Variant, ...]:
@@ -364,7 +370,8 @@ def _flux_variant_rules(img_in: str, guidance: str) -> tuple[Variant, ...]:
 
 FLUX = Architecture(
     name="flux", label="Flux.1", short="flux", family="flux",
-    aliases=("flux", "flux1", "flux.1"), support=DETECT,
+    aliases=("flux", "flux1", "flux.1"), support=PARTIAL,
+    commands=frozenset({"inspect", "hash", "merge", "lora bake"}),
     # per-block modulation and the pooled-text input tell Flux.1 from Chroma
     # (distilled guidance, no vector_in) and Flux.2 (shared modulation)
     detect=(Rule(keys=(_FLUX_QK_NORM, "double_blocks.0.img_mod.lin.weight",
@@ -392,10 +399,18 @@ FLUX = Architecture(
                                                           "text_encoders.clip_l."),
                 Component("t5xxl", TEXT_ENCODER, "text_encoders.t5xxl.")),
     spec=None,
-    blocks=None,  # FLUX_BLOCKS once merge handles Flux
-    prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
+    blocks=BlockMap(FLUX_BLOCKS, ("comfyui",), "comfyui", _flux.block_of, vae_slot=False),
+    prune=_NO_PRUNE,
+    # bake only (block weights: the merge block names); extract, LoRA merge,
+    # convert and info need more tables
+    lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="flux", adapters=False,
+                   block_weights=True, modules=_flux.lora_modules,
+                   module_prefixes=_flux.LORA_MODULE_PREFIXES),
+    diffusers=None, gguf=None,
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
-    notes=("Kontext has the dev layout and reads as dev",),
+    notes=("Kontext has the dev layout and reads as dev",
+           "merge and lora bake handle the original (BFL/ComfyUI) layout; the VAE and "
+           "text encoders of an all-in-one file are taken from model A"),
 )
 
 REGISTRY: dict[str, Architecture] = {a.name: a for a in (SD1, SD2, SDXL, SDXL_REFINER,
@@ -411,6 +426,20 @@ def names(*, support: str | None = None, where: Callable[[Architecture], bool] |
     ``support`` and for which ``where`` holds."""
     return tuple(a.name for a in REGISTRY.values()
                  if (support is None or a.support == support) and (where is None or where(a)))
+
+
+def handles(name: str, command: str) -> bool:
+    """Whether ``command`` (``merge``, ``lora bake``, ``prune``...) handles
+    architecture ``name``: every command handles a FULL entry, a PARTIAL one
+    the commands it lists."""
+    arch = REGISTRY.get(name)
+    return arch is not None and (arch.support == FULL or (
+        arch.support == PARTIAL and command in arch.commands))
+
+
+def handling(command: str) -> tuple[str, ...]:
+    """The architectures ``command`` handles, in registry order."""
+    return names(where=lambda a: handles(a.name, command))
 
 
 def lora_archs(*, block_weights: bool = False) -> tuple[str, ...]:

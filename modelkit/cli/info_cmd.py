@@ -70,22 +70,28 @@ def methods_cmd(as_json: bool) -> None:
 @common_option("as_json", help="Print the values as JSON.")
 def presets_cmd(arch: str | None, as_json: bool) -> None:
     """List the block-weight presets with their values for SD1 and SD2 (26
-    weights: BASE, IN00..IN11, M00, OUT00..OUT11) and SDXL (20 weights:
-    BASE, IN00..IN08, M00, OUT00..OUT08). Merges take an optional VAE entry
-    last (27 or 21 values), which follows BASE unless given."""
-    from modelkit.arch.blocks import PRESET_DOCS, count_text, preset
+    weights: BASE, IN00..IN11, M00, OUT00..OUT11), SDXL (20 weights:
+    BASE, IN00..IN08, M00, OUT00..OUT08) and Flux.1 (63 weights, ComfyUI's
+    ModelMergeFlux1 names). SD merges take an optional VAE entry last (27 or
+    21 values), which follows BASE unless given."""
+    from modelkit.arch.blocks import count_text, preset, presets_of
 
     archs = [arch] if arch else list(PRESET_ARCHS)
+    # every preset name once, in order; each lists the block lists that have it
+    docs = {n: d for a in archs for n, d in presets_of(a).items()}
     if as_json:
-        click.echo(json.dumps({name: {a: preset(name, a) for a in archs}
-                               for name in PRESET_DOCS}, indent=2))
+        click.echo(json.dumps({name: {a: preset(name, a) for a in archs
+                                      if name in presets_of(a)}
+                               for name in docs}, indent=2))
         return
     for a in archs:
         click.echo(f"{a}: {count_text(a)}")
     click.echo("")
-    for name, doc in PRESET_DOCS.items():
+    for name, doc in docs.items():
         click.echo(f"{name}: {doc}")
         for a in archs:
+            if name not in presets_of(a):
+                continue
             click.echo(f"  {a}:")
             for row in block_table(preset(name, a)):
                 click.echo(row)

@@ -19,7 +19,13 @@ from modelkit.cli.common import (
 )
 from modelkit.cli.progress import StderrProgress, human_bytes
 from modelkit.textsafe import safe_text, shown
-from modelkit.vocab import BLOCK_MAPS, COMPONENTS, MISSING_KEY_POLICIES, OUTPUT_FORMATS
+from modelkit.vocab import (
+    AUTO_DTYPE,
+    BLOCK_MAPS,
+    COMPONENTS,
+    MISSING_KEY_POLICIES,
+    OUTPUT_FORMATS,
+)
 from modelkit.wording import plural
 
 MERGE_EPILOG = """\b
@@ -135,7 +141,8 @@ def method_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @common_options(*DEFAULT_COMMON, "dtype", "format", output={
     "type": click.Path(dir_okay=False),
     "help": "Output .safetensors file (never one of the inputs)."}, dtype={
-    "default": "fp16", "help": "Output dtype for float tensors."}, format={
+    "default": None, "help": "Output dtype for float tensors (default: fp16, but bf16 "
+                             "tensors stay bf16: Flux.1 overflows in fp16)."}, format={
     "type": click.Choice(OUTPUT_FORMATS),
     "help": "Output format (default: from the output name: .safetensors, .gguf for the "
             "UNet as GGUF, anything else a diffusers folder)."})
@@ -177,8 +184,8 @@ def merge_cmd(models: tuple[str, ...], common: CommonOptions, method: str,
     options = Options(common.device or "cpu", block_map, missing,
                       flat(include) or COMPONENTS, flat(exclude_keys), vae, seed)
     recipe = Recipe.merge(*models, method=method, output=common.output,
-                          dtype=common.dtype or "fp16", options=options, source=COMMAND_LINE,
-                          **params)
+                          dtype=common.dtype or AUTO_DTYPE, options=options,
+                          source=COMMAND_LINE, **params)
     if common.format:
         recipe = recipe.with_output(format=common.format)
     execute(recipe, common, _merge_lines, dry_run=dry_run)

@@ -65,6 +65,7 @@ from typing import Any
 
 from modelkit.errors import ModelkitError
 from modelkit.vocab import (
+    AUTO_DTYPE,
     BLOCK_MAPS,
     COMPONENTS,
     DEFAULT_BLOCK_MAP,
@@ -186,7 +187,7 @@ class Recipe:
 
     @classmethod
     def merge(cls, *models: str | os.PathLike[str], method: str = "weighted_sum",
-              output: str | os.PathLike[str] | None = None, dtype: str = "fp16",
+              output: str | os.PathLike[str] | None = None, dtype: str = AUTO_DTYPE,
               options: Options | None = None, source: str = "<recipe>",
               **params: Any) -> Recipe:
         """A one-step merge of ``models`` (A, B, C...) with ``method``; the
@@ -435,7 +436,7 @@ def _as_block_param(value: Any) -> BlockParam | None:
 
 def _normal_params(c: _Checker, t: Any, step: StepSpec, path: tuple[str, ...]
                    ) -> tuple[dict[str, Any], dict[str, Any]]:
-    from modelkit.arch.blocks import PRESET_DOCS
+    from modelkit.arch.blocks import any_preset
     from modelkit.core.registry import check_params
 
     params: dict[str, Any] = {}
@@ -446,7 +447,7 @@ def _normal_params(c: _Checker, t: Any, step: StepSpec, path: tuple[str, ...]
                 value = _as_block_param(value)
             except ModelkitError as exc:
                 raise c.fail((*path, "params", str(key)), str(exc)) from None
-            if value is not None and value.preset and value.preset not in PRESET_DOCS:
+            if value is not None and value.preset and not any_preset(value.preset):
                 raise c.fail((*path, "params", str(key)),
                              f"unknown block preset {value.preset[:60]!r}; see "
                              "'modelkit presets'")
@@ -530,7 +531,7 @@ def _check_output(c: _Checker, recipe: Recipe) -> None:
         value = getattr(recipe, f"output_{name}")
         if value is not None and not isinstance(value, str):
             raise c.fail(("output", name), f"must be a name, not {type(value).__name__}")
-    c.choice(recipe.output_dtype, MERGE_OUTPUT_DTYPES, ("output", "dtype"))
+    c.choice(recipe.output_dtype, (*MERGE_OUTPUT_DTYPES, AUTO_DTYPE), ("output", "dtype"))
     if recipe.output_format is not None:
         c.choice(recipe.output_format, OUTPUT_FORMATS, ("output", "format"))
     if recipe.output_quant not in GGUF_TYPES:
@@ -771,7 +772,7 @@ def parse_recipe(text: str, source: str = "<recipe>", base_dir: Path | None = No
     steps = _steps_from(c, top.get("steps"))
     out = _mapping(c, top.get("output") or {}, ("output",),
                    ("path", "dtype", "step", "format", "quant", "keep_shapes"))
-    recipe = Recipe(inputs, steps, out.get("path"), out.get("dtype", "fp16"),
+    recipe = Recipe(inputs, steps, out.get("path"), out.get("dtype", AUTO_DTYPE),
                     out.get("step", list(steps)[-1] if steps else ""),
                     _options_from(c, top.get("options")), base_dir or Path.cwd(), source,
                     out.get("format"), out.get("quant", "q8_0"),

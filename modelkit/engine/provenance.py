@@ -120,7 +120,7 @@ def _a1111_recipe(recipe: Recipe, graph: Graph, hashes: KnownHashes) -> dict[str
     alpha = step.params.get("alpha")
     if alpha is not None:
         out["multiplier"] = yaml_value(alpha)
-    out["save_as_half"] = recipe.output_dtype == "fp16"
+    out["save_as_half"] = recipe.output_dtype in ("fp16", "auto")  # auto: bf16 stays bf16
     out["custom_name"] = Path(recipe.output_path).stem if recipe.output_path else None
     out["bake_in_vae"] = Path(recipe.options.vae).name if recipe.options.vae else None
     out["discard_weights"] = "|".join(recipe.options.exclude_keys)

@@ -261,6 +261,11 @@ def _decide_arch(clues: list[Clue]) -> tuple[str, list[str]]:
 def guess_arch(modules: dict[str, _Module], metadata: dict[str, str]) -> tuple[
         str, list[str]]:
     """The architecture the adapter's modules and metadata agree on, with reasons."""
+    for arch in registry.REGISTRY.values():  # a family whose module names are its own
+        prefixes = arch.lora.module_prefixes if arch.lora else ()
+        hit = next((n for n in modules if n.startswith(prefixes)), None) if prefixes else None
+        if hit is not None:
+            return arch.name, [f"module names like {hit}: {arch.label} transformer blocks"]
     clues = (_name_clues(modules) + _metadata_clues(metadata) + _width_clues(modules)
              + _layout_clues(modules) + _resolution_clue(modules))
     return _decide_arch(clues)

@@ -24,7 +24,9 @@ from modelkit.progress import Progress, ProgressFn, no_progress
 if TYPE_CHECKING:
     from modelkit.io.source import Source
 
-BLOCK_ARCHS = registry.names(where=lambda a: a.blocks is not None)
+# per-block figures for the LDM block lists (a Flux.1 all-in-one file would put its
+# VAE and text encoders in img_in, as its block map does for merges)
+BLOCK_ARCHS = registry.names(where=lambda a: a.blocks is not None and a.spec is not None)
 LIST_LIMIT = 50
 
 

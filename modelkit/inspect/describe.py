@@ -25,16 +25,30 @@ def describe(source: Source) -> ModelReport:
 
 def require_handled(rep: ModelReport, name: str, what: str) -> None:
     """A one-line error when ``rep``'s architecture is one the registry
-    declares for detection only (``inspect`` names it; ``what`` does not
-    handle it yet)."""
+    declares for detection only, or partly supported without ``what``
+    (:func:`modelkit.arch.registry.handles`)."""
     from modelkit.arch import registry
 
     arch = registry.get(rep.arch)
-    if arch is not None and arch.support != registry.FULL:
+    if arch is not None and not registry.handles(arch.name, what):
+        done = (registry.listed(tuple(sorted(arch.commands))) if arch.commands
+                else "inspect")
         raise ModelkitError(f"{name}: is {with_article(f'{arch.label} {rep.kind}')}; "
                             "modelkit recognises "
-                            f"{arch.label} files (inspect) but {what} does not handle them "
+                            f"{arch.label} files ({done}) but {what} does not handle them "
                             f"yet (it handles {registry.listed()})")
+
+
+def require_original_layout(rep: ModelReport, where: str, what: str) -> None:
+    """Refuse a family without LDM key tables (Flux.1) in the diffusers
+    layout: its block map and LoRA names are the original (BFL) layout's."""
+    from modelkit.arch import registry
+
+    arch = registry.get(rep.arch)
+    if arch is not None and arch.spec is None and rep.layout == registry.DIFFUSERS:
+        raise ModelkitError(f"{where} is {with_article(arch.label)} transformer in the "
+                            f"diffusers layout; {what} handles the original (BFL/ComfyUI) "
+                            "layout only (ComfyUI's diffusion_models files)")
 
 
 def require_checkpoint(source: Source, what: str, kinds: tuple[str, ...] = ("checkpoint",)

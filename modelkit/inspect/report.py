@@ -187,6 +187,10 @@ def _fill_denoiser(rep: ModelReport, found: registry.Detection, where: str) -> N
     if found.arch in registry.names(support=registry.DETECT):
         rep.notes.append(f"{registry.label(found.arch)} is recognised only: the other "
                          "commands do not handle it yet")
+    elif found.arch in registry.names(support=registry.PARTIAL):
+        done = registry.listed(tuple(sorted(registry.REGISTRY[found.arch].commands)))
+        rep.notes.append(f"{registry.label(found.arch)}: {done} handle it; the other "
+                         "commands do not yet")
 
 
 def _declared_components(rep: ModelReport, shapes: dict[str, Shape], bare: bool = False

@@ -144,9 +144,37 @@ def _aliases(name: str, spec: ArchSpec) -> list[str]:
     return out
 
 
+@lru_cache(maxsize=4)
+def _own_table(arch: str) -> dict[str, ModuleTarget]:
+    """Module name -> target for a family that declares its own LoRA module
+    table in the registry (Flux.1: kohya, ComfyUI and diffusers/PEFT names)."""
+    from modelkit.arch.configs import UNET_PREFIX
+
+    entry = registry.REGISTRY[arch]
+    assert entry.lora is not None and entry.lora.modules is not None
+    out = {}
+    for name, m in entry.lora.modules().items():
+        out[name] = ModuleTarget(name=name, component="unet", path=m.path, group="transformer",
+                                 key=f"{UNET_PREFIX}{m.path}.weight", shape=(),
+                                 rows=m.rows, bias_key=f"{UNET_PREFIX}{m.path}.bias", of=m.of)
+    return out
+
+
+def _own_names(arch: str) -> bool:
+    entry = registry.get(arch)
+    return entry is not None and entry.lora is not None and entry.lora.modules is not None
+
+
 def resolve_target(arch: str, name: str) -> ModuleTarget | None:
     """The checkpoint weight adapter module ``name`` patches in ``arch``
-    (``sd1``, ``sd2``, ``sdxl``), under any naming; None when unknown."""
+    (``sd1``, ``sd2``, ``sdxl``; ``flux`` for bake), under any naming; None
+    when unknown. A Flux.1 target's key is under ``model.diffusion_model.``
+    (bake finds it in a bare transformer file too)."""
+    if _own_names(arch):
+        table = _own_table(arch)
+        if name.startswith("base_model.model."):  # PEFT's spelling of diffusers' transformer.
+            name = "transformer." + name.removeprefix("base_model.model.")
+        return table.get(name)
     if arch not in LORA_ARCHS:
         return None
     table = _name_table(arch)
@@ -157,7 +185,7 @@ def resolve_target(arch: str, name: str) -> ModuleTarget | None:
     return None
 
 
-PEFT_COMPONENTS = ("unet", "text_encoder_2", "text_encoder")
+PEFT_COMPONENTS = ("unet", "transformer", "text_encoder_2", "text_encoder")
 
 
 def _peft_scales(metadata: dict[str, str]) -> dict[str, tuple[float, float, dict, dict]]:

@@ -23,12 +23,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modelkit.arch import registry
 from modelkit.arch.blocks import block_of
+from modelkit.arch.configs import UNET_PREFIX
 from modelkit.arch.lora_blocks import parse_lora_blocks
 from modelkit.convert.base import passthrough
 from modelkit.core.step import PlannedStep, same_origins
 from modelkit.errors import CancelFlag, ModelkitError, check_cancel
-from modelkit.inspect.describe import require_checkpoint
+from modelkit.inspect.describe import describe, require_checkpoint, require_original_layout
 from modelkit.io.source import DerivedSource, Source, input_paths_of, source_label, tensor_info
 from modelkit.jsontypes import JSONDict
 from modelkit.lora.adapter import LORA_ARCHS, Adapter, AdapterModule, open_adapter
@@ -136,11 +138,12 @@ def _plan_adapter(ad: Adapter, use: AdapterUse, ckpt: Source, arch: str, te_weig
     for mod in ad.modules.values():
         t = mod.target
         assert t is not None
-        if t.key not in ckpt.infos:
+        key = _ckpt_key(t.key, ckpt.infos)
+        if key not in ckpt.infos:
             rep.unmatched += mod.keys.values()
             continue
-        shape = tuple(ckpt.infos[t.key].shape)
-        row0, out, cols = target_view(shape, t.rows)
+        shape = tuple(ckpt.infos[key].shape)
+        row0, out, cols = target_view(shape, t.rows, t.of)
         delta = ModuleDelta(ad, mod, device)
         has_weight = _patches_weight(mod)
         if has_weight:
@@ -150,24 +153,35 @@ def _plan_adapter(ad: Adapter, use: AdapterUse, ckpt: Source, arch: str, te_weig
         k = _strength(mod, use, blocks, arch, te_weight)
         rep.n_modules += 1
         if has_weight:
-            patches.setdefault(t.key, []).append(_Patch(delta, row0, k))
-            touched.add(t.key)
+            patches.setdefault(key, []).append(_Patch(delta, row0, k))
+            touched.add(key)
         bias_keys = [mod.keys[s] for s in ("diff_b", "b_norm") if s in mod.keys]
         if not bias_keys:
             continue
-        if t.bias_key is None or t.bias_key not in ckpt.infos:
+        bias_key = _ckpt_key(t.bias_key, ckpt.infos) if t.bias_key else None
+        if bias_key is None or bias_key not in ckpt.infos:
             rep.unmatched += bias_keys
             continue
-        n_bias = ckpt.infos[t.bias_key].shape[0] // (3 if t.rows else 1)
+        n_bias = out if t.rows else ckpt.infos[bias_key].shape[0]
         size = ad.source.infos[bias_keys[0]].shape
         if tuple(size) != (n_bias,):
             raise ModelkitError(f"{ad.label}: {bias_keys[0]}: Δb has shape {list(size)} but "
-                                f"{base}: {t.bias_key} needs [{n_bias}]")
-        patches.setdefault(t.bias_key, []).append(_Patch(delta, row0, k, bias=True))
-        touched.add(t.bias_key)
+                                f"{base}: {bias_key} needs [{n_bias}]")
+        patches.setdefault(bias_key, []).append(_Patch(delta, row0, k, bias=True))
+        touched.add(bias_key)
     rep.keys_touched = len(touched)
     rep.unmatched.sort()
     return rep
+
+
+def _ckpt_key(key: str, infos: dict[str, Any]) -> str:
+    """``key`` as the checkpoint spells it: a transformer file saved without
+    ``model.diffusion_model.`` (a bare Flux.1 transformer) has it bare."""
+    if key not in infos and key.startswith(UNET_PREFIX):
+        bare = key[len(UNET_PREFIX):]
+        if bare in infos:
+            return bare
+    return key
 
 
 def _patches_weight(mod: AdapterModule) -> bool:
@@ -214,11 +228,15 @@ def bake(checkpoint: Source, adapters: Sequence[Source | AdapterUse | tuple[Any,
         ModelkitError: not a checkpoint, an adapter for another architecture,
             unmatched keys (without ``allow_unmatched``), a shape mismatch.
     """
-    rep_ck = require_checkpoint(checkpoint, "lora bake")
+    own = registry.get(describe(checkpoint).arch)
+    # a family with its own LoRA table (Flux.1) also comes as a bare transformer file
+    kinds = ("checkpoint", "unet") if own and own.lora and own.lora.modules else ("checkpoint",)
+    rep_ck = require_checkpoint(checkpoint, "lora bake", kinds)
     arch, base = rep_ck.arch, Path(source_label(checkpoint)).name
-    if arch not in LORA_ARCHS:
+    require_original_layout(rep_ck, base, "lora bake")
+    if arch not in LORA_ARCHS and not registry.handles(arch, "lora bake"):
         raise ModelkitError(f"{base}: is {with_article(arch)} checkpoint; lora bake supports "
-                            f"{', '.join(LORA_ARCHS)}")
+                            f"{', '.join(registry.handling('lora bake'))}")
     if dtype is not None:
         dtype = storage_dtype(dtype)
     uses = [_as_use(a) for a in adapters]

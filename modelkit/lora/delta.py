@@ -313,13 +313,17 @@ class ModuleDelta:
                             f"neither axis of the patched weight {list(shape)}")
 
 
-def target_view(shape: tuple[int, ...], rows: tuple[int, int] | None
-                ) -> tuple[int, int, int]:
+def target_view(shape: tuple[int, ...], rows: tuple[int, int] | None,
+                of: int | None = None) -> tuple[int, int, int]:
     """``(row0, out, cols)`` of the part of a weight of ``shape`` a module
-    patches: all of it, or a q/k/v third of a fused ``in_proj_weight``."""
+    patches: all of it, a q/k/v third of a fused ``in_proj_weight`` or, with
+    ``of`` (the fused weight's rows ``rows`` counts in), that slice scaled to
+    ``shape``'s rows (a Flux ``qkv`` or ``linear1`` part)."""
     cols = math.prod(shape[1:]) if len(shape) > 1 else 1
     if rows is None:
         return 0, shape[0], cols
+    if of is not None:
+        return rows[0] * shape[0] // of, (rows[1] - rows[0]) * shape[0] // of, cols
     third = rows[0] // (rows[1] - rows[0])
     width = shape[0] // 3
     return third * width, width, cols

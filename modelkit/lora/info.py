@@ -198,6 +198,12 @@ def info(lora: Source, base: Source | None = None, *, energy: float = 0.9,
                             f"{with_article(arch)} "
                             "checkpoint")
     use = arch or ad.arch
+    if use not in LORA_ARCHS and use != "unknown":  # Flux.1: bake only, so far
+        from modelkit.arch.registry import label, listed
+
+        raise ModelkitError(f"{ad.label}: is {with_article(label(use))} adapter; lora info "
+                            f"does not handle {label(use)} adapters yet (it handles "
+                            f"{listed(LORA_ARCHS)}; lora bake takes it)")
     if use not in LORA_ARCHS:
         raise ModelkitError(f"{ad.label}: cannot tell its architecture "
                             f"({'; '.join(ad.evidence) or 'no evidence'}); pass --base")

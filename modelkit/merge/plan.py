@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 
 from modelkit.arch.configs import UNET_PREFIX, VAE_PREFIX
 from modelkit.arch.parts import OTHER, TE, UNET, VAE, part_of
-from modelkit.arch.registry import listed
+from modelkit.arch.registry import handles, handling, listed
 from modelkit.core.keyregex import check_key_regex
 from modelkit.core.recipe import BlockParam, Options, RecipeError, StepSpec, primary_of
 from modelkit.errors import ModelkitError
 from modelkit.io.header import TensorInfo
-from modelkit.vocab import ARCH_NAMES, CHUNK_ELEMENTS, KEEP, USER_DTYPES
+from modelkit.vocab import AUTO_DTYPE, CHUNK_ELEMENTS, KEEP, USER_DTYPES
 from modelkit.wording import with_article
 
 if TYPE_CHECKING:
@@ -160,6 +160,9 @@ def _source_input(name: str, source: Source) -> tuple[InputFile, ModelReport]:
 def _load_input(name: str, source: Source) -> InputFile:
     file, rep = _source_input(name, source)
     path = file.path
+    from modelkit.inspect.describe import require_original_layout
+
+    require_original_layout(rep, f"input {name!r}: {path}", "merge")
     if rep.kind not in ("checkpoint", "unet"):
         hint = ""
         if rep.kind == "lora":
@@ -175,10 +178,10 @@ def _load_input(name: str, source: Source) -> InputFile:
 
 def _check_archs(inputs: dict[str, InputFile]) -> str:
     archs = {i.arch for i in inputs.values()}
-    unknown = [i for i in inputs.values() if i.arch not in ARCH_NAMES]
+    unknown = [i for i in inputs.values() if not handles(i.arch, "merge")]
     if unknown:
         raise ModelkitError(f"input {unknown[0].name!r}: {unknown[0].path} has architecture "
-                            f"{unknown[0].arch}; modelkit merges {listed(ARCH_NAMES)} "
+                            f"{unknown[0].arch}; modelkit merges {listed(handling('merge'))} "
                             "checkpoints")
     if len(archs) > 1:
         desc = ", ".join(f"{i.path.name} is {i.arch}" for i in inputs.values())
@@ -233,6 +236,8 @@ def _shape_problem(key: str, shapes: dict[str, tuple[int, ...]], primary: str) -
 def _out_dtype(group: MergeGroupSpec, info: TensorInfo) -> str:
     if not info.is_float or group.output_dtype == KEEP:
         return info.dtype
+    if group.output_dtype == AUTO_DTYPE:  # fp16, but bf16 stays bf16 (no fp16 overflow)
+        return info.dtype if info.dtype == "BF16" else "F16"
     return USER_DTYPES[group.output_dtype]
 
 

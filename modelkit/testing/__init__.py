@@ -36,6 +36,8 @@ from modelkit.progress import ProgressFn, no_progress
 if TYPE_CHECKING:
     import torch
 
+    from modelkit.arch.flux import FluxConfig
+
 VARIANT_CHANNELS = {"inpaint": 9, "pix2pix": 8, "depth": 5}
 
 
@@ -245,6 +247,44 @@ def write_sparse_flux(path: str | os.PathLike[str], variant: str = "dev", *,
     return write_sparse(path, _specs(keys, dtype))
 
 
+def flux_config(variant: str = "dev", *, hidden: int = 256, depth: int = 2,
+                single: int = 2, full_text: bool = False) -> FluxConfig:
+    """A Flux.1 config with the real key names at a reduced width and depth
+    (head width 128 as at full size; the text inputs scaled down too unless
+    ``full_text``: CLIP-L's 768 and T5-XXL's 4096)."""
+    from dataclasses import replace
+
+    from modelkit.arch import flux
+
+    base = flux.VARIANTS[variant]
+    return replace(base, hidden_size=hidden, num_heads=max(1, hidden // 128), depth=depth,
+                   depth_single_blocks=single,
+                   vec_in_dim=base.vec_in_dim if full_text else 32,
+                   context_in_dim=base.context_in_dim if full_text else 64)
+
+
+def write_flux(path: str | os.PathLike[str], variant: str = "dev", *, hidden: int = 256,
+               depth: int = 2, single: int = 2, prefixed: bool = False,
+               all_in_one: bool = False, dtype: str = "BF16", seed: int = 0,
+               metadata: dict[str, str] | None = None, full_text: bool = False
+               ) -> WriteResult:
+    """A Flux.1 transformer (original/BFL layout) with real values at a
+    reduced width (``hidden``, 3072 at full size) and depth (``depth``
+    double and ``single`` single blocks; the full-size block names): bare
+    keys, under ``model.diffusion_model.`` (``prefixed``) or an all-in-one
+    file with a tiny VAE and text encoders (``all_in_one``). Full width and
+    any depth work too (``hidden=3072, full_text=True``: benchmarks)."""
+    from modelkit.arch import flux
+
+    cfg = flux_config(variant, hidden=hidden, depth=depth, single=single, full_text=full_text)
+    if all_in_one:
+        keys = flux.all_in_one_keys(cfg, tiny=True)
+    else:
+        prefix = UNET_PREFIX if prefixed else ""
+        keys = {prefix + k: s for k, s in flux.transformer_keys(cfg).items()}
+    return write_tensors(path, keys, dtype=dtype, seed=seed, metadata=metadata)
+
+
 def _component_of(key: str) -> str:
     """``unet`` (EMA copies included), ``vae``, ``te`` or another part."""
     from modelkit.arch.parts import EMA, UNET, part_of
@@ -296,9 +336,11 @@ __all__ = [
     "POSITION_IDS",
     "arch_spec",
     "ema_keys_for",
+    "flux_config",
     "synthetic_tensor",
     "write_checkpoint",
     "write_embedding",
+    "write_flux",
     "write_sparse_checkpoint",
     "write_sparse_flux",
     "write_tensors",

@@ -327,12 +327,77 @@ def write_lora(
                          overrides=overrides)
 
 
+def flux_lora_keys(naming: str = "kohya", *, hidden: int = 256, depth: int = 2,
+                   single: int = 2, rank: int = 4, modules: tuple[str, ...] | None = None,
+                   full_text: bool = False) -> dict[str, Shape]:
+    """Keys and shapes of a Flux.1 LoRA for the reduced Flux of
+    :func:`modelkit.testing.write_flux` (same ``hidden``/``depth``/``single``):
+    ``kohya`` (``lora_unet_<BFL path>``: fused ``qkv`` and ``linear1`` as one
+    module, with ``alpha``), ``comfyui`` (``diffusion_model.<BFL path>``) or
+    ``peft`` (diffusers/ai-toolkit ``transformer.<diffusers path>``: split
+    q/k/v and ``proj_mlp``, ``lora_A``/``lora_B``, no alpha tensor).
+    ``modules`` limits them to those names."""
+    from modelkit.arch import flux
+    from modelkit.testing import flux_config
+
+    cfg = flux_config(hidden=hidden, depth=depth, single=single, full_text=full_text)
+    shapes = flux.transformer_keys(cfg)
+    prefix = {"kohya": flux.KOHYA_PREFIX, "comfyui": flux.COMFY_PREFIX,
+              "peft": flux.PEFT_PREFIX}[naming]
+    down, up = (("lora_A.weight", "lora_B.weight") if naming == "peft"
+                else ("lora_down.weight", "lora_up.weight"))
+    out: dict[str, Shape] = {}
+    for name, m in flux.lora_modules(cfg).items():
+        if not name.startswith(prefix) or (modules is not None and name not in modules):
+            continue
+        rows, cols = shapes[f"{m.path}.weight"]
+        if m.rows is not None:
+            rows = m.rows[1] - m.rows[0]
+        out[f"{name}.{down}"] = (rank, cols)
+        out[f"{name}.{up}"] = (rows, rank)
+        if naming == "kohya":
+            out[f"{name}.alpha"] = ()
+    return out
+
+
+def write_flux_lora(path: str | os.PathLike[str], naming: str = "kohya", *,
+                    hidden: int = 256, depth: int = 2, single: int = 2, rank: int = 4,
+                    alpha: float | None = None, alpha_in_metadata: bool = False,
+                    modules: tuple[str, ...] | None = None, dtype: str = "F32",
+                    seed: int = 0, full_text: bool = False) -> WriteResult:
+    """A seeded Flux.1 LoRA (:func:`flux_lora_keys`) with values of about
+    0.1. ``alpha`` (default ``rank``): a tensor per module for kohya; for
+    ``peft`` with ``alpha_in_metadata`` diffusers' ``lora_adapter_metadata``
+    (``transformer.r``, ``transformer.lora_alpha``), else none (scale 1)."""
+    import torch
+
+    from modelkit.io.dtypes import to_torch
+
+    keys = flux_lora_keys(naming, hidden=hidden, depth=depth, single=single, rank=rank,
+                          modules=modules, full_text=full_text)
+    alpha = float(rank if alpha is None else alpha)
+    gen = torch.Generator().manual_seed(seed)
+    overrides = {}
+    for k, shape in keys.items():
+        value = (torch.tensor(alpha) if k.endswith(".alpha")
+                 else torch.randn(shape, generator=gen) * 0.1)
+        overrides[k] = value.to(to_torch(dtype))
+    meta = {}
+    if naming == "peft" and alpha_in_metadata:
+        meta["lora_adapter_metadata"] = json.dumps({"transformer.r": rank,
+                                                    "transformer.lora_alpha": alpha})
+    return write_tensors(path, keys, dtype=dtype, seed=seed, metadata=meta or None,
+                         overrides=overrides)
+
+
 __all__ = [
     "KINDS",
     "factorization",
+    "flux_lora_keys",
     "kohya_metadata",
     "lokr_shapes",
     "lora_keys",
     "select_modules",
+    "write_flux_lora",
     "write_lora",
 ]

@@ -1,0 +1,359 @@
+"""Flux.1 merge and LoRA bake (issue 19): block map, per-block merges checked
+key by key on a reduced-width Flux, the dry run on full-size sparse headers,
+kohya and diffusers/PEFT LoRAs baked with their exact ΔW, the refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from modelkit.core.runner import run
+from safetensors.torch import save_file
+
+from modelkit.arch import flux
+from modelkit.arch.blocks import block_of, count_text, parse_blocks, preset
+from modelkit.arch.configs import UNET_PREFIX
+from modelkit.arch.registry import handles
+from modelkit.cli import main
+from modelkit.core.recipe import Recipe
+from modelkit.errors import ModelkitError
+from modelkit.io.reader import open_model
+from modelkit.testing import flux_config, write_checkpoint, write_flux, write_sparse_flux
+from modelkit.testing.lora import write_flux_lora, write_lora
+
+P = UNET_PREFIX
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    with open_model(path) as f:
+        return {k: f.get(k).clone() for k in f.infos}
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# --- block map -------------------------------------------------------------------
+
+
+def test_block_map_follows_comfyui_names() -> None:
+    assert len(flux.BLOCKS) == 63 and flux.BLOCKS[5] == "double_blocks.0"
+    cases = {
+        "img_in.weight": "img_in", P + "time_in.out_layer.bias": "time_in",
+        "guidance_in.in_layer.weight": "guidance_in", "vector_in.out_layer.weight": "vector_in",
+        "txt_in.bias": "txt_in", P + "double_blocks.1.img_attn.qkv.weight": "double_blocks.1",
+        "double_blocks.10.txt_mlp.2.weight": "double_blocks.10",
+        "single_blocks.37.linear1.weight": "single_blocks.37",
+        P + "final_layer.adaLN_modulation.1.weight": "final_layer",
+        "single_blocks.38.linear1.weight": "img_in",  # no such block: the first entry
+        "vae.decoder.conv_in.weight": "img_in",
+    }
+    assert {k: block_of(k, "flux") for k in cases} == cases
+    assert count_text("flux").startswith("63 weights (img_in, time_in, guidance_in, "
+                                         "vector_in, txt_in, double_blocks.0..18, "
+                                         "single_blocks.0..37, final_layer")
+
+
+def test_blocks_spec_names_groups_ranges_and_presets() -> None:
+    w = parse_blocks("DOUBLE=1, single_blocks.3-single_blocks.5=0.25, Final_Layer=0.75, "
+                     "double_blocks.2=0.5, default=0.125", "flux", vae_slot=True)
+    assert list(w) == list(flux.BLOCKS)  # no VAE entry for Flux
+    assert w["img_in"] == w["single_blocks.2"] == w["single_blocks.6"] == 0.125
+    assert w["double_blocks.0"] == w["double_blocks.18"] == 1.0
+    assert w["double_blocks.2"] == 0.5  # a name beats a group
+    assert [w[f"single_blocks.{i}"] for i in (3, 4, 5)] == [0.25] * 3
+    assert w["final_layer"] == 0.75
+    assert parse_blocks([0.5] * 63, "flux") == dict.fromkeys(flux.BLOCKS, 0.5)
+    g = preset("gradient_in_to_out", "flux")
+    assert g["img_in"] == 0.0 and g["final_layer"] == 1.0 and g["double_blocks.0"] == 5 / 62
+    assert set(preset("double_only", "flux").values()) == {0.0, 1.0}
+    assert sum(preset("single_only", "flux").values()) == 38
+    with pytest.raises(ModelkitError, match="unknown block 'IN00' for flux"):
+        parse_blocks("IN00=1,default=0", "flux")
+    with pytest.raises(ModelkitError, match="block list for flux has 26 values"):
+        parse_blocks([0.0] * 26, "flux")
+    with pytest.raises(ModelkitError, match="unknown block preset 'unet_only' for flux"):
+        preset("unet_only", "flux")
+
+
+def test_presets_command_lists_flux(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _cli(capsys, "presets", "--arch", "flux", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert set(data) == set(flux.PRESET_DOCS)
+    assert data["blocks_only"]["flux"]["txt_in"] == 0.0
+    assert data["blocks_only"]["flux"]["single_blocks.0"] == 1.0
+
+
+# --- merge ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("flux")
+    a, b = d / "a.safetensors", d / "b.safetensors"
+    write_flux(a, seed=1)
+    write_flux(b, seed=2)
+    return a, b
+
+
+SPEC = "double_blocks.0=1,double_blocks.1=0.25,single=0.5,txt_in=0.75,default=0"
+
+
+def test_block_merge_matches_hand_computed_weights(pair: tuple[Path, Path], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = pair
+    out = tmp_path / "m.safetensors"
+    code, _, err = _cli(capsys, "merge", str(a), str(b), "-o", str(out), "-q", "--blocks", SPEC)
+    assert code == 0, err
+    ta, tb, tm = _tensors(a), _tensors(b), _tensors(out)
+    assert list(tm) == list(ta) and len(tm) == 84
+    weights = parse_blocks(SPEC, "flux")
+    seen = set()
+    for key, got in tm.items():
+        alpha = weights[block_of(key, "flux")]
+        seen.add(alpha)
+        assert got.dtype == torch.bfloat16, key  # bf16 inputs stay bf16
+        if alpha == 0.0:
+            want = ta[key]
+        elif alpha == 1.0:
+            want = tb[key]
+        else:
+            want = torch.lerp(ta[key].float(), tb[key].float(), alpha).to(torch.bfloat16)
+        assert torch.equal(got, want), key
+    assert seen == {0.0, 0.25, 0.5, 0.75, 1.0}
+
+
+def test_merge_dtype_flag_still_wins(pair: tuple[Path, Path], tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = pair
+    out = tmp_path / "m16.safetensors"
+    code, _, err = _cli(capsys, "merge", str(a), str(b), "-o", str(out), "-q", "--dtype", "fp16",
+                        "--alpha", "0.5")
+    assert code == 0, err
+    ta, tb, tm = _tensors(a), _tensors(b), _tensors(out)
+    key = "double_blocks.1.img_attn.qkv.weight"
+    assert tm[key].dtype == torch.float16
+    assert torch.equal(tm[key], torch.lerp(ta[key].float(), tb[key].float(), 0.5).half())
+
+
+def test_all_in_one_merges_the_transformer_and_keeps_a_s_other_parts(tmp_path: Path) -> None:
+    a, b, out = (tmp_path / f"{n}.safetensors" for n in "abm")
+    write_flux(a, all_in_one=True, seed=1)
+    write_flux(b, all_in_one=True, seed=2)
+    report = run(Recipe.merge(a, b, output=out, dtype="auto", alpha=1.0))
+    ta, tb, tm = _tensors(a), _tensors(b), _tensors(out)
+    assert report.to_dict()["n_merged"] == 84  # the transformer; VAE and text encoders copied
+    for key, got in tm.items():
+        want = tb[key] if key.startswith(P) else ta[key]
+        assert torch.equal(got, want), key
+
+
+def test_dry_run_of_full_size_sparse_flux_dev(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    write_sparse_flux(a)
+    write_sparse_flux(b)
+    code, out, err = _cli(capsys, "merge", str(a), str(b), "-o", str(tmp_path / "c.sft"),
+                          "--dry-run", "--json", "--blocks", "double=1,default=0")
+    assert code == 0, err
+    rep = json.loads(out)
+    shapes = flux.transformer_keys(flux.VARIANTS["dev"])
+    planned = sum(math.prod(s) * 2 for s in shapes.values())  # bf16 stays bf16
+    assert 0 < rep["output_bytes"] - planned < 200_000  # the tensors and the header
+    assert round(planned / 1e9, 1) == 23.8
+    largest = 21504 * 3072  # single_blocks.N.linear1
+    assert rep["peak_estimate_bytes"] == largest * 2 + (1 << 20) * 4 * 3
+    assert not (tmp_path / "c.sft").exists()
+
+
+# --- LoRA bake ----------------------------------------------------------------------
+
+
+def _bake(base: Path, lora: str | Path, out: Path) -> None:
+    assert main(["lora", "bake", str(base), str(lora), "-o", str(out), "-q"]) == 0
+
+
+@pytest.fixture(scope="module")
+def base32(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("flux32") / "base.safetensors"
+    write_flux(path, dtype="F32", seed=3)
+    return path
+
+
+def test_kohya_lora_bakes_exact_delta(base32: Path, tmp_path: Path) -> None:
+    lora, out = tmp_path / "k.safetensors", tmp_path / "o.safetensors"
+    write_flux_lora(lora, "kohya", rank=4, alpha=2.0, seed=5)
+    _bake(base32, f"{lora}:0.5", out)
+    w, la, got = _tensors(base32), _tensors(lora), _tensors(out)
+    changed = 0
+    for key, t in got.items():
+        name = "lora_unet_" + key.removesuffix(".weight").replace(".", "_")
+        if not key.endswith(".weight") or f"{name}.lora_up.weight" not in la:
+            assert torch.equal(t, w[key]), key
+            continue
+        up, down = la[f"{name}.lora_up.weight"], la[f"{name}.lora_down.weight"]
+        want = w[key] + 0.25 * (up @ down)  # weight 0.5 x alpha/rank 2/4
+        assert torch.equal(t, want), key
+        changed += 1
+    assert changed == 36  # fused qkv and linear1 are one module each
+
+
+def test_peft_lora_bakes_split_qkv_and_mlp_into_fused_rows(base32: Path, tmp_path: Path
+                                                           ) -> None:
+    lora, out = tmp_path / "p.safetensors", tmp_path / "o.safetensors"
+    write_flux_lora(lora, "peft", rank=4, alpha=8.0, alpha_in_metadata=True, seed=6)
+    _bake(base32, lora, out)
+    w, la, got = _tensors(base32), _tensors(lora), _tensors(out)
+    h = flux_config().hidden_size
+
+    def delta(name: str) -> torch.Tensor:  # alpha 8 / r 4 from the header metadata
+        t = "transformer." + name
+        return 2.0 * (la[f"{t}.lora_B.weight"] @ la[f"{t}.lora_A.weight"])
+
+    qkv = "double_blocks.1.txt_attn.qkv.weight"
+    want = w[qkv].clone()
+    for j, p in enumerate(("add_q_proj", "add_k_proj", "add_v_proj")):
+        want[j * h:(j + 1) * h] += delta(f"transformer_blocks.1.attn.{p}")
+    assert torch.equal(got[qkv], want)
+    lin1 = "single_blocks.0.linear1.weight"
+    assert got[lin1].shape == (7 * h, h)
+    want = w[lin1].clone()
+    for j, p in enumerate(("attn.to_q", "attn.to_k", "attn.to_v")):
+        want[j * h:(j + 1) * h] += delta(f"single_transformer_blocks.0.{p}")
+    want[3 * h:] += delta("single_transformer_blocks.0.proj_mlp")
+    assert torch.equal(got[lin1], want)
+    for key, name in (("img_in.weight", "x_embedder"),
+                      ("double_blocks.0.img_mod.lin.weight", "transformer_blocks.0.norm1.linear"),
+                      ("single_blocks.1.linear2.weight", "single_transformer_blocks.1.proj_out"),
+                      ("final_layer.linear.weight", "proj_out")):
+        assert torch.equal(got[key], w[key] + delta(name)), key
+    assert torch.equal(got["final_layer.adaLN_modulation.1.weight"],
+                       w["final_layer.adaLN_modulation.1.weight"])
+
+
+def test_peft_without_alpha_scales_by_one_and_bakes_into_all_in_one(tmp_path: Path) -> None:
+    base, lora, out = (tmp_path / f"{n}.safetensors" for n in ("b", "l", "o"))
+    write_flux(base, dtype="F32", all_in_one=True, seed=4)
+    mod = "transformer.single_transformer_blocks.1.attn.to_k"
+    write_flux_lora(lora, "peft", rank=2, modules=(mod,), seed=7)
+    _bake(base, lora, out)
+    w, la, got = _tensors(base), _tensors(lora), _tensors(out)
+    key, h = P + "single_blocks.1.linear1.weight", flux_config().hidden_size
+    want = w[key].clone()
+    want[h:2 * h] += la[f"{mod}.lora_B.weight"] @ la[f"{mod}.lora_A.weight"]
+    assert torch.equal(got[key], want)
+    assert all(torch.equal(got[k], w[k]) for k in w if k != key)
+
+
+def test_lora_of_the_other_family_is_refused_naming_both(
+        tmp_path: Path, base32: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sd, sd_lora, fl = (tmp_path / f"{n}.safetensors" for n in ("sd", "sdl", "fl"))
+    write_checkpoint(sd)
+    write_lora(sd_lora)
+    write_flux_lora(fl, "kohya")
+    code, _, err = _cli(capsys, "lora", "bake", str(sd), str(fl), "-o", str(tmp_path / "x"))
+    assert code == 2
+    assert "fl.safetensors: is a flux adapter but sd.safetensors is an sd1 checkpoint" in err
+    code, _, err = _cli(capsys, "lora", "bake", str(base32), str(sd_lora), "-o",
+                        str(tmp_path / "y"))
+    assert code == 2
+    assert "sdl.safetensors: is an sd1 adapter but base.safetensors is a flux checkpoint" in err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+# --- what still refuses Flux.1 --------------------------------------------------------
+
+
+def test_commands_not_done_refuse_flux_in_one_line(pair: tuple[Path, Path], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert handles("flux", "merge") and handles("flux", "lora bake")
+    assert not handles("flux", "prune") and not handles("flux", "quantize")
+    a, _ = pair
+    for args in (["prune", str(a)], ["quantize", str(a), "--dtype", "fp8_e4m3fn"]):
+        code, _, err = _cli(capsys, *args, "-o", str(tmp_path / "x.safetensors"))
+        assert code == 2, (args, err)
+        line = err.strip()
+        assert "\n" not in line and "Flux.1" in line and "does not handle them yet" in line
+        assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_recipe_takes_a_flux_preset_and_checks_it_per_architecture(
+        pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = pair
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"version: 1\ninputs:\n  a: {a}\n  b: {b}\nsteps:\n  m:\n"
+                      "    method: weighted_sum\n    models: [a, b]\n"
+                      "    params:\n      alpha: {preset: single_only}\n"
+                      "output:\n  path: out.safetensors\n")
+    code, _, err = _cli(capsys, "recipe", "run", str(recipe), "-q")
+    assert code == 0, err
+    ta, tb, tm = _tensors(a), _tensors(b), _tensors(tmp_path / "out.safetensors")
+    for key, got in tm.items():
+        want = tb[key] if key.startswith("single_blocks.") else ta[key]
+        assert torch.equal(got.to(want.dtype), want), key
+    sd = tmp_path / "sd.safetensors"
+    write_checkpoint(sd)
+    code, _, err = _cli(capsys, "merge", str(sd), str(sd), "-o", str(tmp_path / "x"),
+                        "--blocks", "single_only")
+    assert code == 2 and "unknown block preset 'single_only'; known: flat_0" in err
+
+
+def test_lora_commands_not_done_say_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                       ) -> None:
+    lora = tmp_path / "l.safetensors"
+    write_flux_lora(lora, "peft")
+    code, _, err = _cli(capsys, "lora", "info", str(lora))
+    assert code == 2
+    assert "l.safetensors: is a Flux.1 adapter; lora info does not handle Flux.1 adapters" in err
+
+
+def test_diffusers_layout_flux_is_refused_by_merge_and_bake(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dl, lora = tmp_path / "dl.safetensors", tmp_path / "l.safetensors"
+    write_sparse_flux(dl, tiny=True, layout="diffusers")
+    write_flux_lora(lora, "peft")
+    for args in (["merge", str(dl), str(dl)], ["lora", "bake", str(dl), str(lora)]):
+        code, _, err = _cli(capsys, *args, "-o", str(tmp_path / "x.safetensors"))
+        assert code == 2, err
+        assert "is a Flux.1 transformer in the diffusers layout" in err, err
+        assert "handles the original (BFL/ComfyUI) layout only" in err
+        assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_peft_base_model_prefix_is_read_as_the_transformer(base32: Path, tmp_path: Path) -> None:
+    src, lora, out = (tmp_path / f"{n}.safetensors" for n in ("p", "l", "o"))
+    mod = "transformer.transformer_blocks.0.attn.to_v"
+    write_flux_lora(src, "peft", rank=2, modules=(mod,), seed=8)
+    tensors = _tensors(src)
+    save_file({k.replace("transformer.", "base_model.model.", 1): v for k, v in tensors.items()},
+              str(lora))
+    _bake(base32, lora, out)
+    w, got, h = _tensors(base32), _tensors(out), flux_config().hidden_size
+    key = "double_blocks.0.img_attn.qkv.weight"
+    want = w[key].clone()
+    want[2 * h:] += tensors[f"{mod}.lora_B.weight"] @ tensors[f"{mod}.lora_A.weight"]
+    assert torch.equal(got[key], want)
+
+
+def test_bake_takes_flux_block_weights(base32: Path, tmp_path: Path) -> None:
+    lora, out = tmp_path / "k.safetensors", tmp_path / "o.safetensors"
+    write_flux_lora(lora, "kohya", rank=4, alpha=4.0, seed=9)
+    assert main(["lora", "bake", str(base32), str(lora), "-o", str(out), "-q", "--blocks",
+                 "double_blocks.1=0.5,single=1,default=0"]) == 0
+    w, la, got = _tensors(base32), _tensors(lora), _tensors(out)
+    for key, t in got.items():
+        k = {"double_blocks.1": 0.5}.get(block_of(key, "flux"),
+                                         1.0 if key.startswith("single_blocks.") else 0.0)
+        name = "lora_unet_" + key.removesuffix(".weight").replace(".", "_")
+        if k == 0.0 or f"{name}.lora_up.weight" not in la:
+            assert torch.equal(t, w[key]), key
+        else:
+            up, down = la[f"{name}.lora_up.weight"], la[f"{name}.lora_down.weight"]
+            assert torch.equal(t, w[key] + k * (up @ down)), key
