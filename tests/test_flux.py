@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from modelkit.core.runner import run
 from safetensors.torch import save_file
 
 from modelkit.arch import flux
@@ -19,6 +18,7 @@ from modelkit.arch.configs import UNET_PREFIX
 from modelkit.arch.registry import handles
 from modelkit.cli import main
 from modelkit.core.recipe import Recipe
+from modelkit.engine.runner import run
 from modelkit.errors import ModelkitError
 from modelkit.io.reader import open_model
 from modelkit.testing import flux_config, write_checkpoint, write_flux, write_sparse_flux
