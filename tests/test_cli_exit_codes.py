@@ -7,31 +7,13 @@ process, so torch is imported once."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_support import run_all as _run_all
+from cli_support import run_entry as _console_entry
 
 from modelkit import testing as t
-
-
-def _console() -> list[str]:
-    script = Path(sys.executable).with_name("modelkit")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "modelkit"]
-
-
-def _run_all(cases: dict[str, list[str]], cwd: Path) -> dict[str, tuple[int, str, str]]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    procs = {name: subprocess.Popen([*_console(), *args], cwd=cwd, env=env, text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for name, args in cases.items()}
-    out = {}
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=300)
-        out[name] = (proc.returncode, stdout, stderr)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -90,34 +72,8 @@ def test_console_script_exit_codes(files: dict[str, Path], models: dict[str, Pat
     assert code == 0 and "modelkit methods" in out and "recipe methods" not in out
 
 
-CHILD = """
-import contextlib, io, json, sys
-from modelkit.cli import run
-
-results = {}
-for name, args in json.loads(sys.argv[1]).items():
-    sys.argv = ["modelkit", *args]
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            run()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    results[name] = [code, out.getvalue(), err.getvalue()]
-sys.__stdout__.write(json.dumps(results))
-"""
 
 
-def _console_entry(cases: dict[str, list[str]], cwd: Path) -> dict[str, tuple[int, str, str]]:
-    """Each case through ``modelkit.cli:run`` (what the ``modelkit`` script
-    calls, ``sys.exit`` included), in one child process: torch is imported
-    once for all of them."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cases)], cwd=cwd, env=env,
-                          text=True, capture_output=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return {k: tuple(v) for k, v in json.loads(proc.stdout).items()}
 
 
 def test_every_command_exit_codes_through_the_console_entry_point(

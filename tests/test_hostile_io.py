@@ -14,58 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_support import run_all as _run_all
+from cli_support import run_entry
 
 from modelkit.textsafe import shown
-
-
-def _console() -> list[str]:
-    script = Path(sys.executable).with_name("modelkit")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "modelkit"]
-
-
-def _run_all(cases: dict[str, list[str]], cwd: Path, env: dict[str, str] | None = None
-             ) -> dict[str, tuple[int, str, str]]:
-    """Each case through the console script, all at once."""
-    full = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    procs = {name: subprocess.Popen([*_console(), *args], cwd=cwd, env=full, text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    errors="backslashreplace")
-             for name, args in cases.items()}
-    out = {}
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=120)
-        out[name] = (proc.returncode, stdout, stderr)
-    return out
-
-
-CHILD = """
-import contextlib, io, json, sys
-from modelkit.cli import run
-
-results = {}
-for name, args in json.loads(sys.argv[1]).items():
-    sys.argv = ["modelkit", *args]
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            run()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    results[name] = [code, out.getvalue(), err.getvalue()]
-sys.__stdout__.write(json.dumps(results))
-"""
-
-
-def _run_entry(cases: dict[str, list[str]], cwd: Path) -> dict[str, tuple[int, str, str]]:
-    """Each case through ``modelkit.cli:run`` (the console script's function,
-    ``sys.exit`` included) in one child process, so torch loads once."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cases)], cwd=cwd, env=env,
-                          text=True, capture_output=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "Warning" not in proc.stderr, proc.stderr
-    return {k: tuple(v) for k, v in json.loads(proc.stdout).items()}
 
 
 def _one_line(result: tuple[int, str, str], path: Path, *parts: str) -> str:
@@ -159,7 +111,7 @@ def test_hostile_gguf_is_refused_in_one_line_by_every_command(
         "overlap": ["inspect", str(g["overlap"])],
         "good": ["convert", str(g["good"]), "-o", str(good), "-q"],
     }
-    res = _run_entry(cases, tmp_path)
+    res = run_entry(cases, tmp_path, no_warnings=True)
     for name in ("inspect", "convert", "merge", "verify"):
         _one_line(res[name], g["array_type"], "more than the rest of the file can hold")
     _one_line(res["zero_dim"], g["zero_dim"], "dimension of 0")
@@ -213,7 +165,7 @@ def test_malformed_pickles_are_one_line_errors(tmp_path: Path) -> None:
     eocd = b"PK\x05\x06" + bytes(18)
     (tmp_path / "disks.ckpt").write_bytes(b"\x80\x02}q\x00." + locator + eocd)
     cases["disks"] = ["inspect", str(tmp_path / "disks.ckpt")]
-    res = _run_entry(cases, tmp_path)
+    res = run_entry(cases, tmp_path, no_warnings=True)
     for name in BAD_PICKLES:
         _one_line(res[name], tmp_path / f"{name}.ckpt", "not a valid checkpoint pickle")
     _one_line(res["p4"], tmp_path / "p4.ckpt", "not a readable checkpoint")
@@ -510,8 +462,8 @@ def test_stale_partials_of_dead_runs_are_removed(hostile_ggufs: dict[str, Path],
         p.write_bytes(b"partial")
     stale_dir.mkdir()
     (stale_dir / "x").write_bytes(b"x")
-    res = _run_entry({"c": ["convert", str(hostile_ggufs["good"]), "-o", str(out), "-q"]},
-                     tmp_path)["c"]
+    res = run_entry({"c": ["convert", str(hostile_ggufs["good"]), "-o", str(out), "-q"]},
+                    tmp_path, no_warnings=True)["c"]
     assert res[0] == 0, res[2]
     left = sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".partial"))
     assert left == sorted(p.name for p in (live, other_host, legacy, other_target))

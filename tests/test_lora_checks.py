@@ -10,15 +10,12 @@ is imported once; every malformed adapter holds the one module it breaks."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from cli_support import run_entry as _console
 from conftest import keep_lora_modules
 from safetensors.torch import load_file, save_file
 
@@ -101,31 +98,8 @@ def _malformed(root: Path, name: str) -> Path:
     return path
 
 
-CHILD = """
-import contextlib, io, json, sys
-from modelkit.cli import run
-
-results = {}
-for name, args in json.loads(sys.argv[1]).items():
-    sys.argv = ["modelkit", *args]
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            run()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    results[name] = [code, out.getvalue(), err.getvalue()]
-sys.__stdout__.write(json.dumps(results))
-"""
 
 
-def _console(cases: dict[str, list[str]], cwd: Path) -> dict[str, tuple[int, str, str]]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cases)], cwd=cwd, env=env,
-                          text=True, capture_output=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return {k: tuple(v) for k, v in json.loads(proc.stdout).items()}
 
 
 def _args(command: str, lora: str, base: str, out: str) -> list[str]:

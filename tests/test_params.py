@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 import pytest
+from cli_support import console as _console
 from test_readme_commands import readme_method_problems
 
 from modelkit.core.registry import (
@@ -176,9 +177,6 @@ def test_the_throwaway_method_is_gone_afterwards() -> None:
 # --- one behaviour for alpha and beta ----------------------------------------------
 
 
-def _console() -> list[str]:
-    script = Path(sys.executable).with_name("modelkit")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "modelkit"]
 
 
 def test_beta_is_required_on_the_command_line_and_empty_in_the_form(tmp_path: Path) -> None:
