@@ -158,6 +158,8 @@ def test_malformed_pickles_are_one_line_errors(tmp_path: Path) -> None:
     cases["png"] = ["inspect", str(tmp_path / "png.ckpt")]
     (tmp_path / "huge.ckpt").write_bytes(_legacy_pickle(numel=4_000_000_000))
     cases["huge"] = ["inspect", str(tmp_path / "huge.ckpt")]  # torch reserved 16 GB first
+    (tmp_path / "wide.ckpt").write_bytes(_legacy_pickle(numel=3, shape=30_000_000_000))
+    cases["wide"] = ["inspect", str(tmp_path / "wide.ckpt")]  # torch grew the storage to fit
     (tmp_path / "legacy.ckpt").write_bytes(_legacy_pickle(numel=3))
     cases["legacy"] = ["inspect", "--json", str(tmp_path / "legacy.ckpt")]
     # a zip64 locator saying the archive spans 2 disks: zipfile.is_zipfile raised
@@ -173,15 +175,18 @@ def test_malformed_pickles_are_one_line_errors(tmp_path: Path) -> None:
     _one_line(res["huge"], tmp_path / "huge.ckpt",
               "claim 4,000,000,000 elements of tensor data but the file holds")
     _one_line(res["disks"], tmp_path / "disks.ckpt", "damaged ZIP archive")
+    _one_line(res["wide"], tmp_path / "wide.ckpt",
+              "a tensor in it reaches 30,000,000,000 elements into its storage")
     code, out, err = res["legacy"]
     assert code == 0 and err == "", err
     report = json.loads(out)
     assert report["file_format"] == "pickle" and report["n_tensors"] == 1, report
 
 
-def _legacy_pickle(numel: int) -> bytes:
+def _legacy_pickle(numel: int, shape: int = 3) -> bytes:
     """A legacy (pre-zip) torch checkpoint, ``{"w": float tensor of 3}``,
-    whose storage record claims ``numel`` elements (torch's own layout:
+    whose storage record claims ``numel`` elements and whose tensor has
+    ``shape`` elements (torch's own layout:
     magic number, protocol, system info, the pickle with persistent ids, the
     storage keys, then each storage's size and data)."""
     import io
@@ -207,7 +212,7 @@ def _legacy_pickle(numel: int) -> bytes:
     class Tensor:
         def __reduce__(self) -> tuple[object, ...]:
             from collections import OrderedDict
-            return (rebuild, (storage, 0, (3,), (1,), False, OrderedDict()))
+            return (rebuild, (storage, 0, (shape,), (1,), False, OrderedDict()))
 
     Pickler(out, protocol=2).dump({"w": Tensor()})
     pickle.dump(["0"], out, protocol=2)

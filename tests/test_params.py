@@ -308,6 +308,18 @@ def test_alpha_is_validated_once_from_the_command_line_to_the_math(
     key = UNET + "out.2.weight"
     a, b = (load_file(models[n])[key].float() for n in ("sd1", "sd1_b"))
     assert load_file(out)[key].equal(torch.lerp(a, b, 0.25).half())
+    # text typed for a parameter is parsed by the validator, in the same one
+    # pass over the declaration: the command line looks nothing up itself
+    parsed: list[str] = []
+    parse = registry.parse_text
+    monkeypatch.setattr(registry, "parse_text",
+                        lambda p, text: parsed.append(text) or parse(p, text))
+    calls.clear()
+    out2 = tmp_path / "m2.safetensors"
+    code, _, err = _main(capsys, "merge", str(models["sd1"]), str(models["sd1_b"]), "-o",
+                         str(out2), "--param", "alpha=0.25", "-q")
+    assert code == 0 and calls == ["weighted_sum"] and parsed == ["0.25"], err
+    assert load_file(out2)[key].equal(load_file(out)[key])
     calls.clear()
     code, _, err = _main(capsys, "prune", str(models["sd1"]), "-o",
                          str(tmp_path / "p.safetensors"), "--dtype", "fp16", "-q")

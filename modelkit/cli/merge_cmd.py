@@ -172,20 +172,22 @@ def merge_cmd(models: tuple[str, ...], common: CommonOptions, method: str,
               vae: str | None, seed: int, dry_run: bool) -> None:
     """Merge two or three checkpoints in one step (builds a recipe and runs it)."""
     from modelkit.core.recipe import COMMAND_LINE, Options, Recipe
-    from modelkit.core.registry import params_from_text
+    from modelkit.core.registry import Typed
 
-    texts: dict[str, str] = {}
+    # the values as given (typed by click, or text for --param): the recipe
+    # validator reads the method's declaration once, parses the text, fills
+    # the suggested alpha and checks every value
+    params = {k: v for k, v in method_params.items() if v is not None}
     for item in extra:
         name, sep, value = item.partition("=")
         if not sep:
             raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--param")
-        texts[name] = value
-    params = params_from_text(method, method_params, texts)
+        params[name] = Typed(value)
     options = Options(common.device or "cpu", block_map, missing,
                       flat(include) or COMPONENTS, flat(exclude_keys), vae, seed)
     recipe = Recipe.merge(*models, method=method, output=common.output,
                           dtype=common.dtype or AUTO_DTYPE, options=options,
-                          source=COMMAND_LINE, **params)
+                          source=COMMAND_LINE, suggest=True, **params)
     if common.format:
         recipe = recipe.with_output(format=common.format)
     execute(recipe, common, _merge_lines, dry_run=dry_run)

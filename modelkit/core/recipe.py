@@ -129,6 +129,10 @@ class StepSpec:
     # the parameters as the validator checked them (defaults in, values
     # converted): what the planner and the methods use, checked once
     checked: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    # a front end's step (the merge command): a required parameter it was not
+    # given takes its declared suggested value (A1111's alpha); a recipe file
+    # must give every required parameter
+    suggest: bool = field(default=False, compare=False, repr=False)
 
     @property
     def is_method(self) -> bool:
@@ -189,12 +193,14 @@ class Recipe:
     def merge(cls, *models: str | os.PathLike[str], method: str = "weighted_sum",
               output: str | os.PathLike[str] | None = None, dtype: str = AUTO_DTYPE,
               options: Options | None = None, source: str = "<recipe>",
-              **params: Any) -> Recipe:
+              suggest: bool = False, **params: Any) -> Recipe:
         """A one-step merge of ``models`` (A, B, C...) with ``method``; the
-        inputs are named ``a``, ``b``, ``c``..."""
+        inputs are named ``a``, ``b``, ``c``... ``suggest``: required
+        parameters not given take their declared suggested values (what the
+        merge command does: A1111's alpha 0.3)."""
         names = [chr(ord("a") + i) for i in range(len(models))]
         inputs = {n: InputSpec(n, str(m)) for n, m in zip(names, models, strict=True)}
-        step = StepSpec("merge", method, tuple(names), dict(params))
+        step = StepSpec("merge", method, tuple(names), dict(params), suggest=suggest)
         return cls(inputs, {"merge": step}, _path(output), dtype, "merge",
                    options or Options(), Path.cwd(), source)
 
@@ -437,11 +443,15 @@ def _as_block_param(value: Any) -> BlockParam | None:
 def _normal_params(c: _Checker, t: Any, step: StepSpec, path: tuple[str, ...]
                    ) -> tuple[dict[str, Any], dict[str, Any]]:
     from modelkit.arch.blocks import any_preset
-    from modelkit.core.registry import check_params
+    from modelkit.core.registry import Typed, check_params, parse_text
 
     params: dict[str, Any] = {}
     for key, value in step.params.items():
         p = t.params.get(key)
+        if isinstance(value, Typed):  # text a person typed: a value by its declaration
+            value = parse_text(p, str(value))
+            if value is None:
+                continue
         if p is not None and p.blockwise and not isinstance(value, bool | int | float):
             try:
                 value = _as_block_param(value)
@@ -452,6 +462,10 @@ def _normal_params(c: _Checker, t: Any, step: StepSpec, path: tuple[str, ...]
                              f"unknown block preset {value.preset[:60]!r}; see "
                              "'modelkit presets'")
         params[str(key)] = value
+    if step.suggest:
+        for key, p in t.params.items():
+            if p.required and params.get(key) is None and p.suggested is not None:
+                params[key] = p.suggested
     try:
         checked = check_params(t, params, len(step.models),
                                is_blockwise=lambda v: isinstance(v, BlockParam))

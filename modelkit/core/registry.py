@@ -430,6 +430,13 @@ def _maybe_number(text: str) -> Any:
     return text
 
 
+class Typed(str):
+    """Text a person typed for a parameter (``--param k=0.2``), carried as is
+    into the recipe: the validator turns it into a value with the
+    parameter's declaration (:func:`parse_text`), in its one pass over the
+    parameters, so a front end needs no lookup of its own."""
+
+
 def parse_text(p: Param | None, text: str) -> Any:
     """Text a person typed for parameter ``p`` (a command-line option, a
     form field, a sweep axis value) as a value: None when empty (the default
@@ -448,26 +455,6 @@ def parse_text(p: Param | None, text: str) -> Any:
     if p.kind == "bool":
         return BOOL_WORDS.get(text.lower(), text)
     return text
-
-
-def params_from_text(name: str, values: Mapping[str, Any], texts: Mapping[str, str]
-                     ) -> dict[str, Any]:
-    """A front end's parameters for transform ``name``: ``values`` given
-    typed, ``texts`` parsed with :func:`parse_text`, and the declared
-    suggested value of each required parameter given neither (A1111's alpha
-    on the command line). One registry lookup; the values are checked later,
-    once, by the recipe validator (an unknown transform is named there)."""
-    t = all_transforms().get(name)
-    params = {k: v for k, v in values.items() if v is not None}
-    for key, text in texts.items():
-        value = parse_text(t.params.get(key) if t is not None else None, text)
-        if value is not None:
-            params[key] = value
-    if t is not None:
-        for key, p in t.params.items():
-            if p.required and params.get(key) is None and p.suggested is not None:
-                params[key] = p.suggested
-    return params
 
 
 def _number(t: Transform, p: Param, value: Any) -> float | int:

@@ -108,17 +108,38 @@ class _Inert:
         pass
 
 
+def _extent(offset: Any, size: Any, stride: Any) -> int:
+    """Elements of storage a tensor view reaches (``offset`` plus the last
+    element's index, plus one), or 0 when the view is empty or unreadable."""
+    if not (isinstance(offset, int) and isinstance(size, tuple) and isinstance(stride, tuple)
+            and len(size) == len(stride)
+            and all(isinstance(x, int) for x in (*size, *stride))):
+        return 0
+    if any(n <= 0 for n in size):
+        return 0
+    return offset + sum((n - 1) * abs(s) for n, s in zip(size, stride, strict=True)) + 1
+
+
 class _StorageProbe(pickle.Unpickler):
     """Reads a legacy (pre-zip) torch pickle without building anything real:
-    every class is :class:`_Inert`, and each storage record's element count
-    is noted (``('storage', type, key, location, numel, view)``)."""
+    every class is :class:`_Inert`; each storage record's element count is
+    noted (``('storage', type, key, location, numel, view)``), and so is how
+    far into its storage each tensor reaches (torch grows a storage to fit
+    the tensor built on it)."""
 
-    def __init__(self, f: Any, claims: list[int]) -> None:
+    def __init__(self, f: Any, claims: list[int], extents: list[int]) -> None:
         super().__init__(f)
         self.claims = claims
+        self.extents = extents
 
     def find_class(self, module: str, name: str) -> Any:
+        if module == "torch._utils" and name in ("_rebuild_tensor", "_rebuild_tensor_v2"):
+            return self._tensor
         return _Inert
+
+    def _tensor(self, _storage: Any = None, offset: Any = 0, size: Any = (), stride: Any = (),
+                *_rest: Any) -> None:
+        self.extents.append(_extent(offset, size, stride))
 
     def persistent_load(self, pid: Any) -> Any:
         if isinstance(pid, tuple) and len(pid) == 6 and pid[0] in ("storage", b"storage") \
@@ -131,20 +152,27 @@ def _check_legacy_storage_sizes(p: Path) -> None:
     """Refuse a legacy checkpoint whose storage records claim more elements
     than the file has bytes: torch allocates each storage before reading its
     data, so a few edited digits in a small file would reserve gigabytes.
-    Every element takes at least one byte in the file, so real files pass. A
-    pickle the probe cannot read is left to ``torch.load`` to refuse."""
+    The same for a tensor whose shape reaches past that (torch grows the
+    storage to fit it). Every element takes at least one byte in the file, so
+    real files pass. A pickle the probe cannot read is left to ``torch.load``
+    to refuse."""
     claims: list[int] = []
+    extents: list[int] = []
     try:
         with p.open("rb") as f:
             for _ in range(3):  # magic number, protocol version, system info
-                _StorageProbe(f, claims).load()
-            _StorageProbe(f, claims).load()
+                _StorageProbe(f, claims, extents).load()
+            _StorageProbe(f, claims, extents).load()
     except Exception:
         pass
     size = p.stat().st_size
     if any(n < 0 for n in claims) or sum(claims) > size:
         raise BadFileError(f"{shown(p, 300)}: not a readable checkpoint: its storage "
                            f"records claim {sum(claims):,} elements of tensor data but the "
+                           f"file holds {size:,} bytes; the file is damaged")
+    if extents and max(extents) > size:
+        raise BadFileError(f"{shown(p, 300)}: not a readable checkpoint: a tensor in it "
+                           f"reaches {max(extents):,} elements into its storage but the "
                            f"file holds {size:,} bytes; the file is damaged")
 
 
