@@ -342,13 +342,30 @@ SDXL_REFINER = _ldm(
 
 _NO_PRUNE = PrunePolicy(residue_prefixes=_parts.JUNK_PREFIXES)
 
+# SD3 / SD3.5 (Stability's MMDiT, original layout; ComfyUI's model_detection.py)
+_SD3_QKV = "joint_blocks.0.context_block.attn.qkv.weight"
+_SD3_POS = "pos_embed"
+SD3_VARIANTS = (
+    Variant("sd3.5-large", Rule(keys=("joint_blocks.37.x_block.attn.qkv.weight",))),
+    Variant("sd3.5-medium", Rule(keys=("joint_blocks.0.x_block.attn2.qkv.weight",),
+                                 shapes=((_SD3_POS, 1, 147456),))),
+    Variant("sd3-medium", Rule(absent=("joint_blocks.24.x_block.attn.qkv.weight",),
+                               shapes=((_SD3_POS, 1, 36864),))),
+)
+
 SD3 = Architecture(
     name="sd3", label="SD3", short="sd3", family="sd3", aliases=("sd3", "sd3.5", "sd35"),
     support=DETECT,
-    detect=(Rule(keys=("joint_blocks.0.context_block.attn.qkv.weight",),
-                 evidence=("sd3 transformer blocks (joint_blocks)",)),),
-    variants=(), layouts=(ORIGINAL,),
-    components=(Component("transformer", DENOISER, UNET_PREFIX),),
+    detect=(Rule(keys=(_SD3_QKV, "x_embedder.proj.weight"),
+                 evidence=("joint_blocks.0.context_block.attn.qkv with x_embedder.proj: "
+                           "SD3 MMDiT (original layout)",)),),
+    variants=SD3_VARIANTS, layouts=(ORIGINAL,),
+    layout_rules=((ORIGINAL, Rule(keys=(_SD3_QKV,))),),
+    components=(Component("transformer", DENOISER, UNET_PREFIX),
+                Component("vae", VAE, VAE_PREFIX),
+                Component("clip_l", TEXT_ENCODER, "text_encoders.clip_l."),
+                Component("clip_g", TEXT_ENCODER, "text_encoders.clip_g."),
+                Component("t5xxl", TEXT_ENCODER, "text_encoders.t5xxl.")),
     spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
     default_dtype="fp16", verify=PROBE, prediction=FLOW,
 )

@@ -247,6 +247,25 @@ def write_sparse_flux(path: str | os.PathLike[str], variant: str = "dev", *,
     return write_sparse(path, _specs(keys, dtype))
 
 
+def write_sparse_sd3(path: str | os.PathLike[str], variant: str = "sd3-medium", *,
+                     prefixed: bool = False, all_in_one: bool = False, dtype: str = "F16"
+                     ) -> Path:
+    """A full-size SD3/SD3.5 header (real key names and shapes, original
+    layout) with sparse all-zero data: the MMDiT alone, unprefixed or under
+    ``model.diffusion_model.``, or (``all_in_one``) with the VAE, CLIP-L,
+    CLIP-G and T5-XXL as Stability's all-in-one release."""
+    from modelkit.arch import sd3
+    from modelkit.io.writer import write_sparse
+
+    cfg = sd3.VARIANTS[variant]
+    if all_in_one:
+        keys = sd3.all_in_one_keys(cfg)
+    else:
+        prefix = UNET_PREFIX if prefixed else ""
+        keys = {prefix + k: s for k, s in sd3.transformer_keys(cfg).items()}
+    return write_sparse(path, _specs(keys, dtype))
+
+
 def flux_config(variant: str = "dev", *, hidden: int = 256, depth: int = 2,
                 single: int = 2, full_text: bool = False) -> FluxConfig:
     """A Flux.1 config with the real key names at a reduced width and depth

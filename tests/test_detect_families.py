@@ -1,0 +1,78 @@
+"""Families ``inspect`` names (family, variant, layout) while the other
+commands refuse them: SD3/SD3.5, from full-size sparse headers, through the
+command line's own function."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from modelkit.arch import registry
+from modelkit.inspect.report import inspect_model
+from modelkit.testing import write_sparse_flux, write_sparse_sd3
+from tests.cli_support import run_entry
+
+
+def _inspect_json(paths: dict[str, Path], cwd: Path) -> dict[str, dict]:
+    res = run_entry({n: ["inspect", "--json", str(p)] for n, p in paths.items()}, cwd)
+    out = {}
+    for name, (code, stdout, stderr) in res.items():
+        assert code == 0, stderr
+        d = json.loads(stdout)
+        out[name] = d[0] if isinstance(d, list) else d
+    return out
+
+
+# --- SD3 / SD3.5 ------------------------------------------------------------------
+
+SD3_CASES = [
+    # variant, prefixed, all-in-one, parameters of the MMDiT (billions)
+    ("sd3-medium", False, False, 2.08),
+    ("sd3-medium", True, False, 2.08),
+    ("sd3.5-medium", False, False, 2.47),
+    ("sd3.5-large", True, False, 8.15),
+    ("sd3-medium", False, True, 2.08),
+]
+
+
+def test_inspect_names_sd3_family_variant_and_layout(tmp_path: Path) -> None:
+    paths = {f"{v}-{p}-{a}": write_sparse_sd3(tmp_path / f"{v}-{p}-{a}.safetensors", v,
+                                              prefixed=p, all_in_one=a)
+             for v, p, a, _ in SD3_CASES}
+    got = _inspect_json(paths, tmp_path)
+    for variant, prefixed, aio, billions in SD3_CASES:
+        d = got[f"{variant}-{prefixed}-{aio}"]
+        assert (d["arch"], d["variant"], d["layout"]) == ("sd3", variant, "original")
+        assert d["kind"] == ("checkpoint" if aio else "unet")
+        assert d["unknown_keys"] == []
+        unet = d["components"]["unet"]
+        assert unet["family"] == "SD3 transformer"
+        assert unet["prefix"] == ("model.diffusion_model." if prefixed or aio else "")
+        assert abs(unet["n_params"] / 1e9 - billions) < 0.01
+        if aio:
+            assert set(d["components"]) == {"unet", "vae", "clip_l", "clip_g", "t5xxl"}
+            assert d["components"]["vae"]["prefix"] == "first_stage_model."
+        assert any("recognised only" in n for n in d["notes"])
+
+
+def test_sd3_is_not_flux_and_flux_is_not_sd3(tmp_path: Path) -> None:
+    sd3 = inspect_model(write_sparse_sd3(tmp_path / "a.safetensors", "sd3.5-large")).to_dict()
+    flux = inspect_model(write_sparse_flux(tmp_path / "b.safetensors", "dev")).to_dict()
+    assert sd3["arch"] == "sd3" and flux["arch"] == "flux"
+
+
+@pytest.mark.parametrize("variant", ["sd3-medium"])
+def test_prune_refuses_sd3_in_one_line(tmp_path: Path, variant: str) -> None:
+    path = write_sparse_sd3(tmp_path / "m.safetensors", variant, all_in_one=True)
+    out = tmp_path / "x.safetensors"
+    code, _, err = run_entry({"p": ["prune", str(path), "-o", str(out)]}, tmp_path)["p"]
+    assert code == 2, err
+    line = err.strip()
+    assert "\n" not in line and "SD3" in line
+    assert not out.exists()
+
+
+def test_detect_only_families() -> None:
+    assert "sd3" in registry.names(support=registry.DETECT)
