@@ -11,7 +11,7 @@ import pytest
 
 from modelkit.arch import registry
 from modelkit.inspect.report import inspect_model
-from modelkit.testing import write_sparse_flux, write_sparse_sd3
+from modelkit.testing import write_sparse_flux, write_sparse_qwen_image, write_sparse_sd3
 from tests.cli_support import run_entry
 
 
@@ -74,5 +74,44 @@ def test_prune_refuses_sd3_in_one_line(tmp_path: Path, variant: str) -> None:
     assert not out.exists()
 
 
+# --- Qwen-Image ---------------------------------------------------------------------
+
+
+def test_inspect_names_qwen_image_family_variant_and_layout(tmp_path: Path) -> None:
+    paths = {str(p): write_sparse_qwen_image(tmp_path / f"q{p}.safetensors", prefixed=p)
+             for p in (False, True)}
+    got = _inspect_json(paths, tmp_path)
+    for prefixed in (False, True):
+        d = got[str(prefixed)]
+        assert (d["arch"], d["variant"], d["layout"]) == ("qwen_image", "qwen-image",
+                                                          "diffusers")
+        assert d["kind"] == "unet" and d["unknown_keys"] == []
+        unet = d["components"]["unet"]
+        assert unet["family"] == "Qwen-Image transformer"
+        assert unet["prefix"] == ("model.diffusion_model." if prefixed else "")
+        assert abs(unet["n_params"] / 1e9 - 20.43) < 0.01  # Qwen-Image has 20B
+        assert any("recognised only" in n for n in d["notes"])
+
+
+def test_qwen_image_is_not_flux_diffusers(tmp_path: Path) -> None:
+    flux = write_sparse_flux(tmp_path / "f.safetensors", "dev", layout="diffusers")
+    qwen = write_sparse_qwen_image(tmp_path / "q.safetensors")
+    assert inspect_model(flux).to_dict()["arch"] == "flux"
+    assert inspect_model(qwen).to_dict()["arch"] == "qwen_image"
+
+
+def test_quantize_refuses_qwen_image_in_one_line(tmp_path: Path) -> None:
+    """The same key names at a small size: quantize maps the file."""
+    path = write_sparse_qwen_image(tmp_path / "q.safetensors", prefixed=True, tiny=True)
+    assert inspect_model(path).to_dict()["arch"] == "qwen_image"
+    out = tmp_path / "x.safetensors"
+    code, _, err = run_entry({"q": ["quantize", str(path), "--dtype", "fp8_e4m3fn",
+                                    "-o", str(out)]}, tmp_path)["q"]
+    assert code == 2, err
+    line = err.strip()
+    assert "\n" not in line and "Qwen-Image" in line and "does not handle them yet" in line
+    assert not out.exists()
+
+
 def test_detect_only_families() -> None:
-    assert "sd3" in registry.names(support=registry.DETECT)
+    assert registry.names(support=registry.DETECT) == ("sd3", "qwen_image")

@@ -370,6 +370,28 @@ SD3 = Architecture(
     default_dtype="fp16", verify=PROBE, prediction=FLOW,
 )
 
+# Qwen-Image (diffusers' QwenImageTransformer2DModel names, which ComfyUI keeps)
+_QWEN_TXT_NORM = "txt_norm.weight"
+QWEN_IMAGE = Architecture(
+    name="qwen_image", label="Qwen-Image", short="qwen", family="qwen_image",
+    aliases=("qwen_image", "qwen-image", "qwenimage"), support=DETECT,
+    detect=(Rule(keys=(_QWEN_TXT_NORM, "img_in.weight", "txt_in.weight",
+                       "transformer_blocks.0.img_mod.1.weight",
+                       "transformer_blocks.0.attn.add_q_proj.weight"),
+                 evidence=("txt_norm, img_in and transformer_blocks.0.img_mod: Qwen-Image "
+                           "transformer",)),),
+    variants=(Variant("qwen-image", Rule(
+        keys=("transformer_blocks.59.img_mod.1.weight",),
+        absent=("transformer_blocks.60.img_mod.1.weight",),
+        shapes=((_QWEN_TXT_NORM, 0, 3584), ("img_in.weight", 0, 3072),
+                ("img_in.weight", 1, 64)))),),
+    layouts=(DIFFUSERS,),
+    layout_rules=((DIFFUSERS, Rule(keys=("transformer_blocks.0.attn.to_q.weight",))),),
+    components=(Component("transformer", DENOISER, UNET_PREFIX),),
+    spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
+    default_dtype="bf16", verify=PROBE, prediction=FLOW,
+)
+
 # Flux.1 (BFL layout, ComfyUI's model_detection.py; diffusers' single_file_utils.py)
 _FLUX_QK_NORM = "double_blocks.0.img_attn.norm.key_norm.scale"
 _FLUX_DIFFUSERS_QK_NORM = "transformer_blocks.0.attn.norm_added_k.weight"
@@ -431,7 +453,7 @@ FLUX = Architecture(
 )
 
 REGISTRY: dict[str, Architecture] = {a.name: a for a in (SD1, SD2, SDXL, SDXL_REFINER,
-                                                         SD3, FLUX)}
+                                                         SD3, FLUX, QWEN_IMAGE)}
 
 
 # --- derived lists ----------------------------------------------------------------

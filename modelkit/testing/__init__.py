@@ -266,6 +266,21 @@ def write_sparse_sd3(path: str | os.PathLike[str], variant: str = "sd3-medium", 
     return write_sparse(path, _specs(keys, dtype))
 
 
+def write_sparse_qwen_image(path: str | os.PathLike[str], *, prefixed: bool = False,
+                            dtype: str = "BF16", tiny: bool = False) -> Path:
+    """A full-size Qwen-Image transformer header (real key names and shapes)
+    with sparse all-zero data, unprefixed or under ``model.diffusion_model.``
+    (``tiny``: the same key names at a small size, for commands that map the
+    file)."""
+    from modelkit.arch import qwen_image
+    from modelkit.io.writer import write_sparse
+
+    prefix = UNET_PREFIX if prefixed else ""
+    cfg = qwen_image.VARIANTS["qwen-image"]
+    keys = qwen_image.transformer_keys(qwen_image.small(cfg) if tiny else cfg)
+    return write_sparse(path, _specs({prefix + k: s for k, s in keys.items()}, dtype))
+
+
 def flux_config(variant: str = "dev", *, hidden: int = 256, depth: int = 2,
                 single: int = 2, full_text: bool = False) -> FluxConfig:
     """A Flux.1 config with the real key names at a reduced width and depth
