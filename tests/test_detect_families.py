@@ -11,7 +11,12 @@ import pytest
 
 from modelkit.arch import registry
 from modelkit.inspect.report import inspect_model
-from modelkit.testing import write_sparse_flux, write_sparse_qwen_image, write_sparse_sd3
+from modelkit.testing import (
+    write_sparse_flux,
+    write_sparse_qwen_image,
+    write_sparse_sd3,
+    write_sparse_wan,
+)
 from tests.cli_support import run_entry
 
 
@@ -113,5 +118,71 @@ def test_quantize_refuses_qwen_image_in_one_line(tmp_path: Path) -> None:
     assert not out.exists()
 
 
+# --- Wan 2.1 / 2.2 --------------------------------------------------------------------
+
+WAN_CASES = [
+    # variant, prefixed, parameters (billions)
+    ("t2v-1.3b", False, 1.42),
+    ("t2v-1.3b", True, 1.42),
+    ("t2v-14b", True, 14.29),
+    ("i2v-14b", False, 16.42),
+    ("vace", True, 17.34),
+    ("ti2v-5b", False, 5.00),
+]
+
+
+def test_inspect_names_wan_family_variant_and_layout(tmp_path: Path) -> None:
+    paths = {f"{v}-{p}": write_sparse_wan(tmp_path / f"{v}-{p}.safetensors", v, prefixed=p)
+             for v, p, _ in WAN_CASES}
+    got = _inspect_json(paths, tmp_path)
+    for variant, prefixed, billions in WAN_CASES:
+        d = got[f"{variant}-{prefixed}"]
+        assert (d["arch"], d["variant"], d["layout"]) == ("wan", variant, "original")
+        assert d["kind"] == "unet" and d["unknown_keys"] == []
+        unet = d["components"]["unet"]
+        assert unet["family"] == "Wan transformer"
+        assert unet["prefix"] == ("model.diffusion_model." if prefixed else "")
+        assert abs(unet["n_params"] / 1e9 - billions) < 0.01
+        assert any("recognised only" in n for n in d["notes"])
+
+
+def test_quantize_refuses_wan_in_one_line(tmp_path: Path) -> None:
+    path = write_sparse_wan(tmp_path / "w.safetensors", "t2v-14b", tiny=True)
+    assert inspect_model(path).to_dict()["arch"] == "wan"
+    out = tmp_path / "x.safetensors"
+    code, _, err = run_entry({"q": ["quantize", str(path), "--dtype", "fp8_e4m3fn",
+                                    "-o", str(out)]}, tmp_path)["q"]
+    assert code == 2, err
+    line = err.strip()
+    assert "\n" not in line and "Wan" in line and "does not handle them yet" in line
+    assert not out.exists()
+
+
+# --- the families are not confused with each other ---------------------------------
+
+
+def test_each_family_is_named_as_itself(tmp_path: Path) -> None:
+    """One full-size file of every transformer family: each reads as its own
+    family only (no rule of another family holds)."""
+    files = {
+        ("flux", "dev"): write_sparse_flux(tmp_path / "f.safetensors", "dev"),
+        ("flux", "schnell"): write_sparse_flux(tmp_path / "fd.safetensors", "schnell",
+                                               layout="diffusers"),
+        ("sd3", "sd3.5-large"): write_sparse_sd3(tmp_path / "s.safetensors", "sd3.5-large"),
+        ("qwen_image", "qwen-image"): write_sparse_qwen_image(tmp_path / "q.safetensors"),
+        ("wan", "i2v-14b"): write_sparse_wan(tmp_path / "w.safetensors", "i2v-14b"),
+        ("wan", "ti2v-5b"): write_sparse_wan(tmp_path / "w5.safetensors", "ti2v-5b"),
+    }
+    from modelkit.io.header import read_header
+
+    for (arch, variant), path in files.items():
+        d = inspect_model(path).to_dict()
+        assert (d["arch"], d["variant"]) == (arch, variant), path
+        keys = {k: v.shape for k, v in read_header(path).tensors.items()}
+        holding = {a.name for a in registry.REGISTRY.values() for r in a.detect
+                   if r.holds(keys)}
+        assert holding == {arch}, (path, holding)
+
+
 def test_detect_only_families() -> None:
-    assert registry.names(support=registry.DETECT) == ("sd3", "qwen_image")
+    assert registry.names(support=registry.DETECT) == ("sd3", "qwen_image", "wan")

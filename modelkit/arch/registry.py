@@ -392,6 +392,40 @@ QWEN_IMAGE = Architecture(
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
 )
 
+# Wan 2.1 / 2.2 (Wan-Video's WanModel names, which ComfyUI keeps)
+_WAN_PATCH = "patch_embedding.weight"
+
+
+def _wan_size(dim: int, in_dim: int) -> tuple[tuple[str, int, int], ...]:
+    return ((_WAN_PATCH, 0, dim), (_WAN_PATCH, 1, in_dim))
+
+
+WAN = Architecture(
+    name="wan", label="Wan", short="wan", family="wan",
+    aliases=("wan", "wan2.1", "wan2.2", "wan21", "wan22"), support=DETECT,
+    detect=(Rule(keys=("head.modulation", _WAN_PATCH, "blocks.0.self_attn.q.weight",
+                       "blocks.0.cross_attn.q.weight"),
+                 evidence=("head.modulation, a 3-D patch_embedding and blocks.0.self_attn: "
+                           "Wan video transformer (original layout)",)),),
+    # 1.3B: 1536 wide, 14B: 5120 (image-to-video adds img_emb and k_img),
+    # Wan 2.2 TI2V-5B: 3072 wide with 48 latent channels
+    variants=(Variant("vace", Rule(keys=("vace_patch_embedding.weight",
+                                         "vace_blocks.0.after_proj.weight"))),
+              Variant("i2v-14b", Rule(keys=("img_emb.proj.1.weight",
+                                            "blocks.0.cross_attn.k_img.weight"),
+                                      shapes=((_WAN_PATCH, 0, 5120),))),
+              Variant("t2v-14b", Rule(absent=("blocks.40.self_attn.q.weight",),
+                                      shapes=_wan_size(5120, 16))),
+              Variant("t2v-1.3b", Rule(absent=("blocks.30.self_attn.q.weight",),
+                                       shapes=_wan_size(1536, 16))),
+              Variant("ti2v-5b", Rule(shapes=_wan_size(3072, 48)))),
+    layouts=(ORIGINAL,),
+    layout_rules=((ORIGINAL, Rule(keys=("blocks.0.self_attn.q.weight",))),),
+    components=(Component("transformer", DENOISER, UNET_PREFIX),),
+    spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
+    default_dtype="bf16", verify=PROBE, prediction=FLOW,
+)
+
 # Flux.1 (BFL layout, ComfyUI's model_detection.py; diffusers' single_file_utils.py)
 _FLUX_QK_NORM = "double_blocks.0.img_attn.norm.key_norm.scale"
 _FLUX_DIFFUSERS_QK_NORM = "transformer_blocks.0.attn.norm_added_k.weight"
@@ -453,7 +487,7 @@ FLUX = Architecture(
 )
 
 REGISTRY: dict[str, Architecture] = {a.name: a for a in (SD1, SD2, SDXL, SDXL_REFINER,
-                                                         SD3, FLUX, QWEN_IMAGE)}
+                                                         SD3, FLUX, QWEN_IMAGE, WAN)}
 
 
 # --- derived lists ----------------------------------------------------------------
