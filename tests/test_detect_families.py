@@ -121,23 +121,29 @@ def test_quantize_refuses_qwen_image_in_one_line(tmp_path: Path) -> None:
 # --- Wan 2.1 / 2.2 --------------------------------------------------------------------
 
 WAN_CASES = [
-    # variant, prefixed, parameters (billions)
-    ("t2v-1.3b", False, 1.42),
-    ("t2v-1.3b", True, 1.42),
-    ("t2v-14b", True, 14.29),
-    ("i2v-14b", False, 16.42),
-    ("vace", True, 17.34),
-    ("ti2v-5b", False, 5.00),
+    # variant, layout, prefixed, parameters (billions; diffusers' classes on
+    # the meta device count the same)
+    ("t2v-1.3b", "original", False, 1.42),
+    ("t2v-1.3b", "original", True, 1.42),
+    ("t2v-14b", "original", True, 14.29),
+    ("i2v-14b", "original", False, 16.39),
+    ("vace", "original", True, 17.34),
+    ("ti2v-5b", "original", False, 5.00),
+    ("t2v-1.3b", "diffusers", False, 1.42),
+    ("t2v-14b", "diffusers", False, 14.29),
+    ("i2v-14b", "diffusers", True, 16.39),
+    ("ti2v-5b", "diffusers", False, 5.00),
 ]
 
 
 def test_inspect_names_wan_family_variant_and_layout(tmp_path: Path) -> None:
-    paths = {f"{v}-{p}": write_sparse_wan(tmp_path / f"{v}-{p}.safetensors", v, prefixed=p)
-             for v, p, _ in WAN_CASES}
+    paths = {f"{v}-{lay}-{p}": write_sparse_wan(tmp_path / f"{v}-{lay}-{p}.safetensors", v,
+                                                layout=lay, prefixed=p)
+             for v, lay, p, _ in WAN_CASES}
     got = _inspect_json(paths, tmp_path)
-    for variant, prefixed, billions in WAN_CASES:
-        d = got[f"{variant}-{prefixed}"]
-        assert (d["arch"], d["variant"], d["layout"]) == ("wan", variant, "original")
+    for variant, layout, prefixed, billions in WAN_CASES:
+        d = got[f"{variant}-{layout}-{prefixed}"]
+        assert (d["arch"], d["variant"], d["layout"]) == ("wan", variant, layout)
         assert d["kind"] == "unet" and d["unknown_keys"] == []
         unet = d["components"]["unet"]
         assert unet["family"] == "Wan transformer"
@@ -172,6 +178,8 @@ def test_each_family_is_named_as_itself(tmp_path: Path) -> None:
         ("qwen_image", "qwen-image"): write_sparse_qwen_image(tmp_path / "q.safetensors"),
         ("wan", "i2v-14b"): write_sparse_wan(tmp_path / "w.safetensors", "i2v-14b"),
         ("wan", "ti2v-5b"): write_sparse_wan(tmp_path / "w5.safetensors", "ti2v-5b"),
+        ("wan", "t2v-14b"): write_sparse_wan(tmp_path / "wd.safetensors", "t2v-14b",
+                                             layout="diffusers"),
     }
     from modelkit.io.header import read_header
 

@@ -400,27 +400,39 @@ def _wan_size(dim: int, in_dim: int) -> tuple[tuple[str, int, int], ...]:
     return ((_WAN_PATCH, 0, dim), (_WAN_PATCH, 1, in_dim))
 
 
+def _wan_variants(q: str, img: str, k_img: str) -> tuple[Variant, ...]:
+    """Wan variants in one layout (``q``: block 0's self-attention query,
+    ``img``/``k_img``: the image embedder and image key projection)."""
+    last = q.replace("blocks.0.", "blocks.{}.")
+    return (Variant("i2v-14b", Rule(keys=(img, k_img), shapes=((_WAN_PATCH, 0, 5120),))),
+            Variant("t2v-14b", Rule(absent=(last.format(40),), shapes=_wan_size(5120, 16))),
+            Variant("t2v-1.3b", Rule(absent=(last.format(30),), shapes=_wan_size(1536, 16))),
+            Variant("ti2v-5b", Rule(shapes=_wan_size(3072, 48))))
+
+
+_WAN_Q, _WAN_DIFFUSERS_Q = "blocks.0.self_attn.q.weight", "blocks.0.attn1.to_q.weight"
 WAN = Architecture(
     name="wan", label="Wan", short="wan", family="wan",
     aliases=("wan", "wan2.1", "wan2.2", "wan21", "wan22"), support=DETECT,
-    detect=(Rule(keys=("head.modulation", _WAN_PATCH, "blocks.0.self_attn.q.weight",
-                       "blocks.0.cross_attn.q.weight"),
+    detect=(Rule(keys=("head.modulation", _WAN_PATCH, _WAN_Q, "blocks.0.cross_attn.q.weight"),
                  evidence=("head.modulation, a 3-D patch_embedding and blocks.0.self_attn: "
-                           "Wan video transformer (original layout)",)),),
-    # 1.3B: 1536 wide, 14B: 5120 (image-to-video adds img_emb and k_img),
-    # Wan 2.2 TI2V-5B: 3072 wide with 48 latent channels
+                           "Wan video transformer (original layout)",)),
+            Rule(keys=("scale_shift_table", _WAN_PATCH, _WAN_DIFFUSERS_Q,
+                       "condition_embedder.time_proj.weight"),
+                 evidence=("scale_shift_table, a 3-D patch_embedding and "
+                           "condition_embedder: Wan video transformer (diffusers "
+                           "layout)",))),
+    # 1.3B: 1536 wide, 14B: 5120 (image-to-video adds the image embedder and
+    # k_img), VACE adds vace_blocks, Wan 2.2 TI2V-5B: 3072 wide, 48 channels
     variants=(Variant("vace", Rule(keys=("vace_patch_embedding.weight",
                                          "vace_blocks.0.after_proj.weight"))),
-              Variant("i2v-14b", Rule(keys=("img_emb.proj.1.weight",
-                                            "blocks.0.cross_attn.k_img.weight"),
-                                      shapes=((_WAN_PATCH, 0, 5120),))),
-              Variant("t2v-14b", Rule(absent=("blocks.40.self_attn.q.weight",),
-                                      shapes=_wan_size(5120, 16))),
-              Variant("t2v-1.3b", Rule(absent=("blocks.30.self_attn.q.weight",),
-                                       shapes=_wan_size(1536, 16))),
-              Variant("ti2v-5b", Rule(shapes=_wan_size(3072, 48)))),
-    layouts=(ORIGINAL,),
-    layout_rules=((ORIGINAL, Rule(keys=("blocks.0.self_attn.q.weight",))),),
+              *_wan_variants(_WAN_Q, "img_emb.proj.1.weight",
+                             "blocks.0.cross_attn.k_img.weight"),
+              *_wan_variants(_WAN_DIFFUSERS_Q,
+                             "condition_embedder.image_embedder.ff.net.0.proj.weight",
+                             "blocks.0.attn2.add_k_proj.weight")),
+    layouts=(ORIGINAL, DIFFUSERS),
+    layout_rules=((ORIGINAL, Rule(keys=(_WAN_Q,))), (DIFFUSERS, Rule(keys=(_WAN_DIFFUSERS_Q,)))),
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
     spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
     default_dtype="bf16", verify=PROBE, prediction=FLOW,

@@ -21,6 +21,8 @@ from dataclasses import dataclass, replace
 
 from modelkit.arch.keys import KeyShapes, Shape
 
+ORIGINAL, DIFFUSERS = "original", "diffusers"
+
 
 @dataclass(frozen=True)
 class WanConfig:
@@ -89,8 +91,8 @@ def _transformer(cfg: WanConfig) -> Iterator[tuple[str, Shape]]:
     if cfg.i2v:
         yield "img_emb.proj.0.weight", (cfg.clip_dim,)
         yield "img_emb.proj.0.bias", (cfg.clip_dim,)
-        yield from _linear("img_emb.proj.1", d, cfg.clip_dim)
-        yield from _linear("img_emb.proj.3", d, d)
+        yield from _linear("img_emb.proj.1", cfg.clip_dim, cfg.clip_dim)
+        yield from _linear("img_emb.proj.3", d, cfg.clip_dim)
         yield "img_emb.proj.4.weight", (d,)
         yield "img_emb.proj.4.bias", (d,)
     if cfg.vace_layers:
@@ -104,9 +106,50 @@ def _transformer(cfg: WanConfig) -> Iterator[tuple[str, Shape]]:
             yield from _linear(f"{b}.after_proj", d, d)
 
 
-def transformer_keys(cfg: WanConfig) -> KeyShapes:
-    """The transformer's keys and shapes (original layout, unprefixed)."""
-    return dict(_transformer(cfg))
+def _diffusers(cfg: WanConfig) -> Iterator[tuple[str, Shape]]:
+    """diffusers' ``WanTransformer3DModel`` names (no VACE)."""
+    d, e = cfg.dim, "condition_embedder"
+    yield "scale_shift_table", (1, 2, d)
+    yield "patch_embedding.weight", (d, cfg.in_dim, 1, 2, 2)
+    yield "patch_embedding.bias", (d,)
+    yield from _linear(f"{e}.time_embedder.linear_1", d, cfg.freq_dim)
+    yield from _linear(f"{e}.time_embedder.linear_2", d, d)
+    yield from _linear(f"{e}.time_proj", 6 * d, d)
+    yield from _linear(f"{e}.text_embedder.linear_1", d, cfg.text_dim)
+    yield from _linear(f"{e}.text_embedder.linear_2", d, d)
+    if cfg.i2v:
+        c = cfg.clip_dim
+        yield f"{e}.image_embedder.norm1.weight", (c,)
+        yield f"{e}.image_embedder.norm1.bias", (c,)
+        yield from _linear(f"{e}.image_embedder.ff.net.0.proj", c, c)
+        yield from _linear(f"{e}.image_embedder.ff.net.2", d, c)
+        yield f"{e}.image_embedder.norm2.weight", (d,)
+        yield f"{e}.image_embedder.norm2.bias", (d,)
+    for i in range(cfg.num_layers):
+        b = f"blocks.{i}"
+        yield f"{b}.scale_shift_table", (1, 6, d)
+        for attn in ("attn1", "attn2"):
+            for p in ("to_q", "to_k", "to_v", "to_out.0"):
+                yield from _linear(f"{b}.{attn}.{p}", d, d)
+            yield f"{b}.{attn}.norm_q.weight", (d,)
+            yield f"{b}.{attn}.norm_k.weight", (d,)
+        if cfg.i2v:
+            yield from _linear(f"{b}.attn2.add_k_proj", d, d)
+            yield from _linear(f"{b}.attn2.add_v_proj", d, d)
+            yield f"{b}.attn2.norm_added_k.weight", (d,)
+        yield f"{b}.norm2.weight", (d,)
+        yield f"{b}.norm2.bias", (d,)
+        yield from _linear(f"{b}.ffn.net.0.proj", cfg.ffn_dim, d)
+        yield from _linear(f"{b}.ffn.net.2", d, cfg.ffn_dim)
+    yield from _linear("proj_out", cfg.out_dim * 4, d)
+
+
+def transformer_keys(cfg: WanConfig, layout: str = ORIGINAL) -> KeyShapes:
+    """The transformer's keys and shapes in ``layout`` (unprefixed; VACE has
+    the original layout only)."""
+    if layout == DIFFUSERS and cfg.vace_layers:
+        raise ValueError("VACE is written in the original layout only")
+    return dict(_transformer(cfg) if layout == ORIGINAL else _diffusers(cfg))
 
 
 def small(cfg: WanConfig) -> WanConfig:

@@ -282,17 +282,18 @@ def write_sparse_qwen_image(path: str | os.PathLike[str], *, prefixed: bool = Fa
 
 
 def write_sparse_wan(path: str | os.PathLike[str], variant: str = "t2v-1.3b", *,
-                     prefixed: bool = False, dtype: str = "BF16", tiny: bool = False
-                     ) -> Path:
-    """A full-size Wan 2.1/2.2 transformer header (real key names and shapes,
-    original layout) with sparse all-zero data, unprefixed or under
-    ``model.diffusion_model.`` (``tiny``: the same key names at a small size)."""
+                     layout: str = "original", prefixed: bool = False, dtype: str = "BF16",
+                     tiny: bool = False) -> Path:
+    """A full-size Wan 2.1/2.2 transformer header (real key names and shapes)
+    with sparse all-zero data in the ``original`` or ``diffusers`` layout,
+    unprefixed or under ``model.diffusion_model.`` (``tiny``: the same key
+    names at a small size)."""
     from modelkit.arch import wan
     from modelkit.io.writer import write_sparse
 
     prefix = UNET_PREFIX if prefixed else ""
     cfg = wan.small(wan.VARIANTS[variant]) if tiny else wan.VARIANTS[variant]
-    keys = wan.transformer_keys(cfg)
+    keys = wan.transformer_keys(cfg, layout)
     return write_sparse(path, _specs({prefix + k: s for k, s in keys.items()}, dtype))
 
 
