@@ -194,3 +194,38 @@ def test_each_family_is_named_as_itself(tmp_path: Path) -> None:
 
 def test_detect_only_families() -> None:
     assert registry.names(support=registry.DETECT) == ("sd3", "qwen_image", "wan")
+
+
+# --- the generated tables against diffusers' classes (meta device, no memory) -------
+
+
+def test_generated_tables_match_diffusers_classes() -> None:
+    """Qwen-Image and Wan (diffusers layout): the same keys and shapes as the
+    diffusers classes; SD3 (fused qkv): the same parameter count."""
+    import math
+
+    pytest.importorskip("diffusers")
+    import torch
+    from diffusers import QwenImageTransformer2DModel, SD3Transformer2DModel, WanTransformer3DModel
+
+    from modelkit.arch import qwen_image, sd3, wan
+
+    def table(cls: type, **kw: object) -> dict[str, tuple[int, ...]]:
+        with torch.device("meta"):
+            return {k: tuple(v.shape) for k, v in cls(**kw).state_dict().items()}
+
+    assert table(QwenImageTransformer2DModel) == qwen_image.transformer_keys(
+        qwen_image.VARIANTS["qwen-image"])
+    assert table(WanTransformer3DModel, in_channels=36, image_dim=1280,
+                 added_kv_proj_dim=5120) == wan.transformer_keys(wan.VARIANTS["i2v-14b"],
+                                                                 "diffusers")
+    assert table(WanTransformer3DModel, num_attention_heads=24, ffn_dim=14336, num_layers=30,
+                 in_channels=48, out_channels=48) == wan.transformer_keys(
+                     wan.VARIANTS["ti2v-5b"], "diffusers")
+    ref = table(SD3Transformer2DModel, sample_size=128, num_layers=24, attention_head_dim=64,
+                num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=384,
+                joint_attention_dim=4096, pooled_projection_dim=2048, out_channels=16,
+                qk_norm="rms_norm", dual_attention_layers=tuple(range(13)))
+    mine = sd3.transformer_keys(sd3.VARIANTS["sd3.5-medium"])
+    assert sum(map(math.prod, ref.values())) == sum(map(math.prod, mine.values()))
+    assert ref["pos_embed.pos_embed"] == mine["pos_embed"]
