@@ -229,3 +229,13 @@ def test_generated_tables_match_diffusers_classes() -> None:
     mine = sd3.transformer_keys(sd3.VARIANTS["sd3.5-medium"])
     assert sum(map(math.prod, ref.values())) == sum(map(math.prod, mine.values()))
     assert ref["pos_embed.pos_embed"] == mine["pos_embed"]
+
+
+def test_sd_checkpoints_are_not_read_as_the_new_families(models: dict[str, Path]) -> None:
+    """No SD1/SD2/SDXL/refiner file reads as SD3, Qwen-Image or Wan."""
+    new = set(registry.names(support=registry.DETECT))
+    for name, arch in (("sd1", "sd1"), ("sd2", "sd2"), ("sdxl", "sdxl"),
+                       ("sdxl_refiner", "sdxl_refiner"), ("sdxl_unet", "sdxl"),
+                       ("sd1_unet_prefixed", "sd1")):
+        d = inspect_model(models[name]).to_dict()
+        assert d["arch"] == arch and d["arch"] not in new, name
