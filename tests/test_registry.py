@@ -106,7 +106,7 @@ def test_name_lists_elsewhere_are_the_registrys() -> None:
 
     full = registry.names(support=FULL)
     assert full == vocab.ARCH_NAMES
-    assert vocab.RECOGNISED_ONLY == registry.names(support=DETECT) == ("sd3",)
+    assert vocab.RECOGNISED_ONLY == registry.names(support=DETECT) == ("sd3", "qwen_image", "wan")
     assert registry.names(support=PARTIAL) == ("flux",)
     assert registry.handling("merge") == registry.handling("lora bake") == (*full, "flux")
     assert registry.handling("prune") == registry.handling("quantize") == full

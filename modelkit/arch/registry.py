@@ -342,15 +342,100 @@ SDXL_REFINER = _ldm(
 
 _NO_PRUNE = PrunePolicy(residue_prefixes=_parts.JUNK_PREFIXES)
 
+# SD3 / SD3.5 (Stability's MMDiT, original layout; ComfyUI's model_detection.py)
+_SD3_QKV = "joint_blocks.0.context_block.attn.qkv.weight"
+_SD3_POS = "pos_embed"
+SD3_VARIANTS = (
+    Variant("sd3.5-large", Rule(keys=("joint_blocks.37.x_block.attn.qkv.weight",))),
+    Variant("sd3.5-medium", Rule(keys=("joint_blocks.0.x_block.attn2.qkv.weight",),
+                                 shapes=((_SD3_POS, 1, 147456),))),
+    Variant("sd3-medium", Rule(absent=("joint_blocks.24.x_block.attn.qkv.weight",),
+                               shapes=((_SD3_POS, 1, 36864),))),
+)
+
 SD3 = Architecture(
     name="sd3", label="SD3", short="sd3", family="sd3", aliases=("sd3", "sd3.5", "sd35"),
     support=DETECT,
-    detect=(Rule(keys=("joint_blocks.0.context_block.attn.qkv.weight",),
-                 evidence=("sd3 transformer blocks (joint_blocks)",)),),
-    variants=(), layouts=(ORIGINAL,),
-    components=(Component("transformer", DENOISER, UNET_PREFIX),),
+    detect=(Rule(keys=(_SD3_QKV, "x_embedder.proj.weight"),
+                 evidence=("joint_blocks.0.context_block.attn.qkv with x_embedder.proj: "
+                           "SD3 MMDiT (original layout)",)),),
+    variants=SD3_VARIANTS, layouts=(ORIGINAL,),
+    layout_rules=((ORIGINAL, Rule(keys=(_SD3_QKV,))),),
+    components=(Component("transformer", DENOISER, UNET_PREFIX),
+                Component("vae", VAE, VAE_PREFIX),
+                Component("clip_l", TEXT_ENCODER, "text_encoders.clip_l."),
+                Component("clip_g", TEXT_ENCODER, "text_encoders.clip_g."),
+                Component("t5xxl", TEXT_ENCODER, "text_encoders.t5xxl.")),
     spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
     default_dtype="fp16", verify=PROBE, prediction=FLOW,
+)
+
+# Qwen-Image (diffusers' QwenImageTransformer2DModel names, which ComfyUI keeps)
+_QWEN_TXT_NORM = "txt_norm.weight"
+QWEN_IMAGE = Architecture(
+    name="qwen_image", label="Qwen-Image", short="qwen", family="qwen_image",
+    aliases=("qwen_image", "qwen-image", "qwenimage"), support=DETECT,
+    detect=(Rule(keys=(_QWEN_TXT_NORM, "img_in.weight", "txt_in.weight",
+                       "transformer_blocks.0.img_mod.1.weight",
+                       "transformer_blocks.0.attn.add_q_proj.weight"),
+                 evidence=("txt_norm, img_in and transformer_blocks.0.img_mod: Qwen-Image "
+                           "transformer",)),),
+    variants=(Variant("qwen-image", Rule(
+        keys=("transformer_blocks.59.img_mod.1.weight",),
+        absent=("transformer_blocks.60.img_mod.1.weight",),
+        shapes=((_QWEN_TXT_NORM, 0, 3584), ("img_in.weight", 0, 3072),
+                ("img_in.weight", 1, 64)))),),
+    layouts=(DIFFUSERS,),
+    layout_rules=((DIFFUSERS, Rule(keys=("transformer_blocks.0.attn.to_q.weight",))),),
+    components=(Component("transformer", DENOISER, UNET_PREFIX),),
+    spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
+    default_dtype="bf16", verify=PROBE, prediction=FLOW,
+)
+
+# Wan 2.1 / 2.2 (Wan-Video's WanModel names, which ComfyUI keeps)
+_WAN_PATCH = "patch_embedding.weight"
+
+
+def _wan_size(dim: int, in_dim: int) -> tuple[tuple[str, int, int], ...]:
+    return ((_WAN_PATCH, 0, dim), (_WAN_PATCH, 1, in_dim))
+
+
+def _wan_variants(q: str, img: str, k_img: str) -> tuple[Variant, ...]:
+    """Wan variants in one layout (``q``: block 0's self-attention query,
+    ``img``/``k_img``: the image embedder and image key projection)."""
+    last = q.replace("blocks.0.", "blocks.{}.")
+    return (Variant("i2v-14b", Rule(keys=(img, k_img), shapes=((_WAN_PATCH, 0, 5120),))),
+            Variant("t2v-14b", Rule(absent=(last.format(40),), shapes=_wan_size(5120, 16))),
+            Variant("t2v-1.3b", Rule(absent=(last.format(30),), shapes=_wan_size(1536, 16))),
+            Variant("ti2v-5b", Rule(shapes=_wan_size(3072, 48))))
+
+
+_WAN_Q, _WAN_DIFFUSERS_Q = "blocks.0.self_attn.q.weight", "blocks.0.attn1.to_q.weight"
+WAN = Architecture(
+    name="wan", label="Wan", short="wan", family="wan",
+    aliases=("wan", "wan2.1", "wan2.2", "wan21", "wan22"), support=DETECT,
+    detect=(Rule(keys=("head.modulation", _WAN_PATCH, _WAN_Q, "blocks.0.cross_attn.q.weight"),
+                 evidence=("head.modulation, a 3-D patch_embedding and blocks.0.self_attn: "
+                           "Wan video transformer (original layout)",)),
+            Rule(keys=("scale_shift_table", _WAN_PATCH, _WAN_DIFFUSERS_Q,
+                       "condition_embedder.time_proj.weight"),
+                 evidence=("scale_shift_table, a 3-D patch_embedding and "
+                           "condition_embedder: Wan video transformer (diffusers "
+                           "layout)",))),
+    # 1.3B: 1536 wide, 14B: 5120 (image-to-video adds the image embedder and
+    # k_img), VACE adds vace_blocks, Wan 2.2 TI2V-5B: 3072 wide, 48 channels
+    variants=(Variant("vace", Rule(keys=("vace_patch_embedding.weight",
+                                         "vace_blocks.0.after_proj.weight"))),
+              *_wan_variants(_WAN_Q, "img_emb.proj.1.weight",
+                             "blocks.0.cross_attn.k_img.weight"),
+              *_wan_variants(_WAN_DIFFUSERS_Q,
+                             "condition_embedder.image_embedder.ff.net.0.proj.weight",
+                             "blocks.0.attn2.add_k_proj.weight")),
+    layouts=(ORIGINAL, DIFFUSERS),
+    layout_rules=((ORIGINAL, Rule(keys=(_WAN_Q,))), (DIFFUSERS, Rule(keys=(_WAN_DIFFUSERS_Q,)))),
+    components=(Component("transformer", DENOISER, UNET_PREFIX),),
+    spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
+    default_dtype="bf16", verify=PROBE, prediction=FLOW,
 )
 
 # Flux.1 (BFL layout, ComfyUI's model_detection.py; diffusers' single_file_utils.py)
@@ -414,7 +499,7 @@ FLUX = Architecture(
 )
 
 REGISTRY: dict[str, Architecture] = {a.name: a for a in (SD1, SD2, SDXL, SDXL_REFINER,
-                                                         SD3, FLUX)}
+                                                         SD3, FLUX, QWEN_IMAGE, WAN)}
 
 
 # --- derived lists ----------------------------------------------------------------

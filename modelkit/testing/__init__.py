@@ -247,6 +247,56 @@ def write_sparse_flux(path: str | os.PathLike[str], variant: str = "dev", *,
     return write_sparse(path, _specs(keys, dtype))
 
 
+def write_sparse_sd3(path: str | os.PathLike[str], variant: str = "sd3-medium", *,
+                     prefixed: bool = False, all_in_one: bool = False, dtype: str = "F16"
+                     ) -> Path:
+    """A full-size SD3/SD3.5 header (real key names and shapes, original
+    layout) with sparse all-zero data: the MMDiT alone, unprefixed or under
+    ``model.diffusion_model.``, or (``all_in_one``) with the VAE, CLIP-L,
+    CLIP-G and T5-XXL as Stability's all-in-one release."""
+    from modelkit.arch import sd3
+    from modelkit.io.writer import write_sparse
+
+    cfg = sd3.VARIANTS[variant]
+    if all_in_one:
+        keys = sd3.all_in_one_keys(cfg)
+    else:
+        prefix = UNET_PREFIX if prefixed else ""
+        keys = {prefix + k: s for k, s in sd3.transformer_keys(cfg).items()}
+    return write_sparse(path, _specs(keys, dtype))
+
+
+def write_sparse_qwen_image(path: str | os.PathLike[str], *, prefixed: bool = False,
+                            dtype: str = "BF16", tiny: bool = False) -> Path:
+    """A full-size Qwen-Image transformer header (real key names and shapes)
+    with sparse all-zero data, unprefixed or under ``model.diffusion_model.``
+    (``tiny``: the same key names at a small size, for commands that map the
+    file)."""
+    from modelkit.arch import qwen_image
+    from modelkit.io.writer import write_sparse
+
+    prefix = UNET_PREFIX if prefixed else ""
+    cfg = qwen_image.VARIANTS["qwen-image"]
+    keys = qwen_image.transformer_keys(qwen_image.small(cfg) if tiny else cfg)
+    return write_sparse(path, _specs({prefix + k: s for k, s in keys.items()}, dtype))
+
+
+def write_sparse_wan(path: str | os.PathLike[str], variant: str = "t2v-1.3b", *,
+                     layout: str = "original", prefixed: bool = False, dtype: str = "BF16",
+                     tiny: bool = False) -> Path:
+    """A full-size Wan 2.1/2.2 transformer header (real key names and shapes)
+    with sparse all-zero data in the ``original`` or ``diffusers`` layout,
+    unprefixed or under ``model.diffusion_model.`` (``tiny``: the same key
+    names at a small size)."""
+    from modelkit.arch import wan
+    from modelkit.io.writer import write_sparse
+
+    prefix = UNET_PREFIX if prefixed else ""
+    cfg = wan.small(wan.VARIANTS[variant]) if tiny else wan.VARIANTS[variant]
+    keys = wan.transformer_keys(cfg, layout)
+    return write_sparse(path, _specs({prefix + k: s for k, s in keys.items()}, dtype))
+
+
 def flux_config(variant: str = "dev", *, hidden: int = 256, depth: int = 2,
                 single: int = 2, full_text: bool = False) -> FluxConfig:
     """A Flux.1 config with the real key names at a reduced width and depth

@@ -1,0 +1,79 @@
+"""Qwen-Image (MMDiT, 20B) key names and shapes, generated from its configuration.
+
+One layout: diffusers' ``QwenImageTransformer2DModel`` names, which ComfyUI's
+``comfy/ldm/qwen_image/model.py`` and the single-file releases use too
+(``transformer_blocks.N.attn.to_q`` ..., ``img_mod.1``/``txt_mod.1``,
+``img_mlp``/``txt_mlp``; the block norms carry no weights). The text input
+is Qwen2.5-VL-7B's 3584-wide hidden state, RMS-normed (``txt_norm``).
+
+Used by ``inspect`` tests (full-size sparse headers). Importing this module
+does not import torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+from modelkit.arch.keys import KeyShapes, Shape
+
+
+@dataclass(frozen=True)
+class QwenImageConfig:
+    """diffusers' ``QwenImageTransformer2DModel`` config."""
+
+    in_channels: int = 64
+    out_channels: int = 16
+    patch: int = 2
+    num_layers: int = 60
+    head_dim: int = 128
+    num_heads: int = 24
+    joint_attention_dim: int = 3584
+    time_dim: int = 256
+
+    @property
+    def hidden(self) -> int:
+        return self.head_dim * self.num_heads
+
+
+VARIANTS: dict[str, QwenImageConfig] = {"qwen-image": QwenImageConfig()}
+
+
+def _linear(p: str, out: int, inp: int, bias: bool = True) -> Iterator[tuple[str, Shape]]:
+    yield f"{p}.weight", (out, inp)
+    if bias:
+        yield f"{p}.bias", (out,)
+
+
+def _transformer(cfg: QwenImageConfig) -> Iterator[tuple[str, Shape]]:
+    h, hd = cfg.hidden, cfg.head_dim
+    yield from _linear("img_in", h, cfg.in_channels)
+    yield "txt_norm.weight", (cfg.joint_attention_dim,)
+    yield from _linear("txt_in", h, cfg.joint_attention_dim)
+    yield from _linear("time_text_embed.timestep_embedder.linear_1", h, cfg.time_dim)
+    yield from _linear("time_text_embed.timestep_embedder.linear_2", h, h)
+    for i in range(cfg.num_layers):
+        b = f"transformer_blocks.{i}"
+        yield from _linear(f"{b}.img_mod.1", 6 * h, h)
+        yield from _linear(f"{b}.txt_mod.1", 6 * h, h)
+        for proj in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj",
+                     "to_out.0", "to_add_out"):
+            yield from _linear(f"{b}.attn.{proj}", h, h)
+        for norm in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
+            yield f"{b}.attn.{norm}.weight", (hd,)
+        for mlp in ("img_mlp", "txt_mlp"):
+            yield from _linear(f"{b}.{mlp}.net.0.proj", 4 * h, h)
+            yield from _linear(f"{b}.{mlp}.net.2", h, 4 * h)
+    yield from _linear("norm_out.linear", 2 * h, h)
+    yield from _linear("proj_out", cfg.patch ** 2 * cfg.out_channels, h)
+
+
+def transformer_keys(cfg: QwenImageConfig) -> KeyShapes:
+    """The transformer's keys and shapes (unprefixed)."""
+    return dict(_transformer(cfg))
+
+
+def small(cfg: QwenImageConfig) -> QwenImageConfig:
+    """``cfg`` with the same key names at a small size (two blocks, width 256,
+    head width 128 as at full size)."""
+    return replace(cfg, num_layers=2, num_heads=2, joint_attention_dim=64)

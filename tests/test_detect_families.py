@@ -1,0 +1,241 @@
+"""Families ``inspect`` names (family, variant, layout) while the other
+commands refuse them: SD3/SD3.5, from full-size sparse headers, through the
+command line's own function."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from modelkit.arch import registry
+from modelkit.inspect.report import inspect_model
+from modelkit.testing import (
+    write_sparse_flux,
+    write_sparse_qwen_image,
+    write_sparse_sd3,
+    write_sparse_wan,
+)
+from tests.cli_support import run_entry
+
+
+def _inspect_json(paths: dict[str, Path], cwd: Path) -> dict[str, dict]:
+    res = run_entry({n: ["inspect", "--json", str(p)] for n, p in paths.items()}, cwd)
+    out = {}
+    for name, (code, stdout, stderr) in res.items():
+        assert code == 0, stderr
+        d = json.loads(stdout)
+        out[name] = d[0] if isinstance(d, list) else d
+    return out
+
+
+# --- SD3 / SD3.5 ------------------------------------------------------------------
+
+SD3_CASES = [
+    # variant, prefixed, all-in-one, parameters of the MMDiT (billions)
+    ("sd3-medium", False, False, 2.08),
+    ("sd3-medium", True, False, 2.08),
+    ("sd3.5-medium", False, False, 2.47),
+    ("sd3.5-large", True, False, 8.15),
+    ("sd3-medium", False, True, 2.08),
+]
+
+
+def test_inspect_names_sd3_family_variant_and_layout(tmp_path: Path) -> None:
+    paths = {f"{v}-{p}-{a}": write_sparse_sd3(tmp_path / f"{v}-{p}-{a}.safetensors", v,
+                                              prefixed=p, all_in_one=a)
+             for v, p, a, _ in SD3_CASES}
+    got = _inspect_json(paths, tmp_path)
+    for variant, prefixed, aio, billions in SD3_CASES:
+        d = got[f"{variant}-{prefixed}-{aio}"]
+        assert (d["arch"], d["variant"], d["layout"]) == ("sd3", variant, "original")
+        assert d["kind"] == ("checkpoint" if aio else "unet")
+        assert d["unknown_keys"] == []
+        unet = d["components"]["unet"]
+        assert unet["family"] == "SD3 transformer"
+        assert unet["prefix"] == ("model.diffusion_model." if prefixed or aio else "")
+        assert abs(unet["n_params"] / 1e9 - billions) < 0.01
+        if aio:
+            assert set(d["components"]) == {"unet", "vae", "clip_l", "clip_g", "t5xxl"}
+            assert d["components"]["vae"]["prefix"] == "first_stage_model."
+        assert any("recognised only" in n for n in d["notes"])
+
+
+def test_sd3_is_not_flux_and_flux_is_not_sd3(tmp_path: Path) -> None:
+    sd3 = inspect_model(write_sparse_sd3(tmp_path / "a.safetensors", "sd3.5-large")).to_dict()
+    flux = inspect_model(write_sparse_flux(tmp_path / "b.safetensors", "dev")).to_dict()
+    assert sd3["arch"] == "sd3" and flux["arch"] == "flux"
+
+
+@pytest.mark.parametrize("variant", ["sd3-medium"])
+def test_prune_refuses_sd3_in_one_line(tmp_path: Path, variant: str) -> None:
+    path = write_sparse_sd3(tmp_path / "m.safetensors", variant, all_in_one=True)
+    out = tmp_path / "x.safetensors"
+    code, _, err = run_entry({"p": ["prune", str(path), "-o", str(out)]}, tmp_path)["p"]
+    assert code == 2, err
+    line = err.strip()
+    assert "\n" not in line and "SD3" in line
+    assert not out.exists()
+
+
+# --- Qwen-Image ---------------------------------------------------------------------
+
+
+def test_inspect_names_qwen_image_family_variant_and_layout(tmp_path: Path) -> None:
+    paths = {str(p): write_sparse_qwen_image(tmp_path / f"q{p}.safetensors", prefixed=p)
+             for p in (False, True)}
+    got = _inspect_json(paths, tmp_path)
+    for prefixed in (False, True):
+        d = got[str(prefixed)]
+        assert (d["arch"], d["variant"], d["layout"]) == ("qwen_image", "qwen-image",
+                                                          "diffusers")
+        assert d["kind"] == "unet" and d["unknown_keys"] == []
+        unet = d["components"]["unet"]
+        assert unet["family"] == "Qwen-Image transformer"
+        assert unet["prefix"] == ("model.diffusion_model." if prefixed else "")
+        assert abs(unet["n_params"] / 1e9 - 20.43) < 0.01  # Qwen-Image has 20B
+        assert any("recognised only" in n for n in d["notes"])
+
+
+def test_qwen_image_is_not_flux_diffusers(tmp_path: Path) -> None:
+    flux = write_sparse_flux(tmp_path / "f.safetensors", "dev", layout="diffusers")
+    qwen = write_sparse_qwen_image(tmp_path / "q.safetensors")
+    assert inspect_model(flux).to_dict()["arch"] == "flux"
+    assert inspect_model(qwen).to_dict()["arch"] == "qwen_image"
+
+
+def test_quantize_refuses_qwen_image_in_one_line(tmp_path: Path) -> None:
+    """The same key names at a small size: quantize maps the file."""
+    path = write_sparse_qwen_image(tmp_path / "q.safetensors", prefixed=True, tiny=True)
+    assert inspect_model(path).to_dict()["arch"] == "qwen_image"
+    out = tmp_path / "x.safetensors"
+    code, _, err = run_entry({"q": ["quantize", str(path), "--dtype", "fp8_e4m3fn",
+                                    "-o", str(out)]}, tmp_path)["q"]
+    assert code == 2, err
+    line = err.strip()
+    assert "\n" not in line and "Qwen-Image" in line and "does not handle them yet" in line
+    assert not out.exists()
+
+
+# --- Wan 2.1 / 2.2 --------------------------------------------------------------------
+
+WAN_CASES = [
+    # variant, layout, prefixed, parameters (billions; diffusers' classes on
+    # the meta device count the same)
+    ("t2v-1.3b", "original", False, 1.42),
+    ("t2v-1.3b", "original", True, 1.42),
+    ("t2v-14b", "original", True, 14.29),
+    ("i2v-14b", "original", False, 16.39),
+    ("vace", "original", True, 17.34),
+    ("ti2v-5b", "original", False, 5.00),
+    ("t2v-1.3b", "diffusers", False, 1.42),
+    ("t2v-14b", "diffusers", False, 14.29),
+    ("i2v-14b", "diffusers", True, 16.39),
+    ("ti2v-5b", "diffusers", False, 5.00),
+]
+
+
+def test_inspect_names_wan_family_variant_and_layout(tmp_path: Path) -> None:
+    paths = {f"{v}-{lay}-{p}": write_sparse_wan(tmp_path / f"{v}-{lay}-{p}.safetensors", v,
+                                                layout=lay, prefixed=p)
+             for v, lay, p, _ in WAN_CASES}
+    got = _inspect_json(paths, tmp_path)
+    for variant, layout, prefixed, billions in WAN_CASES:
+        d = got[f"{variant}-{layout}-{prefixed}"]
+        assert (d["arch"], d["variant"], d["layout"]) == ("wan", variant, layout)
+        assert d["kind"] == "unet" and d["unknown_keys"] == []
+        unet = d["components"]["unet"]
+        assert unet["family"] == "Wan transformer"
+        assert unet["prefix"] == ("model.diffusion_model." if prefixed else "")
+        assert abs(unet["n_params"] / 1e9 - billions) < 0.01
+        assert any("recognised only" in n for n in d["notes"])
+
+
+def test_quantize_refuses_wan_in_one_line(tmp_path: Path) -> None:
+    path = write_sparse_wan(tmp_path / "w.safetensors", "t2v-14b", tiny=True)
+    assert inspect_model(path).to_dict()["arch"] == "wan"
+    out = tmp_path / "x.safetensors"
+    code, _, err = run_entry({"q": ["quantize", str(path), "--dtype", "fp8_e4m3fn",
+                                    "-o", str(out)]}, tmp_path)["q"]
+    assert code == 2, err
+    line = err.strip()
+    assert "\n" not in line and "Wan" in line and "does not handle them yet" in line
+    assert not out.exists()
+
+
+# --- the families are not confused with each other ---------------------------------
+
+
+def test_each_family_is_named_as_itself(tmp_path: Path) -> None:
+    """One full-size file of every transformer family: each reads as its own
+    family only (no rule of another family holds)."""
+    files = {
+        ("flux", "dev"): write_sparse_flux(tmp_path / "f.safetensors", "dev"),
+        ("flux", "schnell"): write_sparse_flux(tmp_path / "fd.safetensors", "schnell",
+                                               layout="diffusers"),
+        ("sd3", "sd3.5-large"): write_sparse_sd3(tmp_path / "s.safetensors", "sd3.5-large"),
+        ("qwen_image", "qwen-image"): write_sparse_qwen_image(tmp_path / "q.safetensors"),
+        ("wan", "i2v-14b"): write_sparse_wan(tmp_path / "w.safetensors", "i2v-14b"),
+        ("wan", "ti2v-5b"): write_sparse_wan(tmp_path / "w5.safetensors", "ti2v-5b"),
+        ("wan", "t2v-14b"): write_sparse_wan(tmp_path / "wd.safetensors", "t2v-14b",
+                                             layout="diffusers"),
+    }
+    from modelkit.io.header import read_header
+
+    for (arch, variant), path in files.items():
+        d = inspect_model(path).to_dict()
+        assert (d["arch"], d["variant"]) == (arch, variant), path
+        keys = {k: v.shape for k, v in read_header(path).tensors.items()}
+        holding = {a.name for a in registry.REGISTRY.values() for r in a.detect
+                   if r.holds(keys)}
+        assert holding == {arch}, (path, holding)
+
+
+def test_detect_only_families() -> None:
+    assert registry.names(support=registry.DETECT) == ("sd3", "qwen_image", "wan")
+
+
+# --- the generated tables against diffusers' classes (meta device, no memory) -------
+
+
+def test_generated_tables_match_diffusers_classes() -> None:
+    """Qwen-Image and Wan (diffusers layout): the same keys and shapes as the
+    diffusers classes; SD3 (fused qkv): the same parameter count."""
+    import math
+
+    pytest.importorskip("diffusers")
+    import torch
+    from diffusers import QwenImageTransformer2DModel, SD3Transformer2DModel, WanTransformer3DModel
+
+    from modelkit.arch import qwen_image, sd3, wan
+
+    def table(cls: type, **kw: object) -> dict[str, tuple[int, ...]]:
+        with torch.device("meta"):
+            return {k: tuple(v.shape) for k, v in cls(**kw).state_dict().items()}
+
+    assert table(QwenImageTransformer2DModel) == qwen_image.transformer_keys(
+        qwen_image.VARIANTS["qwen-image"])
+    assert table(WanTransformer3DModel, in_channels=36, image_dim=1280,
+                 added_kv_proj_dim=5120) == wan.transformer_keys(wan.VARIANTS["i2v-14b"],
+                                                                 "diffusers")
+    assert table(WanTransformer3DModel, num_attention_heads=24, ffn_dim=14336, num_layers=30,
+                 in_channels=48, out_channels=48) == wan.transformer_keys(
+                     wan.VARIANTS["ti2v-5b"], "diffusers")
+    ref = table(SD3Transformer2DModel, sample_size=128, num_layers=24, attention_head_dim=64,
+                num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=384,
+                joint_attention_dim=4096, pooled_projection_dim=2048, out_channels=16,
+                qk_norm="rms_norm", dual_attention_layers=tuple(range(13)))
+    mine = sd3.transformer_keys(sd3.VARIANTS["sd3.5-medium"])
+    assert sum(map(math.prod, ref.values())) == sum(map(math.prod, mine.values()))
+    assert ref["pos_embed.pos_embed"] == mine["pos_embed"]
+
+
+def test_sd_checkpoints_are_not_read_as_the_new_families(models: dict[str, Path]) -> None:
+    """No SD1/SD2/SDXL/refiner file reads as SD3, Qwen-Image or Wan."""
+    new = set(registry.names(support=registry.DETECT))
+    for name, arch in (("sd1", "sd1"), ("sd2", "sd2"), ("sdxl", "sdxl"),
+                       ("sdxl_refiner", "sdxl_refiner"), ("sdxl_unet", "sdxl"),
+                       ("sd1_unet_prefixed", "sd1")):
+        d = inspect_model(models[name]).to_dict()
+        assert d["arch"] == arch and d["arch"] not in new, name
