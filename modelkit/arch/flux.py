@@ -18,7 +18,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from modelkit.arch.configs import VAEConfig
-from modelkit.arch.keys import KeyShapes, Shape, text_encoder_keys, vae_keys
+from modelkit.arch.keys import (
+    KeyShapes,
+    Shape,
+    joint_attention_keys,
+    linear_keys,
+    text_encoder_keys,
+    vae_keys,
+)
 
 ORIGINAL, DIFFUSERS = "original", "diffusers"
 
@@ -58,79 +65,70 @@ VARIANTS: dict[str, FluxConfig] = {
 }
 
 
-def _linear(p: str, out: int, inp: int, bias: bool = True) -> Iterator[tuple[str, Shape]]:
-    yield f"{p}.weight", (out, inp)
-    if bias:
-        yield f"{p}.bias", (out,)
-
 
 def _original(cfg: FluxConfig) -> Iterator[tuple[str, Shape]]:
     h, mlp, hd = cfg.hidden_size, cfg.mlp_hidden, cfg.head_dim
-    yield from _linear("img_in", h, cfg.in_channels)
-    yield from _linear("time_in.in_layer", h, cfg.time_dim)
-    yield from _linear("time_in.out_layer", h, h)
-    yield from _linear("vector_in.in_layer", h, cfg.vec_in_dim)
-    yield from _linear("vector_in.out_layer", h, h)
+    yield from linear_keys("img_in", h, cfg.in_channels)
+    yield from linear_keys("time_in.in_layer", h, cfg.time_dim)
+    yield from linear_keys("time_in.out_layer", h, h)
+    yield from linear_keys("vector_in.in_layer", h, cfg.vec_in_dim)
+    yield from linear_keys("vector_in.out_layer", h, h)
     if cfg.guidance_embed:
-        yield from _linear("guidance_in.in_layer", h, cfg.time_dim)
-        yield from _linear("guidance_in.out_layer", h, h)
-    yield from _linear("txt_in", h, cfg.context_in_dim)
+        yield from linear_keys("guidance_in.in_layer", h, cfg.time_dim)
+        yield from linear_keys("guidance_in.out_layer", h, h)
+    yield from linear_keys("txt_in", h, cfg.context_in_dim)
     for i in range(cfg.depth):
         b = f"double_blocks.{i}"
         for s in ("img", "txt"):
-            yield from _linear(f"{b}.{s}_mod.lin", 6 * h, h)
-            yield from _linear(f"{b}.{s}_attn.qkv", 3 * h, h)
+            yield from linear_keys(f"{b}.{s}_mod.lin", 6 * h, h)
+            yield from linear_keys(f"{b}.{s}_attn.qkv", 3 * h, h)
             yield f"{b}.{s}_attn.norm.query_norm.scale", (hd,)
             yield f"{b}.{s}_attn.norm.key_norm.scale", (hd,)
-            yield from _linear(f"{b}.{s}_attn.proj", h, h)
-            yield from _linear(f"{b}.{s}_mlp.0", mlp, h)
-            yield from _linear(f"{b}.{s}_mlp.2", h, mlp)
+            yield from linear_keys(f"{b}.{s}_attn.proj", h, h)
+            yield from linear_keys(f"{b}.{s}_mlp.0", mlp, h)
+            yield from linear_keys(f"{b}.{s}_mlp.2", h, mlp)
     for i in range(cfg.depth_single_blocks):
         b = f"single_blocks.{i}"
-        yield from _linear(f"{b}.linear1", 3 * h + mlp, h)
-        yield from _linear(f"{b}.linear2", h, h + mlp)
+        yield from linear_keys(f"{b}.linear1", 3 * h + mlp, h)
+        yield from linear_keys(f"{b}.linear2", h, h + mlp)
         yield f"{b}.norm.query_norm.scale", (hd,)
         yield f"{b}.norm.key_norm.scale", (hd,)
-        yield from _linear(f"{b}.modulation.lin", 3 * h, h)
-    yield from _linear("final_layer.linear", cfg.out_channels, h)
-    yield from _linear("final_layer.adaLN_modulation.1", 2 * h, h)
+        yield from linear_keys(f"{b}.modulation.lin", 3 * h, h)
+    yield from linear_keys("final_layer.linear", cfg.out_channels, h)
+    yield from linear_keys("final_layer.adaLN_modulation.1", 2 * h, h)
 
 
 def _diffusers(cfg: FluxConfig) -> Iterator[tuple[str, Shape]]:
     h, mlp, hd = cfg.hidden_size, cfg.mlp_hidden, cfg.head_dim
     t = "time_text_embed"
-    yield from _linear(f"{t}.timestep_embedder.linear_1", h, cfg.time_dim)
-    yield from _linear(f"{t}.timestep_embedder.linear_2", h, h)
+    yield from linear_keys(f"{t}.timestep_embedder.linear_1", h, cfg.time_dim)
+    yield from linear_keys(f"{t}.timestep_embedder.linear_2", h, h)
     if cfg.guidance_embed:
-        yield from _linear(f"{t}.guidance_embedder.linear_1", h, cfg.time_dim)
-        yield from _linear(f"{t}.guidance_embedder.linear_2", h, h)
-    yield from _linear(f"{t}.text_embedder.linear_1", h, cfg.vec_in_dim)
-    yield from _linear(f"{t}.text_embedder.linear_2", h, h)
-    yield from _linear("context_embedder", h, cfg.context_in_dim)
-    yield from _linear("x_embedder", h, cfg.in_channels)
+        yield from linear_keys(f"{t}.guidance_embedder.linear_1", h, cfg.time_dim)
+        yield from linear_keys(f"{t}.guidance_embedder.linear_2", h, h)
+    yield from linear_keys(f"{t}.text_embedder.linear_1", h, cfg.vec_in_dim)
+    yield from linear_keys(f"{t}.text_embedder.linear_2", h, h)
+    yield from linear_keys("context_embedder", h, cfg.context_in_dim)
+    yield from linear_keys("x_embedder", h, cfg.in_channels)
     for i in range(cfg.depth):
         b = f"transformer_blocks.{i}"
-        yield from _linear(f"{b}.norm1.linear", 6 * h, h)
-        yield from _linear(f"{b}.norm1_context.linear", 6 * h, h)
-        for proj in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj",
-                     "to_out.0", "to_add_out"):
-            yield from _linear(f"{b}.attn.{proj}", h, h)
-        for norm in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
-            yield f"{b}.attn.{norm}.weight", (hd,)
+        yield from linear_keys(f"{b}.norm1.linear", 6 * h, h)
+        yield from linear_keys(f"{b}.norm1_context.linear", 6 * h, h)
+        yield from joint_attention_keys(b, h, hd)
         for ff in ("ff", "ff_context"):
-            yield from _linear(f"{b}.{ff}.net.0.proj", mlp, h)
-            yield from _linear(f"{b}.{ff}.net.2", h, mlp)
+            yield from linear_keys(f"{b}.{ff}.net.0.proj", mlp, h)
+            yield from linear_keys(f"{b}.{ff}.net.2", h, mlp)
     for i in range(cfg.depth_single_blocks):
         b = f"single_transformer_blocks.{i}"
-        yield from _linear(f"{b}.norm.linear", 3 * h, h)
-        yield from _linear(f"{b}.proj_mlp", mlp, h)
-        yield from _linear(f"{b}.proj_out", h, h + mlp)
+        yield from linear_keys(f"{b}.norm.linear", 3 * h, h)
+        yield from linear_keys(f"{b}.proj_mlp", mlp, h)
+        yield from linear_keys(f"{b}.proj_out", h, h + mlp)
         for proj in ("to_q", "to_k", "to_v"):
-            yield from _linear(f"{b}.attn.{proj}", h, h)
+            yield from linear_keys(f"{b}.attn.{proj}", h, h)
         for norm in ("norm_q", "norm_k"):
             yield f"{b}.attn.{norm}.weight", (hd,)
-    yield from _linear("norm_out.linear", 2 * h, h)
-    yield from _linear("proj_out", cfg.out_channels, h)
+    yield from linear_keys("norm_out.linear", 2 * h, h)
+    yield from linear_keys("proj_out", cfg.out_channels, h)
 
 
 def transformer_keys(cfg: FluxConfig, layout: str = ORIGINAL) -> KeyShapes:

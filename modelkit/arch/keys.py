@@ -49,10 +49,23 @@ def _norm(p: str, ch: int) -> Iterator[tuple[str, Shape]]:
     yield f"{p}.bias", (ch,)
 
 
-def _linear(p: str, out: int, inp: int, bias: bool = True) -> Iterator[tuple[str, Shape]]:
+def linear_keys(p: str, out: int, inp: int, bias: bool = True
+                ) -> Iterator[tuple[str, Shape]]:
+    """The keys and shapes of a linear layer ``p`` (``inp`` -> ``out``)."""
     yield f"{p}.weight", (out, inp)
     if bias:
         yield f"{p}.bias", (out,)
+
+
+def joint_attention_keys(b: str, hidden: int, head_dim: int) -> Iterator[tuple[str, Shape]]:
+    """diffusers' joint (image + text stream) attention of block ``b``:
+    q/k/v and output projections of both streams and the per-head q/k norms
+    (Flux's ``transformer_blocks``, Qwen-Image's)."""
+    for proj in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj",
+                 "to_out.0", "to_add_out"):
+        yield from linear_keys(f"{b}.attn.{proj}", hidden, hidden)
+    for norm in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
+        yield f"{b}.attn.{norm}.weight", (head_dim,)
 
 
 def _conv(p: str, out: int, inp: int, k: int) -> Iterator[tuple[str, Shape]]:
@@ -66,7 +79,7 @@ def _conv(p: str, out: int, inp: int, k: int) -> Iterator[tuple[str, Shape]]:
 def _resblock(p: str, ch_in: int, ch_out: int, emb: int) -> Iterator[tuple[str, Shape]]:
     yield from _norm(f"{p}.in_layers.0", ch_in)
     yield from _conv(f"{p}.in_layers.2", ch_out, ch_in, 3)
-    yield from _linear(f"{p}.emb_layers.1", ch_out, emb)
+    yield from linear_keys(f"{p}.emb_layers.1", ch_out, emb)
     yield from _norm(f"{p}.out_layers.0", ch_out)
     yield from _conv(f"{p}.out_layers.3", ch_out, ch_out, 3)
     if ch_in != ch_out:
@@ -75,7 +88,7 @@ def _resblock(p: str, ch_in: int, ch_out: int, emb: int) -> Iterator[tuple[str, 
 
 def _proj(p: str, ch: int, linear: bool) -> Iterator[tuple[str, Shape]]:
     if linear:
-        yield from _linear(p, ch, ch)
+        yield from linear_keys(p, ch, ch)
     else:
         yield from _conv(p, ch, ch, 1)
 
@@ -88,13 +101,13 @@ def _transformer(
     for d in range(depth):
         b = f"{p}.transformer_blocks.{d}"
         for attn, kv_dim in (("attn1", ch), ("attn2", context)):
-            yield from _linear(f"{b}.{attn}.to_q", ch, ch, bias=False)
-            yield from _linear(f"{b}.{attn}.to_k", ch, kv_dim, bias=False)
-            yield from _linear(f"{b}.{attn}.to_v", ch, kv_dim, bias=False)
-            yield from _linear(f"{b}.{attn}.to_out.0", ch, ch)
+            yield from linear_keys(f"{b}.{attn}.to_q", ch, ch, bias=False)
+            yield from linear_keys(f"{b}.{attn}.to_k", ch, kv_dim, bias=False)
+            yield from linear_keys(f"{b}.{attn}.to_v", ch, kv_dim, bias=False)
+            yield from linear_keys(f"{b}.{attn}.to_out.0", ch, ch)
             if attn == "attn1":
-                yield from _linear(f"{b}.ff.net.0.proj", ch * 8, ch)
-                yield from _linear(f"{b}.ff.net.2", ch, ch * 4)
+                yield from linear_keys(f"{b}.ff.net.0.proj", ch * 8, ch)
+                yield from linear_keys(f"{b}.ff.net.2", ch, ch * 4)
         for n in ("norm1", "norm2", "norm3"):
             yield from _norm(f"{b}.{n}", ch)
     yield from _proj(f"{p}.proj_out", ch, linear)
@@ -103,11 +116,11 @@ def _transformer(
 def _unet_items(cfg: UNetConfig) -> Iterator[tuple[str, Shape]]:
     mc = cfg.model_channels
     emb = mc * 4
-    yield from _linear("time_embed.0", emb, mc)
-    yield from _linear("time_embed.2", emb, emb)
+    yield from linear_keys("time_embed.0", emb, mc)
+    yield from linear_keys("time_embed.2", emb, emb)
     if cfg.adm_in_channels is not None:
-        yield from _linear("label_emb.0.0", emb, cfg.adm_in_channels)
-        yield from _linear("label_emb.0.2", emb, emb)
+        yield from linear_keys("label_emb.0.0", emb, cfg.adm_in_channels)
+        yield from linear_keys("label_emb.0.2", emb, emb)
     yield from _conv("input_blocks.0.0", mc, cfg.in_channels, 3)
     chans = [mc]
     ch = mc
@@ -231,10 +244,10 @@ def _hf_clip_items(cfg: TextEncoderConfig) -> Iterator[tuple[str, Shape]]:
     for i in range(cfg.layers):
         p = f"text_model.encoder.layers.{i}"
         for n in ("k_proj", "v_proj", "q_proj", "out_proj"):
-            yield from _linear(f"{p}.self_attn.{n}", w, w)
+            yield from linear_keys(f"{p}.self_attn.{n}", w, w)
         yield from _norm(f"{p}.layer_norm1", w)
-        yield from _linear(f"{p}.mlp.fc1", w * cfg.mlp_ratio, w)
-        yield from _linear(f"{p}.mlp.fc2", w, w * cfg.mlp_ratio)
+        yield from linear_keys(f"{p}.mlp.fc1", w * cfg.mlp_ratio, w)
+        yield from linear_keys(f"{p}.mlp.fc2", w, w * cfg.mlp_ratio)
         yield from _norm(f"{p}.layer_norm2", w)
     yield from _norm("text_model.final_layer_norm", w)
 
@@ -249,10 +262,10 @@ def _open_clip_items(cfg: TextEncoderConfig) -> Iterator[tuple[str, Shape]]:
         yield from _norm(f"{p}.ln_1", w)
         yield f"{p}.attn.in_proj_weight", (3 * w, w)
         yield f"{p}.attn.in_proj_bias", (3 * w,)
-        yield from _linear(f"{p}.attn.out_proj", w, w)
+        yield from linear_keys(f"{p}.attn.out_proj", w, w)
         yield from _norm(f"{p}.ln_2", w)
-        yield from _linear(f"{p}.mlp.c_fc", w * cfg.mlp_ratio, w)
-        yield from _linear(f"{p}.mlp.c_proj", w, w * cfg.mlp_ratio)
+        yield from linear_keys(f"{p}.mlp.c_fc", w * cfg.mlp_ratio, w)
+        yield from linear_keys(f"{p}.mlp.c_proj", w, w * cfg.mlp_ratio)
     yield from _norm("ln_final", w)
     yield "logit_scale", ()
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-from modelkit.arch.keys import KeyShapes, Shape
+from modelkit.arch.keys import KeyShapes, Shape, joint_attention_keys, linear_keys
 
 
 @dataclass(frozen=True)
@@ -39,33 +39,24 @@ class QwenImageConfig:
 VARIANTS: dict[str, QwenImageConfig] = {"qwen-image": QwenImageConfig()}
 
 
-def _linear(p: str, out: int, inp: int, bias: bool = True) -> Iterator[tuple[str, Shape]]:
-    yield f"{p}.weight", (out, inp)
-    if bias:
-        yield f"{p}.bias", (out,)
-
 
 def _transformer(cfg: QwenImageConfig) -> Iterator[tuple[str, Shape]]:
     h, hd = cfg.hidden, cfg.head_dim
-    yield from _linear("img_in", h, cfg.in_channels)
+    yield from linear_keys("img_in", h, cfg.in_channels)
     yield "txt_norm.weight", (cfg.joint_attention_dim,)
-    yield from _linear("txt_in", h, cfg.joint_attention_dim)
-    yield from _linear("time_text_embed.timestep_embedder.linear_1", h, cfg.time_dim)
-    yield from _linear("time_text_embed.timestep_embedder.linear_2", h, h)
+    yield from linear_keys("txt_in", h, cfg.joint_attention_dim)
+    yield from linear_keys("time_text_embed.timestep_embedder.linear_1", h, cfg.time_dim)
+    yield from linear_keys("time_text_embed.timestep_embedder.linear_2", h, h)
     for i in range(cfg.num_layers):
         b = f"transformer_blocks.{i}"
-        yield from _linear(f"{b}.img_mod.1", 6 * h, h)
-        yield from _linear(f"{b}.txt_mod.1", 6 * h, h)
-        for proj in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj",
-                     "to_out.0", "to_add_out"):
-            yield from _linear(f"{b}.attn.{proj}", h, h)
-        for norm in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
-            yield f"{b}.attn.{norm}.weight", (hd,)
+        yield from linear_keys(f"{b}.img_mod.1", 6 * h, h)
+        yield from linear_keys(f"{b}.txt_mod.1", 6 * h, h)
+        yield from joint_attention_keys(b, h, hd)
         for mlp in ("img_mlp", "txt_mlp"):
-            yield from _linear(f"{b}.{mlp}.net.0.proj", 4 * h, h)
-            yield from _linear(f"{b}.{mlp}.net.2", h, 4 * h)
-    yield from _linear("norm_out.linear", 2 * h, h)
-    yield from _linear("proj_out", cfg.patch ** 2 * cfg.out_channels, h)
+            yield from linear_keys(f"{b}.{mlp}.net.0.proj", 4 * h, h)
+            yield from linear_keys(f"{b}.{mlp}.net.2", h, 4 * h)
+    yield from linear_keys("norm_out.linear", 2 * h, h)
+    yield from linear_keys("proj_out", cfg.patch ** 2 * cfg.out_channels, h)
 
 
 def transformer_keys(cfg: QwenImageConfig) -> KeyShapes:

@@ -19,7 +19,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from modelkit.arch.configs import CLIP_L, UNET_PREFIX, VAE_PREFIX, VAEConfig
-from modelkit.arch.keys import KeyShapes, Shape, text_encoder_keys, vae_keys
+from modelkit.arch.keys import (
+    KeyShapes,
+    Shape,
+    linear_keys,
+    text_encoder_keys,
+    vae_keys,
+)
 
 
 @dataclass(frozen=True)
@@ -48,19 +54,14 @@ VARIANTS: dict[str, SD3Config] = {
 }
 
 
-def _linear(p: str, out: int, inp: int, bias: bool = True) -> Iterator[tuple[str, Shape]]:
-    yield f"{p}.weight", (out, inp)
-    if bias:
-        yield f"{p}.bias", (out,)
-
 
 def _attn(p: str, h: int, qk_norm: bool, proj: bool = True) -> Iterator[tuple[str, Shape]]:
-    yield from _linear(f"{p}.qkv", 3 * h, h)
+    yield from linear_keys(f"{p}.qkv", 3 * h, h)
     if qk_norm:
         yield f"{p}.ln_q.weight", (64,)
         yield f"{p}.ln_k.weight", (64,)
     if proj:
-        yield from _linear(f"{p}.proj", h, h)
+        yield from linear_keys(f"{p}.proj", h, h)
 
 
 def _transformer(cfg: SD3Config) -> Iterator[tuple[str, Shape]]:
@@ -68,28 +69,28 @@ def _transformer(cfg: SD3Config) -> Iterator[tuple[str, Shape]]:
     yield "pos_embed", (1, cfg.pos_embed_max ** 2, h)
     yield "x_embedder.proj.weight", (h, cfg.in_channels, cfg.patch, cfg.patch)
     yield "x_embedder.proj.bias", (h,)
-    yield from _linear("t_embedder.mlp.0", h, cfg.time_dim)
-    yield from _linear("t_embedder.mlp.2", h, h)
-    yield from _linear("y_embedder.mlp.0", h, cfg.adm_in)
-    yield from _linear("y_embedder.mlp.2", h, h)
-    yield from _linear("context_embedder", h, cfg.context_in)
+    yield from linear_keys("t_embedder.mlp.0", h, cfg.time_dim)
+    yield from linear_keys("t_embedder.mlp.2", h, h)
+    yield from linear_keys("y_embedder.mlp.0", h, cfg.adm_in)
+    yield from linear_keys("y_embedder.mlp.2", h, h)
+    yield from linear_keys("context_embedder", h, cfg.context_in)
     for i in range(cfg.depth):
         last = i == cfg.depth - 1
         c, x = f"joint_blocks.{i}.context_block", f"joint_blocks.{i}.x_block"
-        yield from _linear(f"{c}.adaLN_modulation.1", (2 if last else 6) * h, h)
+        yield from linear_keys(f"{c}.adaLN_modulation.1", (2 if last else 6) * h, h)
         yield from _attn(f"{c}.attn", h, cfg.qk_norm, proj=not last)
         if not last:
-            yield from _linear(f"{c}.mlp.fc1", 4 * h, h)
-            yield from _linear(f"{c}.mlp.fc2", h, 4 * h)
+            yield from linear_keys(f"{c}.mlp.fc1", 4 * h, h)
+            yield from linear_keys(f"{c}.mlp.fc2", h, 4 * h)
         attn2 = i < cfg.attn2_layers
-        yield from _linear(f"{x}.adaLN_modulation.1", (9 if attn2 else 6) * h, h)
+        yield from linear_keys(f"{x}.adaLN_modulation.1", (9 if attn2 else 6) * h, h)
         yield from _attn(f"{x}.attn", h, cfg.qk_norm)
         if attn2:
             yield from _attn(f"{x}.attn2", h, cfg.qk_norm)
-        yield from _linear(f"{x}.mlp.fc1", 4 * h, h)
-        yield from _linear(f"{x}.mlp.fc2", h, 4 * h)
-    yield from _linear("final_layer.linear", out, h)
-    yield from _linear("final_layer.adaLN_modulation.1", 2 * h, h)
+        yield from linear_keys(f"{x}.mlp.fc1", 4 * h, h)
+        yield from linear_keys(f"{x}.mlp.fc2", h, 4 * h)
+    yield from linear_keys("final_layer.linear", out, h)
+    yield from linear_keys("final_layer.adaLN_modulation.1", 2 * h, h)
 
 
 def transformer_keys(cfg: SD3Config) -> KeyShapes:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-from modelkit.arch.keys import KeyShapes, Shape
+from modelkit.arch.keys import KeyShapes, Shape, linear_keys
 
 ORIGINAL, DIFFUSERS = "original", "diffusers"
 
@@ -51,27 +51,22 @@ VARIANTS: dict[str, WanConfig] = {
 }
 
 
-def _linear(p: str, out: int, inp: int, bias: bool = True) -> Iterator[tuple[str, Shape]]:
-    yield f"{p}.weight", (out, inp)
-    if bias:
-        yield f"{p}.bias", (out,)
-
 
 def _block(b: str, cfg: WanConfig) -> Iterator[tuple[str, Shape]]:
     d = cfg.dim
     for attn in ("self_attn", "cross_attn"):
         for p in ("q", "k", "v", "o"):
-            yield from _linear(f"{b}.{attn}.{p}", d, d)
+            yield from linear_keys(f"{b}.{attn}.{p}", d, d)
         yield f"{b}.{attn}.norm_q.weight", (d,)
         yield f"{b}.{attn}.norm_k.weight", (d,)
     if cfg.i2v:
-        yield from _linear(f"{b}.cross_attn.k_img", d, d)
-        yield from _linear(f"{b}.cross_attn.v_img", d, d)
+        yield from linear_keys(f"{b}.cross_attn.k_img", d, d)
+        yield from linear_keys(f"{b}.cross_attn.v_img", d, d)
         yield f"{b}.cross_attn.norm_k_img.weight", (d,)
     yield f"{b}.norm3.weight", (d,)
     yield f"{b}.norm3.bias", (d,)
-    yield from _linear(f"{b}.ffn.0", cfg.ffn_dim, d)
-    yield from _linear(f"{b}.ffn.2", d, cfg.ffn_dim)
+    yield from linear_keys(f"{b}.ffn.0", cfg.ffn_dim, d)
+    yield from linear_keys(f"{b}.ffn.2", d, cfg.ffn_dim)
     yield f"{b}.modulation", (1, 6, d)
 
 
@@ -79,20 +74,20 @@ def _transformer(cfg: WanConfig) -> Iterator[tuple[str, Shape]]:
     d = cfg.dim
     yield "patch_embedding.weight", (d, cfg.in_dim, 1, 2, 2)
     yield "patch_embedding.bias", (d,)
-    yield from _linear("text_embedding.0", d, cfg.text_dim)
-    yield from _linear("text_embedding.2", d, d)
-    yield from _linear("time_embedding.0", d, cfg.freq_dim)
-    yield from _linear("time_embedding.2", d, d)
-    yield from _linear("time_projection.1", 6 * d, d)
+    yield from linear_keys("text_embedding.0", d, cfg.text_dim)
+    yield from linear_keys("text_embedding.2", d, d)
+    yield from linear_keys("time_embedding.0", d, cfg.freq_dim)
+    yield from linear_keys("time_embedding.2", d, d)
+    yield from linear_keys("time_projection.1", 6 * d, d)
     for i in range(cfg.num_layers):
         yield from _block(f"blocks.{i}", cfg)
-    yield from _linear("head.head", cfg.out_dim * 4, d)
+    yield from linear_keys("head.head", cfg.out_dim * 4, d)
     yield "head.modulation", (1, 2, d)
     if cfg.i2v:
         yield "img_emb.proj.0.weight", (cfg.clip_dim,)
         yield "img_emb.proj.0.bias", (cfg.clip_dim,)
-        yield from _linear("img_emb.proj.1", cfg.clip_dim, cfg.clip_dim)
-        yield from _linear("img_emb.proj.3", d, cfg.clip_dim)
+        yield from linear_keys("img_emb.proj.1", cfg.clip_dim, cfg.clip_dim)
+        yield from linear_keys("img_emb.proj.3", d, cfg.clip_dim)
         yield "img_emb.proj.4.weight", (d,)
         yield "img_emb.proj.4.bias", (d,)
     if cfg.vace_layers:
@@ -102,8 +97,8 @@ def _transformer(cfg: WanConfig) -> Iterator[tuple[str, Shape]]:
             b = f"vace_blocks.{i}"
             yield from _block(b, cfg)
             if i == 0:
-                yield from _linear(f"{b}.before_proj", d, d)
-            yield from _linear(f"{b}.after_proj", d, d)
+                yield from linear_keys(f"{b}.before_proj", d, d)
+            yield from linear_keys(f"{b}.after_proj", d, d)
 
 
 def _diffusers(cfg: WanConfig) -> Iterator[tuple[str, Shape]]:
@@ -112,17 +107,17 @@ def _diffusers(cfg: WanConfig) -> Iterator[tuple[str, Shape]]:
     yield "scale_shift_table", (1, 2, d)
     yield "patch_embedding.weight", (d, cfg.in_dim, 1, 2, 2)
     yield "patch_embedding.bias", (d,)
-    yield from _linear(f"{e}.time_embedder.linear_1", d, cfg.freq_dim)
-    yield from _linear(f"{e}.time_embedder.linear_2", d, d)
-    yield from _linear(f"{e}.time_proj", 6 * d, d)
-    yield from _linear(f"{e}.text_embedder.linear_1", d, cfg.text_dim)
-    yield from _linear(f"{e}.text_embedder.linear_2", d, d)
+    yield from linear_keys(f"{e}.time_embedder.linear_1", d, cfg.freq_dim)
+    yield from linear_keys(f"{e}.time_embedder.linear_2", d, d)
+    yield from linear_keys(f"{e}.time_proj", 6 * d, d)
+    yield from linear_keys(f"{e}.text_embedder.linear_1", d, cfg.text_dim)
+    yield from linear_keys(f"{e}.text_embedder.linear_2", d, d)
     if cfg.i2v:
         c = cfg.clip_dim
         yield f"{e}.image_embedder.norm1.weight", (c,)
         yield f"{e}.image_embedder.norm1.bias", (c,)
-        yield from _linear(f"{e}.image_embedder.ff.net.0.proj", c, c)
-        yield from _linear(f"{e}.image_embedder.ff.net.2", d, c)
+        yield from linear_keys(f"{e}.image_embedder.ff.net.0.proj", c, c)
+        yield from linear_keys(f"{e}.image_embedder.ff.net.2", d, c)
         yield f"{e}.image_embedder.norm2.weight", (d,)
         yield f"{e}.image_embedder.norm2.bias", (d,)
     for i in range(cfg.num_layers):
@@ -130,18 +125,18 @@ def _diffusers(cfg: WanConfig) -> Iterator[tuple[str, Shape]]:
         yield f"{b}.scale_shift_table", (1, 6, d)
         for attn in ("attn1", "attn2"):
             for p in ("to_q", "to_k", "to_v", "to_out.0"):
-                yield from _linear(f"{b}.{attn}.{p}", d, d)
+                yield from linear_keys(f"{b}.{attn}.{p}", d, d)
             yield f"{b}.{attn}.norm_q.weight", (d,)
             yield f"{b}.{attn}.norm_k.weight", (d,)
         if cfg.i2v:
-            yield from _linear(f"{b}.attn2.add_k_proj", d, d)
-            yield from _linear(f"{b}.attn2.add_v_proj", d, d)
+            yield from linear_keys(f"{b}.attn2.add_k_proj", d, d)
+            yield from linear_keys(f"{b}.attn2.add_v_proj", d, d)
             yield f"{b}.attn2.norm_added_k.weight", (d,)
         yield f"{b}.norm2.weight", (d,)
         yield f"{b}.norm2.bias", (d,)
-        yield from _linear(f"{b}.ffn.net.0.proj", cfg.ffn_dim, d)
-        yield from _linear(f"{b}.ffn.net.2", d, cfg.ffn_dim)
-    yield from _linear("proj_out", cfg.out_dim * 4, d)
+        yield from linear_keys(f"{b}.ffn.net.0.proj", cfg.ffn_dim, d)
+        yield from linear_keys(f"{b}.ffn.net.2", d, cfg.ffn_dim)
+    yield from linear_keys("proj_out", cfg.out_dim * 4, d)
 
 
 def transformer_keys(cfg: WanConfig, layout: str = ORIGINAL) -> KeyShapes:
