@@ -221,6 +221,20 @@ def test_comfy_current_format_both_spellings_and_legacy_scaled_fp8(tmp_path: Pat
         "float8_e4m3fn scaled"
 
 
+def test_modelkit_int8_is_reported_and_left_to_dequantize(tmp_path: Path) -> None:
+    """modelkit's own int8 (``modelkit.int8.per_channel``) stays as stored on
+    open (the ``dequantize`` operation restores it); its storage is reported."""
+    meta = {"modelkit.quantization": json.dumps({"scheme": "modelkit.int8.per_channel",
+                                                 "version": 1, "scale_suffix": "_scale"})}
+    q = torch.randint(-127, 128, (64, 64), dtype=torch.int8)
+    save_file({"a.weight": q, "a.weight_scale": torch.rand(64), "a.bias": torch.zeros(64)},
+              str(tmp_path / "i8.safetensors"), metadata=meta)
+    assert layer_quantization(tmp_path / "i8.safetensors") == {
+        "a.weight": "int8 per_channel", "a.bias": "F32"}
+    got = _read_all(tmp_path / "i8.safetensors")
+    assert got["a.weight"].dtype == torch.int8 and torch.equal(got["a.weight"], q)
+
+
 # --- bitsandbytes -----------------------------------------------------------------------
 
 

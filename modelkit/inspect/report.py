@@ -422,7 +422,7 @@ def inspect_model(path: str | os.PathLike[str]) -> ModelReport:
 
         return inspect_gguf(p)
     from modelkit.io.header import UndecodableTensorError, read_header, read_small_tensor
-    from modelkit.io.quantized import quant_view
+    from modelkit.io.quantized import modelkit_int8_layers, quant_view, view_layers
 
     header = read_header(p)
     view = quant_view(header)
@@ -436,13 +436,15 @@ def inspect_model(path: str | os.PathLike[str]) -> ModelReport:
             return None
 
     if view is None:
-        return build_report(p, header.tensors, header.metadata, "safetensors", read)
+        rep = build_report(p, header.tensors, header.metadata, "safetensors", read)
+        int8 = modelkit_int8_layers(header)
+        if int8 is not None:
+            rep.quantization = quantization_section("modelkit-int8", int8)
+        return rep
     # a quantized file is analysed as the float model it stands for
     rep = build_report(p, view.infos, header.metadata, "safetensors", read)
     rep.dtypes = _census(header.tensors)[0]
-    rep.quantization = quantization_section(
-        view.spelling, {k: view.layers[k].scheme if k in view.layers else i.dtype
-                        for k, i in view.infos.items()})
+    rep.quantization = quantization_section(view.spelling, view_layers(view))
     return rep
 
 

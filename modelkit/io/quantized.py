@@ -64,6 +64,9 @@ COMFY_FORMATS = {"float8_e4m3fn": ("F8_E4M3",), "float8_e5m2": ("F8_E5M2",),
 COMFY_UNSUPPORTED = ("nvfp4", "mxfp8", "convrot_w4a4", "asym_w4a8_int8")
 COMFY_EXTRA = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale",
                "comfy_quant")
+# modelkit's own int8 scheme (modelkit.convert.quantize writes it)
+INT8_METADATA_KEY = "modelkit.quantization"
+INT8_SCHEME = "modelkit.int8.per_channel"
 LEGACY_FORMATS = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I8": "int8"}
 
 
@@ -319,6 +322,26 @@ def quant_view(header: Header) -> QuantView | None:
     return None
 
 
+def modelkit_int8_layers(header: Header) -> dict[str, str] | None:
+    """Storage per key of a file in modelkit's own int8 scheme
+    (``modelkit.int8.per_channel``, written by ``modelkit quantize --dtype
+    int8``; the ``dequantize`` operation restores it): ``int8 per_channel``
+    for each I8 weight with its ``<key>_scale``, the dtype for the others,
+    the scales left out. None for any other file."""
+    raw = header.metadata.get(INT8_METADATA_KEY)
+    try:
+        info = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    if not isinstance(info, dict) or info.get("scheme") != INT8_SCHEME:
+        return None
+    suffix = str(info.get("scale_suffix", "_scale"))
+    tensors = header.tensors
+    scales = {k + suffix for k, i in tensors.items() if i.dtype == "I8" and k + suffix in tensors}
+    return {k: "int8 per_channel" if k + suffix in scales else i.dtype
+            for k, i in tensors.items() if k not in scales}
+
+
 def layer_quantization(path: str | os.PathLike[str]) -> dict[str, str]:
     """How each tensor of a model file is stored, by its presented key:
     the quantization (``Q4_K``, ``float8_e4m3fn scaled``, ``int8_blockwise``,
@@ -341,11 +364,16 @@ def layer_quantization(path: str | os.PathLike[str]) -> dict[str, str]:
         header = read_header(p)
         view = quant_view(header)
         if view is not None:
-            return {k: view.layers[k].scheme if k in view.layers else i.dtype
-                    for k, i in view.infos.items()}
-        return {k: i.dtype for k, i in header.tensors.items()}
+            return view_layers(view)
+        return modelkit_int8_layers(header) or {k: i.dtype for k, i in header.tensors.items()}
     infos, _ = fmt.read_header(p)
     return {k: i.dtype for k, i in infos.items()}
+
+
+def view_layers(view: QuantView) -> dict[str, str]:
+    """Storage per presented key of a quantized file."""
+    return {k: view.layers[k].scheme if k in view.layers else i.dtype
+            for k, i in view.infos.items()}
 
 
 def quantization_summary(layers: dict[str, str]) -> dict[str, int]:
