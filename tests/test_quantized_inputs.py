@@ -104,7 +104,9 @@ def test_format_table_declares_each_format_once(tmp_path: Path) -> None:
 # --- GGUF -------------------------------------------------------------------------------
 
 
-def test_gguf_every_type_reads_as_gguf_py_dequantizes(tmp_path: Path) -> None:
+def test_gguf_every_type_reads_as_gguf_py_dequantizes(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("modelkit.io.gguf.CHUNK", 512)  # several chunks per tensor
     rng = np.random.default_rng(20)
     tensors: dict[str, tuple[str, np.ndarray, tuple[int, ...]]] = {}
     for kind in FP16_FIELDS:
@@ -246,7 +248,9 @@ def _nf4_reference(packed: np.ndarray, absmax: np.ndarray, block: int, n: int) -
                     dtype=np.float32)
 
 
-def test_bitsandbytes_nf4_plain_and_double_quantized(tmp_path: Path) -> None:
+def test_bitsandbytes_nf4_plain_and_double_quantized(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("modelkit.io.quantized.CHUNK", 128)  # two blocks per step
     rng = np.random.default_rng(4)
     shape, block, n = (6, 40), 64, 240  # 240 = 3 full blocks and a partial one
     packed = rng.integers(0, 256, n // 2, dtype=np.uint8)

@@ -438,19 +438,33 @@ def dequantize_gguf_blocks(blocks: torch.Tensor, ggml_type: str) -> torch.Tensor
     modelkit's own kernels (:func:`modelkit.io.ggml.dequantize_blocks`) when
     this build has the type's module, else gguf-py's ``gguf.quants.dequantize``
     (the same float32 operations as ggml's ``dequantize_row_<type>``; tests
-    check the two agree bit for bit)."""
+    check the two agree bit for bit). Blocks are done :data:`CHUNK` values at
+    a time into one output, so the temporaries stay small."""
     from importlib.util import find_spec
 
     import torch
 
     from modelkit.io.ggml import GGML_TYPES, dequantize_blocks
 
-    module = GGML_TYPES[ggml_type].module
-    if module and find_spec(f"modelkit.io.ggml.{module}") is not None:
-        return dequantize_blocks(blocks, ggml_type)
-    gguf = _import_gguf()
-    arr = gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType[ggml_type])
-    return torch.from_numpy(arr.reshape(-1).astype("float32", copy=False))
+    kind = GGML_TYPES[ggml_type]
+    if kind.module and find_spec(f"modelkit.io.ggml.{kind.module}") is not None:
+        def kernel(data: torch.Tensor) -> torch.Tensor:
+            return dequantize_blocks(data, ggml_type)
+    else:
+        gguf = _import_gguf()
+        qtype = gguf.GGMLQuantizationType[ggml_type]
+
+        def kernel(data: torch.Tensor) -> torch.Tensor:
+            arr = gguf.quants.dequantize(data.numpy(), qtype)
+            return torch.from_numpy(arr.reshape(-1).astype("float32", copy=False))
+
+    n_blocks = blocks.shape[0]
+    out = torch.empty(n_blocks * kind.block_size, dtype=torch.float32)
+    step = max(1, CHUNK // kind.block_size)
+    for start in range(0, n_blocks, step):
+        stop = min(start + step, n_blocks)
+        out[start * kind.block_size:stop * kind.block_size] = kernel(blocks[start:stop])
+    return out
 
 
 def read_gguf_infos(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo],

@@ -56,6 +56,7 @@ QUANT_METADATA_KEY = "_quantization_metadata"
 COMFY_QUANT_SUFFIX = ".comfy_quant"
 LEGACY_MARKER = "scaled_fp8"
 BNB_STATE = ".quant_state.bitsandbytes__"
+CHUNK = 1 << 20  # values dequantized per step
 MAX_JSON_TENSOR = 1 << 16  # bytes of a .comfy_quant / quant_state JSON tensor
 # ComfyUI format -> the stored weight dtypes it allows
 COMFY_FORMATS = {"float8_e4m3fn": ("F8_E4M3",), "float8_e5m2": ("F8_E5M2",),
@@ -413,15 +414,25 @@ def dequantize_scaled(weight: torch.Tensor, scale: torch.Tensor, block: int = 0
 
 def _blockwise(codes: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, block: int,
                n: int) -> torch.Tensor:
-    """``code[codes[i]] * absmax[i // block]`` for ``i < n``, in float32."""
+    """``code[codes[i]] * absmax[i // block]`` for ``i < n``, in float32,
+    :data:`CHUNK` values at a time (the index temporaries stay small)."""
     import torch
 
-    values = code.to(torch.float32)[codes.reshape(-1)[:n].long()]
-    pad = -n % block
-    if pad:
-        values = torch.cat([values, values.new_zeros(pad)])
-    out = values.view(-1, block).mul_(absmax.to(torch.float32).reshape(-1, 1))
-    return out.reshape(-1)[:n]
+    table = code.to(torch.float32)
+    scales = absmax.to(torch.float32).reshape(-1)
+    flat = codes.reshape(-1)
+    out = torch.empty(n, dtype=torch.float32)
+    step = max(1, CHUNK // block) * block
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        part = table[flat[start:stop].long()]
+        first, whole = start // block, (stop - start) // block
+        body = part[:whole * block].view(whole, block)
+        body.mul_(scales[first:first + whole].reshape(-1, 1))
+        if whole * block < stop - start:  # the last, partial block
+            part[whole * block:].mul_(scales[first + whole])
+        out[start:stop] = part
+    return out
 
 
 def dequantize_bnb4(packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor,
