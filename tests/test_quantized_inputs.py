@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_support import run_entry
+from cli_support import run_all, run_entry
 from safetensors.torch import save_file
 
 from modelkit.io.formats import FORMATS, OUTPUT_FORMATS, by_suffix, input_format
@@ -405,6 +405,8 @@ def test_inspect_reports_storage_per_layer_and_refuses_hostile_files(
              "fp8": ["inspect", "--json", str(flux_inputs["fp8"])],
              **{n: ["inspect", str(p)] for n, p in hostile.items()}}
     res = run_entry(cases, tmp_path)
+    # and once through the installed console script itself
+    res["console"] = run_all({"c": ["inspect", str(hostile["gguf_cut"])]}, tmp_path)["c"]
     # a command that reads weights refuses the same way (in this process: torch is loaded)
     capsys.readouterr()
     code = main(["merge", str(hostile["scale"]), str(flux_inputs["other"]), "-o",
@@ -424,7 +426,7 @@ def test_inspect_reports_storage_per_layer_and_refuses_hostile_files(
     assert "double_blocks.0.img_attn.qkv.weight_scale" not in q["layers"]
     wants = {"scale": "does not fit weight", "format": "which ComfyUI does not name",
              "comfy_quant": "is not JSON text", "nf4": "do not fit its quant_state",
-             "gguf_cut": "", "merge": "does not fit weight"}
+             "gguf_cut": "", "merge": "does not fit weight", "console": "cut.gguf"}
     for name, part in wants.items():
         code, out, err = res[name]
         assert code == 2 and len(err.strip().splitlines()) == 1, (name, err)

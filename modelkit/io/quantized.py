@@ -112,6 +112,9 @@ class QuantView:
     layers: dict[str, QuantLayer]
 
 
+DAMAGED = "; the file is damaged or not in that layout: re-download or re-export it"
+
+
 def _bad(path: Path, problem: str) -> BadFileError:
     return BadFileError(f"{shown(path, 300)}: {problem}")
 
@@ -140,9 +143,9 @@ def _json_tensor(header: Header, key: str) -> dict[str, Any]:
     try:
         value = json.loads(_raw(header, key).decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
-        raise _bad(header.path, f"tensor {quoted(key)} is not JSON text") from None
+        raise _bad(header.path, f"tensor {quoted(key)} is not JSON text{DAMAGED}") from None
     if not isinstance(value, dict):
-        raise _bad(header.path, f"tensor {quoted(key)} is not a JSON object")
+        raise _bad(header.path, f"tensor {quoted(key)} is not a JSON object{DAMAGED}")
     return value
 
 
@@ -165,7 +168,7 @@ def _need(header: Header, key: str, what: str) -> TensorInfo:
     info = header.tensors.get(key)
     if info is None:
         raise _bad(header.path, f"{what} needs tensor {quoted(key)}, which is missing; "
-                   "the file is incomplete")
+                   "the file is incomplete: re-download or re-export it")
     return info
 
 
@@ -185,7 +188,7 @@ def _check_scale(header: Header, layer: QuantLayer) -> None:
         if tuple(scale.shape) == want:
             return
     raise _bad(header.path, f"scale {quoted(layer.scale)} has shape {list(scale.shape)}, "
-               f"which does not fit weight {quoted(layer.data)} {list(data.shape)}")
+               f"which does not fit weight {quoted(layer.data)} {list(data.shape)}{DAMAGED}")
 
 
 def _comfy_layer_formats(header: Header) -> dict[str, dict[str, Any]] | None:
@@ -267,7 +270,7 @@ def _bnb_layer(header: Header, state_key: str) -> tuple[QuantLayer, set[str]]:
                                                   for d in shape_value)) \
             or not isinstance(block, int) or block <= 0 or block % 2:
         raise _bad(header.path, f"bitsandbytes state {quoted(state_key)} lacks a valid "
-                   "shape or blocksize")
+                   f"shape or blocksize{DAMAGED}")
     shape = tuple(shape_value)
     n = math.prod(shape)
     absmax, qmap = _need(header, f"{base}.absmax", base), _need(header, f"{base}.quant_map",
@@ -287,7 +290,7 @@ def _bnb_layer(header: Header, state_key: str) -> tuple[QuantLayer, set[str]]:
     if not ok:
         raise _bad(header.path, f"bitsandbytes tensor {quoted(base)}: the packed data, "
                    "absmax or quant_map do not fit its quant_state (shape "
-                   f"{list(shape)}, blocksize {block})")
+                   f"{list(shape)}, blocksize {block}){DAMAGED}")
     parts = {state_key, f"{base}.absmax", f"{base}.quant_map", f"{base}.nested_absmax",
              f"{base}.nested_quant_map"} & set(header.tensors)
     return QuantLayer(base, quant_type, shape, base, f"{base}.absmax", block, state), parts
