@@ -205,9 +205,18 @@ def _comfy_layer_formats(header: Header) -> dict[str, dict[str, Any]] | None:
         for name, conf in layers.items():
             confs[str(name)] = conf if isinstance(conf, dict) else {"format": conf}
     for key in header.tensors:
-        if key.endswith(COMFY_QUANT_SUFFIX):
-            confs.setdefault(key[:-len(COMFY_QUANT_SUFFIX)], _json_tensor(header, key))
+        name = key[:-len(COMFY_QUANT_SUFFIX)]
+        if key.endswith(COMFY_QUANT_SUFFIX) and name not in confs:
+            confs[name] = _json_tensor(header, key)
     return confs or None
+
+
+def _group_size(header: Header, name: str, conf: dict[str, Any]) -> int:
+    size = conf.get("group_size", 128)
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 1 << 20:
+        raise _bad(header.path, f"layer {quoted(name)}: group_size {quoted(str(size))} is "
+                   f"not a block size{DAMAGED}")
+    return size
 
 
 def _comfy(header: Header, confs: dict[str, dict[str, Any]]) -> QuantView:
@@ -229,7 +238,7 @@ def _comfy(header: Header, confs: dict[str, dict[str, Any]]) -> QuantView:
         if supported and info.dtype not in COMFY_FORMATS[fmt]:
             raise _bad(header.path, f"weight {quoted(weight)} is {info.dtype} but its "
                        f"layer says {fmt}")
-        block = int(conf.get("group_size", 128)) if fmt == "int8_blockwise" else 0
+        block = _group_size(header, name, conf) if fmt == "int8_blockwise" else 0
         layer = QuantLayer(weight, fmt, tuple(info.shape), weight, f"{name}.weight_scale",
                            block, supported=supported)
         if supported:
@@ -249,7 +258,7 @@ def _legacy(header: Header, marker: str) -> QuantView:
         if not key.startswith(prefix) or not key.endswith(".scale_weight"):
             continue
         name = key[:-len(".scale_weight")]
-        weight = _need(header, f"{name}.weight", f"scale {key!r}")
+        weight = _need(header, f"{name}.weight", f"scale {quoted(key)}")
         fmt = LEGACY_FORMATS.get(weight.dtype)
         if fmt is None:
             raise _bad(header.path, f"weight {quoted(weight.name)} is {weight.dtype}; a "
