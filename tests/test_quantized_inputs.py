@@ -376,6 +376,10 @@ def _hostile(tmp_path: Path) -> dict[str, Path]:
     save_file({"a.weight": fp8}, str(tmp_path / "fmt.safetensors"), metadata={
         "_quantization_metadata": json.dumps({"layers": {"a": {"format": "q9_z"}}})})
     out["format"] = tmp_path / "fmt.safetensors"
+    save_file({"a.weight": torch.zeros(4, 8, dtype=torch.int8), "a.weight_scale": torch.ones(())},
+              str(tmp_path / "group.safetensors"), metadata={"_quantization_metadata": json.dumps(
+                  {"layers": {"a": {"format": "int8_blockwise", "group_size": "x"}}})})
+    out["group"] = tmp_path / "group.safetensors"
     save_file({"a.weight": fp8, "a.weight_scale": torch.ones(()),
                "a.comfy_quant": torch.tensor(list(b"{not json"), dtype=torch.uint8)},
               str(tmp_path / "cq.safetensors"))
@@ -425,7 +429,7 @@ def test_inspect_reports_storage_per_layer_and_refuses_hostile_files(
     assert q["layers"]["double_blocks.0.img_attn.qkv.weight"] == "float8_e4m3fn"
     assert "double_blocks.0.img_attn.qkv.weight_scale" not in q["layers"]
     wants = {"scale": "does not fit weight", "format": "which ComfyUI does not name",
-             "comfy_quant": "is not JSON text", "nf4": "do not fit its quant_state",
+             "comfy_quant": "is not JSON text", "group": "is not a block size", "nf4": "do not fit its quant_state",
              "gguf_cut": "", "merge": "does not fit weight", "console": "cut.gguf"}
     for name, part in wants.items():
         code, out, err = res[name]
