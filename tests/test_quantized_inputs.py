@@ -429,7 +429,8 @@ def test_inspect_reports_storage_per_layer_and_refuses_hostile_files(
     assert q["layers"]["double_blocks.0.img_attn.qkv.weight"] == "float8_e4m3fn"
     assert "double_blocks.0.img_attn.qkv.weight_scale" not in q["layers"]
     wants = {"scale": "does not fit weight", "format": "which ComfyUI does not name",
-             "comfy_quant": "is not JSON text", "group": "is not a block size", "nf4": "do not fit its quant_state",
+             "comfy_quant": "is not JSON text", "group": "is not a block size",
+             "nf4": "do not fit its quant_state",
              "gguf_cut": "", "merge": "does not fit weight", "console": "cut.gguf"}
     for name, part in wants.items():
         code, out, err = res[name]
