@@ -174,6 +174,22 @@ class Fp8Buffers:
         self.y = torch.empty(CHUNK, dtype=torch.float32, device=device)
         self.idx = torch.empty(CHUNK, dtype=torch.int32, device=device)
 
+    def amax(self, flat: torch.Tensor) -> float:
+        """``max |flat|`` over 1M-element chunks copied to float32 (torch's
+        half-precision reductions measured 2-3x slower than copy + float32
+        ``aminmax``); NaN when ``flat`` holds one."""
+        import torch
+
+        top = 0.0
+        for i in range(0, flat.numel(), CHUNK):
+            x = self.x[:min(CHUNK, flat.numel() - i)]
+            lo, hi = torch.aminmax(x.copy_(flat[i:i + CHUNK]))
+            top = max(top, -float(lo), float(hi)) if not (lo.isnan() or hi.isnan()) else (
+                math.nan)
+            if math.isnan(top):
+                break
+        return top
+
     def round(self, src: torch.Tensor, dst: torch.Tensor, inv: float | None, scale: float,
               limit: float) -> tuple[float, float, int]:
         """Store ``src`` (a flat chunk, any float dtype) times ``inv`` in
@@ -219,18 +235,17 @@ def fp8_scaled(w: torch.Tensor, dtype: torch.dtype, name: str
 
     flat = w.reshape(-1)
     limit = float(torch.finfo(dtype).max)
-    amax = torch.zeros((), dtype=torch.float32)
-    for i in range(0, flat.numel(), CHUNK):
-        amax = torch.maximum(amax, flat[i:i + CHUNK].abs().amax().to(torch.float32))
-    if not math.isfinite(float(amax)):
+    bufs = Fp8Buffers(dtype, w.device)
+    top = bufs.amax(flat)
+    if not math.isfinite(top):
         raise ModelkitError(f"tensor {name!r} holds NaN or inf; a scaled fp8 weight cannot "
                             "store it (repair or drop the tensor first)")
-    scale = amax / limit if float(amax) > 0 else torch.ones((), dtype=torch.float32)
+    amax = torch.tensor(top, dtype=torch.float32)
+    scale = amax / limit if top > 0 else torch.ones((), dtype=torch.float32)
     s = float(scale)
     inv = float(torch.ones((), dtype=torch.float32) / scale)
     q = torch.empty(w.shape, dtype=dtype, device=w.device)
     out = q.view(-1)
-    bufs = Fp8Buffers(dtype, w.device)
     err = ref = 0.0
     for i in range(0, flat.numel(), CHUNK):
         e, r, _ = bufs.round(flat[i:i + CHUNK], out[i:i + CHUNK], inv, s, limit)
