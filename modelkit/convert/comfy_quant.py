@@ -195,21 +195,23 @@ class Fp8Buffers:
         """Store ``src`` (a flat chunk, any float dtype) times ``inv`` in
         ``dst`` (fp8), saturated to ``limit``; return ``(||restored -
         src||^2, ||src||^2, saturated count)`` with restored = ``dst *
-        scale``."""
+        scale``. Saturated values are counted for a plain cast (``inv``
+        None); a scaled chunk fits by construction, so its clamp only
+        catches the product's last-bit rounding."""
         import torch
 
         n = src.numel()
         x, y = self.x[:n], self.y[:n]
         x.copy_(src)
+        count = 0
         if inv is None:
             y.copy_(x)
-        else:
-            torch.mul(x, inv, out=y)
-        count = 0
-        lo, hi = torch.aminmax(y)
-        if not (-limit <= float(lo) and float(hi) <= limit):
-            count = int((y.abs() > limit).sum())
-            y.clamp_(-limit, limit)
+            lo, hi = torch.aminmax(y)
+            if not (-limit <= float(lo) and float(hi) <= limit):
+                count = int((y.abs() > limit).sum())
+                y.clamp_(-limit, limit)
+        else:  # |x| * inv <= limit but for the last bit of the product's rounding
+            torch.mul(x, inv, out=y).clamp_(-limit, limit)
         dst.copy_(y)
         idx = self.idx[:n]
         idx.copy_(dst.view(torch.uint8))
