@@ -260,6 +260,8 @@ def test_refusals_name_the_file_and_what_to_do(models: dict[str, Path], tmp_path
         with pytest.raises(ModelkitError, match=words) as info:
             _quantize(src, tmp_path / "x.safetensors", dtype, fmt)
         assert src.name in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ModelkitError, match="would drop its per-layer scales"):
+        run_chain([done], [("dequantize", {"dtype": "fp16"})], tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
 
 

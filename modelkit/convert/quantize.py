@@ -310,17 +310,35 @@ def _wanted(rep0: Any, key: str, policy: dict[str, str]) -> str:
 def _refuse_quantized(src: Source, name: str) -> None:
     """Refuse a file that is quantized already (modelkit's int8, ComfyUI's
     scaled formats): its scales would be dropped."""
-    from modelkit.convert import comfy_quant as cq
-
     if src.metadata.get(QUANT_KEY):
         raise ModelkitError(f"{name}: is already quantized ({src.metadata[QUANT_KEY]}); "
                             "dequantize it first")
-    comfy = next((k for k in src.infos if k.rsplit(".", 1)[-1] in (
-        cq.SCALE, cq.CONF, cq.LEGACY_SCALE, cq.LEGACY_MARKER)), None)
-    if cq.METADATA_KEY in src.metadata or comfy:
-        what = f"tensor {comfy!r}" if comfy else f"metadata {cq.METADATA_KEY!r}"
+    what = _comfy_scaled(src)
+    if what:
         raise ModelkitError(f"{name}: is already a ComfyUI scaled checkpoint ({what}); "
                             "quantize a 16- or 32-bit original instead")
+
+
+def _comfy_scaled(src: Source) -> str | None:
+    """What marks ``src`` as a ComfyUI scaled checkpoint (its metadata entry,
+    or a scale, comfy_quant or scaled_fp8 tensor), or None."""
+    from modelkit.convert import comfy_quant as cq
+
+    if cq.METADATA_KEY in src.metadata:
+        return f"metadata {cq.METADATA_KEY!r}"
+    key = next((k for k in src.infos if k.rsplit(".", 1)[-1] in (
+        cq.SCALE, cq.CONF, cq.LEGACY_SCALE, cq.LEGACY_MARKER)), None)
+    return f"tensor {key!r}" if key else None
+
+
+def _refuse_comfy_scaled(src: Source, name: str) -> None:
+    """dequantize casts fp8 weights as stored: a ComfyUI scaled file's
+    weights would come out without their scales, so it is refused."""
+    what = _comfy_scaled(src)
+    if what:
+        raise ModelkitError(f"{name}: is a ComfyUI scaled checkpoint ({what}); dequantize "
+                            "restores modelkit's int8 and plain fp8 files only, and would drop "
+                            "its per-layer scales")
 
 
 def _comfy_plan(src: Source, rep0: Any, target: str, fmt: str,
@@ -485,6 +503,7 @@ def dequantize(src: Source, dtype: str = "fp16") -> PlannedStep:
         raise ModelkitError(f"dequantize writes fp32, fp16 or bf16, not {dtype}")
     name = source_label(src)
     scheme = _check_scheme(src)
+    _refuse_comfy_scaled(src, name)
     if not scheme and not any(i.dtype.startswith("F8") for i in src.infos.values()):
         raise ModelkitError(f"{name}: holds no int8 or fp8 tensors, so there is nothing to "
                             "dequantize; use 'modelkit quantize --dtype fp16' (or bf16, fp32) "
