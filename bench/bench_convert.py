@@ -55,6 +55,8 @@ JOBS = {  # label -> (input, command arguments after the input, output name)
 EXTRA_JOBS = {
     "quantize int8 (SD1.5 fp16)": (FP16_INPUT, ["quantize", "--dtype", "int8"],
                                    "out-int8.safetensors"),
+    "quantize bf16 (SD1.5 fp16)": (FP16_INPUT, ["quantize", "--dtype", "bf16"],
+                                   "out-bf16.safetensors"),
     "quantize fp8_e4m3fn (SD1.5 fp16)": (FP16_INPUT, ["quantize", "--dtype", "fp8_e4m3fn"],
                                          "out-fp8.safetensors"),
     "quantize fp8_e4m3fn --format comfy (SD1.5 fp16)": (

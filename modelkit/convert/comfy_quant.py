@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from typing import TYPE_CHECKING, Any
 
 from modelkit.arch.configs import UNET_PREFIX
@@ -222,6 +223,20 @@ class Fp8Buffers:
         return float(torch.dot(y, y)), float(torch.dot(x, x)), count
 
 
+_LOCAL = threading.local()
+
+
+def fp8_buffers(dtype: torch.dtype, device: torch.device | str = "cpu") -> Fp8Buffers:
+    """This thread's :class:`Fp8Buffers` for ``dtype`` on ``device``, made
+    once (a conversion rounds hundreds of tensors: no fresh 12 MB of
+    buffers, page faults included, per tensor)."""
+    cache: dict[tuple[str, str], Fp8Buffers] = _LOCAL.__dict__.setdefault("fp8", {})
+    key = (str(dtype), str(device))
+    if key not in cache:
+        cache[key] = Fp8Buffers(dtype, device)
+    return cache[key]
+
+
 def fp8_scaled(w: torch.Tensor, dtype: torch.dtype, name: str
                ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """Per-tensor scaled fp8 of ``w`` as ComfyUI's ``TensorCoreFP8Layout``:
@@ -237,7 +252,7 @@ def fp8_scaled(w: torch.Tensor, dtype: torch.dtype, name: str
 
     flat = w.reshape(-1)
     limit = float(torch.finfo(dtype).max)
-    bufs = Fp8Buffers(dtype, w.device)
+    bufs = fp8_buffers(dtype, w.device)
     top = bufs.amax(flat)
     if not math.isfinite(top):
         raise ModelkitError(f"tensor {name!r} holds NaN or inf; a scaled fp8 weight cannot "

@@ -181,11 +181,11 @@ def _fp8_cast(report: QuantizeReport, key: str, t: torch.Tensor, target: torch.d
     import torch
 
     from modelkit.convert.comfy_quant import CHUNK as FP8_CHUNK
-    from modelkit.convert.comfy_quant import Fp8Buffers
+    from modelkit.convert.comfy_quant import fp8_buffers
 
     out = torch.empty(t.shape, dtype=target, device=t.device)
     src, dst = t.reshape(-1), out.view(-1)
-    bufs = Fp8Buffers(target, t.device)
+    bufs = fp8_buffers(target, t.device)
     err = ref = 0.0
     count = 0
     for i in range(0, src.numel(), FP8_CHUNK):
