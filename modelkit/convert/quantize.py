@@ -326,8 +326,10 @@ def _comfy_scaled(src: Source) -> str | None:
 
     if cq.METADATA_KEY in src.metadata:
         return f"metadata {cq.METADATA_KEY!r}"
-    key = next((k for k in src.infos if k.rsplit(".", 1)[-1] in (
-        cq.SCALE, cq.CONF, cq.LEGACY_SCALE, cq.LEGACY_MARKER)), None)
+    # modelkit's int8 names its scales <weight key>_scale: "....weight_scale" too
+    names = (cq.CONF, cq.LEGACY_SCALE, cq.LEGACY_MARKER) + (
+        () if src.metadata.get(QUANT_KEY) else (cq.SCALE,))
+    key = next((k for k in src.infos if k.rsplit(".", 1)[-1] in names), None)
     return f"tensor {key!r}" if key else None
 
 
