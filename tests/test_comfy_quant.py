@@ -272,3 +272,17 @@ def test_cli_int8_legacy_is_exit_2_one_line(models: dict[str, Path], tmp_path: P
     assert (code, out) == (2, "") and len(err.strip().splitlines()) == 1, err
     assert "fp8_e4m3fn only" in err and "gauss.safetensors" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fp8_rounding_saturates_counts_and_measures_exactly() -> None:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3000, generator=g) * 100.0  # about 1 in 300 beyond 448
+    x[:3] = torch.tensor([1000.0, -5000.0, 448.0])
+    out = torch.empty(3000, dtype=torch.float8_e4m3fn)
+    err, ref, count = cq.fp8_buffers(torch.float8_e4m3fn).round(x, out, None, 1.0, 448.0)
+    expected = x.clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert torch.equal(out.view(torch.uint8), expected.view(torch.uint8))
+    assert count == int((x.abs() > 448).sum()) >= 2
+    d = out.double() - x.double()
+    assert err == pytest.approx(float((d * d).sum()), rel=1e-5)
+    assert ref == pytest.approx(float((x.double() ** 2).sum()), rel=1e-5)

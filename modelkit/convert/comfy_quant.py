@@ -205,15 +205,15 @@ class Fp8Buffers:
         x, y = self.x[:n], self.y[:n]
         x.copy_(src)
         count = 0
-        if inv is None:
-            y.copy_(x)
-            lo, hi = torch.aminmax(y)
+        stored = x
+        if inv is not None:  # |x| * inv <= limit but for the product's last-bit rounding
+            stored = torch.mul(x, inv, out=y).clamp_(-limit, limit)
+        else:
+            lo, hi = torch.aminmax(x)
             if not (-limit <= float(lo) and float(hi) <= limit):
-                count = int((y.abs() > limit).sum())
-                y.clamp_(-limit, limit)
-        else:  # |x| * inv <= limit but for the last bit of the product's rounding
-            torch.mul(x, inv, out=y).clamp_(-limit, limit)
-        dst.copy_(y)
+                count = int((x.abs() > limit).sum())
+                stored = y.copy_(x).clamp_(-limit, limit)
+        dst.copy_(stored)
         idx = self.idx[:n]
         idx.copy_(dst.view(torch.uint8))
         torch.index_select(self.table, 0, idx, out=y)  # restored, before the scale

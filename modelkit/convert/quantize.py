@@ -22,6 +22,9 @@ metadata (``modelkit.quantization``):
 * No UI loads this scheme directly: ``dequantize`` restores a normal
   checkpoint. It is for archiving and shipping models at half the fp16 size.
 
+``format="comfy"`` / ``"comfy-legacy"`` spell fp8 and int8 as ComfyUI's
+scaled checkpoints instead (:mod:`modelkit.convert.comfy_quant`).
+
 By default an fp8 or int8 target applies to the UNet only; the text
 encoders and the VAE are stored at fp16 (fp32 tensors) or left as they are
 (16-bit ones). The VAE decodes every image and fp8 VAEs show banding, so it
