@@ -55,6 +55,19 @@ JOBS = {  # label -> (input, command arguments after the input, output name)
 EXTRA_JOBS = {
     "quantize int8 (SD1.5 fp16)": (FP16_INPUT, ["quantize", "--dtype", "int8"],
                                    "out-int8.safetensors"),
+    "quantize bf16 (SD1.5 fp16)": (FP16_INPUT, ["quantize", "--dtype", "bf16"],
+                                   "out-bf16.safetensors"),
+    "quantize fp8_e4m3fn (SD1.5 fp16)": (FP16_INPUT, ["quantize", "--dtype", "fp8_e4m3fn"],
+                                         "out-fp8.safetensors"),
+    "quantize fp8_e4m3fn --format comfy (SD1.5 fp16)": (
+        FP16_INPUT, ["quantize", "--dtype", "fp8_e4m3fn", "--format", "comfy"],
+        "out-comfy-fp8.safetensors"),
+    "quantize fp8_e4m3fn --format comfy-legacy (SD1.5 fp16)": (
+        FP16_INPUT, ["quantize", "--dtype", "fp8_e4m3fn", "--format", "comfy-legacy"],
+        "out-comfy-legacy.safetensors"),
+    "quantize int8 --format comfy (SD1.5 fp16)": (
+        FP16_INPUT, ["quantize", "--dtype", "int8", "--format", "comfy"],
+        "out-comfy-int8.safetensors"),
 }
 GGUF_JOB = {"export-gguf q8_0 (SD1.5 fp16)": (FP16_INPUT, ["export-gguf"], "out.gguf")}
 
@@ -214,10 +227,11 @@ def int8_figures(results: list[Result]) -> list[str]:
     out = []
     for r in results:
         rep = r.report.get("report") or {}
-        if not isinstance(rep, dict) or not rep.get("n_int8"):
+        if not isinstance(rep, dict) or rep.get("relative_l2") is None:
             continue
         saved = 1 - rep["bytes_out"] / rep["bytes_in"]
-        out.append(f"- {r.label}: {rep['n_int8']} int8 tensors, relative L2 "
+        n = rep.get("n_int8") or rep.get("n_scaled") or len(rep.get("errors") or ())
+        out.append(f"- {r.label}: {n} measured tensors, relative L2 "
                    f"{rep['relative_l2']:.4g}, SNR {rep['snr_db']:.1f} dB, "
                    f"{rep['bytes_in'] / 1e9:.2f} GB -> {rep['bytes_out'] / 1e9:.2f} GB "
                    f"({100 * saved:.1f}% saved)")
@@ -232,19 +246,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gguf", action="store_true", help="also time export-gguf")
     ap.add_argument("--busy", action="store_true",
                     help="one more warm round beside a competing busy process")
+    ap.add_argument("--only", default="",
+                    help="run only the jobs whose label contains this text (e.g. 'SD1.5 fp16')")
     args = ap.parse_args(argv)
     args.dir.mkdir(parents=True, exist_ok=True)
     existed = {p.name for p in args.dir.iterdir()}
     log(f"machine: {machine_load()[0]}; MemAvailable {mem_available() / 1e9:.1f} GB")
-    jobs = {**JOBS, **EXTRA_JOBS, **(GGUF_JOB if args.gguf else {})}
+    plain = {k: v for k, v in JOBS.items() if args.only in k}
+    jobs = {k: v for k, v in {**JOBS, **EXTRA_JOBS, **(GGUF_JOB if args.gguf else {})}.items()
+            if args.only in k}
     rounds = [run_round(args.dir, jobs, cold=(i == 0)) for i in range(max(1, args.rounds))]
     lines = table(rounds[0], "cold (inputs hashed while writing)")
     for i, res in enumerate(rounds[1:], 1):
         lines += table(res, f"warm round {i} (hash cache)")
     best = [min((r[i] for r in rounds), key=lambda x: x.ratio) for i in range(len(jobs))]
-    lines += ["## verdicts (best round)", "", *verdicts(best[:len(JOBS)]),
-              *quant_verdicts(best[len(JOBS):]), "",
-              "## int8", "", *int8_figures(best), ""]
+    lines += ["## verdicts (best round)", "", *verdicts(best[:len(plain)]),
+              *quant_verdicts(best[len(plain):]), "",
+              "## int8 and fp8 error", "", *int8_figures(best), ""]
     if args.busy:
         with busy_loop():
             busy = run_round(args.dir, jobs, cold=False)

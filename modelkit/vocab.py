@@ -46,6 +46,9 @@ FLOAT_STORAGE: tuple[str, ...] = ("fp16", "bf16", "fp32")
 FLOAT_STORAGE_DTYPES: tuple[str, ...] = tuple(USER_DTYPES[n] for n in FLOAT_STORAGE)
 # what ``quantize`` stores a model as (modelkit.convert.quantize)
 QUANT_TARGETS: tuple[str, ...] = (*FLOAT_STORAGE, "fp8_e4m3fn", "fp8_e5m2", "int8")
+# how ``quantize`` spells an 8-bit file: modelkit's own int8 scheme and plain
+# fp8, or ComfyUI's scaled formats (modelkit.convert.comfy_quant)
+QUANT_FORMATS: tuple[str, ...] = ("modelkit", "comfy", "comfy-legacy")
 KEEP = "keep"  # leave each tensor's dtype as it is
 MERGE_OUTPUT_DTYPES: tuple[str, ...] = (*FLOAT_STORAGE, KEEP)
 # what ``modelkit merge`` writes without --dtype: fp16, except that bf16

@@ -208,6 +208,10 @@ class Architecture:
     default_dtype: str
     verify: str  # RENDER or PROBE
     prediction: str  # what an unmarked file predicts: EPS, EPS_OR_V (read it) or FLOW
+    # denoiser key prefixes (without the component prefix) whose weights a
+    # scaled fp8/int8 export keeps in high precision: the first and last
+    # layers and the embeddings (norms and biases are 1-D and always kept)
+    quant_keep: tuple[str, ...]
     layout_rules: tuple[tuple[str, Rule], ...] = ()  # (layout, rule), first match
     commands: frozenset[str] = frozenset()  # what handles a PARTIAL entry (see handles())
     notes: tuple[str, ...] = field(default=())
@@ -238,6 +242,10 @@ _LDM_GGUF_KEEP_F32 = frozenset({"input_blocks.0.0.weight", "out.2.weight"})
 _LDM_GGUF_KEEP_FLOAT = ("time_embed.", "label_emb.", "proj_in.", "proj_out.")
 _LDM_UNET_PARTS = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.",
                    "output_blocks.", "out.")
+# kept in high precision by scaled fp8/int8: the layers city96/ComfyUI-GGUF's
+# tools/lcpp.patch never quantizes for SD1/SDXL (timestep and class
+# embeddings, conv_in, conv_out)
+_LDM_QUANT_KEEP = ("time_embed.", "label_emb.", "input_blocks.0.0.", "out.")
 
 
 def _ldm_gguf(arch: str) -> GgufPolicy:
@@ -269,6 +277,7 @@ def _ldm(name: str, *, label: str, short: str, family: str, aliases: tuple[str, 
         lora=lora, diffusers=DiffusersNames(pipelines, scaling, diffusers_te_dropped,
                                             vae_force_upcast=family == "sdxl"),
         gguf=_ldm_gguf(gguf), default_dtype="fp16", verify=RENDER, prediction=prediction,
+        quant_keep=_LDM_QUANT_KEEP,
     )
 
 
@@ -368,6 +377,10 @@ SD3 = Architecture(
                 Component("t5xxl", TEXT_ENCODER, "text_encoders.t5xxl.")),
     spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
     default_dtype="fp16", verify=PROBE, prediction=FLOW,
+    # patch, text, timestep and pooled embedders, the final layer (ComfyUI's
+    # comfy/ldm/modules/diffusionmodules/mmdit.py names)
+    quant_keep=("x_embedder.", "context_embedder.", "t_embedder.", "y_embedder.",
+                "final_layer.", "pos_embed"),
 )
 
 # Qwen-Image (diffusers' QwenImageTransformer2DModel names, which ComfyUI keeps)
@@ -390,6 +403,10 @@ QWEN_IMAGE = Architecture(
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
     spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
+    # image and text inputs, timestep embedder, output norm and projection
+    # (ComfyUI's comfy/ldm/qwen_image/model.py names)
+    quant_keep=("img_in.", "txt_in.", "txt_norm.", "time_text_embed.", "norm_out.",
+                "proj_out."),
 )
 
 # Wan 2.1 / 2.2 (Wan-Video's WanModel names, which ComfyUI keeps)
@@ -436,6 +453,11 @@ WAN = Architecture(
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
     spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
+    # patch, text, time and image embedders and the head, in both layouts
+    # (Wan-Video's wan/modules/model.py; diffusers' transformer_wan.py)
+    quant_keep=("patch_embedding.", "text_embedding.", "time_embedding.",
+                "time_projection.", "img_emb.", "head.", "condition_embedder.",
+                "proj_out.", "norm_out."),
 )
 
 # Flux.1 (BFL layout, ComfyUI's model_detection.py; diffusers' single_file_utils.py)
@@ -493,6 +515,11 @@ FLUX = Architecture(
                    module_prefixes=_flux.LORA_MODULE_PREFIXES),
     diffusers=None, gguf=None,
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
+    # what city96/ComfyUI-GGUF's tools/lcpp.patch never quantizes for Flux
+    # (BFL layout), and the same layers in the diffusers layout
+    quant_keep=("img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.",
+                "final_layer.", "x_embedder.", "context_embedder.", "time_text_embed.",
+                "norm_out.", "proj_out."),
     notes=("Kontext has the dev layout and reads as dev",
            "merge and lora bake handle the original (BFL/ComfyUI) layout; the VAE and "
            "text encoders of an all-in-one file are taken from model A"),

@@ -97,6 +97,10 @@ def _quantize_lines(r: Any) -> list[str]:
     out = [f"policy: {policy}; {plural(r.n_cast, 'tensor')} cast, {r.n_int8} int8; "
            f"tensor data {human_bytes(r.bytes_in)} -> {human_bytes(r.bytes_out)} "
            f"({100 * (1 - r.bytes_out / r.bytes_in):.1f}% saved)" if r.bytes_in else ""]
+    if getattr(r, "format", "modelkit") != "modelkit":
+        kept = ", ".join(f"{why} {n}" for why, n in r.kept.items()) or "none"
+        out.append(f"{r.format}: {plural(r.n_scaled, 'Linear weight')} stored with a ComfyUI "
+                   f"scale; denoiser weights kept at 16 bits or more: {kept}")
     if r.overflow:
         total = sum(r.overflow.values())
         out.append(f"warning: {plural(total, 'value')} in {plural(len(r.overflow), 'tensor')} "
@@ -148,7 +152,9 @@ def ema_cmd(model: str, common: CommonOptions, params: dict[str, Any]) -> None:
 @transform_options("quantize")
 def quantize_cmd(model: str, common: CommonOptions, params: dict[str, Any]) -> None:
     """Store components at a lower precision; int8 is per-channel symmetric
-    (modelkit.int8.per_channel v1, see 'modelkit dequantize')."""
+    (modelkit.int8.per_channel v1, see 'modelkit dequantize'); --format comfy
+    writes ComfyUI's scaled fp8 / int8_blockwise checkpoints, comfy-legacy
+    the older scaled_fp8 spelling."""
     _run_op("quantize", [model], common, _quantize_lines, **params)
 
 

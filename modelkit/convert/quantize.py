@@ -22,6 +22,9 @@ metadata (``modelkit.quantization``):
 * No UI loads this scheme directly: ``dequantize`` restores a normal
   checkpoint. It is for archiving and shipping models at half the fp16 size.
 
+``format="comfy"`` / ``"comfy-legacy"`` spell fp8 and int8 as ComfyUI's
+scaled checkpoints instead (:mod:`modelkit.convert.comfy_quant`).
+
 By default an fp8 or int8 target applies to the UNet only; the text
 encoders and the VAE are stored at fp16 (fp32 tensors) or left as they are
 (16-bit ones). The VAE decodes every image and fp8 VAEs show banding, so it
@@ -42,8 +45,8 @@ from modelkit.errors import ModelkitError
 from modelkit.inspect.describe import describe, require_handled
 from modelkit.io.header import DTYPE_BITS
 from modelkit.io.source import DerivedSource, Source, source_label, tensor_info
-from modelkit.numeric import l2_sums, relative_l2, snr_db
-from modelkit.vocab import COMPONENTS, QUANT_TARGETS, UNET
+from modelkit.numeric import relative_l2, snr_db
+from modelkit.vocab import COMPONENTS, QUANT_FORMATS, QUANT_TARGETS, UNET
 from modelkit.wording import with_article
 
 if TYPE_CHECKING:
@@ -59,6 +62,7 @@ FLOAT_RANGE = {"F32": 3.4028234663852886e38, "F16": 65504.0, "BF16": 3.389531389
                "F8_E4M3": 448.0, "F8_E5M2": 57344.0}
 CHUNK = 1 << 20
 MAX16 = "max16"
+MODELKIT = "modelkit"  # the default --format
 
 
 @dataclass
@@ -84,6 +88,9 @@ class QuantizeReport:
     ref_sq: float = 0.0
     bytes_in: int = 0
     bytes_out: int = 0
+    format: str = "modelkit"  # or comfy, comfy-legacy (modelkit.convert.comfy_quant)
+    n_scaled: int = 0  # weights stored with a ComfyUI scale
+    kept: dict[str, int] = field(default_factory=dict)  # why denoiser weights stay -> count
 
     @property
     def measured(self) -> bool:
@@ -148,34 +155,50 @@ def _saturating_cast(report: QuantizeReport, key: str, t: torch.Tensor,
 
     limit = FLOAT_RANGE[dtype]
     target = to_torch(dtype)
-    measure = DTYPE_BITS[dtype] == 8  # fp8 loses enough to be worth measuring
-    if FLOAT_RANGE.get(from_torch(t.dtype), math.inf) <= limit and not measure:
+    if DTYPE_BITS[dtype] == 8:  # fp8 loses enough to be worth measuring
+        return _fp8_cast(report, key, t, target, limit)
+    if FLOAT_RANGE.get(from_torch(t.dtype), math.inf) <= limit:
         return cast(t, target)  # every value fits
     count = 0
-    err = ref = 0.0
 
     def clip(x: torch.Tensor) -> torch.Tensor:
-        nonlocal count, err, ref
+        nonlocal count
         lo, hi = torch.aminmax(x)
-        y = x
         if not (-limit <= float(lo) and float(hi) <= limit):  # NaN fails both
             over = x.abs() > limit
             count += int(over.sum())
-            y = torch.where(over, x.sign() * limit, x)
-        if not measure:
-            return y
-        q = y.to(target)
-        e, r = l2_sums([(q, x)])
-        err, ref = err + e, ref + r
-        return q
+            return torch.where(over, x.sign() * limit, x)
+        return x
 
     out = chunked_apply(t, target, clip, CHUNK)
     if count:
         report.overflow[key] = count
-    if measure:
-        report.err_sq += err
-        report.ref_sq += ref
-        report.errors.append(TensorError(key, relative_l2(err, ref), snr_db(err, ref)))
+    return out
+
+
+def _fp8_cast(report: QuantizeReport, key: str, t: torch.Tensor, target: torch.dtype,
+              limit: float) -> torch.Tensor:
+    """``t`` rounded to fp8 ``target`` (saturated), its error measured on
+    each chunk as it is stored: the stored codes decoded by table, in reused
+    buffers (decoding with torch's fp8 cast cost more than the cast itself)."""
+    import torch
+
+    from modelkit.convert.comfy_quant import CHUNK as FP8_CHUNK
+    from modelkit.convert.comfy_quant import fp8_buffers
+
+    out = torch.empty(t.shape, dtype=target, device=t.device)
+    src, dst = t.reshape(-1), out.view(-1)
+    bufs = fp8_buffers(target, t.device)
+    err = ref = 0.0
+    count = 0
+    for i in range(0, src.numel(), FP8_CHUNK):
+        e, r, c = bufs.round(src[i:i + FP8_CHUNK], dst[i:i + FP8_CHUNK], None, 1.0, limit)
+        err, ref, count = err + e, ref + r, count + c
+    if count:
+        report.overflow[key] = count
+    report.err_sq += err
+    report.ref_sq += ref
+    report.errors.append(TensorError(key, relative_l2(err, ref), snr_db(err, ref)))
     return out
 
 
@@ -244,31 +267,34 @@ def _plan_key(key: str, dtype: str, shape: tuple[int, ...], target: str,
     actions[key] = ("cast" if out != dtype else "copy", key)
 
 
-def quantize(src: Source, target: str, *, components: tuple[str, ...] | None = None
-             ) -> PlannedStep:
+def quantize(src: Source, target: str, *, components: tuple[str, ...] | None = None,
+             fmt: str = MODELKIT) -> PlannedStep:
     """Plan ``src`` stored at ``target`` (one of :data:`modelkit.vocab.QUANT_TARGETS`) for the
-    chosen components (default: all, VAE not below fp16).
+    chosen components (default: all, VAE not below fp16), its 8-bit weights
+    spelled as ``fmt`` (:data:`modelkit.vocab.QUANT_FORMATS`: modelkit's
+    own, or ComfyUI's scaled formats, :mod:`modelkit.convert.comfy_quant`).
 
     Raises:
-        ModelkitError: unknown target or component, an already-int8 file.
+        ModelkitError: unknown target, component or format, a target the
+            format cannot store, an already-quantized file.
     """
-    if src.metadata.get(QUANT_KEY):
-        raise ModelkitError(f"{source_label(src)}: is already quantized "
-                            f"({src.metadata[QUANT_KEY]}); dequantize it first")
+    name = source_label(src)
+    _refuse_quantized(src, name)
     rep0 = describe(src)
     if rep0.kind not in ("checkpoint", "unet", "vae", "text_encoder"):
-        raise ModelkitError(f"{source_label(src)}: is {with_article(rep0.kind)}; quantize takes "
+        raise ModelkitError(f"{name}: is {with_article(rep0.kind)}; quantize takes "
                             "checkpoints and single components")
-    require_handled(rep0, source_label(src), "quantize")
+    require_handled(rep0, name, "quantize")
     policy = component_policy(target, components)
+    if fmt not in QUANT_FORMATS:
+        raise ModelkitError(f"unknown format {fmt!r}; choose one of {', '.join(QUANT_FORMATS)}")
+    if fmt != MODELKIT:
+        return _comfy_plan(src, rep0, target, fmt, components, policy)
     report = QuantizeReport(target, policy, bytes_in=sum(i.nbytes for i in src.infos.values()))
     infos: dict[str, Any] = {}
     actions: dict[str, tuple[str, str]] = {}
-    bare = rep0.kind != "checkpoint"  # a UNet-only, VAE-only or TE-only file
     for key, info in src.infos.items():
-        comp = rep0.kind if bare else _component(key)
-        comp = {"text_encoder": "te"}.get(comp or "", comp)
-        want = policy.get(comp or "", "keep")
+        want = _wanted(rep0, key, policy)
         if not info.is_float or want == "keep" or parts.part_of(key) == parts.MARKER:
             infos[key], actions[key] = info, ("copy", key)
             continue
@@ -277,8 +303,106 @@ def quantize(src: Source, target: str, *, components: tuple[str, ...] | None = N
     return _quantized_source(src, report, infos, actions, target)
 
 
+def _wanted(rep0: Any, key: str, policy: dict[str, str]) -> str:
+    """What the policy wants for ``key``: its component's entry."""
+    comp = rep0.kind if rep0.kind != "checkpoint" else _component(key)
+    comp = {"text_encoder": "te"}.get(comp or "", comp)
+    return policy.get(comp or "", "keep")
+
+
+def _refuse_quantized(src: Source, name: str) -> None:
+    """Refuse a file that is quantized already (modelkit's int8, ComfyUI's
+    scaled formats): its scales would be dropped."""
+    if src.metadata.get(QUANT_KEY):
+        raise ModelkitError(f"{name}: is already quantized ({src.metadata[QUANT_KEY]}); "
+                            "dequantize it first")
+    what = _comfy_scaled(src)
+    if what:
+        raise ModelkitError(f"{name}: is already a ComfyUI scaled checkpoint ({what}); "
+                            "quantize a 16- or 32-bit original instead")
+
+
+def _comfy_scaled(src: Source) -> str | None:
+    """What marks ``src`` as a ComfyUI scaled checkpoint (its metadata entry,
+    or a scale, comfy_quant or scaled_fp8 tensor), or None."""
+    from modelkit.convert import comfy_quant as cq
+
+    if cq.METADATA_KEY in src.metadata:
+        return f"metadata {cq.METADATA_KEY!r}"
+    # modelkit's int8 names its scales <weight key>_scale: "....weight_scale" too
+    names = (cq.CONF, cq.LEGACY_SCALE, cq.LEGACY_MARKER) + (
+        () if src.metadata.get(QUANT_KEY) else (cq.SCALE,))
+    key = next((k for k in src.infos if k.rsplit(".", 1)[-1] in names), None)
+    return f"tensor {key!r}" if key else None
+
+
+def _refuse_comfy_scaled(src: Source, name: str) -> None:
+    """dequantize casts fp8 weights as stored: a ComfyUI scaled file's
+    weights would come out without their scales, so it is refused."""
+    what = _comfy_scaled(src)
+    if what:
+        raise ModelkitError(f"{name}: is a ComfyUI scaled checkpoint ({what}); dequantize "
+                            "restores modelkit's int8 and plain fp8 files only, and would drop "
+                            "its per-layer scales")
+
+
+def _comfy_plan(src: Source, rep0: Any, target: str, fmt: str,
+                components: tuple[str, ...] | None, policy: dict[str, str]) -> PlannedStep:
+    """ComfyUI's scaled format: the denoiser's Linear weights at ``target``
+    with their scales, its other float tensors at 16 bits (fp32 -> fp16),
+    the other components as the policy says."""
+    from modelkit.arch import registry
+    from modelkit.convert import comfy_quant as cq
+    from modelkit.io.dtypes import parse_user_dtype
+
+    name = source_label(src)
+    dtype = parse_user_dtype(target)
+    cq.layer_format(dtype, fmt, name)
+    if components not in (None, (UNET,)):
+        raise ModelkitError(f"{name}: --format {fmt} quantizes the denoiser (unet) only; "
+                            "leave out --components")
+    fp8 = next((k for k, i in src.infos.items() if i.dtype.startswith("F8")), None)
+    if fp8:
+        raise ModelkitError(f"{name}: holds fp8 tensors already ({fp8!r}); quantize a 16- "
+                            "or 32-bit original instead")
+    arch = registry.get(rep0.arch)
+    keep = arch.quant_keep if arch else ()
+    report = QuantizeReport(target, policy, bytes_in=sum(i.nbytes for i in src.infos.values()),
+                            format=fmt)
+    infos: dict[str, Any] = {}
+    actions: dict[str, tuple[str, str]] = {}
+    layers: dict[str, dict[str, Any]] = {}
+    for key, info in src.infos.items():
+        want = _wanted(rep0, key, policy)
+        if not info.is_float or want == "keep" or parts.part_of(key) == parts.MARKER:
+            infos[key], actions[key] = info, ("copy", key)
+            continue
+        if want == dtype:  # the denoiser
+            why = cq.keep_reason(key, info.shape, dtype, keep)
+            if why is None:
+                cq.plan_layer(key, info.shape, dtype, fmt, infos, actions, layers)
+                continue
+            report.kept[why] = report.kept.get(why, 0) + 1
+            want = MAX16
+        _plan_key(key, info.dtype, info.shape, want, infos, actions)
+    if not layers:
+        raise ModelkitError(f"{name}: has no denoiser Linear weight that ComfyUI's scaled "
+                            f"format quantizes ({with_article(rep0.kind)}); use the default "
+                            "--format modelkit")
+    meta = dict(src.metadata)
+    if fmt == cq.COMFY:
+        meta[cq.METADATA_KEY] = cq.metadata_entry(layers)
+    else:
+        marker = cq.marker_key(list(src.infos))
+        infos[marker] = tensor_info(marker, dtype, (0,))
+        actions[marker] = ("marker", marker)
+    report.bytes_out = sum(i.nbytes for i in infos.values())
+    return _quantized_source(src, report, infos, actions, target, meta=meta)
+
+
 def _quantized_source(src: Source, report: QuantizeReport, infos: dict[str, Any],
-                      actions: dict[str, tuple[str, str]], target: str) -> PlannedStep:
+                      actions: dict[str, tuple[str, str]], target: str,
+                      meta: dict[str, str] | None = None) -> PlannedStep:
     pending: dict[str, Any] = {}  # int8 key -> its scale, until the scale is written
 
     def produce(key: str) -> torch.Tensor:
@@ -288,11 +412,32 @@ def _quantized_source(src: Source, report: QuantizeReport, infos: dict[str, Any]
         if action == "cast":
             report.n_cast += 1
             return _saturating_cast(report, key, src.get(origin), infos[key].dtype)
+        if action in ("conf", "marker"):
+            return _constant(action, infos[key].dtype, infos[origin].dtype)
         if action == "scale":
             if origin not in pending:
-                produce_int8(origin)
+                produce(origin)
             return pending.pop(origin)
+        if action == "scaled":
+            return produce_scaled(key)
         return produce_int8(key)
+
+    def produce_scaled(key: str) -> torch.Tensor:
+        from modelkit.convert import comfy_quant as cq
+        from modelkit.io.dtypes import to_torch
+
+        w = src.get(key)
+        dtype = infos[key].dtype
+        if dtype == "I8":
+            q, scale, err, ref = cq.int8_blockwise(w)
+        else:
+            q, scale, err, ref = cq.fp8_scaled(w, to_torch(dtype), key)
+        report.err_sq += err
+        report.ref_sq += ref
+        report.errors.append(TensorError(key, relative_l2(err, ref), snr_db(err, ref)))
+        report.n_scaled += 1
+        pending[key] = scale
+        return q
 
     def produce_int8(key: str) -> torch.Tensor:
         w = src.get(key)
@@ -304,18 +449,35 @@ def _quantized_source(src: Source, report: QuantizeReport, infos: dict[str, Any]
         pending[key] = scale
         return q
 
-    meta = dict(src.metadata)
-    if target == "int8":
-        meta[QUANT_KEY] = json.dumps({"scheme": INT8_SCHEME, "version": INT8_VERSION,
-                                      "scale_suffix": SCALE_SUFFIX, "scale_dtype": "F32",
-                                      "min_elements": INT8_MIN_ELEMENTS})
+    if meta is None:
+        meta = dict(src.metadata)
+        if target == "int8":
+            meta[QUANT_KEY] = json.dumps({"scheme": INT8_SCHEME, "version": INT8_VERSION,
+                                          "scale_suffix": SCALE_SUFFIX, "scale_dtype": "F32",
+                                          "min_elements": INT8_MIN_ELEMENTS})
     name = source_label(src)
     unchanged = {k: (src, o) for k, (a, o) in actions.items() if a == "copy"}
     out = DerivedSource(f"quantize({name})", infos, meta, produce, src.input_paths,
                         stream=passthrough(unchanged))
-    params = {"dtype": target, "policy": report.policy}
-    origins = {k: (None if a == "scale" else (0, o)) for k, (a, o) in actions.items()}
+    params: dict[str, Any] = {"dtype": target, "policy": report.policy}
+    if report.format != MODELKIT:
+        params["format"] = report.format
+    origins = {k: (None if a in ("scale", "conf", "marker") else (0, o))
+               for k, (a, o) in actions.items()}
     return PlannedStep(out, report, "quantize", params, origins)
+
+
+def _constant(action: str, dtype: str, weight_dtype: str) -> torch.Tensor:
+    """A ``comfy_quant`` JSON tensor (``dtype`` U8, for a weight of
+    ``weight_dtype``) or the empty legacy ``scaled_fp8`` marker."""
+    import torch
+
+    from modelkit.convert import comfy_quant as cq
+    from modelkit.io.dtypes import to_torch
+
+    if action == "marker":
+        return torch.empty((0,), dtype=to_torch(dtype))
+    return cq.conf_tensor(cq.layer_conf(cq.LAYER_FORMATS[weight_dtype]))
 
 
 @dataclass
@@ -346,6 +508,7 @@ def dequantize(src: Source, dtype: str = "fp16") -> PlannedStep:
         raise ModelkitError(f"dequantize writes fp32, fp16 or bf16, not {dtype}")
     name = source_label(src)
     scheme = _check_scheme(src)
+    _refuse_comfy_scaled(src, name)
     if not scheme and not any(i.dtype.startswith("F8") for i in src.infos.values()):
         raise ModelkitError(f"{name}: holds no int8 or fp8 tensors, so there is nothing to "
                             "dequantize; use 'modelkit quantize --dtype fp16' (or bf16, fp32) "

@@ -25,6 +25,7 @@ from modelkit.vocab import (
     FLOAT_STORAGE,
     KEEP,
     MERGE_OUTPUT_DTYPES,
+    QUANT_FORMATS,
     QUANT_TARGETS,
 )
 
@@ -64,17 +65,22 @@ def ema(model: Checkpoint, *, dtype: str = KEEP) -> PlannedStep:
 
 
 @transform("quantize", summary="store components at fp16/bf16/fp32/fp8 or int8",
-           keys=(SAME, NEW), choices={"dtype": QUANT_TARGETS, "components": COMPONENTS},
+           keys=(SAME, NEW), choices={"dtype": QUANT_TARGETS, "components": COMPONENTS,
+                                      "format": QUANT_FORMATS},
            help={"dtype": "Storage type for the chosen components.",
                  "components": "Comma list of unet,te,vae. Default: all of them for "
                                "fp16/bf16/fp32; the UNet only for fp8 and int8 (text "
-                               "encoders and VAE then kept at 16 bits)."})
-def quantize(model: Model, *, dtype: str, components: tuple[str, ...] | None = None
-             ) -> PlannedStep:
+                               "encoders and VAE then kept at 16 bits).",
+                 "format": "How 8-bit weights are stored: modelkit (plain fp8, "
+                           "modelkit's int8), comfy (ComfyUI's scaled fp8 / int8_blockwise "
+                           "with _quantization_metadata) or comfy-legacy (scaled_fp8 "
+                           "marker, fp8_e4m3fn only)."})
+def quantize(model: Model, *, dtype: str, components: tuple[str, ...] | None = None,
+             format: str = "modelkit") -> PlannedStep:
     """Storage precision per component (fp8/int8 default to the UNet only)."""
     from modelkit.convert.quantize import quantize as plan_quantize
 
-    return plan_quantize(model, dtype, components=components)
+    return plan_quantize(model, dtype, components=components, fmt=format)
 
 
 @transform("dequantize", summary="restore an int8/fp8 file to fp16/bf16/fp32",
