@@ -548,6 +548,10 @@ CHROMA = Architecture(
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
     spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
+    # the embedders, the guidance approximator and the final layer (Flux.1's keep
+    # list, both layouts)
+    quant_keep=("img_in.", "txt_in.", "distilled_guidance_layer.", "final_layer.",
+                "x_embedder.", "context_embedder.", "proj_out."),
 )
 
 # Flux.2 (shared per-stream modulation; 128 latent channels)
@@ -577,6 +581,9 @@ FLUX2 = Architecture(
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
     spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
+    quant_keep=("img_in.", "txt_in.", "time_in.", "guidance_in.", "final_layer.",
+                "x_embedder.", "context_embedder.", "time_guidance_embed.", "norm_out.",
+                "proj_out."),
 )
 
 # Z-Image (Lumina-2 family; ComfyUI's model_detection.py: cap_embedder.1.weight,
@@ -598,6 +605,8 @@ Z_IMAGE = Architecture(
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
     spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
+    quant_keep=("x_embedder.", "all_x_embedder.", "final_layer.", "all_final_layer.",
+                "t_embedder.", "cap_embedder.", "x_pad_token", "cap_pad_token"),
     notes=("Z-Image and Z-Image-Turbo share one layout and read as z-image",),
 )
 
