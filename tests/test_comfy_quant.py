@@ -253,16 +253,28 @@ def test_fp8_decode_table_is_torch_cast() -> None:
 def test_refusals_name_the_file_and_what_to_do(models: dict[str, Path], tmp_path: Path) -> None:
     done = tmp_path / "done.safetensors"
     _quantize(models["gauss"], done, "fp8_e4m3fn", "comfy")
-    cases = {"already a ComfyUI scaled checkpoint": (done, "fp8_e4m3fn", "comfy"),
+    cases = {"already quantized": (done, "fp8_e4m3fn", "comfy"),
              "16- and 32-bit": (models["gauss"], "fp16", "comfy"),
              "fp8_e4m3fn only": (models["unet"], "fp8_e5m2", "comfy-legacy")}
     for words, (src, dtype, fmt) in cases.items():
         with pytest.raises(ModelkitError, match=words) as info:
             _quantize(src, tmp_path / "x.safetensors", dtype, fmt)
         assert src.name in str(info.value) and "\n" not in str(info.value)
-    with pytest.raises(ModelkitError, match="would drop its per-layer scales"):
-        run_chain([done], [("dequantize", {"dtype": "fp16"})], tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_dequantize_applies_comfyuis_scales(models: dict[str, Path], tmp_path: Path) -> None:
+    """modelkit reads a ComfyUI scaled file dequantized (modelkit.io.quantized),
+    so ``dequantize`` writes what ComfyUI computes, rounded once to fp16."""
+    done = tmp_path / "done.safetensors"
+    _quantize(models["gauss"], done, "fp8_e4m3fn", "comfy")
+    out = tmp_path / "x.safetensors"
+    run_chain([done], [("dequantize", {"dtype": "fp16"})], out)
+    expected, confs = comfy_load(done)
+    got, _ = _read(out)
+    assert confs and set(got) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(got[key], value.to(torch.float16)), key
 
 
 def test_cli_int8_legacy_is_exit_2_one_line(models: dict[str, Path], tmp_path: Path) -> None:

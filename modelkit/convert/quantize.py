@@ -320,6 +320,13 @@ def _refuse_quantized(src: Source, name: str) -> None:
     if what:
         raise ModelkitError(f"{name}: is already a ComfyUI scaled checkpoint ({what}); "
                             "quantize a 16- or 32-bit original instead")
+    from modelkit.io.quantized import dequantized_on_read
+
+    what = dequantized_on_read(src)
+    if what:
+        raise ModelkitError(f"{name}: is already quantized ({what}); quantize a 16- or "
+                            "32-bit original instead, or write it at 16 bits with "
+                            "'modelkit dequantize'")
 
 
 def _comfy_scaled(src: Source) -> str | None:
@@ -509,7 +516,10 @@ def dequantize(src: Source, dtype: str = "fp16") -> PlannedStep:
     name = source_label(src)
     scheme = _check_scheme(src)
     _refuse_comfy_scaled(src, name)
-    if not scheme and not any(i.dtype.startswith("F8") for i in src.infos.values()):
+    from modelkit.io.quantized import dequantized_on_read
+
+    if (not scheme and not dequantized_on_read(src)
+            and not any(i.dtype.startswith("F8") for i in src.infos.values())):
         raise ModelkitError(f"{name}: holds no int8 or fp8 tensors, so there is nothing to "
                             "dequantize; use 'modelkit quantize --dtype fp16' (or bf16, fp32) "
                             "to change its precision")

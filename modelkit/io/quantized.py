@@ -112,6 +112,7 @@ class QuantView:
     layers: dict[str, QuantLayer]
 
 
+DEQUANTIZED_NOTE = "quantized layers dequantized on read"
 DAMAGED = "; the file is damaged or not in that layout: re-download or re-export it"
 
 
@@ -504,9 +505,17 @@ def dequantized_source(src: Any, view: QuantView) -> Source:
 
     # the record of which layers are quantized goes: the tensors are float now
     meta = {k: v for k, v in src.metadata.items() if k != QUANT_METADATA_KEY}
-    out = DerivedSource(str(src.path), dict(view.infos), meta, produce, (src.path,))
+    note = f"{DEQUANTIZED_NOTE} ({view.spelling}, {len(view.layers)} layers)"
+    out = DerivedSource(str(src.path), dict(view.infos), meta, produce, (src.path,), [note])
     out.close = src.close  # type: ignore[attr-defined]
     return out
+
+
+def dequantized_on_read(src: Source) -> str | None:
+    """The note of a source whose quantized layers :func:`dequantized_source`
+    dequantizes on read (``dequantized on read (comfy, 300 layers)``), or None."""
+    return next((n for n in getattr(src, "notes", ()) if n.startswith(DEQUANTIZED_NOTE)),
+                None)
 
 
 def open_safetensors(path: Path, device: str = "cpu") -> Source:
