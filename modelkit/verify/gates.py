@@ -1,0 +1,278 @@
+"""Per-layer gates: a quantized or converted model against its source.
+
+Every weight the candidate stores is restored to float (GGUF blocks, int8
+with its scales, fp8 with or without a per-tensor scale), read one key at a
+time beside the same key of the reference, and measured: SNR in dB
+(``||ref||^2 / ||cand - ref||^2``) and cosine. Each layer is judged by the
+gate of its storage *format class* (:data:`modelkit.core.verify_thresholds.GATES`),
+which comes from the candidate's header:
+
+* GGUF: the tensor's GGML type (``q8_0``, ``q4_k``...; ``F16``/``F32`` kept
+  tensors as casts);
+* safetensors fp8 (``F8_E4M3``/``F8_E5M2``): ``fp8_e4m3_scaled`` when a
+  per-tensor scale sits beside it (ComfyUI's ``.scale_weight`` or
+  ``.weight_scale``), else plain ``fp8_e4m3``;
+* int8: ``int8_channel`` (modelkit's ``modelkit.int8.per_channel``, a
+  ``_scale`` per output row), ``int8_tensor`` / ``int8_block`` (ComfyUI's
+  ``weight_scale``: one value, or one per 128x128 block);
+* float: ``f16``, ``bf16``, ``f32`` by storage type (an fp32 candidate must
+  equal its reference but for rounding).
+
+A scale error keeps the cosine and loses the SNR (x2: 0 dB); a transposed
+or swapped weight loses both. Checks are named ``gate.<class>``; each names
+its worst layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from modelkit.arch.configs import UNET_PREFIX
+from modelkit.core.verify_thresholds import (
+    FAIL,
+    GATE_MIN_ELEMENTS,
+    GATED_SHARE,
+    GATES,
+    INFO,
+    PASS,
+    WORST_LAYERS,
+    cosine_at,
+)
+from modelkit.errors import CancelFlag, check_cancel
+from modelkit.progress import VERIFY, Progress, ProgressFn, no_progress
+from modelkit.verify.report import Check
+
+if TYPE_CHECKING:
+    import torch
+
+    from modelkit.io.source import Source
+    from modelkit.verify.models import ModelUnderTest
+
+COMFY_SCALES = (".scale_weight", ".weight_scale")  # beside "<module>.weight"
+FP8 = {"F8_E4M3": "fp8_e4m3", "F8_E5M2": "fp8_e5m2"}
+FLOATS = {"F16": "f16", "BF16": "bf16", "F32": "f32", "F64": "f32"}
+COMFY_BLOCK = 128  # ComfyUI int8_blockwise: one scale per 128x128 block
+
+
+@dataclass
+class LayerGate:
+    """One layer's restored error against the reference."""
+
+    key: str
+    format: str
+    elements: int
+    snr_db: float
+    cosine: float
+
+    @property
+    def level(self) -> float:
+        """The SNR this layer must keep (its class's, by its size)."""
+        return GATES[self.format].level(self.elements)
+
+    @property
+    def passed(self) -> bool:
+        # NaN fails both comparisons; inf passes
+        return self.snr_db >= self.level and self.cosine >= cosine_at(self.level)
+
+    @property
+    def margin(self) -> float:
+        """dB above (or below) the layer's level: the worst layer first."""
+        return self.snr_db - self.level
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "format": self.format, "elements": self.elements,
+                "snr_db": self.snr_db, "cosine": self.cosine, "level_db": self.level,
+                "passed": self.passed}
+
+
+def _scale_key(model: ModelUnderTest, key: str) -> str | None:
+    """ComfyUI's scale beside a weight (not in GGUF files, nor in modelkit
+    int8 files, whose ``<weight>_scale`` is spelt the same but per channel)."""
+    infos = model.stored.infos
+    if model.file_format == "gguf" or model.int8 or not key.endswith(".weight"):
+        return None
+    module = key.removesuffix(".weight")
+    return next((module + s for s in COMFY_SCALES if module + s in infos), None)
+
+
+def _int8_class(model: ModelUnderTest, key: str, scale: str | None) -> str | None:
+    """modelkit's per-channel scheme, or ComfyUI's per-tensor or per-block one."""
+    from modelkit.convert.quantize import SCALE_SUFFIX
+
+    infos = model.stored.infos
+    if model.int8 and key + SCALE_SUFFIX in infos:
+        return "int8_channel"
+    if scale is None:
+        return None
+    return "int8_tensor" if math.prod(infos[scale].shape) == 1 else "int8_block"
+
+
+def _gguf_classes(model: ModelUnderTest) -> dict[str, str]:
+    from modelkit.io.gguf_header import read_gguf_header
+
+    out = {}
+    for t in read_gguf_header(model.path).tensors.values():
+        out[t.name] = FLOATS.get(t.ggml_type, t.ggml_type.lower())
+    return out
+
+
+def format_classes(model: ModelUnderTest) -> dict[str, str]:
+    """Stored weight key -> format class (keys whose class has no gate, such
+    as integer buffers and the scales themselves, are left out)."""
+    if model.file_format == "gguf":
+        return {k: c for k, c in _gguf_classes(model).items() if c in GATES}
+    infos = model.stored.infos
+    out = {}
+    for key, info in infos.items():
+        scale = _scale_key(model, key)
+        if info.dtype in FP8:
+            cls: str | None = FP8[info.dtype] + ("_scaled" if scale else "")
+        elif info.dtype == "I8":
+            cls = _int8_class(model, key, scale)
+        else:
+            cls = FLOATS.get(info.dtype)
+        if cls is not None:
+            out[key] = cls
+    return out
+
+
+def _comfy_restore(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """A ComfyUI-scaled weight in float32: one scale, or one per 128x128 block."""
+    x = q.float()
+    s = scale.float()
+    if s.numel() == 1:
+        return x * s.reshape(())
+    rows = s.repeat_interleave(COMFY_BLOCK, 0)[:x.shape[0]]
+    return x * rows.repeat_interleave(COMFY_BLOCK, 1)[:, :x.shape[1]]
+
+
+def _restored(model: ModelUnderTest, key: str, render_key: str) -> torch.Tensor:
+    """The candidate's weight as the format means it, in float32."""
+    scale = _scale_key(model, key)
+    if scale is not None and model.stored.infos[key].dtype in (*FP8, "I8"):
+        return _comfy_restore(model.stored.get(key), model.stored.get(scale))
+    return model.render_source.get(render_key).float()
+
+
+def _render_key(key: str, source: Source) -> str | None:
+    if key in source.infos:
+        return key
+    return UNET_PREFIX + key if UNET_PREFIX + key in source.infos else None
+
+
+def measure(cand: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """SNR (dB) of ``ref`` against ``cand - ref`` and the cosine of the two,
+    accumulated in float64 (inf/1.0 when equal; NaN when ``cand`` is not
+    finite)."""
+    import torch
+
+    a = cand.reshape(-1).double()
+    b = ref.reshape(-1).double()
+    d = a - b
+    dd, bb, aa, ab = (float(torch.dot(d, d)), float(torch.dot(b, b)),
+                      float(torch.dot(a, a)), float(torch.dot(a, b)))
+    if dd != dd:
+        return math.nan, math.nan
+    snr = math.inf if dd == 0 else (10 * math.log10(bb / dd) if bb else -math.inf)
+    if aa == 0 or bb == 0:
+        return snr, 1.0 if aa == bb else 0.0
+    return snr, ab / math.sqrt(aa * bb)
+
+
+def layer_gates(model: ModelUnderTest, reference: ModelUnderTest,
+                progress: ProgressFn = no_progress,
+                cancel: CancelFlag | None = None) -> list[LayerGate]:
+    """Every weight the candidate stores that the reference has at the same
+    shape, measured one key at a time (two tensors in memory)."""
+    classes = format_classes(model)
+    ref_src = reference.render_source
+    pairs = []
+    for key, cls in classes.items():
+        render_key = _render_key(key, model.render_source)
+        ref_key = _render_key(key, ref_src)
+        if render_key is None or ref_key is None or not ref_src.infos[ref_key].is_float:
+            continue
+        if tuple(model.render_source.infos[render_key].shape) != \
+                tuple(ref_src.infos[ref_key].shape):
+            continue  # a shape mismatch is the change check's
+        pairs.append((key, cls, render_key, ref_key))
+    out = []
+    for i, (key, cls, render_key, ref_key) in enumerate(pairs):
+        check_cancel(cancel)
+        snr, cos = measure(_restored(model, key, render_key), ref_src.get(ref_key))
+        elements = math.prod(ref_src.infos[ref_key].shape)
+        out.append(LayerGate(render_key, cls, elements, snr, cos))
+        progress(Progress("per-layer gates", i + 1, len(pairs), "tensors", key, VERIFY))
+    return out
+
+
+def judged(layers: list[LayerGate], operation: str | None, given: bool) -> tuple[bool, str]:
+    """Whether the gates decide the verdict, and why. A given ``--op`` other
+    than merge or lora_bake judges them. Inferred, a cast or quantization
+    whose layers mostly fail is a merge stored narrower (reported); one
+    whose layers mostly pass is a cast with broken layers (judged)."""
+    if operation in (None, "merge", "lora_bake"):
+        return False, f"operation {operation or 'unknown'}: per-layer errors reported"
+    if given:
+        return True, f"--op {operation}: every layer must pass its format's gate"
+    if operation == "lossless":
+        return False, ("same storage as the reference and not told it is a rewrite "
+                       "(--op lossless judges it): reported")
+    bad = sum(not g.passed for g in layers)
+    if layers and bad / len(layers) > GATED_SHARE:
+        return False, (f"{bad} of {len(layers)} layers beyond their format's gate: "
+                       "a merge or other edit, reported")
+    return True, f"{operation}: every layer must pass its format's gate"
+
+
+def _fmt(g: LayerGate) -> str:
+    return f"{g.key} ({g.snr_db:.1f} dB, cos {g.cosine:.4f})"
+
+
+def gate_checks(layers: list[LayerGate], judge: bool) -> list[Check]:
+    """One ``gate.<class>`` check per format class present: the worst SNR
+    as value, the class's levels as threshold, the failing (or worst)
+    layers named."""
+    by_class: dict[str, list[LayerGate]] = {}
+    for g in layers:
+        by_class.setdefault(g.format, []).append(g)
+    checks = []
+    for cls, group in by_class.items():
+        gate = GATES[cls]
+        group.sort(key=lambda g: (g.margin if g.margin == g.margin else -math.inf,
+                                  g.cosine if g.cosine == g.cosine else -math.inf))
+        bad = [g for g in group if not g.passed]
+        worst = group[0]
+        shown = bad or group
+        names = ", ".join(_fmt(g) for g in shown[:WORST_LAYERS])
+        more = f" and {len(shown) - WORST_LAYERS} more" if len(shown) > WORST_LAYERS else ""
+        if bad:
+            verdict = FAIL if judge else INFO
+            msg = (f"{len(bad)} of {len(group)} {gate.label} layers below the gate: "
+                   f"{names}{more}")
+        else:
+            verdict = PASS if judge else INFO
+            msg = f"{len(group)} {gate.label} layers; worst {names}"
+        threshold = f">= {gate.snr_db:g} dB, cosine >= {gate.cosine:.10g}"
+        if any(g.level != gate.snr_db for g in group):
+            threshold += f" ({gate.small_snr_db:g} dB under {GATE_MIN_ELEMENTS} elements)"
+        checks.append(Check(f"gate.{cls}", verdict, msg, worst.snr_db, threshold))
+    return checks
+
+
+def gates_dict(layers: list[LayerGate], judge: bool, reason: str) -> dict[str, Any]:
+    """The report's ``gates`` section: the decision, the levels of the classes
+    present and every layer, worst first."""
+    ordered = sorted(layers, key=lambda g: g.margin if g.margin == g.margin else -math.inf)
+    classes = sorted({g.format for g in layers})
+    return {"judged": judge, "reason": reason,
+            "classes": {c: {"snr_db": GATES[c].snr_db, "cosine": GATES[c].cosine,
+                            "small_snr_db": GATES[c].small_snr_db,
+                            "calibrated_snr_db": GATES[c].calibrated,
+                            "label": GATES[c].label,
+                            "layers": sum(g.format == c for g in layers),
+                            "failed": sum(g.format == c and not g.passed for g in layers)}
+                        for c in classes},
+            "layers": [g.to_dict() for g in ordered]}
