@@ -1,0 +1,178 @@
+"""Clean tiny SD1, SDXL and Flux.1 files and the same files with the
+faults ``modelkit verify`` must catch (issue 21), for
+tests/test_verify_faults.py and bench/bench_verify_faults.py.
+
+Per family: the clean fp32 source (``ref``) and its fp16 cast (``cast``);
+``loose``: every reference-free fault (a dropped key, a zeroed tensor, a
+NaN tensor, a weight beyond the fp16 range cast to fp16); ``broken``,
+against the expected LoRA bake (``expected``): the LoRA baked at twice its
+scale, a transposed square weight, q and k swapped, a zeroed VAE encoder
+layer, cast to fp16; ``wrong_scale``: a quantized file (modelkit int8 for
+SD, ComfyUI scaled fp8 for Flux) with one layer's scale doubled. Each fault
+sits in its own layer, so each is told apart by the layer its check names.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FAMILIES = ("sd1", "sdxl", "flux")
+UNET = "model.diffusion_model."
+VAE = {"sd1": "first_stage_model.", "sdxl": "first_stage_model.", "flux": "vae."}
+# a square self-attention weight and its q/k partners
+ATTN = {"sd1": UNET + "input_blocks.1.1.transformer_blocks.0.attn1.",
+        "sdxl": UNET + "input_blocks.4.1.transformer_blocks.0.attn1."}
+FLUX_QKV = UNET + "double_blocks.0.img_attn.qkv.weight"
+FLUX_SQUARE = UNET + "double_blocks.0.img_attn.proj.weight"
+OVERFLOW = 1e5  # beyond fp16's largest finite 65504
+
+
+def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+
+
+def _save(sd: dict[str, torch.Tensor], path: Path, meta: dict[str, str] | None = None
+          ) -> Path:
+    from safetensors.torch import save_file
+
+    save_file(sd, str(path), metadata=meta or None)
+    return path
+
+
+def _f16(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def _lora_delta(w: torch.Tensor, seed: int) -> torch.Tensor:
+    """A rank-4 update of about 5 % of the weight's norm."""
+    gen = torch.Generator().manual_seed(seed)
+    up = torch.randn(w.shape[0], 4, generator=gen)
+    down = torch.randn(4, w.shape[1], generator=gen)
+    d = up @ down
+    return d * (0.05 * float(w.float().norm()) / float(d.norm()))
+
+
+def _fp8_scaled(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ComfyUI's scaled fp8: 2-D transformer weights as e4m3fn with a
+    per-tensor ``.scale_weight`` (amax / 448) beside them."""
+    out = dict(sd)
+    for key, w in sd.items():
+        if key.startswith(UNET) and key.endswith(".weight") and w.dim() == 2:
+            s = w.abs().max() / 448.0
+            out[key] = (w / s).to(torch.float8_e4m3fn)
+            out[key.removesuffix(".weight") + ".scale_weight"] = s.reshape(()).float()
+    return out
+
+
+def _int8(src: Path, out: Path) -> Path:
+    from conftest import run_chain
+
+    run_chain([src], [("quantize", {"dtype": "int8"})], out)
+    return out
+
+
+def _clean(fam: str, path: Path) -> Path:
+    from modelkit import testing as t
+
+    if fam == "flux":
+        t.write_flux(path, all_in_one=True, dtype="F32", seed=4)
+    else:
+        t.write_checkpoint(path, fam, seed=4, dtype="F32")
+    return path
+
+
+def _pick(fam: str) -> dict[str, Any]:
+    """The layers each fault goes into (different layers, so each fault is
+    told apart by the layer its check names)."""
+    if fam == "flux":
+        return {"square": FLUX_SQUARE, "qkv": FLUX_QKV,
+                "lora": [UNET + "double_blocks.1.img_attn.proj.weight",
+                         UNET + "single_blocks.0.linear2.weight"],
+                "drop": UNET + "single_blocks.1.linear2.weight",
+                "zero": UNET + "double_blocks.1.txt_mlp.0.weight",
+                "nan": UNET + "double_blocks.1.txt_mlp.2.weight",
+                "inf": UNET + "single_blocks.1.linear1.weight"}
+    attn, cross = ATTN[fam], ATTN[fam].replace("attn1", "attn2")
+    return {"square": attn + "to_out.0.weight", "q": attn + "to_q.weight",
+            "k": attn + "to_k.weight", "lora": [cross + "to_q.weight", cross + "to_out.0.weight"],
+            "drop": UNET + "output_blocks.1.0.in_layers.2.weight",
+            "zero": UNET + "output_blocks.2.0.in_layers.2.weight",
+            "nan": UNET + "output_blocks.2.0.out_layers.3.weight",
+            "inf": UNET + "input_blocks.1.0.in_layers.2.weight"}
+
+
+def build(fam: str, d: Path, cases: tuple[str, ...] = ("clean", "loose", "broken",
+                                                         "wrong_scale")) -> dict[str, Any]:
+    """One family's files: the clean source and its fp16 cast; one file with
+    every reference-free fault; the fp16 cast of a LoRA bake at twice the
+    scale with a transposed weight, q and k swapped and a zeroed VAE encoder
+    layer (against the expected bake); a quantized file with one layer's
+    scale doubled."""
+    ref = _clean(fam, d / "ref.safetensors")
+    sd, _ = _load(ref)
+    at = _pick(fam)
+    files = {"ref": ref, "cast": _save(_f16(sd), d / "cast.safetensors")}
+    # reference-free: a dropped key, a zeroed and a NaN tensor, fp16 overflow
+    loose = {k: v for k, v in sd.items() if k != at["drop"]}
+    loose[at["zero"]] = torch.zeros_like(sd[at["zero"]])
+    loose[at["nan"]] = torch.full_like(sd[at["nan"]], math.nan)
+    big = sd[at["inf"]].clone()
+    big.view(-1)[0] = OVERFLOW  # 1e5 in fp16: inf
+    loose[at["inf"]] = big
+    files["loose"] = _save(_f16(loose), d / "loose.safetensors")
+    # against the expected bake: the LoRA at 2x, a transposed weight, q and k
+    # swapped, a zeroed VAE encoder layer
+    deltas = {k: _lora_delta(sd[k], i) for i, k in enumerate(at["lora"])}
+    expected = {**sd, **{k: sd[k] + dl for k, dl in deltas.items()}}
+    files["expected"] = _save(expected, d / "expected.safetensors")
+    bad = {**expected, **{k: sd[k] + 2 * dl for k, dl in deltas.items()}}
+    sq = at["square"]
+    bad[sq] = sd[sq].t().contiguous()
+    if fam == "flux":
+        qkv = sd[FLUX_QKV]
+        h = qkv.shape[0] // 3
+        bad[FLUX_QKV] = torch.cat([qkv[h:2 * h], qkv[:h], qkv[2 * h:]])
+    else:
+        bad[at["q"]], bad[at["k"]] = sd[at["k"]], sd[at["q"]]
+    vae_layer = VAE[fam] + "encoder.down.1.block.0.conv1.weight"
+    bad[vae_layer] = torch.zeros_like(sd[vae_layer])
+    files["broken"] = _save(_f16(bad), d / "broken.safetensors")
+    # quantized (ComfyUI scaled fp8 for Flux, modelkit int8 for SD), one
+    # layer with its scale doubled
+    if "wrong_scale" not in cases:
+        scaled = None
+    elif fam == "flux":
+        quant = _fp8_scaled(sd)
+        scaled = sq
+        scale_key = sq.removesuffix(".weight") + ".scale_weight"
+        meta = None
+    else:  # the first UNet weight big enough for int8 (4096+ elements)
+        quant, meta = _load(_int8(ref, d / "quant.safetensors"))
+        scale_key = next(k for k in quant if k.startswith(UNET) and k.endswith("_scale"))
+        scaled = scale_key.removesuffix("_scale")
+    if scaled is not None:
+        files["wrong_scale"] = _save({**quant, scale_key: quant[scale_key] * 2},
+                                     d / "wrong_scale.safetensors", meta)
+    return {"files": files, "sd": sd, "expected": expected, "bad": bad, "deltas": deltas,
+            "at": at, "vae_layer": vae_layer, "scaled": scaled}
+
+
+CASES = ("clean", "loose", "broken", "wrong_scale")
+COMMON = ("--static-only", "--threads", "1", "--json", "-q")
+
+
+def verify_args(b: dict[str, Any], case: str) -> list[str]:
+    """``modelkit verify`` arguments of one case."""
+    f = {k: str(v) for k, v in b["files"].items()}
+    model, reference = {"clean": ("cast", "ref"), "loose": ("loose", None),
+                        "broken": ("broken", "expected"),
+                        "wrong_scale": ("wrong_scale", "ref")}[case]
+    ref = ["--reference", f[reference]] if reference else []
+    return ["verify", f[model], *ref, *COMMON]
