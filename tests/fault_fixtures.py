@@ -29,6 +29,7 @@ ATTN = {"sd1": UNET + "input_blocks.1.1.transformer_blocks.0.attn1.",
 FLUX_QKV = UNET + "double_blocks.0.img_attn.qkv.weight"
 FLUX_SQUARE = UNET + "double_blocks.0.img_attn.proj.weight"
 OVERFLOW = 1e5  # beyond fp16's largest finite 65504
+VOCAB = 1000
 
 
 def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -79,12 +80,20 @@ def _int8(src: Path, out: Path) -> Path:
 
 
 def _clean(fam: str, path: Path) -> Path:
+    """The clean fp32 checkpoint: the tiny fixture's keys with a 1,000-token
+    vocabulary (the CLIP token tables are most of a tiny file's bytes;
+    verify reads the vocabulary from the file)."""
     from modelkit import testing as t
+    from modelkit.arch import flux
+    from modelkit.arch.keys import checkpoint_keys
 
     if fam == "flux":
-        t.write_flux(path, all_in_one=True, dtype="F32", seed=4)
+        keys = flux.all_in_one_keys(t.flux_config("dev"), tiny=True)
     else:
-        t.write_checkpoint(path, fam, seed=4, dtype="F32")
+        keys = checkpoint_keys(t.arch_spec(fam))
+    small = {k: (VOCAB, s[1]) if k.endswith("token_embedding.weight") else s
+             for k, s in keys.items()}
+    t.write_tensors(path, small, dtype="F32", seed=4)
     return path
 
 
@@ -108,30 +117,23 @@ def _pick(fam: str) -> dict[str, Any]:
             "inf": UNET + "input_blocks.1.0.in_layers.2.weight"}
 
 
-def build(fam: str, d: Path, cases: tuple[str, ...] = ("clean", "loose", "broken",
-                                                         "wrong_scale")) -> dict[str, Any]:
-    """One family's files: the clean source and its fp16 cast; one file with
-    every reference-free fault; the fp16 cast of a LoRA bake at twice the
-    scale with a transposed weight, q and k swapped and a zeroed VAE encoder
-    layer (against the expected bake); a quantized file with one layer's
-    scale doubled."""
-    ref = _clean(fam, d / "ref.safetensors")
-    sd, _ = _load(ref)
-    at = _pick(fam)
-    files = {"ref": ref, "cast": _save(_f16(sd), d / "cast.safetensors")}
-    # reference-free: a dropped key, a zeroed and a NaN tensor, fp16 overflow
+def _loose(sd: dict[str, torch.Tensor], at: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A dropped key, a zeroed and a NaN tensor, a weight beyond fp16's range;
+    cast to fp16."""
     loose = {k: v for k, v in sd.items() if k != at["drop"]}
     loose[at["zero"]] = torch.zeros_like(sd[at["zero"]])
     loose[at["nan"]] = torch.full_like(sd[at["nan"]], math.nan)
     big = sd[at["inf"]].clone()
     big.view(-1)[0] = OVERFLOW  # 1e5 in fp16: inf
     loose[at["inf"]] = big
-    files["loose"] = _save(_f16(loose), d / "loose.safetensors")
-    # against the expected bake: the LoRA at 2x, a transposed weight, q and k
-    # swapped, a zeroed VAE encoder layer
+    return _f16(loose)
+
+
+def _broken(fam: str, sd: dict[str, torch.Tensor], at: dict[str, Any]) -> dict[str, Any]:
+    """The expected LoRA bake, and its fp16 cast with the LoRA at 2x, a
+    transposed weight, q and k swapped and a zeroed VAE encoder layer."""
     deltas = {k: _lora_delta(sd[k], i) for i, k in enumerate(at["lora"])}
     expected = {**sd, **{k: sd[k] + dl for k, dl in deltas.items()}}
-    files["expected"] = _save(expected, d / "expected.safetensors")
     bad = {**expected, **{k: sd[k] + 2 * dl for k, dl in deltas.items()}}
     sq = at["square"]
     bad[sq] = sd[sq].t().contiguous()
@@ -143,25 +145,48 @@ def build(fam: str, d: Path, cases: tuple[str, ...] = ("clean", "loose", "broken
         bad[at["q"]], bad[at["k"]] = sd[at["k"]], sd[at["q"]]
     vae_layer = VAE[fam] + "encoder.down.1.block.0.conv1.weight"
     bad[vae_layer] = torch.zeros_like(sd[vae_layer])
-    files["broken"] = _save(_f16(bad), d / "broken.safetensors")
-    # quantized (ComfyUI scaled fp8 for Flux, modelkit int8 for SD), one
-    # layer with its scale doubled
-    if "wrong_scale" not in cases:
-        scaled = None
-    elif fam == "flux":
+    return {"expected": expected, "bad": bad, "deltas": deltas, "vae_layer": vae_layer}
+
+
+def _wrong_scale(fam: str, ref: Path, sd: dict[str, torch.Tensor], at: dict[str, Any],
+                 out: Path) -> str:
+    """A quantized file (ComfyUI scaled fp8 for Flux, modelkit int8 for SD)
+    with one layer's scale doubled; that layer's name."""
+    meta = None
+    if fam == "flux":
         quant = _fp8_scaled(sd)
-        scaled = sq
-        scale_key = sq.removesuffix(".weight") + ".scale_weight"
-        meta = None
+        scaled = at["square"]
+        scale_key = scaled.removesuffix(".weight") + ".scale_weight"
     else:  # the first UNet weight big enough for int8 (4096+ elements)
-        quant, meta = _load(_int8(ref, d / "quant.safetensors"))
+        quant, meta = _load(_int8(ref, out.with_name("quant.safetensors")))
         scale_key = next(k for k in quant if k.startswith(UNET) and k.endswith("_scale"))
         scaled = scale_key.removesuffix("_scale")
-    if scaled is not None:
-        files["wrong_scale"] = _save({**quant, scale_key: quant[scale_key] * 2},
-                                     d / "wrong_scale.safetensors", meta)
-    return {"files": files, "sd": sd, "expected": expected, "bad": bad, "deltas": deltas,
-            "at": at, "vae_layer": vae_layer, "scaled": scaled}
+    _save({**quant, scale_key: quant[scale_key] * 2}, out, meta)
+    return scaled
+
+
+def build(fam: str, d: Path, cases: tuple[str, ...] = ("clean", "loose", "broken",
+                                                         "wrong_scale")) -> dict[str, Any]:
+    """One family's files for ``cases``: the clean source (``ref``) and its
+    fp16 cast (``cast``); ``loose``; ``expected`` and ``broken``;
+    ``wrong_scale``. Also the tensors and the faulted layers' names."""
+    ref = _clean(fam, d / "ref.safetensors")
+    sd, _ = _load(ref)
+    at = _pick(fam)
+    out: dict[str, Any] = {"sd": sd, "at": at}
+    files = out["files"] = {"ref": ref}
+    if "clean" in cases:
+        files["cast"] = _save(_f16(sd), d / "cast.safetensors")
+    if "loose" in cases:
+        files["loose"] = _save(_loose(sd, at), d / "loose.safetensors")
+    if "broken" in cases:
+        out.update(_broken(fam, sd, at))
+        files["expected"] = _save(out["expected"], d / "expected.safetensors")
+        files["broken"] = _save(_f16(out["bad"]), d / "broken.safetensors")
+    if "wrong_scale" in cases:
+        files["wrong_scale"] = d / "wrong_scale.safetensors"
+        out["scaled"] = _wrong_scale(fam, ref, sd, at, files["wrong_scale"])
+    return out
 
 
 CASES = ("clean", "loose", "broken", "wrong_scale")

@@ -41,6 +41,7 @@ from modelkit.core.verify_thresholds import (
     cosine_at,
 )
 from modelkit.errors import CancelFlag, check_cancel
+from modelkit.numeric import CHUNK_ELEMENTS
 from modelkit.progress import VERIFY, Progress, ProgressFn, no_progress
 from modelkit.verify.report import Check
 
@@ -164,15 +165,21 @@ def _render_key(key: str, source: Source) -> str | None:
 
 def measure(cand: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     """SNR (dB) of ``ref`` against ``cand - ref`` and the cosine of the two,
-    accumulated in float64 (inf/1.0 when equal; NaN when ``cand`` is not
-    finite)."""
+    summed in float64 over 1M-element chunks (a full-size layer never gets a
+    whole-tensor float64 copy); inf/1.0 when equal, NaN when ``cand`` is
+    not finite."""
     import torch
 
-    a = cand.reshape(-1).double()
-    b = ref.reshape(-1).double()
-    d = a - b
-    dd, bb, aa, ab = (float(torch.dot(d, d)), float(torch.dot(b, b)),
-                      float(torch.dot(a, a)), float(torch.dot(a, b)))
+    a_all, b_all = cand.reshape(-1), ref.reshape(-1)
+    dd = bb = aa = ab = 0.0
+    for i in range(0, a_all.numel(), CHUNK_ELEMENTS):
+        a = a_all[i:i + CHUNK_ELEMENTS].double()
+        b = b_all[i:i + CHUNK_ELEMENTS].double()
+        d = a - b
+        dd += float(torch.dot(d, d))
+        bb += float(torch.dot(b, b))
+        aa += float(torch.dot(a, a))
+        ab += float(torch.dot(a, b))
     if dd != dd:
         return math.nan, math.nan
     snr = math.inf if dd == 0 else (10 * math.log10(bb / dd) if bb else -math.inf)

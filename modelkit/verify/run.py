@@ -165,7 +165,7 @@ def _static_phase(report: VerifyReport, model: ModelUnderTest,
                   cancel: CancelFlag | None) -> None:
     from modelkit.verify import static
     from modelkit.verify.families import family_checks
-    from modelkit.verify.scan import zeroed_check
+    from modelkit.verify.scan import scan_checks
 
     if model.report.arch not in static.STATIC_ARCHS:
         for check in static.component_checks(model):
@@ -174,8 +174,8 @@ def _static_phase(report: VerifyReport, model: ModelUnderTest,
         report.add(check)
     report.add(static.unknown_keys_check(model))
     report.add(static.dtype_check(model))
-    report.add(static.finite_check(model.stored, progress, cancel))
-    report.add(zeroed_check(model.stored, cancel))
+    for check in scan_checks(model.stored, progress, cancel):
+        report.add(check)
     report.add(static.position_ids_check(model.render_source))
 
 
