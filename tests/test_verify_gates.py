@@ -151,10 +151,38 @@ def test_gguf_layers_gated_by_their_ggml_type(tmp_path: Path) -> None:
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(good.read_bytes())
     _double_block_scales(bad, name)
-    code, rep = _verify(str(bad), "--reference", str(src))
+    md = tmp_path / "report.md"
+    code, rep = _verify(str(bad), "--reference", str(src), "--markdown", str(md))
     assert code == 1
     failed = [c for c in rep["checks"] if c["verdict"] == "fail"]
     assert [c["name"] for c in failed] == ["gate.q8_0"]
     layer = rep["gates"]["layers"][0]
     assert layer["key"] == UNET + name and abs(layer["snr_db"]) < 0.1
     assert layer["cosine"] > 0.999 and f"{UNET + name} (" in failed[0]["message"]
+    table = md.read_text().split("Per-layer gates (judged: ", 1)[1].splitlines()
+    assert table[2:4] == ["| layer | format | SNR dB | cosine | verdict |",
+                          "| --- | --- | --- | --- | --- |"]
+    assert table[4].startswith(f"| {UNET + name} | q8_0 | ") and table[4].endswith(" | FAIL |")
+
+
+def test_a_merge_stored_narrower_is_reported_a_broken_cast_judged() -> None:
+    """Inferred (no --op): every UNet layer off (a merge saved in fp16, the
+    VAE and text encoder untouched) is reported; three broken layers among
+    clean ones are judged; a given --op always judges."""
+    from modelkit.verify.gates import LayerGate, judged
+
+    def layers(n_bad: int) -> list[LayerGate]:
+        unet = [LayerGate(f"{UNET}b.{i}.weight", "f16", 4096, 20.0 if i < n_bad else 73.0,
+                          0.99 if i < n_bad else 1.0) for i in range(10)]
+        vae = [LayerGate(f"first_stage_model.e.{i}.weight", "f16", 4096, 73.0, 1.0)
+               for i in range(30)]
+        return unet + vae
+
+    judge, why = judged(layers(10), "fp16", given=False)
+    assert not judge and why.startswith("10 of 10 unet layers beyond")
+    assert judged(layers(3), "fp16", given=False) == (
+        True, "fp16: every layer must pass its format's gate")
+    assert judged(layers(10), "fp16", given=True)[0]
+    assert not judged(layers(0), "lossless", given=False)[0]
+    assert not judged(layers(3), "merge", given=True)[0]
+    assert [g.passed for g in layers(3)[:4]] == [False, False, False, True]

@@ -189,7 +189,8 @@ WORST_LAYERS = 5
 # elements: their SNR is a small sample); INT8_MIN_ELEMENTS is the same size
 GATE_MIN_ELEMENTS = 4096
 SMALL_ALLOWANCE_DB = 6.0
-# a "cast" whose layers mostly fail their gates is a merge (reported, not judged)
+# a "cast" where more than this share of one component's layers fail their
+# gates is a merge stored narrower (reported, not judged)
 GATED_SHARE = 0.5
 
 

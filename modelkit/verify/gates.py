@@ -218,8 +218,9 @@ def layer_gates(model: ModelUnderTest, reference: ModelUnderTest,
 def judged(layers: list[LayerGate], operation: str | None, given: bool) -> tuple[bool, str]:
     """Whether the gates decide the verdict, and why. A given ``--op`` other
     than merge or lora_bake judges them. Inferred, a cast or quantization
-    whose layers mostly fail is a merge stored narrower (reported); one
-    whose layers mostly pass is a cast with broken layers (judged)."""
+    where most layers of some component (UNet, VAE, a text encoder) fail is
+    a merge stored narrower (reported); one where every component mostly
+    passes is a cast with broken layers (judged)."""
     if operation in (None, "merge", "lora_bake"):
         return False, f"operation {operation or 'unknown'}: per-layer errors reported"
     if given:
@@ -227,10 +228,16 @@ def judged(layers: list[LayerGate], operation: str | None, given: bool) -> tuple
     if operation == "lossless":
         return False, ("same storage as the reference and not told it is a rewrite "
                        "(--op lossless judges it): reported")
-    bad = sum(not g.passed for g in layers)
-    if layers and bad / len(layers) > GATED_SHARE:
-        return False, (f"{bad} of {len(layers)} layers beyond their format's gate: "
-                       "a merge or other edit, reported")
+    from modelkit.arch.parts import part_of
+
+    parts: dict[str, list[LayerGate]] = {}
+    for g in layers:
+        parts.setdefault(part_of(g.key), []).append(g)
+    for part, group in parts.items():
+        bad = sum(not g.passed for g in group)
+        if bad / len(group) > GATED_SHARE:
+            return False, (f"{bad} of {len(group)} {part} layers beyond their format's "
+                           "gate: a merge or other edit, reported")
     return True, f"{operation}: every layer must pass its format's gate"
 
 
