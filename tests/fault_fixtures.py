@@ -61,9 +61,10 @@ def _lora_delta(w: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def _fp8_scaled(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """ComfyUI's scaled fp8: 2-D transformer weights as e4m3fn with a
-    per-tensor ``.scale_weight`` (amax / 448) beside them."""
-    out = dict(sd)
+    """ComfyUI's (legacy) scaled fp8: the ``scaled_fp8`` marker, 2-D
+    transformer weights as e4m3fn with a per-tensor ``.scale_weight``
+    (amax / 448) beside them."""
+    out = {**sd, UNET + "scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
     for key, w in sd.items():
         if key.startswith(UNET) and key.endswith(".weight") and w.dim() == 2:
             s = w.abs().max() / 448.0

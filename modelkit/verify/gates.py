@@ -5,18 +5,20 @@ with its scales, fp8 with or without a per-tensor scale), read one key at a
 time beside the same key of the reference, and measured: SNR in dB
 (``||ref||^2 / ||cand - ref||^2``) and cosine. Each layer is judged by the
 gate of its storage *format class* (:data:`modelkit.core.verify_thresholds.GATES`),
-which comes from the candidate's header:
+which comes from the candidate's header as the io layer reads it
+(:func:`modelkit.io.quantized.layer_quantization`):
 
-* GGUF: the tensor's GGML type (``q8_0``, ``q4_k``...; ``F16``/``F32`` kept
+* GGUF: the tensor's GGML type (``q8_0``, ``q4_k``...; kept ``F16``/``F32``
   tensors as casts);
-* safetensors fp8 (``F8_E4M3``/``F8_E5M2``): ``fp8_e4m3_scaled`` when a
-  per-tensor scale sits beside it (ComfyUI's ``.scale_weight`` or
-  ``.weight_scale``), else plain ``fp8_e4m3``;
-* int8: ``int8_channel`` (modelkit's ``modelkit.int8.per_channel``, a
-  ``_scale`` per output row), ``int8_tensor`` / ``int8_block`` (ComfyUI's
-  ``weight_scale``: one value, or one per 128x128 block);
-* float: ``f16``, ``bf16``, ``f32`` by storage type (an fp32 candidate must
-  equal its reference but for rounding).
+* ComfyUI: scaled fp8 (legacy ``scaled_fp8`` marker with ``.scale_weight``,
+  or ``float8_e4m3fn``/``float8_e5m2`` layers with ``weight_scale``) as
+  ``fp8_e4m3_scaled``/``fp8_e5m2_scaled``; ``int8_tensorwise`` and
+  ``int8_blockwise`` as ``int8_tensor``/``int8_block``; these layers are
+  read through io's dequantizing open;
+* modelkit's ``modelkit.int8.per_channel``: ``int8_channel``;
+* plain storage: ``fp8_e4m3``/``fp8_e5m2`` (a cast to fp8, no scale),
+  ``f16``, ``bf16``, ``f32`` (an fp32 candidate must equal its reference
+  but for rounding).
 
 A scale error keeps the cosine and loses the SNR (x2: 0 dB); a transposed
 or swapped weight loses both. Checks are named ``gate.<class>``; each names
@@ -26,6 +28,7 @@ its worst layers.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -51,10 +54,16 @@ if TYPE_CHECKING:
     from modelkit.io.source import Source
     from modelkit.verify.models import ModelUnderTest
 
-COMFY_SCALES = (".scale_weight", ".weight_scale")  # beside "<module>.weight"
-FP8 = {"F8_E4M3": "fp8_e4m3", "F8_E5M2": "fp8_e5m2"}
-FLOATS = {"F16": "f16", "BF16": "bf16", "F32": "f32", "F64": "f32"}
-COMFY_BLOCK = 128  # ComfyUI int8_blockwise: one scale per 128x128 block
+# storage as io names it (GGML types, ComfyUI formats, modelkit int8, dtypes)
+# -> format class; other GGML types are their own class in lower case
+SCHEMES = {"float8_e4m3fn": "fp8_e4m3_scaled", "float8_e4m3fn scaled": "fp8_e4m3_scaled",
+           "float8_e5m2": "fp8_e5m2_scaled", "float8_e5m2 scaled": "fp8_e5m2_scaled",
+           "int8_tensorwise": "int8_tensor", "int8 scaled": "int8_tensor",
+           "int8_blockwise": "int8_block", "int8 per_channel": "int8_channel",
+           "F8_E4M3": "fp8_e4m3", "F8_E5M2": "fp8_e5m2", "F16": "f16", "BF16": "bf16",
+           "F32": "f32", "F64": "f32"}
+# classes ComfyUI's formats make (dequantized by io's open)
+COMFY_CLASSES = frozenset({"fp8_e4m3_scaled", "fp8_e5m2_scaled", "int8_tensor", "int8_block"})
 
 
 @dataclass
@@ -88,73 +97,40 @@ class LayerGate:
                 "passed": self.passed}
 
 
-def _scale_key(model: ModelUnderTest, key: str) -> str | None:
-    """ComfyUI's scale beside a weight (not in GGUF files, nor in modelkit
-    int8 files, whose ``<weight>_scale`` is spelt the same but per channel)."""
-    infos = model.stored.infos
-    if model.file_format == "gguf" or model.int8 or not key.endswith(".weight"):
-        return None
-    module = key.removesuffix(".weight")
-    return next((module + s for s in COMFY_SCALES if module + s in infos), None)
-
-
-def _int8_class(model: ModelUnderTest, key: str, scale: str | None) -> str | None:
-    """modelkit's per-channel scheme, or ComfyUI's per-tensor or per-block one."""
-    from modelkit.convert.quantize import SCALE_SUFFIX
-
-    infos = model.stored.infos
-    if model.int8 and key + SCALE_SUFFIX in infos:
-        return "int8_channel"
-    if scale is None:
-        return None
-    return "int8_tensor" if math.prod(infos[scale].shape) == 1 else "int8_block"
-
-
-def _gguf_classes(model: ModelUnderTest) -> dict[str, str]:
-    from modelkit.io.gguf_header import read_gguf_header
-
-    out = {}
-    for t in read_gguf_header(model.path).tensors.values():
-        out[t.name] = FLOATS.get(t.ggml_type, t.ggml_type.lower())
-    return out
-
-
 def format_classes(model: ModelUnderTest) -> dict[str, str]:
-    """Stored weight key -> format class (keys whose class has no gate, such
-    as integer buffers and the scales themselves, are left out)."""
-    if model.file_format == "gguf":
-        return {k: c for k, c in _gguf_classes(model).items() if c in GATES}
-    infos = model.stored.infos
+    """Stored (presented) weight key -> format class, from the storage the
+    io layer reads in the header (:func:`modelkit.io.quantized.layer_quantization`);
+    keys whose storage has no gate (integer buffers, NF4...) are left out."""
+    from modelkit.io.quantized import layer_quantization
+
+    if not model.path.is_file():
+        return {k: c for k, i in model.stored.infos.items()
+                if (c := SCHEMES.get(i.dtype)) is not None}
     out = {}
-    for key, info in infos.items():
-        scale = _scale_key(model, key)
-        if info.dtype in FP8:
-            cls: str | None = FP8[info.dtype] + ("_scaled" if scale else "")
-        elif info.dtype == "I8":
-            cls = _int8_class(model, key, scale)
-        else:
-            cls = FLOATS.get(info.dtype)
-        if cls is not None:
+    for key, scheme in layer_quantization(model.path).items():
+        cls = SCHEMES.get(scheme, scheme.lower())
+        if cls in GATES:
             out[key] = cls
     return out
 
 
-def _comfy_restore(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """A ComfyUI-scaled weight in float32: one scale, or one per 128x128 block."""
-    x = q.float()
-    s = scale.float()
-    if s.numel() == 1:
-        return x * s.reshape(())
-    rows = s.repeat_interleave(COMFY_BLOCK, 0)[:x.shape[0]]
-    return x * rows.repeat_interleave(COMFY_BLOCK, 1)[:, :x.shape[1]]
+def _restorer(model: ModelUnderTest, classes: dict[str, str]) -> Callable[[str, str],
+                                                                         torch.Tensor]:
+    """``(stored key, render key) -> float32 tensor``: ComfyUI-quantized
+    layers through io's dequantizing open (:func:`modelkit.io.open.open_source`),
+    the others from the model's render source (GGUF and modelkit int8 are
+    dequantized there already)."""
+    opened: list[Source] = []
 
+    def get(key: str, render_key: str) -> torch.Tensor:
+        if classes.get(key) in COMFY_CLASSES and model.file_format == "safetensors":
+            if not opened:
+                from modelkit.io.open import open_source
 
-def _restored(model: ModelUnderTest, key: str, render_key: str) -> torch.Tensor:
-    """The candidate's weight as the format means it, in float32."""
-    scale = _scale_key(model, key)
-    if scale is not None and model.stored.infos[key].dtype in (*FP8, "I8"):
-        return _comfy_restore(model.stored.get(key), model.stored.get(scale))
-    return model.render_source.get(render_key).float()
+                opened.append(open_source(model.path))
+            return opened[0].get(key).float()
+        return model.render_source.get(render_key).float()
+    return get
 
 
 def _render_key(key: str, source: Source) -> str | None:
@@ -194,6 +170,7 @@ def layer_gates(model: ModelUnderTest, reference: ModelUnderTest,
     """Every weight the candidate stores that the reference has at the same
     shape, measured one key at a time (two tensors in memory)."""
     classes = format_classes(model)
+    restored = _restorer(model, classes)
     ref_src = reference.render_source
     pairs = []
     for key, cls in classes.items():
@@ -208,7 +185,7 @@ def layer_gates(model: ModelUnderTest, reference: ModelUnderTest,
     out = []
     for i, (key, cls, render_key, ref_key) in enumerate(pairs):
         check_cancel(cancel)
-        snr, cos = measure(_restored(model, key, render_key), ref_src.get(ref_key))
+        snr, cos = measure(restored(key, render_key), ref_src.get(ref_key))
         elements = math.prod(ref_src.infos[ref_key].shape)
         out.append(LayerGate(render_key, cls, elements, snr, cos))
         progress(Progress("per-layer gates", i + 1, len(pairs), "tensors", key, VERIFY))
