@@ -186,3 +186,38 @@ def test_a_merge_stored_narrower_is_reported_a_broken_cast_judged() -> None:
     assert not judged(layers(0), "lossless", given=False)[0]
     assert not judged(layers(3), "merge", given=True)[0]
     assert [g.passed for g in layers(3)[:4]] == [False, False, False, True]
+
+
+def test_comfyui_formats_read_through_io(tmp_path: Path) -> None:
+    """ComfyUI's current layout (``_quantization_metadata``): an
+    int8_blockwise layer (a scale per 128x128 block) and a float8_e4m3fn
+    layer (one scale) are classed from io's layer table, dequantized by io
+    and measured; a doubled fp8 scale reads 0 dB."""
+    from safetensors.torch import save_file
+
+    from modelkit.verify.gates import format_classes, layer_gates
+    from modelkit.verify.models import open_model_under_test
+
+    gen = torch.Generator().manual_seed(7)
+    a, b = torch.randn(256, 256, generator=gen) / 16, torch.randn(128, 384, generator=gen) / 20
+    save_file({"a.weight": a, "b.weight": b}, str(tmp_path / "ref.safetensors"))
+    blocks = a.reshape(2, 128, 2, 128).abs().amax(dim=(1, 3)) / 127
+    qa = (a / blocks.repeat_interleave(128, 0).repeat_interleave(128, 1)).round().to(torch.int8)
+    sb = b.abs().max() / 448
+    meta = json.dumps({"format_version": "1.0", "layers": {
+        "a": {"format": "int8_blockwise", "group_size": 128},
+        "b": {"format": "float8_e4m3fn"}}})
+    for name, scale in (("cand", sb), ("bad", 2 * sb)):
+        save_file({"a.weight": qa, "a.weight_scale": blocks, "b.weight": (b / sb).to(
+            torch.float8_e4m3fn), "b.weight_scale": scale.reshape(())},
+            str(tmp_path / f"{name}.safetensors"), metadata={"_quantization_metadata": meta})
+    ref = open_model_under_test(tmp_path / "ref.safetensors")
+    cand = open_model_under_test(tmp_path / "cand.safetensors")
+    assert format_classes(cand) == {"a.weight": "int8_block", "b.weight": "fp8_e4m3_scaled"}
+    got = {g.key: g for g in layer_gates(cand, ref)}
+    assert set(got) == {"a.weight", "b.weight"} and all(g.passed for g in got.values())
+    assert 35 < got["a.weight"].snr_db < 45 and 28 < got["b.weight"].snr_db < 35
+    bad = {g.key: g for g in layer_gates(open_model_under_test(tmp_path / "bad.safetensors"),
+                                         ref)}
+    assert abs(bad["b.weight"].snr_db) < 0.1 and not bad["b.weight"].passed
+    assert bad["a.weight"].snr_db == got["a.weight"].snr_db
