@@ -52,9 +52,19 @@ def _fp8_scaled(w: torch.Tensor) -> torch.Tensor:
     return (w / s).to(torch.float8_e4m3fn).float() * s
 
 
+def _modelkit_ggml(w: torch.Tensor, name: str) -> torch.Tensor:
+    """modelkit's own GGML writer kernels (byte-identical to ggml's)."""
+    from modelkit.io.ggml import dequantize_blocks, quantize_blocks
+
+    return dequantize_blocks(quantize_blocks(w.reshape(-1), name.upper()),
+                             name.upper()).reshape(w.shape)
+
+
 ROUNDTRIPS = {
     **{t: (lambda w, t=t: _gguf_roundtrip(w, t)) for t in ("q8_0", "q5_1", "q5_0", "q4_1",
                                                            "q4_0")},
+    # k-quants modelkit writes now (gguf-py has no k-quant quantizer)
+    **{t: (lambda w, t=t: _modelkit_ggml(w, t)) for t in ("q6_k", "q3_k")},
     "int8_channel": _int8_channel, "fp8_e4m3_scaled": _fp8_scaled,
     "f16": lambda w: w.half().float(), "bf16": lambda w: w.bfloat16().float(),
 }
@@ -78,8 +88,9 @@ def test_gate_table() -> None:
 
 @pytest.mark.parametrize("kind", ["gauss", "outliers"])
 def test_real_quantizers_pass_their_gates(kind: str) -> None:
-    """gguf-py's own quantizers, modelkit's int8 and the casts, on seeded
-    weights: every layer passes its class's gate, with room."""
+    """gguf-py's own quantizers, modelkit's Q6_K/Q3_K kernels, modelkit's
+    int8 and the casts, on seeded weights: every layer passes its class's
+    gate, with room."""
     for seed in range(2):
         w = _weights(kind, seed)
         for cls, roundtrip in ROUNDTRIPS.items():
