@@ -92,7 +92,9 @@ def lib(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]) -> di
         "nan": {"replace": {SD1_TE + "encoder.layers.3.self_attn.q_proj.weight": nan}},
         "missing_te": {"drop": (SD1_TE + "encoder.layers.5.mlp.fc1.weight",)},
         "position_ids": {"replace": {SD1_TE + "embeddings.position_ids": ids}},
-        "zero_te": {"zero_prefix": "cond_stage_model."},
+        # the final norm's scale and bias (1-D: not a zeroed weight for
+        # static.zeroed): every prompt embeds to zeros
+        "zero_te": {"zero_prefix": SD1_TE + "final_layer_norm."},
     }
     for name, change in broken.items():
         p[name] = edited(p["good"], ckpts / f"broken-{name}.safetensors", **change)

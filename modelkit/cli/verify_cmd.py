@@ -20,6 +20,13 @@ Examples:
   modelkit verify model-fp16.safetensors --reference model.safetensors
   modelkit verify baked.safetensors --reference base.safetensors --lora style.safetensors:0.8
   modelkit verify model.safetensors --preset smoke --grid grid.png --junit verify.xml
+  modelkit verify unet-Q4_K.gguf --reference model.safetensors --static-only
+\b
+With --reference, every stored layer is restored and gated by its storage
+format (GGUF type, fp8, int8, fp16...): SNR and cosine per layer, the worst
+named (checks gate.<format>). The file's own VAE encodes and decodes a test
+picture (vae.round_trip). Flux.1 files and standalone VAEs get these and the
+static checks (no render).
 \b
 Exit codes: 0 every check passed (warnings allowed), 1 a check failed,
 2 usage or load error (bad option, unreadable file, no tokenizer found).

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 SCHEMA = "modelkit.verify/1"
 REPORTED = "reported"  # the outcome of a comparison no threshold judged
-GROUPS = ("static", "tokenizer", "load", "render", "compare")
+GROUPS = ("static", "gate", "vae", "tokenizer", "load", "render", "compare")
 
 
 def json_safe(value: Any) -> Any:
@@ -123,6 +123,8 @@ class VerifyReport:
     plan: dict[str, Any] | None = None
     tokenizer: dict[str, Any] | None = None
     change: dict[str, Any] | None = None
+    gates: dict[str, Any] | None = None  # per-layer gates (verify.gates)
+    vae: dict[str, Any] | None = None  # the VAE round trip (verify.vae_roundtrip)
     versions: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -190,6 +192,7 @@ class VerifyReport:
             "checks": [c.to_dict() for c in self.checks],
             "images": [m.to_dict() for m in self.images],
             "settings": self.plan, "tokenizer": self.tokenizer, "change": self.change,
+            "gates": self.gates, "vae_round_trip": self.vae,
             "versions": self.versions, "timings": self.timings, "notes": self.notes,
         })
 
@@ -242,7 +245,21 @@ def to_markdown(report: VerifyReport) -> str:
         for name, d in report.change.get("components", {}).items():
             lines.append(f"| {_md_cell(name)} | {d['n_tensors']} | {d['unchanged_share']:.0%} | "
                          f"{_md_cell(d['relative_l2'])} |")
+    lines += _md_gates(report.gates)
     return "\n".join(lines) + "\n"
+
+
+def _md_gates(gates: dict[str, Any] | None, rows: int = 10) -> list[str]:
+    """The worst layers of the per-layer gates (all of them are in the JSON)."""
+    if not gates or not gates["layers"]:
+        return []
+    out = ["", f"Per-layer gates ({'judged' if gates['judged'] else 'reported'}: "
+           f"{_md_cell(gates['reason'])}); worst layers:", "",
+           "| layer | format | SNR dB | cosine | verdict |", "| --- | --- | --- | --- | --- |"]
+    for g in gates["layers"][:rows]:
+        out.append(f"| {_md_cell(g['key'])} | {g['format']} | {_md_cell(g['snr_db'])} | "
+                   f"{_md_cell(g['cosine'])} | {'PASS' if g['passed'] else 'FAIL'} |")
+    return out
 
 
 def to_junit(report: VerifyReport) -> str:

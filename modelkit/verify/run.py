@@ -40,7 +40,12 @@ from modelkit.core.verify_settings import (
 from modelkit.core.verify_thresholds import DESCRIPTIONS, FAIL, INFO, PASS, SKIP, limits_for
 from modelkit.progress import ProgressFn, no_progress
 from modelkit.verify import metrics
-from modelkit.verify.models import ModelUnderTest, open_model_under_test, render_path
+from modelkit.verify.models import (
+    RENDER_ARCHS,
+    ModelUnderTest,
+    open_model_under_test,
+    render_path,
+)
 from modelkit.verify.render import torch_threads
 from modelkit.verify.report import Check, ImageMetrics, VerifyReport
 
@@ -159,13 +164,38 @@ def _static_phase(report: VerifyReport, model: ModelUnderTest,
                   reference: ModelUnderTest | None, progress: ProgressFn,
                   cancel: CancelFlag | None) -> None:
     from modelkit.verify import static
+    from modelkit.verify.families import family_checks
+    from modelkit.verify.scan import scan_checks
 
-    for check in static.component_checks(model):
+    if model.report.arch not in static.STATIC_ARCHS:
+        for check in static.component_checks(model):
+            report.add(check)
+    for check in family_checks(model):
         report.add(check)
     report.add(static.unknown_keys_check(model))
     report.add(static.dtype_check(model))
-    report.add(static.finite_check(model.stored, progress, cancel))
+    for check in scan_checks(model.stored, progress, cancel):
+        report.add(check)
     report.add(static.position_ids_check(model.render_source))
+
+
+def _gate_phase(report: VerifyReport, cand: ModelUnderTest, ref: ModelUnderTest,
+                operation: str | None, given: bool, progress: ProgressFn,
+                cancel: CancelFlag | None) -> None:
+    """Per-layer gates against the reference (:mod:`modelkit.verify.gates`); a
+    cast judged by its gates stays a cast (not refined into a merge)."""
+    from modelkit.verify import gates
+
+    with _timed(report.timings, "gates"):
+        layers = gates.layer_gates(cand, ref, progress, cancel)
+    judge, why = gates.judged(layers, operation, given)
+    for check in gates.gate_checks(layers, judge):
+        report.add(check)
+    report.gates = gates.gates_dict(layers, judge, why)
+    if judge and report.operation != operation and operation is not None:
+        report.operation = operation
+        report.operation_reason += ("; kept: most layers pass their format's gate (a "
+                                    f"{operation} with broken layers, not a merge)")
 
 
 def _hashes(report: VerifyReport, model: ModelUnderTest,
@@ -490,6 +520,7 @@ def _checks(report: VerifyReport, cand: ModelUnderTest, ref: ModelUnderTest | No
     operation, reason = infer_operation(cand, ref, loras)
     if settings.operation != "auto" and ref is not None:
         operation, reason = settings.operation, "given"
+    stored_as = operation
     if ref is not None and operation is not None and not report.failed:
         from modelkit.verify.static import change_check, change_report
 
@@ -499,10 +530,20 @@ def _checks(report: VerifyReport, cand: ModelUnderTest, ref: ModelUnderTest | No
             operation, reason = refine_operation(operation, reason, report.change)
         report.add(change_check(report.change, operation))
     report.operation, report.operation_reason = operation, reason
+    if ref is not None and not loras:
+        _gate_phase(report, cand, ref, stored_as, settings.operation != "auto",
+                    progress, cancel)
+    from modelkit.verify.vae_roundtrip import round_trip_check
+
+    with _timed(timings, "vae_round_trip"):
+        report.add(round_trip_check(report, cand, ref, cancel))
     with _timed(timings, "hash"):
         _hashes(report, cand, ref, loras)
     if not settings.render:
         _skip_render(report, "static checks only")
+    elif cand.kind == "vae" or report.arch not in RENDER_ARCHS:
+        _skip_render(report, "no render for " + ("a standalone VAE" if cand.kind == "vae"
+                                                 else report.arch))
     elif report.failed:
         _skip_render(report, "static checks failed")
     else:

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from modelkit.inspect.compare import CompareReport
     from modelkit.io.source import Source
 
+# families verify checks without rendering (no pipeline for them yet)
+STATIC_ARCHS = frozenset({"flux"})
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 INT_DTYPES = frozenset({"I64", "I32"})
 LIST = 5  # keys named in a check message
@@ -59,6 +61,11 @@ def architecture_check(model: ModelUnderTest, reference: ModelUnderTest | None) 
     architecture, matching the reference's."""
     rep = model.report
     name = "static.architecture"
+    if model.kind == "vae":
+        return Check(name, PASS, "a standalone VAE: static checks and the VAE round trip",
+                     "vae")
+    if rep.arch in STATIC_ARCHS:
+        return _static_arch_check(model, reference)
     allowed = ("checkpoint", "unet") if reference is not None else ("checkpoint",)
     if model.kind not in allowed:
         hint = (" (a UNet-only file is verified with --reference, the checkpoint its VAE "
@@ -78,6 +85,24 @@ def architecture_check(model: ModelUnderTest, reference: ModelUnderTest | None) 
             return Check(name, FAIL, f"{model.name} is {value}, the reference "
                          f"{reference.name} is {theirs}", value)
     return Check(name, PASS, "; ".join(rep.arch_evidence[:2]), value)
+
+
+def _static_arch_check(model: ModelUnderTest, reference: ModelUnderTest | None) -> Check:
+    """A family verify does not render yet (Flux.1...): a checkpoint or its
+    denoiser alone gets the static checks, the per-layer gates and the VAE
+    round trip."""
+    from modelkit.arch import registry
+
+    rep, name = model.report, "static.architecture"
+    label = registry.label(rep.arch)
+    if model.kind not in ("checkpoint", "unet"):
+        return Check(name, FAIL, f"{model.name} is {with_article(model.kind)}, not a "
+                     f"{label} checkpoint or transformer", model.kind)
+    if reference is not None and reference.report.arch != rep.arch:
+        return Check(name, FAIL, f"{model.name} is {rep.arch}, the reference "
+                     f"{reference.name} is {reference.report.arch}", rep.arch)
+    return Check(name, PASS, f"{label}: static checks, per-layer gates and the VAE round "
+                 "trip (no render)", rep.arch)
 
 
 def component_checks(model: ModelUnderTest) -> list[Check]:
@@ -190,8 +215,12 @@ def finite_check(source: Source, progress: ProgressFn = no_progress,
         done += source.infos[key].nbytes
         progress(Progress("NaN/Inf scan", done, total, "bytes", key, VERIFY))
     if bad:
+        hint = ""
+        if any(source.infos[b.rsplit(" (", 1)[0]].dtype == "F16" for b in bad):
+            hint = ("; in fp16 storage, Inf is a weight beyond the fp16 range (65504) cast "
+                    "without saturation (modelkit quantize saturates)")
         return Check("static.nan_inf", FAIL, f"{n_bad} NaN/Inf values in {len(bad)} "
-                     f"tensors: {_names(bad)}", n_bad)
+                     f"tensors: {_names(bad)}{hint}", n_bad)
     return Check("static.nan_inf", PASS, f"{len(keys)} float tensors scanned", 0)
 
 
