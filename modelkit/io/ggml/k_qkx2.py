@@ -328,8 +328,9 @@ class _Searcher:
         if self.p.use_mad:
             e.sub_(self.x).abs_()
         else:
-            # mse_loss without reduction: (a - b) * (a - b), both rounded, in one pass
-            torch._C._nn.mse_loss(e, self.x, 0, out=e)
+            # mse_loss without reduction (0): (a - b) * (a - b), both rounded, one
+            # pass (its stub wants a str and no out=; the binding an int)
+            torch._C._nn.mse_loss(e, self.x, 0, out=e)  # type: ignore[call-arg, arg-type]
         e.mul_(self.w)
         self.r.colsum(e, out)
 
