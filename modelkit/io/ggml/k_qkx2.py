@@ -184,11 +184,9 @@ class _Searcher:
         self.cand = torch.empty(5, s)
         self.sums = torch.empty(3, s)
         self.sum_l, self.sum_l2, self.sum_xl = self.sums
-        # [D, this_scale * D, this_min * D] = left - right (C's products)
-        self.left = torch.empty(3, s)
-        self.right = torch.empty(3, s)
-        self.lfac = torch.empty(3, s)  # sum_w, sum_w, sum_x
-        self.rfac = torch.empty(3, s)  # sum_l, sum_x, sum_l
+        # C's six products: z[0:3] - z[3:6] = [D, this_scale * D, this_min * D]
+        self.z = torch.empty(6, s)
+        self.wlx = torch.empty(3, s)  # sum_w, sum_l, sum_x
         self.mx = torch.zeros(s)
         self.mn = torch.zeros(s)
         self.exotic = False
@@ -278,27 +276,28 @@ class _Searcher:
         prod = self.prod
         torch.mul(self.w, self.x, out=prod[:, 1])
         prod[:, 0] = self.w
-        self.r.colsum(prod[:, :2], self.lfac[1:3])
-        self.lfac[0] = self.lfac[1]
-        self.rfac[1] = self.lfac[2]
+        self.r.colsum(prod[:, :2], self.wlx[1:3])
+        self.wlx[0] = self.wlx[1]
 
     def _fit(self) -> torch.Tensor:
         """The least-squares scale and min of the codes in ``self.t`` into
         ``cand[1]``, ``cand[2]`` (C's products and order); returns ``D``."""
         import torch
 
-        prod, cand, left, right = self.prod, self.cand, self.left, self.right
+        prod, cand = self.prod, self.cand
         torch.mul(self.w, self.t, out=prod[:, 0])
         torch.mul(prod[:, 0:1], self.tx, out=prod[:, 1:3])
         self.r.colsum(prod, self.sums)
         # D = sum_w*sum_l2 - sum_l*sum_l; this_scale = (sum_w*sum_xl -
         # sum_x*sum_l)/D; this_min = (sum_l2*sum_x - sum_l*sum_xl)/D
-        torch.mul(self.lfac, self.sums[_LEFT], out=left)
-        self.rfac[0::2] = self.sum_l
-        torch.mul(self.rfac, self.sums[_RIGHT], out=right)
-        left.sub_(right)
-        d = left[0]
-        torch.div(left[1:], d, out=cand[1:3])
+        z, wlx = self.z, self.wlx
+        wlx[1] = self.sum_l
+        torch.mul(wlx[0::2], self.sum_l2, out=z[0:3:2])  # sum_w*sum_l2, sum_x*sum_l2
+        torch.mul(wlx[0:2], self.sum_xl, out=z[1::4])  # sum_w*sum_xl, sum_l*sum_xl
+        torch.mul(wlx[1:3], self.sum_l, out=z[3:5])  # sum_l*sum_l, sum_x*sum_l
+        z[0:3].sub_(z[3:6])
+        d = z[0]
+        torch.div(z[1:3], d, out=cand[1:3])
         pos = cand[2] > 0
         torch.where(pos, self.sum_xl / self.sum_l2, cand[1], out=cand[1])
         cand[2].masked_fill_(pos, 0.0)
@@ -335,9 +334,6 @@ class _Searcher:
         self.r.colsum(e, out)
 
 
-# rows of `sums` (sum_l, sum_l2, sum_xl) for the left and right products
-_LEFT = [1, 2, 1]
-_RIGHT = [0, 0, 2]
 _LOCAL = threading.local()  # each thread its own buffers
 
 
