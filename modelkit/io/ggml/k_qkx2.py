@@ -14,7 +14,6 @@ rounding, so every choice, is the reference's.
 
 from __future__ import annotations
 
-import functools
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -130,13 +129,6 @@ class _Rows:
             buf[rows, :s].copy_(xs[:, cols].t())
         buf[:, s:] = 0
 
-    def unload(self, buf: torch.Tensor, out: torch.Tensor) -> None:
-        """Copy the data rows of ``buf`` back to sub-blocks ``out`` (``[S',
-        n]``, any dtype)."""
-        s = out.shape[0]
-        for rows, cols in self.parts:
-            out[:, cols].copy_(buf[rows, :s].t())
-
     def colsum(self, buf: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``out`` = the data rows of ``buf`` summed in C's order (the
         carry row of ``buf`` is overwritten)."""
@@ -190,7 +182,7 @@ class _Searcher:
         self.mx = torch.zeros(s)
         self.mn = torch.zeros(s)
         self.exotic = False
-        self.codes = torch.empty(s, p.n, dtype=torch.uint8)
+        self.codes = torch.empty(p.n, s)
 
     def load(self, xs: torch.Tensor, k4_weights: bool) -> None:
         """Take the sub-blocks ``xs`` (float32 ``[S', n]``) and their
@@ -251,8 +243,8 @@ class _Searcher:
 
     def requantize(self, d: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
         """The final codes ``nearest_int((x + dm)/d)`` clamped, or the
-        search's where ``d`` is 0 (C's ``if (!d) continue;``), as uint8
-        ``[S, n]`` sub-blocks."""
+        search's where ``d`` is 0 (C's ``if (!d) continue;``), as float32
+        ``[n, S]`` (the sub-block index leads)."""
         import torch
 
         q = self.prod[:, 0]
@@ -265,7 +257,8 @@ class _Searcher:
         zero = d == 0
         if bool(zero.any()):
             q[:, zero] = self.t[:, zero]
-        self.r.unload(q, self.codes)
+        for rows, cols in self.r.parts:
+            self.codes[cols] = q[rows]
         return self.codes
 
     def _hoisted(self) -> None:
@@ -367,14 +360,6 @@ def _positive_max(v: torch.Tensor) -> torch.Tensor:
     return torch.where(m > 0, m, torch.zeros_like(m))
 
 
-@functools.cache
-def _bit_weights(n: int, step: int) -> torch.Tensor:
-    """uint8 ``[n, 1]``: ``1 << (step * k)`` for the bit packings."""
-    import torch
-
-    return torch.tensor([1 << (step * k) for k in range(n)], dtype=torch.uint8).view(n, 1)
-
-
 def _fp16(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``GGML_FP32_TO_FP16`` of ``v`` ``[B]``: its bytes ``[B, 2]`` and its
     value back in float32 ``[B]``."""
@@ -395,7 +380,8 @@ def _pack_scales_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
 
 def _k4_chunk(xb: torch.Tensor, p: Search) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_K/Q5_K's common part for the blocks ``xb`` (float32 ``[B, 256]``):
-    the 16 bytes d, dmin and scales, and the codes (uint8 ``[B, 256]``)."""
+    the 16 bytes d, dmin and scales, and the codes (float32 ``[32, S]``:
+    code ``i`` of sub-block ``s``, ``S >= 8B``)."""
     import torch
 
     nb = xb.shape[0]
@@ -417,8 +403,7 @@ def _k4_chunk(xb: torch.Tensor, p: Search) -> tuple[torch.Tensor, torch.Tensor]:
     head[:, 4:16] = _pack_scales_k4(ls, lm)
     d = _padded(d16[:, None] * ls, se.mx.shape[0])
     dm = _padded(dmin16[:, None] * lm, se.mx.shape[0])
-    codes = se.requantize(d, dm)[:nb * 8]
-    return head, codes.view(nb, 256)
+    return head, se.requantize(d, dm)
 
 
 def _padded(v: torch.Tensor, s: int) -> torch.Tensor:
@@ -454,11 +439,31 @@ def _q2_chunk(xb: torch.Tensor) -> torch.Tensor:
     out[:, 82:84], dmin16 = _fp16(max_min / 15.0)
     d = _padded(d16[:, None] * (sc & 0xF), se.mx.shape[0])
     dm = _padded(dmin16[:, None] * (sc >> 4), se.mx.shape[0])
-    q = se.requantize(d, dm)[:nb * 16].view(nb, 2, 4, 32)
-    # qs[32*h + l] = L[128h + l] | L[128h + l + 32] << 2 | ... << 4 | ... << 6
-    packed = (q * _bit_weights(4, 2)).sum(dim=2, dtype=torch.uint8)
-    out[:, 16:80] = packed.view(nb, 64)
+    q = se.requantize(d, dm)[:, :nb * 16].view(16, nb, 2, 4, 2)
+    # qs[32h + 16u + i] = L[128h + 32k + 16u + i] << 2k summed over k: code i
+    # of sub-block 16b + 8h + 2k + u
+    packed = (q * _weights((4, 1), 2)).sum(dim=3)  # [i, b, h, u]
+    out[:, 16:80].view(nb, 2, 2, 16).copy_(packed.permute(1, 2, 3, 0))
     return out
+
+
+def _weights(shape: tuple[int, ...], bits: int) -> torch.Tensor:
+    """float32 ``2**(bits*k)`` along the first dimension of ``shape`` (exact
+    bit packings of small integer codes)."""
+    import torch
+
+    k = torch.arange(shape[0], dtype=torch.float32)
+    return torch.pow(2.0, k * bits).view(shape)
+
+
+def _nibbles(q: torch.Tensor, nb: int, out: torch.Tensor) -> None:
+    """Q4_K/Q5_K's 128 bytes of nibbles into ``out`` (uint8 ``[B, 128]``)
+    from 4-bit codes ``q`` (``[32, S]``): byte ``32g + l`` of block ``b`` is
+    code ``l`` of sub-block ``8b + 2g`` plus 16 times that of ``8b + 2g + 1``."""
+    import torch
+
+    nib = torch.add(q[:, 0::2], q[:, 1::2], alpha=16)  # [l, 4b + g]
+    out.view(nb, 4, 32).copy_(nib[:, :nb * 4].t().view(nb, 4, 32))
 
 
 def _q4_chunk(xb: torch.Tensor) -> torch.Tensor:
@@ -469,24 +474,24 @@ def _q4_chunk(xb: torch.Tensor) -> torch.Tensor:
     nb = xb.shape[0]
     out = torch.empty(nb, 144, dtype=torch.uint8)
     out[:, :16], q = _k4_chunk(xb, Q4_K_SEARCH)
-    q = q.view(nb, 4, 2, 32)
-    torch.add(q[:, :, 0], q[:, :, 1], alpha=16, out=out[:, 16:].view(nb, 4, 32))
+    _nibbles(q, nb, out[:, 16:])
     return out
 
 
 def _q5_chunk(xb: torch.Tensor) -> torch.Tensor:
     """``quantize_row_q5_K_ref`` of ``xb`` (float32 ``[B, 256]``) as uint8
     ``[B, 176]``: fp16 d and dmin, 12 bytes of scales, 32 bytes of high bits
-    (bit k of byte j: code ``32k + j`` > 15), 128 of low nibbles."""
+    (bit j of byte l: code ``l`` of sub-block ``8b + j`` > 15), 128 of low
+    nibbles."""
     import torch
 
     nb = xb.shape[0]
     out = torch.empty(nb, 176, dtype=torch.uint8)
     out[:, :16], q = _k4_chunk(xb, Q5_K_SEARCH)
-    q = q.view(nb, 8, 32)
-    out[:, 16:48] = ((q >> 4) * _bit_weights(8, 1)).sum(dim=1, dtype=torch.uint8)
-    low = (q & 0xF).view(nb, 4, 2, 32)
-    torch.add(low[:, :, 0], low[:, :, 1], alpha=16, out=out[:, 48:].view(nb, 4, 32))
+    high = (q[:, :nb * 8] > 15).view(32, nb, 8)
+    qh = (high * _weights((8,), 1)).sum(dim=2)  # [l, b]
+    out[:, 16:48].copy_(qh.t())
+    _nibbles(q.remainder_(16), nb, out[:, 48:])
     return out
 
 
