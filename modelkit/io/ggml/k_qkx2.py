@@ -174,11 +174,16 @@ class _Searcher:
         # state rows: best error, scale, min, the winner's iscale, its start min
         self.state = torch.empty(5, s)
         self.cand = torch.empty(5, s)
-        self.sums = torch.empty(3, s)
+        # g: sum_w, then the candidate's sum_l, sum_l2, sum_xl, then sum_x
+        self.g = torch.empty(5, s)
+        self.sums = self.g[1:4]
         self.sum_l, self.sum_l2, self.sum_xl = self.sums
         # C's six products: z[0:3] - z[3:6] = [D, this_scale * D, this_min * D]
         self.z = torch.empty(6, s)
-        self.wlx = torch.empty(3, s)  # sum_w, sum_l, sum_x
+        self.span = torch.empty(s)
+        # the candidates' rmin + rdelta*is + nmax as 0-d tensors: a tensor over a
+        # tensor divides once (a Python number over a tensor is reciprocal * number)
+        self.num_t = [torch.tensor(v, dtype=torch.float32) for v in self.nums]
         self.mx = torch.zeros(s)
         self.mn = torch.zeros(s)
         self.exotic = False
@@ -225,10 +230,10 @@ class _Searcher:
         state[4] = mn
         self._error(state[1], state[2], state[0])
         start_min, iscale, best, smin = cand[4], cand[3], state[0], state[2]
-        for num in self.nums[1:]:
+        for num in self.num_t[1:]:
             start_min.copy_(smin)
-            torch.sub(mx, smin, out=span)
-            _rdiv(num, span, out=iscale)
+            torch.sub(mx, smin, out=self.span)
+            torch.div(num, self.span, out=iscale)
             self._codes(start_min, iscale)
             d = self._fit()
             self._error(cand[1], cand[2], cand[0])
@@ -266,11 +271,11 @@ class _Searcher:
         left and right factors."""
         import torch
 
-        prod = self.prod
+        prod, g = self.prod, self.g
         torch.mul(self.w, self.x, out=prod[:, 1])
         prod[:, 0] = self.w
-        self.r.colsum(prod[:, :2], self.wlx[1:3])
-        self.wlx[0] = self.wlx[1]
+        self.r.colsum(prod[:, :2], g[3:5])
+        g[0] = g[3]
 
     def _fit(self) -> torch.Tensor:
         """The least-squares scale and min of the codes in ``self.t`` into
@@ -283,17 +288,17 @@ class _Searcher:
         self.r.colsum(prod, self.sums)
         # D = sum_w*sum_l2 - sum_l*sum_l; this_scale = (sum_w*sum_xl -
         # sum_x*sum_l)/D; this_min = (sum_l2*sum_x - sum_l*sum_xl)/D
-        z, wlx = self.z, self.wlx
-        wlx[1] = self.sum_l
-        torch.mul(wlx[0::2], self.sum_l2, out=z[0:3:2])  # sum_w*sum_l2, sum_x*sum_l2
-        torch.mul(wlx[0:2], self.sum_xl, out=z[1::4])  # sum_w*sum_xl, sum_l*sum_xl
-        torch.mul(wlx[1:3], self.sum_l, out=z[3:5])  # sum_l*sum_l, sum_x*sum_l
+        z, g = self.z, self.g
+        torch.mul(g[0::4], self.sum_l2, out=z[0:3:2])  # sum_w*sum_l2, sum_x*sum_l2
+        torch.mul(g[0:2], self.sum_xl, out=z[1::4])  # sum_w*sum_xl, sum_l*sum_xl
+        torch.mul(g[1::3], self.sum_l, out=z[3:5])  # sum_l*sum_l, sum_x*sum_l
         z[0:3].sub_(z[3:6])
         d = z[0]
         torch.div(z[1:3], d, out=cand[1:3])
         pos = cand[2] > 0
-        torch.where(pos, self.sum_xl / self.sum_l2, cand[1], out=cand[1])
-        cand[2].masked_fill_(pos, 0.0)
+        if bool(pos.any()):  # rare but for all-positive sub-blocks
+            torch.where(pos, self.sum_xl / self.sum_l2, cand[1], out=cand[1])
+            cand[2].masked_fill_(pos, 0.0)
         return d
 
     def _codes(self, mn: torch.Tensor, iscale: torch.Tensor) -> None:
