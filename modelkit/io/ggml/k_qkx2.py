@@ -184,6 +184,16 @@ class _Searcher:
         # the candidates' rmin + rdelta*is + nmax as 0-d tensors: a tensor over a
         # tensor divides once (a Python number over a tensor is reciprocal * number)
         self.num_t = [torch.tensor(v, dtype=torch.float32) for v in self.nums]
+        # the loop's views, made once (each slice is a Python-level op)
+        self.p0, self.p12, self.p01 = self.prod[:, 0], self.prod[:, 1:3], self.prod[:, 0:1]
+        z, g = self.z, self.g
+        self.fit_ops = [(g[0::4], self.sum_l2, z[0:3:2]),  # sum_w*sum_l2, sum_x*sum_l2
+                        (g[0:2], self.sum_xl, z[1::4]),  # sum_w*sum_xl, sum_l*sum_xl
+                        (g[1::3], self.sum_l, z[3:5])]  # sum_l*sum_l, sum_x*sum_l
+        self.z_left, self.z_right, self.d, self.z_num = z[0:3], z[3:6], z[0], z[1:3]
+        self.c_err, self.c_scale, self.c_min = self.cand[0], self.cand[1], self.cand[2]
+        self.c_fit, self.c_iscale, self.c_start = self.cand[1:3], self.cand[3], self.cand[4]
+        self.nmax = float(p.nmax)
         self.mx = torch.zeros(s)
         self.mn = torch.zeros(s)
         self.exotic = False
@@ -229,15 +239,15 @@ class _Searcher:
         state[3] = iscale
         state[4] = mn
         self._error(state[1], state[2], state[0])
-        start_min, iscale, best, smin = cand[4], cand[3], state[0], state[2]
+        start_min, iscale, best, smin, span = self.c_start, self.c_iscale, state[0], state[2], \
+            self.span
         for num in self.num_t[1:]:
             start_min.copy_(smin)
-            torch.sub(mx, smin, out=self.span)
-            torch.div(num, self.span, out=iscale)
+            torch.div(num, torch.sub(mx, smin, out=span), out=iscale)
             self._codes(start_min, iscale)
-            d = self._fit()
-            self._error(cand[1], cand[2], cand[0])
-            won = (d > 0).logical_and_(cand[0] < best)
+            self._fit()
+            self._error(self.c_scale, self.c_min, self.c_err)
+            won = (self.d > 0).logical_and_(self.c_err < best)
             torch.where(won, cand, state, out=state)
         self._codes(state[4], state[3])
         if bool(flat.any()):
@@ -277,29 +287,25 @@ class _Searcher:
         self.r.colsum(prod[:, :2], g[3:5])
         g[0] = g[3]
 
-    def _fit(self) -> torch.Tensor:
+    def _fit(self) -> None:
         """The least-squares scale and min of the codes in ``self.t`` into
-        ``cand[1]``, ``cand[2]`` (C's products and order); returns ``D``."""
+        ``cand[1]``, ``cand[2]`` (C's products and order), ``D`` in
+        ``self.d``."""
         import torch
 
-        prod, cand = self.prod, self.cand
-        torch.mul(self.w, self.t, out=prod[:, 0])
-        torch.mul(prod[:, 0:1], self.tx, out=prod[:, 1:3])
-        self.r.colsum(prod, self.sums)
+        torch.mul(self.w, self.t, out=self.p0)
+        torch.mul(self.p01, self.tx, out=self.p12)
+        self.r.colsum(self.prod, self.sums)
         # D = sum_w*sum_l2 - sum_l*sum_l; this_scale = (sum_w*sum_xl -
         # sum_x*sum_l)/D; this_min = (sum_l2*sum_x - sum_l*sum_xl)/D
-        z, g = self.z, self.g
-        torch.mul(g[0::4], self.sum_l2, out=z[0:3:2])  # sum_w*sum_l2, sum_x*sum_l2
-        torch.mul(g[0:2], self.sum_xl, out=z[1::4])  # sum_w*sum_xl, sum_l*sum_xl
-        torch.mul(g[1::3], self.sum_l, out=z[3:5])  # sum_l*sum_l, sum_x*sum_l
-        z[0:3].sub_(z[3:6])
-        d = z[0]
-        torch.div(z[1:3], d, out=cand[1:3])
-        pos = cand[2] > 0
+        for a, b, out in self.fit_ops:
+            torch.mul(a, b, out=out)
+        self.z_left.sub_(self.z_right)
+        torch.div(self.z_num, self.d, out=self.c_fit)
+        pos = self.c_min > 0
         if bool(pos.any()):  # rare but for all-positive sub-blocks
-            torch.where(pos, self.sum_xl / self.sum_l2, cand[1], out=cand[1])
-            cand[2].masked_fill_(pos, 0.0)
-        return d
+            torch.where(pos, self.sum_xl / self.sum_l2, self.c_scale, out=self.c_scale)
+            self.c_min.masked_fill_(pos, 0.0)
 
     def _codes(self, mn: torch.Tensor, iscale: torch.Tensor) -> None:
         """``self.t`` = ``MAX(0, MIN(nmax, nearest_int(iscale*(x - min))))``."""
@@ -312,14 +318,14 @@ class _Searcher:
             t.copy_(nearest_int(t))
         else:
             t.round_()
-        t.clamp_(0.0, float(self.p.nmax))
+        t.clamp_(0.0, self.nmax)
 
     def _error(self, scale: torch.Tensor, mn: torch.Tensor, out: torch.Tensor) -> None:
         """``out`` = each column's ``sum w * (scale*L + min - x)**2`` (or
         ``|...|``) for the codes in ``self.t``, summed in C's order."""
         import torch
 
-        e = self.prod[:, 0]
+        e = self.p0
         torch.mul(self.t, scale, out=e)
         e.add_(mn)
         if self.p.use_mad:
@@ -505,7 +511,7 @@ def _quantize(x: torch.Tensor, chunk_fn: Callable[[torch.Tensor], torch.Tensor],
     """Run ``chunk_fn`` over the 256-weight blocks of ``x`` chunk by chunk."""
     import torch
 
-    flat = x.reshape(-1)
+    flat = x.detach().reshape(-1)
     if flat.numel() % QK_K:
         raise ValueError(f"{flat.numel()} values are not a multiple of the block size {QK_K}")
     blocks = flat.view(-1, QK_K)
