@@ -205,12 +205,14 @@ class _Searcher:
         or Q2_K's ``|x|``."""
         import torch
 
-        s = xs.shape[0]
-        self.r.load(self.x, xs)
-        torch.amax(xs, dim=1, out=self.mx[:s])
-        torch.amin(xs, dim=1, out=self.mn[:s]).clamp_(max=0.0)
-        self.mx[s:] = 0
-        self.mn[s:] = 0
+        x = self.x
+        self.r.load(x, xs)
+        if self.r.rows > self.r.n:
+            x[16] = x[0]  # the carry row, unread by the sums: no new max or min
+        # over the leading dimension: vectorised across columns (the rows of xs
+        # are too short for a fast reduction)
+        torch.amax(x, dim=0, out=self.mx)
+        torch.amin(x, dim=0, out=self.mn).clamp_(max=0.0)
         torch.abs(self.x, out=self.w)
         if k4_weights:
             sq = self.prod[:, 0]
@@ -453,7 +455,9 @@ def _q2_chunk(xb: torch.Tensor) -> torch.Tensor:
     q = se.requantize(d, dm)[:, :nb * 16].view(16, nb, 2, 4, 2)
     # qs[32h + 16u + i] = L[128h + 32k + 16u + i] << 2k summed over k: code i
     # of sub-block 16b + 8h + 2k + u
-    packed = (q * _weights((4, 1), 2)).sum(dim=3)  # [i, b, h, u]
+    low = torch.add(q[:, :, :, 0], q[:, :, :, 1], alpha=4)
+    high = torch.add(q[:, :, :, 2], q[:, :, :, 3], alpha=4)
+    packed = torch.add(low, high, alpha=16)  # [i, b, h, u], exact small integers
     out[:, 16:80].view(nb, 2, 2, 16).copy_(packed.permute(1, 2, 3, 0))
     return out
 
