@@ -3,13 +3,18 @@ and mins come from ``make_qkx2_quants`` (ggml-org/ggml ``src/ggml-quants.c``:
 ``quantize_row_q4_K_ref``, ``quantize_row_q5_K_ref``,
 ``quantize_row_q2_K_ref``), byte-identical to ggml's reference.
 
-The C code searches, for each sub-block, ``nstep + 1`` candidate scales plus
-its first guess, and keeps the first one whose weighted error is strictly
-lowest. Here every sub-block of a chunk and every candidate is one column of
-a ``[n, candidates, sub-blocks]`` tensor; the within-sub-block index ``n``
-leads, so that each sum is the C loop's sequential float32 sum (one
-vectorised column add per index, never a pairwise ``torch.sum``) and every
-rounding, so every choice, is the reference's.
+For each sub-block the C code tries a first guess and then ``nstep + 1``
+candidate scales one after the other, keeping a candidate when its weighted
+error is strictly lower; a winner's ``min`` feeds the next candidate's
+``iscale = (rmin + rdelta*is + nmax)/(max - min)``, so the candidates stay a
+sequence. Every op here runs over all the sub-blocks of a chunk at once: a
+``[n, S]`` buffer holds weight ``i`` of sub-block ``s`` at ``[i, s]``, and
+each sum over ``i`` is the C loop's sequential float32 sum (torch's sum
+over a leading dimension adds up to 16 rows in order: see ``_Rows``), so
+every rounding, and so every choice, is the reference's. Divisions, square
+roots and ``nearest_int`` are rounded as C rounds them (see ``_rdiv``).
+With several intra-op threads the sums fall back to one add per row (exact,
+slower); each Python thread has its own buffers.
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ __all__ = ["dequantize_q2_k", "dequantize_q4_k", "dequantize_q5_k", "quantize_q2
            "quantize_q4_k", "quantize_q5_k"]
 
 QK_K = 256
-# Sub-blocks per chunk: 2048 sub-blocks of 32 (64 Ki weights) keep a chunk's
-# working set near the L2 cache.
+# Weights per chunk: 8192 sub-blocks of 32, 256 Ki weights (measured best
+# here: smaller chunks pay torch's per-op cost more often, larger ones leave
+# the caches).
 CHUNK_WEIGHTS = 1 << 18
 
 
@@ -80,12 +86,15 @@ def _seq_sum(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# torch's float32 sum over a leading dimension (aten/src/ATen/native/cpu/
-# SumKernel.cpp, multi_row_sum) adds each column's rows one after the other
-# in chunks of 16 rows, then adds the chunk sums; with one thread and column
-# counts in multiples of 4 SIMD vectors. So up to 17 rows it is C's loop, and
-# 32 rows are two sums: rows 0-15 into a carry row, then the carry and rows
-# 16-31 (17 rows). `_cascade_is_sequential` checks that on this build first.
+# torch's float32 sum over a leading dimension (pytorch/pytorch
+# aten/src/ATen/native/cpu/SumKernel.cpp, vectorized_outer_sum and
+# multi_row_sum) adds each column's rows one after the other in chunks of 16
+# rows, then adds the chunk sums, for columns in groups of 4 SIMD vectors
+# (64 floats with AVX-512); leftover columns go through row_sum, which keeps
+# 4 interleaved partial sums. So with one thread and a multiple of 64
+# columns, up to 17 rows are C's loop, and 32 rows are two sums: rows 0-15
+# into a carry row, then the carry and rows 16-31 (17 rows).
+# `_cascade_is_sequential` checks it on this build first.
 COLUMN_MULTIPLE = 64
 _CASCADE_OK: bool | None = None
 
