@@ -8,7 +8,9 @@ Usage: bench/ggml_ref/build.sh GGML_CHECKOUT, then
 
 Each repeat times ggml, modelkit on one thread and modelkit on ``--workers``
 threads back to back (wall clock), so a busy machine slows all three alike;
-printed: the best of each and the median of the per-repeat ratios.
+printed: the best of each, the median of the per-repeat ratios, and the
+one-thread ratio in CPU time of the calling thread (``time.thread_time``:
+steadier beside busy processes, which deschedule both alike).
 """
 
 from __future__ import annotations
@@ -47,10 +49,11 @@ def on_workers(x: torch.Tensor, name: str, workers: int) -> torch.Tensor:
     return torch.cat([o for o in out if o is not None])
 
 
-def _seconds(fn: Callable[[], object]) -> tuple[float, object]:
-    start = time.perf_counter()
+def _seconds(fn: Callable[[], object], clock: Callable[[], float] = time.perf_counter
+             ) -> tuple[float, object]:
+    start = clock()
     result = fn()
-    return time.perf_counter() - start, result
+    return clock() - start, result
 
 
 def bench(qtype: str, rows: int, cols: int, repeat: int, workers: int) -> str:
@@ -58,12 +61,15 @@ def bench(qtype: str, rows: int, cols: int, repeat: int, workers: int) -> str:
     x = (np.random.default_rng(0).standard_normal((rows, cols)) * 0.02).astype(np.float32)
     xt = torch.from_numpy(x)
     name = qtype.upper()
-    ref_s, one_s, many_s = [], [], []
+    ref_s, one_s, many_s, cpu = [], [], [], []
     for _ in range(repeat):
         t, ref = _seconds(lambda: ggml_ref.quantize(x, qtype))
         ref_s.append(t)
         t, one = _seconds(lambda: quantize_blocks(xt, name))
         one_s.append(t)
+        ref_cpu, _ = _seconds(lambda: ggml_ref.quantize(x, qtype), time.thread_time)
+        one_cpu, _ = _seconds(lambda: quantize_blocks(xt, name), time.thread_time)
+        cpu.append(one_cpu / ref_cpu)
         t, many = _seconds(lambda: on_workers(xt, name, workers))
         many_s.append(t)
     ref_bytes = np.asarray(ref).reshape(-1)
@@ -72,7 +78,8 @@ def bench(qtype: str, rows: int, cols: int, repeat: int, workers: int) -> str:
     r1 = statistics.median(o / r for o, r in zip(one_s, ref_s, strict=True))
     rn = statistics.median(m / r for m, r in zip(many_s, ref_s, strict=True))
     return (f"{qtype:5s} {rows}x{cols:<6d} {min(ref_s) * 1e3:8.0f} {min(one_s) * 1e3:8.0f} "
-            f"{min(many_s) * 1e3:8.0f} {r1:7.2f}x {rn:7.2f}x  {'identical' if same else 'DIFFER'}")
+            f"{min(many_s) * 1e3:8.0f} {r1:7.2f}x {rn:7.2f}x {statistics.median(cpu):7.2f}x  "
+            f"{'identical' if same else 'DIFFER'}")
 
 
 def main() -> None:
@@ -85,7 +92,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"{'type':5s} {'shape':11s} {'ggml ms':>8s} {'1 thr ms':>8s} "
-          f"{args.workers} thr ms  ratio 1  ratio {args.workers}  bytes")
+          f"{args.workers} thr ms  ratio 1  ratio {args.workers}  cpu 1  bytes")
     for qtype in args.types.split(","):
         for shape in args.shapes.split(","):
             rows, cols = (int(v) for v in shape.split("x"))
