@@ -206,7 +206,7 @@ class _Searcher:
         self.mx = torch.zeros(s)
         self.mn = torch.zeros(s)
         self.exotic = False
-        self.codes = torch.empty(p.n, s)
+        self.codes = torch.empty(p.n, s, dtype=torch.uint8)
 
     def load(self, xs: torch.Tensor, k4_weights: bool) -> None:
         """Take the sub-blocks ``xs`` (float32 ``[S', n]``) and their
@@ -269,7 +269,7 @@ class _Searcher:
 
     def requantize(self, d: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
         """The final codes ``nearest_int((x + dm)/d)`` clamped, or the
-        search's where ``d`` is 0 (C's ``if (!d) continue;``), as float32
+        search's where ``d`` is 0 (C's ``if (!d) continue;``), as uint8
         ``[n, S]`` (the sub-block index leads)."""
         import torch
 
@@ -402,7 +402,7 @@ def _pack_scales_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
 
 def _k4_chunk(xb: torch.Tensor, p: Search) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_K/Q5_K's common part for the blocks ``xb`` (float32 ``[B, 256]``):
-    the 16 bytes d, dmin and scales, and the codes (float32 ``[32, S]``:
+    the 16 bytes d, dmin and scales, and the codes (uint8 ``[32, S]``:
     code ``i`` of sub-block ``s``, ``S >= 8B``)."""
     import torch
 
@@ -466,23 +466,14 @@ def _q2_chunk(xb: torch.Tensor) -> torch.Tensor:
     # of sub-block 16b + 8h + 2k + u
     low = torch.add(q[:, :, :, 0], q[:, :, :, 1], alpha=4)
     high = torch.add(q[:, :, :, 2], q[:, :, :, 3], alpha=4)
-    packed = torch.add(low, high, alpha=16)  # [i, b, h, u], exact small integers
+    packed = torch.add(low, high, alpha=16)  # [i, b, h, u]
     out[:, 16:80].view(nb, 2, 2, 16).copy_(packed.permute(1, 2, 3, 0))
     return out
 
 
-def _weights(shape: tuple[int, ...], bits: int) -> torch.Tensor:
-    """float32 ``2**(bits*k)`` along the first dimension of ``shape`` (exact
-    bit packings of small integer codes)."""
-    import torch
-
-    k = torch.arange(shape[0], dtype=torch.float32)
-    return torch.pow(2.0, k * bits).view(shape)
-
-
 def _nibbles(q: torch.Tensor, nb: int, out: torch.Tensor) -> None:
     """Q4_K/Q5_K's 128 bytes of nibbles into ``out`` (uint8 ``[B, 128]``)
-    from 4-bit codes ``q`` (``[32, S]``): byte ``32g + l`` of block ``b`` is
+    from 4-bit codes ``q`` (uint8 ``[32, S]``): byte ``32g + l`` of block ``b`` is
     code ``l`` of sub-block ``8b + 2g`` plus 16 times that of ``8b + 2g + 1``."""
     import torch
 
@@ -512,10 +503,13 @@ def _q5_chunk(xb: torch.Tensor) -> torch.Tensor:
     nb = xb.shape[0]
     out = torch.empty(nb, 176, dtype=torch.uint8)
     out[:, :16], q = _k4_chunk(xb, Q5_K_SEARCH)
-    high = (q[:, :nb * 8] > 15).view(32, nb, 8)
-    qh = (high * _weights((8,), 1)).sum(dim=2)  # [l, b]
+    # qh[l] = sum over j of (code l of sub-block 8b + j) >> 4 << j
+    high = (q[:, :nb * 8] >> 4).view(32, nb, 4, 2)
+    pairs = torch.add(high[..., 0], high[..., 1], alpha=2)
+    quads = torch.add(pairs[:, :, 0::2], pairs[:, :, 1::2], alpha=4)
+    qh = torch.add(quads[:, :, 0], quads[:, :, 1], alpha=16)  # [l, b]
     out[:, 16:48].copy_(qh.t())
-    _nibbles(q.remainder_(16), nb, out[:, 48:])
+    _nibbles(q.bitwise_and_(15), nb, out[:, 48:])
     return out
 
 
