@@ -239,7 +239,11 @@ class _Searcher:
         flat = mx == mn
         span = mx - mn
         # spans so small that iscale overflows (or non-finite values): round
-        # with ggml's exact nearest_int, as its release build does
+        # with ggml's exact nearest_int, as its release build does. Otherwise
+        # |iscale*(x - min)| < 2**22 and torch.round is nearest_int: it stays
+        # below num for every x under the max, and a winner's min would have
+        # to land within 2**-21 of the span below the max to break that
+        # (not seen on any case; ggml's debug build asserts there)
         ok = flat | ((span >= 2.0 ** -100) & (span <= 3.4e38))
         self.exotic = not bool(ok.all())
         self._hoisted()
