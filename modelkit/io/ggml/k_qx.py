@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 QK_K = 256
 GROUP_MAX_EPS = 1e-15  # ggml-quants.c: sub-blocks below are all zero
-CHUNK_BLOCKS = 256  # super-blocks per pass: the search's buffers stay in cache
+CHUNK_BLOCKS = 512  # super-blocks per pass: the search's buffers stay in cache
 Q6_TRIES = [i for i in range(-9, 10) if i]  # make_qx_quants' candidate scales, in order
 
 
@@ -57,36 +57,69 @@ def _chunks(x: torch.Tensor, fn: object, nbytes: int) -> torch.Tensor:
     return out
 
 
-def _make_qx_quants(xt: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``make_qx_quants(16, nmax, x, L, rmse_type=1, NULL)`` on every column of
-    ``xt`` ``[16, S]``: ``(scale [S], L [16, S])`` (L as float)."""
+def _absmax_cols(xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column of ``xt`` ``[16, S]``: ``(amax, max)``, the first value of
+    largest magnitude as the C loop ``if (ax > amax) { amax = ax; max = x; }``
+    keeps it; two fast reductions, and the first-occurrence search only for
+    columns where ``max == -min`` (zero columns included, which give +0)."""
     import torch
 
-    amax, mx = first_absmax(xt.t())
-    amax, mx = amax.reshape(-1), mx.reshape(-1)
+    xmax = xt.amax(dim=0)
+    neg_min = -xt.amin(dim=0)
+    mx = torch.where(xmax > neg_min, xmax, -neg_min)
+    amax = torch.maximum(xmax, neg_min)
+    tie = xmax == neg_min
+    if bool(tie.any()):
+        cols = tie.nonzero().view(-1)
+        amax[cols], mx[cols] = (v.view(-1) for v in first_absmax(xt[:, cols].t()))
+    return amax, mx
+
+
+def _make_qx_quants(xt: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``make_qx_quants(16, nmax, x, L, rmse_type=1, NULL)`` on every column of
+    ``xt`` ``[16, S]``: ``(scale [S], L [16, S])`` (L as float).
+
+    All 19 candidate scales are tried at once (``[19, S]`` per weight, added
+    weight after weight as the C loop does); the choice between them is the
+    C's sequential comparison with the best so far."""
+    import torch
+
+    amax, mx = _absmax_cols(xt)
     w = xt * xt
     wx = w * xt
     # iscale = -(nmax + 0.1f*is) / max in float32, the first try being -nmax / max
     steps = torch.tensor(0.1, dtype=torch.float32) * torch.tensor(Q6_TRIES, dtype=torch.float32)
     tries = torch.cat([torch.tensor([float(nmax)]), nmax + steps])
     iscale = (-tries).unsqueeze(1) / mx  # [T, S]
-    lv = torch.round(xt.unsqueeze(1) * iscale).clamp_(-nmax, nmax - 1)  # [16, T, S]
-    sumlx = _seq_sum(wx.unsqueeze(1) * lv)
-    suml2 = _seq_sum(w.unsqueeze(1) * lv * lv)
-    scale = torch.where(suml2[0] != 0, sumlx[0] / suml2[0], torch.zeros_like(sumlx[0]))
-    best = scale * sumlx[0]
-    pick = torch.zeros_like(amax, dtype=torch.long)
-    for t in range(1, len(Q6_TRIES) + 1):
-        slx, sl2 = sumlx[t], suml2[t]
-        take = (sl2 > 0) & (slx * slx > best * sl2)
-        new_scale = slx / sl2
-        scale = torch.where(take, new_scale, scale)
-        best = torch.where(take, new_scale * slx, best)
-        pick = torch.where(take, t, pick)
-    levels = torch.gather(lv, 1, pick.view(1, 1, -1).expand(16, 1, -1)).squeeze(1) + nmax
+    sumlx = torch.zeros_like(iscale)
+    suml2 = torch.zeros_like(iscale)
+    lv = torch.empty_like(iscale)
+    term = torch.empty_like(iscale)
+    for i in range(16):
+        torch.mul(iscale, xt[i], out=lv)
+        lv.round_().clamp_(-nmax, nmax - 1)  # |iscale * x| <= nmax + 1: round is nearest_int
+        torch.mul(lv, wx[i], out=term)
+        sumlx += term
+        torch.mul(lv, w[i], out=term)
+        term *= lv
+        suml2 += term
+    scales = sumlx / suml2
+    scales[0] = torch.where(suml2[0] != 0, scales[0], torch.zeros_like(scales[0]))
+    best = scales[0] * sumlx[0]
+    wins = scales * sumlx  # the best each candidate would set
+    squares = (sumlx * sumlx).masked_fill_(suml2 <= 0, -float("inf"))  # needs suml2 > 0
+    pick = torch.zeros(xt.shape[1], dtype=torch.long)
+    for t in range(1, len(tries)):
+        take = squares[t] > best * suml2[t]
+        best = torch.where(take, wins[t], best)
+        pick.masked_fill_(take, t)
+    pick = pick.unsqueeze(0)
+    scale = torch.gather(scales, 0, pick).view(-1)
+    levels = (xt * torch.gather(iscale, 0, pick)).round_().clamp_(-nmax, nmax - 1) + nmax
     zero = amax < GROUP_MAX_EPS
-    scale = torch.where(zero, torch.zeros_like(scale), scale)
-    levels = torch.where(zero, torch.zeros_like(levels), levels)
+    if bool(zero.any()):
+        scale = scale.masked_fill(zero, 0.0)
+        levels = levels.masked_fill(zero, 0.0)
     return scale, levels
 
 
@@ -110,7 +143,8 @@ def _q6_chunk(x: torch.Tensor) -> torch.Tensor:
     dq = read_fp16(fp16_bytes(d), 0) * sc.to(torch.float32)  # [nb, 16]
     dq_t = dq.reshape(1, -1)
     requant = nearest_int(xt / dq_t).clamp_(-32, 31).to(torch.float32) + 32
-    levels = torch.where(dq_t != 0, requant, levels)
+    skipped = dq_t == 0  # sub-blocks whose scale rounds to 0 keep make_qx_quants' L
+    levels = torch.where(skipped, levels, requant) if bool(skipped.any()) else requant
     lv = levels.t().reshape(nb, 2, 4, 32).to(torch.int32)  # [block, half, quarter, l]
     out = torch.empty(nb, 210, dtype=torch.uint8)
     ql = (lv[:, :, 0:2] & 0xF) | ((lv[:, :, 2:4] & 0xF) << 4)  # ql[l], ql[l+32] per half
@@ -120,7 +154,9 @@ def _q6_chunk(x: torch.Tensor) -> torch.Tensor:
     out[:, 128:192] = qh.reshape(nb, 64).to(torch.uint8)
     out[:, 192:208] = (sc & 0xFF).to(torch.uint8)
     out[:, 208:210] = fp16_bytes(d)
-    out[(max_abs < GROUP_MAX_EPS).reshape(-1)] = 0
+    zero = (max_abs < GROUP_MAX_EPS).reshape(-1)
+    if bool(zero.any()):
+        out[zero] = 0
     return out
 
 
@@ -162,8 +198,7 @@ def _make_q3_quants(xt: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Te
     same result."""
     import torch
 
-    amax, mx = first_absmax(xt.t())
-    amax, mx = amax.reshape(-1), mx.reshape(-1)
+    amax, mx = _absmax_cols(xt)
     w = xt * xt
     wx = w * xt
     iscale = -float(nmax) / mx
