@@ -31,6 +31,7 @@ from typing import Any
 from modelkit.arch import blocks as _blocks
 from modelkit.arch import flux as _flux
 from modelkit.arch import parts as _parts
+from modelkit.arch import probes as _probes
 from modelkit.arch.configs import (
     ARCHS,
     EMA_PREFIX,
@@ -210,6 +211,8 @@ class Architecture:
     prediction: str  # what an unmarked file predicts: EPS, EPS_OR_V (read it) or FLOW
     layout_rules: tuple[tuple[str, Rule], ...] = ()  # (layout, rule), first match
     commands: frozenset[str] = frozenset()  # what handles a PARTIAL entry (see handles())
+    # the blocks verify's streamed functional probe runs (modelkit/arch/probes.py)
+    probe: tuple[_probes.ProbeGroup, ...] = ()
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -269,6 +272,9 @@ def _ldm(name: str, *, label: str, short: str, family: str, aliases: tuple[str, 
         lora=lora, diffusers=DiffusersNames(pipelines, scaling, diffusers_te_dropped,
                                             vae_force_upcast=family == "sdxl"),
         gguf=_ldm_gguf(gguf), default_dtype="fp16", verify=RENDER, prediction=prediction,
+        probe=_probes.ldm(tuple((s.name, s.config.layout) for s in spec.text_encoders),
+                          heads=None if spec.unet.num_head_channels else spec.unet.num_heads,
+                          head_dim=spec.unet.num_head_channels),
     )
 
 
@@ -367,7 +373,7 @@ SD3 = Architecture(
                 Component("clip_g", TEXT_ENCODER, "text_encoders.clip_g."),
                 Component("t5xxl", TEXT_ENCODER, "text_encoders.t5xxl.")),
     spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
-    default_dtype="fp16", verify=PROBE, prediction=FLOW,
+    default_dtype="fp16", verify=PROBE, prediction=FLOW, probe=_probes.sd3(),
 )
 
 # Qwen-Image (diffusers' QwenImageTransformer2DModel names, which ComfyUI keeps)
@@ -389,7 +395,7 @@ QWEN_IMAGE = Architecture(
     layout_rules=((DIFFUSERS, Rule(keys=("transformer_blocks.0.attn.to_q.weight",))),),
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
     spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
-    default_dtype="bf16", verify=PROBE, prediction=FLOW,
+    default_dtype="bf16", verify=PROBE, prediction=FLOW, probe=_probes.qwen_image(),
 )
 
 # Wan 2.1 / 2.2 (Wan-Video's WanModel names, which ComfyUI keeps)
@@ -435,7 +441,7 @@ WAN = Architecture(
     layout_rules=((ORIGINAL, Rule(keys=(_WAN_Q,))), (DIFFUSERS, Rule(keys=(_WAN_DIFFUSERS_Q,)))),
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
     spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
-    default_dtype="bf16", verify=PROBE, prediction=FLOW,
+    default_dtype="bf16", verify=PROBE, prediction=FLOW, probe=_probes.wan(),
 )
 
 # Flux.1 (BFL layout, ComfyUI's model_detection.py; diffusers' single_file_utils.py)
@@ -492,7 +498,7 @@ FLUX = Architecture(
                    block_weights=True, modules=_flux.lora_modules,
                    module_prefixes=_flux.LORA_MODULE_PREFIXES),
     diffusers=None, gguf=None,
-    default_dtype="bf16", verify=PROBE, prediction=FLOW,
+    default_dtype="bf16", verify=PROBE, prediction=FLOW, probe=_probes.flux(),
     notes=("Kontext has the dev layout and reads as dev",
            "merge and lora bake handle the original (BFL/ComfyUI) layout; the VAE and "
            "text encoders of an all-in-one file are taken from model A"),
