@@ -181,6 +181,9 @@ class VerifySettings:
             default: found from the model's path.
         allow_download: let the tokenizer come from the Hugging Face Hub.
         render: False runs the static checks only.
+        probe: run the streamed functional probe against the reference
+            instead (every block on seeded activations, :mod:`modelkit.verify.probe`);
+            ``probe_max_error`` is the most a block's output may differ.
         work_dir: where temporary files go (config folders, dequantized
             copies); default the system temp folder.
 
@@ -206,6 +209,8 @@ class VerifySettings:
     allow_download: bool = False
     render: bool = field(default=True, metadata=_in_recipe(bool))
     work_dir: Path | None = None
+    probe: bool = False  # the streamed functional probe instead of the render
+    probe_max_error: float = 0.05  # a probed block's output, relative L2 to the reference's
 
     def validate(self) -> None:
         """Raise :class:`ModelkitError` naming the first bad field."""
@@ -230,6 +235,8 @@ class VerifySettings:
                                 f"{', '.join(OPERATIONS)}")
         if self.threads is not None and self.threads < 1:
             raise ModelkitError(f"threads {self.threads}: give at least 1")
+        if not self.probe_max_error > 0:
+            raise ModelkitError(f"probe max error {self.probe_max_error}: give a value > 0")
         if not 0 < self.strength <= 1:
             raise ModelkitError(f"strength {self.strength}: give a value in (0, 1]")
         from modelkit.core.verify_library import parse_prompt

@@ -30,8 +30,6 @@ if TYPE_CHECKING:
     from modelkit.errors import CancelFlag
     from modelkit.io.source import Source
 
-DEFAULT_MAX_ERROR = 0.05  # relative L2 of a block's output; bf16 storage: ~1e-2
-
 
 @dataclass(frozen=True)
 class PlannedBlock:
@@ -56,7 +54,7 @@ class BlockResult:
     cosine: float
     finite: bool  # the candidate's output
     reference_finite: bool
-    missing: tuple[str, ...] = ()  # reference keys of the block the candidate lacks
+    missing: tuple[str, ...] = ()  # block keys the candidate lacks or has in another shape
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, object]:
@@ -127,14 +125,17 @@ def probe_block(block: PlannedBlock, candidate: Source, reference: Source, seed:
     start = time.perf_counter()
     ref_shapes = _block_shapes(reference, block.prefix)
     cand_shapes = _block_shapes(candidate, block.prefix)
-    missing = tuple(sorted(set(ref_shapes) - set(cand_shapes)))
+    missing = tuple(sorted(k if k not in cand_shapes else
+                           f"{k} ({'x'.join(map(str, cand_shapes[k]))}, the reference "
+                           f"{'x'.join(map(str, s))})"
+                           for k, s in ref_shapes.items() if cand_shapes.get(k) != s))
     params = sum(math.prod(s) for s in ref_shapes.values())
     fn = BLOCKS[block.group.kind]
     ref_w = Weights(reference, block.prefix, ref_shapes)
     with torch.no_grad():
         inputs = make_inputs(block.group, ref_w, seed)
         ref_out = fn(ref_w, inputs, block.group)
-        if missing or any(cand_shapes[k] != s for k, s in ref_shapes.items()):
+        if missing:
             rel, cos, finite, ref_finite = math.inf, math.nan, False, True
         else:
             cand_out = fn(Weights(candidate, block.prefix, cand_shapes), inputs, block.group)

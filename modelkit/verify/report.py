@@ -127,6 +127,7 @@ class VerifyReport:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     renders: Renders | None = field(default=None, repr=False)
+    probe: list[dict[str, Any]] | None = None  # verify --probe: one row a block
 
     def add(self, check: Check) -> Check:
         self.checks.append(check)
@@ -191,6 +192,7 @@ class VerifyReport:
             "images": [m.to_dict() for m in self.images],
             "settings": self.plan, "tokenizer": self.tokenizer, "change": self.change,
             "versions": self.versions, "timings": self.timings, "notes": self.notes,
+            **({"probe": self.probe} if self.probe is not None else {}),
         })
 
 
@@ -242,7 +244,20 @@ def to_markdown(report: VerifyReport) -> str:
         for name, d in report.change.get("components", {}).items():
             lines.append(f"| {_md_cell(name)} | {d['n_tensors']} | {d['unchanged_share']:.0%} | "
                          f"{_md_cell(d['relative_l2'])} |")
+    lines += _probe_markdown(report)
     return "\n".join(lines) + "\n"
+
+
+def _probe_markdown(report: VerifyReport) -> list[str]:
+    if not report.probe:
+        return []
+    lines = ["", "| component | block | kind | params | rel. error | cosine | finite |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in report.probe:
+        lines.append(f"| {_md_cell(r['component'])} | {_md_cell(r['block'])} | {r['kind']} | "
+                     f"{r['params']} | {_md_cell(r['rel_error'])} | {_md_cell(r['cosine'])} | "
+                     f"{'yes' if r['finite'] else 'NO'} |")
+    return lines
 
 
 def to_junit(report: VerifyReport) -> str:

@@ -451,6 +451,10 @@ def verify(model: str | os.PathLike[str], settings: VerifySettings | None = None
     """
     settings = settings or VerifySettings()
     settings.validate()
+    if settings.probe:
+        from modelkit.verify.probe_run import probe_verify
+
+        return probe_verify(model, reference, settings, progress=progress, cancel=cancel)
     loras = tuple(loras)
     timings: dict[str, float] = {}
     start = time.perf_counter()
