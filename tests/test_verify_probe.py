@@ -1,0 +1,158 @@
+"""verify --probe: the streamed functional probe (block math against the
+libraries' own modules, the faults it catches per block, the CLI's exit
+codes, reports and plot)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from modelkit.arch import probes, qwen_image
+from modelkit.arch.registry import REGISTRY
+from modelkit.io.open import open_source
+from modelkit.testing import write_checkpoint, write_flux, write_tensors
+from modelkit.verify.probe import plan_blocks, probe
+from modelkit.verify.probe_blocks import BLOCKS, Weights, make_inputs
+from tests.cli_support import run_entry
+
+FAULT_KEY = "double_blocks.1.img_attn.proj.weight"  # a square weight
+
+
+@pytest.fixture(scope="module")
+def flux_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny all-in-one Flux.1 dev in F32 (the reference) and its BF16 cast."""
+    d = tmp_path_factory.mktemp("probe")
+    write_flux(d / "ref.safetensors", all_in_one=True, dtype="F32")
+    write_flux(d / "bf16.safetensors", all_in_one=True, dtype="BF16")
+    return d / "ref.safetensors", d / "bf16.safetensors"
+
+
+def _faulty(ref: Path, out: Path, key: str, fault: str) -> Path:
+    src = open_source(ref)
+    keys = {k: tuple(i.shape) for k, i in src.infos.items()}
+    full = "model.diffusion_model." + key if "model.diffusion_model." + key in keys else key
+    t = src.get(full).clone()
+    if fault == "drop":
+        keys.pop(full)
+        overrides = {k: src.get(k) for k in keys}
+    else:
+        t = {"zero": lambda: torch.zeros_like(t), "nan": lambda: torch.full_like(t, torch.nan),
+             "transpose": lambda: t.T.contiguous(), "scale2": lambda: t * 2}[fault]()
+        overrides = {**{k: src.get(k) for k in keys}, full: t}
+    write_tensors(out, keys, dtype="F32", overrides=overrides)
+    return out
+
+
+def test_qwen_block_math_matches_diffusers(tmp_path: Path) -> None:
+    from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
+
+    cfg = qwen_image.small(qwen_image.QwenImageConfig())
+    keys = {k: s for k, s in qwen_image.transformer_keys(cfg).items()
+            if k.startswith("transformer_blocks.0.")}
+    write_tensors(tmp_path / "q.safetensors", keys, dtype="F32")
+    src = open_source(tmp_path / "q.safetensors")
+    prefix = "transformer_blocks.0."
+    w = Weights(src, prefix, {k[len(prefix):]: tuple(i.shape) for k, i in src.infos.items()})
+    group = probes.qwen_image()[2]
+    x = make_inputs(group, w, seed=3)
+    ours = BLOCKS[group.kind](w, x, group)
+    block = QwenImageTransformerBlock(cfg.hidden, cfg.num_heads, cfg.head_dim)
+    block.load_state_dict({k[len(prefix):]: src.get(k) for k in keys})
+    with torch.no_grad():
+        txt, img = block(x["img"], x["txt"], None, x["temb"])
+    theirs = torch.cat([img.reshape(-1), txt.reshape(-1)])
+    assert torch.allclose(ours, theirs, atol=2e-5, rtol=1e-5)
+
+
+def test_clip_layer_math_matches_transformers(tmp_path: Path) -> None:
+    from transformers import CLIPTextConfig
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+    cfg = CLIPTextConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                         hidden_act="quick_gelu")
+    torch.manual_seed(0)
+    layer = CLIPEncoderLayer(cfg).eval()
+    sd = {f"l.{k}": v for k, v in layer.state_dict().items()}
+    write_tensors(tmp_path / "c.safetensors", {k: tuple(v.shape) for k, v in sd.items()},
+                  dtype="F32", overrides=sd)
+    src = open_source(tmp_path / "c.safetensors")
+    w = Weights(src, "l.", {k[2:]: tuple(i.shape) for k, i in src.infos.items()})
+    group = probes.ProbeGroup("te", "l", probes.CLIP_LAYER, tokens=7,
+                              options=(("head_dim", 8), ("act", "quick_gelu")))
+    x = make_inputs(group, w, seed=1)
+    mask = torch.full((7, 7), float("-inf")).triu(1)[None, None]
+    with torch.no_grad():
+        out = layer(x["x"], mask)
+    theirs = out[0] if isinstance(out, tuple) else out
+    assert torch.allclose(BLOCKS[group.kind](w, x, group), theirs.reshape(-1), atol=1e-5)
+
+
+def test_every_family_has_probe_blocks_found_in_its_files(flux_pair: tuple[Path, Path],
+                                                          tmp_path: Path) -> None:
+    ref = open_source(flux_pair[0])
+    names = [b.name for b in plan_blocks(REGISTRY["flux"], ref.infos)]
+    assert names == ["img_in", "txt_in", "time_in", "vector_in", "guidance_in",
+                     "double_blocks.0", "double_blocks.1", "single_blocks.0",
+                     "single_blocks.1", "final_layer", "encoder", "decoder",
+                     "transformer.text_model.encoder.layers.0",
+                     "transformer.encoder.block.0"]
+    write_checkpoint(tmp_path / "sdxl.safetensors", "sdxl", dtype="F32")
+    sdxl = plan_blocks(REGISTRY["sdxl"], open_source(tmp_path / "sdxl.safetensors").infos)
+    counts = {c: sum(b.component == c for b in sdxl) for c in ("unet", "vae", "te1", "te2")}
+    assert counts == {"unet": 9 + 1 + 9, "vae": 2, "te1": 12, "te2": 32}
+    assert all(a.probe for a in REGISTRY.values())
+
+
+def test_bf16_cast_passes_with_small_errors(flux_pair: tuple[Path, Path]) -> None:
+    ref, cand = (open_source(p) for p in flux_pair)
+    results = probe(cand, ref, REGISTRY["flux"], seed=0)
+    same = probe(ref, ref, REGISTRY["flux"], seed=0)
+    assert all(r.rel_error == 0.0 and r.cosine == pytest.approx(1.0) for r in same)
+    # bf16 keeps 8 bits of mantissa: per-block output errors of 1e-3..1e-2
+    assert all(1e-4 < r.rel_error < 0.02 and r.cosine > 0.9999 and r.finite for r in results)
+
+
+@pytest.mark.parametrize("fault", ["zero", "nan", "transpose", "scale2", "drop"])
+def test_each_fault_fails_only_its_block(flux_pair: tuple[Path, Path], tmp_path: Path,
+                                         fault: str) -> None:
+    bad = _faulty(flux_pair[0], tmp_path / f"{fault}.safetensors", FAULT_KEY, fault)
+    results = probe(open_source(bad), open_source(flux_pair[0]), REGISTRY["flux"])
+    failing = [r.block for r in results if not r.rel_error <= 0.05]
+    assert failing == ["double_blocks.1"]
+    hit = next(r for r in results if r.block == "double_blocks.1")
+    assert hit.finite == (fault not in ("nan", "drop"))
+    assert bool(hit.missing) == (fault == "drop")
+
+
+def test_cli_probe_exit_codes_reports_and_plot(flux_pair: tuple[Path, Path],
+                                               tmp_path: Path) -> None:
+    ref, cand = flux_pair
+    nan = _faulty(ref, tmp_path / "nan.safetensors", "single_blocks.0.linear2.weight", "nan")
+    got = run_entry({
+        "clean": ["verify", str(cand), "--reference", str(ref), "--probe",
+                  "--report", str(tmp_path / "v.json"), "--junit", str(tmp_path / "v.xml"),
+                  "--markdown", str(tmp_path / "v.md")],
+        "nan": ["verify", str(nan), "--reference", str(ref), "--probe", "--json"],
+        "no_ref": ["verify", str(cand), "--probe"],
+    }, tmp_path)
+    assert got["clean"][0] == 0, got["clean"]
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert len(report["probe"]) == 14 and report["verdict"] == "pass"
+    assert (tmp_path / "v.xml").read_text().count("<testcase") == 15
+    assert "| double_blocks.0 | flux_double |" in (tmp_path / "v.md").read_text()
+    from PIL import Image
+
+    with Image.open(tmp_path / "v-probe.png") as img:
+        assert img.format == "PNG" and img.size[1] == 300
+    code, out, _ = got["nan"]
+    assert code == 1
+    nan_report = json.loads(out)
+    failed = [c["case"] for c in nan_report["checks"] if c["verdict"] == "fail"]
+    assert failed == ["transformer:single_blocks.0"]
+    assert "first goes non-finite at transformer:single_blocks.0" in " ".join(
+        nan_report["notes"])
+    code, _, err = got["no_ref"]
+    assert code == 2 and "--reference" in err and "Traceback" not in err
