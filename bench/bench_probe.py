@@ -70,7 +70,7 @@ def main() -> None:
     rows = []
     for busy in (False, True) if args.busy else (False,):
         with busy_loop(busy):
-            for i in range(args.rounds):
+            for _ in range(args.rounds):
                 row = run_once(ref, cand, args.dir)
                 row["busy"] = busy
                 log(json.dumps(row))

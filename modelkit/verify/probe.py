@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -70,7 +71,7 @@ def _roots(arch: Architecture, component: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys((comp.prefix, comp.standalone)))
 
 
-def plan_blocks(arch: Architecture, keys: set[str] | dict[str, object]
+def plan_blocks(arch: Architecture, keys: Collection[str]
                 ) -> list[PlannedBlock]:
     """The blocks of ``arch`` present in ``keys`` (the reference's), in the
     registry's order and by number within a group."""
@@ -85,7 +86,7 @@ def plan_blocks(arch: Architecture, keys: set[str] | dict[str, object]
     return out
 
 
-def _expand(root: str, group: ProbeGroup, keys: set[str] | dict[str, object]) -> list[str]:
+def _expand(root: str, group: ProbeGroup, keys: Collection[str]) -> list[str]:
     if "{n}" not in group.pattern:
         head = root + group.pattern + "."
         return [group.pattern] if any(k.startswith(head) for k in keys) else []

@@ -5,8 +5,8 @@ depth, a PNG drawn with Pillow).
 A block fails when the candidate's output is not finite, when the
 candidate lacks or reshapes one of the block's weights, or when its output
 is further from the reference's than ``settings.probe_max_error``
-(relative L2; default 0.05: storage casts stay far below it, a transposed, zeroed, swapped or rescaled
-weight lands far above).
+(relative L2; default 0.05: storage casts stay far below it, a transposed,
+zeroed, swapped or rescaled weight lands far above).
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def plot_image(report: VerifyReport, max_error: float) -> Image.Image:
             components.append(comp)
             d.text((_LEFT + i * _W_BAR, _H - _BOTTOM + 6), comp, fill="black")
         x = _LEFT + i * _W_BAR
-        value = float(row["rel_error"])  # type: ignore[arg-type]
+        value = float(str(row["rel_error"]))
         broken = not row["finite"] or not math.isfinite(value)
         color = (220, 30, 30) if broken else _COLORS[components.index(comp) % len(_COLORS)]
         top = _TOP if broken else y_of(value)
