@@ -11,7 +11,8 @@ VmHWM; quiet and then beside one busy process (``--busy``). Timings are
 taken on a shared 2-core machine: the load is printed with each row.
 
 Run: ``.venv/bin/python bench/bench_probe.py [--dir /dev/shm/modelkit-probe]
-[--double 2 --single 4] [--rounds 2] [--busy]``.
+[--double 2 --single 4] [--rounds 2] [--busy]``; ``--check-math`` runs the
+probe's Qwen-Image block against diffusers' own on the same weights.
 """
 
 from __future__ import annotations
@@ -58,6 +59,38 @@ def run_once(ref: Path, cand: Path, out: Path) -> dict[str, object]:
             "worst": max((r["rel_error"] for r in data.get("probe", [])), default=None)}
 
 
+def check_math(d: Path) -> None:
+    """The probe's Qwen-Image block against diffusers' ``QwenImageTransformerBlock``
+    with the same weights (prints the max abs difference; raises above 2e-5)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import torch
+    from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
+
+    from modelkit.arch import probes, qwen_image
+    from modelkit.io.open import open_source
+    from modelkit.testing import write_tensors
+    from modelkit.verify.probe_blocks import BLOCKS, Weights, make_inputs
+
+    cfg = qwen_image.small(qwen_image.QwenImageConfig())
+    prefix = "transformer_blocks.0."
+    keys = {k: s for k, s in qwen_image.transformer_keys(cfg).items() if k.startswith(prefix)}
+    d.mkdir(parents=True, exist_ok=True)
+    write_tensors(d / "qwen-block.safetensors", keys, dtype="F32")
+    src = open_source(d / "qwen-block.safetensors")
+    w = Weights(src, prefix, {k[len(prefix):]: tuple(i.shape) for k, i in src.infos.items()})
+    group = next(g for g in probes.qwen_image() if g.kind == probes.QWEN_BLOCK)
+    x = make_inputs(group, w, seed=3)
+    block = QwenImageTransformerBlock(cfg.hidden, cfg.num_heads, cfg.head_dim)
+    block.load_state_dict({k[len(prefix):]: src.get(k) for k in keys})
+    with torch.no_grad():
+        ours = BLOCKS[group.kind](w, x, group)
+        txt, img = block(x["img"], x["txt"], None, x["temb"])
+    diff = float((ours - torch.cat([img.reshape(-1), txt.reshape(-1)])).abs().max())
+    print(f"Qwen-Image block vs diffusers: max abs difference {diff:.3g}")
+    if not diff <= 2e-5:
+        raise SystemExit("the probe's Qwen-Image block differs from diffusers'")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", type=Path, default=Path("/dev/shm/modelkit-probe"))
@@ -65,7 +98,12 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--busy", action="store_true", help="also beside one busy process")
+    ap.add_argument("--check-math", action="store_true",
+                    help="only check the Qwen-Image block math against diffusers'")
     args = ap.parse_args()
+    if args.check_math:
+        check_math(args.dir)
+        return
     ref, cand = make_files(args.dir, args.double, args.single)
     rows = []
     for busy in (False, True) if args.busy else (False,):
