@@ -2,7 +2,7 @@
 libraries' own modules, the faults it catches per block, the CLI's exit
 codes, reports and plot). The Qwen-Image block is checked against
 diffusers' own block by ``bench/bench_probe.py --check-math`` (importing
-diffusers alone costs more than this file's time budget)."""
+diffusers or transformers alone costs more than this file's time budget)."""
 
 from __future__ import annotations
 
@@ -48,27 +48,32 @@ def _faulty(ref: Path, out: Path, key: str, fault: str) -> Path:
     return out
 
 
-def test_clip_layer_math_matches_transformers(tmp_path: Path) -> None:
-    from transformers import CLIPTextConfig
-    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
-
-    cfg = CLIPTextConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64,
-                         hidden_act="quick_gelu")
+def test_open_clip_layer_math_matches_torch_multihead_attention(tmp_path: Path) -> None:
+    # open_clip's ResidualAttentionBlock is nn.MultiheadAttention (fused
+    # in_proj) with pre-norms and a GELU MLP: rebuilt from torch's modules
+    width, heads, n = 32, 4, 7
     torch.manual_seed(0)
-    layer = CLIPEncoderLayer(cfg).eval()
-    sd = {f"l.{k}": v for k, v in layer.state_dict().items()}
-    write_tensors(tmp_path / "c.safetensors", {k: tuple(v.shape) for k, v in sd.items()},
-                  dtype="F32", overrides=sd)
-    src = open_source(tmp_path / "c.safetensors")
-    w = Weights(src, "l.", {k[2:]: tuple(i.shape) for k, i in src.infos.items()})
-    group = probes.ProbeGroup("te", "l", probes.CLIP_LAYER, tokens=7,
-                              options=(("head_dim", 8), ("act", "quick_gelu")))
-    x = make_inputs(group, w, seed=1)
-    mask = torch.full((7, 7), float("-inf")).triu(1)[None, None]
+    attn = torch.nn.MultiheadAttention(width, heads, batch_first=True).eval()
+    ln1, ln2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+    fc, proj = torch.nn.Linear(width, 4 * width), torch.nn.Linear(4 * width, width)
+    sd = {**{f"attn.{k}": v for k, v in attn.state_dict().items()},
+          **{f"ln_1.{k}": v.normal_() for k, v in ln1.state_dict().items()},
+          **{f"ln_2.{k}": v.normal_() for k, v in ln2.state_dict().items()},
+          **{f"mlp.c_fc.{k}": v for k, v in fc.state_dict().items()},
+          **{f"mlp.c_proj.{k}": v for k, v in proj.state_dict().items()}}
+    write_tensors(tmp_path / "o.safetensors", {k: tuple(v.shape) for k, v in sd.items()},
+                  dtype="F32", overrides={k: v.contiguous() for k, v in sd.items()})
+    src = open_source(tmp_path / "o.safetensors")
+    w = Weights(src, "", {k: tuple(i.shape) for k, i in src.infos.items()})
+    group = probes.ProbeGroup("te", "l", probes.OPEN_CLIP_LAYER, tokens=n,
+                              options=(("head_dim", width // heads),))
+    x = make_inputs(group, w, seed=1)["x"]
+    mask = torch.full((n, n), float("-inf")).triu(1)
     with torch.no_grad():
-        out = layer(x["x"], mask)
-    theirs = out[0] if isinstance(out, tuple) else out
-    assert torch.allclose(BLOCKS[group.kind](w, x, group), theirs.reshape(-1), atol=1e-5)
+        h = x + attn(ln1(x), ln1(x), ln1(x), need_weights=False, attn_mask=mask)[0]
+        theirs = h + proj(torch.nn.functional.gelu(fc(ln2(h))))
+        ours = BLOCKS[group.kind](w, {"x": x}, group)
+    assert torch.allclose(ours, theirs.reshape(-1), atol=1e-5)
 
 
 def test_every_family_has_probe_blocks_found_in_its_files(flux_pair: tuple[Path, Path],
