@@ -71,7 +71,7 @@ def _count(shapes: Mapping[str, tuple[int, ...]], pattern: str) -> int:
     return len({m.group(1) for k in shapes if (m := rx.match(k))})
 
 
-def load_mapped(model: torch.nn.Module, source: Source, prefix: str,
+def load_mapped(model: Any, source: Source, prefix: str,
                 key_map: to_diffusers.KeyMap) -> int:
     """Load ``model`` from ``source`` through ``key_map``; every parameter
     must come from the file.
@@ -140,12 +140,13 @@ def _vae(seed: int = 0) -> Any:
     from diffusers import AutoencoderKL
 
     with _seeded(seed):
-        return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
+        vae: Any = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
                              block_out_channels=(8, 16), layers_per_block=1,
                              norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2,
                              up_block_types=("UpDecoderBlock2D",) * 2, use_quant_conv=False,
                              use_post_quant_conv=False, scaling_factor=0.3611,
-                             shift_factor=0.1159).eval()
+                             shift_factor=0.1159)
+    return vae.eval()
 
 
 # --- per family ------------------------------------------------------------------------
@@ -168,7 +169,7 @@ def _flux(source: Source) -> tuple[Any, int]:
                      depth_single_blocks=_count(shapes, r"single_blocks\.(\d+)\."),
                      guidance_embed="guidance_in.in_layer.weight" in shapes)
     with _seeded(0):
-        transformer = FluxTransformer2DModel(
+        transformer: Any = FluxTransformer2DModel(
             patch_size=1, in_channels=in_ch, num_layers=cfg.depth,
             num_single_layers=cfg.depth_single_blocks, attention_head_dim=head,
             num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_in_dim,
@@ -213,7 +214,7 @@ def _sd3(source: Source) -> tuple[Any, int]:
                     adm_in=shapes["y_embedder.mlp.0.weight"][1],
                     context_in=shapes["context_embedder.weight"][1])
     with _seeded(0):
-        transformer = SD3Transformer2DModel(
+        transformer: Any = SD3Transformer2DModel(
             sample_size=pos, patch_size=patch, in_channels=in_ch, num_layers=depth,
             attention_head_dim=64, num_attention_heads=hidden // 64,
             joint_attention_dim=cfg.context_in, caption_projection_dim=hidden,
@@ -247,7 +248,7 @@ def _qwen_image(source: Source) -> tuple[Any, int]:
                           num_layers=_count(shapes, r"transformer_blocks\.(\d+)\."),
                           head_dim=head, num_heads=hidden // head, joint_attention_dim=text)
     with _seeded(0):
-        transformer = QwenImageTransformer2DModel(
+        transformer: Any = QwenImageTransformer2DModel(
             patch_size=2, in_channels=in_ch, out_channels=cfg.out_channels,
             num_layers=cfg.num_layers, attention_head_dim=head, num_attention_heads=cfg.num_heads,
             joint_attention_dim=text, axes_dims_rope=_rope_axes(head))
@@ -263,13 +264,13 @@ def _qwen_image(source: Source) -> tuple[Any, int]:
                      "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]}},
         vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16,
                        "num_heads": 2, "out_hidden_size": text, "fullatt_block_indexes": [0]},
-        image_token_id=len(tok) - 2, video_token_id=len(tok) - 1,
-        bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        image_token_id=len(tok) - 2, video_token_id=len(tok) - 1)
     with _seeded(2):
         te = Qwen2_5_VLForConditionalGeneration(te_cfg).eval()
-        vae = AutoencoderKLQwenImage(base_dim=8, z_dim=cfg.out_channels, dim_mult=[1, 2],
-                                     num_res_blocks=1, temperal_downsample=[False]).eval()
-    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+        vae: Any = AutoencoderKLQwenImage(base_dim=8, z_dim=cfg.out_channels,
+                                          dim_mult=[1, 2], num_res_blocks=1,
+                                          temperal_downsample=[False])
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(),
                              text_encoder=te, tokenizer=tok, transformer=transformer.eval())
     return pipe, loaded
 
