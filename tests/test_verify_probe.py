@@ -142,3 +142,33 @@ def test_cli_probe_exit_codes_reports_and_plot(flux_pair: tuple[Path, Path],
         nan_report["notes"])
     code, _, err = got["no_ref"]
     assert code == 2 and "--reference" in err and "Traceback" not in err
+
+
+def _family_keys(family: str) -> dict[str, tuple[int, ...]]:
+    from dataclasses import replace
+
+    from modelkit.arch import qwen_image, sd3, wan
+
+    if family == "sd3.5-medium":  # 2 heads of 64; block 0 has x_block.attn2
+        cfg = replace(sd3.VARIANTS[family], depth=2, pos_embed_max=8, attn2_layers=1,
+                      adm_in=64, context_in=64)
+        return sd3.transformer_keys(cfg)
+    if family == "qwen_image":
+        return qwen_image.transformer_keys(qwen_image.small(qwen_image.QwenImageConfig()))
+    return wan.transformer_keys(wan.small(wan.VARIANTS[family]))
+
+
+@pytest.mark.parametrize("family", ["sd3.5-medium", "qwen_image", "t2v-1.3b", "i2v-14b"])
+def test_transformer_families_probe_every_block(family: str, tmp_path: Path) -> None:
+    keys = {"model.diffusion_model." + k: s for k, s in _family_keys(family).items()}
+    write_tensors(tmp_path / "ref.safetensors", keys, dtype="F32")
+    write_tensors(tmp_path / "cand.safetensors", keys, dtype="BF16")
+    arch = REGISTRY[{"sd3.5-medium": "sd3", "qwen_image": "qwen_image"}.get(family, "wan")]
+    results = probe(open_source(tmp_path / "cand.safetensors"),
+                    open_source(tmp_path / "ref.safetensors"), arch)
+    main = {"sd3": probes.SD3_JOINT, "qwen_image": probes.QWEN_BLOCK,
+            "wan": probes.WAN_BLOCK}[arch.name]
+    stem = {"sd3": "joint_blocks", "qwen_image": "transformer_blocks", "wan": "blocks"}
+    assert [r.block for r in results if r.kind == main] == [
+        f"{stem[arch.name]}.{i}" for i in range(2)]
+    assert all(r.finite and 1e-5 < r.rel_error < 0.02 for r in results)
