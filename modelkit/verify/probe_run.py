@@ -132,10 +132,14 @@ def plot_image(report: VerifyReport, max_error: float) -> Image.Image:
     components: list[str] = []
     for i, row in enumerate(rows):
         comp = str(row["component"])
+        x = _LEFT + i * _W_BAR
         if comp not in components:
             components.append(comp)
-            d.text((_LEFT + i * _W_BAR, _H - _BOTTOM + 6), comp, fill="black")
-        x = _LEFT + i * _W_BAR
+            # a tick at each component's first block; labels on two rows so
+            # that short components' names do not overlap
+            d.line((x, _TOP + plot_h, x, _TOP + plot_h + 4), fill="black")
+            level = (len(components) - 1) % 2
+            d.text((x, _H - _BOTTOM + 6 + 14 * level), comp, fill="black")
         value = float(str(row["rel_error"]))
         broken = not row["finite"] or not math.isfinite(value)
         color = (220, 30, 30) if broken else _COLORS[components.index(comp) % len(_COLORS)]
