@@ -172,3 +172,25 @@ def test_transformer_families_probe_every_block(family: str, tmp_path: Path) -> 
     assert [r.block for r in results if r.kind == main] == [
         f"{stem[arch.name]}.{i}" for i in range(2)]
     assert all(r.finite and 1e-5 < r.rel_error < 0.02 for r in results)
+
+
+def test_transformer_only_candidate_against_an_all_in_one_reference(
+        flux_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    from modelkit.core.verify_settings import VerifySettings
+    from modelkit.verify.run import verify
+
+    ref = open_source(flux_pair[0])
+    root = "model.diffusion_model."
+    bare = {k[len(root):]: ref.get(k).to(torch.float16) for k in ref.infos
+            if k.startswith(root)}
+    write_tensors(tmp_path / "t.safetensors", {k: tuple(v.shape) for k, v in bare.items()},
+                  overrides=bare)
+    report = verify(tmp_path / "t.safetensors", VerifySettings(probe=True),
+                    reference=flux_pair[0])
+    skipped = [c.case for c in report.checks if c.verdict == "skip"]
+    assert skipped == ["vae:encoder", "vae:decoder",
+                       "clip_l:transformer.text_model.encoder.layers.0",
+                       "t5xxl:transformer.encoder.block.0"]
+    passed = [c for c in report.checks if c.name == "probe.block" and c.verdict == "pass"]
+    assert len(passed) == 10 and all(0 < c.value < 1e-2 for c in passed)
+    assert report.passed and any("clip_l, t5xxl, vae" in n for n in report.notes)

@@ -39,8 +39,19 @@ class PlannedBlock:
 
     component: str
     name: str
-    prefix: str
+    prefix: str  # in the reference
     group: ProbeGroup
+    roots: tuple[str, ...] = ()  # the component's possible roots (all-in-one, standalone)
+
+    def prefix_in(self, keys: Collection[str]) -> str | None:
+        """The block's prefix in a file with ``keys`` (its component may sit
+        under another root than in the reference: a transformer-only file
+        against an all-in-one one); None when the file has no key under it."""
+        for root in (self.prefix[:-len(self.name) - 1], *self.roots):
+            head = root + self.name + "."
+            if any(k.startswith(head) for k in keys):
+                return head
+        return None
 
 
 @dataclass
@@ -57,6 +68,7 @@ class BlockResult:
     reference_finite: bool
     missing: tuple[str, ...] = ()  # block keys the candidate lacks or has in another shape
     seconds: float = 0.0
+    absent: bool = False  # the candidate has no key of this block (e.g. no VAE at all)
 
     def to_dict(self) -> dict[str, object]:
         d = dict(self.__dict__)
@@ -80,8 +92,8 @@ def plan_blocks(arch: Architecture, keys: Collection[str]
         for root in _roots(arch, group.component):
             found = _expand(root, group, keys)
             if found:
-                out += [PlannedBlock(group.component, name, root + name + ".", group)
-                        for name in found]
+                out += [PlannedBlock(group.component, name, root + name + ".", group,
+                                     _roots(arch, group.component)) for name in found]
                 break
     return out
 
@@ -125,12 +137,16 @@ def probe_block(block: PlannedBlock, candidate: Source, reference: Source, seed:
 
     start = time.perf_counter()
     ref_shapes = _block_shapes(reference, block.prefix)
-    cand_shapes = _block_shapes(candidate, block.prefix)
+    cand_prefix = block.prefix_in(candidate.infos)
+    params = sum(math.prod(s) for s in ref_shapes.values())
+    if cand_prefix is None:
+        return BlockResult(block.component, block.name, block.group.kind, params, math.nan,
+                           math.nan, True, True, absent=True)
+    cand_shapes = _block_shapes(candidate, cand_prefix)
     missing = tuple(sorted(k if k not in cand_shapes else
                            f"{k} ({'x'.join(map(str, cand_shapes[k]))}, the reference "
                            f"{'x'.join(map(str, s))})"
                            for k, s in ref_shapes.items() if cand_shapes.get(k) != s))
-    params = sum(math.prod(s) for s in ref_shapes.values())
     fn = BLOCKS[block.group.kind]
     ref_w = Weights(reference, block.prefix, ref_shapes)
     with torch.no_grad():
@@ -139,7 +155,7 @@ def probe_block(block: PlannedBlock, candidate: Source, reference: Source, seed:
         if missing:
             rel, cos, finite, ref_finite = math.inf, math.nan, False, True
         else:
-            cand_out = fn(Weights(candidate, block.prefix, cand_shapes), inputs, block.group)
+            cand_out = fn(Weights(candidate, cand_prefix, cand_shapes), inputs, block.group)
             rel, cos, finite, ref_finite = _compare(cand_out, ref_out)
     return BlockResult(block.component, block.name, block.group.kind, params, rel, cos,
                        finite, ref_finite, missing, round(time.perf_counter() - start, 4))

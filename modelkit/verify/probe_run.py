@@ -35,6 +35,9 @@ def block_check(r: BlockResult, max_error: float) -> Check:
     """The verdict on one probed block."""
     label = f"{r.component}:{r.block}"
     limit = f"rel. L2 <= {max_error:g}"
+    if r.absent:
+        return Check("probe.block", SKIP, f"the candidate has no {r.component} block "
+                     f"{r.block}", None, limit, label)
     if r.missing:
         return Check("probe.block", FAIL, f"{len(r.missing)} weights missing or reshaped "
                      f"in the candidate: {', '.join(r.missing[:3])}", r.rel_error, limit,
@@ -94,6 +97,10 @@ def probe_verify(model: str | os.PathLike[str], reference: str | os.PathLike[str
     report.probe = [r.to_dict() for r in results]
     for r in results:
         report.add(block_check(r, settings.probe_max_error))
+    absent = sorted({r.component for r in results if r.absent})
+    if absent:
+        report.notes.append(f"not in the candidate, skipped: {', '.join(absent)} (compared: "
+                            "what both files hold)")
     bad = [r for r in results if not r.finite]
     if bad:
         report.notes.append(f"the candidate first goes non-finite at {bad[0].component}:"
@@ -140,6 +147,8 @@ def plot_image(report: VerifyReport, max_error: float) -> Image.Image:
             d.line((x, _TOP + plot_h, x, _TOP + plot_h + 4), fill="black")
             level = (len(components) - 1) % 2
             d.text((x, _H - _BOTTOM + 6 + 14 * level), comp, fill="black")
+        if row.get("absent"):
+            continue  # not in the candidate: no bar
         value = float(str(row["rel_error"]))
         broken = not row["finite"] or not math.isfinite(value)
         color = (220, 30, 30) if broken else _COLORS[components.index(comp) % len(_COLORS)]
