@@ -15,7 +15,7 @@ import torch
 from modelkit.arch import probes
 from modelkit.arch.registry import REGISTRY
 from modelkit.io.open import open_source
-from modelkit.testing import write_checkpoint, write_flux, write_tensors
+from modelkit.testing import flux_config, write_checkpoint, write_tensors
 from modelkit.verify.probe import plan_blocks, probe
 from modelkit.verify.probe_blocks import BLOCKS, Weights, make_inputs
 from tests.cli_support import run_entry
@@ -26,9 +26,18 @@ FAULT_KEY = "double_blocks.1.img_attn.proj.weight"  # a square weight
 @pytest.fixture(scope="module")
 def flux_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A tiny all-in-one Flux.1 dev in F32 (the reference) and its BF16 cast."""
+    from modelkit.arch import flux
+
     d = tmp_path_factory.mktemp("probe")
-    write_flux(d / "ref.safetensors", all_in_one=True, dtype="F32")
-    write_flux(d / "bf16.safetensors", all_in_one=True, dtype="BF16")
+    keys = flux.all_in_one_keys(flux_config("dev"), tiny=True)
+    # q/k norm scales near 1, as trained ones are (the synthetic default for
+    # a 1-D tensor, 0.02, flattens the attention and would hide a q/k swap)
+    gen = torch.Generator().manual_seed(0)
+    scales = {k: 1 + 0.05 * torch.randn(s, generator=gen) for k, s in keys.items()
+              if k.endswith(".scale")}
+    for name, dtype, cast in (("ref", "F32", torch.float32), ("bf16", "BF16", torch.bfloat16)):
+        write_tensors(d / f"{name}.safetensors", keys, dtype=dtype,
+                      overrides={k: v.to(cast) for k, v in scales.items()})
     return d / "ref.safetensors", d / "bf16.safetensors"
 
 
@@ -42,7 +51,8 @@ def _faulty(ref: Path, out: Path, key: str, fault: str) -> Path:
         overrides = {k: src.get(k) for k in keys}
     else:
         t = {"zero": lambda: torch.zeros_like(t), "nan": lambda: torch.full_like(t, torch.nan),
-             "transpose": lambda: t.T.contiguous(), "scale2": lambda: t * 2}[fault]()
+             "transpose": lambda: t.T.contiguous(), "scale2": lambda: t * 2,
+             "qk_swap": lambda: torch.cat([t.chunk(3)[i] for i in (1, 0, 2)])}[fault]()
         overrides = {**{k: src.get(k) for k in keys}, full: t}
     write_tensors(out, keys, dtype="F32", overrides=overrides)
     return out
@@ -73,7 +83,8 @@ def test_open_clip_layer_math_matches_torch_multihead_attention(tmp_path: Path) 
         h = x + attn(ln1(x), ln1(x), ln1(x), need_weights=False, attn_mask=mask)[0]
         theirs = h + proj(torch.nn.functional.gelu(fc(ln2(h))))
         ours = BLOCKS[group.kind](w, {"x": x}, group)
-    assert torch.allclose(ours, theirs.reshape(-1), atol=1e-5)
+    # a residual block reports the update it adds to its input
+    assert torch.allclose(ours, (theirs - x).reshape(-1), atol=1e-5)
 
 
 def test_every_family_has_probe_blocks_found_in_its_files(flux_pair: tuple[Path, Path],
@@ -101,10 +112,11 @@ def test_bf16_cast_passes_with_small_errors(flux_pair: tuple[Path, Path]) -> Non
     assert all(1e-4 < r.rel_error < 0.02 and r.cosine > 0.9999 and r.finite for r in results)
 
 
-@pytest.mark.parametrize("fault", ["zero", "nan", "transpose", "scale2", "drop"])
+@pytest.mark.parametrize("fault", ["zero", "nan", "transpose", "scale2", "drop", "qk_swap"])
 def test_each_fault_fails_only_its_block(flux_pair: tuple[Path, Path], tmp_path: Path,
                                          fault: str) -> None:
-    bad = _faulty(flux_pair[0], tmp_path / f"{fault}.safetensors", FAULT_KEY, fault)
+    key = "double_blocks.1.img_attn.qkv.weight" if fault == "qk_swap" else FAULT_KEY
+    bad = _faulty(flux_pair[0], tmp_path / f"{fault}.safetensors", key, fault)
     results = probe(open_source(bad), open_source(flux_pair[0]), REGISTRY["flux"])
     failing = [r.block for r in results if not r.rel_error <= 0.05]
     assert failing == ["double_blocks.1"]

@@ -6,7 +6,10 @@ A block function takes a :class:`Weights` (the block's tensors, fetched
 from the file one at a time, as float32, and dropped after use: memory is
 one weight plus the activations) and the inputs :func:`make_inputs` built
 from the *reference's* shapes, and returns its outputs flattened into one
-vector. Positional embeddings (RoPE), dropout and attention masks other than
+vector; a residual block returns the update it adds to its stream(s)
+(output minus input): the stream itself is the same for both files and
+would hide a broken attention (tests/test_verify_probe.py: a q/k swap).
+Positional embeddings (RoPE), dropout and attention masks other than
 CLIP's causal one are left out: they carry no weights, and both files go
 through the same math.
 
@@ -276,7 +279,7 @@ def flux_double(w: Weights, x: Inputs, group: ProbeGroup) -> torch.Tensor:
         h = h + m[2] * _lin(w, f"{s}_attn.proj", split[s])
         mlp_in = (1 + m[4]) * _ln(h) + m[3]
         h = h + m[5] * _lin(w, f"{s}_mlp.2", _gelu_tanh(_lin(w, f"{s}_mlp.0", mlp_in)))
-        out.append(h)
+        out.append(h - streams[s])
     return _flat(*out)
 
 
@@ -301,7 +304,7 @@ def flux_single(w: Weights, x: Inputs, group: ProbeGroup) -> torch.Tensor:
     q, k, v = (_heads(t, hd) for t in qkv.chunk(3, -1))
     q, k = _rms(q, w("norm.query_norm.scale")), _rms(k, w("norm.key_norm.scale"))
     attn = _merge(_sdpa(q, k, v))
-    return _flat(h + gate * _lin(w, "linear2", torch_cat((attn, _gelu_tanh(mlp)), 2)))
+    return _flat(gate * _lin(w, "linear2", torch_cat((attn, _gelu_tanh(mlp)), 2)))
 
 
 def final_layer(w: Weights, x: Inputs, group: ProbeGroup) -> torch.Tensor:
@@ -343,9 +346,9 @@ def sd3_joint(w: Weights, x: Inputs, group: ProbeGroup) -> torch.Tensor:
     if len(xm_chunks) == 9:  # SD3.5-medium: self-attention only on x, before the MLP
         q2 = _sd3_qkv(w, "x_block.attn2", x_norm * (1 + xm_chunks[7]) + xm_chunks[6], hd)
         attn2 = _merge(_sdpa(*q2))
-    out = [_sd3_post(w, "x_block", h, x_attn, xm_chunks, attn2)]
+    out = [_sd3_post(w, "x_block", h, x_attn, xm_chunks, attn2) - h]
     if not pre_only:
-        out.append(_sd3_post(w, "context_block", ctx, c_attn, cm))
+        out.append(_sd3_post(w, "context_block", ctx, c_attn, cm) - ctx)
     return _flat(*out)
 
 
@@ -387,7 +390,7 @@ def qwen_block(w: Weights, x: Inputs, group: ProbeGroup) -> torch.Tensor:
         mlp_in = _ln(h) * (1 + m[4]) + m[3]
         h = h + m[5] * _lin(w, f"{s}_mlp.net.2",
                             _gelu_tanh(_lin(w, f"{s}_mlp.net.0.proj", mlp_in)))
-        out.append(h)
+        out.append(h - streams[s])
     return _flat(*out)
 
 
@@ -402,7 +405,8 @@ def wan_block(w: Weights, x: Inputs, group: ProbeGroup) -> torch.Tensor:
     """Wan's ``WanAttentionBlock``: modulated self-attention with RMS q/k
     norms over the full width, cross-attention on the text (and, image-to-
     video, on 257 image tokens), modulated GELU feed-forward."""
-    h, ctx = x["x"], x["context"]
+    h = h0 = x["x"]
+    ctx = x["context"]
     hd = _head_dim(group, h.shape[-1])
     e = (w("modulation") + x["e"]).chunk(6, dim=1)
     y = _wan_attn(w, "self_attn", _ln(h) * (1 + e[1]) + e[0], _ln(h) * (1 + e[1]) + e[0], hd)
@@ -416,7 +420,7 @@ def wan_block(w: Weights, x: Inputs, group: ProbeGroup) -> torch.Tensor:
         cross = _wan_attn(w, "cross_attn", q_in, ctx, hd)
     h = h + _lin(w, "cross_attn.o", cross)
     y = _lin(w, "ffn.2", _gelu_tanh(_lin(w, "ffn.0", _ln(h) * (1 + e[4]) + e[3])))
-    return _flat(h + y * e[5])
+    return _flat(h + y * e[5] - h0)
 
 
 # --- SD UNet ------------------------------------------------------------------------------
@@ -572,13 +576,14 @@ def vae_decoder(w: Weights, x: Inputs, group: ProbeGroup) -> torch.Tensor:
 def clip_layer(w: Weights, x: Inputs, group: ProbeGroup) -> torch.Tensor:
     """transformers' ``CLIPEncoderLayer``: pre-norm causal self-attention and
     MLP (quick GELU for OpenAI's CLIP-L, GELU for bigG), residuals."""
-    h = x["x"]
+    h = h0 = x["x"]
     hd = _head_dim(group, h.shape[-1])
     a = _ln(h, w, "layer_norm1", 1e-5)
     q, k, v = (_heads(_lin(w, f"self_attn.{n}_proj", a), hd) for n in ("q", "k", "v"))
     h = h + _lin(w, "self_attn.out_proj", _merge(_sdpa(q, k, v, causal=True)))
     act = _act(group.option("act", "quick_gelu"))
-    return _flat(h + _lin(w, "mlp.fc2", act(_lin(w, "mlp.fc1", _ln(h, w, "layer_norm2", 1e-5)))))
+    return _flat(h - h0 + _lin(w, "mlp.fc2",
+                               act(_lin(w, "mlp.fc1", _ln(h, w, "layer_norm2", 1e-5)))))
 
 
 def open_clip_layer(w: Weights, x: Inputs, group: ProbeGroup) -> torch.Tensor:
@@ -586,20 +591,21 @@ def open_clip_layer(w: Weights, x: Inputs, group: ProbeGroup) -> torch.Tensor:
     a fused ``in_proj``, GELU MLP, pre-norm residuals."""
     import torch.nn.functional as F
 
-    h = x["x"]
+    h = h0 = x["x"]
     hd = _head_dim(group, h.shape[-1])
     a = _ln(h, w, "ln_1", 1e-5)
     qkv = F.linear(a, w("attn.in_proj_weight"), w("attn.in_proj_bias"))
     q, k, v = (_heads(t, hd) for t in qkv.chunk(3, -1))
     h = h + _lin(w, "attn.out_proj", _merge(_sdpa(q, k, v, causal=True)))
-    return _flat(h + _lin(w, "mlp.c_proj", F.gelu(_lin(w, "mlp.c_fc", _ln(h, w, "ln_2", 1e-5)))))
+    return _flat(h - h0 + _lin(w, "mlp.c_proj",
+                               F.gelu(_lin(w, "mlp.c_fc", _ln(h, w, "ln_2", 1e-5)))))
 
 
 def t5_layer(w: Weights, x: Inputs, group: ProbeGroup) -> torch.Tensor:
     """transformers' ``T5Block`` (encoder, v1.1): RMS-normed self-attention
     without score scaling (the relative position bias left out), gated-GELU
     feed-forward."""
-    h = x["x"]
+    h = h0 = x["x"]
     a = _rms(h, w("layer.0.layer_norm.weight"))
     p = "layer.0.SelfAttention"
     hd = _head_dim(group, w.shape(f"{p}.q.weight")[0])
@@ -608,7 +614,7 @@ def t5_layer(w: Weights, x: Inputs, group: ProbeGroup) -> torch.Tensor:
     f = _rms(h, w("layer.1.layer_norm.weight"))
     d = "layer.1.DenseReluDense"
     gated = _gelu_tanh(_lin(w, f"{d}.wi_0", f)) * _lin(w, f"{d}.wi_1", f)
-    return _flat(h + _lin(w, f"{d}.wo", gated))
+    return _flat(h - h0 + _lin(w, f"{d}.wo", gated))
 
 
 BLOCKS: dict[str, Callable[[Weights, Inputs, ProbeGroup], torch.Tensor]] = {
