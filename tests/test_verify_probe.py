@@ -135,6 +135,8 @@ def test_cli_probe_exit_codes_reports_and_plot(flux_pair: tuple[Path, Path],
                   "--markdown", str(tmp_path / "v.md")],
         "nan": ["verify", str(nan), "--reference", str(ref), "--probe", "--json"],
         "no_ref": ["verify", str(cand), "--probe"],
+        "lora": ["verify", str(cand), "--reference", str(ref), "--probe", "--lora",
+                 str(ref)],
     }, tmp_path)
     assert got["clean"][0] == 0, got["clean"]
     report = json.loads((tmp_path / "v.json").read_text())
@@ -152,8 +154,9 @@ def test_cli_probe_exit_codes_reports_and_plot(flux_pair: tuple[Path, Path],
     assert failed == ["transformer:single_blocks.0"]
     assert "first goes non-finite at transformer:single_blocks.0" in " ".join(
         nan_report["notes"])
-    code, _, err = got["no_ref"]
-    assert code == 2 and "--reference" in err and "Traceback" not in err
+    for case, words in (("no_ref", "--reference"), ("lora", "--lora")):
+        code, _, err = got[case]
+        assert code == 2 and words in err and "Traceback" not in err
 
 
 def _family_keys(family: str) -> dict[str, tuple[int, ...]]:
