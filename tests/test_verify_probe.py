@@ -209,3 +209,29 @@ def test_transformer_only_candidate_against_an_all_in_one_reference(
     passed = [c for c in report.checks if c.name == "probe.block" and c.verdict == "pass"]
     assert len(passed) == 10 and all(0 < c.value < 1e-2 for c in passed)
     assert report.passed and any("clip_l, t5xxl, vae" in n for n in report.notes)
+
+
+@pytest.mark.parametrize("swap", [True, False])
+def test_diffusers_layout_candidate_is_probed_in_the_bfl_layout(
+        flux_pair: tuple[Path, Path], tmp_path: Path, swap: bool) -> None:
+    from modelkit.arch import to_diffusers
+    from modelkit.core.verify_settings import VerifySettings
+    from modelkit.verify.run import verify
+
+    ref = open_source(flux_pair[0])
+    out = {}
+    for target, piece in to_diffusers.flux_map(flux_config("dev")).items():
+        t = ref.get("model.diffusion_model." + piece.source)
+        t = t[piece.rows[0]:piece.rows[1]] if piece.rows else t
+        # swap=False: a converter that forgets diffusers' (scale, shift) order
+        t = torch.cat(t.chunk(2)[::-1]) if piece.swap and swap else t
+        out[target] = t.to(torch.bfloat16).contiguous()
+    write_tensors(tmp_path / "d.safetensors", {k: tuple(v.shape) for k, v in out.items()},
+                  overrides=out)
+    report = verify(tmp_path / "d.safetensors", VerifySettings(probe=True),
+                    reference=flux_pair[0])
+    failed = [c.case for c in report.failed]
+    assert failed == ([] if swap else ["transformer:final_layer"])
+    assert sum(c.verdict == "pass" for c in report.checks if c.name == "probe.block") == (
+        10 if swap else 9)
+    assert any("probed as the BFL layout" in n for n in report.notes)

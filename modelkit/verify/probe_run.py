@@ -91,6 +91,13 @@ def probe_verify(model: str | os.PathLike[str], reference: str | os.PathLike[str
                          cand_rep.arch))
         return report
     report.add(Check("static.architecture", PASS, "", arch.name))
+    if arch.name == "flux":  # a diffusers-layout file is probed in the BFL layout
+        from modelkit.verify.probe_layout import as_original
+
+        cand, ref = as_original(cand, cand_rep.layout), as_original(ref, ref_rep.layout)
+        for name, rep in ((report.model, cand_rep), (report.reference, ref_rep)):
+            if rep.layout == "diffusers":
+                report.notes.append(f"{name}: diffusers layout, probed as the BFL layout")
     with torch_threads(1):  # block math on one thread: torch spins beside busy processes
         results = probe(cand, ref, arch, progress=progress, cancel=cancel)
     timings["probe"] = round(sum(r.seconds for r in results), 4)
