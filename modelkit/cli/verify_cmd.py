@@ -10,6 +10,7 @@ import click
 
 from modelkit.cli.common import common_option
 from modelkit.cli.progress import StderrProgress
+from modelkit.core.verify_settings import PROBE_MAX_ERROR
 
 if TYPE_CHECKING:
     from modelkit.core.verify_settings import VerifySettings
@@ -180,7 +181,8 @@ def _refuse_bad_input(report: object) -> None:
               help="Instead of rendering, run every block of MODEL and --reference on the "
                    "same seeded inputs, one block at a time (any family, full size, little "
                    "memory); report each block's relative error and cosine.")
-@click.option("--probe-max-error", type=click.FloatRange(min=0, min_open=True), default=0.05,
+@click.option("--probe-max-error", type=click.FloatRange(min=0, min_open=True),
+              default=PROBE_MAX_ERROR,
               show_default=True, help="With --probe: the most a block's output may differ "
                                       "from the reference's (relative L2).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),

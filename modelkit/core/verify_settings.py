@@ -44,6 +44,7 @@ OPERATIONS = ("auto", "lossless", "fp16", "bf16", "fp8", "int8", "lora_bake", "m
 TINY_MAX_CHANNELS = 64  # UNet base widths below this are test models (real: 320/384)
 NEGATIVE_PREFIX = "negative:"
 MAX_THREADS = 4
+PROBE_MAX_ERROR = 0.05  # --probe: a block's relative error (casts: <1e-2, broken weights: >0.2)
 
 
 @dataclass(frozen=True)
@@ -210,7 +211,7 @@ class VerifySettings:
     render: bool = field(default=True, metadata=_in_recipe(bool))
     work_dir: Path | None = None
     probe: bool = False  # the streamed functional probe instead of the render
-    probe_max_error: float = 0.05  # a probed block's output, relative L2 to the reference's
+    probe_max_error: float = PROBE_MAX_ERROR  # a probed block's output, rel. L2 to the reference's
 
     def validate(self) -> None:
         """Raise :class:`ModelkitError` naming the first bad field."""
