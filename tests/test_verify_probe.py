@@ -16,7 +16,12 @@ from modelkit.arch import probes
 from modelkit.arch.registry import REGISTRY
 from modelkit.io.open import open_source
 from modelkit.io.source import DerivedSource
-from modelkit.testing import flux_config, write_sparse_checkpoint, write_tensors
+from modelkit.testing import (
+    flux_config,
+    write_checkpoint,
+    write_sparse_checkpoint,
+    write_tensors,
+)
 from modelkit.verify.probe import plan_blocks, probe
 from modelkit.verify.probe_blocks import BLOCKS, Weights, make_inputs
 from tests.cli_support import run_entry
@@ -240,3 +245,29 @@ def test_diffusers_layout_candidate_is_probed_in_the_bfl_layout(
     assert sum(c.verdict == "pass" for c in report.checks if c.name == "probe.block") == (
         10 if swap else 9)
     assert any("probed as the BFL layout" in n for n in report.notes)
+
+
+def test_quantized_sd1_outputs_are_probed_as_verify_reads_them(tmp_path: Path) -> None:
+    from modelkit.core.recipe import Recipe
+    from modelkit.core.verify_settings import VerifySettings
+    from modelkit.engine.api import export_gguf
+    from modelkit.engine.runner import run
+    from modelkit.verify.run import verify
+
+    src = tmp_path / "sd1.safetensors"
+    write_checkpoint(src, "sd1", dtype="F32")
+    outs = {"gguf": export_gguf(src, tmp_path / "q8.gguf").path}
+    for dtype in ("fp8_e4m3fn", "int8"):
+        outs[dtype] = tmp_path / f"{dtype}.safetensors"
+        run(Recipe.op("quantize", src.absolute(), output=outs[dtype].absolute(), dtype=dtype))
+    got = {}
+    for name, path in outs.items():
+        report = verify(path, VerifySettings(probe=True), reference=src)
+        unet = [r for r in report.probe or [] if r["component"] == "unet"]
+        got[name] = (report.passed, len(unet), max(float(str(r["rel_error"])) for r in unet),
+                     sum(bool(r["absent"]) for r in report.probe or []))
+    assert {n: g[:2] for n, g in got.items()} == {n: (True, 25) for n in outs}
+    assert got["gguf"][3] == 14  # the GGUF holds the UNet only: VAE and CLIP skipped
+    # int8 is read dequantized (raw int8 codes would be off by orders of magnitude)
+    assert 1e-4 < got["int8"][2] < 0.05 and 1e-4 < got["gguf"][2] < 0.05
+    assert 0.05 < got["fp8_e4m3fn"][2] < 0.15  # fp8's own limit (3-bit mantissa)

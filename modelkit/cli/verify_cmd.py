@@ -10,7 +10,7 @@ import click
 
 from modelkit.cli.common import common_option
 from modelkit.cli.progress import StderrProgress
-from modelkit.core.verify_settings import PROBE_MAX_ERROR
+from modelkit.core.verify_settings import PROBE_MAX_ERROR, PROBE_MAX_ERROR_FP8
 
 if TYPE_CHECKING:
     from modelkit.core.verify_settings import VerifySettings
@@ -182,9 +182,9 @@ def _refuse_bad_input(report: object) -> None:
                    "same seeded inputs, one block at a time (any family, full size, little "
                    "memory); report each block's relative error and cosine.")
 @click.option("--probe-max-error", type=click.FloatRange(min=0, min_open=True),
-              default=PROBE_MAX_ERROR,
-              show_default=True, help="With --probe: the most a block's output may differ "
-                                      "from the reference's (relative L2).")
+              help="With --probe: the most a block's output may differ from the "
+                   f"reference's (relative L2; default {PROBE_MAX_ERROR:g}, "
+                   f"{PROBE_MAX_ERROR_FP8:g} for an fp8 candidate).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="With --probe: write the error-per-block plot (PNG) here (default: "
                    "beside the first report, as NAME-probe.png).")
@@ -198,7 +198,7 @@ def verify_cmd(model: Path, reference: Path | None, loras: tuple[str, ...],
                report_path: Path | None, markdown: Path | None, grid: Path | None,
                junit: Path | None, images: Path | None, tokenizer: Path | None,
                library: Path | None, allow_download: bool, static_only: bool,
-               probe: bool, probe_max_error: float, plot: Path | None,
+               probe: bool, probe_max_error: float | None, plot: Path | None,
                as_json: bool, overwrite: bool, quiet: bool) -> None:
     """Check a checkpoint: static checks, an offline render, and a comparison
     against --reference or a runtime-LoRA oracle.
@@ -238,7 +238,7 @@ def verify_cmd(model: Path, reference: Path | None, loras: tuple[str, ...],
     if probe and plot is not None and report.probe:
         from modelkit.verify.probe_run import write_plot
 
-        written.append(write_plot(report, plot, probe_max_error, overwrite))
+        written.append(write_plot(report, plot, overwrite))
     rendered = report.renders is not None and bool(report.renders.candidate)
     for path, write_files in ((grid, outputs.write_grid), (images, outputs.write_images)):
         if path is None:

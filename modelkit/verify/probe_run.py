@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from modelkit.core.verify_settings import VerifySettings
     from modelkit.errors import CancelFlag
+    from modelkit.io.source import Source
     from modelkit.verify.probe import BlockResult
 
 
@@ -54,6 +55,20 @@ def block_check(r: BlockResult, max_error: float) -> Check:
     return Check("probe.block", PASS, "", r.rel_error, limit, label)
 
 
+def probe_limit(settings: VerifySettings, stored: Source) -> tuple[float, str]:
+    """The most a block may differ, and why: ``settings.probe_max_error``
+    when given, else by the candidate's storage (fp8's 3-bit mantissa moves
+    a block by up to ~8 % on the test fixtures; every other storage
+    modelkit writes by under 1 %)."""
+    from modelkit.core.verify_settings import PROBE_MAX_ERROR, PROBE_MAX_ERROR_FP8
+
+    if settings.probe_max_error is not None:
+        return settings.probe_max_error, "given"
+    if any(i.dtype.startswith("F8") for i in stored.infos.values()):
+        return PROBE_MAX_ERROR_FP8, "the candidate stores fp8"
+    return PROBE_MAX_ERROR, "default"
+
+
 def probe_verify(model: str | os.PathLike[str], reference: str | os.PathLike[str] | None,
                  settings: VerifySettings, *, progress: ProgressFn = no_progress,
                  cancel: CancelFlag | None = None) -> VerifyReport:
@@ -64,8 +79,7 @@ def probe_verify(model: str | os.PathLike[str], reference: str | os.PathLike[str
             without probe blocks.
     """
     from modelkit.arch import registry
-    from modelkit.inspect.describe import describe
-    from modelkit.io.open import open_source
+    from modelkit.verify.models import open_model_under_test
     from modelkit.verify.probe import probe
     from modelkit.verify.render import torch_threads
     from modelkit.verify.run import library_versions
@@ -75,8 +89,10 @@ def probe_verify(model: str | os.PathLike[str], reference: str | os.PathLike[str
                             "--reference (the file MODEL was made from)")
     start = time.perf_counter()
     timings: dict[str, float] = {}
-    cand, ref = open_source(model), open_source(reference)
-    cand_rep, ref_rep = describe(cand), describe(ref)
+    # as verify's render reads them: int8 files dequantized, GGUF read back
+    cand_mut, ref_mut = open_model_under_test(model), open_model_under_test(reference)
+    cand, ref = cand_mut.render_source, ref_mut.render_source
+    cand_rep, ref_rep = cand_mut.report, ref_mut.report
     arch = registry.get(ref_rep.arch)
     if arch is None or not arch.probe:
         raise ModelkitError(f"{Path(reference).name}: architecture {ref_rep.arch!r} has no "
@@ -101,9 +117,11 @@ def probe_verify(model: str | os.PathLike[str], reference: str | os.PathLike[str
     with torch_threads(1):  # block math on one thread: torch spins beside busy processes
         results = probe(cand, ref, arch, progress=progress, cancel=cancel)
     timings["probe"] = round(sum(r.seconds for r in results), 4)
-    report.probe = [r.to_dict() for r in results]
+    limit, why = probe_limit(settings, cand_mut.stored)
+    report.probe = [{**r.to_dict(), "limit": limit} for r in results]
+    report.notes += [*cand_mut.notes, f"probe limit {limit:g}: {why}"]
     for r in results:
-        report.add(block_check(r, settings.probe_max_error))
+        report.add(block_check(r, limit))
     absent = sorted({r.component for r in results if r.absent})
     if absent:
         report.notes.append(f"not in the candidate, skipped: {', '.join(absent)} (compared: "
@@ -123,13 +141,14 @@ _LOG_MIN, _LOG_MAX = -8.0, 1.0
 _COLORS = ((70, 110, 200), (60, 160, 90), (200, 140, 40), (150, 80, 170), (90, 150, 170))
 
 
-def plot_image(report: VerifyReport, max_error: float) -> Image.Image:
+def plot_image(report: VerifyReport) -> Image.Image:
     """Relative error per block along the depth (log scale, one bar a block,
     a colour per component, the limit as a red line, non-finite or missing
     blocks as full red bars)."""
     from PIL import Image, ImageDraw
 
     rows = report.probe or []
+    max_error = float(str(rows[0]["limit"])) if rows else 0.05
     width = _LEFT + max(len(rows), 1) * _W_BAR + 20
     img = Image.new("RGB", (max(width, 360), _H), "white")
     d = ImageDraw.Draw(img)
@@ -168,8 +187,8 @@ def plot_image(report: VerifyReport, max_error: float) -> Image.Image:
     return img
 
 
-def write_plot(report: VerifyReport, path: str | os.PathLike[str], max_error: float,
-               overwrite: bool = False) -> Path:
+def write_plot(report: VerifyReport, path: str | os.PathLike[str], overwrite: bool = False
+               ) -> Path:
     """Save :func:`plot_image` as a PNG (temp file beside it, then renamed)."""
     from modelkit.io.writer import atomic_path
     from modelkit.verify.outputs import check_outputs
@@ -177,7 +196,7 @@ def write_plot(report: VerifyReport, path: str | os.PathLike[str], max_error: fl
     p = Path(path)
     check_outputs([p], overwrite)
     with atomic_path(p) as tmp:
-        plot_image(report, max_error).save(tmp, format="PNG")
+        plot_image(report).save(tmp, format="PNG")
     return p
 
 
