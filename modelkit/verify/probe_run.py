@@ -4,9 +4,10 @@ depth, a PNG drawn with Pillow).
 
 A block fails when the candidate's output is not finite, when the
 candidate lacks or reshapes one of the block's weights, or when its output
-is further from the reference's than ``settings.probe_max_error``
-(relative L2; default 0.05: storage casts stay far below it, a transposed,
-zeroed, swapped or rescaled weight lands far above).
+is further from the reference's than the limit (relative L2;
+``settings.probe_max_error``, else :func:`probe_limit`: 0.05, 0.15 for fp8
+storage; casts stay below it, a transposed, zeroed, swapped or rescaled
+weight lands far above).
 """
 
 from __future__ import annotations
@@ -122,11 +123,14 @@ def probe_verify(model: str | os.PathLike[str], reference: str | os.PathLike[str
     report.notes += [*cand_mut.notes, f"probe limit {limit:g}: {why}"]
     for r in results:
         report.add(block_check(r, limit))
+    if all(r.absent for r in results):
+        report.add(Check("probe.coverage", FAIL, f"{report.model} holds none of the "
+                         f"reference's {arch.label} blocks (another kind of file?)", 0))
     absent = sorted({r.component for r in results if r.absent})
     if absent:
         report.notes.append(f"not in the candidate, skipped: {', '.join(absent)} (compared: "
                             "what both files hold)")
-    bad = [r for r in results if not r.finite]
+    bad = [r for r in results if not r.finite and not r.missing and not r.absent]
     if bad:
         report.notes.append(f"the candidate first goes non-finite at {bad[0].component}:"
                             f"{bad[0].block}")
