@@ -271,3 +271,8 @@ def test_quantized_sd1_outputs_are_probed_as_verify_reads_them(tmp_path: Path) -
     # int8 is read dequantized (raw int8 codes would be off by orders of magnitude)
     assert 1e-4 < got["int8"][2] < 0.05 and 1e-4 < got["gguf"][2] < 0.05
     assert 0.05 < got["fp8_e4m3fn"][2] < 0.15  # fp8's own limit (3-bit mantissa)
+    from modelkit.testing.lora import write_lora
+
+    write_lora(tmp_path / "l.safetensors")
+    lora = verify(tmp_path / "l.safetensors", VerifySettings(probe=True), reference=src)
+    assert [c.name for c in lora.failed] == ["probe.coverage"]
