@@ -31,6 +31,7 @@ from typing import Any
 from modelkit.arch import blocks as _blocks
 from modelkit.arch import flux as _flux
 from modelkit.arch import parts as _parts
+from modelkit.arch import probes as _probes
 from modelkit.arch.configs import (
     ARCHS,
     EMA_PREFIX,
@@ -214,6 +215,8 @@ class Architecture:
     quant_keep: tuple[str, ...]
     layout_rules: tuple[tuple[str, Rule], ...] = ()  # (layout, rule), first match
     commands: frozenset[str] = frozenset()  # what handles a PARTIAL entry (see handles())
+    # the blocks verify's streamed functional probe runs (modelkit/arch/probes.py)
+    probe: tuple[_probes.ProbeGroup, ...] = ()
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -278,6 +281,9 @@ def _ldm(name: str, *, label: str, short: str, family: str, aliases: tuple[str, 
                                             vae_force_upcast=family == "sdxl"),
         gguf=_ldm_gguf(gguf), default_dtype="fp16", verify=RENDER, prediction=prediction,
         quant_keep=_LDM_QUANT_KEEP,
+        probe=_probes.ldm(tuple((s.name, s.config.layout) for s in spec.text_encoders),
+                          heads=None if spec.unet.num_head_channels else spec.unet.num_heads,
+                          head_dim=spec.unet.num_head_channels),
     )
 
 
@@ -381,6 +387,7 @@ SD3 = Architecture(
     # comfy/ldm/modules/diffusionmodules/mmdit.py names)
     quant_keep=("x_embedder.", "context_embedder.", "t_embedder.", "y_embedder.",
                 "final_layer.", "pos_embed"),
+    probe=_probes.sd3(),
 )
 
 # Qwen-Image (diffusers' QwenImageTransformer2DModel names, which ComfyUI keeps)
@@ -407,6 +414,7 @@ QWEN_IMAGE = Architecture(
     # (ComfyUI's comfy/ldm/qwen_image/model.py names)
     quant_keep=("img_in.", "txt_in.", "txt_norm.", "time_text_embed.", "norm_out.",
                 "proj_out."),
+    probe=_probes.qwen_image(),
 )
 
 # Wan 2.1 / 2.2 (Wan-Video's WanModel names, which ComfyUI keeps)
@@ -458,6 +466,7 @@ WAN = Architecture(
     quant_keep=("patch_embedding.", "text_embedding.", "time_embedding.",
                 "time_projection.", "img_emb.", "head.", "condition_embedder.",
                 "proj_out.", "norm_out."),
+    probe=_probes.wan(),
 )
 
 # Flux.1 (BFL layout, ComfyUI's model_detection.py; diffusers' single_file_utils.py)
@@ -520,6 +529,7 @@ FLUX = Architecture(
     quant_keep=("img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.",
                 "final_layer.", "x_embedder.", "context_embedder.", "time_text_embed.",
                 "norm_out.", "proj_out."),
+    probe=_probes.flux(),
     notes=("Kontext has the dev layout and reads as dev",
            "merge and lora bake handle the original (BFL/ComfyUI) layout; the VAE and "
            "text encoders of an all-in-one file are taken from model A"),

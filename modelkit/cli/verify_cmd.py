@@ -10,6 +10,7 @@ import click
 
 from modelkit.cli.common import common_option
 from modelkit.cli.progress import StderrProgress
+from modelkit.core.verify_settings import PROBE_MAX_ERROR, PROBE_MAX_ERROR_FP8
 
 if TYPE_CHECKING:
     from modelkit.core.verify_settings import VerifySettings
@@ -21,6 +22,7 @@ Examples:
   modelkit verify baked.safetensors --reference base.safetensors --lora style.safetensors:0.8
   modelkit verify model.safetensors --preset smoke --grid grid.png --junit verify.xml
   modelkit verify unet-Q4_K.gguf --reference model.safetensors --static-only
+  modelkit verify flux-q8.safetensors --reference flux-dev.safetensors --probe --report v.json
 \b
 With --reference, every stored layer is restored and gated by its storage
 format (GGUF type, fp8, int8, fp16...): SNR and cosine per layer, the worst
@@ -182,6 +184,17 @@ def _refuse_bad_input(report: object) -> None:
 @click.option("--allow-download", is_flag=True,
               help="Let the tokenizer come from the Hugging Face Hub if not found offline.")
 @click.option("--static-only", is_flag=True, help="Static checks only; no render.")
+@click.option("--probe", is_flag=True,
+              help="Instead of rendering, run every block of MODEL and --reference on the "
+                   "same seeded inputs, one block at a time (any family, full size, little "
+                   "memory); report each block's relative error and cosine.")
+@click.option("--probe-max-error", type=click.FloatRange(min=0, min_open=True),
+              help="With --probe: the most a block's output may differ from the "
+                   f"reference's (relative L2; default {PROBE_MAX_ERROR:g}, "
+                   f"{PROBE_MAX_ERROR_FP8:g} for an fp8 candidate).")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --probe: write the error-per-block plot (PNG) here (default: "
+                   "beside the first report, as NAME-probe.png).")
 @common_option("as_json", help="Print the JSON report on stdout.")
 @common_option("overwrite", help="Replace existing output files.")
 @common_option("quiet")
@@ -192,6 +205,7 @@ def verify_cmd(model: Path, reference: Path | None, loras: tuple[str, ...],
                report_path: Path | None, markdown: Path | None, grid: Path | None,
                junit: Path | None, images: Path | None, tokenizer: Path | None,
                library: Path | None, allow_download: bool, static_only: bool,
+               probe: bool, probe_max_error: float | None, plot: Path | None,
                as_json: bool, overwrite: bool, quiet: bool) -> None:
     """Check a checkpoint: static checks, an offline render, and a comparison
     against --reference or a runtime-LoRA oracle.
@@ -211,8 +225,14 @@ def verify_cmd(model: Path, reference: Path | None, loras: tuple[str, ...],
     settings = _settings(prompts, seeds, steps, size, preset, device, threads, scheduler,
                          guidance, operation, thresholds, tokenizer, library, allow_download,
                          static_only)
+    settings.probe, settings.probe_max_error = probe, probe_max_error
+    if probe and plot is None:
+        from modelkit.verify.probe_run import plot_path_beside
+
+        plot = plot_path_beside([report_path, markdown, junit])
     inputs = [p for p in (model, reference) if p is not None]
-    outputs.check_outputs([report_path, markdown, grid, junit], overwrite, inputs)
+    outputs.check_outputs([report_path, markdown, grid, junit, plot if probe else None],
+                          overwrite, inputs)
     lora_uses = tuple(parse_lora_arg(text) for text in loras)
     report = verify(model, settings, reference, lora_uses,
                     progress=StderrProgress(quiet))
@@ -222,6 +242,10 @@ def verify_cmd(model: Path, reference: Path | None, loras: tuple[str, ...],
                         (junit, outputs.write_junit)):
         if path is not None:
             written.append(write(report, path, overwrite))
+    if probe and plot is not None and report.probe:
+        from modelkit.verify.probe_run import write_plot
+
+        written.append(write_plot(report, plot, overwrite))
     rendered = report.renders is not None and bool(report.renders.candidate)
     for path, write_files in ((grid, outputs.write_grid), (images, outputs.write_images)):
         if path is None:

@@ -44,6 +44,8 @@ OPERATIONS = ("auto", "lossless", "fp16", "bf16", "fp8", "int8", "lora_bake", "m
 TINY_MAX_CHANNELS = 64  # UNet base widths below this are test models (real: 320/384)
 NEGATIVE_PREFIX = "negative:"
 MAX_THREADS = 4
+PROBE_MAX_ERROR = 0.05  # --probe: a block's relative error (casts: <1e-2, broken weights: >0.2)
+PROBE_MAX_ERROR_FP8 = 0.15  # fp8 storage: up to ~0.08 per block on the test fixtures
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,10 @@ class VerifySettings:
             default: found from the model's path.
         allow_download: let the tokenizer come from the Hugging Face Hub.
         render: False runs the static checks only.
+        probe: run the streamed functional probe against the reference
+            instead (every block on seeded activations, :mod:`modelkit.verify.probe`);
+            ``probe_max_error`` is the most a block's output may differ
+            (None: :data:`PROBE_MAX_ERROR`, :data:`PROBE_MAX_ERROR_FP8` for fp8).
         work_dir: where temporary files go (config folders, dequantized
             copies); default the system temp folder.
 
@@ -206,6 +212,8 @@ class VerifySettings:
     allow_download: bool = False
     render: bool = field(default=True, metadata=_in_recipe(bool))
     work_dir: Path | None = None
+    probe: bool = False  # the streamed functional probe instead of the render
+    probe_max_error: float | None = None  # a probed block's rel. L2; None: by storage
 
     def validate(self) -> None:
         """Raise :class:`ModelkitError` naming the first bad field."""
@@ -230,6 +238,8 @@ class VerifySettings:
                                 f"{', '.join(OPERATIONS)}")
         if self.threads is not None and self.threads < 1:
             raise ModelkitError(f"threads {self.threads}: give at least 1")
+        if self.probe_max_error is not None and not self.probe_max_error > 0:
+            raise ModelkitError(f"probe max error {self.probe_max_error}: give a value > 0")
         if not 0 < self.strength <= 1:
             raise ModelkitError(f"strength {self.strength}: give a value in (0, 1]")
         from modelkit.core.verify_library import parse_prompt

@@ -129,6 +129,7 @@ class VerifyReport:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     renders: Renders | None = field(default=None, repr=False)
+    probe: list[dict[str, Any]] | None = None  # verify --probe: one row a block
 
     def add(self, check: Check) -> Check:
         self.checks.append(check)
@@ -194,6 +195,7 @@ class VerifyReport:
             "settings": self.plan, "tokenizer": self.tokenizer, "change": self.change,
             "gates": self.gates, "vae_round_trip": self.vae,
             "versions": self.versions, "timings": self.timings, "notes": self.notes,
+            **({"probe": self.probe} if self.probe is not None else {}),
         })
 
 
@@ -246,6 +248,7 @@ def to_markdown(report: VerifyReport) -> str:
             lines.append(f"| {_md_cell(name)} | {d['n_tensors']} | {d['unchanged_share']:.0%} | "
                          f"{_md_cell(d['relative_l2'])} |")
     lines += _md_gates(report.gates)
+    lines += _probe_markdown(report)
     return "\n".join(lines) + "\n"
 
 
@@ -260,6 +263,18 @@ def _md_gates(gates: dict[str, Any] | None, rows: int = 10) -> list[str]:
         out.append(f"| {_md_cell(g['key'])} | {g['format']} | {_md_cell(g['snr_db'])} | "
                    f"{_md_cell(g['cosine'])} | {'PASS' if g['passed'] else 'FAIL'} |")
     return out
+
+
+def _probe_markdown(report: VerifyReport) -> list[str]:
+    if not report.probe:
+        return []
+    lines = ["", "| component | block | kind | params | rel. error | cosine | finite |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in report.probe:
+        lines.append(f"| {_md_cell(r['component'])} | {_md_cell(r['block'])} | {r['kind']} | "
+                     f"{r['params']} | {_md_cell(r['rel_error'])} | {_md_cell(r['cosine'])} | "
+                     f"{'yes' if r['finite'] else 'NO'} |")
+    return lines
 
 
 def to_junit(report: VerifyReport) -> str:

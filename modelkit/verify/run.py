@@ -481,6 +481,14 @@ def verify(model: str | os.PathLike[str], settings: VerifySettings | None = None
     """
     settings = settings or VerifySettings()
     settings.validate()
+    if settings.probe:
+        from modelkit.errors import ModelkitError
+        from modelkit.verify.probe_run import probe_verify
+
+        if loras:
+            raise ModelkitError("--probe compares two files block by block; a runtime "
+                                "--lora has no place in it (bake it first)")
+        return probe_verify(model, reference, settings, progress=progress, cancel=cancel)
     loras = tuple(loras)
     timings: dict[str, float] = {}
     start = time.perf_counter()
