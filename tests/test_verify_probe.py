@@ -111,7 +111,9 @@ def test_every_family_has_probe_blocks_found_in_its_files(flux_pair: tuple[Path,
     sdxl = plan_blocks(REGISTRY["sdxl"], open_source(tmp_path / "sdxl.safetensors").infos)
     counts = {c: sum(b.component == c for b in sdxl) for c in ("unet", "vae", "te1", "te2")}
     assert counts == {"unet": 9 + 1 + 9, "vae": 2, "te1": 12, "te2": 32}
-    assert all(a.probe for a in REGISTRY.values())
+    # Chroma, Flux.2 and Z-Image are detected only: no block math for them yet
+    assert [a.name for a in REGISTRY.values() if not a.probe] == ["chroma", "flux2",
+                                                                  "z_image"]
 
 
 def test_bf16_cast_passes_with_small_errors(flux_pair: tuple[Path, Path]) -> None:
