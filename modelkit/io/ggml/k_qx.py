@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 QK_K = 256
 GROUP_MAX_EPS = 1e-15  # ggml-quants.c: sub-blocks below are all zero
 CHUNK_BLOCKS = 512  # super-blocks per pass: the search's buffers stay in cache
+Q3_CHUNK_BLOCKS = 2048  # its refinement runs 16 small steps a pass: wider steps
 Q6_TRIES = [i for i in range(-9, 10) if i]  # make_qx_quants' candidate scales, in order
 
 
@@ -48,12 +49,12 @@ def _seq_sum(terms: torch.Tensor) -> torch.Tensor:
     return acc
 
 
-def _chunks(x: torch.Tensor, fn: object, nbytes: int) -> torch.Tensor:
+def _chunks(x: torch.Tensor, fn: object, nbytes: int, blocks: int = CHUNK_BLOCKS) -> torch.Tensor:
     import torch
 
     out = torch.empty(x.shape[0], nbytes, dtype=torch.uint8)
-    for start in range(0, x.shape[0], CHUNK_BLOCKS):
-        out[start:start + CHUNK_BLOCKS] = fn(x[start:start + CHUNK_BLOCKS])  # type: ignore[operator]
+    for start in range(0, x.shape[0], blocks):
+        out[start:start + blocks] = fn(x[start:start + blocks])  # type: ignore[operator]
     return out
 
 
@@ -188,6 +189,30 @@ def dequantize_q6_k(data: torch.Tensor) -> torch.Tensor:
     return (d * q).reshape(-1)
 
 
+def _q3_pass(xt: torch.Tensor, w: torch.Tensor, wx: torch.Tensor, levels: torch.Tensor,
+             sumlx: torch.Tensor, suml2: torch.Tensor, nmax: int) -> torch.Tensor:
+    """One pass of ``make_q3_quants``' refinement over the 16 weights of every
+    column, updating ``levels``, ``sumlx`` and ``suml2`` in place; returns
+    which columns changed."""
+    import torch
+
+    changed = torch.zeros(xt.shape[1], dtype=torch.bool)
+    for i in range(16):
+        li, wi, wxi = levels[i], w[i], wx[i]
+        slx = sumlx - wxi * li
+        sl2 = suml2 - wi * li * li
+        new_l = nearest_int(xt[i] * sl2 / slx).clamp_(-nmax, nmax - 1).to(torch.float32)
+        take = (slx > 0) & (new_l != li)
+        slx += wxi * new_l
+        sl2 += wi * new_l * new_l
+        take &= (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+        li.copy_(torch.where(take, new_l, li))
+        sumlx.copy_(torch.where(take, slx, sumlx))
+        suml2.copy_(torch.where(take, sl2, suml2))
+        changed |= take
+    return changed
+
+
 def _make_q3_quants(xt: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``make_q3_quants(16, nmax, x, L, do_rmse=true)`` on every column of
     ``xt`` ``[16, S]``: ``(scale [S], L [16, S])`` (L as float).
@@ -205,22 +230,16 @@ def _make_q3_quants(xt: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Te
     levels = torch.round(xt * iscale).clamp_(-nmax, nmax - 1)  # |iscale*x| <= nmax
     sumlx = _seq_sum(wx * levels)
     suml2 = _seq_sum(w * levels * levels)
+    active = torch.arange(xt.shape[1])
     for _ in range(5):
-        changed = torch.zeros_like(amax, dtype=torch.bool)
-        for i in range(16):
-            li, wi, wxi = levels[i], w[i], wx[i]
-            slx = sumlx - wxi * li
-            sl2 = suml2 - wi * li * li
-            new_l = nearest_int(xt[i] * sl2 / slx).clamp_(-nmax, nmax - 1).to(torch.float32)
-            slx = slx + wxi * new_l
-            sl2 = sl2 + wi * new_l * new_l
-            take = ((sumlx - wxi * li) > 0) & (new_l != li) & (sl2 > 0) & (
-                slx * slx * suml2 > sumlx * sumlx * sl2)
-            levels[i] = torch.where(take, new_l, li)
-            sumlx = torch.where(take, slx, sumlx)
-            suml2 = torch.where(take, sl2, suml2)
-            changed |= take
-        if not bool(changed.any()):
+        # only the columns the last pass changed can change again
+        sub = [t.index_select(-1, active) for t in (xt, w, wx, levels, sumlx, suml2)]
+        changed = _q3_pass(*sub, nmax)
+        levels.index_copy_(1, active, sub[3])
+        sumlx.index_copy_(0, active, sub[4])
+        suml2.index_copy_(0, active, sub[5])
+        active = active[changed]
+        if not active.numel():
             break
     scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
     zero = amax < GROUP_MAX_EPS
@@ -278,7 +297,7 @@ def _q3_chunk(x: torch.Tensor) -> torch.Tensor:
 def quantize_q3_k(x: torch.Tensor) -> torch.Tensor:
     """Q3_K blocks ``[n, 110]`` of float32 ``x`` (count a multiple of 256):
     ``hmask[32]``, ``qs[64]``, 12 bytes of 6-bit scales, fp16 ``d``."""
-    return _chunks(_super_blocks(x), _q3_chunk, 110)
+    return _chunks(_super_blocks(x), _q3_chunk, 110, Q3_CHUNK_BLOCKS)
 
 
 def dequantize_q3_k(data: torch.Tensor) -> torch.Tensor:
