@@ -234,7 +234,7 @@ def _make_q3_quants(xt: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Te
     for _ in range(5):
         # only the columns the last pass changed can change again
         sub = [t.index_select(-1, active) for t in (xt, w, wx, levels, sumlx, suml2)]
-        changed = _q3_pass(*sub, nmax)
+        changed = _q3_pass(sub[0], sub[1], sub[2], sub[3], sub[4], sub[5], nmax)
         levels.index_copy_(1, active, sub[3])
         sumlx.index_copy_(0, active, sub[4])
         suml2.index_copy_(0, active, sub[5])
