@@ -14,6 +14,7 @@ that picks a scale is the C source's, in float32.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from modelkit.io.ggml._cfloat import (
@@ -49,12 +50,14 @@ def _seq_sum(terms: torch.Tensor) -> torch.Tensor:
     return acc
 
 
-def _chunks(x: torch.Tensor, fn: object, nbytes: int, blocks: int = CHUNK_BLOCKS) -> torch.Tensor:
+def _chunks(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], nbytes: int,
+            blocks: int = CHUNK_BLOCKS) -> torch.Tensor:
+    """``fn`` on ``blocks`` super-blocks at a time, into one ``[n, nbytes]`` array."""
     import torch
 
     out = torch.empty(x.shape[0], nbytes, dtype=torch.uint8)
     for start in range(0, x.shape[0], blocks):
-        out[start:start + blocks] = fn(x[start:start + blocks])  # type: ignore[operator]
+        out[start:start + blocks] = fn(x[start:start + blocks])
     return out
 
 
@@ -124,12 +127,6 @@ def _make_qx_quants(xt: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Te
     return scale, levels
 
 
-def _block_scales(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per super-block ``[nb, 16]`` of sub-block scales: ``(max_abs, max)`` as
-    the C loops find them (the first of largest magnitude, from zero)."""
-    return first_absmax(scales)
-
-
 def _q6_chunk(x: torch.Tensor) -> torch.Tensor:
     import torch
 
@@ -137,10 +134,10 @@ def _q6_chunk(x: torch.Tensor) -> torch.Tensor:
     xt = x.reshape(nb * 16, 16).t().contiguous()  # [16, S]
     scales, levels = _make_qx_quants(xt, 32)
     scales = scales.view(nb, 16)
-    max_abs, max_scale = _block_scales(scales)
+    max_abs, max_scale = first_absmax(scales)
     iscale = -128.0 / max_scale
     d = 1.0 / iscale
-    sc = signed_byte_min(nearest_int(iscale * scales), 127)
+    sc = _signed_byte_min(nearest_int(iscale * scales), 127)
     dq = read_fp16(fp16_bytes(d), 0) * sc.to(torch.float32)  # [nb, 16]
     dq_t = dq.reshape(1, -1)
     requant = nearest_int(xt / dq_t).clamp_(-32, 31).to(torch.float32) + 32
@@ -161,7 +158,7 @@ def _q6_chunk(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def signed_byte_min(v: torch.Tensor, top: int) -> torch.Tensor:
+def _signed_byte_min(v: torch.Tensor, top: int) -> torch.Tensor:
     """``(int8_t)MIN(top, v)``: the int8 value a C store of ``MIN(top, v)`` keeps."""
     m = v.clamp(max=top) & 0xFF
     return m - ((m & 0x80) << 1)
@@ -269,7 +266,7 @@ def _q3_chunk(x: torch.Tensor) -> torch.Tensor:
     xt = x.reshape(nb * 16, 16).t().contiguous()  # [16, S]
     scales, levels = _make_q3_quants(xt, 4)
     scales = scales.view(nb, 16)
-    _, max_scale = _block_scales(scales)
+    _, max_scale = first_absmax(scales)
     nonzero = max_scale != 0
     iscale = -32.0 / max_scale
     l6 = (nearest_int(iscale * scales).clamp_(-32, 31) + 32)
