@@ -161,13 +161,28 @@ def _run(x: torch.Tensor, nbytes: int, fast: Kernel,
 
     blocks = _blocks(x)
     out = torch.empty(blocks.shape[0], nbytes, dtype=torch.uint8)
-    work = _Work(min(CHUNK_BLOCKS, blocks.shape[0]))
+    work = _work()
     for start in range(0, blocks.shape[0], CHUNK_BLOCKS):
         chunk = blocks[start:start + CHUNK_BLOCKS]
         target = out[start:start + chunk.shape[0]]
         if not fast(chunk, work, target):
             target.copy_(general(chunk))
     return out
+
+
+_WORK: dict[int, _Work] = {}
+
+
+def _work() -> _Work:
+    """The calling thread's buffers, kept between calls (one set: the last
+    thread's), so small tensors do not pay for fresh pages."""
+    import threading
+
+    key = threading.get_ident()
+    if key not in _WORK:
+        _WORK.clear()
+        _WORK[key] = _Work(CHUNK_BLOCKS)
+    return _WORK[key]
 
 
 def _put_fp16(out: torch.Tensor, column: int, values: torch.Tensor) -> None:
