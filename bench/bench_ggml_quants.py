@@ -114,6 +114,9 @@ def main() -> None:
             print(f"{qtype:5s} not implemented in modelkit.io.ggml")
             continue
         for rows, cols in shapes:
+            if cols % ggml_ref.BLOCKS[qtype][0]:
+                print(f"{qtype:5s} {rows}x{cols:<6d} rows are not a multiple of the block")
+                continue
             print(bench_shape(qtype, rows, cols, args.repeat), flush=True)
         if args.cases:
             print(bench_cases(qtype, args.case_rows), flush=True)
