@@ -79,6 +79,39 @@ def _absmax_cols(xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return amax, mx
 
 
+class _Buffers:
+    """Named float32 scratch arrays reused from chunk to chunk (a fresh
+    megabyte-sized array costs its page faults on every chunk)."""
+
+    def __init__(self) -> None:
+        self.flat: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, *shape: int) -> torch.Tensor:
+        """A contiguous ``shape`` view of the scratch array ``name``."""
+        import torch
+
+        n = 1
+        for dim in shape:
+            n *= dim
+        if name not in self.flat or self.flat[name].numel() < n:
+            self.flat[name] = torch.empty(n, dtype=torch.float32)
+        return self.flat[name][:n].view(shape)
+
+
+_BUFFERS: dict[int, _Buffers] = {}
+
+
+def _buffers() -> _Buffers:
+    """The calling thread's scratch arrays (one set: the last thread's)."""
+    import threading
+
+    key = threading.get_ident()
+    if key not in _BUFFERS:
+        _BUFFERS.clear()
+        _BUFFERS[key] = _Buffers()
+    return _BUFFERS[key]
+
+
 def _make_qx_quants(xt: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``make_qx_quants(16, nmax, x, L, rmse_type=1, NULL)`` on every column of
     ``xt`` ``[16, S]``: ``(scale [S], L [16, S])`` (L as float).
@@ -88,17 +121,20 @@ def _make_qx_quants(xt: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Te
     C's sequential comparison with the best so far."""
     import torch
 
+    buf = _buffers()
+    n_cols = xt.shape[1]
     amax, mx = _absmax_cols(xt)
-    w = xt * xt
-    wx = w * xt
+    w = torch.mul(xt, xt, out=buf.get("w", 16, n_cols))
+    wx = torch.mul(w, xt, out=buf.get("wx", 16, n_cols))
     # iscale = -(nmax + 0.1f*is) / max in float32, the first try being -nmax / max
     steps = torch.tensor(0.1, dtype=torch.float32) * torch.tensor(Q6_TRIES, dtype=torch.float32)
     tries = torch.cat([torch.tensor([float(nmax)]), nmax + steps])
-    iscale = (-tries).unsqueeze(1) / mx  # [T, S]
-    sumlx = torch.zeros_like(iscale)
-    suml2 = torch.zeros_like(iscale)
-    lv = torch.empty_like(iscale)
-    term = torch.empty_like(iscale)
+    shape = (len(tries), n_cols)
+    iscale = torch.div((-tries).unsqueeze(1), mx, out=buf.get("iscale", *shape))  # [T, S]
+    sumlx = buf.get("sumlx", *shape).zero_()
+    suml2 = buf.get("suml2", *shape).zero_()
+    lv = buf.get("lv", *shape)
+    term = buf.get("term", *shape)
     for i in range(16):
         torch.mul(iscale, xt[i], out=lv)
         lv.round_().clamp_(-nmax, nmax - 1)  # |iscale * x| <= nmax + 1: round is nearest_int
@@ -107,11 +143,12 @@ def _make_qx_quants(xt: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Te
         torch.mul(lv, w[i], out=term)
         term *= lv
         suml2 += term
-    scales = sumlx / suml2
+    scales = torch.div(sumlx, suml2, out=buf.get("scales", *shape))
     scales[0] = torch.where(suml2[0] != 0, scales[0], torch.zeros_like(scales[0]))
     best = scales[0] * sumlx[0]
-    wins = scales * sumlx  # the best each candidate would set
-    squares = (sumlx * sumlx).masked_fill_(suml2 <= 0, -float("inf"))  # needs suml2 > 0
+    wins = torch.mul(scales, sumlx, out=lv)  # the best each candidate would set
+    squares = torch.mul(sumlx, sumlx, out=term)
+    squares.masked_fill_(suml2 <= 0, -float("inf"))  # a candidate needs suml2 > 0
     pick = torch.zeros(xt.shape[1], dtype=torch.long)
     for t in range(1, len(tries)):
         take = squares[t] > best * suml2[t]
@@ -119,7 +156,8 @@ def _make_qx_quants(xt: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Te
         pick.masked_fill_(take, t)
     pick = pick.unsqueeze(0)
     scale = torch.gather(scales, 0, pick).view(-1)
-    levels = (xt * torch.gather(iscale, 0, pick)).round_().clamp_(-nmax, nmax - 1) + nmax
+    levels = torch.mul(xt, torch.gather(iscale, 0, pick), out=buf.get("levels", 16, n_cols))
+    levels.round_().clamp_(-nmax, nmax - 1).add_(nmax)
     zero = amax < GROUP_MAX_EPS
     if bool(zero.any()):
         scale = scale.masked_fill(zero, 0.0)
@@ -131,7 +169,7 @@ def _q6_chunk(x: torch.Tensor) -> torch.Tensor:
     import torch
 
     nb = x.shape[0]
-    xt = x.reshape(nb * 16, 16).t().contiguous()  # [16, S]
+    xt = _buffers().get("xt", 16, nb * 16).copy_(x.reshape(nb * 16, 16).t())  # [16, S]
     scales, levels = _make_qx_quants(xt, 32)
     scales = scales.view(nb, 16)
     max_abs, max_scale = first_absmax(scales)
