@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from modelkit.io.ggml._cfloat import (
+    MAGIC,
     first_absmax,
     fp16_bytes,
     nearest_int,
@@ -178,10 +179,17 @@ def _q6_chunk(x: torch.Tensor) -> torch.Tensor:
     sc = _signed_byte_min(nearest_int(iscale * scales), 127)
     dq = read_fp16(fp16_bytes(d), 0) * sc.to(torch.float32)  # [nb, 16]
     dq_t = dq.reshape(1, -1)
-    requant = nearest_int(xt / dq_t).clamp_(-32, 31).to(torch.float32) + 32
+    # nearest_int(x / d) in place in scratch memory: add 12582912, keep the mantissa
+    codes = torch.div(xt, dq_t, out=_buffers().get("codes", 16, nb * 16))
+    codes += MAGIC
+    requant = codes.view(torch.int32)
+    requant &= 0x007FFFFF
+    requant -= 0x00400000 - 32  # then + 32: the stored code
+    requant.clamp_(0, 63)
     skipped = dq_t == 0  # sub-blocks whose scale rounds to 0 keep make_qx_quants' L
-    levels = torch.where(skipped, levels, requant) if bool(skipped.any()) else requant
-    lv = levels.t().reshape(nb, 2, 4, 32).to(torch.int32)  # [block, half, quarter, l]
+    if bool(skipped.any()):
+        requant = torch.where(skipped, levels.to(torch.int32), requant)
+    lv = requant.t().reshape(nb, 2, 4, 32)  # [block, half, quarter, l]
     out = torch.empty(nb, 210, dtype=torch.uint8)
     ql = (lv[:, :, 0:2] & 0xF) | ((lv[:, :, 2:4] & 0xF) << 4)  # ql[l], ql[l+32] per half
     out[:, :128] = ql.reshape(nb, 128).to(torch.uint8)
