@@ -242,6 +242,8 @@ class _Work:
         self.hi = torch.empty(blocks, 16, dtype=torch.float32)
         self.qlo = torch.empty(blocks, 16, dtype=torch.int8)
         self.qhi = torch.empty(blocks, 16, dtype=torch.int8)
+        self.full = [torch.empty(blocks, 32, dtype=torch.float32) for _ in range(3)]
+        self.q8 = torch.empty(blocks, 32, dtype=torch.int8)
 
     def codes(self, x: torch.Tensor, scale: torch.Tensor, offset: float,
               shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,17 +290,19 @@ def _nibbles_of(qlo: torch.Tensor, qhi: torch.Tensor) -> torch.Tensor:
 def _q8_0_fast(x: torch.Tensor, work: _Work, out: torch.Tensor) -> bool:
     import torch
 
-    del work
-    d = x.abs().amax(dim=1) / 127
+    n = x.shape[0]
+    r, a, t = (buf[:n] for buf in work.full)
+    d = torch.abs(x, out=a).amax(dim=1) / 127
     inv = _inverse(d)
     if not _finite(d * inv):  # 1 or 0 unless d or 1/d overflows
         return False
-    r = x * inv.unsqueeze(1)
-    a = r.abs()
-    t = torch.floor(a * 2)
-    t -= torch.floor(a)
+    torch.mul(x, inv.unsqueeze(1), out=r)
+    torch.abs(r, out=a)
+    torch.mul(a, 2, out=t).floor_()
+    t -= a.floor_()  # roundf(|r|) = floor(2|r|) - floor(|r|)
+    torch.copysign(t, r, out=t)
     _put_fp16(out, 0, d)
-    out[:, 2:] = torch.copysign(t, r).to(torch.int8).view(torch.uint8)
+    out[:, 2:] = work.q8[:n].copy_(t).view(torch.uint8)
     return True
 
 
