@@ -5,7 +5,11 @@ matrix), and their dequantizers as ``dequantize_row_<type>`` (bit for bit the
 same floats as gguf-py's ``gguf.quants``).
 
 Every kernel takes float32 values whose count is a multiple of 32 and works
-on all blocks at once; the float operations are the C source's, in its order.
+chunk by chunk in reused buffers; the float operations are the C source's, in
+its order. A chunk runs a fast path (plain truncating casts, valid while every
+block's ``1/d`` is finite) or, when a scale's inverse overflows (subnormal or
+infinite inputs), the general kernels that reproduce C's out-of-range casts.
+NaN inputs are outside the contract (C's max loops skip them, torch's do not).
 """
 
 from __future__ import annotations
