@@ -5,7 +5,11 @@ matrix), and their dequantizers as ``dequantize_row_<type>`` (bit for bit the
 same floats as gguf-py's ``gguf.quants``).
 
 Every kernel takes float32 values whose count is a multiple of 32 and works
-on all blocks at once; the float operations are the C source's, in its order.
+chunk by chunk in reused buffers; the float operations are the C source's, in
+its order. A chunk runs a fast path (plain truncating casts, valid while every
+block's ``1/d`` is finite) or, when a scale's inverse overflows (subnormal or
+infinite inputs), the general kernels that reproduce C's out-of-range casts.
+NaN inputs are outside the contract (C's max loops skip them, torch's do not).
 """
 
 from __future__ import annotations
@@ -37,9 +41,7 @@ def _blocks(x: torch.Tensor) -> torch.Tensor:
 
 def _inverse(d: torch.Tensor) -> torch.Tensor:
     """``d ? 1.0f/d : 0.0f``."""
-    import torch
-
-    return torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+    return d.reciprocal().masked_fill_(d == 0, 0.0)
 
 
 def _nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -151,7 +153,7 @@ def _q5_1_general(x: torch.Tensor) -> torch.Tensor:
 
 CHUNK_BLOCKS = 8192  # blocks per pass: 1 MiB of float32, the buffers stay in cache
 
-Kernel = Callable[["torch.Tensor", "_Work"], "torch.Tensor | None"]
+Kernel = Callable[["torch.Tensor", "_Work", "torch.Tensor"], bool]
 
 
 def _run(x: torch.Tensor, nbytes: int, fast: Kernel,
@@ -163,12 +165,35 @@ def _run(x: torch.Tensor, nbytes: int, fast: Kernel,
 
     blocks = _blocks(x)
     out = torch.empty(blocks.shape[0], nbytes, dtype=torch.uint8)
-    work = _Work(min(CHUNK_BLOCKS, blocks.shape[0]))
+    work = _work()
     for start in range(0, blocks.shape[0], CHUNK_BLOCKS):
         chunk = blocks[start:start + CHUNK_BLOCKS]
-        done = fast(chunk, work)
-        out[start:start + chunk.shape[0]] = general(chunk) if done is None else done
+        target = out[start:start + chunk.shape[0]]
+        if not fast(chunk, work, target):
+            target.copy_(general(chunk))
     return out
+
+
+_WORK: dict[int, _Work] = {}
+
+
+def _work() -> _Work:
+    """The calling thread's buffers, kept between calls (one set: the last
+    thread's), so small tensors do not pay for fresh pages."""
+    import threading
+
+    key = threading.get_ident()
+    if key not in _WORK:
+        _WORK.clear()
+        _WORK[key] = _Work(CHUNK_BLOCKS)
+    return _WORK[key]
+
+
+def _put_fp16(out: torch.Tensor, column: int, values: torch.Tensor) -> None:
+    """Store ``values`` as fp16 in the 2-byte ``column`` of the block rows ``out``."""
+    import torch
+
+    out.view(torch.int16)[:, column] = values.to(torch.float16).view(torch.int16)
 
 
 def _finite(*columns: torch.Tensor) -> bool:
@@ -221,6 +246,8 @@ class _Work:
         self.hi = torch.empty(blocks, 16, dtype=torch.float32)
         self.qlo = torch.empty(blocks, 16, dtype=torch.int8)
         self.qhi = torch.empty(blocks, 16, dtype=torch.int8)
+        self.full = [torch.empty(blocks, 32, dtype=torch.float32) for _ in range(3)]
+        self.q8 = torch.empty(blocks, 32, dtype=torch.int8)
 
     def codes(self, x: torch.Tensor, scale: torch.Tensor, offset: float,
               shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,64 +291,61 @@ def _nibbles_of(qlo: torch.Tensor, qhi: torch.Tensor) -> torch.Tensor:
     return qlo.view(torch.uint8)
 
 
-def _q8_0_fast(x: torch.Tensor, work: _Work) -> torch.Tensor | None:
+def _q8_0_fast(x: torch.Tensor, work: _Work, out: torch.Tensor) -> bool:
     import torch
 
-    del work
-    d = x.abs().amax(dim=1) / 127
+    n = x.shape[0]
+    r, a, t = (buf[:n] for buf in work.full)
+    d = torch.abs(x, out=a).amax(dim=1) / 127
     inv = _inverse(d)
-    if not _finite(d, inv):
-        return None
-    r = x * inv.unsqueeze(1)
-    a = r.abs()
-    t = torch.floor(a * 2)
-    t -= torch.floor(a)
-    out = torch.empty(x.shape[0], 34, dtype=torch.uint8)
-    out[:, :2] = fp16_bytes(d)
-    out[:, 2:] = torch.copysign(t, r).to(torch.int8).view(torch.uint8)
-    return out
+    if not _finite(d * inv):  # 1 or 0 unless d or 1/d overflows
+        return False
+    torch.mul(x, inv.unsqueeze(1), out=r)
+    torch.abs(r, out=a)
+    torch.mul(a, 2, out=t).floor_()
+    t -= a.floor_()  # roundf(|r|) = floor(2|r|) - floor(|r|)
+    torch.copysign(t, r, out=t)
+    _put_fp16(out, 0, d)
+    out[:, 2:] = work.q8[:n].copy_(t).view(torch.uint8)
+    return True
 
 
-def _sym_fast(x: torch.Tensor, nmax: int, nbytes: int, work: _Work) -> torch.Tensor | None:
+def _sym_fast(x: torch.Tensor, nmax: int, work: _Work, out: torch.Tensor) -> bool:
     """Q4_0 / Q5_0 blocks when every ``1/d`` is finite: then ``x * id`` stays
     within ``nmax`` and the casts are plain truncations."""
-    import torch
 
     d = _signed_max(x) / -nmax
     inv = _inverse(d)
-    if not _finite(d, inv):
-        return None
+    if not _finite(d * inv):  # 1 or 0 unless d or 1/d overflows
+        return False
     qlo, qhi = work.codes(x, inv.unsqueeze(1), nmax + 0.5)
     qlo.clamp_(max=2 * nmax - 1)
     qhi.clamp_(max=2 * nmax - 1)
-    out = torch.empty(x.shape[0], nbytes, dtype=torch.uint8)
-    out[:, :2] = fp16_bytes(d)
+    _put_fp16(out, 0, d)
     if nmax == 16:
         out[:, 2:6] = _fifth_bits(qlo, qhi)
-    out[:, nbytes - 16:] = _nibbles_of(qlo, qhi)
-    return out
+    out[:, -16:] = _nibbles_of(qlo, qhi)
+    return True
 
 
-def _affine_fast(x: torch.Tensor, levels: int, nbytes: int, work: _Work) -> torch.Tensor | None:
+def _affine_fast(x: torch.Tensor, levels: int, work: _Work, out: torch.Tensor) -> bool:
     """Q4_1 / Q5_1 blocks when every ``d`` and ``1/d`` is finite."""
-    import torch
 
     mn, mx = _first_min_max(x)
     d = (mx - mn) / levels
     inv = _inverse(d)
-    if not _finite(d, inv):
-        return None
+    if not _finite(d * inv):  # 1 or 0 unless d or 1/d overflows
+        return False
     qlo, qhi = work.codes(x, inv.unsqueeze(1), 0.5, shift=mn.unsqueeze(1))
     if levels == 15:
         qlo.clamp_(max=15)
         qhi.clamp_(max=15)
-    out = torch.empty(x.shape[0], nbytes, dtype=torch.uint8)
-    out[:, :2] = fp16_bytes(d)
-    out[:, 2:4] = fp16_bytes(mn)
+    _put_fp16(out, 0, d)
+    _put_fp16(out, 1, mn)
     if levels == 31:
         out[:, 4:8] = _fifth_bits(qlo, qhi)
-    out[:, nbytes - 16:] = _nibbles_of(qlo, qhi)
-    return out
+    out[:, -16:] = _nibbles_of(qlo, qhi)
+    return True
 
 
 def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
@@ -334,25 +358,25 @@ def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
 def quantize_q4_0(x: torch.Tensor) -> torch.Tensor:
     """Q4_0 blocks ``[n, 18]``: fp16 ``d = max / -8`` (``max`` the first value
     of largest magnitude), 16 bytes of nibbles ``MIN(15, (int8_t)(x*id + 8.5))``."""
-    return _run(x, 18, lambda c, w: _sym_fast(c, 8, 18, w), _q4_0_general)
+    return _run(x, 18, lambda c, w, o: _sym_fast(c, 8, w, o), _q4_0_general)
 
 
 def quantize_q5_0(x: torch.Tensor) -> torch.Tensor:
     """Q5_0 blocks ``[n, 22]``: fp16 ``d = max / -16``, 4 bytes of fifth bits,
     16 of nibbles of ``MIN(31, (int8_t)(x*id + 16.5))``."""
-    return _run(x, 22, lambda c, w: _sym_fast(c, 16, 22, w), _q5_0_general)
+    return _run(x, 22, lambda c, w, o: _sym_fast(c, 16, w, o), _q5_0_general)
 
 
 def quantize_q4_1(x: torch.Tensor) -> torch.Tensor:
     """Q4_1 blocks ``[n, 20]``: fp16 ``d = (max - min) / 15``, fp16 ``m = min``,
     16 bytes of nibbles ``MIN(15, (int8_t)((x - min)*id + 0.5))``."""
-    return _run(x, 20, lambda c, w: _affine_fast(c, 15, 20, w), _q4_1_general)
+    return _run(x, 20, lambda c, w, o: _affine_fast(c, 15, w, o), _q4_1_general)
 
 
 def quantize_q5_1(x: torch.Tensor) -> torch.Tensor:
     """Q5_1 blocks ``[n, 24]``: fp16 ``d = (max - min) / 31``, fp16 ``m = min``,
     4 bytes of fifth bits, 16 of nibbles of ``(uint8_t)((x - min)*id + 0.5)``."""
-    return _run(x, 24, lambda c, w: _affine_fast(c, 31, 24, w), _q5_1_general)
+    return _run(x, 24, lambda c, w, o: _affine_fast(c, 31, w, o), _q5_1_general)
 
 
 def _dequant_input(data: torch.Tensor, nbytes: int) -> torch.Tensor:
