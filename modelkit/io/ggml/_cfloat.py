@@ -74,3 +74,10 @@ def first_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mx = torch.gather(x, 1, idx)
     mx = torch.where(amax > 0, mx, torch.zeros_like(mx))
     return amax, mx
+
+
+def fp16_value(d: torch.Tensor) -> torch.Tensor:
+    """``GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(d))``: ``d`` rounded to fp16, as float32."""
+    import torch
+
+    return d.to(torch.float16).to(torch.float32)
