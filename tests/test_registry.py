@@ -23,7 +23,7 @@ from modelkit.vocab import USER_DTYPES
 
 OPTIONAL = {"variants", "layout_rules", "notes"}  # may be empty for any entry
 # what a family that inspect recognises but other commands refuse may leave out
-DETECT_ONLY = {"spec", "blocks", "lora", "diffusers", "gguf", "commands"}
+DETECT_ONLY = {"spec", "blocks", "lora", "diffusers", "gguf", "commands", "probe"}
 # a family some commands handle: the tables of the commands not done yet
 PARTIAL_ONLY = {"spec", "diffusers", "gguf"}
 
