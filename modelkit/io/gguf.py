@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelkit.errors import CancelFlag, ModelkitError
+from modelkit.io.ggml import GGML_TYPES
 from modelkit.io.header import TensorInfo
 from modelkit.io.source import Source, source_label
 from modelkit.io.writer import atomic_path
 from modelkit.progress import Progress, ProgressFn, no_progress
+from modelkit.vocab import GGUF_QUANT_TYPES
 
 if TYPE_CHECKING:
     import numpy as np
@@ -34,12 +36,15 @@ if TYPE_CHECKING:
 CHUNK = 1 << 20  # elements encoded per step (a multiple of every block size)
 MAX_DIMS = 4  # GGML tensors have at most 4 dimensions
 MAX_NAME = 127  # ComfyUI-GGUF's converter limit (llama.cpp's patched GGML_MAX_NAME - 1)
-# user-facing qtype -> (GGML type name, gguf.LlamaFileType member)
-QTYPES = {"q8_0": ("Q8_0", "MOSTLY_Q8_0"), "f16": ("F16", "MOSTLY_F16"),
-          "bf16": ("BF16", "MOSTLY_BF16")}
+# user-facing qtype -> (default GGML type, gguf.LlamaFileType member): llama.cpp's
+# file types (src/llama-quant.cpp), whose _S/_M mixes raise some tensors
+QTYPES: dict[str, tuple[str, str]] = {
+    "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
+    **{q: (q.upper().removesuffix("_M").removesuffix("_S"), f"MOSTLY_{q.upper()}")
+       for q in GGUF_QUANT_TYPES}}
 # GGML type name -> (elements per block, bytes per block), as gguf.GGML_QUANT_SIZES
-GGML_SIZES = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (32, 34)}
-FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})
+GGML_SIZES = {n: (t.block_size, t.block_bytes) for n, t in GGML_TYPES.items()}
+FLOAT_TYPES = frozenset(n for n, t in GGML_TYPES.items() if not t.module)
 ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
 
 Planner = Callable[[str, TensorInfo, str], "TensorPlan"]
@@ -51,16 +56,19 @@ class TensorPlan:
 
     Args:
         key: the tensor name (in the source and in the GGUF file).
-        ggml_type: ``Q8_0``, ``F16``, ``BF16`` or ``F32``.
+        ggml_type: a GGML type name (``Q4_K``, ``F16``...).
         shape: the stored shape, torch order (GGUF lists it reversed).
         orig_shape: the real shape when the tensor was flattened to fit the
-            quant block; recorded as ``comfy.gguf.orig_shape.<key>``.
+            quant block (or GGML's 4 dimensions); recorded as
+            ``comfy.gguf.orig_shape.<key>``.
+        why: the planner's reason (``kept``, ``mix``, ``fallback``...).
     """
 
     key: str
     ggml_type: str
     shape: tuple[int, ...]
     orig_shape: tuple[int, ...] | None = None
+    why: str = ""
 
     @property
     def numel(self) -> int:
@@ -89,7 +97,7 @@ class GGUFResult:
 
 
 def ggml_type_for(qtype: str) -> str:
-    """The GGML type name for a user qtype (``q8_0``, ``f16``, ``bf16``)."""
+    """The default GGML type of a user qtype (``q4_k_m`` -> ``Q4_K``)."""
     try:
         return QTYPES[qtype.lower()][0]
     except KeyError:
@@ -98,9 +106,16 @@ def ggml_type_for(qtype: str) -> str:
 
 
 def kept_float_type(st_dtype: str) -> str:
-    """The GGML float type a tensor keeps when it is not quantized: F16 and
-    F32 stay as they are, anything else (BF16, F64, fp8) becomes F32."""
+    """The GGML float type a small, 1-D or high-precision tensor keeps: F16
+    and F32 stay as they are, anything else (BF16, F64, fp8) becomes F32
+    (city96/ComfyUI-GGUF ``tools/convert.py``)."""
     return st_dtype if st_dtype in ("F16", "F32") else "F32"
+
+
+def source_float_type(st_dtype: str) -> str:
+    """The GGML float type of a tensor left unquantized by the quantizer: its
+    own (F16, BF16, F32) as ``llama-quantize`` copies it, F32 for the others."""
+    return st_dtype if st_dtype in ("F16", "BF16", "F32") else "F32"
 
 
 def plain_plan(key: str, info: TensorInfo, ggml_type: str) -> TensorPlan:
@@ -137,23 +152,104 @@ def _check_plan(plan: TensorPlan, info: TensorInfo) -> None:
                             f"{plan.shape} does not fit its shape {info.shape}")
 
 
-def _encode_chunk(gguf: Any, flat: torch.Tensor, ggml_type: str) -> np.ndarray:
-    """Bytes of a 1-D float chunk in ``ggml_type`` (Q8_0 blocks run along the
-    flattened row-major order, so any 32-aligned slice quantizes alone)."""
+@dataclass(frozen=True)
+class TensorQuality:
+    """The stored tensor against its float input: relative L2 error
+    ``||stored - x|| / ||x||`` and SNR in dB."""
+
+    key: str
+    ggml_type: str
+    relative_l2: float
+    snr_db: float
+
+
+@dataclass
+class GGUFQuality:
+    """Per-tensor error of a GGUF write (quantized tensors and lossy casts),
+    measured while encoding, from the same chunks."""
+
+    tensors: list[TensorQuality] = field(default_factory=list)
+    err_sq: float = 0.0
+    ref_sq: float = 0.0
+
+    def add(self, key: str, ggml_type: str, err_sq: float, ref_sq: float) -> None:
+        """Record one tensor's error sums."""
+        from modelkit.numeric import relative_l2, snr_db
+
+        self.tensors.append(TensorQuality(key, ggml_type, relative_l2(err_sq, ref_sq),
+                                          snr_db(err_sq, ref_sq)))
+        self.err_sq += err_sq
+        self.ref_sq += ref_sq
+
+    @property
+    def relative_l2(self) -> float:
+        """Over every measured tensor."""
+        from modelkit.numeric import relative_l2
+
+        return relative_l2(self.err_sq, self.ref_sq)
+
+    @property
+    def snr_db(self) -> float:
+        from modelkit.numeric import snr_db
+
+        return snr_db(self.err_sq, self.ref_sq)
+
+    def worst(self, n: int = 5) -> list[TensorQuality]:
+        """The ``n`` tensors with the largest relative error."""
+        return sorted(self.tensors, key=lambda t: -t.relative_l2)[:n]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON report (``--json``): totals, then every measured tensor."""
+        return {"relative_l2": self.relative_l2, "snr_db": self.snr_db,
+                "n_measured": len(self.tensors),
+                "tensors": [{"key": t.key, "type": t.ggml_type, "relative_l2": t.relative_l2,
+                             "snr_db": t.snr_db} for t in self.tensors]}
+
+
+def _float_chunk(flat: torch.Tensor, ggml_type: str) -> torch.Tensor:
+    """``flat`` cast to the float type ``ggml_type`` (a view of the result as
+    the type's torch dtype)."""
+    import torch
+
+    dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}[ggml_type]
+    return flat.to(dtype)
+
+
+def _encode_chunk(flat: torch.Tensor, ggml_type: str, measure: bool
+                  ) -> tuple[np.ndarray, float, float]:
+    """Bytes of a 1-D float chunk in ``ggml_type`` and, when ``measure``, the
+    squared error of the stored values and the squared norm of the input
+    (blocks run along the flattened row-major order, so any block-aligned
+    slice quantizes alone)."""
     import numpy as np
     import torch
 
-    if ggml_type == "F16":
-        return flat.to(torch.float16).numpy().view(np.uint8)
-    if ggml_type == "BF16":
-        return flat.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
-    if ggml_type == "F32":
-        return flat.to(torch.float32).numpy().view(np.uint8)
-    if ggml_type == "Q8_0":
-        return _q8_encoder().encode(flat).numpy().reshape(-1)
-    qtype = gguf.GGMLQuantizationType[ggml_type]
-    arr = flat.to(torch.float32).numpy()
-    return gguf.quants.quantize(arr.reshape(1, -1), qtype).reshape(-1)
+    from modelkit.io.ggml import dequantize_blocks, quantize_blocks
+
+    if ggml_type in FLOAT_TYPES:
+        cast = _float_chunk(flat, ggml_type)
+        view = cast.view(torch.int16) if ggml_type == "BF16" else cast
+        data = view.numpy().view(np.uint8)
+        if not measure:
+            return data, 0.0, 0.0
+        x = flat.to(torch.float32)
+        return data, _err_sq(cast.to(torch.float32), x), _sq(x)
+    x = flat.to(torch.float32)
+    blocks = _q8_encoder().encode(x) if ggml_type == "Q8_0" else quantize_blocks(x, ggml_type)
+    data = blocks.numpy().reshape(-1)
+    if not measure:
+        return data, 0.0, 0.0
+    return data, _err_sq(dequantize_blocks(blocks, ggml_type), x), _sq(x)
+
+
+def _sq(x: torch.Tensor) -> float:
+    import torch
+
+    return float(torch.linalg.vector_norm(x, dtype=torch.float64) ** 2)
+
+
+def _err_sq(y: torch.Tensor, x: torch.Tensor) -> float:
+    return _sq(y.sub_(x) if y.data_ptr() != x.data_ptr() else y - x)
 
 
 class Q80Encoder:
@@ -216,19 +312,33 @@ def q8_0_blocks(flat: torch.Tensor) -> torch.Tensor:
     return Q80Encoder(flat.numel()).encode(flat).clone()
 
 
-def encode_tensor(gguf: Any, tensor: torch.Tensor, plan: TensorPlan) -> np.ndarray:
-    """The stored bytes of ``tensor`` under ``plan``, filled chunk by chunk."""
+def encode_tensor(tensor: torch.Tensor, plan: TensorPlan, measure: bool = False
+                  ) -> tuple[np.ndarray, float, float]:
+    """The stored bytes of ``tensor`` under ``plan``, filled chunk by chunk,
+    and (when ``measure``) the squared error of the stored values against
+    ``tensor`` and its squared norm, summed over the same chunks."""
     import numpy as np
 
     flat = tensor.detach().cpu().reshape(-1)
     out = np.empty(plan.nbytes, dtype=np.uint8)
     block, size = GGML_SIZES[plan.ggml_type]
+    err = ref = 0.0
     for start in range(0, flat.numel(), CHUNK):
         chunk = flat[start:start + CHUNK]
         pos = start // block * size
-        out[pos:pos + chunk.numel() // block * size] = _encode_chunk(gguf, chunk,
-                                                                     plan.ggml_type)
-    return out
+        data, e, r = _encode_chunk(chunk, plan.ggml_type, measure)
+        out[pos:pos + chunk.numel() // block * size] = data
+        err += e
+        ref += r
+    return out, err, ref
+
+
+def measured(plan: TensorPlan, st_dtype: str) -> bool:
+    """Whether writing a tensor of safetensors dtype ``st_dtype`` under
+    ``plan`` loses anything (quantized, or cast to a narrower float)."""
+    if plan.quantized:
+        return True
+    return plan.ggml_type != st_dtype and plan.ggml_type != "F32"
 
 
 def _default_name(source: Source, metadata: Mapping[str, str]) -> str:
@@ -251,6 +361,7 @@ class GGUFPayload:
     name: str | None = None
     kv: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    quality: GGUFQuality = field(default_factory=GGUFQuality)  # filled by the write
 
     @property
     def nbytes(self) -> int:
@@ -269,6 +380,20 @@ def gguf_payload(source: Source, *, qtype: str = "q8_0", arch: str | None = None
     qtype = qtype.lower()
     target_type = ggml_type_for(qtype)
     plans = [plan(k, i, target_type) for k, i in source.infos.items()]
+    return planned_payload(source, plans, qtype=qtype, arch=arch, name=name, kv=kv)
+
+
+def planned_payload(source: Source, plans: list[TensorPlan], *, qtype: str,
+                    arch: str | None = None, name: str | None = None,
+                    kv: Mapping[str, str] | None = None) -> GGUFPayload:
+    """A payload of ``plans`` (one per tensor of ``source``, planned
+    together: a mix counts tensors), checked that GGUF can hold each.
+
+    Raises:
+        ModelkitError: an unknown qtype or a tensor GGUF cannot hold.
+    """
+    qtype = qtype.lower()
+    ggml_type_for(qtype)
     for p in plans:
         _check_plan(p, source.infos[p.key])
     return GGUFPayload(source, plans, qtype, arch, name, dict(kv or {}))
@@ -328,6 +453,25 @@ def _patch(temp: Path, head_end: int, patches: Mapping[str, str]) -> None:
                 pos = head.find(a, pos + len(a))
 
 
+def _write_tensors(writer: Any, payload: GGUFPayload, advance: Callable[[int, str], None],
+                   cancel: CancelFlag | None) -> None:
+    """Encode and write every planned tensor in order, recording the error
+    of each lossy one in ``payload.quality``."""
+    from modelkit.errors import check_cancel
+
+    source, quality = payload.source, payload.quality
+    quality.tensors.clear()
+    quality.err_sq = quality.ref_sq = 0.0
+    for p in payload.plans:
+        check_cancel(cancel)
+        lossy = measured(p, source.infos[p.key].dtype)
+        data, err, ref = encode_tensor(source.get(p.key), p, lossy)
+        writer.write_tensor_data(data)
+        if lossy:
+            quality.add(p.key, p.ggml_type, err, ref)
+        advance(p.nbytes, p.key)
+
+
 def write_gguf_payload(payload: GGUFPayload, out: Path, metadata: Mapping[str, str] | None,
                        inputs: list[Path], overwrite: bool,
                        advance: Callable[[int, str], None], cancel: CancelFlag | None,
@@ -348,10 +492,7 @@ def write_gguf_payload(payload: GGUFPayload, out: Path, metadata: Mapping[str, s
             writer.write_ti_data_to_file()
             writer.flush()
             head_end = temp.stat().st_size
-            for p in payload.plans:
-                check_cancel(cancel)
-                writer.write_tensor_data(encode_tensor(gguf, source.get(p.key), p))
-                advance(p.nbytes, p.key)
+            _write_tensors(writer, payload, advance, cancel)
         finally:
             writer.close()
         _patch(temp, head_end, finalize() if finalize else {})
