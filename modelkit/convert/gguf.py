@@ -132,15 +132,18 @@ def tensor_plan(key: str, info: TensorInfo, ggml_type: str, *,
 
 def plan_tensors(infos: Mapping[str, TensorInfo], policy: GgufPolicy, qtype: str, *,
                  flatten: bool = True) -> list[TensorPlan]:
-    """Every tensor's plan under ``policy`` and user type ``qtype``, in order
-    (a mix's counted rules count tensors in this order, as ``llama-quantize``
-    counts them in its input's order)."""
+    """Every tensor's plan under ``policy`` and user type ``qtype``, in the
+    order of ``infos``. A mix's counted rules (the first n attention-v
+    tensors) count in sorted name order: ``llama-quantize`` counts in its
+    input's order, which is ``convert.py``'s state dict from safetensors'
+    ``load_file``, whose keys come sorted."""
     from modelkit.io.gguf import ggml_type_for
 
     default = ggml_type_for(qtype)
     counts: dict[str, int] = {}
-    return [_plan(k, i, policy, qtype.lower(), default, counts, flatten)
-            for k, i in infos.items()]
+    plans = {k: _plan(k, infos[k], policy, qtype.lower(), default, counts, flatten)
+             for k in sorted(infos)}
+    return [plans[k] for k in infos]
 
 
 def _kept(key: str, info: TensorInfo, policy: GgufPolicy) -> TensorPlan | None:
