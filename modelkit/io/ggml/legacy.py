@@ -12,7 +12,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from modelkit.io.ggml._cfloat import c_cast_low_byte, fp16_bytes, first_absmax, read_fp16, signed_byte
+from modelkit.io.ggml._cfloat import (
+    c_cast_low_byte,
+    first_absmax,
+    fp16_bytes,
+    read_fp16,
+    signed_byte,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -70,7 +76,7 @@ def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
 def _quantize_sym(x: torch.Tensor, nmax: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_0 / Q5_0: ``d = max / -nmax`` and ``MIN(2*nmax-1, (int8_t)(x*id + nmax + 0.5))``
     (an int32 byte value)."""
-    amax, mx = first_absmax(x)
+    _, mx = first_absmax(x)
     d = mx / -nmax
     v = x * _inverse(d) + (nmax + 0.5)
     q = signed_byte(c_cast_low_byte(v)).clamp_(max=(1 << bits) - 1) & 0xFF
@@ -100,7 +106,8 @@ def quantize_q5_0(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _quantize_affine(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _quantize_affine(x: torch.Tensor,
+                     levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Q4_1 / Q5_1: ``d = (max - min) / levels``, ``m = min`` and the byte
     of ``(x - min) * id + 0.5`` truncated."""
     import torch
