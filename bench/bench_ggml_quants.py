@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).with_name("ggml_ref")))
-import ggml_ref  # noqa: E402
+import ggml_ref
 
-from modelkit.io.ggml import quantize_blocks  # noqa: E402
-from modelkit.testing.ggml_cases import CASES, make_case  # noqa: E402
+from modelkit.io.ggml import quantize_blocks
+from modelkit.testing.ggml_cases import CASES, make_case
 
 
 def _best_ms(fn: Callable[[], object], repeat: int) -> tuple[float, object]:

@@ -72,7 +72,8 @@ def _kernel(name: str, what: str) -> Callable[..., torch.Tensor]:
     if not ggml_type.module:
         raise ValueError(f"{name} is a float type, not a block type")
     module = import_module(f"{__name__}.{ggml_type.module}")
-    return getattr(module, f"{what}_{name.lower()}")  # type: ignore[no-any-return]
+    kernel: Callable[..., torch.Tensor] = getattr(module, f"{what}_{name.lower()}")
+    return kernel
 
 
 def quantize_blocks(x: torch.Tensor, name: str) -> torch.Tensor:

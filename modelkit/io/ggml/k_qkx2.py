@@ -73,68 +73,233 @@ def _seq_sum(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _search(x: torch.Tensor, w: torch.Tensor, p: Search
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``make_qkx2_quants`` for every column of ``x`` and ``w`` (``[n, S]``:
-    the sub-block index leads). Returns the codes ``L`` (float32 ``[n, S]``),
-    the scales and the mins (``the_min``, float32 ``[S]``).
+# torch's float32 sum over a leading dimension (aten/src/ATen/native/cpu/
+# SumKernel.cpp, multi_row_sum) adds each column's rows one after the other
+# in chunks of 16 rows, then adds the chunk sums; with one thread and column
+# counts in multiples of 4 SIMD vectors. So up to 17 rows it is C's loop, and
+# 32 rows are two sums: rows 0-15 into a carry row, then the carry and rows
+# 16-31 (17 rows). `_cascade_is_sequential` checks that on this build first.
+COLUMN_MULTIPLE = 64
+_CASCADE_OK: bool | None = None
+
+
+def _cascade_is_sequential() -> bool:
+    """Whether ``torch.sum`` over dim 0 of up to 17 rows adds them in order
+    here (a sum whose every rounding tells the order apart)."""
+    global _CASCADE_OK
+    if _CASCADE_OK is None:
+        import torch
+
+        gen = torch.Generator().manual_seed(20)
+        t = torch.randn(17, 3 * COLUMN_MULTIPLE, generator=gen)
+        t = t * torch.rand(17, 1, generator=gen).pow(6).mul(1e4)
+        _CASCADE_OK = all(bool(torch.equal(t[:k].sum(dim=0), _seq_sum(t[:k], torch.empty(t.shape[1]))))
+                          for k in (16, 17))
+    return _CASCADE_OK
+
+
+class _Rows:
+    """The row layout of a ``[rows, S]`` buffer for sub-blocks of ``n``:
+    ``n`` rows, plus a carry row after row 15 when ``n`` is 32 (the first
+    sum's result, see above)."""
+
+    def __init__(self, n: int) -> None:
+        if n not in (16, 32):
+            raise ValueError(f"sub-blocks of {n}")
+        self.n = n
+        self.rows = n + (1 if n > 16 else 0)
+        self.fast = _cascade_is_sequential()
+
+    def load(self, buf: torch.Tensor, xt: torch.Tensor) -> None:
+        """Copy ``xt`` (``[n, S]``) into the data rows of ``buf``, zero the
+        carry row."""
+        if self.n == 16:
+            buf.copy_(xt)
+            return
+        buf[:16] = xt[:16]
+        buf[16] = 0
+        buf[17:] = xt[16:]
+
+    def data(self, buf: torch.Tensor) -> torch.Tensor:
+        """The ``n`` data rows of ``buf`` (a copy when there is a carry row)."""
+        import torch
+
+        return buf if self.n == 16 else torch.cat((buf[:16], buf[17:]))
+
+    def colsum(self, buf: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out`` = the data rows of ``buf`` summed in C's order (the
+        carry row of ``buf`` is overwritten)."""
+        import torch
+
+        if not self.fast:
+            out.copy_(buf[0])
+            for i in range(1, self.rows):
+                if i != 16 or self.n == 16:
+                    out.add_(buf[i])
+            return out
+        if self.n == 16:
+            return torch.sum(buf, dim=0, out=out)
+        torch.sum(buf[:16], dim=0, out=buf[16])
+        return torch.sum(buf[16:], dim=0, out=out)
+
+
+class _Searcher:
+    """``make_qkx2_quants`` of ``S`` sub-blocks at once (``S`` a multiple of
+    64), with its buffers reused from chunk to chunk.
 
     The candidates run one after the other: when one wins, C's loop goes on
     with its ``min`` (``iscale = (...)/(max - min)`` and ``x[i] - min``), so
-    each candidate depends on the previous winner."""
-    import torch
+    each candidate depends on the previous winner. Within a candidate every
+    op is over all ``S`` columns and all rows at once. The winner's codes are
+    not copied as it wins: its ``iscale`` and the ``min`` it started from are
+    kept, and its codes computed again (the same ops) at the end."""
 
-    s = x.shape[1]
-    mx = x.amax(dim=0)
-    mn = torch.clamp(x.amin(dim=0), max=0.0)
-    flat = mx == mn
-    sum_w = _seq_sum(w, torch.empty(s))
-    sum_x = _seq_sum(w * x, torch.empty(s))
-    nums = p.numerators()
-    iscale = _rdiv(nums[0], mx - mn)
-    scale = 1 / iscale
-    codes = ((x - mn) * iscale).round_().clamp_(0, p.nmax)
-    best = _error(x, w, codes, scale, mn, p.use_mad)
-    for num in nums[1:]:
-        iscale = _rdiv(num, mx - mn)
-        cand = ((x - mn) * iscale).round_().clamp_(0, p.nmax)
-        wl = w * cand
-        sums = _seq_sum(torch.stack((wl, wl * cand, wl * x), dim=1), torch.empty(3, s))
-        sum_l, sum_l2, sum_xl = sums[0], sums[1], sums[2]
+    def __init__(self, p: Search, s: int) -> None:
+        import torch
+
+        self.p = p
+        self.r = _Rows(p.n)
+        rows = self.r.rows
+        # tx[:, 0]: the candidate's codes, tx[:, 1]: x (one product with both)
+        self.tx = torch.empty(rows, 2, s)
+        self.t, self.x = self.tx[:, 0], self.tx[:, 1]
+        self.w = torch.empty(rows, s)
+        self.prod = torch.empty(rows, 3, s)
+        self.nums = p.numerators()
+        # state rows: best error, scale, min, the winner's iscale, its start min
+        self.state = torch.empty(5, s)
+        self.cand = torch.empty(5, s)
+        self.sums = torch.empty(3, s)
+
+    def run(self, xt: torch.Tensor, wt: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Search the columns of ``xt`` with weights ``wt`` (``[n, S]``).
+        Returns the codes (float32 ``[n, S]``), the scales and ``the_min``
+        (``[S]``)."""
+        import torch
+
+        r, w, state, cand = self.r, self.w, self.state, self.cand
+        r.load(self.x, xt)
+        r.load(w, wt)
+        mx = xt.amax(dim=0)
+        mn = torch.clamp(xt.amin(dim=0), max=0.0)
+        flat = mx == mn
+        span = mx - mn
+        # spans so small that iscale overflows (or non-finite values): round
+        # with ggml's exact nearest_int, as its release build does
+        exotic = bool((span[~flat] < 2.0 ** -100).any()) or not bool(xt.isfinite().all())
+        sum_w, sum_x = self._hoisted()
+        iscale = _rdiv(self.nums[0], span)
+        self._codes(mn, iscale, exotic)
+        torch.reciprocal(iscale, out=state[1])
+        state[2] = mn
+        state[3] = iscale
+        state[4] = mn
+        self._error(state[1], state[2], state[0])
+        for num in self.nums[1:]:
+            cand[4] = state[2]
+            _rdiv(num, mx - state[2], out=cand[3])
+            self._codes(cand[4], cand[3], exotic)
+            d = self._fit(sum_w, sum_x)
+            self._error(cand[1], cand[2], cand[0])
+            won = (d > 0) & (cand[0] < state[0])
+            torch.where(won, cand, state, out=state)
+        self._codes(state[4], state[3], exotic)
+        codes = r.data(self.t)
+        codes[:, flat] = 0
+        scale = torch.where(flat, torch.zeros_like(mn), state[1])
+        the_min = torch.where(flat, mn, state[2]).neg_()
+        return codes, scale, the_min
+
+    def _hoisted(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``sum_w`` and ``sum_x`` (``sum w*x``) of each column."""
+        import torch
+
+        prod = self.prod
+        torch.mul(self.w, self.x, out=prod[:, 1])
+        prod[:, 0] = self.w
+        out = torch.empty(2, self.w.shape[1])
+        self.r.colsum(prod[:, :2], out)
+        return out[0], out[1]
+
+    def _fit(self, sum_w: torch.Tensor, sum_x: torch.Tensor) -> torch.Tensor:
+        """The least-squares scale and min of the codes in ``self.t`` into
+        ``cand[1]``, ``cand[2]`` (C's order of operations); returns ``D``."""
+        import torch
+
+        prod, cand = self.prod, self.cand
+        torch.mul(self.w, self.t, out=prod[:, 0])
+        torch.mul(prod[:, 0:1], self.tx, out=prod[:, 1:3])
+        self.r.colsum(prod, self.sums)
+        sum_l, sum_l2, sum_xl = self.sums[0], self.sums[1], self.sums[2]
         d = sum_w * sum_l2 - sum_l * sum_l
-        this_scale = (sum_w * sum_xl - sum_x * sum_l) / d
-        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d
-        pos = this_min > 0
-        this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
-        this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
-        cur = _error(x, w, cand, this_scale, this_min, p.use_mad)
-        won = (d > 0) & (cur < best)
-        codes = torch.where(won, cand, codes)
-        best = torch.where(won, cur, best)
-        scale = torch.where(won, this_scale, scale)
-        mn = torch.where(won, this_min, mn)
-    codes[:, flat] = 0
-    scale[flat] = 0
-    return codes, scale, -mn
+        torch.sub(sum_w * sum_xl, sum_x * sum_l, out=cand[1]).div_(d)
+        torch.sub(sum_l2 * sum_x, sum_l * sum_xl, out=cand[2]).div_(d)
+        pos = cand[2] > 0
+        torch.where(pos, sum_xl / sum_l2, cand[1], out=cand[1])
+        cand[2].masked_fill_(pos, 0.0)
+        return d
+
+    def _codes(self, mn: torch.Tensor, iscale: torch.Tensor, exotic: bool) -> None:
+        """``self.t`` = ``MAX(0, MIN(nmax, nearest_int(iscale*(x - min))))``."""
+        import torch
+
+        t = self.t
+        torch.sub(self.x, mn, out=t)
+        t.mul_(iscale)
+        if exotic:
+            t.copy_(_nearest_int(t))
+        else:
+            t.round_()
+        t.clamp_(0, self.p.nmax)
+
+    def _error(self, scale: torch.Tensor, mn: torch.Tensor, out: torch.Tensor) -> None:
+        """``out`` = each column's ``sum w * (scale*L + min - x)**2`` (or
+        ``|...|``) for the codes in ``self.t``, summed in C's order."""
+        import torch
+
+        e = self.prod[:, 0]
+        torch.mul(self.t, scale, out=e)
+        e.add_(mn).sub_(self.x)
+        if self.p.use_mad:
+            e.abs_()
+        else:
+            e.mul_(e)
+        e.mul_(self.w)
+        self.r.colsum(e, out)
 
 
-def _error(x: torch.Tensor, w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
-           mn: torch.Tensor, use_mad: bool) -> torch.Tensor:
-    """The weighted error ``sum w * (scale*L + min - x)**2`` (or ``|...|``)
-    of each column, summed in C's order."""
+_SEARCHERS: dict[tuple[Search, int], _Searcher] = {}
+
+
+def _search(xt: torch.Tensor, wt: torch.Tensor, p: Search
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``make_qkx2_quants`` of the columns of ``xt`` (``[n, S]``) with
+    weights ``wt``: codes (float32 ``[n, S]``), scales, ``the_min``."""
     import torch
 
-    diff = (scale * codes + mn) - x
-    diff = diff.abs_() if use_mad else diff.mul_(diff)
-    return _seq_sum(w * diff, torch.empty(x.shape[1]))
+    s = xt.shape[1]
+    pad = -s % COLUMN_MULTIPLE
+    if pad:  # zero columns: flat sub-blocks, dropped below
+        xt = torch.nn.functional.pad(xt, (0, pad))
+        wt = torch.nn.functional.pad(wt, (0, pad))
+    key = (p, s + pad)
+    if key not in _SEARCHERS:
+        if len(_SEARCHERS) > 4:
+            _SEARCHERS.clear()
+        _SEARCHERS[key] = _Searcher(p, s + pad)
+    codes, scale, the_min = _SEARCHERS[key].run(xt, wt)
+    return codes[:, :s], scale[:s], the_min[:s]
 
 
-def _rdiv(num: float, t: torch.Tensor) -> torch.Tensor:
+def _rdiv(num: float, t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``num / t`` rounded once, as C divides (torch computes a Python
     number over a tensor as ``t.reciprocal() * num``: two roundings)."""
     import torch
 
-    return torch.full_like(t, num).div_(t)
+    if out is None:
+        return torch.full_like(t, num).div_(t)
+    return out.fill_(num).div_(t)
 
 
 def _positive_max(v: torch.Tensor) -> torch.Tensor:
