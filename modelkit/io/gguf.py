@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,6 +48,9 @@ QTYPES: dict[str, tuple[str, str]] = {
 GGML_SIZES = {n: (t.block_size, t.block_bytes) for n, t in GGML_TYPES.items()}
 FLOAT_TYPES = frozenset(n for n, t in GGML_TYPES.items() if not t.module)
 ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
+# chunk encoders of one write: both cores of the small machines modelkit
+# targets (the k-quant scale search is the cost; see bench/bench_gguf_export.py)
+ENCODE_THREADS = max(1, min(2, os.cpu_count() or 1))
 
 Planner = Callable[[str, TensorInfo, str], "TensorPlan"]
 
@@ -293,18 +298,15 @@ class Q80Encoder:
         return out
 
 
-_ENCODERS: dict[int, Q80Encoder] = {}
+_ENCODERS = threading.local()
 
 
 def _q8_encoder() -> Q80Encoder:
-    """The calling thread's reusable encoder."""
-    import threading
-
-    key = threading.get_ident()
-    if key not in _ENCODERS:
-        _ENCODERS.clear()  # one writer at a time: keep the buffers of the last one
-        _ENCODERS[key] = Q80Encoder()
-    return _ENCODERS[key]
+    """The calling thread's reusable encoder (freed with the thread)."""
+    enc: Q80Encoder | None = getattr(_ENCODERS, "encoder", None)
+    if enc is None:
+        enc = _ENCODERS.encoder = Q80Encoder()
+    return enc
 
 
 def q8_0_blocks(flat: torch.Tensor) -> torch.Tensor:
@@ -453,23 +455,72 @@ def _patch(temp: Path, head_end: int, patches: Mapping[str, str]) -> None:
                 pos = head.find(a, pos + len(a))
 
 
+@dataclass
+class _Job:
+    """One tensor being encoded by the pool: its output buffer and the
+    futures of its chunks (each returns its error sums)."""
+
+    plan: TensorPlan
+    out: np.ndarray
+    chunks: list[Future[tuple[float, float]]]
+    lossy: bool
+
+
+def _submit(pool: ThreadPoolExecutor, tensor: torch.Tensor, plan: TensorPlan,
+            measure: bool) -> _Job:
+    """Queue the chunks of ``tensor``; each worker writes its bytes into
+    the job's buffer (a Q8_0 worker's blocks live in its own reused buffer)."""
+    import numpy as np
+
+    flat = tensor.detach().cpu().reshape(-1)
+    out = np.empty(plan.nbytes, dtype=np.uint8)
+    block, size = GGML_SIZES[plan.ggml_type]
+
+    def encode(start: int) -> tuple[float, float]:
+        chunk = flat[start:start + CHUNK]
+        pos = start // block * size
+        data, err, ref = _encode_chunk(chunk, plan.ggml_type, measure)
+        out[pos:pos + chunk.numel() // block * size] = data
+        return err, ref
+
+    futures = [pool.submit(encode, start) for start in range(0, flat.numel(), CHUNK)]
+    return _Job(plan, out, futures, measure)
+
+
 def _write_tensors(writer: Any, payload: GGUFPayload, advance: Callable[[int, str], None],
                    cancel: CancelFlag | None) -> None:
     """Encode and write every planned tensor in order, recording the error
-    of each lossy one in ``payload.quality``."""
+    of each lossy one in ``payload.quality``. Chunks are encoded by
+    :data:`ENCODE_THREADS` workers (torch releases the GIL; each op on one
+    intra-op thread), and the next tensor is queued before the last one is
+    written, so the workers never wait for the disk."""
     from modelkit.errors import check_cancel
 
     source, quality = payload.source, payload.quality
     quality.tensors.clear()
     quality.err_sq = quality.ref_sq = 0.0
-    for p in payload.plans:
-        check_cancel(cancel)
-        lossy = measured(p, source.infos[p.key].dtype)
-        data, err, ref = encode_tensor(source.get(p.key), p, lossy)
-        writer.write_tensor_data(data)
-        if lossy:
-            quality.add(p.key, p.ggml_type, err, ref)
-        advance(p.nbytes, p.key)
+
+    def finish(job: _Job) -> None:
+        sums = [f.result() for f in job.chunks]
+        writer.write_tensor_data(job.out)
+        if job.lossy:
+            quality.add(job.plan.key, job.plan.ggml_type, sum(e for e, _ in sums),
+                        sum(r for _, r in sums))
+        advance(job.plan.nbytes, job.plan.key)
+
+    pool = ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="gguf-encode")
+    try:
+        pending: _Job | None = None
+        for p in payload.plans:
+            check_cancel(cancel)
+            job = _submit(pool, source.get(p.key), p, measured(p, source.infos[p.key].dtype))
+            if pending is not None:
+                finish(pending)
+            pending = job
+        if pending is not None:
+            finish(pending)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def write_gguf_payload(payload: GGUFPayload, out: Path, metadata: Mapping[str, str] | None,
