@@ -18,8 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from modelkit.io.ggml._cfloat import fp16_bytes, fp16_value, nearest_int
+from modelkit.io.ggml.k_qkx2_dequant import dequantize_q2_k, dequantize_q4_k, dequantize_q5_k
+
 if TYPE_CHECKING:
     import torch
+
+__all__ = ["dequantize_q2_k", "dequantize_q4_k", "dequantize_q5_k", "quantize_q2_k",
+           "quantize_q4_k", "quantize_q5_k"]
 
 QK_K = 256
 # Sub-blocks per chunk: 2048 sub-blocks of 32 (64 Ki weights) keep a chunk's
@@ -93,8 +99,9 @@ def _cascade_is_sequential() -> bool:
         gen = torch.Generator().manual_seed(20)
         t = torch.randn(17, 3 * COLUMN_MULTIPLE, generator=gen)
         t = t * torch.rand(17, 1, generator=gen).pow(6).mul(1e4)
-        _CASCADE_OK = all(bool(torch.equal(t[:k].sum(dim=0), _seq_sum(t[:k], torch.empty(t.shape[1]))))
-                          for k in (16, 17))
+        _CASCADE_OK = all(
+            bool(torch.equal(t[:k].sum(dim=0), _seq_sum(t[:k], torch.empty(t.shape[1]))))
+            for k in (16, 17))
     return _CASCADE_OK
 
 
@@ -187,7 +194,8 @@ class _Searcher:
         span = mx - mn
         # spans so small that iscale overflows (or non-finite values): round
         # with ggml's exact nearest_int, as its release build does
-        exotic = bool((span[~flat] < 2.0 ** -100).any()) or not bool(xt.isfinite().all())
+        ok = flat | ((span >= 2.0 ** -100) & (span <= 3.4e38))
+        exotic = not bool(ok.all())
         sum_w, sum_x = self._hoisted()
         iscale = _rdiv(self.nums[0], span)
         self._codes(mn, iscale, exotic)
@@ -248,10 +256,10 @@ class _Searcher:
         torch.sub(self.x, mn, out=t)
         t.mul_(iscale)
         if exotic:
-            t.copy_(_nearest_int(t))
+            t.copy_(nearest_int(t))
         else:
             t.round_()
-        t.clamp_(0, self.p.nmax)
+        t.clamp_(0.0, float(self.p.nmax))
 
     def _error(self, scale: torch.Tensor, mn: torch.Tensor, out: torch.Tensor) -> None:
         """``out`` = each column's ``sum w * (scale*L + min - x)**2`` (or
@@ -311,21 +319,10 @@ def _positive_max(v: torch.Tensor) -> torch.Tensor:
     return torch.where(m > 0, m, torch.zeros_like(m))
 
 
-def _nearest_int(v: torch.Tensor) -> torch.Tensor:
-    """ggml's ``nearest_int``: round half to even (exact for |v| < 2**22), as
-    int32."""
-    import torch
-
-    return (v + 12582912.0).view(torch.int32).bitwise_and_(0x007FFFFF).sub_(0x00400000)
-
-
-def _fp16_bytes(v: torch.Tensor) -> torch.Tensor:
-    """``GGML_FP32_TO_FP16`` (round to nearest even) of ``v`` ``[B]`` as uint8
-    ``[B, 2]`` (little-endian) and its value back in float32."""
-    import torch
-
-    h = v.to(torch.float16)
-    return h.view(torch.uint8).view(-1, 2), h.to(torch.float32)
+def _fp16(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``GGML_FP32_TO_FP16`` of ``v`` ``[B]``: its bytes ``[B, 2]`` and its
+    value back in float32 ``[B]``."""
+    return fp16_bytes(v), fp16_value(v)
 
 
 def _pack_scales_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
@@ -359,15 +356,15 @@ def _k4_chunk(xb: torch.Tensor, p: Search) -> tuple[torch.Tensor, torch.Tensor, 
     inv_scale = torch.where(max_scale > 0, _rdiv(63.0, max_scale), torch.zeros_like(max_scale))
     inv_min = torch.where(max_min > 0, _rdiv(63.0, max_min), torch.zeros_like(max_min))
     # uint8_t ls = nearest_int(...); ls = MIN(63, ls)
-    ls = (_nearest_int(inv_scale[:, None] * scales) & 0xFF).clamp_(max=63)
-    lm = (_nearest_int(inv_min[:, None] * mins) & 0xFF).clamp_(max=63)
+    ls = (nearest_int(inv_scale[:, None] * scales) & 0xFF).clamp_(max=63)
+    lm = (nearest_int(inv_min[:, None] * mins) & 0xFF).clamp_(max=63)
     head = torch.empty(nb, 16, dtype=torch.uint8)
-    head[:, 0:2], d16 = _fp16_bytes(max_scale / 63.0)
-    head[:, 2:4], dmin16 = _fp16_bytes(max_min / 63.0)
+    head[:, 0:2], d16 = _fp16(max_scale / 63.0)
+    head[:, 2:4], dmin16 = _fp16(max_min / 63.0)
     head[:, 4:16] = _pack_scales_k4(ls, lm)
     d = (d16[:, None] * ls).view(-1)  # [S]
     dm = (dmin16[:, None] * lm).view(-1)
-    q = _nearest_int((xt + dm) / d).clamp_(0, p.nmax)
+    q = nearest_int((xt + dm) / d).clamp_(0, p.nmax)
     # `if (!d) continue;`: those sub-blocks keep the search's codes
     q = torch.where(d == 0, codes.to(torch.int32), q)
     return head, q.t().reshape(nb, 256), codes
@@ -389,15 +386,15 @@ def _q2_chunk(xb: torch.Tensor) -> torch.Tensor:
     inv_scale = torch.where(max_scale > 0, _rdiv(15.0, max_scale), torch.zeros_like(max_scale))
     inv_min = torch.where(max_min > 0, _rdiv(15.0, max_min), torch.zeros_like(max_min))
     # y[i].scales[j] = l; y[i].scales[j] |= (l << 4): uint8 stores
-    sc = (_nearest_int(inv_scale[:, None] * scales) | (_nearest_int(inv_min[:, None] * mins) << 4)
+    sc = (nearest_int(inv_scale[:, None] * scales) | (nearest_int(inv_min[:, None] * mins) << 4)
           ) & 0xFF
     out = torch.empty(nb, 84, dtype=torch.uint8)
     out[:, 0:16] = sc.to(torch.uint8)
-    out[:, 80:82], d16 = _fp16_bytes(max_scale / 15.0)
-    out[:, 82:84], dmin16 = _fp16_bytes(max_min / 15.0)
+    out[:, 80:82], d16 = _fp16(max_scale / 15.0)
+    out[:, 82:84], dmin16 = _fp16(max_min / 15.0)
     d = (d16[:, None] * (sc & 0xF)).view(-1)
     dm = (dmin16[:, None] * (sc >> 4)).view(-1)
-    q = _nearest_int((xt + dm) / d).clamp_(0, 3)
+    q = nearest_int((xt + dm) / d).clamp_(0, 3)
     q = torch.where(d == 0, codes.to(torch.int32), q)
     q = q.t().reshape(nb, 2, 4, 32)
     packed = q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)
