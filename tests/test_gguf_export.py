@@ -204,13 +204,18 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], A
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("gguf_export")
     out = {}
-    for family, qtype in WRITES:
-        source = subset_source(family)
-        payload = planned_payload(source, plan_tensors(source.infos, POLICIES[family], qtype),
-                                  qtype=qtype, arch=POLICIES[family].arch)
-        path = root / f"{family}-{qtype}.gguf"
-        write(payload, OutputSpec(path, "gguf", True))
-        out[family, qtype] = (path, source, payload)
+    with pytest.MonkeyPatch.context() as mp:
+        # 64 k-quant blocks a chunk: most tensors span chunks that the two
+        # encoder threads take at once (the kernels' buffers are per thread)
+        mp.setattr("modelkit.io.gguf.CHUNK", 16384)
+        for family, qtype in WRITES:
+            source = subset_source(family)
+            payload = planned_payload(source, plan_tensors(source.infos, POLICIES[family],
+                                                           qtype),
+                                      qtype=qtype, arch=POLICIES[family].arch)
+            path = root / f"{family}-{qtype}.gguf"
+            write(payload, OutputSpec(path, "gguf", True))
+            out[family, qtype] = (path, source, payload)
     return out
 
 

@@ -508,7 +508,14 @@ def _write_tensors(writer: Any, payload: GGUFPayload, advance: Callable[[int, st
                         sum(r for _, r in sums))
         advance(job.plan.nbytes, job.plan.key)
 
-    pool = ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="gguf-encode")
+    import torch
+
+    # a new thread starts with torch's default intra-op threads: give the
+    # workers the caller's (one under the runner), so that torch reduces in
+    # the order the kernels rely on and does not spin beside busy processes
+    threads = torch.get_num_threads()
+    pool = ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="gguf-encode",
+                              initializer=torch.set_num_threads, initargs=(threads,))
     try:
         pending: _Job | None = None
         for p in payload.plans:

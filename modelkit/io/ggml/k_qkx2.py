@@ -14,6 +14,7 @@ rounding, so every choice, is the reference's.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -277,7 +278,8 @@ class _Searcher:
         self.r.colsum(e, out)
 
 
-_SEARCHERS: dict[tuple[Search, int], _Searcher] = {}
+# per thread: a writer encodes chunks on two threads at once (io/gguf.py)
+_LOCAL = threading.local()
 
 
 def _search(xt: torch.Tensor, wt: torch.Tensor, p: Search
@@ -292,11 +294,13 @@ def _search(xt: torch.Tensor, wt: torch.Tensor, p: Search
         xt = torch.nn.functional.pad(xt, (0, pad))
         wt = torch.nn.functional.pad(wt, (0, pad))
     key = (p, s + pad)
-    if key not in _SEARCHERS:
-        if len(_SEARCHERS) > 4:
-            _SEARCHERS.clear()
-        _SEARCHERS[key] = _Searcher(p, s + pad)
-    codes, scale, the_min = _SEARCHERS[key].run(xt, wt)
+    searchers: dict[tuple[Search, int], _Searcher] = _LOCAL.__dict__.setdefault(
+        "searchers", {})
+    if key not in searchers:
+        if len(searchers) > 4:
+            searchers.clear()
+        searchers[key] = _Searcher(p, s + pad)
+    codes, scale, the_min = searchers[key].run(xt, wt)
     return codes[:, :s], scale[:s], the_min[:s]
 
 
