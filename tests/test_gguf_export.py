@@ -295,11 +295,12 @@ def test_prefixed_flux_exports_the_transformer_with_its_error_report(tmp_path: P
     """A prefixed all-in-one Flux file through the runner: the transformer
     alone, unprefixed, with the per-tensor error in the --json report; the
     diffusers layout is refused in one line before anything is written."""
+    from safetensors.torch import load_file
+
     from modelkit import testing as t
     from modelkit.core.recipe import Recipe
     from modelkit.engine.runner import run
     from modelkit.errors import ModelkitError
-    from safetensors.torch import load_file
 
     aio = tmp_path / "flux-aio.safetensors"
     keys = {**{UNET_PREFIX + k: s for k, s in flux.transformer_keys(
