@@ -4,8 +4,9 @@ Usage: bench/ggml_ref/build.sh GGML_CHECKOUT, then
     PYTHONPATH=. python bench/bench_ggml_quants.py [--types q6_k,q8_0] [--shapes 3072x3072]
         [--repeat 3] [--cases]
 
-Prints per type and shape: ggml ms, modelkit ms (best of ``--repeat``), their
-ratio and the share of blocks identical to ggml's; ``--cases`` also counts
+Prints per type and shape: ggml ms, modelkit ms (best of ``--repeat`` paired
+runs), the ratio of the bests, the median ratio of the pairs (robust beside
+other work) and the share of blocks identical to ggml's; ``--cases`` also counts
 identical blocks on every seeded case of ``modelkit.testing.ggml_cases``.
 Table-driven over ``ggml_ref.BLOCKS``: a type modelkit does not implement
 yet is reported as such.
@@ -14,6 +15,7 @@ yet is reported as such.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -29,13 +31,10 @@ from modelkit.io.ggml import quantize_blocks
 from modelkit.testing.ggml_cases import CASES, make_case
 
 
-def _best_ms(fn: Callable[[], object], repeat: int) -> tuple[float, object]:
-    best, result = float("inf"), None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1000, result
+def _ms(fn: Callable[[], object]) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = fn()
+    return (time.perf_counter() - start) * 1000, result
 
 
 def _identical(ref: np.ndarray, mine: np.ndarray, qtype: str) -> float:
@@ -53,14 +52,23 @@ def _implemented(qtype: str) -> bool:
 
 
 def bench_shape(qtype: str, rows: int, cols: int, repeat: int) -> str:
-    """One table row: ggml ms, modelkit ms, ratio, identical-block %."""
+    """One table row: ggml ms and modelkit ms (best of ``repeat`` paired runs,
+    one right after the other so both see the same load), the ratio of the
+    bests, the median of the paired ratios, and the identical-block %."""
     x = (np.random.default_rng(0).standard_normal((rows, cols)) * 0.02).astype(np.float32)
     xt = torch.from_numpy(x)
-    ref_ms, ref = _best_ms(lambda: ggml_ref.quantize(x, qtype), repeat)
-    mine_ms, mine = _best_ms(lambda: quantize_blocks(xt, qtype.upper()), repeat)
+    refs, mines, pairs = [], [], []
+    ref: object = None
+    mine: object = None
+    for _ in range(repeat):
+        ref_ms, ref = _ms(lambda: ggml_ref.quantize(x, qtype))
+        mine_ms, mine = _ms(lambda: quantize_blocks(xt, qtype.upper()))
+        refs.append(ref_ms)
+        mines.append(mine_ms)
+        pairs.append(mine_ms / ref_ms)
     same = _identical(np.asarray(ref), np.asarray(mine), qtype)
-    return (f"{qtype:5s} {rows}x{cols:<6d} {ref_ms:9.1f} {mine_ms:11.1f} "
-            f"{mine_ms / ref_ms:6.2f}x {same:9.4f}%")
+    return (f"{qtype:5s} {rows}x{cols:<6d} {min(refs):9.1f} {min(mines):11.1f} "
+            f"{min(mines) / min(refs):6.2f}x {statistics.median(pairs):6.2f}x {same:9.4f}%")
 
 
 def bench_cases(qtype: str, rows: int) -> str:
@@ -87,14 +95,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--types", default=",".join(ggml_ref.BLOCKS))
     parser.add_argument("--shapes", default="3072x3072,12288x3072")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--cases", action="store_true")
     parser.add_argument("--case-rows", type=int, default=64)
     args = parser.parse_args()
     torch.set_num_threads(1)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
     print(f"{'type':5s} {'shape':11s} {'ggml ms':>9s} {'modelkit ms':>11s} {'ratio':>7s} "
-          f"{'identical':>10s}")
+          f"{'paired':>7s} {'identical':>10s}")
     for qtype in args.types.split(","):
         if not _implemented(qtype):
             print(f"{qtype:5s} not implemented in modelkit.io.ggml")

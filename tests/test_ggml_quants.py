@@ -112,11 +112,13 @@ def test_round_trip_error_is_the_references() -> None:
 def test_q8_0_agrees_with_the_gguf_writer() -> None:
     import torch
 
-    from modelkit.io.gguf import q8_0_blocks
+    from modelkit.io.gguf import Q80Encoder, q8_0_blocks
 
     for case in ("gauss", "zeros", "integers", "huge", "bf16"):
         x = torch.from_numpy(make_case(case, 4, 1024, seed=5)).reshape(-1)
-        np.testing.assert_array_equal(q8_0_blocks(x).numpy(), _quantize(x.numpy(), "Q8_0"))
+        mine = _quantize(x.numpy(), "Q8_0")
+        np.testing.assert_array_equal(Q80Encoder(x.numel()).encode(x).numpy(), mine)
+        np.testing.assert_array_equal(q8_0_blocks(x).numpy(), mine)
 
 
 @pytest.mark.parametrize("name", MINE)

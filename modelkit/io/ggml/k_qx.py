@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 QK_K = 256
 GROUP_MAX_EPS = 1e-15  # ggml-quants.c: sub-blocks below are all zero
-CHUNK_BLOCKS = 256  # super-blocks per pass: the search's buffers stay in cache
+CHUNK_BLOCKS = 512  # super-blocks per pass: the search's buffers stay in cache
+Q3_CHUNK_BLOCKS = 2048  # its refinement runs 16 small steps a pass: wider steps
 Q6_TRIES = [i for i in range(-9, 10) if i]  # make_qx_quants' candidate scales, in order
 
 
@@ -48,45 +49,78 @@ def _seq_sum(terms: torch.Tensor) -> torch.Tensor:
     return acc
 
 
-def _chunks(x: torch.Tensor, fn: object, nbytes: int) -> torch.Tensor:
+def _chunks(x: torch.Tensor, fn: object, nbytes: int, blocks: int = CHUNK_BLOCKS) -> torch.Tensor:
     import torch
 
     out = torch.empty(x.shape[0], nbytes, dtype=torch.uint8)
-    for start in range(0, x.shape[0], CHUNK_BLOCKS):
-        out[start:start + CHUNK_BLOCKS] = fn(x[start:start + CHUNK_BLOCKS])  # type: ignore[operator]
+    for start in range(0, x.shape[0], blocks):
+        out[start:start + blocks] = fn(x[start:start + blocks])  # type: ignore[operator]
     return out
+
+
+def _absmax_cols(xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column of ``xt`` ``[16, S]``: ``(amax, max)``, the first value of
+    largest magnitude as the C loop ``if (ax > amax) { amax = ax; max = x; }``
+    keeps it; two fast reductions, and the first-occurrence search only for
+    columns where ``max == -min`` (zero columns included, which give +0)."""
+    import torch
+
+    xmax = xt.amax(dim=0)
+    neg_min = -xt.amin(dim=0)
+    mx = torch.where(xmax > neg_min, xmax, -neg_min)
+    amax = torch.maximum(xmax, neg_min)
+    tie = xmax == neg_min
+    if bool(tie.any()):
+        cols = tie.nonzero().view(-1)
+        amax[cols], mx[cols] = (v.view(-1) for v in first_absmax(xt[:, cols].t()))
+    return amax, mx
 
 
 def _make_qx_quants(xt: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``make_qx_quants(16, nmax, x, L, rmse_type=1, NULL)`` on every column of
-    ``xt`` ``[16, S]``: ``(scale [S], L [16, S])`` (L as float)."""
+    ``xt`` ``[16, S]``: ``(scale [S], L [16, S])`` (L as float).
+
+    All 19 candidate scales are tried at once (``[19, S]`` per weight, added
+    weight after weight as the C loop does); the choice between them is the
+    C's sequential comparison with the best so far."""
     import torch
 
-    amax, mx = first_absmax(xt.t())
-    amax, mx = amax.reshape(-1), mx.reshape(-1)
+    amax, mx = _absmax_cols(xt)
     w = xt * xt
     wx = w * xt
     # iscale = -(nmax + 0.1f*is) / max in float32, the first try being -nmax / max
     steps = torch.tensor(0.1, dtype=torch.float32) * torch.tensor(Q6_TRIES, dtype=torch.float32)
     tries = torch.cat([torch.tensor([float(nmax)]), nmax + steps])
     iscale = (-tries).unsqueeze(1) / mx  # [T, S]
-    lv = torch.round(xt.unsqueeze(1) * iscale).clamp_(-nmax, nmax - 1)  # [16, T, S]
-    sumlx = _seq_sum(wx.unsqueeze(1) * lv)
-    suml2 = _seq_sum(w.unsqueeze(1) * lv * lv)
-    scale = torch.where(suml2[0] != 0, sumlx[0] / suml2[0], torch.zeros_like(sumlx[0]))
-    best = scale * sumlx[0]
-    pick = torch.zeros_like(amax, dtype=torch.long)
-    for t in range(1, len(Q6_TRIES) + 1):
-        slx, sl2 = sumlx[t], suml2[t]
-        take = (sl2 > 0) & (slx * slx > best * sl2)
-        new_scale = slx / sl2
-        scale = torch.where(take, new_scale, scale)
-        best = torch.where(take, new_scale * slx, best)
-        pick = torch.where(take, t, pick)
-    levels = torch.gather(lv, 1, pick.view(1, 1, -1).expand(16, 1, -1)).squeeze(1) + nmax
+    sumlx = torch.zeros_like(iscale)
+    suml2 = torch.zeros_like(iscale)
+    lv = torch.empty_like(iscale)
+    term = torch.empty_like(iscale)
+    for i in range(16):
+        torch.mul(iscale, xt[i], out=lv)
+        lv.round_().clamp_(-nmax, nmax - 1)  # |iscale * x| <= nmax + 1: round is nearest_int
+        torch.mul(lv, wx[i], out=term)
+        sumlx += term
+        torch.mul(lv, w[i], out=term)
+        term *= lv
+        suml2 += term
+    scales = sumlx / suml2
+    scales[0] = torch.where(suml2[0] != 0, scales[0], torch.zeros_like(scales[0]))
+    best = scales[0] * sumlx[0]
+    wins = scales * sumlx  # the best each candidate would set
+    squares = (sumlx * sumlx).masked_fill_(suml2 <= 0, -float("inf"))  # needs suml2 > 0
+    pick = torch.zeros(xt.shape[1], dtype=torch.long)
+    for t in range(1, len(tries)):
+        take = squares[t] > best * suml2[t]
+        best = torch.where(take, wins[t], best)
+        pick.masked_fill_(take, t)
+    pick = pick.unsqueeze(0)
+    scale = torch.gather(scales, 0, pick).view(-1)
+    levels = (xt * torch.gather(iscale, 0, pick)).round_().clamp_(-nmax, nmax - 1) + nmax
     zero = amax < GROUP_MAX_EPS
-    scale = torch.where(zero, torch.zeros_like(scale), scale)
-    levels = torch.where(zero, torch.zeros_like(levels), levels)
+    if bool(zero.any()):
+        scale = scale.masked_fill(zero, 0.0)
+        levels = levels.masked_fill(zero, 0.0)
     return scale, levels
 
 
@@ -110,7 +144,8 @@ def _q6_chunk(x: torch.Tensor) -> torch.Tensor:
     dq = read_fp16(fp16_bytes(d), 0) * sc.to(torch.float32)  # [nb, 16]
     dq_t = dq.reshape(1, -1)
     requant = nearest_int(xt / dq_t).clamp_(-32, 31).to(torch.float32) + 32
-    levels = torch.where(dq_t != 0, requant, levels)
+    skipped = dq_t == 0  # sub-blocks whose scale rounds to 0 keep make_qx_quants' L
+    levels = torch.where(skipped, levels, requant) if bool(skipped.any()) else requant
     lv = levels.t().reshape(nb, 2, 4, 32).to(torch.int32)  # [block, half, quarter, l]
     out = torch.empty(nb, 210, dtype=torch.uint8)
     ql = (lv[:, :, 0:2] & 0xF) | ((lv[:, :, 2:4] & 0xF) << 4)  # ql[l], ql[l+32] per half
@@ -120,7 +155,9 @@ def _q6_chunk(x: torch.Tensor) -> torch.Tensor:
     out[:, 128:192] = qh.reshape(nb, 64).to(torch.uint8)
     out[:, 192:208] = (sc & 0xFF).to(torch.uint8)
     out[:, 208:210] = fp16_bytes(d)
-    out[(max_abs < GROUP_MAX_EPS).reshape(-1)] = 0
+    zero = (max_abs < GROUP_MAX_EPS).reshape(-1)
+    if bool(zero.any()):
+        out[zero] = 0
     return out
 
 
@@ -152,6 +189,30 @@ def dequantize_q6_k(data: torch.Tensor) -> torch.Tensor:
     return (d * q).reshape(-1)
 
 
+def _q3_pass(xt: torch.Tensor, w: torch.Tensor, wx: torch.Tensor, levels: torch.Tensor,
+             sumlx: torch.Tensor, suml2: torch.Tensor, nmax: int) -> torch.Tensor:
+    """One pass of ``make_q3_quants``' refinement over the 16 weights of every
+    column, updating ``levels``, ``sumlx`` and ``suml2`` in place; returns
+    which columns changed."""
+    import torch
+
+    changed = torch.zeros(xt.shape[1], dtype=torch.bool)
+    for i in range(16):
+        li, wi, wxi = levels[i], w[i], wx[i]
+        slx = sumlx - wxi * li
+        sl2 = suml2 - wi * li * li
+        new_l = nearest_int(xt[i] * sl2 / slx).clamp_(-nmax, nmax - 1).to(torch.float32)
+        take = (slx > 0) & (new_l != li)
+        slx += wxi * new_l
+        sl2 += wi * new_l * new_l
+        take &= (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+        li.copy_(torch.where(take, new_l, li))
+        sumlx.copy_(torch.where(take, slx, sumlx))
+        suml2.copy_(torch.where(take, sl2, suml2))
+        changed |= take
+    return changed
+
+
 def _make_q3_quants(xt: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``make_q3_quants(16, nmax, x, L, do_rmse=true)`` on every column of
     ``xt`` ``[16, S]``: ``(scale [S], L [16, S])`` (L as float).
@@ -162,30 +223,23 @@ def _make_q3_quants(xt: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Te
     same result."""
     import torch
 
-    amax, mx = first_absmax(xt.t())
-    amax, mx = amax.reshape(-1), mx.reshape(-1)
+    amax, mx = _absmax_cols(xt)
     w = xt * xt
     wx = w * xt
     iscale = -float(nmax) / mx
     levels = torch.round(xt * iscale).clamp_(-nmax, nmax - 1)  # |iscale*x| <= nmax
     sumlx = _seq_sum(wx * levels)
     suml2 = _seq_sum(w * levels * levels)
+    active = torch.arange(xt.shape[1])
     for _ in range(5):
-        changed = torch.zeros_like(amax, dtype=torch.bool)
-        for i in range(16):
-            li, wi, wxi = levels[i], w[i], wx[i]
-            slx = sumlx - wxi * li
-            sl2 = suml2 - wi * li * li
-            new_l = nearest_int(xt[i] * sl2 / slx).clamp_(-nmax, nmax - 1).to(torch.float32)
-            slx = slx + wxi * new_l
-            sl2 = sl2 + wi * new_l * new_l
-            take = ((sumlx - wxi * li) > 0) & (new_l != li) & (sl2 > 0) & (
-                slx * slx * suml2 > sumlx * sumlx * sl2)
-            levels[i] = torch.where(take, new_l, li)
-            sumlx = torch.where(take, slx, sumlx)
-            suml2 = torch.where(take, sl2, suml2)
-            changed |= take
-        if not bool(changed.any()):
+        # only the columns the last pass changed can change again
+        sub = [t.index_select(-1, active) for t in (xt, w, wx, levels, sumlx, suml2)]
+        changed = _q3_pass(sub[0], sub[1], sub[2], sub[3], sub[4], sub[5], nmax)
+        levels.index_copy_(1, active, sub[3])
+        sumlx.index_copy_(0, active, sub[4])
+        suml2.index_copy_(0, active, sub[5])
+        active = active[changed]
+        if not active.numel():
             break
     scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
     zero = amax < GROUP_MAX_EPS
@@ -243,7 +297,7 @@ def _q3_chunk(x: torch.Tensor) -> torch.Tensor:
 def quantize_q3_k(x: torch.Tensor) -> torch.Tensor:
     """Q3_K blocks ``[n, 110]`` of float32 ``x`` (count a multiple of 256):
     ``hmask[32]``, ``qs[64]``, 12 bytes of 6-bit scales, fp16 ``d``."""
-    return _chunks(_super_blocks(x), _q3_chunk, 110)
+    return _chunks(_super_blocks(x), _q3_chunk, 110, Q3_CHUNK_BLOCKS)
 
 
 def dequantize_q3_k(data: torch.Tensor) -> torch.Tensor:

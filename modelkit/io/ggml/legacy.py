@@ -10,6 +10,7 @@ on all blocks at once; the float operations are the C source's, in its order.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from modelkit.io.ggml._cfloat import (
@@ -36,9 +37,7 @@ def _blocks(x: torch.Tensor) -> torch.Tensor:
 
 def _inverse(d: torch.Tensor) -> torch.Tensor:
     """``d ? 1.0f/d : 0.0f``."""
-    import torch
-
-    return torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+    return d.reciprocal().masked_fill_(d == 0, 0.0)
 
 
 def _nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -57,13 +56,12 @@ def _high_bits(q: torch.Tensor) -> torch.Tensor:
     return (bits * weights).sum(dim=2).to(torch.uint8)
 
 
-def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
+def _q8_0_general(x: torch.Tensor) -> torch.Tensor:
     """Q8_0 blocks ``[n, 34]``: fp16 ``d = amax / 127`` then ``roundf(x / d)``
     (half away from zero, computed as ``floor(2a) - floor(a)`` on ``a = |x *
     id|``) as int8."""
     import torch
 
-    x = _blocks(x)
     d = x.abs().amax(dim=1, keepdim=True) / 127
     a = (x * _inverse(d)).abs()
     r = torch.copysign(torch.floor(2 * a) - torch.floor(a), x)
@@ -83,22 +81,22 @@ def _quantize_sym(x: torch.Tensor, nmax: int, bits: int) -> tuple[torch.Tensor, 
     return d, q
 
 
-def quantize_q4_0(x: torch.Tensor) -> torch.Tensor:
+def _q4_0_general(x: torch.Tensor) -> torch.Tensor:
     """Q4_0 blocks ``[n, 18]``: fp16 ``d``, 16 bytes of nibbles."""
     import torch
 
-    d, q = _quantize_sym(_blocks(x), 8, 4)
+    d, q = _quantize_sym(x, 8, 4)
     out = torch.empty(q.shape[0], 18, dtype=torch.uint8)
     out[:, :2] = fp16_bytes(d)
     out[:, 2:] = ((q[:, :16] | (q[:, 16:] << 4)) & 0xFF).to(torch.uint8)
     return out
 
 
-def quantize_q5_0(x: torch.Tensor) -> torch.Tensor:
+def _q5_0_general(x: torch.Tensor) -> torch.Tensor:
     """Q5_0 blocks ``[n, 22]``: fp16 ``d``, 4 bytes of high bits, 16 of nibbles."""
     import torch
 
-    d, q = _quantize_sym(_blocks(x), 16, 5)
+    d, q = _quantize_sym(x, 16, 5)
     out = torch.empty(q.shape[0], 22, dtype=torch.uint8)
     out[:, :2] = fp16_bytes(d)
     out[:, 2:6] = _high_bits(q)
@@ -121,12 +119,12 @@ def _quantize_affine(x: torch.Tensor,
     return d, mn, q
 
 
-def quantize_q4_1(x: torch.Tensor) -> torch.Tensor:
+def _q4_1_general(x: torch.Tensor) -> torch.Tensor:
     """Q4_1 blocks ``[n, 20]``: fp16 ``d``, fp16 ``m``, 16 bytes of nibbles
     (``MIN(15, (int8_t)(...))``)."""
     import torch
 
-    d, mn, q = _quantize_affine(_blocks(x), 15)
+    d, mn, q = _quantize_affine(x, 15)
     q = signed_byte(q).clamp_(max=15) & 0xFF
     out = torch.empty(q.shape[0], 20, dtype=torch.uint8)
     out[:, :2] = fp16_bytes(d)
@@ -135,18 +133,227 @@ def quantize_q4_1(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def quantize_q5_1(x: torch.Tensor) -> torch.Tensor:
+def _q5_1_general(x: torch.Tensor) -> torch.Tensor:
     """Q5_1 blocks ``[n, 24]``: fp16 ``d``, fp16 ``m``, 4 bytes of high bits,
     16 of nibbles (``(uint8_t)(...)``, no clamp, as the C)."""
     import torch
 
-    d, mn, q = _quantize_affine(_blocks(x), 31)
+    d, mn, q = _quantize_affine(x, 31)
     out = torch.empty(q.shape[0], 24, dtype=torch.uint8)
     out[:, :2] = fp16_bytes(d)
     out[:, 2:4] = fp16_bytes(mn)
     out[:, 4:8] = _high_bits(q)
     out[:, 8:] = _nibbles(q)
     return out
+
+
+CHUNK_BLOCKS = 8192  # blocks per pass: 1 MiB of float32, the buffers stay in cache
+
+Kernel = Callable[["torch.Tensor", "_Work", "torch.Tensor"], bool]
+
+
+def _run(x: torch.Tensor, nbytes: int, fast: Kernel,
+         general: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Blocks of ``x`` chunk by chunk: the fast kernel, or the general one for
+    a chunk the fast one declines (a scale whose inverse overflows, infinities:
+    values where C's float-to-int casts leave their range)."""
+    import torch
+
+    blocks = _blocks(x)
+    out = torch.empty(blocks.shape[0], nbytes, dtype=torch.uint8)
+    work = _Work(min(CHUNK_BLOCKS, blocks.shape[0]))
+    for start in range(0, blocks.shape[0], CHUNK_BLOCKS):
+        chunk = blocks[start:start + CHUNK_BLOCKS]
+        target = out[start:start + chunk.shape[0]]
+        if not fast(chunk, work, target):
+            target.copy_(general(chunk))
+    return out
+
+
+def _put_fp16(out: torch.Tensor, column: int, values: torch.Tensor) -> None:
+    """Store ``values`` as fp16 in the 2-byte ``column`` of the block rows ``out``."""
+    import torch
+
+    out.view(torch.int16)[:, column] = values.to(torch.float16).view(torch.int16)
+
+
+def _finite(*columns: torch.Tensor) -> bool:
+    import torch
+
+    return all(bool(torch.isfinite(c).all()) for c in columns)
+
+
+def _signed_max(x: torch.Tensor) -> torch.Tensor:
+    """The first value of largest magnitude per block (see ``first_absmax``),
+    from two fast reductions; only blocks where ``max == -min`` (zero blocks
+    included) need the first-occurrence search."""
+    import torch
+
+    # per-block values stay 1-D: [n, 1] operands run element by element in torch
+    xmax = x.amax(dim=1)
+    xmin = x.amin(dim=1)
+    neg_min = -xmin
+    mx = torch.where(xmax > neg_min, xmax, xmin)
+    tie = xmax == neg_min
+    if bool(tie.any()):
+        rows = tie.nonzero().view(-1)
+        mx[rows] = first_absmax(x[rows])[1].view(-1)
+    return mx
+
+
+def _first_min_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block the first minimum and maximum as the C loop keeps them: only
+    a zero extreme needs the search (-0.0 and +0.0 tie, the first one stays)."""
+    import torch
+
+    mn = x.amin(dim=1)
+    mx = x.amax(dim=1)
+    zero = (mn == 0) | (mx == 0)
+    if bool(zero.any()):
+        rows = zero.nonzero().view(-1)
+        sub = x[rows]
+        mn[rows] = torch.gather(sub, 1, sub.min(dim=1, keepdim=True).indices).view(-1)
+        mx[rows] = torch.gather(sub, 1, sub.max(dim=1, keepdim=True).indices).view(-1)
+    return mn, mx
+
+
+class _Work:
+    """Buffers of one chunk, reused across chunks (no allocation per pass)."""
+
+    def __init__(self, blocks: int) -> None:
+        import torch
+
+        self.lo = torch.empty(blocks, 16, dtype=torch.float32)
+        self.hi = torch.empty(blocks, 16, dtype=torch.float32)
+        self.qlo = torch.empty(blocks, 16, dtype=torch.int8)
+        self.qhi = torch.empty(blocks, 16, dtype=torch.int8)
+
+    def codes(self, x: torch.Tensor, scale: torch.Tensor, offset: float,
+              shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """int8 ``(int8_t)((x [- shift]) * scale + offset)`` of each half of the
+        blocks (``x[:, :16]``, ``x[:, 16:]``), float ops in the C order; the
+        casts truncate as C's within the int8 range the callers ensure."""
+        import torch
+
+        n = x.shape[0]
+        out = []
+        for half, buf, q in ((x[:, :16], self.lo, self.qlo), (x[:, 16:], self.hi, self.qhi)):
+            v = buf[:n]
+            if shift is None:
+                torch.mul(half, scale, out=v)
+            else:
+                torch.sub(half, shift, out=v)
+                v *= scale
+            v += offset
+            q[:n].copy_(v)
+            out.append(q[:n])
+        return out[0], out[1]
+
+
+def _fifth_bits(qlo: torch.Tensor, qhi: torch.Tensor) -> torch.Tensor:
+    """The 4 bytes of ``qh`` per block: bit ``j`` of the little-endian uint32 is
+    bit 4 of code ``j`` (``qlo`` the codes 0-15, ``qhi`` 16-31)."""
+    import torch
+
+    bits = torch.cat([(qlo >> 4) & 1, (qhi >> 4) & 1], dim=1).to(torch.float32)
+    weights = torch.tensor([1.0, 2, 4, 8, 16, 32, 64, 128])
+    return (bits.view(-1, 4, 8) @ weights).to(torch.int32).to(torch.uint8)
+
+
+def _nibbles_of(qlo: torch.Tensor, qhi: torch.Tensor) -> torch.Tensor:
+    """``(qlo & 0xF) | (qhi << 4)`` as uint8, in place in ``qlo``."""
+    import torch
+
+    qlo &= 0x0F
+    qhi <<= 4
+    qlo |= qhi
+    return qlo.view(torch.uint8)
+
+
+def _q8_0_fast(x: torch.Tensor, work: _Work, out: torch.Tensor) -> bool:
+    import torch
+
+    del work
+    d = x.abs().amax(dim=1) / 127
+    inv = _inverse(d)
+    if not _finite(d * inv):  # 1 or 0 unless d or 1/d overflows
+        return False
+    r = x * inv.unsqueeze(1)
+    a = r.abs()
+    t = torch.floor(a * 2)
+    t -= torch.floor(a)
+    _put_fp16(out, 0, d)
+    out[:, 2:] = torch.copysign(t, r).to(torch.int8).view(torch.uint8)
+    return True
+
+
+def _sym_fast(x: torch.Tensor, nmax: int, work: _Work, out: torch.Tensor) -> bool:
+    """Q4_0 / Q5_0 blocks when every ``1/d`` is finite: then ``x * id`` stays
+    within ``nmax`` and the casts are plain truncations."""
+
+    d = _signed_max(x) / -nmax
+    inv = _inverse(d)
+    if not _finite(d * inv):  # 1 or 0 unless d or 1/d overflows
+        return False
+    qlo, qhi = work.codes(x, inv.unsqueeze(1), nmax + 0.5)
+    qlo.clamp_(max=2 * nmax - 1)
+    qhi.clamp_(max=2 * nmax - 1)
+    _put_fp16(out, 0, d)
+    if nmax == 16:
+        out[:, 2:6] = _fifth_bits(qlo, qhi)
+    out[:, -16:] = _nibbles_of(qlo, qhi)
+    return True
+
+
+def _affine_fast(x: torch.Tensor, levels: int, work: _Work, out: torch.Tensor) -> bool:
+    """Q4_1 / Q5_1 blocks when every ``d`` and ``1/d`` is finite."""
+
+    mn, mx = _first_min_max(x)
+    d = (mx - mn) / levels
+    inv = _inverse(d)
+    if not _finite(d * inv):  # 1 or 0 unless d or 1/d overflows
+        return False
+    qlo, qhi = work.codes(x, inv.unsqueeze(1), 0.5, shift=mn.unsqueeze(1))
+    if levels == 15:
+        qlo.clamp_(max=15)
+        qhi.clamp_(max=15)
+    _put_fp16(out, 0, d)
+    _put_fp16(out, 1, mn)
+    if levels == 31:
+        out[:, 4:8] = _fifth_bits(qlo, qhi)
+    out[:, -16:] = _nibbles_of(qlo, qhi)
+    return True
+
+
+def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
+    """Q8_0 blocks ``[n, 34]``: fp16 ``d = amax / 127`` then ``roundf(x * id)``
+    (half away from zero, computed as ``floor(2a) - floor(a)`` on ``a = |x *
+    id|``) as int8."""
+    return _run(x, 34, _q8_0_fast, _q8_0_general)
+
+
+def quantize_q4_0(x: torch.Tensor) -> torch.Tensor:
+    """Q4_0 blocks ``[n, 18]``: fp16 ``d = max / -8`` (``max`` the first value
+    of largest magnitude), 16 bytes of nibbles ``MIN(15, (int8_t)(x*id + 8.5))``."""
+    return _run(x, 18, lambda c, w, o: _sym_fast(c, 8, w, o), _q4_0_general)
+
+
+def quantize_q5_0(x: torch.Tensor) -> torch.Tensor:
+    """Q5_0 blocks ``[n, 22]``: fp16 ``d = max / -16``, 4 bytes of fifth bits,
+    16 of nibbles of ``MIN(31, (int8_t)(x*id + 16.5))``."""
+    return _run(x, 22, lambda c, w, o: _sym_fast(c, 16, w, o), _q5_0_general)
+
+
+def quantize_q4_1(x: torch.Tensor) -> torch.Tensor:
+    """Q4_1 blocks ``[n, 20]``: fp16 ``d = (max - min) / 15``, fp16 ``m = min``,
+    16 bytes of nibbles ``MIN(15, (int8_t)((x - min)*id + 0.5))``."""
+    return _run(x, 20, lambda c, w, o: _affine_fast(c, 15, w, o), _q4_1_general)
+
+
+def quantize_q5_1(x: torch.Tensor) -> torch.Tensor:
+    """Q5_1 blocks ``[n, 24]``: fp16 ``d = (max - min) / 31``, fp16 ``m = min``,
+    4 bytes of fifth bits, 16 of nibbles of ``(uint8_t)((x - min)*id + 0.5)``."""
+    return _run(x, 24, lambda c, w, o: _affine_fast(c, 31, w, o), _q5_1_general)
 
 
 def _dequant_input(data: torch.Tensor, nbytes: int) -> torch.Tensor:
