@@ -12,6 +12,7 @@ import pytest
 from modelkit.arch import registry
 from modelkit.inspect.report import inspect_model
 from modelkit.testing import (
+    write_sparse_dit,
     write_sparse_flux,
     write_sparse_qwen_image,
     write_sparse_sd3,
@@ -180,6 +181,10 @@ def test_each_family_is_named_as_itself(tmp_path: Path) -> None:
         ("wan", "ti2v-5b"): write_sparse_wan(tmp_path / "w5.safetensors", "ti2v-5b"),
         ("wan", "t2v-14b"): write_sparse_wan(tmp_path / "wd.safetensors", "t2v-14b",
                                              layout="diffusers"),
+        ("chroma", "chroma"): write_sparse_dit(tmp_path / "c.safetensors", "chroma"),
+        ("flux2", "dev"): write_sparse_dit(tmp_path / "f2.safetensors", "flux2",
+                                           layout="diffusers"),
+        ("z_image", "z-image"): write_sparse_dit(tmp_path / "z.safetensors", "z_image"),
     }
     from modelkit.io.header import read_header
 
@@ -193,7 +198,8 @@ def test_each_family_is_named_as_itself(tmp_path: Path) -> None:
 
 
 def test_detect_only_families() -> None:
-    assert registry.names(support=registry.DETECT) == ("sd3", "qwen_image", "wan")
+    assert registry.names(support=registry.DETECT) == ("sd3", "chroma", "flux2", "qwen_image",
+                                                        "wan", "z_image")
 
 
 # --- the generated tables against diffusers' classes (meta device, no memory) -------
@@ -229,6 +235,76 @@ def test_generated_tables_match_diffusers_classes() -> None:
     mine = sd3.transformer_keys(sd3.VARIANTS["sd3.5-medium"])
     assert sum(map(math.prod, ref.values())) == sum(map(math.prod, mine.values()))
     assert ref["pos_embed.pos_embed"] == mine["pos_embed"]
+
+
+# --- Chroma, Flux.2 and Z-Image ---------------------------------------------------
+
+DIT_CASES = [
+    # family, variant, layout, prefixed, parameters (billions), family label
+    ("chroma", "chroma", "original", False, 8.90, "Chroma transformer"),
+    ("chroma", "chroma", "diffusers", True, 8.90, "Chroma transformer"),
+    ("flux2", "dev", "original", True, 32.22, "Flux.2 transformer"),
+    ("flux2", "dev", "diffusers", False, 32.22, "Flux.2 transformer"),
+    ("z_image", "z-image", "original", False, 6.15, "Z-Image transformer"),
+    ("z_image", "z-image", "diffusers", True, 6.15, "Z-Image transformer"),
+]
+
+
+def test_inspect_names_chroma_flux2_and_z_image(tmp_path: Path) -> None:
+    """Full-size headers of both layouts, bare or under
+    ``model.diffusion_model.``: family, variant, layout and size."""
+    paths = {f"{f}-{lay}-{p}": write_sparse_dit(tmp_path / f"{f}-{lay}-{p}.safetensors", f,
+                                                layout=lay, prefixed=p)
+             for f, _, lay, p, _, _ in DIT_CASES}
+    got = _inspect_json(paths, tmp_path)
+    for family, variant, layout, prefixed, billions, label in DIT_CASES:
+        d = got[f"{family}-{layout}-{prefixed}"]
+        assert (d["arch"], d["variant"], d["layout"], d["kind"]) == (
+            family, variant, layout, "unet")
+        assert d["unknown_keys"] == []
+        unet = d["components"]["unet"]
+        assert unet["family"] == label
+        assert unet["prefix"] == ("model.diffusion_model." if prefixed else "")
+        assert abs(unet["n_params"] / 1e9 - billions) < 0.01
+
+
+def test_chroma_flux2_and_z_image_tables_match_diffusers_classes() -> None:
+    """The diffusers layouts equal diffusers' own classes key for key and
+    shape for shape; the original layouts hold the same parameter count."""
+    import math
+
+    pytest.importorskip("diffusers")
+    import torch
+    from diffusers import (
+        ChromaTransformer2DModel,
+        Flux2Transformer2DModel,
+        ZImageTransformer2DModel,
+    )
+
+    from modelkit.arch import chroma, flux2, z_image
+
+    for module, cls in ((chroma, ChromaTransformer2DModel), (flux2, Flux2Transformer2DModel),
+                        (z_image, ZImageTransformer2DModel)):
+        with torch.device("meta"):
+            ref = {k: tuple(v.shape) for k, v in cls().state_dict().items()}
+        cfg = next(iter(module.VARIANTS.values()))
+        assert module.transformer_keys(cfg, "diffusers") == ref, module.__name__
+        original = module.transformer_keys(cfg, "original")
+        assert sum(map(math.prod, original.values())) == sum(map(math.prod, ref.values()))
+
+
+def test_merge_of_a_detect_only_family_is_refused_naming_it(tmp_path: Path) -> None:
+    a = write_sparse_dit(tmp_path / "chroma.safetensors", "chroma", tiny=True)
+    z = write_sparse_dit(tmp_path / "z.safetensors", "z_image")
+    res = run_entry({"chroma": ["merge", str(a), str(a), "-o", str(tmp_path / "o.safetensors")],
+                     "z": ["prune", str(z), "-o", str(tmp_path / "p.safetensors")]}, tmp_path)
+    for name, (code, _, stderr) in res.items():
+        assert code == 2, (name, stderr)
+        assert len(stderr.strip().splitlines()) == 1, stderr
+        family = "chroma" if name == "chroma" else "z_image"
+        assert family in stderr or registry.label(family) in stderr, stderr
+    assert not (tmp_path / "o.safetensors").exists()
+    assert not (tmp_path / "p.safetensors").exists()
 
 
 def test_sd_checkpoints_are_not_read_as_the_new_families(models: dict[str, Path]) -> None:

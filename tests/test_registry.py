@@ -106,7 +106,8 @@ def test_name_lists_elsewhere_are_the_registrys() -> None:
 
     full = registry.names(support=FULL)
     assert full == vocab.ARCH_NAMES
-    assert vocab.RECOGNISED_ONLY == registry.names(support=DETECT) == ("sd3", "qwen_image", "wan")
+    assert vocab.RECOGNISED_ONLY == registry.names(support=DETECT) == (
+        "sd3", "chroma", "flux2", "qwen_image", "wan", "z_image")
     assert registry.names(support=PARTIAL) == ("flux",)
     assert registry.handling("merge") == registry.handling("lora bake") == (*full, "flux")
     assert registry.handling("prune") == registry.handling("quantize") == full
@@ -177,7 +178,8 @@ def test_inspect_names_flux_family_variant_and_layout(
 
 @pytest.mark.parametrize("layout", ["original", "diffusers"])
 def test_flux_like_families_are_not_flux1(tmp_path: Path, layout: str) -> None:
-    """Chroma (no vector_in, no per-block modulation) is Flux-like but not Flux.1."""
+    """Chroma (no vector_in, no per-block modulation) is Flux-like but not
+    Flux.1: it reads as Chroma."""
     from modelkit.arch import flux
     from modelkit.io.writer import TensorSpec, write_sparse
 
@@ -191,7 +193,7 @@ def test_flux_like_families_are_not_flux1(tmp_path: Path, layout: str) -> None:
     path = write_sparse(tmp_path / "chroma.safetensors",
                         [TensorSpec(k, "BF16", s) for k, s in keys.items()])
     d = inspect_model(path).to_dict()
-    assert (d["arch"], d["variant"], d["layout"]) == ("unknown", None, None)
+    assert (d["arch"], d["variant"], d["layout"]) == ("chroma", "chroma", layout)
 
 
 def test_sd_checkpoints_report_the_original_layout(models: dict[str, Path]) -> None:

@@ -478,8 +478,84 @@ FLUX = Architecture(
            "text encoders of an all-in-one file are taken from model A"),
 )
 
-REGISTRY: dict[str, Architecture] = {a.name: a for a in (SD1, SD2, SDXL, SDXL_REFINER,
-                                                         SD3, FLUX, QWEN_IMAGE, WAN)}
+# Chroma (Flux.1-schnell derivative: no per-block modulation; ComfyUI's
+# model_detection.py tells it by distilled_guidance_layer.norms.0.scale)
+_CHROMA_APPROX = "distilled_guidance_layer.in_proj.weight"
+CHROMA = Architecture(
+    name="chroma", label="Chroma", short="chroma", family="chroma",
+    aliases=("chroma",), support=DETECT,
+    detect=(Rule(keys=(_CHROMA_APPROX, _FLUX_QK_NORM, "single_blocks.0.linear1.weight"),
+                 absent=("double_blocks.0.img_mod.lin.weight",),
+                 evidence=("distilled_guidance_layer with Flux.1 blocks and no per-block "
+                           "modulation: Chroma transformer (original layout)",)),
+            Rule(keys=(_CHROMA_APPROX, _FLUX_DIFFUSERS_QK_NORM,
+                       "single_transformer_blocks.0.proj_mlp.weight"),
+                 evidence=("distilled_guidance_layer with transformer_blocks: Chroma "
+                           "transformer (diffusers layout)",))),
+    variants=(Variant("radiance", Rule(keys=("nerf_blocks.0.norm.scale",))),
+              Variant("chroma", Rule(shapes=(("img_in.weight", 1, 64),))),
+              Variant("chroma", Rule(shapes=(("x_embedder.weight", 1, 64),)))),
+    layouts=(ORIGINAL, DIFFUSERS),
+    layout_rules=((ORIGINAL, Rule(keys=(_FLUX_QK_NORM,))),
+                  (DIFFUSERS, Rule(keys=(_FLUX_DIFFUSERS_QK_NORM,)))),
+    components=(Component("transformer", DENOISER, UNET_PREFIX),),
+    spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
+    default_dtype="bf16", verify=PROBE, prediction=FLOW,
+)
+
+# Flux.2 (shared per-stream modulation; 128 latent channels)
+_FLUX2_MOD = "double_stream_modulation_img.lin.weight"
+_FLUX2_DIFFUSERS_MOD = "double_stream_modulation_img.linear.weight"
+FLUX2 = Architecture(
+    name="flux2", label="Flux.2", short="flux2", family="flux2",
+    aliases=("flux2", "flux.2"), support=DETECT,
+    detect=(Rule(keys=(_FLUX2_MOD, "single_stream_modulation.lin.weight",
+                       "double_blocks.0.img_attn.qkv.weight"),
+                 evidence=("double_stream_modulation_img and single_stream_modulation "
+                           "shared by all blocks: Flux.2 transformer (original layout)",)),
+            Rule(keys=(_FLUX2_DIFFUSERS_MOD, "single_stream_modulation.linear.weight",
+                       "transformer_blocks.0.attn.to_q.weight"),
+                 evidence=("double_stream_modulation_img and single_stream_modulation "
+                           "shared by all blocks: Flux.2 transformer (diffusers "
+                           "layout)",))),
+    variants=(Variant("dev", Rule(keys=("double_blocks.7.img_attn.qkv.weight",),
+                                  absent=("double_blocks.8.img_attn.qkv.weight",),
+                                  shapes=((_FLUX2_MOD, 1, 6144),))),
+              Variant("dev", Rule(keys=("transformer_blocks.7.attn.to_q.weight",),
+                                  absent=("transformer_blocks.8.attn.to_q.weight",),
+                                  shapes=((_FLUX2_DIFFUSERS_MOD, 1, 6144),)))),
+    layouts=(ORIGINAL, DIFFUSERS),
+    layout_rules=((ORIGINAL, Rule(keys=(_FLUX2_MOD,))),
+                  (DIFFUSERS, Rule(keys=(_FLUX2_DIFFUSERS_MOD,)))),
+    components=(Component("transformer", DENOISER, UNET_PREFIX),),
+    spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
+    default_dtype="bf16", verify=PROBE, prediction=FLOW,
+)
+
+# Z-Image (Lumina-2 family; ComfyUI's model_detection.py: cap_embedder.1.weight,
+# whose width tells Z-Image's 2560 -> 3840 from Lumina 2.0's 2304 -> 2304)
+_ZIMAGE_CAP = "cap_embedder.1.weight"
+Z_IMAGE = Architecture(
+    name="z_image", label="Z-Image", short="zimage", family="z_image",
+    aliases=("z_image", "z-image", "zimage"), support=DETECT,
+    detect=(Rule(keys=(_ZIMAGE_CAP, "noise_refiner.0.adaLN_modulation.0.weight",
+                       "context_refiner.0.feed_forward.w1.weight"),
+                 shapes=((_ZIMAGE_CAP, 0, 3840), (_ZIMAGE_CAP, 1, 2560)),
+                 evidence=("cap_embedder.1 [3840, 2560] with noise and context refiners: "
+                           "Z-Image transformer",)),),
+    variants=(Variant("z-image", Rule(keys=("layers.29.feed_forward.w1.weight",),
+                                      absent=("layers.30.feed_forward.w1.weight",))),),
+    layouts=(ORIGINAL, DIFFUSERS),
+    layout_rules=((ORIGINAL, Rule(keys=("layers.0.attention.qkv.weight",))),
+                  (DIFFUSERS, Rule(keys=("layers.0.attention.to_q.weight",)))),
+    components=(Component("transformer", DENOISER, UNET_PREFIX),),
+    spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
+    default_dtype="bf16", verify=PROBE, prediction=FLOW,
+    notes=("Z-Image and Z-Image-Turbo share one layout and read as z-image",),
+)
+
+REGISTRY: dict[str, Architecture] = {a.name: a for a in (
+    SD1, SD2, SDXL, SDXL_REFINER, SD3, FLUX, CHROMA, FLUX2, QWEN_IMAGE, WAN, Z_IMAGE)}
 
 
 # --- derived lists ----------------------------------------------------------------

@@ -58,6 +58,15 @@ def _gguf_line(g: dict) -> str:
     return line
 
 
+def _quant_line(q: dict) -> str:
+    """``Q4_K 412 layers, F32 88`` (tensors per storage, most first)."""
+    counts = list(q["counts"].items())
+    parts = [f"{shown(k, 40)} {plural(v, 'layer') if i == 0 else v}"
+             for i, (k, v) in enumerate(counts[:8])]
+    more = f", {len(counts) - 8} more kinds" if len(counts) > 8 else ""
+    return f"{q['spelling']}: " + ", ".join(parts) + more
+
+
 def render(rep: ModelReport) -> str:
     """The human-readable summary. Every string that comes from the file
     (names, metadata, keys) is escaped and cut with :func:`shown`."""
@@ -77,6 +86,8 @@ def render(rep: ModelReport) -> str:
     ]
     if d["gguf"]:
         rows.append(("gguf", _gguf_line(d["gguf"])))
+    if d["quantization"]:
+        rows.append(("quantized", _quant_line(d["quantization"])))
     lines = [shown(d["path"])] + [f"  {k:<11} {v}" for k, v in rows]
     if d["components"]:
         lines.append("  components")

@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelkit.errors import ModelkitError
+from modelkit.io.formats import PICKLE, SAFETENSORS
 
 LORA_DIRS = ("models/Lora", "models/LyCORIS", "models/loras")
 EMBEDDING_DIRS = ("embeddings", "models/embeddings")
 TOKENIZER_DIRS = ("models/tokenizers/clip", "models/tokenizers/clip-vit-large-patch14")
-ADAPTER_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
+ADAPTER_SUFFIXES = (*SAFETENSORS.suffixes, *PICKLE.suffixes)  # the format table's
 ROOT_SEARCH_DEPTH = 4
 LORA_TAG = re.compile(r"<(lora|lyco):([^>]*)>")
 

@@ -117,13 +117,15 @@ class Graph:
         return self._op(name, t)
 
     def _open(self, name: str, spec: InputSpec) -> Source:
-        from modelkit.io.files import PICKLE_SUFFIXES, check_input_file
+        from modelkit.io.files import check_input_file
+        from modelkit.io.formats import by_suffix
         from modelkit.io.open import open_source
 
         path = self.recipe.resolve(spec.path)
         if not path.is_dir():
             check_input_file(path, f"input {name!r}")
-        if path.suffix.lower() in PICKLE_SUFFIXES:
+        fmt = by_suffix(path)
+        if fmt is not None and fmt.slow_open:
             self.progress(Progress(path.name, 0, 1, "files", path.name, READ))
         src = open_source(path, self.device)
         close = getattr(src, "close", None)

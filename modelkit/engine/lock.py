@@ -16,7 +16,7 @@ from pathlib import Path
 
 from modelkit.core.recipe import InputSpec, Recipe, load_recipe, parse_recipe
 from modelkit.errors import ModelkitError
-from modelkit.io.files import MODEL_SUFFIXES
+from modelkit.io.formats import MODEL_SUFFIXES
 from modelkit.progress import ProgressFn, no_progress
 
 

@@ -12,7 +12,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from modelkit.inspect.report import ModelReport, build_report, diffusion_model_note
+from modelkit.inspect.report import (
+    ModelReport,
+    build_report,
+    diffusion_model_note,
+    quantization_section,
+)
 from modelkit.io.gguf_header import (
     ORIG_SHAPE_PREFIX,
     ArraySummary,
@@ -76,6 +81,8 @@ def inspect_gguf(path: Path) -> ModelReport:
     rep = build_report(path, gguf_infos(header), meta, FORMAT,
                        lambda key: read_small_gguf_tensor(header, key))
     rep.gguf = gguf_summary(header)
+    rep.quantization = quantization_section(
+        FORMAT, {k: t.ggml_type for k, t in header.tensors.items()})
     if header.architecture:
         rep.arch_evidence.append(f"general.architecture = {header.architecture}")
     if header.architecture in GGUF_DIFFUSION_ARCHS:

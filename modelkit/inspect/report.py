@@ -69,6 +69,7 @@ class ModelReport:
     notes: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
     gguf: dict[str, Any] | None = None
+    quantization: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The stable JSON form (schema ``modelkit.inspect/1``)."""
@@ -96,6 +97,7 @@ class ModelReport:
             "notes": self.notes,
             "metadata": self.metadata,
             "gguf": self.gguf,
+            "quantization": self.quantization,
         }
 
 
@@ -409,28 +411,51 @@ def inspect_model(path: str | os.PathLike[str]) -> ModelReport:
     Raises:
         BadFileError: unreadable, truncated, not a model file, unsafe pickle.
     """
-    from modelkit.io.reader import is_pickle_path
+    from modelkit.io.formats import input_format
 
     p = Path(path)
-    if is_pickle_path(p):
+    fmt = input_format(p)
+    if fmt.name == "pickle":
         return _inspect_pickle(p)
-    from modelkit.io.gguf_header import is_gguf
-
-    if p.suffix.lower() == ".gguf" or is_gguf(p):
+    if fmt.name == "gguf":
         from modelkit.inspect.gguf import inspect_gguf
 
         return inspect_gguf(p)
     from modelkit.io.header import UndecodableTensorError, read_header, read_small_tensor
+    from modelkit.io.quantized import modelkit_int8_layers, quant_view, view_layers
 
     header = read_header(p)
+    view = quant_view(header)
 
     def read(key: str) -> list[float] | None:
+        if view is not None and key in view.layers:
+            return None
         try:
             return read_small_tensor(header, key)
         except UndecodableTensorError:
             return None
 
-    return build_report(p, header.tensors, header.metadata, "safetensors", read)
+    if view is None:
+        rep = build_report(p, header.tensors, header.metadata, "safetensors", read)
+        int8 = modelkit_int8_layers(header)
+        if int8 is not None:
+            rep.quantization = quantization_section("modelkit-int8", int8)
+        return rep
+    # a quantized file is analysed as the float model it stands for
+    rep = build_report(p, view.infos, header.metadata, "safetensors", read)
+    rep.dtypes = _census(header.tensors)[0]
+    rep.quantization = quantization_section(view.spelling, view_layers(view))
+    return rep
+
+
+def quantization_section(spelling: str, layers: dict[str, str]) -> dict[str, Any]:
+    """The ``quantization`` section of the report: the spelling (``gguf``,
+    ``comfy``, ``comfy-legacy``, ``bitsandbytes``), tensors per storage, and
+    each tensor's storage by key."""
+    from modelkit.io.quantized import quantization_summary
+
+    return {"spelling": spelling, "counts": quantization_summary(layers),
+            "layers": dict(layers)}
 
 
 def _inspect_pickle(p: Path) -> ModelReport:

@@ -603,9 +603,22 @@ def write_gguf(
                       time.perf_counter() - start)
 
 
+# GGML block types modelkit dequantizes (every type ComfyUI-GGUF and diffusers
+# load but the IQ ones): the table of modelkit.io.ggml
+READ_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "Q6_K", "Q5_K",
+              "Q4_K", "Q3_K", "Q2_K")
+
+
+def _block_bytes(ggml_type: str) -> int:
+    from modelkit.io.ggml import GGML_TYPES
+
+    return GGML_TYPES[ggml_type].block_bytes
+
+
 def _tensor_array(f: Any, header: Any, t: Any) -> np.ndarray:
     """The stored bytes of GGUF tensor ``t`` as a numpy array of its element
-    type (uint8 blocks for Q8_0), read from the open file ``f``."""
+    type (uint8 ``[n_blocks, block_bytes]`` for block types), read from the
+    open file ``f``."""
     import numpy as np
 
     from modelkit.errors import BadFileError
@@ -617,17 +630,97 @@ def _tensor_array(f: Any, header: Any, t: Any) -> np.ndarray:
         raise BadFileError(f"{shown(header.path, 300)}: truncated inside tensor "
                            f"{quoted(t.name)} (the file changed since it was opened?)")
     order = "<" if header.byte_order == "little" else ">"
-    if t.ggml_type == "Q8_0":
-        return np.frombuffer(raw, dtype=np.uint8).reshape(-1, 34)
+    if t.ggml_type not in FLOAT_TYPES:
+        return np.frombuffer(raw, dtype=np.uint8).reshape(-1, _block_bytes(t.ggml_type))
     code = {"F32": "f4", "F16": "f2", "BF16": "i2"}[t.ggml_type]
     return np.frombuffer(raw, dtype=order + code).astype("=" + code)
 
 
+def dequantize_gguf_blocks(blocks: torch.Tensor, ggml_type: str) -> torch.Tensor:
+    """Float32 values of uint8 GGML blocks ``[n_blocks, block_bytes]``:
+    modelkit's own kernels (:func:`modelkit.io.ggml.dequantize_blocks`) when
+    this build has the type's module, else gguf-py's ``gguf.quants.dequantize``
+    (the same float32 operations as ggml's ``dequantize_row_<type>``; tests
+    check the two agree bit for bit). Blocks are done :data:`CHUNK` values at
+    a time into one output, so the temporaries stay small."""
+    from importlib.util import find_spec
+
+    import torch
+
+    from modelkit.io.ggml import GGML_TYPES, dequantize_blocks
+
+    kind = GGML_TYPES[ggml_type]
+    if kind.module and find_spec(f"modelkit.io.ggml.{kind.module}") is not None:
+        def kernel(data: torch.Tensor) -> torch.Tensor:
+            return dequantize_blocks(data, ggml_type)
+    else:
+        gguf = _import_gguf()
+        qtype = gguf.GGMLQuantizationType[ggml_type]
+
+        def kernel(data: torch.Tensor) -> torch.Tensor:
+            arr = gguf.quants.dequantize(data.numpy(), qtype)
+            return torch.from_numpy(arr.reshape(-1).astype("float32", copy=False))
+
+    n_blocks = blocks.shape[0]
+    out = torch.empty(n_blocks * kind.block_size, dtype=torch.float32)
+    step = max(1, CHUNK // kind.block_size)
+    for start in range(0, n_blocks, step):
+        stop = min(start + step, n_blocks)
+        out[start * kind.block_size:stop * kind.block_size] = kernel(blocks[start:stop])
+    return out
+
+
+def read_gguf_infos(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo],
+                                                           dict[str, str]]:
+    """A GGUF file's tensors as :func:`open_gguf` presents them (original
+    shapes, dequantized dtypes) and its metadata, from the header alone.
+
+    Raises:
+        BadFileError: not a GGUF file modelkit can read.
+    """
+    from modelkit.io.gguf_header import read_gguf_header
+
+    return _gguf_infos(read_gguf_header(Path(path)))
+
+
+def _gguf_infos(header: Any) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    from modelkit.errors import BadFileError
+    from modelkit.io.source import tensor_info
+    from modelkit.textsafe import quoted, shown
+
+    p = header.path
+    infos = {}
+    for name, t in header.tensors.items():
+        kind = t.ggml_type
+        if kind not in READ_TYPES:
+            raise BadFileError(f"{shown(p, 300)}: tensor {quoted(name)} is {kind}; modelkit "
+                               f"reads GGUF tensors of type {', '.join(READ_TYPES)}")
+        if kind not in FLOAT_TYPES and header.byte_order != "little":
+            raise BadFileError(f"{shown(p, 300)}: a big-endian {kind} GGUF file; modelkit "
+                               "reads quantized GGUF from little-endian files only")
+        shape = header.orig_shape(name) or t.shape
+        infos[name] = tensor_info(name, _read_dtype(kind), tuple(int(d) for d in shape))
+    prefix = "modelkit.source_metadata."
+    meta = {(k[len(prefix):] if k.startswith(prefix) else k): v
+            for k, v in header.kv.items()
+            if k.startswith(("modelkit.", "general.")) and isinstance(v, str)}
+    return infos, meta
+
+
+def _read_dtype(ggml_type: str) -> str:
+    """The dtype a GGUF tensor is presented in: float types as stored; Q8_0
+    as F16 (as modelkit has always read its own Q8_0 exports); every other
+    block type as F32, the exact result of ggml's float32 dequantization."""
+    if ggml_type in FLOAT_TYPES:
+        return ggml_type
+    return "F16" if ggml_type == "Q8_0" else "F32"
+
+
 def open_gguf(path: str | os.PathLike[str], device: str = "cpu") -> Source:
-    """Open a GGUF file as a source: every tensor dequantized (Q8_0 to F16,
-    float types as they are) in its original shape (``comfy.gguf.orig_shape``
-    records are applied), metadata from the ``modelkit.*`` and ``general.*``
-    string keys.
+    """Open a GGUF file as a source: every tensor dequantized (see
+    :func:`read_gguf_infos` for the dtypes) in its original shape
+    (``comfy.gguf.orig_shape`` records are applied), metadata from the
+    ``modelkit.*`` and ``general.*`` string keys.
 
     The header is read and checked by modelkit's own bounded reader
     (:func:`modelkit.io.gguf_header.read_gguf_header`) before anything is
@@ -637,42 +730,24 @@ def open_gguf(path: str | os.PathLike[str], device: str = "cpu") -> Source:
     Raises:
         BadFileError: not a GGUF file modelkit can read.
     """
-    from modelkit.errors import BadFileError
+    from modelkit.io.dtypes import to_torch
     from modelkit.io.files import open_input_file
     from modelkit.io.gguf_header import read_gguf_header
-    from modelkit.io.source import DerivedSource, tensor_info
-    from modelkit.textsafe import quoted, shown
+    from modelkit.io.source import DerivedSource
 
     p = Path(path)
     header = read_gguf_header(p)
-    infos = {}
-    for name, t in header.tensors.items():
-        kind = t.ggml_type
-        if kind not in GGML_SIZES:
-            raise BadFileError(f"{shown(p, 300)}: tensor {quoted(name)} is {kind}; "
-                               "modelkit reads F32, F16, BF16 and Q8_0 GGUF files")
-        if kind == "Q8_0" and header.byte_order != "little":
-            raise BadFileError(f"{shown(p, 300)}: a big-endian Q8_0 GGUF file; modelkit "
-                               "reads Q8_0 from little-endian files only")
-        shape = header.orig_shape(name) or t.shape
-        dtype = "F16" if kind == "Q8_0" else kind
-        infos[name] = tensor_info(name, dtype, tuple(int(d) for d in shape))
-    prefix = "modelkit.source_metadata."
-    meta = {(k[len(prefix):] if k.startswith(prefix) else k): v
-            for k, v in header.kv.items()
-            if k.startswith(("modelkit.", "general.")) and isinstance(v, str)}
+    infos, meta = _gguf_infos(header)
 
     def produce(key: str) -> torch.Tensor:
-        import numpy as np
         import torch
 
         t = header.tensors[key]
         with open_input_file(p) as f:
             raw = _tensor_array(f, header, t)
-        if t.ggml_type == "Q8_0":
-            gguf = _import_gguf()
-            arr = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q8_0)
-            out = torch.from_numpy(arr.astype(np.float16).reshape(-1))
+        if t.ggml_type not in FLOAT_TYPES:
+            values = dequantize_gguf_blocks(torch.from_numpy(raw.copy()), t.ggml_type)
+            out = values.to(to_torch(infos[key].dtype))
         elif t.ggml_type == "BF16":
             out = torch.from_numpy(raw.reshape(-1).copy()).view(torch.bfloat16)
         else:

@@ -4,7 +4,11 @@
 * legacy pickles (``.ckpt``, ``.pt``, ``.pth``, ``.bin``): through the safe
   unpickler (an allow-list; a forbidden class is refused by name);
 * diffusers folders: presented in the original single-file layout;
-* ``.gguf`` files written for ComfyUI-GGUF: dequantized on read.
+* ``.gguf`` files written for ComfyUI-GGUF: dequantized on read;
+* quantized safetensors (ComfyUI's scaled fp8 and int8, bitsandbytes NF4):
+  dequantized on read (:mod:`modelkit.io.quantized`).
+
+Which is which is the format table's answer (:mod:`modelkit.io.formats`).
 """
 
 from __future__ import annotations
@@ -32,10 +36,6 @@ def open_source(path: str | os.PathLike[str], device: str = "cpu") -> Source:
                                "model_index.json or unet/); give a model file")
         return open_diffusers(p, device)
     check_input_file(p)
-    if p.suffix.lower() == ".gguf":
-        from modelkit.io.gguf import open_gguf
+    from modelkit.io.formats import input_format
 
-        return open_gguf(p, device)
-    from modelkit.io.reader import open_model
-
-    return open_model(p, device)
+    return input_format(p).open(p, device)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from modelkit.errors import INTERRUPTED, BadFileError, Interrupted, ModelkitError
 from modelkit.io.dtypes import check_loadable
-from modelkit.io.files import PICKLE_SUFFIXES
+from modelkit.io.formats import Format, input_format, is_format
 from modelkit.io.header import Header, TensorInfo, read_header
 from modelkit.io.source import KeyAccess
 
@@ -46,18 +46,33 @@ def resolve_device(device: str) -> str:
 
 def is_pickle_path(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` names a legacy pickle checkpoint by its suffix."""
-    return Path(path).suffix.lower() in PICKLE_SUFFIXES
+    return is_format(path, "pickle")
 
 
 def read_infos(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo],
                                                        dict[str, str]]:
-    """Tensor infos and metadata of any supported file. For safetensors only
-    the header is read; pickles are unpickled (safely, memory-mapped)."""
-    if is_pickle_path(path):
-        with open_model(path) as src:
-            return dict(src.infos), {}
+    """Tensor infos and metadata of any supported file, by the format table.
+    For safetensors and GGUF only the header is read; pickles are unpickled
+    (safely, memory-mapped)."""
+    return input_format(path).read_header(path)
+
+
+def read_st_infos(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """A safetensors file's tensor infos and metadata, from its header."""
     header = read_header(path)
     return header.tensors, header.metadata
+
+
+def read_opened_infos(path: Path, fmt: Format) -> tuple[dict[str, TensorInfo],
+                                                        dict[str, str]]:
+    """Infos and metadata of a format without a header reader, by opening it."""
+    src = fmt.open(path)
+    try:
+        return dict(src.infos), dict(src.metadata)
+    finally:
+        close = getattr(src, "close", None)
+        if close is not None:
+            close()
 
 
 @dataclass

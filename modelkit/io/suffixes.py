@@ -1,19 +1,22 @@
 """What kind of file a path is, by suffix and by its first bytes, as data.
 
-One place for the file-kind knowledge the library scan, ``inspect`` and the
-readers share: which suffixes are model files, what a file's magic bytes
-say it is (so a PNG given to ``inspect`` is called a PNG, not a safetensors
-file with a huge header), and where ComfyUI loads diffusion-model-only files
-(GGUF included) from.
+The model formats themselves are declared in :mod:`modelkit.io.formats`;
+this module names them for messages, beside the files that are not models:
+what a file's magic bytes say it is (so a PNG given to ``inspect`` is called
+a PNG, not a safetensors file with a huge header), and where ComfyUI loads
+diffusion-model-only files (GGUF included) from.
 """
 
 from __future__ import annotations
 
-SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-GGUF_SUFFIXES = (".gguf",)
-# files the library scan indexes
-MODEL_SUFFIXES = (*SAFETENSORS_SUFFIXES, *PICKLE_SUFFIXES, *GGUF_SUFFIXES)
+from modelkit.io.formats import FORMATS, GGUF, PICKLE, SAFETENSORS
+from modelkit.io.formats import MODEL_SUFFIXES as MODEL_SUFFIXES
+from modelkit.io.formats import SNIFF_BYTES as SNIFF_BYTES
+
+# the suffixes of the format table (modelkit.io.formats), by name
+SAFETENSORS_SUFFIXES = SAFETENSORS.suffixes
+PICKLE_SUFFIXES = PICKLE.suffixes
+GGUF_SUFFIXES = GGUF.suffixes
 
 # Where ComfyUI loads a diffusion-model-only file (a UNet/DiT without VAE or
 # text encoders, GGUF files included), relative to ComfyUI's folder: the
@@ -28,6 +31,8 @@ COMFYUI_DIFFUSION_MODELS = "models/diffusion_models"
 GGUF_DIFFUSION_ARCHS = frozenset({"flux", "sd1", "sdxl", "sd3", "aura", "hidream", "cosmos",
                                   "ltxv", "hyvid", "wan", "lumina2", "qwen_image"})
 
+# what a model format's magic bytes are called in a message
+_FORMAT_WORDS = {"gguf": "a GGUF file", "pickle": "a Python pickle (a legacy .ckpt/.pt?)"}
 # leading bytes -> what the file is (checked in order)
 MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"\x89PNG\r\n\x1a\n", "a PNG image"),
@@ -36,13 +41,8 @@ MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"GIF89a", "a GIF image"),
     (b"PK\x03\x04", "a ZIP archive"),
     (b"PK\x05\x06", "an empty ZIP archive"),
-    (b"GGUF", "a GGUF file"),
-    (b"\x80\x02", "a Python pickle (a legacy .ckpt/.pt?)"),
-    (b"\x80\x03", "a Python pickle (a legacy .ckpt/.pt?)"),
-    (b"\x80\x04", "a Python pickle (a legacy .ckpt/.pt?)"),
-    (b"\x80\x05", "a Python pickle (a legacy .ckpt/.pt?)"),
+    *((m, _FORMAT_WORDS[f.name]) for f in FORMATS.values() for m in f.magic),
 )
-SNIFF_BYTES = 16
 
 
 def sniff(head: bytes) -> str | None:

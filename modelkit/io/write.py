@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelkit.errors import CancelFlag, ModelkitError, OutputError, check_cancel
-from modelkit.io.files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
+from modelkit.io.formats import check_output_name, writer_of
+from modelkit.io.formats import output_format as output_format
 from modelkit.io.source import Source
 from modelkit.progress import WRITE, Progress, ProgressFn, no_progress
-from modelkit.vocab import OUTPUT_FORMATS
 
 if TYPE_CHECKING:
     from modelkit.io.writer import SafetensorsWriter
@@ -90,25 +90,6 @@ class WriteResult:
     notes: list[str] = field(default_factory=list)
 
 
-def output_format(out: str | os.PathLike[str], fmt: str | None = None) -> str:
-    """The output format: given, or from the path (``.gguf``, ``.safetensors``;
-    a name without a model suffix is a diffusers folder)."""
-    if fmt:
-        if fmt not in OUTPUT_FORMATS:
-            raise ModelkitError(f"unknown output format {fmt!r}; choose one of "
-                                f"{', '.join(OUTPUT_FORMATS)}")
-        return fmt
-    suffix = Path(out).suffix.lower()
-    if suffix == ".gguf":
-        return "gguf"
-    if suffix in SAFETENSORS_SUFFIXES:
-        return "safetensors"
-    if suffix in PICKLE_SUFFIXES:
-        raise ModelkitError(f"{out}: modelkit writes .safetensors (pickles can run code "
-                            "when loaded); use a .safetensors name")
-    return "diffusers"
-
-
 def check_output(spec: OutputSpec, inputs: Iterable[str | os.PathLike[str]]) -> None:
     """The overwrite policy, before anything is computed: never an input,
     an existing output only with ``overwrite``, the folder must exist, the
@@ -129,11 +110,7 @@ def check_output(spec: OutputSpec, inputs: Iterable[str | os.PathLike[str]]) -> 
         check_output_dir(path, inputs, spec.overwrite)
         return
     check_output_path(path, inputs)
-    suffix = {"gguf": ".gguf", "safetensors": ".safetensors"}[spec.format]
-    if spec.format == "gguf" and path.suffix.lower() != suffix:
-        raise OutputError(f"{path}: a GGUF output needs a .gguf name")
-    if spec.format == "safetensors" and path.suffix.lower() not in (".safetensors", ".sft"):
-        raise OutputError(f"{path}: a safetensors output needs a .safetensors name")
+    check_output_name(spec.format, path)
     if path.exists() and not spec.overwrite:
         raise OutputError(f"{path}: already exists; pass --overwrite to replace it or "
                           "choose another output path")
@@ -247,26 +224,48 @@ def write(payload: Any, spec: OutputSpec, *, metadata: dict[str, str] | None = N
     paths = [Path(p) for p in inputs]
     total = _payload_bytes(payload, fmt)
     bar = _Bytes(path.name, total, progress)
+    writer = writer_of(fmt)
     try:
-        if fmt == "safetensors":
-            n, size = _safetensors(_as_source(payload, fmt), path, metadata, paths,
-                                   spec.overwrite, bar, cancel, finalize)
-            notes: list[str] = []
-        elif fmt == "diffusers":
-            n, size = _folder(payload, path, metadata, paths, spec.overwrite, bar, cancel,
-                              finalize)
-            notes = list(payload.notes)
-        elif fmt == "gguf":
-            from modelkit.io.gguf import write_gguf_payload
-
-            n, size = write_gguf_payload(payload, path, metadata, paths, spec.overwrite,
-                                         bar.add, cancel, finalize)
-            notes = list(payload.notes)
-        else:
-            raise ModelkitError(f"unknown output format {fmt!r}")
+        n, size, notes = writer(payload, path, metadata, paths, spec.overwrite, bar, cancel,
+                                finalize)
     except OSError as exc:
         raise _disk_error(path, exc, total) from None
     return WriteResult(path, fmt, n, size, time.perf_counter() - start, notes)
+
+
+# The writers of the format table (modelkit.io.formats): one signature,
+# returning (tensors, bytes, notes).
+
+
+def write_safetensors(payload: Any, path: Path, metadata: dict[str, str] | None,
+                      inputs: list[Path], overwrite: bool, bar: _Bytes,
+                      cancel: CancelFlag | None, finalize: Finalize | None
+                      ) -> tuple[int, int, list[str]]:
+    """Write a source as one safetensors file."""
+    n, size = _safetensors(_as_source(payload, "safetensors"), path, metadata, inputs,
+                           overwrite, bar, cancel, finalize)
+    return n, size, []
+
+
+def write_folder(payload: Any, path: Path, metadata: dict[str, str] | None,
+                 inputs: list[Path], overwrite: bool, bar: _Bytes,
+                 cancel: CancelFlag | None, finalize: Finalize | None
+                 ) -> tuple[int, int, list[str]]:
+    """Write a :class:`FolderPayload` (a diffusers folder)."""
+    n, size = _folder(payload, path, metadata, inputs, overwrite, bar, cancel, finalize)
+    return n, size, list(payload.notes)
+
+
+def write_gguf_file(payload: Any, path: Path, metadata: dict[str, str] | None,
+                    inputs: list[Path], overwrite: bool, bar: _Bytes,
+                    cancel: CancelFlag | None, finalize: Finalize | None
+                    ) -> tuple[int, int, list[str]]:
+    """Write a :class:`~modelkit.io.gguf.GGUFPayload`."""
+    from modelkit.io.gguf import write_gguf_payload
+
+    n, size = write_gguf_payload(payload, path, metadata, inputs, overwrite, bar.add, cancel,
+                                 finalize)
+    return n, size, list(payload.notes)
 
 
 def _as_source(payload: Any, fmt: str) -> Source:

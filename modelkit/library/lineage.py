@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modelkit.io.files import MODEL_SUFFIXES
+from modelkit.io.formats import MODEL_SUFFIXES
 from modelkit.io.header import metadata_json
 from modelkit.jsontypes import JSONDict
 from modelkit.library.query import Entry, get_detail, list_entries

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelkit.errors import INTERRUPTED, Cancelled, Interrupted, ModelkitError
-from modelkit.io.suffixes import MODEL_SUFFIXES, SAFETENSORS_SUFFIXES
+from modelkit.io.formats import MODEL_SUFFIXES, SAFETENSORS
 from modelkit.jsontypes import JSONDict
 from modelkit.library import db as dbm
 from modelkit.library.layout import Placer, is_sweep_folder
@@ -204,7 +204,7 @@ def find_files(roots: Sequence[str], warnings: list[str] | None = None, *,
 
 def _data_bytes(path: str, size: int) -> int | None:
     """Bytes after a safetensors header (what the tensor-data hash covers)."""
-    if not path.lower().endswith(SAFETENSORS_SUFFIXES):
+    if not path.lower().endswith(SAFETENSORS.suffixes):
         return None
     try:
         with open(path, "rb") as f:
@@ -490,7 +490,7 @@ def hash_missing(conn: sqlite3.Connection, paths: Sequence[str],
         def step(p: Progress, base: int = base) -> None:
             progress(Progress("hash", base + p.done, total, "bytes", p.item, HASH))
 
-        tensor = path.lower().endswith(SAFETENSORS_SUFFIXES)
+        tensor = path.lower().endswith(SAFETENSORS.suffixes)
         try:
             h = cached_hashes(path, step, tensor_hash=tensor)
         except (ModelkitError, OSError):

@@ -29,6 +29,7 @@ from modelkit.core.recipe import (
     yaml_errors,
 )
 from modelkit.errors import ModelkitError
+from modelkit.io.formats import FORMATS, MODEL_SUFFIXES
 from modelkit.jsontypes import JSONDict
 
 SWEEP_VERSION = 1
@@ -41,7 +42,8 @@ MAX_CELLS = 10_000
 MAX_SWEEP_BYTES = 1_000_000
 LABEL_CHARS = 40
 VERIFY_PATH_FIELDS = ("tokenizer", "library")
-SUFFIXES = {"safetensors": ".safetensors", "gguf": ".gguf", "diffusers": ""}
+# output format -> the suffix of a cell's file, from the format table
+SUFFIXES = {name: f.suffix for name, f in FORMATS.items() if f.writer}
 
 
 class SweepError(ModelkitError):
@@ -143,7 +145,7 @@ def value_label(axis: Axis, value: Any) -> str:
     if axis.is_file:
         path = value.get("path") if isinstance(value, dict) else value
         text = Path(str(path)).name
-        for suffix in (".safetensors", ".ckpt", ".pt", ".gguf"):
+        for suffix in MODEL_SUFFIXES:
             text = text.removesuffix(suffix)
     elif isinstance(value, dict) and "preset" in value:
         text = str(value["preset"])

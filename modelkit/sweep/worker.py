@@ -135,9 +135,10 @@ def output_hashes(path: Path) -> dict[str, Any]:
 def embedded_recipe_text(path: Path) -> str | None:
     """The ``modelkit.recipe`` an output carries, or None."""
     from modelkit.engine.provenance import RECIPE_KEY
+    from modelkit.io.formats import is_format
 
     try:
-        if path.is_file() and path.suffix.lower() == ".safetensors":
+        if path.is_file() and is_format(path, "safetensors"):
             from modelkit.io.header import read_header
 
             return read_header(path).metadata.get(RECIPE_KEY)

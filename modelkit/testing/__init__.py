@@ -297,6 +297,24 @@ def write_sparse_wan(path: str | os.PathLike[str], variant: str = "t2v-1.3b", *,
     return write_sparse(path, _specs({prefix + k: s for k, s in keys.items()}, dtype))
 
 
+def write_sparse_dit(path: str | os.PathLike[str], family: str, *, layout: str = "original",
+                     prefixed: bool = False, dtype: str = "BF16", tiny: bool = False) -> Path:
+    """A full-size transformer header of ``family`` (``chroma``, ``flux2`` or
+    ``z_image``: real key names and shapes, the family's one variant) with
+    sparse all-zero data, in the ``original`` or ``diffusers`` layout,
+    unprefixed or under ``model.diffusion_model.`` (``tiny``: the same key
+    names at a small size)."""
+    from importlib import import_module
+
+    from modelkit.io.writer import write_sparse
+
+    module = import_module(f"modelkit.arch.{family}")
+    cfg = next(iter(module.VARIANTS.values()))
+    keys = module.transformer_keys(module.small(cfg) if tiny else cfg, layout)
+    prefix = UNET_PREFIX if prefixed else ""
+    return write_sparse(path, _specs({prefix + k: s for k, s in keys.items()}, dtype))
+
+
 def flux_config(variant: str = "dev", *, hidden: int = 256, depth: int = 2,
                 single: int = 2, full_text: bool = False) -> FluxConfig:
     """A Flux.1 config with the real key names at a reduced width and depth

@@ -132,10 +132,17 @@ def hash_job(paths: list[str], db: str | None
 def compare_job(a: str, b: str) -> Callable[[ProgressFn, threading.Event], CompareReport]:
     """A job comparing model ``b`` against ``a`` per component and block."""
     def run(progress: ProgressFn, cancel: threading.Event) -> CompareReport:
-        from modelkit.inspect.compare import compare_models
-        from modelkit.io.reader import open_model
+        from contextlib import ExitStack
 
-        with open_model(a) as src_a, open_model(b) as src_b:
+        from modelkit.inspect.compare import compare_models
+        from modelkit.io.open import open_source
+
+        with ExitStack() as stack:
+            src_a, src_b = open_source(a), open_source(b)
+            for src in (src_a, src_b):
+                close = getattr(src, "close", None)
+                if close is not None:
+                    stack.callback(close)
             return compare_models(src_a, src_b, progress=progress, cancel=cancel)
 
     return run

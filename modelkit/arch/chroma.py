@@ -1,0 +1,121 @@
+"""Chroma (8.9B, a Flux.1-schnell derivative) key names and shapes.
+
+Chroma keeps Flux.1's double and single blocks but drops their modulation
+layers, ``time_in``/``vector_in``/``guidance_in`` and the final layer's
+modulation: one "distilled guidance" approximator (``distilled_guidance_layer``:
+an input projection, five MLP layers with RMS norms, an output projection)
+computes every modulation vector. Two layouts:
+
+* ``original``: lodestones' and ComfyUI's names (Comfy-Org/ComfyUI
+  ``comfy/ldm/chroma/model.py``, ``layers.py``: ``Approximator`` with
+  ``in_proj``, ``layers.N.in_layer/out_layer``, ``norms.N.scale``,
+  ``out_proj``); ComfyUI's ``model_detection.py`` tells Chroma from Flux by
+  ``distilled_guidance_layer.norms.0.scale``;
+* ``diffusers``: ``ChromaTransformer2DModel`` (huggingface/diffusers
+  ``transformer_chroma.py``), checked against that class in the tests.
+
+Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+from modelkit.arch.keys import KeyShapes, Shape, joint_attention_keys, linear_keys
+
+ORIGINAL, DIFFUSERS = "original", "diffusers"
+
+
+@dataclass(frozen=True)
+class ChromaConfig:
+    """Chroma's transformer and approximator sizes (diffusers' defaults)."""
+
+    in_channels: int = 64
+    hidden_size: int = 3072
+    num_heads: int = 24
+    depth: int = 19
+    depth_single_blocks: int = 38
+    context_in_dim: int = 4096
+    approximator_in: int = 64
+    approximator_hidden: int = 5120
+    approximator_layers: int = 5
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return 4 * self.hidden_size
+
+
+VARIANTS: dict[str, ChromaConfig] = {"chroma": ChromaConfig()}
+
+
+def _approximator(cfg: ChromaConfig, layout: str) -> Iterator[tuple[str, Shape]]:
+    p, a = "distilled_guidance_layer", cfg.approximator_hidden
+    yield from linear_keys(f"{p}.in_proj", a, cfg.approximator_in)
+    for i in range(cfg.approximator_layers):
+        first, second = (("in_layer", "out_layer") if layout == ORIGINAL
+                         else ("linear_1", "linear_2"))
+        yield from linear_keys(f"{p}.layers.{i}.{first}", a, a)
+        yield from linear_keys(f"{p}.layers.{i}.{second}", a, a)
+        yield f"{p}.norms.{i}.{'scale' if layout == ORIGINAL else 'weight'}", (a,)
+    yield from linear_keys(f"{p}.out_proj", cfg.hidden_size, a)
+
+
+def _original(cfg: ChromaConfig) -> Iterator[tuple[str, Shape]]:
+    h, mlp, hd = cfg.hidden_size, cfg.mlp_hidden, cfg.head_dim
+    yield from linear_keys("img_in", h, cfg.in_channels)
+    yield from linear_keys("txt_in", h, cfg.context_in_dim)
+    yield from _approximator(cfg, ORIGINAL)
+    for i in range(cfg.depth):
+        b = f"double_blocks.{i}"
+        for s in ("img", "txt"):
+            yield from linear_keys(f"{b}.{s}_attn.qkv", 3 * h, h)
+            yield f"{b}.{s}_attn.norm.query_norm.scale", (hd,)
+            yield f"{b}.{s}_attn.norm.key_norm.scale", (hd,)
+            yield from linear_keys(f"{b}.{s}_attn.proj", h, h)
+            yield from linear_keys(f"{b}.{s}_mlp.0", mlp, h)
+            yield from linear_keys(f"{b}.{s}_mlp.2", h, mlp)
+    for i in range(cfg.depth_single_blocks):
+        b = f"single_blocks.{i}"
+        yield from linear_keys(f"{b}.linear1", 3 * h + mlp, h)
+        yield from linear_keys(f"{b}.linear2", h, h + mlp)
+        yield f"{b}.norm.query_norm.scale", (hd,)
+        yield f"{b}.norm.key_norm.scale", (hd,)
+    yield from linear_keys("final_layer.linear", cfg.in_channels, h)
+
+
+def _diffusers(cfg: ChromaConfig) -> Iterator[tuple[str, Shape]]:
+    h, mlp, hd = cfg.hidden_size, cfg.mlp_hidden, cfg.head_dim
+    yield from _approximator(cfg, DIFFUSERS)
+    yield from linear_keys("context_embedder", h, cfg.context_in_dim)
+    yield from linear_keys("x_embedder", h, cfg.in_channels)
+    for i in range(cfg.depth):
+        b = f"transformer_blocks.{i}"
+        yield from joint_attention_keys(b, h, hd)
+        for ff in ("ff", "ff_context"):
+            yield from linear_keys(f"{b}.{ff}.net.0.proj", mlp, h)
+            yield from linear_keys(f"{b}.{ff}.net.2", h, mlp)
+    for i in range(cfg.depth_single_blocks):
+        b = f"single_transformer_blocks.{i}"
+        yield from linear_keys(f"{b}.proj_mlp", mlp, h)
+        yield from linear_keys(f"{b}.proj_out", h, h + mlp)
+        for proj in ("to_q", "to_k", "to_v"):
+            yield from linear_keys(f"{b}.attn.{proj}", h, h)
+        for norm in ("norm_q", "norm_k"):
+            yield f"{b}.attn.{norm}.weight", (hd,)
+    yield from linear_keys("proj_out", cfg.in_channels, h)
+
+
+def transformer_keys(cfg: ChromaConfig, layout: str = ORIGINAL) -> KeyShapes:
+    """The transformer's keys and shapes in ``layout`` (unprefixed)."""
+    return dict(_original(cfg) if layout == ORIGINAL else _diffusers(cfg))
+
+
+def small(cfg: ChromaConfig) -> ChromaConfig:
+    """``cfg`` with the same key names at a small size."""
+    return replace(cfg, hidden_size=256, num_heads=2, depth=2, depth_single_blocks=2,
+                   context_in_dim=64, approximator_hidden=128, approximator_layers=2)

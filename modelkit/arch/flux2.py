@@ -1,0 +1,120 @@
+"""Flux.2 (dev: 32B; 8 double and 48 single blocks, 6144 wide) key names and shapes.
+
+Flux.2 shares one modulation per stream across all blocks
+(``double_stream_modulation_img/txt``, ``single_stream_modulation``), has no
+biases, a SwiGLU MLP (``linear_in`` twice the hidden MLP width) and takes
+128 latent channels and Mistral's 15360-wide text features. Two layouts:
+
+* ``diffusers``: ``Flux2Transformer2DModel`` (huggingface/diffusers
+  ``transformer_flux2.py``), checked against that class in the tests;
+* ``original``: Black Forest Labs' names (black-forest-labs/flux2
+  ``src/flux2/model.py``: ``img_in``, ``txt_in``, ``time_in``/``guidance_in``
+  MLP embedders, ``double_blocks.N.{img,txt}_attn.qkv`` fused,
+  ``single_blocks.N.linear1`` = qkv + MLP in, ``*.lin`` modulations,
+  ``final_layer``), which ComfyUI's single files keep (shared/reference
+  families.md: ``double_stream_modulation_img.lin.weight``).
+
+Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+from modelkit.arch.keys import KeyShapes, Shape, joint_attention_keys, linear_keys
+
+ORIGINAL, DIFFUSERS = "original", "diffusers"
+
+
+@dataclass(frozen=True)
+class Flux2Config:
+    """Flux.2's transformer sizes (diffusers' defaults: Flux.2 dev)."""
+
+    in_channels: int = 128
+    hidden_size: int = 6144
+    num_heads: int = 48
+    depth: int = 8
+    depth_single_blocks: int = 48
+    context_in_dim: int = 15360
+    time_dim: int = 256
+    mlp_ratio: float = 3.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+
+VARIANTS: dict[str, Flux2Config] = {"dev": Flux2Config()}
+
+
+def _original(cfg: Flux2Config) -> Iterator[tuple[str, Shape]]:
+    h, mlp, hd = cfg.hidden_size, cfg.mlp_hidden, cfg.head_dim
+    yield from linear_keys("img_in", h, cfg.in_channels, bias=False)
+    yield from linear_keys("txt_in", h, cfg.context_in_dim, bias=False)
+    for embed in ("time_in", "guidance_in"):
+        yield from linear_keys(f"{embed}.in_layer", h, cfg.time_dim, bias=False)
+        yield from linear_keys(f"{embed}.out_layer", h, h, bias=False)
+    yield from linear_keys("double_stream_modulation_img.lin", 6 * h, h, bias=False)
+    yield from linear_keys("double_stream_modulation_txt.lin", 6 * h, h, bias=False)
+    yield from linear_keys("single_stream_modulation.lin", 3 * h, h, bias=False)
+    for i in range(cfg.depth):
+        b = f"double_blocks.{i}"
+        for s in ("img", "txt"):
+            yield from linear_keys(f"{b}.{s}_attn.qkv", 3 * h, h, bias=False)
+            yield f"{b}.{s}_attn.norm.query_norm.scale", (hd,)
+            yield f"{b}.{s}_attn.norm.key_norm.scale", (hd,)
+            yield from linear_keys(f"{b}.{s}_attn.proj", h, h, bias=False)
+            yield from linear_keys(f"{b}.{s}_mlp.0", 2 * mlp, h, bias=False)
+            yield from linear_keys(f"{b}.{s}_mlp.2", h, mlp, bias=False)
+    for i in range(cfg.depth_single_blocks):
+        b = f"single_blocks.{i}"
+        yield from linear_keys(f"{b}.linear1", 3 * h + 2 * mlp, h, bias=False)
+        yield from linear_keys(f"{b}.linear2", h, h + mlp, bias=False)
+        yield f"{b}.norm.query_norm.scale", (hd,)
+        yield f"{b}.norm.key_norm.scale", (hd,)
+    yield from linear_keys("final_layer.adaLN_modulation.1", 2 * h, h, bias=False)
+    yield from linear_keys("final_layer.linear", cfg.in_channels, h, bias=False)
+
+
+def _diffusers(cfg: Flux2Config) -> Iterator[tuple[str, Shape]]:
+    h, mlp, hd = cfg.hidden_size, cfg.mlp_hidden, cfg.head_dim
+    t = "time_guidance_embed"
+    for embed in ("timestep_embedder", "guidance_embedder"):
+        yield from linear_keys(f"{t}.{embed}.linear_1", h, cfg.time_dim, bias=False)
+        yield from linear_keys(f"{t}.{embed}.linear_2", h, h, bias=False)
+    yield from linear_keys("double_stream_modulation_img.linear", 6 * h, h, bias=False)
+    yield from linear_keys("double_stream_modulation_txt.linear", 6 * h, h, bias=False)
+    yield from linear_keys("single_stream_modulation.linear", 3 * h, h, bias=False)
+    yield from linear_keys("x_embedder", h, cfg.in_channels, bias=False)
+    yield from linear_keys("context_embedder", h, cfg.context_in_dim, bias=False)
+    for i in range(cfg.depth):
+        b = f"transformer_blocks.{i}"
+        yield from ((k, s) for k, s in joint_attention_keys(b, h, hd)
+                    if not k.endswith(".bias"))
+        for ff in ("ff", "ff_context"):
+            yield from linear_keys(f"{b}.{ff}.linear_in", 2 * mlp, h, bias=False)
+            yield from linear_keys(f"{b}.{ff}.linear_out", h, mlp, bias=False)
+    for i in range(cfg.depth_single_blocks):
+        b = f"single_transformer_blocks.{i}"
+        yield from linear_keys(f"{b}.attn.to_qkv_mlp_proj", 3 * h + 2 * mlp, h, bias=False)
+        yield f"{b}.attn.norm_q.weight", (hd,)
+        yield f"{b}.attn.norm_k.weight", (hd,)
+        yield from linear_keys(f"{b}.attn.to_out", h, h + mlp, bias=False)
+    yield from linear_keys("norm_out.linear", 2 * h, h, bias=False)
+    yield from linear_keys("proj_out", cfg.in_channels, h, bias=False)
+
+
+def transformer_keys(cfg: Flux2Config, layout: str = ORIGINAL) -> KeyShapes:
+    """The transformer's keys and shapes in ``layout`` (unprefixed)."""
+    return dict(_original(cfg) if layout == ORIGINAL else _diffusers(cfg))
+
+
+def small(cfg: Flux2Config) -> Flux2Config:
+    """``cfg`` with the same key names at a small size."""
+    return replace(cfg, hidden_size=256, num_heads=2, depth=2, depth_single_blocks=2,
+                   context_in_dim=64)
