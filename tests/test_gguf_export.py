@@ -351,3 +351,61 @@ def test_command_refuses_a_bad_type_and_a_vae(tmp_path: Path) -> None:
         assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1, (name, err)
         assert words in err, (name, err)
     assert not list(tmp_path.glob("*.gguf"))
+
+
+# --- lora bake into a GGUF input -------------------------------------------------------
+
+
+def test_lora_bake_into_a_q4_k_m_gguf_requantizes_in_one_pass(tmp_path: Path) -> None:
+    """``lora bake flux-Q4_K_M.gguf style.safetensors -o out.gguf --type
+    q4_k_m``: every output tensor is the bake of the dequantized input (the
+    same bake written to safetensors) quantized again, byte for byte."""
+    from safetensors.torch import load_file
+
+    from modelkit import testing as t
+    from modelkit.core.recipe import Recipe
+    from modelkit.engine.runner import run
+    from modelkit.io.ggml import dequantize_blocks, quantize_blocks
+    from modelkit.testing.lora import write_flux_lora
+
+    keep = ("img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer.",
+            "double_blocks.0.img_mod.", "double_blocks.0.img_attn.")
+    keys = {k: s for k, s in KEYS["flux"].items() if k.startswith(keep)}
+    base, lora = tmp_path / "flux.safetensors", tmp_path / "style.safetensors"
+    t.write_tensors(base, keys, dtype="BF16", seed=8)
+    write_flux_lora(lora, "kohya", depth=1, single=1, rank=4, seed=9,
+                    modules=("lora_unet_double_blocks_0_img_attn_qkv",))
+
+    def go(op: str, *inputs: Path, out: str, **fields: Any) -> Path:
+        path = tmp_path / out
+        run(Recipe.op(op, *inputs, output=path).with_output(**fields))
+        return path
+
+    q4 = go("convert", base, out="flux-Q4_K_M.gguf", format="gguf", quant="q4_k_m")
+    baked = go("lora_bake", q4, lora, out="out.gguf", quant="q4_k_m")
+    plain = go("convert", q4, out="deq.safetensors")
+    ref = load_file(str(go("lora_bake", plain, lora, out="ref.safetensors")))
+    deq = load_file(str(plain))
+    qkv = "double_blocks.0.img_attn.qkv.weight"
+    la = load_file(str(lora))
+    m = "lora_unet_double_blocks_0_img_attn_qkv"
+    delta = la[f"{m}.lora_up.weight"] @ la[f"{m}.lora_down.weight"] * (la[f"{m}.alpha"] / 4)
+    torch.testing.assert_close(ref[qkv] - deq[qkv], delta, rtol=0, atol=1e-6)
+    reader = gguf.GGUFReader(str(baked))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types[qkv] == "Q5_K" and types["double_blocks.0.img_mod.lin.weight"] == "Q4_K"
+    changed = 0
+    for tensor in reader.tensors:
+        x = ref[tensor.name].float().reshape(-1)
+        raw = np.asarray(tensor.data)
+        if tensor.tensor_type.name in ("F32", "F16", "BF16"):
+            back = gguf.quants.dequantize(raw, tensor.tensor_type).reshape(-1)
+            np.testing.assert_array_equal(back, x.numpy(), err_msg=tensor.name)
+            continue
+        want = quantize_blocks(x, tensor.tensor_type.name)
+        assert raw.tobytes() == want.numpy().tobytes(), tensor.name
+        np.testing.assert_array_equal(
+            gguf.quants.dequantize(raw, tensor.tensor_type).reshape(-1),
+            dequantize_blocks(want, tensor.tensor_type.name).numpy())
+        changed += not torch.equal(ref[tensor.name], deq[tensor.name])
+    assert changed == 1

@@ -419,11 +419,12 @@ def _add_kv(writer: Any, gguf: Any, payload: GGUFPayload, metadata: Mapping[str,
     writer.add_string("modelkit.version", __version__)
     for k, v in payload.kv.items():
         writer.add_string(k, v)
+    # this file's own keys win over those a GGUF input carried (its source, qtype)
+    own = {"modelkit.source", "modelkit.qtype", "modelkit.version", *payload.kv}
     for k, v in metadata.items():
-        if k in ("modelkit.version",):
-            continue
-        writer.add_string(k if k.startswith("modelkit.") else
-                          f"modelkit.source_metadata.{k}", v)
+        key = k if k.startswith("modelkit.") else f"modelkit.source_metadata.{k}"
+        if key not in own:
+            writer.add_string(key, v)
     for p in payload.plans:
         if p.orig_shape is not None:
             # Python ints pack as INT32, the type ComfyUI-GGUF's loader checks for
