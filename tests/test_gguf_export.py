@@ -336,21 +336,31 @@ def test_prefixed_flux_exports_the_transformer_with_its_error_report(tmp_path: P
 
 def test_command_refuses_a_bad_type_and_a_vae(tmp_path: Path) -> None:
     """Through the console script: exit 2, one line naming what to change,
-    no output file."""
+    no output file (the VAE is a GGUF file: refused from its header, before
+    torch is imported)."""
+    from safetensors.numpy import load_file
+
     from modelkit import testing as t
 
     t.write_vae(tmp_path / "vae.safetensors")
+    writer = gguf.GGUFWriter(str(tmp_path / "vae.gguf"), "")
+    for key, value in load_file(str(tmp_path / "vae.safetensors")).items():
+        writer.add_tensor(key, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     runs = run_all({
-        "type": ["export-gguf", "vae.safetensors", "-o", "t.gguf", "--type", "q4_k"],
-        "vae": ["export-gguf", "vae.safetensors", "-o", "v.gguf", "--type", "q4_k_m"],
+        "type": ["export-gguf", "vae.gguf", "-o", "t.gguf", "--type", "q4_k"],
+        "vae": ["export-gguf", "vae.gguf", "-o", "v.gguf", "--type", "q4_k_m"],
     }, tmp_path)
     for name, words in (("type", "'q4_k' is not one of 'q8_0', 'q6_k', 'q5_k_m'"),
-                        ("vae", "vae.safetensors): is a VAE with no UNet or transformer; "
+                        ("vae", "vae.gguf): is a VAE with no UNet or transformer; "
                                 "give a full checkpoint or a denoiser-only file")):
         rc, out, err = runs[name]
         assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1, (name, err)
         assert words in err, (name, err)
-    assert not list(tmp_path.glob("*.gguf"))
+    assert [p.name for p in tmp_path.glob("*.gguf")] == ["vae.gguf"]
 
 
 # --- lora bake into a GGUF input -------------------------------------------------------
