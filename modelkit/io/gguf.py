@@ -2,13 +2,16 @@
 
 The header, key/values and tensor infos are written first (every tensor's
 type and byte size is known from its plan), then each tensor is read,
-encoded in 1M-element chunks into one output buffer and written, so memory
-stays at a few times the largest tensor. Data goes to a hidden temp file
-beside the target that is renamed over it only on success.
+encoded in 1M-element chunks into one output buffer (by two worker threads,
+with :mod:`modelkit.io.ggml`'s kernels, byte-identical to ggml's reference)
+and written, so memory stays at a few times the largest tensor. Each lossy
+tensor's error against its input is measured from the same chunks
+(:class:`GGUFQuality`). Data goes to a hidden temp file beside the target
+that is renamed over it only on success.
 
 Which type and shape each tensor gets is a *plan* (:class:`TensorPlan`),
-chosen by a planner function: :func:`plain_plan` here, or a model-specific
-policy such as :func:`modelkit.convert.gguf.tensor_plan`.
+chosen by a planner: :func:`plain_plan` here, or a family's policy
+(:func:`modelkit.convert.gguf.plan_tensors`).
 """
 
 from __future__ import annotations
@@ -212,8 +215,7 @@ class GGUFQuality:
 
 
 def _float_chunk(flat: torch.Tensor, ggml_type: str) -> torch.Tensor:
-    """``flat`` cast to the float type ``ggml_type`` (a view of the result as
-    the type's torch dtype)."""
+    """``flat`` cast to the torch dtype of the GGML float type ``ggml_type``."""
     import torch
 
     dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}[ggml_type]
@@ -316,27 +318,6 @@ def q8_0_blocks(flat: torch.Tensor) -> torch.Tensor:
     from modelkit.io.ggml.legacy import quantize_q8_0
 
     return quantize_q8_0(flat)
-
-
-def encode_tensor(tensor: torch.Tensor, plan: TensorPlan, measure: bool = False
-                  ) -> tuple[np.ndarray, float, float]:
-    """The stored bytes of ``tensor`` under ``plan``, filled chunk by chunk,
-    and (when ``measure``) the squared error of the stored values against
-    ``tensor`` and its squared norm, summed over the same chunks."""
-    import numpy as np
-
-    flat = tensor.detach().cpu().reshape(-1)
-    out = np.empty(plan.nbytes, dtype=np.uint8)
-    block, size = GGML_SIZES[plan.ggml_type]
-    err = ref = 0.0
-    for start in range(0, flat.numel(), CHUNK):
-        chunk = flat[start:start + CHUNK]
-        pos = start // block * size
-        data, e, r = _encode_chunk(chunk, plan.ggml_type, measure)
-        out[pos:pos + chunk.numel() // block * size] = data
-        err += e
-        ref += r
-    return out, err, ref
 
 
 def measured(plan: TensorPlan, st_dtype: str) -> bool:
