@@ -5,8 +5,9 @@ Usage: bench/ggml_ref/build.sh GGML_CHECKOUT, then
         [--repeat 3] [--cases]
 
 Prints per type and shape: ggml ms, modelkit ms (best of ``--repeat`` paired
-runs), the ratio of the bests, the median ratio of the pairs (robust beside
-other work) and the share of blocks identical to ggml's; ``--cases`` also counts
+runs), the ratio of the bests, the median ratio of the pairs and the ratio of
+the best process CPU times (both robust beside other work), and the share of
+blocks identical to ggml's; ``--cases`` also counts
 identical blocks on every seeded case of ``modelkit.testing.ggml_cases``.
 Table-driven over ``ggml_ref.BLOCKS``: a type modelkit does not implement
 yet is reported as such.
@@ -31,10 +32,12 @@ from modelkit.io.ggml import quantize_blocks
 from modelkit.testing.ggml_cases import CASES, make_case
 
 
-def _ms(fn: Callable[[], object]) -> tuple[float, object]:
-    start = time.perf_counter()
+def _ms(fn: Callable[[], object]) -> tuple[float, float, object]:
+    """Wall-clock and process CPU milliseconds of ``fn()`` (CPU time leaves
+    out the time other processes hold the core), and its result."""
+    start, cpu = time.perf_counter(), time.process_time()
     result = fn()
-    return (time.perf_counter() - start) * 1000, result
+    return (time.perf_counter() - start) * 1000, (time.process_time() - cpu) * 1000, result
 
 
 def _identical(ref: np.ndarray, mine: np.ndarray, qtype: str) -> float:
@@ -57,18 +60,21 @@ def bench_shape(qtype: str, rows: int, cols: int, repeat: int) -> str:
     bests, the median of the paired ratios, and the identical-block %."""
     x = (np.random.default_rng(0).standard_normal((rows, cols)) * 0.02).astype(np.float32)
     xt = torch.from_numpy(x)
-    refs, mines, pairs = [], [], []
+    refs, mines, pairs, cpu_refs, cpu_mines = [], [], [], [], []
     ref: object = None
     mine: object = None
     for _ in range(repeat):
-        ref_ms, ref = _ms(lambda: ggml_ref.quantize(x, qtype))
-        mine_ms, mine = _ms(lambda: quantize_blocks(xt, qtype.upper()))
+        ref_ms, ref_cpu, ref = _ms(lambda: ggml_ref.quantize(x, qtype))
+        mine_ms, mine_cpu, mine = _ms(lambda: quantize_blocks(xt, qtype.upper()))
         refs.append(ref_ms)
         mines.append(mine_ms)
         pairs.append(mine_ms / ref_ms)
+        cpu_refs.append(ref_cpu)
+        cpu_mines.append(mine_cpu)
     same = _identical(np.asarray(ref), np.asarray(mine), qtype)
     return (f"{qtype:5s} {rows}x{cols:<6d} {min(refs):9.1f} {min(mines):11.1f} "
-            f"{min(mines) / min(refs):6.2f}x {statistics.median(pairs):6.2f}x {same:9.4f}%")
+            f"{min(mines) / min(refs):6.2f}x {statistics.median(pairs):6.2f}x "
+            f"{min(cpu_mines) / min(cpu_refs):6.2f}x {same:9.4f}%")
 
 
 def bench_cases(qtype: str, rows: int) -> str:
@@ -102,12 +108,15 @@ def main() -> None:
     torch.set_num_threads(1)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
     print(f"{'type':5s} {'shape':11s} {'ggml ms':>9s} {'modelkit ms':>11s} {'ratio':>7s} "
-          f"{'paired':>7s} {'identical':>10s}")
+          f"{'paired':>7s} {'cpu':>7s} {'identical':>10s}")
     for qtype in args.types.split(","):
         if not _implemented(qtype):
             print(f"{qtype:5s} not implemented in modelkit.io.ggml")
             continue
         for rows, cols in shapes:
+            if cols % ggml_ref.BLOCKS[qtype][0]:
+                print(f"{qtype:5s} {rows}x{cols:<6d} rows are not a multiple of the block")
+                continue
             print(bench_shape(qtype, rows, cols, args.repeat), flush=True)
         if args.cases:
             print(bench_cases(qtype, args.case_rows), flush=True)

@@ -3,13 +3,18 @@ and mins come from ``make_qkx2_quants`` (ggml-org/ggml ``src/ggml-quants.c``:
 ``quantize_row_q4_K_ref``, ``quantize_row_q5_K_ref``,
 ``quantize_row_q2_K_ref``), byte-identical to ggml's reference.
 
-The C code searches, for each sub-block, ``nstep + 1`` candidate scales plus
-its first guess, and keeps the first one whose weighted error is strictly
-lowest. Here every sub-block of a chunk and every candidate is one column of
-a ``[n, candidates, sub-blocks]`` tensor; the within-sub-block index ``n``
-leads, so that each sum is the C loop's sequential float32 sum (one
-vectorised column add per index, never a pairwise ``torch.sum``) and every
-rounding, so every choice, is the reference's.
+For each sub-block the C code tries a first guess and then ``nstep + 1``
+candidate scales one after the other, keeping a candidate when its weighted
+error is strictly lower; a winner's ``min`` feeds the next candidate's
+``iscale = (rmin + rdelta*is + nmax)/(max - min)``, so the candidates stay a
+sequence. Every op here runs over all the sub-blocks of a chunk at once: a
+``[n, S]`` buffer holds weight ``i`` of sub-block ``s`` at ``[i, s]``, and
+each sum over ``i`` is the C loop's sequential float32 sum (torch's sum
+over a leading dimension adds up to 16 rows in order: see ``_Rows``), so
+every rounding, and so every choice, is the reference's. Divisions, square
+roots and ``nearest_int`` are rounded as C rounds them (see ``_rdiv``).
+With several intra-op threads the sums fall back to one add per row (exact,
+slower); each Python thread has its own buffers.
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ __all__ = ["dequantize_q2_k", "dequantize_q4_k", "dequantize_q5_k", "quantize_q2
            "quantize_q4_k", "quantize_q5_k"]
 
 QK_K = 256
-# Sub-blocks per chunk: 2048 sub-blocks of 32 (64 Ki weights) keep a chunk's
-# working set near the L2 cache.
+# Weights per chunk: 8192 sub-blocks of 32, 256 Ki weights (measured best
+# here: smaller chunks pay torch's per-op cost more often, larger ones leave
+# the caches).
 CHUNK_WEIGHTS = 1 << 18
 
 
@@ -80,12 +86,15 @@ def _seq_sum(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# torch's float32 sum over a leading dimension (aten/src/ATen/native/cpu/
-# SumKernel.cpp, multi_row_sum) adds each column's rows one after the other
-# in chunks of 16 rows, then adds the chunk sums; with one thread and column
-# counts in multiples of 4 SIMD vectors. So up to 17 rows it is C's loop, and
-# 32 rows are two sums: rows 0-15 into a carry row, then the carry and rows
-# 16-31 (17 rows). `_cascade_is_sequential` checks that on this build first.
+# torch's float32 sum over a leading dimension (pytorch/pytorch
+# aten/src/ATen/native/cpu/SumKernel.cpp, vectorized_outer_sum and
+# multi_row_sum) adds each column's rows one after the other in chunks of 16
+# rows, then adds the chunk sums, for columns in groups of 4 SIMD vectors
+# (64 floats with AVX-512); leftover columns go through row_sum, which keeps
+# 4 interleaved partial sums. So with one thread and a multiple of 64
+# columns, up to 17 rows are C's loop, and 32 rows are two sums: rows 0-15
+# into a carry row, then the carry and rows 16-31 (17 rows).
+# `_cascade_is_sequential` checks it on this build first.
 COLUMN_MULTIPLE = 64
 _CASCADE_OK: bool | None = None
 
@@ -184,10 +193,20 @@ class _Searcher:
         # the candidates' rmin + rdelta*is + nmax as 0-d tensors: a tensor over a
         # tensor divides once (a Python number over a tensor is reciprocal * number)
         self.num_t = [torch.tensor(v, dtype=torch.float32) for v in self.nums]
+        # the loop's views, made once (each slice is a Python-level op)
+        self.p0, self.p12, self.p01 = self.prod[:, 0], self.prod[:, 1:3], self.prod[:, 0:1]
+        z, g = self.z, self.g
+        self.fit_ops = [(g[0::4], self.sum_l2, z[0:3:2]),  # sum_w*sum_l2, sum_x*sum_l2
+                        (g[0:2], self.sum_xl, z[1::4]),  # sum_w*sum_xl, sum_l*sum_xl
+                        (g[1::3], self.sum_l, z[3:5])]  # sum_l*sum_l, sum_x*sum_l
+        self.z_left, self.z_right, self.d, self.z_num = z[0:3], z[3:6], z[0], z[1:3]
+        self.c_err, self.c_scale, self.c_min = self.cand[0], self.cand[1], self.cand[2]
+        self.c_fit, self.c_iscale, self.c_start = self.cand[1:3], self.cand[3], self.cand[4]
+        self.nmax = float(p.nmax)
         self.mx = torch.zeros(s)
         self.mn = torch.zeros(s)
         self.exotic = False
-        self.codes = torch.empty(p.n, s)
+        self.codes = torch.empty(p.n, s, dtype=torch.uint8)
 
     def load(self, xs: torch.Tensor, k4_weights: bool) -> None:
         """Take the sub-blocks ``xs`` (float32 ``[S', n]``) and their
@@ -195,12 +214,14 @@ class _Searcher:
         or Q2_K's ``|x|``."""
         import torch
 
-        s = xs.shape[0]
-        self.r.load(self.x, xs)
-        torch.amax(xs, dim=1, out=self.mx[:s])
-        torch.amin(xs, dim=1, out=self.mn[:s]).clamp_(max=0.0)
-        self.mx[s:] = 0
-        self.mn[s:] = 0
+        x = self.x
+        self.r.load(x, xs)
+        if self.r.rows > self.r.n:
+            x[16] = x[0]  # the carry row, unread by the sums: no new max or min
+        # over the leading dimension: vectorised across columns (the rows of xs
+        # are too short for a fast reduction)
+        torch.amax(x, dim=0, out=self.mx)
+        torch.amin(x, dim=0, out=self.mn).clamp_(max=0.0)
         torch.abs(self.x, out=self.w)
         if k4_weights:
             sq = self.prod[:, 0]
@@ -218,7 +239,11 @@ class _Searcher:
         flat = mx == mn
         span = mx - mn
         # spans so small that iscale overflows (or non-finite values): round
-        # with ggml's exact nearest_int, as its release build does
+        # with ggml's exact nearest_int, as its release build does. Otherwise
+        # |iscale*(x - min)| < 2**22 and torch.round is nearest_int: it stays
+        # below num for every x under the max, and a winner's min would have
+        # to land within 2**-21 of the span below the max to break that
+        # (not seen on any case; ggml's debug build asserts there)
         ok = flat | ((span >= 2.0 ** -100) & (span <= 3.4e38))
         self.exotic = not bool(ok.all())
         self._hoisted()
@@ -229,15 +254,15 @@ class _Searcher:
         state[3] = iscale
         state[4] = mn
         self._error(state[1], state[2], state[0])
-        start_min, iscale, best, smin = cand[4], cand[3], state[0], state[2]
+        start_min, iscale, best, smin, span = self.c_start, self.c_iscale, state[0], state[2], \
+            self.span
         for num in self.num_t[1:]:
             start_min.copy_(smin)
-            torch.sub(mx, smin, out=self.span)
-            torch.div(num, self.span, out=iscale)
+            torch.div(num, torch.sub(mx, smin, out=span), out=iscale)
             self._codes(start_min, iscale)
-            d = self._fit()
-            self._error(cand[1], cand[2], cand[0])
-            won = (d > 0).logical_and_(cand[0] < best)
+            self._fit()
+            self._error(self.c_scale, self.c_min, self.c_err)
+            won = (self.d > 0).logical_and_(self.c_err < best)
             torch.where(won, cand, state, out=state)
         self._codes(state[4], state[3])
         if bool(flat.any()):
@@ -248,7 +273,7 @@ class _Searcher:
 
     def requantize(self, d: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
         """The final codes ``nearest_int((x + dm)/d)`` clamped, or the
-        search's where ``d`` is 0 (C's ``if (!d) continue;``), as float32
+        search's where ``d`` is 0 (C's ``if (!d) continue;``), as uint8
         ``[n, S]`` (the sub-block index leads)."""
         import torch
 
@@ -277,29 +302,25 @@ class _Searcher:
         self.r.colsum(prod[:, :2], g[3:5])
         g[0] = g[3]
 
-    def _fit(self) -> torch.Tensor:
+    def _fit(self) -> None:
         """The least-squares scale and min of the codes in ``self.t`` into
-        ``cand[1]``, ``cand[2]`` (C's products and order); returns ``D``."""
+        ``cand[1]``, ``cand[2]`` (C's products and order), ``D`` in
+        ``self.d``."""
         import torch
 
-        prod, cand = self.prod, self.cand
-        torch.mul(self.w, self.t, out=prod[:, 0])
-        torch.mul(prod[:, 0:1], self.tx, out=prod[:, 1:3])
-        self.r.colsum(prod, self.sums)
+        torch.mul(self.w, self.t, out=self.p0)
+        torch.mul(self.p01, self.tx, out=self.p12)
+        self.r.colsum(self.prod, self.sums)
         # D = sum_w*sum_l2 - sum_l*sum_l; this_scale = (sum_w*sum_xl -
         # sum_x*sum_l)/D; this_min = (sum_l2*sum_x - sum_l*sum_xl)/D
-        z, g = self.z, self.g
-        torch.mul(g[0::4], self.sum_l2, out=z[0:3:2])  # sum_w*sum_l2, sum_x*sum_l2
-        torch.mul(g[0:2], self.sum_xl, out=z[1::4])  # sum_w*sum_xl, sum_l*sum_xl
-        torch.mul(g[1::3], self.sum_l, out=z[3:5])  # sum_l*sum_l, sum_x*sum_l
-        z[0:3].sub_(z[3:6])
-        d = z[0]
-        torch.div(z[1:3], d, out=cand[1:3])
-        pos = cand[2] > 0
+        for a, b, out in self.fit_ops:
+            torch.mul(a, b, out=out)
+        self.z_left.sub_(self.z_right)
+        torch.div(self.z_num, self.d, out=self.c_fit)
+        pos = self.c_min > 0
         if bool(pos.any()):  # rare but for all-positive sub-blocks
-            torch.where(pos, self.sum_xl / self.sum_l2, cand[1], out=cand[1])
-            cand[2].masked_fill_(pos, 0.0)
-        return d
+            torch.where(pos, self.sum_xl / self.sum_l2, self.c_scale, out=self.c_scale)
+            self.c_min.masked_fill_(pos, 0.0)
 
     def _codes(self, mn: torch.Tensor, iscale: torch.Tensor) -> None:
         """``self.t`` = ``MAX(0, MIN(nmax, nearest_int(iscale*(x - min))))``."""
@@ -312,14 +333,14 @@ class _Searcher:
             t.copy_(nearest_int(t))
         else:
             t.round_()
-        t.clamp_(0.0, float(self.p.nmax))
+        t.clamp_(0.0, self.nmax)
 
     def _error(self, scale: torch.Tensor, mn: torch.Tensor, out: torch.Tensor) -> None:
         """``out`` = each column's ``sum w * (scale*L + min - x)**2`` (or
         ``|...|``) for the codes in ``self.t``, summed in C's order."""
         import torch
 
-        e = self.prod[:, 0]
+        e = self.p0
         torch.mul(self.t, scale, out=e)
         e.add_(mn)
         if self.p.use_mad:
@@ -385,7 +406,7 @@ def _pack_scales_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
 
 def _k4_chunk(xb: torch.Tensor, p: Search) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_K/Q5_K's common part for the blocks ``xb`` (float32 ``[B, 256]``):
-    the 16 bytes d, dmin and scales, and the codes (float32 ``[32, S]``:
+    the 16 bytes d, dmin and scales, and the codes (uint8 ``[32, S]``:
     code ``i`` of sub-block ``s``, ``S >= 8B``)."""
     import torch
 
@@ -447,23 +468,16 @@ def _q2_chunk(xb: torch.Tensor) -> torch.Tensor:
     q = se.requantize(d, dm)[:, :nb * 16].view(16, nb, 2, 4, 2)
     # qs[32h + 16u + i] = L[128h + 32k + 16u + i] << 2k summed over k: code i
     # of sub-block 16b + 8h + 2k + u
-    packed = (q * _weights((4, 1), 2)).sum(dim=3)  # [i, b, h, u]
+    low = torch.add(q[:, :, :, 0], q[:, :, :, 1], alpha=4)
+    high = torch.add(q[:, :, :, 2], q[:, :, :, 3], alpha=4)
+    packed = torch.add(low, high, alpha=16)  # [i, b, h, u]
     out[:, 16:80].view(nb, 2, 2, 16).copy_(packed.permute(1, 2, 3, 0))
     return out
 
 
-def _weights(shape: tuple[int, ...], bits: int) -> torch.Tensor:
-    """float32 ``2**(bits*k)`` along the first dimension of ``shape`` (exact
-    bit packings of small integer codes)."""
-    import torch
-
-    k = torch.arange(shape[0], dtype=torch.float32)
-    return torch.pow(2.0, k * bits).view(shape)
-
-
 def _nibbles(q: torch.Tensor, nb: int, out: torch.Tensor) -> None:
     """Q4_K/Q5_K's 128 bytes of nibbles into ``out`` (uint8 ``[B, 128]``)
-    from 4-bit codes ``q`` (``[32, S]``): byte ``32g + l`` of block ``b`` is
+    from 4-bit codes ``q`` (uint8 ``[32, S]``): byte ``32g + l`` of block ``b`` is
     code ``l`` of sub-block ``8b + 2g`` plus 16 times that of ``8b + 2g + 1``."""
     import torch
 
@@ -493,10 +507,13 @@ def _q5_chunk(xb: torch.Tensor) -> torch.Tensor:
     nb = xb.shape[0]
     out = torch.empty(nb, 176, dtype=torch.uint8)
     out[:, :16], q = _k4_chunk(xb, Q5_K_SEARCH)
-    high = (q[:, :nb * 8] > 15).view(32, nb, 8)
-    qh = (high * _weights((8,), 1)).sum(dim=2)  # [l, b]
+    # qh[l] = sum over j of (code l of sub-block 8b + j) >> 4 << j
+    high = (q[:, :nb * 8] >> 4).view(32, nb, 4, 2)
+    pairs = torch.add(high[..., 0], high[..., 1], alpha=2)
+    quads = torch.add(pairs[:, :, 0::2], pairs[:, :, 1::2], alpha=4)
+    qh = torch.add(quads[:, :, 0], quads[:, :, 1], alpha=16)  # [l, b]
     out[:, 16:48].copy_(qh.t())
-    _nibbles(q.remainder_(16), nb, out[:, 48:])
+    _nibbles(q.bitwise_and_(15), nb, out[:, 48:])
     return out
 
 
@@ -505,7 +522,7 @@ def _quantize(x: torch.Tensor, chunk_fn: Callable[[torch.Tensor], torch.Tensor],
     """Run ``chunk_fn`` over the 256-weight blocks of ``x`` chunk by chunk."""
     import torch
 
-    flat = x.reshape(-1)
+    flat = x.detach().reshape(-1)
     if flat.numel() % QK_K:
         raise ValueError(f"{flat.numel()} values are not a multiple of the block size {QK_K}")
     blocks = flat.view(-1, QK_K)

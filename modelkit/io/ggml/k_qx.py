@@ -14,9 +14,11 @@ that picks a scale is the C source's, in float32.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from modelkit.io.ggml._cfloat import (
+    MAGIC,
     first_absmax,
     fp16_bytes,
     nearest_int,
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
 
 QK_K = 256
 GROUP_MAX_EPS = 1e-15  # ggml-quants.c: sub-blocks below are all zero
-CHUNK_BLOCKS = 512  # super-blocks per pass: the search's buffers stay in cache
+CHUNK_BLOCKS = 1024  # super-blocks per pass: fewer, longer torch calls win (measured)
 Q3_CHUNK_BLOCKS = 2048  # its refinement runs 16 small steps a pass: wider steps
 Q6_TRIES = [i for i in range(-9, 10) if i]  # make_qx_quants' candidate scales, in order
 
@@ -49,12 +51,14 @@ def _seq_sum(terms: torch.Tensor) -> torch.Tensor:
     return acc
 
 
-def _chunks(x: torch.Tensor, fn: object, nbytes: int, blocks: int = CHUNK_BLOCKS) -> torch.Tensor:
+def _chunks(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], nbytes: int,
+            blocks: int = CHUNK_BLOCKS) -> torch.Tensor:
+    """``fn`` on ``blocks`` super-blocks at a time, into one ``[n, nbytes]`` array."""
     import torch
 
     out = torch.empty(x.shape[0], nbytes, dtype=torch.uint8)
     for start in range(0, x.shape[0], blocks):
-        out[start:start + blocks] = fn(x[start:start + blocks])  # type: ignore[operator]
+        out[start:start + blocks] = fn(x[start:start + blocks])
     return out
 
 
@@ -76,6 +80,39 @@ def _absmax_cols(xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return amax, mx
 
 
+class _Buffers:
+    """Named float32 scratch arrays reused from chunk to chunk (a fresh
+    megabyte-sized array costs its page faults on every chunk)."""
+
+    def __init__(self) -> None:
+        self.flat: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, *shape: int) -> torch.Tensor:
+        """A contiguous ``shape`` view of the scratch array ``name``."""
+        import torch
+
+        n = 1
+        for dim in shape:
+            n *= dim
+        if name not in self.flat or self.flat[name].numel() < n:
+            self.flat[name] = torch.empty(n, dtype=torch.float32)
+        return self.flat[name][:n].view(shape)
+
+
+_BUFFERS: dict[int, _Buffers] = {}
+
+
+def _buffers() -> _Buffers:
+    """The calling thread's scratch arrays (one set: the last thread's)."""
+    import threading
+
+    key = threading.get_ident()
+    if key not in _BUFFERS:
+        _BUFFERS.clear()
+        _BUFFERS[key] = _Buffers()
+    return _BUFFERS[key]
+
+
 def _make_qx_quants(xt: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``make_qx_quants(16, nmax, x, L, rmse_type=1, NULL)`` on every column of
     ``xt`` ``[16, S]``: ``(scale [S], L [16, S])`` (L as float).
@@ -85,17 +122,20 @@ def _make_qx_quants(xt: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Te
     C's sequential comparison with the best so far."""
     import torch
 
+    buf = _buffers()
+    n_cols = xt.shape[1]
     amax, mx = _absmax_cols(xt)
-    w = xt * xt
-    wx = w * xt
+    w = torch.mul(xt, xt, out=buf.get("w", 16, n_cols))
+    wx = torch.mul(w, xt, out=buf.get("wx", 16, n_cols))
     # iscale = -(nmax + 0.1f*is) / max in float32, the first try being -nmax / max
     steps = torch.tensor(0.1, dtype=torch.float32) * torch.tensor(Q6_TRIES, dtype=torch.float32)
     tries = torch.cat([torch.tensor([float(nmax)]), nmax + steps])
-    iscale = (-tries).unsqueeze(1) / mx  # [T, S]
-    sumlx = torch.zeros_like(iscale)
-    suml2 = torch.zeros_like(iscale)
-    lv = torch.empty_like(iscale)
-    term = torch.empty_like(iscale)
+    shape = (len(tries), n_cols)
+    iscale = torch.div((-tries).unsqueeze(1), mx, out=buf.get("iscale", *shape))  # [T, S]
+    sumlx = buf.get("sumlx", *shape).zero_()
+    suml2 = buf.get("suml2", *shape).zero_()
+    lv = buf.get("lv", *shape)
+    term = buf.get("term", *shape)
     for i in range(16):
         torch.mul(iscale, xt[i], out=lv)
         lv.round_().clamp_(-nmax, nmax - 1)  # |iscale * x| <= nmax + 1: round is nearest_int
@@ -104,11 +144,12 @@ def _make_qx_quants(xt: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Te
         torch.mul(lv, w[i], out=term)
         term *= lv
         suml2 += term
-    scales = sumlx / suml2
+    scales = torch.div(sumlx, suml2, out=buf.get("scales", *shape))
     scales[0] = torch.where(suml2[0] != 0, scales[0], torch.zeros_like(scales[0]))
     best = scales[0] * sumlx[0]
-    wins = scales * sumlx  # the best each candidate would set
-    squares = (sumlx * sumlx).masked_fill_(suml2 <= 0, -float("inf"))  # needs suml2 > 0
+    wins = torch.mul(scales, sumlx, out=lv)  # the best each candidate would set
+    squares = torch.mul(sumlx, sumlx, out=term)
+    squares.masked_fill_(suml2 <= 0, -float("inf"))  # a candidate needs suml2 > 0
     pick = torch.zeros(xt.shape[1], dtype=torch.long)
     for t in range(1, len(tries)):
         take = squares[t] > best * suml2[t]
@@ -116,7 +157,8 @@ def _make_qx_quants(xt: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Te
         pick.masked_fill_(take, t)
     pick = pick.unsqueeze(0)
     scale = torch.gather(scales, 0, pick).view(-1)
-    levels = (xt * torch.gather(iscale, 0, pick)).round_().clamp_(-nmax, nmax - 1) + nmax
+    levels = torch.mul(xt, torch.gather(iscale, 0, pick), out=buf.get("levels", 16, n_cols))
+    levels.round_().clamp_(-nmax, nmax - 1).add_(nmax)
     zero = amax < GROUP_MAX_EPS
     if bool(zero.any()):
         scale = scale.masked_fill(zero, 0.0)
@@ -124,29 +166,30 @@ def _make_qx_quants(xt: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Te
     return scale, levels
 
 
-def _block_scales(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per super-block ``[nb, 16]`` of sub-block scales: ``(max_abs, max)`` as
-    the C loops find them (the first of largest magnitude, from zero)."""
-    return first_absmax(scales)
-
-
 def _q6_chunk(x: torch.Tensor) -> torch.Tensor:
     import torch
 
     nb = x.shape[0]
-    xt = x.reshape(nb * 16, 16).t().contiguous()  # [16, S]
+    xt = _buffers().get("xt", 16, nb * 16).copy_(x.reshape(nb * 16, 16).t())  # [16, S]
     scales, levels = _make_qx_quants(xt, 32)
     scales = scales.view(nb, 16)
-    max_abs, max_scale = _block_scales(scales)
+    max_abs, max_scale = first_absmax(scales)
     iscale = -128.0 / max_scale
     d = 1.0 / iscale
-    sc = signed_byte_min(nearest_int(iscale * scales), 127)
+    sc = _signed_byte_min(nearest_int(iscale * scales), 127)
     dq = read_fp16(fp16_bytes(d), 0) * sc.to(torch.float32)  # [nb, 16]
     dq_t = dq.reshape(1, -1)
-    requant = nearest_int(xt / dq_t).clamp_(-32, 31).to(torch.float32) + 32
+    # nearest_int(x / d) in place in scratch memory: add 12582912, keep the mantissa
+    codes = torch.div(xt, dq_t, out=_buffers().get("codes", 16, nb * 16))
+    codes += MAGIC
+    requant = codes.view(torch.int32)
+    requant &= 0x007FFFFF
+    requant -= 0x00400000 - 32  # then + 32: the stored code
+    requant.clamp_(0, 63)
     skipped = dq_t == 0  # sub-blocks whose scale rounds to 0 keep make_qx_quants' L
-    levels = torch.where(skipped, levels, requant) if bool(skipped.any()) else requant
-    lv = levels.t().reshape(nb, 2, 4, 32).to(torch.int32)  # [block, half, quarter, l]
+    if bool(skipped.any()):
+        requant = torch.where(skipped, levels.to(torch.int32), requant)
+    lv = requant.t().reshape(nb, 2, 4, 32)  # [block, half, quarter, l]
     out = torch.empty(nb, 210, dtype=torch.uint8)
     ql = (lv[:, :, 0:2] & 0xF) | ((lv[:, :, 2:4] & 0xF) << 4)  # ql[l], ql[l+32] per half
     out[:, :128] = ql.reshape(nb, 128).to(torch.uint8)
@@ -161,7 +204,7 @@ def _q6_chunk(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def signed_byte_min(v: torch.Tensor, top: int) -> torch.Tensor:
+def _signed_byte_min(v: torch.Tensor, top: int) -> torch.Tensor:
     """``(int8_t)MIN(top, v)``: the int8 value a C store of ``MIN(top, v)`` keeps."""
     m = v.clamp(max=top) & 0xFF
     return m - ((m & 0x80) << 1)
@@ -269,7 +312,7 @@ def _q3_chunk(x: torch.Tensor) -> torch.Tensor:
     xt = x.reshape(nb * 16, 16).t().contiguous()  # [16, S]
     scales, levels = _make_q3_quants(xt, 4)
     scales = scales.view(nb, 16)
-    _, max_scale = _block_scales(scales)
+    _, max_scale = first_absmax(scales)
     nonzero = max_scale != 0
     iscale = -32.0 / max_scale
     l6 = (nearest_int(iscale * scales).clamp_(-32, 31) + 32)

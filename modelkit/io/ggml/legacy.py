@@ -5,7 +5,11 @@ matrix), and their dequantizers as ``dequantize_row_<type>`` (bit for bit the
 same floats as gguf-py's ``gguf.quants``).
 
 Every kernel takes float32 values whose count is a multiple of 32 and works
-on all blocks at once; the float operations are the C source's, in its order.
+chunk by chunk in reused buffers; the float operations are the C source's, in
+its order. A chunk runs a fast path (plain truncating casts, valid while every
+block's ``1/d`` is finite) or, when a scale's inverse overflows (subnormal or
+infinite inputs), the general kernels that reproduce C's out-of-range casts.
+NaN inputs are outside the contract (C's max loops skip them, torch's do not).
 """
 
 from __future__ import annotations
@@ -161,13 +165,28 @@ def _run(x: torch.Tensor, nbytes: int, fast: Kernel,
 
     blocks = _blocks(x)
     out = torch.empty(blocks.shape[0], nbytes, dtype=torch.uint8)
-    work = _Work(min(CHUNK_BLOCKS, blocks.shape[0]))
+    work = _work()
     for start in range(0, blocks.shape[0], CHUNK_BLOCKS):
         chunk = blocks[start:start + CHUNK_BLOCKS]
         target = out[start:start + chunk.shape[0]]
         if not fast(chunk, work, target):
             target.copy_(general(chunk))
     return out
+
+
+_WORK: dict[int, _Work] = {}
+
+
+def _work() -> _Work:
+    """The calling thread's buffers, kept between calls (one set: the last
+    thread's), so small tensors do not pay for fresh pages."""
+    import threading
+
+    key = threading.get_ident()
+    if key not in _WORK:
+        _WORK.clear()
+        _WORK[key] = _Work(CHUNK_BLOCKS)
+    return _WORK[key]
 
 
 def _put_fp16(out: torch.Tensor, column: int, values: torch.Tensor) -> None:
@@ -227,6 +246,8 @@ class _Work:
         self.hi = torch.empty(blocks, 16, dtype=torch.float32)
         self.qlo = torch.empty(blocks, 16, dtype=torch.int8)
         self.qhi = torch.empty(blocks, 16, dtype=torch.int8)
+        self.full = [torch.empty(blocks, 32, dtype=torch.float32) for _ in range(3)]
+        self.q8 = torch.empty(blocks, 32, dtype=torch.int8)
 
     def codes(self, x: torch.Tensor, scale: torch.Tensor, offset: float,
               shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,17 +294,19 @@ def _nibbles_of(qlo: torch.Tensor, qhi: torch.Tensor) -> torch.Tensor:
 def _q8_0_fast(x: torch.Tensor, work: _Work, out: torch.Tensor) -> bool:
     import torch
 
-    del work
-    d = x.abs().amax(dim=1) / 127
+    n = x.shape[0]
+    r, a, t = (buf[:n] for buf in work.full)
+    d = torch.abs(x, out=a).amax(dim=1) / 127
     inv = _inverse(d)
     if not _finite(d * inv):  # 1 or 0 unless d or 1/d overflows
         return False
-    r = x * inv.unsqueeze(1)
-    a = r.abs()
-    t = torch.floor(a * 2)
-    t -= torch.floor(a)
+    torch.mul(x, inv.unsqueeze(1), out=r)
+    torch.abs(r, out=a)
+    torch.mul(a, 2, out=t).floor_()
+    t -= a.floor_()  # roundf(|r|) = floor(2|r|) - floor(|r|)
+    torch.copysign(t, r, out=t)
     _put_fp16(out, 0, d)
-    out[:, 2:] = torch.copysign(t, r).to(torch.int8).view(torch.uint8)
+    out[:, 2:] = work.q8[:n].copy_(t).view(torch.uint8)
     return True
 
 
