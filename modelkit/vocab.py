@@ -61,7 +61,10 @@ DEFAULT_BLOCK_MAP = DEFAULT_MAP
 MISSING_KEY_POLICIES: tuple[str, ...] = ("error", "take-first", "skip")
 
 OUTPUT_FORMATS: tuple[str, ...] = ("safetensors", "diffusers", "gguf")
-GGUF_QUANT_TYPES: tuple[str, ...] = ("q8_0",)
+# llama.cpp's file types (the _S/_M mixes raise some tensors; modelkit.arch.gguf)
+GGUF_QUANT_TYPES: tuple[str, ...] = ("q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s",
+                                     "q3_k_m", "q3_k_s", "q2_k", "q5_1", "q5_0", "q4_1",
+                                     "q4_0")
 GGUF_FLOAT_DTYPES: tuple[str, ...] = ("fp16", "bf16")
 GGUF_TYPES: tuple[str, ...] = (*GGUF_QUANT_TYPES, "f16", "bf16")  # recipe output.quant
 

@@ -115,7 +115,9 @@ def test_name_lists_elsewhere_are_the_registrys() -> None:
     assert set(ARCH_FOLDER_NAMES.values()) <= set(REGISTRY)
     assert ARCH_FOLDER_NAMES["sd1.5"] == "sd1" and ARCH_FOLDER_NAMES["flux1"] == "flux"
     assert [arch_name(a) for a in full] == ["SD1", "SD2", "SDXL", "SDXL refiner"]
-    assert RENDER_ARCHS == BLOCK_ARCHS == tuple(GGUF_ARCH) == full
+    assert RENDER_ARCHS == BLOCK_ARCHS == full
+    assert tuple(GGUF_ARCH) == registry.names(where=lambda a: a.gguf is not None) == (
+        *full, "sd3", "flux", "qwen_image", "wan")
     assert LORA_ARCHS == ARCH_CANDIDATES == lora_blocks.LBW_ARCHS == ("sd1", "sd2", "sdxl")
     assert {a for a, _ in diffusers_names.PIPELINES} == set(full)
     assert {"sdxl", "sdxl_refiner"} == lora_names.KOHYA_LDM_UNET

@@ -30,6 +30,7 @@ from typing import Any
 
 from modelkit.arch import blocks as _blocks
 from modelkit.arch import flux as _flux
+from modelkit.arch import gguf as _gguf
 from modelkit.arch import parts as _parts
 from modelkit.arch import probes as _probes
 from modelkit.arch.configs import (
@@ -39,6 +40,7 @@ from modelkit.arch.configs import (
     VAE_PREFIX,
     ArchSpec,
 )
+from modelkit.arch.gguf import GgufPolicy
 
 Shape = tuple[int, ...]
 
@@ -176,17 +178,6 @@ class DiffusersNames:
 
 
 @dataclass(frozen=True)
-class GgufPolicy:
-    """GGUF export: ``general.architecture``, tensors kept F32, key parts kept
-    in their float type, and the denoiser parts that go in."""
-
-    arch: str
-    keep_f32: frozenset[str]
-    keep_float_parts: tuple[str, ...]
-    parts: tuple[str, ...]
-
-
-@dataclass(frozen=True)
 class Architecture:
     """One architecture (family or member of a family), declared once."""
 
@@ -239,20 +230,10 @@ _CONTEXT = "cross-attention context width {context_dim}{context_te}"
 _LDM_PRUNE = PrunePolicy(residue_prefixes=_parts.JUNK_PREFIXES,
                          keep_prefixes=_parts.AUX_MODEL_PREFIXES, ema_prefix=EMA_PREFIX)
 _NAMINGS = ("kohya", "peft", "comfyui")
-# city96/ComfyUI-GGUF tools/convert.py: conv_in/conv_out stay F32, embeddings
-# and transformer projections stay in their float type
-_LDM_GGUF_KEEP_F32 = frozenset({"input_blocks.0.0.weight", "out.2.weight"})
-_LDM_GGUF_KEEP_FLOAT = ("time_embed.", "label_emb.", "proj_in.", "proj_out.")
-_LDM_UNET_PARTS = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.",
-                   "output_blocks.", "out.")
 # kept in high precision by scaled fp8/int8: the layers city96/ComfyUI-GGUF's
 # tools/lcpp.patch never quantizes for SD1/SDXL (timestep and class
 # embeddings, conv_in, conv_out)
 _LDM_QUANT_KEEP = ("time_embed.", "label_emb.", "input_blocks.0.0.", "out.")
-
-
-def _ldm_gguf(arch: str) -> GgufPolicy:
-    return GgufPolicy(arch, _LDM_GGUF_KEEP_F32, _LDM_GGUF_KEEP_FLOAT, _LDM_UNET_PARTS)
 
 
 def _ldm_components(spec: ArchSpec) -> tuple[Component, ...]:
@@ -279,7 +260,7 @@ def _ldm(name: str, *, label: str, short: str, family: str, aliases: tuple[str, 
                           EMA_PREFIX, spec.has_schedule_buffers),
         lora=lora, diffusers=DiffusersNames(pipelines, scaling, diffusers_te_dropped,
                                             vae_force_upcast=family == "sdxl"),
-        gguf=_ldm_gguf(gguf), default_dtype="fp16", verify=RENDER, prediction=prediction,
+        gguf=_gguf.ldm(gguf), default_dtype="fp16", verify=RENDER, prediction=prediction,
         quant_keep=_LDM_QUANT_KEEP,
         probe=_probes.ldm(tuple((s.name, s.config.layout) for s in spec.text_encoders),
                           heads=None if spec.unet.num_head_channels else spec.unet.num_heads,
@@ -381,7 +362,7 @@ SD3 = Architecture(
                 Component("clip_l", TEXT_ENCODER, "text_encoders.clip_l."),
                 Component("clip_g", TEXT_ENCODER, "text_encoders.clip_g."),
                 Component("t5xxl", TEXT_ENCODER, "text_encoders.t5xxl.")),
-    spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
+    spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None, gguf=_gguf.SD3,
     default_dtype="fp16", verify=PROBE, prediction=FLOW,
     # patch, text, timestep and pooled embedders, the final layer (ComfyUI's
     # comfy/ldm/modules/diffusionmodules/mmdit.py names)
@@ -408,7 +389,8 @@ QWEN_IMAGE = Architecture(
     layouts=(DIFFUSERS,),
     layout_rules=((DIFFUSERS, Rule(keys=("transformer_blocks.0.attn.to_q.weight",))),),
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
-    spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
+    spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None,
+    gguf=_gguf.QWEN_IMAGE,
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
     # image and text inputs, timestep embedder, output norm and projection
     # (ComfyUI's comfy/ldm/qwen_image/model.py names)
@@ -459,7 +441,7 @@ WAN = Architecture(
     layouts=(ORIGINAL, DIFFUSERS),
     layout_rules=((ORIGINAL, Rule(keys=(_WAN_Q,))), (DIFFUSERS, Rule(keys=(_WAN_DIFFUSERS_Q,)))),
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
-    spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
+    spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None, gguf=_gguf.WAN,
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
     # patch, text, time and image embedders and the head, in both layouts
     # (Wan-Video's wan/modules/model.py; diffusers' transformer_wan.py)
@@ -522,7 +504,7 @@ FLUX = Architecture(
     lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="flux", adapters=False,
                    block_weights=True, modules=_flux.lora_modules,
                    module_prefixes=_flux.LORA_MODULE_PREFIXES),
-    diffusers=None, gguf=None,
+    diffusers=None, gguf=_gguf.FLUX,
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
     # what city96/ComfyUI-GGUF's tools/lcpp.patch never quantizes for Flux
     # (BFL layout), and the same layers in the diffusers layout

@@ -19,7 +19,7 @@ from modelkit.cli.common import (
 )
 from modelkit.cli.progress import human_bytes
 from modelkit.textsafe import shown
-from modelkit.vocab import GGUF_FLOAT_DTYPES, GGUF_QUANT_TYPES, KEEP
+from modelkit.vocab import GGUF_FLOAT_DTYPES, GGUF_TYPES, KEEP
 from modelkit.wording import plural
 
 LIST_LIMIT = 15
@@ -27,10 +27,10 @@ LIST_LIMIT = 15
 
 def _run_op(op: str, models: list[str], common: CommonOptions,
             lines: Callable[[Any], list[str]], output_fields: dict[str, Any] | None = None,
-            **params: Any) -> None:
+            run_lines: Callable[[Any], list[str]] | None = None, **params: Any) -> None:
     """Run operation ``op``; a common ``--dtype`` (not one of the operation's
     own parameters) casts its output's float tensors (a quantize step added
-    after it)."""
+    after it); ``run_lines`` adds lines drawn from the whole run report."""
     from modelkit.core.recipe import COMMAND_LINE, Recipe
 
     recipe = Recipe.op(op, *models, output=common.output, options=options_from(common),
@@ -45,6 +45,8 @@ def _run_op(op: str, models: list[str], common: CommonOptions,
                f"{plural(report.n_tensors, 'tensor')}, {human_bytes(report.output_bytes)} "
                f"on disk in {report.seconds:.1f}s"]
         out += lines(report.report)
+        if run_lines is not None:
+            out += run_lines(report)
         for w in report.warnings:
             click.echo(f"warning: {shown(w)}", err=True)
         return out + [f"note: {shown(n)}" for n in report.notes]
@@ -167,11 +169,24 @@ def dequantize_cmd(model: str, common: CommonOptions, params: dict[str, Any]) ->
     _run_op("dequantize", [model], common, _plain_lines, **params)
 
 
+def _gguf_quality_lines(run: Any) -> list[str]:
+    q = run.output_details.get("quality")
+    if q is None or not q.tensors:
+        return []
+    out = [f"error: relative L2 {q.relative_l2:.4g}, SNR {q.snr_db:.1f} dB over "
+           f"{plural(len(q.tensors), 'lossy tensor')} (against the float input)"]
+    return out + _listed("worst tensors", [f"{t.key} ({t.ggml_type}): rel L2 "
+                                           f"{t.relative_l2:.4g}, SNR {t.snr_db:.1f} dB"
+                                           for t in q.worst()])
+
+
 @click.command("export-gguf")
 @click.argument("model", type=click.Path())
 @common_options()
-@click.option("--type", "qtype", type=click.Choice(GGUF_QUANT_TYPES), default="q8_0",
-              show_default=True, help="GGUF quantization type of the weights.")
+@click.option("--type", "qtype", type=click.Choice(GGUF_TYPES), default="q8_0",
+              show_default=True,
+              help="GGUF type of the weights: llama.cpp's file types (k-quants q2_k..q6_k "
+                   "with the _S/_M mixes, legacy q4_0..q8_0) or f16/bf16.")
 @click.option("--dtype", type=click.Choice(GGUF_FLOAT_DTYPES), default=None,
               help="Store the weights unquantized at this precision instead of --type.")
 @click.option("--keep-shapes", is_flag=True,
@@ -184,7 +199,8 @@ def export_gguf_cmd(model: str, qtype: str, dtype: str | None, keep_shapes: bool
     --keep-shapes, stable-diffusion.cpp."""
     quant = {"fp16": "f16", "bf16": "bf16"}[dtype] if dtype else qtype
     _run_op("convert", [model], common, _plain_lines,
-            {"format": "gguf", "quant": quant, "keep_shapes": keep_shapes})
+            {"format": "gguf", "quant": quant, "keep_shapes": keep_shapes},
+            run_lines=_gguf_quality_lines)
 
 
 @click.command("convert")

@@ -21,6 +21,7 @@ from modelkit.cli.common import (
 from modelkit.cli.progress import human_bytes
 from modelkit.core.recipe import COMMAND_LINE, Recipe
 from modelkit.textsafe import shown
+from modelkit.vocab import GGUF_TYPES
 from modelkit.wording import lora_weights, noun, plural
 
 LIST_LIMIT = 15
@@ -95,8 +96,12 @@ def lora_group() -> None:
 @click.option("--te-weight", type=float, default=None,
               help="Text-encoder strength for adapters that give none (default: their "
                    "weight).")
+@click.option("--type", "qtype", type=click.Choice(GGUF_TYPES), default=None,
+              help="GGUF type of a .gguf output (as export-gguf's --type; default "
+                   "q8_0): BASE may be a GGUF file of any type, dequantized, baked and "
+                   "quantized again in one pass.")
 @transform_options("lora_bake", skip=("weights", "te_weights"))
-def bake_cmd(base: str, loras: tuple[str, ...], te_weight: float | None,
+def bake_cmd(base: str, loras: tuple[str, ...], te_weight: float | None, qtype: str | None,
              common: CommonOptions, params: dict[str, Any]) -> None:
     """Add adapters' ΔW into BASE (A1111's name:unet_weight:te_weight form)."""
     paths, weights, te_weights = [], [], []
@@ -109,6 +114,11 @@ def bake_cmd(base: str, loras: tuple[str, ...], te_weight: float | None,
     recipe = Recipe.op("lora_bake", base, *paths, output=common.output,
                        options=options_from(common), source=COMMAND_LINE, weights=weights,
                        te_weights=te_weights, **params)
+    if qtype is not None:
+        if common.output is None or not str(common.output).lower().endswith(".gguf"):
+            raise click.UsageError("--type is the GGUF type of a .gguf output; name the "
+                                   "output OUT.gguf or leave --type out")
+        recipe = recipe.with_output(quant=qtype)
     _execute(recipe, common, _bake_lines)
 
 

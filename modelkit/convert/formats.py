@@ -27,6 +27,7 @@ def prepare_output(source: Source, fmt: str, *, quant: str = "q8_0",
         from modelkit.convert.gguf import plan_gguf
 
         payload = plan_gguf(source, qtype=quant, flatten=not keep_shapes)
+        # quality is filled while the file is written (per-tensor error)
         return payload, {"quant": quant, "n_quantized": sum(p.quantized for p in payload.plans),
-                         "general.architecture": payload.arch}
+                         "general.architecture": payload.arch, "quality": payload.quality}
     return source, {}

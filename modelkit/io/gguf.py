@@ -2,30 +2,37 @@
 
 The header, key/values and tensor infos are written first (every tensor's
 type and byte size is known from its plan), then each tensor is read,
-encoded in 1M-element chunks into one output buffer and written, so memory
-stays at a few times the largest tensor. Data goes to a hidden temp file
-beside the target that is renamed over it only on success.
+encoded in 1M-element chunks into one output buffer (by two worker threads,
+with :mod:`modelkit.io.ggml`'s kernels, byte-identical to ggml's reference)
+and written, so memory stays at a few times the largest tensor. Each lossy
+tensor's error against its input is measured from the same chunks
+(:class:`GGUFQuality`). Data goes to a hidden temp file beside the target
+that is renamed over it only on success.
 
 Which type and shape each tensor gets is a *plan* (:class:`TensorPlan`),
-chosen by a planner function: :func:`plain_plan` here, or a model-specific
-policy such as :func:`modelkit.convert.gguf.tensor_plan`.
+chosen by a planner: :func:`plain_plan` here, or a family's policy
+(:func:`modelkit.convert.gguf.plan_tensors`).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelkit.errors import CancelFlag, ModelkitError
+from modelkit.io.ggml import GGML_TYPES
 from modelkit.io.header import TensorInfo
 from modelkit.io.source import Source, source_label
 from modelkit.io.writer import atomic_path
 from modelkit.progress import Progress, ProgressFn, no_progress
+from modelkit.vocab import GGUF_QUANT_TYPES
 
 if TYPE_CHECKING:
     import numpy as np
@@ -34,13 +41,19 @@ if TYPE_CHECKING:
 CHUNK = 1 << 20  # elements encoded per step (a multiple of every block size)
 MAX_DIMS = 4  # GGML tensors have at most 4 dimensions
 MAX_NAME = 127  # ComfyUI-GGUF's converter limit (llama.cpp's patched GGML_MAX_NAME - 1)
-# user-facing qtype -> (GGML type name, gguf.LlamaFileType member)
-QTYPES = {"q8_0": ("Q8_0", "MOSTLY_Q8_0"), "f16": ("F16", "MOSTLY_F16"),
-          "bf16": ("BF16", "MOSTLY_BF16")}
+# user-facing qtype -> (default GGML type, gguf.LlamaFileType member): llama.cpp's
+# file types (src/llama-quant.cpp), whose _S/_M mixes raise some tensors
+QTYPES: dict[str, tuple[str, str]] = {
+    "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
+    **{q: (q.upper().removesuffix("_M").removesuffix("_S"), f"MOSTLY_{q.upper()}")
+       for q in GGUF_QUANT_TYPES}}
 # GGML type name -> (elements per block, bytes per block), as gguf.GGML_QUANT_SIZES
-GGML_SIZES = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (32, 34)}
-FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})
+GGML_SIZES = {n: (t.block_size, t.block_bytes) for n, t in GGML_TYPES.items()}
+FLOAT_TYPES = frozenset(n for n, t in GGML_TYPES.items() if not t.module)
 ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
+# chunk encoders of one write: both cores of the small machines modelkit
+# targets (the k-quant scale search is the cost; see bench/bench_gguf_export.py)
+ENCODE_THREADS = max(1, min(2, os.cpu_count() or 1))
 
 Planner = Callable[[str, TensorInfo, str], "TensorPlan"]
 
@@ -51,16 +64,19 @@ class TensorPlan:
 
     Args:
         key: the tensor name (in the source and in the GGUF file).
-        ggml_type: ``Q8_0``, ``F16``, ``BF16`` or ``F32``.
+        ggml_type: a GGML type name (``Q4_K``, ``F16``...).
         shape: the stored shape, torch order (GGUF lists it reversed).
         orig_shape: the real shape when the tensor was flattened to fit the
-            quant block; recorded as ``comfy.gguf.orig_shape.<key>``.
+            quant block (or GGML's 4 dimensions); recorded as
+            ``comfy.gguf.orig_shape.<key>``.
+        why: the planner's reason (``kept``, ``mix``, ``fallback``...).
     """
 
     key: str
     ggml_type: str
     shape: tuple[int, ...]
     orig_shape: tuple[int, ...] | None = None
+    why: str = ""
 
     @property
     def numel(self) -> int:
@@ -89,7 +105,7 @@ class GGUFResult:
 
 
 def ggml_type_for(qtype: str) -> str:
-    """The GGML type name for a user qtype (``q8_0``, ``f16``, ``bf16``)."""
+    """The default GGML type of a user qtype (``q4_k_m`` -> ``Q4_K``)."""
     try:
         return QTYPES[qtype.lower()][0]
     except KeyError:
@@ -98,9 +114,16 @@ def ggml_type_for(qtype: str) -> str:
 
 
 def kept_float_type(st_dtype: str) -> str:
-    """The GGML float type a tensor keeps when it is not quantized: F16 and
-    F32 stay as they are, anything else (BF16, F64, fp8) becomes F32."""
+    """The GGML float type a small, 1-D or high-precision tensor keeps: F16
+    and F32 stay as they are, anything else (BF16, F64, fp8) becomes F32
+    (city96/ComfyUI-GGUF ``tools/convert.py``)."""
     return st_dtype if st_dtype in ("F16", "F32") else "F32"
+
+
+def source_float_type(st_dtype: str) -> str:
+    """The GGML float type of a tensor left unquantized by the quantizer: its
+    own (F16, BF16, F32) as ``llama-quantize`` copies it, F32 for the others."""
+    return st_dtype if st_dtype in ("F16", "BF16", "F32") else "F32"
 
 
 def plain_plan(key: str, info: TensorInfo, ggml_type: str) -> TensorPlan:
@@ -137,23 +160,103 @@ def _check_plan(plan: TensorPlan, info: TensorInfo) -> None:
                             f"{plan.shape} does not fit its shape {info.shape}")
 
 
-def _encode_chunk(gguf: Any, flat: torch.Tensor, ggml_type: str) -> np.ndarray:
-    """Bytes of a 1-D float chunk in ``ggml_type`` (Q8_0 blocks run along the
-    flattened row-major order, so any 32-aligned slice quantizes alone)."""
+@dataclass(frozen=True)
+class TensorQuality:
+    """The stored tensor against its float input: relative L2 error
+    ``||stored - x|| / ||x||`` and SNR in dB."""
+
+    key: str
+    ggml_type: str
+    relative_l2: float
+    snr_db: float
+
+
+@dataclass
+class GGUFQuality:
+    """Per-tensor error of a GGUF write (quantized tensors and lossy casts),
+    measured while encoding, from the same chunks."""
+
+    tensors: list[TensorQuality] = field(default_factory=list)
+    err_sq: float = 0.0
+    ref_sq: float = 0.0
+
+    def add(self, key: str, ggml_type: str, err_sq: float, ref_sq: float) -> None:
+        """Record one tensor's error sums."""
+        from modelkit.numeric import relative_l2, snr_db
+
+        self.tensors.append(TensorQuality(key, ggml_type, relative_l2(err_sq, ref_sq),
+                                          snr_db(err_sq, ref_sq)))
+        self.err_sq += err_sq
+        self.ref_sq += ref_sq
+
+    @property
+    def relative_l2(self) -> float:
+        """Over every measured tensor."""
+        from modelkit.numeric import relative_l2
+
+        return relative_l2(self.err_sq, self.ref_sq)
+
+    @property
+    def snr_db(self) -> float:
+        from modelkit.numeric import snr_db
+
+        return snr_db(self.err_sq, self.ref_sq)
+
+    def worst(self, n: int = 5) -> list[TensorQuality]:
+        """The ``n`` tensors with the largest relative error."""
+        return sorted(self.tensors, key=lambda t: -t.relative_l2)[:n]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON report (``--json``): totals, then every measured tensor."""
+        return {"relative_l2": self.relative_l2, "snr_db": self.snr_db,
+                "n_measured": len(self.tensors),
+                "tensors": [{"key": t.key, "type": t.ggml_type, "relative_l2": t.relative_l2,
+                             "snr_db": t.snr_db} for t in self.tensors]}
+
+
+def _float_chunk(flat: torch.Tensor, ggml_type: str) -> torch.Tensor:
+    """``flat`` cast to the torch dtype of the GGML float type ``ggml_type``."""
+    import torch
+
+    dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}[ggml_type]
+    return flat.to(dtype)
+
+
+def _encode_chunk(flat: torch.Tensor, ggml_type: str, measure: bool
+                  ) -> tuple[np.ndarray, float, float]:
+    """Bytes of a 1-D float chunk in ``ggml_type`` and, when ``measure``, the
+    squared error of the stored values and the squared norm of the input
+    (blocks run along the flattened row-major order, so any block-aligned
+    slice quantizes alone)."""
     import numpy as np
     import torch
 
-    if ggml_type == "F16":
-        return flat.to(torch.float16).numpy().view(np.uint8)
-    if ggml_type == "BF16":
-        return flat.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
-    if ggml_type == "F32":
-        return flat.to(torch.float32).numpy().view(np.uint8)
-    if ggml_type == "Q8_0":
-        return _q8_encoder().encode(flat).numpy().reshape(-1)
-    qtype = gguf.GGMLQuantizationType[ggml_type]
-    arr = flat.to(torch.float32).numpy()
-    return gguf.quants.quantize(arr.reshape(1, -1), qtype).reshape(-1)
+    from modelkit.io.ggml import dequantize_blocks, quantize_blocks
+
+    if ggml_type in FLOAT_TYPES:
+        cast = _float_chunk(flat, ggml_type)
+        view = cast.view(torch.int16) if ggml_type == "BF16" else cast
+        data = view.numpy().view(np.uint8)
+        if not measure:
+            return data, 0.0, 0.0
+        x = flat.to(torch.float32)
+        return data, _err_sq(cast.to(torch.float32), x), _sq(x)
+    x = flat.to(torch.float32)
+    blocks = _q8_encoder().encode(x) if ggml_type == "Q8_0" else quantize_blocks(x, ggml_type)
+    data = blocks.numpy().reshape(-1)
+    if not measure:
+        return data, 0.0, 0.0
+    return data, _err_sq(dequantize_blocks(blocks, ggml_type), x), _sq(x)
+
+
+def _sq(x: torch.Tensor) -> float:
+    import torch
+
+    return float(torch.linalg.vector_norm(x, dtype=torch.float64) ** 2)
+
+
+def _err_sq(y: torch.Tensor, x: torch.Tensor) -> float:
+    return _sq(y.sub_(x) if y.data_ptr() != x.data_ptr() else y - x)
 
 
 class Q80Encoder:
@@ -197,18 +300,15 @@ class Q80Encoder:
         return out
 
 
-_ENCODERS: dict[int, Q80Encoder] = {}
+_ENCODERS = threading.local()
 
 
 def _q8_encoder() -> Q80Encoder:
-    """The calling thread's reusable encoder."""
-    import threading
-
-    key = threading.get_ident()
-    if key not in _ENCODERS:
-        _ENCODERS.clear()  # one writer at a time: keep the buffers of the last one
-        _ENCODERS[key] = Q80Encoder()
-    return _ENCODERS[key]
+    """The calling thread's reusable encoder (freed with the thread)."""
+    enc: Q80Encoder | None = getattr(_ENCODERS, "encoder", None)
+    if enc is None:
+        enc = _ENCODERS.encoder = Q80Encoder()
+    return enc
 
 
 def q8_0_blocks(flat: torch.Tensor) -> torch.Tensor:
@@ -220,19 +320,12 @@ def q8_0_blocks(flat: torch.Tensor) -> torch.Tensor:
     return quantize_q8_0(flat)
 
 
-def encode_tensor(gguf: Any, tensor: torch.Tensor, plan: TensorPlan) -> np.ndarray:
-    """The stored bytes of ``tensor`` under ``plan``, filled chunk by chunk."""
-    import numpy as np
-
-    flat = tensor.detach().cpu().reshape(-1)
-    out = np.empty(plan.nbytes, dtype=np.uint8)
-    block, size = GGML_SIZES[plan.ggml_type]
-    for start in range(0, flat.numel(), CHUNK):
-        chunk = flat[start:start + CHUNK]
-        pos = start // block * size
-        out[pos:pos + chunk.numel() // block * size] = _encode_chunk(gguf, chunk,
-                                                                     plan.ggml_type)
-    return out
+def measured(plan: TensorPlan, st_dtype: str) -> bool:
+    """Whether writing a tensor of safetensors dtype ``st_dtype`` under
+    ``plan`` loses anything (quantized, or cast to a narrower float)."""
+    if plan.quantized:
+        return True
+    return plan.ggml_type != st_dtype and plan.ggml_type != "F32"
 
 
 def _default_name(source: Source, metadata: Mapping[str, str]) -> str:
@@ -255,6 +348,7 @@ class GGUFPayload:
     name: str | None = None
     kv: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    quality: GGUFQuality = field(default_factory=GGUFQuality)  # filled by the write
 
     @property
     def nbytes(self) -> int:
@@ -273,6 +367,20 @@ def gguf_payload(source: Source, *, qtype: str = "q8_0", arch: str | None = None
     qtype = qtype.lower()
     target_type = ggml_type_for(qtype)
     plans = [plan(k, i, target_type) for k, i in source.infos.items()]
+    return planned_payload(source, plans, qtype=qtype, arch=arch, name=name, kv=kv)
+
+
+def planned_payload(source: Source, plans: list[TensorPlan], *, qtype: str,
+                    arch: str | None = None, name: str | None = None,
+                    kv: Mapping[str, str] | None = None) -> GGUFPayload:
+    """A payload of ``plans`` (one per tensor of ``source``, planned
+    together: a mix counts tensors), checked that GGUF can hold each.
+
+    Raises:
+        ModelkitError: an unknown qtype or a tensor GGUF cannot hold.
+    """
+    qtype = qtype.lower()
+    ggml_type_for(qtype)
     for p in plans:
         _check_plan(p, source.infos[p.key])
     return GGUFPayload(source, plans, qtype, arch, name, dict(kv or {}))
@@ -292,11 +400,12 @@ def _add_kv(writer: Any, gguf: Any, payload: GGUFPayload, metadata: Mapping[str,
     writer.add_string("modelkit.version", __version__)
     for k, v in payload.kv.items():
         writer.add_string(k, v)
+    # this file's own keys win over those a GGUF input carried (its source, qtype)
+    own = {"modelkit.source", "modelkit.qtype", "modelkit.version", *payload.kv}
     for k, v in metadata.items():
-        if k in ("modelkit.version",):
-            continue
-        writer.add_string(k if k.startswith("modelkit.") else
-                          f"modelkit.source_metadata.{k}", v)
+        key = k if k.startswith("modelkit.") else f"modelkit.source_metadata.{k}"
+        if key not in own:
+            writer.add_string(key, v)
     for p in payload.plans:
         if p.orig_shape is not None:
             # Python ints pack as INT32, the type ComfyUI-GGUF's loader checks for
@@ -332,6 +441,81 @@ def _patch(temp: Path, head_end: int, patches: Mapping[str, str]) -> None:
                 pos = head.find(a, pos + len(a))
 
 
+@dataclass
+class _Job:
+    """One tensor being encoded by the pool: its output buffer and the
+    futures of its chunks (each returns its error sums)."""
+
+    plan: TensorPlan
+    out: np.ndarray
+    chunks: list[Future[tuple[float, float]]]
+    lossy: bool
+
+
+def _submit(pool: ThreadPoolExecutor, tensor: torch.Tensor, plan: TensorPlan,
+            measure: bool) -> _Job:
+    """Queue the chunks of ``tensor``; each worker writes its bytes into
+    the job's buffer (a Q8_0 worker's blocks live in its own reused buffer)."""
+    import numpy as np
+
+    flat = tensor.detach().cpu().reshape(-1)
+    out = np.empty(plan.nbytes, dtype=np.uint8)
+    block, size = GGML_SIZES[plan.ggml_type]
+
+    def encode(start: int) -> tuple[float, float]:
+        chunk = flat[start:start + CHUNK]
+        pos = start // block * size
+        data, err, ref = _encode_chunk(chunk, plan.ggml_type, measure)
+        out[pos:pos + chunk.numel() // block * size] = data
+        return err, ref
+
+    futures = [pool.submit(encode, start) for start in range(0, flat.numel(), CHUNK)]
+    return _Job(plan, out, futures, measure)
+
+
+def _write_tensors(writer: Any, payload: GGUFPayload, advance: Callable[[int, str], None],
+                   cancel: CancelFlag | None) -> None:
+    """Encode and write every planned tensor in order, recording the error
+    of each lossy one in ``payload.quality``. Chunks are encoded by
+    :data:`ENCODE_THREADS` workers (torch releases the GIL; each op on one
+    intra-op thread), and the next tensor is queued before the last one is
+    written, so the workers never wait for the disk."""
+    from modelkit.errors import check_cancel
+
+    source, quality = payload.source, payload.quality
+    quality.tensors.clear()
+    quality.err_sq = quality.ref_sq = 0.0
+
+    def finish(job: _Job) -> None:
+        sums = [f.result() for f in job.chunks]
+        writer.write_tensor_data(job.out)
+        if job.lossy:
+            quality.add(job.plan.key, job.plan.ggml_type, sum(e for e, _ in sums),
+                        sum(r for _, r in sums))
+        advance(job.plan.nbytes, job.plan.key)
+
+    import torch
+
+    # a new thread starts with torch's default intra-op threads: give the
+    # workers the caller's (one under the runner), so that torch reduces in
+    # the order the kernels rely on and does not spin beside busy processes
+    threads = torch.get_num_threads()
+    pool = ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="gguf-encode",
+                              initializer=torch.set_num_threads, initargs=(threads,))
+    try:
+        pending: _Job | None = None
+        for p in payload.plans:
+            check_cancel(cancel)
+            job = _submit(pool, source.get(p.key), p, measured(p, source.infos[p.key].dtype))
+            if pending is not None:
+                finish(pending)
+            pending = job
+        if pending is not None:
+            finish(pending)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def write_gguf_payload(payload: GGUFPayload, out: Path, metadata: Mapping[str, str] | None,
                        inputs: list[Path], overwrite: bool,
                        advance: Callable[[int, str], None], cancel: CancelFlag | None,
@@ -352,10 +536,7 @@ def write_gguf_payload(payload: GGUFPayload, out: Path, metadata: Mapping[str, s
             writer.write_ti_data_to_file()
             writer.flush()
             head_end = temp.stat().st_size
-            for p in payload.plans:
-                check_cancel(cancel)
-                writer.write_tensor_data(encode_tensor(gguf, source.get(p.key), p))
-                advance(p.nbytes, p.key)
+            _write_tensors(writer, payload, advance, cancel)
         finally:
             writer.close()
         _patch(temp, head_end, finalize() if finalize else {})

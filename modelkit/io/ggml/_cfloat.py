@@ -55,6 +55,13 @@ def fp16_bytes(d: torch.Tensor) -> torch.Tensor:
     return d.reshape(-1, 1).to(torch.float16).view(torch.uint8)
 
 
+def fp16_value(d: torch.Tensor) -> torch.Tensor:
+    """``GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(d))``: ``d`` rounded to fp16, as float32."""
+    import torch
+
+    return d.to(torch.float16).to(torch.float32)
+
+
 def read_fp16(data: torch.Tensor, start: int) -> torch.Tensor:
     """The fp16 at byte ``start`` of each row of uint8 ``data``, as float32 ``[n, 1]``."""
     import torch
@@ -74,10 +81,3 @@ def first_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mx = torch.gather(x, 1, idx)
     mx = torch.where(amax > 0, mx, torch.zeros_like(mx))
     return amax, mx
-
-
-def fp16_value(d: torch.Tensor) -> torch.Tensor:
-    """``GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(d))``: ``d`` rounded to fp16, as float32."""
-    import torch
-
-    return d.to(torch.float16).to(torch.float32)
