@@ -6,64 +6,32 @@ round-trip error ggml's reference has on Gaussian data."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 import threading
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
 from modelkit.io.ggml import GGML_TYPES, dequantize_blocks, k_qkx2, quantize_blocks
-from modelkit.testing.ggml_cases import CASES, make_case
+from modelkit.testing.ggml_cases import make_case
+from tests.ggml_support import differ, golden, quantize
 
 gguf = pytest.importorskip("gguf")
 
-GOLDEN = Path(__file__).parent / "data" / "ggml"
 TYPES = ["Q4_K", "Q5_K", "Q2_K"]
 # relative RMSE of ggml's reference on Gaussian data (shared/reference/quant.md)
 GAUSS_REL_RMSE = {"Q5_K": 0.036, "Q4_K": 0.071, "Q2_K": 0.297}
 
 
-def _golden(name: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    with np.load(GOLDEN / f"{name.lower()}.npz") as data:
-        meta = json.loads(str(data["meta"]))
-        cases = {k[5:]: data[k] for k in data.files if k.startswith("case_")}
-    return meta, cases
 
-
-def _quantize(x: np.ndarray, name: str) -> np.ndarray:
-    import torch
-
-    return quantize_blocks(torch.from_numpy(x), name).numpy()
-
-
-def _differ(mine: np.ndarray, ref: np.ndarray, name: str) -> list[int]:
-    nbytes = GGML_TYPES[name].block_bytes
-    return np.flatnonzero((mine.reshape(-1, nbytes) != ref.reshape(-1, nbytes)).any(axis=1)
-                          ).tolist()
-
-
-@pytest.mark.parametrize("name", TYPES)
-def test_quantize_is_ggml_reference_bytes(name: str) -> None:
-    meta, cases = _golden(name)
-    # every case, subnormal spans included (the reference built with NDEBUG)
-    assert set(cases) == set(CASES)
-    for case, ref in cases.items():
-        x = make_case(case, meta["rows"], meta["cols"], meta["seed"])
-        assert hashlib.sha256(x.tobytes()).hexdigest() == meta["input_sha256"][case], (
-            f"the generator of case {case!r} changed: regenerate the golden files")
-        differ = _differ(_quantize(x, name), ref, name)
-        assert not differ, f"{name} {case}: blocks {differ[:10]} differ"
 
 
 def _golden_input_and_bytes(name: str, only: tuple[str, ...] = ()
                             ) -> tuple[np.ndarray, np.ndarray]:
     """The golden cases of ``name`` (all, or ``only``) as one input and
     ggml's bytes for it."""
-    meta, cases = _golden(name)
+    meta, cases = golden(name)
     names = sorted(only or cases)
     xs = [make_case(c, meta["rows"], meta["cols"], meta["seed"]) for c in names]
     refs = [cases[c] for c in names]
@@ -76,7 +44,7 @@ def test_chunks_and_padding_keep_the_bytes(name: str, monkeypatch: pytest.Monkey
     # padded to whole SIMD column groups, and its searcher's buffers are reused
     x, ref = _golden_input_and_bytes(name)
     monkeypatch.setattr(k_qkx2, "CHUNK_WEIGHTS", 5 * 256)
-    assert not _differ(_quantize(x, name), ref, name)
+    assert not differ(quantize(x, name), ref, name)
 
 
 @pytest.mark.parametrize("name", TYPES)
@@ -87,10 +55,10 @@ def test_several_intra_op_threads_fall_back_to_the_exact_sum(name: str) -> None:
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        mine = _quantize(x, name)
+        mine = quantize(x, name)
     finally:
         torch.set_num_threads(before)
-    assert not _differ(mine, ref, name)
+    assert not differ(mine, ref, name)
 
 
 def test_two_threads_at_once_each_get_their_bytes() -> None:
@@ -100,7 +68,7 @@ def test_two_threads_at_once_each_get_their_bytes() -> None:
 
     def work(name: str) -> None:
         for _ in range(3):
-            out[name] = _quantize(inputs[name][0], name)
+            out[name] = quantize(inputs[name][0], name)
 
     threads = [threading.Thread(target=work, args=(name,)) for name in inputs]
     for t in threads:
@@ -108,7 +76,7 @@ def test_two_threads_at_once_each_get_their_bytes() -> None:
     for t in threads:
         t.join()
     for name, (_, ref) in inputs.items():
-        assert not _differ(out[name], ref, name)
+        assert not differ(out[name], ref, name)
 
 
 @pytest.mark.parametrize("name", TYPES)
@@ -116,7 +84,7 @@ def test_read_back_by_gguf_py(name: str) -> None:
     import torch
 
     x = make_case("gauss", 32, 2048, seed=3)
-    blocks = _quantize(x, name)
+    blocks = quantize(x, name)
     ref = gguf.quants.dequantize(blocks.reshape(-1), gguf.GGMLQuantizationType[name])
     back = getattr(k_qkx2, f"dequantize_{name.lower()}")  # re-exported beside the quantizer
     mine = back(torch.from_numpy(blocks)).numpy()
@@ -158,4 +126,4 @@ def test_ggml_reference_on_fresh_seeds() -> None:
         x = make_case(case, 4, 2048, seed=100 + seed)
         for name in TYPES:
             ref = ggml_ref.quantize(x, name.lower())
-            assert not _differ(_quantize(x, name), ref, name), (name, case)
+            assert not differ(quantize(x, name), ref, name), (name, case)
