@@ -21,6 +21,8 @@ from modelkit.arch.configs import VAEConfig
 from modelkit.arch.keys import (
     KeyShapes,
     Shape,
+    bfl_double_block,
+    bfl_single_block,
     joint_attention_keys,
     linear_keys,
     text_encoder_keys,
@@ -78,22 +80,9 @@ def _original(cfg: FluxConfig) -> Iterator[tuple[str, Shape]]:
         yield from linear_keys("guidance_in.out_layer", h, h)
     yield from linear_keys("txt_in", h, cfg.context_in_dim)
     for i in range(cfg.depth):
-        b = f"double_blocks.{i}"
-        for s in ("img", "txt"):
-            yield from linear_keys(f"{b}.{s}_mod.lin", 6 * h, h)
-            yield from linear_keys(f"{b}.{s}_attn.qkv", 3 * h, h)
-            yield f"{b}.{s}_attn.norm.query_norm.scale", (hd,)
-            yield f"{b}.{s}_attn.norm.key_norm.scale", (hd,)
-            yield from linear_keys(f"{b}.{s}_attn.proj", h, h)
-            yield from linear_keys(f"{b}.{s}_mlp.0", mlp, h)
-            yield from linear_keys(f"{b}.{s}_mlp.2", h, mlp)
+        yield from bfl_double_block(f"double_blocks.{i}", h, hd, mlp, mlp, modulation=True)
     for i in range(cfg.depth_single_blocks):
-        b = f"single_blocks.{i}"
-        yield from linear_keys(f"{b}.linear1", 3 * h + mlp, h)
-        yield from linear_keys(f"{b}.linear2", h, h + mlp)
-        yield f"{b}.norm.query_norm.scale", (hd,)
-        yield f"{b}.norm.key_norm.scale", (hd,)
-        yield from linear_keys(f"{b}.modulation.lin", 3 * h, h)
+        yield from bfl_single_block(f"single_blocks.{i}", h, hd, mlp, mlp, modulation=True)
     yield from linear_keys("final_layer.linear", cfg.out_channels, h)
     yield from linear_keys("final_layer.adaLN_modulation.1", 2 * h, h)
 

@@ -22,7 +22,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-from modelkit.arch.keys import KeyShapes, Shape, joint_attention_keys, linear_keys
+from modelkit.arch.keys import (
+    KeyShapes,
+    Shape,
+    bfl_double_block,
+    bfl_single_block,
+    joint_attention_keys,
+    linear_keys,
+)
 
 ORIGINAL, DIFFUSERS = "original", "diffusers"
 
@@ -63,20 +70,11 @@ def _original(cfg: Flux2Config) -> Iterator[tuple[str, Shape]]:
     yield from linear_keys("double_stream_modulation_txt.lin", 6 * h, h, bias=False)
     yield from linear_keys("single_stream_modulation.lin", 3 * h, h, bias=False)
     for i in range(cfg.depth):
-        b = f"double_blocks.{i}"
-        for s in ("img", "txt"):
-            yield from linear_keys(f"{b}.{s}_attn.qkv", 3 * h, h, bias=False)
-            yield f"{b}.{s}_attn.norm.query_norm.scale", (hd,)
-            yield f"{b}.{s}_attn.norm.key_norm.scale", (hd,)
-            yield from linear_keys(f"{b}.{s}_attn.proj", h, h, bias=False)
-            yield from linear_keys(f"{b}.{s}_mlp.0", 2 * mlp, h, bias=False)
-            yield from linear_keys(f"{b}.{s}_mlp.2", h, mlp, bias=False)
+        yield from bfl_double_block(f"double_blocks.{i}", h, hd, 2 * mlp, mlp,
+                                    modulation=False, bias=False)
     for i in range(cfg.depth_single_blocks):
-        b = f"single_blocks.{i}"
-        yield from linear_keys(f"{b}.linear1", 3 * h + 2 * mlp, h, bias=False)
-        yield from linear_keys(f"{b}.linear2", h, h + mlp, bias=False)
-        yield f"{b}.norm.query_norm.scale", (hd,)
-        yield f"{b}.norm.key_norm.scale", (hd,)
+        yield from bfl_single_block(f"single_blocks.{i}", h, hd, 2 * mlp, mlp,
+                                    modulation=False, bias=False)
     yield from linear_keys("final_layer.adaLN_modulation.1", 2 * h, h, bias=False)
     yield from linear_keys("final_layer.linear", cfg.in_channels, h, bias=False)
 

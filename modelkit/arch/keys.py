@@ -68,6 +68,36 @@ def joint_attention_keys(b: str, hidden: int, head_dim: int) -> Iterator[tuple[s
         yield f"{b}.attn.{norm}.weight", (head_dim,)
 
 
+def bfl_double_block(b: str, hidden: int, head_dim: int, mlp_in: int, mlp_hidden: int, *,
+                     modulation: bool, bias: bool = True) -> Iterator[tuple[str, Shape]]:
+    """Black Forest Labs' double-stream block ``b`` (Flux.1, Chroma, Flux.2;
+    black-forest-labs/flux ``modules/layers.py``): per stream (img, txt) the
+    optional modulation, fused ``qkv`` with q/k norms, the output projection
+    and the MLP (``mlp_in`` wide: twice ``mlp_hidden`` for a gated one)."""
+    for s in ("img", "txt"):
+        if modulation:
+            yield from linear_keys(f"{b}.{s}_mod.lin", 6 * hidden, hidden, bias)
+        yield from linear_keys(f"{b}.{s}_attn.qkv", 3 * hidden, hidden, bias)
+        yield f"{b}.{s}_attn.norm.query_norm.scale", (head_dim,)
+        yield f"{b}.{s}_attn.norm.key_norm.scale", (head_dim,)
+        yield from linear_keys(f"{b}.{s}_attn.proj", hidden, hidden, bias)
+        yield from linear_keys(f"{b}.{s}_mlp.0", mlp_in, hidden, bias)
+        yield from linear_keys(f"{b}.{s}_mlp.2", hidden, mlp_hidden, bias)
+
+
+def bfl_single_block(b: str, hidden: int, head_dim: int, mlp_in: int, mlp_hidden: int, *,
+                     modulation: bool, bias: bool = True) -> Iterator[tuple[str, Shape]]:
+    """Black Forest Labs' single-stream block ``b``: ``linear1`` = fused qkv
+    and MLP input, ``linear2`` = attention and MLP output, q/k norms, the
+    optional modulation."""
+    yield from linear_keys(f"{b}.linear1", 3 * hidden + mlp_in, hidden, bias)
+    yield from linear_keys(f"{b}.linear2", hidden, hidden + mlp_hidden, bias)
+    yield f"{b}.norm.query_norm.scale", (head_dim,)
+    yield f"{b}.norm.key_norm.scale", (head_dim,)
+    if modulation:
+        yield from linear_keys(f"{b}.modulation.lin", 3 * hidden, hidden, bias)
+
+
 def _conv(p: str, out: int, inp: int, k: int) -> Iterator[tuple[str, Shape]]:
     yield f"{p}.weight", (out, inp, k, k)
     yield f"{p}.bias", (out,)
