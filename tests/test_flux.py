@@ -4,6 +4,7 @@ kohya and diffusers/PEFT LoRAs baked with their exact ΔW, the refusals."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from pathlib import Path
@@ -357,3 +358,38 @@ def test_bake_takes_flux_block_weights(base32: Path, tmp_path: Path) -> None:
         else:
             up, down = la[f"{name}.lora_up.weight"], la[f"{name}.lora_down.weight"]
             assert torch.equal(t, w[key] + k * (up @ down)), key
+
+
+def test_bake_fast_route_writes_the_general_routes_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The written file (pread row chunks baked by two workers, written at
+    their offsets) holds the bytes the general route computes, chunk edges
+    inside the q/k/v and MLP row slices included, for two adapters on the
+    same rows and for a cast; and the fast route did bake every weight."""
+    bake_mod = importlib.import_module("modelkit.lora.bake")  # the package exports bake()
+    stream_mod = importlib.import_module("modelkit.lora.bake_stream")
+
+    chunk = 5000  # 19 rows of 256: chunk edges fall inside every row slice
+    monkeypatch.setattr(stream_mod, "CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(bake_mod, "CHUNK_ELEMENTS", chunk)
+    streamed: list[str] = []
+    real = stream_mod._bake_rows
+    monkeypatch.setattr(stream_mod, "_bake_rows",
+                        lambda ck, key, *a: (streamed.append(key), real(ck, key, *a))[1])
+    base, kohya, peft = (tmp_path / f"{n}.safetensors" for n in ("b", "k", "p"))
+    size = {"depth": 1, "single": 1}
+    write_flux(base, seed=11, **size)  # bf16, as Flux.1 ships
+    write_flux_lora(kohya, "kohya", rank=4, alpha=2.0, seed=12, **size)
+    write_flux_lora(peft, "peft", rank=4, alpha=8.0, alpha_in_metadata=True, seed=13, **size)
+    for dtype in (None, "fp16"):
+        out = tmp_path / f"o{dtype}.safetensors"
+        args = ["--dtype", dtype] if dtype else []
+        assert main(["lora", "bake", str(base), f"{kohya}:0.7", f"{peft}:-1.5", "-o", str(out),
+                     "-q", *args]) == 0
+        step = bake_mod.bake(open_model(base), [(open_model(kohya), 0.7),
+                                                (open_model(peft), -1.5)], dtype=dtype)
+        got = _tensors(out)
+        assert got.keys() == step.source.infos.keys()
+        for key, t in got.items():
+            assert torch.equal(t.view(torch.uint8), step.source.get(key).view(torch.uint8)), key
+    assert len(streamed) == 2 * 23 and len(set(streamed)) == 23

@@ -12,9 +12,9 @@ and a fresh whole-tensor output per weight faulted every page in (most of a
 bake's time on a Flux file: 126 MiB per ``linear1``), and the whole output
 tensor was the bake's peak memory.
 
-One worker thread computes chunk n+1 while the calling thread writes chunk n
-(two buffer sets); both run torch with the one intra-op thread the bake sets,
-so nothing spins beside a busy process. Weights patched by modules that read
+Two worker threads compute the next chunks while the calling thread writes
+the current one (three buffer sets); each runs torch with the one intra-op
+thread the bake sets, so nothing spins beside a busy process. Weights patched by modules that read
 the base weight (DoRA, (IA)3), bias patches and 1-D weights take the general
 route (``get``).
 """
@@ -22,12 +22,18 @@ route (``get``).
 from __future__ import annotations
 
 import math
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from modelkit.errors import CancelFlag, ModelkitError, check_cancel
 from modelkit.io.header import DTYPE_SIZES
 from modelkit.vocab import CHUNK_ELEMENTS
+
+# threads computing chunks beside the writing one, each with one torch thread:
+# no OpenMP pool waits on a busy core, and the two cores of a quiet machine
+# both work
+WORKERS = 2
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -109,7 +115,7 @@ def streamer(ckpt: Source, patches: dict[str, list[_Patch]], infos: dict[str, Te
 
     if device != "cpu" or not isinstance(ckpt, ModelSource) or not ckpt.raw_readable:
         return fallback
-    slots = (_Slot(), _Slot())
+    slots = tuple(_Slot() for _ in range(WORKERS + 1))
 
     def stream(key: str, sink: TensorSink) -> bool:
         todo = patches.get(key)
@@ -122,9 +128,10 @@ def streamer(ckpt: Source, patches: dict[str, list[_Patch]], infos: dict[str, Te
 
 
 def _bake_rows(ckpt: ModelSource, key: str, dtype: str, todo: list[_Patch],
-               slots: tuple[_Slot, _Slot], sink: TensorSink, cancel: CancelFlag | None) -> None:
-    """Bake one weight chunk by chunk into ``sink``: a worker computes the
-    next chunk while this thread writes the current one."""
+               slots: Sequence[_Slot], sink: TensorSink, cancel: CancelFlag | None) -> None:
+    """Bake one weight chunk by chunk into ``sink``: :data:`WORKERS` threads
+    compute the next chunks while this thread writes the current one, in
+    order (chunk i uses slot i mod ``len(slots)``, free again once written)."""
     from modelkit.io.dtypes import to_torch
     from modelkit.lora.output import LORA_THREADS
 
@@ -135,14 +142,21 @@ def _bake_rows(ckpt: ModelSource, key: str, dtype: str, todo: list[_Patch],
     starts = list(range(0, n, step))
     job = _Job(ckpt, key, to_torch(info.dtype), int(DTYPE_SIZES[info.dtype]),
                to_torch(dtype), n, cols, step, todo)
+    for p in todo:  # load each module's factors once, here, not in two workers at once
+        if p.delta.factors() is None:
+            p.delta.full()
     out_size = job.out_dtype.itemsize
-    with ThreadPoolExecutor(1, thread_name_prefix="modelkit-bake") as pool:
-        pending = pool.submit(job.run, starts[0], slots[0], LORA_THREADS)
+    ahead = min(WORKERS, len(slots) - 1)
+    with ThreadPoolExecutor(ahead, thread_name_prefix="modelkit-bake") as pool:
+        pending = deque(pool.submit(job.run, starts[i], slots[i % len(slots)], LORA_THREADS)
+                        for i in range(min(ahead, len(starts))))
         for i, a in enumerate(starts):
-            chunk = pending.result()
-            if i + 1 < len(starts):
+            chunk = pending.popleft().result()
+            if i + ahead < len(starts):
                 check_cancel(cancel)
-                pending = pool.submit(job.run, starts[i + 1], slots[(i + 1) % 2], LORA_THREADS)
+                j = i + ahead
+                pending.append(pool.submit(job.run, starts[j], slots[j % len(slots)],
+                                           LORA_THREADS))
             sink.write(a * cols * out_size, chunk.view(-1).view(_u8()).numpy().data,
                        i + 1 == len(starts))
 
