@@ -374,13 +374,17 @@ def test_bake_fast_route_writes_the_general_routes_bytes(
     monkeypatch.setattr(bake_mod, "CHUNK_ELEMENTS", chunk)
     streamed: list[str] = []
     real = stream_mod._bake_rows
-    monkeypatch.setattr(stream_mod, "_bake_rows",
-                        lambda ck, key, *a: (streamed.append(key), real(ck, key, *a))[1])
+
+    def spy(ck: object, key: str, *rest: object) -> None:
+        streamed.append(key)
+        real(ck, key, *rest)
+
+    monkeypatch.setattr(stream_mod, "_bake_rows", spy)
     base, kohya, peft = (tmp_path / f"{n}.safetensors" for n in ("b", "k", "p"))
-    size = {"depth": 1, "single": 1}
-    write_flux(base, seed=11, **size)  # bf16, as Flux.1 ships
-    write_flux_lora(kohya, "kohya", rank=4, alpha=2.0, seed=12, **size)
-    write_flux_lora(peft, "peft", rank=4, alpha=8.0, alpha_in_metadata=True, seed=13, **size)
+    write_flux(base, seed=11, depth=1, single=1)  # bf16, as Flux.1 ships
+    write_flux_lora(kohya, "kohya", rank=4, alpha=2.0, seed=12, depth=1, single=1)
+    write_flux_lora(peft, "peft", rank=4, alpha=8.0, alpha_in_metadata=True, seed=13, depth=1,
+                    single=1)
     for dtype in (None, "fp16"):
         out = tmp_path / f"o{dtype}.safetensors"
         args = ["--dtype", dtype] if dtype else []
