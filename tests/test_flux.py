@@ -397,3 +397,27 @@ def test_bake_fast_route_writes_the_general_routes_bytes(
         for key, t in got.items():
             assert torch.equal(t.view(torch.uint8), step.source.get(key).view(torch.uint8)), key
     assert len(streamed) == 2 * 23 and len(set(streamed)) == 23
+
+
+def test_every_commands_help_names_the_families_it_handles(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Each command's help ends with the families it handles, from the
+    registry (a command that handles only some says which, and which it
+    refuses); ``modelkit --help`` names every family."""
+    from modelkit.arch import registry
+    from modelkit.cli import SUBCOMMANDS
+    from modelkit.cli.families import NO_MODEL
+
+    def helped(*args: str) -> str:
+        assert main([*args, "--help"]) == 0
+        return " ".join(capsys.readouterr().out.split())
+
+    top = helped()
+    assert all(name in top for name in registry.names())
+    for cmd in sorted(set(SUBCOMMANDS) - NO_MODEL):
+        assert "Families: " in helped(cmd), cmd
+    bake, prune = helped("lora", "bake"), helped("prune")
+    assert f"Families: {registry.listed(registry.handling('lora bake'))}." in bake
+    assert "flux" in bake.split("Refused")[0] and "flux" in prune.split("Refused")[1]
+    assert "bake also flux" in helped("lora")
+    assert "Families: " not in helped("methods")
