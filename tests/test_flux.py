@@ -365,10 +365,11 @@ def test_bake_takes_flux_block_weights(base32: Path, tmp_path: Path) -> None:
 
 def test_bake_fast_route_writes_the_general_routes_bytes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The written file (pread row chunks baked by two workers, written at
-    their offsets) holds the bytes the general route computes, chunk edges
-    inside the q/k/v and MLP row slices included, for two adapters on the
-    same rows and for a cast; and the fast route did bake every weight."""
+    """The written file (pread row chunks baked by one worker, or two,
+    written at their offsets) holds the bytes the general route computes,
+    chunk edges inside the q/k/v and MLP row slices included, for two
+    adapters on the same rows and for a cast; and the fast route did bake
+    every weight."""
     bake_mod = importlib.import_module("modelkit.lora.bake")  # the package exports bake()
     stream_mod = importlib.import_module("modelkit.lora.bake_stream")
 
@@ -388,7 +389,8 @@ def test_bake_fast_route_writes_the_general_routes_bytes(
     write_flux_lora(kohya, "kohya", rank=4, alpha=2.0, seed=12, depth=1, single=1)
     write_flux_lora(peft, "peft", rank=4, alpha=8.0, alpha_in_metadata=True, seed=13, depth=1,
                     single=1)
-    for dtype in (None, "fp16"):
+    for dtype, workers in ((None, 1), ("fp16", 2)):
+        monkeypatch.setattr(stream_mod, "WORKERS", workers)
         out = tmp_path / f"o{dtype}.safetensors"
         args = ["--dtype", dtype] if dtype else []
         assert main(["lora", "bake", str(base), f"{kohya}:0.7", f"{peft}:-1.5", "-o", str(out),

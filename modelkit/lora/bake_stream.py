@@ -12,11 +12,11 @@ and a fresh whole-tensor output per weight faulted every page in (most of a
 bake's time on a Flux file: 126 MiB per ``linear1``), and the whole output
 tensor was the bake's peak memory.
 
-Two worker threads compute the next chunks while the calling thread writes
-the current one (three buffer sets); each runs torch with the one intra-op
-thread the bake sets, so nothing spins beside a busy process. Weights patched by modules that read
-the base weight (DoRA, (IA)3), bias patches and 1-D weights take the general
-route (``get``).
+A worker thread (:data:`WORKERS`) computes the next chunk while the calling
+thread writes the current one (two buffer sets); it runs torch with the one
+intra-op thread the bake sets, so nothing spins beside a busy process.
+Weights patched by modules that read the base weight (DoRA, (IA)3), bias
+patches and 1-D weights take the general route (``get``).
 """
 
 from __future__ import annotations
@@ -30,10 +30,12 @@ from modelkit.errors import CancelFlag, ModelkitError, check_cancel
 from modelkit.io.header import DTYPE_SIZES
 from modelkit.vocab import CHUNK_ELEMENTS
 
-# threads computing chunks beside the writing one, each with one torch thread:
-# no OpenMP pool waits on a busy core, and the two cores of a quiet machine
-# both work
-WORKERS = 2
+# threads computing chunks beside the writing one, each with one torch thread
+# (no OpenMP pool waits on a busy core). One: the math overlaps the writes on
+# a quiet 2-core machine, and beside a busy process the bake stays within
+# about 1.5x of its quiet time (bench/README.md, the SD bake's bound); two
+# would take both cores when quiet and double that ratio
+WORKERS = 1
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -142,7 +144,7 @@ def _bake_rows(ckpt: ModelSource, key: str, dtype: str, todo: list[_Patch],
     starts = list(range(0, n, step))
     job = _Job(ckpt, key, to_torch(info.dtype), int(DTYPE_SIZES[info.dtype]),
                to_torch(dtype), n, cols, step, todo)
-    for p in todo:  # load each module's factors once, here, not in two workers at once
+    for p in todo:  # load each module's factors here, once, before a worker uses them
         if p.delta.factors() is None:
             p.delta.full()
     out_size = job.out_dtype.itemsize
