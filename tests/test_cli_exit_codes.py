@@ -138,7 +138,7 @@ def test_every_command_exit_codes_through_the_console_entry_point(
     assert "is an sd1 adapter but" in res["bake_arch"][2]
     for name in ("prune", "quantize"):
         assert ("is a Flux.1 checkpoint; modelkit recognises Flux.1 files (hash, inspect, "
-                f"lora bake and merge) but {name} does not handle them yet") in res[
+                f"lora bake, lora info and merge) but {name} does not handle them yet") in res[
                     f"{name}_flux"][2]
     assert not list(root.glob("never*")) and not list(root.glob(".never*"))
     assert not (root / "x.safetensors").exists() and not (root / "sweep-out").exists()

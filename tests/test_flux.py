@@ -4,6 +4,7 @@ kohya and diffusers/PEFT LoRAs baked with their exact ΔW, the refusals."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from pathlib import Path
@@ -309,9 +310,12 @@ def test_lora_commands_not_done_say_so(tmp_path: Path, capsys: pytest.CaptureFix
                                        ) -> None:
     lora = tmp_path / "l.safetensors"
     write_flux_lora(lora, "peft")
-    code, _, err = _cli(capsys, "lora", "info", str(lora))
-    assert code == 2
-    assert "l.safetensors: is a Flux.1 adapter; lora info does not handle Flux.1 adapters" in err
+    code, out, _ = _cli(capsys, "lora", "info", str(lora))
+    assert code == 0 and "l.safetensors: peft for flux (peft names)" in out
+    code, _, err = _cli(capsys, "lora", "resize", str(lora), "--rank", "2", "-o",
+                        str(tmp_path / "r.safetensors"))
+    assert code == 2 and "(flux)" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r.safetensors").exists()
 
 
 def test_diffusers_layout_flux_is_refused_by_merge_and_bake(
@@ -357,3 +361,105 @@ def test_bake_takes_flux_block_weights(base32: Path, tmp_path: Path) -> None:
         else:
             up, down = la[f"{name}.lora_up.weight"], la[f"{name}.lora_down.weight"]
             assert torch.equal(t, w[key] + k * (up @ down)), key
+
+
+def test_bake_fast_route_writes_the_general_routes_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The written file (pread row chunks baked by one worker, or two,
+    written at their offsets) holds the bytes the general route computes,
+    chunk edges inside the q/k/v and MLP row slices included, for two
+    adapters on the same rows and for a cast; and the fast route did bake
+    every weight."""
+    bake_mod = importlib.import_module("modelkit.lora.bake")  # the package exports bake()
+    stream_mod = importlib.import_module("modelkit.lora.bake_stream")
+
+    chunk = 5000  # 19 rows of 256: chunk edges fall inside every row slice
+    monkeypatch.setattr(stream_mod, "CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(bake_mod, "CHUNK_ELEMENTS", chunk)
+    streamed: list[str] = []
+    real = stream_mod._bake_rows
+
+    def spy(ck: object, key: str, *rest: object) -> None:
+        streamed.append(key)
+        real(ck, key, *rest)
+
+    monkeypatch.setattr(stream_mod, "_bake_rows", spy)
+    base, kohya, peft = (tmp_path / f"{n}.safetensors" for n in ("b", "k", "p"))
+    write_flux(base, seed=11, depth=1, single=1)  # bf16, as Flux.1 ships
+    write_flux_lora(kohya, "kohya", rank=4, alpha=2.0, seed=12, depth=1, single=1)
+    write_flux_lora(peft, "peft", rank=4, alpha=8.0, alpha_in_metadata=True, seed=13, depth=1,
+                    single=1)
+    for dtype, workers in ((None, 1), ("fp16", 2)):
+        monkeypatch.setattr(stream_mod, "WORKERS", workers)
+        out = tmp_path / f"o{dtype}.safetensors"
+        args = ["--dtype", dtype] if dtype else []
+        assert main(["lora", "bake", str(base), f"{kohya}:0.7", f"{peft}:-1.5", "-o", str(out),
+                     "-q", *args]) == 0
+        step = bake_mod.bake(open_model(base), [(open_model(kohya), 0.7),
+                                                (open_model(peft), -1.5)], dtype=dtype)
+        got = _tensors(out)
+        assert got.keys() == step.source.infos.keys()
+        for key, t in got.items():
+            assert torch.equal(t.view(torch.uint8), step.source.get(key).view(torch.uint8)), key
+    assert len(streamed) == 2 * 23 and len(set(streamed)) == 23
+
+
+def test_every_commands_help_names_the_families_it_handles(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Each command's help ends with the families it handles, from the
+    registry (a command that handles only some says which, and which it
+    refuses); ``modelkit --help`` names every family."""
+    from modelkit.arch import registry
+    from modelkit.cli import SUBCOMMANDS
+    from modelkit.cli.families import NO_MODEL
+
+    def helped(*args: str) -> str:
+        assert main([*args, "--help"]) == 0
+        return " ".join(capsys.readouterr().out.split())
+
+    top = helped()
+    assert all(name in top for name in registry.names())
+    for cmd in sorted(set(SUBCOMMANDS) - NO_MODEL):
+        assert "Families: " in helped(cmd), cmd
+    bake, prune = helped("lora", "bake"), helped("prune")
+    assert f"Families: {registry.listed(registry.handling('lora bake'))}." in bake
+    assert "flux" in bake.split("Refused")[0] and "flux" in prune.split("Refused")[1]
+    assert "bake also flux" in helped("lora")
+    assert "Families: " not in helped("methods")
+
+
+def test_lora_info_reads_flux_loras_of_each_format(base32: Path, tmp_path: Path) -> None:
+    """kohya, ComfyUI and PEFT Flux.1 LoRAs: ‖ΔW‖ per module and per block
+    (the merge's block names), each PEFT q/k/v or MLP module against its own
+    rows of the fused weight of a bare transformer base."""
+    from modelkit.lora.info import info
+
+    h = flux_config().hidden_size
+    w = _tensors(base32)
+    lin1 = w["single_blocks.0.linear1.weight"].double()
+    rows = {"attn.to_q": lin1[:h], "attn.to_k": lin1[h:2 * h], "attn.to_v": lin1[2 * h:3 * h],
+            "proj_mlp": lin1[3 * h:]}
+    for naming in ("kohya", "comfyui", "peft"):
+        lora = tmp_path / f"{naming}.safetensors"
+        write_flux_lora(lora, naming, rank=4, alpha=2.0, alpha_in_metadata=True, seed=21)
+        la = {k: t.double() for k, t in _tensors(lora).items()}
+        rep = info(open_model(lora), open_model(base32))
+        assert rep.arch == "flux" and not rep.unmatched
+        for layer in rep.layers:
+            if naming == "peft":
+                up, down = la[f"{layer.name}.lora_B.weight"], la[f"{layer.name}.lora_A.weight"]
+            else:
+                up, down = la[f"{layer.name}.lora_up.weight"], la[f"{layer.name}.lora_down.weight"]
+            scale = 0.5 if f"{layer.name}.alpha" in la or naming == "peft" else 1.0
+            want = float((up @ down).norm()) * scale  # alpha 2 / rank 4, or no alpha
+            assert layer.delta_norm == pytest.approx(want, rel=1e-5), layer.name
+            assert layer.effective_rank == 4 and layer.block == block_of(layer.key, "flux")
+        sums = {b: math.sqrt(sum((x.delta_norm or 0.0) ** 2 for x in rep.layers
+                                 if x.block == b)) for b in rep.blocks}
+        assert all(rep.blocks[b].delta_norm == pytest.approx(v, rel=1e-6)
+                   for b, v in sums.items())
+        if naming == "peft":
+            part = "transformer.single_transformer_blocks.0."
+            for name, ref in rows.items():
+                layer = next(x for x in rep.layers if x.name == part + name)
+                assert layer.base_norm == pytest.approx(float(ref.norm()), rel=1e-5), name

@@ -54,7 +54,7 @@ def test_every_architecture_declares_every_field(name: str) -> None:
     if arch.support == PARTIAL:  # its own block map and LoRA table, the commands named
         assert arch.blocks is not None and list(arch.blocks.names) == block_names(name)
         assert arch.lora is not None and arch.lora.modules is not None
-        assert arch.commands <= {"inspect", "hash", "merge", "lora bake"}
+        assert arch.commands <= {"inspect", "hash", "merge", "lora bake", "lora info"}
     if arch.support == FULL:
         assert arch.blocks is not None and arch.lora is not None
         assert arch.diffusers is not None and arch.gguf is not None
@@ -165,7 +165,8 @@ def test_inspect_names_flux_family_variant_and_layout(
     assert d["kind"] == ("checkpoint" if aio else "unet")
     assert d["prediction"]["type"] == "unknown"
     assert d["unknown_keys"] == []
-    assert any("hash, inspect, lora bake and merge handle it" in n for n in d["notes"])
+    assert any("hash, inspect, lora bake, lora info and merge handle it" in n
+               for n in d["notes"])
     unet = d["components"]["unet"]
     assert unet["family"] == "Flux.1 transformer"
     assert unet["prefix"] == ("model.diffusion_model." if prefixed or aio else "")

@@ -469,7 +469,7 @@ def _flux_variant_rules(img_in: str, guidance: str) -> tuple[Variant, ...]:
 FLUX = Architecture(
     name="flux", label="Flux.1", short="flux", family="flux",
     aliases=("flux", "flux1", "flux.1"), support=PARTIAL,
-    commands=frozenset({"inspect", "hash", "merge", "lora bake"}),
+    commands=frozenset({"inspect", "hash", "merge", "lora bake", "lora info"}),
     # per-block modulation and the pooled-text input tell Flux.1 from Chroma
     # (distilled guidance, no vector_in) and Flux.2 (shared modulation)
     detect=(Rule(keys=(_FLUX_QK_NORM, "double_blocks.0.img_mod.lin.weight",
@@ -499,8 +499,8 @@ FLUX = Architecture(
     spec=None,
     blocks=BlockMap(FLUX_BLOCKS, ("comfyui",), "comfyui", _flux.block_of, vae_slot=False),
     prune=_NO_PRUNE,
-    # bake only (block weights: the merge block names); extract, LoRA merge,
-    # convert and info need more tables
+    # bake and info (block weights: the merge block names); extract, LoRA
+    # merge and convert need more tables
     lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="flux", adapters=False,
                    block_weights=True, modules=_flux.lora_modules,
                    module_prefixes=_flux.LORA_MODULE_PREFIXES),

@@ -71,9 +71,19 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in SUBCOMMANDS:
             return None
+        from modelkit.cli.families import add_families
+
         module, attr, _ = SUBCOMMANDS[name]
         cmd: click.Command = getattr(importlib.import_module(module), attr)
+        add_families(cmd, name)
         return cmd
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from modelkit.cli.families import overview
+
+        formatter.write_paragraph()
+        with formatter.indentation():
+            formatter.write_text(overview())
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(name, SUBCOMMANDS[name][2]) for name in self.list_commands(ctx)]

@@ -181,10 +181,12 @@ def _info_lines(r: Any) -> list[str]:
            f"{plural(len(r.keys_touched), 'checkpoint key')} touched"]
     head = "relative to base" if r.base else "‖ΔW‖"
     out.append(f"per block ({head}):")
+    width = max([6, *(len(n) for n, b in r.blocks.items() if b.n_modules)])
     for name, b in r.blocks.items():
         if b.n_modules:
             value = b.relative if r.base and b.relative is not None else b.delta_norm
-            out.append(f"  {name:<6} {value:10.4g}  {b.n_modules:4d} {noun(b.n_modules, 'module')}")
+            out.append(f"  {name:<{width}} {value:10.4g}  {b.n_modules:4d} "
+                       f"{noun(b.n_modules, 'module')}")
     ranks = [x.effective_rank for x in r.layers if x.effective_rank is not None]
     if ranks:
         out.append(f"effective rank at {r.energy:g} energy: min {min(ranks)}, median "

@@ -34,6 +34,7 @@ from modelkit.inspect.describe import describe, require_checkpoint, require_orig
 from modelkit.io.source import DerivedSource, Source, input_paths_of, source_label, tensor_info
 from modelkit.jsontypes import JSONDict
 from modelkit.lora.adapter import LORA_ARCHS, Adapter, AdapterModule, open_adapter
+from modelkit.lora.bake_stream import check_range, chunkable, streamer
 from modelkit.lora.delta import ModuleDelta, check_fit, target_view
 from modelkit.lora.output import LORA_THREADS, storage_dtype, torch_threads
 from modelkit.numeric import CHUNK_ELEMENTS
@@ -261,8 +262,9 @@ def bake(checkpoint: Source, adapters: Sequence[Source | AdapterUse | tuple[Any,
     sources = [checkpoint, *(u.source for u in uses)]
     unchanged = {k: (checkpoint, k) for k, i in infos.items()
                  if k not in patches and i.dtype == checkpoint.infos[k].dtype}
+    stream = streamer(checkpoint, patches, infos, device, cancel, passthrough(unchanged))
     out = DerivedSource(label, infos, dict(checkpoint.metadata), produce,
-                        input_paths_of(sources), stream=passthrough(unchanged))
+                        input_paths_of(sources), stream=stream)
     params = {"adapters": [{"file": r.file, "weight": r.weight, "te_weight": r.te_weight,
                             "blocks": _blocks_param(u.blocks if u.blocks is not None
                                                     else blocks)}
@@ -288,36 +290,9 @@ def _produce(ckpt: Source, key: str, dtype: str, todo: list[_Patch] | None,
     if not todo:
         return cast(t, out_dtype)
     shape = tuple(t.shape)
-    if any(p.delta.needs_base or p.bias for p in todo) or len(shape) < 2:
+    if not chunkable(todo, shape):
         return _produce_whole(key, t, shape, todo, out_dtype, device)
     return _produce_chunked(key, t, shape, todo, out_dtype, device)
-
-
-def _check_range(key: str, acc: torch.Tensor, base: torch.Tensor, todo: list[_Patch],
-                 out_dtype: torch.dtype) -> None:
-    """Refuse a baked chunk holding NaN/Inf or values beyond the output
-    dtype's finite range (one min/max pass, cheap next to the matmul),
-    unless the base rows themselves already did."""
-    import torch
-
-    if not out_dtype.is_floating_point:
-        return
-    limit = torch.finfo(out_dtype).max
-    low, high = torch.aminmax(acc)
-    if bool(low >= -limit) and bool(high <= limit):
-        return
-    low, high = torch.aminmax(base.float())
-    if not (bool(low >= -limit) and bool(high <= limit)):
-        return  # the base's own values, passed on as they are
-    from modelkit.io.dtypes import from_torch
-
-    mods = "; ".join(dict.fromkeys(f"{p.delta.ad.label}: module {p.delta.mod.name}"
-                                   for p in todo))
-    what = ("NaN/Inf" if not bool(torch.isfinite(acc).all()) else
-            f"values beyond the {from_torch(out_dtype)} range (±{limit:.6g})")
-    raise ModelkitError(f"{key}: baking {mods} gives {what}; the adapter's values are too "
-                        "large for this weight (check its alpha and factors, lower its "
-                        "weight or bake to --dtype fp32)")
 
 
 def _produce_chunked(key: str, t: torch.Tensor, shape: tuple[int, ...], todo: list[_Patch],
@@ -336,7 +311,7 @@ def _produce_chunked(key: str, t: torch.Tensor, shape: tuple[int, ...], todo: li
             lo, hi = max(a, p.row0), min(b, p.row0 + p.delta.out)
             if lo < hi:
                 p.delta.add_rows_(acc[lo - a:hi - a], lo - p.row0, hi - p.row0, p.k)
-        _check_range(key, acc, w2[a:b], todo, out_dtype)
+        check_range(key, acc, w2[a:b], todo, out_dtype)
         o2[a:b].copy_(acc)
     return out
 
@@ -359,7 +334,7 @@ def _produce_whole(key: str, t: torch.Tensor, shape: tuple[int, ...], todo: list
             acc[rows].add_(p.delta.base_update(w0[rows], p.k, view))
         else:
             p.delta.add_rows_(acc[rows], 0, p.delta.out, p.k)
-    _check_range(key, acc, w0, todo, out_dtype)
+    check_range(key, acc, w0, todo, out_dtype)
     return acc.reshape(shape).to("cpu", out_dtype)
 
 

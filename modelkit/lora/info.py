@@ -129,17 +129,18 @@ def _layer(ad: Adapter, delta: ModuleDelta, base: Source | None, arch: str, ener
     mod, t = delta.mod, delta.mod.target
     assert t is not None
     block = block_of(t.key, arch)
-    if base is not None and t.key in base.infos:
-        shape = tuple(base.infos[t.key].shape)
-        _, out, cols = target_view(shape, t.rows)
+    key = _base_key(t.key, base) if base is not None else t.key
+    if base is not None and key in base.infos:
+        shape = tuple(base.infos[key].shape)
+        _, out, cols = target_view(shape, t.rows, t.of)
         check_fit(delta, Path(source_label(base)).name, shape, out, cols)
-    w0 = _base_rows(base, t, delta.out) if base is not None else None
+    w0 = _base_rows(base, key, t, delta.out) if base is not None else None
     base_norm = float(w0.norm()) if w0 is not None else None
     if delta.needs_base and w0 is None and mod.algo == "ia3":
         return LayerInfo(mod.name, t.key, block, mod.algo, None, None)
     dense: torch.Tensor | None = None
     if delta.needs_base and w0 is not None and base is not None:
-        shape = (delta.out, *tuple(base.infos[t.key].shape)[1:])
+        shape = (delta.out, *tuple(base.infos[key].shape)[1:])
         dense = delta.check_finite(delta.base_update(w0, 1.0, shape), "ΔW")
     elif mod.algo != "lora":
         dense = delta.full()
@@ -160,19 +161,40 @@ def _layer(ad: Adapter, delta: ModuleDelta, base: Source | None, arch: str, ener
                      capped, base_norm)
 
 
-def _base_rows(base: Source, t: Any, out: int) -> torch.Tensor | None:
+def _base_key(key: str, base: Source) -> str:
+    """``key`` as the base spells it: a bare transformer file (Flux.1 as
+    ComfyUI's ``diffusion_models``) has no ``model.diffusion_model.``."""
+    from modelkit.arch.configs import UNET_PREFIX
+
+    if key not in base.infos and key.startswith(UNET_PREFIX) \
+            and key[len(UNET_PREFIX):] in base.infos:
+        return key[len(UNET_PREFIX):]
+    return key
+
+
+def _base_rows(base: Source, key: str, t: Any, out: int) -> torch.Tensor | None:
+    """The base rows module ``t`` patches (a q/k/v third or, for Flux.1, a
+    row slice of a fused ``qkv``/``linear1``), float32."""
     import torch
 
-    if t.key not in base.infos:
+    if key not in base.infos:
         return None
-    w = base.get(t.key)
+    w = base.get(key)
     shape = tuple(w.shape)
-    w2 = w.reshape(shape[0], -1)
-    if t.rows is not None:
-        width = shape[0] // 3
-        third = t.rows[0] // (t.rows[1] - t.rows[0])
-        w2 = w2[third * width:(third + 1) * width]
-    return w2[:out].to(torch.float32)
+    row0, n, _ = target_view(shape, t.rows, t.of)
+    return w.reshape(shape[0], -1)[row0:row0 + min(n, out)].to(torch.float32)
+
+
+def _handled() -> tuple[str, ...]:
+    """Architectures ``lora info`` reads: the registry's, among those with
+    LoRA name tables."""
+    from modelkit.arch import registry
+
+    def tables(name: str) -> bool:
+        arch = registry.get(name)
+        return name in LORA_ARCHS or bool(arch and arch.lora and arch.lora.modules)
+
+    return tuple(n for n in registry.handling("lora info") if tables(n))
 
 
 def info(lora: Source, base: Source | None = None, *, energy: float = 0.9,
@@ -185,26 +207,30 @@ def info(lora: Source, base: Source | None = None, *, energy: float = 0.9,
         ModelkitError: not an adapter, unknown architecture, or a base of
             another architecture.
     """
+    from modelkit.arch import registry
     from modelkit.errors import check_cancel
 
     arch = None
     if base is not None:
-        from modelkit.inspect.describe import require_checkpoint
+        from modelkit.inspect.describe import describe, require_checkpoint
 
-        arch = require_checkpoint(base, "lora info --base").arch
+        # a family with its own LoRA table (Flux.1) also comes as a bare transformer file
+        own = registry.get(describe(base).arch)
+        kinds = ("checkpoint", "unet") if own and own.lora and own.lora.modules \
+            else ("checkpoint",)
+        arch = require_checkpoint(base, "lora info", kinds).arch
     ad = open_adapter(lora)
     if arch is not None and ad.arch not in (arch, "unknown"):
         raise ModelkitError(f"{ad.label}: is {with_article(ad.arch)} adapter but the base is "
                             f"{with_article(arch)} "
                             "checkpoint")
     use = arch or ad.arch
-    if use not in LORA_ARCHS and use != "unknown":  # Flux.1: bake only, so far
-        from modelkit.arch.registry import label, listed
-
-        raise ModelkitError(f"{ad.label}: is {with_article(label(use))} adapter; lora info "
-                            f"does not handle {label(use)} adapters yet (it handles "
-                            f"{listed(LORA_ARCHS)}; lora bake takes it)")
-    if use not in LORA_ARCHS:
+    handled = _handled()
+    if use not in handled and use != "unknown":
+        raise ModelkitError(f"{ad.label}: is {with_article(registry.label(use))} adapter; "
+                            f"lora info does not handle {registry.label(use)} adapters yet "
+                            f"(it handles {registry.listed(handled)})")
+    if use not in handled:
         raise ModelkitError(f"{ad.label}: cannot tell its architecture "
                             f"({'; '.join(ad.evidence) or 'no evidence'}); pass --base")
     if ad.arch != use:
