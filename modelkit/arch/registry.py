@@ -617,13 +617,23 @@ def names(*, support: str | None = None, where: Callable[[Architecture], bool] |
                  if (support is None or a.support == support) and (where is None or where(a)))
 
 
+# commands that handle every entry declaring their table, whatever its support
+# level: the table is what they need (export-gguf: the GGUF policy)
+TABLE_OF_COMMAND = {"export-gguf": "gguf"}
+
+
 def handles(name: str, command: str) -> bool:
     """Whether ``command`` (``merge``, ``lora bake``, ``prune``...) handles
     architecture ``name``: every command handles a FULL entry, a PARTIAL one
-    the commands it lists."""
+    the commands it lists, and a command of :data:`TABLE_OF_COMMAND` every
+    entry with its table."""
     arch = REGISTRY.get(name)
-    return arch is not None and (arch.support == FULL or (
-        arch.support == PARTIAL and command in arch.commands))
+    if arch is None:
+        return False
+    table = TABLE_OF_COMMAND.get(command)
+    if table is not None and getattr(arch, table) is not None:
+        return True
+    return arch.support == FULL or (arch.support == PARTIAL and command in arch.commands)
 
 
 def handling(command: str) -> tuple[str, ...]:

@@ -44,16 +44,20 @@ def families_text(path: str) -> str | None:
 
 def overview() -> str:
     """The families paragraph of ``modelkit --help``: who handles what."""
-    every = registry.names()
     full = registry.names(support=registry.FULL)
     parts = [f"{registry.listed(full)} in every command"] if full else []
-    for name in every:
+    by_commands: dict[tuple[str, ...], list[str]] = {}
+    for name in registry.names():
         arch = registry.get(name)
-        if arch is not None and arch.support == registry.PARTIAL:
-            parts.append(f"{name} in {registry.listed(tuple(sorted(arch.commands)))}")
-    named = registry.names(support=registry.DETECT)
-    if named:
-        parts.append(f"{registry.listed(named)} named by inspect")
+        if arch is None or arch.support == registry.FULL:
+            continue
+        tables = {c for c in registry.TABLE_OF_COMMAND if registry.handles(name, c)}
+        commands = tuple(sorted(set(arch.commands) | tables | {"inspect"}))
+        by_commands.setdefault(commands, []).append(name)
+    for commands, names in by_commands.items():
+        where = "named by inspect" if commands == ("inspect",) else (
+            f"in {registry.listed(commands)}")
+        parts.append(f"{registry.listed(tuple(names))} {where}")
     return "Families: " + "; ".join(parts) + ". Each command's help says which it handles."
 
 
