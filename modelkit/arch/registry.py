@@ -618,8 +618,9 @@ def names(*, support: str | None = None, where: Callable[[Architecture], bool] |
 
 
 # commands that handle every entry declaring their table, whatever its support
-# level: the table is what they need (export-gguf: the GGUF policy)
-TABLE_OF_COMMAND = {"export-gguf": "gguf"}
+# level: the table is what they need (export-gguf: the GGUF policy; verify:
+# the probe's blocks, its per-layer gates and static checks)
+TABLE_OF_COMMAND = {"export-gguf": "gguf", "verify": "probe"}
 
 
 def handles(name: str, command: str) -> bool:
@@ -631,7 +632,7 @@ def handles(name: str, command: str) -> bool:
     if arch is None:
         return False
     table = TABLE_OF_COMMAND.get(command)
-    if table is not None and getattr(arch, table) is not None:
+    if table is not None and getattr(arch, table):
         return True
     return arch.support == FULL or (arch.support == PARTIAL and command in arch.commands)
 

@@ -135,7 +135,9 @@ def _refuse_bad_input(report: object) -> None:
     if bad is None:
         return
     hint = ("give a reference of the same architecture" if ", the reference " in bad.message
-            else "verify checks SD1, SD2 and SDXL checkpoints (a LoRA: its base with --lora)")
+            else "verify renders SD1, SD2 and SDXL checkpoints (a LoRA: its base with "
+            "--lora); a Flux, SD3, Qwen-Image or Wan transformer is checked block by block "
+            "against its reference with --reference REF --probe")
     raise ModelkitError(f"{bad.message}; {hint}")
 
 
