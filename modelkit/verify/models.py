@@ -102,21 +102,18 @@ def _lazy_safetensors(path: Path) -> tuple[Source, ModelReport]:
 
 
 def _open_stored(path: Path) -> tuple[Source, str, ModelReport]:
-    from modelkit.io.reader import is_pickle_path
-
-    if path.suffix.lower() == ".gguf":
-        from modelkit.io.open import open_source
-
-        source: Source = open_source(path)
-        return source, "gguf", _inspect(path, source, "gguf")
-    if path.is_file() and not is_pickle_path(path):
-        source, report = _lazy_safetensors(path)
-        return source, "safetensors", report
+    """The stored model at ``path`` (format from io's one table), with its
+    inspect report; a safetensors file is known from its header until a
+    tensor is read."""
+    from modelkit.io.formats import SAFETENSORS, input_format
     from modelkit.io.open import open_source
 
+    fmt = input_format(path)
+    if fmt is SAFETENSORS and path.is_file():
+        source, report = _lazy_safetensors(path)
+        return source, fmt.name, report
     source = open_source(path)
-    fmt = "diffusers" if path.is_dir() else "pickle"
-    return source, fmt, _inspect(path, source, fmt)
+    return source, fmt.name, _inspect(path, source, fmt.name)
 
 
 def _main_float_dtype(source: Source) -> str:
