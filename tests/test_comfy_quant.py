@@ -298,3 +298,48 @@ def test_fp8_rounding_saturates_counts_and_measures_exactly() -> None:
     d = out.double() - x.double()
     assert err == pytest.approx(float((d * d).sum()), rel=1e-5)
     assert ref == pytest.approx(float((x.double() ** 2).sum()), rel=1e-5)
+
+
+def test_flux_scaled_fp8_keeps_its_declared_layers(tmp_path: Path) -> None:
+    """A transformer family quantizes by its registry entry: Flux.1's Linear
+    weights scaled (SNR >= 25 dB read back by ComfyUI's rules), its
+    embedders and final layer (``quant_keep``) and 1-D tensors untouched;
+    modelkit reads the file back dequantized."""
+    from modelkit.io.open import open_source
+
+    src = tmp_path / "flux.safetensors"
+    t.write_flux(src, hidden=256, depth=1, single=1, seed=3)
+    out = tmp_path / "flux-fp8.safetensors"
+    _quantize(src, out, "fp8_e4m3fn", "comfy")
+    original, _ = _read(src)
+    restored, confs = comfy_load(out)
+    keep = registry.REGISTRY["flux"].quant_keep
+    assert confs and all(not k.startswith(keep) for k in confs)
+    for key, value in original.items():
+        layer = key.removesuffix(".weight")
+        if layer in confs:
+            assert _snr(restored[key], value.float()) >= 25, key
+        else:
+            assert torch.equal(restored[key], value), key
+    reread = open_source(out)
+    assert set(reread.infos) == set(original)
+    key = next(iter(confs)) + ".weight"
+    assert torch.equal(reread.get(key), restored[key])
+
+
+def test_verify_renders_a_comfy_file_from_its_dequantized_weights(
+        models: dict[str, Path], tmp_path: Path) -> None:
+    """diffusers would load the stored fp8 codes without their scales: verify
+    renders what modelkit dequantizes, and its static checks see the float
+    model (no scale or comfy_quant tensor among the keys)."""
+    from modelkit.verify.models import open_model_under_test
+
+    out = tmp_path / "c.safetensors"
+    _quantize(models["gauss"], out, "fp8_e4m3fn", "comfy")
+    model = open_model_under_test(out)
+    assert model.render_source is not model.stored and not model.is_plain_file
+    assert any("dequantized" in n for n in model.notes)
+    assert not [k for k in model.stored.infos if k.endswith((".weight_scale", ".comfy_quant"))]
+    expected, confs = comfy_load(out)
+    for key in (f"{layer}.weight" for layer in list(confs)[:5]):
+        assert torch.equal(model.stored.get(key), expected[key]), key

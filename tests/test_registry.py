@@ -110,7 +110,11 @@ def test_name_lists_elsewhere_are_the_registrys() -> None:
         "sd3", "chroma", "flux2", "qwen_image", "wan", "z_image")
     assert registry.names(support=PARTIAL) == ("flux",)
     assert registry.handling("merge") == registry.handling("lora bake") == (*full, "flux")
-    assert registry.handling("prune") == registry.handling("quantize") == full
+    assert registry.handling("prune") == full
+    # quantize, export-gguf and verify handle every entry declaring their table
+    assert registry.handling("quantize") == registry.names()
+    assert registry.handling("export-gguf") == (*full, "sd3", "flux", "qwen_image", "wan")
+    assert registry.handling("verify") == (*full, "sd3", "flux", "qwen_image", "wan")
     assert (*registry.names(), "unknown") == ARCHS
     assert set(ARCH_FOLDER_NAMES.values()) <= set(REGISTRY)
     assert ARCH_FOLDER_NAMES["sd1.5"] == "sd1" and ARCH_FOLDER_NAMES["flux1"] == "flux"

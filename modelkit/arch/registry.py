@@ -619,8 +619,9 @@ def names(*, support: str | None = None, where: Callable[[Architecture], bool] |
 
 # commands that handle every entry declaring their table, whatever its support
 # level: the table is what they need (export-gguf: the GGUF policy; verify:
-# the probe's blocks, its per-layer gates and static checks)
-TABLE_OF_COMMAND = {"export-gguf": "gguf", "verify": "probe"}
+# the probe's blocks, its per-layer gates and static checks; quantize: the
+# layers kept in high precision)
+TABLE_OF_COMMAND = {"export-gguf": "gguf", "verify": "probe", "quantize": "quant_keep"}
 
 
 def handles(name: str, command: str) -> bool:
@@ -635,6 +636,17 @@ def handles(name: str, command: str) -> bool:
     if table is not None and getattr(arch, table):
         return True
     return arch.support == FULL or (arch.support == PARTIAL and command in arch.commands)
+
+
+def commands_of(name: str) -> tuple[str, ...]:
+    """The commands that handle a PARTIAL or DETECT entry, sorted: those it
+    lists, those of :data:`TABLE_OF_COMMAND` whose table it declares, and
+    ``inspect``, which names every entry."""
+    arch = REGISTRY.get(name)
+    if arch is None:
+        return ()
+    tables = {c for c in TABLE_OF_COMMAND if handles(name, c)}
+    return tuple(sorted(set(arch.commands) | tables | {"inspect"}))
 
 
 def handling(command: str) -> tuple[str, ...]:

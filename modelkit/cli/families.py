@@ -51,9 +51,7 @@ def overview() -> str:
         arch = registry.get(name)
         if arch is None or arch.support == registry.FULL:
             continue
-        tables = {c for c in registry.TABLE_OF_COMMAND if registry.handles(name, c)}
-        commands = tuple(sorted(set(arch.commands) | tables | {"inspect"}))
-        by_commands.setdefault(commands, []).append(name)
+        by_commands.setdefault(registry.commands_of(name), []).append(name)
     for commands, names in by_commands.items():
         where = "named by inspect" if commands == ("inspect",) else (
             f"in {registry.listed(commands)}")

@@ -31,8 +31,7 @@ def require_handled(rep: ModelReport, name: str, what: str) -> None:
 
     arch = registry.get(rep.arch)
     if arch is not None and not registry.handles(arch.name, what):
-        done = (registry.listed(tuple(sorted(arch.commands))) if arch.commands
-                else "inspect")
+        done = registry.listed(registry.commands_of(arch.name))
         raise ModelkitError(f"{name}: is {with_article(f'{arch.label} {rep.kind}')}; "
                             "modelkit recognises "
                             f"{arch.label} files ({done}) but {what} does not handle them "

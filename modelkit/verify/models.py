@@ -101,15 +101,25 @@ def _lazy_safetensors(path: Path) -> tuple[Source, ModelReport]:
     return source, report
 
 
+def _quantized(path: Path) -> bool:
+    """Whether ``path`` is a ComfyUI or bitsandbytes quantized safetensors
+    file, which is checked as the float model it stands for (dequantized on
+    read, :mod:`modelkit.io.quantized`), not as its stored scales and codes."""
+    from modelkit.io.header import read_header
+    from modelkit.io.quantized import quant_view
+
+    return quant_view(read_header(path)) is not None
+
+
 def _open_stored(path: Path) -> tuple[Source, str, ModelReport]:
     """The stored model at ``path`` (format from io's one table), with its
-    inspect report; a safetensors file is known from its header until a
+    inspect report; a plain safetensors file is known from its header until a
     tensor is read."""
     from modelkit.io.formats import SAFETENSORS, input_format
     from modelkit.io.open import open_source
 
     fmt = input_format(path)
-    if fmt is SAFETENSORS and path.is_file():
+    if fmt is SAFETENSORS and path.is_file() and not _quantized(path):
         source, report = _lazy_safetensors(path)
         return source, fmt.name, report
     source = open_source(path)
@@ -165,6 +175,13 @@ def open_model_under_test(path: str | os.PathLike[str],
     render: Source = _dequantized(stored) if model.int8 else stored
     if model.int8:
         model.notes.append("int8 weights dequantized for the render")
+    else:
+        from modelkit.io.quantized import dequantized_on_read
+
+        on_read = dequantized_on_read(stored)
+        if on_read:  # diffusers must not load the stored codes and scales itself
+            render = _dequantized(stored)
+            model.notes.append(f"{on_read}: rendered from the dequantized weights")
     if report.kind == "unet":
         model.unet_only = True
         if reference is not None:
