@@ -463,3 +463,20 @@ def test_lora_info_reads_flux_loras_of_each_format(base32: Path, tmp_path: Path)
             for name, ref in rows.items():
                 layer = next(x for x in rep.layers if x.name == part + name)
                 assert layer.base_norm == pytest.approx(float(ref.norm()), rel=1e-5), name
+
+
+def test_verify_takes_nothing_but_the_transformer_from_a_bare_reference(tmp_path: Path
+                                                                       ) -> None:
+    """A bare transformer verified against a bare transformer: the reference
+    lends no other component, so no key of the candidate's view is unknown."""
+    from modelkit.testing import write_flux
+    from modelkit.verify.models import open_model_under_test
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    write_flux(a, hidden=256, depth=1, single=1, seed=1)
+    write_flux(b, hidden=256, depth=1, single=1, seed=2)
+    ref = open_model_under_test(a)
+    cand = open_model_under_test(b, ref)
+    assert cand.completed and cand.report.unknown_keys == []
+    assert all(k.startswith("model.diffusion_model.") for k in cand.render_source.infos)
+    assert len(cand.render_source.infos) == len(cand.stored.infos)

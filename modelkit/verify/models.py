@@ -145,7 +145,9 @@ def with_unet(base: Source, unet: Source, label: str) -> DerivedSource:
     prefixed = any(k.startswith(UNET_PREFIX) for k in unet.infos)
     names = {(k if prefixed else UNET_PREFIX + k): k for k in unet.infos}
     names = {k: v for k, v in names.items() if k.startswith(UNET_PREFIX)}
-    infos = {k: i for k, i in base.infos.items() if not k.startswith(UNET_PREFIX)}
+    # a bare (unprefixed) base is a denoiser alone: it lends no other component
+    lends = any(k.startswith(UNET_PREFIX) for k in base.infos)
+    infos = {k: i for k, i in base.infos.items() if lends and not k.startswith(UNET_PREFIX)}
     for full, own in names.items():
         info = unet.infos[own]
         infos[full] = tensor_info(full, info.dtype, info.shape)
