@@ -336,8 +336,8 @@ def test_prefixed_flux_exports_the_transformer_with_its_error_report(tmp_path: P
 
 def test_command_refuses_a_bad_type_and_a_vae(tmp_path: Path) -> None:
     """Through the console script: exit 2, one line naming what to change,
-    no output file (the VAE is a GGUF file: refused from its header, before
-    torch is imported)."""
+    no output file (a NaN weight: ggml's blocks cannot store it; the VAE is
+    a GGUF file: refused from its header, before torch is imported)."""
     from safetensors.numpy import load_file
 
     from modelkit import testing as t
@@ -350,13 +350,23 @@ def test_command_refuses_a_bad_type_and_a_vae(tmp_path: Path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    from safetensors.torch import load_file as load_torch
+    from safetensors.torch import save_file
+
+    t.write_flux(tmp_path / "flux.safetensors", hidden=256, depth=1, single=1)
+    weights = load_torch(str(tmp_path / "flux.safetensors"))
+    weights["single_blocks.0.linear2.weight"][3, 5] = float("nan")
+    save_file(weights, str(tmp_path / "nan.safetensors"))
     runs = run_all({
         "type": ["export-gguf", "vae.gguf", "-o", "t.gguf", "--type", "q4_k"],
         "vae": ["export-gguf", "vae.gguf", "-o", "v.gguf", "--type", "q4_k_m"],
+        "nan": ["export-gguf", "nan.safetensors", "-o", "n.gguf", "--type", "q4_k_m"],
     }, tmp_path)
     for name, words in (("type", "'q4_k' is not one of 'q8_0', 'q6_k', 'q5_k_m'"),
                         ("vae", "vae.gguf): is a VAE with no UNet or transformer; "
-                                "give a full checkpoint or a denoiser-only file")):
+                                "give a full checkpoint or a denoiser-only file"),
+                        ("nan", "tensor 'single_blocks.0.linear2.weight' holds NaN or inf; "
+                                "GGML Q4_K blocks cannot store it")):
         rc, out, err = runs[name]
         assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1, (name, err)
         assert words in err, (name, err)

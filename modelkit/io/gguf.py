@@ -32,6 +32,7 @@ from modelkit.io.header import TensorInfo
 from modelkit.io.source import Source, source_label
 from modelkit.io.writer import atomic_path
 from modelkit.progress import Progress, ProgressFn, no_progress
+from modelkit.textsafe import quoted
 from modelkit.vocab import GGUF_QUANT_TYPES
 
 if TYPE_CHECKING:
@@ -466,6 +467,10 @@ def _submit(pool: ThreadPoolExecutor, tensor: torch.Tensor, plan: TensorPlan,
         chunk = flat[start:start + CHUNK]
         pos = start // block * size
         data, err, ref = _encode_chunk(chunk, plan.ggml_type, measure)
+        if plan.quantized and not math.isfinite(ref):  # measured: ref is the input's norm
+            raise ModelkitError(f"tensor {quoted(plan.key)} holds NaN or inf; GGML "
+                                f"{plan.ggml_type} blocks cannot store it (repair or drop the "
+                                "tensor first)")
         out[pos:pos + chunk.numel() // block * size] = data
         return err, ref
 
