@@ -360,7 +360,7 @@ def test_command_refuses_a_bad_type_and_a_vae(tmp_path: Path) -> None:
     runs = run_all({
         "type": ["export-gguf", "vae.gguf", "-o", "t.gguf", "--type", "q4_k"],
         "vae": ["export-gguf", "vae.gguf", "-o", "v.gguf", "--type", "q4_k_m"],
-        "nan": ["export-gguf", "nan.safetensors", "-o", "n.gguf", "--type", "q4_k_m"],
+        "nan": ["export-gguf", "nan.safetensors", "-o", "n.gguf", "--type", "q4_k_m", "-q"],
     }, tmp_path)
     for name, words in (("type", "'q4_k' is not one of 'q8_0', 'q6_k', 'q5_k_m'"),
                         ("vae", "vae.gguf): is a VAE with no UNet or transformer; "
