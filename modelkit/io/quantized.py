@@ -506,16 +506,21 @@ def dequantized_source(src: Any, view: QuantView) -> Source:
     # the record of which layers are quantized goes: the tensors are float now
     meta = {k: v for k, v in src.metadata.items() if k != QUANT_METADATA_KEY}
     note = f"{DEQUANTIZED_NOTE} ({view.spelling}, {len(view.layers)} layers)"
-    out = DerivedSource(str(src.path), dict(view.infos), meta, produce, (src.path,), [note])
+    out = DerivedSource(str(src.path), dict(view.infos), meta, produce, (src.path,), [note],
+                        quantized_layers={k: layer.scheme for k, layer in view.layers.items()})
     out.close = src.close  # type: ignore[attr-defined]
     return out
 
 
 def dequantized_on_read(src: Source) -> str | None:
-    """The note of a source whose quantized layers :func:`dequantized_source`
-    dequantizes on read (``dequantized on read (comfy, 300 layers)``), or None."""
-    return next((n for n in getattr(src, "notes", ()) if n.startswith(DEQUANTIZED_NOTE)),
-                None)
+    """What :func:`dequantized_source` dequantizes on read in ``src``
+    (``quantized layers dequantized on read: float8_e4m3fn scaled 300``), or
+    None for a source with no quantized layers."""
+    layers: dict[str, str] = getattr(src, "quantized_layers", {})
+    if not layers:
+        return None
+    counts = quantization_summary(layers)
+    return f"{DEQUANTIZED_NOTE}: " + ", ".join(f"{k} {n}" for k, n in counts.items())
 
 
 def open_safetensors(path: Path, device: str = "cpu") -> Source:

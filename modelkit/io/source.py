@@ -83,6 +83,9 @@ class DerivedSource(KeyAccess):
     input_paths: tuple[Path, ...] = ()
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # the run report's warnings
+    # the layers a quantized file stores, dequantized on read: key -> stored format
+    # (``float8_e4m3fn scaled``, ``int8_blockwise``, ``nf4``; modelkit.io.quantized)
+    quantized_layers: dict[str, str] = field(default_factory=dict)
     # optional faster route: ``stream(key, sink)`` writes the key's bytes
     # into a :class:`~modelkit.io.writer.TensorSink` (in pieces, or copied
     # file to file) and returns True, or returns False to let the writer

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     import torch
 
     from modelkit.inspect.report import ModelReport
+    from modelkit.io.header import Header
 
 RENDER_ARCHS = registry.names(where=lambda a: a.verify == registry.RENDER)
 
@@ -79,13 +80,13 @@ def _inspect(path: Path, source: Source, file_format: str) -> ModelReport:
     return build_report(path, source.infos, source.metadata, file_format, read)
 
 
-def _lazy_safetensors(path: Path) -> tuple[Source, ModelReport]:
-    """A safetensors file known from its header alone (no torch import until
-    a tensor is read) and its inspect report, as ``modelkit inspect`` makes it."""
+def _lazy_safetensors(path: Path, header: Header) -> tuple[Source, ModelReport]:
+    """A safetensors file known from its ``header`` alone (no torch import
+    until a tensor is read) and its inspect report, as ``modelkit inspect``
+    makes it."""
     from modelkit.inspect.report import build_report
-    from modelkit.io.header import read_header, read_small_tensor
+    from modelkit.io.header import read_small_tensor
 
-    header = read_header(path)
     opened: list[Source] = []
 
     def produce(key: str) -> torch.Tensor:
@@ -101,16 +102,6 @@ def _lazy_safetensors(path: Path) -> tuple[Source, ModelReport]:
     return source, report
 
 
-def _quantized(path: Path) -> bool:
-    """Whether ``path`` is a ComfyUI or bitsandbytes quantized safetensors
-    file, which is checked as the float model it stands for (dequantized on
-    read, :mod:`modelkit.io.quantized`), not as its stored scales and codes."""
-    from modelkit.io.header import read_header
-    from modelkit.io.quantized import quant_view
-
-    return quant_view(read_header(path)) is not None
-
-
 def _open_stored(path: Path) -> tuple[Source, str, ModelReport]:
     """The stored model at ``path`` (format from io's one table), with its
     inspect report; a plain safetensors file is known from its header until a
@@ -119,9 +110,16 @@ def _open_stored(path: Path) -> tuple[Source, str, ModelReport]:
     from modelkit.io.open import open_source
 
     fmt = input_format(path)
-    if fmt is SAFETENSORS and path.is_file() and not _quantized(path):
-        source, report = _lazy_safetensors(path)
-        return source, fmt.name, report
+    if fmt is SAFETENSORS and path.is_file():
+        from modelkit.io.header import read_header
+        from modelkit.io.quantized import quant_view
+
+        header = read_header(path)
+        # a ComfyUI or bitsandbytes file is checked as the float model it
+        # stands for (dequantized on read), not as its stored codes and scales
+        if quant_view(header) is None:
+            source, report = _lazy_safetensors(path, header)
+            return source, fmt.name, report
     source = open_source(path)
     return source, fmt.name, _inspect(path, source, fmt.name)
 

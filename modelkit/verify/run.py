@@ -125,11 +125,12 @@ def infer_operation(model: ModelUnderTest, reference: ModelUnderTest | None,
         return "int8", "inferred: GGUF UNet (q8_0), dequantized"
     if model.int8:
         return "int8", "inferred: modelkit int8 file, dequantized"
-    from modelkit.io.quantized import dequantized_on_read, layer_quantization
+    from modelkit.io.quantized import dequantized_on_read
 
     on_read = dequantized_on_read(model.stored)
     if on_read:
-        scaled_fp8 = any(f.startswith("float8") for f in layer_quantization(model.path).values())
+        layers: dict[str, str] = getattr(model.stored, "quantized_layers", {})
+        scaled_fp8 = any(f.startswith("float8") for f in layers.values())
         return ("fp8" if scaled_fp8 else "int8"), f"inferred: {on_read}"
     mine, theirs = _float_dtypes(model), _float_dtypes(reference)
     fp8 = [d for d in mine if d.startswith("F8")]

@@ -404,6 +404,27 @@ def _pack_scales_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
     return out.to(torch.uint8)
 
 
+def _searched(xb: torch.Tensor, p: Search, sub: int, *, k4_weights: bool
+              ) -> tuple[_Searcher, torch.Tensor, torch.Tensor]:
+    """The scale search over the ``sub`` sub-blocks of each block of ``xb``
+    (float32 ``[B, 256]``): the searcher (for the requantization) and the
+    scales and mins, ``[B, sub]``."""
+    nb = xb.shape[0]
+    se = _searcher(p, -(-nb * sub // COLUMN_MULTIPLE) * COLUMN_MULTIPLE)
+    se.load(xb.view(nb * sub, 256 // sub), k4_weights=k4_weights)
+    scales, mins = se.run()
+    return se, scales[:nb * sub].view(nb, sub), mins[:nb * sub].view(nb, sub)
+
+
+def _inverse_max(v: torch.Tensor, levels: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block, the largest positive value of ``v`` and ``levels`` over it
+    (0 where none is positive): the super-block scale's quantization step."""
+    import torch
+
+    top = _positive_max(v)
+    return top, torch.where(top > 0, _rdiv(levels, top), torch.zeros_like(top))
+
+
 def _k4_chunk(xb: torch.Tensor, p: Search) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_K/Q5_K's common part for the blocks ``xb`` (float32 ``[B, 256]``):
     the 16 bytes d, dmin and scales, and the codes (uint8 ``[32, S]``:
@@ -411,15 +432,9 @@ def _k4_chunk(xb: torch.Tensor, p: Search) -> tuple[torch.Tensor, torch.Tensor]:
     import torch
 
     nb = xb.shape[0]
-    se = _searcher(p, -(-nb * 8 // COLUMN_MULTIPLE) * COLUMN_MULTIPLE)
-    se.load(xb.view(nb * 8, 32), k4_weights=True)
-    scales, mins = se.run()
-    scales = scales[:nb * 8].view(nb, 8)
-    mins = mins[:nb * 8].view(nb, 8)
-    max_scale = _positive_max(scales)
-    max_min = _positive_max(mins)
-    inv_scale = torch.where(max_scale > 0, _rdiv(63.0, max_scale), torch.zeros_like(max_scale))
-    inv_min = torch.where(max_min > 0, _rdiv(63.0, max_min), torch.zeros_like(max_min))
+    se, scales, mins = _searched(xb, p, 8, k4_weights=True)
+    max_scale, inv_scale = _inverse_max(scales, 63.0)
+    max_min, inv_min = _inverse_max(mins, 63.0)
     # uint8_t ls = nearest_int(...); ls = MIN(63, ls)
     ls = (nearest_int(inv_scale[:, None] * scales) & 0xFF).clamp_(max=63)
     lm = (nearest_int(inv_min[:, None] * mins) & 0xFF).clamp_(max=63)
@@ -447,15 +462,9 @@ def _q2_chunk(xb: torch.Tensor) -> torch.Tensor:
     import torch
 
     nb = xb.shape[0]
-    se = _searcher(Q2_K_SEARCH, -(-nb * 16 // COLUMN_MULTIPLE) * COLUMN_MULTIPLE)
-    se.load(xb.view(nb * 16, 16), k4_weights=False)
-    scales, mins = se.run()
-    scales = scales[:nb * 16].view(nb, 16)
-    mins = mins[:nb * 16].view(nb, 16)
-    max_scale = _positive_max(scales)
-    max_min = _positive_max(mins)
-    inv_scale = torch.where(max_scale > 0, _rdiv(15.0, max_scale), torch.zeros_like(max_scale))
-    inv_min = torch.where(max_min > 0, _rdiv(15.0, max_min), torch.zeros_like(max_min))
+    se, scales, mins = _searched(xb, Q2_K_SEARCH, 16, k4_weights=False)
+    max_scale, inv_scale = _inverse_max(scales, 15.0)
+    max_min, inv_min = _inverse_max(mins, 15.0)
     # y[i].scales[j] = l; y[i].scales[j] |= (l << 4): uint8 stores
     sc = (nearest_int(inv_scale[:, None] * scales) | (nearest_int(inv_min[:, None] * mins) << 4)
           ) & 0xFF
