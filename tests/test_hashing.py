@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pytest
+
 from modelkit import testing as t
 from modelkit.io.hashing import hash_file
 from modelkit.io.header import read_header
@@ -50,3 +52,24 @@ def test_progress_reports_bytes(models: dict[str, Path]) -> None:
     hash_file(models["sd1"], seen.append)
     assert seen[-1].done == seen[-1].total == models["sd1"].stat().st_size
     assert seen[-1].unit == "bytes"
+
+
+def test_concurrent_hashes_all_reach_the_cache(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """InputHashes hashes inputs on two threads: every file's entry is kept
+    (the cache's read-modify-write is serialised; before, one was lost)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from modelkit.io import hashcache
+
+    monkeypatch.setenv("MODELKIT_CACHE_DIR", str(tmp_path / "cache"))
+    files = []
+    for i in range(12):
+        f = tmp_path / f"f{i}.bin"
+        f.write_bytes(bytes([i]) * (1000 + i))
+        files.append(f)
+    with ThreadPoolExecutor(6) as pool:
+        digests = list(pool.map(lambda f: hashcache.cached_hashes(f, tensor_hash=False).sha256,
+                                files))
+    assert digests == [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    assert all(hashcache.lookup(f) is not None for f in files)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 from modelkit.errors import CancelFlag, defer_signals
 from modelkit.io.hashing import FileHashes, hash_file
 from modelkit.progress import ProgressFn, no_progress
+
+_SAVE_LOCK = threading.Lock()
 
 
 def cache_path() -> Path:
@@ -111,10 +114,15 @@ def cached_hashes(path: str | os.PathLike[str], progress: ProgressFn = no_progre
     st = p.stat()
     key = str(p)
     result = hash_file(p, progress, tensor_hash, cancel)
-    data = _load()
-    data[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": result.sha256,
-                 "legacy": result.legacy, "addnet": result.addnet}
-    _save(data)
+    entry: dict[str, object] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                "sha256": result.sha256, "legacy": result.legacy,
+                                "addnet": result.addnet}
+    # InputHashes hashes on two threads: one read-modify-write at a time, or
+    # one thread's entry is lost
+    with _SAVE_LOCK:
+        data = _load()
+        data[key] = entry
+        _save(data)
     result.path = str(path)
     return result
 
