@@ -469,7 +469,8 @@ def _flux_variant_rules(img_in: str, guidance: str) -> tuple[Variant, ...]:
 FLUX = Architecture(
     name="flux", label="Flux.1", short="flux", family="flux",
     aliases=("flux", "flux1", "flux.1"), support=PARTIAL,
-    commands=frozenset({"inspect", "hash", "merge", "lora bake", "lora info"}),
+    commands=frozenset({"inspect", "hash", "merge", "lora bake", "lora info", "lora extract",
+                        "lora resize", "lora merge", "lora convert"}),
     # per-block modulation and the pooled-text input tell Flux.1 from Chroma
     # (distilled guidance, no vector_in) and Flux.2 (shared modulation)
     detect=(Rule(keys=(_FLUX_QK_NORM, "double_blocks.0.img_mod.lin.weight",
@@ -499,10 +500,13 @@ FLUX = Architecture(
     spec=None,
     blocks=BlockMap(FLUX_BLOCKS, ("comfyui",), "comfyui", _flux.block_of, vae_slot=False),
     prune=_NO_PRUNE,
-    # bake and info (block weights: the merge block names); extract, LoRA
-    # merge and convert need more tables
-    lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="flux", adapters=False,
-                   block_weights=True, modules=_flux.lora_modules,
+    # every LoRA command through the module table (block weights: the merge
+    # block names); kohya sd-scripts writes ss_base_model_version "flux1"
+    # (library/flux_utils.py MODEL_VERSION_FLUX_V1) and modelspec
+    # "flux-1-dev/lora" (library/sai_model_spec.py ARCH_FLUX_1_DEV)
+    lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="flux", adapters=True,
+                   block_weights=True, base_model_version="flux1", modelspec_arch="flux-1-dev",
+                   modules=_flux.lora_modules,
                    module_prefixes=_flux.LORA_MODULE_PREFIXES),
     diffusers=None, gguf=_gguf.FLUX,
     default_dtype="bf16", verify=PROBE, prediction=FLOW,

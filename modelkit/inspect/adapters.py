@@ -38,7 +38,9 @@ from modelkit.arch.lora_names import resolve_module
 from modelkit.io.header import TensorInfo
 from modelkit.jsontypes import JSONDict
 
-ARCH_CANDIDATES = registry.lora_archs()
+# the families with LDM key tables (a family with its own module table, e.g.
+# Flux.1, is told by its module-name prefixes instead)
+ARCH_CANDIDATES = tuple(a for a in registry.lora_archs() if a in ARCHS)
 TARGET_ORDER = ("unet", "te", "te1", "te2")
 
 @dataclass

@@ -34,6 +34,7 @@ from modelkit.io.source import DerivedSource, Source, source_label, tensor_info
 from modelkit.jsontypes import JSONDict
 from modelkit.lora.adapter import DOWN, LORA_ARCHS, MID, UP, Adapter, AdapterModule, open_adapter
 from modelkit.lora.delta import DORA, module_scale
+from modelkit.lora.table import PlannedTensor, convert_path, has_table, path_of
 from modelkit.wording import agree
 
 if TYPE_CHECKING:
@@ -48,6 +49,15 @@ READERS = {
     "comfyui": "ComfyUI (A1111 does not read diffusion_model./text_encoders. keys)",
     "peft": "diffusers/PEFT; ComfyUI skips its UNet attention keys (it expects the old "
             "processor.to_q spelling): use --to comfy for ComfyUI",
+}
+# the same for a family with its own module table (Flux.1): ComfyUI reads the
+# three namings (comfy/lora.py ``model_lora_keys_unet`` maps kohya, diffusers
+# and diffusion_model. Flux names); diffusers converts kohya Flux names
+# (lora_conversion_utils.py ``_convert_kohya_flux_lora_to_diffusers``)
+TABLE_READERS = {
+    "kohya": "ComfyUI, Forge, kohya sd-scripts/musubi-tuner and diffusers",
+    "comfyui": "ComfyUI",
+    "peft": "diffusers/PEFT, ai-toolkit and ComfyUI",
 }
 PEFT_SUFFIX = {DOWN: "lora_A.weight", UP: "lora_B.weight", DORA: "lora_magnitude_vector"}
 
@@ -111,6 +121,8 @@ def convert(lora: Source, to: str, *, arch: str | None = None) -> PlannedStep:
                                 "which ComfyUI has no adapter for (it would skip them as "
                                 "'lora key not loaded'); keep kohya naming (A1111 reads "
                                 "(IA)3) or bake it with 'modelkit lora bake'")
+    if has_table(use):
+        return _convert_table(lora, ad, use, naming, to)
     index = _index(use, naming)
     plan: dict[str, tuple[str, Any]] = {}
     for mod in ad.modules.values():
@@ -152,6 +164,47 @@ def convert(lora: Source, to: str, *, arch: str | None = None) -> PlannedStep:
     origins = {k: (None if isinstance(how, tuple) else (0, in_key))
                for k, (in_key, how) in plan.items()}
     return PlannedStep(out, _ConvertReport(report), "lora_convert", {"to": to}, origins)
+
+
+def _convert_table(lora: Source, ad: Adapter, arch: str, naming: str, to: str
+                   ) -> PlannedStep:
+    """Convert an adapter of a family with its own module table, weight by
+    weight (:func:`modelkit.lora.table.convert_path`): exact, fused q/k/v
+    split or split ones fused as the output naming needs."""
+    by_path: dict[str, list[AdapterModule]] = {}
+    for mod in ad.modules.values():
+        by_path.setdefault(path_of(mod), []).append(mod)
+    plan: dict[str, PlannedTensor] = {}
+    ranks: dict[str, str] = {}
+    for path, mods in by_path.items():
+        convert_path(ad, arch, naming, path, mods, plan, ranks)
+    infos = {k: tensor_info(k, p.dtype, p.shape) for k, p in plan.items()}
+
+    def produce(key: str) -> torch.Tensor:
+        import torch
+
+        t = plan[key].make()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ModelkitError(f"{ad.label}: {key} would hold NaN or Inf (the input holds "
+                                "them, or alpha/rank folded in overflows its dtype); "
+                                "nothing written")
+        return t
+
+    meta = dict(lora.metadata)
+    if ad.naming == "peft" or naming == "peft":
+        meta.pop("lora_adapter_metadata", None)  # scales are folded or written as alpha
+    if naming == "peft":
+        meta["format"] = "pt"
+    if ranks:
+        for k in ("ss_network_dim", "ss_network_alpha"):
+            if k in meta:
+                meta[k] = "Dynamic"
+    label = f"lora_convert({Path(source_label(lora)).name})"
+    out = DerivedSource(label, infos, meta, produce, lora.input_paths)
+    report = {"from": ad.naming, "to": to, "arch": arch, "n_modules": len(ad.modules),
+              "n_tensors": len(infos), "read_by": TABLE_READERS[naming], "rank_changes": ranks}
+    return PlannedStep(out, _ConvertReport(report), "lora_convert", {"to": to},
+                       dict.fromkeys(infos))
 
 
 class _ConvertReport(dict):

@@ -17,6 +17,7 @@ the file's metadata.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,11 +35,20 @@ from modelkit.arch.lora_names import (
 )
 from modelkit.core.step import PlannedStep
 from modelkit.errors import CancelFlag, ModelkitError, check_cancel
-from modelkit.inspect.describe import require_checkpoint
+from modelkit.inspect.describe import require_checkpoint, require_original_layout
 from modelkit.io.source import Source, input_paths_of, source_label
 from modelkit.jsontypes import JSONDict
 from modelkit.lora.adapter import LORA_ARCHS
 from modelkit.lora.factorize import METHODS, factorize
+from modelkit.lora.table import (
+    NAMING_PREFIXES,
+    Slot,
+    checkpoint_key,
+    has_table,
+    layouts,
+    slot_view,
+    weight_key,
+)
 from modelkit.lora.output import (
     LORA_THREADS,
     LoraBuilder,
@@ -55,6 +65,7 @@ if TYPE_CHECKING:
     import torch
 
 SKIP_BELOW = 1e-4
+OUTPUT_NAMINGS = {"comfy": "comfyui"}  # the command-line spelling of ComfyUI naming
 
 
 @dataclass
@@ -153,8 +164,12 @@ def layer_difference(base: Source, tuned: Source, t: ModuleTarget, device: str
 
 
 def _check_pair(base: Source, tuned: Source) -> str:
-    rb = require_checkpoint(base, "lora extract")
-    rt = require_checkpoint(tuned, "lora extract")
+    from modelkit.inspect.describe import describe
+
+    # a family with its own LoRA table (Flux.1) also comes as a bare transformer file
+    kinds = ("checkpoint", "unet") if has_table(describe(base).arch) else ("checkpoint",)
+    rb = require_checkpoint(base, "lora extract", kinds)
+    rt = require_checkpoint(tuned, "lora extract", kinds)
     nb, nt = Path(source_label(base)).name, Path(source_label(tuned)).name
     if rb.arch != rt.arch:
         raise ModelkitError(f"{nb} is {with_article(rb.arch)} checkpoint but {nt} is {rt.arch}; "
@@ -162,13 +177,15 @@ def _check_pair(base: Source, tuned: Source) -> str:
     if rb.arch not in LORA_ARCHS:
         raise ModelkitError(f"{nb}: is {with_article(rb.arch)} checkpoint; lora extract supports "
                             f"{', '.join(LORA_ARCHS)}")
+    require_original_layout(rb, nb, "lora extract")
+    require_original_layout(rt, nt, "lora extract")
     return rb.arch
 
 
 def extract(base: Source, tuned: Source, rank: int, conv_rank: int | None = None,
             energy: float | None = None, te: bool = True, device: str = "cpu", *,
             method: str = "auto", dtype: str = "F16", skip_below: float = SKIP_BELOW,
-            cancel: CancelFlag | None = None) -> PlannedStep:
+            naming: str = "kohya", cancel: CancelFlag | None = None) -> PlannedStep:
     """Plan a kohya LoRA of ``tuned − base``; the SVDs run in the returned
     :class:`~modelkit.core.step.PlannedStep`'s ``prepare`` step.
 
@@ -183,6 +200,9 @@ def extract(base: Source, tuned: Source, rank: int, conv_rank: int | None = None
             or ``exact``.
         dtype: storage type of the factors (F16, BF16, F32).
         skip_below: a layer with ``||ΔW|| <= skip_below * ||W_base||`` is skipped.
+        naming: output names, ``kohya``; a family with its own module table
+            (Flux.1) also ``peft`` (split q/k/v, each slice its own SVD) or
+            ``comfyui``.
     """
     from modelkit.io.dtypes import to_torch
     from modelkit.io.reader import resolve_device
@@ -193,7 +213,13 @@ def extract(base: Source, tuned: Source, rank: int, conv_rank: int | None = None
         raise ModelkitError(f"extract: --energy {energy} must be in (0, 1]")
     if method not in METHODS:
         raise ModelkitError(f"extract: unknown SVD method {method!r}; use {', '.join(METHODS)}")
+    naming = OUTPUT_NAMINGS.get(naming, naming)
+    if naming not in NAMING_PREFIXES:
+        raise ModelkitError(f"extract: unknown format {naming!r}; use kohya, peft or comfyui")
     arch = _check_pair(base, tuned)
+    if naming != "kohya" and not has_table(arch):
+        raise ModelkitError(f"extract: {arch} LoRAs are extracted in kohya format; turn the "
+                            f"result into {naming} with 'modelkit lora convert --to {naming}'")
     same = {p.resolve() for p in base.input_paths} & {p.resolve() for p in tuned.input_paths}
     if same:
         raise ModelkitError(f"extract: BASE and TUNED are the same file "
@@ -201,27 +227,29 @@ def extract(base: Source, tuned: Source, rank: int, conv_rank: int | None = None
                             "LoRA to extract")
     device = resolve_device(device)
     store = to_torch(storage_dtype(dtype))
-    targets = [t for t in extract_targets(arch, conv_rank is not None, te)
-               if t.key in base.infos and t.key in tuned.infos]
     report = ExtractReport(arch, rank, conv_rank, energy, method)
     title = Path(source_label(tuned)).stem
-    builder = LoraBuilder(f"extract({title})", store, input_paths_of([base, tuned]))
+    builder = LoraBuilder(f"extract({title})", store, input_paths_of([base, tuned]), naming)
+    if has_table(arch):
+        work = _table_work(base, tuned, arch, naming, report, builder, device, skip_below)
+    else:
+        work = _sd_work(base, tuned, extract_targets(arch, conv_rank is not None, te), report,
+                        builder, device, store, skip_below)
 
     planned = PlannedStep(builder.source, report, "lora_extract", {})
 
     def prepare(progress: ProgressFn = no_progress, stop: CancelFlag | None = None) -> None:
         conv_names: set[str] = set()
-        for i, t in enumerate(targets):
+        for i, (name, step) in enumerate(work):
             check_cancel(stop)
             check_cancel(cancel)
             with torch_threads(LORA_THREADS):
-                _extract_layer(base, tuned, t, report, builder, conv_names, device, store,
-                               skip_below)
-            progress(Progress("extract", i + 1, len(targets), "tensors", t.name))
+                step(conv_names)
+            progress(Progress("extract", i + 1, len(work), "tensors", name))
         if not builder.tensors:
             raise ModelkitError(f"extract: {Path(source_label(tuned)).name} does not differ "
                                 f"from {Path(source_label(base)).name} in any of the "
-                                f"{len(targets)} layers extraction covers (each change is "
+                                f"{len(work)} layers extraction covers (each change is "
                                 f"below {skip_below:g} of its weight); no LoRA written")
         errors = {x.name: x.relative_error for x in report.layers if not x.skipped}
         meta = lora_metadata(arch, builder.ranks, conv_names, title,
@@ -230,9 +258,82 @@ def extract(base: Source, tuned: Source, rank: int, conv_rank: int | None = None
         planned.origins = dict.fromkeys(builder.source.infos)
 
     params = {"rank": rank, "conv_rank": conv_rank, "energy": energy, "te": te,
-              "method": method, "dtype": dtype, "skip_below": skip_below}
+              "method": method, "dtype": dtype, "skip_below": skip_below, "format": naming}
     planned.params, planned.prepare = params, prepare
     return planned
+
+
+Step = Callable[[set[str]], None]
+
+
+def _sd_work(base: Source, tuned: Source, targets: list[ModuleTarget], report: ExtractReport,
+             builder: LoraBuilder, device: str, store: torch.dtype, skip_below: float
+             ) -> list[tuple[str, Step]]:
+    """One step per kohya module of an SD checkpoint."""
+    def step(t: ModuleTarget) -> Step:
+        return lambda conv: _extract_layer(base, tuned, t, report, builder, conv, device,
+                                           store, skip_below)
+
+    return [(t.name, step(t)) for t in targets if t.key in base.infos and t.key in tuned.infos]
+
+
+def _table_work(base: Source, tuned: Source, arch: str, naming: str, report: ExtractReport,
+                builder: LoraBuilder, device: str, skip_below: float
+                ) -> list[tuple[str, Step]]:
+    """One step per weight of the family's module table found in both files
+    (a weight ``naming`` has no module for is left out and listed as
+    skipped)."""
+    work: list[tuple[str, Step]] = []
+    kohya = layouts(arch, "kohya")
+    slots = layouts(arch, naming)
+    for path in dict.fromkeys([*kohya, *slots]):
+        key = weight_key(path)
+        bk, tk = checkpoint_key(key, base.infos), checkpoint_key(key, tuned.infos)
+        if bk is None or tk is None or len(base.infos[bk].shape) != 2:
+            continue
+        if path not in slots:
+            report.layers.append(LayerResult(path, key, 0, 1.0, 0.0, skipped=True))
+            continue
+
+        def step(conv: set[str], bk: str = bk, tk: str = tk, path: str = path) -> None:
+            _extract_slots(base.get(bk), tuned.get(tk), slots[path], report, builder,
+                           device, skip_below)
+
+        work.append((path, step))
+    return work
+
+
+def _extract_slots(b: torch.Tensor, tw: torch.Tensor, slots: tuple[Slot, ...],
+                   report: ExtractReport, builder: LoraBuilder, device: str,
+                   skip_below: float) -> None:
+    """ΔW of one weight (row chunks), then each slot's rows factorised."""
+    import torch
+
+    rows, cols = b.shape
+    diff = torch.empty(rows, cols, dtype=torch.float32, device=device)
+    row_sq = torch.empty(rows, dtype=torch.float64)
+    step = max(1, CHUNK_ELEMENTS // cols)
+    for i in range(0, rows, step):
+        part = b[i:i + step].to(device, torch.float32)
+        diff[i:i + step].copy_(tw[i:i + step].to(device, torch.float32)).sub_(part)
+        row_sq[i:i + step] = torch.sum(part * part, dim=1, dtype=torch.float64).cpu()
+    for slot in slots:
+        row0, n = slot_view(rows, cols, slot.rows, slot.of)
+        part = diff[row0:row0 + n]
+        ref_sq = float(torch.sum(part * part, dtype=torch.float64))
+        report.ref_sq += ref_sq
+        key = weight_key(slot.path)
+        if ref_sq <= (skip_below ** 2) * float(row_sq[row0:row0 + n].sum()):
+            report.err_sq += ref_sq
+            report.layers.append(LayerResult(slot.name, key, 0, 1.0 if ref_sq else 0.0,
+                                             math.sqrt(ref_sq), skipped=True))
+            continue
+        f = factorize(part, report.rank, report.energy, method=report.method,
+                      dtype=builder.dtype, ref_sq=ref_sq)
+        report.err_sq += f.err_sq
+        report.layers.append(LayerResult(slot.name, key, f.rank, f.relative_error,
+                                         math.sqrt(ref_sq)))
+        builder.add_lora(slot.name, f.up.cpu(), f.down.cpu(), (n, cols))
 
 
 def _extract_layer(base: Source, tuned: Source, t: ModuleTarget, report: ExtractReport,

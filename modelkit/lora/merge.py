@@ -14,7 +14,7 @@ bias patches as ``diff_b``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +28,7 @@ from modelkit.errors import CancelFlag, ModelkitError, check_cancel
 from modelkit.io.source import Source, input_paths_of, source_label
 from modelkit.lora.adapter import LORA_ARCHS, Adapter, open_adapter
 from modelkit.lora.delta import ModuleDelta
-from modelkit.lora.extract import ExtractReport, LayerResult
+from modelkit.lora.extract import OUTPUT_NAMINGS, ExtractReport, LayerResult
 from modelkit.lora.factorize import METHODS, factorize
 from modelkit.lora.output import (
     LORA_THREADS,
@@ -37,6 +37,16 @@ from modelkit.lora.output import (
     lora_metadata,
     storage_dtype,
     torch_threads,
+)
+from modelkit.lora.table import (
+    NAMING_PREFIXES,
+    PathGroup,
+    dense,
+    group_modules,
+    has_table,
+    out_slots,
+    slot_view,
+    weight_key,
 )
 from modelkit.progress import Progress, ProgressFn, no_progress
 from modelkit.wording import agree
@@ -95,15 +105,19 @@ def _open_all(items: Sequence[tuple[Source, float, object | None]], arch: str | 
     return use, [a if a.arch == use else open_adapter(a.source, use) for a in opened]
 
 
+def _check_matched(ad: Adapter, arch: str) -> None:
+    if ad.unmatched:
+        keys = agree(len(ad.unmatched), "key", "matches", "match")
+        raise ModelkitError(f"{ad.label}: {keys} no module of "
+                            f"{arch} (first: {ad.unmatched[0]})")
+
+
 def _groups(arch: str, opened: list[Adapter],
             items: Sequence[tuple[Source, float, object | None]]) -> dict[str, _Group]:
     index = _kohya_index(arch)
     groups: dict[str, _Group] = {}
     for ad, (_, weight, blocks) in zip(opened, items, strict=True):
-        if ad.unmatched:
-            keys = agree(len(ad.unmatched), "key", "matches", "match")
-            raise ModelkitError(f"{ad.label}: {keys} no module of "
-                                f"{arch} (first: {ad.unmatched[0]})")
+        _check_matched(ad, arch)
         table = parse_lora_blocks(blocks, arch) if blocks is not None else None
         for mod in ad.modules.values():
             assert mod.target is not None
@@ -177,10 +191,78 @@ def _write_group(name: str, group: _Group, report: MergeReport, builder: LoraBui
         builder.add(f"{name}.diff_b", bias.to(builder.dtype))
 
 
+def _check_finite_sum(name: str, acc: torch.Tensor, labels: list[str]) -> None:
+    if not bool(acc.abs().amax() <= SVD_LIMIT):  # NaN fails too
+        raise ModelkitError(f"{name}: the ΔW of {'; '.join(labels)} holds NaN/Inf or values "
+                            f"beyond ±{SVD_LIMIT:.3g} (alpha or factors too large); it "
+                            "cannot be factorised")
+
+
+def _factor_into(name: str, key: str, part: torch.Tensor, cap: int, report: MergeReport,
+                 builder: LoraBuilder) -> None:
+    """Factorise ``part`` (one output module's ΔW) into ``builder``."""
+    import torch
+
+    ref_sq = float(torch.sum(part * part, dtype=torch.float64))
+    if ref_sq == 0.0:
+        report.layers.append(LayerResult(name, key, 0, 0.0, 0.0, skipped=True))
+        return
+    f = factorize(part, cap, report.energy, method=report.method, dtype=builder.dtype,
+                  ref_sq=ref_sq)
+    if not (bool(torch.isfinite(f.up).all()) and bool(torch.isfinite(f.down).all())):
+        from modelkit.io.dtypes import from_torch
+
+        raise ModelkitError(f"{name}: its factors exceed the {from_torch(builder.dtype)} "
+                            "range (the ΔW is too large); write them with --dtype fp32")
+    report.err_sq += f.err_sq
+    report.ref_sq += ref_sq
+    report.layers.append(LayerResult(name, key, f.rank, f.relative_error, math.sqrt(ref_sq)))
+    builder.add_lora(name, f.up, f.down, (part.shape[0], part.shape[1]))
+
+
+Step = Callable[[set[str]], None]
+
+
+def _table_work(arch: str, naming: str, opened: list[Adapter],
+                items: Sequence[tuple[Source, float, object | None]], report: MergeReport,
+                builder: LoraBuilder) -> list[tuple[str, Step]]:
+    """One step per weight the adapters patch (a family with its own module
+    table): the weighted ΔW summed at each module's rows, then each output
+    slot of ``naming`` factorised."""
+    uses = []
+    for ad, (_, weight, blocks) in zip(opened, items, strict=True):
+        _check_matched(ad, arch)
+        uses.append((ad, weight, parse_lora_blocks(blocks, arch) if blocks is not None
+                     else None))
+    groups = group_modules(arch, uses)
+    work: list[tuple[str, Step]] = []
+    for path, group in groups.items():
+        slots = out_slots(arch, naming, path, "+".join(ad.label for ad in opened))
+
+        def step(conv: set[str], group: PathGroup = group, slots: tuple = slots) -> None:
+            acc, bias = dense(group)
+            _check_finite_sum(group.path, acc, [f"{d.ad.label}: module {d.mod.name}"
+                                                for d, _, _ in group.parts])
+            for slot in slots:
+                row0, n = slot_view(group.rows, group.cols, slot.rows, slot.of)
+                _factor_into(slot.name, weight_key(group.path), acc[row0:row0 + n],
+                             report.rank or min(n, group.cols), report, builder)
+                if bias is not None:
+                    if naming == "peft":
+                        raise ModelkitError(f"{slot.name}: the adapters patch the bias of "
+                                            f"{group.path}, which PEFT LoRA files cannot "
+                                            "hold; write --format kohya or comfyui")
+                    builder.add(f"{slot.name}.diff_b",
+                                bias[row0:row0 + n].to(builder.dtype))
+
+        work.append((path, step))
+    return work
+
+
 def merge(items: Sequence[tuple[Source, float, object | None]], rank: int | None,
           conv_rank: int | None = None, energy: float | None = None, *,
           dtype: str = "F16", method: str = "auto", arch: str | None = None,
-          cancel: CancelFlag | None = None) -> PlannedStep:
+          naming: str = "kohya", cancel: CancelFlag | None = None) -> PlannedStep:
     """Plan a kohya LoRA equal to the weighted sum of ``items``
     (``(adapter, weight, blocks or None)``), re-factorised.
 
@@ -189,58 +271,77 @@ def merge(items: Sequence[tuple[Source, float, object | None]], rank: int | None
         conv_rank: rank cap of 3x3 convs (default ``rank``).
         energy: per module, the smallest rank holding this share of ||ΔW||^2.
         arch: the architecture, when the adapters do not tell it.
+        naming: output names: ``kohya``; for a family with its own module
+            table (Flux.1) also ``peft`` or ``comfyui``.
     """
     if rank is None and energy is None:
         raise ModelkitError("give a rank, an energy or both")
+    if (rank is not None and rank < 1) or (conv_rank is not None and conv_rank < 1):
+        raise ModelkitError(f"--rank and --conv-rank must be at least 1 (got "
+                            f"{rank if rank is not None and rank < 1 else conv_rank})")
     if method not in METHODS:
         raise ModelkitError(f"unknown SVD method {method!r}; use {', '.join(METHODS)}")
     if not items:
         raise ModelkitError("lora merge needs at least one adapter")
     from modelkit.io.dtypes import to_torch
 
+    naming = OUTPUT_NAMINGS.get(naming, naming)
+    if naming not in NAMING_PREFIXES:
+        raise ModelkitError(f"unknown format {naming!r}; use kohya, peft or comfyui")
     arch, opened = _open_all(items, arch)
-    groups = _groups(arch, opened, items)
+    if naming != "kohya" and not has_table(arch):
+        raise ModelkitError(f"{arch} LoRAs are merged and resized in kohya format; turn the "
+                            f"result into {naming} with 'modelkit lora convert --to {naming}'")
     inputs = [{"file": ad.label, "weight": w, "blocks": b}
               for ad, (_, w, b) in zip(opened, items, strict=True)]
     report = MergeReport(arch, rank or 0, conv_rank or rank, energy, method, inputs=inputs)
     title = "+".join(Path(source_label(s)).stem for s, _, _ in items)
     builder = LoraBuilder(f"lora_merge({title})", to_torch(storage_dtype(dtype)),
-                          input_paths_of([s for s, _, _ in items]))
+                          input_paths_of([s for s, _, _ in items]), naming)
+    if has_table(arch):
+        work = _table_work(arch, naming, opened, items, report, builder)
+    else:
+        def sd_step(name: str, group: _Group) -> Step:
+            return lambda conv: _write_group(name, group, report, builder, conv)
+
+        work = [(n, sd_step(n, g)) for n, g in _groups(arch, opened, items).items()]
 
     planned = PlannedStep(builder.source, report, "lora_merge", {})
 
     def prepare(progress: ProgressFn = no_progress, stop: CancelFlag | None = None) -> None:
         conv_names: set[str] = set()
-        for i, (name, group) in enumerate(groups.items()):
+        for i, (name, step) in enumerate(work):
             check_cancel(stop)
             check_cancel(cancel)
             with torch_threads(LORA_THREADS):
-                _write_group(name, group, report, builder, conv_names)
-            progress(Progress("lora merge", i + 1, len(groups), "tensors", name))
+                step(conv_names)
+            progress(Progress("lora merge", i + 1, len(work), "tensors", name))
         errors = {x.name: x.relative_error for x in report.layers if x.rank}
         builder.finish(lora_metadata(arch, builder.ranks, conv_names, title,
                                      error_metadata(errors, report.relative_error)))
         planned.origins = dict.fromkeys(builder.source.infos)
 
     params = {"inputs": inputs, "rank": rank, "conv_rank": conv_rank, "energy": energy,
-              "dtype": dtype, "method": method}
+              "dtype": dtype, "method": method, "format": naming}
     planned.params, planned.prepare = params, prepare
     return planned
 
 
 def resize(lora: Source, rank: int | None = None, energy: float | None = None,
            conv_rank: int | None = None, *, dtype: str | None = None, method: str = "auto",
-           arch: str | None = None, cancel: CancelFlag | None = None) -> PlannedStep:
+           arch: str | None = None, naming: str = "kohya", cancel: CancelFlag | None = None
+           ) -> PlannedStep:
     """Plan ``lora`` re-factorised at ``rank`` (cap) and/or ``energy``; the
-    dtype defaults to the input's first factor's. Any format in, kohya out."""
+    dtype defaults to the input's first factor's. Any format in, kohya out
+    (or ``naming``, for a family with its own module table)."""
     if dtype is None:
         floats = [i.dtype for i in lora.infos.values() if i.is_float and len(i.shape) >= 2]
         dtype = floats[0] if floats and floats[0] in ("F16", "BF16", "F32") else "F16"
     conv = merge([(lora, 1.0, None)], rank, conv_rank, energy, dtype=dtype, method=method,
-                 arch=arch, cancel=cancel)
+                 arch=arch, naming=naming, cancel=cancel)
     conv.op = "lora_resize"
     conv.params = {"rank": rank, "conv_rank": conv_rank, "energy": energy, "dtype": dtype,
-                   "method": method}
+                   "method": method, "format": naming}
     return conv
 
 

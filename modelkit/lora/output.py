@@ -28,6 +28,16 @@ _LORA_NAMES = {a.name: a.lora for a in REGISTRY.values() if a.lora and a.lora.ad
 BASE_MODEL_VERSION = {n: lora.base_model_version for n, lora in _LORA_NAMES.items()}
 MODELSPEC_ARCH = {n: f"{lora.modelspec_arch}/lora" for n, lora in _LORA_NAMES.items()}
 MODELSPEC_VERSION = "1.0.1"
+# what kohya sd-scripts writes per kohya UNet naming (``networks/lora_flux.py``
+# saves ``ss_network_module=networks.lora_flux``; ``library/sai_model_spec.py``
+# IMPL_FLUX); the rest write networks.lora and their own implementation
+NETWORK_MODULE = {"flux": "networks.lora_flux"}
+IMPLEMENTATION = {"flux": "https://github.com/black-forest-labs/flux",
+                  "ldm": "https://github.com/Stability-AI/generative-models"}
+# LoRA factor suffixes per output naming (PEFT files carry no alpha: scale 1)
+FACTOR_SUFFIXES = {"kohya": ("lora_down.weight", "lora_up.weight"),
+                   "comfyui": ("lora_down.weight", "lora_up.weight"),
+                   "peft": ("lora_A.weight", "lora_B.weight")}
 ERRORS_KEY = "modelkit.lora.layer_errors"
 OVERALL_KEY = "modelkit.lora.relative_error"
 SKIPPED_KEY = "modelkit.lora.skipped"
@@ -61,8 +71,9 @@ class LoraBuilder:
     """Collect module tensors, then expose them as a source."""
 
     def __init__(self, label: str, dtype: torch.dtype,
-                 input_paths: Iterable[Path] = ()) -> None:
+                 input_paths: Iterable[Path] = (), naming: str = "kohya") -> None:
         self.dtype = dtype
+        self.naming = naming
         self.tensors: dict[str, torch.Tensor] = {}
         self.ranks: dict[str, int] = {}
         self.source = DerivedSource(label, {}, {}, self._produce, tuple(input_paths))
@@ -73,17 +84,19 @@ class LoraBuilder:
     def add_lora(self, name: str, up: torch.Tensor, down: torch.Tensor,
                  target_shape: tuple[int, ...], alpha: float | None = None) -> None:
         """One LoRA module: ``up [out, r]``, ``down [r, cols]``; alpha
-        defaults to the rank (scale 1)."""
+        defaults to the rank (scale 1; a PEFT module has no alpha tensor)."""
         import torch
 
         r = up.shape[1]
         up_shape, down_shape = kohya_shapes(target_shape, r)
-        self.tensors[f"{name}.lora_down.weight"] = down.reshape(down_shape).to(
+        down_suffix, up_suffix = FACTOR_SUFFIXES[self.naming]
+        self.tensors[f"{name}.{down_suffix}"] = down.reshape(down_shape).to(
             self.dtype).contiguous()
-        self.tensors[f"{name}.lora_up.weight"] = up.reshape(up_shape).to(
+        self.tensors[f"{name}.{up_suffix}"] = up.reshape(up_shape).to(
             self.dtype).contiguous()
-        self.tensors[f"{name}.alpha"] = torch.tensor(float(r if alpha is None else alpha),
-                                                     dtype=self.dtype)
+        if self.naming != "peft":
+            self.tensors[f"{name}.alpha"] = torch.tensor(
+                float(r if alpha is None else alpha), dtype=self.dtype)
         self.ranks[name] = r
 
     def add(self, key: str, t: torch.Tensor) -> None:
@@ -135,8 +148,9 @@ def lora_metadata(arch: str, ranks: dict[str, int], conv_names: set[str], title:
     args: dict[str, str] = {}
     if conv:
         args = {"conv_dim": _dim_text(conv), "conv_alpha": _dim_text(conv)}
+    style = _LORA_NAMES[arch].kohya_unet
     meta = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": NETWORK_MODULE.get(style, "networks.lora"),
         "ss_network_dim": _dim_text(linear),
         "ss_network_alpha": _dim_text(linear),
         "ss_network_args": json.dumps(args),
@@ -144,8 +158,7 @@ def lora_metadata(arch: str, ranks: dict[str, int], conv_names: set[str], title:
         "ss_v2": str(_LORA_NAMES[arch].kohya_v2),
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": MODELSPEC_ARCH[arch],
-        "modelspec.implementation": ("https://github.com/Stability-AI/generative-models"
-                                     if arch == "sdxl" else "diffusers"),
+        "modelspec.implementation": IMPLEMENTATION.get(style, "diffusers"),
         "modelspec.title": title,
         "modelspec.date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
     }

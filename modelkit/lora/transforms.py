@@ -19,7 +19,9 @@ from modelkit.core.registry import (
 from modelkit.core.step import PlannedStep
 from modelkit.vocab import FLOAT_STORAGE, KEEP, MERGE_OUTPUT_DTYPES
 
-NAMINGS = ("kohya", "peft", "comfy")
+NAMINGS = ("kohya", "peft", "comfy", "comfyui")
+FORMAT_HELP = ("Key naming of the output: kohya; for Flux.1 also peft (diffusers/ai-toolkit, "
+               "split q/k/v) or comfy/comfyui.")
 
 
 def _dtype_or_none(value: str | None) -> str | None:
@@ -69,63 +71,72 @@ def lora_bake(checkpoint: Checkpoint, *adapters: Adapter, weights: PerModel = (1
 
 
 @transform("lora_extract", summary="a kohya LoRA approximating TUNED - BASE, per layer",
-           keys=(NEW, DROPPED), choices={"dtype": FLOAT_STORAGE},
+           keys=(NEW, DROPPED), choices={"dtype": FLOAT_STORAGE, "format": NAMINGS},
            help={"rank": "Rank cap of Linear and 1x1 layers.",
                  "conv_rank": "Rank cap of 3x3 convs (adds ResBlocks; default: none).",
                  "energy": "Per layer, the smallest rank keeping this share of ||ΔW||² "
                            "(capped).",
                  "te": "Extract text encoders.",
-                 "dtype": "Storage type of the factors."})
+                 "dtype": "Storage type of the factors.",
+                 "format": FORMAT_HELP})
 def lora_extract(base: Checkpoint, tuned: Checkpoint, *, rank: int,
                  conv_rank: int | None = None, energy: float | None = None, te: bool = True,
-                 dtype: str = "fp16", device: str = "cpu") -> PlannedStep:
+                 dtype: str = "fp16", format: str = "kohya", device: str = "cpu"
+                 ) -> PlannedStep:
     """Low-rank factors of each layer's difference (randomized SVD; ``energy``
     picks each layer's rank, capped by ``rank``); errors per layer reported."""
     from modelkit.lora.extract import extract
 
-    return extract(base, tuned, rank, conv_rank, energy, te, device, dtype=dtype)
+    return extract(base, tuned, rank, conv_rank, energy, te, device, dtype=dtype,
+                   naming=format)
 
 
 @transform("lora_resize", summary="re-factorise an adapter at a new rank (exact SVD)",
-           keys=(NEW, DROPPED), choices={"dtype": MERGE_OUTPUT_DTYPES},
+           keys=(NEW, DROPPED), choices={"dtype": MERGE_OUTPUT_DTYPES, "format": NAMINGS},
            help={"rank": "New rank (cap with --energy).",
                  "energy": "Per module, the smallest rank keeping this share of ||ΔW||².",
                  "conv_rank": "New rank of 3x3 convs.",
-                 "dtype": "Storage type of the factors (keep: the input's)."})
+                 "dtype": "Storage type of the factors (keep: the input's).",
+                 "format": FORMAT_HELP})
 def lora_resize(lora: Adapter, *, rank: int | None = None, energy: float | None = None,
-                conv_rank: int | None = None, dtype: str = KEEP) -> PlannedStep:
+                conv_rank: int | None = None, dtype: str = KEEP, format: str = "kohya"
+                ) -> PlannedStep:
     """The adapter's dense delta-W re-factorised at ``rank`` and/or ``energy``."""
     from modelkit.lora.merge import resize
 
-    return resize(lora, rank, energy, conv_rank, dtype=_dtype_or_none(dtype))
+    return resize(lora, rank, energy, conv_rank, dtype=_dtype_or_none(dtype), naming=format)
 
 
 @transform("lora_merge", summary="the weighted sum of adapters' delta-W, re-factorised",
-           keys=(NEW, DROPPED), choices={"dtype": FLOAT_STORAGE}, min_models=1,
+           keys=(NEW, DROPPED), choices={"dtype": FLOAT_STORAGE, "format": NAMINGS},
+           min_models=1,
            help={"weights": "Weight of each adapter's delta-W.",
                  "rank": "Rank of the merged LoRA.",
                  "conv_rank": "Rank of 3x3 convs.",
                  "energy": "Per module, the smallest rank keeping this share of ||ΔW||².",
                  "blocks": "Block weights applied to every input (see 'lora bake --help').",
-                 "dtype": "Storage type of the factors."})
+                 "dtype": "Storage type of the factors.",
+                 "format": FORMAT_HELP})
 def lora_merge(*loras: Adapter, weights: PerModel = (1.0,), rank: int | None = None,
                conv_rank: int | None = None, energy: float | None = None,
-               blocks: Any = None, dtype: str = "fp16") -> PlannedStep:
+               blocks: Any = None, dtype: str = "fp16", format: str = "kohya") -> PlannedStep:
     """Exact: the dense delta-W are summed with their weights (and block
     weights), then factorised again, never up/down averaged."""
     from modelkit.lora.merge import merge
 
     specs = _per_adapter(blocks, len(loras), "blocks")
     items = list(zip(loras, weights, specs, strict=True))
-    return merge(items, rank, conv_rank, energy, dtype=dtype)
+    return merge(items, rank, conv_rank, energy, dtype=dtype, naming=format)
 
 
-@transform("lora_convert", summary="rename an adapter's keys (kohya, PEFT, ComfyUI)",
+@transform("lora_convert", summary="an adapter under another tool's keys (kohya, PEFT, "
+                                   "ComfyUI), exact",
            keys=(SAME, RENAMED, NEW, DROPPED), choices={"to": NAMINGS},
            help={"to": "Key naming of the output."})
 def lora_convert(lora: Adapter, *, to: str) -> PlannedStep:
     """The same delta-W under another tool's key names (alpha kept, folded
-    into ``lora_B`` for PEFT)."""
+    into ``lora_B`` for PEFT; a Flux.1 fused q/k/v module split into PEFT's
+    to_q/to_k/to_v or those fused, rank r_q+r_k+r_v)."""
     from modelkit.lora.convert import convert
 
     return convert(lora, to)
