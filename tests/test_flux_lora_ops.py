@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from modelkit.cli import main
 from modelkit.io.reader import open_model
 from modelkit.testing import flux_config, write_checkpoint, write_flux
-from modelkit.testing.lora import write_flux_lora
+from modelkit.testing.lora import write_flux_lora, write_lora
 
 SIZE = {"hidden": 128, "depth": 1, "single": 1}
 H = SIZE["hidden"]
@@ -73,11 +73,15 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("fmt", ["kohya", "peft", "comfyui"])
 def test_extract_bakes_back_to_the_fine_tune(models: dict[str, Path], tmp_path: Path,
-                                             fmt: str) -> None:
+                                             fmt: str, capsys: pytest.CaptureFixture[str]
+                                             ) -> None:
     base, tuned = models["base"], models["tuned"]
     lora = tmp_path / "x.safetensors"
-    _ok("lora", "extract", base, tuned, "-o", lora, "--rank", 4, "--dtype", "fp32",
-        "--format", fmt)
+    assert main(["lora", "extract", str(base), str(tuned), "-o", str(lora), "--rank", "4",
+                 "--dtype", "fp32", "--format", fmt, "--json", "-q"]) == 0
+    report = json.loads(capsys.readouterr().out)["report"]
+    assert report["left_out"] == ([ADALN] if fmt == "peft" else [])
+    assert report["skipped"] == [] and report["relative_error"] < 1e-5
     keys = _tensors(lora)
     prefix = {"kohya": "lora_unet_", "comfyui": "diffusion_model.", "peft": "transformer."}
     assert all(k.startswith(prefix[fmt]) for k in keys)
@@ -224,23 +228,27 @@ def test_cli_refusals_through_the_console_script(models: dict[str, Path], tmp_pa
     lora, sd, sd_lora = (tmp_path / f"{n}.safetensors" for n in ("k", "sd", "sdl"))
     write_flux_lora(lora, "kohya", rank=2, seed=12, modules=_kohya_modules(), **SIZE)
     write_checkpoint(sd)
+    write_lora(sd_lora)
     base, tuned = str(models["base"]), str(models["tuned"])
     adaln = tmp_path / "adaln.safetensors"  # every module, the final adaLN included
     write_flux_lora(adaln, "kohya", rank=2, seed=13, **SIZE)
-    out = str(tmp_path / "o.safetensors")
+    bad, out = str(tmp_path / "bad.safetensors"), str(tmp_path / "o.safetensors")
     res = run_entry({
-        "rank0": ["lora", "extract", base, tuned, "-o", out, "--rank", "0"],
-        "resize0": ["lora", "resize", str(lora), "-o", out, "--rank", "0"],
-        "family": ["lora", "extract", base, str(sd), "-o", out, "--rank", "2"],
-        "peft_adaln": ["lora", "convert", str(adaln), "--to", "peft", "-o", out],
+        "rank0": ["lora", "extract", base, tuned, "-o", bad, "--rank", "0"],
+        "resize0": ["lora", "resize", str(lora), "-o", bad, "--rank", "0"],
+        "family": ["lora", "extract", base, str(sd), "-o", bad, "--rank", "2"],
+        "merge_family": ["lora", "merge", str(lora), str(sd_lora), "-o", bad, "--rank", "2"],
+        "peft_adaln": ["lora", "convert", str(adaln), "--to", "peft", "-o", bad],
         "ok": ["lora", "convert", str(lora), "--to", "peft", "-o", out, "--json", "-q"],
     }, tmp_path)
-    for case in ("rank0", "resize0", "family", "peft_adaln"):
+    for case in ("rank0", "resize0", "family", "merge_family", "peft_adaln"):
         code, _, err = res[case]
         assert code == 2 and len(err.strip().splitlines()) == 1, (case, err)
         assert "Traceback" not in err
+    assert not Path(bad).exists()
     assert "at least 1" in res["rank0"][2] and "at least 1" in res["resize0"][2]
     assert "flux" in res["family"][2] and "sd1" in res["family"][2]
+    assert "(flux)" in res["merge_family"][2] and "(sd1)" in res["merge_family"][2]
     assert ADALN in res["peft_adaln"][2]
     code, stdout, err = res["ok"]
     assert code == 0, err

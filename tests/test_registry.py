@@ -54,7 +54,8 @@ def test_every_architecture_declares_every_field(name: str) -> None:
     if arch.support == PARTIAL:  # its own block map and LoRA table, the commands named
         assert arch.blocks is not None and list(arch.blocks.names) == block_names(name)
         assert arch.lora is not None and arch.lora.modules is not None
-        assert arch.commands <= {"inspect", "hash", "merge", "lora bake", "lora info"}
+        assert arch.commands <= {"inspect", "hash", "merge", "lora bake", "lora info",
+                                 "lora extract", "lora resize", "lora merge", "lora convert"}
     if arch.support == FULL:
         assert arch.blocks is not None and arch.lora is not None
         assert arch.diffusers is not None and arch.gguf is not None
@@ -122,7 +123,8 @@ def test_name_lists_elsewhere_are_the_registrys() -> None:
     assert RENDER_ARCHS == BLOCK_ARCHS == full
     assert tuple(GGUF_ARCH) == registry.names(where=lambda a: a.gguf is not None) == (
         *full, "sd3", "flux", "qwen_image", "wan")
-    assert LORA_ARCHS == ARCH_CANDIDATES == lora_blocks.LBW_ARCHS == ("sd1", "sd2", "sdxl")
+    assert LORA_ARCHS == lora_blocks.LBW_ARCHS == ("sd1", "sd2", "sdxl", "flux")
+    assert ARCH_CANDIDATES == ("sd1", "sd2", "sdxl")  # those with LDM key tables
     assert {a for a, _ in diffusers_names.PIPELINES} == set(full)
     assert {"sdxl", "sdxl_refiner"} == lora_names.KOHYA_LDM_UNET
     assert adapter_keys.CONTEXT_DIMS == {768: "sd1", 1024: "sd2", 2048: "sdxl"}
@@ -131,7 +133,8 @@ def test_name_lists_elsewhere_are_the_registrys() -> None:
     assert EMBEDDING_WIDTH_ARCH == {768: "sd1", 1024: "sd2"}
     pad_alt = {("sd2", "tokenizer"), ("sdxl", "tokenizer_2"), ("sdxl_refiner", "tokenizer_2")}
     assert pad_alt == PAD_ALT_SLOTS
-    assert BASE_MODEL_VERSION == {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+    assert BASE_MODEL_VERSION == {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0",
+                                  "flux": "flux1"}
     assert MODELSPEC_ARCH["sdxl"] == "stable-diffusion-xl-v1-base/lora"
 
 
@@ -169,7 +172,8 @@ def test_inspect_names_flux_family_variant_and_layout(
     assert d["kind"] == ("checkpoint" if aio else "unet")
     assert d["prediction"]["type"] == "unknown"
     assert d["unknown_keys"] == []
-    assert any("hash, inspect, lora bake, lora info and merge handle it" in n
+    assert any("hash, inspect, lora bake, lora convert, lora extract, lora info, lora "
+               "merge, lora resize and merge handle it" in n
                for n in d["notes"])
     unet = d["components"]["unet"]
     assert unet["family"] == "Flux.1 transformer"

@@ -81,6 +81,8 @@ def _svd_lines(r: Any) -> list[str]:
     out += _listed("worst layers", [f"{x.name}: rank {x.rank}, error {x.relative_error:.4g}"
                                     for x in worst[:5]])
     out += _listed("skipped (negligible difference)", r.skipped)
+    out += _listed("left out (the output format has no module name for them)",
+                   getattr(r, "left_out", []))
     return out
 
 
@@ -128,7 +130,8 @@ def bake_cmd(base: str, loras: tuple[str, ...], te_weight: float | None, qtype: 
 @common_options()
 @transform_options("lora_extract")
 def extract_cmd(base: str, tuned: str, common: CommonOptions, params: dict[str, Any]) -> None:
-    """A kohya LoRA approximating TUNED − BASE, with its error per layer."""
+    """A LoRA approximating TUNED − BASE (kohya names, or --format), with its error
+    per layer."""
     recipe = Recipe.op("lora_extract", base, tuned, output=common.output,
                        options=options_from(common), source=COMMAND_LINE, **params)
     _execute(recipe, common, _svd_lines)
@@ -170,9 +173,16 @@ def convert_cmd(lora: str, common: CommonOptions, params: dict[str, Any]) -> Non
     """Rename an adapter's keys (kohya, PEFT/diffusers, ComfyUI), alpha kept."""
     recipe = Recipe.op("lora_convert", lora, output=common.output,
                        options=options_from(common), source=COMMAND_LINE, **params)
-    _execute(recipe, common,
-             lambda r: [f"{plural(r['n_modules'], 'module')}: {r['from']} -> {r['to']} "
-                        f"({r['arch']})", f"read by: {r['read_by']}"])
+    _execute(recipe, common, _convert_lines)
+
+
+def _convert_lines(r: Any) -> list[str]:
+    out = [f"{plural(r['n_modules'], 'module')}: {r['from']} -> {r['to']} ({r['arch']})",
+           f"read by: {r['read_by']}"]
+    changes = r.get("rank_changes") or {}
+    out += _listed("ranks changed (split modules fused, exact)",
+                   [f"{name}: {text}" for name, text in changes.items()])
+    return out
 
 
 def _info_lines(r: Any) -> list[str]:

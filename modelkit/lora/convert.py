@@ -17,7 +17,10 @@ keys, alpha kept.
   ``comfy`` is the output for ComfyUI (:data:`READERS`, printed by the command).
 * (IA)3 modules are refused for ``comfy``: ComfyUI has no (IA)3 adapter.
 
-The effective ΔW of every module is unchanged by any conversion.
+The effective ΔW of every module is unchanged by any conversion. A family
+with its own LoRA module table (Flux.1) is converted weight by weight
+(:func:`modelkit.lora.table.convert_path`): kohya/ComfyUI fused q/k/v split
+into PEFT's to_q/to_k/to_v (rank kept) or fused back (ranks summed).
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""``extract``: a kohya-format LoRA approximating TUNED − BASE, layer by layer.
+"""``extract``: a kohya-format LoRA approximating TUNED − BASE, layer by layer
+(for a family with its own LoRA module table, Flux.1, every Linear of the
+transformer, in kohya, PEFT or ComfyUI names: :mod:`modelkit.lora.table`).
 
 Layers are kohya's (Transformer2D Linear/1x1 modules and the text encoders'
 q/k/v/out_proj, fc1, fc2; with ``conv_rank`` also the ResBlock and sampler
@@ -40,6 +42,14 @@ from modelkit.io.source import Source, input_paths_of, source_label
 from modelkit.jsontypes import JSONDict
 from modelkit.lora.adapter import LORA_ARCHS
 from modelkit.lora.factorize import METHODS, factorize
+from modelkit.lora.output import (
+    LORA_THREADS,
+    LoraBuilder,
+    error_metadata,
+    lora_metadata,
+    storage_dtype,
+    torch_threads,
+)
 from modelkit.lora.table import (
     NAMING_PREFIXES,
     Slot,
@@ -48,14 +58,6 @@ from modelkit.lora.table import (
     layouts,
     slot_view,
     weight_key,
-)
-from modelkit.lora.output import (
-    LORA_THREADS,
-    LoraBuilder,
-    error_metadata,
-    lora_metadata,
-    storage_dtype,
-    torch_threads,
 )
 from modelkit.numeric import CHUNK_ELEMENTS
 from modelkit.progress import Progress, ProgressFn, no_progress
@@ -90,6 +92,7 @@ class ExtractReport:
     energy: float | None
     method: str
     layers: list[LayerResult] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)  # weights the output naming cannot name
     err_sq: float = 0.0
     ref_sq: float = 0.0
 
@@ -281,8 +284,7 @@ def _table_work(base: Source, tuned: Source, arch: str, naming: str, report: Ext
                 builder: LoraBuilder, device: str, skip_below: float
                 ) -> list[tuple[str, Step]]:
     """One step per weight of the family's module table found in both files
-    (a weight ``naming`` has no module for is left out and listed as
-    skipped)."""
+    (a weight ``naming`` has no module for is left out and listed)."""
     work: list[tuple[str, Step]] = []
     kohya = layouts(arch, "kohya")
     slots = layouts(arch, naming)
@@ -292,7 +294,7 @@ def _table_work(base: Source, tuned: Source, arch: str, naming: str, report: Ext
         if bk is None or tk is None or len(base.infos[bk].shape) != 2:
             continue
         if path not in slots:
-            report.layers.append(LayerResult(path, key, 0, 1.0, 0.0, skipped=True))
+            report.left_out.append(path)
             continue
 
         def step(conv: set[str], bk: str = bk, tk: str = tk, path: str = path) -> None:

@@ -8,7 +8,10 @@ there is no weight² and no cross term ``up_i @ down_j`` (kohya's merge).
 Any input format works (LoRA, LoCon, LoHa, LoKr, full); (IA)3 and DoRA
 modules depend on the base weight and are refused. The output is a kohya
 LoRA (alpha = rank); norm-layer patches are kept as ``w_norm``/``b_norm``,
-bias patches as ``diff_b``.
+bias patches as ``diff_b``. For a family with its own LoRA module table
+(Flux.1) the modules are summed per weight at their rows, so fused and split
+q/k/v adapters merge into one, written in kohya, PEFT or ComfyUI names
+(:mod:`modelkit.lora.table`).
 """
 
 from __future__ import annotations

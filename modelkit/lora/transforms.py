@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from modelkit.arch import registry
 from modelkit.core.registry import (
     DROPPED,
     NEW,
@@ -20,8 +21,11 @@ from modelkit.core.step import PlannedStep
 from modelkit.vocab import FLOAT_STORAGE, KEEP, MERGE_OUTPUT_DTYPES
 
 NAMINGS = ("kohya", "peft", "comfy", "comfyui")
-FORMAT_HELP = ("Key naming of the output: kohya; for Flux.1 also peft (diffusers/ai-toolkit, "
-               "split q/k/v) or comfy/comfyui.")
+# families whose LoRA commands write every naming (those with their own module table)
+_TABLE_ARCHS = registry.names(where=lambda a: a.lora is not None and a.lora.modules is not None
+                              and a.lora.adapters)
+FORMAT_HELP = (f"Key naming of the output: kohya; for {registry.listed(_TABLE_ARCHS)} also "
+               "peft (diffusers/ai-toolkit, split q/k/v) or comfy/comfyui.")
 
 
 def _dtype_or_none(value: str | None) -> str | None:
@@ -70,7 +74,7 @@ def lora_bake(checkpoint: Checkpoint, *adapters: Adapter, weights: PerModel = (1
                 allow_unmatched=allow_unmatched, device=device)
 
 
-@transform("lora_extract", summary="a kohya LoRA approximating TUNED - BASE, per layer",
+@transform("lora_extract", summary="a LoRA approximating TUNED - BASE, per layer",
            keys=(NEW, DROPPED), choices={"dtype": FLOAT_STORAGE, "format": NAMINGS},
            help={"rank": "Rank cap of Linear and 1x1 layers.",
                  "conv_rank": "Rank cap of 3x3 convs (adds ResBlocks; default: none).",
