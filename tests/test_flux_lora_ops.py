@@ -266,3 +266,19 @@ def test_lora_help_names_flux_for_every_command(capsys: pytest.CaptureFixture[st
         text = " ".join(capsys.readouterr().out.split())
         assert "flux" in text.split("Families: ")[1].split("Refused")[0], cmd
     assert flux_config(**SIZE).hidden_size == H
+
+
+def test_resize_to_peft_splits_each_weight_and_bakes_the_same(models: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    base = models["base"]
+    src, out = tmp_path / "k.safetensors", tmp_path / "p.safetensors"
+    write_flux_lora(src, "kohya", rank=3, alpha=6.0, seed=14, modules=_kohya_modules(), **SIZE)
+    _ok("lora", "resize", src, "--rank", 3, "--dtype", "fp32", "--format", "peft", "-o", out)
+    p = _tensors(out)
+    one = "transformer.single_transformer_blocks.0"
+    assert p[f"{one}.proj_mlp.lora_B.weight"].shape == (4 * H, 3)
+    assert not any(k.endswith(".alpha") for k in p)
+    want = _bake(base, tmp_path / "o1.safetensors", src)
+    got = _bake(base, tmp_path / "o2.safetensors", out)
+    for key, t in want.items():
+        torch.testing.assert_close(got[key], t, rtol=0, atol=2e-6, msg=key)
