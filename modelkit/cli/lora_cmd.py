@@ -66,7 +66,11 @@ def _bake_lines(r: Any) -> list[str]:
     for a in r.adapters:
         out.append(f"  {shown(a.file)} ({a.format}, {a.arch}): "
                    f"{lora_weights(a.weight, a.te_weight)}; {plural(a.n_modules, 'module')}, "
-                   f"{plural(a.keys_touched, 'key')} touched")
+                   f"{plural(a.keys_touched, 'key')} touched; alpha from "
+                   f"{a.alpha_source or 'no module'}")
+        if a.no_target:
+            kinds = ", ".join(f"{n} {kind}" for kind, n in a.no_target.items())
+            out.append(f"  no target in the base: {kinds}")
         out += _listed("  unmatched keys (not applied)", a.unmatched)
     return out
 
