@@ -307,7 +307,22 @@ def test_cross_family_refusal_and_wan21_report_through_the_console(tmp_path: Pat
             i2v[f"lora_unet_blocks_{i}_cross_attn_{p}.lora_down.weight"] = torch.ones(RANK, 128)
             i2v[f"lora_unet_blocks_{i}_cross_attn_{p}.lora_up.weight"] = torch.ones(128, RANK)
     save_file(i2v, str(tmp_path / "i2v.safetensors"))
+    # a BFL control LoRA: full norm scales and an img_in LoRA beside the LoRA
+    _, _, h = _flux_base(tmp_path)
+    control = {"img_in.lora_A.weight": torch.ones(RANK, 64),
+               "img_in.lora_B.weight": torch.ones(h, RANK),
+               "double_blocks.0.img_attn.qkv.lora_A.weight": torch.ones(RANK, h),
+               "double_blocks.0.img_attn.qkv.lora_B.weight": torch.ones(3 * h, RANK),
+               "double_blocks.0.img_attn.norm.query_norm.scale": torch.ones(128)}
+    save_file(control, str(tmp_path / "control.safetensors"))
+    # a Wan transformer in the diffusers layout
+    cfg = wan.small(wan.VARIANTS["t2v-1.3b"])
+    _write_base(tmp_path / "wand.safetensors", wan.transformer_keys(cfg, wan.DIFFUSERS))
     cases = {
+        "control": ["lora", "bake", "flux.safetensors", "control.safetensors", "-o",
+                    "c.safetensors"],
+        "layout": ["lora", "bake", "wand.safetensors", "wanlora.safetensors", "-o",
+                   "d.safetensors"],
         "cross": ["lora", "bake", "qwen.safetensors", "wanlora.safetensors", "-o", "x"],
         "wan21": ["lora", "bake", "wan22.safetensors", "i2v.safetensors", "-o", "y"],
         "wan21_ok": ["lora", "bake", "wan22.safetensors", "i2v.safetensors", "-o", "z.safetensors",
@@ -324,6 +339,14 @@ def test_cross_family_refusal_and_wan21_report_through_the_console(tmp_path: Pat
     assert "2 blocks.cross_attn.k_img, 2 blocks.cross_attn.v_img modules have no target" in err
     assert "Wan 2.1 I2V LoRA on a Wan 2.2" in err and "--allow-unmatched" in err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    code, _, err = res["control"]
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "control.safetensors: is a BFL Flux control LoRA" in err
+    code, _, err = res["layout"]
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "Wan transformer in the diffusers layout" in err
+    assert "modelkit convert --layout original" in err
+    assert not list(tmp_path.glob("[cd].safetensors*"))
     code, out, err = res["wan21_ok"]
     assert code == 0, err
     assert "no target in the base: 2 blocks.cross_attn.k_img" in out
@@ -344,3 +367,13 @@ def test_family_tables_resolve_each_familys_own_names() -> None:
         # Chroma's names are Flux.1's (the base decides which family bakes them)
         expect = ("chroma", "flux") if family == "chroma" else (family,)
         assert guess_arch(dict.fromkeys(names), {})[0] in expect, family  # type: ignore[arg-type]
+
+
+def test_bare_bfl_names_bake(tmp_path: Path) -> None:
+    base, w, _ = _flux_base(tmp_path)
+    lora, out = tmp_path / "b.safetensors", tmp_path / "o.safetensors"
+    bare = [("double_blocks.1.txt_mlp.0", "double_blocks.1.txt_mlp.0.weight", 0, None)]
+    la = _write_lora(lora, w, bare, down="lora_A.weight", up="lora_B.weight", seed=13)
+    _bake(base, lora, out)
+    _check(_tensors(out), _expected(w, la, bare, 1.0, down="lora_A.weight",
+                                    up="lora_B.weight"), bare)

@@ -350,6 +350,7 @@ def lora_modules(cfg: FluxConfig | None = None) -> dict[str, LoraModule]:
             out[KOHYA_PREFIX + flat(path)] = LoraModule(path)
             out[COMFY_PREFIX + path] = LoraModule(path)
             out[LYCORIS_PREFIX + flat(path)] = LoraModule(path)
+            out[path] = LoraModule(path)  # bare BFL names
     for name, m in _diffusers_modules(cfg):
         for spelled in diffusers_names(name):
             out.setdefault(spelled, m)

@@ -48,7 +48,8 @@ def require_original_layout(rep: ModelReport, where: str, what: str) -> None:
             and registry.ORIGINAL in arch.layouts):  # Qwen-Image has one layout
         raise ModelkitError(f"{where} is {with_article(arch.label)} transformer in the "
                             f"diffusers layout; {what} handles the original (BFL/ComfyUI) "
-                            "layout only (ComfyUI's diffusion_models files)")
+                            "layout only (ComfyUI's diffusion_models files); run `modelkit "
+                            "convert --layout original` first")
 
 
 def require_checkpoint(source: Source, what: str, kinds: tuple[str, ...] = ("checkpoint",)

@@ -254,6 +254,20 @@ def _peft_scale(name: str, scales: dict[str, tuple[float, float, dict, dict]]
     return None
 
 
+def _refuse_control_lora(source: Source, name: str) -> None:
+    """A BFL Flux control LoRA (Canny, Depth) carries full ``query_norm`` /
+    ``key_norm`` scales and an ``img_in`` LoRA that widens the input beside
+    its LoRA modules; ComfyUI (comfy/lora_convert.py
+    ``convert_lora_bfl_control``) replaces those weights and reshapes
+    ``img_in``, which a bake into a checkpoint of the plain width cannot do."""
+    keys = source.infos
+    if "img_in.lora_A.weight" in keys and any(k.endswith(("query_norm.scale", "key_norm.scale"))
+                                              for k in keys):
+        raise ModelkitError(f"{name}: is a BFL Flux control LoRA (Canny/Depth: it replaces "
+                            "the query_norm/key_norm scales and widens img_in); lora bake "
+                            "does not apply it, load it in ComfyUI instead")
+
+
 UNAPPLIED_SUFFIXES = ("bias_indices", "bias_values", "bias_size")
 
 
@@ -267,8 +281,9 @@ def open_adapter(source: Source, arch: str | None = None) -> Adapter:
     """
     from modelkit.inspect.adapters import detect_adapter
 
-    info = detect_adapter(source.infos, source.metadata)
     name = Path(source_label(source)).name
+    _refuse_control_lora(source, name)
+    info = detect_adapter(source.infos, source.metadata)
     if info is None:
         raise ModelkitError(f"{name}: is not a LoRA/LyCORIS/PEFT adapter (no adapter "
                             "tensor names found)")
