@@ -279,7 +279,7 @@ def test_info_per_block_for_wan(tmp_path: Path, capsys: pytest.CaptureFixture[st
     la = _write_lora(lora, w, kohya, alpha=8.0)
     with open_source(lora) as src:
         rep = info(src)
-    assert rep.arch == "wan" and rep.format == "lora"
+    assert rep.arch == "wan" and rep.format == "lora" and rep.alpha_source == "tensor"
     assert list(rep.blocks) == ["blocks.0", "blocks.1"]
     assert [b.n_modules for b in rep.blocks.values()] == [1, 2]
     for name, key, _, _ in kohya:  # ‖ΔW‖_F of s·up@down, by hand
@@ -290,7 +290,8 @@ def test_info_per_block_for_wan(tmp_path: Path, capsys: pytest.CaptureFixture[st
         assert layer.delta_norm == pytest.approx(want, rel=1e-5)
     assert main(["lora", "info", str(lora)]) == 0
     text = capsys.readouterr().out
-    assert "lora for wan" in text and "blocks.1" in text
+    assert "lora for wan" in text and "alpha from tensor" in text
+    assert text.index("  blocks.0 ") < text.index("  blocks.1 ")
 
 
 def test_cross_family_refusal_and_wan21_report_through_the_console(tmp_path: Path) -> None:

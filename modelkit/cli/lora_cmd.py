@@ -182,7 +182,8 @@ def convert_cmd(lora: str, common: CommonOptions, params: dict[str, Any]) -> Non
 def _info_lines(r: Any) -> list[str]:
     out = [f"{shown(r.file)}: {r.format} for {r.arch} ({r.naming} names), "
            f"{plural(len(r.layers), 'module')}, "
-           f"{plural(len(r.keys_touched), 'checkpoint key')} touched"]
+           f"{plural(len(r.keys_touched), 'checkpoint key')} touched; alpha from "
+           f"{r.alpha_source or 'no module'}"]
     head = "relative to base" if r.base else "‖ΔW‖"
     out.append(f"per block ({head}):")
     width = max([6, *(len(n) for n, b in r.blocks.items() if b.n_modules)])

@@ -87,6 +87,7 @@ class InfoReport:
     keys_touched: list[str] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)
     base: str | None = None
+    alpha_source: str = ""  # alpha tensor, header metadata or none (alpha = rank)
 
     def to_dict(self) -> JSONDict:
         """A JSON-ready dict (block and layer norms included)."""
@@ -258,6 +259,7 @@ def info(lora: Source, base: Source | None = None, *, energy: float = 0.9,
     report = InfoReport(ad.label, use, ad.format, ad.naming, energy,
                         unmatched=list(ad.unmatched),
                         base=None if base is None else getattr(base, "label", None))
+    report.alpha_source = ", ".join(sorted({ad.alpha_source(m) for m in ad.modules.values()}))
     if _has_block_map(use):
         report.blocks = {name: BlockInfo() for name in block_names(use)}
     touched: set[str] = set()
