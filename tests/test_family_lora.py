@@ -316,13 +316,18 @@ def test_cross_family_refusal_and_wan21_report_through_the_console(tmp_path: Pat
                "double_blocks.0.img_attn.qkv.lora_B.weight": torch.ones(3 * h, RANK),
                "double_blocks.0.img_attn.norm.query_norm.scale": torch.ones(128)}
     save_file(control, str(tmp_path / "control.safetensors"))
-    # a Wan transformer in the diffusers layout
-    cfg = wan.small(wan.VARIANTS["t2v-1.3b"])
-    _write_base(tmp_path / "wand.safetensors", wan.transformer_keys(cfg, wan.DIFFUSERS))
+    # a Flux.1 transformer in the diffusers layout and a kohya LoRA on a fused qkv
+    from modelkit.arch import flux
+
+    fcfg = flux_config(hidden=256, depth=2, single=2)
+    _write_base(tmp_path / "fluxd.safetensors", flux.transformer_keys(fcfg, "diffusers"))
+    fused = [("lora_unet_double_blocks_0_img_attn_qkv", "double_blocks.0.img_attn.qkv.weight",
+              0, None)]
+    _write_lora(tmp_path / "fused.safetensors", _tensors(tmp_path / "flux.safetensors"), fused)
     cases = {
         "control": ["lora", "bake", "flux.safetensors", "control.safetensors", "-o",
                     "c.safetensors"],
-        "layout": ["lora", "bake", "wand.safetensors", "wanlora.safetensors", "-o",
+        "layout": ["lora", "bake", "fluxd.safetensors", "fused.safetensors", "-o",
                    "d.safetensors"],
         "cross": ["lora", "bake", "qwen.safetensors", "wanlora.safetensors", "-o", "x"],
         "wan21": ["lora", "bake", "wan22.safetensors", "i2v.safetensors", "-o", "y"],
@@ -345,7 +350,8 @@ def test_cross_family_refusal_and_wan21_report_through_the_console(tmp_path: Pat
     assert "control.safetensors: is a BFL Flux control LoRA" in err
     code, _, err = res["layout"]
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "Wan transformer in the diffusers layout" in err
+    assert "fluxd.safetensors is a Flux.1 transformer in the diffusers layout" in err
+    assert "lora_unet_double_blocks_0_img_attn_qkv -> double_blocks.0.img_attn.qkv" in err
     assert "modelkit convert --layout original" in err
     assert not list(tmp_path.glob("[cd].safetensors*"))
     code, out, err = res["wan21_ok"]
@@ -378,3 +384,33 @@ def test_bare_bfl_names_bake(tmp_path: Path) -> None:
     _bake(base, lora, out)
     _check(_tensors(out), _expected(w, la, bare, 1.0, down="lora_A.weight",
                                     up="lora_B.weight"), bare)
+
+
+def test_diffusers_layout_bases_take_modules_that_land_on_one_weight(tmp_path: Path) -> None:
+    from modelkit.arch import flux
+
+    # Wan: musubi (original names) and PEFT modules, each renamed onto diffusers' weight
+    cfg = wan.small(wan.VARIANTS["t2v-1.3b"])
+    base, lora, out = (tmp_path / f"{n}.safetensors" for n in ("wd", "wl", "wo"))
+    _write_base(base, wan.transformer_keys(cfg, wan.DIFFUSERS), seed=21)
+    w = _tensors(base)
+    mods = [("lora_unet_blocks_0_self_attn_q", "blocks.0.attn1.to_q.weight", 0, None),
+            ("diffusion_model.blocks.1.ffn.0", "blocks.1.ffn.net.0.proj.weight", 0, None),
+            ("lora_unet_head_head", "proj_out.weight", 0, None)]
+    la = _write_lora(lora, w, mods, alpha=8.0, seed=22)
+    _bake(base, lora, out)
+    _check(_tensors(out), _expected(w, la, mods, 2.0), mods)
+    # Flux.1: split diffusers projections land whole on to_k / proj_mlp
+    fcfg = flux_config(hidden=256, depth=2, single=2)
+    base, lora, out = (tmp_path / f"{n}.safetensors" for n in ("fd", "fl", "fo"))
+    _write_base(base, flux.transformer_keys(fcfg, "diffusers"), seed=23)
+    w = _tensors(base)
+    mods = [("transformer.transformer_blocks.1.attn.to_k",
+             "transformer_blocks.1.attn.to_k.weight", 0, None),
+            ("transformer.single_transformer_blocks.0.proj_mlp",
+             "single_transformer_blocks.0.proj_mlp.weight", 0, None),
+            ("lora_unet_single_blocks_1_linear2", "single_transformer_blocks.1.proj_out.weight",
+             0, None)]
+    la = _write_lora(lora, w, mods, alpha=8.0, seed=24)
+    _bake(base, lora, out)
+    _check(_tensors(out), _expected(w, la, mods, 2.0), mods)

@@ -160,6 +160,20 @@ def resolved_counts(names: Iterable[str]) -> dict[str, int]:
             for arch in tabled_archs()}
 
 
+@lru_cache(maxsize=16)
+def diffusers_paths(arch: str) -> dict[tuple[str, tuple[int, int] | None], str]:
+    """``(original path, rows) -> diffusers path`` for the modules whose
+    target is one whole weight of the diffusers layout (a split q/k/v slice,
+    a renamed Linear), from the table's ``transformer.`` spellings; a fused
+    weight diffusers splits (a kohya ``qkv``) or stores reordered (Flux's
+    ``norm_out``) has none."""
+    out: dict[tuple[str, tuple[int, int] | None], str] = {}
+    for name, m in table_of(arch).items():
+        if name.startswith(PEFT_PREFIX):
+            out.setdefault((m.path, m.rows), name[len(PEFT_PREFIX):])
+    return out
+
+
 def known_name(name: str) -> bool:
     """Whether any tabled architecture knows module ``name``."""
     return any(lookup(table_of(a), name) is not None for a in tabled_archs())
@@ -212,6 +226,7 @@ def unmatched_reason(arch: str, no_target: Mapping[str, int]) -> str | None:
     return None
 
 
-__all__ = ["LoraModule", "ModuleTable", "block_of_path", "build", "diffusers_names", "flat",
+__all__ = ["LoraModule", "ModuleTable", "block_of_path", "build", "diffusers_names",
+           "diffusers_paths", "flat",
            "from_key_map", "known_name", "lookup", "module_kind", "original_names",
            "resolved_counts", "shares_names", "table_of", "tabled_archs", "unmatched_reason"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +27,12 @@ from modelkit.arch import registry
 from modelkit.arch.blocks import block_of
 from modelkit.arch.configs import UNET_PREFIX
 from modelkit.arch.lora_blocks import parse_lora_blocks
-from modelkit.arch.lora_modules import module_kind, shares_names, unmatched_reason
+from modelkit.arch.lora_modules import (
+    diffusers_paths,
+    module_kind,
+    shares_names,
+    unmatched_reason,
+)
 from modelkit.convert.base import passthrough
 from modelkit.core.step import PlannedStep, same_origins
 from modelkit.errors import CancelFlag, ModelkitError, check_cancel
@@ -123,6 +128,42 @@ def _open(use: AdapterUse, arch: str, base: str, device: str) -> Adapter:
         return as_base  # every module is also a name of the base's family
     raise ModelkitError(f"{ad.label}: is {with_article(ad.arch)} adapter but {base} is "
                         f"{with_article(arch)} checkpoint; bake an adapter made for {arch}")
+
+
+def _diffusers_remap(rep: Any, own: registry.Architecture | None
+                     ) -> dict[tuple[str, tuple[int, int] | None], str] | None:
+    """For a transformer family's base in the diffusers layout: where each
+    original-layout target lands there (:func:`diffusers_paths`); None for
+    any other base."""
+    if (own is None or own.lora is None or own.lora.modules is None
+            or rep.layout != registry.DIFFUSERS or registry.ORIGINAL not in own.layouts):
+        return None
+    return diffusers_paths(own.name)
+
+
+def _to_diffusers_layout(ad: Adapter, remap: dict[tuple[str, tuple[int, int] | None], str],
+                         base: str, arch: str) -> Adapter:
+    """``ad`` with every module's target renamed to the diffusers weight it
+    patches whole; refused in one line when a module patches a weight the
+    diffusers layout splits or reorders (a fused kohya ``qkv``)."""
+    modules, split = {}, []
+    for name, mod in ad.modules.items():
+        t = mod.target
+        assert t is not None
+        path = remap.get((t.path, t.rows))
+        if path is None:
+            split.append(f"{name} -> {t.path}")
+            continue
+        key = f"{UNET_PREFIX}{path}"
+        modules[name] = replace(mod, target=replace(
+            t, path=path, key=f"{key}.weight", bias_key=f"{key}.bias", rows=None, of=None))
+    if split:
+        label = registry.label(arch)
+        raise ModelkitError(f"{base} is {with_article(label)} transformer in the diffusers "
+                            f"layout, which splits or reorders what "
+                            f"{plural(len(split), 'module')} of {ad.label} patch (e.g. "
+                            f"{split[0]}); run `modelkit convert --layout original` first")
+    return replace(ad, modules=modules)
 
 
 def _strength(mod: AdapterModule, use: AdapterUse, blocks: dict[str, float] | None,
@@ -264,7 +305,9 @@ def bake(checkpoint: Source, adapters: Sequence[Source | AdapterUse | tuple[Any,
     kinds = ("checkpoint", "unet") if own and own.lora and own.lora.modules else ("checkpoint",)
     rep_ck = require_checkpoint(checkpoint, "lora bake", kinds)
     arch, base = rep_ck.arch, Path(source_label(checkpoint)).name
-    require_original_layout(rep_ck, base, "lora bake")
+    remap = _diffusers_remap(rep_ck, own)
+    if remap is None:
+        require_original_layout(rep_ck, base, "lora bake")
     if arch not in LORA_ARCHS and not registry.handles(arch, "lora bake"):
         raise ModelkitError(f"{base}: is {with_article(arch)} checkpoint; lora bake supports "
                             f"{', '.join(registry.handling('lora bake'))}")
@@ -275,6 +318,8 @@ def bake(checkpoint: Source, adapters: Sequence[Source | AdapterUse | tuple[Any,
         raise ModelkitError("lora bake needs at least one adapter")
     opened = [_open(u, arch, base, device) for u in uses]
     patches: dict[str, list[_Patch]] = {}
+    if remap is not None:
+        opened = [_to_diffusers_layout(ad, remap, base, arch) for ad in opened]
     reports = [_plan_adapter(ad, u, checkpoint, arch, te_weight, blocks, device, patches)
                for ad, u in zip(opened, uses, strict=True)]
     if any(r.unmatched for r in reports) and not allow_unmatched:
