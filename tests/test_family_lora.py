@@ -244,7 +244,7 @@ def test_flux_xlabs_onetrainer_and_no_alpha(tmp_path: Path) -> None:
     _check(_tensors(out), _expected(w, la, one, 0.5), one)
 
 
-def test_flux_simpletuner_lycoris_loha_on_split_rows(tmp_path: Path) -> None:
+def test_flux_simpletuner_lycoris_loha_and_lokr_on_split_rows(tmp_path: Path) -> None:
     base, w, h = _flux_base(tmp_path)
     lora, out = tmp_path / "l.safetensors", tmp_path / "o.safetensors"
     gen = torch.Generator().manual_seed(11)
@@ -254,6 +254,9 @@ def test_flux_simpletuner_lycoris_loha_on_split_rows(tmp_path: Path) -> None:
          f"{name}.hada_w2_a": torch.randn(h, 2, generator=gen) * 0.1,
          f"{name}.hada_w2_b": torch.randn(2, h, generator=gen) * 0.1,
          f"{name}.alpha": torch.tensor(4.0)}  # s = 4 / 2
+    lokr = "lycoris_single_transformer_blocks_1_attn_to_q"  # rows 0..h of linear1
+    t[f"{lokr}.lokr_w1"] = torch.randn(16, 16, generator=gen) * 0.1  # full factors: s = 1
+    t[f"{lokr}.lokr_w2"] = torch.randn(h // 16, h // 16, generator=gen) * 0.1
     save_file(t, str(lora))
     _bake(base, lora, out)
     got, key = _tensors(out), "double_blocks.0.img_attn.qkv.weight"
@@ -263,6 +266,11 @@ def test_flux_simpletuner_lycoris_loha_on_split_rows(tmp_path: Path) -> None:
     want[2 * h:3 * h] += dw
     torch.testing.assert_close(got[key], want, rtol=0, atol=1e-6)
     assert torch.equal(got[key][:2 * h], w[key][:2 * h])
+    key = "single_blocks.1.linear1.weight"
+    want = w[key].clone()
+    want[:h] += torch.kron(t[f"{lokr}.lokr_w1"], t[f"{lokr}.lokr_w2"])
+    torch.testing.assert_close(got[key], want, rtol=0, atol=1e-6)
+    assert torch.equal(got[key][h:], w[key][h:])
 
 
 # --- info, refusal, the Wan 2.1-on-2.2 report ------------------------------------------
