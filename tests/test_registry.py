@@ -25,7 +25,7 @@ OPTIONAL = {"variants", "layout_rules", "notes"}  # may be empty for any entry
 # what a family that inspect recognises but other commands refuse may leave out
 DETECT_ONLY = {"spec", "blocks", "lora", "diffusers", "gguf", "commands", "probe"}
 # a family some commands handle: the tables of the commands not done yet
-PARTIAL_ONLY = {"spec", "diffusers", "gguf"}
+PARTIAL_ONLY = {"spec", "diffusers", "gguf", "blocks", "probe"}
 
 
 def _rule_conditions(rule: Rule) -> int:
@@ -52,7 +52,7 @@ def test_every_architecture_declares_every_field(name: str) -> None:
     assert arch.verify in (registry.RENDER, registry.PROBE)
     assert arch.prediction in (registry.EPS, registry.EPS_OR_V, registry.FLOW)
     if arch.support == PARTIAL:  # its own block map and LoRA table, the commands named
-        assert arch.blocks is not None and list(arch.blocks.names) == block_names(name)
+        assert arch.blocks is None or list(arch.blocks.names) == block_names(name)
         assert arch.lora is not None and arch.lora.modules is not None
         assert arch.commands <= {"inspect", "hash", "merge", "lora bake", "lora info",
                                  "lora extract", "lora resize", "lora merge", "lora convert"}
@@ -107,10 +107,12 @@ def test_name_lists_elsewhere_are_the_registrys() -> None:
 
     full = registry.names(support=FULL)
     assert full == vocab.ARCH_NAMES
-    assert vocab.RECOGNISED_ONLY == registry.names(support=DETECT) == (
-        "sd3", "chroma", "flux2", "qwen_image", "wan", "z_image")
-    assert registry.names(support=PARTIAL) == ("flux",)
-    assert registry.handling("merge") == registry.handling("lora bake") == (*full, "flux")
+    transformers = ("sd3", "flux", "chroma", "flux2", "qwen_image", "wan", "z_image")
+    assert vocab.RECOGNISED_ONLY == registry.names(support=DETECT) == ()
+    assert registry.names(support=PARTIAL) == transformers
+    assert registry.handling("merge") == (*full, "flux")
+    assert registry.handling("lora bake") == registry.handling("lora info") == (
+        *full, *transformers)
     assert registry.handling("prune") == full
     # quantize, export-gguf and verify handle every entry declaring their table
     assert registry.handling("quantize") == registry.names()

@@ -8,6 +8,8 @@ Importing this module does not import torch.
 
 from __future__ import annotations
 
+import re
+
 from modelkit.arch.registry import REGISTRY, lora_archs
 
 # adapter tensor suffixes -> role; multi-part suffixes are tried first
@@ -40,6 +42,10 @@ _MAX_SUFFIX_DOTS = max(s.count(".") for s in SUFFIXES)
 PROCESSOR_SUFFIXES = {"_lora.down.weight": "lora.down.weight",
                       "_lora.up.weight": "lora.up.weight"}
 
+# XLabs' Flux processor LoRAs: double_blocks.0.processor.qkv_lora1.down.weight
+# (diffusers _convert_xlabs_flux_lora_to_diffusers): the module keeps its name
+XLABS_KEY = re.compile(r"^(.*\.processor\.(?:qkv|proj)_lora[12]?)\.(down|up)\.weight$")
+
 # module-name prefix -> (naming, component); "te" becomes "te1" on SDXL
 NAME_PREFIXES: tuple[tuple[str, str, str], ...] = (
     ("lora_unet_", "kohya", "unet"),
@@ -50,7 +56,9 @@ NAME_PREFIXES: tuple[tuple[str, str, str], ...] = (
     ("base_model.model.", "peft", "unet"),
     ("text_encoder_2.", "peft", "te2"),
     ("text_encoder.", "peft", "te"),
-    ("transformer.", "peft", "unet"),  # diffusers / ai-toolkit Flux.1 transformer
+    ("transformer.", "peft", "unet"),  # diffusers / ai-toolkit transformers
+    ("lora_transformer_", "onetrainer", "unet"),  # OneTrainer: diffusers paths, kohya style
+    ("lycoris_", "simpletuner", "unet"),  # SimpleTuner's LyCORIS
     ("diffusion_model.", "comfyui", "unet"),
     ("text_encoders.clip_g.", "comfyui", "te2"),
     ("text_encoders.", "comfyui", "te"),
@@ -71,6 +79,9 @@ def split_key(key: str) -> tuple[str, str] | None:
     """``(module, suffix)`` for an adapter tensor name, or None. Bare
     ``.weight`` keys (IA3) are not split here."""
     if ".processor." in key:
+        xlabs = XLABS_KEY.match(key)
+        if xlabs is not None:
+            return xlabs.group(1), f"lora.{xlabs.group(2)}.weight"
         for old, new in PROCESSOR_SUFFIXES.items():
             if key.endswith(old):
                 module = key[: -len(old)].replace(".processor.", ".")

@@ -30,6 +30,7 @@ from modelkit.arch.keys import (
     joint_attention_keys,
     linear_keys,
 )
+from modelkit.arch.lora_modules import LoraModule, build, linear_paths
 
 ORIGINAL, DIFFUSERS = "original", "diffusers"
 
@@ -115,3 +116,36 @@ def small(cfg: ChromaConfig) -> ChromaConfig:
     """``cfg`` with the same key names at a small size."""
     return replace(cfg, hidden_size=256, num_heads=2, depth=2, depth_single_blocks=2,
                    context_in_dim=64, approximator_hidden=128, approximator_layers=2)
+
+
+# --- LoRA module names ------------------------------------------------------------
+# Flux.1's names (kohya lora_unet_double_blocks_..., ComfyUI diffusion_model.
+# ..., diffusers/PEFT transformer.transformer_blocks... on row slices of the
+# fused qkv/linear1) without the per-block modulation, plus the guidance
+# approximator (diffusers' ChromaTransformer2DModel: linear_1/linear_2 for
+# in_layer/out_layer). A Flux.1 LoRA reads the same: the base decides, and
+# its modulation modules have no target in a Chroma file.
+
+
+def lora_modules(cfg: ChromaConfig | None = None) -> dict[str, LoraModule]:
+    """Adapter module name (every spelling) -> :class:`LoraModule`."""
+    from modelkit.arch.flux import FluxConfig
+    from modelkit.arch.flux import _diffusers_modules as flux_diffusers
+
+    cfg = cfg or ChromaConfig()
+    keys = transformer_keys(cfg)
+    paths = set(linear_paths(keys.items()))
+    like = FluxConfig(in_channels=cfg.in_channels, hidden_size=cfg.hidden_size,
+                      num_heads=cfg.num_heads, depth=cfg.depth,
+                      depth_single_blocks=cfg.depth_single_blocks, guidance_embed=False)
+    shared = [(n, m) for n, m in flux_diffusers(like) if m.path in paths]
+    p = "distilled_guidance_layer"
+    approx = [(f"{p}.{name}", LoraModule(f"{p}.{name}")) for name in ("in_proj", "out_proj")]
+    for i in range(cfg.approximator_layers):
+        approx += [(f"{p}.layers.{i}.linear_1", LoraModule(f"{p}.layers.{i}.in_layer")),
+                   (f"{p}.layers.{i}.linear_2", LoraModule(f"{p}.layers.{i}.out_layer"))]
+    return build(keys.items(), shared + approx)
+
+
+LORA_MODULE_PREFIXES = tuple(f"{p}distilled_guidance_layer{s}" for p, s in (
+    ("lora_unet_", "_"), ("diffusion_model.", "."), ("transformer.", "."), ("", ".")))

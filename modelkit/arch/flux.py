@@ -28,6 +28,17 @@ from modelkit.arch.keys import (
     text_encoder_keys,
     vae_keys,
 )
+from modelkit.arch.lora_modules import (
+    COMFY_PREFIX,
+    KOHYA_PREFIX,
+    LYCORIS_PREFIX,
+    ONETRAINER_PREFIX,
+    PEFT_MODEL_PREFIX,
+    PEFT_PREFIX,
+    LoraModule,
+    diffusers_names,
+    flat,
+)
 
 ORIGINAL, DIFFUSERS = "original", "diffusers"
 
@@ -259,25 +270,15 @@ def preset(name: str) -> dict[str, float]:
 # ``flux_to_diffusers``). ``norm_out.linear`` is left out: diffusers stores
 # final_layer.adaLN_modulation.1 with its shift and scale halves swapped.
 
-KOHYA_PREFIX, COMFY_PREFIX, PEFT_PREFIX = "lora_unet_", "diffusion_model.", "transformer."
-PEFT_MODEL_PREFIX = "base_model.model."  # PEFT's own spelling (fal's Kontext LoRAs)
+# the prefixes and LoraModule live in modelkit.arch.lora_modules (shared by
+# every transformer family) and are re-exported here.
 # module-name prefixes no SD adapter has: they tell a Flux.1 adapter
 LORA_MODULE_PREFIXES = (f"{KOHYA_PREFIX}{DOUBLE}_", f"{KOHYA_PREFIX}{SINGLE}_",
                         f"{COMFY_PREFIX}{DOUBLE}.", f"{COMFY_PREFIX}{SINGLE}.",
                         *(f"{p}{b}." for p in (PEFT_PREFIX, PEFT_MODEL_PREFIX)
-                          for b in ("transformer_blocks", "single_transformer_blocks")))
-
-
-@dataclass(frozen=True)
-class LoraModule:
-    """Where one Flux adapter module lands: the transformer ``path`` (BFL
-    layout, without ``.weight``) and, for a split diffusers projection, the
-    row slice ``[start, stop)`` of that fused weight of ``of`` rows (at the
-    size of the config the table was made for; scale by the real rows)."""
-
-    path: str
-    rows: tuple[int, int] | None = None
-    of: int | None = None
+                          for b in ("transformer_blocks", "single_transformer_blocks")),
+                        f"{ONETRAINER_PREFIX}single_transformer_blocks_",
+                        f"{LYCORIS_PREFIX}single_transformer_blocks_")
 
 
 def _diffusers_modules(cfg: FluxConfig) -> Iterator[tuple[str, LoraModule]]:
@@ -317,16 +318,47 @@ def _diffusers_modules(cfg: FluxConfig) -> Iterator[tuple[str, LoraModule]]:
         yield f"{b}.norm.linear", LoraModule(f"{o}.modulation.lin")
 
 
+def _xlabs_modules(cfg: FluxConfig) -> Iterator[tuple[str, LoraModule]]:
+    """XLabs' attention-processor LoRAs (x-flux; diffusers
+    ``_convert_xlabs_flux_lora_to_diffusers``, ComfyUI comfy/lora_convert.py
+    ``convert_uso_lora``): ``qkv_lora1``/``proj_lora1`` patch the image
+    stream, ``qkv_lora2``/``proj_lora2`` the text stream; a single block's
+    ``qkv_lora`` patches the q/k/v rows of ``linear1``, ``proj_lora`` its
+    ``linear2``. The files carry no alpha (scale 1, as diffusers reads them)."""
+    h, fused = cfg.hidden_size, 3 * cfg.hidden_size + cfg.mlp_hidden
+    for i in range(cfg.depth):
+        b = f"{DOUBLE}.{i}"
+        for n, s in (("1", "img"), ("2", "txt")):
+            yield f"{b}.processor.qkv_lora{n}", LoraModule(f"{b}.{s}_attn.qkv")
+            yield f"{b}.processor.proj_lora{n}", LoraModule(f"{b}.{s}_attn.proj")
+    for i in range(cfg.depth_single_blocks):
+        b = f"{SINGLE}.{i}"
+        yield f"{b}.processor.qkv_lora", LoraModule(f"{b}.linear1", (0, 3 * h), fused)
+        yield f"{b}.processor.proj_lora", LoraModule(f"{b}.linear2")
+
+
 def lora_modules(cfg: FluxConfig | None = None) -> dict[str, LoraModule]:
-    """Adapter module name (kohya, ComfyUI and diffusers/PEFT spellings) ->
-    :class:`LoraModule`, for every Linear of the transformer (default: the
-    full-size dev config, which names every block any Flux.1 file has)."""
+    """Adapter module name (kohya, ComfyUI, SimpleTuner LyCORIS, diffusers/PEFT,
+    OneTrainer and XLabs spellings) -> :class:`LoraModule`, for every Linear
+    of the transformer (default: the full-size dev config, which names every
+    block any Flux.1 file has)."""
     cfg = cfg or VARIANTS["dev"]
     out: dict[str, LoraModule] = {}
     for key, shape in _original(cfg):
         if key.endswith(".weight") and len(shape) == 2:
             path = key.removesuffix(".weight")
-            out[KOHYA_PREFIX + path.replace(".", "_")] = LoraModule(path)
+            out[KOHYA_PREFIX + flat(path)] = LoraModule(path)
             out[COMFY_PREFIX + path] = LoraModule(path)
-    out.update((PEFT_PREFIX + n, m) for n, m in _diffusers_modules(cfg))
+            out[LYCORIS_PREFIX + flat(path)] = LoraModule(path)
+            out[path] = LoraModule(path)  # bare BFL names
+    for name, m in _diffusers_modules(cfg):
+        for spelled in diffusers_names(name):
+            out.setdefault(spelled, m)
+    for name, m in _xlabs_modules(cfg):
+        out[name] = m
+        out[COMFY_PREFIX + name] = m
     return out
+
+
+__all__ = ["COMFY_PREFIX", "KOHYA_PREFIX", "LYCORIS_PREFIX", "ONETRAINER_PREFIX",
+           "PEFT_MODEL_PREFIX", "PEFT_PREFIX", "LoraModule", "lora_modules"]

@@ -30,6 +30,7 @@ from modelkit.arch.keys import (
     joint_attention_keys,
     linear_keys,
 )
+from modelkit.arch.lora_modules import LoraModule, build
 
 ORIGINAL, DIFFUSERS = "original", "diffusers"
 
@@ -116,3 +117,57 @@ def small(cfg: Flux2Config) -> Flux2Config:
     """``cfg`` with the same key names at a small size."""
     return replace(cfg, hidden_size=256, num_heads=2, depth=2, depth_single_blocks=2,
                    context_in_dim=64)
+
+
+# --- LoRA module names ------------------------------------------------------------
+# kohya/musubi and ComfyUI name BFL's paths (double_blocks, single_blocks, the
+# shared modulations), as for Flux.1; diffusers/PEFT name Flux2Transformer2DModel
+# (diffusers _convert_non_diffusers_flux2_lora_to_diffusers): split q/k/v on
+# row slices of the fused qkv, ff.linear_in/linear_out for the MLP, the single
+# blocks' fused to_qkv_mlp_proj is linear1 whole.
+
+
+def _diffusers_modules(cfg: Flux2Config) -> Iterator[tuple[str, LoraModule]]:
+    h = cfg.hidden_size
+    t = "time_guidance_embed"
+    stems = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
+             f"{t}.timestep_embedder.linear_1": "time_in.in_layer",
+             f"{t}.timestep_embedder.linear_2": "time_in.out_layer",
+             f"{t}.guidance_embedder.linear_1": "guidance_in.in_layer",
+             f"{t}.guidance_embedder.linear_2": "guidance_in.out_layer",
+             "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
+             "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
+             "single_stream_modulation.linear": "single_stream_modulation.lin"}
+    for name, path in stems.items():
+        yield name, LoraModule(path)
+    for i in range(cfg.depth):
+        b, o = f"transformer_blocks.{i}", f"double_blocks.{i}"
+        for s, (projs, out, ff) in {
+                "img": (("to_q", "to_k", "to_v"), "to_out.0", "ff"),
+                "txt": (("add_q_proj", "add_k_proj", "add_v_proj"), "to_add_out",
+                        "ff_context")}.items():
+            for j, p in enumerate(projs):
+                yield f"{b}.attn.{p}", LoraModule(f"{o}.{s}_attn.qkv", (j * h, (j + 1) * h),
+                                                  3 * h)
+            yield f"{b}.attn.{out}", LoraModule(f"{o}.{s}_attn.proj")
+            yield f"{b}.{ff}.linear_in", LoraModule(f"{o}.{s}_mlp.0")
+            yield f"{b}.{ff}.linear_out", LoraModule(f"{o}.{s}_mlp.2")
+    for i in range(cfg.depth_single_blocks):
+        b, o = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
+        yield f"{b}.attn.to_qkv_mlp_proj", LoraModule(f"{o}.linear1")
+        yield f"{b}.attn.to_out", LoraModule(f"{o}.linear2")
+
+
+def lora_modules(cfg: Flux2Config | None = None) -> dict[str, LoraModule]:
+    """Adapter module name (every spelling) -> :class:`LoraModule`."""
+    cfg = cfg or Flux2Config()
+    return build(transformer_keys(cfg).items(), _diffusers_modules(cfg))
+
+
+# names only Flux.2 has: the shared modulations, diffusers' fused single projection
+LORA_MODULE_PREFIXES = (
+    "lora_unet_double_stream_modulation_", "lora_unet_single_stream_modulation",
+    "diffusion_model.double_stream_modulation_", "diffusion_model.single_stream_modulation",
+    "transformer.single_transformer_blocks.*.attn.to_qkv_mlp_proj",
+    "transformer.transformer_blocks.*.ff.linear_in",
+    "transformer.transformer_blocks.*.ff_context.linear_in")

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from modelkit.arch.keys import KeyShapes, Shape, joint_attention_keys, linear_keys
+from modelkit.arch.lora_modules import LoraModule, build, linear_paths
 
 
 @dataclass(frozen=True)
@@ -68,3 +69,26 @@ def small(cfg: QwenImageConfig) -> QwenImageConfig:
     """``cfg`` with the same key names at a small size (two blocks, width 256,
     head width 128 as at full size)."""
     return replace(cfg, num_layers=2, num_heads=2, joint_attention_dim=64)
+
+
+# --- LoRA module names ------------------------------------------------------------
+# One layout (diffusers' names, which ComfyUI keeps): kohya/musubi
+# lora_unet_transformer_blocks_0_attn_to_q, ComfyUI/DiffSynth
+# diffusion_model.transformer_blocks... or bare transformer_blocks..., PEFT
+# transformer.transformer_blocks..., SimpleTuner lycoris_ (ComfyUI comfy/lora.py
+# model_lora_keys_unet, QwenImage branch; diffusers
+# _convert_non_diffusers_qwen_lora_to_diffusers).
+
+
+def lora_modules(cfg: QwenImageConfig | None = None) -> dict[str, LoraModule]:
+    """Adapter module name (every spelling) -> :class:`LoraModule`."""
+    keys = transformer_keys(cfg or QwenImageConfig())
+    return build(keys.items(), ((p, LoraModule(p)) for p in linear_paths(keys.items())))
+
+
+# blocks only Qwen-Image's MMDiT has: per-stream MLPs and modulation
+LORA_MODULE_PREFIXES = tuple(f"{p}transformer_blocks.*.{m}" for p in (
+    "", "diffusion_model.", "transformer.", "base_model.model.")
+    for m in ("img_mlp.", "txt_mlp.", "img_mod.", "txt_mod.")) + tuple(
+    f"{p}transformer_blocks_*_{m}" for p in ("lora_unet_", "lycoris_", "lora_transformer_")
+    for m in ("img_mlp_", "txt_mlp_", "img_mod_", "txt_mod_"))

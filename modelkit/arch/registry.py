@@ -29,10 +29,16 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from modelkit.arch import blocks as _blocks
+from modelkit.arch import chroma as _chroma
 from modelkit.arch import flux as _flux
+from modelkit.arch import flux2 as _flux2
 from modelkit.arch import gguf as _gguf
 from modelkit.arch import parts as _parts
 from modelkit.arch import probes as _probes
+from modelkit.arch import qwen_image as _qwen
+from modelkit.arch import sd3 as _sd3
+from modelkit.arch import wan as _wan
+from modelkit.arch import z_image as _z_image
 from modelkit.arch.configs import (
     ARCHS,
     EMA_PREFIX,
@@ -163,7 +169,12 @@ class LoraNames:
     # a family without LDM key tables: module name -> where it lands (a
     # table of the family's own, e.g. :func:`modelkit.arch.flux.lora_modules`)
     modules: Callable[[], Mapping[str, Any]] | None = None
-    module_prefixes: tuple[str, ...] = ()  # module names only this family's adapters have
+    # module-name prefixes only this family's adapters have (``*`` stands for
+    # a block number: ``transformer_blocks.*.img_mlp.``)
+    module_prefixes: tuple[str, ...] = ()
+    # families whose LoRAs use the same module names (a Flux.1 LoRA on
+    # Chroma): the base file decides, and a module with no target is reported
+    shares_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -351,7 +362,7 @@ SD3_VARIANTS = (
 
 SD3 = Architecture(
     name="sd3", label="SD3", short="sd3", family="sd3", aliases=("sd3", "sd3.5", "sd35"),
-    support=DETECT,
+    support=PARTIAL, commands=frozenset({"lora bake", "lora info"}),
     detect=(Rule(keys=(_SD3_QKV, "x_embedder.proj.weight"),
                  evidence=("joint_blocks.0.context_block.attn.qkv with x_embedder.proj: "
                            "SD3 MMDiT (original layout)",)),),
@@ -362,7 +373,10 @@ SD3 = Architecture(
                 Component("clip_l", TEXT_ENCODER, "text_encoders.clip_l."),
                 Component("clip_g", TEXT_ENCODER, "text_encoders.clip_g."),
                 Component("t5xxl", TEXT_ENCODER, "text_encoders.t5xxl.")),
-    spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None, gguf=_gguf.SD3,
+    spec=None, blocks=None, prune=_NO_PRUNE, diffusers=None, gguf=_gguf.SD3,
+    lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="sd3", adapters=False,
+                   block_weights=False, modules=_sd3.lora_modules,
+                   module_prefixes=_sd3.LORA_MODULE_PREFIXES),
     default_dtype="fp16", verify=PROBE, prediction=FLOW,
     # patch, text, timestep and pooled embedders, the final layer (ComfyUI's
     # comfy/ldm/modules/diffusionmodules/mmdit.py names)
@@ -375,7 +389,8 @@ SD3 = Architecture(
 _QWEN_TXT_NORM = "txt_norm.weight"
 QWEN_IMAGE = Architecture(
     name="qwen_image", label="Qwen-Image", short="qwen", family="qwen_image",
-    aliases=("qwen_image", "qwen-image", "qwenimage"), support=DETECT,
+    aliases=("qwen_image", "qwen-image", "qwenimage"), support=PARTIAL,
+    commands=frozenset({"lora bake", "lora info"}),
     detect=(Rule(keys=(_QWEN_TXT_NORM, "img_in.weight", "txt_in.weight",
                        "transformer_blocks.0.img_mod.1.weight",
                        "transformer_blocks.0.attn.add_q_proj.weight"),
@@ -389,8 +404,10 @@ QWEN_IMAGE = Architecture(
     layouts=(DIFFUSERS,),
     layout_rules=((DIFFUSERS, Rule(keys=("transformer_blocks.0.attn.to_q.weight",))),),
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
-    spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None,
-    gguf=_gguf.QWEN_IMAGE,
+    spec=None, blocks=None, prune=_NO_PRUNE, diffusers=None, gguf=_gguf.QWEN_IMAGE,
+    lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="qwen_image", adapters=False,
+                   block_weights=False, modules=_qwen.lora_modules,
+                   module_prefixes=_qwen.LORA_MODULE_PREFIXES),
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
     # image and text inputs, timestep embedder, output norm and projection
     # (ComfyUI's comfy/ldm/qwen_image/model.py names)
@@ -420,7 +437,8 @@ def _wan_variants(q: str, img: str, k_img: str) -> tuple[Variant, ...]:
 _WAN_Q, _WAN_DIFFUSERS_Q = "blocks.0.self_attn.q.weight", "blocks.0.attn1.to_q.weight"
 WAN = Architecture(
     name="wan", label="Wan", short="wan", family="wan",
-    aliases=("wan", "wan2.1", "wan2.2", "wan21", "wan22"), support=DETECT,
+    aliases=("wan", "wan2.1", "wan2.2", "wan21", "wan22"), support=PARTIAL,
+    commands=frozenset({"lora bake", "lora info"}),
     detect=(Rule(keys=("head.modulation", _WAN_PATCH, _WAN_Q, "blocks.0.cross_attn.q.weight"),
                  evidence=("head.modulation, a 3-D patch_embedding and blocks.0.self_attn: "
                            "Wan video transformer (original layout)",)),
@@ -441,7 +459,10 @@ WAN = Architecture(
     layouts=(ORIGINAL, DIFFUSERS),
     layout_rules=((ORIGINAL, Rule(keys=(_WAN_Q,))), (DIFFUSERS, Rule(keys=(_WAN_DIFFUSERS_Q,)))),
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
-    spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None, gguf=_gguf.WAN,
+    spec=None, blocks=None, prune=_NO_PRUNE, diffusers=None, gguf=_gguf.WAN,
+    lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="wan", adapters=False,
+                   block_weights=False, modules=_wan.lora_modules,
+                   module_prefixes=_wan.LORA_MODULE_PREFIXES),
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
     # patch, text, time and image embedders and the head, in both layouts
     # (Wan-Video's wan/modules/model.py; diffusers' transformer_wan.py)
@@ -507,7 +528,8 @@ FLUX = Architecture(
     lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="flux", adapters=True,
                    block_weights=True, base_model_version="flux1", modelspec_arch="flux-1-dev",
                    modules=_flux.lora_modules,
-                   module_prefixes=_flux.LORA_MODULE_PREFIXES),
+                   module_prefixes=_flux.LORA_MODULE_PREFIXES,
+                   shares_names=("chroma", "flux2")),
     diffusers=None, gguf=_gguf.FLUX,
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
     # what city96/ComfyUI-GGUF's tools/lcpp.patch never quantizes for Flux
@@ -526,7 +548,7 @@ FLUX = Architecture(
 _CHROMA_APPROX = "distilled_guidance_layer.in_proj.weight"
 CHROMA = Architecture(
     name="chroma", label="Chroma", short="chroma", family="chroma",
-    aliases=("chroma",), support=DETECT,
+    aliases=("chroma",), support=PARTIAL, commands=frozenset({"lora bake", "lora info"}),
     detect=(Rule(keys=(_CHROMA_APPROX, _FLUX_QK_NORM, "single_blocks.0.linear1.weight"),
                  absent=("double_blocks.0.img_mod.lin.weight",),
                  evidence=("distilled_guidance_layer with Flux.1 blocks and no per-block "
@@ -542,7 +564,11 @@ CHROMA = Architecture(
     layout_rules=((ORIGINAL, Rule(keys=(_FLUX_QK_NORM,))),
                   (DIFFUSERS, Rule(keys=(_FLUX_DIFFUSERS_QK_NORM,)))),
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
-    spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
+    spec=None, blocks=None, prune=_NO_PRUNE, diffusers=None, gguf=None,
+    lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="chroma", adapters=False,
+                   block_weights=False, modules=_chroma.lora_modules,
+                   module_prefixes=_chroma.LORA_MODULE_PREFIXES,
+                   shares_names=("flux", "flux2")),
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
     # the embedders, the guidance approximator and the final layer (Flux.1's keep
     # list, both layouts)
@@ -555,7 +581,8 @@ _FLUX2_MOD = "double_stream_modulation_img.lin.weight"
 _FLUX2_DIFFUSERS_MOD = "double_stream_modulation_img.linear.weight"
 FLUX2 = Architecture(
     name="flux2", label="Flux.2", short="flux2", family="flux2",
-    aliases=("flux2", "flux.2"), support=DETECT,
+    aliases=("flux2", "flux.2"), support=PARTIAL,
+    commands=frozenset({"lora bake", "lora info"}),
     detect=(Rule(keys=(_FLUX2_MOD, "single_stream_modulation.lin.weight",
                        "double_blocks.0.img_attn.qkv.weight"),
                  evidence=("double_stream_modulation_img and single_stream_modulation "
@@ -575,7 +602,11 @@ FLUX2 = Architecture(
     layout_rules=((ORIGINAL, Rule(keys=(_FLUX2_MOD,))),
                   (DIFFUSERS, Rule(keys=(_FLUX2_DIFFUSERS_MOD,)))),
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
-    spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
+    spec=None, blocks=None, prune=_NO_PRUNE, diffusers=None, gguf=None,
+    lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="flux2", adapters=False,
+                   block_weights=False, modules=_flux2.lora_modules,
+                   module_prefixes=_flux2.LORA_MODULE_PREFIXES,
+                   shares_names=("flux", "chroma")),
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
     quant_keep=("img_in.", "txt_in.", "time_in.", "guidance_in.", "final_layer.",
                 "x_embedder.", "context_embedder.", "time_guidance_embed.", "norm_out.",
@@ -587,7 +618,8 @@ FLUX2 = Architecture(
 _ZIMAGE_CAP = "cap_embedder.1.weight"
 Z_IMAGE = Architecture(
     name="z_image", label="Z-Image", short="zimage", family="z_image",
-    aliases=("z_image", "z-image", "zimage"), support=DETECT,
+    aliases=("z_image", "z-image", "zimage"), support=PARTIAL,
+    commands=frozenset({"lora bake", "lora info"}),
     detect=(Rule(keys=(_ZIMAGE_CAP, "noise_refiner.0.adaLN_modulation.0.weight",
                        "context_refiner.0.feed_forward.w1.weight"),
                  shapes=((_ZIMAGE_CAP, 0, 3840), (_ZIMAGE_CAP, 1, 2560)),
@@ -599,7 +631,10 @@ Z_IMAGE = Architecture(
     layout_rules=((ORIGINAL, Rule(keys=("layers.0.attention.qkv.weight",))),
                   (DIFFUSERS, Rule(keys=("layers.0.attention.to_q.weight",)))),
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
-    spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
+    spec=None, blocks=None, prune=_NO_PRUNE, diffusers=None, gguf=None,
+    lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="z_image", adapters=False,
+                   block_weights=False, modules=_z_image.lora_modules,
+                   module_prefixes=_z_image.LORA_MODULE_PREFIXES),
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
     quant_keep=("x_embedder.", "all_x_embedder.", "final_layer.", "all_final_layer.",
                 "t_embedder.", "cap_embedder.", "x_pad_token", "cap_pad_token"),

@@ -26,6 +26,7 @@ from modelkit.arch.keys import (
     text_encoder_keys,
     vae_keys,
 )
+from modelkit.arch.lora_modules import LoraModule, build, from_key_map
 
 
 @dataclass(frozen=True)
@@ -117,3 +118,25 @@ def all_in_one_keys(cfg: SD3Config) -> KeyShapes:
                     for k, s in text_encoder_keys(clip).items()})
     out.update({f"{TE_PREFIX}t5xxl.transformer.{k}": s for k, s in t5xxl_keys().items()})
     return out
+
+
+# --- LoRA module names ------------------------------------------------------------
+# kohya/ComfyUI name the MMDiT's own paths (lora_unet_joint_blocks_0_x_block_attn_qkv,
+# diffusion_model.joint_blocks...); diffusers/PEFT, OneTrainer and SimpleTuner
+# name diffusers' SD3Transformer2DModel, whose split q/k/v land on row slices
+# of the fused qkv (ComfyUI comfy/lora.py model_lora_keys_unet, SD3 branch).
+# One table for every variant: SD3.5-large's 38 blocks with SD3.5-medium's attn2.
+LORA_CONFIG = SD3Config(depth=38, qk_norm=True, attn2_layers=13)
+
+
+def lora_modules(cfg: SD3Config | None = None) -> dict[str, LoraModule]:
+    """Adapter module name (every spelling) -> :class:`LoraModule`."""
+    from modelkit.arch.to_diffusers import sd3_map
+
+    cfg = cfg or LORA_CONFIG
+    keys = transformer_keys(cfg)
+    return build(keys.items(), from_key_map(sd3_map(cfg), keys))
+
+
+LORA_MODULE_PREFIXES = ("lora_unet_joint_blocks_", "diffusion_model.joint_blocks.",
+                        "lycoris_joint_blocks_")

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from modelkit.arch.keys import KeyShapes, Shape, linear_keys
+from modelkit.arch.lora_modules import LoraModule, build
 
 ORIGINAL, DIFFUSERS = "original", "diffusers"
 
@@ -151,3 +152,52 @@ def small(cfg: WanConfig) -> WanConfig:
     """``cfg`` with the same key names at a small size (two blocks, width 128)."""
     return replace(cfg, dim=128, ffn_dim=256, num_layers=2, text_dim=64, clip_dim=32,
                    vace_layers=cfg.vace_layers[:1])
+
+
+# --- LoRA module names ------------------------------------------------------------
+# musubi-tuner lora_unet_blocks_0_self_attn_q, ComfyUI diffusion_model.blocks.0.
+# self_attn.q (Wan-Video's names); diffusers/PEFT transformer.blocks.0.attn1.to_q
+# (diffusers _convert_non_diffusers_wan_lora_to_diffusers: self_attn -> attn1,
+# cross_attn -> attn2, k_img/v_img -> add_k_proj/add_v_proj, ffn.0 ->
+# ffn.net.0.proj). One table for every variant: 14B depth with the image-to-
+# video modules (k_img, v_img, img_emb) and VACE's blocks, so that a Wan 2.1
+# I2V LoRA reads as Wan and its image modules are reported when a Wan 2.2 or
+# text-to-video file has no target for them.
+LORA_CONFIG = WanConfig(dim=5120, ffn_dim=13824, num_layers=40, i2v=True,
+                        vace_layers=tuple(range(0, 40, 5)))
+# module paths only an image-to-video (Wan 2.1 I2V) file has
+I2V_ONLY = ("cross_attn.k_img", "cross_attn.v_img", "img_emb.")
+
+
+def _diffusers_modules(cfg: WanConfig) -> Iterator[tuple[str, LoraModule]]:
+    e = "condition_embedder"
+    stems = {f"{e}.time_embedder.linear_1": "time_embedding.0",
+             f"{e}.time_embedder.linear_2": "time_embedding.2",
+             f"{e}.time_proj": "time_projection.1",
+             f"{e}.text_embedder.linear_1": "text_embedding.0",
+             f"{e}.text_embedder.linear_2": "text_embedding.2",
+             f"{e}.image_embedder.ff.net.0.proj": "img_emb.proj.1",
+             f"{e}.image_embedder.ff.net.2": "img_emb.proj.3", "proj_out": "head.head"}
+    for name, path in stems.items():
+        yield name, LoraModule(path)
+    for i in range(cfg.num_layers):
+        b = f"blocks.{i}"
+        for attn, orig in (("attn1", "self_attn"), ("attn2", "cross_attn")):
+            for p, o in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "o")):
+                yield f"{b}.{attn}.{p}", LoraModule(f"{b}.{orig}.{o}")
+        yield f"{b}.attn2.add_k_proj", LoraModule(f"{b}.cross_attn.k_img")
+        yield f"{b}.attn2.add_v_proj", LoraModule(f"{b}.cross_attn.v_img")
+        yield f"{b}.ffn.net.0.proj", LoraModule(f"{b}.ffn.0")
+        yield f"{b}.ffn.net.2", LoraModule(f"{b}.ffn.2")
+
+
+def lora_modules(cfg: WanConfig | None = None) -> dict[str, LoraModule]:
+    """Adapter module name (every spelling) -> :class:`LoraModule`."""
+    cfg = cfg or LORA_CONFIG
+    return build(transformer_keys(cfg).items(), _diffusers_modules(cfg))
+
+
+LORA_MODULE_PREFIXES = tuple(f"{p}blocks{s}*{s}{m}" for p, s in (
+    ("lora_unet_", "_"), ("lora_unet__", "_"), ("lycoris_", "_"), ("diffusion_model.", "."),
+    ("", "."), ("transformer.", "."), ("base_model.model.", "."))
+    for m in ("self_attn", "cross_attn", "ffn", "attn1", "attn2"))

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from modelkit.arch.keys import KeyShapes, Shape, linear_keys
+from modelkit.arch.lora_modules import LoraModule, build, linear_paths
 
 ORIGINAL, DIFFUSERS = "original", "diffusers"
 
@@ -106,3 +107,39 @@ def transformer_keys(cfg: ZImageConfig, layout: str = ORIGINAL) -> KeyShapes:
 def small(cfg: ZImageConfig) -> ZImageConfig:
     """``cfg`` with the same key names at a small size."""
     return replace(cfg, dim=256, num_heads=2, num_layers=2, cap_feat_dim=64)
+
+
+# --- LoRA module names ------------------------------------------------------------
+# Trainers write diffusers' ZImageTransformer2DModel names under every prefix
+# (kohya lora_unet_layers_0_attention_to_q, ComfyUI diffusion_model.layers.0.
+# attention.to_q, PEFT transformer.layers...: diffusers
+# _convert_non_diffusers_z_image_lora_to_diffusers); the original layout fuses
+# q/k/v into attention.qkv (their row slices) and calls to_out.0 attention.out.
+
+
+def _diffusers_modules(cfg: ZImageConfig) -> Iterator[tuple[str, LoraModule]]:
+    d, p = cfg.dim, cfg.patch
+    renamed = {f"all_x_embedder.{p}-1": "x_embedder",
+               f"all_final_layer.{p}-1.linear": "final_layer.linear",
+               f"all_final_layer.{p}-1.adaLN_modulation.1": "final_layer.adaLN_modulation.1"}
+    for path in linear_paths(_transformer(cfg, DIFFUSERS)):
+        a, _, proj = path.rpartition(".attention.")
+        if proj in ("to_q", "to_k", "to_v"):
+            j = ("to_q", "to_k", "to_v").index(proj)
+            yield path, LoraModule(f"{a}.attention.qkv", (j * d, (j + 1) * d), 3 * d)
+        elif proj == "to_out.0":
+            yield path, LoraModule(f"{a}.attention.out")
+        else:
+            yield path, LoraModule(renamed.get(path, path))
+
+
+def lora_modules(cfg: ZImageConfig | None = None) -> dict[str, LoraModule]:
+    """Adapter module name (every spelling) -> :class:`LoraModule`."""
+    cfg = cfg or ZImageConfig()
+    return build(transformer_keys(cfg).items(), _diffusers_modules(cfg), native=True)
+
+
+LORA_MODULE_PREFIXES = tuple(f"{p}{b}" for p, s in (
+    ("lora_unet_", "_"), ("lycoris_", "_"), ("diffusion_model.", "."), ("transformer.", "."),
+    ("", ".")) for b in (f"layers{s}*{s}attention{s}", f"layers{s}*{s}feed_forward{s}",
+                         f"noise_refiner{s}", f"context_refiner{s}"))

@@ -66,7 +66,11 @@ def _bake_lines(r: Any) -> list[str]:
     for a in r.adapters:
         out.append(f"  {shown(a.file)} ({a.format}, {a.arch}): "
                    f"{lora_weights(a.weight, a.te_weight)}; {plural(a.n_modules, 'module')}, "
-                   f"{plural(a.keys_touched, 'key')} touched")
+                   f"{plural(a.keys_touched, 'key')} touched; alpha from "
+                   f"{a.alpha_source or 'no module'}")
+        if a.no_target:
+            kinds = ", ".join(f"{n} {kind}" for kind, n in a.no_target.items())
+            out.append(f"  no target in the base: {kinds}")
         out += _listed("  unmatched keys (not applied)", a.unmatched)
     return out
 
@@ -188,7 +192,8 @@ def _convert_lines(r: Any) -> list[str]:
 def _info_lines(r: Any) -> list[str]:
     out = [f"{shown(r.file)}: {r.format} for {r.arch} ({r.naming} names), "
            f"{plural(len(r.layers), 'module')}, "
-           f"{plural(len(r.keys_touched), 'checkpoint key')} touched"]
+           f"{plural(len(r.keys_touched), 'checkpoint key')} touched; alpha from "
+           f"{r.alpha_source or 'no module'}"]
     head = "relative to base" if r.base else "‖ΔW‖"
     out.append(f"per block ({head}):")
     width = max([6, *(len(n) for n, b in r.blocks.items() if b.n_modules)])

@@ -20,6 +20,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from fnmatch import fnmatchcase
 from typing import Any
 
 from modelkit.arch import registry
@@ -34,6 +35,7 @@ from modelkit.arch.adapter_keys import (
     split_key,
 )
 from modelkit.arch.configs import ARCHS
+from modelkit.arch.lora_modules import known_name, resolved_counts
 from modelkit.arch.lora_names import resolve_module
 from modelkit.io.header import TensorInfo
 from modelkit.jsontypes import JSONDict
@@ -84,6 +86,10 @@ def _classify(module: str) -> tuple[str, str] | None:
     for prefix, naming, component in NAME_PREFIXES:
         if module.startswith(prefix):
             return naming, component
+    if ".processor." in module and known_name(module):
+        return "xlabs", "unet"
+    if known_name(module):  # a transformer family's own path, bare (DiffSynth, BFL)
+        return "native", "unet"
     return None
 
 
@@ -260,14 +266,39 @@ def _decide_arch(clues: list[Clue]) -> tuple[str, list[str]]:
     return "unknown", evidence
 
 
+def _prefix_hits(names: list[str], prefixes: tuple[str, ...]) -> list[str]:
+    """The names matching a family's module prefixes (``*``: a block number)."""
+    globs = [p + "*" for p in prefixes]
+    return [n for n in names if any(fnmatchcase(n, g) for g in globs)]
+
+
+def _own_names_arch(names: list[str]) -> tuple[str, list[str]] | None:
+    """A family with its own module table (the transformer families): the one
+    whose table resolves most of ``names``, ties going to the one whose
+    distinctive prefixes match most, then to registry order; None when no
+    table resolves any and no prefix matches."""
+    counts = resolved_counts(names)
+    scored = []
+    for i, arch in enumerate(registry.REGISTRY.values()):
+        prefixes = arch.lora.module_prefixes if arch.lora else ()
+        hits = _prefix_hits(names, prefixes) if prefixes else []
+        if counts.get(arch.name, 0) or hits:
+            scored.append((counts.get(arch.name, 0), len(hits), -i, arch, hits))
+    if not scored:
+        return None
+    n, _, _, arch, hits = max(scored, key=lambda t: t[:3])
+    why = [f"{n} of {len(names)} module names are {arch.label} transformer modules"]
+    if hits:
+        why.append(f"module names like {hits[0]}: {arch.label} transformer blocks")
+    return arch.name, why
+
+
 def guess_arch(modules: dict[str, _Module], metadata: dict[str, str]) -> tuple[
         str, list[str]]:
     """The architecture the adapter's modules and metadata agree on, with reasons."""
-    for arch in registry.REGISTRY.values():  # a family whose module names are its own
-        prefixes = arch.lora.module_prefixes if arch.lora else ()
-        hit = next((n for n in modules if n.startswith(prefixes)), None) if prefixes else None
-        if hit is not None:
-            return arch.name, [f"module names like {hit}: {arch.label} transformer blocks"]
+    own = _own_names_arch(list(modules))
+    if own is not None:
+        return own
     clues = (_name_clues(modules) + _metadata_clues(metadata) + _width_clues(modules)
              + _layout_clues(modules) + _resolution_clue(modules))
     return _decide_arch(clues)

@@ -44,10 +44,12 @@ def require_original_layout(rep: ModelReport, where: str, what: str) -> None:
     from modelkit.arch import registry
 
     arch = registry.get(rep.arch)
-    if arch is not None and arch.spec is None and rep.layout == registry.DIFFUSERS:
+    if (arch is not None and arch.spec is None and rep.layout == registry.DIFFUSERS
+            and registry.ORIGINAL in arch.layouts):  # Qwen-Image has one layout
         raise ModelkitError(f"{where} is {with_article(arch.label)} transformer in the "
                             f"diffusers layout; {what} handles the original (BFL/ComfyUI) "
-                            "layout only (ComfyUI's diffusion_models files)")
+                            "layout only (ComfyUI's diffusion_models files); run `modelkit "
+                            "convert --layout original` first")
 
 
 def require_checkpoint(source: Source, what: str, kinds: tuple[str, ...] = ("checkpoint",)

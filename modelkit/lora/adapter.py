@@ -13,6 +13,7 @@ A kohya ``lora_te_`` name on SDXL means the first text encoder.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING
 from modelkit.arch import registry
 from modelkit.arch.adapter_keys import ALGO_SUFFIXES, split_key
 from modelkit.arch.configs import ARCHS, ArchSpec
+from modelkit.arch.lora_modules import lookup, table_of
 from modelkit.arch.lora_names import (
     NAMINGS,
     ModuleTarget,
@@ -84,6 +86,16 @@ class Adapter:
         """Read one tensor of the adapter."""
         return self.source.get(key)
 
+    def alpha_source(self, mod: AdapterModule) -> str:
+        """Where the module's alpha comes from: its ``alpha`` tensor (or a
+        ``scale`` tensor), the header metadata (lora_alpha / r), or none
+        (alpha = rank: scale 1)."""
+        if "scale" in mod.keys:
+            return "scale tensor"
+        if "alpha" in mod.keys:
+            return "tensor"
+        return "header metadata" if mod.peft_scale is not None else "none (alpha = rank)"
+
     def alpha(self, mod: AdapterModule) -> float | None:
         """The module's stored alpha (None when absent)."""
         key = mod.keys.get("alpha")
@@ -144,16 +156,15 @@ def _aliases(name: str, spec: ArchSpec) -> list[str]:
     return out
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=8)
 def _own_table(arch: str) -> dict[str, ModuleTarget]:
     """Module name -> target for a family that declares its own LoRA module
-    table in the registry (Flux.1: kohya, ComfyUI and diffusers/PEFT names)."""
+    table in the registry (the transformer families: every spelling of
+    :mod:`modelkit.arch.lora_modules`)."""
     from modelkit.arch.configs import UNET_PREFIX
 
-    entry = registry.REGISTRY[arch]
-    assert entry.lora is not None and entry.lora.modules is not None
     out = {}
-    for name, m in entry.lora.modules().items():
+    for name, m in table_of(arch).items():
         out[name] = ModuleTarget(name=name, component="unet", path=m.path, group="transformer",
                                  key=f"{UNET_PREFIX}{m.path}.weight", shape=(),
                                  rows=m.rows, bias_key=f"{UNET_PREFIX}{m.path}.bias", of=m.of)
@@ -167,14 +178,12 @@ def _own_names(arch: str) -> bool:
 
 def resolve_target(arch: str, name: str) -> ModuleTarget | None:
     """The checkpoint weight adapter module ``name`` patches in ``arch``
-    (``sd1``, ``sd2``, ``sdxl``; ``flux`` for bake), under any naming; None
-    when unknown. A Flux.1 target's key is under ``model.diffusion_model.``
-    (bake finds it in a bare transformer file too)."""
+    (``sd1``, ``sd2``, ``sdxl``; a transformer family with its own module
+    table), under any naming; None when unknown. A transformer target's key
+    is under ``model.diffusion_model.`` (bake finds it in a bare
+    transformer file too)."""
     if _own_names(arch):
-        table = _own_table(arch)
-        if name.startswith("base_model.model."):  # PEFT's spelling of diffusers' transformer.
-            name = "transformer." + name.removeprefix("base_model.model.")
-        return table.get(name)
+        return lookup(_own_table(arch), name)
     if arch not in LORA_ARCHS:
         return None
     table = _name_table(arch)
@@ -208,6 +217,26 @@ def _peft_scales(metadata: dict[str, str]) -> dict[str, tuple[float, float, dict
     return out
 
 
+def _plain_scale(metadata: dict[str, str]) -> float | None:
+    """``lora_alpha / r`` from plain header metadata (``lora_alpha`` and
+    ``r``, or one namespace's ``transformer.lora_alpha`` and
+    ``transformer.r``), as Comfy-Org/ComfyUI PR #15830 reads it: only when
+    exactly one complete, valid pair is there."""
+    pairs = set()
+    for key, text in metadata.items():
+        ns, _, field = key.rpartition(".")
+        if field != "lora_alpha":
+            continue
+        r_text = metadata.get(f"{ns}.r" if ns else "r")
+        try:
+            alpha, r = float(text), float(r_text) if r_text is not None else 0.0
+        except ValueError:
+            continue
+        if r > 0 and math.isfinite(alpha):
+            pairs.add(alpha / r)
+    return pairs.pop() if len(pairs) == 1 else None
+
+
 def _pattern(table: dict, path: str, default: float) -> float:
     for pattern, value in table.items():
         if path == pattern or path.endswith("." + pattern):
@@ -225,6 +254,20 @@ def _peft_scale(name: str, scales: dict[str, tuple[float, float, dict, dict]]
     return None
 
 
+def _refuse_control_lora(source: Source, name: str) -> None:
+    """A BFL Flux control LoRA (Canny, Depth) carries full ``query_norm`` /
+    ``key_norm`` scales and an ``img_in`` LoRA that widens the input beside
+    its LoRA modules; ComfyUI (comfy/lora_convert.py
+    ``convert_lora_bfl_control``) replaces those weights and reshapes
+    ``img_in``, which a bake into a checkpoint of the plain width cannot do."""
+    keys = source.infos
+    if "img_in.lora_A.weight" in keys and any(k.endswith(("query_norm.scale", "key_norm.scale"))
+                                              for k in keys):
+        raise ModelkitError(f"{name}: is a BFL Flux control LoRA (Canny/Depth: it replaces "
+                            "the query_norm/key_norm scales and widens img_in); lora bake "
+                            "does not apply it, load it in ComfyUI instead")
+
+
 UNAPPLIED_SUFFIXES = ("bias_indices", "bias_values", "bias_size")
 
 
@@ -238,8 +281,9 @@ def open_adapter(source: Source, arch: str | None = None) -> Adapter:
     """
     from modelkit.inspect.adapters import detect_adapter
 
-    info = detect_adapter(source.infos, source.metadata)
     name = Path(source_label(source)).name
+    _refuse_control_lora(source, name)
+    info = detect_adapter(source.infos, source.metadata)
     if info is None:
         raise ModelkitError(f"{name}: is not a LoRA/LyCORIS/PEFT adapter (no adapter "
                             "tensor names found)")
@@ -248,6 +292,7 @@ def open_adapter(source: Source, arch: str | None = None) -> Adapter:
     modules: dict[str, AdapterModule] = {}
     unmatched = list(loose)
     scales = _peft_scales(source.metadata)
+    plain = None if scales else _plain_scale(source.metadata)
     for mod_name, keys in groups.items():
         # LyCORIS sparse bias: read as adapter keys, but not applied; listed, never dropped
         unmatched += [keys.pop(s) for s in UNAPPLIED_SUFFIXES if s in keys]
@@ -256,8 +301,9 @@ def open_adapter(source: Source, arch: str | None = None) -> Adapter:
         if algo is None or target is None:
             unmatched += keys.values()
             continue
+        scale = _peft_scale(mod_name, scales)
         modules[mod_name] = AdapterModule(mod_name, algo, keys, target,
-                                          _peft_scale(mod_name, scales))
+                                          plain if scale is None else scale)
     ad = Adapter(source, info.arch, info.format, info.naming, modules, sorted(unmatched),
                  info.arch_evidence)
     from modelkit.lora.validate import validate_adapter

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,12 @@ from modelkit.arch import registry
 from modelkit.arch.blocks import block_of
 from modelkit.arch.configs import UNET_PREFIX
 from modelkit.arch.lora_blocks import parse_lora_blocks
+from modelkit.arch.lora_modules import (
+    diffusers_paths,
+    module_kind,
+    shares_names,
+    unmatched_reason,
+)
 from modelkit.convert.base import passthrough
 from modelkit.core.step import PlannedStep, same_origins
 from modelkit.errors import CancelFlag, ModelkitError, check_cancel
@@ -38,7 +44,7 @@ from modelkit.lora.bake_stream import check_range, chunkable, streamer
 from modelkit.lora.delta import ModuleDelta, check_fit, target_view
 from modelkit.lora.output import LORA_THREADS, storage_dtype, torch_threads
 from modelkit.numeric import CHUNK_ELEMENTS
-from modelkit.wording import agree, with_article
+from modelkit.wording import agree, plural, with_article
 
 if TYPE_CHECKING:
     import torch
@@ -72,6 +78,11 @@ class AdapterBakeReport:
     n_modules: int = 0
     keys_touched: int = 0
     unmatched: list[str] = field(default_factory=list)
+    # modules whose target weight the base lacks, grouped by kind
+    # ("cross_attn.k_img": 40), and where the module scales came from
+    no_target: dict[str, int] = field(default_factory=dict)
+    n_modules_total: int = 0
+    alpha_source: str = ""
 
 
 @dataclass
@@ -107,13 +118,52 @@ def _as_use(item: Source | AdapterUse | tuple[Any, ...]) -> AdapterUse:
 
 def _open(use: AdapterUse, arch: str, base: str, device: str) -> Adapter:
     ad = open_adapter(use.source)
-    if ad.arch not in (arch, "unknown"):
-        raise ModelkitError(f"{ad.label}: is {with_article(ad.arch)} adapter but {base} is "
-                            f"{with_article(arch)} "
-                            f"checkpoint; bake an adapter made for {arch}")
-    if ad.arch == "unknown":
-        ad = open_adapter(use.source, arch)
-    return ad
+    if ad.arch == arch:
+        return ad
+    if ad.arch == "unknown" or shares_names(ad.arch, arch):
+        return open_adapter(use.source, arch)  # the base decides what matches
+    as_base = open_adapter(use.source, arch) if registry.handles(ad.arch, "lora bake") \
+        else None
+    if as_base is not None and as_base.modules and not as_base.unmatched:
+        return as_base  # every module is also a name of the base's family
+    raise ModelkitError(f"{ad.label}: is {with_article(ad.arch)} adapter but {base} is "
+                        f"{with_article(arch)} checkpoint; bake an adapter made for {arch}")
+
+
+def _diffusers_remap(rep: Any, own: registry.Architecture | None
+                     ) -> dict[tuple[str, tuple[int, int] | None], str] | None:
+    """For a transformer family's base in the diffusers layout: where each
+    original-layout target lands there (:func:`diffusers_paths`); None for
+    any other base."""
+    if (own is None or own.lora is None or own.lora.modules is None
+            or rep.layout != registry.DIFFUSERS or registry.ORIGINAL not in own.layouts):
+        return None
+    return diffusers_paths(own.name)
+
+
+def _to_diffusers_layout(ad: Adapter, remap: dict[tuple[str, tuple[int, int] | None], str],
+                         base: str, arch: str) -> Adapter:
+    """``ad`` with every module's target renamed to the diffusers weight it
+    patches whole; refused in one line when a module patches a weight the
+    diffusers layout splits or reorders (a fused kohya ``qkv``)."""
+    modules, split = {}, []
+    for name, mod in ad.modules.items():
+        t = mod.target
+        assert t is not None
+        path = remap.get((t.path, t.rows))
+        if path is None:
+            split.append(f"{name} -> {t.path}")
+            continue
+        key = f"{UNET_PREFIX}{path}"
+        modules[name] = replace(mod, target=replace(
+            t, path=path, key=f"{key}.weight", bias_key=f"{key}.bias", rows=None, of=None))
+    if split:
+        label = registry.label(arch)
+        raise ModelkitError(f"{base} is {with_article(label)} transformer in the diffusers "
+                            f"layout, which splits or reorders what "
+                            f"{plural(len(split), 'module')} of {ad.label} patch (e.g. "
+                            f"{split[0]}); run `modelkit convert --layout original` first")
+    return replace(ad, modules=modules)
 
 
 def _strength(mod: AdapterModule, use: AdapterUse, blocks: dict[str, float] | None,
@@ -136,12 +186,16 @@ def _plan_adapter(ad: Adapter, use: AdapterUse, ckpt: Source, arch: str, te_weig
                             unmatched=list(ad.unmatched))
     base = Path(source_label(ckpt)).name
     touched: set[str] = set()
+    rep.n_modules_total = len(ad.modules)
+    rep.alpha_source = ", ".join(sorted({ad.alpha_source(m) for m in ad.modules.values()}))
     for mod in ad.modules.values():
         t = mod.target
         assert t is not None
         key = _ckpt_key(t.key, ckpt.infos)
         if key not in ckpt.infos:
             rep.unmatched += mod.keys.values()
+            kind = module_kind(t.path)
+            rep.no_target[kind] = rep.no_target.get(kind, 0) + 1
             continue
         shape = tuple(ckpt.infos[key].shape)
         row0, out, cols = target_view(shape, t.rows, t.of)
@@ -193,10 +247,27 @@ def _patches_weight(mod: AdapterModule) -> bool:
     return True
 
 
-def _unmatched_error(reports: list[AdapterBakeReport]) -> ModelkitError:
+def _no_target_line(r: AdapterBakeReport, base: str, arch: str) -> str:
+    """``160 of 240 modules match base.safetensors; 40 cross_attn.k_img, ...
+    modules have no target there`` (with the family's reason, if known)."""
+    n_missing = sum(r.no_target.values())
+    kinds = sorted(r.no_target.items(), key=lambda kv: (-kv[1], kv[0]))
+    shown = ", ".join(f"{n} {kind}" for kind, n in kinds[:LIST_LIMIT])
+    more = f" and {len(kinds) - LIST_LIMIT} more kinds" if len(kinds) > LIST_LIMIT else ""
+    why = unmatched_reason(arch, r.no_target)
+    return (f"{r.file}: {r.n_modules_total - n_missing} of "
+            f"{plural(r.n_modules_total, 'module')} match {base}; {shown}{more} "
+            f"{'module has' if n_missing == 1 else 'modules have'} no target there"
+            + (f" ({why})" if why else ""))
+
+
+def _unmatched_error(reports: list[AdapterBakeReport], base: str, arch: str
+                     ) -> ModelkitError:
     parts = []
     for r in reports:
-        if r.unmatched:
+        if r.no_target:
+            parts.append(_no_target_line(r, base, arch))
+        elif r.unmatched:
             shown = ", ".join(r.unmatched[:LIST_LIMIT])
             more = f" and {len(r.unmatched) - LIST_LIMIT} more" if len(
                 r.unmatched) > LIST_LIMIT else ""
@@ -205,7 +276,7 @@ def _unmatched_error(reports: list[AdapterBakeReport]) -> ModelkitError:
                          f"checkpoint or {'is' if n == 1 else 'are'} not applied (LyCORIS "
                          f"sparse bias) ({shown}{more})")
     return ModelkitError("; ".join(parts) + "; pass --allow-unmatched (allow_unmatched=True) "
-                         "to bake the rest and list them in the report")
+                         "to bake the matching part and list the rest in the report")
 
 
 def bake(checkpoint: Source, adapters: Sequence[Source | AdapterUse | tuple[Any, ...]], *,
@@ -234,7 +305,9 @@ def bake(checkpoint: Source, adapters: Sequence[Source | AdapterUse | tuple[Any,
     kinds = ("checkpoint", "unet") if own and own.lora and own.lora.modules else ("checkpoint",)
     rep_ck = require_checkpoint(checkpoint, "lora bake", kinds)
     arch, base = rep_ck.arch, Path(source_label(checkpoint)).name
-    require_original_layout(rep_ck, base, "lora bake")
+    remap = _diffusers_remap(rep_ck, own)
+    if remap is None:
+        require_original_layout(rep_ck, base, "lora bake")
     if arch not in LORA_ARCHS and not registry.handles(arch, "lora bake"):
         raise ModelkitError(f"{base}: is {with_article(arch)} checkpoint; lora bake supports "
                             f"{', '.join(registry.handling('lora bake'))}")
@@ -245,10 +318,12 @@ def bake(checkpoint: Source, adapters: Sequence[Source | AdapterUse | tuple[Any,
         raise ModelkitError("lora bake needs at least one adapter")
     opened = [_open(u, arch, base, device) for u in uses]
     patches: dict[str, list[_Patch]] = {}
+    if remap is not None:
+        opened = [_to_diffusers_layout(ad, remap, base, arch) for ad in opened]
     reports = [_plan_adapter(ad, u, checkpoint, arch, te_weight, blocks, device, patches)
                for ad, u in zip(opened, uses, strict=True)]
     if any(r.unmatched for r in reports) and not allow_unmatched:
-        raise _unmatched_error(reports)
+        raise _unmatched_error(reports, base, arch)
     report = BakeReport(base, arch, dtype, reports, len(patches))
     infos = {k: tensor_info(k, dtype if (dtype and i.is_float) else i.dtype, i.shape)
              for k, i in checkpoint.infos.items()}

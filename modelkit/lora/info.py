@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelkit.arch.blocks import block_names, block_of
+from modelkit.arch.lora_modules import block_of_path, shares_names
 from modelkit.errors import CancelFlag, ModelkitError
 from modelkit.io.source import Source, source_label
 from modelkit.jsontypes import JSONDict
@@ -86,6 +87,7 @@ class InfoReport:
     keys_touched: list[str] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)
     base: str | None = None
+    alpha_source: str = ""  # alpha tensor, header metadata or none (alpha = rank)
 
     def to_dict(self) -> JSONDict:
         """A JSON-ready dict (block and layer norms included)."""
@@ -128,7 +130,7 @@ def _layer(ad: Adapter, delta: ModuleDelta, base: Source | None, arch: str, ener
 
     mod, t = delta.mod, delta.mod.target
     assert t is not None
-    block = block_of(t.key, arch)
+    block = _block(t.key, t.path, arch)
     key = _base_key(t.key, base) if base is not None else t.key
     if base is not None and key in base.infos:
         shape = tuple(base.infos[key].shape)
@@ -159,6 +161,24 @@ def _layer(ad: Adapter, delta: ModuleDelta, base: Source | None, arch: str, ener
         rank, capped = _effective_rank(delta, dense, ref_sq, energy) if ref_sq else (0, False)
     return LayerInfo(mod.name, t.key, block, mod.algo, math.sqrt(max(ref_sq, 0.0)), rank,
                      capped, base_norm)
+
+
+def _has_block_map(arch: str) -> bool:
+    from modelkit.arch import registry
+
+    entry = registry.get(arch)
+    return entry is None or entry.blocks is not None or entry.spec is not None
+
+
+def _block(key: str, path: str, arch: str) -> str:
+    """The block of a module: the family's block map, or for a transformer
+    family without one its numbered block (``blocks.3``) or top-level part."""
+    return block_of(key, arch) if _has_block_map(arch) else block_of_path(path)
+
+
+def _block_order(name: str) -> tuple[str, int]:
+    head, _, num = name.partition(".")
+    return (head, int(num) if num.isdigit() else -1)
 
 
 def _base_key(key: str, base: Source) -> str:
@@ -220,7 +240,8 @@ def info(lora: Source, base: Source | None = None, *, energy: float = 0.9,
             else ("checkpoint",)
         arch = require_checkpoint(base, "lora info", kinds).arch
     ad = open_adapter(lora)
-    if arch is not None and ad.arch not in (arch, "unknown"):
+    if arch is not None and ad.arch not in (arch, "unknown") and not shares_names(ad.arch, arch) \
+            and open_adapter(lora, arch).unmatched:
         raise ModelkitError(f"{ad.label}: is {with_article(ad.arch)} adapter but the base is "
                             f"{with_article(arch)} "
                             "checkpoint")
@@ -238,7 +259,9 @@ def info(lora: Source, base: Source | None = None, *, energy: float = 0.9,
     report = InfoReport(ad.label, use, ad.format, ad.naming, energy,
                         unmatched=list(ad.unmatched),
                         base=None if base is None else getattr(base, "label", None))
-    report.blocks = {name: BlockInfo() for name in block_names(use)}
+    report.alpha_source = ", ".join(sorted({ad.alpha_source(m) for m in ad.modules.values()}))
+    if _has_block_map(use):
+        report.blocks = {name: BlockInfo() for name in block_names(use)}
     touched: set[str] = set()
     mods = list(ad.modules.values())
     for i, mod in enumerate(mods):
@@ -247,11 +270,13 @@ def info(lora: Source, base: Source | None = None, *, energy: float = 0.9,
             layer = _layer(ad, ModuleDelta(ad, mod), base, use, energy)
         report.layers.append(layer)
         touched.add(layer.key)
-        b = report.blocks[layer.block]
+        b = report.blocks.setdefault(layer.block, BlockInfo())
         b.n_modules += 1
         b.delta_sq += (layer.delta_norm or 0.0) ** 2
         b.base_sq += (layer.base_norm or 0.0) ** 2
         progress(Progress("lora info", i + 1, len(mods), "tensors", mod.name, "lora info"))
+    if not _has_block_map(use):  # numbered blocks in their order
+        report.blocks = dict(sorted(report.blocks.items(), key=lambda kv: _block_order(kv[0])))
     report.keys_touched = sorted(touched)
     return report
 
