@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from modelkit.arch import registry
+from modelkit.arch import layouts, registry
 from modelkit.arch.blocks import MAPS, block_names
 from modelkit.arch.lora_names import NAMINGS
 from modelkit.arch.registry import DETECT, FULL, PARTIAL, REGISTRY, Architecture, Rule
@@ -26,6 +26,8 @@ OPTIONAL = {"variants", "layout_rules", "notes"}  # may be empty for any entry
 DETECT_ONLY = {"spec", "blocks", "lora", "diffusers", "gguf", "commands", "probe"}
 # a family some commands handle: the tables of the commands not done yet
 PARTIAL_ONLY = {"spec", "diffusers", "gguf"}
+# a family only ``convert --layout`` handles
+CONVERT_ONLY = DETECT_ONLY - {"commands"}
 
 
 def _rule_conditions(rule: Rule) -> int:
@@ -36,7 +38,10 @@ def _rule_conditions(rule: Rule) -> int:
 def test_every_architecture_declares_every_field(name: str) -> None:
     arch = REGISTRY[name]
     assert arch.name == name and arch.support in (FULL, PARTIAL, DETECT)
-    allowed_empty = OPTIONAL | {FULL: {"commands"}, PARTIAL: PARTIAL_ONLY,
+    # a family only convert handles needs its layout map (arch/layouts.py), no table
+    convert_only = arch.commands <= {"convert", "inspect"}
+    allowed_empty = OPTIONAL | {FULL: {"commands"},
+                                PARTIAL: CONVERT_ONLY if convert_only else PARTIAL_ONLY,
                                 DETECT: DETECT_ONLY}[arch.support]
     for f in fields(Architecture):
         value = getattr(arch, f.name)
@@ -51,10 +56,14 @@ def test_every_architecture_declares_every_field(name: str) -> None:
     assert arch.default_dtype in USER_DTYPES
     assert arch.verify in (registry.RENDER, registry.PROBE)
     assert arch.prediction in (registry.EPS, registry.EPS_OR_V, registry.FLOW)
-    if arch.support == PARTIAL:  # its own block map and LoRA table, the commands named
+    if arch.support == PARTIAL and not convert_only:  # its own block map and LoRA table
         assert arch.blocks is not None and list(arch.blocks.names) == block_names(name)
         assert arch.lora is not None and arch.lora.modules is not None
-        assert arch.commands <= {"inspect", "hash", "merge", "lora bake", "lora info"}
+    if arch.support == PARTIAL:  # the commands named
+        assert arch.commands <= {"inspect", "hash", "merge", "lora bake", "lora info",
+                                 "convert"}
+    if "convert" in arch.commands:  # convert --layout: a key map of both layouts
+        assert name in layouts.MAPS and len(arch.layouts) == 2
     if arch.support == FULL:
         assert arch.blocks is not None and arch.lora is not None
         assert arch.diffusers is not None and arch.gguf is not None
@@ -106,9 +115,10 @@ def test_name_lists_elsewhere_are_the_registrys() -> None:
 
     full = registry.names(support=FULL)
     assert full == vocab.ARCH_NAMES
-    assert vocab.RECOGNISED_ONLY == registry.names(support=DETECT) == (
-        "sd3", "chroma", "flux2", "qwen_image", "wan", "z_image")
-    assert registry.names(support=PARTIAL) == ("flux",)
+    assert vocab.RECOGNISED_ONLY == registry.names(support=DETECT) == ("qwen_image",)
+    two_layouts = ("sd3", "flux", "chroma", "flux2", "wan", "z_image")
+    assert registry.names(support=PARTIAL) == two_layouts
+    assert registry.handling("convert") == (*full, *two_layouts)
     assert registry.handling("merge") == registry.handling("lora bake") == (*full, "flux")
     assert registry.handling("prune") == full
     # quantize, export-gguf and verify handle every entry declaring their table
