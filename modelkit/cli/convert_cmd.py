@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from modelkit.arch.layouts import LAYOUTS
 from modelkit.cli.common import (
     DEFAULT_COMMON,
     CommonOptions,
@@ -17,7 +18,6 @@ from modelkit.cli.common import (
     options_from,
     transform_options,
 )
-from modelkit.arch.layouts import LAYOUTS
 from modelkit.cli.progress import human_bytes
 from modelkit.textsafe import shown
 from modelkit.vocab import GGUF_FLOAT_DTYPES, GGUF_TYPES, KEEP
