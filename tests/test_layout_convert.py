@@ -310,6 +310,18 @@ def test_all_in_one_keeps_the_other_components(tmp_path: Path) -> None:
     assert _detected(out) == ("flux", "diffusers")
 
 
+def test_a_source_without_raw_reads_gives_the_same_bytes(tmp_path: Path) -> None:
+    """A pickle has no safetensors byte offsets: every tensor comes through
+    ``get`` and row slices, and the file is the one the byte route writes."""
+    path = _flux_file(tmp_path / "f.safetensors")
+    torch.save(_state(path), tmp_path / "f.ckpt")
+    streamed, sliced = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    run(Recipe.op("layout", path, output=streamed, to="diffusers"))
+    run(Recipe.op("layout", tmp_path / "f.ckpt", output=sliced, to="diffusers"))
+    a, b = _state(streamed), _state(sliced)
+    assert set(a) == set(b) and all(torch.equal(_bits(a[k]), _bits(b[k])) for k in a)
+
+
 # --- the maps against the key tables of both layouts ----------------------------------
 
 GENERATED = {  # family, config, original keys, diffusers keys
