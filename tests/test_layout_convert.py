@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_converted
 
 from modelkit.arch import chroma, flux, flux2, layouts, registry, sd3, wan, z_image
 from modelkit.arch.configs import UNET_PREFIX
@@ -30,7 +31,6 @@ from modelkit.inspect.describe import describe
 from modelkit.io.reader import open_model
 from modelkit.testing import flux_config, write_tensors
 from tests.cli_support import run_entry
-from tests.conftest import write_converted
 
 Shapes = dict[str, tuple[int, ...]]
 State = dict[str, torch.Tensor]
