@@ -418,6 +418,17 @@ def test_refusals_name_the_key_or_the_reason(tmp_path: Path) -> None:
     write_tensors(tmp_path / "shape.safetensors", keys, dtype="BF16")
     with pytest.raises(ModelkitError, match=r"'single_blocks\.0\.linear1\.bias' has shape"):
         convert_layout(open_model(tmp_path / "shape.safetensors"), "diffusers")
+    cfg = flux_config("dev", hidden=128, depth=1, single=1)
+    diff = flux.transformer_keys(cfg, "diffusers")
+    k = "transformer_blocks.0.attn.to_k.weight"
+    write_tensors(tmp_path / "mixed.safetensors", diff, dtype="BF16",
+                  overrides={k: torch.zeros(diff[k], dtype=torch.float32)})
+    with pytest.raises(ModelkitError, match=r"different dtypes \(BF16, F32\)"):
+        convert_layout(open_model(tmp_path / "mixed.safetensors"), "original")
+    del diff["single_transformer_blocks.0.proj_mlp.bias"]
+    write_tensors(tmp_path / "cut.safetensors", diff, dtype="BF16")
+    with pytest.raises(ModelkitError, match=r"has no 'single_transformer_blocks\.0\.proj_mlp"):
+        convert_layout(open_model(tmp_path / "cut.safetensors"), "original")
     vace = replace(wan.small(wan.VARIANTS["vace"]), ffn_dim=192, text_dim=32)
     write_tensors(tmp_path / "vace.safetensors", wan.transformer_keys(vace), dtype="BF16")
     with pytest.raises(ModelkitError, match="VACE"):

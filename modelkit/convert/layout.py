@@ -114,24 +114,18 @@ def plan_layout(src: Source, family: str, layout: str, to: str, variant: str | N
     inner = {k[len(prefix):]: tuple(i.shape) for k, i in src.infos.items()
              if k.startswith(prefix)}
     plan = layouts.plan(family, inner, layout, to, name)
+    segments = {prefix + k: tuple(layouts.Segment(prefix + s.key, s.start, s.stop)
+                                  for s in t.segments) for k, t in plan.items()}
+    infos = {k: tensor_info(k, _dtype(src, segs, name), plan[k[len(prefix):]].shape)
+             for k, segs in segments.items()}
     report = LayoutReport(family, variant, layout, to)
-    infos, origins, segments = {}, {}, {}
-    for key, target in plan.items():
-        segs = tuple(layouts.Segment(prefix + s.key, s.start, s.stop) for s in target.segments)
-        dtypes = {src.infos[s.key].dtype for s in segs}
-        if len(dtypes) > 1:
-            raise ModelkitError(f"{name}: the pieces of {key!r} have different dtypes "
-                                f"({', '.join(sorted(dtypes))}); cast the file to one first")
-        infos[prefix + key] = tensor_info(prefix + key, dtypes.pop(), target.shape)
-        segments[prefix + key] = segs
-        origins[prefix + key] = _origin(src, segs, report)
+    origins = {k: _origin(src, segs, report) for k, segs in segments.items()}
     kept = [k for k in src.infos if not k.startswith(prefix)] if prefix else []
-    for key in kept:
-        infos[key] = src.infos[key]
-        origins[key] = (0, key)
+    infos.update({k: src.infos[k] for k in kept})
+    origins.update({k: (0, k) for k in kept})
     report.n_kept = len(kept)
-    report.dropped = sorted(k for k in inner if prefix + k not in
-                            {s.key for segs in segments.values() for s in segs})
+    read = {s.key for segs in segments.values() for s in segs}
+    report.dropped = sorted(k for k in inner if prefix + k not in read)
     if report.dropped:
         report.notes.append(f"left out {', '.join(report.dropped)}: the model never reads "
                             "it (diffusers' converter drops it too)")
@@ -139,6 +133,16 @@ def plan_layout(src: Source, family: str, layout: str, to: str, variant: str | N
                         lambda k: _produce(src, segments.get(k), k), src.input_paths,
                         stream=_stream(src, segments, kept))
     return PlannedStep(out, report, "layout", {"to": to}, origins)
+
+
+def _dtype(src: Source, segs: tuple[layouts.Segment, ...], name: str) -> str:
+    """The one dtype of an output tensor's pieces."""
+    dtypes = sorted({src.infos[s.key].dtype for s in segs})
+    if len(dtypes) > 1:
+        raise ModelkitError(f"{name}: the pieces {', '.join(s.key for s in segs)} have "
+                            f"different dtypes ({', '.join(dtypes)}); cast the file to one "
+                            "dtype first")
+    return dtypes[0]
 
 
 def _whole(src: Source, segs: tuple[layouts.Segment, ...]) -> bool:
