@@ -52,6 +52,7 @@ EXAMPLES: dict[str, tuple[tuple[str, ...], dict]] = {
     "swap": (("sd1", "vae"), {"component": "vae"}),
     "extract": (("sdxl",), {"component": "te2"}),
     "convert": (("sd1",), {}),
+    "layout": (("flux_aio",), {"to": "diffusers"}),
     "lora_bake": (("sd1", "lora_sd1", "lora_sd1"), {"weights": [0.7, 0.4]}),
     "lora_extract": (("sd1", "sd1_b"), {"rank": 4}),
     "lora_resize": (("lora_sd1",), {"rank": 2}),
@@ -74,6 +75,8 @@ def inputs(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
     out["sd1_int8"] = int8
     out["lora_sd1"] = root / "lora_sd1.safetensors"
     write_lora(out["lora_sd1"], "sd1", seed=3)
+    out["flux_aio"] = root / "flux_aio.safetensors"
+    t.write_flux(out["flux_aio"], "schnell", hidden=128, depth=1, single=1, all_in_one=True)
     return out
 
 

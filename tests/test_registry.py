@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from modelkit.arch import registry
+from modelkit.arch import layouts, registry
 from modelkit.arch.blocks import MAPS, block_names
 from modelkit.arch.lora_names import NAMINGS
 from modelkit.arch.registry import DETECT, FULL, PARTIAL, REGISTRY, Architecture, Rule
@@ -26,6 +26,10 @@ OPTIONAL = {"variants", "layout_rules", "notes"}  # may be empty for any entry
 DETECT_ONLY = {"spec", "blocks", "lora", "diffusers", "gguf", "commands", "probe"}
 # a family some commands handle: the tables of the commands not done yet
 PARTIAL_ONLY = {"spec", "diffusers", "gguf", "blocks", "probe"}
+# every command a PARTIAL entry may list
+COMMANDS = {"inspect", "hash", "merge", "convert", "prune", "extract", "swap", "ema",
+            "library", "tui", "lora bake", "lora info", "lora extract", "lora resize",
+            "lora merge", "lora convert"}
 
 
 def _rule_conditions(rule: Rule) -> int:
@@ -54,8 +58,9 @@ def test_every_architecture_declares_every_field(name: str) -> None:
     if arch.support == PARTIAL:  # its own block map and LoRA table, the commands named
         assert arch.blocks is None or list(arch.blocks.names) == block_names(name)
         assert arch.lora is not None and arch.lora.modules is not None
-        assert arch.commands <= {"inspect", "hash", "merge", "lora bake", "lora info",
-                                 "lora extract", "lora resize", "lora merge", "lora convert"}
+        assert arch.commands <= COMMANDS
+    if "convert" in arch.commands:  # convert --layout: a key map of both layouts
+        assert name in layouts.MAPS and len(arch.layouts) == 2
     if arch.support == FULL:
         assert arch.blocks is not None and arch.lora is not None
         assert arch.diffusers is not None and arch.gguf is not None
@@ -110,7 +115,8 @@ def test_name_lists_elsewhere_are_the_registrys() -> None:
     transformers = ("sd3", "flux", "chroma", "flux2", "qwen_image", "wan", "z_image")
     assert vocab.RECOGNISED_ONLY == registry.names(support=DETECT) == ()
     assert registry.names(support=PARTIAL) == transformers
-    assert registry.handling("merge") == (*full, "flux")
+    assert registry.handling("convert") == (*full, *(t for t in transformers
+                                                     if t != "qwen_image"))
     assert registry.handling("lora bake") == registry.handling("lora info") == (
         *full, *transformers)
     assert registry.handling("prune") == full

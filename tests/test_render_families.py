@@ -104,3 +104,44 @@ def test_render_refuses_an_incomplete_transformer(files: dict[str, Path],
     write_tensors(tmp_path / "cut.safetensors", keys, dtype="F32")
     with pytest.raises(ModelkitError, match=r"transformer_blocks\.1\.attn\.to_k\.weight"):
         render_family(tmp_path / "cut.safetensors", "qwen_image", "x")
+
+
+# --- convert --layout's maps (tests/test_layout_convert.py has the round trips) ---
+
+
+def _row_coded_rows(keys: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Each tensor's value says which key and which row it is (exact in
+    float32); one column: the converters only move rows."""
+    return {k: (torch.arange(shape[0], dtype=torch.float32) + 32768.0 * i).view(
+        -1, *[1] * (len(shape) - 1)) for i, (k, shape) in enumerate(sorted(keys.items()))}
+
+
+@pytest.mark.parametrize("family", ["chroma", "flux2", "z_image", "wan"])
+def test_layout_maps_equal_diffusers_single_file_converters(family: str) -> None:
+    """The maps of convert --layout (arch/layouts.py) for the families
+    rendered nowhere here, bit for bit against diffusers' converters."""
+    from diffusers.loaders import single_file_utils as sfu
+
+    from modelkit.arch import chroma, flux2, layouts, wan, z_image
+
+    module, cfg, convert = {
+        # diffusers' Chroma converter assumes the full width (3072, MLP 4x)
+        "chroma": (chroma, replace(chroma.VARIANTS["chroma"], depth=1, depth_single_blocks=1,
+                                   approximator_layers=2),
+                   sfu.convert_chroma_transformer_checkpoint_to_diffusers),
+        "flux2": (flux2, flux2.small(flux2.VARIANTS["dev"]),
+                  sfu.convert_flux2_transformer_checkpoint_to_diffusers),
+        "z_image": (z_image, z_image.small(z_image.VARIANTS["z-image"]),
+                    sfu.convert_z_image_transformer_checkpoint_to_diffusers),
+        "wan": (wan, wan.small(wan.VARIANTS["i2v-14b"]),
+                sfu.convert_wan_transformer_to_diffusers),
+    }[family]
+    keys = {k: (s[0], *[1] * (len(s) - 1))
+            for k, s in module.transformer_keys(cfg, "original").items()}
+    state = _row_coded_rows(keys)
+    theirs = convert(dict(state))
+    plan = layouts.to_diffusers(layouts.family_map(family, keys, "original", "x"), keys, "x")
+    ours = {k: torch.cat([state[s.key][s.start:s.stop] for s in t.segments])
+            for k, t in plan.items()}
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -352,22 +352,45 @@ _NO_PRUNE = PrunePolicy(residue_prefixes=_parts.JUNK_PREFIXES)
 # SD3 / SD3.5 (Stability's MMDiT, original layout; ComfyUI's model_detection.py)
 _SD3_QKV = "joint_blocks.0.context_block.attn.qkv.weight"
 _SD3_POS = "pos_embed"
+# the diffusers layout (SD3Transformer2DModel; diffusers' single_file_utils.py
+# convert_sd3_transformer_checkpoint_to_diffusers): split to_q/to_k/to_v,
+# PatchEmbed's pos_embed.proj and pos_embed.pos_embed
+_SD3_DIFFUSERS_Q = "transformer_blocks.0.attn.to_q.weight"
+_SD3_DIFFUSERS_POS = "pos_embed.pos_embed"
+
+
+def _sd3_variants(block: str, attn2: str, pos: str) -> tuple[Variant, ...]:
+    """SD3 variants in one layout (``block``: block N's self-attention query
+    or fused qkv, ``attn2``: block 0's second self-attention, ``pos``: the
+    position table): 38 blocks, attn2 with 384x384 positions, 24 blocks with
+    192x192."""
+    return (Variant("sd3.5-large", Rule(keys=(block.format(37),))),
+            Variant("sd3.5-medium", Rule(keys=(attn2,), shapes=((pos, 1, 147456),))),
+            Variant("sd3-medium", Rule(absent=(block.format(24),),
+                                       shapes=((pos, 1, 36864),))))
+
+
 SD3_VARIANTS = (
-    Variant("sd3.5-large", Rule(keys=("joint_blocks.37.x_block.attn.qkv.weight",))),
-    Variant("sd3.5-medium", Rule(keys=("joint_blocks.0.x_block.attn2.qkv.weight",),
-                                 shapes=((_SD3_POS, 1, 147456),))),
-    Variant("sd3-medium", Rule(absent=("joint_blocks.24.x_block.attn.qkv.weight",),
-                               shapes=((_SD3_POS, 1, 36864),))),
+    *_sd3_variants("joint_blocks.{}.x_block.attn.qkv.weight",
+                   "joint_blocks.0.x_block.attn2.qkv.weight", _SD3_POS),
+    *_sd3_variants("transformer_blocks.{}.attn.to_q.weight",
+                   "transformer_blocks.0.attn2.to_q.weight", _SD3_DIFFUSERS_POS),
 )
 
 SD3 = Architecture(
     name="sd3", label="SD3", short="sd3", family="sd3", aliases=("sd3", "sd3.5", "sd35"),
-    support=PARTIAL, commands=frozenset({"lora bake", "lora info"}),
+    support=PARTIAL, commands=frozenset({"convert", "lora bake", "lora info"}),
     detect=(Rule(keys=(_SD3_QKV, "x_embedder.proj.weight"),
                  evidence=("joint_blocks.0.context_block.attn.qkv with x_embedder.proj: "
-                           "SD3 MMDiT (original layout)",)),),
-    variants=SD3_VARIANTS, layouts=(ORIGINAL,),
-    layout_rules=((ORIGINAL, Rule(keys=(_SD3_QKV,))),),
+                           "SD3 MMDiT (original layout)",)),
+            Rule(keys=(_SD3_DIFFUSERS_Q, "pos_embed.proj.weight", "context_embedder.weight",
+                       "transformer_blocks.0.norm1_context.linear.weight",
+                       "time_text_embed.text_embedder.linear_1.weight"),
+                 evidence=("transformer_blocks.0.attn.to_q with pos_embed.proj and "
+                           "time_text_embed: SD3 MMDiT (diffusers layout)",))),
+    variants=SD3_VARIANTS, layouts=(ORIGINAL, DIFFUSERS),
+    layout_rules=((ORIGINAL, Rule(keys=(_SD3_QKV,))),
+                  (DIFFUSERS, Rule(keys=(_SD3_DIFFUSERS_Q,)))),
     components=(Component("transformer", DENOISER, UNET_PREFIX),
                 Component("vae", VAE, VAE_PREFIX),
                 Component("clip_l", TEXT_ENCODER, "text_encoders.clip_l."),
@@ -438,7 +461,7 @@ _WAN_Q, _WAN_DIFFUSERS_Q = "blocks.0.self_attn.q.weight", "blocks.0.attn1.to_q.w
 WAN = Architecture(
     name="wan", label="Wan", short="wan", family="wan",
     aliases=("wan", "wan2.1", "wan2.2", "wan21", "wan22"), support=PARTIAL,
-    commands=frozenset({"lora bake", "lora info"}),
+    commands=frozenset({"convert", "lora bake", "lora info"}),
     detect=(Rule(keys=("head.modulation", _WAN_PATCH, _WAN_Q, "blocks.0.cross_attn.q.weight"),
                  evidence=("head.modulation, a 3-D patch_embedding and blocks.0.self_attn: "
                            "Wan video transformer (original layout)",)),
@@ -490,8 +513,8 @@ def _flux_variant_rules(img_in: str, guidance: str) -> tuple[Variant, ...]:
 FLUX = Architecture(
     name="flux", label="Flux.1", short="flux", family="flux",
     aliases=("flux", "flux1", "flux.1"), support=PARTIAL,
-    commands=frozenset({"inspect", "hash", "merge", "lora bake", "lora info", "lora extract",
-                        "lora resize", "lora merge", "lora convert"}),
+    commands=frozenset({"convert", "hash", "inspect", "lora bake", "lora convert",
+                        "lora extract", "lora info", "lora merge", "lora resize", "merge"}),
     # per-block modulation and the pooled-text input tell Flux.1 from Chroma
     # (distilled guidance, no vector_in) and Flux.2 (shared modulation)
     detect=(Rule(keys=(_FLUX_QK_NORM, "double_blocks.0.img_mod.lin.weight",
@@ -548,7 +571,8 @@ FLUX = Architecture(
 _CHROMA_APPROX = "distilled_guidance_layer.in_proj.weight"
 CHROMA = Architecture(
     name="chroma", label="Chroma", short="chroma", family="chroma",
-    aliases=("chroma",), support=PARTIAL, commands=frozenset({"lora bake", "lora info"}),
+    aliases=("chroma",), support=PARTIAL,
+    commands=frozenset({"convert", "lora bake", "lora info"}),
     detect=(Rule(keys=(_CHROMA_APPROX, _FLUX_QK_NORM, "single_blocks.0.linear1.weight"),
                  absent=("double_blocks.0.img_mod.lin.weight",),
                  evidence=("distilled_guidance_layer with Flux.1 blocks and no per-block "
@@ -582,7 +606,7 @@ _FLUX2_DIFFUSERS_MOD = "double_stream_modulation_img.linear.weight"
 FLUX2 = Architecture(
     name="flux2", label="Flux.2", short="flux2", family="flux2",
     aliases=("flux2", "flux.2"), support=PARTIAL,
-    commands=frozenset({"lora bake", "lora info"}),
+    commands=frozenset({"convert", "lora bake", "lora info"}),
     detect=(Rule(keys=(_FLUX2_MOD, "single_stream_modulation.lin.weight",
                        "double_blocks.0.img_attn.qkv.weight"),
                  evidence=("double_stream_modulation_img and single_stream_modulation "
@@ -619,7 +643,7 @@ _ZIMAGE_CAP = "cap_embedder.1.weight"
 Z_IMAGE = Architecture(
     name="z_image", label="Z-Image", short="zimage", family="z_image",
     aliases=("z_image", "z-image", "zimage"), support=PARTIAL,
-    commands=frozenset({"lora bake", "lora info"}),
+    commands=frozenset({"convert", "lora bake", "lora info"}),
     detect=(Rule(keys=(_ZIMAGE_CAP, "noise_refiner.0.adaLN_modulation.0.weight",
                        "context_refiner.0.feed_forward.w1.weight"),
                  shapes=((_ZIMAGE_CAP, 0, 3840), (_ZIMAGE_CAP, 1, 2560)),

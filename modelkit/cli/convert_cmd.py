@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from modelkit.arch.layouts import LAYOUTS
 from modelkit.cli.common import (
     DEFAULT_COMMON,
     CommonOptions,
@@ -209,11 +210,35 @@ def export_gguf_cmd(model: str, qtype: str, dtype: str | None, keep_shapes: bool
     "type": click.Choice(["safetensors", "diffusers"]),
     "help": "Output format (default: from the output name; a name without .safetensors "
             "is a diffusers folder)."})
-def convert_cmd(model: str, common: CommonOptions) -> None:
-    """Convert .ckpt/.pt to .safetensors (safe loader), or a diffusers folder
-    to a single original-layout file and back."""
-    _run_op("convert", [model], common, _plain_lines,
-            {"format": common.format} if common.format else None)
+@click.option("--layout", type=click.Choice(LAYOUTS), default=None,
+              help="Write the transformer in this key layout (one .safetensors file, "
+                   "tensors bit for bit): original (BFL/Stability/ComfyUI names, fused "
+                   "qkv/linear1) or diffusers (split to_q/to_k/to_v).")
+def convert_cmd(model: str, layout: str | None, common: CommonOptions) -> None:
+    """Convert .ckpt/.pt to .safetensors (safe loader), a diffusers folder
+    to a single original-layout file and back, or (--layout) a transformer
+    file between the original and the diffusers layout."""
+    if layout is None:
+        _run_op("convert", [model], common, _plain_lines,
+                {"format": common.format} if common.format else None)
+        return
+    if common.format not in (None, "safetensors"):
+        raise click.UsageError("--layout writes a .safetensors file; leave out --format "
+                               "or give --format safetensors")
+    if common.output and not common.output.lower().endswith(".safetensors"):
+        raise click.UsageError(f"--layout writes a .safetensors file; name the output "
+                               f"{shown(common.output)}.safetensors")
+    _run_op("layout", [model], common, _layout_lines, {"format": "safetensors"}, to=layout)
+
+
+def _layout_lines(r: Any) -> list[str]:
+    variant = f" ({r.variant})" if r.variant else ""
+    out = [f"{r.arch}{variant} transformer: {r.source_layout} -> {r.layout} layout; "
+           f"{plural(r.n_renamed, 'tensor')} renamed, {r.n_split} split from fused ones, "
+           f"{r.n_joined} joined, {r.n_swapped} with shift/scale halves swapped"]
+    if r.n_kept:
+        out.append(f"other components kept unchanged: {plural(r.n_kept, 'tensor')}")
+    return out + [f"note: {shown(n)}" for n in r.notes]
 
 
 @click.command("swap")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import click
 
-from modelkit.arch import registry
+from modelkit.arch import layouts, registry
 
 # commands that read any model file and name its family, variant and layout
 NAMING = frozenset({"inspect", "library", "tui"})
@@ -33,8 +33,12 @@ def families_text(path: str) -> str | None:
         return f"Families: any model file ({ANY_FILE[top]})."
     handled = registry.handling(RUNS.get(top, path))
     if top == "convert":  # a pickle becomes safetensors whatever it holds
+        folders = tuple(n for n in handled if getattr(registry.get(n), "spec", None))
+        two = tuple(n for n in handled if n in layouts.MAPS)
         return (f"Families: any model file from .ckpt/.pt to .safetensors; a diffusers "
-                f"folder to a single file and back: {registry.listed(handled)}.")
+                f"folder to a single file and back: {registry.listed(folders)}; a "
+                f"transformer between the original and the diffusers layout (--layout): "
+                f"{registry.listed(two)}.")
     rest = tuple(n for n in every if n not in handled)
     text = f"Families: {registry.listed(handled)}."
     if rest:

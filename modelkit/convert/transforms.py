@@ -1,12 +1,14 @@
 """The convert operations, registered as transforms: what ``modelkit prune``,
 ``ema``, ``quantize``, ``dequantize``, ``swap``, ``extract`` and ``convert``
-run, and what a recipe's ``op:`` steps name. Each is a thin declaration over
-the operation's module: the signature gives the inputs and parameters."""
+(``layout``: ``convert --layout``) run, and what a recipe's ``op:`` steps
+name. Each is a thin declaration over the operation's module: the signature
+gives the inputs and parameters."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from modelkit.arch.layouts import LAYOUTS
 from modelkit.convert.base import passthrough
 from modelkit.core.registry import (
     DROPPED,
@@ -125,3 +127,16 @@ def convert(model: Anything) -> PlannedStep:
                         dict(src.metadata), src.get, src.input_paths,
                         stream=passthrough({k: (src, k) for k in src.infos}))
     return PlannedStep(out, None, "convert", {}, same_origins(src.infos))
+
+
+@transform("layout", summary="a transformer between the original and the diffusers key "
+           "layout (fused qkv/linear1 split or joined), bit for bit",
+           keys=(SAME, RENAMED, NEW, DROPPED), choices={"to": LAYOUTS},
+           help={"to": "The layout to write: original (BFL/Stability/ComfyUI names) or "
+                       "diffusers."})
+def layout(model: Anything, *, to: str) -> PlannedStep:
+    """``model``'s transformer in layout ``to``; other components of an
+    all-in-one file unchanged."""
+    from modelkit.convert.layout import convert_layout
+
+    return convert_layout(model, to)

@@ -190,9 +190,10 @@ def _fill_denoiser(rep: ModelReport, found: registry.Detection, where: str) -> N
         rep.notes.append(f"{registry.label(found.arch)} is recognised only: the other "
                          "commands do not handle it yet")
     elif found.arch in registry.names(support=registry.PARTIAL):
-        done = registry.listed(tuple(sorted(registry.REGISTRY[found.arch].commands)))
-        rep.notes.append(f"{registry.label(found.arch)}: {done} handle it; the other "
-                         "commands do not yet")
+        commands = tuple(sorted(registry.REGISTRY[found.arch].commands))
+        verb = "handles" if len(commands) == 1 else "handle"
+        rep.notes.append(f"{registry.label(found.arch)}: {registry.listed(commands)} {verb} "
+                         "it; the other commands do not yet")
 
 
 def _declared_components(rep: ModelReport, shapes: dict[str, Shape], bare: bool = False

@@ -248,13 +248,14 @@ def write_sparse_flux(path: str | os.PathLike[str], variant: str = "dev", *,
 
 
 def write_sparse_sd3(path: str | os.PathLike[str], variant: str = "sd3-medium", *,
-                     prefixed: bool = False, all_in_one: bool = False, dtype: str = "F16"
-                     ) -> Path:
-    """A full-size SD3/SD3.5 header (real key names and shapes, original
-    layout) with sparse all-zero data: the MMDiT alone, unprefixed or under
-    ``model.diffusion_model.``, or (``all_in_one``) with the VAE, CLIP-L,
-    CLIP-G and T5-XXL as Stability's all-in-one release."""
-    from modelkit.arch import sd3
+                     prefixed: bool = False, all_in_one: bool = False, dtype: str = "F16",
+                     layout: str = "original") -> Path:
+    """A full-size SD3/SD3.5 header (real key names and shapes, in the
+    ``original`` or ``diffusers`` layout) with sparse all-zero data: the
+    MMDiT alone, unprefixed or under ``model.diffusion_model.``, or
+    (``all_in_one``, original layout) with the VAE, CLIP-L, CLIP-G and
+    T5-XXL as Stability's all-in-one release."""
+    from modelkit.arch import layouts, sd3
     from modelkit.io.writer import write_sparse
 
     cfg = sd3.VARIANTS[variant]
@@ -262,7 +263,12 @@ def write_sparse_sd3(path: str | os.PathLike[str], variant: str = "sd3-medium", 
         keys = sd3.all_in_one_keys(cfg)
     else:
         prefix = UNET_PREFIX if prefixed else ""
-        keys = {prefix + k: s for k, s in sd3.transformer_keys(cfg).items()}
+        table = sd3.transformer_keys(cfg)
+        if layout == "diffusers":
+            plan = layouts.to_diffusers(layouts.family_map("sd3", table, "original", "sd3"),
+                                        table, "sd3")
+            table = {k: t.shape for k, t in plan.items()}
+        keys = {prefix + k: s for k, s in table.items()}
     return write_sparse(path, _specs(keys, dtype))
 
 
