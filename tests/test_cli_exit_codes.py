@@ -136,8 +136,8 @@ def test_every_command_exit_codes_through_the_console_entry_point(
     assert "static.nan_inf" in res["verify_nan"][1]
     assert "is an sd1 adapter but" in res["bake_arch"][2]
     assert ("is a Flux.1 checkpoint; modelkit recognises Flux.1 files (export-gguf, hash, "
-            "inspect, lora bake, lora info, merge, quantize and verify) but prune does not "
-            "handle them yet") in res["prune_flux"][2]
+            "inspect, library, lora bake, lora info, merge, quantize, tui and verify) but "
+            "prune does not handle them yet") in res["prune_flux"][2]
     assert not list(root.glob("never*")) and not list(root.glob(".never*"))
     assert not (root / "x.safetensors").exists() and not (root / "sweep-out").exists()
 

@@ -60,7 +60,7 @@ def test_inspect_names_sd3_family_variant_and_layout(tmp_path: Path) -> None:
         if aio:
             assert set(d["components"]) == {"unet", "vae", "clip_l", "clip_g", "t5xxl"}
             assert d["components"]["vae"]["prefix"] == "first_stage_model."
-        assert any("recognised only" in n for n in d["notes"])
+        assert any("the other commands do not" in n for n in d["notes"])
 
 
 def test_sd3_is_not_flux_and_flux_is_not_sd3(tmp_path: Path) -> None:
@@ -85,7 +85,7 @@ def test_inspect_names_qwen_image_family_variant_and_layout(tmp_path: Path) -> N
         assert unet["family"] == "Qwen-Image transformer"
         assert unet["prefix"] == ("model.diffusion_model." if prefixed else "")
         assert abs(unet["n_params"] / 1e9 - 20.43) < 0.01  # Qwen-Image has 20B
-        assert any("recognised only" in n for n in d["notes"])
+        assert any("the other commands do not" in n for n in d["notes"])
 
 
 def test_qwen_image_is_not_flux_diffusers(tmp_path: Path) -> None:
@@ -126,7 +126,7 @@ def test_inspect_names_wan_family_variant_and_layout(tmp_path: Path) -> None:
         assert unet["family"] == "Wan transformer"
         assert unet["prefix"] == ("model.diffusion_model." if prefixed else "")
         assert abs(unet["n_params"] / 1e9 - billions) < 0.01
-        assert any("recognised only" in n for n in d["notes"])
+        assert any("the other commands do not" in n for n in d["notes"])
 
 
 # --- the commands that do not handle a family refuse it in one line ----------------
@@ -192,8 +192,13 @@ def test_each_family_is_named_as_itself(tmp_path: Path) -> None:
 
 
 def test_detect_only_families() -> None:
-    assert registry.names(support=registry.DETECT) == ("sd3", "chroma", "flux2", "qwen_image",
-                                                        "wan", "z_image")
+    """The families after SDXL are named by inspect and handled by the
+    commands their entries list (hash, library and tui at least)."""
+    assert registry.names(where=lambda a: a.support != registry.FULL) == (
+        "sd3", "flux", "chroma", "flux2", "qwen_image", "wan", "z_image")
+    assert registry.names(support=registry.DETECT) == ()
+    for command in ("hash", "library", "tui"):
+        assert registry.handling(command) == registry.names()
 
 
 # --- the generated tables against diffusers' classes (meta device, no memory) -------
@@ -289,7 +294,7 @@ def test_chroma_flux2_and_z_image_tables_match_diffusers_classes() -> None:
 
 def test_sd_checkpoints_are_not_read_as_the_new_families(models: dict[str, Path]) -> None:
     """No SD1/SD2/SDXL/refiner file reads as SD3, Qwen-Image or Wan."""
-    new = set(registry.names(support=registry.DETECT))
+    new = set(registry.names(where=lambda a: a.support != registry.FULL))
     for name, arch in (("sd1", "sd1"), ("sd2", "sd2"), ("sdxl", "sdxl"),
                        ("sdxl_refiner", "sdxl_refiner"), ("sdxl_unet", "sdxl"),
                        ("sd1_unet_prefixed", "sd1")):

@@ -26,6 +26,7 @@ OPTIONAL = {"variants", "layout_rules", "notes"}  # may be empty for any entry
 DETECT_ONLY = {"spec", "blocks", "lora", "diffusers", "gguf", "commands", "probe"}
 # a family some commands handle: the tables of the commands not done yet
 PARTIAL_ONLY = {"spec", "diffusers", "gguf"}
+TABLE_COMMANDS = {"merge", "lora bake", "lora info"}  # they need blocks and LoRA tables
 
 
 def _rule_conditions(rule: Rule) -> int:
@@ -36,7 +37,10 @@ def _rule_conditions(rule: Rule) -> int:
 def test_every_architecture_declares_every_field(name: str) -> None:
     arch = REGISTRY[name]
     assert arch.name == name and arch.support in (FULL, PARTIAL, DETECT)
-    allowed_empty = OPTIONAL | {FULL: {"commands"}, PARTIAL: PARTIAL_ONLY,
+    # a PARTIAL entry whose commands need no block map or LoRA table (hash,
+    # library, tui) may leave out what a DETECT one may
+    partial = PARTIAL_ONLY if arch.commands & TABLE_COMMANDS else DETECT_ONLY - {"commands"}
+    allowed_empty = OPTIONAL | {FULL: {"commands"}, PARTIAL: partial,
                                 DETECT: DETECT_ONLY}[arch.support]
     for f in fields(Architecture):
         value = getattr(arch, f.name)
@@ -51,10 +55,13 @@ def test_every_architecture_declares_every_field(name: str) -> None:
     assert arch.default_dtype in USER_DTYPES
     assert arch.verify in (registry.RENDER, registry.PROBE)
     assert arch.prediction in (registry.EPS, registry.EPS_OR_V, registry.FLOW)
-    if arch.support == PARTIAL:  # its own block map and LoRA table, the commands named
+    if arch.support == PARTIAL and arch.commands & TABLE_COMMANDS:
+        # its own block map and LoRA table, the commands named
         assert arch.blocks is not None and list(arch.blocks.names) == block_names(name)
         assert arch.lora is not None and arch.lora.modules is not None
-        assert arch.commands <= {"inspect", "hash", "merge", "lora bake", "lora info"}
+    if arch.support == PARTIAL:
+        assert arch.commands <= {"inspect", "hash", "merge", "lora bake", "lora info",
+                                 "library", "tui"}
     if arch.support == FULL:
         assert arch.blocks is not None and arch.lora is not None
         assert arch.diffusers is not None and arch.gguf is not None
@@ -106,9 +113,9 @@ def test_name_lists_elsewhere_are_the_registrys() -> None:
 
     full = registry.names(support=FULL)
     assert full == vocab.ARCH_NAMES
-    assert vocab.RECOGNISED_ONLY == registry.names(support=DETECT) == (
-        "sd3", "chroma", "flux2", "qwen_image", "wan", "z_image")
-    assert registry.names(support=PARTIAL) == ("flux",)
+    assert vocab.RECOGNISED_ONLY == registry.names(support=DETECT) == ()
+    assert registry.names(support=PARTIAL) == (
+        "sd3", "flux", "chroma", "flux2", "qwen_image", "wan", "z_image")
     assert registry.handling("merge") == registry.handling("lora bake") == (*full, "flux")
     assert registry.handling("prune") == full
     # quantize, export-gguf and verify handle every entry declaring their table
@@ -169,8 +176,9 @@ def test_inspect_names_flux_family_variant_and_layout(
     assert d["kind"] == ("checkpoint" if aio else "unet")
     assert d["prediction"]["type"] == "unknown"
     assert d["unknown_keys"] == []
-    assert any("hash, inspect, lora bake, lora info and merge handle it" in n
-               for n in d["notes"])
+    note = next(n for n in d["notes"] if "handle it" in n)
+    assert all(c in note for c in ("hash", "inspect", "library", "lora bake", "lora info",
+                                   "merge", "tui"))
     unet = d["components"]["unet"]
     assert unet["family"] == "Flux.1 transformer"
     assert unet["prefix"] == ("model.diffusion_model." if prefixed or aio else "")

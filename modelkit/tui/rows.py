@@ -3,8 +3,10 @@ of each row. Plain Python (no textual import), so it is tested directly.
 
 Filter text: words match the file name or folder (any case, all must
 match); ``key:value`` terms narrow by field, ``,`` separates alternatives:
-``kind:lora arch:sdxl,sd1 pred:v dtype:f16 has:ema has:hint has:preview
-has:hash``. ``k:``, ``a:`` and ``p:`` abbreviate kind, arch and pred.
+``kind:lora arch:sdxl,sd1 pred:v dtype:f16 variant:dev layout:diffusers has:ema
+has:hint has:preview has:hash``. ``k:``, ``a:``, ``p:`` and ``v:`` abbreviate kind,
+arch, pred and variant; ``layout:`` is the key names (``original``,
+``diffusers``), not the UI folder.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ ARCH_SHORT = {**{a.name: a.short for a in registry.REGISTRY.values() if a.short 
               registry.UNKNOWN: "?"}
 KEY_ALIASES = {"k": "kind", "kind": "kind", "a": "arch", "arch": "arch", "p": "pred",
                "pred": "pred", "prediction": "pred", "dtype": "dtype", "d": "dtype",
-               "has": "has"}
+               "has": "has", "v": "variant", "variant": "variant", "layout": "layout"}
 SORT_COLUMNS = ("name", "kind", "arch", "pred", "size", "dtype", "hash", "hints")
 HAS_TERMS = ("ema", "hint", "hints", "preview", "hash", "error")
 
@@ -75,6 +77,10 @@ def _field_value(e: Entry, name: str) -> str:
         return e.arch
     if name == "pred":
         return e.prediction or "-"
+    if name == "variant":
+        return (e.variant or "-").lower()
+    if name == "layout":
+        return e.key_layout or "-"
     return (e.dtype or "-").lower()
 
 
