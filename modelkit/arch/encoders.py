@@ -108,8 +108,15 @@ def _t5_table(full_width: int, full_layers: int, bias_every_layer: bool) -> Tabl
         if vocab is None or width is None or ff is None or bias is None or len(bias) != 2:
             return None
         layers = full_layers if width == full_width else _count(keys, _T5_BLOCK)
-        return dict(_t5_items(layers, width, ff, vocab, tuple(bias), bias_every_layer))
+        return t5_encoder_keys(layers, width, ff, vocab, tuple(bias), every=bias_every_layer)
     return table
+
+
+def t5_encoder_keys(layers: int = 24, width: int = 4096, ff: int = 10240, vocab: int = 32128,
+                    bias: Shape = (32, 64), *, every: bool = False) -> KeyShapes:
+    """A T5 v1.1 encoder's keys (transformers' ``T5EncoderModel``; ``every``:
+    UMT5's, a relative attention bias of shape ``bias`` in every layer)."""
+    return dict(_t5_items(layers, width, ff, vocab, bias, every))
 
 
 def _t5_items(layers: int, width: int, ff: int, vocab: int, bias: Shape, every: bool
@@ -142,6 +149,13 @@ def _qwen_table(keys: Mapping[str, Shape]) -> KeyShapes | None:
     if vocab is None or h is None or kv is None or ff is None:
         return None
     layers = 28 if h == 3584 else _count(keys, r"model\.layers\.(\d+)\.")
+    return qwen25_text_keys(layers, h, kv, ff, vocab)
+
+
+def qwen25_text_keys(layers: int = 28, h: int = 3584, kv: int = 512, ff: int = 18944,
+                     vocab: int = 152064) -> KeyShapes:
+    """Qwen2.5(-VL)'s language model keys (``model.``: transformers' and
+    ComfyUI's names; ``kv``: the key/value projection width)."""
     out: KeyShapes = {_QWEN_TOKENS: (vocab, h)}
     for i in range(layers):
         p = f"model.layers.{i}"
@@ -401,6 +415,7 @@ class Match:
     prefix: str  # stripped from every key
     variant: str | None
     evidence: tuple[str, ...]
+    keys: Mapping[str, Shape]  # the component's keys, relative, in the table's names
 
 
 def common_prefix(keys: Mapping[str, Shape]) -> str:
@@ -411,16 +426,28 @@ def common_prefix(keys: Mapping[str, Shape]) -> str:
     return ""
 
 
+# transformers 5 saves Qwen2.5-VL under model.language_model. and
+# model.visual.; ComfyUI's and the released files use model. and visual.
+RENAMES = (("model.language_model.", "model."), ("model.visual.", "visual."))
+
+
+def _renamed(key: str) -> str:
+    for old, new in RENAMES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
 def recognise(keys: Mapping[str, Shape]) -> Match | None:
     """The standalone text encoder or VAE ``keys`` hold, or None."""
     prefix = common_prefix(keys)
-    inner = {k[len(prefix):]: s for k, s in keys.items()} if prefix else keys
+    inner = {_renamed(k[len(prefix):]): s for k, s in keys.items()}
     for entry in STANDALONE:
         rule = next((r for r in entry.detect if r.holds(inner)), None)
         if rule is None:
             continue
         variant = next((v.name for v in entry.variants if v.rule.holds(inner)), None)
-        return Match(entry, prefix, variant, tuple(rule.explain({})))
+        return Match(entry, prefix, variant, tuple(rule.explain({})), inner)
     return None
 
 

@@ -128,12 +128,12 @@ def _te_layers(slot: str, layout: str, arch: str, found: dict[str, Shape]) -> in
     return max(idx) + 1 if idx else 0
 
 
-def analyse_standalone(found: Match, shapes: dict[str, Shape]) -> ComponentReport:
+def analyse_standalone(found: Match) -> ComponentReport:
     """Check a standalone text encoder or VAE (:mod:`modelkit.arch.encoders`)
     against its key table at the widths in the file; keys the entry calls
     optional (a vision tower, ``position_ids``) may be there or not."""
     entry = found.entry
-    inner = split_prefix(shapes, found.prefix) if found.prefix else dict(shapes)
+    inner = dict(found.keys)
     expected = entry.table(inner)
     optional = frozenset(k for k in (*inner, *(expected or ())) if is_optional(entry, k))
     slot = "vae" if entry.kind == VAE else "te"

@@ -251,7 +251,7 @@ def _fill_bare(rep: ModelReport, all_shapes: dict[str, Shape]) -> tuple[bool, in
         return True, None
     found = encoders.recognise(shapes)
     if found is not None:
-        _fill_standalone(rep, found, shapes)
+        _fill_standalone(rep, found)
         return False, None
     if "input_blocks.0.0.weight" in shapes:
         comp, arch, evidence, in_ch = analyse_unet(dict(shapes), "")
@@ -270,13 +270,12 @@ def _fill_bare(rep: ModelReport, all_shapes: dict[str, Shape]) -> tuple[bool, in
     return False, None
 
 
-def _fill_standalone(rep: ModelReport, found: encoders.Match, shapes: dict[str, Shape]
-                     ) -> None:
+def _fill_standalone(rep: ModelReport, found: encoders.Match) -> None:
     """A standalone text encoder or VAE the component table recognises:
     kind, the family the library files it under, its variant, the families
     that use it, and its completeness against its key table."""
     entry = found.entry
-    comp = analyse_standalone(found, shapes)
+    comp = analyse_standalone(found)
     rep.kind, rep.arch, rep.variant = entry.kind, entry.arch, found.variant
     rep.layout = registry.ORIGINAL
     rep.components = {comp.name: comp}
