@@ -120,6 +120,18 @@ def test_each_text_encoder_and_vae_is_recognised_and_checked(tmp_path: Path) -> 
     assert len(TINY["t5"]) == 1 + 2 * 9 + 1 + 1 and len(TINY["umt5"]) == 1 + 2 * 10 + 1
     # Wan 2.1: 194 tensors at any width (ComfyUI's WanVAE state dict), 2.2: 196
     assert len(TINY["wan21"]) == 194 and len(TINY["wan22"]) == 196
+    # diffusers-named VAEs (AutoencoderKL, AutoencoderKLWan) are named with their
+    # layout and not checked: the tables are of the original names
+    for name, keys, comp in (
+            ("ae-diffusers", {"encoder.conv_in.weight": (32, 3, 3, 3),
+                              "encoder.down_blocks.0.resnets.0.conv1.weight": (32, 32, 3, 3),
+                              "decoder.conv_in.weight": (64, 16, 3, 3)}, "ae16"),
+            ("wan-diffusers", {"encoder.conv_in.weight": (96, 3, 3, 3, 3),
+                               "encoder.mid_block.attentions.0.to_qkv.weight": (48, 16, 1, 1),
+                               "decoder.conv_in.weight": (32, 16, 3, 3, 3)}, "wan21_vae")):
+        d = inspect_model(_tiny(tmp_path / f"{name}.safetensors", keys)).to_dict()
+        assert (d["component"]["name"], d["layout"]) == (comp, "diffusers"), name
+        assert d["components"]["vae"]["complete"] is None
     # a damaged file: one layer's feed-forward gone, listed by name
     broken = {k: s for k, s in TINY["umt5"].items() if ".1.layer.1.DenseReluDense" not in k}
     d = inspect_model(_tiny(tmp_path / "umt5-broken.safetensors", broken)).to_dict()
@@ -417,3 +429,4 @@ def test_hash_of_every_family_and_inspect_text(tmp_path: Path) -> None:
     assert line.split()[:4] == ["te", "T5-XXL", "21", "tensors"] and "complete" in line
     assert json.loads(json.dumps(rep.to_dict()))["component"] == {
         "name": "t5xxl", "label": "T5-XXL", "used_by": ["sd3", "flux", "chroma"]}
+

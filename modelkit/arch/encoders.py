@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 
 from modelkit.arch.configs import CLIP_L, TextEncoderConfig
 from modelkit.arch.keys import POSITION_IDS, KeyShapes, Shape, text_encoder_keys
-from modelkit.arch.registry import TEXT_ENCODER, VAE, Rule, Variant
+from modelkit.arch.registry import DIFFUSERS, ORIGINAL, TEXT_ENCODER, VAE, Rule, Variant
 
 # prefixes a standalone component file may carry (ComfyUI's all-in-one
 # spelling kept by an extraction, or its CLIPSave node), longest first
@@ -56,6 +56,9 @@ class Standalone:
     variants: tuple[Variant, ...] = ()
     optional: tuple[str, ...] = ()  # keys (or prefixes ending in ".") that may be there
     notes: tuple[str, ...] = ()
+    # (layout, rule), first match; none: the original layout, the one the
+    # table is of (a diffusers-named file is named, not checked)
+    layout_rules: tuple[tuple[str, Rule], ...] = ()
 
 
 def _count(keys: Mapping[str, Shape], pattern: str) -> int:
@@ -322,6 +325,8 @@ def _wan21_table(keys: Mapping[str, Shape]) -> KeyShapes | None:
 # --- the table -------------------------------------------------------------------------
 
 _WAN21_MARK = "decoder.middle.0.residual.0.gamma"
+_WAN_DIFFUSERS = "encoder.mid_block.attentions.0.to_qkv.weight"  # AutoencoderKLWan
+_KL_DIFFUSERS = "encoder.down_blocks.0.resnets.0.conv1.weight"  # AutoencoderKL
 _WAN22_MARK = "decoder.upsamples.0.upsamples.0.residual.2.weight"
 _CLIP_FC1 = "text_model.encoder.layers.0.mlp.fc1.weight"
 _T5_KEYS = ("shared.weight", _T5_WI, _T5_BIAS.format(0))
@@ -383,24 +388,41 @@ STANDALONE: tuple[Standalone, ...] = (
         "wan22_vae", "Wan 2.2 VAE", VAE, "wan", ("wan",),
         detect=(Rule(keys=(_WAN21_MARK, _WAN22_MARK, "encoder.conv1.weight"),
                      evidence=("3-D causal VAE with nested decoder upsample blocks: Wan 2.2 "
-                               "VAE (48 latent channels, 16x spatial)",)),),
+                               "VAE (48 latent channels, 16x spatial)",)),
+                Rule(keys=(_WAN_DIFFUSERS, "decoder.conv_in.weight"),
+                     shapes=(("decoder.conv_in.weight", 1, 48),),
+                     evidence=("3-D causal VAE with 48 latent channels: Wan 2.2 VAE "
+                               "(diffusers' AutoencoderKLWan names)",))),
         table=_wan22_table,
+        layout_rules=((DIFFUSERS, Rule(keys=(_WAN_DIFFUSERS,))),),
     ),
     Standalone(
         "wan21_vae", "Wan 2.1 VAE", VAE, "wan", ("wan", "qwen_image"),
         detect=(Rule(keys=(_WAN21_MARK, "encoder.conv1.weight", "decoder.conv1.weight"),
                      absent=(_WAN22_MARK,),
                      evidence=("3-D causal VAE (5-D encoder.conv1): Wan 2.1 VAE "
-                               "(16 latent channels; Qwen-Image's VAE has its layout)",)),),
+                               "(16 latent channels; Qwen-Image's VAE has its layout)",)),
+                Rule(keys=(_WAN_DIFFUSERS, "decoder.conv_in.weight"),
+                     shapes=(("decoder.conv_in.weight", 1, 16),),
+                     evidence=("3-D causal VAE with 16 latent channels: Wan 2.1 VAE "
+                               "(diffusers' AutoencoderKLWan names)",))),
         table=_wan21_table,
+        layout_rules=((DIFFUSERS, Rule(keys=(_WAN_DIFFUSERS,))),),
     ),
     Standalone(
         "ae16", "Flux.1/SD3 VAE (16 channels)", VAE, "flux", ("flux", "sd3", "chroma"),
-        detect=(Rule(keys=("encoder.conv_in.weight", "decoder.conv_in.weight"),
+        detect=(Rule(keys=("encoder.conv_in.weight", "decoder.conv_in.weight",
+                           "encoder.down.0.block.0.conv1.weight"),
                      shapes=(("decoder.conv_in.weight", 1, 16),),
                      evidence=("KL-f8 VAE with 16 latent channels: the Flux.1 autoencoder "
-                               "and SD3's VAE share keys and shapes",)),),
+                               "and SD3's VAE share keys and shapes",)),
+                Rule(keys=("encoder.conv_in.weight", "decoder.conv_in.weight",
+                           _KL_DIFFUSERS),
+                     shapes=(("decoder.conv_in.weight", 1, 16),),
+                     evidence=("KL-f8 VAE with 16 latent channels in diffusers' "
+                               "AutoencoderKL names: the Flux.1 or SD3 VAE",))),
         table=_ae_table,
+        layout_rules=((DIFFUSERS, Rule(keys=(_KL_DIFFUSERS,))),),
     ),
 )
 
@@ -416,6 +438,7 @@ class Match:
     variant: str | None
     evidence: tuple[str, ...]
     keys: Mapping[str, Shape]  # the component's keys, relative, in the table's names
+    layout: str = ORIGINAL
 
 
 def common_prefix(keys: Mapping[str, Shape]) -> str:
@@ -447,7 +470,8 @@ def recognise(keys: Mapping[str, Shape]) -> Match | None:
         if rule is None:
             continue
         variant = next((v.name for v in entry.variants if v.rule.holds(inner)), None)
-        return Match(entry, prefix, variant, tuple(rule.explain({})), inner)
+        layout = next((n for n, r in entry.layout_rules if r.holds(inner)), ORIGINAL)
+        return Match(entry, prefix, variant, tuple(rule.explain({})), inner, layout)
     return None
 
 

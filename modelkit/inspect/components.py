@@ -23,7 +23,7 @@ from modelkit.arch.keys import (
     unet_keys,
     vae_keys,
 )
-from modelkit.arch.registry import VAE
+from modelkit.arch.registry import ORIGINAL, VAE
 from modelkit.jsontypes import JSONDict
 
 LIST_LIMIT = 20  # keys listed per problem; the counts are always exact
@@ -134,7 +134,8 @@ def analyse_standalone(found: Match) -> ComponentReport:
     optional (a vision tower, ``position_ids``) may be there or not."""
     entry = found.entry
     inner = dict(found.keys)
-    expected = entry.table(inner)
+    # the tables are of the original names; a diffusers-named file is named only
+    expected = entry.table(inner) if found.layout == ORIGINAL else None
     optional = frozenset(k for k in (*inner, *(expected or ())) if is_optional(entry, k))
     slot = "vae" if entry.kind == VAE else "te"
     return compare(slot, found.prefix, entry.label, inner, expected, optional)

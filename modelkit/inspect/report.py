@@ -277,7 +277,7 @@ def _fill_standalone(rep: ModelReport, found: encoders.Match) -> None:
     entry = found.entry
     comp = analyse_standalone(found)
     rep.kind, rep.arch, rep.variant = entry.kind, entry.arch, found.variant
-    rep.layout = registry.ORIGINAL
+    rep.layout = found.layout
     rep.components = {comp.name: comp}
     users = registry.listed(tuple(registry.label(a) for a in entry.used_by))
     rep.arch_evidence = [*found.evidence, f"{entry.label} is used by {users}"]
