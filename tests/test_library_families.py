@@ -376,6 +376,17 @@ async def test_tui_shows_arch_variant_layout_and_component(library: dict[str, Pa
         assert "kind         unet (schnell)" in info and "arch         Flux.1" in info
         assert "warning: UNet-only file in a checkpoint folder" in info
         assert f"move to: {root / 'comfy/models/diffusion_models'}" in info
+        # a table wide enough shows the variant and the key layout beside the arch
+        await _filter(pilot, "")
+        await pilot.resize_terminal(240, 45)
+        await settle(pilot)
+        assert table.full
+        row = [str(c) for c in table.get_row(
+            str(root / "comfy/models/diffusion_models/flux1-schnell-diffusers.safetensors"))]
+        assert row[1:6] == ["flux1-schnell-diffusers", "unet", "flux", "schnell", "diffusers"]
+        row = [str(c) for c in table.get_row(
+            str(root / "comfy/models/text_encoders/qwen_2.5_vl_7b.safetensors"))]
+        assert row[2:6] == ["te", "qwen", "7b", "original"]  # the short arch name
 
 
 async def _filter(pilot: Pilot[Any], text: str) -> None:
