@@ -219,7 +219,8 @@ def _gguf(path: Path) -> Path:
 def _build_library(root: Path) -> None:
     comfy, forge = root / "comfy/models", root / "forge/models"
     dm = comfy / "diffusion_models"
-    for d in (dm, comfy / "checkpoints", forge / "Stable-diffusion", forge / "text_encoder"):
+    for d in (dm, comfy / "unet", comfy / "checkpoints", forge / "Stable-diffusion",
+              forge / "text_encoder"):
         d.mkdir(parents=True, exist_ok=True)
     write_sparse_flux(dm / "flux1-dev.safetensors")
     write_sparse_flux(dm / "flux1-schnell-diffusers.safetensors", "schnell",
@@ -227,6 +228,7 @@ def _build_library(root: Path) -> None:
     write_sparse_sd3(dm / "sd3.5_large.safetensors", "sd3.5-large")
     write_sparse_qwen_image(dm / "qwen_image.safetensors")
     write_sparse_wan(dm / "wan2.1_t2v_1.3B.safetensors", "t2v-1.3b")
+    write_sparse_wan(comfy / "unet/wan2.2_ti2v_5B.safetensors", "ti2v-5b")  # the old name
     write_sparse_dit(dm / "chroma.safetensors", "chroma")
     write_sparse_dit(dm / "flux2-dev.safetensors", "flux2", layout="diffusers")
     write_sparse_dit(dm / "z_image.safetensors", "z_image", prefixed=True)
@@ -282,6 +284,8 @@ EXPECTED: dict[str, tuple[str, str, str | None, str | None, str, str]] = {
                                                              "diffusers", C, UNET),
     "comfy/models/diffusion_models/wan2.1_t2v_1.3B.safetensors": (UNET, "wan", "t2v-1.3b",
                                                                   "original", C, UNET),
+    "comfy/models/unet/wan2.2_ti2v_5B.safetensors": (UNET, "wan", "ti2v-5b", "original", C,
+                                                     UNET),
     "comfy/models/diffusion_models/chroma.safetensors": (UNET, "chroma", "chroma",
                                                          "original", C, UNET),
     "comfy/models/diffusion_models/flux2-dev.safetensors": (UNET, "flux2", "dev",
@@ -322,6 +326,17 @@ def test_scan_records_kind_arch_variant_and_layout_of_every_family(
     got = {str(Path(e.path).relative_to(library["root"])):
            (e.kind, e.arch, e.variant, e.key_layout, e.layout, e.role) for e in entries}
     assert got == EXPECTED
+
+
+def test_help_lines_name_every_family_for_hash_library_and_tui() -> None:
+    from modelkit.arch import registry
+    from modelkit.cli.families import families_text
+
+    every = registry.listed(registry.names())
+    assert families_text("library") == families_text("tui") == (
+        f"Families: {every} (named with their variant and layout).")
+    for name in registry.names():
+        assert all(registry.handles(name, c) for c in ("hash", "library", "tui")), name
 
 
 def test_check_reports_the_misplaced_files_with_the_folder_the_ui_expects(

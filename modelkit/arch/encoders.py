@@ -329,6 +329,9 @@ _WAN_DIFFUSERS = "encoder.mid_block.attentions.0.to_qkv.weight"  # AutoencoderKL
 _KL_DIFFUSERS = "encoder.down_blocks.0.resnets.0.conv1.weight"  # AutoencoderKL
 _WAN22_MARK = "decoder.upsamples.0.upsamples.0.residual.2.weight"
 _CLIP_FC1 = "text_model.encoder.layers.0.mlp.fc1.weight"
+# a projection (SD3's clip_g/clip_l), and what ComfyUI's old CLIPSave node wrote
+# (comfy/sd.py: text_projection transposed, logit_scale)
+_CLIP_OPTIONAL = (POSITION_IDS, "text_projection.weight", "text_projection", "logit_scale")
 _T5_KEYS = ("shared.weight", _T5_WI, _T5_BIAS.format(0))
 
 STANDALONE: tuple[Standalone, ...] = (
@@ -338,7 +341,7 @@ STANDALONE: tuple[Standalone, ...] = (
                      evidence=("text_model.encoder.layers with token embeddings 1280 "
                                "wide: CLIP-G (OpenCLIP bigG, transformers names)",)),),
         table=_clip_table(_CLIP_G),
-        optional=(POSITION_IDS, "text_projection.weight"),
+        optional=_CLIP_OPTIONAL,
     ),
     Standalone(
         "clip_l", "CLIP-L", TEXT_ENCODER, "sd1", ("sd1", "sdxl", "sd3", "flux"),
@@ -346,7 +349,7 @@ STANDALONE: tuple[Standalone, ...] = (
                      evidence=("text_model.encoder.layers with token embeddings 768 "
                                "wide: CLIP-L (OpenAI ViT-L/14 text model)",)),),
         table=_clip_table(CLIP_L),
-        optional=(POSITION_IDS, "text_projection.weight"),
+        optional=_CLIP_OPTIONAL,
     ),
     Standalone(
         "umt5xxl", "UMT5-XXL", TEXT_ENCODER, "wan", ("wan",),
