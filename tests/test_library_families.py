@@ -1,6 +1,6 @@
 """Every family after SDXL in the library, the TUI and ``hash``, and the
 standalone text encoders and VAEs they use (CLIP-L/G, T5-XXL, UMT5-XXL,
-Qwen2.5-VL-7B, the 16-channel Flux.1/SD3 autoencoder, the Wan 2.1 and 2.2
+Qwen2.5-VL-7B, Qwen3-4B, the 16-channel Flux.1/SD3 autoencoder, the Wan 2.1 and 2.2
 VAEs) recognised as such.
 
 Tiny files have the real key names at small widths; the exact variants are
@@ -51,6 +51,7 @@ TINY: dict[str, KeyShapes] = {
     "umt5": encoders.t5_encoder_keys(2, 64, 96, 100, (32, 4), every=True),
     "qwen": {**encoders.qwen25_text_keys(2, 64, 32, 96, 100),
              "visual.patch_embed.proj.weight": (32, 3, 2, 14, 14), "lm_head.weight": (100, 64)},
+    "qwen3": encoders.qwen3_text_keys(2, 64, 4, 2, 16, 96, 100),
     "ae": flux.ae_keys(16),
     "wan21": encoders.wan21_vae_keys(8, 16),
     "wan22": encoders.wan22_vae_keys(8, 48, 16),
@@ -81,6 +82,9 @@ UMT5XXL = (256384 * 4096 + 24 * (4 * 4096 * 4096 + 3 * 10240 * 4096 + 2 * 4096 +
 QWEN25_7B = (152064 * 3584 + 28 * ((3584 * 3584 + 3584) + 2 * (512 * 3584 + 512)
                                    + 3584 * 3584 + 3 * 18944 * 3584 + 2 * 3584)
              + 3584)  # 7.07 B
+# Qwen3-4B: 32 query and 8 key/value heads of 128 without biases, per-head q/k norms
+QWEN3_4B = (151936 * 2560 + 36 * (4096 * 2560 + 2 * 1024 * 2560 + 2560 * 4096 + 2 * 128
+                                  + 3 * 9728 * 2560 + 2 * 2560) + 2560)  # 4.02 B
 
 
 def _clip(width: int, layers: int, vocab: int = 49408, ctx: int = 77) -> int:
@@ -102,6 +106,7 @@ def test_each_text_encoder_and_vae_is_recognised_and_checked(tmp_path: Path) -> 
                         "t5xxl.transformer."),
         "umt5": (TINY["umt5"], "umt5xxl", "text_encoder", "wan", ["wan"], ""),
         "qwen": (TINY["qwen"], "qwen25vl", "text_encoder", "qwen_image", ["qwen_image"], ""),
+        "qwen3": (TINY["qwen3"], "qwen3", "text_encoder", "z_image", ["z_image"], ""),
         "ae": (TINY["ae"], "ae16", "vae", "flux", ["flux", "sd3", "chroma"], ""),
         "wan21": (TINY["wan21"], "wan21_vae", "vae", "wan", ["wan", "qwen_image"], ""),
         "wan22": (TINY["wan22"], "wan22_vae", "vae", "wan", ["wan"], ""),
@@ -148,6 +153,7 @@ def test_full_size_encoders_name_their_exact_variant(tmp_path: Path) -> None:
         "umt5": _sparse(tmp_path / "umt5.safetensors", encoders.t5_encoder_keys(
             vocab=256384, every=True)),
         "qwen": _sparse(tmp_path / "qwen.safetensors", encoders.qwen25_text_keys()),
+        "qwen3": _sparse(tmp_path / "qwen_3_4b.safetensors", encoders.qwen3_text_keys()),
         "clip_l": _sparse(tmp_path / "clip_l.safetensors", text_encoder_keys(CLIP_L)),
         "clip_g": _sparse(tmp_path / "clip_g.safetensors", {
             **text_encoder_keys(CLIP_G), "text_projection.weight": (1280, 1280)}),
@@ -157,7 +163,7 @@ def test_full_size_encoders_name_their_exact_variant(tmp_path: Path) -> None:
     }
     got = {n: inspect_model(p).to_dict() for n, p in files.items()}
     want = {"t5": ("t5xxl", "xxl", T5XXL), "umt5": ("umt5xxl", "xxl", UMT5XXL),
-            "qwen": ("qwen25vl", "7b", QWEN25_7B),
+            "qwen": ("qwen25vl", "7b", QWEN25_7B), "qwen3": ("qwen3", "4b", QWEN3_4B),
             "clip_l": ("clip_l", None, _clip(768, 12)),
             "clip_g": ("clip_g", None, _clip(1280, 32) + 1280 * 1280)}  # + text_projection
     for name, (comp, variant, params) in want.items():
@@ -165,7 +171,7 @@ def test_full_size_encoders_name_their_exact_variant(tmp_path: Path) -> None:
         assert (d["component"]["name"], d["variant"], d["n_params"]) == (comp, variant, params)
         assert d["components"]["te"]["complete"] is True, name
     assert T5XXL == 4_762_310_656 and UMT5XXL == 5_680_910_336 and QWEN25_7B == 7_070_619_136
-    assert _clip(768, 12) == 123_060_480
+    assert _clip(768, 12) == 123_060_480 and QWEN3_4B == 4_022_468_096
     assert got["clip_l"]["arch"] == "sd1" and got["clip_g"]["component"]["used_by"] == [
         "sdxl", "sd3"]
     # the released width expects the released depth: a missing last layer is listed

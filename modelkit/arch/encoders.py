@@ -3,7 +3,7 @@
 Each :class:`Standalone` entry says how to recognise one component file
 (ComfyUI's ``models/text_encoders`` and ``models/vae`` files: CLIP-L, CLIP-G,
 T5-XXL, UMT5-XXL, Qwen2.5-VL-7B, the 16-channel Flux.1/SD3 autoencoder, the
-Wan 2.1 and 2.2 VAEs) with the registry's declarative
+Wan 2.1 and 2.2 VAEs, and Qwen3-4B, Z-Image's text encoder) with the registry's declarative
 :class:`~modelkit.arch.registry.Rule` s, which families use it, and the
 key/shape table it is checked against *at the widths found in the file*
 (the full layer count when the width is the released one), so tiny test
@@ -173,6 +173,46 @@ def qwen25_text_keys(layers: int = 28, h: int = 3584, kv: int = 512, ff: int = 1
         out[f"{p}.mlp.down_proj.weight"] = (h, ff)
     out["model.norm.weight"] = (h,)
     return out
+
+
+# --- Qwen3 (Z-Image's text encoder: Qwen3-4B; transformers' Qwen3 names) ------------
+
+_QWEN3_Q_NORM = "model.layers.0.self_attn.q_norm.weight"
+
+
+def qwen3_text_keys(layers: int = 36, h: int = 2560, heads: int = 32, kv_heads: int = 8,
+                    head_dim: int = 128, ff: int = 9728, vocab: int = 151936) -> KeyShapes:
+    """Qwen3's language model keys (transformers' ``Qwen3ForCausalLM`` under
+    ``model.``: no q/k/v biases, RMS norms on the query and key heads);
+    Qwen3-4B by default (tied embeddings: no ``lm_head``)."""
+    out: KeyShapes = {_QWEN_TOKENS: (vocab, h)}
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        out[f"{p}.input_layernorm.weight"] = (h,)
+        for name, rows in (("q", heads * head_dim), ("k", kv_heads * head_dim),
+                           ("v", kv_heads * head_dim)):
+            out[f"{p}.self_attn.{name}_proj.weight"] = (rows, h)
+        out[f"{p}.self_attn.o_proj.weight"] = (h, heads * head_dim)
+        out[f"{p}.self_attn.q_norm.weight"] = (head_dim,)
+        out[f"{p}.self_attn.k_norm.weight"] = (head_dim,)
+        out[f"{p}.post_attention_layernorm.weight"] = (h,)
+        out[f"{p}.mlp.gate_proj.weight"] = (ff, h)
+        out[f"{p}.mlp.up_proj.weight"] = (ff, h)
+        out[f"{p}.mlp.down_proj.weight"] = (h, ff)
+    out["model.norm.weight"] = (h,)
+    return out
+
+
+def _qwen3_table(keys: Mapping[str, Shape]) -> KeyShapes | None:
+    vocab, h = _dim(keys, _QWEN_TOKENS, 0), _dim(keys, _QWEN_TOKENS, 1)
+    hd = _dim(keys, _QWEN3_Q_NORM, 0)
+    q = _dim(keys, "model.layers.0.self_attn.q_proj.weight", 0)
+    k = _dim(keys, "model.layers.0.self_attn.k_proj.weight", 0)
+    ff = _dim(keys, "model.layers.0.mlp.gate_proj.weight", 0)
+    if vocab is None or h is None or not hd or q is None or k is None or ff is None:
+        return None
+    layers = 36 if h == 2560 else _count(keys, r"model\.layers\.(\d+)\.")
+    return qwen3_text_keys(layers, h, q // hd, k // hd, hd, ff, vocab)
 
 
 # --- the 16-channel KL-f8 autoencoder (Flux.1 ae, SD3 VAE) ----------------------------
@@ -386,6 +426,19 @@ STANDALONE: tuple[Standalone, ...] = (
         optional=("visual.", "lm_head.weight"),
         notes=("the vision tower (visual.*) is optional: Qwen-Image reads the text model, "
                "Qwen-Image-Edit the image too",),
+    ),
+    Standalone(
+        "qwen3", "Qwen3", TEXT_ENCODER, "z_image", ("z_image",),
+        detect=(Rule(keys=(_QWEN_TOKENS, _QWEN3_Q_NORM, "model.layers.0.self_attn.k_proj.weight",
+                           "model.layers.0.mlp.gate_proj.weight"),
+                     absent=(_QWEN_K_BIAS,),
+                     evidence=("model.layers with query/key norms and no q/k/v biases: Qwen3 "
+                               "language model (Z-Image's text encoder)",)),),
+        table=_qwen3_table,
+        variants=(Variant("4b", Rule(keys=("model.layers.35.mlp.gate_proj.weight",),
+                                     absent=("model.layers.36.mlp.gate_proj.weight",),
+                                     shapes=((_QWEN_TOKENS, 1, 2560),))),),
+        optional=("lm_head.weight",),
     ),
     Standalone(
         "wan22_vae", "Wan 2.2 VAE", VAE, "wan", ("wan",),
