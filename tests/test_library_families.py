@@ -462,3 +462,14 @@ def test_hash_of_every_family_and_inspect_text(tmp_path: Path) -> None:
     assert json.loads(json.dumps(rep.to_dict()))["component"] == {
         "name": "t5xxl", "label": "T5-XXL", "used_by": ["sd3", "flux", "chroma"]}
 
+
+
+def test_a_forged_layer_number_makes_no_huge_table(tmp_path: Path) -> None:
+    """A header naming layer 999999999 is checked against at most one layer
+    a key: incomplete, at once."""
+    keys = {**TINY["qwen"], "model.layers.999999999.mlp.gate_proj.weight": (96, 64)}
+    d = inspect_model(_tiny(tmp_path / "forged.safetensors", keys)).to_dict()
+    c = d["components"]["te"]
+    assert d["component"]["name"] == "qwen25vl" and c["complete"] is False
+    layers = len(keys)  # the cap: one layer a key; 12 keys a layer, 2 layers there
+    assert c["n_unexpected"] == 1 and c["n_missing"] == (layers - 2) * 12

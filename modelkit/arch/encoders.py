@@ -63,10 +63,11 @@ class Standalone:
 
 def _count(keys: Mapping[str, Shape], pattern: str) -> int:
     """1 + the highest block number ``N`` in keys matching ``pattern``
-    (a regex with one group)."""
+    (a regex with one group), at most the number of keys: a forged
+    ``layers.999999999`` key must not make a table of a billion layers."""
     rx = re.compile(pattern)
     found = [int(m.group(1)) for k in keys if (m := rx.match(k))]
-    return max(found) + 1 if found else 0
+    return min(max(found) + 1, len(keys)) if found else 0
 
 
 def _dim(keys: Mapping[str, Shape], key: str, axis: int) -> int | None:

@@ -125,7 +125,8 @@ def _te_layers(slot: str, layout: str, arch: str, found: dict[str, Shape]) -> in
     marker = "text_model.encoder.layers." if layout == "hf" else "transformer.resblocks."
     parts = (k[len(marker):].split(".")[0] for k in found if k.startswith(marker))
     idx = {int(p) for p in parts if p.isdecimal()}
-    return max(idx) + 1 if idx else 0
+    # at most one layer a key: a forged layers.999999999 key makes no huge table
+    return min(max(idx) + 1, len(found)) if idx else 0
 
 
 def analyse_standalone(found: Match) -> ComponentReport:
