@@ -473,3 +473,26 @@ def test_a_forged_layer_number_makes_no_huge_table(tmp_path: Path) -> None:
     assert d["component"]["name"] == "qwen25vl" and c["complete"] is False
     layers = len(keys)  # the cap: one layer a key; 12 keys a layer, 2 layers there
     assert c["n_unexpected"] == 1 and c["n_missing"] == (layers - 2) * 12
+
+
+def test_verify_takes_a_standalone_vae_and_refuses_a_text_encoder(tmp_path: Path) -> None:
+    """Their arch is the family that uses them: a Flux.1 VAE is probed as a
+    VAE (its encoder and decoder blocks, equal to themselves) and gets no
+    transformer key check; a T5 is refused in one line, not probed as a VAE
+    (its ``encoder.`` keys are no VAE's)."""
+    from modelkit.core.verify_settings import VerifySettings
+    from modelkit.errors import ModelkitError
+    from modelkit.verify.run import verify
+
+    ae = _tiny(tmp_path / "ae.safetensors", TINY["ae"])
+    t5 = _tiny(tmp_path / "t5.safetensors", TINY["t5"])
+    report = verify(ae, VerifySettings(probe=True), ae)
+    probed = [(b["component"], b["block"]) for b in report.probe]
+    assert probed == [("vae", "encoder"), ("vae", "decoder")]
+    assert all(b["rel_error"] == 0.0 and b["cosine"] == pytest.approx(1.0) for b in report.probe)
+    with pytest.raises(ModelkitError, match="is a standalone T5-XXL text encoder; the probe"):
+        verify(t5, VerifySettings(probe=True), t5)
+    static = verify(ae)  # the static checks and the VAE round trip: no transformer check
+    names = [c.name for c in static.checks]
+    assert "static.keys.transformer" not in names and "vae.round_trip" in names
+    assert static.arch == "flux" and not static.failed
