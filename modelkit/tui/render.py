@@ -107,12 +107,12 @@ def info_text(detail: Detail, hints: Iterable[Hint] = ()) -> Text:
     _row(out, "arch", arch_name(e.arch) + (f"  ({safe(evidence, 90)})" if evidence else ""))
     component = rep.get("component")
     if isinstance(component, dict):
-        users = listed(tuple(arch_name(str(a)) for a in component.get("used_by") or []))
+        users = tuple(arch_name(str(a)) for a in component.get("used_by") or [])
         _row(out, "component", safe(str(component.get("label")), 60)
-             + (f"  (used by {users})" if users else ""))
+             + (f"  (used by {listed(users)})" if users else ""))
     layout = e.key_layout or rep.get("layout")
     if layout:
-        _row(out, "layout", f"{layout} key names")
+        _row(out, "layout", f"{safe(str(layout), 20)} key names")
     pred = rep.get("prediction") or {}
     if e.prediction:
         evidence = (pred.get("evidence") or [""])[0]
