@@ -34,8 +34,10 @@ from modelkit.arch.registry import DIFFUSERS, ORIGINAL, TEXT_ENCODER, VAE, Rule,
 
 # prefixes a standalone component file may carry (ComfyUI's all-in-one
 # spelling kept by an extraction, or its CLIPSave node), longest first
+# (ComfyUI's CLIP state-dict names: comfy/sd.py, comfy_extras CLIPSave's list)
 STRIP_PREFIXES = tuple(f"{outer}{name}.transformer." for name in ("t5xxl", "umt5xxl",
-                                                                  "clip_l", "clip_g")
+                                                                  "clip_l", "clip_g",
+                                                                  "qwen25_7b", "qwen3_4b")
                        for outer in ("text_encoders.", ""))
 
 Table = Callable[[Mapping[str, Shape]], KeyShapes | None]
