@@ -496,3 +496,54 @@ def test_verify_takes_a_standalone_vae_and_refuses_a_text_encoder(tmp_path: Path
     names = [c.name for c in static.checks]
     assert "static.keys.transformer" not in names and "vae.round_trip" in names
     assert static.arch == "flux" and not static.failed
+
+
+def _llama_cpp_names(kinds: dict[str, tuple[str, tuple[int, ...]]], layers: int,
+                     extra: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Tensor names as llama.cpp writes them (gguf-py's ``TENSOR_NAMES``:
+    an independent table), ``kinds``: MODEL_TENSOR name -> (suffix, shape)
+    per layer."""
+    import gguf
+
+    names = gguf.TENSOR_NAMES
+    out = {f"{names[getattr(gguf.MODEL_TENSOR, k)]}.weight": s for k, s in extra.items()}
+    for i in range(layers):
+        for kind, (suffix, shape) in kinds.items():
+            out[f"{names[getattr(gguf.MODEL_TENSOR, kind)].format(bid=i)}.{suffix}"] = shape
+    return out
+
+
+def test_gguf_text_encoders_are_named_in_comfyui_ggufs_names(tmp_path: Path) -> None:
+    """city96's T5 and Qwen3 GGUF files hold llama.cpp's names; ComfyUI-GGUF
+    maps them back (loader.py) and so does inspect: T5-XXL and Qwen3, complete."""
+    import gguf
+
+    w, ff, hd = 64, 96, 16
+    t5 = _llama_cpp_names(
+        {**{f"ENC_ATTN_{p}": ("weight", (w, w)) for p in ("Q", "K", "V", "OUT")},
+         "ENC_ATTN_NORM": ("weight", (w,)), "ENC_FFN_GATE": ("weight", (ff, w)),
+         "ENC_FFN_UP": ("weight", (ff, w)), "ENC_FFN_DOWN": ("weight", (w, ff)),
+         "ENC_FFN_NORM": ("weight", (w,))}, 2,
+        {"TOKEN_EMBD": (100, w), "ENC_OUTPUT_NORM": (w,)})
+    t5["enc.blk.0.attn_rel_b.weight"] = (32, 4)  # the first layer's only (T5, not UMT5)
+    qwen3 = _llama_cpp_names(
+        {"ATTN_NORM": ("weight", (w,)), "ATTN_Q": ("weight", (4 * hd, w)),
+         "ATTN_K": ("weight", (2 * hd, w)), "ATTN_V": ("weight", (2 * hd, w)),
+         "ATTN_OUT": ("weight", (w, 4 * hd)), "ATTN_Q_NORM": ("weight", (hd,)),
+         "ATTN_K_NORM": ("weight", (hd,)), "FFN_NORM": ("weight", (w,)),
+         "FFN_GATE": ("weight", (ff, w)), "FFN_UP": ("weight", (ff, w)),
+         "FFN_DOWN": ("weight", (w, ff))}, 2,
+        {"TOKEN_EMBD": (100, w), "OUTPUT_NORM": (w,)})
+    for arch, keys, comp in (("t5encoder", t5, "t5xxl"), ("qwen3", qwen3, "qwen3")):
+        path = tmp_path / f"{arch}.gguf"
+        writer = gguf.GGUFWriter(str(path), arch)
+        for k, s in keys.items():
+            writer.add_tensor(k, np.zeros(s, dtype=np.float16))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        d = inspect_model(path).to_dict()
+        assert (d["kind"], d["component"]["name"]) == ("text_encoder", comp), arch
+        c = d["components"]["te"]
+        assert (c["complete"], c["n_tensors"], c["n_unexpected"]) == (True, len(keys), 0)

@@ -520,8 +520,47 @@ def _renamed(key: str) -> str:
     return key
 
 
+# llama.cpp's names in GGUF text encoders -> the original ones, replaced in
+# order in every key, as city96/ComfyUI-GGUF's loader.py (T5_SD_MAP,
+# LLAMA_SD_MAP) does before ComfyUI loads them
+GGUF_T5_NAMES = (("enc.", "encoder."), (".blk.", ".block."), ("token_embd", "shared"),
+                 ("output_norm", "final_layer_norm"),
+                 ("attn_q", "layer.0.SelfAttention.q"), ("attn_k", "layer.0.SelfAttention.k"),
+                 ("attn_v", "layer.0.SelfAttention.v"), ("attn_o", "layer.0.SelfAttention.o"),
+                 ("attn_norm", "layer.0.layer_norm"),
+                 ("attn_rel_b", "layer.0.SelfAttention.relative_attention_bias"),
+                 ("ffn_up", "layer.1.DenseReluDense.wi_1"),
+                 ("ffn_down", "layer.1.DenseReluDense.wo"),
+                 ("ffn_gate", "layer.1.DenseReluDense.wi_0"), ("ffn_norm", "layer.1.layer_norm"))
+GGUF_LLAMA_NAMES = (("blk.", "model.layers."), ("attn_norm", "input_layernorm"),
+                    ("attn_q_norm.", "self_attn.q_norm."), ("attn_k_norm.", "self_attn.k_norm."),
+                    ("attn_v_norm.", "self_attn.v_norm."), ("attn_q", "self_attn.q_proj"),
+                    ("attn_k", "self_attn.k_proj"), ("attn_v", "self_attn.v_proj"),
+                    ("attn_output", "self_attn.o_proj"), ("ffn_up", "mlp.up_proj"),
+                    ("ffn_down", "mlp.down_proj"), ("ffn_gate", "mlp.gate_proj"),
+                    ("ffn_norm", "post_attention_layernorm"),
+                    ("token_embd", "model.embed_tokens"), ("output_norm", "model.norm"),
+                    ("output.weight", "lm_head.weight"))
+
+
+def _gguf_names(keys: Mapping[str, Shape]) -> Mapping[str, Shape]:
+    """``keys`` in the original names when they are llama.cpp's (a GGUF text
+    encoder: ``token_embd.weight``), else themselves."""
+    if "token_embd.weight" not in keys:
+        return keys
+    table = GGUF_T5_NAMES if any(k.startswith("enc.") for k in keys) else GGUF_LLAMA_NAMES
+    out = {}
+    for key, shape in keys.items():
+        for old, new in table:
+            key = key.replace(old, new)
+        out[key] = shape
+    return out
+
+
 def recognise(keys: Mapping[str, Shape]) -> Match | None:
-    """The standalone text encoder or VAE ``keys`` hold, or None."""
+    """The standalone text encoder or VAE ``keys`` hold, or None (keys in
+    the original names, transformers 5's, or llama.cpp's of a GGUF file)."""
+    keys = _gguf_names(keys)
     prefix = common_prefix(keys)
     inner = {_renamed(k[len(prefix):]): s for k, s in keys.items()}
     for entry in STANDALONE:
