@@ -107,7 +107,7 @@ def test_each_text_encoder_and_vae_is_recognised_and_checked(tmp_path: Path) -> 
         "umt5": (TINY["umt5"], "umt5xxl", "text_encoder", "wan", ["wan"], ""),
         "qwen": (TINY["qwen"], "qwen25vl", "text_encoder", "qwen_image", ["qwen_image"], ""),
         "qwen3": (TINY["qwen3"], "qwen3", "text_encoder", "z_image", ["z_image"], ""),
-        "ae": (TINY["ae"], "ae16", "vae", "flux", ["flux", "sd3", "chroma"], ""),
+        "ae": (TINY["ae"], "ae16", "vae", "flux", ["flux", "sd3", "chroma", "z_image"], ""),
         "wan21": (TINY["wan21"], "wan21_vae", "vae", "wan", ["wan", "qwen_image"], ""),
         "wan22": (TINY["wan22"], "wan22_vae", "vae", "wan", ["wan"], ""),
     }
@@ -127,15 +127,20 @@ def test_each_text_encoder_and_vae_is_recognised_and_checked(tmp_path: Path) -> 
     assert len(TINY["wan21"]) == 194 and len(TINY["wan22"]) == 196
     # diffusers-named VAEs (AutoencoderKL, AutoencoderKLWan) are named with their
     # layout and not checked: the tables are of the original names
-    for name, keys, comp in (
+    # (and Flux.2's 32-channel VAE has no table yet)
+    for name, keys, comp, layout in (
             ("ae-diffusers", {"encoder.conv_in.weight": (32, 3, 3, 3),
                               "encoder.down_blocks.0.resnets.0.conv1.weight": (32, 32, 3, 3),
-                              "decoder.conv_in.weight": (64, 16, 3, 3)}, "ae16"),
+                              "decoder.conv_in.weight": (64, 16, 3, 3)}, "ae16", "diffusers"),
             ("wan-diffusers", {"encoder.conv_in.weight": (96, 3, 3, 3, 3),
                                "encoder.mid_block.attentions.0.to_qkv.weight": (48, 16, 1, 1),
-                               "decoder.conv_in.weight": (32, 16, 3, 3, 3)}, "wan21_vae")):
+                               "decoder.conv_in.weight": (32, 16, 3, 3, 3)}, "wan21_vae",
+             "diffusers"),
+            ("flux2-vae", {"encoder.conv_in.weight": (32, 3, 3, 3),
+                           "decoder.conv_in.weight": (64, 32, 3, 3),
+                           "bn.running_mean": (128,)}, "flux2_vae", "original")):
         d = inspect_model(_tiny(tmp_path / f"{name}.safetensors", keys)).to_dict()
-        assert (d["component"]["name"], d["layout"]) == (comp, "diffusers"), name
+        assert (d["component"]["name"], d["layout"]) == (comp, layout), name
         assert d["components"]["vae"]["complete"] is None
     # a damaged file: one layer's feed-forward gone, listed by name
     broken = {k: s for k, s in TINY["umt5"].items() if ".1.layer.1.DenseReluDense" not in k}

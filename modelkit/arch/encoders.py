@@ -3,7 +3,8 @@
 Each :class:`Standalone` entry says how to recognise one component file
 (ComfyUI's ``models/text_encoders`` and ``models/vae`` files: CLIP-L, CLIP-G,
 T5-XXL, UMT5-XXL, Qwen2.5-VL-7B, the 16-channel Flux.1/SD3 autoencoder, the
-Wan 2.1 and 2.2 VAEs, and Qwen3-4B, Z-Image's text encoder) with the registry's declarative
+Wan 2.1 and 2.2 VAEs, and Qwen3-4B, Z-Image's text encoder, and Flux.2's
+VAE) with the registry's declarative
 :class:`~modelkit.arch.registry.Rule` s, which families use it, and the
 key/shape table it is checked against *at the widths found in the file*
 (the full layer count when the width is the released one), so tiny test
@@ -365,6 +366,11 @@ def _wan21_table(keys: Mapping[str, Shape]) -> KeyShapes | None:
     return wan21_vae_keys(dim, z) if dim and z else None
 
 
+def _unchecked(keys: Mapping[str, Shape]) -> KeyShapes | None:
+    """No key table (yet): the component is named, not checked."""
+    return None
+
+
 # --- the table -------------------------------------------------------------------------
 
 _WAN21_MARK = "decoder.middle.0.residual.0.gamma"
@@ -469,7 +475,8 @@ STANDALONE: tuple[Standalone, ...] = (
         layout_rules=((DIFFUSERS, Rule(keys=(_WAN_DIFFUSERS,))),),
     ),
     Standalone(
-        "ae16", "Flux.1/SD3 VAE (16 channels)", VAE, "flux", ("flux", "sd3", "chroma"),
+        "ae16", "Flux.1/SD3 VAE (16 channels)", VAE, "flux", ("flux", "sd3", "chroma",
+                                                             "z_image"),
         detect=(Rule(keys=("encoder.conv_in.weight", "decoder.conv_in.weight",
                            "encoder.down.0.block.0.conv1.weight"),
                      shapes=(("decoder.conv_in.weight", 1, 16),),
@@ -482,6 +489,17 @@ STANDALONE: tuple[Standalone, ...] = (
                                "AutoencoderKL names: the Flux.1 or SD3 VAE",))),
         table=_ae_table,
         layout_rules=((DIFFUSERS, Rule(keys=(_KL_DIFFUSERS,))),),
+    ),
+    # Flux.2's VAE (diffusers' AutoencoderKLFlux2: 32 latent channels and a
+    # BatchNorm over the 2x2-patchified latents): named, not checked (no table yet)
+    Standalone(
+        "flux2_vae", "Flux.2 VAE (32 channels)", VAE, "flux2", ("flux2",),
+        detect=(Rule(keys=("encoder.conv_in.weight", "decoder.conv_in.weight"),
+                     shapes=(("decoder.conv_in.weight", 1, 32),),
+                     evidence=("KL-f8 VAE with 32 latent channels: the Flux.2 VAE",)),),
+        table=_unchecked,
+        layout_rules=((DIFFUSERS, Rule(keys=(_KL_DIFFUSERS,))),),
+        optional=("bn.",),
     ),
 )
 
