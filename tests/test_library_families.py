@@ -82,6 +82,9 @@ UMT5XXL = (256384 * 4096 + 24 * (4 * 4096 * 4096 + 3 * 10240 * 4096 + 2 * 4096 +
 QWEN25_7B = (152064 * 3584 + 28 * ((3584 * 3584 + 3584) + 2 * (512 * 3584 + 512)
                                    + 3584 * 3584 + 3 * 18944 * 3584 + 2 * 3584)
              + 3584)  # 7.07 B
+# Mistral Small 3.1's text model: 32 query and 8 key/value heads of 128, no biases
+MISTRAL_24B = (131072 * 5120 + 40 * (4096 * 5120 + 2 * 1024 * 5120 + 5120 * 4096
+                                     + 3 * 32768 * 5120 + 2 * 5120) + 5120)  # 22.9 B
 # Qwen3-4B: 32 query and 8 key/value heads of 128 without biases, per-head q/k norms
 QWEN3_4B = (151936 * 2560 + 36 * (4096 * 2560 + 2 * 1024 * 2560 + 2560 * 4096 + 2 * 128
                                   + 3 * 9728 * 2560 + 2 * 2560) + 2560)  # 4.02 B
@@ -159,6 +162,8 @@ def test_full_size_encoders_name_their_exact_variant(tmp_path: Path) -> None:
             vocab=256384, every=True)),
         "qwen": _sparse(tmp_path / "qwen.safetensors", encoders.qwen25_text_keys()),
         "qwen3": _sparse(tmp_path / "qwen_3_4b.safetensors", encoders.qwen3_text_keys()),
+        "mistral": _sparse(tmp_path / "mistral_3_small_flux2.safetensors",
+                           {**encoders.llama_text_keys(), "lm_head.weight": (131072, 5120)}),
         "clip_l": _sparse(tmp_path / "clip_l.safetensors", text_encoder_keys(CLIP_L)),
         "clip_g": _sparse(tmp_path / "clip_g.safetensors", {
             **text_encoder_keys(CLIP_G), "text_projection.weight": (1280, 1280)}),
@@ -169,6 +174,7 @@ def test_full_size_encoders_name_their_exact_variant(tmp_path: Path) -> None:
     got = {n: inspect_model(p).to_dict() for n, p in files.items()}
     want = {"t5": ("t5xxl", "xxl", T5XXL), "umt5": ("umt5xxl", "xxl", UMT5XXL),
             "qwen": ("qwen25vl", "7b", QWEN25_7B), "qwen3": ("qwen3", "4b", QWEN3_4B),
+            "mistral": ("mistral3", "24b", MISTRAL_24B + 131072 * 5120),  # + lm_head
             "clip_l": ("clip_l", None, _clip(768, 12)),
             "clip_g": ("clip_g", None, _clip(1280, 32) + 1280 * 1280)}  # + text_projection
     for name, (comp, variant, params) in want.items():
@@ -177,6 +183,8 @@ def test_full_size_encoders_name_their_exact_variant(tmp_path: Path) -> None:
         assert d["components"]["te"]["complete"] is True, name
     assert T5XXL == 4_762_310_656 and UMT5XXL == 5_680_910_336 and QWEN25_7B == 7_070_619_136
     assert _clip(768, 12) == 123_060_480 and QWEN3_4B == 4_022_468_096
+    assert MISTRAL_24B == 22_901_314_560
+    assert got["mistral"]["arch"] == "flux2"
     assert got["clip_l"]["arch"] == "sd1" and got["clip_g"]["component"]["used_by"] == [
         "sdxl", "sd3"]
     # the released width expects the released depth: a missing last layer is listed

@@ -3,8 +3,8 @@
 Each :class:`Standalone` entry says how to recognise one component file
 (ComfyUI's ``models/text_encoders`` and ``models/vae`` files: CLIP-L, CLIP-G,
 T5-XXL, UMT5-XXL, Qwen2.5-VL-7B, the 16-channel Flux.1/SD3 autoencoder, the
-Wan 2.1 and 2.2 VAEs, and Qwen3-4B, Z-Image's text encoder, and Flux.2's
-VAE) with the registry's declarative
+Wan 2.1 and 2.2 VAEs; Z-Image's Qwen3-4B, Flux.2's Mistral Small 3.1 and
+its VAE) with the registry's declarative
 :class:`~modelkit.arch.registry.Rule` s, which families use it, and the
 key/shape table it is checked against *at the widths found in the file*
 (the full layer count when the width is the released one), so tiny test
@@ -205,6 +205,41 @@ def qwen3_text_keys(layers: int = 36, h: int = 2560, heads: int = 32, kv_heads: 
         out[f"{p}.mlp.down_proj.weight"] = (h, ff)
     out["model.norm.weight"] = (h,)
     return out
+
+
+# --- Mistral Small 3.1 (Flux.2's text encoder; Llama names, no biases, no q/k norms) --
+
+_MISTRAL_VOCAB, _MISTRAL_WIDTH = 131072, 5120  # ComfyUI-GGUF tells it by this embedding
+
+
+def llama_text_keys(layers: int = 40, h: int = 5120, q: int = 4096, kv: int = 1024,
+                    ff: int = 32768, vocab: int = 131072) -> KeyShapes:
+    """A Llama-style language model's keys under ``model.`` (no biases, no
+    query/key norms); Mistral Small 3.1 24B's text model by default."""
+    out: KeyShapes = {_QWEN_TOKENS: (vocab, h)}
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        out[f"{p}.input_layernorm.weight"] = (h,)
+        for name, rows in (("q", q), ("k", kv), ("v", kv)):
+            out[f"{p}.self_attn.{name}_proj.weight"] = (rows, h)
+        out[f"{p}.self_attn.o_proj.weight"] = (h, q)
+        out[f"{p}.post_attention_layernorm.weight"] = (h,)
+        out[f"{p}.mlp.gate_proj.weight"] = (ff, h)
+        out[f"{p}.mlp.up_proj.weight"] = (ff, h)
+        out[f"{p}.mlp.down_proj.weight"] = (h, ff)
+    out["model.norm.weight"] = (h,)
+    return out
+
+
+def _mistral_table(keys: Mapping[str, Shape]) -> KeyShapes | None:
+    vocab, h = _dim(keys, _QWEN_TOKENS, 0), _dim(keys, _QWEN_TOKENS, 1)
+    q = _dim(keys, "model.layers.0.self_attn.q_proj.weight", 0)
+    k = _dim(keys, "model.layers.0.self_attn.k_proj.weight", 0)
+    ff = _dim(keys, "model.layers.0.mlp.gate_proj.weight", 0)
+    if vocab is None or h is None or q is None or k is None or ff is None:
+        return None
+    layers = 40 if h == _MISTRAL_WIDTH else _count(keys, r"model\.layers\.(\d+)\.")
+    return llama_text_keys(layers, h, q, k, ff, vocab)
 
 
 def _qwen3_table(keys: Mapping[str, Shape]) -> KeyShapes | None:
@@ -448,6 +483,20 @@ STANDALONE: tuple[Standalone, ...] = (
                                      absent=("model.layers.36.mlp.gate_proj.weight",),
                                      shapes=((_QWEN_TOKENS, 1, 2560),))),),
         optional=("lm_head.weight",),
+    ),
+    Standalone(
+        "mistral3", "Mistral Small 3.1", TEXT_ENCODER, "flux2", ("flux2",),
+        detect=(Rule(keys=(_QWEN_TOKENS, "model.layers.0.self_attn.k_proj.weight",
+                           "model.layers.0.mlp.gate_proj.weight"),
+                     absent=(_QWEN_K_BIAS, _QWEN3_Q_NORM),
+                     shapes=((_QWEN_TOKENS, 0, _MISTRAL_VOCAB), (_QWEN_TOKENS, 1, _MISTRAL_WIDTH)),
+                     evidence=("a Llama-style language model with a 131072 x 5120 token "
+                               "embedding: Mistral Small 3.1 (Flux.2's text encoder)",)),),
+        table=_mistral_table,
+        variants=(Variant("24b", Rule(keys=("model.layers.39.mlp.gate_proj.weight",),
+                                      absent=("model.layers.40.mlp.gate_proj.weight",))),),
+        optional=("lm_head.weight", "model.vision_tower.", "model.multi_modal_projector.",
+                  "vision_tower.", "multi_modal_projector."),
     ),
     Standalone(
         "wan22_vae", "Wan 2.2 VAE", VAE, "wan", ("wan",),
