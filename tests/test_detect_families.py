@@ -113,7 +113,7 @@ def test_inspect_names_qwen_image_family_variant_and_layout(tmp_path: Path) -> N
         assert unet["family"] == "Qwen-Image transformer"
         assert unet["prefix"] == ("model.diffusion_model." if prefixed else "")
         assert abs(unet["n_params"] / 1e9 - 20.43) < 0.01  # Qwen-Image has 20B
-        assert any("recognised only" in n or "handle it" in n for n in d["notes"])
+        assert not any("recognised only" in n for n in d["notes"])
 
 
 def test_qwen_image_is_not_flux_diffusers(tmp_path: Path) -> None:
@@ -220,10 +220,13 @@ def test_each_family_is_named_as_itself(tmp_path: Path) -> None:
 
 
 def test_detect_only_families() -> None:
-    # recognised, and handled by the commands a PARTIAL entry lists
-    new = ("sd3", "chroma", "flux2", "qwen_image", "wan", "z_image")
-    assert set(new) <= set(registry.names(support=registry.DETECT)) | set(
-        registry.names(support=registry.PARTIAL))
+    """The families after SDXL are named by inspect and handled by the
+    commands their entries list (hash, library and tui at least)."""
+    assert registry.names(where=lambda a: a.support != registry.FULL) == (
+        "sd3", "flux", "chroma", "flux2", "qwen_image", "wan", "z_image")
+    assert registry.names(support=registry.DETECT) == ()
+    for command in ("hash", "library", "tui"):
+        assert registry.handling(command) == registry.names()
 
 
 # --- the generated tables against diffusers' classes (meta device, no memory) -------

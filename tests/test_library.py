@@ -382,11 +382,12 @@ def test_cli_library_commands(model_library: dict[str, Path],
         "style.safetensors", "xl-detail.safetensors", "sdxl-detail.safetensors"}
     assert main(["library", "list", "--db", db, "--kind", "lora"]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0].split() == ["FILE", "KIND", "ARCH", "PRED", "SIZE", "DTYPE",
-                                           "AUTOV2"]
+    assert out.splitlines()[0].split() == ["FILE", "KIND", "ARCH", "VARIANT", "LAYOUT",
+                                           "PRED", "SIZE", "DTYPE", "AUTOV2"]
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[1:]}
     style = rows["webui/models/Lora/style.safetensors"]
-    assert style[:3] == ["lora", "sd1", "-"] and style[5] == "f16" and len(style[6]) == 10
+    assert style[:5] == ["lora", "sd1", "-", "-", "-"] and style[7] == "f16"
+    assert len(style[8]) == 10
     assert main(["library", "lineage", "merged-pruned", "--db", db]) == 0
     assert capsys.readouterr().out.splitlines()[:2] == [
         'merged-pruned.safetensors [prune {"keep_ema":false}]',

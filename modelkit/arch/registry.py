@@ -231,6 +231,11 @@ class Architecture:
         return dict(self.diffusers.pipelines).get(variant) if self.diffusers else None
 
 
+# commands that handle every family's files: hash (bytes and tensors, any
+# family), the library and the TUI (they name kind, family, variant and layout)
+_NAMING = frozenset({"hash", "library", "tui"})
+
+
 # --- SD1, SD2, SDXL, SDXL refiner -------------------------------------------------
 
 _IN_CONV = "input_blocks.0.0.weight"
@@ -379,7 +384,7 @@ SD3_VARIANTS = (
 
 SD3 = Architecture(
     name="sd3", label="SD3", short="sd3", family="sd3", aliases=("sd3", "sd3.5", "sd35"),
-    support=PARTIAL, commands=frozenset({"convert", "lora bake", "lora info"}),
+    support=PARTIAL, commands=frozenset({"convert", "lora bake", "lora info", *_NAMING}),
     detect=(Rule(keys=(_SD3_QKV, "x_embedder.proj.weight"),
                  evidence=("joint_blocks.0.context_block.attn.qkv with x_embedder.proj: "
                            "SD3 MMDiT (original layout)",)),
@@ -413,7 +418,7 @@ _QWEN_TXT_NORM = "txt_norm.weight"
 QWEN_IMAGE = Architecture(
     name="qwen_image", label="Qwen-Image", short="qwen", family="qwen_image",
     aliases=("qwen_image", "qwen-image", "qwenimage"), support=PARTIAL,
-    commands=frozenset({"lora bake", "lora info"}),
+    commands=frozenset({"lora bake", "lora info", *_NAMING}),
     detect=(Rule(keys=(_QWEN_TXT_NORM, "img_in.weight", "txt_in.weight",
                        "transformer_blocks.0.img_mod.1.weight",
                        "transformer_blocks.0.attn.add_q_proj.weight"),
@@ -461,7 +466,7 @@ _WAN_Q, _WAN_DIFFUSERS_Q = "blocks.0.self_attn.q.weight", "blocks.0.attn1.to_q.w
 WAN = Architecture(
     name="wan", label="Wan", short="wan", family="wan",
     aliases=("wan", "wan2.1", "wan2.2", "wan21", "wan22"), support=PARTIAL,
-    commands=frozenset({"convert", "lora bake", "lora info"}),
+    commands=frozenset({"convert", "lora bake", "lora info", *_NAMING}),
     detect=(Rule(keys=("head.modulation", _WAN_PATCH, _WAN_Q, "blocks.0.cross_attn.q.weight"),
                  evidence=("head.modulation, a 3-D patch_embedding and blocks.0.self_attn: "
                            "Wan video transformer (original layout)",)),
@@ -513,8 +518,8 @@ def _flux_variant_rules(img_in: str, guidance: str) -> tuple[Variant, ...]:
 FLUX = Architecture(
     name="flux", label="Flux.1", short="flux", family="flux",
     aliases=("flux", "flux1", "flux.1"), support=PARTIAL,
-    commands=frozenset({"convert", "hash", "inspect", "lora bake", "lora convert",
-                        "lora extract", "lora info", "lora merge", "lora resize", "merge"}),
+    commands=frozenset({"convert", "inspect", "lora bake", "lora convert", "lora extract",
+                        "lora info", "lora merge", "lora resize", "merge", *_NAMING}),
     # per-block modulation and the pooled-text input tell Flux.1 from Chroma
     # (distilled guidance, no vector_in) and Flux.2 (shared modulation)
     detect=(Rule(keys=(_FLUX_QK_NORM, "double_blocks.0.img_mod.lin.weight",
@@ -572,7 +577,7 @@ _CHROMA_APPROX = "distilled_guidance_layer.in_proj.weight"
 CHROMA = Architecture(
     name="chroma", label="Chroma", short="chroma", family="chroma",
     aliases=("chroma",), support=PARTIAL,
-    commands=frozenset({"convert", "lora bake", "lora info"}),
+    commands=frozenset({"convert", "lora bake", "lora info", *_NAMING}),
     detect=(Rule(keys=(_CHROMA_APPROX, _FLUX_QK_NORM, "single_blocks.0.linear1.weight"),
                  absent=("double_blocks.0.img_mod.lin.weight",),
                  evidence=("distilled_guidance_layer with Flux.1 blocks and no per-block "
@@ -606,7 +611,7 @@ _FLUX2_DIFFUSERS_MOD = "double_stream_modulation_img.linear.weight"
 FLUX2 = Architecture(
     name="flux2", label="Flux.2", short="flux2", family="flux2",
     aliases=("flux2", "flux.2"), support=PARTIAL,
-    commands=frozenset({"convert", "lora bake", "lora info"}),
+    commands=frozenset({"convert", "lora bake", "lora info", *_NAMING}),
     detect=(Rule(keys=(_FLUX2_MOD, "single_stream_modulation.lin.weight",
                        "double_blocks.0.img_attn.qkv.weight"),
                  evidence=("double_stream_modulation_img and single_stream_modulation "
@@ -643,7 +648,7 @@ _ZIMAGE_CAP = "cap_embedder.1.weight"
 Z_IMAGE = Architecture(
     name="z_image", label="Z-Image", short="zimage", family="z_image",
     aliases=("z_image", "z-image", "zimage"), support=PARTIAL,
-    commands=frozenset({"convert", "lora bake", "lora info"}),
+    commands=frozenset({"convert", "lora bake", "lora info", *_NAMING}),
     detect=(Rule(keys=(_ZIMAGE_CAP, "noise_refiner.0.adaLN_modulation.0.weight",
                        "context_refiner.0.feed_forward.w1.weight"),
                  shapes=((_ZIMAGE_CAP, 0, 3840), (_ZIMAGE_CAP, 1, 2560)),

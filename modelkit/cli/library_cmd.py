@@ -101,8 +101,9 @@ def _rel(path: str, root: str) -> str:
 
 
 def _list_rows(entries: list[Any]) -> list[tuple[str, ...]]:
-    return [(safe_text(_rel(e.path, e.root)), e.kind, e.arch, e.prediction or "-",
-             human_bytes(e.size, 1), (e.dtype or "-").lower(), e.short_hash or "-")
+    return [(safe_text(_rel(e.path, e.root)), e.kind, e.arch, e.variant or "-",
+             e.key_layout or "-", e.prediction or "-", human_bytes(e.size, 1),
+             (e.dtype or "-").lower(), e.short_hash or "-")
             for e in entries]
 
 
@@ -155,7 +156,8 @@ def list_cmd(kind: tuple[list[str], ...], arch: tuple[list[str], ...], name: str
     if as_json:
         _echo_json([e.to_dict() for e in entries])
     elif entries:
-        click.echo(_table(("FILE", "KIND", "ARCH", "PRED", "SIZE", "DTYPE", "AUTOV2"),
+        click.echo(_table(("FILE", "KIND", "ARCH", "VARIANT", "LAYOUT", "PRED", "SIZE",
+                           "DTYPE", "AUTOV2"),
                           _list_rows(entries)))
     if not entries:
         click.echo("modelkit: no indexed file matches; run 'modelkit library scan DIR' "

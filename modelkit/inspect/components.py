@@ -14,6 +14,7 @@ from modelkit.arch.detect import (
     unet_family,
     unet_features,
 )
+from modelkit.arch.encoders import Match, is_optional
 from modelkit.arch.keys import (
     POSITION_IDS,
     Shape,
@@ -22,6 +23,7 @@ from modelkit.arch.keys import (
     unet_keys,
     vae_keys,
 )
+from modelkit.arch.registry import ORIGINAL, VAE
 from modelkit.jsontypes import JSONDict
 
 LIST_LIMIT = 20  # keys listed per problem; the counts are always exact
@@ -123,7 +125,21 @@ def _te_layers(slot: str, layout: str, arch: str, found: dict[str, Shape]) -> in
     marker = "text_model.encoder.layers." if layout == "hf" else "transformer.resblocks."
     parts = (k[len(marker):].split(".")[0] for k in found if k.startswith(marker))
     idx = {int(p) for p in parts if p.isdecimal()}
-    return max(idx) + 1 if idx else 0
+    # at most one layer a key: a forged layers.999999999 key makes no huge table
+    return min(max(idx) + 1, len(found)) if idx else 0
+
+
+def analyse_standalone(found: Match) -> ComponentReport:
+    """Check a standalone text encoder or VAE (:mod:`modelkit.arch.encoders`)
+    against its key table at the widths in the file; keys the entry calls
+    optional (a vision tower, ``position_ids``) may be there or not."""
+    entry = found.entry
+    inner = dict(found.keys)
+    # the tables are of the original names; a diffusers-named file is named only
+    expected = entry.table(inner) if found.layout == ORIGINAL else None
+    optional = frozenset(k for k in (*inner, *(expected or ())) if is_optional(entry, k))
+    slot = "vae" if entry.kind == VAE else "te"
+    return compare(slot, found.prefix, entry.label, inner, expected, optional)
 
 
 def checkpoint_components(shapes: dict[str, Shape]

@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modelkit.arch import parts, registry
+from modelkit.arch import encoders, parts, registry
 from modelkit.arch.configs import UNET_PREFIX
 from modelkit.arch.detect import EMBEDDING_WIDTH_ARCH, TE_FAMILY_ARCH
 from modelkit.arch.keys import Shape
 from modelkit.inspect.components import (
     TE_PREFIXES,
     ComponentReport,
+    analyse_standalone,
     analyse_text_encoder,
     analyse_unet,
     analyse_vae,
@@ -70,6 +71,9 @@ class ModelReport:
     metadata: dict[str, str] = field(default_factory=dict)
     gguf: dict[str, Any] | None = None
     quantization: dict[str, Any] | None = None
+    # a standalone text encoder or VAE of the registry's component table
+    # (modelkit.arch.encoders): name, label, families that use it
+    component: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The stable JSON form (schema ``modelkit.inspect/1``)."""
@@ -98,6 +102,7 @@ class ModelReport:
             "metadata": self.metadata,
             "gguf": self.gguf,
             "quantization": self.quantization,
+            "component": self.component,
         }
 
 
@@ -245,6 +250,10 @@ def _fill_bare(rep: ModelReport, all_shapes: dict[str, Shape]) -> tuple[bool, in
         _fill_denoiser(rep, other, "")
         _declared_components(rep, shapes, bare=True)
         return True, None
+    found = encoders.recognise(shapes)
+    if found is not None:
+        _fill_standalone(rep, found)
+        return False, None
     if "input_blocks.0.0.weight" in shapes:
         comp, arch, evidence, in_ch = analyse_unet(dict(shapes), "")
         rep.kind, rep.arch, rep.arch_evidence = "unet", arch, evidence
@@ -262,11 +271,32 @@ def _fill_bare(rep: ModelReport, all_shapes: dict[str, Shape]) -> tuple[bool, in
     return False, None
 
 
+def _fill_standalone(rep: ModelReport, found: encoders.Match) -> None:
+    """A standalone text encoder or VAE the component table recognises:
+    kind, the family the library files it under, its variant, the families
+    that use it, and its completeness against its key table."""
+    entry = found.entry
+    comp = analyse_standalone(found)
+    rep.kind, rep.arch, rep.variant = entry.kind, entry.arch, found.variant
+    rep.layout = found.layout
+    rep.components = {comp.name: comp}
+    users = registry.listed(tuple(registry.label(a) for a in entry.used_by))
+    rep.arch_evidence = [*found.evidence, f"{entry.label} is used by {users}"]
+    rep.component = {"name": entry.name, "label": entry.label, "used_by": list(entry.used_by)}
+    rep.notes.extend(entry.notes)
+    if comp.complete is False:
+        rep.notes.append(f"{entry.label} is incomplete: {plural(comp.n_missing, 'missing key')}, "
+                         f"{plural(comp.n_shape_mismatches, 'shape mismatch')}")
+
+
 # --- compatibility and notes -----------------------------------------------
 
 
 def _component_arch(rep: ModelReport) -> None:
-    """For lone VAEs and text encoders: which archs they fit."""
+    """For lone VAEs and text encoders: which archs they fit (those of the
+    component table say it themselves)."""
+    if rep.component is not None:
+        return
     if rep.kind == "vae":
         vae = rep.components["vae"]
         z = 16 if "16 latent" in vae.family else 4

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from modelkit.arch import registry
+from modelkit.arch.encoders import STANDALONE
 from modelkit.io.suffixes import COMFYUI_DIFFUSION_MODELS
 from modelkit.jsontypes import JSONDict
 from modelkit.library.layout import (
@@ -30,6 +31,7 @@ from modelkit.library.layout import (
     accepts,
     arch_name,
     folder_arch,
+    ui_kind,
 )
 from modelkit.library.query import Entry, Filters, list_entries
 from modelkit.wording import with_article
@@ -82,8 +84,16 @@ def _placement(e: Entry) -> Placement:
     return Placement(e.layout, e.role, Path(e.base))
 
 
-def _kind_name(e: Entry) -> str:
+# standalone text encoders and VAEs named for themselves (T5-XXL), not a family
+COMPONENT_LABELS = frozenset(s.label for s in STANDALONE)
+
+
+def _kind_name(e: Entry, components: dict[str, Any] | None = None) -> str:
     name = KIND_NAMES.get(e.kind, e.kind)
+    if e.kind in ("text_encoder", "vae") and components:
+        label = next(iter(components.values())).get("family")
+        if label in COMPONENT_LABELS:
+            return label if e.kind == "vae" else f"{label} {name}"
     return f"{arch_name(e.arch)} {name}" if e.arch != "unknown" else name
 
 
@@ -100,23 +110,33 @@ def _broken(e: Entry, components: dict[str, Any]) -> list[Hint]:
     return out
 
 
-def _misplaced(e: Entry) -> list[Hint]:
-    if e.layout == PLAIN or e.role is None or accepts(e.role, e.kind) \
+def _misplaced(e: Entry, components: dict[str, Any] | None = None) -> list[Hint]:
+    if e.layout == PLAIN or e.role is None or accepts(e.role, e.kind, e.layout, e.arch) \
             or e.kind not in KIND_NAMES:
         return []
     place = _placement(e)
-    expected = place.expected_folder(e.kind)
+    expected = place.expected_folder(e.kind, e.arch)
     where = f"; {e.layout} loads it from {expected}" if expected else ""
     if e.kind == "unet" and e.role == "checkpoint":
-        if not expected:  # A1111
+        if not expected and _ldm(e.arch):  # A1111
             where = ("; A1111 loads only full checkpoints: swap it into one ('modelkit "
                      f"swap --unet') or use it from ComfyUI's {COMFYUI_DIFFUSION_MODELS}")
+        elif not expected:
+            where = (f"; A1111 and Forge do not load {arch_name(e.arch)} diffusion-model "
+                     f"files: ComfyUI loads them from {COMFYUI_DIFFUSION_MODELS}")
         return [Hint(e.path, "unet-only", WARNING,
                      f"UNet-only file in a checkpoint folder: {UNET_ONLY_NOTE}{where}",
                      str(expected) if expected else None)]
     return [Hint(e.path, "wrong-folder", WARNING,
-                 f"{_kind_name(e)} in {with_article(e.role)} folder{where}",
+                 f"{_kind_name(e, components)} in {with_article(e.role)} folder{where}",
                  str(expected) if expected else None)]
+
+
+def _ldm(arch: str) -> bool:
+    """Whether ``arch`` is an SD1/SD2/SDXL family (or unknown): one whose
+    UNet a checkpoint swap takes."""
+    entry = registry.get(arch)
+    return entry is None or entry.spec is not None
 
 
 def _arch_folder(e: Entry) -> list[Hint]:
@@ -133,10 +153,11 @@ def _arch_folder(e: Entry) -> list[Hint]:
 
 def _is_base(e: Entry) -> bool:
     """A model a LoRA can be used with: a checkpoint, or in ComfyUI a
-    diffusion-model-only file (A1111 cannot load those)."""
+    diffusion-model-only file (A1111 cannot load those; Forge a Flux one)."""
     if e.arch == "unknown":
         return False
-    return e.kind == "checkpoint" or (e.kind == "unet" and e.layout == "comfyui")
+    return ui_kind(e.layout, e.kind, e.arch) == "checkpoint" or (
+        e.kind == "unet" and e.layout == "comfyui")
 
 
 def _base_hints(entries: list[Entry]) -> list[Hint]:
@@ -159,7 +180,7 @@ def _base_hints(entries: list[Entry]) -> list[Hint]:
         expected = None
         if others and layout_of.get(others[0]) in EXPECTED:
             folder = Placement(layout_of[others[0]], None, Path(others[0])
-                               ).expected_folder(e.kind)
+                               ).expected_folder(e.kind, e.arch)
             expected = str(folder) if folder else None
         listing = ", ".join(arch_name(a) for a in sorted(have))
         out.append(Hint(e.path, "no-base", WARNING,
@@ -177,11 +198,12 @@ def check(conn: sqlite3.Connection, filters: Filters | None = None) -> CheckRepo
     wanted = {e.path for e in list_entries(conn, filters)} if filters else None
     components = {r["path"]: r["components"] for r in
                   conn.execute("SELECT path, components FROM files WHERE components IS "
-                               "NOT NULL AND kind IN ('checkpoint', 'unet')")}
+                               "NOT NULL AND kind IN ('checkpoint', 'unet', 'text_encoder', "
+                               "'vae')")}
     hints: list[Hint] = []
     for e in everything:
         comps = json.loads(components.get(e.path) or "{}")
-        hints += _broken(e, comps) + _misplaced(e) + _arch_folder(e)
+        hints += _broken(e, comps) + _misplaced(e, comps) + _arch_folder(e)
     hints += _base_hints(everything)
     if wanted is not None:
         hints = [h for h in hints if h.path in wanted]

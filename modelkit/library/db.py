@@ -20,14 +20,14 @@ from pathlib import Path
 from modelkit.errors import ModelkitError
 from modelkit.textsafe import shown
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: key_layout
 BUSY_TIMEOUT_MS = 60_000
 DB_NAME = "library.sqlite"
 
 # columns of ``files``; the order is the INSERT order
 COLUMNS = (
     "path", "name", "folder", "root", "size", "mtime_ns", "kind", "arch", "prediction",
-    "variant", "dtype", "layout", "role", "base", "n_tensors", "n_params", "has_ema",
+    "variant", "dtype", "layout", "key_layout", "role", "base", "n_tensors", "n_params", "has_ema",
     "n_ema", "data_bytes", "components", "metadata", "report", "error", "sha256",
     "legacy", "addnet", "previews", "civitai", "sidecars", "scanned_at",
 )
@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS files (
     variant TEXT,
     dtype TEXT,                 -- the most common float dtype
     layout TEXT NOT NULL,       -- a1111, comfyui, plain
+    key_layout TEXT,            -- key names of the model: original, diffusers
     role TEXT,                  -- what its folder is for
     base TEXT NOT NULL,         -- the UI's model root (see modelkit.library.layout)
     n_tensors INTEGER,

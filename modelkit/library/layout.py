@@ -75,6 +75,22 @@ EXPECTED: dict[str, dict[str, str | None]] = {
         "text_encoder": "text_encoders",
     },
 }
+# families whose diffusion-model-only (transformer) files Forge, the A1111
+# fork that runs them, loads from its checkpoint folder and completes with
+# the VAE and text encoders picked in its UI (lllyasviel/stable-diffusion-
+# webui-forge: backend/loader.py with huggingface_guess's Flux entries); the
+# other families' transformer files load in ComfyUI only
+FORGE_TRANSFORMER_ARCHS = frozenset({"flux"})
+
+
+def ui_kind(layout: str, kind: str, arch: str | None) -> str:
+    """The kind a UI files ``kind`` under: Forge takes a Flux transformer
+    file for a checkpoint (it sits in ``models/Stable-diffusion``)."""
+    if layout == A1111 and kind == "unet" and arch in FORGE_TRANSFORMER_ARCHS:
+        return "checkpoint"
+    return kind
+
+
 @dataclass(frozen=True)
 class Placement:
     """Which UI folder a file sits in."""
@@ -83,10 +99,12 @@ class Placement:
     role: str | None  # what the folder is for; None in plain folders
     base: Path  # the UI's model root, or the scanned folder for plain ones
 
-    def expected_folder(self, kind: str) -> Path | None:
-        """Where this UI expects a file of ``kind`` (None: nowhere, or
-        unknown for plain folders)."""
-        rel = EXPECTED.get(self.layout, {}).get(kind)
+    def expected_folder(self, kind: str, arch: str | None = None) -> Path | None:
+        """Where this UI expects a file of ``kind`` for ``arch`` (None:
+        nowhere, or unknown for plain folders): ComfyUI's
+        ``models/diffusion_models`` for every family's transformer-only
+        file, Forge's ``models/Stable-diffusion`` for a Flux one."""
+        rel = EXPECTED.get(self.layout, {}).get(ui_kind(self.layout, kind, arch))
         return self.base / rel if rel else None
 
     def sweeps_folder(self) -> Path:
@@ -160,10 +178,12 @@ def is_sweep_folder(names: Container[str]) -> bool:
     return any(n in names for n in SWEEP_FILES)
 
 
-def accepts(role: str | None, kind: str) -> bool:
-    """Whether a folder for ``role`` is where a file of ``kind`` belongs
-    (unknown and broken files belong nowhere in particular)."""
-    return role is None or kind in ("unknown", "broken") or kind == role
+def accepts(role: str | None, kind: str, layout: str = PLAIN, arch: str | None = None
+            ) -> bool:
+    """Whether a folder for ``role`` (in a UI of ``layout``) is where a file
+    of ``kind`` for ``arch`` belongs (unknown and broken files belong
+    nowhere in particular)."""
+    return role is None or kind in ("unknown", "broken") or ui_kind(layout, kind, arch) == role
 
 
 # folder names that say which architecture the files in them are for

@@ -35,7 +35,7 @@ class Entry:
     prediction: str | None
     variant: str | None
     dtype: str | None
-    layout: str
+    layout: str  # the UI folder layout: a1111, comfyui, plain
     role: str | None
     base: str
     n_tensors: int | None
@@ -49,6 +49,7 @@ class Entry:
     addnet: str | None
     previews: tuple[str, ...]
     scanned_at: float
+    key_layout: str | None = None  # the key names: original, diffusers (inspect's layout)
 
     @property
     def short_hash(self) -> str | None:

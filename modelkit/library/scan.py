@@ -271,6 +271,7 @@ def _report_columns(rep: ModelReport) -> dict[str, Any]:
     return {
         "kind": rep.kind, "arch": rep.arch,
         "prediction": pred if pred != "unknown" else None, "variant": rep.variant,
+        "key_layout": rep.layout,
         "dtype": (_gguf_dtype(rep.gguf["quant_types"]) if rep.gguf else
                   _main_dtype(rep.dtypes)), "n_tensors": rep.n_tensors,
         "n_params": rep.n_params, "has_ema": int(rep.has_ema), "n_ema": rep.n_ema_tensors,

@@ -11,6 +11,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
+from modelkit.arch.registry import listed
 from modelkit.library import metadata as md
 from modelkit.library.check import Hint
 from modelkit.library.layout import arch_name
@@ -104,6 +105,14 @@ def info_text(detail: Detail, hints: Iterable[Hint] = ()) -> Text:
     _row(out, "kind", e.kind + (f" ({e.variant})" if e.variant else ""))
     evidence = (rep.get("arch_evidence") or [""])[0]
     _row(out, "arch", arch_name(e.arch) + (f"  ({safe(evidence, 90)})" if evidence else ""))
+    component = rep.get("component")
+    if isinstance(component, dict):
+        users = tuple(arch_name(str(a)) for a in component.get("used_by") or [])
+        _row(out, "component", safe(str(component.get("label")), 60)
+             + (f"  (used by {listed(users)})" if users else ""))
+    layout = e.key_layout or rep.get("layout")
+    if layout:
+        _row(out, "layout", f"{safe(str(layout), 20)} key names")
     pred = rep.get("prediction") or {}
     if e.prediction:
         evidence = (pred.get("evidence") or [""])[0]

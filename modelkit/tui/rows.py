@@ -3,8 +3,10 @@ of each row. Plain Python (no textual import), so it is tested directly.
 
 Filter text: words match the file name or folder (any case, all must
 match); ``key:value`` terms narrow by field, ``,`` separates alternatives:
-``kind:lora arch:sdxl,sd1 pred:v dtype:f16 has:ema has:hint has:preview
-has:hash``. ``k:``, ``a:`` and ``p:`` abbreviate kind, arch and pred.
+``kind:lora arch:sdxl,sd1 pred:v dtype:f16 variant:dev layout:diffusers has:ema
+has:hint has:preview has:hash``. ``k:``, ``a:``, ``p:`` and ``v:`` abbreviate kind,
+arch, pred and variant; ``layout:`` is the key names (``original``,
+``diffusers``), not the UI folder.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ ARCH_SHORT = {**{a.name: a.short for a in registry.REGISTRY.values() if a.short 
               registry.UNKNOWN: "?"}
 KEY_ALIASES = {"k": "kind", "kind": "kind", "a": "arch", "arch": "arch", "p": "pred",
                "pred": "pred", "prediction": "pred", "dtype": "dtype", "d": "dtype",
-               "has": "has"}
-SORT_COLUMNS = ("name", "kind", "arch", "pred", "size", "dtype", "hash", "hints")
+               "has": "has", "v": "variant", "variant": "variant", "layout": "layout"}
+SORT_COLUMNS = ("name", "kind", "arch", "variant", "layout", "pred", "size", "dtype", "hash",
+                "hints")
 HAS_TERMS = ("ema", "hint", "hints", "preview", "hash", "error")
 
 
@@ -75,6 +78,10 @@ def _field_value(e: Entry, name: str) -> str:
         return e.arch
     if name == "pred":
         return e.prediction or "-"
+    if name == "variant":
+        return (e.variant or "-").lower()
+    if name == "layout":
+        return e.key_layout or "-"
     return (e.dtype or "-").lower()
 
 
@@ -116,8 +123,9 @@ def sort_key(column: str, hints: dict[str, list[Hint]]
     path, break ties)."""
     def key(e: Entry) -> tuple[object, object, str]:
         value: object = 0 if column == "name" else {
-            "kind": e.kind, "arch": e.arch,
-            "pred": e.prediction or "~", "size": e.size, "dtype": e.dtype or "~",
+            "kind": e.kind, "arch": e.arch, "variant": e.variant or "~",
+            "layout": e.key_layout or "~", "pred": e.prediction or "~", "size": e.size,
+            "dtype": e.dtype or "~",
             "hash": e.sha256 or "~", "hints": -len(hints.get(e.path, ())),
         }[column]
         return value, name_key(e.name), e.path
@@ -139,12 +147,15 @@ def display_name(e: Entry) -> str:
     return safe_text(name)
 
 
-def row_cells(e: Entry, hints: Sequence[Hint], wide: bool) -> tuple[str, ...]:
+def row_cells(e: Entry, hints: Sequence[Hint], wide: bool, full: bool = False
+              ) -> tuple[str, ...]:
     """The cells of ``e``'s row, strings from the file escaped; ``wide``
-    adds the hash column."""
-    cells = [display_name(e), KIND_SHORT.get(e.kind, e.kind), ARCH_SHORT.get(e.arch, e.arch),
-             e.prediction or "-", human_bytes(e.size, 1).replace(" ", ""),
-             (e.dtype or "-").lower()]
+    adds the hash column, ``full`` the variant and key-layout columns."""
+    cells = [display_name(e), KIND_SHORT.get(e.kind, e.kind), ARCH_SHORT.get(e.arch, e.arch)]
+    if full:
+        cells += [e.variant or "-", e.key_layout or "-"]
+    cells += [e.prediction or "-", human_bytes(e.size, 1).replace(" ", ""),
+              (e.dtype or "-").lower()]
     if wide:
         cells.append(e.short_hash or "-")
     cells.append(hint_cell(hints))
@@ -152,12 +163,15 @@ def row_cells(e: Entry, hints: Sequence[Hint], wide: bool) -> tuple[str, ...]:
 
 
 # widths of every column but the name, which takes the rest
-WIDTHS = {"kind": 5, "arch": 6, "pred": 4, "size": 7, "dtype": 5, "hash": 10, "hints": 11}
+WIDTHS = {"kind": 5, "arch": 6, "variant": 11, "layout": 9, "pred": 4, "size": 7, "dtype": 5,
+          "hash": 10, "hints": 11}
 
 
-def columns(wide: bool) -> tuple[str, ...]:
-    """Column keys in display order (the mark column comes first)."""
-    cols = ["name", "kind", "arch", "pred", "size", "dtype"]
+def columns(wide: bool, full: bool = False) -> tuple[str, ...]:
+    """Column keys in display order (the mark column comes first); ``full``
+    adds the variant and key layout after the arch."""
+    cols = ["name", "kind", "arch", *(("variant", "layout") if full else ()), "pred", "size",
+            "dtype"]
     if wide:
         cols.append("hash")
     return (*cols, "hints")

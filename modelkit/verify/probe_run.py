@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from modelkit.core.verify_thresholds import FAIL, PASS, SKIP
 from modelkit.errors import ModelkitError
@@ -70,6 +70,20 @@ def probe_limit(settings: VerifySettings, stored: Source) -> tuple[float, str]:
     return PROBE_MAX_ERROR, "default"
 
 
+def _standalone_components(rep: Any, name: str) -> tuple[str, ...]:
+    """The components the probe compares in a standalone text encoder or VAE
+    of the newer families (``modelkit/arch/encoders.py``; their ``arch`` is
+    the family that uses them): a VAE's blocks only; a text encoder is
+    refused in one line (its keys are no component of the family's probe
+    table). ``()`` (all) for any other file."""
+    if getattr(rep, "component", None) is None:
+        return ()
+    if rep.kind != "vae":
+        raise ModelkitError(f"{name}: is a standalone {rep.component['label']} text encoder; "
+                            "the probe compares checkpoints, transformers and VAEs")
+    return ("vae",)
+
+
 def probe_verify(model: str | os.PathLike[str], reference: str | os.PathLike[str] | None,
                  settings: VerifySettings, *, progress: ProgressFn = no_progress,
                  cancel: CancelFlag | None = None) -> VerifyReport:
@@ -94,6 +108,7 @@ def probe_verify(model: str | os.PathLike[str], reference: str | os.PathLike[str
     cand_mut, ref_mut = open_model_under_test(model), open_model_under_test(reference)
     cand, ref = cand_mut.render_source, ref_mut.render_source
     cand_rep, ref_rep = cand_mut.report, ref_mut.report
+    only = _standalone_components(ref_rep, Path(reference).name)
     arch = registry.get(ref_rep.arch)
     if arch is None or not arch.probe:
         raise ModelkitError(f"{Path(reference).name}: architecture {ref_rep.arch!r} has no "
@@ -116,7 +131,7 @@ def probe_verify(model: str | os.PathLike[str], reference: str | os.PathLike[str
             if rep.layout == "diffusers":
                 report.notes.append(f"{name}: diffusers layout, probed as the BFL layout")
     with torch_threads(1):  # block math on one thread: torch spins beside busy processes
-        results = probe(cand, ref, arch, progress=progress, cancel=cancel)
+        results = probe(cand, ref, arch, progress=progress, cancel=cancel, only=only)
     timings["probe"] = round(sum(r.seconds for r in results), 4)
     limit, why = probe_limit(settings, cand_mut.stored)
     report.probe = [{**r.to_dict(), "limit": limit} for r in results]

@@ -15,6 +15,7 @@ from modelkit.library.query import Entry
 from modelkit.tui import rows
 
 WIDE_COLUMNS = 90  # table width from which the hash column is shown
+FULL_COLUMNS = 130  # ... and the variant and key-layout columns
 HINTS_MAX = 24  # the hints column grows to its longest cell up to this
 NAME_MIN = 24  # ... while the name column keeps this much (or its longest name)
 MARK = "●"
@@ -45,6 +46,11 @@ class ModelTable(DataTable[Any]):
     def wide(self) -> bool:
         return (self.size.width or self.app.size.width) >= WIDE_COLUMNS
 
+    @property
+    def full(self) -> bool:
+        """Wide enough for the variant and key-layout columns."""
+        return (self.size.width or self.app.size.width) >= FULL_COLUMNS
+
     def set_entries(self, entries: list[Entry], hints: dict[str, list[Hint]]) -> None:
         """Replace the data (after a scan or reload), keeping the cursor's file."""
         self.entries, self.hints = entries, hints
@@ -61,7 +67,7 @@ class ModelTable(DataTable[Any]):
         if reverse:
             self.sort_reverse = not self.sort_reverse
         else:
-            cols = rows.columns(self.wide)
+            cols = rows.columns(self.wide, self.full)
             i = cols.index(self.sort_column) if self.sort_column in cols else -1
             self.sort_column = cols[(i + 1) % len(cols)]
             self.sort_reverse = False
@@ -140,7 +146,7 @@ class ModelTable(DataTable[Any]):
         """Columns for the current width; returns the name column's width."""
         self.clear(columns=True)
         self.add_column(" ", key="mark", width=1)
-        cols = rows.columns(self.wide)
+        cols = rows.columns(self.wide, self.full)
         widths = self._widths(cols, names, hints)
         for key in cols:
             label = key + (" ▼" if self.sort_reverse else " ▲") \
@@ -160,11 +166,11 @@ class ModelTable(DataTable[Any]):
         name_width = self._build_columns([rows.display_name(e) for e in shown],
                                          [rows.hint_cell(self.hints.get(e.path, ()))
                                           for e in shown])
-        wide = self.wide
+        wide, full = self.wide, self.full
         for e in shown:
             mark = Text(MARK, style="bold") if e.path in self.marked else ""
             hints = self.hints.get(e.path, [])
-            cells = [Text(c) for c in rows.row_cells(e, hints, wide)]
+            cells = [Text(c) for c in rows.row_cells(e, hints, wide, full)]
             cells[0].truncate(name_width, overflow="ellipsis")
             if hints:
                 cells[-1].stylize("red" if any(h.severity == "error" for h in hints)
