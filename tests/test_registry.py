@@ -25,7 +25,7 @@ OPTIONAL = {"variants", "layout_rules", "notes"}  # may be empty for any entry
 # what a family that inspect recognises but other commands refuse may leave out
 DETECT_ONLY = {"spec", "blocks", "lora", "diffusers", "gguf", "commands", "probe"}
 # a family some commands handle: the tables of the commands not done yet
-PARTIAL_ONLY = {"spec", "diffusers", "gguf"}
+PARTIAL_ONLY = {"spec", "diffusers", "gguf", "lora", "probe"}
 
 
 def _rule_conditions(rule: Rule) -> int:
@@ -51,10 +51,11 @@ def test_every_architecture_declares_every_field(name: str) -> None:
     assert arch.default_dtype in USER_DTYPES
     assert arch.verify in (registry.RENDER, registry.PROBE)
     assert arch.prediction in (registry.EPS, registry.EPS_OR_V, registry.FLOW)
-    if arch.support == PARTIAL:  # its own block map and LoRA table, the commands named
+    if arch.support == PARTIAL:  # its own block map (and LoRA table), the commands named
         assert arch.blocks is not None and list(arch.blocks.names) == block_names(name)
-        assert arch.lora is not None and arch.lora.modules is not None
-        assert arch.commands <= {"inspect", "hash", "merge", "lora bake", "lora info"}
+        assert arch.lora is None or arch.lora.modules is not None
+        assert arch.commands <= {"inspect", "hash", "merge", "prune", "extract", "swap", "ema",
+                                 "lora bake", "lora info"}
     if arch.support == FULL:
         assert arch.blocks is not None and arch.lora is not None
         assert arch.diffusers is not None and arch.gguf is not None
@@ -106,11 +107,11 @@ def test_name_lists_elsewhere_are_the_registrys() -> None:
 
     full = registry.names(support=FULL)
     assert full == vocab.ARCH_NAMES
-    assert vocab.RECOGNISED_ONLY == registry.names(support=DETECT) == (
-        "sd3", "chroma", "flux2", "qwen_image", "wan", "z_image")
-    assert registry.names(support=PARTIAL) == ("flux",)
-    assert registry.handling("merge") == registry.handling("lora bake") == (*full, "flux")
-    assert registry.handling("prune") == full
+    assert vocab.RECOGNISED_ONLY == registry.names(support=DETECT) == ()
+    dits = ("sd3", "flux", "chroma", "flux2", "qwen_image", "wan", "z_image")
+    assert registry.names(support=PARTIAL) == dits
+    assert registry.handling("lora bake") == (*full, "flux")
+    assert registry.handling("merge") == registry.handling("prune") == (*full, *dits)
     # quantize, export-gguf and verify handle every entry declaring their table
     assert registry.handling("quantize") == registry.names()
     assert registry.handling("export-gguf") == (*full, "sd3", "flux", "qwen_image", "wan")
@@ -126,7 +127,8 @@ def test_name_lists_elsewhere_are_the_registrys() -> None:
     assert {a for a, _ in diffusers_names.PIPELINES} == set(full)
     assert {"sdxl", "sdxl_refiner"} == lora_names.KOHYA_LDM_UNET
     assert adapter_keys.CONTEXT_DIMS == {768: "sd1", 1024: "sd2", 2048: "sdxl"}
-    assert PRESET_ARCHS == ("sd1", "sdxl", "flux")
+    assert PRESET_ARCHS == ("sd1", "sdxl", "sd3", "flux", "chroma", "flux2", "qwen_image", "wan",
+                            "z_image")
     assert TE_FAMILY_ARCH == {"CLIP-L": "sd1", "OpenCLIP-H": "sd2", "OpenCLIP-bigG": "sdxl"}
     assert EMBEDDING_WIDTH_ARCH == {768: "sd1", 1024: "sd2"}
     pad_alt = {("sd2", "tokenizer"), ("sdxl", "tokenizer_2"), ("sdxl_refiner", "tokenizer_2")}
@@ -169,7 +171,8 @@ def test_inspect_names_flux_family_variant_and_layout(
     assert d["kind"] == ("checkpoint" if aio else "unet")
     assert d["prediction"]["type"] == "unknown"
     assert d["unknown_keys"] == []
-    assert any("hash, inspect, lora bake, lora info and merge handle it" in n
+    assert any("ema, extract, hash, inspect, lora bake, lora info, merge, prune and swap "
+               "handle it" in n
                for n in d["notes"])
     unet = d["components"]["unet"]
     assert unet["family"] == "Flux.1 transformer"

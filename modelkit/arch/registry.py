@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from modelkit.arch import blocks as _blocks
+from modelkit.arch import family_blocks as _family_blocks
 from modelkit.arch import flux as _flux
 from modelkit.arch import gguf as _gguf
 from modelkit.arch import parts as _parts
@@ -130,6 +131,9 @@ class BlockMap:
     default_map: str
     key_to_block: Callable[..., str]
     vae_slot: bool = True  # a VAE block may be appended
+    # a transformer family's declaration (groups, presets, both layouts'
+    # prefixes: :class:`modelkit.arch.family_blocks.PrefixBlocks`)
+    table: _family_blocks.PrefixBlocks | None = None
 
 
 @dataclass(frozen=True)
@@ -338,6 +342,18 @@ SDXL_REFINER = _ldm(
 
 _NO_PRUNE = PrunePolicy(residue_prefixes=_parts.JUNK_PREFIXES)
 
+
+def _own_blocks(table: _family_blocks.PrefixBlocks) -> BlockMap:
+    """The block map of a transformer family: its names, one map (ComfyUI's
+    names), no VAE entry."""
+    return BlockMap(table.names, ("comfyui",), "comfyui", table.key_to_block,
+                    vae_slot=False, table=table)
+
+
+# what the transformer families' merge, prune, extract, swap and ema handle (the
+# per-key transforms; their block lists: modelkit.arch.family_blocks)
+_DIT_COMMANDS = frozenset({"inspect", "hash", "merge", "prune", "extract", "swap", "ema"})
+
 # SD3 / SD3.5 (Stability's MMDiT, original layout; ComfyUI's model_detection.py)
 _SD3_QKV = "joint_blocks.0.context_block.attn.qkv.weight"
 _SD3_POS = "pos_embed"
@@ -351,7 +367,7 @@ SD3_VARIANTS = (
 
 SD3 = Architecture(
     name="sd3", label="SD3", short="sd3", family="sd3", aliases=("sd3", "sd3.5", "sd35"),
-    support=DETECT,
+    support=PARTIAL, commands=_DIT_COMMANDS,
     detect=(Rule(keys=(_SD3_QKV, "x_embedder.proj.weight"),
                  evidence=("joint_blocks.0.context_block.attn.qkv with x_embedder.proj: "
                            "SD3 MMDiT (original layout)",)),),
@@ -362,7 +378,7 @@ SD3 = Architecture(
                 Component("clip_l", TEXT_ENCODER, "text_encoders.clip_l."),
                 Component("clip_g", TEXT_ENCODER, "text_encoders.clip_g."),
                 Component("t5xxl", TEXT_ENCODER, "text_encoders.t5xxl.")),
-    spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None, gguf=_gguf.SD3,
+    spec=None, blocks=_own_blocks(_family_blocks.SD3), prune=_NO_PRUNE, lora=None, diffusers=None, gguf=_gguf.SD3,
     default_dtype="fp16", verify=PROBE, prediction=FLOW,
     # patch, text, timestep and pooled embedders, the final layer (ComfyUI's
     # comfy/ldm/modules/diffusionmodules/mmdit.py names)
@@ -375,7 +391,7 @@ SD3 = Architecture(
 _QWEN_TXT_NORM = "txt_norm.weight"
 QWEN_IMAGE = Architecture(
     name="qwen_image", label="Qwen-Image", short="qwen", family="qwen_image",
-    aliases=("qwen_image", "qwen-image", "qwenimage"), support=DETECT,
+    aliases=("qwen_image", "qwen-image", "qwenimage"), support=PARTIAL, commands=_DIT_COMMANDS,
     detect=(Rule(keys=(_QWEN_TXT_NORM, "img_in.weight", "txt_in.weight",
                        "transformer_blocks.0.img_mod.1.weight",
                        "transformer_blocks.0.attn.add_q_proj.weight"),
@@ -389,7 +405,7 @@ QWEN_IMAGE = Architecture(
     layouts=(DIFFUSERS,),
     layout_rules=((DIFFUSERS, Rule(keys=("transformer_blocks.0.attn.to_q.weight",))),),
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
-    spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None,
+    spec=None, blocks=_own_blocks(_family_blocks.QWEN_IMAGE), prune=_NO_PRUNE, lora=None, diffusers=None,
     gguf=_gguf.QWEN_IMAGE,
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
     # image and text inputs, timestep embedder, output norm and projection
@@ -420,7 +436,7 @@ def _wan_variants(q: str, img: str, k_img: str) -> tuple[Variant, ...]:
 _WAN_Q, _WAN_DIFFUSERS_Q = "blocks.0.self_attn.q.weight", "blocks.0.attn1.to_q.weight"
 WAN = Architecture(
     name="wan", label="Wan", short="wan", family="wan",
-    aliases=("wan", "wan2.1", "wan2.2", "wan21", "wan22"), support=DETECT,
+    aliases=("wan", "wan2.1", "wan2.2", "wan21", "wan22"), support=PARTIAL, commands=_DIT_COMMANDS,
     detect=(Rule(keys=("head.modulation", _WAN_PATCH, _WAN_Q, "blocks.0.cross_attn.q.weight"),
                  evidence=("head.modulation, a 3-D patch_embedding and blocks.0.self_attn: "
                            "Wan video transformer (original layout)",)),
@@ -441,7 +457,7 @@ WAN = Architecture(
     layouts=(ORIGINAL, DIFFUSERS),
     layout_rules=((ORIGINAL, Rule(keys=(_WAN_Q,))), (DIFFUSERS, Rule(keys=(_WAN_DIFFUSERS_Q,)))),
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
-    spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None, gguf=_gguf.WAN,
+    spec=None, blocks=_own_blocks(_family_blocks.WAN), prune=_NO_PRUNE, lora=None, diffusers=None, gguf=_gguf.WAN,
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
     # patch, text, time and image embedders and the head, in both layouts
     # (Wan-Video's wan/modules/model.py; diffusers' transformer_wan.py)
@@ -469,7 +485,7 @@ def _flux_variant_rules(img_in: str, guidance: str) -> tuple[Variant, ...]:
 FLUX = Architecture(
     name="flux", label="Flux.1", short="flux", family="flux",
     aliases=("flux", "flux1", "flux.1"), support=PARTIAL,
-    commands=frozenset({"inspect", "hash", "merge", "lora bake", "lora info"}),
+    commands=_DIT_COMMANDS | {"lora bake", "lora info"},
     # per-block modulation and the pooled-text input tell Flux.1 from Chroma
     # (distilled guidance, no vector_in) and Flux.2 (shared modulation)
     detect=(Rule(keys=(_FLUX_QK_NORM, "double_blocks.0.img_mod.lin.weight",
@@ -497,7 +513,7 @@ FLUX = Architecture(
                                                           "text_encoders.clip_l."),
                 Component("t5xxl", TEXT_ENCODER, "text_encoders.t5xxl.")),
     spec=None,
-    blocks=BlockMap(FLUX_BLOCKS, ("comfyui",), "comfyui", _flux.block_of, vae_slot=False),
+    blocks=_own_blocks(_family_blocks.FLUX),
     prune=_NO_PRUNE,
     # bake and info (block weights: the merge block names); extract, LoRA
     # merge and convert need more tables
@@ -522,7 +538,7 @@ FLUX = Architecture(
 _CHROMA_APPROX = "distilled_guidance_layer.in_proj.weight"
 CHROMA = Architecture(
     name="chroma", label="Chroma", short="chroma", family="chroma",
-    aliases=("chroma",), support=DETECT,
+    aliases=("chroma",), support=PARTIAL, commands=_DIT_COMMANDS,
     detect=(Rule(keys=(_CHROMA_APPROX, _FLUX_QK_NORM, "single_blocks.0.linear1.weight"),
                  absent=("double_blocks.0.img_mod.lin.weight",),
                  evidence=("distilled_guidance_layer with Flux.1 blocks and no per-block "
@@ -538,7 +554,7 @@ CHROMA = Architecture(
     layout_rules=((ORIGINAL, Rule(keys=(_FLUX_QK_NORM,))),
                   (DIFFUSERS, Rule(keys=(_FLUX_DIFFUSERS_QK_NORM,)))),
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
-    spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
+    spec=None, blocks=_own_blocks(_family_blocks.CHROMA), prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
     # the embedders, the guidance approximator and the final layer (Flux.1's keep
     # list, both layouts)
@@ -551,7 +567,7 @@ _FLUX2_MOD = "double_stream_modulation_img.lin.weight"
 _FLUX2_DIFFUSERS_MOD = "double_stream_modulation_img.linear.weight"
 FLUX2 = Architecture(
     name="flux2", label="Flux.2", short="flux2", family="flux2",
-    aliases=("flux2", "flux.2"), support=DETECT,
+    aliases=("flux2", "flux.2"), support=PARTIAL, commands=_DIT_COMMANDS,
     detect=(Rule(keys=(_FLUX2_MOD, "single_stream_modulation.lin.weight",
                        "double_blocks.0.img_attn.qkv.weight"),
                  evidence=("double_stream_modulation_img and single_stream_modulation "
@@ -571,7 +587,7 @@ FLUX2 = Architecture(
     layout_rules=((ORIGINAL, Rule(keys=(_FLUX2_MOD,))),
                   (DIFFUSERS, Rule(keys=(_FLUX2_DIFFUSERS_MOD,)))),
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
-    spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
+    spec=None, blocks=_own_blocks(_family_blocks.FLUX2), prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
     quant_keep=("img_in.", "txt_in.", "time_in.", "guidance_in.", "final_layer.",
                 "x_embedder.", "context_embedder.", "time_guidance_embed.", "norm_out.",
@@ -583,7 +599,7 @@ FLUX2 = Architecture(
 _ZIMAGE_CAP = "cap_embedder.1.weight"
 Z_IMAGE = Architecture(
     name="z_image", label="Z-Image", short="zimage", family="z_image",
-    aliases=("z_image", "z-image", "zimage"), support=DETECT,
+    aliases=("z_image", "z-image", "zimage"), support=PARTIAL, commands=_DIT_COMMANDS,
     detect=(Rule(keys=(_ZIMAGE_CAP, "noise_refiner.0.adaLN_modulation.0.weight",
                        "context_refiner.0.feed_forward.w1.weight"),
                  shapes=((_ZIMAGE_CAP, 0, 3840), (_ZIMAGE_CAP, 1, 2560)),
@@ -595,7 +611,7 @@ Z_IMAGE = Architecture(
     layout_rules=((ORIGINAL, Rule(keys=("layers.0.attention.qkv.weight",))),
                   (DIFFUSERS, Rule(keys=("layers.0.attention.to_q.weight",)))),
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
-    spec=None, blocks=None, prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
+    spec=None, blocks=_own_blocks(_family_blocks.Z_IMAGE), prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
     quant_keep=("x_embedder.", "all_x_embedder.", "final_layer.", "all_final_layer.",
                 "t_embedder.", "cap_embedder.", "x_pad_token", "cap_pad_token"),
