@@ -60,7 +60,7 @@ def test_inspect_names_sd3_family_variant_and_layout(tmp_path: Path) -> None:
         if aio:
             assert set(d["components"]) == {"unet", "vae", "clip_l", "clip_g", "t5xxl"}
             assert d["components"]["vae"]["prefix"] == "first_stage_model."
-        assert any("recognised only" in n for n in d["notes"])
+        assert any("merge, prune and swap handle it" in n for n in d["notes"])
 
 
 def test_sd3_is_not_flux_and_flux_is_not_sd3(tmp_path: Path) -> None:
@@ -85,7 +85,7 @@ def test_inspect_names_qwen_image_family_variant_and_layout(tmp_path: Path) -> N
         assert unet["family"] == "Qwen-Image transformer"
         assert unet["prefix"] == ("model.diffusion_model." if prefixed else "")
         assert abs(unet["n_params"] / 1e9 - 20.43) < 0.01  # Qwen-Image has 20B
-        assert any("recognised only" in n for n in d["notes"])
+        assert any("merge, prune and swap handle it" in n for n in d["notes"])
 
 
 def test_qwen_image_is_not_flux_diffusers(tmp_path: Path) -> None:
@@ -126,7 +126,7 @@ def test_inspect_names_wan_family_variant_and_layout(tmp_path: Path) -> None:
         assert unet["family"] == "Wan transformer"
         assert unet["prefix"] == ("model.diffusion_model." if prefixed else "")
         assert abs(unet["n_params"] / 1e9 - billions) < 0.01
-        assert any("recognised only" in n for n in d["notes"])
+        assert any("merge, prune and swap handle it" in n for n in d["notes"])
 
 
 # --- the commands that do not handle a family refuse it in one line ----------------
@@ -135,7 +135,8 @@ def test_inspect_names_wan_family_variant_and_layout(tmp_path: Path) -> None:
 def test_commands_refuse_the_families_they_do_not_handle_in_one_line(tmp_path: Path
                                                                      ) -> None:
     """Through the command line's own function, all cases in one child: each
-    refusal is one line naming the family, exit 2, no file."""
+    refusal (no EMA in a transformer file, two families in one merge) is one
+    line naming the file or family, exit 2, no file."""
     sd3 = write_sparse_sd3(tmp_path / "sd3.safetensors", "sd3-medium", all_in_one=True)
     qwen = write_sparse_qwen_image(tmp_path / "q.safetensors", prefixed=True, tiny=True)
     wan = write_sparse_wan(tmp_path / "w.safetensors", "t2v-14b", tiny=True)
@@ -144,11 +145,10 @@ def test_commands_refuse_the_families_they_do_not_handle_in_one_line(tmp_path: P
     assert inspect_model(qwen).to_dict()["arch"] == "qwen_image"
     assert inspect_model(wan).to_dict()["arch"] == "wan"
     cases = {  # name: (arguments, what the line must say)
-        "prune sd3": (["prune", str(sd3)], ("SD3",)),
-        "prune qwen": (["prune", str(qwen)], ("Qwen-Image", "does not handle")),
-        "prune wan": (["prune", str(wan)], ("Wan", "does not handle")),
-        "merge chroma": (["merge", str(chroma), str(chroma)], ("chroma",)),
-        "prune z_image": (["prune", str(z_image)], ("Z-Image",)),
+        "ema sd3": (["ema", str(sd3)], ("sd3.safetensors", "has no EMA weights")),
+        "ema qwen": (["ema", str(qwen)], ("q.safetensors", "has no EMA weights")),
+        "merge wan chroma": (["merge", str(wan), str(chroma)], ("chroma", "wan")),
+        "ema z_image": (["ema", str(z_image)], ("has no EMA weights",)),
     }
     res = run_entry({n: [*a, "-o", str(tmp_path / f"{n}.safetensors")]
                      for n, (a, _) in cases.items()}, tmp_path)
@@ -192,8 +192,9 @@ def test_each_family_is_named_as_itself(tmp_path: Path) -> None:
 
 
 def test_detect_only_families() -> None:
-    assert registry.names(support=registry.DETECT) == ("sd3", "chroma", "flux2", "qwen_image",
-                                                        "wan", "z_image")
+    assert registry.names(support=registry.DETECT) == ()
+    assert registry.names(support=registry.PARTIAL) == ("sd3", "flux", "chroma", "flux2",
+                                                         "qwen_image", "wan", "z_image")
 
 
 # --- the generated tables against diffusers' classes (meta device, no memory) -------

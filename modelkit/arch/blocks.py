@@ -180,6 +180,17 @@ def count_text(arch: str, vae_slot: bool = True) -> str:
     return f"{text}; {n + 1} with the optional VAE entry last)" if vae_slot else text + ")"
 
 
+def group_text(arch: str) -> str:
+    """``DOUBLE (double_blocks.0..18), SINGLE (...), ...``: the groups a
+    transformer family's ``--blocks`` mapping may name ("" for the SD lists,
+    whose groups are IN, OUT and MID)."""
+    table = _table(arch)
+    if table is None:
+        return ""
+    return ", ".join(f"{g} ({_describe_own(names)})" for g, names in table.groups().items()
+                     if names)
+
+
 def weights_title(weights: Mapping[str, float]) -> str:
     """``26 blocks`` or ``26 blocks + the VAE entry``: the size of a resolved
     block-weight table, counted the way the block lists are."""

@@ -338,9 +338,14 @@ SDXL_REFINER = _ldm(
     scaling=0.13025, gguf="sdxl",
 )
 
-# --- families inspect names but the other commands do not handle yet -------------
+# --- the transformer families: the commands in their `commands` handle them -------
 
-_NO_PRUNE = PrunePolicy(residue_prefixes=_parts.JUNK_PREFIXES)
+# a transformer file: the LDM leftovers, and what trainers leave beside the
+# weights (optimizer and scheduler state, a grad scaler, LoRA keys saved in;
+# an EMA copy under model_ema., ema. or ema_model.: dropped unless kept)
+_DIT_PRUNE = PrunePolicy(residue_prefixes=(*_parts.JUNK_PREFIXES, "scaler.", "lora_",
+                                           "ema.", "ema_model."),
+                         ema_prefix=EMA_PREFIX)
 
 
 def _own_blocks(table: _family_blocks.PrefixBlocks) -> BlockMap:
@@ -378,7 +383,8 @@ SD3 = Architecture(
                 Component("clip_l", TEXT_ENCODER, "text_encoders.clip_l."),
                 Component("clip_g", TEXT_ENCODER, "text_encoders.clip_g."),
                 Component("t5xxl", TEXT_ENCODER, "text_encoders.t5xxl.")),
-    spec=None, blocks=_own_blocks(_family_blocks.SD3), prune=_NO_PRUNE, lora=None, diffusers=None, gguf=_gguf.SD3,
+    spec=None, blocks=_own_blocks(_family_blocks.SD3), prune=_DIT_PRUNE,
+    lora=None, diffusers=None, gguf=_gguf.SD3,
     default_dtype="fp16", verify=PROBE, prediction=FLOW,
     # patch, text, timestep and pooled embedders, the final layer (ComfyUI's
     # comfy/ldm/modules/diffusionmodules/mmdit.py names)
@@ -391,7 +397,8 @@ SD3 = Architecture(
 _QWEN_TXT_NORM = "txt_norm.weight"
 QWEN_IMAGE = Architecture(
     name="qwen_image", label="Qwen-Image", short="qwen", family="qwen_image",
-    aliases=("qwen_image", "qwen-image", "qwenimage"), support=PARTIAL, commands=_DIT_COMMANDS,
+    aliases=("qwen_image", "qwen-image", "qwenimage"),
+    support=PARTIAL, commands=_DIT_COMMANDS,
     detect=(Rule(keys=(_QWEN_TXT_NORM, "img_in.weight", "txt_in.weight",
                        "transformer_blocks.0.img_mod.1.weight",
                        "transformer_blocks.0.attn.add_q_proj.weight"),
@@ -405,7 +412,8 @@ QWEN_IMAGE = Architecture(
     layouts=(DIFFUSERS,),
     layout_rules=((DIFFUSERS, Rule(keys=("transformer_blocks.0.attn.to_q.weight",))),),
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
-    spec=None, blocks=_own_blocks(_family_blocks.QWEN_IMAGE), prune=_NO_PRUNE, lora=None, diffusers=None,
+    spec=None, blocks=_own_blocks(_family_blocks.QWEN_IMAGE), prune=_DIT_PRUNE,
+    lora=None, diffusers=None,
     gguf=_gguf.QWEN_IMAGE,
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
     # image and text inputs, timestep embedder, output norm and projection
@@ -436,7 +444,8 @@ def _wan_variants(q: str, img: str, k_img: str) -> tuple[Variant, ...]:
 _WAN_Q, _WAN_DIFFUSERS_Q = "blocks.0.self_attn.q.weight", "blocks.0.attn1.to_q.weight"
 WAN = Architecture(
     name="wan", label="Wan", short="wan", family="wan",
-    aliases=("wan", "wan2.1", "wan2.2", "wan21", "wan22"), support=PARTIAL, commands=_DIT_COMMANDS,
+    aliases=("wan", "wan2.1", "wan2.2", "wan21", "wan22"),
+    support=PARTIAL, commands=_DIT_COMMANDS,
     detect=(Rule(keys=("head.modulation", _WAN_PATCH, _WAN_Q, "blocks.0.cross_attn.q.weight"),
                  evidence=("head.modulation, a 3-D patch_embedding and blocks.0.self_attn: "
                            "Wan video transformer (original layout)",)),
@@ -457,7 +466,8 @@ WAN = Architecture(
     layouts=(ORIGINAL, DIFFUSERS),
     layout_rules=((ORIGINAL, Rule(keys=(_WAN_Q,))), (DIFFUSERS, Rule(keys=(_WAN_DIFFUSERS_Q,)))),
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
-    spec=None, blocks=_own_blocks(_family_blocks.WAN), prune=_NO_PRUNE, lora=None, diffusers=None, gguf=_gguf.WAN,
+    spec=None, blocks=_own_blocks(_family_blocks.WAN), prune=_DIT_PRUNE,
+    lora=None, diffusers=None, gguf=_gguf.WAN,
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
     # patch, text, time and image embedders and the head, in both layouts
     # (Wan-Video's wan/modules/model.py; diffusers' transformer_wan.py)
@@ -514,7 +524,7 @@ FLUX = Architecture(
                 Component("t5xxl", TEXT_ENCODER, "text_encoders.t5xxl.")),
     spec=None,
     blocks=_own_blocks(_family_blocks.FLUX),
-    prune=_NO_PRUNE,
+    prune=_DIT_PRUNE,
     # bake and info (block weights: the merge block names); extract, LoRA
     # merge and convert need more tables
     lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="flux", adapters=False,
@@ -529,8 +539,9 @@ FLUX = Architecture(
                 "norm_out.", "proj_out."),
     probe=_probes.flux(),
     notes=("Kontext has the dev layout and reads as dev",
-           "merge and lora bake handle the original (BFL/ComfyUI) layout; the VAE and "
-           "text encoders of an all-in-one file are taken from model A"),
+           "merge takes either layout (all inputs in one); lora bake the original "
+           "(BFL/ComfyUI) layout; a merge takes the VAE and text encoders of an "
+           "all-in-one file from model A"),
 )
 
 # Chroma (Flux.1-schnell derivative: no per-block modulation; ComfyUI's
@@ -538,7 +549,8 @@ FLUX = Architecture(
 _CHROMA_APPROX = "distilled_guidance_layer.in_proj.weight"
 CHROMA = Architecture(
     name="chroma", label="Chroma", short="chroma", family="chroma",
-    aliases=("chroma",), support=PARTIAL, commands=_DIT_COMMANDS,
+    aliases=("chroma",),
+    support=PARTIAL, commands=_DIT_COMMANDS,
     detect=(Rule(keys=(_CHROMA_APPROX, _FLUX_QK_NORM, "single_blocks.0.linear1.weight"),
                  absent=("double_blocks.0.img_mod.lin.weight",),
                  evidence=("distilled_guidance_layer with Flux.1 blocks and no per-block "
@@ -554,7 +566,8 @@ CHROMA = Architecture(
     layout_rules=((ORIGINAL, Rule(keys=(_FLUX_QK_NORM,))),
                   (DIFFUSERS, Rule(keys=(_FLUX_DIFFUSERS_QK_NORM,)))),
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
-    spec=None, blocks=_own_blocks(_family_blocks.CHROMA), prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
+    spec=None, blocks=_own_blocks(_family_blocks.CHROMA), prune=_DIT_PRUNE,
+    lora=None, diffusers=None, gguf=None,
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
     # the embedders, the guidance approximator and the final layer (Flux.1's keep
     # list, both layouts)
@@ -567,7 +580,8 @@ _FLUX2_MOD = "double_stream_modulation_img.lin.weight"
 _FLUX2_DIFFUSERS_MOD = "double_stream_modulation_img.linear.weight"
 FLUX2 = Architecture(
     name="flux2", label="Flux.2", short="flux2", family="flux2",
-    aliases=("flux2", "flux.2"), support=PARTIAL, commands=_DIT_COMMANDS,
+    aliases=("flux2", "flux.2"),
+    support=PARTIAL, commands=_DIT_COMMANDS,
     detect=(Rule(keys=(_FLUX2_MOD, "single_stream_modulation.lin.weight",
                        "double_blocks.0.img_attn.qkv.weight"),
                  evidence=("double_stream_modulation_img and single_stream_modulation "
@@ -587,7 +601,8 @@ FLUX2 = Architecture(
     layout_rules=((ORIGINAL, Rule(keys=(_FLUX2_MOD,))),
                   (DIFFUSERS, Rule(keys=(_FLUX2_DIFFUSERS_MOD,)))),
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
-    spec=None, blocks=_own_blocks(_family_blocks.FLUX2), prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
+    spec=None, blocks=_own_blocks(_family_blocks.FLUX2), prune=_DIT_PRUNE,
+    lora=None, diffusers=None, gguf=None,
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
     quant_keep=("img_in.", "txt_in.", "time_in.", "guidance_in.", "final_layer.",
                 "x_embedder.", "context_embedder.", "time_guidance_embed.", "norm_out.",
@@ -599,7 +614,8 @@ FLUX2 = Architecture(
 _ZIMAGE_CAP = "cap_embedder.1.weight"
 Z_IMAGE = Architecture(
     name="z_image", label="Z-Image", short="zimage", family="z_image",
-    aliases=("z_image", "z-image", "zimage"), support=PARTIAL, commands=_DIT_COMMANDS,
+    aliases=("z_image", "z-image", "zimage"),
+    support=PARTIAL, commands=_DIT_COMMANDS,
     detect=(Rule(keys=(_ZIMAGE_CAP, "noise_refiner.0.adaLN_modulation.0.weight",
                        "context_refiner.0.feed_forward.w1.weight"),
                  shapes=((_ZIMAGE_CAP, 0, 3840), (_ZIMAGE_CAP, 1, 2560)),
@@ -611,7 +627,8 @@ Z_IMAGE = Architecture(
     layout_rules=((ORIGINAL, Rule(keys=("layers.0.attention.qkv.weight",))),
                   (DIFFUSERS, Rule(keys=("layers.0.attention.to_q.weight",)))),
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
-    spec=None, blocks=_own_blocks(_family_blocks.Z_IMAGE), prune=_NO_PRUNE, lora=None, diffusers=None, gguf=None,
+    spec=None, blocks=_own_blocks(_family_blocks.Z_IMAGE), prune=_DIT_PRUNE,
+    lora=None, diffusers=None, gguf=None,
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
     quant_keep=("x_embedder.", "all_x_embedder.", "final_layer.", "all_final_layer.",
                 "t_embedder.", "cap_embedder.", "x_pad_token", "cap_pad_token"),

@@ -79,8 +79,10 @@ def _block_weight_lines(report: Any) -> list[str]:
 
 BLOCK_OPTIONS = {"alpha": "--blocks"}  # alpha's block-wise option (others: --NAME-blocks)
 BLOCK_FORMS = ("26 (SD1/SD2) or 20 (SDXL) comma-separated numbers in the order BASE, "
-               "IN00.., M00, OUT.. (27/21 with the optional VAE entry last), or a preset "
-               "name")
+               "IN00.., M00, OUT.. (27/21 with the optional VAE entry last), a preset "
+               "name, or NAME=V,...,default=V with the family's block names and groups "
+               "(Flux.1: img_in, double_blocks.0-18, SINGLE, ...; 'modelkit presets' "
+               "lists every family's)")
 
 
 def _shared_method_params() -> dict[str, list[tuple[str, Any]]]:
