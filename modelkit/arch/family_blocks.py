@@ -95,6 +95,10 @@ class PrefixBlocks:
     def block_of(self, key: str) -> str:
         """The block of a transformer key (bare or under
         ``model.diffusion_model.``); the first block for a key none claims."""
+        return self.claims(key) or self.names[0]
+
+    def claims(self, key: str) -> str | None:
+        """The block whose prefix or stack ``key`` is under, or None."""
         rest = key.removeprefix(DENOISER_PREFIX)
         for stack in self.stacks:
             for stem in (stack.stem, *stack.aliases):
@@ -105,7 +109,7 @@ class PrefixBlocks:
         for path, block in self._prefixes:
             if rest == path or rest.startswith(path + "."):
                 return block
-        return self.names[0]
+        return None
 
     def key_to_block(self, key: str, arch: str = "", map_name: str | None = None,
                      vae_slot: bool = False) -> str:
