@@ -25,7 +25,6 @@ from modelkit.core.recipe import Recipe
 from modelkit.engine.runner import run
 from modelkit.inspect.report import inspect_model
 from modelkit.io.reader import open_model
-from tests.cli_support import run_all
 
 Keys = dict[str, tuple[int, ...]]
 FLUX_TINY = replace(flux.small(flux.VARIANTS["dev"]), hidden_size=128, num_heads=1)
@@ -261,13 +260,14 @@ def test_the_familys_dtype_is_the_default(tmp_path: Path) -> None:
 def test_two_families_two_layouts_two_variants(pairs: dict[str, tuple[Path, Path]],
                                               tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    """Two families through the console script: one line, exit 2, no file.
-    Two layouts of Flux: refused, naming both. Flux dev as A and schnell as
-    B: refused with the count and first key schnell lacks; schnell as A:
+    """Two families: one line, exit 2, no file (through the console script's
+    entry point: tests/test_cli_exit_codes.py, ``merge_families``). Two
+    layouts of Flux: refused, naming both. Flux dev as A and schnell as B:
+    refused with the count and first key schnell lacks; schnell as A:
     merged, the four guidance keys only dev has reported, not silently left."""
     wan_a, chroma_b = pairs["wan"][0], pairs["chroma"][1]
-    res = run_all({"x": ["merge", str(wan_a), str(chroma_b), "-o", "x.safetensors"]}, tmp_path)
-    code, _, err = res["x"]
+    code, _, err = _cli(capsys, "merge", str(wan_a), str(chroma_b), "-o",
+                        str(tmp_path / "x.safetensors"))
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "cannot merge different architectures" in err and "is wan" in err
     assert "is chroma" in err and not (tmp_path / "x.safetensors").exists()

@@ -391,6 +391,7 @@ SD3 = Architecture(
     quant_keep=("x_embedder.", "context_embedder.", "t_embedder.", "y_embedder.",
                 "final_layer.", "pos_embed"),
     probe=_probes.sd3(),
+    notes=("a merge takes the VAE and text encoders of an all-in-one file from model A",),
 )
 
 # Qwen-Image (diffusers' QwenImageTransformer2DModel names, which ComfyUI keeps)

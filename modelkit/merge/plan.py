@@ -275,6 +275,10 @@ def _key_plans(plan: Plan) -> None:
     opts = group.options
     excluded = [check_key_regex(rx) for rx in opts.exclude_keys]
     problems: list[str] = []
+    entry = get_arch(plan.arch)
+    # a transformer family's block list covers its transformer only: the VAE
+    # and text encoders of an all-in-one file are A's (as for Flux.1's vae.)
+    transformer_only = entry is not None and entry.spec is None
     for key, info in primary.infos.items():
         comp = component_of(plan.full_key(key))
         if key.endswith("position_ids") and comp == "te":
@@ -283,6 +287,8 @@ def _key_plans(plan: Plan) -> None:
         if plan.vae is not None and comp == "vae":
             plan.keys.append(_vae_plan(plan, key, info, group))
             continue
+        if transformer_only and comp != UNET:
+            comp = "other"
         if (not info.is_float or comp not in opts.include or comp == "other"
                 or any(rx.search(key) for rx in excluded)):
             plan.keys.append(KeyPlan(key, "copy", info.dtype, info.shape))
