@@ -7,6 +7,7 @@ two variants), and prune / extract / swap / ema on a small Flux all-in-one."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -153,7 +154,8 @@ def test_every_key_has_a_block_and_both_layouts_weigh_the_same(family: str) -> N
     assert all(p == per_layout[0] for p in per_layout)
 
 
-def test_block_specs_take_the_familys_names_groups_and_short_ranges() -> None:
+def test_block_specs_take_the_familys_names_groups_and_short_ranges(
+        capsys: pytest.CaptureFixture[str]) -> None:
     w = parse_blocks("JOINT=0.5, joint_blocks.0-2=0.25, x_embedder=1, default=0", "sd3")
     assert len(w) == 5 + 38 + 1 and w["joint_blocks.2"] == 0.25 and w["joint_blocks.3"] == 0.5
     assert w["x_embedder"] == 1.0 and w["pos_embed"] == w["final_layer"] == 0.0
@@ -164,6 +166,14 @@ def test_block_specs_take_the_familys_names_groups_and_short_ranges() -> None:
     assert [b for b, v in z.items() if v] == ["noise_refiner.0", "noise_refiner.1"]
     g = preset("gradient_in_to_out", "wan")
     assert g["patch_embedding"] == 0.0 and g["head"] == 1.0 and g["blocks.0"] == 5 / 45
+    code, out, err = _cli(capsys, "presets", "--arch", "z_image", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["layers_only"]["z_image"] == {b: float(b.startswith("layers."))
+                                              for b in FAMILIES["z_image"].names}
+    code, out, _ = _cli(capsys, "presets", "--arch", "flux2")
+    assert "flux2: 64 weights (img_in, txt_in, time_in, guidance_in, " in out
+    assert "MOD (double_stream_modulation_img, double_stream_modulation_txt, " in out
 
 
 # --- merges -------------------------------------------------------------------------
@@ -290,6 +300,17 @@ def test_two_families_two_layouts_two_variants(pairs: dict[str, tuple[Path, Path
             "guidance_in.in_layer.bias)") in err
     assert "note: 4 keys exist only in B/C and were ignored" in out
     assert not any(k.startswith("guidance_in.") for k in _tensors(tmp_path / "z.safetensors"))
+    # Wan image-to-video as A, text-to-video as B: the image keys and the
+    # wider patch embedding are counted, the first named
+    ka = SMALL[("wan", "original")]()
+    kb = wan.transformer_keys(wan.small(wan.VARIANTS["t2v-14b"]))
+    n = len(ka.keys() - kb.keys()) + sum(ka[k] != kb[k] for k in ka.keys() & kb.keys())
+    assert n == 19
+    t2v = _write(tmp_path / "t2v.safetensors", kb, 9)
+    code, _, err = _cli(capsys, "merge", str(pairs["wan"][0]), str(t2v), "-o",
+                        str(tmp_path / "w.safetensors"))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"blocks.0.cross_attn.k_img.bias is missing from b (and {n - 1} more)" in err
 
 
 # --- prune, extract, swap, ema on a Flux all-in-one ---------------------------------

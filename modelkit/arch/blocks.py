@@ -49,8 +49,10 @@ Key -> block maps (hako-mikan/sd-webui-supermerger ``scripts/mergers/mergers.py`
 
 Families without an LDM UNet declare their own block map in the registry
 (:class:`~modelkit.arch.registry.BlockMap`: names, key -> block function,
-no VAE entry), e.g. Flux.1's ModelMergeFlux1 names
-(:mod:`modelkit.arch.flux`); the functions here use it for those.
+no VAE entry) from one :class:`~modelkit.arch.family_blocks.PrefixBlocks`
+each (ComfyUI's block-merge names, both layouts, groups and generated
+presets: Flux.1, SD3, Qwen-Image, Wan, Chroma, Flux.2, Z-Image); the
+functions here use it for those.
 """
 
 from __future__ import annotations
