@@ -222,6 +222,36 @@ def test_block_merge_is_the_hand_computed_blend(pairs: dict[str, tuple[Path, Pat
     assert seen == {0.25, 0.5, 0.75, 1.0}
 
 
+METHODS = {"weighted_sum": {"alpha": 0.5}, "slerp": {"alpha": 0.5},
+           "add_difference": {"alpha": 1.0}, "triple_sum": {"alpha": 0.3, "beta": 0.3},
+           "sum_twice": {"alpha": 0.3, "beta": 0.3}, "train_difference": {"alpha": 1.0},
+           "ties": {"k": 0.5}, "model_stock": {}}
+
+
+def test_every_method_merges_a_family(pairs: dict[str, tuple[Path, Path]],
+                                      tmp_path: Path) -> None:
+    """Every merge method runs on a Flux.2 transformer (per-key methods; nothing
+    SD-specific in the way): A's keys, bf16 kept, B and C mixed in; the
+    add difference checked against A + (B - C) by hand."""
+    from modelkit.core.registry import METHOD, all_transforms
+
+    assert set(METHODS) == {n for n, t in all_transforms().items() if t.kind == METHOD}
+    a, b = pairs["flux2"]
+    c = _write(tmp_path / "c.safetensors", SMALL[("flux2", "original")](), 3)
+    ta, tb, tc = _tensors(a), _tensors(b), _tensors(c)
+    for method, params in METHODS.items():
+        models = (a, b) if method in ("weighted_sum", "slerp", "ties") else (a, b, c)
+        out = tmp_path / f"{method}.safetensors"
+        run(Recipe.merge(*models, method=method, output=out, **params))
+        got = _tensors(out)
+        assert list(got) == list(ta) and {t.dtype for t in got.values()} == {torch.bfloat16}
+        key = "double_blocks.1.img_attn.qkv.weight"
+        assert not torch.equal(got[key], ta[key]), method
+        if method == "add_difference":
+            want = ta[key].float() + (tb[key].float() - tc[key].float())
+            assert torch.allclose(got[key].float(), want, rtol=2**-8, atol=1e-6)
+
+
 def test_presets_and_recipes_take_the_familys_blocks(pairs: dict[str, tuple[Path, Path]],
                                                     tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]
@@ -339,6 +369,19 @@ def test_prune_keeps_every_component_and_drops_the_residue(aio: tuple[Path, Path
     assert dropped == {"optimizer.state.0.exp_avg": "training leftover",
                        "lora_unet_double_blocks_0_img_mod_lin.alpha": "training leftover",
                        "model_ema.decay": "EMA weights", "notes.foo": "unknown key"}
+
+
+def test_prune_of_a_bare_transformer_keeps_its_keys(pairs: dict[str, tuple[Path, Path]],
+                                                   tmp_path: Path) -> None:
+    a = pairs["wan"][0]
+    src = tmp_path / "wan_dirty.safetensors"
+    save_file({**_tensors(a), "scaler.scale": torch.ones(1), "ema.blocks.0.ffn.0.weight":
+               torch.ones(2)}, str(src))
+    report = run(Recipe.op("prune", src, output=tmp_path / "w.safetensors", dtype="fp32"))
+    got, want = _tensors(tmp_path / "w.safetensors"), _tensors(a)
+    assert list(got) == list(want)  # every Wan key, bare, is the transformer
+    assert all(torch.equal(got[k], want[k].float()) for k in got)  # --dtype still casts
+    assert set(report.steps[0].report.dropped) == {"scaler.scale", "ema.blocks.0.ffn.0.weight"}
 
 
 def test_extract_and_swap_round_trip(aio: tuple[Path, Path], tmp_path: Path,
