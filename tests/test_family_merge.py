@@ -413,6 +413,18 @@ def test_extract_and_swap_round_trip(aio: tuple[Path, Path], tmp_path: Path,
         assert list(got_swap) == list(ta)
         for key, t in got_swap.items():
             assert torch.equal(t, tb[key] if key.startswith(prefix) else ta[key]), (comp, key)
+    # a merge bakes B's VAE into A's vae. keys; the text encoders stay A's
+    baked = tmp_path / "baked.safetensors"
+    code, _, err = _cli(capsys, "merge", str(a), str(b), "-o", str(baked), "-q", "--alpha",
+                        "0.5", "--vae", str(files["vae"]))
+    assert code == 0, err
+    for key, t in _tensors(baked).items():
+        want = (tb[key] if key.startswith("vae.") else ta[key] if not key.startswith(
+            UNET_PREFIX) else torch.lerp(ta[key].float(), tb[key].float(), 0.5).to(t.dtype))
+        assert torch.equal(t, want), key
+    code, _, err = _cli(capsys, "merge", str(files["unet"]), str(files["unet"]), "-o",
+                        str(tmp_path / "nv.safetensors"), "--vae", str(files["vae"]))
+    assert code == 2 and "has no VAE (no vae.* keys) to bake it into" in err, err
     code, _, err = _cli(capsys, "swap", str(a), "--vae", str(files["t5xxl"]), "-o",
                         str(tmp_path / "bad.safetensors"))
     assert code == 2 and "has none of the vae keys" in err and len(err.splitlines()) == 1

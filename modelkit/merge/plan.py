@@ -277,15 +277,17 @@ def _key_plans(plan: Plan) -> None:
     problems: list[str] = []
     entry = get_arch(plan.arch)
     # a transformer family's block list covers its transformer only: the VAE
-    # and text encoders of an all-in-one file are A's (as for Flux.1's vae.)
+    # and text encoders of an all-in-one file are A's (or the baked VAE)
     transformer_only = entry is not None and entry.spec is None
     for key, info in primary.infos.items():
         comp = component_of(plan.full_key(key))
+        if transformer_only:
+            comp = family_component(plan.arch, plan.full_key(key))
         if key.endswith("position_ids") and comp == "te":
             plan.keys.append(KeyPlan(key, "position_ids", "I64", info.shape))
             continue
         if plan.vae is not None and comp == "vae":
-            plan.keys.append(_vae_plan(plan, key, info, group))
+            plan.keys.append(_vae_plan(plan, key, info, group, _vae_prefix(plan.arch)))
             continue
         if transformer_only and comp != UNET:
             comp = "other"
@@ -325,9 +327,35 @@ def _key_plans(plan: Plan) -> None:
                              f"{primary.what}")
 
 
-def _vae_plan(plan: Plan, key: str, info: TensorInfo, group: MergeGroupSpec) -> KeyPlan:
+def family_component(arch: str, key: str) -> str:
+    """``unet``, ``vae``, ``te`` or ``other`` for a key of a transformer
+    family's file, by its registry components' prefixes (a Flux.1
+    all-in-one file's ``vae.`` and ``text_encoders.``)."""
+    from modelkit.arch import registry
+
+    entry = registry.get(arch)
+    roles = {registry.DENOISER: UNET, registry.VAE: VAE, registry.TEXT_ENCODER: TE}
+    for comp in sorted(entry.components if entry else (), key=lambda c: -len(c.prefix)):
+        if key.startswith(comp.prefix):
+            return roles.get(comp.role, "other")
+    return "other"
+
+
+def _vae_prefix(arch: str) -> str:
+    """Where ``arch``'s checkpoint keeps its VAE (``first_stage_model.``,
+    Flux.1's ``vae.``)."""
+    from modelkit.arch import registry
+
+    entry = registry.get(arch)
+    if entry is None or entry.spec is not None:
+        return VAE_PREFIX
+    return next((c.prefix for c in entry.components if c.role == registry.VAE), VAE_PREFIX)
+
+
+def _vae_plan(plan: Plan, key: str, info: TensorInfo, group: MergeGroupSpec,
+              prefix: str = VAE_PREFIX) -> KeyPlan:
     assert plan.vae is not None
-    short = key[len(VAE_PREFIX):]
+    short = key[len(prefix):]
     src = key if key in plan.vae.infos else short
     vinfo = plan.vae.infos.get(src)
     if vinfo is None:
@@ -368,8 +396,8 @@ def make_plan(group: MergeGroupSpec) -> Plan:
     if (plan.vae is not None and entry is not None and entry.spec is None
             and not any(k.action == "vae" for k in plan.keys)):
         raise ModelkitError(f"VAE {plan.vae.path}: {plan.inputs[plan.primary].path.name} has "
-                            f"no VAE under {VAE_PREFIX!r} to bake it into; a {plan.arch} "
-                            "file takes a VAE with 'modelkit swap'")
+                            f"no VAE (no {_vae_prefix(arch)}* keys) to bake it into; a bare "
+                            f"{plan.arch} transformer takes no VAE")
     _prediction_warning(plan)
     return plan
 
