@@ -341,8 +341,8 @@ SDXL_REFINER = _ldm(
 # --- the transformer families: the commands in their `commands` handle them -------
 
 # a transformer file: the LDM leftovers, and what trainers leave beside the
-# weights (optimizer and scheduler state, a grad scaler, LoRA keys saved in;
-# an EMA copy under model_ema., ema. or ema_model.: dropped unless kept)
+# weights (optimizer and scheduler state, a grad scaler, LoRA keys saved in,
+# an ema./ema_model. copy); LDM's model_ema. copy is dropped unless kept
 _DIT_PRUNE = PrunePolicy(residue_prefixes=(*_parts.JUNK_PREFIXES, "scaler.", "lora_",
                                            "ema.", "ema_model."),
                          ema_prefix=EMA_PREFIX)
