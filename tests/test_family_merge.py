@@ -277,6 +277,32 @@ def test_presets_and_recipes_take_the_familys_blocks(pairs: dict[str, tuple[Path
         assert torch.equal(got, tb[key] if key.startswith("context_refiner.") else ta[key])
 
 
+@pytest.mark.parametrize(("family", "variant", "blocks"), [
+    ("wan", "t2v-1.3b", 46), ("sd3", "sd3.5-medium", 44)])
+def test_dry_run_of_full_size_sparse_files(tmp_path: Path, family: str, variant: str,
+                                           blocks: int,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Real sizes (Wan 2.1 1.3B in bf16, SD3.5 medium in fp16; sparse,
+    all-zero): every key planned as a merge, the resolved weight of every
+    block of the family's list shown, nothing written."""
+    from modelkit.testing import write_sparse_sd3, write_sparse_wan
+
+    write = write_sparse_wan if family == "wan" else write_sparse_sd3
+    a, b = write(tmp_path / "a.safetensors", variant), write(tmp_path / "b.safetensors",
+                                                            variant)
+    code, out, err = _cli(capsys, "merge", str(a), str(b), "-o", str(tmp_path / "c.sft"),
+                          "--dry-run", "--blocks", "gradient_out_to_in")
+    assert code == 0, err
+    shapes = (wan.transformer_keys(wan.VARIANTS[variant]) if family == "wan" else
+              sd3.transformer_keys(sd3.VARIANTS[variant]))
+    assert f"({family}): {len(shapes)} tensors, {len(shapes)} merged, 0 copied" in out
+    assert f"block weights of merge.alpha ({blocks} blocks):" in out
+    first = FAMILIES[family].stacks[0].stem
+    # 1 at the first name falling by 1/(n-1) a position; 5 names before the blocks
+    assert f"{first}.0 {1 - 5 / (blocks - 1):.4f}" in out
+    assert not (tmp_path / "c.sft").exists()
+
+
 def test_the_familys_dtype_is_the_default(tmp_path: Path) -> None:
     """Without --dtype: fp32 Wan inputs are written bf16 (its registry
     dtype), fp32 SD3 inputs fp16; --dtype still wins."""
