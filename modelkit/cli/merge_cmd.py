@@ -36,6 +36,8 @@ Examples:
   modelkit merge a.safetensors b.safetensors -o out.safetensors \\
       --blocks 0,0,0,0,0,0,0,0,0,0,0,0,0,0.5,1,1,1,1,1,1,1,1,1,1,1,1
   modelkit merge a.safetensors b.safetensors -o out.safetensors --blocks out_only
+  modelkit merge flux_a.safetensors flux_b.safetensors -o out.safetensors \\
+      --blocks "double_blocks.0-5=0.2,SINGLE=0.7,default=0.5"
 
 alpha moves toward B (A1111 convention): alpha=0 gives A, alpha=1 gives B.
 ComfyUI's ModelMergeSimple ratio runs the other way.
@@ -144,7 +146,8 @@ def method_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     "type": click.Path(dir_okay=False),
     "help": "Output .safetensors file (never one of the inputs)."}, dtype={
     "default": None, "help": "Output dtype for float tensors (default: fp16, but bf16 "
-                             "tensors stay bf16: Flux.1 overflows in fp16)."}, format={
+                             "tensors stay bf16: Flux.1 overflows in fp16; a bf16 "
+                             "family's fp32 tensors are written bf16)."}, format={
     "type": click.Choice(OUTPUT_FORMATS),
     "help": "Output format (default: from the output name: .safetensors, .gguf for the "
             "UNet as GGUF, anything else a diffusers folder)."})
