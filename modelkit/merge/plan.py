@@ -192,12 +192,16 @@ def _check_archs(inputs: dict[str, InputFile]) -> str:
         desc = ", ".join(f"{i.path.name} is {i.arch}" for i in inputs.values())
         raise ModelkitError(f"cannot merge different architectures: {desc}; pick inputs "
                             "of one architecture")
+    arch = archs.pop()
+    entry = get_arch(arch)
     layouts = {i.layout for i in inputs.values()}
-    if len(layouts) > 1:  # a transformer saved with BFL/ComfyUI and with diffusers names
+    # a transformer saved with BFL/ComfyUI names and one with diffusers names
+    # (an SD diffusers folder opens with the LDM names)
+    if entry is not None and entry.spec is None and len(layouts) > 1:
         desc = ", ".join(f"{i.path.name} has the {i.layout} layout" for i in inputs.values())
-        raise ModelkitError(f"cannot merge different key layouts of {archs.pop()}: {desc}; "
+        raise ModelkitError(f"cannot merge different key layouts of {arch}: {desc}; "
                             "save the inputs in one layout first")
-    return archs.pop()
+    return arch
 
 
 def variants_differ(plan: Plan) -> str:
