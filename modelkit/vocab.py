@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from modelkit.arch.blocks import DEFAULT_MAP, MAPS
 from modelkit.arch.configs import ARCHS, EMA_PREFIX, TE_PREFIXES, UNET_PREFIX, VAE_PREFIX
-from modelkit.arch.registry import DETECT, FULL, names
+from modelkit.arch.registry import DETECT, FULL, REGISTRY, TEXT_ENCODER, names
 
 # architectures with key tables (merge, convert, verify work on these)
 ARCH_NAMES: tuple[str, ...] = names(support=FULL)
@@ -29,7 +29,10 @@ COMPONENT_PREFIXES: dict[str, tuple[str, ...]] = {
 TE_SLOTS: tuple[str, ...] = tuple(dict.fromkeys(
     slot.name for arch in ARCHS.values() for slot in arch.text_encoders))
 # what ``extract`` can write on its own: a component or one text encoder
-EXTRACTABLE: tuple[str, ...] = COMPONENTS + tuple(s for s in TE_SLOTS if s != TE)
+# (the transformer families' text encoders by their registry names: clip_l, t5xxl...)
+EXTRACTABLE: tuple[str, ...] = COMPONENTS + tuple(s for s in TE_SLOTS if s != TE) + tuple(
+    dict.fromkeys(c.name for a in REGISTRY.values() if a.spec is None for c in a.components
+                  if c.role == TEXT_ENCODER))
 EMA = EMA_PREFIX
 
 # dtype names users write -> safetensors dtypes

@@ -37,8 +37,8 @@ def test_block_names() -> None:
     assert block_names("sdxl", vae_slot=True) == [*XL20, "VAE"]
     assert block_names("sd1", vae_slot=True) == [*SD26, "VAE"]
     assert len(block_names("flux", vae_slot=True)) == 63  # its own map, no VAE entry
-    with pytest.raises(ModelkitError, match=r"unknown architecture 'sd3'.*sd1, sd2, sdxl"):
-        block_names("sd3")
+    with pytest.raises(ModelkitError, match=r"unknown architecture 'sd4'.*sd1, sd2, sdxl"):
+        block_names("sd4")
 
 
 # --- key -> block -----------------------------------------------------------------------
@@ -97,7 +97,7 @@ def test_block_of_errors() -> None:
     with pytest.raises(ModelkitError, match="unknown block map 'comfy'; known: supermerger"):
         block_of(U + "out.0.weight", "sd1", "comfy")
     with pytest.raises(ModelkitError, match="unknown architecture"):
-        block_of(U + "out.0.weight", "sd3")
+        block_of(U + "out.0.weight", "sd4")
 
 
 def _expected(key: str, arch: str, map_name: str, vae_slot: bool) -> str:
@@ -268,7 +268,7 @@ def test_parse_mapping() -> None:
     ("IN=1, 0.5", "sd1", False, "block item '0.5' must be NAME=VALUE"),
     (True, "sd1", False, "True is not a number"),
     ({1, 2}, "sd1", False, "cannot read set"),
-    ("flat_1", "sd3", False, "unknown architecture 'sd3'"),
+    ("flat_1", "sd4", False, "unknown architecture 'sd4'"),
 ])
 def test_parse_errors(spec: object, arch: str, vae: bool, message: str) -> None:
     with pytest.raises(ModelkitError, match=message):

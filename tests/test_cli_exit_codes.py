@@ -95,8 +95,7 @@ def test_every_command_exit_codes_through_the_console_entry_point(
                      "axes:\n  steps.m.params.alpha: [0.5, many]\n")
     sd1, sdxl = str(models["sd1"]), str(models["sdxl"])
     o = str(root / "never.safetensors")
-    # a family the registry declares for detection only (an all-in-one Flux
-    # file would lose its VAE and text encoders as unknown keys in prune)
+    # a transformer family beside an SD one: one merge refuses both in one line
     flux = str(t.write_sparse_flux(root / "flux-aio.safetensors", all_in_one=True, tiny=True))
     res = _console_entry({
         "replay": ["recipe", "replay", "--check", str(files["tampered"]), "-q",
@@ -118,7 +117,7 @@ def test_every_command_exit_codes_through_the_console_entry_point(
         "dequantize": ["dequantize", sd1, "-o", o, "-q"],
         "prune": ["prune", str(lora), "-o", o, "-q"],
         "convert": ["convert", str(root / "missing.ckpt"), "-o", o, "-q"],
-        "prune_flux": ["prune", flux, "-o", o, "-q"],
+        "merge_families": ["merge", flux, sd1, "-o", o, "-q"],
     }, root)
     expected = {"replay": 1, "fp8": 0, "vpred": 0, "verify_nan": 1}
     for name, (code, out, err) in res.items():
@@ -135,10 +134,8 @@ def test_every_command_exit_codes_through_the_console_entry_point(
         in res["vpred"][2]
     assert "static.nan_inf" in res["verify_nan"][1]
     assert "is an sd1 adapter but" in res["bake_arch"][2]
-    from modelkit.arch import registry
-    assert (f"is a Flux.1 checkpoint; modelkit recognises Flux.1 files "
-            f"({registry.listed(registry.commands_of('flux'))}) but prune does not handle "
-            f"them yet") in res["prune_flux"][2]
+    assert ("cannot merge different architectures: flux-aio.safetensors is flux, "
+            "sd1.safetensors is sd1") in res["merge_families"][2]
     assert not list(root.glob("never*")) and not list(root.glob(".never*"))
     assert not (root / "x.safetensors").exists() and not (root / "sweep-out").exists()
 

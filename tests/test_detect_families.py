@@ -163,7 +163,8 @@ def test_inspect_names_wan_family_variant_and_layout(tmp_path: Path) -> None:
 def test_commands_refuse_the_families_they_do_not_handle_in_one_line(tmp_path: Path
                                                                      ) -> None:
     """Through the command line's own function, all cases in one child: each
-    refusal is one line naming the family, exit 2, no file."""
+    refusal (no EMA in a transformer file, two families in one merge) is one
+    line naming the file or family, exit 2, no file."""
     sd3 = write_sparse_sd3(tmp_path / "sd3.safetensors", "sd3-medium", all_in_one=True)
     qwen = write_sparse_qwen_image(tmp_path / "q.safetensors", prefixed=True, tiny=True)
     wan = write_sparse_wan(tmp_path / "w.safetensors", "t2v-14b", tiny=True)
@@ -172,11 +173,10 @@ def test_commands_refuse_the_families_they_do_not_handle_in_one_line(tmp_path: P
     assert inspect_model(qwen).to_dict()["arch"] == "qwen_image"
     assert inspect_model(wan).to_dict()["arch"] == "wan"
     cases = {  # name: (arguments, what the line must say)
-        "prune sd3": (["prune", str(sd3)], ("SD3",)),
-        "prune qwen": (["prune", str(qwen)], ("Qwen-Image", "does not handle")),
-        "prune wan": (["prune", str(wan)], ("Wan", "does not handle")),
-        "merge chroma": (["merge", str(chroma), str(chroma)], ("chroma",)),
-        "prune z_image": (["prune", str(z_image)], ("Z-Image",)),
+        "ema sd3": (["ema", str(sd3)], ("sd3.safetensors", "has no EMA weights")),
+        "ema qwen": (["ema", str(qwen)], ("q.safetensors", "has no EMA weights")),
+        "merge wan chroma": (["merge", str(wan), str(chroma)], ("chroma", "wan")),
+        "ema z_image": (["ema", str(z_image)], ("has no EMA weights",)),
     }
     res = run_entry({n: [*a, "-o", str(tmp_path / f"{n}.safetensors")]
                      for n, (a, _) in cases.items()}, tmp_path)

@@ -25,7 +25,7 @@ OPTIONAL = {"variants", "layout_rules", "notes"}  # may be empty for any entry
 # what a family that inspect recognises but other commands refuse may leave out
 DETECT_ONLY = {"spec", "blocks", "lora", "diffusers", "gguf", "commands", "probe"}
 # a family some commands handle: the tables of the commands not done yet
-PARTIAL_ONLY = {"spec", "diffusers", "gguf", "blocks", "probe"}
+PARTIAL_ONLY = {"spec", "diffusers", "gguf", "probe"}
 # every command a PARTIAL entry may list
 COMMANDS = {"inspect", "hash", "merge", "convert", "prune", "extract", "swap", "ema",
             "library", "tui", "lora bake", "lora info", "lora extract", "lora resize",
@@ -56,7 +56,7 @@ def test_every_architecture_declares_every_field(name: str) -> None:
     assert arch.verify in (registry.RENDER, registry.PROBE)
     assert arch.prediction in (registry.EPS, registry.EPS_OR_V, registry.FLOW)
     if arch.support == PARTIAL:  # its own block map and LoRA table, the commands named
-        assert arch.blocks is None or list(arch.blocks.names) == block_names(name)
+        assert arch.blocks is not None and list(arch.blocks.names) == block_names(name)
         assert arch.lora is not None and arch.lora.modules is not None
         assert arch.commands <= COMMANDS
     if "convert" in arch.commands:  # convert --layout: a key map of both layouts
@@ -119,7 +119,7 @@ def test_name_lists_elsewhere_are_the_registrys() -> None:
                                                      if t != "qwen_image"))
     assert registry.handling("lora bake") == registry.handling("lora info") == (
         *full, *transformers)
-    assert registry.handling("prune") == full
+    assert registry.handling("merge") == registry.handling("prune") == (*full, *transformers)
     # quantize, export-gguf and verify handle every entry declaring their table
     assert registry.handling("quantize") == registry.names()
     assert registry.handling("export-gguf") == (*full, "sd3", "flux", "qwen_image", "wan")
@@ -136,7 +136,8 @@ def test_name_lists_elsewhere_are_the_registrys() -> None:
     assert {a for a, _ in diffusers_names.PIPELINES} == set(full)
     assert {"sdxl", "sdxl_refiner"} == lora_names.KOHYA_LDM_UNET
     assert adapter_keys.CONTEXT_DIMS == {768: "sd1", 1024: "sd2", 2048: "sdxl"}
-    assert PRESET_ARCHS == ("sd1", "sdxl", "flux")
+    assert PRESET_ARCHS == ("sd1", "sdxl", "sd3", "flux", "chroma", "flux2", "qwen_image", "wan",
+                            "z_image")
     assert TE_FAMILY_ARCH == {"CLIP-L": "sd1", "OpenCLIP-H": "sd2", "OpenCLIP-bigG": "sdxl"}
     assert EMBEDDING_WIDTH_ARCH == {768: "sd1", 1024: "sd2"}
     pad_alt = {("sd2", "tokenizer"), ("sdxl", "tokenizer_2"), ("sdxl_refiner", "tokenizer_2")}

@@ -49,8 +49,10 @@ Key -> block maps (hako-mikan/sd-webui-supermerger ``scripts/mergers/mergers.py`
 
 Families without an LDM UNet declare their own block map in the registry
 (:class:`~modelkit.arch.registry.BlockMap`: names, key -> block function,
-no VAE entry), e.g. Flux.1's ModelMergeFlux1 names
-(:mod:`modelkit.arch.flux`); the functions here use it for those.
+no VAE entry) from one :class:`~modelkit.arch.family_blocks.PrefixBlocks`
+each (ComfyUI's block-merge names, both layouts, groups and generated
+presets: Flux.1, SD3, Qwen-Image, Wan, Chroma, Flux.2, Z-Image); the
+functions here use it for those.
 """
 
 from __future__ import annotations
@@ -90,13 +92,18 @@ def has_own_map(arch: str) -> bool:
     return _own(arch) is not None
 
 
-def _own_presets(arch: str) -> dict[str, str] | None:
-    """Preset docs of a family with its own block map (Flux: flux.PRESET_DOCS)."""
-    if _own(arch) is None:
-        return None
-    from modelkit.arch import flux
+def _table(arch: str) -> Any:
+    """The :class:`~modelkit.arch.family_blocks.PrefixBlocks` of a family
+    with its own block map, or None."""
+    own = _own(arch)
+    return None if own is None else own.table
 
-    return flux.PRESET_DOCS
+
+def _own_presets(arch: str) -> dict[str, str] | None:
+    """Preset docs of a family with its own block map (generated from its
+    groups), or None."""
+    table = _table(arch)
+    return None if table is None else table.preset_docs()
 
 
 def presets_of(arch: str) -> dict[str, str]:
@@ -107,9 +114,9 @@ def presets_of(arch: str) -> dict[str, str]:
 def any_preset(name: str) -> bool:
     """Whether ``name`` is a preset of some block list (a recipe is checked
     against the inputs' own list when they are read)."""
-    from modelkit.arch import flux
+    from modelkit.arch.family_blocks import FAMILIES
 
-    return name in PRESET_DOCS or name in flux.PRESET_DOCS
+    return name in PRESET_DOCS or any(name in t.preset_docs() for t in FAMILIES.values())
 
 
 @lru_cache(maxsize=16)
@@ -173,6 +180,17 @@ def count_text(arch: str, vae_slot: bool = True) -> str:
         return f"{n} weights ({_describe(arch, False)})"
     text = f"{n} weights ({_describe(arch, False)}"
     return f"{text}; {n + 1} with the optional VAE entry last)" if vae_slot else text + ")"
+
+
+def group_text(arch: str) -> str:
+    """``DOUBLE (double_blocks.0..18), SINGLE (...), ...``: the groups a
+    transformer family's ``--blocks`` mapping may name ("" for the SD lists,
+    whose groups are IN, OUT and MID)."""
+    table = _table(arch)
+    if table is None:
+        return ""
+    return ", ".join(f"{g} ({_describe_own(names)})" for g, names in table.groups().items()
+                     if names)
 
 
 def weights_title(weights: Mapping[str, float]) -> str:
@@ -281,9 +299,7 @@ def preset(name: str, arch: str, *, vae_slot: bool = False) -> dict[str, float]:
         if name not in own:
             raise ModelkitError(f"unknown block preset '{name}' for {arch}; known: "
                                 f"{', '.join(own)}")
-        from modelkit.arch import flux
-
-        return flux.preset(name)
+        return dict(_table(arch).preset(name))
     if name not in PRESET_DOCS:
         raise ModelkitError(f"unknown block preset '{name}'; known: {', '.join(PRESET_DOCS)}")
     unet = block_names(arch)[1:]
@@ -334,11 +350,10 @@ def _range(item: str, names: list[str], arch: str, vae_slot: bool) -> list[str]:
     """Blocks selected by one mapping key: a name, a group or a range."""
     key = item.strip().upper()
     upper = {n.upper(): n for n in names}
-    if _own(arch) is not None:
-        from modelkit.arch import flux
-
-        groups = flux.groups()
-        hint = "groups DOUBLE, SINGLE, IN, OUT, ranges like 'double_blocks.0-double_blocks.5'"
+    table = _table(arch)
+    if table is not None:
+        groups = table.groups()
+        hint = table.group_hint()
     else:
         groups = {"IN": _ins(arch), "OUT": _outs(arch), "MID": [MID], "M": [MID]}
         hint = "groups IN, OUT, MID, ranges like 'IN00-IN05'"
@@ -348,6 +363,8 @@ def _range(item: str, names: list[str], arch: str, vae_slot: bool) -> list[str]:
         return [upper[key]]
     if "-" in key:
         lo, hi = (upper.get(s.strip(), s.strip()) for s in key.split("-", 1))
+        if table is not None and hi.isdigit() and "." in lo:  # double_blocks.0-5
+            hi = f"{lo.rpartition('.')[0]}.{int(hi)}"
         if lo in names and hi in names:
             i, j = names.index(lo), names.index(hi)
             if i > j:

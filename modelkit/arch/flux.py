@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
+from modelkit.arch import family_blocks as _family_blocks
 from modelkit.arch.configs import VAEConfig
 from modelkit.arch.keys import (
     KeyShapes,
@@ -189,75 +190,42 @@ def all_in_one_keys(cfg: FluxConfig, *, tiny: bool = False) -> KeyShapes:
 
 
 # --- per-block weights ------------------------------------------------------------
-# ComfyUI's ModelMergeFlux1 (comfy_extras/nodes_model_merging_model_specific.py):
-# the embedders, the 19 double and 38 single blocks, the final layer. Keys
-# match a block by prefix (the longest wins); a transformer key no block
-# matches takes the first entry's value, as ComfyUI's ModelMergeBlocks does.
+# ComfyUI's ModelMergeFlux1 names, declared with the other families' block
+# lists in :mod:`modelkit.arch.family_blocks` (both layouts); these names are
+# kept for the code that asks Flux.1 directly.
 
-EMBEDDERS = ("img_in", "time_in", "guidance_in", "vector_in", "txt_in")
+EMBEDDERS = tuple(b.name for b in _family_blocks.FLUX.ins)
 FINAL = "final_layer"
 DOUBLE, SINGLE = "double_blocks", "single_blocks"
-BLOCKS: tuple[str, ...] = (*EMBEDDERS, *(f"{DOUBLE}.{i}" for i in range(VARIANTS["dev"].depth)),
-                           *(f"{SINGLE}.{i}" for i in range(
-                               VARIANTS["dev"].depth_single_blocks)), FINAL)
-_BLOCK_SET = frozenset(BLOCKS)
-DENOISER_PREFIX = "model.diffusion_model."
+BLOCKS: tuple[str, ...] = _family_blocks.FLUX.names
+DENOISER_PREFIX = _family_blocks.DENOISER_PREFIX
 
 
 def block_of(key: str, arch: str = "flux", map_name: str | None = None,
              vae_slot: bool = False) -> str:
     """The ModelMergeFlux1 block of a Flux transformer key (bare or under
-    ``model.diffusion_model.``); any other key takes the first entry
-    (``img_in``). ``arch``, ``map_name`` and ``vae_slot`` are accepted for
-    the common block-map signature: Flux has one map and no VAE entry."""
-    parts = key.removeprefix(DENOISER_PREFIX).split(".")
-    if parts[0] in (DOUBLE, SINGLE) and len(parts) > 2 and parts[1].isdigit():
-        name = f"{parts[0]}.{int(parts[1])}"
-        if name in _BLOCK_SET:
-            return name
-    if parts[0] in EMBEDDERS or parts[0] == FINAL:
-        return parts[0]
-    return BLOCKS[0]
+    ``model.diffusion_model.``, BFL or diffusers names); any other key takes
+    the first entry (``img_in``). ``arch``, ``map_name`` and ``vae_slot`` are
+    accepted for the common block-map signature: Flux has one map and no VAE
+    entry."""
+    return _family_blocks.FLUX.block_of(key)
 
 
 def groups() -> dict[str, list[str]]:
     """Block groups a ``--blocks`` mapping may name (upper case):
-    ``DOUBLE``, ``SINGLE``, ``IN`` (the embedders) and ``OUT`` (final layer)."""
-    return {"DOUBLE": [b for b in BLOCKS if b.startswith(DOUBLE + ".")],
-            "SINGLE": [b for b in BLOCKS if b.startswith(SINGLE + ".")],
-            "IN": list(EMBEDDERS), "OUT": [FINAL]}
+    ``DOUBLE``, ``SINGLE``, ``BLOCKS``, ``IN`` (the embedders) and ``OUT``
+    (final layer)."""
+    return _family_blocks.FLUX.groups()
 
 
-PRESET_DOCS: dict[str, str] = {
-    "flat_0": "0 everywhere (keep model A)",
-    "flat_1": "1 everywhere (take model B)",
-    "flat_half": "0.5 everywhere",
-    "double_only": "1 on the 19 double blocks, 0 elsewhere",
-    "single_only": "1 on the 38 single blocks, 0 elsewhere",
-    "blocks_only": "1 on every double and single block, 0 on the embedders and final_layer",
-    "io_only": "1 on the embedders (img_in .. txt_in) and final_layer, 0 on the blocks",
-    "gradient_in_to_out": "0 at img_in rising linearly (by list position) to 1 at "
-                          "final_layer",
-    "gradient_out_to_in": "1 at img_in falling linearly to 0 at final_layer",
-}
+PRESET_DOCS: dict[str, str] = _family_blocks.FLUX.preset_docs()
 """Flux.1's block presets: values are the method parameter (for
 ``weighted_sum``'s alpha: how much of model B)."""
 
 
 def preset(name: str) -> dict[str, float]:
     """The block weights of Flux preset ``name``."""
-    last = len(BLOCKS) - 1
-
-    def value(pos: int, block: str) -> float:
-        in_block = block.startswith((DOUBLE + ".", SINGLE + "."))
-        return {"flat_0": 0.0, "flat_1": 1.0, "flat_half": 0.5,
-                "double_only": float(block.startswith(DOUBLE + ".")),
-                "single_only": float(block.startswith(SINGLE + ".")),
-                "blocks_only": float(in_block), "io_only": float(not in_block),
-                "gradient_in_to_out": pos / last,
-                "gradient_out_to_in": 1.0 - pos / last}[name]
-
-    return {b: value(i, b) for i, b in enumerate(BLOCKS)}
+    return _family_blocks.FLUX.preset(name)
 
 
 # --- LoRA module names ------------------------------------------------------------

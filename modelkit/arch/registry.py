@@ -30,6 +30,7 @@ from typing import Any
 
 from modelkit.arch import blocks as _blocks
 from modelkit.arch import chroma as _chroma
+from modelkit.arch import family_blocks as _family_blocks
 from modelkit.arch import flux as _flux
 from modelkit.arch import flux2 as _flux2
 from modelkit.arch import gguf as _gguf
@@ -136,6 +137,9 @@ class BlockMap:
     default_map: str
     key_to_block: Callable[..., str]
     vae_slot: bool = True  # a VAE block may be appended
+    # a transformer family's declaration (groups, presets, both layouts'
+    # prefixes: :class:`modelkit.arch.family_blocks.PrefixBlocks`)
+    table: _family_blocks.PrefixBlocks | None = None
 
 
 @dataclass(frozen=True)
@@ -350,9 +354,26 @@ SDXL_REFINER = _ldm(
     scaling=0.13025, gguf="sdxl",
 )
 
-# --- families inspect names but the other commands do not handle yet -------------
+# --- the transformer families: the commands in their `commands` handle them -------
 
-_NO_PRUNE = PrunePolicy(residue_prefixes=_parts.JUNK_PREFIXES)
+# a transformer file: the LDM leftovers, and what trainers leave beside the
+# weights (optimizer and scheduler state, a grad scaler, LoRA keys saved in,
+# an ema./ema_model. copy); LDM's model_ema. copy is dropped unless kept
+_DIT_PRUNE = PrunePolicy(residue_prefixes=(*_parts.JUNK_PREFIXES, "scaler.", "lora_",
+                                           "ema.", "ema_model."),
+                         ema_prefix=EMA_PREFIX)
+
+
+def _own_blocks(table: _family_blocks.PrefixBlocks) -> BlockMap:
+    """The block map of a transformer family: its names, one map (ComfyUI's
+    names), no VAE entry."""
+    return BlockMap(table.names, ("comfyui",), "comfyui", table.key_to_block,
+                    vae_slot=False, table=table)
+
+
+# what the transformer families' merge, prune, extract, swap and ema handle (the
+# per-key transforms; their block lists: modelkit.arch.family_blocks)
+_DIT_COMMANDS = frozenset({"inspect", "hash", "merge", "prune", "extract", "swap", "ema"})
 
 # SD3 / SD3.5 (Stability's MMDiT, original layout; ComfyUI's model_detection.py)
 _SD3_QKV = "joint_blocks.0.context_block.attn.qkv.weight"
@@ -384,7 +405,7 @@ SD3_VARIANTS = (
 
 SD3 = Architecture(
     name="sd3", label="SD3", short="sd3", family="sd3", aliases=("sd3", "sd3.5", "sd35"),
-    support=PARTIAL, commands=frozenset({"convert", "lora bake", "lora info", *_NAMING}),
+    support=PARTIAL, commands=_DIT_COMMANDS | {"convert", "lora bake", "lora info", *_NAMING},
     detect=(Rule(keys=(_SD3_QKV, "x_embedder.proj.weight"),
                  evidence=("joint_blocks.0.context_block.attn.qkv with x_embedder.proj: "
                            "SD3 MMDiT (original layout)",)),
@@ -401,7 +422,8 @@ SD3 = Architecture(
                 Component("clip_l", TEXT_ENCODER, "text_encoders.clip_l."),
                 Component("clip_g", TEXT_ENCODER, "text_encoders.clip_g."),
                 Component("t5xxl", TEXT_ENCODER, "text_encoders.t5xxl.")),
-    spec=None, blocks=None, prune=_NO_PRUNE, diffusers=None, gguf=_gguf.SD3,
+    spec=None, blocks=_own_blocks(_family_blocks.SD3), prune=_DIT_PRUNE,
+    diffusers=None, gguf=_gguf.SD3,
     lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="sd3", adapters=False,
                    block_weights=False, modules=_sd3.lora_modules,
                    module_prefixes=_sd3.LORA_MODULE_PREFIXES),
@@ -411,14 +433,15 @@ SD3 = Architecture(
     quant_keep=("x_embedder.", "context_embedder.", "t_embedder.", "y_embedder.",
                 "final_layer.", "pos_embed"),
     probe=_probes.sd3(),
+    notes=("a merge takes the VAE and text encoders of an all-in-one file from model A",),
 )
 
 # Qwen-Image (diffusers' QwenImageTransformer2DModel names, which ComfyUI keeps)
 _QWEN_TXT_NORM = "txt_norm.weight"
 QWEN_IMAGE = Architecture(
     name="qwen_image", label="Qwen-Image", short="qwen", family="qwen_image",
-    aliases=("qwen_image", "qwen-image", "qwenimage"), support=PARTIAL,
-    commands=frozenset({"lora bake", "lora info", *_NAMING}),
+    aliases=("qwen_image", "qwen-image", "qwenimage"),
+    support=PARTIAL, commands=_DIT_COMMANDS | {"lora bake", "lora info", *_NAMING},
     detect=(Rule(keys=(_QWEN_TXT_NORM, "img_in.weight", "txt_in.weight",
                        "transformer_blocks.0.img_mod.1.weight",
                        "transformer_blocks.0.attn.add_q_proj.weight"),
@@ -432,7 +455,8 @@ QWEN_IMAGE = Architecture(
     layouts=(DIFFUSERS,),
     layout_rules=((DIFFUSERS, Rule(keys=("transformer_blocks.0.attn.to_q.weight",))),),
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
-    spec=None, blocks=None, prune=_NO_PRUNE, diffusers=None, gguf=_gguf.QWEN_IMAGE,
+    spec=None, blocks=_own_blocks(_family_blocks.QWEN_IMAGE), prune=_DIT_PRUNE,
+    diffusers=None, gguf=_gguf.QWEN_IMAGE,
     lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="qwen_image", adapters=False,
                    block_weights=False, modules=_qwen.lora_modules,
                    module_prefixes=_qwen.LORA_MODULE_PREFIXES),
@@ -465,8 +489,8 @@ def _wan_variants(q: str, img: str, k_img: str) -> tuple[Variant, ...]:
 _WAN_Q, _WAN_DIFFUSERS_Q = "blocks.0.self_attn.q.weight", "blocks.0.attn1.to_q.weight"
 WAN = Architecture(
     name="wan", label="Wan", short="wan", family="wan",
-    aliases=("wan", "wan2.1", "wan2.2", "wan21", "wan22"), support=PARTIAL,
-    commands=frozenset({"convert", "lora bake", "lora info", *_NAMING}),
+    aliases=("wan", "wan2.1", "wan2.2", "wan21", "wan22"),
+    support=PARTIAL, commands=_DIT_COMMANDS | {"convert", "lora bake", "lora info", *_NAMING},
     detect=(Rule(keys=("head.modulation", _WAN_PATCH, _WAN_Q, "blocks.0.cross_attn.q.weight"),
                  evidence=("head.modulation, a 3-D patch_embedding and blocks.0.self_attn: "
                            "Wan video transformer (original layout)",)),
@@ -487,7 +511,8 @@ WAN = Architecture(
     layouts=(ORIGINAL, DIFFUSERS),
     layout_rules=((ORIGINAL, Rule(keys=(_WAN_Q,))), (DIFFUSERS, Rule(keys=(_WAN_DIFFUSERS_Q,)))),
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
-    spec=None, blocks=None, prune=_NO_PRUNE, diffusers=None, gguf=_gguf.WAN,
+    spec=None, blocks=_own_blocks(_family_blocks.WAN), prune=_DIT_PRUNE,
+    diffusers=None, gguf=_gguf.WAN,
     lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="wan", adapters=False,
                    block_weights=False, modules=_wan.lora_modules,
                    module_prefixes=_wan.LORA_MODULE_PREFIXES),
@@ -518,8 +543,8 @@ def _flux_variant_rules(img_in: str, guidance: str) -> tuple[Variant, ...]:
 FLUX = Architecture(
     name="flux", label="Flux.1", short="flux", family="flux",
     aliases=("flux", "flux1", "flux.1"), support=PARTIAL,
-    commands=frozenset({"convert", "inspect", "lora bake", "lora convert", "lora extract",
-                        "lora info", "lora merge", "lora resize", "merge", *_NAMING}),
+    commands=_DIT_COMMANDS | {"convert", "lora bake", "lora convert", "lora extract",
+                              "lora info", "lora merge", "lora resize", *_NAMING},
     # per-block modulation and the pooled-text input tell Flux.1 from Chroma
     # (distilled guidance, no vector_in) and Flux.2 (shared modulation)
     detect=(Rule(keys=(_FLUX_QK_NORM, "double_blocks.0.img_mod.lin.weight",
@@ -547,8 +572,8 @@ FLUX = Architecture(
                                                           "text_encoders.clip_l."),
                 Component("t5xxl", TEXT_ENCODER, "text_encoders.t5xxl.")),
     spec=None,
-    blocks=BlockMap(FLUX_BLOCKS, ("comfyui",), "comfyui", _flux.block_of, vae_slot=False),
-    prune=_NO_PRUNE,
+    blocks=_own_blocks(_family_blocks.FLUX),
+    prune=_DIT_PRUNE,
     # every LoRA command through the module table (block weights: the merge
     # block names); kohya sd-scripts writes ss_base_model_version "flux1"
     # (library/flux_utils.py MODEL_VERSION_FLUX_V1) and modelspec
@@ -567,8 +592,9 @@ FLUX = Architecture(
                 "norm_out.", "proj_out."),
     probe=_probes.flux(),
     notes=("Kontext has the dev layout and reads as dev",
-           "merge and lora bake handle the original (BFL/ComfyUI) layout; the VAE and "
-           "text encoders of an all-in-one file are taken from model A"),
+           "merge takes either layout (all inputs in one); lora bake the original "
+           "(BFL/ComfyUI) layout; a merge takes the VAE and text encoders of an "
+           "all-in-one file from model A"),
 )
 
 # Chroma (Flux.1-schnell derivative: no per-block modulation; ComfyUI's
@@ -576,8 +602,8 @@ FLUX = Architecture(
 _CHROMA_APPROX = "distilled_guidance_layer.in_proj.weight"
 CHROMA = Architecture(
     name="chroma", label="Chroma", short="chroma", family="chroma",
-    aliases=("chroma",), support=PARTIAL,
-    commands=frozenset({"convert", "lora bake", "lora info", *_NAMING}),
+    aliases=("chroma",),
+    support=PARTIAL, commands=_DIT_COMMANDS | {"convert", "lora bake", "lora info", *_NAMING},
     detect=(Rule(keys=(_CHROMA_APPROX, _FLUX_QK_NORM, "single_blocks.0.linear1.weight"),
                  absent=("double_blocks.0.img_mod.lin.weight",),
                  evidence=("distilled_guidance_layer with Flux.1 blocks and no per-block "
@@ -593,7 +619,8 @@ CHROMA = Architecture(
     layout_rules=((ORIGINAL, Rule(keys=(_FLUX_QK_NORM,))),
                   (DIFFUSERS, Rule(keys=(_FLUX_DIFFUSERS_QK_NORM,)))),
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
-    spec=None, blocks=None, prune=_NO_PRUNE, diffusers=None, gguf=None,
+    spec=None, blocks=_own_blocks(_family_blocks.CHROMA), prune=_DIT_PRUNE,
+    diffusers=None, gguf=None,
     lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="chroma", adapters=False,
                    block_weights=False, modules=_chroma.lora_modules,
                    module_prefixes=_chroma.LORA_MODULE_PREFIXES,
@@ -610,8 +637,8 @@ _FLUX2_MOD = "double_stream_modulation_img.lin.weight"
 _FLUX2_DIFFUSERS_MOD = "double_stream_modulation_img.linear.weight"
 FLUX2 = Architecture(
     name="flux2", label="Flux.2", short="flux2", family="flux2",
-    aliases=("flux2", "flux.2"), support=PARTIAL,
-    commands=frozenset({"convert", "lora bake", "lora info", *_NAMING}),
+    aliases=("flux2", "flux.2"),
+    support=PARTIAL, commands=_DIT_COMMANDS | {"convert", "lora bake", "lora info", *_NAMING},
     detect=(Rule(keys=(_FLUX2_MOD, "single_stream_modulation.lin.weight",
                        "double_blocks.0.img_attn.qkv.weight"),
                  evidence=("double_stream_modulation_img and single_stream_modulation "
@@ -631,7 +658,8 @@ FLUX2 = Architecture(
     layout_rules=((ORIGINAL, Rule(keys=(_FLUX2_MOD,))),
                   (DIFFUSERS, Rule(keys=(_FLUX2_DIFFUSERS_MOD,)))),
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
-    spec=None, blocks=None, prune=_NO_PRUNE, diffusers=None, gguf=None,
+    spec=None, blocks=_own_blocks(_family_blocks.FLUX2), prune=_DIT_PRUNE,
+    diffusers=None, gguf=None,
     lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="flux2", adapters=False,
                    block_weights=False, modules=_flux2.lora_modules,
                    module_prefixes=_flux2.LORA_MODULE_PREFIXES,
@@ -647,8 +675,8 @@ FLUX2 = Architecture(
 _ZIMAGE_CAP = "cap_embedder.1.weight"
 Z_IMAGE = Architecture(
     name="z_image", label="Z-Image", short="zimage", family="z_image",
-    aliases=("z_image", "z-image", "zimage"), support=PARTIAL,
-    commands=frozenset({"convert", "lora bake", "lora info", *_NAMING}),
+    aliases=("z_image", "z-image", "zimage"),
+    support=PARTIAL, commands=_DIT_COMMANDS | {"convert", "lora bake", "lora info", *_NAMING},
     detect=(Rule(keys=(_ZIMAGE_CAP, "noise_refiner.0.adaLN_modulation.0.weight",
                        "context_refiner.0.feed_forward.w1.weight"),
                  shapes=((_ZIMAGE_CAP, 0, 3840), (_ZIMAGE_CAP, 1, 2560)),
@@ -660,7 +688,8 @@ Z_IMAGE = Architecture(
     layout_rules=((ORIGINAL, Rule(keys=("layers.0.attention.qkv.weight",))),
                   (DIFFUSERS, Rule(keys=("layers.0.attention.to_q.weight",)))),
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
-    spec=None, blocks=None, prune=_NO_PRUNE, diffusers=None, gguf=None,
+    spec=None, blocks=_own_blocks(_family_blocks.Z_IMAGE), prune=_DIT_PRUNE,
+    diffusers=None, gguf=None,
     lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="z_image", adapters=False,
                    block_weights=False, modules=_z_image.lora_modules,
                    module_prefixes=_z_image.LORA_MODULE_PREFIXES),

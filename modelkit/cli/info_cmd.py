@@ -69,12 +69,16 @@ def methods_cmd(as_json: bool) -> None:
               help="Only this architecture's block list (SD2 and the refiner use SD1's).")
 @common_option("as_json", help="Print the values as JSON.")
 def presets_cmd(arch: str | None, as_json: bool) -> None:
-    """List the block-weight presets with their values for SD1 and SD2 (26
-    weights: BASE, IN00..IN11, M00, OUT00..OUT11), SDXL (20 weights:
-    BASE, IN00..IN08, M00, OUT00..OUT08) and Flux.1 (63 weights, ComfyUI's
-    ModelMergeFlux1 names). SD merges take an optional VAE entry last (27 or
-    21 values), which follows BASE unless given."""
-    from modelkit.arch.blocks import count_text, preset, presets_of
+    """List each block list's names and its block-weight presets with their
+    values: SD1 and SD2 (26 weights: BASE, IN00..IN11, M00, OUT00..OUT11),
+    SDXL (20: BASE, IN00..IN08, M00, OUT00..OUT08), and the transformer
+    families with ComfyUI's block-merge names (Flux.1's ModelMergeFlux1,
+    SD3's, Qwen-Image's, Wan's; Chroma, Flux.2 and Z-Image by their own
+    modules). SD merges take an optional VAE entry last (27 or 21 values),
+    which follows BASE unless given. A mapping may name groups: IN, OUT, MID
+    for SD; IN, OUT, BLOCKS and each stack (DOUBLE, SINGLE, JOINT...) for the
+    others."""
+    from modelkit.arch.blocks import count_text, group_text, preset, presets_of
 
     archs = [arch] if arch else list(PRESET_ARCHS)
     # every preset name once, in order; each lists the block lists that have it
@@ -86,6 +90,9 @@ def presets_cmd(arch: str | None, as_json: bool) -> None:
         return
     for a in archs:
         click.echo(f"{a}: {count_text(a)}")
+        groups = group_text(a)
+        if groups:
+            click.echo(f"  groups: {groups}")
     click.echo("")
     for name, doc in docs.items():
         click.echo(f"{name}: {doc}")

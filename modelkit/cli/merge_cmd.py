@@ -36,6 +36,8 @@ Examples:
   modelkit merge a.safetensors b.safetensors -o out.safetensors \\
       --blocks 0,0,0,0,0,0,0,0,0,0,0,0,0,0.5,1,1,1,1,1,1,1,1,1,1,1,1
   modelkit merge a.safetensors b.safetensors -o out.safetensors --blocks out_only
+  modelkit merge flux_a.safetensors flux_b.safetensors -o out.safetensors \\
+      --blocks "double_blocks.0-5=0.2,SINGLE=0.7,default=0.5"
 
 alpha moves toward B (A1111 convention): alpha=0 gives A, alpha=1 gives B.
 ComfyUI's ModelMergeSimple ratio runs the other way.
@@ -79,8 +81,10 @@ def _block_weight_lines(report: Any) -> list[str]:
 
 BLOCK_OPTIONS = {"alpha": "--blocks"}  # alpha's block-wise option (others: --NAME-blocks)
 BLOCK_FORMS = ("26 (SD1/SD2) or 20 (SDXL) comma-separated numbers in the order BASE, "
-               "IN00.., M00, OUT.. (27/21 with the optional VAE entry last), or a preset "
-               "name")
+               "IN00.., M00, OUT.. (27/21 with the optional VAE entry last), a preset "
+               "name, or NAME=V,...,default=V with the family's block names and groups "
+               "(Flux.1: img_in, double_blocks.0-18, SINGLE, ...; 'modelkit presets' "
+               "lists every family's)")
 
 
 def _shared_method_params() -> dict[str, list[tuple[str, Any]]]:
@@ -142,7 +146,8 @@ def method_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     "type": click.Path(dir_okay=False),
     "help": "Output .safetensors file (never one of the inputs)."}, dtype={
     "default": None, "help": "Output dtype for float tensors (default: fp16, but bf16 "
-                             "tensors stay bf16: Flux.1 overflows in fp16)."}, format={
+                             "tensors stay bf16: Flux.1 overflows in fp16; a bf16 "
+                             "family's fp32 tensors are written bf16)."}, format={
     "type": click.Choice(OUTPUT_FORMATS),
     "help": "Output format (default: from the output name: .safetensors, .gguf for the "
             "UNet as GGUF, anything else a diffusers folder)."})

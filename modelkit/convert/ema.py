@@ -50,6 +50,15 @@ class EmaReport:
                            sum(b.ref_sq for b in self.blocks.values()))
 
 
+def _transformer_family(arch: str) -> bool:
+    """A family without LDM key tables (Flux.1, Wan...): its standalone
+    transformer files are read too, for the one-line "no EMA" answer."""
+    from modelkit.arch import registry
+
+    entry = registry.get(arch)
+    return entry is not None and entry.spec is None
+
+
 def ema_map(src: Source, arch: str) -> dict[str, str]:
     """UNet key -> EMA key for the UNet keys of ``src`` that have an EMA copy.
 
@@ -59,8 +68,9 @@ def ema_map(src: Source, arch: str) -> dict[str, str]:
     name = source_label(src)
     n_ema = sum(1 for k in src.infos if k.startswith(EMA_PREFIX))
     if n_ema < MIN_EMA_KEYS:
+        what = "transformer" if _transformer_family(arch) else "UNet"
         raise ModelkitError(f"{name}: has no EMA weights ({n_ema} model_ema.* keys); "
-                            "nothing to select (the file already renders with its UNet)")
+                            f"nothing to select (the file already renders with its {what})")
     forward: dict[str, str] = {}
     seen: dict[str, str] = {}
     for key in src.infos:
@@ -84,8 +94,11 @@ def select_ema(src: Source, dtype: str | None = None) -> PlannedStep:
         ModelkitError: not a checkpoint, no EMA, EMA shapes that do not match.
     """
     from modelkit.arch.blocks import block_of
+    from modelkit.inspect.describe import describe
 
-    rep0 = require_checkpoint(src, "ema")
+    kinds = ("checkpoint", "unet") if _transformer_family(describe(src).arch) else (
+        "checkpoint",)
+    rep0 = require_checkpoint(src, "ema", kinds)
     forward = ema_map(src, rep0.arch)
     name = source_label(src)
     report = EmaReport(rep0.arch)

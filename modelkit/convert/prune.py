@@ -7,10 +7,19 @@ encoder). Dropped: EMA weights (unless kept), schedule buffers (every UI
 rebuilds them from its scheduler config), training leftovers and unknown keys.
 Repaired: CLIP ``position_ids`` stored as float or scrambled (rewritten as
 int64 0..76) and NovelAI-style CLIP key names.
+
+The transformer families (Flux.1, SD3, Qwen-Image, Wan, Chroma, Flux.2,
+Z-Image) are pruned by their registry entry: kept are the keys under its
+components' prefixes (a Flux all-in-one file's ``vae.`` and
+``text_encoders.``), or every key of a standalone transformer; dropped are
+the entry's training residue (:class:`~modelkit.arch.registry.PrunePolicy`),
+EMA copies unless kept, and in an all-in-one file the keys outside every
+component. bf16 files stay bf16 unless ``dtype`` says otherwise.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -60,6 +69,35 @@ def _position_ids_ok(t: torch.Tensor) -> bool:
     return bool(torch.equal(t.reshape(-1), torch.arange(t.numel(), dtype=torch.int64)))
 
 
+def _family_parts(arch: str, bare: bool) -> Callable[[str], str] | None:
+    """The part of a key by a transformer family's registry entry (its
+    components' prefixes and prune policy), or None for an SD architecture
+    (:func:`modelkit.arch.parts.part_of`). In a standalone transformer
+    (``bare``) every key that is not residue or EMA is the transformer."""
+    from modelkit.arch import registry
+
+    entry = registry.get(arch)
+    if entry is None or entry.spec is not None:
+        return None
+    policy = entry.prune
+    roles = {registry.DENOISER: parts.UNET, registry.VAE: parts.VAE,
+             registry.TEXT_ENCODER: parts.TE}
+    prefixes = sorted(((c.prefix, roles[c.role]) for c in entry.components),
+                      key=lambda pc: -len(pc[0]))
+
+    def part_of(key: str) -> str:
+        if policy.ema_prefix and key.startswith(policy.ema_prefix):
+            return parts.EMA
+        if key.startswith(policy.residue_prefixes):
+            return parts.JUNK
+        if key.startswith(policy.keep_prefixes):
+            return parts.AUX_MODEL
+        found = next((p for c, p in prefixes if key.startswith(c)), None)
+        return found or (parts.UNET if bare else parts.OTHER)
+
+    return part_of
+
+
 def prune(src: Source, *, keep_ema: bool = False, dtype: str | None = None) -> PlannedStep:
     """Plan a pruned copy of ``src``; ``dtype`` (safetensors name, e.g. ``F16``)
     casts the float tensors of the kept components (markers and integer
@@ -73,13 +111,15 @@ def prune(src: Source, *, keep_ema: bool = False, dtype: str | None = None) -> P
     from modelkit.io.dtypes import to_torch
     from modelkit.io.reader import cast
 
-    kind = require_checkpoint(src, "prune", ("checkpoint", "unet")).kind
+    described = require_checkpoint(src, "prune", ("checkpoint", "unet"))
+    kind = described.kind
     # a standalone UNet (ComfyUI's diffusion_models) has no key prefix: its bare keys are the UNet
     bare = parts.UNET if kind == "unet" else None
+    part_of = _family_parts(described.arch, bare is not None) or parts.part_of
     rep = PruneReport(bytes_in=sum(i.nbytes for i in src.infos.values()))
     infos, origin = {}, {}
     for key, info in src.infos.items():
-        part = parts.part_of(key)
+        part = part_of(key)
         if part == parts.OTHER and bare:
             part = bare
         if part == parts.EMA and keep_ema:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from modelkit.arch.configs import UNET_PREFIX, VAE_PREFIX
 from modelkit.arch.parts import OTHER, TE, UNET, VAE, part_of
+from modelkit.arch.registry import get as get_arch
 from modelkit.arch.registry import handles, handling, listed
 from modelkit.core.keyregex import check_key_regex
 from modelkit.core.recipe import BlockParam, Options, RecipeError, StepSpec, primary_of
@@ -39,6 +40,12 @@ class InputFile:
     variant: str | None
     prediction: str = "unknown"
     key_prefix: str = ""  # what a standalone UNet's bare keys lack: UNET_PREFIX
+    layout: str | None = None  # original or diffusers key names
+
+    @property
+    def what(self) -> str:
+        """``a.safetensors (wan i2v-14b)``: the file and what it is, for messages."""
+        return f"{self.path.name} ({' '.join(x for x in (self.arch, self.variant) if x)})"
 
 
 def _bare_prefix(kind: str, infos: dict[str, TensorInfo]) -> str:
@@ -154,15 +161,13 @@ def _source_input(name: str, source: Source) -> tuple[InputFile, ModelReport]:
     rep = describe(source)
     path = Path(source_label(source))
     return InputFile(name, path, source.infos, source.metadata, rep.arch, rep.variant,
-                     rep.prediction.type, _bare_prefix(rep.kind, source.infos)), rep
+                     rep.prediction.type, _bare_prefix(rep.kind, source.infos),
+                     rep.layout), rep
 
 
 def _load_input(name: str, source: Source) -> InputFile:
     file, rep = _source_input(name, source)
     path = file.path
-    from modelkit.inspect.describe import require_original_layout
-
-    require_original_layout(rep, f"input {name!r}: {path}", "merge")
     if rep.kind not in ("checkpoint", "unet"):
         hint = ""
         if rep.kind == "lora":
@@ -187,7 +192,26 @@ def _check_archs(inputs: dict[str, InputFile]) -> str:
         desc = ", ".join(f"{i.path.name} is {i.arch}" for i in inputs.values())
         raise ModelkitError(f"cannot merge different architectures: {desc}; pick inputs "
                             "of one architecture")
-    return archs.pop()
+    arch = archs.pop()
+    entry = get_arch(arch)
+    layouts = {i.layout for i in inputs.values()}
+    # a transformer saved with BFL/ComfyUI names and one with diffusers names
+    # (an SD diffusers folder opens with the LDM names)
+    if entry is not None and entry.spec is None and len(layouts) > 1:
+        desc = ", ".join(f"{i.path.name} has the {i.layout} layout" for i in inputs.values())
+        raise ModelkitError(f"cannot merge different key layouts of {arch}: {desc}; "
+                            "save the inputs in one layout first")
+    return arch
+
+
+def variants_differ(plan: Plan) -> str:
+    """``""``, or ``" (a.safetensors (wan i2v-14b), b.safetensors (wan t2v-14b))"``
+    when the inputs are different variants of their family: what a report of
+    keys only some inputs have names."""
+    files = list(plan.inputs.values())
+    if len({f.variant for f in files}) < 2:
+        return ""
+    return f" ({', '.join(f.what for f in files)})"
 
 
 def _check_step(group: MergeGroupSpec, step: StepSpec, arch: str
@@ -233,11 +257,18 @@ def _shape_problem(key: str, shapes: dict[str, tuple[int, ...]], primary: str) -
     return f"{key}: shapes differ ({desc})"
 
 
-def _out_dtype(group: MergeGroupSpec, info: TensorInfo) -> str:
+def _out_dtype(group: MergeGroupSpec, info: TensorInfo, arch: str) -> str:
     if not info.is_float or group.output_dtype == KEEP:
         return info.dtype
-    if group.output_dtype == AUTO_DTYPE:  # fp16, but bf16 stays bf16 (no fp16 overflow)
-        return info.dtype if info.dtype == "BF16" else "F16"
+    if group.output_dtype == AUTO_DTYPE:
+        # bf16 stays bf16 (no fp16 overflow); otherwise the family's own
+        # dtype (registry default_dtype: fp16 for SD, bf16 for Flux, Wan...),
+        # an fp16 file of a bf16 family keeping its fp16
+        if info.dtype == "BF16":
+            return info.dtype
+        entry = get_arch(arch)
+        family = USER_DTYPES[entry.default_dtype] if entry is not None else "F16"
+        return "F16" if family == "BF16" and info.dtype == "F16" else family
     return USER_DTYPES[group.output_dtype]
 
 
@@ -248,14 +279,22 @@ def _key_plans(plan: Plan) -> None:
     opts = group.options
     excluded = [check_key_regex(rx) for rx in opts.exclude_keys]
     problems: list[str] = []
+    entry = get_arch(plan.arch)
+    # a transformer family's block list covers its transformer only: the VAE
+    # and text encoders of an all-in-one file are A's (or the baked VAE)
+    transformer_only = entry is not None and entry.spec is None
     for key, info in primary.infos.items():
         comp = component_of(plan.full_key(key))
+        if transformer_only:
+            comp = family_component(plan.arch, plan.full_key(key))
         if key.endswith("position_ids") and comp == "te":
             plan.keys.append(KeyPlan(key, "position_ids", "I64", info.shape))
             continue
         if plan.vae is not None and comp == "vae":
-            plan.keys.append(_vae_plan(plan, key, info, group))
+            plan.keys.append(_vae_plan(plan, key, info, group, _vae_prefix(plan.arch)))
             continue
+        if transformer_only and comp != UNET:
+            comp = "other"
         if (not info.is_float or comp not in opts.include or comp == "other"
                 or any(rx.search(key) for rx in excluded)):
             plan.keys.append(KeyPlan(key, "copy", info.dtype, info.shape))
@@ -276,19 +315,51 @@ def _key_plans(plan: Plan) -> None:
         if problem:
             problems.append(problem)
             continue
-        plan.keys.append(KeyPlan(key, "merge", _out_dtype(group, info), info.shape))
+        plan.keys.append(KeyPlan(key, "merge", _out_dtype(group, info, plan.arch), info.shape))
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         hint = (" (set options.missing_keys / --missing take-first or skip)"
                 if "missing" in problems[0] else "")
-        raise ModelkitError(f"cannot merge: {problems[0]}{more}{hint}")
+        raise ModelkitError(f"cannot merge{variants_differ(plan)}: {problems[0]}{more}{hint}")
     names = set(primary.infos)
-    plan.ignored = sum(1 for n in leaves[1:] for k in plan.inputs[n].infos if k not in names)
+    only = [(n, k) for n in leaves[1:] for k in plan.inputs[n].infos if k not in names]
+    plan.ignored = len(only)
+    if only and variants_differ(plan):
+        first = plan.inputs[only[0][0]]
+        plan.warnings.append(f"{len(only)} keys only {first.what} has are left out (first: "
+                             f"{only[0][1]}); the output has the keys of A, "
+                             f"{primary.what}")
 
 
-def _vae_plan(plan: Plan, key: str, info: TensorInfo, group: MergeGroupSpec) -> KeyPlan:
+def family_component(arch: str, key: str) -> str:
+    """``unet``, ``vae``, ``te`` or ``other`` for a key of a transformer
+    family's file, by its registry components' prefixes (a Flux.1
+    all-in-one file's ``vae.`` and ``text_encoders.``)."""
+    from modelkit.arch import registry
+
+    entry = registry.get(arch)
+    roles = {registry.DENOISER: UNET, registry.VAE: VAE, registry.TEXT_ENCODER: TE}
+    for comp in sorted(entry.components if entry else (), key=lambda c: -len(c.prefix)):
+        if key.startswith(comp.prefix):
+            return roles.get(comp.role, "other")
+    return "other"
+
+
+def _vae_prefix(arch: str) -> str:
+    """Where ``arch``'s checkpoint keeps its VAE (``first_stage_model.``,
+    Flux.1's ``vae.``)."""
+    from modelkit.arch import registry
+
+    entry = registry.get(arch)
+    if entry is None or entry.spec is not None:
+        return VAE_PREFIX
+    return next((c.prefix for c in entry.components if c.role == registry.VAE), VAE_PREFIX)
+
+
+def _vae_plan(plan: Plan, key: str, info: TensorInfo, group: MergeGroupSpec,
+              prefix: str = VAE_PREFIX) -> KeyPlan:
     assert plan.vae is not None
-    short = key[len(VAE_PREFIX):]
+    short = key[len(prefix):]
     src = key if key in plan.vae.infos else short
     vinfo = plan.vae.infos.get(src)
     if vinfo is None:
@@ -297,7 +368,7 @@ def _vae_plan(plan: Plan, key: str, info: TensorInfo, group: MergeGroupSpec) -> 
     if vinfo.shape != info.shape:
         raise ModelkitError(f"VAE {plan.vae.path}: {short} is {list(vinfo.shape)}, the "
                             f"checkpoint needs {list(info.shape)}; wrong VAE for {plan.arch}")
-    return KeyPlan(key, "vae", _out_dtype(group, vinfo), info.shape, src)
+    return KeyPlan(key, "vae", _out_dtype(group, vinfo, plan.arch), info.shape, src)
 
 
 def _load_vae(source: Source | None) -> InputFile | None:
@@ -325,6 +396,12 @@ def make_plan(group: MergeGroupSpec) -> Plan:
     plan = Plan(group, files, group.primary, arch, [], blocks, _load_vae(group.vae))
     plan.warnings += _param_warnings(group, blocks)
     _key_plans(plan)
+    entry = get_arch(arch)
+    if (plan.vae is not None and entry is not None and entry.spec is None
+            and not any(k.action == "vae" for k in plan.keys)):
+        raise ModelkitError(f"VAE {plan.vae.path}: {plan.inputs[plan.primary].path.name} has "
+                            f"no VAE (no {_vae_prefix(arch)}* keys) to bake it into; a bare "
+                            f"{plan.arch} transformer takes no VAE")
     _prediction_warning(plan)
     return plan
 
