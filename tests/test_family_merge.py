@@ -222,6 +222,20 @@ def test_block_merge_is_the_hand_computed_blend(pairs: dict[str, tuple[Path, Pat
     assert seen == {0.25, 0.5, 0.75, 1.0}
 
 
+def test_one_name_value_item_is_a_spec_not_a_preset(pairs: dict[str, tuple[Path, Path]],
+                                                    tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = pairs["wan"]
+    out = tmp_path / "m.safetensors"
+    code, _, err = _cli(capsys, "merge", str(a), str(b), "-o", str(out), "-q",
+                        "--blocks", "default=0.25")
+    assert code == 0, err
+    ta, tb = _tensors(a), _tensors(b)
+    for key, got in _tensors(out).items():
+        want = torch.lerp(ta[key].float(), tb[key].float(), 0.25).to(torch.bfloat16)
+        assert torch.equal(got, want), key
+
+
 METHODS = {"weighted_sum": {"alpha": 0.5}, "slerp": {"alpha": 0.5},
            "add_difference": {"alpha": 1.0}, "triple_sum": {"alpha": 0.3, "beta": 0.3},
            "sum_twice": {"alpha": 0.3, "beta": 0.3}, "train_difference": {"alpha": 1.0},

@@ -428,7 +428,9 @@ def _as_block_param(value: Any) -> BlockParam | None:
     if isinstance(value, BlockParam):
         return value
     if isinstance(value, str):
-        return BlockParam(blocks=value) if "," in value else BlockParam(preset=value)
+        # a list or one NAME=VALUE item ("default=0.3") is a spec; a bare word a preset
+        spec = "," in value or "=" in value or ":" in value
+        return BlockParam(blocks=value) if spec else BlockParam(preset=value)
     if isinstance(value, list | tuple):
         return BlockParam(blocks=list(value))
     if isinstance(value, dict):
