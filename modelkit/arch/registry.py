@@ -362,7 +362,8 @@ SD3_VARIANTS = (
 
 SD3 = Architecture(
     name="sd3", label="SD3", short="sd3", family="sd3", aliases=("sd3", "sd3.5", "sd35"),
-    support=PARTIAL, commands=frozenset({"lora bake", "lora info"}),
+    support=PARTIAL, commands=frozenset({"lora bake", "lora info", "lora extract", "lora resize",
+                        "lora merge", "lora convert"}),
     detect=(Rule(keys=(_SD3_QKV, "x_embedder.proj.weight"),
                  evidence=("joint_blocks.0.context_block.attn.qkv with x_embedder.proj: "
                            "SD3 MMDiT (original layout)",)),),
@@ -374,7 +375,7 @@ SD3 = Architecture(
                 Component("clip_g", TEXT_ENCODER, "text_encoders.clip_g."),
                 Component("t5xxl", TEXT_ENCODER, "text_encoders.t5xxl.")),
     spec=None, blocks=None, prune=_NO_PRUNE, diffusers=None, gguf=_gguf.SD3,
-    lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="sd3", adapters=False,
+    lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="sd3", adapters=True,
                    block_weights=False, modules=_sd3.lora_modules,
                    module_prefixes=_sd3.LORA_MODULE_PREFIXES),
     default_dtype="fp16", verify=PROBE, prediction=FLOW,
@@ -390,7 +391,8 @@ _QWEN_TXT_NORM = "txt_norm.weight"
 QWEN_IMAGE = Architecture(
     name="qwen_image", label="Qwen-Image", short="qwen", family="qwen_image",
     aliases=("qwen_image", "qwen-image", "qwenimage"), support=PARTIAL,
-    commands=frozenset({"lora bake", "lora info"}),
+    commands=frozenset({"lora bake", "lora info", "lora extract", "lora resize",
+                        "lora merge", "lora convert"}),
     detect=(Rule(keys=(_QWEN_TXT_NORM, "img_in.weight", "txt_in.weight",
                        "transformer_blocks.0.img_mod.1.weight",
                        "transformer_blocks.0.attn.add_q_proj.weight"),
@@ -405,8 +407,9 @@ QWEN_IMAGE = Architecture(
     layout_rules=((DIFFUSERS, Rule(keys=("transformer_blocks.0.attn.to_q.weight",))),),
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
     spec=None, blocks=None, prune=_NO_PRUNE, diffusers=None, gguf=_gguf.QWEN_IMAGE,
-    lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="qwen_image", adapters=False,
-                   block_weights=False, modules=_qwen.lora_modules,
+    lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="qwen_image", adapters=True,
+                   block_weights=False, base_model_version="qwen_image",
+                   modelspec_arch="Qwen-Image", modules=_qwen.lora_modules,
                    module_prefixes=_qwen.LORA_MODULE_PREFIXES),
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
     # image and text inputs, timestep embedder, output norm and projection
@@ -438,7 +441,8 @@ _WAN_Q, _WAN_DIFFUSERS_Q = "blocks.0.self_attn.q.weight", "blocks.0.attn1.to_q.w
 WAN = Architecture(
     name="wan", label="Wan", short="wan", family="wan",
     aliases=("wan", "wan2.1", "wan2.2", "wan21", "wan22"), support=PARTIAL,
-    commands=frozenset({"lora bake", "lora info"}),
+    commands=frozenset({"lora bake", "lora info", "lora extract", "lora resize",
+                        "lora merge", "lora convert"}),
     detect=(Rule(keys=("head.modulation", _WAN_PATCH, _WAN_Q, "blocks.0.cross_attn.q.weight"),
                  evidence=("head.modulation, a 3-D patch_embedding and blocks.0.self_attn: "
                            "Wan video transformer (original layout)",)),
@@ -460,8 +464,9 @@ WAN = Architecture(
     layout_rules=((ORIGINAL, Rule(keys=(_WAN_Q,))), (DIFFUSERS, Rule(keys=(_WAN_DIFFUSERS_Q,)))),
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
     spec=None, blocks=None, prune=_NO_PRUNE, diffusers=None, gguf=_gguf.WAN,
-    lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="wan", adapters=False,
-                   block_weights=False, modules=_wan.lora_modules,
+    lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="wan", adapters=True,
+                   block_weights=False, base_model_version="wan",
+                   modelspec_arch="wan2.1", modules=_wan.lora_modules,
                    module_prefixes=_wan.LORA_MODULE_PREFIXES),
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
     # patch, text, time and image embedders and the head, in both layouts
@@ -548,7 +553,8 @@ FLUX = Architecture(
 _CHROMA_APPROX = "distilled_guidance_layer.in_proj.weight"
 CHROMA = Architecture(
     name="chroma", label="Chroma", short="chroma", family="chroma",
-    aliases=("chroma",), support=PARTIAL, commands=frozenset({"lora bake", "lora info"}),
+    aliases=("chroma",), support=PARTIAL, commands=frozenset({"lora bake", "lora info", "lora extract", "lora resize",
+                        "lora merge", "lora convert"}),
     detect=(Rule(keys=(_CHROMA_APPROX, _FLUX_QK_NORM, "single_blocks.0.linear1.weight"),
                  absent=("double_blocks.0.img_mod.lin.weight",),
                  evidence=("distilled_guidance_layer with Flux.1 blocks and no per-block "
@@ -565,8 +571,9 @@ CHROMA = Architecture(
                   (DIFFUSERS, Rule(keys=(_FLUX_DIFFUSERS_QK_NORM,)))),
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
     spec=None, blocks=None, prune=_NO_PRUNE, diffusers=None, gguf=None,
-    lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="chroma", adapters=False,
-                   block_weights=False, modules=_chroma.lora_modules,
+    lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="chroma", adapters=True,
+                   block_weights=False, base_model_version="chroma",
+                   modelspec_arch="chroma", modules=_chroma.lora_modules,
                    module_prefixes=_chroma.LORA_MODULE_PREFIXES,
                    shares_names=("flux", "flux2")),
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
@@ -582,7 +589,8 @@ _FLUX2_DIFFUSERS_MOD = "double_stream_modulation_img.linear.weight"
 FLUX2 = Architecture(
     name="flux2", label="Flux.2", short="flux2", family="flux2",
     aliases=("flux2", "flux.2"), support=PARTIAL,
-    commands=frozenset({"lora bake", "lora info"}),
+    commands=frozenset({"lora bake", "lora info", "lora extract", "lora resize",
+                        "lora merge", "lora convert"}),
     detect=(Rule(keys=(_FLUX2_MOD, "single_stream_modulation.lin.weight",
                        "double_blocks.0.img_attn.qkv.weight"),
                  evidence=("double_stream_modulation_img and single_stream_modulation "
@@ -603,8 +611,8 @@ FLUX2 = Architecture(
                   (DIFFUSERS, Rule(keys=(_FLUX2_DIFFUSERS_MOD,)))),
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
     spec=None, blocks=None, prune=_NO_PRUNE, diffusers=None, gguf=None,
-    lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="flux2", adapters=False,
-                   block_weights=False, modules=_flux2.lora_modules,
+    lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="flux2", adapters=True,
+                   block_weights=False, base_model_version="flux_2_dev", modules=_flux2.lora_modules,
                    module_prefixes=_flux2.LORA_MODULE_PREFIXES,
                    shares_names=("flux", "chroma")),
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
@@ -619,7 +627,8 @@ _ZIMAGE_CAP = "cap_embedder.1.weight"
 Z_IMAGE = Architecture(
     name="z_image", label="Z-Image", short="zimage", family="z_image",
     aliases=("z_image", "z-image", "zimage"), support=PARTIAL,
-    commands=frozenset({"lora bake", "lora info"}),
+    commands=frozenset({"lora bake", "lora info", "lora extract", "lora resize",
+                        "lora merge", "lora convert"}),
     detect=(Rule(keys=(_ZIMAGE_CAP, "noise_refiner.0.adaLN_modulation.0.weight",
                        "context_refiner.0.feed_forward.w1.weight"),
                  shapes=((_ZIMAGE_CAP, 0, 3840), (_ZIMAGE_CAP, 1, 2560)),
@@ -632,8 +641,9 @@ Z_IMAGE = Architecture(
                   (DIFFUSERS, Rule(keys=("layers.0.attention.to_q.weight",)))),
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
     spec=None, blocks=None, prune=_NO_PRUNE, diffusers=None, gguf=None,
-    lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="z_image", adapters=False,
-                   block_weights=False, modules=_z_image.lora_modules,
+    lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="z_image", adapters=True,
+                   block_weights=False, base_model_version="z_image",
+                   modelspec_arch="Z-Image", modules=_z_image.lora_modules,
                    module_prefixes=_z_image.LORA_MODULE_PREFIXES),
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
     quant_keep=("x_embedder.", "all_x_embedder.", "final_layer.", "all_final_layer.",

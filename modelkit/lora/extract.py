@@ -57,6 +57,7 @@ from modelkit.lora.table import (
     has_table,
     layouts,
     slot_view,
+    swapped_in_diffusers,
     weight_key,
 )
 from modelkit.numeric import CHUNK_ELEMENTS
@@ -293,7 +294,8 @@ def _table_work(base: Source, tuned: Source, arch: str, naming: str, report: Ext
         bk, tk = checkpoint_key(key, base.infos), checkpoint_key(key, tuned.infos)
         if bk is None or tk is None or len(base.infos[bk].shape) != 2:
             continue
-        if path not in slots:
+        shape = base.infos[bk].shape
+        if path not in slots or (naming == "peft" and swapped_in_diffusers(path, *shape)):
             report.left_out.append(path)
             continue
 

@@ -100,12 +100,29 @@ def _open_all(items: Sequence[tuple[Source, float, object | None]], arch: str | 
               ) -> tuple[str, list[Adapter]]:
     opened = [open_adapter(src, arch) for src, _, _ in items]
     archs = {arch} if arch else {a.arch for a in opened} - {"unknown"}
+    if len(archs) > 1:
+        archs = _shared_family(opened, archs)
     if len(archs) != 1 or next(iter(archs)) not in LORA_ARCHS:
         names = ", ".join(f"{a.label} ({a.arch})" for a in opened)
         raise ModelkitError(f"adapters for one known architecture are needed, got {names}; "
                             "pass the architecture explicitly when it is unknown")
     use = next(iter(archs))
     return use, [a if a.arch == use else open_adapter(a.source, use) for a in opened]
+
+
+def _shared_family(opened: list[Adapter], archs: set[str]) -> set[str]:
+    """Of the families the adapters were detected as, the ones all of them
+    match module for module, when the others share their names (a Flux.1-
+    named LoRA with a Chroma one, SD3 PEFT names read as Flux.1's beside an
+    SD3 kohya LoRA); ``archs`` unchanged when none or several fit."""
+    from modelkit.arch.lora_modules import shares_names
+
+    if not all(shares_names(a, b) or has_table(a) and has_table(b)
+               for a in archs for b in archs):
+        return archs
+    fits = {a for a in archs
+            if not any(open_adapter(ad.source, a).unmatched for ad in opened)}
+    return fits if len(fits) == 1 else archs
 
 
 def _check_matched(ad: Adapter, arch: str) -> None:
@@ -240,7 +257,8 @@ def _table_work(arch: str, naming: str, opened: list[Adapter],
     groups = group_modules(arch, uses)
     work: list[tuple[str, Step]] = []
     for path, group in groups.items():
-        slots = out_slots(arch, naming, path, "+".join(ad.label for ad in opened))
+        slots = out_slots(arch, naming, path, "+".join(ad.label for ad in opened),
+                          (group.rows, group.cols))
 
         def step(conv: set[str], group: PathGroup = group, slots: tuple = slots) -> None:
             acc, bias = dense(group)

@@ -174,6 +174,7 @@ def group_modules(arch: str, adapters: Iterable[tuple[Adapter, float, dict[str, 
                                     f"{rows}x{delta.cols} weight, but another module sees "
                                     f"it as {group.rows}x{group.cols}; the adapters are "
                                     "for models of different sizes")
+            check_swapped_input(mod, path, rows, delta.cols, ad.label)
             assert mod.target is not None
             row0, _ = slot_view(rows, delta.cols, mod.target.rows, mod.target.of)
             group.parts.append((delta, k, row0))
@@ -198,9 +199,42 @@ def dense(group: PathGroup) -> tuple[torch.Tensor, torch.Tensor | None]:
     return acc, bias
 
 
-def out_slots(arch: str, naming: str, path: str, what: str) -> tuple[Slot, ...]:
-    """The slots ``naming`` writes ``path`` as, or a one-line error."""
+# SD3's last joint block has a context stream without attention output
+# (``context_pre_only``): its adaLN holds only shift and scale ([2h, h], 6h
+# rows elsewhere), and diffusers stores that weight as ``norm1_context.linear``
+# with the halves swapped (diffusers loaders/single_file_utils.py
+# ``convert_sd3_transformer_checkpoint_to_diffusers``, ``swap_scale_shift``).
+# Which block is last depends on the model's depth (24 in SD3/3.5 Medium, 38
+# in 3.5 Large), so the table cannot leave that name out; the weight's rows do
+# tell it.
+_PRE_ONLY_ADALN = "context_block.adaLN_modulation.1"
+_SWAPPED_NAME = "norm1_context"
+
+
+def swapped_in_diffusers(path: str, rows: int, cols: int) -> bool:
+    """Whether diffusers stores weight ``path`` (``rows`` x ``cols``) with its
+    shift/scale halves swapped, so that no diffusers-named LoRA module can
+    stand for it by a renaming (see ``_PRE_ONLY_ADALN``)."""
+    return path.endswith(_PRE_ONLY_ADALN) and rows == 2 * cols
+
+
+def check_swapped_input(mod: AdapterModule, path: str, rows: int, cols: int, label: str
+                        ) -> None:
+    """Refuse a diffusers-named module on a weight diffusers stores with its
+    halves swapped: its ΔW is in the swapped row order."""
+    if _SWAPPED_NAME in mod.name and swapped_in_diffusers(path, rows, cols):
+        raise ModelkitError(f"{label}: module {mod.name} patches {path}, which diffusers "
+                            "stores with its shift and scale halves swapped; modelkit does "
+                            "not reorder it: leave this module out")
+
+
+def out_slots(arch: str, naming: str, path: str, what: str,
+              size: tuple[int, int] | None = None) -> tuple[Slot, ...]:
+    """The slots ``naming`` writes ``path`` (of ``size`` rows x cols when
+    known) as, or a one-line error."""
     slots = layouts(arch, naming).get(path)
+    if naming == "peft" and size is not None and swapped_in_diffusers(path, *size):
+        slots = None
     if not slots:
         raise ModelkitError(f"{what}: {naming} names have no module for {path} (a weight "
                             f"this adapter patches); write kohya or comfyui names instead")
@@ -344,7 +378,11 @@ def convert_path(ad: Adapter, arch: str, naming: str, path: str, mods: list[Adap
                  plan: dict[str, PlannedTensor], ranks: dict[str, str]) -> None:
     """Plan the output modules of one weight path (see the module doc);
     ``ranks`` records each slot whose rank changed (``"4+4+4 -> 12"``)."""
-    slots = out_slots(arch, naming, path, ad.label)
+    rows, cols = delta_shape(ad, mods[0])
+    rows = fused_rows(mods[0], rows, ad.label)
+    for mod in mods:
+        check_swapped_input(mod, path, rows, cols, ad.label)
+    slots = out_slots(arch, naming, path, ad.label, (rows, cols))
     matched = {}
     for mod in mods:
         hit = [s for s in slots if _same_part(mod, s)]
@@ -356,7 +394,6 @@ def convert_path(ad: Adapter, arch: str, naming: str, path: str, mods: list[Adap
             if slot.name in matched:
                 rename(ad, matched[slot.name], slot.name, naming, plan)
         return
-    rows = fused_rows(mods[0], delta_shape(ad, mods[0])[0], ad.label)
     for slot in slots:
         s0, n = slot_view(rows, 1, slot.rows, slot.of)
         over = []
@@ -373,6 +410,8 @@ def convert_path(ad: Adapter, arch: str, naming: str, path: str, mods: list[Adap
             ranks[slot.name] = f"{'+'.join(before)} -> {rank}"
 
 
-__all__ = ["NAMING_PREFIXES", "PathGroup", "PlannedTensor", "Slot", "checkpoint_key",
+__all__ = ["NAMING_PREFIXES", "PathGroup", "PlannedTensor", "Slot", "check_swapped_input",
+           "checkpoint_key",
            "convert_path", "dense", "fused_rows", "group_modules", "has_table", "layouts",
-           "out_slots", "path_of", "rename", "restack", "slot_view", "weight_key"]
+           "out_slots", "path_of", "rename", "restack", "slot_view", "swapped_in_diffusers",
+           "weight_key"]
