@@ -125,7 +125,7 @@ def test_name_lists_elsewhere_are_the_registrys() -> None:
     assert RENDER_ARCHS == BLOCK_ARCHS == full
     assert tuple(GGUF_ARCH) == registry.names(where=lambda a: a.gguf is not None) == (
         *full, "sd3", "flux", "qwen_image", "wan")
-    assert LORA_ARCHS == ("sd1", "sd2", "sdxl", *transformers)
+    assert (*full[:3], *transformers) == LORA_ARCHS
     assert lora_blocks.LBW_ARCHS == ("sd1", "sd2", "sdxl", "flux")
     for cmd in ("lora extract", "lora resize", "lora merge", "lora convert"):
         assert registry.handling(cmd) == (*full, *transformers)

@@ -360,10 +360,20 @@ SD3_VARIANTS = (
                                shapes=((_SD3_POS, 1, 36864),))),
 )
 
+# every LoRA command, through the family's module table (lora/table.py). The
+# metadata written per family is what its trainers write: kohya sd-scripts
+# ss_base_model_version "chroma" (library/flux_utils.py MODEL_VERSION_CHROMA) and
+# modelspec "chroma" (library/sai_model_spec.py ARCH_FLUX_1_CHROMA); musubi-tuner
+# writes its architecture_full_name ("wan", "qwen_image", "z_image",
+# "flux_2_dev": dataset/architectures.py) and modelspec "wan2.1", "Qwen-Image",
+# "Z-Image" (utils/sai_model_spec.py); none found for SD3 (kohya appends the
+# model variant) or Flux.2's modelspec, so none is written
+_LORA_COMMANDS = frozenset({"lora bake", "lora info", "lora extract", "lora resize",
+                            "lora merge", "lora convert"})
+
 SD3 = Architecture(
     name="sd3", label="SD3", short="sd3", family="sd3", aliases=("sd3", "sd3.5", "sd35"),
-    support=PARTIAL, commands=frozenset({"lora bake", "lora info", "lora extract", "lora resize",
-                        "lora merge", "lora convert"}),
+    support=PARTIAL, commands=_LORA_COMMANDS,
     detect=(Rule(keys=(_SD3_QKV, "x_embedder.proj.weight"),
                  evidence=("joint_blocks.0.context_block.attn.qkv with x_embedder.proj: "
                            "SD3 MMDiT (original layout)",)),),
@@ -391,8 +401,7 @@ _QWEN_TXT_NORM = "txt_norm.weight"
 QWEN_IMAGE = Architecture(
     name="qwen_image", label="Qwen-Image", short="qwen", family="qwen_image",
     aliases=("qwen_image", "qwen-image", "qwenimage"), support=PARTIAL,
-    commands=frozenset({"lora bake", "lora info", "lora extract", "lora resize",
-                        "lora merge", "lora convert"}),
+    commands=_LORA_COMMANDS,
     detect=(Rule(keys=(_QWEN_TXT_NORM, "img_in.weight", "txt_in.weight",
                        "transformer_blocks.0.img_mod.1.weight",
                        "transformer_blocks.0.attn.add_q_proj.weight"),
@@ -441,8 +450,7 @@ _WAN_Q, _WAN_DIFFUSERS_Q = "blocks.0.self_attn.q.weight", "blocks.0.attn1.to_q.w
 WAN = Architecture(
     name="wan", label="Wan", short="wan", family="wan",
     aliases=("wan", "wan2.1", "wan2.2", "wan21", "wan22"), support=PARTIAL,
-    commands=frozenset({"lora bake", "lora info", "lora extract", "lora resize",
-                        "lora merge", "lora convert"}),
+    commands=_LORA_COMMANDS,
     detect=(Rule(keys=("head.modulation", _WAN_PATCH, _WAN_Q, "blocks.0.cross_attn.q.weight"),
                  evidence=("head.modulation, a 3-D patch_embedding and blocks.0.self_attn: "
                            "Wan video transformer (original layout)",)),
@@ -553,8 +561,7 @@ FLUX = Architecture(
 _CHROMA_APPROX = "distilled_guidance_layer.in_proj.weight"
 CHROMA = Architecture(
     name="chroma", label="Chroma", short="chroma", family="chroma",
-    aliases=("chroma",), support=PARTIAL, commands=frozenset({"lora bake", "lora info", "lora extract", "lora resize",
-                        "lora merge", "lora convert"}),
+    aliases=("chroma",), support=PARTIAL, commands=_LORA_COMMANDS,
     detect=(Rule(keys=(_CHROMA_APPROX, _FLUX_QK_NORM, "single_blocks.0.linear1.weight"),
                  absent=("double_blocks.0.img_mod.lin.weight",),
                  evidence=("distilled_guidance_layer with Flux.1 blocks and no per-block "
@@ -589,8 +596,7 @@ _FLUX2_DIFFUSERS_MOD = "double_stream_modulation_img.linear.weight"
 FLUX2 = Architecture(
     name="flux2", label="Flux.2", short="flux2", family="flux2",
     aliases=("flux2", "flux.2"), support=PARTIAL,
-    commands=frozenset({"lora bake", "lora info", "lora extract", "lora resize",
-                        "lora merge", "lora convert"}),
+    commands=_LORA_COMMANDS,
     detect=(Rule(keys=(_FLUX2_MOD, "single_stream_modulation.lin.weight",
                        "double_blocks.0.img_attn.qkv.weight"),
                  evidence=("double_stream_modulation_img and single_stream_modulation "
@@ -612,7 +618,8 @@ FLUX2 = Architecture(
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
     spec=None, blocks=None, prune=_NO_PRUNE, diffusers=None, gguf=None,
     lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="flux2", adapters=True,
-                   block_weights=False, base_model_version="flux_2_dev", modules=_flux2.lora_modules,
+                   block_weights=False, base_model_version="flux_2_dev",
+                   modules=_flux2.lora_modules,
                    module_prefixes=_flux2.LORA_MODULE_PREFIXES,
                    shares_names=("flux", "chroma")),
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
@@ -627,8 +634,7 @@ _ZIMAGE_CAP = "cap_embedder.1.weight"
 Z_IMAGE = Architecture(
     name="z_image", label="Z-Image", short="zimage", family="z_image",
     aliases=("z_image", "z-image", "zimage"), support=PARTIAL,
-    commands=frozenset({"lora bake", "lora info", "lora extract", "lora resize",
-                        "lora merge", "lora convert"}),
+    commands=_LORA_COMMANDS,
     detect=(Rule(keys=(_ZIMAGE_CAP, "noise_refiner.0.adaLN_modulation.0.weight",
                        "context_refiner.0.feed_forward.w1.weight"),
                  shapes=((_ZIMAGE_CAP, 0, 3840), (_ZIMAGE_CAP, 1, 2560)),

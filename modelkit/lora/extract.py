@@ -1,5 +1,5 @@
 """``extract``: a kohya-format LoRA approximating TUNED − BASE, layer by layer
-(for a family with its own LoRA module table, Flux.1, every Linear of the
+(for a family with its own LoRA module table, the transformer families, every Linear of the
 transformer, in kohya, PEFT or ComfyUI names: :mod:`modelkit.lora.table`).
 
 Layers are kohya's (Transformer2D Linear/1x1 modules and the text encoders'
@@ -170,7 +170,7 @@ def layer_difference(base: Source, tuned: Source, t: ModuleTarget, device: str
 def _check_pair(base: Source, tuned: Source) -> str:
     from modelkit.inspect.describe import describe
 
-    # a family with its own LoRA table (Flux.1) also comes as a bare transformer file
+    # a family with its own LoRA table (the transformers) also comes as a bare transformer file
     kinds = ("checkpoint", "unet") if has_table(describe(base).arch) else ("checkpoint",)
     rb = require_checkpoint(base, "lora extract", kinds)
     rt = require_checkpoint(tuned, "lora extract", kinds)
@@ -205,7 +205,7 @@ def extract(base: Source, tuned: Source, rank: int, conv_rank: int | None = None
         dtype: storage type of the factors (F16, BF16, F32).
         skip_below: a layer with ``||ΔW|| <= skip_below * ||W_base||`` is skipped.
         naming: output names, ``kohya``; a family with its own module table
-            (Flux.1) also ``peft`` (split q/k/v, each slice its own SVD) or
+            (the transformer families) also ``peft`` (split q/k/v, each slice its own SVD) or
             ``comfyui``.
     """
     from modelkit.io.dtypes import to_torch

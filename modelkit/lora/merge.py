@@ -9,7 +9,7 @@ Any input format works (LoRA, LoCon, LoHa, LoKr, full); (IA)3 and DoRA
 modules depend on the base weight and are refused. The output is a kohya
 LoRA (alpha = rank); norm-layer patches are kept as ``w_norm``/``b_norm``,
 bias patches as ``diff_b``. For a family with its own LoRA module table
-(Flux.1) the modules are summed per weight at their rows, so fused and split
+(the transformer families) the modules are summed per weight at their rows, so fused and split
 q/k/v adapters merge into one, written in kohya, PEFT or ComfyUI names
 (:mod:`modelkit.lora.table`).
 """
@@ -115,10 +115,7 @@ def _shared_family(opened: list[Adapter], archs: set[str]) -> set[str]:
     match module for module, when the others share their names (a Flux.1-
     named LoRA with a Chroma one, SD3 PEFT names read as Flux.1's beside an
     SD3 kohya LoRA); ``archs`` unchanged when none or several fit."""
-    from modelkit.arch.lora_modules import shares_names
-
-    if not all(shares_names(a, b) or has_table(a) and has_table(b)
-               for a in archs for b in archs):
+    if not all(has_table(a) for a in archs):
         return archs
     fits = {a for a in archs
             if not any(open_adapter(ad.source, a).unmatched for ad in opened)}
@@ -293,7 +290,7 @@ def merge(items: Sequence[tuple[Source, float, object | None]], rank: int | None
         energy: per module, the smallest rank holding this share of ||ΔW||^2.
         arch: the architecture, when the adapters do not tell it.
         naming: output names: ``kohya``; for a family with its own module
-            table (Flux.1) also ``peft`` or ``comfyui``.
+            table (the transformer families) also ``peft`` or ``comfyui``.
     """
     if rank is None and energy is None:
         raise ModelkitError("give a rank, an energy or both")

@@ -1,5 +1,6 @@
 """LoRA extract, merge/resize and convert for a family that declares its own
-LoRA module table in the registry (``LoraNames.modules``: Flux.1 today).
+LoRA module table in the registry (``LoraNames.modules``: Flux.1, SD3, Chroma,
+Flux.2, Qwen-Image, Wan and Z-Image).
 
 A table maps every adapter module name (kohya/musubi, ComfyUI and
 diffusers/PEFT spellings) to where it lands: a transformer weight ``path``

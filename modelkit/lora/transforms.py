@@ -148,8 +148,9 @@ def lora_merge(*loras: Adapter, weights: PerModel = (1.0,), rank: int | None = N
            help={"to": "Key naming of the output.", "arch": ARCH_HELP})
 def lora_convert(lora: Adapter, *, to: str, arch: str | None = None) -> PlannedStep:
     """The same delta-W under another tool's key names (alpha kept, folded
-    into ``lora_B`` for PEFT; a Flux.1 fused q/k/v module split into PEFT's
-    to_q/to_k/to_v or those fused, rank r_q+r_k+r_v)."""
+    into ``lora_B`` for PEFT; a fused q/k/v module (Flux.1, SD3, Chroma, Flux.2,
+    Z-Image) split into PEFT's to_q/to_k/to_v or those fused, rank
+    r_q+r_k+r_v)."""
     from modelkit.lora.convert import convert
 
     return convert(lora, to, arch=arch)
