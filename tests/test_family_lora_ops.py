@@ -91,8 +91,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path
 
 
 def _kohya_lora(path: Path, w: dict[str, torch.Tensor], rank: int, alpha: float, seed: int,
-                skip: set[str] | frozenset[str] = frozenset(), only: set[str] | None = None
-                ) -> dict[str, torch.Tensor]:
+                skip: set[str] | frozenset[str] = frozenset(), only: set[str] | None = None,
+                metadata: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """A kohya LoRA on every 2-D weight (or those of ``only``) but the
     ``skip`` paths (whole-weight modules, names by hand)."""
     gen = torch.Generator().manual_seed(seed)
@@ -104,7 +104,7 @@ def _kohya_lora(path: Path, w: dict[str, torch.Tensor], rank: int, alpha: float,
         t[f"{name}.lora_down.weight"] = torch.randn(rank, w[k].shape[1], generator=gen) * 0.1
         t[f"{name}.lora_up.weight"] = torch.randn(w[k].shape[0], rank, generator=gen) * 0.1
         t[f"{name}.alpha"] = torch.tensor(alpha)
-    save_file(t, str(path))
+    save_file(t, str(path), metadata=metadata)
     return t
 
 
@@ -255,8 +255,12 @@ def test_resize_equals_the_truncated_svd(models: dict[str, dict[str, Path]], tmp
                                          family: str) -> None:
     w = _tensors(models[family]["base"])
     src, out = tmp_path / "k.safetensors", tmp_path / "r.safetensors"
-    k = _kohya_lora(src, w, rank=6, alpha=3.0, seed=13, only=_some(family))
+    # the trainer's metadata names the family (a Chroma LoRA has Flux.1 names)
+    version = META[family][0]
+    k = _kohya_lora(src, w, rank=6, alpha=3.0, seed=13, only=_some(family),
+                    metadata={"ss_base_model_version": version} if version else None)
     _ok("lora", "resize", src, "--rank", 2, "--dtype", "fp32", "-o", out)
+    assert _meta(out).get("ss_base_model_version") == version
     r = _tensors(out)
     full, got = _kohya_delta(k, w), _kohya_delta(r, w)
     assert set(full) == set(got)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modelkit.arch import registry
 from modelkit.arch.blocks import block_of
 from modelkit.arch.configs import ARCHS, TINY
 from modelkit.arch.lora_blocks import parse_lora_blocks
@@ -102,6 +103,8 @@ def _open_all(items: Sequence[tuple[Source, float, object | None]], arch: str | 
     archs = {arch} if arch else {a.arch for a in opened} - {"unknown"}
     if len(archs) > 1:
         archs = _shared_family(opened, archs)
+    if not arch and len(archs) == 1:
+        archs = {_named_family(opened, next(iter(archs)))}
     if len(archs) != 1 or next(iter(archs)) not in LORA_ARCHS:
         names = ", ".join(f"{a.label} ({a.arch})" for a in opened)
         raise ModelkitError(f"adapters for one known architecture are needed, got {names}; "
@@ -120,6 +123,35 @@ def _shared_family(opened: list[Adapter], archs: set[str]) -> set[str]:
     fits = {a for a in archs
             if not any(open_adapter(ad.source, a).unmatched for ad in opened)}
     return fits if len(fits) == 1 else archs
+
+
+def _named_family(opened: list[Adapter], use: str) -> str:
+    """The family the adapters' own metadata names (kohya's
+    ``ss_base_model_version``, ``modelspec.architecture``) when it shares
+    its module names with ``use`` and every module matches it (a Chroma LoRA
+    with Flux.1 names), else ``use``: what the output's metadata says."""
+    from modelkit.arch.lora_modules import shares_names
+
+    named = {_family_of_metadata(ad.source.metadata) for ad in opened} - {None}
+    if len(named) != 1:
+        return use
+    fam = next(iter(named))
+    assert fam is not None
+    if fam == use or not shares_names(fam, use) or any(
+            open_adapter(ad.source, fam).unmatched for ad in opened):
+        return use
+    return fam
+
+
+def _family_of_metadata(meta: dict[str, str]) -> str | None:
+    version = meta.get("ss_base_model_version")
+    spec = meta.get("modelspec.architecture", "").removesuffix("/lora")
+    for name in LORA_ARCHS:
+        lora = registry.REGISTRY[name].lora
+        if lora and ((version and version == lora.base_model_version)
+                     or (spec and spec == lora.modelspec_arch)):
+            return name
+    return None
 
 
 def _check_matched(ad: Adapter, arch: str) -> None:
