@@ -28,11 +28,11 @@ FAMILY_NAMES = list(FAMILIES)
 META = {"sd3": (None, None), "qwen_image": ("qwen_image", "Qwen-Image/lora"),
         "wan": ("wan", "wan2.1/lora"), "chroma": ("chroma", "chroma/lora"),
         "flux2": ("flux_2_dev", None), "z_image": ("z_image", "Z-Image/lora")}
-# weights PEFT (diffusers) names only with their shift/scale halves swapped:
-# the final adaLN, and SD3's last context adaLN (context_pre_only, 2h rows)
-NO_PEFT = {"sd3": {"final_layer.adaLN_modulation.1",
-                   "joint_blocks.1.context_block.adaLN_modulation.1"},
-           "flux2": {"final_layer.adaLN_modulation.1"}}
+# a weight PEFT has no name for: SD3's last context adaLN (context_pre_only,
+# 2h rows), which diffusers stores with its halves swapped and the table (for
+# 38 blocks) names as an ordinary block's
+NO_PEFT = {"sd3": {"joint_blocks.1.context_block.adaLN_modulation.1"}}
+ADALN = "final_layer.adaLN_modulation.1"  # diffusers' norm_out.linear: halves swapped
 BIG = 1 << 20  # weights above this many elements (Z-Image's caption embedder) stay zero
 
 
@@ -204,6 +204,16 @@ def test_convert_kohya_peft_kohya_keeps_every_delta(models: dict[str, dict[str, 
     for key, delta in hand.items():
         rows = delta.abs().sum(1) > 0
         torch.testing.assert_close(delta[rows], want[key][rows], rtol=0, atol=1e-9, msg=key)
+    if family in ("sd3", "flux2"):  # norm_out.linear: the up rows with halves swapped, by hand
+        up = k[f"lora_unet_{_flat(ADALN)}.lora_up.weight"]
+        half = up.shape[0] // 2
+        assert torch.equal(p["transformer.norm_out.linear.lora_B.weight"],
+                           0.5 * torch.cat([up[half:], up[:half]]))
+        # and bake puts it back in the original order
+        _ok("lora", "bake", m["base"], peft, "-o", tmp_path / "b.safetensors")
+        got_w = _tensors(tmp_path / "b.safetensors")[f"{ADALN}.weight"]
+        torch.testing.assert_close(got_w.double(), w[f"{ADALN}.weight"].double()
+                                   + want[f"{ADALN}.weight"], rtol=0, atol=1e-6)
 
 
 def test_convert_sd3_fused_qkv_splits_by_rows_and_fuses_back(
@@ -301,20 +311,21 @@ def test_refusals_through_the_console_script(models: dict[str, dict[str, Path]],
     _, qwen_k, _ = FAMILIES["qwen_image"]()
     _write_lora(tmp_path / "wan.safetensors", wan_w, wan_k)
     _write_lora(tmp_path / "qwen.safetensors", qwen_w, qwen_k)
-    flux2_w = _tensors(models["flux2"]["base"])
-    _kohya_lora(tmp_path / "f2.safetensors", flux2_w, rank=2, alpha=2.0, seed=3)
+    sd3_w = _tensors(models["sd3"]["base"])
+    _kohya_lora(tmp_path / "s3.safetensors", sd3_w, rank=2, alpha=2.0, seed=3,
+                only={"joint_blocks.1.context_block.adaLN_modulation.1.weight"})
     bad = str(tmp_path / "bad.safetensors")
     res = run_entry({
         "merge": ["lora", "merge", "wan.safetensors", "qwen.safetensors", "-o", bad,
                   "--rank", "2"],
         "extract": ["lora", "extract", str(models["wan"]["base"]),
                     str(models["qwen_image"]["tuned"]), "-o", bad, "--rank", "2"],
-        "peft": ["lora", "convert", "f2.safetensors", "--to", "peft", "-o", bad],
+        "peft": ["lora", "convert", "s3.safetensors", "--to", "peft", "-o", bad],
     }, tmp_path)
     for case, (code, _, err) in res.items():
         assert code == 2 and len(err.strip().splitlines()) == 1, (case, err)
     assert not Path(bad).exists()
     assert "(wan)" in res["merge"][2] and "(qwen_image)" in res["merge"][2]
     assert "wan" in res["extract"][2] and "qwen" in res["extract"][2].lower()
-    assert "final_layer.adaLN_modulation.1" in res["peft"][2]
+    assert "joint_blocks.1.context_block.adaLN_modulation.1" in res["peft"][2]
 

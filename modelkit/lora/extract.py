@@ -41,6 +41,7 @@ from modelkit.inspect.describe import require_checkpoint, require_original_layou
 from modelkit.io.source import Source, input_paths_of, source_label
 from modelkit.jsontypes import JSONDict
 from modelkit.lora.adapter import LORA_ARCHS
+from modelkit.lora.delta import swap_halves
 from modelkit.lora.factorize import METHODS, factorize
 from modelkit.lora.output import (
     LORA_THREADS,
@@ -323,7 +324,7 @@ def _extract_slots(b: torch.Tensor, tw: torch.Tensor, slots: tuple[Slot, ...],
         row_sq[i:i + step] = torch.sum(part * part, dim=1, dtype=torch.float64).cpu()
     for slot in slots:
         row0, n = slot_view(rows, cols, slot.rows, slot.of)
-        part = diff[row0:row0 + n]
+        part = swap_halves(diff[row0:row0 + n]) if slot.swap else diff[row0:row0 + n]
         ref_sq = float(torch.sum(part * part, dtype=torch.float64))
         report.ref_sq += ref_sq
         key = weight_key(slot.path)

@@ -31,7 +31,7 @@ from modelkit.core.step import PlannedStep
 from modelkit.errors import CancelFlag, ModelkitError, check_cancel
 from modelkit.io.source import Source, input_paths_of, source_label
 from modelkit.lora.adapter import LORA_ARCHS, Adapter, open_adapter
-from modelkit.lora.delta import ModuleDelta
+from modelkit.lora.delta import ModuleDelta, swap_halves
 from modelkit.lora.extract import OUTPUT_NAMINGS, ExtractReport, LayerResult
 from modelkit.lora.factorize import METHODS, factorize
 from modelkit.lora.output import (
@@ -295,7 +295,9 @@ def _table_work(arch: str, naming: str, opened: list[Adapter],
                                                 for d, _, _ in group.parts])
             for slot in slots:
                 row0, n = slot_view(group.rows, group.cols, slot.rows, slot.of)
-                _factor_into(slot.name, weight_key(group.path), acc[row0:row0 + n],
+                part = acc[row0:row0 + n]
+                _factor_into(slot.name, weight_key(group.path),
+                             swap_halves(part) if slot.swap else part,
                              report.rank or min(n, group.cols), report, builder)
                 if bias is not None:
                     if naming == "peft":

@@ -42,7 +42,14 @@ from modelkit.arch import registry
 from modelkit.arch.configs import UNET_PREFIX
 from modelkit.errors import ModelkitError
 from modelkit.lora.adapter import DOWN, MID, UP, Adapter, AdapterModule
-from modelkit.lora.delta import DORA, ModuleDelta, delta_shape, module_scale, target_view
+from modelkit.lora.delta import (
+    DORA,
+    ModuleDelta,
+    delta_shape,
+    module_scale,
+    swap_halves,
+    target_view,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -57,12 +64,15 @@ PEFT_DOWN, PEFT_UP = "lora_A.weight", "lora_B.weight"
 @dataclass(frozen=True)
 class Slot:
     """One output module: its name and the part of weight ``path`` it
-    patches (``rows`` of ``of`` at the table's size; None: all of it)."""
+    patches (``rows`` of ``of`` at the table's size; None: all of it);
+    ``swap``: its rows are the weight's with the halves swapped (diffusers'
+    ``norm_out.linear``)."""
 
     name: str
     path: str
     rows: tuple[int, int] | None = None
     of: int | None = None
+    swap: bool = False
 
 
 def has_table(arch: str) -> bool:
@@ -82,7 +92,7 @@ def layouts(arch: str, naming: str) -> dict[str, tuple[Slot, ...]]:
     found: dict[str, list[Slot]] = {}
     for name, m in entry.lora.modules().items():
         if name.startswith(prefix):
-            found.setdefault(m.path, []).append(Slot(name, m.path, m.rows, m.of))
+            found.setdefault(m.path, []).append(Slot(name, m.path, m.rows, m.of, m.swap))
     out = {}
     for path, slots in found.items():
         whole = [s for s in slots if s.rows is None]
@@ -223,7 +233,8 @@ def check_swapped_input(mod: AdapterModule, path: str, rows: int, cols: int, lab
                         ) -> None:
     """Refuse a diffusers-named module on a weight diffusers stores with its
     halves swapped: its ΔW is in the swapped row order."""
-    if _SWAPPED_NAME in mod.name and swapped_in_diffusers(path, rows, cols):
+    swapped = mod.target is not None and mod.target.swap
+    if _SWAPPED_NAME in mod.name and not swapped and swapped_in_diffusers(path, rows, cols):
         raise ModelkitError(f"{label}: module {mod.name} patches {path}, which diffusers "
                             "stores with its shift and scale halves swapped; modelkit does "
                             "not reorder it: leave this module out")
@@ -234,7 +245,8 @@ def out_slots(arch: str, naming: str, path: str, what: str,
     """The slots ``naming`` writes ``path`` (of ``size`` rows x cols when
     known) as, or a one-line error."""
     slots = layouts(arch, naming).get(path)
-    if naming == "peft" and size is not None and swapped_in_diffusers(path, *size):
+    if (naming == "peft" and size is not None and slots and not slots[0].swap
+            and swapped_in_diffusers(path, *size)):
         slots = None
     if not slots:
         raise ModelkitError(f"{what}: {naming} names have no module for {path} (a weight "
@@ -264,7 +276,7 @@ def _suffixes(naming: str) -> tuple[str, str]:
 def _same_part(mod: AdapterModule, slot: Slot) -> bool:
     t = mod.target
     assert t is not None
-    return t.rows == slot.rows and (t.rows is None or t.of == slot.of)
+    return t.rows == slot.rows and (t.rows is None or t.of == slot.of) and t.swap == slot.swap
 
 
 def _copy(ad: Adapter, key: str, how: Any = None) -> PlannedTensor:
@@ -354,10 +366,14 @@ def restack(ad: Adapter, mods: list[AdapterModule], slot: Slot, rows: int, namin
         c = 0
         for mod, m0, r in spans:
             u = ad.get(mod.keys[UP]).float().reshape(-1, r) * module_scale(ad, mod)
+            if mod.target is not None and mod.target.swap:  # to the weight's row order
+                u = swap_halves(u)
             lo, hi = max(s0, m0), min(s0 + n, m0 + u.shape[0])
             if hi > lo:
                 up[lo - s0:hi - s0, c:c + r] = u[lo - m0:hi - m0]
             c += r
+        if slot.swap:
+            up = swap_halves(up)
         return up.to(ad.get(mods[0].keys[UP]).dtype)
 
     def make_down() -> torch.Tensor:
