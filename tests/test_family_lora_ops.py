@@ -60,10 +60,11 @@ def _linear(w: dict[str, torch.Tensor]) -> list[str]:
 
 def _some(family: str) -> set[str]:
     """The weights the modules of tests/test_family_lora.py patch (fused
-    q/k/v and linear1 among them): where the fine-tune differs, and what
-    resize works on (every weight would only make the tests slower)."""
-    _, kohya, peft = FAMILIES[family]()
-    return {key for _, key, _, _ in kohya + peft}
+    q/k/v and linear1 among them) and the final adaLN: where the fine-tune
+    differs, and what resize works on (every weight would only make the
+    tests slower)."""
+    keys, kohya, peft = FAMILIES[family]()
+    return {key for _, key, _, _ in kohya + peft} | ({f"{ADALN}.weight"} & set(keys))
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +145,7 @@ def test_extract_bakes_back_to_the_fine_tune(models: dict[str, dict[str, Path]],
     m = models[family]
     w0, want = _tensors(m["base"]), _tensors(m["tuned"])
     lora, out = tmp_path / "x.safetensors", tmp_path / "b.safetensors"
-    fmt = "peft" if family in ("sd3", "chroma", "z_image") else "kohya"  # the split q/k/v ones
+    fmt = "kohya" if family in ("qwen_image", "wan") else "peft"  # split q/k/v, norm_out
     assert main(["lora", "extract", str(m["base"]), str(m["tuned"]), "-o", str(lora),
                  "--rank", "4", "--dtype", "fp32", "--format", fmt, "--json", "-q"]) == 0
     report = json.loads(capsys.readouterr().out)["report"]
@@ -281,6 +282,21 @@ def test_resize_equals_the_truncated_svd(models: dict[str, dict[str, Path]], tmp
         torch.testing.assert_close(got[key], want, rtol=0, atol=2e-5, msg=key)
         tail = float(s[2:].square().sum().sqrt())  # Eckart-Young: the optimum's error
         assert abs(float((delta - got[key]).norm()) - tail) <= 1e-4 * tail, key
+
+
+def test_resize_to_peft_writes_the_final_adaln_with_halves_swapped(
+        models: dict[str, dict[str, Path]], tmp_path: Path) -> None:
+    w = _tensors(models["flux2"]["base"])
+    src, out = tmp_path / "k.safetensors", tmp_path / "p.safetensors"
+    k = _kohya_lora(src, w, rank=3, alpha=6.0, seed=17, only={f"{ADALN}.weight"})
+    _ok("lora", "resize", src, "--rank", 3, "--dtype", "fp32", "--format", "peft", "-o", out)
+    p = _tensors(out)
+    assert set(p) == {f"transformer.norm_out.linear.lora_{x}.weight" for x in "AB"}
+    delta = _kohya_delta(k, w)[f"{ADALN}.weight"]
+    half = delta.shape[0] // 2
+    got = (p["transformer.norm_out.linear.lora_B.weight"].double()
+           @ p["transformer.norm_out.linear.lora_A.weight"].double())
+    torch.testing.assert_close(got, torch.cat([delta[half:], delta[:half]]), rtol=0, atol=1e-6)
 
 
 # --- help and refusals -----------------------------------------------------------------
