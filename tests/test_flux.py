@@ -235,8 +235,12 @@ def test_peft_lora_bakes_split_qkv_and_mlp_into_fused_rows(base32: Path, tmp_pat
                       ("single_blocks.1.linear2.weight", "single_transformer_blocks.1.proj_out"),
                       ("final_layer.linear.weight", "proj_out")):
         assert torch.equal(got[key], w[key] + delta(name)), key
+    # diffusers' norm_out.linear is the final adaLN with its halves swapped
+    adaln = delta("norm_out.linear")
+    half = adaln.shape[0] // 2
     assert torch.equal(got["final_layer.adaLN_modulation.1.weight"],
-                       w["final_layer.adaLN_modulation.1.weight"])
+                       w["final_layer.adaLN_modulation.1.weight"]
+                       + torch.cat([adaln[half:], adaln[:half]]))
 
 
 def test_peft_without_alpha_scales_by_one_and_bakes_into_all_in_one(tmp_path: Path) -> None:

@@ -131,7 +131,10 @@ def test_name_lists_elsewhere_are_the_registrys() -> None:
     assert RENDER_ARCHS == BLOCK_ARCHS == full
     assert tuple(GGUF_ARCH) == registry.names(where=lambda a: a.gguf is not None) == (
         *full, "sd3", "flux", "qwen_image", "wan")
-    assert LORA_ARCHS == lora_blocks.LBW_ARCHS == ("sd1", "sd2", "sdxl", "flux")
+    assert (*full[:3], *transformers) == LORA_ARCHS
+    assert lora_blocks.LBW_ARCHS == ("sd1", "sd2", "sdxl", "flux")
+    for cmd in ("lora extract", "lora resize", "lora merge", "lora convert"):
+        assert registry.handling(cmd) == (*full, *transformers)
     assert ARCH_CANDIDATES == ("sd1", "sd2", "sdxl")  # those with LDM key tables
     assert {a for a, _ in diffusers_names.PIPELINES} == set(full)
     assert {"sdxl", "sdxl_refiner"} == lora_names.KOHYA_LDM_UNET
@@ -142,8 +145,12 @@ def test_name_lists_elsewhere_are_the_registrys() -> None:
     assert EMBEDDING_WIDTH_ARCH == {768: "sd1", 1024: "sd2"}
     pad_alt = {("sd2", "tokenizer"), ("sdxl", "tokenizer_2"), ("sdxl_refiner", "tokenizer_2")}
     assert pad_alt == PAD_ALT_SLOTS
+    # kohya sd-scripts (flux1, chroma) and musubi-tuner (architecture_full_name)
     assert BASE_MODEL_VERSION == {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0",
-                                  "flux": "flux1"}
+                                  "sd3": None, "flux": "flux1", "chroma": "chroma",
+                                  "flux2": "flux_2_dev", "qwen_image": "qwen_image",
+                                  "wan": "wan", "z_image": "z_image"}
+    assert MODELSPEC_ARCH["sd3"] is None and MODELSPEC_ARCH["flux2"] is None
     assert MODELSPEC_ARCH["sdxl"] == "stable-diffusion-xl-v1-base/lora"
 
 

@@ -262,6 +262,8 @@ def _diffusers_modules(cfg: FluxConfig) -> Iterator[tuple[str, LoraModule]]:
              "proj_out": "final_layer.linear"}
     for name, path in stems.items():
         yield name, LoraModule(path)
+    # diffusers stores the final adaLN as scale, shift (BFL: shift, scale)
+    yield "norm_out.linear", LoraModule("final_layer.adaLN_modulation.1", swap=True)
     qkv = ("to_q", "to_k", "to_v")
     for i in range(cfg.depth):
         b, o = f"transformer_blocks.{i}", f"{DOUBLE}.{i}"

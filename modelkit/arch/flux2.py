@@ -140,6 +140,9 @@ def _diffusers_modules(cfg: Flux2Config) -> Iterator[tuple[str, LoraModule]]:
              "single_stream_modulation.linear": "single_stream_modulation.lin"}
     for name, path in stems.items():
         yield name, LoraModule(path)
+    # diffusers stores the final adaLN as scale, shift (BFL: shift, scale;
+    # single_file_utils.py convert_flux2_transformer_checkpoint_to_diffusers)
+    yield "norm_out.linear", LoraModule("final_layer.adaLN_modulation.1", swap=True)
     for i in range(cfg.depth):
         b, o = f"transformer_blocks.{i}", f"double_blocks.{i}"
         for s, (projs, out, ff) in {

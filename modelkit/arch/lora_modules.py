@@ -50,11 +50,16 @@ class LoraModule:
     """Where one adapter module lands: the transformer ``path`` (original
     layout, without ``.weight``) and, for a split diffusers projection, the
     row slice ``[start, stop)`` of that fused weight of ``of`` rows (at the
-    size of the config the table was made for; scale by the real rows)."""
+    size of the config the table was made for; scale by the real rows).
+    ``swap``: the module's rows are the weight's with its two halves swapped
+    (diffusers stores an adaLN output as scale, shift where the original
+    layout has shift, scale: ``norm_out.linear``; diffusers
+    loaders/single_file_utils.py ``swap_scale_shift``)."""
 
     path: str
     rows: tuple[int, int] | None = None
     of: int | None = None
+    swap: bool = False
 
 
 ModuleTable = dict[str, LoraModule]
@@ -113,15 +118,16 @@ def from_key_map(key_map: KeyMap, shapes: Mapping[str, Shape]
                  ) -> Iterator[tuple[str, LoraModule]]:
     """``(diffusers path, module)`` for every 2-D weight of a layout map
     (:mod:`modelkit.arch.to_diffusers`): a split piece keeps its row slice
-    of the fused original weight. A piece whose halves swap (diffusers'
-    ``norm_out``) is left out: a LoRA on it would need its rows swapped."""
+    of the fused original weight; a piece whose halves swap (diffusers'
+    ``norm_out``) is marked ``swap``."""
     for key, piece in key_map.items():
         shape = shapes.get(piece.source)
-        if not key.endswith(".weight") or piece.swap or shape is None or len(shape) != 2:
+        if not key.endswith(".weight") or shape is None or len(shape) != 2 or (
+                piece.swap and piece.rows is not None):
             continue
         of = shape[0] if piece.rows is not None else None
         yield key.removesuffix(".weight"), LoraModule(
-            piece.source.removesuffix(".weight"), piece.rows, of)
+            piece.source.removesuffix(".weight"), piece.rows, of, piece.swap)
 
 
 def lookup(table: Mapping[str, T], name: str) -> T | None:
@@ -169,7 +175,7 @@ def diffusers_paths(arch: str) -> dict[tuple[str, tuple[int, int] | None], str]:
     ``norm_out``) has none."""
     out: dict[tuple[str, tuple[int, int] | None], str] = {}
     for name, m in table_of(arch).items():
-        if name.startswith(PEFT_PREFIX):
+        if name.startswith(PEFT_PREFIX) and not m.swap:
             out.setdefault((m.path, m.rows), name[len(PEFT_PREFIX):])
     return out
 

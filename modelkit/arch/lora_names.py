@@ -178,6 +178,9 @@ class ModuleTarget:
     # rows of the whole fused weight ``rows`` counts in (a Flux q/k/v or MLP
     # slice; scale by the real weight's rows); None: q/k/v thirds
     of: int | None = None
+    # the module's rows are the weight's with its two halves swapped (diffusers'
+    # norm_out.linear: scale, shift where the original has shift, scale)
+    swap: bool = False
 
     @property
     def is_conv(self) -> bool:

@@ -403,9 +403,20 @@ SD3_VARIANTS = (
                    "transformer_blocks.0.attn2.to_q.weight", _SD3_DIFFUSERS_POS),
 )
 
+# every LoRA command, through the family's module table (lora/table.py). The
+# metadata written per family is what its trainers write: kohya sd-scripts
+# ss_base_model_version "chroma" (library/flux_utils.py MODEL_VERSION_CHROMA) and
+# modelspec "chroma" (library/sai_model_spec.py ARCH_FLUX_1_CHROMA); musubi-tuner
+# writes its architecture_full_name ("wan", "qwen_image", "z_image",
+# "flux_2_dev": dataset/architectures.py) and modelspec "wan2.1", "Qwen-Image",
+# "Z-Image" (utils/sai_model_spec.py); none found for SD3 (kohya appends the
+# model variant) or Flux.2's modelspec, so none is written
+_LORA_COMMANDS = frozenset({"lora bake", "lora info", "lora extract", "lora resize",
+                            "lora merge", "lora convert"})
+
 SD3 = Architecture(
     name="sd3", label="SD3", short="sd3", family="sd3", aliases=("sd3", "sd3.5", "sd35"),
-    support=PARTIAL, commands=_DIT_COMMANDS | {"convert", "lora bake", "lora info", *_NAMING},
+    support=PARTIAL, commands=_DIT_COMMANDS | _LORA_COMMANDS | {"convert", *_NAMING},
     detect=(Rule(keys=(_SD3_QKV, "x_embedder.proj.weight"),
                  evidence=("joint_blocks.0.context_block.attn.qkv with x_embedder.proj: "
                            "SD3 MMDiT (original layout)",)),
@@ -424,7 +435,7 @@ SD3 = Architecture(
                 Component("t5xxl", TEXT_ENCODER, "text_encoders.t5xxl.")),
     spec=None, blocks=_own_blocks(_family_blocks.SD3), prune=_DIT_PRUNE,
     diffusers=None, gguf=_gguf.SD3,
-    lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="sd3", adapters=False,
+    lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="sd3", adapters=True,
                    block_weights=False, modules=_sd3.lora_modules,
                    module_prefixes=_sd3.LORA_MODULE_PREFIXES),
     default_dtype="fp16", verify=PROBE, prediction=FLOW,
@@ -441,7 +452,7 @@ _QWEN_TXT_NORM = "txt_norm.weight"
 QWEN_IMAGE = Architecture(
     name="qwen_image", label="Qwen-Image", short="qwen", family="qwen_image",
     aliases=("qwen_image", "qwen-image", "qwenimage"),
-    support=PARTIAL, commands=_DIT_COMMANDS | {"lora bake", "lora info", *_NAMING},
+    support=PARTIAL, commands=_DIT_COMMANDS | _LORA_COMMANDS | {*_NAMING},
     detect=(Rule(keys=(_QWEN_TXT_NORM, "img_in.weight", "txt_in.weight",
                        "transformer_blocks.0.img_mod.1.weight",
                        "transformer_blocks.0.attn.add_q_proj.weight"),
@@ -457,8 +468,9 @@ QWEN_IMAGE = Architecture(
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
     spec=None, blocks=_own_blocks(_family_blocks.QWEN_IMAGE), prune=_DIT_PRUNE,
     diffusers=None, gguf=_gguf.QWEN_IMAGE,
-    lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="qwen_image", adapters=False,
-                   block_weights=False, modules=_qwen.lora_modules,
+    lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="qwen_image", adapters=True,
+                   block_weights=False, base_model_version="qwen_image",
+                   modelspec_arch="Qwen-Image", modules=_qwen.lora_modules,
                    module_prefixes=_qwen.LORA_MODULE_PREFIXES),
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
     # image and text inputs, timestep embedder, output norm and projection
@@ -490,7 +502,7 @@ _WAN_Q, _WAN_DIFFUSERS_Q = "blocks.0.self_attn.q.weight", "blocks.0.attn1.to_q.w
 WAN = Architecture(
     name="wan", label="Wan", short="wan", family="wan",
     aliases=("wan", "wan2.1", "wan2.2", "wan21", "wan22"),
-    support=PARTIAL, commands=_DIT_COMMANDS | {"convert", "lora bake", "lora info", *_NAMING},
+    support=PARTIAL, commands=_DIT_COMMANDS | _LORA_COMMANDS | {"convert", *_NAMING},
     detect=(Rule(keys=("head.modulation", _WAN_PATCH, _WAN_Q, "blocks.0.cross_attn.q.weight"),
                  evidence=("head.modulation, a 3-D patch_embedding and blocks.0.self_attn: "
                            "Wan video transformer (original layout)",)),
@@ -513,8 +525,9 @@ WAN = Architecture(
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
     spec=None, blocks=_own_blocks(_family_blocks.WAN), prune=_DIT_PRUNE,
     diffusers=None, gguf=_gguf.WAN,
-    lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="wan", adapters=False,
-                   block_weights=False, modules=_wan.lora_modules,
+    lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="wan", adapters=True,
+                   block_weights=False, base_model_version="wan",
+                   modelspec_arch="wan2.1", modules=_wan.lora_modules,
                    module_prefixes=_wan.LORA_MODULE_PREFIXES),
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
     # patch, text, time and image embedders and the head, in both layouts
@@ -603,7 +616,7 @@ _CHROMA_APPROX = "distilled_guidance_layer.in_proj.weight"
 CHROMA = Architecture(
     name="chroma", label="Chroma", short="chroma", family="chroma",
     aliases=("chroma",),
-    support=PARTIAL, commands=_DIT_COMMANDS | {"convert", "lora bake", "lora info", *_NAMING},
+    support=PARTIAL, commands=_DIT_COMMANDS | _LORA_COMMANDS | {"convert", *_NAMING},
     detect=(Rule(keys=(_CHROMA_APPROX, _FLUX_QK_NORM, "single_blocks.0.linear1.weight"),
                  absent=("double_blocks.0.img_mod.lin.weight",),
                  evidence=("distilled_guidance_layer with Flux.1 blocks and no per-block "
@@ -621,8 +634,9 @@ CHROMA = Architecture(
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
     spec=None, blocks=_own_blocks(_family_blocks.CHROMA), prune=_DIT_PRUNE,
     diffusers=None, gguf=None,
-    lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="chroma", adapters=False,
-                   block_weights=False, modules=_chroma.lora_modules,
+    lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="chroma", adapters=True,
+                   block_weights=False, base_model_version="chroma",
+                   modelspec_arch="chroma", modules=_chroma.lora_modules,
                    module_prefixes=_chroma.LORA_MODULE_PREFIXES,
                    shares_names=("flux", "flux2")),
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
@@ -638,7 +652,7 @@ _FLUX2_DIFFUSERS_MOD = "double_stream_modulation_img.linear.weight"
 FLUX2 = Architecture(
     name="flux2", label="Flux.2", short="flux2", family="flux2",
     aliases=("flux2", "flux.2"),
-    support=PARTIAL, commands=_DIT_COMMANDS | {"convert", "lora bake", "lora info", *_NAMING},
+    support=PARTIAL, commands=_DIT_COMMANDS | _LORA_COMMANDS | {"convert", *_NAMING},
     detect=(Rule(keys=(_FLUX2_MOD, "single_stream_modulation.lin.weight",
                        "double_blocks.0.img_attn.qkv.weight"),
                  evidence=("double_stream_modulation_img and single_stream_modulation "
@@ -660,8 +674,9 @@ FLUX2 = Architecture(
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
     spec=None, blocks=_own_blocks(_family_blocks.FLUX2), prune=_DIT_PRUNE,
     diffusers=None, gguf=None,
-    lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="flux2", adapters=False,
-                   block_weights=False, modules=_flux2.lora_modules,
+    lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="flux2", adapters=True,
+                   block_weights=False, base_model_version="flux_2_dev",
+                   modules=_flux2.lora_modules,
                    module_prefixes=_flux2.LORA_MODULE_PREFIXES,
                    shares_names=("flux", "chroma")),
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
@@ -676,7 +691,7 @@ _ZIMAGE_CAP = "cap_embedder.1.weight"
 Z_IMAGE = Architecture(
     name="z_image", label="Z-Image", short="zimage", family="z_image",
     aliases=("z_image", "z-image", "zimage"),
-    support=PARTIAL, commands=_DIT_COMMANDS | {"convert", "lora bake", "lora info", *_NAMING},
+    support=PARTIAL, commands=_DIT_COMMANDS | _LORA_COMMANDS | {"convert", *_NAMING},
     detect=(Rule(keys=(_ZIMAGE_CAP, "noise_refiner.0.adaLN_modulation.0.weight",
                        "context_refiner.0.feed_forward.w1.weight"),
                  shapes=((_ZIMAGE_CAP, 0, 3840), (_ZIMAGE_CAP, 1, 2560)),
@@ -690,8 +705,9 @@ Z_IMAGE = Architecture(
     components=(Component("transformer", DENOISER, UNET_PREFIX),),
     spec=None, blocks=_own_blocks(_family_blocks.Z_IMAGE), prune=_DIT_PRUNE,
     diffusers=None, gguf=None,
-    lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="z_image", adapters=False,
-                   block_weights=False, modules=_z_image.lora_modules,
+    lora=LoraNames(("kohya", "peft", "comfyui"), kohya_unet="z_image", adapters=True,
+                   block_weights=False, base_model_version="z_image",
+                   modelspec_arch="Z-Image", modules=_z_image.lora_modules,
                    module_prefixes=_z_image.LORA_MODULE_PREFIXES),
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
     quant_keep=("x_embedder.", "all_x_embedder.", "final_layer.", "all_final_layer.",

@@ -167,7 +167,8 @@ def _own_table(arch: str) -> dict[str, ModuleTarget]:
     for name, m in table_of(arch).items():
         out[name] = ModuleTarget(name=name, component="unet", path=m.path, group="transformer",
                                  key=f"{UNET_PREFIX}{m.path}.weight", shape=(),
-                                 rows=m.rows, bias_key=f"{UNET_PREFIX}{m.path}.bias", of=m.of)
+                                 rows=m.rows, bias_key=f"{UNET_PREFIX}{m.path}.bias", of=m.of,
+                                 swap=m.swap)
     return out
 
 

@@ -18,7 +18,7 @@ keys, alpha kept.
 * (IA)3 modules are refused for ``comfy``: ComfyUI has no (IA)3 adapter.
 
 The effective ΔW of every module is unchanged by any conversion. A family
-with its own LoRA module table (Flux.1) is converted weight by weight
+with its own LoRA module table (the transformer families) is converted weight by weight
 (:func:`modelkit.lora.table.convert_path`): kohya/ComfyUI fused q/k/v split
 into PEFT's to_q/to_k/to_v (rank kept) or fused back (ranks summed).
 """
@@ -53,15 +53,30 @@ READERS = {
     "peft": "diffusers/PEFT; ComfyUI skips its UNet attention keys (it expects the old "
             "processor.to_q spelling): use --to comfy for ComfyUI",
 }
-# the same for a family with its own module table (Flux.1): ComfyUI reads the
-# three namings (comfy/lora.py ``model_lora_keys_unet`` maps kohya, diffusers
-# and diffusion_model. Flux names); diffusers converts kohya Flux names
-# (lora_conversion_utils.py ``_convert_kohya_flux_lora_to_diffusers``)
-TABLE_READERS = {
-    "kohya": "ComfyUI, Forge, kohya sd-scripts/musubi-tuner and diffusers",
-    "comfyui": "ComfyUI",
-    "peft": "diffusers/PEFT, ai-toolkit and ComfyUI",
-}
+# the same for a family with its own module table: ComfyUI reads kohya and
+# ``diffusion_model.`` names of every family (comfy/lora.py
+# ``model_lora_keys_unet``) and diffusers ``transformer.`` names of SD3, Flux.1
+# (Chroma is a Flux subclass there) and Qwen-Image; diffusers converts the
+# original names of Flux.1, Flux.2, Wan, Qwen-Image and Z-Image
+# (loaders/lora_conversion_utils.py ``_convert_kohya_flux_lora_to_diffusers``,
+# ``_convert_non_diffusers_{flux2,wan,qwen,z_image}_lora_to_diffusers``)
+COMFY_READS_PEFT = frozenset({"sd3", "flux", "chroma", "qwen_image"})
+DIFFUSERS_READS_ORIGINAL = frozenset({"flux", "flux2", "wan", "qwen_image", "z_image"})
+
+
+def table_readers(arch: str, naming: str) -> str:
+    """Which tools read an adapter of ``arch`` written in ``naming``."""
+    if naming == "peft":
+        return "diffusers/PEFT" + (" and ComfyUI" if arch in COMFY_READS_PEFT else
+                                   " (ComfyUI: use --to comfy)")
+    readers = ["ComfyUI", "Forge"] if arch == "flux" and naming == "kohya" else ["ComfyUI"]
+    if naming == "kohya":
+        readers.append("kohya sd-scripts/musubi-tuner")
+    if arch in DIFFUSERS_READS_ORIGINAL:
+        readers.append("diffusers")
+    return ", ".join(readers)
+
+
 PEFT_SUFFIX = {DOWN: "lora_A.weight", UP: "lora_B.weight", DORA: "lora_magnitude_vector"}
 
 
@@ -205,7 +220,8 @@ def _convert_table(lora: Source, ad: Adapter, arch: str, naming: str, to: str
     label = f"lora_convert({Path(source_label(lora)).name})"
     out = DerivedSource(label, infos, meta, produce, lora.input_paths)
     report = {"from": ad.naming, "to": to, "arch": arch, "n_modules": len(ad.modules),
-              "n_tensors": len(infos), "read_by": TABLE_READERS[naming], "rank_changes": ranks}
+              "n_tensors": len(infos), "read_by": table_readers(arch, naming),
+              "rank_changes": ranks}
     return PlannedStep(out, _ConvertReport(report), "lora_convert", {"to": to},
                        dict.fromkeys(infos))
 

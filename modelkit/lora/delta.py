@@ -141,6 +141,12 @@ class ModuleDelta:
         self.scale = module_scale(ad, mod)
         self.has_dora = DORA in mod.keys
         self.needs_base = self.has_dora or mod.algo == "ia3"
+        # rows in diffusers' swapped-halves order (norm_out.linear): ΔW is put back
+        self.swap = bool(mod.target is not None and mod.target.swap)
+        if self.swap and self.needs_base:
+            raise ModelkitError(f"{ad.label}: module {mod.name} is DoRA or (IA)3 on a weight "
+                                "diffusers stores with its halves swapped; modelkit does not "
+                                "reorder those: leave this module out")
         self._full: torch.Tensor | None = None
         self._factors: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -169,7 +175,8 @@ class ModuleDelta:
                 down = torch.einsum("abhw,bi->aihw", mid, down.reshape(down.shape[0], -1))
             self.check_finite(up, UP)
             self.check_finite(down, DOWN if not self.has(MID) else MID)
-            self._factors = (up, down.reshape(up.shape[1], -1))
+            self._factors = (swap_halves(up) if self.swap else up,
+                             down.reshape(up.shape[1], -1))
         return self._factors
 
     # --- dense ΔW -----------------------------------------------------------------
@@ -224,7 +231,10 @@ class ModuleDelta:
     def full(self) -> torch.Tensor:
         """The whole ΔW ``[out, cols]`` (cached)."""
         if self._full is None:
-            self._full = self.check_finite(self._dense(), "ΔW")
+            dense = self._dense()
+            if self.swap and self.mod.algo != "lora":  # LoRA's up rows are swapped already
+                dense = swap_halves(dense)
+            self._full = self.check_finite(dense, "ΔW")
         return self._full
 
     def check_finite(self, t: torch.Tensor, what: str) -> torch.Tensor:
@@ -256,7 +266,8 @@ class ModuleDelta:
         """Δb (``diff_b`` or ``b_norm``), or None."""
         for suffix in ("diff_b", "b_norm"):
             if self.has(suffix):
-                return self._t(suffix).reshape(-1)
+                b = self._t(suffix).reshape(-1)
+                return swap_halves(b) if self.swap else b
         return None
 
     # --- modules that read the base weight ------------------------------------------
@@ -313,6 +324,16 @@ class ModuleDelta:
                             f"neither axis of the patched weight {list(shape)}")
 
 
+def swap_halves(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with its first and second halves of rows exchanged (its own
+    inverse): diffusers' scale, shift order of an adaLN output <-> the
+    original shift, scale (diffusers single_file_utils ``swap_scale_shift``)."""
+    import torch
+
+    half = t.shape[0] // 2
+    return torch.cat([t[half:], t[:half]])
+
+
 def target_view(shape: tuple[int, ...], rows: tuple[int, int] | None,
                 of: int | None = None) -> tuple[int, int, int]:
     """``(row0, out, cols)`` of the part of a weight of ``shape`` a module
@@ -351,4 +372,5 @@ def check_fit(delta: ModuleDelta, base: str, shape: tuple[int, ...], out: int, c
                             f"{out}x{cols}; the adapter does not fit this checkpoint")
 
 
-__all__ = ["ModuleDelta", "check_fit", "delta_shape", "module_scale", "rank_of", "target_view"]
+__all__ = ["ModuleDelta", "check_fit", "delta_shape", "module_scale", "rank_of", "swap_halves",
+           "target_view"]

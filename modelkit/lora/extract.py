@@ -1,5 +1,5 @@
 """``extract``: a kohya-format LoRA approximating TUNED − BASE, layer by layer
-(for a family with its own LoRA module table, Flux.1, every Linear of the
+(for a family with its own LoRA module table, the transformer families, every Linear of the
 transformer, in kohya, PEFT or ComfyUI names: :mod:`modelkit.lora.table`).
 
 Layers are kohya's (Transformer2D Linear/1x1 modules and the text encoders'
@@ -41,6 +41,7 @@ from modelkit.inspect.describe import require_checkpoint, require_original_layou
 from modelkit.io.source import Source, input_paths_of, source_label
 from modelkit.jsontypes import JSONDict
 from modelkit.lora.adapter import LORA_ARCHS
+from modelkit.lora.delta import swap_halves
 from modelkit.lora.factorize import METHODS, factorize
 from modelkit.lora.output import (
     LORA_THREADS,
@@ -57,6 +58,7 @@ from modelkit.lora.table import (
     has_table,
     layouts,
     slot_view,
+    swapped_in_diffusers,
     weight_key,
 )
 from modelkit.numeric import CHUNK_ELEMENTS
@@ -169,7 +171,7 @@ def layer_difference(base: Source, tuned: Source, t: ModuleTarget, device: str
 def _check_pair(base: Source, tuned: Source) -> str:
     from modelkit.inspect.describe import describe
 
-    # a family with its own LoRA table (Flux.1) also comes as a bare transformer file
+    # a family with its own LoRA table (the transformers) also comes as a bare transformer file
     kinds = ("checkpoint", "unet") if has_table(describe(base).arch) else ("checkpoint",)
     rb = require_checkpoint(base, "lora extract", kinds)
     rt = require_checkpoint(tuned, "lora extract", kinds)
@@ -204,7 +206,7 @@ def extract(base: Source, tuned: Source, rank: int, conv_rank: int | None = None
         dtype: storage type of the factors (F16, BF16, F32).
         skip_below: a layer with ``||ΔW|| <= skip_below * ||W_base||`` is skipped.
         naming: output names, ``kohya``; a family with its own module table
-            (Flux.1) also ``peft`` (split q/k/v, each slice its own SVD) or
+            (the transformer families) also ``peft`` (split q/k/v, each slice its own SVD) or
             ``comfyui``.
     """
     from modelkit.io.dtypes import to_torch
@@ -293,7 +295,8 @@ def _table_work(base: Source, tuned: Source, arch: str, naming: str, report: Ext
         bk, tk = checkpoint_key(key, base.infos), checkpoint_key(key, tuned.infos)
         if bk is None or tk is None or len(base.infos[bk].shape) != 2:
             continue
-        if path not in slots:
+        shape = base.infos[bk].shape
+        if path not in slots or (naming == "peft" and swapped_in_diffusers(path, *shape)):
             report.left_out.append(path)
             continue
 
@@ -321,7 +324,7 @@ def _extract_slots(b: torch.Tensor, tw: torch.Tensor, slots: tuple[Slot, ...],
         row_sq[i:i + step] = torch.sum(part * part, dim=1, dtype=torch.float64).cpu()
     for slot in slots:
         row0, n = slot_view(rows, cols, slot.rows, slot.of)
-        part = diff[row0:row0 + n]
+        part = swap_halves(diff[row0:row0 + n]) if slot.swap else diff[row0:row0 + n]
         ref_sq = float(torch.sum(part * part, dtype=torch.float64))
         report.ref_sq += ref_sq
         key = weight_key(slot.path)

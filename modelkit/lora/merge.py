@@ -9,7 +9,7 @@ Any input format works (LoRA, LoCon, LoHa, LoKr, full); (IA)3 and DoRA
 modules depend on the base weight and are refused. The output is a kohya
 LoRA (alpha = rank); norm-layer patches are kept as ``w_norm``/``b_norm``,
 bias patches as ``diff_b``. For a family with its own LoRA module table
-(Flux.1) the modules are summed per weight at their rows, so fused and split
+(the transformer families) the modules are summed per weight at their rows, so fused and split
 q/k/v adapters merge into one, written in kohya, PEFT or ComfyUI names
 (:mod:`modelkit.lora.table`).
 """
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modelkit.arch import registry
 from modelkit.arch.blocks import block_of
 from modelkit.arch.configs import ARCHS, TINY
 from modelkit.arch.lora_blocks import parse_lora_blocks
@@ -30,7 +31,7 @@ from modelkit.core.step import PlannedStep
 from modelkit.errors import CancelFlag, ModelkitError, check_cancel
 from modelkit.io.source import Source, input_paths_of, source_label
 from modelkit.lora.adapter import LORA_ARCHS, Adapter, open_adapter
-from modelkit.lora.delta import ModuleDelta
+from modelkit.lora.delta import ModuleDelta, swap_halves
 from modelkit.lora.extract import OUTPUT_NAMINGS, ExtractReport, LayerResult
 from modelkit.lora.factorize import METHODS, factorize
 from modelkit.lora.output import (
@@ -100,12 +101,57 @@ def _open_all(items: Sequence[tuple[Source, float, object | None]], arch: str | 
               ) -> tuple[str, list[Adapter]]:
     opened = [open_adapter(src, arch) for src, _, _ in items]
     archs = {arch} if arch else {a.arch for a in opened} - {"unknown"}
+    if len(archs) > 1:
+        archs = _shared_family(opened, archs)
+    if not arch and len(archs) == 1:
+        archs = {_named_family(opened, next(iter(archs)))}
     if len(archs) != 1 or next(iter(archs)) not in LORA_ARCHS:
         names = ", ".join(f"{a.label} ({a.arch})" for a in opened)
         raise ModelkitError(f"adapters for one known architecture are needed, got {names}; "
                             "pass the architecture explicitly when it is unknown")
     use = next(iter(archs))
     return use, [a if a.arch == use else open_adapter(a.source, use) for a in opened]
+
+
+def _shared_family(opened: list[Adapter], archs: set[str]) -> set[str]:
+    """Of the families the adapters were detected as, the ones all of them
+    match module for module, when the others share their names (a Flux.1-
+    named LoRA with a Chroma one, SD3 PEFT names read as Flux.1's beside an
+    SD3 kohya LoRA); ``archs`` unchanged when none or several fit."""
+    if not all(has_table(a) for a in archs):
+        return archs
+    fits = {a for a in archs
+            if not any(open_adapter(ad.source, a).unmatched for ad in opened)}
+    return fits if len(fits) == 1 else archs
+
+
+def _named_family(opened: list[Adapter], use: str) -> str:
+    """The family the adapters' own metadata names (kohya's
+    ``ss_base_model_version``, ``modelspec.architecture``) when it shares
+    its module names with ``use`` and every module matches it (a Chroma LoRA
+    with Flux.1 names), else ``use``: what the output's metadata says."""
+    from modelkit.arch.lora_modules import shares_names
+
+    named = {_family_of_metadata(ad.source.metadata) for ad in opened} - {None}
+    if len(named) != 1:
+        return use
+    fam = next(iter(named))
+    assert fam is not None
+    if fam == use or not shares_names(fam, use) or any(
+            open_adapter(ad.source, fam).unmatched for ad in opened):
+        return use
+    return fam
+
+
+def _family_of_metadata(meta: dict[str, str]) -> str | None:
+    version = meta.get("ss_base_model_version")
+    spec = meta.get("modelspec.architecture", "").removesuffix("/lora")
+    for name in LORA_ARCHS:
+        lora = registry.REGISTRY[name].lora
+        if lora and ((version and version == lora.base_model_version)
+                     or (spec and spec == lora.modelspec_arch)):
+            return name
+    return None
 
 
 def _check_matched(ad: Adapter, arch: str) -> None:
@@ -240,7 +286,8 @@ def _table_work(arch: str, naming: str, opened: list[Adapter],
     groups = group_modules(arch, uses)
     work: list[tuple[str, Step]] = []
     for path, group in groups.items():
-        slots = out_slots(arch, naming, path, "+".join(ad.label for ad in opened))
+        slots = out_slots(arch, naming, path, "+".join(ad.label for ad in opened),
+                          (group.rows, group.cols))
 
         def step(conv: set[str], group: PathGroup = group, slots: tuple = slots) -> None:
             acc, bias = dense(group)
@@ -248,7 +295,9 @@ def _table_work(arch: str, naming: str, opened: list[Adapter],
                                                 for d, _, _ in group.parts])
             for slot in slots:
                 row0, n = slot_view(group.rows, group.cols, slot.rows, slot.of)
-                _factor_into(slot.name, weight_key(group.path), acc[row0:row0 + n],
+                part = acc[row0:row0 + n]
+                _factor_into(slot.name, weight_key(group.path),
+                             swap_halves(part) if slot.swap else part,
                              report.rank or min(n, group.cols), report, builder)
                 if bias is not None:
                     if naming == "peft":
@@ -275,7 +324,7 @@ def merge(items: Sequence[tuple[Source, float, object | None]], rank: int | None
         energy: per module, the smallest rank holding this share of ||ΔW||^2.
         arch: the architecture, when the adapters do not tell it.
         naming: output names: ``kohya``; for a family with its own module
-            table (Flux.1) also ``peft`` or ``comfyui``.
+            table (the transformer families) also ``peft`` or ``comfyui``.
     """
     if rank is None and energy is None:
         raise ModelkitError("give a rank, an energy or both")

@@ -26,14 +26,28 @@ if TYPE_CHECKING:
 
 _LORA_NAMES = {a.name: a.lora for a in REGISTRY.values() if a.lora and a.lora.adapters}
 BASE_MODEL_VERSION = {n: lora.base_model_version for n, lora in _LORA_NAMES.items()}
-MODELSPEC_ARCH = {n: f"{lora.modelspec_arch}/lora" for n, lora in _LORA_NAMES.items()}
+MODELSPEC_ARCH = {n: f"{lora.modelspec_arch}/lora" if lora.modelspec_arch else None
+                  for n, lora in _LORA_NAMES.items()}
 MODELSPEC_VERSION = "1.0.1"
-# what kohya sd-scripts writes per kohya UNet naming (``networks/lora_flux.py``
-# saves ``ss_network_module=networks.lora_flux``; ``library/sai_model_spec.py``
-# IMPL_FLUX); the rest write networks.lora and their own implementation
-NETWORK_MODULE = {"flux": "networks.lora_flux"}
+# ``ss_network_module`` the trainers write per kohya UNet naming: kohya
+# sd-scripts ``networks.lora_flux`` (Flux.1 and Chroma: flux_train_network.py),
+# ``networks.lora_sd3``; musubi-tuner ``networks.lora_wan``,
+# ``networks.lora_qwen_image``, ``networks.lora_flux_2``, ``networks.lora_zimage``
+# (their ``--network_module``); the SD families write networks.lora
+NETWORK_MODULE = {"flux": "networks.lora_flux", "chroma": "networks.lora_flux",
+                  "sd3": "networks.lora_sd3", "wan": "networks.lora_wan",
+                  "qwen_image": "networks.lora_qwen_image", "flux2": "networks.lora_flux_2",
+                  "z_image": "networks.lora_zimage"}
+# ``modelspec.implementation`` per kohya UNet naming: kohya sd-scripts
+# ``library/sai_model_spec.py`` (IMPL_FLUX, IMPL_CHROMA, IMPL_STABILITY_AI) and
+# musubi-tuner ``utils/sai_model_spec.py`` (IMPL_WAN, IMPL_QWEN_IMAGE,
+# IMPL_Z_IMAGE); the rest "diffusers"
 IMPLEMENTATION = {"flux": "https://github.com/black-forest-labs/flux",
-                  "ldm": "https://github.com/Stability-AI/generative-models"}
+                  "chroma": "https://huggingface.co/lodestones/Chroma",
+                  "ldm": "https://github.com/Stability-AI/generative-models",
+                  "wan": "https://github.com/Wan-Video/Wan2.1",
+                  "qwen_image": "https://github.com/QwenLM/Qwen-Image",
+                  "z_image": "https://github.com/Tongyi-MAI/Z-Image"}
 # LoRA factor suffixes per output naming (PEFT files carry no alpha: scale 1)
 FACTOR_SUFFIXES = {"kohya": ("lora_down.weight", "lora_up.weight"),
                    "comfyui": ("lora_down.weight", "lora_up.weight"),
@@ -112,7 +126,9 @@ class LoraBuilder:
         self.source.infos.clear()
         self.source.infos.update(infos)
         digest = data_hash(infos, self.tensors)
-        meta = {**metadata, "sshs_model_hash": digest, "modelspec.hash_sha256": "0x" + digest}
+        meta = {**metadata, "sshs_model_hash": digest}
+        if "modelspec.architecture" in metadata:
+            meta["modelspec.hash_sha256"] = "0x" + digest
         self.source.metadata.clear()
         self.source.metadata.update(meta)
 
@@ -142,7 +158,8 @@ def _dim_text(values: Iterable[float]) -> str:
 def lora_metadata(arch: str, ranks: dict[str, int], conv_names: set[str], title: str,
                   extra: dict[str, str] | None = None) -> dict[str, str]:
     """kohya ``ss_*`` (the minimum keys every tool writes) and ModelSpec
-    metadata for a LoRA whose alpha equals each module's rank."""
+    metadata (for a family a trainer names one) for a LoRA whose alpha
+    equals each module's rank; a value no trainer defines is left out."""
     linear = [r for n, r in ranks.items() if n not in conv_names] or [0]
     conv = [r for n, r in ranks.items() if n in conv_names]
     args: dict[str, str] = {}
@@ -156,12 +173,15 @@ def lora_metadata(arch: str, ranks: dict[str, int], conv_names: set[str], title:
         "ss_network_args": json.dumps(args),
         "ss_base_model_version": BASE_MODEL_VERSION[arch],
         "ss_v2": str(_LORA_NAMES[arch].kohya_v2),
-        "modelspec.sai_model_spec": MODELSPEC_VERSION,
-        "modelspec.architecture": MODELSPEC_ARCH[arch],
-        "modelspec.implementation": IMPLEMENTATION.get(style, "diffusers"),
-        "modelspec.title": title,
-        "modelspec.date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    if MODELSPEC_ARCH[arch]:  # no trainer names SD3 or Flux.2 LoRAs' ModelSpec architecture
+        meta.update({
+            "modelspec.sai_model_spec": MODELSPEC_VERSION,
+            "modelspec.architecture": MODELSPEC_ARCH[arch],
+            "modelspec.implementation": IMPLEMENTATION.get(style, "diffusers"),
+            "modelspec.title": title,
+            "modelspec.date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+        })
     meta.update(extra or {})
     return {k: v for k, v in meta.items() if v is not None}
 

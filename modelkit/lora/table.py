@@ -1,5 +1,6 @@
 """LoRA extract, merge/resize and convert for a family that declares its own
-LoRA module table in the registry (``LoraNames.modules``: Flux.1 today).
+LoRA module table in the registry (``LoraNames.modules``: Flux.1, SD3, Chroma,
+Flux.2, Qwen-Image, Wan and Z-Image).
 
 A table maps every adapter module name (kohya/musubi, ComfyUI and
 diffusers/PEFT spellings) to where it lands: a transformer weight ``path``
@@ -41,7 +42,14 @@ from modelkit.arch import registry
 from modelkit.arch.configs import UNET_PREFIX
 from modelkit.errors import ModelkitError
 from modelkit.lora.adapter import DOWN, MID, UP, Adapter, AdapterModule
-from modelkit.lora.delta import DORA, ModuleDelta, delta_shape, module_scale, target_view
+from modelkit.lora.delta import (
+    DORA,
+    ModuleDelta,
+    delta_shape,
+    module_scale,
+    swap_halves,
+    target_view,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -56,12 +64,15 @@ PEFT_DOWN, PEFT_UP = "lora_A.weight", "lora_B.weight"
 @dataclass(frozen=True)
 class Slot:
     """One output module: its name and the part of weight ``path`` it
-    patches (``rows`` of ``of`` at the table's size; None: all of it)."""
+    patches (``rows`` of ``of`` at the table's size; None: all of it);
+    ``swap``: its rows are the weight's with the halves swapped (diffusers'
+    ``norm_out.linear``)."""
 
     name: str
     path: str
     rows: tuple[int, int] | None = None
     of: int | None = None
+    swap: bool = False
 
 
 def has_table(arch: str) -> bool:
@@ -81,7 +92,7 @@ def layouts(arch: str, naming: str) -> dict[str, tuple[Slot, ...]]:
     found: dict[str, list[Slot]] = {}
     for name, m in entry.lora.modules().items():
         if name.startswith(prefix):
-            found.setdefault(m.path, []).append(Slot(name, m.path, m.rows, m.of))
+            found.setdefault(m.path, []).append(Slot(name, m.path, m.rows, m.of, m.swap))
     out = {}
     for path, slots in found.items():
         whole = [s for s in slots if s.rows is None]
@@ -174,6 +185,7 @@ def group_modules(arch: str, adapters: Iterable[tuple[Adapter, float, dict[str, 
                                     f"{rows}x{delta.cols} weight, but another module sees "
                                     f"it as {group.rows}x{group.cols}; the adapters are "
                                     "for models of different sizes")
+            check_swapped_input(mod, path, rows, delta.cols, ad.label)
             assert mod.target is not None
             row0, _ = slot_view(rows, delta.cols, mod.target.rows, mod.target.of)
             group.parts.append((delta, k, row0))
@@ -198,9 +210,44 @@ def dense(group: PathGroup) -> tuple[torch.Tensor, torch.Tensor | None]:
     return acc, bias
 
 
-def out_slots(arch: str, naming: str, path: str, what: str) -> tuple[Slot, ...]:
-    """The slots ``naming`` writes ``path`` as, or a one-line error."""
+# SD3's last joint block has a context stream without attention output
+# (``context_pre_only``): its adaLN holds only shift and scale ([2h, h], 6h
+# rows elsewhere), and diffusers stores that weight as ``norm1_context.linear``
+# with the halves swapped (diffusers loaders/single_file_utils.py
+# ``convert_sd3_transformer_checkpoint_to_diffusers``, ``swap_scale_shift``).
+# Which block is last depends on the model's depth (24 in SD3/3.5 Medium, 38
+# in 3.5 Large), so the table cannot leave that name out; the weight's rows do
+# tell it.
+_PRE_ONLY_ADALN = "context_block.adaLN_modulation.1"
+_SWAPPED_NAME = "norm1_context"
+
+
+def swapped_in_diffusers(path: str, rows: int, cols: int) -> bool:
+    """Whether diffusers stores weight ``path`` (``rows`` x ``cols``) with its
+    shift/scale halves swapped, so that no diffusers-named LoRA module can
+    stand for it by a renaming (see ``_PRE_ONLY_ADALN``)."""
+    return path.endswith(_PRE_ONLY_ADALN) and rows == 2 * cols
+
+
+def check_swapped_input(mod: AdapterModule, path: str, rows: int, cols: int, label: str
+                        ) -> None:
+    """Refuse a diffusers-named module on a weight diffusers stores with its
+    halves swapped: its ΔW is in the swapped row order."""
+    swapped = mod.target is not None and mod.target.swap
+    if _SWAPPED_NAME in mod.name and not swapped and swapped_in_diffusers(path, rows, cols):
+        raise ModelkitError(f"{label}: module {mod.name} patches {path}, which diffusers "
+                            "stores with its shift and scale halves swapped; modelkit does "
+                            "not reorder it: leave this module out")
+
+
+def out_slots(arch: str, naming: str, path: str, what: str,
+              size: tuple[int, int] | None = None) -> tuple[Slot, ...]:
+    """The slots ``naming`` writes ``path`` (of ``size`` rows x cols when
+    known) as, or a one-line error."""
     slots = layouts(arch, naming).get(path)
+    if (naming == "peft" and size is not None and slots and not slots[0].swap
+            and swapped_in_diffusers(path, *size)):
+        slots = None
     if not slots:
         raise ModelkitError(f"{what}: {naming} names have no module for {path} (a weight "
                             f"this adapter patches); write kohya or comfyui names instead")
@@ -229,7 +276,7 @@ def _suffixes(naming: str) -> tuple[str, str]:
 def _same_part(mod: AdapterModule, slot: Slot) -> bool:
     t = mod.target
     assert t is not None
-    return t.rows == slot.rows and (t.rows is None or t.of == slot.of)
+    return t.rows == slot.rows and (t.rows is None or t.of == slot.of) and t.swap == slot.swap
 
 
 def _copy(ad: Adapter, key: str, how: Any = None) -> PlannedTensor:
@@ -319,10 +366,14 @@ def restack(ad: Adapter, mods: list[AdapterModule], slot: Slot, rows: int, namin
         c = 0
         for mod, m0, r in spans:
             u = ad.get(mod.keys[UP]).float().reshape(-1, r) * module_scale(ad, mod)
+            if mod.target is not None and mod.target.swap:  # to the weight's row order
+                u = swap_halves(u)
             lo, hi = max(s0, m0), min(s0 + n, m0 + u.shape[0])
             if hi > lo:
                 up[lo - s0:hi - s0, c:c + r] = u[lo - m0:hi - m0]
             c += r
+        if slot.swap:
+            up = swap_halves(up)
         return up.to(ad.get(mods[0].keys[UP]).dtype)
 
     def make_down() -> torch.Tensor:
@@ -344,7 +395,11 @@ def convert_path(ad: Adapter, arch: str, naming: str, path: str, mods: list[Adap
                  plan: dict[str, PlannedTensor], ranks: dict[str, str]) -> None:
     """Plan the output modules of one weight path (see the module doc);
     ``ranks`` records each slot whose rank changed (``"4+4+4 -> 12"``)."""
-    slots = out_slots(arch, naming, path, ad.label)
+    rows, cols = delta_shape(ad, mods[0])
+    rows = fused_rows(mods[0], rows, ad.label)
+    for mod in mods:
+        check_swapped_input(mod, path, rows, cols, ad.label)
+    slots = out_slots(arch, naming, path, ad.label, (rows, cols))
     matched = {}
     for mod in mods:
         hit = [s for s in slots if _same_part(mod, s)]
@@ -356,7 +411,6 @@ def convert_path(ad: Adapter, arch: str, naming: str, path: str, mods: list[Adap
             if slot.name in matched:
                 rename(ad, matched[slot.name], slot.name, naming, plan)
         return
-    rows = fused_rows(mods[0], delta_shape(ad, mods[0])[0], ad.label)
     for slot in slots:
         s0, n = slot_view(rows, 1, slot.rows, slot.of)
         over = []
@@ -373,6 +427,8 @@ def convert_path(ad: Adapter, arch: str, naming: str, path: str, mods: list[Adap
             ranks[slot.name] = f"{'+'.join(before)} -> {rank}"
 
 
-__all__ = ["NAMING_PREFIXES", "PathGroup", "PlannedTensor", "Slot", "checkpoint_key",
+__all__ = ["NAMING_PREFIXES", "PathGroup", "PlannedTensor", "Slot", "check_swapped_input",
+           "checkpoint_key",
            "convert_path", "dense", "fused_rows", "group_modules", "has_table", "layouts",
-           "out_slots", "path_of", "rename", "restack", "slot_view", "weight_key"]
+           "out_slots", "path_of", "rename", "restack", "slot_view", "swapped_in_diffusers",
+           "weight_key"]

@@ -24,6 +24,11 @@ NAMINGS = ("kohya", "peft", "comfy", "comfyui")
 # families whose LoRA commands write every naming (those with their own module table)
 _TABLE_ARCHS = registry.names(where=lambda a: a.lora is not None and a.lora.modules is not None
                               and a.lora.adapters)
+# the family of an adapter whose module names do not tell it: PEFT names of
+# SD3, Flux.1 and Chroma are the same (transformer.transformer_blocks.N.attn.to_q)
+ARCH_CHOICES = registry.lora_archs()
+ARCH_HELP = ("The adapters' family, when their names do not tell it (SD3 and Flux.1 "
+             "PEFT names are the same; default: detected).")
 FORMAT_HELP = (f"Key naming of the output: kohya; for {registry.listed(_TABLE_ARCHS)} also "
                "peft (diffusers/ai-toolkit, split q/k/v) or comfy/comfyui.")
 
@@ -96,23 +101,26 @@ def lora_extract(base: Checkpoint, tuned: Checkpoint, *, rank: int,
 
 
 @transform("lora_resize", summary="re-factorise an adapter at a new rank (exact SVD)",
-           keys=(NEW, DROPPED), choices={"dtype": MERGE_OUTPUT_DTYPES, "format": NAMINGS},
+           keys=(NEW, DROPPED), choices={"dtype": MERGE_OUTPUT_DTYPES, "format": NAMINGS,
+                                         "arch": ARCH_CHOICES},
            help={"rank": "New rank (cap with --energy).",
                  "energy": "Per module, the smallest rank keeping this share of ||ΔW||².",
                  "conv_rank": "New rank of 3x3 convs.",
                  "dtype": "Storage type of the factors (keep: the input's).",
-                 "format": FORMAT_HELP})
+                 "format": FORMAT_HELP, "arch": ARCH_HELP})
 def lora_resize(lora: Adapter, *, rank: int | None = None, energy: float | None = None,
-                conv_rank: int | None = None, dtype: str = KEEP, format: str = "kohya"
-                ) -> PlannedStep:
+                conv_rank: int | None = None, dtype: str = KEEP, format: str = "kohya",
+                arch: str | None = None) -> PlannedStep:
     """The adapter's dense delta-W re-factorised at ``rank`` and/or ``energy``."""
     from modelkit.lora.merge import resize
 
-    return resize(lora, rank, energy, conv_rank, dtype=_dtype_or_none(dtype), naming=format)
+    return resize(lora, rank, energy, conv_rank, dtype=_dtype_or_none(dtype), naming=format,
+                  arch=arch)
 
 
 @transform("lora_merge", summary="the weighted sum of adapters' delta-W, re-factorised",
-           keys=(NEW, DROPPED), choices={"dtype": FLOAT_STORAGE, "format": NAMINGS},
+           keys=(NEW, DROPPED), choices={"dtype": FLOAT_STORAGE, "format": NAMINGS,
+                                         "arch": ARCH_CHOICES},
            min_models=1,
            help={"weights": "Weight of each adapter's delta-W.",
                  "rank": "Rank of the merged LoRA.",
@@ -120,27 +128,29 @@ def lora_resize(lora: Adapter, *, rank: int | None = None, energy: float | None 
                  "energy": "Per module, the smallest rank keeping this share of ||ΔW||².",
                  "blocks": "Block weights applied to every input (see 'lora bake --help').",
                  "dtype": "Storage type of the factors.",
-                 "format": FORMAT_HELP})
+                 "format": FORMAT_HELP, "arch": ARCH_HELP})
 def lora_merge(*loras: Adapter, weights: PerModel = (1.0,), rank: int | None = None,
                conv_rank: int | None = None, energy: float | None = None,
-               blocks: Any = None, dtype: str = "fp16", format: str = "kohya") -> PlannedStep:
+               blocks: Any = None, dtype: str = "fp16", format: str = "kohya",
+               arch: str | None = None) -> PlannedStep:
     """Exact: the dense delta-W are summed with their weights (and block
     weights), then factorised again, never up/down averaged."""
     from modelkit.lora.merge import merge
 
     specs = _per_adapter(blocks, len(loras), "blocks")
     items = list(zip(loras, weights, specs, strict=True))
-    return merge(items, rank, conv_rank, energy, dtype=dtype, naming=format)
+    return merge(items, rank, conv_rank, energy, dtype=dtype, naming=format, arch=arch)
 
 
 @transform("lora_convert", summary="an adapter under another tool's keys (kohya, PEFT, "
                                    "ComfyUI), exact",
-           keys=(SAME, RENAMED, NEW, DROPPED), choices={"to": NAMINGS},
-           help={"to": "Key naming of the output."})
-def lora_convert(lora: Adapter, *, to: str) -> PlannedStep:
+           keys=(SAME, RENAMED, NEW, DROPPED), choices={"to": NAMINGS, "arch": ARCH_CHOICES},
+           help={"to": "Key naming of the output.", "arch": ARCH_HELP})
+def lora_convert(lora: Adapter, *, to: str, arch: str | None = None) -> PlannedStep:
     """The same delta-W under another tool's key names (alpha kept, folded
-    into ``lora_B`` for PEFT; a Flux.1 fused q/k/v module split into PEFT's
-    to_q/to_k/to_v or those fused, rank r_q+r_k+r_v)."""
+    into ``lora_B`` for PEFT; a fused q/k/v module (Flux.1, SD3, Chroma, Flux.2,
+    Z-Image) split into PEFT's to_q/to_k/to_v or those fused, rank
+    r_q+r_k+r_v)."""
     from modelkit.lora.convert import convert
 
-    return convert(lora, to)
+    return convert(lora, to, arch=arch)
