@@ -3,8 +3,9 @@ reduced depth in /dev/shm (deleted afterwards unless ``--keep``).
 
 Inputs: two bf16 Flux.1-dev transformers (original/BFL layout, bare keys) at
 the real width (hidden 3072, CLIP-L 768 and T5-XXL 4096 inputs) with
-``--double`` double and ``--single`` single blocks (default 1 and 2: 1.3 GB
-each; full depth is 19 and 38, 23.8 GB); a kohya LoRA and a diffusers/PEFT
+``--double`` double and ``--single`` single blocks (default 2 and 4: 2.6 GB
+each; full depth is 19 and 38, 23.8 GB; /dev/shm holds A, B and one output
+or copy at a time, 7.9 GB); a kohya LoRA and a diffusers/PEFT
 LoRA of rank 32 on every Linear (fp32 factors, alpha 16).
 
 (a) ``modelkit merge A B --blocks double=1,single=0.5,default=0.25`` (bf16
@@ -21,6 +22,12 @@ LoRA of rank 32 on every Linear (fp32 factors, alpha 16).
     of every command; ``CPU s`` is the least user + system CPU time of a run
     (the whole process, all its threads: the figure other work on the machine
     disturbs least), beside ``cp``'s.
+
+The default depth was 1 and 2 (1.37 GB): there the ~0.9 s torch import, a
+fixed cost of every command, was 40 % of a bake and 1.5x ``cp`` on its own;
+on a real 23.8 GB file it is 4 %. At 2 and 4 it weighs half as much, the
+depth issue 19's figures were taken at; ``w/o import`` gives the ratio a
+full-size file tends to.
 
 Run: ``.venv/bin/python bench/bench_flux.py [--double N] [--single N] [--rounds N]
 [--busy] [--keep] [--dir DIR]``.
@@ -151,8 +158,8 @@ def run_cases(cases: list[Case], p: dict[str, Path], out: Path, rounds: int, tor
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--double", type=int, default=1)
-    ap.add_argument("--single", type=int, default=2)
+    ap.add_argument("--double", type=int, default=2)
+    ap.add_argument("--single", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3, help="runs of each command (best shown)")
     ap.add_argument("--busy", action="store_true",
                     help="also run everything beside a busy process")

@@ -12,29 +12,36 @@ and a fresh whole-tensor output per weight faulted every page in (most of a
 bake's time on a Flux file: 126 MiB per ``linear1``), and the whole output
 tensor was the bake's peak memory.
 
-A worker thread (:data:`WORKERS`) computes the next chunk while the calling
-thread writes the current one (two buffer sets); it runs torch with the one
-intra-op thread the bake sets, so nothing spins beside a busy process.
-Weights patched by modules that read the base weight (DoRA, (IA)3), bias
-patches and 1-D weights take the general route (``get``).
+The calling thread and a worker thread (:data:`WORKERS`) are two lanes that
+each take the next chunk and read, bake and write it with their own buffers
+(``pwrite`` at its offset: no order needed), one torch intra-op thread each,
+so nothing spins beside a busy process. The lanes split the reading and
+writing as well as the math: with the calling thread only writing and the
+worker reading and baking, the writer waited on the worker for most of the
+bake (1.3 s of 3.5 s) and beside a busy process the bake got about one core
+of two; with both lanes busy it gets about 1.3 (bench/README.md, Flux). The
+chunk size is the general route's: MKL's sums depend on the number of rows
+in the product (half-size chunks changed bytes of a Flux bake). Weights
+patched by modules that read the base weight (DoRA, (IA)3), bias patches and
+1-D weights take the general route (``get``).
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from modelkit.errors import CancelFlag, ModelkitError, check_cancel
+from modelkit.errors import CancelFlag, Cancelled, ModelkitError, check_cancel
 from modelkit.io.header import DTYPE_SIZES
 from modelkit.vocab import CHUNK_ELEMENTS
 
-# threads computing chunks beside the writing one, each with one torch thread
-# (no OpenMP pool waits on a busy core). One: the math overlaps the writes on
-# a quiet 2-core machine, and beside a busy process the bake stays within
-# about 1.5x of its quiet time (bench/README.md, the SD bake's bound); two
-# would take both cores when quiet and double that ratio
+# lanes beside the calling thread, each with one torch thread (no OpenMP pool
+# waits on a busy core). One: two lanes fill a quiet 2-core machine, and
+# beside a busy process the bake keeps about 2/3 of each core (the two lanes
+# against the one busy thread), within the SD bake's 1.5x of its quiet time
+# (bench/README.md); more lanes would only take more from the other process
 WORKERS = 1
 
 if TYPE_CHECKING:
@@ -75,15 +82,15 @@ class _Slot:
 def check_range(key: str, acc: torch.Tensor, base: torch.Tensor, todo: Sequence[_Patch],
                 out_dtype: torch.dtype) -> None:
     """Refuse a baked chunk holding NaN/Inf or values beyond the output
-    dtype's finite range (one min/max pass, cheap next to the matmul),
-    unless the base rows themselves already did."""
+    dtype's finite range (a max and a min pass, cheap next to the matmul;
+    NaN fails both), unless the base rows themselves already did."""
     import torch
 
     if not out_dtype.is_floating_point:
         return
     limit = torch.finfo(out_dtype).max
-    low, high = torch.aminmax(acc)
-    if bool(low >= -limit) and bool(high <= limit):
+    # amax and amin: together half the time of one aminmax on the CPU
+    if float(acc.amax()) <= limit and float(acc.amin()) >= -limit:
         return
     low, high = torch.aminmax(base.float())
     if not (bool(low >= -limit) and bool(high <= limit)):
@@ -131,9 +138,12 @@ def streamer(ckpt: Source, patches: dict[str, list[_Patch]], infos: dict[str, Te
 
 def _bake_rows(ckpt: ModelSource, key: str, dtype: str, todo: list[_Patch],
                slots: Sequence[_Slot], sink: TensorSink, cancel: CancelFlag | None) -> None:
-    """Bake one weight chunk by chunk into ``sink``: :data:`WORKERS` threads
-    compute the next chunks while this thread writes the current one, in
-    order (chunk i uses slot i mod ``len(slots)``, free again once written)."""
+    """Bake one weight chunk by chunk into ``sink``: this thread and
+    :data:`WORKERS` more each take the next chunk in order, read, bake and
+    write it at its offset with their own buffers (slot ``t`` for lane
+    ``t``), until none is left; the weight is marked complete once every
+    chunk is written. An error stops every lane at its next chunk, and the
+    error of the lowest chunk is raised (the one an in-order bake meets)."""
     from modelkit.io.dtypes import to_torch
     from modelkit.lora.output import LORA_THREADS
 
@@ -141,36 +151,62 @@ def _bake_rows(ckpt: ModelSource, key: str, dtype: str, todo: list[_Patch],
     shape = tuple(info.shape)
     n, cols = shape[0], math.prod(shape[1:])
     step = max(1, CHUNK_ELEMENTS // cols)
-    starts = list(range(0, n, step))
     job = _Job(ckpt, key, to_torch(info.dtype), int(DTYPE_SIZES[info.dtype]),
                to_torch(dtype), n, cols, step, todo)
     for p in todo:  # load each module's factors here, once, before a worker uses them
         if p.delta.factors() is None:
             p.delta.full()
-    out_size = job.out_dtype.itemsize
-    ahead = min(WORKERS, len(slots) - 1)
-    with ThreadPoolExecutor(ahead, thread_name_prefix="modelkit-bake") as pool:
-        pending = deque(pool.submit(job.run, starts[i], slots[i % len(slots)], LORA_THREADS)
-                        for i in range(min(ahead, len(starts))))
-        for i, a in enumerate(starts):
-            chunk = pending.popleft().result()
-            if i + ahead < len(starts):
-                check_cancel(cancel)
-                j = i + ahead
-                pending.append(pool.submit(job.run, starts[j], slots[j % len(slots)],
-                                           LORA_THREADS))
-            sink.write(a * cols * out_size, chunk.view(-1).view(_u8()).numpy().data,
-                       i + 1 == len(starts))
+    queue = _Chunks(-(-n // step))
+    lanes = min(WORKERS + 1, len(slots), queue.n)
+    if lanes == 1:
+        job.lane(slots[0], sink, queue, cancel, LORA_THREADS)
+    else:
+        with ThreadPoolExecutor(lanes - 1, thread_name_prefix="modelkit-bake") as pool:
+            for t in range(1, lanes):
+                pool.submit(job.lane, slots[t], sink, queue, cancel, LORA_THREADS)
+            try:
+                job.lane(slots[0], sink, queue, cancel, LORA_THREADS)
+            finally:
+                queue.stop()  # a signal in this thread: the workers stop at their next chunk
+    if queue.error is not None:
+        raise queue.error[1]
+    sink.write(n * cols * job.out_dtype.itemsize, memoryview(b""), True)
 
 
-def _u8() -> torch.dtype:
-    import torch
+class _Chunks:
+    """The chunk indexes of one weight, handed out in order to the lanes,
+    and the error of the lowest chunk that failed."""
 
-    return torch.uint8
+    def __init__(self, n: int) -> None:
+        self.n, self.next = n, 0
+        self.error: tuple[int, BaseException] | None = None
+        self.lock = threading.Lock()
+
+    def take(self) -> int | None:
+        """The next chunk to bake, or None when all are taken or one failed
+        (chunks below a failed one are still baked: one of them may fail
+        first in order)."""
+        with self.lock:
+            i = self.next
+            if i >= self.n or (self.error is not None and i > self.error[0]):
+                return None
+            self.next = i + 1
+            return i
+
+    def fail(self, i: int, exc: BaseException) -> None:
+        """Chunk ``i`` raised ``exc``."""
+        with self.lock:
+            if self.error is None or i < self.error[0]:
+                self.error = (i, exc)
+
+    def stop(self) -> None:
+        """Hand out no more chunks."""
+        with self.lock:
+            self.next = self.n
 
 
 class _Job:
-    """The chunks of one patched weight."""
+    """The chunks of one weight."""
 
     def __init__(self, ckpt: ModelSource, key: str, in_dtype: torch.dtype, in_size: int,
                  out_dtype: torch.dtype, n: int, cols: int, step: int,
@@ -178,28 +214,67 @@ class _Job:
         self.ckpt, self.key, self.in_dtype, self.in_size = ckpt, key, in_dtype, in_size
         self.out_dtype, self.n, self.cols, self.step, self.todo = out_dtype, n, cols, step, todo
 
-    def run(self, a: int, slot: _Slot, threads: int) -> torch.Tensor:
-        """Rows ``a:a+step`` baked into ``slot``'s output buffer, returned as
-        ``[rows, cols]``."""
-        import torch
-
+    def lane(self, slot: _Slot, sink: TensorSink, queue: _Chunks, cancel: CancelFlag | None,
+             threads: int) -> None:
+        """Bake and write chunks taken from ``queue`` until none is left,
+        with ``slot``'s buffers and ``threads`` torch threads; an error is
+        handed to ``queue``, not raised."""
         from modelkit.lora.output import torch_threads
 
-        b = min(self.n, a + self.step)
-        rows, cols = b - a, self.cols
-        raw, f32, out = slot.buffers(rows * cols * self.in_size, rows * cols, self.out_dtype)
-        self.ckpt.read_into(self.key, a * cols * self.in_size, memoryview(raw))
-        base = torch.from_numpy(raw).view(self.in_dtype).view(rows, cols)
-        acc, dst = f32.view(rows, cols), out.view(rows, cols)
+        full: _Views | None = None  # the views of a whole chunk, made once per weight
         with torch_threads(threads):
-            acc.copy_(base)
-            for p in self.todo:
-                lo, hi = max(a, p.row0), min(b, p.row0 + p.delta.out)
-                if lo < hi:
-                    p.delta.add_rows_(acc[lo - a:hi - a], lo - p.row0, hi - p.row0, p.k)
-            check_range(self.key, acc, base, self.todo, self.out_dtype)
-            dst.copy_(acc)
-        return dst
+            while (i := queue.take()) is not None:
+                try:
+                    check_cancel(cancel)
+                    a = i * self.step
+                    rows = min(self.n, a + self.step) - a
+                    if rows < self.step:
+                        v = self.views(slot, rows)
+                    else:
+                        v = full = full or self.views(slot, rows)
+                    self.run(a, v)
+                    sink.write(a * v.row_bytes, v.data)
+                except BaseException as exc:  # the caller raises it, in chunk order
+                    # a cancel or a signal outranks any chunk's error
+                    queue.fail(i if isinstance(exc, Exception) and not isinstance(
+                        exc, Cancelled) else -1, exc)
+                    return
+
+    def views(self, slot: _Slot, rows: int) -> _Views:
+        """``slot``'s buffers seen as a chunk of ``rows`` rows."""
+        import torch
+
+        cols = self.cols
+        raw, f32, out = slot.buffers(rows * cols * self.in_size, rows * cols, self.out_dtype)
+        base = torch.from_numpy(raw).view(self.in_dtype).view(rows, cols)
+        return _Views(memoryview(raw), base, f32.view(rows, cols), out.view(rows, cols),
+                      out.view(torch.uint8).numpy().data, cols * self.out_dtype.itemsize)
+
+    def run(self, a: int, v: _Views) -> None:
+        """Rows ``a:a+rows`` of the weight read into ``v.raw`` and baked into
+        ``v.dst``."""
+        b = a + v.acc.shape[0]
+        self.ckpt.read_into(self.key, a * self.cols * self.in_size, v.raw)
+        v.acc.copy_(v.base)
+        for p in self.todo:
+            lo, hi = max(a, p.row0), min(b, p.row0 + p.delta.out)
+            if lo < hi:
+                p.delta.add_rows_(v.acc[lo - a:hi - a], lo - p.row0, hi - p.row0, p.k)
+        check_range(self.key, v.acc, v.base, self.todo, self.out_dtype)
+        v.dst.copy_(v.acc)
+
+
+class _Views(NamedTuple):
+    """A slot's buffers as one chunk: the input bytes, the base rows in
+    their dtype, the float32 rows, the output rows and their bytes, and the
+    bytes of one output row."""
+
+    raw: memoryview
+    base: torch.Tensor
+    acc: torch.Tensor
+    dst: torch.Tensor
+    data: memoryview
+    row_bytes: int
 
 
 __all__ = ["check_range", "chunkable", "streamer"]
