@@ -31,7 +31,7 @@ META = {"sd3": (None, None), "qwen_image": ("qwen_image", "Qwen-Image/lora"),
 # a weight PEFT has no name for: SD3's last context adaLN (context_pre_only,
 # 2h rows), which diffusers stores with its halves swapped and the table (for
 # 38 blocks) names as an ordinary block's
-NO_PEFT = {"sd3": {"joint_blocks.1.context_block.adaLN_modulation.1"}}
+NO_PEFT: dict[str, set[str]] = {}  # every weight has a PEFT name (SD3 pre-only adaLN: swapped)
 ADALN = "final_layer.adaLN_modulation.1"  # diffusers' norm_out.linear: halves swapped
 BIG = 1 << 20  # weights above this many elements (Z-Image's caption embedder) stay zero
 
@@ -223,7 +223,7 @@ def test_convert_sd3_fused_qkv_splits_by_rows_and_fuses_back(
         models: dict[str, dict[str, Path]], tmp_path: Path) -> None:
     w = _tensors(models["sd3"]["base"])
     src, peft, back = (tmp_path / f"{n}.safetensors" for n in ("k", "p", "k2"))
-    k = _kohya_lora(src, w, rank=3, alpha=6.0, seed=8, skip=NO_PEFT["sd3"])  # s = 2
+    k = _kohya_lora(src, w, rank=3, alpha=6.0, seed=8, skip=set())  # s = 2
     _ok("lora", "convert", src, "--to", "peft", "-o", peft)
     _ok("lora", "convert", peft, "--to", "kohya", "-o", back, "--arch", "sd3")
     p, k2 = _tensors(peft), _tensors(back)
@@ -321,7 +321,7 @@ def test_lora_help_lists_every_family_for_the_four_commands(
 def test_refusals_through_the_console_script(models: dict[str, dict[str, Path]],
                                              tmp_path: Path) -> None:
     """One line, exit 2, no file: a Wan LoRA merged with a Qwen-Image one;
-    extract from two families; PEFT output for a weight PEFT has no name for."""
+    extract from two families; a resize to rank 0."""
     from tests.test_family_lora import _write_lora
 
     wan_w, qwen_w = _tensors(models["wan"]["base"]), _tensors(models["qwen_image"]["base"])
@@ -338,12 +338,31 @@ def test_refusals_through_the_console_script(models: dict[str, dict[str, Path]],
                   "--rank", "2"],
         "extract": ["lora", "extract", str(models["wan"]["base"]),
                     str(models["qwen_image"]["tuned"]), "-o", bad, "--rank", "2"],
-        "peft": ["lora", "convert", "s3.safetensors", "--to", "peft", "-o", bad],
+        "rank": ["lora", "resize", "s3.safetensors", "--rank", "0", "-o", bad],
     }, tmp_path)
     for case, (code, _, err) in res.items():
         assert code == 2 and len(err.strip().splitlines()) == 1, (case, err)
     assert not Path(bad).exists()
     assert "(wan)" in res["merge"][2] and "(qwen_image)" in res["merge"][2]
     assert "wan" in res["extract"][2] and "qwen" in res["extract"][2].lower()
-    assert "joint_blocks.1.context_block.adaLN_modulation.1" in res["peft"][2]
+    assert "--rank" in res["rank"][2]
 
+def test_sd3_pre_only_adaln_converts_to_peft_with_halves_swapped(
+        models: dict[str, dict[str, Path]], tmp_path: Path) -> None:
+    """The last joint block's context adaLN ([2h, h]): diffusers' norm1_context
+    holds it with shift and scale swapped, whatever the depth; the PEFT up is
+    the kohya up (alpha/r folded) with its halves swapped, and both bake the same."""
+    w = _tensors(models["sd3"]["base"])
+    key = "joint_blocks.1.context_block.adaLN_modulation.1.weight"
+    assert w[key].shape[0] == 2 * w[key].shape[1]  # the pre-only block of this depth
+    src, peft = tmp_path / "k.safetensors", tmp_path / "p.safetensors"
+    k = _kohya_lora(src, w, rank=2, alpha=1.0, seed=5, only={key})  # s = 0.5
+    _ok("lora", "convert", src, "--to", "peft", "-o", peft)
+    up = k[f"lora_unet_{_flat(key)}.lora_up.weight"]
+    half = up.shape[0] // 2
+    b = _tensors(peft)["transformer.transformer_blocks.1.norm1_context.linear.lora_B.weight"]
+    assert torch.equal(b, 0.5 * torch.cat([up[half:], up[:half]]))
+    for lora, out in ((src, "bk.safetensors"), (peft, "bp.safetensors")):
+        _ok("lora", "bake", models["sd3"]["base"], lora, "-o", tmp_path / out)
+    got_k, got_p = _tensors(tmp_path / "bk.safetensors"), _tensors(tmp_path / "bp.safetensors")
+    assert not torch.equal(got_k[key], w[key]) and torch.equal(got_k[key], got_p[key])

@@ -65,6 +65,29 @@ class LoraModule:
 ModuleTable = dict[str, LoraModule]
 
 
+# SD3's last joint block has a context stream without attention output
+# (``context_pre_only``): its adaLN holds only shift and scale ([2h, h]; 6h
+# rows elsewhere), and diffusers stores that weight as ``norm1_context.linear``
+# with the halves swapped (diffusers loaders/single_file_utils.py
+# ``convert_sd3_transformer_checkpoint_to_diffusers``, ``swap_scale_shift``).
+# Which block is last depends on the depth (24 in SD3/3.5 Medium, 38 in 3.5
+# Large), so a table made for one depth cannot mark it; the weight's rows do.
+PRE_ONLY_ADALN = "context_block.adaLN_modulation.1"
+SWAPPED_NAME = "norm1_context"
+
+
+def pre_only_adaln(path: str, rows: int, cols: int) -> bool:
+    """Whether weight ``path`` (``rows`` x ``cols``) is SD3's pre-only
+    context adaLN, which diffusers stores with its halves swapped."""
+    return path.endswith(PRE_ONLY_ADALN) and rows == 2 * cols
+
+
+def swapped_by_shape(name: str, path: str, rows: int, cols: int) -> bool:
+    """Whether diffusers-named module ``name`` on ``path`` (ΔW ``rows`` x
+    ``cols``) acts on the halves-swapped rows (see ``PRE_ONLY_ADALN``)."""
+    return SWAPPED_NAME in name and pre_only_adaln(path, rows, cols)
+
+
 def flat(path: str) -> str:
     """kohya's spelling of a module path: dots become underscores."""
     return path.replace(".", "_")
@@ -232,7 +255,7 @@ def unmatched_reason(arch: str, no_target: Mapping[str, int]) -> str | None:
     return None
 
 
-__all__ = ["LoraModule", "ModuleTable", "block_of_path", "build", "diffusers_names",
-           "diffusers_paths", "flat",
-           "from_key_map", "known_name", "lookup", "module_kind", "original_names",
-           "resolved_counts", "shares_names", "table_of", "tabled_archs", "unmatched_reason"]
+__all__ = ["PRE_ONLY_ADALN", "SWAPPED_NAME", "LoraModule", "ModuleTable", "block_of_path", "build",
+           "diffusers_names", "diffusers_paths", "flat", "from_key_map", "known_name", "lookup",
+           "module_kind", "original_names", "pre_only_adaln", "resolved_counts", "shares_names",
+           "swapped_by_shape", "table_of", "tabled_archs", "unmatched_reason"]

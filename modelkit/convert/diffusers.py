@@ -88,7 +88,9 @@ def _source_arch(label: str, shapes: dict[str, Shape]) -> tuple[ArchSpec, bool]:
     feats = unet_features(_split(shapes, UNET_PREFIX))
     if feats is None:
         raise ModelkitError(f"{label}: no LDM UNet under {UNET_PREFIX}; only SD1/SD2/SDXL "
-                            "checkpoints can be written as diffusers folders")
+                            "checkpoints can be written as diffusers folders (a transformer "
+                            "file takes the diffusers layout with --layout diffusers and a "
+                            ".safetensors output)")
     name = unet_family(feats)[0]
     ucfg = expected_unet_config(name, feats)
     if ucfg is None:

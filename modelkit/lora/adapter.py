@@ -195,6 +195,22 @@ def resolve_target(arch: str, name: str) -> ModuleTarget | None:
     return None
 
 
+def _swapped_if_pre_only(target: ModuleTarget, name: str, keys: dict[str, str],
+                         source: Source) -> ModuleTarget:
+    """``target`` marked swapped when a diffusers-named LoRA module acts on
+    SD3's pre-only context adaLN, which the module table (made for one depth)
+    cannot mark: its ΔW rows are in diffusers' swapped order."""
+    from dataclasses import replace
+
+    from modelkit.arch.lora_modules import swapped_by_shape
+
+    if target.swap or UP not in keys or DOWN not in keys:
+        return target
+    rows, cols = source.infos[keys[UP]].shape[0], source.infos[keys[DOWN]].shape[-1]
+    return replace(target, swap=True) if swapped_by_shape(name, target.path, rows,
+                                                          cols) else target
+
+
 PEFT_COMPONENTS = ("unet", "transformer", "text_encoder_2", "text_encoder")
 
 
@@ -302,6 +318,7 @@ def open_adapter(source: Source, arch: str | None = None) -> Adapter:
         if algo is None or target is None:
             unmatched += keys.values()
             continue
+        target = _swapped_if_pre_only(target, mod_name, keys, source)
         scale = _peft_scale(mod_name, scales)
         modules[mod_name] = AdapterModule(mod_name, algo, keys, target,
                                           plain if scale is None else scale)

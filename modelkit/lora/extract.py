@@ -57,8 +57,8 @@ from modelkit.lora.table import (
     checkpoint_key,
     has_table,
     layouts,
+    out_slots,
     slot_view,
-    swapped_in_diffusers,
     weight_key,
 )
 from modelkit.numeric import CHUNK_ELEMENTS
@@ -295,14 +295,17 @@ def _table_work(base: Source, tuned: Source, arch: str, naming: str, report: Ext
         bk, tk = checkpoint_key(key, base.infos), checkpoint_key(key, tuned.infos)
         if bk is None or tk is None or len(base.infos[bk].shape) != 2:
             continue
-        shape = base.infos[bk].shape
-        if path not in slots or (naming == "peft" and swapped_in_diffusers(path, *shape)):
+        if path not in slots:
             report.left_out.append(path)
             continue
+        rows, cols = base.infos[bk].shape
+        # SD3's pre-only context adaLN: written in diffusers' swapped row order
+        out = out_slots(arch, naming, path, "extract", (rows, cols))
 
-        def step(conv: set[str], bk: str = bk, tk: str = tk, path: str = path) -> None:
-            _extract_slots(base.get(bk), tuned.get(tk), slots[path], report, builder,
-                           device, skip_below)
+        def step(conv: set[str], bk: str = bk, tk: str = tk,
+                 out: tuple[Slot, ...] = out) -> None:
+            _extract_slots(base.get(bk), tuned.get(tk), out, report, builder, device,
+                           skip_below)
 
         work.append((path, step))
     return work

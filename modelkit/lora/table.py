@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from modelkit.arch import registry
 from modelkit.arch.configs import UNET_PREFIX
+from modelkit.arch.lora_modules import pre_only_adaln, swapped_by_shape
 from modelkit.errors import ModelkitError
 from modelkit.lora.adapter import DOWN, MID, UP, Adapter, AdapterModule
 from modelkit.lora.delta import (
@@ -210,34 +211,23 @@ def dense(group: PathGroup) -> tuple[torch.Tensor, torch.Tensor | None]:
     return acc, bias
 
 
-# SD3's last joint block has a context stream without attention output
-# (``context_pre_only``): its adaLN holds only shift and scale ([2h, h], 6h
-# rows elsewhere), and diffusers stores that weight as ``norm1_context.linear``
-# with the halves swapped (diffusers loaders/single_file_utils.py
-# ``convert_sd3_transformer_checkpoint_to_diffusers``, ``swap_scale_shift``).
-# Which block is last depends on the model's depth (24 in SD3/3.5 Medium, 38
-# in 3.5 Large), so the table cannot leave that name out; the weight's rows do
-# tell it.
-_PRE_ONLY_ADALN = "context_block.adaLN_modulation.1"
-_SWAPPED_NAME = "norm1_context"
-
-
 def swapped_in_diffusers(path: str, rows: int, cols: int) -> bool:
     """Whether diffusers stores weight ``path`` (``rows`` x ``cols``) with its
-    shift/scale halves swapped, so that no diffusers-named LoRA module can
-    stand for it by a renaming (see ``_PRE_ONLY_ADALN``)."""
-    return path.endswith(_PRE_ONLY_ADALN) and rows == 2 * cols
+    shift/scale halves swapped where the module table does not mark it (SD3's
+    pre-only context adaLN: :data:`modelkit.arch.lora_modules.PRE_ONLY_ADALN`)."""
+    return pre_only_adaln(path, rows, cols)
 
 
 def check_swapped_input(mod: AdapterModule, path: str, rows: int, cols: int, label: str
                         ) -> None:
-    """Refuse a diffusers-named module on a weight diffusers stores with its
-    halves swapped: its ΔW is in the swapped row order."""
+    """Refuse a diffusers-named module on SD3's pre-only context adaLN that
+    resolution could not mark swapped (a LyCORIS algorithm: its ΔW rows are
+    in diffusers' swapped order and not reordered here)."""
     swapped = mod.target is not None and mod.target.swap
-    if _SWAPPED_NAME in mod.name and not swapped and swapped_in_diffusers(path, rows, cols):
+    if not swapped and swapped_by_shape(mod.name, path, rows, cols):
         raise ModelkitError(f"{label}: module {mod.name} patches {path}, which diffusers "
-                            "stores with its shift and scale halves swapped; modelkit does "
-                            "not reorder it: leave this module out")
+                            "stores with its shift and scale halves swapped; modelkit "
+                            "reorders LoRA modules there, not this one: leave it out")
 
 
 def out_slots(arch: str, naming: str, path: str, what: str,
@@ -245,9 +235,9 @@ def out_slots(arch: str, naming: str, path: str, what: str,
     """The slots ``naming`` writes ``path`` (of ``size`` rows x cols when
     known) as, or a one-line error."""
     slots = layouts(arch, naming).get(path)
-    if (naming == "peft" and size is not None and slots and not slots[0].swap
-            and swapped_in_diffusers(path, *size)):
-        slots = None
+    if (naming == "peft" and size is not None and slots and len(slots) == 1
+            and not slots[0].swap and swapped_in_diffusers(path, *size)):
+        slots = (replace(slots[0], swap=True),)  # diffusers' row order
     if not slots:
         raise ModelkitError(f"{what}: {naming} names have no module for {path} (a weight "
                             f"this adapter patches); write kohya or comfyui names instead")
