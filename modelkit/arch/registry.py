@@ -626,6 +626,7 @@ CHROMA = Architecture(
                    module_prefixes=_chroma.LORA_MODULE_PREFIXES,
                    shares_names=("flux", "flux2")),
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
+    probe=_probes.chroma(),
     # the embedders, the guidance approximator and the final layer (Flux.1's keep
     # list, both layouts)
     quant_keep=("img_in.", "txt_in.", "distilled_guidance_layer.", "final_layer.",
@@ -665,6 +666,7 @@ FLUX2 = Architecture(
                    module_prefixes=_flux2.LORA_MODULE_PREFIXES,
                    shares_names=("flux", "chroma")),
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
+    probe=_probes.flux2(),
     quant_keep=("img_in.", "txt_in.", "time_in.", "guidance_in.", "final_layer.",
                 "x_embedder.", "context_embedder.", "time_guidance_embed.", "norm_out.",
                 "proj_out."),
@@ -694,6 +696,7 @@ Z_IMAGE = Architecture(
                    block_weights=False, modules=_z_image.lora_modules,
                    module_prefixes=_z_image.LORA_MODULE_PREFIXES),
     default_dtype="bf16", verify=PROBE, prediction=FLOW,
+    probe=_probes.z_image(),
     quant_keep=("x_embedder.", "all_x_embedder.", "final_layer.", "all_final_layer.",
                 "t_embedder.", "cap_embedder.", "x_pad_token", "cap_pad_token"),
     notes=("Z-Image and Z-Image-Turbo share one layout and read as z-image",),
