@@ -333,3 +333,44 @@ def test_new_families_probe_every_block_and_catch_a_fault(family: str) -> None:
     failing = [(r.block, r.rel_error) for r in bad if not r.rel_error <= 0.05]
     block = next(n for n in names if key.startswith(n + "."))
     assert [b for b, _ in failing] == [block], failing
+
+
+def test_cli_probes_a_flux2_file_and_refuses_the_diffusers_layout(tmp_path: Path) -> None:
+    """Through the console script's function: a bf16 cast of a small Flux.2
+    passes (exit 0), a doubled weight fails its block (exit 1), a
+    diffusers-layout file is refused in one line naming the conversion
+    (exit 2)."""
+    from dataclasses import replace
+
+    from modelkit.arch import flux2
+    from modelkit.testing import write_sparse_dit
+
+    keys = flux2.transformer_keys(replace(flux2.small(flux2.VARIANTS["dev"]), depth=1,
+                                          depth_single_blocks=1))
+    gen = torch.Generator().manual_seed(4)
+    state = {k: (1 + 0.1 * torch.randn(s, generator=gen)) if len(s) == 1
+             else 0.05 * torch.randn(s, generator=gen) for k, s in keys.items()}
+    bad = {**state, "single_blocks.0.linear2.weight": 2 * state["single_blocks.0.linear2.weight"]}
+    cast = {k: v.to(torch.bfloat16) for k, v in state.items()}
+    for name, tensors, dtype in (("ref", state, "F32"), ("bf16", cast, "BF16"),
+                                 ("bad", bad, "F32")):
+        write_tensors(tmp_path / f"{name}.safetensors", keys, dtype=dtype, overrides=tensors)
+    write_sparse_dit(tmp_path / "d.safetensors", "flux2", layout="diffusers", tiny=True)
+    probe_args = ["--reference", "ref.safetensors", "--probe", "--json", "-q"]
+    got = run_entry({"bf16": ["verify", "bf16.safetensors", *probe_args],
+                     "bad": ["verify", "bad.safetensors", *probe_args],
+                     "diffusers": ["verify", "d.safetensors", *probe_args]}, tmp_path)
+    code, out, err = got["bf16"]
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["arch"] == "flux2" and len(report["probe"]) == 10
+    assert all(1e-4 < r["rel_error"] < 0.02 for r in report["probe"]), report["probe"]
+    code, out, _ = got["bad"]
+    assert code == 1
+    assert [c["case"] for c in json.loads(out)["checks"] if c["verdict"] == "fail"] == [
+        "transformer:single_blocks.0"]
+    code, out, err = got["diffusers"]
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert ("d.safetensors: is a Flux.2 transformer in the diffusers layout; the probe reads "
+            "the original layout: convert it first ('modelkit convert d.safetensors --layout "
+            "original -o OUT.safetensors')") in err
