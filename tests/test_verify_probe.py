@@ -147,6 +147,7 @@ def test_cli_probe_exit_codes_reports_and_plot(flux_pair: tuple[Path, Path],
         "no_ref": ["verify", str(cand), "--probe"],
         "lora": ["verify", str(cand), "--reference", str(ref), "--probe", "--lora",
                  str(ref)],
+        **_flux2_cases(tmp_path),  # in the same child process (torch imported once)
     }, tmp_path)
     assert got["clean"][0] == 0, got["clean"]
     report = json.loads((tmp_path / "v.json").read_text())
@@ -167,6 +168,7 @@ def test_cli_probe_exit_codes_reports_and_plot(flux_pair: tuple[Path, Path],
     for case, words in (("no_ref", "--reference"), ("lora", "--lora")):
         code, _, err = got[case]
         assert code == 2 and words in err and "Traceback" not in err
+    _check_flux2(got)
 
 
 def _family_keys(family: str) -> dict[str, tuple[int, ...]]:
@@ -335,11 +337,9 @@ def test_new_families_probe_every_block_and_catch_a_fault(family: str) -> None:
     assert [b for b, _ in failing] == [block], failing
 
 
-def test_cli_probes_a_flux2_file_and_refuses_the_diffusers_layout(tmp_path: Path) -> None:
-    """Through the console script's function: a bf16 cast of a small Flux.2
-    passes (exit 0), a doubled weight fails its block (exit 1), a
-    diffusers-layout file is refused in one line naming the conversion
-    (exit 2)."""
+def _flux2_cases(d: Path) -> dict[str, list[str]]:
+    """A small Flux.2 (F32), its bf16 cast, a copy with one weight doubled
+    and a diffusers-layout header, with the verify commands probing them."""
     from dataclasses import replace
 
     from modelkit.arch import flux2
@@ -352,25 +352,30 @@ def test_cli_probes_a_flux2_file_and_refuses_the_diffusers_layout(tmp_path: Path
              else 0.05 * torch.randn(s, generator=gen) for k, s in keys.items()}
     bad = {**state, "single_blocks.0.linear2.weight": 2 * state["single_blocks.0.linear2.weight"]}
     cast = {k: v.to(torch.bfloat16) for k, v in state.items()}
-    for name, tensors, dtype in (("ref", state, "F32"), ("bf16", cast, "BF16"),
-                                 ("bad", bad, "F32")):
-        write_tensors(tmp_path / f"{name}.safetensors", keys, dtype=dtype, overrides=tensors)
-    write_sparse_dit(tmp_path / "d.safetensors", "flux2", layout="diffusers", tiny=True)
-    probe_args = ["--reference", "ref.safetensors", "--probe", "--json", "-q"]
-    got = run_entry({"bf16": ["verify", "bf16.safetensors", *probe_args],
-                     "bad": ["verify", "bad.safetensors", *probe_args],
-                     "diffusers": ["verify", "d.safetensors", *probe_args]}, tmp_path)
-    code, out, err = got["bf16"]
+    for name, tensors, dtype in (("f2ref", state, "F32"), ("f2bf16", cast, "BF16"),
+                                 ("f2bad", bad, "F32")):
+        write_tensors(d / f"{name}.safetensors", keys, dtype=dtype, overrides=tensors)
+    write_sparse_dit(d / "f2d.safetensors", "flux2", layout="diffusers", tiny=True)
+    args = ["--reference", str(d / "f2ref.safetensors"), "--probe", "--json", "-q"]
+    return {f"flux2_{n}": ["verify", str(d / f"f2{n}.safetensors"), *args]
+            for n in ("bf16", "bad", "d")}
+
+
+def _check_flux2(got: dict[str, tuple[int, str, str]]) -> None:
+    """verify --probe on a Flux.2 pair: a bf16 cast passes (exit 0), a
+    doubled weight fails its block (exit 1), a diffusers-layout file is
+    refused in one line naming the conversion (exit 2)."""
+    code, out, err = got["flux2_bf16"]
     assert code == 0, err
     report = json.loads(out)
     assert report["arch"] == "flux2" and len(report["probe"]) == 10
     assert all(1e-4 < r["rel_error"] < 0.02 for r in report["probe"]), report["probe"]
-    code, out, _ = got["bad"]
+    code, out, _ = got["flux2_bad"]
     assert code == 1
     assert [c["case"] for c in json.loads(out)["checks"] if c["verdict"] == "fail"] == [
         "transformer:single_blocks.0"]
-    code, out, err = got["diffusers"]
+    code, out, err = got["flux2_d"]
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
-    assert ("d.safetensors: is a Flux.2 transformer in the diffusers layout; the probe reads "
-            "the original layout: convert it first ('modelkit convert d.safetensors --layout "
-            "original -o OUT.safetensors')") in err
+    assert ("f2d.safetensors: is a Flux.2 transformer in the diffusers layout; the probe "
+            "reads the original layout: convert it first ('modelkit convert f2d.safetensors "
+            "--layout original -o OUT.safetensors')") in err
