@@ -106,6 +106,13 @@ def test_full_size_plans_hand_counted() -> None:
         assert sum(p.quantized for p in payload.plans) == n_quant - types.get("F16", 0)
         q8 = plan_gguf(source, qtype="q8_0")
         assert sum(p.ggml_type == "Q8_0" for p in q8.plans) == n_quant
+    # the keys ComfyUI-GGUF's convert.py detects these files by (ModelFlux,
+    # ModelLumina2: keys_detect), so its files carry the architecture we write
+    detect = {"chroma": ("double_blocks.0.img_attn.proj.weight",),
+              "flux2": ("double_blocks.0.img_attn.proj.weight",),
+              "z_image": ("cap_embedder.1.weight", "context_refiner.0.attention.qkv.weight")}
+    for family, keys in detect.items():
+        assert set(keys) <= set(header(family).infos), family
     z = {p.key: p for p in plan_gguf(header("z_image"), qtype="q4_k_m").plans}
     assert z["x_pad_token"].ggml_type == "F32" and z["x_pad_token"].shape == (1, 3840)
     assert z["noise_refiner.0.attention.qkv.weight"].ggml_type == "BF16"
