@@ -347,8 +347,9 @@ def test_console_script_exit_codes(lib: dict[str, Path], tmp_path: Path) -> None
     assert bad.returncode == 2 and bad.stdout == "", bad.stderr  # a LoRA is bad input
     assert bad.stderr == ("modelkit: error: style.safetensors is a lora, not a checkpoint; "
                           "verify renders SD1, SD2 and SDXL checkpoints (a LoRA: its base with "
-                          "--lora); a Flux, SD3, Qwen-Image or Wan transformer is checked block "
-                          "by block against its reference with --reference REF --probe\n")
+                          "--lora); a transformer of SD3, Flux.1, Chroma, Flux.2, Qwen-Image, "
+                          "Wan or Z-Image is checked block by block against its reference with "
+                          "--reference REF --probe\n")
     missing = subprocess.run([str(exe), "verify", str(tmp_path / "none.safetensors")],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and missing.stdout == ""

@@ -111,9 +111,7 @@ def test_every_family_has_probe_blocks_found_in_its_files(flux_pair: tuple[Path,
     sdxl = plan_blocks(REGISTRY["sdxl"], open_source(tmp_path / "sdxl.safetensors").infos)
     counts = {c: sum(b.component == c for b in sdxl) for c in ("unet", "vae", "te1", "te2")}
     assert counts == {"unet": 9 + 1 + 9, "vae": 2, "te1": 12, "te2": 32}
-    # Chroma, Flux.2 and Z-Image are detected only: no block math for them yet
-    assert [a.name for a in REGISTRY.values() if not a.probe] == ["chroma", "flux2",
-                                                                  "z_image"]
+    assert [a.name for a in REGISTRY.values() if not a.probe] == []
 
 
 def test_bf16_cast_passes_with_small_errors(flux_pair: tuple[Path, Path]) -> None:
@@ -149,6 +147,7 @@ def test_cli_probe_exit_codes_reports_and_plot(flux_pair: tuple[Path, Path],
         "no_ref": ["verify", str(cand), "--probe"],
         "lora": ["verify", str(cand), "--reference", str(ref), "--probe", "--lora",
                  str(ref)],
+        **_flux2_cases(tmp_path),  # in the same child process (torch imported once)
     }, tmp_path)
     assert got["clean"][0] == 0, got["clean"]
     report = json.loads((tmp_path / "v.json").read_text())
@@ -169,6 +168,7 @@ def test_cli_probe_exit_codes_reports_and_plot(flux_pair: tuple[Path, Path],
     for case, words in (("no_ref", "--reference"), ("lora", "--lora")):
         code, _, err = got[case]
         assert code == 2 and words in err and "Traceback" not in err
+    _check_flux2(got)
 
 
 def _family_keys(family: str) -> dict[str, tuple[int, ...]]:
@@ -278,3 +278,104 @@ def test_quantized_sd1_outputs_are_probed_as_verify_reads_them(tmp_path: Path) -
     write_lora(tmp_path / "l.safetensors")
     lora = verify(tmp_path / "l.safetensors", VerifySettings(probe=True), reference=src)
     assert [c.name for c in lora.failed] == ["probe.coverage"]
+
+
+# --- Chroma, Flux.2, Z-Image (their block math against diffusers' blocks:
+# tests/test_render_families.py, which imports diffusers anyway) -------------------
+
+NEW_FAMILY_BLOCKS = {
+    "chroma": (["img_in", "txt_in", "distilled_guidance_layer", "double_blocks.0",
+                "double_blocks.1", "single_blocks.0", "single_blocks.1", "final_layer.linear"],
+               "double_blocks.1.img_attn.proj.weight", "transpose"),
+    "flux2": (["img_in", "txt_in", "time_in", "guidance_in", "double_stream_modulation_img.lin",
+               "double_stream_modulation_txt.lin", "single_stream_modulation.lin",
+               "double_blocks.0", "double_blocks.1", "single_blocks.0", "single_blocks.1",
+               "final_layer"], "single_blocks.1.linear1.weight", "scale2"),
+    "z_image": (["x_embedder", "t_embedder", "cap_embedder", "noise_refiner.0",
+                 "noise_refiner.1", "context_refiner.0", "context_refiner.1", "layers.0",
+                 "layers.1", "final_layer"], "layers.1.attention.qkv.weight", "qk_swap"),
+}
+
+
+def _small_state(family: str) -> dict[str, torch.Tensor]:
+    from importlib import import_module
+
+    module = import_module(f"modelkit.arch.{family}")
+    keys = module.transformer_keys(module.small(next(iter(module.VARIANTS.values()))))
+    gen = torch.Generator().manual_seed(len(family))
+    # norm scales near 1, as trained ones are (a q/k swap would hide otherwise)
+    state = {k: (1 + 0.1 * torch.randn(s, generator=gen)) if len(s) == 1
+             else 0.05 * torch.randn(s, generator=gen) for k, s in keys.items()}
+    return state
+
+
+def _memory(state: dict[str, torch.Tensor], label: str) -> DerivedSource:
+    from modelkit.io.source import tensor_info
+
+    return DerivedSource(label, {k: tensor_info(k, "F32", v.shape) for k, v in state.items()},
+                         {}, state.__getitem__)
+
+
+@pytest.mark.parametrize("family", list(NEW_FAMILY_BLOCKS))
+def test_new_families_probe_every_block_and_catch_a_fault(family: str) -> None:
+    """Every block of a small Chroma / Flux.2 / Z-Image is probed; a bf16
+    round trip moves each by 1e-4..2e-2, a transposed projection, a doubled
+    weight or a q/k swap fails its own block only, beyond the 0.05 gate."""
+    names, key, fault = NEW_FAMILY_BLOCKS[family]
+    ref = _small_state(family)
+    arch = REGISTRY[family]
+    assert [b.name for b in plan_blocks(arch, ref)] == names
+    cast = {k: v.to(torch.bfloat16).float() for k, v in ref.items()}
+    results = probe(_memory(cast, "bf16"), _memory(ref, "ref"), arch)
+    assert [r.block for r in results] == names
+    assert all(r.finite and 1e-4 < r.rel_error < 0.02 for r in results), [
+        (r.block, r.rel_error) for r in results]
+    bad = probe(_memory({**ref, key: _fault(ref[key], fault)}, "bad"), _memory(ref, "ref"),
+                arch)
+    failing = [(r.block, r.rel_error) for r in bad if not r.rel_error <= 0.05]
+    block = next(n for n in names if key.startswith(n + "."))
+    assert [b for b, _ in failing] == [block], failing
+
+
+def _flux2_cases(d: Path) -> dict[str, list[str]]:
+    """A small Flux.2 (F32), its bf16 cast, a copy with one weight doubled
+    and a diffusers-layout header, with the verify commands probing them."""
+    from dataclasses import replace
+
+    from modelkit.arch import flux2
+    from modelkit.testing import write_sparse_dit
+
+    keys = flux2.transformer_keys(replace(flux2.small(flux2.VARIANTS["dev"]), depth=1,
+                                          depth_single_blocks=1))
+    gen = torch.Generator().manual_seed(4)
+    state = {k: (1 + 0.1 * torch.randn(s, generator=gen)) if len(s) == 1
+             else 0.05 * torch.randn(s, generator=gen) for k, s in keys.items()}
+    bad = {**state, "single_blocks.0.linear2.weight": 2 * state["single_blocks.0.linear2.weight"]}
+    cast = {k: v.to(torch.bfloat16) for k, v in state.items()}
+    for name, tensors, dtype in (("f2ref", state, "F32"), ("f2bf16", cast, "BF16"),
+                                 ("f2bad", bad, "F32")):
+        write_tensors(d / f"{name}.safetensors", keys, dtype=dtype, overrides=tensors)
+    write_sparse_dit(d / "f2d.safetensors", "flux2", layout="diffusers", tiny=True)
+    args = ["--reference", str(d / "f2ref.safetensors"), "--probe", "--json", "-q"]
+    return {f"flux2_{n}": ["verify", str(d / f"f2{n}.safetensors"), *args]
+            for n in ("bf16", "bad", "d")}
+
+
+def _check_flux2(got: dict[str, tuple[int, str, str]]) -> None:
+    """verify --probe on a Flux.2 pair: a bf16 cast passes (exit 0), a
+    doubled weight fails its block (exit 1), a diffusers-layout file is
+    refused in one line naming the conversion (exit 2)."""
+    code, out, err = got["flux2_bf16"]
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["arch"] == "flux2" and len(report["probe"]) == 10
+    assert all(1e-4 < r["rel_error"] < 0.02 for r in report["probe"]), report["probe"]
+    code, out, _ = got["flux2_bad"]
+    assert code == 1
+    assert [c["case"] for c in json.loads(out)["checks"] if c["verdict"] == "fail"] == [
+        "transformer:single_blocks.0"]
+    code, out, err = got["flux2_d"]
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert ("f2d.safetensors: is a Flux.2 transformer in the diffusers layout; the probe "
+            "reads the original layout: convert it first ('modelkit convert f2d.safetensors "
+            "--layout original -o OUT.safetensors')") in err

@@ -8,7 +8,10 @@ architecture the tensors never quantized, only 2-D tensors quantized, and
 ``img_tensor_get_type``: which tensors a ``_M``/``_S`` mix raises, and the
 F16 fallback of a k-quant whose rows are not a multiple of 256). Qwen-Image
 is declared on the repository's ``auto_convert`` branch (commit 16341cc,
-"Convert code for qwen image"), as are Wan's S2V keys.
+"Convert code for qwen image"), as are Wan's S2V keys, Flux.2's shared
+modulations (ec7506d) and Z-Image's pad tokens (a0a0d2e). Chroma and Flux.2
+files are ``flux`` (convert.py's ModelFlux matches them; ComfyUI tells them
+apart by their keys), Z-Image ``lumina2``.
 
 Importing this module does not import torch.
 """
@@ -107,9 +110,30 @@ def ldm(arch: str) -> GgufPolicy:
     return GgufPolicy(arch, LDM_KEEP_F32, LDM_KEEP_FLOAT, LDM_UNET_PARTS, shape_fix=True)
 
 
-# lcpp.patch LLM_ARCH_FLUX
+# lcpp.patch LLM_ARCH_FLUX (main branch)
 FLUX = GgufPolicy("flux", frozenset(), ("txt_in.", "img_in.", "time_in.", "vector_in.",
                                         "guidance_in.", "final_layer."), ())
+# Chroma: convert.py's ModelFlux detects it (double_blocks.0.img_attn.proj.weight)
+# and writes "flux", so LLM_ARCH_FLUX's list applies: the guidance approximator
+# (distilled_guidance_layer, plain Linears ComfyUI-GGUF dequantizes) is
+# quantized; its RMSNorm scales are 1-D and stay F32. ComfyUI's
+# model_detection.py then tells Chroma from Flux.1 by distilled_guidance_layer.
+CHROMA = FLUX
+# Flux.2: also "flux" (same detection); the auto_convert branch's lcpp.patch
+# (commit ec7506d, "Flux2 specific filter") adds the shared modulations to
+# LLM_ARCH_FLUX's list
+FLUX2 = GgufPolicy("flux", frozenset(), (*FLUX.keep_float_parts, "single_stream_modulation.",
+                                         "double_stream_modulation_"), ())
+# Z-Image: convert.py's ModelLumina2 (cap_embedder.1.weight and
+# context_refiner.0.attention.qkv.weight) writes "lumina2"; lcpp.patch
+# LLM_ARCH_LUMINA2 keeps the embedders, the final layer and both refiners
+# float; the auto_convert branch (commit a0a0d2e, "Z-Image conversion
+# support") keeps the pad tokens F32 (keys_hiprec: parameters used directly;
+# the patch's "x_pad_token." never matches, their [1, dim] is 1-D to GGML)
+Z_IMAGE = GgufPolicy("lumina2", frozenset(), ("t_embedder.", "x_embedder.", "final_layer.",
+                                              "cap_embedder.", "context_refiner.",
+                                              "noise_refiner."), (),
+                     hiprec_parts=("x_pad_token", "cap_pad_token"))
 # lcpp.patch LLM_ARCH_SD3
 SD3 = GgufPolicy("sd3", frozenset(), ("final_layer.", "time_text_embed.", "context_embedder.",
                                       "t_embedder.", "y_embedder.", "x_embedder."), (),

@@ -21,6 +21,14 @@ FLUX_DOUBLE = "flux_double"
 FLUX_SINGLE = "flux_single"
 FLUX_FINAL = "flux_final"  # adaLN final layer (BFL LastLayer; SD3's final_layer too)
 SD3_JOINT = "sd3_joint"
+CHROMA_DOUBLE = "chroma_double"  # Flux.1's double block, modulation given
+CHROMA_SINGLE = "chroma_single"
+CHROMA_APPROXIMATOR = "chroma_approximator"  # distilled_guidance_layer
+FLUX2_DOUBLE = "flux2_double"  # SwiGLU, no biases, shared modulation given
+FLUX2_SINGLE = "flux2_single"
+RMS_LINEAR = "rms_linear"  # RMSNorm + Linear (Z-Image's cap_embedder)
+Z_IMAGE_LAYER = "z_image_layer"  # layers, noise_refiner, context_refiner
+Z_IMAGE_FINAL = "z_image_final"
 QWEN_BLOCK = "qwen_block"
 WAN_BLOCK = "wan_block"
 LDM_BLOCK = "ldm_block"  # an LDM UNet TimestepEmbedSequential: res, transformer, up/down
@@ -31,8 +39,9 @@ OPEN_CLIP_LAYER = "open_clip_layer"  # open_clip's ResidualAttentionBlock
 T5_LAYER = "t5_layer"  # transformers' T5Block (encoder)
 
 KINDS = (LINEAR, MLP_EMBEDDER, FLUX_DOUBLE, FLUX_SINGLE, FLUX_FINAL, SD3_JOINT, QWEN_BLOCK,
-         WAN_BLOCK, LDM_BLOCK, VAE_ENCODER, VAE_DECODER, CLIP_LAYER, OPEN_CLIP_LAYER,
-         T5_LAYER)
+         CHROMA_DOUBLE, CHROMA_SINGLE, CHROMA_APPROXIMATOR, FLUX2_DOUBLE, FLUX2_SINGLE,
+         RMS_LINEAR, Z_IMAGE_LAYER, Z_IMAGE_FINAL, WAN_BLOCK, LDM_BLOCK, VAE_ENCODER,
+         VAE_DECODER, CLIP_LAYER, OPEN_CLIP_LAYER, T5_LAYER)
 
 
 @dataclass(frozen=True)
@@ -142,3 +151,49 @@ def wan() -> tuple[ProbeGroup, ...]:
             ProbeGroup(t, "blocks.{n}", WAN_BLOCK, text_tokens=32,
                        options=(("head_dim", 128),)),
             ProbeGroup(t, "head.head", LINEAR))
+
+
+_HD128 = (("head_dim", 128),)
+
+
+def chroma() -> tuple[ProbeGroup, ...]:
+    """Chroma (original layout): the embedders, the guidance approximator
+    (the modulation of every block; 16 of its 344 rows of inputs), the 19
+    double and 38 single blocks (Flux.1's, their shift/scale/gate fed as
+    seeded inputs: in the model they come from the approximator's output)
+    and the final Linear (its norm and modulation carry no weights)."""
+    t = "transformer"
+    return (ProbeGroup(t, "img_in", LINEAR), ProbeGroup(t, "txt_in", LINEAR),
+            ProbeGroup(t, "distilled_guidance_layer", CHROMA_APPROXIMATOR, tokens=16),
+            ProbeGroup(t, "double_blocks.{n}", CHROMA_DOUBLE, options=_HD128),
+            ProbeGroup(t, "single_blocks.{n}", CHROMA_SINGLE, options=_HD128),
+            ProbeGroup(t, "final_layer.linear", LINEAR))
+
+
+def flux2() -> tuple[ProbeGroup, ...]:
+    """Flux.2 (original layout): the embedders, the three modulation layers
+    all blocks share (each a Linear), the double and single blocks (their
+    shift/scale/gate fed as seeded inputs) and the final layer."""
+    t = "transformer"
+    return (ProbeGroup(t, "img_in", LINEAR), ProbeGroup(t, "txt_in", LINEAR),
+            ProbeGroup(t, "time_in", MLP_EMBEDDER), ProbeGroup(t, "guidance_in", MLP_EMBEDDER),
+            *(ProbeGroup(t, f"{m}.lin", LINEAR, tokens=1) for m in (
+                "double_stream_modulation_img", "double_stream_modulation_txt",
+                "single_stream_modulation")),
+            ProbeGroup(t, "double_blocks.{n}", FLUX2_DOUBLE, options=_HD128),
+            ProbeGroup(t, "single_blocks.{n}", FLUX2_SINGLE, options=_HD128),
+            ProbeGroup(t, "final_layer", FLUX_FINAL))
+
+
+def z_image() -> tuple[ProbeGroup, ...]:
+    """Z-Image (original layout): the embedders, the noise and context
+    refiners, the 30 layers (128 channels a head; RoPE left out as
+    everywhere) and the final layer."""
+    t = "transformer"
+    return (ProbeGroup(t, "x_embedder", LINEAR),
+            ProbeGroup(t, "t_embedder", MLP_EMBEDDER, options=(("names", "mlp.0,mlp.2"),)),
+            ProbeGroup(t, "cap_embedder", RMS_LINEAR, tokens=16),
+            ProbeGroup(t, "noise_refiner.{n}", Z_IMAGE_LAYER, options=_HD128),
+            ProbeGroup(t, "context_refiner.{n}", Z_IMAGE_LAYER, tokens=16, options=_HD128),
+            ProbeGroup(t, "layers.{n}", Z_IMAGE_LAYER, options=_HD128),
+            ProbeGroup(t, "final_layer", Z_IMAGE_FINAL))

@@ -134,10 +134,14 @@ def _refuse_bad_input(report: object) -> None:
     bad = next((c for c in failed if c.name == "static.architecture"), None)
     if bad is None:
         return
+    from modelkit.arch import registry
+
+    probed = [a.label for a in registry.REGISTRY.values()
+              if a.probe and a.verify == registry.PROBE]
     hint = ("give a reference of the same architecture" if ", the reference " in bad.message
             else "verify renders SD1, SD2 and SDXL checkpoints (a LoRA: its base with "
-            "--lora); a Flux, SD3, Qwen-Image or Wan transformer is checked block by block "
-            "against its reference with --reference REF --probe")
+            f"--lora); a transformer of {', '.join(probed[:-1])} or {probed[-1]} is checked "
+            "block by block against its reference with --reference REF --probe")
     raise ModelkitError(f"{bad.message}; {hint}")
 
 

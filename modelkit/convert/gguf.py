@@ -1,5 +1,6 @@
-"""``export-gguf``: the denoiser of an SD1/SD2/SDXL, Flux.1, SD3, Qwen-Image
-or Wan model as a GGUF file that ComfyUI-GGUF's ``Unet Loader (GGUF)`` loads.
+"""``export-gguf``: the denoiser of an SD1/SD2/SDXL, Flux.1, Chroma, Flux.2,
+SD3, Qwen-Image, Wan or Z-Image model as a GGUF file that ComfyUI-GGUF's
+``Unet Loader (GGUF)`` loads.
 
 The policy is the family's :class:`~modelkit.arch.gguf.GgufPolicy` (data in
 the architecture registry), following city96/ComfyUI-GGUF's own tools
@@ -10,9 +11,12 @@ quantizes its output):
   ``double_blocks.0.img_attn.qkv.weight``...);
 * ``general.architecture`` is ``sd1`` for SD1 *and* SD2 (the loader accepts
   ``sd1``/``sdxl`` and ComfyUI tells SD1 from SD2 by key shapes), ``sdxl``
-  for SDXL base and refiner, ``flux``, ``sd3``, ``qwen_image``, ``wan``;
+  for SDXL base and refiner, ``flux`` (Flux.1, Chroma and Flux.2: the
+  loader's model detection tells them apart by their keys), ``sd3``,
+  ``qwen_image``, ``wan``, ``lumina2`` (Z-Image);
 * 1-D tensors, tensors of at most 1024 elements and the family's
-  high-precision keys (``convert.py`` ``keys_hiprec``: Wan's modulation)
+  high-precision keys (``convert.py`` ``keys_hiprec``: Wan's modulation,
+  Z-Image's pad tokens)
   stay float (F16 as F16, F32 and BF16 as F32); the family's keep-list
   (``lcpp.patch``: embedders, final layers; SD's conv_in/conv_out in F32)
   keeps its float type;
@@ -72,7 +76,7 @@ KEEP_FLOAT_PARTS = _LDM_GGUF.keep_float_parts
 MAX_DIMS = 4  # GGML's GGML_MAX_DIMS
 
 _WHAT_TO_GIVE = ("give a full checkpoint or a denoiser-only file (SD1, SD2, SDXL, Flux.1, "
-                 "SD3, Qwen-Image or Wan)")
+                 "Chroma, Flux.2, SD3, Qwen-Image, Wan or Z-Image)")
 
 # why a tensor got its type (TensorPlan.why)
 QUANTIZED, MIXED, FALLBACK, FLATTENED, KEPT, FIVE_D = ("quantized", "mix", "fallback",

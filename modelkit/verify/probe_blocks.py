@@ -18,6 +18,15 @@ Sources, by kind (the forward passes, read for the order of operations):
 * Flux.1: black-forest-labs/flux ``src/flux/modules/layers.py``
   (``DoubleStreamBlock``, ``SingleStreamBlock``, ``LastLayer``,
   ``MLPEmbedder``, ``QKNorm``).
+* Chroma: comfyanonymous/ComfyUI ``comfy/ldm/chroma/layers.py``
+  (``Approximator``, ``DoubleStreamBlock``, ``SingleStreamBlock``: Flux.1's
+  blocks fed the approximator's shift/scale/gate).
+* Flux.2: huggingface/diffusers ``src/diffusers/models/transformers/
+  transformer_flux2.py`` (``Flux2TransformerBlock``,
+  ``Flux2SingleTransformerBlock``, ``Flux2SwiGLU``, ``Flux2Modulation``).
+* Z-Image: huggingface/diffusers ``src/diffusers/models/transformers/
+  transformer_z_image.py`` (``ZImageTransformerBlock``, ``FeedForward``,
+  ``FinalLayer``; the original layout's fused ``attention.qkv``).
 * SD3: Stability-AI/sd3-ref ``mmditx.py`` / comfyanonymous/ComfyUI
   ``comfy/ldm/modules/diffusionmodules/mmdit.py`` (``JointBlock``,
   ``DismantledBlock``, ``FinalLayer``).
@@ -188,6 +197,25 @@ def make_inputs(group: ProbeGroup, w: Weights, seed: int) -> Inputs:
     if kind == kinds.FLUX_SINGLE:
         h = w.shape("modulation.lin.weight")[1]
         return {"x": randn(1, n + nt, h), "vec": randn(1, h)}
+    if kind in (kinds.CHROMA_DOUBLE, kinds.FLUX2_DOUBLE):
+        h = w.shape("img_attn.qkv.weight")[1]
+        # shift/scale/gate of both streams, as the shared layers give them
+        return {"img": randn(1, n, h), "txt": randn(1, nt, h),
+                "mod_img": 0.5 * randn(1, 1, 6 * h), "mod_txt": 0.5 * randn(1, 1, 6 * h)}
+    if kind in (kinds.CHROMA_SINGLE, kinds.FLUX2_SINGLE):
+        h = w.shape("linear1.weight")[1]
+        return {"x": randn(1, n + nt, h), "mod": 0.5 * randn(1, 1, 3 * h)}
+    if kind == kinds.CHROMA_APPROXIMATOR:
+        return {"x": randn(1, n, w.shape("in_proj.weight")[1])}
+    if kind == kinds.RMS_LINEAR:
+        return {"x": randn(1, n, w.shape("1.weight")[1])}
+    if kind == kinds.Z_IMAGE_LAYER:
+        d = w.shape("attention.qkv.weight")[1]
+        t = w.shape("adaLN_modulation.0.weight")[1] if w.has("adaLN_modulation.0.weight") else 1
+        return {"x": randn(1, n, d), "adaln": randn(1, t)}
+    if kind == kinds.Z_IMAGE_FINAL:
+        return {"x": randn(1, n, w.shape("linear.weight")[1]),
+                "c": randn(1, w.shape("adaLN_modulation.1.weight")[1])}
     if kind == kinds.FLUX_FINAL:
         h = w.shape("adaLN_modulation.1.weight")[1]
         return {"x": randn(1, n, h), "vec": randn(1, h)}
@@ -264,10 +292,40 @@ def flux_double(w: Weights, x: Inputs, group: ProbeGroup) -> torch.Tensor:
     attention (text first), gated residual attention and MLP."""
     import torch.nn.functional as F
 
-    img, txt, vec = x["img"], x["txt"], x["vec"]
-    hd = _head_dim(group, img.shape[-1])
-    mods = {s: _lin(w, f"{s}_mod.lin", F.silu(vec))[:, None, :].chunk(6, -1)
+    mods = {s: _lin(w, f"{s}_mod.lin", F.silu(x["vec"]))[:, None, :].chunk(6, -1)
             for s in ("img", "txt")}
+    return _bfl_double(w, x["img"], x["txt"], mods, group, _gelu_tanh)
+
+
+def _swiglu(x: torch.Tensor) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    a, b = x.chunk(2, -1)
+    return F.silu(a) * b
+
+
+def _given_mods(x: Inputs) -> dict[str, tuple[torch.Tensor, ...]]:
+    return {s: x[f"mod_{s}"].chunk(6, -1) for s in ("img", "txt")}
+
+
+def chroma_double(w: Weights, x: Inputs, group: ProbeGroup) -> torch.Tensor:
+    """Chroma's ``DoubleStreamBlock``: Flux.1's, its shift/scale/gate given
+    (Chroma computes them for every block at once in the guidance
+    approximator, so the probe feeds seeded ones)."""
+    return _bfl_double(w, x["img"], x["txt"], _given_mods(x), group, _gelu_tanh)
+
+
+def flux2_double(w: Weights, x: Inputs, group: ProbeGroup) -> torch.Tensor:
+    """Flux.2's ``DoubleStreamBlock``: Flux.1's without biases, a SwiGLU
+    MLP, its shift/scale/gate given (the shared
+    ``double_stream_modulation_img/txt`` layers, probed on their own)."""
+    return _bfl_double(w, x["img"], x["txt"], _given_mods(x), group, _swiglu)
+
+
+def _bfl_double(w: Weights, img: torch.Tensor, txt: torch.Tensor,
+                mods: dict[str, tuple[torch.Tensor, ...]], group: ProbeGroup,
+                act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    hd = _head_dim(group, img.shape[-1])
     streams = {"img": img, "txt": txt}
     qkv = {s: _flux_qkv(w, f"{s}_attn", (1 + m[1]) * _ln(streams[s]) + m[0], hd)
            for s, m in mods.items()}
@@ -278,7 +336,7 @@ def flux_double(w: Weights, x: Inputs, group: ProbeGroup) -> torch.Tensor:
         m, h = mods[s], streams[s]
         h = h + m[2] * _lin(w, f"{s}_attn.proj", split[s])
         mlp_in = (1 + m[4]) * _ln(h) + m[3]
-        h = h + m[5] * _lin(w, f"{s}_mlp.2", _gelu_tanh(_lin(w, f"{s}_mlp.0", mlp_in)))
+        h = h + m[5] * _lin(w, f"{s}_mlp.2", act(_lin(w, f"{s}_mlp.0", mlp_in)))
         out.append(h - streams[s])
     return _flat(*out)
 
@@ -295,16 +353,45 @@ def flux_single(w: Weights, x: Inputs, group: ProbeGroup) -> torch.Tensor:
     attention, fused output (``linear2``), gated residual."""
     import torch.nn.functional as F
 
-    h, vec = x["x"], x["vec"]
+    mod = _lin(w, "modulation.lin", F.silu(x["vec"]))[:, None, :].chunk(3, -1)
+    return _bfl_single(w, x["x"], mod, group, _gelu_tanh)
+
+
+def chroma_single(w: Weights, x: Inputs, group: ProbeGroup) -> torch.Tensor:
+    """Chroma's ``SingleStreamBlock``: Flux.1's with given shift/scale/gate."""
+    return _bfl_single(w, x["x"], x["mod"].chunk(3, -1), group, _gelu_tanh)
+
+
+def flux2_single(w: Weights, x: Inputs, group: ProbeGroup) -> torch.Tensor:
+    """Flux.2's ``SingleStreamBlock``: SwiGLU MLP (``linear1`` yields twice
+    the MLP width), given shift/scale/gate (``single_stream_modulation``)."""
+    return _bfl_single(w, x["x"], x["mod"].chunk(3, -1), group, _swiglu)
+
+
+def _bfl_single(w: Weights, h: torch.Tensor, mod: tuple[torch.Tensor, ...],
+                group: ProbeGroup, act: Callable[[torch.Tensor], torch.Tensor]
+                ) -> torch.Tensor:
     width = h.shape[-1]
     hd = _head_dim(group, width)
-    shift, scale, gate = _lin(w, "modulation.lin", F.silu(vec))[:, None, :].chunk(3, -1)
+    shift, scale, gate = mod
     y = _lin(w, "linear1", (1 + scale) * _ln(h) + shift)
     qkv, mlp = y[..., :3 * width], y[..., 3 * width:]
     q, k, v = (_heads(t, hd) for t in qkv.chunk(3, -1))
     q, k = _rms(q, w("norm.query_norm.scale")), _rms(k, w("norm.key_norm.scale"))
     attn = _merge(_sdpa(q, k, v))
-    return _flat(gate * _lin(w, "linear2", torch_cat((attn, _gelu_tanh(mlp)), 2)))
+    return _flat(gate * _lin(w, "linear2", torch_cat((attn, act(mlp)), 2)))
+
+
+def chroma_approximator(w: Weights, x: Inputs, group: ProbeGroup) -> torch.Tensor:
+    """Chroma's ``Approximator`` (``distilled_guidance_layer``): in_proj, n
+    residual RMS-normed SiLU MLPs, out_proj: the modulation of every block."""
+    import torch.nn.functional as F
+
+    h = _lin(w, "in_proj", x["x"])
+    for i in w.numbered(r"layers\.(\d+)\."):
+        y = _rms(h, w(f"norms.{i}.scale"))
+        h = h + _lin(w, f"layers.{i}.out_layer", F.silu(_lin(w, f"layers.{i}.in_layer", y)))
+    return _flat(_lin(w, "out_proj", h))
 
 
 def final_layer(w: Weights, x: Inputs, group: ProbeGroup) -> torch.Tensor:
@@ -421,6 +508,51 @@ def wan_block(w: Weights, x: Inputs, group: ProbeGroup) -> torch.Tensor:
     h = h + _lin(w, "cross_attn.o", cross)
     y = _lin(w, "ffn.2", _gelu_tanh(_lin(w, "ffn.0", _ln(h) * (1 + e[4]) + e[3])))
     return _flat(h + y * e[5] - h0)
+
+
+def rms_linear(w: Weights, x: Inputs, group: ProbeGroup) -> torch.Tensor:
+    """RMSNorm then Linear (Z-Image's ``cap_embedder``: ``0`` the norm, ``1``
+    the Linear; eps 1e-5)."""
+    return _flat(_lin(w, "1", _rms(x["x"], w("0.weight"), 1e-5)))
+
+
+def z_image_layer(w: Weights, x: Inputs, group: ProbeGroup) -> torch.Tensor:
+    """Z-Image's ``ZImageTransformerBlock`` (Lumina-2's ``JointTransformerBlock``):
+    sandwich RMS norms around fused-qkv self-attention (RMS q/k norms) and a
+    SwiGLU feed-forward (``w2(silu(w1 x) * w3 x)``); with ``adaLN_modulation``
+    (layers, noise refiner) scaled inputs and tanh gates, without it (context
+    refiner) plain residuals."""
+    import torch
+
+    h = h0 = x["x"]
+    hd = _head_dim(group, h.shape[-1])
+    one = torch.ones(1)
+    scale_a = scale_f = gate_a = gate_f = one
+    if w.has("adaLN_modulation.0.weight"):
+        mod = _lin(w, "adaLN_modulation.0", x["adaln"])[:, None, :].chunk(4, -1)
+        scale_a, gate_a, scale_f, gate_f = 1 + mod[0], mod[1].tanh(), 1 + mod[2], mod[3].tanh()
+
+    def norm(name: str, t: torch.Tensor) -> torch.Tensor:
+        return _rms(t, w(f"{name}.weight"), 1e-5)
+
+    q, k, v = (_heads(t, hd) for t in _lin(w, "attention.qkv", norm("attention_norm1", h)
+                                             * scale_a).chunk(3, -1))
+    q, k = _rms(q, w("attention.q_norm.weight"), 1e-5), _rms(k, w("attention.k_norm.weight"),
+                                                             1e-5)
+    h = h + gate_a * norm("attention_norm2", _lin(w, "attention.out", _merge(_sdpa(q, k, v))))
+    f = norm("ffn_norm1", h) * scale_f
+    ff = _lin(w, "feed_forward.w2", torch.nn.functional.silu(_lin(w, "feed_forward.w1", f))
+              * _lin(w, "feed_forward.w3", f))
+    return _flat(h + gate_f * norm("ffn_norm2", ff) - h0)
+
+
+def z_image_final(w: Weights, x: Inputs, group: ProbeGroup) -> torch.Tensor:
+    """Z-Image's ``FinalLayer``: LayerNorm scaled by ``1 + adaLN(silu(c))``
+    (no shift), Linear."""
+    import torch.nn.functional as F
+
+    scale = 1 + _lin(w, "adaLN_modulation.1", F.silu(x["c"]))[:, None, :]
+    return _flat(_lin(w, "linear", _ln(x["x"]) * scale))
 
 
 # --- SD UNet ------------------------------------------------------------------------------
@@ -621,6 +753,11 @@ BLOCKS: dict[str, Callable[[Weights, Inputs, ProbeGroup], torch.Tensor]] = {
     kinds.LINEAR: linear, kinds.MLP_EMBEDDER: mlp_embedder,
     kinds.FLUX_DOUBLE: flux_double, kinds.FLUX_SINGLE: flux_single,
     kinds.FLUX_FINAL: final_layer, kinds.SD3_JOINT: sd3_joint,
+    kinds.CHROMA_DOUBLE: chroma_double, kinds.CHROMA_SINGLE: chroma_single,
+    kinds.CHROMA_APPROXIMATOR: chroma_approximator,
+    kinds.FLUX2_DOUBLE: flux2_double, kinds.FLUX2_SINGLE: flux2_single,
+    kinds.RMS_LINEAR: rms_linear, kinds.Z_IMAGE_LAYER: z_image_layer,
+    kinds.Z_IMAGE_FINAL: z_image_final,
     kinds.QWEN_BLOCK: qwen_block, kinds.WAN_BLOCK: wan_block,
     kinds.LDM_BLOCK: ldm_block, kinds.VAE_ENCODER: vae_encoder,
     kinds.VAE_DECODER: vae_decoder, kinds.CLIP_LAYER: clip_layer,

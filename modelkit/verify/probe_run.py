@@ -27,8 +27,10 @@ if TYPE_CHECKING:
 
     from PIL import Image
 
+    from modelkit.arch.registry import Architecture
     from modelkit.core.verify_settings import VerifySettings
     from modelkit.errors import CancelFlag
+    from modelkit.inspect.report import ModelReport
     from modelkit.io.source import Source
     from modelkit.verify.probe import BlockResult
 
@@ -84,6 +86,23 @@ def _standalone_components(rep: Any, name: str) -> tuple[str, ...]:
     return ("vae",)
 
 
+def _refuse_diffusers_layout(arch: Architecture,
+                             files: tuple[tuple[str, ModelReport], ...]) -> None:
+    """The probe's blocks name the original layout; Flux.1 files in the
+    diffusers layout are viewed in it (:mod:`modelkit.verify.probe_layout`),
+    the other transformers' are refused in one line naming the conversion."""
+    from modelkit.arch import registry
+
+    if arch.name == "flux" or arch.spec is not None or registry.ORIGINAL not in arch.layouts:
+        return
+    for name, rep in files:
+        if rep.layout == registry.DIFFUSERS:
+            raise ModelkitError(f"{name}: is a {arch.label} transformer in the diffusers "
+                                "layout; the probe reads the original layout: convert it "
+                                f"first ('modelkit convert {name} --layout original -o "
+                                "OUT.safetensors')")
+
+
 def probe_verify(model: str | os.PathLike[str], reference: str | os.PathLike[str] | None,
                  settings: VerifySettings, *, progress: ProgressFn = no_progress,
                  cancel: CancelFlag | None = None) -> VerifyReport:
@@ -123,6 +142,8 @@ def probe_verify(model: str | os.PathLike[str], reference: str | os.PathLike[str
                          cand_rep.arch))
         return report
     report.add(Check("static.architecture", PASS, "", arch.name))
+    _refuse_diffusers_layout(arch, ((Path(model).name, cand_rep),
+                                    (Path(reference).name, ref_rep)))
     if arch.name == "flux":  # a diffusers-layout file is probed in the BFL layout
         from modelkit.verify.probe_layout import as_original
 
