@@ -26,6 +26,9 @@ OPTIONAL = {"variants", "layout_rules", "notes"}  # may be empty for any entry
 DETECT_ONLY = {"spec", "blocks", "lora", "diffusers", "gguf", "commands", "probe"}
 # a family some commands handle: the tables of the commands not done yet
 PARTIAL_ONLY = {"spec", "diffusers", "gguf", "probe"}
+# a transformer family (no LDM config): its diffusers names are its layout map
+# (modelkit/arch/layouts.py), not an LDM config and pipeline list
+TRANSFORMER_ONLY = {"commands", "spec", "diffusers"}
 # every command a PARTIAL entry may list
 COMMANDS = {"inspect", "hash", "merge", "convert", "prune", "extract", "swap", "ema",
             "library", "tui", "lora bake", "lora info", "lora extract", "lora resize",
@@ -40,8 +43,9 @@ def _rule_conditions(rule: Rule) -> int:
 def test_every_architecture_declares_every_field(name: str) -> None:
     arch = REGISTRY[name]
     assert arch.name == name and arch.support in (FULL, PARTIAL, DETECT)
-    allowed_empty = OPTIONAL | {FULL: {"commands"}, PARTIAL: PARTIAL_ONLY,
-                                DETECT: DETECT_ONLY}[arch.support]
+    ldm = arch.spec is not None
+    allowed_empty = OPTIONAL | {FULL: {"commands"} if ldm else TRANSFORMER_ONLY,
+                                PARTIAL: PARTIAL_ONLY, DETECT: DETECT_ONLY}[arch.support]
     for f in fields(Architecture):
         value = getattr(arch, f.name)
         if f.name not in allowed_empty:
@@ -59,9 +63,14 @@ def test_every_architecture_declares_every_field(name: str) -> None:
         assert arch.blocks is not None and list(arch.blocks.names) == block_names(name)
         assert arch.lora is not None and arch.lora.modules is not None
         assert arch.commands <= COMMANDS
-    if "convert" in arch.commands:  # convert --layout: a key map of both layouts
-        assert name in layouts.MAPS and len(arch.layouts) == 2
-    if arch.support == FULL:
+    if "convert" in arch.commands or (arch.support == FULL and not ldm):
+        # convert --layout: a key map of both layouts (Qwen-Image has one)
+        assert (name in layouts.MAPS) == (len(arch.layouts) == 2)
+    if arch.support == FULL and not ldm:  # its own block list, LoRA table and probe
+        assert arch.blocks is not None and list(arch.blocks.names) == block_names(name)
+        assert arch.lora is not None and arch.lora.modules is not None and arch.lora.adapters
+        assert arch.gguf is not None and arch.probe
+    if arch.support == FULL and ldm:
         assert arch.blocks is not None and arch.lora is not None
         assert arch.diffusers is not None and arch.gguf is not None
         assert list(arch.blocks.names) == block_names(name)
@@ -74,10 +83,11 @@ def test_every_architecture_declares_every_field(name: str) -> None:
 
 
 def test_sd_entries_hold_the_known_facts() -> None:
-    assert registry.names(support=FULL) == ("sd1", "sd2", "sdxl", "sdxl_refiner")
-    assert [len(REGISTRY[a].blocks.names) for a in registry.names(support=FULL)] == [
-        26, 26, 20, 26]
-    assert {a: REGISTRY[a].gguf.arch for a in registry.names(support=FULL)} == {
+    sd = ("sd1", "sd2", "sdxl", "sdxl_refiner")
+    assert registry.names(where=lambda a: a.spec is not None) == sd
+    assert registry.names(support=FULL) == registry.names()  # every family, every command
+    assert [len(REGISTRY[a].blocks.names) for a in sd] == [26, 26, 20, 26]
+    assert {a: REGISTRY[a].gguf.arch for a in sd} == {
         "sd1": "sd1", "sd2": "sd1", "sdxl": "sdxl", "sdxl_refiner": "sdxl"}
     from modelkit.io.suffixes import GGUF_DIFFUSION_ARCHS  # what ComfyUI-GGUF loads
 
@@ -86,7 +96,7 @@ def test_sd_entries_hold_the_known_facts() -> None:
     assert REGISTRY["sdxl"].diffusers.scaling_factor == 0.13025
     assert REGISTRY["sd2"].lora.kohya_te_dropped_layers == 1
     assert REGISTRY["sdxl_refiner"].pipeline(None) == "StableDiffusionXLImg2ImgPipeline"
-    assert registry.listed() == "sd1, sd2, sdxl and sdxl_refiner"
+    assert registry.listed() == registry.listed(registry.names())  # every family
     assert registry.same_family("sdxl", "sdxl_refiner")
     assert not registry.same_family("sd1", "sd2")
     assert REGISTRY["flux"].default_dtype == "bf16"
@@ -110,16 +120,14 @@ def test_name_lists_elsewhere_are_the_registrys() -> None:
     from modelkit.verify.models import RENDER_ARCHS
     from modelkit.verify.tokenizer import PAD_ALT_SLOTS
 
-    full = registry.names(support=FULL)
-    assert full == vocab.ARCH_NAMES
+    full = registry.names(where=lambda a: a.spec is not None)  # the LDM (SD) entries
     transformers = ("sd3", "flux", "chroma", "flux2", "qwen_image", "wan", "z_image")
+    assert vocab.ARCH_NAMES == registry.names(support=FULL) == (*full, *transformers)
     assert vocab.RECOGNISED_ONLY == registry.names(support=DETECT) == ()
-    assert registry.names(support=PARTIAL) == transformers
-    assert registry.handling("convert") == (*full, *(t for t in transformers
-                                                     if t != "qwen_image"))
-    assert registry.handling("lora bake") == registry.handling("lora info") == (
-        *full, *transformers)
-    assert registry.handling("merge") == registry.handling("prune") == (*full, *transformers)
+    assert registry.names(support=PARTIAL) == ()
+    for command in ("convert", "lora bake", "lora info", "merge", "prune", "extract", "swap",
+                    "ema", "hash", "library", "tui"):
+        assert registry.handling(command) == (*full, *transformers), command
     # quantize, export-gguf and verify handle every entry declaring their table
     assert registry.handling("quantize") == registry.names()
     assert registry.handling("export-gguf") == registry.handling("verify") == registry.names()
@@ -187,8 +195,8 @@ def test_inspect_names_flux_family_variant_and_layout(
     assert d["kind"] == ("checkpoint" if aio else "unet")
     assert d["prediction"]["type"] == "unknown"
     assert d["unknown_keys"] == []
-    handled = registry.listed(tuple(sorted(registry.REGISTRY["flux"].commands)))
-    assert f"Flux.1: {handled} handle it; the other commands do not yet" in d["notes"]
+    # every command handles Flux.1: no note says otherwise
+    assert not any("do not" in n or "recognised only" in n for n in d["notes"])
     unet = d["components"]["unet"]
     assert unet["family"] == "Flux.1 transformer"
     assert unet["prefix"] == ("model.diffusion_model." if prefixed or aio else "")

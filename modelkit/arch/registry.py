@@ -235,11 +235,6 @@ class Architecture:
         return dict(self.diffusers.pipelines).get(variant) if self.diffusers else None
 
 
-# commands that handle every family's files: hash (bytes and tensors, any
-# family), the library and the TUI (they name kind, family, variant and layout)
-_NAMING = frozenset({"hash", "library", "tui"})
-
-
 # --- SD1, SD2, SDXL, SDXL refiner -------------------------------------------------
 
 _IN_CONV = "input_blocks.0.0.weight"
@@ -354,7 +349,7 @@ SDXL_REFINER = _ldm(
     scaling=0.13025, gguf="sdxl",
 )
 
-# --- the transformer families: the commands in their `commands` handle them -------
+# --- the transformer families (every command handles them) -----------------------
 
 # a transformer file: the LDM leftovers, and what trainers leave beside the
 # weights (optimizer and scheduler state, a grad scaler, LoRA keys saved in,
@@ -370,10 +365,6 @@ def _own_blocks(table: _family_blocks.PrefixBlocks) -> BlockMap:
     return BlockMap(table.names, ("comfyui",), "comfyui", table.key_to_block,
                     vae_slot=False, table=table)
 
-
-# what the transformer families' merge, prune, extract, swap and ema handle (the
-# per-key transforms; their block lists: modelkit.arch.family_blocks)
-_DIT_COMMANDS = frozenset({"inspect", "hash", "merge", "prune", "extract", "swap", "ema"})
 
 # SD3 / SD3.5 (Stability's MMDiT, original layout; ComfyUI's model_detection.py)
 _SD3_QKV = "joint_blocks.0.context_block.attn.qkv.weight"
@@ -411,12 +402,10 @@ SD3_VARIANTS = (
 # "flux_2_dev": dataset/architectures.py) and modelspec "wan2.1", "Qwen-Image",
 # "Z-Image" (utils/sai_model_spec.py); none found for SD3 (kohya appends the
 # model variant) or Flux.2's modelspec, so none is written
-_LORA_COMMANDS = frozenset({"lora bake", "lora info", "lora extract", "lora resize",
-                            "lora merge", "lora convert"})
 
 SD3 = Architecture(
     name="sd3", label="SD3", short="sd3", family="sd3", aliases=("sd3", "sd3.5", "sd35"),
-    support=PARTIAL, commands=_DIT_COMMANDS | _LORA_COMMANDS | {"convert", *_NAMING},
+    support=FULL,
     detect=(Rule(keys=(_SD3_QKV, "x_embedder.proj.weight"),
                  evidence=("joint_blocks.0.context_block.attn.qkv with x_embedder.proj: "
                            "SD3 MMDiT (original layout)",)),
@@ -452,7 +441,7 @@ _QWEN_TXT_NORM = "txt_norm.weight"
 QWEN_IMAGE = Architecture(
     name="qwen_image", label="Qwen-Image", short="qwen", family="qwen_image",
     aliases=("qwen_image", "qwen-image", "qwenimage"),
-    support=PARTIAL, commands=_DIT_COMMANDS | _LORA_COMMANDS | {*_NAMING},
+    support=FULL,
     detect=(Rule(keys=(_QWEN_TXT_NORM, "img_in.weight", "txt_in.weight",
                        "transformer_blocks.0.img_mod.1.weight",
                        "transformer_blocks.0.attn.add_q_proj.weight"),
@@ -502,7 +491,7 @@ _WAN_Q, _WAN_DIFFUSERS_Q = "blocks.0.self_attn.q.weight", "blocks.0.attn1.to_q.w
 WAN = Architecture(
     name="wan", label="Wan", short="wan", family="wan",
     aliases=("wan", "wan2.1", "wan2.2", "wan21", "wan22"),
-    support=PARTIAL, commands=_DIT_COMMANDS | _LORA_COMMANDS | {"convert", *_NAMING},
+    support=FULL,
     detect=(Rule(keys=("head.modulation", _WAN_PATCH, _WAN_Q, "blocks.0.cross_attn.q.weight"),
                  evidence=("head.modulation, a 3-D patch_embedding and blocks.0.self_attn: "
                            "Wan video transformer (original layout)",)),
@@ -555,9 +544,7 @@ def _flux_variant_rules(img_in: str, guidance: str) -> tuple[Variant, ...]:
 
 FLUX = Architecture(
     name="flux", label="Flux.1", short="flux", family="flux",
-    aliases=("flux", "flux1", "flux.1"), support=PARTIAL,
-    commands=_DIT_COMMANDS | {"convert", "lora bake", "lora convert", "lora extract",
-                              "lora info", "lora merge", "lora resize", *_NAMING},
+    aliases=("flux", "flux1", "flux.1"), support=FULL,
     # per-block modulation and the pooled-text input tell Flux.1 from Chroma
     # (distilled guidance, no vector_in) and Flux.2 (shared modulation)
     detect=(Rule(keys=(_FLUX_QK_NORM, "double_blocks.0.img_mod.lin.weight",
@@ -605,9 +592,8 @@ FLUX = Architecture(
                 "norm_out.", "proj_out."),
     probe=_probes.flux(),
     notes=("Kontext has the dev layout and reads as dev",
-           "merge takes either layout (all inputs in one); lora bake the original "
-           "(BFL/ComfyUI) layout; a merge takes the VAE and text encoders of an "
-           "all-in-one file from model A"),
+           "merge takes either layout (all inputs in one); a merge takes the VAE and "
+           "text encoders of an all-in-one file from model A"),
 )
 
 # Chroma (Flux.1-schnell derivative: no per-block modulation; ComfyUI's
@@ -616,7 +602,7 @@ _CHROMA_APPROX = "distilled_guidance_layer.in_proj.weight"
 CHROMA = Architecture(
     name="chroma", label="Chroma", short="chroma", family="chroma",
     aliases=("chroma",),
-    support=PARTIAL, commands=_DIT_COMMANDS | _LORA_COMMANDS | {"convert", *_NAMING},
+    support=FULL,
     detect=(Rule(keys=(_CHROMA_APPROX, _FLUX_QK_NORM, "single_blocks.0.linear1.weight"),
                  absent=("double_blocks.0.img_mod.lin.weight",),
                  evidence=("distilled_guidance_layer with Flux.1 blocks and no per-block "
@@ -653,7 +639,7 @@ _FLUX2_DIFFUSERS_MOD = "double_stream_modulation_img.linear.weight"
 FLUX2 = Architecture(
     name="flux2", label="Flux.2", short="flux2", family="flux2",
     aliases=("flux2", "flux.2"),
-    support=PARTIAL, commands=_DIT_COMMANDS | _LORA_COMMANDS | {"convert", *_NAMING},
+    support=FULL,
     detect=(Rule(keys=(_FLUX2_MOD, "single_stream_modulation.lin.weight",
                        "double_blocks.0.img_attn.qkv.weight"),
                  evidence=("double_stream_modulation_img and single_stream_modulation "
@@ -693,7 +679,7 @@ _ZIMAGE_CAP = "cap_embedder.1.weight"
 Z_IMAGE = Architecture(
     name="z_image", label="Z-Image", short="zimage", family="z_image",
     aliases=("z_image", "z-image", "zimage"),
-    support=PARTIAL, commands=_DIT_COMMANDS | _LORA_COMMANDS | {"convert", *_NAMING},
+    support=FULL,
     detect=(Rule(keys=(_ZIMAGE_CAP, "noise_refiner.0.adaLN_modulation.0.weight",
                        "context_refiner.0.feed_forward.w1.weight"),
                  shapes=((_ZIMAGE_CAP, 0, 3840), (_ZIMAGE_CAP, 1, 2560)),
