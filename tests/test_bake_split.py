@@ -236,3 +236,84 @@ def test_dora_on_a_fused_weight_of_a_diffusers_base_is_refused(tmp_path: Path) -
     assert f"module {name} (lora, DoRA) reads the whole fused weight" in err
     assert "diff.safetensors stores split" in err and "convert --layout original" in err
     assert not list(tmp_path.glob("x.safetensors*"))
+
+
+# --- LoRA block weights for every family -------------------------------------------
+
+
+def _bake_blocks(tmp_path: Path, keys: dict[str, Shape], modules: dict[str, str],
+                 spec: str, *, layout: str | None = None) -> tuple[dict[str, torch.Tensor], ...]:
+    base, lora, out = (tmp_path / f"{n}.safetensors" for n in ("b", "l", "o"))
+    _write_base(base, keys, seed=11)
+    if layout is not None:
+        conv = tmp_path / "bd.safetensors"
+        assert main(["convert", str(base), "-o", str(conv), "--layout", layout, "-q"]) == 0
+        base = conv
+    w = _tensors(base)
+    la = _write_lora(lora, _tensors(tmp_path / "b.safetensors"), modules, seed=12)
+    assert main(["lora", "bake", str(base), str(lora), "-o", str(out), "-q",
+                 "--blocks", spec]) == 0
+    return w, la, _tensors(out)
+
+
+def _lbw_check(w: dict[str, torch.Tensor], la: dict[str, torch.Tensor],
+               got: dict[str, torch.Tensor], strengths: dict[str, tuple[str, float]]) -> None:
+    """``strengths``: module -> (patched key in the base, block weight), by hand."""
+    for name, (key, k) in strengths.items():
+        up, down = la[f"{name}.lora_up.weight"], la[f"{name}.lora_down.weight"]
+        want = w[key] if k == 0 else w[key] + (k * S) * (up @ down)
+        assert torch.equal(got[key], want), name
+    touched = {key for key, _ in strengths.values()}
+    for key in w.keys() - touched:
+        assert torch.equal(got[key], w[key]), key
+
+
+def test_block_weights_scale_one_wan_block_in_both_layouts(tmp_path: Path) -> None:
+    from modelkit.arch import wan
+
+    keys = wan.transformer_keys(wan.small(wan.VARIANTS["t2v-1.3b"]))
+    modules = {"lora_unet_blocks_0_self_attn_q": "blocks.0.self_attn.q.weight",
+               "lora_unet_blocks_1_ffn_0": "blocks.1.ffn.0.weight",
+               "lora_unet_head_head": "head.head.weight"}
+    spec = "blocks.1=0.25,blocks.0=0,default=1"
+    w, la, got = _bake_blocks(tmp_path, keys, modules, spec)
+    _lbw_check(w, la, got, {
+        "lora_unet_blocks_0_self_attn_q": ("blocks.0.self_attn.q.weight", 0),
+        "lora_unet_blocks_1_ffn_0": ("blocks.1.ffn.0.weight", 0.25),
+        "lora_unet_head_head": ("head.head.weight", 1.0)})
+    # the same blocks by their original names on a diffusers-layout base
+    (tmp_path / "d").mkdir()
+    w, la, got = _bake_blocks(tmp_path / "d", keys, modules, spec, layout="diffusers")
+    _lbw_check(w, la, got, {
+        "lora_unet_blocks_0_self_attn_q": ("blocks.0.attn1.to_q.weight", 0),
+        "lora_unet_blocks_1_ffn_0": ("blocks.1.ffn.net.0.proj.weight", 0.25),
+        "lora_unet_head_head": ("proj_out.weight", 1.0)})
+
+
+def test_block_weights_scale_one_sd3_block(tmp_path: Path) -> None:
+    keys = sd3.transformer_keys(sd3.SD3Config(depth=2))
+    qkv, fc2 = "joint_blocks.0.x_block.attn.qkv.weight", "joint_blocks.1.x_block.mlp.fc2.weight"
+    modules = {"lora_unet_joint_blocks_0_x_block_attn_qkv": qkv,
+               "lora_unet_joint_blocks_1_x_block_mlp_fc2": fc2,
+               "lora_unet_context_embedder": "context_embedder.weight"}
+    # one block at 0.5, the embedder at 2, the other block off
+    w, la, got = _bake_blocks(tmp_path, keys, modules,
+                              "joint_blocks.1=0.5,context_embedder=2,default=0")
+    _lbw_check(w, la, got, {
+        "lora_unet_joint_blocks_0_x_block_attn_qkv": (qkv, 0),
+        "lora_unet_joint_blocks_1_x_block_mlp_fc2": (fc2, 0.5),
+        "lora_unet_context_embedder": ("context_embedder.weight", 2.0)})
+
+
+def test_every_tabled_family_takes_block_weights() -> None:
+    from modelkit.arch import registry
+    from modelkit.arch.lora_blocks import parse_lora_blocks
+    from modelkit.arch.lora_modules import tabled_archs
+
+    for arch in tabled_archs():
+        entry = registry.get(arch)
+        assert entry is not None and entry.lora is not None and entry.blocks is not None
+        assert entry.lora.block_weights, arch
+        names = entry.blocks.names
+        got = parse_lora_blocks(f"{names[-2]}=0.5,default=1", arch)
+        assert got == {n: (0.5 if n == names[-2] else 1.0) for n in names}, arch
