@@ -317,3 +317,23 @@ def test_every_tabled_family_takes_block_weights() -> None:
         names = entry.blocks.names
         got = parse_lora_blocks(f"{names[-2]}=0.5,default=1", arch)
         assert got == {n: (0.5 if n == names[-2] else 1.0) for n in names}, arch
+
+
+def test_full_module_weight_and_bias_split_row_by_row(tmp_path: Path) -> None:
+    keys, _, land = _flux()
+    orig, diff = _bases(tmp_path, keys)
+    w = _tensors(diff)
+    h = 256
+    gen = torch.Generator().manual_seed(9)
+    # a LyCORIS full module on the fused qkv: ΔW = diff, Δb = diff_b (no scale)
+    name = "lycoris_double_blocks_0_img_attn_qkv"
+    d, db = torch.randn(3 * h, h, generator=gen) * 0.1, torch.randn(3 * h, generator=gen) * 0.1
+    save_file({f"{name}.diff": d, f"{name}.diff_b": db}, str(tmp_path / "full.safetensors"))
+    out = tmp_path / "o.safetensors"
+    assert main(["lora", "bake", str(diff), f"{tmp_path / 'full.safetensors'}:0.5", "-o",
+                 str(out), "-q"]) == 0
+    got = _tensors(out)
+    for key, [(a, b)] in land["lora_unet_double_blocks_0_img_attn_qkv"]:
+        assert torch.equal(got[key], w[key] + 0.5 * d[a:b]), key
+        bias = key.removesuffix(".weight") + ".bias"
+        assert torch.equal(got[bias], w[bias] + 0.5 * db[a:b]), bias
