@@ -321,7 +321,7 @@ def test_every_tabled_family_takes_block_weights() -> None:
 
 def test_full_module_weight_and_bias_split_row_by_row(tmp_path: Path) -> None:
     keys, _, land = _flux()
-    orig, diff = _bases(tmp_path, keys)
+    _, diff = _bases(tmp_path, keys)
     w = _tensors(diff)
     h = 256
     gen = torch.Generator().manual_seed(9)
@@ -337,3 +337,25 @@ def test_full_module_weight_and_bias_split_row_by_row(tmp_path: Path) -> None:
         assert torch.equal(got[key], w[key] + 0.5 * d[a:b]), key
         bias = key.removesuffix(".weight") + ".bias"
         assert torch.equal(got[bias], w[bias] + 0.5 * db[a:b]), bias
+
+
+def test_info_measures_fused_modules_against_a_diffusers_base(tmp_path: Path) -> None:
+    from modelkit.lora.info import info
+
+    keys, modules, land = _flux()
+    orig, diff = _bases(tmp_path, keys)
+    w_diff = _tensors(diff)
+    lora = tmp_path / "l.safetensors"
+    _write_lora(lora, _tensors(orig), modules, seed=10)
+    with open_source(lora) as la, open_source(orig) as bo, open_source(diff) as bd:
+        ro, rd = info(la, bo), info(la, bd)
+    by_name = {x.name: x for x in rd.layers}
+    for name, landing in land.items():
+        # ‖W‖ of the fused weight, joined here from the diffusers weights
+        want = float(torch.cat([w_diff[k] for k, _ in landing]).norm())
+        assert by_name[name].base_norm == pytest.approx(want, rel=1e-6), name
+    assert [x.name for x in rd.layers] == [x.name for x in ro.layers]
+    assert [x.base_norm for x in rd.layers] == pytest.approx(
+        [x.base_norm for x in ro.layers], rel=1e-6)
+    assert {n: b.relative for n, b in rd.blocks.items() if b.n_modules} == pytest.approx(
+        {n: b.relative for n, b in ro.blocks.items() if b.n_modules}, rel=1e-6)
