@@ -189,9 +189,10 @@ def _plan_split(delta: ModuleDelta, parts: list[Part], ckpt: Source, base: str, 
                             f"{base} stores split (diffusers layout); run `modelkit convert "
                             "--layout original` first")
     found = [(p, _ckpt_key(f"{UNET_PREFIX}{p.key}", ckpt.infos)) for p in parts]
-    missing = [key for _, key in found if key not in ckpt.infos]
-    if missing:
+    if any(key not in ckpt.infos for _, key in found):
         rep.unmatched += mod.keys.values()
+        kind = module_kind(mod.target.path if mod.target else mod.name)
+        rep.no_target[kind] = rep.no_target.get(kind, 0) + 1
         return set()
     shapes = [tuple(ckpt.infos[key].shape) for _, key in found]
     fused = (sum(s[0] for s in shapes), *shapes[0][1:])
