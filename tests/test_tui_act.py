@@ -301,7 +301,7 @@ async def test_block_fields_offer_the_selected_familys_presets_and_block_names(
     from modelkit.tui.recipes import block_arch, block_hints
 
     paths = [write_sparse_wan(tmp_path / f"wan-{n}.safetensors", tiny=True) for n in "ab"]
-    entries = [replace(_entry(str(p), "checkpoint"), arch="wan") for p in paths]
+    entries = [replace(_entry(str(p), "unet"), arch="wan") for p in paths]  # a transformer file
     names = registry.get("wan").blocks.names  # type: ignore[union-attr]
 
     class Host(App[None]):
