@@ -139,7 +139,7 @@ def test_name_lists_elsewhere_are_the_registrys() -> None:
     assert tuple(GGUF_ARCH) == registry.names(where=lambda a: a.gguf is not None) == (
         registry.names())
     assert (*full[:3], *transformers) == LORA_ARCHS
-    assert lora_blocks.LBW_ARCHS == ("sd1", "sd2", "sdxl", "flux")
+    assert lora_blocks.LBW_ARCHS == (*full[:3], *transformers)  # not the refiner
     for cmd in ("lora extract", "lora resize", "lora merge", "lora convert"):
         assert registry.handling(cmd) == (*full, *transformers)
     assert ARCH_CANDIDATES == ("sd1", "sd2", "sdxl")  # those with LDM key tables

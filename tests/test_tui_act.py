@@ -284,3 +284,61 @@ def test_snapshot_act_lora_bake_80x24(snap_compare: Any, snapshot_library: Path,
 
     assert snap_compare(make_app(db=str(snapshot_library), images=False),
                         terminal_size=(80, 24), run_before=run_before)
+
+
+# --- block weights per family ------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_block_fields_offer_the_selected_familys_presets_and_block_names(
+        tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from textual.app import App
+
+    from modelkit.arch import registry
+    from modelkit.testing import write_sparse_wan
+    from modelkit.tui.recipes import block_arch, block_hints
+
+    paths = [write_sparse_wan(tmp_path / f"wan-{n}.safetensors", tiny=True) for n in "ab"]
+    entries = [replace(_entry(str(p), "unet"), arch="wan") for p in paths]  # a transformer file
+    names = registry.get("wan").blocks.names  # type: ignore[union-attr]
+
+    class Host(App[None]):
+        def on_mount(self) -> None:
+            self.push_screen(ActScreen(entries))
+
+    async with Host().run_test(size=(120, 40)) as pilot:
+        await settle(pilot)
+        screen = pilot.app.screen
+        assert isinstance(screen, ActScreen)
+        assert screen.query_one("#act-method", Select).value == "weighted_sum"
+        form = screen.query_one(ParamForm)
+        assert form.hints.arch == "wan"
+        alpha = screen.query_one("#param-alpha", Input)
+        assert f"{names[-2]}=0.5,default=1" in alpha.placeholder
+        assert "gradient_v" not in alpha.placeholder  # an SD preset
+        # completes Wan's presets and block names, not SD's
+        alpha.focus()
+        for typed, completed in (("blocks_o", "blocks_only"), ("time_p", "time_projection")):
+            alpha.value = ""
+            await pilot.press(*typed)
+            await pilot.pause()
+            await pilot.press("right")
+            assert alpha.value == completed
+        alpha.value = "in_o"  # SD's in_only is not offered
+        await pilot.press("right")
+        assert alpha.value == "in_o"
+        # the completed preset plans: Wan's blocks_only takes the blocks at 1
+        alpha.value = "blocks_only"
+        await pilot.press("ctrl+p")
+        await settle(pilot)
+        plan = _text(screen, "#act-plan")
+        assert plan.startswith("would write wan-a-wan-b-weighted_sum.safetensors  (wan,"), plan
+    # the plain logic: a bake's checkpoint decides; no family with blocks: SD1's lists
+    lora = replace(_entry("/m/l.safetensors", "lora"), arch="wan")
+    assert block_arch([lora, entries[0]]) == "wan"
+    assert block_hints(None).lora[:3] == ("NONE", "ALL", "INS")
+    flux = block_hints("flux")
+    assert "double_only" in flux.merge and "double_blocks.0" in flux.lora
+    assert "gradient_v" not in flux.merge and "INS" not in flux.lora

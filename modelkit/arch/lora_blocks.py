@@ -73,6 +73,17 @@ def _check(arch: str) -> None:
                             f"{', '.join(LBW_ARCHS)}")
 
 
+def _check_own(arch: str) -> None:
+    from modelkit.arch import registry
+
+    entry = registry.get(arch)
+    if entry is None or entry.lora is None or not entry.lora.block_weights:
+        own = registry.names(where=lambda a: a.lora is not None and a.lora.block_weights
+                             and a.spec is None)
+        raise ModelkitError(f"no LoRA block weights for {arch!r}; known: "
+                            f"{', '.join(LBW_ARCHS + own)}")
+
+
 @lru_cache(maxsize=8)
 def attention_blocks(arch: str) -> tuple[str, ...]:
     """The short block list of ``arch``: BASE, the IN and OUT blocks that hold
@@ -143,12 +154,16 @@ def parse_lora_blocks(spec: object, arch: str) -> dict[str, float]:
     * anything :func:`modelkit.arch.blocks.parse_blocks` accepts (a number,
       a mapping such as ``"BASE=0,IN=0.5,default=1"``).
 
-    A family with its own block map (Flux.1) takes its merge block specs:
-    its 63 names, groups and presets (``double_only``...).
+    A transformer family with its own block map (every one the registry
+    declares ``block_weights`` for: Flux.1, Chroma, Flux.2, SD3, Qwen-Image,
+    Wan, Z-Image) takes its merge block specs: its block names (the original
+    layout's; a diffusers-layout key maps to the same block), groups and
+    presets (``double_only``, ``gradient_in_to_out``...).
     """
     from modelkit.arch.blocks import has_own_map
 
     if has_own_map(arch):
+        _check_own(arch)
         return parse_blocks(spec, arch)
     _check(arch)
     if isinstance(spec, str) and spec.strip().upper() in PRESET_NAMES:

@@ -206,9 +206,11 @@ def _swapped_if_pre_only(target: ModuleTarget, name: str, keys: dict[str, str],
 
     if target.swap or UP not in keys or DOWN not in keys:
         return target
-    rows, cols = source.infos[keys[UP]].shape[0], source.infos[keys[DOWN]].shape[-1]
-    return replace(target, swap=True) if swapped_by_shape(name, target.path, rows,
-                                                          cols) else target
+    up, down = source.infos[keys[UP]].shape, source.infos[keys[DOWN]].shape
+    if not up or not down:  # malformed: validate_adapter names it
+        return target
+    return replace(target, swap=True) if swapped_by_shape(name, target.path, up[0],
+                                                          down[-1]) else target
 
 
 PEFT_COMPONENTS = ("unet", "transformer", "text_encoder_2", "text_encoder")

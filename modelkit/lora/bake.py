@@ -12,14 +12,21 @@ Before any math: an adapter made for another architecture is refused,
 every adapter tensor must land on a checkpoint weight (or the bake fails
 listing the keys that do not; ``allow_unmatched`` reports them instead) and
 every ΔW shape is checked against the weight it patches.
+
+A transformer base in the diffusers layout takes every module: one on a
+weight diffusers renames lands on it whole, one on a fused weight diffusers
+splits or reorders (a kohya ``qkv``, Flux.1's ``linear1``, an adaLN
+modulation) lands row by row (:mod:`modelkit.lora.bake_split`; those weights
+take the general route, not the streaming one).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +47,7 @@ from modelkit.inspect.describe import describe, require_checkpoint, require_orig
 from modelkit.io.source import DerivedSource, Source, input_paths_of, source_label, tensor_info
 from modelkit.jsontypes import JSONDict
 from modelkit.lora.adapter import LORA_ARCHS, Adapter, AdapterModule, open_adapter
+from modelkit.lora.bake_split import Part, RowsDelta, runs_of, split_index
 from modelkit.lora.bake_stream import check_range, chunkable, streamer
 from modelkit.lora.delta import ModuleDelta, check_fit, target_view
 from modelkit.lora.output import LORA_THREADS, storage_dtype, torch_threads
@@ -142,28 +150,73 @@ def _diffusers_remap(rep: Any, own: registry.Architecture | None
 
 
 def _to_diffusers_layout(ad: Adapter, remap: dict[tuple[str, tuple[int, int] | None], str],
-                         base: str, arch: str) -> Adapter:
+                         index: Callable[[], dict[str, list[Part]]]
+                         ) -> tuple[Adapter, dict[str, list[Part]]]:
     """``ad`` with every module's target renamed to the diffusers weight it
-    patches whole; refused in one line when a module patches a weight the
-    diffusers layout splits or reorders (a fused kohya ``qkv``)."""
-    modules, split = {}, []
+    patches whole, and the modules on a fused weight that diffusers splits
+    or reorders (a kohya ``qkv``), each with the diffusers weights holding
+    its rows (``index``: :func:`split_index` of the base). A module on
+    neither keeps its target, which the base lacks: it is reported as
+    having no target there (a block the base does not have)."""
+    modules, parts = {}, {}
     for name, mod in ad.modules.items():
         t = mod.target
         assert t is not None
+        modules[name] = mod
+        # the base's own map first: which block's modulation diffusers swaps
+        # depends on the depth (SD3's last context block), not the table's
+        found = index().get(f"{t.path}.weight") if t.rows is None else None
         path = remap.get((t.path, t.rows))
-        if path is None:
-            split.append(f"{name} -> {t.path}")
-            continue
-        key = f"{UNET_PREFIX}{path}"
-        modules[name] = replace(mod, target=replace(
-            t, path=path, key=f"{key}.weight", bias_key=f"{key}.bias", rows=None, of=None))
-    if split:
-        label = registry.label(arch)
-        raise ModelkitError(f"{base} is {with_article(label)} transformer in the diffusers "
-                            f"layout, which splits or reorders what "
-                            f"{plural(len(split), 'module')} of {ad.label} patch (e.g. "
-                            f"{split[0]}); run `modelkit convert --layout original` first")
-    return replace(ad, modules=modules)
+        if found:
+            parts[name] = found
+        elif path is not None:
+            key = f"{UNET_PREFIX}{path}"
+            modules[name] = replace(mod, target=replace(
+                t, path=path, key=f"{key}.weight", bias_key=f"{key}.bias", rows=None,
+                of=None))
+    return replace(ad, modules=modules), parts
+
+
+def _plan_split(delta: ModuleDelta, parts: list[Part], ckpt: Source, base: str, k: float,
+                patches: dict[str, list[_Patch]], rep: AdapterBakeReport) -> set[str]:
+    """Patch each diffusers weight holding rows of the fused weight a module
+    patches with those rows of its ΔW (and Δb); the keys touched."""
+    mod = delta.mod
+    if delta.needs_base:
+        raise ModelkitError(f"{delta.ad.label}: module {mod.name} ({mod.algo}"
+                            f"{', DoRA' if delta.has_dora else ''}) reads the whole fused "
+                            f"weight {mod.target.path if mod.target else '?'}, which "
+                            f"{base} stores split (diffusers layout); run `modelkit convert "
+                            "--layout original` first")
+    found = [(p, _ckpt_key(f"{UNET_PREFIX}{p.key}", ckpt.infos)) for p in parts]
+    if any(key not in ckpt.infos for _, key in found):
+        rep.unmatched += mod.keys.values()
+        kind = module_kind(mod.target.path if mod.target else mod.name)
+        rep.no_target[kind] = rep.no_target.get(kind, 0) + 1
+        return set()
+    shapes = [tuple(ckpt.infos[key].shape) for _, key in found]
+    fused = (sum(s[0] for s in shapes), *shapes[0][1:])
+    if _patches_weight(mod):
+        check_fit(delta, base, fused, fused[0], math.prod(fused[1:]))
+    bias_suffixes = [s for s in ("diff_b", "b_norm") if s in mod.keys]
+    bias_keys = [_ckpt_key(f"{UNET_PREFIX}{p.key.removesuffix('.weight')}.bias", ckpt.infos)
+                 for p in parts]
+    if bias_suffixes:
+        size = tuple(delta.ad.source.infos[mod.keys[bias_suffixes[0]]].shape)
+        if size != (fused[0],) or any(b not in ckpt.infos for b in bias_keys):
+            rep.unmatched += [mod.keys[s] for s in bias_suffixes]
+            bias_suffixes = []
+    touched: set[str] = set()
+    for (part, key), bias_key in zip(found, bias_keys, strict=True):
+        rows = RowsDelta(delta, runs_of(part.piece, fused[0]))
+        if _patches_weight(mod):
+            patches.setdefault(key, []).append(_Patch(rows, 0, k))  # type: ignore[arg-type]
+            touched.add(key)
+        if bias_suffixes:
+            patches.setdefault(bias_key, []).append(
+                _Patch(rows, 0, k, bias=True))  # type: ignore[arg-type]
+            touched.add(bias_key)
+    return touched
 
 
 def _strength(mod: AdapterModule, use: AdapterUse, blocks: dict[str, float] | None,
@@ -177,7 +230,8 @@ def _strength(mod: AdapterModule, use: AdapterUse, blocks: dict[str, float] | No
 
 def _plan_adapter(ad: Adapter, use: AdapterUse, ckpt: Source, arch: str, te_weight: float | None,
                   default_blocks: object | None, device: str,
-                  patches: dict[str, list[_Patch]]) -> AdapterBakeReport:
+                  patches: dict[str, list[_Patch]], split: dict[str, list[Part]]
+                  ) -> AdapterBakeReport:
     spec = use.blocks if use.blocks is not None else default_blocks
     blocks = parse_lora_blocks(spec, arch) if spec is not None else None
     te = use.te_weight if use.te_weight is not None else te_weight
@@ -191,6 +245,12 @@ def _plan_adapter(ad: Adapter, use: AdapterUse, ckpt: Source, arch: str, te_weig
     for mod in ad.modules.values():
         t = mod.target
         assert t is not None
+        if mod.name in split:
+            delta = ModuleDelta(ad, mod, device)
+            k = _strength(mod, use, blocks, arch, te_weight)
+            touched |= _plan_split(delta, split[mod.name], ckpt, base, k, patches, rep)
+            rep.n_modules += 1
+            continue
         key = _ckpt_key(t.key, ckpt.infos)
         if key not in ckpt.infos:
             rep.unmatched += mod.keys.values()
@@ -318,10 +378,14 @@ def bake(checkpoint: Source, adapters: Sequence[Source | AdapterUse | tuple[Any,
         raise ModelkitError("lora bake needs at least one adapter")
     opened = [_open(u, arch, base, device) for u in uses]
     patches: dict[str, list[_Patch]] = {}
+    splits: list[dict[str, list[Part]]] = [{} for _ in opened]
     if remap is not None:
-        opened = [_to_diffusers_layout(ad, remap, base, arch) for ad in opened]
-    reports = [_plan_adapter(ad, u, checkpoint, arch, te_weight, blocks, device, patches)
-               for ad, u in zip(opened, uses, strict=True)]
+        assert own is not None
+        index = lru_cache(maxsize=1)(partial(split_index, own.family, checkpoint.infos, base))
+        pairs = [_to_diffusers_layout(ad, remap, index) for ad in opened]
+        opened, splits = [a for a, _ in pairs], [p for _, p in pairs]
+    reports = [_plan_adapter(ad, u, checkpoint, arch, te_weight, blocks, device, patches, sp)
+               for ad, u, sp in zip(opened, uses, splits, strict=True)]
     if any(r.unmatched for r in reports) and not allow_unmatched:
         raise _unmatched_error(reports, base, arch)
     report = BakeReport(base, arch, dtype, reports, len(patches))
@@ -337,7 +401,10 @@ def bake(checkpoint: Source, adapters: Sequence[Source | AdapterUse | tuple[Any,
     sources = [checkpoint, *(u.source for u in uses)]
     unchanged = {k: (checkpoint, k) for k, i in infos.items()
                  if k not in patches and i.dtype == checkpoint.infos[k].dtype}
-    stream = streamer(checkpoint, patches, infos, device, cancel, passthrough(unchanged))
+    # weights patched through a row map take the general route (_produce)
+    streamed = {k: v for k, v in patches.items()
+                if not any(isinstance(p.delta, RowsDelta) for p in v)}
+    stream = streamer(checkpoint, streamed, infos, device, cancel, passthrough(unchanged))
     out = DerivedSource(label, infos, dict(checkpoint.metadata), produce,
                         input_paths_of(sources), stream=stream)
     params = {"adapters": [{"file": r.file, "weight": r.weight, "te_weight": r.te_weight,

@@ -7,7 +7,8 @@ other formats use the randomized SVD of :mod:`modelkit.lora.factorize`
 (at most :data:`INFO_RANK_CAP` values; a layer needing more is shown as
 that cap with ``rank_capped``). Per block (LoRA Block Weight's full list,
 text encoders under BASE): sqrt(Σ‖ΔW‖²) over its modules and, with a base
-checkpoint, the same relative to sqrt(Σ‖W‖²) of the weights it touches.
+checkpoint, the same relative to sqrt(Σ‖W‖²) of the weights it touches (a
+transformer base in the diffusers layout: the fused weights joined back).
 (IA)3 and DoRA updates depend on the base: without one, DoRA modules show
 their ΔW before normalisation and (IA)3 modules are listed without a norm.
 """
@@ -124,25 +125,34 @@ def _effective_rank(delta: ModuleDelta, dense: torch.Tensor | None, ref_sq: floa
     return r, kept < energy * ref_sq * (1 - 1e-6)
 
 
-def _layer(ad: Adapter, delta: ModuleDelta, base: Source | None, arch: str, energy: float
-           ) -> LayerInfo:
+def _layer(ad: Adapter, delta: ModuleDelta, base: Source | None, arch: str, energy: float,
+           layout: _DiffusersBase | None = None) -> LayerInfo:
     import torch
 
     mod, t = delta.mod, delta.mod.target
     assert t is not None
     block = _block(t.key, t.path, arch)
     key = _base_key(t.key, base) if base is not None else t.key
-    if base is not None and key in base.infos:
-        shape = tuple(base.infos[key].shape)
-        _, out, cols = target_view(shape, t.rows, t.of)
-        check_fit(delta, Path(source_label(base)).name, shape, out, cols)
-    w0 = _base_rows(base, key, t, delta.out) if base is not None else None
+    found = layout.weight(t) if layout is not None else None
+    if found is not None and base is not None:
+        key, whole = found
+        shape = tuple(whole.shape)
+        check_fit(delta, Path(source_label(base)).name, shape, shape[0],
+                  math.prod(shape[1:]))
+        w0: torch.Tensor | None = whole.reshape(shape[0], -1)
+    else:
+        if base is not None and key in base.infos:
+            shape = tuple(base.infos[key].shape)
+            _, out, cols = target_view(shape, t.rows, t.of)
+            check_fit(delta, Path(source_label(base)).name, shape, out, cols)
+        w0 = _base_rows(base, key, t, delta.out) if base is not None else None
     base_norm = float(w0.norm()) if w0 is not None else None
     if delta.needs_base and w0 is None and mod.algo == "ia3":
         return LayerInfo(mod.name, t.key, block, mod.algo, None, None)
     dense: torch.Tensor | None = None
     if delta.needs_base and w0 is not None and base is not None:
-        shape = (delta.out, *tuple(base.infos[key].shape)[1:])
+        shape = (delta.out, *(w0.shape[1:] if found is not None
+                              else tuple(base.infos[key].shape)[1:]))
         dense = delta.check_finite(delta.base_update(w0, 1.0, shape), "ΔW")
     elif mod.algo != "lora":
         dense = delta.full()
@@ -161,6 +171,46 @@ def _layer(ad: Adapter, delta: ModuleDelta, base: Source | None, arch: str, ener
         rank, capped = _effective_rank(delta, dense, ref_sq, energy) if ref_sq else (0, False)
     return LayerInfo(mod.name, t.key, block, mod.algo, math.sqrt(max(ref_sq, 0.0)), rank,
                      capped, base_norm)
+
+
+class _DiffusersBase:
+    """Where a module's original-layout target sits in a transformer base in
+    the diffusers layout: a renamed weight, or the weights diffusers splits
+    a fused one into (joined back here, row by row:
+    :mod:`modelkit.lora.bake_split`)."""
+
+    def __init__(self, base: Source, family: str, arch: str) -> None:
+        from modelkit.arch.lora_modules import diffusers_paths
+        from modelkit.lora.bake_split import split_index
+
+        self.base, self.remap = base, diffusers_paths(arch)
+        self.index = split_index(family, base.infos, Path(source_label(base)).name)
+
+    def weight(self, t: Any) -> tuple[str, torch.Tensor] | None:
+        """``(key, the weight t patches in the original layout, float32)``,
+        or None when the base has no such weight."""
+        import torch
+
+        from modelkit.arch.configs import UNET_PREFIX
+        from modelkit.lora.bake_split import runs_of
+
+        parts = self.index.get(f"{t.path}.weight") if t.rows is None else None
+        if parts:
+            keys = [_base_key(f"{UNET_PREFIX}{p.key}", self.base) for p in parts]
+            if any(k not in self.base.infos for k in keys):
+                return None
+            ws = [self.base.get(k).to(torch.float32) for k in keys]
+            n = sum(w.shape[0] for w in ws)
+            whole = torch.empty((n, *ws[0].shape[1:]), dtype=torch.float32)
+            for part, w in zip(parts, ws, strict=True):
+                for dst, src, rows in runs_of(part.piece, n):
+                    whole[src:src + rows] = w[dst:dst + rows]
+            return t.key, whole
+        path = self.remap.get((t.path, t.rows))
+        key = _base_key(f"{UNET_PREFIX}{path}.weight", self.base) if path else None
+        if key is None or key not in self.base.infos:
+            return None
+        return key, self.base.get(key).to(torch.float32)
 
 
 def _has_block_map(arch: str) -> bool:
@@ -217,6 +267,21 @@ def _handled() -> tuple[str, ...]:
     return tuple(n for n in registry.handling("lora info") if tables(n))
 
 
+def _diffusers_layout(base: Source | None, arch: str) -> _DiffusersBase | None:
+    """A resolver for a transformer base in the diffusers layout, else None."""
+    if base is None:
+        return None
+    from modelkit.arch import registry
+    from modelkit.inspect.describe import describe
+
+    own = registry.get(arch)
+    if (own is None or own.lora is None or own.lora.modules is None
+            or describe(base).layout != registry.DIFFUSERS
+            or registry.ORIGINAL not in own.layouts):
+        return None
+    return _DiffusersBase(base, own.family, arch)
+
+
 def info(lora: Source, base: Source | None = None, *, energy: float = 0.9,
          progress: ProgressFn = no_progress, cancel: CancelFlag | None = None) -> InfoReport:
     """Describe where ``lora`` acts: per-module ‖ΔW‖ and effective rank at
@@ -264,10 +329,11 @@ def info(lora: Source, base: Source | None = None, *, energy: float = 0.9,
         report.blocks = {name: BlockInfo() for name in block_names(use)}
     touched: set[str] = set()
     mods = list(ad.modules.values())
+    layout = _diffusers_layout(base, use)
     for i, mod in enumerate(mods):
         check_cancel(cancel)
         with torch_threads(LORA_THREADS):
-            layer = _layer(ad, ModuleDelta(ad, mod), base, use, energy)
+            layer = _layer(ad, ModuleDelta(ad, mod), base, use, energy, layout)
         report.layers.append(layer)
         touched.add(layer.key)
         b = report.blocks.setdefault(layer.block, BlockInfo())

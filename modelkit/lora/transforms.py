@@ -59,7 +59,9 @@ def _per_adapter(value: Any, n: int, what: str) -> list[Any]:
                                "its UNet weight).",
                  "blocks": "LoRA block weights for every adapter: a preset (ALL, NONE, INS, "
                            "IND, INALL, MIDD, OUTD, OUTS, OUTALL, ALL0.5), 17/26 values "
-                           "(SD1/SD2), 12/20 values (SDXL), or NAME=VALUE,... ",
+                           "(SD1/SD2), 12/20 values (SDXL), or NAME=VALUE,...; a "
+                           "transformer family takes the block names, groups and presets "
+                           "of merge --blocks (blocks.3=0.5,default=1; double_only).",
                  "dtype": "Float dtype of the output.",
                  "allow_unmatched": "Bake what matches and list adapter keys that patch "
                                     "nothing, instead of failing."})

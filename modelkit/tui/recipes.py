@@ -19,7 +19,7 @@ from rich.text import Text
 
 from modelkit.arch.blocks import weights_title
 from modelkit.core.recipe import COMMAND_LINE, Recipe, validate
-from modelkit.core.registry import METHOD, MODEL, ROLE_KINDS, Param, Transform
+from modelkit.core.registry import CHECKPOINT, METHOD, MODEL, ROLE_KINDS, Param, Transform
 from modelkit.errors import ModelkitError
 from modelkit.library.query import Entry
 from modelkit.textsafe import safe_text, shown
@@ -128,6 +128,68 @@ def inputs_line(t: Transform, ordered: Sequence[Entry]) -> str:
 
 
 # --- form text to values -------------------------------------------------------------
+
+
+# --- block weights: what the selected models' family names ---------------------------
+
+# parameters that take a LoRA block-weight spec (LBW: the SD lists have
+# presets of their own; a transformer family takes its merge block specs)
+LORA_BLOCK_PARAMS = ("blocks",)
+
+
+@dataclass(frozen=True)
+class BlockHints:
+    """What a block-wise field offers for the selected models' family
+    (``arch``): its presets, groups and block names to complete (the merge
+    fields' and the LoRA block-weight fields' lists) and a placeholder."""
+
+    arch: str
+    merge: tuple[str, ...]
+    lora: tuple[str, ...]
+    example: str
+    lora_example: str
+
+
+def block_arch(ordered: Sequence[Entry]) -> str | None:
+    """The family whose block list the fields use: the first model (a
+    bake's checkpoint, a merge's model A) with a block list, else None."""
+    from modelkit.arch.blocks import block_names
+
+    for e in ordered:
+        if e.kind in ROLE_KINDS[CHECKPOINT]:
+            try:
+                block_names(e.arch)
+            except (ModelkitError, KeyError):
+                continue
+            return e.arch
+    return None
+
+
+def block_hints(arch: str | None) -> BlockHints:
+    """The presets, groups and block names of ``arch`` (the SD1 lists when
+    None: no family with a block list is selected)."""
+    from modelkit.arch.blocks import block_names, has_own_map, presets_of
+    from modelkit.arch.lora_blocks import PRESET_NAMES
+
+    use = arch or "sd1"
+    names = block_names(use)
+    presets = list(presets_of(use))
+    merge = (*presets, *_groups(use), *names)
+    lora = merge if has_own_map(use) else (*PRESET_NAMES, *names)
+    spec = f"NAME=VALUE,... ({names[-2]}=0.5,default=1)"
+    example = f"a number, a preset (e.g. {presets[3]}) or {spec}"
+    lora_example = f"a preset (e.g. {lora[3]}), {spec}" + (
+        "" if has_own_map(use) else " or one value per block")
+    return BlockHints(use, tuple(dict.fromkeys(merge)), tuple(dict.fromkeys(lora)), example,
+                      lora_example)
+
+
+def _groups(arch: str) -> list[str]:
+    from modelkit.arch import registry
+
+    entry = registry.get(arch)
+    table = getattr(entry.blocks, "table", None) if entry and entry.spec is None else None
+    return [g for g, names in table.groups().items() if names] if table is not None else []
 
 
 def field_text(p: Param) -> str:

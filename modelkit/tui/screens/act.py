@@ -204,11 +204,10 @@ class ActScreen(Screen[None]):
     @on(Select.Changed, "#act-method")
     async def show_transform(self) -> None:
         """Fields, summary and output name for the chosen transform."""
-        from modelkit.arch.blocks import PRESET_DOCS
-
         t = self.transform
-        await self.query_one(ParamForm).show(t, len(self.entries), list(PRESET_DOCS))
         ordered = recipes.arrange(t, self.entries) if t else None
+        hints = recipes.block_hints(recipes.block_arch(ordered or self.entries))
+        await self.query_one(ParamForm).show(t, len(self.entries), hints)
         summary = Text()
         if t is not None and ordered is not None:
             summary.append(t.summary + "\n")

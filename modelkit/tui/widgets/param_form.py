@@ -15,7 +15,7 @@ from textual.widget import Widget
 from textual.widgets import Input, Label, Select, Switch
 
 from modelkit.core.registry import Param, Transform, parse_text
-from modelkit.tui.recipes import field_text
+from modelkit.tui.recipes import LORA_BLOCK_PARAMS, BlockHints, block_hints, field_text
 
 
 def field_row(label: str, field: Widget, tooltip: str | None = None,
@@ -28,9 +28,11 @@ def field_row(label: str, field: Widget, tooltip: str | None = None,
     return row
 
 
-def _placeholder(p: Param, t: Transform, n_models: int) -> str:
+def _placeholder(p: Param, t: Transform, n_models: int, hints: BlockHints) -> str:
     if p.blockwise:
-        return "a number, a preset (e.g. gradient_v) or one value per block"
+        return hints.example
+    if p.name in LORA_BLOCK_PARAMS:
+        return hints.lora_example + "; empty: none"
     if p.per_model:
         n_var, var = n_models - len(t.inputs) + 1, t.inputs[-1][0]
         text = f"a number, or {n_var} comma-separated (one per {var})" if n_var > 1 \
@@ -42,8 +44,9 @@ def _placeholder(p: Param, t: Transform, n_models: int) -> str:
     return "required" if p.required else "empty: default"
 
 
-def param_field(p: Param, t: Transform, n_models: int, presets: list[str]) -> Widget:
-    """The field for ``p`` (id ``param-NAME``)."""
+def param_field(p: Param, t: Transform, n_models: int, hints: BlockHints) -> Widget:
+    """The field for ``p`` (id ``param-NAME``); a block-wise field completes
+    the presets, groups and block names of the selected models' family."""
     wid = f"param-{p.name}"
     if p.kind == "choice":
         value = p.choices[0] if p.required or p.default not in p.choices else p.default
@@ -51,9 +54,11 @@ def param_field(p: Param, t: Transform, n_models: int, presets: list[str]) -> Wi
                       compact=True, id=wid)
     if p.kind == "bool":
         return Switch(bool(p.default) if not p.required else False, id=wid)
-    suggester = SuggestFromList(presets) if p.blockwise else None
-    return Input(field_text(p), placeholder=_placeholder(p, t, n_models), compact=True,
-                 suggester=suggester, id=wid)
+    words = hints.merge if p.blockwise else hints.lora if p.name in LORA_BLOCK_PARAMS \
+        else None
+    suggester = SuggestFromList(words) if words else None
+    return Input(field_text(p), placeholder=_placeholder(p, t, n_models, hints),
+                 compact=True, suggester=suggester, id=wid)
 
 
 def _on_off(value: bool) -> str:
@@ -67,17 +72,18 @@ class ParamForm(Vertical):
         super().__init__(**kwargs)
         self.transform: Transform | None = None
         self.n_inputs = 0
-        self.presets: list[str] = []
+        self.hints = block_hints(None)
 
     async def show(self, transform: Transform | None, n_inputs: int,
-                   presets: list[str] | None = None) -> None:
+                   hints: BlockHints | None = None) -> None:
         """Fields for ``transform`` taking ``n_inputs`` models (block-wise
-        fields suggest ``presets``); the same transform keeps its fields
-        and what was typed in them."""
-        if transform is self.transform and n_inputs == self.n_inputs:
+        fields offer ``hints``: the selected family's presets and block
+        names); the same transform keeps its fields and what was typed in
+        them."""
+        hints = hints or block_hints(None)
+        if transform is self.transform and n_inputs == self.n_inputs and hints == self.hints:
             return
-        self.transform, self.n_inputs = transform, n_inputs
-        self.presets = presets or []
+        self.transform, self.n_inputs, self.hints = transform, n_inputs, hints
         await self.recompose()
 
     def compose(self) -> ComposeResult:
@@ -88,7 +94,7 @@ class ParamForm(Vertical):
             state = Label(_on_off(bool(p.default)), classes="switch-state") \
                 if p.kind == "bool" else None
             yield field_row(p.name, param_field(p, self.transform, self.n_inputs,
-                                                self.presets),
+                                                self.hints),
                             "\n".join(x for x in (p.describe(), p.help) if x), after=state)
 
     def on_switch_changed(self, event: Switch.Changed) -> None:
