@@ -22,7 +22,6 @@ from modelkit.convert.layout import convert_layout
 from modelkit.io.open import open_source
 from modelkit.io.reader import open_model
 from modelkit.testing import flux_config
-from tests.cli_support import run_entry
 
 Shape = tuple[int, ...]
 RANK, ALPHA = 4, 8.0
@@ -221,7 +220,8 @@ def test_split_rows_scale_with_block_weights_and_strength(tmp_path: Path) -> Non
         assert torch.equal(got[key], w_diff[key]), key
 
 
-def test_dora_on_a_fused_weight_of_a_diffusers_base_is_refused(tmp_path: Path) -> None:
+def test_dora_on_a_fused_weight_of_a_diffusers_base_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     keys, modules, _ = _flux()
     orig, _ = _bases(tmp_path, keys)
     w = _tensors(orig)
@@ -229,9 +229,10 @@ def test_dora_on_a_fused_weight_of_a_diffusers_base_is_refused(tmp_path: Path) -
     la = _write_lora(tmp_path / "tmp.safetensors", w, {name: modules[name]}, seed=8)
     la[f"{name}.dora_scale"] = torch.ones(math.prod(w[modules[name]].shape[:1]), 1)
     save_file(la, str(tmp_path / "dora.safetensors"))
-    res = run_entry({"dora": ["lora", "bake", "diff.safetensors", "dora.safetensors", "-o",
-                              "x.safetensors"]}, tmp_path)
-    code, _, err = res["dora"]
+    # in process (the console script's exit codes: tests/test_cli_exit_codes.py)
+    code = main(["lora", "bake", str(tmp_path / "diff.safetensors"),
+                 str(tmp_path / "dora.safetensors"), "-o", str(tmp_path / "x.safetensors")])
+    err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"module {name} (lora, DoRA) reads the whole fused weight" in err
     assert "diff.safetensors stores split" in err and "convert --layout original" in err

@@ -17,7 +17,6 @@ from safetensors.torch import save_file
 
 from modelkit.cli import main
 from modelkit.io.reader import open_model
-from tests.cli_support import run_entry
 from tests.test_family_lora import FAMILIES, Module
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -318,8 +317,9 @@ def test_lora_help_lists_every_family_for_the_four_commands(
             assert registry.label(name) in families or name in families, (cmd, name)
 
 
-def test_refusals_through_the_console_script(models: dict[str, dict[str, Path]],
-                                             tmp_path: Path) -> None:
+def test_refusals_in_one_line(models: dict[str, dict[str, Path]], tmp_path: Path,
+                              monkeypatch: pytest.MonkeyPatch,
+                              capsys: pytest.CaptureFixture[str]) -> None:
     """One line, exit 2, no file: a Wan LoRA merged with a Qwen-Image one;
     extract from two families; a resize to rank 0."""
     from tests.test_family_lora import _write_lora
@@ -333,13 +333,19 @@ def test_refusals_through_the_console_script(models: dict[str, dict[str, Path]],
     _kohya_lora(tmp_path / "s3.safetensors", sd3_w, rank=2, alpha=2.0, seed=3,
                 only={"joint_blocks.1.context_block.adaLN_modulation.1.weight"})
     bad = str(tmp_path / "bad.safetensors")
-    res = run_entry({
+    cases = {
         "merge": ["lora", "merge", "wan.safetensors", "qwen.safetensors", "-o", bad,
                   "--rank", "2"],
         "extract": ["lora", "extract", str(models["wan"]["base"]),
                     str(models["qwen_image"]["tuned"]), "-o", bad, "--rank", "2"],
         "rank": ["lora", "resize", "s3.safetensors", "--rank", "0", "-o", bad],
-    }, tmp_path)
+    }
+    # in process (the console script's exit codes: tests/test_cli_exit_codes.py)
+    monkeypatch.chdir(tmp_path)
+    res = {}
+    for case, argv in cases.items():
+        code = main(argv)
+        res[case] = (code, "", capsys.readouterr().err)
     for case, (code, _, err) in res.items():
         assert code == 2 and len(err.strip().splitlines()) == 1, (case, err)
     assert not Path(bad).exists()

@@ -138,8 +138,8 @@ def test_name_lists_elsewhere_are_the_registrys() -> None:
     assert RENDER_ARCHS == BLOCK_ARCHS == full
     assert tuple(GGUF_ARCH) == registry.names(where=lambda a: a.gguf is not None) == (
         registry.names())
-    assert (*full[:3], *transformers) == LORA_ARCHS
-    assert lora_blocks.LBW_ARCHS == (*full[:3], *transformers)  # not the refiner
+    # LoRA commands and LoRA block weights: every family but the refiner
+    assert (*full[:3], *transformers) == LORA_ARCHS == lora_blocks.LBW_ARCHS
     for cmd in ("lora extract", "lora resize", "lora merge", "lora convert"):
         assert registry.handling(cmd) == (*full, *transformers)
     assert ARCH_CANDIDATES == ("sd1", "sd2", "sdxl")  # those with LDM key tables
