@@ -58,7 +58,7 @@ SUBCOMMANDS = {
     "methods": ("modelkit.cli.info_cmd", "methods_cmd",
                 "List merge methods and operations with their parameters."),
     "presets": ("modelkit.cli.info_cmd", "presets_cmd",
-                "List block-weight presets with their values for SD1, SDXL and Flux.1."),
+                "List block-weight presets with their values for every family."),
 }
 
 
