@@ -379,3 +379,23 @@ def _check_flux2(got: dict[str, tuple[int, str, str]]) -> None:
     assert ("f2d.safetensors: is a Flux.2 transformer in the diffusers layout; the probe "
             "reads the original layout: convert it first ('modelkit convert f2d.safetensors "
             "--layout original -o OUT.safetensors')") in err
+
+
+def test_tensors_that_do_not_fit_their_block_are_one_line_errors(
+        flux_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    """A file whose block weights disagree in width (a truncated or spliced
+    file) is refused naming the block, not an internal error."""
+    from modelkit.core.verify_settings import VerifySettings
+    from modelkit.errors import ModelkitError
+    from modelkit.verify.probe_run import probe_verify
+
+    ref = flux_pair[0]
+    src = open_source(ref)
+    keys = {k: tuple(i.shape) for k, i in src.infos.items()}
+    full = "model.diffusion_model." + FAULT_KEY
+    rows, cols = keys[full]
+    keys[full] = (rows, 2 * cols)  # proj no longer takes the attention's output
+    bad = tmp_path / "bad.safetensors"
+    write_tensors(bad, keys, dtype="F32")
+    with pytest.raises(ModelkitError, match=r"block double_blocks\.1: its tensors do not fit"):
+        probe_verify(bad, bad, VerifySettings(probe=True))

@@ -182,6 +182,12 @@ def probe(candidate: Source, reference: Source, arch: Architecture, *, seed: int
     results = []
     for i, block in enumerate(blocks):
         check_cancel(cancel)
-        results.append(probe_block(block, candidate, reference, seed))
+        try:
+            results.append(probe_block(block, candidate, reference, seed))
+        except RuntimeError as exc:  # the file's tensors do not fit the block's math
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise ModelkitError(f"{block.component} block {block.name}: its tensors do not "
+                                f"fit together ({reason}); is the file complete and of one "
+                                f"{arch.label} size?") from None
         progress(Progress("probe", i + 1, len(blocks), "blocks", block.name, VERIFY))
     return results
