@@ -66,3 +66,33 @@ def run_entry(cases: dict[str, list[str]], cwd: Path, *, no_warnings: bool = Fal
     if no_warnings:
         assert "Warning" not in proc.stderr, proc.stderr
     return {k: (v[0], v[1], v[2]) for k, v in json.loads(proc.stdout).items()}
+
+
+def run_here(cases: dict[str, list[str]], cwd: Path) -> dict[str, Result]:
+    """What :func:`run_entry` does, in this process (no child, no second
+    torch import): for checks of a command's messages and files; the
+    console script's exit codes themselves are tested through the child
+    (tests/test_cli_exit_codes.py holds a case of each family's refusals)."""
+    import contextlib
+    import io
+
+    from modelkit.cli import run
+
+    results: dict[str, Result] = {}
+    here, argv = Path.cwd(), sys.argv
+    try:
+        os.chdir(cwd)
+        for name, args in cases.items():
+            sys.argv = ["modelkit", *args]
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    run()
+                    code = 0
+                except SystemExit as exc:
+                    code = exc.code if isinstance(exc.code, int) else 1
+            results[name] = (code, out.getvalue(), err.getvalue())
+    finally:
+        os.chdir(here)
+        sys.argv = argv
+    return results

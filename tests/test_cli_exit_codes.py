@@ -97,6 +97,12 @@ def test_every_command_exit_codes_through_the_console_entry_point(
     o = str(root / "never.safetensors")
     # a transformer family beside an SD one: one merge refuses both in one line
     flux = str(t.write_sparse_flux(root / "flux-aio.safetensors", all_in_one=True, tiny=True))
+    # the transformer families' refusals: one layout; a LoRA of another family
+    qwen = str(t.write_sparse_qwen_image(root / "qwen.safetensors", tiny=True))
+    from modelkit.testing.lora import write_flux_lora
+
+    flux_lora = root / "flux_lora.safetensors"
+    write_flux_lora(flux_lora, "kohya")
     res = _console_entry({
         "replay": ["recipe", "replay", "--check", str(files["tampered"]), "-q",
                    "--search", str(models["sd1"].parent)],
@@ -118,6 +124,8 @@ def test_every_command_exit_codes_through_the_console_entry_point(
         "prune": ["prune", str(lora), "-o", o, "-q"],
         "convert": ["convert", str(root / "missing.ckpt"), "-o", o, "-q"],
         "merge_families": ["merge", flux, sd1, "-o", o, "-q"],
+        "layout_one": ["convert", qwen, "-o", o, "--layout", "diffusers", "-q"],
+        "bake_family": ["lora", "bake", sd1, str(flux_lora), "-o", o, "-q"],
     }, root)
     expected = {"replay": 1, "fp8": 0, "vpred": 0, "verify_nan": 1}
     for name, (code, out, err) in res.items():
@@ -136,6 +144,8 @@ def test_every_command_exit_codes_through_the_console_entry_point(
     assert "is an sd1 adapter but" in res["bake_arch"][2]
     assert ("cannot merge different architectures: flux-aio.safetensors is flux, "
             "sd1.safetensors is sd1") in res["merge_families"][2]
+    assert "Qwen-Image files have one layout" in res["layout_one"][2]
+    assert "flux" in res["bake_family"][2] and "sd1" in res["bake_family"][2]
     assert not list(root.glob("never*")) and not list(root.glob(".never*"))
     assert not (root / "x.safetensors").exists() and not (root / "sweep-out").exists()
 

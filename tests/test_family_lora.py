@@ -22,7 +22,7 @@ from modelkit.arch.configs import UNET_PREFIX
 from modelkit.cli import main
 from modelkit.io.reader import open_model
 from modelkit.testing import flux_config
-from tests.cli_support import run_entry
+from tests.cli_support import run_here
 
 Shape = tuple[int, ...]
 RANK = 4
@@ -304,7 +304,7 @@ def test_info_per_block_for_wan(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert text.index("  blocks.0 ") < text.index("  blocks.1 ")
 
 
-def test_cross_family_refusal_and_wan21_report_through_the_console(tmp_path: Path) -> None:
+def test_cross_family_refusal_and_wan21_report(tmp_path: Path) -> None:
     qkeys, _, _ = _qwen()
     wkeys, wkohya, _ = _wan()
     _write_base(tmp_path / "qwen.safetensors", qkeys)
@@ -344,7 +344,7 @@ def test_cross_family_refusal_and_wan21_report_through_the_console(tmp_path: Pat
         "wan21_ok": ["lora", "bake", "wan22.safetensors", "i2v.safetensors", "-o", "z.safetensors",
                      "--allow-unmatched"],
     }
-    res = run_entry(cases, tmp_path)
+    res = run_here(cases, tmp_path)
     code, _, err = res["cross"]
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert ("wanlora.safetensors: is a wan adapter but qwen.safetensors is a qwen_image "

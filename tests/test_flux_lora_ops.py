@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_support import run_entry
+from cli_support import run_here
 from safetensors.torch import save_file
 
 from modelkit.cli import main
@@ -219,7 +219,7 @@ def test_resize_and_merge_take_flux_block_weights(tmp_path: Path) -> None:
     assert f"{qkv}.lora_up.weight" not in m  # block weight 0: nothing left to write
 
 
-def test_cli_refusals_through_the_console_script(models: dict[str, Path], tmp_path: Path
+def test_cli_refusals_in_one_line(models: dict[str, Path], tmp_path: Path
                                                  ) -> None:
     """One line, exit 2, no file: a bad rank, another family, a PEFT output
     for a weight PEFT has no name for."""
@@ -232,7 +232,7 @@ def test_cli_refusals_through_the_console_script(models: dict[str, Path], tmp_pa
     write_flux_lora(adaln, "kohya", rank=2, seed=13, **SIZE)
     bad, out = str(tmp_path / "bad.safetensors"), str(tmp_path / "o.safetensors")
     out_adaln = str(tmp_path / "adaln_peft.safetensors")
-    res = run_entry({
+    res = run_here({
         "rank0": ["lora", "extract", base, tuned, "-o", bad, "--rank", "0"],
         "resize0": ["lora", "resize", str(lora), "-o", bad, "--rank", "0"],
         "family": ["lora", "extract", base, str(sd), "-o", bad, "--rank", "2"],

@@ -30,7 +30,7 @@ from modelkit.errors import ModelkitError
 from modelkit.inspect.describe import describe
 from modelkit.io.reader import open_model
 from modelkit.testing import flux_config, write_tensors
-from tests.cli_support import run_entry
+from tests.cli_support import run_here
 
 Shapes = dict[str, tuple[int, ...]]
 State = dict[str, torch.Tensor]
@@ -448,7 +448,7 @@ def test_cli_converts_and_refuses_in_one_line(tmp_path: Path, models: dict[str, 
                                               ) -> None:
     src = _flux_file(tmp_path / "flux.safetensors")
     out = tmp_path / "flux-diffusers.safetensors"
-    res = run_entry({
+    res = run_here({
         "ok": ["convert", str(src), "-o", str(out), "--layout", "diffusers", "-q"],
         "again": ["convert", str(out), "-o", str(tmp_path / "x.safetensors"), "--layout",
                   "diffusers", "-q"],
