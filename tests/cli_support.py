@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 Result = tuple[int, str, str]  # exit code, stdout, stderr
 
@@ -96,3 +97,20 @@ def run_here(cases: dict[str, list[str]], cwd: Path) -> dict[str, Result]:
         os.chdir(here)
         sys.argv = argv
     return results
+
+
+def ok(*args: object) -> None:
+    """Run ``modelkit ARGS -q`` in process and assert it exits 0."""
+    from modelkit.cli import main
+
+    assert main([str(a) for a in args] + ["-q"]) == 0, args
+
+
+def cli(capsys: Any, *args: str) -> Result:
+    """Run ``modelkit ARGS`` in process: (exit code, stdout, stderr)."""
+    from modelkit.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -16,7 +16,9 @@ import torch
 from safetensors.torch import save_file
 
 from modelkit.cli import main
-from modelkit.io.reader import open_model
+from tests.cli_support import ok as _ok
+from tests.file_support import metadata as _meta
+from tests.file_support import tensors as _tensors
 from tests.test_family_lora import FAMILIES, Module
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -35,18 +37,7 @@ ADALN = "final_layer.adaLN_modulation.1"  # diffusers' norm_out.linear: halves s
 BIG = 1 << 20  # weights above this many elements (Z-Image's caption embedder) stay zero
 
 
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    with open_model(path) as f:
-        return {k: f.get(k).clone() for k in f.infos}
 
-
-def _meta(path: Path) -> dict[str, str]:
-    with open_model(path) as f:
-        return dict(f.metadata)
-
-
-def _ok(*args: object) -> None:
-    assert main([str(a) for a in args] + ["-q"]) == 0, args
 
 
 def _flat(key: str) -> str:

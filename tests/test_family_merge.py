@@ -21,11 +21,11 @@ from modelkit.arch.blocks import block_of, parse_blocks, preset
 from modelkit.arch.configs import UNET_PREFIX
 from modelkit.arch.family_blocks import FAMILIES
 from modelkit.arch.registry import handles
-from modelkit.cli import main
 from modelkit.core.recipe import Recipe
 from modelkit.engine.runner import run
 from modelkit.inspect.report import inspect_model
-from modelkit.io.reader import open_model
+from tests.cli_support import cli as _cli
+from tests.file_support import tensors as _tensors
 
 Keys = dict[str, tuple[int, ...]]
 FLUX_TINY = replace(flux.small(flux.VARIANTS["dev"]), hidden_size=128, num_heads=1)
@@ -63,16 +63,6 @@ def _write(path: Path, keys: Keys, seed: int, dtype: torch.dtype = torch.bfloat1
     return path
 
 
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    with open_model(path) as f:
-        return {k: f.get(k).clone() for k in f.infos}
-
-
-def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main(list(args))
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 # --- the block lists ----------------------------------------------------------------

@@ -24,20 +24,12 @@ from modelkit.errors import ModelkitError
 from modelkit.io.reader import open_model
 from modelkit.testing import flux_config, write_checkpoint, write_flux, write_sparse_flux
 from modelkit.testing.lora import write_flux_lora, write_lora
+from tests.cli_support import cli as _cli
+from tests.file_support import tensors as _tensors
 
 P = UNET_PREFIX
 
 
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    with open_model(path) as f:
-        return {k: f.get(k).clone() for k in f.infos}
-
-
-def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main(list(args))
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 # --- block map -------------------------------------------------------------------

@@ -10,13 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_support import run_here
 from safetensors.torch import save_file
 
 from modelkit.cli import main
-from modelkit.io.reader import open_model
 from modelkit.testing import flux_config, write_checkpoint, write_flux
 from modelkit.testing.lora import write_flux_lora, write_lora
+from tests.cli_support import ok as _ok
+from tests.cli_support import run_here
+from tests.file_support import metadata as _meta
+from tests.file_support import tensors as _tensors
 
 SIZE = {"hidden": 128, "depth": 1, "single": 1}
 H = SIZE["hidden"]
@@ -34,18 +36,7 @@ def _kohya_modules() -> tuple[str, ...]:
                  if n.startswith("lora_unet_") and "adaLN" not in n)
 
 
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    with open_model(path) as f:
-        return {k: f.get(k).clone() for k in f.infos}
 
-
-def _meta(path: Path) -> dict[str, str]:
-    with open_model(path) as f:
-        return dict(f.metadata)
-
-
-def _ok(*args: object) -> None:
-    assert main([str(a) for a in args] + ["-q"]) == 0, args
 
 
 def _bake(base: Path, out: Path, *loras: object) -> dict[str, torch.Tensor]:

@@ -205,11 +205,7 @@ def _write_group(name: str, group: _Group, report: MergeReport, builder: LoraBui
     import torch
 
     acc, bias = _dense(group)
-    if not bool(acc.abs().amax() <= SVD_LIMIT):  # NaN fails too
-        mods = "; ".join(f"{d.ad.label}: module {d.mod.name}" for d, _ in group.parts)
-        raise ModelkitError(f"{name}: the ΔW of {mods} holds NaN/Inf or values beyond "
-                            f"±{SVD_LIMIT:.3g} (alpha or factors too large); it cannot be "
-                            "factorised")
+    _check_finite_sum(name, acc, [f"{d.ad.label}: module {d.mod.name}" for d, _ in group.parts])
     if len(group.shape) == 1:  # norm layer
         builder.add(f"{name}.w_norm", acc.reshape(-1).to(builder.dtype))
         zeros = torch.zeros(group.shape[0])
@@ -218,24 +214,8 @@ def _write_group(name: str, group: _Group, report: MergeReport, builder: LoraBui
         return
     kernel = len(group.shape) == 4 and math.prod(group.shape[2:]) > 1
     cap = (report.conv_rank if kernel else report.rank) or min(acc.shape)
-    ref_sq = float(torch.sum(acc * acc, dtype=torch.float64))
-    if ref_sq == 0.0:
-        report.layers.append(LayerResult(name, group.target.key, 0, 0.0, 0.0, skipped=True))
-    else:
-        f = factorize(acc, cap, report.energy, method=report.method, dtype=builder.dtype,
-                      ref_sq=ref_sq)
-        if not (bool(torch.isfinite(f.up).all()) and bool(torch.isfinite(f.down).all())):
-            from modelkit.io.dtypes import from_torch
-
-            raise ModelkitError(f"{name}: its factors exceed the {from_torch(builder.dtype)} "
-                                "range (the ΔW is too large); write them with --dtype fp32")
-        report.err_sq += f.err_sq
-        report.ref_sq += ref_sq
-        report.layers.append(LayerResult(name, group.target.key, f.rank, f.relative_error,
-                                         math.sqrt(ref_sq)))
-        builder.add_lora(name, f.up, f.down, group.shape)
-        if kernel:
-            conv_names.add(name)
+    if _factor_into(name, group.target.key, acc, cap, report, builder, group.shape) and kernel:
+        conv_names.add(name)
     if bias is not None:
         builder.add(f"{name}.diff_b", bias.to(builder.dtype))
 
@@ -248,14 +228,16 @@ def _check_finite_sum(name: str, acc: torch.Tensor, labels: list[str]) -> None:
 
 
 def _factor_into(name: str, key: str, part: torch.Tensor, cap: int, report: MergeReport,
-                 builder: LoraBuilder) -> None:
-    """Factorise ``part`` (one output module's ΔW) into ``builder``."""
+                 builder: LoraBuilder, shape: tuple[int, ...] | None = None) -> bool:
+    """Factorise ``part`` (one output module's ΔW, 2-D) into ``builder`` as a
+    module of weight ``shape`` (default: ``part``'s); False when ΔW is zero
+    (the module is listed as skipped, nothing written)."""
     import torch
 
     ref_sq = float(torch.sum(part * part, dtype=torch.float64))
     if ref_sq == 0.0:
         report.layers.append(LayerResult(name, key, 0, 0.0, 0.0, skipped=True))
-        return
+        return False
     f = factorize(part, cap, report.energy, method=report.method, dtype=builder.dtype,
                   ref_sq=ref_sq)
     if not (bool(torch.isfinite(f.up).all()) and bool(torch.isfinite(f.down).all())):
@@ -266,7 +248,8 @@ def _factor_into(name: str, key: str, part: torch.Tensor, cap: int, report: Merg
     report.err_sq += f.err_sq
     report.ref_sq += ref_sq
     report.layers.append(LayerResult(name, key, f.rank, f.relative_error, math.sqrt(ref_sq)))
-    builder.add_lora(name, f.up, f.down, (part.shape[0], part.shape[1]))
+    builder.add_lora(name, f.up, f.down, shape or (part.shape[0], part.shape[1]))
+    return True
 
 
 Step = Callable[[set[str]], None]
