@@ -18,11 +18,11 @@ from modelkit.testing import (
     write_sparse_sd3,
     write_sparse_wan,
 )
-from tests.cli_support import run_entry
+from tests.cli_support import run_here
 
 
 def _inspect_json(paths: dict[str, Path], cwd: Path) -> dict[str, dict]:
-    res = run_entry({n: ["inspect", "--json", str(p)] for n, p in paths.items()}, cwd)
+    res = run_here({n: ["inspect", "--json", str(p)] for n, p in paths.items()}, cwd)
     out = {}
     for name, (code, stdout, stderr) in res.items():
         assert code == 0, stderr
@@ -160,11 +160,11 @@ def test_inspect_names_wan_family_variant_and_layout(tmp_path: Path) -> None:
 # --- the commands that do not handle a family refuse it in one line ----------------
 
 
-def test_commands_refuse_the_families_they_do_not_handle_in_one_line(tmp_path: Path
-                                                                     ) -> None:
-    """Through the command line's own function, all cases in one child: each
-    refusal (no EMA in a transformer file, two families in one merge) is one
-    line naming the file or family, exit 2, no file."""
+def test_refusals_of_the_transformer_families_are_one_line(tmp_path: Path) -> None:
+    """Through the command line's own function (in process; the console
+    script's codes: tests/test_cli_exit_codes.py): each refusal (no EMA in
+    a transformer file, two families in one merge) is one line naming the
+    file or family, exit 2, no file."""
     sd3 = write_sparse_sd3(tmp_path / "sd3.safetensors", "sd3-medium", all_in_one=True)
     qwen = write_sparse_qwen_image(tmp_path / "q.safetensors", prefixed=True, tiny=True)
     wan = write_sparse_wan(tmp_path / "w.safetensors", "t2v-14b", tiny=True)
@@ -178,8 +178,8 @@ def test_commands_refuse_the_families_they_do_not_handle_in_one_line(tmp_path: P
         "merge wan chroma": (["merge", str(wan), str(chroma)], ("chroma", "wan")),
         "ema z_image": (["ema", str(z_image)], ("has no EMA weights",)),
     }
-    res = run_entry({n: [*a, "-o", str(tmp_path / f"{n}.safetensors")]
-                     for n, (a, _) in cases.items()}, tmp_path)
+    res = run_here({n: [*a, "-o", str(tmp_path / f"{n}.safetensors")]
+                    for n, (a, _) in cases.items()}, tmp_path)
     for name, (_, words) in cases.items():
         code, _, err = res[name]
         assert code == 2, (name, err)
