@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -149,6 +150,8 @@ def main() -> int:
                   f"{'OK' if ok else 'FAIL'} {first[:110] if not ok or rc else ''}",
                   flush=True)
     print(json.dumps({"failed": bad, "rows": len(rows)}))
+    if args.keep is None:
+        shutil.rmtree(d, ignore_errors=True)
     return 1 if bad else 0
 
 
