@@ -395,9 +395,12 @@ def _terminate(pool: ProcessPoolExecutor) -> None:
     """Stop ``pool`` at once: pending chunks are dropped and the worker
     processes terminated (then killed if they linger)."""
     procs = list((getattr(pool, "_processes", None) or {}).values())
-    pool.shutdown(wait=False, cancel_futures=True)
+    # terminate first: a shutdown first let an idle worker take the stop
+    # sentinel and exit on its own (0) before the signal, a race the
+    # interrupt test lost now and then
     for proc in procs:
         proc.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
     for proc in procs:
         proc.join(2)
         if proc.is_alive():
