@@ -532,6 +532,11 @@ def test_scan_pool_workers_are_terminated_on_interrupt(tmp_path: Path,
     with pytest.raises(Interrupted):
         rows.throw(Interrupted())
     assert time.monotonic() - t0 < 5
+    # the pool's own thread may reap a worker while this one asks: wait for
+    # the shared state to settle (a few ms)
+    deadline = time.monotonic() + 5
+    while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert not any(p.is_alive() for p in procs)
     # terminated, not shut down after their chunks (that exits with 0)
     assert {p.exitcode for p in procs} <= {-signal.SIGTERM, -signal.SIGKILL}

@@ -103,9 +103,16 @@ def _check_own(conn: sqlite3.Connection, path: Path) -> int:
     """The file's schema version, after checking (reading only) that the file
     is a modelkit index or an empty database: another program's database
     that happens to have a ``files`` table must never be rebuilt."""
-    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-    tables = {r[0] for r in conn.execute(
-        "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    # one read transaction: two autocommit reads could see the version before
+    # and the tables after another process's first schema write (a fresh
+    # index then looked foreign)
+    conn.execute("BEGIN")
+    try:
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        tables = {r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    finally:
+        conn.execute("COMMIT")
     if version == 0 and tables:
         raise _foreign(path, "it holds other tables: "
                              f"{', '.join(sorted(map(shown, tables))[:5])}")
