@@ -73,29 +73,26 @@ def run_here(cases: dict[str, list[str]], cwd: Path) -> dict[str, Result]:
     """What :func:`run_entry` does, in this process (no child, no second
     torch import): for checks of a command's messages and files; the
     console script's exit codes themselves are tested through the child
-    (tests/test_cli_exit_codes.py holds a case of each family's refusals)."""
+    (tests/test_cli_exit_codes.py holds a case of each family's refusals).
+    It calls ``modelkit.cli.main``, which restores the signal handlers:
+    ``run`` leaves SIGTERM ignored for its exit, which spawned processes of
+    later tests would inherit."""
     import contextlib
     import io
 
-    from modelkit.cli import run
+    from modelkit.cli import main
 
     results: dict[str, Result] = {}
-    here, argv = Path.cwd(), sys.argv
+    here = Path.cwd()
     try:
         os.chdir(cwd)
         for name, args in cases.items():
-            sys.argv = ["modelkit", *args]
             out, err = io.StringIO(), io.StringIO()
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                try:
-                    run()
-                    code = 0
-                except SystemExit as exc:
-                    code = exc.code if isinstance(exc.code, int) else 1
+                code = main(list(args))
             results[name] = (code, out.getvalue(), err.getvalue())
     finally:
         os.chdir(here)
-        sys.argv = argv
     return results
 
 
