@@ -433,6 +433,11 @@ def test_refusals_name_the_key_or_the_reason(tmp_path: Path) -> None:
     write_tensors(tmp_path / "vace.safetensors", wan.transformer_keys(vace), dtype="BF16")
     with pytest.raises(ModelkitError, match="VACE"):
         convert_layout(open_model(tmp_path / "vace.safetensors"), "diffusers")
+    from modelkit.testing.lora import write_flux_lora
+
+    write_flux_lora(tmp_path / "lora.safetensors", "kohya")  # a LoRA is no transformer
+    with pytest.raises(ModelkitError, match=r"is a lora, not a transformer or checkpoint"):
+        convert_layout(open_model(tmp_path / "lora.safetensors"), "diffusers")
 
 
 def test_z_image_drops_only_what_diffusers_drops(tmp_path: Path) -> None:

@@ -67,6 +67,9 @@ def _check(src: Source, to: str) -> tuple[str, str, str | None]:
     """The family and layout of ``src``; a one-line error unless it can go to ``to``."""
     name = source_label(src)
     rep = describe(src)
+    if rep.kind not in ("checkpoint", "unet"):  # a LoRA, a VAE, a text encoder...
+        raise ModelkitError(f"{name}: is {with_article(rep.kind)}, not a transformer or "
+                            "checkpoint; --layout converts a model's transformer")
     arch = registry.get(rep.arch)
     if arch is not None and len(arch.layouts) == 1:
         raise ModelkitError(f"{name}: {arch.label} files have one layout "

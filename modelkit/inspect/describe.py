@@ -55,13 +55,12 @@ def require_original_layout(rep: ModelReport, where: str, what: str) -> None:
 def require_checkpoint(source: Source, what: str, kinds: tuple[str, ...] = ("checkpoint",)
                        ) -> ModelReport:
     """The report of ``source``; a one-line error unless it is one of ``kinds``
-    of a known SD architecture."""
+    of an architecture ``what`` handles."""
     rep = describe(source)
     name = source_label(source)
     if rep.kind not in kinds:
         want = " or ".join(kinds)
         raise ModelkitError(f"{name}: is {with_article(rep.kind)}, not {with_article(want)}; "
-                            f"{what} takes a "
-                            f"Stable Diffusion {want}")
+                            f"{what} takes a model's {want} file")
     require_handled(rep, name, what)
     return rep
