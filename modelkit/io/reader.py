@@ -7,9 +7,11 @@ through :mod:`modelkit.io.pickle`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,6 +90,9 @@ class ModelSource(KeyAccess):
     _tensors: dict[str, Any] | None = None
     data_start: int | None = None  # where tensor data begins (safetensors files)
     _fd: int | None = None
+    _map: Any = None  # the file's private memory map (view()), made on first use
+    _opening: threading.Lock = field(default_factory=threading.Lock, repr=False,
+                                     compare=False)  # lanes read at once
 
     @property
     def input_paths(self) -> tuple[Path, ...]:
@@ -119,9 +124,10 @@ class ModelSource(KeyAccess):
         return self.data_start is not None
 
     def _raw_fd(self) -> int:
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        return self._fd
+        with self._opening:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            return self._fd
 
     def read_into(self, key: str, byte_offset: int, out: memoryview) -> None:
         """Read ``len(out)`` bytes of tensor ``key``, starting ``byte_offset``
@@ -140,6 +146,33 @@ class ModelSource(KeyAccess):
             if n <= 0:
                 raise BadFileError(f"{self.path}: truncated inside tensor {key!r}")
             done += n
+
+    def view(self, key: str, byte_offset: int, nbytes: int) -> memoryview:
+        """``nbytes`` bytes of tensor ``key`` from ``byte_offset`` on, as a
+        view on the file's memory map: read without a copy (a bake converts
+        them straight from the page cache), pages faulted in on first touch
+        after a read-ahead hint. The map is private and copy-on-write, so a
+        tensor made on the view may be writable without the file changing.
+
+        Raises:
+            BadFileError: the file is shorter than its header says.
+        """
+        import mmap
+
+        assert self.data_start is not None, "not a safetensors file"
+        pos = self.data_start + self.infos[key].begin + byte_offset
+        fd = self._raw_fd()
+        # the file's length now, not the map's: touching a page past the end
+        # of a file cut short after it was mapped would kill the process (SIGBUS)
+        if pos + nbytes > os.fstat(fd).st_size:
+            raise BadFileError(f"{self.path}: truncated inside tensor {key!r}")
+        with self._opening:
+            if self._map is None or pos + nbytes > len(self._map):
+                self._map = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+            mapped = self._map
+        page = pos - pos % mmap.PAGESIZE
+        mapped.madvise(mmap.MADV_WILLNEED, page, pos + nbytes - page)
+        return memoryview(mapped)[pos:pos + nbytes]
 
     def copy_into(self, key: str, fd: int, offset: int) -> None:
         """Copy tensor ``key``'s bytes unchanged into the file ``fd`` at
@@ -164,6 +197,11 @@ class ModelSource(KeyAccess):
     def close(self) -> None:
         self._handle = None
         self._tensors = None
+        if self._map is not None:
+            # a view still held keeps the map: it is unmapped when freed
+            with contextlib.suppress(BufferError):
+                self._map.close()
+            self._map = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -3,14 +3,16 @@ row-chunk math as :func:`modelkit.lora.bake._produce_chunked`, with the bytes
 moved differently (the same bytes come out; tested).
 
 Each patched weight is baked in the same row chunks of about
-:data:`modelkit.vocab.CHUNK_ELEMENTS` elements: the chunk's base rows are read
-with ``pread`` into a buffer reused for the whole run, converted into a reused
-float32 buffer, every module's rows are added (``addmm_``, in the same order),
-the range is checked, and the chunk is converted into a reused output buffer
-and written at its offset in the output file. Reading through the memory map
-and a fresh whole-tensor output per weight faulted every page in (most of a
-bake's time on a Flux file: 126 MiB per ``linear1``), and the whole output
-tensor was the bake's peak memory.
+:data:`modelkit.vocab.CHUNK_ELEMENTS` elements: the chunk's base rows are
+converted straight from the file's memory map (``ModelSource.view``) into a
+reused float32 buffer, every module's rows are added (``addmm_``, in the same
+order), the range is checked where it can fail (:func:`range_safe`), and the
+chunk is converted into a reused output buffer and written at its offset in
+the output file. A fresh whole-tensor output per weight faulted every page
+in (most of a bake's time on a Flux file: 126 MiB per ``linear1``) and was
+the bake's peak memory; reading the rows with ``pread`` into a buffer first
+cost one more copy of every byte (about 10 % of a Flux bake's CPU time, with
+the range check it skips on bf16 weights; bench/README.md).
 
 The calling thread and a worker thread (:data:`WORKERS`) are two lanes that
 each take the next chunk and read, bake and write it with their own buffers
@@ -37,6 +39,11 @@ from modelkit.errors import CancelFlag, Cancelled, ModelkitError, check_cancel
 from modelkit.io.header import DTYPE_SIZES
 from modelkit.vocab import CHUNK_ELEMENTS
 
+# a |ΔW| under this cannot carry a finite value past the top of the float32 or
+# bfloat16 range: it is below half the spacing of float32 values there (2^103,
+# about 1e31), so base + ΔW rounds to the base's own value near the top
+SAFE_DELTA = 1e30
+
 # lanes beside the calling thread, each with one torch thread (no OpenMP pool
 # waits on a busy core). One: two lanes fill a quiet 2-core machine, and
 # beside a busy process the bake keeps about 2/3 of each core (the two lanes
@@ -55,28 +62,23 @@ if TYPE_CHECKING:
     from modelkit.lora.bake import _Patch
 
 class _Slot:
-    """One chunk's buffers (input bytes, float32 rows, output rows), grown
-    when a chunk needs more and reused for the whole run."""
+    """One chunk's buffers (float32 rows, output rows), grown when a chunk
+    needs more and reused for the whole run."""
 
     def __init__(self) -> None:
-        self.raw: Any = None
         self.f32: torch.Tensor | None = None
         self.out: dict[Any, torch.Tensor] = {}
 
-    def buffers(self, n_raw: int, numel: int, out_dtype: torch.dtype
-                ) -> tuple[Any, torch.Tensor, torch.Tensor]:
-        import numpy as np
+    def buffers(self, numel: int, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
 
         size = max(numel, CHUNK_ELEMENTS)
-        if self.raw is None or self.raw.nbytes < n_raw:
-            self.raw = np.empty(max(n_raw, size * 4), dtype=np.uint8)
         if self.f32 is None or self.f32.numel() < numel:
             self.f32 = torch.empty(size, dtype=torch.float32)
         out = self.out.get(out_dtype)
         if out is None or out.numel() < numel:
             out = self.out[out_dtype] = torch.empty(size, dtype=out_dtype)
-        return self.raw[:n_raw], self.f32[:numel], out[:numel]
+        return self.f32[:numel], out[:numel]
 
 
 def check_range(key: str, acc: torch.Tensor, base: torch.Tensor, todo: Sequence[_Patch],
@@ -104,6 +106,19 @@ def check_range(key: str, acc: torch.Tensor, base: torch.Tensor, todo: Sequence[
     raise ModelkitError(f"{key}: baking {mods} gives {what}; the adapter's values are too "
                         "large for this weight (check its alpha and factors, lower its "
                         "weight or bake to --dtype fp32)")
+
+
+def range_safe(todo: Sequence[_Patch], out_dtype: torch.dtype) -> bool:
+    """Whether :func:`check_range` cannot fail on any chunk of this weight,
+    so the bake may skip it: the output is bfloat16 or float32, and the
+    modules' ``|k|·bound`` add up to under :data:`SAFE_DELTA`. Then a finite
+    base value stays in range (a NaN/Inf can only come from the base, which
+    the check passes on as it is)."""
+    import torch
+
+    if out_dtype not in (torch.bfloat16, torch.float32):
+        return False
+    return sum(abs(p.k) * p.delta.bound() for p in todo) < SAFE_DELTA
 
 
 def chunkable(todo: Sequence[_Patch], shape: tuple[int, ...]) -> bool:
@@ -151,11 +166,10 @@ def _bake_rows(ckpt: ModelSource, key: str, dtype: str, todo: list[_Patch],
     shape = tuple(info.shape)
     n, cols = shape[0], math.prod(shape[1:])
     step = max(1, CHUNK_ELEMENTS // cols)
+    for p in todo:  # load each module's factors (or ΔW) here, once, before a worker uses them
+        p.delta.bound()
     job = _Job(ckpt, key, to_torch(info.dtype), int(DTYPE_SIZES[info.dtype]),
                to_torch(dtype), n, cols, step, todo)
-    for p in todo:  # load each module's factors here, once, before a worker uses them
-        if p.delta.factors() is None:
-            p.delta.full()
     queue = _Chunks(-(-n // step))
     lanes = min(WORKERS + 1, len(slots), queue.n)
     if lanes == 1:
@@ -213,6 +227,7 @@ class _Job:
                  todo: list[_Patch]) -> None:
         self.ckpt, self.key, self.in_dtype, self.in_size = ckpt, key, in_dtype, in_size
         self.out_dtype, self.n, self.cols, self.step, self.todo = out_dtype, n, cols, step, todo
+        self.safe = range_safe(todo, out_dtype)
 
     def lane(self, slot: _Slot, sink: TensorSink, queue: _Chunks, cancel: CancelFlag | None,
              threads: int) -> None:
@@ -245,36 +260,38 @@ class _Job:
         import torch
 
         cols = self.cols
-        raw, f32, out = slot.buffers(rows * cols * self.in_size, rows * cols, self.out_dtype)
-        base = torch.from_numpy(raw).view(self.in_dtype).view(rows, cols)
-        return _Views(memoryview(raw), base, f32.view(rows, cols), out.view(rows, cols),
+        f32, out = slot.buffers(rows * cols, self.out_dtype)
+        return _Views(f32.view(rows, cols), out.view(rows, cols),
                       out.view(torch.uint8).numpy().data, cols * self.out_dtype.itemsize)
 
     def run(self, a: int, v: _Views) -> None:
-        """Rows ``a:a+rows`` of the weight read into ``v.raw`` and baked into
-        ``v.dst``."""
-        b = a + v.acc.shape[0]
-        self.ckpt.read_into(self.key, a * self.cols * self.in_size, v.raw)
-        v.acc.copy_(v.base)
+        """Rows ``a:a+rows`` of the weight, converted from the file's memory
+        map (no copy in between) and baked into ``v.dst``."""
+        import torch
+
+        rows = v.acc.shape[0]
+        b = a + rows
+        data = self.ckpt.view(self.key, a * self.cols * self.in_size,
+                              rows * self.cols * self.in_size)
+        base = torch.frombuffer(data, dtype=self.in_dtype).view(rows, self.cols)
+        v.acc.copy_(base)
         for p in self.todo:
             lo, hi = max(a, p.row0), min(b, p.row0 + p.delta.out)
             if lo < hi:
                 p.delta.add_rows_(v.acc[lo - a:hi - a], lo - p.row0, hi - p.row0, p.k)
-        check_range(self.key, v.acc, v.base, self.todo, self.out_dtype)
+        if not self.safe:
+            check_range(self.key, v.acc, base, self.todo, self.out_dtype)
         v.dst.copy_(v.acc)
 
 
 class _Views(NamedTuple):
-    """A slot's buffers as one chunk: the input bytes, the base rows in
-    their dtype, the float32 rows, the output rows and their bytes, and the
-    bytes of one output row."""
+    """A slot's buffers as one chunk: the float32 rows, the output rows and
+    their bytes, and the bytes of one output row."""
 
-    raw: memoryview
-    base: torch.Tensor
     acc: torch.Tensor
     dst: torch.Tensor
     data: memoryview
     row_bytes: int
 
 
-__all__ = ["check_range", "chunkable", "streamer"]
+__all__ = ["check_range", "chunkable", "range_safe", "streamer"]

@@ -149,6 +149,7 @@ class ModuleDelta:
                                 "reorder those: leave this module out")
         self._full: torch.Tensor | None = None
         self._factors: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._bound: float | None = None
 
     def _t(self, suffix: str) -> torch.Tensor:
         import torch
@@ -236,6 +237,21 @@ class ModuleDelta:
                 dense = swap_halves(dense)
             self._full = self.check_finite(dense, "ΔW")
         return self._full
+
+    def bound(self) -> float:
+        """An upper bound of ΔW's elements' magnitude, the scale included
+        (``s·max_i Σ_r |up_ir| · max |down|`` from the factors, else
+        ``max |ΔW|``); loads the factors or ΔW, once."""
+        if self._bound is None:
+            pair = self.factors()
+            if pair is not None:
+                up, down = pair
+                self._bound = 0.0 if up.numel() == 0 or down.numel() == 0 else (
+                    abs(self.scale) * float(up.abs().sum(1).amax()) * float(down.abs().amax()))
+            else:
+                full = self.full()
+                self._bound = float(full.abs().amax()) if full.numel() else 0.0
+        return self._bound
 
     def check_finite(self, t: torch.Tensor, what: str) -> torch.Tensor:
         """``t``, or a one-line error naming the module when it holds NaN or
