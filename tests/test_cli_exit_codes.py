@@ -103,6 +103,11 @@ def test_every_command_exit_codes_through_the_console_entry_point(
 
     flux_lora = root / "flux_lora.safetensors"
     write_flux_lora(flux_lora, "kohya")
+    shards = root / "FLUX.1" / "transformer"  # an index naming a file outside the folder
+    shards.mkdir(parents=True)
+    (shards / "config.json").write_text('{"_class_name": "FluxTransformer2DModel"}')
+    (shards / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        '{"weight_map": {"img_in.weight": "../x.safetensors"}}')
     res = _console_entry({
         "replay": ["recipe", "replay", "--check", str(files["tampered"]), "-q",
                    "--search", str(models["sd1"].parent)],
@@ -126,6 +131,7 @@ def test_every_command_exit_codes_through_the_console_entry_point(
         "merge_families": ["merge", flux, sd1, "-o", o, "-q"],
         "layout_one": ["convert", qwen, "-o", o, "--layout", "diffusers", "-q"],
         "bake_family": ["lora", "bake", sd1, str(flux_lora), "-o", o, "-q"],
+        "shard_index": ["convert", str(shards.parent), "-o", o, "-q"],
     }, root)
     expected = {"replay": 1, "fp8": 0, "vpred": 0, "verify_nan": 1}
     for name, (code, out, err) in res.items():
@@ -146,6 +152,8 @@ def test_every_command_exit_codes_through_the_console_entry_point(
             "sd1.safetensors is sd1") in res["merge_families"][2]
     assert "Qwen-Image files have one layout" in res["layout_one"][2]
     assert "flux" in res["bake_family"][2] and "sd1" in res["bake_family"][2]
+    assert "weight_map names '../x.safetensors', not a file of this folder" \
+        in res["shard_index"][2]
     assert not list(root.glob("never*")) and not list(root.glob(".never*"))
     assert not (root / "x.safetensors").exists() and not (root / "sweep-out").exists()
 

@@ -216,8 +216,9 @@ def export_gguf_cmd(model: str, qtype: str, dtype: str | None, keep_shapes: bool
                    "qkv/linear1) or diffusers (split to_q/to_k/to_v).")
 def convert_cmd(model: str, layout: str | None, common: CommonOptions) -> None:
     """Convert .ckpt/.pt to .safetensors (safe loader), a diffusers folder
-    to a single original-layout file and back, or (--layout) a transformer
-    file between the original and the diffusers layout."""
+    to a single original-layout file and back (a transformer family's
+    transformer/ folder, sharded or not, to one file), or (--layout) a
+    transformer file between the original and the diffusers layout."""
     if layout is None:
         _run_op("convert", [model], common, _plain_lines,
                 {"format": common.format} if common.format else None)

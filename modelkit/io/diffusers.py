@@ -1,5 +1,6 @@
 """Reading diffusers folders (SD1, SD2, SDXL, SDXL refiner) as single
-original-layout checkpoints.
+original-layout checkpoints, and a transformer family's ``transformer/``
+(shards included) as one diffusers-layout file.
 
 :func:`open_diffusers` presents a diffusers folder as one original-layout
 model whose tensors are computed on demand. Writing one is planned in
@@ -51,7 +52,10 @@ from modelkit.io.source import DerivedSource, tensor_info
 if TYPE_CHECKING:
     import torch
 
+    from modelkit.io.writer import TensorSink
+
 EXTRA_FILE = "modelkit_extra.safetensors"
+TRANSFORMER = "transformer"  # a transformer family's denoiser in a pipeline folder
 MODEL_INDEX = "model_index.json"
 SCHEDULER_DIR = "scheduler"
 TORCH_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32",
@@ -65,9 +69,21 @@ TOKENIZER_NOTE = ("tokenizers are not written (they cannot be downloaded here): 
 
 def is_diffusers_folder(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a folder laid out like a diffusers pipeline
-    (``model_index.json`` or ``unet/config.json``)."""
+    (``model_index.json`` or ``unet/config.json``) or is a pipeline's
+    ``transformer/`` folder."""
     p = Path(path)
-    return p.is_dir() and ((p / MODEL_INDEX).is_file() or (p / UNET / "config.json").is_file())
+    return p.is_dir() and ((p / MODEL_INDEX).is_file() or (p / UNET / "config.json").is_file()
+                           or _is_transformer(p) or _is_transformer(p / TRANSFORMER))
+
+
+def _is_transformer(folder: Path) -> bool:
+    """Whether ``folder`` holds a diffusers transformer model (its config's
+    class is a ``...Transformer2DModel``/``...Transformer3DModel``)."""
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        return False
+    name = _read_json(cfg).get("_class_name")
+    return isinstance(name, str) and "Transformer" in name
 
 
 def diffusers_version() -> str:
@@ -101,7 +117,12 @@ def _weight_files(folder: Path, stem: str) -> list[Path]:
         index = folder / f"{stem}{variant}.safetensors.index.json"
         if index.is_file():
             shards = _read_json(index).get("weight_map", {})
-            return [folder / name for name in dict.fromkeys(shards.values())]
+            names = list(dict.fromkeys(shards.values())) if isinstance(shards, dict) else [None]
+            for name in names:
+                if not isinstance(name, str) or Path(name).name != name or name in ("", ".."):
+                    raise BadFileError(f"{index}: weight_map names {name!r}, not a file of "
+                                       "this folder; download the component again")
+            return [folder / str(name) for name in names]
     legacy = folder / f"{BIN_STEMS[stem]}.bin"
     if legacy.is_file():
         return [legacy]
@@ -281,6 +302,10 @@ def open_diffusers(path: str | os.PathLike[str], device: str = "cpu") -> Derived
         raise BadFileError(f"{root}: not a folder; a diffusers model is a folder with "
                            "model_index.json, unet/, vae/ and text_encoder/")
     _check_links(root)
+    if _is_transformer(root):
+        return _open_transformer(root.parent, device, root)
+    if not (root / UNET / "config.json").is_file() and (root / TRANSFORMER).is_dir():
+        return _open_transformer(root, device, root / TRANSFORMER)
     arch, names, warnings = _folder_arch(root)
     notes: list[str] = []
     layout = diffusers_layout(arch)
@@ -305,6 +330,37 @@ def open_diffusers(path: str | os.PathLike[str], device: str = "cpu") -> Derived
     return DerivedSource(f"diffusers({root})", infos,
                          dict(extras.metadata) if extras else {}, produce,
                          tuple(inputs), notes, warnings)
+
+
+def _open_transformer(root: Path, device: str, folder: Path) -> DerivedSource:
+    """The transformer ``folder`` of a diffusers pipeline folder ``root``
+    (Flux, SD3, Qwen-Image, Wan, ...: one file or shards named in its
+    ``.index.json``) as one diffusers-layout model; each tensor is copied
+    from its shard. The other components are not read (a note says which)."""
+    sources = [open_model(p, device)
+               for p in _weight_files(folder, WEIGHT_STEMS[UNET])]
+    where: dict[str, ModelSource] = {}
+    for src in sources:
+        for key in src.infos:
+            if key in where:
+                raise BadFileError(f"{src.path}: tensor {key!r} is also in "
+                                   f"{where[key].path.name}; the shards overlap, download "
+                                   "the transformer again")
+            where[key] = src
+    infos = {k: s.infos[k] for s in sources for k in s.infos}
+    others = sorted(p.name + "/" for p in root.iterdir()
+                    if p.is_dir() and p != folder and (p / "config.json").is_file())
+    notes = [f"read {folder.name}/ ({len(sources)} file{'s' * (len(sources) > 1)}); "
+             f"{', '.join(others)} not included: give those components as files"] \
+        if others else []
+
+    def stream(key: str, sink: TensorSink) -> bool:
+        sink.copy_from(where[key], key)  # file to file, in the kernel
+        return True
+
+    return DerivedSource(f"diffusers({folder})", infos, {}, lambda k: where[k].get(k),
+                         tuple(s.path for s in sources), notes,
+                         stream=stream if device == "cpu" else None)
 
 
 def _check_links(root: Path) -> None:

@@ -33,7 +33,7 @@ def open_source(path: str | os.PathLike[str], device: str = "cpu") -> Source:
 
         if not is_diffusers_folder(p):
             raise BadFileError(f"{p}: is a folder but not a diffusers model (no "
-                               "model_index.json or unet/); give a model file")
+                               "model_index.json, unet/ or transformer/); give a model file")
         return open_diffusers(p, device)
     check_input_file(p)
     from modelkit.io.formats import input_format
