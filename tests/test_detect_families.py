@@ -138,6 +138,7 @@ WAN_CASES = [
     ("t2v-14b", "diffusers", False, 14.29),
     ("i2v-14b", "diffusers", True, 16.39),
     ("ti2v-5b", "diffusers", False, 5.00),
+    ("vace", "diffusers", False, 17.34),
 ]
 
 
@@ -232,13 +233,18 @@ def test_detect_only_families() -> None:
 
 
 def test_generated_tables_match_diffusers_classes() -> None:
-    """Qwen-Image and Wan (diffusers layout): the same keys and shapes as the
-    diffusers classes; SD3 (fused qkv): the same parameter count."""
+    """Qwen-Image and Wan, VACE included (diffusers layout): the same keys and
+    shapes as the diffusers classes; SD3 (fused qkv): the same parameter count."""
     import math
 
     pytest.importorskip("diffusers")
     import torch
-    from diffusers import QwenImageTransformer2DModel, SD3Transformer2DModel, WanTransformer3DModel
+    from diffusers import (
+        QwenImageTransformer2DModel,
+        SD3Transformer2DModel,
+        WanTransformer3DModel,
+        WanVACETransformer3DModel,
+    )
 
     from modelkit.arch import qwen_image, sd3, wan
 
@@ -254,6 +260,8 @@ def test_generated_tables_match_diffusers_classes() -> None:
     assert table(WanTransformer3DModel, num_attention_heads=24, ffn_dim=14336, num_layers=30,
                  in_channels=48, out_channels=48) == wan.transformer_keys(
                      wan.VARIANTS["ti2v-5b"], "diffusers")
+    assert table(WanVACETransformer3DModel) == wan.transformer_keys(wan.VARIANTS["vace"],
+                                                                     "diffusers")
     ref = table(SD3Transformer2DModel, sample_size=128, num_layers=24, attention_head_dim=64,
                 num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=384,
                 joint_attention_dim=4096, pooled_projection_dim=2048, out_channels=16,

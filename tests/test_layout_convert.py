@@ -70,6 +70,8 @@ CASES: dict[str, tuple[str, Shapes, str, bool, bool]] = {
     "wan-t2v-1.3b": ("wan", wan.transformer_keys(_wan("t2v-1.3b")), "BF16", False, True),
     "wan-i2v-14b": ("wan", wan.transformer_keys(_wan("i2v-14b")), "BF16", True, True),
     "wan-ti2v-5b": ("wan", wan.transformer_keys(_wan("ti2v-5b")), "F16", False, True),
+    "wan-vace": ("wan", wan.transformer_keys(replace(_wan("vace"), vace_layers=(0, 1))),
+                 "BF16", True, True),
     # Z-Image is told from Lumina 2.0 by its full width: a small one is not detected
     "z_image": ("z_image", z_image.transformer_keys(ZIMAGE), "BF16", False, False),
 }
@@ -207,7 +209,8 @@ WAN_RENAMES = (
     ("img_emb.proj.0", "condition_embedder.image_embedder.norm1"),
     ("img_emb.proj.1", "condition_embedder.image_embedder.ff.net.0.proj"),
     ("img_emb.proj.3", "condition_embedder.image_embedder.ff.net.2"),
-    ("img_emb.proj.4", "condition_embedder.image_embedder.norm2"))
+    ("img_emb.proj.4", "condition_embedder.image_embedder.norm2"),
+    ("before_proj", "proj_in"), ("after_proj", "proj_out"))  # VACE
 ZIMAGE_RENAMES = (("final_layer.", "all_final_layer.2-1."), ("x_embedder.", "all_x_embedder.2-1."),
                   (".attention.out.", ".attention.to_out.0."),
                   (".attention.k_norm.", ".attention.norm_k."),
@@ -331,8 +334,8 @@ GENERATED = {  # family, config, original keys, diffusers keys
     **{f"z_image-{s}": ("z_image", c) for s, c in (("small", ZIMAGE),
                                                     ("full", z_image.VARIANTS["z-image"]))},
     **{f"flux-{v}": ("flux", c) for v, c in flux.VARIANTS.items()},
-    **{f"wan-{v}": ("wan", c) for v, c in wan.VARIANTS.items() if not c.vace_layers},
-    **{f"wan-{v}-small": ("wan", _wan(v)) for v in ("t2v-1.3b", "i2v-14b")},
+    **{f"wan-{v}": ("wan", c) for v, c in wan.VARIANTS.items()},
+    **{f"wan-{v}-small": ("wan", _wan(v)) for v in ("t2v-1.3b", "i2v-14b", "vace")},
 }
 
 
@@ -429,10 +432,6 @@ def test_refusals_name_the_key_or_the_reason(tmp_path: Path) -> None:
     write_tensors(tmp_path / "cut.safetensors", diff, dtype="BF16")
     with pytest.raises(ModelkitError, match=r"has no 'single_transformer_blocks\.0\.proj_mlp"):
         convert_layout(open_model(tmp_path / "cut.safetensors"), "original")
-    vace = replace(wan.small(wan.VARIANTS["vace"]), ffn_dim=192, text_dim=32)
-    write_tensors(tmp_path / "vace.safetensors", wan.transformer_keys(vace), dtype="BF16")
-    with pytest.raises(ModelkitError, match="VACE"):
-        convert_layout(open_model(tmp_path / "vace.safetensors"), "diffusers")
     from modelkit.testing.lora import write_flux_lora
 
     write_flux_lora(tmp_path / "lora.safetensors", "kohya")  # a LoRA is no transformer

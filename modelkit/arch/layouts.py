@@ -146,15 +146,16 @@ def _z_image(keys: Mapping[str, Shape], layout: str, where: str) -> td.KeyMap:
 
 
 def _wan(keys: Mapping[str, Shape], layout: str, where: str) -> td.KeyMap:
-    if "vace_patch_embedding.weight" in keys:
-        raise ModelkitError(f"{where}: is a Wan VACE transformer; diffusers' "
-                            "WanTransformer3DModel has no VACE blocks, so it has the "
-                            "original layout only")
-    q, img = (("blocks.{}.self_attn.q.weight", "img_emb.proj.1.weight") if layout == ORIGINAL
-              else ("blocks.{}.attn1.to_q.weight",
-                    "condition_embedder.image_embedder.ff.net.0.proj.weight"))
+    q, img, vace = (("blocks.{}.self_attn.q.weight", "img_emb.proj.1.weight",
+                     "vace_blocks.{}.after_proj.weight") if layout == ORIGINAL
+                    else ("blocks.{}.attn1.to_q.weight",
+                          "condition_embedder.image_embedder.ff.net.0.proj.weight",
+                          "vace_blocks.{}.proj_out.weight"))
+    # the VACE blocks' count is all the map needs (which blocks take their
+    # hints is the model's config, not a key)
     cfg = replace(wan.WanConfig(), dim=_dim(keys, "patch_embedding.weight", where),
-                  num_layers=_count(keys, q), i2v=img in keys)
+                  num_layers=_count(keys, q), i2v=img in keys,
+                  vace_layers=tuple(range(_count(keys, vace))))
     return td.wan_map(cfg)
 
 

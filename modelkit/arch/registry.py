@@ -504,6 +504,8 @@ WAN = Architecture(
     # k_img), VACE adds vace_blocks, Wan 2.2 TI2V-5B: 3072 wide, 48 channels
     variants=(Variant("vace", Rule(keys=("vace_patch_embedding.weight",
                                          "vace_blocks.0.after_proj.weight"))),
+              Variant("vace", Rule(keys=("vace_patch_embedding.weight",
+                                         "vace_blocks.0.proj_out.weight"))),
               *_wan_variants(_WAN_Q, "img_emb.proj.1.weight",
                              "blocks.0.cross_attn.k_img.weight"),
               *_wan_variants(_WAN_DIFFUSERS_Q,

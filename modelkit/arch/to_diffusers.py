@@ -276,13 +276,13 @@ Z_IMAGE_UNUSED = ("norm_final.weight",)
 
 
 def wan_map(cfg: WanConfig) -> KeyMap:
-    """Wan 2.1/2.2's diffusers keys (``WanTransformer3DModel``) from Wan-Video's
-    layout: renames only (``self_attn``/``cross_attn`` -> ``attn1``/``attn2``,
-    ``q/k/v/o`` -> ``to_q/to_k/to_v/to_out.0``, ``norm3`` -> ``norm2``,
-    ``modulation`` -> ``scale_shift_table``, the embedders under
-    ``condition_embedder``). VACE has no diffusers transformer of this class."""
-    if cfg.vace_layers:
-        raise ValueError("VACE is written in the original layout only")
+    """Wan 2.1/2.2's diffusers keys (``WanTransformer3DModel``, with VACE
+    ``WanVACETransformer3DModel``) from Wan-Video's layout: renames only
+    (``self_attn``/``cross_attn`` -> ``attn1``/``attn2``, ``q/k/v/o`` ->
+    ``to_q/to_k/to_v/to_out.0``, ``norm3`` -> ``norm2``, ``modulation`` ->
+    ``scale_shift_table``, the embedders under ``condition_embedder``, VACE's
+    ``before_proj``/``after_proj`` -> ``proj_in``/``proj_out``; diffusers'
+    single_file_utils.py convert_wan_transformer_to_diffusers)."""
     e = "condition_embedder"
     out: KeyMap = {"scale_shift_table": Piece("head.modulation"),
                    "patch_embedding.weight": Piece("patch_embedding.weight"),
@@ -298,22 +298,34 @@ def wan_map(cfg: WanConfig) -> KeyMap:
                                ("norm2", "4")):
             _linear(out, f"{e}.image_embedder.{target}", f"img_emb.proj.{source}")
     for i in range(cfg.num_layers):
-        b = f"blocks.{i}"
-        out[f"{b}.scale_shift_table"] = Piece(f"{b}.modulation")
-        for attn, source in (("attn1", "self_attn"), ("attn2", "cross_attn")):
-            for proj, p in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "o")):
-                _linear(out, f"{b}.{attn}.{proj}", f"{b}.{source}.{p}")
-            for norm in ("norm_q", "norm_k"):
-                out[f"{b}.{attn}.{norm}.weight"] = Piece(f"{b}.{source}.{norm}.weight")
-        if cfg.i2v:
-            _linear(out, f"{b}.attn2.add_k_proj", f"{b}.cross_attn.k_img")
-            _linear(out, f"{b}.attn2.add_v_proj", f"{b}.cross_attn.v_img")
-            out[f"{b}.attn2.norm_added_k.weight"] = Piece(f"{b}.cross_attn.norm_k_img.weight")
-        _linear(out, f"{b}.norm2", f"{b}.norm3")  # the cross-attention norm
-        _linear(out, f"{b}.ffn.net.0.proj", f"{b}.ffn.0")
-        _linear(out, f"{b}.ffn.net.2", f"{b}.ffn.2")
+        _wan_block(out, f"blocks.{i}", cfg.i2v)
     _linear(out, "proj_out", "head.head")
+    if cfg.vace_layers:
+        _linear(out, "vace_patch_embedding", "vace_patch_embedding")
+        for i in range(len(cfg.vace_layers)):
+            b = f"vace_blocks.{i}"
+            if i == 0:
+                _linear(out, f"{b}.proj_in", f"{b}.before_proj")
+            _wan_block(out, b, False)
+            _linear(out, f"{b}.proj_out", f"{b}.after_proj")
     return out
+
+
+def _wan_block(out: KeyMap, b: str, i2v: bool) -> None:
+    """One Wan block's renames (a VACE block's too)."""
+    out[f"{b}.scale_shift_table"] = Piece(f"{b}.modulation")
+    for attn, source in (("attn1", "self_attn"), ("attn2", "cross_attn")):
+        for proj, p in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "o")):
+            _linear(out, f"{b}.{attn}.{proj}", f"{b}.{source}.{p}")
+        for norm in ("norm_q", "norm_k"):
+            out[f"{b}.{attn}.{norm}.weight"] = Piece(f"{b}.{source}.{norm}.weight")
+    if i2v:
+        _linear(out, f"{b}.attn2.add_k_proj", f"{b}.cross_attn.k_img")
+        _linear(out, f"{b}.attn2.add_v_proj", f"{b}.cross_attn.v_img")
+        out[f"{b}.attn2.norm_added_k.weight"] = Piece(f"{b}.cross_attn.norm_k_img.weight")
+    _linear(out, f"{b}.norm2", f"{b}.norm3")  # the cross-attention norm
+    _linear(out, f"{b}.ffn.net.0.proj", f"{b}.ffn.0")
+    _linear(out, f"{b}.ffn.net.2", f"{b}.ffn.2")
 
 
 def qwen_image_map(cfg: QwenImageConfig) -> KeyMap:

@@ -102,8 +102,29 @@ def _transformer(cfg: WanConfig) -> Iterator[tuple[str, Shape]]:
             yield from linear_keys(f"{b}.after_proj", d, d)
 
 
+def _diffusers_block(b: str, cfg: WanConfig, i2v: bool) -> Iterator[tuple[str, Shape]]:
+    """One block's keys in diffusers' names (``WanTransformerBlock``; a
+    VACE block adds its projections around these)."""
+    d = cfg.dim
+    yield f"{b}.scale_shift_table", (1, 6, d)
+    for attn in ("attn1", "attn2"):
+        for p in ("to_q", "to_k", "to_v", "to_out.0"):
+            yield from linear_keys(f"{b}.{attn}.{p}", d, d)
+        yield f"{b}.{attn}.norm_q.weight", (d,)
+        yield f"{b}.{attn}.norm_k.weight", (d,)
+    if i2v:
+        yield from linear_keys(f"{b}.attn2.add_k_proj", d, d)
+        yield from linear_keys(f"{b}.attn2.add_v_proj", d, d)
+        yield f"{b}.attn2.norm_added_k.weight", (d,)
+    yield f"{b}.norm2.weight", (d,)
+    yield f"{b}.norm2.bias", (d,)
+    yield from linear_keys(f"{b}.ffn.net.0.proj", cfg.ffn_dim, d)
+    yield from linear_keys(f"{b}.ffn.net.2", d, cfg.ffn_dim)
+
+
 def _diffusers(cfg: WanConfig) -> Iterator[tuple[str, Shape]]:
-    """diffusers' ``WanTransformer3DModel`` names (no VACE)."""
+    """diffusers' ``WanTransformer3DModel`` names (``WanVACETransformer3DModel``
+    with VACE: ``vace_blocks`` with ``proj_in``/``proj_out``)."""
     d, e = cfg.dim, "condition_embedder"
     yield "scale_shift_table", (1, 2, d)
     yield "patch_embedding.weight", (d, cfg.in_dim, 1, 2, 2)
@@ -122,29 +143,21 @@ def _diffusers(cfg: WanConfig) -> Iterator[tuple[str, Shape]]:
         yield f"{e}.image_embedder.norm2.weight", (d,)
         yield f"{e}.image_embedder.norm2.bias", (d,)
     for i in range(cfg.num_layers):
-        b = f"blocks.{i}"
-        yield f"{b}.scale_shift_table", (1, 6, d)
-        for attn in ("attn1", "attn2"):
-            for p in ("to_q", "to_k", "to_v", "to_out.0"):
-                yield from linear_keys(f"{b}.{attn}.{p}", d, d)
-            yield f"{b}.{attn}.norm_q.weight", (d,)
-            yield f"{b}.{attn}.norm_k.weight", (d,)
-        if cfg.i2v:
-            yield from linear_keys(f"{b}.attn2.add_k_proj", d, d)
-            yield from linear_keys(f"{b}.attn2.add_v_proj", d, d)
-            yield f"{b}.attn2.norm_added_k.weight", (d,)
-        yield f"{b}.norm2.weight", (d,)
-        yield f"{b}.norm2.bias", (d,)
-        yield from linear_keys(f"{b}.ffn.net.0.proj", cfg.ffn_dim, d)
-        yield from linear_keys(f"{b}.ffn.net.2", d, cfg.ffn_dim)
+        yield from _diffusers_block(f"blocks.{i}", cfg, cfg.i2v)
     yield from linear_keys("proj_out", cfg.out_dim * 4, d)
+    if cfg.vace_layers:
+        yield "vace_patch_embedding.weight", (d, cfg.vace_in_dim, 1, 2, 2)
+        yield "vace_patch_embedding.bias", (d,)
+        for i in range(len(cfg.vace_layers)):
+            b = f"vace_blocks.{i}"
+            if i == 0:
+                yield from linear_keys(f"{b}.proj_in", d, d)
+            yield from _diffusers_block(b, cfg, False)
+            yield from linear_keys(f"{b}.proj_out", d, d)
 
 
 def transformer_keys(cfg: WanConfig, layout: str = ORIGINAL) -> KeyShapes:
-    """The transformer's keys and shapes in ``layout`` (unprefixed; VACE has
-    the original layout only)."""
-    if layout == DIFFUSERS and cfg.vace_layers:
-        raise ValueError("VACE is written in the original layout only")
+    """The transformer's keys and shapes in ``layout`` (unprefixed)."""
     return dict(_transformer(cfg) if layout == ORIGINAL else _diffusers(cfg))
 
 
@@ -181,14 +194,24 @@ def _diffusers_modules(cfg: WanConfig) -> Iterator[tuple[str, LoraModule]]:
     for name, path in stems.items():
         yield name, LoraModule(path)
     for i in range(cfg.num_layers):
-        b = f"blocks.{i}"
-        for attn, orig in (("attn1", "self_attn"), ("attn2", "cross_attn")):
-            for p, o in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "o")):
-                yield f"{b}.{attn}.{p}", LoraModule(f"{b}.{orig}.{o}")
-        yield f"{b}.attn2.add_k_proj", LoraModule(f"{b}.cross_attn.k_img")
-        yield f"{b}.attn2.add_v_proj", LoraModule(f"{b}.cross_attn.v_img")
-        yield f"{b}.ffn.net.0.proj", LoraModule(f"{b}.ffn.0")
-        yield f"{b}.ffn.net.2", LoraModule(f"{b}.ffn.2")
+        yield from _block_modules(f"blocks.{i}")
+    for i in range(len(cfg.vace_layers)):
+        b = f"vace_blocks.{i}"
+        yield from _block_modules(b)
+        if i == 0:
+            yield f"{b}.proj_in", LoraModule(f"{b}.before_proj")
+        yield f"{b}.proj_out", LoraModule(f"{b}.after_proj")
+
+
+def _block_modules(b: str) -> Iterator[tuple[str, LoraModule]]:
+    """One block's diffusers module names -> its Wan-Video module."""
+    for attn, orig in (("attn1", "self_attn"), ("attn2", "cross_attn")):
+        for p, o in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "o")):
+            yield f"{b}.{attn}.{p}", LoraModule(f"{b}.{orig}.{o}")
+    yield f"{b}.attn2.add_k_proj", LoraModule(f"{b}.cross_attn.k_img")
+    yield f"{b}.attn2.add_v_proj", LoraModule(f"{b}.cross_attn.v_img")
+    yield f"{b}.ffn.net.0.proj", LoraModule(f"{b}.ffn.0")
+    yield f"{b}.ffn.net.2", LoraModule(f"{b}.ffn.2")
 
 
 def lora_modules(cfg: WanConfig | None = None) -> dict[str, LoraModule]:
