@@ -174,6 +174,21 @@ class ModelSource(KeyAccess):
         mapped.madvise(mmap.MADV_WILLNEED, page, pos + nbytes - page)
         return memoryview(mapped)[pos:pos + nbytes]
 
+    def unmap(self, key: str, byte_offset: int, nbytes: int) -> None:
+        """Done with that range of a :meth:`view`: its whole pages leave the
+        process's mapping (they stay in the page cache, and a later view
+        maps them again), so a pass over a 24 GB file does not show 24 GB
+        of resident memory, and unmapping is spread over the pass."""
+        import mmap
+
+        if self._map is None or self.data_start is None:
+            return
+        pos = self.data_start + self.infos[key].begin + byte_offset
+        first = -(-pos // mmap.PAGESIZE) * mmap.PAGESIZE
+        last = (pos + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if first < last <= len(self._map):
+            self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
+
     def copy_into(self, key: str, fd: int, offset: int) -> None:
         """Copy tensor ``key``'s bytes unchanged into the file ``fd`` at
         ``offset`` (in the kernel: ``copy_file_range``, else ``pread``)."""

@@ -271,10 +271,11 @@ class _Job:
 
         rows = v.acc.shape[0]
         b = a + rows
-        data = self.ckpt.view(self.key, a * self.cols * self.in_size,
-                              rows * self.cols * self.in_size)
-        base = torch.frombuffer(data, dtype=self.in_dtype).view(rows, self.cols)
+        start, size = a * self.cols * self.in_size, rows * self.cols * self.in_size
+        base = torch.frombuffer(self.ckpt.view(self.key, start, size),
+                                dtype=self.in_dtype).view(rows, self.cols)
         v.acc.copy_(base)
+        self.ckpt.unmap(self.key, start, size)  # read again only if the range check fails
         for p in self.todo:
             lo, hi = max(a, p.row0), min(b, p.row0 + p.delta.out)
             if lo < hi:
