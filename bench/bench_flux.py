@@ -30,7 +30,7 @@ depth issue 19's figures were taken at; ``w/o import`` gives the ratio a
 full-size file tends to.
 
 Run: ``.venv/bin/python bench/bench_flux.py [--double N] [--single N] [--rounds N]
-[--busy] [--keep] [--dir DIR]``.
+[--busy] [--bake-only] [--keep] [--dir DIR]``.
 """
 
 from __future__ import annotations
@@ -69,9 +69,9 @@ def modelkit(*args: str) -> list[str]:
     return [sys.executable, "-m", "modelkit", *args]
 
 
-def make_inputs(work: Path, double: int, single: int) -> dict[str, Path]:
-    """The inputs in ``work``; files a ``--keep`` run left there (their names
-    hold the depth) are reused."""
+def make_inputs(work: Path, double: int, single: int, merge: bool = True) -> dict[str, Path]:
+    """The inputs in ``work`` (B only for the merge); files a ``--keep`` run
+    left there (their names hold the depth) are reused."""
     from modelkit.testing import write_flux
     from modelkit.testing.lora import write_flux_lora
 
@@ -79,7 +79,7 @@ def make_inputs(work: Path, double: int, single: int) -> dict[str, Path]:
     paths = {n: work / f"{n}_d{double}s{single}.safetensors" for n in ("a", "b", "kohya", "peft")}
     hidden, full_text = 3072, True
     for seed, name in ((1, "a"), (2, "b")):
-        if not paths[name].exists():
+        if not paths[name].exists() and (merge or name == "a"):
             log(f"generating {name}: Flux.1-dev bf16, width 3072, {double} double + {single} "
                 "single blocks ...")
             write_flux(paths[name], seed=seed, hidden=hidden, depth=double, single=single,
@@ -166,11 +166,14 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true",
                     help="keep (and reuse) the inputs in --dir")
     ap.add_argument("--dir", type=Path, default=Path("/dev/shm/modelkit_bench_flux"))
+    ap.add_argument("--bake-only", action="store_true",
+                    help="only the bakes (no B, no merge): /dev/shm then holds A, an output "
+                         "and a LoRA, so the depth can be about twice the merge's")
     args = ap.parse_args()
     work, rounds = args.dir, max(1, args.rounds)
     ENV["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
     try:
-        p = make_inputs(work, args.double, args.single)
+        p = make_inputs(work, args.double, args.single, merge=not args.bake_only)
         out = work / "out.safetensors"
         common = ["-o", str(out), "-q", "--json", "--overwrite"]
         cases = [
@@ -182,6 +185,8 @@ def main() -> None:
             Case("lora bake A peft (split q/k/v, proj_mlp)", modelkit(
                 "lora", "bake", str(p["a"]), f"{p['peft']}:0.8", *common)),
         ]
+        if args.bake_only:
+            cases = cases[1:]
         for c in cases:  # warm-up: page cache and the input hash cache
             subprocess.run(c.cmd, check=True, env=ENV, cwd=REPO, capture_output=True)
         before = machine_load()

@@ -394,8 +394,12 @@ def bake(checkpoint: Source, adapters: Sequence[Source | AdapterUse | tuple[Any,
 
     def produce(key: str) -> torch.Tensor:
         check_cancel(cancel)
-        with torch_threads(LORA_THREADS):
-            return _produce(checkpoint, key, infos[key].dtype, patches.get(key), device)
+        try:
+            with torch_threads(LORA_THREADS):
+                return _produce(checkpoint, key, infos[key].dtype, patches.get(key), device)
+        finally:
+            for p in patches.get(key, ()):
+                p.delta.release()
 
     label = f"bake({source_label(checkpoint)})"
     sources = [checkpoint, *(u.source for u in uses)]

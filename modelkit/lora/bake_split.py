@@ -96,6 +96,11 @@ class RowsDelta:
                 self.inner.add_rows_(acc[lo - start:hi - start], src + lo - dst,
                                      src + hi - dst, k)
 
+    def release(self) -> None:
+        """Forget the module's loaded factors (another row map of the same
+        module loads them again)."""
+        self.inner.release()
+
     def bias(self) -> torch.Tensor | None:
         """This weight's rows of the module's Δb, or None."""
         import torch

@@ -172,16 +172,20 @@ def _bake_rows(ckpt: ModelSource, key: str, dtype: str, todo: list[_Patch],
                to_torch(dtype), n, cols, step, todo)
     queue = _Chunks(-(-n // step))
     lanes = min(WORKERS + 1, len(slots), queue.n)
-    if lanes == 1:
-        job.lane(slots[0], sink, queue, cancel, LORA_THREADS)
-    else:
-        with ThreadPoolExecutor(lanes - 1, thread_name_prefix="modelkit-bake") as pool:
-            for t in range(1, lanes):
-                pool.submit(job.lane, slots[t], sink, queue, cancel, LORA_THREADS)
-            try:
-                job.lane(slots[0], sink, queue, cancel, LORA_THREADS)
-            finally:
-                queue.stop()  # a signal in this thread: the workers stop at their next chunk
+    try:
+        if lanes == 1:
+            job.lane(slots[0], sink, queue, cancel, LORA_THREADS)
+        else:
+            with ThreadPoolExecutor(lanes - 1, thread_name_prefix="modelkit-bake") as pool:
+                for t in range(1, lanes):
+                    pool.submit(job.lane, slots[t], sink, queue, cancel, LORA_THREADS)
+                try:
+                    job.lane(slots[0], sink, queue, cancel, LORA_THREADS)
+                finally:
+                    queue.stop()  # a signal in this thread: the workers stop at their next chunk
+    finally:
+        for p in todo:
+            p.delta.release()
     if queue.error is not None:
         raise queue.error[1]
     sink.write(n * cols * job.out_dtype.itemsize, memoryview(b""), True)

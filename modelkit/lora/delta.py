@@ -253,6 +253,13 @@ class ModuleDelta:
                 self._bound = float(full.abs().amax()) if full.numel() else 0.0
         return self._bound
 
+    def release(self) -> None:
+        """Forget the loaded factors and ΔW (the bound stays; they load
+        again if asked): the bake is done with the weight they patch, and
+        a LoRA on every layer of a 24 GB model would otherwise stay in
+        memory whole by the end."""
+        self._factors = self._full = None
+
     def check_finite(self, t: torch.Tensor, what: str) -> torch.Tensor:
         """``t``, or a one-line error naming the module when it holds NaN or
         Inf (one reduction: cheap next to the matmul that made ``t``)."""
