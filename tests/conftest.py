@@ -37,28 +37,30 @@ gc.set_threshold(20_000, 20, 50)
 # finishes a long one. The second file needs no session models, so it runs
 # while the first worker builds them. Files not listed follow in name order.
 HEAVY_FIRST = (
-    "test_verify.py",  # 20 s
-    "test_lora_diffusers.py",  # 9 s, no session models
-    "test_tui_act.py",  # 14 s
-    "test_sweep.py",  # 10 s
-    "test_interrupts.py",  # 10 s
-    "test_merge_engine.py",  # 10 s
-    "test_gguf.py",  # 10 s
-    "test_lora_engine.py",  # 9 s
-    "test_tui.py",  # 9 s
-    "test_cli.py",  # 9 s
-    "test_diffusers_convert.py",  # 8 s
-    "test_convert.py",  # 8 s
-    "test_engine.py",  # 8 s
-    "test_hostile_io.py",  # 8 s
-    "test_sweep_pool.py",  # 7 s
-    "test_fuzz_long.py",  # 7 s
-    "test_cli_exit_codes.py",  # 6 s
-    "test_verify_probe.py",  # 6 s
-    "test_convert_cli.py",  # 6 s
-    "test_comfy_quant.py",  # 5 s
-    "test_import_hygiene.py",  # 5 s
-    "test_library.py",  # 5 s
+    "test_verify.py",  # 13 s
+    "test_lora_diffusers.py",  # 8 s, no session models
+    "test_tui_act.py",  # 10 s
+    "test_sweep_pool.py",  # 8 s
+    "test_tui.py",  # 8 s
+    "test_interrupts.py",  # 7 s
+    "test_fuzz_long.py",  # 6 s
+    "test_engine.py",  # 6 s
+    "test_merge_engine.py",  # 6 s
+    "test_hostile_io.py",  # 6 s
+    "test_convert.py",  # 6 s
+    "test_gguf.py",  # 6 s
+    "test_lora_engine.py",  # 6 s
+    "test_verify_probe.py",  # 5 s
+    "test_cli_exit_codes.py",  # 5 s
+    "test_convert_cli.py",  # 5 s
+    "test_diffusers_convert.py",  # 5 s
+    "test_sweep.py",  # 5 s
+    "test_family_lora_ops.py",  # 4 s
+    "test_cli.py",  # 4 s
+    "test_comfy_quant.py",  # 4 s
+    "test_verify_recipe.py",  # 3 s
+    "test_gguf_export.py",  # 3 s
+    "test_import_hygiene.py",  # 3 s
 )
 
 
