@@ -16,17 +16,21 @@ from typing import Any
 
 import pytest
 import safetensors
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from modelkit.errors import BadFileError
 from modelkit.fuzz import check_case, join_file, mutate, split_file, write_seeds
 from modelkit.io.header import read_header
 
 SEED_NAMES = ("sd1_ckpt", "sd2_ckpt", "sdxl_unet", "vae", "lora", "embedding")
-CI = settings(derandomize=True, deadline=None, database=None, print_blob=True,
-              suppress_health_check=[HealthCheck.too_slow,
-                                     HealthCheck.function_scoped_fixture])
+
+
+def _ci(max_examples: int) -> Any:
+    """Seeded, bounded settings. Hypothesis is imported in the tests, not at
+    module level: collecting this file cost every xdist worker ~1 s."""
+    from hypothesis import HealthCheck, settings
+
+    return settings(derandomize=True, deadline=None, database=None, print_blob=True,
+                    suppress_health_check=[HealthCheck.too_slow], max_examples=max_examples)
 
 
 @pytest.fixture(scope="module")
@@ -58,23 +62,33 @@ def _reader_agrees(path: Path, data: bytes) -> None:
     safetensors.deserialize(data)
 
 
-@settings(CI, max_examples=150)
-@given(seed=st.sampled_from(SEED_NAMES), salt=st.integers(0, 2**32 - 1))
-def test_reader_on_mutated_headers(seeds: dict[str, bytes], work: Path, seed: str,
-                                   salt: int) -> None:
-    _, data = mutate(seeds[seed], random.Random(salt))
-    _reader_agrees(work / "mutated.safetensors", data)
+def test_reader_on_mutated_headers(seeds: dict[str, bytes], work: Path) -> None:
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    @_ci(150)
+    @given(seed=st.sampled_from(SEED_NAMES), salt=st.integers(0, 2**32 - 1))
+    def check(seed: str, salt: int) -> None:
+        _, data = mutate(seeds[seed], random.Random(salt))
+        _reader_agrees(work / "mutated.safetensors", data)
+
+    check()
 
 
-JSON_LEAVES = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.text(st.characters(codec=None, exclude_categories=()), max_size=12),
-    st.sampled_from(["F16", "F4", "\ud800", "\x1b]0;t\x07", "__metadata__"]),
-)
-JSON_VALUES = st.recursive(JSON_LEAVES, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
-    max_leaves=12)
+def _json_values() -> Any:
+    from hypothesis import strategies as st
+
+    leaves = st.one_of(
+        st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.text(st.characters(codec=None, exclude_categories=()), max_size=12),
+        st.sampled_from(["F16", "F4", "\ud800", "\x1b]0;t\x07", "__metadata__"]),
+    )
+    return st.recursive(leaves, lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+        max_leaves=12)
+
+
 PLACES = ("metadata_value", "metadata", "shape_item", "shape", "offset", "offsets",
           "dtype", "entry", "key")
 
@@ -100,20 +114,30 @@ def _place(header: dict[str, Any], place: str, value: Any) -> None:
         header[str(value)] = header.pop(name)
 
 
-@settings(CI, max_examples=100)
-@given(seed=st.sampled_from(("embedding", "vae", "lora")), place=st.sampled_from(PLACES),
-       value=JSON_VALUES)
-def test_reader_on_arbitrary_json_values(seeds: dict[str, bytes], work: Path, seed: str,
-                                         place: str, value: Any) -> None:
-    header, payload = split_file(seeds[seed])
-    _place(header, place, value)
-    _reader_agrees(work / "values.safetensors", join_file(header, payload))
+def test_reader_on_arbitrary_json_values(seeds: dict[str, bytes], work: Path) -> None:
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    @_ci(100)
+    @given(seed=st.sampled_from(("embedding", "vae", "lora")), place=st.sampled_from(PLACES),
+           value=_json_values())
+    def check(seed: str, place: str, value: Any) -> None:
+        header, payload = split_file(seeds[seed])
+        _place(header, place, value)
+        _reader_agrees(work / "values.safetensors", join_file(header, payload))
+
+    check()
 
 
-@settings(CI, max_examples=60)
-@given(seed=st.sampled_from(SEED_NAMES), salt=st.integers(0, 2**32 - 1))
-def test_inspect_and_prune_on_mutated_files(seeds: dict[str, bytes], work: Path, seed: str,
-                                            salt: int) -> None:
-    what, data = mutate(seeds[seed], random.Random(salt))
-    defects = check_case(data, work)
-    assert defects == [], (what, defects)
+def test_inspect_and_prune_on_mutated_files(seeds: dict[str, bytes], work: Path) -> None:
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    @_ci(60)
+    @given(seed=st.sampled_from(SEED_NAMES), salt=st.integers(0, 2**32 - 1))
+    def check(seed: str, salt: int) -> None:
+        what, data = mutate(seeds[seed], random.Random(salt))
+        defects = check_case(data, work)
+        assert defects == [], (what, defects)
+
+    check()

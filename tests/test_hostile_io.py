@@ -90,14 +90,27 @@ def hostile_ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return paths
 
 
-def test_hostile_gguf_is_refused_in_one_line_by_every_command(
-        hostile_ggufs: dict[str, Path], tmp_path: Path) -> None:
-    """inspect, convert, merge and verify refuse each hostile GGUF in one
-    line naming the file (exit 2) before any big allocation; the good one
-    converts."""
-    g = hostile_ggufs
+Result = tuple[int, str, str]
+
+
+@pytest.fixture(scope="module")
+def entry_runs(hostile_ggufs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+               ) -> dict[str, tuple[Path, dict[str, Result]]]:
+    """The cases of the three tests below whose commands load torch, all in
+    one child process through ``modelkit.cli:run`` (one torch import, not
+    one per test): test name -> (its folder, its results by case name)."""
+    groups = {"gguf": _gguf_cases, "pickles": _pickle_cases, "stale": _stale_cases}
+    folders = {name: tmp_path_factory.mktemp(f"entry-{name}") for name in groups}
+    cases = {f"{name}/{case}": args for name, make in groups.items()
+             for case, args in make(folders[name], hostile_ggufs).items()}
+    res = run_entry(cases, folders["gguf"], no_warnings=True)
+    return {name: (folders[name], {case.split("/", 1)[1]: r for case, r in res.items()
+                                   if case.split("/", 1)[0] == name}) for name in groups}
+
+
+def _gguf_cases(tmp_path: Path, g: dict[str, Path]) -> dict[str, list[str]]:
     out, good = tmp_path / "out.safetensors", tmp_path / "good.safetensors"
-    cases = {
+    return {
         "inspect": ["inspect", str(g["array_type"])],
         "convert": ["convert", str(g["array_type"]), "-o", str(out)],
         "merge": ["merge", str(g["array_type"]), str(g["good"]), "-o", str(out)],
@@ -111,7 +124,17 @@ def test_hostile_gguf_is_refused_in_one_line_by_every_command(
         "overlap": ["inspect", str(g["overlap"])],
         "good": ["convert", str(g["good"]), "-o", str(good), "-q"],
     }
-    res = run_entry(cases, tmp_path, no_warnings=True)
+
+
+def test_hostile_gguf_is_refused_in_one_line_by_every_command(
+        hostile_ggufs: dict[str, Path],
+        entry_runs: dict[str, tuple[Path, dict[str, Result]]]) -> None:
+    """inspect, convert, merge and verify refuse each hostile GGUF in one
+    line naming the file (exit 2) before any big allocation; the good one
+    converts."""
+    g = hostile_ggufs
+    tmp_path, res = entry_runs["gguf"]
+    out, good = tmp_path / "out.safetensors", tmp_path / "good.safetensors"
     for name in ("inspect", "convert", "merge", "verify"):
         _one_line(res[name], g["array_type"], "more than the rest of the file can hold")
     _one_line(res["zero_dim"], g["zero_dim"], "dimension of 0")
@@ -146,7 +169,7 @@ BAD_PICKLES = {
 }
 
 
-def test_malformed_pickles_are_one_line_errors(tmp_path: Path) -> None:
+def _pickle_cases(tmp_path: Path, _g: dict[str, Path]) -> dict[str, list[str]]:
     cases = {}
     for name, data in BAD_PICKLES.items():
         (tmp_path / f"{name}.ckpt").write_bytes(data)
@@ -167,7 +190,12 @@ def test_malformed_pickles_are_one_line_errors(tmp_path: Path) -> None:
     eocd = b"PK\x05\x06" + bytes(18)
     (tmp_path / "disks.ckpt").write_bytes(b"\x80\x02}q\x00." + locator + eocd)
     cases["disks"] = ["inspect", str(tmp_path / "disks.ckpt")]
-    res = run_entry(cases, tmp_path, no_warnings=True)
+    return cases
+
+
+def test_malformed_pickles_are_one_line_errors(
+        entry_runs: dict[str, tuple[Path, dict[str, Result]]]) -> None:
+    tmp_path, res = entry_runs["pickles"]
     for name in BAD_PICKLES:
         _one_line(res[name], tmp_path / f"{name}.ckpt", "not a valid checkpoint pickle")
     _one_line(res["p4"], tmp_path / "p4.ckpt", "not a readable checkpoint")
@@ -445,11 +473,10 @@ def test_hash_reports_each_bad_path_and_hashes_the_good_ones(tmp_path: Path) -> 
     assert result["sha256"] == hashlib.sha256(good.read_bytes()).hexdigest()
 
 
-def test_stale_partials_of_dead_runs_are_removed(hostile_ggufs: dict[str, Path],
-                                                 tmp_path: Path) -> None:
-    """A SIGKILLed run's hidden temp file stayed forever; now a run writing
-    the same target removes those of dead writers on this host, and leaves
-    a live run's (and a name without a writer pid) alone."""
+def _stale_cases(tmp_path: Path, g: dict[str, Path]) -> dict[str, list[str]]:
+    """Partial files of a dead writer, of this live process, of another host,
+    without a writer pid and of another target, beside a convert's output
+    (``keep.json`` lists the ones that must stay)."""
     import hashlib
     import socket
 
@@ -467,12 +494,21 @@ def test_stale_partials_of_dead_runs_are_removed(hostile_ggufs: dict[str, Path],
         p.write_bytes(b"partial")
     stale_dir.mkdir()
     (stale_dir / "x").write_bytes(b"x")
-    res = run_entry({"c": ["convert", str(hostile_ggufs["good"]), "-o", str(out), "-q"]},
-                    tmp_path, no_warnings=True)["c"]
-    assert res[0] == 0, res[2]
+    keep = sorted(p.name for p in (live, other_host, legacy, other_target))
+    (tmp_path / "keep.json").write_text(json.dumps(keep))
+    return {"c": ["convert", str(g["good"]), "-o", str(out), "-q"]}
+
+
+def test_stale_partials_of_dead_runs_are_removed(
+        entry_runs: dict[str, tuple[Path, dict[str, Result]]]) -> None:
+    """A SIGKILLed run's hidden temp file stayed forever; now a run writing
+    the same target removes those of dead writers on this host, and leaves
+    a live run's (and a name without a writer pid) alone."""
+    tmp_path, res = entry_runs["stale"]
+    assert res["c"][0] == 0, res["c"][2]
     left = sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".partial"))
-    assert left == sorted(p.name for p in (live, other_host, legacy, other_target))
-    assert out.is_file()
+    assert left == json.loads((tmp_path / "keep.json").read_text())
+    assert (tmp_path / "out.safetensors").is_file()
 
 
 def _tiny_library(root: Path, n: int) -> list:

@@ -4,9 +4,11 @@ traceback, exit 3 or a NaN file), convert says which loaders read its
 output, DoRA's strength rule is pinned, LoRA block presets and extract of
 a model against itself are refused.
 
-The command-line cases run through the console script's own function
-(``modelkit.cli:run``, ``sys.exit`` included) in one child process, so torch
-is imported once; every malformed adapter holds the one module it breaks."""
+The command-line cases are message checks: they run in this process
+through ``modelkit.cli.main`` (the console script's function, which gives
+its exit code; tests/test_cli_exit_codes.py runs the console script itself),
+so no child pays a second torch import; every malformed adapter holds the
+one module it breaks."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_support import run_entry as _console
+from cli_support import run_here as _console
 from conftest import keep_lora_modules
 from safetensors.torch import load_file, save_file
 
@@ -114,7 +116,7 @@ def _args(command: str, lora: str, base: str, out: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]) -> dict[str, object]:
-    """Every command-line case of this file, run in one child process."""
+    """Every command-line case of this file, run in this process."""
     root = tmp_path_factory.mktemp("lora-checks")
     base = str(models["sd1"])  # fp16
     cases: dict[str, list[str]] = {}

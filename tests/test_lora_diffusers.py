@@ -18,9 +18,14 @@ from modelkit.lora import bake, extract
 from modelkit.testing import write_checkpoint
 from modelkit.testing.lora import write_lora
 
-diffusers = pytest.importorskip("diffusers")
-pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+
+@pytest.fixture(autouse=True, scope="module")
+def _hf_libraries() -> None:
+    """Skip the module without diffusers, peft or transformers. Imported here,
+    not at module level: collecting this file cost every xdist worker ~3 s of
+    imports, also the one that runs none of its tests."""
+    for name in ("diffusers", "peft", "transformers"):
+        pytest.importorskip(name)
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +63,9 @@ def _subset(path: Path) -> None:
 
 
 def _pipeline(folder: Path, arch: str) -> object:
+    import diffusers
+    import transformers
+
     unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet")
     vae = diffusers.AutoencoderKL.from_pretrained(folder / "vae")
     sched = diffusers.EulerDiscreteScheduler.from_pretrained(folder / "scheduler")
@@ -113,6 +121,8 @@ def test_bake_equals_diffusers_fuse_lora(ckpts: dict[str, Path], pipes: dict[str
 def test_extracted_lora_loads_in_diffusers_with_every_key(ckpts: dict[str, Path],
                                                           pipes: dict[str, object],
                                                           tmp_path: Path) -> None:
+    import diffusers
+
     lora, tuned, out = (tmp_path / n for n in ("l.safetensors", "t.safetensors",
                                                 "x.safetensors"))
     write_lora(lora, "sd1", conv=True, dtype="F32", seed=34)

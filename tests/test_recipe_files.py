@@ -1,9 +1,10 @@
 """Recipe and sweep files read from disk (issue 17): a recipe file writes only
 inside its own folder unless -o says where, a replay never writes where its
 embedded recipe says, a model file given as a recipe is named as such, and an
-integer with thousands of digits is one line naming its field. The exit codes
-go through the console script's function in one child process (torch is
-imported once)."""
+integer with thousands of digits is one line naming its field. The cases
+run in this process through ``modelkit.cli.main``, the console script's
+function (its exit code; tests/test_cli_exit_codes.py runs the console
+script itself)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
-from test_cli_exit_codes import _console_entry
+from cli_support import run_here
 
 from modelkit import testing as t
 
@@ -52,7 +53,7 @@ def test_recipe_files_write_only_in_their_folder_and_bad_files_are_one_line(
     runs["huge_sweep"] = ["sweep", str(sweep), "-o", str(tmp_path / "sw"), "--dry-run"]
     runs["huge_cli_seed"] = ["merge", str(models["sd1"]), str(models["sd1_b"]), "-o",
                              str(tmp_path / "never.safetensors"), "--seed", digits, "--dry-run"]
-    res = _console_entry(runs, tmp_path)
+    res = run_here(runs, tmp_path)
     for name in cases:
         code, _, err = res[name]
         assert code == 2 and err.count("\n") == 1, (name, err)

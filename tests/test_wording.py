@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from cli_support import run_all as _run_all
-from cli_support import run_entry as _console_entry
+from cli_support import run_here
 
 from modelkit.wording import (
     a,
@@ -74,7 +74,7 @@ def test_wrap_words() -> None:
 def cli_out(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
             ) -> dict[str, tuple[int, str, str]]:
     """Every CLI case of this file: the ones that need no torch through the
-    real console script, the others in one child."""
+    real console script, the others (message checks) in this process."""
     from modelkit.testing.lora import write_lora
 
     root = tmp_path_factory.mktemp("wording")
@@ -88,7 +88,7 @@ def cli_out(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
         "presets_help": ["presets", "--help"],
         "merge_help": ["merge", "--help"],
     }, root)
-    heavy = _console_entry({
+    heavy = run_here({
         "merge_lora": ["merge", sd1, str(lora), "-o", "m.safetensors", "--alpha", "0.5", "-q"],
         "verify": ["verify", sd1, "--static-only", "-q"],
         "blocks_3": ["merge", sd1, sd1_b, "-o", "b.safetensors", "--blocks", "1,2,3",
