@@ -134,3 +134,23 @@ def test_a_file_cut_short_after_it_was_opened_is_refused_not_a_crash(tmp_path: P
             f.truncate(src.data_start + 4000)
         with pytest.raises(BadFileError, match="truncated inside tensor 'a'"):
             src.view("a", 8000, 100)
+
+
+def test_lanes_take_one_cpu_each_only_when_they_fill_the_machine(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two lanes on a process allowed two CPUs run one per CPU, and a
+    lane's thread gets its CPUs back afterwards; with more CPUs the
+    scheduler places them."""
+    import os
+
+    stream_mod = importlib.import_module("modelkit.lora.bake_stream")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 1})
+    assert stream_mod._lane_cpus(2) == [1, 3]
+    assert stream_mod._lane_cpus(1) is None
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert stream_mod._lane_cpus(2) is None
+    calls: list[set[int]] = []
+    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cpus: calls.append(set(cpus)))
+    with stream_mod._on_cpu(2):
+        assert calls == [{2}]
+    assert calls == [{2}, {0, 1, 2, 3}]

@@ -17,7 +17,8 @@ the range check it skips on bf16 weights; bench/README.md).
 The calling thread and a worker thread (:data:`WORKERS`) are two lanes that
 each take the next chunk and read, bake and write it with their own buffers
 (``pwrite`` at its offset: no order needed), one torch intra-op thread each,
-so nothing spins beside a busy process. The lanes split the reading and
+so nothing spins beside a busy process; on a machine with as many CPUs as
+lanes, each lane runs on its own CPU (:func:`_lane_cpus`). The lanes split the reading and
 writing as well as the math: with the calling thread only writing and the
 worker reading and baking, the writer waited on the worker for most of the
 bake (1.3 s of 3.5 s) and beside a busy process the bake got about one core
@@ -33,6 +34,7 @@ from __future__ import annotations
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from modelkit.errors import CancelFlag, Cancelled, ModelkitError, check_cancel
@@ -52,7 +54,7 @@ SAFE_DELTA = 1e30
 WORKERS = 1
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
     import torch
 
@@ -172,15 +174,18 @@ def _bake_rows(ckpt: ModelSource, key: str, dtype: str, todo: list[_Patch],
                to_torch(dtype), n, cols, step, todo)
     queue = _Chunks(-(-n // step))
     lanes = min(WORKERS + 1, len(slots), queue.n)
+    cpus = _lane_cpus(lanes)
     try:
         if lanes == 1:
             job.lane(slots[0], sink, queue, cancel, LORA_THREADS)
         else:
             with ThreadPoolExecutor(lanes - 1, thread_name_prefix="modelkit-bake") as pool:
                 for t in range(1, lanes):
-                    pool.submit(job.lane, slots[t], sink, queue, cancel, LORA_THREADS)
+                    pool.submit(job.lane, slots[t], sink, queue, cancel, LORA_THREADS,
+                                cpus[t] if cpus else None)
                 try:
-                    job.lane(slots[0], sink, queue, cancel, LORA_THREADS)
+                    job.lane(slots[0], sink, queue, cancel, LORA_THREADS,
+                             cpus[0] if cpus else None)
                 finally:
                     queue.stop()  # a signal in this thread: the workers stop at their next chunk
     finally:
@@ -189,6 +194,37 @@ def _bake_rows(ckpt: ModelSource, key: str, dtype: str, todo: list[_Patch],
     if queue.error is not None:
         raise queue.error[1]
     sink.write(n * cols * job.out_dtype.itemsize, memoryview(b""), True)
+
+
+def _lane_cpus(lanes: int) -> list[int] | None:
+    """One CPU per lane when the lanes are as many as the CPUs this process
+    may use (a 2-core machine), else None. Beside another busy process the
+    scheduler otherwise often leaves both lanes on one core and the other
+    process alone on the second (it balances runnable threads, not
+    processes): one lane per core gets 1.5 cores there instead of 1."""
+    import os
+
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return None
+    return allowed if len(allowed) == lanes else None
+
+
+@contextmanager
+def _on_cpu(cpu: int | None) -> Iterator[None]:
+    """Run the block on one CPU (this thread only), then restore its CPUs."""
+    import os
+
+    if cpu is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 class _Chunks:
@@ -234,14 +270,14 @@ class _Job:
         self.safe = range_safe(todo, out_dtype)
 
     def lane(self, slot: _Slot, sink: TensorSink, queue: _Chunks, cancel: CancelFlag | None,
-             threads: int) -> None:
+             threads: int, cpu: int | None = None) -> None:
         """Bake and write chunks taken from ``queue`` until none is left,
         with ``slot``'s buffers and ``threads`` torch threads; an error is
         handed to ``queue``, not raised."""
         from modelkit.lora.output import torch_threads
 
         full: _Views | None = None  # the views of a whole chunk, made once per weight
-        with torch_threads(threads):
+        with torch_threads(threads), _on_cpu(cpu):
             while (i := queue.take()) is not None:
                 try:
                     check_cancel(cancel)
