@@ -6,12 +6,18 @@ import fcntl
 import gc
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+# An environment with PYTHONDONTWRITEBYTECODE=1 (this project's machines set it)
+# made every xdist worker and every console-script child compile all of
+# modelkit again, and pytest rewrite every test module again: write the caches
+# (__pycache__/ is ignored by git); the children read what the workers wrote
+sys.dont_write_bytecode = False
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # one torch thread per test process: tiny tensors gain nothing from more, and
