@@ -43,13 +43,7 @@ gc.set_threshold(20_000, 20, 50)
 # finishes a long one. test_lora_diffusers needs no session models, so it
 # runs while the other worker builds them. Files not listed follow in name
 # order.
-#
-# test_render_families.py goes first, in a fresh process: its tiny Flux, SD3
-# and Qwen-Image renders decode to NaN images after some mix of earlier tests
-# in the same process (reproduced with -n 0 over the first 25 files by name
-# plus it; no single file does it). An open bug, not a timing matter.
 HEAVY_FIRST = (
-    "test_render_families.py",  # 2 s
     "test_verify.py",  # 13 s
     "test_lora_diffusers.py",  # 8 s, no session models
     "test_tui_act.py",  # 10 s

@@ -281,3 +281,29 @@ def test_probe_blocks_equal_diffusers_blocks() -> None:
         theirs = single(x["x"], x["mod"].view(1, 3, 256))
     diffs["chroma single"] = _close(ours, theirs - x["x"])
     print("probe vs diffusers, max abs diff:", diffs)
+
+
+def test_tiny_models_get_real_weights_while_transformers_no_init_weights_is_left_on() -> None:
+    """transformers' ``no_init_weights`` swaps torch's initializers for
+    no-ops; left entered (as a load in this suite once did), every model
+    built after it held uninitialized memory and the renders decoded to
+    NaN depending on test order. The tiny VAE built under it is the one
+    built without it, and the swap is left as it was."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from transformers.modeling_utils import no_init_weights
+
+    from modelkit.verify.render_families import _vae
+
+    clean = _vae(0).state_dict()
+    leaked = no_init_weights()
+    leaked.__enter__()
+    try:
+        assert torch.nn.init.normal_.__module__ != "torch.nn.init"
+        built = _vae(0).state_dict()
+        assert torch.nn.init.normal_.__module__ != "torch.nn.init"
+    finally:
+        leaked.__exit__(None, None, None)
+    assert torch.nn.init.normal_.__module__ == "torch.nn.init"
+    assert set(built) == set(clean) and all(torch.equal(built[k], clean[k]) for k in clean)

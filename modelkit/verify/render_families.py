@@ -58,12 +58,61 @@ def _shapes(source: Source) -> tuple[str, dict[str, tuple[int, ...]]]:
 @contextmanager
 def _seeded(seed: int) -> Iterator[None]:
     """Run with torch's RNG forked and seeded with ``seed`` (models built
-    inside are the same every time, and the caller's RNG is left alone)."""
+    inside are the same every time, and the caller's RNG is left alone),
+    with torch's own weight initializers (:func:`_real_init`)."""
     import torch
 
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), _real_init():
         torch.manual_seed(seed)
         yield
+
+
+_INIT_MODULES = ("torch.nn.init", "torch.nn.modules.activation", "torch.nn.modules.linear",
+                 "torch.nn.modules.conv", "torch.nn.modules.normalization",
+                 "torch.nn.modules.transformer", "torch.nn.modules.batchnorm",
+                 "torch.nn.modules.sparse", "torch.nn.modules.loss")
+
+
+@contextmanager
+def _real_init() -> Iterator[None]:
+    """Build models inside with ``torch.nn.init``'s own functions.
+    transformers' ``no_init_weights`` (transformers/initialization.py)
+    swaps them for no-ops in ``torch.nn.init`` and ``torch.nn.modules.*``
+    while it loads a model; a load that leaves it entered (seen in this
+    project's suite after ``CLIPTextModel.from_pretrained``) left every
+    model built later in the process with uninitialized memory as weights:
+    NaN renders. Swapped functions are put back as they were afterwards."""
+    import importlib.util
+    import sys
+
+    import torch.nn.init as init
+
+    if all(getattr(init, n).__module__ == "torch.nn.init" for n in _init_names(init)):
+        yield
+        return
+    spec = importlib.util.spec_from_file_location("modelkit_torch_init", init.__file__)
+    assert spec is not None and spec.loader is not None
+    real = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real)
+    swapped = []
+    for name in _INIT_MODULES:
+        module = sys.modules.get(name)
+        for fn in _init_names(init):
+            now = getattr(module, fn, None)
+            if now is not None and getattr(now, "__module__", None) != "torch.nn.init":
+                swapped.append((module, fn, now))
+                setattr(module, fn, getattr(real, fn))
+    try:
+        yield
+    finally:
+        for module, fn, now in swapped:
+            setattr(module, fn, now)
+
+
+def _init_names(init: Any) -> list[str]:
+    """The in-place initializers of ``torch.nn.init`` (``normal_``, ...)."""
+    return [n for n in vars(init) if n.endswith("_") and not n.startswith("_")
+            and callable(getattr(init, n))]
 
 
 def _count(shapes: Mapping[str, tuple[int, ...]], pattern: str) -> int:
