@@ -123,6 +123,11 @@ class ModelSource(KeyAccess):
         (:meth:`read_into`): a safetensors file."""
         return self.data_start is not None
 
+    def _pos(self, key: str, byte_offset: int) -> int:
+        """Where byte ``byte_offset`` of tensor ``key`` lies in the file."""
+        assert self.data_start is not None, "not a safetensors file"
+        return self.data_start + self.infos[key].begin + byte_offset
+
     def _raw_fd(self) -> int:
         with self._opening:
             if self._fd is None:
@@ -137,9 +142,7 @@ class ModelSource(KeyAccess):
         Raises:
             BadFileError: the file is shorter than its header says.
         """
-        assert self.data_start is not None, "not a safetensors file"
-        info = self.infos[key]
-        pos = self.data_start + info.begin + byte_offset
+        pos = self._pos(key, byte_offset)
         fd, done = self._raw_fd(), 0
         while done < len(out):
             n = os.preadv(fd, [out[done:]], pos + done)
@@ -159,8 +162,7 @@ class ModelSource(KeyAccess):
         """
         import mmap
 
-        assert self.data_start is not None, "not a safetensors file"
-        pos = self.data_start + self.infos[key].begin + byte_offset
+        pos = self._pos(key, byte_offset)
         fd = self._raw_fd()
         # the file's length now, not the map's: touching a page past the end
         # of a file cut short after it was mapped would kill the process (SIGBUS)
@@ -181,9 +183,9 @@ class ModelSource(KeyAccess):
         of resident memory, and unmapping is spread over the pass."""
         import mmap
 
-        if self._map is None or self.data_start is None:
+        if self._map is None:
             return
-        pos = self.data_start + self.infos[key].begin + byte_offset
+        pos = self._pos(key, byte_offset)
         first = -(-pos // mmap.PAGESIZE) * mmap.PAGESIZE
         last = (pos + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
         if first < last <= len(self._map):
@@ -192,9 +194,7 @@ class ModelSource(KeyAccess):
     def copy_into(self, key: str, fd: int, offset: int) -> None:
         """Copy tensor ``key``'s bytes unchanged into the file ``fd`` at
         ``offset`` (in the kernel: ``copy_file_range``, else ``pread``)."""
-        assert self.data_start is not None, "not a safetensors file"
-        info = self.infos[key]
-        src, pos, left = self._raw_fd(), self.data_start + info.begin, info.nbytes
+        src, pos, left = self._raw_fd(), self._pos(key, 0), self.infos[key].nbytes
         while left > 0:
             try:
                 n = os.copy_file_range(src, fd, left, pos, offset)

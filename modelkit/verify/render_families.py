@@ -14,6 +14,7 @@ drives the pipeline, not what a real model draws.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -82,7 +83,6 @@ def _real_init() -> Iterator[None]:
     project's suite after ``CLIPTextModel.from_pretrained``) left every
     model built later in the process with uninitialized memory as weights:
     NaN renders. Swapped functions are put back as they were afterwards."""
-    import importlib.util
     import sys
 
     import torch.nn.init as init
@@ -90,10 +90,7 @@ def _real_init() -> Iterator[None]:
     if all(getattr(init, n).__module__ == "torch.nn.init" for n in _init_names(init)):
         yield
         return
-    spec = importlib.util.spec_from_file_location("modelkit_torch_init", init.__file__)
-    assert spec is not None and spec.loader is not None
-    real = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(real)
+    real = _torch_init_copy()
     swapped = []
     for name in _INIT_MODULES:
         module = sys.modules.get(name)
@@ -107,6 +104,21 @@ def _real_init() -> Iterator[None]:
     finally:
         for module, fn, now in swapped:
             setattr(module, fn, now)
+
+
+@functools.cache
+def _torch_init_copy() -> Any:
+    """A private copy of ``torch.nn.init``, loaded once from its file (its
+    functions are torch's own whatever the module's attributes now are)."""
+    import importlib.util
+
+    import torch.nn.init as init
+
+    spec = importlib.util.spec_from_file_location("modelkit_torch_init", init.__file__)
+    assert spec is not None and spec.loader is not None
+    real = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real)
+    return real
 
 
 def _init_names(init: Any) -> list[str]:
